@@ -1,0 +1,114 @@
+"""Shared pieces of checkpoint conversion: reading state-dict files, key checks, layout changes.
+
+PyTorch layouts: Conv1d weight (out, in, k); ConvTranspose1d weight (in, out, k); Linear weight (out, in).
+Flax layouts: Conv kernel (k, in, out); Dense kernel (in, out).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+StateDict = dict[str, np.ndarray]
+
+
+def flatten_state_dict(tree: Mapping, prefix: str = "") -> StateDict:
+    """Nested mappings (e.g. `{'encoder': sd, 'decoder': sd}`) -> one flat dict with '.'-joined keys."""
+    flat: StateDict = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_state_dict(value, name + "."))
+        else:
+            flat[name] = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+    return flat
+
+
+def load_state_dict(path: str | os.PathLike) -> StateDict:
+    """Read a checkpoint file into a flat {PyTorch key: numpy array} dict.
+
+    `.pth`/`.pt`/`.ckpt` need PyTorch (read with `weights_only=True`); `.npz` and `.safetensors` dumps of the
+    same keys need nothing extra. Nested dicts such as `vae_model.pth`'s `{'encoder': ..., 'decoder': ...}`
+    come back with `encoder.` / `decoder.` key prefixes.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return {key: np.asarray(data[key]) for key in data.files}
+    if suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return dict(load_file(path))
+    if suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        try:
+            import torch
+        except ImportError as err:
+            raise ImportError(
+                f"reading {path!r} needs PyTorch: `pip install torch` (the CPU build is enough), or dump the "
+                "state dict once to .npz/.safetensors where PyTorch is available: "
+                "numpy.savez('x.npz', **{k: v.numpy() for k, v in sd.items()})"
+            ) from err
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path!r} is not a PyTorch checkpoint (not a zip archive): is the download complete?")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{path!r} holds a {type(obj).__name__}, expected a state dict (a mapping of tensors)")
+        return flatten_state_dict(obj)
+    raise ValueError(f"{path!r}: unknown checkpoint format {suffix!r}; expected .pth, .npz or .safetensors")
+
+
+def check_keys(
+    state_dict: Mapping[str, np.ndarray], expected: Iterable[str], ignored_prefixes_or_keys: Iterable[str] = (),
+    what: str = "checkpoint",
+) -> None:
+    """Raise a ValueError naming every missing or unexpected key.
+
+    `ignored_prefixes_or_keys` are parameters the reference builds but never uses (see the parity README):
+    a key matching one exactly, or containing it as a dotted component sequence, is neither required nor
+    unexpected. BatchNorm `num_batches_tracked` counters are always ignored.
+    """
+    ignored = tuple(ignored_prefixes_or_keys)
+
+    def is_ignored(key: str) -> bool:
+        return key.endswith("num_batches_tracked") or any(
+            key == pattern or key.startswith(pattern) or f".{pattern}" in f".{key}" for pattern in ignored
+        )
+
+    expected = {k for k in expected if not is_ignored(k)}
+    present = {k for k in state_dict if not is_ignored(k)}
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            parts.append(
+                f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else "")
+            )
+        raise ValueError(f"{what} does not match the expected architecture: " + "; ".join(parts))
+
+
+def conv_from_torch(weight: np.ndarray) -> np.ndarray:
+    """Conv1d weight (out, in, k) -> Flax Conv kernel (k, in, out)."""
+    return np.transpose(np.asarray(weight), (2, 1, 0))
+
+
+def conv_to_torch(kernel: np.ndarray) -> np.ndarray:
+    """Flax Conv kernel (k, in, out) -> Conv1d weight (out, in, k)."""
+    return np.transpose(np.asarray(kernel), (2, 1, 0))
+
+
+def dense_from_torch(weight: np.ndarray) -> np.ndarray:
+    """Linear weight (out, in) -> Flax Dense kernel (in, out)."""
+    return np.transpose(np.asarray(weight))
+
+
+def dense_to_torch(kernel: np.ndarray) -> np.ndarray:
+    """Flax Dense kernel (in, out) -> Linear weight (out, in)."""
+    return np.transpose(np.asarray(kernel))
