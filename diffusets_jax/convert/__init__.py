@@ -4,6 +4,8 @@ Public API (filled in per model): `vae_from_torch`, `unet_from_torch`, `clip_fro
 `*_to_torch`, and `load_state_dict` for `.pth` / `.npz` / `.safetensors` files.
 """
 
+from diffusets_jax.convert.clip import clip_from_torch, clip_to_torch
 from diffusets_jax.convert.common import load_state_dict
+from diffusets_jax.convert.vae import vae_from_torch, vae_to_torch
 
-__all__ = ["load_state_dict"]
+__all__ = ["clip_from_torch", "clip_to_torch", "load_state_dict", "vae_from_torch", "vae_to_torch"]
