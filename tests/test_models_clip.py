@@ -52,7 +52,8 @@ def test_same_padding_matches_reference_rule():
 
 
 def test_logit_scale_init():
-    variables = jax.jit(SMALL_CLIP.init)(jax.random.key(0), ECG, TEXT)
+    # Initialising through the text tower alone keeps this cheap; logit_scale is created in setup either way.
+    variables = SMALL_CLIP.init(jax.random.key(0), TEXT, method=CLIP.encode_text)
     np.testing.assert_allclose(variables["params"]["logit_scale"], np.log(1 / 0.07), rtol=1e-7)
 
 
