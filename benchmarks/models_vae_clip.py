@@ -13,7 +13,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 
 from diffusets_jax.models.clip import CLIP
 from diffusets_jax.models.vae import VAE

@@ -21,7 +21,6 @@ def _assert_close(actual, expected):
     assert np.abs(actual - expected).max() <= 1e-5 * scale, (np.abs(actual - expected).max(), scale)
 
 
-@pytest.mark.slow
 def test_parity_with_reference_vectors():
     vectors = reference_vectors()
     clip, variables = clip_from_torch(reference_state_dict("clip"))

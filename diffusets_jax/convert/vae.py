@@ -25,7 +25,7 @@ from diffusets_jax.convert.common import (
 from diffusets_jax.models.vae import VAE
 from diffusets_jax.signal import REFERENCE_TO_STANDARD
 
-# (kind, flax name) per Sequential index; kind is conv | res | res_skip | attn | norm | silu.
+# (kind, flax name) per Sequential index; kind is conv | res | res_skip | attn | norm | silu | upsample.
 Layout = list[tuple[str, str]]
 
 
@@ -60,8 +60,9 @@ def _layout(vae: VAE) -> tuple[Layout, Layout]:
 # Within a residual block: reference submodule -> (Flax submodule, is a conv).
 _RES_PARTS = {"groupnorm_1": ("norm_1", False), "conv_1": ("conv_1", True), "groupnorm_2": ("norm_2", False),
               "conv_2": ("conv_2", True), "residual_layer": ("skip", True)}
-# The attention blocks' GroupNorm is built by the reference but never applied.
-_UNUSED_ATTENTION_PARTS = ("groupnorm",)
+# The attention blocks' GroupNorm is built by the reference but never applied. (The trailing dot keeps the
+# residual blocks' groupnorm_1 / groupnorm_2 out of the pattern.)
+_UNUSED_ATTENTION_PARTS = ("groupnorm.",)
 
 
 def _torch_entries(kind: str) -> list[tuple[str, str, str]]:
