@@ -35,6 +35,7 @@ class Embedder(Protocol):
 
     embedder_id: str  # stable across runs; includes the model name and `dim`; the cache key
     dim: int
+    # Optionally, `preferred_batch_size: int`: how many texts embed_with_cache passes per call (and commits).
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """`texts` -> (len(texts), dim) float32, row i embedding texts[i]."""
@@ -89,6 +90,7 @@ class OpenAIEmbedder:
         self.dim = int(dim)
         self.embedder_id = f"openai/{model}/{self.dim}"
         self.batch_size = batch_size
+        self.preferred_batch_size = batch_size  # embed_with_cache commits after every request
         self.max_retries = max_retries
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max_backoff_s
@@ -198,6 +200,7 @@ class LocalEmbedder:
         self._tokenizer = files.tokenizer
         devices = jax.local_devices()
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
+        self.preferred_batch_size = 16 * self.batch_size  # commit granularity: enough to sort by length
         # Auto axes: the compiler propagates the batch sharding through the embedding gather and attention.
         mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
         replicated, by_row = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
