@@ -127,6 +127,6 @@ def patient_features(sex: object, age: object, heart_rate: object, mode: Feature
         valid, allowed = checks[field]
         bad = np.flatnonzero(~valid(column))  # NaN fails every comparison, so it is caught here too
         if bad.size:
-            raise ValueError(f"{field}[{bad[0]}] = {column[bad[0]]!r} is out of range (allowed: {allowed}); {bad.size} bad")
+            raise ValueError(f"{field}[{bad[0]}] = {float(column[bad[0]])} is out of range (allowed: {allowed}); {bad.size} bad")
     features = np.stack(columns, axis=-1) * np.asarray(FEATURE_SCALES[mode])
     return features.astype(np.float32)
