@@ -83,8 +83,12 @@ def _run_embed(args: argparse.Namespace) -> int:
     if args.batch_size:
         options["batch_size"] = args.batch_size
     embedder = make_embedder(args.embedder, **options)
-    summary = embed_report_file(args.input, embedder, args.cache, column=args.column, template=args.template,
-                                output=args.output, progress=not args.no_progress)
+    try:
+        summary = embed_report_file(args.input, embedder, args.cache, column=args.column, template=args.template,
+                                    output=args.output, progress=not args.no_progress)
+    except RuntimeError as err:  # e.g. the server kept failing after every retry: what was embedded is kept
+        print(f"diffusets-jax embed: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 0
 

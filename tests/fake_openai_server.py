@@ -2,7 +2,7 @@
 
 It answers `POST /v1/embeddings` like the real API (float or base64 encoding, `index` per item, usage), with
 deterministic vectors derived from each input's SHA-256, and can inject faults, one per incoming request, from
-a script: "429" (rate limit with Retry-After: 0), "500", "503", "timeout" (answers only after the client gave
+a script: "429" (rate limit with Retry-After: 0), "500", "503", "401", "404", "timeout" (answers only after the client gave
 up), or "ok". It records every request it received and every input it answered successfully.
 
 Run standalone (`python tests/fake_openai_server.py PORT_FILE [DIM]`) it serves until killed.
@@ -95,6 +95,10 @@ class FakeOpenAIServer:
                                        {"Retry-After": "0"})
                 if fault in ("500", "503"):
                     return self._reply(int(fault), {"error": {"message": "The server had an error", "type": "server_error"}})
+                if fault == "401":
+                    return self._reply(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+                if fault == "404":
+                    return self._reply(404, {"error": {"message": "The model does not exist", "type": "invalid_request_error"}})
                 if fault == "timeout":
                     time.sleep(server.timeout_delay_s)
                 if any(not isinstance(t, str) or not t for t in inputs):

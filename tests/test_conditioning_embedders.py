@@ -66,6 +66,14 @@ def test_openai_honours_retry_after_but_caps_it():
     assert waits == pytest.approx([0.003])
 
 
+@pytest.mark.parametrize("fault, message", [("401", "Incorrect API key"), ("404", "model does not exist")])
+def test_openai_rejections_are_not_retried_and_say_what_to_check(fault, message):
+    with FakeOpenAIServer(dim=DIM, faults=[fault]) as server:
+        with pytest.raises(ValueError, match=rf"rejected the request \({fault} .*{message}.*check the API key"):
+            _openai(server).embed(TEXTS[:2])
+    assert len(server.received) == 1
+
+
 def test_openai_wrong_dimension_is_a_clear_error():
     with FakeOpenAIServer(dim=DIM + 1) as server:
         with pytest.raises(ValueError, match=rf"returned {DIM + 1}-d vectors.*dim={DIM}"):

@@ -4,7 +4,8 @@ MIMIC-IV-ECG's ~800k records share far fewer distinct reports, and OpenAI embedd
 `embed_with_cache` embeds each distinct uncached prompt once and commits every answered batch in its own
 transaction before asking for the next: a run killed at any point loses nothing it already received, and
 a rerun requests only what is missing. WAL journaling lets readers (data preparation on other processes)
-read while an embedding run writes.
+read while an embedding run writes; keep the file on a local disk (WAL needs shared memory, which network
+file systems such as NFS do not provide) and copy it to other machines when the run is done.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class EmbeddingCache:
         if self.path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         try:
-            self._db = sqlite3.connect(self.path, timeout=60.0)
+            # check_same_thread=False: a cache opened on one thread may be used from another (e.g. a data
+            # loader's worker); calls are serialised by the sqlite3 module.
+            self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable against process kills
             self._db.execute(_SCHEMA)

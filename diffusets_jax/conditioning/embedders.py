@@ -104,6 +104,8 @@ class OpenAIEmbedder:
             timeout=timeout_s, max_retries=0,
         )
         self._retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)  # timeouts too
+        self._rejected = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
+                          openai.BadRequestError, openai.UnprocessableEntityError)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """`texts` -> (len(texts), dim) float32 in input order; `batch_size` texts per request."""
@@ -126,6 +128,12 @@ class OpenAIEmbedder:
                     model=self.model, input=texts, encoding_format="float", **extra
                 )
                 break
+            except self._rejected as err:  # retrying cannot help: wrong key, model, URL or input
+                raise ValueError(
+                    f"the embeddings server rejected the request ({err.status_code} {type(err).__name__}: "
+                    f"{_error_message(err)}): check the API key, --model {self.model!r} and the base URL "
+                    f"{str(self._client.base_url)!r}"
+                ) from err
             except self._retryable as err:
                 if attempt == self.max_retries:
                     raise RuntimeError(
@@ -149,6 +157,15 @@ class OpenAIEmbedder:
                 f"set dim={got} (--dim) or pick the model the configuration expects"
             )
         return vectors
+
+
+def _error_message(err: Exception) -> str:
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"])
+    return str(err)
 
 
 def _retry_after_s(err: Exception) -> float:
