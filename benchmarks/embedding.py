@@ -53,7 +53,7 @@ def main() -> None:
     start = time.perf_counter()
     embedder = LocalEmbedder(batch_size=args.batch_size, dtype=args.dtype)
     load_s = time.perf_counter() - start
-    lengths = [len(e.ids) for e in embedder._tokenizer.encode_batch(prompts)]
+    lengths = embedder.token_counts(prompts).tolist()
 
     start = time.perf_counter()
     embedder.embed(prompts)  # compiles every padded length these prompts need

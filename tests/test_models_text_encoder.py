@@ -87,3 +87,11 @@ def test_rejects_non_bert_config(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "roberta"}')
     with pytest.raises(ValueError, match="roberta"):
         text_encoder.BertConfig.from_json(tmp_path / "config.json")
+
+
+def test_bfloat16_activations_stay_close(files, reference):
+    ids, mask = text_encoder.tokenize(files.tokenizer, reference["texts"][2:4], files.max_length)
+    model = text_encoder.SentenceEncoder(files.config, dtype=jax.numpy.bfloat16)
+    out = np.asarray(jax.jit(model.apply)({"params": files.params}, ids, mask))
+    assert out.dtype == np.float32
+    assert np.sum(out * reference["embeddings"][2:4], axis=-1).min() > 0.9995

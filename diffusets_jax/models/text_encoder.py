@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -27,6 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusets_jax.convert.common import check_keys, dense_from_torch, load_state_dict
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +190,7 @@ class SentenceEncoderFiles:
     model_dir: Path
     config: BertConfig
     params: dict
-    tokenizer: object  # tokenizers.Tokenizer, truncating to max_length, not padding
+    tokenizer: Tokenizer  # truncates to max_length, does not pad
     max_length: int
 
 
@@ -246,7 +250,7 @@ def padded_length(longest: int, max_length: int, minimum: int = 16) -> int:
     return min(length, max_length)
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Texts -> `input_ids`, `attention_mask` (len(texts), padded_length) int32, padded with id 0 ([PAD]).
 
     `tokenizer` must already truncate to `max_length` (as `load_sentence_encoder`'s does).
