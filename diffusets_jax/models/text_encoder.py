@@ -72,6 +72,8 @@ _ACTIVATIONS = {
 
 
 class BertEmbeddings(nn.Module):
+    """Word + absolute position + token type embeddings, then LayerNorm (computed in float32)."""
+
     config: BertConfig
     dtype: jnp.dtype = jnp.float32
 
@@ -107,7 +109,7 @@ class BertLayer(nn.Module):
 
         q, k, v = (split(dense(width, name)(x)) for name in ("query", "key", "value"))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision) / np.sqrt(head_dim).astype(np.float32)
-        # Softmax in float32 even when the activations are bfloat16: padded keys carry a -1e9-ish bias.
+        # Softmax in float32 even when the activations are bfloat16: padded keys carry float32's lowest value.
         weights = jax.nn.softmax(scores.astype(jnp.float32) + attention_bias, axis=-1).astype(self.dtype)
         context = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=self.precision).reshape(x.shape)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="attention_LayerNorm")(
