@@ -73,14 +73,24 @@ class FeatureStatistics:
 
 
 @jax.jit
-def _batch_moments(batch: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean `(d,)` and centred scatter `(d, d)` of one `(b, d)` batch, in float32."""
+def _batch_moments(batch: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean `(d,)` and centred scatter `(d, d)`, in float32, of the first `count` rows of a `(b, d)` batch
+    (the rest is padding: batches are padded to a power of two so a stream of ragged batches compiles a
+    handful of shapes, not one per batch size)."""
     batch = batch.astype(jnp.float32)
-    mean = jnp.mean(batch, axis=0)
-    centred = batch - mean
+    valid = (jnp.arange(batch.shape[0]) < count).astype(jnp.float32)[:, None]
+    mean = jnp.sum(batch * valid, axis=0) / count
+    centred = (batch - mean) * valid
     # HIGHEST: on GPUs/TPUs the default float32 matmul precision is TF32/bfloat16, far too coarse here.
     scatter = jnp.matmul(centred.T, centred, precision=jax.lax.Precision.HIGHEST)
     return mean, scatter
+
+
+def _padded_batch(batch: ArrayLike) -> jax.Array:
+    rows = int(batch.shape[0])
+    padded_rows = max(8, 1 << (rows - 1).bit_length())
+    batch = jnp.asarray(batch)
+    return jnp.pad(batch, ((0, padded_rows - rows), (0, 0))) if padded_rows > rows else batch
 
 
 def _check_features(batch: ArrayLike, what: str) -> None:
@@ -105,7 +115,7 @@ def feature_statistics(
         _check_features(batch, what)
         if batch.shape[0] == 0:
             continue
-        mean, scatter = jax.device_get(_batch_moments(jnp.asarray(batch)))
+        mean, scatter = jax.device_get(_batch_moments(_padded_batch(batch), jnp.float32(batch.shape[0])))
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(scatter))):
             raise ValueError(f"{what}: non-finite values (NaN or inf) in the features; check the feature extractor")
         part = FeatureStatistics(
