@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusets_jax.metrics.features import clip_ecg_features, clip_text_features
+
 ArrayLike = np.ndarray | jax.Array
 
 # Zero vectors get cosine 0 instead of NaN (a dead feature extractor shows up as a low score, not a crash).
@@ -60,21 +62,13 @@ def clip_score_from_model(
     ecgs: ArrayLike,
     text_embeddings: ArrayLike,
     batch_size: int = 256,
-    apply_kwargs: Mapping[str, Any] | None = None,
 ) -> ClipScore:
     """CLIP score of `ecgs` `(n, 1024, 12)` (mV, standard lead order) against their conditioning
-    `text_embeddings` `(n, 1536)`, through the trained CLIP: `clip.apply(variables, ecg, method="encode_ecg")`
-    and `clip.apply(variables, text, method="encode_text")`, both unnormalised 64-d projections, evaluated in
-    batches of `batch_size` under one jit each. `apply_kwargs` go to both calls (e.g. a train/eval flag)."""
+    `text_embeddings` `(n, 1536)`, through the trained CLIP (`diffusets_jax.models.clip.CLIP` and its
+    variables): `encode_ecg` and `encode_text` projections, in inference mode, batched under jit."""
     if ecgs.shape[0] != text_embeddings.shape[0]:
         raise ValueError(f"clip_score: {ecgs.shape[0]} ECGs but {text_embeddings.shape[0]} text embeddings")
-    kwargs = dict(apply_kwargs or {})
-    encode_ecg = jax.jit(lambda v, x: clip.apply(v, x, method="encode_ecg", **kwargs))
-    encode_text = jax.jit(lambda v, t: clip.apply(v, t, method="encode_text", **kwargs))
-    ecg_features, text_features = [], []
-    for start in range(0, ecgs.shape[0], batch_size):
-        ecg_features.append(np.asarray(encode_ecg(variables, jnp.asarray(ecgs[start : start + batch_size]))))
-        text_features.append(
-            np.asarray(encode_text(variables, jnp.asarray(text_embeddings[start : start + batch_size])))
-        )
-    return clip_score(np.concatenate(ecg_features), np.concatenate(text_features))
+    return clip_score(
+        clip_ecg_features(clip, variables, ecgs, batch_size),
+        clip_text_features(clip, variables, text_embeddings, batch_size),
+    )
