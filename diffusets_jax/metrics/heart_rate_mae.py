@@ -18,12 +18,11 @@ import concurrent.futures
 import dataclasses
 import multiprocessing
 
-import jax
 import numpy as np
+from numpy.typing import ArrayLike
 
+# No JAX import here: worker processes import this module, and should start in a second, not load XLA.
 from diffusets_jax.heart_rate import heart_rate_from_xqrs
-
-ArrayLike = np.ndarray | jax.Array
 
 MODEL_FS = 102.4  # 1024 samples over 10 s
 
@@ -87,7 +86,7 @@ def measure_heart_rates(
     Returns `(bpm (batch,), lead (batch,), errors)`, with NaN / -1 for records that could not be measured and
     `errors` holding the exception text of records where the detector raised.
     """
-    ecgs = np.asarray(jax.device_get(ecgs), dtype=np.float64)
+    ecgs = np.asarray(ecgs, dtype=np.float64)  # also fetches a jax.Array from its device
     if ecgs.ndim != 3:
         raise ValueError(f"ecgs: expected shape (batch, samples, leads), got {ecgs.shape}")
     if workers <= 1 or ecgs.shape[0] < 2 * workers:
@@ -109,7 +108,7 @@ def heart_rate_mae(
 ) -> HeartRateMAE:
     """MAE between the conditioning heart rates `(batch,)` (bpm) and the XQRS rates of `ecgs`
     `(batch, samples, leads)` sampled at `fs` Hz."""
-    condition_bpm = np.asarray(jax.device_get(condition_bpm), dtype=np.float64).reshape(-1)
+    condition_bpm = np.asarray(condition_bpm, dtype=np.float64).reshape(-1)
     if condition_bpm.shape[0] != np.shape(ecgs)[0]:
         raise ValueError(
             f"condition_bpm has {condition_bpm.shape[0]} values for {np.shape(ecgs)[0]} ECGs; give one per ECG"
