@@ -97,3 +97,18 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     save_png(fig, tmp_path / "a.png")
     save_png(fig, tmp_path / "a.png")
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+def test_plot_command_draws_records_and_lists_bad_ones(tmp_path, capsys):
+    import json
+
+    from diffusets_jax.cli import main
+    from diffusets_jax.io.wfdb_out import write_record
+
+    write_record(tmp_path / "gen_0", synthetic_ecg(), conditions={"prompt": "Sinus rhythm.", "sex": 0, "age": 50})
+    (tmp_path / "broken.hea").write_text("not a header\n")
+    code = main(["plot", str(tmp_path / "gen_0.hea"), str(tmp_path / "broken"), "--out-dir", str(tmp_path / "png"),
+                 "--dpi", "40"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["written"] == 1 and list(summary["skipped"]) == [str(tmp_path / "broken")]
+    assert (tmp_path / "png" / "gen_0.png").stat().st_size > 1000

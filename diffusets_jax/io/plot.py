@@ -321,3 +321,25 @@ def plot_heart_rate_scatter(
     if path is not None:
         save_png(fig, path, dpi)
     return fig
+
+
+def plot_wfdb_records(
+    records: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dpi: int = 200
+) -> dict[str, Any]:
+    """Draw each 12-lead WFDB record (`path` with or without `.hea`; ours or any 10 s 12-lead record) as
+    `out_dir/NAME.png`, with the conditions from its header comments in the title. A record that cannot be
+    read or drawn is skipped and reported: `{"written": [png paths], "skipped": {record: reason}}`."""
+    from diffusets_jax.io.wfdb_out import read_record
+
+    written, skipped = [], {}
+    for record in records:
+        record = os.fspath(record)
+        name = os.path.basename(record[:-4] if record.endswith((".hea", ".dat")) else record)
+        try:
+            ecg = read_record(record)
+            conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
+            fig = plot_ecg(np.nan_to_num(ecg.signal), ecg.fs, title=name, conditions=conditions)
+            written.append(save_png(fig, os.path.join(os.fspath(out_dir), f"{name}.png"), dpi))
+        except (OSError, ValueError) as err:
+            skipped[record] = str(err)
+    return {"written": written, "skipped": skipped}
