@@ -105,6 +105,8 @@ def write_record(
     (`dir/NAME`, no extension; NAME of letters, digits, `_` or `-`). `output_fs=500` resamples to 500 Hz.
     Returns the header path. An existing record of the same name is replaced atomically."""
     path = os.fspath(path)
+    if path.endswith((".hea", ".dat")):
+        path = path[:-4]
     directory, name = os.path.split(path)
     directory = directory or "."
     if not _RECORD_NAME.match(name):
