@@ -65,7 +65,8 @@ def test_from_model_equals_arrays_path_in_any_batch_size():
     ecgs = rng.normal(size=(10, 1024, 12)).astype(np.float32)
     texts = rng.normal(size=(10, 1536)).astype(np.float32)
     variables = random_variables(model, ecgs[:2], texts[:2])
-    ecg_features = model.apply(variables, ecgs, method=CLIP.encode_ecg)
+    # Whole batch in one call (jitted: op-by-op Net1D takes ~10 s to dispatch) vs the metric's padded batches.
+    ecg_features = jax.jit(lambda v, x: model.apply(v, x, method=CLIP.encode_ecg))(variables, ecgs)
     text_features = model.apply(variables, texts, method=CLIP.encode_text)
     expected = numpy_cosine(np.asarray(ecg_features, np.float64), np.asarray(text_features, np.float64))
     result = clip_score_from_model(model, variables, ecgs, texts, batch_size=4)  # 4 + 4 + padded 2

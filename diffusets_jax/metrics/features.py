@@ -7,6 +7,7 @@ ECGs (an array or a stream of batches) becomes an `(n, 64)` feature array for th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,6 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 ArrayLike = np.ndarray | jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("clip", "method"))
+def _apply(clip: nn.Module, method: str, variables: Mapping[str, Any], inputs: jax.Array) -> jax.Array:
+    # One compiled function per (model config, method, batch shape), shared by every call: modules are
+    # hashable dataclasses, so repeated feature extraction (e.g. real set, then each checkpoint) reuses it.
+    return clip.apply(variables, inputs, method=method)
 
 
 def _batches(data: ArrayLike | Iterable[ArrayLike], batch_size: int) -> Iterable[ArrayLike]:
@@ -45,7 +53,7 @@ def clip_ecg_features(
 ) -> np.ndarray:
     """ECGs `(n, 1024, 12)` (mV, standard lead order; or an iterable of such batches) -> CLIP ECG features
     `(n, embed_dim)` via `clip.apply(variables, ecg, method="encode_ecg")` in inference mode."""
-    encode = jax.jit(lambda v, x: clip.apply(v, x, method="encode_ecg"))
+    encode = functools.partial(_apply, clip, "encode_ecg")
     return _apply_in_batches(encode, variables, ecgs, batch_size)
 
 
@@ -53,5 +61,5 @@ def clip_text_features(
     clip: nn.Module, variables: Mapping[str, Any], text_embeddings: ArrayLike, batch_size: int = 256
 ) -> np.ndarray:
     """Report embeddings `(n, 1536)` -> projected text features `(n, embed_dim)` (`method="encode_text"`)."""
-    encode = jax.jit(lambda v, t: clip.apply(v, t, method="encode_text"))
+    encode = functools.partial(_apply, clip, "encode_text")
     return _apply_in_batches(encode, variables, text_embeddings, batch_size)
