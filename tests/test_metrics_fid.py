@@ -121,3 +121,12 @@ def test_bad_features_are_rejected(rng):
         fid(good, good[:, :3])
     with pytest.raises(ValueError, match="at least 2"):
         fid(good, good[:1])
+
+
+def test_device_sharded_features_give_the_same_fid(rng):
+    real = rng.normal(size=(64, 5))
+    generated = rng.normal(size=(48, 5)) + 0.3
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    sharded = fid(jax.device_put(real.astype(np.float32), sharding), jax.device_put(generated.astype(np.float32), sharding))
+    assert sharded == pytest.approx(reference_fid(real, generated), rel=1e-5)

@@ -102,3 +102,13 @@ def test_rows_split_over_a_device_mesh_give_the_same_result():
     generated = rng.normal(size=(181, 10)) * 1.4 + 0.4
     sharded = precision_recall(real, generated, row_block=8, col_block=32, mesh=mesh)
     assert (sharded.precision, sharded.recall) == brute_force(real, generated, 3)
+
+
+def test_device_sharded_inputs_are_accepted():
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    rng = np.random.default_rng(5)
+    real, generated = rng.normal(size=(64, 4)), rng.normal(size=(64, 4)) + 0.5
+    result = precision_recall(jax.device_put(real.astype(np.float32), sharding),
+                              jax.device_put(generated.astype(np.float32), sharding))
+    assert (result.precision, result.recall) == brute_force(real, generated, 3)

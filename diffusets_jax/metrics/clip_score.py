@@ -50,7 +50,7 @@ def clip_score(ecg_features: ArrayLike, text_features: ArrayLike) -> ClipScore:
             f"clip_score: expected paired features of equal shape (n, dim); got ECG {tuple(ecg_features.shape)} "
             f"and text {tuple(text_features.shape)}"
         )
-    per_pair = np.asarray(pairwise_cosine(jnp.asarray(ecg_features), jnp.asarray(text_features)), dtype=np.float64)
+    per_pair = np.asarray(pairwise_cosine(jnp.asarray(np.asarray(ecg_features)), jnp.asarray(np.asarray(text_features))), dtype=np.float64)
     if not np.all(np.isfinite(per_pair)):
         raise ValueError("clip_score: non-finite features (NaN or inf); check the CLIP model and its inputs")
     return ClipScore(mean=float(per_pair.mean()), per_pair=per_pair)

@@ -115,6 +115,9 @@ def feature_statistics(
         _check_features(batch, what)
         if batch.shape[0] == 0:
             continue
+        # Via the host: a batch is small (b x 64), and a device-sharded batch (e.g. straight from a data-parallel
+        # feature extractor under an explicitly sharded mesh) would otherwise need its own reduction sharding.
+        batch = np.asarray(batch)
         mean, scatter = jax.device_get(_batch_moments(_padded_batch(batch), jnp.float32(batch.shape[0])))
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(scatter))):
             raise ValueError(f"{what}: non-finite values (NaN or inf) in the features; check the feature extractor")
