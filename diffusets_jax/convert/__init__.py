@@ -5,5 +5,6 @@ Public API (filled in per model): `vae_from_torch`, `unet_from_torch`, `clip_fro
 """
 
 from diffusets_jax.convert.common import load_state_dict
+from diffusets_jax.convert.unet import unet_from_torch, unet_to_torch
 
-__all__ = ["load_state_dict"]
+__all__ = ["load_state_dict", "unet_from_torch", "unet_to_torch"]
