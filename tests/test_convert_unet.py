@@ -20,7 +20,6 @@ def converted(reference_sd):
     return unet_from_torch(reference_sd)
 
 
-@pytest.mark.slow
 def test_parity_with_reference_vectors(converted):
     module, variables = converted
     v = reference_vectors()
