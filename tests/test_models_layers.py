@@ -84,3 +84,18 @@ def test_group_norm_is_joint_over_length_and_channels():
 def test_mish():
     x = np.linspace(-6, 6, 25)
     np.testing.assert_allclose(mish(jnp.asarray(x)), x * np.tanh(np.log1p(np.exp(x))), rtol=1e-6, atol=1e-7)
+
+
+def test_pytorch_default_initialisation_bounds():
+    """Weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in as PyTorch computes it."""
+    from diffusets_jax.models.layers import conv1d, linear
+
+    x = jnp.zeros((1, 8, 6))
+    conv = conv1d(64, 6, 7, padding=3, name="c").init(jax.random.key(0), x)["params"]
+    tconv = ConvTranspose1d(40, 4, stride=2, padding=1).init(jax.random.key(1), x)["params"]
+    dense = linear(300, 6, name="d").init(jax.random.key(2), x)["params"]
+    for params, fan_in in ((conv, 6 * 7), (tconv, 40 * 4), (dense, 6)):
+        for leaf in (params["kernel"], params["bias"]):
+            bound = 1 / np.sqrt(fan_in)
+            assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.8 * bound
+    assert tconv["kernel"].shape == (4, 6, 40)

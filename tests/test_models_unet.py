@@ -27,11 +27,28 @@ def small_inputs(batch=3, seed=0, text_dim=12):
     )
 
 
+def random_variables(module, inputs, seed=0):
+    """`module.init`'s variables with PyTorch-scale uniform weights drawn by NumPy (compiling the ~200 PRNG
+    initialisers costs more CPU time than the forward pass; the layer tests cover the initialisers)."""
+    abstract = jax.eval_shape(module.init, jax.random.key(0), *inputs)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if "embeddings" in jax.tree_util.keystr(path):
+            return jnp.asarray(sinusoidal_time_table(*leaf.shape))
+        if leaf.ndim == 1:  # norm scales around 1, biases around 0
+            return jnp.asarray(("scale" in jax.tree_util.keystr(path)) + rng.uniform(-0.2, 0.2, leaf.shape), leaf.dtype)
+        bound = 1 / np.sqrt(np.prod(leaf.shape[:-1]))  # fan_in of Flax (k, in, out) / (in, out) kernels
+        return jnp.asarray(rng.uniform(-bound, bound, leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
 @pytest.fixture(scope="module")
 def small():
+    """(module, variables, jitted apply): one compilation shared by the tests (eager Flax is slow on CPU)."""
     module = UNet(**SMALL)
-    variables = jax.jit(module.init)(jax.random.key(0), *small_inputs())
-    return module, variables
+    return module, random_variables(module, small_inputs()), jax.jit(module.apply)
 
 
 def test_faithful_parameter_count_and_frozen_tables():
@@ -63,53 +80,54 @@ def test_time_table_formula():
 
 
 def test_small_forward_shapes_jit_and_batch_independence(small):
-    module, variables = small
+    module, variables, apply = small
     inputs = small_inputs()
-    eps = jax.jit(module.apply)(variables, *inputs)
+    eps = apply(variables, *inputs)
     assert eps.shape == (3, LENGTH, 4) and eps.dtype == jnp.float32
     assert np.all(np.isfinite(eps))
     # Each sample's output depends only on its own inputs (attention runs over length, never over batch).
     other = small_inputs(seed=1)
     mixed = tuple(jnp.concatenate([a[:1], b[1:]]) for a, b in zip(inputs, other, strict=True))
-    eps_mixed = jax.jit(module.apply)(variables, *mixed)
+    eps_mixed = apply(variables, *mixed)
     np.testing.assert_allclose(eps_mixed[0], eps[0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(eps_mixed[1:], eps[1:], atol=1e-3)
 
 
 @pytest.mark.parametrize("which", [1, 2, 3, 4, 5])
 def test_every_condition_changes_the_output(small, which):
-    module, variables = small
+    _, variables, apply = small
     inputs = list(small_inputs())
-    eps = module.apply(variables, *inputs)
+    eps = apply(variables, *inputs)
     inputs[which] = inputs[which] + (1 if which != 2 else 0.5)
-    assert not np.allclose(module.apply(variables, *inputs), eps, atol=1e-5)
+    assert not np.allclose(apply(variables, *inputs), eps, atol=1e-5)
 
 
 def test_fast_cross_attention_equals_the_literal_one(small):
-    module, variables = small
+    module, variables, apply = small
     inputs = small_inputs()
-    exact = module.clone(exact_cross_attention=True).apply(variables, *inputs)
-    np.testing.assert_allclose(module.apply(variables, *inputs), exact, rtol=1e-5, atol=1e-5)
+    exact = jax.jit(module.clone(exact_cross_attention=True).apply)(variables, *inputs)
+    np.testing.assert_allclose(apply(variables, *inputs), exact, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params(small):
-    module, variables = small
+    module, variables, apply = small
     inputs = small_inputs()
-    reference = module.apply(variables, *inputs)
+    reference = apply(variables, *inputs)
     bf16 = module.clone(dtype=jnp.bfloat16)
-    params_bf16 = jax.jit(bf16.init)(jax.random.key(0), *inputs)
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params_bf16))
+    abstract = jax.eval_shape(bf16.init, jax.random.key(0), *inputs)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(abstract))
     eps = jax.jit(bf16.apply)(variables, *inputs)
     assert eps.dtype == jnp.float32
     scale = float(np.abs(reference).max())
     assert float(np.abs(eps - reference).max()) < 0.05 * scale
 
 
+@pytest.mark.slow
 def test_gradients_reach_params_not_constants(small):
-    module, variables = small
+    module, variables, _ = small
     inputs = small_inputs()
 
-    @partial(jax.jit)
+    @jax.jit
     def loss(params):
         return jnp.sum(module.apply({"params": params, "constants": variables["constants"]}, *inputs) ** 2)
 
@@ -119,16 +137,18 @@ def test_gradients_reach_params_not_constants(small):
     assert np.abs(block["time_emb"]["fc1"]["kernel"]).max() > 0
     # The cross-attention's query/key path cannot influence a uniform softmax: zero gradient, as in PyTorch.
     assert np.abs(block["cross_attention"]["to_q"]["kernel"]).max() == 0
+    assert np.all(np.isfinite(np.asarray(jax.tree_util.tree_leaves(grads)[0])))
 
 
 def test_bad_inputs_are_named(small):
-    module, variables = small
-    x, t, text, sex, age, hr = small_inputs()
+    module, variables, _ = small
+    x, t, text, sex, age, hr = small_inputs()  # shape checks run at trace time: jax.eval_shape, no compute
+    apply = partial(jax.eval_shape, module.apply)
     with pytest.raises(ValueError, match="channels-last"):
-        module.apply(variables, jnp.transpose(x, (0, 2, 1)), t, text, sex, age, hr)
+        apply(variables, jnp.transpose(x, (0, 2, 1)), t, text, sex, age, hr)
     with pytest.raises(ValueError, match="text_dim=12"):
-        module.apply(variables, x, t, jnp.zeros((3, 7)), sex, age, hr)
+        apply(variables, x, t, jnp.zeros((3, 7)), sex, age, hr)
     with pytest.raises(ValueError, match="divisible by 4"):
-        module.apply(variables, x[:, :6], t, text, sex, age, hr)
+        apply(variables, x[:, :6], t, text, sex, age, hr)
     with pytest.raises(ValueError, match="one attention width per"):
-        UNet(**{**SMALL, "up_attention_dims": (32,)}).init(jax.random.key(0), *small_inputs())
+        jax.eval_shape(UNet(**{**SMALL, "up_attention_dims": (32,)}).init, jax.random.key(0), *small_inputs())

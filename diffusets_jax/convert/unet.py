@@ -10,6 +10,7 @@ loads into the reference module with `strict=True`.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -125,7 +126,9 @@ def unet_config_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[st
     )
 
 
+@functools.lru_cache(maxsize=8)
 def _abstract_variables(module: UNet) -> dict:
+    """Shapes and dtypes of `module`'s variables (tracing the published model takes seconds: cached)."""
     batch, length = 1, 2 ** len(module.channels)
     f32 = jnp.float32
     return jax.eval_shape(

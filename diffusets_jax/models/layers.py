@@ -158,13 +158,17 @@ class TorchMultiheadAttention(nn.Module):
         """`(batch, q_len, E)`, `(batch, kv_len, E)`, `(batch, kv_len, E)` -> `(batch, q_len, E)`."""
         batch, q_len, _ = query.shape
         head_dim = self.embed_dim // self.num_heads
-        split = lambda x: x.reshape(x.shape[0], x.shape[1], self.num_heads, head_dim)  # noqa: E731
-        q = split(self._project(query, 0)) * (1.0 / math.sqrt(head_dim))  # PyTorch scales q before q @ k
-        k, v = split(self._project(key, 1)), split(self._project(value, 2))
+        # Heads-major (batch, heads, length, head_dim) and plain batched matmuls: with head_dim as small as
+        # 1-4 here, XLA:CPU runs these ~3x faster than the equivalent "bqhd,bkhd->bhqk" einsum.
+        def heads(x: Array) -> Array:
+            return x.reshape(x.shape[0], x.shape[1], self.num_heads, head_dim).transpose(0, 2, 1, 3)
+
+        q = heads(self._project(query, 0)) * (1.0 / math.sqrt(head_dim))  # PyTorch scales q before q @ k
+        k, v = heads(self._project(key, 1)), heads(self._project(value, 2))
         # Scores and softmax in float32 even for bf16 compute: the length is short, the precision matters.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, q_len, self.embed_dim)
+        out = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, q_len, self.embed_dim)
         return self.out_proj(out)
 
     def identical_keys(self, value: Array) -> Array:

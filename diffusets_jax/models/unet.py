@@ -117,9 +117,12 @@ class CrossAttention(nn.Module):
         to_q, to_k, to_v = (linear(h, c, name=n, **kw) for n in ("to_q", "to_k", "to_v"))
         attention = TorchMultiheadAttention(h, self.num_heads, name="attention", **kw)
         to_out = linear(c, h, name="to_out", **kw)
-        context = layer_norm(name="condition_normalization", **kw)(
-            linear(c, cond.shape[-1], name="value_combiner", **kw)(cond)
-        )
+        # The condition mixes unit-norm text with raw age and heart rate (tens to ~200): project it in
+        # float32 whatever the computation dtype (bf16 keeps 8 bits; one small matmul per block).
+        combined = linear(
+            c, cond.shape[-1], name="value_combiner", dtype=jnp.float32, param_dtype=self.param_dtype
+        )(cond.astype(jnp.float32))
+        context = layer_norm(name="condition_normalization", **kw)(combined)
         if self.exact or self.is_initializing():  # initialising always creates every parameter
             query = to_q(layer_norm(name="normalization", **kw)(s))
             context_seq = jnp.broadcast_to(context[:, None, :], s.shape[:2] + (c,))
@@ -295,7 +298,7 @@ class UNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         cond = jnp.concatenate(
             [text_embedding, sex[:, None], age[:, None], heart_rate[:, None]], axis=-1
-        ).astype(self.dtype or jnp.float32)
+        ).astype(jnp.float32)
         h = x_t.astype(self.dtype or x_t.dtype)
         skips = []
         for i, (features, attention_dim) in enumerate(zip(self.channels, self.down_attention_dims, strict=True)):

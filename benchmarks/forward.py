@@ -1,0 +1,122 @@
+"""Jitted forward time of the faithful U-Net and VAE decoder per batch size, plus compile times (JSON).
+
+    python benchmarks/forward.py                      # float32, batches 1, 16, 128
+    python benchmarks/forward.py --dtype bfloat16 --batch-sizes 1 128 1024
+
+One U-Net forward is one denoising step, so 1000-step DDPM sampling costs about 1000 x the U-Net time
+plus one decoder call per batch. Times are medians over `--repeats` runs after a warm-up run, each ended
+with `block_until_ready`; compile time is `jit(...).lower(...).compile()` per batch size. Weights are
+random NumPy normals (timing does not depend on their values). The VAE has no computation-dtype option, so it always
+runs in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def time_forward(fn: Callable, variables, inputs: Sequence, repeats: int) -> dict[str, float]:
+    """Compile `fn(variables, *inputs)` and time it: {'compile_s', 'median_s', 'min_s'}."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(variables, *inputs).compile()
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(compiled(variables, *inputs))  # warm-up: first-run allocations, autotuning
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(variables, *inputs))
+        times.append(time.perf_counter() - start)
+    return {"compile_s": round(compile_s, 3), "median_s": statistics.median(times), "min_s": min(times)}
+
+
+def random_variables(init: Callable, *args) -> dict:
+    """Variables shaped like `init(key, *args)`, filled with small NumPy normals.
+
+    Timing does not depend on the values, and this skips compiling the initialisers (hundreds of PRNG
+    calls: slower to compile than the forward pass itself on CPU).
+    """
+    abstract = jax.eval_shape(init, jax.random.key(0), *args)
+    rng = np.random.default_rng(0)
+    return jax.tree_util.tree_map(
+        lambda leaf: jnp.asarray(rng.normal(0.0, 0.05, leaf.shape), leaf.dtype), abstract
+    )
+
+
+def unet_inputs(batch: int, text_dim: int, key: jax.Array) -> tuple:
+    keys = jax.random.split(key, 3)
+    return (
+        jax.random.normal(keys[0], (batch, 128, 4)),
+        jax.random.randint(keys[1], (batch,), 0, 1000),
+        jax.random.normal(keys[2], (batch, text_dim)) / np.sqrt(text_dim),
+        jnp.ones((batch,)), jnp.full((batch,), 60.0), jnp.full((batch,), 75.0),
+    )
+
+
+def benchmark_unet(batch_sizes: Sequence[int], dtype: jnp.dtype, repeats: int) -> dict:
+    from diffusets_jax.models.unet import UNet, count_params
+
+    module = UNet(dtype=dtype)
+    key = jax.random.key(0)
+    variables = random_variables(module.init, *unet_inputs(1, module.text_dim, key))
+    out = {"params": count_params(variables["params"]), "batches": {}}
+    for batch in batch_sizes:
+        result = time_forward(module.apply, variables, unet_inputs(batch, module.text_dim, key), repeats)
+        result["steps_per_s"] = 1.0 / result["median_s"]
+        result["samples_per_s_1000_steps"] = batch / (1000 * result["median_s"])
+        out["batches"][str(batch)] = result
+    return out
+
+
+def benchmark_vae_decoder(batch_sizes: Sequence[int], repeats: int) -> dict:
+    try:
+        from diffusets_jax.models.vae import VAE
+    except ImportError as err:
+        return {"skipped": f"diffusets_jax.models.vae not available: {err}"}
+    module = VAE()
+    key = jax.random.key(0)
+    z = jax.random.normal(key, (1, 128, module.latent_channels))
+    variables = random_variables(lambda k, z: module.init(k, z, method=VAE.decode), z)
+    decode = lambda variables, z: module.apply(variables, z, method=VAE.decode)  # noqa: E731
+    out = {"batches": {}}
+    for batch in batch_sizes:
+        z = jax.random.normal(key, (batch, 128, module.latent_channels))
+        result = time_forward(decode, variables, (z,), repeats)
+        result["ecgs_per_s"] = batch / result["median_s"]
+        out["batches"][str(batch)] = result
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="U-Net computation dtype (parameters stay float32)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per batch size (median reported)")
+    parser.add_argument("--skip-vae", action="store_true", help="benchmark the U-Net only")
+    args = parser.parse_args(argv)
+    device = jax.devices()[0]
+    report = {
+        "benchmark": "forward",
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "unet": benchmark_unet(args.batch_sizes, jnp.dtype(args.dtype), args.repeats),
+    }
+    if not args.skip_vae:
+        report["vae_decoder"] = benchmark_vae_decoder(args.batch_sizes, args.repeats)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
