@@ -1,0 +1,131 @@
+"""The latent dataset: encode a prepared dataset, read it back through the input pipeline, resume, skip bad records."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+
+from diffusets_jax.data import latents, pipeline
+from tests import tiny_ecg_dataset
+
+NAN_INDEX = 5  # the test encoder returns a non-finite posterior for this example: it must be skipped
+
+
+def toy_encoder(variables, ecg):
+    """A deterministic stand-in encoder with the VAE's shapes: (batch, 1024, 12) -> 2 x (batch, 128, 4)."""
+    pooled = ecg.reshape(ecg.shape[0], 128, 8, 12).mean(axis=2)[..., :4]
+    mean = pooled * variables["scale"]
+    logvar = -jnp.abs(mean) + variables["shift"]
+    is_bad = (ecg[:, 0, 0] == NAN_INDEX)[:, None, None]
+    return mean, jnp.where(is_bad, jnp.nan, logvar)
+
+
+VARIABLES = {"scale": np.float32(2.0), "shift": np.float32(-1.0)}
+
+
+def expected_posterior(index: int) -> tuple[np.ndarray, np.ndarray]:
+    mean, logvar = toy_encoder(VARIABLES, tiny_ecg_dataset.example(index)["ecg"][None])
+    return np.asarray(mean[0]), np.asarray(logvar[0])
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return tiny_ecg_dataset.build(str(tmp_path_factory.mktemp("tfds")))
+
+
+@pytest.fixture(scope="module")
+def encoded(source, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("latents"))
+    index = latents.encode_dataset(source, out, toy_encoder, VARIABLES, batch_size=8, examples_per_shard=20,
+                                   vae="toy")
+    return out, index
+
+
+def shard_mtimes(out: str) -> dict[str, int]:
+    return {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if ".tfrecord-" in n}
+
+
+def test_index_lists_shards_counts_and_skips(encoded):
+    out, index = encoded
+    with open(os.path.join(out, latents.INDEX_FILE)) as f:
+        assert json.load(f) == index
+    assert index["complete"] and index["vae"] == "toy" and index["embedding_dim"] == tiny_ecg_dataset.EMBEDDING_DIM
+    train = index["splits"]["train"]
+    assert len(train["shards"]) == 3  # 53 examples, 20 per shard
+    assert [s["source"] for s in train["shards"]] == [[0, 20], [20, 40], [40, 53]]
+    assert sum(s["num_examples"] for s in train["shards"]) == 52
+    assert sum(s["skipped"] for s in train["shards"]) == 1
+    assert set(index["splits"]) == {"train", "validation", "test"}
+
+
+def test_latent_examples_hold_the_posterior_and_conditions(encoded):
+    out, _ = encoded
+    builder = pipeline.load_builder(out)
+    examples = list(builder.as_dataset("train", shuffle_files=False).as_numpy_iterator())
+    assert sorted(int(e["study_id"]) for e in examples) == [i for i in range(53) if i != NAN_INDEX]
+    for example in examples[:10]:
+        index = int(example["study_id"])
+        mean, logvar = expected_posterior(index)
+        np.testing.assert_allclose(example["latent_mean"], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(example["latent_logvar"], logvar, rtol=1e-5, atol=1e-6)
+        src = tiny_ecg_dataset.example(index)
+        assert example["prompt"].decode() == src["prompt"] and int(example["sex"]) == src["sex"]
+        assert float(example["heart_rate"]) == src["heart_rate"]
+        np.testing.assert_array_equal(example["text_embedding"], src["text_embedding"])
+        assert int(example["subject_id"]) == src["subject_id"]
+
+
+def test_pipeline_reads_latents_as_sharded_batches(encoded):
+    out, _ = encoded
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+    batch = next(pipeline.train_batches(out, "train", global_batch_size=16, mesh_or_sharding=mesh,
+                                        fields=pipeline.LATENT_FIELDS, seed=0, shuffle_buffer=8))
+    assert batch["latent_mean"].shape == batch["latent_logvar"].shape == (16, 128, 4)
+    assert batch["latent_mean"].sharding.spec == PartitionSpec(("data", "fsdp"))
+    assert batch["text_embedding"].shape == (16, tiny_ecg_dataset.EMBEDDING_DIM)
+    z = latents.sample_latent(batch["latent_mean"], batch["latent_logvar"], jax.random.key(0))
+    assert z.shape == (16, 128, 4) and bool(jnp.isfinite(z).all())
+
+
+def test_sample_latent_draws_from_the_scaled_posterior():
+    mean = jnp.full((512, 128, 4), 1.5)
+    logvar = jnp.full((512, 128, 4), np.log(0.25))
+    z = np.asarray(latents.sample_latent(mean, logvar, jax.random.key(1)))
+    assert abs(z.mean() - 1.5 * latents.LATENT_SCALE) < 1e-3
+    assert abs(z.std() - 0.5 * latents.LATENT_SCALE) < 1e-3
+    np.testing.assert_array_equal(z, latents.sample_latent(mean, logvar, jax.random.key(1)))
+
+
+def test_rerun_skips_finished_shards_and_redoes_missing_ones(source, tmp_path):
+    out = str(tmp_path)
+    kwargs = {"batch_size": 8, "examples_per_shard": 20, "vae": "toy", "splits": ["train"]}
+    latents.encode_dataset(source, out, toy_encoder, VARIABLES, **kwargs)
+    before = shard_mtimes(out)
+    latents.encode_dataset(source, out, toy_encoder, VARIABLES, **kwargs)
+    assert shard_mtimes(out) == before  # nothing re-encoded
+
+    victim = sorted(before)[1]
+    with open(os.path.join(out, victim), "rb") as f:
+        original = f.read()
+    os.remove(os.path.join(out, victim))
+    latents.encode_dataset(source, out, toy_encoder, VARIABLES, **kwargs)
+    after = shard_mtimes(out)
+    assert {n for n in after if after[n] != before.get(n)} == {victim}
+    with open(os.path.join(out, victim), "rb") as f:
+        assert f.read() == original  # a shard always holds the same examples
+
+    with pytest.raises(ValueError, match="vae="):
+        latents.encode_dataset(source, out, toy_encoder, VARIABLES, **{**kwargs, "vae": "another"})
+
+
+def test_bad_arguments_are_named(source, tmp_path):
+    with pytest.raises(ValueError, match="multiple of the 8 local devices"):
+        latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, batch_size=12)
+    with pytest.raises(ValueError, match="no split"):
+        latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, splits=["dev"])
