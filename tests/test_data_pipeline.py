@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -161,3 +163,12 @@ def test_clear_errors_for_bad_requests(builder):
 def test_batch_sharding_accepts_a_named_sharding():
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
     assert pipeline.batch_sharding(sharding) is sharding
+
+
+def test_load_builder_by_name_directory_or_missing(builder, tmp_path):
+    by_name = pipeline.load_builder("tiny_ecg", data_dir=os.path.dirname(os.path.dirname(builder.data_dir)))
+    assert by_name.info.splits["train"].num_examples == TRAIN_SIZE
+    by_dir = pipeline.load_builder(builder.data_dir)
+    assert by_dir.info.splits["validation"].num_examples == tiny_ecg_dataset.SPLIT_SIZES["validation"]
+    with pytest.raises(FileNotFoundError, match="no dataset 'absent_ecg'"):
+        pipeline.load_builder("absent_ecg", data_dir=tmp_path)

@@ -85,7 +85,13 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
     source = os.fspath(source)
     if os.path.isfile(os.path.join(source, "dataset_info.json")):
         return tfds.builder_from_directory(source)
-    builder = tfds.builder(source, data_dir=None if data_dir is None else os.fspath(data_dir))
+    try:
+        builder = tfds.builder(source, data_dir=None if data_dir is None else os.fspath(data_dir))
+    except tfds.core.registered.DatasetNotFoundError as err:
+        raise FileNotFoundError(
+            f"no dataset {source!r} under data_dir {None if data_dir is None else os.fspath(data_dir)!r}: pass the "
+            "--data-dir it was prepared into (or the dataset's version directory, which holds dataset_info.json)"
+        ) from err
     if not builder.is_prepared():
         raise FileNotFoundError(
             f"dataset {source!r} is not prepared under {builder.data_dir!r}: run `diffusets-jax prepare` for it "
