@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from diffusets_jax.data import latents, pipeline
+from diffusets_jax.models.vae import VAE
 from tests import tiny_ecg_dataset
 
 NAN_INDEX = 5  # the test encoder returns a non-finite posterior for this example: it must be skipped
@@ -89,17 +90,8 @@ def test_pipeline_reads_latents_as_sharded_batches(encoded):
     assert batch["latent_mean"].shape == batch["latent_logvar"].shape == (16, 128, 4)
     assert batch["latent_mean"].sharding.spec == PartitionSpec(("data", "fsdp"))
     assert batch["text_embedding"].shape == (16, tiny_ecg_dataset.EMBEDDING_DIM)
-    z = latents.sample_latent(batch["latent_mean"], batch["latent_logvar"], jax.random.key(0))
+    z = VAE.sample_latent(batch["latent_mean"], batch["latent_logvar"], jax.random.key(0))
     assert z.shape == (16, 128, 4) and bool(jnp.isfinite(z).all())
-
-
-def test_sample_latent_draws_from_the_scaled_posterior():
-    mean = jnp.full((512, 128, 4), 1.5)
-    logvar = jnp.full((512, 128, 4), np.log(0.25))
-    z = np.asarray(latents.sample_latent(mean, logvar, jax.random.key(1)))
-    assert abs(z.mean() - 1.5 * latents.LATENT_SCALE) < 1e-3
-    assert abs(z.std() - 0.5 * latents.LATENT_SCALE) < 1e-3
-    np.testing.assert_array_equal(z, latents.sample_latent(mean, logvar, jax.random.key(1)))
 
 
 def test_rerun_skips_finished_shards_and_redoes_missing_ones(source, tmp_path):
@@ -129,3 +121,17 @@ def test_bad_arguments_are_named(source, tmp_path):
         latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, batch_size=12)
     with pytest.raises(ValueError, match="no split"):
         latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, splits=["dev"])
+
+
+@pytest.mark.slow  # compiling the VAE encoder for 8 devices: ~40 s on 2 busy cores
+def test_encode_with_the_real_vae_matches_its_encoder(source, tmp_path):
+    vae = VAE(widths=(8, 8, 8), groups=4, num_res_blocks=1)
+    variables = jax.jit(lambda key: vae.init(key, jnp.zeros((1, 1024, 12)), method=VAE.encode))(jax.random.key(0))
+    apply_fn = lambda v, ecg: vae.apply(v, ecg, method=VAE.encode)
+    latents.encode_dataset(source, str(tmp_path), apply_fn, variables, splits=["test"], batch_size=8)
+    examples = list(pipeline.load_builder(str(tmp_path)).as_dataset("test", shuffle_files=False).as_numpy_iterator())
+    assert len(examples) == tiny_ecg_dataset.SPLIT_SIZES["test"]
+    ecg = np.stack([tiny_ecg_dataset.example(int(e["study_id"]))["ecg"] for e in examples])
+    mean, logvar = jax.jit(apply_fn)(variables, ecg)
+    np.testing.assert_allclose(np.stack([e["latent_mean"] for e in examples]), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.stack([e["latent_logvar"] for e in examples]), logvar, rtol=1e-4, atol=1e-5)

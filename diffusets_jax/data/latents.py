@@ -5,8 +5,8 @@ compute. `encode_dataset` writes, per split, TFRecord shards whose examples hold
 (`latent_mean`, `latent_logvar`, each `(128, 4)`) plus the conditions. The output directory is a TFDS
 dataset (`dataset_info.json` written with `tfds.folder_dataset.write_metadata`), so the same input pipeline
 reads it: `pipeline.train_batches(out_dir, "train", fields=pipeline.LATENT_FIELDS, ...)`. The train step
-then draws a fresh latent each step with `sample_latent` (z = (mean + exp(logvar / 2) eps) * 0.18215), as
-the reference does when it encodes on the fly.
+then draws a fresh latent each step with `models.vae.VAE.sample_latent` (z = (mean + exp(logvar / 2) eps)
+* 0.18215), as the reference does when it encodes on the fly.
 
 Writing is resumable and crash-safe: shard `i` of a split always holds the same source examples
 (`split[i * n : (i + 1) * n]`, in stored order), is written to a temporary file and moved into place with
@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -33,7 +32,6 @@ from diffusets_jax.data import pipeline
 from diffusets_jax.data.schema import ECG_LENGTH, NUM_LEADS
 
 LATENT_LENGTH, LATENT_CHANNELS = 128, 4
-LATENT_SCALE = 0.18215  # the Stable-Diffusion latent scale the published DiffuSETS training uses
 INDEX_FILE = "latent_index.json"
 INDEX_FORMAT = "diffusets-jax latents v1"
 # Conditions copied from the source example next to the latent.
@@ -65,12 +63,6 @@ def latent_features(embedding_dim: int) -> tfds.features.FeaturesDict:
             "study_id": tfds.features.Scalar(dtype=np.int64),
         }
     )
-
-
-def sample_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array, scale: float = LATENT_SCALE) -> jax.Array:
-    """A scaled posterior draw `(mean + exp(logvar / 2) * eps) * scale`, shapes `(batch, 128, 4)`."""
-    eps = jax.random.normal(key, mean.shape, mean.dtype)
-    return (mean + jnp.exp(0.5 * logvar) * eps) * scale
 
 
 def load_vae_encoder(vae_dir: str | os.PathLike) -> tuple[EncodeApply, Any]:
