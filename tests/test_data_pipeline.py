@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -172,3 +173,41 @@ def test_load_builder_by_name_directory_or_missing(builder, tmp_path):
     assert by_dir.info.splits["validation"].num_examples == tiny_ecg_dataset.SPLIT_SIZES["validation"]
     with pytest.raises(FileNotFoundError, match="no dataset 'absent_ecg'"):
         pipeline.load_builder("absent_ecg", data_dir=tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_assemble_one_global_batch(builder, tmp_path):
+    """Two hosts x 4 devices: each feeds its own slice; the global batch is both slices, nothing shared."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    data_dir = os.path.dirname(os.path.dirname(builder.data_dir))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    worker = os.path.join(os.path.dirname(__file__), "pipeline_two_process_worker.py")
+    outs = [str(tmp_path / f"process{i}.json") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, worker, str(i), port, data_dir, outs[i]], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, output[-3000:]
+    results = []
+    for path in outs:
+        with open(path) as f:
+            results.append(json.load(f))
+    for result in results:
+        assert result["shape"] == [16, 1024, 12] and result["local_devices"] == 4
+    assert results[0]["global"] == results[1]["global"]  # both see the same global array
+    first = results[0]["global"][0]
+    assert sorted(first) == sorted(results[0]["host"] + results[1]["host"])
+    assert not set(results[0]["host"]) & set(results[1]["host"])
+    # Over the first 48 examples no id repeats: the two process slices are disjoint.
+    flat = sum(results[0]["global"], [])
+    assert len(set(flat)) == len(flat) == 48
+    validation = tiny_ecg_dataset.SPLIT_SIZES["validation"]
+    assert sorted(results[0]["eval"]) == list(range(1000, 1000 + validation)) == sorted(results[1]["eval"])
