@@ -211,3 +211,14 @@ def test_two_processes_assemble_one_global_batch(builder, tmp_path):
     assert len(set(flat)) == len(flat) == 48
     validation = tiny_ecg_dataset.SPLIT_SIZES["validation"]
     assert sorted(results[0]["eval"]) == list(range(1000, 1000 + validation)) == sorted(results[1]["eval"])
+
+
+def test_eval_dataset_keeps_text_fields_on_the_host(builder):
+    batches = list(pipeline.eval_dataset(builder, "test", host_batch_size=4, fields=("prompt", "study_id"),
+                                         process_index=0, process_count=1).as_numpy_iterator())
+    prompts = np.concatenate([b["prompt"] for b in batches])
+    mask = np.concatenate([b["mask"] for b in batches])
+    study = np.concatenate([b["study_id"] for b in batches])
+    assert mask.sum() == tiny_ecg_dataset.SPLIT_SIZES["test"] and len(mask) == 12
+    assert [p.decode() for p in prompts[mask]] == [tiny_ecg_dataset.example(int(i))["prompt"] for i in study[mask]]
+    assert set(prompts[~mask]) == {b""}

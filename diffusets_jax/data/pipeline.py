@@ -183,6 +183,8 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split: str, *, host_batch_s
     Epoch `e` is shuffled with the stateless seed `(seed, e)`: the same seed gives the same stream on every
     run, and `start_step=k` yields exactly what a run from step 0 yields after its first `k` batches.
     Batches run across epoch boundaries (no example is dropped except by the even per-process split).
+    The shuffle buffer holds serialized records, about 55 kB each for an ECG with a 1536-d embedding
+    (~0.9 GB of host memory at the default size) and about 10 kB for a latent record.
     """
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
