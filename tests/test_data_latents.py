@@ -94,6 +94,23 @@ def test_pipeline_reads_latents_as_sharded_batches(encoded):
     assert z.shape == (16, 128, 4) and bool(jnp.isfinite(z).all())
 
 
+def test_fast_serializer_reads_back_like_tfds_serialization():
+    features = latents.latent_features(6)
+    rng = np.random.default_rng(0)
+    example = {"latent_mean": rng.standard_normal((128, 4), np.float32),
+               "latent_logvar": rng.standard_normal((128, 4), np.float32),
+               "text_embedding": rng.standard_normal(6, np.float32), "sex": np.int32(1), "age": np.float32(71.5),
+               "heart_rate": np.float32(88.25), "prompt": "Sinus rhythm|Left axis deviation",
+               "subject_id": np.int64(2**40 + 3), "study_id": np.int64(7)}
+    assert set(example) == set(features.keys())
+    ours = features.deserialize_example(latents.serialize_latent_example(example))
+    reference = features.deserialize_example(features.serialize_example(example))
+    assert set(ours) == set(reference)
+    for key in reference:
+        assert ours[key].dtype == reference[key].dtype
+        np.testing.assert_array_equal(ours[key].numpy(), reference[key].numpy())
+
+
 def test_rerun_skips_finished_shards_and_redoes_missing_ones(source, tmp_path):
     out = str(tmp_path)
     kwargs = {"batch_size": 8, "examples_per_shard": 20, "vae": "toy", "splits": ["train"]}

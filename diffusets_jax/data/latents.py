@@ -65,6 +65,32 @@ def latent_features(embedding_dim: int) -> tfds.features.FeaturesDict:
     )
 
 
+def serialize_latent_example(example: dict[str, Any]) -> bytes:
+    """One latent example -> `tf.train.Example` bytes that `latent_features(...).deserialize_example` reads.
+
+    Equivalent to `latent_features(d).serialize_example(example)` and about 10x faster: TFDS fills float
+    lists from numpy arrays element by element, while a Python list goes through protobuf's fast path. At
+    800k records that is minutes instead of the better part of an hour.
+    """
+    floats = lambda value: tf.train.Feature(float_list=tf.train.FloatList(
+        value=np.asarray(value, np.float32).ravel().tolist()))
+    ints = lambda value: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+    prompt = example["prompt"]
+    feature = {
+        "latent_mean": floats(example["latent_mean"]),
+        "latent_logvar": floats(example["latent_logvar"]),
+        "text_embedding": floats(example["text_embedding"]),
+        "sex": ints(example["sex"]),
+        "age": floats(example["age"]),
+        "heart_rate": floats(example["heart_rate"]),
+        "prompt": tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[prompt.encode() if isinstance(prompt, str) else bytes(prompt)])),
+        "subject_id": ints(example["subject_id"]),
+        "study_id": ints(example["study_id"]),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
 def load_vae_encoder(vae_dir: str | os.PathLike) -> tuple[EncodeApply, Any]:
     """`(apply_fn, variables)` for a trained or converted VAE saved with `models.bundle`."""
     from diffusets_jax.models.bundle import load_model
@@ -107,7 +133,7 @@ def _open_index(out_dir: str, expected: dict) -> dict:
 
 
 def _encode_shard(builder: tfds.core.DatasetBuilder, source_split: str, encode: Callable, batch_size: int,
-                  batch_sharding: NamedSharding, features: tfds.features.FeaturesDict, path: str) -> tuple[int, int, int]:
+                  batch_sharding: NamedSharding, path: str) -> tuple[int, int, int]:
     """Encode one slice of the source into the TFRecord file `path` (atomically); (written, skipped, bytes)."""
     decoders = tfds.decode.PartialDecoding({key: True for key in ("ecg", *CONDITION_KEYS)})
     source = builder.as_dataset(split=source_split, shuffle_files=False, decoders=decoders)
@@ -127,7 +153,7 @@ def _encode_shard(builder: tfds.core.DatasetBuilder, source_split: str, encode: 
             for i in np.flatnonzero(keep):
                 example = {key: batch[key][i] for key in CONDITION_KEYS}
                 example.update(latent_mean=mean[i], latent_logvar=logvar[i])
-                writer.write(features.serialize_example(example))
+                writer.write(serialize_latent_example(example))
                 written += 1
     num_bytes = os.path.getsize(partial)
     os.replace(partial, path)
@@ -167,6 +193,7 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    index_path = os.path.join(out_dir, INDEX_FILE)
     embedding_dim = int(features["text_embedding"].shape[0])
     dataset_name = f"{builder.name}_latents"
     index = _open_index(out_dir, {
@@ -187,12 +214,16 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
     encode_jit = jax.jit(apply_fn, in_shardings=(replicated, batch_sharding), out_shardings=(batch_sharding, batch_sharding))
     encode = lambda ecg: encode_jit(variables, ecg)
 
-    index_path = os.path.join(out_dir, INDEX_FILE)
     jobs = []
     for split in splits:
         total = builder.info.splits[split].num_examples
         num_shards = max(1, -(-total // examples_per_shard))
         entry = index["splits"].setdefault(split, {"source_examples": total, "shards": [None] * num_shards})
+        if entry["source_examples"] != total:
+            raise ValueError(
+                f"{index_path} was written for {entry['source_examples']} {split!r} examples but the dataset now has "
+                f"{total}: it was re-prepared; encode into a new --out directory"
+            )
         for shard in range(num_shards):
             filename = _shard_filename(dataset_name, split, shard, num_shards)
             done = entry["shards"][shard]
@@ -209,8 +240,7 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
         start = shard * examples_per_shard
         end = min(start + examples_per_shard, index["splits"][split]["source_examples"])
         written, skipped, num_bytes = _encode_shard(
-            builder, f"{split}[{start}:{end}]", encode, batch_size, batch_sharding, latent,
-            os.path.join(out_dir, filename))
+            builder, f"{split}[{start}:{end}]", encode, batch_size, batch_sharding, os.path.join(out_dir, filename))
         index["splits"][split]["shards"][shard] = {
             "file": filename, "source": [start, end], "num_examples": written, "skipped": skipped, "num_bytes": num_bytes}
         _write_json_atomically(index_path, index)
