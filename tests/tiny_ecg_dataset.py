@@ -2,7 +2,7 @@
 
 Synthetic but schema-exact: each example's ECG is a lead-scaled sine at its heart rate, and sample
 `ecg[0, 0]` carries the example's index so tests can tell which examples a batch holds even when they
-read only the `ecg` field. Splits come in several shard files so file-order shuffling is exercised.
+read only the `ecg` field. One training ECG holds a NaN so batch jobs' skip-and-count paths are exercised. Splits come in several shard files so file-order shuffling is exercised.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from diffusets_jax.data.schema import ECG_LENGTH, NUM_LEADS, ecg_features
 
 EMBEDDING_DIM = 8
+NAN_ECG_INDEX = 9  # this example's ECG has a NaN sample, like a record with a lead dropout
 SPLIT_SIZES = {"train": 53, "validation": 13, "test": 11}
 SPLIT_OFFSETS = {"train": 0, "validation": 1000, "test": 2000}
 
@@ -23,6 +24,8 @@ def example(index: int) -> dict:
     leads = np.linspace(0.2, 1.2, NUM_LEADS, dtype=np.float32)
     ecg = (np.sin(2 * np.pi * heart_rate / 60.0 * t)[:, None] * leads[None, :]).astype(np.float32)
     ecg[0, 0] = index
+    if index == NAN_ECG_INDEX:
+        ecg[500, 3] = np.nan
     return {
         "ecg": ecg,
         "report_lines": ["Sinus rhythm", f"record {index}"],

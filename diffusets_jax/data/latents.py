@@ -228,7 +228,7 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
             filename = _shard_filename(dataset_name, split, shard, num_shards)
             done = entry["shards"][shard]
             if done is None or not os.path.exists(os.path.join(out_dir, filename)):
-                jobs.append((split, shard, num_shards, filename))
+                jobs.append((split, shard, filename))
     _write_json_atomically(index_path, index)
 
     bar = None
@@ -236,7 +236,7 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), unit="shard", desc="encode")
-    for split, shard, _, filename in jobs:
+    for split, shard, filename in jobs:
         start = shard * examples_per_shard
         end = min(start + examples_per_shard, index["splits"][split]["source_examples"])
         written, skipped, num_bytes = _encode_shard(
