@@ -110,7 +110,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
             "whose ECG or latent is not finite are skipped and counted."
         ),
     )
-    parser.add_argument("--vae", required=True, metavar="DIR", help="trained or converted VAE directory (models.bundle)")
+    parser.add_argument("--vae", required=True, metavar="DIR", help="directory holding the `vae` model bundle (from `diffusets-jax convert` or VAE training)")
     parser.add_argument("--data-dir", required=True, metavar="DIR", help="TFDS data_dir the dataset was prepared into")
     parser.add_argument("--dataset", required=True, metavar="NAME", help="prepared dataset name, e.g. mimic_iv_ecg")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory of the latent dataset")

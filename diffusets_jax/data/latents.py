@@ -92,11 +92,13 @@ def serialize_latent_example(example: dict[str, Any]) -> bytes:
 
 
 def load_vae_encoder(vae_dir: str | os.PathLike) -> tuple[EncodeApply, Any]:
-    """`(apply_fn, variables)` for a trained or converted VAE saved with `models.bundle`."""
+    """`(apply_fn, variables)` for the VAE bundle `vae_dir/vae` (`models.bundle.save_model(vae_dir, "vae", ...)`)."""
     from diffusets_jax.models.bundle import load_model
     from diffusets_jax.models.vae import VAE
 
     module, variables = load_model(os.fspath(vae_dir), "vae")
+    if not isinstance(module, VAE):
+        raise ValueError(f"{os.path.join(os.fspath(vae_dir), 'vae')} holds a {type(module).__name__}, not a VAE")
 
     def encode(variables: Any, ecg: jax.Array) -> tuple[jax.Array, jax.Array]:
         return module.apply(variables, ecg, method=VAE.encode)
