@@ -141,15 +141,26 @@ def test_bad_arguments_are_named(source, tmp_path):
         latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, splits=["dev"])
 
 
-@pytest.mark.slow  # compiling the VAE encoder for 8 devices: ~40 s on 2 busy cores
-def test_encode_with_the_real_vae_matches_its_encoder(source, tmp_path):
+@pytest.mark.slow  # compiles a small VAE encoder for 8 devices
+def test_encode_command_end_to_end_matches_the_vae_encoder(source, tmp_path, capsys):
+    from diffusets_jax.cli import main
+    from diffusets_jax.models.bundle import save_model
+
     vae = VAE(widths=(8, 8, 8), groups=4, num_res_blocks=1)
-    variables = jax.jit(lambda key: vae.init(key, jnp.zeros((1, 1024, 12)), method=VAE.encode))(jax.random.key(0))
-    apply_fn = lambda v, ecg: vae.apply(v, ecg, method=VAE.encode)
-    latents.encode_dataset(source, str(tmp_path), apply_fn, variables, splits=["test"], batch_size=8)
-    examples = list(pipeline.load_builder(str(tmp_path)).as_dataset("test", shuffle_files=False).as_numpy_iterator())
-    assert len(examples) == tiny_ecg_dataset.SPLIT_SIZES["test"]
+    variables = jax.jit(lambda key: vae.init(key, jnp.zeros((1, 1024, 12)), method=VAE.encode))(jax.random.key(1))
+    save_model(tmp_path / "models", "vae", vae, variables)
+    data_dir = os.path.dirname(os.path.dirname(source.data_dir))
+    argv = ["encode", "--vae", str(tmp_path / "models"), "--data-dir", data_dir, "--dataset", "tiny_ecg",
+            "--out", str(tmp_path / "latents"), "--batch-size", "8", "--splits", "validation"]
+    assert main(argv) == 0
+    assert "validation: 13 latents in 1 shards, 0 bad records skipped" in capsys.readouterr().out
+    # The stored posteriors are the VAE encoder's output for each source ECG.
+    examples = list(pipeline.load_builder(tmp_path / "latents").as_dataset("validation", shuffle_files=False)
+                    .as_numpy_iterator())
+    assert len(examples) == 13
     ecg = np.stack([tiny_ecg_dataset.example(int(e["study_id"]))["ecg"] for e in examples])
-    mean, logvar = jax.jit(apply_fn)(variables, ecg)
+    mean, logvar = jax.jit(lambda v, x: vae.apply(v, x, method=VAE.encode))(variables, ecg)
     np.testing.assert_allclose(np.stack([e["latent_mean"] for e in examples]), mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.stack([e["latent_logvar"] for e in examples]), logvar, rtol=1e-4, atol=1e-5)
+    assert main(["encode", "--vae", str(tmp_path / "nowhere"), *argv[3:]]) == 2
+    assert "no model 'vae'" in capsys.readouterr().err
