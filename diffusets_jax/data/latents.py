@@ -68,9 +68,9 @@ def latent_features(embedding_dim: int) -> tfds.features.FeaturesDict:
 def serialize_latent_example(example: dict[str, Any]) -> bytes:
     """One latent example -> `tf.train.Example` bytes that `latent_features(...).deserialize_example` reads.
 
-    Equivalent to `latent_features(d).serialize_example(example)` and about 10x faster: TFDS fills float
-    lists from numpy arrays element by element, while a Python list goes through protobuf's fast path. At
-    800k records that is minutes instead of the better part of an hour.
+    Equivalent to `latent_features(d).serialize_example(example)` and about 4x faster (measured 1.1k vs 250
+    records/s with 1536-d embeddings on a busy 2-core machine): TFDS fills float lists from numpy arrays
+    element by element, while a Python list goes through protobuf's fast path.
     """
     floats = lambda value: tf.train.Feature(float_list=tf.train.FloatList(
         value=np.asarray(value, np.float32).ravel().tolist()))
