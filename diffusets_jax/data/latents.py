@@ -1,0 +1,281 @@
+"""The latent dataset: a prepared ECG dataset run once through the VAE encoder (`diffusets-jax encode`).
+
+Diffusion training works on VAE latents; encoding every batch again on every step wastes most of the
+compute. `encode_dataset` writes, per split, TFRecord shards whose examples hold the encoder's posterior
+(`latent_mean`, `latent_logvar`, each `(128, 4)`) plus the conditions. The output directory is a TFDS
+dataset (`dataset_info.json` written with `tfds.folder_dataset.write_metadata`), so the same input pipeline
+reads it: `pipeline.train_batches(out_dir, "train", fields=pipeline.LATENT_FIELDS, ...)`. The train step
+then draws a fresh latent each step with `models.vae.VAE.sample_latent` (z = (mean + exp(logvar / 2) eps)
+* 0.18215), as the reference does when it encodes on the fly.
+
+Writing is resumable and crash-safe: shard `i` of a split always holds the same source examples
+(`split[i * n : (i + 1) * n]`, in stored order), is written to a temporary file and moved into place with
+`os.replace`, and `latent_index.json` (rewritten atomically after each shard) lists the finished shards,
+so a rerun skips them. Records whose ECG or latent is not finite are skipped and counted, not fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diffusets_jax.data import pipeline
+from diffusets_jax.data.schema import ECG_LENGTH, NUM_LEADS
+
+LATENT_LENGTH, LATENT_CHANNELS = 128, 4
+INDEX_FILE = "latent_index.json"
+INDEX_FORMAT = "diffusets-jax latents v1"
+# Conditions copied from the source example next to the latent.
+CONDITION_KEYS: tuple[str, ...] = ("text_embedding", "sex", "age", "heart_rate", "prompt", "subject_id", "study_id")
+DEFAULT_SPLITS: tuple[str, ...] = ("train", "validation", "test")  # "all" would only duplicate them
+
+# `apply_fn(variables, ecg)` -> `(mean, logvar)`: ecg (batch, 1024, 12) -> each (batch, 128, 4).
+EncodeApply = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def latent_features(embedding_dim: int) -> tfds.features.FeaturesDict:
+    """Features of one latent example; `embedding_dim` is the source dataset's text embedding size.
+
+    - `latent_mean`, `latent_logvar` (128, 4) float32: the VAE encoder's posterior, channels last
+    - `text_embedding` (embedding_dim,) float32, `sex` int32, `age` float32, `heart_rate` float32, `prompt`,
+      `subject_id`, `study_id` int64: copied from the source example (see `schema.ecg_features`)
+    """
+    latent = tfds.features.Tensor(shape=(LATENT_LENGTH, LATENT_CHANNELS), dtype=np.float32)
+    return tfds.features.FeaturesDict(
+        {
+            "latent_mean": latent,
+            "latent_logvar": latent,
+            "text_embedding": tfds.features.Tensor(shape=(embedding_dim,), dtype=np.float32),
+            "sex": tfds.features.Scalar(dtype=np.int32),
+            "age": tfds.features.Scalar(dtype=np.float32),
+            "heart_rate": tfds.features.Scalar(dtype=np.float32),
+            "prompt": tfds.features.Text(),
+            "subject_id": tfds.features.Scalar(dtype=np.int64),
+            "study_id": tfds.features.Scalar(dtype=np.int64),
+        }
+    )
+
+
+def serialize_latent_example(example: dict[str, Any]) -> bytes:
+    """One latent example -> `tf.train.Example` bytes that `latent_features(...).deserialize_example` reads.
+
+    Equivalent to `latent_features(d).serialize_example(example)` and about 4x faster (measured 1.1k vs 250
+    records/s with 1536-d embeddings on a busy 2-core machine): TFDS fills float lists from numpy arrays
+    element by element, while a Python list goes through protobuf's fast path.
+    """
+    floats = lambda value: tf.train.Feature(float_list=tf.train.FloatList(
+        value=np.asarray(value, np.float32).ravel().tolist()))
+    ints = lambda value: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+    prompt = example["prompt"]
+    feature = {
+        "latent_mean": floats(example["latent_mean"]),
+        "latent_logvar": floats(example["latent_logvar"]),
+        "text_embedding": floats(example["text_embedding"]),
+        "sex": ints(example["sex"]),
+        "age": floats(example["age"]),
+        "heart_rate": floats(example["heart_rate"]),
+        "prompt": tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[prompt.encode() if isinstance(prompt, str) else bytes(prompt)])),
+        "subject_id": ints(example["subject_id"]),
+        "study_id": ints(example["study_id"]),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def load_vae_encoder(vae_dir: str | os.PathLike) -> tuple[EncodeApply, Any]:
+    """`(apply_fn, variables)` for the VAE bundle `vae_dir/vae` (`models.bundle.save_model(vae_dir, "vae", ...)`)."""
+    from diffusets_jax.models.bundle import load_model
+    from diffusets_jax.models.vae import VAE
+
+    module, variables = load_model(os.fspath(vae_dir), "vae")
+    if not isinstance(module, VAE):
+        raise ValueError(f"{os.path.join(os.fspath(vae_dir), 'vae')} holds a {type(module).__name__}, not a VAE")
+
+    def encode(variables: Any, ecg: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return module.apply(variables, ecg, method=VAE.encode)
+
+    return encode, variables
+
+
+def _write_json_atomically(path: str, payload: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _shard_filename(dataset_name: str, split: str, shard: int, num_shards: int) -> str:
+    # TFDS's default template, so `tfds.builder_from_directory` finds the shards.
+    return f"{dataset_name}-{split}.tfrecord-{shard:05d}-of-{num_shards:05d}"
+
+
+def _open_index(out_dir: str, expected: dict) -> dict:
+    """The existing index when resuming (checking it was made from the same source and settings), or a new one."""
+    path = os.path.join(out_dir, INDEX_FILE)
+    if not os.path.exists(path):
+        return {**expected, "splits": {}, "complete": False}
+    with open(path) as f:
+        index = json.load(f)
+    for key, value in expected.items():
+        if index.get(key) != value:
+            raise ValueError(
+                f"{path} was written with {key}={index.get(key)!r}, not {value!r}: resume with the same arguments "
+                "or choose a new --out directory"
+            )
+    return index
+
+
+def _encode_shard(builder: tfds.core.DatasetBuilder, source_split: str, encode: Callable, batch_size: int,
+                  batch_sharding: NamedSharding, path: str) -> tuple[int, int, int]:
+    """Encode one slice of the source into the TFRecord file `path` (atomically); (written, skipped, bytes)."""
+    decoders = tfds.decode.PartialDecoding({key: True for key in ("ecg", *CONDITION_KEYS)})
+    source = builder.as_dataset(split=source_split, shuffle_files=False, decoders=decoders)
+    written = skipped = 0
+    partial = path + ".partial"
+    with tf.io.TFRecordWriter(partial) as writer:
+        for batch in source.batch(batch_size).prefetch(2).as_numpy_iterator():
+            ecg = batch["ecg"]
+            count = ecg.shape[0]
+            finite_input = np.isfinite(ecg).all(axis=(1, 2))
+            padded = np.zeros((batch_size, ECG_LENGTH, NUM_LEADS), np.float32)  # one shape: one compilation
+            padded[:count][finite_input] = ecg[finite_input]
+            mean, logvar = encode(jax.device_put(padded, batch_sharding))
+            mean, logvar = np.asarray(mean)[:count], np.asarray(logvar)[:count]
+            keep = finite_input & np.isfinite(mean).all(axis=(1, 2)) & np.isfinite(logvar).all(axis=(1, 2))
+            skipped += int(count - keep.sum())
+            for i in np.flatnonzero(keep):
+                example = {key: batch[key][i] for key in CONDITION_KEYS}
+                example.update(latent_mean=mean[i], latent_logvar=logvar[i])
+                writer.write(serialize_latent_example(example))
+                written += 1
+    num_bytes = os.path.getsize(partial)
+    os.replace(partial, path)
+    return written, skipped, num_bytes
+
+
+def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir: str | os.PathLike,
+                   apply_fn: EncodeApply, variables: Any, *, splits: Sequence[str] | None = None,
+                   batch_size: int = 256, examples_per_shard: int = 8192, data_dir: str | os.PathLike | None = None,
+                   vae: str = "", progress: bool = False) -> dict:
+    """Encode every example of `splits` of a prepared dataset into a latent dataset at `out_dir`; the index.
+
+    `apply_fn(variables, ecg)` runs the encoder (`load_vae_encoder` gives it for a saved VAE); it is jitted
+    once with the batch sharded over this process's devices and the variables replicated. `vae` names the
+    encoder in the index so a resume with a different VAE is refused. Returns the index (also written to
+    `out_dir/latent_index.json`): per split the shards, examples written and records skipped.
+    """
+    builder = pipeline.load_builder(source, data_dir)
+    features = builder.info.features
+    missing = [key for key in ("ecg", *CONDITION_KEYS) if key not in features.keys()]
+    if missing:
+        raise ValueError(f"dataset {builder.name!r} lacks {missing}: it is not a prepared ECG dataset (schema.ecg_features)")
+    splits = list(splits) if splits else [s for s in DEFAULT_SPLITS if s in builder.info.splits] or sorted(builder.info.splits)
+    unknown = [s for s in splits if s not in builder.info.splits]
+    if unknown:
+        raise ValueError(f"dataset {builder.name!r} has no split(s) {unknown}; it has {sorted(builder.info.splits)}")
+    if examples_per_shard < 1:
+        raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
+    if jax.process_count() > 1:
+        raise ValueError(
+            "encode runs as one process over that host's devices (every process would write the same shards): "
+            "start it without jax.distributed"
+        )
+    devices = jax.local_devices()
+    if batch_size % len(devices):
+        raise ValueError(f"batch size {batch_size} must be a multiple of the {len(devices)} local devices")
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    index_path = os.path.join(out_dir, INDEX_FILE)
+    embedding_dim = int(features["text_embedding"].shape[0])
+    dataset_name = f"{builder.name}_latents"
+    index = _open_index(out_dir, {
+        "format": INDEX_FORMAT,
+        "source": {"name": builder.name, "version": str(builder.info.version)},
+        "vae": vae,
+        "examples_per_shard": examples_per_shard,
+        "embedding_dim": embedding_dim,
+        "latent_shape": [LATENT_LENGTH, LATENT_CHANNELS],
+        "dataset_name": dataset_name,
+    })
+    latent = latent_features(embedding_dim)
+
+    mesh = Mesh(np.array(devices), ("data",))
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    variables = jax.device_put(variables, replicated)
+    encode_jit = jax.jit(apply_fn, in_shardings=(replicated, batch_sharding), out_shardings=(batch_sharding, batch_sharding))
+    encode = lambda ecg: encode_jit(variables, ecg)
+
+    jobs = []
+    for split in splits:
+        total = builder.info.splits[split].num_examples
+        num_shards = max(1, -(-total // examples_per_shard))
+        entry = index["splits"].setdefault(split, {"source_examples": total, "shards": [None] * num_shards})
+        if entry["source_examples"] != total:
+            raise ValueError(
+                f"{index_path} was written for {entry['source_examples']} {split!r} examples but the dataset now has "
+                f"{total}: it was re-prepared; encode into a new --out directory"
+            )
+        for shard in range(num_shards):
+            filename = _shard_filename(dataset_name, split, shard, num_shards)
+            done = entry["shards"][shard]
+            if done is None or not os.path.exists(os.path.join(out_dir, filename)):
+                jobs.append((split, shard, filename))
+    _write_json_atomically(index_path, index)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), unit="shard", desc="encode")
+    for split, shard, filename in jobs:
+        start = shard * examples_per_shard
+        end = min(start + examples_per_shard, index["splits"][split]["source_examples"])
+        written, skipped, num_bytes = _encode_shard(
+            builder, f"{split}[{start}:{end}]", encode, batch_size, batch_sharding, os.path.join(out_dir, filename))
+        index["splits"][split]["shards"][shard] = {
+            "file": filename, "source": [start, end], "num_examples": written, "skipped": skipped, "num_bytes": num_bytes}
+        _write_json_atomically(index_path, index)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(split=split, skipped=sum(_skipped(index).values()))
+    if bar is not None:
+        bar.close()
+
+    _write_tfds_metadata(out_dir, index, latent, builder)
+    index["complete"] = True
+    _write_json_atomically(index_path, index)
+    return index
+
+
+def _skipped(index: dict) -> dict[str, int]:
+    return {split: sum(s["skipped"] for s in entry["shards"] if s) for split, entry in index["splits"].items()}
+
+
+def _write_tfds_metadata(out_dir: str, index: dict, features: tfds.features.FeaturesDict,
+                         source: tfds.core.DatasetBuilder) -> None:
+    """`dataset_info.json` & co, so `tfds.builder_from_directory(out_dir)` (and the input pipeline) read it."""
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=out_dir, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+        dataset_name=index["dataset_name"], filetype_suffix="tfrecord")
+    split_infos = [
+        tfds.core.SplitInfo(name=split, shard_lengths=[s["num_examples"] for s in entry["shards"]],
+                            num_bytes=sum(s["num_bytes"] for s in entry["shards"]), filename_template=template)
+        for split, entry in index["splits"].items()
+    ]
+    tfds.folder_dataset.write_metadata(
+        data_dir=out_dir, features=features, split_infos=split_infos, filename_template=template, check_data=False,
+        description=(f"VAE posteriors (latent_mean, latent_logvar) of {source.name} {source.info.version}, "
+                     f"encoded by {index['vae'] or 'an unnamed VAE'}, with the conditions; written by "
+                     "`diffusets-jax encode`."))
+

@@ -1,0 +1,375 @@
+"""The tf.data input pipeline: prepared TFDS datasets -> globally sharded `jax.Array` batches.
+
+Each process reads its own slice of a split (`tfds.split_for_jax_process`), shuffles it with a seed, batches
+to the per-host batch (global batch / process count) and hands the numpy batches to
+`jax.make_array_from_process_local_data`, which assembles one global `jax.Array` per field sharded over the
+mesh's batch axes (`("data", "fsdp")`, or `"data"` alone). TensorFlow only reads files here: it is kept off
+the GPU so it never competes with JAX for accelerator memory.
+
+Determinism and resumption. The order is a pure function of `(seed, epoch)`: epoch `e` reads the host's
+shard files in an order drawn with the stateless seed `(seed, e)`, interleaves them, and shuffles records
+in a buffer seeded from the same pair. A run resumed at step `k` therefore rebuilds exactly the stream a
+run that took `k` batches would see: it starts at epoch `k * host_batch // host_examples` and skips the
+remaining `k * host_batch % host_examples` records of that epoch. The skip acts on serialized records,
+before parsing, so resuming costs reading (not decoding) at most one epoch of the host's slice; the trainer
+only has to save `{"step": k}` with its checkpoint (`ShardedBatchIterator.state()`). We chose this over
+checkpointing tf.data iterators because an iterator checkpoint holds the whole shuffle buffer (hundreds of
+MB of ECGs per host per checkpoint) and ties the checkpoint to one process layout, while a step counter is
+tiny and readable. Resuming reproduces the stream only with the same seed, global batch size and process
+count (each process's slice depends on the count).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def keep_tensorflow_off_accelerators() -> None:
+    """Hide GPUs from TensorFlow so tf.data never allocates accelerator memory that JAX needs.
+
+    Safe to call repeatedly. If TensorFlow already initialised a GPU (someone ran TF ops first), raise with
+    what to do instead of silently sharing the device.
+    """
+    if not tf.config.list_physical_devices("GPU"):
+        return  # tensorflow-cpu, or no GPU on this machine
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as err:
+        if tf.config.get_visible_devices("GPU"):
+            raise RuntimeError(
+                "TensorFlow already initialised a GPU before the input pipeline could hide it; import "
+                "diffusets_jax.data.pipeline (or call keep_tensorflow_off_accelerators()) before running any "
+                "TensorFlow op"
+            ) from err
+
+
+keep_tensorflow_off_accelerators()
+
+# Mesh axes that split the batch, in order; a mesh may have both or only "data".
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+
+# Fields each kind of training reads (the prepared schema is `diffusets_jax.data.schema.ecg_features`).
+CONDITION_FIELDS: tuple[str, ...] = ("text_embedding", "sex", "age", "heart_rate")
+VAE_FIELDS: tuple[str, ...] = ("ecg",)
+CLIP_FIELDS: tuple[str, ...] = ("ecg", "text_embedding")
+DIFFUSION_FIELDS: tuple[str, ...] = ("ecg", *CONDITION_FIELDS)
+LATENT_FIELDS: tuple[str, ...] = ("latent_mean", "latent_logvar", *CONDITION_FIELDS)
+
+MASK_FIELD = "mask"  # evaluation batches: True for real examples, False for padding
+DEFAULT_SHUFFLE_BUFFER = 16_384
+_INTERLEAVE_CYCLE = 16  # shard files read concurrently; more mixes better, costs more open files
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources and splits
+
+
+def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir: str | os.PathLike | None = None
+                 ) -> tfds.core.DatasetBuilder:
+    """A prepared dataset's builder from a builder, a registered name + `data_dir`, or a dataset directory.
+
+    A directory holding `dataset_info.json` (e.g. a latent dataset written by `diffusets-jax encode`, or
+    `<data_dir>/<name>/<version>`) is opened with `tfds.builder_from_directory`.
+    """
+    if isinstance(source, tfds.core.DatasetBuilder):
+        return source
+    source = os.fspath(source)
+    if os.path.isfile(os.path.join(source, "dataset_info.json")):
+        return tfds.builder_from_directory(source)
+    try:
+        builder = tfds.builder(source, data_dir=None if data_dir is None else os.fspath(data_dir))
+    except tfds.core.registered.DatasetNotFoundError as err:
+        raise FileNotFoundError(
+            f"no dataset {source!r} under data_dir {None if data_dir is None else os.fspath(data_dir)!r}: pass the "
+            "--data-dir it was prepared into (or the dataset's version directory, which holds dataset_info.json)"
+        ) from err
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"dataset {source!r} is not prepared under {builder.data_dir!r}: run `diffusets-jax prepare` for it "
+            "or pass the --data-dir it was prepared into"
+        )
+    return builder
+
+
+def host_split(builder: tfds.core.DatasetBuilder, split: str, *, drop_remainder: bool,
+               process_index: int | None = None, process_count: int | None = None) -> tfds.core.SplitInfo:
+    """This process's slice of `split` (`tfds.split_for_jax_process`), as a `SplitInfo` with file instructions.
+
+    `drop_remainder=True` (training) gives every process the same number of examples, dropping fewer than
+    `process_count`; `False` (evaluation) keeps all, the first processes getting one more.
+    """
+    if split not in builder.info.splits and "[" not in split and "+" not in split:
+        raise ValueError(f"dataset {builder.name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    subsplit = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count,
+                                          drop_remainder=drop_remainder)
+    info = builder.info.splits[subsplit]
+    if info.num_examples == 0:
+        raise ValueError(
+            f"split {split!r} of {builder.name!r} leaves no examples for process "
+            f"{jax.process_index() if process_index is None else process_index}: it has "
+            f"{builder.info.splits[split].num_examples} examples for {process_count or jax.process_count()} processes"
+        )
+    return info
+
+
+def _check_fields(builder: tfds.core.DatasetBuilder, fields: Sequence[str]) -> tfds.features.FeaturesDict:
+    """The sub-FeaturesDict of `fields`: parsing only these skips the rest of each record."""
+    if not fields:
+        raise ValueError("fields is empty: name the features to read, e.g. pipeline.VAE_FIELDS")
+    available = builder.info.features.keys()
+    missing = [f for f in fields if f not in available]
+    if missing:
+        raise ValueError(f"dataset {builder.name!r} has no field(s) {missing}; it has {sorted(available)}")
+    return tfds.features.FeaturesDict({f: builder.info.features[f] for f in fields})
+
+
+def _records(file_instructions: Sequence[Any], order: tf.Tensor | None, cycle_length: int) -> tf.data.Dataset:
+    """Serialized records of the given file slices; `order` permutes the slices (None keeps them in order)."""
+    filenames = tf.constant([os.fspath(fi.filename) for fi in file_instructions])
+    skips = tf.constant([fi.skip for fi in file_instructions], tf.int64)
+    takes = tf.constant([fi.take for fi in file_instructions], tf.int64)
+    slices = tf.data.Dataset.from_tensor_slices((filenames, skips, takes))
+    if order is not None:
+        slices = tf.data.Dataset.from_tensor_slices(order).map(
+            lambda i: (tf.gather(filenames, i), tf.gather(skips, i), tf.gather(takes, i)))
+    read = lambda name, skip, take: tf.data.TFRecordDataset(name).skip(skip).take(take)
+    if cycle_length == 1:
+        return slices.flat_map(read)
+    return slices.interleave(read, cycle_length=cycle_length, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                             deterministic=True)
+
+
+def _deterministic_options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+def per_host_batch_size(global_batch_size: int, process_count: int, batch_shards: int = 1) -> int:
+    """`global_batch_size / process_count`, checking it splits evenly over processes and mesh batch shards."""
+    if global_batch_size <= 0:
+        raise ValueError(f"global batch size must be positive, got {global_batch_size}")
+    if global_batch_size % batch_shards:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not a multiple of the {batch_shards} batch shards of the "
+            f"mesh (data x fsdp): choose a multiple of {batch_shards}"
+        )
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} does not split over {process_count} processes: choose a "
+            f"multiple of {process_count}"
+        )
+    return global_batch_size // process_count
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-host tf.data pipelines (numpy batches of this process's examples)
+
+
+def train_dataset(builder: tfds.core.DatasetBuilder, split: str, *, host_batch_size: int, fields: Sequence[str],
+                  seed: int, start_step: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                  process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
+    """Endless, shuffled per-host batches `{field: (host_batch_size, ...)}` starting at `start_step`.
+
+    Epoch `e` is shuffled with the stateless seed `(seed, e)`: the same seed gives the same stream on every
+    run, and `start_step=k` yields exactly what a run from step 0 yields after its first `k` batches.
+    Batches run across epoch boundaries (no example is dropped except by the even per-process split).
+    The shuffle buffer holds serialized records, about 55 kB each for an ECG with a 1536-d embedding
+    (~0.9 GB of host memory at the default size) and about 10 kB for a latent record.
+    """
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+    features = _check_fields(builder, fields)
+    info = host_split(builder, split, drop_remainder=True, process_index=process_index, process_count=process_count)
+    instructions = info.file_instructions
+    examples_per_epoch = info.num_examples
+    start_epoch, skip_in_epoch = divmod(start_step * host_batch_size, examples_per_epoch)
+    cycle_length = min(_INTERLEAVE_CYCLE, len(instructions))
+
+    def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
+        epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(instructions), dtype=tf.int64), seed=epoch_seed)
+        buffer_seed = tf.random.stateless_uniform([], seed=epoch_seed + 1, minval=0, maxval=2**62, dtype=tf.int64)
+        return _records(instructions, order, cycle_length).shuffle(
+            shuffle_buffer, seed=buffer_seed, reshuffle_each_iteration=False)
+
+    ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_records)
+    ds = ds.skip(skip_in_epoch)  # on serialized records: resuming reads but does not parse the skipped ones
+    ds = ds.map(features.deserialize_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(host_batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_deterministic_options())
+
+
+def eval_num_batches(builder: tfds.core.DatasetBuilder, split: str, host_batch_size: int,
+                     process_count: int | None = None) -> int:
+    """Batches every process yields for `split`: enough for the largest process slice, so all step together."""
+    count = jax.process_count() if process_count is None else process_count
+    largest = max(host_split(builder, split, drop_remainder=False, process_index=i, process_count=count).num_examples
+                  for i in range(count))
+    return -(-largest // host_batch_size)
+
+
+def eval_dataset(builder: tfds.core.DatasetBuilder, split: str, *, host_batch_size: int, fields: Sequence[str],
+                 process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
+    """One ordered pass over this process's slice in batches `{field: ..., "mask": (host_batch_size,) bool}`.
+
+    No shuffle, no repeat. The tail is padded with zero examples whose `mask` is False, and every process
+    yields the same number of batches (`eval_num_batches`) so collective evaluation steps never deadlock.
+    """
+    features = _check_fields(builder, fields)
+    if MASK_FIELD in fields:
+        raise ValueError(f"field name {MASK_FIELD!r} is reserved for the padding mask of evaluation batches")
+    info = host_split(builder, split, drop_remainder=False, process_index=process_index, process_count=process_count)
+    num_batches = eval_num_batches(builder, split, host_batch_size, process_count)
+    with_mask = lambda serialized: {**features.deserialize_example(serialized), MASK_FIELD: tf.constant(True)}
+    ds = _records(info.file_instructions, None, cycle_length=1).map(with_mask, num_parallel_calls=tf.data.AUTOTUNE)
+    padding = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+    ds = ds.take(num_batches * host_batch_size).batch(host_batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_deterministic_options())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Global jax.Array batches
+
+
+def batch_sharding(mesh_or_sharding: Mesh | NamedSharding) -> NamedSharding:
+    """The batch's sharding: leading dimension over the mesh's ("data", "fsdp") axes (those it has)."""
+    if isinstance(mesh_or_sharding, NamedSharding):
+        return mesh_or_sharding
+    if not isinstance(mesh_or_sharding, Mesh):
+        raise TypeError(f"expected a jax.sharding.Mesh or NamedSharding, got {type(mesh_or_sharding).__name__}")
+    axes = tuple(axis for axis in BATCH_AXES if axis in mesh_or_sharding.axis_names)
+    if not axes:
+        raise ValueError(f"mesh axes {mesh_or_sharding.axis_names} include none of {BATCH_AXES} to split the batch over")
+    return NamedSharding(mesh_or_sharding, PartitionSpec(axes))
+
+
+def _batch_shards(sharding: NamedSharding) -> int:
+    spec = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return int(np.prod([sharding.mesh.shape[a] for a in axes], dtype=np.int64))
+
+
+def global_batch(host_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Per-process numpy batch `{field: (host_batch, ...)}` -> global `jax.Array`s `(host_batch * processes, ...)`."""
+    arrays = {}
+    for name, value in host_batch.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "OSU":
+            raise ValueError(
+                f"field {name!r} holds strings, which cannot become jax.Arrays: leave it out of `fields` (read "
+                "text on the host with train_dataset/eval_dataset instead)"
+            )
+        global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+        arrays[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return arrays
+
+
+class ShardedBatchIterator:
+    """Iterator of global batches `{field: jax.Array}` sharded over the mesh's batch axes.
+
+    `step` counts the batches handed out; `state()` is what a trainer saves beside its checkpoint and passes
+    back as `start_step` to resume. Up to `device_prefetch` batches are already being copied to the devices
+    while the current one is used.
+    """
+
+    def __init__(self, host_batches: Iterator[Mapping[str, np.ndarray]], sharding: NamedSharding,
+                 start_step: int = 0, device_prefetch: int = 2, num_batches: int | None = None):
+        self._host_batches = host_batches
+        self._sharding = sharding
+        self._queue: collections.deque[dict[str, jax.Array]] = collections.deque()
+        self._device_prefetch = max(1, device_prefetch)
+        self.step = start_step
+        self.num_batches = num_batches  # None for an endless training stream
+
+    def __iter__(self) -> ShardedBatchIterator:
+        return self
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("an endless training iterator has no length")
+        return self.num_batches
+
+    def _fill(self) -> None:
+        while len(self._queue) < self._device_prefetch:
+            try:
+                host = next(self._host_batches)
+            except StopIteration:
+                return
+            self._queue.append(global_batch(host, self._sharding))
+
+    def __next__(self) -> dict[str, jax.Array]:
+        self._fill()
+        if not self._queue:
+            raise StopIteration
+        batch = self._queue.popleft()
+        self.step += 1
+        self._fill()  # start the next transfers while the caller computes on this batch
+        return batch
+
+    def state(self) -> dict[str, int]:
+        """`{"step": batches handed out so far}`; pass it back as `start_step=state["step"]` to resume."""
+        return {"step": int(self.step)}
+
+
+def _resolve(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir: str | os.PathLike | None,
+             global_batch_size: int, mesh_or_sharding: Mesh | NamedSharding, process_count: int | None
+             ) -> tuple[tfds.core.DatasetBuilder, NamedSharding, int]:
+    builder = load_builder(source, data_dir)
+    sharding = batch_sharding(mesh_or_sharding)
+    count = jax.process_count() if process_count is None else process_count
+    return builder, sharding, per_host_batch_size(global_batch_size, count, _batch_shards(sharding))
+
+
+def train_batches(source: tfds.core.DatasetBuilder | str | os.PathLike, split: str, *, global_batch_size: int,
+                  mesh_or_sharding: Mesh | NamedSharding, fields: Sequence[str], seed: int, start_step: int = 0,
+                  data_dir: str | os.PathLike | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                  device_prefetch: int = 2) -> ShardedBatchIterator:
+    """Endless shuffled training batches `{field: (global_batch_size, ...)}` as globally sharded `jax.Array`s.
+
+    `source` is a builder, a registered dataset name (with `data_dir`) or a dataset directory (e.g. a latent
+    dataset). Deterministic for `seed`; `start_step` resumes where a run that took that many batches was
+    (save `iterator.state()` with the checkpoint). Example for diffusion training on latents:
+
+        it = train_batches(latent_dir, "train", global_batch_size=256, mesh_or_sharding=mesh,
+                           fields=LATENT_FIELDS, seed=0, start_step=restored["step"])
+        batch = next(it)   # batch["latent_mean"]: (256, 128, 4) sharded over ("data", "fsdp")
+    """
+    builder, sharding, host_batch = _resolve(source, data_dir, global_batch_size, mesh_or_sharding, None)
+    ds = train_dataset(builder, split, host_batch_size=host_batch, fields=fields, seed=seed, start_step=start_step,
+                       shuffle_buffer=shuffle_buffer)
+    return ShardedBatchIterator(ds.as_numpy_iterator(), sharding, start_step, device_prefetch)
+
+
+def eval_batches(source: tfds.core.DatasetBuilder | str | os.PathLike, split: str, *, global_batch_size: int,
+                 mesh_or_sharding: Mesh | NamedSharding, fields: Sequence[str],
+                 data_dir: str | os.PathLike | None = None, device_prefetch: int = 2) -> ShardedBatchIterator:
+    """One ordered pass over `split` as global batches with a `"mask"` `(global_batch_size,)` bool field.
+
+    Padding examples are zeros with mask False; weight per-example metrics by the mask. `len()` is the
+    number of batches (the same on every process).
+    """
+    builder, sharding, host_batch = _resolve(source, data_dir, global_batch_size, mesh_or_sharding, None)
+    ds = eval_dataset(builder, split, host_batch_size=host_batch, fields=fields)
+    return ShardedBatchIterator(ds.as_numpy_iterator(), sharding, 0, device_prefetch,
+                                num_batches=eval_num_batches(builder, split, host_batch))
+
+
+__all__: list[str] = [
+    "BATCH_AXES", "CLIP_FIELDS", "CONDITION_FIELDS", "DIFFUSION_FIELDS", "LATENT_FIELDS", "MASK_FIELD", "VAE_FIELDS",
+    "ShardedBatchIterator", "batch_sharding", "eval_batches", "eval_dataset", "eval_num_batches", "global_batch",
+    "host_split", "keep_tensorflow_off_accelerators", "load_builder", "per_host_batch_size", "train_batches",
+    "train_dataset",
+]

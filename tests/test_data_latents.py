@@ -1,0 +1,166 @@
+"""The latent dataset: encode a prepared dataset, read it back through the input pipeline, resume, skip bad records."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+
+from diffusets_jax.data import latents, pipeline
+from diffusets_jax.models.vae import VAE
+from tests import tiny_ecg_dataset
+
+NAN_INDEX = 5  # the test encoder returns a non-finite posterior for this example: it must be skipped
+
+
+def toy_encoder(variables, ecg):
+    """A deterministic stand-in encoder with the VAE's shapes: (batch, 1024, 12) -> 2 x (batch, 128, 4)."""
+    pooled = ecg.reshape(ecg.shape[0], 128, 8, 12).mean(axis=2)[..., :4]
+    mean = pooled * variables["scale"]
+    logvar = -jnp.abs(mean) + variables["shift"]
+    is_bad = (ecg[:, 0, 0] == NAN_INDEX)[:, None, None]
+    return mean, jnp.where(is_bad, jnp.nan, logvar)
+
+
+VARIABLES = {"scale": np.float32(2.0), "shift": np.float32(-1.0)}
+
+
+def expected_posterior(index: int) -> tuple[np.ndarray, np.ndarray]:
+    mean, logvar = toy_encoder(VARIABLES, tiny_ecg_dataset.example(index)["ecg"][None])
+    return np.asarray(mean[0]), np.asarray(logvar[0])
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return tiny_ecg_dataset.build(str(tmp_path_factory.mktemp("tfds")))
+
+
+@pytest.fixture(scope="module")
+def encoded(source, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("latents"))
+    index = latents.encode_dataset(source, out, toy_encoder, VARIABLES, batch_size=8, examples_per_shard=20,
+                                   vae="toy")
+    return out, index
+
+
+def shard_mtimes(out: str) -> dict[str, int]:
+    return {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if ".tfrecord-" in n}
+
+
+def test_index_lists_shards_counts_and_skips(encoded):
+    out, index = encoded
+    with open(os.path.join(out, latents.INDEX_FILE)) as f:
+        assert json.load(f) == index
+    assert index["complete"] and index["vae"] == "toy" and index["embedding_dim"] == tiny_ecg_dataset.EMBEDDING_DIM
+    train = index["splits"]["train"]
+    assert len(train["shards"]) == 3  # 53 examples, 20 per shard
+    assert [s["source"] for s in train["shards"]] == [[0, 20], [20, 40], [40, 53]]
+    assert sum(s["num_examples"] for s in train["shards"]) == 51
+    assert sum(s["skipped"] for s in train["shards"]) == 2  # a NaN in the ECG, a NaN posterior
+    assert set(index["splits"]) == {"train", "validation", "test"}
+
+
+def test_latent_examples_hold_the_posterior_and_conditions(encoded):
+    out, _ = encoded
+    builder = pipeline.load_builder(out)
+    examples = list(builder.as_dataset("train", shuffle_files=False).as_numpy_iterator())
+    assert sorted(int(e["study_id"]) for e in examples) == [
+        i for i in range(53) if i not in (NAN_INDEX, tiny_ecg_dataset.NAN_ECG_INDEX)]
+    for example in examples[:10]:
+        index = int(example["study_id"])
+        mean, logvar = expected_posterior(index)
+        np.testing.assert_allclose(example["latent_mean"], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(example["latent_logvar"], logvar, rtol=1e-5, atol=1e-6)
+        src = tiny_ecg_dataset.example(index)
+        assert example["prompt"].decode() == src["prompt"] and int(example["sex"]) == src["sex"]
+        assert float(example["heart_rate"]) == src["heart_rate"]
+        np.testing.assert_array_equal(example["text_embedding"], src["text_embedding"])
+        assert int(example["subject_id"]) == src["subject_id"]
+
+
+def test_pipeline_reads_latents_as_sharded_batches(encoded):
+    out, _ = encoded
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+    batch = next(pipeline.train_batches(out, "train", global_batch_size=16, mesh_or_sharding=mesh,
+                                        fields=pipeline.LATENT_FIELDS, seed=0, shuffle_buffer=8))
+    assert batch["latent_mean"].shape == batch["latent_logvar"].shape == (16, 128, 4)
+    assert batch["latent_mean"].sharding.spec == PartitionSpec(("data", "fsdp"))
+    assert batch["text_embedding"].shape == (16, tiny_ecg_dataset.EMBEDDING_DIM)
+    z = VAE.sample_latent(batch["latent_mean"], batch["latent_logvar"], jax.random.key(0))
+    assert z.shape == (16, 128, 4) and bool(jnp.isfinite(z).all())
+
+
+def test_fast_serializer_reads_back_like_tfds_serialization():
+    features = latents.latent_features(6)
+    rng = np.random.default_rng(0)
+    example = {"latent_mean": rng.standard_normal((128, 4), np.float32),
+               "latent_logvar": rng.standard_normal((128, 4), np.float32),
+               "text_embedding": rng.standard_normal(6, np.float32), "sex": np.int32(1), "age": np.float32(71.5),
+               "heart_rate": np.float32(88.25), "prompt": "Sinus rhythm|Left axis deviation",
+               "subject_id": np.int64(2**40 + 3), "study_id": np.int64(7)}
+    assert set(example) == set(features.keys())
+    ours = features.deserialize_example(latents.serialize_latent_example(example))
+    reference = features.deserialize_example(features.serialize_example(example))
+    assert set(ours) == set(reference)
+    for key in reference:
+        assert ours[key].dtype == reference[key].dtype
+        np.testing.assert_array_equal(ours[key].numpy(), reference[key].numpy())
+
+
+def test_rerun_skips_finished_shards_and_redoes_missing_ones(source, tmp_path):
+    out = str(tmp_path)
+    kwargs = {"batch_size": 8, "examples_per_shard": 20, "vae": "toy", "splits": ["train"]}
+    latents.encode_dataset(source, out, toy_encoder, VARIABLES, **kwargs)
+    before = shard_mtimes(out)
+    latents.encode_dataset(source, out, toy_encoder, VARIABLES, **kwargs)
+    assert shard_mtimes(out) == before  # nothing re-encoded
+
+    victim = sorted(before)[1]
+    with open(os.path.join(out, victim), "rb") as f:
+        original = f.read()
+    os.remove(os.path.join(out, victim))
+    latents.encode_dataset(source, out, toy_encoder, VARIABLES, **kwargs)
+    after = shard_mtimes(out)
+    assert {n for n in after if after[n] != before.get(n)} == {victim}
+    with open(os.path.join(out, victim), "rb") as f:
+        assert f.read() == original  # a shard always holds the same examples
+
+    with pytest.raises(ValueError, match="vae="):
+        latents.encode_dataset(source, out, toy_encoder, VARIABLES, **{**kwargs, "vae": "another"})
+
+
+def test_bad_arguments_are_named(source, tmp_path):
+    with pytest.raises(ValueError, match="multiple of the 8 local devices"):
+        latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, batch_size=12)
+    with pytest.raises(ValueError, match="no split"):
+        latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, splits=["dev"])
+
+
+@pytest.mark.slow  # compiles a small VAE encoder for 8 devices
+def test_encode_command_end_to_end_matches_the_vae_encoder(source, tmp_path, capsys):
+    from diffusets_jax.cli import main
+    from diffusets_jax.models.bundle import save_model
+
+    vae = VAE(widths=(8, 8, 8), groups=4, num_res_blocks=1)
+    variables = jax.jit(lambda key: vae.init(key, jnp.zeros((1, 1024, 12)), method=VAE.encode))(jax.random.key(1))
+    save_model(tmp_path / "models", "vae", vae, variables)
+    data_dir = os.path.dirname(os.path.dirname(source.data_dir))
+    argv = ["encode", "--vae", str(tmp_path / "models"), "--data-dir", data_dir, "--dataset", "tiny_ecg",
+            "--out", str(tmp_path / "latents"), "--batch-size", "8", "--splits", "validation"]
+    assert main(argv) == 0
+    assert "validation: 13 latents in 1 shards, 0 bad records skipped" in capsys.readouterr().out
+    # The stored posteriors are the VAE encoder's output for each source ECG.
+    examples = list(pipeline.load_builder(tmp_path / "latents").as_dataset("validation", shuffle_files=False)
+                    .as_numpy_iterator())
+    assert len(examples) == 13
+    ecg = np.stack([tiny_ecg_dataset.example(int(e["study_id"]))["ecg"] for e in examples])
+    mean, logvar = jax.jit(lambda v, x: vae.apply(v, x, method=VAE.encode))(variables, ecg)
+    np.testing.assert_allclose(np.stack([e["latent_mean"] for e in examples]), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.stack([e["latent_logvar"] for e in examples]), logvar, rtol=1e-4, atol=1e-5)
+    assert main(["encode", "--vae", str(tmp_path / "nowhere"), *argv[3:]]) == 2
+    assert "no model 'vae'" in capsys.readouterr().err
