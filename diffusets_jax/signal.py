@@ -52,14 +52,24 @@ def canonical_lead_name(name: str) -> str:
     return _LEAD_BY_KEY[key]
 
 
-def lead_permutation(lead_names: Sequence[str], target: Sequence[str] = STANDARD_LEADS) -> list[int]:
+def lead_permutation(
+    lead_names: Sequence[str], target: Sequence[str] = STANDARD_LEADS, allow_extra: bool = False
+) -> list[int]:
     """Column indices that take a record with columns `lead_names` to the `target` order.
 
-    Extra leads (a 15-lead record's Frank leads would be unknown and raise) are rejected by name; a lead
-    named twice is an error because we cannot tell which column is right.
+    Unknown lead names raise UnknownLeadError unless `allow_extra` (then e.g. a 15-lead record's Frank leads
+    vx, vy, vz are ignored as long as every target lead is present). A lead named twice is an error because
+    we cannot tell which column is right.
     """
-    canonical = [canonical_lead_name(name) for name in lead_names]
-    duplicates = sorted({lead for lead in canonical if canonical.count(lead) > 1})
+    canonical: list[str | None] = []
+    for name in lead_names:
+        try:
+            canonical.append(canonical_lead_name(name))
+        except UnknownLeadError:
+            if not allow_extra:
+                raise
+            canonical.append(None)
+    duplicates = sorted({lead for lead in canonical if lead is not None and canonical.count(lead) > 1})
     if duplicates:
         raise LeadNameError(f"lead(s) {', '.join(duplicates)} appear more than once in {list(lead_names)}")
     wanted = [canonical_lead_name(name) for name in target]
@@ -70,7 +80,7 @@ def lead_permutation(lead_names: Sequence[str], target: Sequence[str] = STANDARD
 
 
 def reorder_leads(
-    signal: np.ndarray, lead_names: Sequence[str], target: Sequence[str] = STANDARD_LEADS
+    signal: np.ndarray, lead_names: Sequence[str], target: Sequence[str] = STANDARD_LEADS, allow_extra: bool = False
 ) -> np.ndarray:
     """Reorder the lead (last) axis of `signal` (..., n_leads) from `lead_names` to `target` by name.
 
@@ -80,7 +90,7 @@ def reorder_leads(
     signal = np.asarray(signal)
     if signal.shape[-1] != len(lead_names):
         raise LeadNameError(f"signal has {signal.shape[-1]} leads on its last axis but {len(lead_names)} names")
-    return signal[..., lead_permutation(lead_names, target)]
+    return signal[..., lead_permutation(lead_names, target, allow_extra)]
 
 
 def resample_to_length(
