@@ -44,9 +44,9 @@ def mimic_copy(tmp_path):
     return tmp_path
 
 
-def reason_of(manual_dir, cand, options=rec.DecodeOptions()) -> str:
+def reason_of(manual_dir, cand, options=None) -> str:
     with pytest.raises(rec.BadRecord) as bad:
-        rec.decode_record(str(manual_dir), cand, options)
+        rec.decode_record(str(manual_dir), cand, options or rec.DecodeOptions())
     return bad.value.reason
 
 

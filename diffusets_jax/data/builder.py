@@ -199,19 +199,23 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             os.fspath(dl_manager.download_dir), "decode_cache", f"{self.name}-{self.version}"
         )
         chunk_size = self._chunk_size or auto_chunk_size(len(candidates), self._worker_count())
-        generators = {}
         for split, split_candidates in by_split.items():
-            chunks = []
             for start in range(0, len(split_candidates), chunk_size):
                 members = split_candidates[start : start + chunk_size]
                 fingerprint = records_lib.chunk_fingerprint(members, config.decode)
                 path = os.path.join(cache_root, f"{split}-{start // chunk_size:06d}-{fingerprint}.npz")
-                chunks.append(_Chunk(split, start // chunk_size, members, path))
-            self._chunks.extend(chunks)
+                self._chunks.append(_Chunk(split, start // chunk_size, members, path))
         self._chunks_cached_before = {chunk.cache_path for chunk in self._chunks if os.path.exists(chunk.cache_path)}
-        for split in SPLITS:
-            generators[split] = self._generate_examples(manual_dir, [c for c in self._chunks if c.split == split])
-        return generators
+        splits = [split for split in SPLITS if by_split[split]]
+        if not self._use_beam:
+            # Decode everything up front (in parallel, into the cache): TFDS cannot write a split that yields no
+            # example, and only decoding tells which splits keep any record.
+            usable = self._decode_locally(manual_dir)
+            splits = [split for split in splits if usable[split]]
+        return {
+            split: self._generate_examples(manual_dir, [c for c in self._chunks if c.split == split])
+            for split in splits
+        }
 
     def _generate_examples(self, manual_dir: str, chunks: list[_Chunk]):  # noqa: ANN201
         tasks = [(manual_dir, chunk.candidates, self.builder_config.decode, chunk.cache_path) for chunk in chunks]
@@ -223,21 +227,41 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                 return chunk_examples(task[1], records_lib.decode_chunk_task(task), embeddings, style)
 
             return beam.Create(tasks) | beam.FlatMap(decode_to_examples)
-        return self._generate_locally(tasks, embeddings, style)
+        return self._generate_from_cache(tasks, embeddings, style)
 
     # ---- helpers -----------------------------------------------------------------------------------------
 
-    def _generate_locally(self, tasks, embeddings, style) -> Iterator[tuple[str, dict]]:  # noqa: ANN001
+    def _decode_locally(self, manual_dir: str) -> collections.Counter[str]:
+        """Decode every chunk not already in the cache, in `workers` spawned processes; usable records per split."""
+        from tqdm.auto import tqdm
+
+        decode = self.builder_config.decode
+        tasks = [(manual_dir, c.candidates, decode, c.cache_path) for c in self._chunks]
+        usable: collections.Counter[str] = collections.Counter()
         workers = self._worker_count()
-        if workers == 0 or len(tasks) <= 1:
-            for task in tasks:
-                yield from chunk_examples(task[1], records_lib.decode_chunk_task(task), embeddings, style)
-            return
-        # spawn, not fork: the parent has TensorFlow's threads running, and a forked copy of them can deadlock.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
-            for task, result in zip(tasks, pool.map(records_lib.decode_chunk_task, tasks), strict=True):
-                yield from chunk_examples(task[1], result, embeddings, style)
+        pool = None
+        bar = tqdm(total=sum(len(c.candidates) for c in self._chunks), unit=" records", desc="Decoding records")
+        try:
+            if workers == 0 or len(tasks) <= 1:
+                results: Iterator[ChunkResult] = map(records_lib.decode_chunk_task, tasks)
+            else:
+                # spawn, not fork: TensorFlow's threads are running here, and a forked copy of them can deadlock.
+                pool = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")
+                )
+                results = pool.map(records_lib.decode_chunk_task, tasks)
+            for chunk, result in zip(self._chunks, results, strict=True):
+                usable[chunk.split] += len(result.ok_index)
+                bar.update(len(chunk.candidates))
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        return usable
+
+    def _generate_from_cache(self, tasks, embeddings, style) -> Iterator[tuple[str, dict]]:  # noqa: ANN001
+        for task in tasks:  # every chunk is in the decode cache by now: this only loads it
+            yield from chunk_examples(task[1], records_lib.decode_chunk_task(task), embeddings, style)
 
     def _worker_count(self) -> int:
         workers = self._workers
