@@ -198,7 +198,7 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         cache_root = os.path.join(
             os.fspath(dl_manager.download_dir), "decode_cache", f"{self.name}-{self.version}"
         )
-        chunk_size = self._chunk_size or auto_chunk_size(len(candidates), self._worker_count())
+        chunk_size = self._chunk_size or auto_chunk_size(len(candidates))
         for split, split_candidates in by_split.items():
             for start in range(0, len(split_candidates), chunk_size):
                 members = split_candidates[start : start + chunk_size]
@@ -347,9 +347,13 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         }
 
 
-def auto_chunk_size(n_records: int, workers: int) -> int:
-    """Chunks small enough to keep every worker busy (about 4 per worker), at most 512 records each."""
-    return int(min(512, max(1, math.ceil(n_records / max(1, 4 * max(1, workers))))))
+def auto_chunk_size(n_records: int) -> int:
+    """Records per decode chunk: about 64 chunks for small sources, 512 records each for large ones.
+
+    Depends on the record count only, never on the worker count, so a rerun with other `workers` still
+    finds the chunks an interrupted build finished.
+    """
+    return int(min(512, max(4, math.ceil(n_records / 64))))
 
 
 def chunk_examples(
