@@ -36,14 +36,27 @@ def decoded_text(value) -> str:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def embedder():
+    """One real MiniLM encoder for every build here, so its jitted encoder compiles once."""
+    from diffusets_jax.conditioning.embedders import make_embedder
+
+    return make_embedder("local")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, embedder):
     """source -> (builder, report, {split: examples}); built lazily, once."""
     cache: dict[str, tuple] = {}
     root = tmp_path_factory.mktemp("prepared")
 
-    def build(source: str, manual_dir: str, workers: int = 0):
+    def build(source: str, manual_dir: str | None = None, workers: int = 0):
+        if manual_dir is None:  # only asks where the shared embedding cache is
+            return str(root / "embeddings.sqlite")
         if source not in cache:
-            report = sources.prepare(source, manual_dir, str(root / source), workers=workers)
+            report = sources.prepare(
+                source, manual_dir, str(root / source), workers=workers, embedder=embedder,
+                embedding_cache_path=str(root / "embeddings.sqlite"),
+            )
             builder = sources.make_builder(source, str(root / source))
             examples = {split: read_split(builder, split) for split in ("train", "validation", "test")}
             cache[source] = (builder, report, examples)
@@ -150,7 +163,7 @@ def test_physionet_challenge_build_maps_dx_codes_to_report_lines(built):
     assert compared >= 25
 
 
-def test_rebuild_after_interruption_reuses_decoded_chunks(built, tmp_path):
+def test_rebuild_after_interruption_reuses_decoded_chunks(built, embedder, tmp_path):
     builder, first_report, first_examples = built("mimic-iv-ecg", os.path.join(ECG_DATA, "mimic_iv_ecg"), workers=2)
     data_dir = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
     copy = tmp_path / "copy"
@@ -159,7 +172,10 @@ def test_rebuild_after_interruption_reuses_decoded_chunks(built, tmp_path):
     cache_dir = copy / "downloads" / "decode_cache" / "mimic_iv_ecg-1.0.0"
     chunk_files = sorted(os.listdir(cache_dir))
     os.remove(cache_dir / chunk_files[0])  # this chunk was still being decoded
-    report = sources.prepare("mimic-iv-ecg", os.path.join(ECG_DATA, "mimic_iv_ecg"), str(copy), workers=0)
+    report = sources.prepare(
+        "mimic-iv-ecg", os.path.join(ECG_DATA, "mimic_iv_ecg"), str(copy), workers=0, embedder=embedder,
+        embedding_cache_path=built("mimic-iv-ecg"),
+    )
     assert report["decode_chunks"] == {"total": len(chunk_files), "reused": len(chunk_files) - 1, "decoded": 1}
     assert report["embedding"]["embedded_now"] == 0  # every prompt came from the embedding cache
     assert {k: report[k] for k in ("examples_written", "skipped_by_reason", "heart_rate_sources")} == {
@@ -171,8 +187,9 @@ def test_rebuild_after_interruption_reuses_decoded_chunks(built, tmp_path):
         np.testing.assert_array_equal(example["ecg"], first[decoded_text(example["record_path"])])
 
 
-def test_cli_prepare_skips_and_counts_bad_records(tmp_path, capsys):
+def test_cli_prepare_skips_and_counts_bad_records(built, tmp_path, capsys):
     """A PTB-XL download with broken records still builds; each problem is counted under its reason."""
+    built("ptbxl", os.path.join(ECG_DATA, "ptbxl"))  # fills the embedding cache with these prompts
     manual = tmp_path / "ptbxl"
     rows = list(csv.DictReader(open(os.path.join(ECG_DATA, "ptbxl", "ptbxl_database.csv"))))[:8]
     for row in rows:
@@ -190,14 +207,17 @@ def test_cli_prepare_skips_and_counts_bad_records(tmp_path, capsys):
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    code = main(["prepare", "ptbxl", "--manual-dir", str(manual), "--data-dir", str(tmp_path / "out"), "--workers", "0"])
+    code = main([
+        "prepare", "ptbxl", "--manual-dir", str(manual), "--data-dir", str(tmp_path / "out"), "--workers", "0",
+        "--embedding-cache", built("ptbxl"),
+    ])
     assert code == 0
     report = json.load(open(tmp_path / "out" / "ptbxl" / "local" / "1.0.0" / REPORT_FILENAME))
     assert report["skipped_by_reason"] == {
         "missing_age": 1, "missing_sex": 1, "missing_report": 1, "missing_signal_file": 1,
         "truncated_signal_file": 1, "unreadable_header": 1,
     }
-    assert report["examples_written"] == 2
+    assert report["examples_written"] == 2 and report["embedding"]["embedded_now"] == 0
     assert report["skipped_examples"]["missing_signal_file"][0]["record_path"] == rows[3]["filename_hr"]
     assert "skipped       1 truncated_signal_file" in capsys.readouterr().err
     assert main(["prepare", "ptbxl", "--manual-dir", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path / "o")]) == 2

@@ -149,16 +149,20 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         workers: int | None = None,
         chunk_size: int = 0,
         embedding_cache_path: str | None = None,
+        embedder: Any = None,
         **kwargs: Any,
     ) -> None:
         """`workers`: decoding processes (None = all CPU cores, 0 = decode in this process); `chunk_size`:
         records per decode chunk (0 = automatic), the unit of work an interrupted build reuses;
-        `embedding_cache_path`: the conditioning cache file (default DATA_DIR/embedding_cache/<embedder>.sqlite).
-        Other arguments go to tfds.core.GeneratorBasedBuilder (config, data_dir, version, ...)."""
+        `embedding_cache_path`: the conditioning cache file (default DATA_DIR/embedding_cache/<embedder>.sqlite);
+        `embedder`: an already constructed embedder to use instead of `make_embedder(config.embedder,
+        **config.embedder_options)` (e.g. one loaded model shared by several builds); it must give
+        `config.embedding_dim`-d vectors. Other arguments go to tfds.core.GeneratorBasedBuilder."""
         super().__init__(**kwargs)
         self._workers = workers
         self._chunk_size = int(chunk_size)
         self._embedding_cache_path = embedding_cache_path
+        self._embedder = embedder
 
     @abc.abstractmethod
     def list_candidates(self, manual_dir: str) -> list[RecordCandidate]:
@@ -279,7 +283,7 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
 
         config = self.builder_config
         prompts = sorted({make_prompt(c.report_lines, config.prompt_style) for c in candidates if c.report_lines})
-        embedder = make_embedder(config.embedder, **config.embedder_options)
+        embedder = self._embedder or make_embedder(config.embedder, **config.embedder_options)
         if embedder.dim != config.embedding_dim:
             raise ValueError(
                 f"builder config {config.name!r}: embedder {config.embedder!r} gives {embedder.dim}-d vectors but "

@@ -53,11 +53,13 @@ def make_builder(
     workers: int | None = None,
     chunk_size: int = 0,
     embedding_cache_path: str | None = None,
+    embedder: Any = None,
     **config_overrides: Any,
 ):  # noqa: ANN201 (a tfds.core.DatasetBuilder)
     """A builder for `source` in `data_dir` with a named config ("local", "openai", ...).
 
-    `workers`, `chunk_size` and `embedding_cache_path` change only how the dataset is built.
+    `workers`, `chunk_size`, `embedding_cache_path` and `embedder` (a constructed embedder to reuse, see
+    `EcgDatasetBuilder`) change only how the dataset is built.
     `config_overrides` change what it contains (split_fractions, embedder_options, ...) and need a new config
     `name=` (TFDS keeps each config in its own folder), e.g. `name="local_70_15_15", split_fractions=(...)`.
     """
@@ -78,7 +80,7 @@ def make_builder(
         chosen = dataclasses.replace(chosen, **config_overrides)
     return cls(
         config=chosen, data_dir=data_dir, workers=workers, chunk_size=chunk_size,
-        embedding_cache_path=embedding_cache_path,
+        embedding_cache_path=embedding_cache_path, embedder=embedder,
     )
 
 
