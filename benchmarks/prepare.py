@@ -39,23 +39,21 @@ def make_repeated_mimic(target: str, records: int) -> int:
     copies = math.ceil(records / len(tables["record_list.csv"][1]))
     out: dict[str, list[dict]] = {name: [] for name in tables}
     for copy in range(copies):
-        def subject(old: str) -> str:
-            return str(int(old) + copy * 1_000_000)
-
-        def study(old: str) -> str:
-            return str(int(old) + copy * 1_000_000)
+        offset = copy * 1_000_000  # new subject and study ids for each copy
 
         for row in tables["record_list.csv"][1]:
-            new_subject, new_study = subject(row["subject_id"]), study(row["study_id"])
+            new_subject, new_study = str(int(row["subject_id"]) + offset), str(int(row["study_id"]) + offset)
             path = f"files/p{new_subject[:4]}/p{new_subject}/s{new_study}/{row['file_name']}"
             os.makedirs(os.path.join(target, os.path.dirname(path)), exist_ok=True)
             for ext in (".hea", ".dat"):
                 os.symlink(os.path.abspath(os.path.join(FIXTURES, row["path"] + ext)), os.path.join(target, path + ext))
             out["record_list.csv"].append({**row, "subject_id": new_subject, "study_id": new_study, "path": path})
         for row in tables["machine_measurements.csv"][1]:
-            out["machine_measurements.csv"].append({**row, "subject_id": subject(row["subject_id"]), "study_id": study(row["study_id"])})
+            out["machine_measurements.csv"].append(
+                {**row, "subject_id": str(int(row["subject_id"]) + offset), "study_id": str(int(row["study_id"]) + offset)}
+            )
         for row in tables["patients.csv"][1]:
-            out["patients.csv"].append({**row, "subject_id": subject(row["subject_id"])})
+            out["patients.csv"].append({**row, "subject_id": str(int(row["subject_id"]) + offset)})
     for name, (fields, _) in tables.items():
         with open(os.path.join(target, name), "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
