@@ -247,15 +247,15 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         bar = tqdm(total=sum(len(c.candidates) for c in self._chunks), unit=" records", desc="Decoding records")
         try:
             if workers == 0 or len(tasks) <= 1:
-                results: Iterator[ChunkResult] = map(records_lib.decode_chunk_task, tasks)
+                usable_counts: Iterator[int] = map(records_lib.decode_chunk_to_cache, tasks)
             else:
                 # spawn, not fork: TensorFlow's threads are running here, and a forked copy of them can deadlock.
                 pool = concurrent.futures.ProcessPoolExecutor(
                     max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")
                 )
-                results = pool.map(records_lib.decode_chunk_task, tasks)
-            for chunk, result in zip(self._chunks, results, strict=True):
-                usable[chunk.split] += len(result.ok_index)
+                usable_counts = pool.map(records_lib.decode_chunk_to_cache, tasks)
+            for chunk, count in zip(self._chunks, usable_counts, strict=True):
+                usable[chunk.split] += count
                 bar.update(len(chunk.candidates))
         finally:
             bar.close()

@@ -333,3 +333,11 @@ def decode_chunk_cached(
 def decode_chunk_task(task: tuple[str, Sequence[RecordCandidate], DecodeOptions, str | None]) -> ChunkResult:
     """Picklable single-argument form of `decode_chunk_cached` for process pools and Beam."""
     return decode_chunk_cached(*task)
+
+
+def decode_chunk_to_cache(task: tuple[str, Sequence[RecordCandidate], DecodeOptions, str]) -> int:
+    """Decode a chunk into its cache file (unless already there); returns its number of usable records.
+
+    What local build workers run: the decoded arrays stay on disk instead of travelling back to the parent.
+    """
+    return len(decode_chunk_cached(*task).ok_index)
