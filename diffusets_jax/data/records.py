@@ -133,28 +133,16 @@ def check_metadata(candidate: RecordCandidate) -> None:
         raise BadRecord("missing_report", "no report statements")
 
 
-def read_record_mv(record_path: str) -> tuple[np.ndarray, float, list[str]]:
-    """Read a WFDB record (path without extension) -> (signal (n, leads) float64 mV, fs, lead names).
-
-    Raises BadRecord for a missing/unreadable header, missing/truncated/unreadable signal files and unknown
-    units. Lead order is as stored.
-    """
-    import wfdb
-
+def _check_signal_files(header, record_path: str) -> None:  # noqa: ANN001 (a wfdb Record or header)
+    """BadRecord if the header is empty, or a signal file it names is missing or shorter than it implies."""
     header_path = record_path + ".hea"
-    if not os.path.exists(header_path):
-        raise BadRecord("missing_header", f"{header_path} does not exist")
-    try:
-        header = wfdb.rdheader(record_path)
-    except Exception as err:  # wfdb raises bare ValueError/IndexError/... on malformed headers
-        raise BadRecord("unreadable_header", f"{header_path}: {type(err).__name__}: {err}") from None
     if not header.n_sig or not header.sig_len or not header.fs or not header.file_name:
         raise BadRecord("unreadable_header", f"{header_path} declares no signals, length or sampling rate")
     directory = os.path.dirname(record_path)
     offsets = header.byte_offset or [0] * header.n_sig
     expected_bytes: dict[str, float] = {}
     for file_name, fmt, offset in zip(header.file_name, header.fmt, offsets, strict=True):
-        if fmt not in _BYTES_PER_SAMPLE or file_name in expected_bytes and expected_bytes[file_name] < 0:
+        if fmt not in _BYTES_PER_SAMPLE or expected_bytes.get(file_name, 0.0) < 0:
             expected_bytes[file_name] = -1.0  # unpredictable size (compressed formats): let wfdb judge
             continue
         expected_bytes[file_name] = expected_bytes.get(file_name, float(offset or 0)) + header.sig_len * _BYTES_PER_SAMPLE[fmt]
@@ -166,10 +154,31 @@ def read_record_mv(record_path: str) -> tuple[np.ndarray, float, list[str]]:
             raise BadRecord(
                 "truncated_signal_file", f"{path} has {os.path.getsize(path)} bytes, header implies {int(expected)}"
             )
+
+
+def read_record_mv(record_path: str) -> tuple[np.ndarray, float, list[str]]:
+    """Read a WFDB record (path without extension) -> (signal (n, leads) float64 mV, fs, lead names).
+
+    Raises BadRecord for a missing/unreadable header, missing/truncated/unreadable signal files and unknown
+    units. Lead order is as stored.
+    """
+    import wfdb
+
+    header_path = record_path + ".hea"
+    if not os.path.exists(header_path):
+        raise BadRecord("missing_header", f"{header_path} does not exist")
+    # Read first and diagnose only on failure: wfdb's header parsing is the slowest part of a read, and a
+    # separate rdheader would parse every header twice.
     try:
         record = wfdb.rdrecord(record_path)
-    except Exception as err:
+    except Exception as err:  # wfdb raises bare ValueError/IndexError/... on malformed input
+        try:
+            header = wfdb.rdheader(record_path)
+        except Exception as header_err:
+            raise BadRecord("unreadable_header", f"{header_path}: {type(header_err).__name__}: {header_err}") from None
+        _check_signal_files(header, record_path)
         raise BadRecord("unreadable_signal", f"{record_path}: {type(err).__name__}: {err}") from None
+    _check_signal_files(record, record_path)
     try:
         signal_mv = ecg_signal.to_millivolts(np.asarray(record.p_signal, dtype=np.float64), record.units)
     except ValueError as err:
