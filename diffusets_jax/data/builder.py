@@ -1,0 +1,411 @@
+"""The TFDS builder every ECG source in `data_prep/` derives from: splits, embeddings, parallel decoding, report.
+
+A source builder only lists its records (`list_candidates`: paths + metadata from the source's tables). This
+base then, for `tfds build` or `diffusets-jax prepare`:
+
+1. assigns each record to train / validation / test (patient-disjoint: a stable hash of the subject id, or
+   the source's own folds); the published all-data recipe reads TFDS's `split="all"`, the union of the three
+   (TFDS reserves the name `all`, so no duplicate copy is written);
+2. builds every prompt, embeds each distinct prompt once through the conditioning cache;
+3. decodes records in parallel worker processes (or in Apache Beam when `--beam_pipeline_options` is given),
+   chunk by chunk, each finished chunk stored atomically in a decode cache beside the downloads: TFDS always
+   rewrites an interrupted build's TFRecords from scratch (it writes into an `incomplete.*` folder renamed at
+   the end), but a rerun reuses every decoded chunk, so only the cheap serialisation is repeated;
+4. skips and counts bad records, writes `prepare_report.json` beside the dataset and prints a summary.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from diffusets_jax.data import records as records_lib
+from diffusets_jax.data.records import ChunkResult, DecodeOptions, RecordCandidate
+from diffusets_jax.data.schema import ecg_features
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+REPORT_FILENAME = "prepare_report.json"
+EXAMPLES_PER_REASON_IN_REPORT = 10
+EMBEDDING_DIMS: dict[str, int] = {"local": 384, "openai": 1536}  # MiniLM-L6; text-embedding-ada-002
+PAPER_PROMPT_TEMPLATE = "The report of the ECG is that {text}."  # the paper's PTB-XL template (spec section 4)
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class EcgBuilderConfig(tfds.core.BuilderConfig):
+    """Options of one prepared variant of a source.
+
+    - `embedder` / `embedder_options`: `diffusets_jax.conditioning.embedders.make_embedder(embedder, **options)`;
+      "local" (MiniLM, 384-d; tests and demo) or "openai" (ada-002, 1536-d; the faithful recipe).
+    - `embedding_dim`: the embedder's output size (the `text_embedding` feature's shape).
+    - `split_fractions`: train / validation / test fractions of subjects (subject-hash splits).
+    - `split_by`: "subject_hash" or "strat_fold" (PTB-XL's folds: 1-8 train, 9 validation, 10 test).
+    - `prompt_style`: "ordered" (the MIMIC ordered prompt) or "paper_template" (the paper's PTB-XL template).
+    - `decode`: DecodeOptions (length, duration tolerance, flat-lead threshold).
+
+    How a build runs (workers, chunk size, embedding cache file) does not change the dataset, so it is given
+    to the builder (`Builder(config=..., workers=..., chunk_size=..., embedding_cache_path=...)`), not here.
+    """
+
+    embedder: str = "local"
+    embedder_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    embedding_dim: int = EMBEDDING_DIMS["local"]
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_by: str = "subject_hash"
+    prompt_style: str = "ordered"
+    decode: DecodeOptions = dataclasses.field(default_factory=DecodeOptions)
+
+    def __post_init__(self) -> None:
+        if len(self.split_fractions) != 3 or any(f < 0 for f in self.split_fractions) or not math.isclose(
+            sum(self.split_fractions), 1.0, abs_tol=1e-6
+        ):
+            raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {self.split_fractions}")
+        if self.split_by not in ("subject_hash", "strat_fold"):
+            raise ValueError(f"split_by must be 'subject_hash' or 'strat_fold', got {self.split_by!r}")
+        if self.prompt_style not in ("ordered", "paper_template"):
+            raise ValueError(f"prompt_style must be 'ordered' or 'paper_template', got {self.prompt_style!r}")
+
+
+def embedder_configs(description: str, name_suffix: str = "", **overrides: Any) -> list[EcgBuilderConfig]:
+    """The two standard configs of a source: "local" (MiniLM, default) and "openai" (ada-002, faithful)."""
+    return [
+        EcgBuilderConfig(name="local" + name_suffix, description=f"{description} Text embeddings: local MiniLM-L6 (384-d).",
+                         embedder="local", embedding_dim=EMBEDDING_DIMS["local"], **overrides),
+        EcgBuilderConfig(name="openai" + name_suffix, description=f"{description} Text embeddings: OpenAI text-embedding-ada-002 (1536-d), as published.",
+                         embedder="openai", embedding_dim=EMBEDDING_DIMS["openai"], **overrides),
+    ]
+
+
+def subject_split(subject_id: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> str:
+    """Stable, patient-disjoint split of a subject: SHA-256 of its id mapped to [0, 1) against `fractions`.
+
+    Independent of record order, machine and Python's hash seed, so every record of a subject lands in the
+    same split in every build, and adding records never moves existing subjects.
+    """
+    digest = hashlib.sha256(f"diffusets-subject:{int(subject_id)}".encode()).digest()
+    position = int.from_bytes(digest[:8], "big") / 2.0**64
+    cumulative = 0.0
+    for split, fraction in zip(SPLITS, fractions, strict=True):
+        cumulative += fraction
+        if position < cumulative:
+            return split
+    return SPLITS[-1]
+
+
+def strat_fold_split(fold: int | None) -> str:
+    """PTB-XL's recommended split: folds 1-8 train, 9 validation, 10 test (the reference's test set)."""
+    if fold is None:
+        raise ValueError("record has no strat_fold; use split_by='subject_hash'")
+    return "test" if fold == 10 else "validation" if fold == 9 else "train"
+
+
+def stable_int_id(text: str) -> int:
+    """A positive int64 id from a name, for sources without numeric subject/study ids (Challenge records)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def make_prompt(report_lines: Sequence[str], style: str) -> str:
+    """The text the embedder sees: the ordered prompt (spec section 4) or the paper's PTB-XL template."""
+    if style == "paper_template":
+        return PAPER_PROMPT_TEMPLATE.format(text=", ".join(report_lines))
+    from diffusets_jax.conditioning.prompts import ordered_prompt
+
+    return ordered_prompt(list(report_lines))
+
+
+@dataclasses.dataclass
+class _Chunk:
+    split: str
+    index: int
+    candidates: list[RecordCandidate]
+    cache_path: str
+
+
+class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
+    """Base of the ECG source builders; subclasses set VERSION, BUILDER_CONFIGS, MANUAL_DOWNLOAD_INSTRUCTIONS,
+    `_description`/`_homepage`/`_citation` and implement `list_candidates`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release: whole 10 s at 1024 samples, standard lead order, mV."}
+    _description = ""
+    _homepage = ""
+    _citation = ""
+
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        chunk_size: int = 0,
+        embedding_cache_path: str | None = None,
+        embedder: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """`workers`: decoding processes (None = all CPU cores, 0 = decode in this process); `chunk_size`:
+        records per decode chunk (0 = automatic), the unit of work an interrupted build reuses;
+        `embedding_cache_path`: the conditioning cache file (default DATA_DIR/embedding_cache/<embedder>.sqlite);
+        `embedder`: an already constructed embedder to use instead of `make_embedder(config.embedder,
+        **config.embedder_options)` (e.g. one loaded model shared by several builds); it must give
+        `config.embedding_dim`-d vectors. Other arguments go to tfds.core.GeneratorBasedBuilder."""
+        super().__init__(**kwargs)
+        self._workers = workers
+        self._chunk_size = int(chunk_size)
+        self._embedding_cache_path = embedding_cache_path
+        self._embedder = embedder
+
+    @abc.abstractmethod
+    def list_candidates(self, manual_dir: str) -> list[RecordCandidate]:
+        """Every record of the source with its metadata; unusable metadata stays None (counted later)."""
+
+    # ---- TFDS hooks --------------------------------------------------------------------------------------
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description=self._description,
+            features=ecg_features(self.builder_config.embedding_dim),
+            homepage=self._homepage or None,
+            citation=self._citation or None,
+        )
+
+    def _download_and_prepare(self, dl_manager, download_config) -> None:  # noqa: ANN001 (TFDS types)
+        self._use_beam = download_config.beam_runner is not None or download_config.beam_options is not None
+        self._chunks: list[_Chunk] = []
+        self._embedding_summary: dict[str, Any] = {}
+        super()._download_and_prepare(dl_manager, download_config)
+        report = self._build_report()
+        write_json_atomic(os.path.join(os.fspath(self.data_dir), REPORT_FILENAME), report)
+        print(format_report_summary(self.name, report), file=sys.stderr)
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):  # noqa: ANN201
+        config = self.builder_config
+        manual_dir = os.fspath(dl_manager.manual_dir)
+        candidates = self.list_candidates(manual_dir)
+        if not candidates:
+            raise FileNotFoundError(
+                f"{self.name}: no records listed under {manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            )
+        self._embeddings = self._embed(candidates, dl_manager)
+        by_split: dict[str, list[RecordCandidate]] = {split: [] for split in SPLITS}
+        for candidate in candidates:
+            by_split[self._split_of(candidate)].append(candidate)
+        cache_root = os.path.join(
+            os.fspath(dl_manager.download_dir), "decode_cache", f"{self.name}-{self.version}"
+        )
+        chunk_size = self._chunk_size or auto_chunk_size(len(candidates))
+        for split, split_candidates in by_split.items():
+            for start in range(0, len(split_candidates), chunk_size):
+                members = split_candidates[start : start + chunk_size]
+                fingerprint = records_lib.chunk_fingerprint(members, config.decode)
+                path = os.path.join(cache_root, f"{split}-{start // chunk_size:06d}-{fingerprint}.npz")
+                self._chunks.append(_Chunk(split, start // chunk_size, members, path))
+        self._chunks_cached_before = {chunk.cache_path for chunk in self._chunks if os.path.exists(chunk.cache_path)}
+        splits = [split for split in SPLITS if by_split[split]]
+        if not self._use_beam:
+            # Decode everything up front (in parallel, into the cache): TFDS cannot write a split that yields no
+            # example, and only decoding tells which splits keep any record.
+            usable = self._decode_locally(manual_dir)
+            splits = [split for split in splits if usable[split]]
+        return {
+            split: self._generate_examples(manual_dir, [c for c in self._chunks if c.split == split])
+            for split in splits
+        }
+
+    def _generate_examples(self, manual_dir: str, chunks: list[_Chunk]):  # noqa: ANN201
+        tasks = [(manual_dir, chunk.candidates, self.builder_config.decode, chunk.cache_path) for chunk in chunks]
+        embeddings, style = self._embeddings, self.builder_config.prompt_style
+        if self._use_beam:
+            beam = tfds.core.lazy_imports.apache_beam
+
+            def decode_to_examples(task):  # noqa: ANN001, ANN202
+                return chunk_examples(task[1], records_lib.decode_chunk_task(task), embeddings, style)
+
+            return beam.Create(tasks) | beam.FlatMap(decode_to_examples)
+        return self._generate_from_cache(tasks, embeddings, style)
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+
+    def _decode_locally(self, manual_dir: str) -> collections.Counter[str]:
+        """Decode every chunk not already in the cache, in `workers` spawned processes; usable records per split."""
+        from tqdm.auto import tqdm
+
+        decode = self.builder_config.decode
+        tasks = [(manual_dir, c.candidates, decode, c.cache_path) for c in self._chunks]
+        usable: collections.Counter[str] = collections.Counter()
+        workers = self._worker_count()
+        pool = None
+        bar = tqdm(total=sum(len(c.candidates) for c in self._chunks), unit=" records", desc="Decoding records")
+        try:
+            if workers == 0 or len(tasks) <= 1:
+                usable_counts: Iterator[int] = map(records_lib.decode_chunk_to_cache, tasks)
+            else:
+                # spawn, not fork: TensorFlow's threads are running here, and a forked copy of them can deadlock.
+                pool = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")
+                )
+                usable_counts = pool.map(records_lib.decode_chunk_to_cache, tasks)
+            for chunk, count in zip(self._chunks, usable_counts, strict=True):
+                usable[chunk.split] += count
+                bar.update(len(chunk.candidates))
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        return usable
+
+    def _generate_from_cache(self, tasks, embeddings, style) -> Iterator[tuple[str, dict]]:  # noqa: ANN001
+        for task in tasks:  # every chunk is in the decode cache by now: this only loads it
+            yield from chunk_examples(task[1], records_lib.decode_chunk_task(task), embeddings, style)
+
+    def _worker_count(self) -> int:
+        workers = self._workers
+        return os.cpu_count() or 1 if workers is None else max(0, int(workers))
+
+    def _split_of(self, candidate: RecordCandidate) -> str:
+        if self.builder_config.split_by == "strat_fold":
+            return strat_fold_split(candidate.strat_fold)
+        return subject_split(candidate.subject_id, self.builder_config.split_fractions)
+
+    def _embed(self, candidates: Sequence[RecordCandidate], dl_manager) -> dict[str, np.ndarray]:  # noqa: ANN001
+        """Embed each distinct prompt of the records that have a report once, through the conditioning cache."""
+        from diffusets_jax.conditioning.cache import EmbeddingCache, EmbeddingRunStats, embed_with_cache
+        from diffusets_jax.conditioning.embedders import make_embedder
+
+        config = self.builder_config
+        prompts = sorted({make_prompt(c.report_lines, config.prompt_style) for c in candidates if c.report_lines})
+        embedder = self._embedder or make_embedder(config.embedder, **config.embedder_options)
+        if embedder.dim != config.embedding_dim:
+            raise ValueError(
+                f"builder config {config.name!r}: embedder {config.embedder!r} gives {embedder.dim}-d vectors but "
+                f"embedding_dim is {config.embedding_dim}; set embedding_dim={embedder.dim}"
+            )
+        cache_path = self._embedding_cache_path or os.path.join(
+            os.path.dirname(os.fspath(dl_manager.download_dir)), "embedding_cache", f"{config.embedder}.sqlite"
+        )
+        stats = EmbeddingRunStats()
+        with EmbeddingCache(cache_path) as cache:
+            vectors = np.asarray(embed_with_cache(prompts, embedder, cache, progress=True, stats=stats), dtype=np.float32)
+        self._embedding_summary = {
+            "embedder_id": embedder.embedder_id, "cache": cache_path, "distinct_prompts": len(prompts),
+            "from_cache": stats.cached, "embedded_now": stats.embedded,
+        }
+        return dict(zip(prompts, vectors, strict=True))
+
+    def _build_report(self) -> dict[str, Any]:
+        """Counts per skip reason (with the first record paths), per split and per heart-rate source."""
+        skipped: collections.Counter[str] = collections.Counter()
+        examples_of: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
+        written: collections.Counter[str] = collections.Counter()
+        sources: collections.Counter[str] = collections.Counter()
+        xqrs_records: list[dict[str, Any]] = []
+        flat_lead_records: list[dict[str, str]] = []
+        flat_lead_count = 0
+        reused = decoded = 0
+        for chunk in self._chunks:
+            result = records_lib._load_chunk(chunk.cache_path)  # noqa: SLF001 (same package)
+            if result is None:
+                raise RuntimeError(f"decode cache {chunk.cache_path} is missing after the build")
+            if chunk.cache_path in self._chunks_cached_before:
+                reused += 1
+            else:
+                decoded += 1
+            for candidate, reason, detail in zip(chunk.candidates, result.skip_reason, result.skip_detail, strict=True):
+                if reason:
+                    skipped[str(reason)] += 1
+                    if len(examples_of[str(reason)]) < EXAMPLES_PER_REASON_IN_REPORT:
+                        examples_of[str(reason)].append({"record_path": candidate.record_path, "detail": str(detail)})
+            written[chunk.split] += len(result.ok_index)
+            for position, flat in zip(result.ok_index, result.flat_leads, strict=True):
+                if flat:
+                    flat_lead_count += 1
+                    if len(flat_lead_records) < EXAMPLES_PER_REASON_IN_REPORT:
+                        flat_lead_records.append({"record_path": chunk.candidates[int(position)].record_path, "leads": str(flat)})
+            for position, source, lead in zip(result.ok_index, result.heart_rate_source, result.heart_rate_lead, strict=True):
+                sources[str(source)] += 1
+                if source == "xqrs":
+                    xqrs_records.append({"record_path": chunk.candidates[int(position)].record_path, "lead": int(lead)})
+        listed = sum(len(chunk.candidates) for chunk in self._chunks)
+        return {
+            "dataset": self.name, "config": self.builder_config.name, "version": str(self.version),
+            "records_listed": listed, "examples_written": sum(written.values()),
+            "records_skipped": sum(skipped.values()),
+            "skipped_by_reason": dict(sorted(skipped.items())),
+            "skipped_examples": {reason: examples_of[reason] for reason in sorted(examples_of)},
+            "examples_per_split": {split: written[split] for split in SPLITS},
+            "heart_rate_sources": dict(sorted(sources.items())),
+            "xqrs_records": xqrs_records[:100],
+            # Written despite flat leads (DecodeOptions.flat_leads == "keep", the reference's behaviour).
+            "written_with_flat_leads": {"count": flat_lead_count, "examples": flat_lead_records},
+            "embedding": self._embedding_summary,
+            "decode_chunks": {"total": len(self._chunks), "reused": reused, "decoded": decoded},
+        }
+
+
+def auto_chunk_size(n_records: int) -> int:
+    """Records per decode chunk: about 64 chunks for small sources, 512 records each for large ones.
+
+    Depends on the record count only, never on the worker count, so a rerun with other `workers` still
+    finds the chunks an interrupted build finished.
+    """
+    return int(min(512, max(4, math.ceil(n_records / 64))))
+
+
+def chunk_examples(
+    candidates: Sequence[RecordCandidate], result: ChunkResult, embeddings: Mapping[str, np.ndarray], style: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, example) for every usable record of a decoded chunk, in the schema of `ecg_features`."""
+    for row, position in enumerate(result.ok_index):
+        candidate = candidates[int(position)]
+        prompt = make_prompt(candidate.report_lines, style)
+        yield candidate.record_path, {
+            "ecg": result.ecg[row],
+            "report_lines": list(candidate.report_lines),
+            "prompt": prompt,
+            "text_embedding": embeddings[prompt],
+            "sex": int(candidate.sex),  # type: ignore[arg-type]
+            "age": float(candidate.age),  # type: ignore[arg-type]
+            "heart_rate": float(result.heart_rate[row]),
+            "heart_rate_source": str(result.heart_rate_source[row]),
+            "subject_id": int(candidate.subject_id),
+            "study_id": int(candidate.study_id),
+            "record_path": candidate.record_path,
+        }
+
+
+def write_json_atomic(path: str, payload: Mapping[str, Any]) -> None:
+    """Write JSON through a temporary file and os.replace, so readers never see half a report."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as handle:
+        json.dump(payload, handle, indent=1, sort_keys=False)
+        handle.write("\n")
+    os.replace(temporary, path)
+
+
+def format_report_summary(name: str, report: Mapping[str, Any]) -> str:
+    """A few human lines: written per split, skipped per reason, heart-rate sources."""
+    lines = [
+        f"{name}: {report['examples_written']} examples written from {report['records_listed']} records "
+        f"({', '.join(f'{s} {n}' for s, n in report['examples_per_split'].items())}); "
+        f"{report['records_skipped']} skipped"
+    ]
+    for reason, count in report["skipped_by_reason"].items():
+        first = report["skipped_examples"][reason][0]["record_path"]
+        lines.append(f"  skipped {count:>7} {reason:<24} e.g. {first}")
+    flat = report["written_with_flat_leads"]
+    if flat["count"]:
+        lines.append(f"  written with flat leads: {flat['count']} e.g. {flat['examples'][0]['record_path']} ({flat['examples'][0]['leads']})")
+    lines.append("  heart rate: " + ", ".join(f"{s} {n}" for s, n in report["heart_rate_sources"].items()))
+    chunks = report["decode_chunks"]
+    lines.append(f"  decode chunks: {chunks['decoded']} decoded, {chunks['reused']} reused from an earlier run")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""Record decoding and its skip reasons, on real fixture records and corrupted copies made here."""
+
+import dataclasses
+import os
+import shutil
+
+import numpy as np
+import pytest
+import wfdb
+
+from diffusets_jax.data import records as rec
+from diffusets_jax.signal import MIMIC_LEADS, STANDARD_LEADS, resample_to_length
+
+ECG_DATA = os.path.join(os.path.dirname(__file__), "data", "ecg")
+MIMIC_DIR = os.path.join(ECG_DATA, "mimic_iv_ecg")
+E07500 = "files/p1900/p19000001/s40000000/40000000"  # MIMIC layout, MIMIC lead order, 200 adu/mV
+PTBXL_E07500 = os.path.join(ECG_DATA, "ptbxl", "records500", "00000", "00001_hr")  # the same ECG, standard order
+
+
+def candidate(path: str = E07500, **changes) -> rec.RecordCandidate:
+    base = rec.RecordCandidate(path, 19000001, 40000000, 78.0, 1, ("Sinus bradycardia", "Abnormal ECG"), 1050.0)
+    return dataclasses.replace(base, **changes)
+
+
+def standard_signal() -> np.ndarray:
+    return wfdb.rdrecord(PTBXL_E07500).p_signal
+
+
+def write_record(directory, name, signal, fs=500.0, names=STANDARD_LEADS, units="mV", gain=1000.0) -> str:
+    wfdb.wrsamp(
+        name, fs=fs, units=[units] * signal.shape[1], sig_name=list(names), p_signal=signal, fmt=["16"] * signal.shape[1],
+        adc_gain=[gain] * signal.shape[1], baseline=[0] * signal.shape[1], write_dir=str(directory),
+    )
+    return name
+
+
+@pytest.fixture()
+def mimic_copy(tmp_path):
+    source = os.path.join(MIMIC_DIR, E07500)
+    target = tmp_path / os.path.dirname(E07500)
+    target.mkdir(parents=True)
+    for ext in (".hea", ".dat"):
+        shutil.copy(source + ext, target)
+    return tmp_path
+
+
+def reason_of(manual_dir, cand, options=None) -> str:
+    with pytest.raises(rec.BadRecord) as bad:
+        rec.decode_record(str(manual_dir), cand, options or rec.DecodeOptions())
+    return bad.value.reason
+
+
+def test_decodes_mimic_order_into_standard_order():
+    decoded = rec.decode_record(MIMIC_DIR, candidate())
+    expected = resample_to_length(standard_signal(), 1024)
+    assert decoded.ecg.shape == (1024, 12) and decoded.ecg.dtype == np.float32
+    np.testing.assert_allclose(decoded.ecg, expected, atol=0.006)  # 200 vs 1000 adu/mV quantisation
+    assert (decoded.heart_rate, decoded.heart_rate_source, decoded.heart_rate_lead) == (pytest.approx(60000 / 1050), "rr", -1)
+    lead = {name: decoded.ecg[:, i] for i, name in enumerate(STANDARD_LEADS)}
+    assert np.abs(lead["II"] - lead["I"] - lead["III"]).max() < 0.02
+    assert np.abs(lead["aVR"] + lead["aVL"] + lead["aVF"]).max() < 0.02
+
+
+def test_metadata_reasons_come_first():
+    assert reason_of(MIMIC_DIR, candidate(subject_known=False, age=None, sex=None)) == "missing_demographics"
+    assert reason_of(MIMIC_DIR, candidate(age=None)) == "missing_age"
+    assert reason_of(MIMIC_DIR, candidate(sex=None)) == "missing_sex"
+    assert reason_of(MIMIC_DIR, candidate(report_lines=())) == "missing_report"
+
+
+def test_file_level_defects(mimic_copy):
+    dat = mimic_copy / (E07500 + ".dat")
+    hea = mimic_copy / (E07500 + ".hea")
+    data, header = dat.read_bytes(), hea.read_text()
+    dat.write_bytes(data[: len(data) // 2])
+    assert reason_of(mimic_copy, candidate()) == "truncated_signal_file"
+    dat.unlink()
+    assert reason_of(mimic_copy, candidate()) == "missing_signal_file"
+    dat.write_bytes(data)
+    hea.write_text("this is not a header\n\x00\x01")
+    assert reason_of(mimic_copy, candidate()) == "unreadable_header"
+    hea.unlink()
+    assert reason_of(mimic_copy, candidate()) == "missing_header"
+    hea.write_text(header.replace(" aVL", " XYZ"))
+    assert reason_of(mimic_copy, candidate()) == "unknown_lead_names"
+    hea.write_text(header.replace("200.0(0)/mV", "200.0(0)/furlong"))
+    assert reason_of(mimic_copy, candidate()) == "unknown_units"
+
+
+def test_signal_level_defects(tmp_path):
+    signal = standard_signal()
+    write_record(tmp_path, "eight", signal[:, :8], names=STANDARD_LEADS[:8])
+    assert reason_of(tmp_path, candidate("eight")) == "too_few_leads"
+    with_nan = signal.copy()
+    with_nan[:, 4] = np.nan
+    write_record(tmp_path, "nanlead", with_nan)
+    assert reason_of(tmp_path, candidate("nanlead")) == "nan_lead"
+    write_record(tmp_path, "short", signal[:4000])
+    assert reason_of(tmp_path, candidate("short")) == "wrong_duration"
+    write_record(tmp_path, "quiet", 0.02 * np.random.default_rng(0).standard_normal((5000, 12)))
+    assert reason_of(tmp_path, candidate("quiet", rr_ms=65535)) == "no_heart_rate"
+    write_record(tmp_path, "flat", np.zeros((5000, 12)))
+    assert reason_of(tmp_path, candidate("flat")) == "flat_lead"
+    write_record(tmp_path, "gain", signal * 1000.0, gain=1.0)  # ADC counts written as if mV
+    assert reason_of(tmp_path, candidate("gain")) == "implausible_amplitude"
+
+
+def test_flat_leads_are_kept_or_skipped_by_option(tmp_path):
+    signal = standard_signal()
+    signal[:, [7, 9]] = 0.0  # as in Chapman-Shaoxing's JS20004: zero precordial leads
+    write_record(tmp_path, "zeros", signal)
+    kept = rec.decode_record(str(tmp_path), candidate("zeros"))
+    assert kept.flat_leads == ("V2", "V4")
+    assert reason_of(tmp_path, candidate("zeros"), rec.DecodeOptions(flat_leads="skip")) == "flat_lead"
+
+
+def test_other_rates_units_and_lead_spellings(tmp_path):
+    signal = standard_signal()
+    reference = rec.decode_record(str(ECG_DATA + "/ptbxl"), candidate("records500/00000/00001_hr"))
+    # 250 Hz, microvolts, upper-case names in MIMIC order: the same ECG after decoding.
+    at_250 = signal[::2][:, [STANDARD_LEADS.index(n) for n in MIMIC_LEADS]] * 1000.0
+    write_record(tmp_path, "uv250", at_250, fs=250.0, names=[n.upper() for n in MIMIC_LEADS], units="uV", gain=1.0)
+    decoded = rec.decode_record(str(tmp_path), candidate("uv250"))
+    correlation = np.corrcoef(decoded.ecg.ravel(), reference.ecg.ravel())[0, 1]
+    assert correlation > 0.99
+
+
+def test_chunk_cache_is_reused_and_validated(tmp_path):
+    cands = [candidate(), candidate(age=None), candidate(subject_known=False)]
+    options = rec.DecodeOptions()
+    path = str(tmp_path / f"chunk-{rec.chunk_fingerprint(cands, options)}.npz")
+    first = rec.decode_chunk_cached(MIMIC_DIR, cands, options, path)
+    assert not first.reused and list(first.skip_reason) == ["", "missing_age", "missing_demographics"]
+    again = rec.decode_chunk_cached(MIMIC_DIR, cands, options, path)
+    assert again.reused
+    np.testing.assert_array_equal(again.ecg, first.ecg)
+    assert [f for f in os.listdir(tmp_path) if ".tmp-" in f] == []
+    open(path, "wb").write(b"damaged")  # a damaged cache file is decoded again, not trusted
+    assert not rec.decode_chunk_cached(MIMIC_DIR, cands, options, path).reused
+    assert rec.chunk_fingerprint(cands, options) != rec.chunk_fingerprint(cands[:2], options)
+    assert rec.chunk_fingerprint(cands, options) != rec.chunk_fingerprint(cands, rec.DecodeOptions(flat_leads="skip"))
