@@ -158,7 +158,7 @@ def make_train_step(
             step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state, ema_params=ema_params
         )
         metrics = dict(metrics)
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=jnp.asarray(task.learning_rate(state.step)))
+        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), lr=jnp.asarray(task.learning_rate(state.step)))
         return new_state, metrics
 
     return step_fn
@@ -182,11 +182,9 @@ def jit_train_step(step_fn: Callable, state_shardings: Any, mesh: Mesh) -> Calla
     )
 
 
-def checkpoint_manager(directory: Path, save_every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-    """Orbax manager for `directory`: a checkpoint every `save_every` steps, the last `keep` kept."""
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
-    )
+def checkpoint_manager(directory: Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    """Orbax manager for `directory` keeping the last `keep` checkpoints; `train` decides when to save."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
@@ -232,9 +230,7 @@ def train(
         save_config(config, workdir)
 
     abstract, shardings = abstract_state(task, mesh, int(tc.seed), use_ema)
-    manager = checkpoint_manager(
-        workdir / "checkpoints", int(tc.checkpoint_every), int(tc.keep_checkpoints), bool(tc.async_checkpoints)
-    )
+    manager = checkpoint_manager(workdir / "checkpoints", int(tc.keep_checkpoints), bool(tc.async_checkpoints))
     latest = manager.latest_step()
     if latest is not None:
         state, data_position = restore_state(manager, latest, abstract)
@@ -249,12 +245,12 @@ def train(
     stop = _PreemptionFlag()
     config_dict = config_to_dict(config)
 
-    def save(step: int, state: TrainState, force: bool = False) -> None:
+    def save(step: int, state: TrainState) -> None:
         data_position = {"step": step, "examples_seen": step * global_batch, "config": config_dict}
         manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
-            force=force,
+            force=True,  # the loop decides when (interval, last step, SIGTERM); Orbax would also save step 1
         )
 
     progress = _progress_bar(num_steps, start_step, task.name, enabled=is_main and bool(tc.progress_bar))
@@ -275,7 +271,8 @@ def train(
                     _check_finite(*pending, manager)
                 pending = (step, metrics)
                 log_now = step % int(tc.log_every) == 0 or step == num_steps
-                if manager.should_save(step) or log_now or stop.requested(step):
+                save_now = step % int(tc.checkpoint_every) == 0 or step == num_steps
+                if save_now or log_now or stop.requested(step):
                     host_metrics = _check_finite(step, metrics, manager)
                     pending = None
                     if log_now:
@@ -294,11 +291,12 @@ def train(
                         writer.write(step, {f"val/{k}": v for k, v in val.items()})
                     log.info("step %d validation: %s", step, val)
                 if stop.requested(step):
-                    save(step, state, force=True)
+                    save(step, state)
                     preempted = True
                     log.warning("SIGTERM: saved step %d and stopping", step)
                     break
-                save(step, state, force=step == num_steps)
+                if save_now:
+                    save(step, state)
                 progress.update(1)
     finally:
         progress.close()
