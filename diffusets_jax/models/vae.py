@@ -1,0 +1,195 @@
+"""The DiffuSETS ECG VAE: (batch, 1024, 12) ECG <-> (batch, 128, 4) latent, channels-last.
+
+Architecture of the published model (reference section 5), a 1-D version of the Stable Diffusion VAE:
+residual blocks of GroupNorm -> SiLU -> conv, one single-head self-attention block at the lowest
+resolution, stride-2 convs preceded by one zero of padding on the right only, nearest-neighbour
+upsampling. Layer names follow the structure (`down_1_res_0`, `mid_attn`, ...);
+`diffusets_jax.convert.vae` maps them to the reference's `nn.Sequential` indices.
+
+Usage::
+
+    vae = VAE()
+    mean, logvar = vae.apply(variables, ecg, method=VAE.encode)
+    z = VAE.sample_latent(mean, logvar, key)          # scaled latent, what the diffusion model sees
+    ecg = vae.apply(variables, z, method=VAE.decode)
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Stable Diffusion's latent scale factor, kept by DiffuSETS: the diffusion model works on latent * LATENT_SCALE.
+LATENT_SCALE = 0.18215
+# The reference clamps the encoder's log-variance to this range before use.
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+GROUP_NORM_EPS = 1e-5
+
+
+def _group_norm(groups: int, name: str) -> nn.GroupNorm:
+    # Two-pass variance (use_fast_variance=False) as PyTorch computes it: E[x^2] - E[x]^2 loses digits.
+    return nn.GroupNorm(num_groups=groups, epsilon=GROUP_NORM_EPS, use_fast_variance=False, name=name)
+
+
+def _conv(features: int, kernel_size: int, name: str) -> nn.Conv:
+    """Stride-1 conv with symmetric zero padding that keeps the length (k3 -> pad 1, k1 -> pad 0)."""
+    pad = (kernel_size - 1) // 2
+    return nn.Conv(features, (kernel_size,), padding=((pad, pad),), name=name)
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm -> SiLU -> Conv k3 -> GroupNorm -> SiLU -> Conv k3, plus a 1x1-conv skip if widths differ.
+
+    `(batch, length, c_in) -> (batch, length, features)`.
+    """
+
+    features: int
+    groups: int = 32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _conv(self.features, 3, "conv_1")(nn.silu(_group_norm(self.groups, "norm_1")(x)))
+        h = _conv(self.features, 3, "conv_2")(nn.silu(_group_norm(self.groups, "norm_2")(h)))
+        skip = x if x.shape[-1] == self.features else _conv(self.features, 1, "skip")(x)
+        return skip + h
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over the length axis with a residual: `x + out_proj(softmax(q k^T / sqrt(c)) v)`.
+
+    q, k, v come from one packed projection (`in_proj`, c -> 3c, in that order) like the reference. The
+    reference block also builds a GroupNorm that its forward never applies; it has no counterpart here.
+    `(batch, length, c) -> (batch, length, c)`.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        q, k, v = jnp.split(nn.Dense(3 * channels, name="in_proj")(x), 3, axis=-1)
+        scores = jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(channels)
+        attended = jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(scores, axis=-1), v)
+        return x + nn.Dense(channels, name="out_proj")(attended)
+
+
+class VAEEncoder(nn.Module):
+    """`(batch, length, in_channels) -> (batch, length / 2**len(widths), 2 * latent_channels)` moments.
+
+    Levels of `num_res_blocks` residual blocks at `widths + (widths[-1],)`, each but the last followed by a
+    stride-2 downsampling conv; then res / attention / res, GroupNorm, SiLU, conv to 2 * latent channels and
+    a 1x1 conv. Channels [:latent] are the mean, [latent:] the (unclamped) log-variance.
+    """
+
+    widths: tuple[int, ...] = (128, 256, 512)
+    latent_channels: int = 4
+    groups: int = 32
+    num_res_blocks: int = 2
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _conv(self.widths[0], 3, "conv_in")(x)
+        for level, width in enumerate((*self.widths, self.widths[-1])):
+            for block in range(self.num_res_blocks):
+                h = ResidualBlock(width, self.groups, name=f"down_{level}_res_{block}")(h)
+            if level < len(self.widths):
+                # The reference pads one zero on the right only, then convolves k3 s2 without padding.
+                h = nn.Conv(width, (3,), strides=(2,), padding=((0, 1),), name=f"down_{level}_downsample")(h)
+        h = ResidualBlock(self.widths[-1], self.groups, name="mid_res_0")(h)
+        h = SelfAttention(name="mid_attn")(h)
+        h = ResidualBlock(self.widths[-1], self.groups, name="mid_res_1")(h)
+        h = nn.silu(_group_norm(self.groups, "norm_out")(h))
+        h = _conv(2 * self.latent_channels, 3, "conv_out")(h)
+        return _conv(2 * self.latent_channels, 1, "conv_moments")(h)
+
+
+class VAEDecoder(nn.Module):
+    """`(batch, latent_length, latent_channels)` unscaled latent -> `(batch, latent_length * 2**len(widths), out_channels)`.
+
+    1x1 conv, conv to widths[-1], res / attention / res, then levels of `num_res_blocks + 1` residual blocks
+    at `(widths[-1],) + reversed(widths)`, each but the last followed by nearest x2 upsampling and a conv;
+    GroupNorm, SiLU, conv to the output channels.
+    """
+
+    widths: tuple[int, ...] = (128, 256, 512)
+    out_channels: int = 12
+    groups: int = 32
+    num_res_blocks: int = 2
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        h = _conv(z.shape[-1], 1, "conv_latent")(z)
+        h = _conv(self.widths[-1], 3, "conv_in")(h)
+        h = ResidualBlock(self.widths[-1], self.groups, name="mid_res_0")(h)
+        h = SelfAttention(name="mid_attn")(h)
+        h = ResidualBlock(self.widths[-1], self.groups, name="mid_res_1")(h)
+        level_widths = (self.widths[-1], *reversed(self.widths))
+        for level, width in enumerate(level_widths):
+            for block in range(self.num_res_blocks + 1):
+                h = ResidualBlock(width, self.groups, name=f"up_{level}_res_{block}")(h)
+            if level < len(level_widths) - 1:
+                h = jnp.repeat(h, 2, axis=1)  # nearest-neighbour upsampling
+                h = _conv(width, 3, f"up_{level}_upsample")(h)
+        h = nn.silu(_group_norm(self.groups, "norm_out")(h))
+        return _conv(self.out_channels, 3, "conv_out")(h)
+
+
+class VAE(nn.Module):
+    """The ECG VAE. Defaults are the published model; e.g. `VAE(widths=(32, 64, 64), groups=8)` is a small one.
+
+    Parameters live under `params/encoder` and `params/decoder`. Call the parts with
+    `vae.apply(variables, x, method=VAE.encode)` / `method=VAE.decode`; `__call__` is the training pass.
+    """
+
+    in_channels: int = 12
+    latent_channels: int = 4
+    widths: tuple[int, ...] = (128, 256, 512)
+    groups: int = 32
+    num_res_blocks: int = 2
+
+    def setup(self) -> None:
+        self.encoder = VAEEncoder(self.widths, self.latent_channels, self.groups, self.num_res_blocks)
+        self.decoder = VAEDecoder(self.widths, self.in_channels, self.groups, self.num_res_blocks)
+
+    @property
+    def downsampling(self) -> int:
+        """Length ratio ECG / latent (8 for three levels: 1024 -> 128)."""
+        return 2 ** len(self.widths)
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """ECG `(batch, 1024, in_channels)` (mV, standard lead order) -> `(mean, logvar)`, each `(batch, 128, latent_channels)`.
+
+        The log-variance is clamped to [-30, 20] as in the reference.
+        """
+        if x.ndim != 3 or x.shape[-1] != self.in_channels or x.shape[1] % self.downsampling:
+            raise ValueError(
+                f"VAE.encode expects ECGs shaped (batch, length, {self.in_channels}) with length a multiple of "
+                f"{self.downsampling}, got {x.shape}"
+            )
+        moments = self.encoder(x)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
+
+    @staticmethod
+    def sample_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
+        """Reparameterised draw, scaled for the diffusion model: `(mean + exp(logvar / 2) * eps) * LATENT_SCALE`.
+
+        `mean`, `logvar`: `(batch, 128, latent_channels)`; returns the same shape.
+        """
+        eps = jax.random.normal(key, mean.shape, mean.dtype)
+        return (mean + jnp.exp(0.5 * logvar) * eps) * LATENT_SCALE
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """Scaled latent `(batch, 128, latent_channels)` -> ECG `(batch, 1024, in_channels)` (mV, standard order)."""
+        if z.ndim != 3 or z.shape[-1] != self.latent_channels:
+            raise ValueError(f"VAE.decode expects latents shaped (batch, length, {self.latent_channels}), got {z.shape}")
+        return self.decoder(z / LATENT_SCALE)
+
+    def __call__(self, x: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Training pass: ECG `(batch, 1024, in_channels)` -> `(reconstruction, mean, logvar)`.
+
+        reconstruction `(batch, 1024, in_channels)`; mean and clamped logvar `(batch, 128, latent_channels)`.
+        """
+        mean, logvar = self.encode(x)
+        return self.decode(self.sample_latent(mean, logvar, key)), mean, logvar
