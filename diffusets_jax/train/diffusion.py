@@ -69,14 +69,15 @@ def sample_scaled_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> 
     return (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps) * LATENT_SCALE
 
 
-def diffusion_task(config: ml_collections.ConfigDict, num_steps: int) -> Task:
+def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any = None) -> Task:
     """Task for `diffusets-jax train unet`.
 
     Batches: `{"latent_mean", "latent_logvar": (batch, 128, 4), "text_embedding": (batch, D),
-    "sex", "age", "heart_rate": (batch,)}` (the latent dataset's fields).
+    "sex", "age", "heart_rate": (batch,)}` (the latent dataset's fields). `model` defaults to the U-Net of
+    `config.model`; any Flax module with the U-Net's call signature and a `text_dim` field works.
     """
     tc = config.train
-    model = build_unet(config)
+    model = build_unet(config) if model is None else model
     schedule_cfg = FAITHFUL_SCHEDULE
     noise_schedule = make_schedule(schedule_cfg)
     loss_cfg = LossConfig(t_min=int(tc.t_min), t_max=int(tc.t_max), reduction=str(tc.loss_reduction))
