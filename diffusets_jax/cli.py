@@ -114,16 +114,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("model", choices=("vae", "unet", "clip"), help="which model to train")
-    parser.add_argument("--config", required=True, metavar="FILE", help="config file, e.g. configs/diffusets_unet.py")
+    parser.add_argument("--config", required=True, metavar="FILE", help="config file, e.g. configs/diffusets_unet.py, or a run's saved config.json")
     parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, logs and exports go here")
+    parser.add_argument("--export-only", action="store_true",
+                        help="do not train: export the latest checkpoint to WORKDIR/export/MODEL and exit "
+                             "(use --config WORKDIR/config.json to match the run)")
     parser.set_defaults(func=_run_train, accepts_config_overrides=True)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from diffusets_jax.config import load_config
-    from diffusets_jax.train.run import run_training
+    from diffusets_jax.train.run import export_latest, run_training
 
     config = load_config(args.config, getattr(args, "config_overrides", []))
+    if args.export_only:
+        print(f"train {args.model}: exported {export_latest(args.model, config, args.workdir)}")
+        return 0
     result = run_training(args.model, config, args.workdir)
     state = "preempted (SIGTERM), resume with the same command" if result.preempted else "done"
     print(f"train {args.model}: step {result.step}, {state}; workdir {args.workdir}")

@@ -27,6 +27,8 @@ OVERRIDE_PREFIX = "--config."
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Import `path`, call its `get_config()` and apply `overrides` (`"key.sub=value"` strings).
 
+    A `.json` path is read as a resolved config saved by `save_config` (e.g. `workdir/config.json`).
+
     `overrides` may also carry the `--config.` prefix as typed on the command line. Raises
     FileNotFoundError for a missing file and ValueError for a file without `get_config`, an unknown key
     or a badly typed value.
@@ -34,6 +36,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist (the shipped ones are in configs/)")
+    if path.suffix == ".json":  # a resolved config saved by a run (`workdir/config.json`)
+        return apply_overrides(config_from_dict(json.loads(path.read_text())), overrides)
     spec = importlib.util.spec_from_file_location(f"diffusets_config_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

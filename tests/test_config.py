@@ -80,3 +80,10 @@ def test_save_config_writes_resolved_json(config_path, tmp_path):
     assert saved["train"]["learning_rate"] == 0.002
     assert saved["train"]["channels"] == [8, 16]
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".config")]
+
+
+def test_saved_json_config_loads_back_with_overrides(config_path, tmp_path):
+    path = save_config(load_config(config_path), tmp_path / "run")
+    config = load_config(path, ["train.global_batch_size=8"])
+    assert config.train.global_batch_size == 8 and config.train.learning_rate == 5e-4
+    assert list(config.train.channels) == [8, 16]

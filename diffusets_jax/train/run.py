@@ -93,3 +93,28 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
 
     task = make_task(model, config, num_steps)
     return train(task, config, workdir, train_batches, val_batches, mesh)
+
+
+def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+    """Write `workdir/export/<model>` from the latest checkpoint (EMA params when on); returns the directory.
+
+    For exporting a run that is still going or was preempted; `run_training` exports by itself at the end.
+    """
+    from diffusets_jax.train.loop import abstract_state, checkpoint_manager, restore_state
+
+    workdir = Path(workdir)
+    manager = checkpoint_manager(workdir / "checkpoints", int(config.train.keep_checkpoints), async_save=False)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
+    if int(config.data.num_train_examples) <= 0:  # only the schedules' lengths depend on it, not the weights
+        config.data.num_train_examples = int(config.train.global_batch_size)
+    task = make_task(model, config, max(int(config.train.num_steps), 1))
+    mesh = parallel.mesh_from_config(config.mesh)
+    abstract, _ = abstract_state(task, mesh, int(config.train.seed), float(config.train.ema_decay) > 0)
+    state, _ = restore_state(manager, step, abstract)
+    manager.close()
+    if task.export is None:
+        raise ValueError(f"the {model} trainer has no export")
+    task.export(workdir / "export", jax.device_get(state.eval_params()), jax.device_get(state.model_state))
+    return workdir / "export" / model
