@@ -41,6 +41,7 @@ def _tiny_config(**train):
     return config
 
 
+@pytest.mark.slow  # the VAE graph takes minutes to compile on 2 shared CPU cores
 def test_vae_trains_on_a_mesh_and_reports_mae():
     config = _tiny_config(global_batch_size=8, learning_rate=3e-3, lr_schedule="constant")
     task = vae_task(config, num_steps=10)
