@@ -5,22 +5,16 @@
 
 import ml_collections
 
-from diffusets_jax.config import mesh_section, train_section
+from diffusets_jax.config import mesh_section, module_section, train_section
+from diffusets_jax.models.clip import CLIP
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Two Net1D stages of narrow filters instead of seven; 16-d projections.
-    config.model = ml_collections.ConfigDict(
-        {
-            "base_filters": 8,
-            "filters": (8, 16),
-            "blocks_per_stage": (1, 1),
-            "group_width": 8,
-            "text_dim": 384,
-            "text_hidden_dim": 64,
-            "embed_dim": 16,
-        }
+    config.model = module_section(
+        CLIP, base_filters=8, filters=(8, 16), blocks_per_stage=(1, 1), group_width=8, text_dim=384,
+        text_hidden_dim=64, embed_dim=16,
     )
     config.data = ml_collections.ConfigDict(
         {"dataset": "", "data_dir": "", "train_split": "train", "val_split": "validation", "num_train_examples": 0}

@@ -13,13 +13,16 @@ def get_config() -> ml_collections.ConfigDict:
     # Three levels instead of seven, narrow attention; the published block structure.
     config.model = ml_collections.ConfigDict(
         {
-            "channels": (8, 16),
-            "down_attention_dims": (8, 16),
+            "latent_channels": 4,
+            "channels": (8, 16),  # output width of the down blocks; 6 blocks + bottleneck = 7 levels
+            "down_attention_dims": (8, 16),  # attention width H = 2 x block input width
             "bottleneck_attention_dim": 16,
-            "up_attention_dims": (32, 16),
+            "up_attention_dims": (32, 16),  # up0 .. up5
             "num_heads": 2,
             "bottleneck_heads": 2,
+            "kernel_size": 7,
             "text_dim": 384,
+            "exact_cross_attention": False,  # False: computed as its equivalent per-sample bias
         }
     )
     config.data = ml_collections.ConfigDict(

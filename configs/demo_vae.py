@@ -5,13 +5,14 @@
 
 import ml_collections
 
-from diffusets_jax.config import mesh_section, train_section
+from diffusets_jax.config import mesh_section, module_section, train_section
+from diffusets_jax.models.vae import VAE
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Same layout as the published VAE with narrow widths (about 0.3 M parameters instead of 29.6 M).
-    config.model = ml_collections.ConfigDict({"widths": (32, 64, 64), "groups": 8})
+    config.model = module_section(VAE, widths=(32, 64, 64), groups=8)
     config.data = ml_collections.ConfigDict(
         {"dataset": "", "data_dir": "", "train_split": "train", "val_split": "validation", "num_train_examples": 0}
     )

@@ -8,7 +8,8 @@ Its ECG tower is the feature extractor of FID / precision-recall / CLIP score. O
 
 import ml_collections
 
-from diffusets_jax.config import mesh_section, train_section
+from diffusets_jax.config import mesh_section, module_section, train_section
+from diffusets_jax.models.clip import CLIP
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -16,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # CLIP module fields; empty = the published model (22.0 M parameters, text_dim 1536, 64-d projections,
     # logit scale initialised to log(1 / 0.07)).
-    config.model = ml_collections.ConfigDict({})
+    config.model = module_section(CLIP)
 
     config.data = ml_collections.ConfigDict(
         {

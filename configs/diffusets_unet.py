@@ -17,7 +17,20 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # U-Net module fields; empty = the published 7-level model (13.3 M parameters, text_dim 1536).
-    config.model = ml_collections.ConfigDict({})
+    config.model = ml_collections.ConfigDict(
+        {
+            "latent_channels": 4,
+            "channels": (8, 16, 32, 64, 128, 256),  # output width of the down blocks; 6 blocks + bottleneck = 7 levels
+            "down_attention_dims": (8, 16, 32, 64, 128, 256),  # attention width H = 2 x block input width
+            "bottleneck_attention_dim": 32,
+            "up_attention_dims": (512, 512, 256, 128, 64, 32),  # up0 .. up5
+            "num_heads": 8,
+            "bottleneck_heads": 4,
+            "kernel_size": 7,
+            "text_dim": 1536,
+            "exact_cross_attention": False,  # False: computed as its equivalent per-sample bias
+        }
+    )
 
     config.data = ml_collections.ConfigDict(
         {

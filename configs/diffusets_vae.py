@@ -8,14 +8,15 @@ Input: prepared ECGs (1024, 12) in mV, standard lead order. Output: `workdir/exp
 
 import ml_collections
 
-from diffusets_jax.config import mesh_section, train_section
+from diffusets_jax.config import mesh_section, module_section, train_section
+from diffusets_jax.models.vae import VAE
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Architecture: the VAE's module fields; empty = the published model (encoder 12.2 M, decoder 17.3 M).
-    config.model = ml_collections.ConfigDict({})
+    config.model = module_section(VAE)
 
     config.data = ml_collections.ConfigDict(
         {

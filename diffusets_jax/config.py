@@ -243,3 +243,25 @@ def train_section(**values: Any) -> ml_collections.ConfigDict:
     )
     section.update(values)
     return section
+
+
+def module_section(module_class: type, **values: Any) -> ml_collections.ConfigDict:
+    """`config.model`: every architecture field of a Flax module class with its default, then `values`.
+
+    Listing all fields makes the config state the whole architecture and lets any of them be overridden
+    from the command line (`--config.model.kernel_size=9`). Dtype fields are left to the trainers.
+    """
+    import dataclasses
+
+    fields = {}
+    for field in dataclasses.fields(module_class):
+        if field.name in ("parent", "name") or "dtype" in field.name:
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+            fields[field.name] = tuple(default) if isinstance(default, list) else default
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"{module_class.__name__} has no field(s) {sorted(unknown)}; fields: {sorted(fields)}")
+    fields.update(values)
+    return ml_collections.ConfigDict(fields)

@@ -87,3 +87,19 @@ def test_saved_json_config_loads_back_with_overrides(config_path, tmp_path):
     config = load_config(path, ["train.global_batch_size=8"])
     assert config.train.global_batch_size == 8 and config.train.learning_rate == 5e-4
     assert list(config.train.channels) == [8, 16]
+
+
+def test_module_section_lists_every_field():
+    import flax.linen as nn
+
+    from diffusets_jax.config import module_section
+
+    class Toy(nn.Module):
+        widths: tuple[int, ...] = (1, 2)
+        kernel: int = 3
+        dtype: object = None
+
+    section = module_section(Toy, kernel=5)
+    assert section.to_dict() == {"widths": (1, 2), "kernel": 5}
+    with pytest.raises(ValueError, match="no field"):
+        module_section(Toy, kernal=5)

@@ -34,8 +34,7 @@ def test_kl_weight_schedules():
 
 def _tiny_config(**train):
     config = load_config(CONFIGS / "demo_vae.py", ["model.widths=(8, 8, 8)", "model.groups=4",
-                                                   "data.num_train_examples=64"])
-    config.model.num_res_blocks = 1
+                                                   "data.num_train_examples=64", "model.num_res_blocks=1"])
     for key, value in train.items():
         config.train[key] = value
     return config
