@@ -280,6 +280,17 @@ def _run_chain(chain: _Chain, x: jax.Array, timesteps: np.ndarray) -> jax.Array:
     return x
 
 
+def _constrainer(sharding: jax.sharding.Sharding | None) -> Callable[[jax.Array], jax.Array]:
+    """Pin an array to `sharding`: `reshard` on meshes with Explicit axes (jax.make_mesh's default),
+    `with_sharding_constraint` on Auto ones."""
+    if sharding is None:
+        return lambda x: x
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and any(kind == jax.sharding.AxisType.Explicit for kind in mesh.axis_types):
+        return lambda x: jax.sharding.reshard(x, sharding)
+    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+
+
 def _batch_size(cond: Any) -> int:
     leaves = jax.tree.leaves(cond)
     if not leaves:
@@ -317,9 +328,7 @@ def sample(
         n_shards = int(np.prod([batch_sharding.mesh.shape[a] for a in axes])) if axes else 1
         if batch % n_shards:
             raise ValueError(f"sample: batch size {batch} is not divisible by the {n_shards} batch shards of the mesh")
-    constrain = (
-        (lambda x: jax.lax.with_sharding_constraint(x, batch_sharding)) if batch_sharding is not None else (lambda x: x)
-    )
+    constrain = _constrainer(batch_sharding)
     model = guided_model_fn(model_fn, null_cond, config.guidance_scale, config.guidance_mode)
     init_key, noise_key = jax.random.split(key)
     shape = (batch,) + tuple(config.latent_shape)
