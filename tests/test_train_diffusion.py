@@ -80,6 +80,7 @@ def test_diffusion_trains_with_faithful_and_improved_recipes(config_name):
     assert loop.evaluate(eval_fn, state, [_batch()], mesh, seed=0) == val  # fixed noise: comparable across evals
 
 
+@pytest.mark.slow  # the 7-level U-Net takes minutes to compile on 2 shared CPU cores
 def test_unet_recipe_with_the_real_unet():
     pytest.importorskip("diffusets_jax.models.unet")
     config = load_config(CONFIGS / "demo_unet.py", ["data.num_train_examples=64", "model.text_dim=8"])
