@@ -140,6 +140,49 @@ def _run_embed(args: argparse.Namespace) -> int:
 COMMANDS.append(_add_embed)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "train",
+        help="train the VAE, the diffusion U-Net or the evaluation CLIP on any number of devices",
+        description=(
+            "Train one model with a config from configs/ on all devices (a ('data', 'fsdp') mesh from "
+            "config.mesh). Resumes from WORKDIR/checkpoints when present; SIGTERM saves and exits; a NaN loss "
+            "stops the run keeping the last good checkpoint. Writes WORKDIR/config.json (the resolved config), "
+            "checkpoints/, tensorboard/ and, at the end, export/<model> for `diffusets-jax sample`. Multi-host: "
+            "set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host (or "
+            "DIFFUSETS_AUTO_DISTRIBUTED=1 on TPU pods / SLURM) and run the same command everywhere."
+        ),
+        epilog=(
+            "Override any config value with --config.KEY=VALUE, e.g. --config.data.dataset=/data/mimic "
+            "--config.train.global_batch_size=2048 --config.mesh.fsdp=4. Unknown keys are errors."
+        ),
+    )
+    parser.add_argument("model", choices=("vae", "unet", "clip"), help="which model to train")
+    parser.add_argument("--config", required=True, metavar="FILE", help="config file, e.g. configs/diffusets_unet.py, or a run's saved config.json")
+    parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, logs and exports go here")
+    parser.add_argument("--export-only", action="store_true",
+                        help="do not train: export the latest checkpoint to WORKDIR/export/MODEL and exit "
+                             "(use --config WORKDIR/config.json to match the run)")
+    parser.set_defaults(func=_run_train, accepts_config_overrides=True)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from diffusets_jax.config import load_config
+    from diffusets_jax.train.run import export_latest, run_training
+
+    config = load_config(args.config, getattr(args, "config_overrides", []))
+    if args.export_only:
+        print(f"train {args.model}: exported {export_latest(args.model, config, args.workdir)}")
+        return 0
+    result = run_training(args.model, config, args.workdir)
+    state = "preempted (SIGTERM), resume with the same command" if result.preempted else "done"
+    print(f"train {args.model}: step {result.step}, {state}; workdir {args.workdir}")
+    return 0
+
+
+COMMANDS.append(_add_train)
+
+
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "convert",
@@ -362,7 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only `--config.KEY=VALUE` overrides, and only for commands that take a config
+        from diffusets_jax.config import split_override_args
+
+        try:
+            overrides, rest = (split_override_args(extra) if getattr(args, "accepts_config_overrides", False)
+                               else ([], extra))
+        except ValueError as err:
+            parser.error(str(err))
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.config_overrides = overrides
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line naming it, no traceback

@@ -1,0 +1,68 @@
+"""Faithful DiffuSETS noise-prediction U-Net (reference spec sections 6-7), trained on VAE latents.
+
+    diffusets-jax train unet --config configs/diffusets_unet.py --workdir runs/unet \
+        --config.data.dataset=/data/latents/mimic_iv_ecg
+
+Input: a latent dataset (`latent_mean`, `latent_logvar` (128, 4) + text embedding, sex, age, heart rate)
+written by `diffusets-jax encode`; text embeddings from text-embedding-ada-002 (1536-d).
+Output: `workdir/export/unet`.
+"""
+
+import ml_collections
+
+from diffusets_jax.config import mesh_section, train_section
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # U-Net module fields; empty = the published 7-level model (13.3 M parameters, text_dim 1536).
+    config.model = ml_collections.ConfigDict(
+        {
+            "latent_channels": 4,
+            "channels": (8, 16, 32, 64, 128, 256),  # output width of the down blocks; 6 blocks + bottleneck = 7 levels
+            "down_attention_dims": (8, 16, 32, 64, 128, 256),  # attention width H = 2 x block input width
+            "bottleneck_attention_dim": 32,
+            "up_attention_dims": (512, 512, 256, 128, 64, 32),  # up0 .. up5
+            "num_heads": 8,
+            "bottleneck_heads": 4,
+            "kernel_size": 7,
+            "text_dim": 1536,
+            "exact_cross_attention": False,  # False: computed as its equivalent per-sample bias
+        }
+    )
+
+    config.data = ml_collections.ConfigDict(
+        {
+            "dataset": "",  # latent dataset directory (from `diffusets-jax encode`)
+            "data_dir": "",
+            "train_split": "train",
+            "val_split": "validation",
+            "num_train_examples": 0,  # 0 = read from the dataset
+        }
+    )
+    config.mesh = mesh_section(data=-1, fsdp=1)
+    config.train = train_section(
+        # Paper: batch 512, lr 5e-4, 200 epochs. The published repo's config says batch 2048 / lr 1e-4, which an
+        # independent reproduction found leaves the model badly undertrained; we follow the paper. To run the
+        # repo's numbers: --config.train.global_batch_size=2048 --config.train.learning_rate=1e-4
+        global_batch_size=512,
+        learning_rate=5e-4,
+        num_epochs=200.0,
+        lr_schedule="cosine",  # cosine decay stepped per batch ...
+        cosine_final_fraction=0.1,  # ... down to 0.1 x the learning rate
+        weight_decay=0.01,
+        # Diffusion: linear betas 0.00085 -> 0.012 over 1000 steps, epsilon prediction; training t uniform in
+        # [1, 998] (the code's randint(1, 999)); loss = squared error summed over the latent / batch.
+        t_min=1,
+        t_max=998,
+        loss_reduction="sum_per_sample",
+        cond_dropout=0.0,  # no classifier-free guidance in the published model
+        patient_features="faithful",  # raw sex (1 = male), age (years), heart rate (bpm)
+        eval_timesteps=(10, 100, 250, 500, 750, 990),
+        log_every=50,
+        eval_every=2000,
+        eval_batches=8,
+        checkpoint_every=2000,
+    )
+    return config

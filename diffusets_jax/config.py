@@ -1,0 +1,267 @@
+"""Experiment configs: load a `configs/*.py` file, apply dotted overrides with type checks, save it resolved.
+
+A config file is an ordinary Python module with `get_config() -> ml_collections.ConfigDict` (big_vision
+style: the file reads like documentation of the experiment). Overrides come from the command line as
+`--config.train.learning_rate=1e-4`; a key that does not exist is an error naming the closest keys, and a
+value that cannot become the existing field's type is an error too, so a typo never trains silently with
+the default.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+OVERRIDE_PREFIX = "--config."
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Import `path`, call its `get_config()` and apply `overrides` (`"key.sub=value"` strings).
+
+    A `.json` path is read as a resolved config saved by `save_config` (e.g. `workdir/config.json`).
+
+    `overrides` may also carry the `--config.` prefix as typed on the command line. Raises
+    FileNotFoundError for a missing file and ValueError for a file without `get_config`, an unknown key
+    or a badly typed value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist (the shipped ones are in configs/)")
+    if path.suffix == ".json":  # a resolved config saved by a run (`workdir/config.json`)
+        return apply_overrides(config_from_dict(json.loads(path.read_text())), overrides)
+    spec = importlib.util.spec_from_file_location(f"diffusets_config_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} defines no get_config() function")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"{path}: get_config() must return an ml_collections.ConfigDict, got {type(config)}")
+    return apply_overrides(config, overrides)
+
+
+def split_override_args(argv: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Separate `--config.key=value` (or `--config.key value`) arguments from the rest of `argv`."""
+    overrides: list[str] = []
+    rest: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith(OVERRIDE_PREFIX):
+            if "=" in arg:
+                overrides.append(arg)
+            elif i + 1 < len(args):
+                overrides.append(f"{arg}={args[i + 1]}")
+                i += 1
+            else:
+                raise ValueError(f"{arg} needs a value: write {arg}=VALUE")
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf key of `config` in dotted form (`"train.learning_rate"`)."""
+    keys = []
+    for name, value in config.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(flat_keys(value, key + "."))
+        else:
+            keys.append(key)
+    return keys
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply `"a.b=value"` overrides in place and return `config`.
+
+    The value is parsed as a Python literal when it looks like one and converted to the existing field's
+    type (int fields accept `512`, float fields accept `5e-4` and `1`, bool fields `true`/`false`/`1`/`0`,
+    tuple fields `"(1, 2)"` or `"1,2"`). Fields whose default is None accept any literal.
+    """
+    for override in overrides:
+        text = override.removeprefix(OVERRIDE_PREFIX)
+        if "=" not in text:
+            raise ValueError(f"config override {override!r} has no '=': write --config.key=value")
+        key, raw = text.split("=", 1)
+        key = key.strip()
+        parent, leaf = _locate(config, key)
+        current = parent[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ValueError(f"config key {key!r} is a section; override one of its fields: "
+                             + ", ".join(f"{key}.{k}" for k in current.keys()))
+        value = _parse_value(key, raw, current)
+        with parent.unlocked():
+            parent[leaf] = value
+    return config
+
+
+def save_config(config: ml_collections.ConfigDict, directory: str | os.PathLike) -> Path:
+    """Write the resolved config as `config.json` in `directory` (atomically) and return its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "config.json"
+    text = json.dumps(config_to_dict(config), indent=2, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) for JSON and for building modules from fields."""
+    return json.loads(config.to_json_best_effort())
+
+
+def config_from_dict(data: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Inverse of `config_to_dict` (lists stay lists)."""
+    return ml_collections.ConfigDict(data)
+
+
+def _locate(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    node = config
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ValueError(_unknown_key_message(config, key))
+        if depth < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
+
+
+def _unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str:
+    keys = flat_keys(config)
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    if not close:  # match on the last component too, so `train.lr` finds `optimizer.lr`
+        by_leaf: dict[str, list[str]] = {}
+        for k in keys:
+            by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+        for name in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=3, cutoff=0.6):
+            close += by_leaf[name]
+    hint = f"; did you mean {', '.join(repr(k) for k in close[:3])}?" if close else ""
+    return f"unknown config key {key!r}{hint}"
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def _parse_value(key: str, raw: str, current: Any) -> Any:
+    raw = raw.strip()
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"config key {key!r} expects {expected} (current value {current!r}), got {raw!r}")
+
+    if isinstance(current, bool):
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise bad("a bool (true/false)")
+    if isinstance(current, int):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            raise bad("an int") from None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an int")
+        return value
+    if isinstance(current, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise bad("a float") from None
+    if isinstance(current, str):
+        return raw
+    if isinstance(current, tuple | list):
+        text = raw if raw.startswith(("(", "[")) else f"({raw},)" if raw else "()"
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise bad("a tuple, e.g. (1, 2) or 1,2") from None
+        return type(current)(value)
+    # None or other: any Python literal, else the raw string.
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def mesh_section(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
+    """The `config.mesh` section shared by every training config."""
+    return ml_collections.ConfigDict(
+        {
+            # Mesh axis sizes; -1 = all remaining devices. data x fsdp must equal the device count.
+            "data": data,
+            # > 1 shards params and optimiser state along their largest divisible dimension (FSDP / ZeRO-3).
+            "fsdp": fsdp,
+        }
+    )
+
+
+def train_section(**values: Any) -> ml_collections.ConfigDict:
+    """The `config.train` section with the loop's defaults; `values` sets the recipe's own numbers.
+
+    Every key here is read by `diffusets_jax.train.loop.train` or the trainers; a config file overrides
+    the ones its recipe fixes and documents why.
+    """
+    section = ml_collections.ConfigDict(
+        {
+            "seed": 0,
+            "global_batch_size": 64,  # examples per optimiser update, over all devices and micro-batches
+            "grad_accum_steps": 1,  # split each global batch into this many sequential micro-batches
+            "num_epochs": 1.0,  # used when num_steps is 0: num_steps = ceil(num_epochs * examples / batch)
+            "num_steps": 0,  # > 0 overrides num_epochs
+            "learning_rate": 1e-4,
+            "weight_decay": 0.01,  # AdamW (PyTorch's default is 0.01 too)
+            "grad_clip_norm": 0.0,  # global-norm clipping; 0 = off (the reference does not clip)
+            "ema_decay": 0.0,  # 0 = no EMA params
+            "compute_dtype": "float32",  # "bfloat16": bf16 activations and matmuls, f32 master params
+            "log_every": 50,
+            "eval_every": 1000,
+            "eval_batches": 4,  # validation batches per evaluation
+            "checkpoint_every": 1000,
+            "keep_checkpoints": 3,
+            "async_checkpoints": True,
+            "progress_bar": True,
+        }
+    )
+    section.update(values)
+    return section
+
+
+def module_section(module_class: type, **values: Any) -> ml_collections.ConfigDict:
+    """`config.model`: every architecture field of a Flax module class with its default, then `values`.
+
+    Listing all fields makes the config state the whole architecture and lets any of them be overridden
+    from the command line (`--config.model.kernel_size=9`). Dtype fields are left to the trainers.
+    """
+    import dataclasses
+
+    fields = {}
+    for field in dataclasses.fields(module_class):
+        if field.name in ("parent", "name") or "dtype" in field.name:
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+            fields[field.name] = tuple(default) if isinstance(default, list) else default
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"{module_class.__name__} has no field(s) {sorted(unknown)}; fields: {sorted(fields)}")
+    fields.update(values)
+    return ml_collections.ConfigDict(fields)

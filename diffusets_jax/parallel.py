@@ -1,0 +1,165 @@
+"""Device mesh, shardings and multi-host start-up: the one parallelism model (SPMD with `jax.jit`).
+
+A `Mesh` has two axes, `("data", "fsdp")`. The global batch is split over both axes (every device sees a
+different slice of examples). Parameters and optimiser state are replicated when `fsdp == 1`; with
+`fsdp > 1` each array is split along its largest dimension that the fsdp axis size divides (ZeRO-3 /
+FSDP style), and XLA inserts the all-gathers and reduce-scatters. The same code runs on one CPU, a
+multi-GPU node or a TPU pod slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
+# Arrays smaller than this stay replicated under fsdp: sharding a bias or a norm scale saves nothing and
+# adds a collective per use.
+MIN_FSDP_SIZE = 2**12
+
+log = logging.getLogger(__name__)
+
+
+def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
+    """Join a multi-host run when the environment describes one; a no-op on a single host.
+
+    Reads `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`.
+    With `JAX_NUM_PROCESSES` > 1 it calls `jax.distributed.initialize` with them; on CPU it first selects
+    the gloo collectives so cross-process all-reduces work without MPI. On TPU pods and SLURM clusters,
+    where JAX discovers the cluster itself, set `DIFFUSETS_AUTO_DISTRIBUTED=1` instead. Must run before
+    any other JAX call. Returns True when a distributed runtime was started.
+    """
+    env = os.environ if env is None else env
+    num_processes = int(env.get("JAX_NUM_PROCESSES", "1"))
+    auto = env.get("DIFFUSETS_AUTO_DISTRIBUTED", "0") not in ("", "0", "false", "False")
+    if num_processes <= 1 and not auto:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    if "cpu" in env.get("JAX_PLATFORMS", "").split(","):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if auto:
+        jax.distributed.initialize()
+    else:
+        coordinator = env.get("JAX_COORDINATOR_ADDRESS")
+        if not coordinator or "JAX_PROCESS_ID" not in env:
+            raise ValueError(
+                f"JAX_NUM_PROCESSES={num_processes} but JAX_COORDINATOR_ADDRESS or JAX_PROCESS_ID is not set: "
+                "set all three (e.g. JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_PROCESS_ID=0..N-1) on every host"
+            )
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=num_processes,
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+    return True
+
+
+def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+    """Mesh axis sizes with at most one -1 ("all remaining devices") filled in.
+
+    Raises ValueError when the sizes do not multiply to `num_devices`.
+    """
+    sizes = [data, fsdp]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one of data={data}, fsdp={fsdp} may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got data={data}, fsdp={fsdp}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axis size {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if sizes[0] * sizes[1] != num_devices:
+        raise ValueError(
+            f"mesh: data={sizes[0]} x fsdp={sizes[1]} = {sizes[0] * sizes[1]} but there are {num_devices} "
+            "devices; use -1 for one axis to take all remaining devices"
+        )
+    return sizes[0], sizes[1]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
+    """A `("data", "fsdp")` mesh over `devices` (default: all devices of all processes).
+
+    Axes are `Auto` (sharding propagated by XLA from the in/out shardings we give `jax.jit`).
+    """
+    devices = jax.devices() if devices is None else devices
+    shape = resolve_mesh_shape(data, fsdp, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def mesh_from_config(mesh_config: Mapping[str, Any]) -> Mesh:
+    """`make_mesh` from a config section with `data` and `fsdp` sizes (-1 = all remaining devices)."""
+    return make_mesh(int(mesh_config["data"]), int(mesh_config["fsdp"]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over both mesh axes; other dimensions whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    """How many slices the global batch is split into (the global batch must be a multiple of it)."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def fsdp_partition_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = MIN_FSDP_SIZE) -> PartitionSpec:
+    """Shard the largest dimension that `fsdp_size` divides along "fsdp"; replicate when none does.
+
+    Ties go to the later dimension (output features of a kernel), so a `(in, out)` kernel splits like a
+    column-parallel layer. Arrays with fewer than `min_size` elements stay replicated.
+    """
+    if fsdp_size <= 1 or not shape or int(np.prod(shape)) < min_size:
+        return PartitionSpec()
+    order = sorted(range(len(shape)), key=lambda i: (shape[i], i), reverse=True)
+    for dim in order:
+        if shape[dim] % fsdp_size == 0:
+            spec: list[str | None] = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return PartitionSpec(*spec)
+    return PartitionSpec()
+
+
+def state_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_FSDP_SIZE) -> Any:
+    """NamedShardings for a pytree of arrays or `ShapeDtypeStruct`s (params, optimiser state, a TrainState).
+
+    Replicated when the mesh's fsdp axis is 1; otherwise `fsdp_partition_spec` per leaf. Adam's moments
+    have their parameter's shape, so they shard the same way as it.
+    """
+    fsdp_size = mesh.shape["fsdp"]
+
+    def leaf_sharding(leaf: Any) -> NamedSharding:
+        shape = tuple(getattr(leaf, "shape", ()))
+        return NamedSharding(mesh, fsdp_partition_spec(shape, fsdp_size, min_size))
+
+    return jax.tree.map(leaf_sharding, tree)
+
+
+def shard_host_batch(batch: Any, mesh: Mesh) -> Any:
+    """Host-local numpy batch -> globally sharded `jax.Array`s (batch axis over all devices).
+
+    Each process passes its own slice (`global_batch / process_count` examples); on one host this is the
+    whole batch. Leaves that already are `jax.Array`s are passed through.
+    """
+    sharding = batch_sharding(mesh)
+
+    def to_global(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array):
+            return leaf
+        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+
+    return jax.tree.map(to_global, batch)

@@ -1,0 +1,414 @@
+"""The generic training loop: one jitted, sharded step; Orbax checkpoints; exact resume; progress and logs.
+
+A model's recipe is a `Task` (how to init, the loss, the optimiser, validation metrics, export). `train`
+runs it on a mesh:
+
+- the step is `jax.jit(step, in_shardings=(state, batch), out_shardings=(state, replicated),
+  donate_argnums=0)`, built once; gradient accumulation runs inside it as a `lax.scan` over micro-batches;
+- checkpoints go through an Orbax `CheckpointManager` (async, keep-N, every K steps) holding the state
+  and the data position (`step`, `examples_seen`); restore uses the current mesh's shardings, so a run
+  may resume on a different number of devices;
+- SIGTERM (preemption) saves the current step and returns; a non-finite loss stops the run with
+  `NonFiniteLossError` before anything non-finite is saved, so the last checkpoint stays good;
+- a tqdm bar shows loss and examples/s; TensorBoard event files get loss, lr, grad norm, examples/s and
+  the periodic validation metrics.
+
+Every random draw of step s comes from `fold_in(state.rng, s)` and the data source is asked for batches
+from a step, so N steps + restart + N steps is bit-identical to 2N steps straight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from diffusets_jax import parallel
+from diffusets_jax.config import config_to_dict, save_config
+from diffusets_jax.train.state import TrainState, create_train_state, ema_update
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+Metrics = dict[str, jax.Array]
+# (params, model_state, batch, key, step) -> (loss, (metrics, new_model_state))
+LossFn = Callable[[Any, Any, Batch, jax.Array, jax.Array], tuple[jax.Array, tuple[Metrics, Any]]]
+# (params, model_state, batch, key) -> metrics (per-batch means; the loop averages them over batches)
+EvalFn = Callable[[Any, Any, Batch, jax.Array], Metrics]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the run stopped and the last checkpoint is the last good state."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One model's training recipe, as the generic loop needs it.
+
+    - `init_variables(key)`: `model.init` output, `{"params": ..., other collections}`.
+    - `loss_fn(params, model_state, batch, key, step)`: scalar loss and `(metrics, new_model_state)`.
+    - `optimizer`: the optax transformation (clipping included); `learning_rate(step)` for logging.
+    - `eval_fn`: validation metrics of one batch (optional).
+    - `export(directory, params, model_state)`: write the inference bundle (optional).
+    """
+
+    name: str
+    init_variables: Callable[[jax.Array], dict[str, Any]]
+    loss_fn: LossFn
+    optimizer: optax.GradientTransformation
+    learning_rate: Callable[[Any], Any]
+    eval_fn: EvalFn | None = None
+    export: Callable[[Path, Any, Any], None] | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """How a `train` call ended: the final state, its step, and whether it stopped for preemption."""
+
+    state: TrainState
+    step: int
+    preempted: bool
+
+
+def abstract_state(task: Task, mesh: Mesh, seed: int, use_ema: bool) -> tuple[Any, Any]:
+    """`(ShapeDtypeStruct tree with shardings, shardings tree)` of the task's TrainState on `mesh`."""
+    shapes = jax.eval_shape(lambda: _init_state(task, seed, use_ema))
+    shardings = parallel.state_shardings(shapes, mesh)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return abstract, shardings
+
+
+def init_state(task: Task, mesh: Mesh, seed: int, use_ema: bool) -> TrainState:
+    """A fresh TrainState created directly in its shardings (no full copy on one device first)."""
+    _, shardings = abstract_state(task, mesh, seed, use_ema)
+    return jax.jit(lambda: _init_state(task, seed, use_ema), out_shardings=shardings)()
+
+
+def _init_state(task: Task, seed: int, use_ema: bool) -> TrainState:
+    root = jax.random.PRNGKey(seed)
+    init_key, train_key = jax.random.split(root)
+    return create_train_state(task.init_variables(init_key), task.optimizer, train_key, use_ema)
+
+
+def make_train_step(
+    task: Task, grad_accum_steps: int = 1, ema_decay: float = 0.0
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The pure step `(state, batch) -> (state, metrics)`; jit it with `jit_train_step`.
+
+    With `grad_accum_steps = k > 1` the global batch is split into k micro-batches (micro-batch j takes
+    examples j, j+k, j+2k, ... so every device contributes to every micro-batch without resharding);
+    the loss and gradients are their mean. Metrics: `loss`, `grad_norm` (before clipping), `lr` and the
+    task's own.
+    """
+
+    def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        key = state.step_key()
+        grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+        if grad_accum_steps == 1:
+            (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, key, state.step)
+        else:
+            micro = jax.tree.map(lambda x: _split_micro(x, grad_accum_steps), batch)
+
+            def accumulate(carry, xs):
+                grads_sum, loss_sum, metrics_sum, model_state = carry
+                index, micro_batch = xs
+                (loss, (metrics, model_state)), grads = grad_fn(
+                    state.params, model_state, micro_batch, jax.random.fold_in(key, index), state.step
+                )
+                grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+                metrics_sum = jax.tree.map(jnp.add, metrics_sum, metrics)
+                return (grads_sum, loss_sum + loss, metrics_sum, model_state), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            metric_shapes = jax.eval_shape(
+                lambda: task.loss_fn(state.params, state.model_state, jax.tree.map(lambda x: x[0], micro), key,
+                                     state.step)[1][0]
+            )
+            metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+            (grads, loss, metrics, model_state), _ = jax.lax.scan(
+                accumulate,
+                (zeros, jnp.zeros((), jnp.float32), metric_zeros, state.model_state),
+                (jnp.arange(grad_accum_steps), micro),
+            )
+            scale = 1.0 / grad_accum_steps
+            grads = jax.tree.map(lambda g: g * scale, grads)
+            loss = loss * scale
+            metrics = jax.tree.map(lambda m: m * scale, metrics)
+        updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = state.ema_params
+        if ema_params is not None:
+            ema_params = ema_update(ema_params, params, ema_decay)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state, ema_params=ema_params
+        )
+        metrics = dict(metrics)
+        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), lr=jnp.asarray(task.learning_rate(state.step)))
+        return new_state, metrics
+
+    return step_fn
+
+
+def _split_micro(x: jax.Array, k: int) -> jax.Array:
+    if x.shape[0] % k:
+        raise ValueError(f"global batch {x.shape[0]} is not divisible by grad_accum_steps={k}")
+    # (B, ...) -> (B/k, k, ...) -> (k, B/k, ...): rows j, j+k, ... form micro-batch j. Each device's
+    # contiguous rows stay on it, so no data moves between devices.
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def jit_train_step(step_fn: Callable, state_shardings: Any, mesh: Mesh) -> Callable:
+    """`jax.jit` with the state's shardings in and out, the batch split over all devices, state donated."""
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def checkpoint_manager(directory: Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    """Orbax manager for `directory` keeping the last `keep` checkpoints; `train` decides when to save."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> tuple[TrainState, dict[str, Any]]:
+    """`(state, data position)` of checkpoint `step`, placed with the shardings inside `abstract`."""
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+    )
+    return restored.state, dict(restored.data)
+
+
+def train(
+    task: Task,
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    train_batches: Callable[[int], Iterator[Batch]],
+    val_batches: Callable[[], Iterable[Batch]] | None = None,
+    mesh: Mesh | None = None,
+) -> TrainResult:
+    """Train `task` for `config.train.num_steps` steps, resuming from `workdir/checkpoints` if present.
+
+    `train_batches(start_step)` yields the global batches from step `start_step` on (dicts of host-local
+    numpy arrays, each process passing its own slice, or already sharded jax.Arrays). `val_batches()`
+    yields a fixed set of validation batches. Config keys used (all under `config.train` unless noted):
+    `num_steps`, `seed`, `global_batch_size`, `grad_accum_steps`, `ema_decay` (0 = off), `log_every`,
+    `eval_every`, `checkpoint_every`, `keep_checkpoints`, `async_checkpoints`, `progress_bar`;
+    `config.mesh.data`, `config.mesh.fsdp`. Writes `workdir/config.json`, `workdir/checkpoints/`,
+    `workdir/tensorboard/` and, at the end, `workdir/export/` via `task.export`.
+    """
+    workdir = Path(workdir)
+    tc = config.train
+    mesh = parallel.mesh_from_config(config.mesh) if mesh is None else mesh
+    is_main = jax.process_index() == 0
+    use_ema = float(tc.ema_decay) > 0
+    num_steps = int(tc.num_steps)
+    global_batch = int(tc.global_batch_size)
+    if global_batch % parallel.num_batch_shards(mesh):
+        raise ValueError(
+            f"train.global_batch_size={global_batch} is not divisible by the {parallel.num_batch_shards(mesh)} "
+            "devices of the mesh; pick a multiple"
+        )
+    if is_main:
+        save_config(config, workdir)
+
+    abstract, shardings = abstract_state(task, mesh, int(tc.seed), use_ema)
+    manager = checkpoint_manager(workdir / "checkpoints", int(tc.keep_checkpoints), bool(tc.async_checkpoints))
+    latest = manager.latest_step()
+    if latest is not None:
+        state, data_position = restore_state(manager, latest, abstract)
+        start_step = int(data_position["step"])
+        log.info("resumed %s from step %d in %s", task.name, start_step, workdir / "checkpoints")
+    else:
+        state = init_state(task, mesh, int(tc.seed), use_ema)
+        start_step = 0
+    step_fn = jit_train_step(make_train_step(task, int(tc.grad_accum_steps), float(tc.ema_decay)), shardings, mesh)
+    eval_fn = _jit_eval(task, mesh) if task.eval_fn is not None and val_batches is not None else None
+    writer = ScalarWriter(workdir / "tensorboard") if is_main else None
+    stop = _PreemptionFlag()
+    config_dict = config_to_dict(config)
+
+    def save(step: int, state: TrainState) -> None:
+        data_position = {"step": step, "examples_seen": step * global_batch, "config": config_dict}
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
+            force=True,  # the loop decides when (interval, last step, SIGTERM); Orbax would also save step 1
+        )
+
+    progress = _progress_bar(num_steps, start_step, task.name, enabled=is_main and bool(tc.progress_bar))
+    step = start_step
+    preempted = False
+    pending: tuple[int, Metrics] | None = None  # the previous step's metrics, checked one step late
+    window_start, window_examples = time.perf_counter(), 0
+    try:
+        with stop.installed():
+            batches = iter(train_batches(start_step))
+            while step < num_steps:
+                batch = parallel.shard_host_batch(next(batches), mesh)
+                state, metrics = step_fn(state, batch)
+                step += 1
+                window_examples += global_batch
+                # Check the previous step's loss now that this one is queued: the host never stalls the device.
+                if pending is not None:
+                    _check_finite(*pending, manager)
+                pending = (step, metrics)
+                log_now = step % int(tc.log_every) == 0 or step == num_steps
+                save_now = step % int(tc.checkpoint_every) == 0 or step == num_steps
+                if save_now or log_now or stop.requested(step):
+                    host_metrics = _check_finite(step, metrics, manager)
+                    pending = None
+                    if log_now:
+                        elapsed = time.perf_counter() - window_start
+                        host_metrics["examples_per_sec"] = window_examples / max(elapsed, 1e-9)
+                        host_metrics["step_time_s"] = elapsed / max(window_examples / global_batch, 1)
+                        window_start, window_examples = time.perf_counter(), 0
+                        if writer is not None:
+                            writer.write(step, {f"train/{k}": v for k, v in host_metrics.items()})
+                        progress.set_postfix(
+                            loss=f"{host_metrics['loss']:.4g}", ex_s=f"{host_metrics['examples_per_sec']:.1f}"
+                        )
+                if eval_fn is not None and (step % int(tc.eval_every) == 0 or step == num_steps):
+                    val = evaluate(eval_fn, state, val_batches(), mesh, int(tc.seed))
+                    if writer is not None:
+                        writer.write(step, {f"val/{k}": v for k, v in val.items()})
+                    log.info("step %d validation: %s", step, val)
+                if stop.requested(step):
+                    save(step, state)
+                    preempted = True
+                    log.warning("SIGTERM: saved step %d and stopping", step)
+                    break
+                if save_now:
+                    save(step, state)
+                progress.update(1)
+    finally:
+        progress.close()
+        manager.wait_until_finished()
+        manager.close()
+        if writer is not None:
+            writer.close()
+    if not preempted and task.export is not None and is_main:
+        task.export(workdir / "export", jax.device_get(state.eval_params()), jax.device_get(state.model_state))
+    return TrainResult(state=state, step=step, preempted=preempted)
+
+
+def _jit_eval(task: Task, mesh: Mesh) -> Callable:
+    assert task.eval_fn is not None
+    return jax.jit(
+        lambda params, model_state, batch, key: task.eval_fn(params, model_state, batch, key),
+        in_shardings=(None, None, parallel.batch_sharding(mesh), None),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+
+def evaluate(eval_fn: Callable, state: TrainState, batches: Iterable[Batch], mesh: Mesh, seed: int) -> dict[str, float]:
+    """Mean of `eval_fn`'s metrics over `batches` (EMA params when on); fixed keys so runs compare."""
+    totals: dict[str, float] = {}
+    count = 0
+    base = jax.random.PRNGKey(seed + 1)
+    for index, batch in enumerate(batches):
+        metrics = jax.device_get(
+            eval_fn(state.eval_params(), state.model_state, parallel.shard_host_batch(batch, mesh),
+                    jax.random.fold_in(base, index))
+        )
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+        count += 1
+    return {name: value / max(count, 1) for name, value in totals.items()}
+
+
+def _check_finite(step: int, metrics: Metrics, manager: ocp.CheckpointManager) -> dict[str, float]:
+    host = {name: float(np.asarray(value)) for name, value in jax.device_get(metrics).items()}
+    if not math.isfinite(host["loss"]):
+        manager.wait_until_finished()
+        last = manager.latest_step()
+        where = (f"the last good checkpoint is step {last} in {manager.directory}" if last is not None
+                 else "no checkpoint was saved yet")
+        raise NonFiniteLossError(
+            f"loss is {host['loss']} at step {step}; stopped without saving it, {where}. Lower "
+            "train.learning_rate, set train.grad_clip_norm, or check the data for NaN/inf values."
+        )
+    return host
+
+
+class ScalarWriter:
+    """TensorBoard scalar event files through `tf.summary` (the tensorboard package is only needed to view)."""
+
+    def __init__(self, directory: Path) -> None:
+        import tensorflow as tf  # lazy: only the main process of a training run loads it for events
+        from tensorflow.core.framework import summary_pb2
+
+        tf.config.set_visible_devices([], "GPU")  # TensorFlow must not claim accelerator memory
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(str(directory))
+        # Marks the values as scalars so TensorBoard's Scalars tab plots them.
+        self._metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        )
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        with self._writer.as_default():
+            for tag, value in scalars.items():
+                self._tf.summary.write(tag, self._tf.constant(float(value), self._tf.float32), step=step,
+                                       metadata=self._metadata)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class _PreemptionFlag:
+    """SIGTERM -> 'save now and stop'.
+
+    One host: a Python SIGTERM handler sets a flag. Several hosts: every host must stop at the same step
+    or the collective save deadlocks, so JAX's preemption sync manager (started by
+    `jax.distributed.initialize`, which watches SIGTERM itself) decides the step.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._answers: dict[int, bool] = {}
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_PreemptionFlag]:
+        previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+        try:
+            yield self
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._event.is_set()
+        if step not in self._answers:  # ask the sync manager once per step: every host asks the same steps
+            from jax.experimental import multihost_utils
+
+            self._answers = {step: bool(multihost_utils.reached_preemption_sync_point(step))}
+        return self._answers[step]
+
+
+def _progress_bar(total: int, initial: int, name: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"train {name}", unit="step", disable=not enabled,
+                dynamic_ncols=True)

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+
+from diffusets_jax.config import apply_overrides, load_config, save_config, split_override_args
+
+CONFIG_FILE = '''
+import ml_collections
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.train = ml_collections.ConfigDict(dict(learning_rate=5e-4, global_batch_size=512, ema_decay=0.0,
+                                             use_cfg=False, name="unet", channels=(8, 16), maybe=None))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    return c
+'''
+
+
+@pytest.fixture
+def config_path(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text(CONFIG_FILE)
+    return path
+
+
+def test_load_and_override_types(config_path):
+    config = load_config(config_path, ["--config.train.learning_rate=1e-4", "train.global_batch_size=2048",
+                                       "--config.train.use_cfg=true", "train.channels=4,8,16", "mesh.fsdp=2",
+                                       "train.maybe=[1, 2]", "train.ema_decay=1"])
+    assert config.train.learning_rate == 1e-4
+    assert config.train.global_batch_size == 2048 and isinstance(config.train.global_batch_size, int)
+    assert config.train.use_cfg is True
+    assert config.train.channels == (4, 8, 16)
+    assert config.mesh.fsdp == 2
+    assert config.train.maybe == [1, 2]
+    assert config.train.ema_decay == 1.0 and isinstance(config.train.ema_decay, float)
+
+
+def test_unknown_key_names_close_matches(config_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'train.learning_rat'.*'train.learning_rate'"):
+        load_config(config_path, ["train.learning_rat=1"])
+    with pytest.raises(ValueError, match=r"unknown config key 'optim.global_batch_size'.*'train.global_batch_size'"):
+        load_config(config_path, ["optim.global_batch_size=1"])
+    with pytest.raises(ValueError, match="unknown config key 'zzz'"):
+        load_config(config_path, ["zzz=1"])
+
+
+def test_bad_values_are_errors(config_path):
+    with pytest.raises(ValueError, match="expects an int"):
+        load_config(config_path, ["train.global_batch_size=1.5"])
+    with pytest.raises(ValueError, match="expects a bool"):
+        load_config(config_path, ["train.use_cfg=maybe"])
+    with pytest.raises(ValueError, match="expects a float"):
+        load_config(config_path, ["train.learning_rate=fast"])
+    with pytest.raises(ValueError, match="is a section"):
+        load_config(config_path, ["train=1"])
+    with pytest.raises(ValueError, match="no '='"):
+        load_config(config_path, ["train.learning_rate"])
+
+
+def test_missing_file_and_missing_get_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "nope.py")
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="get_config"):
+        load_config(empty)
+
+
+def test_split_override_args():
+    overrides, rest = split_override_args(["--workdir", "w", "--config.a.b=1", "--config.c", "2", "vae"])
+    assert overrides == ["--config.a.b=1", "--config.c=2"]
+    assert rest == ["--workdir", "w", "vae"]
+
+
+def test_save_config_writes_resolved_json(config_path, tmp_path):
+    config = apply_overrides(load_config(config_path), ["train.learning_rate=0.002"])
+    path = save_config(config, tmp_path / "work")
+    saved = json.loads(path.read_text())
+    assert saved["train"]["learning_rate"] == 0.002
+    assert saved["train"]["channels"] == [8, 16]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".config")]
+
+
+def test_saved_json_config_loads_back_with_overrides(config_path, tmp_path):
+    path = save_config(load_config(config_path), tmp_path / "run")
+    config = load_config(path, ["train.global_batch_size=8"])
+    assert config.train.global_batch_size == 8 and config.train.learning_rate == 5e-4
+    assert list(config.train.channels) == [8, 16]
+
+
+def test_module_section_lists_every_field():
+    import flax.linen as nn
+
+    from diffusets_jax.config import module_section
+
+    class Toy(nn.Module):
+        widths: tuple[int, ...] = (1, 2)
+        kernel: int = 3
+        dtype: object = None
+
+    section = module_section(Toy, kernel=5)
+    assert section.to_dict() == {"widths": (1, 2), "kernel": 5}
+    with pytest.raises(ValueError, match="no field"):
+        module_section(Toy, kernal=5)

@@ -1,0 +1,73 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from diffusets_jax import parallel
+
+
+def test_resolve_mesh_shape_fills_minus_one_and_rejects_mismatch():
+    assert parallel.resolve_mesh_shape(-1, 1, 8) == (8, 1)
+    assert parallel.resolve_mesh_shape(2, -1, 8) == (2, 4)
+    assert parallel.resolve_mesh_shape(4, 2, 8) == (4, 2)
+    with pytest.raises(ValueError, match="devices"):
+        parallel.resolve_mesh_shape(3, 1, 8)
+    with pytest.raises(ValueError, match="at most one"):
+        parallel.resolve_mesh_shape(-1, -1, 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        parallel.resolve_mesh_shape(-1, 3, 8)
+
+
+def test_make_mesh_axes():
+    mesh = parallel.make_mesh(data=2, fsdp=-1)
+    assert mesh.axis_names == ("data", "fsdp")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+    assert parallel.num_batch_shards(mesh) == 8
+
+
+def test_fsdp_partition_spec_picks_largest_divisible_dimension():
+    assert parallel.fsdp_partition_spec((512, 1536), 4, min_size=1) == PartitionSpec(None, "fsdp")
+    assert parallel.fsdp_partition_spec((1536, 6), 4, min_size=1) == PartitionSpec("fsdp", None)
+    # Largest dimension not divisible -> the next largest that is.
+    assert parallel.fsdp_partition_spec((7, 3, 1026, 12), 4, min_size=1) == PartitionSpec(None, None, None, "fsdp")
+    assert parallel.fsdp_partition_spec((7, 9), 4, min_size=1) == PartitionSpec()
+    assert parallel.fsdp_partition_spec((512, 512), 1, min_size=1) == PartitionSpec()
+    assert parallel.fsdp_partition_spec((64,), 4) == PartitionSpec()  # small: replicated
+    assert parallel.fsdp_partition_spec((), 4, min_size=0) == PartitionSpec()
+
+
+def test_state_shardings_actually_shard_parameters():
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    params = {"kernel": jnp.ones((256, 1024)), "bias": jnp.ones((1024,)), "odd": jnp.ones((4099, 3))}
+    shardings = parallel.state_shardings(params, mesh)
+    placed = jax.device_put(params, shardings)
+    kernel = placed["kernel"]
+    assert kernel.sharding.spec == PartitionSpec(None, "fsdp")
+    # Each device holds a quarter of the columns: sharded over fsdp, replicated over data.
+    assert {s.data.shape for s in kernel.addressable_shards} == {(256, 256)}
+    assert placed["bias"].sharding.spec == PartitionSpec()
+    assert placed["odd"].sharding.spec == PartitionSpec()  # 4099 and 3 are not divisible by 4
+    np.testing.assert_array_equal(np.asarray(kernel), np.ones((256, 1024)))
+
+
+def test_replicated_when_fsdp_is_one():
+    mesh = parallel.make_mesh(data=-1, fsdp=1)
+    shardings = parallel.state_shardings({"w": jnp.ones((1024, 1024))}, mesh)
+    assert shardings["w"].spec == PartitionSpec()
+
+
+def test_shard_host_batch_splits_batch_over_all_devices():
+    mesh = parallel.make_mesh(data=4, fsdp=2)
+    batch = parallel.shard_host_batch({"ecg": np.arange(16 * 3, dtype=np.float32).reshape(16, 3)}, mesh)
+    ecg = batch["ecg"]
+    assert ecg.shape == (16, 3)
+    assert {s.data.shape for s in ecg.addressable_shards} == {(2, 3)}
+    np.testing.assert_array_equal(np.asarray(ecg), np.arange(48).reshape(16, 3))
+
+
+def test_initialize_distributed_is_a_noop_on_one_host():
+    assert parallel.initialize_distributed({}) is False
+    assert parallel.initialize_distributed({"JAX_NUM_PROCESSES": "1"}) is False
+    with pytest.raises(ValueError, match="JAX_COORDINATOR_ADDRESS"):
+        parallel.initialize_distributed({"JAX_NUM_PROCESSES": "2"})

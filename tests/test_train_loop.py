@@ -1,0 +1,136 @@
+import functools
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import batch_at, batches_from, tiny_config, tiny_task
+
+from diffusets_jax import parallel
+from diffusets_jax.train import loop
+
+
+def _run_steps(mesh, steps, batch_size=16, grad_accum_steps=1, ema_decay=0.0, input_noise=0.01):
+    task = tiny_task(input_noise=input_noise)
+    _, shardings = loop.abstract_state(task, mesh, seed=0, use_ema=ema_decay > 0)
+    state = loop.init_state(task, mesh, seed=0, use_ema=ema_decay > 0)
+    step_fn = loop.jit_train_step(loop.make_train_step(task, grad_accum_steps, ema_decay), shardings, mesh)
+    for step in range(steps):
+        state, metrics = step_fn(state, parallel.shard_host_batch(batch_at(step, batch_size), mesh))
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@functools.cache
+def _single_device_reference():
+    return _run_steps(parallel.make_mesh(1, 1, devices=jax.devices()[:1]), 3)
+
+
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (2, 4)])
+def test_sharded_step_equals_single_device(data, fsdp):
+    single, single_metrics = _single_device_reference()
+    sharded, sharded_metrics = _run_steps(parallel.make_mesh(data, fsdp), 3)
+    _assert_trees_close(single.params, sharded.params)
+    _assert_trees_close(single.opt_state, sharded.opt_state)
+    np.testing.assert_allclose(single_metrics["loss"], sharded_metrics["loss"], rtol=1e-5)
+    assert int(sharded.step) == 3
+
+
+def test_fsdp_state_is_sharded_inside_the_step():
+    mesh = parallel.make_mesh(2, 4)
+    task = tiny_task()
+    state = loop.init_state(task, mesh, seed=0, use_ema=True)
+    kernel = state.params["Dense_0"]["kernel"]  # (16, 64): 1024 elements, below the fsdp threshold
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec()
+    shardings = parallel.state_shardings(state, mesh, min_size=1)
+    state = jax.device_put(state, shardings)
+    step_fn = loop.jit_train_step(loop.make_train_step(task, ema_decay=0.9), shardings, mesh)
+    state, _ = step_fn(state, parallel.shard_host_batch(batch_at(0, 16), mesh))
+    for tree in (state.params, state.ema_params, state.opt_state[0].mu):
+        kernel = tree["Dense_0"]["kernel"]
+        assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+        assert {s.data.shape for s in kernel.addressable_shards} == {(16, 16)}
+
+
+def test_gradient_accumulation_matches_full_batch():
+    mesh = parallel.make_mesh(8, 1)
+    # No input noise: micro-batches draw their noise from their own keys, so only noise-free losses match.
+    full, _ = _run_steps(mesh, 2, batch_size=32, input_noise=0.0)
+    accumulated, metrics = _run_steps(mesh, 2, batch_size=32, grad_accum_steps=4, input_noise=0.0)
+    _assert_trees_close(full.params, accumulated.params, rtol=2e-4, atol=2e-5)
+    assert np.isfinite(metrics["loss"]) and "grad_norm" in metrics and "lr" in metrics
+
+
+def test_ema_tracks_params():
+    state, _ = _run_steps(parallel.make_mesh(8, 1), 3, ema_decay=0.5)
+    diff = jax.tree.map(lambda e, p: np.abs(e - p).max(), state.ema_params, state.params)
+    assert max(jax.tree.leaves(diff)) > 0  # lags behind the params
+    assert state.eval_params() is state.ema_params
+
+
+@pytest.mark.slow
+def test_train_checkpoints_logs_and_resumes_on_another_mesh(tmp_path):
+    config = tiny_config(num_steps=8)
+    val = lambda: [batch_at(10_000 + i, 16) for i in range(2)]
+    result = loop.train(tiny_task(), config, tmp_path, batches_from(16), val, mesh=parallel.make_mesh(8, 1))
+    assert result.step == 8 and not result.preempted
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"] == 8
+    tags = _event_tags(tmp_path / "tensorboard")
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/examples_per_sec", "val/mse"} <= tags
+
+    # Resume on 2 devices with fsdp and train 4 more steps: the 8-step state is restored, then extended.
+    config.train.num_steps = 12
+    config.mesh.data, config.mesh.fsdp = 1, 2
+    mesh2 = parallel.make_mesh(1, 2, devices=jax.devices()[:2])
+    resumed = loop.train(tiny_task(), config, tmp_path, batches_from(16), None, mesh=mesh2)
+    assert resumed.step == 12 and int(resumed.state.step) == 12
+    straight = loop.train(tiny_task(), config, tmp_path / "straight", batches_from(16), None,
+                          mesh=parallel.make_mesh(8, 1))
+    _assert_trees_close(straight.state.params, resumed.state.params)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config(num_steps=12, checkpoint_every=4)
+    with pytest.raises(loop.NonFiniteLossError, match=r"step 6.*last good checkpoint is step 4"):
+        loop.train(tiny_task(), config, tmp_path, batches_from(16, poison_step=5), None,
+                   mesh=parallel.make_mesh(8, 1))
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4]
+    manager = loop.checkpoint_manager(tmp_path / "checkpoints", 3)
+    abstract, _ = loop.abstract_state(tiny_task(), parallel.make_mesh(8, 1), 0, False)
+    state, position = loop.restore_state(manager, 4, abstract)
+    assert position["step"] == 4 and position["examples_seen"] == 64
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+    config = tiny_config(num_steps=100, checkpoint_every=50)
+
+    def batches(start_step):
+        for step in range(start_step, 1000):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch_at(step, 16)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    result = loop.train(tiny_task(), config, tmp_path, batches, None, mesh=parallel.make_mesh(8, 1))
+    assert result.preempted and result.step == 4
+    assert (tmp_path / "checkpoints" / "4").is_dir()
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def _event_tags(directory):
+    import tensorflow as tf
+
+    tags = set()
+    for path in directory.iterdir():
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
