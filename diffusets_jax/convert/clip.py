@@ -18,6 +18,8 @@ from diffusets_jax.convert.common import (
     dense_from_torch,
     dense_to_torch,
     flatten_state_dict,
+    get_at_path,
+    set_at_path,
 )
 from diffusets_jax.models.clip import CLIP
 from diffusets_jax.signal import REFERENCE_TO_STANDARD
@@ -91,19 +93,6 @@ def _infer_config(sd: StateDict) -> CLIP:
     )
 
 
-def _set(tree: dict, path: str, value: np.ndarray) -> None:
-    *parents, leaf = path.split("/")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[leaf] = value
-
-
-def _get(tree: Mapping, path: str) -> np.ndarray:
-    for part in path.split("/"):
-        tree = tree[part]
-    return np.asarray(tree)
-
-
 def clip_from_torch(state_dict: Mapping) -> tuple[CLIP, dict]:
     """Reference CLIP state dict -> `(CLIP module, {'params': ..., 'batch_stats': ...})`.
 
@@ -119,7 +108,7 @@ def clip_from_torch(state_dict: Mapping) -> tuple[CLIP, dict]:
     convert = {"conv": conv_from_torch, "dense": dense_from_torch}
     for key, collection, path, layout in mapping:
         value = convert.get(layout, np.asarray)(sd[key])
-        _set(variables[collection], path, np.asarray(value, np.float32).reshape(np.shape(value)))
+        set_at_path(variables[collection], path, np.asarray(value, np.float32))
     if clip.in_channels == len(REFERENCE_TO_STANDARD):
         stem = variables["params"]["ecg_encoder"]["first_conv"]
         stem["kernel"] = stem["kernel"][:, list(REFERENCE_TO_STANDARD), :]
@@ -136,7 +125,7 @@ def clip_to_torch(variables: Mapping) -> StateDict:
     out: StateDict = {}
     convert = {"conv": conv_to_torch, "dense": dense_to_torch}
     for key, collection, path, layout in _mapping(clip):
-        value = _get(variables[collection], path)
+        value = get_at_path(variables[collection], path)
         if path == "ecg_encoder/first_conv/kernel" and clip.in_channels == len(REFERENCE_TO_STANDARD):
             value = value[:, list(np.argsort(REFERENCE_TO_STANDARD)), :]
         out[key] = np.asarray(convert.get(layout, np.asarray)(value), np.float32)

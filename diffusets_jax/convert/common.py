@@ -112,3 +112,18 @@ def dense_from_torch(weight: np.ndarray) -> np.ndarray:
 def dense_to_torch(kernel: np.ndarray) -> np.ndarray:
     """Flax Dense kernel (in, out) -> Linear weight (out, in)."""
     return np.transpose(np.asarray(kernel))
+
+
+def set_at_path(tree: dict, path: str, value: np.ndarray) -> None:
+    """`tree['a']['b'] = value` for path 'a/b', creating the intermediate dicts (Flax variable paths)."""
+    *parents, leaf = path.split("/")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def get_at_path(tree: Mapping, path: str) -> np.ndarray:
+    """`tree['a']['b']` for path 'a/b', as a numpy array."""
+    for part in path.split("/"):
+        tree = tree[part]
+    return np.asarray(tree)

@@ -19,11 +19,13 @@ from diffusets_jax.convert.common import (
     dense_from_torch,
     dense_to_torch,
     flatten_state_dict,
+    get_at_path,
+    set_at_path,
 )
 from diffusets_jax.models.vae import VAE
 from diffusets_jax.signal import REFERENCE_TO_STANDARD
 
-# (kind, flax name) per Sequential index; kind is conv | res | res_skip | attn | norm | silu.
+# (kind, flax name) per Sequential index; kind is conv | res | res_skip | attn | norm | silu | upsample.
 Layout = list[tuple[str, str]]
 
 
@@ -58,13 +60,14 @@ def _layout(vae: VAE) -> tuple[Layout, Layout]:
 # Within a residual block: reference submodule -> (Flax submodule, is a conv).
 _RES_PARTS = {"groupnorm_1": ("norm_1", False), "conv_1": ("conv_1", True), "groupnorm_2": ("norm_2", False),
               "conv_2": ("conv_2", True), "residual_layer": ("skip", True)}
-# The attention blocks' GroupNorm is built by the reference but never applied.
-_UNUSED_ATTENTION_PARTS = ("groupnorm",)
+# The attention blocks' GroupNorm is built by the reference but never applied. (The trailing dot keeps the
+# residual blocks' groupnorm_1 / groupnorm_2 out of the pattern.)
+_UNUSED_ATTENTION_PARTS = ("groupnorm.",)
 
 
 def _torch_entries(kind: str) -> list[tuple[str, str, str]]:
     """(torch suffix, flax path inside the layer, layout) for one layer; layout is conv | dense | vector."""
-    if kind in ("conv",):
+    if kind == "conv":
         return [("weight", "kernel", "conv"), ("bias", "bias", "vector")]
     if kind == "norm":
         return [("weight", "scale", "vector"), ("bias", "bias", "vector")]
@@ -108,19 +111,6 @@ def _from_torch(weight: np.ndarray, layout: str) -> np.ndarray:
 
 def _to_torch(value: np.ndarray, layout: str) -> np.ndarray:
     return {"conv": conv_to_torch, "dense": dense_to_torch}.get(layout, np.asarray)(value)
-
-
-def _set(tree: dict, path: str, value: np.ndarray) -> None:
-    *parents, leaf = path.split("/")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[leaf] = value
-
-
-def _get(tree: Mapping, path: str) -> np.ndarray:
-    for part in path.split("/"):
-        tree = tree[part]
-    return np.asarray(tree)
 
 
 def _split_halves(state_dict: Mapping) -> tuple[StateDict, StateDict]:
@@ -182,7 +172,7 @@ def vae_from_torch(state_dict: Mapping, groups: int = 32) -> tuple[VAE, dict]:
         mapping = _mapping(layout)
         check_keys(sd, [key for key, _, _ in mapping], _UNUSED_ATTENTION_PARTS, what=f"VAE {half} checkpoint")
         for key, flax_path, kind in mapping:
-            _set(params[half], flax_path, np.asarray(_from_torch(sd[key], kind), np.float32))
+            set_at_path(params[half], flax_path, np.asarray(_from_torch(sd[key], kind), np.float32))
     _permute_leads(params, vae, to_standard=True)
     return vae, {"params": params}
 
@@ -200,8 +190,8 @@ def vae_to_torch(variables: Mapping, groups: int = 32) -> StateDict:
     out: StateDict = {}
     for half, layout in zip(("encoder", "decoder"), _layout(vae), strict=True):
         for key, flax_path, kind in _mapping(layout):
-            out[f"{half}.{key}"] = np.asarray(_to_torch(_get(params[half], flax_path), kind), np.float32)
-        widths = {name: _get(params[half], f"{name}/out_proj/bias").shape[0] for kind, name in layout if kind == "attn"}
+            out[f"{half}.{key}"] = np.asarray(_to_torch(get_at_path(params[half], flax_path), kind), np.float32)
+        widths = {name: get_at_path(params[half], f"{name}/out_proj/bias").shape[0] for kind, name in layout if kind == "attn"}
         out.update({f"{half}.{key}": value for key, value in _unused_keys(layout, widths).items()})
     return out
 

@@ -10,7 +10,6 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from diffusets_jax.models.net1d import Net1D
 

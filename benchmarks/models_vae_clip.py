@@ -1,0 +1,59 @@
+"""Throughput of the published-size VAE encode / decode and the CLIP ECG tower on the current backend (JSON).
+
+    python benchmarks/models_vae_clip.py --batch 256 --repeats 10
+
+Weights are random (speed does not depend on them); each function is jitted once and timed after a warm-up.
+Prints one JSON object: backend, device kind, batch, compile seconds and ECGs/s per function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+
+from diffusets_jax.models.clip import CLIP
+from diffusets_jax.models.vae import VAE
+
+
+def _time(fn, *args, repeats: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return compile_s, (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    ecg = jax.random.normal(jax.random.key(0), (args.batch, 1024, 12))
+    latent = jax.random.normal(jax.random.key(1), (args.batch, 128, 4))
+    text = jax.random.normal(jax.random.key(2), (args.batch, 1536))
+    vae, clip = VAE(), CLIP()
+    vae_vars = jax.jit(vae.init)(jax.random.key(3), ecg[:1], jax.random.key(4))
+    clip_vars = jax.jit(clip.init)(jax.random.key(5), ecg[:1], text[:1])
+
+    functions = {
+        "vae_encode": (jax.jit(lambda v, x: vae.apply(v, x, method=VAE.encode)), vae_vars, ecg),
+        "vae_decode": (jax.jit(lambda v, z: vae.apply(v, z, method=VAE.decode)), vae_vars, latent),
+        "clip_encode_ecg": (jax.jit(lambda v, x: clip.apply(v, x, method=CLIP.encode_ecg)), clip_vars, ecg),
+    }
+    device = jax.devices()[0]
+    result = {"backend": jax.default_backend(), "device": device.device_kind, "batch": args.batch}
+    for name, (fn, variables, x) in functions.items():
+        compile_s, step_s = _time(fn, variables, x, repeats=args.repeats)
+        result[name] = {"compile_s": round(compile_s, 2), "ecgs_per_s": round(args.batch / step_s, 1)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

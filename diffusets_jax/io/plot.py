@@ -1,0 +1,345 @@
+"""ECG figures: the clinical 12-lead sheet, real/generated pairs and the heart-rate scatter.
+
+The 12-lead sheet follows the standard printout a cardiologist reads: 3 rows x 4 columns of 2.5 s each
+(I, aVR, V1, V4 / II, aVL, V2, V5 / III, aVF, V3, V6, each column showing its own 2.5 s window of the same
+10 s), a 10 s lead II rhythm strip below, a 1 mV x 200 ms calibration pulse at the start of every row, on
+pink millimetre paper with bold 5 mm lines, at exactly 25 mm/s and 10 mm/mV: the figure size is derived from
+millimetres and the sheet's axes map one data unit to one millimetre of paper, so a printout at 100 % (or the
+PNG viewed at its dpi) can be measured with calipers.
+
+Figures are built with `matplotlib.figure.Figure` and the Agg canvas directly (no pyplot global state), so they
+are safe to make in loops and threads and are freed by garbage collection. PNGs are written atomically.
+
+Signals sampled below `display_fs` (the model's 102.4 Hz) are drawn after polyphase interpolation to 500 Hz:
+the 1024-sample signal is band-limited to 51.2 Hz, so this is its faithful reconstruction, whereas straight
+lines between 9.8 ms-apart samples draw jagged QRS complexes. The data are not changed, only drawn.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+
+from diffusets_jax.signal import STANDARD_LEADS
+
+MM_PER_INCH = 25.4
+MM_PER_SECOND = 25.0
+MM_PER_MV = 10.0
+DURATION_S = 10.0
+MODEL_FS = 102.4
+
+# Standard 3 x 4 layout: LAYOUT[row][column] is the lead drawn there; each column covers 2.5 s.
+LAYOUT: tuple[tuple[str, ...], ...] = (
+    ("I", "aVR", "V1", "V4"),
+    ("II", "aVL", "V2", "V5"),
+    ("III", "aVF", "V3", "V6"),
+)
+COLUMN_SECONDS = DURATION_S / len(LAYOUT[0])
+
+# Sheet geometry in mm. Rows are 35 mm apart (3.5 mV), as on common 3x4+1 printouts; the grid spans whole
+# 5 mm squares.
+CALIBRATION_MM = 10.0  # room for the 1 mV x 200 ms pulse before each row's trace
+ROW_MM = 35.0
+SHEET_WIDTH_MM = CALIBRATION_MM + DURATION_S * MM_PER_SECOND  # 260 mm
+SHEET_HEIGHT_MM = 4 * ROW_MM  # 3 lead rows + rhythm strip = 140 mm
+MARGIN_MM = 6.0
+TITLE_MM = 14.0  # two title lines above each sheet
+FOOTER_MM = 7.0
+
+MINOR_GRID_COLOR = "#f6c8c8"
+MAJOR_GRID_COLOR = "#e48a8a"
+TRACE_COLOR = "black"
+
+
+def _check_ecg(ecg: Any, what: str) -> np.ndarray:
+    ecg = np.asarray(ecg, dtype=np.float64)
+    if ecg.ndim != 2 or ecg.shape[1] != len(STANDARD_LEADS) or ecg.shape[0] < 2:
+        raise ValueError(
+            f"{what}: expected one 10 s ECG of shape (samples, 12) in standard lead order "
+            f"{', '.join(STANDARD_LEADS)}, got shape {ecg.shape}; a (12, samples) array needs transposing"
+        )
+    return ecg
+
+
+def _display_signal(ecg: np.ndarray, fs: float, display_fs: float) -> tuple[np.ndarray, float]:
+    """Band-limited interpolation for drawing only (see module docstring); no-op at or above `display_fs`."""
+    if fs >= display_fs:
+        return ecg, fs
+    from scipy.signal import resample_poly
+
+    ratio = Fraction(display_fs / fs).limit_denominator(1000)
+    finite = np.nan_to_num(ecg)
+    upsampled = resample_poly(finite, ratio.numerator, ratio.denominator, axis=0, padtype="line")
+    return upsampled, fs * ratio.numerator / ratio.denominator
+
+
+def conditions_text(conditions: Mapping[str, Any] | None) -> tuple[str, str]:
+    """(patient/sampler line, prompt line) for a title, from generation conditions such as
+    `{"prompt": ..., "sex": 1, "age": 63, "heart_rate": 72, "seed": 0, "sampler": "ddpm 1000"}`."""
+    if not conditions:
+        return "", ""
+    parts = []
+    if "sex" in conditions:
+        sex = conditions["sex"]
+        parts.append("Sex " + ({1: "M", 0: "F"}.get(sex, str(sex)) if isinstance(sex, int | float) else str(sex)))
+    if "age" in conditions:
+        parts.append(f"Age {float(conditions['age']):g}")
+    if "heart_rate" in conditions:
+        parts.append(f"HR {float(conditions['heart_rate']):.0f} bpm")
+    for key, value in conditions.items():
+        if key not in ("prompt", "sex", "age", "heart_rate"):
+            parts.append(f"{key.replace('_', ' ')} {value}")
+    prompt = str(conditions.get("prompt", "")).replace("\n", " | ")
+    if len(prompt) > 190:
+        prompt = prompt[:187] + "..."
+    return "   ".join(parts), prompt
+
+
+def _draw_grid(ax) -> None:
+    minor_x = np.arange(0.0, SHEET_WIDTH_MM + 0.5, 1.0)
+    minor_y = np.arange(0.0, SHEET_HEIGHT_MM + 0.5, 1.0)
+    major = lambda values: np.isclose(np.mod(values, 5.0), 0.0) | np.isclose(np.mod(values, 5.0), 5.0)
+
+    def segments(xs, ys):
+        vertical = [((x, 0.0), (x, SHEET_HEIGHT_MM)) for x in xs]
+        horizontal = [((0.0, y), (SHEET_WIDTH_MM, y)) for y in ys]
+        return vertical + horizontal
+
+    ax.add_collection(LineCollection(
+        segments(minor_x[~major(minor_x)], minor_y[~major(minor_y)]), colors=MINOR_GRID_COLOR, linewidths=0.35,
+        zorder=0,
+    ))
+    ax.add_collection(LineCollection(
+        segments(minor_x[major(minor_x)], minor_y[major(minor_y)]), colors=MAJOR_GRID_COLOR, linewidths=0.8,
+        zorder=1,
+    ))
+
+
+def _calibration_pulse(ax, baseline_mm: float) -> None:
+    """1 mV for 200 ms: 10 mm tall, 5 mm wide, centred in the calibration margin."""
+    x = np.array([0.0, 2.5, 2.5, 7.5, 7.5, CALIBRATION_MM])
+    y = baseline_mm + np.array([0.0, 0.0, MM_PER_MV, MM_PER_MV, 0.0, 0.0])
+    ax.plot(x, y, color=TRACE_COLOR, linewidth=0.9, solid_joinstyle="miter", zorder=3)
+
+
+def _draw_sheet(ax, ecg: np.ndarray, fs: float, rhythm_lead: str, display_fs: float) -> None:
+    """Draw one 12-lead sheet on `ax`, whose data coordinates are millimetres of paper."""
+    signal, signal_fs = _display_signal(ecg, fs, display_fs)
+    n = signal.shape[0]
+    time_mm = CALIBRATION_MM + np.arange(n) / signal_fs * MM_PER_SECOND
+    ax.set_xlim(0.0, SHEET_WIDTH_MM)
+    ax.set_ylim(0.0, SHEET_HEIGHT_MM)
+    ax.set_axis_off()
+    _draw_grid(ax)
+    label_style = dict(fontsize=7.5, fontweight="bold", color=TRACE_COLOR, zorder=4, va="bottom", ha="left")
+    # Baselines a little below each row's middle: QRS complexes point up more often than down.
+    baselines = [SHEET_HEIGHT_MM - ROW_MM * (row + 0.5) - 3.0 for row in range(4)]
+    for row, leads in enumerate(LAYOUT):
+        baseline = baselines[row]
+        _calibration_pulse(ax, baseline)
+        for column, lead in enumerate(leads):
+            start = int(round(column * COLUMN_SECONDS * signal_fs))
+            stop = min(n, int(round((column + 1) * COLUMN_SECONDS * signal_fs)) + 1)
+            values = signal[start:stop, STANDARD_LEADS.index(lead)]
+            ax.plot(time_mm[start:stop], baseline + values * MM_PER_MV, color=TRACE_COLOR, linewidth=0.7, zorder=3)
+            x0 = CALIBRATION_MM + column * COLUMN_SECONDS * MM_PER_SECOND
+            ax.text(x0 + 1.2, baseline + 11.0, lead, **label_style)
+            if column:  # the short bar printers put where the leads change
+                ax.plot([x0, x0], [baseline - 4.0, baseline + 4.0], color=TRACE_COLOR, linewidth=0.9, zorder=3)
+    baseline = baselines[3]
+    _calibration_pulse(ax, baseline)
+    values = signal[:, STANDARD_LEADS.index(rhythm_lead)]
+    ax.plot(time_mm, baseline + values * MM_PER_MV, color=TRACE_COLOR, linewidth=0.7, zorder=3)
+    ax.text(CALIBRATION_MM + 1.2, baseline + 11.0, rhythm_lead, **label_style)
+
+
+def _sheet_figure(n_sheets: int) -> tuple[Figure, list]:
+    """A figure of `n_sheets` stacked sheets whose axes are placed so 1 data unit = 1 mm of paper."""
+    width_mm = SHEET_WIDTH_MM + 2 * MARGIN_MM
+    block_mm = TITLE_MM + SHEET_HEIGHT_MM
+    height_mm = MARGIN_MM + n_sheets * block_mm + (n_sheets - 1) * MARGIN_MM + FOOTER_MM
+    fig = Figure(figsize=(width_mm / MM_PER_INCH, height_mm / MM_PER_INCH), facecolor="white")
+    FigureCanvasAgg(fig)
+    axes = []
+    for i in range(n_sheets):
+        top_mm = MARGIN_MM + i * (block_mm + MARGIN_MM) + TITLE_MM
+        bottom_mm = height_mm - top_mm - SHEET_HEIGHT_MM
+        axes.append(fig.add_axes((
+            MARGIN_MM / width_mm, bottom_mm / height_mm, SHEET_WIDTH_MM / width_mm, SHEET_HEIGHT_MM / height_mm,
+        )))
+    return fig, axes
+
+
+def _title(fig: Figure, ax, heading: str, conditions: Mapping[str, Any] | None) -> None:
+    line1, prompt = conditions_text(conditions)
+    box = ax.get_position()
+    x = box.x0
+    y_mm_above = lambda mm: box.y1 + mm / (fig.get_figheight() * MM_PER_INCH)
+    head = "   ".join(part for part in (heading, line1) if part)
+    fig.text(x, y_mm_above(7.5), head, fontsize=9, fontweight="bold", va="bottom", ha="left")
+    if prompt:
+        fig.text(x, y_mm_above(2.0), prompt, fontsize=7, va="bottom", ha="left", color="#222222")
+
+
+def _footer(fig: Figure, fs: float, extra: str = "") -> None:
+    text = f"{MM_PER_SECOND:g} mm/s   {MM_PER_MV:g} mm/mV   recorded at {fs:g} Hz   {extra}".rstrip()
+    fig.text(MARGIN_MM / (fig.get_figwidth() * MM_PER_INCH), 2.0 / (fig.get_figheight() * MM_PER_INCH), text,
+             fontsize=7, va="bottom", ha="left", color="#444444")
+
+
+def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 200) -> str:
+    """Write `fig` as a PNG at `dpi` atomically (temp file + os.replace). Never crops: the size in pixels is
+    the figure size in inches times `dpi`, which keeps the mm scale."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            fig.savefig(stream, format="png", dpi=dpi, facecolor=fig.get_facecolor())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return path
+
+
+def plot_ecg(
+    ecg: Any,
+    fs: float = MODEL_FS,
+    *,
+    title: str = "",
+    conditions: Mapping[str, Any] | None = None,
+    path: str | os.PathLike | None = None,
+    dpi: int = 200,
+    rhythm_lead: str = "II",
+    display_fs: float = 500.0,
+) -> Figure:
+    """Clinical 12-lead sheet of one 10 s ECG `(samples, 12)` in mV, standard lead order, sampled at `fs`
+    (1024 samples = 102.4 Hz). `conditions` (prompt, sex, age, heart_rate, seed, ...) go in the title.
+    Saves a PNG when `path` is given; returns the figure."""
+    ecg = _check_ecg(ecg, "plot_ecg")
+    _check_duration(ecg, fs, "plot_ecg")
+    if rhythm_lead not in STANDARD_LEADS:
+        raise ValueError(f"rhythm_lead {rhythm_lead!r} is not one of {', '.join(STANDARD_LEADS)}")
+    fig, (ax,) = _sheet_figure(1)
+    _draw_sheet(ax, ecg, fs, rhythm_lead, display_fs)
+    _title(fig, ax, title, conditions)
+    _footer(fig, fs)
+    if path is not None:
+        save_png(fig, path, dpi)
+    return fig
+
+
+def _check_duration(ecg: np.ndarray, fs: float, what: str) -> None:
+    seconds = ecg.shape[0] / fs
+    if not 9.5 <= seconds <= 10.5:
+        raise ValueError(
+            f"{what}: {ecg.shape[0]} samples at {fs:g} Hz is {seconds:.2f} s; the sheet shows 10 s "
+            "(1024 samples at 102.4 Hz, 5000 at 500 Hz): pass the right fs"
+        )
+
+
+def plot_pair(
+    real: Any,
+    generated: Any,
+    fs: float = MODEL_FS,
+    *,
+    generated_fs: float | None = None,
+    conditions: Mapping[str, Any] | None = None,
+    title: str = "",
+    path: str | os.PathLike | None = None,
+    dpi: int = 200,
+    display_fs: float = 500.0,
+) -> Figure:
+    """A real ECG above a generated one (same scale), e.g. a test-set record and the ECG generated from
+    its report and patient data. `fs` is the real ECG's rate; `generated_fs` defaults to `fs`."""
+    real = _check_ecg(real, "plot_pair real")
+    generated = _check_ecg(generated, "plot_pair generated")
+    generated_fs = fs if generated_fs is None else generated_fs
+    _check_duration(real, fs, "plot_pair real")
+    _check_duration(generated, generated_fs, "plot_pair generated")
+    fig, (ax_real, ax_generated) = _sheet_figure(2)
+    _draw_sheet(ax_real, real, fs, "II", display_fs)
+    _draw_sheet(ax_generated, generated, generated_fs, "II", display_fs)
+    _title(fig, ax_real, " - ".join(p for p in (title, "Real") if p), conditions)
+    _title(fig, ax_generated, " - ".join(p for p in (title, "Generated") if p), None)
+    _footer(fig, fs, "" if generated_fs == fs else f"(generated at {generated_fs:g} Hz)")
+    if path is not None:
+        save_png(fig, path, dpi)
+    return fig
+
+
+def plot_heart_rate_scatter(
+    input_hr: Sequence[float] | np.ndarray,
+    measured_hr: Sequence[float] | np.ndarray,
+    *,
+    path: str | os.PathLike | None = None,
+    dpi: int = 150,
+    title: str = "Heart rate: condition vs generated",
+) -> Figure:
+    """Scatter of conditioning heart rate vs heart rate measured on the generated ECG (the paper's Fig. 2A),
+    with the identity line and the MAE in the title. NaN in `measured_hr` marks records where no rate could be
+    measured: they are left out of the plot and the MAE, and counted in the title."""
+    x = np.asarray(input_hr, dtype=np.float64).reshape(-1)
+    y = np.asarray(measured_hr, dtype=np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"plot_heart_rate_scatter: {x.size} input rates but {y.size} measured rates")
+    ok = np.isfinite(x) & np.isfinite(y)
+    failed = int(np.sum(~ok))
+    fig = Figure(figsize=(5.0, 5.0), facecolor="white")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if ok.any():
+        lo = float(min(x[ok].min(), y[ok].min()))
+        hi = float(max(x[ok].max(), y[ok].max()))
+    else:
+        lo, hi = 40.0, 160.0
+    pad = 0.05 * max(hi - lo, 1.0)
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], color="#c0392b", linewidth=1.0, linestyle="--", label="identity", zorder=1)
+    ax.scatter(x[ok], y[ok], s=10, alpha=0.6, color="#1f4e79", edgecolors="none", zorder=2)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal")
+    ax.set_xlabel("conditioning heart rate (bpm)")
+    ax.set_ylabel("heart rate measured on generated ECG (bpm)")
+    mae = float(np.mean(np.abs(x[ok] - y[ok]))) if ok.any() else float("nan")
+    ax.set_title(f"{title}\nMAE {mae:.2f} bpm   n = {int(ok.sum())}   unmeasurable {failed}", fontsize=10)
+    ax.grid(True, color="#dddddd", linewidth=0.5)
+    ax.legend(loc="upper left", frameon=False, fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        save_png(fig, path, dpi)
+    return fig
+
+
+def plot_wfdb_records(
+    records: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dpi: int = 200
+) -> dict[str, Any]:
+    """Draw each 12-lead WFDB record (`path` with or without `.hea`; ours or any 10 s 12-lead record) as
+    `out_dir/NAME.png`, with the conditions from its header comments in the title. A record that cannot be
+    read or drawn is skipped and reported: `{"written": [png paths], "skipped": {record: reason}}`."""
+    from diffusets_jax.io.wfdb_out import read_record
+
+    written, skipped = [], {}
+    for record in records:
+        record = os.fspath(record)
+        name = os.path.basename(record[:-4] if record.endswith((".hea", ".dat")) else record)
+        try:
+            ecg = read_record(record)
+            conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
+            fig = plot_ecg(np.nan_to_num(ecg.signal), ecg.fs, title=name, conditions=conditions)
+            written.append(save_png(fig, os.path.join(os.fspath(out_dir), f"{name}.png"), dpi))
+        except (OSError, ValueError) as err:
+            skipped[record] = str(err)
+    return {"written": written, "skipped": skipped}

@@ -1,0 +1,209 @@
+"""Generated ECGs as WFDB records that any PhysioNet tool (wfdb, WFDB toolkit, LightWAVE) can open.
+
+A record is `NAME.hea` + `NAME.dat`: 12 signals named I, II, III, aVR, aVL, aVF, V1-V6 (standard order), units
+mV, format 16 with a fixed gain of 1000 adu/mV (1 uV steps, +-32.767 mV range; MIMIC-IV-ECG uses 200 adu/mV,
+so this loses nothing of the training data's resolution), sampled at the model's 102.4 Hz (1024 samples in
+10 s) or, on request, FFT-resampled back to 500 Hz (5000 samples; the inverse of the preprocessing that made
+the 1024-sample training signals). The generation conditions go into header comments as `key: value` lines,
+e.g. `# prompt: Most importantly, ...`, `# sex: M`, `# age: 63`, `# heart_rate: 72.0`, `# seed: 0`.
+
+Each record is written atomically: both files go to a temporary folder beside the target and are moved into
+place with `os.replace`, the header last, so a crash never leaves a header pointing at a partial signal file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import wfdb
+
+from diffusets_jax import __version__
+from diffusets_jax.signal import STANDARD_LEADS
+
+MODEL_FS = 102.4
+DURATION_S = 10.0
+ADC_GAIN = 1000.0  # adu per mV
+_ADC_LIMIT = 32767  # format 16; -32768 is WFDB's "no sample" marker
+_RECORD_NAME = re.compile(r"^[-\w]+$")
+
+
+def format_conditions(conditions: Mapping[str, Any]) -> list[str]:
+    """Header comment lines `key: value` for the generation conditions, in the given order.
+
+    `sex` given as 1 / 0 (the training encoding: 1 = male) is written as `M` / `F`; floats are written with
+    up to 6 significant digits; newlines in values (multi-line reports) become ` | `.
+    """
+    lines = []
+    for key, value in conditions.items():
+        if not re.fullmatch(r"[A-Za-z_][\w]*", str(key)):
+            raise ValueError(f"condition name {key!r}: use letters, digits and underscores only")
+        if key == "sex" and isinstance(value, int | float | np.integer | np.floating) and value in (0, 1):
+            value = "M" if value == 1 else "F"
+        elif isinstance(value, float | np.floating):
+            value = f"{float(value):.6g}"
+        text = " | ".join(part.strip() for part in str(value).splitlines()) if str(value) else ""
+        lines.append(f"{key}: {text}")
+    return lines
+
+
+def parse_conditions(comments: Sequence[str]) -> dict[str, str]:
+    """Inverse of `format_conditions` on a record's header comments (values stay strings)."""
+    parsed = {}
+    for line in comments:
+        key, sep, value = line.partition(":")
+        if sep and re.fullmatch(r"[A-Za-z_][\w]*", key.strip()):
+            parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def _resample_length(ecg: np.ndarray, length: int) -> np.ndarray:
+    # TODO(data-prep merge): use the shared resampling helper in diffusets_jax.signal once it lands; this is
+    # the same whole-record FFT resampling (scipy.signal.resample) the reference preprocessing uses.
+    from scipy.signal import resample
+
+    return resample(ecg, length, axis=0)
+
+
+def prepare_signal(ecg: Any, fs: float = MODEL_FS, output_fs: float | None = None) -> tuple[np.ndarray, float]:
+    """Check one ECG `(samples, 12)` in mV and resample it to `output_fs` if given -> `(signal, fs)`."""
+    ecg = np.asarray(ecg, dtype=np.float64)
+    if ecg.ndim != 2 or ecg.shape[1] != len(STANDARD_LEADS):
+        raise ValueError(
+            f"expected one ECG of shape (samples, 12) in standard lead order, got shape {ecg.shape}; "
+            "a (12, samples) array needs transposing (the project is channels-last)"
+        )
+    if not np.all(np.isfinite(ecg)):
+        raise ValueError(f"the ECG has {int(np.sum(~np.isfinite(ecg)))} non-finite samples (NaN/inf)")
+    if output_fs is not None and output_fs != fs:
+        length = int(round(ecg.shape[0] * output_fs / fs))
+        ecg, fs = _resample_length(ecg, length), float(output_fs)
+    peak = float(np.max(np.abs(ecg))) if ecg.size else 0.0
+    if peak * ADC_GAIN >= _ADC_LIMIT:
+        raise ValueError(
+            f"the ECG reaches {peak:.1f} mV, beyond the +-{_ADC_LIMIT / ADC_GAIN:.1f} mV a 16-bit record at "
+            f"{ADC_GAIN:g} adu/mV holds; real ECGs stay within a few mV, so check the model output's units"
+        )
+    return ecg, fs
+
+
+def write_record(
+    path: str | os.PathLike,
+    ecg: Any,
+    *,
+    fs: float = MODEL_FS,
+    conditions: Mapping[str, Any] | None = None,
+    output_fs: float | None = None,
+) -> str:
+    """Write one ECG `(samples, 12)` (mV, standard lead order, sampled at `fs`) as the WFDB record `path`
+    (`dir/NAME`, no extension; NAME of letters, digits, `_` or `-`). `output_fs=500` resamples to 500 Hz.
+    Returns the header path. An existing record of the same name is replaced atomically."""
+    path = os.fspath(path)
+    if path.endswith((".hea", ".dat")):
+        path = path[:-4]
+    directory, name = os.path.split(path)
+    directory = directory or "."
+    if not _RECORD_NAME.match(name):
+        raise ValueError(f"record name {name!r}: WFDB names may contain only letters, digits, '_' and '-'")
+    signal, signal_fs = prepare_signal(ecg, fs, output_fs)
+    comments = [f"generator: diffusets-jax {__version__}"] + format_conditions(conditions or {})
+    os.makedirs(directory, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=directory)
+    try:
+        wfdb.wrsamp(
+            name,
+            fs=signal_fs,
+            units=["mV"] * len(STANDARD_LEADS),
+            sig_name=list(STANDARD_LEADS),
+            p_signal=signal,
+            fmt=["16"] * len(STANDARD_LEADS),
+            adc_gain=[ADC_GAIN] * len(STANDARD_LEADS),
+            baseline=[0] * len(STANDARD_LEADS),
+            comments=comments,
+            write_dir=staging,
+        )
+        os.replace(os.path.join(staging, f"{name}.dat"), os.path.join(directory, f"{name}.dat"))
+        os.replace(os.path.join(staging, f"{name}.hea"), os.path.join(directory, f"{name}.hea"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return os.path.join(directory, f"{name}.hea")
+
+
+@dataclasses.dataclass
+class WriteSummary:
+    """Outcome of `write_records`: header paths written, and `skipped` {record name: reason}."""
+
+    written: list[str] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def write_records(
+    directory: str | os.PathLike,
+    ecgs: Any,
+    names: Sequence[str],
+    conditions: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    fs: float = MODEL_FS,
+    output_fs: float | None = None,
+) -> WriteSummary:
+    """Write a batch `(batch, samples, 12)` as one record per ECG, `directory/names[i]`.
+
+    A record that cannot be written (non-finite or out-of-range samples, a bad name) is skipped and counted
+    in the summary with its reason; the rest of the batch is still written.
+    """
+    ecgs = np.asarray(ecgs)
+    if ecgs.ndim != 3:
+        raise ValueError(f"ecgs: expected shape (batch, samples, 12), got {ecgs.shape}")
+    if len(names) != ecgs.shape[0] or (conditions is not None and len(conditions) != ecgs.shape[0]):
+        raise ValueError(
+            f"{ecgs.shape[0]} ECGs need as many names ({len(names)} given) and conditions "
+            f"({'none' if conditions is None else len(conditions)} given)"
+        )
+    summary = WriteSummary()
+    for i, name in enumerate(names):
+        try:
+            summary.written.append(
+                write_record(
+                    os.path.join(os.fspath(directory), name),
+                    ecgs[i],
+                    fs=fs,
+                    conditions=None if conditions is None else conditions[i],
+                    output_fs=output_fs,
+                )
+            )
+        except ValueError as err:
+            summary.skipped[name] = str(err)
+    return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class EcgRecord:
+    """A read record: `signal` `(samples, 12)` in mV, standard lead order; `fs` in Hz; header `conditions`."""
+
+    signal: np.ndarray
+    fs: float
+    conditions: dict[str, str]
+
+
+def read_record(path: str | os.PathLike) -> EcgRecord:
+    """Read a 12-lead WFDB record (ours, MIMIC-IV-ECG, PTB-XL, CinC 2021; `path` without extension) into
+    standard lead order, mV. Missing samples (NaN) are kept as NaN."""
+    path = os.fspath(path)
+    if path.endswith((".hea", ".dat")):
+        path = path[:-4]
+    record = wfdb.rdrecord(path, physical=True)
+    names = [str(n) for n in record.sig_name]
+    lookup = {n.upper(): i for i, n in enumerate(names)}
+    missing = [lead for lead in STANDARD_LEADS if lead.upper() not in lookup]
+    if missing:
+        raise ValueError(f"{path}: not a 12-lead record in standard names; missing {missing}, has {names}")
+    units = [str(u).lower() for u in record.units]
+    signal = record.p_signal[:, [lookup[lead.upper()] for lead in STANDARD_LEADS]].astype(np.float64)
+    scale = np.array([1e-3 if units[lookup[lead.upper()]] in ("uv", "µv") else 1.0 for lead in STANDARD_LEADS])
+    return EcgRecord(signal=signal * scale, fs=float(record.fs), conditions=parse_conditions(record.comments or []))

@@ -1,0 +1,157 @@
+"""On-disk model format: `DIR/NAME/config.json` (module class + fields) and `DIR/NAME/variables/` (Orbax).
+
+Every command that needs a model (sample, evaluate, train from a converted checkpoint) loads it with
+`load_model(DIR, NAME)`; `diffusets-jax convert` and the trainers write it with `save_model`.
+
+config.json::
+
+    {"format": 1, "class": "diffusets_jax.models.vae.VAE", "fields": {"widths": [128, 256, 512], ...}}
+
+Only classes under `diffusets_jax.models` are instantiated, so a config file cannot run arbitrary code.
+JSON lists come back as tuples (module fields are tuples so modules stay hashable); dtypes are stored as
+`{"dtype": "bfloat16"}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+VARIABLES_DIR = "variables"
+_ALLOWED_PACKAGE = "diffusets_jax.models."
+# Fields every linen Module has that are not configuration.
+_NOT_CONFIG = {"parent", "name"}
+
+
+def module_config(module: nn.Module) -> dict[str, Any]:
+    """`{'class': 'diffusets_jax.models.x.Class', 'fields': {...}}` for a module, JSON-ready."""
+    cls = type(module)
+    path = f"{cls.__module__}.{cls.__qualname__}"
+    if not path.startswith(_ALLOWED_PACKAGE):
+        raise ValueError(f"save_model: only modules defined under {_ALLOWED_PACKAGE[:-1]} can be saved, got {path}")
+    fields = {f.name: _to_json(getattr(module, f.name), f"{path}.{f.name}")
+              for f in dataclasses.fields(module) if f.name not in _NOT_CONFIG and f.init}
+    return {"format": FORMAT_VERSION, "class": path, "fields": fields}
+
+
+def module_from_config(config: dict[str, Any], source: str = "config") -> nn.Module:
+    """Inverse of `module_config`: import the class (only under diffusets_jax.models) and build it."""
+    path = config.get("class") if isinstance(config, dict) else None
+    if not isinstance(path, str) or not path.startswith(_ALLOWED_PACKAGE):
+        raise ValueError(f"{source}: 'class' must name a module under {_ALLOWED_PACKAGE[:-1]}, got {path!r}")
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{source}: cannot import {path} ({err}); was it saved by a newer diffusets-jax?") from err
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{source}: {path} is not a flax.linen Module")
+    fields = config.get("fields", {})
+    known = {f.name for f in dataclasses.fields(cls) if f.name not in _NOT_CONFIG and f.init}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{source}: {path} has no field(s) {', '.join(unknown)}")
+    return cls(**{name: _from_json(value) for name, value in fields.items()})
+
+
+def _to_json(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.integer | np.floating | np.bool_):
+        return value.item()
+    if isinstance(value, tuple | list):
+        return [_to_json(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v, where) for k, v in value.items()}
+    try:
+        return {"dtype": np.dtype(value).name}
+    except TypeError:
+        pass
+    raise ValueError(f"save_model: field {where} = {value!r} ({type(value).__name__}) cannot be stored as JSON")
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_from_json(v) for v in value)
+    if isinstance(value, dict):
+        if set(value) == {"dtype"}:
+            import jax.numpy as jnp
+
+            return jnp.dtype(value["dtype"])
+        return {k: _from_json(v) for k, v in value.items()}
+    return value
+
+
+def save_model(directory: str | os.PathLike, name: str, module: nn.Module, variables: Any) -> str:
+    """Write `directory/name/{config.json, variables/}` atomically; returns the model's path.
+
+    Everything is written to a temporary sibling first and moved into place, so a crash never leaves a
+    half-written model under `name`; an existing model of that name is replaced.
+    """
+    if not name or os.sep in name or name.startswith("."):
+        raise ValueError(f"save_model: model name {name!r} must be a plain directory name")
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, name)
+    config = module_config(module)
+    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=directory)
+    try:
+        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(staging, VARIABLES_DIR), jax.tree.map(np.asarray, dict(variables)))
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        if os.path.exists(target):
+            retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=directory)
+            os.replace(target, os.path.join(retired, name))
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(directory: str | os.PathLike, name: str) -> tuple[nn.Module, dict]:
+    """Read a model written by `save_model` -> `(module, variables)` ready for `module.apply(variables, ...)`.
+
+    Variables come back as host numpy arrays; place or shard them with `jax.device_put` (jitted functions
+    also accept them as they are).
+    """
+    path = os.path.join(os.fspath(directory), name)
+    config_path = os.path.join(path, CONFIG_FILE)
+    variables_path = os.path.abspath(os.path.join(path, VARIABLES_DIR))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no model {name!r} in {os.fspath(directory)!r} ({path} does not exist); "
+                                "write one with `diffusets-jax convert` or a training run")
+    for needed in (config_path, variables_path):
+        if not os.path.exists(needed):
+            raise FileNotFoundError(f"model {path!r} is incomplete: {needed} is missing")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+    module = module_from_config(config, source=config_path)
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        variables = checkpointer.restore(variables_path)
+    finally:
+        checkpointer.close()
+    return module, dict(variables)

@@ -1,0 +1,177 @@
+"""PyTorch-compatible building blocks, channels-last: `(batch, length, channels)`.
+
+Each layer computes what its PyTorch namesake computes and initialises its parameters the way PyTorch
+does, so a model trained from scratch here starts from the same distribution as the reference, and a
+converted checkpoint (see `diffusets_jax.convert`) runs unchanged:
+
+- `linear` / `conv1d`: `nn.Linear` / `nn.Conv1d` (kaiming-uniform(a=sqrt 5) weights, uniform biases).
+- `ConvTranspose1d`: `nn.ConvTranspose1d` including its padding arithmetic.
+- `group_norm` / `layer_norm`: `nn.GroupNorm` / `nn.LayerNorm` (eps 1e-5, exact two-pass variance).
+- `TorchMultiheadAttention`: `nn.MultiheadAttention(batch_first=True)` with its packed q/k/v projection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+Array = jax.Array
+
+# PyTorch's default for Linear/Conv weights, kaiming_uniform_(a=sqrt(5)), is U(-1/sqrt(fan_in), 1/sqrt(fan_in)):
+# variance scaling with scale 1/3 and a uniform distribution over the same fan_in (Flax counts the
+# receptive field into fan_in for conv kernels (k, in, out), exactly as PyTorch does).
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default bias init for Linear/Conv: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def mish(x: Array) -> Array:
+    """Mish activation x * tanh(softplus(x)) (PyTorch `nn.Mish`)."""
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
+def linear(
+    features: int, in_features: int, *, name: str, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32
+) -> nn.Dense:
+    """`nn.Linear(in_features, features)` as a Flax Dense (kernel (in, out)) with PyTorch's initialisation."""
+    return nn.Dense(
+        features, kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features),
+        dtype=dtype, param_dtype=param_dtype, name=name,
+    )
+
+
+def conv1d(
+    features: int, in_features: int, kernel_size: int, *, name: str, stride: int = 1, padding: int = 0,
+    dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+) -> nn.Conv:
+    """`nn.Conv1d(in_features, features, kernel_size, stride, padding)` on `(batch, length, in_features)`.
+
+    Padding is explicit and symmetric as in PyTorch (Flax's "SAME" would pad differently for stride 2).
+    """
+    return nn.Conv(
+        features, (kernel_size,), strides=(stride,), padding=((padding, padding),),
+        kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features * kernel_size),
+        dtype=dtype, param_dtype=param_dtype, name=name,
+    )
+
+
+def group_norm(*, name: str, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+    """`nn.GroupNorm(1, C)`: one group, normalised jointly over (length, channel) per sample, eps 1e-5."""
+    return nn.GroupNorm(
+        num_groups=1, epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name
+    )
+
+
+def layer_norm(*, name: str, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """`nn.LayerNorm(C)` over the channel axis, eps 1e-5."""
+    return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class ConvTranspose1d(nn.Module):
+    """`nn.ConvTranspose1d(in, features, kernel_size, stride, padding)` on `(batch, length, in)`.
+
+    Output length `(length - 1) * stride - 2 * padding + kernel_size` (k4 s2 p1 doubles the length).
+    Parameters: `kernel` `(kernel_size, in, features)` = PyTorch's weight `(in, features, k)` moved to
+    k-first (no flip: the flip that turns the transposed convolution into a dilated correlation happens
+    in `__call__`), and `bias` `(features,)`.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_features = x.shape[-1]
+        # PyTorch computes the fan-in of a transposed-conv weight (in, out, k) from dim 1: out * k.
+        fan_in = self.features * self.kernel_size
+        kernel = self.param(
+            "kernel", nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2),
+            (self.kernel_size, in_features, self.features), self.param_dtype,
+        )
+        bias = self.param("bias", torch_bias_init(fan_in), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        # A transposed convolution is a correlation of the stride-dilated input with the flipped kernel,
+        # padded by k - 1 - p on both sides.
+        edge = self.kernel_size - 1 - self.padding
+        y = jax.lax.conv_general_dilated(
+            x, jnp.flip(kernel, axis=0), window_strides=(1,), padding=((edge, edge),),
+            lhs_dilation=(self.stride,), dimension_numbers=("NWC", "WIO", "NWC"),
+        )
+        return y + bias
+
+
+class TorchMultiheadAttention(nn.Module):
+    """PyTorch `nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)`, no masks, no dropout.
+
+    Parameters as PyTorch stores them, in Flax layout: `in_proj_kernel` `(embed_dim, 3 * embed_dim)` packs
+    the q, k, v projections in that order (PyTorch `in_proj_weight` transposed), `in_proj_bias`
+    `(3 * embed_dim,)`, and the `out_proj` Dense.
+    """
+
+    embed_dim: int
+    num_heads: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"attention width {self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        # PyTorch: xavier_uniform_ on in_proj_weight (3E, E), zero biases; out_proj keeps Linear's weight init.
+        self.in_proj_kernel = self.param(
+            "in_proj_kernel", nn.initializers.xavier_uniform(), (self.embed_dim, 3 * self.embed_dim), self.param_dtype
+        )
+        self.in_proj_bias = self.param(
+            "in_proj_bias", nn.initializers.zeros_init(), (3 * self.embed_dim,), self.param_dtype
+        )
+        self.out_proj = nn.Dense(
+            self.embed_dim, kernel_init=torch_kernel_init, bias_init=nn.initializers.zeros_init(),
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+
+    def _project(self, x: Array, which: int) -> Array:
+        """Packed projection `which` (0 = q, 1 = k, 2 = v) of `(..., embed_dim)`."""
+        e = self.embed_dim
+        x, kernel, bias = nn.dtypes.promote_dtype(
+            x, self.in_proj_kernel[:, which * e:(which + 1) * e], self.in_proj_bias[which * e:(which + 1) * e],
+            dtype=self.dtype,
+        )
+        return x @ kernel + bias
+
+    def __call__(self, query: Array, key: Array, value: Array) -> Array:
+        """`(batch, q_len, E)`, `(batch, kv_len, E)`, `(batch, kv_len, E)` -> `(batch, q_len, E)`."""
+        batch, q_len, _ = query.shape
+        head_dim = self.embed_dim // self.num_heads
+        split = lambda x: x.reshape(x.shape[0], x.shape[1], self.num_heads, head_dim)  # noqa: E731
+        q = split(self._project(query, 0)) * (1.0 / math.sqrt(head_dim))  # PyTorch scales q before q @ k
+        k, v = split(self._project(key, 1)), split(self._project(value, 2))
+        # Scores and softmax in float32 even for bf16 compute: the length is short, the precision matters.
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, q_len, self.embed_dim)
+        return self.out_proj(out)
+
+    def identical_keys(self, value: Array) -> Array:
+        """The attention output when every key/value position holds the same vector `value` `(batch, E)`.
+
+        The softmax weights are then uniform whatever the query, so the output is `out_proj(W_v value +
+        b_v)` for every query position: `(batch, E)`, to broadcast over the query length. Same parameters
+        as `__call__`, a fraction of the work.
+        """
+        return self.out_proj(self._project(value, 2))

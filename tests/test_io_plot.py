@@ -1,0 +1,114 @@
+"""Clinical 12-lead plots: files written, exact mm scale, sensible errors."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusets_jax.io import plot
+from diffusets_jax.io.plot import plot_ecg, plot_heart_rate_scatter, plot_pair, save_png
+
+
+def synthetic_ecg(samples: int = 1024) -> np.ndarray:
+    t = np.arange(samples) / samples * 10.0
+    beats = sum(np.exp(-0.5 * ((t - c) / 0.02) ** 2) for c in np.arange(0.4, 10.0, 0.8))
+    return beats[:, None] * np.linspace(-1.0, 1.5, 12)[None, :]
+
+
+def expected_pixels(mm: float, dpi: int) -> int:
+    return int(round(mm / 25.4 * dpi))
+
+
+def test_sheet_png_has_the_mm_derived_size(tmp_path):
+    dpi = 150
+    fig = plot_ecg(synthetic_ecg(), 102.4, title="Generated", conditions={"sex": 1, "age": 63, "heart_rate": 75},
+                   path=tmp_path / "ecg.png", dpi=dpi)
+    width_mm = plot.SHEET_WIDTH_MM + 2 * plot.MARGIN_MM
+    height_mm = plot.MARGIN_MM + plot.TITLE_MM + plot.SHEET_HEIGHT_MM + plot.FOOTER_MM
+    assert fig.get_figwidth() * 25.4 == pytest.approx(width_mm)
+    assert fig.get_figheight() * 25.4 == pytest.approx(height_mm)
+    with Image.open(tmp_path / "ecg.png") as image:
+        assert image.format == "PNG"
+        assert abs(image.size[0] - expected_pixels(width_mm, dpi)) <= 1
+        assert abs(image.size[1] - expected_pixels(height_mm, dpi)) <= 1
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int32)
+    # Pink paper and black ink are both present.
+    pink = (pixels[..., 0] > 200) & (pixels[..., 1] < 210) & (pixels[..., 2] < 210)
+    black = pixels.sum(axis=-1) < 150
+    assert pink.mean() > 0.01 and black.mean() > 0.001
+
+
+def test_25_mm_per_second_and_10_mm_per_mv_on_paper():
+    dpi = 100
+    fig = plot_ecg(synthetic_ecg(), 102.4, dpi=dpi)
+    fig.set_dpi(dpi)
+    ax = fig.axes[0]
+    to_pixels = ax.transData.transform
+    px_per_mm = dpi / 25.4
+    (x0, y0), (x1, y1) = to_pixels([(0.0, 0.0), (25.0, 10.0)])
+    assert x1 - x0 == pytest.approx(25.0 * px_per_mm, rel=1e-6)  # 1 s of signal
+    assert y1 - y0 == pytest.approx(10.0 * px_per_mm, rel=1e-6)  # 1 mV
+    # The drawn lead I trace (first column) spans 2.5 s = 62.5 mm and its peak is 10 mm/mV above baseline.
+    traces = [line for line in ax.get_lines() if len(line.get_xdata()) > 50]
+    lead_i = traces[0]
+    x = np.asarray(lead_i.get_xdata())
+    assert x[0] == pytest.approx(plot.CALIBRATION_MM)
+    assert x[-1] - x[0] == pytest.approx(2.5 * plot.MM_PER_SECOND, abs=0.1)
+    y = np.asarray(lead_i.get_ydata())
+    baseline = np.median(y)
+    assert y.min() - baseline == pytest.approx(-1.0 * plot.MM_PER_MV, abs=0.3)  # lead I peaks at -1 mV
+    # 3 x 4 leads + rhythm strip.
+    assert len(traces) == 13
+    labels = [text.get_text() for text in ax.texts]
+    assert labels == ["I", "aVR", "V1", "V4", "II", "aVL", "V2", "V5", "III", "aVF", "V3", "V6", "II"]
+
+
+def test_any_sampling_rate_for_ten_seconds(tmp_path):
+    plot_ecg(synthetic_ecg(5000), 500, path=tmp_path / "500.png", dpi=50)
+    assert (tmp_path / "500.png").stat().st_size > 1000
+
+
+def test_pair_and_scatter_are_written(tmp_path):
+    fig = plot_pair(synthetic_ecg(5000), synthetic_ecg(), 500, generated_fs=102.4,
+                    conditions={"prompt": "Sinus rhythm", "heart_rate": 75}, path=tmp_path / "pair.png", dpi=50)
+    assert len(fig.axes) == 2
+    with Image.open(tmp_path / "pair.png") as image:
+        assert image.size[1] > 1.8 * expected_pixels(plot.SHEET_HEIGHT_MM, 50)
+    condition = np.array([60.0, 80.0, 100.0, 120.0])
+    measured = np.array([62.0, 79.0, np.nan, 110.0])
+    fig = plot_heart_rate_scatter(condition, measured, path=tmp_path / "hr.png")
+    title = fig.axes[0].get_title()
+    assert "MAE 4.33 bpm" in title and "n = 3" in title and "unmeasurable 1" in title
+    assert (tmp_path / "hr.png").stat().st_size > 1000
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="transposing"):
+        plot_ecg(synthetic_ecg().T)
+    with pytest.raises(ValueError, match="pass the right fs"):
+        plot_ecg(synthetic_ecg(), fs=500)
+    with pytest.raises(ValueError, match="rhythm_lead"):
+        plot_ecg(synthetic_ecg(), rhythm_lead="X")
+    with pytest.raises(ValueError, match="measured rates"):
+        plot_heart_rate_scatter([1.0, 2.0], [1.0])
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
+    fig = plot_heart_rate_scatter([60.0], [61.0])
+    save_png(fig, tmp_path / "a.png")
+    save_png(fig, tmp_path / "a.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+def test_plot_command_draws_records_and_lists_bad_ones(tmp_path, capsys):
+    import json
+
+    from diffusets_jax.cli import main
+    from diffusets_jax.io.wfdb_out import write_record
+
+    write_record(tmp_path / "gen_0", synthetic_ecg(), conditions={"prompt": "Sinus rhythm.", "sex": 0, "age": 50})
+    (tmp_path / "broken.hea").write_text("not a header\n")
+    code = main(["plot", str(tmp_path / "gen_0.hea"), str(tmp_path / "broken"), "--out-dir", str(tmp_path / "png"),
+                 "--dpi", "40"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["written"] == 1 and list(summary["skipped"]) == [str(tmp_path / "broken")]
+    assert (tmp_path / "png" / "gen_0.png").stat().st_size > 1000

@@ -1,0 +1,118 @@
+"""WFDB writer: records written here must read back with wfdb.rdrecord exactly as documented."""
+
+import os
+
+import numpy as np
+import pytest
+import scipy.signal
+import wfdb
+
+from diffusets_jax.io.wfdb_out import (
+    ADC_GAIN,
+    format_conditions,
+    parse_conditions,
+    read_record,
+    write_record,
+    write_records,
+)
+from diffusets_jax.signal import MIMIC_LEADS, STANDARD_LEADS
+
+CONDITIONS = {
+    "prompt": "Most importantly, the 1st diagnosis is sinus rhythm.\nAs a supplementary condition, the 2nd ...",
+    "sex": 1,
+    "age": 63,
+    "heart_rate": 72.5,
+    "seed": 11,
+    "sampler": "ddpm 1000 steps",
+}
+
+
+def synthetic_ecg(samples: int = 1024, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) / samples * 10.0
+    beats = sum(np.exp(-0.5 * ((t - c) / 0.02) ** 2) for c in np.arange(0.4, 10.0, 0.8))
+    gains = rng.uniform(-1.5, 1.5, size=12)
+    return beats[:, None] * gains[None, :] + 0.05 * rng.normal(size=(samples, 12))
+
+
+def test_round_trip_through_rdrecord(tmp_path):
+    ecg = synthetic_ecg()
+    header = write_record(tmp_path / "sample_000001", ecg, conditions=CONDITIONS)
+    assert header == os.path.join(tmp_path, "sample_000001.hea")
+    record = wfdb.rdrecord(str(tmp_path / "sample_000001"))
+    assert record.sig_name == list(STANDARD_LEADS)
+    assert record.fs == pytest.approx(102.4)
+    assert record.sig_len == 1024
+    assert record.units == ["mV"] * 12
+    assert record.fmt == ["16"] * 12
+    assert record.adc_gain == [ADC_GAIN] * 12
+    np.testing.assert_allclose(record.p_signal, ecg, atol=0.5 / ADC_GAIN + 1e-9)
+    comments = record.comments
+    assert comments[0].startswith("generator: diffusets-jax")
+    assert "sex: M" in comments and "age: 63" in comments and "heart_rate: 72.5" in comments
+    assert "seed: 11" in comments and "sampler: ddpm 1000 steps" in comments
+    assert any(c.startswith("prompt: Most importantly") and " | As a supplementary" in c for c in comments)
+    # Nothing else left in the folder: no staging directory, no stray files.
+    assert sorted(os.listdir(tmp_path)) == ["sample_000001.dat", "sample_000001.hea"]
+
+
+def test_resampled_to_500_hz_on_request(tmp_path):
+    ecg = synthetic_ecg()
+    write_record(tmp_path / "r500", ecg, output_fs=500)
+    record = wfdb.rdrecord(str(tmp_path / "r500"))
+    assert record.fs == 500 and record.sig_len == 5000
+    expected = scipy.signal.resample(ecg, 5000, axis=0)
+    np.testing.assert_allclose(record.p_signal, expected, atol=0.5 / ADC_GAIN + 1e-9)
+
+
+def test_read_record_returns_standard_order_and_conditions(tmp_path):
+    ecg = synthetic_ecg(seed=3)
+    write_record(tmp_path / "mine", ecg, conditions=CONDITIONS)
+    back = read_record(tmp_path / "mine.hea")
+    assert back.fs == pytest.approx(102.4)
+    np.testing.assert_allclose(back.signal, ecg, atol=0.5 / ADC_GAIN + 1e-9)
+    assert back.conditions["sex"] == "M" and back.conditions["heart_rate"] == "72.5"
+    # A MIMIC-ordered record (aVF before aVL, 200 adu/mV) comes back in standard order.
+    mimic = ecg[:, [STANDARD_LEADS.index(lead) for lead in MIMIC_LEADS]]
+    wfdb.wrsamp("mimic", fs=500, units=["mV"] * 12, sig_name=list(MIMIC_LEADS), p_signal=mimic,
+                fmt=["16"] * 12, adc_gain=[200.0] * 12, baseline=[0] * 12, write_dir=str(tmp_path))
+    np.testing.assert_allclose(read_record(tmp_path / "mimic").signal, ecg, atol=0.5 / 200 + 1e-9)
+
+
+def test_overwrite_replaces_the_record(tmp_path):
+    write_record(tmp_path / "same", synthetic_ecg(seed=1))
+    second = synthetic_ecg(seed=2)
+    write_record(tmp_path / "same", second)
+    np.testing.assert_allclose(read_record(tmp_path / "same").signal, second, atol=1e-3)
+    assert sorted(os.listdir(tmp_path)) == ["same.dat", "same.hea"]
+
+
+def test_batch_skips_and_counts_bad_records(tmp_path):
+    ecgs = np.stack([synthetic_ecg(seed=i) for i in range(4)])
+    ecgs[1, 100, 3] = np.nan
+    ecgs[2] *= 100.0  # beyond the 16-bit range at 1000 adu/mV: wrong units upstream
+    summary = write_records(tmp_path, ecgs, [f"s{i}" for i in range(4)], [CONDITIONS] * 4)
+    assert [os.path.basename(p) for p in summary.written] == ["s0.hea", "s3.hea"]
+    assert set(summary.skipped) == {"s1", "s2"}
+    assert "non-finite" in summary.skipped["s1"] and "mV" in summary.skipped["s2"]
+    assert sorted(os.listdir(tmp_path)) == ["s0.dat", "s0.hea", "s3.dat", "s3.hea"]
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="transposing"):
+        write_record(tmp_path / "x", synthetic_ecg().T)
+    with pytest.raises(ValueError, match="record name"):
+        write_record(tmp_path / "bad name", synthetic_ecg())
+    with pytest.raises(ValueError, match="as many names"):
+        write_records(tmp_path, np.stack([synthetic_ecg()]), ["a", "b"])
+    with pytest.raises(ValueError, match="condition name"):
+        format_conditions({"bad key": 1})
+    assert os.listdir(tmp_path) == []
+
+
+def test_conditions_format_and_parse_are_inverse():
+    lines = format_conditions({"sex": 0, "age": 41.0, "heart_rate": 58.123456789, "prompt": "a: b"})
+    assert lines == ["sex: F", "age: 41", "heart_rate: 58.1235", "prompt: a: b"]
+    assert parse_conditions(lines + ["free text without a key"]) == {
+        "sex": "F", "age": "41", "heart_rate": "58.1235", "prompt": "a: b"
+    }

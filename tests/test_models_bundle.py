@@ -1,0 +1,89 @@
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusets_jax.models.bundle import load_model, module_config, module_from_config, save_model
+from diffusets_jax.models.clip import CLIP
+from diffusets_jax.models.net1d import BatchNorm1d
+from diffusets_jax.models.vae import VAE
+from tests.random_variables import random_variables
+
+
+def _assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_vae_round_trip(tmp_path):
+    vae = VAE(widths=(8, 16), groups=4)
+    variables = random_variables(vae, jnp.zeros((1, 16, 12)), jax.random.key(0))
+    path = save_model(tmp_path, "vae", vae, variables)
+    assert path == os.path.join(tmp_path, "vae")
+    assert sorted(os.listdir(tmp_path)) == ["vae"]  # no staging leftovers
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["class"] == "diffusets_jax.models.vae.VAE" and config["fields"]["widths"] == [8, 16]
+    loaded, loaded_variables = load_model(tmp_path, "vae")
+    assert loaded == vae and isinstance(loaded.widths, tuple)
+    _assert_same(loaded_variables, variables)
+    z = np.ones((1, 4, 4), np.float32)
+    np.testing.assert_array_equal(loaded.apply(loaded_variables, z, method=VAE.decode),
+                                  vae.apply(variables, z, method=VAE.decode))
+
+
+def test_clip_with_batch_stats_round_trip(tmp_path):
+    clip = CLIP(base_filters=8, filters=(8, 16), blocks_per_stage=(1, 1), kernel_size=3, group_width=4,
+                text_dim=6, text_hidden_dim=8, embed_dim=4)
+    variables = random_variables(clip, jnp.zeros((1, 16, 12)), jnp.zeros((1, 6)))
+    save_model(tmp_path, "clip", clip, variables)
+    loaded, loaded_variables = load_model(tmp_path, "clip")
+    assert loaded == clip
+    assert set(loaded_variables) == {"params", "batch_stats"}
+    _assert_same(loaded_variables, variables)
+
+
+def test_saving_again_replaces_the_model(tmp_path):
+    bn = BatchNorm1d(momentum=0.2)
+    first = {"params": {"scale": np.ones(3, np.float32), "bias": np.zeros(3, np.float32)}}
+    second = {"params": {"scale": np.full(3, 2.0, np.float32), "bias": np.ones(3, np.float32)}}
+    save_model(tmp_path, "bn", bn, first)
+    save_model(tmp_path, "bn", bn, second)
+    assert sorted(os.listdir(tmp_path)) == ["bn"]
+    loaded, variables = load_model(tmp_path, "bn")
+    assert loaded.momentum == 0.2
+    _assert_same(variables, second)
+
+
+def test_config_values_survive_json():
+    vae = VAE(widths=(32, 64, 64), groups=8)
+    config = json.loads(json.dumps(module_config(vae)))
+    assert module_from_config(config) == vae
+    partial = {"class": "diffusets_jax.models.vae.VAE", "fields": {"widths": [4, 8]}}
+    assert module_from_config(partial) == VAE(widths=(4, 8))
+
+
+def test_missing_model_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "vae")):
+        load_model(tmp_path, "vae")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(module_config(VAE())))
+    with pytest.raises(FileNotFoundError, match="variables"):
+        load_model(tmp_path, "vae")
+
+
+def test_only_project_models_are_instantiated(tmp_path):
+    for path in ("subprocess.Popen", "diffusets_jax.signal.STANDARD_LEADS", "flax.linen.Dense"):
+        with pytest.raises(ValueError, match="class"):
+            module_from_config({"class": path, "fields": {}}, source="x/config.json")
+    with pytest.raises(ValueError, match="not a flax.linen Module"):
+        module_from_config({"class": "diffusets_jax.models.vae.LATENT_SCALE", "fields": {}})
+    with pytest.raises(ValueError, match="no field"):
+        module_from_config({"class": "diffusets_jax.models.vae.VAE", "fields": {"nope": 1}})
+    import flax.linen as nn
+
+    with pytest.raises(ValueError, match="diffusets_jax.models"):
+        save_model(tmp_path, "dense", nn.Dense(3), {"params": {}})
+    assert not os.listdir(tmp_path)
