@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
@@ -94,6 +95,8 @@ def measure(
     result["seconds"] = round(seconds, 4)
     result["ecg_per_s"] = round(batch / seconds, 3)
     result["denoising_steps_per_s"] = round(config.steps / seconds, 2)
+    print(json.dumps({"sampler": config.sampler, "steps": config.steps, "guidance": config.guidance_mode
+                      if config.guidance_scale != 1.0 else None, **result}), file=sys.stderr, flush=True)  # progress
     return result
 
 
