@@ -48,13 +48,16 @@ def gaussian_model_fn(schedule: NoiseSchedule, std: float):
     return model_fn
 
 
-def run_sampler(config, batch=64, mu=MU, std=STD, key=0, schedule=None, batch_sharding=None):
-    schedule = make_schedule() if schedule is None else schedule
+@functools.cache
+def _compiled_sampler(config, std, prediction_type):
+    schedule = make_schedule(ScheduleConfig(prediction_type=prediction_type))
+    return jax.jit(functools.partial(sample, gaussian_model_fn(schedule, std), schedule, config=config))
+
+
+def run_sampler(config, batch=64, mu=MU, std=STD, key=0, prediction_type="epsilon"):
+    """Samples `(batch, 128, 4)` of the Gaussian model; compiled once per (config, std, prediction type)."""
     cond = {"mu": jnp.full((batch,), mu, jnp.float32)}
-    fn = jax.jit(
-        functools.partial(sample, gaussian_model_fn(schedule, std), schedule, config=config, batch_sharding=batch_sharding)
-    )
-    return np.asarray(fn(cond, jax.random.key(key)))
+    return np.asarray(_compiled_sampler(config, std, prediction_type)(cond, jax.random.key(key)))
 
 
 # -- reference parity -------------------------------------------------------------------------------
@@ -168,8 +171,7 @@ def test_faithful_clipped_ddpm_reproduces_gaussian_data_inside_the_clip_range():
 
 
 def test_dpmpp_with_v_prediction_reproduces_gaussian_data():
-    schedule = make_schedule(ScheduleConfig(prediction_type="v_prediction"))
-    samples = run_sampler(SamplerConfig(sampler="dpmpp_2m", steps=20, clip_sample=False), schedule=schedule)
+    samples = run_sampler(SamplerConfig(sampler="dpmpp_2m", steps=20, clip_sample=False), prediction_type="v_prediction")
     assert samples.mean() == pytest.approx(MU, abs=0.03 * STD) and samples.std() == pytest.approx(STD, rel=0.04)
 
 
@@ -287,6 +289,7 @@ def _patient_cond(batch, text_dim=6):
     }
 
 
+@pytest.mark.slow
 def test_jit_generate_with_flax_modules_and_guidance():
     unet, vae = TinyUNet(), TinyVAE()
     cond = _patient_cond(4)

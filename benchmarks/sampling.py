@@ -1,0 +1,165 @@
+"""Sampling throughput: ECG/s (latent chain + VAE decode, one jitted function) on the current backend.
+
+Runs the faithful U-Net and VAE decoder (random init: speed does not depend on the weights) with
+DDPM-1000, DDIM-50 and DPM-Solver++-20, batch sharded over every device, and prints one JSON object.
+
+Long chains are timed on fewer steps and extrapolated: the scan body is identical at every step, so
+time(n steps) = fixed (noise draw, decode) + n * per_step. Entries that do this say
+`"extrapolated_from_steps": k`. Guidance is measured both ways (doubled batch vs two calls).
+
+    PYTHONPATH=$PWD python benchmarks/sampling.py                       # CPU default: batches 1, 16, 128
+    PYTHONPATH=$PWD python benchmarks/sampling.py --dtype bfloat16      # accelerator default adds 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from diffusets_jax.diffusion.guidance import fixed_null_condition
+from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, vae_decode_fn
+from diffusets_jax.diffusion.schedule import make_schedule
+from diffusets_jax.models.unet import UNet
+from diffusets_jax.models.vae import VAE
+
+SAMPLER_CONFIGS = {
+    "ddpm-1000": SamplerConfig.faithful(),
+    "ddim-50": SamplerConfig(sampler="ddim", steps=50),
+    "dpmpp_2m-20": SamplerConfig(sampler="dpmpp_2m", steps=20, clip_sample=False),
+}
+
+
+def _block(x: Any) -> Any:
+    return jax.tree.map(lambda a: a.block_until_ready(), x)
+
+
+def _timed(fn, *args, repeats: int) -> float:
+    """Median wall time of `repeats` calls (after the compile call the caller already made)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _block(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _condition(batch: int, text_dim: int, sharding: NamedSharding) -> dict[str, jax.Array]:
+    keys = jax.random.split(jax.random.key(0), 4)
+    cond = {
+        "text_embedding": jax.random.normal(keys[0], (batch, text_dim)) * 0.02,
+        "sex": jax.random.bernoulli(keys[1], 0.5, (batch,)).astype(jnp.float32),
+        "age": jax.random.uniform(keys[2], (batch,), minval=20, maxval=90),
+        "heart_rate": jax.random.uniform(keys[3], (batch,), minval=50, maxval=110),
+    }
+    return jax.device_put(cond, sharding)
+
+
+def measure(
+    unet: UNet, vae: VAE, variables: tuple[Any, Any], config: SamplerConfig, batch: int, *,
+    mesh: jax.sharding.Mesh, timed_steps: int | None, repeats: int, compute_dtype: Any,
+) -> dict[str, Any]:
+    """Compile and time one (sampler, batch) point; with `timed_steps` the chain is timed that long and
+    extrapolated to `config.steps`."""
+    schedule = make_schedule()
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    cond = _condition(batch, unet.text_dim, batch_sharding)
+    null = fixed_null_condition(unet.text_dim)
+    key = jax.random.key(1)
+    steps = config.steps if timed_steps is None else min(timed_steps, config.steps)
+    run_config = SamplerConfig(**{**config.__dict__, "steps": steps})
+    fn = jit_generate(unet, vae, schedule, run_config, batch_sharding=batch_sharding, compute_dtype=compute_dtype)
+    start = time.perf_counter()
+    compiled = fn.lower(*variables, cond, key, null).compile()
+    compile_s = time.perf_counter() - start
+    _block(compiled(*variables, cond, key, null))
+    seconds = _timed(compiled, *variables, cond, key, null, repeats=repeats)
+    result: dict[str, Any] = {"batch": batch, "compile_s": round(compile_s, 2)}
+    if steps != config.steps:
+        # fixed part (initial noise + VAE decode) measured separately, the rest scales with steps
+        decode = jax.jit(lambda v, z: vae_decode_fn(vae, v, compute_dtype)(z))
+        z = jax.device_put(jnp.zeros((batch, 128, 4)), batch_sharding)
+        _block(decode(variables[1], z))
+        fixed = _timed(decode, variables[1], z, repeats=repeats)
+        per_step = max(seconds - fixed, 0.0) / steps
+        seconds = fixed + per_step * config.steps
+        result["extrapolated_from_steps"] = steps
+        result["decode_s"] = round(fixed, 4)
+    result["seconds"] = round(seconds, 4)
+    result["ecg_per_s"] = round(batch / seconds, 3)
+    result["denoising_steps_per_s"] = round(config.steps / seconds, 2)
+    print(json.dumps({"sampler": config.sampler, "steps": config.steps, "guidance": config.guidance_mode
+                      if config.guidance_scale != 1.0 else None, **result}), file=sys.stderr, flush=True)  # progress
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="network compute dtype (sampler arithmetic stays float32)")
+    parser.add_argument("--batches", default=None,
+                        help="comma-separated global batch sizes (default 1,16,128; plus 1024 on an accelerator)")
+    parser.add_argument("--samplers", default=",".join(SAMPLER_CONFIGS), help=f"subset of {list(SAMPLER_CONFIGS)}")
+    parser.add_argument("--ddpm-timed-steps", type=int, default=None,
+                        help="time DDPM on this many steps and extrapolate to 1000 (default 10 on CPU, all on accelerators)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per point, median reported (default 3 CPU, 5 accelerator)")
+    parser.add_argument("--guidance-scale", type=float, default=3.0, help="scale for the guidance comparison (DPM-Solver++-20)")
+    parser.add_argument("--skip-guidance", action="store_true", help="do not measure doubled-batch vs two-call guidance")
+    args = parser.parse_args()
+
+    backend = jax.default_backend()
+    on_cpu = backend == "cpu"
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 16, 128] if on_cpu else [1, 16, 128, 1024])
+    ddpm_timed = args.ddpm_timed_steps if args.ddpm_timed_steps is not None else (10 if on_cpu else None)
+    repeats = args.repeats or (3 if on_cpu else 5)
+    compute_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
+
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("data",))
+    unet = UNet(dtype=compute_dtype)
+    vae = VAE()
+    batch0 = len(devices)
+    unet_vars = unet.init(jax.random.key(0), jnp.zeros((batch0, 128, 4)), jnp.zeros((batch0,), jnp.int32),
+                          jnp.zeros((batch0, unet.text_dim)), jnp.zeros((batch0,)), jnp.zeros((batch0,)), jnp.zeros((batch0,)))
+    vae_vars = vae.init(jax.random.key(1), jnp.zeros((batch0, 128, 4)), method="decode")
+    # the U-Net computes in its own dtype; the VAE decoder gets bf16 parameters and inputs
+    variables = (unet_vars, vae_vars)
+
+    results: dict[str, Any] = {
+        "benchmark": "sampling (latent chain + VAE decode in one jit)",
+        "backend": backend,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "dtype": args.dtype,
+        "weights": "random init, faithful U-Net (13.3M) and VAE decoder",
+        "samplers": {},
+    }
+    for name in args.samplers.split(","):
+        config = SAMPLER_CONFIGS[name]
+        timed = ddpm_timed if config.sampler == "ddpm" else None
+        results["samplers"][name] = [
+            measure(unet, vae, variables, config, b, mesh=mesh, timed_steps=timed, repeats=repeats, compute_dtype=compute_dtype)
+            for b in batches if b % len(devices) == 0 or len(devices) == 1
+        ]
+    if not args.skip_guidance:
+        guidance = {}
+        for mode in ("batched", "sequential"):
+            config = SamplerConfig(sampler="dpmpp_2m", steps=20, clip_sample=False,
+                                   guidance_scale=args.guidance_scale, guidance_mode=mode)
+            guidance[mode] = [
+                measure(unet, vae, variables, config, b, mesh=mesh, timed_steps=None, repeats=repeats, compute_dtype=compute_dtype)
+                for b in batches if b % len(devices) == 0 or len(devices) == 1
+            ]
+        results["guidance_dpmpp_2m-20"] = guidance
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
