@@ -265,3 +265,8 @@ def module_section(module_class: type, **values: Any) -> ml_collections.ConfigDi
         raise ValueError(f"{module_class.__name__} has no field(s) {sorted(unknown)}; fields: {sorted(fields)}")
     fields.update(values)
     return ml_collections.ConfigDict(fields)
+
+
+def module_fields(config: ml_collections.ConfigDict, section: str = "model") -> dict[str, Any]:
+    """A config's model section as module keyword arguments (JSON lists back to the tuples Flax fields need)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config_to_dict(config)[section].items()}

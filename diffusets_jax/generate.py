@@ -253,11 +253,20 @@ class ECGGenerator:
         ecg = self._generate(self.unet_variables, self.vae_variables, cond_global, key, self._null_cond)
         return np.asarray(jax.device_get(ecg))[:n]
 
-    def generate(self, conditions: Sequence[Condition], *, progress: bool = False,
-                 start_batch: int = 0) -> Iterator[tuple[int, list[Condition], np.ndarray]]:
-        """Yield `(batch_index, conditions, ecgs)` over `expand(conditions)` in batches of `batch_size`."""
+    def generate(self, conditions: Sequence[Condition], *, progress: bool = False, start_batch: int = 0,
+                 text_embeddings: np.ndarray | None = None) -> Iterator[tuple[int, list[Condition], np.ndarray]]:
+        """Yield `(batch_index, conditions, ecgs)` over `expand(conditions)` in batches of `batch_size`.
+
+        `text_embeddings` `(len(expand(conditions)), text_dim)`: precomputed prompt embeddings (e.g. a prepared
+        dataset's), used instead of running the embedder.
+        """
         items = expand(conditions)
-        embeddings = self.embed([c.prompt for c in items])
+        if text_embeddings is None:
+            embeddings = self.embed([c.prompt for c in items])
+        else:
+            embeddings = np.asarray(text_embeddings, np.float32)
+            if embeddings.shape != (len(items), self.unet.text_dim):
+                raise ValueError(f"text_embeddings: expected ({len(items)}, {self.unet.text_dim}), got {embeddings.shape}")
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -159,3 +159,39 @@ def test_corpus_is_resumable_and_reads_back_with_tfds(model_dir, openai_env, tmp
     assert {e["heart_rate_source"].decode() for e in examples} == {"condition"}
     assert examples[0]["ecg"].shape == (1024, 12) and examples[0]["text_embedding"].shape == (TEXT_DIM,)
     assert sorted(int(e["sex"]) for e in examples) == [0] * 10 + [1] * 7
+
+
+@pytest.mark.slow
+def test_sample_with_converted_reference_checkpoints(tmp_path, capsys):
+    """The published architecture end to end: convert reference-filled .npz state dicts, then `sample`."""
+    from tests.reference_weights import reference_state_dict, reference_vae_state_dict
+
+    vae_sd = {f"{part}.{k}": v for part, sd in reference_vae_state_dict().items() for k, v in sd.items()}
+    np.savez(tmp_path / "vae_model.npz", **vae_sd)
+    np.savez(tmp_path / "unet_all.npz", **reference_state_dict("unet"))
+    models = tmp_path / "models"
+    assert main(["convert", "--vae", str(tmp_path / "vae_model.npz"), "--unet", str(tmp_path / "unet_all.npz"),
+                 "--out", str(models)]) == 0
+    meta = GenerationMeta.load(models)
+    assert (meta.embedder, meta.patient_features) == ("openai", "faithful")  # ada-002, raw sex/age/HR
+    out = tmp_path / "out"
+    with FakeOpenAIServer(dim=1536) as server:
+        env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            assert main(["sample", "--model-dir", str(models), "--out", str(out), "--text", "Sinus rhythm",
+                         "--sex", "M", "--age", "50", "--hr", "90", "-n", "2", "--steps", "2",
+                         "--batch-size", "8"]) == 0
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    manifest = json.loads((out / "manifest.json").read_text())
+    with np.load(out / "samples.npz") as data:
+        ecgs = data["ecg"]
+    assert ecgs.shape == (2, 1024, 12) and np.isfinite(ecgs).all()
+    for entry, ecg in zip(manifest["samples"], ecgs, strict=True):
+        record = wfdb.rdrecord(str(out / entry["wfdb"]))
+        assert record.fs == 102.4 and record.sig_name == list(STANDARD_LEADS)
+        np.testing.assert_allclose(record.p_signal, ecg, atol=1e-3)  # 16-bit quantisation at 1000 adu/mV
+        assert (out / entry["png"]).stat().st_size > 10_000

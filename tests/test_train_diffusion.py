@@ -8,8 +8,9 @@ import pytest
 
 from diffusets_jax import parallel
 from diffusets_jax.config import load_config
+from diffusets_jax.models.vae import VAE
 from diffusets_jax.train import loop
-from diffusets_jax.train.diffusion import diffusion_task, patient_condition, sample_scaled_latent
+from diffusets_jax.train.diffusion import diffusion_task, patient_condition
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -30,9 +31,9 @@ class ConditionedDenoiser(nn.Module):
 def test_sample_scaled_latent_and_patient_features():
     mean = jnp.full((2, 128, 4), 1.0)
     logvar = jnp.full((2, 128, 4), -30.0)  # no spread: the draw is the mean
-    np.testing.assert_allclose(sample_scaled_latent(mean, logvar, jax.random.PRNGKey(0)), 0.18215, rtol=1e-5)
+    np.testing.assert_allclose(VAE.sample_latent(mean, logvar, jax.random.PRNGKey(0)), 0.18215, rtol=1e-5)
     logvar = jnp.zeros((2, 128, 4))
-    z = np.asarray(sample_scaled_latent(mean, logvar, jax.random.PRNGKey(0))) / 0.18215
+    z = np.asarray(VAE.sample_latent(mean, logvar, jax.random.PRNGKey(0))) / 0.18215
     assert abs(z.mean() - 1.0) < 0.15 and abs(z.std() - 1.0) < 0.15
     batch = {"text_embedding": jnp.ones((2, 3)), "sex": jnp.array([1, 0]), "age": jnp.array([60.0, 30.0]),
              "heart_rate": jnp.array([75.0, 120.0])}

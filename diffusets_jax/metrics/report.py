@@ -162,3 +162,64 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def load_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
+               limit: int | None = None) -> dict[str, np.ndarray]:
+    """Read a prepared split into host arrays: ecg (n, 1024, 12), text_embedding, sex, age, heart_rate,
+    prompt and report_lines (`limit`: the first n examples, in the dataset's stored order)."""
+    import tensorflow_datasets as tfds
+
+    from diffusets_jax.data import pipeline
+
+    builder = pipeline.load_builder(dataset, data_dir)
+    if split not in builder.info.splits and split != "all":
+        raise ValueError(f"dataset {builder.name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    if limit:
+        ds = ds.take(limit)
+    columns: dict[str, list] = {k: [] for k in ("ecg", "text_embedding", "sex", "age", "heart_rate", "prompt",
+                                                 "report_lines")}
+    for example in tfds.as_numpy(ds):
+        for key in columns:
+            value = example[key]
+            if key == "prompt":
+                value = value.decode()
+            elif key == "report_lines":
+                value = tuple(line.decode() for line in value)
+            columns[key].append(value)
+    if not columns["ecg"]:
+        raise ValueError(f"split {split!r} of {builder.name!r} is empty")
+    return {k: (np.stack(v) if k not in ("prompt", "report_lines") else v) for k, v in columns.items()}
+
+
+def evaluate_split(
+    generator: Any,
+    clip_dir: str | os.PathLike,
+    dataset: str | os.PathLike,
+    split: str,
+    out_dir: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate one ECG per real example of `split` from its own conditions (its stored text embedding, sex,
+    age and heart rate) with `generator` (a `generate.ECGGenerator`), then `evaluate` them against the real ECGs
+    with the CLIP model saved in `clip_dir/clip` as the feature extractor."""
+    from diffusets_jax.generate import make_condition
+    from diffusets_jax.models.bundle import load_model
+
+    real = load_split(dataset, split, data_dir=data_dir, limit=limit)
+    conditions = [make_condition(list(lines), int(sex), float(age), float(hr), where=f"{split}[{i}]")
+                  for i, (lines, sex, age, hr) in enumerate(zip(real["report_lines"], real["sex"], real["age"],
+                                                                 real["heart_rate"], strict=True))]
+    generated = np.concatenate([ecgs for _, _, ecgs in generator.generate(
+        conditions, progress=progress, text_embeddings=real["text_embedding"])])
+    clip = load_model(clip_dir, "clip")
+    settings = {"dataset": str(dataset), "split": split, "n": len(conditions), "model_dir": str(generator.model_dir),
+                "sampler": generator.sampler.sampler, "steps": generator.sampler.steps,
+                "guidance_scale": generator.sampler.guidance_scale, "seed": generator.seed}
+    return evaluate(real["ecg"], generated, text_embeddings=real["text_embedding"], heart_rates=real["heart_rate"],
+                    prompts=real["prompt"], clip=clip, out_dir=out_dir, seed=generator.seed, settings=settings,
+                    sexes=real["sex"], ages=real["age"])

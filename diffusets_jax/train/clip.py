@@ -19,18 +19,17 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from diffusets_jax.config import config_to_dict
+from diffusets_jax.config import module_fields
 from diffusets_jax.data.schema import ECG_LENGTH
 from diffusets_jax.models.clip import CLIP
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer
 from diffusets_jax.train.state import cast_floating
-from diffusets_jax.train.vae import _tuples
 
 
 def build_clip(config: ml_collections.ConfigDict) -> CLIP:
     """The CLIP model from `config.model` (its fields; empty = the published model)."""
-    return CLIP(**_tuples(config_to_dict(config)["model"]))
+    return CLIP(**module_fields(config))
 
 
 def contrastive_logits(ecg_proj: jax.Array, text_proj: jax.Array, logit_scale: jax.Array) -> jax.Array:

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusets_jax.config import config_to_dict
+from diffusets_jax.conditioning.patient import FEATURE_SCALES
+from diffusets_jax.config import module_fields
 from diffusets_jax.diffusion import guidance
 from diffusets_jax.diffusion.schedule import (
     FAITHFUL_SCHEDULE,
@@ -31,42 +32,33 @@ from diffusets_jax.diffusion.schedule import (
     reduce_squared_error,
     training_target,
 )
+from diffusets_jax.models.vae import LATENT_SCALE, VAE
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer
 from diffusets_jax.train.state import cast_floating
-from diffusets_jax.train.vae import _tuples
 
-LATENT_SCALE = 0.18215  # the VAE's scale (models.vae.LATENT_SCALE); the diffusion model sees scaled latents
 LATENT_SHAPE = (128, 4)
-PATIENT_FEATURE_MODES = ("faithful", "normalised")
 # "normalised": the U-Net sees (sex, age / 100, heart rate / 100), values of order 1 like the text embedding.
-PATIENT_SCALES = {"faithful": (1.0, 1.0, 1.0), "normalised": (1.0, 0.01, 0.01)}
 
 
 def build_unet(config: ml_collections.ConfigDict):
     """The U-Net from `config.model` (its fields; empty = the published model)."""
     from diffusets_jax.models.unet import UNet
 
-    return UNet(**_tuples(config_to_dict(config)["model"]))
+    return UNet(**module_fields(config))
 
 
 def patient_condition(batch: dict[str, jax.Array], mode: str) -> dict[str, jax.Array]:
     """The U-Net's condition pytree `{text_embedding (batch, D), sex, age, heart_rate (batch,)}`, float32."""
-    if mode not in PATIENT_SCALES:
-        raise ValueError(f"train.patient_features must be one of {PATIENT_FEATURE_MODES}, got {mode!r}")
-    sex_scale, age_scale, hr_scale = PATIENT_SCALES[mode]
+    if mode not in FEATURE_SCALES:
+        raise ValueError(f"train.patient_features must be one of {sorted(FEATURE_SCALES)}, got {mode!r}")
+    sex_scale, age_scale, hr_scale = FEATURE_SCALES[mode]
     return {
         "text_embedding": batch["text_embedding"].astype(jnp.float32),
         "sex": batch["sex"].astype(jnp.float32) * sex_scale,
         "age": batch["age"].astype(jnp.float32) * age_scale,
         "heart_rate": batch["heart_rate"].astype(jnp.float32) * hr_scale,
     }
-
-
-def sample_scaled_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
-    """`(mean + exp(logvar / 2) eps) * 0.18215`; mean, logvar `(batch, 128, 4)`."""
-    eps = jax.random.normal(key, mean.shape, jnp.float32)
-    return (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps) * LATENT_SCALE
 
 
 def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any = None) -> Task:
@@ -107,7 +99,7 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
 
     def loss_fn(params, model_state, batch, key, step):
         latent_key, dropout_key, loss_key = jax.random.split(key, 3)
-        x0 = sample_scaled_latent(batch["latent_mean"], batch["latent_logvar"], latent_key)
+        x0 = VAE.sample_latent(batch["latent_mean"].astype(jnp.float32), batch["latent_logvar"].astype(jnp.float32), latent_key)
         cond = patient_condition(batch, mode)
         if cond_dropout > 0:
             cond = guidance.drop_conditions(cond, dropout_key, cond_dropout, null_cond)
@@ -129,8 +121,16 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
         return metrics
 
     def export(directory: Path, params: Any, model_state: Any) -> None:
+        import dataclasses
+
+        from diffusets_jax.generate import GenerationMeta
         from diffusets_jax.models.bundle import save_model
 
         save_model(directory, "unet", model, {"params": params, **model_state})
+        # How sampling must condition this U-Net: the embedder its text dim implies, the patient feature
+        # mode it was trained with, and its noise schedule.
+        meta = GenerationMeta.published(model.text_dim)
+        GenerationMeta(embedder=meta.embedder, patient_features=mode,
+                       schedule=dataclasses.asdict(schedule_cfg)).save(directory)
 
     return Task("unet", init_variables, loss_fn, make_optimizer(tc, lr_schedule), lr_schedule, eval_fn, export)

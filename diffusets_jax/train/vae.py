@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusets_jax.config import config_to_dict
+from diffusets_jax.config import module_fields
 from diffusets_jax.data.schema import ECG_LENGTH, NUM_LEADS
 from diffusets_jax.models.vae import LATENT_SCALE, VAE
 from diffusets_jax.train.loop import Task
@@ -29,7 +29,7 @@ KL_SCHEDULES = ("per_epoch", "linear")
 
 def build_vae(config: ml_collections.ConfigDict) -> VAE:
     """The VAE from `config.model` (its fields; empty = the published model)."""
-    return VAE(**_tuples(config_to_dict(config)["model"]))
+    return VAE(**module_fields(config))
 
 
 def kl_weight(step: jax.Array, steps_in_epoch: int, anneal_epochs: float, schedule: str) -> jax.Array:
@@ -96,6 +96,3 @@ def vae_task(config: ml_collections.ConfigDict, num_steps: int) -> Task:
     return Task("vae", init_variables, loss_fn, make_optimizer(tc, schedule), schedule, eval_fn, export)
 
 
-def _tuples(fields: dict[str, Any]) -> dict[str, Any]:
-    """JSON lists back to the tuples Flax module fields expect (hashable)."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
