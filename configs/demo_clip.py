@@ -5,7 +5,7 @@
 
 import ml_collections
 
-from diffusets_jax.config import mesh_section, module_section, train_section
+from diffusets_jax.config import data_section, mesh_section, module_section, train_section
 from diffusets_jax.models.clip import CLIP
 
 
@@ -16,9 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
         CLIP, base_filters=8, filters=(8, 16), blocks_per_stage=(1, 1), group_width=8, text_dim=384,
         text_hidden_dim=64, embed_dim=16,
     )
-    config.data = ml_collections.ConfigDict(
-        {"dataset": "", "data_dir": "", "train_split": "train", "val_split": "validation", "num_train_examples": 0}
-    )
+    config.data = data_section()
     config.mesh = mesh_section(data=-1, fsdp=1)
     config.train = train_section(
         global_batch_size=8,

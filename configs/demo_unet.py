@@ -5,7 +5,7 @@
 
 import ml_collections
 
-from diffusets_jax.config import mesh_section, train_section
+from diffusets_jax.config import data_section, mesh_section, train_section
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -25,9 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
             "exact_cross_attention": False,  # False: computed as its equivalent per-sample bias
         }
     )
-    config.data = ml_collections.ConfigDict(
-        {"dataset": "", "data_dir": "", "train_split": "train", "val_split": "validation", "num_train_examples": 0}
-    )
+    config.data = data_section()
     config.mesh = mesh_section(data=-1, fsdp=1)
     config.train = train_section(
         global_batch_size=8,

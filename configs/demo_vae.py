@@ -5,7 +5,7 @@
 
 import ml_collections
 
-from diffusets_jax.config import mesh_section, module_section, train_section
+from diffusets_jax.config import data_section, mesh_section, module_section, train_section
 from diffusets_jax.models.vae import VAE
 
 
@@ -13,9 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Same layout as the published VAE with narrow widths (about 0.3 M parameters instead of 29.6 M).
     config.model = module_section(VAE, widths=(32, 64, 64), groups=8)
-    config.data = ml_collections.ConfigDict(
-        {"dataset": "", "data_dir": "", "train_split": "train", "val_split": "validation", "num_train_examples": 0}
-    )
+    config.data = data_section()
     config.mesh = mesh_section(data=-1, fsdp=1)
     config.train = train_section(
         global_batch_size=8,

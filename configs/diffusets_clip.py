@@ -8,7 +8,7 @@ Its ECG tower is the feature extractor of FID / precision-recall / CLIP score. O
 
 import ml_collections
 
-from diffusets_jax.config import mesh_section, module_section, train_section
+from diffusets_jax.config import data_section, mesh_section, module_section, train_section
 from diffusets_jax.models.clip import CLIP
 
 
@@ -19,15 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     # logit scale initialised to log(1 / 0.07)).
     config.model = module_section(CLIP)
 
-    config.data = ml_collections.ConfigDict(
-        {
-            "dataset": "",  # prepared ECG dataset with text embeddings
-            "data_dir": "",
-            "train_split": "train",
-            "val_split": "validation",
-            "num_train_examples": 0,
-        }
-    )
+    config.data = data_section()
     config.mesh = mesh_section(data=-1, fsdp=1)
     config.train = train_section(
         # The spec gives the loss (symmetric cross-entropy) and AdamW but no batch, rate or length for the

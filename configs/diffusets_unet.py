@@ -10,7 +10,7 @@ Output: `workdir/export/unet`.
 
 import ml_collections
 
-from diffusets_jax.config import mesh_section, train_section
+from diffusets_jax.config import data_section, mesh_section, train_section
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -32,15 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
         }
     )
 
-    config.data = ml_collections.ConfigDict(
-        {
-            "dataset": "",  # latent dataset directory (from `diffusets-jax encode`)
-            "data_dir": "",
-            "train_split": "train",
-            "val_split": "validation",
-            "num_train_examples": 0,  # 0 = read from the dataset
-        }
-    )
+    config.data = data_section()
     config.mesh = mesh_section(data=-1, fsdp=1)
     config.train = train_section(
         # Paper: batch 512, lr 5e-4, 200 epochs. The published repo's config says batch 2048 / lr 1e-4, which an

@@ -8,7 +8,7 @@ Input: prepared ECGs (1024, 12) in mV, standard lead order. Output: `workdir/exp
 
 import ml_collections
 
-from diffusets_jax.config import mesh_section, module_section, train_section
+from diffusets_jax.config import data_section, mesh_section, module_section, train_section
 from diffusets_jax.models.vae import VAE
 
 
@@ -18,15 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Architecture: the VAE's module fields; empty = the published model (encoder 12.2 M, decoder 17.3 M).
     config.model = module_section(VAE)
 
-    config.data = ml_collections.ConfigDict(
-        {
-            "dataset": "",  # a prepared TFDS dataset directory (holds dataset_info.json) or registered name
-            "data_dir": "",  # TFDS data_dir when `dataset` is a name
-            "train_split": "train",
-            "val_split": "validation",  # skipped when the dataset has no such split
-            "num_train_examples": 0,  # 0 = read from the dataset; sets the epoch length for schedules
-        }
-    )
+    config.data = data_section()
     config.mesh = mesh_section(data=-1, fsdp=1)  # 29.6 M parameters fit every device: plain data parallel
     config.train = train_section(
         global_batch_size=256,

@@ -11,7 +11,7 @@ The latent dataset's text embeddings must come from the local encoder (all-MiniL
 
 import ml_collections
 
-from diffusets_jax.config import mesh_section, train_section
+from diffusets_jax.config import data_section, mesh_section, train_section
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,15 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
         }
     )
 
-    config.data = ml_collections.ConfigDict(
-        {
-            "dataset": "",
-            "data_dir": "",
-            "train_split": "train",
-            "val_split": "validation",
-            "num_train_examples": 0,
-        }
-    )
+    config.data = data_section()
     config.mesh = mesh_section(data=-1, fsdp=1)
     config.train = train_section(
         global_batch_size=512,  # the paper's batch and rate (see diffusets_unet.py for the repo's)

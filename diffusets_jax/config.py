@@ -202,6 +202,21 @@ def _parse_value(key: str, raw: str, current: Any) -> Any:
         return raw
 
 
+def data_section(dataset: str = "", **values: Any) -> ml_collections.ConfigDict:
+    """The `config.data` section shared by every training config."""
+    section = ml_collections.ConfigDict(
+        {
+            "dataset": dataset,  # a prepared (or latent) dataset directory, or a TFDS name with data_dir
+            "data_dir": "",  # TFDS data dir when `dataset` is a name
+            "train_split": "train",
+            "val_split": "validation",  # periodic validation; skipped when the dataset has no such split
+            "num_train_examples": 0,  # 0 = read from the dataset
+        }
+    )
+    section.update(values)
+    return section
+
+
 def mesh_section(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
     """The `config.mesh` section shared by every training config."""
     return ml_collections.ConfigDict(

@@ -108,7 +108,8 @@ def run_demo(out_dir: str | Path = "demo_out", *, quick: bool = False, seed: int
 
     summary = {
         "out": str(out),
-        "records": {"written": report.get("written"), "skipped": report.get("skipped")},
+        "records": {"written": report["examples_written"], "skipped": report["skipped_by_reason"],
+                    "per_split": report["examples_per_split"]},
         "samples": {"count": manifest["count"], "plots": str(out / "samples" / "plots"),
                     "wfdb": str(out / "samples" / "wfdb"), "npz": str(out / "samples" / "samples.npz")},
         "evaluation": {"report": str(out / "evaluation" / "report.md"),
