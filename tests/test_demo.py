@@ -28,7 +28,7 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["records"]["written"] + sum(summary["records"]["skipped"].values()) == 40
     assert summary["records"]["written"] >= 38
-    assert [s["stage"].split()[0] for s in summary["stages"]] == [
+    assert [s["stage"].split()[0].rstrip(":") for s in summary["stages"]] == [
         "prepare", "train", "encode", "train", "train", "sample", "evaluate"]
     manifest = json.loads((out / "samples" / "manifest.json").read_text())
     assert manifest["count"] == len(DEMO_PROMPTS)
