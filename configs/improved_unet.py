@@ -11,27 +11,15 @@ The latent dataset's text embeddings must come from the local encoder (all-MiniL
 
 import ml_collections
 
-from diffusets_jax.config import data_section, mesh_section, train_section
+from diffusets_jax.config import data_section, mesh_section, module_section, train_section
+from diffusets_jax.models.unet import UNet
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Published architecture, but the condition's text part is 384-d (local MiniLM encoder, no API calls).
-    config.model = ml_collections.ConfigDict(
-        {
-            "latent_channels": 4,
-            "channels": (8, 16, 32, 64, 128, 256),  # output width of the down blocks; 6 blocks + bottleneck = 7 levels
-            "down_attention_dims": (8, 16, 32, 64, 128, 256),  # attention width H = 2 x block input width
-            "bottleneck_attention_dim": 32,
-            "up_attention_dims": (512, 512, 256, 128, 64, 32),  # up0 .. up5
-            "num_heads": 8,
-            "bottleneck_heads": 4,
-            "kernel_size": 7,
-            "text_dim": 384,
-            "exact_cross_attention": False,  # False: computed as its equivalent per-sample bias
-        }
-    )
+    config.model = module_section(UNet, text_dim=384)  # every other field: the published architecture
 
     config.data = data_section()
     config.mesh = mesh_section(data=-1, fsdp=1)
