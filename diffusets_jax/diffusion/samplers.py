@@ -414,9 +414,9 @@ def jit_generate(
 
     def run(unet_variables: Any, vae_variables: Any, cond: Any, key: jax.Array, null_cond: Any = None) -> jax.Array:
         model_fn = unet_model_fn(unet, unet_variables, compute_dtype)
-        latents = sample(model_fn, schedule, cond, key, config, null_cond=null_cond, batch_sharding=batch_sharding)
         if vae is None:
-            return latents
-        return vae_decode_fn(vae, vae_variables, compute_dtype)(latents)
+            return sample(model_fn, schedule, cond, key, config, null_cond=null_cond, batch_sharding=batch_sharding)
+        return generate(model_fn, vae_decode_fn(vae, vae_variables, compute_dtype), schedule, cond, key, config,
+                        null_cond=null_cond, batch_sharding=batch_sharding)
 
     return jax.jit(run)

@@ -25,7 +25,7 @@ import numpy as np
 import wfdb
 
 from diffusets_jax import __version__
-from diffusets_jax.signal import STANDARD_LEADS
+from diffusets_jax.signal import STANDARD_LEADS, resample_rate
 
 MODEL_FS = 102.4
 DURATION_S = 10.0
@@ -63,14 +63,6 @@ def parse_conditions(comments: Sequence[str]) -> dict[str, str]:
     return parsed
 
 
-def _resample_length(ecg: np.ndarray, length: int) -> np.ndarray:
-    # TODO(data-prep merge): use the shared resampling helper in diffusets_jax.signal once it lands; this is
-    # the same whole-record FFT resampling (scipy.signal.resample) the reference preprocessing uses.
-    from scipy.signal import resample
-
-    return resample(ecg, length, axis=0)
-
-
 def prepare_signal(ecg: Any, fs: float = MODEL_FS, output_fs: float | None = None) -> tuple[np.ndarray, float]:
     """Check one ECG `(samples, 12)` in mV and resample it to `output_fs` if given -> `(signal, fs)`."""
     ecg = np.asarray(ecg, dtype=np.float64)
@@ -82,8 +74,7 @@ def prepare_signal(ecg: Any, fs: float = MODEL_FS, output_fs: float | None = Non
     if not np.all(np.isfinite(ecg)):
         raise ValueError(f"the ECG has {int(np.sum(~np.isfinite(ecg)))} non-finite samples (NaN/inf)")
     if output_fs is not None and output_fs != fs:
-        length = int(round(ecg.shape[0] * output_fs / fs))
-        ecg, fs = _resample_length(ecg, length), float(output_fs)
+        ecg, fs = resample_rate(ecg, fs, output_fs, dtype=np.float64), float(output_fs)
     peak = float(np.max(np.abs(ecg))) if ecg.size else 0.0
     if peak * ADC_GAIN >= _ADC_LIMIT:
         raise ValueError(
