@@ -112,6 +112,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+# XLA options for programs that run once (parameter initialisation). On the CPU backend, LLVM's optimisation
+# passes dominate compile time: without them the demo U-Net's init compiles in 18 s instead of 51 s (2 cores)
+# and still runs in milliseconds. Other backends compile as usual.
+RUN_ONCE_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def jit_run_once(fn: Any, *args: Any, out_shardings: Any = None) -> Any:
+    """`jax.jit(fn, out_shardings=...)(*args)` compiled for a single call: cheaply on CPU (see above).
+
+    For initialisation (`module.init`, a fresh train state): one call, so compile time is all that counts.
+    """
+    jitted = jax.jit(fn) if out_shardings is None else jax.jit(fn, out_shardings=out_shardings)
+    options = RUN_ONCE_CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    return jitted.lower(*args).compile(compiler_options=options)(*args)
+
+
 def num_batch_shards(mesh: Mesh) -> int:
     """How many slices the global batch is split into (the global batch must be a multiple of it)."""
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))

@@ -16,6 +16,7 @@ from diffusets_jax.generate import ECGGenerator, GenerationMeta, make_condition,
 from diffusets_jax.models.bundle import save_model
 from diffusets_jax.models.unet import UNet
 from diffusets_jax.models.vae import VAE
+from diffusets_jax.parallel import jit_run_once
 from diffusets_jax.signal import STANDARD_LEADS
 from tests.fake_openai_server import FakeOpenAIServer
 
@@ -28,9 +29,9 @@ def tiny_model_dir(path, text_dim=TEXT_DIM, embedder="openai", patient_features=
     unet = UNet(channels=(8, 16), down_attention_dims=(8, 16), bottleneck_attention_dim=16,
                 up_attention_dims=(32, 16), num_heads=2, bottleneck_heads=2, text_dim=text_dim)
     key_vae, key_unet = jax.random.split(jax.random.PRNGKey(0))
-    vae_vars = vae.init(key_vae, np.zeros((1, 1024, 12), np.float32), jax.random.PRNGKey(1))
+    vae_vars = jit_run_once(vae.init, key_vae, np.zeros((1, 1024, 12), np.float32), jax.random.PRNGKey(1))
     ones = np.ones((1,), np.float32)
-    unet_vars = unet.init(key_unet, np.zeros((1, 128, 4), np.float32), np.zeros((1,), np.int32),
+    unet_vars = jit_run_once(unet.init, key_unet, np.zeros((1, 128, 4), np.float32), np.zeros((1,), np.int32),
                           np.zeros((1, text_dim), np.float32), ones, ones, ones)
     save_model(path, "vae", vae, vae_vars)
     save_model(path, "unet", unet, unet_vars)

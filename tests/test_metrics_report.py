@@ -9,6 +9,7 @@ import numpy as np
 
 from diffusets_jax.metrics.report import evaluate
 from diffusets_jax.models.clip import CLIP
+from diffusets_jax.parallel import jit_run_once
 
 
 def synthetic_ecgs(rng, n, rate_bpm):
@@ -31,7 +32,7 @@ def test_evaluate_writes_all_three_levels(tmp_path):
     clip = CLIP(base_filters=8, filters=(8, 16), blocks_per_stage=(1, 1), group_width=8, text_dim=16,
                 text_hidden_dim=16, embed_dim=8)
     text = rng.standard_normal((n, 16)).astype(np.float32)
-    variables = clip.init(jax.random.PRNGKey(0), real[:2], text[:2])
+    variables = jit_run_once(clip.init, jax.random.PRNGKey(0), real[:2], text[:2])
     report = evaluate(real, generated, text_embeddings=text, heart_rates=hr, prompts=[f"p{i}" for i in range(n)],
                       clip=(clip, variables), out_dir=tmp_path, n_examples=2, sexes=[1] * n, ages=[50.0] * n)
     signal, features, diagnostic = report["signal_level"], report["feature_level"], report["diagnostic_level"]

@@ -96,7 +96,7 @@ def abstract_state(task: Task, mesh: Mesh, seed: int, use_ema: bool) -> tuple[An
 def init_state(task: Task, mesh: Mesh, seed: int, use_ema: bool) -> TrainState:
     """A fresh TrainState created directly in its shardings (no full copy on one device first)."""
     _, shardings = abstract_state(task, mesh, seed, use_ema)
-    return jax.jit(lambda: _init_state(task, seed, use_ema), out_shardings=shardings)()
+    return parallel.jit_run_once(lambda: _init_state(task, seed, use_ema), out_shardings=shardings)
 
 
 def _init_state(task: Task, seed: int, use_ema: bool) -> TrainState:
