@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
         cond_dropout=0.1,
         # (sex, age / 100, heart rate / 100): patient values on the scale of the text embedding.
         patient_features="normalised",
+        latent_scale=0.18215,  # the published VAE's latents, scaled as published
+        scale_by_std=False,
         ema_decay=0.9999,  # evaluate and export the EMA params
         compute_dtype="float32",  # "bfloat16" roughly halves step time on GPUs/TPUs; params stay f32
         eval_timesteps=(10, 100, 250, 500, 750, 990),

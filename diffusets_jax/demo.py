@@ -30,7 +30,7 @@ DEMO_PROMPTS: tuple[tuple[str, str, int, int], ...] = (
 )
 
 # Training steps per stage: `quick` exercises the same path in about a minute of compute.
-STEPS = {"full": {"vae": 600, "unet": 1200, "clip": 200}, "quick": {"vae": 4, "unet": 4, "clip": 4}}
+STEPS = {"full": {"vae": 500, "unet": 3500, "clip": 200}, "quick": {"vae": 4, "unet": 4, "clip": 4}}
 
 
 def _config(name: str, dataset: Path, steps: int, extra: list[str] | None = None):

@@ -2,9 +2,10 @@
 
 A model directory (written by `diffusets-jax convert` or exported by `diffusets-jax train`) holds the
 `vae/` and `unet/` bundles (`diffusets_jax.models.bundle`) and `generation.json`, which records how the
-U-Net was conditioned: the text embedder (its prompts must be embedded by the same model) and the patient
-feature mode. Generation is one jitted program (reverse chain + VAE decode) compiled once per batch size,
-with the batch sharded over every device of the mesh (all hosts' devices in a multi-host run).
+U-Net was conditioned: the text embedder (its prompts must be embedded by the same model), the patient
+feature mode, the noise schedule and the scale of its latents (what the VAE decoder divides by).
+Generation is one jitted program (reverse chain + VAE decode) compiled once per batch size, with the batch
+sharded over every device of the mesh (all hosts' devices in a multi-host run).
 
 Reproducibility: batch `i` of a run uses `fold_in(PRNGKey(seed), i)`, so a corpus shard regenerated
 after a crash is identical to the one that would have been written.
@@ -30,6 +31,7 @@ from diffusets_jax.data.schema import ECG_LENGTH, NUM_LEADS
 from diffusets_jax.diffusion.guidance import fixed_null_condition
 from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate
 from diffusets_jax.diffusion.schedule import ScheduleConfig, make_schedule
+from diffusets_jax.models.vae import LATENT_SCALE
 
 GENERATION_META = "generation.json"
 
@@ -126,6 +128,7 @@ class GenerationMeta:
     embedder_options: dict = dataclasses.field(default_factory=dict)
     patient_features: str = "faithful"  # or "normalised"
     schedule: dict = dataclasses.field(default_factory=dict)  # ScheduleConfig fields; {} = faithful
+    latent_scale: float = LATENT_SCALE  # what the U-Net's latents are multiplied by (the published 0.18215)
 
     @classmethod
     def published(cls, text_dim: int) -> GenerationMeta:
@@ -209,7 +212,7 @@ class ECGGenerator:
         self.unet_variables = jax.device_put(self.unet_variables, replicated)
         self.vae_variables = jax.device_put(self.vae_variables, replicated)
         self._generate = jit_generate(self.unet, self.vae, schedule, sampler, batch_sharding=sharding,
-                                      compute_dtype=compute_dtype)
+                                      compute_dtype=compute_dtype, latent_scale=self.meta.latent_scale)
         self._null_cond = fixed_null_condition(self.unet.text_dim) if sampler.guidance_scale != 1.0 else None
 
     # -- conditions -> model inputs ------------------------------------------------------------------

@@ -95,6 +95,21 @@ def test_pipeline_reads_latents_as_sharded_batches(encoded):
     assert z.shape == (16, 128, 4) and bool(jnp.isfinite(z).all())
 
 
+def test_measured_latent_scale_gives_unit_variance(encoded, source):
+    out, _ = encoded
+    # independently: the toy encoder's posterior means of the train examples that were kept
+    kept = [i for i in range(tiny_ecg_dataset.SPLIT_SIZES["train"]) if i not in (NAN_INDEX, tiny_ecg_dataset.NAN_ECG_INDEX)]
+    means = np.stack([expected_posterior(i)[0] for i in kept]).astype(np.float64)
+    assert latents.measure_latent_scale(out, "train") == pytest.approx(1.0 / means.std(), rel=1e-5)
+    # max_examples: the leading examples in stored order
+    first = [int(e["study_id"]) for e in pipeline.load_builder(out).as_dataset("train[:3]", shuffle_files=False)
+             .as_numpy_iterator()]
+    few = np.stack([expected_posterior(i)[0] for i in first]).astype(np.float64)
+    assert latents.measure_latent_scale(out, "train", max_examples=3) == pytest.approx(1.0 / few.std(), rel=1e-5)
+    with pytest.raises(ValueError, match="no split 'nope'"):
+        latents.measure_latent_scale(out, "nope")
+
+
 def test_fast_serializer_reads_back_like_tfds_serialization():
     features = latents.latent_features(6)
     rng = np.random.default_rng(0)

@@ -38,3 +38,11 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert set(report) >= {"signal_level", "feature_level", "diagnostic_level"}
     assert (out / "evaluation" / "heart_rate_scatter.png").exists()
+    # the demo U-Net measures its latent scale (train.scale_by_std) and generation uses that scale
+    from diffusets_jax.data.latents import measure_latent_scale
+    from diffusets_jax.generate import GenerationMeta
+
+    measured = measure_latent_scale(out / "latents", "train")
+    assert GenerationMeta.load(out / "model").latent_scale == pytest.approx(measured)
+    assert json.loads((out / "runs" / "unet" / "config.json").read_text())["train"]["latent_scale"] == pytest.approx(
+        measured)

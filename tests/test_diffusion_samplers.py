@@ -276,8 +276,8 @@ class TinyVAE(nn.Module):
         return self.decode(z)
 
     @nn.compact
-    def decode(self, z):
-        return jnp.repeat(nn.Dense(12)(z), 8, axis=1)
+    def decode(self, z, latent_scale=0.18215):
+        return jnp.repeat(nn.Dense(12)(z / latent_scale), 8, axis=1)
 
 
 def _patient_cond(batch, text_dim=6):
@@ -308,6 +308,12 @@ def test_jit_generate_with_flax_modules_and_guidance():
     np.testing.assert_allclose(np.asarray(ecg), np.asarray(by_hand), atol=1e-4)
     latents = jit_generate(unet, None, schedule, config)(unet_vars, None, cond, jax.random.key(4), null)
     assert latents.shape == (4, 128, 4)
+    # the decoder gets the latents' scale (a U-Net trained with a measured one records it in generation.json)
+    np.testing.assert_allclose(np.asarray(ecg), np.asarray(vae.apply(vae_vars, latents, method="decode")), atol=1e-4)
+    rescaled = jit_generate(unet, vae, schedule, config, latent_scale=0.5)(unet_vars, vae_vars, cond, jax.random.key(4), null)
+    np.testing.assert_allclose(np.asarray(rescaled), np.asarray(vae.apply(vae_vars, latents, 0.5, method="decode")),
+                               atol=1e-4)
+    assert not np.allclose(np.asarray(rescaled), np.asarray(ecg))
     # bfloat16 compute keeps float32 outputs and stays close
     bf16 = jit_generate(unet, vae, schedule, config, compute_dtype=jnp.bfloat16)(unet_vars, vae_vars, cond, jax.random.key(4), null)
     assert bf16.dtype == jnp.float32 and float(jnp.abs(bf16 - ecg).max()) < 0.25 * float(jnp.abs(ecg).max())

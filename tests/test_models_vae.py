@@ -88,6 +88,11 @@ def test_decode_divides_by_latent_scale(small_variables):
     z = jax.random.normal(jax.random.key(4), (2, 16, 4))
     direct = jax.jit(lambda v, z: SMALL.apply(v, z / LATENT_SCALE, method=lambda m, z: m.decoder(z)))
     np.testing.assert_allclose(decode(small_variables, z), direct(small_variables, z), rtol=1e-6, atol=1e-6)
+    # a measured scale (train.scale_by_std): the same latent at 3x the scale decodes to the same ECG
+    rescaled = jax.jit(lambda v, z: SMALL.apply(v, z, 3 * LATENT_SCALE, method=VAE.decode))
+    np.testing.assert_allclose(rescaled(small_variables, 3 * z), decode(small_variables, z), rtol=1e-5, atol=1e-5)
+    mean, logvar = jnp.ones((1, 16, 4)), jnp.full((1, 16, 4), -30.0)
+    np.testing.assert_allclose(VAE.sample_latent(mean, logvar, jax.random.key(0), 0.7), 0.7, rtol=1e-5)
 
 
 def test_training_pass_matches_its_parts(small_variables):

@@ -6,7 +6,8 @@ compute. `encode_dataset` writes, per split, TFRecord shards whose examples hold
 dataset (`dataset_info.json` written with `tfds.folder_dataset.write_metadata`), so the same input pipeline
 reads it: `pipeline.train_batches(out_dir, "train", fields=pipeline.LATENT_FIELDS, ...)`. The train step
 then draws a fresh latent each step with `models.vae.VAE.sample_latent` (z = (mean + exp(logvar / 2) eps)
-* 0.18215), as the reference does when it encodes on the fly.
+* scale, the published 0.18215 or one measured by `measure_latent_scale`), as the reference does when it
+encodes on the fly.
 
 Writing is resumable and crash-safe: shard `i` of a split always holds the same source examples
 (`split[i * n : (i + 1) * n]`, in stored order), is written to a temporary file and moved into place with
@@ -17,6 +18,7 @@ so a rerun skips them. Records whose ECG or latent is not finite are skipped and
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -104,6 +106,34 @@ def load_vae_encoder(vae_dir: str | os.PathLike) -> tuple[EncodeApply, Any]:
         return module.apply(variables, ecg, method=VAE.encode)
 
     return encode, variables
+
+
+def measure_latent_scale(source: tfds.core.DatasetBuilder | str | os.PathLike, split: str = "train", *,
+                         max_examples: int = 4096) -> float:
+    """1 / standard deviation of the posterior means of the first `max_examples` of `split`, in stored order.
+
+    The scale that gives the diffusion model unit-variance latents (latent diffusion's `scale_by_std`, which
+    measures the first batch): the published 0.18215 suits Stable Diffusion's VAE, not one trained from scratch.
+    Deterministic, and the same on every host (each reads the same leading examples).
+    """
+    builder = pipeline.load_builder(source)
+    if split not in builder.info.splits:
+        raise ValueError(f"{builder.data_dir}: no split {split!r} to measure the latent scale on "
+                         f"(it has {sorted(builder.info.splits)})")
+    n = min(int(max_examples), int(builder.info.splits[split].num_examples))
+    if n < 1:
+        raise ValueError(f"{builder.data_dir}: split {split!r} is empty; cannot measure the latent scale")
+    ds = builder.as_dataset(split=f"{split}[:{n}]", shuffle_files=False,
+                            decoders=tfds.decode.PartialDecoding({"latent_mean": True}))
+    total = total_sq = count = 0.0
+    for batch in tfds.as_numpy(ds.batch(256)):
+        values = np.asarray(batch["latent_mean"], np.float64)
+        total, total_sq, count = total + values.sum(), total_sq + np.square(values).sum(), count + values.size
+    std = math.sqrt(max(total_sq / count - (total / count) ** 2, 0.0))
+    if not math.isfinite(std) or std <= 0:
+        raise ValueError(f"{builder.data_dir}: the latent means of {split!r} have standard deviation {std}: "
+                         "re-encode with a trained VAE")
+    return 1.0 / std
 
 
 def _write_json_atomically(path: str, payload: dict) -> None:

@@ -382,15 +382,18 @@ def unet_model_fn(unet: nn.Module, variables: Any, compute_dtype: Any = None) ->
     return model_fn
 
 
-def vae_decode_fn(vae: nn.Module, variables: Any, compute_dtype: Any = None) -> DecodeFn:
-    """Adapt a VAE to `generate`'s decode_fn: `vae.apply(variables, z, method="decode")`, float32 out."""
+def vae_decode_fn(vae: nn.Module, variables: Any, compute_dtype: Any = None, latent_scale: float | None = None
+                  ) -> DecodeFn:
+    """Adapt a VAE to `generate`'s decode_fn: `vae.apply(variables, z, latent_scale, method="decode")`, float32
+    out. `latent_scale`: the factor the diffusion model's latents carry (None: the VAE's published default)."""
     if compute_dtype is not None:
         variables = _cast_floats(variables, compute_dtype)
+    scale = () if latent_scale is None else (float(latent_scale),)
 
     def decode_fn(z: jax.Array) -> jax.Array:
         if compute_dtype is not None:
             z = z.astype(compute_dtype)
-        return vae.apply(variables, z, method="decode").astype(jnp.float32)
+        return vae.apply(variables, z, *scale, method="decode").astype(jnp.float32)
 
     return decode_fn
 
@@ -403,8 +406,11 @@ def jit_generate(
     *,
     batch_sharding: jax.sharding.Sharding | None = None,
     compute_dtype: Any = None,
+    latent_scale: float | None = None,
 ) -> Callable[..., jax.Array]:
     """Compile-once generator `(unet_variables, vae_variables, cond, key, null_cond) -> (B, 1024, 12)`.
+
+    `latent_scale`: the scale of the U-Net's latents (`GenerationMeta.latent_scale`; None: published 0.18215).
 
     With `vae=None` it returns latents `(B, 128, 4)` and ignores vae_variables. Variables are arguments,
     not constants baked into the program, so one compiled function serves any checkpoint of the same
@@ -416,7 +422,8 @@ def jit_generate(
         model_fn = unet_model_fn(unet, unet_variables, compute_dtype)
         if vae is None:
             return sample(model_fn, schedule, cond, key, config, null_cond=null_cond, batch_sharding=batch_sharding)
-        return generate(model_fn, vae_decode_fn(vae, vae_variables, compute_dtype), schedule, cond, key, config,
-                        null_cond=null_cond, batch_sharding=batch_sharding)
+        decode_fn = vae_decode_fn(vae, vae_variables, compute_dtype, latent_scale)
+        return generate(model_fn, decode_fn, schedule, cond, key, config, null_cond=null_cond,
+                        batch_sharding=batch_sharding)
 
     return jax.jit(run)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 # Stable Diffusion's latent scale factor, kept by DiffuSETS: the diffusion model works on latent * LATENT_SCALE.
+# A VAE trained from scratch has latents of another spread; the diffusion trainer can measure its own scale
+# (`train.scale_by_std`, as latent diffusion's `scale_by_std`) and records it in `generation.json`.
 LATENT_SCALE = 0.18215
 # The reference clamps the encoder's log-variance to this range before use.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -172,19 +174,24 @@ class VAE(nn.Module):
         return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
     @staticmethod
-    def sample_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
-        """Reparameterised draw, scaled for the diffusion model: `(mean + exp(logvar / 2) * eps) * LATENT_SCALE`.
+    def sample_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array, latent_scale: float = LATENT_SCALE
+                      ) -> jax.Array:
+        """Reparameterised draw, scaled for the diffusion model: `(mean + exp(logvar / 2) * eps) * latent_scale`.
 
         `mean`, `logvar`: `(batch, 128, latent_channels)`; returns the same shape.
         """
         eps = jax.random.normal(key, mean.shape, mean.dtype)
-        return (mean + jnp.exp(0.5 * logvar) * eps) * LATENT_SCALE
+        return (mean + jnp.exp(0.5 * logvar) * eps) * latent_scale
 
-    def decode(self, z: jax.Array) -> jax.Array:
-        """Scaled latent `(batch, 128, latent_channels)` -> ECG `(batch, 1024, in_channels)` (mV, standard order)."""
+    def decode(self, z: jax.Array, latent_scale: float = LATENT_SCALE) -> jax.Array:
+        """Scaled latent `(batch, 128, latent_channels)` -> ECG `(batch, 1024, in_channels)` (mV, standard order).
+
+        `latent_scale` is the factor the latent was scaled by (`sample_latent`'s): the published 0.18215, or
+        the one a diffusion run measured (`GenerationMeta.latent_scale`).
+        """
         if z.ndim != 3 or z.shape[-1] != self.latent_channels:
             raise ValueError(f"VAE.decode expects latents shaped (batch, length, {self.latent_channels}), got {z.shape}")
-        return self.decoder(z / LATENT_SCALE)
+        return self.decoder(z / latent_scale)
 
     def __call__(self, x: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Training pass: ECG `(batch, 1024, in_channels)` -> `(reconstruction, mean, logvar)`.

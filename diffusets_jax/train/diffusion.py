@@ -1,18 +1,21 @@
 """Latent-diffusion (U-Net) training (reference sections 6-7) on precomputed VAE posteriors.
 
-Each step draws z = (mean + exp(logvar / 2) eps) * 0.18215 from the stored posterior (a fresh eps every
-step, as the reference encodes on the fly), t uniform in [1, 998], and minimises the epsilon loss with
-the reference's reduction (squared error summed over the latent, averaged over the batch). AdamW with
-cosine decay to 0.1 x the learning rate, stepped per batch.
+Each step draws z = (mean + exp(logvar / 2) eps) * `train.latent_scale` (the published 0.18215) from the
+stored posterior (a fresh eps every step, as the reference encodes on the fly), t uniform in [1, 998], and
+minimises the epsilon loss with the reference's reduction (squared error summed over the latent, averaged
+over the batch). AdamW with cosine decay to 0.1 x the learning rate, stepped per batch.
 
 Improvements, each off in the faithful config: classifier-free-guidance condition dropout
 (`train.cond_dropout` > 0, fixed null condition of `diffusion.guidance`), normalised patient features
-(`train.patient_features = "normalised"`: sex, age / 100, heart rate / 100), EMA params, bf16 compute.
+(`train.patient_features = "normalised"`: sex, age / 100, heart rate / 100), EMA params, bf16 compute, and
+`train.scale_by_std`: `run_training` measures the latent scale that gives unit-variance latents (latent
+diffusion's recipe, for a VAE trained from scratch) and stores it in `train.latent_scale` and `generation.json`.
 Validation: the loss at fixed timesteps (`train.eval_timesteps`) with fixed noise, comparable across runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +84,9 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
                       mode)  # validate the mode now
     null_cond = guidance.fixed_null_condition(model.text_dim)
     eval_timesteps = tuple(int(t) for t in tc.eval_timesteps)
+    latent_scale = float(tc.get("latent_scale", LATENT_SCALE))
+    if not 0 < latent_scale < float("inf"):
+        raise ValueError(f"train.latent_scale must be a positive number, got {latent_scale}")
 
     def init_variables(key: jax.Array) -> dict[str, Any]:
         zeros = jnp.zeros((1,))
@@ -99,7 +105,8 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
 
     def loss_fn(params, model_state, batch, key, step):
         latent_key, dropout_key, loss_key = jax.random.split(key, 3)
-        x0 = VAE.sample_latent(batch["latent_mean"].astype(jnp.float32), batch["latent_logvar"].astype(jnp.float32), latent_key)
+        x0 = VAE.sample_latent(batch["latent_mean"].astype(jnp.float32), batch["latent_logvar"].astype(jnp.float32),
+                               latent_key, latent_scale)
         cond = patient_condition(batch, mode)
         if cond_dropout > 0:
             cond = guidance.drop_conditions(cond, dropout_key, cond_dropout, null_cond)
@@ -108,7 +115,7 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
 
     def eval_fn(params, model_state, batch, key):
         latent_key, noise_key = jax.random.split(key)
-        x0 = batch["latent_mean"].astype(jnp.float32) * LATENT_SCALE  # posterior mean: no sampling noise
+        x0 = batch["latent_mean"].astype(jnp.float32) * latent_scale  # posterior mean: no sampling noise
         cond = patient_condition(batch, mode)
         noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
         apply = model_fn(params, model_state)
@@ -121,16 +128,14 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
         return metrics
 
     def export(directory: Path, params: Any, model_state: Any) -> None:
-        import dataclasses
-
         from diffusets_jax.generate import GenerationMeta
         from diffusets_jax.models.bundle import save_model
 
         save_model(directory, "unet", model, {"params": params, **model_state})
         # How sampling must condition this U-Net: the embedder its text dim implies, the patient feature
-        # mode it was trained with, and its noise schedule.
+        # mode it was trained with, its noise schedule and the scale of its latents.
         meta = GenerationMeta.published(model.text_dim)
-        GenerationMeta(embedder=meta.embedder, patient_features=mode,
-                       schedule=dataclasses.asdict(schedule_cfg)).save(directory)
+        GenerationMeta(embedder=meta.embedder, patient_features=mode, schedule=dataclasses.asdict(schedule_cfg),
+                       latent_scale=latent_scale).save(directory)
 
     return Task("unet", init_variables, loss_fn, make_optimizer(tc, lr_schedule), lr_schedule, eval_fn, export)

@@ -43,12 +43,25 @@ def make_task(model: str, config: ml_collections.ConfigDict, num_steps: int) -> 
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
 
 
+def resolve_latent_scale(model: str, config: ml_collections.ConfigDict, dataset: Any) -> None:
+    """With `train.scale_by_std` (U-Net only), set `train.latent_scale` to 1 / std of the latent dataset's
+    training latents (`data.latents.measure_latent_scale`; deterministic, so a resumed run gets the same value)."""
+    if model != "unet" or not config.train.get("scale_by_std", False):
+        return
+    from diffusets_jax.data.latents import measure_latent_scale
+
+    config.train.latent_scale = measure_latent_scale(dataset, config.data.train_split)
+    log.info("train.scale_by_std: latent scale %.6g (1 / std of the %r latent means)", config.train.latent_scale,
+             config.data.train_split)
+
+
 def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
     """Train `model` on `config.data.dataset` into `workdir` (resuming when it holds checkpoints).
 
     Joins a multi-host run first when the environment describes one (`parallel.initialize_distributed`).
-    Resolves `data.num_train_examples` from the dataset and `train.num_steps` from the epochs, so the
-    saved config states exactly what ran.
+    Resolves `data.num_train_examples` from the dataset, `train.num_steps` from the epochs and, with
+    `train.scale_by_std`, the U-Net's `train.latent_scale` from the latents, so the saved config states
+    exactly what ran.
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
@@ -68,6 +81,7 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
         config.data.num_train_examples = int(splits[config.data.train_split].num_examples)
     num_steps = total_steps(config)
     config.train.num_steps = num_steps
+    resolve_latent_scale(model, config, builder)
 
     mesh = parallel.mesh_from_config(config.mesh)
     host_batch = pipeline.per_host_batch_size(int(config.train.global_batch_size), jax.process_count(),
@@ -109,6 +123,7 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
     if int(config.data.num_train_examples) <= 0:  # only the schedules' lengths depend on it, not the weights
         config.data.num_train_examples = int(config.train.global_batch_size)
+    resolve_latent_scale(model, config, config.data.dataset)
     task = make_task(model, config, max(int(config.train.num_steps), 1))
     mesh = parallel.mesh_from_config(config.mesh)
     abstract, _ = abstract_state(task, mesh, int(config.train.seed), float(config.train.ema_decay) > 0)
