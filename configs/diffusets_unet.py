@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
         loss_reduction="sum_per_sample",
         cond_dropout=0.0,  # no classifier-free guidance in the published model
         patient_features="faithful",  # raw sex (1 = male), age (years), heart rate (bpm)
+        prediction_type="epsilon",  # what the U-Net predicts: the published model predicts the noise
         latent_scale=0.18215,  # latents = VAE posterior x this (Stable Diffusion's factor, kept by DiffuSETS)
         scale_by_std=False,  # True: measure 1 / std of the latents instead (for a VAE trained from scratch)
         eval_timesteps=(10, 100, 250, 500, 750, 990),

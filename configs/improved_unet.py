@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
         cond_dropout=0.1,
         # (sex, age / 100, heart rate / 100): patient values on the scale of the text embedding.
         patient_features="normalised",
+        prediction_type="epsilon",  # or "v_prediction" for a U-Net trained from scratch
         latent_scale=0.18215,  # the published VAE's latents, scaled as published
         scale_by_std=False,
         ema_decay=0.9999,  # evaluate and export the EMA params

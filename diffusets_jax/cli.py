@@ -339,7 +339,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     smp.add_argument("--guidance-scale", type=float, default=1.0,
                      help="classifier-free guidance weight; 1 = none (models trained without condition dropout)")
     smp.add_argument("--clip-sample", choices=("on", "off"),
-                     help="clip predicted latents to [-1, 1] (default: on for ddpm as published, off otherwise)")
+                     help="clip predicted latents to [-1, 1] (default for ddpm: as the model's generation.json says, on for "
+                          "the published model; off for ddim and dpmpp_2m)")
     smp.add_argument("--seed", type=int, default=0, help="PRNG seed (default: %(default)s)")
     smp.add_argument("--batch-size", type=int, default=64, help="ECGs per compiled call, rounded up to a multiple "
                      "of the device count (default: %(default)s)")

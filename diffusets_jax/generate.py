@@ -129,6 +129,9 @@ class GenerationMeta:
     patient_features: str = "faithful"  # or "normalised"
     schedule: dict = dataclasses.field(default_factory=dict)  # ScheduleConfig fields; {} = faithful
     latent_scale: float = LATENT_SCALE  # what the U-Net's latents are multiplied by (the published 0.18215)
+    # Whether DDPM sampling clips the predicted x0 to [-1, 1] by default, as the published sampler does. A model
+    # whose latents are not within [-1, 1] (unit-variance ones from `train.scale_by_std`) records False.
+    clip_sample: bool = True
 
     @classmethod
     def published(cls, text_dim: int) -> GenerationMeta:
@@ -160,13 +163,13 @@ DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmpp_2m": 20}
 
 def sampler_config(sampler: str = "ddpm", *, steps: int | None = None, eta: float = 0.0,
                    guidance_scale: float = 1.0, clip_sample: bool | None = None) -> SamplerConfig:
-    """A SamplerConfig with per-sampler defaults: ddpm 1000 steps with x0 clipping (as published),
-    ddim 50 and dpmpp_2m 20 steps without clipping."""
+    """A SamplerConfig with per-sampler defaults: ddpm 1000 steps, clipping x0 as the model directs
+    (`GenerationMeta.clip_sample`: on for the published model), ddim 50 and dpmpp_2m 20 steps without clipping."""
     if sampler not in DEFAULT_STEPS:
         raise ValueError(f"sampler must be one of {', '.join(DEFAULT_STEPS)}, got {sampler!r}")
     return SamplerConfig(
         sampler=sampler, steps=steps or DEFAULT_STEPS[sampler], eta=eta, guidance_scale=guidance_scale,
-        clip_sample=(sampler == "ddpm") if clip_sample is None else clip_sample,
+        clip_sample=(None if sampler == "ddpm" else False) if clip_sample is None else clip_sample,
     )
 
 
@@ -198,7 +201,10 @@ class ECGGenerator:
         self.meta = GenerationMeta.load(self.model_dir)
         self.vae, self.vae_variables = load_model(self.model_dir, "vae")
         self.unet, self.unet_variables = load_model(self.model_dir, "unet")
-        self.sampler = sampler = sampler if sampler is not None else SamplerConfig()
+        sampler = sampler if sampler is not None else SamplerConfig()
+        if sampler.clip_sample is None:  # "as the model directs"
+            sampler = dataclasses.replace(sampler, clip_sample=self.meta.clip_sample)
+        self.sampler = sampler
         self.seed = seed
         self.mesh = mesh if mesh is not None else jax.make_mesh((jax.device_count(),), ("data",))
         devices = self.mesh.devices.size

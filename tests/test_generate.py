@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -12,6 +14,8 @@ import wfdb
 
 from diffusets_jax import generate
 from diffusets_jax.cli import main
+from diffusets_jax.diffusion.samplers import sample
+from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.generate import ECGGenerator, GenerationMeta, make_condition, read_conditions
 from diffusets_jax.models.bundle import save_model
 from diffusets_jax.models.unet import UNet
@@ -87,6 +91,23 @@ def test_read_conditions_csv_and_jsonl(tmp_path):
     bad.write_text("text,sex,age,hr\nSinus rhythm,X,40,60\n")
     with pytest.raises(ValueError, match=r"bad.csv line 2: .*sex"):
         read_conditions(bad)
+
+
+def test_ddpm_clips_x0_as_the_model_directs(model_dir, tmp_path):
+    """sampler_config("ddpm") leaves clipping to the model: on for the published one, off for a model whose
+    generation.json says its latents are not within [-1, 1]; an explicit choice always wins."""
+    assert generate.sampler_config("ddpm").clip_sample is None
+    assert generate.sampler_config("dpmpp_2m").clip_sample is False
+    assert ECGGenerator(model_dir, generate.sampler_config("ddpm")).sampler.clip_sample is True
+    unit_variance = tmp_path / "model"
+    shutil.copytree(model_dir, unit_variance)
+    meta = GenerationMeta.load(model_dir)
+    dataclasses.replace(meta, latent_scale=1.07, clip_sample=False).save(unit_variance)
+    assert ECGGenerator(unit_variance, generate.sampler_config("ddpm")).sampler.clip_sample is False
+    assert ECGGenerator(unit_variance, generate.sampler_config("ddpm", clip_sample=True)).sampler.clip_sample is True
+    with pytest.raises(ValueError, match="clip_sample is None"):
+        sample(lambda x, t, c: x, make_schedule(), {"sex": np.zeros(2)}, jax.random.key(0),
+               generate.sampler_config("ddpm", steps=2))
 
 
 def test_generation_is_sharded_deterministic_and_padding_free(model_dir, openai_env):

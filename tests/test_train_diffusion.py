@@ -92,3 +92,53 @@ def test_unet_recipe_with_the_real_unet():
     step = loop.jit_train_step(loop.make_train_step(task, ema_decay=0.99), shardings, mesh)
     state, metrics = step(state, parallel.shard_host_batch(_batch(4), mesh))
     assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+
+
+
+class ZeroNet(nn.Module):
+    """Predicts zeros: its loss is the squared norm of the training target."""
+
+    text_dim: int = 8
+
+    @nn.compact
+    def __call__(self, x_t, t, text_embedding, sex, age, heart_rate):
+        return jnp.zeros_like(x_t)
+
+
+TINY_UNET = ["model.channels=(8,16)", "model.down_attention_dims=(8,16)", "model.bottleneck_attention_dim=16",
+             "model.up_attention_dims=(32,16)", "model.num_heads=2", "model.bottleneck_heads=2", "model.text_dim=8"]
+
+
+def test_prediction_type_sets_the_training_target():
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    losses = {}
+    for prediction_type in ("epsilon", "v_prediction"):
+        config = load_config(CONFIGS / "demo_unet.py", ["train.eval_timesteps=(990,)", "train.latent_scale=0.5",
+                                                        f"train.prediction_type={prediction_type}"])
+        task = diffusion_task(config, num_steps=10, model=ZeroNet())
+        losses[prediction_type] = float(jax.jit(task.eval_fn)({}, {}, batch, jax.random.key(0))["loss_t990"])
+    # At t = 990 the epsilon target is the noise (~512 squared per sample); v = sqrt(abar) eps - sqrt(1 - abar) x0
+    # is mostly -x0, here 0.5 x the posterior mean.
+    assert losses["epsilon"] == pytest.approx(512, rel=0.1)
+    expected_v = 0.25 * float(jnp.square(batch["latent_mean"]).sum(axis=(1, 2)).mean())
+    assert losses["v_prediction"] == pytest.approx(expected_v, rel=0.1)
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_export_records_how_to_sample(tmp_path, scale_by_std):
+    from diffusets_jax.generate import GenerationMeta
+    from diffusets_jax.train.diffusion import build_unet
+    from tests.random_variables import random_variables
+
+    config = load_config(CONFIGS / "demo_unet.py", TINY_UNET + ["train.latent_scale=0.5",
+                                                                f"train.scale_by_std={str(scale_by_std).lower()}"])
+    unet = build_unet(config)
+    variables = random_variables(unet, jnp.zeros((1, 128, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 8)),
+                                 jnp.zeros(1), jnp.zeros(1), jnp.zeros(1))
+    params, model_state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    diffusion_task(config, num_steps=10, model=unet).export(tmp_path, params, model_state)
+    meta = GenerationMeta.load(tmp_path)
+    assert meta.schedule["prediction_type"] == "v_prediction" and meta.latent_scale == 0.5
+    assert meta.patient_features == "normalised" and meta.embedder == "local"
+    # unit-variance (measured) latents reach beyond [-1, 1]: DDPM must not clip them there
+    assert meta.clip_sample is (not scale_by_std)

@@ -45,6 +45,8 @@ class SamplerConfig:
         diffusers' DDIM default, "linspace" rounds an even grid over [0, T - 1]. All give T-1 … 0 when
         steps = T.
     clip_sample: clip predicted x0 to [-clip_range, clip_range] (the faithful config does, on latents).
+        None: as the model directs (`generate.ECGGenerator` resolves it from `generation.json`); `sample`
+        refuses an unresolved None.
     guidance_scale: classifier-free guidance weight w (out_null + w (out_cond - out_null)); 1 = none.
     guidance_mode: "batched" (doubled batch, one call) or "sequential" (two calls).
     """
@@ -53,7 +55,7 @@ class SamplerConfig:
     steps: int = 1000
     eta: float = 0.0
     timestep_spacing: str = "trailing"
-    clip_sample: bool = True
+    clip_sample: bool | None = True
     clip_range: float = 1.0
     guidance_scale: float = 1.0
     guidance_mode: str = "batched"
@@ -320,6 +322,9 @@ def sample(
         state is constrained to it. Random draws are made for the global batch, so results do not depend on it.
     Pure: call it inside `jax.jit` (config static) or use `jit_generate`.
     """
+    if config.clip_sample is None:
+        raise ValueError("SamplerConfig.clip_sample is None ('as the model directs'): set it to True or False, or "
+                         "sample through generate.ECGGenerator, which reads the model's generation.json")
     batch = _batch_size(cond)
     if batch_sharding is not None and hasattr(batch_sharding, "mesh"):
         spec = batch_sharding.spec

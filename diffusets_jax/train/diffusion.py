@@ -8,6 +8,8 @@ over the batch). AdamW with cosine decay to 0.1 x the learning rate, stepped per
 Improvements, each off in the faithful config: classifier-free-guidance condition dropout
 (`train.cond_dropout` > 0, fixed null condition of `diffusion.guidance`), normalised patient features
 (`train.patient_features = "normalised"`: sex, age / 100, heart rate / 100), EMA params, bf16 compute, and
+`train.prediction_type = "v_prediction"` (v = sqrt(abar) eps - sqrt(1 - abar) x0: an epsilon error at high noise
+is magnified 1 / sqrt(abar), up to ~15x, in the predicted x0, a v error is not), and
 `train.scale_by_std`: `run_training` measures the latent scale that gives unit-variance latents (latent
 diffusion's recipe, for a VAE trained from scratch) and stores it in `train.latent_scale` and `generation.json`.
 Validation: the loss at fixed timesteps (`train.eval_timesteps`) with fixed noise, comparable across runs.
@@ -73,7 +75,8 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
     """
     tc = config.train
     model = build_unet(config) if model is None else model
-    schedule_cfg = FAITHFUL_SCHEDULE
+    # The published linear schedule; `train.prediction_type` "v_prediction" trains a v-predicting network.
+    schedule_cfg = dataclasses.replace(FAITHFUL_SCHEDULE, prediction_type=str(tc.get("prediction_type", "epsilon")))
     noise_schedule = make_schedule(schedule_cfg)
     loss_cfg = LossConfig(t_min=int(tc.t_min), t_max=int(tc.t_max), reduction=str(tc.loss_reduction))
     lr_schedule = learning_rate_schedule(tc, num_steps)
@@ -85,6 +88,7 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
     null_cond = guidance.fixed_null_condition(model.text_dim)
     eval_timesteps = tuple(int(t) for t in tc.eval_timesteps)
     latent_scale = float(tc.get("latent_scale", LATENT_SCALE))
+    scale_by_std = bool(tc.get("scale_by_std", False))
     if not 0 < latent_scale < float("inf"):
         raise ValueError(f"train.latent_scale must be a positive number, got {latent_scale}")
 
@@ -133,9 +137,10 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
 
         save_model(directory, "unet", model, {"params": params, **model_state})
         # How sampling must condition this U-Net: the embedder its text dim implies, the patient feature
-        # mode it was trained with, its noise schedule and the scale of its latents.
+        # mode it was trained with, its noise schedule, the scale of its latents and whether DDPM clips them.
         meta = GenerationMeta.published(model.text_dim)
+        # Unit-variance latents (a measured scale) reach beyond [-1, 1]: DDPM must not clip them there.
         GenerationMeta(embedder=meta.embedder, patient_features=mode, schedule=dataclasses.asdict(schedule_cfg),
-                       latent_scale=latent_scale).save(directory)
+                       latent_scale=latent_scale, clip_sample=not scale_by_std).save(directory)
 
     return Task("unet", init_variables, loss_fn, make_optimizer(tc, lr_schedule), lr_schedule, eval_fn, export)
