@@ -32,7 +32,7 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
         "prepare", "train", "encode", "train", "train", "sample", "evaluate"]
     manifest = json.loads((out / "samples" / "manifest.json").read_text())
     assert manifest["count"] == len(DEMO_PROMPTS)
-    assert any("hyperkalemia" in s["prompt"] for s in manifest["samples"])
+    assert any("hyperkalemia" in s["prompt"].lower() for s in manifest["samples"])
     record = wfdb.rdrecord(str(out / "samples" / manifest["samples"][0]["wfdb"]))
     assert record.p_signal.shape == (1024, 12) and np.isfinite(record.p_signal).all()
     report = json.loads((out / "evaluation" / "report.json").read_text())
@@ -43,6 +43,8 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     from diffusets_jax.generate import GenerationMeta
 
     measured = measure_latent_scale(out / "latents", "train")
-    assert GenerationMeta.load(out / "model").latent_scale == pytest.approx(measured)
+    meta = GenerationMeta.load(out / "model")
+    assert meta.latent_scale == pytest.approx(measured)
+    assert meta.clip_sample is False and meta.schedule["prediction_type"] == "v_prediction"
     assert json.loads((out / "runs" / "unet" / "config.json").read_text())["train"]["latent_scale"] == pytest.approx(
         measured)
