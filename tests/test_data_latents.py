@@ -110,6 +110,26 @@ def test_measured_latent_scale_gives_unit_variance(encoded, source):
         latents.measure_latent_scale(out, "nope")
 
 
+def test_training_resolves_the_measured_scale_only_for_the_unet_with_scale_by_std(encoded):
+    from pathlib import Path
+
+    from diffusets_jax.config import load_config
+    from diffusets_jax.train.run import resolve_latent_scale
+
+    out, _ = encoded
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    measured = latents.measure_latent_scale(out, "train")
+    demo = load_config(configs / "demo_unet.py", [f"data.dataset={out}"])  # scale_by_std=True
+    resolve_latent_scale("unet", demo)  # loads config.data.dataset itself (as --export-only does)
+    assert demo.train.latent_scale == pytest.approx(measured)
+    faithful = load_config(configs / "diffusets_unet.py", [f"data.dataset={out}"])
+    resolve_latent_scale("unet", faithful)
+    assert faithful.train.latent_scale == 0.18215
+    other = load_config(configs / "demo_unet.py", [f"data.dataset={out}"])
+    resolve_latent_scale("vae", other)
+    assert other.train.latent_scale == 0.18215
+
+
 def test_fast_serializer_reads_back_like_tfds_serialization():
     features = latents.latent_features(6)
     rng = np.random.default_rng(0)

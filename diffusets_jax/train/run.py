@@ -43,14 +43,18 @@ def make_task(model: str, config: ml_collections.ConfigDict, num_steps: int) -> 
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
 
 
-def resolve_latent_scale(model: str, config: ml_collections.ConfigDict, dataset: Any) -> None:
+def resolve_latent_scale(model: str, config: ml_collections.ConfigDict, builder: Any = None) -> None:
     """With `train.scale_by_std` (U-Net only), set `train.latent_scale` to 1 / std of the latent dataset's
-    training latents (`data.latents.measure_latent_scale`; deterministic, so a resumed run gets the same value)."""
+    training latents (`data.latents.measure_latent_scale`; deterministic, so a resumed run gets the same value).
+    `builder`: the already loaded `config.data` dataset; None loads it (dataset and data_dir) only when needed."""
     if model != "unet" or not config.train.get("scale_by_std", False):
         return
+    from diffusets_jax.data import pipeline
     from diffusets_jax.data.latents import measure_latent_scale
 
-    config.train.latent_scale = measure_latent_scale(dataset, config.data.train_split)
+    if builder is None:
+        builder = pipeline.load_builder(config.data.dataset, config.data.data_dir or None)
+    config.train.latent_scale = measure_latent_scale(builder, config.data.train_split)
     log.info("train.scale_by_std: latent scale %.6g (1 / std of the %r latent means)", config.train.latent_scale,
              config.data.train_split)
 
@@ -123,7 +127,7 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
     if int(config.data.num_train_examples) <= 0:  # only the schedules' lengths depend on it, not the weights
         config.data.num_train_examples = int(config.train.global_batch_size)
-    resolve_latent_scale(model, config, config.data.dataset)
+    resolve_latent_scale(model, config)
     task = make_task(model, config, max(int(config.train.num_steps), 1))
     mesh = parallel.mesh_from_config(config.mesh)
     abstract, _ = abstract_state(task, mesh, int(config.train.seed), float(config.train.ema_decay) > 0)
