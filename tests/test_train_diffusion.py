@@ -94,7 +94,6 @@ def test_unet_recipe_with_the_real_unet():
     assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
 
 
-
 class ZeroNet(nn.Module):
     """Predicts zeros: its loss is the squared norm of the training target."""
 

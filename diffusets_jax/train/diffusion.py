@@ -2,12 +2,12 @@
 
 Each step draws z = (mean + exp(logvar / 2) eps) * `train.latent_scale` (the published 0.18215) from the
 stored posterior (a fresh eps every step, as the reference encodes on the fly), t uniform in [1, 998], and
-minimises the epsilon loss with the reference's reduction (squared error summed over the latent, averaged
-over the batch). AdamW with cosine decay to 0.1 x the learning rate, stepped per batch.
+minimises the epsilon (or v, `train.prediction_type`) loss with the reference's reduction (squared error summed
+over the latent, averaged over the batch). AdamW with cosine decay to 0.1 x the learning rate, stepped per batch.
 
 Improvements, each off in the faithful config: classifier-free-guidance condition dropout
 (`train.cond_dropout` > 0, fixed null condition of `diffusion.guidance`), normalised patient features
-(`train.patient_features = "normalised"`: sex, age / 100, heart rate / 100), EMA params, bf16 compute, and
+(`train.patient_features = "normalised"`: sex, age / 100, heart rate / 100), EMA params, bf16 compute,
 `train.prediction_type = "v_prediction"` (v = sqrt(abar) eps - sqrt(1 - abar) x0: an epsilon error at high noise
 is magnified 1 / sqrt(abar), up to ~15x, in the predicted x0, a v error is not), and
 `train.scale_by_std`: `run_training` measures the latent scale that gives unit-variance latents (latent
