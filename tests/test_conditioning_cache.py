@@ -126,7 +126,7 @@ def test_reads_jsonl_and_free_text(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     reports = read_report_prompts(path)
     assert reports.prompts == [ordered_prompt("Atrial fibrillation|Low QRS voltages")] * 2 + [
-        "Most importantly, the 1st diagnosis is Sinus bradycardia."]
+        "Most importantly, the 1st diagnosis is {Sinus bradycardia}."]
     assert reports.skipped == 2
     free = read_report_prompts(path, template="free_text")
     assert free.prompts[0] == "The report of the ECG is that Atrial fibrillation, Low QRS voltages."

@@ -16,12 +16,12 @@ from diffusets_jax import generate
 from diffusets_jax.cli import main
 from diffusets_jax.diffusion.samplers import sample
 from diffusets_jax.diffusion.schedule import make_schedule
+from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.generate import ECGGenerator, GenerationMeta, make_condition, read_conditions
 from diffusets_jax.models.bundle import save_model
 from diffusets_jax.models.unet import UNet
 from diffusets_jax.models.vae import VAE
 from diffusets_jax.parallel import jit_run_once
-from diffusets_jax.signal import STANDARD_LEADS
 from tests.fake_openai_server import FakeOpenAIServer
 
 TEXT_DIM = 16
@@ -66,8 +66,8 @@ def model_dir(tmp_path_factory):
 def test_make_condition_validates_and_builds_the_ordered_prompt():
     c = make_condition("Sinus rhythm|Left axis deviation", "m", "63", 71, 2)
     assert (c.sex, c.age, c.heart_rate, c.count) == (1, 63.0, 71.0, 2)
-    assert c.prompt == ("Most importantly, the 1st diagnosis is Sinus rhythm."
-                        "As a supplementary condition, the 2nd diagnosis is Left axis deviation.")
+    assert c.prompt == ("Most importantly, the 1st diagnosis is {Sinus rhythm}."
+                        "As a supplementary condition, the 2nd diagnosis is {Left axis deviation}.")
     with pytest.raises(ValueError, match="flags: .*heart_rate"):
         make_condition("Sinus rhythm", "F", 50, 900, where="flags")
     with pytest.raises(ValueError, match="count"):

@@ -1,12 +1,16 @@
 """Ordered prompts: the sentence DiffuSETS builds from a report's statements before embedding it.
 
-Exactly the published strings (diffusets-reference.md section 4), with no separator between sentences:
+Exactly the published strings (diffusets-reference.md section 4), with no separator between sentences and
+each statement inside literal braces, as the published code writes them and as the ada-002 embeddings the
+published U-Net was trained on saw them (an embedding of the braceless text is a different condition):
 
-    line 0      -> "Most importantly, the 1st diagnosis is {line}."
-    line i >= 1 -> "As a supplementary condition, the {ordinal} diagnosis is {line}."
+    line 0      -> "Most importantly, the 1st diagnosis is {" + line + "}."
+    line i >= 1 -> "As a supplementary condition, the " + ordinal + " diagnosis is {" + line + "}."
 
 with ordinals 2nd, 3rd, then "{i+1}th" (4th, 5th, ... 11th, ... 18th; MIMIC-IV-ECG has at most 18 lines).
 The reference's rule gives "21th" past twenty lines; kept as is, since it only changes what is embedded.
+Statements are stripped of surrounding whitespace (so "a | b" typed on a command line is "a", "b"); their
+inner text, case and punctuation are kept.
 """
 
 from __future__ import annotations
@@ -49,16 +53,17 @@ def ordered_prompt(lines: Sequence[str] | str) -> str:
     """Report statements (a sequence, or one `|`-joined string) -> the DiffuSETS ordered prompt.
 
     >>> ordered_prompt("Sinus rhythm|Normal ECG")
-    'Most importantly, the 1st diagnosis is Sinus rhythm.As a supplementary condition, the 2nd diagnosis is Normal ECG.'
+    'Most importantly, the 1st diagnosis is {Sinus rhythm}.As a supplementary condition, the 2nd diagnosis is {Normal ECG}.'
 
     Raises ValueError when the report has no statement: there is nothing to condition on.
     """
     kept = report_lines(lines)
     if not kept:
         raise ValueError(f"report {lines!r} has no statements: nothing to build a prompt from")
-    sentences = [f"Most importantly, the 1st diagnosis is {kept[0]}."]
+    sentences = ["Most importantly, the 1st diagnosis is {" + kept[0] + "}."]
     sentences += [
-        f"As a supplementary condition, the {ordinal(i + 1)} diagnosis is {line}." for i, line in enumerate(kept[1:], 1)
+        f"As a supplementary condition, the {ordinal(i + 1)} diagnosis is " + "{" + line + "}."
+        for i, line in enumerate(kept[1:], 1)
     ]
     return "".join(sentences)
 
