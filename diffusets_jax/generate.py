@@ -27,10 +27,10 @@ import numpy as np
 
 from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex, patient_features
 from diffusets_jax.conditioning.prompts import ordered_prompt, report_lines
-from diffusets_jax.data.schema import ECG_LENGTH, NUM_LEADS
 from diffusets_jax.diffusion.guidance import fixed_null_condition
 from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate
 from diffusets_jax.diffusion.schedule import ScheduleConfig, make_schedule
+from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
 from diffusets_jax.models.vae import LATENT_SCALE
 
 GENERATION_META = "generation.json"

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from diffusets_jax.convert import clip_from_torch, clip_to_torch, load_state_dict
+from diffusets_jax.ecg.leads import REFERENCE_TO_STANDARD
 from diffusets_jax.models.clip import CLIP
-from diffusets_jax.signal import REFERENCE_TO_STANDARD
 from tests.random_variables import random_variables
 from tests.reference_weights import reference_state_dict, reference_vectors
 

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from diffusets_jax.cli import main
 from diffusets_jax.data import sources
 from diffusets_jax.data.builder import REPORT_FILENAME, subject_split
-from diffusets_jax.signal import STANDARD_LEADS
+from diffusets_jax.ecg.leads import STANDARD_LEADS
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,8 @@ import pytest
 import wfdb
 
 from diffusets_jax.data import records as rec
-from diffusets_jax.signal import MIMIC_LEADS, STANDARD_LEADS, resample_to_length
+from diffusets_jax.ecg.leads import MIMIC_LEADS, STANDARD_LEADS
+from diffusets_jax.ecg.resample import resample_to_length
 
 ECG_DATA = os.path.join(os.path.dirname(__file__), "data", "ecg")
 MIMIC_DIR = os.path.join(ECG_DATA, "mimic_iv_ecg")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import wfdb
 
-from diffusets_jax.heart_rate import heart_rate_from_rr, heart_rate_from_xqrs, record_heart_rate
-from diffusets_jax.signal import resample_to_length
+from diffusets_jax.ecg.heart_rate import heart_rate_from_rr, heart_rate_from_xqrs, record_heart_rate
+from diffusets_jax.ecg.resample import resample_to_length
 
 ECG_DATA = os.path.join(os.path.dirname(__file__), "data", "ecg")
 TRUTH = json.load(open(os.path.join(ECG_DATA, "truth.json")))

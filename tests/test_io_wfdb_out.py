@@ -7,6 +7,7 @@ import pytest
 import scipy.signal
 import wfdb
 
+from diffusets_jax.ecg.leads import MIMIC_LEADS, STANDARD_LEADS
 from diffusets_jax.io.wfdb_out import (
     ADC_GAIN,
     format_conditions,
@@ -15,7 +16,6 @@ from diffusets_jax.io.wfdb_out import (
     write_record,
     write_records,
 )
-from diffusets_jax.signal import MIMIC_LEADS, STANDARD_LEADS
 
 CONDITIONS = {
     "prompt": "Most importantly, the 1st diagnosis is sinus rhythm.\nAs a supplementary condition, the 2nd ...",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from diffusets_jax.data.schema import ECG_LENGTH, NUM_LEADS, ecg_features
+from diffusets_jax.data.schema import ecg_features
+from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
 
 EMBEDDING_DIM = 8
 NAN_ECG_INDEX = 9  # this example's ECG has a NaN sample, like a record with a lead dropout

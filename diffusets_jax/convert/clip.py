@@ -21,8 +21,8 @@ from diffusets_jax.convert.common import (
     get_at_path,
     set_at_path,
 )
+from diffusets_jax.ecg.leads import REFERENCE_TO_STANDARD
 from diffusets_jax.models.clip import CLIP
-from diffusets_jax.signal import REFERENCE_TO_STANDARD
 
 # The reference's first block builds bn1 but never applies it (its input is already normalised by the stem).
 _UNUSED_FIRST_BN = "resnet.stage_list.0.block_list.0.bn1."

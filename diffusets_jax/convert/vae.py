@@ -22,8 +22,8 @@ from diffusets_jax.convert.common import (
     get_at_path,
     set_at_path,
 )
+from diffusets_jax.ecg.leads import REFERENCE_TO_STANDARD
 from diffusets_jax.models.vae import VAE
-from diffusets_jax.signal import REFERENCE_TO_STANDARD
 
 # (kind, flax name) per Sequential index; kind is conv | res | res_skip | attn | norm | silu | upsample.
 Layout = list[tuple[str, str]]

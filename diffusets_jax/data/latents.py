@@ -31,9 +31,8 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusets_jax.data import pipeline
-from diffusets_jax.data.schema import ECG_LENGTH, NUM_LEADS
+from diffusets_jax.ecg.shapes import ECG_LENGTH, LATENT_CHANNELS, LATENT_LENGTH, NUM_LEADS
 
-LATENT_LENGTH, LATENT_CHANNELS = 128, 4
 INDEX_FILE = "latent_index.json"
 INDEX_FORMAT = "diffusets-jax latents v1"
 # Conditions copied from the source example next to the latent.

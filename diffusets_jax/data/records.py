@@ -20,13 +20,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from diffusets_jax import signal as ecg_signal
-from diffusets_jax.heart_rate import (
+from diffusets_jax.ecg.heart_rate import (
     HEART_RATE_FROM_RR,
     HEART_RATE_FROM_XQRS,
     heart_rate_from_rr,
     heart_rate_from_xqrs,
 )
+from diffusets_jax.ecg.leads import (
+    STANDARD_LEADS,
+    LeadNameError,
+    MissingLeadError,
+    UnknownLeadError,
+    canonical_lead_name,
+    reorder_leads,
+)
+from diffusets_jax.ecg.resample import resample_to_length
+from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_SECONDS
+from diffusets_jax.ecg.units import check_millivolts, to_millivolts
 
 # Why a record was skipped. Metadata reasons are checked before the files are read (cheap); the rest in the
 # order a reader meets them.
@@ -93,8 +103,8 @@ class RecordCandidate:
 class DecodeOptions:
     """How records are turned into examples; part of the decode-cache fingerprint."""
 
-    length: int = ecg_signal.ECG_LENGTH
-    seconds: float = ecg_signal.ECG_SECONDS
+    length: int = ECG_LENGTH
+    seconds: float = ECG_SECONDS
     duration_tolerance_s: float = 0.1
     flat_lead_mv: float = FLAT_LEAD_MV
     # "keep": records with flat leads are written (as the reference does) and counted in the build report;
@@ -180,7 +190,7 @@ def read_record_mv(record_path: str) -> tuple[np.ndarray, float, list[str]]:
         raise BadRecord("unreadable_signal", f"{record_path}: {type(err).__name__}: {err}") from None
     _check_signal_files(record, record_path)
     try:
-        signal_mv = ecg_signal.to_millivolts(np.asarray(record.p_signal, dtype=np.float64), record.units)
+        signal_mv = to_millivolts(np.asarray(record.p_signal, dtype=np.float64), record.units)
     except ValueError as err:
         raise BadRecord("unknown_units", f"{header_path}: {err}") from None
     return signal_mv, float(record.fs), list(record.sig_name)
@@ -192,17 +202,17 @@ def decode_record(manual_dir: str, candidate: RecordCandidate, options: DecodeOp
     record_path = os.path.join(manual_dir, candidate.record_path)
     signal_mv, fs, lead_names = read_record_mv(record_path)
     try:
-        signal_mv = ecg_signal.reorder_leads(signal_mv, lead_names, allow_extra=True)
-    except ecg_signal.MissingLeadError as err:
+        signal_mv = reorder_leads(signal_mv, lead_names, allow_extra=True)
+    except MissingLeadError as err:
         unknown = []
         for name in lead_names:
             try:
-                ecg_signal.canonical_lead_name(name)
-            except ecg_signal.UnknownLeadError:
+                canonical_lead_name(name)
+            except UnknownLeadError:
                 unknown.append(name)
         reason = "unknown_lead_names" if unknown else "too_few_leads"
         raise BadRecord(reason, f"{record_path}: {err}") from None
-    except ecg_signal.LeadNameError as err:  # duplicated lead names
+    except LeadNameError as err:  # duplicated lead names
         raise BadRecord("unknown_lead_names", f"{record_path}: {err}") from None
     duration = signal_mv.shape[0] / fs
     if abs(duration - options.seconds) > options.duration_tolerance_s:
@@ -211,16 +221,16 @@ def decode_record(manual_dir: str, candidate: RecordCandidate, options: DecodeOp
         )
     finite = np.isfinite(signal_mv)
     flat_leads = []
-    for lead_index, lead in enumerate(ecg_signal.STANDARD_LEADS):
+    for lead_index, lead in enumerate(STANDARD_LEADS):
         if not finite[:, lead_index].any():
             raise BadRecord("nan_lead", f"{record_path}: lead {lead} has no finite sample")
         values = signal_mv[finite[:, lead_index], lead_index]
         if float(values.max() - values.min()) < options.flat_lead_mv:
             flat_leads.append(lead)
-    if flat_leads and (options.flat_leads == "skip" or len(flat_leads) == len(ecg_signal.STANDARD_LEADS)):
+    if flat_leads and (options.flat_leads == "skip" or len(flat_leads) == len(STANDARD_LEADS)):
         raise BadRecord("flat_lead", f"{record_path}: lead(s) {', '.join(flat_leads)} span < {options.flat_lead_mv} mV")
     try:
-        ecg_signal.check_millivolts(signal_mv, what=record_path)
+        check_millivolts(signal_mv, what=record_path)
     except ValueError as err:
         raise BadRecord("implausible_amplitude", str(err)) from None
     # record_heart_rate's rule, spelled out here because the example also records which lead XQRS used.
@@ -233,7 +243,7 @@ def decode_record(manual_dir: str, candidate: RecordCandidate, options: DecodeOp
                 "no_heart_rate", f"{record_path}: RR interval {candidate.rr_ms} unusable and XQRS found < 2 beats on every lead"
             )
         (bpm, lead_used), source = detected, HEART_RATE_FROM_XQRS
-    ecg = ecg_signal.resample_to_length(signal_mv, options.length, axis=0, dtype=np.float32)
+    ecg = resample_to_length(signal_mv, options.length, axis=0, dtype=np.float32)
     return DecodedRecord(
         ecg=ecg, heart_rate=float(bpm), heart_rate_source=source, heart_rate_lead=lead_used, flat_leads=tuple(flat_leads)
     )
@@ -296,7 +306,7 @@ def decode_chunk(manual_dir: str, candidates: Sequence[RecordCandidate], options
         details.append("")
     return ChunkResult(
         ok_index=np.asarray(ok_index, dtype=np.int64),
-        ecg=np.stack(ecgs) if ecgs else np.zeros((0, options.length, len(ecg_signal.STANDARD_LEADS)), np.float32),
+        ecg=np.stack(ecgs) if ecgs else np.zeros((0, options.length, len(STANDARD_LEADS)), np.float32),
         heart_rate=np.asarray(rates, dtype=np.float32),
         heart_rate_source=np.asarray(sources, dtype=str),
         heart_rate_lead=np.asarray(leads, dtype=np.int64),

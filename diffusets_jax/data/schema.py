@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-ECG_LENGTH = 1024  # samples per 10-second record (effective 102.4 Hz), the DiffuSETS time base
-NUM_LEADS = 12
+from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
+
 HEART_RATE_SOURCES = ("rr", "xqrs", "condition")  # machine RR interval, QRS detection, or generation input
 
 

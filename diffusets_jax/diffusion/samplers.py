@@ -23,13 +23,13 @@ import numpy as np
 
 from diffusets_jax.diffusion.guidance import GUIDANCE_MODES, guided_model_fn
 from diffusets_jax.diffusion.schedule import NoiseSchedule, predict_x0_and_eps
+from diffusets_jax.ecg.shapes import LATENT_SHAPE
 
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 DecodeFn = Callable[[jax.Array], jax.Array]
 
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m")
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
-LATENT_SHAPE: tuple[int, int] = (128, 4)
 
 
 @dataclasses.dataclass(frozen=True)

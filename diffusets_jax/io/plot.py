@@ -28,13 +28,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
-from diffusets_jax.signal import STANDARD_LEADS
+from diffusets_jax.ecg.leads import STANDARD_LEADS
+from diffusets_jax.ecg.shapes import ECG_RATE_HZ
 
 MM_PER_INCH = 25.4
 MM_PER_SECOND = 25.0
 MM_PER_MV = 10.0
 DURATION_S = 10.0
-MODEL_FS = 102.4
 
 # Standard 3 x 4 layout: LAYOUT[row][column] is the lead drawn there; each column covers 2.5 s.
 LAYOUT: tuple[tuple[str, ...], ...] = (
@@ -215,7 +215,7 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 200) -> str:
 
 def plot_ecg(
     ecg: Any,
-    fs: float = MODEL_FS,
+    fs: float = ECG_RATE_HZ,
     *,
     title: str = "",
     conditions: Mapping[str, Any] | None = None,
@@ -252,7 +252,7 @@ def _check_duration(ecg: np.ndarray, fs: float, what: str) -> None:
 def plot_pair(
     real: Any,
     generated: Any,
-    fs: float = MODEL_FS,
+    fs: float = ECG_RATE_HZ,
     *,
     generated_fs: float | None = None,
     conditions: Mapping[str, Any] | None = None,

@@ -25,9 +25,10 @@ import numpy as np
 import wfdb
 
 from diffusets_jax import __version__
-from diffusets_jax.signal import STANDARD_LEADS, resample_rate
+from diffusets_jax.ecg.leads import STANDARD_LEADS
+from diffusets_jax.ecg.resample import resample_rate
+from diffusets_jax.ecg.shapes import ECG_RATE_HZ
 
-MODEL_FS = 102.4
 DURATION_S = 10.0
 ADC_GAIN = 1000.0  # adu per mV
 _ADC_LIMIT = 32767  # format 16; -32768 is WFDB's "no sample" marker
@@ -63,7 +64,7 @@ def parse_conditions(comments: Sequence[str]) -> dict[str, str]:
     return parsed
 
 
-def prepare_signal(ecg: Any, fs: float = MODEL_FS, output_fs: float | None = None) -> tuple[np.ndarray, float]:
+def prepare_signal(ecg: Any, fs: float = ECG_RATE_HZ, output_fs: float | None = None) -> tuple[np.ndarray, float]:
     """Check one ECG `(samples, 12)` in mV and resample it to `output_fs` if given -> `(signal, fs)`."""
     ecg = np.asarray(ecg, dtype=np.float64)
     if ecg.ndim != 2 or ecg.shape[1] != len(STANDARD_LEADS):
@@ -88,7 +89,7 @@ def write_record(
     path: str | os.PathLike,
     ecg: Any,
     *,
-    fs: float = MODEL_FS,
+    fs: float = ECG_RATE_HZ,
     conditions: Mapping[str, Any] | None = None,
     output_fs: float | None = None,
 ) -> str:
@@ -140,7 +141,7 @@ def write_records(
     names: Sequence[str],
     conditions: Sequence[Mapping[str, Any]] | None = None,
     *,
-    fs: float = MODEL_FS,
+    fs: float = ECG_RATE_HZ,
     output_fs: float | None = None,
 ) -> WriteSummary:
     """Write a batch `(batch, samples, 12)` as one record per ECG, `directory/names[i]`.

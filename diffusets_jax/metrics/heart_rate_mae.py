@@ -2,7 +2,7 @@
 
 Reference spec section 8: run wfdb's XQRS on each generated ECG at its own sampling rate (102.4 Hz for the
 1024-sample model output), lead by lead, and take the rate from the first lead with at least two detected
-beats; MAE = mean |HR_condition - HR_measured|. The detection itself is `diffusets_jax.heart_rate.
+beats; MAE = mean |HR_condition - HR_measured|. The detection itself is `diffusets_jax.ecg.heart_rate.
 heart_rate_from_xqrs`, shared with data preparation so that the metric measures rates the same way the
 training labels were made.
 
@@ -22,9 +22,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 # No JAX import here: worker processes import this module, and should start in a second, not load XLA.
-from diffusets_jax.heart_rate import heart_rate_from_xqrs
-
-MODEL_FS = 102.4  # 1024 samples over 10 s
+from diffusets_jax.ecg.heart_rate import heart_rate_from_xqrs
+from diffusets_jax.ecg.shapes import ECG_RATE_HZ
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +78,7 @@ def _measure_chunk(signals: np.ndarray, fs: float) -> list[tuple[float, int, str
 
 
 def measure_heart_rates(
-    ecgs: ArrayLike, fs: float = MODEL_FS, workers: int = 1
+    ecgs: ArrayLike, fs: float = ECG_RATE_HZ, workers: int = 1
 ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """XQRS heart rate of each ECG in `ecgs` `(batch, samples, leads)` (mV, channels last).
 
@@ -104,7 +103,7 @@ def measure_heart_rates(
 
 
 def heart_rate_mae(
-    ecgs: ArrayLike, condition_bpm: ArrayLike, fs: float = MODEL_FS, workers: int = 1
+    ecgs: ArrayLike, condition_bpm: ArrayLike, fs: float = ECG_RATE_HZ, workers: int = 1
 ) -> HeartRateMAE:
     """MAE between the conditioning heart rates `(batch,)` (bpm) and the XQRS rates of `ecgs`
     `(batch, samples, leads)` sampled at `fs` Hz."""

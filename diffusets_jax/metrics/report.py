@@ -20,12 +20,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.metrics.clip_score import clip_score
 from diffusets_jax.metrics.features import clip_ecg_features, clip_text_features
 from diffusets_jax.metrics.fid import fid, rfid
 from diffusets_jax.metrics.heart_rate_mae import heart_rate_mae
 from diffusets_jax.metrics.precision_recall import precision_recall
-from diffusets_jax.signal import STANDARD_LEADS
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -20,7 +20,7 @@ import ml_collections
 import optax
 
 from diffusets_jax.config import module_fields
-from diffusets_jax.data.schema import ECG_LENGTH
+from diffusets_jax.ecg.shapes import ECG_LENGTH
 from diffusets_jax.models.clip import CLIP
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer

@@ -37,12 +37,12 @@ from diffusets_jax.diffusion.schedule import (
     reduce_squared_error,
     training_target,
 )
+from diffusets_jax.ecg.shapes import LATENT_SHAPE
 from diffusets_jax.models.vae import LATENT_SCALE, VAE
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer
 from diffusets_jax.train.state import cast_floating
 
-LATENT_SHAPE = (128, 4)
 # "normalised": the U-Net sees (sex, age / 100, heart rate / 100), values of order 1 like the text embedding.
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusets_jax.config import module_fields
-from diffusets_jax.data.schema import ECG_LENGTH, NUM_LEADS
+from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
 from diffusets_jax.models.vae import LATENT_SCALE, VAE
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer, steps_per_epoch
