@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-fast lint demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The edit loop: everything not marked slow (CI runs the whole suite, `make test`).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check diffusets_jax tests benchmarks configs data_prep

@@ -9,7 +9,7 @@ from diffusets_jax.convert import clip_from_torch, vae_from_torch
 from diffusets_jax.models.bundle import load_model
 from diffusets_jax.models.clip import CLIP
 from diffusets_jax.models.vae import VAE
-from tests.reference_weights import reference_state_dict, reference_vae_state_dict
+from tests.helpers.reference_weights import reference_state_dict, reference_vae_state_dict
 
 
 def test_convert_writes_loadable_models(tmp_path, capsys):

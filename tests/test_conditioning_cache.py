@@ -15,7 +15,7 @@ import pytest
 from diffusets_jax.conditioning.cache import EmbeddingCache, EmbeddingRunStats, embed_with_cache
 from diffusets_jax.conditioning.prompts import ordered_prompt
 from diffusets_jax.conditioning.report_files import embed_report_file, read_report_prompts
-from tests.fake_openai_server import FakeOpenAIServer, fake_vector
+from tests.helpers.fake_openai_server import FakeOpenAIServer, fake_vector
 
 REPO = Path(__file__).resolve().parents[1]
 

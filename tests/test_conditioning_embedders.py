@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from diffusets_jax.conditioning.embedders import Embedder, LocalEmbedder, OpenAIEmbedder, make_embedder
-from tests.fake_openai_server import FakeOpenAIServer, fake_vector
+from tests.helpers.fake_openai_server import FakeOpenAIServer, fake_vector
 
 DIM = 16
 

@@ -6,8 +6,8 @@ import pytest
 from diffusets_jax.convert import clip_from_torch, clip_to_torch, load_state_dict
 from diffusets_jax.ecg.leads import REFERENCE_TO_STANDARD
 from diffusets_jax.models.clip import CLIP
-from tests.random_variables import random_variables
-from tests.reference_weights import reference_state_dict, reference_vectors
+from tests.helpers.random_variables import random_variables
+from tests.helpers.reference_weights import reference_state_dict, reference_vectors
 
 STANDARD = list(REFERENCE_TO_STANDARD)
 UNUSED_BN = "resnet.stage_list.0.block_list.0.bn1."

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference_weights import reference_state_dict, reference_vectors
 
 from diffusets_jax.convert import unet_from_torch, unet_to_torch
 from diffusets_jax.models.unet import UNet
+from tests.helpers.reference_weights import reference_state_dict, reference_vectors
 
 
 @pytest.fixture(scope="module")

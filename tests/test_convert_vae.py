@@ -6,8 +6,8 @@ import pytest
 from diffusets_jax.convert import load_state_dict, vae_from_torch, vae_to_torch
 from diffusets_jax.ecg.leads import REFERENCE_TO_STANDARD
 from diffusets_jax.models.vae import VAE
-from tests.random_variables import random_variables
-from tests.reference_weights import reference_vae_state_dict, reference_vectors
+from tests.helpers.random_variables import random_variables
+from tests.helpers.reference_weights import reference_vae_state_dict, reference_vectors
 
 STANDARD = list(REFERENCE_TO_STANDARD)  # reference-order ECG[..., STANDARD] -> standard order
 

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from diffusets_jax.data import latents, pipeline
 from diffusets_jax.models.vae import VAE
-from tests import tiny_ecg_dataset
+from tests.helpers import tiny_ecg_dataset
 
 NAN_INDEX = 5  # the test encoder returns a non-finite posterior for this example: it must be skipped
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusets_jax.data import pipeline
-from tests import tiny_ecg_dataset
+from tests.helpers import tiny_ecg_dataset
 
 TRAIN_SIZE = tiny_ecg_dataset.SPLIT_SIZES["train"]
 
@@ -189,7 +189,7 @@ def test_two_processes_assemble_one_global_batch(builder, tmp_path):
     data_dir = os.path.dirname(os.path.dirname(builder.data_dir))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    worker = os.path.join(os.path.dirname(__file__), "pipeline_two_process_worker.py")
+    worker = os.path.join(os.path.dirname(__file__), "helpers", "pipeline_two_process_worker.py")
     outs = [str(tmp_path / f"process{i}.json") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, worker, str(i), port, data_dir, outs[i]], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -22,7 +22,7 @@ from diffusets_jax.models.bundle import save_model
 from diffusets_jax.models.unet import UNet
 from diffusets_jax.models.vae import VAE
 from diffusets_jax.parallel import jit_run_once
-from tests.fake_openai_server import FakeOpenAIServer
+from tests.helpers.fake_openai_server import FakeOpenAIServer
 
 TEXT_DIM = 16
 
@@ -186,7 +186,7 @@ def test_corpus_is_resumable_and_reads_back_with_tfds(model_dir, openai_env, tmp
 @pytest.mark.slow
 def test_sample_with_converted_reference_checkpoints(tmp_path, capsys):
     """The published architecture end to end: convert reference-filled .npz state dicts, then `sample`."""
-    from tests.reference_weights import reference_state_dict, reference_vae_state_dict
+    from tests.helpers.reference_weights import reference_state_dict, reference_vae_state_dict
 
     vae_sd = {f"{part}.{k}": v for part, sd in reference_vae_state_dict().items() for k, v in sd.items()}
     np.savez(tmp_path / "vae_model.npz", **vae_sd)

@@ -10,7 +10,7 @@ from diffusets_jax.models.bundle import load_model, module_config, module_from_c
 from diffusets_jax.models.clip import CLIP
 from diffusets_jax.models.net1d import BatchNorm1d
 from diffusets_jax.models.vae import VAE
-from tests.random_variables import random_variables
+from tests.helpers.random_variables import random_variables
 
 
 def _assert_same(a, b):

@@ -8,8 +8,8 @@ import pytest
 
 from diffusets_jax.models.clip import CLIP
 from diffusets_jax.models.net1d import BatchNorm1d, Net1D, same_padding
-from tests.random_variables import random_variables
-from tests.reference_weights import DATA
+from tests.helpers.random_variables import random_variables
+from tests.helpers.reference_weights import DATA
 
 SMALL = dict(base_filters=8, filters=(8, 16), blocks_per_stage=(1, 2), kernel_size=5, group_width=4)
 SMALL_CLIP = CLIP(**SMALL, text_dim=12, text_hidden_dim=16, embed_dim=6)

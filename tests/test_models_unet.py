@@ -74,7 +74,7 @@ def test_time_table_formula():
     assert table[i, j] == np.float32(np.sin((i + 1) * np.exp(-j * 10 / 31)))
     assert table[i, 32 + j] == np.float32(np.cos((i + 1) * np.exp(-j * 10 / 31)))
     # The published table (stored float32) agrees to float32 rounding of arguments up to 1000.
-    from reference_weights import reference_vectors
+    from tests.helpers.reference_weights import reference_vectors
 
     np.testing.assert_allclose(table, reference_vectors()["time_embedding_table"], atol=1e-4)
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from diffusets_jax.models.vae import LATENT_SCALE, LOGVAR_MAX, LOGVAR_MIN, VAE
-from tests.random_variables import random_variables
-from tests.reference_weights import DATA
+from tests.helpers.random_variables import random_variables
+from tests.helpers.reference_weights import DATA
 
 
 def _param_count(tree) -> int:

@@ -127,7 +127,7 @@ def test_prediction_type_sets_the_training_target():
 def test_export_records_how_to_sample(tmp_path, scale_by_std):
     from diffusets_jax.generate import GenerationMeta
     from diffusets_jax.train.diffusion import build_unet
-    from tests.random_variables import random_variables
+    from tests.helpers.random_variables import random_variables
 
     config = load_config(CONFIGS / "demo_unet.py", TINY_UNET + ["train.latent_scale=0.5",
                                                                 f"train.scale_by_std={str(scale_by_std).lower()}"])

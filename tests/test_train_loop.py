@@ -6,10 +6,10 @@ import signal
 import jax
 import numpy as np
 import pytest
-from train_helpers import batch_at, batches_from, tiny_config, tiny_task
 
 from diffusets_jax import parallel
 from diffusets_jax.train import loop
+from tests.helpers.train_helpers import batch_at, batches_from, tiny_config, tiny_task
 
 
 def _run_steps(mesh, steps, batch_size=16, grad_accum_steps=1, ema_decay=0.0, input_noise=0.01):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-CHILD = Path(__file__).parent / "train_child.py"
+CHILD = Path(__file__).parent / "helpers" / "train_child.py"
 N = 4
 
 

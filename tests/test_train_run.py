@@ -5,7 +5,7 @@ import json
 import pytest
 
 pytest.importorskip("diffusets_jax.data.pipeline")
-tiny_ecg_dataset = pytest.importorskip("tests.tiny_ecg_dataset")
+tiny_ecg_dataset = pytest.importorskip("tests.helpers.tiny_ecg_dataset")
 
 from pathlib import Path  # noqa: E402
 

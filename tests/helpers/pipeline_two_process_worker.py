@@ -7,6 +7,9 @@ mesh spans all 8. Writes this process's host batch ids and the gathered global b
 import json
 import os
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, like the parent test process
 
 process_id, port, data_dir, out_path = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"

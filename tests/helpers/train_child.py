@@ -1,6 +1,6 @@
 """Subprocess entry for the exact-resume and two-process tests: train the tiny task with the real loop.
 
-usage: python tests/train_child.py WORKDIR STEPS OUT.npz [--block-at I] [--checkpoint-every K]
+usage: python tests/helpers/train_child.py WORKDIR STEPS OUT.npz [--block-at I] [--checkpoint-every K]
 With JAX_NUM_PROCESSES > 1 in the environment it joins a multi-host run and feeds its slice of each batch.
 """
 
@@ -10,8 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_helpers
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, without installing it
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: tests.helpers and the package
 
 from diffusets_jax import parallel  # noqa: E402
 
@@ -19,9 +18,9 @@ parallel.initialize_distributed()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from train_helpers import batch_at, tiny_config, tiny_task  # noqa: E402
 
 from diffusets_jax.train import loop  # noqa: E402
+from tests.helpers.train_helpers import batch_at, tiny_config, tiny_task  # noqa: E402
 
 
 def main() -> None:
