@@ -107,9 +107,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"mesh axes {mesh.axis_names} include none of {BATCH_AXES} to split the batch over")
+    return axes
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over both mesh axes; other dimensions whole."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    """Leading (batch) dimension split over the mesh's batch axes (both of ("data", "fsdp"), or the one it has);
+    other dimensions whole."""
+    return NamedSharding(mesh, PartitionSpec(_batch_axes(mesh)))
 
 
 # XLA options for programs that run once (parameter initialisation). On the CPU backend, LLVM's optimisation
@@ -130,7 +138,7 @@ def jit_run_once(fn: Any, *args: Any, out_shardings: Any = None) -> Any:
 
 def num_batch_shards(mesh: Mesh) -> int:
     """How many slices the global batch is split into (the global batch must be a multiple of it)."""
-    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    return int(np.prod([mesh.shape[a] for a in _batch_axes(mesh)]))
 
 
 def fsdp_partition_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = MIN_FSDP_SIZE) -> PartitionSpec:
@@ -176,6 +184,10 @@ def shard_host_batch(batch: Any, mesh: Mesh) -> Any:
     def to_global(leaf: Any) -> Any:
         if isinstance(leaf, jax.Array):
             return leaf
-        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+        value = np.asarray(leaf)
+        if value.dtype.kind in "OSU":
+            raise ValueError("a batch field holds strings, which cannot become jax.Arrays: keep text on the host "
+                             "(read it separately) and pass only numeric fields")
+        return jax.make_array_from_process_local_data(sharding, value)
 
     return jax.tree.map(to_global, batch)

@@ -4,7 +4,7 @@ Diffusion training works on VAE latents; encoding every batch again on every ste
 compute. `encode_dataset` writes, per split, TFRecord shards whose examples hold the encoder's posterior
 (`latent_mean`, `latent_logvar`, each `(128, 4)`) plus the conditions. The output directory is a TFDS
 dataset (`dataset_info.json` written with `tfds.folder_dataset.write_metadata`), so the same input pipeline
-reads it: `pipeline.train_batches(out_dir, "train", fields=pipeline.LATENT_FIELDS, ...)`. The train step
+reads it: `pipeline.train_dataset(builder, "train", fields=pipeline.LATENT_FIELDS, ...)`. The train step
 then draws a fresh latent each step with `models.vae.VAE.sample_latent` (z = (mean + exp(logvar / 2) eps)
 * scale, the published 0.18215 or one measured by `measure_latent_scale`), as the reference does when it
 encodes on the fly.
