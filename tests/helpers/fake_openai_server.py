@@ -36,6 +36,7 @@ class FakeOpenAIServer:
         self.received: list[list[str]] = []  # inputs of every request, faulty or not
         self.answered: list[list[str]] = []  # inputs of every request answered with embeddings
         self.authorization: list[str | None] = []
+        self.models: list[str] = []  # the model name of each embedding request
         self.block_at_request: int | None = None  # this request (1-based) hangs until `release` is set
         self.blocked = threading.Event()
         self.release = threading.Event()
@@ -85,6 +86,7 @@ class FakeOpenAIServer:
                 with server._lock:
                     server.received.append(inputs)
                     server.authorization.append(self.headers.get("Authorization"))
+                    server.models.append(request.get("model"))
                     number = len(server.received)
                     fault = server.faults.pop(0) if server.faults else "ok"
                 if number == server.block_at_request:
