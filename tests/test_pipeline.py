@@ -126,3 +126,48 @@ def test_a_directory_written_before_model_index_still_loads(model_dir, tmp_path,
     got = next(gen.generate([make_condition("Sinus rhythm", "F", 40, 60, 1)])).ecgs
     np.testing.assert_array_equal(got, expected)
     assert dataclasses.asdict(gen.diffusion.schedule) == dataclasses.asdict(DiffusionSpec().schedule)
+
+
+@pytest.mark.slow
+def test_sample_with_converted_reference_checkpoints(tmp_path):
+    """The published architecture end to end: convert reference-filled .npz state dicts, then `sample`."""
+    import wfdb
+
+    from diffusets_jax.cli import main
+    from diffusets_jax.ecg.leads import STANDARD_LEADS
+    from tests.helpers.reference_weights import reference_state_dict, reference_vae_state_dict
+
+    vae_sd = {f"{part}.{k}": v for part, sd in reference_vae_state_dict().items() for k, v in sd.items()}
+    np.savez(tmp_path / "vae_model.npz", **vae_sd)
+    np.savez(tmp_path / "unet_all.npz", **reference_state_dict("unet"))
+    models = tmp_path / "models"
+    assert main(["convert", "--vae", str(tmp_path / "vae_model.npz"), "--unet", str(tmp_path / "unet_all.npz"),
+                 "--out", str(models)]) == 0
+    index = model_dirs.read_index(models)
+    embedder = index.conditioning.embedder
+    assert (embedder.kind, embedder.model, embedder.dim) == ("openai", "text-embedding-ada-002", 1536)
+    assert index.conditioning.patient_features == "faithful" and index.diffusion.clip_sample
+    assert index.components["unet"]["vae_uid"] == index.components["vae"]["uid"]  # converted together: a pair
+    out = tmp_path / "out"
+    with FakeOpenAIServer(dim=1536) as server:
+        env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            assert main(["sample", "--model-dir", str(models), "--out", str(out), "--text", "Sinus rhythm",
+                         "--sex", "M", "--age", "50", "--hr", "90", "-n", "2", "--steps", "2",
+                         "--batch-size", "8"]) == 0
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        assert server.models == ["text-embedding-ada-002"]
+        assert server.received == [["Most importantly, the 1st diagnosis is {Sinus rhythm}."]]
+    manifest = json.loads((out / "manifest.json").read_text())
+    with np.load(out / "samples.npz") as data:
+        ecgs = data["ecg"]
+    assert ecgs.shape == (2, 1024, 12) and np.isfinite(ecgs).all()
+    for entry, ecg in zip(manifest["samples"], ecgs, strict=True):
+        record = wfdb.rdrecord(str(out / entry["wfdb"]))
+        assert record.fs == 102.4 and record.sig_name == list(STANDARD_LEADS)
+        np.testing.assert_allclose(record.p_signal, ecg, atol=1e-3)  # 16-bit quantisation at 1000 adu/mV
+        assert (out / entry["png"]).stat().st_size > 10_000
