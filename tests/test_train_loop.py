@@ -96,6 +96,26 @@ def test_train_checkpoints_logs_and_resumes_on_another_mesh(tmp_path):
     _assert_trees_close(straight.state.params, resumed.state.params)
 
 
+def test_compiled_steps_are_reused_across_runs_and_seeds(tmp_path):
+    mesh = parallel.make_mesh(8, 1)
+    task = tiny_task()
+    compiled = loop.CompiledSteps(task, mesh)
+    val = lambda: [batch_at(10_000, 16)]
+    runs: dict[int, list] = {0: [], 1: []}
+    for i, seed in enumerate((0, 1, 0)):
+        runs[seed].append(loop.train(task, tiny_config(num_steps=4, seed=seed), tmp_path / f"run{i}",
+                                     batches_from(16), val, mesh=mesh, compiled=compiled))
+    step = compiled.program(("step", 1, 0.0, False), lambda: pytest.fail("the step was not kept"))
+    assert step._cache_size() == 1  # one compile served all three runs
+    fresh = loop.train(task, tiny_config(num_steps=4, seed=1), tmp_path / "fresh", batches_from(16), val, mesh=mesh)
+    _assert_trees_close(fresh.state.params, runs[1][0].state.params)  # same as compiling anew
+    _assert_trees_close(runs[0][0].state.params, runs[0][1].state.params)
+    assert not np.allclose(jax.tree.leaves(runs[0][0].state.params)[0], jax.tree.leaves(runs[1][0].state.params)[0])
+    with pytest.raises(ValueError, match="another task"):
+        loop.train(tiny_task(), tiny_config(num_steps=4), tmp_path / "other", batches_from(16), mesh=mesh,
+                   compiled=compiled)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     config = tiny_config(num_steps=12, checkpoint_every=4)
     with pytest.raises(loop.NonFiniteLossError, match=r"step 6.*last good checkpoint is step 4"):

@@ -100,10 +100,46 @@ def init_state(task: Task, mesh: Mesh, seed: int, use_ema: bool) -> TrainState:
     return parallel.jit_run_once(lambda: _init_state(task, seed, use_ema), out_shardings=shardings)
 
 
-def _init_state(task: Task, seed: int, use_ema: bool) -> TrainState:
+def _init_state(task: Task, seed: int | jax.Array, use_ema: bool) -> TrainState:
     root = jax.random.PRNGKey(seed)
     init_key, train_key = jax.random.split(root)
     return create_train_state(task.init_variables(init_key), task.optimizer, train_key, use_ema)
+
+
+class CompiledSteps:
+    """The compiled programs of one task on one mesh (state init, train step, eval step), kept across `train` calls.
+
+    `train` compiles them afresh on every call by default. A caller that trains the same task many times in one
+    process (the downstream benchmark: arms x seeds, minutes of CPU compile each) passes one `CompiledSteps` to
+    every call and compiles once; the seed is an argument of the init program, so every seed shares it.
+    Owned by the caller: nothing is cached globally.
+    """
+
+    def __init__(self, task: Task, mesh: Mesh) -> None:
+        self.task = task
+        self.mesh = mesh
+        self._programs: dict[tuple[Any, ...], Any] = {}
+
+    def check(self, task: Task, mesh: Mesh) -> None:
+        if task is not self.task or mesh != self.mesh:
+            raise ValueError("CompiledSteps holds another task's or mesh's programs: make one per (task, mesh)")
+
+    def init(self, seed: int, use_ema: bool) -> TrainState:
+        """A fresh TrainState for `seed`, created directly in its shardings (see `init_state`)."""
+        key = ("init", use_ema)
+        if key not in self._programs:
+            _, shardings = abstract_state(self.task, self.mesh, 0, use_ema)
+            seed_spec = jax.ShapeDtypeStruct((), jnp.int32)
+            options = parallel.RUN_ONCE_CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+            self._programs[key] = jax.jit(lambda s: _init_state(self.task, s, use_ema), out_shardings=shardings
+                                          ).lower(seed_spec).compile(compiler_options=options)
+        return self._programs[key](jnp.asarray(seed, jnp.int32))
+
+    def program(self, key: tuple[Any, ...], build: Callable[[], Callable]) -> Callable:
+        """The program `build()` makes, built once per `key`."""
+        if key not in self._programs:
+            self._programs[key] = build()
+        return self._programs[key]
 
 
 def make_train_step(
@@ -204,6 +240,7 @@ def train(
     train_batches: Callable[[int], Iterator[Batch]],
     val_batches: Callable[[], Iterable[Batch]] | None = None,
     mesh: Mesh | None = None,
+    compiled: CompiledSteps | None = None,
 ) -> TrainResult:
     """Train `task` for `config.train.num_steps` steps, resuming from `workdir/checkpoints` if present.
 
@@ -213,11 +250,14 @@ def train(
     `num_steps`, `seed`, `global_batch_size`, `grad_accum_steps`, `ema_decay` (0 = off), `log_every`,
     `eval_every`, `checkpoint_every`, `keep_checkpoints`, `async_checkpoints`, `progress_bar`;
     `config.mesh.data`, `config.mesh.fsdp`. Writes `workdir/config.json`, `workdir/checkpoints/` and
-    `workdir/tensorboard/`; the caller exports the returned state (`train.run.export_state`).
+    `workdir/tensorboard/`; the caller exports the returned state (`train.run.export_state`). `compiled`: programs
+    kept from earlier calls with the same task and mesh (`CompiledSteps`), so this call compiles nothing new.
     """
     workdir = Path(workdir)
     tc = config.train
-    mesh = parallel.mesh_from_config(config.mesh) if mesh is None else mesh
+    mesh = (compiled.mesh if compiled is not None else parallel.mesh_from_config(config.mesh)) if mesh is None else mesh
+    if compiled is not None:
+        compiled.check(task, mesh)
     is_main = jax.process_index() == 0
     use_ema = float(tc.ema_decay) > 0
     num_steps = int(tc.num_steps)
@@ -238,10 +278,16 @@ def train(
         start_step = int(data_position["step"])
         log.info("resumed %s from step %d in %s", task.name, start_step, workdir / "checkpoints")
     else:
-        state = init_state(task, mesh, int(tc.seed), use_ema)
+        state = init_state(task, mesh, int(tc.seed), use_ema) if compiled is None else compiled.init(int(tc.seed),
+                                                                                                    use_ema)
         start_step = 0
-    step_fn = jit_train_step(make_train_step(task, int(tc.grad_accum_steps), float(tc.ema_decay)), shardings, mesh)
-    eval_fn = _jit_eval(task, mesh) if task.eval_fn is not None and val_batches is not None else None
+    build_step = lambda: jit_train_step(make_train_step(task, int(tc.grad_accum_steps), float(tc.ema_decay)),
+                                        shardings, mesh)
+    step_fn = build_step() if compiled is None else compiled.program(
+        ("step", int(tc.grad_accum_steps), float(tc.ema_decay), use_ema), build_step)
+    eval_fn = None
+    if task.eval_fn is not None and val_batches is not None:
+        eval_fn = _jit_eval(task, mesh) if compiled is None else compiled.program(("eval",), lambda: _jit_eval(task, mesh))
     writer = ScalarWriter(workdir / "tensorboard") if is_main else None
     stop = _PreemptionFlag()
     config_dict = config_to_dict(config)
