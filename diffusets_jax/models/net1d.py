@@ -4,7 +4,8 @@ A port of Hong et al.'s Net1D as the reference builds it (reference section 8): 
 stem, then stages of bottleneck blocks (BN -> Swish -> dropout -> conv 1x1, BN -> Swish -> dropout ->
 grouped conv k, BN -> Swish -> dropout -> conv 1x1, squeeze-excitation), whose shortcut is max-pooled
 when the block downsamples and zero-padded on the channel axis when it widens; mean pooling at the end.
-`(batch, 1024, 12) -> (batch, 1024)` features for the published configuration.
+`(batch, 1024, 12) -> (batch, 1024)` features for the published configuration; with `num_classes > 0` a linear
+head on those features gives `(batch, num_classes)` logits, as Hong et al.'s Net1D does (the downstream classifier).
 
 BatchNorm follows PyTorch exactly (`BatchNorm1d`): batch statistics in training, running statistics in
 inference, running variance updated with the unbiased batch variance, momentum 0.1. Use
@@ -121,7 +122,8 @@ class Net1DBlock(nn.Module):
 class Net1D(nn.Module):
     """The CLIP ECG encoder. Defaults are the published configuration (22.0 M parameters with the CLIP heads).
 
-    `__call__(ecg (batch, 1024, in_channels), train) -> (batch, filters[-1])` mean-pooled features.
+    `__call__(ecg (batch, 1024, in_channels), train) -> (batch, filters[-1])` mean-pooled features, or with
+    `num_classes > 0` `(batch, num_classes)` logits of a linear head (`dense`) on them.
     Stage i has `blocks_per_stage[i]` blocks of width `filters[i]`, grouped convs of group width
     `group_width`, and downsamples by `stride` in its first block; the stem downsamples by `stem_stride`.
     """
@@ -137,6 +139,7 @@ class Net1D(nn.Module):
     ratio: float = 1.0
     se_ratio: int = 2
     dropout_rate: float = 0.5
+    num_classes: int = 0  # 0: the pooled features (the CLIP tower); > 0: logits of a linear head
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -154,4 +157,5 @@ class Net1D(nn.Module):
                     is_first_block=stage == 0 and block == 0, ratio=self.ratio, se_ratio=self.se_ratio,
                     dropout_rate=self.dropout_rate, name=f"stage_{stage}_block_{block}",
                 )(out, train)
-        return jnp.mean(out, axis=1)
+        features = jnp.mean(out, axis=1)
+        return nn.Dense(self.num_classes, name="dense")(features) if self.num_classes > 0 else features
