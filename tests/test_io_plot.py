@@ -112,3 +112,27 @@ def test_plot_command_draws_records_and_lists_bad_ones(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["written"] == 1 and list(summary["skipped"]) == [str(tmp_path / "broken")]
     assert (tmp_path / "png" / "gen_0.png").stat().st_size > 1000
+
+
+def test_metric_intervals_draw_one_bar_and_whisker_per_arm_and_metric(tmp_path):
+    from matplotlib.patches import Rectangle
+
+    from diffusets_jax.io.plot import plot_metric_intervals
+
+    panels = [("pvc", {"real": {"auroc": (0.7, 0.6, 0.8), "auprc": (0.4, 0.3, 0.5)},
+                       "augmented": {"auroc": (0.8, 0.7, 0.9), "auprc": (float("nan"),) * 3}}),
+              ("normal", {"real": {"auroc": (0.9, 0.85, 0.95)}})]
+    fig = plot_metric_intervals(panels, [("auroc", "AUROC"), ("auprc", "AUPRC")], path=tmp_path / "bars.png")
+    top, bottom = fig.axes
+    heights = [p.get_height() for p in top.patches if isinstance(p, Rectangle)]
+    assert len(heights) == 4 and sum(np.isnan(heights)) == 1  # the NaN bar is drawn empty
+    assert sorted(round(h, 3) for h in heights if np.isfinite(h)) == [0.4, 0.7, 0.8]
+    assert [t.get_text() for t in top.get_xticklabels()] == ["AUROC", "AUPRC"]
+    whiskers = [c for c in top.containers if hasattr(c, "has_yerr") and c.has_yerr]
+    segments = [np.asarray(seg) for c in whiskers for lc in c.lines[2] for seg in lc.get_segments()]
+    assert any(np.allclose(seg[:, 1], [0.6, 0.8]) for seg in segments)  # real AUROC: 0.6 .. 0.8
+    assert bottom.get_title(loc="left") == "normal"
+    with Image.open(tmp_path / "bars.png") as image:
+        assert image.format == "PNG"
+    with pytest.raises(ValueError, match="no panels"):
+        plot_metric_intervals([], [("auroc", "AUROC")])

@@ -196,7 +196,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 def load_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
                limit: int | None = None) -> dict[str, np.ndarray]:
     """Read a prepared split into host arrays: ecg (n, 1024, 12), text_embedding, sex, age, heart_rate,
-    prompt and report_lines (`limit`: the first n examples, in the dataset's stored order)."""
+    subject_id, prompt and report_lines (`limit`: the first n examples, in the dataset's stored order)."""
     import tensorflow_datasets as tfds
 
     from diffusets_jax.data import pipeline
@@ -207,8 +207,8 @@ def load_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.Pat
     ds = builder.as_dataset(split=split, shuffle_files=False)
     if limit:
         ds = ds.take(limit)
-    columns: dict[str, list] = {k: [] for k in ("ecg", "text_embedding", "sex", "age", "heart_rate", "prompt",
-                                                 "report_lines")}
+    columns: dict[str, list] = {k: [] for k in ("ecg", "text_embedding", "sex", "age", "heart_rate", "subject_id",
+                                                 "prompt", "report_lines")}
     for example in tfds.as_numpy(ds):
         for key in columns:
             value = example[key]

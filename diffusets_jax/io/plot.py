@@ -1,4 +1,5 @@
-"""ECG figures: the clinical 12-lead sheet, real/generated pairs and the heart-rate scatter.
+"""ECG figures: the clinical 12-lead sheet, real/generated pairs and the heart-rate scatter; metric bars with
+intervals for experiment reports.
 
 The 12-lead sheet follows the standard printout a cardiologist reads: 3 rows x 4 columns of 2.5 s each
 (I, aVR, V1, V4 / II, aVL, V2, V5 / III, aVF, V3, V6, each column showing its own 2.5 s window of the same
@@ -317,6 +318,50 @@ def plot_heart_rate_scatter(
     ax.set_title(f"{title}\nMAE {mae:.2f} bpm   n = {int(ok.sum())}   unmeasurable {failed}", fontsize=10)
     ax.grid(True, color="#dddddd", linewidth=0.5)
     ax.legend(loc="upper left", frameon=False, fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        save_png(fig, path, dpi)
+    return fig
+
+
+def plot_metric_intervals(
+    panels: Sequence[tuple[str, Mapping[str, Mapping[str, tuple[float, float, float]]]]],
+    metrics: Sequence[tuple[str, str]],
+    *,
+    path: str | os.PathLike | None = None,
+    dpi: int = 150,
+    ylabel: str = "",
+) -> Figure:
+    """Grouped bars with interval whiskers, one panel per `(title, {series: {metric: (value, low, high)}})` entry
+    of `panels`: metric groups along x (`metrics`: `(key, label)` pairs), one bar per series (e.g. a training arm)
+    with its interval (e.g. a bootstrap 95 % CI). A NaN value leaves a gap; a NaN bound draws no whisker on that
+    side. Metrics are assumed in [0, 1] (the y axis)."""
+    if not panels:
+        raise ValueError("plot_metric_intervals: no panels to draw")
+    series = list(dict.fromkeys(name for _, values in panels for name in values))
+    colors = ["#1f4e79", "#c0392b", "#2e8b57", "#b8860b", "#6a3d9a", "#555555"]
+    fig = Figure(figsize=(max(6.0, 1.1 * len(metrics) * max(len(series), 2) * 0.45 + 2.0), 3.0 * len(panels) + 0.6),
+                 facecolor="white")
+    FigureCanvasAgg(fig)
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(metrics), dtype=np.float64)
+    for row, (title, values) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, row + 1)
+        for i, name in enumerate(series):
+            triples = np.array([values.get(name, {}).get(key, (np.nan, np.nan, np.nan)) for key, _ in metrics],
+                               dtype=np.float64).reshape(len(metrics), 3)
+            value, low, high = triples.T
+            errors = np.nan_to_num(np.vstack([value - low, high - value]), nan=0.0).clip(min=0.0)
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, value, width * 0.92, yerr=errors, capsize=2.5,
+                   color=colors[i % len(colors)], label=name, error_kw={"elinewidth": 0.8, "ecolor": "#222222"})
+        ax.set_xticks(x, [label for _, label in metrics], fontsize=9)
+        ax.set_ylim(0.0, 1.05)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.grid(True, axis="y", color="#dddddd", linewidth=0.5)
+        ax.set_axisbelow(True)
+        if row == 0:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.32), ncol=len(series), frameon=False, fontsize=8)
     fig.tight_layout()
     if path is not None:
         save_png(fig, path, dpi)

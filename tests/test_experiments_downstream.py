@@ -1,0 +1,260 @@
+"""`diffusets-jax downstream`: splits, minority subsampling, the per-arm summary against direct computations, the
+bad inputs (one line, exit 2, nothing written) and the whole benchmark end to end on a tiny dataset and model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffusets_jax.cli import main
+from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+from diffusets_jax.experiments.downstream import (
+    METRICS,
+    check_model_fits_dataset,
+    parse_fractions,
+    seed_metrics,
+    stratified_group_split,
+    subsample_minority,
+    summarize_arms,
+)
+from tests.helpers import tiny_report_dataset
+from tests.helpers.tiny_models import tiny_model_dir
+
+TINY_CLASSIFIER = ["--config.model.base_filters=8", "--config.model.filters=8,16", "--config.model.blocks_per_stage=1,1",
+                   "--config.model.group_width=8", "--config.model.kernel_size=8", "--config.train.global_batch_size=8",
+                   "--config.train.progress_bar=false"]
+
+
+def test_stratified_group_split_is_patient_disjoint_and_stratified():
+    groups = np.repeat(np.arange(40), 2)  # two records per patient
+    labels = np.zeros(80, bool)
+    labels[::10] = True  # 8 positive patients
+    train, val, test = stratified_group_split(groups, labels, (0.5, 0.25, 0.25), seed=0)
+    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(80))
+    patients = [set(groups[s].tolist()) for s in (train, val, test)]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+    # 8 positive patients -> 4 / 2 / 2; 32 negative ones -> 16 / 8 / 8.
+    assert [len({g for g in groups[s][labels[s]]}) for s in (train, val, test)] == [4, 2, 2]
+    assert [len(s) for s in (train, val, test)] == [40, 20, 20]
+    # A stratum too small for its fractions still reaches every split.
+    few = np.zeros(80, bool)
+    few[[0, 20, 40]] = True
+    assert all(few[s].any() for s in stratified_group_split(groups, few, (0.8, 0.1, 0.1), seed=1))
+    again = stratified_group_split(groups, labels, (0.5, 0.25, 0.25), seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (train, val, test), strict=True))
+
+
+def test_subsample_minority_keeps_the_majority_and_a_seeded_share():
+    labels = np.array([1] * 10 + [0] * 30)
+    kept = subsample_minority(labels, 1, 0.3, np.random.default_rng(0))
+    assert (labels[kept] == 1).sum() == 3 and (labels[kept] == 0).sum() == 30
+    assert np.array_equal(kept, subsample_minority(labels, 1, 0.3, np.random.default_rng(0)))
+    assert (labels[subsample_minority(labels, 1, 0.01, np.random.default_rng(0))] == 1).sum() == 1  # at least one
+    assert len(subsample_minority(labels, 0, 1.0, np.random.default_rng(0))) == 40
+
+
+@pytest.mark.parametrize("text", ["1:2", "a:b:c", "1:0:1", "1:-1:1", "nan:1:1"])
+def test_bad_resplit_fractions(text):
+    with pytest.raises(ValueError, match="--resplit"):
+        parse_fractions(text)
+
+
+def test_resplit_fractions_are_normalised():
+    assert parse_fractions("2:1:1") == (0.5, 0.25, 0.25)
+
+
+def test_seed_metrics_hand_worked():
+    labels = np.array([1, 1, 0, 0, 0])
+    probabilities = np.array([0.9, 0.4, 0.6, 0.2, 0.1])
+    m = seed_metrics(labels, probabilities, threshold=0.5)
+    # At 0.5: TP 1 (0.9), FN 1 (0.4), FP 1 (0.6), TN 2.
+    assert m["sensitivity"] == 0.5 and m["specificity"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(0.5)
+    assert m["auroc"] == pytest.approx(5 / 6)  # 0.4 loses only to 0.6
+    assert m["auprc"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert seed_metrics(labels, probabilities, threshold=0.3)["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1))
+
+
+def test_summary_against_direct_computation():
+    rng = np.random.default_rng(0)
+    n = 60
+    labels = (np.arange(n) % 5 == 0).astype(int)
+    groups = np.arange(n) // 3
+    probabilities = {arm: [np.clip(labels * shift + rng.normal(0.3, 0.2, n), 0, 1) for _ in range(3)]
+                     for arm, shift in (("real", 0.2), ("augmented", 0.5))}
+    thresholds = {"real": [0.5, 0.4, 0.45], "augmented": [0.5, 0.5, 0.6]}
+    summary = summarize_arms(labels, groups, probabilities, thresholds, n_boot=300, seed=0)
+    for arm in probabilities:
+        direct = [seed_metrics(labels, p, t) for p, t in zip(probabilities[arm], thresholds[arm], strict=True)]
+        for key, _ in METRICS:
+            values = [d[key] for d in direct]
+            reported = summary[arm]["metrics"][key]
+            assert reported["mean"] == pytest.approx(np.mean(values))
+            assert reported["sd"] == pytest.approx(np.std(values, ddof=1))
+            assert reported["ci"]["value"] == pytest.approx(np.mean(values))
+            assert reported["ci"]["low"] <= reported["ci"]["value"] <= reported["ci"]["high"]
+        assert [s["threshold"] for s in summary[arm]["seeds"]] == thresholds[arm]
+    difference = summary["augmented"]["difference_to_real"]["auprc"]
+    assert difference["value"] == pytest.approx(summary["augmented"]["metrics"]["auprc"]["mean"]
+                                                - summary["real"]["metrics"]["auprc"]["mean"])
+    assert difference["low"] > 0  # the augmented scores separate the classes far better on every resample
+    assert "difference_to_real" not in summary["real"]
+
+
+def test_model_must_be_conditioned_like_the_dataset():
+    card = {"conditioning": ConditioningSpec(EmbedderSpec("local", "all-MiniLM-L6-v2", 384)).to_json()}
+    check_model_fits_dataset(ConditioningSpec(EmbedderSpec("local", "all-MiniLM-L6-v2", 384), "ordered", "faithful"),
+                             card, "model")
+    for other in (ConditioningSpec(EmbedderSpec("openai", "text-embedding-ada-002", 1536)),
+                  ConditioningSpec(EmbedderSpec("local", "all-MiniLM-L6-v2", 384), "free_text")):
+        with pytest.raises(ValueError, match="--generated-corpus"):
+            check_model_fits_dataset(other, card, "model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("downstream")
+    dataset = Path(tiny_report_dataset.build(str(root / "tfds")).data_dir)
+    return {"root": root, "dataset": dataset}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_data):
+    return tiny_model_dir(tiny_data["root"] / "model", text_dim=tiny_report_dataset.EMBEDDING_DIM)
+
+
+def _run(capsys, *args):
+    code = main(["downstream", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--arms", "real,bogus"], "unknown arm"),
+    (["--arms", "real,augmented"], "need generated ECGs"),
+    (["--ratio", "0"], "--ratio"),
+    (["--minority-fraction", "1.5"], "--minority-fraction"),
+    (["--seeds", "0"], "--seeds"),
+    (["--steps", "0"], "--steps"),
+    (["--n-boot", "10"], "--n-boot"),
+    (["--task", "bad rule"], "NAME=keyword"),
+    (["--tasks", "pvc,nope"], "unknown task"),
+    (["--resplit", "1:2"], "--resplit"),
+    (["--model-dir", "/no/such/model"], "no such directory"),
+    (["--generated-corpus", "/no/such/corpus", "--arms", "real,augmented"], "no such directory"),
+    (["--config.model.num_classes=3"], "num_classes must be 1"),
+    (["--config.train.no_such_key=1"], "unknown config key"),
+])
+def test_bad_inputs_are_one_line_and_write_nothing(tiny_data, tmp_path, capsys, extra, message):
+    out = tmp_path / "report"
+    code, _, err = _run(capsys, "--dataset", tiny_data["dataset"], "--out", out, *extra)
+    assert code == 2, err
+    assert err.count("\n") == 1 and message in err and err.startswith("diffusets-jax downstream: error:")
+    assert not out.exists()
+
+
+def test_bad_dataset_output_and_model(tiny_data, tiny_model, tmp_path, capsys):
+    code, _, err = _run(capsys, "--dataset", tmp_path / "missing", "--out", tmp_path / "a")
+    assert code == 2 and "no such directory" in err
+    (tmp_path / "file").write_text("mine")
+    code, _, err = _run(capsys, "--dataset", tiny_data["dataset"], "--out", tmp_path / "file")
+    assert code == 2 and "existing file" in err
+    # A model conditioned on another embedder cannot take the dataset's vectors: refused before any work.
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model, other)
+    index = json.loads((other / "model_index.json").read_text())
+    index["conditioning"]["embedder"].update(model="other-embedding", embedder_id="")
+    (other / "model_index.json").write_text(json.dumps(index))
+    code, _, err = _run(capsys, "--dataset", tiny_data["dataset"], "--model-dir", other, "--out", tmp_path / "b")
+    assert code == 2 and "'other-embedding'" in err and not (tmp_path / "b").exists(), err
+    # A user's folder is never written into.
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("keep")
+    code, _, err = _run(capsys, "--dataset", tiny_data["dataset"], "--out", tmp_path / "user", "--tasks", "pvc",
+                        "--seeds", "1", "--steps", "1", *TINY_CLASSIFIER)
+    assert code == 2 and "not empty" in err
+    assert [n for n in os.listdir(tmp_path / "user") if not n.startswith(".diffusets-run")] == ["notes.txt"]
+    assert (tmp_path / "user" / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_with_a_model_then_a_corpus(tiny_data, tiny_model, tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["--dataset", tiny_data["dataset"], "--model-dir", tiny_model, "--out", out, "--tasks", "pvc,af",
+            "--task", "any_ecg=ecg", "--arms", "real,weighted,augmented,synthetic", "--seeds", "2", "--steps", "3",
+            "--ratio", "1.5", "--n-boot", "200", "--sampling-steps", "2", "--generation-batch-size", "8",
+            "--no-progress", *TINY_CLASSIFIER]
+    code, stdout, err = _run(capsys, *args)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["records_dropped_non_finite"] == {"train": 1, "validation": 0, "test": 0}
+    af, any_ecg, pvc = report["tasks"]["af"], report["tasks"]["any_ecg"], report["tasks"]["pvc"]
+    assert af["status"] == "skipped" and "no positive" in af["reason"]
+    assert any_ecg["status"] == "skipped" and "no negative" in any_ecg["reason"]
+    # 23 finite training records, 5 with PVCs (index 5, a PVC record, holds the NaN); 3 of 12 in each other split.
+    assert pvc["counts"] == {"train": {"records": 23, "positive": 5}, "validation": {"records": 12, "positive": 3},
+                             "test": {"records": 12, "positive": 3}}
+    assert pvc["status"] == "done" and pvc["minority"] == "positive" and pvc["minority_kept"] == [5, 5]
+    for arm in ("real", "weighted", "augmented", "synthetic"):
+        info = pvc["arms"][arm]
+        assert info["status"] == "done" and len(info["seeds"]) == 2
+        for key, _ in METRICS:
+            assert set(info["metrics"][key]) == {"mean", "sd", "ci"}
+        assert info["metrics"]["auroc"]["ci"]["valid"] == 200 or info["metrics"]["auroc"]["ci"]["valid"] > 150
+        if arm != "real":
+            assert set(info["difference_to_real"]) == {"f1", "auroc", "auprc"}
+    assert pvc["arms"]["augmented"]["generated"] == [8, 8]  # round(1.5 * 5) generated PVC ECGs per seed
+    assert pvc["arms"]["augmented"]["train_records"] == [31, 31]
+    assert pvc["arms"]["synthetic"]["train_records"] == [23, 23]
+    with np.load(out / "generated" / "pvc-seed0.npz") as generated:
+        assert generated["augment"].shape == (8, 1024, 12) and generated["synthetic"].shape == (23, 1024, 12)
+        assert np.isfinite(generated["augment"]).all()
+        assert int(generated["synthetic_labels"].sum()) == 5
+        first = generated["augment"].copy()
+    with np.load(out / "generated" / "pvc-seed1.npz") as generated:
+        assert not np.allclose(first, generated["augment"])  # each seed has its own noise
+    result = out / "runs" / "pvc" / "seed1" / "augmented" / "result.json"
+    assert len(json.loads(result.read_text())["test_logits"]) == 12
+    assert not (result.parent / "checkpoints").exists()  # deleted once the predictions were saved
+    markdown = (out / "report.md").read_text()
+    assert "**Skipped**: the train split has no positive record" in markdown
+    for arm in ("real", "weighted", "augmented", "synthetic"):
+        assert f"| {arm} | " in markdown
+    assert "Difference to `real`" in markdown and "![metrics per arm](downstream.png)" in markdown
+    assert (out / "downstream.png").read_bytes()[:4] == b"\x89PNG"
+    assert "pvc: AUPRC (seed mean) real" in stdout and "af: skipped" in stdout
+
+    # The same command again resumes a finished run: nothing is retrained.
+    stamp = result.stat().st_mtime_ns
+    code, _, err = _run(capsys, *args)
+    assert code == 0, err and result.stat().st_mtime_ns == stamp
+    # Other settings into the same folder are refused.
+    code, _, err = _run(capsys, *[a if a != "1.5" else "2" for a in args])
+    assert code == 2 and "other settings" in err
+
+    # Generated ECGs from a corpus (here a prepared dataset read as one), on a patient re-split of all records.
+    corpus_out = tmp_path / "corpus_report"
+    code, _, err = _run(capsys, "--dataset", tiny_data["dataset"], "--generated-corpus", tiny_data["dataset"],
+                        "--out", corpus_out, "--tasks", "pvc", "--arms", "real,augmented,synthetic", "--seeds", "1",
+                        "--steps", "2", "--minority-fraction", "0.5", "--ratio", "2", "--resplit", "0.5:0.25:0.25",
+                        "--n-boot", "100", "--no-progress", *TINY_CLASSIFIER)
+    assert code == 0, err
+    report = json.loads((corpus_out / "report.json").read_text())
+    pvc = report["tasks"]["pvc"]
+    assert report["records_dropped_non_finite"] == {"all": 1, "corpus": 1}
+    assert pvc["corpus"] == {"records": 23, "positive": 5}
+    total = sum(c["records"] for c in pvc["counts"].values())
+    assert total == 47 and all(c["positive"] > 0 for c in pvc["counts"].values())
+    kept = pvc["minority_kept"][0]
+    assert kept == max(1, round(0.5 * pvc["counts"]["train"]["positive"]))
+    assert pvc["arms"]["augmented"]["generated"] == [min(2 * kept, 5)]
+    assert pvc["arms"]["synthetic"]["train_records"] == [23]  # every corpus record, labelled by the rule
+    assert "re-split by patient" in report["protocol"]["splits"]
