@@ -161,6 +161,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(tiny_data, tmp_path, capsys, 
     assert not out.exists()
 
 
+@pytest.mark.slow  # builds the tiny model directory (two init compiles)
 def test_bad_dataset_output_and_model(tiny_data, tiny_model, tmp_path, capsys):
     code, _, err = _run(capsys, "--dataset", tmp_path / "missing", "--out", tmp_path / "a")
     assert code == 2 and "no such directory" in err

@@ -67,6 +67,7 @@ def test_config_refuses_another_kind_or_width():
         build_classifier(config)
 
 
+@pytest.mark.slow
 def test_classifier_learns_a_separable_task(tmp_path):
     config = load_config(CONFIG, TINY + ["train.num_steps=40", "train.eval_every=40"])
     ecg, labels = separable(64, seed=0)
