@@ -386,7 +386,8 @@ def settings_of(*, dataset: str | os.PathLike, data_dir: str | os.PathLike | Non
 
         index = model_dirs.read_index(model_dir)
         settings["generator"] = {"model_dir": os.path.abspath(model_dir),
-                                 "components": {n: e.get("uid") for n, e in index.components.items()},
+                                 # The generating parts only: adding a CLIP to the folder changes no ECG.
+                                 "components": {n: index.components.get(n, {}).get("uid") for n in ("vae", "unet")},
                                  "sampler": dataclasses.asdict(sampler), "batch_size": int(generation_batch_size)}
     if generated_corpus is not None:
         from diffusets_jax.data.card import read_card
