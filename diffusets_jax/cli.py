@@ -254,8 +254,10 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--vae", required=True, metavar="MODEL_DIR", help="model directory holding the VAE (from "
                         "`diffusets-jax convert` or `train vae --model-dir`)")
-    parser.add_argument("--data-dir", required=True, metavar="DIR", help="TFDS data_dir the dataset was prepared into")
-    parser.add_argument("--dataset", required=True, metavar="NAME", help="prepared dataset name, e.g. mimic_iv_ecg")
+    parser.add_argument("--dataset", required=True, metavar="DIR_OR_NAME",
+                        help="prepared dataset directory (holding dataset_info.json), or its name with --data-dir")
+    parser.add_argument("--data-dir", metavar="DIR", help="TFDS data_dir the dataset was prepared into, when --dataset "
+                        "is a name (e.g. mimic_iv_ecg)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory of the latent dataset")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="examples per encoder call, a multiple of the local device count (default: 256)")

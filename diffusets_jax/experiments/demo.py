@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diffusets_jax.io.files import write_json_atomic
+from diffusets_jax.io.files import read_json, write_json_atomic
 
 DEMO_RECORDS = Path(__file__).resolve().parent.parent / "demo_data" / "cinc2021"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -111,8 +111,12 @@ def run_demo(out_dir: str | Path = "demo_out", *, quick: bool = False, seed: int
             manifest = sample_to_directory(generator, conditions, out / "samples")
 
         with _stage("evaluate: generated vs real ECGs from the same conditions", log):
-            evaluation = evaluate_split(generator, load_clip(model_dir, None), dataset, "all", out / "evaluation",
-                                        limit=8 if quick else None)
+            report_path = out / "evaluation" / "report.json"
+            if run.resumed and report_path.exists():  # written last by this same demo run: the stage is done
+                evaluation = read_json(report_path, "evaluation report")
+            else:
+                evaluation = evaluate_split(generator, load_clip(model_dir, None), dataset, "all", out / "evaluation",
+                                            limit=8 if quick else None)
 
         summary = {
             "out": str(out),
