@@ -208,16 +208,33 @@ def clinical_metrics(
     clustered bootstrap (None: rows are independent patients). Returns a JSON-ready dict: `metrics` (a list of
     rows: metric, comparison, unit, value, ci_low, ci_high, n_measured, n, coverage), `per_record` (the
     measurements of both sets, the QRS match counts, the conditions) and the settings. NaN is written as None.
+    `measure_ecgs` + `compare_measurements`, for callers that measure the real set once for several models.
     """
     generated = np.asarray(generated, dtype=np.float64)
-    n = generated.shape[0] if generated.ndim == 3 else -1
+    if real is not None and np.shape(real) != generated.shape:
+        raise ValueError(f"real: shape {np.shape(real)} differs from generated {generated.shape}; pair them row by row")
     gen = measure_ecgs(generated, fs, workers)
-    real_m = None
-    if real is not None:
-        real = np.asarray(real, dtype=np.float64)
-        if real.shape != generated.shape:
-            raise ValueError(f"real: shape {real.shape} differs from generated {generated.shape}; pair them row by row")
-        real_m = measure_ecgs(real, fs, workers)
+    real_m = None if real is None else measure_ecgs(real, fs, workers)
+    return compare_measurements(gen, real_m, condition_hr, subject_ids, n_boot=n_boot, seed=seed, level=level,
+                                qrs_tolerance_s=qrs_tolerance_s, fs=fs)
+
+
+def compare_measurements(
+    gen: ECGMeasurements,
+    real_m: ECGMeasurements | None = None,
+    condition_hr: ArrayLike | None = None,
+    subject_ids: Sequence[object] | np.ndarray | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    qrs_tolerance_s: float = QRS_TOLERANCE_S,
+    fs: float = ECG_RATE_HZ,
+) -> dict[str, Any]:
+    """The metrics of `clinical_metrics` from measurements already made with `measure_ecgs` (same arguments)."""
+    n = len(gen.beats_s)
+    if real_m is not None and len(real_m.beats_s) != n:
+        raise ValueError(f"real: {len(real_m.beats_s)} records measured for {n} generated; pair them row by row")
     hr_c = None
     if condition_hr is not None:
         hr_c = np.asarray(condition_hr, dtype=np.float64).reshape(-1)
