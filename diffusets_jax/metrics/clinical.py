@@ -76,6 +76,36 @@ class ECGMeasurements:
         out["beats_s"] = [[round(float(t), 4) for t in beats] for beats in self.beats_s]
         return out
 
+    @classmethod
+    def from_lists(cls, data: dict[str, Any]) -> ECGMeasurements:
+        """Inverse of `as_lists` (None -> NaN), e.g. for measurements gathered from several hosts."""
+        def array(key: str, dtype: type = np.float64) -> np.ndarray:
+            values = data[key]
+            return np.array([[np.nan if v is None else v for v in row] if isinstance(row, list) else
+                             (np.nan if row is None else row) for row in values], dtype=dtype)
+
+        return cls(beats_s=[np.asarray(b, np.float64) for b in data["beats_s"]],
+                   heart_rate_bpm=array("heart_rate_bpm"), n_beats=np.asarray(data["n_beats"], np.int64),
+                   sdnn_ms=array("sdnn_ms"), pr_ms=array("pr_ms"), qrs_ms=array("qrs_ms"), qt_ms=array("qt_ms"),
+                   qtc_ms=array("qtc_ms"), st_j60_mv=array("st_j60_mv").reshape(-1, NUM_LEADS),
+                   max_abs_mv=array("max_abs_mv"), einthoven_rmse_mv=array("einthoven_rmse_mv"),
+                   goldberger_rmse_mv=array("goldberger_rmse_mv"), duration_s=float(data["duration_s"]))
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> ECGMeasurements:
+        """The measurements of records `rows` (repeats allowed: one real record paired with several samples)."""
+        rows = np.asarray(rows, np.int64)
+        values = {field.name: getattr(self, field.name)[rows] for field in dataclasses.fields(self)
+                  if isinstance(getattr(self, field.name), np.ndarray)}
+        return dataclasses.replace(self, beats_s=[self.beats_s[i] for i in rows], **values)
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[ECGMeasurements]) -> ECGMeasurements:
+        """The records of `parts` one after the other (same record duration)."""
+        first = parts[0]
+        values = {field.name: np.concatenate([getattr(p, field.name) for p in parts])
+                  for field in dataclasses.fields(cls) if isinstance(getattr(first, field.name), np.ndarray)}
+        return dataclasses.replace(first, beats_s=[b for p in parts for b in p.beats_s], **values)
+
 
 def limb_identity_rmse(ecg: np.ndarray) -> tuple[float, float]:
     """(Einthoven, Goldberger) RMSE (mV) of `ecg` `(samples, 12)` in standard lead order: 0 for a physical ECG."""
