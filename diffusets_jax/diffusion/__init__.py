@@ -2,6 +2,8 @@
 
 from diffusets_jax.diffusion.guidance import drop_conditions, fixed_null_condition, guided_model_fn
 from diffusets_jax.diffusion.samplers import (
+    DEFAULT_STEPS,
+    SAMPLER_DEFAULTS,
     SamplerConfig,
     ddim_step,
     ddpm_step,
@@ -9,6 +11,8 @@ from diffusets_jax.diffusion.samplers import (
     jit_generate,
     make_timesteps,
     sample,
+    sampler_config,
+    sampler_timesteps,
     unet_model_fn,
     vae_decode_fn,
 )
@@ -25,10 +29,12 @@ from diffusets_jax.diffusion.schedule import (
 )
 
 __all__ = [
+    "DEFAULT_STEPS",
     "FAITHFUL_LOSS",
     "FAITHFUL_SCHEDULE",
     "LossConfig",
     "NoiseSchedule",
+    "SAMPLER_DEFAULTS",
     "SamplerConfig",
     "ScheduleConfig",
     "ddim_step",
@@ -44,6 +50,8 @@ __all__ = [
     "predict_x0_and_eps",
     "q_sample",
     "sample",
+    "sampler_config",
+    "sampler_timesteps",
     "unet_model_fn",
     "vae_decode_fn",
 ]
