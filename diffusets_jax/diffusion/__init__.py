@@ -1,6 +1,8 @@
-"""Diffusion core: noise schedule and losses, DDPM / DDIM / DPM-Solver++ samplers, classifier-free guidance."""
+"""Diffusion core: noise schedule and losses, DDPM / DDIM / DPM-Solver++ samplers and their Gaussian check,
+classifier-free guidance."""
 
 from diffusets_jax.diffusion.guidance import drop_conditions, fixed_null_condition, guided_model_fn
+from diffusets_jax.diffusion.sampler_validation import validate_sampler, validated_settings
 from diffusets_jax.diffusion.samplers import (
     DEFAULT_STEPS,
     SAMPLER_DEFAULTS,
@@ -54,4 +56,6 @@ __all__ = [
     "sampler_timesteps",
     "unet_model_fn",
     "vae_decode_fn",
+    "validate_sampler",
+    "validated_settings",
 ]
