@@ -153,18 +153,25 @@ def test_sampler_config_validation_and_presets():
 
 
 def test_unset_settings_resolve_to_the_samplers_validated_defaults():
-    """steps, grid and final-step order left unset take each sampler's defaults at construction, so what a
-    config says is what runs; the faithful chain keeps every timestep and its own final step."""
+    """steps and final-step order left unset take each sampler's defaults at construction; an unset grid is the
+    sampler's validated one, for DDIM chosen once the latents' std is known (it may come with the model).
+    The faithful chain keeps every timestep and its own final step."""
     faithful = SamplerConfig()
-    assert (faithful.steps, faithful.timestep_spacing, faithful.final_step_order) == (1000, "trailing", 1)
+    assert (faithful.steps, faithful.effective_timestep_spacing, faithful.final_step_order) == (1000, "trailing", 1)
     np.testing.assert_array_equal(sampler_timesteps(faithful, make_schedule()), np.arange(999, -1, -1))
     fast = SamplerConfig.fast()
-    assert (fast.steps, fast.timestep_spacing, fast.final_step_order, fast.clip_sample) == (20, "logsnr", 2, False)
+    assert (fast.steps, fast.effective_timestep_spacing, fast.final_step_order, fast.clip_sample) == (
+        20, "logsnr", 2, False)
     assert SamplerConfig(sampler="dpmpp_2m") == dataclasses.replace(fast, clip_sample=True)
     ddim = SamplerConfig(sampler="ddim")
-    assert (ddim.steps, ddim.timestep_spacing, ddim.final_step_order) == (50, "logsnr", 2)  # no data std known
-    assert SamplerConfig(sampler="ddim", data_std=0.2).timestep_spacing == "data_std"
-    assert SamplerConfig(sampler="ddim", data_std=0.2, timestep_spacing="karras").timestep_spacing == "karras"
+    assert (ddim.steps, ddim.effective_timestep_spacing, ddim.final_step_order) == (50, "logsnr", 2)  # std unknown
+    with_std = dataclasses.replace(ddim, data_std=0.2)  # as a pipeline fills it in from the model directory
+    assert with_std.effective_timestep_spacing == "data_std"
+    np.testing.assert_array_equal(
+        sampler_timesteps(with_std, make_schedule()),
+        make_timesteps(1000, 50, "data_std", alphas_cumprod=np.asarray(make_schedule().alphas_cumprod), data_std=0.2))
+    assert dataclasses.replace(with_std, timestep_spacing="karras").effective_timestep_spacing == "karras"
+    assert SamplerConfig(sampler="dpmpp_2m", data_std=0.2).effective_timestep_spacing == "logsnr"
     assert DEFAULT_STEPS == {"ddpm": 1000, "ddim": 50, "dpmpp_2m": 20}
 
 
@@ -172,9 +179,11 @@ def test_sampler_config_helper_defaults():
     assert sampler_config("ddpm").clip_sample is None and sampler_config("ddpm").steps == 1000
     assert sampler_config("ddim", steps=7).steps == 7
     assert sampler_config("dpmpp_2m") == SamplerConfig.fast()
-    assert sampler_config("ddim", data_std=0.18).data_std == 0.18
+    assert sampler_config("ddim", data_std=0.18).effective_timestep_spacing == "data_std"
     with pytest.raises(ValueError, match="sampler must be one of ddpm, ddim, dpmpp_2m"):
         sampler_config("euler")
+    with pytest.raises(ValueError, match="positive number of network evaluations"):
+        sampler_config("ddim", steps=0)
 
 
 # -- Gaussian-data correctness ---------------------------------------------------------------------------

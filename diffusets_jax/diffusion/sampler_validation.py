@@ -103,7 +103,7 @@ def validated_settings(config: SamplerConfig, schedule: NoiseSchedule, latent_me
     return {
         "sampler": config.sampler,
         "steps": config.steps,
-        "timestep_spacing": config.timestep_spacing,
+        "timestep_spacing": config.effective_timestep_spacing,
         "final_step_order": config.final_step_order,
         "eta": config.eta,
         "data_std": config.data_std,

@@ -61,7 +61,7 @@ SAMPLER_DEFAULTS: dict[str, SamplerDefaults] = {
     # the published chain, every timestep, unchanged
     "ddpm": SamplerDefaults(steps=1000, timestep_spacing="trailing", final_step_order=1),
     # first order: only a grid matched to the latents' std keeps 50 steps within 3 %; without the std it
-    # falls back to "logsnr" (see SamplerConfig.timestep_spacing)
+    # takes "logsnr" (see SamplerConfig.effective_timestep_spacing)
     "ddim": SamplerDefaults(steps=50, timestep_spacing="data_std", final_step_order=2),
     # within 1 % at every data std from 0.1 to 1 on the log-SNR grid, which needs no data std
     "dpmpp_2m": SamplerDefaults(steps=20, timestep_spacing="logsnr", final_step_order=2),
@@ -85,8 +85,8 @@ class SamplerConfig:
         to each point; where several points round to one timestep the rest are re-spaced): "logsnr" even in
         log sigma, "karras" even in sigma^(1/7) (Karras et al. 2022), "data_std" even in
         arctan(sigma / data_std), which spends the steps where sigma is near the data's std.
-        All give T-1 … 0 when steps = T. None: the sampler's default (`SAMPLER_DEFAULTS`), except that
-        ddim without `data_std` takes "logsnr".
+        All give T-1 … 0 when steps = T. None: the sampler's validated grid (`SAMPLER_DEFAULTS`), which for
+        ddim depends on `data_std` (`effective_timestep_spacing` says which grid runs).
     clip_sample: clip predicted x0 to [-clip_range, clip_range] (the faithful config does, on latents).
         None: as the model directs (`pipeline.ECGGenerator` resolves it from the model directory); `sample`
         refuses an unresolved None.
@@ -99,7 +99,9 @@ class SamplerConfig:
         smooth data densities, where it vanishes at sigma = 0, and for point masses, where it is constant).
         ddpm keeps its own ancestral final step (1). None: the sampler's default.
     data_std: the standard deviation of the model's latents (the diffusion space), which the "data_std"
-        spacing needs; recorded in the model directory.
+        spacing needs; recorded in the model directory (`diffusion.latent_std`). None: unknown, or as the model
+        directs: a sampler built before the model is loaded (`sampler_config` in the CLI) gets it from there,
+        and with timestep_spacing None its grid follows.
     """
 
     sampler: str = "ddpm"
@@ -118,16 +120,13 @@ class SamplerConfig:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         defaults = SAMPLER_DEFAULTS[self.sampler]
-        # Resolved here, not when sampling, so a config's repr, hash and record say what actually runs.
+        # Resolved here so a config's repr and record say what runs; the grid stays None until sampling
+        # because the validated one depends on data_std, which may arrive with the model.
         if self.steps is None:
             object.__setattr__(self, "steps", defaults.steps)
-        if self.timestep_spacing is None:
-            spacing = defaults.timestep_spacing
-            object.__setattr__(self, "timestep_spacing",
-                               "logsnr" if spacing == "data_std" and self.data_std is None else spacing)
         if self.final_step_order is None:
             object.__setattr__(self, "final_step_order", defaults.final_step_order)
-        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {self.timestep_spacing!r}")
         if self.guidance_mode not in GUIDANCE_MODES:
             raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {self.guidance_mode!r}")
@@ -144,6 +143,15 @@ class SamplerConfig:
         if self.timestep_spacing == "data_std" and self.data_std is None:
             raise ValueError("timestep_spacing='data_std' needs data_std, the standard deviation of the model's "
                              "latents (recorded in the model directory); or choose timestep_spacing='logsnr'")
+
+    @property
+    def effective_timestep_spacing(self) -> str:
+        """The grid that runs: `timestep_spacing`, or the sampler's validated one ("logsnr" for ddim without
+        `data_std`)."""
+        if self.timestep_spacing is not None:
+            return self.timestep_spacing
+        spacing = SAMPLER_DEFAULTS[self.sampler].timestep_spacing
+        return "logsnr" if spacing == "data_std" and self.data_std is None else spacing
 
     @classmethod
     def faithful(cls) -> SamplerConfig:
@@ -240,16 +248,17 @@ def sampler_timesteps(config: SamplerConfig, schedule: NoiseSchedule) -> np.ndar
     The noise-level spacings are chosen from the schedule's values, so the schedule must be concrete (closed
     over by the jitted function, as `jit_generate` does), not a traced argument.
     """
+    spacing = config.effective_timestep_spacing
     alphas_cumprod = None
-    if config.timestep_spacing in SIGMA_SPACINGS:
+    if spacing in SIGMA_SPACINGS:
         try:
             alphas_cumprod = np.asarray(schedule.alphas_cumprod)
         except jax.errors.TracerArrayConversionError:
             raise ValueError(
-                f"timestep_spacing={config.timestep_spacing!r} chooses timesteps from the schedule's values: close "
-                "over the schedule (functools.partial, jit_generate) instead of passing it to jit as an argument"
+                f"timestep_spacing={spacing!r} chooses timesteps from the schedule's values: close over the "
+                "schedule (functools.partial, jit_generate) instead of passing it to jit as an argument"
             ) from None
-    return make_timesteps(schedule.num_timesteps, config.steps, config.timestep_spacing,
+    return make_timesteps(schedule.num_timesteps, config.steps, spacing,
                           alphas_cumprod=alphas_cumprod, data_std=config.data_std)
 
 
@@ -513,7 +522,7 @@ def sample(
     """
     if config.clip_sample is None:
         raise ValueError("SamplerConfig.clip_sample is None ('as the model directs'): set it to True or False, or "
-                         "sample through generate.ECGGenerator, which reads the model's generation.json")
+                         "sample through pipeline.ECGGenerator, which reads the model directory")
     batch = _batch_size(cond)
     if batch_sharding is not None and hasattr(batch_sharding, "mesh"):
         spec = batch_sharding.spec
