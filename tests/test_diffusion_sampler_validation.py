@@ -176,3 +176,17 @@ def test_guidance_does_not_change_the_check():
 def test_bad_inputs_are_one_line_errors(mean, std, samples, config, match):
     with pytest.raises(ValueError, match=match):
         validate_sampler(config, SCHEDULES["epsilon"], mean, std, samples=samples)
+
+
+def test_a_models_fast_sampler_defaults_are_validated_at_its_latent_scale():
+    from diffusets_jax.diffusion.sampler_validation import PUBLISHED_LATENT_STD, validate_model_defaults
+    from diffusets_jax.diffusion.schedule import DiffusionSpec
+
+    record = validate_model_defaults(DiffusionSpec(latent_std=0.3), latent_mean=-0.2)
+    by_name = {v["sampler"]: v for v in record["validated"]}
+    assert set(by_name) == {"dpmpp_2m", "ddim"} and all(v["passed"] for v in by_name.values())
+    assert by_name["ddim"]["data_std"] == 0.3 and by_name["dpmpp_2m"]["latent_mean"] == pytest.approx(-0.2)
+    assert record["latent_std_source"].startswith("measured")
+    assumed = validate_model_defaults(DiffusionSpec())
+    assert assumed["latent_std_source"].startswith("assumed")
+    assert {v["latent_std"] for v in assumed["validated"]} == {PUBLISHED_LATENT_STD}

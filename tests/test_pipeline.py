@@ -140,6 +140,8 @@ def test_sample_with_converted_reference_checkpoints(tmp_path):
     assert (embedder.kind, embedder.model, embedder.dim) == ("openai", "text-embedding-ada-002", 1536)
     assert index.conditioning.patient_features == "faithful" and index.diffusion.clip_sample
     assert index.components["unet"]["vae_uid"] == index.components["vae"]["uid"]  # converted together: a pair
+    assert index.sampling["latent_std_source"].startswith("assumed") and all(
+        v["passed"] and v["latent_std"] == 0.18 for v in index.sampling["validated"])
     out = tmp_path / "out"
     with fake_openai_env(1536) as server:
         assert main(["sample", "--model-dir", str(models), "--out", str(out), "--text", "Sinus rhythm",
