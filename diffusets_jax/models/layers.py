@@ -38,6 +38,15 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
+def maybe_remat(module_class: type, remat: bool) -> type:
+    """`nn.remat(module_class)` when `remat`: same parameters, activations recomputed in the backward pass.
+
+    Trades about one extra forward pass of compute for not keeping the block's intermediate activations
+    between the forward and backward passes (the memory that limits the batch on an accelerator).
+    """
+    return nn.remat(module_class) if remat else module_class
+
+
 def mish(x: Array) -> Array:
     """Mish activation x * tanh(softplus(x)) (PyTorch `nn.Mish`)."""
     return x * jnp.tanh(jax.nn.softplus(x))
