@@ -52,6 +52,7 @@ def _primitive_names(jaxpr) -> set[str]:
     return names
 
 
+@pytest.mark.slow  # two gradient programs per model: over a minute of compiling on 2 shared cores
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_remat_keeps_parameters_and_gradients(name):
     module, inputs, loss = CASES[name]()
