@@ -51,6 +51,36 @@ def _conv(features: int, kernel_size: int, name: str, dtype: Dtype | None = None
     return nn.Conv(features, (kernel_size,), padding=((pad, pad),), dtype=dtype, name=name)
 
 
+class NearestUpsampleConv(nn.Module):
+    """Nearest-neighbour x2 upsampling then a k3 "same" conv, computed at the input length.
+
+    `(batch, length, c) -> (batch, 2 * length, features)`; parameters exactly those of the conv
+    (`kernel` `(3, c, features)`, `bias`), so checkpoints map as for `nn.Conv`. With u the upsampled
+    input (u[2m] = u[2m+1] = x[m]) the conv's even outputs are w0 x[m-1] + (w1 + w2) x[m] and its odd
+    ones (w0 + w1) x[m] + w2 x[m+1]: two 2-tap convs at half the length, 2/3 of the multiply-adds, and
+    the upsampled copy is never written.
+    """
+
+    features: int
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # nn.Conv's initialisers, so a VAE initialised from scratch starts as before.
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        even_taps = jnp.stack([kernel[0], kernel[1] + kernel[2]])
+        odd_taps = jnp.stack([kernel[0] + kernel[1], kernel[2]])
+
+        def conv(taps: jax.Array, padding: tuple[int, int]) -> jax.Array:
+            return jax.lax.conv_general_dilated(x, taps, (1,), (padding,), dimension_numbers=("NWC", "WIO", "NWC"))
+
+        even, odd = conv(even_taps, (1, 0)), conv(odd_taps, (0, 1))
+        batch, length, features = even.shape
+        return jnp.stack([even, odd], axis=2).reshape(batch, 2 * length, features) + bias
+
+
 class ResidualBlock(nn.Module):
     """GroupNorm -> SiLU -> Conv k3 -> GroupNorm -> SiLU -> Conv k3, plus a 1x1-conv skip if widths differ.
 
@@ -128,7 +158,8 @@ class VAEDecoder(nn.Module):
     """`(batch, latent_length, latent_channels)` unscaled latent -> `(batch, latent_length * 2**len(widths), out_channels)`.
 
     1x1 conv, conv to widths[-1], res / attention / res, then levels of `num_res_blocks + 1` residual blocks
-    at `(widths[-1],) + reversed(widths)`, each but the last followed by nearest x2 upsampling and a conv;
+    at `(widths[-1],) + reversed(widths)`, each but the last followed by nearest x2 upsampling and a conv
+    (`NearestUpsampleConv`);
     GroupNorm, SiLU, conv to the output channels.
     """
 
@@ -153,8 +184,7 @@ class VAEDecoder(nn.Module):
             for block in range(self.num_res_blocks + 1):
                 h = res_block(width, self.groups, dt, name=f"up_{level}_res_{block}")(h)
             if level < len(level_widths) - 1:
-                h = jnp.repeat(h, 2, axis=1)  # nearest-neighbour upsampling
-                h = _conv(width, 3, f"up_{level}_upsample", dt)(h)
+                h = NearestUpsampleConv(width, dt, name=f"up_{level}_upsample")(h)
         h = nn.silu(_group_norm(self.groups, "norm_out", dt)(h))
         return _conv(self.out_channels, 3, "conv_out", dt)(h).astype(jnp.float32)
 
