@@ -112,13 +112,13 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
             _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
                       position=np.arange(batch.start, batch.start + len(batch.conditions)),
                       skipped_name=np.array(list(skipped), dtype=str), skipped_why=np.array(list(skipped.values()), dtype=str))
-        manifest = _finish(run.path, generator, items, formats, settings)
+        manifest = _finish(run.path, generator, items, total, formats, settings)
         run.mark_complete(count=manifest["count"])
     return manifest
 
 
-def _finish(out: Path, generator: Any, items: list[Condition], formats: list[str], settings: dict[str, Any]
-            ) -> dict[str, Any]:
+def _finish(out: Path, generator: Any, items: list[Condition], total: int, formats: list[str],
+            settings: dict[str, Any]) -> dict[str, Any]:
     """Merge the per-batch parts into the NPZ, gather every process's summary, write the manifest (process 0).
 
     On a disk every host shares, process 0 sees every part and writes one `samples.npz`; on separate disks each
@@ -130,7 +130,6 @@ def _finish(out: Path, generator: Any, items: list[Condition], formats: list[str
     parallel.barrier("sample-parts-written")  # every host's last part is on disk before anyone looks
     seen = sorted((out / _PARTS).glob("batch-*.npz"))
     visible = parallel.allgather_objects([p.name for p in seen])  # which parts each host can read
-    total = generator.num_batches(items)
     if len(set(visible[0])) == total:  # one shared disk (or one host): process 0 merges everything
         mine = seen if index == 0 else []
         npz_name = "samples.npz"
