@@ -18,6 +18,7 @@ from diffusets_jax.experiments.downstream import (
     check_model_fits_dataset,
     parse_fractions,
     seed_metrics,
+    select_tasks,
     stratified_group_split,
     subsample_minority,
     summarize_arms,
@@ -66,6 +67,28 @@ def test_bad_resplit_fractions(text):
 
 def test_resplit_fractions_are_normalised():
     assert parse_fractions("2:1:1") == (0.5, 0.25, 0.25)
+
+
+def test_task_selection_from_shipped_files_and_specs(tmp_path):
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps({"whole_words": True, "skip_reports_with": ["warning:"], "rules": [
+        {"name": "lbbb", "any": ["left bundle branch block", "lbbb"], "none": ["incomplete"]}]}))
+    chosen = select_tasks(["pvc", "LBBB"], ["stemi=st elevation"], [path])
+    assert [r.name for r in chosen.rules] == ["pvc", "lbbb", "stemi"]
+    assert chosen.rules[1].none_of == ("incomplete",) and chosen.skip_reports_with == ("warning:",)
+    assert [r.name for r in select_tasks(None).rules] == ["normal", "af", "pvc"]
+    assert select_tasks(None).skip_reports_with == ()
+    assert [r.name for r in select_tasks(None, files=[path]).rules] == ["normal", "af", "pvc", "lbbb"]
+    redefined = select_tasks(["af"], ["af=afib|atrial fibrillation"])
+    assert [r.any_of for r in redefined.rules] == [("afib", "atrial fibrillation")]
+    with pytest.raises(ValueError, match="unknown task.*nope"):
+        select_tasks(["nope"])
+    with pytest.raises(ValueError, match="folder name"):
+        select_tasks(None, ["a/b=x"])
+    with pytest.raises(ValueError, match="no task selected"):
+        select_tasks([" "])
+    with pytest.raises(FileNotFoundError):
+        select_tasks(None, files=[tmp_path / "missing.json"])
 
 
 def test_seed_metrics_hand_worked():

@@ -1,7 +1,8 @@
 """The paper's data-augmentation benchmark: does adding generated minority-class ECGs help a classifier?
 
-For each diagnostic task (a keyword rule over the report, `experiments.keyword_rules`: normal vs abnormal, atrial
-fibrillation vs not, PVC vs not, or a user's rule), a Net1D classifier (`train.classifier`, trained by the generic
+For each diagnostic task (a whole-word keyword rule over the report, `experiments.keyword_rules`, shipped in
+`experiments/data/downstream_rules.json`: normal vs abnormal, atrial fibrillation vs not, PVC vs not, or a user's
+rule), a Net1D classifier (`train.classifier`, trained by the generic
 loop) is trained in several arms and tested on the same real test records:
 
 - `real`: the real training records (after `minority_fraction` subsampling of the minority class);
@@ -34,6 +35,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import shutil
 import time
 import zlib
@@ -44,7 +46,13 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 
-from diffusets_jax.experiments.keyword_rules import KeywordRule
+from diffusets_jax.experiments.keyword_rules import (
+    DOWNSTREAM_RULES,
+    KeywordRule,
+    RuleSet,
+    load_rules,
+    parse_rule,
+)
 from diffusets_jax.io.files import atomic_path, read_json, write_json_atomic, write_text_atomic
 from diffusets_jax.metrics.classification import (
     average_precision,
@@ -73,6 +81,33 @@ class Preempted(Exception):
 NOISE_STRIDE = 2**20  # generator batches per (task, seed): 67 M ECGs at batch 64 before two pairs could share noise
 FIGURE = "downstream.png"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "downstream_net1d.py"
+TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # names become folder names under runs/
+
+
+def select_tasks(names: Sequence[str] | None, specs: Sequence[str] = (),
+                 files: Sequence[str | os.PathLike] = ()) -> RuleSet:
+    """The tasks to run: `names` among the shipped tasks (`DOWNSTREAM_RULES`), those of the rule `files`
+    (`keyword_rules.load_rules`) and the `specs` (`keyword_rules.parse_rule`, whole words), a later definition of a
+    name replacing an earlier one; every spec runs; None: all of them. The `skip_reports_with` phrases of every
+    file given hold for every task (those records are left out)."""
+    sets = [load_rules(DOWNSTREAM_RULES), *(load_rules(path) for path in files)]
+    given = [parse_rule(spec) for spec in specs]
+    defined = {rule.name: rule for rules in sets for rule in rules.rules}
+    defined.update({rule.name: rule for rule in given})
+    chosen = list(defined) if names is None else [n.strip().lower() for n in names if n.strip()]
+    unknown = [n for n in chosen if n not in defined]
+    if unknown:
+        raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(defined)} (define one with "
+                         "--task NAME=keyword1|keyword2[!exclusion])")
+    order = list(dict.fromkeys([*chosen, *(rule.name for rule in given)]))
+    if not order:
+        raise ValueError("--tasks: no task selected")
+    bad = [n for n in order if not TASK_NAME.fullmatch(n)]
+    if bad:
+        raise ValueError(f"task name(s) {', '.join(map(repr, bad))}: use lower-case letters, digits, '_' or '-' "
+                         "(e.g. af, lbbb); the name becomes a folder name")
+    skip = tuple(dict.fromkeys(phrase for rules in sets for phrase in rules.skip_reports_with))
+    return RuleSet(tuple(defined[n] for n in order), skip)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,7 +401,7 @@ def _finite(value: Any) -> float | None:
 # The benchmark
 
 
-def settings_of(*, dataset: str | os.PathLike, data_dir: str | os.PathLike | None, rules: Sequence[KeywordRule],
+def settings_of(*, dataset: str | os.PathLike, data_dir: str | os.PathLike | None, rules: RuleSet,
                 arms: Sequence[str], seeds: int, ratio: float, minority_fraction: float, config: Any,
                 model_dir: str | os.PathLike | None, generated_corpus: str | os.PathLike | None, sampler: Any,
                 resplit: tuple[float, float, float] | None, limit: int | None, n_boot: int,
@@ -378,7 +413,8 @@ def settings_of(*, dataset: str | os.PathLike, data_dir: str | os.PathLike | Non
     config_dict["train"].pop("progress_bar", None)  # how it looks, not what it computes: --no-progress may resume
     settings: dict[str, Any] = {
         "dataset": os.path.abspath(dataset), "data_dir": None if data_dir is None else os.path.abspath(data_dir),
-        "tasks": [r.to_json() for r in rules], "arms": list(arms), "seeds": int(seeds), "ratio": float(ratio),
+        "tasks": [r.to_json() for r in rules.rules], "skip_reports_with": list(rules.skip_reports_with),
+        "arms": list(arms), "seeds": int(seeds), "ratio": float(ratio),
         "minority_fraction": float(minority_fraction), "resplit": None if resplit is None else list(resplit),
         "limit": limit, "n_boot": int(n_boot), "config": config_dict}
     if model_dir is not None:
@@ -432,7 +468,7 @@ def run_downstream(
     dataset: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    rules: Sequence[KeywordRule],
+    rules: RuleSet,
     config: Any,
     arms: Sequence[str] | None = None,
     seeds: int = 3,
@@ -469,7 +505,7 @@ def run_downstream(
     arms = tuple(arms)
     check_arguments(arms=arms, seeds=seeds, ratio=ratio, minority_fraction=minority_fraction, n_boot=n_boot,
                     model_dir=model_dir, generated_corpus=generated_corpus, limit=limit)
-    if not rules:
+    if not rules.rules:
         raise ValueError("no task to run")
     check_output_path(out_dir)
     model = build_classifier(config)
@@ -511,6 +547,15 @@ def run_downstream(
         corpus = corpus_dropped = None
         if generated_corpus is not None:
             corpus, corpus_dropped = load_records(generated_corpus, "train")
+        # A rule file's skip_reports_with (e.g. "warning:") leaves those records out of every task.
+        skipped: dict[str, int] = {}
+        if resplit is None:
+            for split in SPLITS:
+                split_records[split], skipped[split] = _without_skipped(split_records[split], rules)
+        else:
+            pooled, skipped["all"] = _without_skipped(pooled, rules)
+        if corpus is not None:
+            corpus, skipped["corpus"] = _without_skipped(corpus, rules)
         generator = None
         if generator_needed:
             from diffusets_jax.pipeline import ECGGenerator
@@ -522,12 +567,12 @@ def run_downstream(
         predict = make_predictor(model, mesh, int(config.train.global_batch_size))
 
         tasks: dict[str, Any] = {}
-        for task_index, rule in enumerate(rules):
+        for task_index, rule in enumerate(rules.rules):
             began = time.perf_counter()
             if resplit is None:
                 records = split_records
             else:
-                parts = stratified_group_split(pooled.subject_id, rule.labels(pooled.report_lines), resplit, seed=0)
+                parts = stratified_group_split(pooled.subject_id, rule.mask(pooled.report_lines), resplit, seed=0)
                 records = {split: pooled.take(idx) for split, idx in zip(SPLITS, parts, strict=True)}
             entry = _run_task(rule, task_index, records, arms=arms, seeds=seeds, ratio=ratio,
                               minority_fraction=minority_fraction, config=config, compiled=compiled, predict=predict,
@@ -536,6 +581,7 @@ def run_downstream(
             tasks[rule.name] = entry
         report = {"settings": _readable_settings(settings), "protocol": _protocol(config, resplit),
                   "records_dropped_non_finite": {**dropped, **({"corpus": corpus_dropped} if corpus is not None else {})},
+                  "records_skipped_by_rules": skipped,
                   "tasks": tasks, "figure": None}
         report["figure"] = _figure(report, out)
         write_json_atomic(out / "report.json", report)
@@ -544,17 +590,22 @@ def run_downstream(
     return report
 
 
+def _without_skipped(records: Records, rules: RuleSet) -> tuple[Records, int]:
+    skipped = rules.skipped_mask(records.report_lines)
+    return records.take(np.flatnonzero(~skipped)), int(skipped.sum())
+
+
 def _run_task(rule: KeywordRule, task_index: int, records: Mapping[str, Records], *, arms: Sequence[str], seeds: int,
               ratio: float, minority_fraction: float, config: Any, compiled: Any, predict: Any, generator: Any,
               corpus: Records | None, n_boot: int, out: Path, progress: bool) -> dict[str, Any]:
-    labels = {split: rule.labels(records[split].report_lines).astype(np.int64) for split in SPLITS}
+    labels = {split: rule.mask(records[split].report_lines).astype(np.int64) for split in SPLITS}
     counts = {split: {"records": int(len(labels[split])), "positive": int(labels[split].sum())} for split in SPLITS}
     entry: dict[str, Any] = {"rule": rule.to_json(), "counts": counts, "status": "skipped", "reason": None, "arms": {}}
     for split in ("train", "test"):
         n, n_pos = counts[split]["records"], counts[split]["positive"]
         if n_pos == 0 or n_pos == n:
             entry["reason"] = (f"the {split} split has {'no positive' if n_pos == 0 else 'no negative'} record "
-                               f"({n_pos} of {n} match {rule.spec()})")
+                               f"({n_pos} of {n} match the rule)")
             return entry
     train, val, test = records["train"], records["validation"], records["test"]
     n_train_pos = counts["train"]["positive"]
@@ -562,7 +613,7 @@ def _run_task(rule: KeywordRule, task_index: int, records: Mapping[str, Records]
     val_labels = labels["validation"]
     if val_labels.sum() == 0:
         entry["note"] = "the validation split has no positive record: the decision threshold is 0.5"
-    corpus_labels = None if corpus is None else rule.labels(corpus.report_lines).astype(np.int64)
+    corpus_labels = None if corpus is None else rule.mask(corpus.report_lines).astype(np.int64)
     if corpus is not None:
         entry["corpus"] = {"records": int(len(corpus_labels)), "positive": int(corpus_labels.sum())}
 
@@ -700,6 +751,15 @@ def _difference(interval: Mapping[str, Any]) -> str:
     return text + (f" [{interval['low']:+.3f}, {interval['high']:+.3f}]" if interval["low"] is not None else "")
 
 
+def _rule_sentence(rule: Mapping[str, Any]) -> str:
+    phrases = lambda key: " or ".join(map(repr, rule[key]))
+    if rule["whole_words"]:
+        return (f"Rule: positive when a statement holds {phrases('any')} as whole words"
+                + (f" and no statement holds {phrases('none')}" if rule["none"] else "") + ".")
+    return (f"Rule: positive when the lower-cased report contains {phrases('any')}"
+            + (f" and not {phrases('none')}" if rule["none"] else "") + ".")
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown: protocol, then per task its counts, one row per arm and the paired differences."""
     s = report["settings"]
@@ -714,13 +774,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     dropped = {k: v for k, v in report["records_dropped_non_finite"].items() if v}
     if dropped:
         lines.append(f"- records left out for a non-finite ECG sample: {dropped}")
+    skipped = {k: v for k, v in report.get("records_skipped_by_rules", {}).items() if v}
+    if skipped:
+        lines.append(f"- records left out for a report holding {' or '.join(map(repr, s['skip_reports_with']))}: "
+                     f"{skipped}")
     lines += ["", "Cells: mean ± sd over seeds [95 % bootstrap CI of the mean over test patients].", ""]
     for name, task in report["tasks"].items():
         rule = task["rule"]
         lines += [f"## {name}: {rule['description'] or name}", "",
-                  f"Rule: positive when a statement holds {' or '.join(repr(k) for k in rule['positives'])}"
-                  + (f" and none holds {' or '.join(repr(k) for k in rule['negatives'])}" if rule["negatives"] else "")
-                  + ".", ""]
+                  _rule_sentence(rule), ""]
         counts = task["counts"]
         lines.append("Records (positive): " + ", ".join(f"{split} {c['records']} ({c['positive']})"
                                                         for split, c in counts.items()) + ".")

@@ -1,148 +1,164 @@
-"""Labels from report keywords: a rule is positive when any of its keywords occurs and none of its exclusions does.
+"""Keyword rules over report text: which records show a condition (per-condition evaluation, downstream tasks).
 
-A rule `KeywordRule(name, positives, negatives)` matches a report (its statements, `report_lines`) when at least
-one positive keyword and no negative keyword occurs in it. Matching is case-insensitive, on whole words, within one
-statement:
+A rule holds if the report contains any of its `any` phrases and none of its `none` phrases. Two ways to match:
 
-- whole words: a keyword must not be glued to letters or digits on either side, so "normal ecg" does not match
-  "Abnormal ECG" and "pvc" does not match "pvcs" (list both forms when both occur);
-- within one statement: statements are matched one by one, so a two-word keyword never straddles two statements;
-- runs of whitespace count as one space, in reports and keywords alike.
+- plain (the default): substrings of the lower-cased report (its statements joined by single spaces), as the
+  published evaluation does ("pace" also matches "paced"; " st " needs the spaces);
+- whole words (`whole_words`, the downstream benchmark's tasks): case-insensitive, a phrase must not be glued to
+  letters or digits on either side ("normal ecg" does not match "Abnormal ECG", "pvc" does not match "pvcs") and
+  must lie within one statement; runs of whitespace count as one space, in reports and phrases alike.
 
-Rules are written as `NAME=kw1|kw2` or `NAME=kw1|kw2!neg1|neg2` (`parse_rule`), or as CSV rows `task,
-positive_keywords, negative_keywords, description` with `|`-separated keywords (`read_rules`); the rules of the
-paper's data-augmentation benchmark ship in `downstream_tasks.csv` (`default_rules`).
+Rule files are JSON:
+
+    {"skip_reports_with": ["warning:"], "whole_words": false,
+     "rules": [{"name": "normal", "any": ["normal ecg"], "none": ["abnormal ecg"], "description": "..."}]}
+
+(`whole_words` and `description` optional). The per-condition rules of the paper ship in
+`experiments/data/condition_rules.json`, the downstream benchmark's tasks in `experiments/data/downstream_rules.json`;
+users pass their own file, or one rule on the command line as `NAME=kw1|kw2!exclusion1|exclusion2` (`parse_rule`).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-DEFAULT_RULES_CSV = Path(__file__).resolve().parent / "downstream_tasks.csv"
-RULE_COLUMNS = ("task", "positive_keywords", "negative_keywords", "description")
-_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+from diffusets_jax.io.files import read_json
+
+CONDITION_RULES = Path(__file__).resolve().parent / "data" / "condition_rules.json"
+DOWNSTREAM_RULES = Path(__file__).resolve().parent / "data" / "downstream_rules.json"
 _SPACES = re.compile(r"\s+")
-
-
-def normalize_text(text: str) -> str:
-    """Lower case, whitespace runs collapsed to one space, stripped."""
-    return _SPACES.sub(" ", str(text)).strip().lower()
 
 
 @dataclasses.dataclass(frozen=True)
 class KeywordRule:
-    """`name`: the task's name; `positives`: keywords of which any makes a report positive; `negatives`: keywords
-    of which any makes it negative regardless (both normalised, see `normalize_text`)."""
-
     name: str
-    positives: tuple[str, ...]
-    negatives: tuple[str, ...] = ()
+    any_of: tuple[str, ...]
+    none_of: tuple[str, ...] = ()
+    whole_words: bool = False
     description: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
-            raise ValueError(f"task name {self.name!r}: use lower-case letters, digits, '_' or '-' (e.g. af, lbbb)")
-        positives = tuple(normalize_text(k) for k in self.positives)
-        negatives = tuple(normalize_text(k) for k in self.negatives)
-        if not positives or not all(positives):
-            raise ValueError(f"task {self.name}: needs at least one non-empty positive keyword")
-        if not all(negatives):
-            raise ValueError(f"task {self.name}: empty negative keyword")
-        object.__setattr__(self, "positives", positives)
-        object.__setattr__(self, "negatives", negatives)
+        # Plain phrases keep their spaces (" st " means a separate word); whole-word phrases are normalised.
+        clean = normalize_text if self.whole_words else str.lower
+        object.__setattr__(self, "any_of", tuple(clean(p) for p in self.any_of))
+        object.__setattr__(self, "none_of", tuple(clean(p) for p in self.none_of))
+        if not self.any_of or not all(self.any_of) or not all(self.none_of):
+            raise ValueError(f"rule {self.name!r}: needs at least one 'any' phrase and no empty phrase")
 
-    def matches(self, report_lines: Sequence[str]) -> bool:
-        """True when a statement holds a positive keyword and no statement holds a negative one."""
-        lines = [normalize_text(line) for line in report_lines]
-        hit = lambda pattern: any(pattern.search(line) for line in lines)
-        return hit(_pattern(self.positives)) and not (self.negatives and hit(_pattern(self.negatives)))
+    def matches(self, report: Sequence[str] | str) -> bool:
+        """Whether a report (its statements, or one string) satisfies the rule (see the module docstring)."""
+        if not self.whole_words:
+            text = report_text(report)
+            return any(p in text for p in self.any_of) and not any(p in text for p in self.none_of)
+        statements = [normalize_text(s) for s in ([report] if isinstance(report, str) else report)]
+        found = lambda phrases: bool(phrases) and any(_word_pattern(phrases).search(s) for s in statements)
+        return found(self.any_of) and not found(self.none_of)
 
-    def labels(self, reports: Iterable[Sequence[str]]) -> np.ndarray:
+    def mask(self, reports: Sequence[Sequence[str] | str]) -> np.ndarray:
         """`(n,)` bool: `matches` of each report."""
-        return np.array([self.matches(lines) for lines in reports], dtype=bool)
+        return np.array([self.matches(r) for r in reports], dtype=bool)
 
-    def spec(self) -> str:
-        """The rule in `parse_rule`'s syntax."""
-        return f"{self.name}={'|'.join(self.positives)}" + (f"!{'|'.join(self.negatives)}" if self.negatives else "")
+    def to_json(self) -> dict[str, Any]:
+        """The rule as one entry of a rule file."""
+        return {"name": self.name, "any": list(self.any_of), "none": list(self.none_of),
+                "whole_words": self.whole_words, "description": self.description}
 
-    def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "positives": list(self.positives), "negatives": list(self.negatives),
-                "description": self.description}
+
+@dataclasses.dataclass(frozen=True)
+class RuleSet:
+    rules: tuple[KeywordRule, ...]
+    skip_reports_with: tuple[str, ...] = ()
+
+    def skipped(self, text: str) -> bool:
+        return any(p in text for p in self.skip_reports_with)
+
+    def labels(self, reports: Sequence[Sequence[str] | str]) -> dict[str, list[int]]:
+        """`{rule name: indices of the reports it matches}`, skipped reports left out of every rule."""
+        kept = ~self.skipped_mask(reports)
+        return {rule.name: np.flatnonzero(kept & rule.mask(reports)).tolist() for rule in self.rules}
+
+    def skipped_mask(self, reports: Sequence[Sequence[str] | str]) -> np.ndarray:
+        """`(n,)` bool: the reports every rule leaves out (`skip_reports_with`)."""
+        return np.array([self.skipped(report_text(r)) for r in reports], dtype=bool)
+
+    def select(self, names: Sequence[str]) -> RuleSet:
+        known = {r.name: r for r in self.rules}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown condition(s) {', '.join(unknown)}; the rules define {', '.join(known)}")
+        return dataclasses.replace(self, rules=tuple(known[n] for n in names))
+
+
+def report_text(report: Sequence[str] | str) -> str:
+    """The text a plain rule is matched against: the statements joined by single spaces, lower-cased."""
+    return (report if isinstance(report, str) else " ".join(report)).lower()
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, whitespace runs collapsed to one space, stripped (whole-word matching)."""
+    return _SPACES.sub(" ", str(text)).strip().lower()
 
 
 @functools.lru_cache(maxsize=256)
-def _pattern(keywords: tuple[str, ...]) -> re.Pattern[str]:
-    # Longest first, so an alternation never stops at a keyword that is a prefix of a longer one.
-    alternatives = "|".join(re.escape(k) for k in sorted(keywords, key=len, reverse=True))
+def _word_pattern(phrases: tuple[str, ...]) -> re.Pattern[str]:
+    # Longest first, so an alternation never stops at a phrase that is a prefix of a longer one.
+    alternatives = "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True))
     return re.compile(rf"(?<![a-z0-9])(?:{alternatives})(?![a-z0-9])")
 
 
-def _keywords(text: str) -> tuple[str, ...]:
-    return tuple(k for k in (normalize_text(part) for part in text.split("|")) if k)
-
-
 def parse_rule(spec: str) -> KeywordRule:
-    """`NAME=kw1|kw2` or `NAME=kw1|kw2!neg1|neg2` (positives any-of, negatives none-of) -> KeywordRule."""
+    """`NAME=kw1|kw2` or `NAME=kw1|kw2!exclusion1|exclusion2` -> a whole-word KeywordRule (any-of, none-of)."""
     name, sep, body = str(spec).partition("=")
-    if not sep:
-        raise ValueError(f"--task {spec!r}: write NAME=keyword1|keyword2[!exclusion1|exclusion2]")
     positives, _, negatives = body.partition("!")
-    return KeywordRule(name.strip().lower(), _keywords(positives), _keywords(negatives))
+    split = lambda text: tuple(p for p in (normalize_text(part) for part in text.split("|")) if p)
+    if not sep or not name.strip() or not split(positives):
+        raise ValueError(f"rule {spec!r}: write NAME=keyword1|keyword2[!exclusion1|exclusion2]")
+    return KeywordRule(name.strip().lower(), split(positives), split(negatives), whole_words=True)
 
 
-def read_rules(path: str | os.PathLike) -> dict[str, KeywordRule]:
-    """Rules from a CSV file with columns task, positive_keywords, negative_keywords[, description]."""
-    path = Path(path)
-    if path.is_dir() or not path.exists():
-        raise FileNotFoundError(f"task file {path} does not exist (a CSV with columns {', '.join(RULE_COLUMNS)})")
-    rules: dict[str, KeywordRule] = {}
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in RULE_COLUMNS[:2] if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: no column(s) {missing}; the columns are {', '.join(RULE_COLUMNS)}")
-        for line, row in enumerate(reader, start=2):
-            try:
-                rule = KeywordRule(normalize_text(row["task"] or ""), _keywords(row["positive_keywords"] or ""),
-                                   _keywords(row.get("negative_keywords") or ""), (row.get("description") or "").strip())
-            except ValueError as err:
-                raise ValueError(f"{path} line {line}: {err}") from None
-            if rule.name in rules:
-                raise ValueError(f"{path} line {line}: task {rule.name} is defined twice")
-            rules[rule.name] = rule
-    if not rules:
-        raise ValueError(f"{path}: no task rows")
-    return rules
+def _phrases(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise ValueError(f"{where}: expected a list of non-empty phrases, got {value!r}")
+    return tuple(p.lower() for p in value)
 
 
-def default_rules() -> dict[str, KeywordRule]:
-    """The benchmark's tasks (`downstream_tasks.csv`): normal, af, pvc."""
-    return read_rules(DEFAULT_RULES_CSV)
-
-
-def select_rules(names: Sequence[str] | None, extra: Sequence[str] = (), files: Sequence[str | os.PathLike] = ()
-                 ) -> list[KeywordRule]:
-    """The rules to run: `names` from the shipped and file-given tasks (None: the shipped ones), then every rule
-    given as `extra` specs (`parse_rule`; a name already known is redefined). One line naming the unknown task."""
-    known = default_rules()
-    for path in files:
-        known.update(read_rules(path))
-    given = [parse_rule(spec) for spec in extra]
-    chosen = list(known) if names is None else [normalize_text(n) for n in names if n.strip()]
-    defined = {**known, **{r.name: r for r in given}}
-    unknown = [n for n in chosen if n not in defined]
-    if unknown:
-        raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(defined)} (define one with "
-                         "--task NAME=keyword1|keyword2[!exclusion])")
-    order = list(dict.fromkeys([*chosen, *(r.name for r in given)]))
-    if not order:
-        raise ValueError("--tasks: no task selected")
-    return [defined[n] for n in order]
+def load_rules(path: str | os.PathLike = CONDITION_RULES) -> RuleSet:
+    """A rule file (see the module docstring); every problem is one line naming the file and the rule."""
+    data = read_json(path, "keyword rule file")
+    name = Path(path).name
+    if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
+        raise ValueError(f"{name}: expected an object with a non-empty 'rules' list")
+    whole_words = data.get("whole_words", False)
+    if not isinstance(whole_words, bool):
+        raise ValueError(f"{name}: 'whole_words' must be true or false, got {whole_words!r}")
+    rules, seen = [], set()
+    for number, entry in enumerate(data["rules"], 1):
+        where = f"{name} rule {number}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise ValueError(f"{where}: each rule needs a 'name' and an 'any' list of phrases")
+        unknown = sorted(set(entry) - {"name", "any", "none", "description"})
+        if unknown:
+            raise ValueError(f"{where} ({entry['name']}): unknown field(s) {unknown}; a rule has name, any, none, "
+                             "description")
+        if not isinstance(entry.get("description", ""), str):
+            raise ValueError(f"{where} ({entry['name']}): 'description' must be a string")
+        if entry["name"] in seen:
+            raise ValueError(f"{where}: the name {entry['name']!r} is used twice")
+        seen.add(entry["name"])
+        try:
+            rules.append(KeywordRule(entry["name"], _phrases(entry.get("any"), f"{where} ({entry['name']}) 'any'"),
+                                     _phrases(entry.get("none", []), f"{where} ({entry['name']}) 'none'"),
+                                     whole_words=whole_words, description=entry.get("description", "")))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    skip = _phrases(data.get("skip_reports_with", []), f"{name} 'skip_reports_with'") if data.get(
+        "skip_reports_with") else ()
+    return RuleSet(tuple(rules), skip)
