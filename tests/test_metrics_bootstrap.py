@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
+from scipy import stats
 
-from diffusets_jax.metrics.bootstrap import cluster_bootstrap
+from diffusets_jax.metrics.bootstrap import bootstrap_statistic, cluster_bootstrap
+from diffusets_jax.metrics.classification import roc_auc
 
 
 def test_point_value_is_the_ratio_of_sums():
@@ -54,3 +56,62 @@ def test_bad_inputs():
         cluster_bootstrap(np.ones(3), np.ones(3), np.arange(2))
     with pytest.raises(ValueError, match="level"):
         cluster_bootstrap(np.ones(3), np.ones(3), level=95)
+
+
+# bootstrap_statistic: any metric (AUROC, average precision) recomputed on each resample's records.
+
+
+def test_statistic_and_ratio_of_sums_share_the_draws():
+    rng = np.random.default_rng(4)
+    patients = np.repeat(np.arange(20), rng.integers(1, 4, 20))
+    values = rng.normal(size=patients.size)
+    _, low, high = cluster_bootstrap(values, np.ones_like(values), patients, n_boot=300, seed=9)
+    interval = bootstrap_statistic(lambda idx: {"mean": values[idx].mean()}, patients, n_boot=300, seed=9)["mean"]
+    assert (interval.low, interval.high) == pytest.approx((low, high))
+    assert interval.value == pytest.approx(values.mean()) and interval.valid == 300
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_statistic(lambda i: {"m": 0.0}, 3, n_boot=0)
+    with pytest.raises(ValueError, match="no records"):
+        bootstrap_statistic(lambda i: {"m": 0.0}, 0)
+
+
+def test_bootstrap_matches_scipy_percentile_interval():
+    x = np.random.default_rng(2).normal(1.0, 2.0, 200)
+    ours = bootstrap_statistic(lambda idx: {"mean": x[idx].mean()}, len(x), n_boot=4000, seed=0)["mean"]
+    theirs = stats.bootstrap((x,), np.mean, n_resamples=4000, method="percentile",
+                             random_state=np.random.default_rng(1)).confidence_interval
+    assert ours.value == pytest.approx(x.mean())
+    # Independent draws: the two Monte-Carlo intervals agree to a few hundredths of the sd (0.14).
+    assert ours.low == pytest.approx(theirs.low, abs=0.03) and ours.high == pytest.approx(theirs.high, abs=0.03)
+    assert ours.valid == 4000
+
+
+def test_clustered_bootstrap_resamples_whole_patients():
+    rng = np.random.default_rng(3)
+    patient_values = rng.normal(size=25)
+    groups = np.repeat(np.arange(25), 3)  # 3 identical records per patient
+    records = patient_values[groups]
+    seen = []
+
+    def mean_of(idx):
+        seen.append(idx)
+        return {"mean": records[idx].mean()}
+
+    # Patient ids are arbitrary numbers (here increasing, so patient k is the k-th cluster in both runs).
+    clustered = bootstrap_statistic(mean_of, 10_000 + 7 * groups, n_boot=500, seed=7)["mean"]
+    for idx in seen[1:]:  # every drawn patient brings all 3 of its records
+        assert np.all(np.bincount(groups[idx], minlength=25) % 3 == 0)
+    # The same draws over patients directly: with identical records per patient the means are equal.
+    direct = bootstrap_statistic(lambda idx: {"mean": patient_values[idx].mean()}, 25, n_boot=500, seed=7)["mean"]
+    assert (clustered.low, clustered.high) == pytest.approx((direct.low, direct.high))
+    # Treating the 75 records as independent would understate the uncertainty.
+    naive = bootstrap_statistic(lambda idx: {"mean": records[idx].mean()}, 75, n_boot=500, seed=7)["mean"]
+    assert naive.high - naive.low < 0.75 * (clustered.high - clustered.low)
+
+
+def test_bootstrap_leaves_undefined_resamples_out():
+    labels = np.array([1, 0, 0, 0, 0, 0])
+    scores = np.array([0.9, 0.1, 0.2, 0.3, 0.4, 0.5])
+    interval = bootstrap_statistic(lambda idx: {"auroc": roc_auc(labels[idx], scores[idx])}, 6, n_boot=300, seed=0)["auroc"]
+    assert interval.value == 1.0 and 0 < interval.valid < 300  # some resamples miss the one positive
+    assert interval.low == interval.high == 1.0

@@ -54,9 +54,9 @@ from diffusets_jax.experiments.keyword_rules import (
     parse_rule,
 )
 from diffusets_jax.io.files import atomic_path, read_json, write_json_atomic, write_text_atomic
+from diffusets_jax.metrics.bootstrap import bootstrap_statistic
 from diffusets_jax.metrics.classification import (
     average_precision,
-    bootstrap_ci,
     f1_threshold,
     roc_auc,
     threshold_metrics,
@@ -376,7 +376,7 @@ def summarize_arms(labels: np.ndarray, groups: np.ndarray, probabilities: Mappin
                         for arm in means if arm != "real" for k in DELTA_METRICS})
         return out
 
-    intervals = bootstrap_ci(values, groups, n_boot=n_boot, seed=seed)
+    intervals = bootstrap_statistic(values, groups, n_boot=n_boot, seed=seed)
     summary: dict[str, Any] = {}
     for arm in probabilities:
         per_seed = [seed_metrics(labels, p, t) for p, t in zip(probabilities[arm], thresholds[arm], strict=True)]

@@ -1,4 +1,4 @@
-"""Binary classification metrics and a patient-clustered bootstrap, in NumPy/SciPy.
+"""Binary classification metrics in NumPy/SciPy (their patient-clustered intervals: `metrics.bootstrap`).
 
 Conventions: `labels` `(n,)` are 0/1 (or bool), 1 = the positive class; `scores` `(n,)` are any real numbers, a
 higher score meaning "more likely positive" (probabilities, logits). A record is predicted positive when
@@ -11,13 +11,11 @@ sensitivity without positives, specificity without negatives.
   `average_precision_score`).
 - `threshold_metrics`: F1 = 2 TP / (2 TP + FP + FN), sensitivity (recall), specificity, precision.
 - `f1_threshold`: the threshold maximising F1 on a (validation) set.
-- `bootstrap_ci`: percentile intervals of any metrics by resampling patients (clusters) with replacement.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
 
 import numpy as np
 from scipy.stats import rankdata
@@ -124,62 +122,3 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray, default: float = 0.5) -
     cut = sorted_scores[last[best]]
     below = sorted_scores[last[best] + 1] if last[best] + 1 < labels.size else cut
     return float((cut + below) / 2)
-
-
-@dataclasses.dataclass(frozen=True)
-class Interval:
-    """A point value and its bootstrap percentile interval; `valid` resamples where the metric was defined."""
-
-    value: float
-    low: float
-    high: float
-    valid: int
-
-    def to_json(self) -> dict[str, float | int | None]:
-        finite = lambda x: float(x) if np.isfinite(x) else None
-        return {"value": finite(self.value), "low": finite(self.low), "high": finite(self.high), "valid": self.valid}
-
-
-def bootstrap_ci(values_fn: Callable[[np.ndarray], Mapping[str, float]], groups: np.ndarray | int, n_boot: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> dict[str, Interval]:
-    """Percentile bootstrap intervals of the metrics `values_fn(indices)` computes on a resample of records.
-
-    `groups`: `(n,)` patient (cluster) ids, or the number of records `n` when every record is its own patient.
-    Each resample draws as many patients as there are, with replacement, and takes all records of each drawn
-    patient (records of one patient are not independent; resampling records would make intervals too narrow).
-    `values_fn(indices)` gets `(m,)` int record indices (repeats included) and returns `{metric: value}`; a NaN
-    value (e.g. AUROC of a resample without positives) leaves that resample out of that metric's interval, and
-    `Interval.valid` counts the resamples used. The point value is `values_fn(arange(n))`. The same inputs and
-    `seed` give the same intervals.
-    """
-    if n_boot < 1:
-        raise ValueError(f"n_boot: expected at least 1 resample, got {n_boot}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level: expected a coverage in (0, 1), got {level}")
-    if isinstance(groups, int | np.integer):
-        ids = np.arange(int(groups))
-    else:
-        ids = np.asarray(groups)
-        if ids.ndim != 1:
-            raise ValueError(f"groups: expected one patient id per record, got shape {ids.shape}")
-    if ids.size == 0:
-        raise ValueError("bootstrap_ci: no records")
-    _, cluster_of = np.unique(ids, return_inverse=True)
-    order = np.argsort(cluster_of, kind="stable")
-    starts = np.r_[0, np.cumsum(np.bincount(cluster_of))]
-    members = [order[starts[c]:starts[c + 1]] for c in range(len(starts) - 1)]
-    point = {name: float(v) for name, v in values_fn(np.arange(ids.size)).items()}
-    draws: dict[str, list[float]] = {name: [] for name in point}
-    rng = np.random.default_rng(seed)
-    for _ in range(n_boot):
-        chosen = rng.integers(0, len(members), size=len(members))
-        values = values_fn(np.concatenate([members[c] for c in chosen]))
-        for name in draws:
-            draws[name].append(float(values[name]))
-    tail = 100.0 * (1.0 - level) / 2.0
-    out = {}
-    for name, value in point.items():
-        finite = np.asarray(draws[name])[np.isfinite(draws[name])]
-        low, high = np.percentile(finite, [tail, 100.0 - tail]) if finite.size else (np.nan, np.nan)
-        out[name] = Interval(value, float(low), float(high), int(finite.size))
-    return out
