@@ -460,6 +460,75 @@ def _run_demo(args: argparse.Namespace) -> int:
 COMMANDS.append(_add_demo)
 
 
+def _add_describe(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "describe",
+        help="ask a chat model for the ECG findings of a condition; write them for expert review",
+        description=(
+            "The first stage of generating a condition absent from the training data: ask a chat model (OpenAI's "
+            "API or any OpenAI-compatible server) for the condition's ECG findings as short report statements, and "
+            "write a findings file (JSON) with the statements, the patient information given here, the model, the "
+            "exact prompt, its raw answer and the time, marked \"approved\": false. An expert checks the statements "
+            "against hallucination, edits them and sets \"approved\": true; `sample --findings FILE` then generates "
+            "from them. A findings file may also be written by hand: {\"condition\": ..., \"statements\": [...], "
+            "\"approved\": true} with an optional \"patient\": {\"sex\", \"age\", \"heart_rate\"}."
+        ),
+    )
+    parser.add_argument("condition", metavar="CONDITION", help="the condition, e.g. 'Brugada syndrome'")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="the new findings file (.json); an existing file is never overwritten")
+    patient = parser.add_argument_group("patient information recorded with the findings (each optional)")
+    patient.add_argument("--sex", help="M/F (male/female, 1/0)")
+    patient.add_argument("--age", help="years")
+    patient.add_argument("--hr", help="heart rate, bpm")
+    model = parser.add_argument_group("chat model")
+    model.add_argument("--model", default="gpt-4o", help="chat model name (default: %(default)s)")
+    model.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI's)")
+    model.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                       help="environment variable holding the API key (default: %(default)s); keys never go on "
+                            "the command line")
+    model.add_argument("--max-statements", type=int, default=8, help="findings asked for, 1..18 (default: %(default)s)")
+    model.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: %(default)s)")
+    model.add_argument("--max-retries", type=int, default=8, help="retries on 429/5xx/timeouts (default: %(default)s)")
+    model.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: %(default)s)")
+    parser.set_defaults(func=_run_describe)
+
+
+def _run_describe(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusets_jax.conditioning.chat import ChatClient
+    from diffusets_jax.conditioning.findings import check_new_findings_path
+    from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
+    from diffusets_jax.experiments.describe import check_condition, describe_condition
+
+    # Everything the user gave is checked before the model is asked.
+    condition = check_condition(args.condition)
+    check_new_findings_path(args.out)
+    parsers = {"sex": (args.sex, parse_sex), "age": (args.age, parse_age), "heart_rate": (args.hr, parse_heart_rate)}
+    patient = {name: parse(value, field=f"--{'hr' if name == 'heart_rate' else name}")
+               for name, (value, parse) in parsers.items() if value is not None}
+    api_key = os.environ.get(args.api_key_env)
+    if not api_key:
+        raise ValueError(f"${args.api_key_env} is not set: export the API key there (--api-key-env names another "
+                         "variable), or write the findings file by hand")
+    client = ChatClient(args.model, api_key=api_key, base_url=args.base_url, temperature=args.temperature,
+                        max_retries=args.max_retries, timeout_s=args.timeout)
+    try:
+        record = describe_condition(condition, client, args.out, patient=patient, max_statements=args.max_statements)
+    except RuntimeError as err:  # the server kept failing, or the answer held no usable statements
+        print(f"diffusets-jax describe: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps({"out": args.out, "condition": record["condition"], "statements": record["statements"],
+                      "approved": False}, indent=2))
+    print(f"Review {args.out}: check every statement against hallucination, edit them, then set \"approved\": true.",
+          file=sys.stderr)
+    return 0
+
+
+COMMANDS.append(_add_describe)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusets-jax",
