@@ -68,6 +68,34 @@ def ordered_prompt(lines: Sequence[str] | str) -> str:
     return "".join(sentences)
 
 
+_FIRST = "Most importantly, the 1st diagnosis is {"
+
+
+def statements_from_ordered_prompt(prompt: str) -> list[str]:
+    """The inverse of `ordered_prompt`: the statements an ordered prompt was built from, in order.
+
+    >>> statements_from_ordered_prompt(ordered_prompt(["Sinus rhythm", "Normal ECG"]))
+    ['Sinus rhythm', 'Normal ECG']
+
+    Used where only the prompt was kept (a `samples.npz`) and the report must be shown as its statements.
+    Raises ValueError when `prompt` is not exactly an ordered prompt (rebuilding it must give it back).
+    """
+    if not isinstance(prompt, str) or not prompt.startswith(_FIRST) or not prompt.endswith("}."):
+        raise ValueError(f"{str(prompt)[:60]!r}... is not an ordered prompt (it starts with {_FIRST!r})")
+    rest, statements = prompt[len(_FIRST) :], []
+    while True:
+        joint = "}.As a supplementary condition, the " + ordinal(len(statements) + 2) + " diagnosis is {"
+        cut = rest.find(joint)
+        if cut < 0:
+            statements.append(rest[:-2])
+            break
+        statements.append(rest[:cut])
+        rest = rest[cut + len(joint) :]
+    if report_lines(statements) != statements or ordered_prompt(statements) != prompt:
+        raise ValueError(f"{prompt[:60]!r}... is not an ordered prompt of non-empty statements")
+    return statements
+
+
 def free_text_prompt(report: str) -> str:
     """A free-text report (PTB-XL's `report` column) -> the paper's "The report of the ECG is that {report}."
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
@@ -52,6 +53,8 @@ SHEET_WIDTH_MM = CALIBRATION_MM + DURATION_S * MM_PER_SECOND  # 260 mm
 SHEET_HEIGHT_MM = 4 * ROW_MM  # 3 lead rows + rhythm strip = 140 mm
 MARGIN_MM = 6.0
 TITLE_MM = 14.0  # two title lines above each sheet
+PROMPT_LINE_CHARS = 190  # characters of the 7 pt prompt line that fit across the sheet
+PROMPT_LINE_MM = 3.2  # one more 7 pt prompt line (line spacing 1.2 = 2.96 mm, plus a little air)
 FOOTER_MM = 7.0
 
 MINOR_GRID_COLOR = "#f6c8c8"
@@ -81,9 +84,11 @@ def _display_signal(ecg: np.ndarray, fs: float, display_fs: float) -> tuple[np.n
     return upsampled, fs * ratio.numerator / ratio.denominator
 
 
-def conditions_text(conditions: Mapping[str, Any] | None) -> tuple[str, str]:
+def conditions_text(conditions: Mapping[str, Any] | None,
+                    max_prompt_chars: int | None = PROMPT_LINE_CHARS) -> tuple[str, str]:
     """(patient/sampler line, prompt line) for a title, from generation conditions such as
-    `{"prompt": ..., "sex": 1, "age": 63, "heart_rate": 72, "seed": 0, "sampler": "ddpm 1000"}`."""
+    `{"prompt": ..., "sex": 1, "age": 63, "heart_rate": 72, "seed": 0, "sampler": "ddpm 1000"}`; a prompt longer
+    than `max_prompt_chars` (None: no limit) is cut with "..."."""
     if not conditions:
         return "", ""
     parts = []
@@ -98,9 +103,20 @@ def conditions_text(conditions: Mapping[str, Any] | None) -> tuple[str, str]:
         if key not in ("prompt", "sex", "age", "heart_rate"):
             parts.append(f"{key.replace('_', ' ')} {value}")
     prompt = str(conditions.get("prompt", "")).replace("\n", " | ")
-    if len(prompt) > 190:
-        prompt = prompt[:187] + "..."
+    if max_prompt_chars is not None and len(prompt) > max_prompt_chars:
+        prompt = prompt[: max_prompt_chars - 3] + "..."
     return "   ".join(parts), prompt
+
+
+def prompt_lines_needed(conditions: Mapping[str, Any] | None) -> int:
+    """How many title lines the whole prompt of `conditions` takes (plot_ecg's `prompt_lines` to show it uncut)."""
+    _, prompt = conditions_text(conditions, max_prompt_chars=None)
+    return max(1, len(_wrap_prompt(prompt)))
+
+
+def _wrap_prompt(prompt: str) -> list[str]:
+    # Report terms such as "ST-T" or "machine-read" stay whole.
+    return textwrap.wrap(prompt, PROMPT_LINE_CHARS, break_on_hyphens=False)
 
 
 def _draw_grid(ax) -> None:
@@ -161,16 +177,16 @@ def _draw_sheet(ax, ecg: np.ndarray, fs: float, rhythm_lead: str, display_fs: fl
     ax.text(CALIBRATION_MM + 1.2, baseline + 11.0, rhythm_lead, **label_style)
 
 
-def _sheet_figure(n_sheets: int) -> tuple[Figure, list]:
+def _sheet_figure(n_sheets: int, title_mm: float = TITLE_MM) -> tuple[Figure, list]:
     """A figure of `n_sheets` stacked sheets whose axes are placed so 1 data unit = 1 mm of paper."""
     width_mm = SHEET_WIDTH_MM + 2 * MARGIN_MM
-    block_mm = TITLE_MM + SHEET_HEIGHT_MM
+    block_mm = title_mm + SHEET_HEIGHT_MM
     height_mm = MARGIN_MM + n_sheets * block_mm + (n_sheets - 1) * MARGIN_MM + FOOTER_MM
     fig = Figure(figsize=(width_mm / MM_PER_INCH, height_mm / MM_PER_INCH), facecolor="white")
     FigureCanvasAgg(fig)
     axes = []
     for i in range(n_sheets):
-        top_mm = MARGIN_MM + i * (block_mm + MARGIN_MM) + TITLE_MM
+        top_mm = MARGIN_MM + i * (block_mm + MARGIN_MM) + title_mm
         bottom_mm = height_mm - top_mm - SHEET_HEIGHT_MM
         axes.append(fig.add_axes((
             MARGIN_MM / width_mm, bottom_mm / height_mm, SHEET_WIDTH_MM / width_mm, SHEET_HEIGHT_MM / height_mm,
@@ -178,15 +194,21 @@ def _sheet_figure(n_sheets: int) -> tuple[Figure, list]:
     return fig, axes
 
 
-def _title(fig: Figure, ax, heading: str, conditions: Mapping[str, Any] | None) -> None:
-    line1, prompt = conditions_text(conditions)
+def _title(fig: Figure, ax, heading: str, conditions: Mapping[str, Any] | None, prompt_lines: int = 1) -> None:
+    line1, prompt = conditions_text(conditions, max_prompt_chars=PROMPT_LINE_CHARS if prompt_lines == 1 else None)
+    if prompt_lines > 1:
+        lines = _wrap_prompt(prompt)
+        if len(lines) > prompt_lines:
+            lines = lines[: prompt_lines - 1] + [lines[prompt_lines - 1][: PROMPT_LINE_CHARS - 3] + "..."]
+        prompt = "\n".join(lines)
     box = ax.get_position()
     x = box.x0
     y_mm_above = lambda mm: box.y1 + mm / (fig.get_figheight() * MM_PER_INCH)
     head = "   ".join(part for part in (heading, line1) if part)
-    fig.text(x, y_mm_above(7.5), head, fontsize=9, fontweight="bold", va="bottom", ha="left")
+    fig.text(x, y_mm_above(7.5 + (prompt_lines - 1) * PROMPT_LINE_MM), head, fontsize=9, fontweight="bold",
+             va="bottom", ha="left")
     if prompt:
-        fig.text(x, y_mm_above(2.0), prompt, fontsize=7, va="bottom", ha="left", color="#222222")
+        fig.text(x, y_mm_above(2.0), prompt, fontsize=7, va="bottom", ha="left", color="#222222", linespacing=1.2)
 
 
 def _footer(fig: Figure, fs: float, extra: str = "") -> None:
@@ -195,16 +217,18 @@ def _footer(fig: Figure, fs: float, extra: str = "") -> None:
              fontsize=7, va="bottom", ha="left", color="#444444")
 
 
-def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 200) -> str:
+def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 200,
+             metadata: Mapping[str, str | None] | None = None) -> str:
     """Write `fig` as a PNG at `dpi` atomically (temp file + os.replace). Never crops: the size in pixels is
-    the figure size in inches times `dpi`, which keeps the mm scale."""
+    the figure size in inches times `dpi`, which keeps the mm scale. `metadata`: PNG text chunks, as matplotlib
+    takes them (`{"Software": None}` writes none)."""
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(handle, "wb") as stream:
-            fig.savefig(stream, format="png", dpi=dpi, facecolor=fig.get_facecolor())
+            fig.savefig(stream, format="png", dpi=dpi, facecolor=fig.get_facecolor(), metadata=metadata)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -223,17 +247,21 @@ def plot_ecg(
     dpi: int = 200,
     rhythm_lead: str = "II",
     display_fs: float = 500.0,
+    prompt_lines: int = 1,
 ) -> Figure:
     """Clinical 12-lead sheet of one 10 s ECG `(samples, 12)` in mV, standard lead order, sampled at `fs`
-    (1024 samples = 102.4 Hz). `conditions` (prompt, sex, age, heart_rate, seed, ...) go in the title.
-    Saves a PNG when `path` is given; returns the figure."""
+    (1024 samples = 102.4 Hz). `conditions` (prompt, sex, age, heart_rate, seed, ...) go in the title; the prompt
+    wraps over `prompt_lines` lines (the figure grows by PROMPT_LINE_MM per extra line; `prompt_lines_needed`
+    says how many show it uncut). Saves a PNG when `path` is given; returns the figure."""
     ecg = _check_ecg(ecg, "plot_ecg")
     _check_duration(ecg, fs, "plot_ecg")
     if rhythm_lead not in STANDARD_LEADS:
         raise ValueError(f"rhythm_lead {rhythm_lead!r} is not one of {', '.join(STANDARD_LEADS)}")
-    fig, (ax,) = _sheet_figure(1)
+    if not isinstance(prompt_lines, int) or prompt_lines < 1:
+        raise ValueError(f"prompt_lines must be a positive integer, got {prompt_lines!r}")
+    fig, (ax,) = _sheet_figure(1, TITLE_MM + (prompt_lines - 1) * PROMPT_LINE_MM)
     _draw_sheet(ax, ecg, fs, rhythm_lead, display_fs)
-    _title(fig, ax, title, conditions)
+    _title(fig, ax, title, conditions, prompt_lines)
     _footer(fig, fs)
     if path is not None:
         save_png(fig, path, dpi)
