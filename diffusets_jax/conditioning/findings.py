@@ -28,13 +28,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
 from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, ordered_prompt
+from diffusets_jax.io.new_files import write_new_text
 
 MAX_STATEMENTS = 18
 MAX_STATEMENT_CHARS = 200
@@ -161,20 +161,13 @@ def check_new_findings_path(path: str | os.PathLike) -> Path:
 def write_findings(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
     """Validate `record` and write it as a new findings file at `path` (refused if the file exists).
 
-    The file is written under a temporary name and hard-linked into place, which fails rather than replaces
-    when `path` appeared in the meantime."""
+    Written by `io.new_files.write_new_text`: atomically, and never over a file that appeared meanwhile."""
     path = check_new_findings_path(path)
     _check_record(record, str(path))
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            raise ValueError(f"{str(path)!r} appeared while writing: it was left untouched") from None
-    finally:
-        os.remove(temporary)  # this call's own temporary file
+        write_new_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    except FileExistsError:
+        raise ValueError(f"{str(path)!r} appeared while writing: it was left untouched") from None
     return path
 
 
