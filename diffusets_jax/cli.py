@@ -529,6 +529,127 @@ def _run_describe(args: argparse.Namespace) -> int:
 COMMANDS.append(_add_describe)
 
 
+def _add_turing_conditions(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "turing-conditions",
+        help="write the conditions of random records of a prepared split, to generate a Turing test's ECGs from",
+        description=(
+            "Pick N random records of a prepared split that have a report and write their conditions (text, sex, "
+            "age, heart_rate) as a CSV for `diffusets-jax sample --conditions`. `turing-kit` then leaves these "
+            "records out of the real sheets, so every generated ECG comes from the conditions of another record, "
+            "as in the paper's Turing test."
+        ),
+    )
+    parser.add_argument("--dataset", required=True, help="prepared dataset directory (or TFDS name with --data-dir)")
+    parser.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
+    parser.add_argument("--split", default="test", help="split to draw records from (default: %(default)s)")
+    parser.add_argument("--limit", type=int, help="read only the first N examples of the split (the whole split is "
+                        "read into memory otherwise)")
+    parser.add_argument("-n", "--count", type=int, required=True, help="records to draw")
+    parser.add_argument("--seed", type=int, required=True, help="seed of the random draw")
+    parser.add_argument("--out", required=True, metavar="CSV", help="the new conditions file (never overwritten)")
+    parser.set_defaults(func=_run_turing_conditions)
+
+
+def _run_turing_conditions(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusets_jax.experiments.turing import write_split_conditions
+
+    summary = write_split_conditions(args.out, args.dataset, args.split, args.count, seed=args.seed,
+                                     data_dir=args.data_dir, limit=args.limit)
+    print(json.dumps(summary))
+    return 0
+
+
+COMMANDS.append(_add_turing_conditions)
+
+
+def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "turing-kit",
+        help="build a blinded clinical Turing-test package (sheets, booklet, answer sheet) and its separate key",
+        description=(
+            "Build a package for cardiologists: clinical 12-lead sheets with random IDs in random order (OUT/package/"
+            "sheets/ID.png and one PDF booklet), a blank answer sheet (answer_sheet.csv) and a README, with nothing "
+            "in any file, name, timestamp or image metadata that tells real from generated; the key goes to "
+            "OUT/key.json, outside the package. real-vs-generated: real ECGs (--dataset split or --real NPZ) and "
+            "generated ones (--generated, a samples.npz of `sample`; real records whose conditions generated one of "
+            "them are left out); raters answer real / generated. alignment: generated ECGs, each sheet showing its "
+            "report and sex/age/HR (--controls: a share showing another ECG's instead); raters answer match / "
+            "no_match. Score the filled sheets with `turing-score`."
+        ),
+    )
+    parser.add_argument("--variant", required=True, choices=("real-vs-generated", "alignment"))
+    parser.add_argument("--generated", required=True, metavar="NPZ", help="samples.npz written by `diffusets-jax sample`")
+    real = parser.add_argument_group("real ECGs (real-vs-generated): one of")
+    real.add_argument("--dataset", help="prepared dataset directory (or TFDS name with --data-dir)")
+    real.add_argument("--real", metavar="NPZ", help="an NPZ with ecg (n, 1024, 12) mV, and optionally prompt, sex, "
+                      "age, heart_rate")
+    real.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
+    real.add_argument("--split", default="test", help="split of --dataset (default: %(default)s)")
+    real.add_argument("--limit", type=int, help="read only the first N examples of the split")
+    parser.add_argument("--n-real", type=int, help="real sheets (default: 50 for real-vs-generated, as in the paper)")
+    parser.add_argument("--n-generated", type=int,
+                        help="generated sheets (default: 50 for real-vs-generated, 100 for alignment, as in the paper)")
+    parser.add_argument("--controls", type=float, default=0.0,
+                        help="alignment: share of sheets showing another generated ECG's report and patient "
+                             "information, recorded in the key (default: %(default)s)")
+    parser.add_argument("--seed", type=int, help="seed of the selection, order and IDs (default: a fresh random one, "
+                        "recorded in the key: raters who knew the seed and the inputs could rebuild the key)")
+    parser.add_argument("--dpi", type=int, default=200, help="PNG resolution (default: %(default)s)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new or empty folder for package/ and key.json")
+    parser.set_defaults(func=_run_turing_kit)
+
+
+def _run_turing_kit(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusets_jax.experiments.turing import PAPER_COUNTS, KitOptions, build_kit
+
+    n_real, n_generated = PAPER_COUNTS[args.variant]
+    options = KitOptions(args.variant, n_real=n_real if args.n_real is None else args.n_real,
+                         n_generated=n_generated if args.n_generated is None else args.n_generated,
+                         controls=args.controls, seed=args.seed, dpi=args.dpi)
+    summary = build_kit(args.out, options, generated=args.generated, real_npz=args.real, dataset=args.dataset,
+                        split=args.split, data_dir=args.data_dir, limit=args.limit)
+    print(json.dumps(summary, indent=2))
+    print(f"Send {summary['package']}/ to the raters; keep {summary['key']} to yourself.", file=sys.stderr)
+    return 0
+
+
+COMMANDS.append(_add_turing_kit)
+
+
+def _add_turing_score(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "turing-score",
+        help="score filled Turing-test answer sheets against the kit's key",
+        description=(
+            "Read any number of filled answer sheets (one per rater, named answers_<rater>.csv) and the kit's key, "
+            "and write OUT/report.md and OUT/report.json: per rater the confusion matrix, accuracy with its exact "
+            "95%% interval and the exact two-sided binomial test against chance, sensitivity/specificity for "
+            "detecting generated ECGs (real-vs-generated) or the alignment rate with its exact 95%% interval "
+            "(alignment), and Fleiss' kappa between raters. A malformed or incomplete sheet is refused in one line "
+            "naming the file and row."
+        ),
+    )
+    parser.add_argument("sheets", nargs="+", metavar="SHEET", help="filled answer sheets (CSV)")
+    parser.add_argument("--key", required=True, metavar="KEY", help="the kit's key.json")
+    parser.add_argument("--out", required=True, metavar="DIR", help="report folder (new, empty, or an earlier report)")
+    parser.set_defaults(func=_run_turing_score)
+
+
+def _run_turing_score(args: argparse.Namespace) -> int:
+    from diffusets_jax.experiments.turing_score import render_markdown, score
+
+    print(render_markdown(score(args.key, args.sheets, args.out)))
+    return 0
+
+
+COMMANDS.append(_add_turing_score)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusets-jax",

@@ -1,0 +1,495 @@
+"""Clinical Turing-test kits: blinded packages of 12-lead sheets for cardiologists, the key kept apart.
+
+The paper's two tests, as `diffusets-jax turing-kit --variant`:
+
+- `real-vs-generated`: real ECGs (a prepared dataset split, or an NPZ with an `ecg` array) and ECGs generated
+  from the conditions of *other* real records (a `samples.npz` of `diffusets-jax sample`), shuffled together.
+  Raters mark each sheet `real` or `generated`. Real records whose conditions (report, sex, age, heart rate)
+  produced one of the generated ECGs are left out, so no sheet pairs with another; `turing-conditions` writes
+  the conditions of randomly chosen records of a split for `sample --conditions`.
+- `alignment`: generated ECGs, each sheet showing the report and patient information it was generated from.
+  Raters mark each `match` or `no_match`. Optionally a share of the sheets shows the conditions of another
+  generated ECG instead (mismatched controls, which measure whether raters notice a wrong report).
+
+OUT/ after a run:
+
+    package/            what raters receive, and nothing else
+        README.txt          the task
+        booklet.pdf         one sheet per page, in answer-sheet order
+        sheets/ID.png       the same sheets as PNGs
+        answer_sheet.csv    `sheet_id,answer`, one row per sheet in booklet order, answers blank
+    key.json            the truth per sheet ID; never send it to raters
+
+Blinding: sheet IDs are random 6-character codes; the booklet order is a random permutation; every sheet is
+drawn by the same code (`io.plot.plot_ecg`) at the same size, dpi and title style, titled only "Sheet ID" (plus
+the shown report and patient information in the alignment variant); PNGs carry no text chunks and the PDF no
+creator, producer or date; every file of the package gets the same timestamp, so write order reveals nothing.
+Only ECGs of exactly (1024, 12) finite samples are used, so every sheet has the same time base and no gaps.
+The random seed is recorded in the key only: by default a fresh one, since raters who know the seed and the
+inputs could rebuild the key.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, ordered_prompt, statements_from_ordered_prompt
+from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
+from diffusets_jax.io.new_files import write_new_text
+
+REAL_VS_GENERATED = "real-vs-generated"
+ALIGNMENT = "alignment"
+VARIANTS = (REAL_VS_GENERATED, ALIGNMENT)
+# What raters may answer, and the truth the key records, per variant.
+ANSWERS = {REAL_VS_GENERATED: ("real", "generated"), ALIGNMENT: ("match", "no_match")}
+TRUTHS = {REAL_VS_GENERATED: ("real", "generated"), ALIGNMENT: ("own_report", "other_report")}
+
+# The paper's sheet counts (n_real, n_generated): 50 real + 50 generated; 100 generated with their reports.
+PAPER_COUNTS = {REAL_VS_GENERATED: (50, 50), ALIGNMENT: (0, 100)}
+
+KEY_FORMAT = "diffusets-jax turing key 1"
+PACKAGE_DIR = "package"
+KEY_FILE = "key.json"
+SHEETS_DIR = "sheets"
+BOOKLET = "booklet.pdf"
+ANSWER_SHEET = "answer_sheet.csv"
+README = "README.txt"
+ANSWER_HEADER = ("sheet_id", "answer")
+
+ID_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: IDs are copied by hand
+ID_LENGTH = 6
+PNG_METADATA = {"Software": None}  # no text chunks at all
+PDF_METADATA = {"Creator": None, "Producer": None, "CreationDate": None}  # an empty info dictionary
+GENERATED_FIELDS = ("ecg", "prompt", "sex", "age", "heart_rate")  # a samples.npz (generate.write_samples)
+CONDITION_FIELDS = ("prompt", "sex", "age", "heart_rate")
+
+
+@dataclasses.dataclass(frozen=True)
+class EcgSet:
+    """ECGs `(n, 1024, 12)` mV with, per ECG, the conditions it was recorded or generated with (None if unknown)."""
+
+    ecg: np.ndarray
+    conditions: list[dict[str, Any] | None]
+    source: dict[str, Any]  # where they came from, for the key (and each sheet's source adds its index)
+
+
+# -- inputs ----------------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _condition(report: Sequence[str] | None, prompt: str, sex: Any, age: Any, heart_rate: Any) -> dict[str, Any]:
+    return {"report": None if report is None else list(report), "prompt": prompt, "sex": int(sex),
+            "age": float(age), "heart_rate": float(heart_rate)}
+
+
+def _check_ecg_array(ecg: np.ndarray, where: str) -> np.ndarray:
+    if ecg.ndim != 3 or ecg.shape[1:] != (ECG_LENGTH, NUM_LEADS) or len(ecg) == 0:
+        raise ValueError(f"{where}: ecg has shape {ecg.shape}; expected (n, {ECG_LENGTH}, {NUM_LEADS}) ECGs in mV, "
+                         "standard lead order, 102.4 Hz, as `diffusets-jax sample` writes them")
+    return ecg.astype(np.float32)
+
+
+def load_npz(path: str | os.PathLike, *, generated: bool) -> EcgSet:
+    """ECGs from an NPZ: a `samples.npz` of `diffusets-jax sample` (ecg, prompt, sex, age, heart_rate), required
+    for generated ECGs; for real ones only `ecg` is required and the four condition arrays are optional (all or
+    none)."""
+    path = Path(path)
+    what = "--generated" if generated else "--real"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path.name}: not a readable NPZ ({err}); {what} takes a samples.npz of "
+                         "`diffusets-jax sample`") from None
+    required = GENERATED_FIELDS if generated else ("ecg",)
+    missing = [key for key in required if key not in arrays]
+    if missing:
+        raise ValueError(f"{path.name}: missing array(s) {', '.join(missing)}; {what} takes a samples.npz of "
+                         f"`diffusets-jax sample` ({', '.join(GENERATED_FIELDS)})")
+    ecg = _check_ecg_array(arrays["ecg"], path.name)
+    present = [key for key in CONDITION_FIELDS if key in arrays]
+    if present and len(present) != len(CONDITION_FIELDS):
+        raise ValueError(f"{path.name}: has {', '.join(present)} but not all of {', '.join(CONDITION_FIELDS)}: "
+                         "give all four condition arrays or none")
+    conditions: list[dict[str, Any] | None] = [None] * len(ecg)
+    if present:
+        for key in CONDITION_FIELDS:
+            if arrays[key].shape != (len(ecg),):
+                raise ValueError(f"{path.name}: {key} has shape {arrays[key].shape}, expected ({len(ecg)},)")
+        conditions = []
+        for i in range(len(ecg)):
+            prompt = str(arrays["prompt"][i])
+            try:
+                report = statements_from_ordered_prompt(prompt)
+            except ValueError:
+                report = None  # shown only in the alignment variant, which requires it
+            conditions.append(_condition(report, prompt, arrays["sex"][i], arrays["age"][i], arrays["heart_rate"][i]))
+    return EcgSet(ecg, conditions, {"npz": str(path.resolve()), "sha256": _sha256(path)})
+
+
+def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
+                       limit: int | None = None) -> EcgSet:
+    """Real ECGs and their conditions from a prepared dataset split (`metrics.report.load_split`: the whole
+    split is read into memory; `limit` reads only its first examples)."""
+    from diffusets_jax.metrics.report import load_split
+
+    columns = load_split(dataset, split, data_dir=data_dir, limit=limit)
+    ecg = _check_ecg_array(np.asarray(columns["ecg"]), f"dataset {dataset} split {split}")
+    conditions: list[dict[str, Any] | None] = []
+    for lines, sex, age, hr in zip(columns["report_lines"], columns["sex"], columns["age"], columns["heart_rate"],
+                                   strict=True):
+        lines = [line for line in lines if line.strip()]
+        prompt = ordered_prompt(lines) if lines else ""
+        conditions.append(_condition(lines, prompt, sex, age, hr))
+    return EcgSet(ecg, conditions, {"dataset": os.fspath(dataset), "split": split,
+                                    "data_dir": None if data_dir is None else os.fspath(data_dir), "limit": limit})
+
+
+def _condition_key(condition: Mapping[str, Any] | None) -> tuple | None:
+    """What identifies the conditions an ECG was generated from (ages and rates to 0.1, as stored in float32)."""
+    if condition is None or not condition["prompt"]:
+        return None
+    return (condition["prompt"], condition["sex"], round(condition["age"], 1), round(condition["heart_rate"], 1))
+
+
+# -- the kit ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class KitOptions:
+    """What a kit is built from; recorded in the key, and compared when a kit is asked for again in the same OUT."""
+
+    variant: str
+    n_real: int = 0
+    n_generated: int = 50
+    controls: float = 0.0  # alignment: share of sheets showing another ECG's conditions
+    seed: int | None = None  # None: a fresh random seed, recorded in the key
+    dpi: int = 200
+
+    def check(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.n_generated < 1 or self.n_real < 0:
+            raise ValueError(f"--n-generated must be >= 1 and --n-real >= 0, got {self.n_generated} and {self.n_real}")
+        if self.variant == REAL_VS_GENERATED and self.n_real < 1:
+            raise ValueError("the real-vs-generated variant needs real ECGs: --n-real >= 1")
+        if self.variant == ALIGNMENT and self.n_real:
+            raise ValueError("the alignment variant shows generated ECGs only: drop --n-real")
+        if not 0.0 <= self.controls < 1.0 or (self.controls and self.variant != ALIGNMENT):
+            raise ValueError(f"--controls is the alignment variant's share of mismatched sheets, in [0, 1); got "
+                             f"{self.controls} for {self.variant}")
+        if not 30 <= self.dpi <= 600:
+            raise ValueError(f"--dpi must be within 30..600, got {self.dpi}")
+
+
+def _draw_ids(rng: np.random.Generator, count: int) -> list[str]:
+    ids: list[str] = []
+    while len(ids) < count:
+        candidate = "".join(rng.choice(list(ID_ALPHABET), ID_LENGTH))
+        if candidate not in ids:
+            ids.append(candidate)
+    return ids
+
+
+def _finite(ecg: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.isfinite(ecg).all(axis=(1, 2)))
+
+
+def _pick(rng: np.random.Generator, candidates: np.ndarray, count: int, what: str, why: str, flag: str) -> np.ndarray:
+    if len(candidates) < count:
+        raise ValueError(f"{count} {what} asked for but only {len(candidates)} are usable ({why}): lower {flag}")
+    return np.sort(rng.choice(candidates, count, replace=False))
+
+
+def _shown(condition: Mapping[str, Any]) -> dict[str, Any]:
+    """What an alignment sheet's title shows: the report statements and the patient."""
+    return {"prompt": "\n".join(condition["report"]), "sex": condition["sex"], "age": condition["age"],
+            "heart_rate": condition["heart_rate"]}
+
+
+def _real_vs_generated_sheets(rng, options: KitOptions, real: EcgSet, generated: EcgSet) -> tuple[list[dict], dict]:
+    generated_ok = _finite(generated.ecg)
+    chosen_generated = _pick(rng, generated_ok, options.n_generated, "generated ECGs",
+                             f"{len(generated.ecg) - len(generated_ok)} of {len(generated.ecg)} have non-finite samples",
+                             "--n-generated")
+    used = {_condition_key(c) for c in generated.conditions} - {None}
+    finite = set(_finite(real.ecg).tolist())
+    paired = {i for i, c in enumerate(real.conditions) if _condition_key(c) in used}
+    real_ok = np.array(sorted(finite - paired), dtype=np.int64)
+    chosen_real = _pick(rng, real_ok, options.n_real, "real ECGs",
+                        f"{len(real.ecg)} read, {len(real.ecg) - len(finite)} with non-finite samples, {len(paired)} "
+                        "whose conditions generated one of the generated ECGs", "--n-real")
+    entries = [{"truth": "real", "set": real, "index": int(i)} for i in chosen_real]
+    entries += [{"truth": "generated", "set": generated, "index": int(i)} for i in chosen_generated]
+    counts = {"real": len(chosen_real), "generated": len(chosen_generated),
+              "real_left_out_as_paired": len(paired), "real_left_out_non_finite": len(real.ecg) - len(finite),
+              "generated_left_out_non_finite": len(generated.ecg) - len(generated_ok)}
+    return entries, counts
+
+
+def _alignment_sheets(rng, options: KitOptions, generated: EcgSet) -> tuple[list[dict], dict]:
+    finite = _finite(generated.ecg)
+    usable = np.array([i for i in finite if generated.conditions[i]["report"]], dtype=np.int64)
+    chosen = _pick(rng, usable, options.n_generated, "generated ECGs",
+                   f"{len(generated.ecg) - len(finite)} of {len(generated.ecg)} have non-finite samples, "
+                   f"{len(finite) - len(usable)} have a prompt that is not an ordered prompt", "--n-generated")
+    n_controls = int(round(options.controls * len(chosen)))
+    controls = set(rng.choice(chosen, n_controls, replace=False).tolist()) if n_controls else set()
+    # Donors of mismatched conditions: ECGs outside the kit first, so a report seldom appears on two sheets.
+    outside = rng.permutation(np.setdiff1d(usable, chosen))
+    donors = [int(i) for i in np.concatenate([outside, rng.permutation(chosen)])]
+    entries, used_donors = [], set()
+    for i in chosen.tolist():
+        entry = {"truth": "own_report", "set": generated, "index": i, "shown_index": i}
+        if i in controls:
+            prompt = generated.conditions[i]["prompt"]
+            donor = next((d for d in donors if d != i and d not in used_donors
+                          and generated.conditions[d]["prompt"] != prompt), None)
+            if donor is None:
+                raise ValueError(f"no generated ECG with another report is left to mismatch sheet source {i}: "
+                                 "lower --controls or generate ECGs from more distinct reports")
+            used_donors.add(donor)
+            entry.update(truth="other_report", shown_index=donor)
+        entries.append(entry)
+    counts = {"own_report": len(chosen) - n_controls, "other_report": n_controls,
+              "generated_left_out_non_finite": len(generated.ecg) - len(finite),
+              "generated_left_out_no_report": len(finite) - len(usable)}
+    return entries, counts
+
+
+def _readme(variant: str, n_sheets: int) -> str:
+    task = {
+        REAL_VS_GENERATED: (
+            "Each sheet shows one 10-second 12-lead ECG. Some were recorded from patients, the others were\n"
+            "generated by a model. For every sheet, decide which it is: write `real` or `generated`."
+        ),
+        ALIGNMENT: (
+            "Each sheet shows a 10-second 12-lead ECG generated by a model, above it the report statements and\n"
+            "the patient information (sex, age, heart rate) it should agree with. For every sheet, decide whether\n"
+            "the ECG matches them: write `match` or `no_match`."
+        ),
+    }[variant]
+    return (
+        f"Clinical ECG reading: {n_sheets} sheets\n\n{task}\n\n"
+        f"The sheets are in {BOOKLET} (one per page) and, the same, in {SHEETS_DIR}/ as PNG images named by their\n"
+        "sheet ID. Paper speed 25 mm/s, gain 10 mm/mV: 3 x 4 leads of 2.5 s each and a 10 s lead II rhythm\n"
+        "strip.\n\n"
+        f"Answers: copy {ANSWER_SHEET} to answers_<your name>.csv and fill its `answer` column, one answer per\n"
+        f"sheet ({' or '.join(ANSWERS[variant])}). Keep the header and the sheet IDs as they are. Please answer\n"
+        "every sheet on your own, without discussing them with other readers.\n"
+    )
+
+
+def _answer_sheet(ids: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(ANSWER_HEADER)
+    writer.writerows([sheet_id, ""] for sheet_id in ids)
+    return buffer.getvalue()
+
+
+def _render(package: Path, entries: Sequence[dict], options: KitOptions) -> None:
+    """Every sheet as sheets/ID.png and one page of the booklet, in booklet order, all drawn the same way."""
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    from diffusets_jax.io.plot import plot_ecg, prompt_lines_needed, save_png
+
+    shown = [_shown(e["set"].conditions[e["shown_index"]]) if options.variant == ALIGNMENT else None for e in entries]
+    # One title height for every sheet: a taller sheet must not stand out.
+    prompt_lines = max(prompt_lines_needed(s) for s in shown)
+    (package / SHEETS_DIR).mkdir()
+    with PdfPages(package / BOOKLET, metadata=PDF_METADATA) as booklet:
+        for entry, conditions in zip(entries, shown, strict=True):
+            fig = plot_ecg(entry["set"].ecg[entry["index"]], title=f"Sheet {entry['sheet_id']}", conditions=conditions,
+                           prompt_lines=prompt_lines)
+            save_png(fig, package / SHEETS_DIR / f"{entry['sheet_id']}.png", options.dpi, metadata=PNG_METADATA)
+            booklet.savefig(fig)
+
+
+def _key(options: KitOptions, seed: int, entries: Sequence[dict], counts: dict, inputs: dict, created: str) -> dict:
+    sheets = []
+    for position, entry in enumerate(entries, 1):
+        ecg_set, index = entry["set"], entry["index"]
+        sheet = {"sheet_id": entry["sheet_id"], "position": position, "truth": entry["truth"],
+                 "source": {**ecg_set.source, "index": index}, "conditions": ecg_set.conditions[index]}
+        if options.variant == ALIGNMENT:
+            sheet["shown"] = {"index": entry["shown_index"], **ecg_set.conditions[entry["shown_index"]]}
+        sheets.append(sheet)
+    return {"format": KEY_FORMAT, "variant": options.variant, "answers": list(ANSWERS[options.variant]),
+            "truths": list(TRUTHS[options.variant]), "created": created, "seed": seed,
+            "settings": _settings(options, seed, inputs), "counts": counts, "sheets": sheets}
+
+
+def _settings(options: KitOptions, seed: int, inputs: dict) -> dict:
+    return json.loads(json.dumps({**dataclasses.asdict(options), "seed": seed, "inputs": inputs}))
+
+
+def _existing_kit(out: Path) -> dict | None:
+    """The key of a kit this command built in `out`; None when `out` is new or empty; ValueError when `out` holds
+    anything else (nothing of a user's is ever overwritten)."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file: give a new or empty folder")
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return None
+    if names == {KEY_FILE, PACKAGE_DIR}:
+        try:
+            key = json.loads((out / KEY_FILE).read_text())
+        except (OSError, ValueError):
+            key = None
+        if isinstance(key, dict) and key.get("format") == KEY_FORMAT:
+            return key
+    raise ValueError(f"--out {str(out)!r} is not empty and holds no Turing kit: give a new or empty folder "
+                     "(nothing is ever overwritten)")
+
+
+def _stamp(root: Path, when: float) -> None:
+    """One timestamp for every file and folder under `root`: the order they were written in stays unknown."""
+    for folder, dirs, files in os.walk(root):
+        for name in files + dirs:
+            os.utime(Path(folder) / name, (when, when))
+    os.utime(root, (when, when))
+
+
+def build_kit(
+    out: str | os.PathLike,
+    options: KitOptions,
+    *,
+    generated: str | os.PathLike,
+    real_npz: str | os.PathLike | None = None,
+    dataset: str | os.PathLike | None = None,
+    split: str = "test",
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Build a Turing-test kit in `out` (layout in the module docstring); returns a summary.
+
+    Generated ECGs come from the `samples.npz` `generated`; real ones (real-vs-generated only) from `real_npz` or
+    from `split` of the prepared `dataset`. `out` must be new or empty; if it already holds the kit these
+    options and inputs build (same seed), it is left as it is; any other content is refused. The kit is built in
+    a temporary folder beside `out` and renamed into place, so `out` never holds half a kit.
+    """
+    options.check()
+    out = Path(out)
+    if options.variant == REAL_VS_GENERATED and (real_npz is None) == (dataset is None):
+        raise ValueError("the real-vs-generated variant takes real ECGs from --dataset (a prepared split) or --real "
+                         "(an NPZ): give exactly one")
+    if options.variant == ALIGNMENT and (real_npz is not None or dataset is not None):
+        raise ValueError("the alignment variant shows generated ECGs only: drop --dataset/--real")
+    if real_npz is not None and Path(real_npz).resolve() == Path(generated).resolve():
+        raise ValueError(f"--real and --generated are the same file {str(generated)!r}")
+    existing = _existing_kit(out)
+    generated_set = load_npz(generated, generated=True)
+    inputs: dict[str, Any] = {"generated": generated_set.source}
+    real_set = None
+    if real_npz is not None:
+        real_set = load_npz(real_npz, generated=False)
+        inputs["real"] = real_set.source
+    elif dataset is not None:
+        inputs["real"] = {"dataset": os.fspath(dataset), "split": split,
+                          "data_dir": None if data_dir is None else os.fspath(data_dir), "limit": limit}
+    if existing is not None:
+        if options.seed is not None and existing.get("settings") == _settings(options, options.seed, inputs):
+            return _summary(out, existing, already_built=True)
+        raise ValueError(f"--out {str(out)!r} holds a Turing kit built from other inputs or settings (seed "
+                         f"{existing.get('seed')}); its raters' answers need its key: give a new or empty folder")
+    if dataset is not None:
+        real_set = load_dataset_split(dataset, split, data_dir=data_dir, limit=limit)
+
+    seed = options.seed if options.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+    rng = np.random.default_rng(seed)
+    if options.variant == REAL_VS_GENERATED:
+        entries, counts = _real_vs_generated_sheets(rng, options, real_set, generated_set)
+    else:
+        entries, counts = _alignment_sheets(rng, options, generated_set)
+    entries = [entries[i] for i in rng.permutation(len(entries))]
+    for entry, sheet_id in zip(entries, _draw_ids(rng, len(entries)), strict=True):
+        entry["sheet_id"] = sheet_id
+
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.turing-kit-{os.getpid()}-{time.time_ns()}"
+    staging.mkdir()  # beside `out` so the final rename stays on one file system; the umask applies
+    try:
+        package = staging / PACKAGE_DIR
+        package.mkdir()
+        _render(package, entries, options)
+        (package / ANSWER_SHEET).write_text(_answer_sheet([e["sheet_id"] for e in entries]))
+        (package / README).write_text(_readme(options.variant, len(entries)))
+        key = _key(options, seed, entries, counts, inputs, now.isoformat())
+        (staging / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")
+        _stamp(package, now.timestamp())
+        os.rename(staging, out)  # replaces `out` only if it is an empty folder
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # this run's own staging folder
+        raise
+    return _summary(out, key, already_built=False)
+
+
+def _summary(out: Path, key: Mapping[str, Any], *, already_built: bool) -> dict[str, Any]:
+    return {"package": str(out / PACKAGE_DIR), "key": str(out / KEY_FILE), "variant": key["variant"],
+            "sheets": len(key["sheets"]), "counts": key["counts"], "seed": key["seed"], "already_built": already_built}
+
+
+# -- conditions for the generated half ---------------------------------------------------------------------------------
+def write_split_conditions(
+    out: str | os.PathLike,
+    dataset: str | os.PathLike,
+    split: str,
+    count: int,
+    *,
+    seed: int,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Write the conditions (text, sex, age, heart_rate) of `count` random records of a prepared split as a CSV
+    for `diffusets-jax sample --conditions`; `build_kit` then leaves those records out of the real sheets.
+    Records without report statements are skipped. `out` must not exist."""
+    out = Path(out)
+    if out.suffix.lower() != ".csv":
+        raise ValueError(f"{str(out)!r}: the conditions file must end in .csv")
+    if out.exists():
+        raise ValueError(f"{str(out)!r} already exists: choose another path (nothing is ever overwritten)")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    real = load_dataset_split(dataset, split, data_dir=data_dir, limit=limit)
+    usable = np.array([i for i, c in enumerate(real.conditions) if c["report"]
+                       and not any(LINE_SEPARATOR in line for line in c["report"])], dtype=np.int64)
+    chosen = _pick(np.random.default_rng(seed), usable, count, "records",
+                   f"{len(real.conditions) - len(usable)} of {len(real.conditions)} have no report or a '|' in one",
+                   "the count")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["text", "sex", "age", "heart_rate"])
+    for i in chosen.tolist():
+        c = real.conditions[i]
+        writer.writerow([LINE_SEPARATOR.join(c["report"]), "M" if c["sex"] else "F", f"{c['age']:g}",
+                         f"{c['heart_rate']:g}"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_new_text(out, buffer.getvalue())
+    except FileExistsError:
+        raise ValueError(f"{str(out)!r} appeared while writing: it was left untouched") from None
+    return {"out": str(out), "records": len(chosen), "split": split, "seed": seed,
+            "left_out_without_report": len(real.conditions) - len(usable)}
+

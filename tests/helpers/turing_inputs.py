@@ -1,0 +1,71 @@
+"""Inputs for Turing-kit tests: ECG-like signals, a samples.npz written by the real sample writer, a real NPZ, and
+text extraction from matplotlib PDFs (so tests can see what a booklet page says)."""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def ecg_like(rng: np.random.Generator, n: int, rate_bpm: float = 70.0) -> np.ndarray:
+    """(n, 1024, 12) mV at 102.4 Hz: QRS-like pulses at about `rate_bpm`, lead-specific gains, a little noise."""
+    t = np.arange(1024) / 102.4
+    out = np.empty((n, 1024, 12), np.float32)
+    for i in range(n):
+        beats = np.arange(rng.uniform(0.2, 0.6), 10.0, 60.0 / (rate_bpm * rng.uniform(0.8, 1.2)))
+        pulse = sum(np.exp(-0.5 * ((t - b) / 0.025) ** 2) for b in beats)
+        out[i] = pulse[:, None] * rng.uniform(-0.5, 1.5, 12)[None] + 0.02 * rng.standard_normal((1024, 12))
+    return out
+
+
+def write_generated(out_dir: Path, reports: Sequence[str], ecgs: np.ndarray, sexes: Sequence[str],
+                    ages: Sequence[float], rates: Sequence[float]) -> Path:
+    """A samples.npz as `diffusets-jax sample` writes it (through its own writer)."""
+    from diffusets_jax.generate import make_condition, write_samples
+
+    conditions = [make_condition(r, s, a, h) for r, s, a, h in zip(reports, sexes, ages, rates, strict=True)]
+    write_samples(out_dir, conditions, ecgs, formats=("npz",))
+    return out_dir / "samples.npz"
+
+
+def pdf_page_texts(path: Path) -> list[str]:
+    """The text shown on each page of a matplotlib PDF, one line per text object (BT ... ET): the strings of its
+    TJ arrays joined (matplotlib splits words into kerned pieces, so a plain byte search misses them). Glyphs
+    drawn from a second font, such as the "fi" ligature, come back as one unreadable character: see `shows`."""
+    data = path.read_bytes()
+    texts = []
+    for raw in re.findall(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S):
+        try:
+            content = zlib.decompress(raw)
+        except zlib.error:
+            continue
+        lines = []
+        for block in re.findall(rb"\nBT\n(.*?)\nET\n", content, re.S):
+            strings = [string for array in re.findall(rb"\[(.*?)\]\s*TJ", block, re.S)
+                       for string in re.findall(rb"\(((?:\\.|[^\\)])*)\)", array)]
+            lines.append(b"".join(strings).replace(b"\\(", b"(").replace(b"\\)", b")").decode("latin-1"))
+        if lines:
+            texts.append("\n".join(lines))
+    return texts
+
+
+def shows(page_text: str, text: str) -> bool:
+    """Whether `page_text` (from `pdf_page_texts`) contains `text`, a ligature (fi, fl, ff, ffi, ffl) matching
+    the one character it was drawn as."""
+    pattern = re.sub("ffi|ffl|ff|fi|fl", lambda m: f"(?:{m.group(0)}|.)", re.escape(text))
+    return re.search(pattern, page_text) is not None
+
+
+def decompressed_streams(data: bytes) -> bytes:
+    """Every zlib stream of a PDF, decompressed and concatenated."""
+    out = []
+    for raw in re.findall(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S):
+        try:
+            out.append(zlib.decompress(raw))
+        except zlib.error:
+            out.append(raw)
+    return b"\n".join(out)

@@ -1,0 +1,295 @@
+"""Turing-test kits: layout, blinding (every byte of the package scanned for the key), selection of real records
+that did not condition a generated ECG, the alignment variant with mismatched controls, reruns and bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusets_jax.cli import main
+from diffusets_jax.conditioning.prompts import ordered_prompt
+from diffusets_jax.experiments import turing
+from diffusets_jax.experiments.turing import KitOptions, build_kit
+from tests.helpers.turing_inputs import decompressed_streams, ecg_like, pdf_page_texts, shows, write_generated
+
+DPI = 30  # small PNGs: these tests are about the package, not the drawing (tests/test_io_plot.py)
+REPORTS = ["Sinus rhythm|Normal ECG", "Sinus bradycardia", "Atrial fibrillation|Abnormal ECG",
+           "Sinus tachycardia|Left axis deviation|Abnormal ECG", "Sinus rhythm|Right bundle branch block",
+           "Sinus rhythm|Left ventricular hypertrophy|ST-T abnormality"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """A samples.npz of 6 generated ECGs and a real NPZ of 8 ECGs, two of them recorded with the conditions of
+    generated ECGs 0 and 1 (so they must not be shown), one with a NaN sample."""
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(7)
+    generated = write_generated(root / "gen", REPORTS, ecg_like(rng, 6), ["M", "F", "M", "F", "M", "F"],
+                                [50, 61, 72, 45, 39, 80], [70, 52, 101, 118, 66, 75])
+    real_ecg = ecg_like(rng, 8)
+    real_ecg[5, 100, 3] = np.nan
+    prompts = [ordered_prompt(REPORTS[0]), ordered_prompt(REPORTS[1])] + [ordered_prompt(f"Sinus rhythm|record {i}")
+                                                                        for i in range(2, 8)]
+    np.savez(root / "real_records.npz", ecg=real_ecg, prompt=np.array(prompts), sex=np.array([1, 0, 1, 1, 0, 0, 1, 0]),
+             age=np.array([50, 61, 33, 44, 55, 66, 77, 88], np.float32),
+             heart_rate=np.array([70, 52, 60, 65, 70, 75, 80, 85], np.float32))
+    return {"generated": generated, "real": root / "real_records.npz", "root": root}
+
+
+@pytest.fixture(scope="module")
+def kit(inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kits") / "kit"
+    build_kit(out, KitOptions("real-vs-generated", n_real=5, n_generated=4, seed=11, dpi=DPI),
+              generated=inputs["generated"], real_npz=inputs["real"])
+    return out
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_layout_answer_sheet_and_key(kit, inputs):
+    package = kit / "package"
+    assert sorted(p.name for p in kit.iterdir()) == ["key.json", "package"]  # the key is outside the package
+    key = json.loads((kit / "key.json").read_text())
+    ids = [sheet["sheet_id"] for sheet in key["sheets"]]
+    assert len(ids) == 9 and len(set(ids)) == 9 and all(re.fullmatch(r"[A-HJ-KM-NP-Z2-9]{6}", i) for i in ids)
+    assert [s["position"] for s in key["sheets"]] == list(range(1, 10))
+    assert sorted(s["truth"] for s in key["sheets"]) == ["generated"] * 4 + ["real"] * 5
+    assert key["variant"] == "real-vs-generated" and key["answers"] == ["real", "generated"] and key["seed"] == 11
+    assert key["counts"]["real_left_out_as_paired"] == 2 and key["counts"]["real_left_out_non_finite"] == 1
+    real_sources = {s["source"]["index"] for s in key["sheets"] if s["truth"] == "real"}
+    assert real_sources == {2, 3, 4, 6, 7}  # not 0, 1 (they conditioned generated ECGs) nor 5 (NaN)
+    assert all(s["source"]["npz"] == str(inputs["real"].resolve()) for s in key["sheets"] if s["truth"] == "real")
+    # Answer sheet: the header and one blank answer per sheet, in booklet (= key) order.
+    with open(package / "answer_sheet.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["sheet_id", "answer"]] + [[i, ""] for i in ids]
+    assert sorted(p.name for p in (package / "sheets").iterdir()) == sorted(f"{i}.png" for i in ids)
+    # The booklet: one page per sheet, in answer-sheet order, titled only by the sheet ID.
+    pages = pdf_page_texts(package / "booklet.pdf")
+    assert len(pages) == 9
+    for page, sheet_id in zip(pages, ids, strict=True):
+        title = [line for line in page.splitlines() if line.startswith("Sheet")]
+        assert title == [f"Sheet {sheet_id}"]
+    readme = (package / "README.txt").read_text()
+    assert "9 sheets" in readme and "`real` or `generated`" in readme and "answers_<your name>.csv" in readme
+
+
+def _key_strings(key: dict) -> set[str]:
+    """What must never appear in the package: every source path, file name and digest, the truth labels
+    of the alignment variant, and the seed."""
+    strings = {str(key["seed"])}
+    for sheet in key["sheets"]:
+        for value in sheet["source"].values():
+            if isinstance(value, str):
+                strings |= {value, Path(value).name, Path(value).stem}
+        if key["variant"] == "alignment":
+            strings.add(sheet["truth"])
+    return {s for s in strings if len(s) >= 4}
+
+
+def test_package_leaks_nothing(kit):
+    key = json.loads((kit / "key.json").read_text())
+    package = kit / "package"
+    forbidden = _key_strings(key) | {"key.json"}
+    files = _files(package)
+    assert {p.suffix for p in files} == {".png", ".pdf", ".csv", ".txt"}
+    for path in files:
+        data = path.read_bytes()
+        if path.suffix == ".pdf":  # also what its compressed pages draw, as text
+            data += decompressed_streams(data) + "\n".join(pdf_page_texts(path)).encode("latin-1")
+        lowered = data.lower()
+        for text in forbidden:
+            assert text.lower().encode() not in lowered, (path.name, text)
+        if path.suffix in (".png", ".pdf"):  # sheet files: not even the words
+            for word in (b"real", b"generated", b"sample", b"synthetic", b"recorded from", b"model"):
+                assert word not in lowered, (path.name, word)
+        if path.suffix == ".csv":  # only the header, the IDs and commas
+            assert set(data.decode().split()) == {"sheet_id,answer"} | {f"{s['sheet_id']}," for s in key["sheets"]}
+    # File names are the IDs, nothing else.
+    assert {p.stem for p in (package / "sheets").iterdir()} == {s["sheet_id"] for s in key["sheets"]}
+    # Metadata: PNGs carry no text chunk; the PDF no creator, producer or date; all images the same size.
+    sizes = set()
+    for path in (package / "sheets").iterdir():
+        with Image.open(path) as image:
+            assert image.text == {} and not image.info.get("exif") and "icc_profile" not in image.info
+            sizes.add(image.size)
+    assert len(sizes) == 1
+    pdf = (package / "booklet.pdf").read_bytes()
+    for field in (b"/CreationDate", b"/ModDate", b"/Producer", b"/Creator", b"/Author", b"/Title", b"/ID"):
+        assert field not in pdf
+    # One timestamp for every file and folder: the write order (real first?) cannot be read from the disk.
+    assert len({os.stat(p).st_mtime for p in [package, *package.rglob("*")]}) == 1
+
+
+def test_the_scan_would_see_a_leak(kit):
+    """The byte scan above can fail: what the sheets do show (IDs, lead names) is found by the same method."""
+    key = json.loads((kit / "key.json").read_text())
+    booklet = (kit / "package" / "booklet.pdf").read_bytes()
+    text = "\n".join(pdf_page_texts(kit / "package" / "booklet.pdf")).encode()
+    assert all(s["sheet_id"].encode() in text for s in key["sheets"]) and b"aVR" in text
+    assert b"Matplotlib" not in booklet
+
+
+def test_same_seed_same_package_bytes_and_rerun_is_a_no_op(kit, inputs, tmp_path):
+    options = KitOptions("real-vs-generated", n_real=5, n_generated=4, seed=11, dpi=DPI)
+    again = tmp_path / "again"
+    build_kit(again, options, generated=inputs["generated"], real_npz=inputs["real"])
+    for a, b in zip(_files(kit / "package"), _files(again / "package"), strict=True):
+        assert a.relative_to(kit) == b.relative_to(again) and a.read_bytes() == b.read_bytes()
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(again)}
+    summary = build_kit(again, options, generated=inputs["generated"], real_npz=inputs["real"])
+    assert summary["already_built"] is True and summary["sheets"] == 9
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(again)} == before
+    with pytest.raises(ValueError, match="holds a Turing kit built from other inputs or settings.*answers need its key"):
+        build_kit(again, KitOptions("real-vs-generated", n_real=5, n_generated=4, seed=12, dpi=DPI),
+                  generated=inputs["generated"], real_npz=inputs["real"])
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(again)} == before
+    # Another seed reorders and renames everything.
+    other = tmp_path / "other"
+    build_kit(other, KitOptions("real-vs-generated", n_real=5, n_generated=4, seed=12, dpi=DPI),
+              generated=inputs["generated"], real_npz=inputs["real"])
+    ids = lambda out: [s["sheet_id"] for s in json.loads((out / "key.json").read_text())["sheets"]]
+    assert set(ids(other)).isdisjoint(ids(again))
+    # Without --seed a fresh one is drawn and recorded.
+    fresh = build_kit(tmp_path / "fresh", KitOptions("real-vs-generated", n_real=2, n_generated=2, dpi=DPI),
+                      generated=inputs["generated"], real_npz=inputs["real"])
+    assert json.loads((tmp_path / "fresh" / "key.json").read_text())["seed"] == fresh["seed"] not in (11, 12)
+
+
+def test_user_files_are_never_touched(inputs, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty and holds no Turing kit"):
+        build_kit(out, KitOptions("real-vs-generated", n_real=2, n_generated=2, seed=1, dpi=DPI),
+                  generated=inputs["generated"], real_npz=inputs["real"])
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    build_kit(empty, KitOptions("real-vs-generated", n_real=2, n_generated=2, seed=1, dpi=DPI),
+              generated=inputs["generated"], real_npz=inputs["real"])
+    assert sorted(p.name for p in empty.iterdir()) == ["key.json", "package"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "empty"]  # no staging folder left behind
+
+
+def test_alignment_kit_shows_reports_and_records_controls(inputs, tmp_path):
+    out = tmp_path / "align"
+    summary = build_kit(out, KitOptions("alignment", n_generated=4, controls=0.5, seed=3, dpi=DPI),
+                        generated=inputs["generated"])
+    assert summary["counts"]["own_report"] == 2 and summary["counts"]["other_report"] == 2
+    key = json.loads((out / "key.json").read_text())
+    assert key["answers"] == ["match", "no_match"]
+    pages = pdf_page_texts(out / "package" / "booklet.pdf")
+    for sheet, page in zip(key["sheets"], pages, strict=True):
+        shown, own = sheet["shown"], sheet["conditions"]
+        if sheet["truth"] == "own_report":
+            assert shown["index"] == sheet["source"]["index"] and shown["prompt"] == own["prompt"]
+        else:
+            assert shown["index"] != sheet["source"]["index"] and shown["prompt"] != own["prompt"]
+        # The sheet shows the shown report's statements and patient, whole, and its ID; nothing about the truth.
+        sex = "M" if shown["sex"] else "F"
+        assert f"Sheet {sheet['sheet_id']}   Sex {sex}   Age {shown['age']:g}   HR {shown['heart_rate']:.0f} bpm" in page
+        assert shows(page, " | ".join(shown["report"]))
+    # Donors come from generated ECGs outside the kit first: the 2 controls show the 2 ECGs not in the kit.
+    in_kit = {s["source"]["index"] for s in key["sheets"]}
+    assert {s["shown"]["index"] for s in key["sheets"] if s["truth"] == "other_report"} == set(range(6)) - in_kit
+    forbidden = _key_strings(key)
+    for path in _files(out / "package"):
+        data = path.read_bytes()
+        if path.suffix == ".pdf":
+            data += decompressed_streams(data) + "\n".join(pdf_page_texts(path)).encode("latin-1")
+        assert not any(s.encode() in data for s in forbidden), path.name
+    readme = (out / "package" / "README.txt").read_text()
+    assert "`match` or `no_match`" in readme and "generated" in readme  # raters know these ECGs are generated
+
+
+def test_long_reports_make_every_alignment_sheet_equally_tall(tmp_path):
+    rng = np.random.default_rng(0)
+    long_report = "|".join(f"Long statement {i} about the conduction and repolarisation" for i in range(10))
+    npz = write_generated(tmp_path / "gen", ["Sinus rhythm", long_report, "Sinus bradycardia"], ecg_like(rng, 3),
+                          ["M", "F", "M"], [40, 50, 60], [70, 80, 55])
+    build_kit(tmp_path / "kit", KitOptions("alignment", n_generated=3, seed=0, dpi=DPI), generated=npz)
+    sizes = set()
+    for path in (tmp_path / "kit" / "package" / "sheets").iterdir():
+        with Image.open(path) as image:
+            sizes.add(image.size)
+    assert len(sizes) == 1
+    pages = "\n".join(pdf_page_texts(tmp_path / "kit" / "package" / "booklet.pdf")).replace("\n", " ")
+    assert long_report.replace("|", " | ") in pages  # uncut
+
+
+def _npz(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("variant, options, kwargs, error, message", [
+    ("real-vs-generated", {"n_real": 2}, {}, ValueError, "give exactly one"),
+    ("real-vs-generated", {"n_real": 2}, {"real_npz": "R", "dataset": "D"}, ValueError, "give exactly one"),
+    ("real-vs-generated", {"n_real": 0}, {"real_npz": "R"}, ValueError, "--n-real >= 1"),
+    ("alignment", {"n_real": 3}, {}, ValueError, "drop --n-real"),
+    ("alignment", {}, {"real_npz": "R"}, ValueError, "drop --dataset/--real"),
+    ("alignment", {"controls": 1.0}, {}, ValueError, r"in \[0, 1\)"),
+    ("real-vs-generated", {"n_real": 2, "controls": 0.2}, {"real_npz": "R"}, ValueError, "alignment variant's share"),
+    ("turing", {}, {}, ValueError, "variant must be one of"),
+    ("alignment", {"dpi": 5}, {}, ValueError, "--dpi must be within"),
+    ("real-vs-generated", {"n_real": 9}, {"real_npz": "R"}, ValueError,
+     r"9 real ECGs asked for but only 5 are usable \(8 read, 1 with non-finite samples, 2 whose conditions "
+     r"generated one of the generated ECGs\): lower --n-real"),
+    ("alignment", {"n_generated": 7}, {}, ValueError, "7 generated ECGs asked for but only 6 are usable.*--n-generated"),
+    ("real-vs-generated", {"n_real": 2}, {"real_npz": "G"}, ValueError, "are the same file"),
+    ("real-vs-generated", {"n_real": 2}, {"real_npz": "missing.npz"}, FileNotFoundError, "--real .*does not exist"),
+])
+def test_bad_options_are_refused_before_any_drawing(inputs, tmp_path, variant, options, kwargs, error, message):
+    names = {"R": inputs["real"], "G": inputs["generated"], "D": "some_dataset", "missing.npz": tmp_path / "missing.npz"}
+    kwargs = {k: names[v] for k, v in kwargs.items()}
+    with pytest.raises(error, match=message):
+        build_kit(tmp_path / "out", KitOptions(variant, **{"n_generated": 2, "seed": 0, "dpi": DPI, **options}),
+                  generated=inputs["generated"], **kwargs)
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_bad_npz_files_get_one_line(inputs, tmp_path):
+    rng = np.random.default_rng(0)
+    good = dict(ecg=ecg_like(rng, 2), prompt=np.array([ordered_prompt("A"), ordered_prompt("B")]),
+                sex=np.array([1, 0]), age=np.array([50.0, 60.0]), heart_rate=np.array([60.0, 70.0]))
+    cases = [
+        (_npz(tmp_path / "noprompt.npz", **{k: v for k, v in good.items() if k != "prompt"}), True,
+         r"noprompt.npz: missing array\(s\) prompt; --generated takes a samples.npz"),
+        (_npz(tmp_path / "shape.npz", **{**good, "ecg": good["ecg"][:, :1000]}), True,
+         r"shape.npz: ecg has shape \(2, 1000, 12\); expected \(n, 1024, 12\)"),
+        (_npz(tmp_path / "partial.npz", ecg=good["ecg"], sex=good["sex"]), False,
+         "partial.npz: has sex but not all of prompt, sex, age, heart_rate"),
+        (_npz(tmp_path / "ragged.npz", **{**good, "age": np.array([1.0])}), True, r"ragged.npz: age has shape \(1,\)"),
+    ]
+    (tmp_path / "text.npz").write_text("not an npz")
+    cases.append((tmp_path / "text.npz", True, "text.npz: not a readable NPZ"))
+    for path, generated, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            turing.load_npz(path, generated=generated)
+        assert "\n" not in str(error.value)
+    assert turing.load_npz(_npz(tmp_path / "ecg_only.npz", ecg=good["ecg"]), generated=False).conditions == [None, None]
+
+
+def test_cli_turing_kit_end_to_end_and_bad_input(inputs, tmp_path, capsys):
+    out = tmp_path / "cli_kit"
+    code = main(["turing-kit", "--variant", "real-vs-generated", "--generated", str(inputs["generated"]), "--real",
+                 str(inputs["real"]), "--n-real", "3", "--n-generated", "3", "--seed", "5", "--dpi", str(DPI),
+                 "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0 and json.loads(captured.out)["sheets"] == 6 and "keep" in captured.err
+    assert (out / "key.json").is_file() and len(list((out / "package" / "sheets").iterdir())) == 6
+    # The paper's 50 real sheets by default: too many for these inputs, said in one line, exit 2.
+    code = main(["turing-kit", "--variant", "real-vs-generated", "--generated", str(inputs["generated"]), "--real",
+                 str(inputs["real"]), "--n-generated", "3", "--out", str(tmp_path / "other")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "50 real ECGs asked for but only 5 are usable" in err
