@@ -17,30 +17,19 @@ from diffusets_jax.cli import main
 from diffusets_jax.conditioning.prompts import ordered_prompt
 from diffusets_jax.experiments import turing
 from diffusets_jax.experiments.turing import KitOptions, build_kit
-from tests.helpers.turing_inputs import decompressed_streams, ecg_like, pdf_page_texts, shows, write_generated
+from tests.helpers.turing_inputs import (
+    decompressed_streams,
+    ecg_like,
+    pdf_page_texts,
+    shows,
+    write_generated,
+    write_kit_inputs,
+)
 
 DPI = 30  # small PNGs: these tests are about the package, not the drawing (tests/test_io_plot.py)
-REPORTS = ["Sinus rhythm|Normal ECG", "Sinus bradycardia", "Atrial fibrillation|Abnormal ECG",
-           "Sinus tachycardia|Left axis deviation|Abnormal ECG", "Sinus rhythm|Right bundle branch block",
-           "Sinus rhythm|Left ventricular hypertrophy|ST-T abnormality"]
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    """A samples.npz of 6 generated ECGs and a real NPZ of 8 ECGs, two of them recorded with the conditions of
-    generated ECGs 0 and 1 (so they must not be shown), one with a NaN sample."""
-    root = tmp_path_factory.mktemp("inputs")
-    rng = np.random.default_rng(7)
-    generated = write_generated(root / "gen", REPORTS, ecg_like(rng, 6), ["M", "F", "M", "F", "M", "F"],
-                                [50, 61, 72, 45, 39, 80], [70, 52, 101, 118, 66, 75])
-    real_ecg = ecg_like(rng, 8)
-    real_ecg[5, 100, 3] = np.nan
-    prompts = [ordered_prompt(REPORTS[0]), ordered_prompt(REPORTS[1])] + [ordered_prompt(f"Sinus rhythm|record {i}")
-                                                                        for i in range(2, 8)]
-    np.savez(root / "real_records.npz", ecg=real_ecg, prompt=np.array(prompts), sex=np.array([1, 0, 1, 1, 0, 0, 1, 0]),
-             age=np.array([50, 61, 33, 44, 55, 66, 77, 88], np.float32),
-             heart_rate=np.array([70, 52, 60, 65, 70, 75, 80, 85], np.float32))
-    return {"generated": generated, "real": root / "real_records.npz", "root": root}
+    return write_kit_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture(scope="module")

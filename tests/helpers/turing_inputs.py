@@ -32,6 +32,29 @@ def write_generated(out_dir: Path, reports: Sequence[str], ecgs: np.ndarray, sex
     return out_dir / "samples.npz"
 
 
+REPORTS = ["Sinus rhythm|Normal ECG", "Sinus bradycardia", "Atrial fibrillation|Abnormal ECG",
+           "Sinus tachycardia|Left axis deviation|Abnormal ECG", "Sinus rhythm|Right bundle branch block",
+           "Sinus rhythm|Left ventricular hypertrophy|ST-T abnormality"]
+
+
+def write_kit_inputs(root: Path) -> dict[str, Path]:
+    """A samples.npz of 6 generated ECGs (REPORTS) and a real NPZ of 8 ECGs, two of them recorded with the
+    conditions of generated ECGs 0 and 1 (so a kit must not show them), one with a NaN sample (index 5)."""
+    from diffusets_jax.conditioning.prompts import ordered_prompt
+
+    rng = np.random.default_rng(7)
+    generated = write_generated(root / "gen", REPORTS, ecg_like(rng, 6), ["M", "F", "M", "F", "M", "F"],
+                                [50, 61, 72, 45, 39, 80], [70, 52, 101, 118, 66, 75])
+    real_ecg = ecg_like(rng, 8)
+    real_ecg[5, 100, 3] = np.nan
+    prompts = [ordered_prompt(REPORTS[0]), ordered_prompt(REPORTS[1])] + [ordered_prompt(f"Sinus rhythm|record {i}")
+                                                                        for i in range(2, 8)]
+    np.savez(root / "real_records.npz", ecg=real_ecg, prompt=np.array(prompts), sex=np.array([1, 0, 1, 1, 0, 0, 1, 0]),
+             age=np.array([50, 61, 33, 44, 55, 66, 77, 88], np.float32),
+             heart_rate=np.array([70, 52, 60, 65, 70, 75, 80, 85], np.float32))
+    return {"generated": generated, "real": root / "real_records.npz"}
+
+
 def pdf_page_texts(path: Path) -> list[str]:
     """The text shown on each page of a matplotlib PDF, one line per text object (BT ... ET): the strings of its
     TJ arrays joined (matplotlib splits words into kerned pieces, so a plain byte search misses them). Glyphs
