@@ -282,3 +282,52 @@ def test_cli_turing_kit_end_to_end_and_bad_input(inputs, tmp_path, capsys):
                  str(inputs["real"]), "--n-generated", "3", "--out", str(tmp_path / "other")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "50 real ECGs asked for but only 5 are usable" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> str:
+    from tests.helpers import tiny_ecg_dataset
+
+    return str(tiny_ecg_dataset.build(str(tmp_path_factory.mktemp("tfds"))).data_dir)
+
+
+@pytest.mark.slow  # builds a TFDS dataset
+def test_split_conditions_then_kit_from_the_split_leaves_those_records_out(tiny_dataset, tmp_path, capsys):
+    """The paper's protocol: generate from the conditions of some records, show other records as the real half."""
+    from diffusets_jax.generate import read_conditions, write_samples
+    from tests.helpers import tiny_ecg_dataset
+
+    conditions_csv = tmp_path / "conditions.csv"
+    code = main(["turing-conditions", "--dataset", tiny_dataset, "--split", "test", "-n", "4", "--seed", "3",
+                 "--out", str(conditions_csv)])
+    assert code == 0 and json.loads(capsys.readouterr().out)["records"] == 4
+    conditions = read_conditions(conditions_csv)
+    drawn = {int(c.report[1].split()[-1]) for c in conditions}  # test examples are "record 2000".."record 2010"
+    assert len(drawn) == 4 and drawn <= set(range(2000, 2011))
+    for c in conditions:  # the exact stored values, so the kit recognises them
+        source = tiny_ecg_dataset.example(int(c.report[1].split()[-1]))
+        assert (c.sex, c.age, c.heart_rate) == (source["sex"], source["age"], pytest.approx(source["heart_rate"]))
+    # Stand-in for `sample --conditions`: ECGs written by the sample writer with exactly those conditions.
+    write_samples(tmp_path / "gen", conditions, ecg_like(np.random.default_rng(1), 4), formats=("npz",))
+    out = tmp_path / "kit"
+    build_kit(out, KitOptions("real-vs-generated", n_real=7, n_generated=4, seed=0, dpi=DPI),
+              generated=tmp_path / "gen" / "samples.npz", dataset=tiny_dataset, split="test")
+    key = json.loads((out / "key.json").read_text())
+    shown_real = {int(s["conditions"]["report"][1].split()[-1]) for s in key["sheets"] if s["truth"] == "real"}
+    assert shown_real == set(range(2000, 2011)) - drawn  # every other record, none of the drawn ones
+    assert key["counts"]["real_left_out_as_paired"] == 4
+    assert all(s["source"]["split"] == "test" for s in key["sheets"] if s["truth"] == "real")
+    with pytest.raises(ValueError, match=r"8 real ECGs asked for but only 7 are usable \(11 read, 0 with non-finite "
+                                         r"samples, 4 whose conditions generated"):
+        build_kit(tmp_path / "kit2", KitOptions("real-vs-generated", n_real=8, n_generated=4, seed=0, dpi=DPI),
+                  generated=tmp_path / "gen" / "samples.npz", dataset=tiny_dataset, split="test")
+    # The conditions file is never overwritten; impossible counts and bad names are refused.
+    code = main(["turing-conditions", "--dataset", tiny_dataset, "--split", "test", "-n", "2", "--seed", "0",
+                 "--out", str(conditions_csv)])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="12 records asked for but only 11 are usable"):
+        turing.write_split_conditions(tmp_path / "c.csv", tiny_dataset, "test", 12, seed=0)
+    with pytest.raises(ValueError, match="must end in .csv"):
+        turing.write_split_conditions(tmp_path / "c.txt", tiny_dataset, "test", 2, seed=0)
+    with pytest.raises(ValueError, match="has no split 'tset'"):
+        turing.write_split_conditions(tmp_path / "c.csv", tiny_dataset, "tset", 2, seed=0)

@@ -20,6 +20,10 @@ OUT/ after a run:
         answer_sheet.csv    `sheet_id,answer`, one row per sheet in booklet order, answers blank
     key.json            the truth per sheet ID; never send it to raters
 
+Each sheet of the key records its ID, booklet position, truth, source (the input file or dataset split, and the
+index of the ECG there: its position in the NPZ, or in the split as `metrics.report.load_split` reads it) and
+the conditions the ECG came with; alignment sheets also record what they show (`shown`).
+
 Blinding: sheet IDs are random 6-character codes; the booklet order is a random permutation; every sheet is
 drawn by the same code (`io.plot.plot_ecg`) at the same size, dpi and title style, titled only "Sheet ID" (plus
 the shown report and patient information in the alignment variant); PNGs carry no text chunks and the PDF no
@@ -483,8 +487,9 @@ def write_split_conditions(
     writer.writerow(["text", "sex", "age", "heart_rate"])
     for i in chosen.tolist():
         c = real.conditions[i]
-        writer.writerow([LINE_SEPARATOR.join(c["report"]), "M" if c["sex"] else "F", f"{c['age']:g}",
-                         f"{c['heart_rate']:g}"])
+        # repr: the exact stored values, so the generated ECGs' conditions match their records' in build_kit.
+        writer.writerow([LINE_SEPARATOR.join(c["report"]), "M" if c["sex"] else "F", repr(c["age"]),
+                         repr(c["heart_rate"])])
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         write_new_text(out, buffer.getvalue())

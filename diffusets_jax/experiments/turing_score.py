@@ -225,6 +225,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
              f"{report['sheets']} sheets (" + ", ".join(f"{n} {t}" for t, n in report["sheets_per_truth"].items())
              + f"), {overall['raters']} rater(s). Key: {report.get('key', '')}", ""]
     answers, truths = ANSWERS[variant], TRUTHS[variant]
+    shared = ", too narrow: raters rated the same sheets" if overall["raters"] > 1 else ""
     if variant == REAL_VS_GENERATED:
         lines += ["| rater | accuracy | 95 % CI (exact) | p (two-sided binomial vs 0.5) | sensitivity (generated) "
                   "| specificity (real) |", "|---|---|---|---|---|---|"]
@@ -234,8 +235,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         pooled = overall["pooled"]
         lines += ["", f"Mean accuracy over raters: {_pct(overall['mean_accuracy'])}. Pooled over all ratings: "
                   f"{_pct(pooled['accuracy'])} ({pooled['correct']}/{pooled['n']}; interval "
-                  f"{_ci(pooled['accuracy_ci95'])}, too narrow where raters share sheets). Accuracy near 50 % means "
-                  "the raters could not tell generated ECGs from real ones."]
+                  f"{_ci(pooled['accuracy_ci95'])}{shared}). Accuracy near 50 % means the raters could not tell "
+                  "generated ECGs from real ones."]
     else:
         lines += ["| rater | alignment rate (own report judged match) | 95 % CI (exact) | controls judged no_match "
                   "| 95 % CI |", "|---|---|---|---|---|"]
@@ -244,8 +245,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                   f"{_ci(r['control_rejection_rate_ci95'])} |" for r in report["raters"]]
         pooled = overall["pooled"]
         lines += ["", f"Pooled alignment rate over all ratings: {_pct(pooled['alignment_rate'])} "
-                  f"({pooled['judged_match']}/{pooled['n_own_report']}; interval {_ci(pooled['alignment_rate_ci95'])}, "
-                  "too narrow where raters share sheets)."]
+                  f"({pooled['judged_match']}/{pooled['n_own_report']}; interval {_ci(pooled['alignment_rate_ci95'])}"
+                  f"{shared})."]
     kappa = overall["fleiss_kappa"]
     lines += ["", "Agreement between raters, Fleiss' kappa: "
               + (f"{kappa:.3f}" if kappa is not None else f"n/a ({overall['fleiss_kappa_note']})"), "",
