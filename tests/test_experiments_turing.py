@@ -106,12 +106,16 @@ def test_package_leaks_nothing(kit):
     # File names are the IDs, nothing else.
     assert {p.stem for p in (package / "sheets").iterdir()} == {s["sheet_id"] for s in key["sheets"]}
     # Metadata: PNGs carry no text chunk; the PDF no creator, producer or date; all images the same size.
-    sizes = set()
+    sizes, pixels = set(), []
     for path in (package / "sheets").iterdir():
         with Image.open(path) as image:
             assert image.text == {} and not image.info.get("exif") and "icc_profile" not in image.info
             sizes.add(image.size)
+            pixels.append(np.asarray(image.convert("L"), np.int16))
+        assert path.read_bytes()[-12:] == b"\x00\x00\x00\x00IEND\xaeB`\x82"  # still a well-formed PNG
     assert len(sizes) == 1
+    assert len({p.stat().st_size for p in (package / "sheets").iterdir()}) == 1  # padded to one byte size
+    assert min(np.abs(a - b).sum() for a, b in zip(pixels, pixels[1:], strict=False)) > 0  # each its own
     pdf = (package / "booklet.pdf").read_bytes()
     for field in (b"/CreationDate", b"/ModDate", b"/Producer", b"/Creator", b"/Author", b"/Title", b"/ID"):
         assert field not in pdf
@@ -260,8 +264,12 @@ def test_bad_npz_files_get_one_line(inputs, tmp_path):
          "partial.npz: has sex but not all of prompt, sex, age, heart_rate"),
         (_npz(tmp_path / "ragged.npz", **{**good, "age": np.array([1.0])}), True, r"ragged.npz: age has shape \(1,\)"),
     ]
+    cases.append((_npz(tmp_path / "sex.npz", **{**good, "sex": np.array([1, 2])}), False,
+                  r"sex.npz \[1\]: sex: 2 is not a sex code"))
     (tmp_path / "text.npz").write_text("not an npz")
     cases.append((tmp_path / "text.npz", True, "text.npz: not a readable NPZ"))
+    np.save(tmp_path / "single.npy", good["ecg"])
+    cases.append((tmp_path / "single.npy", True, "single.npy: a single array, not an NPZ"))
     for path, generated, message in cases:
         with pytest.raises(ValueError, match=message) as error:
             turing.load_npz(path, generated=generated)

@@ -27,7 +27,8 @@ the conditions the ECG came with; alignment sheets also record what they show (`
 Blinding: sheet IDs are random 6-character codes; the booklet order is a random permutation; every sheet is
 drawn by the same code (`io.plot.plot_ecg`) at the same size, dpi and title style, titled only "Sheet ID" (plus
 the shown report and patient information in the alignment variant); PNGs carry no text chunks and the PDF no
-creator, producer or date; every file of the package gets the same timestamp, so write order reveals nothing.
+creator, producer or date; PNGs are padded to one byte size (a noisier trace compresses worse); every file of
+the package gets the same timestamp, so write order reveals nothing.
 Only ECGs of exactly (1024, 12) finite samples are used, so every sheet has the same time base and no gaps.
 The random seed is recorded in the key only: by default a fresh one, since raters who know the seed and the
 inputs could rebuild the key.
@@ -50,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
 from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, ordered_prompt, statements_from_ordered_prompt
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
 from diffusets_jax.io.new_files import write_new_text
@@ -77,8 +79,8 @@ ID_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: IDs are copied
 ID_LENGTH = 6
 PNG_METADATA = {"Software": None}  # no text chunks at all
 PDF_METADATA = {"Creator": None, "Producer": None, "CreationDate": None}  # an empty info dictionary
-GENERATED_FIELDS = ("ecg", "prompt", "sex", "age", "heart_rate")  # a samples.npz (generate.write_samples)
 CONDITION_FIELDS = ("prompt", "sex", "age", "heart_rate")
+GENERATED_FIELDS = ("ecg", *CONDITION_FIELDS)  # the arrays of a samples.npz (generate.write_samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +101,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _condition(report: Sequence[str] | None, prompt: str, sex: Any, age: Any, heart_rate: Any) -> dict[str, Any]:
-    return {"report": None if report is None else list(report), "prompt": prompt, "sex": int(sex),
-            "age": float(age), "heart_rate": float(heart_rate)}
+def _condition(report: Sequence[str] | None, prompt: str, sex: Any, age: Any, heart_rate: Any,
+               where: str = "") -> dict[str, Any]:
+    """One ECG's conditions, the patient values validated like every other condition (errors name `where`)."""
+    try:
+        patient = {"sex": parse_sex(sex), "age": parse_age(age), "heart_rate": parse_heart_rate(heart_rate)}
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return {"report": None if report is None else list(report), "prompt": prompt, **patient}
 
 
 def _check_ecg_array(ecg: np.ndarray, where: str) -> np.ndarray:
@@ -120,11 +127,15 @@ def load_npz(path: str | os.PathLike, *, generated: bool) -> EcgSet:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
+        data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path.name}: not a readable NPZ ({err}); {what} takes a samples.npz of "
                          "`diffusets-jax sample`") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path.name}: a single array, not an NPZ of named arrays; {what} takes a samples.npz of "
+                         "`diffusets-jax sample`")
+    with data:
+        arrays = {key: data[key] for key in data.files}
     required = GENERATED_FIELDS if generated else ("ecg",)
     missing = [key for key in required if key not in arrays]
     if missing:
@@ -147,7 +158,8 @@ def load_npz(path: str | os.PathLike, *, generated: bool) -> EcgSet:
                 report = statements_from_ordered_prompt(prompt)
             except ValueError:
                 report = None  # shown only in the alignment variant, which requires it
-            conditions.append(_condition(report, prompt, arrays["sex"][i], arrays["age"][i], arrays["heart_rate"][i]))
+            conditions.append(_condition(report, prompt, arrays["sex"][i].item(), arrays["age"][i].item(),
+                                         arrays["heart_rate"][i].item(), where=f"{path.name} [{i}]"))
     return EcgSet(ecg, conditions, {"npz": str(path.resolve()), "sha256": _sha256(path)})
 
 
@@ -160,11 +172,11 @@ def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str 
     columns = load_split(dataset, split, data_dir=data_dir, limit=limit)
     ecg = _check_ecg_array(np.asarray(columns["ecg"]), f"dataset {dataset} split {split}")
     conditions: list[dict[str, Any] | None] = []
-    for lines, sex, age, hr in zip(columns["report_lines"], columns["sex"], columns["age"], columns["heart_rate"],
-                                   strict=True):
+    for i, (lines, sex, age, hr) in enumerate(zip(columns["report_lines"], columns["sex"], columns["age"],
+                                                  columns["heart_rate"], strict=True)):
         lines = [line for line in lines if line.strip()]
         prompt = ordered_prompt(lines) if lines else ""
-        conditions.append(_condition(lines, prompt, sex, age, hr))
+        conditions.append(_condition(lines, prompt, sex.item(), age.item(), hr.item(), where=f"split {split} [{i}]"))
     return EcgSet(ecg, conditions, {"dataset": os.fspath(dataset), "split": split,
                                     "data_dir": None if data_dir is None else os.fspath(data_dir), "limit": limit})
 
@@ -236,7 +248,7 @@ def _real_vs_generated_sheets(rng, options: KitOptions, real: EcgSet, generated:
                              "--n-generated")
     used = {_condition_key(c) for c in generated.conditions} - {None}
     finite = set(_finite(real.ecg).tolist())
-    paired = {i for i, c in enumerate(real.conditions) if _condition_key(c) in used}
+    paired = {i for i in finite if _condition_key(real.conditions[i]) in used}
     real_ok = np.array(sorted(finite - paired), dtype=np.int64)
     chosen_real = _pick(rng, real_ok, options.n_real, "real ECGs",
                         f"{len(real.ecg)} read, {len(real.ecg) - len(finite)} with non-finite samples, {len(paired)} "
@@ -326,6 +338,25 @@ def _render(package: Path, entries: Sequence[dict], options: KitOptions) -> None
                            prompt_lines=prompt_lines)
             save_png(fig, package / SHEETS_DIR / f"{entry['sheet_id']}.png", options.dpi, metadata=PNG_METADATA)
             booklet.savefig(fig)
+    _equalise_png_sizes(sorted((package / SHEETS_DIR).iterdir()))
+
+
+PNG_PADDING_CHUNK = b"paDd"  # ancillary, private, safe to copy: viewers skip it
+
+
+def _equalise_png_sizes(paths: Sequence[Path]) -> None:
+    """Pad every PNG to one byte size with a chunk of zeros before IEND. A busier trace compresses worse, so a
+    folder sorted by size would otherwise group the sheets by how they were made."""
+    import zlib
+
+    sizes = {path: path.stat().st_size for path in paths}
+    target = max(sizes.values()) + 12  # a chunk is at least 12 bytes: every file gets one, the largest an empty one
+    for path, size in sizes.items():
+        data = path.read_bytes()
+        padding = bytes(target - size - 12)
+        chunk = (len(padding).to_bytes(4, "big") + PNG_PADDING_CHUNK + padding
+                 + zlib.crc32(PNG_PADDING_CHUNK + padding).to_bytes(4, "big"))
+        path.write_bytes(data[:-12] + chunk + data[-12:])  # the last 12 bytes are the IEND chunk
 
 
 def _key(options: KitOptions, seed: int, entries: Sequence[dict], counts: dict, inputs: dict, created: str) -> dict:
