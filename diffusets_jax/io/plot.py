@@ -18,7 +18,6 @@ lines between 9.8 ms-apart samples draw jagged QRS complexes. The data are not c
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
@@ -31,6 +30,7 @@ from matplotlib.figure import Figure
 
 from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.ecg.shapes import ECG_RATE_HZ
+from diffusets_jax.io.new_files import create_temporary
 
 MM_PER_INCH = 25.4
 MM_PER_SECOND = 25.0
@@ -223,9 +223,8 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 200,
     the figure size in inches times `dpi`, which keeps the mm scale. `metadata`: PNG text chunks, as matplotlib
     takes them (`{"Software": None}` writes none)."""
     path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    handle, temporary = create_temporary(path)  # with the umask's permissions, unlike mkstemp's 0600
     try:
         with os.fdopen(handle, "wb") as stream:
             fig.savefig(stream, format="png", dpi=dpi, facecolor=fig.get_facecolor(), metadata=metadata)
