@@ -85,51 +85,105 @@ def _key_strings(key: dict) -> set[str]:
     return {s for s in strings if len(s) >= 4}
 
 
-def test_package_leaks_nothing(kit):
-    key = json.loads((kit / "key.json").read_text())
-    package = kit / "package"
+def find_leaks(package: Path, key: dict) -> list[str]:
+    """Everything in `package` that could tell a rater a sheet's truth or source: [] for a blind package."""
+    leaks = []
     forbidden = _key_strings(key) | {"key.json"}
-    files = _files(package)
-    assert {p.suffix for p in files} == {".png", ".pdf", ".csv", ".txt"}
-    for path in files:
+    for path in _files(package):
         data = path.read_bytes()
         if path.suffix == ".pdf":  # also what its compressed pages draw, as text
             data += decompressed_streams(data) + "\n".join(pdf_page_texts(path)).encode("latin-1")
         lowered = data.lower()
-        for text in forbidden:
-            assert text.lower().encode() not in lowered, (path.name, text)
+        leaks += [f"{path.name} contains {text!r}" for text in forbidden if text.lower().encode() in lowered]
         if path.suffix in (".png", ".pdf"):  # sheet files: not even the words
-            for word in (b"real", b"generated", b"sample", b"synthetic", b"recorded from", b"model"):
-                assert word not in lowered, (path.name, word)
-        if path.suffix == ".csv":  # only the header, the IDs and commas
-            assert set(data.decode().split()) == {"sheet_id,answer"} | {f"{s['sheet_id']}," for s in key["sheets"]}
-    # File names are the IDs, nothing else.
-    assert {p.stem for p in (package / "sheets").iterdir()} == {s["sheet_id"] for s in key["sheets"]}
-    # Metadata: PNGs carry no text chunk; the PDF no creator, producer or date; all images the same size.
-    sizes, pixels = set(), []
+            leaks += [f"{path.name} contains {word!r}" for word in (b"real", b"generated", b"sample", b"synthetic",
+                                                                    b"recorded from", b"model") if word in lowered]
+        if path.suffix == ".csv" and set(data.decode().split()) != (
+                {"sheet_id,answer"} | {f"{s['sheet_id']}," for s in key["sheets"]}):
+            leaks.append(f"{path.name} holds more than the header, the IDs and blank answers")
+    if {p.stem for p in (package / "sheets").iterdir()} != {s["sheet_id"] for s in key["sheets"]}:
+        leaks.append("sheet file names are not exactly the IDs")
+    sizes = set()
     for path in (package / "sheets").iterdir():
         with Image.open(path) as image:
-            assert image.text == {} and not image.info.get("exif") and "icc_profile" not in image.info
+            if image.text or image.info.get("exif") or "icc_profile" in image.info:
+                leaks.append(f"{path.name} has metadata {sorted(image.info)}")
             sizes.add(image.size)
-            pixels.append(np.asarray(image.convert("L"), np.int16))
-        assert path.read_bytes()[-12:] == b"\x00\x00\x00\x00IEND\xaeB`\x82"  # still a well-formed PNG
-    assert len(sizes) == 1
-    assert len({p.stat().st_size for p in (package / "sheets").iterdir()}) == 1  # padded to one byte size
-    assert min(np.abs(a - b).sum() for a, b in zip(pixels, pixels[1:], strict=False)) > 0  # each its own
+    if len(sizes) != 1:
+        leaks.append(f"sheets of different sizes {sorted(sizes)}")
+    if len({p.stat().st_size for p in (package / "sheets").iterdir()}) != 1:
+        leaks.append("PNG files of different byte sizes")
     pdf = (package / "booklet.pdf").read_bytes()
-    for field in (b"/CreationDate", b"/ModDate", b"/Producer", b"/Creator", b"/Author", b"/Title", b"/ID"):
-        assert field not in pdf
-    # One timestamp for every file and folder: the write order (real first?) cannot be read from the disk.
-    assert len({os.stat(p).st_mtime for p in [package, *package.rglob("*")]}) == 1
+    leaks += [f"booklet.pdf has {field!r}" for field in (b"/CreationDate", b"/ModDate", b"/Producer", b"/Creator",
+                                                         b"/Author", b"/Title", b"/ID") if field in pdf]
+    if len({os.stat(p).st_mtime for p in [package, *package.rglob("*")]}) != 1:  # write order (real first?)
+        leaks.append("files with different timestamps")
+    return leaks
 
 
-def test_the_scan_would_see_a_leak(kit):
-    """The byte scan above can fail: what the sheets do show (IDs, lead names) is found by the same method."""
+def test_package_leaks_nothing(kit):
     key = json.loads((kit / "key.json").read_text())
-    booklet = (kit / "package" / "booklet.pdf").read_bytes()
-    text = "\n".join(pdf_page_texts(kit / "package" / "booklet.pdf")).encode()
-    assert all(s["sheet_id"].encode() in text for s in key["sheets"]) and b"aVR" in text
-    assert b"Matplotlib" not in booklet
+    package = kit / "package"
+    assert {p.suffix for p in _files(package)} == {".png", ".pdf", ".csv", ".txt"}
+    assert find_leaks(package, key) == []
+    pixels = []
+    for path in sorted((package / "sheets").iterdir()):
+        with Image.open(path) as image:
+            pixels.append(np.asarray(image.convert("L"), np.int16))  # padded PNGs decode
+        assert path.read_bytes()[-12:] == b"\x00\x00\x00\x00IEND\xaeB`\x82"  # and end well-formed
+    assert min(np.abs(a - b).sum() for a, b in zip(pixels, pixels[1:], strict=False)) > 0  # each its own
+
+
+def test_the_leak_scan_finds_planted_leaks(kit, tmp_path):
+    """The scan can fail: each kind of leak planted in a copy of the package is reported."""
+    import shutil
+
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    from diffusets_jax.io.plot import plot_ecg, save_png
+
+    key = json.loads((kit / "key.json").read_text())
+    sheet_id = key["sheets"][0]["sheet_id"]
+    source_stem = Path(next(s["source"]["npz"] for s in key["sheets"] if s["truth"] == "real")).stem
+    ecg = ecg_like(np.random.default_rng(0), 1)[0]
+
+    def planted(plant) -> list[str]:
+        copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(kit / "package", copy)
+        when = os.stat(copy / "README.txt").st_mtime
+        plant(copy)
+        for path in [copy, *copy.rglob("*")]:
+            if "mtime" not in plant.__name__:
+                os.utime(path, (when, when))
+        return find_leaks(copy, key)
+
+    def title(copy):  # a booklet page naming the real NPZ the sheet came from, in the title
+        with PdfPages(copy / "booklet.pdf", metadata={"Creator": None, "Producer": None, "CreationDate": None}) as pdf:
+            pdf.savefig(plot_ecg(ecg, title=f"Sheet {sheet_id} from {source_stem}"))
+
+    def png_text(copy):
+        save_png(plot_ecg(ecg), copy / "sheets" / f"{sheet_id}.png", 30, metadata={"Software": None, "Comment": "x"})
+
+    def pdf_date(copy):
+        with PdfPages(copy / "booklet.pdf") as pdf:
+            pdf.savefig(plot_ecg(ecg))
+
+    def answer_column(copy):
+        text = (copy / "answer_sheet.csv").read_text()
+        (copy / "answer_sheet.csv").write_text(text.replace(f"{sheet_id},", f"{sheet_id},real"))
+
+    def mtime(copy):
+        os.utime(copy / "sheets" / f"{sheet_id}.png", (0, 0))
+
+    assert planted(title) == [f"booklet.pdf contains {source_stem!r}", "booklet.pdf contains b'real'"]
+    assert any("has metadata" in leak for leak in planted(png_text))
+    assert any("different byte sizes" in leak for leak in planted(png_text))
+    assert "booklet.pdf has b'/CreationDate'" in planted(pdf_date)
+    assert any("holds more than the header" in leak for leak in planted(answer_column))
+    assert planted(mtime) == ["files with different timestamps"]
+    # And what the sheets do show is visible to the same reading: IDs and lead names.
+    text = "\n".join(pdf_page_texts(kit / "package" / "booklet.pdf"))
+    assert all(s["sheet_id"] in text for s in key["sheets"]) and "aVR" in text
 
 
 def test_same_seed_same_package_bytes_and_rerun_is_a_no_op(kit, inputs, tmp_path):

@@ -55,13 +55,17 @@ def write_kit_inputs(root: Path) -> dict[str, Path]:
     return {"generated": generated, "real": root / "real_records.npz"}
 
 
+# matplotlib writes "stream\n" DATA "\nendstream"; DATA may itself end in "\r", so no "\r?" here.
+_STREAM = re.compile(rb"stream\n(.*?)\nendstream", re.S)
+
+
 def pdf_page_texts(path: Path) -> list[str]:
     """The text shown on each page of a matplotlib PDF, one line per text object (BT ... ET): the strings of its
     TJ arrays joined (matplotlib splits words into kerned pieces, so a plain byte search misses them). Glyphs
     drawn from a second font, such as the "fi" ligature, come back as one unreadable character: see `shows`."""
     data = path.read_bytes()
     texts = []
-    for raw in re.findall(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S):
+    for raw in _STREAM.findall(data):
         try:
             content = zlib.decompress(raw)
         except zlib.error:
@@ -86,7 +90,7 @@ def shows(page_text: str, text: str) -> bool:
 def decompressed_streams(data: bytes) -> bytes:
     """Every zlib stream of a PDF, decompressed and concatenated."""
     out = []
-    for raw in re.findall(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S):
+    for raw in _STREAM.findall(data):
         try:
             out.append(zlib.decompress(raw))
         except zlib.error:
