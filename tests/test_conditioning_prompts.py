@@ -6,13 +6,7 @@ import math
 
 import pytest
 
-from diffusets_jax.conditioning.prompts import (
-    free_text_prompt,
-    ordered_prompt,
-    ordinal,
-    report_lines,
-    statements_from_ordered_prompt,
-)
+from diffusets_jax.conditioning.prompts import free_text_prompt, ordered_prompt, ordinal, report_lines
 
 
 def test_single_line():
@@ -121,18 +115,3 @@ def test_equals_the_reference_algorithm_for_1_to_18_statements(n):
     assert ordered_prompt("|".join(lines)) == expected
     assert ordered_prompt("|".join(lines) + "|") == expected  # a trailing empty segment is dropped, as published
     assert expected.count("{") >= n and "}.As a supplementary" in expected or n == 1
-
-
-@pytest.mark.parametrize("lines", [["Sinus rhythm"], ["Sinus rhythm", "Normal ECG"],
-                                   [f"statement {i}." for i in range(18)], ["a {b} c", "x}.y"]])
-def test_statements_from_ordered_prompt_inverts_ordered_prompt(lines):
-    assert statements_from_ordered_prompt(ordered_prompt(lines)) == lines
-
-
-@pytest.mark.parametrize("prompt", [
-    "Sinus rhythm", "", "Most importantly, the 1st diagnosis is {}.",
-    "Most importantly, the 1st diagnosis is {A}. ", "The report of the ECG is that A.",
-])
-def test_statements_from_ordered_prompt_rejects_other_text(prompt):
-    with pytest.raises(ValueError, match="is not an ordered prompt"):
-        statements_from_ordered_prompt(prompt)

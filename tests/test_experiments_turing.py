@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from diffusets_jax.cli import main
-from diffusets_jax.conditioning.prompts import ordered_prompt
 from diffusets_jax.experiments import turing
 from diffusets_jax.experiments.turing import KitOptions, build_kit
 from tests.helpers.turing_inputs import (
@@ -239,9 +238,9 @@ def test_alignment_kit_shows_reports_and_records_controls(inputs, tmp_path):
     for sheet, page in zip(key["sheets"], pages, strict=True):
         shown, own = sheet["shown"], sheet["conditions"]
         if sheet["truth"] == "own_report":
-            assert shown["index"] == sheet["source"]["index"] and shown["prompt"] == own["prompt"]
+            assert shown["index"] == sheet["source"]["index"] and shown["report"] == own["report"]
         else:
-            assert shown["index"] != sheet["source"]["index"] and shown["prompt"] != own["prompt"]
+            assert shown["index"] != sheet["source"]["index"] and shown["report"] != own["report"]
         # The sheet shows the shown report's statements and patient, whole, and its ID; nothing about the truth.
         sex = "M" if shown["sex"] else "F"
         assert f"Sheet {sheet['sheet_id']}   Sex {sex}   Age {shown['age']:g}   HR {shown['heart_rate']:.0f} bpm" in page
@@ -307,15 +306,15 @@ def test_bad_options_are_refused_before_any_drawing(inputs, tmp_path, variant, o
 
 def test_bad_npz_files_get_one_line(inputs, tmp_path):
     rng = np.random.default_rng(0)
-    good = dict(ecg=ecg_like(rng, 2), prompt=np.array([ordered_prompt("A"), ordered_prompt("B")]),
+    good = dict(ecg=ecg_like(rng, 2), report=np.array(["A", "B|C"]),
                 sex=np.array([1, 0]), age=np.array([50.0, 60.0]), heart_rate=np.array([60.0, 70.0]))
     cases = [
-        (_npz(tmp_path / "noprompt.npz", **{k: v for k, v in good.items() if k != "prompt"}), True,
-         r"noprompt.npz: missing array\(s\) prompt; --generated takes a samples.npz"),
+        (_npz(tmp_path / "noreport.npz", **{k: v for k, v in good.items() if k != "report"}), True,
+         r"noreport.npz: missing array\(s\) report; --generated takes a samples.npz"),
         (_npz(tmp_path / "shape.npz", **{**good, "ecg": good["ecg"][:, :1000]}), True,
          r"shape.npz: ecg has shape \(2, 1000, 12\); expected \(n, 1024, 12\)"),
         (_npz(tmp_path / "partial.npz", ecg=good["ecg"], sex=good["sex"]), False,
-         "partial.npz: has sex but not all of prompt, sex, age, heart_rate"),
+         "partial.npz: has sex but not all of report, sex, age, heart_rate"),
         (_npz(tmp_path / "ragged.npz", **{**good, "age": np.array([1.0])}), True, r"ragged.npz: age has shape \(1,\)"),
     ]
     cases.append((_npz(tmp_path / "sex.npz", **{**good, "sex": np.array([1, 2])}), False,
@@ -356,8 +355,9 @@ def tiny_dataset(tmp_path_factory) -> str:
 @pytest.mark.slow  # builds a TFDS dataset
 def test_split_conditions_then_kit_from_the_split_leaves_those_records_out(tiny_dataset, tmp_path, capsys):
     """The paper's protocol: generate from the conditions of some records, show other records as the real half."""
-    from diffusets_jax.generate import read_conditions, write_samples
+    from diffusets_jax.conditioning.requests import read_conditions
     from tests.helpers import tiny_ecg_dataset
+    from tests.helpers.turing_inputs import write_samples
 
     conditions_csv = tmp_path / "conditions.csv"
     code = main(["turing-conditions", "--dataset", tiny_dataset, "--split", "test", "-n", "4", "--seed", "3",
@@ -370,7 +370,7 @@ def test_split_conditions_then_kit_from_the_split_leaves_those_records_out(tiny_
         source = tiny_ecg_dataset.example(int(c.report[1].split()[-1]))
         assert (c.sex, c.age, c.heart_rate) == (source["sex"], source["age"], pytest.approx(source["heart_rate"]))
     # Stand-in for `sample --conditions`: ECGs written by the sample writer with exactly those conditions.
-    write_samples(tmp_path / "gen", conditions, ecg_like(np.random.default_rng(1), 4), formats=("npz",))
+    write_samples(tmp_path / "gen", conditions, ecg_like(np.random.default_rng(1), 4))
     out = tmp_path / "kit"
     build_kit(out, KitOptions("real-vs-generated", n_real=7, n_generated=4, seed=0, dpi=DPI),
               generated=tmp_path / "gen" / "samples.npz", dataset=tiny_dataset, split="test")

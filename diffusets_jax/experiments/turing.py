@@ -21,8 +21,10 @@ OUT/ after a run:
     key.json            the truth per sheet ID; never send it to raters
 
 Each sheet of the key records its ID, booklet position, truth, source (the input file or dataset split, and the
-index of the ECG there: its position in the NPZ, or in the split as `metrics.report.load_split` reads it) and
-the conditions the ECG came with; alignment sheets also record what they show (`shown`).
+index of the ECG there: its row in the NPZ, or in the split as `experiments.evaluate.load_split` reads it; for a
+`samples.npz` also its `position` in the sample request, the NNNNN of `sample_NNNNN` in that run's manifest) and
+the conditions the ECG came with (report statements, sex, age, heart rate, and the embedded prompt where known);
+alignment sheets also record what they show (`shown`).
 
 Blinding: sheet IDs are random 6-character codes; the booklet order is a random permutation; every sheet is
 drawn by the same code (`io.plot.plot_ecg`) at the same size, dpi and title style, titled only "Sheet ID" (plus
@@ -52,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
-from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, ordered_prompt, statements_from_ordered_prompt
+from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, report_lines
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
 from diffusets_jax.io.new_files import write_new_text
 
@@ -79,8 +81,10 @@ ID_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: IDs are copied
 ID_LENGTH = 6
 PNG_METADATA = {"Software": None}  # no text chunks at all
 PDF_METADATA = {"Creator": None, "Producer": None, "CreationDate": None}  # an empty info dictionary
-CONDITION_FIELDS = ("prompt", "sex", "age", "heart_rate")
-GENERATED_FIELDS = ("ecg", *CONDITION_FIELDS)  # the arrays of a samples.npz (generate.write_samples)
+# The arrays the kit reads from a samples.npz (`io.outputs.sample_to_directory` writes them, with prompt and
+# position): the stored statements, not the prompt, since the prompt's wording depends on the model's prompt style.
+CONDITION_FIELDS = ("report", "sex", "age", "heart_rate")
+GENERATED_FIELDS = ("ecg", *CONDITION_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +94,7 @@ class EcgSet:
     ecg: np.ndarray
     conditions: list[dict[str, Any] | None]
     source: dict[str, Any]  # where they came from, for the key (and each sheet's source adds its index)
+    positions: np.ndarray | None = None  # a samples.npz's `position` per ECG: its place in the sample request
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
@@ -101,14 +106,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _condition(report: Sequence[str] | None, prompt: str, sex: Any, age: Any, heart_rate: Any,
-               where: str = "") -> dict[str, Any]:
+def _condition(report: Sequence[str], sex: Any, age: Any, heart_rate: Any, *, where: str,
+               prompt: str | None = None) -> dict[str, Any]:
     """One ECG's conditions, the patient values validated like every other condition (errors name `where`)."""
     try:
         patient = {"sex": parse_sex(sex), "age": parse_age(age), "heart_rate": parse_heart_rate(heart_rate)}
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    return {"report": None if report is None else list(report), "prompt": prompt, **patient}
+    return {"report": list(report), "prompt": prompt, **patient}
 
 
 def _check_ecg_array(ecg: np.ndarray, where: str) -> np.ndarray:
@@ -119,9 +124,9 @@ def _check_ecg_array(ecg: np.ndarray, where: str) -> np.ndarray:
 
 
 def load_npz(path: str | os.PathLike, *, generated: bool) -> EcgSet:
-    """ECGs from an NPZ: a `samples.npz` of `diffusets-jax sample` (ecg, prompt, sex, age, heart_rate), required
-    for generated ECGs; for real ones only `ecg` is required and the four condition arrays are optional (all or
-    none)."""
+    """ECGs from an NPZ: a `samples.npz` of `diffusets-jax sample` (ecg, report, sex, age, heart_rate required for
+    generated ECGs; prompt and position read when present); for real ones only `ecg` is required and the four
+    condition arrays are optional (all or none), `report` holding each ECG's statements joined by '|'."""
     path = Path(path)
     what = "--generated" if generated else "--real"
     if not path.is_file():
@@ -146,46 +151,47 @@ def load_npz(path: str | os.PathLike, *, generated: bool) -> EcgSet:
     if present and len(present) != len(CONDITION_FIELDS):
         raise ValueError(f"{path.name}: has {', '.join(present)} but not all of {', '.join(CONDITION_FIELDS)}: "
                          "give all four condition arrays or none")
+    for key in (*present, *(key for key in ("prompt", "position") if key in arrays)):
+        if arrays[key].shape != (len(ecg),):
+            raise ValueError(f"{path.name}: {key} has shape {arrays[key].shape}, expected ({len(ecg)},)")
     conditions: list[dict[str, Any] | None] = [None] * len(ecg)
     if present:
-        for key in CONDITION_FIELDS:
-            if arrays[key].shape != (len(ecg),):
-                raise ValueError(f"{path.name}: {key} has shape {arrays[key].shape}, expected ({len(ecg)},)")
-        conditions = []
-        for i in range(len(ecg)):
-            prompt = str(arrays["prompt"][i])
-            try:
-                report = statements_from_ordered_prompt(prompt)
-            except ValueError:
-                report = None  # shown only in the alignment variant, which requires it
-            conditions.append(_condition(report, prompt, arrays["sex"][i].item(), arrays["age"][i].item(),
-                                         arrays["heart_rate"][i].item(), where=f"{path.name} [{i}]"))
-    return EcgSet(ecg, conditions, {"npz": str(path.resolve()), "sha256": _sha256(path)})
+        conditions = [
+            _condition(report_lines(str(arrays["report"][i])), arrays["sex"][i].item(), arrays["age"][i].item(),
+                       arrays["heart_rate"][i].item(), where=f"{path.name} [{i}]",
+                       prompt=str(arrays["prompt"][i]) if "prompt" in arrays else None)
+            for i in range(len(ecg))
+        ]
+    positions = arrays["position"].astype(np.int64) if "position" in arrays else None
+    return EcgSet(ecg, conditions, {"npz": str(path.resolve()), "sha256": _sha256(path)}, positions)
 
 
 def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
                        limit: int | None = None) -> EcgSet:
-    """Real ECGs and their conditions from a prepared dataset split (`metrics.report.load_split`: the whole
+    """Real ECGs and their conditions from a prepared dataset split (`experiments.evaluate.load_split`: the whole
     split is read into memory; `limit` reads only its first examples)."""
-    from diffusets_jax.metrics.report import load_split
+    from diffusets_jax.experiments.evaluate import load_split
 
     columns = load_split(dataset, split, data_dir=data_dir, limit=limit)
     ecg = _check_ecg_array(np.asarray(columns["ecg"]), f"dataset {dataset} split {split}")
-    conditions: list[dict[str, Any] | None] = []
-    for i, (lines, sex, age, hr) in enumerate(zip(columns["report_lines"], columns["sex"], columns["age"],
-                                                  columns["heart_rate"], strict=True)):
-        lines = [line for line in lines if line.strip()]
-        prompt = ordered_prompt(lines) if lines else ""
-        conditions.append(_condition(lines, prompt, sex.item(), age.item(), hr.item(), where=f"split {split} [{i}]"))
+    conditions: list[dict[str, Any] | None] = [
+        _condition(report_lines(list(lines)), sex.item(), age.item(), hr.item(), where=f"split {split} [{i}]",
+                   prompt=prompt)
+        for i, (lines, prompt, sex, age, hr) in enumerate(zip(columns["report_lines"], columns["prompt"],
+                                                             columns["sex"], columns["age"], columns["heart_rate"],
+                                                             strict=True))
+    ]
     return EcgSet(ecg, conditions, {"dataset": os.fspath(dataset), "split": split,
                                     "data_dir": None if data_dir is None else os.fspath(data_dir), "limit": limit})
 
 
 def _condition_key(condition: Mapping[str, Any] | None) -> tuple | None:
-    """What identifies the conditions an ECG was generated from (ages and rates to 0.1, as stored in float32)."""
-    if condition is None or not condition["prompt"]:
+    """What identifies the conditions an ECG was generated from: its statements (whatever the prompt style) and
+    patient, ages and rates to 0.1 (as stored in float32)."""
+    if condition is None or not condition["report"]:
         return None
-    return (condition["prompt"], condition["sex"], round(condition["age"], 1), round(condition["heart_rate"], 1))
+    return (tuple(condition["report"]), condition["sex"], round(condition["age"], 1),
+            round(condition["heart_rate"], 1))
 
 
 # -- the kit ---------------------------------------------------------------------------------------------------------
@@ -266,7 +272,7 @@ def _alignment_sheets(rng, options: KitOptions, generated: EcgSet) -> tuple[list
     usable = np.array([i for i in finite if generated.conditions[i]["report"]], dtype=np.int64)
     chosen = _pick(rng, usable, options.n_generated, "generated ECGs",
                    f"{len(generated.ecg) - len(finite)} of {len(generated.ecg)} have non-finite samples, "
-                   f"{len(finite) - len(usable)} have a prompt that is not an ordered prompt", "--n-generated")
+                   f"{len(finite) - len(usable)} have no report statements", "--n-generated")
     n_controls = int(round(options.controls * len(chosen)))
     controls = set(rng.choice(chosen, n_controls, replace=False).tolist()) if n_controls else set()
     # Donors of mismatched conditions: ECGs outside the kit first, so a report seldom appears on two sheets.
@@ -276,9 +282,9 @@ def _alignment_sheets(rng, options: KitOptions, generated: EcgSet) -> tuple[list
     for i in chosen.tolist():
         entry = {"truth": "own_report", "set": generated, "index": i, "shown_index": i}
         if i in controls:
-            prompt = generated.conditions[i]["prompt"]
+            report = generated.conditions[i]["report"]
             donor = next((d for d in donors if d != i and d not in used_donors
-                          and generated.conditions[d]["prompt"] != prompt), None)
+                          and generated.conditions[d]["report"] != report), None)
             if donor is None:
                 raise ValueError(f"no generated ECG with another report is left to mismatch sheet source {i}: "
                                  "lower --controls or generate ECGs from more distinct reports")
@@ -363,8 +369,11 @@ def _key(options: KitOptions, seed: int, entries: Sequence[dict], counts: dict, 
     sheets = []
     for position, entry in enumerate(entries, 1):
         ecg_set, index = entry["set"], entry["index"]
+        source = {**ecg_set.source, "index": index}
+        if ecg_set.positions is not None:
+            source["position"] = int(ecg_set.positions[index])
         sheet = {"sheet_id": entry["sheet_id"], "position": position, "truth": entry["truth"],
-                 "source": {**ecg_set.source, "index": index}, "conditions": ecg_set.conditions[index]}
+                 "source": source, "conditions": ecg_set.conditions[index]}
         if options.variant == ALIGNMENT:
             sheet["shown"] = {"index": entry["shown_index"], **ecg_set.conditions[entry["shown_index"]]}
         sheets.append(sheet)

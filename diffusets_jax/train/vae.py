@@ -10,7 +10,6 @@ Validation: reconstruction MAE in mV of the posterior mean, and the two loss ter
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -57,7 +56,7 @@ def vae_task(config: ml_collections.ConfigDict, num_steps: int) -> Task:
     """The generic loop's Task for `diffusets-jax train vae`. Batches: `{"ecg": (batch, 1024, 12)}` in mV."""
     tc = config.train
     model = build_vae(config)
-    schedule = learning_rate_schedule(tc, num_steps)
+    schedule = learning_rate_schedule(config.optimizer, num_steps)
     compute_dtype = jnp.dtype(tc.compute_dtype)
     steps_in_epoch = steps_per_epoch(config)
     anneal_epochs = float(tc.kl_anneal_epochs)
@@ -86,13 +85,8 @@ def vae_task(config: ml_collections.ConfigDict, num_steps: int) -> Task:
         return {"reconstruction_mae_mv": jnp.mean(jnp.abs(recon - ecg)), "reconstruction": reconstruction,
                 "kl": kl}
 
-    def export(directory: Path, params: Any, model_state: Any) -> None:
-        from diffusets_jax.models.bundle import save_model
-
-        save_model(directory, "vae", model, {"params": params})
-
     if model.in_channels != NUM_LEADS:
         raise ValueError(f"model.in_channels must be {NUM_LEADS} (12-lead ECGs), got {model.in_channels}")
-    return Task("vae", init_variables, loss_fn, make_optimizer(tc, schedule), schedule, eval_fn, export)
+    return Task("vae", init_variables, loss_fn, make_optimizer(config.optimizer, schedule), schedule, eval_fn, model)
 
 

@@ -50,6 +50,7 @@ class FakeOpenAIServer:
         self.chat_received: list[dict] = []  # chat: the body of every request, faulty or not
         self.chat_answered: list[dict] = []  # chat: the body of every request answered with a message
         self.authorization: list[str | None] = []
+        self.models: list[str] = []  # the model name of each embedding request
         self.block_at_request: int | None = None  # this request (1-based) hangs until `release` is set
         self.blocked = threading.Event()
         self.release = threading.Event()
@@ -145,6 +146,7 @@ class FakeOpenAIServer:
                 with server._lock:
                     server.received.append(inputs)
                     server.authorization.append(self.headers.get("Authorization"))
+                    server.models.append(request.get("model"))
                     number = len(server.received)
                     fault = server.faults.pop(0) if server.faults else "ok"
                 if number == server.block_at_request:

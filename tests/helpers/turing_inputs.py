@@ -22,14 +22,62 @@ def ecg_like(rng: np.random.Generator, n: int, rate_bpm: float = 70.0) -> np.nda
     return out
 
 
+class ReplayGenerator:
+    """Stands in for `pipeline.ECGGenerator` in `io.outputs.sample_to_directory`: it "generates" the given ECGs, in
+    order, so a test gets a samples.npz written by the sample writer itself with ECGs it chose, without a model."""
+
+    def __init__(self, ecgs: np.ndarray, batch_size: int = 4) -> None:
+        from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+        from diffusets_jax.diffusion.samplers import sampler_config
+
+        self.ecgs = np.asarray(ecgs, np.float32)
+        self.batch_size = batch_size
+        self.seed = 0
+        self.sampler = sampler_config("ddim", steps=1)
+        self.conditioning = ConditioningSpec(EmbedderSpec("openai", "replay", 1), "ordered", "normalised")
+
+    def prompt(self, condition) -> str:
+        return condition.prompt(self.conditioning.prompt_style)
+
+    def settings(self) -> dict:
+        import hashlib
+
+        return {"replay": hashlib.sha256(self.ecgs.tobytes()).hexdigest(), "batch_size": self.batch_size}
+
+    def num_batches(self, conditions) -> int:
+        from diffusets_jax.conditioning.requests import expand
+
+        return -(-len(expand(conditions)) // self.batch_size)
+
+    def generate(self, conditions, *, progress: bool = False, batches=None):
+        from diffusets_jax.conditioning.requests import expand
+        from diffusets_jax.pipeline import GeneratedBatch
+
+        items = expand(conditions)
+        if len(items) != len(self.ecgs):
+            raise ValueError(f"{len(items)} conditions for {len(self.ecgs)} ECGs")
+        for index in range(self.num_batches(conditions)) if batches is None else batches:
+            start = index * self.batch_size
+            chunk = items[start : start + self.batch_size]
+            yield GeneratedBatch(index, start, chunk, [self.prompt(c) for c in chunk],
+                                 self.ecgs[start : start + len(chunk)])
+
+
+def write_samples(out_dir: Path, conditions: Sequence, ecgs: np.ndarray) -> Path:
+    """`ecgs` with `conditions` (one ECG each) as a samples.npz, written by `diffusets-jax sample`'s own writer."""
+    from diffusets_jax.io.outputs import sample_to_directory
+
+    sample_to_directory(ReplayGenerator(ecgs), conditions, out_dir, formats=("npz",), progress=False)
+    return out_dir / "samples.npz"
+
+
 def write_generated(out_dir: Path, reports: Sequence[str], ecgs: np.ndarray, sexes: Sequence[str],
                     ages: Sequence[float], rates: Sequence[float]) -> Path:
     """A samples.npz as `diffusets-jax sample` writes it (through its own writer)."""
-    from diffusets_jax.generate import make_condition, write_samples
+    from diffusets_jax.conditioning.requests import make_condition
 
     conditions = [make_condition(r, s, a, h) for r, s, a, h in zip(reports, sexes, ages, rates, strict=True)]
-    write_samples(out_dir, conditions, ecgs, formats=("npz",))
-    return out_dir / "samples.npz"
+    return write_samples(out_dir, conditions, ecgs)
 
 
 REPORTS = ["Sinus rhythm|Normal ECG", "Sinus bradycardia", "Atrial fibrillation|Abnormal ECG",
@@ -40,16 +88,13 @@ REPORTS = ["Sinus rhythm|Normal ECG", "Sinus bradycardia", "Atrial fibrillation|
 def write_kit_inputs(root: Path) -> dict[str, Path]:
     """A samples.npz of 6 generated ECGs (REPORTS) and a real NPZ of 8 ECGs, two of them recorded with the
     conditions of generated ECGs 0 and 1 (so a kit must not show them), one with a NaN sample (index 5)."""
-    from diffusets_jax.conditioning.prompts import ordered_prompt
-
     rng = np.random.default_rng(7)
     generated = write_generated(root / "gen", REPORTS, ecg_like(rng, 6), ["M", "F", "M", "F", "M", "F"],
                                 [50, 61, 72, 45, 39, 80], [70, 52, 101, 118, 66, 75])
     real_ecg = ecg_like(rng, 8)
     real_ecg[5, 100, 3] = np.nan
-    prompts = [ordered_prompt(REPORTS[0]), ordered_prompt(REPORTS[1])] + [ordered_prompt(f"Sinus rhythm|record {i}")
-                                                                        for i in range(2, 8)]
-    np.savez(root / "real_records.npz", ecg=real_ecg, prompt=np.array(prompts), sex=np.array([1, 0, 1, 1, 0, 0, 1, 0]),
+    reports = REPORTS[:2] + [f"Sinus rhythm|record {i}" for i in range(2, 8)]
+    np.savez(root / "real_records.npz", ecg=real_ecg, report=np.array(reports), sex=np.array([1, 0, 1, 1, 0, 0, 1, 0]),
              age=np.array([50, 61, 33, 44, 55, 66, 77, 88], np.float32),
              heart_rate=np.array([70, 52, 60, 65, 70, 75, 80, 85], np.float32))
     return {"generated": generated, "real": root / "real_records.npz"}

@@ -6,8 +6,8 @@ import json
 
 import jax
 import numpy as np
-
 from diffusets_jax.metrics.report import evaluate
+
 from diffusets_jax.models.clip import CLIP
 from diffusets_jax.parallel import jit_run_once
 
