@@ -34,7 +34,7 @@ from typing import Any
 
 from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
 from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, ordered_prompt
-from diffusets_jax.io.new_files import write_new_text
+from diffusets_jax.io.files import write_new_text
 
 MAX_STATEMENTS = 18
 MAX_STATEMENT_CHARS = 200
@@ -161,7 +161,7 @@ def check_new_findings_path(path: str | os.PathLike) -> Path:
 def write_findings(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
     """Validate `record` and write it as a new findings file at `path` (refused if the file exists).
 
-    Written by `io.new_files.write_new_text`: atomically, and never over a file that appeared meanwhile."""
+    Written by `io.files.write_new_text`: atomically, and never over a file that appeared meanwhile."""
     path = check_new_findings_path(path)
     _check_record(record, str(path))
     try:

@@ -56,7 +56,7 @@ import numpy as np
 from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
 from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, report_lines
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
-from diffusets_jax.io.new_files import write_new_text
+from diffusets_jax.io.files import write_new_text
 
 REAL_VS_GENERATED = "real-vs-generated"
 ALIGNMENT = "alignment"

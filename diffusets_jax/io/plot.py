@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.ecg.shapes import ECG_RATE_HZ
-from diffusets_jax.io.new_files import create_temporary
+from diffusets_jax.io.files import atomic_path
 
 MM_PER_INCH = 25.4
 MM_PER_SECOND = 25.0
@@ -219,21 +219,12 @@ def _footer(fig: Figure, fs: float, extra: str = "") -> None:
 
 def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 200,
              metadata: Mapping[str, str | None] | None = None) -> str:
-    """Write `fig` as a PNG at `dpi` atomically (temp file + os.replace). Never crops: the size in pixels is
+    """Write `fig` as a PNG at `dpi` atomically (`io.files.atomic_path`). Never crops: the size in pixels is
     the figure size in inches times `dpi`, which keeps the mm scale. `metadata`: PNG text chunks, as matplotlib
     takes them (`{"Software": None}` writes none)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    handle, temporary = create_temporary(path)  # with the umask's permissions, unlike mkstemp's 0600
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            fig.savefig(stream, format="png", dpi=dpi, facecolor=fig.get_facecolor(), metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=dpi, facecolor=fig.get_facecolor(), metadata=metadata)
+    return os.fspath(path)
 
 
 def plot_ecg(
