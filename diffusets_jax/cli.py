@@ -648,8 +648,8 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--generated", required=True, metavar="NPZ", help="samples.npz written by `diffusets-jax sample`")
     real = parser.add_argument_group("real ECGs (real-vs-generated): one of")
     real.add_argument("--dataset", help="prepared dataset directory (or TFDS name with --data-dir)")
-    real.add_argument("--real", metavar="NPZ", help="an NPZ with ecg (n, 1024, 12) mV, and optionally prompt, sex, "
-                      "age, heart_rate")
+    real.add_argument("--real", metavar="NPZ", help="an NPZ with ecg (n, 1024, 12) mV, and optionally report "
+                      "(statements joined by '|'), sex, age, heart_rate")
     real.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
     real.add_argument("--split", default="test", help="split of --dataset (default: %(default)s)")
     real.add_argument("--limit", type=int, help="read only the first N examples of the split")
@@ -662,7 +662,10 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="seed of the selection, order and IDs (default: a fresh random one, "
                         "recorded in the key: raters who knew the seed and the inputs could rebuild the key)")
     parser.add_argument("--dpi", type=int, default=200, help="PNG resolution (default: %(default)s)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="new or empty folder for package/ and key.json")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for package/ and key.json (new or empty; "
+                        "rerunning the same command there leaves the finished kit as it is)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole, its "
+                        "key too: answers collected against the old kit can then no longer be scored")
     parser.set_defaults(func=_run_turing_kit)
 
 
@@ -676,7 +679,7 @@ def _run_turing_kit(args: argparse.Namespace) -> int:
                          n_generated=n_generated if args.n_generated is None else args.n_generated,
                          controls=args.controls, seed=args.seed, dpi=args.dpi)
     summary = build_kit(args.out, options, generated=args.generated, real_npz=args.real, dataset=args.dataset,
-                        split=args.split, data_dir=args.data_dir, limit=args.limit)
+                        split=args.split, data_dir=args.data_dir, limit=args.limit, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     print(f"Send {summary['package']}/ to the raters; keep {summary['key']} to yourself.", file=sys.stderr)
     return 0

@@ -43,9 +43,15 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
+def _visible(folder: Path) -> list[str]:
+    """What a user sees in `folder`: not the run record and lock of `io.run_dir`."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".diffusets-run"))
+
+
 def test_layout_answer_sheet_and_key(kit, inputs):
     package = kit / "package"
-    assert sorted(p.name for p in kit.iterdir()) == ["key.json", "package"]  # the key is outside the package
+    assert _visible(kit) == ["key.json", "package"]  # the key is outside the package
+    assert json.loads((kit / ".diffusets-run.json").read_text())["status"] == "complete"
     key = json.loads((kit / "key.json").read_text())
     ids = [sheet["sheet_id"] for sheet in key["sheets"]]
     assert len(ids) == 9 and len(set(ids)) == 9 and all(re.fullmatch(r"[A-HJ-KM-NP-Z2-9]{6}", i) for i in ids)
@@ -56,6 +62,11 @@ def test_layout_answer_sheet_and_key(kit, inputs):
     real_sources = {s["source"]["index"] for s in key["sheets"] if s["truth"] == "real"}
     assert real_sources == {2, 3, 4, 6, 7}  # not 0, 1 (they conditioned generated ECGs) nor 5 (NaN)
     assert all(s["source"]["npz"] == str(inputs["real"].resolve()) for s in key["sheets"] if s["truth"] == "real")
+    generated = [s for s in key["sheets"] if s["truth"] == "generated"]
+    assert all(s["source"]["position"] == s["source"]["index"] for s in generated)  # sample_NNNNN of the run
+    with np.load(inputs["generated"]) as samples:  # the statements the sample writer stored, not a parsed prompt
+        assert all(s["conditions"]["report"] == str(samples["report"][s["source"]["index"]]).split("|")
+                   for s in generated)
     # Answer sheet: the header and one blank answer per sheet, in booklet (= key) order.
     with open(package / "answer_sheet.csv", newline="") as f:
         rows = list(csv.reader(f))
@@ -195,7 +206,7 @@ def test_same_seed_same_package_bytes_and_rerun_is_a_no_op(kit, inputs, tmp_path
     summary = build_kit(again, options, generated=inputs["generated"], real_npz=inputs["real"])
     assert summary["already_built"] is True and summary["sheets"] == 9
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(again)} == before
-    with pytest.raises(ValueError, match="holds a Turing kit built from other inputs or settings.*answers need its key"):
+    with pytest.raises(ValueError, match=r"holds a turing-kit run with other settings \(seed: 11 -> 12\)"):
         build_kit(again, KitOptions("real-vs-generated", n_real=5, n_generated=4, seed=12, dpi=DPI),
                   generated=inputs["generated"], real_npz=inputs["real"])
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(again)} == before
@@ -211,20 +222,44 @@ def test_same_seed_same_package_bytes_and_rerun_is_a_no_op(kit, inputs, tmp_path
     assert json.loads((tmp_path / "fresh" / "key.json").read_text())["seed"] == fresh["seed"] not in (11, 12)
 
 
-def test_user_files_are_never_touched(inputs, tmp_path):
+def test_user_files_are_never_touched_unless_overwrite(inputs, tmp_path):
+    options = KitOptions("real-vs-generated", n_real=2, n_generated=2, seed=1, dpi=DPI)
     out = tmp_path / "busy"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="is not empty and holds no Turing kit"):
-        build_kit(out, KitOptions("real-vs-generated", n_real=2, n_generated=2, seed=1, dpi=DPI),
-                  generated=inputs["generated"], real_npz=inputs["real"])
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match="is not empty and was not written by diffusets-jax turing-kit"):
+        build_kit(out, options, generated=inputs["generated"], real_npz=inputs["real"])
+    assert _visible(out) == ["notes.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    build_kit(empty, KitOptions("real-vs-generated", n_real=2, n_generated=2, seed=1, dpi=DPI),
-              generated=inputs["generated"], real_npz=inputs["real"])
-    assert sorted(p.name for p in empty.iterdir()) == ["key.json", "package"]
+    build_kit(empty, options, generated=inputs["generated"], real_npz=inputs["real"])
+    assert _visible(empty) == ["key.json", "package"]
+    # --overwrite replaces the user's folder as a whole, once the new kit is complete.
+    summary = build_kit(out, options, generated=inputs["generated"], real_npz=inputs["real"], overwrite=True)
+    assert summary["already_built"] is False and _visible(out) == ["key.json", "package"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "empty"]  # no staging folder left behind
+
+
+def test_a_half_built_kit_of_the_same_run_is_rebuilt_whole(inputs, tmp_path, monkeypatch):
+    options = KitOptions("real-vs-generated", n_real=3, n_generated=3, seed=4, dpi=DPI)
+    reference = tmp_path / "reference"
+    build_kit(reference, options, generated=inputs["generated"], real_npz=inputs["real"])
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    out = tmp_path / "kit"
+    monkeypatch.setattr(turing, "_readme", crash)  # after the sheets, before the key
+    with pytest.raises(OSError, match="disk full"):
+        build_kit(out, options, generated=inputs["generated"], real_npz=inputs["real"])
+    assert not (out / "key.json").exists() and (out / "package" / "sheets").is_dir()
+    monkeypatch.undo()
+    summary = build_kit(out, options, generated=inputs["generated"], real_npz=inputs["real"])
+    assert summary["already_built"] is False
+    assert [p.relative_to(out) for p in _files(out / "package")] == [
+        p.relative_to(reference) for p in _files(reference / "package")]
+    for a, b in zip(_files(out / "package"), _files(reference / "package"), strict=True):
+        assert a.read_bytes() == b.read_bytes()
 
 
 def test_alignment_kit_shows_reports_and_records_controls(inputs, tmp_path):
@@ -343,6 +378,13 @@ def test_cli_turing_kit_end_to_end_and_bad_input(inputs, tmp_path, capsys):
                  str(inputs["real"]), "--n-generated", "3", "--out", str(tmp_path / "other")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "50 real ECGs asked for but only 5 are usable" in err
+    assert not (tmp_path / "other").exists()  # refused before the folder was claimed
+    # Another kit into the same folder is refused (its raters' answers need its key) unless --overwrite.
+    again = ["turing-kit", "--variant", "real-vs-generated", "--generated", str(inputs["generated"]), "--real",
+             str(inputs["real"]), "--n-real", "3", "--n-generated", "3", "--seed", "6", "--dpi", str(DPI),
+             "--out", str(out)]
+    assert main(again) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0 and json.loads(capsys.readouterr().out)["seed"] == 6
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ OUT/ after a run:
         sheets/ID.png       the same sheets as PNGs
         answer_sheet.csv    `sheet_id,answer`, one row per sheet in booklet order, answers blank
     key.json            the truth per sheet ID; never send it to raters
+    .diffusets-run.json the run record of `io.run_dir.output_dir` (settings and their fingerprint)
 
 Each sheet of the key records its ID, booklet position, truth, source (the input file or dataset split, and the
 index of the ECG there: its row in the NPZ, or in the split as `experiments.evaluate.load_split` reads it; for a
@@ -32,8 +33,8 @@ the shown report and patient information in the alignment variant); PNGs carry n
 creator, producer or date; PNGs are padded to one byte size (a noisier trace compresses worse); every file of
 the package gets the same timestamp, so write order reveals nothing.
 Only ECGs of exactly (1024, 12) finite samples are used, so every sheet has the same time base and no gaps.
-The random seed is recorded in the key only: by default a fresh one, since raters who know the seed and the
-inputs could rebuild the key.
+The random seed is recorded only outside the package (in the key and OUT's run record): by default a fresh one,
+since raters who know the seed and the inputs could rebuild the key.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ import io
 import json
 import os
 import shutil
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,13 @@ import numpy as np
 from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
 from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, report_lines
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
-from diffusets_jax.io.files import write_new_text
+from diffusets_jax.io.files import (
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_new_text,
+    write_text_atomic,
+)
 
 REAL_VS_GENERATED = "real-vs-generated"
 ALIGNMENT = "alignment"
@@ -362,7 +368,7 @@ def _equalise_png_sizes(paths: Sequence[Path]) -> None:
         padding = bytes(target - size - 12)
         chunk = (len(padding).to_bytes(4, "big") + PNG_PADDING_CHUNK + padding
                  + zlib.crc32(PNG_PADDING_CHUNK + padding).to_bytes(4, "big"))
-        path.write_bytes(data[:-12] + chunk + data[-12:])  # the last 12 bytes are the IEND chunk
+        write_bytes_atomic(path, data[:-12] + chunk + data[-12:])  # the last 12 bytes are the IEND chunk
 
 
 def _key(options: KitOptions, seed: int, entries: Sequence[dict], counts: dict, inputs: dict, created: str) -> dict:
@@ -383,28 +389,8 @@ def _key(options: KitOptions, seed: int, entries: Sequence[dict], counts: dict, 
 
 
 def _settings(options: KitOptions, seed: int, inputs: dict) -> dict:
+    """What determines the kit: its run fingerprint (`io.run_dir`), recorded in the key too."""
     return json.loads(json.dumps({**dataclasses.asdict(options), "seed": seed, "inputs": inputs}))
-
-
-def _existing_kit(out: Path) -> dict | None:
-    """The key of a kit this command built in `out`; None when `out` is new or empty; ValueError when `out` holds
-    anything else (nothing of a user's is ever overwritten)."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file: give a new or empty folder")
-    names = {p.name for p in out.iterdir()}
-    if not names:
-        return None
-    if names == {KEY_FILE, PACKAGE_DIR}:
-        try:
-            key = json.loads((out / KEY_FILE).read_text())
-        except (OSError, ValueError):
-            key = None
-        if isinstance(key, dict) and key.get("format") == KEY_FORMAT:
-            return key
-    raise ValueError(f"--out {str(out)!r} is not empty and holds no Turing kit: give a new or empty folder "
-                     "(nothing is ever overwritten)")
 
 
 def _stamp(root: Path, when: float) -> None:
@@ -425,16 +411,21 @@ def build_kit(
     split: str = "test",
     data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Build a Turing-test kit in `out` (layout in the module docstring); returns a summary.
 
     Generated ECGs come from the `samples.npz` `generated`; real ones (real-vs-generated only) from `real_npz` or
-    from `split` of the prepared `dataset`. `out` must be new or empty; if it already holds the kit these
-    options and inputs build (same seed), it is left as it is; any other content is refused. The kit is built in
-    a temporary folder beside `out` and renamed into place, so `out` never holds half a kit.
+    from `split` of the prepared `dataset`. `out` is claimed with `io.run_dir.output_dir`: a kit already built
+    there from the same inputs and settings (same seed) is left as it is, a half-built one is rebuilt, a user's
+    folder or another kit is refused unless `overwrite` (which replaces it, key included, once the new kit is
+    complete). Every input is read and the sheets are chosen before `out` is touched, so a bad input or count
+    leaves no claimed folder behind.
     """
+    from diffusets_jax.io.run_dir import check_output_path, output_dir
+
     options.check()
-    out = Path(out)
+    check_output_path(out)
     if options.variant == REAL_VS_GENERATED and (real_npz is None) == (dataset is None):
         raise ValueError("the real-vs-generated variant takes real ECGs from --dataset (a prepared split) or --real "
                          "(an NPZ): give exactly one")
@@ -442,7 +433,6 @@ def build_kit(
         raise ValueError("the alignment variant shows generated ECGs only: drop --dataset/--real")
     if real_npz is not None and Path(real_npz).resolve() == Path(generated).resolve():
         raise ValueError(f"--real and --generated are the same file {str(generated)!r}")
-    existing = _existing_kit(out)
     generated_set = load_npz(generated, generated=True)
     inputs: dict[str, Any] = {"generated": generated_set.source}
     real_set = None
@@ -450,15 +440,8 @@ def build_kit(
         real_set = load_npz(real_npz, generated=False)
         inputs["real"] = real_set.source
     elif dataset is not None:
-        inputs["real"] = {"dataset": os.fspath(dataset), "split": split,
-                          "data_dir": None if data_dir is None else os.fspath(data_dir), "limit": limit}
-    if existing is not None:
-        if options.seed is not None and existing.get("settings") == _settings(options, options.seed, inputs):
-            return _summary(out, existing, already_built=True)
-        raise ValueError(f"--out {str(out)!r} holds a Turing kit built from other inputs or settings (seed "
-                         f"{existing.get('seed')}); its raters' answers need its key: give a new or empty folder")
-    if dataset is not None:
         real_set = load_dataset_split(dataset, split, data_dir=data_dir, limit=limit)
+        inputs["real"] = real_set.source
 
     seed = options.seed if options.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
     rng = np.random.default_rng(seed)
@@ -470,24 +453,24 @@ def build_kit(
     for entry, sheet_id in zip(entries, _draw_ids(rng, len(entries)), strict=True):
         entry["sheet_id"] = sheet_id
 
-    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.turing-kit-{os.getpid()}-{time.time_ns()}"
-    staging.mkdir()  # beside `out` so the final rename stays on one file system; the umask applies
-    try:
-        package = staging / PACKAGE_DIR
+    settings = _settings(options, seed, inputs)
+    with output_dir(out, command="turing-kit", settings=settings, overwrite=overwrite) as run:
+        if run.complete:
+            return _summary(run.final, read_json(run.path / KEY_FILE, "Turing-test key"), already_built=True)
+        # A half-built kit of this same run (a crash): ours, rebuilt whole, since the key must match every sheet.
+        shutil.rmtree(run.path / PACKAGE_DIR, ignore_errors=True)
+        (run.path / KEY_FILE).unlink(missing_ok=True)
+        now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        package = run.path / PACKAGE_DIR
         package.mkdir()
         _render(package, entries, options)
-        (package / ANSWER_SHEET).write_text(_answer_sheet([e["sheet_id"] for e in entries]))
-        (package / README).write_text(_readme(options.variant, len(entries)))
+        write_text_atomic(package / ANSWER_SHEET, _answer_sheet([e["sheet_id"] for e in entries]))
+        write_text_atomic(package / README, _readme(options.variant, len(entries)))
         key = _key(options, seed, entries, counts, inputs, now.isoformat())
-        (staging / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")
+        write_json_atomic(run.path / KEY_FILE, key)
         _stamp(package, now.timestamp())
-        os.rename(staging, out)  # replaces `out` only if it is an empty folder
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # this run's own staging folder
-        raise
-    return _summary(out, key, already_built=False)
+        run.mark_complete(sheets=len(entries))
+    return _summary(Path(out), key, already_built=False)
 
 
 def _summary(out: Path, key: Mapping[str, Any], *, already_built: bool) -> dict[str, Any]:
