@@ -1,4 +1,4 @@
-"""io.files: the one atomic writer (umask permissions, no temporary left behind) and its never-overwrite variant."""
+"""io.files: the one atomic writer (umask permissions, nothing left behind), its never-overwrite variant, file digests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import stat
 
 import pytest
 
-from diffusets_jax.io.files import atomic_path, write_json_atomic, write_new_text, write_text_atomic
+from diffusets_jax.io.files import (
+    atomic_path,
+    file_sha256,
+    write_json_atomic,
+    write_new_text,
+    write_text_atomic,
+)
 
 
 def test_write_new_text_writes_a_new_file_and_never_replaces_one(tmp_path):
@@ -48,3 +54,11 @@ def test_written_files_get_the_umasks_permissions_not_0600(tmp_path):
     assert stat.S_IMODE(replaced.stat().st_mode) == 0o644
     assert stat.S_IMODE(os.stat(png).st_mode) == 0o644
     assert stat.S_IMODE(strict.stat().st_mode) == 0o640
+
+
+def test_file_sha256_is_the_digest_of_the_bytes(tmp_path):
+    import hashlib
+
+    payload = bytes(range(256)) * 20_000  # more than one 4 MiB block
+    (tmp_path / "f.bin").write_bytes(payload)
+    assert file_sha256(tmp_path / "f.bin") == hashlib.sha256(payload).hexdigest()

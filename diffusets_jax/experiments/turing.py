@@ -42,7 +42,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
-import hashlib
 import io
 import json
 import os
@@ -57,6 +56,7 @@ from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, pars
 from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, report_lines
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
 from diffusets_jax.io.files import (
+    file_sha256,
     read_json,
     write_bytes_atomic,
     write_json_atomic,
@@ -104,14 +104,6 @@ class EcgSet:
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _condition(report: Sequence[str], sex: Any, age: Any, heart_rate: Any, *, where: str,
                prompt: str | None = None) -> dict[str, Any]:
     """One ECG's conditions, the patient values validated like every other condition (errors name `where`)."""
@@ -169,7 +161,7 @@ def load_npz(path: str | os.PathLike, *, generated: bool) -> EcgSet:
             for i in range(len(ecg))
         ]
     positions = arrays["position"].astype(np.int64) if "position" in arrays else None
-    return EcgSet(ecg, conditions, {"npz": str(path.resolve()), "sha256": _sha256(path)}, positions)
+    return EcgSet(ecg, conditions, {"npz": str(path.resolve()), "sha256": file_sha256(path)}, positions)
 
 
 def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
