@@ -703,14 +703,17 @@ def _add_turing_score(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("sheets", nargs="+", metavar="SHEET", help="filled answer sheets (CSV)")
     parser.add_argument("--key", required=True, metavar="KEY", help="the kit's key.json")
-    parser.add_argument("--out", required=True, metavar="DIR", help="report folder (new, empty, or an earlier report)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="report folder (new or empty; rerunning the same "
+                        "command there leaves the report as it is)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole (e.g. "
+                        "an earlier report, after a sheet was corrected or a rater added)")
     parser.set_defaults(func=_run_turing_score)
 
 
 def _run_turing_score(args: argparse.Namespace) -> int:
     from diffusets_jax.experiments.turing_score import render_markdown, score
 
-    print(render_markdown(score(args.key, args.sheets, args.out)))
+    print(render_markdown(score(args.key, args.sheets, args.out, overwrite=args.overwrite)))
     return 0
 
 

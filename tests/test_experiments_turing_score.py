@@ -182,14 +182,22 @@ def test_output_folder_policy(real_vs_generated, tmp_path):
     key, sheets = real_vs_generated
     out = tmp_path / "report"
     score(key, sheets, out)
-    score(key, sheets[:2], out)  # an earlier report is replaced
+    written = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.suffix in (".json", ".md")}
+    score(key, sheets, out)  # the same inputs: the finished report is left as it is
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()
+            if p.suffix in (".json", ".md")} == written
+    with pytest.raises(ValueError, match="holds a turing-score run with other settings.*--overwrite"):
+        score(key, sheets[:2], out)  # another set of raters is another report
+    assert len(json.loads((out / "report.json").read_text())["raters"]) == 3
+    score(key, sheets[:2], out, overwrite=True)
     assert len(json.loads((out / "report.json").read_text())["raters"]) == 2
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "report.md").write_text("my notes")
-    with pytest.raises(ValueError, match="holds other files than an earlier turing-score report"):
+    with pytest.raises(ValueError, match="is not empty and was not written by diffusets-jax turing-score"):
         score(key, sheets, busy)
-    assert (busy / "report.md").read_text() == "my notes" and [p.name for p in busy.iterdir()] == ["report.md"]
+    assert (busy / "report.md").read_text() == "my notes"
+    assert [p.name for p in busy.iterdir() if not p.name.startswith(".diffusets-run")] == ["report.md"]
     # A bad sheet is found before anything is written.
     bad = _sheet(tmp_path / "answers_z.csv", {REAL[0]: "real"})
     with pytest.raises(ValueError, match="answers_z.csv: no answer for 9"):

@@ -30,6 +30,7 @@ from diffusets_jax.experiments.turing import (
     REAL_VS_GENERATED,
     TRUTHS,
 )
+from diffusets_jax.io.files import file_sha256, write_json_atomic, write_text_atomic
 from diffusets_jax.metrics.agreement import category_counts, fleiss_kappa
 
 SCORE_FORMAT = "diffusets-jax turing score 1"
@@ -259,38 +260,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _check_out(out: Path) -> None:
-    """`out` may be new, empty, or hold only an earlier score report (which is then replaced)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file: give a folder")
-    names = {p.name for p in out.iterdir()}
-    if not names:
-        return
-    if names <= {REPORT_JSON, REPORT_MD} and REPORT_JSON in names:
-        try:
-            earlier = json.loads((out / REPORT_JSON).read_text())
-        except (OSError, ValueError):
-            earlier = None
-        if isinstance(earlier, dict) and earlier.get("format") == SCORE_FORMAT:
-            return
-    raise ValueError(f"--out {str(out)!r} holds other files than an earlier turing-score report: give a new or empty "
-                     "folder (nothing is ever overwritten)")
+def score(key_path: str | os.PathLike, sheet_paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+          overwrite: bool = False) -> dict:
+    """Read the key and every answer sheet (all checked first), score them, write OUT/report.json and report.md.
 
+    `out` is claimed with `io.run_dir.output_dir` only once everything is scored (a bad sheet leaves nothing
+    behind): the same key and sheets again leave a finished report as it is; other inputs (a corrected sheet, one
+    more rater) or a user's folder are refused unless `overwrite`, which replaces the folder as a whole.
+    """
+    from diffusets_jax.io.run_dir import check_output_path, output_dir
 
-def _write(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def score(key_path: str | os.PathLike, sheet_paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict:
-    """Read the key and every answer sheet (all checked first), score them, write OUT/report.json and report.md."""
-    out = Path(out)
     if not sheet_paths:
         raise ValueError("give at least one filled answer sheet")
-    _check_out(out)
+    check_output_path(out)
     key = read_key(key_path)
     answers: dict[str, dict[str, str]] = {}
     files: dict[str, str] = {}
@@ -300,13 +282,17 @@ def score(key_path: str | os.PathLike, sheet_paths: Sequence[str | os.PathLike],
             raise ValueError(f"{Path(path).name}: rater {rater!r} is also {Path(files[rater]).name}: name each rater's "
                              f"sheet {RATER_PREFIX}<name>.csv, one file per rater")
         answers[rater] = read_answers(path, key)
-        files[rater] = os.fspath(path)
+        files[rater] = str(Path(path).resolve())
     report = score_answers(key, answers)
     report["key"] = str(Path(key_path).resolve())
     for entry in report["raters"]:
-        entry["file"] = str(Path(files[entry["rater"]]).resolve())
-    out.mkdir(parents=True, exist_ok=True)
-    _write(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")
-    _write(out / REPORT_MD, render_markdown(report))
+        entry["file"] = files[entry["rater"]]
+    # What the report is computed from, by content: a sheet edited after scoring is another run.
+    settings = {"key": {"file": report["key"], "sha256": file_sha256(key_path)},
+                "sheets": {rater: {"file": file, "sha256": file_sha256(file)} for rater, file in files.items()}}
+    with output_dir(out, command="turing-score", settings=settings, overwrite=overwrite) as run:
+        if not run.complete:
+            write_json_atomic(run.path / REPORT_JSON, report)
+            write_text_atomic(run.path / REPORT_MD, render_markdown(report))
+            run.mark_complete(raters=len(answers))
     return report
-
