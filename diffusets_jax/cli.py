@@ -323,7 +323,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
             "Generate 10-second 12-lead ECGs with a model directory (from `convert` or `train --model-dir`): its "
             "model_index.json says which embedder and prompt style the U-Net was conditioned on, its patient "
             "features, schedule and latent scale. Conditions come from flags (--text '...|...' --sex M --age 50 "
-            "--hr 90 -n 8) or a CSV/JSONL file with columns text, sex, age, heart_rate (or hr) and optional count. "
+            "--hr 90 -n 8), a CSV/JSONL file with columns text, sex, age, heart_rate (or hr) and optional count, or "
+            "an expert-approved findings file of `describe` (--findings FILE; the manifest records where it came "
+            "from). "
             "The reverse chain and the VAE decode run as one compiled program, the batch sharded over every device. "
             "Outputs: samples.npz, WFDB records (102.4 Hz, or --wfdb-fs 500), clinical 12-lead PNGs and "
             "manifest.json; --corpus writes TFRecord shards in the prepared-data schema instead. Rerunning the same "
@@ -334,13 +336,19 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-dir", required=True, metavar="DIR", help="model directory (model_index.json, vae/, unet/)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if absent)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole (at the end)")
-    cond = parser.add_argument_group("conditions (flags, or --conditions FILE)")
+    cond = parser.add_argument_group("conditions (flags, --conditions FILE or --findings FILE)")
     cond.add_argument("--conditions", metavar="FILE", help="CSV/JSONL, one condition per line, optional count column")
+    cond.add_argument("--findings", metavar="FILE", help="a findings file (`describe`, or by hand): its statements, "
+                      "and its patient where --sex/--age/--hr do not say otherwise; refused until an expert set "
+                      "\"approved\": true")
+    cond.add_argument("--allow-unapproved-findings", action="store_true",
+                      help="generate from a --findings file not yet approved (the manifest records that it was not)")
     cond.add_argument("--text", help="report statements joined by '|', e.g. 'Sinus rhythm|Left axis deviation'")
     cond.add_argument("--sex", help="M/F (male/female, 1/0)")
     cond.add_argument("--age", help="years")
     cond.add_argument("--hr", help="heart rate, bpm")
-    cond.add_argument("-n", "--count", type=int, default=1, help="ECGs per condition given by flags (default: 1)")
+    cond.add_argument("-n", "--count", type=int, default=1,
+                      help="ECGs per condition given by flags or --findings (default: 1)")
     smp = parser.add_argument_group("sampler")
     smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default="dpmpp_2m",
                      help="ddpm: the published 1000-step ancestral sampler; ddim; dpmpp_2m: DPM-Solver++(2M), "
@@ -372,17 +380,32 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_sample)
 
 
-def _sample_conditions(args: argparse.Namespace) -> list:
+def _sample_conditions(args: argparse.Namespace) -> tuple[list, dict | None]:
+    """The conditions to generate and, for a findings file, the provenance the outputs record."""
     from diffusets_jax.conditioning import requests
 
+    sources = [flag for flag, value in (("--conditions", args.conditions), ("--findings", args.findings),
+                                        ("--text", args.text)) if value is not None]
+    if len(sources) > 1:
+        raise ValueError(f"give one of --conditions FILE, --findings FILE or --text, not {' and '.join(sources)}")
+    if args.allow_unapproved_findings and args.findings is None:
+        raise ValueError("--allow-unapproved-findings goes with --findings FILE")
+    if args.findings is not None:
+        from diffusets_jax.conditioning.findings import findings_condition, read_findings
+
+        findings = read_findings(args.findings, allow_unapproved=args.allow_unapproved_findings)
+        condition, provenance = findings_condition(findings, sex=args.sex, age=args.age, heart_rate=args.hr,
+                                                   count=args.count)
+        if not findings.approved:
+            print(f"diffusets-jax sample: warning: {args.findings} is not approved; the manifest records that",
+                  file=sys.stderr)
+        return [condition], provenance
     if args.conditions:
-        if args.text is not None:
-            raise ValueError("give either --conditions FILE or --text/--sex/--age/--hr, not both")
-        return requests.read_conditions(args.conditions)
+        return requests.read_conditions(args.conditions), None
     missing = [f"--{name}" for name in ("text", "sex", "age", "hr") if getattr(args, name) is None]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)} (or give --conditions FILE)")
-    return [requests.make_condition(args.text, args.sex, args.age, args.hr, args.count, where="flags")]
+        raise ValueError(f"missing {', '.join(missing)} (or give --conditions FILE or --findings FILE)")
+    return [requests.make_condition(args.text, args.sex, args.age, args.hr, args.count, where="flags")], None
 
 
 def _run_sample(args: argparse.Namespace) -> int:
@@ -394,7 +417,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before the model is loaded or anything is generated.
     check_output_path(args.out)
-    conditions = _sample_conditions(args)
+    conditions, provenance = _sample_conditions(args)
     sampler = sampler_config(args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
                              clip_sample=None if args.clip_sample is None else args.clip_sample == "on")
     if args.corpus:
@@ -418,13 +441,14 @@ def _run_sample(args: argparse.Namespace) -> int:
     if args.corpus:
         from diffusets_jax.io.corpus import write_corpus
 
-        summary = write_corpus(generator, conditions, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
+        summary = write_corpus(generator, conditions, args.out, shard_size=args.shard_size, overwrite=args.overwrite,
+                               provenance=provenance)
         print(json.dumps({"out": args.out, **summary}))
         return 0
     from diffusets_jax.io.outputs import sample_to_directory
 
     manifest = sample_to_directory(generator, conditions, args.out, formats=formats, wfdb_fs=args.wfdb_fs,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, provenance=provenance)
     print(json.dumps({"out": args.out, "count": manifest["count"], "skipped": len(manifest["skipped"]),
                       "formats": formats}))
     return 0

@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-from diffusets_jax.conditioning.findings import Findings, read_findings, write_findings
-from diffusets_jax.conditioning.prompts import ordered_prompt
+from diffusets_jax.conditioning.findings import Findings, findings_condition, read_findings, write_findings
 
 BRUGADA = ["Sinus rhythm", "Right bundle branch block pattern", "Coved ST elevation in V1-V2"]
 
@@ -27,14 +26,12 @@ def test_hand_written_approved_file(tmp_path):
     assert isinstance(findings, Findings)
     assert findings.condition == "Brugada syndrome" and findings.statements == tuple(BRUGADA)
     assert findings.patient == {"sex": 1, "age": 40.0, "heart_rate": 72.0}
-    assert findings.text == "Sinus rhythm|Right bundle branch block pattern|Coved ST elevation in V1-V2"
-    assert findings.prompt == ordered_prompt(BRUGADA)
-    provenance = findings.provenance
-    assert provenance["source"] == "hand-written" and provenance["approved"] is True
-    assert provenance["reviewed_by"] == "Dr A"
-    assert provenance["sha256"] == hashlib.sha256((tmp_path / "brugada.json").read_bytes()).hexdigest()
-    assert provenance["findings_file"] == str((tmp_path / "brugada.json").resolve())
-    assert "edited_in_review" not in provenance
+    assert findings.provenance == {
+        "file": str((tmp_path / "brugada.json").resolve()),
+        "sha256": hashlib.sha256((tmp_path / "brugada.json").read_bytes()).hexdigest(),
+        "condition": "Brugada syndrome", "source": "hand", "model": None, "base_url": None, "created": None,
+        "approved": True, "reviewer": "Dr A", "edited": None,
+    }
 
 
 def test_patient_is_optional_field_by_field(tmp_path):
@@ -52,8 +49,9 @@ def test_unapproved_is_refused_unless_allowed(tmp_path):
         read_findings(path)
     findings = read_findings(path, allow_unapproved=True)
     assert findings.approved is False
-    assert findings.provenance["source"] == "language model" and findings.provenance["model"] == "m"
-    assert findings.provenance["edited_in_review"] is True  # the reviewer removed "B"
+    assert findings.provenance["source"] == "llm" and findings.provenance["model"] == "m"
+    assert findings.provenance["edited"] is True  # the reviewer removed "B"
+    assert findings.provenance["reviewer"] is None  # none named
 
 
 def test_missing_file_is_a_file_not_found_error(tmp_path):
@@ -116,3 +114,36 @@ def test_write_validates_and_never_overwrites(tmp_path):
     with pytest.raises(FileNotFoundError, match="create it first"):
         write_findings(tmp_path / "missing" / "g.json", record)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]  # no temporary files left behind
+
+
+def test_findings_condition_takes_the_files_patient_unless_a_flag_says_otherwise(tmp_path):
+    findings = read_findings(_write(tmp_path / "b.json", {"condition": "Brugada syndrome", "statements": BRUGADA,
+                                                          "patient": {"sex": "M", "age": 40}, "approved": True}))
+    condition, provenance = findings_condition(findings, age="55", heart_rate="90", count=3)
+    assert condition.report == tuple(BRUGADA) and condition.count == 3
+    assert (condition.sex, condition.age, condition.heart_rate) == (1, 55.0, 90.0)
+    assert provenance["patient_from"] == {"sex": "file", "age": "flag", "heart_rate": "flag"}
+    assert provenance["file"] == findings.provenance["file"]
+    condition, _ = findings_condition(findings, sex="F", heart_rate=60)
+    assert (condition.sex, condition.age, condition.heart_rate, condition.count) == (0, 40.0, 60.0, 1)
+
+
+@pytest.mark.parametrize("given, message", [
+    ({}, r"b.json gives no heart_rate in its patient and no flag does: pass --hr or add them"),
+    ({"heart_rate": "fast"}, r"--hr: cannot parse 'fast'"),
+    ({"heart_rate": 70, "count": 0}, r"--findings: count: 0 must be a positive integer"),
+])
+def test_findings_condition_errors_are_one_line(tmp_path, given, message):
+    findings = read_findings(_write(tmp_path / "b.json", {"condition": "X", "statements": ["A"], "approved": True,
+                                                          "patient": {"sex": "M", "age": 40}}))
+    with pytest.raises(ValueError, match=message) as error:
+        findings_condition(findings, **given)
+    assert "\n" not in str(error.value)
+
+
+def test_a_file_without_patient_needs_every_flag(tmp_path):
+    bare = read_findings(_write(tmp_path / "c.json", {"condition": "X", "statements": ["A"], "approved": True}))
+    with pytest.raises(ValueError, match="gives no sex or age or heart_rate.*pass --sex/--age/--hr"):
+        findings_condition(bare)
+    assert findings_condition(bare, sex="M", age="50", heart_rate="70")[1]["patient_from"] == {
+        "sex": "flag", "age": "flag", "heart_rate": "flag"}

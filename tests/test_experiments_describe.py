@@ -67,7 +67,7 @@ def test_describe_writes_an_unapproved_review_file_with_its_provenance(tmp_path)
     out.write_text(json.dumps(saved))
     findings = read_findings(out)
     assert findings.statements == tuple(BRUGADA[1:3]) and findings.patient == {"sex": 1, "age": 40.0, "heart_rate": 72.0}
-    assert findings.provenance["edited_in_review"] is True and findings.provenance["reviewed_by"] == "Dr B"
+    assert findings.provenance["edited"] is True and findings.provenance["reviewer"] == "Dr B"
     assert findings.provenance["model"] == "test-chat-model"
 
 

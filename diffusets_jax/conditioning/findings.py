@@ -1,8 +1,9 @@
 """Findings files: the ECG findings of a condition as report statements, reviewed by an expert before use.
 
 The paper generates ECGs of conditions absent from the training data in two stages: a language model lists
-the condition's ECG findings, an expert checks them against hallucination, and the findings go through the
-ordered prompt with chosen patient information. A findings file holds the first two stages' result:
+the condition's ECG findings, an expert checks them against hallucination, and the findings are generated from
+as report statements (embedded in the model's prompt style) with chosen patient information. A findings file
+holds the first two stages' result:
 
     {
       "condition": "Brugada syndrome",
@@ -16,6 +17,9 @@ ordered prompt with chosen patient information. A findings file holds the first 
 `approved` to true (`reviewed_by` and `review_notes` are there for their name and remarks). A file may also be
 written by hand: `condition`, `statements` and `approved` are required, `patient` and each of its fields are
 optional. Unknown keys are errors, so a misspelt `approved` cannot pass silently.
+
+`sample --findings FILE` reads one (`read_findings`, refusing it while unapproved unless asked not to) and turns
+it into a generation request (`findings_condition`), recording `Findings.provenance` in the run's manifest.
 
 Statements are report lines: non-empty, at most MAX_STATEMENT_CHARS characters, without `|` (the report-line
 separator of `--text`) or braces (the ordered prompt's delimiters), at most MAX_STATEMENTS of them (MIMIC-IV-ECG
@@ -33,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
-from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, ordered_prompt
+from diffusets_jax.conditioning.prompts import LINE_SEPARATOR
+from diffusets_jax.conditioning.requests import Condition, make_condition
 from diffusets_jax.io.files import write_new_text
 
 MAX_STATEMENTS = 18
@@ -50,7 +55,10 @@ class Findings:
     """A validated findings file.
 
     `patient` holds the parsed fields the file gives (sex 1 = male / 0 = female, age in years, heart_rate in
-    bpm); `provenance` is what a sample manifest records about where the statements came from.
+    bpm); `provenance` is what a sample manifest records about where the statements came from: the file
+    (`file`, `sha256` of the bytes read), `condition`, `source` ("llm": written by `describe`, or "hand"), the
+    chat `model`, `base_url` and `created` time (None for a hand-written file), `approved`, `reviewer` (None if
+    not named) and `edited` (whether the reviewer changed the model's statements; None for a hand-written file).
     """
 
     condition: str
@@ -58,16 +66,6 @@ class Findings:
     patient: dict[str, float]
     approved: bool
     provenance: dict[str, Any]
-
-    @property
-    def text(self) -> str:
-        """The statements as one `|`-joined report (what `sample --text` takes)."""
-        return LINE_SEPARATOR.join(self.statements)
-
-    @property
-    def prompt(self) -> str:
-        """The ordered prompt the statements are embedded as."""
-        return ordered_prompt(list(self.statements))
 
 
 def check_statements(statements: object, where: str) -> list[str]:
@@ -190,17 +188,48 @@ def read_findings(path: str | os.PathLike, *, allow_unapproved: bool = False) ->
     if not approved and not allow_unapproved:
         raise ValueError(
             f"{path.name}: approved is false: an expert must check the statements against hallucination and set "
-            '"approved": true (or allow unapproved findings explicitly)'
+            '"approved": true (or pass --allow-unapproved-findings, which the manifest records)'
         )
     llm_statements = record.get("llm_statements")
+    from_llm = "model" in record
     provenance = {
-        "findings_file": str(path.resolve()),
-        "sha256": hashlib.sha256(payload).hexdigest(),
+        "file": str(path.resolve()),
+        "sha256": hashlib.sha256(payload).hexdigest(),  # of the bytes parsed above, not a second read
         "condition": condition,
-        "source": "language model" if "model" in record else "hand-written",
+        "source": "llm" if from_llm else "hand",
+        "model": record.get("model"),
+        "base_url": record.get("base_url"),
+        "created": record.get("created"),
         "approved": approved,
-        **{key: record[key] for key in ("model", "base_url", "created", "reviewed_by") if key in record},
+        "reviewer": str(record.get("reviewed_by") or "").strip() or None,
+        "edited": ([s.strip() for s in llm_statements if isinstance(s, str)] != statements
+                   if from_llm and isinstance(llm_statements, list) else None),
     }
-    if isinstance(llm_statements, list):
-        provenance["edited_in_review"] = [s.strip() for s in llm_statements if isinstance(s, str)] != statements
     return Findings(condition, tuple(statements), patient, approved, provenance)
+
+
+PATIENT_FLAGS = {"sex": "--sex", "age": "--age", "heart_rate": "--hr"}
+
+
+def findings_condition(findings: Findings, *, sex: object = None, age: object = None, heart_rate: object = None,
+                       count: object = 1, where: str = "--findings") -> tuple[Condition, dict[str, Any]]:
+    """The generation request of a findings file, and the provenance to record with its ECGs.
+
+    The statements are the file's; each patient value is the one given here (a `sample` flag, parsed like
+    one) or else the file's; a value in neither is an error naming both places. The provenance is
+    `findings.provenance` plus `patient_from`: for each of sex, age and heart_rate, "flag" or "file".
+    """
+    given = {"sex": sex, "age": age, "heart_rate": heart_rate}
+    missing = [name for name, value in given.items() if value is None and name not in findings.patient]
+    if missing:
+        raise ValueError(f"{where}: {findings.provenance['file']} gives no {' or '.join(missing)} in its patient and "
+                         f"no flag does: pass {'/'.join(PATIENT_FLAGS[name] for name in missing)} or add them to "
+                         'the file\'s "patient"')
+    parsers = {"sex": parse_sex, "age": parse_age, "heart_rate": parse_heart_rate}
+    values = {name: parsers[name](value, field=PATIENT_FLAGS[name]) if value is not None else findings.patient[name]
+              for name, value in given.items()}
+    condition = make_condition(list(findings.statements), values["sex"], values["age"], values["heart_rate"], count,
+                               where=where)
+    provenance = {**findings.provenance,
+                  "patient_from": {name: "file" if value is None else "flag" for name, value in given.items()}}
+    return condition, provenance
