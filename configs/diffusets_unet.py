@@ -10,7 +10,13 @@ Output: `workdir/export/unet`.
 
 import ml_collections
 
-from diffusets_jax.config import data_section, diffusion_section, mesh_section, optimizer_section, train_section
+from diffusets_jax.config import (
+    data_section,
+    diffusion_section,
+    mesh_section,
+    optimizer_section,
+    train_section,
+)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -101,6 +101,7 @@ class ECGGenerator:
                                       batch_sharding=self._cond_sharding, compute_dtype=compute_dtype,
                                       latent_scale=self.diffusion.latent_scale)
         self._null_cond = fixed_null_condition(self.unet.text_dim) if sampler.guidance_scale != 1.0 else None
+        self._reconstruct = None
 
     # -- conditions -> model inputs ------------------------------------------------------------------
     def prompt(self, condition: Condition) -> str:
@@ -148,6 +149,30 @@ class ECGGenerator:
                                     [c.heart_rate for c in conditions], mode=self.conditioning.patient_features)
         return {"text_embedding": np.asarray(text_embedding, np.float32), "sex": features[:, 0],
                 "age": features[:, 1], "heart_rate": features[:, 2]}
+
+    # -- reconstruction ---------------------------------------------------------------------------------
+    def reconstruct(self, ecgs: np.ndarray) -> np.ndarray:
+        """VAE reconstructions decoder(encoder(ecg)) of `ecgs` `(n, 1024, 12)` mV, through the posterior mean at the
+        model's latent scale: the references the published evaluation compares generated ECGs with."""
+        from diffusets_jax.models.vae import VAE
+
+        if self._reconstruct is None:
+            scale = self.diffusion.latent_scale
+
+            def run(variables, ecg):
+                mean, _ = self.vae.apply(variables, ecg, method=VAE.encode)
+                return self.vae.apply(variables, mean * scale, latent_scale=scale, method=VAE.decode)
+
+            self._reconstruct = jax.jit(run, in_shardings=(parallel.replicated(self.mesh), self._cond_sharding),
+                                        out_shardings=self._cond_sharding)
+        ecgs = np.asarray(ecgs, np.float32)
+        out = []
+        for start in range(0, len(ecgs), self.batch_size):
+            chunk = ecgs[start : start + self.batch_size]
+            padded = np.concatenate([chunk, np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), np.float32)])
+            out.append(np.asarray(self._reconstruct(self.vae_variables, jax.device_put(padded, self._cond_sharding)))
+                       [: len(chunk)])
+        return np.concatenate(out) if out else np.zeros_like(ecgs)
 
     # -- generation -------------------------------------------------------------------------------------
     def generate_batch(self, cond: dict[str, np.ndarray], batch_index: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from diffusets_jax.cli import main
-from tests.helpers.fake_openai_server import FakeOpenAIServer
+from tests.helpers.fake_openai_server import fake_openai_env
 from tests.helpers.tiny_models import TEXT_DIM, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,17 +47,11 @@ def test_two_hosts_sample_their_share_and_write_one_manifest(tmp_path):
     models = tiny_model_dir(tmp_path / "models")
     common = ["sample", "--model-dir", str(models), "--text", "Sinus rhythm|Normal ECG", "--sex", "F", "--age", "50",
               "--hr", "70", "-n", "20", "--steps", "2", "--sampler", "ddim", "--batch-size", "8", "--formats", "npz,wfdb"]
-    with FakeOpenAIServer(dim=TEXT_DIM) as server:
-        env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url}
-        run_two_processes([*common, "--out", str(tmp_path / "two")], env)
+    with fake_openai_env(TEXT_DIM) as server:
+        run_two_processes([*common, "--out", str(tmp_path / "two")],
+                          {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url})
         assert len(server.received) == 1  # process 0 embedded the prompt once and shared it
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            assert main([*common, "--out", str(tmp_path / "one")]) == 0
-        finally:
-            for k, v in old.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        assert main([*common, "--out", str(tmp_path / "one")]) == 0
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["count"] == 20 and manifest["processes"] == 2 and not manifest["skipped"]
     assert manifest["npz"] == ["samples-00000-of-00002.npz", "samples-00001-of-00002.npz"]

@@ -187,7 +187,7 @@ class VAE(nn.Module):
         """Scaled latent `(batch, 128, latent_channels)` -> ECG `(batch, 1024, in_channels)` (mV, standard order).
 
         `latent_scale` is the factor the latent was scaled by (`sample_latent`'s): the published 0.18215, or
-        the one a diffusion run measured (`GenerationMeta.latent_scale`).
+        the one a diffusion run measured (the model directory's `diffusion.latent_scale`).
         """
         if z.ndim != 3 or z.shape[-1] != self.latent_channels:
             raise ValueError(f"VAE.decode expects latents shaped (batch, length, {self.latent_channels}), got {z.shape}")
