@@ -738,11 +738,12 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--variant", required=True, choices=("real-vs-generated", "alignment"))
-    parser.add_argument("--generated", required=True, metavar="NPZ", help="samples.npz written by `diffusets-jax sample`")
+    parser.add_argument("--generated", required=True, metavar="PATH",
+                        help="the samples.npz (or wfdb/ folder) that `diffusets-jax sample` wrote")
     real = parser.add_argument_group("real ECGs (real-vs-generated): one of")
     real.add_argument("--dataset", help="prepared dataset directory (or TFDS name with --data-dir)")
-    real.add_argument("--real", metavar="NPZ", help="an NPZ with ecg (n, 1024, 12) mV, and optionally report "
-                      "(statements joined by '|'), sex, age, heart_rate")
+    real.add_argument("--real", metavar="PATH", help="an NPZ with ecg (n, samples, 12) mV and optionally report "
+                      "(statements joined by '|'), sex, age, heart_rate; or a folder of WFDB records")
     real.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
     real.add_argument("--split", default="test", help="split of --dataset (default: %(default)s)")
     real.add_argument("--limit", type=int, help="read only the first N examples of the split")
@@ -771,7 +772,7 @@ def _run_turing_kit(args: argparse.Namespace) -> int:
     options = KitOptions(args.variant, n_real=n_real if args.n_real is None else args.n_real,
                          n_generated=n_generated if args.n_generated is None else args.n_generated,
                          controls=args.controls, seed=args.seed, dpi=args.dpi)
-    summary = build_kit(args.out, options, generated=args.generated, real_npz=args.real, dataset=args.dataset,
+    summary = build_kit(args.out, options, generated=args.generated, real=args.real, dataset=args.dataset,
                         split=args.split, data_dir=args.data_dir, limit=args.limit, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     print(f"Send {summary['package']}/ to the raters; keep {summary['key']} to yourself.", file=sys.stderr)

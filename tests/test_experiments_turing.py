@@ -35,7 +35,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 def kit(inputs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kits") / "kit"
     build_kit(out, KitOptions("real-vs-generated", n_real=5, n_generated=4, seed=11, dpi=DPI),
-              generated=inputs["generated"], real_npz=inputs["real"])
+              generated=inputs["generated"], real=inputs["real"])
     return out
 
 
@@ -61,9 +61,8 @@ def test_layout_answer_sheet_and_key(kit, inputs):
     assert key["counts"]["real_left_out_as_paired"] == 2 and key["counts"]["real_left_out_non_finite"] == 1
     real_sources = {s["source"]["index"] for s in key["sheets"] if s["truth"] == "real"}
     assert real_sources == {2, 3, 4, 6, 7}  # not 0, 1 (they conditioned generated ECGs) nor 5 (NaN)
-    assert all(s["source"]["npz"] == str(inputs["real"].resolve()) for s in key["sheets"] if s["truth"] == "real")
+    assert all(s["source"]["path"] == str(inputs["real"].resolve()) for s in key["sheets"] if s["truth"] == "real")
     generated = [s for s in key["sheets"] if s["truth"] == "generated"]
-    assert all(s["source"]["position"] == s["source"]["index"] for s in generated)  # sample_NNNNN of the run
     with np.load(inputs["generated"]) as samples:  # the statements the sample writer stored, not a parsed prompt
         assert all(s["conditions"]["report"] == str(samples["report"][s["source"]["index"]]).split("|")
                    for s in generated)
@@ -154,7 +153,7 @@ def test_the_leak_scan_finds_planted_leaks(kit, tmp_path):
 
     key = json.loads((kit / "key.json").read_text())
     sheet_id = key["sheets"][0]["sheet_id"]
-    source_stem = Path(next(s["source"]["npz"] for s in key["sheets"] if s["truth"] == "real")).stem
+    source_stem = Path(next(s["source"]["path"] for s in key["sheets"] if s["truth"] == "real")).stem
     ecg = ecg_like(np.random.default_rng(0), 1)[0]
 
     def planted(plant) -> list[str]:
@@ -199,26 +198,26 @@ def test_the_leak_scan_finds_planted_leaks(kit, tmp_path):
 def test_same_seed_same_package_bytes_and_rerun_is_a_no_op(kit, inputs, tmp_path):
     options = KitOptions("real-vs-generated", n_real=5, n_generated=4, seed=11, dpi=DPI)
     again = tmp_path / "again"
-    build_kit(again, options, generated=inputs["generated"], real_npz=inputs["real"])
+    build_kit(again, options, generated=inputs["generated"], real=inputs["real"])
     for a, b in zip(_files(kit / "package"), _files(again / "package"), strict=True):
         assert a.relative_to(kit) == b.relative_to(again) and a.read_bytes() == b.read_bytes()
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(again)}
-    summary = build_kit(again, options, generated=inputs["generated"], real_npz=inputs["real"])
+    summary = build_kit(again, options, generated=inputs["generated"], real=inputs["real"])
     assert summary["already_built"] is True and summary["sheets"] == 9
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(again)} == before
     with pytest.raises(ValueError, match=r"holds a turing-kit run with other settings \(seed: 11 -> 12\)"):
         build_kit(again, KitOptions("real-vs-generated", n_real=5, n_generated=4, seed=12, dpi=DPI),
-                  generated=inputs["generated"], real_npz=inputs["real"])
+                  generated=inputs["generated"], real=inputs["real"])
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(again)} == before
     # Another seed reorders and renames everything.
     other = tmp_path / "other"
     build_kit(other, KitOptions("real-vs-generated", n_real=5, n_generated=4, seed=12, dpi=DPI),
-              generated=inputs["generated"], real_npz=inputs["real"])
+              generated=inputs["generated"], real=inputs["real"])
     ids = lambda out: [s["sheet_id"] for s in json.loads((out / "key.json").read_text())["sheets"]]
     assert set(ids(other)).isdisjoint(ids(again))
     # Without --seed a fresh one is drawn and recorded.
     fresh = build_kit(tmp_path / "fresh", KitOptions("real-vs-generated", n_real=2, n_generated=2, dpi=DPI),
-                      generated=inputs["generated"], real_npz=inputs["real"])
+                      generated=inputs["generated"], real=inputs["real"])
     assert json.loads((tmp_path / "fresh" / "key.json").read_text())["seed"] == fresh["seed"] not in (11, 12)
 
 
@@ -228,14 +227,14 @@ def test_user_files_are_never_touched_unless_overwrite(inputs, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="is not empty and was not written by diffusets-jax turing-kit"):
-        build_kit(out, options, generated=inputs["generated"], real_npz=inputs["real"])
+        build_kit(out, options, generated=inputs["generated"], real=inputs["real"])
     assert _visible(out) == ["notes.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    build_kit(empty, options, generated=inputs["generated"], real_npz=inputs["real"])
+    build_kit(empty, options, generated=inputs["generated"], real=inputs["real"])
     assert _visible(empty) == ["key.json", "package"]
     # --overwrite replaces the user's folder as a whole, once the new kit is complete.
-    summary = build_kit(out, options, generated=inputs["generated"], real_npz=inputs["real"], overwrite=True)
+    summary = build_kit(out, options, generated=inputs["generated"], real=inputs["real"], overwrite=True)
     assert summary["already_built"] is False and _visible(out) == ["key.json", "package"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "empty"]  # no staging folder left behind
 
@@ -243,7 +242,7 @@ def test_user_files_are_never_touched_unless_overwrite(inputs, tmp_path):
 def test_a_half_built_kit_of_the_same_run_is_rebuilt_whole(inputs, tmp_path, monkeypatch):
     options = KitOptions("real-vs-generated", n_real=3, n_generated=3, seed=4, dpi=DPI)
     reference = tmp_path / "reference"
-    build_kit(reference, options, generated=inputs["generated"], real_npz=inputs["real"])
+    build_kit(reference, options, generated=inputs["generated"], real=inputs["real"])
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
@@ -251,10 +250,10 @@ def test_a_half_built_kit_of_the_same_run_is_rebuilt_whole(inputs, tmp_path, mon
     out = tmp_path / "kit"
     monkeypatch.setattr(turing, "_readme", crash)  # after the sheets, before the key
     with pytest.raises(OSError, match="disk full"):
-        build_kit(out, options, generated=inputs["generated"], real_npz=inputs["real"])
+        build_kit(out, options, generated=inputs["generated"], real=inputs["real"])
     assert not (out / "key.json").exists() and (out / "package" / "sheets").is_dir()
     monkeypatch.undo()
-    summary = build_kit(out, options, generated=inputs["generated"], real_npz=inputs["real"])
+    summary = build_kit(out, options, generated=inputs["generated"], real=inputs["real"])
     assert summary["already_built"] is False
     assert [p.relative_to(out) for p in _files(out / "package")] == [
         p.relative_to(reference) for p in _files(reference / "package")]
@@ -315,20 +314,20 @@ def _npz(path: Path, **arrays) -> Path:
 
 @pytest.mark.parametrize("variant, options, kwargs, error, message", [
     ("real-vs-generated", {"n_real": 2}, {}, ValueError, "give exactly one"),
-    ("real-vs-generated", {"n_real": 2}, {"real_npz": "R", "dataset": "D"}, ValueError, "give exactly one"),
-    ("real-vs-generated", {"n_real": 0}, {"real_npz": "R"}, ValueError, "--n-real >= 1"),
+    ("real-vs-generated", {"n_real": 2}, {"real": "R", "dataset": "D"}, ValueError, "give exactly one"),
+    ("real-vs-generated", {"n_real": 0}, {"real": "R"}, ValueError, "--n-real >= 1"),
     ("alignment", {"n_real": 3}, {}, ValueError, "drop --n-real"),
-    ("alignment", {}, {"real_npz": "R"}, ValueError, "drop --dataset/--real"),
+    ("alignment", {}, {"real": "R"}, ValueError, "drop --dataset/--real"),
     ("alignment", {"controls": 1.0}, {}, ValueError, r"in \[0, 1\)"),
-    ("real-vs-generated", {"n_real": 2, "controls": 0.2}, {"real_npz": "R"}, ValueError, "alignment variant's share"),
+    ("real-vs-generated", {"n_real": 2, "controls": 0.2}, {"real": "R"}, ValueError, "alignment variant's share"),
     ("turing", {}, {}, ValueError, "variant must be one of"),
     ("alignment", {"dpi": 5}, {}, ValueError, "--dpi must be within"),
-    ("real-vs-generated", {"n_real": 9}, {"real_npz": "R"}, ValueError,
+    ("real-vs-generated", {"n_real": 9}, {"real": "R"}, ValueError,
      r"9 real ECGs asked for but only 5 are usable \(8 read, 1 with non-finite samples, 2 whose conditions "
      r"generated one of the generated ECGs\): lower --n-real"),
     ("alignment", {"n_generated": 7}, {}, ValueError, "7 generated ECGs asked for but only 6 are usable.*--n-generated"),
-    ("real-vs-generated", {"n_real": 2}, {"real_npz": "G"}, ValueError, "are the same file"),
-    ("real-vs-generated", {"n_real": 2}, {"real_npz": "missing.npz"}, FileNotFoundError, "--real .*does not exist"),
+    ("real-vs-generated", {"n_real": 2}, {"real": "G"}, ValueError, "are the same"),
+    ("real-vs-generated", {"n_real": 2}, {"real": "missing.npz"}, FileNotFoundError, "--real .*does not exist"),
 ])
 def test_bad_options_are_refused_before_any_drawing(inputs, tmp_path, variant, options, kwargs, error, message):
     names = {"R": inputs["real"], "G": inputs["generated"], "D": "some_dataset", "missing.npz": tmp_path / "missing.npz"}
@@ -339,30 +338,38 @@ def test_bad_options_are_refused_before_any_drawing(inputs, tmp_path, variant, o
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
-def test_bad_npz_files_get_one_line(inputs, tmp_path):
+def test_bad_inputs_get_one_line_and_real_conditions_are_optional(inputs, tmp_path):
     rng = np.random.default_rng(0)
-    good = dict(ecg=ecg_like(rng, 2), report=np.array(["A", "B|C"]),
-                sex=np.array([1, 0]), age=np.array([50.0, 60.0]), heart_rate=np.array([60.0, 70.0]))
+    good = dict(ecg=ecg_like(rng, 2), report=np.array(["A", "B|C"]), sex=np.array([1, 0]),
+                age=np.array([50.0, 60.0]), heart_rate=np.array([60.0, 70.0]))
     cases = [
         (_npz(tmp_path / "noreport.npz", **{k: v for k, v in good.items() if k != "report"}), True,
-         r"noreport.npz: missing array\(s\) report; --generated takes a samples.npz"),
-        (_npz(tmp_path / "shape.npz", **{**good, "ecg": good["ecg"][:, :1000]}), True,
-         r"shape.npz: ecg has shape \(2, 1000, 12\); expected \(n, 1024, 12\)"),
-        (_npz(tmp_path / "partial.npz", ecg=good["ecg"], sex=good["sex"]), False,
-         "partial.npz: has sex but not all of report, sex, age, heart_rate"),
-        (_npz(tmp_path / "ragged.npz", **{**good, "age": np.array([1.0])}), True, r"ragged.npz: age has shape \(1,\)"),
+         r"--generated .*noreport.npz: ECG 0 does not say the report, sex, age and heart rate it was generated from"),
+        (_npz(tmp_path / "leads.npz", **{**good, "ecg": good["ecg"][:, :, :11]}), True,
+         r"leads.npz: 'ecg' has shape \(2, 1024, 11\); expected \(n, samples, 12\)"),
+        (_npz(tmp_path / "ragged.npz", **{**good, "age": np.array([1.0])}), True, r"'age' has 1 entries for 2 ECGs"),
+        (_npz(tmp_path / "sex.npz", **{**good, "sex": np.array([1, 2])}), False,
+         r"--real sex.npz \[1\]: sex: 2 is not a sex code"),
+        (_npz(tmp_path / "age.npz", **{**good, "age": np.array([50.0, 300.0])}), True,
+         r"--generated age.npz \[1\]: age is 300"),
     ]
-    cases.append((_npz(tmp_path / "sex.npz", **{**good, "sex": np.array([1, 2])}), False,
-                  r"sex.npz \[1\]: sex: 2 is not a sex code"))
     (tmp_path / "text.npz").write_text("not an npz")
-    cases.append((tmp_path / "text.npz", True, "text.npz: not a readable NPZ"))
+    cases.append((tmp_path / "text.npz", True, "text.npz: not a readable .npz"))
     np.save(tmp_path / "single.npy", good["ecg"])
-    cases.append((tmp_path / "single.npy", True, "single.npy: a single array, not an NPZ"))
+    cases.append((tmp_path / "single.npy", False, "--real .*single.npy: not an .npz, a folder of WFDB records"))
     for path, generated, message in cases:
         with pytest.raises(ValueError, match=message) as error:
-            turing.load_npz(path, generated=generated)
+            turing.load_ecgs(path, generated=generated)
         assert "\n" not in str(error.value)
-    assert turing.load_npz(_npz(tmp_path / "ecg_only.npz", ecg=good["ecg"]), generated=False).conditions == [None, None]
+    # Real ECGs may come without conditions, or with some unknown (NaN, sex -1): those are not paired.
+    assert turing.load_ecgs(_npz(tmp_path / "ecg_only.npz", ecg=good["ecg"]), generated=False).conditions == [None,
+                                                                                                              None]
+    partial = turing.load_ecgs(_npz(tmp_path / "partial.npz", **{**good, "age": np.array([np.nan, 60.0])}),
+                               generated=False)
+    assert partial.conditions == [None, {"report": ["B", "C"], "sex": 0, "age": 60.0, "heart_rate": 70.0}]
+    resampled = turing.load_ecgs(_npz(tmp_path / "long.npz", **{**good, "ecg": np.zeros((2, 5000, 12))}),
+                                 generated=True)
+    assert resampled.ecg.shape == (2, 1024, 12)  # any length, on the sheets' one time base
 
 
 def test_cli_turing_kit_end_to_end_and_bad_input(inputs, tmp_path, capsys):
@@ -394,12 +401,14 @@ def tiny_dataset(tmp_path_factory) -> str:
     return str(tiny_ecg_dataset.build(str(tmp_path_factory.mktemp("tfds"))).data_dir)
 
 
-@pytest.mark.slow  # builds a TFDS dataset
-def test_split_conditions_then_kit_from_the_split_leaves_those_records_out(tiny_dataset, tmp_path, capsys):
-    """The paper's protocol: generate from the conditions of some records, show other records as the real half."""
+@pytest.mark.slow  # builds a TFDS dataset and a tiny model, and generates with it
+def test_paper_protocol_end_to_end_conditions_sample_kit_score(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """The paper's protocol through the CLI: draw the conditions of some records of a split, generate from them
+    with `sample`, build a kit whose real half is the split's other records, and score filled answer sheets."""
     from diffusets_jax.conditioning.requests import read_conditions
     from tests.helpers import tiny_ecg_dataset
-    from tests.helpers.turing_inputs import write_samples
+    from tests.helpers.fake_openai_server import FakeOpenAIServer
+    from tests.helpers.tiny_models import TEXT_DIM, tiny_model_dir
 
     conditions_csv = tmp_path / "conditions.csv"
     code = main(["turing-conditions", "--dataset", tiny_dataset, "--split", "test", "-n", "4", "--seed", "3",
@@ -411,16 +420,34 @@ def test_split_conditions_then_kit_from_the_split_leaves_those_records_out(tiny_
     for c in conditions:  # the exact stored values, so the kit recognises them
         source = tiny_ecg_dataset.example(int(c.report[1].split()[-1]))
         assert (c.sex, c.age, c.heart_rate) == (source["sex"], source["age"], pytest.approx(source["heart_rate"]))
-    # Stand-in for `sample --conditions`: ECGs written by the sample writer with exactly those conditions.
-    write_samples(tmp_path / "gen", conditions, ecg_like(np.random.default_rng(1), 4))
+    model_dir = tiny_model_dir(tmp_path / "model")
+    with FakeOpenAIServer(dim=TEXT_DIM) as server:  # the tiny model's embedder
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        assert main(["sample", "--model-dir", str(model_dir), "--conditions", str(conditions_csv), "--out",
+                     str(tmp_path / "gen"), "--sampler", "ddim", "--steps", "1", "--batch-size", "4",
+                     "--formats", "npz"]) == 0
+    capsys.readouterr()
     out = tmp_path / "kit"
-    build_kit(out, KitOptions("real-vs-generated", n_real=7, n_generated=4, seed=0, dpi=DPI),
-              generated=tmp_path / "gen" / "samples.npz", dataset=tiny_dataset, split="test")
+    assert main(["turing-kit", "--variant", "real-vs-generated", "--generated", str(tmp_path / "gen" / "samples.npz"),
+                 "--dataset", tiny_dataset, "--split", "test", "--n-real", "7", "--n-generated", "4", "--seed", "0",
+                 "--dpi", str(DPI), "--out", str(out)]) == 0
     key = json.loads((out / "key.json").read_text())
     shown_real = {int(s["conditions"]["report"][1].split()[-1]) for s in key["sheets"] if s["truth"] == "real"}
     assert shown_real == set(range(2000, 2011)) - drawn  # every other record, none of the drawn ones
     assert key["counts"]["real_left_out_as_paired"] == 4
     assert all(s["source"]["split"] == "test" for s in key["sheets"] if s["truth"] == "real")
+    assert find_leaks(out / "package", key) == []
+    # One rater right on every sheet, one calling everything real: scored against the key.
+    blank = (out / "package" / "answer_sheet.csv").read_text().splitlines()
+    truth = {s["sheet_id"]: s["truth"] for s in key["sheets"]}
+    (tmp_path / "answers_right.csv").write_text("\n".join([blank[0]] + [f"{r}{truth[r[:-1]]}" for r in blank[1:]]))
+    (tmp_path / "answers_real.csv").write_text("\n".join([blank[0]] + [f"{r}real" for r in blank[1:]]))
+    capsys.readouterr()
+    assert main(["turing-score", str(tmp_path / "answers_right.csv"), str(tmp_path / "answers_real.csv"), "--key",
+                 str(out / "key.json"), "--out", str(tmp_path / "score")]) == 0
+    report = json.loads((tmp_path / "score" / "report.json").read_text())
+    assert [(r["rater"], r["correct"], r["n"]) for r in report["raters"]] == [("right", 11, 11), ("real", 7, 11)]
     with pytest.raises(ValueError, match=r"8 real ECGs asked for but only 7 are usable \(11 read, 0 with non-finite "
                                          r"samples, 4 whose conditions generated"):
         build_kit(tmp_path / "kit2", KitOptions("real-vs-generated", n_real=8, n_generated=4, seed=0, dpi=DPI),

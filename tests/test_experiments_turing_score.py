@@ -209,7 +209,7 @@ def test_kit_answers_score_end_to_end(tmp_path, capsys):
     """Build a real kit, fill one sheet from the key and one all 'real', score them through the CLI."""
     inputs = write_kit_inputs(tmp_path)
     build_kit(tmp_path / "kit", KitOptions("real-vs-generated", n_real=3, n_generated=3, seed=2, dpi=30),
-              generated=inputs["generated"], real_npz=inputs["real"])
+              generated=inputs["generated"], real=inputs["real"])
     key = json.loads((tmp_path / "kit" / "key.json").read_text())
     blank = (tmp_path / "kit" / "package" / "answer_sheet.csv").read_text().splitlines()
     truth = {s["sheet_id"]: s["truth"] for s in key["sheets"]}

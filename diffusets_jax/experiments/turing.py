@@ -21,11 +21,10 @@ OUT/ after a run:
     key.json            the truth per sheet ID; never send it to raters
     .diffusets-run.json the run record of `io.run_dir.output_dir` (settings and their fingerprint)
 
-Each sheet of the key records its ID, booklet position, truth, source (the input file or dataset split, and the
-index of the ECG there: its row in the NPZ, or in the split as `experiments.evaluate.load_split` reads it; for a
-`samples.npz` also its `position` in the sample request, the NNNNN of `sample_NNNNN` in that run's manifest) and
-the conditions the ECG came with (report statements, sex, age, heart rate, and the embedded prompt where known);
-alignment sheets also record what they show (`shown`).
+Each sheet of the key records its ID, booklet position, truth, source (the input path and its SHA-256, or the
+dataset split, and the index of the ECG there as `io.generated.read_generated` or `experiments.evaluate.load_split`
+reads it: for a samples.npz of one host, the NNNNN of `sample_NNNNN` in that run's manifest) and the conditions the
+ECG came with (report statements, sex, age, heart rate); alignment sheets also record what they show (`shown`).
 
 Blinding: sheet IDs are random 6-character codes; the booklet order is a random permutation; every sheet is
 drawn by the same code (`io.plot.plot_ecg`) at the same size, dpi and title style, titled only "Sheet ID" (plus
@@ -87,12 +86,6 @@ ID_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: IDs are copied
 ID_LENGTH = 6
 PNG_METADATA = {"Software": None}  # no text chunks at all
 PDF_METADATA = {"Creator": None, "Producer": None, "CreationDate": None}  # an empty info dictionary
-# The arrays the kit reads from a samples.npz (`io.outputs.sample_to_directory` writes them, with prompt and
-# position): the stored statements, not the prompt, since the prompt's wording depends on the model's prompt style.
-CONDITION_FIELDS = ("report", "sex", "age", "heart_rate")
-GENERATED_FIELDS = ("ecg", *CONDITION_FIELDS)
-
-
 @dataclasses.dataclass(frozen=True)
 class EcgSet:
     """ECGs `(n, 1024, 12)` mV with, per ECG, the conditions it was recorded or generated with (None if unknown)."""
@@ -100,18 +93,16 @@ class EcgSet:
     ecg: np.ndarray
     conditions: list[dict[str, Any] | None]
     source: dict[str, Any]  # where they came from, for the key (and each sheet's source adds its index)
-    positions: np.ndarray | None = None  # a samples.npz's `position` per ECG: its place in the sample request
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
-def _condition(report: Sequence[str], sex: Any, age: Any, heart_rate: Any, *, where: str,
-               prompt: str | None = None) -> dict[str, Any]:
+def _condition(report: Sequence[str], sex: Any, age: Any, heart_rate: Any, *, where: str) -> dict[str, Any]:
     """One ECG's conditions, the patient values validated like every other condition (errors name `where`)."""
     try:
         patient = {"sex": parse_sex(sex), "age": parse_age(age), "heart_rate": parse_heart_rate(heart_rate)}
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    return {"report": list(report), "prompt": prompt, **patient}
+    return {"report": list(report), **patient}
 
 
 def _check_ecg_array(ecg: np.ndarray, where: str) -> np.ndarray:
@@ -121,47 +112,31 @@ def _check_ecg_array(ecg: np.ndarray, where: str) -> np.ndarray:
     return ecg.astype(np.float32)
 
 
-def load_npz(path: str | os.PathLike, *, generated: bool) -> EcgSet:
-    """ECGs from an NPZ: a `samples.npz` of `diffusets-jax sample` (ecg, report, sex, age, heart_rate required for
-    generated ECGs; prompt and position read when present); for real ones only `ecg` is required and the four
-    condition arrays are optional (all or none), `report` holding each ECG's statements joined by '|'."""
+def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
+    """ECGs and their conditions as `io.generated.read_generated` reads them: a `samples.npz` of `diffusets-jax
+    sample` (its stored statements, `report`, not a prompt parsed back) or any NPZ with an `ecg` array and optional
+    report ('|'-joined), sex, age, heart_rate; a folder of WFDB records; a dataset folder. Signals come on the
+    1024-sample time base. Generated ECGs must each carry the report and patient they were generated from (the
+    kit pairs them with real records, and the alignment variant shows them); for real ones they are optional."""
+    from diffusets_jax.io.generated import read_generated
+
+    flag = "--generated" if generated else "--real"
+    read = read_generated(path, flag)
     path = Path(path)
-    what = "--generated" if generated else "--real"
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path.name}: not a readable NPZ ({err}); {what} takes a samples.npz of "
-                         "`diffusets-jax sample`") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path.name}: a single array, not an NPZ of named arrays; {what} takes a samples.npz of "
-                         "`diffusets-jax sample`")
-    with data:
-        arrays = {key: data[key] for key in data.files}
-    required = GENERATED_FIELDS if generated else ("ecg",)
-    missing = [key for key in required if key not in arrays]
-    if missing:
-        raise ValueError(f"{path.name}: missing array(s) {', '.join(missing)}; {what} takes a samples.npz of "
-                         f"`diffusets-jax sample` ({', '.join(GENERATED_FIELDS)})")
-    ecg = _check_ecg_array(arrays["ecg"], path.name)
-    present = [key for key in CONDITION_FIELDS if key in arrays]
-    if present and len(present) != len(CONDITION_FIELDS):
-        raise ValueError(f"{path.name}: has {', '.join(present)} but not all of {', '.join(CONDITION_FIELDS)}: "
-                         "give all four condition arrays or none")
-    for key in (*present, *(key for key in ("prompt", "position") if key in arrays)):
-        if arrays[key].shape != (len(ecg),):
-            raise ValueError(f"{path.name}: {key} has shape {arrays[key].shape}, expected ({len(ecg)},)")
-    conditions: list[dict[str, Any] | None] = [None] * len(ecg)
-    if present:
-        conditions = [
-            _condition(report_lines(str(arrays["report"][i])), arrays["sex"][i].item(), arrays["age"][i].item(),
-                       arrays["heart_rate"][i].item(), where=f"{path.name} [{i}]",
-                       prompt=str(arrays["prompt"][i]) if "prompt" in arrays else None)
-            for i in range(len(ecg))
-        ]
-    positions = arrays["position"].astype(np.int64) if "position" in arrays else None
-    return EcgSet(ecg, conditions, {"npz": str(path.resolve()), "sha256": file_sha256(path)}, positions)
+    conditions: list[dict[str, Any] | None] = []
+    for i, report in enumerate(read.reports):
+        sex, age, heart_rate = int(read.sex[i]), float(read.age[i]), float(read.heart_rate[i])
+        # read_generated marks what the input does not say as sex -1 / NaN; anything else is a value to validate.
+        if not report or sex == -1 or not np.isfinite(age) or not np.isfinite(heart_rate):
+            if generated:
+                raise ValueError(f"{flag} {path}: ECG {i} does not say the report, sex, age and heart rate it was "
+                                 "generated from; give the samples.npz (or WFDB folder) that `diffusets-jax sample` "
+                                 "wrote")
+            conditions.append(None)
+            continue
+        conditions.append(_condition(report, sex, age, heart_rate, where=f"{flag} {path.name} [{i}]"))
+    source = {"path": str(path.resolve()), "sha256": file_sha256(path) if path.is_file() else None}
+    return EcgSet(_check_ecg_array(read.ecg, f"{flag} {path.name}"), conditions, source)
 
 
 def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
@@ -173,11 +148,9 @@ def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str 
     columns = load_split(dataset, split, data_dir=data_dir, limit=limit)
     ecg = _check_ecg_array(np.asarray(columns["ecg"]), f"dataset {dataset} split {split}")
     conditions: list[dict[str, Any] | None] = [
-        _condition(report_lines(list(lines)), sex.item(), age.item(), hr.item(), where=f"split {split} [{i}]",
-                   prompt=prompt)
-        for i, (lines, prompt, sex, age, hr) in enumerate(zip(columns["report_lines"], columns["prompt"],
-                                                             columns["sex"], columns["age"], columns["heart_rate"],
-                                                             strict=True))
+        _condition(report_lines(list(lines)), sex.item(), age.item(), hr.item(), where=f"split {split} [{i}]")
+        for i, (lines, sex, age, hr) in enumerate(zip(columns["report_lines"], columns["sex"], columns["age"],
+                                                     columns["heart_rate"], strict=True))
     ]
     return EcgSet(ecg, conditions, {"dataset": os.fspath(dataset), "split": split,
                                     "data_dir": None if data_dir is None else os.fspath(data_dir), "limit": limit})
@@ -367,11 +340,8 @@ def _key(options: KitOptions, seed: int, entries: Sequence[dict], counts: dict, 
     sheets = []
     for position, entry in enumerate(entries, 1):
         ecg_set, index = entry["set"], entry["index"]
-        source = {**ecg_set.source, "index": index}
-        if ecg_set.positions is not None:
-            source["position"] = int(ecg_set.positions[index])
         sheet = {"sheet_id": entry["sheet_id"], "position": position, "truth": entry["truth"],
-                 "source": source, "conditions": ecg_set.conditions[index]}
+                 "source": {**ecg_set.source, "index": index}, "conditions": ecg_set.conditions[index]}
         if options.variant == ALIGNMENT:
             sheet["shown"] = {"index": entry["shown_index"], **ecg_set.conditions[entry["shown_index"]]}
         sheets.append(sheet)
@@ -398,7 +368,7 @@ def build_kit(
     options: KitOptions,
     *,
     generated: str | os.PathLike,
-    real_npz: str | os.PathLike | None = None,
+    real: str | os.PathLike | None = None,
     dataset: str | os.PathLike | None = None,
     split: str = "test",
     data_dir: str | os.PathLike | None = None,
@@ -407,8 +377,9 @@ def build_kit(
 ) -> dict[str, Any]:
     """Build a Turing-test kit in `out` (layout in the module docstring); returns a summary.
 
-    Generated ECGs come from the `samples.npz` `generated`; real ones (real-vs-generated only) from `real_npz` or
-    from `split` of the prepared `dataset`. `out` is claimed with `io.run_dir.output_dir`: a kit already built
+    Generated ECGs come from `generated` (the `samples.npz` of `diffusets-jax sample`, or what `load_ecgs`
+    reads); real ones (real-vs-generated only) from `real` (the same forms) or from `split` of the prepared
+    `dataset`. `out` is claimed with `io.run_dir.output_dir`: a kit already built
     there from the same inputs and settings (same seed) is left as it is, a half-built one is rebuilt, a user's
     folder or another kit is refused unless `overwrite` (which replaces it, key included, once the new kit is
     complete). Every input is read and the sheets are chosen before `out` is touched, so a bad input or count
@@ -418,18 +389,18 @@ def build_kit(
 
     options.check()
     check_output_path(out)
-    if options.variant == REAL_VS_GENERATED and (real_npz is None) == (dataset is None):
+    if options.variant == REAL_VS_GENERATED and (real is None) == (dataset is None):
         raise ValueError("the real-vs-generated variant takes real ECGs from --dataset (a prepared split) or --real "
-                         "(an NPZ): give exactly one")
-    if options.variant == ALIGNMENT and (real_npz is not None or dataset is not None):
+                         "(an NPZ or a WFDB folder): give exactly one")
+    if options.variant == ALIGNMENT and (real is not None or dataset is not None):
         raise ValueError("the alignment variant shows generated ECGs only: drop --dataset/--real")
-    if real_npz is not None and Path(real_npz).resolve() == Path(generated).resolve():
-        raise ValueError(f"--real and --generated are the same file {str(generated)!r}")
-    generated_set = load_npz(generated, generated=True)
+    if real is not None and Path(real).resolve() == Path(generated).resolve():
+        raise ValueError(f"--real and --generated are the same {str(generated)!r}")
+    generated_set = load_ecgs(generated, generated=True)
     inputs: dict[str, Any] = {"generated": generated_set.source}
     real_set = None
-    if real_npz is not None:
-        real_set = load_npz(real_npz, generated=False)
+    if real is not None:
+        real_set = load_ecgs(real, generated=False)
         inputs["real"] = real_set.source
     elif dataset is not None:
         real_set = load_dataset_split(dataset, split, data_dir=data_dir, limit=limit)
