@@ -11,7 +11,7 @@ import pytest
 
 from diffusets_jax.cli import main
 from diffusets_jax.conditioning.requests import make_condition
-from tests.helpers.fake_openai_server import FakeOpenAIServer
+from tests.helpers.fake_openai_server import fake_openai_env
 from tests.helpers.tiny_models import TEXT_DIM, tiny_model_dir
 
 BRUGADA = ["Sinus rhythm", "Right bundle branch block pattern", "Coved ST elevation in V1-V2"]
@@ -19,18 +19,11 @@ FAST = ["--sampler", "ddim", "--steps", "1", "--batch-size", "2"]
 
 
 @pytest.fixture(scope="module")
-def server():
+def openai_env():
     """One fake OpenAI server: the chat model `describe` asks and the embedder the tiny model was conditioned on."""
     reply = json.dumps({"findings": [*BRUGADA, "Made-up finding"]})
-    with FakeOpenAIServer(dim=TEXT_DIM, chat_reply=reply) as fake:
-        yield fake
-
-
-@pytest.fixture
-def openai_env(server, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-    return server
+    with fake_openai_env(TEXT_DIM, chat_reply=reply) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
