@@ -618,6 +618,8 @@ COMMANDS.append(_add_demo)
 
 
 def _add_describe(sub: argparse._SubParsersAction) -> None:
+    from diffusets_jax.conditioning.chat import CHAT_DEFAULT_MODEL  # stdlib only: cheap at parser build time
+
     parser = sub.add_parser(
         "describe",
         help="ask a chat model for the ECG findings of a condition; write them for expert review",
@@ -639,7 +641,7 @@ def _add_describe(sub: argparse._SubParsersAction) -> None:
     patient.add_argument("--age", help="years")
     patient.add_argument("--hr", help="heart rate, bpm")
     model = parser.add_argument_group("chat model")
-    model.add_argument("--model", default="gpt-4o", help="chat model name (default: %(default)s)")
+    model.add_argument("--model", default=CHAT_DEFAULT_MODEL, help="chat model name (default: %(default)s)")
     model.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI's)")
     model.add_argument("--api-key-env", default="OPENAI_API_KEY",
                        help="environment variable holding the API key (default: %(default)s); keys never go on "
@@ -655,16 +657,13 @@ def _run_describe(args: argparse.Namespace) -> int:
     import json
 
     from diffusets_jax.conditioning.chat import ChatClient
-    from diffusets_jax.conditioning.findings import check_new_findings_path
-    from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
+    from diffusets_jax.conditioning.findings import check_new_findings_path, patient_from_flags
     from diffusets_jax.experiments.describe import check_condition, describe_condition
 
     # Everything the user gave is checked before the model is asked.
     condition = check_condition(args.condition)
     check_new_findings_path(args.out)
-    parsers = {"sex": (args.sex, parse_sex), "age": (args.age, parse_age), "heart_rate": (args.hr, parse_heart_rate)}
-    patient = {name: parse(value, field=f"--{'hr' if name == 'heart_rate' else name}")
-               for name, (value, parse) in parsers.items() if value is not None}
+    patient = patient_from_flags(args.sex, args.age, args.hr)
     api_key = os.environ.get(args.api_key_env)
     if not api_key:
         raise ValueError(f"${args.api_key_env} is not set: export the API key there (--api-key-env names another "

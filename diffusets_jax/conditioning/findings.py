@@ -211,6 +211,12 @@ def read_findings(path: str | os.PathLike, *, allow_unapproved: bool = False) ->
 PATIENT_FLAGS = {"sex": "--sex", "age": "--age", "heart_rate": "--hr"}
 
 
+def patient_from_flags(sex: object = None, age: object = None, heart_rate: object = None) -> dict[str, float]:
+    """The patient values given as `describe` / `sample` flags, parsed (errors name the flag); None ones left out."""
+    given = {"sex": sex, "age": age, "heart_rate": heart_rate}
+    return {name: _PARSERS[name](value, field=PATIENT_FLAGS[name]) for name, value in given.items() if value is not None}
+
+
 def findings_condition(findings: Findings, *, sex: object = None, age: object = None, heart_rate: object = None,
                        count: object = 1, where: str = "--findings") -> tuple[Condition, dict[str, Any]]:
     """The generation request of a findings file, and the provenance to record with its ECGs.
@@ -219,17 +225,15 @@ def findings_condition(findings: Findings, *, sex: object = None, age: object = 
     one) or else the file's; a value in neither is an error naming both places. The provenance is
     `findings.provenance` plus `patient_from`: for each of sex, age and heart_rate, "flag" or "file".
     """
-    given = {"sex": sex, "age": age, "heart_rate": heart_rate}
-    missing = [name for name, value in given.items() if value is None and name not in findings.patient]
+    flags = patient_from_flags(sex, age, heart_rate)
+    missing = [name for name in PATIENT_FLAGS if name not in flags and name not in findings.patient]
     if missing:
         raise ValueError(f"{where}: {findings.provenance['file']} gives no {' or '.join(missing)} in its patient and "
                          f"no flag does: pass {'/'.join(PATIENT_FLAGS[name] for name in missing)} or add them to "
                          'the file\'s "patient"')
-    parsers = {"sex": parse_sex, "age": parse_age, "heart_rate": parse_heart_rate}
-    values = {name: parsers[name](value, field=PATIENT_FLAGS[name]) if value is not None else findings.patient[name]
-              for name, value in given.items()}
+    values = {**findings.patient, **flags}
     condition = make_condition(list(findings.statements), values["sex"], values["age"], values["heart_rate"], count,
                                where=where)
     provenance = {**findings.provenance,
-                  "patient_from": {name: "file" if value is None else "flag" for name, value in given.items()}}
+                  "patient_from": {name: "flag" if name in flags else "file" for name in PATIENT_FLAGS}}
     return condition, provenance
