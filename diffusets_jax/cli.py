@@ -738,7 +738,7 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--variant", required=True, choices=("real-vs-generated", "alignment"))
     parser.add_argument("--generated", required=True, metavar="PATH",
-                        help="the samples.npz (or wfdb/ folder) that `diffusets-jax sample` wrote")
+                        help="the samples.npz that `diffusets-jax sample` wrote (or its --corpus folder)")
     real = parser.add_argument_group("real ECGs (real-vs-generated): one of")
     real.add_argument("--dataset", help="prepared dataset directory (or TFDS name with --data-dir)")
     real.add_argument("--real", metavar="PATH", help="an NPZ with ecg (n, samples, 12) mV and optionally report "

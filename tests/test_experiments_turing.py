@@ -344,7 +344,9 @@ def test_bad_inputs_get_one_line_and_real_conditions_are_optional(inputs, tmp_pa
                 age=np.array([50.0, 60.0]), heart_rate=np.array([60.0, 70.0]))
     cases = [
         (_npz(tmp_path / "noreport.npz", **{k: v for k, v in good.items() if k != "report"}), True,
-         r"--generated .*noreport.npz: ECG 0 does not say the report, sex, age and heart rate it was generated from"),
+         r"--generated .*noreport.npz: does not store each ECG's report statements"),
+        (_npz(tmp_path / "blank.npz", **{**good, "report": np.array(["", "B|C"])}), True,
+         r"--generated .*blank.npz: ECG 0 does not say the report, sex, age and heart rate it was generated from"),
         (_npz(tmp_path / "leads.npz", **{**good, "ecg": good["ecg"][:, :, :11]}), True,
          r"leads.npz: 'ecg' has shape \(2, 1024, 11\); expected \(n, samples, 12\)"),
         (_npz(tmp_path / "ragged.npz", **{**good, "age": np.array([1.0])}), True, r"'age' has 1 entries for 2 ECGs"),
@@ -367,6 +369,19 @@ def test_bad_inputs_get_one_line_and_real_conditions_are_optional(inputs, tmp_pa
     partial = turing.load_ecgs(_npz(tmp_path / "partial.npz", **{**good, "age": np.array([np.nan, 60.0])}),
                                generated=False)
     assert partial.conditions == [None, {"report": ["B", "C"], "sex": 0, "age": 60.0, "heart_rate": 70.0}]
+    prompt_only = {k: v for k, v in good.items() if k != "report"} | {"prompt": np.array(["A", "B"])}
+    with pytest.raises(ValueError, match="does not store each ECG's report statements"):
+        turing.load_ecgs(_npz(tmp_path / "prompt.npz", **prompt_only), generated=True)
+    assert turing.load_ecgs(tmp_path / "prompt.npz", generated=False).conditions == [None, None]  # never paired
+    # sample's WFDB headers hold the prompt, not the statements: a kit cannot pair such generated ECGs.
+    from diffusets_jax.io.wfdb_out import write_records
+
+    write_records(tmp_path / "wfdb", good["ecg"], ["a", "b"],
+                  [{"prompt": "Sinus rhythm", "sex": "M", "age": 50, "heart_rate": 60}] * 2)
+    with pytest.raises(ValueError, match=r"--generated .*wfdb: does not store each ECG's report statements"):
+        turing.load_ecgs(tmp_path / "wfdb", generated=True)
+    wfdb_real = turing.load_ecgs(tmp_path / "wfdb", generated=False)
+    assert wfdb_real.conditions == [None, None] and wfdb_real.source["sha256"] is None
     resampled = turing.load_ecgs(_npz(tmp_path / "long.npz", **{**good, "ecg": np.zeros((2, 5000, 12))}),
                                  generated=True)
     assert resampled.ecg.shape == (2, 1024, 12)  # any length, on the sheets' one time base

@@ -112,26 +112,42 @@ def _check_ecg_array(ecg: np.ndarray, where: str) -> np.ndarray:
     return ecg.astype(np.float32)
 
 
+def _stores_statements(path: Path) -> bool:
+    """Whether `read_generated` got each ECG's report statements from `path` (an NPZ's `report` array, a dataset's
+    report_lines) rather than something else: an NPZ with only `prompt`, or WFDB headers (which `sample` fills with
+    the prompt), give the prompt as if it were one statement, which would never pair with a record's report."""
+    if path.is_dir():
+        return (path / "dataset_info.json").is_file()
+    with np.load(path, allow_pickle=False) as data:  # read_generated has already opened it
+        return "report" in data.files
+
+
 def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
-    """ECGs and their conditions as `io.generated.read_generated` reads them: a `samples.npz` of `diffusets-jax
-    sample` (its stored statements, `report`, not a prompt parsed back) or any NPZ with an `ecg` array and optional
-    report ('|'-joined), sex, age, heart_rate; a folder of WFDB records; a dataset folder. Signals come on the
-    1024-sample time base. Generated ECGs must each carry the report and patient they were generated from (the
-    kit pairs them with real records, and the alignment variant shows them); for real ones they are optional."""
+    """ECGs and their conditions as `io.generated.read_generated` reads them, on the 1024-sample time base.
+
+    Generated ECGs: the `samples.npz` of `diffusets-jax sample` (or any NPZ with `ecg`, `report` ('|'-joined
+    statements), `sex`, `age`, `heart_rate`), or a `sample --corpus` folder; each ECG must say the statements and
+    patient it was generated from, since the kit pairs them with real records and the alignment variant shows
+    them. Real ECGs: the same, an NPZ with only `ecg`, or a folder of WFDB records; conditions are optional (a
+    record whose conditions are unknown, or not given as statements, is never paired).
+    """
     from diffusets_jax.io.generated import read_generated
 
     flag = "--generated" if generated else "--real"
     read = read_generated(path, flag)
     path = Path(path)
+    statements = _stores_statements(path)
+    if generated and not statements:
+        raise ValueError(f"{flag} {path}: does not store each ECG's report statements (a WFDB header or a 'prompt' "
+                         "array holds the prompt only): give the samples.npz that `diffusets-jax sample` wrote")
     conditions: list[dict[str, Any] | None] = []
     for i, report in enumerate(read.reports):
         sex, age, heart_rate = int(read.sex[i]), float(read.age[i]), float(read.heart_rate[i])
         # read_generated marks what the input does not say as sex -1 / NaN; anything else is a value to validate.
-        if not report or sex == -1 or not np.isfinite(age) or not np.isfinite(heart_rate):
+        if not statements or not report or sex == -1 or not np.isfinite(age) or not np.isfinite(heart_rate):
             if generated:
                 raise ValueError(f"{flag} {path}: ECG {i} does not say the report, sex, age and heart rate it was "
-                                 "generated from; give the samples.npz (or WFDB folder) that `diffusets-jax sample` "
-                                 "wrote")
+                                 "generated from; give the samples.npz that `diffusets-jax sample` wrote")
             conditions.append(None)
             continue
         conditions.append(_condition(report, sex, age, heart_rate, where=f"{flag} {path.name} [{i}]"))
