@@ -33,7 +33,7 @@ from diffusets_jax import parallel
 from diffusets_jax.conditioning.patient import patient_features
 from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.diffusion.guidance import fixed_null_condition
-from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate
+from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, resolve_clip_sample
 from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.io.progress import progress_bar
 from diffusets_jax.models import model_dir as model_dirs
@@ -82,9 +82,7 @@ class ECGGenerator:
         model_dirs.check_generation_parts(self.model_dir, self.index, self.vae, self.unet)
         self.conditioning = self.index.conditioning
         self.diffusion = self.index.diffusion
-        sampler = sampler if sampler is not None else SamplerConfig()
-        if sampler.clip_sample is None:  # "as the model directs"
-            sampler = dataclasses.replace(sampler, clip_sample=self.diffusion.clip_sample)
+        sampler = resolve_clip_sample(sampler if sampler is not None else SamplerConfig(), self.diffusion.clip_sample)
         self.sampler = sampler
         self.seed = seed
         self.mesh = parallel.local_mesh()

@@ -102,6 +102,14 @@ def sampler_config(sampler: str = "ddpm", *, steps: int | None = None, eta: floa
     )
 
 
+def resolve_clip_sample(config: SamplerConfig, model_clip_sample: bool) -> SamplerConfig:
+    """`config` with `clip_sample=None` ("as the model directs") replaced by the model directory's
+    `diffusion.clip_sample`; an explicit choice is kept."""
+    if config.clip_sample is None:
+        return dataclasses.replace(config, clip_sample=bool(model_clip_sample))
+    return config
+
+
 def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailing") -> np.ndarray:
     """The descending inference timesteps `(steps,)` int32, a subset of 0 … num_train_timesteps - 1."""
     T = num_train_timesteps
