@@ -303,9 +303,9 @@ def diagnose_unet(unet: Any, variables: Any, data: Mapping[str, np.ndarray], *, 
     schedule = make_schedule(diffusion.schedule)
     timesteps = check_timesteps(timesteps, schedule.num_timesteps)
     mesh = parallel.local_mesh()
-    batch_size = _device_batch_size(batch_size, mesh)
     mean_latent = np.asarray(data["latent_mean"], np.float32)
     n = mean_latent.shape[0]
+    batch_size = _device_batch_size(min(batch_size, n), mesh)  # a small split is not padded to a large batch
     z0 = mean_latent * np.float32(diffusion.latent_scale)  # posterior mean, as train.diffusion's eval_fn
     noise_key, posterior_key, sampler_key = jax.random.split(jax.random.PRNGKey(seed), 3)
     noise = np.asarray(jax.random.normal(noise_key, z0.shape, jnp.float32))
