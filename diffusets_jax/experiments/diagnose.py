@@ -257,13 +257,11 @@ def denoising_errors(error_fn: Any, variables: Any, schedule: NoiseSchedule, z0:
     return rows
 
 
-def terminal_latents(unet: Any, variables: Any, schedule: NoiseSchedule, sampler: SamplerConfig,
-                     cond: Mapping[str, np.ndarray], key: jax.Array, *, batch_size: int, mesh: jax.sharding.Mesh,
-                     bar: Any = None) -> np.ndarray:
+def terminal_latents(generate: Any, variables: Any, cond: Mapping[str, np.ndarray], key: jax.Array, *,
+                     batch_size: int, mesh: jax.sharding.Mesh, null_cond: Any = None, bar: Any = None) -> np.ndarray:
     """The latents `(n, 128, C)` the sampler ends on for conditions `cond` (per-sample arrays `(n, ...)`), before
-    any VAE decode; batch i draws its noise from `fold_in(key, i)`."""
-    generate = jit_generate(unet, None, schedule, sampler, batch_sharding=parallel.batch_sharding(mesh))
-    null_cond = fixed_null_condition(unet.text_dim) if sampler.guidance_scale != 1.0 else None
+    any VAE decode. `generate`: `samplers.jit_generate(unet, None, ...)` (one compiled program for every call);
+    `null_cond`: the null condition when the sampler guides. Batch i draws its noise from `fold_in(key, i)`."""
     n = len(next(iter(cond.values())))
     out = []
     for index, (start, stop) in enumerate(_padded_batches(n, batch_size)):
@@ -326,9 +324,12 @@ def diagnose_unet(unet: Any, variables: Any, data: Mapping[str, np.ndarray], *, 
                                                                                        jnp.float32),
                                                 posterior_key, diffusion.latent_scale))
         latents = {"training": training}
+        generate = jit_generate(unet, None, schedule, sampler, batch_sharding=parallel.batch_sharding(mesh))
+        null_cond = fixed_null_condition(int(unet.text_dim)) if sampler.guidance_scale != 1.0 else None
         for mode, cond in conditions.items():
-            latents[f"generated/{mode}"] = terminal_latents(unet, variables, schedule, sampler, cond, sampler_key,
-                                                            batch_size=batch_size, mesh=mesh, bar=bar)
+            latents[f"generated/{mode}"] = terminal_latents(generate, variables, cond, sampler_key,
+                                                            batch_size=batch_size, mesh=mesh, null_cond=null_cond,
+                                                            bar=bar)
     finally:
         bar.close()
     reference = latent_statistics(training)
