@@ -33,8 +33,7 @@ from diffusets_jax import parallel
 from diffusets_jax.conditioning.patient import patient_features
 from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.diffusion.guidance import fixed_null_condition
-from diffusets_jax.diffusion.sampler_validation import PUBLISHED_LATENT_STD
-from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate
+from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, resolve_for_model
 from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.io.progress import progress_bar
 from diffusets_jax.models import model_dir as model_dirs
@@ -83,11 +82,7 @@ class ECGGenerator:
         model_dirs.check_generation_parts(self.model_dir, self.index, self.vae, self.unet)
         self.conditioning = self.index.conditioning
         self.diffusion = self.index.diffusion
-        sampler = sampler if sampler is not None else SamplerConfig()
-        if sampler.clip_sample is None:  # "as the model directs"
-            sampler = dataclasses.replace(sampler, clip_sample=self.diffusion.clip_sample)
-        if sampler.data_std is None:  # DDIM's validated grid follows the model's latent std
-            sampler = dataclasses.replace(sampler, data_std=self.diffusion.latent_std or PUBLISHED_LATENT_STD)
+        sampler = resolve_for_model(sampler if sampler is not None else SamplerConfig(), self.diffusion)
         self.sampler = sampler
         self.seed = seed
         self.mesh = parallel.local_mesh()

@@ -385,3 +385,69 @@ def plot_wfdb_records(
         except (OSError, ValueError) as err:
             skipped[record] = str(err)
     return {"written": written, "skipped": skipped}
+
+
+def plot_diagnosis(
+    timesteps: Sequence[int],
+    x0_mse: Mapping[str, Sequence[float]],
+    eps_mse: Mapping[str, Sequence[float]],
+    latents: Mapping[str, np.ndarray],
+    *,
+    references: Sequence[str] = (),
+    path: str | os.PathLike | None = None,
+    dpi: int = 150,
+    title: str = "",
+) -> Figure:
+    """The U-Net diagnosis (`experiments.diagnose`): x0- and eps-MSE per element against the timestep on log
+    scales, one line per series of `x0_mse` / `eps_mse` (`{label: values per t}`; the labels in `references` drawn
+    as grey dashed reference lines), and box plots of `latents` (`{label: (n, length, C)}`) per channel: the
+    boxes span the quartiles, the whiskers the 1st to 99th percentiles and the ticks the min and max."""
+    t = np.asarray(timesteps, dtype=np.float64)
+    fig = Figure(figsize=(16.0, 4.8), facecolor="white")
+    FigureCanvasAgg(fig)
+    reference_styles = [dict(color="#555555", linestyle="--"), dict(color="#000000", linestyle=":")]
+    unet_colors = ["#1f4e79", "#c0392b", "#27ae60"]
+    for column, (values, ylabel) in enumerate(((x0_mse, "x0 MSE per element"), (eps_mse, "eps MSE per element"))):
+        ax = fig.add_subplot(1, 3, column + 1)
+        unet_index = 0
+        for label, series in values.items():
+            y = np.asarray(series, dtype=np.float64)
+            if label in references:
+                style = reference_styles[list(references).index(label) % len(reference_styles)]
+                ax.plot(t, y, marker=".", linewidth=1.2, label=label, **style)
+            else:
+                ax.plot(t, y, marker="o", markersize=4, linewidth=1.8, label=label,
+                        color=unet_colors[unet_index % len(unet_colors)])
+                unet_index += 1
+        ax.set_yscale("log")
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", color="#dddddd", linewidth=0.5)
+        ax.legend(frameon=False, fontsize=7)
+    ax = fig.add_subplot(1, 3, 3)
+    labels = list(latents)
+    channels = int(np.shape(next(iter(latents.values())))[-1]) if labels else 0
+    width = 0.8 / max(len(labels), 1)
+    box_colors = ["#bbbbbb"] + unet_colors
+    for i, label in enumerate(labels):
+        flat = np.asarray(latents[label], dtype=np.float64).reshape(-1, channels)
+        positions = np.arange(channels) + (i - (len(labels) - 1) / 2) * width
+        parts = ax.boxplot([flat[:, c] for c in range(channels)], positions=positions, widths=width * 0.9,
+                           whis=(1, 99), showfliers=False, patch_artist=True)
+        for box in parts["boxes"]:
+            box.set_facecolor(box_colors[i % len(box_colors)])
+            box.set_alpha(0.8)
+        ax.scatter(np.repeat(positions, 2), np.stack([flat.min(axis=0), flat.max(axis=0)], axis=1).reshape(-1),
+                   marker="_", s=40, color=box_colors[i % len(box_colors)], zorder=3)
+        ax.plot([], [], color=box_colors[i % len(box_colors)], linewidth=6, label=label)
+    ax.set_xticks(np.arange(channels))
+    ax.set_xticklabels([f"channel {c}" for c in range(channels)])
+    ax.set_ylabel("latent value (scaled)")
+    ax.grid(True, axis="y", color="#dddddd", linewidth=0.5)
+    ax.legend(frameon=False, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        save_png(fig, path, dpi)
+    return fig
