@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -322,7 +323,9 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                 fingerprint = records_lib.chunk_fingerprint(members, config.decode)
                 path = os.path.join(cache_root, f"{split}-{start // chunk_size:06d}-{fingerprint}.npz")
                 self._chunks.append(_Chunk(split, start // chunk_size, members, path))
-        self._chunks_cached_before = {chunk.cache_path for chunk in self._chunks if os.path.exists(chunk.cache_path)}
+        # A chunk file cut short (a killed writer, a full disk) is no zip archive: it is decoded again, not reused.
+        self._chunks_cached_before = {chunk.cache_path for chunk in self._chunks
+                                      if os.path.exists(chunk.cache_path) and zipfile.is_zipfile(chunk.cache_path)}
         splits = [split for split in SPLITS if by_split[split]]
         if not self._use_beam:
             # Decode everything up front (in parallel, into the cache): TFDS cannot write a split that yields no
