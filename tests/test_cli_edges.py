@@ -357,6 +357,7 @@ def test_a_damaged_model_is_one_line_without_tensorstore_echoes(tiny_model, tmp_
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow  # three training runs, each compiling the step for 8 devices
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, caplog):
     from diffusets_jax import parallel
     from diffusets_jax.train import loop
