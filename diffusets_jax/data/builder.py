@@ -186,10 +186,10 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
 
     def candidates(self, manual_dir: str) -> list[RecordCandidate]:
         """`list_candidates(manual_dir)`, read once per builder (prepare fingerprints them before building)."""
-        manual_dir = os.fspath(manual_dir)
-        if self._listed is None or self._listed[0] != manual_dir:
+        key = os.path.abspath(os.fspath(manual_dir))  # TFDS hands the same folder over as another string
+        if self._listed is None or self._listed[0] != key:
             self._table_skips = []
-            self._listed = (manual_dir, self.list_candidates(manual_dir))
+            self._listed = (key, self.list_candidates(os.fspath(manual_dir)))
         return self._listed[1]
 
     def records_fingerprint(self, manual_dir: str) -> dict[str, Any]:

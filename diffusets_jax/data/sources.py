@@ -167,7 +167,7 @@ def _remove_interrupted_builds(dataset_dir: Path) -> None:
     """Remove the temporary folders TFDS names `incomplete.<random>_<version>` beside `dataset_dir` for this
     dataset and version: what a killed prepare left (TFDS renames the folder into place only when complete). Only
     called under the prepare lock, so none of them belongs to a running build of ours."""
-    for folder in dataset_dir.parent.glob(f"incomplete.*_{dataset_dir.name}"):
+    for folder in dataset_dir.parent.glob(f"incomplete.??????_{dataset_dir.name}"):  # TFDS: 6 random A-Z0-9
         if folder.is_dir():
             shutil.rmtree(folder)
 
