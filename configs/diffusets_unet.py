@@ -10,7 +10,13 @@ Output: `workdir/export/unet`.
 
 import ml_collections
 
-from diffusets_jax.config import data_section, diffusion_section, mesh_section, optimizer_section, train_section
+from diffusets_jax.config import (
+    data_section,
+    diffusion_section,
+    mesh_section,
+    optimizer_section,
+    train_section,
+)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -30,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
             "kernel_size": 7,
             "text_dim": 1536,
             "exact_cross_attention": False,  # False: computed as its equivalent per-sample bias
+            "remat": False,  # True: recompute block activations in the backward pass (less memory, same result)
         }
     )
 

@@ -11,7 +11,14 @@ The latent dataset's text embeddings must come from the local encoder (all-MiniL
 
 import ml_collections
 
-from diffusets_jax.config import data_section, diffusion_section, mesh_section, module_section, optimizer_section, train_section
+from diffusets_jax.config import (
+    data_section,
+    diffusion_section,
+    mesh_section,
+    module_section,
+    optimizer_section,
+    train_section,
+)
 from diffusets_jax.models.unet import UNet
 
 

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -295,8 +296,10 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--vae", required=True, metavar="MODEL_DIR", help="model directory holding the VAE (from "
                         "`diffusets-jax convert` or `train vae --model-dir`)")
-    parser.add_argument("--data-dir", required=True, metavar="DIR", help="TFDS data_dir the dataset was prepared into")
-    parser.add_argument("--dataset", required=True, metavar="NAME", help="prepared dataset name, e.g. mimic_iv_ecg")
+    parser.add_argument("--dataset", required=True, metavar="DIR_OR_NAME",
+                        help="prepared dataset directory (holding dataset_info.json), or its name with --data-dir")
+    parser.add_argument("--data-dir", metavar="DIR", help="TFDS data_dir the dataset was prepared into, when --dataset "
+                        "is a name (e.g. mimic_iv_ecg)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory of the latent dataset")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="examples per encoder call, a multiple of the local device count (default: 256)")
@@ -497,67 +500,133 @@ COMMANDS.append(_add_sample)
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "evaluate",
-        help="three-level evaluation: generate from a prepared split's conditions and compare with its real ECGs",
+        help="the paper's evaluation (and more): generate from a prepared split's conditions, or score any samples",
         description=(
-            "For each real ECG of a prepared split, generate one ECG from the same text embedding, sex, age and "
-            "heart rate, then compare: signal level (heart-rate MAE, failures counted; amplitudes), feature level "
-            "(FID, rFID, precision/recall/F1 with k = 3 on CLIP ECG features) and diagnostic level (CLIP score). "
-            "Writes report.json, report.md, the heart-rate scatter and real/generated pairs."
+            "Generate one ECG per real record of a prepared split from its own text embedding, sex, age and heart "
+            "rate (or N records per condition with --by-condition), then score at the paper's levels: signal (FID, "
+            "rFID, precision/recall/F1 with k = 3 on CLIP ECG features), feature (heart-rate MAE and scatter), "
+            "diagnostic (CLIP score), plus model-free clinical metrics with patient-clustered bootstrap intervals. "
+            "--protocol paper (default) reproduces the published evaluation: VAE-reconstructed references, the "
+            "1000-step DDPM, first-lead XQRS heart rate; --protocol fast: raw references, DPM-Solver++, consensus "
+            "heart rate. --generated PATH scores another generator's samples (NPZ, WFDB folder or corpus) against "
+            "the split with no model. Several --model-dir give one report each and a side-by-side comparison (the "
+            "paper's Fig. 2A: with and without patient information). Writes report.md, report.json and figures."
         ),
     )
-    parser.add_argument("--model-dir", required=True, metavar="DIR", help="the generator's model directory")
+    src = parser.add_argument_group("what to evaluate")
+    src.add_argument("--model-dir", nargs="+", metavar="DIR", help="model director(y/ies) to generate with")
+    src.add_argument("--labels", nargs="+", metavar="LABEL", help="names of the --model-dir models in the comparison")
+    src.add_argument("--generated", metavar="PATH", help="score these samples instead: an .npz (ecg + conditions), "
+                     "a folder of WFDB records, or a dataset folder (e.g. a `sample --corpus` corpus)")
     parser.add_argument("--clip", metavar="DIR", help="model directory whose clip/ is the feature extractor "
                         "(default: the --model-dir's own clip)")
     parser.add_argument("--dataset", required=True, help="prepared dataset directory (or TFDS name with --data-dir)")
     parser.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
     parser.add_argument("--split", default="test", help="split to evaluate on (default: %(default)s)")
-    parser.add_argument("--limit", type=int, help="use only the first N examples of the split")
+    parser.add_argument("--limit", type=int, help="use only the first N records of the split")
     parser.add_argument("--out", required=True, metavar="DIR", help="report directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--protocol", choices=("paper", "fast"), default="paper",
+                        help="paper: the published protocol (default); fast: raw references, DPM-Solver++")
+    cond = parser.add_argument_group("per condition (the paper's Fig. 2D/2E)")
+    cond.add_argument("--by-condition", action="store_true", help="N records per condition by keyword rules")
+    cond.add_argument("--rules", metavar="FILE", help="keyword rule file (default: the paper's 15 conditions)")
+    cond.add_argument("--conditions", metavar="NAMES", help="comma-separated subset of the rules, e.g. af,lbbb,normal")
+    cond.add_argument("--records-per-condition", type=int, default=50, help="N (default: %(default)s)")
+    cond.add_argument("--samples-per-record", type=int, default=1, help="S (default: %(default)s)")
+    smp = parser.add_argument_group("sampler (default: the protocol's)")
+    smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"))
+    smp.add_argument("--steps", type=int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
+    smp.add_argument("--guidance-scale", type=float, default=1.0)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for intervals (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes for beat detection and delineation (default: all cores)")
     parser.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    import json
 
     from diffusets_jax import parallel
-    from diffusets_jax.diffusion.samplers import sampler_config
-    from diffusets_jax.experiments.evaluate import evaluate_split, load_clip
+    from diffusets_jax.experiments import evaluate as ev
     from diffusets_jax.io.run_dir import check_output_path, output_dir
 
+    # Everything checkable is checked before any model is loaded or anything generated.
     check_output_path(args.out, command="evaluate", overwrite=args.overwrite)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be a positive number of examples, got {args.limit}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive number of ECGs, got {args.batch_size}")
-    sampler = sampler_config(args.sampler, steps=args.steps, guidance_scale=args.guidance_scale)
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--n-boot", args.n_boot),
+                        ("--records-per-condition", args.records_per_condition),
+                        ("--samples-per-record", args.samples_per_record), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive number, got {value}")
+    if bool(args.model_dir) == bool(args.generated):
+        raise ValueError("give either --model-dir (generate and score) or --generated PATH (score samples)")
+    if args.labels and (not args.model_dir or len(args.labels) != len(args.model_dir)):
+        raise ValueError(f"--labels: give one label per --model-dir ({len(args.model_dir or [])}), got {len(args.labels)}")
+    proto = ev.protocol(args.protocol)
     from diffusets_jax.data import pipeline
 
     builder = pipeline.load_builder(args.dataset, args.data_dir)  # a wrong dataset or split fails before any model
     if args.split not in builder.info.splits and args.split != "all":
         raise ValueError(f"--split {args.split}: dataset {args.dataset} has no such split; it has "
                          f"{', '.join(sorted(builder.info.splits))}")
+    rules = None
+    if args.by_condition or args.rules or args.conditions:
+        from diffusets_jax.experiments.keyword_rules import CONDITION_RULES, load_rules
+
+        rules = load_rules(args.rules or CONDITION_RULES)
+        if args.conditions:
+            rules = rules.select([c.strip() for c in args.conditions.split(",") if c.strip()])
     parallel.initialize_distributed()
-    clip = load_clip(args.model_dir, args.clip)
+    clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
+    common = {"dataset": os.path.abspath(args.dataset), "split": args.split, "limit": args.limit,
+              "protocol": proto.name, "rules": None if rules is None else [r.name for r in rules.rules],
+              "clip": os.path.abspath(args.clip or args.model_dir[0]), "n_boot": args.n_boot}
+    if args.generated:
+        from diffusets_jax.io.generated import read_generated
+
+        generated = read_generated(args.generated)
+        settings = {**common, "generated": os.path.abspath(args.generated)}
+        with output_dir(args.out, command="evaluate", settings=settings, overwrite=args.overwrite) as run:
+            report = ev.evaluate_generated(generated, clip, args.dataset, args.split, run.path, proto=proto,
+                                           data_dir=args.data_dir, limit=args.limit, rules=rules, n_boot=args.n_boot,
+                                           workers=args.workers, seed=args.seed)
+            run.mark_complete()
+        _print_levels(args.out, report)
+        return 0
+
+    from diffusets_jax.diffusion.samplers import sampler_config
     from diffusets_jax.pipeline import ECGGenerator
 
-    generator = ECGGenerator(args.model_dir, sampler, batch_size=args.batch_size, seed=args.seed)
-    settings = {**generator.settings(), "dataset": os.path.abspath(args.dataset), "split": args.split,
-                "limit": args.limit, "clip": os.path.abspath(args.clip or args.model_dir)}
+    sampler = sampler_config(args.sampler or proto.sampler, steps=args.steps or (None if args.sampler else proto.steps),
+                             guidance_scale=args.guidance_scale)
+    labels = args.labels or [Path(d).name or str(d) for d in args.model_dir]
+    generators = [ECGGenerator(d, sampler, batch_size=args.batch_size, seed=args.seed) for d in args.model_dir]
+    settings = {**common, "models": [g.settings() for g in generators], "labels": labels,
+                "records_per_condition": args.records_per_condition, "samples_per_record": args.samples_per_record}
     with output_dir(args.out, command="evaluate", settings=settings, overwrite=args.overwrite) as run:
-        report = evaluate_split(generator, clip, args.dataset, args.split, run.path, data_dir=args.data_dir,
-                                limit=args.limit)
+        reports = []
+        for label, generator in zip(labels, generators, strict=True):
+            out = run.path if len(generators) == 1 else run.path / label
+            reports.append((label, ev.evaluate_split(
+                generator, clip, args.dataset, args.split, out, proto=proto, data_dir=args.data_dir,
+                limit=args.limit, rules=rules, records_per_condition=args.records_per_condition,
+                samples_per_record=args.samples_per_record, n_boot=args.n_boot, workers=args.workers)))
+        if len(reports) > 1 and "signal_level" in reports[0][1]:
+            ev.compare_reports(reports, run.path)
         run.mark_complete()
         parallel.barrier("evaluate-finished")
-    if "signal_level" in report:  # process 0 writes and prints the report
-        print(json.dumps({"out": args.out, **{k: report[k] for k in ("feature_level", "diagnostic_level")},
-                          "heart_rate_mae_bpm": report["signal_level"]["heart_rate_mae_bpm"]}, indent=2))
+    for label, report in reports:
+        _print_levels(args.out if len(reports) == 1 else os.path.join(args.out, label), report)
     return 0
+
+
+def _print_levels(out: str, report: dict) -> None:
+    import json
+
+    if "signal_level" in report:  # process 0 writes and prints the report
+        print(json.dumps({"out": out, **{k: report[k] for k in ("signal_level", "feature_level", "diagnostic_level")}},
+                         indent=2))
 
 
 COMMANDS.append(_add_evaluate)

@@ -33,6 +33,7 @@ from diffusets_jax import parallel
 from diffusets_jax.conditioning.patient import patient_features
 from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.diffusion.guidance import fixed_null_condition
+from diffusets_jax.diffusion.sampler_validation import PUBLISHED_LATENT_STD
 from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate
 from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.io.progress import progress_bar
@@ -88,6 +89,8 @@ class ECGGenerator:
         sampler = sampler if sampler is not None else SamplerConfig()
         if sampler.clip_sample is None:  # "as the model directs"
             sampler = dataclasses.replace(sampler, clip_sample=self.diffusion.clip_sample)
+        if sampler.data_std is None:  # DDIM's validated grid follows the model's latent std
+            sampler = dataclasses.replace(sampler, data_std=self.diffusion.latent_std or PUBLISHED_LATENT_STD)
         self.sampler = sampler
         self.seed = seed
         self.mesh = parallel.local_mesh()
@@ -104,6 +107,7 @@ class ECGGenerator:
                                       batch_sharding=self._cond_sharding, compute_dtype=compute_dtype,
                                       latent_scale=self.diffusion.latent_scale)
         self._null_cond = fixed_null_condition(self.unet.text_dim) if sampler.guidance_scale != 1.0 else None
+        self._reconstruct = None
 
     # -- conditions -> model inputs ------------------------------------------------------------------
     def prompt(self, condition: Condition) -> str:
@@ -151,6 +155,30 @@ class ECGGenerator:
                                     [c.heart_rate for c in conditions], mode=self.conditioning.patient_features)
         return {"text_embedding": np.asarray(text_embedding, np.float32), "sex": features[:, 0],
                 "age": features[:, 1], "heart_rate": features[:, 2]}
+
+    # -- reconstruction ---------------------------------------------------------------------------------
+    def reconstruct(self, ecgs: np.ndarray) -> np.ndarray:
+        """VAE reconstructions decoder(encoder(ecg)) of `ecgs` `(n, 1024, 12)` mV, through the posterior mean at the
+        model's latent scale: the references the published evaluation compares generated ECGs with."""
+        from diffusets_jax.models.vae import VAE
+
+        if self._reconstruct is None:
+            scale = self.diffusion.latent_scale
+
+            def run(variables, ecg):
+                mean, _ = self.vae.apply(variables, ecg, method=VAE.encode)
+                return self.vae.apply(variables, mean * scale, latent_scale=scale, method=VAE.decode)
+
+            self._reconstruct = jax.jit(run, in_shardings=(parallel.replicated(self.mesh), self._cond_sharding),
+                                        out_shardings=self._cond_sharding)
+        ecgs = np.asarray(ecgs, np.float32)
+        out = []
+        for start in range(0, len(ecgs), self.batch_size):
+            chunk = ecgs[start : start + self.batch_size]
+            padded = np.concatenate([chunk, np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), np.float32)])
+            out.append(np.asarray(self._reconstruct(self.vae_variables, jax.device_put(padded, self._cond_sharding)))
+                       [: len(chunk)])
+        return np.concatenate(out) if out else np.zeros_like(ecgs)
 
     # -- generation -------------------------------------------------------------------------------------
     def generate_batch(self, cond: dict[str, np.ndarray], batch_index: int) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -16,26 +15,7 @@ from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.io.corpus import write_corpus
 from diffusets_jax.io.outputs import parse_formats, sample_to_directory
 from diffusets_jax.pipeline import ECGGenerator
-from tests.helpers.fake_openai_server import FakeOpenAIServer
-from tests.helpers.tiny_models import TEXT_DIM, tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def openai_env():
-    with FakeOpenAIServer(dim=TEXT_DIM) as server:
-        old = {k: os.environ.get(k) for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
-        os.environ.update(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=server.base_url)
-        yield server
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
+from tests.helpers.tiny_models import TEXT_DIM
 
 
 @pytest.fixture(scope="module")

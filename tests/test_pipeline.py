@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 
 import jax
@@ -16,27 +15,8 @@ from diffusets_jax.diffusion.samplers import sample, sampler_config
 from diffusets_jax.diffusion.schedule import DiffusionSpec, make_schedule
 from diffusets_jax.models import model_dir as model_dirs
 from diffusets_jax.pipeline import ECGGenerator
-from tests.helpers.fake_openai_server import FakeOpenAIServer
+from tests.helpers.fake_openai_server import fake_openai_env
 from tests.helpers.tiny_models import FAKE_EMBEDDER, TEXT_DIM, tiny_model_dir, tiny_vae_unet
-
-
-@pytest.fixture(scope="module")
-def openai_env():
-    """The model's embedder is the real OpenAI client, pointed at a local OpenAI-compatible server."""
-    with FakeOpenAIServer(dim=TEXT_DIM) as server:
-        old = {k: os.environ.get(k) for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
-        os.environ.update(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=server.base_url)
-        yield server
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
 def test_ddpm_clips_x0_as_the_model_directory_says(model_dir, tmp_path):
@@ -148,18 +128,12 @@ def test_sample_with_converted_reference_checkpoints(tmp_path):
     assert (embedder.kind, embedder.model, embedder.dim) == ("openai", "text-embedding-ada-002", 1536)
     assert index.conditioning.patient_features == "faithful" and index.diffusion.clip_sample
     assert index.components["unet"]["vae_uid"] == index.components["vae"]["uid"]  # converted together: a pair
+    assert index.sampling["latent_std_source"].startswith("assumed") and all(
+        v["passed"] and v["latent_std"] == 0.18 for v in index.sampling["validated"])
     out = tmp_path / "out"
-    with FakeOpenAIServer(dim=1536) as server:
-        env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            assert main(["sample", "--model-dir", str(models), "--out", str(out), "--text", "Sinus rhythm",
-                         "--sex", "M", "--age", "50", "--hr", "90", "-n", "2", "--steps", "2",
-                         "--batch-size", "8"]) == 0
-        finally:
-            for k, v in old.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    with fake_openai_env(1536) as server:
+        assert main(["sample", "--model-dir", str(models), "--out", str(out), "--text", "Sinus rhythm",
+                     "--sex", "M", "--age", "50", "--hr", "90", "-n", "2", "--steps", "2", "--batch-size", "8"]) == 0
         assert server.models == ["text-embedding-ada-002"]
         assert server.received == [["Most importantly, the 1st diagnosis is {Sinus rhythm}."]]
     manifest = json.loads((out / "manifest.json").read_text())

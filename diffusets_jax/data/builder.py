@@ -421,7 +421,7 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         examples_of: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
         written: collections.Counter[str] = collections.Counter()
         sources: collections.Counter[str] = collections.Counter()
-        xqrs_records: list[dict[str, Any]] = []
+        detected_records: list[dict[str, Any]] = []  # heart rate from QRS detection (machine RR unusable)
         flat_lead_records: list[dict[str, str]] = []
         flat_lead_count = 0
         reused = decoded = 0
@@ -446,8 +446,8 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                         flat_lead_records.append({"record_path": chunk.candidates[int(position)].record_path, "leads": str(flat)})
             for position, source, lead in zip(result.ok_index, result.heart_rate_source, result.heart_rate_lead, strict=True):
                 sources[str(source)] += 1
-                if source == "xqrs":
-                    xqrs_records.append({"record_path": chunk.candidates[int(position)].record_path, "lead": int(lead)})
+                if source != "rr":
+                    detected_records.append({"record_path": chunk.candidates[int(position)].record_path, "lead": int(lead)})
         for row in self._table_skips:  # source-table rows that never became a record
             skipped[BAD_TABLE_ROW] += 1
             if len(examples_of[BAD_TABLE_ROW]) < EXAMPLES_PER_REASON_IN_REPORT:
@@ -461,7 +461,7 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             "skipped_examples": {reason: examples_of[reason] for reason in sorted(examples_of)},
             "examples_per_split": {split: written[split] for split in SPLITS},
             "heart_rate_sources": dict(sorted(sources.items())),
-            "xqrs_records": xqrs_records[:100],
+            "detected_heart_rate_records": detected_records[:100],
             # Written despite flat leads (DecodeOptions.flat_leads == "keep", the reference's behaviour).
             "written_with_flat_leads": {"count": flat_lead_count, "examples": flat_lead_records},
             "embedding": self._embedding_summary,

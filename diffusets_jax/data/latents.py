@@ -118,32 +118,39 @@ def load_vae_encoder(model_dir: str | os.PathLike) -> tuple[EncodeApply, Any, di
     return encode, variables, reference
 
 
-def measure_latent_scale(source: tfds.core.DatasetBuilder | str | os.PathLike, split: str = "train", *,
-                         max_examples: int = 4096) -> float:
-    """1 / standard deviation of the posterior means of the first `max_examples` of `split`, in stored order.
-
-    The scale that gives the diffusion model unit-variance latents (latent diffusion's `scale_by_std`, which
-    measures the first batch): the published 0.18215 suits Stable Diffusion's VAE, not one trained from scratch.
-    Deterministic, and the same on every host (each reads the same leading examples).
-    """
+def measure_latent_moments(source: tfds.core.DatasetBuilder | str | os.PathLike, split: str = "train", *,
+                           max_examples: int = 4096) -> tuple[float, float]:
+    """(mean, standard deviation) of the posterior means of the first `max_examples` of `split`, in stored order
+    (unscaled). Deterministic, and the same on every host (each reads the same leading examples)."""
     builder = pipeline.load_builder(source)
     if split not in builder.info.splits:
-        raise ValueError(f"{builder.data_dir}: no split {split!r} to measure the latent scale on "
+        raise ValueError(f"{builder.data_dir}: no split {split!r} to measure the latents on "
                          f"(it has {sorted(builder.info.splits)})")
     n = min(int(max_examples), int(builder.info.splits[split].num_examples))
     if n < 1:
-        raise ValueError(f"{builder.data_dir}: split {split!r} is empty; cannot measure the latent scale")
+        raise ValueError(f"{builder.data_dir}: split {split!r} is empty; cannot measure its latents")
     ds = builder.as_dataset(split=f"{split}[:{n}]", shuffle_files=False,
                             decoders=tfds.decode.PartialDecoding({"latent_mean": True}))
     total = total_sq = count = 0.0
     for batch in tfds.as_numpy(ds.batch(256)):
         values = np.asarray(batch["latent_mean"], np.float64)
         total, total_sq, count = total + values.sum(), total_sq + np.square(values).sum(), count + values.size
-    std = math.sqrt(max(total_sq / count - (total / count) ** 2, 0.0))
+    mean = total / count
+    std = math.sqrt(max(total_sq / count - mean**2, 0.0))
     if not math.isfinite(std) or std <= 0:
         raise ValueError(f"{builder.data_dir}: the latent means of {split!r} have standard deviation {std}: "
                          "re-encode with a trained VAE")
-    return 1.0 / std
+    return mean, std
+
+
+def measure_latent_scale(source: tfds.core.DatasetBuilder | str | os.PathLike, split: str = "train", *,
+                         max_examples: int = 4096) -> float:
+    """1 / standard deviation of the posterior means of the first `max_examples` of `split` (`measure_latent_moments`).
+
+    The scale that gives the diffusion model unit-variance latents (latent diffusion's `scale_by_std`, which
+    measures the first batch): the published 0.18215 suits Stable Diffusion's VAE, not one trained from scratch.
+    """
+    return 1.0 / measure_latent_moments(source, split, max_examples=max_examples)[1]
 
 
 def _open_index(out_dir: str, expected: dict) -> dict:

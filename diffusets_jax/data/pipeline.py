@@ -80,6 +80,10 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
     source = os.fspath(source)
     if os.path.isfile(os.path.join(source, "dataset_info.json")):
         return tfds.builder_from_directory(source)
+    from diffusets_jax.data import sources
+
+    if source in sources.SOURCES.values():  # our builders register their names with TFDS when imported
+        sources.builder_class(source)
     try:
         builder = tfds.builder(source, data_dir=None if data_dir is None else os.fspath(data_dir))
     except tfds.core.registered.DatasetNotFoundError as err:

@@ -241,18 +241,21 @@ def export_state(model: str, task: Task, config: ml_collections.ConfigDict, stat
         path = model_dirs.write_component(model_dir, model, task.model, variables, provenance=provenance)
     else:
         from diffusets_jax.data.card import card_conditioning, read_card
-        from diffusets_jax.data.latents import measure_latent_scale
+        from diffusets_jax.data.latents import measure_latent_moments
+        from diffusets_jax.diffusion.sampler_validation import validate_model_defaults
         from diffusets_jax.train.diffusion import diffusion_spec
 
         card = read_card(builder)
         conditioning = card_conditioning(card, str(builder.data_dir)).with_patient_features(
             str(config.train.patient_features))
-        # The std of the scaled latents the U-Net saw (posterior means): the scale fast samplers are validated at.
-        latent_std = float(config.diffusion.latent_scale) / measure_latent_scale(builder, config.data.train_split)
+        # The scaled latents the U-Net saw (posterior means): the scale fast samplers are validated at.
+        mean, std = measure_latent_moments(builder, config.data.train_split)
+        scale = float(config.diffusion.latent_scale)
+        spec = diffusion_spec(config, latent_std=scale * std)
         vae_uid = card.get("derived_from", {}).get("vae", {}).get("uid")
         path = model_dirs.write_component(model_dir, "unet", task.model, variables, provenance=provenance,
-                                          conditioning=conditioning, diffusion=diffusion_spec(config, latent_std),
-                                          vae_uid=vae_uid)
+                                          conditioning=conditioning, diffusion=spec, vae_uid=vae_uid,
+                                          sampling=validate_model_defaults(spec, latent_mean=scale * mean))
     log.info("exported %s to %s", model, path)
     return path
 

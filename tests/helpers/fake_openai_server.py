@@ -11,8 +11,10 @@ Run standalone (`python tests/fake_openai_server.py PORT_FILE [DIM]`) it serves 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
@@ -127,3 +129,21 @@ if __name__ == "__main__":
         with open(sys.argv[1], "w") as f:
             f.write(fake.base_url)
         threading.Event().wait()
+
+
+@contextlib.contextmanager
+def fake_openai_env(dim: int = 16, **server_options):
+    """A running FakeOpenAIServer with OPENAI_API_KEY / OPENAI_BASE_URL pointing at it for the duration (the real
+    OpenAI client then talks to it), restoring the environment after."""
+    with FakeOpenAIServer(dim=dim, **server_options) as server:
+        keys = ("OPENAI_API_KEY", "OPENAI_BASE_URL")
+        old = {k: os.environ.get(k) for k in keys}
+        os.environ.update(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=server.base_url)
+        try:
+            yield server
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
