@@ -70,6 +70,9 @@ class ECGGenerator:
         embedder_overrides: dict[str, Any] | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
+        if self.model_dir.exists() and not self.model_dir.is_dir():
+            raise NotADirectoryError(f"--model-dir {self.model_dir} is a file, not a model directory (the folder "
+                                     "holding model_index.json, vae/ and unet/)")
         if not self.model_dir.is_dir():
             raise FileNotFoundError(f"model directory {self.model_dir} does not exist (write one with `diffusets-jax "
                                     "convert --out DIR` or `diffusets-jax train ... --model-dir DIR`)")
@@ -225,7 +228,8 @@ class ECGGenerator:
                 ecgs = self.generate_batch(cond, index)
                 if bar is not None:
                     bar.update(len(chunk))
-                    bar.set_postfix(ecg_per_s=f"{len(chunk) / (time.perf_counter() - began):.2f}")
+                    bar.set_postfix(ecg_per_s=f"{len(chunk) / (time.perf_counter() - began):.2f}",
+                                    refresh=False)  # drawn at the bar's pace, not once per batch in a log file
                 yield GeneratedBatch(index, start, chunk, prompts[start : start + len(chunk)], ecgs)
         finally:
             if bar is not None:

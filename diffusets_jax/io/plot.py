@@ -18,7 +18,6 @@ lines between 9.8 ms-apart samples draw jagged QRS complexes. The data are not c
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
@@ -198,18 +197,11 @@ def _footer(fig: Figure, fs: float, extra: str = "") -> None:
 def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 200) -> str:
     """Write `fig` as a PNG at `dpi` atomically (temp file + os.replace). Never crops: the size in pixels is
     the figure size in inches times `dpi`, which keeps the mm scale."""
+    from diffusets_jax.io.files import atomic_path
+
     path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            fig.savefig(stream, format="png", dpi=dpi, facecolor=fig.get_facecolor())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        fig.savefig(stream, format="png", dpi=dpi, facecolor=fig.get_facecolor())
     return path
 
 
@@ -366,24 +358,46 @@ def plot_condition_bars(rows: Sequence[Mapping[str, Any]], *, path: str | os.Pat
 
 
 def plot_wfdb_records(
-    records: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dpi: int = 200
+    records: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dpi: int = 200, *, overwrite: bool = False
 ) -> dict[str, Any]:
     """Draw each 12-lead WFDB record (`path` with or without `.hea`; ours or any 10 s 12-lead record) as
     `out_dir/NAME.png`, with the conditions from its header comments in the title. A record that cannot be
-    read or drawn is skipped and reported: `{"written": [png paths], "skipped": {record: reason}}`."""
+    read or drawn is skipped and reported: `{"written": [png paths], "skipped": {record: reason}}`.
+
+    `out_dir` is claimed like every output folder (`io.run_dir.output_dir`): the same command rerun redraws into
+    it, anything else there is refused unless `overwrite`. When no record exists at all (a typo), nothing is
+    created and the error names the first one.
+    """
+    from diffusets_jax.io.run_dir import output_dir
     from diffusets_jax.io.wfdb_out import read_record
 
-    written, skipped = [], {}
-    for record in records:
-        record = os.fspath(record)
-        name = os.path.basename(record[:-4] if record.endswith((".hea", ".dat")) else record)
-        try:
-            ecg = read_record(record)
-            conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
-            fig = plot_ecg(np.nan_to_num(ecg.signal), ecg.fs, title=name, conditions=conditions)
-            written.append(save_png(fig, os.path.join(os.fspath(out_dir), f"{name}.png"), dpi))
-        except (OSError, ValueError) as err:
-            skipped[record] = str(err)
+    records = [os.fspath(record) for record in records]
+    headers = {record: (record if record.endswith(".hea") else record[:-4] + ".hea" if record.endswith(".dat")
+                        else record + ".hea") for record in records}
+    problems = {record: (f"{header} is a directory, not a WFDB record" if os.path.isdir(header) or os.path.isdir(record)
+                         else f"{header} does not exist") for record, header in headers.items()
+                if not os.path.isfile(header)}
+    if problems and len(problems) == len(records):
+        first = next(iter(problems.values()))
+        raise FileNotFoundError(first + (f" (nor any of the other {len(records) - 1} records)" if len(records) > 1
+                                         else "") + ": give WFDB record paths (NAME or NAME.hea)")
+    settings = {"records": [os.path.abspath(record) for record in records], "dpi": dpi}
+    written, skipped = [], dict(problems)
+    with output_dir(out_dir, command="plot", settings=settings, overwrite=overwrite, flag="--out-dir") as run:
+        for record in records:
+            if record in problems:
+                continue
+            name = os.path.basename(headers[record][:-4])
+            try:
+                ecg = read_record(record)
+                conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
+                fig = plot_ecg(np.nan_to_num(ecg.signal), ecg.fs, title=name, conditions=conditions)
+                written.append(save_png(fig, run.path / f"{name}.png", dpi))
+            except (OSError, ValueError) as err:
+                skipped[record] = str(err)
+        run.mark_complete(written=len(written), skipped=len(skipped))
+    if run.path != run.final:  # replaced as a whole: the PNGs now live in the final folder
+        written = [os.path.join(os.fspath(run.final), os.path.basename(path)) for path in written]
     return {"written": written, "skipped": skipped}
 
 
