@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
             "kernel_size": 7,
             "text_dim": 384,
             "exact_cross_attention": False,  # False: computed as its equivalent per-sample bias
+            "remat": False,  # True: recompute block activations in the backward pass (less memory, same result)
         }
     )
     config.data = data_section()

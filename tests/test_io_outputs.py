@@ -15,20 +15,7 @@ from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.io.corpus import write_corpus
 from diffusets_jax.io.outputs import parse_formats, sample_to_directory
 from diffusets_jax.pipeline import ECGGenerator
-from tests.helpers.fake_openai_server import fake_openai_env
-from tests.helpers.tiny_models import TEXT_DIM, tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def openai_env():
-    """The model's embedder is the real OpenAI client, pointed at a local OpenAI-compatible server."""
-    with fake_openai_env(TEXT_DIM) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
+from tests.helpers.tiny_models import TEXT_DIM
 
 
 @pytest.fixture(scope="module")

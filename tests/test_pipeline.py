@@ -19,18 +19,6 @@ from tests.helpers.fake_openai_server import fake_openai_env
 from tests.helpers.tiny_models import FAKE_EMBEDDER, TEXT_DIM, tiny_model_dir, tiny_vae_unet
 
 
-@pytest.fixture(scope="module")
-def openai_env():
-    """The model's embedder is the real OpenAI client, pointed at a local OpenAI-compatible server."""
-    with fake_openai_env(TEXT_DIM) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
-
-
 def test_ddpm_clips_x0_as_the_model_directory_says(model_dir, tmp_path):
     """sampler_config("ddpm") leaves clipping to the model: on for the published diffusion, off for one whose
     latents are not within [-1, 1]; an explicit choice always wins."""
@@ -140,6 +128,8 @@ def test_sample_with_converted_reference_checkpoints(tmp_path):
     assert (embedder.kind, embedder.model, embedder.dim) == ("openai", "text-embedding-ada-002", 1536)
     assert index.conditioning.patient_features == "faithful" and index.diffusion.clip_sample
     assert index.components["unet"]["vae_uid"] == index.components["vae"]["uid"]  # converted together: a pair
+    assert index.sampling["latent_std_source"].startswith("assumed") and all(
+        v["passed"] and v["latent_std"] == 0.18 for v in index.sampling["validated"])
     out = tmp_path / "out"
     with fake_openai_env(1536) as server:
         assert main(["sample", "--model-dir", str(models), "--out", str(out), "--text", "Sinus rhythm",

@@ -45,6 +45,10 @@ def test_train_encode_train_sample_through_one_model_directory(tmp_path, capsys)
     unet_data = index["components"]["unet"]["provenance"]["dataset"]
     assert unet_data["kind"] == "latents" and unet_data["derived_from"]["dataset"]["name"] == "tiny_ecg"
     assert index["diffusion"]["scale_by_std"] and index["diffusion"]["latent_std"] == pytest.approx(1.0, rel=1e-3)
+    # The fast samplers' defaults were checked at this model's latent mean and std, and the record says so.
+    validated = {v["sampler"]: v for v in index["sampling"]["validated"]}
+    assert validated["dpmpp_2m"]["passed"] and validated["dpmpp_2m"]["latent_std"] == pytest.approx(1.0, rel=1e-3)
+    assert index["sampling"]["latent_std_source"].startswith("measured")
     # A U-Net cannot train on ECGs: the error says to encode first.
     assert main(["train", "unet", "--config", str(CONFIGS / "demo_unet.py"), "--workdir", str(tmp_path / "x"),
                  f"--config.data.dataset={builder.data_dir}"]) == 2

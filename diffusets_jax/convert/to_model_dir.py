@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec, published_conditioning
+from diffusets_jax.diffusion.sampler_validation import validate_model_defaults
 from diffusets_jax.diffusion.schedule import DiffusionSpec
 from diffusets_jax.io.files import file_sha256
 
@@ -79,8 +80,10 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
                                                             "sha256": file_sha256(path)}}
         if name == "unet":
             conditioning = unet_conditioning(int(module.text_dim), **(conditioning_options or {}))
+            diffusion = DiffusionSpec()  # the published schedule and latent scale; no data to measure its std on
             folder = model_dirs.write_component(out, "unet", module, variables, provenance=provenance,
-                                                conditioning=conditioning, diffusion=DiffusionSpec(), vae_uid=vae_uid)
+                                                conditioning=conditioning, diffusion=diffusion, vae_uid=vae_uid,
+                                                sampling=validate_model_defaults(diffusion))
         else:
             folder = model_dirs.write_component(out, name, module, variables, provenance=provenance)
         if name == "vae":  # a VAE and U-Net converted together are the published pair

@@ -91,6 +91,20 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    """Refuse at once an input that is missing, a directory, or unreadable: one line naming it and what to do.
+
+    `what` names the input as the user knows it, e.g. "--input" or "reports file"."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory: give the file itself")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{what} {path}: cannot read it (permission denied)")
+    return path
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     """Parse a JSON file; a missing, unreadable or malformed file is one line naming it and what to do."""
     path = Path(path)

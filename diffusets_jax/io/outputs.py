@@ -112,17 +112,32 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
             _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
                       position=np.arange(batch.start, batch.start + len(batch.conditions)),
                       skipped_name=np.array(list(skipped), dtype=str), skipped_why=np.array(list(skipped.values()), dtype=str))
-        manifest = _finish(run.path, generator, items, formats, settings)
+        manifest = _finish(run.path, generator, items, total, formats, settings)
         run.mark_complete(count=manifest["count"])
     return manifest
 
 
-def _finish(out: Path, generator: Any, items: list[Condition], formats: list[str], settings: dict[str, Any]
-            ) -> dict[str, Any]:
-    """Merge this process's parts into its NPZ, gather every process's summary, write the manifest (process 0)."""
+def _finish(out: Path, generator: Any, items: list[Condition], total: int, formats: list[str],
+            settings: dict[str, Any]) -> dict[str, Any]:
+    """Merge the per-batch parts into the NPZ, gather every process's summary, write the manifest (process 0).
+
+    On a disk every host shares, process 0 sees every part and writes one `samples.npz`; on separate disks each
+    process writes `samples-PPPPP-of-NNNNN.npz` of the batches only it holds.
+    """
     import jax
 
-    parts = sorted((out / _PARTS).glob("batch-*.npz"))
+    count, index = jax.process_count(), jax.process_index()
+    parallel.barrier("sample-parts-written")  # every host's last part is on disk before anyone looks
+    seen = sorted((out / _PARTS).glob("batch-*.npz"))
+    visible = parallel.allgather_objects([p.name for p in seen])  # which parts each host can read
+    if len(set(visible[0])) == total:  # one shared disk (or one host): process 0 merges everything
+        mine = seen if index == 0 else []
+        npz_name = "samples.npz"
+    else:
+        earlier = {name for names in visible[:index] for name in names}
+        mine = [p for p in seen if p.name not in earlier]
+        npz_name = f"samples-{index:05d}-of-{count:05d}.npz"
+    parts = mine
     positions, ecgs, local_skipped = [], [], {}
     for part in parts:
         with np.load(part) as data:
@@ -133,9 +148,7 @@ def _finish(out: Path, generator: Any, items: list[Condition], formats: list[str
     order = np.argsort(positions_arr)
     positions_arr = positions_arr[order]
     ecg_arr = (np.concatenate(ecgs) if ecgs else np.zeros((0, *ECG_SHAPE), np.float32))[order]
-    count, index = jax.process_count(), jax.process_index()
-    npz_name = "samples.npz" if count == 1 else f"samples-{index:05d}-of-{count:05d}.npz"
-    if "npz" in formats:
+    if "npz" in formats and parts:
         chosen = [items[int(p)] for p in positions_arr]
         _save_npz(out / npz_name, ecg=ecg_arr, position=positions_arr,
                   prompt=np.array([generator.prompt(c) for c in chosen], dtype=str),
@@ -143,7 +156,7 @@ def _finish(out: Path, generator: Any, items: list[Condition], formats: list[str
                   sex=np.array([c.sex for c in chosen], np.int32),
                   age=np.array([c.age for c in chosen], np.float32),
                   heart_rate=np.array([c.heart_rate for c in chosen], np.float32))
-    summary = {"skipped": local_skipped, "npz": npz_name if "npz" in formats else None}
+    summary = {"skipped": local_skipped, "npz": npz_name if "npz" in formats and parts else None}
     gathered = parallel.allgather_objects(summary)
     parallel.barrier("sample-finished")
     shutil.rmtree(out / _PARTS, ignore_errors=True)  # our own per-batch parts, now merged

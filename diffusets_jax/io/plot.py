@@ -222,9 +222,10 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 200,
     """Write `fig` as a PNG at `dpi` atomically (`io.files.atomic_path`). Never crops: the size in pixels is
     the figure size in inches times `dpi`, which keeps the mm scale. `metadata`: PNG text chunks, as matplotlib
     takes them (`{"Software": None}` writes none)."""
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, format="png", dpi=dpi, facecolor=fig.get_facecolor(), metadata=metadata)
-    return os.fspath(path)
+    path = os.fspath(path)
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        fig.savefig(stream, format="png", dpi=dpi, facecolor=fig.get_facecolor(), metadata=metadata)
+    return path
 
 
 def plot_ecg(
@@ -384,22 +385,110 @@ def plot_condition_bars(rows: Sequence[Mapping[str, Any]], *, path: str | os.Pat
 
 
 def plot_wfdb_records(
-    records: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dpi: int = 200
+    records: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dpi: int = 200, *, overwrite: bool = False
 ) -> dict[str, Any]:
     """Draw each 12-lead WFDB record (`path` with or without `.hea`; ours or any 10 s 12-lead record) as
     `out_dir/NAME.png`, with the conditions from its header comments in the title. A record that cannot be
-    read or drawn is skipped and reported: `{"written": [png paths], "skipped": {record: reason}}`."""
+    read or drawn is skipped and reported: `{"written": [png paths], "skipped": {record: reason}}`.
+
+    `out_dir` is claimed like every output folder (`io.run_dir.output_dir`): the same command rerun redraws into
+    it, anything else there is refused unless `overwrite`. When no record exists at all (a typo), nothing is
+    created and the error names the first one.
+    """
+    from diffusets_jax.io.run_dir import output_dir
     from diffusets_jax.io.wfdb_out import read_record
 
-    written, skipped = [], {}
-    for record in records:
-        record = os.fspath(record)
-        name = os.path.basename(record[:-4] if record.endswith((".hea", ".dat")) else record)
-        try:
-            ecg = read_record(record)
-            conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
-            fig = plot_ecg(np.nan_to_num(ecg.signal), ecg.fs, title=name, conditions=conditions)
-            written.append(save_png(fig, os.path.join(os.fspath(out_dir), f"{name}.png"), dpi))
-        except (OSError, ValueError) as err:
-            skipped[record] = str(err)
+    records = [os.fspath(record) for record in records]
+    headers = {record: (record if record.endswith(".hea") else record[:-4] + ".hea" if record.endswith(".dat")
+                        else record + ".hea") for record in records}
+    problems = {record: (f"{header} is a directory, not a WFDB record" if os.path.isdir(header) or os.path.isdir(record)
+                         else f"{header} does not exist") for record, header in headers.items()
+                if not os.path.isfile(header)}
+    if problems and len(problems) == len(records):
+        first = next(iter(problems.values()))
+        raise FileNotFoundError(first + (f" (nor any of the other {len(records) - 1} records)" if len(records) > 1
+                                         else "") + ": give WFDB record paths (NAME or NAME.hea)")
+    settings = {"records": [os.path.abspath(record) for record in records], "dpi": dpi}
+    written, skipped = [], dict(problems)
+    with output_dir(out_dir, command="plot", settings=settings, overwrite=overwrite, flag="--out-dir") as run:
+        for record in records:
+            if record in problems:
+                continue
+            name = os.path.basename(headers[record][:-4])
+            try:
+                ecg = read_record(record)
+                conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
+                fig = plot_ecg(np.nan_to_num(ecg.signal), ecg.fs, title=name, conditions=conditions)
+                written.append(save_png(fig, run.path / f"{name}.png", dpi))
+            except (OSError, ValueError) as err:
+                skipped[record] = str(err)
+        run.mark_complete(written=len(written), skipped=len(skipped))
+    if run.path != run.final:  # replaced as a whole: the PNGs now live in the final folder
+        written = [os.path.join(os.fspath(run.final), os.path.basename(path)) for path in written]
     return {"written": written, "skipped": skipped}
+
+
+def plot_diagnosis(
+    timesteps: Sequence[int],
+    x0_mse: Mapping[str, Sequence[float]],
+    eps_mse: Mapping[str, Sequence[float]],
+    latents: Mapping[str, np.ndarray],
+    *,
+    references: Sequence[str] = (),
+    path: str | os.PathLike | None = None,
+    dpi: int = 150,
+    title: str = "",
+) -> Figure:
+    """The U-Net diagnosis (`experiments.diagnose`): x0- and eps-MSE per element against the timestep on log
+    scales, one line per series of `x0_mse` / `eps_mse` (`{label: values per t}`; the labels in `references` drawn
+    as grey dashed reference lines), and box plots of `latents` (`{label: (n, length, C)}`) per channel: the
+    boxes span the quartiles, the whiskers the 1st to 99th percentiles and the ticks the min and max."""
+    t = np.asarray(timesteps, dtype=np.float64)
+    fig = Figure(figsize=(16.0, 4.8), facecolor="white")
+    FigureCanvasAgg(fig)
+    reference_styles = [dict(color="#555555", linestyle="--"), dict(color="#000000", linestyle=":")]
+    unet_colors = ["#1f4e79", "#c0392b", "#27ae60"]
+    for column, (values, ylabel) in enumerate(((x0_mse, "x0 MSE per element"), (eps_mse, "eps MSE per element"))):
+        ax = fig.add_subplot(1, 3, column + 1)
+        unet_index = 0
+        for label, series in values.items():
+            y = np.asarray(series, dtype=np.float64)
+            if label in references:
+                style = reference_styles[list(references).index(label) % len(reference_styles)]
+                ax.plot(t, y, marker=".", linewidth=1.2, label=label, **style)
+            else:
+                ax.plot(t, y, marker="o", markersize=4, linewidth=1.8, label=label,
+                        color=unet_colors[unet_index % len(unet_colors)])
+                unet_index += 1
+        ax.set_yscale("log")
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", color="#dddddd", linewidth=0.5)
+        ax.legend(frameon=False, fontsize=7)
+    ax = fig.add_subplot(1, 3, 3)
+    labels = list(latents)
+    channels = int(np.shape(next(iter(latents.values())))[-1]) if labels else 0
+    width = 0.8 / max(len(labels), 1)
+    box_colors = ["#bbbbbb"] + unet_colors
+    for i, label in enumerate(labels):
+        flat = np.asarray(latents[label], dtype=np.float64).reshape(-1, channels)
+        positions = np.arange(channels) + (i - (len(labels) - 1) / 2) * width
+        parts = ax.boxplot([flat[:, c] for c in range(channels)], positions=positions, widths=width * 0.9,
+                           whis=(1, 99), showfliers=False, patch_artist=True)
+        for box in parts["boxes"]:
+            box.set_facecolor(box_colors[i % len(box_colors)])
+            box.set_alpha(0.8)
+        ax.scatter(np.repeat(positions, 2), np.stack([flat.min(axis=0), flat.max(axis=0)], axis=1).reshape(-1),
+                   marker="_", s=40, color=box_colors[i % len(box_colors)], zorder=3)
+        ax.plot([], [], color=box_colors[i % len(box_colors)], linewidth=6, label=label)
+    ax.set_xticks(np.arange(channels))
+    ax.set_xticklabels([f"channel {c}" for c in range(channels)])
+    ax.set_ylabel("latent value (scaled)")
+    ax.grid(True, axis="y", color="#dddddd", linewidth=0.5)
+    ax.legend(frameon=False, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        save_png(fig, path, dpi)
+    return fig

@@ -41,7 +41,7 @@ from diffusets_jax.ecg.shapes import LATENT_SHAPE
 from diffusets_jax.models.vae import VAE
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer
-from diffusets_jax.train.state import cast_floating
+from diffusets_jax.train.state import cast_floating, with_compute_dtype
 
 # "normalised": the U-Net sees (sex, age / 100, heart rate / 100), values of order 1 like the text embedding.
 
@@ -88,6 +88,9 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
     loss_cfg = LossConfig(t_min=int(tc.t_min), t_max=int(tc.t_max), reduction=str(tc.loss_reduction))
     lr_schedule = learning_rate_schedule(config.optimizer, num_steps)
     compute_dtype = jnp.dtype(tc.compute_dtype)
+    # bf16 compute: the U-Net's layers in bf16 (norms, softmax and the condition projection in float32), the
+    # loss in float32, master parameters and optimiser state in float32.
+    compute_model = with_compute_dtype(model, compute_dtype)
     cond_dropout = float(tc.cond_dropout)
     mode = str(tc.patient_features)
     patient_condition({"text_embedding": jnp.zeros((1, 1)), **{k: jnp.zeros(1) for k in ("sex", "age", "heart_rate")}},
@@ -105,7 +108,7 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
         variables = {"params": cast_floating(params, compute_dtype), **model_state}
 
         def apply(x_t, t, cond):
-            out = model.apply(variables, x_t.astype(compute_dtype), t, cond["text_embedding"].astype(compute_dtype),
+            out = compute_model.apply(variables, x_t.astype(compute_dtype), t, cond["text_embedding"].astype(compute_dtype),
                               cond["sex"], cond["age"], cond["heart_rate"])
             return out.astype(jnp.float32)
 

@@ -21,7 +21,7 @@ from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
 from diffusets_jax.models.vae import LATENT_SCALE, VAE
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer, steps_per_epoch
-from diffusets_jax.train.state import cast_floating
+from diffusets_jax.train.state import cast_floating, with_compute_dtype
 
 KL_SCHEDULES = ("per_epoch", "linear")
 
@@ -58,6 +58,9 @@ def vae_task(config: ml_collections.ConfigDict, num_steps: int) -> Task:
     model = build_vae(config)
     schedule = learning_rate_schedule(config.optimizer, num_steps)
     compute_dtype = jnp.dtype(tc.compute_dtype)
+    # bf16 compute: convolutions and projections in bf16, GroupNorm statistics, the attention softmax and the
+    # losses in float32, master parameters and optimiser state in float32.
+    compute_model = with_compute_dtype(model, compute_dtype)
     steps_in_epoch = steps_per_epoch(config)
     anneal_epochs = float(tc.kl_anneal_epochs)
     kl_schedule = str(tc.kl_schedule)
@@ -69,8 +72,8 @@ def vae_task(config: ml_collections.ConfigDict, num_steps: int) -> Task:
 
     def loss_fn(params, model_state, batch, key, step):
         ecg = batch["ecg"]
-        recon, mean, logvar = model.apply({"params": cast_floating(params, compute_dtype)},
-                                          ecg.astype(compute_dtype), key)
+        recon, mean, logvar = compute_model.apply({"params": cast_floating(params, compute_dtype)},
+                                                  ecg.astype(compute_dtype), key)
         reconstruction, kl = vae_losses(recon, ecg, mean, logvar)
         weight = kl_weight(step, steps_in_epoch, anneal_epochs, kl_schedule)
         loss = reconstruction + weight * kl
