@@ -822,16 +822,12 @@ def _run_downstream(args: argparse.Namespace) -> int:
     if args.generation_batch_size < 1:
         raise ValueError(f"--generation-batch-size must be a positive number of ECGs, got {args.generation_batch_size}")
     sampler = sampler_config(args.sampler, steps=args.sampling_steps)
-    try:
-        report = downstream.run_downstream(
-            args.dataset, args.out, rules=rules, config=config, arms=arms, seeds=args.seeds, ratio=args.ratio,
-            minority_fraction=args.minority_fraction, data_dir=args.data_dir, model_dir=args.model_dir,
-            generated_corpus=args.generated_corpus, sampler=sampler, generation_batch_size=args.generation_batch_size,
-            resplit=resplit, limit=args.limit, n_boot=args.n_boot, overwrite=args.overwrite,
-            progress=not args.no_progress)
-    except downstream.Preempted as err:
-        print(f"diffusets-jax downstream: {err}", file=sys.stderr)
-        return EXIT_PREEMPTED
+    report = downstream.run_downstream(
+        args.dataset, args.out, rules=rules, config=config, arms=arms, seeds=args.seeds, ratio=args.ratio,
+        minority_fraction=args.minority_fraction, data_dir=args.data_dir, model_dir=args.model_dir,
+        generated_corpus=args.generated_corpus, sampler=sampler, generation_batch_size=args.generation_batch_size,
+        resplit=resplit, limit=args.limit, n_boot=args.n_boot, overwrite=args.overwrite,
+        progress=not args.no_progress)
     for name, task in report["tasks"].items():
         if task["status"] != "done":
             print(f"{name}: skipped ({task['reason']})")
@@ -1099,10 +1095,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.config_overrides = overrides
-    from diffusets_jax.errors import RunFailed
+    from diffusets_jax.errors import Preempted, RunFailed
 
     try:
         return int(args.func(args) or 0)
+    except Preempted as err:  # after saving: the scheduler requeues, the rerun resumes
+        print(f"diffusets-jax {args.command}: {_one_line(err)}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (*EXPECTED_ERRORS, RunFailed) as err:
         if args.debug:
             raise

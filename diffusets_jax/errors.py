@@ -2,7 +2,9 @@
 
 Bad input (a wrong flag, a missing or damaged file) raises ValueError / OSError / ImportError: one line and exit
 code 2. `RunFailed` is for a run that started correctly but could not finish for a reason its message states,
-with what to do (a non-finite loss, every checkpoint unreadable): one line and exit code 1.
+with what to do (a non-finite loss, every checkpoint unreadable): one line and exit code 1. `Preempted` is a
+command whose training saved a checkpoint and stopped on SIGTERM before the command's end: one line and exit code
+75, so a scheduler requeues it and the rerun resumes.
 """
 
 from __future__ import annotations
@@ -10,3 +12,8 @@ from __future__ import annotations
 
 class RunFailed(RuntimeError):
     """The run could not finish; the message says why and what to do (exit code 1, no traceback)."""
+
+
+class Preempted(Exception):
+    """SIGTERM stopped a training inside a longer command after saving its checkpoint: rerun the same command to
+    resume (exit code 75). The message names the step and the checkpoint folder."""

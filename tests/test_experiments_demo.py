@@ -70,3 +70,21 @@ def test_demo_never_deletes_a_users_folder(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"] or \
         sorted(p.name for p in out.iterdir() if not p.name.startswith(".diffusets-run")) == ["notes.txt"]
+
+
+def test_a_preempted_training_stops_the_demo_with_exit_75(tmp_path, monkeypatch, capsys):
+    """A SIGTERM during one training stage must not let the next stage run on its half-trained model."""
+    from types import SimpleNamespace
+
+    from diffusets_jax.experiments import demo
+
+    demo._finished(SimpleNamespace(preempted=False, step=1200), tmp_path / "runs" / "vae")  # a finished stage
+
+    def preempted_demo(out, **_):
+        demo._finished(SimpleNamespace(preempted=True, step=37), tmp_path / "runs" / "unet")
+        raise AssertionError("the demo went on after a preempted training")
+
+    monkeypatch.setattr(demo, "run_demo", preempted_demo)
+    assert main(["demo", "--out", str(tmp_path / "out")]) == 75
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step 37" in err[0] and "runs/unet" in err[0] and "Traceback" not in err[0]

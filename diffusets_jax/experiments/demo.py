@@ -57,6 +57,15 @@ def _stage(name: str, log: list[dict[str, Any]]):
     return _Timer()
 
 
+def _finished(result: Any, workdir: Path) -> None:
+    """Stop the demo when a training was preempted: the next stage must not run on a half-trained model."""
+    if result.preempted:
+        from diffusets_jax.errors import Preempted
+
+        raise Preempted(f"preempted (SIGTERM) at step {result.step} of {workdir}; checkpoint saved, rerun the same "
+                        "command to resume")
+
+
 def run_demo(out_dir: str | Path = "demo_out", *, quick: bool = False, seed: int = 0,
              overwrite: bool = False) -> dict[str, Any]:
     """Run every stage into `out_dir`; returns the summary.
@@ -87,18 +96,20 @@ def run_demo(out_dir: str | Path = "demo_out", *, quick: bool = False, seed: int
             dataset = Path(sources.make_builder("physionet-challenge", str(out / "data"), "local").data_dir)
 
         with _stage(f"train the VAE ({steps['vae']} steps) into the model directory", log):
-            run_training("vae", _config("demo_vae", dataset, steps["vae"]), out / "runs" / "vae", model_dir)
+            _finished(run_training("vae", _config("demo_vae", dataset, steps["vae"]), out / "runs" / "vae", model_dir),
+                      out / "runs" / "vae")
 
         with _stage("encode every record into latents with that VAE", log):
             encode, variables, vae = latents.load_vae_encoder(model_dir)
             latents.encode_dataset(dataset, out / "latents", encode, variables, vae=vae, batch_size=8)
 
         with _stage(f"train the diffusion U-Net ({steps['unet']} steps) into the model directory", log):
-            run_training("unet", _config("demo_unet", out / "latents", steps["unet"]), out / "runs" / "unet",
-                         model_dir)
+            _finished(run_training("unet", _config("demo_unet", out / "latents", steps["unet"]), out / "runs" / "unet",
+                                   model_dir), out / "runs" / "unet")
 
         with _stage(f"train the CLIP feature extractor ({steps['clip']} steps) into the model directory", log):
-            run_training("clip", _config("demo_clip", dataset, steps["clip"]), out / "runs" / "clip", model_dir)
+            _finished(run_training("clip", _config("demo_clip", dataset, steps["clip"]), out / "runs" / "clip",
+                                   model_dir), out / "runs" / "clip")
 
         # DPM-Solver++(2M), 20 steps on the noise-level grid with a second-order final step: within 1% of the data's
         # std at every latent scale from 0.1 to 1 (diffusion.sampler_validation), with 50x fewer calls than DDPM.

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 
+from diffusets_jax.errors import Preempted
 from diffusets_jax.experiments.keyword_rules import (
     DOWNSTREAM_RULES,
     KeywordRule,
@@ -74,10 +75,6 @@ METRICS: tuple[tuple[str, str], ...] = (("f1", "F1"), ("f1_at_0.5", "F1 @ 0.5"),
                                         ("auprc", "AUPRC"), ("sensitivity", "sensitivity"),
                                         ("specificity", "specificity"))
 DELTA_METRICS: tuple[str, ...] = ("f1", "auroc", "auprc")
-class Preempted(Exception):
-    """SIGTERM stopped a classifier's training after saving its checkpoint: rerun the same command to resume."""
-
-
 NOISE_STRIDE = 2**20  # generator batches per (task, seed): 67 M ECGs at batch 64 before two pairs could share noise
 FIGURE = "downstream.png"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "downstream_net1d.py"
