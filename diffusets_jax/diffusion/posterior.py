@@ -33,8 +33,10 @@ Why this method:
 - It is asymptotically exact: as K grows, the returned particle is distributed as p_chain(z | y) for any
   twisting function and proposal shift, because the weights account for both (Naesseth, Lindsten & Schoen
   2019, sec. 3). DPS (Chung et al. 2023) is the K = 1 case with a different step size and is known to be
-  biased; tests/test_diffusion_posterior.py checks that K = 32 matches the exact posterior of a
-  linear-Gaussian latent model and that K = 1 does not.
+  biased; tests/test_diffusion_posterior.py checks that K = 64 matches the exact posterior of a
+  linear-Gaussian latent model (mean within 0.12 posterior sd, covariance within 20%) and that K = 1 does
+  not. The finite-K bias grows with how much the observation pins down: in that toy, observing every value
+  (posterior variance 12% of the prior's) leaves K = 64 off by 0.4 sd.
 - Every observation model is one Gaussian likelihood (`observations.log_likelihood`), so leads, windows,
   denoising and drift share one sampler.
 
@@ -189,7 +191,6 @@ class _Chain:
     cond: Any  # repeated K times, (batch * K, ...)
     observation: Observation | None
     config: PosteriorConfig
-    particles: int
     constrain: Callable[[jax.Array], jax.Array]
 
     def evaluate(self, x: jax.Array, t: jax.Array, prev_t: jax.Array) -> _Particles:
@@ -322,7 +323,7 @@ def posterior_sample(
         observation = observation.replace(values=constrain(observation.values), mask=constrain(observation.mask),
                                           noise_std=constrain(observation.noise_std),
                                           drift_std=constrain(observation.drift_std))
-    chain = _Chain(model, decode_fn, schedule, repeated_cond, observation, config, particles, constrain)
+    chain = _Chain(model, decode_fn, schedule, repeated_cond, observation, config, constrain)
 
     grid = make_timesteps(schedule.num_timesteps, cfg.steps, cfg.timestep_spacing)
     prev_grid = np.concatenate([grid[1:], [-1]]).astype(np.int32)
