@@ -3,8 +3,8 @@
 Edit (Meng et al. 2022, "SDEdit: guided image synthesis and editing with stochastic differential
 equations"): encode the ECG with the VAE, noise the latent by the forward process to the timestep
 `strength * T`, and run the reverse chain from there under the new conditions. What survives is what the
-noise at that level leaves: low strengths keep the recording's rhythm, axis and morphology and change
-details; high strengths keep only its coarse layout; strength 1 starts from pure noise, so it is
+noise at that level leaves: as in SDEdit, low strengths are expected to keep the recording's rhythm, axis
+and morphology and change details, high strengths only its coarse layout; strength 1 starts from pure noise, so it is
 generation under the new conditions (in distribution, whatever the input); strength 0 runs no step and
 returns the VAE reconstruction decode(encode(x)).
 
@@ -18,8 +18,9 @@ recording. It keeps:
 - what the edit strength keeps of the recording's latent (rhythm and layout at low strength);
 - and draws everything else from the model under the new report, sex, age and heart rate.
 For the report to change the rhythm (new AF), observe little (one lead, a large noise_std) or rely on
-the edit alone; to change repolarisation (hyperkalaemia) observing all leads with 0.1-0.2 mV works. These
-are starting points, not validated settings: no trained checkpoint was available when this was written.
+the edit alone; to change repolarisation (hyperkalaemia), observing all leads with 0.1-0.2 mV is the
+natural first try. These are starting points, not validated settings: no trained checkpoint was available
+when this was written, so only the tests' toy and random models have been run.
 
 Cost: an edit at strength s runs about s * steps network calls; a twin additionally differentiates through
 the U-Net and decoder for K particles (see `posterior`).
