@@ -216,3 +216,28 @@ def test_a_run_sharded_over_eight_devices_equals_the_single_device_run():
                                    rtol=1e-4, atol=1e-4, err_msg=name)
     # ESS is a ratio of exponentials of log-weights of order 1e3 (noise 0.1): float rounding moves it ~2e-4.
     np.testing.assert_allclose(np.asarray(sharded.ess), np.asarray(single.ess), rtol=1e-3)
+
+
+@pytest.mark.parametrize("particles, edit_strength", [(1, None), (2, None), (1, 0.5)])
+def test_a_one_device_mesh_with_one_sample_runs(particles, edit_strength):
+    """Regression: on a one-device Explicit-axis mesh with batch 1 a reshape can drop the batch sharding of a
+    size-1 axis, and gathering particles by index had an ambiguous output sharding. Posterior runs (K = 1, 2)
+    and an edit (no observation, SDEdit start) must run there and give the unsharded result."""
+    config = PosteriorConfig(sampler=SamplerConfig(sampler="ddpm", steps=5, clip_sample=False,
+                                                   latent_shape=LATENT_SHAPE), particles=particles, resample_ess=1.0)
+    clean, _ = _observed_ecg(seed=7)
+    if edit_strength is None:
+        inputs = {"observation": make_observation(clean, noise_std=0.1)}
+    else:
+        inputs = {"start_latents": TOY.encode_fn(jnp.asarray(clean[None], jnp.float32), None),
+                  "strength": jnp.float32(edit_strength)}
+    sharding = NamedSharding(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), PartitionSpec("data"))
+    results = []
+    for batch_sharding in (sharding, None):
+        place = (lambda tree: tree) if batch_sharding is None else (lambda tree: jax.device_put(tree, sharding))
+        run = jax.jit(functools.partial(posterior_sample, TOY.model_fn, TOY.decode_fn, SCHEDULE, config=config,
+                                        batch_sharding=batch_sharding))
+        placed = {k: v if k == "strength" else place(v) for k, v in inputs.items()}  # the strength is a scalar
+        results.append(run(place(_cond(1)), jax.random.key(0), **placed))
+    np.testing.assert_allclose(np.asarray(results[0].latents), np.asarray(results[1].latents), rtol=1e-5, atol=1e-6)
+    assert bool(jnp.all(jnp.isfinite(results[0].ecg)))

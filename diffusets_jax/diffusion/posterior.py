@@ -189,7 +189,7 @@ class _Chain:
     decode_fn: DecodeFn
     schedule: NoiseSchedule
     cond: Any  # repeated K times, (batch * K, ...)
-    observation: Observation | None
+    observation: Observation | None  # per-sample arrays repeated K times, (batch * K, ...)
     config: PosteriorConfig
     constrain: Callable[[jax.Array], jax.Array]
 
@@ -217,15 +217,13 @@ class _Chain:
 
         def log_twist(flat: jax.Array):
             mean, x0 = denoise(flat)
-            ecg = self.decode_fn(x0)
-            ecg = ecg.reshape((batch, k) + ecg.shape[1:])
-            per_particle = jax.vmap(lambda e, var: log_likelihood(self.observation, e, var),
-                                    in_axes=(1, None), out_axes=1)
-            twisted, exact = per_particle(ecg, extra), per_particle(ecg, 0.0)
-            return jnp.sum(twisted), (twisted, exact, mean, x0)
+            ecg = self.decode_fn(x0)  # (batch * K, 1024, 12), particles of a sample side by side
+            twisted = log_likelihood(self.observation, ecg, extra)
+            return jnp.sum(twisted), (twisted, log_likelihood(self.observation, ecg, 0.0), mean, x0)
 
         grad, (twisted, exact, mean, x0) = jax.grad(log_twist, has_aux=True)(flat)
-        return _Particles(x, unflat(mean), unflat(x0), unflat(grad), twisted, exact)
+        per_particle = lambda a: self.constrain(a.reshape(batch, k))
+        return _Particles(x, unflat(mean), unflat(x0), unflat(grad), per_particle(twisted), per_particle(exact))
 
 
 def _ess(log_w: jax.Array) -> jax.Array:
@@ -246,12 +244,21 @@ def _systematic_indices(log_w: jax.Array, uniform: jax.Array) -> jax.Array:
     return jnp.minimum(indices, k - 1)
 
 
-def _gather_particles(tree: Any, indices: jax.Array) -> Any:
-    def gather(a: jax.Array) -> jax.Array:
-        idx = indices.reshape(indices.shape + (1,) * (a.ndim - 2))
-        return jnp.take_along_axis(a, idx, axis=1)
+def _select_particles(a: jax.Array, indices: jax.Array, constrain: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """`a[b, indices[b, j]]` for `a` `(batch, K, ...)` and `indices` `(batch, J)` -> `(batch, J, ...)`.
 
-    return jax.tree.map(gather, tree)
+    A one-hot select and sum rather than a gather: it is elementwise over the batch, so the batch sharding
+    carries through on any mesh (a gather's output sharding is ambiguous on Explicit-axis meshes), and it
+    copies values exactly (a one-hot matmul could run in TF32 on GPUs). K is small, so K^2 work is nothing.
+    """
+    k = a.shape[1]
+    one_hot = indices[:, :, None] == jnp.arange(k, dtype=indices.dtype)[None, None, :]  # (batch, J, K)
+    one_hot = constrain(one_hot.reshape(one_hot.shape + (1,) * (a.ndim - 2)))
+    return jnp.sum(jnp.where(one_hot, constrain(a[:, None]), jnp.zeros((), a.dtype)), axis=2)
+
+
+def _gather_particles(tree: Any, indices: jax.Array, constrain: Callable[[jax.Array], jax.Array]) -> Any:
+    return jax.tree.map(lambda a: _select_particles(a, indices, constrain), tree)
 
 
 def _batch_size(cond: Any) -> int:
@@ -317,13 +324,21 @@ def posterior_sample(
     # Every per-sample array is pinned to the batch sharding: on meshes with Explicit axes an operation that
     # mixes a sharded and an unsharded batch axis is an error, and on Auto ones this keeps XLA from moving data.
     constrain = constrain_to(batch_sharding)
+    # A per-sample array given trailing unit axes to broadcast against `ndim`-dim ones; pinned again because a
+    # reshape may drop the batch sharding of a size-1 batch axis (one sample on one device).
+    per_sample = lambda a, ndim: constrain(a.reshape(a.shape + (1,) * (ndim - a.ndim)))
     model = guided_model_fn(model_fn, null_cond, cfg.guidance_scale, cfg.guidance_mode)
-    repeated_cond = jax.tree.map(lambda a: constrain(jnp.repeat(jnp.asarray(a), particles, axis=0)), cond)
+    repeat = lambda a: constrain(jnp.repeat(jnp.asarray(a), particles, axis=0))  # a0 a0 a1 a1 ...: stays local
+    repeated_cond = jax.tree.map(repeat, cond)
+    repeated_observation = None
     if observation is not None:
         observation = observation.replace(values=constrain(observation.values), mask=constrain(observation.mask),
                                           noise_std=constrain(observation.noise_std),
                                           drift_std=constrain(observation.drift_std))
-    chain = _Chain(model, decode_fn, schedule, repeated_cond, observation, config, constrain)
+        repeated_observation = observation.replace(values=repeat(observation.values), mask=repeat(observation.mask),
+                                                   noise_std=repeat(observation.noise_std),
+                                                   drift_std=repeat(observation.drift_std))
+    chain = _Chain(model, decode_fn, schedule, repeated_cond, repeated_observation, config, constrain)
 
     grid = make_timesteps(schedule.num_timesteps, cfg.steps, cfg.timestep_spacing)
     prev_grid = np.concatenate([grid[1:], [-1]]).astype(np.int32)
@@ -361,11 +376,10 @@ def posterior_sample(
             resample = ess < threshold
             uniform = constrain(jax.random.uniform(jax.random.fold_in(resample_key, i), (batch,)))
             indices = _systematic_indices(log_w, uniform)
-            moved = _gather_particles(state, indices)
-            state = jax.tree.map(lambda a, b: jnp.where(resample.reshape((batch,) + (1,) * (a.ndim - 1)), a, b),
-                                 moved, state)
+            moved = _gather_particles(state, indices, constrain)
+            state = jax.tree.map(lambda a, b: jnp.where(per_sample(resample, a.ndim), a, b), moved, state)
             log_z = log_z + jnp.where(resample, jax.nn.logsumexp(log_w, axis=-1) - log_k, 0.0)
-            log_w = jnp.where(resample[:, None], 0.0, log_w)
+            log_w = jnp.where(per_sample(resample, 2), 0.0, log_w)
         sigma = ddim_sigma(schedule, t, prev_t, eta)
         reduce = lambda a: jnp.sum(a, axis=tuple(range(2, a.ndim)))
         shift = jnp.square(sigma) * state.grad
@@ -373,7 +387,7 @@ def posterior_sample(
             # Cap the shift's RMS at max_shift * sigma; the weights below use the capped proposal.
             rms = jnp.sqrt(reduce(jnp.square(shift)) / math.prod(latent_shape))
             factor = jnp.minimum(1.0, config.max_shift * sigma / jnp.maximum(rms, 1e-30))
-            shift = shift * factor.reshape(factor.shape + (1,) * len(latent_shape))
+            shift = shift * per_sample(factor, shift.ndim)
         if eta > 0:
             z = constrain(jax.random.normal(jax.random.fold_in(step_key, i), shape, jnp.float32))
             x_next = state.mean + shift + sigma * z
@@ -400,7 +414,7 @@ def posterior_sample(
     final_ess = _ess(log_w)
     log_z = log_z + jax.nn.logsumexp(log_w, axis=-1) - log_k
     choice = constrain(jax.random.categorical(select_key, log_w, axis=-1))  # (batch,)
-    chosen = jnp.take_along_axis(state.x0, choice.reshape((batch, 1) + (1,) * len(latent_shape)), axis=1)[:, 0]
+    chosen = _select_particles(state.x0, per_sample(choice, 2), constrain)[:, 0]
     start = x[:, 0]  # strength 0: x is the (un-noised) start latent itself
     latents = constrain(jnp.where(t_start >= 0, chosen, start))
     ecg = decode_fn(latents)
