@@ -6,8 +6,8 @@
 One U-Net forward is one denoising step, so 1000-step DDPM sampling costs about 1000 x the U-Net time
 plus one decoder call per batch. Times are medians over `--repeats` runs after a warm-up run, each ended
 with `block_until_ready`; compile time is `jit(...).lower(...).compile()` per batch size. Weights are
-random NumPy normals (timing does not depend on their values). The VAE has no computation-dtype option, so it always
-runs in float32.
+random NumPy normals (timing does not depend on their values). `--dtype` is the computation dtype of both models
+(parameters stay float32).
 """
 
 from __future__ import annotations
@@ -75,12 +75,12 @@ def benchmark_unet(batch_sizes: Sequence[int], dtype: jnp.dtype, repeats: int) -
     return out
 
 
-def benchmark_vae_decoder(batch_sizes: Sequence[int], repeats: int) -> dict:
+def benchmark_vae_decoder(batch_sizes: Sequence[int], dtype: jnp.dtype, repeats: int) -> dict:
     try:
         from diffusets_jax.models.vae import VAE
     except ImportError as err:
         return {"skipped": f"diffusets_jax.models.vae not available: {err}"}
-    module = VAE()
+    module = VAE(dtype=dtype)
     key = jax.random.key(0)
     z = jax.random.normal(key, (1, 128, module.latent_channels))
     variables = random_variables(lambda k, z: module.init(k, z, method=VAE.decode), z)
@@ -97,7 +97,7 @@ def benchmark_vae_decoder(batch_sizes: Sequence[int], repeats: int) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="U-Net computation dtype (parameters stay float32)")
+                        help="computation dtype of the U-Net and VAE (parameters stay float32)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per batch size (median reported)")
     parser.add_argument("--skip-vae", action="store_true", help="benchmark the U-Net only")
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "unet": benchmark_unet(args.batch_sizes, jnp.dtype(args.dtype), args.repeats),
     }
     if not args.skip_vae:
-        report["vae_decoder"] = benchmark_vae_decoder(args.batch_sizes, args.repeats)
+        report["vae_decoder"] = benchmark_vae_decoder(args.batch_sizes, jnp.dtype(args.dtype), args.repeats)
     print(json.dumps(report, indent=2))
 
 

@@ -25,15 +25,15 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusets_jax.diffusion.guidance import fixed_null_condition
-from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, vae_decode_fn
+from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, sampler_config, vae_decode_fn
 from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.models.unet import UNet
 from diffusets_jax.models.vae import VAE
 
 SAMPLER_CONFIGS = {
     "ddpm-1000": SamplerConfig.faithful(),
-    "ddim-50": SamplerConfig(sampler="ddim", steps=50),
-    "dpmpp_2m-20": SamplerConfig(sampler="dpmpp_2m", steps=20, clip_sample=False),
+    "ddim-50": sampler_config("ddim", data_std=0.18),  # the defaults; speed does not depend on the grid
+    "dpmpp_2m-20": sampler_config("dpmpp_2m"),
 }
 
 

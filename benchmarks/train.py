@@ -1,10 +1,14 @@
-"""Training throughput of each trainer at the faithful model sizes on the current backend; prints JSON.
+"""Training throughput of the VAE, U-Net and CLIP trainers at the faithful model sizes; prints one JSON object.
 
-    python benchmarks/train.py                       # vae, unet, clip with their configs' global batch
-    python benchmarks/train.py --models unet --batch 512 --steps 20 --compute-dtype bfloat16
+    python benchmarks/train.py                                  # each config's global batch (256 / 512 / 256)
+    python benchmarks/train.py --models unet --batch 4096 --compute-dtype bfloat16 --remat
+    python benchmarks/train.py --batch vae=16 unet=64 clip=32 --steps 3   # CPU-sized batches
 
-Synthetic batches (shapes of the real data) on a ("data", "fsdp") mesh over all devices; the step is the
-real jitted, sharded, donated train step. Reports compile time, mean step time and examples/s.
+Synthetic batches (the shapes of the real data) on a ("data", "fsdp") mesh over all devices; the step is
+the real jitted, sharded, donated train step of `diffusets_jax.train` (AdamW, one-cycle / cosine schedule,
+loss in float32). Per model: compile time, step time (mean over `--steps` after one warm-up step),
+examples/s, the compiled program's memory (arguments + outputs + temporaries, from XLA's memory analysis)
+and, where the backend reports it (GPU, TPU), the device's peak memory in use. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe, load_average  # noqa: E402
 
 from diffusets_jax import parallel  # noqa: E402
 from diffusets_jax.config import load_config  # noqa: E402
@@ -27,9 +34,11 @@ from diffusets_jax.train.run import make_task  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_OF = {"vae": "diffusets_vae.py", "unet": "diffusets_unet.py", "clip": "diffusets_clip.py"}
+REMAT_MODELS = ("vae", "unet")
 
 
 def synthetic_batch(model: str, batch: int, text_dim: int) -> dict[str, np.ndarray]:
+    """A host batch shaped like the model's training data (ECGs in mV, latents, unit-norm text embeddings)."""
     rng = np.random.default_rng(0)
     if model == "vae":
         return {"ecg": rng.normal(0, 0.2, (batch, 1024, 12)).astype(np.float32)}
@@ -47,23 +56,49 @@ def synthetic_batch(model: str, batch: int, text_dim: int) -> dict[str, np.ndarr
     }
 
 
-def benchmark(model: str, batch: int | None, steps: int, compute_dtype: str, fsdp: int) -> dict:
-    config = load_config(CONFIGS / CONFIG_OF[model], [f"train.compute_dtype={compute_dtype}", f"mesh.fsdp={fsdp}",
-                                                      "data.num_train_examples=1000000"])
+def build_step(model: str, batch: int | None, compute_dtype: str, remat: bool, fsdp: int = 1):
+    """`(jitted step, state, sharded batch, global batch)` of `model`'s real train step on all devices."""
+    overrides = [f"train.compute_dtype={compute_dtype}", f"mesh.fsdp={fsdp}", "data.num_train_examples=1000000"]
+    if remat:
+        overrides.append("model.remat=true")
+    config = load_config(CONFIGS / CONFIG_OF[model], overrides)
     if batch:
         config.train.global_batch_size = batch
     mesh = parallel.mesh_from_config(config.mesh)
     task = make_task(model, config, num_steps=1000)
-    _, shardings = loop.abstract_state(task, mesh, 0, float(config.train.ema_decay) > 0)
-    state = loop.init_state(task, mesh, 0, float(config.train.ema_decay) > 0)
+    use_ema = float(config.train.ema_decay) > 0
+    _, shardings = loop.abstract_state(task, mesh, 0, use_ema)
+    state = loop.init_state(task, mesh, 0, use_ema)
     step = loop.jit_train_step(loop.make_train_step(task, int(config.train.grad_accum_steps),
                                                     float(config.train.ema_decay)), shardings, mesh)
     global_batch = int(config.train.global_batch_size)
     text_dim = int(config.model.get("text_dim", 1536))
     data = parallel.shard_host_batch(synthetic_batch(model, global_batch, text_dim), mesh)
+    return step, state, data, global_batch
+
+
+def compiled_memory_bytes(compiled) -> int | None:
+    """Arguments + outputs + temporaries - donated aliases of a compiled program (XLA's static analysis)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+               - analysis.alias_size_in_bytes)
+
+
+def peak_device_memory_bytes() -> int | None:
+    """The first device's peak bytes in use since start-up, where the backend tracks it (not on CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def benchmark(model: str, batch: int | None, steps: int, compute_dtype: str, remat: bool, fsdp: int) -> dict:
+    print(f"[train] {model}: building", file=sys.stderr, flush=True)
+    step, state, data, global_batch = build_step(model, batch, compute_dtype, remat, fsdp)
     start = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - start
+    print(f"[train] {model}: compiled in {compile_s:.1f} s, timing {steps} steps", file=sys.stderr, flush=True)
     state, metrics = compiled(state, data)  # warm-up
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -73,24 +108,48 @@ def benchmark(model: str, batch: int | None, steps: int, compute_dtype: str, fsd
     elapsed = time.perf_counter() - start
     params = sum(x.size for x in jax.tree.leaves(state.params))
     return {
-        "model": model, "backend": jax.default_backend(), "devices": jax.device_count(),
-        "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "params": int(params),
-        "global_batch": global_batch, "compute_dtype": compute_dtype, "steps": steps,
-        "compile_s": round(compile_s, 2), "step_time_s": round(elapsed / steps, 5),
-        "examples_per_s": round(global_batch * steps / elapsed, 1), "loss": float(metrics["loss"]),
+        "params": int(params), "global_batch": global_batch, "compute_dtype": compute_dtype, "remat": remat,
+        "steps": steps, "compile_s": round(compile_s, 2), "step_time_s": round(elapsed / steps, 5),
+        "examples_per_s": round(global_batch * steps / elapsed, 1),
+        "compiled_memory_bytes": compiled_memory_bytes(compiled),
+        "peak_device_memory_bytes": peak_device_memory_bytes(),
+        "loss": float(metrics["loss"]),
     }
+
+
+def parse_batches(values: list[str] | None, models: list[str]) -> dict[str, int | None]:
+    """`--batch 64` (every model) or `--batch vae=16 unet=64`; None = the config's global batch."""
+    batches: dict[str, int | None] = dict.fromkeys(models)
+    for value in values or []:
+        name, _, number = value.rpartition("=")
+        if name and name not in CONFIG_OF:
+            raise ValueError(f"--batch {value}: unknown model {name!r}; use one of {sorted(CONFIG_OF)}")
+        if not number.isdigit() or int(number) <= 0:
+            raise ValueError(f"--batch {value}: the batch must be a positive integer")
+        for model in [name] if name else models:
+            batches[model] = int(number)
+    return batches
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vae", "unet", "clip"], choices=sorted(CONFIG_OF))
-    parser.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
+    parser.add_argument("--batch", nargs="+", default=None, help="global batch: N, or MODEL=N per model")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--remat", action="store_true", help="rematerialise the VAE / U-Net blocks")
     parser.add_argument("--fsdp", type=int, default=1)
     args = parser.parse_args()
+    try:
+        batches = parse_batches(args.batch, args.models)
+    except ValueError as err:
+        parser.error(str(err))
+    report = {"benchmark": "train", "machine": describe(), "results": {}}
     for model in args.models:
-        print(json.dumps(benchmark(model, args.batch, args.steps, args.compute_dtype, args.fsdp)), flush=True)
+        remat = args.remat and model in REMAT_MODELS  # CLIP has no remat option
+        report["results"][model] = benchmark(model, batches[model], args.steps, args.compute_dtype, remat, args.fsdp)
+    report["load_average_after"] = load_average()
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

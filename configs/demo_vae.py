@@ -5,20 +5,23 @@
 
 import ml_collections
 
-from diffusets_jax.config import data_section, mesh_section, module_section, train_section
+from diffusets_jax.config import data_section, mesh_section, module_section, optimizer_section, train_section
 from diffusets_jax.models.vae import VAE
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.model_kind = "vae"  # `diffusets-jax train vae`
     # Same layout as the published VAE with narrow widths (about 0.3 M parameters instead of 29.6 M).
     config.model = module_section(VAE, widths=(32, 64, 64), groups=8)
     config.data = data_section()
     config.mesh = mesh_section(data=-1, fsdp=1)
-    config.train = train_section(
-        global_batch_size=8,
+    config.optimizer = optimizer_section(
         learning_rate=1e-3,
         lr_schedule="one_cycle",
+    )
+    config.train = train_section(
+        global_batch_size=8,
         num_steps=200,
         kl_anneal_epochs=10.0,
         kl_schedule="per_epoch",

@@ -8,12 +8,13 @@ Its ECG tower is the feature extractor of FID / precision-recall / CLIP score. O
 
 import ml_collections
 
-from diffusets_jax.config import data_section, mesh_section, module_section, train_section
+from diffusets_jax.config import data_section, mesh_section, module_section, optimizer_section, train_section
 from diffusets_jax.models.clip import CLIP
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.model_kind = "clip"  # `diffusets-jax train clip`
 
     # CLIP module fields; empty = the published model (22.0 M parameters, text_dim 1536, 64-d projections,
     # logit scale initialised to log(1 / 0.07)).
@@ -21,14 +22,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = data_section()
     config.mesh = mesh_section(data=-1, fsdp=1)
+    config.optimizer = optimizer_section(
+        learning_rate=1e-4,
+        lr_schedule="constant",
+        weight_decay=0.01,
+    )
     config.train = train_section(
         # The spec gives the loss (symmetric cross-entropy) and AdamW but no batch, rate or length for the
         # CLIP; these are conventional values. Larger effective batches (more negatives per step) help
         # contrastive training; grad_accum_steps lowers memory but each micro-batch sees only its negatives.
         global_batch_size=256,
-        learning_rate=1e-4,
-        lr_schedule="constant",
-        weight_decay=0.01,
         num_epochs=50.0,
         log_every=50,
         eval_every=2000,

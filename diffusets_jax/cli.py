@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -148,7 +149,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "Train one model with a config from configs/ on all devices (a ('data', 'fsdp') mesh from "
             "config.mesh). Resumes from WORKDIR/checkpoints when present; SIGTERM saves and exits; a NaN loss "
             "stops the run keeping the last good checkpoint. Writes WORKDIR/config.json (the resolved config), "
-            "checkpoints/, tensorboard/ and, at the end, export/<model> for `diffusets-jax sample`. Multi-host: "
+            "checkpoints/, tensorboard/ and, at the end, the trained component into a model directory "
+            "(--model-dir, default WORKDIR/model) with model_index.json, for `diffusets-jax sample`. Multi-host: "
             "set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host (or "
             "DIFFUSETS_AUTO_DISTRIBUTED=1 on TPU pods / SLURM) and run the same command everywhere."
         ),
@@ -159,24 +161,32 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", choices=("vae", "unet", "clip"), help="which model to train")
     parser.add_argument("--config", required=True, metavar="FILE", help="config file, e.g. configs/diffusets_unet.py, or a run's saved config.json")
-    parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints, logs and exports go here")
+    parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints and logs go here")
+    parser.add_argument("--model-dir", metavar="DIR",
+                        help="model directory to add the trained component to, atomically replacing one of the same "
+                             "name (default WORKDIR/model); `sample --model-dir DIR` then uses it")
     parser.add_argument("--export-only", action="store_true",
-                        help="do not train: export the latest checkpoint to WORKDIR/export/MODEL and exit "
+                        help="do not train: write the latest checkpoint into the model directory and exit "
                              "(use --config WORKDIR/config.json to match the run)")
     parser.set_defaults(func=_run_train, accepts_config_overrides=True)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from diffusets_jax.config import load_config
-    from diffusets_jax.train.run import export_latest, run_training
+    from diffusets_jax.train.run import check_model_kind, export_latest, run_training
 
     config = load_config(args.config, getattr(args, "config_overrides", []))
+    check_model_kind(args.model, config, args.config)
     if args.export_only:
-        print(f"train {args.model}: exported {export_latest(args.model, config, args.workdir)}")
+        print(f"train {args.model}: exported {export_latest(args.model, config, args.workdir, args.model_dir)}")
         return 0
-    result = run_training(args.model, config, args.workdir)
-    state = "preempted (SIGTERM), resume with the same command" if result.preempted else "done"
-    print(f"train {args.model}: step {result.step}, {state}; workdir {args.workdir}")
+    result = run_training(args.model, config, args.workdir, args.model_dir)
+    if result.preempted:
+        print(f"train {args.model}: preempted (SIGTERM) at step {result.step}, checkpoint saved; rerun the same "
+              f"command to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
+    model_dir = args.model_dir or os.path.join(args.workdir, "model")
+    print(f"train {args.model}: step {result.step}, done; model directory {model_dir}")
     return 0
 
 
@@ -186,46 +196,44 @@ COMMANDS.append(_add_train)
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "convert",
-        help="convert the published PyTorch checkpoints into diffusets-jax models",
+        help="convert the published PyTorch checkpoints into a diffusets-jax model directory",
         description=(
             "Convert the published DiffuSETS PyTorch checkpoints (vae_model.pth, unet_all.pth, clip_model.pth) "
-            "into diffusets-jax model directories OUT/vae, OUT/unet, OUT/clip (config.json + Orbax variables), "
-            "the format `sample`, `evaluate` and `train` load. Each file may also be a .npz or .safetensors dump "
-            "of the same state dict, which needs no PyTorch. Converted models take and return ECGs in the "
-            "standard lead order (I, II, III, aVR, aVL, aVF, V1-V6)."
+            "into a model directory OUT (vae/, unet/, clip/ and model_index.json), the format `sample`, "
+            "`evaluate`, `encode` and `train --model-dir` use. Each file may also be a .npz or .safetensors dump of "
+            "the same state dict, which needs no PyTorch. Converted models take and return ECGs in the standard "
+            "lead order (I, II, III, aVR, aVL, aVF, V1-V6). A U-Net is recorded with the published conditioning "
+            "(ada-002 embeddings of the ordered prompt, raw sex/age/HR) unless the --embedder-* flags name another."
         ),
     )
     parser.add_argument("--vae", metavar="FILE", help="VAE checkpoint (vae_model.pth: {'encoder', 'decoder'} state dicts)")
     parser.add_argument("--unet", metavar="FILE", help="U-Net checkpoint (unet_all.pth)")
     parser.add_argument("--clip", metavar="FILE", help="CLIP checkpoint (clip_model.pth), the metrics' feature extractor")
-    parser.add_argument("--out", required=True, metavar="DIR", help="directory to write the converted models into")
+    parser.add_argument("--out", required=True, metavar="DIR", help="model directory to write (components are added "
+                        "or replaced; others already there are kept)")
+    cond = parser.add_argument_group("U-Net conditioning (default: the published ada-002 ordered prompts)")
+    cond.add_argument("--embedder-kind", choices=("openai", "local"),
+                      help="openai: an OpenAI(-compatible) embedding endpoint; local: the Flax sentence encoder")
+    cond.add_argument("--embedder-model", metavar="NAME",
+                      help="embedding model the U-Net was trained with, e.g. E-72B (served OpenAI-compatibly)")
+    cond.add_argument("--embedder-dim", type=int, metavar="N", help="its vector width (default: the U-Net's text input)")
+    cond.add_argument("--embedder-base-url", metavar="URL", help="the endpoint serving it (can be overridden at sampling)")
+    cond.add_argument("--prompt-style", choices=("ordered", "free_text"), default="ordered")
+    cond.add_argument("--patient-features", choices=("faithful", "normalised", "none"), default="faithful")
     parser.set_defaults(func=_convert)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    import jax
+    from diffusets_jax.convert.to_model_dir import convert_to_model_dir
+    from diffusets_jax.io.run_dir import check_output_path
 
-    from diffusets_jax import convert
-    from diffusets_jax.generate import GenerationMeta
-    from diffusets_jax.models.bundle import save_model
-
-    jobs = [(name, path) for name, path in (("vae", args.vae), ("unet", args.unet), ("clip", args.clip)) if path]
-    if not jobs:
-        raise ValueError("nothing to convert: give at least one of --vae, --unet, --clip")
-    for name, path in jobs:  # fail before writing anything
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--{name} {path!r} does not exist")
-    for name, path in jobs:
-        # The U-Net converter is looked up by name so this command works before/without it.
-        converter = getattr(convert, f"{name}_from_torch", None)
-        if converter is None:
-            raise ValueError(f"this installation has no {name} converter (diffusets_jax.convert.{name}_from_torch)")
-        module, variables = converter(convert.load_state_dict(path))
-        written = save_model(args.out, name, module, variables)
-        count = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree.leaves(variables["params"]))
-        print(f"{name}: {path} -> {written} ({type(module).__name__}, {count:,} parameters)")
-        if name == "unet":
-            GenerationMeta.published(module.text_dim).save(args.out)
+    check_output_path(args.out)
+    options = dict(embedder_kind=args.embedder_kind, embedder_model=args.embedder_model,
+                   embedder_dim=args.embedder_dim, base_url=args.embedder_base_url, prompt_style=args.prompt_style,
+                   patient_features=args.patient_features)
+    for name, folder, module, count in convert_to_model_dir(args.out, vae=args.vae, unet=args.unet, clip=args.clip,
+                                                            conditioning_options=options):
+        print(f"{name}: {getattr(args, name)} -> {folder} ({type(module).__name__}, {count:,} parameters)")
     return 0
 
 
@@ -245,9 +253,12 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
             "whose ECG or latent is not finite are skipped and counted."
         ),
     )
-    parser.add_argument("--vae", required=True, metavar="DIR", help="directory holding the `vae` model bundle (from `diffusets-jax convert` or VAE training)")
-    parser.add_argument("--data-dir", required=True, metavar="DIR", help="TFDS data_dir the dataset was prepared into")
-    parser.add_argument("--dataset", required=True, metavar="NAME", help="prepared dataset name, e.g. mimic_iv_ecg")
+    parser.add_argument("--vae", required=True, metavar="MODEL_DIR", help="model directory holding the VAE (from "
+                        "`diffusets-jax convert` or `train vae --model-dir`)")
+    parser.add_argument("--dataset", required=True, metavar="DIR_OR_NAME",
+                        help="prepared dataset directory (holding dataset_info.json), or its name with --data-dir")
+    parser.add_argument("--data-dir", metavar="DIR", help="TFDS data_dir the dataset was prepared into, when --dataset "
+                        "is a name (e.g. mimic_iv_ecg)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory of the latent dataset")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="examples per encoder call, a multiple of the local device count (default: 256)")
@@ -259,16 +270,15 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     def handler(args: argparse.Namespace) -> int:
         from diffusets_jax.data import latents
 
-        apply_fn, variables = latents.load_vae_encoder(args.vae)
+        apply_fn, variables, vae = latents.load_vae_encoder(args.vae)
         index = latents.encode_dataset(
-            args.dataset, args.out, apply_fn, variables, data_dir=args.data_dir, splits=args.splits,
-            batch_size=args.batch_size, examples_per_shard=args.examples_per_shard,
-            vae=os.path.abspath(args.vae), progress=True)
+            args.dataset, args.out, apply_fn, variables, vae=vae, data_dir=args.data_dir, splits=args.splits,
+            batch_size=args.batch_size, examples_per_shard=args.examples_per_shard, progress=True)
         for split, entry in index["splits"].items():
             written = sum(s["num_examples"] for s in entry["shards"])
             skipped = sum(s["skipped"] for s in entry["shards"])
             print(f"{split}: {written} latents in {len(entry['shards'])} shards, {skipped} bad records skipped")
-        print(f"latent dataset: {args.out} (read it with fields=pipeline.LATENT_FIELDS)")
+        print(f"latent dataset: {args.out} (train a U-Net on it: --config.data.dataset={args.out})")
         return 0
 
     parser.set_defaults(func=handler)
@@ -313,16 +323,20 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "sample",
         help="generate ECGs from text + patient conditions (NPZ, WFDB, PNG; or a TFRecord corpus)",
         description=(
-            "Generate 10-second 12-lead ECGs with a model directory written by `convert` or exported by `train`. "
-            "Conditions come from flags (--text '...|...' --sex M --age 50 --hr 90 -n 8) or a CSV/JSONL file "
-            "with columns text, sex, age, heart_rate (or hr) and optional count. The whole reverse chain and the "
-            "VAE decode run as one compiled program, the batch sharded over every device. Default outputs: "
-            "samples.npz, WFDB records (102.4 Hz, or --wfdb-fs 500), clinical 12-lead PNGs and manifest.json. "
-            "--corpus writes TFRecord shards in the prepared-data schema instead, resumably."
+            "Generate 10-second 12-lead ECGs with a model directory (from `convert` or `train --model-dir`): its "
+            "model_index.json says which embedder and prompt style the U-Net was conditioned on, its patient "
+            "features, schedule and latent scale. Conditions come from flags (--text '...|...' --sex M --age 50 "
+            "--hr 90 -n 8) or a CSV/JSONL file with columns text, sex, age, heart_rate (or hr) and optional count. "
+            "The reverse chain and the VAE decode run as one compiled program, the batch sharded over every device. "
+            "Outputs: samples.npz, WFDB records (102.4 Hz, or --wfdb-fs 500), clinical 12-lead PNGs and "
+            "manifest.json; --corpus writes TFRecord shards in the prepared-data schema instead. Rerunning the same "
+            "command resumes; an existing folder with other contents is refused unless --overwrite. Several hosts: "
+            "set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID and run the same command on each."
         ),
     )
-    parser.add_argument("--model-dir", required=True, metavar="DIR", help="holds vae/, unet/ and generation.json")
+    parser.add_argument("--model-dir", required=True, metavar="DIR", help="model directory (model_index.json, vae/, unet/)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if absent)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole (at the end)")
     cond = parser.add_argument_group("conditions (flags, or --conditions FILE)")
     cond.add_argument("--conditions", metavar="FILE", help="CSV/JSONL, one condition per line, optional count column")
     cond.add_argument("--text", help="report statements joined by '|', e.g. 'Sinus rhythm|Left axis deviation'")
@@ -339,14 +353,20 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     smp.add_argument("--guidance-scale", type=float, default=1.0,
                      help="classifier-free guidance weight; 1 = none (models trained without condition dropout)")
     smp.add_argument("--clip-sample", choices=("on", "off"),
-                     help="clip predicted latents to [-1, 1] (default for ddpm: as the model's generation.json says, on for "
+                     help="clip predicted latents to [-1, 1] (default for ddpm: as the model directory says, on for "
                           "the published model; off for ddim and dpmpp_2m)")
     smp.add_argument("--seed", type=int, default=0, help="PRNG seed (default: %(default)s)")
     smp.add_argument("--batch-size", type=int, default=64, help="ECGs per compiled call, rounded up to a multiple "
                      "of the device count (default: %(default)s)")
     smp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="network compute dtype (bfloat16 is faster on GPU/TPU; the chain stays float32)")
-    smp.add_argument("--embedding-cache", metavar="PATH", help="SQLite cache for prompt embeddings (reused across runs)")
+    emb = parser.add_argument_group("text embedder (the model directory names it)")
+    emb.add_argument("--embedding-cache", metavar="PATH", help="SQLite cache for prompt embeddings (reused across runs)")
+    emb.add_argument("--embedder-base-url", metavar="URL",
+                     help="another OpenAI-compatible endpoint serving the recorded model (default: as recorded, "
+                          "else $OPENAI_BASE_URL)")
+    emb.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                     help="environment variable holding the API key (default: %(default)s)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--formats", default="npz,wfdb,png", help="comma-separated from npz, wfdb, png (default: %(default)s)")
     out.add_argument("--wfdb-fs", type=float, help="resample WFDB records to this rate, e.g. 500 (default: 102.4 Hz)")
@@ -355,32 +375,59 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_sample)
 
 
-def _run_sample(args: argparse.Namespace) -> int:
-    import json
-
-    from diffusets_jax import generate
+def _sample_conditions(args: argparse.Namespace) -> list:
+    from diffusets_jax.conditioning import requests
 
     if args.conditions:
         if args.text is not None:
             raise ValueError("give either --conditions FILE or --text/--sex/--age/--hr, not both")
-        conditions = generate.read_conditions(args.conditions)
-    else:
-        missing = [f"--{name}" for name in ("text", "sex", "age", "hr") if getattr(args, name) is None]
-        if missing:
-            raise ValueError(f"missing {', '.join(missing)} (or give --conditions FILE)")
-        conditions = [generate.make_condition(args.text, args.sex, args.age, args.hr, args.count, where="flags")]
-    sampler = generate.sampler_config(args.sampler, steps=args.steps, eta=args.eta,
-                                      guidance_scale=args.guidance_scale,
-                                      clip_sample=None if args.clip_sample is None else args.clip_sample == "on")
-    generator = generate.ECGGenerator(args.model_dir, sampler, batch_size=args.batch_size, seed=args.seed,
-                                      embedding_cache=args.embedding_cache,
-                                      compute_dtype=None if args.dtype == "float32" else args.dtype)
+        return requests.read_conditions(args.conditions)
+    missing = [f"--{name}" for name in ("text", "sex", "age", "hr") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (or give --conditions FILE)")
+    return [requests.make_condition(args.text, args.sex, args.age, args.hr, args.count, where="flags")]
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusets_jax import parallel
+    from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.io.run_dir import check_output_path
+
+    # Everything a user can get wrong is checked before the model is loaded or anything is generated.
+    check_output_path(args.out)
+    conditions = _sample_conditions(args)
+    sampler = sampler_config(args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
+                             clip_sample=None if args.clip_sample is None else args.clip_sample == "on")
     if args.corpus:
-        summary = generate.write_corpus(generator, conditions, args.out, shard_size=args.shard_size)
+        if args.shard_size < 1:
+            raise ValueError(f"--shard-size must be a positive number of ECGs, got {args.shard_size}")
+    else:
+        from diffusets_jax.io.outputs import parse_formats
+
+        formats = parse_formats(args.formats)
+        if args.wfdb_fs is not None and args.wfdb_fs <= 0:
+            raise ValueError(f"--wfdb-fs must be a positive rate in Hz, got {args.wfdb_fs}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive number of ECGs, got {args.batch_size}")
+    parallel.initialize_distributed()
+    from diffusets_jax.pipeline import ECGGenerator
+
+    overrides = {"base_url": args.embedder_base_url, "api_key": os.environ.get(args.api_key_env)}
+    generator = ECGGenerator(args.model_dir, sampler, batch_size=args.batch_size, seed=args.seed,
+                             embedding_cache=args.embedding_cache, embedder_overrides=overrides,
+                             compute_dtype=None if args.dtype == "float32" else args.dtype)
+    if args.corpus:
+        from diffusets_jax.io.corpus import write_corpus
+
+        summary = write_corpus(generator, conditions, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
         print(json.dumps({"out": args.out, **summary}))
         return 0
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    manifest = generate.sample_to_directory(generator, conditions, args.out, formats=formats, wfdb_fs=args.wfdb_fs)
+    from diffusets_jax.io.outputs import sample_to_directory
+
+    manifest = sample_to_directory(generator, conditions, args.out, formats=formats, wfdb_fs=args.wfdb_fs,
+                                   overwrite=args.overwrite)
     print(json.dumps({"out": args.out, "count": manifest["count"], "skipped": len(manifest["skipped"]),
                       "formats": formats}))
     return 0
@@ -392,43 +439,127 @@ COMMANDS.append(_add_sample)
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "evaluate",
-        help="three-level evaluation: generate from a prepared split's conditions and compare with its real ECGs",
+        help="the paper's evaluation (and more): generate from a prepared split's conditions, or score any samples",
         description=(
-            "For each real ECG of a prepared split, generate one ECG from the same text embedding, sex, age and "
-            "heart rate, then compare: signal level (heart-rate MAE by XQRS, failures counted; amplitudes), "
-            "feature level (FID, rFID, precision/recall/F1 with k = 3 on CLIP ECG features) and diagnostic level "
-            "(CLIP score). Writes report.json, report.md, the heart-rate scatter and real/generated pairs."
+            "Generate one ECG per real record of a prepared split from its own text embedding, sex, age and heart "
+            "rate (or N records per condition with --by-condition), then score at the paper's levels: signal (FID, "
+            "rFID, precision/recall/F1 with k = 3 on CLIP ECG features), feature (heart-rate MAE and scatter), "
+            "diagnostic (CLIP score), plus model-free clinical metrics with patient-clustered bootstrap intervals. "
+            "--protocol paper (default) reproduces the published evaluation: VAE-reconstructed references, the "
+            "1000-step DDPM, first-lead XQRS heart rate; --protocol fast: raw references, DPM-Solver++, consensus "
+            "heart rate. --generated PATH scores another generator's samples (NPZ, WFDB folder or corpus) against "
+            "the split with no model. Several --model-dir give one report each and a side-by-side comparison (the "
+            "paper's Fig. 2A: with and without patient information). Writes report.md, report.json and figures."
         ),
     )
-    parser.add_argument("--model-dir", required=True, metavar="DIR", help="generator: vae/, unet/, generation.json")
-    parser.add_argument("--clip", required=True, metavar="DIR", help="directory holding the clip/ feature extractor")
+    src = parser.add_argument_group("what to evaluate")
+    src.add_argument("--model-dir", nargs="+", metavar="DIR", help="model director(y/ies) to generate with")
+    src.add_argument("--labels", nargs="+", metavar="LABEL", help="names of the --model-dir models in the comparison")
+    src.add_argument("--generated", metavar="PATH", help="score these samples instead: an .npz (ecg + conditions), "
+                     "a folder of WFDB records, or a dataset folder (e.g. a `sample --corpus` corpus)")
+    parser.add_argument("--clip", metavar="DIR", help="model directory whose clip/ is the feature extractor "
+                        "(default: the --model-dir's own clip)")
     parser.add_argument("--dataset", required=True, help="prepared dataset directory (or TFDS name with --data-dir)")
     parser.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
     parser.add_argument("--split", default="test", help="split to evaluate on (default: %(default)s)")
-    parser.add_argument("--limit", type=int, help="use only the first N examples of the split")
+    parser.add_argument("--limit", type=int, help="use only the first N records of the split")
     parser.add_argument("--out", required=True, metavar="DIR", help="report directory")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--protocol", choices=("paper", "fast"), default="paper",
+                        help="paper: the published protocol (default); fast: raw references, DPM-Solver++")
+    cond = parser.add_argument_group("per condition (the paper's Fig. 2D/2E)")
+    cond.add_argument("--by-condition", action="store_true", help="N records per condition by keyword rules")
+    cond.add_argument("--rules", metavar="FILE", help="keyword rule file (default: the paper's 15 conditions)")
+    cond.add_argument("--conditions", metavar="NAMES", help="comma-separated subset of the rules, e.g. af,lbbb,normal")
+    cond.add_argument("--records-per-condition", type=int, default=50, help="N (default: %(default)s)")
+    cond.add_argument("--samples-per-record", type=int, default=1, help="S (default: %(default)s)")
+    smp = parser.add_argument_group("sampler (default: the protocol's)")
+    smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"))
+    smp.add_argument("--steps", type=int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
+    smp.add_argument("--guidance-scale", type=float, default=1.0)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for intervals (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes for beat detection and delineation (default: all cores)")
     parser.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+
+    from diffusets_jax import parallel
+    from diffusets_jax.experiments import evaluate as ev
+    from diffusets_jax.io.run_dir import check_output_path, output_dir
+
+    # Everything checkable is checked before any model is loaded or anything generated.
+    check_output_path(args.out)
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--n-boot", args.n_boot),
+                        ("--records-per-condition", args.records_per_condition),
+                        ("--samples-per-record", args.samples_per_record), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive number, got {value}")
+    if bool(args.model_dir) == bool(args.generated):
+        raise ValueError("give either --model-dir (generate and score) or --generated PATH (score samples)")
+    if args.labels and (not args.model_dir or len(args.labels) != len(args.model_dir)):
+        raise ValueError(f"--labels: give one label per --model-dir ({len(args.model_dir or [])}), got {len(args.labels)}")
+    proto = ev.protocol(args.protocol)
+    rules = None
+    if args.by_condition or args.rules or args.conditions:
+        from diffusets_jax.experiments.keyword_rules import CONDITION_RULES, load_rules
+
+        rules = load_rules(args.rules or CONDITION_RULES)
+        if args.conditions:
+            rules = rules.select([c.strip() for c in args.conditions.split(",") if c.strip()])
+    parallel.initialize_distributed()
+    clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
+    common = {"dataset": os.path.abspath(args.dataset), "split": args.split, "limit": args.limit,
+              "protocol": proto.name, "rules": None if rules is None else [r.name for r in rules.rules],
+              "clip": os.path.abspath(args.clip or args.model_dir[0]), "n_boot": args.n_boot}
+    if args.generated:
+        from diffusets_jax.io.generated import read_generated
+
+        generated = read_generated(args.generated)
+        settings = {**common, "generated": os.path.abspath(args.generated)}
+        with output_dir(args.out, command="evaluate", settings=settings, overwrite=args.overwrite) as run:
+            report = ev.evaluate_generated(generated, clip, args.dataset, args.split, run.path, proto=proto,
+                                           data_dir=args.data_dir, limit=args.limit, rules=rules, n_boot=args.n_boot,
+                                           workers=args.workers, seed=args.seed)
+            run.mark_complete()
+        _print_levels(args.out, report)
+        return 0
+
+    from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.pipeline import ECGGenerator
+
+    sampler = sampler_config(args.sampler or proto.sampler, steps=args.steps or (None if args.sampler else proto.steps),
+                             guidance_scale=args.guidance_scale)
+    labels = args.labels or [Path(d).name or str(d) for d in args.model_dir]
+    generators = [ECGGenerator(d, sampler, batch_size=args.batch_size, seed=args.seed) for d in args.model_dir]
+    settings = {**common, "models": [g.settings() for g in generators], "labels": labels,
+                "records_per_condition": args.records_per_condition, "samples_per_record": args.samples_per_record}
+    with output_dir(args.out, command="evaluate", settings=settings, overwrite=args.overwrite) as run:
+        reports = []
+        for label, generator in zip(labels, generators, strict=True):
+            out = run.path if len(generators) == 1 else run.path / label
+            reports.append((label, ev.evaluate_split(
+                generator, clip, args.dataset, args.split, out, proto=proto, data_dir=args.data_dir,
+                limit=args.limit, rules=rules, records_per_condition=args.records_per_condition,
+                samples_per_record=args.samples_per_record, n_boot=args.n_boot, workers=args.workers)))
+        if len(reports) > 1 and "signal_level" in reports[0][1]:
+            ev.compare_reports(reports, run.path)
+        run.mark_complete()
+        parallel.barrier("evaluate-finished")
+    for label, report in reports:
+        _print_levels(args.out if len(reports) == 1 else os.path.join(args.out, label), report)
+    return 0
+
+
+def _print_levels(out: str, report: dict) -> None:
     import json
 
-    from diffusets_jax import generate
-    from diffusets_jax.metrics.report import evaluate_split
-
-    generator = generate.ECGGenerator(
-        args.model_dir, generate.sampler_config(args.sampler, steps=args.steps, guidance_scale=args.guidance_scale),
-        batch_size=args.batch_size, seed=args.seed)
-    report = evaluate_split(generator, args.clip, args.dataset, args.split, args.out, data_dir=args.data_dir,
-                            limit=args.limit)
-    print(json.dumps({"out": args.out, **{k: report[k] for k in ("feature_level", "diagnostic_level")},
-                      "heart_rate_mae_bpm": report["signal_level"]["heart_rate_mae_bpm"]}, indent=2))
-    return 0
+    if "signal_level" in report:  # process 0 writes and prints the report
+        print(json.dumps({"out": out, **{k: report[k] for k in ("signal_level", "feature_level", "diagnostic_level")}},
+                         indent=2))
 
 
 COMMANDS.append(_add_evaluate)
@@ -444,20 +575,28 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             "condition the data never shows), run the three-level evaluation, and write everything to --out."
         ),
     )
-    parser.add_argument("--out", default="demo_out", metavar="DIR", help="output directory (default: %(default)s)")
+    parser.add_argument("--out", default="demo_out", metavar="DIR", help="output directory (default: %(default)s); "
+                        "rerunning the same demo there resumes, another folder's contents are never touched")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole")
     parser.add_argument("--quick", action="store_true", help="a few training steps only: the same path in ~a minute")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from diffusets_jax.demo import print_summary, run_demo
+    from diffusets_jax.experiments.demo import print_summary, run_demo
 
-    print_summary(run_demo(args.out, quick=args.quick, seed=args.seed))
+    print_summary(run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite))
     return 0
 
 
 COMMANDS.append(_add_demo)
+
+
+# Exit codes: 0 done, 1 finished but produced nothing usable, 2 bad input (one line on stderr), 75 preempted
+# after saving (EX_TEMPFAIL: schedulers such as SLURM's --requeue treat it as "run again").
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -469,10 +608,16 @@ def build_parser() -> argparse.ArgumentParser:
             "convert the published PyTorch checkpoints, run the demo."
         ),
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in COMMANDS:
         register(sub)
     return parser
+
+
+# Errors a user can cause and fix: their message is the one line we print. Anything else is a bug: traceback.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
+                                                    IsADirectoryError, PermissionError, ImportError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -491,9 +636,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.config_overrides = overrides
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line naming it, no traceback
-        print(f"diffusets-jax {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except EXPECTED_ERRORS as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message held
+        print(f"diffusets-jax {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"diffusets-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

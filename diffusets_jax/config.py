@@ -10,6 +10,7 @@ the default.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import json
@@ -41,7 +42,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
     spec = importlib.util.spec_from_file_location(f"diffusets_config_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise ValueError(f"{path} line {err.lineno}: Python syntax error ({err.msg}); fix the config file") from None
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} defines no get_config() function")
     config = module.get_config()
@@ -232,8 +236,9 @@ def mesh_section(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
 def train_section(**values: Any) -> ml_collections.ConfigDict:
     """The `config.train` section with the loop's defaults; `values` sets the recipe's own numbers.
 
-    Every key here is read by `diffusets_jax.train.loop.train` or the trainers; a config file overrides
-    the ones its recipe fixes and documents why.
+    Every key here is read by `diffusets_jax.train.loop.train`; a config file overrides the ones its recipe
+    fixes and documents why, and adds the keys its trainer reads (e.g. the U-Net's `t_min`, the VAE's
+    `kl_schedule`). The optimiser's settings are in `optimizer_section`.
     """
     section = ml_collections.ConfigDict(
         {
@@ -242,9 +247,6 @@ def train_section(**values: Any) -> ml_collections.ConfigDict:
             "grad_accum_steps": 1,  # split each global batch into this many sequential micro-batches
             "num_epochs": 1.0,  # used when num_steps is 0: num_steps = ceil(num_epochs * examples / batch)
             "num_steps": 0,  # > 0 overrides num_epochs
-            "learning_rate": 1e-4,
-            "weight_decay": 0.01,  # AdamW (PyTorch's default is 0.01 too)
-            "grad_clip_norm": 0.0,  # global-norm clipping; 0 = off (the reference does not clip)
             "ema_decay": 0.0,  # 0 = no EMA params
             "compute_dtype": "float32",  # "bfloat16": bf16 activations and matmuls, f32 master params
             "log_every": 50,
@@ -260,14 +262,77 @@ def train_section(**values: Any) -> ml_collections.ConfigDict:
     return section
 
 
+LR_SCHEDULES: tuple[str, ...] = ("constant", "one_cycle", "cosine")
+
+
+def optimizer_section(**values: Any) -> ml_collections.ConfigDict:
+    """The `config.optimizer` section: AdamW and its learning-rate schedule, every field declared.
+
+    The defaults are PyTorch's AdamW (betas 0.9 / 0.999, eps 1e-8, weight decay 0.01) at a constant rate; a
+    recipe sets what it fixes (`diffusets_jax.train.optim` builds the optimiser from exactly these fields).
+    """
+    section = ml_collections.ConfigDict(
+        {
+            "learning_rate": 1e-4,  # the peak rate for "one_cycle", the start for "cosine"
+            "lr_schedule": "constant",  # one of LR_SCHEDULES
+            "warmup_steps": 0,  # "cosine": linear warm-up from 0 over this many steps
+            "cosine_final_fraction": 0.1,  # "cosine": decay to this fraction of learning_rate
+            # "one_cycle": PyTorch OneCycleLR (start at peak / div_factor, peak after pct_start of the steps,
+            # cosine down to start / final_div_factor).
+            "one_cycle_pct_start": 0.3,
+            "one_cycle_div_factor": 25.0,
+            "one_cycle_final_div_factor": 1e4,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "weight_decay": 0.01,  # decoupled, on every parameter, as torch.optim.AdamW(model.parameters())
+            "grad_clip_norm": 0.0,  # global-norm clipping; 0 = off (the reference does not clip)
+        }
+    )
+    _update_declared(section, values, "optimizer")
+    if section.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"optimizer.lr_schedule must be one of {LR_SCHEDULES}, got {section.lr_schedule!r}")
+    return section
+
+
+def diffusion_section(**values: Any) -> ml_collections.ConfigDict:
+    """The `config.diffusion` section of a U-Net recipe: its noise schedule and latent space.
+
+    The same shape goes, resolved, into the model directory's `model_index.json` (`schedule.DiffusionSpec`), so
+    sampling uses exactly what training used. `schedule` holds `diffusion.schedule.ScheduleConfig`'s fields
+    (what the U-Net predicts included); `latent_scale` multiplies the VAE posterior (the published 0.18215);
+    `scale_by_std` measures instead the scale that makes the training latents unit-variance; `clip_sample`
+    says whether the DDPM sampler clips the predicted latent to [-1, 1] by default (as published).
+    """
+    from diffusets_jax.diffusion.schedule import DiffusionSpec, ScheduleConfig
+
+    schedule = {f.name: f.default for f in dataclasses.fields(ScheduleConfig)}
+    schedule.update(values.pop("schedule", {}))
+    published = DiffusionSpec()
+    section = ml_collections.ConfigDict({"schedule": schedule, "latent_scale": published.latent_scale,
+                                         "scale_by_std": published.scale_by_std, "clip_sample": published.clip_sample})
+    _update_declared(section, values, "diffusion")
+    ScheduleConfig(**schedule)  # validate now
+    if section.scale_by_std and section.clip_sample:
+        raise ValueError("diffusion.scale_by_std makes the latents unit-variance, reaching beyond [-1, 1]: set "
+                         "diffusion.clip_sample=False")
+    return section
+
+
+def _update_declared(section: ml_collections.ConfigDict, values: dict[str, Any], name: str) -> None:
+    """`section.update(values)`, refusing keys the section does not declare (a recipe typo is an error)."""
+    unknown = sorted(set(values) - set(section.keys()))
+    if unknown:
+        raise ValueError(f"{name} section has no field(s) {unknown}; fields: {sorted(section.keys())}")
+    section.update(values)
+
+
 def module_section(module_class: type, **values: Any) -> ml_collections.ConfigDict:
     """`config.model`: every architecture field of a Flax module class with its default, then `values`.
 
     Listing all fields makes the config state the whole architecture and lets any of them be overridden
     from the command line (`--config.model.kernel_size=9`). Dtype fields are left to the trainers.
     """
-    import dataclasses
-
     fields = {}
     for field in dataclasses.fields(module_class):
         if field.name in ("parent", "name") or "dtype" in field.name:

@@ -107,9 +107,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"mesh axes {mesh.axis_names} include none of {BATCH_AXES} to split the batch over")
+    return axes
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over both mesh axes; other dimensions whole."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    """Leading (batch) dimension split over the mesh's batch axes (both of ("data", "fsdp"), or the one it has);
+    other dimensions whole."""
+    return NamedSharding(mesh, PartitionSpec(_batch_axes(mesh)))
 
 
 # XLA options for programs that run once (parameter initialisation). On the CPU backend, LLVM's optimisation
@@ -155,7 +163,7 @@ def leading_axis_shards(sharding: jax.sharding.Sharding | None) -> int:
 
 def num_batch_shards(mesh: Mesh) -> int:
     """How many slices the global batch is split into (the global batch must be a multiple of it)."""
-    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    return int(np.prod([mesh.shape[a] for a in _batch_axes(mesh)]))
 
 
 def fsdp_partition_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = MIN_FSDP_SIZE) -> PartitionSpec:
@@ -201,6 +209,69 @@ def shard_host_batch(batch: Any, mesh: Mesh) -> Any:
     def to_global(leaf: Any) -> Any:
         if isinstance(leaf, jax.Array):
             return leaf
-        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+        value = np.asarray(leaf)
+        if value.dtype.kind in "OSU":
+            raise ValueError("a batch field holds strings, which cannot become jax.Arrays: keep text on the host "
+                             "(read it separately) and pass only numeric fields")
+        return jax.make_array_from_process_local_data(sharding, value)
 
     return jax.tree.map(to_global, batch)
+
+
+def local_mesh() -> Mesh:
+    """A ("data", "fsdp") mesh over this process's devices only, for work that hosts split among themselves
+    (sampling, encoding, embedding, evaluation: each process takes its own batches, no cross-host collectives)."""
+    return make_mesh(devices=jax.local_devices())
+
+
+def process_share(num_items: int) -> range:
+    """The item indices this process takes when `num_items` independent work items are dealt round-robin over the
+    processes (item i to process i % process_count): every process gets a balanced, deterministic share."""
+    return range(jax.process_index(), num_items, jax.process_count())
+
+
+def allgather_objects(obj: Any) -> list[Any]:
+    """Every process's JSON-serialisable `obj`, in process order (`[obj]` on one host).
+
+    For the small summaries a multi-host command gathers before process 0 writes one manifest or report.
+    """
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: payload.size] = payload
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[: int(size)]).decode()) for row, size in zip(gathered, sizes, strict=True)]
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (a no-op on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def gather_rows(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every process's per-record arrays (same keys; leading dimension its own record count), concatenated in
+    process order; the arrays themselves on one host. For per-record measurements a report is built from."""
+    if jax.process_count() == 1:
+        return dict(arrays)
+    from jax.experimental import multihost_utils
+
+    counts = [int(c) for c in allgather_objects(int(next(iter(arrays.values())).shape[0]) if arrays else 0)]
+    specs = next(s for s in allgather_objects({k: [list(v.shape[1:]), v.dtype.str] for k, v in arrays.items()}) if s)
+    longest = max(counts)
+    gathered = {}
+    for key, (shape, dtype) in sorted(specs.items()):
+        local = arrays.get(key, np.zeros((0, *shape), dtype))
+        padded = np.zeros((longest, *shape), dtype)
+        padded[: local.shape[0]] = local
+        stacked = np.asarray(multihost_utils.process_allgather(padded))  # (processes, longest, ...)
+        gathered[key] = np.concatenate([stacked[i, :count] for i, count in enumerate(counts)])
+    return gathered

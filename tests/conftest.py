@@ -9,3 +9,24 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def openai_env():
+    """The real OpenAI client pointed at a local fake OpenAI-compatible server serving 16-d embeddings (the tiny
+    model directory's recorded embedder), for the module's tests."""
+    from tests.helpers.fake_openai_server import fake_openai_env
+    from tests.helpers.tiny_models import TEXT_DIM
+
+    with fake_openai_env(TEXT_DIM) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random VAE + U-Net model directory (`tests.helpers.tiny_models.tiny_model_dir`)."""
+    from tests.helpers.tiny_models import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("model"))

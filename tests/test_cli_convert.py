@@ -6,8 +6,8 @@ import pytest
 
 from diffusets_jax.cli import main
 from diffusets_jax.convert import clip_from_torch, vae_from_torch
-from diffusets_jax.models.bundle import load_model
 from diffusets_jax.models.clip import CLIP
+from diffusets_jax.models.model_dir import load_component, read_index
 from diffusets_jax.models.vae import VAE
 from tests.helpers.reference_weights import reference_state_dict, reference_vae_state_dict
 
@@ -27,10 +27,16 @@ def test_convert_writes_loadable_models(tmp_path, capsys):
 
     for name, expected_module, (_, expected) in (("vae", VAE(), vae_from_torch(vae_sd)),
                                                  ("clip", CLIP(), clip_from_torch(clip_sd))):
-        module, variables = load_model(out, name)
+        module, variables = load_component(out, name)
         assert module == expected_module
         assert jax.tree.structure(variables) == jax.tree.structure(expected)
         jax.tree.map(np.testing.assert_array_equal, variables, expected)
+    index = read_index(out)
+    assert set(index.components) == {"vae", "clip"} and index.conditioning is None  # no U-Net: no conditioning
+    checkpoint = index.components["clip"]["provenance"]["checkpoint"]
+    import hashlib
+
+    assert checkpoint["sha256"] == hashlib.sha256((tmp_path / "clip_model.npz").read_bytes()).hexdigest()
 
 
 def test_convert_needs_a_checkpoint(tmp_path, capsys):
@@ -57,3 +63,36 @@ def test_convert_help_lists_flags(capsys, flag):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     assert flag in capsys.readouterr().out
+
+
+def test_a_truncated_or_corrupt_checkpoint_is_one_line(tmp_path, capsys):
+    np.savez(tmp_path / "vae_model.npz", x=np.zeros(1000))
+    data = (tmp_path / "vae_model.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    (tmp_path / "model.pth").write_bytes(b"not a zip")
+    for name in ("cut.npz", "bad.safetensors", "model.pth"):
+        assert main(["convert", "--vae", str(tmp_path / name), "--out", str(tmp_path / "models")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert name in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "models").exists() or not list((tmp_path / "models").iterdir())
+
+
+def test_a_unet_for_another_embedder_must_name_it(tmp_path, capsys):
+    """A U-Net whose text input is not ada-002's 1536 needs its embedder named; the width is checked, not guessed."""
+    from diffusets_jax.convert import unet_to_torch
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    _, _, unet, unet_vars = tiny_vae_unet(text_dim=16)
+    np.savez(tmp_path / "unet.npz", **unet_to_torch(unet_vars))
+    out = tmp_path / "models"
+    assert main(["convert", "--unet", str(tmp_path / "unet.npz"), "--out", str(out)]) == 2
+    assert "takes 16-d text embeddings" in capsys.readouterr().err
+    assert main(["convert", "--unet", str(tmp_path / "unet.npz"), "--out", str(out), "--embedder-model", "E-72B",
+                 "--embedder-dim", "8192"]) == 2
+    assert "does not match the U-Net's 16-d" in capsys.readouterr().err
+    assert main(["convert", "--unet", str(tmp_path / "unet.npz"), "--out", str(out), "--embedder-model", "E-72B",
+                 "--embedder-base-url", "http://127.0.0.1:9/v1"]) == 0
+    embedder = read_index(out).conditioning.embedder
+    assert (embedder.kind, embedder.model, embedder.dim, embedder.options) == (
+        "openai", "E-72B", 16, {"base_url": "http://127.0.0.1:9/v1"})

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
+from diffusets_jax import parallel
 from diffusets_jax.data import latents, pipeline
 from diffusets_jax.models.vae import VAE
 from tests.helpers import tiny_ecg_dataset
@@ -28,6 +29,7 @@ def toy_encoder(variables, ecg):
 
 
 VARIABLES = {"scale": np.float32(2.0), "shift": np.float32(-1.0)}
+TOY_VAE = {"model_dir": "/toy", "uid": "toy", "provenance": {}}  # what load_vae_encoder returns beside the encoder
 
 
 def expected_posterior(index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +46,7 @@ def source(tmp_path_factory):
 def encoded(source, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("latents"))
     index = latents.encode_dataset(source, out, toy_encoder, VARIABLES, batch_size=8, examples_per_shard=20,
-                                   vae="toy")
+                                   vae=TOY_VAE)
     return out, index
 
 
@@ -86,8 +88,9 @@ def test_latent_examples_hold_the_posterior_and_conditions(encoded):
 def test_pipeline_reads_latents_as_sharded_batches(encoded):
     out, _ = encoded
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
-    batch = next(pipeline.train_batches(out, "train", global_batch_size=16, mesh_or_sharding=mesh,
-                                        fields=pipeline.LATENT_FIELDS, seed=0, shuffle_buffer=8))
+    host = next(pipeline.train_dataset(pipeline.load_builder(out), "train", host_batch_size=16,
+                                       fields=pipeline.LATENT_FIELDS, seed=0, shuffle_buffer=8).as_numpy_iterator())
+    batch = parallel.shard_host_batch(host, mesh)
     assert batch["latent_mean"].shape == batch["latent_logvar"].shape == (16, 128, 4)
     assert batch["latent_mean"].sharding.spec == PartitionSpec(("data", "fsdp"))
     assert batch["text_embedding"].shape == (16, tiny_ecg_dataset.EMBEDDING_DIM)
@@ -119,15 +122,16 @@ def test_training_resolves_the_measured_scale_only_for_the_unet_with_scale_by_st
     out, _ = encoded
     configs = Path(__file__).resolve().parents[1] / "configs"
     measured = latents.measure_latent_scale(out, "train")
+    builder = pipeline.load_builder(out)
     demo = load_config(configs / "demo_unet.py", [f"data.dataset={out}"])  # scale_by_std=True
-    resolve_latent_scale("unet", demo)  # loads config.data.dataset itself (as --export-only does)
-    assert demo.train.latent_scale == pytest.approx(measured)
+    resolve_latent_scale("unet", demo, builder)
+    assert demo.diffusion.latent_scale == pytest.approx(measured)
     faithful = load_config(configs / "diffusets_unet.py", [f"data.dataset={out}"])
-    resolve_latent_scale("unet", faithful)
-    assert faithful.train.latent_scale == 0.18215
+    resolve_latent_scale("unet", faithful, builder)
+    assert faithful.diffusion.latent_scale == 0.18215
     other = load_config(configs / "demo_unet.py", [f"data.dataset={out}"])
-    resolve_latent_scale("vae", other)
-    assert other.train.latent_scale == 0.18215
+    resolve_latent_scale("vae", other, builder)
+    assert other.diffusion.latent_scale == 0.18215
 
 
 def test_fast_serializer_reads_back_like_tfds_serialization():
@@ -149,7 +153,7 @@ def test_fast_serializer_reads_back_like_tfds_serialization():
 
 def test_rerun_skips_finished_shards_and_redoes_missing_ones(source, tmp_path):
     out = str(tmp_path)
-    kwargs = {"batch_size": 8, "examples_per_shard": 20, "vae": "toy", "splits": ["train"]}
+    kwargs = {"batch_size": 8, "examples_per_shard": 20, "vae": TOY_VAE, "splits": ["train"]}
     latents.encode_dataset(source, out, toy_encoder, VARIABLES, **kwargs)
     before = shard_mtimes(out)
     latents.encode_dataset(source, out, toy_encoder, VARIABLES, **kwargs)
@@ -166,24 +170,27 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(source, tmp_path):
         assert f.read() == original  # a shard always holds the same examples
 
     with pytest.raises(ValueError, match="vae="):
-        latents.encode_dataset(source, out, toy_encoder, VARIABLES, **{**kwargs, "vae": "another"})
+        latents.encode_dataset(source, out, toy_encoder, VARIABLES, **{**kwargs, "vae": {**TOY_VAE, "uid": "other"}})
 
 
 def test_bad_arguments_are_named(source, tmp_path):
     with pytest.raises(ValueError, match="multiple of the 8 local devices"):
-        latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, batch_size=12)
+        latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, vae=TOY_VAE, batch_size=12)
+    with pytest.raises(ValueError, match="positive multiple"):
+        latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, vae=TOY_VAE, batch_size=0)
     with pytest.raises(ValueError, match="no split"):
-        latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, splits=["dev"])
+        latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, vae=TOY_VAE, splits=["dev"])
 
 
 @pytest.mark.slow  # compiles a small VAE encoder for 8 devices
 def test_encode_command_end_to_end_matches_the_vae_encoder(source, tmp_path, capsys):
     from diffusets_jax.cli import main
-    from diffusets_jax.models.bundle import save_model
+    from diffusets_jax.data.card import read_card
+    from diffusets_jax.models import model_dir as model_dirs
 
     vae = VAE(widths=(8, 8, 8), groups=4, num_res_blocks=1)
     variables = jax.jit(lambda key: vae.init(key, jnp.zeros((1, 1024, 12)), method=VAE.encode))(jax.random.key(1))
-    save_model(tmp_path / "models", "vae", vae, variables)
+    model_dirs.write_component(tmp_path / "models", "vae", vae, variables, provenance={"source": "test"})
     data_dir = os.path.dirname(os.path.dirname(source.data_dir))
     argv = ["encode", "--vae", str(tmp_path / "models"), "--data-dir", data_dir, "--dataset", "tiny_ecg",
             "--out", str(tmp_path / "latents"), "--batch-size", "8", "--splits", "validation"]
@@ -197,5 +204,9 @@ def test_encode_command_end_to_end_matches_the_vae_encoder(source, tmp_path, cap
     mean, logvar = jax.jit(lambda v, x: vae.apply(v, x, method=VAE.encode))(variables, ecg)
     np.testing.assert_allclose(np.stack([e["latent_mean"] for e in examples]), mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.stack([e["latent_logvar"] for e in examples]), logvar, rtol=1e-4, atol=1e-5)
+    # The latent dataset's card carries the source's conditioning and names the VAE that encoded it.
+    card = read_card(tmp_path / "latents")
+    assert card["kind"] == "latents" and card["conditioning"]["embedder"]["dim"] == tiny_ecg_dataset.EMBEDDING_DIM
+    assert card["derived_from"]["vae"]["uid"] == model_dirs.read_index(tmp_path / "models").components["vae"]["uid"]
     assert main(["encode", "--vae", str(tmp_path / "nowhere"), *argv[3:]]) == 2
-    assert "no model 'vae'" in capsys.readouterr().err
+    assert "has no vae" in capsys.readouterr().err

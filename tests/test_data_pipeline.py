@@ -1,4 +1,5 @@
-"""The input pipeline on 8 simulated CPU devices: sharded global batches, determinism, resume, splitting."""
+"""The input pipeline on 8 simulated CPU devices: host batches assembled into sharded global arrays, determinism,
+resume, splitting."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from diffusets_jax import parallel
 from diffusets_jax.data import pipeline
 from tests.helpers import tiny_ecg_dataset
 
@@ -96,74 +98,48 @@ def test_process_slices_are_disjoint_equal_and_cover_the_split(builder):
 
 
 @pytest.mark.parametrize("mesh_shape,axes", [((4, 2), ("data", "fsdp")), ((8,), ("data",))])
-def test_train_batches_are_global_arrays_sharded_over_all_devices(builder, mesh_shape, axes):
+def test_host_batches_become_global_arrays_sharded_over_all_devices(builder, mesh_shape, axes):
     assert jax.device_count() == 8
     mesh = Mesh(np.array(jax.devices()).reshape(mesh_shape), axes)
-    iterator = pipeline.train_batches(builder, "train", global_batch_size=16, mesh_or_sharding=mesh,
-                                      fields=pipeline.CLIP_FIELDS, seed=5, shuffle_buffer=16)
-    batch = next(iterator)
+    host = next(pipeline.train_dataset(builder, "train", host_batch_size=16, fields=pipeline.CLIP_FIELDS, seed=5,
+                                       shuffle_buffer=16).as_numpy_iterator())
+    batch = parallel.shard_host_batch(host, mesh)
     ecg = batch["ecg"]
     assert isinstance(ecg, jax.Array) and ecg.shape == (16, 1024, 12)
-    assert ecg.sharding.spec == PartitionSpec(axes)
     assert {s.device for s in ecg.addressable_shards} == set(jax.devices())
     assert all(s.data.shape == (2, 1024, 12) for s in ecg.addressable_shards)
     assert batch["text_embedding"].shape == (16, 8)
-    # The global batch is the host pipeline's batch, unchanged.
-    host = next(pipeline.train_dataset(builder, "train", host_batch_size=16, fields=pipeline.CLIP_FIELDS, seed=5,
-                                       shuffle_buffer=16).as_numpy_iterator())
-    np.testing.assert_array_equal(np.asarray(ecg), host["ecg"])
-    assert iterator.state() == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(ecg), host["ecg"])  # the global batch is the host batch, unchanged
 
 
-def test_iterator_state_resumes_the_sharded_stream(builder):
-    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
-    make = lambda step: pipeline.train_batches(builder, "train", global_batch_size=8, mesh_or_sharding=mesh,
-                                               fields=pipeline.VAE_FIELDS, seed=2, start_step=step, shuffle_buffer=16)
-    run = make(0)
-    seen = [ids(next(run)) for _ in range(9)]
-    saved = run.state()
-    assert saved == {"step": 9}
-    after = [ids(next(run)) for _ in range(3)]
-    resumed = make(saved["step"])
-    assert [ids(next(resumed)) for _ in range(3)] == after
-    assert seen[:3] != after
-
-
-def test_eval_batches_pad_the_tail_with_a_mask(builder):
+def test_eval_dataset_pads_the_tail_with_a_mask(builder):
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    iterator = pipeline.eval_batches(builder, "validation", global_batch_size=8, mesh_or_sharding=mesh,
-                                     fields=("ecg", "study_id"))
-    batches = list(iterator)
-    assert len(iterator) == len(batches) == 2  # 13 examples
+    host = list(pipeline.eval_dataset(builder, "validation", host_batch_size=8,
+                                      fields=("ecg", "study_id")).as_numpy_iterator())
+    assert pipeline.eval_num_batches(builder, "validation", 8) == len(host) == 2  # 13 examples
+    batches = [parallel.shard_host_batch(b, mesh) for b in host]
     mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
     assert mask.tolist() == [True] * 13 + [False] * 3
     study = np.concatenate([np.asarray(b["study_id"]) for b in batches])
     stored = [int(e["study_id"]) for e in builder.as_dataset("validation", shuffle_files=False).as_numpy_iterator()]
     assert study[:13].tolist() == stored  # the stored order, nothing dropped
     assert not np.asarray(batches[-1]["ecg"])[5:].any()  # padding is zeros
-    assert batches[0]["mask"].sharding.spec == PartitionSpec(("data",))
 
 
 def test_clear_errors_for_bad_requests(builder):
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
     with pytest.raises(ValueError, match="multiple of 8"):
-        pipeline.train_batches(builder, "train", global_batch_size=12, mesh_or_sharding=mesh, fields=("ecg",), seed=0)
+        pipeline.per_host_batch_size(12, process_count=1, batch_shards=parallel.num_batch_shards(mesh))
     with pytest.raises(ValueError, match="no field"):
         pipeline.train_dataset(builder, "train", host_batch_size=2, fields=("latent_mean",), seed=0)
     with pytest.raises(ValueError, match="no split"):
         pipeline.train_dataset(builder, "dev", host_batch_size=2, fields=("ecg",), seed=0)
+    host = next(pipeline.train_dataset(builder, "train", host_batch_size=8, fields=("ecg", "prompt"),
+                                       seed=0).as_numpy_iterator())
     with pytest.raises(ValueError, match="strings"):
-        next(pipeline.train_batches(builder, "train", global_batch_size=8, mesh_or_sharding=mesh,
-                                    fields=("ecg", "prompt"), seed=0))
-    with pytest.raises(ValueError, match="none of"):
-        pipeline.batch_sharding(Mesh(np.array(jax.devices()), ("model",)))
+        parallel.shard_host_batch(host, mesh)
     with pytest.raises(ValueError, match="split over 3 processes"):
         pipeline.per_host_batch_size(16, process_count=3)
-
-
-def test_batch_sharding_accepts_a_named_sharding():
-    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
-    assert pipeline.batch_sharding(sharding) is sharding
 
 
 def test_load_builder_by_name_directory_or_missing(builder, tmp_path):

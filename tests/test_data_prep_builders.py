@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 ECG_DATA = os.path.join(os.path.dirname(__file__), "data", "ecg")
 DEMO_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "diffusets_jax", "demo_data", "cinc2021")
 TRUTH = json.load(open(os.path.join(ECG_DATA, "truth.json")))
+REFERENCE = json.load(open(os.path.join(ECG_DATA, "reference_rr.json")))["records"]  # independent beats/rates
 STUDY_TO_NAME = {v["study_id"]: k for k, v in TRUTH.items()}
 LEAD = {name: i for i, name in enumerate(STANDARD_LEADS)}
 
@@ -84,9 +85,10 @@ def test_mimic_iv_ecg_build_counts_the_documented_defects(built):
     assert report["records_listed"] == 40 and report["examples_written"] == 39
     assert report["skipped_by_reason"] == {"missing_demographics": 1}
     assert report["skipped_examples"]["missing_demographics"][0]["record_path"].endswith("/40000014")  # E07514
-    assert report["heart_rate_sources"] == {"rr": 37, "xqrs": 2}
-    xqrs = {STUDY_TO_NAME[int(r["record_path"].rsplit("/", 1)[1])]: r["lead"] for r in report["xqrs_records"]}
-    assert set(xqrs) == {"E07503", "JS20004"} and xqrs["E07503"] != LEAD["II"]
+    assert report["heart_rate_sources"] == {"qrs": 2, "rr": 37}
+    detected = {STUDY_TO_NAME[int(r["record_path"].rsplit("/", 1)[1])]: r["lead"]
+                for r in report["detected_heart_rate_records"]}
+    assert detected == {"E07503": -1, "JS20004": -1}  # the multi-lead consensus, no single lead
     assert json.load(open(os.path.join(builder.data_dir, REPORT_FILENAME))) == report
 
     rr_interval = {int(r["study_id"]): float(r["rr_interval"]) for r in csv.DictReader(open(os.path.join(ECG_DATA, "mimic_iv_ecg", "machine_measurements.csv")))}
@@ -106,7 +108,8 @@ def test_mimic_iv_ecg_build_counts_the_documented_defects(built):
             assert example["age"] == truth["age"] and example["sex"] == int(truth["sex"] == "Male")
             source = decoded_text(example["heart_rate_source"])
             if name in ("E07503", "JS20004"):
-                assert source == "xqrs" and 95 < example["heart_rate"] < 160  # both sinus tachycardias
+                assert source == "qrs"  # both sinus tachycardias; rates against tests/data/ecg/reference_rr.json
+                assert example["heart_rate"] == pytest.approx(REFERENCE[name]["heart_rate_bpm"], abs=1.5)
             else:
                 assert source == "rr"
                 assert example["heart_rate"] == pytest.approx(60000.0 / rr_interval[truth["study_id"]], rel=1e-6)
@@ -122,7 +125,7 @@ def test_mimic_iv_ecg_build_counts_the_documented_defects(built):
 def test_ptbxl_build_uses_strat_folds_sex_convention_and_the_paper_template(built):
     _, report, examples = built("ptbxl", os.path.join(ECG_DATA, "ptbxl"))
     assert report["examples_written"] == 40 and report["records_skipped"] == 0
-    assert report["heart_rate_sources"] == {"xqrs": 40}
+    assert report["heart_rate_sources"] == {"qrs": 40}
     assert sorted(int(e["study_id"]) for e in examples["test"]) == [10, 20, 30, 40]  # strat_fold == 10
     assert sorted(int(e["study_id"]) for e in examples["validation"]) == [9, 19, 29, 39]
     names = list(TRUTH)
@@ -133,17 +136,17 @@ def test_ptbxl_build_uses_strat_folds_sex_convention_and_the_paper_template(buil
             assert example["sex"] == int(truth["sex"] == "Male")  # PTB-XL's 0 = male became 1 = male
             prompt = decoded_text(example["prompt"])
             assert prompt.startswith("The report of the ECG is that ") and prompt.endswith(".")
-            if truth["rr_ms"] is not None and decoded_text(example["heart_rate_source"]) == "xqrs":
-                assert 30 < example["heart_rate"] < 200
+            name = names[int(example["study_id"]) - 1]
+            assert decoded_text(example["heart_rate_source"]) == "qrs"
+            assert example["heart_rate"] == pytest.approx(REFERENCE[name]["heart_rate_bpm"], abs=1.5)
 
 
 def test_physionet_challenge_build_maps_dx_codes_to_report_lines(built):
     _, report, examples = built("physionet-challenge", DEMO_DIR)
     assert report["examples_written"] == 40 and report["records_skipped"] == 0
-    assert report["heart_rate_sources"] == {"xqrs": 40}
+    assert report["heart_rate_sources"] == {"qrs": 40}
     assert report["written_with_flat_leads"]["count"] == 2  # JS20004 and JS20008: zero V2, V4, V6
-    xqrs = {r["record_path"]: r["lead"] for r in report["xqrs_records"]}
-    assert xqrs["E07503"] != LEAD["II"]
+    assert len(report["detected_heart_rate_records"]) == 40
     # Codes the fixture's report generator left out (truth.json omits them); we name them.
     named_here = {"253352002": "Left atrial abnormality", "426434006": "Anterior ischemia",
                   "251187003": "Atrial escape beat", "55827005": "Left ventricular high voltage", "713422000": "Atrial tachycardia"}

@@ -29,7 +29,9 @@ def test_known_rates_are_recovered():
     result = heart_rate_mae(ecgs, rates)
     assert result.n_failed == 0 and result.failure_rate == 0.0
     np.testing.assert_allclose(result.measured_bpm, rates, atol=3.0)
-    np.testing.assert_array_equal(result.lead, 0)  # first lead already has >= 2 beats
+    np.testing.assert_array_equal(result.lead, -1)  # the consensus of all leads, not one lead
+    published = heart_rate_mae(ecgs, rates, method="xqrs_first_lead")
+    np.testing.assert_array_equal(published.lead, 0)  # the first lead already has >= 2 beats
     assert result.mae < 2.0
     # The conditioning rates enter the error as given: shift them and the MAE grows by the shift.
     shifted = heart_rate_mae(ecgs, rates + 10.0)
@@ -38,6 +40,9 @@ def test_known_rates_are_recovered():
 
 
 def test_flat_lead_falls_back_and_flat_record_is_a_counted_failure():
+    # The published first-lead method: a flat first lead passes the rate to the next one.
+    consensus = heart_rate_mae(np.stack([pulse_train(75.0, np.ones(12), seed=1)] * 2), [75.0, 75.0])
+    assert consensus.lead.tolist() == [-1, -1] and consensus.mae < 3.0
     amplitudes = np.ones(12)
     good = pulse_train(75.0, amplitudes, seed=1)
     first_lead_flat = good.copy()
@@ -46,7 +51,7 @@ def test_flat_lead_falls_back_and_flat_record_is_a_counted_failure():
     non_finite = good.copy()
     non_finite[10, 5] = np.nan
     ecgs = np.stack([good, first_lead_flat, all_flat, non_finite])
-    result = heart_rate_mae(ecgs, np.full(4, 75.0))
+    result = heart_rate_mae(ecgs, np.full(4, 75.0), method="xqrs_first_lead")
     assert result.n_records == 4 and result.n_failed == 2 and result.n_measured == 2
     np.testing.assert_array_equal(result.failed, [2, 3])
     assert result.failure_rate == 0.5
@@ -68,6 +73,8 @@ def test_bad_inputs():
         heart_rate_mae(np.zeros((2, SAMPLES, 12)), [60.0])
     with pytest.raises(ValueError, match=r"\(batch, samples, leads\)"):
         measure_heart_rates(np.zeros((SAMPLES, 12)))
+    with pytest.raises(ValueError, match="method: unknown heart-rate method"):
+        heart_rate_mae(np.zeros((2, SAMPLES, 12)), [60.0, 70.0], method="first")
 
 
 @pytest.mark.slow

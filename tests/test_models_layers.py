@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusets_jax.models.layers import ConvTranspose1d, TorchMultiheadAttention, group_norm, mish
+from diffusets_jax.models.layers import Conv1d, ConvTranspose1d, TorchMultiheadAttention, group_norm, mish
 
 
 def torch_conv_transpose1d(x, weight, bias, stride, padding):
@@ -20,10 +20,12 @@ def torch_conv_transpose1d(x, weight, bias, stride, padding):
     return full[:, :, padding:padding + out_length] + bias[None, :, None]
 
 
+# Lengths 1-4 take the short-input matmul path (length <= kernel), 8 the dilated convolution.
+@pytest.mark.parametrize("length", [1, 2, 4, 8])
 @pytest.mark.parametrize("stride,padding,kernel", [(2, 1, 4), (2, 0, 3), (1, 1, 3)])
-def test_conv_transpose_matches_pytorch_definition(stride, padding, kernel):
+def test_conv_transpose_matches_pytorch_definition(stride, padding, kernel, length):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 5, 8)).astype(np.float32)  # PyTorch layout (B, C_in, L)
+    x = rng.normal(size=(2, 5, length)).astype(np.float32)  # PyTorch layout (B, C_in, L)
     weight = rng.normal(size=(5, 3, kernel)).astype(np.float32)  # (C_in, C_out, k)
     bias = rng.normal(size=(3,)).astype(np.float32)
     expected = torch_conv_transpose1d(x, weight, bias, stride, padding)
@@ -31,7 +33,40 @@ def test_conv_transpose_matches_pytorch_definition(stride, padding, kernel):
     params = {"params": {"kernel": np.transpose(weight, (2, 0, 1)), "bias": bias}}
     got = layer.apply(params, np.transpose(x, (0, 2, 1)))
     np.testing.assert_allclose(np.transpose(got, (0, 2, 1)), expected, rtol=1e-5, atol=1e-5)
-    assert got.shape[1] == (8 - 1) * stride - 2 * padding + kernel
+    assert got.shape[1] == (length - 1) * stride - 2 * padding + kernel
+
+
+def torch_conv1d(x, weight, bias, stride, padding):
+    """PyTorch Conv1d by its definition: out[o, l] = b[o] + sum_{c,k} w[o, c, k] x_pad[c, l*s + k]. x (B, C, L)."""
+    x = np.pad(x, ((0, 0), (0, 0), (padding, padding)))
+    kernel = weight.shape[-1]
+    out_length = (x.shape[-1] - kernel) // stride + 1
+    out = np.stack([np.einsum("bck,ock->bo", x[:, :, o * stride:o * stride + kernel], weight)
+                    for o in range(out_length)], axis=-1)
+    return out + bias[None, :, None]
+
+
+# Lengths up to the kernel size take the matmul path (with taps that only read padding left out), longer
+# ones lax.conv: both must be PyTorch's Conv1d.
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 7, 8, 16])
+@pytest.mark.parametrize("kernel,stride,padding", [(7, 1, 3), (3, 1, 1), (3, 2, 1), (1, 1, 0), (5, 1, 4)])
+def test_conv1d_matches_pytorch_definition(kernel, stride, padding, length):
+    if length + 2 * padding < kernel:
+        pytest.skip("no output position")
+    rng = np.random.default_rng(length)
+    x = rng.normal(size=(2, 5, length)).astype(np.float32)
+    weight = rng.normal(size=(3, 5, kernel)).astype(np.float32)  # PyTorch (C_out, C_in, k)
+    bias = rng.normal(size=(3,)).astype(np.float32)
+    layer = Conv1d(3, kernel, stride=stride, padding=padding, in_features=5)
+    got = layer.apply({"params": {"kernel": np.transpose(weight, (2, 1, 0)), "bias": bias}}, np.transpose(x, (0, 2, 1)))
+    np.testing.assert_allclose(np.transpose(got, (0, 2, 1)), torch_conv1d(x, weight, bias, stride, padding),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_rejects_inputs_shorter_than_its_window():
+    layer = Conv1d(3, 7, padding=0)
+    with pytest.raises(ValueError, match="shorter than the kernel"):
+        layer.init(jax.random.key(0), jnp.zeros((1, 4, 2)))
 
 
 def torch_mha(query, key, value, in_w, in_b, out_w, out_b, heads):

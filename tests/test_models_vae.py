@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusets_jax.models.vae import LATENT_SCALE, LOGVAR_MAX, LOGVAR_MIN, VAE
+from diffusets_jax.models.vae import LATENT_SCALE, LOGVAR_MAX, LOGVAR_MIN, VAE, NearestUpsampleConv
 from tests.helpers.random_variables import random_variables
 from tests.helpers.reference_weights import DATA
 
@@ -111,3 +111,27 @@ def test_bad_shapes_are_explained(small_variables):
         SMALL.apply(small_variables, jnp.zeros((2, 66, 12)), method=VAE.encode)
     with pytest.raises(ValueError, match=r"\(batch, length, 4\)"):
         SMALL.apply(small_variables, jnp.zeros((2, 16, 3)), method=VAE.decode)
+
+
+def test_upsample_conv_equals_nearest_upsampling_then_conv():
+    """The half-length two-tap form must be the published nn.Upsample(x2) + Conv1d(k3, p1), values and gradients."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 9, 6)), jnp.float32)
+    params = {"kernel": jnp.asarray(rng.normal(size=(3, 6, 5)), jnp.float32),
+              "bias": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+    layer = NearestUpsampleConv(5)
+    assert jax.tree.map(jnp.shape, layer.init(jax.random.key(0), x)["params"]) == jax.tree.map(jnp.shape, params)
+
+    def published(params, x):
+        upsampled = jnp.repeat(x, 2, axis=1)  # nearest neighbour: u[2m] = u[2m + 1] = x[m]
+        return jax.lax.conv_general_dilated(upsampled, params["kernel"], (1,), ((1, 1),),
+                                             dimension_numbers=("NWC", "WIO", "NWC")) + params["bias"]
+
+    got = layer.apply({"params": params}, x)
+    assert got.shape == (2, 18, 5)
+    np.testing.assert_allclose(got, published(params, x), rtol=1e-5, atol=1e-5)
+    target = jnp.asarray(rng.normal(size=(2, 18, 5)), jnp.float32)
+    ours = jax.grad(lambda p, x: jnp.sum((layer.apply({"params": p}, x) - target) ** 2), argnums=(0, 1))(params, x)
+    theirs = jax.grad(lambda p, x: jnp.sum((published(p, x) - target) ** 2), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

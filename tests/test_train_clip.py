@@ -44,7 +44,7 @@ def test_retrieval_accuracy():
 def test_clip_step_updates_batch_stats_and_learns():
     config = load_config(CONFIGS / "demo_clip.py", ["model.filters=(8,)", "model.blocks_per_stage=(1,)",
                                                     "model.text_dim=8", "model.kernel_size=4"])
-    config.train.learning_rate = 3e-3
+    config.optimizer.learning_rate = 3e-3
     task = clip_task(config, num_steps=10)
     mesh = parallel.make_mesh(2, 1, devices=jax.devices()[:2])
     _, shardings = loop.abstract_state(task, mesh, 0, False)

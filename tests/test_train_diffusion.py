@@ -57,9 +57,8 @@ def _batch(n=8, text_dim=8):
 
 @pytest.mark.parametrize("config_name", ["diffusets_unet", "improved_unet"])
 def test_diffusion_trains_with_faithful_and_improved_recipes(config_name):
-    config = load_config(CONFIGS / f"{config_name}.py", ["data.num_train_examples=64", "train.learning_rate=1e-2",
-                                                         "train.eval_timesteps=(10,500)"])
-    config.train.warmup_steps = 0
+    config = load_config(CONFIGS / f"{config_name}.py", ["data.num_train_examples=64", "optimizer.learning_rate=1e-2",
+                                                         "train.eval_timesteps=(10,500)", "optimizer.warmup_steps=0"])
     task = diffusion_task(config, num_steps=20, model=ConditionedDenoiser())
     use_ema = config.train.ema_decay > 0
     mesh = parallel.make_mesh(4, 2)
@@ -112,8 +111,8 @@ def test_prediction_type_sets_the_training_target():
     batch = {k: jnp.asarray(v) for k, v in _batch().items()}
     losses = {}
     for prediction_type in ("epsilon", "v_prediction"):
-        config = load_config(CONFIGS / "demo_unet.py", ["train.eval_timesteps=(990,)", "train.latent_scale=0.5",
-                                                        f"train.prediction_type={prediction_type}"])
+        config = load_config(CONFIGS / "demo_unet.py", ["train.eval_timesteps=(990,)", "diffusion.latent_scale=0.5",
+                                                        f"diffusion.schedule.prediction_type={prediction_type}"])
         task = diffusion_task(config, num_steps=10, model=ZeroNet())
         losses[prediction_type] = float(jax.jit(task.eval_fn)({}, {}, batch, jax.random.key(0))["loss_t990"])
     # At t = 990 the epsilon target is the noise (~512 squared per sample); v = sqrt(abar) eps - sqrt(1 - abar) x0
@@ -123,21 +122,19 @@ def test_prediction_type_sets_the_training_target():
     assert losses["v_prediction"] == pytest.approx(expected_v, rel=0.1)
 
 
-@pytest.mark.parametrize("scale_by_std", [True, False])
-def test_export_records_how_to_sample(tmp_path, scale_by_std):
-    from diffusets_jax.generate import GenerationMeta
-    from diffusets_jax.train.diffusion import build_unet
-    from tests.helpers.random_variables import random_variables
+def test_the_diffusion_section_is_what_the_model_directory_records():
+    """config.diffusion, resolved, is the model index's `diffusion` (one shape from training to sampling)."""
+    from diffusets_jax.config import config_to_dict, diffusion_section
+    from diffusets_jax.train.diffusion import diffusion_spec
 
-    config = load_config(CONFIGS / "demo_unet.py", TINY_UNET + ["train.latent_scale=0.5",
-                                                                f"train.scale_by_std={str(scale_by_std).lower()}"])
-    unet = build_unet(config)
-    variables = random_variables(unet, jnp.zeros((1, 128, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 8)),
-                                 jnp.zeros(1), jnp.zeros(1), jnp.zeros(1))
-    params, model_state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
-    diffusion_task(config, num_steps=10, model=unet).export(tmp_path, params, model_state)
-    meta = GenerationMeta.load(tmp_path)
-    assert meta.schedule["prediction_type"] == "v_prediction" and meta.latent_scale == 0.5
-    assert meta.patient_features == "normalised" and meta.embedder == "local"
-    # unit-variance (measured) latents reach beyond [-1, 1]: DDPM must not clip them there
-    assert meta.clip_sample is (not scale_by_std)
+    config = load_config(CONFIGS / "demo_unet.py", ["diffusion.latent_scale=0.5"])
+    spec = diffusion_spec(config, latent_std=0.93)
+    assert spec.to_json() == {**config_to_dict(config)["diffusion"], "latent_std": 0.93}
+    assert spec.schedule.prediction_type == "v_prediction" and spec.scale_by_std and not spec.clip_sample
+    faithful = diffusion_spec(load_config(CONFIGS / "diffusets_unet.py"))
+    assert faithful.clip_sample and faithful.latent_scale == 0.18215 and faithful.schedule.prediction_type == "epsilon"
+    # unit-variance (measured) latents reach beyond [-1, 1]: a recipe that would clip them is refused
+    with pytest.raises(ValueError, match="clip_sample=False"):
+        diffusion_section(scale_by_std=True)
+    with pytest.raises(ValueError, match="no field"):
+        diffusion_section(latent_scael=0.5)

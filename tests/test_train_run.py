@@ -33,7 +33,13 @@ def test_train_clip_cli_end_to_end_then_resume_and_export(tmp_path):
     assert saved["data"]["num_train_examples"] == tiny_ecg_dataset.SPLIT_SIZES["validation"]
     assert saved["train"]["num_steps"] == 4
     assert (workdir / "checkpoints" / "4").is_dir()
-    assert (workdir / "export" / "clip" / "config.json").is_file()
+    from diffusets_jax.models.model_dir import read_index
+
+    assert (workdir / "model" / "clip" / "config.json").is_file()  # the default model directory, WORKDIR/model
+    provenance = read_index(workdir / "model").components["clip"]["provenance"]
+    assert provenance["dataset"]["name"] == "tiny_ecg" and provenance["dataset"]["split"] == "validation"
+    assert provenance["dataset"]["examples"] == tiny_ecg_dataset.SPLIT_SIZES["validation"]
+    assert provenance["run"]["step"] == 4 and provenance["code"]["package_version"]
     assert list((workdir / "tensorboard").iterdir())
 
     # Extend the same run to 6 steps: it resumes at step 4 from the checkpoint and the data position.

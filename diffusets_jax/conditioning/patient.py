@@ -8,7 +8,8 @@ Conventions (diffusets-reference.md section 3):
 - heart rate in beats per minute.
 - The U-Net receives (sex, age, heart rate) in that order. `faithful` passes the raw numbers, as the
   published model was trained; `normalised` scales age and heart rate by 1/100 so all three are O(1), for
-  new models (a checkpoint must be used with the mode it was trained with).
+  new models; `none` passes zeros (an ablation without patient information). A checkpoint must be used with
+  the mode it was trained with (the model directory records it).
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ AGE_RANGE = (0.0, 120.0)  # years, inclusive
 HEART_RATE_RANGE = (20.0, 300.0)  # bpm, inclusive: beyond these a 10-second ECG is not a heart rhythm
 PTBXL_MISSING_AGE = 300
 PATIENT_FEATURES = ("sex", "age", "heart_rate")  # the U-Net's order
-FeatureMode = Literal["faithful", "normalised"]
-FEATURE_SCALES: dict[str, tuple[float, float, float]] = {"faithful": (1.0, 1.0, 1.0), "normalised": (1.0, 0.01, 0.01)}
+FeatureMode = Literal["faithful", "normalised", "none"]
+# "none": the ablation without patient information (the paper's Fig. 2A): the U-Net's patient inputs are zeros in
+# training and sampling, so it cannot use them, with the published architecture and checkpoint format unchanged.
+FEATURE_SCALES: dict[str, tuple[float, float, float]] = {
+    "faithful": (1.0, 1.0, 1.0), "normalised": (1.0, 0.01, 0.01), "none": (0.0, 0.0, 0.0)}
 
 _SEX_WORDS = {"m": 1, "male": 1, "f": 0, "female": 0}
 
@@ -101,7 +105,7 @@ def patient_features(sex: object, age: object, heart_rate: object, mode: Feature
     """Arrays (batch,) of sex (0/1), age (years), heart rate (bpm) -> the U-Net's patient inputs (batch, 3) float32.
 
     Columns are (sex, age, heart rate). `faithful`: raw values as the published model was trained;
-    `normalised`: (sex, age / 100, heart rate / 100). Values are validated against the same ranges as the
+    `normalised`: (sex, age / 100, heart rate / 100); `none`: zeros (the values are still validated). Values are validated against the same ranges as the
     parsers; the error names the field and the first offending index.
     """
     if mode not in FEATURE_SCALES:

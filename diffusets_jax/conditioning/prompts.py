@@ -19,6 +19,9 @@ import math
 from collections.abc import Sequence
 
 LINE_SEPARATOR = "|"
+# How a report becomes the text the embedder sees: "ordered" (the published MIMIC-IV-ECG prompt) or "free_text"
+# (the paper's "The report of the ECG is that {report}." template, used for PTB-XL's free-text reports).
+PROMPT_STYLES: tuple[str, ...] = ("ordered", "free_text")
 
 
 def ordinal(position: int) -> str:
@@ -77,3 +80,16 @@ def free_text_prompt(report: str) -> str:
     if not report:
         raise ValueError("report is empty: nothing to build a prompt from")
     return f"The report of the ECG is that {report}."
+
+
+def make_prompt(report: Sequence[str] | str, style: str) -> str:
+    """The text to embed for a report (statements, or one `|`-joined string) in a prompt style.
+
+    "ordered": `ordered_prompt`; "free_text": the statements joined by ", " in `free_text_prompt`. A U-Net must be
+    sampled with the style its training prompts had (the model directory records it).
+    """
+    if style == "ordered":
+        return ordered_prompt(report)
+    if style == "free_text":
+        return free_text_prompt(", ".join(report_lines(report)))
+    raise ValueError(f"prompt style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")

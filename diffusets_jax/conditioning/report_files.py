@@ -28,10 +28,10 @@ import numpy as np
 
 from diffusets_jax.conditioning.cache import EmbeddingCache, EmbeddingRunStats, embed_with_cache
 from diffusets_jax.conditioning.embedders import Embedder
-from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, free_text_prompt, ordered_prompt, report_lines
+from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, PROMPT_STYLES, make_prompt
 
 Template = Literal["ordered", "free_text", "none"]
-TEMPLATES = ("ordered", "free_text", "none")
+TEMPLATES = (*PROMPT_STYLES, "none")
 _MIMIC_REPORT_COLUMN = re.compile(r"report_(\d+)$")
 _MAX_EXAMPLES = 5
 
@@ -51,11 +51,8 @@ class ReportPrompts:
 
 
 def _to_prompt(value: object, template: Template) -> str:
-    if template == "ordered":
-        return ordered_prompt(value)  # type: ignore[arg-type]
-    if template == "free_text":
-        text = value if isinstance(value, str) else ", ".join(report_lines(value))  # type: ignore[arg-type]
-        return free_text_prompt(text)
+    if template in PROMPT_STYLES:
+        return make_prompt(value, template)  # type: ignore[arg-type]
     if not isinstance(value, str):
         raise ValueError(f"template 'none' needs a text field, got a {type(value).__name__}")
     if not value.strip():

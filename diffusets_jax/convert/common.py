@@ -37,14 +37,24 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is a directory: give the checkpoint file")
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {key: np.asarray(data[key]) for key in data.files}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {key: np.asarray(data[key]) for key in data.files}
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+            raise ValueError(f"{path!r} is not a readable .npz ({type(err).__name__}: {err}): is the file complete? "
+                             "Write it again with numpy.savez") from None
     if suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError and others
+            raise ValueError(f"{path!r} is not a readable .safetensors file ({type(err).__name__}: {err}): is the "
+                             "file complete?") from None
     if suffix in (".pth", ".pt", ".ckpt", ".bin"):
         try:
             import torch
@@ -56,7 +66,11 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
             ) from err
         if not zipfile.is_zipfile(path):
             raise ValueError(f"{path!r} is not a PyTorch checkpoint (not a zip archive): is the download complete?")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
+            raise ValueError(f"{path!r} could not be read by PyTorch ({type(err).__name__}: {err}): is the download "
+                             "complete?") from None
         if not isinstance(obj, Mapping):
             raise ValueError(f"{path!r} holds a {type(obj).__name__}, expected a state dict (a mapping of tensors)")
         return flatten_state_dict(obj)

@@ -21,7 +21,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
-import json
 import math
 import multiprocessing
 import os
@@ -32,15 +31,18 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from diffusets_jax.conditioning.prompts import PROMPT_STYLES, make_prompt
+from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
 from diffusets_jax.data import records as records_lib
+from diffusets_jax.data.card import write_card
 from diffusets_jax.data.records import ChunkResult, DecodeOptions, RecordCandidate
 from diffusets_jax.data.schema import ecg_features
+from diffusets_jax.io.files import write_json_atomic
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 REPORT_FILENAME = "prepare_report.json"
 EXAMPLES_PER_REASON_IN_REPORT = 10
 EMBEDDING_DIMS: dict[str, int] = {"local": 384, "openai": 1536}  # MiniLM-L6; text-embedding-ada-002
-PAPER_PROMPT_TEMPLATE = "The report of the ECG is that {text}."  # the paper's PTB-XL template (spec section 4)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -52,7 +54,8 @@ class EcgBuilderConfig(tfds.core.BuilderConfig):
     - `embedding_dim`: the embedder's output size (the `text_embedding` feature's shape).
     - `split_fractions`: train / validation / test fractions of subjects (subject-hash splits).
     - `split_by`: "subject_hash" or "strat_fold" (PTB-XL's folds: 1-8 train, 9 validation, 10 test).
-    - `prompt_style`: "ordered" (the MIMIC ordered prompt) or "paper_template" (the paper's PTB-XL template).
+    - `prompt_style`: "ordered" (the MIMIC ordered prompt) or "free_text" (the paper's PTB-XL template), see
+      `conditioning.prompts.make_prompt`.
     - `decode`: DecodeOptions (length, duration tolerance, flat-lead threshold).
 
     How a build runs (workers, chunk size, embedding cache file) does not change the dataset, so it is given
@@ -74,8 +77,8 @@ class EcgBuilderConfig(tfds.core.BuilderConfig):
             raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {self.split_fractions}")
         if self.split_by not in ("subject_hash", "strat_fold"):
             raise ValueError(f"split_by must be 'subject_hash' or 'strat_fold', got {self.split_by!r}")
-        if self.prompt_style not in ("ordered", "paper_template"):
-            raise ValueError(f"prompt_style must be 'ordered' or 'paper_template', got {self.prompt_style!r}")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
 
 
 def embedder_configs(description: str, name_suffix: str = "", **overrides: Any) -> list[EcgBuilderConfig]:
@@ -114,15 +117,6 @@ def strat_fold_split(fold: int | None) -> str:
 def stable_int_id(text: str) -> int:
     """A positive int64 id from a name, for sources without numeric subject/study ids (Challenge records)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
-
-
-def make_prompt(report_lines: Sequence[str], style: str) -> str:
-    """The text the embedder sees: the ordered prompt (spec section 4) or the paper's PTB-XL template."""
-    if style == "paper_template":
-        return PAPER_PROMPT_TEMPLATE.format(text=", ".join(report_lines))
-    from diffusets_jax.conditioning.prompts import ordered_prompt
-
-    return ordered_prompt(list(report_lines))
 
 
 @dataclasses.dataclass
@@ -185,6 +179,14 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         super()._download_and_prepare(dl_manager, download_config)
         report = self._build_report()
         write_json_atomic(os.path.join(os.fspath(self.data_dir), REPORT_FILENAME), report)
+        config = self.builder_config
+        embedder = EmbedderSpec.from_embedder_config(config.embedder, config.embedder_options, config.embedding_dim,
+                                                     self._embedding_summary.get("embedder_id", ""))
+        write_card(self.data_dir, kind="prepared", name=self.name, config=config.name, version=str(self.version),
+                   conditioning=ConditioningSpec(embedder, prompt_style=config.prompt_style),
+                   splits={split: n for split, n in report["examples_per_split"].items() if n},
+                   derived_from={"manual_dir": os.path.abspath(os.fspath(download_config.manual_dir or ""))},
+                   records_skipped=report["records_skipped"])
         print(format_report_summary(self.name, report), file=sys.stderr)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):  # noqa: ANN201
@@ -307,7 +309,7 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         examples_of: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
         written: collections.Counter[str] = collections.Counter()
         sources: collections.Counter[str] = collections.Counter()
-        xqrs_records: list[dict[str, Any]] = []
+        detected_records: list[dict[str, Any]] = []  # heart rate from QRS detection (machine RR unusable)
         flat_lead_records: list[dict[str, str]] = []
         flat_lead_count = 0
         reused = decoded = 0
@@ -332,8 +334,8 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                         flat_lead_records.append({"record_path": chunk.candidates[int(position)].record_path, "leads": str(flat)})
             for position, source, lead in zip(result.ok_index, result.heart_rate_source, result.heart_rate_lead, strict=True):
                 sources[str(source)] += 1
-                if source == "xqrs":
-                    xqrs_records.append({"record_path": chunk.candidates[int(position)].record_path, "lead": int(lead)})
+                if source != "rr":
+                    detected_records.append({"record_path": chunk.candidates[int(position)].record_path, "lead": int(lead)})
         listed = sum(len(chunk.candidates) for chunk in self._chunks)
         return {
             "dataset": self.name, "config": self.builder_config.name, "version": str(self.version),
@@ -343,7 +345,7 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             "skipped_examples": {reason: examples_of[reason] for reason in sorted(examples_of)},
             "examples_per_split": {split: written[split] for split in SPLITS},
             "heart_rate_sources": dict(sorted(sources.items())),
-            "xqrs_records": xqrs_records[:100],
+            "detected_heart_rate_records": detected_records[:100],
             # Written despite flat leads (DecodeOptions.flat_leads == "keep", the reference's behaviour).
             "written_with_flat_leads": {"count": flat_lead_count, "examples": flat_lead_records},
             "embedding": self._embedding_summary,
@@ -380,16 +382,6 @@ def chunk_examples(
             "study_id": int(candidate.study_id),
             "record_path": candidate.record_path,
         }
-
-
-def write_json_atomic(path: str, payload: Mapping[str, Any]) -> None:
-    """Write JSON through a temporary file and os.replace, so readers never see half a report."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=False)
-        handle.write("\n")
-    os.replace(temporary, path)
 
 
 def format_report_summary(name: str, report: Mapping[str, Any]) -> str:

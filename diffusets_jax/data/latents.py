@@ -4,7 +4,7 @@ Diffusion training works on VAE latents; encoding every batch again on every ste
 compute. `encode_dataset` writes, per split, TFRecord shards whose examples hold the encoder's posterior
 (`latent_mean`, `latent_logvar`, each `(128, 4)`) plus the conditions. The output directory is a TFDS
 dataset (`dataset_info.json` written with `tfds.folder_dataset.write_metadata`), so the same input pipeline
-reads it: `pipeline.train_batches(out_dir, "train", fields=pipeline.LATENT_FIELDS, ...)`. The train step
+reads it: `pipeline.train_dataset(builder, "train", fields=pipeline.LATENT_FIELDS, ...)`. The train step
 then draws a fresh latent each step with `models.vae.VAE.sample_latent` (z = (mean + exp(logvar / 2) eps)
 * scale, the published 0.18215 or one measured by `measure_latent_scale`), as the reference does when it
 encodes on the fly.
@@ -17,10 +17,8 @@ so a rerun skips them. Records whose ECG or latent is not finite are skipped and
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,10 +26,14 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
+from diffusets_jax import parallel
 from diffusets_jax.data import pipeline
+from diffusets_jax.data.card import card_conditioning, dataset_reference, read_card, write_card
+from diffusets_jax.data.shards import shard_filename, write_shard, write_tfds_metadata
 from diffusets_jax.ecg.shapes import ECG_LENGTH, LATENT_CHANNELS, LATENT_LENGTH, NUM_LEADS
+from diffusets_jax.io.files import read_json, write_json_atomic
 
 INDEX_FILE = "latent_index.json"
 INDEX_FORMAT = "diffusets-jax latents v1"
@@ -92,59 +94,63 @@ def serialize_latent_example(example: dict[str, Any]) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def load_vae_encoder(vae_dir: str | os.PathLike) -> tuple[EncodeApply, Any]:
-    """`(apply_fn, variables)` for the VAE bundle `vae_dir/vae` (`models.bundle.save_model(vae_dir, "vae", ...)`)."""
-    from diffusets_jax.models.bundle import load_model
+def load_vae_encoder(model_dir: str | os.PathLike) -> tuple[EncodeApply, Any, dict[str, Any]]:
+    """`(apply_fn, variables, vae_reference)` for the VAE of a model directory.
+
+    `vae_reference` (`{"model_dir", "uid", "provenance"}`) goes into the latent dataset's index and card, so a
+    resume with another VAE is refused and the U-Net trained on these latents records which VAE they need.
+    """
+    from diffusets_jax.models import model_dir as model_dirs
     from diffusets_jax.models.vae import VAE
 
-    module, variables = load_model(os.fspath(vae_dir), "vae")
+    index = model_dirs.read_index(model_dir)
+    model_dirs.require(index, model_dir, "vae")
+    module, variables = model_dirs.load_component(model_dir, "vae")
     if not isinstance(module, VAE):
-        raise ValueError(f"{os.path.join(os.fspath(vae_dir), 'vae')} holds a {type(module).__name__}, not a VAE")
+        raise ValueError(f"{os.path.join(os.fspath(model_dir), 'vae')} holds a {type(module).__name__}, not a VAE")
 
     def encode(variables: Any, ecg: jax.Array) -> tuple[jax.Array, jax.Array]:
         return module.apply(variables, ecg, method=VAE.encode)
 
-    return encode, variables
+    entry = index.components["vae"]
+    reference = {"model_dir": os.path.abspath(os.fspath(model_dir)), "uid": entry.get("uid"),
+                 "provenance": entry.get("provenance", {})}
+    return encode, variables, reference
 
 
-def measure_latent_scale(source: tfds.core.DatasetBuilder | str | os.PathLike, split: str = "train", *,
-                         max_examples: int = 4096) -> float:
-    """1 / standard deviation of the posterior means of the first `max_examples` of `split`, in stored order.
-
-    The scale that gives the diffusion model unit-variance latents (latent diffusion's `scale_by_std`, which
-    measures the first batch): the published 0.18215 suits Stable Diffusion's VAE, not one trained from scratch.
-    Deterministic, and the same on every host (each reads the same leading examples).
-    """
+def measure_latent_moments(source: tfds.core.DatasetBuilder | str | os.PathLike, split: str = "train", *,
+                           max_examples: int = 4096) -> tuple[float, float]:
+    """(mean, standard deviation) of the posterior means of the first `max_examples` of `split`, in stored order
+    (unscaled). Deterministic, and the same on every host (each reads the same leading examples)."""
     builder = pipeline.load_builder(source)
     if split not in builder.info.splits:
-        raise ValueError(f"{builder.data_dir}: no split {split!r} to measure the latent scale on "
+        raise ValueError(f"{builder.data_dir}: no split {split!r} to measure the latents on "
                          f"(it has {sorted(builder.info.splits)})")
     n = min(int(max_examples), int(builder.info.splits[split].num_examples))
     if n < 1:
-        raise ValueError(f"{builder.data_dir}: split {split!r} is empty; cannot measure the latent scale")
+        raise ValueError(f"{builder.data_dir}: split {split!r} is empty; cannot measure its latents")
     ds = builder.as_dataset(split=f"{split}[:{n}]", shuffle_files=False,
                             decoders=tfds.decode.PartialDecoding({"latent_mean": True}))
     total = total_sq = count = 0.0
     for batch in tfds.as_numpy(ds.batch(256)):
         values = np.asarray(batch["latent_mean"], np.float64)
         total, total_sq, count = total + values.sum(), total_sq + np.square(values).sum(), count + values.size
-    std = math.sqrt(max(total_sq / count - (total / count) ** 2, 0.0))
+    mean = total / count
+    std = math.sqrt(max(total_sq / count - mean**2, 0.0))
     if not math.isfinite(std) or std <= 0:
         raise ValueError(f"{builder.data_dir}: the latent means of {split!r} have standard deviation {std}: "
                          "re-encode with a trained VAE")
-    return 1.0 / std
+    return mean, std
 
 
-def _write_json_atomically(path: str, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+def measure_latent_scale(source: tfds.core.DatasetBuilder | str | os.PathLike, split: str = "train", *,
+                         max_examples: int = 4096) -> float:
+    """1 / standard deviation of the posterior means of the first `max_examples` of `split` (`measure_latent_moments`).
 
-
-def _shard_filename(dataset_name: str, split: str, shard: int, num_shards: int) -> str:
-    # TFDS's default template, so `tfds.builder_from_directory` finds the shards.
-    return f"{dataset_name}-{split}.tfrecord-{shard:05d}-of-{num_shards:05d}"
+    The scale that gives the diffusion model unit-variance latents (latent diffusion's `scale_by_std`, which
+    measures the first batch): the published 0.18215 suits Stable Diffusion's VAE, not one trained from scratch.
+    """
+    return 1.0 / measure_latent_moments(source, split, max_examples=max_examples)[1]
 
 
 def _open_index(out_dir: str, expected: dict) -> dict:
@@ -152,8 +158,7 @@ def _open_index(out_dir: str, expected: dict) -> dict:
     path = os.path.join(out_dir, INDEX_FILE)
     if not os.path.exists(path):
         return {**expected, "splits": {}, "complete": False}
-    with open(path) as f:
-        index = json.load(f)
+    index = read_json(path, "latent dataset index")
     for key, value in expected.items():
         if index.get(key) != value:
             raise ValueError(
@@ -165,12 +170,13 @@ def _open_index(out_dir: str, expected: dict) -> dict:
 
 def _encode_shard(builder: tfds.core.DatasetBuilder, source_split: str, encode: Callable, batch_size: int,
                   batch_sharding: NamedSharding, path: str) -> tuple[int, int, int]:
-    """Encode one slice of the source into the TFRecord file `path` (atomically); (written, skipped, bytes)."""
+    """Encode one slice of the source into the TFRecord shard `path`; (written, skipped, bytes)."""
     decoders = tfds.decode.PartialDecoding({key: True for key in ("ecg", *CONDITION_KEYS)})
     source = builder.as_dataset(split=source_split, shuffle_files=False, decoders=decoders)
-    written = skipped = 0
-    partial = path + ".partial"
-    with tf.io.TFRecordWriter(partial) as writer:
+    skipped = 0
+
+    def records():
+        nonlocal skipped
         for batch in source.batch(batch_size).prefetch(2).as_numpy_iterator():
             ecg = batch["ecg"]
             count = ecg.shape[0]
@@ -184,23 +190,23 @@ def _encode_shard(builder: tfds.core.DatasetBuilder, source_split: str, encode: 
             for i in np.flatnonzero(keep):
                 example = {key: batch[key][i] for key in CONDITION_KEYS}
                 example.update(latent_mean=mean[i], latent_logvar=logvar[i])
-                writer.write(serialize_latent_example(example))
-                written += 1
-    num_bytes = os.path.getsize(partial)
-    os.replace(partial, path)
+                yield serialize_latent_example(example)
+
+    written, num_bytes = write_shard(path, records())
     return written, skipped, num_bytes
 
 
 def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir: str | os.PathLike,
-                   apply_fn: EncodeApply, variables: Any, *, splits: Sequence[str] | None = None,
-                   batch_size: int = 256, examples_per_shard: int = 8192, data_dir: str | os.PathLike | None = None,
-                   vae: str = "", progress: bool = False) -> dict:
+                   apply_fn: EncodeApply, variables: Any, *, vae: dict[str, Any],
+                   splits: Sequence[str] | None = None, batch_size: int = 256, examples_per_shard: int = 8192,
+                   data_dir: str | os.PathLike | None = None, progress: bool = False) -> dict:
     """Encode every example of `splits` of a prepared dataset into a latent dataset at `out_dir`; the index.
 
-    `apply_fn(variables, ecg)` runs the encoder (`load_vae_encoder` gives it for a saved VAE); it is jitted
-    once with the batch sharded over this process's devices and the variables replicated. `vae` names the
-    encoder in the index so a resume with a different VAE is refused. Returns the index (also written to
-    `out_dir/latent_index.json`): per split the shards, examples written and records skipped.
+    `apply_fn(variables, ecg)` runs the encoder (`load_vae_encoder` gives it and the `vae` reference for a model
+    directory); it is jitted once with the batch sharded over this process's devices and the variables
+    replicated. The index records the VAE's uid so a resume with a different VAE is refused. Returns the index
+    (also written to `out_dir/latent_index.json`): per split the shards, examples written and records skipped.
+    The finished dataset gets a card (`data.card`) carrying the source's conditioning and the VAE's reference.
     """
     builder = pipeline.load_builder(source, data_dir)
     features = builder.info.features
@@ -219,8 +225,9 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
             "start it without jax.distributed"
         )
     devices = jax.local_devices()
-    if batch_size % len(devices):
-        raise ValueError(f"batch size {batch_size} must be a multiple of the {len(devices)} local devices")
+    if batch_size < 1 or batch_size % len(devices):
+        raise ValueError(f"batch size {batch_size} must be a positive multiple of the {len(devices)} local devices")
+    source_card = read_card(builder)  # before any work: a dataset that says nothing of its conditioning is refused
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -230,7 +237,7 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
     index = _open_index(out_dir, {
         "format": INDEX_FORMAT,
         "source": {"name": builder.name, "version": str(builder.info.version)},
-        "vae": vae,
+        "vae": vae.get("uid") or vae["model_dir"],
         "examples_per_shard": examples_per_shard,
         "embedding_dim": embedding_dim,
         "latent_shape": [LATENT_LENGTH, LATENT_CHANNELS],
@@ -238,9 +245,8 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
     })
     latent = latent_features(embedding_dim)
 
-    mesh = Mesh(np.array(devices), ("data",))
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    mesh = parallel.make_mesh(devices=devices)
+    batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     variables = jax.device_put(variables, replicated)
     encode_jit = jax.jit(apply_fn, in_shardings=(replicated, batch_sharding), out_shardings=(batch_sharding, batch_sharding))
     encode = lambda ecg: encode_jit(variables, ecg)
@@ -256,11 +262,11 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
                 f"{total}: it was re-prepared; encode into a new --out directory"
             )
         for shard in range(num_shards):
-            filename = _shard_filename(dataset_name, split, shard, num_shards)
+            filename = shard_filename(dataset_name, split, shard, num_shards)
             done = entry["shards"][shard]
             if done is None or not os.path.exists(os.path.join(out_dir, filename)):
                 jobs.append((split, shard, filename))
-    _write_json_atomically(index_path, index)
+    write_json_atomic(index_path, index, indent=1)
 
     bar = None
     if progress:
@@ -274,37 +280,26 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
             builder, f"{split}[{start}:{end}]", encode, batch_size, batch_sharding, os.path.join(out_dir, filename))
         index["splits"][split]["shards"][shard] = {
             "file": filename, "source": [start, end], "num_examples": written, "skipped": skipped, "num_bytes": num_bytes}
-        _write_json_atomically(index_path, index)
+        write_json_atomic(index_path, index, indent=1)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(split=split, skipped=sum(_skipped(index).values()))
     if bar is not None:
         bar.close()
 
-    _write_tfds_metadata(out_dir, index, latent, builder)
+    write_tfds_metadata(
+        out_dir, dataset_name, latent,
+        {split: [s["num_examples"] for s in entry["shards"]] for split, entry in index["splits"].items()},
+        description=(f"VAE posteriors (latent_mean, latent_logvar) of {builder.name} {builder.info.version}, encoded "
+                     f"by the VAE of {vae['model_dir']}, with the conditions; written by `diffusets-jax encode`."))
+    write_card(out_dir, kind="latents", name=dataset_name, config=source_card.get("config"),
+               version=str(builder.info.version), conditioning=card_conditioning(source_card),
+               splits={split: sum(s["num_examples"] for s in entry["shards"]) for split, entry in index["splits"].items()},
+               derived_from={"dataset": dataset_reference(builder), "vae": vae})
     index["complete"] = True
-    _write_json_atomically(index_path, index)
+    write_json_atomic(index_path, index, indent=1)
     return index
 
 
 def _skipped(index: dict) -> dict[str, int]:
     return {split: sum(s["skipped"] for s in entry["shards"] if s) for split, entry in index["splits"].items()}
-
-
-def _write_tfds_metadata(out_dir: str, index: dict, features: tfds.features.FeaturesDict,
-                         source: tfds.core.DatasetBuilder) -> None:
-    """`dataset_info.json` & co, so `tfds.builder_from_directory(out_dir)` (and the input pipeline) read it."""
-    template = tfds.core.ShardedFileTemplate(
-        data_dir=out_dir, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-        dataset_name=index["dataset_name"], filetype_suffix="tfrecord")
-    split_infos = [
-        tfds.core.SplitInfo(name=split, shard_lengths=[s["num_examples"] for s in entry["shards"]],
-                            num_bytes=sum(s["num_bytes"] for s in entry["shards"]), filename_template=template)
-        for split, entry in index["splits"].items()
-    ]
-    tfds.folder_dataset.write_metadata(
-        data_dir=out_dir, features=features, split_infos=split_infos, filename_template=template, check_data=False,
-        description=(f"VAE posteriors (latent_mean, latent_logvar) of {source.name} {source.info.version}, "
-                     f"encoded by {index['vae'] or 'an unnamed VAE'}, with the conditions; written by "
-                     "`diffusets-jax encode`."))
-

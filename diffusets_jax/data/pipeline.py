@@ -1,10 +1,10 @@
-"""The tf.data input pipeline: prepared TFDS datasets -> globally sharded `jax.Array` batches.
+"""The tf.data input pipeline: prepared TFDS datasets -> per-host numpy batches.
 
-Each process reads its own slice of a split (`tfds.split_for_jax_process`), shuffles it with a seed, batches
-to the per-host batch (global batch / process count) and hands the numpy batches to
-`jax.make_array_from_process_local_data`, which assembles one global `jax.Array` per field sharded over the
-mesh's batch axes (`("data", "fsdp")`, or `"data"` alone). TensorFlow only reads files here: it is kept off
-the GPU so it never competes with JAX for accelerator memory.
+Each process reads its own slice of a split (`tfds.split_for_jax_process`), shuffles it with a seed and
+batches to the per-host batch (global batch / process count); `parallel.shard_host_batch` then assembles the
+hosts' batches into global `jax.Array`s sharded over the mesh (the training loop, encoding and evaluation
+all go through it). TensorFlow only reads files here: it is kept off the GPU so it never competes with JAX
+for accelerator memory.
 
 Determinism and resumption. The order is a pure function of `(seed, epoch)`: epoch `e` reads the host's
 shard files in an order drawn with the stateless seed `(seed, e)`, interleaves them, and shuffles records
@@ -12,7 +12,7 @@ in a buffer seeded from the same pair. A run resumed at step `k` therefore rebui
 run that took `k` batches would see: it starts at epoch `k * host_batch // host_examples` and skips the
 remaining `k * host_batch % host_examples` records of that epoch. The skip acts on serialized records,
 before parsing, so resuming costs reading (not decoding) at most one epoch of the host's slice; the trainer
-only has to save `{"step": k}` with its checkpoint (`ShardedBatchIterator.state()`). We chose this over
+only has to save `{"step": k}` with its checkpoint. We chose this over
 checkpointing tf.data iterators because an iterator checkpoint holds the whole shuffle buffer (hundreds of
 MB of ECGs per host per checkpoint) and ties the checkpoint to one process layout, while a step counter is
 tiny and readable. Resuming reproduces the stream only with the same seed, global batch size and process
@@ -21,16 +21,14 @@ count (each process's slice depends on the count).
 
 from __future__ import annotations
 
-import collections
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def keep_tensorflow_off_accelerators() -> None:
@@ -53,9 +51,6 @@ def keep_tensorflow_off_accelerators() -> None:
 
 
 keep_tensorflow_off_accelerators()
-
-# Mesh axes that split the batch, in order; a mesh may have both or only "data".
-BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 
 # Fields each kind of training reads (the prepared schema is `diffusets_jax.data.schema.ecg_features`).
 CONDITION_FIELDS: tuple[str, ...] = ("text_embedding", "sex", "age", "heart_rate")
@@ -85,6 +80,10 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
     source = os.fspath(source)
     if os.path.isfile(os.path.join(source, "dataset_info.json")):
         return tfds.builder_from_directory(source)
+    from diffusets_jax.data import sources
+
+    if source in sources.SOURCES.values():  # our builders register their names with TFDS when imported
+        sources.builder_class(source)
     try:
         builder = tfds.builder(source, data_dir=None if data_dir is None else os.fspath(data_dir))
     except tfds.core.registered.DatasetNotFoundError as err:
@@ -238,138 +237,3 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, split: str, *, host_batch_si
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
     ds = ds.take(num_batches * host_batch_size).batch(host_batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_deterministic_options())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Global jax.Array batches
-
-
-def batch_sharding(mesh_or_sharding: Mesh | NamedSharding) -> NamedSharding:
-    """The batch's sharding: leading dimension over the mesh's ("data", "fsdp") axes (those it has)."""
-    if isinstance(mesh_or_sharding, NamedSharding):
-        return mesh_or_sharding
-    if not isinstance(mesh_or_sharding, Mesh):
-        raise TypeError(f"expected a jax.sharding.Mesh or NamedSharding, got {type(mesh_or_sharding).__name__}")
-    axes = tuple(axis for axis in BATCH_AXES if axis in mesh_or_sharding.axis_names)
-    if not axes:
-        raise ValueError(f"mesh axes {mesh_or_sharding.axis_names} include none of {BATCH_AXES} to split the batch over")
-    return NamedSharding(mesh_or_sharding, PartitionSpec(axes))
-
-
-def _batch_shards(sharding: NamedSharding) -> int:
-    spec = sharding.spec[0] if len(sharding.spec) else None
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    return int(np.prod([sharding.mesh.shape[a] for a in axes], dtype=np.int64))
-
-
-def global_batch(host_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Per-process numpy batch `{field: (host_batch, ...)}` -> global `jax.Array`s `(host_batch * processes, ...)`."""
-    arrays = {}
-    for name, value in host_batch.items():
-        value = np.asarray(value)
-        if value.dtype.kind in "OSU":
-            raise ValueError(
-                f"field {name!r} holds strings, which cannot become jax.Arrays: leave it out of `fields` (read "
-                "text on the host with train_dataset/eval_dataset instead)"
-            )
-        global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
-        arrays[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-    return arrays
-
-
-class ShardedBatchIterator:
-    """Iterator of global batches `{field: jax.Array}` sharded over the mesh's batch axes.
-
-    `step` counts the batches handed out; `state()` is what a trainer saves beside its checkpoint and passes
-    back as `start_step` to resume. Up to `device_prefetch` batches are already being copied to the devices
-    while the current one is used.
-    """
-
-    def __init__(self, host_batches: Iterator[Mapping[str, np.ndarray]], sharding: NamedSharding,
-                 start_step: int = 0, device_prefetch: int = 2, num_batches: int | None = None):
-        self._host_batches = host_batches
-        self._sharding = sharding
-        self._queue: collections.deque[dict[str, jax.Array]] = collections.deque()
-        self._device_prefetch = max(1, device_prefetch)
-        self.step = start_step
-        self.num_batches = num_batches  # None for an endless training stream
-
-    def __iter__(self) -> ShardedBatchIterator:
-        return self
-
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("an endless training iterator has no length")
-        return self.num_batches
-
-    def _fill(self) -> None:
-        while len(self._queue) < self._device_prefetch:
-            try:
-                host = next(self._host_batches)
-            except StopIteration:
-                return
-            self._queue.append(global_batch(host, self._sharding))
-
-    def __next__(self) -> dict[str, jax.Array]:
-        self._fill()
-        if not self._queue:
-            raise StopIteration
-        batch = self._queue.popleft()
-        self.step += 1
-        self._fill()  # start the next transfers while the caller computes on this batch
-        return batch
-
-    def state(self) -> dict[str, int]:
-        """`{"step": batches handed out so far}`; pass it back as `start_step=state["step"]` to resume."""
-        return {"step": int(self.step)}
-
-
-def _resolve(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir: str | os.PathLike | None,
-             global_batch_size: int, mesh_or_sharding: Mesh | NamedSharding, process_count: int | None
-             ) -> tuple[tfds.core.DatasetBuilder, NamedSharding, int]:
-    builder = load_builder(source, data_dir)
-    sharding = batch_sharding(mesh_or_sharding)
-    count = jax.process_count() if process_count is None else process_count
-    return builder, sharding, per_host_batch_size(global_batch_size, count, _batch_shards(sharding))
-
-
-def train_batches(source: tfds.core.DatasetBuilder | str | os.PathLike, split: str, *, global_batch_size: int,
-                  mesh_or_sharding: Mesh | NamedSharding, fields: Sequence[str], seed: int, start_step: int = 0,
-                  data_dir: str | os.PathLike | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                  device_prefetch: int = 2) -> ShardedBatchIterator:
-    """Endless shuffled training batches `{field: (global_batch_size, ...)}` as globally sharded `jax.Array`s.
-
-    `source` is a builder, a registered dataset name (with `data_dir`) or a dataset directory (e.g. a latent
-    dataset). Deterministic for `seed`; `start_step` resumes where a run that took that many batches was
-    (save `iterator.state()` with the checkpoint). Example for diffusion training on latents:
-
-        it = train_batches(latent_dir, "train", global_batch_size=256, mesh_or_sharding=mesh,
-                           fields=LATENT_FIELDS, seed=0, start_step=restored["step"])
-        batch = next(it)   # batch["latent_mean"]: (256, 128, 4) sharded over ("data", "fsdp")
-    """
-    builder, sharding, host_batch = _resolve(source, data_dir, global_batch_size, mesh_or_sharding, None)
-    ds = train_dataset(builder, split, host_batch_size=host_batch, fields=fields, seed=seed, start_step=start_step,
-                       shuffle_buffer=shuffle_buffer)
-    return ShardedBatchIterator(ds.as_numpy_iterator(), sharding, start_step, device_prefetch)
-
-
-def eval_batches(source: tfds.core.DatasetBuilder | str | os.PathLike, split: str, *, global_batch_size: int,
-                 mesh_or_sharding: Mesh | NamedSharding, fields: Sequence[str],
-                 data_dir: str | os.PathLike | None = None, device_prefetch: int = 2) -> ShardedBatchIterator:
-    """One ordered pass over `split` as global batches with a `"mask"` `(global_batch_size,)` bool field.
-
-    Padding examples are zeros with mask False; weight per-example metrics by the mask. `len()` is the
-    number of batches (the same on every process).
-    """
-    builder, sharding, host_batch = _resolve(source, data_dir, global_batch_size, mesh_or_sharding, None)
-    ds = eval_dataset(builder, split, host_batch_size=host_batch, fields=fields)
-    return ShardedBatchIterator(ds.as_numpy_iterator(), sharding, 0, device_prefetch,
-                                num_batches=eval_num_batches(builder, split, host_batch))
-
-
-__all__: list[str] = [
-    "BATCH_AXES", "CLIP_FIELDS", "CONDITION_FIELDS", "DIFFUSION_FIELDS", "LATENT_FIELDS", "MASK_FIELD", "VAE_FIELDS",
-    "ShardedBatchIterator", "batch_sharding", "eval_batches", "eval_dataset", "eval_num_batches", "global_batch",
-    "host_split", "keep_tensorflow_off_accelerators", "load_builder", "per_host_batch_size", "train_batches",
-    "train_dataset",
-]

@@ -20,12 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from diffusets_jax.ecg.heart_rate import (
-    HEART_RATE_FROM_RR,
-    HEART_RATE_FROM_XQRS,
-    heart_rate_from_rr,
-    heart_rate_from_xqrs,
-)
+from diffusets_jax.ecg.heart_rate import record_heart_rate
 from diffusets_jax.ecg.leads import (
     STANDARD_LEADS,
     LeadNameError,
@@ -34,6 +29,7 @@ from diffusets_jax.ecg.leads import (
     canonical_lead_name,
     reorder_leads,
 )
+from diffusets_jax.ecg.qrs import FLAT_LEAD_MV
 from diffusets_jax.ecg.resample import resample_to_length
 from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_SECONDS
 from diffusets_jax.ecg.units import check_millivolts, to_millivolts
@@ -57,10 +53,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "nan_lead",  # a lead with no finite sample
     "flat_lead",  # a lead spanning < FLAT_LEAD_MV (disconnected electrode); only with flat_leads="skip"
     "implausible_amplitude",  # not millivolts after unit conversion (wrong gain in the header)
-    "no_heart_rate",  # RR interval unusable and XQRS found < 2 beats on every lead
+    "no_heart_rate",  # RR interval unusable and QRS detection found < 2 beats
 )
-
-FLAT_LEAD_MV = 0.01  # a connected lead of a 10 s ECG always spans far more than 10 microvolts
 
 # Bytes per sample of the WFDB storage formats whose file size we can predict (to tell truncated files).
 _BYTES_PER_SAMPLE: dict[str, float] = {
@@ -121,7 +115,8 @@ class DecodeOptions:
 class DecodedRecord:
     """A usable record: `ecg` (1024, 12) float32 mV in standard lead order, heart rate and where it came from.
 
-    `heart_rate_lead` is the standard-order lead index XQRS used, -1 when the RR interval was used.
+    `heart_rate_lead` is the standard-order lead index the "xqrs_first_lead" method used; -1 when the RR interval
+    or the multi-lead consensus (the default) gave the rate.
     """
 
     ecg: np.ndarray
@@ -233,19 +228,14 @@ def decode_record(manual_dir: str, candidate: RecordCandidate, options: DecodeOp
         check_millivolts(signal_mv, what=record_path)
     except ValueError as err:
         raise BadRecord("implausible_amplitude", str(err)) from None
-    # record_heart_rate's rule, spelled out here because the example also records which lead XQRS used.
-    bpm = heart_rate_from_rr(candidate.rr_ms)
-    source, lead_used = HEART_RATE_FROM_RR, -1
-    if bpm is None:
-        detected = heart_rate_from_xqrs(np.nan_to_num(signal_mv), fs)
-        if detected is None:
-            raise BadRecord(
-                "no_heart_rate", f"{record_path}: RR interval {candidate.rr_ms} unusable and XQRS found < 2 beats on every lead"
-            )
-        (bpm, lead_used), source = detected, HEART_RATE_FROM_XQRS
+    rate = record_heart_rate(candidate.rr_ms, signal_mv, fs)
+    if rate is None:
+        raise BadRecord(
+            "no_heart_rate", f"{record_path}: RR interval {candidate.rr_ms} unusable and QRS detection found < 2 beats"
+        )
     ecg = resample_to_length(signal_mv, options.length, axis=0, dtype=np.float32)
     return DecodedRecord(
-        ecg=ecg, heart_rate=float(bpm), heart_rate_source=source, heart_rate_lead=lead_used, flat_leads=tuple(flat_leads)
+        ecg=ecg, heart_rate=float(rate.bpm), heart_rate_source=rate.source, heart_rate_lead=rate.lead, flat_leads=tuple(flat_leads)
     )
 
 
@@ -272,7 +262,7 @@ class ChunkResult:
     reused: bool = False
 
 
-CACHE_FORMAT_VERSION = 1  # bump when decoding changes so stale caches are not reused
+CACHE_FORMAT_VERSION = 2  # 2: consensus QRS heart rate. Bump when decoding changes so stale caches are not reused
 
 
 def chunk_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOptions) -> str:

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
 
-HEART_RATE_SOURCES = ("rr", "xqrs", "condition")  # machine RR interval, QRS detection, or generation input
+HEART_RATE_SOURCES = ("rr", "qrs", "xqrs", "condition")  # machine RR, consensus QRS detection, published XQRS, or generation input
 
 
 def ecg_features(embedding_dim: int) -> tfds.features.FeaturesDict:

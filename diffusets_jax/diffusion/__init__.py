@@ -1,7 +1,11 @@
-"""Diffusion core: noise schedule and losses, DDPM / DDIM / DPM-Solver++ samplers, classifier-free guidance."""
+"""Diffusion core: noise schedule and losses, DDPM / DDIM / DPM-Solver++ samplers and their Gaussian check,
+classifier-free guidance."""
 
 from diffusets_jax.diffusion.guidance import drop_conditions, fixed_null_condition, guided_model_fn
+from diffusets_jax.diffusion.sampler_validation import validate_sampler, validated_settings
 from diffusets_jax.diffusion.samplers import (
+    DEFAULT_STEPS,
+    SAMPLER_DEFAULTS,
     SamplerConfig,
     ddim_step,
     ddpm_step,
@@ -9,6 +13,8 @@ from diffusets_jax.diffusion.samplers import (
     jit_generate,
     make_timesteps,
     sample,
+    sampler_config,
+    sampler_timesteps,
     unet_model_fn,
     vae_decode_fn,
 )
@@ -25,10 +31,12 @@ from diffusets_jax.diffusion.schedule import (
 )
 
 __all__ = [
+    "DEFAULT_STEPS",
     "FAITHFUL_LOSS",
     "FAITHFUL_SCHEDULE",
     "LossConfig",
     "NoiseSchedule",
+    "SAMPLER_DEFAULTS",
     "SamplerConfig",
     "ScheduleConfig",
     "ddim_step",
@@ -44,6 +52,10 @@ __all__ = [
     "predict_x0_and_eps",
     "q_sample",
     "sample",
+    "sampler_config",
+    "sampler_timesteps",
     "unet_model_fn",
     "vae_decode_fn",
+    "validate_sampler",
+    "validated_settings",
 ]

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from diffusets_jax.models.vae import LATENT_SCALE
+
 PredictionType = Literal["epsilon", "v_prediction"]
 LossReduction = Literal["sum_per_sample", "mean"]
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -61,6 +63,55 @@ class ScheduleConfig:
 
 
 FAITHFUL_SCHEDULE = ScheduleConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSpec:
+    """The diffusion a U-Net was trained with: its schedule and the latent space it denoises.
+
+    The same shape as a U-Net config's `diffusion` section (`config.diffusion_section`), resolved: sampling reads
+    it from the model directory, so a U-Net is always sampled with the schedule, prediction type and latent scale
+    it was trained with.
+
+    latent_scale: the factor the VAE posterior was multiplied by (the VAE decoder divides by it).
+    scale_by_std: whether `latent_scale` was measured as 1 / std of the training latents.
+    clip_sample: whether DDPM clips the predicted latent to [-1, 1] by default (the published sampler does).
+    latent_std: the standard deviation of the scaled training latents (what the U-Net saw; ~0.18 for the
+        published model on MIMIC), measured at export; None when unknown (a converted checkpoint). Fast samplers
+        are validated at this scale.
+    """
+
+    schedule: ScheduleConfig = FAITHFUL_SCHEDULE
+    latent_scale: float = LATENT_SCALE
+    scale_by_std: bool = False
+    clip_sample: bool = True
+    latent_std: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.latent_scale < math.inf:
+            raise ValueError(f"latent_scale must be a positive number, got {self.latent_scale}")
+        if self.latent_std is not None and not 0.0 < self.latent_std < math.inf:
+            raise ValueError(f"latent_std must be a positive number or null, got {self.latent_std}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schedule": dataclasses.asdict(self.schedule), "latent_scale": self.latent_scale,
+                "scale_by_std": self.scale_by_std, "clip_sample": self.clip_sample, "latent_std": self.latent_std}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> DiffusionSpec:
+        """From a model index's (or a resolved config's) `diffusion` object; one-line errors naming `where`."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: 'diffusion' must be an object")
+        unknown = sorted(set(data) - {"schedule", "latent_scale", "scale_by_std", "clip_sample", "latent_std"})
+        if unknown:
+            raise ValueError(f"{where}: diffusion has unknown fields {unknown}")
+        try:
+            schedule = ScheduleConfig(**dict(data.get("schedule", {})))
+            return cls(schedule=schedule, latent_scale=float(data.get("latent_scale", LATENT_SCALE)),
+                       scale_by_std=bool(data.get("scale_by_std", False)),
+                       clip_sample=bool(data.get("clip_sample", True)), latent_std=data.get("latent_std"))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: diffusion: {err}") from None
 
 
 @struct.dataclass

@@ -279,26 +279,13 @@ def plot_pair(
     return fig
 
 
-def plot_heart_rate_scatter(
-    input_hr: Sequence[float] | np.ndarray,
-    measured_hr: Sequence[float] | np.ndarray,
-    *,
-    path: str | os.PathLike | None = None,
-    dpi: int = 150,
-    title: str = "Heart rate: condition vs generated",
-) -> Figure:
-    """Scatter of conditioning heart rate vs heart rate measured on the generated ECG (the paper's Fig. 2A),
-    with the identity line and the MAE in the title. NaN in `measured_hr` marks records where no rate could be
-    measured: they are left out of the plot and the MAE, and counted in the title."""
+def _heart_rate_panel(ax, input_hr: Any, measured_hr: Any, title: str) -> None:
     x = np.asarray(input_hr, dtype=np.float64).reshape(-1)
     y = np.asarray(measured_hr, dtype=np.float64).reshape(-1)
     if x.shape != y.shape:
         raise ValueError(f"plot_heart_rate_scatter: {x.size} input rates but {y.size} measured rates")
     ok = np.isfinite(x) & np.isfinite(y)
     failed = int(np.sum(~ok))
-    fig = Figure(figsize=(5.0, 5.0), facecolor="white")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
     if ok.any():
         lo = float(min(x[ok].min(), y[ok].min()))
         hi = float(max(x[ok].max(), y[ok].max()))
@@ -317,6 +304,61 @@ def plot_heart_rate_scatter(
     ax.set_title(f"{title}\nMAE {mae:.2f} bpm   n = {int(ok.sum())}   unmeasurable {failed}", fontsize=10)
     ax.grid(True, color="#dddddd", linewidth=0.5)
     ax.legend(loc="upper left", frameon=False, fontsize=8)
+
+
+def plot_heart_rate_scatter(
+    input_hr: Sequence[float] | np.ndarray | None,
+    measured_hr: Sequence[float] | np.ndarray | None,
+    *,
+    panels: Sequence[tuple[str, Any, Any]] | None = None,
+    path: str | os.PathLike | None = None,
+    dpi: int = 150,
+    title: str = "Heart rate: condition vs generated",
+) -> Figure:
+    """Scatter of conditioning heart rate vs heart rate measured on the generated ECG (the paper's Fig. 2A),
+    with the identity line and the MAE in the title. NaN in `measured_hr` marks records where no rate could be
+    measured: they are left out of the plot and the MAE, and counted in the title.
+
+    `panels`: `(title, input_hr, measured_hr)` per model, drawn side by side (Fig. 2A compares a U-Net with and
+    without patient information); then `input_hr` and `measured_hr` are ignored.
+    """
+    panels = list(panels) if panels else [(title, input_hr, measured_hr)]
+    fig = Figure(figsize=(5.0 * len(panels), 5.0), facecolor="white")
+    FigureCanvasAgg(fig)
+    for i, (panel_title, x, y) in enumerate(panels):
+        _heart_rate_panel(fig.add_subplot(1, len(panels), i + 1), x, y, panel_title)
+    fig.tight_layout()
+    if path is not None:
+        save_png(fig, path, dpi)
+    return fig
+
+
+def plot_condition_bars(rows: Sequence[Mapping[str, Any]], *, path: str | os.PathLike | None = None,
+                        dpi: int = 150) -> Figure:
+    """Per-condition precision / recall / F1 (grouped bars) and heart-rate MAE (the paper's Fig. 2E layout);
+    conditions without a value are drawn empty and marked n/a."""
+    names = [str(r["condition"]) for r in rows]
+    fig = Figure(figsize=(max(6.0, 0.7 * len(names) + 2.0), 6.0), facecolor="white")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+    x = np.arange(len(names))
+    width = 0.27
+    for offset, (key, color) in enumerate((("precision", "#1f4e79"), ("recall", "#2e86c1"), ("f1", "#85c1e9"))):
+        values = [r.get(key) for r in rows]
+        top.bar(x + (offset - 1) * width, [np.nan if v is None else v for v in values], width, label=key, color=color)
+    for i, r in enumerate(rows):
+        if r.get("f1") is None:
+            top.text(i, 0.02, "n/a", ha="center", fontsize=7, color="#777777")
+    top.set_ylim(0, 1.05)
+    top.set_xticks(x, names, fontsize=8)
+    top.set_ylabel("CLIP-feature manifold")
+    top.legend(frameon=False, fontsize=8, ncols=3)
+    hr = [r.get("heart_rate_mae_bpm") for r in rows]
+    bottom.bar(x, [np.nan if v is None else v for v in hr], 0.6, color="#7d3c98")
+    bottom.set_xticks(x, [f"{n}\n(n={r.get('records', 0)})" for n, r in zip(names, rows, strict=True)], fontsize=8)
+    bottom.set_ylabel("heart-rate MAE (bpm)")
+    for ax in (top, bottom):
+        ax.grid(True, axis="y", color="#dddddd", linewidth=0.5)
     fig.tight_layout()
     if path is not None:
         save_png(fig, path, dpi)

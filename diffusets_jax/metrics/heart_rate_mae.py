@@ -1,15 +1,15 @@
 """Heart-rate MAE: does a generated ECG beat at the rate it was conditioned on?
 
-Reference spec section 8: run wfdb's XQRS on each generated ECG at its own sampling rate (102.4 Hz for the
-1024-sample model output), lead by lead, and take the rate from the first lead with at least two detected
-beats; MAE = mean |HR_condition - HR_measured|. The detection itself is `diffusets_jax.ecg.heart_rate.
-heart_rate_from_xqrs`, shared with data preparation so that the metric measures rates the same way the
-training labels were made.
+MAE = mean |HR_condition - HR_measured|, the rate measured on each generated ECG at its own sampling rate
+(102.4 Hz for the 1024-sample model output) by `diffusets_jax.ecg.heart_rate.detected_heart_rate`, shared with
+data preparation so that the metric measures rates the same way the training labels were made. The default
+method is the multi-lead consensus detector; `method="xqrs_first_lead"` is the published protocol (reference spec
+section 8: XQRS lead by lead, the first lead with two beats), which at 102.4 Hz often counts T waves.
 
-Records where no lead yields two beats (flat or garbled output, non-finite samples) cannot be measured. They
+Records with fewer than two beats (flat or garbled output, non-finite samples) cannot be measured. They
 are not silently dropped: the result carries their indices and count, the MAE is over measured records only,
 and `failure_rate` belongs in any report next to the MAE (a model that emits flat lines must not score well).
-XQRS is CPU-bound Python, so `workers > 1` spreads records over processes.
+Detection is CPU-bound, so `workers > 1` spreads records over processes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 # No JAX import here: worker processes import this module, and should start in a second, not load XLA.
-from diffusets_jax.ecg.heart_rate import heart_rate_from_xqrs
+from diffusets_jax.ecg.heart_rate import CONSENSUS, DETECTION_METHODS, detected_heart_rate
 from diffusets_jax.ecg.shapes import ECG_RATE_HZ
 
 
@@ -30,8 +30,8 @@ from diffusets_jax.ecg.shapes import ECG_RATE_HZ
 class HeartRateMAE:
     """`mae` over measured records (NaN when none could be measured).
 
-    Per record, shape `(n,)`: `measured_bpm` (NaN where failed), `lead` (index in the input lead order of the
-    lead that gave the rate, -1 where failed), `absolute_error` (NaN where failed). `failed` lists the
+    Per record, shape `(n,)`: `measured_bpm` (NaN where failed), `lead` (for "xqrs_first_lead", the index in the
+    input lead order of the lead that gave the rate; -1 for the consensus and where failed), `absolute_error` (NaN where failed). `failed` lists the
     indices of unmeasurable records; `errors` maps an index to the exception text where detection raised.
     """
 
@@ -59,43 +59,44 @@ class HeartRateMAE:
         return self.n_failed / self.n_records if self.n_records else 0.0
 
 
-def _measure_one(signal: np.ndarray, fs: float) -> tuple[float, int, str | None]:
+def _measure_one(signal: np.ndarray, fs: float, method: str) -> tuple[float, int, str | None]:
     """(bpm, lead, error) for one `(samples, leads)` record; bpm NaN and lead -1 when unmeasurable."""
     if not np.all(np.isfinite(signal)):
         return float("nan"), -1, "non-finite samples"
     try:
-        found = heart_rate_from_xqrs(signal, fs)
+        found = detected_heart_rate(signal, fs, method)
     except Exception as err:  # noqa: BLE001 -- one record's detector crash is that record's failure, recorded
         return float("nan"), -1, f"{type(err).__name__}: {err}"
     if found is None:
         return float("nan"), -1, None
-    bpm, lead = found
-    return float(bpm), int(lead), None
+    return float(found.bpm), int(found.lead), None
 
 
-def _measure_chunk(signals: np.ndarray, fs: float) -> list[tuple[float, int, str | None]]:
-    return [_measure_one(signal, fs) for signal in signals]
+def _measure_chunk(signals: np.ndarray, fs: float, method: str) -> list[tuple[float, int, str | None]]:
+    return [_measure_one(signal, fs, method) for signal in signals]
 
 
 def measure_heart_rates(
-    ecgs: ArrayLike, fs: float = ECG_RATE_HZ, workers: int = 1
+    ecgs: ArrayLike, fs: float = ECG_RATE_HZ, workers: int = 1, method: str = CONSENSUS
 ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-    """XQRS heart rate of each ECG in `ecgs` `(batch, samples, leads)` (mV, channels last).
+    """Heart rate of each ECG in `ecgs` `(batch, samples, leads)` (mV, channels last).
 
     Returns `(bpm (batch,), lead (batch,), errors)`, with NaN / -1 for records that could not be measured and
     `errors` holding the exception text of records where the detector raised.
     """
+    if method not in DETECTION_METHODS:
+        raise ValueError(f"method: unknown heart-rate method {method!r}; use one of {', '.join(DETECTION_METHODS)}")
     ecgs = np.asarray(ecgs, dtype=np.float64)  # also fetches a jax.Array from its device
     if ecgs.ndim != 3:
         raise ValueError(f"ecgs: expected shape (batch, samples, leads), got {ecgs.shape}")
     if workers <= 1 or ecgs.shape[0] < 2 * workers:
-        results = _measure_chunk(ecgs, fs)
+        results = _measure_chunk(ecgs, fs, method)
     else:
         chunks = np.array_split(ecgs, workers * 4)
         # spawn, not fork: the parent has JAX's thread pools running, which fork does not survive safely.
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = [item for chunk in pool.map(_measure_chunk, chunks, [fs] * len(chunks)) for item in chunk]
+            results = [item for chunk in pool.map(_measure_chunk, chunks, [fs] * len(chunks), [method] * len(chunks)) for item in chunk]
     bpm = np.array([r[0] for r in results], dtype=np.float64)
     lead = np.array([r[1] for r in results], dtype=np.int64)
     errors = {i: r[2] for i, r in enumerate(results) if r[2] is not None}
@@ -103,16 +104,16 @@ def measure_heart_rates(
 
 
 def heart_rate_mae(
-    ecgs: ArrayLike, condition_bpm: ArrayLike, fs: float = ECG_RATE_HZ, workers: int = 1
+    ecgs: ArrayLike, condition_bpm: ArrayLike, fs: float = ECG_RATE_HZ, workers: int = 1, method: str = CONSENSUS
 ) -> HeartRateMAE:
-    """MAE between the conditioning heart rates `(batch,)` (bpm) and the XQRS rates of `ecgs`
-    `(batch, samples, leads)` sampled at `fs` Hz."""
+    """MAE between the conditioning heart rates `(batch,)` (bpm) and the rates measured on `ecgs`
+    `(batch, samples, leads)` sampled at `fs` Hz (`method`: "consensus" or the published "xqrs_first_lead")."""
     condition_bpm = np.asarray(condition_bpm, dtype=np.float64).reshape(-1)
     if condition_bpm.shape[0] != np.shape(ecgs)[0]:
         raise ValueError(
             f"condition_bpm has {condition_bpm.shape[0]} values for {np.shape(ecgs)[0]} ECGs; give one per ECG"
         )
-    measured, lead, errors = measure_heart_rates(ecgs, fs, workers)
+    measured, lead, errors = measure_heart_rates(ecgs, fs, workers, method)
     absolute_error = np.abs(measured - condition_bpm)
     failed = np.flatnonzero(np.isnan(measured))
     ok = ~np.isnan(measured)

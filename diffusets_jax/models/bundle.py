@@ -128,6 +128,13 @@ def save_model(directory: str | os.PathLike, name: str, module: nn.Module, varia
     return target
 
 
+def read_module_config(directory: str | os.PathLike, name: str) -> dict[str, Any]:
+    """The parsed `config.json` of model `name` in `directory` (class and fields), without loading weights."""
+    from diffusets_jax.io.files import read_json
+
+    return read_json(os.path.join(os.fspath(directory), name, CONFIG_FILE), f"{name} model config")
+
+
 def load_model(directory: str | os.PathLike, name: str) -> tuple[nn.Module, dict]:
     """Read a model written by `save_model` -> `(module, variables)` ready for `module.apply(variables, ...)`.
 
@@ -143,12 +150,7 @@ def load_model(directory: str | os.PathLike, name: str) -> tuple[nn.Module, dict
     for needed in (config_path, variables_path):
         if not os.path.exists(needed):
             raise FileNotFoundError(f"model {path!r} is incomplete: {needed} is missing")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
-    module = module_from_config(config, source=config_path)
+    module = module_from_config(read_module_config(directory, name), source=config_path)
     checkpointer = ocp.StandardCheckpointer()
     try:
         variables = checkpointer.restore(variables_path)

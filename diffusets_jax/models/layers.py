@@ -6,6 +6,9 @@ converted checkpoint (see `diffusets_jax.convert`) runs unchanged:
 
 - `linear` / `conv1d`: `nn.Linear` / `nn.Conv1d` (kaiming-uniform(a=sqrt 5) weights, uniform biases).
 - `ConvTranspose1d`: `nn.ConvTranspose1d` including its padding arithmetic.
+- Convolutions over short inputs (length <= kernel size, e.g. the U-Net's deepest levels: lengths 2-4
+  under a kernel of 7) run as one matrix product over the stacked taps (`conv_as_matmul`): XLA:CPU's
+  convolution is 8-15x slower there than a matmul of the same arithmetic.
 - `group_norm` / `layer_norm`: `nn.GroupNorm` / `nn.LayerNorm` (eps 1e-5, exact two-pass variance).
 - `TorchMultiheadAttention`: `nn.MultiheadAttention(batch_first=True)` with its packed q/k/v projection.
 """
@@ -38,6 +41,15 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
+def maybe_remat(module_class: type, remat: bool) -> type:
+    """`nn.remat(module_class)` when `remat`: same parameters, activations recomputed in the backward pass.
+
+    Trades about one extra forward pass of compute for not keeping the block's intermediate activations
+    between the forward and backward passes (the memory that limits the batch on an accelerator).
+    """
+    return nn.remat(module_class) if remat else module_class
+
+
 def mish(x: Array) -> Array:
     """Mish activation x * tanh(softplus(x)) (PyTorch `nn.Mish`)."""
     return x * jnp.tanh(jax.nn.softplus(x))
@@ -56,16 +68,84 @@ def linear(
 def conv1d(
     features: int, in_features: int, kernel_size: int, *, name: str, stride: int = 1, padding: int = 0,
     dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-) -> nn.Conv:
+) -> Conv1d:
     """`nn.Conv1d(in_features, features, kernel_size, stride, padding)` on `(batch, length, in_features)`.
 
     Padding is explicit and symmetric as in PyTorch (Flax's "SAME" would pad differently for stride 2).
     """
-    return nn.Conv(
-        features, (kernel_size,), strides=(stride,), padding=((padding, padding),),
-        kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features * kernel_size),
-        dtype=dtype, param_dtype=param_dtype, name=name,
-    )
+    return Conv1d(features, kernel_size, stride, padding, in_features, dtype=dtype, param_dtype=param_dtype,
+                  name=name)
+
+
+def conv_as_matmul(x: Array, kernel: Array, stride: int = 1) -> Array:
+    """Valid (unpadded) correlation of `x` `(batch, length, in)` with `kernel` `(k, in, out)` as one matmul.
+
+    The taps are stacked on the channel axis, `(batch, out_length, k * in)`, and multiplied by the kernel
+    reshaped to `(k * in, out)`. Same result as `lax.conv_general_dilated`, up to float summation order;
+    worth it for short inputs only (the stacked copy is k times the input).
+    """
+    length, k = x.shape[1], kernel.shape[0]
+    out_length = (length - k) // stride + 1
+    columns = jnp.concatenate([x[:, i:i + stride * (out_length - 1) + 1:stride] for i in range(k)], axis=-1)
+    return columns @ kernel.reshape(k * kernel.shape[1], kernel.shape[2])
+
+
+def _live_taps(length: int, kernel_size: int, padding: int) -> tuple[int, int]:
+    """`(first, last + 1)` of the taps of a stride-1 "same"-style conv that read any real input position.
+
+    Output o reads input o + i - padding through tap i; with `length` inputs and outputs
+    `length + 2 * padding - kernel_size + 1`, a tap outside this range only ever multiplies padding zeros.
+    """
+    out_length = length + 2 * padding - kernel_size + 1
+    first = max(0, padding - out_length + 1)
+    last = min(kernel_size, padding + length)
+    return first, last
+
+
+class Conv1d(nn.Module):
+    """`nn.Conv1d(in_features, features, kernel_size, stride, padding)` on `(batch, length, in_features)`.
+
+    Parameters as `flax.linen.Conv` names and shapes them (`kernel` `(kernel_size, in, features)`, `bias`),
+    with PyTorch's initialisation. Inputs no longer than the kernel go through `conv_as_matmul` (see the
+    module docstring); longer ones through `lax.conv_general_dilated`.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    in_features: int | None = None  # checked against the input when given
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_features = x.shape[-1]
+        if self.in_features is not None and in_features != self.in_features:
+            raise ValueError(f"{self.name}: input has {in_features} channels, the layer takes {self.in_features}")
+        kernel = self.param("kernel", torch_kernel_init, (self.kernel_size, in_features, self.features),
+                            self.param_dtype)
+        bias = self.param("bias", torch_bias_init(in_features * self.kernel_size), (self.features,),
+                          self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        length, pad = x.shape[1], self.padding
+        if length + 2 * pad < self.kernel_size:
+            raise ValueError(f"{self.name}: input length {length} + padding {2 * pad} is shorter than the kernel "
+                             f"({self.kernel_size}); the model needs longer inputs")
+        if length <= self.kernel_size and self.kernel_size > 1:
+            if self.stride == 1:
+                first, last = _live_taps(length, self.kernel_size, pad)
+                kernel = kernel[first:last]
+                # Output o reads padded position o + i for tap i >= first: pad so index 0 is tap `first`.
+                x = jnp.pad(x, ((0, 0), (pad - first, pad - (self.kernel_size - last)), (0, 0)))
+            else:
+                x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
+            y = conv_as_matmul(x, kernel, self.stride)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel, window_strides=(self.stride,), padding=((pad, pad),), dimension_numbers=("NWC", "WIO", "NWC")
+            )
+        return y + bias
 
 
 def group_norm(*, name: str, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
@@ -84,6 +164,7 @@ class ConvTranspose1d(nn.Module):
     """`nn.ConvTranspose1d(in, features, kernel_size, stride, padding)` on `(batch, length, in)`.
 
     Output length `(length - 1) * stride - 2 * padding + kernel_size` (k4 s2 p1 doubles the length).
+    Inputs no longer than the kernel run as a matmul (`conv_as_matmul`), longer ones as a dilated conv.
     Parameters: `kernel` `(kernel_size, in, features)` = PyTorch's weight `(in, features, k)` moved to
     k-first (no flip: the flip that turns the transposed convolution into a dilated correlation happens
     in `__call__`), and `bias` `(features,)`.
@@ -110,6 +191,9 @@ class ConvTranspose1d(nn.Module):
         # A transposed convolution is a correlation of the stride-dilated input with the flipped kernel,
         # padded by k - 1 - p on both sides.
         edge = self.kernel_size - 1 - self.padding
+        if x.shape[1] <= self.kernel_size:  # short input: the dilated, padded input times the taps as a matmul
+            dilated = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (edge, edge, self.stride - 1), (0, 0, 0)))
+            return conv_as_matmul(dilated, jnp.flip(kernel, axis=0)) + bias
         y = jax.lax.conv_general_dilated(
             x, jnp.flip(kernel, axis=0), window_strides=(1,), padding=((edge, edge),),
             lhs_dilation=(self.stride,), dimension_numbers=("NWC", "WIO", "NWC"),

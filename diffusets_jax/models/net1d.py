@@ -48,10 +48,13 @@ class BatchNorm1d(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,))
         running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
         running_var = self.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
+        # Statistics and normalisation in float32 whatever the computation dtype: a bf16 mean would shift
+        # every activation by its rounding error.
+        xf = x.astype(jnp.float32)
         if train:
             axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axis=axes)
-            var = jnp.mean(jnp.square(x - mean), axis=axes)  # two-pass, as PyTorch
+            mean = jnp.mean(xf, axis=axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)  # two-pass, as PyTorch
             if not self.is_initializing():
                 count = math.prod(x.shape[:-1])
                 unbiased = var * (count / max(count - 1, 1))
@@ -59,7 +62,7 @@ class BatchNorm1d(nn.Module):
                 running_var.value = (1 - self.momentum) * running_var.value + self.momentum * jax.lax.stop_gradient(unbiased)
         else:
             mean, var = running_mean.value, running_var.value
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return ((xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(x.dtype)
 
 
 def _same_conv(x: jax.Array, features: int, kernel_size: int, stride: int, groups: int, name: str) -> jax.Array:

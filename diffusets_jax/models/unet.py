@@ -34,11 +34,11 @@ from diffusets_jax.models.layers import (
     group_norm,
     layer_norm,
     linear,
+    maybe_remat,
     mish,
 )
 
 Array = jax.Array
-
 
 
 def sinusoidal_time_table(num_timesteps: int = 1000, dim: int = 64) -> np.ndarray:
@@ -204,13 +204,14 @@ class DownLevel(nn.Module):
     num_heads: int
     kernel_size: int
     exact_cross_attention: bool = False
+    remat: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, t: Array, cond: Array) -> tuple[Array, Array]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        skip = ResidualAttentionBlock(
+        skip = maybe_remat(ResidualAttentionBlock, self.remat)(
             self.features, self.attention_dim, self.num_heads, self.kernel_size, self.exact_cross_attention,
             name="block", **kw,
         )(x, t, cond)
@@ -226,6 +227,7 @@ class UpLevel(nn.Module):
     num_heads: int
     kernel_size: int
     exact_cross_attention: bool = False
+    remat: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -235,7 +237,7 @@ class UpLevel(nn.Module):
         h = ConvTranspose1d(x.shape[-1], 4, stride=2, padding=1, name="up", **kw)(x)
         if skip is not None:
             h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-        return ResidualAttentionBlock(
+        return maybe_remat(ResidualAttentionBlock, self.remat)(
             self.features, self.attention_dim, self.num_heads, self.kernel_size, self.exact_cross_attention,
             name="block", **kw,
         )(h, t, cond)
@@ -257,6 +259,8 @@ class UNet(nn.Module):
       text_dim: text embedding width (1536 for ada-002, 384 for MiniLM); the condition is
         [text, sex, age, heart rate], text_dim + 3 values in raw units.
       exact_cross_attention: compute the cross-attention literally instead of as its per-sample bias.
+      remat: recompute each block's activations in the backward pass instead of keeping them (less
+        memory for about one more forward of work); the parameters are the same either way.
       dtype: computation dtype (e.g. jnp.bfloat16); param_dtype: parameter dtype (float32).
     The latent length must be divisible by 2 ** len(channels) (128 by default: 64).
     """
@@ -271,6 +275,7 @@ class UNet(nn.Module):
     kernel_size: int = 7
     text_dim: int = 1536
     exact_cross_attention: bool = False
+    remat: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -303,18 +308,18 @@ class UNet(nn.Module):
         skips = []
         for i, (features, attention_dim) in enumerate(zip(self.channels, self.down_attention_dims, strict=True)):
             h, skip = DownLevel(
-                features, attention_dim, self.num_heads, self.kernel_size, self.exact_cross_attention,
+                features, attention_dim, self.num_heads, self.kernel_size, self.exact_cross_attention, self.remat,
                 name=f"downsampling_blocks_{i}", **kw,
             )(h, t, cond)
             skips.append(skip)
         skips.pop()  # the deepest level's pre-downsampling output is not used as a skip
-        h = Bottleneck(
+        h = maybe_remat(Bottleneck, self.remat)(
             self.bottleneck_attention_dim, self.bottleneck_heads, self.exact_cross_attention, name="bottleneck", **kw
         )(h, t, cond)
         up_features = list(self.channels[-2::-1]) + [self.latent_channels]
         for j, (features, attention_dim) in enumerate(zip(up_features, self.up_attention_dims, strict=True)):
             h = UpLevel(
-                features, attention_dim, self.num_heads, self.kernel_size, self.exact_cross_attention,
+                features, attention_dim, self.num_heads, self.kernel_size, self.exact_cross_attention, self.remat,
                 name=f"upsampling_blocks_{j}", **kw,
             )(h, skips.pop() if j > 0 else None, t, cond)
         c = self.latent_channels

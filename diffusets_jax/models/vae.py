@@ -6,6 +6,12 @@ resolution, stride-2 convs preceded by one zero of padding on the right only, ne
 upsampling. Layer names follow the structure (`down_1_res_0`, `mid_attn`, ...);
 `diffusets_jax.convert.vae` maps them to the reference's `nn.Sequential` indices.
 
+`dtype` is the computation dtype (e.g. bfloat16 for accelerator training; parameters stay float32):
+convolutions and projections run in it, normalisation statistics and the attention softmax in float32,
+and `encode` / `decode` return float32. `remat=True` recomputes each residual and attention block's
+activations in the backward pass instead of keeping them (less memory, about one more forward of work);
+the parameters are the same either way.
+
 Usage::
 
     vae = VAE()
@@ -22,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusets_jax.models.layers import Dtype, maybe_remat
+
 # Stable Diffusion's latent scale factor, kept by DiffuSETS: the diffusion model works on latent * LATENT_SCALE.
 # A VAE trained from scratch has latents of another spread; the diffusion trainer can measure its own scale
 # (`train.scale_by_std`, as latent diffusion's `scale_by_std`) and records it in `generation.json`.
@@ -31,15 +39,46 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 GROUP_NORM_EPS = 1e-5
 
 
-def _group_norm(groups: int, name: str) -> nn.GroupNorm:
+def _group_norm(groups: int, name: str, dtype: Dtype | None = None) -> nn.GroupNorm:
     # Two-pass variance (use_fast_variance=False) as PyTorch computes it: E[x^2] - E[x]^2 loses digits.
-    return nn.GroupNorm(num_groups=groups, epsilon=GROUP_NORM_EPS, use_fast_variance=False, name=name)
+    # Flax reduces in float32 whatever `dtype` is, so bf16 compute keeps exact statistics.
+    return nn.GroupNorm(num_groups=groups, epsilon=GROUP_NORM_EPS, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def _conv(features: int, kernel_size: int, name: str) -> nn.Conv:
+def _conv(features: int, kernel_size: int, name: str, dtype: Dtype | None = None) -> nn.Conv:
     """Stride-1 conv with symmetric zero padding that keeps the length (k3 -> pad 1, k1 -> pad 0)."""
     pad = (kernel_size - 1) // 2
-    return nn.Conv(features, (kernel_size,), padding=((pad, pad),), name=name)
+    return nn.Conv(features, (kernel_size,), padding=((pad, pad),), dtype=dtype, name=name)
+
+
+class NearestUpsampleConv(nn.Module):
+    """Nearest-neighbour x2 upsampling then a k3 "same" conv, computed at the input length.
+
+    `(batch, length, c) -> (batch, 2 * length, features)`; parameters exactly those of the conv
+    (`kernel` `(3, c, features)`, `bias`), so checkpoints map as for `nn.Conv`. With u the upsampled
+    input (u[2m] = u[2m+1] = x[m]) the conv's even outputs are w0 x[m-1] + (w1 + w2) x[m] and its odd
+    ones (w0 + w1) x[m] + w2 x[m+1]: two 2-tap convs at half the length, 2/3 of the multiply-adds, and
+    the upsampled copy is never written.
+    """
+
+    features: int
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # nn.Conv's initialisers, so a VAE initialised from scratch starts as before.
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        even_taps = jnp.stack([kernel[0], kernel[1] + kernel[2]])
+        odd_taps = jnp.stack([kernel[0] + kernel[1], kernel[2]])
+
+        def conv(taps: jax.Array, padding: tuple[int, int]) -> jax.Array:
+            return jax.lax.conv_general_dilated(x, taps, (1,), (padding,), dimension_numbers=("NWC", "WIO", "NWC"))
+
+        even, odd = conv(even_taps, (1, 0)), conv(odd_taps, (0, 1))
+        batch, length, features = even.shape
+        return jnp.stack([even, odd], axis=2).reshape(batch, 2 * length, features) + bias
 
 
 class ResidualBlock(nn.Module):
@@ -50,13 +89,15 @@ class ResidualBlock(nn.Module):
 
     features: int
     groups: int = 32
+    dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _conv(self.features, 3, "conv_1")(nn.silu(_group_norm(self.groups, "norm_1")(x)))
-        h = _conv(self.features, 3, "conv_2")(nn.silu(_group_norm(self.groups, "norm_2")(h)))
-        skip = x if x.shape[-1] == self.features else _conv(self.features, 1, "skip")(x)
-        return skip + h
+        dt = self.dtype
+        h = _conv(self.features, 3, "conv_1", dt)(nn.silu(_group_norm(self.groups, "norm_1", dt)(x)))
+        h = _conv(self.features, 3, "conv_2", dt)(nn.silu(_group_norm(self.groups, "norm_2", dt)(h)))
+        skip = x if x.shape[-1] == self.features else _conv(self.features, 1, "skip", dt)(x)
+        return skip.astype(h.dtype) + h
 
 
 class SelfAttention(nn.Module):
@@ -67,13 +108,16 @@ class SelfAttention(nn.Module):
     `(batch, length, c) -> (batch, length, c)`.
     """
 
+    dtype: Dtype | None = None
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
-        q, k, v = jnp.split(nn.Dense(3 * channels, name="in_proj")(x), 3, axis=-1)
-        scores = jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(channels)
-        attended = jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(scores, axis=-1), v)
-        return x + nn.Dense(channels, name="out_proj")(attended)
+        q, k, v = jnp.split(nn.Dense(3 * channels, dtype=self.dtype, name="in_proj")(x), 3, axis=-1)
+        # Scores and softmax in float32 even for bf16 compute: 512-wide dot products, 128 positions.
+        scores = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(channels)
+        attended = jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+        return x.astype(attended.dtype) + nn.Dense(channels, dtype=self.dtype, name="out_proj")(attended)
 
 
 class VAEEncoder(nn.Module):
@@ -88,29 +132,34 @@ class VAEEncoder(nn.Module):
     latent_channels: int = 4
     groups: int = 32
     num_res_blocks: int = 2
+    remat: bool = False
+    dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _conv(self.widths[0], 3, "conv_in")(x)
+        dt = self.dtype
+        res_block = maybe_remat(ResidualBlock, self.remat)
+        h = _conv(self.widths[0], 3, "conv_in", dt)(x)
         for level, width in enumerate((*self.widths, self.widths[-1])):
             for block in range(self.num_res_blocks):
-                h = ResidualBlock(width, self.groups, name=f"down_{level}_res_{block}")(h)
+                h = res_block(width, self.groups, dt, name=f"down_{level}_res_{block}")(h)
             if level < len(self.widths):
                 # The reference pads one zero on the right only, then convolves k3 s2 without padding.
-                h = nn.Conv(width, (3,), strides=(2,), padding=((0, 1),), name=f"down_{level}_downsample")(h)
-        h = ResidualBlock(self.widths[-1], self.groups, name="mid_res_0")(h)
-        h = SelfAttention(name="mid_attn")(h)
-        h = ResidualBlock(self.widths[-1], self.groups, name="mid_res_1")(h)
-        h = nn.silu(_group_norm(self.groups, "norm_out")(h))
-        h = _conv(2 * self.latent_channels, 3, "conv_out")(h)
-        return _conv(2 * self.latent_channels, 1, "conv_moments")(h)
+                h = nn.Conv(width, (3,), strides=(2,), padding=((0, 1),), dtype=dt, name=f"down_{level}_downsample")(h)
+        h = res_block(self.widths[-1], self.groups, dt, name="mid_res_0")(h)
+        h = maybe_remat(SelfAttention, self.remat)(dt, name="mid_attn")(h)
+        h = res_block(self.widths[-1], self.groups, dt, name="mid_res_1")(h)
+        h = nn.silu(_group_norm(self.groups, "norm_out", dt)(h))
+        h = _conv(2 * self.latent_channels, 3, "conv_out", dt)(h)
+        return _conv(2 * self.latent_channels, 1, "conv_moments", dt)(h).astype(jnp.float32)
 
 
 class VAEDecoder(nn.Module):
     """`(batch, latent_length, latent_channels)` unscaled latent -> `(batch, latent_length * 2**len(widths), out_channels)`.
 
     1x1 conv, conv to widths[-1], res / attention / res, then levels of `num_res_blocks + 1` residual blocks
-    at `(widths[-1],) + reversed(widths)`, each but the last followed by nearest x2 upsampling and a conv;
+    at `(widths[-1],) + reversed(widths)`, each but the last followed by nearest x2 upsampling and a conv
+    (`NearestUpsampleConv`);
     GroupNorm, SiLU, conv to the output channels.
     """
 
@@ -118,27 +167,32 @@ class VAEDecoder(nn.Module):
     out_channels: int = 12
     groups: int = 32
     num_res_blocks: int = 2
+    remat: bool = False
+    dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
-        h = _conv(z.shape[-1], 1, "conv_latent")(z)
-        h = _conv(self.widths[-1], 3, "conv_in")(h)
-        h = ResidualBlock(self.widths[-1], self.groups, name="mid_res_0")(h)
-        h = SelfAttention(name="mid_attn")(h)
-        h = ResidualBlock(self.widths[-1], self.groups, name="mid_res_1")(h)
+        dt = self.dtype
+        res_block = maybe_remat(ResidualBlock, self.remat)
+        h = _conv(z.shape[-1], 1, "conv_latent", dt)(z)
+        h = _conv(self.widths[-1], 3, "conv_in", dt)(h)
+        h = res_block(self.widths[-1], self.groups, dt, name="mid_res_0")(h)
+        h = maybe_remat(SelfAttention, self.remat)(dt, name="mid_attn")(h)
+        h = res_block(self.widths[-1], self.groups, dt, name="mid_res_1")(h)
         level_widths = (self.widths[-1], *reversed(self.widths))
         for level, width in enumerate(level_widths):
             for block in range(self.num_res_blocks + 1):
-                h = ResidualBlock(width, self.groups, name=f"up_{level}_res_{block}")(h)
+                h = res_block(width, self.groups, dt, name=f"up_{level}_res_{block}")(h)
             if level < len(level_widths) - 1:
-                h = jnp.repeat(h, 2, axis=1)  # nearest-neighbour upsampling
-                h = _conv(width, 3, f"up_{level}_upsample")(h)
-        h = nn.silu(_group_norm(self.groups, "norm_out")(h))
-        return _conv(self.out_channels, 3, "conv_out")(h)
+                h = NearestUpsampleConv(width, dt, name=f"up_{level}_upsample")(h)
+        h = nn.silu(_group_norm(self.groups, "norm_out", dt)(h))
+        return _conv(self.out_channels, 3, "conv_out", dt)(h).astype(jnp.float32)
 
 
 class VAE(nn.Module):
     """The ECG VAE. Defaults are the published model; e.g. `VAE(widths=(32, 64, 64), groups=8)` is a small one.
+
+    `remat` and `dtype` change how it computes (see the module docstring), never its parameters.
 
     Parameters live under `params/encoder` and `params/decoder`. Call the parts with
     `vae.apply(variables, x, method=VAE.encode)` / `method=VAE.decode`; `__call__` is the training pass.
@@ -149,10 +203,14 @@ class VAE(nn.Module):
     widths: tuple[int, ...] = (128, 256, 512)
     groups: int = 32
     num_res_blocks: int = 2
+    remat: bool = False
+    dtype: Dtype | None = None
 
     def setup(self) -> None:
-        self.encoder = VAEEncoder(self.widths, self.latent_channels, self.groups, self.num_res_blocks)
-        self.decoder = VAEDecoder(self.widths, self.in_channels, self.groups, self.num_res_blocks)
+        self.encoder = VAEEncoder(self.widths, self.latent_channels, self.groups, self.num_res_blocks, self.remat,
+                                  self.dtype)
+        self.decoder = VAEDecoder(self.widths, self.in_channels, self.groups, self.num_res_blocks, self.remat,
+                                  self.dtype)
 
     @property
     def downsampling(self) -> int:
@@ -187,7 +245,7 @@ class VAE(nn.Module):
         """Scaled latent `(batch, 128, latent_channels)` -> ECG `(batch, 1024, in_channels)` (mV, standard order).
 
         `latent_scale` is the factor the latent was scaled by (`sample_latent`'s): the published 0.18215, or
-        the one a diffusion run measured (`GenerationMeta.latent_scale`).
+        the one a diffusion run measured (the model directory's `diffusion.latent_scale`).
         """
         if z.ndim != 3 or z.shape[-1] != self.latent_channels:
             raise ValueError(f"VAE.decode expects latents shaped (batch, length, {self.latent_channels}), got {z.shape}")

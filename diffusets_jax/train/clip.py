@@ -11,7 +11,6 @@ Validation: top-1 retrieval accuracy in both directions within each validation b
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -57,7 +56,7 @@ def clip_task(config: ml_collections.ConfigDict, num_steps: int) -> Task:
     """Task for `diffusets-jax train clip`. Batches: `{"ecg": (batch, 1024, 12), "text_embedding": (batch, D)}`."""
     tc = config.train
     model = build_clip(config)
-    schedule = learning_rate_schedule(tc, num_steps)
+    schedule = learning_rate_schedule(config.optimizer, num_steps)
     compute_dtype = jnp.dtype(tc.compute_dtype)
 
     def init_variables(key: jax.Array) -> dict[str, Any]:
@@ -85,12 +84,7 @@ def clip_task(config: ml_collections.ConfigDict, num_steps: int) -> Task:
         return {"contrastive_loss": symmetric_contrastive_loss(logits), "retrieval_ecg_to_text_top1": ecg_to_text,
                 "retrieval_text_to_ecg_top1": text_to_ecg}
 
-    def export(directory: Path, params: Any, model_state: Any) -> None:
-        from diffusets_jax.models.bundle import save_model
-
-        save_model(directory, "clip", model, {"params": params, **model_state})
-
-    return Task("clip", init_variables, loss_fn, make_optimizer(tc, schedule), schedule, eval_fn, export)
+    return Task("clip", init_variables, loss_fn, make_optimizer(config.optimizer, schedule), schedule, eval_fn, model)
 
 
 def _normalize(x: jax.Array) -> jax.Array:

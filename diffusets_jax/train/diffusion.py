@@ -1,24 +1,24 @@
 """Latent-diffusion (U-Net) training (reference sections 6-7) on precomputed VAE posteriors.
 
-Each step draws z = (mean + exp(logvar / 2) eps) * `train.latent_scale` (the published 0.18215) from the
+Each step draws z = (mean + exp(logvar / 2) eps) * `diffusion.latent_scale` (the published 0.18215) from the
 stored posterior (a fresh eps every step, as the reference encodes on the fly), t uniform in [1, 998], and
-minimises the epsilon (or v, `train.prediction_type`) loss with the reference's reduction (squared error summed
-over the latent, averaged over the batch). AdamW with cosine decay to 0.1 x the learning rate, stepped per batch.
+minimises the epsilon (or v, `diffusion.schedule.prediction_type`) loss with the reference's reduction (squared
+error summed over the latent, averaged over the batch). AdamW with cosine decay to 0.1 x the learning rate,
+stepped per batch (`config.optimizer`).
 
 Improvements, each off in the faithful config: classifier-free-guidance condition dropout
 (`train.cond_dropout` > 0, fixed null condition of `diffusion.guidance`), normalised patient features
-(`train.patient_features = "normalised"`: sex, age / 100, heart rate / 100), EMA params, bf16 compute,
-`train.prediction_type = "v_prediction"` (v = sqrt(abar) eps - sqrt(1 - abar) x0: an epsilon error at high noise
-is magnified 1 / sqrt(abar), up to ~15x, in the predicted x0, a v error is not), and
-`train.scale_by_std`: `run_training` measures the latent scale that gives unit-variance latents (latent
-diffusion's recipe, for a VAE trained from scratch) and stores it in `train.latent_scale` and `generation.json`.
-Validation: the loss at fixed timesteps (`train.eval_timesteps`) with fixed noise, comparable across runs.
+(`train.patient_features = "normalised"`: sex, age / 100, heart rate / 100; "none" for the ablation without
+patient information), EMA params, bf16 compute, `prediction_type = "v_prediction"` (v = sqrt(abar) eps -
+sqrt(1 - abar) x0: an epsilon error at high noise is magnified 1 / sqrt(abar), up to ~15x, in the predicted x0, a
+v error is not), and `diffusion.scale_by_std`: `run_training` measures the latent scale that gives unit-variance
+latents (latent diffusion's recipe, for a VAE trained from scratch) and stores it in `diffusion.latent_scale` and
+the model directory. Validation: the loss at fixed timesteps (`train.eval_timesteps`) with fixed noise,
+comparable across runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,7 +29,7 @@ from diffusets_jax.conditioning.patient import FEATURE_SCALES
 from diffusets_jax.config import module_fields
 from diffusets_jax.diffusion import guidance
 from diffusets_jax.diffusion.schedule import (
-    FAITHFUL_SCHEDULE,
+    DiffusionSpec,
     LossConfig,
     diffusion_loss,
     make_schedule,
@@ -38,12 +38,20 @@ from diffusets_jax.diffusion.schedule import (
     training_target,
 )
 from diffusets_jax.ecg.shapes import LATENT_SHAPE
-from diffusets_jax.models.vae import LATENT_SCALE, VAE
+from diffusets_jax.models.vae import VAE
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer
-from diffusets_jax.train.state import cast_floating
+from diffusets_jax.train.state import cast_floating, with_compute_dtype
 
 # "normalised": the U-Net sees (sex, age / 100, heart rate / 100), values of order 1 like the text embedding.
+
+
+def diffusion_spec(config: ml_collections.ConfigDict, latent_std: float | None = None) -> DiffusionSpec:
+    """The resolved `config.diffusion` section as the model directory records it."""
+    from diffusets_jax.config import config_to_dict
+
+    return DiffusionSpec.from_json({**config_to_dict(config)["diffusion"], "latent_std": latent_std},
+                                   "config.diffusion")
 
 
 def build_unet(config: ml_collections.ConfigDict):
@@ -75,22 +83,21 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
     """
     tc = config.train
     model = build_unet(config) if model is None else model
-    # The published linear schedule; `train.prediction_type` "v_prediction" trains a v-predicting network.
-    schedule_cfg = dataclasses.replace(FAITHFUL_SCHEDULE, prediction_type=str(tc.get("prediction_type", "epsilon")))
-    noise_schedule = make_schedule(schedule_cfg)
+    spec = diffusion_spec(config)
+    noise_schedule = make_schedule(spec.schedule)
     loss_cfg = LossConfig(t_min=int(tc.t_min), t_max=int(tc.t_max), reduction=str(tc.loss_reduction))
-    lr_schedule = learning_rate_schedule(tc, num_steps)
+    lr_schedule = learning_rate_schedule(config.optimizer, num_steps)
     compute_dtype = jnp.dtype(tc.compute_dtype)
+    # bf16 compute: the U-Net's layers in bf16 (norms, softmax and the condition projection in float32), the
+    # loss in float32, master parameters and optimiser state in float32.
+    compute_model = with_compute_dtype(model, compute_dtype)
     cond_dropout = float(tc.cond_dropout)
     mode = str(tc.patient_features)
     patient_condition({"text_embedding": jnp.zeros((1, 1)), **{k: jnp.zeros(1) for k in ("sex", "age", "heart_rate")}},
                       mode)  # validate the mode now
     null_cond = guidance.fixed_null_condition(model.text_dim)
     eval_timesteps = tuple(int(t) for t in tc.eval_timesteps)
-    latent_scale = float(tc.get("latent_scale", LATENT_SCALE))
-    scale_by_std = bool(tc.get("scale_by_std", False))
-    if not 0 < latent_scale < float("inf"):
-        raise ValueError(f"train.latent_scale must be a positive number, got {latent_scale}")
+    latent_scale = spec.latent_scale
 
     def init_variables(key: jax.Array) -> dict[str, Any]:
         zeros = jnp.zeros((1,))
@@ -101,7 +108,7 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
         variables = {"params": cast_floating(params, compute_dtype), **model_state}
 
         def apply(x_t, t, cond):
-            out = model.apply(variables, x_t.astype(compute_dtype), t, cond["text_embedding"].astype(compute_dtype),
+            out = compute_model.apply(variables, x_t.astype(compute_dtype), t, cond["text_embedding"].astype(compute_dtype),
                               cond["sex"], cond["age"], cond["heart_rate"])
             return out.astype(jnp.float32)
 
@@ -131,16 +138,5 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
             metrics[f"loss_t{t_value:03d}"] = reduce_squared_error(prediction, target, loss_cfg.reduction)
         return metrics
 
-    def export(directory: Path, params: Any, model_state: Any) -> None:
-        from diffusets_jax.generate import GenerationMeta
-        from diffusets_jax.models.bundle import save_model
-
-        save_model(directory, "unet", model, {"params": params, **model_state})
-        # How sampling must condition this U-Net: the embedder its text dim implies, the patient feature
-        # mode it was trained with, its noise schedule, the scale of its latents and whether DDPM clips them.
-        meta = GenerationMeta.published(model.text_dim)
-        # Unit-variance latents (a measured scale) reach beyond [-1, 1]: DDPM must not clip them there.
-        GenerationMeta(embedder=meta.embedder, patient_features=mode, schedule=dataclasses.asdict(schedule_cfg),
-                       latent_scale=latent_scale, clip_sample=not scale_by_std).save(directory)
-
-    return Task("unet", init_variables, loss_fn, make_optimizer(tc, lr_schedule), lr_schedule, eval_fn, export)
+    return Task("unet", init_variables, loss_fn, make_optimizer(config.optimizer, lr_schedule), lr_schedule, eval_fn,
+                model)

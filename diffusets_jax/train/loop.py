@@ -64,7 +64,8 @@ class Task:
     - `loss_fn(params, model_state, batch, key, step)`: scalar loss and `(metrics, new_model_state)`.
     - `optimizer`: the optax transformation (clipping included); `learning_rate(step)` for logging.
     - `eval_fn`: validation metrics of one batch (optional).
-    - `export(directory, params, model_state)`: write the inference bundle (optional).
+    - `model`: the Flax module whose `{"params": ..., **model_state}` the run exports into a model directory
+      (`train.run.export_state`); None for tasks that export nothing (the loop's own tests).
     """
 
     name: str
@@ -73,7 +74,7 @@ class Task:
     optimizer: optax.GradientTransformation
     learning_rate: Callable[[Any], Any]
     eval_fn: EvalFn | None = None
-    export: Callable[[Path, Any, Any], None] | None = None
+    model: Any = None
 
 
 @dataclasses.dataclass
@@ -211,8 +212,8 @@ def train(
     yields a fixed set of validation batches. Config keys used (all under `config.train` unless noted):
     `num_steps`, `seed`, `global_batch_size`, `grad_accum_steps`, `ema_decay` (0 = off), `log_every`,
     `eval_every`, `checkpoint_every`, `keep_checkpoints`, `async_checkpoints`, `progress_bar`;
-    `config.mesh.data`, `config.mesh.fsdp`. Writes `workdir/config.json`, `workdir/checkpoints/`,
-    `workdir/tensorboard/` and, at the end, `workdir/export/` via `task.export`.
+    `config.mesh.data`, `config.mesh.fsdp`. Writes `workdir/config.json`, `workdir/checkpoints/` and
+    `workdir/tensorboard/`; the caller exports the returned state (`train.run.export_state`).
     """
     workdir = Path(workdir)
     tc = config.train
@@ -304,8 +305,6 @@ def train(
         manager.close()
         if writer is not None:
             writer.close()
-    if not preempted and task.export is not None and is_main:
-        task.export(workdir / "export", jax.device_get(state.eval_params()), jax.device_get(state.model_state))
     return TrainResult(state=state, step=step, preempted=preempted)
 
 

@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules of the reference recipes, built from `config.train`.
+"""Optimisers and learning-rate schedules of the reference recipes, built from `config.optimizer`.
 
 - VAE: AdamW with PyTorch's `OneCycleLR` (cosine annealing, peak `learning_rate`).
 - U-Net: AdamW (weight decay 0.01), cosine decay from `learning_rate` to `cosine_final_fraction` x it,
@@ -14,7 +14,7 @@ import math
 import ml_collections
 import optax
 
-LR_SCHEDULES = ("constant", "one_cycle", "cosine")
+from diffusets_jax.config import LR_SCHEDULES
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
@@ -33,41 +33,35 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
     return max(1, math.ceil(float(config.train.num_epochs) * steps_per_epoch(config)))
 
 
-def learning_rate_schedule(train: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """The schedule named by `train.lr_schedule` over `num_steps` optimiser steps."""
-    name = train.get("lr_schedule", "constant")
-    lr = float(train.learning_rate)
+def learning_rate_schedule(optimizer: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """The schedule named by `optimizer.lr_schedule` (`config.optimizer`) over `num_steps` optimiser steps."""
+    name = optimizer.lr_schedule
+    lr = float(optimizer.learning_rate)
     if name == "constant":
         return optax.constant_schedule(lr)
     if name == "one_cycle":
-        # PyTorch OneCycleLR defaults: start at max / 25, peak after 30 %, cosine down to start / 1e4.
         return optax.cosine_onecycle_schedule(
             transition_steps=num_steps,
             peak_value=lr,
-            pct_start=float(train.get("one_cycle_pct_start", 0.3)),
-            div_factor=float(train.get("one_cycle_div_factor", 25.0)),
-            final_div_factor=float(train.get("one_cycle_final_div_factor", 1e4)),
+            pct_start=float(optimizer.one_cycle_pct_start),
+            div_factor=float(optimizer.one_cycle_div_factor),
+            final_div_factor=float(optimizer.one_cycle_final_div_factor),
         )
     if name == "cosine":
-        warmup = int(train.get("warmup_steps", 0))
-        final = float(train.get("cosine_final_fraction", 0.1))
+        warmup = int(optimizer.warmup_steps)
+        final = float(optimizer.cosine_final_fraction)
         if warmup > 0:
             return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_steps, warmup + 1), lr * final)
         return optax.cosine_decay_schedule(lr, decay_steps=max(num_steps, 1), alpha=final)
-    raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {name!r}")
+    raise ValueError(f"optimizer.lr_schedule must be one of {LR_SCHEDULES}, got {name!r}")
 
 
-def make_optimizer(train: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """AdamW with PyTorch's defaults (betas 0.9/0.999, eps 1e-8) and `train.weight_decay`, optionally clipped.
+def make_optimizer(optimizer: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW with `config.optimizer`'s betas, eps and weight decay, optionally clipped by global norm.
 
     Weight decay applies to every parameter, as `torch.optim.AdamW(model.parameters())` does.
     """
-    adamw = optax.adamw(
-        schedule,
-        b1=float(train.get("adam_b1", 0.9)),
-        b2=float(train.get("adam_b2", 0.999)),
-        eps=float(train.get("adam_eps", 1e-8)),
-        weight_decay=float(train.weight_decay),
-    )
-    clip = float(train.grad_clip_norm)
+    adamw = optax.adamw(schedule, b1=float(optimizer.b1), b2=float(optimizer.b2), eps=float(optimizer.eps),
+                        weight_decay=float(optimizer.weight_decay))
+    clip = float(optimizer.grad_clip_norm)
     return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw

@@ -1,4 +1,12 @@
-"""`diffusets-jax train {vae,unet,clip}`: config -> mesh -> prepared dataset -> trainer -> the generic loop."""
+"""`diffusets-jax train {vae,unet,clip}`: config -> mesh -> prepared dataset -> trainer -> loop -> model directory.
+
+At the end (and with `--export-only`, from the latest checkpoint) the trained component is written into a model
+directory (`models.model_dir`; default `WORKDIR/model`) with its provenance: the dataset's card reference (name,
+config, version, split, example count, and what it was derived from), the resolved config, the step, the code's
+version. A U-Net also records its conditioning (the embedder and prompt style from the latent dataset's card, its
+patient-feature mode), its diffusion settings (`config.diffusion`, resolved, with the measured latent std) and the
+uid of the VAE whose latents it was trained on.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +32,20 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "unet": ("latent_mean", "latent_logvar", "text_embedding", "sex", "age", "heart_rate"),
     "clip": ("ecg", "text_embedding"),
 }
+MODEL_DIR_NAME = "model"  # WORKDIR/model: the default model directory of a run
+
+
+def check_model_kind(model: str, config: ml_collections.ConfigDict, source: str = "the config") -> None:
+    """Refuse a config written for another model (e.g. `train vae --config configs/demo_clip.py`)."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    kind = config.get("model_kind")
+    if kind is None:
+        raise ValueError(f"{source} has no model_kind: add `config.model_kind = {model!r}` (the configs in configs/ "
+                         "show the layout)")
+    if kind != model:
+        raise ValueError(f"{source} is a {kind} config (model_kind = {kind!r}): run `diffusets-jax train {kind}`, "
+                         f"or pass a {model} config")
 
 
 def make_task(model: str, config: ml_collections.ConfigDict, num_steps: int) -> Task:
@@ -43,44 +65,62 @@ def make_task(model: str, config: ml_collections.ConfigDict, num_steps: int) -> 
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
 
 
-def resolve_latent_scale(model: str, config: ml_collections.ConfigDict, builder: Any = None) -> None:
-    """With `train.scale_by_std` (U-Net only), set `train.latent_scale` to 1 / std of the latent dataset's
-    training latents (`data.latents.measure_latent_scale`; deterministic, so a resumed run gets the same value).
-    `builder`: the already loaded `config.data` dataset; None loads it (dataset and data_dir) only when needed."""
-    if model != "unet" or not config.train.get("scale_by_std", False):
-        return
+def _load_dataset(model: str, config: ml_collections.ConfigDict) -> Any:
+    """The training dataset's builder, refusing one without the fields this model trains on."""
     from diffusets_jax.data import pipeline
-    from diffusets_jax.data.latents import measure_latent_scale
 
-    if builder is None:
-        builder = pipeline.load_builder(config.data.dataset, config.data.data_dir or None)
-    config.train.latent_scale = measure_latent_scale(builder, config.data.train_split)
-    log.info("train.scale_by_std: latent scale %.6g (1 / std of the %r latent means)", config.train.latent_scale,
-             config.data.train_split)
-
-
-def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | Path) -> TrainResult:
-    """Train `model` on `config.data.dataset` into `workdir` (resuming when it holds checkpoints).
-
-    Joins a multi-host run first when the environment describes one (`parallel.initialize_distributed`).
-    Resolves `data.num_train_examples` from the dataset, `train.num_steps` from the epochs and, with
-    `train.scale_by_std`, the U-Net's `train.latent_scale` from the latents, so the saved config states
-    exactly what ran.
-    """
-    if model not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if not config.data.dataset:
         raise ValueError("config.data.dataset is empty: pass --config.data.dataset=DIR (a prepared dataset "
                          "directory, or a TFDS name with --config.data.data_dir)")
+    builder = pipeline.load_builder(config.data.dataset, config.data.data_dir or None)
+    missing = [f for f in FIELDS[model] if f not in builder.info.features.keys()]
+    if missing:
+        if model == "unet" and "ecg" in builder.info.features.keys():
+            raise ValueError(f"{config.data.dataset} is a prepared ECG dataset; the U-Net trains on VAE latents: run "
+                             "`diffusets-jax encode --vae MODEL_DIR --data-dir ... --out LATENTS` and pass "
+                             "--config.data.dataset=LATENTS")
+        raise ValueError(f"{config.data.dataset} lacks {missing}: the {model} trains on a prepared ECG dataset"
+                         + (" (not a latent dataset)" if "latent_mean" in builder.info.features.keys() else ""))
+    return builder
+
+
+def resolve_latent_scale(model: str, config: ml_collections.ConfigDict, builder: Any) -> None:
+    """With `diffusion.scale_by_std` (U-Net only), set `diffusion.latent_scale` to 1 / std of the latent dataset's
+    training latents (`data.latents.measure_latent_scale`; deterministic, so a resumed run gets the same value)."""
+    if model != "unet" or not config.diffusion.scale_by_std:
+        return
+    from diffusets_jax.data.latents import measure_latent_scale
+
+    config.diffusion.latent_scale = measure_latent_scale(builder, config.data.train_split)
+    log.info("diffusion.scale_by_std: latent scale %.6g (1 / std of the %r latent means)",
+             config.diffusion.latent_scale, config.data.train_split)
+
+
+def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | Path,
+                 model_dir: str | Path | None = None) -> TrainResult:
+    """Train `model` on `config.data.dataset` into `workdir` (resuming when it holds checkpoints) and write the
+    result into `model_dir` (default `workdir/model`).
+
+    Joins a multi-host run first when the environment describes one (`parallel.initialize_distributed`).
+    Resolves `data.num_train_examples` from the dataset, `train.num_steps` from the epochs and, with
+    `diffusion.scale_by_std`, the U-Net's latent scale from the latents, so the saved config states exactly what
+    ran. Everything that can be checked before training (config kind, dataset, its card, the model directory
+    path) is checked first.
+    """
+    check_model_kind(model, config)
     parallel.initialize_distributed()
     from diffusets_jax.data import pipeline  # TensorFlow: only loaded by commands that read datasets
+    from diffusets_jax.io.run_dir import check_output_path
 
     pipeline.keep_tensorflow_off_accelerators()
-    builder = pipeline.load_builder(config.data.dataset, config.data.data_dir or None)
+    model_dir = Path(model_dir) if model_dir is not None else Path(workdir) / MODEL_DIR_NAME
+    check_output_path(model_dir, "--model-dir")
+    builder = _load_dataset(model, config)
     splits = builder.info.splits
     if config.data.train_split not in splits:
         raise ValueError(f"dataset {config.data.dataset} has no split {config.data.train_split!r} "
                          f"(it has {sorted(splits)}); set --config.data.train_split")
+    provenance_of_data = _dataset_provenance(model, builder, config)  # refuses a dataset without a card, now
     if int(config.data.num_train_examples) <= 0:
         config.data.num_train_examples = int(splits[config.data.train_split].num_examples)
     num_steps = total_steps(config)
@@ -110,30 +150,85 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
         log.warning("dataset has no %r split: no periodic validation", config.data.val_split)
 
     task = make_task(model, config, num_steps)
-    return train(task, config, workdir, train_batches, val_batches, mesh)
+    result = train(task, config, workdir, train_batches, val_batches, mesh)
+    if not result.preempted and jax.process_index() == 0:
+        export_state(model, task, config, result.state, result.step, workdir, model_dir, provenance_of_data,
+                     builder)
+    return result
 
 
-def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-    """Write `workdir/export/<model>` from the latest checkpoint (EMA params when on); returns the directory.
+def _dataset_provenance(model: str, builder: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    from diffusets_jax.data.card import dataset_reference, read_card
+
+    reference = dataset_reference(builder, config.data.train_split)
+    if model == "unet":
+        read_card(builder)  # the U-Net's conditioning comes from it: refuse a dataset that does not say
+    return reference
+
+
+def export_state(model: str, task: Task, config: ml_collections.ConfigDict, state: Any, step: int,
+                 workdir: str | Path, model_dir: str | Path, dataset: dict[str, Any], builder: Any) -> Path:
+    """Write the trained component (EMA params when on) into `model_dir` with its provenance; its folder.
+
+    Idempotent: when the directory already holds this run's component from the same step and config, it is kept
+    as is (a finished run rerun, e.g. a resumed demo, does not give its VAE a new uid under the U-Net's feet)."""
+    from diffusets_jax.config import config_to_dict
+    from diffusets_jax.io.run_dir import fingerprint
+    from diffusets_jax.models import model_dir as model_dirs
+
+    config_dict = config_to_dict(config)
+    run = {"workdir": str(Path(workdir).resolve()), "step": int(step), "config_fingerprint": fingerprint(config_dict)}
+    existing = model_dirs.read_index(model_dir).components.get(model, {}).get("provenance", {}).get("run")
+    if existing == run:  # this very checkpoint is already there (a rerun of a finished run): keep its uid
+        return Path(model_dir) / model
+    variables = {"params": jax.device_get(state.eval_params()), **jax.device_get(state.model_state)}
+    provenance = {"source": "trained", "dataset": dataset, "run": run, "config": config_dict}
+    if model != "unet":
+        path = model_dirs.write_component(model_dir, model, task.model, variables, provenance=provenance)
+    else:
+        from diffusets_jax.data.card import card_conditioning, read_card
+        from diffusets_jax.data.latents import measure_latent_moments
+        from diffusets_jax.diffusion.sampler_validation import validate_model_defaults
+        from diffusets_jax.train.diffusion import diffusion_spec
+
+        card = read_card(builder)
+        conditioning = card_conditioning(card, str(builder.data_dir)).with_patient_features(
+            str(config.train.patient_features))
+        # The scaled latents the U-Net saw (posterior means): the scale fast samplers are validated at.
+        mean, std = measure_latent_moments(builder, config.data.train_split)
+        scale = float(config.diffusion.latent_scale)
+        spec = diffusion_spec(config, latent_std=scale * std)
+        vae_uid = card.get("derived_from", {}).get("vae", {}).get("uid")
+        path = model_dirs.write_component(model_dir, "unet", task.model, variables, provenance=provenance,
+                                          conditioning=conditioning, diffusion=spec, vae_uid=vae_uid,
+                                          sampling=validate_model_defaults(spec, latent_mean=scale * mean))
+    log.info("exported %s to %s", model, path)
+    return path
+
+
+def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | Path,
+                  model_dir: str | Path | None = None) -> Path:
+    """Write the latest checkpoint's component into `model_dir` (default `workdir/model`); its folder.
 
     For exporting a run that is still going or was preempted; `run_training` exports by itself at the end.
     """
     from diffusets_jax.train.loop import abstract_state, checkpoint_manager, restore_state
 
+    check_model_kind(model, config)
     workdir = Path(workdir)
+    model_dir = Path(model_dir) if model_dir is not None else workdir / MODEL_DIR_NAME
     manager = checkpoint_manager(workdir / "checkpoints", int(config.train.keep_checkpoints), async_save=False)
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
+    builder = _load_dataset(model, config)
+    dataset = _dataset_provenance(model, builder, config)
     if int(config.data.num_train_examples) <= 0:  # only the schedules' lengths depend on it, not the weights
-        config.data.num_train_examples = int(config.train.global_batch_size)
-    resolve_latent_scale(model, config)
+        config.data.num_train_examples = int(builder.info.splits[config.data.train_split].num_examples)
+    resolve_latent_scale(model, config, builder)
     task = make_task(model, config, max(int(config.train.num_steps), 1))
     mesh = parallel.mesh_from_config(config.mesh)
     abstract, _ = abstract_state(task, mesh, int(config.train.seed), float(config.train.ema_decay) > 0)
     state, _ = restore_state(manager, step, abstract)
     manager.close()
-    if task.export is None:
-        raise ValueError(f"the {model} trainer has no export")
-    task.export(workdir / "export", jax.device_get(state.eval_params()), jax.device_get(state.model_state))
-    return workdir / "export" / model
+    return export_state(model, task, config, state, step, workdir, model_dir, dataset, builder)

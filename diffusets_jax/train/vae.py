@@ -10,7 +10,6 @@ Validation: reconstruction MAE in mV of the posterior mean, and the two loss ter
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,7 +21,7 @@ from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
 from diffusets_jax.models.vae import LATENT_SCALE, VAE
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer, steps_per_epoch
-from diffusets_jax.train.state import cast_floating
+from diffusets_jax.train.state import cast_floating, with_compute_dtype
 
 KL_SCHEDULES = ("per_epoch", "linear")
 
@@ -57,8 +56,11 @@ def vae_task(config: ml_collections.ConfigDict, num_steps: int) -> Task:
     """The generic loop's Task for `diffusets-jax train vae`. Batches: `{"ecg": (batch, 1024, 12)}` in mV."""
     tc = config.train
     model = build_vae(config)
-    schedule = learning_rate_schedule(tc, num_steps)
+    schedule = learning_rate_schedule(config.optimizer, num_steps)
     compute_dtype = jnp.dtype(tc.compute_dtype)
+    # bf16 compute: convolutions and projections in bf16, GroupNorm statistics, the attention softmax and the
+    # losses in float32, master parameters and optimiser state in float32.
+    compute_model = with_compute_dtype(model, compute_dtype)
     steps_in_epoch = steps_per_epoch(config)
     anneal_epochs = float(tc.kl_anneal_epochs)
     kl_schedule = str(tc.kl_schedule)
@@ -70,8 +72,8 @@ def vae_task(config: ml_collections.ConfigDict, num_steps: int) -> Task:
 
     def loss_fn(params, model_state, batch, key, step):
         ecg = batch["ecg"]
-        recon, mean, logvar = model.apply({"params": cast_floating(params, compute_dtype)},
-                                          ecg.astype(compute_dtype), key)
+        recon, mean, logvar = compute_model.apply({"params": cast_floating(params, compute_dtype)},
+                                                  ecg.astype(compute_dtype), key)
         reconstruction, kl = vae_losses(recon, ecg, mean, logvar)
         weight = kl_weight(step, steps_in_epoch, anneal_epochs, kl_schedule)
         loss = reconstruction + weight * kl
@@ -86,13 +88,8 @@ def vae_task(config: ml_collections.ConfigDict, num_steps: int) -> Task:
         return {"reconstruction_mae_mv": jnp.mean(jnp.abs(recon - ecg)), "reconstruction": reconstruction,
                 "kl": kl}
 
-    def export(directory: Path, params: Any, model_state: Any) -> None:
-        from diffusets_jax.models.bundle import save_model
-
-        save_model(directory, "vae", model, {"params": params})
-
     if model.in_channels != NUM_LEADS:
         raise ValueError(f"model.in_channels must be {NUM_LEADS} (12-lead ECGs), got {model.in_channels}")
-    return Task("vae", init_variables, loss_fn, make_optimizer(tc, schedule), schedule, eval_fn, export)
+    return Task("vae", init_variables, loss_fn, make_optimizer(config.optimizer, schedule), schedule, eval_fn, model)
 
 

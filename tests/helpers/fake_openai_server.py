@@ -11,8 +11,10 @@ Run standalone (`python tests/fake_openai_server.py PORT_FILE [DIM]`) it serves 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
@@ -36,6 +38,7 @@ class FakeOpenAIServer:
         self.received: list[list[str]] = []  # inputs of every request, faulty or not
         self.answered: list[list[str]] = []  # inputs of every request answered with embeddings
         self.authorization: list[str | None] = []
+        self.models: list[str] = []  # the model name of each embedding request
         self.block_at_request: int | None = None  # this request (1-based) hangs until `release` is set
         self.blocked = threading.Event()
         self.release = threading.Event()
@@ -85,6 +88,7 @@ class FakeOpenAIServer:
                 with server._lock:
                     server.received.append(inputs)
                     server.authorization.append(self.headers.get("Authorization"))
+                    server.models.append(request.get("model"))
                     number = len(server.received)
                     fault = server.faults.pop(0) if server.faults else "ok"
                 if number == server.block_at_request:
@@ -125,3 +129,21 @@ if __name__ == "__main__":
         with open(sys.argv[1], "w") as f:
             f.write(fake.base_url)
         threading.Event().wait()
+
+
+@contextlib.contextmanager
+def fake_openai_env(dim: int = 16, **server_options):
+    """A running FakeOpenAIServer with OPENAI_API_KEY / OPENAI_BASE_URL pointing at it for the duration (the real
+    OpenAI client then talks to it), restoring the environment after."""
+    with FakeOpenAIServer(dim=dim, **server_options) as server:
+        keys = ("OPENAI_API_KEY", "OPENAI_BASE_URL")
+        old = {k: os.environ.get(k) for k in keys}
+        os.environ.update(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=server.base_url)
+        try:
+            yield server
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

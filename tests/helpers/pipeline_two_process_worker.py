@@ -24,25 +24,27 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
+from diffusets_jax import parallel  # noqa: E402
 from diffusets_jax.data import pipeline  # noqa: E402
 
 mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
 builder = pipeline.load_builder("tiny_ecg", data_dir=data_dir)
-iterator = pipeline.train_batches(builder, "train", global_batch_size=16, mesh_or_sharding=mesh,
-                                  fields=("ecg", "study_id"), seed=7, shuffle_buffer=16)
+host_batch = pipeline.per_host_batch_size(16, jax.process_count(), parallel.num_batch_shards(mesh))
+host_batches = pipeline.train_dataset(builder, "train", host_batch_size=host_batch, fields=("ecg", "study_id"),
+                                      seed=7, shuffle_buffer=16).as_numpy_iterator()
 host = next(pipeline.train_dataset(builder, "train", host_batch_size=8, fields=("study_id",), seed=7,
                                    shuffle_buffer=16).as_numpy_iterator())
 result = {"host": host["study_id"].tolist(), "global": [], "shape": [], "local_devices": 0}
 for _ in range(3):
-    batch = next(iterator)
+    batch = parallel.shard_host_batch(next(host_batches), mesh)
     result["shape"] = list(batch["ecg"].shape)
     result["local_devices"] = len(batch["ecg"].addressable_shards)
     gathered = multihost_utils.process_allgather(batch["study_id"], tiled=True)
     result["global"].append(np.asarray(gathered).tolist())
-evaluation = pipeline.eval_batches(builder, "validation", global_batch_size=8, mesh_or_sharding=mesh,
-                                   fields=("study_id",))
+evaluation = pipeline.eval_dataset(builder, "validation", host_batch_size=4, fields=("study_id",))
 result["eval"] = []
-for batch in evaluation:
+for host_eval in evaluation.as_numpy_iterator():
+    batch = parallel.shard_host_batch(host_eval, mesh)
     ids = np.asarray(multihost_utils.process_allgather(batch["study_id"], tiled=True))
     mask = np.asarray(multihost_utils.process_allgather(batch["mask"], tiled=True))
     result["eval"] += ids[mask].tolist()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+from diffusets_jax.data.card import write_card
 from diffusets_jax.data.schema import ecg_features
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
 
@@ -60,6 +62,11 @@ class TinyEcg(tfds.core.GeneratorBasedBuilder):
 
 
 def build(data_dir: str, num_shards: int = 4) -> TinyEcg:
+    """Prepare the dataset under `data_dir` and write its card, as `diffusets-jax prepare` does: its "embeddings"
+    are recorded as an OpenAI-compatible `fake-embedding-8` (tests serve it with tests.helpers.fake_openai_server)."""
     builder = TinyEcg(data_dir=data_dir)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+    embedder = EmbedderSpec("openai", f"fake-embedding-{EMBEDDING_DIM}", EMBEDDING_DIM)
+    write_card(builder.data_dir, kind="prepared", name="tiny_ecg", config=None, version=str(builder.version),
+               conditioning=ConditioningSpec(embedder, "ordered"), splits=SPLIT_SIZES)
     return builder

@@ -1,0 +1,187 @@
+"""Ours against the published PyTorch modules on the same machine, interleaved; prints one JSON object.
+
+    python benchmarks/reference_compare.py --reference-repo ~/src/DiffuSETS \\
+        --torch-python ~/venv-torch/bin/python --repeats 7
+    python benchmarks/reference_compare.py ... --measures vae_train:16 unet_forward:128
+
+`--reference-repo` is a checkout of the published DiffuSETS code; `--torch-python` the interpreter of a
+separate environment with PyTorch (CPU), which runs `reference_worker.py` (PyTorch is not a dependency
+of this project). Each measure is set up on both sides (our program compiled, both warmed up), then the
+two are run alternately `--repeats` times (which goes first alternates too), so both see the same
+background load; the figures are the minimum and median wall time per run and the speed-up
+reference_min / ours_min. Compile and warm-up time is excluded (ours is reported separately).
+
+Measures: `unet_forward:B` (one U-Net call, no gradient), `unet_train:B` (forward, loss, backward, AdamW:
+our real sharded train step), `vae_train:B` (encoder + decoder + loss + backward + AdamW) and
+`vae_decode:B`. Weights are random: speed does not depend on them. Under background load PyTorch slows
+far more than XLA does, so only figures from a quiet run compare the programs themselves; the load
+average is recorded before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from forward import random_variables, unet_inputs  # noqa: E402
+from machine import describe, load_average  # noqa: E402
+from train import build_step  # noqa: E402
+
+DEFAULT_MEASURES = ("unet_forward:1", "unet_forward:16", "unet_forward:128", "unet_train:64", "vae_train:16",
+                    "vae_decode:16", "vae_decode:128")
+MEASURES = ("unet_forward", "unet_train", "vae_train", "vae_decode")
+# Issue 16's side-by-side figures (2-core machine, PyTorch 2.x CPU with 2 threads, minimum of several
+# interleaved repetitions), the comparison point when the published code cannot be run here.
+ISSUE_16_REFERENCE_S = {"unet_forward:1": 0.0129, "unet_forward:16": 0.0656, "unet_forward:128": 0.599,
+                        "unet_train:64": 0.65, "vae_train:16": 2.14, "vae_decode:16": 0.60, "vae_decode:128": 6.52}
+
+
+def parse_measure(text: str) -> tuple[str, int]:
+    name, _, batch = text.partition(":")
+    if name not in MEASURES or not batch.isdigit() or int(batch) <= 0:
+        raise ValueError(f"measure {text!r}: write NAME:BATCH with NAME one of {', '.join(MEASURES)}")
+    return name, int(batch)
+
+
+def build_ours(measure: str, batch: int):
+    """`(run, compile_s)`: a no-argument callable that runs our program once and waits for it."""
+    from diffusets_jax.models.unet import UNet
+    from diffusets_jax.models.vae import VAE
+
+    start = time.perf_counter()
+    if measure in ("unet_train", "vae_train"):
+        step, state, data, _ = build_step(measure.split("_")[0], batch, "float32", remat=False)
+        compiled = step.lower(state, data).compile()
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = compiled(holder["state"], data)  # the state is donated: keep the new one
+            jax.block_until_ready(metrics)
+    elif measure == "unet_forward":
+        module = UNet()
+        inputs = unet_inputs(batch, module.text_dim, jax.random.key(0))
+        variables = random_variables(module.init, *unet_inputs(1, module.text_dim, jax.random.key(0)))
+        compiled = jax.jit(module.apply).lower(variables, *inputs).compile()
+
+        def run():
+            jax.block_until_ready(compiled(variables, *inputs))
+    else:
+        module = VAE()
+        z = jax.random.normal(jax.random.key(0), (batch, 128, module.latent_channels))
+        variables = random_variables(lambda k, z: module.init(k, z, method=VAE.decode), z[:1])
+        compiled = jax.jit(lambda v, z: module.apply(v, z, method=VAE.decode)).lower(variables, z).compile()
+
+        def run():
+            jax.block_until_ready(compiled(variables, z))
+    compile_s = time.perf_counter() - start
+    run()  # warm-up
+    return run, compile_s
+
+
+class ReferenceWorker:
+    """The PyTorch worker process: one request, one JSON answer."""
+
+    def __init__(self, torch_python: str, reference_repo: str, threads: int) -> None:
+        self.process = subprocess.Popen(
+            [torch_python, str(HERE / "reference_worker.py"), "--reference-repo", reference_repo,
+             "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        self.info = self._answer()
+
+    def _answer(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the PyTorch worker exited; its error is above (is torch installed there?)")
+        return json.loads(line)
+
+    def request(self, **request) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.request_quit()
+        self.process.wait(timeout=60)
+
+    def request_quit(self) -> None:
+        self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+        self.process.stdin.flush()
+
+
+def git_commit(repo: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def compare(worker: ReferenceWorker, measure: str, batch: int, repeats: int) -> dict:
+    print(f"[reference_compare] {measure}:{batch}: setting up", file=sys.stderr, flush=True)
+    ours, compile_s = build_ours(measure, batch)
+    worker.request(cmd="setup", measure=measure, batch=batch)
+    times: dict[str, list[float]] = {"ours": [], "reference": []}
+    for rep in range(repeats):
+        for side in ("ours", "reference") if rep % 2 == 0 else ("reference", "ours"):
+            if side == "ours":
+                start = time.perf_counter()
+                ours()
+                times["ours"].append(time.perf_counter() - start)
+            else:
+                times["reference"].append(worker.request(cmd="run", measure=measure, batch=batch)["seconds"])
+        print(f"[reference_compare] {measure}:{batch} rep {rep}: ours {times['ours'][-1]:.4f} s, "
+              f"reference {times['reference'][-1]:.4f} s", file=sys.stderr, flush=True)
+    ours_min, ref_min = min(times["ours"]), min(times["reference"])
+    return {
+        "measure": measure, "batch": batch,
+        "ours_min_s": round(ours_min, 5), "ours_median_s": round(statistics.median(times["ours"]), 5),
+        "reference_min_s": round(ref_min, 5), "reference_median_s": round(statistics.median(times["reference"]), 5),
+        "speedup": round(ref_min / ours_min, 3), "ours_compile_s": round(compile_s, 2),
+        "issue_16_reference_s": ISSUE_16_REFERENCE_S.get(f"{measure}:{batch}"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference-repo", required=True, help="checkout of the published DiffuSETS code")
+    parser.add_argument("--torch-python", required=True, help="python of an environment with PyTorch")
+    parser.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES), help="NAME:BATCH ...")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (JAX uses every core)")
+    args = parser.parse_args()
+    try:
+        measures = [parse_measure(m) for m in args.measures]
+    except ValueError as err:
+        parser.error(str(err))
+    if not (Path(args.reference_repo) / "vae" / "vae_model.py").is_file():
+        parser.error(f"--reference-repo {args.reference_repo}: no vae/vae_model.py there; give the published checkout")
+    report = {"benchmark": "reference_compare", "machine": describe(), "ours_dtype": "float32",
+              "repeats": args.repeats, "results": []}
+    worker = ReferenceWorker(args.torch_python, args.reference_repo, args.threads)
+    try:
+        report["reference"] = {"torch": worker.info["torch"], "threads": worker.info["threads"],
+                               "repo": str(Path(args.reference_repo).resolve()),
+                               "commit": git_commit(args.reference_repo)}
+        for measure, batch in measures:
+            report["results"].append(compare(worker, measure, batch, args.repeats))
+    finally:
+        worker.close()
+    report["load_average_after"] = load_average()
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Generation requests: what to generate, from command-line flags or a conditions file, validated up front.
+
+A `Condition` is one report (its statements), one patient (sex, age, heart rate) and how many ECGs to make for
+them. Files: CSV/TSV with a header row or JSON Lines, fields `text` (statements joined by `|`; also `report` or
+`prompt`), `sex` (`gender`), `age`, `heart_rate` (`hr`) and optional `count` (`n`). Every error names the file,
+the line and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
+from diffusets_jax.conditioning.prompts import make_prompt, report_lines
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One generation request: the report statements, the patient, and how many ECGs."""
+
+    report: tuple[str, ...]
+    sex: int  # 1 = male, 0 = female
+    age: float  # years
+    heart_rate: float  # bpm
+    count: int = 1
+
+    def prompt(self, style: str = "ordered") -> str:
+        """The text to embed, in the prompt style of the model that will be conditioned on it."""
+        return make_prompt(list(self.report), style)
+
+    def as_dict(self, style: str = "ordered") -> dict[str, Any]:
+        return {"report": list(self.report), "prompt": self.prompt(style), "sex": self.sex, "age": self.age,
+                "heart_rate": self.heart_rate}
+
+
+def make_condition(text: object, sex: object, age: object, heart_rate: object, count: object = 1,
+                   *, where: str = "") -> Condition:
+    """Validate one condition; errors name `where` (e.g. 'conditions.csv line 3') and the field."""
+    prefix = f"{where}: " if where else ""
+    try:
+        lines = report_lines(text if isinstance(text, list | tuple) else str(text or ""))
+        if not lines:
+            raise ValueError("text: empty report; give at least one statement (statements joined by '|')")
+        n = int(count) if str(count).strip() not in ("", "None") else 1
+        if n < 1:
+            raise ValueError(f"count: {count!r} must be a positive integer")
+        return Condition(tuple(lines), parse_sex(sex), parse_age(age), parse_heart_rate(heart_rate), n)
+    except ValueError as err:
+        raise ValueError(f"{prefix}{err}") from None
+
+
+_FIELD_ALIASES = {"text": ("text", "report", "prompt"), "sex": ("sex", "gender"), "age": ("age",),
+                  "heart_rate": ("heart_rate", "hr"), "count": ("count", "n")}
+
+
+def _field(row: dict, name: str, where: str, required: bool = True) -> object:
+    for alias in _FIELD_ALIASES[name]:
+        if alias in row and row[alias] not in (None, ""):
+            return row[alias]
+    if required:
+        raise ValueError(f"{where}: missing field {name!r} (accepted names: {', '.join(_FIELD_ALIASES[name])})")
+    return 1
+
+
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path.name} line {line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+    rows: list[tuple[str, dict]] = []
+    if suffix in (".jsonl", ".json"):
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path.name} line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path.name} line {number}: expected a JSON object with text, sex, age, heart_rate")
+            rows.append((f"{path.name} line {number}", row))
+    elif suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        rows = [(f"{path.name} line {number}", row) for number, row in enumerate(reader, 2)]
+    else:
+        raise ValueError(f"{path.name}: unknown conditions format {path.suffix!r}; use .csv, .tsv or .jsonl")
+    return rows
+
+
+def read_conditions(path: str | os.PathLike) -> list[Condition]:
+    """Conditions from a CSV/TSV (header row) or JSONL file: text, sex, age, heart_rate (or hr), optional count."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"conditions file {str(path)!r} is a directory; give a .csv or .jsonl file")
+    if not path.exists():
+        raise FileNotFoundError(f"conditions file {str(path)!r} does not exist")
+    conditions = [
+        make_condition(_field(r, "text", w), _field(r, "sex", w), _field(r, "age", w), _field(r, "heart_rate", w),
+                       _field(r, "count", w, required=False), where=w)
+        for w, r in _rows(path)
+    ]
+    if not conditions:
+        raise ValueError(f"{path.name}: no conditions found")
+    return conditions
+
+
+def expand(conditions: Sequence[Condition]) -> list[Condition]:
+    """One entry per ECG to generate (each condition repeated `count` times), in order."""
+    return [c for c in conditions for _ in range(c.count)]

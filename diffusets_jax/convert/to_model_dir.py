@@ -1,0 +1,101 @@
+"""Published checkpoints -> a model directory (`diffusets-jax convert`), with what sampling needs recorded.
+
+Each checkpoint is converted and written as a component of the model directory with its provenance (the source
+file and its SHA-256). A U-Net is recorded with the published diffusion (linear schedule, epsilon prediction,
+latent scale 0.18215, DDPM clipping) and with the embedder it was conditioned on: by default the published
+ada-002 (1536-d) ordered prompts and raw patient values. A release built for another embedder (e.g. the 8192-d
+"E-72B" served behind an OpenAI-compatible endpoint) names it: `--embedder-model E-72B [--embedder-base-url URL]`;
+its width must equal the U-Net's text input, which is checked, never guessed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec, published_conditioning
+from diffusets_jax.diffusion.sampler_validation import validate_model_defaults
+from diffusets_jax.diffusion.schedule import DiffusionSpec
+
+COMPONENT_FLAGS = {"vae": "--vae", "unet": "--unet", "clip": "--clip"}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unet_conditioning(text_dim: int, *, embedder_kind: str | None = None, embedder_model: str | None = None,
+                      embedder_dim: int | None = None, base_url: str | None = None, prompt_style: str = "ordered",
+                      patient_features: str = "faithful") -> ConditioningSpec:
+    """The conditioning to record for a converted U-Net with `text_dim`-wide text input.
+
+    No embedder named: the published ada-002, which only fits a 1536-d U-Net; anything else must be named.
+    """
+    if embedder_model is None and embedder_kind is None:
+        published = published_conditioning()
+        if text_dim != published.embedder.dim:
+            raise ValueError(f"this U-Net takes {text_dim}-d text embeddings, not the published ada-002's "
+                             f"{published.embedder.dim}: name the model it was trained with, e.g. --embedder-model "
+                             "E-72B (an OpenAI-compatible endpoint) or --embedder-kind local")
+        return ConditioningSpec(published.embedder, prompt_style, patient_features)
+    kind = embedder_kind or "openai"
+    dim = int(embedder_dim) if embedder_dim is not None else text_dim
+    if dim != text_dim:
+        raise ValueError(f"--embedder-dim {dim} does not match the U-Net's {text_dim}-d text input")
+    if kind == "openai":
+        options = {"base_url": base_url} if base_url else {}
+        spec = EmbedderSpec("openai", embedder_model or "text-embedding-ada-002", dim,
+                            embedder_id=f"openai/{embedder_model or 'text-embedding-ada-002'}/{dim}", options=options)
+    else:
+        spec = EmbedderSpec.from_embedder_config("local", {"model_dir": embedder_model} if embedder_model else {}, dim)
+    return ConditioningSpec(spec, prompt_style, patient_features)
+
+
+def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet: str | None = None,
+                         clip: str | None = None, conditioning_options: dict[str, Any] | None = None
+                         ) -> list[tuple[str, Path, Any, int]]:
+    """Convert the given checkpoints into model directory `out`; `(name, folder, module, parameter count)` each.
+
+    Every input is checked (exists, readable) before anything is written.
+    """
+    import jax
+
+    from diffusets_jax import convert
+    from diffusets_jax.models import model_dir as model_dirs
+
+    jobs = [(name, path) for name, path in (("vae", vae), ("unet", unet), ("clip", clip)) if path]
+    if not jobs:
+        raise ValueError("nothing to convert: give at least one of --vae, --unet, --clip")
+    for name, path in jobs:
+        if os.path.isdir(path):
+            raise ValueError(f"{COMPONENT_FLAGS[name]} {path} is a directory: give the checkpoint file")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{COMPONENT_FLAGS[name]} {path} does not exist")
+    converted = []
+    for name, path in jobs:  # convert all first: a bad file fails before the model directory is touched
+        module, variables = getattr(convert, f"{name}_from_torch")(convert.load_state_dict(path))
+        converted.append((name, path, module, variables))
+    written: list[tuple[str, Path, Any, int]] = []
+    vae_uid = None
+    for name, path, module, variables in converted:
+        provenance = {"source": "converted", "checkpoint": {"file": os.path.abspath(path),
+                                                            "sha256": file_sha256(path)}}
+        if name == "unet":
+            conditioning = unet_conditioning(int(module.text_dim), **(conditioning_options or {}))
+            diffusion = DiffusionSpec()  # the published schedule and latent scale; no data to measure its std on
+            folder = model_dirs.write_component(out, "unet", module, variables, provenance=provenance,
+                                                conditioning=conditioning, diffusion=diffusion, vae_uid=vae_uid,
+                                                sampling=validate_model_defaults(diffusion))
+        else:
+            folder = model_dirs.write_component(out, name, module, variables, provenance=provenance)
+        if name == "vae":  # a VAE and U-Net converted together are the published pair
+            vae_uid = model_dirs.read_index(out).components["vae"]["uid"]
+        count = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree.leaves(variables["params"]))
+        written.append((name, folder, module, count))
+    return written

@@ -1,0 +1,108 @@
+"""The dataset card: what a dataset directory holds and how it was made, written beside its TFRecords.
+
+Every dataset this project writes carries `diffusets_dataset.json`: prepared ECGs (`prepare`), latent datasets
+(`encode`) and synthetic corpora (`sample --corpus`). It records the kind, name, builder config and version,
+the examples per split, the text condition (`conditioning.spec.ConditioningSpec`: embedder and prompt style),
+the upstream datasets or models it was derived from, and the code that wrote it. Training reads it so that a
+model directory states what its U-Net was conditioned on instead of guessing from array widths.
+
+Datasets prepared before cards existed are still read: their builder config (named in TFDS's
+`dataset_info.json`) is looked up in `data_prep` and its embedder settings used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+from diffusets_jax.io.files import read_json, write_json_atomic
+from diffusets_jax.provenance import stamp
+
+CARD_FILE = "diffusets_dataset.json"
+CARD_FORMAT = "diffusets-jax dataset card"
+CARD_VERSION = 1
+KINDS: tuple[str, ...] = ("prepared", "latents", "corpus")
+
+
+def write_card(directory: str | os.PathLike, *, kind: str, name: str, config: str | None, version: str,
+               conditioning: ConditioningSpec, splits: dict[str, int], derived_from: dict[str, Any] | None = None,
+               **details: Any) -> dict[str, Any]:
+    """Write the card of the dataset in `directory` atomically; returns it.
+
+    `derived_from`: the upstream card (latents, corpora) and/or model provenance; `details`: anything else worth
+    keeping (e.g. the prepare report's skip counts).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"dataset card kind must be one of {KINDS}, got {kind!r}")
+    card = {"format": CARD_FORMAT, "format_version": CARD_VERSION, "kind": kind, "name": name, "config": config,
+            "version": str(version), "splits": {k: int(v) for k, v in splits.items()},
+            "conditioning": conditioning.to_json(), "derived_from": derived_from or {}, **details, **stamp()}
+    write_json_atomic(Path(directory) / CARD_FILE, card)
+    return card
+
+
+def read_card(builder: Any) -> dict[str, Any]:
+    """The card of a loaded TFDS builder's dataset (or of a dataset directory), legacy datasets included.
+
+    Raises ValueError with what to do when the dataset says nothing about its conditioning.
+    """
+    directory = Path(os.fspath(builder if isinstance(builder, str | os.PathLike) else builder.data_dir))
+    path = directory / CARD_FILE
+    if path.is_file():
+        card = read_json(path, "dataset card")
+        if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+            raise ValueError(f"{path} is not a diffusets-jax dataset card")
+        ConditioningSpec.from_json(card.get("conditioning"), str(path))  # validate now, one line if broken
+        return card
+    if isinstance(builder, str | os.PathLike):
+        from diffusets_jax.data.pipeline import load_builder
+
+        builder = load_builder(directory)
+    legacy = _legacy_prepared_card(builder)
+    if legacy is None:
+        raise ValueError(
+            f"{directory} has no {CARD_FILE} recording how its text embeddings were made: re-run the command that "
+            "wrote it with this version (`diffusets-jax encode` for a latent dataset, `diffusets-jax prepare` for "
+            "prepared data)")
+    return legacy
+
+
+def card_conditioning(card: dict[str, Any], where: str = "dataset card") -> ConditioningSpec:
+    return ConditioningSpec.from_json(card["conditioning"], where)
+
+
+def _legacy_prepared_card(builder: Any) -> dict[str, Any] | None:
+    """A card for a dataset prepared by a data_prep builder before cards existed, from its builder config."""
+    from diffusets_jax.data import sources
+
+    name, config_name = builder.info.name, builder.info.config_name
+    if name not in sources.SOURCES.values() or not config_name:
+        return None
+    configs = {c.name: c for c in sources.builder_class(name).BUILDER_CONFIGS}
+    config = configs.get(config_name)
+    if config is None:
+        return None
+    report_path = Path(os.fspath(builder.data_dir)) / "prepare_report.json"
+    embedder_id = ""
+    if report_path.is_file():
+        embedder_id = read_json(report_path, "prepare report").get("embedding", {}).get("embedder_id", "")
+    embedder = EmbedderSpec.from_embedder_config(config.embedder, config.embedder_options, config.embedding_dim,
+                                                 embedder_id)
+    conditioning = ConditioningSpec(embedder, prompt_style=config.prompt_style)
+    return {"format": CARD_FORMAT, "format_version": CARD_VERSION, "kind": "prepared", "name": name,
+            "config": config_name, "version": str(builder.info.version),
+            "splits": {k: int(v.num_examples) for k, v in builder.info.splits.items()},
+            "conditioning": conditioning.to_json(), "derived_from": {}, "legacy": True}
+
+
+def dataset_reference(builder: Any, split: str | None = None) -> dict[str, Any]:
+    """What a model records about the dataset it was trained on: name, config, version, kind, path, split and its
+    example count, and the dataset's own upstream provenance (`derived_from`)."""
+    card = read_card(builder)
+    reference = {"kind": card["kind"], "name": card["name"], "config": card.get("config"), "version": card["version"],
+                 "path": os.path.abspath(os.fspath(builder.data_dir)), "derived_from": card.get("derived_from", {})}
+    if split is not None:
+        reference.update(split=split, examples=int(builder.info.splits[split].num_examples))
+    return reference

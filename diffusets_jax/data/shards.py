@@ -1,0 +1,62 @@
+"""The one TFRecord shard writer: latent datasets (`encode`) and synthetic corpora (`sample --corpus`) use it.
+
+A shard is written under a unique temporary name beside its final one and renamed into place when complete,
+so a crash never leaves a torn shard under a real name and two runs never share a temporary file. Shards are
+named with TFDS's default template, and `write_tfds_metadata` adds `dataset_info.json` & co once every shard
+exists, so `tfds.builder_from_directory(out_dir)` (and the input pipeline) read the folder as a dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from diffusets_jax.io.files import atomic_path
+
+_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+
+
+def shard_filename(dataset_name: str, split: str, shard: int, num_shards: int) -> str:
+    """TFDS's default shard name, e.g. `synthetic_ecg-train.tfrecord-00003-of-00015`."""
+    return f"{dataset_name}-{split}.tfrecord-{shard:05d}-of-{num_shards:05d}"
+
+
+def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> tuple[int, int]:
+    """Write serialized examples to the TFRecord file `path` atomically; `(records written, bytes)`.
+
+    `records` may be a generator that does the expensive work (encoding, sampling) as the shard is written;
+    if it raises, nothing appears under `path`.
+    """
+    count = 0
+    with atomic_path(path) as temporary:
+        with tf.io.TFRecordWriter(os.fspath(temporary)) as writer:
+            for record in records:
+                writer.write(record)
+                count += 1
+        num_bytes = os.path.getsize(temporary)
+    return count, num_bytes
+
+
+def write_tfds_metadata(out_dir: str | os.PathLike, dataset_name: str, features: tfds.features.FeaturesDict,
+                        shard_lengths: Mapping[str, Sequence[int]], description: str) -> None:
+    """`dataset_info.json` and the features' files for the shards of each split (`{split: [examples per shard]}`).
+
+    The byte counts are informational: shards another host wrote to its own disk count as 0 here."""
+    from etils import epath
+
+    data_dir = epath.Path(os.fspath(out_dir))
+    template = tfds.core.ShardedFileTemplate(data_dir=data_dir, template=_TEMPLATE, dataset_name=dataset_name,
+                                             filetype_suffix="tfrecord")
+    split_infos = []
+    for split, lengths in shard_lengths.items():
+        files = [Path(os.fspath(out_dir)) / shard_filename(dataset_name, split, i, len(lengths))
+                 for i in range(len(lengths))]
+        split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[int(n) for n in lengths],
+                                               num_bytes=sum(f.stat().st_size for f in files if f.exists()),
+                                               filename_template=template))
+    tfds.folder_dataset.write_metadata(data_dir=data_dir, features=features, split_infos=split_infos,
+                                       filename_template=template, description=description, check_data=False)

@@ -1,0 +1,530 @@
+"""The paper's evaluation protocol, and past it: per-condition tables, any generator's samples, model comparisons,
+and model-free clinical metrics in every report.
+
+Levels, named as in the paper (DiffuSETS, arXiv 2501.05932):
+- **signal level**: FID and manifold precision / recall / F1 (k = 3) on the CLIP ECG tower's features (plus rFID);
+- **feature level**: heart rate, MAE between the condition and the rate measured on the generated ECG, and the
+  scatter of one against the other (Fig. 2A);
+- **diagnostic level**: CLIP score, the cosine between the generated ECG's and its report's CLIP features.
+Every report adds the model-free clinical metrics (`metrics.clinical`: heart rate, beat count, RR, SDNN, QRS
+F1, limb-lead identities, amplitude, PR / QRS / QT / QTc / ST errors, each with coverage and a patient-clustered
+bootstrap 95% interval), which caught an undertrained published U-Net that the learned features hid.
+
+Protocols (`PROTOCOLS`): `paper` reproduces the published evaluation: generated ECGs are compared with VAE
+reconstructions decoder(encoder(real)) of the real records, sampled with the published 1000-step DDPM, heart rate
+by first-lead XQRS; `fast` compares with the raw real ECGs, samples with DPM-Solver++ and measures the heart rate
+with the multi-lead consensus detector.
+
+Per condition (Fig. 2D/2E): records are chosen by keyword rules on their reports
+(`experiments/data/condition_rules.json`), N per condition, S samples each, and every level is tabulated per
+condition with a figure. `evaluate_generated` scores samples from any generator against a prepared split.
+
+On several hosts each process generates and measures its share; the per-record measurements are gathered and
+process 0 scores and writes the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from diffusets_jax import parallel
+from diffusets_jax.ecg.heart_rate import CONSENSUS, XQRS_FIRST_LEAD
+from diffusets_jax.ecg.leads import STANDARD_LEADS
+from diffusets_jax.ecg.shapes import ECG_SHAPE, NUM_LEADS
+from diffusets_jax.experiments.keyword_rules import RuleSet
+from diffusets_jax.io.files import write_json_atomic, write_text_atomic
+from diffusets_jax.metrics.clinical import (
+    ECGMeasurements,
+    compare_measurements,
+    measure_ecgs,
+    render_clinical_markdown,
+)
+from diffusets_jax.metrics.clip_score import clip_score
+from diffusets_jax.metrics.features import clip_ecg_features, clip_text_features
+from diffusets_jax.metrics.fid import fid, rfid
+from diffusets_jax.metrics.heart_rate_mae import measure_heart_rates
+from diffusets_jax.metrics.precision_recall import precision_recall
+
+MEASURE_CHUNK = 2048  # records measured at once (clinical measurement runs in worker processes per chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How an evaluation is run: the sampler, what the generated ECGs are compared with, how heart rate is measured."""
+
+    name: str
+    sampler: str
+    steps: int | None
+    references: str  # "reconstruction": decoder(encoder(real)) as published; "raw": the real ECGs themselves
+    heart_rate_method: str
+    k: int = 3
+    description: str = ""
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "paper": Protocol("paper", "ddpm", 1000, "reconstruction", XQRS_FIRST_LEAD, 3,
+                      "the published evaluation: VAE-reconstructed references, DDPM-1000, first-lead XQRS heart rate"),
+    "fast": Protocol("fast", "dpmpp_2m", None, "raw", CONSENSUS, 3,
+                     "raw real references, DPM-Solver++ (20 steps), multi-lead consensus heart rate"),
+}
+
+
+def protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {name!r}")
+    return PROTOCOLS[name]
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+def load_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
+               limit: int | None = None) -> dict[str, Any]:
+    """Read a prepared split into host arrays: ecg (n, 1024, 12), text_embedding, sex, age, heart_rate, subject_id,
+    prompt and report_lines (`limit`: the first n examples, in the dataset's stored order)."""
+    import tensorflow_datasets as tfds
+
+    from diffusets_jax.data import pipeline
+
+    builder = pipeline.load_builder(dataset, data_dir)
+    if split not in builder.info.splits and split != "all":
+        raise ValueError(f"dataset {builder.name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    if limit:
+        ds = ds.take(limit)
+    columns: dict[str, list] = {k: [] for k in ("ecg", "text_embedding", "sex", "age", "heart_rate", "subject_id",
+                                                 "prompt", "report_lines")}
+    for example in tfds.as_numpy(ds):
+        for key in columns:
+            value = example[key]
+            if key == "prompt":
+                value = value.decode()
+            elif key == "report_lines":
+                value = tuple(line.decode() for line in value)
+            columns[key].append(value)
+    if not columns["ecg"]:
+        raise ValueError(f"split {split!r} of {builder.name!r} is empty")
+    return {k: (np.stack(v) if k not in ("prompt", "report_lines") else v) for k, v in columns.items()}
+
+
+def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike | None) -> tuple[Any, Any]:
+    """The feature extractor: `clip_dir`'s CLIP when given, else the model directory's own `clip` component."""
+    from diffusets_jax.models import model_dir as model_dirs
+
+    source = clip_dir if clip_dir is not None else model_dir
+    flag = "--clip" if clip_dir is not None else "--model-dir"
+    if source is None or not Path(source).is_dir():
+        raise FileNotFoundError(f"{flag} {source}: no such model directory (it must hold a clip/ component)")
+    index = model_dirs.read_index(source)
+    model_dirs.require(index, source, "clip")
+    return model_dirs.load_component(source, "clip")
+
+
+# -- measuring ----------------------------------------------------------------------------------------------------
+def measure(ecgs: np.ndarray, clip: tuple[Any, Mapping[str, Any]], heart_rate_method: str,
+            workers: int = 1) -> dict[str, Any]:
+    """Per-record measurements of `ecgs` `(n, 1024, 12)` mV: CLIP `features` `(n, d)`, `heart_rate` `(n,)` by the
+    protocol's method (NaN where unmeasurable), `lead_std` `(n, 12)`, `abs_amplitude` `(n,)` and the clinical
+    measurements (`clinical`, an `ECGMeasurements`)."""
+    ecgs = np.asarray(ecgs, np.float32)
+    module, variables = clip
+    parts = []
+    for start in range(0, len(ecgs), MEASURE_CHUNK):
+        chunk = ecgs[start : start + MEASURE_CHUNK]
+        parts.append(measure_ecgs(chunk, workers=workers))
+    clinical = ECGMeasurements.concatenate(parts or [measure_ecgs(ecgs)])
+    return {
+        "features": clip_ecg_features(module, variables, ecgs),
+        "heart_rate": measure_heart_rates(ecgs, method=heart_rate_method, workers=workers)[0],
+        "lead_std": ecgs.std(axis=1), "abs_amplitude": np.abs(ecgs).mean(axis=(1, 2)), "clinical": clinical,
+    }
+
+
+def _gather(local: Mapping[str, Any]) -> dict[str, Any]:
+    """Every host's per-record measurements (with their `position`), in position order."""
+    arrays = {k: v for k, v in local.items() if k != "clinical"}
+    rows = parallel.gather_rows(arrays)
+    clinical = [ECGMeasurements.from_lists(part) for part in parallel.allgather_objects(local["clinical"].as_lists())
+                if part["beats_s"]]
+    order = np.argsort(rows["position"], kind="stable")
+    gathered = {k: v[order] for k, v in rows.items()}
+    gathered["clinical"] = ECGMeasurements.concatenate(clinical).take(order) if clinical else local["clinical"]
+    return gathered
+
+
+def _concat(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    keys = [k for k in parts[0] if k != "clinical"]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+    out["clinical"] = ECGMeasurements.concatenate([p["clinical"] for p in parts])
+    return out
+
+
+# -- scoring ------------------------------------------------------------------------------------------------------
+def _finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _hr_mae(measured: np.ndarray, condition: np.ndarray) -> dict[str, Any]:
+    ok = np.isfinite(measured) & np.isfinite(condition)
+    mae = float(np.mean(np.abs(measured[ok] - condition[ok]))) if ok.any() else None
+    return {"heart_rate_mae_bpm": mae, "measured": int(ok.sum()), "unmeasurable": int((~ok).sum())}
+
+
+def score(real: Mapping[str, Any], generated: Mapping[str, Any], *, pairs: np.ndarray | None,
+          condition_hr: np.ndarray, text_features: np.ndarray | None, subject_ids: np.ndarray | None,
+          proto: Protocol, seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
+    """The three levels, amplitudes and the clinical metrics of `generated` rows against `real` records.
+
+    `pairs` `(n_generated,)`: the real record each generated row was made from (None: unpaired, e.g. another
+    generator's samples: no paired clinical comparisons); `condition_hr`, `text_features`, `subject_ids`: per
+    generated row.
+    """
+    n_gen, n_real = len(generated["features"]), len(real["features"])
+    signal: dict[str, Any] = {"n_real": n_real, "n_generated": n_gen, "k": proto.k,
+                              "fid": _finite_or_none(fid(real["features"], generated["features"]))
+                              if min(n_gen, n_real) >= 2 else None}
+    if min(n_gen, n_real) >= 4:
+        relative = rfid(real["features"], generated["features"], key=jax.random.PRNGKey(seed))
+        signal.update(rfid=_finite_or_none(relative.value), real_vs_real_fid=_finite_or_none(relative.real_vs_real_fid))
+    if min(n_gen, n_real) > proto.k:
+        pr = precision_recall(real["features"], generated["features"], k=proto.k)
+        signal.update(precision=pr.precision, recall=pr.recall, f1=pr.f1)
+    feature = {"method": proto.heart_rate_method, **_hr_mae(generated["heart_rate"], condition_hr)}
+    if pairs is not None:
+        feature["heart_rate_mae_real_bpm"] = _hr_mae(real["heart_rate"][pairs], condition_hr)["heart_rate_mae_bpm"]
+    diagnostic: dict[str, Any] = {}
+    if text_features is not None:
+        diagnostic["clip_score_generated"] = clip_score(generated["features"], text_features).mean
+        if pairs is not None:
+            diagnostic["clip_score_real"] = clip_score(real["features"][pairs], text_features).mean
+    amplitude = {
+        "lead_std_mv": {lead: {"real": float(r), "generated": float(g)} for lead, r, g in zip(
+            STANDARD_LEADS, real["lead_std"].mean(axis=0), generated["lead_std"].mean(axis=0), strict=True)},
+        "mean_abs_amplitude_mv": {"real": float(real["abs_amplitude"].mean()),
+                                  "generated": float(generated["abs_amplitude"].mean())},
+    }
+    clinical = compare_measurements(generated["clinical"], None if pairs is None else real["clinical"].take(pairs),
+                                    condition_hr, subject_ids, n_boot=n_boot, seed=seed)
+    return {"signal_level": signal, "feature_level": feature, "diagnostic_level": diagnostic,
+            "amplitude": amplitude, "clinical": clinical}
+
+
+def score_by_condition(real: Mapping[str, Any], generated: Mapping[str, Any], groups: Mapping[str, Sequence[int]],
+                       *, pairs: np.ndarray | None, condition_hr: np.ndarray, text_features: np.ndarray | None,
+                       proto: Protocol, real_groups: Mapping[str, Sequence[int]] | None = None) -> list[dict[str, Any]]:
+    """One row per condition: records, samples, precision / recall / F1, FID, CLIP score, heart-rate MAE.
+
+    `groups`: condition -> generated row indices. The condition's real records are those rows' `pairs`, or, for
+    unpaired samples (`pairs` None), `real_groups[condition]`.
+    """
+    rows = []
+    for name, members in groups.items():
+        members = np.asarray(members, np.int64)
+        if members.size == 0:
+            rows.append({"condition": name, "records": 0, "samples": 0, "note": "no record of this condition"})
+            continue
+        real_rows = np.unique(pairs[members]) if pairs is not None else np.asarray(
+            (real_groups or {}).get(name, []), np.int64)
+        if real_rows.size == 0:
+            rows.append({"condition": name, "records": 0, "samples": int(members.size),
+                         "note": "no real record of this condition in the split"})
+            continue
+        real_f, gen_f = real["features"][real_rows], generated["features"][members]
+        row: dict[str, Any] = {"condition": name, "records": int(real_rows.size), "samples": int(members.size)}
+        if min(len(real_f), len(gen_f)) >= 2:
+            row["fid"] = _finite_or_none(fid(real_f, gen_f))
+        if min(len(real_f), len(gen_f)) > proto.k:
+            pr = precision_recall(real_f, gen_f, k=proto.k)
+            row.update(precision=pr.precision, recall=pr.recall, f1=pr.f1)
+        else:
+            row["note"] = f"precision / recall need more than k = {proto.k} records and samples"
+        if text_features is not None:
+            row["clip_score"] = clip_score(gen_f, text_features[members]).mean
+        row.update(_hr_mae(generated["heart_rate"][members], condition_hr[members]))
+        rows.append(row)
+    return rows
+
+
+# -- reports ------------------------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The report as Markdown: the paper's three levels (Table 1's layout), amplitudes, clinical metrics, conditions."""
+    s, f, d = report["signal_level"], report["feature_level"], report["diagnostic_level"]
+    proto = report.get("protocol", {})
+    lines = ["# DiffuSETS evaluation", ""]
+    if proto:
+        lines += [f"Protocol **{proto.get('name')}**: {proto.get('description')}.", ""]
+    if report.get("settings"):
+        lines += ["Settings: " + ", ".join(f"{k} = {v}" for k, v in report["settings"].items()
+                                           if not isinstance(v, dict | list)), ""]
+    hr_note = f"({f['unmeasurable']} of {f['measured'] + f['unmeasurable']} unmeasurable; {f['method']})"
+    lines += [
+        "| level | metric | generated | real (reference) |",
+        "|---|---|---|---|",
+        f"| signal | FID (CLIP ECG features) | {_fmt(s.get('fid'))} | 0 |",
+        f"| signal | rFID | {_fmt(s.get('rfid'))} | 1 (real half vs half: FID {_fmt(s.get('real_vs_real_fid'))}) |",
+        f"| signal | precision / recall / F1 (k = {s['k']}) | {_fmt(s.get('precision'), 3)} / "
+        f"{_fmt(s.get('recall'), 3)} / {_fmt(s.get('f1'), 3)} | 1 / 1 / 1 |",
+        f"| feature | heart-rate MAE (bpm) vs condition | {_fmt(f['heart_rate_mae_bpm'])} {hr_note} "
+        f"| {_fmt(f.get('heart_rate_mae_real_bpm'))} |",
+        f"| diagnostic | CLIP score | {_fmt(d.get('clip_score_generated'))} | {_fmt(d.get('clip_score_real'))} |",
+        "",
+        f"{s['n_generated']} generated ECGs against {s['n_real']} real ECGs.",
+        "",
+        "## Model-free clinical metrics",
+        "",
+        render_clinical_markdown(report["clinical"]).rstrip(),
+        "",
+        "## Per-lead standard deviation (mV)",
+        "",
+        "| lead | real | generated |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {lead} | {v['real']:.3f} | {v['generated']:.3f} |"
+              for lead, v in report["amplitude"]["lead_std_mv"].items()]
+    if report.get("by_condition"):
+        lines += ["", "## Per condition", "", "| condition | records | samples | precision | recall | F1 | FID "
+                  "| CLIP score | HR MAE (bpm) | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in report["by_condition"]:
+            lines.append(f"| {row['condition']} | {row['records']} | {row['samples']} | {_fmt(row.get('precision'), 3)} "
+                         f"| {_fmt(row.get('recall'), 3)} | {_fmt(row.get('f1'), 3)} | {_fmt(row.get('fid'))} "
+                         f"| {_fmt(row.get('clip_score'))} | {_fmt(row.get('heart_rate_mae_bpm'))} "
+                         f"| {row.get('note', '')} |")
+    figures = report.get("figures", {})
+    lines += ["", "## Figures", ""]
+    lines += [f"![{name}]({path})" for name, path in figures.items() if isinstance(path, str)]
+    lines += [f"![pair]({name})" for name in figures.get("pairs", [])]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike, *, condition_hr: np.ndarray,
+                 measured_hr: np.ndarray, examples: Sequence[tuple[np.ndarray, np.ndarray, dict[str, Any]]] = ()
+                 ) -> dict[str, Any]:
+    """Figures (heart-rate scatter, per-condition bars, real/generated pairs) and report.json / report.md.
+
+    The per-record clinical measurements go to `clinical_per_record.json` (they are large); `report.json` keeps the
+    heart rates per record, which the model comparison (`compare_reports`) plots.
+    """
+    from diffusets_jax.io.plot import plot_condition_bars, plot_heart_rate_scatter, plot_pair
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Any] = {"heart_rate_scatter": "heart_rate_scatter.png", "pairs": []}
+    plot_heart_rate_scatter(condition_hr, measured_hr, path=out / figures["heart_rate_scatter"])
+    if report.get("by_condition"):
+        figures["by_condition"] = "by_condition.png"
+        plot_condition_bars(report["by_condition"], path=out / figures["by_condition"])
+    for i, (real, generated, conditions) in enumerate(examples):
+        name = f"pair_{i:02d}.png"
+        plot_pair(real, generated, conditions=conditions, path=out / name)
+        figures["pairs"].append(name)
+    clinical = dict(report["clinical"])
+    write_json_atomic(out / "clinical_per_record.json", clinical.pop("per_record"))
+    report = {**report, "clinical": clinical, "figures": figures,
+              "per_record": {"condition_hr": [_finite_or_none(v) for v in np.asarray(condition_hr, float)],
+                             "generated_hr": [_finite_or_none(v) for v in np.asarray(measured_hr, float)]}}
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", render_markdown(report))
+    return report
+
+
+def compare_reports(reports: Sequence[tuple[str, Mapping[str, Any]]], out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Side by side: one heart-rate scatter panel per model (the paper's Fig. 2A: with and without patient
+    information) and a table of every level; `comparison.png`, `comparison.md`, `comparison.json`."""
+    from diffusets_jax.io.plot import plot_heart_rate_scatter
+
+    out = Path(out_dir)
+    panels = [(label, r["per_record"]["condition_hr"], r["per_record"]["generated_hr"]) for label, r in reports]
+    plot_heart_rate_scatter(None, None, panels=panels, path=out / "comparison.png")
+    table = [{"model": label, "fid": r["signal_level"].get("fid"), "precision": r["signal_level"].get("precision"),
+              "recall": r["signal_level"].get("recall"), "f1": r["signal_level"].get("f1"),
+              "heart_rate_mae_bpm": r["feature_level"]["heart_rate_mae_bpm"],
+              "clip_score": r["diagnostic_level"].get("clip_score_generated")} for label, r in reports]
+    lines = ["# Model comparison", "", "![heart rate](comparison.png)", "",
+             "| model | FID | precision | recall | F1 | HR MAE (bpm) | CLIP score |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {t['model']} | {_fmt(t['fid'])} | {_fmt(t['precision'], 3)} | {_fmt(t['recall'], 3)} "
+              f"| {_fmt(t['f1'], 3)} | {_fmt(t['heart_rate_mae_bpm'])} | {_fmt(t['clip_score'])} |" for t in table]
+    comparison = {"models": table, "figure": "comparison.png"}
+    write_json_atomic(out / "comparison.json", comparison)
+    write_text_atomic(out / "comparison.md", "\n".join(lines) + "\n")
+    return comparison
+
+
+# -- orchestration ------------------------------------------------------------------------------------------------
+def select_by_condition(reports: Sequence[Sequence[str]], rules: RuleSet, per_condition: int,
+                        seed: int) -> dict[str, list[int]]:
+    """Up to `per_condition` record indices per rule, drawn with a seeded generator (all of them when fewer)."""
+    chosen = {}
+    for number, (name, members) in enumerate(rules.labels(reports).items()):
+        rng = np.random.default_rng([seed, number])
+        picked = rng.permutation(members)[:per_condition] if len(members) > per_condition else np.asarray(members)
+        chosen[name] = sorted(int(i) for i in picked)
+    return chosen
+
+
+def _example_conditions(prompt: str, heart_rate: float, sex: int, age: float) -> dict[str, Any]:
+    return {"prompt": prompt, "heart_rate": float(heart_rate), "sex": "M" if sex else "F", "age": float(age)}
+
+
+def evaluate_split(
+    generator: Any,
+    clip: tuple[Any, Any],
+    dataset: str | os.PathLike,
+    split: str,
+    out_dir: str | os.PathLike,
+    *,
+    proto: Protocol = PROTOCOLS["paper"],
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    rules: RuleSet | None = None,
+    records_per_condition: int = 50,
+    samples_per_record: int = 1,
+    n_boot: int = 1000,
+    workers: int = 1,
+    progress: bool = True,
+    n_examples: int = 4,
+) -> dict[str, Any]:
+    """Generate from the conditions of real records of `split` (their stored text embeddings, sex, age and heart
+    rate) with `generator` (a `pipeline.ECGGenerator`) and score them against those records (`score`).
+
+    Every record of the split (the first `limit`), or with `rules` up to `records_per_condition` per condition with
+    `samples_per_record` samples each, tabulated per condition too. Returns the report (process 0 writes it; other
+    hosts return only the settings).
+    """
+    from diffusets_jax.conditioning.requests import make_condition
+
+    real = load_split(dataset, split, data_dir=data_dir, limit=limit)
+    if rules is not None:
+        chosen = select_by_condition(real["report_lines"], rules, records_per_condition, generator.seed)
+        records = sorted({i for members in chosen.values() for i in members})
+        if not records:
+            raise ValueError(f"no record of split {split!r} matches any condition rule "
+                             f"({', '.join(r.name for r in rules.rules)})")
+    else:
+        chosen, records = {}, list(range(len(real["ecg"])))
+    pairs = np.repeat(np.asarray(records, np.int64), samples_per_record)  # generated row -> real record
+    conditions = [make_condition(list(real["report_lines"][i]), int(real["sex"][i]), float(real["age"][i]),
+                                 float(real["heart_rate"][i]), where=f"{split}[{i}]") for i in pairs]
+    # References: this host's share of the records, raw or reconstructed as the protocol says, then measured.
+    mine = np.asarray([records[i] for i in parallel.process_share(len(records))], np.int64)
+    references = real["ecg"][mine]
+    if proto.references == "reconstruction" and len(mine):
+        references = generator.reconstruct(references)
+    local_real = {"position": mine, **measure(references, clip, proto.heart_rate_method, workers)} if len(mine) else None
+    parts, examples = [], []
+    for batch in generator.generate(conditions, progress=progress, text_embeddings=real["text_embedding"][pairs]):
+        rows = np.arange(batch.start, batch.start + len(batch.conditions))
+        parts.append({"position": rows, **measure(batch.ecgs, clip, proto.heart_rate_method, workers)})
+        for offset, row in enumerate(rows):
+            if row < n_examples:
+                i = pairs[row]
+                examples.append((row, real["ecg"][i], batch.ecgs[offset], _example_conditions(
+                    real["prompt"][i], real["heart_rate"][i], real["sex"][i], real["age"][i])))
+    real_rows = _gather(local_real if local_real is not None else _no_rows(clip))  # sorted by record index
+    gen_m = _gather(_concat(parts) if parts else _no_rows(clip))
+    settings = {"dataset": str(dataset), "split": split, "records": len(records), "samples": len(pairs),
+                "samples_per_record": samples_per_record, **generator.settings()}
+    if jax.process_index() != 0:
+        return {"settings": settings, "written_by": 0}
+    pair_rows = np.searchsorted(real_rows["position"], pairs)  # generated row -> row of its real record
+    module, variables = clip
+    text_features = clip_text_features(module, variables, real["text_embedding"][pairs])
+    condition_hr = real["heart_rate"][pairs].astype(np.float64)
+    report = {"protocol": dataclasses.asdict(proto), "settings": settings,
+              **score(real_rows, gen_m, pairs=pair_rows, condition_hr=condition_hr, text_features=text_features,
+                      subject_ids=real["subject_id"][pairs], proto=proto, seed=generator.seed, n_boot=n_boot)}
+    if rules is not None:
+        row_of_record = {int(r): np.flatnonzero(pairs == r) for r in records}
+        groups = {name: np.concatenate([row_of_record[i] for i in members]) if members else np.zeros(0, np.int64)
+                  for name, members in chosen.items()}
+        report["by_condition"] = score_by_condition(real_rows, gen_m, groups, pairs=pair_rows,
+                                                    condition_hr=condition_hr, text_features=text_features, proto=proto)
+    examples = [e[1:] for e in sorted(examples, key=lambda e: e[0])]
+    return write_report(report, out_dir, condition_hr=condition_hr, measured_hr=gen_m["heart_rate"], examples=examples)
+
+
+def _take(measures: Mapping[str, Any], rows: Sequence[int]) -> dict[str, Any]:
+    rows = np.asarray(rows, np.int64)
+    return {k: (v.take(rows) if k == "clinical" else v[rows]) for k, v in measures.items()}
+
+
+def _no_rows(clip: tuple[Any, Any]) -> dict[str, Any]:
+    """Measurements of zero records (a host with no share), shaped like `measure`'s."""
+    module, _ = clip
+    return {"position": np.zeros(0, np.int64), "features": np.zeros((0, module.embed_dim), np.float32),
+            "heart_rate": np.zeros(0), "lead_std": np.zeros((0, NUM_LEADS), np.float32),
+            "abs_amplitude": np.zeros(0, np.float32), "clinical": measure_ecgs(np.zeros((0, *ECG_SHAPE)))}
+
+
+def evaluate_generated(
+    generated: Any,
+    clip: tuple[Any, Any],
+    dataset: str | os.PathLike,
+    split: str,
+    out_dir: str | os.PathLike,
+    *,
+    proto: Protocol = PROTOCOLS["fast"],
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    rules: RuleSet | None = None,
+    embedder: Any = None,
+    n_boot: int = 1000,
+    workers: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Score another generator's samples (`io.generated.GeneratedSet`) against a prepared split, no model needed.
+
+    The real split is the reference distribution (signal level); heart rate and the clinical metrics compare each
+    sample with its own condition; the CLIP score needs each sample's text embedding: the one it carries, the
+    split's embedding of the same prompt, or `embedder` (the CLIP's training embedder); samples with none are left
+    out of the CLIP score and counted. With `rules`, conditions come from the samples' own reports.
+    """
+    real = load_split(dataset, split, data_dir=data_dir, limit=limit)
+    module, variables = clip
+    real_m = {"position": np.arange(len(real["ecg"])), **measure(real["ecg"], clip, proto.heart_rate_method, workers)}
+    gen_m = {"position": np.arange(len(generated.ecg)),
+             **measure(generated.ecg, clip, proto.heart_rate_method, workers)}
+    embeddings = generated.text_embedding
+    missing_text = 0
+    if embeddings is None:
+        table = dict(zip(real["prompt"], real["text_embedding"], strict=True))
+        unknown = sorted({p for p in generated.prompts if p and p not in table})
+        if unknown and embedder is not None:
+            table.update(zip(unknown, np.asarray(embedder.embed(unknown), np.float32), strict=True))
+        have = np.asarray([p in table for p in generated.prompts])
+        missing_text = int((~have).sum())
+        embeddings = np.stack([table[p] for p, ok in zip(generated.prompts, have, strict=True) if ok]) if have.any() else None
+    else:
+        have = np.ones(len(generated.ecg), bool)
+    text_features = None if embeddings is None else clip_text_features(module, variables, embeddings)
+    summary = score(real_m, _take(gen_m, np.flatnonzero(have)) if missing_text else gen_m, pairs=None,
+                    condition_hr=generated.heart_rate[have] if missing_text else generated.heart_rate,
+                    text_features=text_features, subject_ids=None, proto=proto, seed=seed, n_boot=n_boot)
+    if missing_text:  # the levels that do not need text are computed over every sample
+        full = score(real_m, gen_m, pairs=None, condition_hr=generated.heart_rate, text_features=None,
+                     subject_ids=None, proto=proto, seed=seed, n_boot=n_boot)
+        summary = {**full, "diagnostic_level": {**summary["diagnostic_level"], "samples_without_text": missing_text}}
+    report = {"protocol": dataclasses.asdict(proto),
+              "settings": {"generated": generated.source, "dataset": str(dataset), "split": split,
+                           "samples": len(generated.ecg), "samples_skipped": generated.skipped}, **summary}
+    if rules is not None:
+        labels = rules.labels(generated.reports)
+        report["by_condition"] = score_by_condition(
+            real_m, gen_m, labels, pairs=None, condition_hr=generated.heart_rate,
+            text_features=None if missing_text else text_features, proto=proto,
+            real_groups=rules.labels(real["report_lines"]))
+    return write_report(report, out_dir, condition_hr=generated.heart_rate, measured_hr=gen_m["heart_rate"])
+

@@ -1,0 +1,89 @@
+"""Synthetic augmentation corpora: generated ECGs as TFRecord shards in the prepared-data schema.
+
+`tfds.builder_from_directory(out)` reads a corpus exactly like prepared real data (`data.schema`:
+`heart_rate_source` is "condition", `subject_id` -1, `study_id` the ECG's position in the request), so a
+downstream classifier mixes real and synthetic records with one reader. The folder also gets a dataset card.
+
+Shard `s` always holds the same ECGs (positions `s * shard_size ...`) generated with the same noise, is written
+atomically (`data.shards.write_shard`) and is skipped when it exists, so a rerun of the same command after a crash
+regenerates only the shard that was in progress; the run's fingerprint (`io.run_dir`) refuses a rerun with other
+conditions, seed, shard size or model into the same folder. On several hosts shards are dealt round-robin to
+the processes, each generating its own on its devices; process 0 writes the metadata when all are done.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from diffusets_jax import parallel
+from diffusets_jax.conditioning.requests import Condition, expand
+from diffusets_jax.io.progress import progress_bar
+from diffusets_jax.io.run_dir import check_output_path, output_dir
+
+CORPUS_NAME = "synthetic_ecg"
+SPLIT = "train"
+
+
+def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str | os.PathLike, *,
+                 shard_size: int = 1024, overwrite: bool = False, progress: bool = True,
+                 provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Generate `expand(conditions)` into TFRecord shards of `shard_size` ECGs (rounded up to whole batches)."""
+    from diffusets_jax.data.card import write_card
+    from diffusets_jax.data.schema import ecg_features
+    from diffusets_jax.data.shards import shard_filename, write_shard, write_tfds_metadata
+
+    out = check_output_path(out_dir)
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be a positive number of ECGs, got {shard_size}")
+    items = expand(conditions)
+    batch = generator.batch_size
+    shard_size = batch * -(-shard_size // batch)
+    num_shards = max(1, -(-len(items) // shard_size))
+    lengths = [min(len(items), (s + 1) * shard_size) - s * shard_size for s in range(num_shards)]
+    settings = {**generator.settings(), "shard_size": shard_size,
+                "conditions": [{**c.as_dict(generator.conditioning.prompt_style), "count": c.count} for c in conditions],
+                "provenance": provenance or {}}
+    features = ecg_features(generator.unet.text_dim)
+    with output_dir(out, command="sample --corpus", settings=settings, overwrite=overwrite) as run:
+        paths = [run.path / shard_filename(CORPUS_NAME, SPLIT, s, num_shards) for s in range(num_shards)]
+        todo = [s for s in range(num_shards) if not paths[s].exists()]
+        todo = sorted(set().union(*map(set, parallel.allgather_objects(todo))))  # what any host still lacks
+        mine = [todo[i] for i in parallel.process_share(len(todo))]
+        # The prompts of every shard still to write, embedded once (the same list on every host).
+        rows = [i for s in todo for i in range(s * shard_size, min(len(items), (s + 1) * shard_size))]
+        vectors_of = dict(zip(rows, generator.embed([generator.prompt(items[i]) for i in rows]), strict=True))
+        bar = progress_bar(sum(lengths[s] for s in mine), desc="corpus", unit="ECG", disable=not progress)
+        for shard in mine:
+            def records(shard: int = shard):
+                lo, hi = shard * shard_size, min(len(items), (shard + 1) * shard_size)
+                for start in range(lo, hi, batch):
+                    chunk = items[start : min(hi, start + batch)]
+                    vectors = np.stack([vectors_of[i] for i in range(start, start + len(chunk))])
+                    ecgs = generator.generate_batch(generator.condition_arrays(chunk, vectors), start // batch)
+                    for offset, (condition, ecg) in enumerate(zip(chunk, ecgs, strict=True)):
+                        yield features.serialize_example({
+                            "ecg": ecg, "report_lines": list(condition.report), "prompt": generator.prompt(condition),
+                            "text_embedding": vectors[offset], "sex": condition.sex, "age": condition.age,
+                            "heart_rate": condition.heart_rate, "heart_rate_source": "condition",
+                            "subject_id": -1, "study_id": start + offset, "record_path": "",
+                        })
+                    bar.update(len(chunk))
+
+            write_shard(paths[shard], records())
+        bar.close()
+        parallel.barrier("corpus-shards-written")
+        if jax.process_index() == 0:
+            write_tfds_metadata(run.path, CORPUS_NAME, features, {SPLIT: lengths},
+                                description=f"Synthetic ECGs generated by diffusets-jax from {generator.model_dir}")
+            write_card(run.path, kind="corpus", name=CORPUS_NAME, config=None, version="1.0.0",
+                       conditioning=generator.conditioning, splits={SPLIT: len(items)},
+                       derived_from={"model_dir": os.path.abspath(generator.model_dir),
+                                     "components": settings["components"], "provenance": provenance or {}})
+            run.mark_complete(examples=len(items), shards=num_shards)
+    return {"examples": len(items), "shards": num_shards, "written": len(todo), "skipped": num_shards - len(todo)}
+

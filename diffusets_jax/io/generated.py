@@ -1,0 +1,169 @@
+"""Generated ECGs read back with the conditions they were made from, whoever made them.
+
+`evaluate --generated PATH` scores any generator's samples (ours, SSSD-ECG, Auto-TTE, ...) under one scorer, from:
+
+- an NPZ (`samples.npz` of `diffusets-jax sample`, or any NPZ with an `ecg` array `(n, samples, 12)` in mV,
+  standard lead order, plus optional `report` ('|'-joined statements) or `prompt`, `sex`, `age`, `heart_rate`);
+- a folder of WFDB records (ours carry the conditions in their header comments; others are read signal-only);
+- a dataset folder (`dataset_info.json`): a `sample --corpus` corpus or any dataset in the prepared schema.
+
+Every record becomes the DiffuSETS time base (whole 10 s FFT-resampled to 1024 samples) in the standard lead order.
+A record that cannot be used is skipped and counted with its reason; the whole input failing is one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffusets_jax.conditioning.prompts import report_lines
+from diffusets_jax.ecg.resample import resample_to_length
+from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
+
+
+@dataclasses.dataclass
+class GeneratedSet:
+    """`ecg` `(n, 1024, 12)` float32 mV; per record its report statements, prompt, sex (1 male / 0 female / -1
+    unknown), age and heart rate (NaN unknown) and, when stored, its text embedding `(n, D)`."""
+
+    ecg: np.ndarray
+    reports: list[tuple[str, ...]]
+    prompts: list[str]
+    sex: np.ndarray
+    age: np.ndarray
+    heart_rate: np.ndarray
+    text_embedding: np.ndarray | None
+    source: str
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _to_time_base(ecg: np.ndarray, where: str) -> np.ndarray:
+    ecg = np.asarray(ecg, np.float64)
+    if ecg.ndim != 2 or ecg.shape[1] != NUM_LEADS:
+        raise ValueError(f"{where}: expected (samples, {NUM_LEADS}) in standard lead order, got shape {ecg.shape}")
+    return resample_to_length(ecg, ECG_LENGTH) if ecg.shape[0] != ECG_LENGTH else ecg.astype(np.float32)
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _sex_code(value: Any) -> int:
+    text = str(value).strip().lower()
+    return {"m": 1, "male": 1, "1": 1, "f": 0, "female": 0, "0": 0}.get(text, -1)
+
+
+def read_generated(path: str | os.PathLike) -> GeneratedSet:
+    """Read generated ECGs and their conditions from an NPZ, a WFDB folder or a dataset folder (module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--generated {path} does not exist")
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return _read_npz(path)
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        return _read_dataset(path)
+    if path.is_dir():
+        records = sorted(p.with_suffix("") for p in path.rglob("*.hea"))
+        if records:
+            return _read_wfdb(path, records)
+    raise ValueError(f"--generated {path}: not an .npz, a folder of WFDB records, or a dataset folder "
+                     "(dataset_info.json); give one of those")
+
+
+def _read_npz(path: Path) -> GeneratedSet:
+    try:
+        data = dict(np.load(path, allow_pickle=False))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable .npz ({err})") from None
+    if "ecg" not in data:
+        raise ValueError(f"{path}: no 'ecg' array (expected ecg (n, samples, 12) in mV, standard lead order)")
+    ecg = np.asarray(data["ecg"])
+    if ecg.ndim != 3 or ecg.shape[2] != NUM_LEADS:
+        raise ValueError(f"{path}: 'ecg' has shape {ecg.shape}; expected (n, samples, {NUM_LEADS})")
+    n = len(ecg)
+    for key in ("report", "prompt", "sex", "age", "heart_rate"):
+        if key in data and len(data[key]) != n:
+            raise ValueError(f"{path}: '{key}' has {len(data[key])} entries for {n} ECGs")
+    if "report" in data:
+        reports = [tuple(report_lines(str(r))) for r in data["report"]]
+    elif "prompt" in data:
+        reports = [(str(p),) for p in data["prompt"]]
+    else:
+        reports = [()] * n
+    prompts = [str(p) for p in data["prompt"]] if "prompt" in data else ["|".join(r) for r in reports]
+    sex = np.asarray(data["sex"], np.int64) if "sex" in data else np.full(n, -1)
+    age = np.asarray(data["age"], np.float64) if "age" in data else np.full(n, np.nan)
+    hr = np.asarray(data["heart_rate"], np.float64) if "heart_rate" in data else np.full(n, np.nan)
+    ecgs = np.stack([_to_time_base(e, f"{path} ecg[{i}]") for i, e in enumerate(ecg)]) if n else np.zeros(
+        (0, ECG_LENGTH, NUM_LEADS), np.float32)
+    return GeneratedSet(ecgs.astype(np.float32), reports, prompts, sex, age, hr,
+                        np.asarray(data["text_embedding"], np.float32) if "text_embedding" in data else None,
+                        str(path))
+
+
+def _read_wfdb(folder: Path, records: list[Path]) -> GeneratedSet:
+    from diffusets_jax.io.wfdb_out import read_record
+
+    ecgs, reports, prompts, sex, age, hr = [], [], [], [], [], []
+    skipped: dict[str, int] = {}
+    for record in records:
+        try:
+            read = read_record(record)
+            ecg = _to_time_base(read.signal, str(record))
+        except (ValueError, OSError) as err:
+            reason = type(err).__name__ if not isinstance(err, ValueError) else "unreadable or not 12-lead"
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        if not np.isfinite(ecg).all():
+            skipped["non-finite samples"] = skipped.get("non-finite samples", 0) + 1
+            continue
+        conditions = read.conditions
+        prompt = conditions.get("prompt", "")
+        ecgs.append(ecg)
+        reports.append(tuple(report_lines(conditions["report"])) if conditions.get("report") else
+                       ((prompt,) if prompt else ()))
+        prompts.append(prompt)
+        sex.append(_sex_code(conditions.get("sex", "")))
+        age.append(_number(conditions.get("age")))
+        hr.append(_number(conditions.get("heart_rate")))
+    if not ecgs:
+        raise ValueError(f"--generated {folder}: none of its {len(records)} WFDB records is a usable 12-lead ECG "
+                         f"({skipped})")
+    return GeneratedSet(np.stack(ecgs).astype(np.float32), reports, prompts, np.asarray(sex), np.asarray(age),
+                        np.asarray(hr), None, str(folder), skipped)
+
+
+def _read_dataset(folder: Path) -> GeneratedSet:
+    import tensorflow_datasets as tfds
+
+    from diffusets_jax.data import pipeline
+
+    builder = pipeline.load_builder(folder)
+    split = "train" if "train" in builder.info.splits else sorted(builder.info.splits)[0]
+    columns: dict[str, list] = {k: [] for k in ("ecg", "report_lines", "prompt", "sex", "age", "heart_rate",
+                                                 "text_embedding")}
+    missing = [k for k in ("ecg",) if k not in builder.info.features.keys()]
+    if missing:
+        raise ValueError(f"--generated {folder}: the dataset has no 'ecg' feature (a latent dataset?)")
+    for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
+        for key in columns:
+            if key in example:
+                columns[key].append(example[key])
+    n = len(columns["ecg"])
+    return GeneratedSet(
+        np.stack(columns["ecg"]).astype(np.float32),
+        [tuple(line.decode() for line in lines) for lines in columns["report_lines"]] or [()] * n,
+        [p.decode() for p in columns["prompt"]] or [""] * n,
+        np.asarray(columns["sex"], np.int64) if columns["sex"] else np.full(n, -1),
+        np.asarray(columns["age"], np.float64) if columns["age"] else np.full(n, np.nan),
+        np.asarray(columns["heart_rate"], np.float64) if columns["heart_rate"] else np.full(n, np.nan),
+        np.stack(columns["text_embedding"]).astype(np.float32) if columns["text_embedding"] else None,
+        str(folder))
+

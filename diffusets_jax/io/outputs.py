@@ -1,0 +1,179 @@
+"""`sample`'s output folder: NPZ arrays, WFDB records, clinical PNG sheets and one manifest.
+
+Layout of OUT (names are the ECG's position in the request, `sample_00042`):
+
+    samples.npz          ecg (n, 1024, 12), prompt, report, sex, age, heart_rate  (several hosts: one
+                         samples-PPPPP-of-NNNNN.npz per process)
+    wfdb/sample_NNNNN    .hea + .dat at 102.4 Hz (or --wfdb-fs), conditions in the header comments
+    plots/sample_NNNNN.png
+    manifest.json        the settings, every sample's conditions and files, skipped records and why
+
+The folder is claimed with `io.run_dir.output_dir`: a user's folder is never written into, and a rerun with the
+same settings resumes. Each finished batch leaves `.parts/batch-BBBBBB.npz` (its ECGs, written last, after its
+records), so a crash costs at most the batch in progress; the parts are merged into the NPZ at the end and
+removed (they are ours).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffusets_jax import parallel
+from diffusets_jax.conditioning.requests import Condition, expand
+from diffusets_jax.ecg.shapes import ECG_SHAPE
+from diffusets_jax.io.files import atomic_path, read_json, write_json_atomic
+from diffusets_jax.io.run_dir import check_output_path, output_dir
+
+FORMATS: tuple[str, ...] = ("npz", "wfdb", "png")
+MANIFEST = "manifest.json"
+_PARTS = ".parts"
+
+
+def parse_formats(text: str) -> list[str]:
+    """`"npz,wfdb"` -> ["npz", "wfdb"], refusing unknown or no formats (checked before any work)."""
+    formats = [f.strip().lower() for f in str(text).split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ValueError(f"--formats {text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'nothing chosen'}; "
+                         f"choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+def sample_name(position: int) -> str:
+    return f"sample_{position:05d}"
+
+
+def _header(condition: Condition, prompt: str, settings: dict[str, Any]) -> dict[str, Any]:
+    return {"prompt": prompt, "sex": "M" if condition.sex else "F", "age": condition.age,
+            "heart_rate": condition.heart_rate, **settings}
+
+
+def _write_batch_records(out: Path, batch: Any, formats: Sequence[str], wfdb_fs: float | None,
+                         header_settings: dict[str, Any]) -> dict[str, str]:
+    """Write one generated batch's WFDB records and PNGs; the records skipped and why."""
+    from diffusets_jax.io.plot import plot_ecg
+    from diffusets_jax.io.wfdb_out import write_records
+
+    names = [sample_name(batch.start + i) for i in range(len(batch.conditions))]
+    headers = [_header(c, p, header_settings) for c, p in zip(batch.conditions, batch.prompts, strict=True)]
+    skipped: dict[str, str] = {}
+    if "wfdb" in formats:
+        skipped.update(write_records(out / "wfdb", batch.ecgs, names, headers, output_fs=wfdb_fs).skipped)
+    if "png" in formats:
+        (out / "plots").mkdir(exist_ok=True)
+        for name, ecg, header in zip(names, batch.ecgs, headers, strict=True):
+            if name not in skipped:
+                plot_ecg(ecg, conditions=header, path=out / "plots" / f"{name}.png")
+    return skipped
+
+
+def _part_path(out: Path, batch_index: int) -> Path:
+    return out / _PARTS / f"batch-{batch_index:06d}.npz"
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with atomic_path(path, suffix=".npz") as temporary:
+        np.savez_compressed(temporary, **arrays)
+
+
+def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir: str | os.PathLike, *,
+                        formats: Sequence[str] = FORMATS, wfdb_fs: float | None = None, overwrite: bool = False,
+                        progress: bool = True, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Generate `expand(conditions)` with `generator` (a `pipeline.ECGGenerator`) into `out_dir`; the manifest.
+
+    `provenance`: where the conditions came from (e.g. a findings file), recorded in the manifest and the run's
+    settings.
+    """
+    out = check_output_path(out_dir)
+    formats = list(formats)
+    items = expand(conditions)
+    total = generator.num_batches(conditions)
+    settings = {**generator.settings(), "formats": formats, "wfdb_fs": wfdb_fs,
+                "conditions": [{**c.as_dict(generator.conditioning.prompt_style), "count": c.count} for c in conditions],
+                "provenance": provenance or {}}
+    header_settings = {"sampler": generator.sampler.sampler, "steps": generator.sampler.steps,
+                       "guidance_scale": generator.sampler.guidance_scale, "seed": generator.seed}
+    with output_dir(out, command="sample", settings=settings, overwrite=overwrite) as run:
+        if run.complete:
+            return read_json(run.path / MANIFEST, "sample manifest")
+        parts = run.path / _PARTS
+        parts.mkdir(exist_ok=True)
+        local_done = sorted(int(p.stem.split("-")[1]) for p in parts.glob("batch-*.npz"))
+        done = set().union(*map(set, parallel.allgather_objects(local_done)))
+        remaining = [b for b in range(total) if b not in done]
+        for batch in generator.generate(conditions, batches=remaining, progress=progress):
+            skipped = _write_batch_records(run.path, batch, formats, wfdb_fs, header_settings)
+            _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
+                      position=np.arange(batch.start, batch.start + len(batch.conditions)),
+                      skipped_name=np.array(list(skipped), dtype=str), skipped_why=np.array(list(skipped.values()), dtype=str))
+        manifest = _finish(run.path, generator, items, total, formats, settings)
+        run.mark_complete(count=manifest["count"])
+    return manifest
+
+
+def _finish(out: Path, generator: Any, items: list[Condition], total: int, formats: list[str],
+            settings: dict[str, Any]) -> dict[str, Any]:
+    """Merge the per-batch parts into the NPZ, gather every process's summary, write the manifest (process 0).
+
+    On a disk every host shares, process 0 sees every part and writes one `samples.npz`; on separate disks each
+    process writes `samples-PPPPP-of-NNNNN.npz` of the batches only it holds.
+    """
+    import jax
+
+    count, index = jax.process_count(), jax.process_index()
+    parallel.barrier("sample-parts-written")  # every host's last part is on disk before anyone looks
+    seen = sorted((out / _PARTS).glob("batch-*.npz"))
+    visible = parallel.allgather_objects([p.name for p in seen])  # which parts each host can read
+    if len(set(visible[0])) == total:  # one shared disk (or one host): process 0 merges everything
+        mine = seen if index == 0 else []
+        npz_name = "samples.npz"
+    else:
+        earlier = {name for names in visible[:index] for name in names}
+        mine = [p for p in seen if p.name not in earlier]
+        npz_name = f"samples-{index:05d}-of-{count:05d}.npz"
+    parts = mine
+    positions, ecgs, local_skipped = [], [], {}
+    for part in parts:
+        with np.load(part) as data:
+            positions.append(data["position"])
+            ecgs.append(data["ecg"])
+            local_skipped.update(zip(data["skipped_name"].tolist(), data["skipped_why"].tolist(), strict=True))
+    positions_arr = np.concatenate(positions) if positions else np.zeros((0,), np.int64)
+    order = np.argsort(positions_arr)
+    positions_arr = positions_arr[order]
+    ecg_arr = (np.concatenate(ecgs) if ecgs else np.zeros((0, *ECG_SHAPE), np.float32))[order]
+    if "npz" in formats and parts:
+        chosen = [items[int(p)] for p in positions_arr]
+        _save_npz(out / npz_name, ecg=ecg_arr, position=positions_arr,
+                  prompt=np.array([generator.prompt(c) for c in chosen], dtype=str),
+                  report=np.array(["|".join(c.report) for c in chosen], dtype=str),
+                  sex=np.array([c.sex for c in chosen], np.int32),
+                  age=np.array([c.age for c in chosen], np.float32),
+                  heart_rate=np.array([c.heart_rate for c in chosen], np.float32))
+    summary = {"skipped": local_skipped, "npz": npz_name if "npz" in formats and parts else None}
+    gathered = parallel.allgather_objects(summary)
+    parallel.barrier("sample-finished")
+    shutil.rmtree(out / _PARTS, ignore_errors=True)  # our own per-batch parts, now merged
+    skipped = {name: why for s in gathered for name, why in s["skipped"].items()}
+    samples = []
+    for position, condition in enumerate(items):
+        name = sample_name(position)
+        entry = {"name": name, **condition.as_dict(generator.conditioning.prompt_style)}
+        if name not in skipped:
+            if "wfdb" in formats:
+                entry["wfdb"] = f"wfdb/{name}"
+            if "png" in formats:
+                entry["png"] = f"plots/{name}.png"
+        samples.append(entry)
+    manifest = {"count": len(items), "written": len(items) - len(skipped), "settings": settings,
+                "skipped": skipped, "npz": [s["npz"] for s in gathered if s["npz"]],
+                "processes": len(gathered), "samples": samples}
+    if index == 0:
+        write_json_atomic(out / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,173 @@
+"""Output directories owned by one command: never touch a user's files, resume only our own identical run.
+
+Every command that writes a folder (sample, sample --corpus, evaluate, demo, the experiments) opens it with
+`output_dir(path, command=..., settings=...)`:
+
+- a missing or empty folder is created and claimed: `.diffusets-run.json` records the command, the settings
+  and their fingerprint (a SHA-256 of the canonical JSON of everything that determines the outputs);
+- a folder holding that record with the same fingerprint is this run's own earlier work: the command resumes
+  (or reports that it is complete); with another fingerprint, or without a record (a user's folder), it is
+  refused with one line, before any expensive work, unless `overwrite=True`;
+- `overwrite=True` replaces the folder as a whole, but only at the end: the new outputs are written into a
+  hidden sibling and swapped in when the command succeeds, so a failed run leaves the old folder untouched;
+- an exclusive lock refuses a second run into the same folder while one is writing.
+
+An existing file where a folder should be, or a folder we cannot write, is refused the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from diffusets_jax.io.files import read_json, write_json_atomic
+from diffusets_jax.provenance import stamp
+
+RUN_FILE = ".diffusets-run.json"
+_OURS_PREFIX = ".diffusets-run"  # the run record and the per-process lock files
+
+
+def fingerprint(settings: Any) -> str:
+    """SHA-256 of the canonical JSON of `settings` (sorted keys, no whitespace): equal settings, equal print."""
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class RunDir:
+    """The claimed output folder. Write into `path`; `resumed` says whether earlier work of this same run is there;
+    `complete` whether that earlier run had finished."""
+
+    path: Path
+    final: Path
+    resumed: bool
+    complete: bool
+    record: dict[str, Any]
+
+    def mark_complete(self, **summary: Any) -> None:
+        """Record that the run finished (process 0 of a multi-host run writes it)."""
+        import jax
+
+        self.record.update(status="complete", summary=summary)
+        if jax.process_index() == 0:
+            write_json_atomic(self.path / RUN_FILE, self.record)
+
+
+def check_output_path(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse at once an output path that is an existing file or sits under one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is an existing file: give a directory path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+            break
+    return path
+
+
+def _user_entries(path: Path) -> list[str]:
+    return sorted(name for name in os.listdir(path) if not name.startswith(_OURS_PREFIX))
+
+
+def _process() -> tuple[int, int]:
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+@contextlib.contextmanager
+def _lock(path: Path, flag: str) -> Iterator[None]:
+    # One lock file per process of a multi-host run (they share the folder on a shared disk).
+    with open(path / f"{_OURS_PREFIX}-p{_process()[0]}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                raise ValueError(f"{flag} {path}: another diffusets-jax run is writing there now; wait for it or "
+                                 "choose another directory") from None
+            raise
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any], overwrite: bool = False,
+               flag: str = "--out") -> Iterator[RunDir]:
+    """Claim `path` for one run of `command` with `settings` (see the module docstring); yields a `RunDir`.
+
+    On a clean exit with `overwrite`, the new folder replaces the old one; on an exception the old one is kept
+    and the partial new one removed (it is ours).
+    """
+    from diffusets_jax import parallel
+
+    final = check_output_path(path, flag)
+    digest = fingerprint({"command": command, **settings})
+    index, count = _process()
+    final.mkdir(parents=True, exist_ok=True)
+    with _lock(final, flag):
+        existing = read_json(final / RUN_FILE, "run record") if (final / RUN_FILE).exists() else None
+        entries = _user_entries(final)
+        same = existing is not None and existing.get("fingerprint") == digest
+        if entries and not same and not overwrite:
+            if existing is None:
+                raise ValueError(f"{flag} {final} is not empty and was not written by diffusets-jax {command}: choose a "
+                                 "new directory, or pass --overwrite to replace it as a whole")
+            raise ValueError(
+                f"{flag} {final} holds a {existing.get('command', 'different')} run with other settings "
+                f"({_differences(existing.get('settings', {}), settings)}): choose a new directory, rerun with the "
+                "same settings to resume, or pass --overwrite to replace it")
+        parallel.barrier(f"output-dir-checked-{digest[:12]}")  # every host looked before any host writes
+        record = {"command": command, "fingerprint": digest, "settings": settings, "status": "running", **stamp()}
+        if entries and overwrite and not same:
+            # The same hidden sibling on every host; swapped in by process 0 once every host is done.
+            staging = final.parent / f".{final.name}.new-{digest[:12]}"
+            staging.mkdir(exist_ok=True)
+            if index == 0:
+                write_json_atomic(staging / RUN_FILE, record)
+            try:
+                yield RunDir(staging, final, resumed=False, complete=False, record=record)
+            except BaseException:
+                if count == 1:
+                    shutil.rmtree(staging, ignore_errors=True)  # our own partial output
+                raise
+            parallel.barrier(f"output-dir-done-{digest[:12]}")
+            if index == 0:
+                retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+                os.replace(final, retired / final.name)
+                os.replace(staging, final)
+                shutil.rmtree(retired, ignore_errors=True)  # the folder the user asked us to replace
+            return
+        if same:
+            yield RunDir(final, final, resumed=True, complete=existing.get("status") == "complete", record=existing)
+            return
+        if index == 0:
+            write_json_atomic(final / RUN_FILE, record)
+        yield RunDir(final, final, resumed=False, complete=False, record=record)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not keys:
+        return "same settings, other version"
+    shown = ", ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys[:3])
+    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,231 @@
+"""The model directory: the unit a user trains into, converts into, samples and evaluates from.
+
+Like a diffusers pipeline folder, a model directory holds one folder per component (`vae/`, `unet/`, optional
+`clip/`, each a `models.bundle` config + Orbax checkpoint) and `model_index.json` at its root:
+
+    {
+      "format": "diffusets-jax model directory", "format_version": 1,
+      "components": {
+        "vae":  {"class": "diffusets_jax.models.vae.VAE", "uid": "...", "latent_shape": [128, 4], "provenance": {...}},
+        "unet": {"class": "diffusets_jax.models.unet.UNet", "uid": "...", "text_dim": 1536, "vae_uid": "...",
+                 "provenance": {...}},
+        "clip": {...}
+      },
+      "conditioning": {"embedder": {"kind", "model", "dim", "embedder_id", "options"}, "prompt_style",
+                       "patient_features"},
+      "diffusion": {"schedule": {...}, "latent_scale", "scale_by_std", "clip_sample", "latent_std"},
+      "sampling": {"validated": [...]}
+    }
+
+`conditioning` and `diffusion` describe the U-Net and are written with it. Each component has a random `uid`;
+a U-Net records the uid of the VAE whose latents it was trained on, so a directory whose VAE was later
+replaced is refused instead of decoding with the wrong VAE. Provenance (dataset name, config, version, split
+and example count, the training config, the code's version and commit, the time; for converted checkpoints the
+source file and its SHA-256) travels with each component.
+
+Writes are atomic: a component is written beside the directory and renamed into place, and the index is
+rewritten under a lock, so concurrent trainings into one directory (a VAE and a CLIP) never lose each other's
+entry. Directories written before this format (`generation.json` + component folders) still load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+from diffusets_jax.diffusion.schedule import DiffusionSpec, ScheduleConfig
+from diffusets_jax.ecg.shapes import ECG_LENGTH, LATENT_LENGTH
+from diffusets_jax.io.files import read_json, write_json_atomic
+from diffusets_jax.models import bundle
+from diffusets_jax.provenance import stamp
+
+MODEL_INDEX = "model_index.json"
+INDEX_FORMAT = "diffusets-jax model directory"
+INDEX_VERSION = 1
+COMPONENTS: tuple[str, ...] = ("vae", "unet", "clip")
+LEGACY_GENERATION_META = "generation.json"  # the format before model_index.json
+_LOCK_FILE = ".model_index.lock"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIndex:
+    """A model directory's `model_index.json`, parsed and validated."""
+
+    components: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    conditioning: ConditioningSpec | None = None
+    diffusion: DiffusionSpec | None = None
+    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
+    legacy: bool = False  # read from generation.json
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": INDEX_FORMAT, "format_version": INDEX_VERSION, "components": self.components,
+                "conditioning": None if self.conditioning is None else self.conditioning.to_json(),
+                "diffusion": None if self.diffusion is None else self.diffusion.to_json(),
+                "sampling": self.sampling}
+
+
+def read_index(directory: str | os.PathLike) -> ModelIndex:
+    """The index of a model directory (an empty one when the directory has none yet)."""
+    directory = Path(directory)
+    path = directory / MODEL_INDEX
+    if path.exists():
+        return _parse_index(read_json(path, "model index"), str(path))
+    if (directory / LEGACY_GENERATION_META).exists():
+        return _legacy_index(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file, not a model directory")
+    return ModelIndex()
+
+
+def _parse_index(data: Any, where: str) -> ModelIndex:
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{where} is not a diffusets-jax model index (no format {INDEX_FORMAT!r})")
+    if int(data.get("format_version", 0)) > INDEX_VERSION:
+        raise ValueError(f"{where} was written by a newer diffusets-jax (format {data['format_version']}): upgrade "
+                         "diffusets-jax to read it")
+    components = data.get("components") or {}
+    if not isinstance(components, dict) or any(name not in COMPONENTS for name in components):
+        raise ValueError(f"{where}: 'components' must map names from {COMPONENTS} to objects")
+    conditioning = data.get("conditioning")
+    diffusion = data.get("diffusion")
+    return ModelIndex(
+        components={name: dict(entry) for name, entry in components.items()},
+        conditioning=None if conditioning is None else ConditioningSpec.from_json(conditioning, where),
+        diffusion=None if diffusion is None else DiffusionSpec.from_json(diffusion, where),
+        sampling=dict(data.get("sampling") or {}),
+    )
+
+
+def _legacy_index(directory: Path) -> ModelIndex:
+    """A `generation.json` directory (written before model_index.json) as an index, from what it recorded."""
+    path = directory / LEGACY_GENERATION_META
+    meta = read_json(path, "generation metadata")
+    known = {"embedder", "embedder_options", "patient_features", "schedule", "latent_scale", "clip_sample"}
+    if not isinstance(meta, dict) or set(meta) - known:
+        raise ValueError(f"{path} is not a diffusets-jax generation.json; write the model directory again with "
+                         "`diffusets-jax convert --out DIR` or `diffusets-jax train ... --model-dir DIR`")
+    components = {name: {"class": None, "uid": None, "provenance": {"legacy": str(path)}}
+                  for name in COMPONENTS if (directory / name / bundle.CONFIG_FILE).exists()}
+    kind = meta.get("embedder", "openai")
+    options = dict(meta.get("embedder_options") or {})
+    from diffusets_jax.conditioning.embedders import EMBEDDERS, OPENAI_DEFAULT_DIM
+
+    if kind not in EMBEDDERS:
+        raise ValueError(f"{path}: unknown embedder {kind!r}")
+    if kind == "openai":
+        dim = int(options.pop("dim", OPENAI_DEFAULT_DIM))
+    else:  # the local encoder's width is the U-Net's text input, which generation.json's writer checked
+        dim = int(bundle.read_module_config(directory, "unet")["fields"].get("text_dim", 384))
+    embedder = EmbedderSpec.from_embedder_config(kind, options, dim)
+    schedule = meta.get("schedule") or {}
+    diffusion = DiffusionSpec(schedule=ScheduleConfig(**schedule),
+                              latent_scale=float(meta.get("latent_scale", DiffusionSpec.latent_scale)),
+                              clip_sample=bool(meta.get("clip_sample", True)))
+    return ModelIndex(components=components,
+                      conditioning=ConditioningSpec(embedder, "ordered", meta.get("patient_features", "faithful")),
+                      diffusion=diffusion, legacy=True)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the directory's index while it is read, changed and rewritten."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / _LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_component(directory: str | os.PathLike, name: str, module: Any, variables: Any, *,
+                    provenance: dict[str, Any], conditioning: ConditioningSpec | None = None,
+                    diffusion: DiffusionSpec | None = None, vae_uid: str | None = None,
+                    sampling: dict[str, Any] | None = None) -> Path:
+    """Add (or atomically replace) component `name` of the model directory and record it in the index.
+
+    A U-Net needs `conditioning` (with its patient-feature mode) and `diffusion`; `vae_uid` names the VAE whose
+    latents it was trained on when known. Returns the component's folder.
+    """
+    if name not in COMPONENTS:
+        raise ValueError(f"model component must be one of {', '.join(COMPONENTS)}, got {name!r}")
+    if name == "unet" and (conditioning is None or conditioning.patient_features is None or diffusion is None):
+        raise ValueError("a U-Net is written with its conditioning (embedder, prompt style, patient features) and "
+                         "its diffusion settings")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--model-dir {directory} is a file: give a directory")
+    entry: dict[str, Any] = {"class": bundle.module_config(module)["class"], "uid": uuid.uuid4().hex,
+                             "provenance": {**stamp(), **provenance}}
+    if name == "vae":
+        entry["latent_shape"] = [ECG_LENGTH // int(module.downsampling), int(module.latent_channels)]
+    if name == "unet":
+        entry.update(text_dim=int(module.text_dim), latent_channels=int(module.latent_channels), vae_uid=vae_uid)
+        if conditioning.embedder.dim != int(module.text_dim):
+            raise ValueError(f"the U-Net takes {module.text_dim}-d text but its embedder {conditioning.embedder.model!r} "
+                             f"gives {conditioning.embedder.dim}-d vectors")
+    with _locked(directory):
+        index = read_index(directory)
+        path = Path(bundle.save_model(directory, name, module, variables))
+        components = {**index.components, name: entry}
+        updates: dict[str, Any] = {"components": components, "legacy": False}
+        if name == "unet":
+            updates.update(conditioning=conditioning, diffusion=diffusion, sampling=dict(sampling or {}))
+        write_json_atomic(directory / MODEL_INDEX, dataclasses.replace(index, **updates).to_json())
+        legacy = directory / LEGACY_GENERATION_META
+        if index.legacy and legacy.exists():
+            legacy.unlink()  # superseded by the index just written, which holds everything it said
+    return path
+
+
+def update_sampling(directory: str | os.PathLike, sampling: dict[str, Any]) -> None:
+    """Replace the index's `sampling` record (validated sampler settings) under the lock."""
+    directory = Path(directory)
+    with _locked(directory):
+        index = read_index(directory)
+        write_json_atomic(directory / MODEL_INDEX, dataclasses.replace(index, sampling=dict(sampling)).to_json())
+
+
+def require(index: ModelIndex, directory: str | os.PathLike, *names: str) -> None:
+    """Raise with what to do when components `names` are missing from the directory."""
+    missing = [name for name in names if name not in index.components]
+    if missing:
+        have = ", ".join(sorted(index.components)) or "nothing"
+        hint = {"vae": "`diffusets-jax train vae ... --model-dir DIR` or `convert --vae`",
+                "unet": "`diffusets-jax train unet ... --model-dir DIR` or `convert --unet`",
+                "clip": "`diffusets-jax train clip ... --model-dir DIR`, `convert --clip`, or pass --clip DIR"}
+        raise ValueError(f"model directory {os.fspath(directory)} has no {', '.join(missing)} (it has {have}): add it "
+                         f"with {hint[missing[0]]}")
+
+
+def load_component(directory: str | os.PathLike, name: str) -> tuple[Any, dict]:
+    """`(module, variables)` of a component (variables as host arrays)."""
+    return bundle.load_model(directory, name)
+
+
+def check_generation_parts(directory: str | os.PathLike, index: ModelIndex, vae: Any, unet: Any) -> None:
+    """Refuse a directory whose VAE and U-Net do not fit together or with the recorded conditioning."""
+    where = os.fspath(directory)
+    if index.conditioning is None or index.diffusion is None:
+        raise ValueError(f"{where}: {MODEL_INDEX} records no conditioning/diffusion for its U-Net: write the U-Net "
+                         "again with `diffusets-jax train unet --model-dir` or `convert --unet`")
+    vae_latent = (ECG_LENGTH // int(vae.downsampling), int(vae.latent_channels))
+    if vae_latent != (LATENT_LENGTH, int(unet.latent_channels)):
+        raise ValueError(f"{where}: the VAE makes {vae_latent} latents from (1024, 12) ECGs but the U-Net denoises "
+                         f"({LATENT_LENGTH}, {unet.latent_channels}) ones: they were not trained together")
+    if index.conditioning.embedder.dim != int(unet.text_dim):
+        raise ValueError(f"{where}: the U-Net takes {unet.text_dim}-d text embeddings but the recorded embedder "
+                         f"{index.conditioning.embedder.model!r} gives {index.conditioning.embedder.dim}-d ones")
+    wanted = index.components.get("unet", {}).get("vae_uid")
+    actual = index.components.get("vae", {}).get("uid")
+    if wanted and actual and wanted != actual:
+        raise ValueError(f"{where}: the U-Net was trained on latents of VAE {wanted[:8]}, but this directory's VAE is "
+                         f"{actual[:8]} (replaced since): encode with this VAE and train the U-Net again, or put the "
+                         "original VAE back")

@@ -1,0 +1,238 @@
+"""The library entry point: load a model directory once and generate ECGs for conditions.
+
+    from diffusets_jax.pipeline import ECGGenerator
+    from diffusets_jax.conditioning.requests import make_condition
+    gen = ECGGenerator("models/", sampler_config("dpmpp_2m"))
+    for batch_index, conditions, rows, ecgs in gen.generate([make_condition("Sinus rhythm", "F", 50, 70, 8)]):
+        ...  # ecgs (len(rows), 1024, 12) mV, standard lead order
+
+The model directory (`models.model_dir`) says everything generation needs: the VAE and U-Net, the embedder and
+prompt style the U-Net was conditioned with, its patient-feature mode, schedule, prediction type, latent
+scale and whether DDPM clips. Parts that do not fit are refused when the generator is built.
+
+Generation is one jitted program (reverse chain + VAE decode) compiled once per run, the batch sharded over
+this process's devices. Batch `i` always uses noise `fold_in(PRNGKey(seed), i)`, so results do not depend on
+how many hosts share the work: on several hosts (`parallel.initialize_distributed`) batches are dealt
+round-robin (`parallel.process_share`), each process generating and writing its own, and a corpus shard
+regenerated after a crash is identical to the one that would have been written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from diffusets_jax import parallel
+from diffusets_jax.conditioning.patient import patient_features
+from diffusets_jax.conditioning.requests import Condition, expand
+from diffusets_jax.diffusion.guidance import fixed_null_condition
+from diffusets_jax.diffusion.sampler_validation import PUBLISHED_LATENT_STD
+from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate
+from diffusets_jax.diffusion.schedule import make_schedule
+from diffusets_jax.io.progress import progress_bar
+from diffusets_jax.models import model_dir as model_dirs
+
+
+@dataclasses.dataclass
+class GeneratedBatch:
+    """One generated batch: its index (which fixes its noise), the conditions of its rows, their prompts and
+    their ECGs `(n, 1024, 12)` float32 mV, and `start`, the position of its first row in `expand(conditions)`."""
+
+    index: int
+    start: int
+    conditions: list[Condition]
+    prompts: list[str]
+    ecgs: np.ndarray
+
+
+class ECGGenerator:
+    """Loads a model directory once and generates ECGs for batches of conditions.
+
+    `embedder_overrides`: run-time settings of the recorded embedder that do not change its vectors (an OpenAI
+    `api_key`, another `base_url` serving the same model, `batch_size`, `timeout_s`).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        sampler: SamplerConfig | None = None,
+        *,
+        batch_size: int = 64,
+        seed: int = 0,
+        embedding_cache: str | os.PathLike | None = None,
+        compute_dtype: Any = None,
+        embedder_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(f"model directory {self.model_dir} does not exist (write one with `diffusets-jax "
+                                    "convert --out DIR` or `diffusets-jax train ... --model-dir DIR`)")
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be a positive number of ECGs per compiled call, got {batch_size}")
+        self.index = model_dirs.read_index(self.model_dir)
+        model_dirs.require(self.index, self.model_dir, "vae", "unet")
+        self.vae, vae_variables = model_dirs.load_component(self.model_dir, "vae")
+        self.unet, unet_variables = model_dirs.load_component(self.model_dir, "unet")
+        model_dirs.check_generation_parts(self.model_dir, self.index, self.vae, self.unet)
+        self.conditioning = self.index.conditioning
+        self.diffusion = self.index.diffusion
+        sampler = sampler if sampler is not None else SamplerConfig()
+        if sampler.clip_sample is None:  # "as the model directs"
+            sampler = dataclasses.replace(sampler, clip_sample=self.diffusion.clip_sample)
+        if sampler.data_std is None:  # DDIM's validated grid follows the model's latent std
+            sampler = dataclasses.replace(sampler, data_std=self.diffusion.latent_std or PUBLISHED_LATENT_STD)
+        self.sampler = sampler
+        self.seed = seed
+        self.mesh = parallel.local_mesh()
+        devices = self.mesh.devices.size
+        self.batch_size = max(devices, -(-batch_size // devices) * devices)
+        self.embedding_cache = embedding_cache
+        self.embedder_overrides = dict(embedder_overrides or {})
+        self._embedder = None
+        self._cond_sharding = parallel.batch_sharding(self.mesh)
+        replicated = parallel.replicated(self.mesh)
+        self.unet_variables = jax.device_put(unet_variables, replicated)
+        self.vae_variables = jax.device_put(vae_variables, replicated)
+        self._generate = jit_generate(self.unet, self.vae, make_schedule(self.diffusion.schedule), sampler,
+                                      batch_sharding=self._cond_sharding, compute_dtype=compute_dtype,
+                                      latent_scale=self.diffusion.latent_scale)
+        self._null_cond = fixed_null_condition(self.unet.text_dim) if sampler.guidance_scale != 1.0 else None
+        self._reconstruct = None
+
+    # -- conditions -> model inputs ------------------------------------------------------------------
+    def prompt(self, condition: Condition) -> str:
+        """The text embedded for `condition`: its report in the U-Net's prompt style."""
+        return condition.prompt(self.conditioning.prompt_style)
+
+    def settings(self) -> dict[str, Any]:
+        """What determines this generator's outputs, for manifests and run fingerprints."""
+        return {"model_dir": os.path.abspath(self.model_dir),
+                "components": {name: entry.get("uid") for name, entry in self.index.components.items()},
+                "sampler": dataclasses.asdict(self.sampler), "seed": self.seed, "batch_size": self.batch_size}
+
+    def embedder(self):  # noqa: ANN201 (an Embedder)
+        if self._embedder is None:
+            embedder = self.conditioning.embedder.make(**self.embedder_overrides)
+            self.conditioning.embedder.check(embedder, str(self.model_dir))
+            self._embedder = embedder
+        return self._embedder
+
+    def embed(self, prompts: Sequence[str]) -> np.ndarray:
+        """Prompt embeddings `(n, text_dim)` with the model's embedder, through the cache when one is set.
+
+        Each distinct prompt is embedded once. On several hosts process 0 embeds and the others receive the
+        vectors, so a paid API is asked once per prompt, not once per host.
+        """
+        from diffusets_jax.conditioning.cache import EmbeddingCache, embed_with_cache
+
+        unique = list(dict.fromkeys(prompts))
+        table = np.zeros((len(unique), self.unet.text_dim), np.float32)
+        if jax.process_index() == 0:
+            if self.embedding_cache is None:
+                table = np.asarray(self.embedder().embed(unique), np.float32)
+            else:
+                with EmbeddingCache(self.embedding_cache) as cache:
+                    table = np.asarray(embed_with_cache(unique, self.embedder(), cache), np.float32)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            table = np.asarray(multihost_utils.broadcast_one_to_all(table))
+        position = {p: i for i, p in enumerate(unique)}
+        return table[[position[p] for p in prompts]]
+
+    def condition_arrays(self, conditions: Sequence[Condition], text_embedding: np.ndarray) -> dict[str, np.ndarray]:
+        features = patient_features([c.sex for c in conditions], [c.age for c in conditions],
+                                    [c.heart_rate for c in conditions], mode=self.conditioning.patient_features)
+        return {"text_embedding": np.asarray(text_embedding, np.float32), "sex": features[:, 0],
+                "age": features[:, 1], "heart_rate": features[:, 2]}
+
+    # -- reconstruction ---------------------------------------------------------------------------------
+    def reconstruct(self, ecgs: np.ndarray) -> np.ndarray:
+        """VAE reconstructions decoder(encoder(ecg)) of `ecgs` `(n, 1024, 12)` mV, through the posterior mean at the
+        model's latent scale: the references the published evaluation compares generated ECGs with."""
+        from diffusets_jax.models.vae import VAE
+
+        if self._reconstruct is None:
+            scale = self.diffusion.latent_scale
+
+            def run(variables, ecg):
+                mean, _ = self.vae.apply(variables, ecg, method=VAE.encode)
+                return self.vae.apply(variables, mean * scale, latent_scale=scale, method=VAE.decode)
+
+            self._reconstruct = jax.jit(run, in_shardings=(parallel.replicated(self.mesh), self._cond_sharding),
+                                        out_shardings=self._cond_sharding)
+        ecgs = np.asarray(ecgs, np.float32)
+        out = []
+        for start in range(0, len(ecgs), self.batch_size):
+            chunk = ecgs[start : start + self.batch_size]
+            padded = np.concatenate([chunk, np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), np.float32)])
+            out.append(np.asarray(self._reconstruct(self.vae_variables, jax.device_put(padded, self._cond_sharding)))
+                       [: len(chunk)])
+        return np.concatenate(out) if out else np.zeros_like(ecgs)
+
+    # -- generation -------------------------------------------------------------------------------------
+    def generate_batch(self, cond: dict[str, np.ndarray], batch_index: int) -> np.ndarray:
+        """ECGs `(n, 1024, 12)` float32 mV for `n <= batch_size` conditions; `batch_index` fixes the noise."""
+        n = len(cond["sex"])
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"generate_batch takes 1..{self.batch_size} conditions, got {n}")
+        padded = {k: np.concatenate([v, np.repeat(v[-1:], self.batch_size - n, axis=0)]) for k, v in cond.items()}
+        cond_global = jax.device_put(padded, self._cond_sharding)
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), batch_index)
+        ecg = self._generate(self.unet_variables, self.vae_variables, cond_global, key, self._null_cond)
+        return np.asarray(jax.device_get(ecg))[:n]
+
+    def num_batches(self, conditions: Sequence[Condition]) -> int:
+        return -(-len(expand(conditions)) // self.batch_size)
+
+    def generate(self, conditions: Sequence[Condition], *, progress: bool = False,
+                 batches: Sequence[int] | None = None, text_embeddings: np.ndarray | None = None
+                 ) -> Iterator[GeneratedBatch]:
+        """Yield the `GeneratedBatch`es of `expand(conditions)` in batches of `batch_size`.
+
+        `batches`: the batch indices still to generate (default: all), the same on every host; each process
+        generates its round-robin share of them (`parallel.process_share`), all of them on one host.
+        `text_embeddings` `(len(expand(conditions)), text_dim)`: precomputed prompt embeddings (e.g. a prepared
+        dataset's, which were made with the same embedder), used instead of running the embedder.
+        """
+        items = expand(conditions)
+        total = -(-len(items) // self.batch_size)
+        todo = list(range(total) if batches is None else batches)
+        wanted = [todo[i] for i in parallel.process_share(len(todo))]
+        prompts = [self.prompt(c) for c in items]
+        if text_embeddings is None:
+            # The prompts of every batch still to do (a resumed run skips the rest), the same list on every host.
+            rows = sorted({i for b in todo for i in range(b * self.batch_size, min(len(items), (b + 1) * self.batch_size))})
+            embeddings = np.zeros((len(items), self.unet.text_dim), np.float32)
+            if rows:
+                embeddings[rows] = self.embed([prompts[i] for i in rows])
+        else:
+            embeddings = np.asarray(text_embeddings, np.float32)
+            if embeddings.shape != (len(items), self.unet.text_dim):
+                raise ValueError(f"text_embeddings: expected ({len(items)}, {self.unet.text_dim}), got {embeddings.shape}")
+        bar = None
+        if progress:
+            bar = progress_bar(sum(min(self.batch_size, len(items) - b * self.batch_size) for b in wanted),
+                               desc="sampling", unit="ECG")
+        try:
+            for index in wanted:
+                start = index * self.batch_size
+                chunk = items[start : start + self.batch_size]
+                cond = self.condition_arrays(chunk, embeddings[start : start + len(chunk)])
+                began = time.perf_counter()
+                ecgs = self.generate_batch(cond, index)
+                if bar is not None:
+                    bar.update(len(chunk))
+                    bar.set_postfix(ecg_per_s=f"{len(chunk) / (time.perf_counter() - began):.2f}")
+                yield GeneratedBatch(index, start, chunk, prompts[start : start + len(chunk)], ecgs)
+        finally:
+            if bar is not None:
+                bar.close()
+

@@ -1,0 +1,52 @@
+"""A tiny random VAE + U-Net model directory, conditioned like a real one (recorded embedder, prompt style,
+patient features), for generation, output and CLI tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+from diffusets_jax.diffusion.schedule import DiffusionSpec
+from diffusets_jax.models import model_dir as model_dirs
+from diffusets_jax.models.unet import UNet
+from diffusets_jax.models.vae import VAE
+from diffusets_jax.parallel import jit_run_once
+
+TEXT_DIM = 16
+FAKE_EMBEDDER = "fake-embedding-16"
+
+
+def tiny_vae_unet(text_dim: int = TEXT_DIM):
+    """`(vae, vae_variables, unet, unet_variables)`: random weights, the published block structure, tiny widths."""
+    vae = VAE(widths=(16, 16, 16), groups=4, num_res_blocks=1)
+    unet = UNet(channels=(8, 16), down_attention_dims=(8, 16), bottleneck_attention_dim=16,
+                up_attention_dims=(32, 16), num_heads=2, bottleneck_heads=2, text_dim=text_dim)
+    key_vae, key_unet = jax.random.split(jax.random.PRNGKey(0))
+    vae_vars = jit_run_once(vae.init, key_vae, np.zeros((1, 1024, 12), np.float32), jax.random.PRNGKey(1))
+    ones = np.ones((1,), np.float32)
+    unet_vars = jit_run_once(unet.init, key_unet, np.zeros((1, 128, 4), np.float32), np.zeros((1,), np.int32),
+                             np.zeros((1, text_dim), np.float32), ones, ones, ones)
+    return vae, vae_vars, unet, unet_vars
+
+
+def openai_conditioning(text_dim: int = TEXT_DIM, patient_features: str = "normalised",
+                        prompt_style: str = "ordered") -> ConditioningSpec:
+    """An OpenAI-compatible embedder (tests point it at tests.helpers.fake_openai_server) of `text_dim` width."""
+    embedder = EmbedderSpec("openai", FAKE_EMBEDDER, text_dim, embedder_id=f"openai/{FAKE_EMBEDDER}/{text_dim}")
+    return ConditioningSpec(embedder, prompt_style, patient_features)
+
+
+def tiny_model_dir(path: str | os.PathLike, text_dim: int = TEXT_DIM, patient_features: str = "normalised",
+                   diffusion: DiffusionSpec | None = None) -> Path:
+    """Write the tiny VAE and U-Net into model directory `path` (as `train --model-dir` would); returns it."""
+    vae, vae_vars, unet, unet_vars = tiny_vae_unet(text_dim)
+    model_dirs.write_component(path, "vae", vae, vae_vars, provenance={"source": "test"})
+    vae_uid = model_dirs.read_index(path).components["vae"]["uid"]
+    model_dirs.write_component(path, "unet", unet, unet_vars, provenance={"source": "test"},
+                               conditioning=openai_conditioning(text_dim, patient_features),
+                               diffusion=diffusion or DiffusionSpec(), vae_uid=vae_uid)
+    return Path(path)

@@ -1,0 +1,61 @@
+"""Generation requests from flags and files: validated, one line per bad field naming file and line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffusets_jax.conditioning.requests import expand, make_condition, read_conditions
+
+
+def test_make_condition_validates_and_builds_the_prompt_in_the_models_style():
+    c = make_condition("Sinus rhythm|Left axis deviation", "m", "63", 71, 2)
+    assert (c.sex, c.age, c.heart_rate, c.count) == (1, 63.0, 71.0, 2)
+    assert c.prompt("ordered") == ("Most importantly, the 1st diagnosis is {Sinus rhythm}."
+                                   "As a supplementary condition, the 2nd diagnosis is {Left axis deviation}.")
+    assert c.prompt("free_text") == "The report of the ECG is that Sinus rhythm, Left axis deviation."
+    with pytest.raises(ValueError, match="flags: .*heart_rate"):
+        make_condition("Sinus rhythm", "F", 50, 900, where="flags")
+    with pytest.raises(ValueError, match="count"):
+        make_condition("Sinus rhythm", "F", 50, 60, 0)
+    with pytest.raises(ValueError, match="empty report"):
+        make_condition(" | ", "F", 50, 60)
+
+
+def test_read_conditions_csv_and_jsonl(tmp_path):
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text("text,sex,age,hr,count\nSinus rhythm,F,40,60,3\nAtrial fibrillation|Low QRS voltages,male,80,110,\n")
+    conditions = read_conditions(csv_path)
+    assert [c.count for c in conditions] == [3, 1]
+    assert conditions[1].report == ("Atrial fibrillation", "Low QRS voltages")
+    assert len(expand(conditions)) == 4
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(json.dumps({"text": "Sinus bradycardia", "sex": 0, "age": 70, "heart_rate": 50, "n": 2}) + "\n")
+    assert read_conditions(jsonl)[0].count == 2
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"text,sex,age\nSinus rhythm,F,40\n", r"bad.csv line 2: missing field 'heart_rate'"),
+    (b"text,sex,age,hr\nSinus rhythm,X,40,60\n", r"bad.csv line 2: .*sex"),
+    (b"text,sex,age,hr\nSinus rhythm,F,40,60\nSinus \xff rhythm,F,40,60\n", r"bad.csv line 3: not UTF-8"),
+    (b"text,sex,age,hr\n", r"bad.csv: no conditions"),
+])
+def test_bad_conditions_files_name_file_line_and_field(tmp_path, content, match):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        read_conditions(bad)
+
+
+def test_conditions_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_conditions(tmp_path / "absent.csv")
+    with pytest.raises(ValueError, match="is a directory"):
+        read_conditions(tmp_path)
+    (tmp_path / "c.txt").write_text("x")
+    with pytest.raises(ValueError, match="unknown conditions format"):
+        read_conditions(tmp_path / "c.txt")
+    (tmp_path / "c.jsonl").write_text('{"text": "a", "sex": "F", "age": 1, "hr": 60}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="c.jsonl line 2: expected a JSON object"):
+        read_conditions(tmp_path / "c.jsonl")

@@ -1,0 +1,46 @@
+"""The multi-lead QRS detector on synthetic ECGs with known beats (tests/helpers/synthetic_ecg.py)."""
+
+import numpy as np
+import pytest
+
+from diffusets_jax.ecg.qrs import detect_beats, usable_leads
+from diffusets_jax.ecg.shapes import ECG_RATE_HZ
+from tests.helpers.synthetic_ecg import SyntheticBeat, regular_beats, synthetic_ecg
+
+
+@pytest.mark.parametrize("fs", [500.0, ECG_RATE_HZ])
+@pytest.mark.parametrize("bpm", [35.0, 60.0, 100.0, 150.0, 200.0])
+def test_known_beats_are_found_at_both_rates(bpm, fs):
+    times = regular_beats(bpm)
+    ecg = synthetic_ecg(times, fs=fs, noise_mv=0.03, seed=int(bpm))
+    found = detect_beats(ecg, fs) / fs
+    assert found.size == times.size
+    np.testing.assert_allclose(found, times, atol=3.0 / fs + 0.004)  # 102.4 Hz: within 3 samples
+
+
+def test_premature_beats_and_a_tall_t_wave_are_counted_right():
+    # A beat 300 ms after the previous one (a premature beat) is a beat; a T wave as tall as the R is not.
+    times = np.array([0.5, 1.4, 1.7, 2.9, 3.8, 4.7, 5.6, 6.5, 7.4, 8.3, 9.2])
+    ecg = synthetic_ecg(times, SyntheticBeat(t_mv=1.0), fs=ECG_RATE_HZ, noise_mv=0.02)
+    found = detect_beats(ecg, ECG_RATE_HZ) / ECG_RATE_HZ
+    np.testing.assert_allclose(found, times, atol=3.0 / ECG_RATE_HZ)
+
+
+def test_leads_vote_so_noisy_and_flat_leads_do_not_decide():
+    times = regular_beats(75.0)
+    ecg = synthetic_ecg(times, fs=500.0)
+    rng = np.random.default_rng(1)
+    ecg[:, 0] = 0.0  # disconnected lead I
+    ecg[:, 6:9] += 0.5 * rng.standard_normal((ecg.shape[0], 3))  # three precordial leads drowned in noise
+    assert usable_leads(ecg).tolist() == [False] + [True] * 11
+    found = detect_beats(ecg, 500.0) / 500.0
+    np.testing.assert_allclose(found, times, atol=0.01)
+
+
+def test_no_beats_without_signal_and_bad_shapes():
+    assert detect_beats(np.zeros((1024, 12)), ECG_RATE_HZ).size == 0
+    assert detect_beats(np.full((1024, 12), np.nan), ECG_RATE_HZ).size == 0
+    noise = 0.3 * np.random.default_rng(0).standard_normal((1024, 12))
+    assert detect_beats(noise, ECG_RATE_HZ).size == 0
+    with pytest.raises(ValueError, match=r"ecg: expected a \(samples, leads\) array"):
+        detect_beats(np.zeros(1024), ECG_RATE_HZ)

@@ -1,0 +1,72 @@
+"""The embedded default: `diffusets-jax demo --quick` runs every stage on the bundled records."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import wfdb
+
+from diffusets_jax.cli import main
+from diffusets_jax.experiments.demo import DEMO_PROMPTS, DEMO_RECORDS
+
+
+def test_bundled_records_ship_with_their_attribution():
+    headers = sorted(DEMO_RECORDS.glob("*.hea"))
+    assert len(headers) == 40 and all(h.with_suffix(".mat").exists() for h in headers)
+    assert "CC BY 4.0" in (DEMO_RECORDS / "README.md").read_text() or "Creative Commons" in (
+        DEMO_RECORDS / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage(tmp_path, capsys):
+    out = tmp_path / "demo_out"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "evaluation report" in printed and str(out) in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records"]["written"] + sum(summary["records"]["skipped"].values()) == 40
+    assert summary["records"]["written"] >= 38
+    assert [s["stage"].split()[0].rstrip(":") for s in summary["stages"]] == [
+        "prepare", "train", "encode", "train", "train", "sample", "evaluate"]
+    manifest = json.loads((out / "samples" / "manifest.json").read_text())
+    assert manifest["count"] == len(DEMO_PROMPTS)
+    assert any("hyperkalemia" in s["prompt"].lower() for s in manifest["samples"])
+    record = wfdb.rdrecord(str(out / "samples" / manifest["samples"][0]["wfdb"]))
+    assert record.p_signal.shape == (1024, 12) and np.isfinite(record.p_signal).all()
+    report = json.loads((out / "evaluation" / "report.json").read_text())
+    assert set(report) >= {"signal_level", "feature_level", "diagnostic_level"}
+    assert (out / "evaluation" / "heart_rate_scatter.png").exists()
+    # One model directory, written by the trainers themselves: the U-Net records the latent dataset's conditioning,
+    # its measured latent scale (diffusion.scale_by_std) and the VAE it was trained on; nothing was copied.
+    from diffusets_jax.data.latents import measure_latent_scale
+    from diffusets_jax.models.model_dir import read_index
+
+    measured = measure_latent_scale(out / "latents", "train")
+    index = read_index(out / "model")
+    assert set(index.components) == {"vae", "unet", "clip"}
+    assert index.diffusion.latent_scale == pytest.approx(measured)
+    assert index.diffusion.clip_sample is False and index.diffusion.schedule.prediction_type == "v_prediction"
+    assert index.conditioning.embedder.kind == "local" and index.conditioning.prompt_style == "ordered"
+    assert index.conditioning.patient_features == "normalised"
+    assert index.components["unet"]["vae_uid"] == index.components["vae"]["uid"]
+    provenance = index.components["unet"]["provenance"]
+    assert provenance["dataset"]["kind"] == "latents" and provenance["run"]["step"] == 4
+    assert provenance["dataset"]["derived_from"]["dataset"]["name"] == "physionet_challenge"
+    assert json.loads((out / "runs" / "unet" / "config.json").read_text())["diffusion"]["latent_scale"] == pytest.approx(
+        measured)
+    # Rerunning the same demo finds every stage done and keeps the model directory as it is.
+    uids = {name: entry["uid"] for name, entry in index.components.items()}
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert {name: entry["uid"] for name, entry in read_index(out / "model").components.items()} == uids
+
+
+def test_demo_never_deletes_a_users_folder(tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"] or \
+        sorted(p.name for p in out.iterdir() if not p.name.startswith(".diffusets-run")) == ["notes.txt"]

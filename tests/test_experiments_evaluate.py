@@ -1,0 +1,163 @@
+"""The evaluation: the paper's levels (signal = FID / precision-recall, feature = heart rate, diagnostic = CLIP
+score), clinical metrics in every report, per-condition tables, scoring another generator's samples, comparisons."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from diffusets_jax.experiments import evaluate as ev
+from diffusets_jax.experiments.keyword_rules import load_rules
+from diffusets_jax.io.generated import read_generated
+from diffusets_jax.models.clip import CLIP
+from diffusets_jax.parallel import jit_run_once
+from tests.helpers import tiny_ecg_dataset
+from tests.helpers.synthetic_ecg import regular_beats, synthetic_ecg
+
+
+def synthetic_set(rng, rates):
+    """ECGs beating exactly at `rates` (bpm), each with its own start phase and a little noise."""
+    return np.stack([synthetic_ecg(regular_beats(rate, first_s=rng.uniform(0.3, 0.6)), noise_mv=0.01,
+                                   seed=int(rng.integers(1 << 30))).astype(np.float32) for rate in rates])
+
+
+@pytest.fixture(scope="module")
+def clip():
+    module = CLIP(base_filters=8, filters=(8, 16), blocks_per_stage=(1, 1), group_width=8,
+                  text_dim=tiny_ecg_dataset.EMBEDDING_DIM, text_hidden_dim=16, embed_dim=8)
+    variables = jit_run_once(module.init, jax.random.PRNGKey(0), np.zeros((2, 1024, 12), np.float32),
+                             np.zeros((2, tiny_ecg_dataset.EMBEDDING_DIM), np.float32))
+    return module, variables
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return tiny_ecg_dataset.build(str(tmp_path_factory.mktemp("tfds")))
+
+
+def test_score_puts_each_metric_at_the_papers_level(clip):
+    rng = np.random.default_rng(0)
+    rates = rng.uniform(55, 110, 12)
+    real, generated = synthetic_set(rng, rates), synthetic_set(rng, rates)
+    proto = ev.PROTOCOLS["fast"]
+    real_m, gen_m = ev.measure(real, clip, proto.heart_rate_method), ev.measure(generated, clip, proto.heart_rate_method)
+    text = clip[0].apply(clip[1], rng.standard_normal((12, tiny_ecg_dataset.EMBEDDING_DIM)).astype(np.float32),
+                         method=CLIP.encode_text)
+    result = ev.score(real_m, gen_m, pairs=np.arange(12), condition_hr=rates, text_features=np.asarray(text),
+                      subject_ids=np.arange(12), proto=proto, n_boot=50)
+    signal, feature = result["signal_level"], result["feature_level"]
+    assert set(signal) >= {"fid", "rfid", "precision", "recall", "f1"} and signal["k"] == 3
+    assert set(feature) >= {"heart_rate_mae_bpm", "measured", "unmeasurable", "method"}
+    # The feature level is exactly the MAE of the measured rates against the conditions.
+    ok = np.isfinite(gen_m["heart_rate"])
+    assert feature["heart_rate_mae_bpm"] == pytest.approx(np.mean(np.abs(gen_m["heart_rate"][ok] - rates[ok])))
+    assert feature["heart_rate_mae_bpm"] < 3 and feature["unmeasurable"] == 0  # synthetic ECGs beat at their rate
+    assert -1 <= result["diagnostic_level"]["clip_score_generated"] <= 1
+    metrics = {(m["metric"], m["comparison"]) for m in result["clinical"]["metrics"]}
+    assert {("heart_rate_mae", "generated_vs_condition"), ("qrs_f1", "generated_vs_real"),
+            ("einthoven_rmse", "generated")} <= metrics
+    # Identical sets: every generated point lies on the real manifold and vice versa.
+    same = ev.score(real_m, real_m, pairs=np.arange(12), condition_hr=rates, text_features=None, subject_ids=None,
+                    proto=proto, n_boot=20)
+    assert same["signal_level"]["precision"] == same["signal_level"]["recall"] == 1.0
+    assert same["signal_level"]["fid"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_per_condition_rows_and_the_written_report(clip, tmp_path):
+    rng = np.random.default_rng(1)
+    rates = np.array([60.0] * 6 + [120.0] * 6)
+    real, generated = synthetic_set(rng, rates), synthetic_set(rng, np.repeat(rates, 2))
+    proto = ev.PROTOCOLS["fast"]
+    real_m, gen_m = ev.measure(real, clip, proto.heart_rate_method), ev.measure(generated, clip, proto.heart_rate_method)
+    pairs = np.repeat(np.arange(12), 2)  # two samples per record
+    report = {"protocol": {"name": "fast", "description": proto.description}, "settings": {"n": 24},
+              **ev.score(real_m, gen_m, pairs=pairs, condition_hr=rates[pairs], text_features=None, subject_ids=None,
+                         proto=proto, n_boot=20)}
+    groups = {"snb": np.flatnonzero(rates[pairs] == 60), "snt": np.flatnonzero(rates[pairs] == 120), "af": []}
+    report["by_condition"] = ev.score_by_condition(real_m, gen_m, groups, pairs=pairs, condition_hr=rates[pairs],
+                                                   text_features=None, proto=proto)
+    rows = {r["condition"]: r for r in report["by_condition"]}
+    assert rows["snb"]["records"] == 6 and rows["snb"]["samples"] == 12 and "f1" in rows["snb"]
+    assert rows["snt"]["heart_rate_mae_bpm"] < 3 and rows["af"]["note"] == "no record of this condition"
+    written = ev.write_report(report, tmp_path, condition_hr=rates[pairs], measured_hr=gen_m["heart_rate"],
+                              examples=[(real[0], generated[0], {"prompt": "x", "heart_rate": 60.0})])
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["signal_level"]["fid"] == written["signal_level"]["fid"] and "per_record" not in on_disk["clinical"]
+    assert len(json.loads((tmp_path / "clinical_per_record.json").read_text())["generated"]["heart_rate_bpm"]) == 24
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| signal | FID" in markdown and "| feature | heart-rate MAE" in markdown
+    assert "Model-free clinical metrics" in markdown and "| snb | 6 | 12 |" in markdown
+    for name in ("heart_rate_scatter.png", "by_condition.png", "pair_00.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    ev.compare_reports([("a", on_disk), ("b", on_disk)], tmp_path)
+    assert json.loads((tmp_path / "comparison.json").read_text())["models"][1]["model"] == "b"
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_select_by_condition_is_seeded_and_capped():
+    reports = [["Sinus rhythm"]] * 30 + [["Atrial fibrillation"]] * 3
+    rules = load_rules().select(["sn", "af"])
+    first = ev.select_by_condition(reports, rules, per_condition=10, seed=0)
+    assert len(first["sn"]) == 10 and first["af"] == [30, 31, 32]
+    assert first == ev.select_by_condition(reports, rules, per_condition=10, seed=0)
+    assert first["sn"] != ev.select_by_condition(reports, rules, per_condition=10, seed=1)["sn"]
+
+
+def test_scoring_another_generators_samples_needs_no_model(clip, dataset, tmp_path):
+    """An NPZ with ECGs at 500 Hz and their conditions, scored against the tiny split (prompts found there)."""
+    from scipy.signal import resample
+
+    examples = [tiny_ecg_dataset.example(1000 + i) for i in range(8)]
+    ecg_500 = resample(np.stack([e["ecg"] for e in examples]), 5000, axis=1)  # another generator's rate
+    np.savez(tmp_path / "other.npz", ecg=ecg_500, prompt=np.array([e["prompt"] for e in examples]),
+             sex=np.array([e["sex"] for e in examples]), age=np.array([e["age"] for e in examples]),
+             heart_rate=np.array([e["heart_rate"] for e in examples]))
+    generated = read_generated(tmp_path / "other.npz")
+    assert generated.ecg.shape == (8, 1024, 12)
+    report = ev.evaluate_generated(generated, clip, dataset.data_dir, "validation", tmp_path / "out",
+                                   rules=load_rules().select(["sn"]), n_boot=20)
+    assert report["signal_level"]["n_generated"] == 8 and report["signal_level"]["n_real"] == 13
+    assert report["diagnostic_level"]["clip_score_generated"] is not None  # text embeddings found by prompt
+    assert report["by_condition"][0]["condition"] == "sn" and report["by_condition"][0]["samples"] == 8
+    assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_protocols_and_their_errors():
+    assert ev.protocol("paper").references == "reconstruction" and ev.protocol("paper").steps == 1000
+    assert ev.protocol("fast").references == "raw"
+    with pytest.raises(ValueError, match="--protocol must be one of"):
+        ev.protocol("quick")
+
+
+@pytest.mark.slow
+def test_evaluate_command_paper_protocol_by_condition_and_ablation(clip, dataset, tmp_path, capsys):
+    """`evaluate` end to end: the paper protocol (reconstructed references, DDPM; 2 steps to stay quick), per
+    condition, and two model directories (with and without patient information) compared side by side."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import tiny_model_dir
+
+    with_patient = tiny_model_dir(tmp_path / "with", text_dim=tiny_ecg_dataset.EMBEDDING_DIM)
+    without = tiny_model_dir(tmp_path / "without", text_dim=tiny_ecg_dataset.EMBEDDING_DIM, patient_features="none")
+    model_dirs.write_component(with_patient, "clip", clip[0], clip[1], provenance={"source": "test"})
+    args = ["evaluate", "--model-dir", str(with_patient), str(without), "--labels", "with", "without",
+            "--dataset", dataset.data_dir, "--split", "validation", "--protocol", "paper", "--steps", "2",
+            "--by-condition", "--conditions", "sn", "--records-per-condition", "5", "--samples-per-record", "2",
+            "--batch-size", "8", "--n-boot", "20", "--workers", "1", "--out", str(tmp_path / "eval")]
+    assert main(args) == 0
+    for label in ("with", "without"):
+        report = json.loads((tmp_path / "eval" / label / "report.json").read_text())
+        assert report["protocol"]["name"] == "paper" and report["protocol"]["references"] == "reconstruction"
+        assert report["signal_level"]["n_generated"] == 10 and report["signal_level"]["n_real"] == 5
+        assert report["by_condition"][0]["condition"] == "sn" and report["by_condition"][0]["samples"] == 10
+    assert json.loads((tmp_path / "eval" / "comparison.json").read_text())["models"][1]["model"] == "without"
+    capsys.readouterr()
+    # Bad combinations are one line before anything runs.
+    assert main(["evaluate", "--dataset", dataset.data_dir, "--out", str(tmp_path / "x")]) == 2
+    assert "either --model-dir" in capsys.readouterr().err
+    assert main(["evaluate", "--model-dir", str(with_patient), "--labels", "a", "b", "--dataset", dataset.data_dir,
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "one label per --model-dir" in capsys.readouterr().err

@@ -1,0 +1,48 @@
+"""Reading generated ECGs back with their conditions: NPZ, WFDB folders (ours and others'), corpora."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffusets_jax.io.generated import read_generated
+from diffusets_jax.io.wfdb_out import write_records
+
+
+def _ecgs(n, length=1024, seed=0):
+    return np.random.default_rng(seed).normal(0, 0.2, (n, length, 12)).astype(np.float32)
+
+
+def test_our_wfdb_records_carry_their_conditions(tmp_path):
+    ecgs = _ecgs(3)
+    write_records(tmp_path / "wfdb", ecgs, [f"s{i}" for i in range(3)],
+                  [{"prompt": "Most importantly, the 1st diagnosis is {Sinus rhythm}.", "sex": "F", "age": 50.0,
+                    "heart_rate": 70.0 + i} for i in range(3)], output_fs=500)
+    (tmp_path / "wfdb" / "broken.hea").write_text("not a header\n")
+    got = read_generated(tmp_path / "wfdb")
+    assert got.ecg.shape == (3, 1024, 12) and got.heart_rate.tolist() == [70.0, 71.0, 72.0]
+    assert got.sex.tolist() == [0, 0, 0] and got.prompts[0].startswith("Most importantly")
+    np.testing.assert_allclose(got.ecg, ecgs, atol=0.02)  # 500 Hz and back, 16-bit quantised
+    assert sum(got.skipped.values()) == 1
+
+
+def test_npz_errors_and_conditions(tmp_path):
+    np.savez(tmp_path / "a.npz", ecg=_ecgs(2), heart_rate=np.array([60.0, 80.0]),
+             report=np.array(["Sinus rhythm|Normal ECG", "Atrial fibrillation"]))
+    got = read_generated(tmp_path / "a.npz")
+    assert got.reports == [("Sinus rhythm", "Normal ECG"), ("Atrial fibrillation",)]
+    assert np.isnan(got.age).all() and got.sex.tolist() == [-1, -1] and got.text_embedding is None
+    np.savez(tmp_path / "b.npz", signal=_ecgs(1))
+    with pytest.raises(ValueError, match="no 'ecg' array"):
+        read_generated(tmp_path / "b.npz")
+    np.savez(tmp_path / "c.npz", ecg=_ecgs(2)[..., :8])
+    with pytest.raises(ValueError, match=r"expected \(n, samples, 12\)"):
+        read_generated(tmp_path / "c.npz")
+    np.savez(tmp_path / "d.npz", ecg=_ecgs(2), heart_rate=np.array([60.0]))
+    with pytest.raises(ValueError, match="'heart_rate' has 1 entries for 2 ECGs"):
+        read_generated(tmp_path / "d.npz")
+    with pytest.raises(FileNotFoundError):
+        read_generated(tmp_path / "nope.npz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not an .npz, a folder of WFDB records, or a dataset folder"):
+        read_generated(tmp_path / "empty")

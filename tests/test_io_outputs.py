@@ -1,0 +1,159 @@
+"""`sample`'s outputs: NPZ / WFDB / PNG / manifest, resumable corpora, and folders that are never a user's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import wfdb
+
+from diffusets_jax.cli import main
+from diffusets_jax.conditioning.requests import make_condition
+from diffusets_jax.diffusion.samplers import sampler_config
+from diffusets_jax.ecg.leads import STANDARD_LEADS
+from diffusets_jax.io.corpus import write_corpus
+from diffusets_jax.io.outputs import parse_formats, sample_to_directory
+from diffusets_jax.pipeline import ECGGenerator
+from tests.helpers.tiny_models import TEXT_DIM
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir, openai_env):
+    return ECGGenerator(model_dir, sampler_config("ddim", steps=2), batch_size=8, seed=1)
+
+
+SAMPLE = ["--text", "Sinus tachycardia|Abnormal ECG", "--sex", "F", "--age", "37", "--hr", "110", "--steps", "2",
+          "--batch-size", "8"]
+
+
+def test_sample_command_writes_npz_wfdb_png_and_manifest(model_dir, openai_env, tmp_path):
+    out = tmp_path / "out"
+    assert main(["sample", "--model-dir", str(model_dir), "--out", str(out), *SAMPLE, "-n", "2", "--wfdb-fs", "500"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 2 and not manifest["skipped"] and manifest["npz"] == ["samples.npz"]
+    with np.load(out / "samples.npz") as data:
+        assert data["ecg"].shape == (2, 1024, 12)
+        assert data["heart_rate"].tolist() == [110.0, 110.0]
+        assert data["prompt"][0].startswith("Most importantly, the 1st diagnosis is {Sinus tachycardia}.")
+        ecg0 = data["ecg"][0]
+    record = wfdb.rdrecord(str(out / manifest["samples"][0]["wfdb"]))
+    assert record.sig_name == list(STANDARD_LEADS) and record.fs == 500 and record.p_signal.shape == (5000, 12)
+    assert any("Sinus tachycardia" in c for c in record.comments)
+    from scipy.signal import resample
+
+    back = resample(record.p_signal, 1024, axis=0)  # the 500 Hz record is the generated signal resampled
+    assert np.max(np.abs(back - ecg0)) < 0.01 + 0.05 * np.max(np.abs(ecg0))
+    assert (out / manifest["samples"][1]["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / ".parts").exists()  # per-batch parts are merged and removed
+
+
+def test_a_crashed_run_resumes_and_completes_identically(generator, tmp_path):
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 11)]
+    reference = sample_to_directory(generator, conditions, tmp_path / "ref", formats=["npz"], progress=False)
+    with np.load(tmp_path / "ref" / "samples.npz") as data:
+        expected = data["ecg"]
+
+    class Crash(RuntimeError):
+        pass
+
+    def crashing(batches):
+        for i, batch in enumerate(batches):
+            if i == 1:
+                raise Crash
+            yield batch
+
+    original = generator.generate
+    generator.generate = lambda *a, **k: crashing(original(*a, **k))
+    try:
+        with pytest.raises(Crash):
+            sample_to_directory(generator, conditions, tmp_path / "out", formats=["npz"], progress=False)
+    finally:
+        generator.generate = original
+    assert len(list((tmp_path / "out" / ".parts").glob("batch-*.npz"))) == 1  # batch 0 survived the crash
+    resumed = sample_to_directory(generator, conditions, tmp_path / "out", formats=["npz"], progress=False)
+    with np.load(tmp_path / "out" / "samples.npz") as data:
+        np.testing.assert_array_equal(data["ecg"], expected)
+    assert resumed["count"] == reference["count"] == 11
+
+
+def test_user_folders_are_refused_and_overwrite_replaces_them_as_a_whole(model_dir, openai_env, tmp_path, capsys):
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "thesis.tex").write_text("years of work")
+    args = ["sample", "--model-dir", str(model_dir), *SAMPLE, "--formats", "npz"]
+    assert main([*args, "--out", str(users)]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty and was not written by diffusets-jax sample" in err and len(err.strip().splitlines()) == 1
+    assert (users / "thesis.tex").read_text() == "years of work"
+    # Our own run with other settings: refused, naming what changed; the same settings: nothing to redo.
+    ours = tmp_path / "ours"
+    assert main([*args, "--out", str(ours), "-n", "6"]) == 0
+    before = (ours / "samples.npz").read_bytes()
+    assert main([*args, "--out", str(ours), "-n", "2"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert main([*args, "--out", str(ours), "-n", "6"]) == 0
+    assert (ours / "samples.npz").read_bytes() == before
+    # --overwrite replaces the folder as a whole: nothing of the old run is left beside the new one.
+    assert main([*args, "--out", str(ours), "-n", "2", "--formats", "npz,wfdb", "--overwrite"]) == 0
+    manifest = json.loads((ours / "manifest.json").read_text())
+    assert manifest["count"] == 2 and len(list((ours / "wfdb").glob("*.hea"))) == 2
+    assert not [p for p in ours.parent.iterdir() if p.name.startswith(".ours.")]  # no staging left behind
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--formats", "npz,gif"], "unknown gif"),
+    (["--steps", "0"], "steps must be a positive"),
+    (["--batch-size", "0"], "--batch-size must be a positive"),
+    (["--wfdb-fs", "-5"], "--wfdb-fs must be a positive"),
+])
+def test_bad_sample_flags_fail_at_once_with_one_line(model_dir, tmp_path, capsys, extra, match):
+    out = tmp_path / "out"
+    args = ["sample", "--model-dir", str(model_dir), "--out", str(out), *SAMPLE]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()  # checked before anything was created
+
+
+def test_output_path_that_is_a_file_is_refused_before_any_work(model_dir, tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    assert main(["sample", "--model-dir", str(model_dir), "--out", str(target), *SAMPLE]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
+def test_parse_formats():
+    assert parse_formats("npz, WFDB,npz") == ["npz", "wfdb"]
+    with pytest.raises(ValueError, match="nothing chosen"):
+        parse_formats(" , ")
+
+
+def test_corpus_is_resumable_refuses_other_settings_and_reads_back_with_tfds(generator, tmp_path):
+    import tensorflow_datasets as tfds
+
+    from diffusets_jax.data.card import read_card
+
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 10), make_condition("Sinus bradycardia", "M", 70, 48, 7)]
+    out = tmp_path / "corpus"
+    first = write_corpus(generator, conditions, out, shard_size=8, progress=False)
+    assert first == {"examples": 17, "shards": 3, "written": 3, "skipped": 0}
+    shards = sorted(p for p in out.iterdir() if ".tfrecord-" in p.name)
+    before = {p.name: p.read_bytes() for p in shards}
+    shards[1].unlink()  # a crash lost the middle shard
+    second = write_corpus(generator, conditions, out, shard_size=8, progress=False)
+    assert second["written"] == 1 and second["skipped"] == 2
+    assert shards[1].read_bytes() == before[shards[1].name]  # regenerated identically
+    with pytest.raises(ValueError, match="other settings"):
+        write_corpus(generator, conditions[:1], out, shard_size=8, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        write_corpus(generator, conditions, out, shard_size=16, progress=False)
+    builder = tfds.builder_from_directory(str(out))
+    examples = list(tfds.as_numpy(builder.as_dataset(split="train")))
+    assert len(examples) == 17
+    assert {e["heart_rate_source"].decode() for e in examples} == {"condition"}
+    assert examples[0]["ecg"].shape == (1024, 12) and examples[0]["text_embedding"].shape == (TEXT_DIM,)
+    assert sorted(int(e["sex"]) for e in examples) == [0] * 10 + [1] * 7
+    card = read_card(builder)
+    assert card["kind"] == "corpus" and card["conditioning"]["embedder"]["dim"] == TEXT_DIM

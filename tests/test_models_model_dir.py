@@ -1,0 +1,101 @@
+"""The model directory: model_index.json written atomically under a lock, components replaced whole, the old
+generation.json format still read."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from diffusets_jax.diffusion.schedule import DiffusionSpec
+from diffusets_jax.models import model_dir as model_dirs
+from tests.helpers.tiny_models import openai_conditioning, tiny_vae_unet
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_vae_unet()
+
+
+def test_components_are_recorded_with_uid_provenance_and_conditioning(parts, tmp_path):
+    vae, vae_vars, unet, unet_vars = parts
+    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "test"})
+    vae_uid = model_dirs.read_index(tmp_path).components["vae"]["uid"]
+    model_dirs.write_component(tmp_path, "unet", unet, unet_vars, provenance={"source": "test"},
+                               conditioning=openai_conditioning(), diffusion=DiffusionSpec(latent_std=0.2),
+                               vae_uid=vae_uid)
+    raw = json.loads((tmp_path / "model_index.json").read_text())
+    assert raw["format"] == model_dirs.INDEX_FORMAT and set(raw["components"]) == {"vae", "unet"}
+    assert raw["components"]["vae"]["latent_shape"] == [128, 4]
+    assert raw["components"]["unet"]["vae_uid"] == vae_uid and raw["components"]["unet"]["text_dim"] == 16
+    assert raw["components"]["vae"]["provenance"]["code"]["package_version"]
+    assert raw["conditioning"]["embedder"]["dim"] == 16 and raw["diffusion"]["latent_std"] == 0.2
+    index = model_dirs.read_index(tmp_path)
+    assert index.conditioning == openai_conditioning() and index.diffusion == DiffusionSpec(latent_std=0.2)
+    # Replacing the VAE keeps the U-Net's entry and gives the new VAE a new uid.
+    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "retrained"})
+    again = model_dirs.read_index(tmp_path)
+    assert again.components["vae"]["uid"] != vae_uid and again.components["unet"] == index.components["unet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model_index.lock", "model_index.json", "unet", "vae"]
+
+
+def test_a_unet_needs_its_conditioning_and_a_matching_embedder_width(parts, tmp_path):
+    _, _, unet, unet_vars = parts
+    with pytest.raises(ValueError, match="conditioning"):
+        model_dirs.write_component(tmp_path, "unet", unet, unet_vars, provenance={})
+    with pytest.raises(ValueError, match="takes 16-d text but its embedder"):
+        model_dirs.write_component(tmp_path, "unet", unet, unet_vars, provenance={},
+                                   conditioning=openai_conditioning(text_dim=384), diffusion=DiffusionSpec())
+    assert not (tmp_path / "unet").exists()
+    with pytest.raises(ValueError, match="must be one of"):
+        model_dirs.write_component(tmp_path, "decoder", unet, unet_vars, provenance={})
+
+
+def test_concurrent_writers_never_lose_each_others_entries(parts, tmp_path):
+    """Two trainings finishing into one directory at once (a VAE and a CLIP): both entries survive the lock."""
+    vae, vae_vars, _, _ = parts
+    errors = []
+
+    def write(name):
+        try:
+            model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"who": name})
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(f"w{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    index = model_dirs.read_index(tmp_path)
+    assert index.components["vae"]["provenance"]["who"] in {"w0", "w1", "w2"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".vae.", ".model_index.json.tmp"))]
+
+
+def test_index_errors_name_the_file(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="is not a diffusets-jax model index"):
+        model_dirs.read_index(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"format": model_dirs.INDEX_FORMAT, "format_version": 99}))
+    with pytest.raises(ValueError, match="newer diffusets-jax"):
+        model_dirs.read_index(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "format": model_dirs.INDEX_FORMAT, "components": {}, "conditioning": {"embedder": {"kind": "cohere",
+                                                                                           "model": "x", "dim": 3}}}))
+    with pytest.raises(ValueError, match="model_index.json: embedder kind must be one of"):
+        model_dirs.read_index(tmp_path)
+    (tmp_path / "model_index.json").unlink()
+    (tmp_path / "generation.json").write_text(json.dumps({"embedder": "openai", "mystery": 1}))
+    with pytest.raises(ValueError, match="is not a diffusets-jax generation.json; write the model directory again"):
+        model_dirs.read_index(tmp_path)
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        model_dirs.read_index(file)
+
+
+def test_require_says_how_to_add_a_missing_component(tmp_path):
+    with pytest.raises(ValueError, match=r"has no clip \(it has nothing\).*train clip"):
+        model_dirs.require(model_dirs.read_index(tmp_path), tmp_path, "clip")

@@ -1,0 +1,92 @@
+"""`sample` and `evaluate` on two hosts (two local processes x 4 CPU devices, gloo): each process takes its share
+of the batches and writes its own part; one manifest / one report at the end; the ECGs are the one-host ECGs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffusets_jax.cli import main
+from tests.helpers.fake_openai_server import fake_openai_env
+from tests.helpers.tiny_models import TEXT_DIM, tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run_two_processes(argv: list[str], extra_env: dict[str, str]) -> None:
+    port = _free_port()
+    procs = []
+    for process_id in range(2):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(extra_env, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
+                   PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, "-m", "diffusets_jax", *argv], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_hosts_sample_their_share_and_write_one_manifest(tmp_path):
+    models = tiny_model_dir(tmp_path / "models")
+    common = ["sample", "--model-dir", str(models), "--text", "Sinus rhythm|Normal ECG", "--sex", "F", "--age", "50",
+              "--hr", "70", "-n", "20", "--steps", "2", "--sampler", "ddim", "--batch-size", "8", "--formats", "npz,wfdb"]
+    with fake_openai_env(TEXT_DIM) as server:
+        run_two_processes([*common, "--out", str(tmp_path / "two")],
+                          {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url})
+        assert len(server.received) == 1  # process 0 embedded the prompt once and shared it
+        assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["count"] == 20 and manifest["processes"] == 2 and not manifest["skipped"]
+    # One disk shared by both hosts (as here): process 0 merged every host's batches into one NPZ.
+    assert manifest["npz"] == ["samples.npz"]
+    with np.load(tmp_path / "two" / "samples.npz") as two, np.load(tmp_path / "one" / "samples.npz") as one:
+        assert two["position"].tolist() == list(range(20))
+        np.testing.assert_allclose(two["ecg"], one["ecg"], atol=1e-5)  # batch b's noise does not depend on the host
+    assert len(list((tmp_path / "two" / "wfdb").glob("*.hea"))) == 20
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_hosts_evaluate_and_process_zero_writes_one_report(tmp_path):
+    import jax
+
+    from diffusets_jax.models import model_dir as model_dirs
+    from diffusets_jax.models.clip import CLIP
+    from diffusets_jax.parallel import jit_run_once
+    from tests.helpers import tiny_ecg_dataset
+
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    models = tiny_model_dir(tmp_path / "models", text_dim=tiny_ecg_dataset.EMBEDDING_DIM)
+    clip = CLIP(base_filters=8, filters=(8,), blocks_per_stage=(1,), group_width=8, kernel_size=4,
+                text_dim=tiny_ecg_dataset.EMBEDDING_DIM, text_hidden_dim=16, embed_dim=8)
+    variables = jit_run_once(lambda k: clip.init(k, np.zeros((2, 1024, 12), np.float32),
+                                                 np.zeros((2, tiny_ecg_dataset.EMBEDDING_DIM), np.float32)),
+                             jax.random.PRNGKey(0))
+    model_dirs.write_component(models, "clip", clip, variables, provenance={"source": "test"})
+    argv = ["evaluate", "--model-dir", str(models), "--dataset", builder.data_dir, "--split", "validation",
+            "--sampler", "ddim", "--steps", "2", "--batch-size", "8"]
+    run_two_processes([*argv, "--out", str(tmp_path / "two")], {})
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert two["feature_level"]["n_real"] == one["feature_level"]["n_real"] == 13
+    assert two["feature_level"]["fid"] == pytest.approx(one["feature_level"]["fid"], rel=1e-4, abs=1e-6)
+    assert two["diagnostic_level"]["clip_score_generated"] == pytest.approx(
+        one["diagnostic_level"]["clip_score_generated"], rel=1e-4)

@@ -1,0 +1,147 @@
+"""The library entry point: a model directory in, sharded deterministic ECGs out, conditioned as recorded."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from diffusets_jax.conditioning.requests import make_condition
+from diffusets_jax.diffusion.samplers import sample, sampler_config
+from diffusets_jax.diffusion.schedule import DiffusionSpec, make_schedule
+from diffusets_jax.models import model_dir as model_dirs
+from diffusets_jax.pipeline import ECGGenerator
+from tests.helpers.fake_openai_server import fake_openai_env
+from tests.helpers.tiny_models import FAKE_EMBEDDER, TEXT_DIM, tiny_model_dir, tiny_vae_unet
+
+
+def test_ddpm_clips_x0_as_the_model_directory_says(model_dir, tmp_path):
+    """sampler_config("ddpm") leaves clipping to the model: on for the published diffusion, off for one whose
+    latents are not within [-1, 1]; an explicit choice always wins."""
+    assert sampler_config("ddpm").clip_sample is None
+    assert sampler_config("dpmpp_2m").clip_sample is False
+    assert ECGGenerator(model_dir, sampler_config("ddpm")).sampler.clip_sample is True
+    unit_variance = tiny_model_dir(tmp_path / "model", diffusion=DiffusionSpec(latent_scale=1.07, scale_by_std=True,
+                                                                               clip_sample=False))
+    assert ECGGenerator(unit_variance, sampler_config("ddpm")).sampler.clip_sample is False
+    assert ECGGenerator(unit_variance, sampler_config("ddpm", clip_sample=True)).sampler.clip_sample is True
+    with pytest.raises(ValueError, match="clip_sample is None"):
+        sample(lambda x, t, c: x, make_schedule(), {"sex": np.zeros(2)}, jax.random.key(0), sampler_config("ddpm", steps=2))
+
+
+def test_generation_is_sharded_deterministic_and_padding_free(model_dir, openai_env):
+    sampler = sampler_config("dpmpp_2m", steps=3)
+    gen = ECGGenerator(model_dir, sampler, batch_size=8, seed=3)
+    assert gen.batch_size % jax.device_count() == 0
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 5), make_condition("Atrial fibrillation", "M", 80, 110, 6)]
+    batches = list(gen.generate(conditions))
+    ecgs = np.concatenate([b.ecgs for b in batches])
+    assert ecgs.shape == (11, 1024, 12) and np.isfinite(ecgs).all()
+    assert [len(b.conditions) for b in batches] == [8, 3]  # the last batch is padded inside, trimmed outside
+    assert [b.start for b in batches] == [0, 8]
+    again = np.concatenate([b.ecgs for b in ECGGenerator(model_dir, sampler, batch_size=8, seed=3).generate(conditions)])
+    np.testing.assert_array_equal(ecgs, again)
+    other = np.concatenate([b.ecgs for b in ECGGenerator(model_dir, sampler, batch_size=8, seed=4).generate(conditions)])
+    assert not np.allclose(ecgs, other)
+    assert not np.allclose(ecgs[0], ecgs[1])  # same condition, different noise within a batch
+    # A batch generated alone (a resumed run, another host) is the batch generated in sequence.
+    alone = next(ECGGenerator(model_dir, sampler, batch_size=8, seed=3).generate(conditions, batches=[1]))
+    np.testing.assert_array_equal(alone.ecgs, batches[1].ecgs)
+
+
+def test_prompts_reach_the_recorded_embedder_in_the_recorded_style(model_dir, openai_env):
+    openai_env.received.clear()
+    openai_env.models.clear()
+    gen = ECGGenerator(model_dir, sampler_config("ddim", steps=2), batch_size=8)
+    list(gen.generate([make_condition("Sinus rhythm|Normal ECG", "F", 40, 60, 2)]))
+    assert openai_env.models == [FAKE_EMBEDDER]
+    assert openai_env.received == [["Most importantly, the 1st diagnosis is {Sinus rhythm}."
+                                    "As a supplementary condition, the 2nd diagnosis is {Normal ECG}."]]
+
+
+def test_directories_whose_parts_do_not_fit_are_refused(model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ECGGenerator(tmp_path / "absent")
+    only_vae = tmp_path / "only_vae"
+    vae, vae_vars, _, _ = tiny_vae_unet()
+    model_dirs.write_component(only_vae, "vae", vae, vae_vars, provenance={})
+    with pytest.raises(ValueError, match="has no unet .*train unet"):
+        ECGGenerator(only_vae)
+    # The VAE replaced after the U-Net was trained on the old one's latents.
+    replaced = tmp_path / "replaced"
+    shutil.copytree(model_dir, replaced)
+    model_dirs.write_component(replaced, "vae", vae, vae_vars, provenance={})
+    with pytest.raises(ValueError, match=r"trained on latents of VAE .*\(replaced since\)"):
+        ECGGenerator(replaced)
+    # An index whose embedder width disagrees with the U-Net's text input.
+    wrong = tmp_path / "wrong"
+    shutil.copytree(model_dir, wrong)
+    index = json.loads((wrong / "model_index.json").read_text())
+    index["conditioning"]["embedder"]["dim"] = 384
+    (wrong / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="takes 16-d text embeddings but the recorded embedder"):
+        ECGGenerator(wrong)
+    (wrong / "model_index.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model_index.json line 1: not valid JSON"):
+        ECGGenerator(wrong)
+
+
+def test_a_directory_written_before_model_index_still_loads(model_dir, tmp_path, openai_env):
+    """generation.json + vae/ + unet/ (the previous format) is read as the index it describes."""
+    legacy = tmp_path / "legacy"
+    for name in ("vae", "unet"):
+        shutil.copytree(model_dir / name, legacy / name)
+    (legacy / "generation.json").write_text(json.dumps({
+        "embedder": "openai", "embedder_options": {"dim": TEXT_DIM, "model": FAKE_EMBEDDER},
+        "patient_features": "normalised", "schedule": {}, "latent_scale": 0.18215, "clip_sample": True}))
+    gen = ECGGenerator(legacy, sampler_config("ddim", steps=2), batch_size=8)
+    assert gen.index.legacy and gen.conditioning.embedder.model == FAKE_EMBEDDER
+    assert gen.conditioning.patient_features == "normalised"
+    expected = next(ECGGenerator(model_dir, sampler_config("ddim", steps=2), batch_size=8).generate(
+        [make_condition("Sinus rhythm", "F", 40, 60, 1)])).ecgs
+    got = next(gen.generate([make_condition("Sinus rhythm", "F", 40, 60, 1)])).ecgs
+    np.testing.assert_array_equal(got, expected)
+    assert dataclasses.asdict(gen.diffusion.schedule) == dataclasses.asdict(DiffusionSpec().schedule)
+
+
+@pytest.mark.slow
+def test_sample_with_converted_reference_checkpoints(tmp_path):
+    """The published architecture end to end: convert reference-filled .npz state dicts, then `sample`."""
+    import wfdb
+
+    from diffusets_jax.cli import main
+    from diffusets_jax.ecg.leads import STANDARD_LEADS
+    from tests.helpers.reference_weights import reference_state_dict, reference_vae_state_dict
+
+    vae_sd = {f"{part}.{k}": v for part, sd in reference_vae_state_dict().items() for k, v in sd.items()}
+    np.savez(tmp_path / "vae_model.npz", **vae_sd)
+    np.savez(tmp_path / "unet_all.npz", **reference_state_dict("unet"))
+    models = tmp_path / "models"
+    assert main(["convert", "--vae", str(tmp_path / "vae_model.npz"), "--unet", str(tmp_path / "unet_all.npz"),
+                 "--out", str(models)]) == 0
+    index = model_dirs.read_index(models)
+    embedder = index.conditioning.embedder
+    assert (embedder.kind, embedder.model, embedder.dim) == ("openai", "text-embedding-ada-002", 1536)
+    assert index.conditioning.patient_features == "faithful" and index.diffusion.clip_sample
+    assert index.components["unet"]["vae_uid"] == index.components["vae"]["uid"]  # converted together: a pair
+    assert index.sampling["latent_std_source"].startswith("assumed") and all(
+        v["passed"] and v["latent_std"] == 0.18 for v in index.sampling["validated"])
+    out = tmp_path / "out"
+    with fake_openai_env(1536) as server:
+        assert main(["sample", "--model-dir", str(models), "--out", str(out), "--text", "Sinus rhythm",
+                     "--sex", "M", "--age", "50", "--hr", "90", "-n", "2", "--steps", "2", "--batch-size", "8"]) == 0
+        assert server.models == ["text-embedding-ada-002"]
+        assert server.received == [["Most importantly, the 1st diagnosis is {Sinus rhythm}."]]
+    manifest = json.loads((out / "manifest.json").read_text())
+    with np.load(out / "samples.npz") as data:
+        ecgs = data["ecg"]
+    assert ecgs.shape == (2, 1024, 12) and np.isfinite(ecgs).all()
+    for entry, ecg in zip(manifest["samples"], ecgs, strict=True):
+        record = wfdb.rdrecord(str(out / entry["wfdb"]))
+        assert record.fs == 102.4 and record.sig_name == list(STANDARD_LEADS)
+        np.testing.assert_allclose(record.p_signal, ecg, atol=1e-3)  # 16-bit quantisation at 1000 adu/mV
+        assert (out / entry["png"]).stat().st_size > 10_000
