@@ -73,7 +73,7 @@ from diffusets_jax.diffusion.observations import Observation, check_observation,
 from diffusets_jax.diffusion.samplers import (
     SamplerConfig,
     ddim_step,
-    make_timesteps,
+    sampler_timesteps,
     unet_model_fn,
     vae_decode_fn,
 )
@@ -340,7 +340,7 @@ def posterior_sample(
                                                    drift_std=repeat(observation.drift_std))
     chain = _Chain(model, decode_fn, schedule, repeated_cond, repeated_observation, config, constrain)
 
-    grid = make_timesteps(schedule.num_timesteps, cfg.steps, cfg.timestep_spacing)
+    grid = sampler_timesteps(cfg, schedule)
     prev_grid = np.concatenate([grid[1:], [-1]]).astype(np.int32)
     n = len(grid)
     t_start = strength_timestep(strength, schedule.num_timesteps)
