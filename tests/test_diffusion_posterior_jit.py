@@ -116,8 +116,9 @@ def test_jit_digital_twin_with_guidance_starts_from_the_reference():
     kept = twin(unet_vars, vae_vars, reference, observation, shard(patient_cond()), jax.random.key(2), 0.0, null)
     encode = vae_encode_fn(VAE_MODULE, vae_vars)
     decode = vae_decode_fn(VAE_MODULE, vae_vars)
-    # the same computation, fused differently inside the chain's program: float32 rounding, relative 1e-5
-    np.testing.assert_allclose(np.asarray(kept.ecg), np.asarray(decode(encode(reference, None))), rtol=1e-5, atol=1e-5)
+    # the same computation, fused differently inside the chain's program: float32 rounding (since main's decoder
+    # runs short convolutions as one matmul, up to 2e-5 mV on values near 1 mV); a wrong start is off by ~0.1 mV
+    np.testing.assert_allclose(np.asarray(kept.ecg), np.asarray(decode(encode(reference, None))), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_inputs_fail_before_anything_is_computed():
