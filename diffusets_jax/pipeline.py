@@ -33,8 +33,7 @@ from diffusets_jax import parallel
 from diffusets_jax.conditioning.patient import patient_features
 from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.diffusion.guidance import fixed_null_condition
-from diffusets_jax.diffusion.sampler_validation import PUBLISHED_LATENT_STD
-from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate
+from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, resolve_for_model
 from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.io.progress import progress_bar
 from diffusets_jax.models import model_dir as model_dirs
@@ -71,6 +70,9 @@ class ECGGenerator:
         embedder_overrides: dict[str, Any] | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
+        if self.model_dir.exists() and not self.model_dir.is_dir():
+            raise NotADirectoryError(f"--model-dir {self.model_dir} is a file, not a model directory (the folder "
+                                     "holding model_index.json, vae/ and unet/)")
         if not self.model_dir.is_dir():
             raise FileNotFoundError(f"model directory {self.model_dir} does not exist (write one with `diffusets-jax "
                                     "convert --out DIR` or `diffusets-jax train ... --model-dir DIR`)")
@@ -83,11 +85,7 @@ class ECGGenerator:
         model_dirs.check_generation_parts(self.model_dir, self.index, self.vae, self.unet)
         self.conditioning = self.index.conditioning
         self.diffusion = self.index.diffusion
-        sampler = sampler if sampler is not None else SamplerConfig()
-        if sampler.clip_sample is None:  # "as the model directs"
-            sampler = dataclasses.replace(sampler, clip_sample=self.diffusion.clip_sample)
-        if sampler.data_std is None:  # DDIM's validated grid follows the model's latent std
-            sampler = dataclasses.replace(sampler, data_std=self.diffusion.latent_std or PUBLISHED_LATENT_STD)
+        sampler = resolve_for_model(sampler if sampler is not None else SamplerConfig(), self.diffusion)
         self.sampler = sampler
         self.seed = seed
         self.mesh = parallel.local_mesh()
@@ -234,7 +232,8 @@ class ECGGenerator:
                 ecgs = self.generate_batch(cond, index)
                 if bar is not None:
                     bar.update(len(chunk))
-                    bar.set_postfix(ecg_per_s=f"{len(chunk) / (time.perf_counter() - began):.2f}")
+                    bar.set_postfix(ecg_per_s=f"{len(chunk) / (time.perf_counter() - began):.2f}",
+                                    refresh=False)  # drawn at the bar's pace, not once per batch in a log file
                 yield GeneratedBatch(index, start, chunk, prompts[start : start + len(chunk)], ecgs)
         finally:
             if bar is not None:

@@ -1,7 +1,7 @@
 """The Apache Beam path of the builders (DirectRunner) gives the same examples as local worker processes.
 
-apache-beam pins protobuf < 7 and is not part of the default environment; this test runs where it is
-installed (`pip install apache-beam` beside the project) and is skipped elsewhere.
+apache-beam comes with the `tfds-cli` extra (`pip install -e '.[tfds-cli]'`, which `make install` uses); this test
+is skipped where it is not installed.
 """
 
 import csv

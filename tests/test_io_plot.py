@@ -112,3 +112,44 @@ def test_plot_command_draws_records_and_lists_bad_ones(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["written"] == 1 and list(summary["skipped"]) == [str(tmp_path / "broken")]
     assert (tmp_path / "png" / "gen_0.png").stat().st_size > 1000
+
+
+def test_long_prompts_wrap_over_the_lines_asked_for():
+    statements = [f"Statement number {i} of a long machine-read report" for i in range(9)]
+    conditions = {"prompt": "\n".join(statements), "sex": 1, "age": 63, "heart_rate": 75}
+    full = " | ".join(statements)
+    assert len(full) > 2 * plot.PROMPT_LINE_CHARS
+    lines = plot.prompt_lines_needed(conditions)
+    assert lines == 3 and plot.prompt_lines_needed({"prompt": "Sinus rhythm"}) == plot.prompt_lines_needed(None) == 1
+
+    def prompt_text(fig):
+        return next(t.get_text() for t in fig.texts if t.get_fontsize() == 7 and "Statement" in t.get_text())
+
+    one_line = plot_ecg(synthetic_ecg(), conditions=conditions)
+    assert prompt_text(one_line) == full[: plot.PROMPT_LINE_CHARS - 3] + "..."
+    wrapped = plot_ecg(synthetic_ecg(), conditions=conditions, prompt_lines=lines)
+    assert prompt_text(wrapped).replace("\n", " ") == full  # the whole report, over three lines
+    assert prompt_text(wrapped).count("\n") == 2
+    # The figure grows by the extra lines and the sheet keeps its mm scale.
+    extra_mm = (wrapped.get_figheight() - one_line.get_figheight()) * 25.4
+    assert extra_mm == pytest.approx(2 * plot.PROMPT_LINE_MM)
+    box = wrapped.axes[0].get_position()
+    assert box.height * wrapped.get_figheight() * 25.4 == pytest.approx(plot.SHEET_HEIGHT_MM)
+    # Fewer lines than needed: cut with "...".
+    two = prompt_text(plot_ecg(synthetic_ecg(), conditions=conditions, prompt_lines=2))
+    assert two.count("\n") == 1 and two.endswith("...") and len(two) <= 2 * plot.PROMPT_LINE_CHARS + 1
+    with pytest.raises(ValueError, match="prompt_lines must be a positive integer"):
+        plot_ecg(synthetic_ecg(), prompt_lines=0)
+
+
+def test_png_metadata_can_be_set_or_removed(tmp_path):
+    fig = plot_ecg(synthetic_ecg())
+    save_png(fig, tmp_path / "default.png", dpi=30)
+    save_png(fig, tmp_path / "none.png", dpi=30, metadata={"Software": None})
+    save_png(fig, tmp_path / "set.png", dpi=30, metadata={"Software": None, "Title": "sheet"})
+    with Image.open(tmp_path / "default.png") as image:
+        assert image.text["Software"].startswith("Matplotlib")
+    with Image.open(tmp_path / "none.png") as image:
+        assert image.text == {}
+    with Image.open(tmp_path / "set.png") as image:
+        assert image.text == {"Title": "sheet"}

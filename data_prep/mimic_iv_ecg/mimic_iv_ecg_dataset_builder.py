@@ -32,12 +32,12 @@ def find_patients_table(manual_dir: str) -> str:
     )
 
 
-def read_table(manual_dir: str, name: str, **kwargs) -> pd.DataFrame:  # noqa: ANN003
-    """Read one of the source CSVs (plain or .gz) with a clear error naming the file if it is missing."""
+def table_path(manual_dir: str, name: str) -> str:
+    """Path of one of the source CSVs (plain or .gz), with a clear error naming the file if it is missing."""
     for candidate in (name, name + ".gz"):
         path = os.path.join(manual_dir, candidate)
         if os.path.exists(path):
-            return pd.read_csv(path, **kwargs)
+            return path
     raise FileNotFoundError(f"{os.path.join(manual_dir, name)} not found: is the manual dir the MIMIC-IV-ECG download?")
 
 
@@ -76,27 +76,43 @@ class Builder(EcgDatasetBuilder):
 }"""
 
     def list_candidates(self, manual_dir: str) -> list[RecordCandidate]:
-        records = read_table(manual_dir, "record_list.csv", usecols=["subject_id", "study_id", "path"])
-        measurements = read_table(
-            manual_dir, "machine_measurements.csv", usecols=["study_id", *REPORT_COLUMNS, "rr_interval"], dtype={c: "string" for c in REPORT_COLUMNS}
-        ).drop_duplicates("study_id").set_index("study_id")
-        patients = pd.read_csv(find_patients_table(manual_dir), usecols=["subject_id", "gender", "anchor_age"])
+        # Rows that cannot be used are skipped and counted by read_table; a table without the columns it needs
+        # stops the build with one line. Report columns and rr_interval may be partly absent: what is there is used.
+        records_path = table_path(manual_dir, "record_list.csv")
+        records = self.read_table(records_path, what="MIMIC-IV-ECG record list",
+                                  required=("subject_id", "study_id", "path"), integers=("subject_id", "study_id"))
+        measurements_path = table_path(manual_dir, "machine_measurements.csv")
+        measurements = self.read_table(measurements_path, what="MIMIC-IV-ECG machine measurements",
+                                       required=("study_id",), optional=(*REPORT_COLUMNS, "rr_interval"),
+                                       integers=("study_id",))
+        if not any(column in measurements.columns for column in REPORT_COLUMNS):
+            raise ValueError(f"{measurements_path}: no report columns (report_0 ... report_17): is it the MIMIC-IV-ECG "
+                             "machine_measurements.csv?")
+        measurements = measurements.drop_duplicates("study_id").set_index("study_id")
+        rr = (pd.to_numeric(measurements["rr_interval"], errors="coerce") if "rr_interval" in measurements.columns
+              else pd.Series(float("nan"), index=measurements.index))
+        patients = self.read_table(find_patients_table(manual_dir), what="MIMIC-IV patients table",
+                                   required=("subject_id", "gender", "anchor_age"), integers=("subject_id",))
         patients = patients.drop_duplicates("subject_id").set_index("subject_id")
+        ages = pd.to_numeric(patients["anchor_age"], errors="coerce")  # an unreadable age counts as missing
         candidates = []
-        for subject_id, study_id, path in records.itertuples(index=False):
+        for subject_id, study_id, path, line in zip(records["subject_id"], records["study_id"], records["path"],
+                                                    records["_line"], strict=True):
             subject_id, study_id = int(subject_id), int(study_id)
+            if not isinstance(path, str) or not path.strip():
+                self._skip_row(records_path, line, "no record path")
+                continue
             lines: tuple[str, ...] = ()
             rr_ms = None
             if study_id in measurements.index:
-                row = measurements.loc[study_id]
-                lines = report_lines_of(row)
-                rr_ms = None if pd.isna(row["rr_interval"]) else float(row["rr_interval"])
+                lines = report_lines_of(measurements.loc[study_id])
+                rr_ms = None if pd.isna(rr.loc[study_id]) else float(rr.loc[study_id])
             age = sex = None
             known = subject_id in patients.index
             if known:
-                patient = patients.loc[subject_id]
-                age = None if pd.isna(patient["anchor_age"]) else float(patient["anchor_age"])
-                sex = None if pd.isna(patient["gender"]) else int(str(patient["gender"]).strip().upper() == "M")
+                age = None if pd.isna(ages.loc[subject_id]) else float(ages.loc[subject_id])
+                gender = patients.loc[subject_id, "gender"]
+                sex = None if pd.isna(gender) else int(str(gender).strip().upper() == "M")
             candidates.append(
                 RecordCandidate(
                     record_path=str(path).strip().removesuffix(".hea"), subject_id=subject_id, study_id=study_id,

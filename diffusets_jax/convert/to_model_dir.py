@@ -10,7 +10,6 @@ its width must equal the U-Net's text input, which is checked, never guessed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,9 @@ from typing import Any
 from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec, published_conditioning
 from diffusets_jax.diffusion.sampler_validation import validate_model_defaults
 from diffusets_jax.diffusion.schedule import DiffusionSpec
+from diffusets_jax.io.files import file_sha256
 
 COMPONENT_FLAGS = {"vae": "--vae", "unet": "--unet", "clip": "--clip"}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def unet_conditioning(text_dim: int, *, embedder_kind: str | None = None, embedder_model: str | None = None,

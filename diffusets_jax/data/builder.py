@@ -12,6 +12,13 @@ base then, for `tfds build` or `diffusets-jax prepare`:
    rewrites an interrupted build's TFRecords from scratch (it writes into an `incomplete.*` folder renamed at
    the end), but a rerun reuses every decoded chunk, so only the cheap serialisation is repeated;
 4. skips and counts bad records, writes `prepare_report.json` beside the dataset and prints a summary.
+
+Source tables (`read_table`) follow the same rule: a row that cannot be used (bytes that are not UTF-8, a
+malformed CSV line, an id that is not an integer) is skipped and counted as `bad_table_row` with its file and
+line; only a table that is unusable as a whole (missing, not CSV, a needed column absent) stops the build, with
+one line naming the file and what is missing. The dataset card records the manual dir and a fingerprint of its
+record list and metadata (`records_fingerprint`), so `prepare` can tell a complete dataset built from another
+download from this one's.
 """
 
 from __future__ import annotations
@@ -21,10 +28,14 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import math
 import multiprocessing
 import os
+import re
 import sys
+import warnings
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -37,12 +48,17 @@ from diffusets_jax.data import records as records_lib
 from diffusets_jax.data.card import write_card
 from diffusets_jax.data.records import ChunkResult, DecodeOptions, RecordCandidate
 from diffusets_jax.data.schema import ecg_features
-from diffusets_jax.io.files import write_json_atomic
+from diffusets_jax.io.files import check_input_file, write_json_atomic
+from diffusets_jax.io.progress import progress_bar
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 REPORT_FILENAME = "prepare_report.json"
 EXAMPLES_PER_REASON_IN_REPORT = 10
 EMBEDDING_DIMS: dict[str, int] = {"local": 384, "openai": 1536}  # MiniLM-L6; text-embedding-ada-002
+# Skip reason of a source-table row that cannot be used at all (beside records.SKIP_REASONS, which need a record).
+BAD_TABLE_ROW = "bad_table_row"
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under errors="surrogateescape"
+_PANDAS_SKIPPED_LINE = re.compile(r"Skipping line (\d+): (.*)")
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -152,15 +168,111 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         `embedder`: an already constructed embedder to use instead of `make_embedder(config.embedder,
         **config.embedder_options)` (e.g. one loaded model shared by several builds); it must give
         `config.embedding_dim`-d vectors. Other arguments go to tfds.core.GeneratorBasedBuilder."""
+        if workers is not None and int(workers) < 0:
+            raise ValueError(f"--workers must be 0 (decode in this process) or a number of processes, got {workers}")
+        if int(chunk_size) < 0:
+            raise ValueError(f"--chunk-size must be a positive number of records, got {chunk_size}")
         super().__init__(**kwargs)
         self._workers = workers
         self._chunk_size = int(chunk_size)
+        self._listed: tuple[str, list[RecordCandidate]] | None = None
+        self._table_skips: list[dict[str, str]] = []
         self._embedding_cache_path = embedding_cache_path
         self._embedder = embedder
 
     @abc.abstractmethod
     def list_candidates(self, manual_dir: str) -> list[RecordCandidate]:
         """Every record of the source with its metadata; unusable metadata stays None (counted later)."""
+
+    def candidates(self, manual_dir: str) -> list[RecordCandidate]:
+        """`list_candidates(manual_dir)`, read once per builder (prepare fingerprints them before building)."""
+        key = os.path.abspath(os.fspath(manual_dir))  # TFDS hands the same folder over as another string
+        if self._listed is None or self._listed[0] != key:
+            self._table_skips = []
+            self._listed = (key, self.list_candidates(os.fspath(manual_dir)))
+        return self._listed[1]
+
+    def records_fingerprint(self, manual_dir: str) -> dict[str, Any]:
+        """What the dataset is built from: the manual dir, its record count and a fingerprint of every record's
+        path and metadata and of the decode options (`records.chunk_fingerprint` over blocks of records)."""
+        candidates = self.candidates(manual_dir)
+        decode = self.builder_config.decode
+        block = 4096
+        digest = hashlib.sha256()
+        for start in range(0, len(candidates), block):
+            digest.update(records_lib.chunk_fingerprint(candidates[start : start + block], decode).encode())
+        return {"manual_dir": os.path.abspath(manual_dir), "records": len(candidates),
+                "records_fingerprint": digest.hexdigest()[:24]}
+
+    def read_table(self, path: str, *, what: str, required: Sequence[str], optional: Sequence[str] = (),
+                   integers: Sequence[str] = ()) -> Any:  # noqa: ANN401 (a pandas DataFrame)
+        """One of the source's CSV tables (plain or .gz) as a DataFrame of strings (empty cells NaN), `integers`
+        columns as int64, and `_line`, each row's line in the file.
+
+        Unusable as a whole (missing, a directory, not CSV text, a `required` column absent): one line naming the
+        file and what to do. Rows that are not UTF-8, malformed CSV lines, and rows whose `integers` columns do
+        not hold an integer are skipped and counted as `bad_table_row` in the build report.
+        """
+        import gzip
+
+        import pandas as pd
+
+        check_input_file(path, what)
+        try:
+            raw = gzip.decompress(open(path, "rb").read()) if path.endswith(".gz") else open(path, "rb").read()
+        except (OSError, EOFError) as err:
+            raise ValueError(f"{path}: cannot read the {what} ({err}): is the download complete?") from None
+        # Undecodable bytes are kept as surrogates so the lines holding them can be found, named and skipped.
+        # Split on newlines only (str.splitlines would also split a report at \r, \f, \x1c, ...).
+        lines = [line.removesuffix("\r") for line in raw.decode("utf-8-sig", errors="surrogateescape").split("\n")]
+        numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+        if not numbered or _NOT_UTF8.search(numbered[0][1]):
+            raise ValueError(f"{path}: no header line of UTF-8 column names: is it the {what}?")
+        kept = [numbered[0]]
+        for number, line in numbered[1:]:
+            if _NOT_UTF8.search(line):
+                self._skip_row(path, number, "not UTF-8 text")
+            else:
+                kept.append((number, line))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                table = pd.read_csv(io.StringIO("\n".join(line for _, line in kept)), dtype=object,
+                                    on_bad_lines="warn")
+            except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+                raise ValueError(f"{path}: not a readable CSV table ({' '.join(str(err).split())}): is it the "
+                                 f"{what}?") from None
+        malformed: set[int] = set()
+        for warning in caught:
+            for fed_line, why in _PANDAS_SKIPPED_LINE.findall(str(warning.message)):
+                malformed.add(int(fed_line))
+                self._skip_row(path, kept[int(fed_line) - 1][0], f"malformed CSV line ({why.strip()})")
+        missing = [column for column in required if column not in table.columns]
+        if missing:
+            raise ValueError(f"{path}: no column {', '.join(repr(c) for c in missing)} (it has "
+                             f"{', '.join(map(str, table.columns[:12]))}{' ...' if len(table.columns) > 12 else ''}): "
+                             f"is it the {what}?")
+        table = table[[c for c in (*required, *optional) if c in table.columns]].copy()
+        data_lines = [number for fed, (number, _) in enumerate(kept[1:], 2) if fed not in malformed]
+        # A quoted field spanning lines would shift this mapping; then rows are named by position instead.
+        table["_line"] = data_lines if len(data_lines) == len(table) else [f"row {i + 1}" for i in range(len(table))]
+        bad = pd.Series(False, index=table.index)
+        for column in integers:
+            values = pd.to_numeric(table[column], errors="coerce")
+            wrong = values.isna() | (values != values.round())
+            for line, value in zip(table.loc[wrong & ~bad, "_line"], table.loc[wrong & ~bad, column], strict=True):
+                self._skip_row(path, line, f"no {column}" if pd.isna(value) else f"{column} {value!r} is not an integer")
+            bad |= wrong
+            table[column] = values
+        table = table[~bad].copy()
+        for column in integers:
+            table[column] = table[column].astype("int64")
+        return table
+
+    def _skip_row(self, path: str, line: int | str, why: str) -> None:
+        where = f"{path} line {line}" if isinstance(line, int | np.integer) else f"{path} {line}"
+        self._table_skips.append({"record_path": where,
+                                  "detail": why})
 
     # ---- TFDS hooks --------------------------------------------------------------------------------------
 
@@ -185,14 +297,14 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         write_card(self.data_dir, kind="prepared", name=self.name, config=config.name, version=str(self.version),
                    conditioning=ConditioningSpec(embedder, prompt_style=config.prompt_style),
                    splits={split: n for split, n in report["examples_per_split"].items() if n},
-                   derived_from={"manual_dir": os.path.abspath(os.fspath(download_config.manual_dir or ""))},
+                   derived_from=self.records_fingerprint(os.fspath(download_config.manual_dir or "")),
                    records_skipped=report["records_skipped"])
         print(format_report_summary(self.name, report), file=sys.stderr)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):  # noqa: ANN201
         config = self.builder_config
         manual_dir = os.fspath(dl_manager.manual_dir)
-        candidates = self.list_candidates(manual_dir)
+        candidates = self.candidates(manual_dir)
         if not candidates:
             raise FileNotFoundError(
                 f"{self.name}: no records listed under {manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
@@ -211,7 +323,9 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                 fingerprint = records_lib.chunk_fingerprint(members, config.decode)
                 path = os.path.join(cache_root, f"{split}-{start // chunk_size:06d}-{fingerprint}.npz")
                 self._chunks.append(_Chunk(split, start // chunk_size, members, path))
-        self._chunks_cached_before = {chunk.cache_path for chunk in self._chunks if os.path.exists(chunk.cache_path)}
+        # A chunk file cut short (a killed writer, a full disk) is no zip archive: it is decoded again, not reused.
+        self._chunks_cached_before = {chunk.cache_path for chunk in self._chunks
+                                      if os.path.exists(chunk.cache_path) and zipfile.is_zipfile(chunk.cache_path)}
         splits = [split for split in SPLITS if by_split[split]]
         if not self._use_beam:
             # Decode everything up front (in parallel, into the cache): TFDS cannot write a split that yields no
@@ -239,14 +353,12 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _decode_locally(self, manual_dir: str) -> collections.Counter[str]:
         """Decode every chunk not already in the cache, in `workers` spawned processes; usable records per split."""
-        from tqdm.auto import tqdm
-
         decode = self.builder_config.decode
         tasks = [(manual_dir, c.candidates, decode, c.cache_path) for c in self._chunks]
         usable: collections.Counter[str] = collections.Counter()
         workers = self._worker_count()
         pool = None
-        bar = tqdm(total=sum(len(c.candidates) for c in self._chunks), unit=" records", desc="Decoding records")
+        bar = progress_bar(sum(len(c.candidates) for c in self._chunks), unit=" records", desc="Decoding records")
         try:
             if workers == 0 or len(tasks) <= 1:
                 usable_counts: Iterator[int] = map(records_lib.decode_chunk_to_cache, tasks)
@@ -336,6 +448,10 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                 sources[str(source)] += 1
                 if source != "rr":
                     detected_records.append({"record_path": chunk.candidates[int(position)].record_path, "lead": int(lead)})
+        for row in self._table_skips:  # source-table rows that never became a record
+            skipped[BAD_TABLE_ROW] += 1
+            if len(examples_of[BAD_TABLE_ROW]) < EXAMPLES_PER_REASON_IN_REPORT:
+                examples_of[BAD_TABLE_ROW].append(row)
         listed = sum(len(chunk.candidates) for chunk in self._chunks)
         return {
             "dataset": self.name, "config": self.builder_config.name, "version": str(self.version),

@@ -196,10 +196,25 @@ def _encode_shard(builder: tfds.core.DatasetBuilder, source_split: str, encode: 
     return written, skipped, num_bytes
 
 
+def check_source(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                 splits: Sequence[str] | None = None) -> tfds.core.DatasetBuilder:
+    """The prepared dataset to encode, refusing (before any VAE is loaded) one that is not a prepared ECG dataset,
+    lacks a requested split, or says nothing of its conditioning (no dataset card)."""
+    builder = pipeline.load_builder(source, data_dir)
+    missing = [key for key in ("ecg", *CONDITION_KEYS) if key not in builder.info.features.keys()]
+    if missing:
+        raise ValueError(f"dataset {builder.name!r} lacks {missing}: it is not a prepared ECG dataset (schema.ecg_features)")
+    unknown = [s for s in splits or () if s not in builder.info.splits]
+    if unknown:
+        raise ValueError(f"dataset {builder.name!r} has no split(s) {unknown}; it has {sorted(builder.info.splits)}")
+    read_card(builder)
+    return builder
+
+
 def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir: str | os.PathLike,
                    apply_fn: EncodeApply, variables: Any, *, vae: dict[str, Any],
                    splits: Sequence[str] | None = None, batch_size: int = 256, examples_per_shard: int = 8192,
-                   data_dir: str | os.PathLike | None = None, progress: bool = False) -> dict:
+                   data_dir: str | os.PathLike | None = None, progress: bool = False, overwrite: bool = False) -> dict:
     """Encode every example of `splits` of a prepared dataset into a latent dataset at `out_dir`; the index.
 
     `apply_fn(variables, ecg)` runs the encoder (`load_vae_encoder` gives it and the `vae` reference for a model
@@ -208,15 +223,9 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
     (also written to `out_dir/latent_index.json`): per split the shards, examples written and records skipped.
     The finished dataset gets a card (`data.card`) carrying the source's conditioning and the VAE's reference.
     """
-    builder = pipeline.load_builder(source, data_dir)
+    builder = check_source(source, data_dir, splits)
     features = builder.info.features
-    missing = [key for key in ("ecg", *CONDITION_KEYS) if key not in features.keys()]
-    if missing:
-        raise ValueError(f"dataset {builder.name!r} lacks {missing}: it is not a prepared ECG dataset (schema.ecg_features)")
     splits = list(splits) if splits else [s for s in DEFAULT_SPLITS if s in builder.info.splits] or sorted(builder.info.splits)
-    unknown = [s for s in splits if s not in builder.info.splits]
-    if unknown:
-        raise ValueError(f"dataset {builder.name!r} has no split(s) {unknown}; it has {sorted(builder.info.splits)}")
     if examples_per_shard < 1:
         raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
     if jax.process_count() > 1:
@@ -228,13 +237,9 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
     if batch_size < 1 or batch_size % len(devices):
         raise ValueError(f"batch size {batch_size} must be a positive multiple of the {len(devices)} local devices")
     source_card = read_card(builder)  # before any work: a dataset that says nothing of its conditioning is refused
-
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    index_path = os.path.join(out_dir, INDEX_FILE)
     embedding_dim = int(features["text_embedding"].shape[0])
     dataset_name = f"{builder.name}_latents"
-    index = _open_index(out_dir, {
+    expected = {
         "format": INDEX_FORMAT,
         "source": {"name": builder.name, "version": str(builder.info.version)},
         "vae": vae.get("uid") or vae["model_dir"],
@@ -242,8 +247,30 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
         "embedding_dim": embedding_dim,
         "latent_shape": [LATENT_LENGTH, LATENT_CHANNELS],
         "dataset_name": dataset_name,
-    })
+    }
+    from diffusets_jax.io.run_dir import output_dir
+
+    # The folder is claimed like every output folder: a rerun of the same encoding resumes, anything else in it
+    # is refused unless `overwrite` (replaced as a whole at the end).
+    settings = {**expected, "source_path": os.path.abspath(os.fspath(builder.data_dir)), "splits": splits}
+    with output_dir(out_dir, command="encode", settings=settings, overwrite=overwrite) as run:
+        index = _encode_into(os.fspath(run.path), builder, source_card, expected, splits, apply_fn, variables, vae,
+                             batch_size, progress)
+        run.mark_complete(**{split: sum(s["num_examples"] for s in entry["shards"])
+                             for split, entry in index["splits"].items()})
+    return index
+
+
+def _encode_into(out_dir: str, builder: tfds.core.DatasetBuilder, source_card: dict, expected: dict,
+                 splits: list[str], apply_fn: EncodeApply, variables: Any, vae: dict[str, Any], batch_size: int,
+                 progress: bool) -> dict:
+    """`encode_dataset`'s work inside its claimed folder `out_dir`."""
+    index_path = os.path.join(out_dir, INDEX_FILE)
+    examples_per_shard, embedding_dim = expected["examples_per_shard"], expected["embedding_dim"]
+    dataset_name = expected["dataset_name"]
+    index = _open_index(out_dir, expected)
     latent = latent_features(embedding_dim)
+    devices = jax.local_devices()
 
     mesh = parallel.make_mesh(devices=devices)
     batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
@@ -268,11 +295,9 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
                 jobs.append((split, shard, filename))
     write_json_atomic(index_path, index, indent=1)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from diffusets_jax.io.progress import progress_bar
 
-        bar = tqdm(total=len(jobs), unit="shard", desc="encode")
+    bar = progress_bar(len(jobs), unit="shard", desc="encode", disable=not progress)
     for split, shard, filename in jobs:
         start = shard * examples_per_shard
         end = min(start + examples_per_shard, index["splits"][split]["source_examples"])
@@ -281,11 +306,9 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
         index["splits"][split]["shards"][shard] = {
             "file": filename, "source": [start, end], "num_examples": written, "skipped": skipped, "num_bytes": num_bytes}
         write_json_atomic(index_path, index, indent=1)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(split=split, skipped=sum(_skipped(index).values()))
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        bar.set_postfix(split=split, skipped=sum(_skipped(index).values()), refresh=False)  # at the bar's pace
+    bar.close()
 
     write_tfds_metadata(
         out_dir, dataset_name, latent,

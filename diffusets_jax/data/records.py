@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -313,7 +314,7 @@ def _load_chunk(path: str) -> ChunkResult | None:
                 "ok_index", "ecg", "heart_rate", "heart_rate_source", "heart_rate_lead", "flat_leads", "skip_reason",
                 "skip_detail"
             )}, reused=True)
-    except (OSError, KeyError, ValueError, EOFError):  # a damaged cache file is decoded again
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # a damaged cache file is decoded again
         return None
 
 
@@ -331,11 +332,10 @@ def decode_chunk_cached(
             return cached
     result = decode_chunk(manual_dir, candidates, options)
     if cache_path is not None:
-        os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
-        temporary = f"{cache_path}.tmp-{os.getpid()}"
-        with open(temporary, "wb") as handle:
+        from diffusets_jax.io.files import atomic_path
+
+        with atomic_path(cache_path) as temporary, open(temporary, "wb") as handle:  # no torn or shared chunk
             np.savez(handle, **{f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "reused"})
-        os.replace(temporary, cache_path)  # a crash leaves either no file or a complete one
     return result
 
 

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
+
+from diffusets_jax.data.card import CARD_FILE
 
 # CLI source name -> TFDS dataset name (= the `data_prep` package holding its builder).
 SOURCES: dict[str, str] = {
@@ -90,28 +95,91 @@ def prepare(
     data_dir: str,
     config: str = "local",
     beam_pipeline_options: str | None = None,
+    overwrite: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Build (or finish building) a source's dataset; returns the build report (see `prepare_report.json`).
 
     `beam_pipeline_options` ("--runner=DirectRunner,--direct_num_workers=8" style, as `tfds build`) runs the
-    decoding through Apache Beam instead of local worker processes. An already complete dataset is not rebuilt.
+    decoding through Apache Beam instead of local worker processes.
+
+    A complete dataset built from the same records (its card's `records_fingerprint`: every record's path and
+    metadata, whatever folder they are in now) is not rebuilt. One built from other records is refused unless
+    `overwrite`, which rebuilds it and replaces the old one once the new one is complete (a failed rebuild puts
+    the old one back). A second prepare of the same dataset while one runs is refused (a lock); the temporary
+    folder TFDS left behind when an earlier prepare of this dataset and version was killed is removed.
     """
     import tensorflow_datasets as tfds
 
     from diffusets_jax.data.builder import REPORT_FILENAME
+    from diffusets_jax.io.files import read_json
+    from diffusets_jax.io.run_dir import check_output_path, exclusive_lock
 
+    if os.path.isfile(manual_dir):
+        raise NotADirectoryError(f"--manual-dir {manual_dir} is a file: give the folder of the download")
     if not os.path.isdir(manual_dir):
-        raise FileNotFoundError(f"manual dir {manual_dir!r} does not exist")
+        raise FileNotFoundError(f"--manual-dir {manual_dir} does not exist")
+    check_output_path(data_dir, "--data-dir")
     builder = make_builder(source, data_dir, config, **overrides)
-    beam_options = None
-    if beam_pipeline_options:
-        beam = tfds.core.lazy_imports.apache_beam
-        beam_options = beam.options.pipeline_options.PipelineOptions(flags=[
-            f"--{option.lstrip('-')}" for option in beam_pipeline_options.split(",") if option.strip()
-        ])
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, beam_options=beam_options)
-    )
-    with open(os.path.join(os.fspath(builder.data_dir), REPORT_FILENAME)) as handle:
-        return json.load(handle)
+    if not sys.stderr.isatty():  # TFDS's own bars print a line per update in a log file; ours report progress
+        tfds.disable_progress_bar()
+    origin = builder.records_fingerprint(manual_dir)  # lists the records (reads the source tables) once, and
+    # refuses an unusable table, before anything is created under the data dir
+    dataset_dir = Path(os.fspath(builder.data_dir))
+    dataset_dir.parent.mkdir(parents=True, exist_ok=True)
+    where = f"{builder.name}/{builder.builder_config.name} {builder.version}"
+    busy = f"--data-dir {data_dir}: another prepare of {where} is running there now; wait for it to finish"
+    with exclusive_lock(dataset_dir.parent, busy, name=f".diffusets-prepare-{builder.version}.lock"):
+        _remove_interrupted_builds(dataset_dir)
+        retired = None
+        if builder.is_prepared():
+            recorded = read_json(dataset_dir / CARD_FILE, "dataset card").get("derived_from", {}) \
+                if (dataset_dir / CARD_FILE).is_file() else {}
+            if recorded.get("records_fingerprint") == origin["records_fingerprint"]:
+                return read_json(dataset_dir / REPORT_FILENAME, "prepare report")
+            if not overwrite:
+                raise ValueError(_other_source_message(dataset_dir, where, recorded, origin, manual_dir))
+            # Kept beside the new build until it is complete: a failed rebuild puts it back.
+            retired = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.replaced-", dir=dataset_dir.parent))
+            os.replace(dataset_dir, retired / dataset_dir.name)
+        beam_options = None
+        if beam_pipeline_options:
+            beam = tfds.core.lazy_imports.apache_beam
+            beam_options = beam.options.pipeline_options.PipelineOptions(flags=[
+                f"--{option.lstrip('-')}" for option in beam_pipeline_options.split(",") if option.strip()
+            ])
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, beam_options=beam_options)
+            )
+        except BaseException:
+            if retired is not None:
+                shutil.rmtree(dataset_dir, ignore_errors=True)  # the partial rebuild (TFDS's, for this run)
+                os.replace(retired / dataset_dir.name, dataset_dir)
+                retired.rmdir()
+            raise
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)  # the dataset --overwrite asked us to replace
+        return read_json(dataset_dir / REPORT_FILENAME, "prepare report")
+
+
+def _remove_interrupted_builds(dataset_dir: Path) -> None:
+    """Remove the temporary folders TFDS names `incomplete.<random>_<version>` beside `dataset_dir` for this
+    dataset and version: what a killed prepare left (TFDS renames the folder into place only when complete). Only
+    called under the prepare lock, so none of them belongs to a running build of ours."""
+    for folder in dataset_dir.parent.glob(f"incomplete.??????_{dataset_dir.name}"):  # TFDS: 6 random A-Z0-9
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
+
+def _other_source_message(dataset_dir: Path, where: str, recorded: dict[str, Any], origin: dict[str, Any],
+                          manual_dir: str) -> str:
+    if "records_fingerprint" not in recorded:
+        return (f"{dataset_dir} already holds a complete {where}, prepared by an earlier diffusets-jax that did not "
+                f"record which records it was built from, so it cannot be told from --manual-dir {manual_dir}: use it "
+                "as it is (it is complete), or pass --overwrite to rebuild it from this download")
+    return (f"{dataset_dir} already holds a complete {where} built from {recorded.get('manual_dir')} "
+            f"({recorded.get('records')} records, fingerprint {recorded['records_fingerprint'][:12]}), not from "
+            f"--manual-dir {manual_dir} ({origin['records']} records, fingerprint "
+            f"{origin['records_fingerprint'][:12]}): pass another --data-dir, or --overwrite to rebuild it from this "
+            "download")

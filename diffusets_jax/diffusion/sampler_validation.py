@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusets_jax.diffusion.samplers import ModelFn, SamplerConfig, sample, sampler_timesteps
+from diffusets_jax.diffusion.samplers import (
+    PUBLISHED_LATENT_STD,
+    ModelFn,
+    SamplerConfig,
+    sample,
+    sampler_timesteps,
+)
 from diffusets_jax.diffusion.schedule import NoiseSchedule
 
 STD_RATIO_TOLERANCE = 0.03  # |sample std / data std - 1|
@@ -120,11 +126,6 @@ def validated_settings(config: SamplerConfig, schedule: NoiseSchedule, latent_me
         "from_prior": {name: round(value, 4) for name, value in result["from_prior"].items()},
         "date": (date or datetime.date.today()).isoformat(),
     }
-
-
-# The published model's latents (VAE posterior x 0.18215) have a standard deviation near 0.18 on MIMIC-IV-ECG (an
-# independent reproduction measured it); a converted checkpoint comes with no data to measure, so this stands in.
-PUBLISHED_LATENT_STD = 0.18
 
 
 def validate_model_defaults(diffusion: Any, latent_mean: float = 0.0) -> dict[str, Any]:

@@ -119,6 +119,8 @@ def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike |
 
     source = clip_dir if clip_dir is not None else model_dir
     flag = "--clip" if clip_dir is not None else "--model-dir"
+    if source is not None and Path(source).exists() and not Path(source).is_dir():
+        raise NotADirectoryError(f"{flag} {source} is a file, not a model directory (it must hold a clip/ component)")
     if source is None or not Path(source).is_dir():
         raise FileNotFoundError(f"{flag} {source}: no such model directory (it must hold a clip/ component)")
     index = model_dirs.read_index(source)

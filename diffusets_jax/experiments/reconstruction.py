@@ -228,7 +228,7 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
     from diffusets_jax.io.files import read_json, write_json_atomic, write_text_atomic
     from diffusets_jax.io.run_dir import check_output_path, output_dir
 
-    check_output_path(out)
+    check_output_path(out, command="reconstruct-eval", overwrite=overwrite)
     for name, value, low in (("--steps", steps, 1), ("--particles", particles, 1), ("--batch-size", batch_size, 1),
                              ("--n-boot", n_boot, 1), ("--limit", limit or 1, 1), ("--train-limit", train_limit or 1, 1)):
         if value < low:

@@ -2,17 +2,37 @@
 
 A reader never sees half a file, a crash leaves the previous version (or nothing), and two processes writing the
 same path never share a temporary file (names carry the pid and a random part), so the last complete write wins.
+
+Temporary files get the permissions the umask gives any new file (tempfile.mkstemp's 0600 would follow them
+into place and leave outputs, such as the PNG sheets sent to raters, unreadable to colleagues).
+
+`write_new_text` is the never-overwrite variant, for files a person may have edited since a tool wrote them (a
+findings file an expert reviewed, a conditions file): the temporary file is hard-linked to the target's name,
+which fails if the name exists, even when another process created it a moment ago.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _create_temporary(target: Path, suffix: str) -> Path:
+    """A new empty file beside `target`, `.NAME.tmp-PID-RANDOM{suffix}`, with the umask's permissions."""
+    for _ in range(100):
+        candidate = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}{suffix}")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {target}")
 
 
 @contextlib.contextmanager
@@ -23,9 +43,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-", suffix=suffix)
-    os.close(fd)
-    temporary = Path(name)
+    temporary = _create_temporary(target, suffix)
     try:
         yield temporary
         os.replace(temporary, target)
@@ -44,9 +62,47 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def write_new_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to the new file `path`, atomically; FileExistsError if `path` exists (nothing is
+    replaced). The folder must exist."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"the folder of {target} does not exist")
+    temporary = _create_temporary(target, "")
+    try:
+        temporary.write_bytes(text.encode("utf-8"))
+        os.link(temporary, target)
+    finally:
+        temporary.unlink()  # this call's own temporary name; the content stays under `path`
+    return target
+
+
 def write_json_atomic(path: str | os.PathLike, payload: Any, *, indent: int = 2, sort_keys: bool = False) -> Path:
     """`payload` as JSON (UTF-8, a final newline) at `path`, atomically."""
     return write_text_atomic(path, json.dumps(payload, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 4 MiB blocks: how inputs are identified in records."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    """Refuse at once an input that is missing, a directory, or unreadable: one line naming it and what to do.
+
+    `what` names the input as the user knows it, e.g. "--input" or "reports file"."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory: give the file itself")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{what} {path}: cannot read it (permission denied)")
+    return path
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

@@ -1,6 +1,7 @@
 """Generated ECGs read back with the conditions they were made from, whoever made them.
 
-`evaluate --generated PATH` scores any generator's samples (ours, SSSD-ECG, Auto-TTE, ...) under one scorer, from:
+`evaluate --generated PATH` scores any generator's samples (ours, SSSD-ECG, Auto-TTE, ...) under one scorer, and
+`turing-kit --generated/--real PATH` shows them to raters, from:
 
 - an NPZ (`samples.npz` of `diffusets-jax sample`, or any NPZ with an `ecg` array `(n, samples, 12)` in mV,
   standard lead order, plus optional `report` ('|'-joined statements) or `prompt`, `sex`, `age`, `heart_rate`);
@@ -60,20 +61,21 @@ def _sex_code(value: Any) -> int:
     return {"m": 1, "male": 1, "1": 1, "f": 0, "female": 0, "0": 0}.get(text, -1)
 
 
-def read_generated(path: str | os.PathLike) -> GeneratedSet:
-    """Read generated ECGs and their conditions from an NPZ, a WFDB folder or a dataset folder (module docstring)."""
+def read_generated(path: str | os.PathLike, flag: str = "--generated") -> GeneratedSet:
+    """Read generated ECGs and their conditions from an NPZ, a WFDB folder or a dataset folder (module docstring).
+    `flag`: the option that named `path`, for error messages."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--generated {path} does not exist")
+        raise FileNotFoundError(f"{flag} {path} does not exist")
     if path.is_file() and path.suffix.lower() == ".npz":
         return _read_npz(path)
     if path.is_dir() and (path / "dataset_info.json").is_file():
-        return _read_dataset(path)
+        return _read_dataset(path, flag)
     if path.is_dir():
         records = sorted(p.with_suffix("") for p in path.rglob("*.hea"))
         if records:
-            return _read_wfdb(path, records)
-    raise ValueError(f"--generated {path}: not an .npz, a folder of WFDB records, or a dataset folder "
+            return _read_wfdb(path, records, flag)
+    raise ValueError(f"{flag} {path}: not an .npz, a folder of WFDB records, or a dataset folder "
                      "(dataset_info.json); give one of those")
 
 
@@ -108,7 +110,7 @@ def _read_npz(path: Path) -> GeneratedSet:
                         str(path))
 
 
-def _read_wfdb(folder: Path, records: list[Path]) -> GeneratedSet:
+def _read_wfdb(folder: Path, records: list[Path], flag: str) -> GeneratedSet:
     from diffusets_jax.io.wfdb_out import read_record
 
     ecgs, reports, prompts, sex, age, hr = [], [], [], [], [], []
@@ -134,13 +136,13 @@ def _read_wfdb(folder: Path, records: list[Path]) -> GeneratedSet:
         age.append(_number(conditions.get("age")))
         hr.append(_number(conditions.get("heart_rate")))
     if not ecgs:
-        raise ValueError(f"--generated {folder}: none of its {len(records)} WFDB records is a usable 12-lead ECG "
+        raise ValueError(f"{flag} {folder}: none of its {len(records)} WFDB records is a usable 12-lead ECG "
                          f"({skipped})")
     return GeneratedSet(np.stack(ecgs).astype(np.float32), reports, prompts, np.asarray(sex), np.asarray(age),
                         np.asarray(hr), None, str(folder), skipped)
 
 
-def _read_dataset(folder: Path) -> GeneratedSet:
+def _read_dataset(folder: Path, flag: str) -> GeneratedSet:
     import tensorflow_datasets as tfds
 
     from diffusets_jax.data import pipeline
@@ -151,7 +153,7 @@ def _read_dataset(folder: Path) -> GeneratedSet:
                                                  "text_embedding")}
     missing = [k for k in ("ecg",) if k not in builder.info.features.keys()]
     if missing:
-        raise ValueError(f"--generated {folder}: the dataset has no 'ecg' feature (a latent dataset?)")
+        raise ValueError(f"{flag} {folder}: the dataset has no 'ecg' feature (a latent dataset?)")
     for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
         for key in columns:
             if key in example:

@@ -18,7 +18,7 @@ lines between 9.8 ms-apart samples draw jagged QRS complexes. The data are not c
 from __future__ import annotations
 
 import os
-import tempfile
+import textwrap
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.ecg.shapes import ECG_RATE_HZ
+from diffusets_jax.io.files import atomic_path
 
 MM_PER_INCH = 25.4
 MM_PER_SECOND = 25.0
@@ -52,6 +53,8 @@ SHEET_WIDTH_MM = CALIBRATION_MM + DURATION_S * MM_PER_SECOND  # 260 mm
 SHEET_HEIGHT_MM = 4 * ROW_MM  # 3 lead rows + rhythm strip = 140 mm
 MARGIN_MM = 6.0
 TITLE_MM = 14.0  # two title lines above each sheet
+PROMPT_LINE_CHARS = 190  # characters of the 7 pt prompt line that fit across the sheet
+PROMPT_LINE_MM = 3.2  # one more 7 pt prompt line (line spacing 1.2 = 2.96 mm, plus a little air)
 FOOTER_MM = 7.0
 
 MINOR_GRID_COLOR = "#f6c8c8"
@@ -81,9 +84,11 @@ def _display_signal(ecg: np.ndarray, fs: float, display_fs: float) -> tuple[np.n
     return upsampled, fs * ratio.numerator / ratio.denominator
 
 
-def conditions_text(conditions: Mapping[str, Any] | None) -> tuple[str, str]:
+def conditions_text(conditions: Mapping[str, Any] | None,
+                    max_prompt_chars: int | None = PROMPT_LINE_CHARS) -> tuple[str, str]:
     """(patient/sampler line, prompt line) for a title, from generation conditions such as
-    `{"prompt": ..., "sex": 1, "age": 63, "heart_rate": 72, "seed": 0, "sampler": "ddpm 1000"}`."""
+    `{"prompt": ..., "sex": 1, "age": 63, "heart_rate": 72, "seed": 0, "sampler": "ddpm 1000"}`; a prompt longer
+    than `max_prompt_chars` (None: no limit) is cut with "..."."""
     if not conditions:
         return "", ""
     parts = []
@@ -98,9 +103,20 @@ def conditions_text(conditions: Mapping[str, Any] | None) -> tuple[str, str]:
         if key not in ("prompt", "sex", "age", "heart_rate"):
             parts.append(f"{key.replace('_', ' ')} {value}")
     prompt = str(conditions.get("prompt", "")).replace("\n", " | ")
-    if len(prompt) > 190:
-        prompt = prompt[:187] + "..."
+    if max_prompt_chars is not None and len(prompt) > max_prompt_chars:
+        prompt = prompt[: max_prompt_chars - 3] + "..."
     return "   ".join(parts), prompt
+
+
+def prompt_lines_needed(conditions: Mapping[str, Any] | None) -> int:
+    """How many title lines the whole prompt of `conditions` takes (plot_ecg's `prompt_lines` to show it uncut)."""
+    _, prompt = conditions_text(conditions, max_prompt_chars=None)
+    return max(1, len(_wrap_prompt(prompt)))
+
+
+def _wrap_prompt(prompt: str) -> list[str]:
+    # Report terms such as "ST-T" or "machine-read" stay whole.
+    return textwrap.wrap(prompt, PROMPT_LINE_CHARS, break_on_hyphens=False)
 
 
 def _draw_grid(ax) -> None:
@@ -161,16 +177,16 @@ def _draw_sheet(ax, ecg: np.ndarray, fs: float, rhythm_lead: str, display_fs: fl
     ax.text(CALIBRATION_MM + 1.2, baseline + 11.0, rhythm_lead, **label_style)
 
 
-def _sheet_figure(n_sheets: int) -> tuple[Figure, list]:
+def _sheet_figure(n_sheets: int, title_mm: float = TITLE_MM) -> tuple[Figure, list]:
     """A figure of `n_sheets` stacked sheets whose axes are placed so 1 data unit = 1 mm of paper."""
     width_mm = SHEET_WIDTH_MM + 2 * MARGIN_MM
-    block_mm = TITLE_MM + SHEET_HEIGHT_MM
+    block_mm = title_mm + SHEET_HEIGHT_MM
     height_mm = MARGIN_MM + n_sheets * block_mm + (n_sheets - 1) * MARGIN_MM + FOOTER_MM
     fig = Figure(figsize=(width_mm / MM_PER_INCH, height_mm / MM_PER_INCH), facecolor="white")
     FigureCanvasAgg(fig)
     axes = []
     for i in range(n_sheets):
-        top_mm = MARGIN_MM + i * (block_mm + MARGIN_MM) + TITLE_MM
+        top_mm = MARGIN_MM + i * (block_mm + MARGIN_MM) + title_mm
         bottom_mm = height_mm - top_mm - SHEET_HEIGHT_MM
         axes.append(fig.add_axes((
             MARGIN_MM / width_mm, bottom_mm / height_mm, SHEET_WIDTH_MM / width_mm, SHEET_HEIGHT_MM / height_mm,
@@ -178,15 +194,21 @@ def _sheet_figure(n_sheets: int) -> tuple[Figure, list]:
     return fig, axes
 
 
-def _title(fig: Figure, ax, heading: str, conditions: Mapping[str, Any] | None) -> None:
-    line1, prompt = conditions_text(conditions)
+def _title(fig: Figure, ax, heading: str, conditions: Mapping[str, Any] | None, prompt_lines: int = 1) -> None:
+    line1, prompt = conditions_text(conditions, max_prompt_chars=PROMPT_LINE_CHARS if prompt_lines == 1 else None)
+    if prompt_lines > 1:
+        lines = _wrap_prompt(prompt)
+        if len(lines) > prompt_lines:
+            lines = lines[: prompt_lines - 1] + [lines[prompt_lines - 1][: PROMPT_LINE_CHARS - 3] + "..."]
+        prompt = "\n".join(lines)
     box = ax.get_position()
     x = box.x0
     y_mm_above = lambda mm: box.y1 + mm / (fig.get_figheight() * MM_PER_INCH)
     head = "   ".join(part for part in (heading, line1) if part)
-    fig.text(x, y_mm_above(7.5), head, fontsize=9, fontweight="bold", va="bottom", ha="left")
+    fig.text(x, y_mm_above(7.5 + (prompt_lines - 1) * PROMPT_LINE_MM), head, fontsize=9, fontweight="bold",
+             va="bottom", ha="left")
     if prompt:
-        fig.text(x, y_mm_above(2.0), prompt, fontsize=7, va="bottom", ha="left", color="#222222")
+        fig.text(x, y_mm_above(2.0), prompt, fontsize=7, va="bottom", ha="left", color="#222222", linespacing=1.2)
 
 
 def _footer(fig: Figure, fs: float, extra: str = "") -> None:
@@ -195,21 +217,14 @@ def _footer(fig: Figure, fs: float, extra: str = "") -> None:
              fontsize=7, va="bottom", ha="left", color="#444444")
 
 
-def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 200) -> str:
-    """Write `fig` as a PNG at `dpi` atomically (temp file + os.replace). Never crops: the size in pixels is
-    the figure size in inches times `dpi`, which keeps the mm scale."""
+def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 200,
+             metadata: Mapping[str, str | None] | None = None) -> str:
+    """Write `fig` as a PNG at `dpi` atomically (`io.files.atomic_path`). Never crops: the size in pixels is
+    the figure size in inches times `dpi`, which keeps the mm scale. `metadata`: PNG text chunks, as matplotlib
+    takes them (`{"Software": None}` writes none)."""
     path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            fig.savefig(stream, format="png", dpi=dpi, facecolor=fig.get_facecolor())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        fig.savefig(stream, format="png", dpi=dpi, facecolor=fig.get_facecolor(), metadata=metadata)
     return path
 
 
@@ -223,17 +238,21 @@ def plot_ecg(
     dpi: int = 200,
     rhythm_lead: str = "II",
     display_fs: float = 500.0,
+    prompt_lines: int = 1,
 ) -> Figure:
     """Clinical 12-lead sheet of one 10 s ECG `(samples, 12)` in mV, standard lead order, sampled at `fs`
-    (1024 samples = 102.4 Hz). `conditions` (prompt, sex, age, heart_rate, seed, ...) go in the title.
-    Saves a PNG when `path` is given; returns the figure."""
+    (1024 samples = 102.4 Hz). `conditions` (prompt, sex, age, heart_rate, seed, ...) go in the title; the prompt
+    wraps over `prompt_lines` lines (the figure grows by PROMPT_LINE_MM per extra line; `prompt_lines_needed`
+    says how many show it uncut). Saves a PNG when `path` is given; returns the figure."""
     ecg = _check_ecg(ecg, "plot_ecg")
     _check_duration(ecg, fs, "plot_ecg")
     if rhythm_lead not in STANDARD_LEADS:
         raise ValueError(f"rhythm_lead {rhythm_lead!r} is not one of {', '.join(STANDARD_LEADS)}")
-    fig, (ax,) = _sheet_figure(1)
+    if not isinstance(prompt_lines, int) or prompt_lines < 1:
+        raise ValueError(f"prompt_lines must be a positive integer, got {prompt_lines!r}")
+    fig, (ax,) = _sheet_figure(1, TITLE_MM + (prompt_lines - 1) * PROMPT_LINE_MM)
     _draw_sheet(ax, ecg, fs, rhythm_lead, display_fs)
-    _title(fig, ax, title, conditions)
+    _title(fig, ax, title, conditions, prompt_lines)
     _footer(fig, fs)
     if path is not None:
         save_png(fig, path, dpi)
@@ -368,22 +387,110 @@ def plot_condition_bars(rows: Sequence[Mapping[str, Any]], *, path: str | os.Pat
 
 
 def plot_wfdb_records(
-    records: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dpi: int = 200
+    records: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dpi: int = 200, *, overwrite: bool = False
 ) -> dict[str, Any]:
     """Draw each 12-lead WFDB record (`path` with or without `.hea`; ours or any 10 s 12-lead record) as
     `out_dir/NAME.png`, with the conditions from its header comments in the title. A record that cannot be
-    read or drawn is skipped and reported: `{"written": [png paths], "skipped": {record: reason}}`."""
+    read or drawn is skipped and reported: `{"written": [png paths], "skipped": {record: reason}}`.
+
+    `out_dir` is claimed like every output folder (`io.run_dir.output_dir`): the same command rerun redraws into
+    it, anything else there is refused unless `overwrite`. When no record exists at all (a typo), nothing is
+    created and the error names the first one.
+    """
+    from diffusets_jax.io.run_dir import output_dir
     from diffusets_jax.io.wfdb_out import read_record
 
-    written, skipped = [], {}
-    for record in records:
-        record = os.fspath(record)
-        name = os.path.basename(record[:-4] if record.endswith((".hea", ".dat")) else record)
-        try:
-            ecg = read_record(record)
-            conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
-            fig = plot_ecg(np.nan_to_num(ecg.signal), ecg.fs, title=name, conditions=conditions)
-            written.append(save_png(fig, os.path.join(os.fspath(out_dir), f"{name}.png"), dpi))
-        except (OSError, ValueError) as err:
-            skipped[record] = str(err)
+    records = [os.fspath(record) for record in records]
+    headers = {record: (record if record.endswith(".hea") else record[:-4] + ".hea" if record.endswith(".dat")
+                        else record + ".hea") for record in records}
+    problems = {record: (f"{header} is a directory, not a WFDB record" if os.path.isdir(header) or os.path.isdir(record)
+                         else f"{header} does not exist") for record, header in headers.items()
+                if not os.path.isfile(header)}
+    if problems and len(problems) == len(records):
+        first = next(iter(problems.values()))
+        raise FileNotFoundError(first + (f" (nor any of the other {len(records) - 1} records)" if len(records) > 1
+                                         else "") + ": give WFDB record paths (NAME or NAME.hea)")
+    settings = {"records": [os.path.abspath(record) for record in records], "dpi": dpi}
+    written, skipped = [], dict(problems)
+    with output_dir(out_dir, command="plot", settings=settings, overwrite=overwrite, flag="--out-dir") as run:
+        for record in records:
+            if record in problems:
+                continue
+            name = os.path.basename(headers[record][:-4])
+            try:
+                ecg = read_record(record)
+                conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
+                fig = plot_ecg(np.nan_to_num(ecg.signal), ecg.fs, title=name, conditions=conditions)
+                written.append(save_png(fig, run.path / f"{name}.png", dpi))
+            except (OSError, ValueError) as err:
+                skipped[record] = str(err)
+        run.mark_complete(written=len(written), skipped=len(skipped))
+    if run.path != run.final:  # replaced as a whole: the PNGs now live in the final folder
+        written = [os.path.join(os.fspath(run.final), os.path.basename(path)) for path in written]
     return {"written": written, "skipped": skipped}
+
+
+def plot_diagnosis(
+    timesteps: Sequence[int],
+    x0_mse: Mapping[str, Sequence[float]],
+    eps_mse: Mapping[str, Sequence[float]],
+    latents: Mapping[str, np.ndarray],
+    *,
+    references: Sequence[str] = (),
+    path: str | os.PathLike | None = None,
+    dpi: int = 150,
+    title: str = "",
+) -> Figure:
+    """The U-Net diagnosis (`experiments.diagnose`): x0- and eps-MSE per element against the timestep on log
+    scales, one line per series of `x0_mse` / `eps_mse` (`{label: values per t}`; the labels in `references` drawn
+    as grey dashed reference lines), and box plots of `latents` (`{label: (n, length, C)}`) per channel: the
+    boxes span the quartiles, the whiskers the 1st to 99th percentiles and the ticks the min and max."""
+    t = np.asarray(timesteps, dtype=np.float64)
+    fig = Figure(figsize=(16.0, 4.8), facecolor="white")
+    FigureCanvasAgg(fig)
+    reference_styles = [dict(color="#555555", linestyle="--"), dict(color="#000000", linestyle=":")]
+    unet_colors = ["#1f4e79", "#c0392b", "#27ae60"]
+    for column, (values, ylabel) in enumerate(((x0_mse, "x0 MSE per element"), (eps_mse, "eps MSE per element"))):
+        ax = fig.add_subplot(1, 3, column + 1)
+        unet_index = 0
+        for label, series in values.items():
+            y = np.asarray(series, dtype=np.float64)
+            if label in references:
+                style = reference_styles[list(references).index(label) % len(reference_styles)]
+                ax.plot(t, y, marker=".", linewidth=1.2, label=label, **style)
+            else:
+                ax.plot(t, y, marker="o", markersize=4, linewidth=1.8, label=label,
+                        color=unet_colors[unet_index % len(unet_colors)])
+                unet_index += 1
+        ax.set_yscale("log")
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", color="#dddddd", linewidth=0.5)
+        ax.legend(frameon=False, fontsize=7)
+    ax = fig.add_subplot(1, 3, 3)
+    labels = list(latents)
+    channels = int(np.shape(next(iter(latents.values())))[-1]) if labels else 0
+    width = 0.8 / max(len(labels), 1)
+    box_colors = ["#bbbbbb"] + unet_colors
+    for i, label in enumerate(labels):
+        flat = np.asarray(latents[label], dtype=np.float64).reshape(-1, channels)
+        positions = np.arange(channels) + (i - (len(labels) - 1) / 2) * width
+        parts = ax.boxplot([flat[:, c] for c in range(channels)], positions=positions, widths=width * 0.9,
+                           whis=(1, 99), showfliers=False, patch_artist=True)
+        for box in parts["boxes"]:
+            box.set_facecolor(box_colors[i % len(box_colors)])
+            box.set_alpha(0.8)
+        ax.scatter(np.repeat(positions, 2), np.stack([flat.min(axis=0), flat.max(axis=0)], axis=1).reshape(-1),
+                   marker="_", s=40, color=box_colors[i % len(box_colors)], zorder=3)
+        ax.plot([], [], color=box_colors[i % len(box_colors)], linewidth=6, label=label)
+    ax.set_xticks(np.arange(channels))
+    ax.set_xticklabels([f"channel {c}" for c in range(channels)])
+    ax.set_ylabel("latent value (scaled)")
+    ax.grid(True, axis="y", color="#dddddd", linewidth=0.5)
+    ax.legend(frameon=False, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        save_png(fig, path, dpi)
+    return fig

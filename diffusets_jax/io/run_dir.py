@@ -63,19 +63,51 @@ class RunDir:
             write_json_atomic(self.path / RUN_FILE, self.record)
 
 
-def check_output_path(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Refuse at once an output path that is an existing file or sits under one."""
+def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: str | None = None,
+                      overwrite: bool = False) -> Path:
+    """Refuse at once an output folder path that is an existing file, sits under one, or cannot be written.
+
+    With `command`, also refuse (unless `overwrite`) a non-empty folder that is not an earlier run of `command`:
+    what `output_dir` would refuse, found before a model is loaded. Whether an earlier run of `command` had the
+    same settings is for `output_dir` to say.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is an existing file: give a directory path")
-    for parent in path.parents:
+    _check_parents(path, flag)
+    if command is not None and not overwrite and path.is_dir() and _user_entries(path):
+        record = path / RUN_FILE
+        existing = read_json(record, "run record") if record.is_file() else None
+        if existing is None or existing.get("command") != command:
+            raise ValueError(_not_ours_message(path, flag, command, existing))
+    return path
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Refuse at once an output file path that is a directory, sits under a file, or cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a directory: give a file path")
+    _check_parents(path, flag)
+    return path
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+                raise NotADirectoryError(f"{flag} {path}: {parent} is a file, not a directory")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+                raise PermissionError(f"{flag} {path}: cannot write in {parent} (permission denied)")
             break
-    return path
+
+
+def _not_ours_message(path: Path, flag: str, command: str, existing: dict[str, Any] | None) -> str:
+    if existing is None:
+        return (f"{flag} {path} is not empty and was not written by diffusets-jax {command}: choose a new "
+                "directory, or pass --overwrite to replace it as a whole")
+    return (f"{flag} {path} holds a diffusets-jax {existing.get('command', 'unknown')} run, not {command}: choose a "
+            "new directory, or pass --overwrite to replace it as a whole")
 
 
 def _user_entries(path: Path) -> list[str]:
@@ -89,15 +121,18 @@ def _process() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _lock(path: Path, flag: str) -> Iterator[None]:
-    # One lock file per process of a multi-host run (they share the folder on a shared disk).
-    with open(path / f"{_OURS_PREFIX}-p{_process()[0]}.lock", "a") as handle:
+def exclusive_lock(directory: str | os.PathLike, message: str, name: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (a lock file in it) or raise ValueError(`message`) at once when
+    another process holds it. The one lock behind every "refuse a concurrent run" of this project. `name`
+    names the lock file (default: one per process of a multi-host run, which share the folder on a shared disk).
+    """
+    directory = Path(directory)
+    with open(directory / (name or f"{_OURS_PREFIX}-p{_process()[0]}.lock"), "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise ValueError(f"{flag} {path}: another diffusets-jax run is writing there now; wait for it or "
-                                 "choose another directory") from None
+                raise ValueError(message) from None
             raise
         try:
             yield
@@ -115,18 +150,19 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
     """
     from diffusets_jax import parallel
 
-    final = check_output_path(path, flag)
+    # A user's folder is refused before anything (even a lock file) is created in it.
+    final = check_output_path(path, flag, command=command, overwrite=overwrite)
     digest = fingerprint({"command": command, **settings})
     index, count = _process()
     final.mkdir(parents=True, exist_ok=True)
-    with _lock(final, flag):
+    busy = f"{flag} {final}: another diffusets-jax run is writing there now; wait for it or choose another directory"
+    with exclusive_lock(final, busy):
         existing = read_json(final / RUN_FILE, "run record") if (final / RUN_FILE).exists() else None
         entries = _user_entries(final)
         same = existing is not None and existing.get("fingerprint") == digest
         if entries and not same and not overwrite:
-            if existing is None:
-                raise ValueError(f"{flag} {final} is not empty and was not written by diffusets-jax {command}: choose a "
-                                 "new directory, or pass --overwrite to replace it as a whole")
+            if existing is None or existing.get("command") != command:
+                raise ValueError(_not_ours_message(final, flag, command, existing))
             raise ValueError(
                 f"{flag} {final} holds a {existing.get('command', 'different')} run with other settings "
                 f"({_differences(existing.get('settings', {}), settings)}): choose a new directory, rerun with the "

@@ -154,6 +154,13 @@ def load_model(directory: str | os.PathLike, name: str) -> tuple[nn.Module, dict
     checkpointer = ocp.StandardCheckpointer()
     try:
         variables = checkpointer.restore(variables_path)
+    except Exception as err:  # noqa: BLE001 - tensorstore/Orbax raise ValueError, OSError, JSON errors, ...
+        from diffusets_jax.io.checkpoints import absorb_restore_noise, restore_error_reason
+
+        absorb_restore_noise(variables_path)
+        raise ValueError(f"model {path}: its weights ({variables_path}) cannot be read "
+                         f"({restore_error_reason(err)}); the folder is damaged or incomplete: write it again with "
+                         "`diffusets-jax convert` or a training run's --model-dir") from None
     finally:
         checkpointer.close()
     return module, dict(variables)

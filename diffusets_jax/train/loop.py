@@ -9,7 +9,8 @@ runs it on a mesh:
   and the data position (`step`, `examples_seen`); restore uses the current mesh's shardings, so a run
   may resume on a different number of devices;
 - SIGTERM (preemption) saves the current step and returns; a non-finite loss stops the run with
-  `NonFiniteLossError` before anything non-finite is saved, so the last checkpoint stays good;
+  `NonFiniteLossError` before anything non-finite is saved, so the last checkpoint stays good; a resume whose
+  newest checkpoint cannot be read says so and falls back to the newest readable one (`restore_latest`);
 - a tqdm bar shows loss and examples/s; TensorBoard event files get loss, lr, grad norm, examples/s and
   the periodic validation metrics.
 
@@ -40,6 +41,7 @@ from jax.sharding import Mesh
 
 from diffusets_jax import parallel
 from diffusets_jax.config import config_to_dict, save_config
+from diffusets_jax.errors import RunFailed
 from diffusets_jax.train.state import TrainState, create_train_state, ema_update
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ LossFn = Callable[[Any, Any, Batch, jax.Array, jax.Array], tuple[jax.Array, tupl
 EvalFn = Callable[[Any, Any, Batch, jax.Array], Metrics]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailed):
     """Training produced a NaN/inf loss; the run stopped and the last checkpoint is the last good state."""
 
 
@@ -197,6 +199,54 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> t
     return restored.state, dict(restored.data)
 
 
+def restore_latest(manager: ocp.CheckpointManager, abstract: Any) -> tuple[TrainState, dict[str, Any], int] | None:
+    """`(state, data position, step)` of the newest checkpoint that can be read; None when there is none.
+
+    A checkpoint that cannot be read (a truncated or missing file) is reported with its step and the reason, and
+    the next older one is tried. The unreadable ones are then renamed `unreadable-<step>` (kept, not deleted) so
+    the run can save those steps again. When none can be read: one line saying what to do.
+    """
+    directory = Path(manager.directory)
+    failed: list[tuple[int, str]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state, position = restore_state(manager, step, abstract)
+        except Exception as err:  # noqa: BLE001 - tensorstore/Orbax raise ValueError, OSError, JSON errors, ...
+            from diffusets_jax.io.checkpoints import absorb_restore_noise, restore_error_reason
+
+            absorb_restore_noise(directory / str(step))
+            failed.append((step, restore_error_reason(err, 160)))
+            log.warning("checkpoint step %d in %s cannot be read (%s); trying the next older one", step, directory,
+                        failed[-1][1])
+            continue
+        if failed:
+            _set_aside(manager, [s for s, _ in failed])
+            log.warning("resuming from step %d, the newest readable checkpoint; unreadable step(s) %s kept as %s",
+                        step, ", ".join(str(s) for s, _ in failed),
+                        ", ".join(f"unreadable-{s}" for s, _ in failed))
+        return state, position, step
+    if failed:
+        reasons = "; ".join(f"step {s}: {why}" for s, why in failed)
+        raise ValueError(f"no checkpoint in {directory} can be read ({reasons}): restore the folder from a backup, "
+                         "or move it away to train from scratch")
+    return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Rename unreadable step folders out of Orbax's sight (process 0), so those steps can be saved again."""
+    directory = Path(manager.directory)
+    if jax.process_index() == 0:
+        for step in steps:
+            target = directory / f"unreadable-{step}"
+            suffix = 0
+            while target.exists():  # an earlier run set this step aside already: keep both
+                suffix += 1
+                target = directory / f"unreadable-{step}.{suffix}"
+            (directory / str(step)).rename(target)
+    parallel.barrier("checkpoints-set-aside")
+    manager.reload()
+
+
 def train(
     task: Task,
     config: ml_collections.ConfigDict,
@@ -232,9 +282,13 @@ def train(
 
     abstract, shardings = abstract_state(task, mesh, int(tc.seed), use_ema)
     manager = checkpoint_manager(workdir / "checkpoints", int(tc.keep_checkpoints), bool(tc.async_checkpoints))
-    latest = manager.latest_step()
-    if latest is not None:
-        state, data_position = restore_state(manager, latest, abstract)
+    try:
+        restored = restore_latest(manager, abstract)
+    except BaseException:
+        manager.close()
+        raise
+    if restored is not None:
+        state, data_position, _ = restored
         start_step = int(data_position["step"])
         log.info("resumed %s from step %d in %s", task.name, start_step, workdir / "checkpoints")
     else:
@@ -283,9 +337,9 @@ def train(
                         window_start, window_examples = time.perf_counter(), 0
                         if writer is not None:
                             writer.write(step, {f"train/{k}": v for k, v in host_metrics.items()})
-                        progress.set_postfix(
-                            loss=f"{host_metrics['loss']:.4g}", ex_s=f"{host_metrics['examples_per_sec']:.1f}"
-                        )
+                        progress.set_postfix(  # refresh=False: drawn with the next update, at the bar's pace
+                            loss=f"{host_metrics['loss']:.4g}", ex_s=f"{host_metrics['examples_per_sec']:.1f}",
+                            refresh=False)
                 if eval_fn is not None and (step % int(tc.eval_every) == 0 or step == num_steps):
                     val = evaluate(eval_fn, state, val_batches(), mesh, int(tc.seed))
                     if writer is not None:
@@ -407,7 +461,6 @@ class _PreemptionFlag:
 
 
 def _progress_bar(total: int, initial: int, name: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from diffusets_jax.io.progress import progress_bar
 
-    return tqdm(total=total, initial=initial, desc=f"train {name}", unit="step", disable=not enabled,
-                dynamic_ncols=True)
+    return progress_bar(total, initial=initial, desc=f"train {name}", unit="step", disable=not enabled)

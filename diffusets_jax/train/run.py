@@ -48,6 +48,48 @@ def check_model_kind(model: str, config: ml_collections.ConfigDict, source: str 
                          f"or pass a {model} config")
 
 
+# Keys a rerun may change and still resume the same run: how long it trains, how often it logs and saves, and the
+# device layout (checkpoints restore onto any mesh). Every other config value is part of the run's fingerprint.
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "train.num_steps", "train.num_epochs", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoints", "train.progress_bar", "mesh",
+)
+# config.train keys that count something and must be positive.
+_POSITIVE_TRAIN_KEYS = ("global_batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batches",
+                        "checkpoint_every", "keep_checkpoints")
+
+
+def check_train_section(config: ml_collections.ConfigDict, source: str = "the config") -> None:
+    """Refuse loop settings that cannot run (e.g. `--config.train.num_steps=-5`), before any work."""
+    train = config.train
+    for key in _POSITIVE_TRAIN_KEYS:
+        if key in train and int(train[key]) < 1:
+            raise ValueError(f"{source}: train.{key} must be a positive number, got {train[key]}")
+    if int(train.num_steps) < 0:
+        raise ValueError(f"{source}: train.num_steps must be a positive number of steps (0 = from num_epochs), got "
+                         f"{train.num_steps}")
+    if int(train.num_steps) == 0 and not float(train.num_epochs) > 0:
+        raise ValueError(f"{source}: train.num_epochs must be positive when train.num_steps is 0, got "
+                         f"{train.num_epochs}")
+    if not 0.0 <= float(train.ema_decay) < 1.0:
+        raise ValueError(f"{source}: train.ema_decay must be in [0, 1) (0 = off), got {train.ema_decay}")
+
+
+def run_settings(model: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What identifies a training run in its workdir (`io.run_dir` fingerprint): the model and the config as given,
+    without `RESUMABLE_KEYS`."""
+    from diffusets_jax.config import config_to_dict
+
+    settings = config_to_dict(config)
+    for key in RESUMABLE_KEYS:
+        *parents, leaf = key.split(".")
+        section = settings
+        for part in parents:
+            section = section.get(part, {})
+        section.pop(leaf, None)
+    return {"model": model, "config": settings}
+
+
 def make_task(model: str, config: ml_collections.ConfigDict, num_steps: int) -> Task:
     """The trainer of `model` ("vae", "unet" or "clip") for `config`."""
     if model == "vae":
@@ -97,9 +139,13 @@ def resolve_latent_scale(model: str, config: ml_collections.ConfigDict, builder:
 
 
 def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | Path,
-                 model_dir: str | Path | None = None) -> TrainResult:
-    """Train `model` on `config.data.dataset` into `workdir` (resuming when it holds checkpoints) and write the
-    result into `model_dir` (default `workdir/model`).
+                 model_dir: str | Path | None = None, *, overwrite: bool = False) -> TrainResult:
+    """Train `model` on `config.data.dataset` into `workdir` (resuming when it holds this run's checkpoints) and
+    write the result into `model_dir` (default `workdir/model`).
+
+    The workdir is claimed like every output folder (`io.run_dir.output_dir`, flag `--workdir`): a rerun with the
+    same config (up to `RESUMABLE_KEYS`) resumes; another run's or a user's folder is refused unless `overwrite`,
+    which replaces it as a whole when this run ends.
 
     Joins a multi-host run first when the environment describes one (`parallel.initialize_distributed`).
     Resolves `data.num_train_examples` from the dataset, `train.num_steps` from the epochs and, with
@@ -108,11 +154,16 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     path) is checked first.
     """
     check_model_kind(model, config)
+    check_train_section(config)
+    settings = run_settings(model, config)  # as given, before the dataset resolves anything
     parallel.initialize_distributed()
     from diffusets_jax.data import pipeline  # TensorFlow: only loaded by commands that read datasets
-    from diffusets_jax.io.run_dir import check_output_path
+    from diffusets_jax.io.run_dir import check_output_path, output_dir
 
     pipeline.keep_tensorflow_off_accelerators()
+    command = f"train {model}"
+    check_output_path(workdir, "--workdir", command=command, overwrite=overwrite)
+    own_model_dir = model_dir is None  # the default, WORKDIR/model, lives and is replaced with the workdir
     model_dir = Path(model_dir) if model_dir is not None else Path(workdir) / MODEL_DIR_NAME
     check_output_path(model_dir, "--model-dir")
     builder = _load_dataset(model, config)
@@ -150,10 +201,13 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
         log.warning("dataset has no %r split: no periodic validation", config.data.val_split)
 
     task = make_task(model, config, num_steps)
-    result = train(task, config, workdir, train_batches, val_batches, mesh)
-    if not result.preempted and jax.process_index() == 0:
-        export_state(model, task, config, result.state, result.step, workdir, model_dir, provenance_of_data,
-                     builder)
+    with output_dir(workdir, command=command, settings=settings, overwrite=overwrite, flag="--workdir") as run:
+        result = train(task, config, run.path, train_batches, val_batches, mesh)
+        if not result.preempted:
+            if jax.process_index() == 0:
+                export_state(model, task, config, result.state, result.step, run.final,
+                             run.path / MODEL_DIR_NAME if own_model_dir else model_dir, provenance_of_data, builder)
+            run.mark_complete(step=result.step)
     return result
 
 
@@ -212,14 +266,15 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
 
     For exporting a run that is still going or was preempted; `run_training` exports by itself at the end.
     """
-    from diffusets_jax.train.loop import abstract_state, checkpoint_manager, restore_state
+    from diffusets_jax.train.loop import abstract_state, checkpoint_manager, restore_latest
 
     check_model_kind(model, config)
     workdir = Path(workdir)
     model_dir = Path(model_dir) if model_dir is not None else workdir / MODEL_DIR_NAME
+    if not (workdir / "checkpoints").is_dir():  # before Orbax would create it in a folder that is not a run
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
     manager = checkpoint_manager(workdir / "checkpoints", int(config.train.keep_checkpoints), async_save=False)
-    step = manager.latest_step()
-    if step is None:
+    if manager.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
     builder = _load_dataset(model, config)
     dataset = _dataset_provenance(model, builder, config)
@@ -229,6 +284,6 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
     task = make_task(model, config, max(int(config.train.num_steps), 1))
     mesh = parallel.mesh_from_config(config.mesh)
     abstract, _ = abstract_state(task, mesh, int(config.train.seed), float(config.train.ema_decay) > 0)
-    state, _ = restore_state(manager, step, abstract)
+    state, _, step = restore_latest(manager, abstract)
     manager.close()
     return export_state(model, task, config, state, step, workdir, model_dir, dataset, builder)

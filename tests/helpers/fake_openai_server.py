@@ -1,9 +1,11 @@
-"""A small OpenAI-compatible embeddings server on 127.0.0.1 for tests: the real `openai` client talks to it.
+"""A small OpenAI-compatible server on 127.0.0.1 for tests: the real `openai` client talks to it.
 
 It answers `POST /v1/embeddings` like the real API (float or base64 encoding, `index` per item, usage), with
-deterministic vectors derived from each input's SHA-256, and can inject faults, one per incoming request, from
-a script: "429" (rate limit with Retry-After: 0), "500", "503", "401", "404", "timeout" (answers only after the client gave
-up), or "ok". It records every request it received and every input it answered successfully.
+deterministic vectors derived from each input's SHA-256, and `POST /v1/chat/completions` with one assistant
+message: `chat_reply` (a string, or a function of the request's messages; by default `fake_chat_reply`) and
+`chat_finish_reason`. It can inject faults, one per incoming request of either kind, from a script: "429"
+(rate limit with Retry-After: 0), "500", "503", "401", "404", "timeout" (answers only after the client gave up),
+or "ok". It records every request it received and every input it answered successfully.
 
 Run standalone (`python tests/fake_openai_server.py PORT_FILE [DIM]`) it serves until killed.
 """
@@ -18,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -30,13 +33,24 @@ def fake_vector(text: str, dim: int) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
+def fake_chat_reply(messages: list[dict]) -> str:
+    """The default chat answer: a JSON findings list that depends only on the last user message."""
+    digest = hashlib.sha256(messages[-1]["content"].encode("utf-8")).hexdigest()[:8]
+    return json.dumps({"findings": [f"Finding one {digest}", f"Finding two {digest}"]})
+
+
 class FakeOpenAIServer:
-    def __init__(self, dim: int = 16, faults: list[str] | None = None, timeout_delay_s: float = 1.0) -> None:
+    def __init__(self, dim: int = 16, faults: list[str] | None = None, timeout_delay_s: float = 1.0,
+                 chat_reply: str | Callable[[list[dict]], str | None] | None = None) -> None:
         self.dim = dim
         self.faults = list(faults or [])
         self.timeout_delay_s = timeout_delay_s
-        self.received: list[list[str]] = []  # inputs of every request, faulty or not
-        self.answered: list[list[str]] = []  # inputs of every request answered with embeddings
+        self.chat_reply = chat_reply if chat_reply is not None else fake_chat_reply
+        self.chat_finish_reason = "stop"
+        self.received: list[list[str]] = []  # embeddings: inputs of every request, faulty or not
+        self.answered: list[list[str]] = []  # embeddings: inputs of every request answered with embeddings
+        self.chat_received: list[dict] = []  # chat: the body of every request, faulty or not
+        self.chat_answered: list[dict] = []  # chat: the body of every request answered with a message
         self.authorization: list[str | None] = []
         self.models: list[str] = []  # the model name of each embedding request
         self.block_at_request: int | None = None  # this request (1-based) hangs until `release` is set
@@ -80,10 +94,56 @@ class FakeOpenAIServer:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout injection)
                     pass
 
+            def _fault(self, fault: str) -> bool:
+                """Answer an injected error and return True, or (after a "timeout" delay) return False."""
+                if fault == "429":
+                    self._reply(429, {"error": {"message": "Rate limit reached", "type": "requests"}},
+                                {"Retry-After": "0"})
+                elif fault in ("500", "503"):
+                    self._reply(int(fault), {"error": {"message": "The server had an error", "type": "server_error"}})
+                elif fault == "401":
+                    self._reply(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+                elif fault == "404":
+                    self._reply(404, {"error": {"message": "The model does not exist", "type": "invalid_request_error"}})
+                else:
+                    if fault == "timeout":
+                        time.sleep(server.timeout_delay_s)
+                    return False
+                return True
+
+            def _chat(self, request: dict) -> None:
+                with server._lock:
+                    server.chat_received.append(request)
+                    server.authorization.append(self.headers.get("Authorization"))
+                    fault = server.faults.pop(0) if server.faults else "ok"
+                if self._fault(fault):
+                    return
+                messages = request.get("messages")
+                if not isinstance(messages, list) or not messages or any(
+                        not isinstance(m, dict) or not isinstance(m.get("content"), str) for m in messages):
+                    return self._reply(400, {"error": {"message": "'$.messages' is invalid", "type": "invalid_request_error"}})
+                reply = server.chat_reply(messages) if callable(server.chat_reply) else server.chat_reply
+                if fault != "timeout":
+                    with server._lock:
+                        server.chat_answered.append(request)
+                tokens = sum(len(m["content"].split()) for m in messages)
+                answer_tokens = len(reply.split()) if reply else 0  # a None reply is sent as null content
+                self._reply(200, {
+                    "id": f"chatcmpl-{len(server.chat_received)}", "object": "chat.completion", "created": 0,
+                    "model": request["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                 "finish_reason": server.chat_finish_reason}],
+                    "usage": {"prompt_tokens": tokens, "completion_tokens": answer_tokens,
+                              "total_tokens": tokens + answer_tokens},
+                })
+
             def do_POST(self) -> None:
-                if self.path.rstrip("/") != "/v1/embeddings":
+                route = self.path.rstrip("/")
+                if route not in ("/v1/embeddings", "/v1/chat/completions"):
                     return self._reply(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if route == "/v1/chat/completions":
+                    return self._chat(request)
                 inputs = request["input"] if isinstance(request["input"], list) else [request["input"]]
                 with server._lock:
                     server.received.append(inputs)
@@ -94,17 +154,8 @@ class FakeOpenAIServer:
                 if number == server.block_at_request:
                     server.blocked.set()
                     server.release.wait()
-                if fault == "429":
-                    return self._reply(429, {"error": {"message": "Rate limit reached", "type": "requests"}},
-                                       {"Retry-After": "0"})
-                if fault in ("500", "503"):
-                    return self._reply(int(fault), {"error": {"message": "The server had an error", "type": "server_error"}})
-                if fault == "401":
-                    return self._reply(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
-                if fault == "404":
-                    return self._reply(404, {"error": {"message": "The model does not exist", "type": "invalid_request_error"}})
-                if fault == "timeout":
-                    time.sleep(server.timeout_delay_s)
+                if self._fault(fault):
+                    return
                 if any(not isinstance(t, str) or not t for t in inputs):
                     return self._reply(400, {"error": {"message": "'$.input' is invalid", "type": "invalid_request_error"}})
                 encoding = request.get("encoding_format", "float")

@@ -1,0 +1,573 @@
+"""Every subcommand against bad input and other people's files (issue 15): one line, exit code 2, nothing touched.
+
+Each row of CASES runs `diffusets-jax ARGS` in a shared folder (`world`) that holds a user's files, a user's
+non-empty folder, a plain file where a folder is expected, damaged inputs and a tiny (unloaded) model directory.
+Every case must fail before any expensive work: exit code 2, exactly one line on stderr naming the problem, no
+traceback, and every file of the world byte-for-byte and mtime-for-mtime as it was, with nothing added.
+The cases that need a trained model, a prepared dataset or a subprocess are grouped in the slow tests below.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffusets_jax.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+ECG_DATA = REPO / "tests" / "data" / "ecg"
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int] | str]:
+    """Every path under `root` with its bytes and mtime (folders by name): what a command must leave as it was.
+    (A lock file a command opens in a folder of its own earlier run, which it may then refuse, is not counted.)"""
+    state: dict[str, tuple[bytes, int] | str] = {}
+    for path in sorted(root.rglob("*")):
+        if path.name.startswith(".diffusets-run-p") and (path.parent / ".diffusets-run.json").is_file():
+            continue
+        key = str(path.relative_to(root))
+        state[key] = "dir" if path.is_dir() else (path.read_bytes(), path.stat().st_mtime_ns)
+    return state
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    w = tmp_path_factory.mktemp("world")
+    (w / "user").mkdir()
+    (w / "user" / "thesis.tex").write_text("years of work")
+    (w / "file.txt").write_text("a user's file where a folder is expected")
+    (w / "folder").mkdir()
+    (w / "folder" / "keep.txt").write_text("keep")
+    (w / "cond.csv").write_text("text,sex,age,hr\nSinus rhythm,M,50,70\n")
+    (w / "cond_latin1.csv").write_bytes("text,sex,age,hr\nSinus rhythm,M,50,70\nRythme sinusal \xe9,F,40,60\n".encode("latin-1"))
+    (w / "reports.csv").write_text("report\nSinus rhythm|Normal ECG\n")
+    (w / "reports_latin1.csv").write_bytes("report\nSinus rhythm\nRythme sinusal \xe9\n".encode("latin-1"))
+    (w / "truncated.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    (w / "random.npz").write_bytes(os.urandom(64))
+    (w / "bad.safetensors").write_bytes(b"\xff" * 64)
+    (w / "vae_model.pth").write_bytes(b"PK\x03\x04 not really a checkpoint")
+    (w / "syntax.py").write_text("def get_config(:\n    pass\n")
+    (w / "raises.py").write_text("import ml_collections\n\ndef get_config():\n    return undefined_name\n")
+    (w / "config.json").write_text('{"train": {"num_steps": 3,}\n')
+    (w / "someone_elses.sqlite").write_bytes(b"")
+    with sqlite3.connect(w / "someone_elses.sqlite") as db:
+        db.execute("CREATE TABLE patients (id INTEGER)")
+    # A model directory whose index is damaged: refused before any weights load.
+    (w / "model_bad_index" / "vae").mkdir(parents=True)
+    (w / "model_bad_index" / "unet").mkdir()
+    (w / "model_bad_index" / "model_index.json").write_text('{"format": "diffusets-jax model directory",\n  oops}')
+    (w / "legacy_model").mkdir()
+    (w / "legacy_model" / "generation.json").write_text("{not json")
+    # A MIMIC-IV-ECG download whose patients table is a folder, and one whose measurements lack study_id.
+    shutil.copytree(ECG_DATA / "mimic_iv_ecg", w / "mimic_patients_dir", ignore=shutil.ignore_patterns("files"))
+    (w / "mimic_patients_dir" / "patients.csv").unlink()
+    (w / "mimic_patients_dir" / "patients.csv").mkdir()
+    shutil.copytree(ECG_DATA / "mimic_iv_ecg", w / "mimic_no_study_id", ignore=shutil.ignore_patterns("files"))
+    table = w / "mimic_no_study_id" / "machine_measurements.csv"
+    table.write_text(table.read_text().replace("study_id", "study", 1))
+    # An earlier plot run of other records: ours, but not this run.
+    (w / "plots").mkdir()
+    (w / "plots" / ".diffusets-run.json").write_text(json.dumps(
+        {"command": "plot", "fingerprint": "0" * 64, "settings": {"records": ["elsewhere"], "dpi": 200},
+         "status": "complete"}))
+    (w / "plots" / "elsewhere.png").write_bytes(b"\x89PNG old")
+    return w
+
+
+RECORD = str(ECG_DATA / "ptbxl" / "records100" / "00000" / "00001_lr")
+SAMPLE = ["sample", "--model-dir", "{w}/model_bad_index", "--text", "Sinus rhythm", "--sex", "M", "--age", "50",
+          "--hr", "70"]
+EMBED = ["embed", "--input", "{w}/reports.csv", "--embedder", "local"]
+TRAIN_VAE = ["train", "vae", "--config", str(CONFIGS / "demo_vae.py")]
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+# (id, argv with {w} for the world folder, what the one line must say)
+CASES: list[tuple[str, list[str], str]] = [
+    # sample: outputs, flags and inputs, all before the model is loaded
+    ("sample-out-is-a-file", [*SAMPLE, "--out", "{w}/file.txt"], "is an existing file"),
+    ("sample-out-under-a-file", [*SAMPLE, "--out", "{w}/file.txt/out"], "is a file, not a directory"),
+    ("sample-out-users-folder", [*SAMPLE, "--out", "{w}/user"], "not written by diffusets-jax sample"),
+    ("sample-corpus-into-users-folder", [*SAMPLE, "--corpus", "--out", "{w}/user"],
+     "not written by diffusets-jax sample --corpus"),
+    ("sample-steps-0", [*SAMPLE, "--out", "{w}/new", "--steps", "0"], "steps must be a positive"),
+    ("sample-batch-size-0", [*SAMPLE, "--out", "{w}/new", "--batch-size", "0"], "--batch-size must be a positive"),
+    ("sample-count-0", [*SAMPLE, "--out", "{w}/new", "-n", "0"], "--count must be a positive"),
+    ("sample-shard-size-0", [*SAMPLE, "--out", "{w}/new", "--corpus", "--shard-size", "0"], "--shard-size must be"),
+    ("sample-unknown-format", [*SAMPLE, "--out", "{w}/new", "--formats", "npz,gif"], "unknown gif"),
+    ("sample-wfdb-fs-negative", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "-5"], "--wfdb-fs must be a positive"),
+    ("sample-conditions-not-utf8", ["sample", "--model-dir", "{w}/model_bad_index", "--conditions",
+                                    "{w}/cond_latin1.csv", "--out", "{w}/new"], "cond_latin1.csv line 3: not UTF-8"),
+    ("sample-conditions-is-a-folder", ["sample", "--model-dir", "{w}/model_bad_index", "--conditions", "{w}/folder",
+                                       "--out", "{w}/new"], "is a directory"),
+    ("sample-embedding-cache-is-a-folder", [*SAMPLE, "--out", "{w}/new", "--embedding-cache", "{w}/folder"],
+     "--embedding-cache"),
+    ("sample-model-dir-missing", ["sample", "--model-dir", "{w}/nope", "--conditions", "{w}/cond.csv", "--out",
+                                  "{w}/new"], "does not exist"),
+    ("sample-model-dir-is-a-file", ["sample", "--model-dir", "{w}/file.txt", "--conditions", "{w}/cond.csv", "--out",
+                                    "{w}/new"], "is a file, not a model directory"),
+    ("sample-model-index-malformed", [*SAMPLE, "--out", "{w}/new"], "model_index.json line 2: not valid JSON"),
+    ("sample-legacy-generation-json-malformed", ["sample", "--model-dir", "{w}/legacy_model", "--conditions",
+                                                 "{w}/cond.csv", "--out", "{w}/new"],
+     "generation.json line 1: not valid JSON"),
+    # evaluate
+    ("evaluate-limit-0", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "x", "--out", "{w}/new", "--limit", "0"],
+     "--limit must be a positive"),
+    ("evaluate-batch-size-0", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "x", "--out", "{w}/new",
+                               "--batch-size", "0"], "--batch-size must be a positive"),
+    ("evaluate-out-is-a-file", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "x", "--out", "{w}/file.txt"],
+     "is an existing file"),
+    ("evaluate-out-users-folder", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "x", "--out", "{w}/user"],
+     "not written by diffusets-jax evaluate"),
+    ("evaluate-dataset-unknown", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "no_such_dataset", "--out",
+                                  "{w}/new"], "no dataset 'no_such_dataset'"),
+    # embed: every path and flag before a model is loaded or a request is made
+    ("embed-input-missing", ["embed", "--input", "{w}/nope.csv", "--embedder", "local", "--cache", "{w}/c.sqlite"],
+     "--input {w}/nope.csv does not exist"),
+    ("embed-input-is-a-folder", ["embed", "--input", "{w}/folder", "--embedder", "local", "--cache", "{w}/c.sqlite"],
+     "is a directory"),
+    ("embed-input-not-utf8", ["embed", "--input", "{w}/reports_latin1.csv", "--embedder", "local", "--cache",
+                              "{w}/c.sqlite"], "reports_latin1.csv line 3: not UTF-8"),
+    ("embed-cache-is-a-folder", [*EMBED, "--cache", "{w}/folder"], "--cache {w}/folder is a directory"),
+    ("embed-cache-under-a-file", [*EMBED, "--cache", "{w}/file.txt/c.sqlite"], "is a file, not a directory"),
+    ("embed-cache-not-sqlite", [*EMBED, "--cache", "{w}/file.txt"], "not a usable SQLite database"),
+    ("embed-cache-someone-elses-database", [*EMBED, "--cache", "{w}/someone_elses.sqlite"],
+     "SQLite database of something else"),
+    ("embed-output-under-a-file", [*EMBED, "--cache", "{w}/c.sqlite", "--output", "{w}/file.txt/x.npz"],
+     "is a file, not a directory"),
+    ("embed-output-is-a-folder", [*EMBED, "--cache", "{w}/c.sqlite", "--output", "{w}/folder"], "is a directory"),
+    ("embed-output-users-file", [*EMBED, "--cache", "{w}/c.sqlite", "--output", "{w}/truncated.npz"],
+     "exists and was not written by diffusets-jax embed"),
+    ("embed-batch-size-0", [*EMBED, "--cache", "{w}/c.sqlite", "--batch-size", "0"], "--batch-size must be a positive"),
+    ("embed-openai-without-key", ["embed", "--input", "{w}/reports.csv", "--embedder", "openai", "--cache",
+                                  "{w}/c.sqlite", "--api-key-env", "DIFFUSETS_TEST_NO_SUCH_KEY"],
+     "$DIFFUSETS_TEST_NO_SUCH_KEY is not set"),
+    # convert
+    ("convert-truncated-npz", ["convert", "--vae", "{w}/truncated.npz", "--out", "{w}/new"], "truncated.npz"),
+    ("convert-not-an-npz", ["convert", "--vae", "{w}/random.npz", "--out", "{w}/new"], "not a .npz archive"),
+    ("convert-corrupt-safetensors", ["convert", "--vae", "{w}/bad.safetensors", "--out", "{w}/new"],
+     "not a readable .safetensors"),
+    ("convert-pth", ["convert", "--vae", "{w}/vae_model.pth", "--out", "{w}/new"],
+     "could not be read by PyTorch" if HAS_TORCH else "needs PyTorch"),
+    ("convert-checkpoint-is-a-folder", ["convert", "--vae", "{w}/folder", "--out", "{w}/new"], "is a directory"),
+    ("convert-out-is-a-file", ["convert", "--vae", "{w}/truncated.npz", "--out", "{w}/file.txt"],
+     "is an existing file"),
+    # encode: flags, output folder and dataset before the VAE is loaded
+    ("encode-batch-size-0", ["encode", "--vae", "{w}/nope", "--data-dir", "{w}", "--dataset", "x", "--out",
+                             "{w}/new", "--batch-size", "0"], "--batch-size must be a positive"),
+    ("encode-examples-per-shard-0", ["encode", "--vae", "{w}/nope", "--data-dir", "{w}", "--dataset", "x", "--out",
+                                     "{w}/new", "--examples-per-shard", "0"], "--examples-per-shard must be"),
+    ("encode-out-is-a-file", ["encode", "--vae", "{w}/nope", "--data-dir", "{w}", "--dataset", "x", "--out",
+                              "{w}/file.txt"], "is an existing file"),
+    ("encode-out-users-folder", ["encode", "--vae", "{w}/nope", "--data-dir", "{w}", "--dataset", "x", "--out",
+                                 "{w}/user"], "not written by diffusets-jax encode"),
+    ("encode-dataset-unknown", ["encode", "--vae", "{w}/nope", "--data-dir", "{w}/user", "--dataset", "no_such",
+                                "--out", "{w}/new"], "no dataset 'no_such'"),
+    # prepare
+    ("prepare-workers-negative", ["prepare", "ptbxl", "--manual-dir", "{w}/folder", "--data-dir", "{w}/new",
+                                  "--workers", "-3"], "--workers must be 0"),
+    ("prepare-chunk-size-0", ["prepare", "ptbxl", "--manual-dir", "{w}/folder", "--data-dir", "{w}/new",
+                              "--chunk-size", "0"], "--chunk-size must be a positive"),
+    ("prepare-manual-dir-missing", ["prepare", "ptbxl", "--manual-dir", "{w}/nope", "--data-dir", "{w}/new"],
+     "--manual-dir {w}/nope does not exist"),
+    ("prepare-manual-dir-is-a-file", ["prepare", "ptbxl", "--manual-dir", "{w}/file.txt", "--data-dir", "{w}/new"],
+     "is a file"),
+    ("prepare-data-dir-is-a-file", ["prepare", "ptbxl", "--manual-dir", "{w}/folder", "--data-dir", "{w}/file.txt"],
+     "is an existing file"),
+    ("prepare-wrong-download", ["prepare", "ptbxl", "--manual-dir", "{w}/folder", "--data-dir", "{w}/new"],
+     "ptbxl_database.csv not found"),
+    ("prepare-patients-table-is-a-folder", ["prepare", "mimic-iv-ecg", "--manual-dir", "{w}/mimic_patients_dir",
+                                            "--data-dir", "{w}/new"], "patients.csv is a directory"),
+    ("prepare-measurements-without-study-id", ["prepare", "mimic-iv-ecg", "--manual-dir", "{w}/mimic_no_study_id",
+                                               "--data-dir", "{w}/new"], "no column 'study_id'"),
+    # train
+    ("train-config-for-another-model", ["train", "vae", "--config", str(CONFIGS / "demo_clip.py"), "--workdir",
+                                        "{w}/new"], "is a clip config"),
+    ("train-config-syntax-error", ["train", "vae", "--config", "{w}/syntax.py", "--workdir", "{w}/new"],
+     "syntax.py line 1: Python syntax error"),
+    ("train-config-raises", ["train", "vae", "--config", "{w}/raises.py", "--workdir", "{w}/new"],
+     "raises.py line 4: get_config() raised NameError"),
+    ("train-config-json-malformed", ["train", "vae", "--config", "{w}/config.json", "--workdir", "{w}/new"],
+     "config.json line 1: not valid JSON"),
+    ("train-config-is-a-folder", ["train", "vae", "--config", "{w}/folder", "--workdir", "{w}/new"],
+     "config file {w}/folder is a directory"),
+    ("train-negative-steps", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.train.num_steps=-5"],
+     "train.num_steps must be a positive"),
+    ("train-zero-batch", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.train.global_batch_size=0"],
+     "train.global_batch_size must be a positive"),
+    ("train-unknown-key", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.train.lr=1"], "unknown config key"),
+    ("train-workdir-is-a-file", [*TRAIN_VAE, "--workdir", "{w}/file.txt"], "is an existing file"),
+    ("train-workdir-users-folder", [*TRAIN_VAE, "--workdir", "{w}/user"], "not written by diffusets-jax train vae"),
+    ("train-model-dir-is-a-file", [*TRAIN_VAE, "--workdir", "{w}/new", "--model-dir", "{w}/file.txt"],
+     "--model-dir {w}/file.txt is an existing file"),
+    ("train-dataset-unknown", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.data.dataset=no_such_dataset"],
+     "no dataset 'no_such_dataset'"),
+    # plot
+    ("plot-record-missing", ["plot", "{w}/nope.hea", "--out-dir", "{w}/new"], "{w}/nope.hea does not exist"),
+    ("plot-record-is-a-folder", ["plot", "{w}/folder", "--out-dir", "{w}/new"], "is a directory, not a WFDB record"),
+    ("plot-out-dir-is-a-file", ["plot", RECORD, "--out-dir", "{w}/file.txt"], "is an existing file"),
+    ("plot-out-dir-users-folder", ["plot", RECORD, "--out-dir", "{w}/user"], "not written by diffusets-jax plot"),
+    ("plot-into-another-plot-run", ["plot", RECORD, "--out-dir", "{w}/plots"], "with other settings"),
+    ("plot-dpi-0", ["plot", RECORD, "--out-dir", "{w}/new", "--dpi", "0"], "--dpi must be between"),
+    # demo
+    ("demo-out-users-folder", ["demo", "--out", "{w}/user", "--quick"], "not written by diffusets-jax demo"),
+    ("demo-out-is-a-file", ["demo", "--out", "{w}/file.txt", "--quick"], "is an existing file"),
+]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(err: str, expected: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "Traceback" not in err
+    assert expected in lines[0], lines[0]
+    assert lines[0].startswith("diffusets-jax "), lines[0]
+
+
+@pytest.mark.parametrize("argv,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(world, capsys, monkeypatch, argv, expected):
+    monkeypatch.delenv("DIFFUSETS_TEST_NO_SUCH_KEY", raising=False)
+    before = snapshot(world)
+    code, err = run_cli([a.replace("{w}", str(world)) for a in argv], capsys)
+    assert code == 2, err
+    assert_one_line(err, expected.replace("{w}", str(world)))
+    assert snapshot(world) == before  # nothing changed, nothing added (not even a lock file or an empty folder)
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(world, tmp_path, capsys):
+    from diffusets_jax.io.run_dir import exclusive_lock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with exclusive_lock(out, "held by this test"):  # what a running command holds
+        code, err = run_cli(["plot", RECORD, "--out-dir", str(out)], capsys)
+    assert code == 2
+    assert_one_line(err, "another diffusets-jax run is writing there now")
+    assert not list(out.glob("*.png"))
+
+
+def test_plot_reports_each_skipped_record_on_stderr_and_reruns_into_its_own_folder(world, tmp_path, capsys):
+    out = tmp_path / "plots"
+    args = ["plot", RECORD, str(world / "nope"), "--out-dir", str(out)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert_one_line(captured.err, f"skipped {world / 'nope'}: {world / 'nope.hea'} does not exist")
+    assert json.loads(captured.out)["written"] == 1 and (out / "00001_lr.png").is_file()
+    assert main(args) == 0  # the same command again: its own folder, redrawn
+    capsys.readouterr()
+    assert main(["plot", RECORD, "--out-dir", str(out), "--dpi", "100", "--overwrite"]) == 0  # replaced whole
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == ["00001_lr.png"]
+
+
+def test_run_failures_are_one_line_exit_1_and_preemption_exits_75(world, monkeypatch, capsys):
+    from diffusets_jax.train import loop, run
+
+    def nan_loss(*args, **kwargs):
+        raise loop.NonFiniteLossError("loss is nan at step 6; stopped without saving it, the last good checkpoint "
+                                      "is step 4 in W. Lower train.learning_rate")
+
+    monkeypatch.setattr(run, "run_training", nan_loss)
+    code, err = run_cli([*TRAIN_VAE, "--workdir", str(world / "new")], capsys)
+    assert code == 1
+    assert_one_line(err, "loss is nan at step 6")
+
+    monkeypatch.setattr(run, "run_training", lambda *a, **k: loop.TrainResult(state=None, step=7, preempted=True))
+    code, err = run_cli([*TRAIN_VAE, "--workdir", str(world / "new")], capsys)
+    assert code == 75
+    assert_one_line(err, "preempted (SIGTERM) at step 7, checkpoint saved; rerun the same command to resume")
+
+
+def test_exit_codes_are_documented_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for code in ("0 done", "1 the run could not finish", "2 bad input", "75 preempted", "130 interrupted"):
+        assert code in text
+
+
+def test_progress_bars_write_a_few_lines_a_minute_to_a_log_file(monkeypatch):
+    from diffusets_jax.io import progress
+
+    log = io.StringIO()  # not a terminal, like a cluster job's log file
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = progress.progress_bar(5000, desc="decode", unit="record")
+    began = time.monotonic()
+    for _ in range(5000):
+        bar.update(1)
+        bar.set_postfix(n=1, refresh=False)
+    bar.close()
+    assert time.monotonic() - began < progress.LOG_INTERVAL_S  # the loop was fast: only start and end are drawn
+    redraws = log.getvalue().count("\r") + log.getvalue().count("\n")
+    assert 1 <= redraws <= 4, log.getvalue()
+    assert "5000/5000" in log.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Cases that need a model, a dataset or a subprocess.
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.helpers.tiny_models import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("model") / "model")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1", OPENAI_API_KEY="sk-test",
+               OPENAI_BASE_URL="http://127.0.0.1:9")
+    return env
+
+
+@pytest.mark.slow
+def test_a_damaged_model_is_one_line_without_tensorstore_echoes(tiny_model, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model, damaged)
+    for data in (damaged / "unet" / "variables").rglob("d/*"):  # every data file of the U-Net's weights
+        data.write_bytes(data.read_bytes()[:20])
+    (tmp_path / "cond.csv").write_text("text,sex,age,hr\nSinus rhythm,M,50,70\n")
+    before = snapshot(tmp_path)
+    # A subprocess: the echoes of a failed restore are printed late (at garbage collection, at exit).
+    proc = subprocess.run([sys.executable, "-m", "diffusets_jax.cli", "sample", "--model-dir", str(damaged),
+                           "--conditions", str(tmp_path / "cond.csv"), "--out", str(tmp_path / "out")],
+                          env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("diffusets-jax")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"model {damaged / 'unet'}: its weights" in errors[0] and "damaged or incomplete" in errors[0]
+    for echo in ("Traceback", "never retrieved", "Event loop is closed", "OUT_OF_RANGE", "FAILED_PRECONDITION: Error"):
+        assert echo not in proc.stderr.replace(errors[0], ""), proc.stderr[-3000:]
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow  # three training runs, each compiling the step for 8 devices
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, caplog):
+    from diffusets_jax import parallel
+    from diffusets_jax.train import loop
+    from tests.helpers.train_helpers import batches_from, tiny_config, tiny_task
+
+    mesh = parallel.make_mesh(8, 1)
+    loop.train(tiny_task(), tiny_config(num_steps=8, checkpoint_every=4), tmp_path, batches_from(16), None, mesh=mesh)
+    checkpoints = tmp_path / "checkpoints"
+    for data in (checkpoints / "8").rglob("d/*"):
+        data.write_bytes(b"")  # the newest checkpoint lost its data (a full disk, a half-copied folder)
+    with caplog.at_level("WARNING"):
+        result = loop.train(tiny_task(), tiny_config(num_steps=12, checkpoint_every=4), tmp_path, batches_from(16),
+                            None, mesh=mesh)
+    assert "checkpoint step 8" in caplog.text and "cannot be read" in caplog.text
+    assert "resuming from step 4" in caplog.text
+    assert result.step == 12 and not result.preempted
+    assert (checkpoints / "unreadable-8").is_dir()  # kept, not deleted, and out of Orbax's way
+    assert (checkpoints / "8").is_dir() and (checkpoints / "12").is_dir()  # step 8 saved again, then 12
+
+    # Every checkpoint unreadable: one line saying what to do, nothing trained over them.
+    for step in ("4", "8", "12"):
+        for data in (checkpoints / step).rglob("d/*"):
+            data.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no checkpoint in .* can be read \(step 12: .*step 4: .*move it away"):
+        loop.train(tiny_task(), tiny_config(num_steps=16), tmp_path, batches_from(16), None, mesh=mesh)
+
+
+SIGTERM_CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+sys.argv = ["diffusets-jax"] + sys.argv[1:]
+from diffusets_jax import cli
+from diffusets_jax.train import loop, run
+from tests.helpers.train_helpers import batch_at, tiny_config, tiny_task
+
+def run_training(model, config, workdir, model_dir=None, overwrite=False):  # the real loop on a tiny task
+    def batches(start):
+        for step in range(start, 10**6):
+            if step == 3:
+                Path(workdir, "ready").write_text("3")  # the parent sends SIGTERM now
+                while not Path(workdir, "sent").exists():
+                    time.sleep(0.05)
+            yield batch_at(step, 16)
+    return loop.train(tiny_task(), tiny_config(num_steps=1000, checkpoint_every=500), workdir, batches)
+
+run.run_training = run_training
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_75_for_the_scheduler(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD, *TRAIN_VAE, "--workdir", str(workdir)],
+                            env=_env(), stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 300
+    while not (workdir / "ready").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "the child never reached step 3"
+        time.sleep(0.2)
+    proc.send_signal(15)
+    (workdir / "sent").write_text("")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert "preempted (SIGTERM) at step 4, checkpoint saved; rerun the same command to resume" in err
+    assert "Traceback" not in err
+    assert (workdir / "checkpoints" / "4").is_dir()
+
+
+@pytest.mark.slow
+def test_sample_refuses_a_rerun_with_other_settings_and_leaves_both_runs_apart(tiny_model, tmp_path, capsys,
+                                                                                monkeypatch):
+    from tests.helpers.fake_openai_server import FakeOpenAIServer
+    from tests.helpers.tiny_models import TEXT_DIM
+
+    with FakeOpenAIServer(dim=TEXT_DIM) as server:
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        args = ["sample", "--model-dir", str(tiny_model), "--text", "Sinus rhythm", "--sex", "F", "--age", "40",
+                "--hr", "60", "--steps", "2", "--batch-size", "8", "--formats", "npz,wfdb",
+                "--embedder-base-url", server.base_url]
+        out = tmp_path / "out"
+        assert main([*args, "-n", "3", "--out", str(out)]) == 0
+        capsys.readouterr()
+        before = snapshot(tmp_path)
+        for extra in (["-n", "2"], ["-n", "3", "--seed", "5"], ["-n", "3", "--sampler", "ddim"]):
+            code, err = run_cli([*args, *extra, "--out", str(out)], capsys)  # other conditions, seed, sampler
+            assert code == 2
+            assert_one_line(err, "with other settings")
+            assert snapshot(tmp_path) == before
+        corpus = tmp_path / "corpus"
+        assert main([*args, "-n", "3", "--corpus", "--shard-size", "8", "--out", str(corpus)]) == 0
+        capsys.readouterr()
+        code, err = run_cli([*args, "-n", "3", "--corpus", "--shard-size", "16", "--out", str(corpus)], capsys)
+        assert code == 2
+        assert_one_line(err, "shard_size: 8 -> 16")
+        # --corpus into a prepared dataset (a folder that is not ours): refused before any shard is written.
+        dataset = tmp_path / "prepared"
+        dataset.mkdir()
+        (dataset / "dataset_info.json").write_text("{}")
+        before = snapshot(dataset)
+        code, err = run_cli([*args, "--corpus", "--out", str(dataset)], capsys)
+        assert code == 2 and snapshot(dataset) == before
+
+
+@pytest.mark.slow
+def test_evaluate_checks_its_dataset_split_and_clip_before_generating(tiny_model, tmp_path, capsys):
+    from tests.helpers import tiny_ecg_dataset
+
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    base = ["evaluate", "--model-dir", str(tiny_model), "--dataset", str(builder.data_dir), "--out",
+            str(tmp_path / "report")]
+    code, err = run_cli([*base, "--split", "nope"], capsys)
+    assert code == 2
+    assert_one_line(err, "--split nope: dataset")
+    code, err = run_cli([*base, "--clip", str(tmp_path / "no_such_models")], capsys)
+    assert code == 2
+    assert_one_line(err, "no such model directory")
+    code, err = run_cli(["train", "unet", "--config", str(CONFIGS / "demo_unet.py"), "--workdir",
+                         str(tmp_path / "unet"), f"--config.data.dataset={builder.data_dir}"], capsys)
+    assert code == 2
+    assert_one_line(err, "run `diffusets-jax encode")
+    assert snapshot(tmp_path) == before
+
+
+class HashEmbedder:
+    """A deterministic stand-in for MiniLM (384-d) so prepare tests do not load a model."""
+
+    dim = 384
+    embedder_id = "test/hash/384"
+
+    def embed(self, texts):
+        rows = [np.random.default_rng(abs(hash(t)) % 2**32).normal(size=self.dim) for t in texts]
+        return np.asarray([r / np.linalg.norm(r) for r in rows], np.float32)
+
+
+@pytest.mark.slow
+def test_prepare_recognises_its_source_refuses_another_and_recovers_from_kills(tmp_path, capsys):
+    from diffusets_jax.data import sources
+
+    embedder = HashEmbedder()
+    clean = tmp_path / "ptbxl"
+    shutil.copytree(ECG_DATA / "ptbxl", clean)
+    # Another download: three unusable rows (not UTF-8, malformed, no integer ecg_id).
+    damaged = tmp_path / "ptbxl_damaged"
+    shutil.copytree(ECG_DATA / "ptbxl", damaged)
+    table = damaged / "ptbxl_database.csv"
+    lines = table.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"sinus", b"sinus \xe9", 1)
+    lines[3] = lines[3].removesuffix(b"\r") + b",extra,fields\r"  # the table has CRLF line ends
+    lines[4] = b"abc" + lines[4][lines[4].index(b","):]
+    table.write_bytes(b"\n".join(lines))
+    data = tmp_path / "data"
+    options = dict(workers=0, embedder=embedder, embedding_cache_path=str(tmp_path / "emb.sqlite"))
+
+    first = sources.prepare("ptbxl", str(clean), str(data), **options)
+    dataset = Path(sources.make_builder("ptbxl", str(data)).data_dir)
+    card = json.loads((dataset / "diffusets_dataset.json").read_text())
+    assert card["derived_from"]["manual_dir"] == str(clean) and card["derived_from"]["records"] == 40
+
+    # The same records in another folder: recognised as complete, nothing rebuilt.
+    moved = tmp_path / "moved"
+    shutil.copytree(clean, moved)
+    before = snapshot(data)
+    assert sources.prepare("ptbxl", str(moved), str(data), **options) == first
+    assert snapshot(data) == before
+
+    # Another download into the complete dataset: one line, exit 2, the dataset untouched.
+    capsys.readouterr()
+    code, err = run_cli(["prepare", "ptbxl", "--manual-dir", str(damaged), "--data-dir", str(data)], capsys)
+    assert code == 2
+    assert_one_line(err, f"built from {clean} (40 records")
+    assert "--overwrite" in err and snapshot(data) == before
+
+    # --overwrite rebuilds from it; its bad rows are skipped and counted with their file and line.
+    second = sources.prepare("ptbxl", str(damaged), str(data), overwrite=True, **options)
+    assert second["skipped_by_reason"]["bad_table_row"] == 3
+    where = {e["record_path"]: e["detail"] for e in second["skipped_examples"]["bad_table_row"]}
+    assert where[f"{table} line 3"] == "not UTF-8 text"
+    assert where[f"{table} line 4"].startswith("malformed CSV line")
+    assert where[f"{table} line 5"] == "ecg_id 'abc' is not an integer"
+    assert second["records_listed"] == first["records_listed"] - 3
+    assert not [p for p in dataset.parent.iterdir() if ".replaced-" in p.name]
+
+    # A killed prepare: TFDS's temporary folder of this version is ours to clean, another version's is not; a
+    # truncated decode-cache chunk is decoded again.
+    shutil.rmtree(dataset)  # (this test's own dataset: stands for one that was never finished)
+    stale = dataset.parent / f"incomplete.ABC123_{dataset.name}"
+    other = dataset.parent / "incomplete.XYZ789_0.9.0"
+    for folder in (stale, other):
+        folder.mkdir()
+        (folder / "ptbxl-train.tfrecord-00000-of-00001").write_bytes(b"torn")
+    for chunk in (data / "downloads" / "decode_cache").rglob("*.npz"):
+        chunk.write_bytes(chunk.read_bytes()[:100])
+    third = sources.prepare("ptbxl", str(damaged), str(data), **options)
+    assert third["examples_written"] == second["examples_written"]
+    assert third["decode_chunks"]["decoded"] == third["decode_chunks"]["total"] > 0  # decoded again, not a crash
+    assert not stale.exists() and other.is_dir()
+
+
+def test_concurrent_writers_of_one_file_never_share_a_temporary_name(tmp_path):
+    from diffusets_jax.io.files import atomic_path
+
+    target = tmp_path / "synthetic_ecg-train.tfrecord-00003-of-00015"
+    with atomic_path(target) as first, atomic_path(target) as second:  # two runs writing the same shard at once
+        assert first != second and first.parent == second.parent == tmp_path
+        first.write_bytes(b"run one, complete")
+        second.write_bytes(b"run two, complete")
+        assert not target.exists()  # nothing under the real name until a writer is done
+    assert target.read_bytes() in (b"run one, complete", b"run two, complete")
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary file left behind

@@ -1,0 +1,64 @@
+"""io.files: the one atomic writer (umask permissions, nothing left behind), its never-overwrite variant, file digests."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from diffusets_jax.io.files import (
+    atomic_path,
+    file_sha256,
+    write_json_atomic,
+    write_new_text,
+    write_text_atomic,
+)
+
+
+def test_write_new_text_writes_a_new_file_and_never_replaces_one(tmp_path):
+    path = write_new_text(tmp_path / "a.json", "caf\u00e9\n")
+    assert path.read_bytes() == "caf\u00e9\n".encode()
+    with pytest.raises(FileExistsError):
+        write_new_text(path, "other")
+    assert path.read_text(encoding="utf-8") == "caf\u00e9\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    with pytest.raises(FileNotFoundError):
+        write_new_text(tmp_path / "missing" / "b.json", "x")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_writes_replace_and_leave_nothing_on_error(tmp_path):
+    path = write_text_atomic(tmp_path / "sub" / "a.txt", "one")
+    write_json_atomic(path, {"two": 2})
+    assert path.read_text() == '{\n  "two": 2\n}\n'
+    with pytest.raises(RuntimeError), atomic_path(path) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert path.read_text() == '{\n  "two": 2\n}\n' and [p.name for p in path.parent.iterdir()] == ["a.txt"]
+
+
+def test_written_files_get_the_umasks_permissions_not_0600(tmp_path):
+    from diffusets_jax.io.plot import plot_heart_rate_scatter, save_png
+
+    previous = os.umask(0o022)
+    try:
+        new = write_new_text(tmp_path / "a.json", "{}")
+        replaced = write_text_atomic(tmp_path / "b.txt", "x")
+        png = save_png(plot_heart_rate_scatter([60.0], [61.0]), tmp_path / "a.png", dpi=20)
+        os.umask(0o027)
+        strict = write_new_text(tmp_path / "c.json", "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o644
+    assert stat.S_IMODE(replaced.stat().st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(png).st_mode) == 0o644
+    assert stat.S_IMODE(strict.stat().st_mode) == 0o640
+
+
+def test_file_sha256_is_the_digest_of_the_bytes(tmp_path):
+    import hashlib
+
+    payload = bytes(range(256)) * 20_000  # more than one 4 MiB block
+    (tmp_path / "f.bin").write_bytes(payload)
+    assert file_sha256(tmp_path / "f.bin") == hashlib.sha256(payload).hexdigest()
