@@ -410,9 +410,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     cond.add_argument("-n", "--count", type=int, default=1,
                       help="ECGs per condition given by flags or --findings (default: 1)")
     smp = parser.add_argument_group("sampler")
-    smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default="dpmpp_2m",
+    smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"),
                      help="ddpm: the published 1000-step ancestral sampler; ddim; dpmpp_2m: DPM-Solver++(2M), "
-                          "20 steps (default)")
+                          "20 steps (default; with --reference: ddpm 100 steps, ddim 50 for an edit alone)")
     smp.add_argument("--steps", type=int, help="network evaluations (default: ddpm 1000, ddim 50, dpmpp_2m 20)")
     smp.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic; default: %(default)s)")
     smp.add_argument("--guidance-scale", type=float, default=1.0,
@@ -425,6 +425,22 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                      "of the device count (default: %(default)s)")
     smp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="network compute dtype (bfloat16 is faster on GPU/TPU; the chain stays float32)")
+    ref = parser.add_argument_group(
+        "from a recording: reconstruction (--observe), editing (--edit-strength), digital twins (both)")
+    ref.add_argument("--reference", metavar="RECORD", help="a WFDB record (path without extension), 10 s at >= 100 "
+                     "Hz in any lead order; every requested ECG is made from it (-n 4: four twins)")
+    ref.add_argument("--reference-start", type=float, metavar="S", help="take 10 s from S seconds of a longer record")
+    ref.add_argument("--observe", metavar="LEADS", help="observed leads, e.g. I, or I,II,III,aVR,aVL,aVF, or all: "
+                     "posterior sampling (twisted SMC through the VAE decoder) draws ECGs that agree with them")
+    ref.add_argument("--observe-window", metavar="START,END", help="observe only these seconds, e.g. 0,5")
+    ref.add_argument("--noise-std", type=float, metavar="MV", help="observation noise, mV (default: 0.05; larger "
+                     "lets the report move the observed leads)")
+    ref.add_argument("--drift", action="store_true", help="the recording may carry baseline wander below 0.67 Hz: "
+                     "marginalise it instead of copying it")
+    ref.add_argument("--edit-strength", type=float, metavar="S", help="SDEdit in [0, 1]: noise the encoded "
+                     "recording to S and re-generate it under the conditions (0: its VAE reconstruction, 1: new)")
+    ref.add_argument("--particles", type=int, metavar="K", help="SMC particles per ECG with --observe (default: 8; "
+                     "cost scales with K)")
     emb = parser.add_argument_group("text embedder (the model directory names it)")
     emb.add_argument("--embedding-cache", metavar="PATH", help="SQLite cache for prompt embeddings (reused across runs)")
     emb.add_argument("--embedder-base-url", metavar="URL",
@@ -468,6 +484,28 @@ def _sample_conditions(args: argparse.Namespace) -> tuple[list, dict | None]:
     return [requests.make_condition(args.text, args.sex, args.age, args.hr, args.count, where="flags")], None
 
 
+def _sample_reference(args: argparse.Namespace):  # noqa: ANN202 (a posterior_pipeline.ReferenceTask or None)
+    """The recording and what to do with it, checked (and read) before any model loads; None without --reference."""
+    flags = {"--observe": args.observe, "--observe-window": args.observe_window, "--noise-std": args.noise_std,
+             "--drift": args.drift or None, "--edit-strength": args.edit_strength, "--particles": args.particles,
+             "--reference-start": args.reference_start}
+    if args.reference is None:
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise ValueError(f"{given[0]} works on a recording: add --reference RECORD")
+        return None
+    if args.corpus:
+        raise ValueError("--reference writes outputs like plain `sample` (npz, wfdb, png), not a --corpus")
+    if args.particles is not None and args.observe is None:
+        raise ValueError("--particles sets the posterior sampler's particles: add --observe LEADS")
+    from diffusets_jax.posterior_pipeline import DEFAULT_PARTICLES, parse_window, reference_task
+
+    return reference_task(args.reference, observe=args.observe, window=parse_window(args.observe_window),
+                          noise_std=args.noise_std, drift=args.drift, strength=args.edit_strength,
+                          particles=DEFAULT_PARTICLES if args.particles is None else args.particles,
+                          start_s=args.reference_start)
+
+
 def _run_sample(args: argparse.Namespace) -> int:
     import json
 
@@ -482,8 +520,18 @@ def _run_sample(args: argparse.Namespace) -> int:
     if args.embedding_cache is not None:
         check_output_file(args.embedding_cache, "--embedding-cache")
     conditions, provenance = _sample_conditions(args)
-    sampler = sampler_config(args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
+    task = _sample_reference(args)
+    name, steps = args.sampler or "dpmpp_2m", args.steps
+    if task is not None:
+        from diffusets_jax.posterior_pipeline import check_sampler, default_sampler
+
+        default_name, default_steps = default_sampler(task)
+        name = args.sampler or default_name
+        steps = args.steps if args.steps is not None or name != default_name else default_steps
+    sampler = sampler_config(name, steps=steps, eta=args.eta, guidance_scale=args.guidance_scale,
                              clip_sample=None if args.clip_sample is None else args.clip_sample == "on")
+    if task is not None:
+        check_sampler(task, sampler)
     if args.corpus:
         if args.shard_size < 1:
             raise ValueError(f"--shard-size must be a positive number of ECGs, got {args.shard_size}")
@@ -499,9 +547,18 @@ def _run_sample(args: argparse.Namespace) -> int:
     from diffusets_jax.pipeline import ECGGenerator
 
     overrides = {"base_url": args.embedder_base_url, "api_key": os.environ.get(args.api_key_env)}
-    generator = ECGGenerator(args.model_dir, sampler, batch_size=args.batch_size, seed=args.seed,
-                             embedding_cache=args.embedding_cache, embedder_overrides=overrides,
-                             compute_dtype=None if args.dtype == "float32" else args.dtype)
+    options = dict(seed=args.seed, embedding_cache=args.embedding_cache, embedder_overrides=overrides,
+                   compute_dtype=None if args.dtype == "float32" else args.dtype)
+    if task is None:
+        generator = ECGGenerator(args.model_dir, sampler, batch_size=args.batch_size, **options)
+    else:
+        from diffusets_jax.conditioning.requests import expand
+        from diffusets_jax.posterior_pipeline import ReferenceGenerator
+
+        # Every row of a batch runs K particles through the U-Net and decoder, forward and backward: do not pad a
+        # few requested ECGs up to a large default batch.
+        generator = ReferenceGenerator(args.model_dir, task, sampler,
+                                       batch_size=min(args.batch_size, len(expand(conditions))), **options)
     if args.corpus:
         from diffusets_jax.io.corpus import write_corpus
 
@@ -514,7 +571,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     manifest = sample_to_directory(generator, conditions, args.out, formats=formats, wfdb_fs=args.wfdb_fs,
                                    overwrite=args.overwrite, provenance=provenance)
     print(json.dumps({"out": args.out, "count": manifest["count"], "skipped": len(manifest["skipped"]),
-                      "formats": formats}))
+                      "formats": formats, **({} if task is None else {"mode": task.mode})}))
     return 0
 
 
@@ -654,6 +711,57 @@ def _print_levels(out: str, report: dict) -> None:
 
 
 COMMANDS.append(_add_evaluate)
+
+
+def _add_reconstruct_eval(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "reconstruct-eval",
+        help="measure 12-lead reconstruction from lead I and from the limb leads against simple baselines",
+        description=(
+            "On a prepared dataset's held-back records, reconstruct the 12 leads from lead I and from the six limb "
+            "leads by posterior sampling with a model directory (each record's own report and patient data), and by "
+            "the baselines zeros, the training mean and least-squares linear regression from the observed leads "
+            "(fitted on the train split). Writes report.json and report.md to --out: per-lead RMSE and correlation "
+            "and the model-free clinical metrics against the records."
+        ),
+    )
+    parser.add_argument("--model-dir", metavar="DIR", help="model directory (omit for the baselines alone)")
+    parser.add_argument("--dataset", required=True, help="prepared dataset (name or folder)")
+    parser.add_argument("--data-dir", metavar="DIR", help="TFDS data directory of a named dataset")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if absent)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole")
+    parser.add_argument("--train-split", default="train", help="baselines are fitted here (default: %(default)s)")
+    parser.add_argument("--test-split", default="test", help="records reconstructed (default: %(default)s)")
+    parser.add_argument("--limit", type=int, help="the first N test records")
+    parser.add_argument("--train-limit", type=int, default=2000, help="the first N training records (default: "
+                        "%(default)s)")
+    parser.add_argument("--steps", type=int, default=100, help="DDPM steps of the posterior chain (default: %(default)s)")
+    parser.add_argument("--particles", type=int, default=8, help="SMC particles per record (default: %(default)s)")
+    parser.add_argument("--noise-std", type=float, default=0.05, help="observation noise, mV (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="records per compiled call (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: %(default)s)")
+    parser.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="processes measuring ECGs (default: %(default)s)")
+    parser.set_defaults(func=_run_reconstruct_eval)
+
+
+def _run_reconstruct_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusets_jax.experiments.reconstruction import reconstruct_eval
+
+    report = reconstruct_eval(args.model_dir, args.dataset, args.out, data_dir=args.data_dir,
+                              train_split=args.train_split, test_split=args.test_split, limit=args.limit,
+                              train_limit=args.train_limit, steps=args.steps, particles=args.particles,
+                              noise_std=args.noise_std, batch_size=args.batch_size, seed=args.seed,
+                              n_boot=args.n_boot, workers=args.workers, overwrite=args.overwrite)
+    summary = {task: {name: row["unobserved_mean"] for name, row in result["methods"].items()}
+               for task, result in report["tasks"].items()}
+    print(json.dumps({"out": args.out, "n_test": report["n_test"], "unobserved": summary}))
+    return 0
+
+
+COMMANDS.append(_add_reconstruct_eval)
 
 
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:

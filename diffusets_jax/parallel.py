@@ -136,6 +136,31 @@ def jit_run_once(fn: Any, *args: Any, out_shardings: Any = None) -> Any:
     return jitted.lower(*args).compile(compiler_options=options)(*args)
 
 
+def constrain_to(sharding: jax.sharding.Sharding | None) -> Any:
+    """A function that pins an array inside `jax.jit` to `sharding` (identity for None).
+
+    `reshard` on meshes with Explicit axes (`jax.make_mesh`'s default), `with_sharding_constraint` on Auto
+    ones. A `NamedSharding` whose spec names only the leading axis applies to arrays of any rank, so one
+    batch sharding serves `(batch, 128, 4)` latents and `(batch, particles, 128, 4)` particle clouds alike.
+    """
+    if sharding is None:
+        return lambda x: x
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and any(kind == AxisType.Explicit for kind in mesh.axis_types):
+        return lambda x: jax.sharding.reshard(x, sharding)
+    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+
+
+def leading_axis_shards(sharding: jax.sharding.Sharding | None) -> int:
+    """How many slices `sharding` cuts the leading (batch) axis into: 1 for None or a replicated sharding."""
+    if sharding is None or not hasattr(sharding, "mesh"):
+        return 1
+    spec = sharding.spec
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
+
+
 def num_batch_shards(mesh: Mesh) -> int:
     """How many slices the global batch is split into (the global batch must be a multiple of it)."""
     return int(np.prod([mesh.shape[a] for a in _batch_axes(mesh)]))

@@ -178,14 +178,18 @@ class ECGGenerator:
     # -- generation -------------------------------------------------------------------------------------
     def generate_batch(self, cond: dict[str, np.ndarray], batch_index: int) -> np.ndarray:
         """ECGs `(n, 1024, 12)` float32 mV for `n <= batch_size` conditions; `batch_index` fixes the noise."""
+        n, cond_global, key = self._device_batch(cond, batch_index)
+        ecg = self._generate(self.unet_variables, self.vae_variables, cond_global, key, self._null_cond)
+        return np.asarray(jax.device_get(ecg))[:n]
+
+    def _device_batch(self, cond: dict[str, np.ndarray], batch_index: int) -> tuple[int, Any, jax.Array]:
+        """(n, the conditions padded to batch_size and sharded, the batch's key): what every batch program takes."""
         n = len(cond["sex"])
         if not 0 < n <= self.batch_size:
             raise ValueError(f"generate_batch takes 1..{self.batch_size} conditions, got {n}")
         padded = {k: np.concatenate([v, np.repeat(v[-1:], self.batch_size - n, axis=0)]) for k, v in cond.items()}
-        cond_global = jax.device_put(padded, self._cond_sharding)
-        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), batch_index)
-        ecg = self._generate(self.unet_variables, self.vae_variables, cond_global, key, self._null_cond)
-        return np.asarray(jax.device_get(ecg))[:n]
+        return n, jax.device_put(padded, self._cond_sharding), jax.random.fold_in(jax.random.PRNGKey(self.seed),
+                                                                                  batch_index)
 
     def num_batches(self, conditions: Sequence[Condition]) -> int:
         return -(-len(expand(conditions)) // self.batch_size)

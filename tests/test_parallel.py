@@ -71,3 +71,19 @@ def test_initialize_distributed_is_a_noop_on_one_host():
     assert parallel.initialize_distributed({"JAX_NUM_PROCESSES": "1"}) is False
     with pytest.raises(ValueError, match="JAX_COORDINATOR_ADDRESS"):
         parallel.initialize_distributed({"JAX_NUM_PROCESSES": "2"})
+
+
+@pytest.mark.parametrize("mesh_kind", ["auto", "explicit"])
+def test_constrain_to_pins_any_rank_to_the_batch_sharding(mesh_kind):
+    mesh = parallel.make_mesh(data=4, fsdp=2) if mesh_kind == "auto" else jax.make_mesh((8,), ("data",))
+    sharding = parallel.batch_sharding(mesh) if mesh_kind == "auto" else jax.sharding.NamedSharding(
+        mesh, PartitionSpec("data"))
+    assert parallel.leading_axis_shards(sharding) == 8
+    assert parallel.leading_axis_shards(parallel.replicated(mesh)) == 1 and parallel.leading_axis_shards(None) == 1
+    constrain = parallel.constrain_to(sharding)
+    for shape in ((16,), (16, 3, 128, 4)):
+        placed = jax.device_put(jnp.ones(shape), parallel.replicated(mesh))  # inputs live on the mesh, as in use
+        out = jax.jit(lambda x, constrain=constrain: constrain(x * 2.0))(placed)
+        assert {s.data.shape[0] for s in out.addressable_shards} == {2}
+        np.testing.assert_array_equal(np.asarray(out), 2.0)
+    assert parallel.constrain_to(None)(jnp.ones(3)) is not None

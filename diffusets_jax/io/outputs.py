@@ -8,6 +8,11 @@ Layout of OUT (names are the ECG's position in the request, `sample_00042`):
     plots/sample_NNNNN.png
     manifest.json        the settings, every sample's conditions and files, skipped records and why
 
+A generator with a `reference` (`posterior_pipeline.ReferenceGenerator`: reconstruction, editing, twins from a
+recording) also stores the recording on the model's time base (`reference`, (1024, 12)) and the entries its
+observation pins (`observed`, (1024, 12) bool) in the NPZ, the task under `reference` in the manifest, and draws
+the recording above each result in the PNG.
+
 The folder is claimed with `io.run_dir.output_dir`: a user's folder is never written into, and a rerun with the
 same settings resumes. Each finished batch leaves `.parts/batch-BBBBBB.npz` (its ECGs, written last, after its
 records), so a crash costs at most the batch in progress; the parts are merged into the NPZ at the end and
@@ -55,9 +60,10 @@ def _header(condition: Condition, prompt: str, settings: dict[str, Any]) -> dict
 
 
 def _write_batch_records(out: Path, batch: Any, formats: Sequence[str], wfdb_fs: float | None,
-                         header_settings: dict[str, Any]) -> dict[str, str]:
-    """Write one generated batch's WFDB records and PNGs; the records skipped and why."""
-    from diffusets_jax.io.plot import plot_ecg
+                         header_settings: dict[str, Any], reference: Any = None) -> dict[str, str]:
+    """Write one generated batch's WFDB records and PNGs (beside `reference`'s recording when there is one);
+    the records skipped and why."""
+    from diffusets_jax.io.plot import plot_ecg, plot_pair
     from diffusets_jax.io.wfdb_out import write_records
 
     names = [sample_name(batch.start + i) for i in range(len(batch.conditions))]
@@ -68,8 +74,13 @@ def _write_batch_records(out: Path, batch: Any, formats: Sequence[str], wfdb_fs:
     if "png" in formats:
         (out / "plots").mkdir(exist_ok=True)
         for name, ecg, header in zip(names, batch.ecgs, headers, strict=True):
-            if name not in skipped:
+            if name in skipped:
+                continue
+            if reference is None:
                 plot_ecg(ecg, conditions=header, path=out / "plots" / f"{name}.png")
+            else:
+                plot_pair(reference.reference.ecg, ecg, conditions=header, path=out / "plots" / f"{name}.png",
+                          labels=(reference.label(), "Reconstructed" if reference.mode == "posterior" else "Generated"))
     return skipped
 
 
@@ -108,7 +119,8 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
         done = set().union(*map(set, parallel.allgather_objects(local_done)))
         remaining = [b for b in range(total) if b not in done]
         for batch in generator.generate(conditions, batches=remaining, progress=progress):
-            skipped = _write_batch_records(run.path, batch, formats, wfdb_fs, header_settings)
+            skipped = _write_batch_records(run.path, batch, formats, wfdb_fs, header_settings,
+                                           getattr(generator, "reference", None))
             _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
                       position=np.arange(batch.start, batch.start + len(batch.conditions)),
                       skipped_name=np.array(list(skipped), dtype=str), skipped_why=np.array(list(skipped.values()), dtype=str))
@@ -150,7 +162,10 @@ def _finish(out: Path, generator: Any, items: list[Condition], total: int, forma
     ecg_arr = (np.concatenate(ecgs) if ecgs else np.zeros((0, *ECG_SHAPE), np.float32))[order]
     if "npz" in formats and parts:
         chosen = [items[int(p)] for p in positions_arr]
-        _save_npz(out / npz_name, ecg=ecg_arr, position=positions_arr,
+        reference = getattr(generator, "reference", None)
+        reference_arrays = {} if reference is None else {"reference": reference.reference.ecg,
+                                                         "observed": reference.observed_mask()}
+        _save_npz(out / npz_name, ecg=ecg_arr, position=positions_arr, **reference_arrays,
                   prompt=np.array([generator.prompt(c) for c in chosen], dtype=str),
                   report=np.array(["|".join(c.report) for c in chosen], dtype=str),
                   sex=np.array([c.sex for c in chosen], np.int32),
@@ -172,6 +187,7 @@ def _finish(out: Path, generator: Any, items: list[Condition], total: int, forma
                 entry["png"] = f"plots/{name}.png"
         samples.append(entry)
     manifest = {"count": len(items), "written": len(items) - len(skipped), "settings": settings,
+                **({"reference": generator.reference.describe()} if getattr(generator, "reference", None) else {}),
                 "skipped": skipped, "npz": [s["npz"] for s in gathered if s["npz"]],
                 "processes": len(gathered), "samples": samples}
     if index == 0:

@@ -280,9 +280,11 @@ def plot_pair(
     path: str | os.PathLike | None = None,
     dpi: int = 200,
     display_fs: float = 500.0,
+    labels: tuple[str, str] = ("Real", "Generated"),
 ) -> Figure:
     """A real ECG above a generated one (same scale), e.g. a test-set record and the ECG generated from
-    its report and patient data. `fs` is the real ECG's rate; `generated_fs` defaults to `fs`."""
+    its report and patient data. `fs` is the real ECG's rate; `generated_fs` defaults to `fs`. `labels`: the two
+    sheets' headings (e.g. a reference recording and its reconstruction)."""
     real = _check_ecg(real, "plot_pair real")
     generated = _check_ecg(generated, "plot_pair generated")
     generated_fs = fs if generated_fs is None else generated_fs
@@ -291,8 +293,8 @@ def plot_pair(
     fig, (ax_real, ax_generated) = _sheet_figure(2)
     _draw_sheet(ax_real, real, fs, "II", display_fs)
     _draw_sheet(ax_generated, generated, generated_fs, "II", display_fs)
-    _title(fig, ax_real, " - ".join(p for p in (title, "Real") if p), conditions)
-    _title(fig, ax_generated, " - ".join(p for p in (title, "Generated") if p), None)
+    _title(fig, ax_real, " - ".join(p for p in (title, labels[0]) if p), conditions)
+    _title(fig, ax_generated, " - ".join(p for p in (title, labels[1]) if p), None)
     _footer(fig, fs, "" if generated_fs == fs else f"(generated at {generated_fs:g} Hz)")
     if path is not None:
         save_png(fig, path, dpi)

@@ -1,0 +1,265 @@
+"""Measured 12-lead reconstruction: the posterior sampler against simple baselines on held-back real records.
+
+For each task (the observed leads: lead I alone, the six limb leads) and each held-back record of a prepared
+dataset's test split, the unobserved leads are filled by
+- `posterior`: posterior sampling through the VAE decoder (`diffusion.posterior`, twisted SMC), conditioned on the
+  record's own report and patient data and on its observed leads (noise `noise_std`);
+- `zeros`: 0 mV;
+- `train_mean`: the mean training ECG, sample by sample;
+- `linear`: least-squares linear regression of every lead on the observed leads (plus a constant), sample-wise,
+  fitted on the train split. Because the limb leads are linear in two of them (Einthoven, Goldberger), this
+  baseline is exact for limb leads observed from limb leads, and is the bar a generative model must clear.
+The baselines copy the observed leads; the posterior's observed leads are its own samples (close to the record
+up to `noise_std`). Scores per lead: RMSE (mV) over every sample of every record and the mean per-record Pearson
+correlation (undefined, None, where a prediction is constant, e.g. zeros), plus the mean over the unobserved
+leads; and the model-free clinical metrics (`metrics.clinical`) of each reconstruction against its record.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from diffusets_jax.ecg.leads import STANDARD_LEADS
+from diffusets_jax.ecg.shapes import NUM_LEADS
+
+TASKS: dict[str, tuple[str, ...]] = {"lead_I": ("I",), "limb_leads": ("I", "II", "III", "aVR", "aVL", "aVF")}
+BASELINES: tuple[str, ...] = ("zeros", "train_mean", "linear")
+# The clinical rows the Markdown table shows (every row is in report.json).
+CLINICAL_ROWS: tuple[tuple[str, str], ...] = (
+    ("qrs_f1", "generated_vs_real"), ("heart_rate_mae", "generated_vs_real"), ("qt_mae", "generated_vs_real"),
+    ("st_j60_mae", "generated_vs_real"), ("einthoven_rmse", "generated"))
+
+
+def lead_indices(leads: Sequence[str]) -> np.ndarray:
+    return np.array([STANDARD_LEADS.index(lead) for lead in leads], np.int64)
+
+
+def fit_linear(train_ecgs: np.ndarray, observed: Sequence[str]) -> np.ndarray:
+    """Least-squares weights `(len(observed) + 1, 12)` predicting every lead from the observed leads and a constant,
+    fitted over every sample of the finite training ECGs `(n, 1024, 12)`."""
+    train = np.asarray(train_ecgs, np.float64)
+    train = train[np.isfinite(train).all(axis=(1, 2))]
+    if not len(train):
+        raise ValueError("linear baseline: no finite training ECG to fit on")
+    x = train[:, :, lead_indices(observed)].reshape(-1, len(observed))
+    design = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    weights, *_ = np.linalg.lstsq(design, train.reshape(-1, NUM_LEADS), rcond=None)
+    return weights
+
+
+def predict_linear(weights: np.ndarray, ecgs: np.ndarray, observed: Sequence[str]) -> np.ndarray:
+    """`(n, 1024, 12)` predictions from the observed leads of `ecgs`; the observed leads are copied."""
+    index = lead_indices(observed)
+    x = np.asarray(ecgs, np.float64)[:, :, index]
+    prediction = x @ weights[:-1] + weights[-1]
+    prediction[:, :, index] = x
+    return prediction.astype(np.float32)
+
+
+def fill_baseline(name: str, ecgs: np.ndarray, observed: Sequence[str], *, train_mean: np.ndarray | None = None,
+                  weights: np.ndarray | None = None) -> np.ndarray:
+    """The baseline `name` ("zeros", "train_mean", "linear") for `ecgs` `(n, 1024, 12)`: observed leads copied."""
+    ecgs = np.asarray(ecgs, np.float32)
+    if name == "linear":
+        return predict_linear(weights, ecgs, observed)
+    if name == "zeros":
+        filled = np.zeros_like(ecgs)
+    elif name == "train_mean":
+        filled = np.broadcast_to(np.asarray(train_mean, np.float32), ecgs.shape).copy()
+    else:
+        raise ValueError(f"baseline {name!r}: choose from {', '.join(BASELINES)}")
+    index = lead_indices(observed)
+    filled[:, :, index] = ecgs[:, :, index]
+    return filled
+
+
+def lead_scores(prediction: np.ndarray, truth: np.ndarray) -> dict[str, list[float | None]]:
+    """Per lead (standard order): RMSE (mV) over all samples of all records, and mean per-record Pearson r over the
+    records where both signals vary (None where none does)."""
+    prediction, truth = np.asarray(prediction, np.float64), np.asarray(truth, np.float64)
+    rmse = np.sqrt(np.mean((prediction - truth) ** 2, axis=(0, 1)))
+    p = prediction - prediction.mean(axis=1, keepdims=True)
+    t = truth - truth.mean(axis=1, keepdims=True)
+    denominator = np.sqrt((p ** 2).sum(axis=1) * (t ** 2).sum(axis=1))
+    defined = denominator > 1e-12
+    r = np.where(defined, (p * t).sum(axis=1) / np.where(defined, denominator, 1.0), np.nan)
+    counts = defined.sum(axis=0)
+    mean_r = np.where(counts > 0, np.nansum(r, axis=0) / np.maximum(counts, 1), np.nan)
+    return {"rmse_mv": [float(v) for v in rmse], "correlation": [None if np.isnan(v) else float(v) for v in mean_r]}
+
+
+def summarize(scores: Mapping[str, list[float | None]], observed: Sequence[str]) -> dict[str, float | None]:
+    """Means over the unobserved leads of `lead_scores` output (correlation over the leads where it is defined)."""
+    hidden = [i for i, lead in enumerate(STANDARD_LEADS) if lead not in observed]
+    correlations = [scores["correlation"][i] for i in hidden if scores["correlation"][i] is not None]
+    return {"rmse_mv": float(np.mean([scores["rmse_mv"][i] for i in hidden])),
+            "correlation": float(np.mean(correlations)) if correlations else None}
+
+
+def posterior_reconstructions(generator: Any, real: Mapping[str, Any], observed: Sequence[str], *, noise_std: float,
+                              particles: int, seed: int = 0, progress: bool = False) -> np.ndarray:
+    """Posterior samples `(n, 1024, 12)` for the records `real` (`evaluate.load_split` arrays) given their `observed`
+    leads, their own text embeddings and patient data, with `generator`'s model (`pipeline.ECGGenerator`, whose
+    sampler must be ddpm, or ddim with eta > 0). One compiled program; batch b uses `fold_in(PRNGKey(seed), b)`."""
+    import jax
+
+    from diffusets_jax import parallel
+    from diffusets_jax.diffusion.observations import make_observation
+    from diffusets_jax.diffusion.posterior import PosteriorConfig, jit_posterior_generate
+    from diffusets_jax.diffusion.schedule import make_schedule
+    from diffusets_jax.io.progress import progress_bar
+
+    sharding = parallel.batch_sharding(generator.mesh)
+    if generator.sampler.guidance_scale != 1.0:
+        raise ValueError("reconstruction runs without classifier-free guidance (guidance_scale 1)")
+    run = jit_posterior_generate(generator.unet, generator.vae, make_schedule(generator.diffusion.schedule),
+                                 PosteriorConfig(sampler=generator.sampler, particles=particles),
+                                 batch_sharding=sharding, latent_scale=generator.diffusion.latent_scale)
+    ecgs = np.asarray(real["ecg"], np.float32)
+    size, out = generator.batch_size, []
+    bar = progress_bar(len(ecgs), desc="posterior", unit="ECG") if progress else None
+    for batch, start in enumerate(range(0, len(ecgs), size)):
+        rows = np.arange(start, min(start + size, len(ecgs)))
+        padded = np.concatenate([rows, np.repeat(rows[-1:], size - len(rows))])
+        patients = [types.SimpleNamespace(sex=int(real["sex"][i]), age=float(real["age"][i]),
+                                          heart_rate=float(real["heart_rate"][i])) for i in padded]
+        cond = generator.condition_arrays(patients, real["text_embedding"][padded])
+        observation = make_observation(ecgs[padded], noise_std=noise_std, leads=list(observed))
+        observation = observation.replace(**jax.device_put(
+            {"values": observation.values, "mask": observation.mask, "noise_std": observation.noise_std,
+             "drift_std": observation.drift_std}, sharding))
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), batch)
+        result = run(generator.unet_variables, generator.vae_variables, jax.device_put(cond, sharding), observation,
+                     key)
+        out.append(np.asarray(jax.device_get(result.ecg))[: len(rows)])
+        if bar is not None:
+            bar.update(len(rows))
+    if bar is not None:
+        bar.close()
+    return np.concatenate(out)
+
+
+def reconstruction_study(generator: Any, train_ecgs: np.ndarray, test: Mapping[str, Any], *,
+                         tasks: Mapping[str, Sequence[str]] = TASKS, noise_std: float = 0.05, particles: int = 8,
+                         seed: int = 0, n_boot: int = 200, workers: int = 1, progress: bool = False) -> dict[str, Any]:
+    """Reconstruct every task's unobserved leads of `test`'s records (`evaluate.load_split` arrays) with the
+    posterior sampler of `generator` (None: baselines only) and the baselines fitted on `train_ecgs`
+    `(n, 1024, 12)`; per-lead scores, their means over the unobserved leads and the clinical metrics, JSON-ready.
+    Records with a non-finite sample are left out (counted)."""
+    from diffusets_jax.metrics.clinical import clinical_metrics
+
+    finite = np.isfinite(np.asarray(test["ecg"])).all(axis=(1, 2))
+    if not finite.any():
+        raise ValueError("test split: no record without missing samples")
+    test = {k: (np.asarray(v)[finite] if not isinstance(v, list) else [x for x, f in zip(v, finite, strict=True) if f])
+            for k, v in test.items()}
+    train = np.asarray(train_ecgs, np.float32)
+    train_mean = np.nanmean(train[np.isfinite(train).all(axis=(1, 2))], axis=0)
+    truth = test["ecg"]
+    report: dict[str, Any] = {"n_test": int(finite.sum()), "n_test_left_out": int((~finite).sum()),
+                              "n_train": int(len(train)), "leads": list(STANDARD_LEADS), "noise_std_mv": noise_std,
+                              "particles": particles if generator is not None else None, "seed": seed, "tasks": {}}
+    for task, observed in tasks.items():
+        methods: dict[str, np.ndarray] = {}
+        if generator is not None:
+            methods["posterior"] = posterior_reconstructions(generator, test, observed, noise_std=noise_std,
+                                                             particles=particles, seed=seed, progress=progress)
+        weights = fit_linear(train, observed)
+        for name in BASELINES:
+            methods[name] = fill_baseline(name, truth, observed, train_mean=train_mean, weights=weights)
+        rows = {}
+        for name, prediction in methods.items():
+            scores = lead_scores(prediction, truth)
+            clinical = clinical_metrics(prediction, truth, test["heart_rate"], test["subject_id"], n_boot=n_boot,
+                                        seed=seed, workers=workers)
+            rows[name] = {**scores, "unobserved_mean": summarize(scores, observed), "clinical": clinical["metrics"]}
+        report["tasks"][task] = {"observed": list(observed), "methods": rows}
+    return report
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """Tables per task: mean RMSE / r over the unobserved leads, per-lead RMSE, and the main clinical metrics."""
+    lines = [f"Reconstruction of 12 leads on {report['n_test']} held-back records ({report['n_test_left_out']} with "
+             f"missing samples left out); baselines fitted on {report['n_train']} training records; observation noise "
+             f"{report['noise_std_mv']} mV, {report['particles'] or '-'} particles, seed {report['seed']}.", ""]
+    for task, result in report["tasks"].items():
+        lines += [f"### {task}: observed {', '.join(result['observed'])}", "",
+                  "| method | RMSE unobserved (mV) | r unobserved | " + " | ".join(
+                      f"RMSE {lead}" for lead in STANDARD_LEADS) + " |",
+                  "|---|---|---|" + "---|" * len(STANDARD_LEADS)]
+        for name, row in result["methods"].items():
+            mean = row["unobserved_mean"]
+            lines.append(f"| {name} | {_fmt(mean['rmse_mv'])} | {_fmt(mean['correlation'])} | "
+                         + " | ".join(_fmt(v) for v in row["rmse_mv"]) + " |")
+        lines += ["", "| method | " + " | ".join(f"{m} ({c.replace('_', ' ')})" for m, c in CLINICAL_ROWS) + " |",
+                  "|---|" + "---|" * len(CLINICAL_ROWS)]
+        for name, row in result["methods"].items():
+            values = {(r["metric"], r["comparison"]): r for r in row["clinical"]}
+            cells = []
+            for key in CLINICAL_ROWS:
+                entry = values.get(key)
+                cells.append("n/a" if entry is None or entry["value"] is None
+                             else " ".join(part for part in (_fmt(entry["value"]), entry["unit"],
+                                                             f"({entry['n_measured']}/{entry['n']})") if part))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.PathLike, out: str | os.PathLike, *,
+                     data_dir: str | os.PathLike | None = None, train_split: str = "train", test_split: str = "test",
+                     limit: int | None = None, train_limit: int | None = 2000, steps: int = 100, particles: int = 8,
+                     noise_std: float = 0.05, batch_size: int = 8, seed: int = 0, n_boot: int = 200, workers: int = 1,
+                     overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run `reconstruction_study` on a prepared dataset's splits and write report.json and report.md into `out`
+    (claimed like `sample`'s folder; a rerun with the same settings returns the finished report).
+
+    model_dir None: baselines only. Checks every argument before loading data or a model.
+    """
+    from diffusets_jax.io.files import read_json, write_json_atomic, write_text_atomic
+    from diffusets_jax.io.run_dir import check_output_path, output_dir
+
+    check_output_path(out, command="reconstruct-eval", overwrite=overwrite)
+    for name, value, low in (("--steps", steps, 1), ("--particles", particles, 1), ("--batch-size", batch_size, 1),
+                             ("--n-boot", n_boot, 1), ("--limit", limit or 1, 1), ("--train-limit", train_limit or 1, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if not (np.isfinite(noise_std) and noise_std > 0):
+        raise ValueError(f"--noise-std must be > 0 mV, got {noise_std}")
+    settings = {"model_dir": None if model_dir is None else os.path.abspath(model_dir), "dataset": os.fspath(dataset),
+                "data_dir": None if data_dir is None else os.path.abspath(data_dir), "train_split": train_split,
+                "test_split": test_split, "limit": limit, "train_limit": train_limit, "steps": steps,
+                "particles": particles, "noise_std": noise_std, "batch_size": batch_size, "seed": seed, "n_boot": n_boot}
+    generator = None
+    if model_dir is not None:
+        from diffusets_jax.diffusion.samplers import SamplerConfig
+        from diffusets_jax.pipeline import ECGGenerator
+
+        generator = ECGGenerator(model_dir, SamplerConfig(sampler="ddpm", steps=steps, clip_sample=None),
+                                 batch_size=batch_size, seed=seed)
+    from diffusets_jax.experiments.evaluate import load_split
+
+    with output_dir(out, command="reconstruct-eval", settings=settings, overwrite=overwrite) as run:
+        if run.complete:
+            return read_json(run.path / "report.json", "reconstruction report")
+        train = load_split(dataset, train_split, data_dir=data_dir, limit=train_limit)
+        test = load_split(dataset, test_split, data_dir=data_dir, limit=limit)
+        if generator is not None and test["text_embedding"].shape[1] != generator.unet.text_dim:
+            raise ValueError(f"{dataset}: text embeddings of width {test['text_embedding'].shape[1]} do not fit the "
+                             f"U-Net of {model_dir} (width {generator.unet.text_dim}); use the dataset it was trained on")
+        report = reconstruction_study(generator, train["ecg"], test, noise_std=noise_std, particles=particles,
+                                      seed=seed, n_boot=n_boot, workers=workers, progress=progress)
+        report["settings"] = settings
+        write_json_atomic(run.path / "report.json", report)
+        write_text_atomic(run.path / "report.md", render_markdown(report))
+        run.mark_complete(n_test=report["n_test"])
+    return report

@@ -1,0 +1,116 @@
+"""A patient's own recording as a reference for posterior sampling, editing and digital twins.
+
+`read_reference` reads a WFDB record (any lead order and spelling, any subset of the 12 leads, any rate of
+at least 100 Hz), converts it to millivolts, maps its leads onto the standard order, checks that it is a
+10-second recording (or takes a 10 s window of a longer one), and FFT-resamples it to the model's
+(1024, 12) time base exactly as training data were (`ecg.resample.resample_to_length`). Leads the record
+lacks, and leads that are flat (a disconnected electrode) or contain missing samples, are zero in `ecg`
+and left out of `leads`, so an observation built from `leads` never asks the sampler to reproduce them.
+Every problem is a one-line ValueError naming the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from diffusets_jax.data.records import FLAT_LEAD_MV, BadRecord, read_record_mv
+from diffusets_jax.ecg.leads import STANDARD_LEADS, UnknownLeadError, canonical_lead_name
+from diffusets_jax.ecg.resample import resample_to_length
+from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_SECONDS
+from diffusets_jax.ecg.units import check_millivolts
+
+# Below 100 Hz a record lacks content the model's 102.4 Hz time base represents (up to 51.2 Hz); PTB-XL's
+# low-rate files are exactly 100 Hz and are accepted.
+MIN_REFERENCE_RATE_HZ = 100.0
+# As in data preparation (`data.records.DecodeOptions`): a whole 10 s recording, within 0.1 s.
+DURATION_TOLERANCE_S = 0.1
+WFDB_EXTENSIONS = (".hea", ".dat", ".mat")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A recording on the model's time base.
+
+    ecg: `(1024, 12)` float32, mV, standard lead order; zero in every lead not in `leads`.
+    leads: the usable leads, standard spelling, standard order.
+    excluded: lead -> why it is not usable ("absent", "flat", "missing samples").
+    fs: the record's sampling rate (Hz); source: where it came from.
+    """
+
+    ecg: np.ndarray
+    leads: tuple[str, ...]
+    excluded: dict[str, str]
+    fs: float
+    source: str
+
+
+def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str], *, start_s: float | None = None,
+                         source: str = "reference") -> Reference:
+    """A Reference from a signal `(samples, n_leads)` in mV at `fs` Hz with one name per column.
+
+    start_s: take the 10 s starting there from a longer recording (None: the record must last 10 s).
+    """
+    signal = np.asarray(signal, np.float64)
+    if signal.ndim != 2:
+        raise ValueError(f"{source}: expected a (samples, leads) signal, got shape {signal.shape}")
+    if signal.shape[1] != len(lead_names):
+        raise ValueError(f"{source}: {signal.shape[1]} signal columns but {len(lead_names)} lead names")
+    canonical: list[str] = []
+    for name in lead_names:
+        try:
+            canonical.append(canonical_lead_name(name))
+        except UnknownLeadError as err:
+            raise ValueError(f"{source}: {err}; rename the signal in the header") from None
+    repeated = sorted({lead for lead in canonical if canonical.count(lead) > 1})
+    if repeated:
+        raise ValueError(f"{source}: lead(s) {', '.join(repeated)} appear more than once")
+    fs = float(fs)
+    if not fs >= MIN_REFERENCE_RATE_HZ:
+        raise ValueError(f"{source}: sampling rate {fs:g} Hz is below {MIN_REFERENCE_RATE_HZ:g} Hz; the model works at "
+                         f"{ECG_LENGTH / ECG_SECONDS:g} Hz (1024 samples over 10 s) and needs a record at least that fine")
+    duration = signal.shape[0] / fs
+    if start_s is None:
+        if abs(duration - ECG_SECONDS) > DURATION_TOLERANCE_S:
+            raise ValueError(f"{source}: {signal.shape[0]} samples at {fs:g} Hz last {duration:.2f} s; the model needs a "
+                             f"{ECG_SECONDS:g} s recording (pass start_s to take {ECG_SECONDS:g} s of a longer one)")
+    else:
+        if not 0.0 <= float(start_s) <= duration - ECG_SECONDS + DURATION_TOLERANCE_S:
+            raise ValueError(f"{source}: start_s={start_s:g} leaves less than {ECG_SECONDS:g} s of the {duration:.2f} s "
+                             f"record; use 0 <= start_s <= {max(duration - ECG_SECONDS, 0.0):.2f}")
+        first = int(round(float(start_s) * fs))
+        signal = signal[first:first + int(round(ECG_SECONDS * fs))]
+    excluded: dict[str, str] = {lead: "absent" for lead in STANDARD_LEADS if lead not in canonical}
+    columns: dict[str, np.ndarray] = {}
+    for lead, column in zip(canonical, signal.T, strict=True):
+        if not np.isfinite(column).all():
+            excluded[lead] = "missing samples"
+        elif float(column.max() - column.min()) < FLAT_LEAD_MV:
+            excluded[lead] = "flat"
+        else:
+            columns[lead] = column
+    if not columns:
+        raise ValueError(f"{source}: no usable lead ({', '.join(f'{k}: {v}' for k, v in excluded.items() if v != 'absent')})")
+    usable = tuple(lead for lead in STANDARD_LEADS if lead in columns)
+    stacked = np.stack([columns[lead] for lead in usable], axis=1)
+    check_millivolts(stacked, what=source)
+    ecg = np.zeros((ECG_LENGTH, len(STANDARD_LEADS)), np.float32)
+    ecg[:, [STANDARD_LEADS.index(lead) for lead in usable]] = resample_to_length(stacked, ECG_LENGTH, axis=0)
+    ordered_excluded = {lead: excluded[lead] for lead in STANDARD_LEADS if lead in excluded}
+    return Reference(ecg=ecg, leads=usable, excluded=ordered_excluded, fs=fs, source=source)
+
+
+def read_reference(record_path: str | os.PathLike, *, start_s: float | None = None) -> Reference:
+    """Read a WFDB record (path with or without .hea/.dat/.mat) as a Reference; see `reference_from_array`."""
+    path = os.fspath(record_path)
+    if path.endswith(WFDB_EXTENSIONS):
+        path = os.path.splitext(path)[0]
+    try:
+        signal, fs, names = read_record_mv(path)
+    except BadRecord as bad:
+        # The reader's details name the file they are about; prefix the record where they do not.
+        raise ValueError(bad.detail if path in bad.detail else f"{path}: {bad.detail}") from None
+    return reference_from_array(signal, fs, names, start_s=start_s, source=path)

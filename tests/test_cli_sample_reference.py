@@ -1,0 +1,130 @@
+"""`sample --reference`: posterior reconstruction, SDEdit editing and digital twins from a WFDB record, end to end
+on the tiny model directory, and the one-line refusals of bad requests before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import wfdb
+
+from diffusets_jax.cli import main
+from diffusets_jax.ecg.leads import STANDARD_LEADS
+from diffusets_jax.io.reference import read_reference
+from diffusets_jax.pipeline import ECGGenerator
+
+CONDITION = ["--text", "Atrial fibrillation|Abnormal ECG", "--sex", "M", "--age", "71", "--hr", "95",
+             "--batch-size", "8"]
+
+
+def _write_record(directory, name, seconds=10.0, fs=500.0, leads=STANDARD_LEADS):
+    """A made-up record: one sinusoidal 'beat' train per lead, different amplitude and phase in each."""
+    t = np.arange(int(round(seconds * fs))) / fs
+    signal = np.stack([(0.2 + 0.05 * i) * np.sin(2 * np.pi * 1.1 * t + 0.4 * i) for i in range(len(leads))], axis=1)
+    wfdb.wrsamp(name, fs=fs, units=["mV"] * len(leads), sig_name=list(leads), p_signal=signal,
+                fmt=["16"] * len(leads), adc_gain=[1000.0] * len(leads), baseline=[0] * len(leads),
+                write_dir=str(directory))
+    return directory / name
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    return _write_record(tmp_path_factory.mktemp("records"), "patient01")
+
+
+def _run(model_dir, out, record, *extra):
+    return main(["sample", "--model-dir", str(model_dir), "--out", str(out), "--reference", str(record), *CONDITION,
+                 *extra])
+
+
+@pytest.mark.slow
+def test_reconstruction_from_two_leads_writes_sample_outputs_with_the_reference(model_dir, openai_env, record, tmp_path):
+    out = tmp_path / "out"
+    assert _run(model_dir, out, record, "--observe", "I,II", "--steps", "3", "--particles", "2", "-n", "2") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    reference = read_reference(record)
+    assert manifest["count"] == 2 and manifest["reference"]["mode"] == "posterior"
+    assert manifest["reference"]["observed_leads"] == ["I", "II"] and manifest["reference"]["particles"] == 2
+    assert manifest["settings"]["sampler"]["sampler"] == "ddpm" and manifest["settings"]["sampler"]["steps"] == 3
+    with np.load(out / "samples.npz") as data:
+        assert data["ecg"].shape == (2, 1024, 12) and np.isfinite(data["ecg"]).all()
+        np.testing.assert_array_equal(data["reference"], reference.ecg)
+        expected_mask = np.zeros((1024, 12), bool)
+        expected_mask[:, [0, 1]] = True
+        np.testing.assert_array_equal(data["observed"], expected_mask)
+        assert not np.allclose(data["ecg"][0], data["ecg"][1])  # two posterior draws, not one copied
+    assert (out / manifest["samples"][1]["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert wfdb.rdrecord(str(out / manifest["samples"][0]["wfdb"])).sig_name == list(STANDARD_LEADS)
+
+
+@pytest.mark.slow
+def test_edit_at_strength_zero_is_the_vae_reconstruction_of_the_record(model_dir, openai_env, record, tmp_path):
+    out = tmp_path / "out"
+    assert _run(model_dir, out, record, "--edit-strength", "0", "--formats", "npz,png") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["reference"]["mode"] == "edit" and manifest["reference"]["edit_strength"] == 0.0
+    with np.load(out / "samples.npz") as data:
+        edited = data["ecg"][0]
+        assert not data["observed"].any()  # an edit observes nothing
+    # Independently: the pipeline's decoder(encoder(x)) of the same recording.
+    expected = ECGGenerator(model_dir, batch_size=8).reconstruct(read_reference(record).ecg[None])[0]
+    np.testing.assert_allclose(edited, expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_twins_differ_from_each_other_and_record_their_settings(model_dir, openai_env, record, tmp_path):
+    out = tmp_path / "out"
+    assert _run(model_dir, out, record, "--observe", "all", "--noise-std", "0.2", "--edit-strength", "0.5",
+                "--observe-window", "0,5", "--drift", "--steps", "4", "--particles", "2", "-n", "3",
+                "--formats", "npz") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    task = manifest["reference"]
+    assert task["mode"] == "twin" and task["observed_leads"] == list(STANDARD_LEADS)
+    assert task["observed_window_s"] == [0.0, 5.0] and task["noise_std_mv"] == 0.2 and task["drift"] is True
+    with np.load(out / "samples.npz") as data:
+        twins = data["ecg"]
+        assert twins.shape == (3, 1024, 12) and np.isfinite(twins).all()
+        assert data["observed"][:512].all() and not data["observed"][512:].any()  # 0-5 s of 10 s at 102.4 Hz
+    assert min(np.abs(twins[i] - twins[j]).max() for i in range(3) for j in range(i + 1, 3)) > 1e-4
+
+
+@pytest.fixture(scope="module")
+def bad_records(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bad")
+    return {"slow": _write_record(directory, "slow", fs=50.0), "short": _write_record(directory, "short", seconds=5.0),
+            "two": _write_record(directory, "two", fs=250.0, leads=("II", "I")), "good": _write_record(directory, "good")}
+
+
+@pytest.mark.parametrize("which,extra,match", [
+    ("good", ["--observe", "I,XX"], "--observe: "),
+    ("good", ["--observe", "I", "--edit-strength", "1.5"], "--edit-strength must be in [0, 1]"),
+    ("good", ["--edit-strength", "-0.1"], "--edit-strength must be in [0, 1]"),
+    ("good", ["--observe", "I", "--noise-std", "0"], "--noise-std must be > 0"),
+    ("good", ["--observe", "I", "--observe-window", "6,3"], "--observe-window: need 0 <= start < end"),
+    ("good", ["--observe", "I", "--observe-window", "abc"], "give START,END in seconds"),
+    ("good", ["--noise-std", "0.1", "--edit-strength", "0.3"], "--noise-std refines an observation"),
+    ("good", ["--particles", "4", "--edit-strength", "0.3"], "--particles sets the posterior sampler"),
+    ("good", [], "--reference needs --observe"),
+    ("good", ["--observe", "I", "--sampler", "dpmpp_2m"], "run ddpm or ddim"),
+    ("good", ["--observe", "I", "--sampler", "ddim"], "stochastic chain"),
+    ("good", ["--observe", "I", "--corpus"], "not a --corpus"),
+    ("good", ["--observe", "I", "--reference-start", "3"], "start_s=3 leaves less than 10 s"),
+    ("slow", ["--observe", "I"], "below 100 Hz"),
+    ("short", ["--observe", "I"], "last 5.00 s"),
+    ("two", ["--observe", "V1"], "not in the reference"),
+    ("two", ["--edit-strength", "0.5"], "encodes the whole recording"),
+    ("missing", ["--observe", "I"], "no WFDB header"),
+    (None, ["--observe", "I"], "--observe works on a recording: add --reference"),
+])
+def test_bad_reference_requests_fail_in_one_line_before_the_model_loads(bad_records, tmp_path, capsys, which,
+                                                                        extra, match):
+    out = tmp_path / "out"
+    # No model directory exists: the request is refused before anything tries to load one.
+    args = ["sample", "--model-dir", str(tmp_path / "no-model"), "--out", str(out), *CONDITION, *extra]
+    if which is not None:
+        args += ["--reference", str(bad_records.get(which, tmp_path / "missing"))]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "model directory" not in err and not out.exists()

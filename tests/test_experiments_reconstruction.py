@@ -1,0 +1,117 @@
+"""The reconstruction study (experiments/reconstruction.py): baselines and scores against hand-made signals with known
+answers, and `reconstruct-eval` end to end on the tiny prepared dataset with a tiny model directory."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from diffusets_jax.cli import main
+from diffusets_jax.experiments import reconstruction as rec
+from tests.helpers import tiny_ecg_dataset
+from tests.helpers.tiny_models import tiny_model_dir
+
+LIMB = ("I", "II", "III", "aVR", "aVL", "aVF")
+
+
+def _linear_ecgs(rng, n, slopes, offsets):
+    """ECGs whose lead j is slopes[j] * lead I + offsets[j] exactly (lead I: random beats)."""
+    lead_i = np.cumsum(rng.standard_normal((n, 1024)), axis=1) * 0.02
+    return (lead_i[:, :, None] * slopes[None, None, :] + offsets[None, None, :]).astype(np.float64)
+
+
+def test_linear_baseline_recovers_known_coefficients_and_copies_the_observed_lead():
+    rng = np.random.default_rng(0)
+    slopes, offsets = rng.uniform(-2, 2, 12), rng.uniform(-0.3, 0.3, 12)
+    slopes[0], offsets[0] = 1.0, 0.0
+    train = _linear_ecgs(rng, 20, slopes, offsets)
+    train[3, 100, 5] = np.nan  # a record with a missing sample is left out of the fit
+    weights = rec.fit_linear(train, ["I"])
+    np.testing.assert_allclose(weights[0], slopes, atol=1e-8)
+    np.testing.assert_allclose(weights[1], offsets, atol=1e-8)
+    test = _linear_ecgs(rng, 4, slopes, offsets)
+    np.testing.assert_allclose(rec.fill_baseline("linear", test, ["I"], weights=weights), test, atol=1e-5)
+    zeros = rec.fill_baseline("zeros", test, ["I"])
+    np.testing.assert_array_equal(zeros[:, :, 0], test[:, :, 0].astype(np.float32))
+    assert not zeros[:, :, 1:].any()
+    mean = rec.fill_baseline("train_mean", test, ["I"], train_mean=np.full((1024, 12), 0.5))
+    assert np.all(mean[:, :, 1:] == 0.5) and np.allclose(mean[:, :, 0], test[:, :, 0])
+
+
+def test_lead_scores_match_direct_rmse_and_scipy_pearson():
+    rng = np.random.default_rng(1)
+    truth = rng.standard_normal((5, 1024, 12))
+    prediction = truth + 0.3 * rng.standard_normal((5, 1024, 12))
+    prediction[:, :, 4] = 0.0  # constant: correlation undefined
+    scores = rec.lead_scores(prediction, truth)
+    for lead in range(12):
+        expected_rmse = np.sqrt(sum(((prediction[i, :, lead] - truth[i, :, lead]) ** 2).sum() for i in range(5))
+                                / (5 * 1024))
+        assert scores["rmse_mv"][lead] == pytest.approx(expected_rmse, rel=1e-9)
+        if lead == 4:
+            assert scores["correlation"][lead] is None
+        else:
+            expected_r = np.mean([scipy.stats.pearsonr(prediction[i, :, lead], truth[i, :, lead])[0] for i in range(5)])
+            assert scores["correlation"][lead] == pytest.approx(expected_r, rel=1e-9)
+    summary = rec.summarize(scores, ["I"])
+    assert summary["rmse_mv"] == pytest.approx(np.mean(scores["rmse_mv"][1:]))
+    assert summary["correlation"] == pytest.approx(np.mean([r for r in scores["correlation"][1:] if r is not None]))
+
+
+def test_baselines_only_study_ranks_linear_above_the_mean_and_zeros():
+    rng = np.random.default_rng(2)
+    slopes, offsets = rng.uniform(-2, 2, 12), np.zeros(12)
+    slopes[0] = 1.0
+    train = _linear_ecgs(rng, 30, slopes, offsets) + 0.01 * rng.standard_normal((30, 1024, 12))
+    test_ecg = _linear_ecgs(rng, 6, slopes, offsets) + 0.01 * rng.standard_normal((6, 1024, 12))
+    test = {"ecg": test_ecg, "heart_rate": np.full(6, 70.0), "subject_id": np.arange(6), "prompt": ["x"] * 6}
+    report = rec.reconstruction_study(None, train, test, n_boot=10)
+    for task in rec.TASKS:
+        methods = report["tasks"][task]["methods"]
+        assert set(methods) == set(rec.BASELINES)
+        rmse = {name: row["unobserved_mean"]["rmse_mv"] for name, row in methods.items()}
+        assert rmse["linear"] < 0.02 < rmse["zeros"] and rmse["linear"] < rmse["train_mean"]
+        assert methods["zeros"]["unobserved_mean"]["correlation"] is None
+    assert "| linear |" in rec.render_markdown(report)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return tiny_ecg_dataset.build(str(tmp_path_factory.mktemp("tfds")))
+
+
+@pytest.mark.slow
+def test_reconstruct_eval_command_on_tiny_data(dataset, tmp_path, capsys):
+    model = tiny_model_dir(tmp_path / "model", text_dim=tiny_ecg_dataset.EMBEDDING_DIM)
+    out = tmp_path / "out"
+    args = ["reconstruct-eval", "--model-dir", str(model), "--dataset", dataset.data_dir, "--out", str(out),
+            "--limit", "4", "--steps", "2", "--particles", "2", "--batch-size", "8", "--n-boot", "20"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_test"] == 4 and printed["n_test"] == 4
+    for task, observed in rec.TASKS.items():
+        result = report["tasks"][task]
+        assert result["observed"] == list(observed)
+        assert set(result["methods"]) == {"posterior", *rec.BASELINES}
+        assert all(np.isfinite(result["methods"]["posterior"]["rmse_mv"]))
+        assert {row["metric"] for row in result["methods"]["posterior"]["clinical"]} >= {"qrs_f1", "heart_rate_mae"}
+    # Every tiny-dataset lead is a multiple of one sine, so regression from clean limb leads is near exact.
+    limb = report["tasks"]["limb_leads"]["methods"]
+    assert limb["linear"]["unobserved_mean"]["rmse_mv"] < 0.5 * limb["zeros"]["unobserved_mean"]["rmse_mv"]
+    assert "### limb_leads: observed " + ", ".join(LIMB) in (out / "report.md").read_text()
+    assert main(args) == 0  # the finished run is returned, not redone
+    assert main([*args[:-2], "--n-boot", "0", "--overwrite"]) == 2
+    assert "--n-boot must be >= 1" in capsys.readouterr().err
+
+
+def test_reconstruct_eval_refuses_bad_settings_before_loading(tmp_path, capsys):
+    args = ["reconstruct-eval", "--dataset", str(tmp_path / "none"), "--out", str(tmp_path / "out")]
+    assert main([*args, "--noise-std", "0"]) == 2
+    assert "--noise-std must be > 0" in capsys.readouterr().err
+    assert main([*args, "--particles", "0"]) == 2
+    assert "--particles must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
