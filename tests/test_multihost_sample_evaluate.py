@@ -58,7 +58,10 @@ def test_two_hosts_sample_their_share_and_write_one_manifest(tmp_path):
     assert manifest["npz"] == ["samples.npz"]
     with np.load(tmp_path / "two" / "samples.npz") as two, np.load(tmp_path / "one" / "samples.npz") as one:
         assert two["position"].tolist() == list(range(20))
-        np.testing.assert_allclose(two["ecg"], one["ecg"], atol=1e-5)  # batch b's noise does not depend on the host
+        # Batch b's noise does not depend on the host: a host-dependent draw would differ by the signal itself
+        # (~0.5 mV). Two hosts x 4 devices hold 2 ECGs per device where one host x 8 holds 1, and XLA:CPU's
+        # kernels for the two shapes sum in different orders: up to ~1e-3 mV on a few samples after decoding.
+        np.testing.assert_allclose(two["ecg"], one["ecg"], atol=5e-3)
     assert len(list((tmp_path / "two" / "wfdb").glob("*.hea"))) == 20
 
 
@@ -86,7 +89,7 @@ def test_two_hosts_evaluate_and_process_zero_writes_one_report(tmp_path):
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     one = json.loads((tmp_path / "one" / "report.json").read_text())
-    assert two["feature_level"]["n_real"] == one["feature_level"]["n_real"] == 13
-    assert two["feature_level"]["fid"] == pytest.approx(one["feature_level"]["fid"], rel=1e-4, abs=1e-6)
+    assert two["signal_level"]["n_real"] == one["signal_level"]["n_real"] == 13
+    assert two["signal_level"]["fid"] == pytest.approx(one["signal_level"]["fid"], rel=1e-4, abs=1e-6)
     assert two["diagnostic_level"]["clip_score_generated"] == pytest.approx(
         one["diagnostic_level"]["clip_score_generated"], rel=1e-4)
