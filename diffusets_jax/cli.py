@@ -218,7 +218,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.model_dir is not None:
         check_output_path(args.model_dir, "--model-dir")
     if args.export_only:
-        print(f"train {args.model}: exported {export_latest(args.model, config, args.workdir, args.model_dir)}")
+        exported = export_latest(args.model, config, args.workdir, args.model_dir, overwrite=args.overwrite)
+        print(f"train {args.model}: exported {exported}")
         return 0
     check_output_path(args.workdir, "--workdir", command=f"train {args.model}", overwrite=args.overwrite)
     result = run_training(args.model, config, args.workdir, args.model_dir, overwrite=args.overwrite)
@@ -250,8 +251,10 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--vae", metavar="FILE", help="VAE checkpoint (vae_model.pth: {'encoder', 'decoder'} state dicts)")
     parser.add_argument("--unet", metavar="FILE", help="U-Net checkpoint (unet_all.pth)")
     parser.add_argument("--clip", metavar="FILE", help="CLIP checkpoint (clip_model.pth), the metrics' feature extractor")
-    parser.add_argument("--out", required=True, metavar="DIR", help="model directory to write (components are added "
-                        "or replaced; others already there are kept)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="model directory to write (components are added; "
+                        "others already there are kept)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace components of these names already in --out (refused otherwise)")
     cond = parser.add_argument_group("U-Net conditioning (default: the published ada-002 ordered prompts)")
     cond.add_argument("--embedder-kind", choices=("openai", "local"),
                       help="openai: an OpenAI(-compatible) embedding endpoint; local: the Flax sentence encoder")
@@ -273,7 +276,7 @@ def _convert(args: argparse.Namespace) -> int:
                    embedder_dim=args.embedder_dim, base_url=args.embedder_base_url, prompt_style=args.prompt_style,
                    patient_features=args.patient_features)
     for name, folder, module, count in convert_to_model_dir(args.out, vae=args.vae, unet=args.unet, clip=args.clip,
-                                                            conditioning_options=options):
+                                                            conditioning_options=options, overwrite=args.overwrite):
         print(f"{name}: {getattr(args, name)} -> {folder} ({type(module).__name__}, {count:,} parameters)")
     return 0
 

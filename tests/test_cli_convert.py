@@ -38,6 +38,15 @@ def test_convert_writes_loadable_models(tmp_path, capsys):
 
     assert checkpoint["sha256"] == hashlib.sha256((tmp_path / "clip_model.npz").read_bytes()).hexdigest()
 
+    # Converting again into the same folder: the CLIP there is the user's, refused in one line before any work.
+    uid = index.components["clip"]["uid"]
+    assert main(["convert", "--clip", str(tmp_path / "clip_model.npz"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds clip/" in err[0] and "--overwrite" in err[0]
+    assert read_index(out).components["clip"]["uid"] == uid
+    assert main(["convert", "--clip", str(tmp_path / "clip_model.npz"), "--out", str(out), "--overwrite"]) == 0
+    assert read_index(out).components["clip"]["uid"] != uid
+
 
 def test_convert_needs_a_checkpoint(tmp_path, capsys):
     assert main(["convert", "--out", str(tmp_path)]) == 2

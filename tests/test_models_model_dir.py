@@ -33,8 +33,12 @@ def test_components_are_recorded_with_uid_provenance_and_conditioning(parts, tmp
     assert raw["conditioning"]["embedder"]["dim"] == 16 and raw["diffusion"]["latent_std"] == 0.2
     index = model_dirs.read_index(tmp_path)
     assert index.conditioning == openai_conditioning() and index.diffusion == DiffusionSpec(latent_std=0.2)
-    # Replacing the VAE keeps the U-Net's entry and gives the new VAE a new uid.
-    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "retrained"})
+    # Another VAE over this one is refused (it is not this run's), naming what is there ...
+    with pytest.raises(ValueError, match=r"already holds vae/, a test vae .*pass --overwrite"):
+        model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "retrained"})
+    assert model_dirs.read_index(tmp_path).components["vae"]["uid"] == vae_uid
+    # ... and with overwrite, replacing the VAE keeps the U-Net's entry and gives the new VAE a new uid.
+    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "retrained"}, overwrite=True)
     again = model_dirs.read_index(tmp_path)
     assert again.components["vae"]["uid"] != vae_uid and again.components["unet"] == index.components["unet"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model_index.lock", "model_index.json", "unet", "vae"]
@@ -59,7 +63,7 @@ def test_concurrent_writers_never_lose_each_others_entries(parts, tmp_path):
 
     def write(name):
         try:
-            model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"who": name})
+            model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"who": name}, overwrite=True)
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -72,6 +76,25 @@ def test_concurrent_writers_never_lose_each_others_entries(parts, tmp_path):
     index = model_dirs.read_index(tmp_path)
     assert index.components["vae"]["provenance"]["who"] in {"w0", "w1", "w2"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".vae.", ".model_index.json.tmp"))]
+
+
+def test_a_training_run_replaces_only_its_own_export(parts, tmp_path):
+    """A resumed or re-exported run may replace the component it exported; a folder the index does not list, a
+    converted component or another run's export is the user's."""
+    vae, vae_vars, _, _ = parts
+    mine = {"run": {"workdir": str((tmp_path / "runs" / "vae").resolve()), "step": 10}}
+    model_dirs.write_component(tmp_path / "m", "vae", vae, vae_vars, provenance=mine)
+    later = {"run": {**mine["run"], "step": 20}}
+    model_dirs.write_component(tmp_path / "m", "vae", vae, vae_vars, provenance=later)  # the same run, later
+    assert model_dirs.read_index(tmp_path / "m").components["vae"]["provenance"]["run"]["step"] == 20
+    other = {"run": {"workdir": str(tmp_path / "elsewhere"), "step": 5}}
+    with pytest.raises(ValueError, match="already holds vae/.*from .*runs/vae"):
+        model_dirs.write_component(tmp_path / "m", "vae", vae, vae_vars, provenance=other)
+    (tmp_path / "u" / "clip").mkdir(parents=True)
+    (tmp_path / "u" / "clip" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="a folder its model_index.json does not list"):
+        model_dirs.check_component_writable(tmp_path / "u", "clip")
+    assert (tmp_path / "u" / "clip" / "notes.txt").read_text() == "mine"
 
 
 def test_index_errors_name_the_file(tmp_path):

@@ -74,7 +74,7 @@ def test_directories_whose_parts_do_not_fit_are_refused(model_dir, tmp_path):
     # The VAE replaced after the U-Net was trained on the old one's latents.
     replaced = tmp_path / "replaced"
     shutil.copytree(model_dir, replaced)
-    model_dirs.write_component(replaced, "vae", vae, vae_vars, provenance={})
+    model_dirs.write_component(replaced, "vae", vae, vae_vars, provenance={}, overwrite=True)
     with pytest.raises(ValueError, match=r"trained on latents of VAE .*\(replaced since\)"):
         ECGGenerator(replaced)
     # An index whose embedder width disagrees with the U-Net's text input.

@@ -50,11 +50,12 @@ def unet_conditioning(text_dim: int, *, embedder_kind: str | None = None, embedd
 
 
 def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet: str | None = None,
-                         clip: str | None = None, conditioning_options: dict[str, Any] | None = None
-                         ) -> list[tuple[str, Path, Any, int]]:
+                         clip: str | None = None, conditioning_options: dict[str, Any] | None = None,
+                         overwrite: bool = False) -> list[tuple[str, Path, Any, int]]:
     """Convert the given checkpoints into model directory `out`; `(name, folder, module, parameter count)` each.
 
-    Every input is checked (exists, readable) before anything is written.
+    Every input is checked (exists, readable), and every component name free in `out` (or `overwrite`), before
+    anything is written.
     """
     import jax
 
@@ -69,6 +70,7 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
             raise ValueError(f"{COMPONENT_FLAGS[name]} {path} is a directory: give the checkpoint file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{COMPONENT_FLAGS[name]} {path} does not exist")
+        model_dirs.check_component_writable(out, name, overwrite=overwrite, flag="--out")
     converted = []
     for name, path in jobs:  # convert all first: a bad file fails before the model directory is touched
         module, variables = getattr(convert, f"{name}_from_torch")(convert.load_state_dict(path))
@@ -83,9 +85,10 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
             diffusion = DiffusionSpec()  # the published schedule and latent scale; no data to measure its std on
             folder = model_dirs.write_component(out, "unet", module, variables, provenance=provenance,
                                                 conditioning=conditioning, diffusion=diffusion, vae_uid=vae_uid,
-                                                sampling=validate_model_defaults(diffusion))
+                                                sampling=validate_model_defaults(diffusion), overwrite=overwrite)
         else:
-            folder = model_dirs.write_component(out, name, module, variables, provenance=provenance)
+            folder = model_dirs.write_component(out, name, module, variables, provenance=provenance,
+                                                overwrite=overwrite)
         if name == "vae":  # a VAE and U-Net converted together are the published pair
             vae_uid = model_dirs.read_index(out).components["vae"]["uid"]
         count = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree.leaves(variables["params"]))

@@ -145,14 +145,40 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def check_component_writable(directory: str | os.PathLike, name: str, *, workdir: str | os.PathLike | None = None,
+                             overwrite: bool = False, flag: str = "--model-dir") -> None:
+    """Refuse to write component `name` over a folder this command did not make: one line, before any work.
+
+    A component is replaced only with `overwrite` or when the index records it as exported by the training run in
+    `workdir` (the same run finished, resumed or exported again). A converted or another run's component, a
+    legacy one and a folder the index does not list are the user's.
+    """
+    directory = Path(directory)
+    if overwrite or not (directory / name).exists():
+        return
+    entry = read_index(directory).components.get(name)
+    run = ((entry or {}).get("provenance") or {}).get("run") or {}
+    if workdir is not None and run.get("workdir") == str(Path(workdir).resolve()):
+        return
+    if entry is None:
+        what = "a folder its model_index.json does not list"
+    else:
+        source = (entry.get("provenance") or {}).get("source") or "an earlier format"
+        what = f"a {source} {name} (uid {entry.get('uid')}{', from ' + run['workdir'] if run else ''})"
+    raise ValueError(f"{flag} {directory} already holds {name}/, {what}: pass --overwrite to replace it, or give "
+                     f"another {flag}")
+
+
 def write_component(directory: str | os.PathLike, name: str, module: Any, variables: Any, *,
                     provenance: dict[str, Any], conditioning: ConditioningSpec | None = None,
                     diffusion: DiffusionSpec | None = None, vae_uid: str | None = None,
-                    sampling: dict[str, Any] | None = None) -> Path:
-    """Add (or atomically replace) component `name` of the model directory and record it in the index.
+                    sampling: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Add component `name` to the model directory (atomically) and record it in the index.
 
-    A U-Net needs `conditioning` (with its patient-feature mode) and `diffusion`; `vae_uid` names the VAE whose
-    latents it was trained on when known. Returns the component's folder.
+    An existing `name` is replaced only as `check_component_writable` allows (the training run in
+    `provenance["run"]["workdir"]` replaces its own export; anything else needs `overwrite`). A U-Net needs
+    `conditioning` (with its patient-feature mode) and `diffusion`; `vae_uid` names the VAE whose latents it was
+    trained on when known. Returns the component's folder.
     """
     if name not in COMPONENTS:
         raise ValueError(f"model component must be one of {', '.join(COMPONENTS)}, got {name!r}")
@@ -172,16 +198,16 @@ def write_component(directory: str | os.PathLike, name: str, module: Any, variab
             raise ValueError(f"the U-Net takes {module.text_dim}-d text but its embedder {conditioning.embedder.model!r} "
                              f"gives {conditioning.embedder.dim}-d vectors")
     with _locked(directory):
+        check_component_writable(directory, name, workdir=(provenance.get("run") or {}).get("workdir"),
+                                 overwrite=overwrite)
         index = read_index(directory)
         path = Path(bundle.save_model(directory, name, module, variables))
         components = {**index.components, name: entry}
         updates: dict[str, Any] = {"components": components, "legacy": False}
         if name == "unet":
             updates.update(conditioning=conditioning, diffusion=diffusion, sampling=dict(sampling or {}))
+        # A legacy generation.json stays (it is the user's); read_index prefers the index just written.
         write_json_atomic(directory / MODEL_INDEX, dataclasses.replace(index, **updates).to_json())
-        legacy = directory / LEGACY_GENERATION_META
-        if index.legacy and legacy.exists():
-            legacy.unlink()  # superseded by the index just written, which holds everything it said
     return path
 
 

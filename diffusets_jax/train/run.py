@@ -166,6 +166,9 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     own_model_dir = model_dir is None  # the default, WORKDIR/model, lives and is replaced with the workdir
     model_dir = Path(model_dir) if model_dir is not None else Path(workdir) / MODEL_DIR_NAME
     check_output_path(model_dir, "--model-dir")
+    from diffusets_jax.models import model_dir as model_dirs
+
+    model_dirs.check_component_writable(model_dir, model, workdir=workdir, overwrite=overwrite)
     builder = _load_dataset(model, config)
     splits = builder.info.splits
     if config.data.train_split not in splits:
@@ -206,7 +209,8 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
         if not result.preempted:
             if jax.process_index() == 0:
                 export_state(model, task, config, result.state, result.step, run.final,
-                             run.path / MODEL_DIR_NAME if own_model_dir else model_dir, provenance_of_data, builder)
+                             run.path / MODEL_DIR_NAME if own_model_dir else model_dir, provenance_of_data, builder,
+                             overwrite=overwrite)
             run.mark_complete(step=result.step)
     return result
 
@@ -221,8 +225,10 @@ def _dataset_provenance(model: str, builder: Any, config: ml_collections.ConfigD
 
 
 def export_state(model: str, task: Task, config: ml_collections.ConfigDict, state: Any, step: int,
-                 workdir: str | Path, model_dir: str | Path, dataset: dict[str, Any], builder: Any) -> Path:
+                 workdir: str | Path, model_dir: str | Path, dataset: dict[str, Any], builder: Any, *,
+                 overwrite: bool = False) -> Path:
     """Write the trained component (EMA params when on) into `model_dir` with its provenance; its folder.
+    `overwrite` lets it replace a component another run or a conversion put there.
 
     Idempotent: when the directory already holds this run's component from the same step and config, it is kept
     as is (a finished run rerun, e.g. a resumed demo, does not give its VAE a new uid under the U-Net's feet)."""
@@ -238,7 +244,8 @@ def export_state(model: str, task: Task, config: ml_collections.ConfigDict, stat
     variables = {"params": jax.device_get(state.eval_params()), **jax.device_get(state.model_state)}
     provenance = {"source": "trained", "dataset": dataset, "run": run, "config": config_dict}
     if model != "unet":
-        path = model_dirs.write_component(model_dir, model, task.model, variables, provenance=provenance)
+        path = model_dirs.write_component(model_dir, model, task.model, variables, provenance=provenance,
+                                          overwrite=overwrite)
     else:
         from diffusets_jax.data.card import card_conditioning, read_card
         from diffusets_jax.data.latents import measure_latent_moments
@@ -255,13 +262,14 @@ def export_state(model: str, task: Task, config: ml_collections.ConfigDict, stat
         vae_uid = card.get("derived_from", {}).get("vae", {}).get("uid")
         path = model_dirs.write_component(model_dir, "unet", task.model, variables, provenance=provenance,
                                           conditioning=conditioning, diffusion=spec, vae_uid=vae_uid,
-                                          sampling=validate_model_defaults(spec, latent_mean=scale * mean))
+                                          sampling=validate_model_defaults(spec, latent_mean=scale * mean),
+                                          overwrite=overwrite)
     log.info("exported %s to %s", model, path)
     return path
 
 
 def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | Path,
-                  model_dir: str | Path | None = None) -> Path:
+                  model_dir: str | Path | None = None, *, overwrite: bool = False) -> Path:
     """Write the latest checkpoint's component into `model_dir` (default `workdir/model`); its folder.
 
     For exporting a run that is still going or was preempted; `run_training` exports by itself at the end.
@@ -271,6 +279,9 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
     check_model_kind(model, config)
     workdir = Path(workdir)
     model_dir = Path(model_dir) if model_dir is not None else workdir / MODEL_DIR_NAME
+    from diffusets_jax.models import model_dir as model_dirs
+
+    model_dirs.check_component_writable(model_dir, model, workdir=workdir, overwrite=overwrite)
     if not (workdir / "checkpoints").is_dir():  # before Orbax would create it in a folder that is not a run
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
     manager = checkpoint_manager(workdir / "checkpoints", int(config.train.keep_checkpoints), async_save=False)
@@ -286,4 +297,4 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
     abstract, _ = abstract_state(task, mesh, int(config.train.seed), float(config.train.ema_decay) > 0)
     state, _, step = restore_latest(manager, abstract)
     manager.close()
-    return export_state(model, task, config, state, step, workdir, model_dir, dataset, builder)
+    return export_state(model, task, config, state, step, workdir, model_dir, dataset, builder, overwrite=overwrite)
