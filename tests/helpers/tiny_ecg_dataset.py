@@ -44,21 +44,36 @@ def example(index: int) -> dict:
     }
 
 
-class TinyEcg(tfds.core.GeneratorBasedBuilder):
-    """`tiny_ecg`: train/validation/test with SPLIT_SIZES examples, ids offset per split."""
+class SyntheticSplits:
+    """The body of a tiny synthetic TFDS builder (mixed in before `tfds.core.GeneratorBasedBuilder`, so it is not
+    registered itself): splits of `SPLIT_SIZES` examples made by `make_example(index)`, ids offset per split."""
 
     VERSION = tfds.core.Version("1.0.0")
+    EMBEDDING_DIM: int
+    SPLIT_SIZES: dict[str, int]
+    SPLIT_OFFSETS: dict[str, int]
+
+    @staticmethod
+    def make_example(index: int) -> dict:
+        raise NotImplementedError
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, features=ecg_features(EMBEDDING_DIM))
+        return tfds.core.DatasetInfo(builder=self, features=ecg_features(self.EMBEDDING_DIM))
 
     def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split) for split in SPLIT_SIZES}
+        return {split: self._generate_examples(split) for split in self.SPLIT_SIZES}
 
     def _generate_examples(self, split):
-        for i in range(SPLIT_SIZES[split]):
-            index = SPLIT_OFFSETS[split] + i
-            yield index, example(index)
+        for i in range(self.SPLIT_SIZES[split]):
+            index = self.SPLIT_OFFSETS[split] + i
+            yield index, self.make_example(index)
+
+
+class TinyEcg(SyntheticSplits, tfds.core.GeneratorBasedBuilder):
+    """`tiny_ecg`: train/validation/test with SPLIT_SIZES examples, ids offset per split."""
+
+    EMBEDDING_DIM, SPLIT_SIZES, SPLIT_OFFSETS = EMBEDDING_DIM, SPLIT_SIZES, SPLIT_OFFSETS
+    make_example = staticmethod(example)
 
 
 def build(data_dir: str, num_shards: int = 4) -> TinyEcg:

@@ -14,8 +14,8 @@ import tensorflow_datasets as tfds
 
 from diffusets_jax.conditioning.spec import ConditioningSpec
 from diffusets_jax.data.card import write_card
-from diffusets_jax.data.schema import ecg_features
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
+from tests.helpers.tiny_ecg_dataset import SyntheticSplits
 from tests.helpers.tiny_models import openai_conditioning
 
 EMBEDDING_DIM = 8
@@ -52,21 +52,11 @@ def example(index: int) -> dict:
     }
 
 
-class TinyReportEcg(tfds.core.GeneratorBasedBuilder):
+class TinyReportEcg(SyntheticSplits, tfds.core.GeneratorBasedBuilder):
     """`tiny_report_ecg`: train/validation/test with SPLIT_SIZES examples."""
 
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, features=ecg_features(EMBEDDING_DIM))
-
-    def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split) for split in SPLIT_SIZES}
-
-    def _generate_examples(self, split):
-        for i in range(SPLIT_SIZES[split]):
-            index = SPLIT_OFFSETS[split] + i
-            yield index, example(index)
+    EMBEDDING_DIM, SPLIT_SIZES, SPLIT_OFFSETS = EMBEDDING_DIM, SPLIT_SIZES, SPLIT_OFFSETS
+    make_example = staticmethod(example)
 
 
 def build(data_dir: str) -> TinyReportEcg:
