@@ -27,6 +27,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diffusets_jax.io.checkpoints import absorb_restore_noise, restore_error_reason
+
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
@@ -152,12 +154,10 @@ def load_model(directory: str | os.PathLike, name: str) -> tuple[nn.Module, dict
             raise FileNotFoundError(f"model {path!r} is incomplete: {needed} is missing")
     module = module_from_config(read_module_config(directory, name), source=config_path)
     checkpointer = ocp.StandardCheckpointer()
+    absorb_restore_noise(variables_path)
     try:
         variables = checkpointer.restore(variables_path)
     except Exception as err:  # noqa: BLE001 - tensorstore/Orbax raise ValueError, OSError, JSON errors, ...
-        from diffusets_jax.io.checkpoints import absorb_restore_noise, restore_error_reason
-
-        absorb_restore_noise(variables_path)
         raise ValueError(f"model {path}: its weights ({variables_path}) cannot be read "
                          f"({restore_error_reason(err)}); the folder is damaged or incomplete: write it again with "
                          "`diffusets-jax convert` or a training run's --model-dir") from None

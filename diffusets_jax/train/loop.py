@@ -42,6 +42,7 @@ from jax.sharding import Mesh
 from diffusets_jax import parallel
 from diffusets_jax.config import config_to_dict, save_config
 from diffusets_jax.errors import RunFailed
+from diffusets_jax.io.checkpoints import absorb_restore_noise, restore_error_reason
 from diffusets_jax.train.state import TrainState, create_train_state, ema_update
 
 log = logging.getLogger(__name__)
@@ -245,12 +246,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract: Any) -> tuple[Train
     directory = Path(manager.directory)
     failed: list[tuple[int, str]] = []
     for step in sorted(manager.all_steps(), reverse=True):
+        absorb_restore_noise(directory / str(step))
         try:
             state, position = restore_state(manager, step, abstract)
         except Exception as err:  # noqa: BLE001 - tensorstore/Orbax raise ValueError, OSError, JSON errors, ...
-            from diffusets_jax.io.checkpoints import absorb_restore_noise, restore_error_reason
-
-            absorb_restore_noise(directory / str(step))
             failed.append((step, restore_error_reason(err, 160)))
             log.warning("checkpoint step %d in %s cannot be read (%s); trying the next older one", step, directory,
                         failed[-1][1])
