@@ -279,22 +279,42 @@ def test_compiled_program_size_does_not_grow_with_steps(settings):
 # -- sharding, generate, adapters ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m"])
-def test_sharded_over_8_devices_equals_one_device(sampler):
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("guidance_mode", [None, "batched", "sequential"])
+def test_sharded_over_8_devices_equals_one_device(sampler, guidance_mode):
     assert jax.device_count() == 8, "tests/conftest.py simulates 8 CPU devices"
-    config = SamplerConfig(sampler=sampler, steps=30, clip_sample=False)
+    guidance = {} if guidance_mode is None else {"guidance_scale": 3.0, "guidance_mode": guidance_mode}
+    config = SamplerConfig(sampler=sampler, steps=30, clip_sample=False, **guidance)
     mesh = jax.make_mesh((8,), ("data",))
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     schedule = make_schedule()
     cond = {"mu": jnp.linspace(-1, 1, 16)}
-    single = jax.jit(functools.partial(sample, gaussian_model_fn(schedule, STD), schedule, config=config))
-    sharded = jax.jit(
-        functools.partial(sample, gaussian_model_fn(schedule, STD), schedule, config=config, batch_sharding=batch_sharding)
-    )
+    null = {"mu": jnp.zeros(())}
+    single = jax.jit(functools.partial(sample, gaussian_model_fn(schedule, STD), schedule, config=config,
+                                       null_cond=null))
+    sharded = jax.jit(functools.partial(sample, gaussian_model_fn(schedule, STD), schedule, config=config,
+                                        null_cond=null, batch_sharding=batch_sharding))
     reference = np.asarray(single(jax.device_put(cond, jax.devices()[0]), jax.random.key(7)))
     out = sharded(jax.device_put(cond, NamedSharding(mesh, PartitionSpec("data"))), jax.random.key(7))
     assert out.sharding.is_equivalent_to(batch_sharding, 3)
     np.testing.assert_allclose(np.asarray(out), reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_guided_batch_of_one_on_an_explicit_mesh_traces(sampler):
+    """The doubled guidance batch of one ECG comes back from the split with another sharding type on an Explicit
+    mesh (jax.make_mesh's default); the chain carries that prediction, so it must be pinned like x (this
+    once failed to trace: 'carry input and carry output must have equal types')."""
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    schedule = make_schedule()
+    config = SamplerConfig(sampler=sampler, steps=5, clip_sample=False, guidance_scale=3.0, guidance_mode="batched")
+    fn = jax.jit(functools.partial(sample, gaussian_model_fn(schedule, STD), schedule, config=config,
+                                   null_cond={"mu": jnp.zeros(())}, batch_sharding=batch_sharding))
+    out = fn(jax.device_put({"mu": jnp.full((1,), 0.5)}, batch_sharding), jax.random.key(0))
+    assert out.shape == (1, 128, 4) and out.sharding.is_equivalent_to(batch_sharding, 3)
+    assert np.isfinite(np.asarray(out)).all()
 
 
 def test_sample_rejects_a_batch_the_mesh_cannot_split():

@@ -34,6 +34,7 @@ import numpy as np
 from diffusets_jax.diffusion.guidance import GUIDANCE_MODES, guided_model_fn
 from diffusets_jax.diffusion.schedule import NoiseSchedule, predict_x0_and_eps
 from diffusets_jax.ecg.shapes import LATENT_SHAPE
+from diffusets_jax.parallel import constrain_to, leading_axis_shards
 
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 DecodeFn = Callable[[jax.Array], jax.Array]
@@ -475,7 +476,7 @@ def _run_chain(chain: _Chain, x: jax.Array, timesteps: np.ndarray) -> jax.Array:
             x0, eps = _x0_and_eps(chain.schedule, chain.predict(x, t), t, x, cfg.clip_sample, cfg.clip_range)
             noise = chain.noise(i, x.shape) if cfg.eta > 0 else None
             x_next = _ddim_update(chain.schedule, x0, eps, t, prev_t, noise, cfg.eta)
-            return (chain.constrain(finish(x_next, eps, previous_eps, e_i)), eps), None
+            return (chain.constrain(finish(x_next, eps, previous_eps, e_i)), chain.constrain(eps)), None
 
         (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), (steps, ts, prev_ts, e))
         return x
@@ -487,21 +488,12 @@ def _run_chain(chain: _Chain, x: jax.Array, timesteps: np.ndarray) -> jax.Array:
         t, a_i, b_i, c_i, e_i = xs
         x0, eps = _x0_and_eps(chain.schedule, chain.predict(x, t), t, x, cfg.clip_sample, cfg.clip_range)
         x_next = a_i * x + b_i * x0 + c_i * (x0 - previous_x0)
-        return (chain.constrain(finish(x_next, eps, previous_eps, e_i)), x0, eps), None
+        # Every carried array is pinned, not only x: a guided prediction can come back with another sharding
+        # type (batch 1, doubled batch, Explicit mesh axes), and a scan's carry must keep its type.
+        return (chain.constrain(finish(x_next, eps, previous_eps, e_i)), chain.constrain(x0), chain.constrain(eps)), None
 
     (x, _, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), jnp.zeros_like(x)), (ts, a, b, c, e))
     return x
-
-
-def _constrainer(sharding: jax.sharding.Sharding | None) -> Callable[[jax.Array], jax.Array]:
-    """Pin an array to `sharding`: `reshard` on meshes with Explicit axes (jax.make_mesh's default),
-    `with_sharding_constraint` on Auto ones."""
-    if sharding is None:
-        return lambda x: x
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is not None and any(kind == jax.sharding.AxisType.Explicit for kind in mesh.axis_types):
-        return lambda x: jax.sharding.reshard(x, sharding)
-    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
 
 
 def _batch_size(cond: Any) -> int:
@@ -541,19 +533,15 @@ def sample(
         raise ValueError("SamplerConfig.clip_sample is None ('as the model directs'): set it to True or False, or "
                          "sample through pipeline.ECGGenerator, which reads the model directory")
     batch = _batch_size(cond)
-    if batch_sharding is not None and hasattr(batch_sharding, "mesh"):
-        spec = batch_sharding.spec
-        axes = spec[0] if len(spec) else None
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        n_shards = int(np.prod([batch_sharding.mesh.shape[a] for a in axes])) if axes else 1
-        if batch % n_shards:
-            raise ValueError(f"sample: batch size {batch} is not divisible by the {n_shards} batch shards of the mesh")
+    n_shards = leading_axis_shards(batch_sharding)
+    if batch % n_shards:
+        raise ValueError(f"sample: batch size {batch} is not divisible by the {n_shards} batch shards of the mesh")
     shape = (batch,) + tuple(config.latent_shape)
     if initial_latents is not None and tuple(initial_latents.shape) != shape:
         raise ValueError(f"sample: initial_latents has shape {tuple(initial_latents.shape)}, the batch and "
                          f"config.latent_shape need {shape}")
     timesteps = sampler_timesteps(config, schedule)
-    constrain = _constrainer(batch_sharding)
+    constrain = constrain_to(batch_sharding)
     model = guided_model_fn(model_fn, null_cond, config.guidance_scale, config.guidance_mode)
     init_key, noise_key = jax.random.split(key)
     if initial_latents is None:
