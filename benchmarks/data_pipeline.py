@@ -20,8 +20,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from jax.sharding import Mesh
 
+from diffusets_jax import parallel
 from diffusets_jax.data import pipeline
 from diffusets_jax.data.schema import ecg_features
 
@@ -88,11 +88,11 @@ def main() -> None:
         resume_step = steps_per_epoch // 2
         resume_first, _ = time_first_and_rate(
             pipeline.train_dataset(builder, "train", start_step=resume_step, **common).as_numpy_iterator(), 1, host_batch)
-        mesh = Mesh(np.array(jax.devices()), ("data",))
-        global_first, global_rate = time_first_and_rate(
-            pipeline.train_batches(builder, "train", global_batch_size=args.global_batch, mesh_or_sharding=mesh,
-                                   fields=pipeline.DIFFUSION_FIELDS, seed=0, shuffle_buffer=args.shuffle_buffer),
-            args.batches, args.global_batch)
+        mesh = parallel.make_mesh()
+        # What the training loop does: per-host batches made into global arrays sharded over the mesh.
+        global_batches = (parallel.shard_host_batch(batch, mesh)
+                          for batch in pipeline.train_dataset(builder, "train", **common).as_numpy_iterator())
+        global_first, global_rate = time_first_and_rate(global_batches, args.batches, args.global_batch)
     print(json.dumps({
         "benchmark": "data_pipeline", "devices": jax.device_count(), "platform": jax.devices()[0].platform,
         "cpu_count": os.cpu_count(), "examples": args.examples, "shards": args.shards,

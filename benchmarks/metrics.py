@@ -27,13 +27,14 @@ def main() -> None:
     import jax
     import numpy as np
 
+    from diffusets_jax import parallel
     from diffusets_jax.metrics.fid import fid
     from diffusets_jax.metrics.precision_recall import precision_recall
 
     rng = np.random.default_rng(0)
     real = rng.normal(size=(args.num, args.dim)).astype(np.float32)
     generated = (rng.normal(size=(args.num, args.dim)) * 1.1 + 0.05).astype(np.float32)
-    mesh = jax.make_mesh((jax.device_count(),), ("data",)) if args.mesh else None
+    mesh = parallel.make_mesh() if args.mesh else None
 
     def timed(fn):
         start = time.perf_counter()

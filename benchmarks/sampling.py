@@ -22,8 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
+from diffusets_jax import parallel
 from diffusets_jax.diffusion.guidance import fixed_null_condition
 from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, sampler_config, vae_decode_fn
 from diffusets_jax.diffusion.schedule import make_schedule
@@ -69,7 +70,7 @@ def measure(
     """Compile and time one (sampler, batch) point; with `timed_steps` the chain is timed that long and
     extrapolated to `config.steps`."""
     schedule = make_schedule()
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    batch_sharding = parallel.batch_sharding(mesh)
     cond = _condition(batch, unet.text_dim, batch_sharding)
     null = fixed_null_condition(unet.text_dim)
     key = jax.random.key(1)
@@ -113,6 +114,9 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="scale for the guidance comparison (DPM-Solver++-20)")
     parser.add_argument("--skip-guidance", action="store_true", help="do not measure doubled-batch vs two-call guidance")
     args = parser.parse_args()
+    unknown = sorted(set(args.samplers.split(",")) - set(SAMPLER_CONFIGS))
+    if unknown:
+        parser.error(f"--samplers: unknown {unknown}; choose from {list(SAMPLER_CONFIGS)}")
 
     backend = jax.default_backend()
     on_cpu = backend == "cpu"
@@ -122,7 +126,7 @@ def main() -> None:
     compute_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
 
     devices = jax.devices()
-    mesh = jax.make_mesh((len(devices),), ("data",))
+    mesh = parallel.make_mesh()  # the mesh `sample` uses: Auto axes, batch over every device
     unet = UNet(dtype=compute_dtype)
     vae = VAE()
     batch0 = len(devices)

@@ -196,7 +196,7 @@ def precision_recall(
     """Manifold precision, recall and F1 of `generated` `(m, d)` against `real` `(n, d)` features.
 
     With a `mesh`, the query rows of every pass are split over its `axis` (e.g. all GPUs of a node:
-    `jax.make_mesh((jax.device_count(),), ("data",))`); the result does not depend on the mesh.
+    `parallel.make_mesh()`); the result does not depend on the mesh.
     """
     for name, x in (("real", real), ("generated", generated)):
         if x.ndim != 2:
