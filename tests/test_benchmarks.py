@@ -1,0 +1,50 @@
+"""Every benchmark still runs, at toy sizes, and prints exactly one JSON object on stdout.
+
+Benchmarks are not timed here (speed goals live in the benchmarks themselves); this catches the drift that
+broke `data_pipeline.py` once (it called a pipeline function that had been removed) before anyone needs a figure.
+`reference_compare.py` needs PyTorch and the published code, neither of which the suite has.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+TOY_ARGS = {
+    "data_pipeline": ["--examples", "256", "--shards", "2", "--global-batch", "32", "--batches", "2",
+                      "--shuffle-buffer", "64", "--embedding-dim", "16"],
+    "embedding": ["--num-prompts", "32", "--batch-size", "16", "--repeats", "1"],
+    "evaluation": ["--num", "16", "--workers", "1", "--n-boot", "20"],
+    "forward": ["--batch-sizes", "1", "--repeats", "1"],
+    "metrics": ["--num", "500"],
+    "models_vae_clip": ["--batch", "2", "--repeats", "1"],
+    "posterior": ["--batch", "1", "--particles", "2", "--steps", "1", "2", "--repeats", "1"],
+    "prepare": ["--records", "40", "--workers", "1"],
+    "sampler_quality": ["--samples", "16"],
+    "sampling": ["--batches", "1", "--samplers", "dpmpp_2m-20", "--repeats", "1", "--skip-guidance"],
+    "train": ["--models", "vae", "--batch", "2", "--steps", "1"],
+}
+
+
+def test_every_benchmark_is_listed():
+    scripts = {path.stem for path in (REPO / "benchmarks").glob("*.py")}
+    # machine.py is the shared "measured on what" record; the reference pair needs PyTorch.
+    helpers = {"machine", "reference_compare", "reference_worker"}
+    assert scripts - helpers == set(TOY_ARGS), "add a toy-sized run of each new benchmark to TOY_ARGS"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TOY_ARGS))
+def test_a_benchmark_runs_and_prints_one_json_object(name, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1", TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *TOY_ARGS[name]], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)  # the whole of stdout: one object and nothing else
+    assert isinstance(result, dict) and result, proc.stdout[:500]
