@@ -1,4 +1,4 @@
-"""Test configuration: 8 simulated CPU devices, TensorFlow kept off accelerators, quiet logs.
+"""Test configuration: 8 simulated CPU devices, TensorFlow kept off accelerators, quiet logs, one compilation cache.
 
 XLA reads its flags when the backend starts, so this must run before anything imports jax.
 """
@@ -10,7 +10,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# Many tests compile the same programs (the tiny model's sampler, the faithful U-Net), often in subprocesses of
+# their own. A persistent compilation cache for this session, inherited by every subprocess through the
+# environment, compiles each once; it lives in a folder made here and removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="diffusets-jax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+else:
+    _XLA_CACHE = None
+
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _XLA_CACHE is not None:
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
