@@ -45,12 +45,14 @@ def test_clip_with_batch_stats_round_trip(tmp_path):
     _assert_same(loaded_variables, variables)
 
 
-def test_saving_again_replaces_the_model(tmp_path):
+def test_saving_again_replaces_the_model_only_when_asked(tmp_path):
     bn = BatchNorm1d(momentum=0.2)
     first = {"params": {"scale": np.ones(3, np.float32), "bias": np.zeros(3, np.float32)}}
     second = {"params": {"scale": np.full(3, 2.0, np.float32), "bias": np.ones(3, np.float32)}}
     save_model(tmp_path, "bn", bn, first)
-    save_model(tmp_path, "bn", bn, second)
+    with pytest.raises(FileExistsError, match="replace=True"):
+        save_model(tmp_path, "bn", bn, second)  # never over a model unless asked
+    save_model(tmp_path, "bn", bn, second, replace=True)
     assert sorted(os.listdir(tmp_path)) == ["bn"]
     loaded, variables = load_model(tmp_path, "bn")
     assert loaded.momentum == 0.2

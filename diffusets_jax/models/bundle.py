@@ -96,17 +96,21 @@ def _from_json(value: Any) -> Any:
     return value
 
 
-def save_model(directory: str | os.PathLike, name: str, module: nn.Module, variables: Any) -> str:
+def save_model(directory: str | os.PathLike, name: str, module: nn.Module, variables: Any, *,
+               replace: bool = False) -> str:
     """Write `directory/name/{config.json, variables/}` atomically; returns the model's path.
 
     Everything is written to a temporary sibling first and moved into place, so a crash never leaves a
-    half-written model under `name`; an existing model of that name is replaced.
+    half-written model under `name`. A folder already at `name` is replaced only with `replace=True` (the caller
+    has decided it may go, e.g. `model_dir.check_component_writable`); otherwise FileExistsError, before any work.
     """
     if not name or os.sep in name or name.startswith("."):
         raise ValueError(f"save_model: model name {name!r} must be a plain directory name")
     directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, name)
+    if os.path.exists(target) and not replace:
+        raise FileExistsError(f"save_model: {target} already exists; pass replace=True to replace it")
+    os.makedirs(directory, exist_ok=True)
     config = module_config(module)
     staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=directory)
     try:
@@ -121,11 +125,11 @@ def save_model(directory: str | os.PathLike, name: str, module: nn.Module, varia
             retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=directory)
             os.replace(target, os.path.join(retired, name))
             os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
+            shutil.rmtree(retired, ignore_errors=True)  # the model replace=True gave up
         else:
             os.replace(staging, target)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # our own partial write
         raise
     return target
 

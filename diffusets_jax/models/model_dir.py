@@ -201,7 +201,7 @@ def write_component(directory: str | os.PathLike, name: str, module: Any, variab
         check_component_writable(directory, name, workdir=(provenance.get("run") or {}).get("workdir"),
                                  overwrite=overwrite)
         index = read_index(directory)
-        path = Path(bundle.save_model(directory, name, module, variables))
+        path = Path(bundle.save_model(directory, name, module, variables, replace=True))  # checked just above
         components = {**index.components, name: entry}
         updates: dict[str, Any] = {"components": components, "legacy": False}
         if name == "unet":
