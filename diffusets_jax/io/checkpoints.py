@@ -49,8 +49,6 @@ def _unraisable_hook(previous: Any) -> Any:
 
     return hook
 
-    return hook
-
 
 def absorb_restore_noise(path: str | os.PathLike) -> None:
     """Silence the aftermath, should it fail, of the restore of the checkpoint at `path` that comes next.

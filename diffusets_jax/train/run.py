@@ -20,6 +20,7 @@ import jax
 import ml_collections
 
 from diffusets_jax import parallel
+from diffusets_jax.models import model_dir as model_dirs
 from diffusets_jax.train.loop import Task, TrainResult, train
 from diffusets_jax.train.optim import total_steps
 
@@ -166,8 +167,6 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     own_model_dir = model_dir is None  # the default, WORKDIR/model, lives and is replaced with the workdir
     model_dir = Path(model_dir) if model_dir is not None else Path(workdir) / MODEL_DIR_NAME
     check_output_path(model_dir, "--model-dir")
-    from diffusets_jax.models import model_dir as model_dirs
-
     model_dirs.check_component_writable(model_dir, model, workdir=workdir, overwrite=overwrite)
     builder = _load_dataset(model, config)
     splits = builder.info.splits
@@ -234,7 +233,6 @@ def export_state(model: str, task: Task, config: ml_collections.ConfigDict, stat
     as is (a finished run rerun, e.g. a resumed demo, does not give its VAE a new uid under the U-Net's feet)."""
     from diffusets_jax.config import config_to_dict
     from diffusets_jax.io.run_dir import fingerprint
-    from diffusets_jax.models import model_dir as model_dirs
 
     config_dict = config_to_dict(config)
     run = {"workdir": str(Path(workdir).resolve()), "step": int(step), "config_fingerprint": fingerprint(config_dict)}
@@ -279,8 +277,6 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
     check_model_kind(model, config)
     workdir = Path(workdir)
     model_dir = Path(model_dir) if model_dir is not None else workdir / MODEL_DIR_NAME
-    from diffusets_jax.models import model_dir as model_dirs
-
     model_dirs.check_component_writable(model_dir, model, workdir=workdir, overwrite=overwrite)
     if not (workdir / "checkpoints").is_dir():  # before Orbax would create it in a folder that is not a run
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
