@@ -28,6 +28,7 @@ TOY_ARGS = {
     "sampler_quality": ["--samples", "16"],
     "sampling": ["--batches", "1", "--samplers", "dpmpp_2m-20", "--repeats", "1", "--skip-guidance"],
     "train": ["--models", "vae", "--batch", "2", "--steps", "1"],
+    "vae_ceiling": ["--batch", "1", "--repeats", "1"],
 }
 
 
