@@ -1,10 +1,13 @@
-"""How close the VAE decoder runs to the backend's convolution ceiling (prints one JSON object).
+"""How close the VAE runs to the backend's convolution ceiling, and what Winograd convolutions gain (prints one JSON
+object).
 
-The VAE is almost all k3 convolutions. This measures (1) the faithful decoder at `--batch`: XLA's own FLOP
-count (compiled cost analysis), the time and so the GFLOP/s achieved; and (2) one lone k3 "same" convolution
-at the decoder's widest shapes, in float32 and bfloat16: what the backend's convolution reaches at best. When
-(1) is close to (2) the decoder is compute-bound, and only fewer operations (not better scheduling) can make
-it faster.
+The VAE is almost all k3 convolutions. This measures (1) the published decoder at `--batch` with the direct
+convolution: XLA's own FLOP count (compiled cost analysis), the time and so the GFLOP/s achieved; (2) one lone
+k3 "same" convolution at the decoder's widest shapes, in float32 and bfloat16: what the backend's convolution
+reaches at best; (3) the decoder forward and the whole training gradient (encoder, decoder, reconstruction
+loss) with `conv_algorithm` "direct" and "auto" (Winograd F(4, 3) / F(4, 2) where it pays, on the CPU),
+run alternately so both see the same load. When (1) is close to (2) the model is compute-bound, and only
+fewer operations, which (3) measures, can make it faster.
 
     PYTHONPATH=$PWD python benchmarks/vae_ceiling.py [--batch 16] [--repeats 10]
 """
@@ -46,6 +49,34 @@ def flops_of(compiled) -> float:
     return float(analysis["flops"])
 
 
+def compare_algorithms(variables, latent: jax.Array, ecg: jax.Array, repeats: int) -> dict:
+    """Decoder forward and training gradient, direct vs "auto" convolutions, timed alternately: minimum seconds."""
+    programs = {}
+    for algorithm in ("direct", "auto"):
+        vae = VAE(conv_algorithm=algorithm)
+
+        def loss(v, x, vae=vae):
+            reconstruction, _, _ = vae.apply(v, x, jax.random.key(0))
+            return jnp.sum(jnp.square(reconstruction - x))
+
+        programs[("decode", algorithm)] = (jax.jit(lambda v, z, vae=vae: vae.apply(v, z, method=VAE.decode))
+                                           .lower(variables, latent).compile(), latent)
+        programs[("train_gradient", algorithm)] = (jax.jit(jax.grad(loss)).lower(variables, ecg).compile(), ecg)
+    for compiled, data in programs.values():
+        jax.block_until_ready(compiled(variables, data))  # warm-up
+    times = {key: [] for key in programs}
+    for _ in range(repeats):
+        for key, (compiled, data) in programs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(variables, data))
+            times[key].append(time.perf_counter() - start)
+    result = {}
+    for measure in ("decode", "train_gradient"):
+        direct, auto = min(times[(measure, "direct")]), min(times[(measure, "auto")])
+        result[measure] = {"direct_s": round(direct, 4), "auto_s": round(auto, 4), "speedup": round(direct / auto, 3)}
+    return result
+
+
 def conv_same_k3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1,), ((1, 1),), dimension_numbers=("NWC", "WIO", "NWC"))
 
@@ -56,12 +87,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
 
-    vae = VAE()
-    latent = jnp.zeros((args.batch, 128, vae.latent_channels))
-    variables = jax.jit(vae.init)(jax.random.key(0), jnp.zeros((1, 1024, vae.in_channels)), jax.random.key(1))
+    vae = VAE(conv_algorithm="direct")
+    latent = 0.18 * jax.random.normal(jax.random.key(2), (args.batch, 128, vae.latent_channels))
+    ecg = jax.random.normal(jax.random.key(3), (args.batch, 1024, vae.in_channels))
+    variables = jax.jit(vae.init)(jax.random.key(0), ecg[:1], jax.random.key(1))
     decode = jax.jit(lambda v, z: vae.apply(v, z, method=VAE.decode)).lower(variables, latent).compile()
     decode_flops = flops_of(decode)
     decode_s = best_seconds(decode, variables, latent, repeats=args.repeats)
+    algorithms = compare_algorithms(variables, latent, ecg, args.repeats)
 
     rng = np.random.default_rng(0)
     convs = []
@@ -84,6 +117,7 @@ def main() -> None:
         "decoder": {"batch": args.batch, "gflop": round(decode_flops / 1e9, 2), "seconds": round(decode_s, 4),
                     "gflop_per_s": round(decode_flops / 1e9 / decode_s, 1)},
         "lone_k3_conv": convs,
+        "conv_algorithms": algorithms,
     }))
 
 

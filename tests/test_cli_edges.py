@@ -206,6 +206,8 @@ CASES: list[tuple[str, list[str], str]] = [
      "train.num_steps must be a positive"),
     ("train-zero-batch", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.train.global_batch_size=0"],
      "train.global_batch_size must be a positive"),
+    ("train-unknown-conv-algorithm", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.model.conv_algorithm=fft"],
+     "model.conv_algorithm must be one of auto, direct, winograd"),
     ("train-unknown-key", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.train.lr=1"], "unknown config key"),
     ("train-workdir-is-a-file", [*TRAIN_VAE, "--workdir", "{w}/file.txt"], "is an existing file"),
     ("train-workdir-users-folder", [*TRAIN_VAE, "--workdir", "{w}/user"], "not written by diffusets-jax train vae"),

@@ -24,10 +24,14 @@ def _assert_close(actual, expected):
     assert np.abs(actual - expected).max() <= 1e-5 * scale, (np.abs(actual - expected).max(), scale)
 
 
-def test_parity_with_reference_vectors():
+@pytest.mark.parametrize("algorithm", ["direct", "winograd"])
+def test_parity_with_reference_vectors(algorithm):
+    """The published weights on the published inputs, with either way of computing the convolutions (the CPU
+    default, "auto", is Winograd for the wide ones)."""
     vectors = reference_vectors()
     vae, variables = vae_from_torch(reference_vae_state_dict())
     assert vae == VAE()
+    vae = vae.clone(conv_algorithm=algorithm)
     mean, logvar = jax.jit(lambda v, x: vae.apply(v, x, method=VAE.encode))(
         variables, vectors["vae_enc_input"][..., STANDARD])
     # The reference's latents are (batch, channel, length); ours are channels-last.
