@@ -18,12 +18,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# One pytest worker per core (-n auto): the suite is mostly XLA compiling, one core per compile, and the workers
+# share the session's compilation cache (tests/conftest.py). worksteal keeps both busy to the end.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests
 
 # The edit loop: everything not marked slow (CI runs the whole suite, `make test`).
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n auto --dist worksteal -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check diffusets_jax tests benchmarks configs data_prep

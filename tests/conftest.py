@@ -16,9 +16,13 @@ import tempfile  # noqa: E402
 # Many tests compile the same programs (the tiny model's sampler, the faithful U-Net), often in subprocesses of
 # their own. A persistent compilation cache for this session, inherited by every subprocess through the
 # environment, compiles each once; it lives in a folder made here and removed when the session ends.
+# Under pytest-xdist the controller runs this first and its workers inherit the folder; only the process that
+# made it removes it. JAX takes a file lock around cache reads and writes only when the cache has a size limit,
+# so one is set: concurrent workers and subprocesses then never read a half-written entry.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _XLA_CACHE = tempfile.mkdtemp(prefix="diffusets-jax-tests-xla-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 else:
     _XLA_CACHE = None
 
