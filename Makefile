@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# One pytest worker per core (-n auto): the suite is mostly XLA compiling, one core per compile, and the workers
-# share the session's compilation cache (tests/conftest.py). worksteal keeps both busy to the end.
+# One pytest worker per core (-n auto), sharing the session's compilation cache (tests/conftest.py); worksteal
+# keeps both busy to the end. On 2 cores it gains little (XLA already uses both), more where CI has more cores.
 test: install
 	$(PY) -m pytest -q -n auto --dist worksteal tests
 

@@ -37,11 +37,11 @@ TILE = 4
 # Interpolation points for a = m + r - 1 (the last point is always infinity), smallest magnitudes first, as
 # rounding grows with them: 0, +-1, +-2 for F(4, 3); 0, +-1, 2 for F(4, 2).
 _FINITE_POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5)
-# Below this many input and output channels the matmuls are too small to pay for the transforms on the CPU:
-# measured on the published VAE's train step at batch 16 on 2 cores (2026-12-02), 256 beat 128 and 512.
+# Below this many input and output channels the matmuls are too small to pay for the transforms on the CPU, nor
+# below this many tiles in the batch (rows of each matmul). Chosen by timing the published VAE on 2 cores
+# (2026-12-02); `benchmarks/vae_ceiling.py --batch B` re-checks them: at batch 1 it times the decode with
+# Winograd forced everywhere against the direct path.
 MIN_CHANNELS = 256
-# Nor below this many tiles in the batch (rows of each matmul): a batch-1 decode ran 0.58x as fast with Winograd,
-# batch 4 (256 rows at length 256) 1.06x, batch 8 1.2x (same machine and day).
 MIN_ROWS = 256
 
 
@@ -101,7 +101,7 @@ def correlate(x: jax.Array, kernel: jax.Array, padding: tuple[int, int], tile: i
     u = _combine(g, list(kernel))
     # The a matmuls, one per transformed sample, each (batch * tiles, c_out). Separate 2-D matmuls, not one
     # batched dot_general: XLA:CPU ran the batched form's kernel gradient (a contraction over the tiles) slower
-    # than the direct convolution's, the 2-D ones twice as fast.
+    # than the direct convolution's own.
     m = [vi @ ui for vi, ui in zip(v, u, strict=True)]
     y = jnp.stack(_combine(a_t, m), axis=1)  # (batch * tiles, tile, c_out)
     return y.reshape(batch, tiles * tile, c_out)[:, :out_length]
@@ -113,12 +113,19 @@ def correlate(x: jax.Array, kernel: jax.Array, padding: tuple[int, int], tile: i
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
 
 
+def check_algorithm(algorithm: str) -> None:
+    """ValueError unless `algorithm` is one of `CONV_ALGORITHMS`."""
+    if algorithm not in CONV_ALGORITHMS:
+        raise ValueError(f"conv_algorithm must be one of {', '.join(CONV_ALGORITHMS)}, got {algorithm!r}")
+
+
 def uses_winograd(algorithm: str, x: jax.Array, kernel: jax.Array) -> bool:
     """Whether `convolve` takes the Winograd path for this input `(batch, length, c_in)` and kernel `(r, c_in, c_out)`."""
-    if algorithm not in CONV_ALGORITHMS:
-        raise ValueError(f"conv_algorithm must be one of {CONV_ALGORITHMS}, got {algorithm!r}")
-    if algorithm != "auto" or kernel.shape[0] == 1:
-        return algorithm == "winograd" and kernel.shape[0] > 1
+    check_algorithm(algorithm)
+    if algorithm == "direct" or kernel.shape[0] == 1:  # a 1x1 convolution is a matmul already
+        return False
+    if algorithm == "winograd":
+        return True
     return (jax.default_backend() == "cpu" and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
             and worth_it(x.shape[0] * -(-x.shape[1] // TILE), kernel.shape[1], kernel.shape[2]))
 

@@ -21,7 +21,7 @@ import ml_collections
 
 from diffusets_jax import parallel
 from diffusets_jax.models import model_dir as model_dirs
-from diffusets_jax.models.winograd import CONV_ALGORITHMS
+from diffusets_jax.models.winograd import check_algorithm
 from diffusets_jax.train.loop import Task, TrainResult, train
 from diffusets_jax.train.optim import total_steps
 
@@ -78,8 +78,11 @@ def check_train_section(config: ml_collections.ConfigDict, source: str = "the co
     # The one model field that names a choice rather than a size (the VAE's); a typo would otherwise surface
     # only when the step is traced.
     algorithm = config.get("model", {}).get("conv_algorithm")
-    if algorithm is not None and algorithm not in CONV_ALGORITHMS:
-        raise ValueError(f"{source}: model.conv_algorithm must be one of {', '.join(CONV_ALGORITHMS)}, got {algorithm!r}")
+    if algorithm is not None:
+        try:
+            check_algorithm(algorithm)
+        except ValueError as err:
+            raise ValueError(f"{source}: model.{err}") from None
 
 
 def run_settings(model: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
