@@ -7,8 +7,9 @@ k3 "same" convolution at the decoder's widest shapes, in float32 and bfloat16: w
 reaches at best; (3) the decoder forward and the whole training gradient (encoder, decoder, reconstruction
 loss) with `conv_algorithm` "direct" and "auto" (Winograd F(4, 3) / F(4, 2) where it pays, on the CPU), and
 the decoder with Winograd forced everywhere (what "auto" declines, e.g. at batch 1), run alternately so all
-see the same load. When (1) is close to (2) the model is compute-bound, and only
-fewer operations, which (3) measures, can make it faster.
+see the same load; (4) the gradient of GroupNorm + SiLU alone at the VAE's activation shapes, as
+`nn.GroupNorm` then SiLU and as the fused `GroupNormSiLU` the VAE uses, alternately. When (1) is close to (2)
+the convolutions are compute-bound, and only fewer operations, which (3) measures, can make them faster.
 
     PYTHONPATH=$PWD python benchmarks/vae_ceiling.py [--batch 16] [--repeats 10]
 """
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import describe  # noqa: E402
 
+from diffusets_jax.models.group_norm import GroupNormSiLU  # noqa: E402
 from diffusets_jax.models.vae import VAE  # noqa: E402
 
 
@@ -83,6 +86,32 @@ def compare_algorithms(variables, latent: jax.Array, ecg: jax.Array, repeats: in
     return result
 
 
+def compare_group_norms(batch: int, repeats: int) -> list[dict]:
+    """Gradient of sum(GroupNorm(32) + SiLU) at the VAE's activation shapes: `nn.GroupNorm` then `nn.silu`
+    against the fused `GroupNormSiLU`, timed alternately; minimum milliseconds and the speed-up."""
+    flax_norm = nn.GroupNorm(num_groups=32, epsilon=1e-5, use_fast_variance=False)
+    ways = {"flax": lambda p, x: nn.silu(flax_norm.apply({"params": p}, x)),
+            "fused": lambda p, x: GroupNormSiLU(32).apply({"params": p}, x)}
+    rows = []
+    for length, channels in ((1024, 128), (512, 256), (256, 512), (128, 512)):
+        x = jax.random.normal(jax.random.key(4), (batch, length, channels))
+        params = {"scale": jnp.ones(channels), "bias": jnp.zeros(channels)}
+        programs = {name: jax.jit(jax.grad(lambda p, x, f=f: jnp.sum(f(p, x)), argnums=(0, 1)))
+                    .lower(params, x).compile() for name, f in ways.items()}
+        times = {name: [] for name in programs}
+        for compiled in programs.values():
+            jax.block_until_ready(compiled(params, x))
+        for _ in range(repeats):
+            for name, compiled in programs.items():
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(params, x))
+                times[name].append(time.perf_counter() - start)
+        flax_ms, fused_ms = (1e3 * min(times[name]) for name in ("flax", "fused"))
+        rows.append({"shape": [batch, length, channels], "flax_ms": round(flax_ms, 2), "fused_ms": round(fused_ms, 2),
+                     "speedup": round(flax_ms / fused_ms, 2)})
+    return rows
+
+
 def conv_same_k3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1,), ((1, 1),), dimension_numbers=("NWC", "WIO", "NWC"))
 
@@ -124,6 +153,7 @@ def main() -> None:
                     "gflop_per_s": round(decode_flops / 1e9 / decode_s, 1)},
         "lone_k3_conv": convs,
         "conv_algorithms": algorithms,
+        "group_norm_silu_gradient": compare_group_norms(args.batch, args.repeats),
     }))
 
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusets_jax.models import winograd
+from diffusets_jax.models.group_norm import GroupNormSiLU
 from diffusets_jax.models.layers import Dtype, maybe_remat
 
 # Stable Diffusion's latent scale factor, kept by DiffuSETS: the diffusion model works on latent * LATENT_SCALE.
@@ -41,13 +42,11 @@ from diffusets_jax.models.layers import Dtype, maybe_remat
 LATENT_SCALE = 0.18215
 # The reference clamps the encoder's log-variance to this range before use.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
-GROUP_NORM_EPS = 1e-5
 
 
-def _group_norm(groups: int, name: str, dtype: Dtype | None = None) -> nn.GroupNorm:
-    # Two-pass variance (use_fast_variance=False) as PyTorch computes it: E[x^2] - E[x]^2 loses digits.
-    # Flax reduces in float32 whatever `dtype` is, so bf16 compute keeps exact statistics.
-    return nn.GroupNorm(num_groups=groups, epsilon=GROUP_NORM_EPS, use_fast_variance=False, dtype=dtype, name=name)
+def _norm_silu(groups: int, name: str, dtype: Dtype | None = None) -> GroupNormSiLU:
+    # Every normalisation of the VAE is followed by SiLU: one fused op (`group_norm.py` says why).
+    return GroupNormSiLU(groups, dtype=dtype, name=name)
 
 
 class SameConv(nn.Module):
@@ -120,8 +119,8 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dt, algorithm = self.dtype, self.conv_algorithm
-        h = _conv(self.features, 3, "conv_1", dt, algorithm)(nn.silu(_group_norm(self.groups, "norm_1", dt)(x)))
-        h = _conv(self.features, 3, "conv_2", dt, algorithm)(nn.silu(_group_norm(self.groups, "norm_2", dt)(h)))
+        h = _conv(self.features, 3, "conv_1", dt, algorithm)(_norm_silu(self.groups, "norm_1", dt)(x))
+        h = _conv(self.features, 3, "conv_2", dt, algorithm)(_norm_silu(self.groups, "norm_2", dt)(h))
         skip = x if x.shape[-1] == self.features else _conv(self.features, 1, "skip", dt)(x)
         return skip.astype(h.dtype) + h
 
@@ -176,7 +175,7 @@ class VAEEncoder(nn.Module):
         h = res_block(self.widths[-1], self.groups, dt, algorithm, name="mid_res_0")(h)
         h = maybe_remat(SelfAttention, self.remat)(dt, name="mid_attn")(h)
         h = res_block(self.widths[-1], self.groups, dt, algorithm, name="mid_res_1")(h)
-        h = nn.silu(_group_norm(self.groups, "norm_out", dt)(h))
+        h = _norm_silu(self.groups, "norm_out", dt)(h)
         h = _conv(2 * self.latent_channels, 3, "conv_out", dt, algorithm)(h)
         return _conv(2 * self.latent_channels, 1, "conv_moments", dt)(h).astype(jnp.float32)
 
@@ -213,7 +212,7 @@ class VAEDecoder(nn.Module):
                 h = res_block(width, self.groups, dt, algorithm, name=f"up_{level}_res_{block}")(h)
             if level < len(level_widths) - 1:
                 h = NearestUpsampleConv(width, dt, algorithm, name=f"up_{level}_upsample")(h)
-        h = nn.silu(_group_norm(self.groups, "norm_out", dt)(h))
+        h = _norm_silu(self.groups, "norm_out", dt)(h)
         return _conv(self.out_channels, 3, "conv_out", dt, algorithm)(h).astype(jnp.float32)
 
 
