@@ -1,6 +1,6 @@
 """Posterior sampling cost: seconds per step and compiled memory, against plain sampling, on the current backend.
 
-Runs the published-size U-Net and VAE (random weights: cost does not depend on them) through
+Runs the published-size U-Net and VAE (random weights: cost does not depend on them; `--size demo` the demo's) through
 `jit_posterior_generate` (twisted SMC: U-Net and decoder forward and backward for every particle at every
 step) and `jit_generate` (plain ancestral steps, decode once), batch sharded over every device, and prints
 one JSON object. Per-step time comes from two chain lengths, t(n) = fixed + n * per_step, so a 100-step
@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,8 +29,9 @@ from diffusets_jax.diffusion.observations import make_observation
 from diffusets_jax.diffusion.posterior import PosteriorConfig, jit_posterior_generate
 from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate
 from diffusets_jax.diffusion.schedule import make_schedule
-from diffusets_jax.models.unet import UNet
-from diffusets_jax.models.vae import VAE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_sizes import SIZE_FLAG, SIZE_OPTIONS, build  # noqa: E402
 
 
 def _block(x: Any) -> Any:
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, nargs=2, default=[2, 4], help="two chain lengths to time")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(*SIZE_FLAG, **SIZE_OPTIONS)
     args = parser.parse_args(argv)
     devices = jax.device_count()
     batch = args.batch or devices
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     sharding = parallel.batch_sharding(mesh)
     replicated = parallel.replicated(mesh)
     compute_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
-    unet, vae = UNet(), VAE()
+    unet, vae = build("unet", args.size), build("vae", args.size)
     text_dim = unet.text_dim
     unet_vars = jax.device_put(_variables(unet, jnp.zeros((1, 128, 4)), jnp.zeros((1,), jnp.int32),
                                           jnp.zeros((1, text_dim)), jnp.ones((1,)), jnp.ones((1,)), jnp.ones((1,))),
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     observation = jax.device_put(make_observation(reference, noise_std=0.05, leads="I,II"), sharding)
     schedule = make_schedule()
     chain = lambda n: SamplerConfig(sampler="ddpm", steps=n, clip_sample=True)
-    results: dict[str, Any] = {"backend": jax.default_backend(), "devices": devices, "batch": batch,
+    results: dict[str, Any] = {"backend": jax.default_backend(), "models": args.size, "devices": devices, "batch": batch,
                                "dtype": args.dtype, "timed_steps": args.steps}
     results["generate"] = _measure(
         lambda n: jit_generate(unet, vae, schedule, chain(n), batch_sharding=sharding, compute_dtype=compute_dtype),

@@ -1,6 +1,7 @@
 """Sampling throughput: ECG/s (latent chain + VAE decode, one jitted function) on the current backend.
 
-Runs the faithful U-Net and VAE decoder (random init: speed does not depend on the weights) with
+Runs the faithful U-Net and VAE decoder (random init: speed does not depend on the weights; `--size demo`
+the demo's) with
 DDPM-1000, DDIM-50 and DPM-Solver++-20, batch sharded over every device, and prints one JSON object.
 
 Long chains are timed on fewer steps and extrapolated: the scan body is identical at every step, so
@@ -17,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,6 +32,9 @@ from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, sample
 from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.models.unet import UNet
 from diffusets_jax.models.vae import VAE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_sizes import SIZE_FLAG, SIZE_OPTIONS, build  # noqa: E402
 
 SAMPLER_CONFIGS = {
     "ddpm-1000": SamplerConfig.faithful(),
@@ -113,6 +118,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per point, median reported (default 3 CPU, 5 accelerator)")
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="scale for the guidance comparison (DPM-Solver++-20)")
     parser.add_argument("--skip-guidance", action="store_true", help="do not measure doubled-batch vs two-call guidance")
+    parser.add_argument(*SIZE_FLAG, **SIZE_OPTIONS)
     args = parser.parse_args()
     unknown = sorted(set(args.samplers.split(",")) - set(SAMPLER_CONFIGS))
     if unknown:
@@ -127,8 +133,8 @@ def main() -> None:
 
     devices = jax.devices()
     mesh = parallel.make_mesh()  # the mesh `sample` uses: Auto axes, batch over every device
-    unet = UNet(dtype=compute_dtype)
-    vae = VAE()
+    unet = build("unet", args.size, dtype=compute_dtype)
+    vae = build("vae", args.size)
     batch0 = len(devices)
     unet_vars = unet.init(jax.random.key(0), jnp.zeros((batch0, 128, 4)), jnp.zeros((batch0,), jnp.int32),
                           jnp.zeros((batch0, unet.text_dim)), jnp.zeros((batch0,)), jnp.zeros((batch0,)), jnp.zeros((batch0,)))
@@ -142,7 +148,8 @@ def main() -> None:
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
         "dtype": args.dtype,
-        "weights": "random init, faithful U-Net (13.3M) and VAE decoder",
+        "models": args.size,
+        "weights": f"random init, {args.size}-size U-Net and VAE decoder",
         "samplers": {},
     }
     for name in args.samplers.split(","):

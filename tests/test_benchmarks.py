@@ -23,10 +23,11 @@ TOY_ARGS = {
     "forward": ["--batch-sizes", "1", "--repeats", "1"],
     "metrics": ["--num", "500"],
     "models_vae_clip": ["--batch", "2", "--repeats", "1"],
-    "posterior": ["--batch", "1", "--particles", "2", "--steps", "1", "2", "--repeats", "1"],
+    # The demo's model sizes: compiling the published U-Net's and VAE's gradients alone took minutes.
+    "posterior": ["--batch", "1", "--particles", "2", "--steps", "1", "2", "--repeats", "1", "--size", "demo"],
     "prepare": ["--records", "40", "--workers", "1"],
     "sampler_quality": ["--samples", "16"],
-    "sampling": ["--batches", "1", "--samplers", "dpmpp_2m-20", "--repeats", "1", "--skip-guidance"],
+    "sampling": ["--batches", "1", "--samplers", "dpmpp_2m-20", "--repeats", "1", "--skip-guidance", "--size", "demo"],
     "train": ["--models", "vae", "--batch", "2", "--steps", "1"],
     "vae_ceiling": ["--batch", "1", "--repeats", "1"],
 }
@@ -34,8 +35,9 @@ TOY_ARGS = {
 
 def test_every_benchmark_is_listed():
     scripts = {path.stem for path in (REPO / "benchmarks").glob("*.py")}
-    # machine.py is the shared "measured on what" record; the reference pair needs PyTorch.
-    helpers = {"machine", "reference_compare", "reference_worker"}
+    # machine.py is the shared "measured on what" record, model_sizes.py the shared --size; the reference pair
+    # needs PyTorch.
+    helpers = {"machine", "model_sizes", "reference_compare", "reference_worker"}
     assert scripts - helpers == set(TOY_ARGS), "add a toy-sized run of each new benchmark to TOY_ARGS"
 
 
