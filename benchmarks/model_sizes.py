@@ -4,12 +4,13 @@ The figures are about the published sizes. The demo's are the same architectures
 trains: timing that model, or checking quickly that a benchmark still runs end to end (tests/test_benchmarks.py
 does, since compiling the published U-Net's and VAE's gradients takes minutes on 2 cores).
 
-    parser.add_argument(*SIZE_FLAG, **SIZE_OPTIONS)
+    add_size_argument(parser)
     unet = build("unet", args.size, dtype=compute_dtype)
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,12 @@ from diffusets_jax.models.vae import VAE
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODULES = {"unet": UNet, "vae": VAE, "clip": CLIP}
 SIZES = ("published", "demo")
-SIZE_FLAG = ("--size",)
-SIZE_OPTIONS = {"choices": SIZES, "default": "published",
-                "help": "model sizes: the published ones, or the demo's (configs/demo_*.py; quick, for checks)"}
+
+
+def add_size_argument(parser: argparse.ArgumentParser) -> None:
+    """`--size {published,demo}`, spelled the same by every benchmark that has it."""
+    parser.add_argument("--size", choices=SIZES, default="published",
+                        help="model sizes: the published ones, or the demo's (configs/demo_*.py; quick, for checks)")
 
 
 def build(kind: str, size: str, **fields: Any) -> nn.Module:

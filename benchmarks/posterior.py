@@ -31,7 +31,7 @@ from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate
 from diffusets_jax.diffusion.schedule import make_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_sizes import SIZE_FLAG, SIZE_OPTIONS, build  # noqa: E402
+from model_sizes import add_size_argument, build  # noqa: E402
 
 
 def _block(x: Any) -> Any:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, nargs=2, default=[2, 4], help="two chain lengths to time")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument(*SIZE_FLAG, **SIZE_OPTIONS)
+    add_size_argument(parser)
     args = parser.parse_args(argv)
     devices = jax.device_count()
     batch = args.batch or devices

@@ -34,7 +34,7 @@ from diffusets_jax.models.unet import UNet
 from diffusets_jax.models.vae import VAE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_sizes import SIZE_FLAG, SIZE_OPTIONS, build  # noqa: E402
+from model_sizes import add_size_argument, build  # noqa: E402
 
 SAMPLER_CONFIGS = {
     "ddpm-1000": SamplerConfig.faithful(),
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per point, median reported (default 3 CPU, 5 accelerator)")
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="scale for the guidance comparison (DPM-Solver++-20)")
     parser.add_argument("--skip-guidance", action="store_true", help="do not measure doubled-batch vs two-call guidance")
-    parser.add_argument(*SIZE_FLAG, **SIZE_OPTIONS)
+    add_size_argument(parser)
     args = parser.parse_args()
     unknown = sorted(set(args.samplers.split(",")) - set(SAMPLER_CONFIGS))
     if unknown:
