@@ -1206,9 +1206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.config_overrides = overrides
+    from diffusets_jax import compile_cache
     from diffusets_jax.errors import Preempted, RunFailed
 
     try:
+        compile_cache.enable()
         return int(args.func(args) or 0)
     except Preempted as err:  # after saving: the scheduler requeues, the rerun resumes
         print(f"diffusets-jax {args.command}: {_one_line(err)}", file=sys.stderr)
