@@ -154,3 +154,22 @@ def _event_tags(directory):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             tags.update(v.tag for v in event.summary.value)
     return tags
+
+
+def test_init_state_gives_each_seed_its_values_from_one_program():
+    """The seed's key is the init program's argument (one program, and one cache entry, for every seed); any seed,
+    64-bit ones too, still gives the state the key made from it inside the program gave."""
+    mesh = parallel.make_mesh(8, 1)
+    task = tiny_task()
+    for seed in (3, 2**40 + 5):
+        # As before: the key made inside a program compiled like every init (parallel.jit_run_once).
+        expected = parallel.jit_run_once(lambda seed=seed: loop._init_state(task, jax.random.PRNGKey(seed), False))
+        state = loop.init_state(task, mesh, seed, False)
+        np.testing.assert_array_equal(state.rng, expected.rng)
+        for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected.params), strict=True):
+            np.testing.assert_array_equal(got, want)
+    compiled = loop.CompiledSteps(task, mesh)
+    compiled.init(0, False)
+    program = compiled.program(("init", False), lambda: pytest.fail("the init program was not kept"))
+    compiled.init(2**40 + 5, False)
+    assert compiled.program(("init", False), lambda: pytest.fail("the init program was not kept")) is program

@@ -91,7 +91,7 @@ class TrainResult:
 
 def abstract_state(task: Task, mesh: Mesh, seed: int, use_ema: bool) -> tuple[Any, Any]:
     """`(ShapeDtypeStruct tree with shardings, shardings tree)` of the task's TrainState on `mesh`."""
-    shapes = jax.eval_shape(lambda: _init_state(task, seed, use_ema))
+    shapes = jax.eval_shape(lambda: _init_state(task, jax.random.PRNGKey(seed), use_ema))
     shardings = parallel.state_shardings(shapes, mesh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     return abstract, shardings
@@ -99,12 +99,10 @@ def abstract_state(task: Task, mesh: Mesh, seed: int, use_ema: bool) -> tuple[An
 
 def init_state(task: Task, mesh: Mesh, seed: int, use_ema: bool) -> TrainState:
     """A fresh TrainState created directly in its shardings (no full copy on one device first)."""
-    _, shardings = abstract_state(task, mesh, seed, use_ema)
-    return parallel.jit_run_once(lambda: _init_state(task, seed, use_ema), out_shardings=shardings)
+    return CompiledSteps(task, mesh).init(seed, use_ema)
 
 
-def _init_state(task: Task, seed: int | jax.Array, use_ema: bool) -> TrainState:
-    root = jax.random.PRNGKey(seed)
+def _init_state(task: Task, root: jax.Array, use_ema: bool) -> TrainState:
     init_key, train_key = jax.random.split(root)
     return create_train_state(task.init_variables(init_key), task.optimizer, train_key, use_ema)
 
@@ -114,7 +112,8 @@ class CompiledSteps:
 
     `train` compiles them afresh on every call by default. A caller that trains the same task many times in one
     process (the downstream benchmark: arms x seeds, minutes of CPU compile each) passes one `CompiledSteps` to
-    every call and compiles once; the seed is an argument of the init program, so every seed shares it.
+    every call and compiles once; the seed's key is an argument of the init program, so every seed shares it (and
+    a rerun with another seed finds it in the command's compilation cache, `compile_cache`).
     Owned by the caller: nothing is cached globally.
     """
 
@@ -132,11 +131,11 @@ class CompiledSteps:
         key = ("init", use_ema)
         if key not in self._programs:
             _, shardings = abstract_state(self.task, self.mesh, 0, use_ema)
-            seed_spec = jax.ShapeDtypeStruct((), jnp.int32)
             options = parallel.RUN_ONCE_CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-            self._programs[key] = jax.jit(lambda s: _init_state(self.task, s, use_ema), out_shardings=shardings
-                                          ).lower(seed_spec).compile(compiler_options=options)
-        return self._programs[key](jnp.asarray(seed, jnp.int32))
+            self._programs[key] = jax.jit(lambda root: _init_state(self.task, root, use_ema), out_shardings=shardings
+                                          ).lower(jax.eval_shape(jax.random.PRNGKey, 0)).compile(compiler_options=options)
+        # The key is made outside the program, so any seed (up to 64 bits) gives the key it always gave.
+        return self._programs[key](jax.random.PRNGKey(seed))
 
     def program(self, key: tuple[Any, ...], build: Callable[[], Callable]) -> Callable:
         """The program `build()` makes, built once per `key`."""
