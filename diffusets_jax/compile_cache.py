@@ -17,6 +17,7 @@ Only the command line turns it on; the library and `benchmarks/` (whose compile 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
@@ -61,9 +62,12 @@ def enable(environ: MutableMapping[str, str] = os.environ) -> Path | None:
         return None
     if not os.access(folder, os.W_OK | os.X_OK):
         return None
-    environ.update(settings)  # for worker processes, which read them when they import jax
-    import jax  # this process may have imported jax already, after it read the environment
-
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_compilation_cache_max_size", int(settings[MAX_SIZE_VARIABLE]))
+    # JAX reads these when it is imported: by this process's command later, and by any worker process it starts.
+    environ.update(settings)
+    # A caller that imported jax already (a script calling `cli.main`) missed them. Commands that never use jax
+    # (plot, turing-score) are not made to import it (1.4 s) just to be told.
+    if "jax" in sys.modules:
+        jax = sys.modules["jax"]
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        jax.config.update("jax_compilation_cache_max_size", int(settings[MAX_SIZE_VARIABLE]))
     return folder

@@ -126,14 +126,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 RUN_ONCE_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def jit_run_once(fn: Any, *args: Any, out_shardings: Any = None) -> Any:
-    """`jax.jit(fn, out_shardings=...)(*args)` compiled for a single call: cheaply on CPU (see above).
+def compile_run_once(fn: Any, *args: Any, out_shardings: Any = None) -> Any:
+    """`jax.jit(fn, out_shardings=...)` compiled for `args` (arrays or `jax.ShapeDtypeStruct`s) as a program that
+    runs once or rarely: cheaply on CPU (see above).
 
-    For initialisation (`module.init`, a fresh train state): one call, so compile time is all that counts.
+    For initialisation (`module.init`, a fresh train state), where compile time is all that counts.
     """
     jitted = jax.jit(fn) if out_shardings is None else jax.jit(fn, out_shardings=out_shardings)
     options = RUN_ONCE_CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-    return jitted.lower(*args).compile(compiler_options=options)(*args)
+    return jitted.lower(*args).compile(compiler_options=options)
+
+
+def jit_run_once(fn: Any, *args: Any, out_shardings: Any = None) -> Any:
+    """`jax.jit(fn, out_shardings=...)(*args)` compiled for a single call (`compile_run_once`)."""
+    return compile_run_once(fn, *args, out_shardings=out_shardings)(*args)
 
 
 def constrain_to(sharding: jax.sharding.Sharding | None) -> Any:

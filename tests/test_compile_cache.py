@@ -47,14 +47,29 @@ def test_an_unwritable_location_leaves_the_environment_alone(tmp_path):
     assert compile_cache.enable(environ) is None and not (tmp_path / "mine").exists()
 
 
+def _clean_env(tmp_path: Path) -> dict[str, str]:
+    """This environment without the suite's own cache settings, with a fresh XDG cache home under `tmp_path`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    return env
+
+
+def test_a_process_that_imported_jax_first_is_configured_too(tmp_path):
+    script = ("import jax\nfrom diffusets_jax import compile_cache\ncompile_cache.enable()\n"
+              "print(jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)")
+    proc = subprocess.run([sys.executable, "-c", script], env=_clean_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(tmp_path / "xdg" / "diffusets-jax" / "xla"),
+                                   str(compile_cache.DEFAULT_MAX_BYTES)]
+
+
 @pytest.mark.slow
 def test_a_rerun_of_a_command_loads_its_programs_from_the_cache(tmp_path):
     """Two `embed --embedder local` runs (the Flax text encoder's program) with no cache settings of their own."""
     (tmp_path / "reports.csv").write_text("report\nSinus rhythm|Normal ECG\nAtrial fibrillation\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               # cache even the quick programs of this small run (the default skips those under a second)
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    # Cache even the quick programs of this small run (the default skips those under a second).
+    env = {**_clean_env(tmp_path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     folder = tmp_path / "xdg" / "diffusets-jax" / "xla"
 
     def embed(run: int) -> None:

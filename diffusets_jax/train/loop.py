@@ -128,14 +128,14 @@ class CompiledSteps:
 
     def init(self, seed: int, use_ema: bool) -> TrainState:
         """A fresh TrainState for `seed`, created directly in its shardings (see `init_state`)."""
-        key = ("init", use_ema)
-        if key not in self._programs:
+
+        def build() -> Callable:
             _, shardings = abstract_state(self.task, self.mesh, 0, use_ema)
-            options = parallel.RUN_ONCE_CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-            self._programs[key] = jax.jit(lambda root: _init_state(self.task, root, use_ema), out_shardings=shardings
-                                          ).lower(jax.eval_shape(jax.random.PRNGKey, 0)).compile(compiler_options=options)
+            return parallel.compile_run_once(lambda root: _init_state(self.task, root, use_ema),
+                                             jax.eval_shape(jax.random.PRNGKey, 0), out_shardings=shardings)
+
         # The key is made outside the program, so any seed (up to 64 bits) gives the key it always gave.
-        return self._programs[key](jax.random.PRNGKey(seed))
+        return self.program(("init", use_ema), build)(jax.random.PRNGKey(seed))
 
     def program(self, key: tuple[Any, ...], build: Callable[[], Callable]) -> Callable:
         """The program `build()` makes, built once per `key`."""
