@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +43,9 @@ def main() -> None:
     from diffusets_jax.experiments import evaluate as ev
     from diffusets_jax.metrics.features import clip_text_features
     from diffusets_jax.models.clip import CLIP
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from model_sizes import random_variables
 
     truth = json.load(open(os.path.join(ECG_DATA, "truth.json")))
     reference = json.load(open(os.path.join(ECG_DATA, "reference_rr.json")))["records"]
@@ -69,7 +73,7 @@ def main() -> None:
 
     start = time.perf_counter()
     clip = CLIP()
-    variables = jax.jit(clip.init)(jax.random.key(0), np.zeros((1, 1024, 12), np.float32), text_embeddings[:1])
+    variables = random_variables(clip.init, np.zeros((1, 1024, 12), np.float32), text_embeddings[:1])
     initialised = time.perf_counter()
     generated_m = ev.measure(generated, (clip, variables), proto.heart_rate_method, workers=args.workers)
     measured_generated = time.perf_counter()

@@ -15,12 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_sizes import random_variables  # noqa: E402
 
 
 def time_forward(fn: Callable, variables, inputs: Sequence, repeats: int) -> dict[str, float]:
@@ -35,19 +40,6 @@ def time_forward(fn: Callable, variables, inputs: Sequence, repeats: int) -> dic
         jax.block_until_ready(compiled(variables, *inputs))
         times.append(time.perf_counter() - start)
     return {"compile_s": round(compile_s, 3), "median_s": statistics.median(times), "min_s": min(times)}
-
-
-def random_variables(init: Callable, *args) -> dict:
-    """Variables shaped like `init(key, *args)`, filled with small NumPy normals.
-
-    Timing does not depend on the values, and this skips compiling the initialisers (hundreds of PRNG
-    calls: slower to compile than the forward pass itself on CPU).
-    """
-    abstract = jax.eval_shape(init, jax.random.key(0), *args)
-    rng = np.random.default_rng(0)
-    return jax.tree_util.tree_map(
-        lambda leaf: jnp.asarray(rng.normal(0.0, 0.05, leaf.shape), leaf.dtype), abstract
-    )
 
 
 def unet_inputs(batch: int, text_dim: int, key: jax.Array) -> tuple:

@@ -1,4 +1,5 @@
-"""Which models a benchmark builds: the published sizes (the default) or the demo's (`configs/demo_*.py`).
+"""Which models a benchmark builds (the published sizes, the default, or the demo's: `configs/demo_*.py`) and the
+random weights it times them with.
 
 The figures are about the published sizes. The demo's are the same architectures at the widths `make demo`
 trains: timing that model, or checking quickly that a benchmark still runs end to end (tests/test_benchmarks.py
@@ -6,15 +7,20 @@ does, since compiling the published U-Net's and VAE's gradients takes minutes on
 
     add_size_argument(parser)
     unet = build("unet", args.size, dtype=compute_dtype)
+    variables = random_variables(unet.init, *example_inputs)
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from diffusets_jax.config import load_config, module_fields
 from diffusets_jax.models.clip import CLIP
@@ -38,3 +44,23 @@ def build(kind: str, size: str, **fields: Any) -> nn.Module:
         return MODULES[kind](**fields)
     architecture = module_fields(load_config(CONFIGS / f"demo_{kind}.py"))
     return MODULES[kind](**{**architecture, **fields})
+
+
+def random_variables(init: Callable, *args: Any) -> dict:
+    """Variables shaped like `init(key, *args)` (e.g. `module.init`), filled from NumPy.
+
+    Timing does not depend on the values, and this skips compiling the initialisers: one PRNG computation per
+    parameter (371 in the demo U-Net) compiles for longer on CPU than the forward pass itself (the demo U-Net's
+    `jax.jit(init)` 20 s, the same init run op by op 30 s). Weights are N(0, 0.05^2); normalisation scales and
+    BatchNorm variances are 1 + N(0, 0.05^2), so that no normalisation divides by a negative variance or
+    multiplies by zero.
+    """
+    abstract = jax.eval_shape(init, jax.random.key(0), *args)
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        offset = 1.0 if ("'scale'" in name or "'var'" in name) else 0.0
+        return jnp.asarray(offset + rng.normal(0.0, 0.05, leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)

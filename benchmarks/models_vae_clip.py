@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import jax
 
 from diffusets_jax.models.clip import CLIP
 from diffusets_jax.models.vae import VAE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_sizes import random_variables  # noqa: E402
 
 
 def _time(fn, *args, repeats: int) -> tuple[float, float]:
@@ -39,8 +44,8 @@ def main() -> None:
     latent = jax.random.normal(jax.random.key(1), (args.batch, 128, 4))
     text = jax.random.normal(jax.random.key(2), (args.batch, 1536))
     vae, clip = VAE(), CLIP()
-    vae_vars = jax.jit(vae.init)(jax.random.key(3), ecg[:1], jax.random.key(4))
-    clip_vars = jax.jit(clip.init)(jax.random.key(5), ecg[:1], text[:1])
+    vae_vars = random_variables(vae.init, ecg[:1], jax.random.key(4))
+    clip_vars = random_variables(clip.init, ecg[:1], text[:1])
 
     functions = {
         "vae_encode": (jax.jit(lambda v, x: vae.apply(v, x, method=VAE.encode)), vae_vars, ecg),

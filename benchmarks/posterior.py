@@ -31,15 +31,11 @@ from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate
 from diffusets_jax.diffusion.schedule import make_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_sizes import add_size_argument, build  # noqa: E402
+from model_sizes import add_size_argument, build, random_variables  # noqa: E402
 
 
 def _block(x: Any) -> Any:
     return jax.tree.map(lambda a: a.block_until_ready(), x)
-
-
-def _variables(module, *args):
-    return jax.jit(module.init)(jax.random.key(0), *args)
 
 
 def _measure(make, args, steps: tuple[int, int], repeats: int) -> dict[str, float]:
@@ -82,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     compute_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
     unet, vae = build("unet", args.size), build("vae", args.size)
     text_dim = unet.text_dim
-    unet_vars = jax.device_put(_variables(unet, jnp.zeros((1, 128, 4)), jnp.zeros((1,), jnp.int32),
+    unet_vars = jax.device_put(random_variables(unet.init, jnp.zeros((1, 128, 4)), jnp.zeros((1,), jnp.int32),
                                           jnp.zeros((1, text_dim)), jnp.ones((1,)), jnp.ones((1,)), jnp.ones((1,))),
                                replicated)
-    vae_vars = jax.device_put(_variables(vae, jnp.zeros((1, 1024, 12)), jax.random.key(1)), replicated)
+    vae_vars = jax.device_put(random_variables(vae.init, jnp.zeros((1, 1024, 12)), jax.random.key(1)), replicated)
     keys = jax.random.split(jax.random.key(2), 4)
     cond = jax.device_put({"text_embedding": 0.02 * jax.random.normal(keys[0], (batch, text_dim)),
                            "sex": jnp.ones((batch,)), "age": jnp.full((batch,), 60.0),

@@ -34,8 +34,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from forward import random_variables, unet_inputs  # noqa: E402
+from forward import unet_inputs  # noqa: E402
 from machine import describe, load_average  # noqa: E402
+from model_sizes import random_variables  # noqa: E402
 from train import build_step  # noqa: E402
 
 DEFAULT_MEASURES = ("unet_forward:1", "unet_forward:16", "unet_forward:128", "unet_train:64", "vae_train:16",

@@ -1,6 +1,6 @@
 """Sampling throughput: ECG/s (latent chain + VAE decode, one jitted function) on the current backend.
 
-Runs the faithful U-Net and VAE decoder (random init: speed does not depend on the weights; `--size demo`
+Runs the faithful U-Net and VAE decoder (random NumPy weights: speed does not depend on them; `--size demo`
 the demo's) with
 DDPM-1000, DDIM-50 and DPM-Solver++-20, batch sharded over every device, and prints one JSON object.
 
@@ -34,7 +34,7 @@ from diffusets_jax.models.unet import UNet
 from diffusets_jax.models.vae import VAE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_sizes import add_size_argument, build  # noqa: E402
+from model_sizes import add_size_argument, build, random_variables  # noqa: E402
 
 SAMPLER_CONFIGS = {
     "ddpm-1000": SamplerConfig.faithful(),
@@ -136,9 +136,10 @@ def main() -> None:
     unet = build("unet", args.size, dtype=compute_dtype)
     vae = build("vae", args.size)
     batch0 = len(devices)
-    unet_vars = unet.init(jax.random.key(0), jnp.zeros((batch0, 128, 4)), jnp.zeros((batch0,), jnp.int32),
-                          jnp.zeros((batch0, unet.text_dim)), jnp.zeros((batch0,)), jnp.zeros((batch0,)), jnp.zeros((batch0,)))
-    vae_vars = vae.init(jax.random.key(1), jnp.zeros((batch0, 128, 4)), method="decode")
+    unet_vars = random_variables(unet.init, jnp.zeros((batch0, 128, 4)), jnp.zeros((batch0,), jnp.int32),
+                                 jnp.zeros((batch0, unet.text_dim)), jnp.zeros((batch0,)), jnp.zeros((batch0,)),
+                                 jnp.zeros((batch0,)))
+    vae_vars = random_variables(lambda key, z: vae.init(key, z, method="decode"), jnp.zeros((batch0, 128, 4)))
     # the U-Net computes in its own dtype; the VAE decoder gets bf16 parameters and inputs
     variables = (unet_vars, vae_vars)
 
@@ -149,7 +150,7 @@ def main() -> None:
         "device_count": len(devices),
         "dtype": args.dtype,
         "models": args.size,
-        "weights": f"random init, {args.size}-size U-Net and VAE decoder",
+        "weights": f"random NumPy normals, {args.size}-size U-Net and VAE decoder",
         "samplers": {},
     }
     for name in args.samplers.split(","):

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import describe  # noqa: E402
+from model_sizes import random_variables  # noqa: E402
 
 from diffusets_jax.models.group_norm import GroupNormSiLU  # noqa: E402
 from diffusets_jax.models.vae import VAE  # noqa: E402
@@ -125,7 +126,7 @@ def main() -> None:
     vae = VAE(conv_algorithm="direct")
     latent = 0.18 * jax.random.normal(jax.random.key(2), (args.batch, 128, vae.latent_channels))
     ecg = jax.random.normal(jax.random.key(3), (args.batch, 1024, vae.in_channels))
-    variables = jax.jit(vae.init)(jax.random.key(0), ecg[:1], jax.random.key(1))
+    variables = random_variables(vae.init, ecg[:1], jax.random.key(1))
     decode = jax.jit(lambda v, z: vae.apply(v, z, method=VAE.decode)).lower(variables, latent).compile()
     decode_flops = flops_of(decode)
     decode_s = best_seconds(decode, variables, latent, repeats=args.repeats)
