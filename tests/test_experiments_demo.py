@@ -27,9 +27,7 @@ def _demo_quick(out, cwd) -> str:
     device, not the suite's 8 simulated ones (under those the same run took 166 s instead of 89 s alone; the
     sharded training and sampling paths have tests of their own). Its programs still go through the session's
     compilation cache (tests/conftest.py). Returns what it printed."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
-                                if not flag.startswith("--xla_force_host_platform_device_count"))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run([sys.executable, "-m", "diffusets_jax", "demo", "--quick", "--out", str(out)], env=env,
                           cwd=cwd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
