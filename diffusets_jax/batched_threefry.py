@@ -6,9 +6,9 @@ level and each group evaluated as one elementwise `threefry2x32` over the concat
 
 Why: a model's `init` draws every parameter with its own key, and XLA inlines one threefry hash (20 rounds of
 integer ops) per draw: 371 of them for the demo U-Net, plus one per `fold_in` that derives the keys. On the CPU
-compiling those dominated the init program (22.7 s of compile for the demo U-Net on 2 cores; 5.5 s batched,
-2026-12-03). Threefry is counter-based and elementwise in (key, counter), so concatenating independent draws
-and slicing the result changes nothing but the program's size.
+compiling those dominated the init program (15.9-22.7 s of compile for the demo U-Net on 2 cores; 3.3-5.5 s
+batched, 2026-12-03; README, "Compiled programs are kept"). Threefry is counter-based and elementwise in
+(key, counter), so concatenating independent draws and slicing the result changes nothing but the program's size.
 
 How: the function is traced to a jaxpr, nested `jit` calls are inlined, and the equations are run in
 dependency order; whenever only random draws are ready, all of them run as one call. What the draws compute
@@ -38,7 +38,7 @@ from jax.extend.random import threefry2x32_p
 
 _RANDOM_OPS = ("random_bits", "random_fold_in", "random_split")
 _THREEFRY_KEY = "key<fry>"
-_CALLS = ("jit", "pjit", "closed_call")
+_CALLS = ("jit", "pjit")  # the nested-jit primitive, named "pjit" in older JAX
 
 
 class _Slot:
