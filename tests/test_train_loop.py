@@ -5,6 +5,7 @@ import signal
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from diffusets_jax import parallel
@@ -128,6 +129,44 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     state, position = loop.restore_state(manager, 4, abstract)
     assert position["step"] == 4 and position["examples_seen"] == 64
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_a_checkpoint_of_a_replicated_state_compiles_nothing_and_reads_back(tmp_path, caplog):
+    # Orbax's replica-parallel saving (its default off GPU) would cut each replicated array into one slice per
+    # device, an eager op compiled per shape; within one process that only costs time. The shapes are this
+    # test's own, so no earlier test in the process has compiled their slices already.
+    mesh = parallel.make_mesh(8, 1)
+    rng = np.random.default_rng(0)
+    state = {f"w{i}": jax.device_put(rng.normal(size=(8 * (i + 3), 5 + i)).astype(np.float32),
+                                     parallel.replicated(mesh)) for i in range(4)}
+    manager = loop.checkpoint_manager(tmp_path / "checkpoints", 3)
+    with jax.log_compiles(), caplog.at_level("DEBUG", logger="jax"):
+        manager.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave({"step": 1})))
+        manager.wait_until_finished()
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("Compiling", "Finished XLA"))]
+    assert not compiled, compiled[:3]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, position = loop.restore_state(manager, 1, abstract)
+    manager.close()
+    assert position == {"step": 1}
+    for name, array in state.items():
+        assert restored[name].sharding == array.sharding
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(array))
+
+
+def test_a_checkpoint_written_through_standard_save_still_resumes(tmp_path):
+    # Runs started before the state handler was set explicitly saved through Orbax's StandardCheckpointHandler.
+    mesh = parallel.make_mesh(8, 1)
+    state = {"w": jax.device_put(np.arange(48, dtype=np.float32).reshape(16, 3), parallel.replicated(mesh))}
+    options = ocp.CheckpointManagerOptions(create=True)
+    with ocp.CheckpointManager((tmp_path / "checkpoints").absolute(), options=options) as old:
+        old.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"step": 2})))
+    manager = loop.checkpoint_manager(tmp_path / "checkpoints", 3)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, position = loop.restore_state(manager, 2, abstract)
+    manager.close()
+    assert position == {"step": 2} and restored["w"].sharding == state["w"].sharding
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
 
 
 def test_sigterm_saves_and_stops(tmp_path):

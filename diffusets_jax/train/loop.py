@@ -222,16 +222,36 @@ def jit_train_step(step_fn: Callable, state_shardings: Any, mesh: Mesh) -> Calla
 
 
 def checkpoint_manager(directory: Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-    """Orbax manager for `directory` keeping the last `keep` checkpoints; `train` decides when to save."""
+    """Orbax manager for `directory` keeping the last `keep` checkpoints; `train` decides when to save.
+
+    Items: `state` (the `TrainState`; `ocp.args.PyTreeSave`, `restore_state`) and `data` (the data position, JSON).
+    """
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
+    return ocp.CheckpointManager(directory.absolute(), options=options,
+                                 item_handlers={"state": _state_handler(), "data": ocp.JsonCheckpointHandler()})
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's PyTree handler (the one its StandardCheckpointHandler wraps: the same array files, less the
+    per-array records Orbax keeps to restore typed PRNG keys; the state's key is raw uint32), replica-parallel
+    only across processes. Reads checkpoints written through StandardCheckpointHandler too.
+
+    Replica-parallel saving, Orbax's default off GPU, cuts every replicated array into one slice per replica so
+    that several hosts share the writing. Within one process the same host writes every slice anyway, and each
+    slice is an eager device op compiled per shape: on 8 devices, 8 slices of each of the state's arrays (3 x 689
+    for the published U-Net with AdamW). Across processes each host still writes its share.
+    """
+    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        *((kind, ocp.type_handlers.get_type_handler(kind)) for kind in (int, float, np.number, np.ndarray)),
+        (jax.Array, arrays))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> tuple[TrainState, dict[str, Any]]:
     """`(state, data position)` of checkpoint `step`, placed with the shardings inside `abstract`."""
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
-    )
+    state_args = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+    restored = manager.restore(step, args=ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore()))
     return restored.state, dict(restored.data)
 
 
@@ -348,7 +368,7 @@ def train(
         data_position = {"step": step, "examples_seen": step * global_batch, "config": config_dict}
         manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
+            args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_position)),
             force=True,  # the loop decides when (interval, last step, SIGTERM); Orbax would also save step 1
         )
 
