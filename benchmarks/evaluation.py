@@ -42,6 +42,7 @@ def main() -> None:
     from diffusets_jax.ecg.resample import resample_to_length
     from diffusets_jax.experiments import evaluate as ev
     from diffusets_jax.metrics.features import clip_text_features
+    from diffusets_jax.metrics.record_pool import RecordPool
     from diffusets_jax.models.clip import CLIP
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -75,10 +76,11 @@ def main() -> None:
     clip = CLIP()
     variables = random_variables(clip.init, np.zeros((1, 1024, 12), np.float32), text_embeddings[:1])
     initialised = time.perf_counter()
-    generated_m = ev.measure(generated, (clip, variables), proto.heart_rate_method, workers=args.workers)
-    measured_generated = time.perf_counter()
-    real_m = ev.measure(real, (clip, variables), proto.heart_rate_method, workers=args.workers)
-    measured_real = time.perf_counter()
+    with RecordPool(args.workers) as pool:  # as `evaluate` does: one set of worker processes for both sets
+        generated_m = ev.measure(generated, (clip, variables), proto.heart_rate_method, workers=pool)
+        measured_generated = time.perf_counter()
+        real_m = ev.measure(real, (clip, variables), proto.heart_rate_method, workers=pool)
+        measured_real = time.perf_counter()
     text_features = clip_text_features(clip, variables, text_embeddings)
     report = ev.score(real_m, generated_m, pairs=np.arange(args.num), condition_hr=condition_hr,
                       text_features=text_features, subject_ids=np.asarray(subject_ids), proto=proto,

@@ -52,8 +52,9 @@ from diffusets_jax.metrics.features import clip_ecg_features, clip_text_features
 from diffusets_jax.metrics.fid import fid, rfid
 from diffusets_jax.metrics.heart_rate_mae import measure_heart_rates
 from diffusets_jax.metrics.precision_recall import precision_recall
+from diffusets_jax.metrics.record_pool import RecordPool, record_pool
 
-MEASURE_CHUNK = 2048  # records measured at once (clinical measurement runs in worker processes per chunk)
+MEASURE_CHUNK = 2048  # records per clinical-measurement call (each converts its records to float64 at once)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,20 +131,19 @@ def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike |
 
 # -- measuring ----------------------------------------------------------------------------------------------------
 def measure(ecgs: np.ndarray, clip: tuple[Any, Mapping[str, Any]], heart_rate_method: str,
-            workers: int = 1) -> dict[str, Any]:
+            workers: int | RecordPool = 1) -> dict[str, Any]:
     """Per-record measurements of `ecgs` `(n, 1024, 12)` mV: CLIP `features` `(n, d)`, `heart_rate` `(n,)` by the
     protocol's method (NaN where unmeasurable), `lead_std` `(n, 12)`, `abs_amplitude` `(n,)` and the clinical
     measurements (`clinical`, an `ECGMeasurements`)."""
     ecgs = np.asarray(ecgs, np.float32)
     module, variables = clip
-    parts = []
-    for start in range(0, len(ecgs), MEASURE_CHUNK):
-        chunk = ecgs[start : start + MEASURE_CHUNK]
-        parts.append(measure_ecgs(chunk, workers=workers))
-    clinical = ECGMeasurements.concatenate(parts or [measure_ecgs(ecgs)])
+    with record_pool(workers) as pool:
+        parts = [measure_ecgs(ecgs[start : start + MEASURE_CHUNK], workers=pool)
+                 for start in range(0, len(ecgs), MEASURE_CHUNK)]
+        clinical = ECGMeasurements.concatenate(parts or [measure_ecgs(ecgs)])
+        heart_rate = measure_heart_rates(ecgs, method=heart_rate_method, workers=pool)[0]
     return {
-        "features": clip_ecg_features(module, variables, ecgs),
-        "heart_rate": measure_heart_rates(ecgs, method=heart_rate_method, workers=workers)[0],
+        "features": clip_ecg_features(module, variables, ecgs), "heart_rate": heart_rate,
         "lead_std": ecgs.std(axis=1), "abs_amplitude": np.abs(ecgs).mean(axis=(1, 2)), "clinical": clinical,
     }
 
@@ -395,7 +395,7 @@ def evaluate_split(
     records_per_condition: int = 50,
     samples_per_record: int = 1,
     n_boot: int = 1000,
-    workers: int = 1,
+    workers: int | RecordPool = 1,
     progress: bool = True,
     n_examples: int = 4,
 ) -> dict[str, Any]:
@@ -425,16 +425,18 @@ def evaluate_split(
     references = real["ecg"][mine]
     if proto.references == "reconstruction" and len(mine):
         references = generator.reconstruct(references)
-    local_real = {"position": mine, **measure(references, clip, proto.heart_rate_method, workers)} if len(mine) else None
-    parts, examples = [], []
-    for batch in generator.generate(conditions, progress=progress, text_embeddings=real["text_embedding"][pairs]):
-        rows = np.arange(batch.start, batch.start + len(batch.conditions))
-        parts.append({"position": rows, **measure(batch.ecgs, clip, proto.heart_rate_method, workers)})
-        for offset, row in enumerate(rows):
-            if row < n_examples:
-                i = pairs[row]
-                examples.append((row, real["ecg"][i], batch.ecgs[offset], _example_conditions(
-                    real["prompt"][i], real["heart_rate"][i], real["sex"][i], real["age"][i])))
+    # One set of measuring processes for the references and every generated batch (starting them takes seconds).
+    with record_pool(workers) as pool:
+        local_real = {"position": mine, **measure(references, clip, proto.heart_rate_method, pool)} if len(mine) else None
+        parts, examples = [], []
+        for batch in generator.generate(conditions, progress=progress, text_embeddings=real["text_embedding"][pairs]):
+            rows = np.arange(batch.start, batch.start + len(batch.conditions))
+            parts.append({"position": rows, **measure(batch.ecgs, clip, proto.heart_rate_method, pool)})
+            for offset, row in enumerate(rows):
+                if row < n_examples:
+                    i = pairs[row]
+                    examples.append((row, real["ecg"][i], batch.ecgs[offset], _example_conditions(
+                        real["prompt"][i], real["heart_rate"][i], real["sex"][i], real["age"][i])))
     real_rows = _gather(local_real if local_real is not None else _no_rows(clip))  # sorted by record index
     gen_m = _gather(_concat(parts) if parts else _no_rows(clip))
     settings = {"dataset": str(dataset), "split": split, "records": len(records), "samples": len(pairs),
@@ -484,7 +486,7 @@ def evaluate_generated(
     rules: RuleSet | None = None,
     embedder: Any = None,
     n_boot: int = 1000,
-    workers: int = 1,
+    workers: int | RecordPool = 1,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Score another generator's samples (`io.generated.GeneratedSet`) against a prepared split, no model needed.
@@ -496,9 +498,10 @@ def evaluate_generated(
     """
     real = load_split(dataset, split, data_dir=data_dir, limit=limit)
     module, variables = clip
-    real_m = {"position": np.arange(len(real["ecg"])), **measure(real["ecg"], clip, proto.heart_rate_method, workers)}
-    gen_m = {"position": np.arange(len(generated.ecg)),
-             **measure(generated.ecg, clip, proto.heart_rate_method, workers)}
+    with record_pool(workers) as pool:  # one set of measuring processes for both sets
+        real_m = {"position": np.arange(len(real["ecg"])), **measure(real["ecg"], clip, proto.heart_rate_method, pool)}
+        gen_m = {"position": np.arange(len(generated.ecg)),
+                 **measure(generated.ecg, clip, proto.heart_rate_method, pool)}
     embeddings = generated.text_embedding
     missing_text = 0
     if embeddings is None:

@@ -23,10 +23,8 @@ Metrics (comparison in brackets; "real" rows are the same measurement on the rea
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
-import multiprocessing
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +39,7 @@ from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.ecg.qrs import detect_beats
 from diffusets_jax.ecg.shapes import ECG_RATE_HZ, NUM_LEADS
 from diffusets_jax.metrics.bootstrap import cluster_bootstrap
+from diffusets_jax.metrics.record_pool import RecordPool, record_pool
 
 QRS_TOLERANCE_S = 0.15  # AAMI EC57 beat-matching window
 HR_AGREEMENT_BPM = 10.0
@@ -140,22 +139,17 @@ def _measure_chunk(ecgs: np.ndarray, fs: float) -> list[dict[str, Any]]:
     return [_measure_one(ecg, fs) for ecg in ecgs]
 
 
-def measure_ecgs(ecgs: ArrayLike, fs: float = ECG_RATE_HZ, workers: int = 1) -> ECGMeasurements:
+def measure_ecgs(ecgs: ArrayLike, fs: float = ECG_RATE_HZ, workers: int | RecordPool = 1) -> ECGMeasurements:
     """Measure every ECG of `ecgs` `(batch, samples, 12)` (mV, standard lead order) sampled at `fs` Hz.
 
-    `workers > 1` spreads records over that many processes (beat detection and delineation are CPU-bound).
+    `workers`: a number of processes for this call (beat detection and delineation are CPU-bound), or a
+    `RecordPool` shared by several calls.
     """
     ecgs = np.asarray(ecgs, dtype=np.float64)  # also fetches a jax.Array from its device
     if ecgs.ndim != 3 or ecgs.shape[2] != NUM_LEADS:
         raise ValueError(f"ecgs: expected shape (batch, samples, {NUM_LEADS}) in standard lead order, got {ecgs.shape}")
-    if workers <= 1 or ecgs.shape[0] < 2 * workers:
-        rows = _measure_chunk(ecgs, fs)
-    else:
-        chunks = np.array_split(ecgs, workers * 4)
-        # spawn, not fork: the parent may have JAX's thread pools running, which fork does not survive safely.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            rows = [row for chunk in pool.map(_measure_chunk, chunks, [fs] * len(chunks)) for row in chunk]
+    with record_pool(workers) as pool:
+        rows = pool.map(_measure_chunk, ecgs, fs)
 
     def column(key: str, dtype: type = np.float64) -> np.ndarray:
         return np.array([row[key] for row in rows], dtype=dtype)
@@ -229,7 +223,7 @@ def clinical_metrics(
     seed: int = 0,
     level: float = 0.95,
     qrs_tolerance_s: float = QRS_TOLERANCE_S,
-    workers: int = 1,
+    workers: int | RecordPool = 1,
 ) -> dict[str, Any]:
     """Every model-free clinical metric of `generated` `(n, samples, 12)` (mV, standard lead order, `fs` Hz).
 
@@ -243,8 +237,9 @@ def clinical_metrics(
     generated = np.asarray(generated, dtype=np.float64)
     if real is not None and np.shape(real) != generated.shape:
         raise ValueError(f"real: shape {np.shape(real)} differs from generated {generated.shape}; pair them row by row")
-    gen = measure_ecgs(generated, fs, workers)
-    real_m = None if real is None else measure_ecgs(real, fs, workers)
+    with record_pool(workers) as pool:  # one set of worker processes for both sets
+        gen = measure_ecgs(generated, fs, pool)
+        real_m = None if real is None else measure_ecgs(real, fs, pool)
     return compare_measurements(gen, real_m, condition_hr, subject_ids, n_boot=n_boot, seed=seed, level=level,
                                 qrs_tolerance_s=qrs_tolerance_s, fs=fs)
 

@@ -9,14 +9,12 @@ section 8: XQRS lead by lead, the first lead with two beats), which at 102.4 Hz 
 Records with fewer than two beats (flat or garbled output, non-finite samples) cannot be measured. They
 are not silently dropped: the result carries their indices and count, the MAE is over measured records only,
 and `failure_rate` belongs in any report next to the MAE (a model that emits flat lines must not score well).
-Detection is CPU-bound, so `workers > 1` spreads records over processes.
+Detection is CPU-bound, so `workers > 1` (or a shared `RecordPool`) spreads records over processes.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import multiprocessing
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -24,6 +22,7 @@ from numpy.typing import ArrayLike
 # No JAX import here: worker processes import this module, and should start in a second, not load XLA.
 from diffusets_jax.ecg.heart_rate import CONSENSUS, DETECTION_METHODS, detected_heart_rate
 from diffusets_jax.ecg.shapes import ECG_RATE_HZ
+from diffusets_jax.metrics.record_pool import RecordPool, record_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +76,7 @@ def _measure_chunk(signals: np.ndarray, fs: float, method: str) -> list[tuple[fl
 
 
 def measure_heart_rates(
-    ecgs: ArrayLike, fs: float = ECG_RATE_HZ, workers: int = 1, method: str = CONSENSUS
+    ecgs: ArrayLike, fs: float = ECG_RATE_HZ, workers: int | RecordPool = 1, method: str = CONSENSUS
 ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """Heart rate of each ECG in `ecgs` `(batch, samples, leads)` (mV, channels last).
 
@@ -89,14 +88,8 @@ def measure_heart_rates(
     ecgs = np.asarray(ecgs, dtype=np.float64)  # also fetches a jax.Array from its device
     if ecgs.ndim != 3:
         raise ValueError(f"ecgs: expected shape (batch, samples, leads), got {ecgs.shape}")
-    if workers <= 1 or ecgs.shape[0] < 2 * workers:
-        results = _measure_chunk(ecgs, fs, method)
-    else:
-        chunks = np.array_split(ecgs, workers * 4)
-        # spawn, not fork: the parent has JAX's thread pools running, which fork does not survive safely.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = [item for chunk in pool.map(_measure_chunk, chunks, [fs] * len(chunks), [method] * len(chunks)) for item in chunk]
+    with record_pool(workers) as pool:
+        results = pool.map(_measure_chunk, ecgs, fs, method)
     bpm = np.array([r[0] for r in results], dtype=np.float64)
     lead = np.array([r[1] for r in results], dtype=np.int64)
     errors = {i: r[2] for i, r in enumerate(results) if r[2] is not None}
@@ -104,7 +97,7 @@ def measure_heart_rates(
 
 
 def heart_rate_mae(
-    ecgs: ArrayLike, condition_bpm: ArrayLike, fs: float = ECG_RATE_HZ, workers: int = 1, method: str = CONSENSUS
+    ecgs: ArrayLike, condition_bpm: ArrayLike, fs: float = ECG_RATE_HZ, workers: int | RecordPool = 1, method: str = CONSENSUS
 ) -> HeartRateMAE:
     """MAE between the conditioning heart rates `(batch,)` (bpm) and the rates measured on `ecgs`
     `(batch, samples, leads)` sampled at `fs` Hz (`method`: "consensus" or the published "xqrs_first_lead")."""
