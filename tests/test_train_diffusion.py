@@ -126,6 +126,37 @@ def test_prediction_type_sets_the_training_target():
     assert losses["v_prediction"] == pytest.approx(expected_v, rel=0.1)
 
 
+MODEL_CALLS: list[tuple[int, ...]] = []  # the input shape of every TimeScaledNet call, made while tracing
+
+
+class TimeScaledNet(nn.Module):
+    """A per-example model that depends on t and the condition."""
+
+    text_dim: int = 8
+
+    @nn.compact
+    def __call__(self, x_t, t, text_embedding, sex, age, heart_rate):
+        MODEL_CALLS.append(x_t.shape)
+        return x_t * (t[:, None, None] / 1000.0) + (age + text_embedding.mean(-1))[:, None, None] / 100.0
+
+
+def test_evaluation_calls_the_model_once_for_all_timesteps_with_each_timesteps_loss():
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+
+    def losses(timesteps):
+        config = load_config(CONFIGS / "demo_unet.py", [f"train.eval_timesteps={timesteps}"])
+        task = diffusion_task(config, num_steps=10, model=TimeScaledNet())
+        return jax.jit(task.eval_fn)({}, {}, batch, jax.random.key(3))
+
+    MODEL_CALLS.clear()
+    together = losses("(10,500,990)")
+    assert MODEL_CALLS == [(24, 128, 4)]  # one call over the 8 examples x 3 timesteps
+    for t in (10, 500, 990):  # each as if evaluated alone: same noise, its own timestep, its own rows
+        alone = losses(f"({t},)")
+        np.testing.assert_allclose(float(together[f"loss_t{t:03d}"]), float(alone[f"loss_t{t:03d}"]), rtol=1e-6)
+    assert len({round(float(v), 3) for v in together.values()}) == 3
+
+
 def test_the_diffusion_section_is_what_the_model_directory_records():
     """config.diffusion, resolved, is the model index's `diffusion` (one shape from training to sampling)."""
     from diffusets_jax.config import config_to_dict, diffusion_section

@@ -129,14 +129,21 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
         x0 = batch["latent_mean"].astype(jnp.float32) * latent_scale  # posterior mean: no sampling noise
         cond = patient_condition(batch, mode)
         noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-        apply = model_fn(params, model_state)
-        metrics = {}
-        for t_value in eval_timesteps:
-            t = jnp.full((x0.shape[0],), t_value, jnp.int32)
-            prediction = apply(q_sample(noise_schedule, x0, t, noise), t, cond)
-            target = training_target(noise_schedule, x0, t, noise)
-            metrics[f"loss_t{t_value:03d}"] = reduce_squared_error(prediction, target, loss_cfg.reduction)
-        return metrics
+        # One model call over every (example, timestep) pair, (batch * k, 128, 4) example-major: the program holds
+        # one copy of the U-Net, not one per timestep (the demo U-Net's eval compiled in 4.1-5.2 s instead of
+        # 8.1-8.6 with three), and each device's rows stay on it. The same noise at every timestep.
+        n, k = x0.shape[0], len(eval_timesteps)
+
+        def repeat(a):  # (n, ...) -> (n * k, ...), row b * k + i = example b
+            return jnp.repeat(a, k, axis=0)
+
+        t = jnp.tile(jnp.asarray(eval_timesteps, jnp.int32), n)  # row b * k + i: timestep i
+        x0_k, noise_k = repeat(x0), repeat(noise)
+        x_t = q_sample(noise_schedule, x0_k, t, noise_k)
+        prediction = model_fn(params, model_state)(x_t, t, jax.tree.map(repeat, cond)).reshape(n, k, *x0.shape[1:])
+        target = training_target(noise_schedule, x0_k, t, noise_k).reshape(n, k, *x0.shape[1:])
+        return {f"loss_t{t_value:03d}": reduce_squared_error(prediction[:, i], target[:, i], loss_cfg.reduction)
+                for i, t_value in enumerate(eval_timesteps)}
 
     return Task("unet", init_variables, loss_fn, make_optimizer(config.optimizer, lr_schedule), lr_schedule, eval_fn,
                 model)
