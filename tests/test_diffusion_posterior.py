@@ -241,3 +241,25 @@ def test_a_one_device_mesh_with_one_sample_runs(particles, edit_strength):
         results.append(run(place(_cond(1)), jax.random.key(0), **placed))
     np.testing.assert_allclose(np.asarray(results[0].latents), np.asarray(results[1].latents), rtol=1e-5, atol=1e-6)
     assert bool(jnp.all(jnp.isfinite(results[0].ecg)))
+
+
+@pytest.mark.parametrize("observed", [False, True])
+def test_the_compiled_chain_holds_one_network_evaluation(observed):
+    # The network (and, with an observation, the decoder and its gradient) is evaluated at one place in the
+    # program, inside the loop: a second site (e.g. the start evaluated before the loop) doubles the compile.
+    calls = {"model": 0, "decode": 0}
+
+    def model_fn(x, t, cond):
+        calls["model"] += 1
+        return TOY.model_fn(x, t, cond)
+
+    def decode_fn(z):
+        calls["decode"] += 1
+        return TOY.decode_fn(z)
+
+    observation = _leads_and_window_case()[0] if observed else None
+    config = PosteriorConfig(sampler=_chain_config(), particles=2)
+    jax.jit(functools.partial(posterior_sample, model_fn, decode_fn, SCHEDULE, config=config,
+                              observation=observation)).lower(_cond(RUNS if observed else 1), jax.random.key(0))
+    # decode: the chain's one site, plus the output decode (and, with an observation, a shape check)
+    assert calls == {"model": 1, "decode": 3 if observed else 1}, calls

@@ -348,7 +348,6 @@ def posterior_sample(
     # t_start itself (min with the grid), so an edit uses the grid's steps below its start.
     src = jnp.minimum(jnp.asarray(grid), t_start)
     prev = jnp.asarray(prev_grid)
-    active = prev < t_start
     first = jnp.minimum(jnp.sum(prev >= t_start), n - 1)
 
     init_key, step_key, resample_key, select_key = jax.random.split(key, 4)
@@ -361,16 +360,33 @@ def posterior_sample(
         noised = jnp.sqrt(abar) * start_latents.astype(jnp.float32)[:, None] + jnp.sqrt(1.0 - abar) * noise
         x = constrain(jnp.where(jnp.asarray(strength) >= 1.0, noise, noised))
 
-    state = chain.evaluate(x, src[first], prev[first])
-    log_w = state.log_twist  # the start is drawn from its own law, so the first weight is the twist alone
-    log_z = constrain(jnp.zeros((batch,), jnp.float32))
     log_k = math.log(particles)
     threshold = config.resample_ess * particles
     eta = config.eta
+    reduce = lambda a: jnp.sum(a, axis=tuple(range(2, a.ndim)))
+    zeros_bk = constrain(jnp.zeros((batch, particles), jnp.float32))
 
-    def step(carry, xs):
-        state, log_w, log_z = carry
-        i, t, prev_t, next_t, next_prev = xs
+    # Iteration j evaluates the network (and decoder and gradient) at x_j, then, unless it is the last, weighs,
+    # resamples and proposes x_{j+1}: one evaluation site, so the program holds one copy of the network, decoder
+    # and gradient (with the start evaluated before the loop as well, tiny U-Net and VAE programs with an
+    # observation compiled in 14.6-20.6 s, now 10.3-15.9). Iterations before `first` (an edit's steps above its
+    # start) and after the last evaluation take no step.
+    def no_step(carry, xs):
+        return carry, constrain(jnp.full((batch,), float(particles), jnp.float32))
+
+    def evaluate_and_step(carry, xs):
+        x, state, log_w, log_z, log_ratio = carry
+        j, t, prev_t = xs
+        previous_twist = state.log_twist
+        state = chain.evaluate(x, t, prev_t)
+        # The start is drawn from its own law, so the first weight is the twist alone; later ones add
+        # log p(x'|x) - log q(x'|x) of the proposal that made x and the change of twist.
+        log_w = jnp.where(j == first, state.log_twist, log_w + log_ratio + state.log_twist - previous_twist)
+        return jax.lax.cond(j < n - 1, propose, no_step, (x, state, log_w, log_z, log_ratio), xs)
+
+    def propose(carry, xs):
+        _, state, log_w, log_z, _ = carry
+        i, t, prev_t = xs
         ess = _ess(log_w)
         if observation is not None:
             resample = ess < threshold
@@ -381,10 +397,9 @@ def posterior_sample(
             log_z = log_z + jnp.where(resample, jax.nn.logsumexp(log_w, axis=-1) - log_k, 0.0)
             log_w = jnp.where(per_sample(resample, 2), 0.0, log_w)
         sigma = ddim_sigma(schedule, t, prev_t, eta)
-        reduce = lambda a: jnp.sum(a, axis=tuple(range(2, a.ndim)))
         shift = jnp.square(sigma) * state.grad
         if observation is not None:
-            # Cap the shift's RMS at max_shift * sigma; the weights below use the capped proposal.
+            # Cap the shift's RMS at max_shift * sigma; the weights use the capped proposal.
             rms = jnp.sqrt(reduce(jnp.square(shift)) / math.prod(latent_shape))
             factor = jnp.minimum(1.0, config.max_shift * sigma / jnp.maximum(rms, 1e-30))
             shift = shift * per_sample(factor, shift.ndim)
@@ -394,20 +409,21 @@ def posterior_sample(
         else:
             z = jnp.zeros(shape, jnp.float32)
             x_next = state.mean
-        new = chain.evaluate(constrain(x_next), next_t, next_prev)
+        log_ratio = zeros_bk
         if observation is not None:
             # log p(x'|x) - log q(x'|x) for x' = mean + shift + sigma z: both Gaussians share sigma.
             log_ratio = -(reduce(jnp.square(shift)) / (2.0 * jnp.square(sigma)) + reduce(shift * z) / sigma)
-            log_w = log_w + log_ratio + new.log_twist - state.log_twist
-        return (new, log_w, log_z), ess
+        return (constrain(x_next), state, log_w, log_z, log_ratio), ess
 
-    def maybe_step(carry, xs):
-        skip = lambda carry, xs: (carry, constrain(jnp.full((batch,), float(particles), jnp.float32)))
-        return jax.lax.cond(xs[0], step, skip, carry, xs[1:])
+    def maybe_evaluate(carry, xs):
+        return jax.lax.cond(xs[0] >= first, evaluate_and_step, no_step, carry, xs)
 
-    steps = jnp.arange(n - 1, dtype=jnp.int32)
-    xs = (active[:-1], steps, src[:-1], prev[:-1], src[1:], prev[1:])
-    (state, log_w, log_z), ess = jax.lax.scan(maybe_step, (state, log_w, log_z), xs)
+    empty = _Particles(x, x, x, jnp.zeros_like(x), zeros_bk, zeros_bk)  # replaced at the first evaluation
+    log_z = constrain(jnp.zeros((batch,), jnp.float32))
+    carry = (x, empty, zeros_bk, log_z, zeros_bk)
+    (_, state, log_w, log_z, _), ess = jax.lax.scan(
+        maybe_evaluate, carry, (jnp.arange(n, dtype=jnp.int32), src, prev))
+    ess = ess[:-1]  # one per step; the last iteration only evaluates
 
     # The final step is deterministic, x_0 = x0(x_t): swap the twist for the exact likelihood and pick one.
     log_w = log_w + state.log_exact - state.log_twist
