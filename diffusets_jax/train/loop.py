@@ -108,7 +108,8 @@ def _init_state(task: Task, root: jax.Array, use_ema: bool) -> TrainState:
 
 
 class CompiledSteps:
-    """The compiled programs of one task on one mesh (state init, train step, eval step), kept across `train` calls.
+    """The compiled programs of one task on one mesh (state init, train step, eval step) and its abstract state,
+    kept across `train` calls.
 
     `train` compiles them afresh on every call by default. A caller that trains the same task many times in one
     process (the downstream benchmark: arms x seeds, minutes of CPU compile each) passes one `CompiledSteps` to
@@ -142,8 +143,8 @@ class CompiledSteps:
         # The key is made outside the program, so any seed (up to 64 bits) gives the key it always gave.
         return self.program(("init", use_ema), build)(jax.random.PRNGKey(seed))
 
-    def program(self, key: tuple[Any, ...], build: Callable[[], Callable]) -> Callable:
-        """The program `build()` makes, built once per `key`."""
+    def program(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        """What `build()` makes, built once per `key`: a program, or the abstract state (`abstract_state`)."""
         if key not in self._programs:
             self._programs[key] = build()
         return self._programs[key]
