@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from diffusets_jax.models.conv import channels_last_conv
+
 Dtype = Any
 Array = jax.Array
 
@@ -107,7 +109,7 @@ class Conv1d(nn.Module):
 
     Parameters as `flax.linen.Conv` names and shapes them (`kernel` `(kernel_size, in, features)`, `bias`),
     with PyTorch's initialisation. Inputs no longer than the kernel go through `conv_as_matmul` (see the
-    module docstring); longer ones through `lax.conv_general_dilated`.
+    module docstring); longer ones through `channels_last_conv`.
     """
 
     features: int
@@ -142,9 +144,7 @@ class Conv1d(nn.Module):
                 x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
             y = conv_as_matmul(x, kernel, self.stride)
         else:
-            y = jax.lax.conv_general_dilated(
-                x, kernel, window_strides=(self.stride,), padding=((pad, pad),), dimension_numbers=("NWC", "WIO", "NWC")
-            )
+            y = channels_last_conv(x, kernel, self.stride, (pad, pad))
         return y + bias
 
 

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusets_jax.models.conv import flax_conv_general_dilated
+
 BATCH_NORM_EPS = 1e-5
 BATCH_NORM_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
 
@@ -69,7 +71,7 @@ class BatchNorm1d(nn.Module):
 def _same_conv(x: jax.Array, features: int, kernel_size: int, stride: int, groups: int, name: str) -> jax.Array:
     padding = same_padding(x.shape[1], kernel_size, stride)
     return nn.Conv(features, (kernel_size,), strides=(stride,), padding=(padding,), feature_group_count=groups,
-                   name=name)(x)
+                   conv_general_dilated=flax_conv_general_dilated, name=name)(x)
 
 
 def _max_pool_same(x: jax.Array, kernel_size: int) -> jax.Array:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusets_jax.models import winograd
+from diffusets_jax.models.conv import flax_conv_general_dilated
 from diffusets_jax.models.group_norm import GroupNormSiLU
 from diffusets_jax.models.layers import Dtype, maybe_remat
 
@@ -171,7 +172,8 @@ class VAEEncoder(nn.Module):
                 h = res_block(width, self.groups, dt, algorithm, name=f"down_{level}_res_{block}")(h)
             if level < len(self.widths):
                 # The reference pads one zero on the right only, then convolves k3 s2 without padding.
-                h = nn.Conv(width, (3,), strides=(2,), padding=((0, 1),), dtype=dt, name=f"down_{level}_downsample")(h)
+                h = nn.Conv(width, (3,), strides=(2,), padding=((0, 1),), dtype=dt,
+                            conv_general_dilated=flax_conv_general_dilated, name=f"down_{level}_downsample")(h)
         h = res_block(self.widths[-1], self.groups, dt, algorithm, name="mid_res_0")(h)
         h = maybe_remat(SelfAttention, self.remat)(dt, name="mid_attn")(h)
         h = res_block(self.widths[-1], self.groups, dt, algorithm, name="mid_res_1")(h)

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusets_jax.models.conv import channels_last_conv
+
 # Outputs per tile. Larger tiles save more multiplications (a / (m * r) -> 1 / r) but the transforms' rounding
 # grows quickly with the interpolation points; m = 4 is the usual compromise (cuDNN's and Lavin's F(4, 3)).
 TILE = 4
@@ -135,4 +137,4 @@ def convolve(x: jax.Array, kernel: jax.Array, padding: tuple[int, int], algorith
     `(batch, length + sum(padding) - r + 1, c_out)`, by `algorithm` (`CONV_ALGORITHMS`)."""
     if uses_winograd(algorithm, x, kernel):
         return correlate(x, kernel, padding)
-    return jax.lax.conv_general_dilated(x, kernel, (1,), (padding,), dimension_numbers=("NWC", "WIO", "NWC"))
+    return channels_last_conv(x, kernel, 1, padding)
