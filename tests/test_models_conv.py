@@ -1,5 +1,5 @@
 """`channels_last_conv`: the gradient JAX derives, written so that XLA:CPU keeps every convolution of a loop body's
-gradient channels-last (the other layouts run as naive loops there, jax-ml/jax#12868)."""
+gradient channels-last (the other layouts run as naive loops there, jax-ml/jax#12868); and the models use it."""
 
 import collections
 import re
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from diffusets_jax.models.conv import CHANNELS_LAST, channels_last_conv, flax_conv_general_dilated
+from tests.helpers.tiny_models import tiny_vae_unet
 
 FAST_LAYOUT = "b0f_0io->b0f"  # XLA's name for ("NWC", "WIO", "NWC")
 
@@ -76,6 +77,31 @@ def test_a_loop_body_gradient_keeps_every_convolution_channels_last():
     # come to rewrite them in loop bodies too, this fails, and `models/conv.py` has done its job.)
     plain = _loop_body_layouts(loss_of(_lax), kernel, x)
     assert set(plain) - {FAST_LAYOUT}, plain
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU layout question")
+def test_the_models_gradients_in_a_loop_body_keep_every_convolution_channels_last():
+    """Every convolution of the VAE (direct, upsampling, downsampling, 1x1 skips) and of the U-Net (its
+    transposed convolutions included) goes through `channels_last_conv`; a layer that bypassed it would add a
+    slow layout here."""
+    vae, vae_vars, unet, unet_vars = tiny_vae_unet()
+
+    def vae_loss(params, ecg):
+        recon, mean, _ = vae.apply({"params": params}, ecg, jax.random.PRNGKey(0))
+        return jnp.sum(jnp.square(recon - ecg)) + jnp.sum(jnp.square(mean))
+
+    ones = jnp.ones((2,))
+
+    def unet_loss(params, latent):
+        out = unet.apply({**unet_vars, "params": params}, latent, jnp.array([3, 700]), jnp.ones((2, 16)),
+                         ones, ones, ones)
+        return jnp.sum(jnp.square(out))
+
+    vae_layouts = _loop_body_layouts(vae_loss, vae_vars["params"], jnp.ones((2, 1024, 12)))
+    unet_layouts = _loop_body_layouts(unet_loss, unet_vars["params"], jnp.ones((2, 128, 4)))
+    assert set(vae_layouts) == {FAST_LAYOUT} and vae_layouts[FAST_LAYOUT] >= 3 * 20, vae_layouts
+    assert set(unet_layouts) == {FAST_LAYOUT} and unet_layouts[FAST_LAYOUT] >= 3 * 15, unet_layouts
 
 
 def test_flax_conv_takes_it_for_plain_convolutions_and_falls_back_for_grouped_ones():

@@ -20,9 +20,15 @@ def torch_conv_transpose1d(x, weight, bias, stride, padding):
     return full[:, :, padding:padding + out_length] + bias[None, :, None]
 
 
-# Lengths 1-4 take the short-input matmul path (length <= kernel), 8 the dilated convolution.
-@pytest.mark.parametrize("length", [1, 2, 4, 8])
-@pytest.mark.parametrize("stride,padding,kernel", [(2, 1, 4), (2, 0, 3), (1, 1, 3)])
+# Lengths 1-4 take the short-input matmul path (length <= kernel), 8 and 9 the per-phase correlations: phases
+# with padding that crops (p = 2, k = 3), with fewer outputs than others (s = 3), without taps (s = 3, k = 2).
+# (A length that leaves no output is left out: PyTorch refuses it.)
+TRANSPOSE_CASES = [(stride, padding, kernel, length)
+                   for stride, padding, kernel in [(2, 1, 4), (2, 0, 3), (1, 1, 3), (2, 2, 3), (3, 1, 5), (3, 0, 2)]
+                   for length in [1, 2, 4, 8, 9] if (length - 1) * stride - 2 * padding + kernel > 0]
+
+
+@pytest.mark.parametrize("stride,padding,kernel,length", TRANSPOSE_CASES)
 def test_conv_transpose_matches_pytorch_definition(stride, padding, kernel, length):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 5, length)).astype(np.float32)  # PyTorch layout (B, C_in, L)

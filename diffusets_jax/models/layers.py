@@ -164,10 +164,10 @@ class ConvTranspose1d(nn.Module):
     """`nn.ConvTranspose1d(in, features, kernel_size, stride, padding)` on `(batch, length, in)`.
 
     Output length `(length - 1) * stride - 2 * padding + kernel_size` (k4 s2 p1 doubles the length).
-    Inputs no longer than the kernel run as a matmul (`conv_as_matmul`), longer ones as a dilated conv.
+    Inputs no longer than the kernel run as a matmul (`conv_as_matmul`), longer ones as one correlation per
+    output phase (`_polyphase_transposed_conv`).
     Parameters: `kernel` `(kernel_size, in, features)` = PyTorch's weight `(in, features, k)` moved to
-    k-first (no flip: the flip that turns the transposed convolution into a dilated correlation happens
-    in `__call__`), and `bias` `(features,)`.
+    k-first (no flip), and `bias` `(features,)`.
     """
 
     features: int
@@ -188,17 +188,51 @@ class ConvTranspose1d(nn.Module):
         )
         bias = self.param("bias", torch_bias_init(fan_in), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        # A transposed convolution is a correlation of the stride-dilated input with the flipped kernel,
-        # padded by k - 1 - p on both sides.
-        edge = self.kernel_size - 1 - self.padding
         if x.shape[1] <= self.kernel_size:  # short input: the dilated, padded input times the taps as a matmul
+            # A transposed convolution is a correlation of the stride-dilated input with the flipped kernel,
+            # padded by k - 1 - p on both sides.
+            edge = self.kernel_size - 1 - self.padding
             dilated = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (edge, edge, self.stride - 1), (0, 0, 0)))
             return conv_as_matmul(dilated, jnp.flip(kernel, axis=0)) + bias
-        y = jax.lax.conv_general_dilated(
-            x, jnp.flip(kernel, axis=0), window_strides=(1,), padding=((edge, edge),),
-            lhs_dilation=(self.stride,), dimension_numbers=("NWC", "WIO", "NWC"),
-        )
+        y = _polyphase_transposed_conv(x, kernel, self.stride, self.padding)
         return y + bias
+
+
+def _polyphase_transposed_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    """PyTorch's transposed convolution of `x` `(batch, length, in)` by `kernel` `(k, in, out)` as `stride`
+    stride-1 correlations at the input length, one per output phase, interleaved:
+    `(batch, (length - 1) * stride - 2 * padding + k, out)`.
+
+    Output o = i s - p + j receives input i through tap j. Writing o + p = s q + r (0 <= r < s), it reads taps
+    j = r, r + s, r + 2s, ... from inputs q, q - 1, q - 2, ...: phase r is a correlation of the input with those
+    taps in reverse order. Against one correlation of the stride-dilated input this skips the products with
+    the s - 1 zeros between inputs, and its gradient has no dilated convolution, whose kernel gradient XLA
+    rewrites into a layout that XLA:CPU runs as a naive loop inside loop bodies (`conv.py`).
+    """
+    batch, length, _ = x.shape
+    taps, features = kernel.shape[0], kernel.shape[2]
+    out_length = (length - 1) * stride - 2 * padding + taps
+    first, last = padding // stride, (out_length - 1 + padding) // stride  # the q of outputs 0 and out_length - 1
+    phases = []
+    for r in range(stride):
+        used = range(r, taps, stride)
+        # This phase's outputs: q from ceil((p - r) / s) to floor((out_length - 1 + p - r) / s). Each phase is
+        # computed for its own outputs only and padded to the common range [first, last] afterwards: a
+        # correlation with more outputs than inputs has its kernel gradient rewritten by XLA into a layout
+        # that is slow in loop bodies (`conv.py`).
+        q0, q1 = -((r - padding) // stride), (out_length - 1 + padding - r) // stride
+        if not used or q1 < q0:  # a phase without taps (stride > k) or without outputs
+            phases.append(jnp.zeros((batch, last - first + 1, features), x.dtype))
+            continue
+        # Reversed tap by tap, not by jnp.flip: XLA folds a reverse of the taps into the kernel gradient's
+        # convolution, again in a layout that is slow in loop bodies.
+        reversed_taps = jnp.stack([kernel[j] for j in reversed(used)])
+        lo = len(used) - 1 - q0  # output q reads inputs q - len(used) + 1 .. q
+        y = channels_last_conv(x, reversed_taps, 1, (lo, q1 - q0 + len(used) - length - lo))
+        phases.append(jnp.pad(y, ((0, 0), (q0 - first, last - q1), (0, 0))))
+    interleaved = jnp.stack(phases, axis=2).reshape(batch, (last - first + 1) * stride, features)
+    start = padding - stride * first
+    return interleaved[:, start:start + out_length]
 
 
 class TorchMultiheadAttention(nn.Module):
