@@ -14,6 +14,9 @@ on this project's 2-core development machine: the gradient of a k3 convolution a
 So on the CPU, `channels_last_conv`'s gradient is written in the channels-last layout itself, with the
 transposes made explicit: the arithmetic of JAX's own transpose rules (the tests compare them). On other
 backends (cuDNN, the TPU compiler) it is `lax.conv_general_dilated`, differentiated by JAX.
+
+The price, on the CPU only: a `custom_vjp` function has no forward-mode derivative, so `jax.jvp` and
+`jax.jacfwd` through the models raise there; `jax.grad`, `jax.vjp` and their nesting work.
 """
 
 from __future__ import annotations
