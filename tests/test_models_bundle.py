@@ -59,6 +59,28 @@ def test_saving_again_replaces_the_model_only_when_asked(tmp_path):
     _assert_same(variables, second)
 
 
+
+def test_a_replacement_that_fails_at_the_swap_puts_the_old_model_back(tmp_path, monkeypatch):
+    from diffusets_jax.models import bundle
+
+    bn = BatchNorm1d(momentum=0.2)
+    first = {"params": {"scale": np.ones(3, np.float32), "bias": np.zeros(3, np.float32)}}
+    second = {"params": {"scale": np.full(3, 2.0, np.float32), "bias": np.ones(3, np.float32)}}
+    save_model(tmp_path, "bn", bn, first)
+    real_replace = os.replace
+
+    def replace(src, dst):  # the old model moves aside, then the new one fails to take its name
+        if os.path.basename(os.fspath(src)).startswith(".bn.tmp-"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(bundle.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(tmp_path, "bn", bn, second, replace=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["bn"]  # neither hidden aside nor a staging folder left
+    _assert_same(load_model(tmp_path, "bn")[1], first)
+
 def test_config_values_survive_json():
     vae = VAE(widths=(32, 64, 64), groups=8)
     config = json.loads(json.dumps(module_config(vae)))

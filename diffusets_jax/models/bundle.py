@@ -124,7 +124,12 @@ def save_model(directory: str | os.PathLike, name: str, module: nn.Module, varia
         if os.path.exists(target):
             retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=directory)
             os.replace(target, os.path.join(retired, name))
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except BaseException:  # the old model goes back under its name, never left hidden
+                os.replace(os.path.join(retired, name), target)
+                os.rmdir(retired)
+                raise
             shutil.rmtree(retired, ignore_errors=True)  # the model replace=True gave up
         else:
             os.replace(staging, target)
