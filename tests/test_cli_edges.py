@@ -546,8 +546,8 @@ def test_prepare_recognises_its_source_refuses_another_and_recovers_from_kills(t
     assert second["records_listed"] == first["records_listed"] - 3
     assert not [p for p in dataset.parent.iterdir() if ".replaced-" in p.name]
 
-    # A killed prepare: TFDS's temporary folder of this version is ours to clean, another version's is not; a
-    # truncated decode-cache chunk is decoded again.
+    # A killed prepare: TFDS's temporary folders are named, never removed (a `tfds build` running now leaves the
+    # same kind); a truncated decode-cache chunk is decoded again.
     shutil.rmtree(dataset)  # (this test's own dataset: stands for one that was never finished)
     stale = dataset.parent / f"incomplete.ABC123_{dataset.name}"
     other = dataset.parent / "incomplete.XYZ789_0.9.0"
@@ -556,10 +556,14 @@ def test_prepare_recognises_its_source_refuses_another_and_recovers_from_kills(t
         (folder / "ptbxl-train.tfrecord-00000-of-00001").write_bytes(b"torn")
     for chunk in (data / "downloads" / "decode_cache").rglob("*.npz"):
         chunk.write_bytes(chunk.read_bytes()[:100])
+    stale_before = snapshot(stale)
+    capsys.readouterr()
     third = sources.prepare("ptbxl", str(damaged), str(data), **options)
     assert third["examples_written"] == second["examples_written"]
     assert third["decode_chunks"]["decoded"] == third["decode_chunks"]["total"] > 0  # decoded again, not a crash
-    assert not stale.exists() and other.is_dir()
+    assert snapshot(stale) == stale_before and other.is_dir()
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and str(stale) in notes[0] and "left as it is" in notes[0]
 
 
 def test_concurrent_writers_of_one_file_never_share_a_temporary_name(tmp_path):

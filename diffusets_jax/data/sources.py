@@ -106,8 +106,9 @@ def prepare(
     A complete dataset built from the same records (its card's `records_fingerprint`: every record's path and
     metadata, whatever folder they are in now) is not rebuilt. One built from other records is refused unless
     `overwrite`, which rebuilds it and replaces the old one once the new one is complete (a failed rebuild puts
-    the old one back). A second prepare of the same dataset while one runs is refused (a lock); the temporary
-    folder TFDS left behind when an earlier prepare of this dataset and version was killed is removed.
+    the old one back). A second prepare of the same dataset while one runs is refused (a lock). A temporary
+    folder TFDS left behind for this dataset and version (a killed build's, or a `tfds build` running now, which
+    takes no lock) is named on stderr and left alone: it is not this run's to delete.
     """
     import tensorflow_datasets as tfds
 
@@ -130,7 +131,10 @@ def prepare(
     where = f"{builder.name}/{builder.builder_config.name} {builder.version}"
     busy = f"--data-dir {data_dir}: another prepare of {where} is running there now; wait for it to finish"
     with exclusive_lock(dataset_dir.parent, busy, name=f".diffusets-prepare-{builder.version}.lock"):
-        _remove_interrupted_builds(dataset_dir)
+        for folder in _interrupted_builds(dataset_dir):
+            print(f"note: {folder} is a temporary folder TFDS left for {where} (a killed build's, or a `tfds build` "
+                  "running now); it is left as it is: remove it once no build of this dataset is running",
+                  file=sys.stderr)
         retired = None
         if builder.is_prepared():
             recorded = read_json(dataset_dir / CARD_FILE, "dataset card").get("derived_from", {}) \
@@ -163,13 +167,13 @@ def prepare(
         return read_json(dataset_dir / REPORT_FILENAME, "prepare report")
 
 
-def _remove_interrupted_builds(dataset_dir: Path) -> None:
-    """Remove the temporary folders TFDS names `incomplete.<random>_<version>` beside `dataset_dir` for this
-    dataset and version: what a killed prepare left (TFDS renames the folder into place only when complete). Only
-    called under the prepare lock, so none of them belongs to a running build of ours."""
-    for folder in dataset_dir.parent.glob(f"incomplete.??????_{dataset_dir.name}"):  # TFDS: 6 random A-Z0-9
-        if folder.is_dir():
-            shutil.rmtree(folder)
+def _interrupted_builds(dataset_dir: Path) -> list[Path]:
+    """The temporary folders TFDS names `incomplete.<random>_<version>` beside `dataset_dir` for this dataset and
+    version (TFDS renames its folder into place only when the build is complete). Our lock does not tell a killed
+    build's from that of a `tfds build` running now, so they are reported, never removed; a new build writes a
+    folder of its own and is not disturbed by them."""
+    return sorted(folder for folder in dataset_dir.parent.glob(f"incomplete.??????_{dataset_dir.name}")  # 6 A-Z0-9
+                  if folder.is_dir())
 
 
 def _other_source_message(dataset_dir: Path, where: str, recorded: dict[str, Any], origin: dict[str, Any],
