@@ -26,7 +26,11 @@ TOY_ARGS = {
     # The demo's model sizes: compiling the published U-Net's and VAE's gradients alone took minutes.
     "posterior": ["--batch", "1", "--particles", "2", "--steps", "1", "2", "--repeats", "1", "--size", "demo"],
     "prepare": ["--records", "40", "--workers", "1"],
-    "sampler_quality": ["--samples", "16"],
+    # Two of its 13 columns (both default samplers, one per kind of noise-level grid): each (row, column) compiles a
+    # chain of its own, and all 13 took 35 s of the suite (tests/test_diffusion_sampler_validation.py checks the
+    # defaults' quality itself).
+    "sampler_quality": ["--samples", "16", "--columns",
+                        "ddim-50 data_std o2 (default),dpmpp_2m-20 logsnr o2 (default)"],
     "sampling": ["--batches", "1", "--samplers", "dpmpp_2m-20", "--repeats", "1", "--skip-guidance", "--size", "demo"],
     "train": ["--models", "vae", "--batch", "2", "--steps", "1"],
     "vae_ceiling": ["--batch", "1", "--repeats", "1"],
