@@ -62,3 +62,39 @@ def test_file_sha256_is_the_digest_of_the_bytes(tmp_path):
     payload = bytes(range(256)) * 20_000  # more than one 4 MiB block
     (tmp_path / "f.bin").write_bytes(payload)
     assert file_sha256(tmp_path / "f.bin") == hashlib.sha256(payload).hexdigest()
+
+
+def test_replace_folder_swaps_whole_folders_and_leaves_nothing_hidden(tmp_path):
+    from diffusets_jax.io.files import replace_folder
+
+    new, target = tmp_path / ".new", tmp_path / "out"
+    new.mkdir()
+    (new / "a.txt").write_text("first")
+    replace_folder(new, target)  # nothing there yet: a plain rename
+    newer = tmp_path / ".newer"
+    newer.mkdir()
+    (newer / "b.txt").write_text("second")
+    replace_folder(newer, target)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(target)) == ["b.txt"]
+
+
+def test_replace_folder_puts_the_old_folder_back_when_the_rename_fails(tmp_path, monkeypatch):
+    from diffusets_jax.io import files
+
+    target, new = tmp_path / "out", tmp_path / ".new"
+    target.mkdir()
+    (target / "users.txt").write_text("keep me")
+    new.mkdir()
+    real_replace = os.replace
+
+    def replace(src, dst):  # the old folder moves aside, then the new one fails to take its name
+        if os.fspath(src) == os.fspath(new):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        files.replace_folder(new, target)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == [".new", "out"]  # the old folder back under its name, none hidden
+    assert (target / "users.txt").read_text() == "keep me"

@@ -9,6 +9,8 @@ into place and leave outputs, such as the PNG sheets sent to raters, unreadable 
 `write_new_text` is the never-overwrite variant, for files a person may have edited since a tool wrote them (a
 findings file an expert reviewed, a conditions file): the temporary file is hard-linked to the target's name,
 which fails if the name exists, even when another process created it a moment ago.
+
+`replace_folder` is the same rename for a whole folder written beside its target (a model, a run's output).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,28 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if temporary.exists():
             temporary.unlink()  # only the temporary file this call created
+
+
+def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Rename the finished folder `new` to `target` (same file system), replacing a folder there as a whole.
+
+    The old folder moves to a hidden sibling first and is removed only once `new` holds the name; if that
+    rename fails (or is interrupted), the old folder goes back under its name, never left hidden.
+    """
+    target = Path(target)
+    if not target.exists():
+        os.replace(new, target)
+        return target
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, retired / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(retired / target.name, target)
+        retired.rmdir()
+        raise
+    shutil.rmtree(retired, ignore_errors=True)  # the folder the caller asked to replace
+    return target
 
 
 def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> Path:

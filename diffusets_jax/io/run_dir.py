@@ -25,12 +25,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from diffusets_jax.io.files import read_json, write_json_atomic
+from diffusets_jax.io.files import read_json, replace_folder, write_json_atomic
 from diffusets_jax.provenance import stamp
 
 RUN_FILE = ".diffusets-run.json"
@@ -183,10 +182,7 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
                 raise
             parallel.barrier(f"output-dir-done-{digest[:12]}")
             if index == 0:
-                retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-                os.replace(final, retired / final.name)
-                os.replace(staging, final)
-                shutil.rmtree(retired, ignore_errors=True)  # the folder the user asked us to replace
+                replace_folder(staging, final)  # the folder the user asked us to replace goes once ours is in place
             return
         if same:
             yield RunDir(final, final, resumed=True, complete=existing.get("status") == "complete", record=existing)

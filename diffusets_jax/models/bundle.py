@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diffusets_jax.io.checkpoints import absorb_restore_noise, restore_error_reason
+from diffusets_jax.io.files import replace_folder
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -121,18 +122,7 @@ def save_model(directory: str | os.PathLike, name: str, module: nn.Module, varia
         checkpointer.save(os.path.join(staging, VARIABLES_DIR), jax.tree.map(np.asarray, dict(variables)))
         checkpointer.wait_until_finished()
         checkpointer.close()
-        if os.path.exists(target):
-            retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=directory)
-            os.replace(target, os.path.join(retired, name))
-            try:
-                os.replace(staging, target)
-            except BaseException:  # the old model goes back under its name, never left hidden
-                os.replace(os.path.join(retired, name), target)
-                os.rmdir(retired)
-                raise
-            shutil.rmtree(retired, ignore_errors=True)  # the model replace=True gave up
-        else:
-            os.replace(staging, target)
+        replace_folder(staging, target)  # an old model (replace=True) goes only once the new one holds the name
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # our own partial write
         raise
