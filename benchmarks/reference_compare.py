@@ -11,9 +11,13 @@ two are run alternately `--repeats` times (which goes first alternates too), so 
 background load; the figures are the minimum and median wall time per run and the speed-up
 reference_min / ours_min. Compile and warm-up time is excluded (ours is reported separately).
 
-Measures: `unet_forward:B` (one U-Net call, no gradient), `unet_train:B` (forward, loss, backward, AdamW:
+Measures: `matmul:N` (one N x N float32 matrix product: the compute ceiling each framework reaches on this
+machine), `unet_forward:B` (one U-Net call, no gradient), `unet_train:B` (forward, loss, backward, AdamW:
 our real sharded train step), `vae_train:B` (encoder + decoder + loss + backward + AdamW) and
-`vae_decode:B`. Weights are random: speed does not depend on them. Under background load PyTorch slows
+`vae_decode:B`. Weights are random: speed does not depend on them. Each measure also reports its operation
+count (XLA's cost analysis) for both sides, the published one counted on our program doing their arithmetic
+(direct convolutions, the literal cross-attention), and so each side's GFLOP/s: a speed-up goal that would
+need more GFLOP/s than the matmul ceiling is out of reach for any schedule of the same operations. Under background load PyTorch slows
 far more than XLA does, so only figures from a quiet run compare the programs themselves; the load
 average is recorded before and after.
 """
@@ -26,9 +30,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -39,9 +45,9 @@ from machine import describe, load_average  # noqa: E402
 from model_sizes import random_variables  # noqa: E402
 from train import build_step  # noqa: E402
 
-DEFAULT_MEASURES = ("unet_forward:1", "unet_forward:16", "unet_forward:128", "unet_train:64", "vae_train:16",
+DEFAULT_MEASURES = ("matmul:4096", "unet_forward:1", "unet_forward:16", "unet_forward:128", "unet_train:64", "vae_train:16",
                     "vae_decode:16", "vae_decode:128")
-MEASURES = ("unet_forward", "unet_train", "vae_train", "vae_decode")
+MEASURES = ("matmul", "unet_forward", "unet_train", "vae_train", "vae_decode")
 # Issue 16's side-by-side figures (2-core machine, PyTorch 2.x CPU with 2 threads, minimum of several
 # interleaved repetitions), the comparison point when the published code cannot be run here.
 ISSUE_16_REFERENCE_S = {"unet_forward:1": 0.0129, "unet_forward:16": 0.0656, "unet_forward:128": 0.599,
@@ -55,39 +61,68 @@ def parse_measure(text: str) -> tuple[str, int]:
     return name, int(batch)
 
 
-def build_ours(measure: str, batch: int):
-    """`(run, compile_s)`: a no-argument callable that runs our program once and waits for it."""
+def program(measure: str, batch: int, published: bool = False) -> tuple[Callable, tuple]:
+    """`(jitted function, arguments)` of our program for `measure` at `batch`. `published=True` gives the
+    arithmetic of the published modules instead of ours, for counting it: direct convolutions (ours run the
+    VAE's wide ones as Winograd convolutions) and the literal one-token cross-attention (ours adds its
+    equivalent per-sample bias); the results are the same, the number of operations is not."""
     from diffusets_jax.models.unet import UNet
     from diffusets_jax.models.vae import VAE
 
-    start = time.perf_counter()
+    if measure == "matmul":
+        a = jax.random.normal(jax.random.key(0), (batch, batch), jnp.float32)
+        return jax.jit(jnp.matmul), (a, a)
     if measure in ("unet_train", "vae_train"):
-        step, state, data, _ = build_step(measure.split("_")[0], batch, "float32", remat=False)
-        compiled = step.lower(state, data).compile()
-        holder = {"state": state}
-
-        def run():
-            holder["state"], metrics = compiled(holder["state"], data)  # the state is donated: keep the new one
-            jax.block_until_ready(metrics)
-    elif measure == "unet_forward":
-        module = UNet()
+        model = measure.split("_")[0]
+        literal = {"vae": ("model.conv_algorithm=direct",), "unet": ("model.exact_cross_attention=true",)}
+        step, state, data, _ = build_step(model, batch, "float32", remat=False,
+                                          model_overrides=literal[model] if published else ())
+        return step, (state, data)
+    if measure == "unet_forward":
+        module = UNet(exact_cross_attention=published)
         inputs = unet_inputs(batch, module.text_dim, jax.random.key(0))
         variables = random_variables(module.init, *unet_inputs(1, module.text_dim, jax.random.key(0)))
-        compiled = jax.jit(module.apply).lower(variables, *inputs).compile()
+        return jax.jit(module.apply), (variables, *inputs)
+    module = VAE(conv_algorithm="direct" if published else "auto")
+    z = jax.random.normal(jax.random.key(0), (batch, 128, module.latent_channels))
+    variables = random_variables(lambda k, z: module.init(k, z, method=VAE.decode), z[:1])
+    return jax.jit(lambda v, z: module.apply(v, z, method=VAE.decode)), (variables, z)
 
-        def run():
-            jax.block_until_ready(compiled(variables, *inputs))
-    else:
-        module = VAE()
-        z = jax.random.normal(jax.random.key(0), (batch, 128, module.latent_channels))
-        variables = random_variables(lambda k, z: module.init(k, z, method=VAE.decode), z[:1])
-        compiled = jax.jit(lambda v, z: module.apply(v, z, method=VAE.decode)).lower(variables, z).compile()
 
-        def run():
-            jax.block_until_ready(compiled(variables, z))
+def gflop(lowered) -> float:
+    """XLA's count of the floating-point operations of a lowered program, in units of 1e9."""
+    return float(lowered.cost_analysis()["flops"]) / 1e9
+
+
+def build_ours(measure: str, batch: int) -> tuple[Callable[[], None], float, float]:
+    """`(run, compile_s, gflop)`: a no-argument callable that runs our program once and waits for it, the
+    seconds to lower and compile it, and its operation count."""
+    start = time.perf_counter()
+    function, args = program(measure, batch)
+    lowered = function.lower(*args)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    if measure in ("unet_train", "vae_train"):
+        holder = {"state": args[0]}
+
+        def run():
+            holder["state"], metrics = compiled(holder["state"], args[1])  # the state is donated: keep the new one
+            jax.block_until_ready(metrics)
+    else:
+
+        def run():
+            jax.block_until_ready(compiled(*args))
     run()  # warm-up
-    return run, compile_s
+    return run, compile_s, gflop(lowered)
+
+
+def published_gflop(measure: str, batch: int, ours: float) -> float:
+    """The operation count of the published modules' arithmetic for `measure` (XLA's count of our program
+    computing it their way, `program(..., published=True)`); `ours` where the two do the same arithmetic."""
+    if measure == "matmul":
+        return ours
+    function, args = program(measure, batch, published=True)
+    return gflop(function.lower(*args))
 
 
 class ReferenceWorker:
@@ -132,7 +167,8 @@ def git_commit(repo: str) -> str | None:
 
 def compare(worker: ReferenceWorker, measure: str, batch: int, repeats: int) -> dict:
     print(f"[reference_compare] {measure}:{batch}: setting up", file=sys.stderr, flush=True)
-    ours, compile_s = build_ours(measure, batch)
+    ours, compile_s, ours_gflop = build_ours(measure, batch)
+    reference_gflop = published_gflop(measure, batch, ours_gflop)
     worker.request(cmd="setup", measure=measure, batch=batch)
     times: dict[str, list[float]] = {"ours": [], "reference": []}
     for rep in range(repeats):
@@ -151,6 +187,10 @@ def compare(worker: ReferenceWorker, measure: str, batch: int, repeats: int) -> 
         "ours_min_s": round(ours_min, 5), "ours_median_s": round(statistics.median(times["ours"]), 5),
         "reference_min_s": round(ref_min, 5), "reference_median_s": round(statistics.median(times["reference"]), 5),
         "speedup": round(ref_min / ours_min, 3), "ours_compile_s": round(compile_s, 2),
+        # Operations per run (XLA's count) and the rate at each side's minimum time: how close each program
+        # runs to this machine's ceiling, which the matmul measure gives for both frameworks.
+        "reference_gflop": round(reference_gflop, 2), "ours_gflop": round(ours_gflop, 2),
+        "reference_gflop_per_s": round(reference_gflop / ref_min, 1), "ours_gflop_per_s": round(ours_gflop / ours_min, 1),
         "issue_16_reference_s": ISSUE_16_REFERENCE_S.get(f"{measure}:{batch}"),
     }
 

@@ -8,7 +8,8 @@ nothing from this project and no JAX. Requests arrive as JSON lines on stdin, an
     {"cmd": "run", "measure": "vae_train", "batch": 16}    ->  {"seconds": ...}
     {"cmd": "quit"}
 
-Measures (the same names as ours): `unet_forward`, `unet_train`, `vae_train`, `vae_decode`. The train steps
+Measures (the same names as ours): `matmul` (an N x N float32 product, N given as the batch), `unet_forward`,
+`unet_train`, `vae_train`, `vae_decode`. The train steps
 are forward, the published loss, backward and an AdamW step, as the published training code does them.
 """
 
@@ -24,6 +25,13 @@ def build(measure: str, batch: int, torch, modules):
     """A no-argument callable that runs `measure` once at `batch` (inputs and optimiser built here)."""
     vae_model, unet_module = modules
     torch.manual_seed(0)
+    if measure == "matmul":
+        a = torch.randn(batch, batch)
+
+        def run():
+            torch.mm(a, a)
+
+        return run
     if measure in ("unet_forward", "unet_train"):
         # The published configuration (DiffuSETS_inference.py builds the same network for its checkpoint).
         unet = unet_module.ECGconditional(1000, kernel_size=7, num_levels=7, n_channels=4, text_embed_dim=1536)

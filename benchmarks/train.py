@@ -56,9 +56,12 @@ def synthetic_batch(model: str, batch: int, text_dim: int) -> dict[str, np.ndarr
     }
 
 
-def build_step(model: str, batch: int | None, compute_dtype: str, remat: bool, fsdp: int = 1):
-    """`(jitted step, state, sharded batch, global batch)` of `model`'s real train step on all devices."""
-    overrides = [f"train.compute_dtype={compute_dtype}", f"mesh.fsdp={fsdp}", "data.num_train_examples=1000000"]
+def build_step(model: str, batch: int | None, compute_dtype: str, remat: bool, fsdp: int = 1,
+               model_overrides: tuple[str, ...] = ()):
+    """`(jitted step, state, sharded batch, global batch)` of `model`'s real train step on all devices;
+    `model_overrides` are config overrides such as "model.conv_algorithm=direct"."""
+    overrides = [f"train.compute_dtype={compute_dtype}", f"mesh.fsdp={fsdp}", "data.num_train_examples=1000000",
+                 *model_overrides]
     if remat:
         overrides.append("model.remat=true")
     config = load_config(CONFIGS / CONFIG_OF[model], overrides)

@@ -55,3 +55,23 @@ def test_a_benchmark_runs_and_prints_one_json_object(name, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # the whole of stdout: one object and nothing else
     assert isinstance(result, dict) and result, proc.stdout[:500]
+
+
+@pytest.mark.slow
+def test_reference_compare_counts_the_published_arithmetic(monkeypatch):
+    """`reference_compare.py` needs PyTorch to run; its operation counts do not. The published side is counted on
+    our program doing their arithmetic: more operations wherever ours does less (Winograd decoder convolutions,
+    the cross-attention as a bias), the same for a plain matmul (2 N^3)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import reference_compare as rc
+
+    def counts(measure, batch):
+        function, args = rc.program(measure, batch)
+        ours = rc.gflop(function.lower(*args))
+        return ours, rc.published_gflop(measure, batch, ours)
+
+    assert counts("matmul", 64) == (2 * 64**3 / 1e9, 2 * 64**3 / 1e9)
+    ours, published = counts("vae_decode", 16)  # 512 tiles of the 512-channel levels: Winograd's case
+    assert published > 1.4 * ours
+    ours, published = counts("unet_forward", 1)
+    assert published > ours
