@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusets_jax.models import layers
 from diffusets_jax.models.layers import Conv1d, ConvTranspose1d, TorchMultiheadAttention, group_norm, mish
 
 
@@ -106,6 +107,50 @@ def test_multihead_attention_matches_pytorch_semantics():
                        jnp.asarray(same, jnp.float32))
     short = layer.apply(params, jnp.asarray(value[:, 0], jnp.float32), method=TorchMultiheadAttention.identical_keys)
     np.testing.assert_allclose(full, np.broadcast_to(short[:, None], full.shape), atol=1e-5)
+
+
+def test_attention_one_head_at_a_time_is_the_batched_attention_and_its_gradients():
+    """The CPU's head-by-head loop (recomputing each head's scores for the backward pass) computes the same values
+    as all heads in one batched product, forward and gradients; the loop is really there."""
+    q, k, v, cotangent = (jax.random.normal(key, shape) for key, shape in zip(
+        jax.random.split(jax.random.key(0), 4), ((3, 4, 16, 2), (3, 4, 12, 2), (3, 4, 12, 2), (3, 4, 16, 2)), strict=True))
+
+    def loss(by_head):
+        return lambda q, k, v: jnp.sum(layers.attend(q, k, v, by_head) * cotangent)
+
+    np.testing.assert_allclose(layers.attend(q, k, v, True), layers.attend(q, k, v, False), rtol=1e-6, atol=1e-6)
+    for got, want in zip(jax.grad(loss(True), (0, 1, 2))(q, k, v), jax.grad(loss(False), (0, 1, 2))(q, k, v),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert "scan" in str(jax.make_jaxpr(loss(True))(q, k, v)) and "scan" not in str(jax.make_jaxpr(loss(False))(q, k, v))
+
+
+def test_attention_goes_head_by_head_on_the_cpu_only_for_large_score_tensors(monkeypatch):
+    # 64 samples of the U-Net's 128-position attention with 8 heads: 32 MiB of scores; 16 samples: 8 MiB.
+    assert layers.attention_by_head(64, 8, 128, 128) and not layers.attention_by_head(16, 8, 128, 128)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not layers.attention_by_head(64, 8, 128, 128)
+
+
+def test_multihead_attention_is_the_same_head_by_head(monkeypatch):
+    """The module takes the loop above its size threshold: same output and parameter gradients as below it."""
+    layer = TorchMultiheadAttention(16, 4)
+    query, key = jax.random.normal(jax.random.key(1), (2, 2, 10, 16))
+    params = layer.init(jax.random.key(2), query, key, key)
+
+    def run():  # new functions each time: JAX caches traces by function, and the path is chosen when tracing
+        out = jax.jit(lambda p: layer.apply(p, query, key, key))(params)
+        grads = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply(p, query, key, key)))))(params)
+        return out, grads, str(jax.make_jaxpr(lambda p: layer.apply(p, query, key, key))(params))
+
+    monkeypatch.setattr(layers, "BY_HEAD_MIN_SCORE_BYTES", float("inf"))
+    *want, jaxpr = run()
+    assert "scan" not in jaxpr
+    monkeypatch.setattr(layers, "BY_HEAD_MIN_SCORE_BYTES", 0)
+    *got, jaxpr = run()
+    assert "scan" in jaxpr
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-6)
 
 
 def test_mha_rejects_indivisible_heads():

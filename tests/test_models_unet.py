@@ -109,6 +109,27 @@ def test_fast_cross_attention_equals_the_literal_one(small):
     np.testing.assert_allclose(apply(variables, *inputs), exact, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_head_by_head_gives_the_same_unet(small, monkeypatch):
+    """Above a size threshold the CPU runs self-attention one head at a time (`layers.attend`): forcing it on for
+    every layer leaves the U-Net's output where it was."""
+    from diffusets_jax.models import layers
+
+    module, variables, _ = small
+    inputs = small_inputs()
+
+    def traced():  # a new function each time: JAX caches traces by function, and the path is chosen when tracing
+        return jax.jit(lambda *args: module.apply(*args)), jax.make_jaxpr(lambda *args: module.apply(*args))
+
+    monkeypatch.setattr(layers, "BY_HEAD_MIN_SCORE_BYTES", float("inf"))
+    apply, jaxpr = traced()
+    want = apply(variables, *inputs)
+    assert "scan" not in str(jaxpr(variables, *inputs))
+    monkeypatch.setattr(layers, "BY_HEAD_MIN_SCORE_BYTES", 0)
+    apply, jaxpr = traced()
+    assert "scan" in str(jaxpr(variables, *inputs))
+    np.testing.assert_allclose(apply(variables, *inputs), want, rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_compute_keeps_float32_params(small):
     module, variables, apply = small
     inputs = small_inputs()

@@ -10,7 +10,8 @@ converted checkpoint (see `diffusets_jax.convert`) runs unchanged:
   under a kernel of 7) run as one matrix product over the stacked taps (`conv_as_matmul`): XLA:CPU's
   convolution is 8-15x slower there than a matmul of the same arithmetic.
 - `group_norm` / `layer_norm`: `nn.GroupNorm` / `nn.LayerNorm` (eps 1e-5, exact two-pass variance).
-- `TorchMultiheadAttention`: `nn.MultiheadAttention(batch_first=True)` with its packed q/k/v projection.
+- `TorchMultiheadAttention`: `nn.MultiheadAttention(batch_first=True)` with its packed q/k/v projection; on
+  the CPU, attention whose scores would fill `BY_HEAD_MIN_SCORE_BYTES` or more runs one head at a time.
 """
 
 from __future__ import annotations
@@ -235,6 +236,46 @@ def _polyphase_transposed_conv(x: Array, kernel: Array, stride: int, padding: in
     return interleaved[:, start:start + out_length]
 
 
+# On the CPU, attention whose float32 scores for all heads at once would take at least this many bytes is
+# computed one head at a time (`attend`), the backward pass recomputing each head's scores and softmax instead
+# of storing them: the same operations per head, far less memory traffic over the score tensors (the U-Net's
+# 128-position levels have 1-4 dimensions per head, so the scores dwarf everything else). Values agree with all
+# heads at once to float32 rounding (tests/test_models_layers.py). Measured on 2 Intel Xeon cores (2026-12-04,
+# 8 heads, attention alone, all heads at once -> one at a time, forward / gradient):
+#   64 samples x 128 x 128 (32 MiB), head_dim 1: 9.3 -> 4.4 / 28.1 -> 11.8 ms; head_dim 4: 12.1 -> 5.8 / 38.7 -> 25.9
+#   128 samples x 128 x 128 (64 MiB), head_dim 1: 20.0 -> 8.5 / 60.6 -> 22.4 ms
+#   256 samples x 64 x 64 (32 MiB), head_dim 2: 13.4 -> 6.6 / 40.4 -> 25.3 ms
+#   16 MiB: the gradient still gains (32 x 128 x 128: 20.6 -> 13.3 ms), the forward does not (3.3 -> 3.2 ms;
+#   512 x 32 x 32: 3.4 -> 4.9 ms); 8 MiB: both lose (16 x 128 x 128 gradient: 6.1 -> 7.3 ms).
+# In the published U-Net this takes the two 128-position levels from batch 64 up: its forward at batch 128 went
+# from 146 to 119 ms and its train step at batch 64 from 0.346 to 0.312 s (same process, alternated). GPUs and
+# TPUs keep all heads in one batched product.
+BY_HEAD_MIN_SCORE_BYTES = 32 * 2**20
+
+
+def attention_by_head(batch: int, heads: int, q_len: int, kv_len: int) -> bool:
+    """Whether `attend` should loop over the heads for these sizes on this backend (`BY_HEAD_MIN_SCORE_BYTES`)."""
+    return jax.default_backend() == "cpu" and batch * heads * q_len * kv_len * 4 >= BY_HEAD_MIN_SCORE_BYTES
+
+
+def _attend_batched(q: Array, k: Array, v: Array) -> Array:
+    # Scores and softmax in float32 even for bf16 compute: the length is short, the precision matters.
+    scores = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return weights @ v
+
+
+def attend(q: Array, k: Array, v: Array, one_head_at_a_time: bool = False) -> Array:
+    """softmax(q k^T) v per head: q `(batch, heads, q_len, head_dim)` (already scaled), k and v `(batch, heads,
+    kv_len, head_dim)` -> `(batch, heads, q_len, head_dim)`. `one_head_at_a_time`: a loop over the heads, each
+    head's scores recomputed in the backward pass (the batch axis, which a mesh shards, stays whole)."""
+    if not one_head_at_a_time:
+        return _attend_batched(q, k, v)
+    per_head = jax.checkpoint(_attend_batched)
+    heads_first = jax.lax.map(lambda qkv: per_head(*qkv), tuple(x.swapaxes(0, 1) for x in (q, k, v)))
+    return heads_first.swapaxes(0, 1)
+
+
 class TorchMultiheadAttention(nn.Module):
     """PyTorch `nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)`, no masks, no dropout.
 
@@ -283,11 +324,8 @@ class TorchMultiheadAttention(nn.Module):
 
         q = heads(self._project(query, 0)) * (1.0 / math.sqrt(head_dim))  # PyTorch scales q before q @ k
         k, v = heads(self._project(key, 1)), heads(self._project(value, 2))
-        # Scores and softmax in float32 even for bf16 compute: the length is short, the precision matters.
-        scores = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, q_len, self.embed_dim)
-        return self.out_proj(out)
+        out = attend(q, k, v, attention_by_head(batch, self.num_heads, q_len, key.shape[1]))
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, q_len, self.embed_dim))
 
     def identical_keys(self, value: Array) -> Array:
         """The attention output when every key/value position holds the same vector `value` `(batch, E)`.
