@@ -53,8 +53,9 @@ def torch_conv1d(x, weight, bias, stride, padding):
     return out + bias[None, :, None]
 
 
-# Lengths up to the kernel size take the matmul path (with taps that only read padding left out), longer
-# ones lax.conv: both must be PyTorch's Conv1d.
+# Lengths up to the kernel size take the matmul path (with taps that only read padding left out), and so do
+# strided convolutions with fewer outputs than taps (k3, stride 2 at length 4); the rest lax.conv: all must be
+# PyTorch's Conv1d.
 @pytest.mark.parametrize("length", [1, 2, 3, 4, 7, 8, 16])
 @pytest.mark.parametrize("kernel,stride,padding", [(7, 1, 3), (3, 1, 1), (3, 2, 1), (1, 1, 0), (5, 1, 4)])
 def test_conv1d_matches_pytorch_definition(kernel, stride, padding, length):
@@ -68,6 +69,17 @@ def test_conv1d_matches_pytorch_definition(kernel, stride, padding, length):
     got = layer.apply({"params": {"kernel": np.transpose(weight, (2, 1, 0)), "bias": bias}}, np.transpose(x, (0, 2, 1)))
     np.testing.assert_allclose(np.transpose(got, (0, 2, 1)), torch_conv1d(x, weight, bias, stride, padding),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length, kernel, stride, matmul", [
+    (4, 3, 2, True),  # 2 outputs under 3 taps: XLA:CPU's kernel gradient was 7x slower than the matmul's
+    (8, 3, 2, False), (3, 3, 1, True), (8, 7, 1, False), (8, 3, 1, False)])
+def test_conv1d_takes_the_matmul_path_for_short_inputs_and_few_strided_outputs(length, kernel, stride, matmul):
+    layer = Conv1d(4, kernel, stride=stride, padding=kernel // 2)
+    x = jnp.ones((2, length, 4))
+    params = layer.init(jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(layer.apply(p, x))))(params))
+    assert ("conv_general_dilated" not in jaxpr) == matmul
 
 
 def test_conv1d_rejects_inputs_shorter_than_its_window():
