@@ -44,6 +44,7 @@ from forward import unet_inputs  # noqa: E402
 from machine import describe, load_average  # noqa: E402
 from model_sizes import random_variables  # noqa: E402
 from train import build_step  # noqa: E402
+from vae_ceiling import flops_of  # noqa: E402
 
 DEFAULT_MEASURES = ("matmul:4096", "unet_forward:1", "unet_forward:16", "unet_forward:128", "unet_train:64", "vae_train:16",
                     "vae_decode:16", "vae_decode:128")
@@ -89,11 +90,6 @@ def program(measure: str, batch: int, published: bool = False) -> tuple[Callable
     return jax.jit(lambda v, z: module.apply(v, z, method=VAE.decode)), (variables, z)
 
 
-def gflop(lowered) -> float:
-    """XLA's count of the floating-point operations of a lowered program, in units of 1e9."""
-    return float(lowered.cost_analysis()["flops"]) / 1e9
-
-
 def build_ours(measure: str, batch: int) -> tuple[Callable[[], None], float, float]:
     """`(run, compile_s, gflop)`: a no-argument callable that runs our program once and waits for it, the
     seconds to lower and compile it, and its operation count."""
@@ -113,7 +109,7 @@ def build_ours(measure: str, batch: int) -> tuple[Callable[[], None], float, flo
         def run():
             jax.block_until_ready(compiled(*args))
     run()  # warm-up
-    return run, compile_s, gflop(lowered)
+    return run, compile_s, flops_of(lowered) / 1e9
 
 
 def published_gflop(measure: str, batch: int, ours: float) -> float:
@@ -122,7 +118,7 @@ def published_gflop(measure: str, batch: int, ours: float) -> float:
     if measure == "matmul":
         return ours
     function, args = program(measure, batch, published=True)
-    return gflop(function.lower(*args))
+    return flops_of(function.lower(*args)) / 1e9
 
 
 class ReferenceWorker:

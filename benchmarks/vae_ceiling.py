@@ -49,6 +49,7 @@ def best_seconds(compiled, *args, repeats: int) -> float:
 
 
 def flops_of(compiled) -> float:
+    """XLA's count of the floating-point operations of a lowered or compiled program (its cost analysis)."""
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     return float(analysis["flops"])
