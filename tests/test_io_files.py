@@ -98,3 +98,22 @@ def test_replace_folder_puts_the_old_folder_back_when_the_rename_fails(tmp_path,
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == [".new", "out"]  # the old folder back under its name, none hidden
     assert (target / "users.txt").read_text() == "keep me"
+
+
+def test_replace_folder_leaves_nothing_behind_when_the_old_folder_cannot_move(tmp_path, monkeypatch):
+    from diffusets_jax.io import files
+
+    target, new = tmp_path / "out", tmp_path / ".new"
+    target.mkdir()
+    (target / "users.txt").write_text("keep me")
+    new.mkdir()
+
+    def replace(src, dst):  # moving the old folder aside fails (a busy mount, a permission)
+        raise PermissionError(13, "Permission denied", os.fspath(src))
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(PermissionError):
+        files.replace_folder(new, target)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == [".new", "out"]  # no empty .out.old-* left by the attempt
+    assert (target / "users.txt").read_text() == "keep me"

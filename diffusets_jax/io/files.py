@@ -67,7 +67,11 @@ def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> Path:
         os.replace(new, target)
         return target
     retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, retired / target.name)
+    try:
+        os.replace(target, retired / target.name)
+    except BaseException:
+        retired.rmdir()  # our own empty folder; the old one never moved
+        raise
     try:
         os.replace(new, target)
     except BaseException:
