@@ -257,7 +257,8 @@ def _polyphase_transposed_conv(x: Array, kernel: Array, stride: int, padding: in
 #   512 x 32 x 32: 3.4 -> 4.9 ms); 8 MiB: both lose (16 x 128 x 128 gradient: 6.1 -> 7.3 ms).
 # In the published U-Net this takes the two 128-position levels from batch 64 up: its forward at batch 128 went
 # from 146 to 119 ms and its train step at batch 64 from 0.346 to 0.312 s (same process, alternated). GPUs and
-# TPUs keep all heads in one batched product.
+# TPUs keep all heads in one batched product. The rule reads the global batch (a jitted program sees no other),
+# so on a CPU mesh each device's share of the scores is smaller than it counts.
 BY_HEAD_MIN_SCORE_BYTES = 32 * 2**20
 
 
