@@ -165,6 +165,71 @@ def test_multihead_attention_is_the_same_head_by_head(monkeypatch):
         np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-6)
 
 
+def _attention_inputs(dtype=jnp.float32):
+    shapes = ((3, 4, 16, 2), (3, 4, 12, 2), (3, 4, 12, 2), (3, 4, 16, 2))
+    return [jax.random.normal(key, shape).astype(dtype)
+            for key, shape in zip(jax.random.split(jax.random.key(3), 4), shapes, strict=True)]
+
+
+@pytest.mark.parametrize("by_head", [False, True])
+def test_narrow_head_gradients_are_the_plain_gradients(by_head):
+    """The transposed query-axis products (k's and v's gradients) give the plain autodiff gradients; the forward
+    is the same program; the barrier that keeps XLA from folding them back is in the gradient's program."""
+    q, k, v, cotangent = _attention_inputs()
+
+    def loss(narrow):
+        return lambda q, k, v: jnp.sum(layers.attend(q, k, v, by_head, narrow) * cotangent)
+
+    np.testing.assert_array_equal(layers.attend(q, k, v, by_head, True), layers.attend(q, k, v, by_head, False))
+    for got, want in zip(jax.grad(loss(True), (0, 1, 2))(q, k, v), jax.grad(loss(False), (0, 1, 2))(q, k, v),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert "optimization_barrier" in str(jax.make_jaxpr(jax.grad(loss(True), (0, 1, 2)))(q, k, v))
+    assert "optimization_barrier" not in str(jax.make_jaxpr(jax.grad(loss(False), (0, 1, 2)))(q, k, v))
+
+
+def test_narrow_head_gradients_keep_bfloat16_inputs_bfloat16():
+    """With bf16 q, k, v the gradients come back bf16 (a custom VJP must return its inputs' dtypes) and close to
+    the float32 gradients of the same values."""
+    q, k, v, cotangent = _attention_inputs(jnp.bfloat16)
+
+    def grads(narrow, dtype):
+        loss = lambda q, k, v: jnp.sum(layers.attend(q, k, v, False, narrow).astype(jnp.float32) * cotangent)
+        return jax.grad(loss, (0, 1, 2))(*(x.astype(dtype) for x in (q, k, v)))
+
+    exact = grads(False, jnp.float32)
+    for got, want in zip(grads(True, jnp.bfloat16), exact, strict=True):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.05 * float(jnp.abs(want).max()))
+
+
+def test_narrow_head_gradients_on_the_cpu_only_up_to_the_width_limit(monkeypatch):
+    assert layers.narrow_head_gradients(1) and layers.narrow_head_gradients(layers.NARROW_HEAD_MAX_DIM)
+    assert not layers.narrow_head_gradients(layers.NARROW_HEAD_MAX_DIM + 1)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not layers.narrow_head_gradients(1)
+
+
+def test_multihead_attention_takes_the_narrow_head_gradients(monkeypatch):
+    """Heads of 4 dimensions take the transposed gradient products: the same parameter gradients as without."""
+    layer = TorchMultiheadAttention(16, 4)
+    query, key = jax.random.normal(jax.random.key(4), (2, 2, 10, 16))
+    params = layer.init(jax.random.key(5), query, key, key)
+
+    def run():  # new functions each time: the path is chosen when tracing, and JAX caches traces by function
+        loss = lambda p: jnp.sum(jnp.sin(layer.apply(p, query, key, key)))
+        return jax.jit(jax.grad(loss))(params), str(jax.make_jaxpr(jax.grad(loss))(params))
+
+    monkeypatch.setattr(layers, "NARROW_HEAD_MAX_DIM", 0)
+    want, jaxpr = run()
+    assert "optimization_barrier" not in jaxpr
+    monkeypatch.setattr(layers, "NARROW_HEAD_MAX_DIM", 8)
+    got, jaxpr = run()
+    assert "optimization_barrier" in jaxpr
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-6)
+
+
 def test_mha_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         TorchMultiheadAttention(10, 4).init(jax.random.key(0), *(jnp.zeros((1, 2, 10)),) * 3)
