@@ -203,6 +203,23 @@ def test_narrow_head_gradients_keep_bfloat16_inputs_bfloat16():
         np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.05 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.parametrize(("by_head", "narrow"), [(False, False), (True, True)])
+def test_attention_values_and_gradients_are_the_softmax_definitions(by_head, narrow):
+    """`attend` divides after the product and stops the gradient at the maximum: the values and gradients are
+    still those of softmax(q k^T) v written out plainly (scores shifted far from 0, where the shift matters)."""
+    q, k, v, cotangent = _attention_inputs()
+    q = q * 4.0 + 3.0
+
+    def plain(q, k, v):
+        return jax.nn.softmax(q @ k.swapaxes(-1, -2), axis=-1) @ v
+
+    np.testing.assert_allclose(layers.attend(q, k, v, by_head, narrow), plain(q, k, v), rtol=1e-5, atol=1e-6)
+    got = jax.grad(lambda *a: jnp.sum(layers.attend(*a, by_head, narrow) * cotangent), (0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: jnp.sum(plain(*a) * cotangent), (0, 1, 2))(q, k, v)
+    for got_leaf, want_leaf in zip(got, want, strict=True):
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-4, atol=1e-5)
+
+
 def test_narrow_head_gradients_on_the_cpu_only_up_to_the_width_limit(monkeypatch):
     assert layers.narrow_head_gradients(1) and layers.narrow_head_gradients(layers.NARROW_HEAD_MAX_DIM)
     assert not layers.narrow_head_gradients(layers.NARROW_HEAD_MAX_DIM + 1)
