@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from diffusets_jax.models import layers
 from diffusets_jax.models.layers import Conv1d, ConvTranspose1d, TorchMultiheadAttention, group_norm, mish
@@ -245,6 +246,56 @@ def test_multihead_attention_takes_the_narrow_head_gradients(monkeypatch):
     assert "optimization_barrier" in jaxpr
     for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_params_are_linear_layers_parameters():
+    """Same names, shapes and initial values as `linear`, so checkpoints and seeds carry over."""
+    def init(make):
+        class Holder(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return make()(x)
+        return Holder().init(jax.random.key(6), jnp.ones((2, 5)))["params"]
+
+    want = init(lambda: layers.linear(7, 5, name="to_q"))
+    got = init(lambda: (lambda x: (lambda kb: x @ kb[0] + kb[1])(layers.LinearParams(7, 5, name="to_q")())))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(got_leaf, want_leaf)
+
+
+@pytest.mark.parametrize(("batch", "composed"), [(1, False), (3, True)])
+def test_attention_between_linears_is_the_layers_in_turn(batch, composed):
+    """`between_linears` equals the three linears, the attention and the output linear applied in turn, values
+    and gradients, on both of its paths: weights multiplied first when the batch has more positions (3 x 6)
+    than the block is wide (8), the layers in turn otherwise (1 x 6)."""
+    width, embed, out_width = 8, 16, 5
+    attention = TorchMultiheadAttention(embed, 4)
+    x = jax.random.normal(jax.random.key(7), (batch, 6, width))
+    keys = jax.random.split(jax.random.key(8), 9)
+    before = tuple((jax.random.normal(keys[2 * i], (width, embed)) / 3, jax.random.normal(keys[2 * i + 1], (embed,)))
+                   for i in range(3))
+    after = (jax.random.normal(keys[6], (embed, out_width)) / 4, jax.random.normal(keys[7], (out_width,)))
+    params = attention.init(keys[8], x @ before[0][0], x @ before[1][0], x @ before[2][0])
+
+    def in_turn(params, x, before, after):
+        q, k, v = (x @ w + b for w, b in before)
+        return attention.apply(params, q, k, v) @ after[0] + after[1]
+
+    def between(params, x, before, after):
+        return attention.apply(params, x, before, after, method=TorchMultiheadAttention.between_linears)
+
+    np.testing.assert_allclose(between(params, x, before, after), in_turn(params, x, before, after),
+                               rtol=1e-5, atol=1e-5)
+    cotangent = jax.random.normal(jax.random.key(9), (batch, 6, out_width))
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cotangent), (0, 1, 2, 3))(params, x, before, after)
+             for f in (between, in_turn)]
+    # k's bias has no gradient (it shifts each query's scores by a constant): compare on the gradients' scale.
+    scale = max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(grads[1]))
+    for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+    jaxpr = str(jax.make_jaxpr(between)(params, x, before, after))
+    assert ("HIGHEST" in jaxpr) == composed  # the weights' own product runs in full float32
 
 
 def test_mha_rejects_indivisible_heads():

@@ -29,6 +29,7 @@ from flax import linen as nn
 from diffusets_jax.models.layers import (
     ConvTranspose1d,
     Dtype,
+    LinearParams,
     TorchMultiheadAttention,
     conv1d,
     group_norm,
@@ -79,7 +80,10 @@ class TimeEmbedding(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """s + to_out(MHA(to_q(n), to_k(n), to_v(n))), n = LayerNorm(s): `(batch, length, C) -> same`."""
+    """s + to_out(MHA(to_q(n), to_k(n), to_v(n))), n = LayerNorm(s): `(batch, length, C) -> same`.
+
+    Computed by `TorchMultiheadAttention.between_linears`, which multiplies each linear into the attention's
+    projection first when the batch has more positions than C (same parameters, same values to rounding)."""
 
     attention_dim: int
     num_heads: int
@@ -91,11 +95,9 @@ class SelfAttention(nn.Module):
         c, h = s.shape[-1], self.attention_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n = layer_norm(name="norm", **kw)(s)
-        q = linear(h, c, name="to_q", **kw)(n)
-        k = linear(h, c, name="to_k", **kw)(n)
-        v = linear(h, c, name="to_v", **kw)(n)
-        attended = TorchMultiheadAttention(h, self.num_heads, name="attention", **kw)(q, k, v)
-        return s + linear(c, h, name="to_out", **kw)(attended)
+        before = tuple(LinearParams(h, c, name=name, param_dtype=self.param_dtype)() for name in ("to_q", "to_k", "to_v"))
+        after = LinearParams(c, h, name="to_out", param_dtype=self.param_dtype)()
+        return s + TorchMultiheadAttention(h, self.num_heads, name="attention", **kw).between_linears(n, before, after)
 
 
 class CrossAttention(nn.Module):
