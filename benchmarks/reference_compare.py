@@ -16,7 +16,7 @@ machine), `unet_forward:B` (one U-Net call, no gradient), `unet_train:B` (forwar
 our real sharded train step), `vae_train:B` (encoder + decoder + loss + backward + AdamW) and
 `vae_decode:B`. Weights are random: speed does not depend on them. Each measure also reports its operation
 count (XLA's cost analysis) for both sides, the published one counted on our program doing their arithmetic
-(direct convolutions, the literal cross-attention), and so each side's GFLOP/s: a speed-up goal that would
+(direct convolutions, the literal cross-attention, the self-attention projections in turn), and so each side's GFLOP/s: a speed-up goal that would
 need more GFLOP/s than the matmul ceiling is out of reach for any schedule of the same operations. Under background load PyTorch slows
 far more than XLA does, so only figures from a quiet run compare the programs themselves; the load
 average is recorded before and after.
@@ -65,8 +65,9 @@ def parse_measure(text: str) -> tuple[str, int]:
 def program(measure: str, batch: int, published: bool = False) -> tuple[Callable, tuple]:
     """`(jitted function, arguments)` of our program for `measure` at `batch`. `published=True` gives the
     arithmetic of the published modules instead of ours, for counting it: direct convolutions (ours run the
-    VAE's wide ones as Winograd convolutions) and the literal one-token cross-attention (ours adds its
-    equivalent per-sample bias); the results are the same, the number of operations is not."""
+    VAE's wide ones as Winograd convolutions), the literal one-token cross-attention (ours adds its
+    equivalent per-sample bias) and the self-attention's linears and projections in turn (ours multiplies
+    their weights first); the results are the same, the number of operations is not."""
     from diffusets_jax.models.unet import UNet
     from diffusets_jax.models.vae import VAE
 
@@ -75,12 +76,13 @@ def program(measure: str, batch: int, published: bool = False) -> tuple[Callable
         return jax.jit(jnp.matmul), (a, a)
     if measure in ("unet_train", "vae_train"):
         model = measure.split("_")[0]
-        literal = {"vae": ("model.conv_algorithm=direct",), "unet": ("model.exact_cross_attention=true",)}
+        literal = {"vae": ("model.conv_algorithm=direct",),
+                   "unet": ("model.exact_cross_attention=true", "model.exact_projections=true")}
         step, state, data, _ = build_step(model, batch, "float32", remat=False,
                                           model_overrides=literal[model] if published else ())
         return step, (state, data)
     if measure == "unet_forward":
-        module = UNet(exact_cross_attention=published)
+        module = UNet(exact_cross_attention=published, exact_projections=published)
         inputs = unet_inputs(batch, module.text_dim, jax.random.key(0))
         variables = random_variables(module.init, *unet_inputs(1, module.text_dim, jax.random.key(0)))
         return jax.jit(module.apply), (variables, *inputs)

@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
             "kernel_size": 7,
             "text_dim": 384,
             "exact_cross_attention": False,  # False: computed as its equivalent per-sample bias
+            "exact_projections": False,  # False: self-attention linears multiplied into its projections first
             "remat": False,  # True: recompute block activations in the backward pass (less memory, same result)
         }
     )

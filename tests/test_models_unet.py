@@ -109,6 +109,18 @@ def test_fast_cross_attention_equals_the_literal_one(small):
     np.testing.assert_allclose(apply(variables, *inputs), exact, rtol=1e-5, atol=1e-5)
 
 
+def test_composed_self_attention_projections_equal_the_layers_in_turn(small):
+    """By default each self-attention linear is multiplied into the attention's projection first; the published
+    order (`exact_projections=True`) gives the same U-Net, and only the default takes the composed path."""
+    module, variables, apply = small
+    inputs = small_inputs()
+    exact = module.clone(exact_projections=True)
+    np.testing.assert_allclose(apply(variables, *inputs), jax.jit(exact.apply)(variables, *inputs),
+                               rtol=1e-5, atol=1e-5)
+    assert "HIGHEST" in str(jax.make_jaxpr(module.apply)(variables, *inputs))
+    assert "HIGHEST" not in str(jax.make_jaxpr(exact.apply)(variables, *inputs))
+
+
 def test_attention_head_by_head_gives_the_same_unet(small, monkeypatch):
     """Above a size threshold the CPU runs self-attention one head at a time (`layers.attend`): forcing it on for
     every layer leaves the U-Net's output where it was."""

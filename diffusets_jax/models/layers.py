@@ -450,7 +450,8 @@ class TorchMultiheadAttention(nn.Module):
         out = self._attend(self._project(query, 0), self._project(key, 1), self._project(value, 2))
         return self._affine(out, *self.out_proj())
 
-    def between_linears(self, x: Array, before: tuple[tuple[Array, Array], ...], after: tuple[Array, Array]) -> Array:
+    def between_linears(self, x: Array, before: tuple[tuple[Array, Array], ...], after: tuple[Array, Array],
+                        compose: bool = True) -> Array:
         """`after(self(q(x), k(x), v(x)))`: self-attention over `x` `(batch, length, C)` between linear layers,
         `before` the (kernel `(C, E)`, bias) of the three that make query, key and value and `after` the one
         `(E, C_out)` applied to the output -> `(batch, length, C_out)`.
@@ -459,12 +460,12 @@ class TorchMultiheadAttention(nn.Module):
         with the two weights multiplied first (`compose_affine`): per position C x E instead of C x E + E x E
         multiply-adds, for C x E x E once. The U-Net's wide attention levels (E = 512 over blocks 160-192
         wide) do most of their arithmetic there. The values agree with the layers applied in turn to float32
-        rounding. On 2 Intel Xeon cores (2026-12-04, alternated runs) the published U-Net's train step at batch
+        rounding. `compose=False` applies them in turn whatever the sizes. On 2 Intel Xeon cores (2026-12-04, alternated runs) the published U-Net's train step at batch
         64 went from 0.291-0.297 to 0.254-0.255 s, its forward at batch 128 from 123-127 to 96-102 ms, at batch
         16 from 25.8-26.8 to 24.2-25.6 ms; batch 1 unchanged (5.9-6.6 ms).
         """
         batch, length, width = x.shape
-        if batch * length <= width:
+        if not compose or batch * length <= width:
             q, k, v = (self._affine(x, *linear) for linear in before)
             return self._affine(self(q, k, v), *after)
         composed = [compose_affine(linear, self._in_proj(which)) for which, linear in enumerate(before)]

@@ -83,10 +83,12 @@ class SelfAttention(nn.Module):
     """s + to_out(MHA(to_q(n), to_k(n), to_v(n))), n = LayerNorm(s): `(batch, length, C) -> same`.
 
     Computed by `TorchMultiheadAttention.between_linears`, which multiplies each linear into the attention's
-    projection first when the batch has more positions than C (same parameters, same values to rounding)."""
+    projection first when the batch has more positions than C (same parameters, same values to rounding);
+    `exact_projections=True` applies them in turn, as the published module does."""
 
     attention_dim: int
     num_heads: int
+    exact_projections: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -97,7 +99,8 @@ class SelfAttention(nn.Module):
         n = layer_norm(name="norm", **kw)(s)
         before = tuple(LinearParams(h, c, name=name, param_dtype=self.param_dtype)() for name in ("to_q", "to_k", "to_v"))
         after = LinearParams(c, h, name="to_out", param_dtype=self.param_dtype)()
-        return s + TorchMultiheadAttention(h, self.num_heads, name="attention", **kw).between_linears(n, before, after)
+        attention = TorchMultiheadAttention(h, self.num_heads, name="attention", **kw)
+        return s + attention.between_linears(n, before, after, compose=not self.exact_projections)
 
 
 class CrossAttention(nn.Module):
@@ -146,6 +149,7 @@ class ResidualAttentionBlock(nn.Module):
     num_heads: int
     kernel_size: int = 7
     exact_cross_attention: bool = False
+    exact_projections: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -159,7 +163,7 @@ class ResidualAttentionBlock(nn.Module):
         s = conv1d(c_mid, c_in, self.kernel_size, padding=pad, name="pre_shortcut_convs", **kw)(h)
         s = mish(group_norm(name="layer_norm1", **kw)(s))
         s = conv1d(c_mid, c_mid, 1, name="shortcut_convs", **kw)(s)
-        s = SelfAttention(self.attention_dim, self.num_heads, name="self_attention", **kw)(s)
+        s = SelfAttention(self.attention_dim, self.num_heads, self.exact_projections, name="self_attention", **kw)(s)
         s = CrossAttention(
             self.attention_dim, self.num_heads, exact=self.exact_cross_attention, name="cross_attention", **kw
         )(s, cond)
@@ -177,6 +181,7 @@ class Bottleneck(nn.Module):
     attention_dim: int
     num_heads: int
     exact_cross_attention: bool = False
+    exact_projections: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -188,7 +193,7 @@ class Bottleneck(nn.Module):
         h = conv1d(c, c, 3, padding=1, name="bottleneck_conv1", **kw)(h)
         h = mish(group_norm(name="bottleneck_layer_norm1", **kw)(h))
         h = conv1d(c, c, 3, padding=1, name="bottleneck_conv1_2", **kw)(h)
-        h = SelfAttention(self.attention_dim, self.num_heads, name="self_attention", **kw)(h)
+        h = SelfAttention(self.attention_dim, self.num_heads, self.exact_projections, name="self_attention", **kw)(h)
         h = CrossAttention(
             self.attention_dim, self.num_heads, exact=self.exact_cross_attention, name="cross_attention", **kw
         )(h, cond)
@@ -206,6 +211,7 @@ class DownLevel(nn.Module):
     num_heads: int
     kernel_size: int
     exact_cross_attention: bool = False
+    exact_projections: bool = False
     remat: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -215,7 +221,7 @@ class DownLevel(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         skip = maybe_remat(ResidualAttentionBlock, self.remat)(
             self.features, self.attention_dim, self.num_heads, self.kernel_size, self.exact_cross_attention,
-            name="block", **kw,
+            self.exact_projections, name="block", **kw,
         )(x, t, cond)
         down = conv1d(self.features, self.features, 3, stride=2, padding=1, name="down", **kw)(skip)
         return down, skip
@@ -229,6 +235,7 @@ class UpLevel(nn.Module):
     num_heads: int
     kernel_size: int
     exact_cross_attention: bool = False
+    exact_projections: bool = False
     remat: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -241,7 +248,7 @@ class UpLevel(nn.Module):
             h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
         return maybe_remat(ResidualAttentionBlock, self.remat)(
             self.features, self.attention_dim, self.num_heads, self.kernel_size, self.exact_cross_attention,
-            name="block", **kw,
+            self.exact_projections, name="block", **kw,
         )(h, t, cond)
 
 
@@ -261,6 +268,8 @@ class UNet(nn.Module):
       text_dim: text embedding width (1536 for ada-002, 384 for MiniLM); the condition is
         [text, sex, age, heart rate], text_dim + 3 values in raw units.
       exact_cross_attention: compute the cross-attention literally instead of as its per-sample bias.
+      exact_projections: apply the self-attention's linears and the attention's projections in turn instead
+        of multiplying their weights first (`TorchMultiheadAttention.between_linears`).
       remat: recompute each block's activations in the backward pass instead of keeping them (less
         memory for about one more forward of work); the parameters are the same either way.
       dtype: computation dtype (e.g. jnp.bfloat16); param_dtype: parameter dtype (float32).
@@ -277,6 +286,7 @@ class UNet(nn.Module):
     kernel_size: int = 7
     text_dim: int = 1536
     exact_cross_attention: bool = False
+    exact_projections: bool = False
     remat: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -310,19 +320,20 @@ class UNet(nn.Module):
         skips = []
         for i, (features, attention_dim) in enumerate(zip(self.channels, self.down_attention_dims, strict=True)):
             h, skip = DownLevel(
-                features, attention_dim, self.num_heads, self.kernel_size, self.exact_cross_attention, self.remat,
-                name=f"downsampling_blocks_{i}", **kw,
+                features, attention_dim, self.num_heads, self.kernel_size, self.exact_cross_attention,
+                self.exact_projections, self.remat, name=f"downsampling_blocks_{i}", **kw,
             )(h, t, cond)
             skips.append(skip)
         skips.pop()  # the deepest level's pre-downsampling output is not used as a skip
         h = maybe_remat(Bottleneck, self.remat)(
-            self.bottleneck_attention_dim, self.bottleneck_heads, self.exact_cross_attention, name="bottleneck", **kw
+            self.bottleneck_attention_dim, self.bottleneck_heads, self.exact_cross_attention, self.exact_projections,
+            name="bottleneck", **kw,
         )(h, t, cond)
         up_features = list(self.channels[-2::-1]) + [self.latent_channels]
         for j, (features, attention_dim) in enumerate(zip(up_features, self.up_attention_dims, strict=True)):
             h = UpLevel(
-                features, attention_dim, self.num_heads, self.kernel_size, self.exact_cross_attention, self.remat,
-                name=f"upsampling_blocks_{j}", **kw,
+                features, attention_dim, self.num_heads, self.kernel_size, self.exact_cross_attention,
+                self.exact_projections, self.remat, name=f"upsampling_blocks_{j}", **kw,
             )(h, skips.pop() if j > 0 else None, t, cond)
         c = self.latent_channels
         h = mish(conv1d(c, c, 3, padding=1, name="output_conv_0", **kw)(h))
