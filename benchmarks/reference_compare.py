@@ -16,10 +16,10 @@ machine), `unet_forward:B` (one U-Net call, no gradient), `unet_train:B` (forwar
 our real sharded train step), `vae_train:B` (encoder + decoder + loss + backward + AdamW) and
 `vae_decode:B`. Weights are random: speed does not depend on them. Each measure also reports its operation
 count (XLA's cost analysis) for both sides, the published one counted on our program doing their arithmetic
-(direct convolutions, the literal cross-attention, the self-attention projections in turn), and so each side's GFLOP/s: a speed-up goal that would
-need more GFLOP/s than the matmul ceiling is out of reach for any schedule of the same operations. Under background load PyTorch slows
-far more than XLA does, so only figures from a quiet run compare the programs themselves; the load
-average is recorded before and after.
+(direct convolutions, the literal cross-attention, the self-attention projections in turn), and so each
+side's GFLOP/s: a speed-up goal that would need more GFLOP/s than the matmul ceiling is out of reach for any
+schedule of the same operations. Under background load PyTorch slows far more than XLA does, so only figures
+from a quiet run compare the programs themselves; the load average is recorded before and after.
 """
 
 from __future__ import annotations

@@ -201,7 +201,8 @@ def test_narrow_head_gradients_keep_bfloat16_inputs_bfloat16():
     exact = grads(False, jnp.float32)
     for got, want in zip(grads(True, jnp.bfloat16), exact, strict=True):
         assert got.dtype == jnp.bfloat16
-        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.05 * float(jnp.abs(want).max()))
+        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05,
+                                   atol=0.05 * float(jnp.abs(want).max()))
 
 
 @pytest.mark.parametrize(("by_head", "narrow"), [(False, False), (True, True)])
@@ -273,8 +274,8 @@ def test_attention_between_linears_is_the_layers_in_turn(batch, composed):
     attention = TorchMultiheadAttention(embed, 4)
     x = jax.random.normal(jax.random.key(7), (batch, 6, width))
     keys = jax.random.split(jax.random.key(8), 9)
-    before = tuple((jax.random.normal(keys[2 * i], (width, embed)) / 3, jax.random.normal(keys[2 * i + 1], (embed,)))
-                   for i in range(3))
+    before = tuple((jax.random.normal(keys[2 * i], (width, embed)) / 3,
+                    jax.random.normal(keys[2 * i + 1], (embed,))) for i in range(3))
     after = (jax.random.normal(keys[6], (embed, out_width)) / 4, jax.random.normal(keys[7], (out_width,)))
     params = attention.init(keys[8], x @ before[0][0], x @ before[1][0], x @ before[2][0])
 

@@ -289,7 +289,8 @@ def narrow_head_gradients(head_dim: int) -> bool:
 
 
 def _transposed_at_b(a: Array, b: Array) -> Array:
-    """a^T b over the second-to-last axis, `(..., n, m)`, `(..., n, d)` -> `(..., m, d)`, computed as (b^T a)^T."""
+    """a^T b over the second-to-last axis, `(..., n, m)`, `(..., n, d)` -> `(..., m, d)`, computed as
+    (b^T a)^T."""
     product = jnp.einsum("...nd,...nm->...dm", b, a, preferred_element_type=jnp.float32)
     return jax.lax.optimization_barrier(product).swapaxes(-1, -2)
 
@@ -415,7 +416,9 @@ class TorchMultiheadAttention(nn.Module):
         self.in_proj_bias = self.param(
             "in_proj_bias", nn.initializers.zeros_init(), (3 * self.embed_dim,), self.param_dtype
         )
-        self.out_proj = LinearParams(self.embed_dim, self.embed_dim, nn.initializers.zeros_init(), self.param_dtype)
+        self.out_proj = LinearParams(
+            self.embed_dim, self.embed_dim, nn.initializers.zeros_init(), self.param_dtype
+        )
 
     def _in_proj(self, which: int) -> tuple[Array, Array]:
         """Kernel `(E, E)` and bias of packed projection `which` (0 = q, 1 = k, 2 = v)."""
@@ -460,9 +463,10 @@ class TorchMultiheadAttention(nn.Module):
         with the two weights multiplied first (`compose_affine`): per position C x E instead of C x E + E x E
         multiply-adds, for C x E x E once. The U-Net's wide attention levels (E = 512 over blocks 160-192
         wide) do most of their arithmetic there. The values agree with the layers applied in turn to float32
-        rounding. `compose=False` applies them in turn whatever the sizes. On 2 Intel Xeon cores (2026-12-04, alternated runs) the published U-Net's train step at batch
-        64 went from 0.291-0.297 to 0.254-0.255 s, its forward at batch 128 from 123-127 to 96-102 ms, at batch
-        16 from 25.8-26.8 to 24.2-25.6 ms; batch 1 unchanged (5.9-6.6 ms).
+        rounding; `compose=False` applies them in turn whatever the sizes. On 2 Intel Xeon cores (2026-12-04,
+        alternated runs) the published U-Net's train step at batch 64 went from 0.291-0.297 to 0.254-0.255 s,
+        its forward at batch 128 from 123-127 to 96-102 ms, at batch 16 from 25.8-26.8 to 24.2-25.6 ms; batch 1
+        unchanged (5.9-6.6 ms).
         """
         batch, length, width = x.shape
         if not compose or batch * length <= width:

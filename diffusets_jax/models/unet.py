@@ -97,7 +97,8 @@ class SelfAttention(nn.Module):
         c, h = s.shape[-1], self.attention_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n = layer_norm(name="norm", **kw)(s)
-        before = tuple(LinearParams(h, c, name=name, param_dtype=self.param_dtype)() for name in ("to_q", "to_k", "to_v"))
+        before = tuple(LinearParams(h, c, name=name, param_dtype=self.param_dtype)()
+                       for name in ("to_q", "to_k", "to_v"))
         after = LinearParams(c, h, name="to_out", param_dtype=self.param_dtype)()
         attention = TorchMultiheadAttention(h, self.num_heads, name="attention", **kw)
         return s + attention.between_linears(n, before, after, compose=not self.exact_projections)
@@ -163,7 +164,9 @@ class ResidualAttentionBlock(nn.Module):
         s = conv1d(c_mid, c_in, self.kernel_size, padding=pad, name="pre_shortcut_convs", **kw)(h)
         s = mish(group_norm(name="layer_norm1", **kw)(s))
         s = conv1d(c_mid, c_mid, 1, name="shortcut_convs", **kw)(s)
-        s = SelfAttention(self.attention_dim, self.num_heads, self.exact_projections, name="self_attention", **kw)(s)
+        s = SelfAttention(
+            self.attention_dim, self.num_heads, self.exact_projections, name="self_attention", **kw
+        )(s)
         s = CrossAttention(
             self.attention_dim, self.num_heads, exact=self.exact_cross_attention, name="cross_attention", **kw
         )(s, cond)
@@ -193,7 +196,9 @@ class Bottleneck(nn.Module):
         h = conv1d(c, c, 3, padding=1, name="bottleneck_conv1", **kw)(h)
         h = mish(group_norm(name="bottleneck_layer_norm1", **kw)(h))
         h = conv1d(c, c, 3, padding=1, name="bottleneck_conv1_2", **kw)(h)
-        h = SelfAttention(self.attention_dim, self.num_heads, self.exact_projections, name="self_attention", **kw)(h)
+        h = SelfAttention(
+            self.attention_dim, self.num_heads, self.exact_projections, name="self_attention", **kw
+        )(h)
         h = CrossAttention(
             self.attention_dim, self.num_heads, exact=self.exact_cross_attention, name="cross_attention", **kw
         )(h, cond)
@@ -326,8 +331,8 @@ class UNet(nn.Module):
             skips.append(skip)
         skips.pop()  # the deepest level's pre-downsampling output is not used as a skip
         h = maybe_remat(Bottleneck, self.remat)(
-            self.bottleneck_attention_dim, self.bottleneck_heads, self.exact_cross_attention, self.exact_projections,
-            name="bottleneck", **kw,
+            self.bottleneck_attention_dim, self.bottleneck_heads, self.exact_cross_attention,
+            self.exact_projections, name="bottleneck", **kw,
         )(h, t, cond)
         up_features = list(self.channels[-2::-1]) + [self.latent_channels]
         for j, (features, attention_dim) in enumerate(zip(up_features, self.up_attention_dims, strict=True)):
