@@ -132,6 +132,12 @@ def shows(page_text: str, text: str) -> bool:
     return re.search(pattern, page_text) is not None
 
 
+def outside_streams(data: bytes) -> bytes:
+    """A PDF without its streams' bytes: the object dictionaries and trailer, where metadata keys live (a
+    compressed page or image can hold any three bytes, `/ID` included)."""
+    return _STREAM.sub(b"stream\nendstream", data)
+
+
 def decompressed_streams(data: bytes) -> bytes:
     """Every zlib stream of a PDF, decompressed and concatenated."""
     out = []
