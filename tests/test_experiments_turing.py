@@ -21,6 +21,7 @@ from tests.helpers.turing_inputs import (
     ecg_like,
     outside_streams,
     pdf_page_texts,
+    png_outside_image_data,
     shows,
     write_generated,
     write_kit_inputs,
@@ -101,8 +102,13 @@ def find_leaks(package: Path, key: dict) -> list[str]:
     forbidden = _key_strings(key) | {"key.json"}
     for path in _files(package):
         data = path.read_bytes()
-        if path.suffix == ".pdf":  # also what its compressed pages draw, as text
-            data += decompressed_streams(data) + "\n".join(pdf_page_texts(path)).encode("latin-1")
+        # What can be read in the file, not its compressed bytes (which hold any short string by chance): a PDF's
+        # dictionaries, its streams decompressed and the text its pages show; a PNG's chunks but the pixels.
+        if path.suffix == ".pdf":
+            data = (outside_streams(data) + decompressed_streams(data)
+                    + "\n".join(pdf_page_texts(path)).encode("latin-1"))
+        elif path.suffix == ".png":
+            data = png_outside_image_data(data)
         lowered = data.lower()
         leaks += [f"{path.name} contains {text!r}" for text in forbidden if text.lower().encode() in lowered]
         if path.suffix in (".png", ".pdf"):  # sheet files: not even the words

@@ -138,6 +138,17 @@ def outside_streams(data: bytes) -> bytes:
     return _STREAM.sub(b"stream\nendstream", data)
 
 
+def png_outside_image_data(data: bytes) -> bytes:
+    """A PNG without its compressed pixels (the IDAT chunks' data): the header and every other chunk, text
+    chunks included, where words could be read."""
+    kept, position = [data[:8]], 8
+    while position + 8 <= len(data):
+        end = position + 12 + int.from_bytes(data[position:position + 4], "big")
+        kept.append(data[position:position + 8] if data[position + 4:position + 8] == b"IDAT" else data[position:end])
+        position = end
+    return b"".join(kept)
+
+
 def decompressed_streams(data: bytes) -> bytes:
     """Every zlib stream of a PDF, decompressed and concatenated."""
     out = []
