@@ -260,7 +260,11 @@ def _polyphase_transposed_conv(x: Array, kernel: Array, stride: int, padding: in
 # In the published U-Net this takes the two 128-position levels from batch 64 up: its forward at batch 128 went
 # from 146 to 119 ms and its train step at batch 64 from 0.346 to 0.312 s (same process, alternated). GPUs and
 # TPUs keep all heads in one batched product. The rule reads the global batch (a jitted program sees no other),
-# so on a CPU mesh each device's share of the scores is smaller than it counts.
+# so on a CPU mesh each device's share of the scores is smaller than it counts. Rechecked the same day with the
+# narrow-head gradients below (forward / gradient, all heads -> one at a time): at 32 MiB one head at a time still
+# wins (64 x 128 x 128, head_dim 4: 13.8 -> 7.0 / 37.9 -> 16.4 ms); at 16 MiB it stays mixed (512 x 32 x 32:
+# head_dim 4 4.6 -> 5.0 / 23.3 -> 14.5 ms; head_dim 16, too wide for the narrow path, 8.1 -> 13.0 / 27.4 -> 37.2
+# ms), so the threshold stays.
 BY_HEAD_MIN_SCORE_BYTES = 32 * 2**20
 
 
@@ -308,7 +312,7 @@ def _scores_narrow(q: Array, k: Array) -> Array:
 
 
 def _scores_narrow_fwd(q: Array, k: Array) -> tuple[Array, tuple[Array, Array]]:
-    return _scores_narrow(q, k), (q, k)
+    return _scores(q, k), (q, k)
 
 
 def _scores_narrow_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
@@ -327,7 +331,7 @@ def _weights_values_narrow(p: Array, v: Array) -> Array:
 
 
 def _weights_values_narrow_fwd(p: Array, v: Array) -> tuple[Array, tuple[Array, Array]]:
-    return _weights_values_narrow(p, v), (p, v)
+    return p @ v, (p, v)
 
 
 def _weights_values_narrow_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
