@@ -11,7 +11,6 @@ skip reads the skipped records without parsing them) against starting fresh.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from machine import describe, print_report
 
 from diffusets_jax import parallel
 from diffusets_jax.data import pipeline
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--shuffle-buffer", type=int, default=4096)
     args = parser.parse_args()
+    machine = describe()
 
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
@@ -93,9 +94,8 @@ def main() -> None:
         global_batches = (parallel.shard_host_batch(batch, mesh)
                           for batch in pipeline.train_dataset(builder, "train", **common).as_numpy_iterator())
         global_first, global_rate = time_first_and_rate(global_batches, args.batches, args.global_batch)
-    print(json.dumps({
-        "benchmark": "data_pipeline", "devices": jax.device_count(), "platform": jax.devices()[0].platform,
-        "cpu_count": os.cpu_count(), "examples": args.examples, "shards": args.shards,
+    print_report({
+        "benchmark": "data_pipeline", "examples": args.examples, "shards": args.shards,
         "embedding_dim": args.embedding_dim, "global_batch": args.global_batch, "shuffle_buffer": args.shuffle_buffer,
         "write_examples_per_s": round(args.examples / write_s, 1),
         "host_pipeline_examples_per_s": round(host_rate, 1),
@@ -104,7 +104,7 @@ def main() -> None:
         "first_batch_s_global": round(global_first, 3),
         f"first_batch_s_resume_at_step_{resume_step}": round(resume_first, 3),
         "resume_skipped_records": resume_step * host_batch,
-    }, indent=1))
+    }, machine, indent=1)
 
 
 if __name__ == "__main__":

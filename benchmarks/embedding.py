@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 
 STATEMENTS = [
@@ -45,9 +44,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes; the best is reported")
     args = parser.parse_args()
 
-    import jax
+    from machine import describe, print_report
 
     from diffusets_jax.conditioning.embedders import LocalEmbedder
+
+    machine = describe()
 
     prompts = benchmark_prompts(args.num_prompts)
     start = time.perf_counter()
@@ -64,12 +65,9 @@ def main() -> None:
         embedder.embed(prompts)
         timings.append(time.perf_counter() - start)
     best = min(timings)
-    print(json.dumps({
+    print_report({
         "benchmark": "local_text_encoder_throughput",
         "embedder_id": embedder.embedder_id,
-        "backend": jax.default_backend(),
-        "device_kind": jax.local_devices()[0].device_kind,
-        "devices": jax.local_device_count(),
         "dtype": args.dtype,
         "batch_size": embedder.batch_size,
         "num_prompts": len(prompts),
@@ -79,7 +77,7 @@ def main() -> None:
         "warmup_with_compile_s": round(warmup_s, 2),
         "best_s": round(best, 3),
         "prompts_per_s": round(len(prompts) / best, 1),
-    }))
+    }, machine)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,10 @@ def main() -> None:
     from diffusets_jax.models.clip import CLIP
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import describe, print_report
     from model_sizes import random_variables
+
+    machine = describe()
 
     truth = json.load(open(os.path.join(ECG_DATA, "truth.json")))
     reference = json.load(open(os.path.join(ECG_DATA, "reference_rr.json")))["records"]
@@ -89,8 +92,8 @@ def main() -> None:
     clinical = report["clinical"]["metrics"]
     coverage = {f"{row['metric']}/{row['comparison']}": round(row["coverage"], 3) for row in clinical
                 if row["metric"] in ("pr_mae", "qrs_mae", "qt_mae", "st_j60_mae", "heart_rate_mae")}
-    print(json.dumps({
-        "records": args.num, "protocol": proto.name, "workers": args.workers, "n_boot": args.n_boot,
+    print_report({
+        "benchmark": "evaluation", "records": args.num, "protocol": proto.name, "workers": args.workers, "n_boot": args.n_boot,
         "backend": jax.default_backend(), "clinical_metrics": len(clinical),
         "levels": sorted(k for k in report if report[k]),
         "seconds": round(done - start, 2), "under_5_minutes": done - start < 300.0,
@@ -98,9 +101,8 @@ def main() -> None:
                      "measure_generated": round(measured_generated - initialised, 2),
                      "measure_real": round(measured_real - measured_generated, 2),
                      "text_features_and_score": round(done - measured_real, 2)},
-        "fid": report["signal_level"]["fid"], "coverage": coverage, "cpu_count": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-    }))
+        "fid": report["signal_level"]["fid"], "coverage": coverage,
+    }, machine)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ random NumPy normals (timing does not depend on their values). `--dtype` is the 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, print_report  # noqa: E402
 from model_sizes import random_variables  # noqa: E402
 
 
@@ -94,20 +94,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per batch size (median reported)")
     parser.add_argument("--skip-vae", action="store_true", help="benchmark the U-Net only")
     args = parser.parse_args(argv)
-    device = jax.devices()[0]
+    machine = describe()
     report = {
         "benchmark": "forward",
-        "backend": jax.default_backend(),
-        "device": device.device_kind,
-        "device_count": jax.device_count(),
-        "jax": jax.__version__,
         "dtype": args.dtype,
         "repeats": args.repeats,
         "unet": benchmark_unet(args.batch_sizes, jnp.dtype(args.dtype), args.repeats),
     }
     if not args.skip_vae:
         report["vae_decoder"] = benchmark_vae_decoder(args.batch_sizes, jnp.dtype(args.dtype), args.repeats)
-    print(json.dumps(report, indent=2))
+    print_report(report, machine, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
 """What a benchmark figure was measured on: date, CPU, cores, load, JAX backend and devices (a dict for the JSON).
 
 Figures are only comparable on the same machine under the same load, so every benchmark records this
-beside its numbers. The load average is read before and after a run: a figure taken while other
-processes competed for the cores says so.
+beside its numbers: it calls `describe()` before its run and prints its one JSON object through
+`print_report`, which adds the load average after the run, so a figure taken while other processes
+competed for the cores says so. JAX is imported only when `describe()` runs, so a benchmark's `--help`
+stays quick.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
-
-import jax
 
 
 def cpu_model() -> str:
@@ -36,6 +37,8 @@ def load_average() -> list[float] | None:
 
 def describe() -> dict:
     """Date (UTC), host CPU, core count, load average, JAX version, backend and device kind/count."""
+    import jax
+
     device = jax.devices()[0]
     return {
         "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -47,3 +50,9 @@ def describe() -> dict:
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
     }
+
+
+def print_report(report: dict, machine: dict, indent: int | None = None) -> None:
+    """Print a benchmark's one JSON object on stdout: `report`, the `machine` that `describe()` gave before the
+    run, and the load average after it."""
+    print(json.dumps({**report, "machine": machine, "load_average_after": load_average()}, indent=indent))

@@ -11,7 +11,6 @@ timed after a warm-up call on the same shapes, so compile time is reported separ
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 
@@ -24,13 +23,14 @@ def main() -> None:
     parser.add_argument("--mesh", action="store_true", help="shard precision/recall rows over all devices")
     args = parser.parse_args()
 
-    import jax
     import numpy as np
+    from machine import describe, print_report
 
     from diffusets_jax import parallel
     from diffusets_jax.metrics.fid import fid
     from diffusets_jax.metrics.precision_recall import precision_recall
 
+    machine = describe()
     rng = np.random.default_rng(0)
     real = rng.normal(size=(args.num, args.dim)).astype(np.float32)
     generated = (rng.normal(size=(args.num, args.dim)) * 1.1 + 0.05).astype(np.float32)
@@ -49,9 +49,9 @@ def main() -> None:
     _, pr_first = timed(pr_call)
     pr, pr_seconds = timed(pr_call)
     distances = 4 * args.num * args.num  # two radius passes + two membership passes
-    print(json.dumps({
-        "backend": jax.default_backend(),
-        "devices": jax.device_count() if args.mesh else 1,
+    print_report({
+        "benchmark": "metrics",
+        "devices": machine["device_count"] if args.mesh else 1,
         "num_per_set": args.num,
         "dim": args.dim,
         "fid_seconds": round(fid_seconds, 4),
@@ -62,7 +62,7 @@ def main() -> None:
         "pairwise_distances_per_second": round(distances / pr_seconds),
         "precision": pr.precision,
         "recall": pr.recall,
-    }))
+    }, machine)
 
 
 if __name__ == "__main__":

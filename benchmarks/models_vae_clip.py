@@ -9,7 +9,6 @@ Prints one JSON object: backend, device kind, batch, compile seconds and ECGs/s 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from diffusets_jax.models.clip import CLIP
 from diffusets_jax.models.vae import VAE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, print_report  # noqa: E402
 from model_sizes import random_variables  # noqa: E402
 
 
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    machine = describe()
 
     ecg = jax.random.normal(jax.random.key(0), (args.batch, 1024, 12))
     latent = jax.random.normal(jax.random.key(1), (args.batch, 128, 4))
@@ -52,12 +53,11 @@ def main() -> None:
         "vae_decode": (jax.jit(lambda v, z: vae.apply(v, z, method=VAE.decode)), vae_vars, latent),
         "clip_encode_ecg": (jax.jit(lambda v, x: clip.apply(v, x, method=CLIP.encode_ecg)), clip_vars, ecg),
     }
-    device = jax.devices()[0]
-    result = {"backend": jax.default_backend(), "device": device.device_kind, "batch": args.batch}
+    result = {"benchmark": "models_vae_clip", "batch": args.batch}
     for name, (fn, variables, x) in functions.items():
         compile_s, step_s = _time(fn, variables, x, repeats=args.repeats)
         result[name] = {"compile_s": round(compile_s, 2), "ecgs_per_s": round(args.batch / step_s, 1)}
-    print(json.dumps(result))
+    print_report(result, machine)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ for the backward pass included), per device.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate
 from diffusets_jax.diffusion.schedule import make_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, print_report  # noqa: E402
 from model_sizes import add_size_argument, build, random_variables  # noqa: E402
 
 
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     add_size_argument(parser)
     args = parser.parse_args(argv)
+    machine = describe()
     devices = jax.device_count()
     batch = args.batch or devices
     mesh = parallel.make_mesh()
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     observation = jax.device_put(make_observation(reference, noise_std=0.05, leads="I,II"), sharding)
     schedule = make_schedule()
     chain = lambda n: SamplerConfig(sampler="ddpm", steps=n, clip_sample=True)
-    results: dict[str, Any] = {"backend": jax.default_backend(), "models": args.size, "devices": devices, "batch": batch,
+    results: dict[str, Any] = {"benchmark": "posterior", "models": args.size, "devices": devices, "batch": batch,
                                "dtype": args.dtype, "timed_steps": args.steps}
     results["generate"] = _measure(
         lambda n: jit_generate(unet, vae, schedule, chain(n), batch_sharding=sharding, compute_dtype=compute_dtype),
@@ -101,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda n, k=k: jit_posterior_generate(unet, vae, schedule, PosteriorConfig(sampler=chain(n), particles=k),
                                                   batch_sharding=sharding, compute_dtype=compute_dtype),
             (unet_vars, vae_vars, cond, observation, jax.random.key(3)), tuple(args.steps), args.repeats)
-    json.dump(results, sys.stdout, indent=2)
-    print()
+    print_report(results, machine, indent=2)
     return 0
 
 

@@ -19,7 +19,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import csv
-import json
 import math
 import multiprocessing
 import os
@@ -75,8 +74,10 @@ def main() -> None:
                      "replaced)")
 
     import tensorflow as tf
+    from machine import describe, print_report
 
     tf.config.set_visible_devices([], "GPU")
+    machine = describe()
     from diffusets_jax.data import records as records_lib
     from diffusets_jax.data.builder import auto_chunk_size
     from diffusets_jax.data.sources import make_builder, prepare
@@ -102,14 +103,14 @@ def main() -> None:
         start = time.perf_counter()
         again = prepare("mimic-iv-ecg", manual_dir, data_dir, workers=args.workers)
         rebuild_s = time.perf_counter() - start
-    print(json.dumps({
+    print_report({
         "benchmark": "prepare", "source": "mimic-iv-ecg (fixtures repeated)", "records": count,
-        "workers": args.workers, "cpu_count": os.cpu_count(),
+        "workers": args.workers,
         "decode_records_per_s": round(count / decode_s, 1), "decoded_usable": decoded,
         "build_seconds": round(build_s, 2), "build_records_per_s": round(count / build_s, 1),
         "examples_written": report["examples_written"], "skipped_by_reason": report["skipped_by_reason"],
         "rebuild_seconds": round(rebuild_s, 2), "rebuild_chunks_reused": again["decode_chunks"]["reused"],
-    }))
+    }, machine)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from forward import unet_inputs  # noqa: E402
-from machine import describe, load_average  # noqa: E402
+from machine import describe, print_report  # noqa: E402
 from model_sizes import random_variables  # noqa: E402
 from train import build_step  # noqa: E402
 from vae_ceiling import flops_of  # noqa: E402
@@ -207,7 +207,8 @@ def main() -> None:
         parser.error(str(err))
     if not (Path(args.reference_repo) / "vae" / "vae_model.py").is_file():
         parser.error(f"--reference-repo {args.reference_repo}: no vae/vae_model.py there; give the published checkout")
-    report = {"benchmark": "reference_compare", "machine": describe(), "ours_dtype": "float32",
+    machine = describe()
+    report = {"benchmark": "reference_compare", "ours_dtype": "float32",
               "repeats": args.repeats, "results": []}
     worker = ReferenceWorker(args.torch_python, args.reference_repo, args.threads)
     try:
@@ -218,8 +219,7 @@ def main() -> None:
             report["results"].append(compare(worker, measure, batch, args.repeats))
     finally:
         worker.close()
-    report["load_average_after"] = load_average()
-    print(json.dumps(report))
+    print_report(report, machine)
 
 
 if __name__ == "__main__":

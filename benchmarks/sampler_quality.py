@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from machine import describe, print_report
+
 from diffusets_jax.diffusion.sampler_validation import (
     MEAN_ERROR_TOLERANCE,
     STD_RATIO_TOLERANCE,
@@ -65,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     columns = COLUMNS if args.columns is None else {name: COLUMNS[name] for name in args.columns.split(",")}
     schedule = make_schedule(ScheduleConfig(prediction_type=args.prediction_type))
+    machine = describe()
 
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -87,7 +90,7 @@ def main() -> None:
         settings[name] = {"sampler": config.sampler, "steps": config.steps, "timestep_spacing": config.timestep_spacing,
                           "final_step_order": config.final_step_order, "eta": config.eta,
                           "data_std": "the row's" if config.timestep_spacing == "data_std" else None}
-    print(json.dumps({
+    print_report({
         "benchmark": "sampler quality on Gaussian latents (closed-form optimal predictor)",
         "prediction_type": args.prediction_type,
         "values_per_run": args.samples * 128 * 4,
@@ -95,7 +98,7 @@ def main() -> None:
         "columns": settings,
         "rows": rows,
         "seconds": round(time.perf_counter() - start, 1),
-    }, indent=1))
+    }, machine, indent=1)
 
 
 if __name__ == "__main__":

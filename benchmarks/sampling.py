@@ -34,6 +34,7 @@ from diffusets_jax.models.unet import UNet
 from diffusets_jax.models.vae import VAE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, print_report  # noqa: E402
 from model_sizes import add_size_argument, build, random_variables  # noqa: E402
 
 SAMPLER_CONFIGS = {
@@ -123,6 +124,7 @@ def main() -> None:
     unknown = sorted(set(args.samplers.split(",")) - set(SAMPLER_CONFIGS))
     if unknown:
         parser.error(f"--samplers: unknown {unknown}; choose from {list(SAMPLER_CONFIGS)}")
+    machine = describe()
 
     backend = jax.default_backend()
     on_cpu = backend == "cpu"
@@ -145,9 +147,6 @@ def main() -> None:
 
     results: dict[str, Any] = {
         "benchmark": "sampling (latent chain + VAE decode in one jit)",
-        "backend": backend,
-        "device_kind": devices[0].device_kind,
-        "device_count": len(devices),
         "dtype": args.dtype,
         "models": args.size,
         "weights": f"random NumPy normals, {args.size}-size U-Net and VAE decoder",
@@ -170,7 +169,7 @@ def main() -> None:
                 for b in batches if b % len(devices) == 0 or len(devices) == 1
             ]
         results["guidance_dpmpp_2m-20"] = guidance
-    print(json.dumps(results, indent=1))
+    print_report(results, machine, indent=1)
 
 
 if __name__ == "__main__":

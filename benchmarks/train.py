@@ -14,7 +14,6 @@ and, where the backend reports it (GPU, TPU), the device's peak memory in use. P
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import describe, load_average  # noqa: E402
+from machine import describe, print_report  # noqa: E402
 
 from diffusets_jax import parallel  # noqa: E402
 from diffusets_jax.config import load_config  # noqa: E402
@@ -147,12 +146,12 @@ def main() -> None:
         batches = parse_batches(args.batch, args.models)
     except ValueError as err:
         parser.error(str(err))
-    report = {"benchmark": "train", "machine": describe(), "results": {}}
+    machine = describe()
+    report = {"benchmark": "train", "results": {}}
     for model in args.models:
         remat = args.remat and model in REMAT_MODELS  # CLIP has no remat option
         report["results"][model] = benchmark(model, batches[model], args.steps, args.compute_dtype, remat, args.fsdp)
-    report["load_average_after"] = load_average()
-    print(json.dumps(report))
+    print_report(report, machine)
 
 
 if __name__ == "__main__":

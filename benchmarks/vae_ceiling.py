@@ -17,7 +17,6 @@ the convolutions are compute-bound, and only fewer operations, which (3) measure
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import describe  # noqa: E402
+from machine import describe, print_report  # noqa: E402
 from model_sizes import random_variables  # noqa: E402
 
 from diffusets_jax.models.group_norm import GroupNormSiLU  # noqa: E402
@@ -123,6 +122,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    machine = describe()
 
     vae = VAE(conv_algorithm="direct")
     latent = 0.18 * jax.random.normal(jax.random.key(2), (args.batch, 128, vae.latent_channels))
@@ -148,15 +148,14 @@ def main() -> None:
         row["gflop"] = round(row["gflop"], 3)
         convs.append(row)
 
-    print(json.dumps({
+    print_report({
         "benchmark": "vae_ceiling",
-        "machine": describe(),
         "decoder": {"batch": args.batch, "gflop": round(decode_flops / 1e9, 2), "seconds": round(decode_s, 4),
                     "gflop_per_s": round(decode_flops / 1e9 / decode_s, 1)},
         "lone_k3_conv": convs,
         "conv_algorithms": algorithms,
         "group_norm_silu_gradient": compare_group_norms(args.batch, args.repeats),
-    }))
+    }, machine)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,11 @@ def test_a_benchmark_runs_and_prints_one_json_object(name, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # the whole of stdout: one object and nothing else
     assert isinstance(result, dict) and result, proc.stdout[:500]
+    # A figure is only comparable on the same machine under the same load: each says what it was measured on.
+    machine = result["machine"]
+    assert {"date_utc", "cpu", "cpu_cores", "load_average", "jax", "backend", "device_kind"} <= set(machine)
+    assert machine["backend"] == "cpu" and machine["cpu_cores"] == os.cpu_count()
+    assert "load_average_after" in result
 
 
 @pytest.mark.slow
