@@ -7,6 +7,7 @@ is skipped where it is not installed.
 import csv
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -36,7 +37,10 @@ def small_ptbxl(target) -> None:
         writer.writerows(rows)
 
 
-def test_beam_direct_runner_matches_local_build(tmp_path):
+def test_beam_direct_runner_matches_local_build(tmp_path, monkeypatch):
+    # Beam makes a `beam-temp*` folder in the temporary directory and leaves it there, empty, even when the process
+    # exits normally: keep it in this test's folder rather than one more in /tmp per suite run.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     manual = tmp_path / "manual"
     small_ptbxl(manual)
     cache = str(tmp_path / "embeddings.sqlite")
