@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     add_size_argument(parser)
     args = parser.parse_args(argv)
     machine = describe()
-    devices = jax.device_count()
-    batch = args.batch or devices
+    batch = args.batch or machine["device_count"]
     mesh = parallel.make_mesh()
     sharding = parallel.batch_sharding(mesh)
     replicated = parallel.replicated(mesh)
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     observation = jax.device_put(make_observation(reference, noise_std=0.05, leads="I,II"), sharding)
     schedule = make_schedule()
     chain = lambda n: SamplerConfig(sampler="ddpm", steps=n, clip_sample=True)
-    results: dict[str, Any] = {"benchmark": "posterior", "models": args.size, "devices": devices, "batch": batch,
+    results: dict[str, Any] = {"benchmark": "posterior", "models": args.size, "batch": batch,
                                "dtype": args.dtype, "timed_steps": args.steps}
     results["generate"] = _measure(
         lambda n: jit_generate(unet, vae, schedule, chain(n), batch_sharding=sharding, compute_dtype=compute_dtype),

@@ -126,8 +126,7 @@ def main() -> None:
         parser.error(f"--samplers: unknown {unknown}; choose from {list(SAMPLER_CONFIGS)}")
     machine = describe()
 
-    backend = jax.default_backend()
-    on_cpu = backend == "cpu"
+    on_cpu = machine["backend"] == "cpu"
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 16, 128] if on_cpu else [1, 16, 128, 1024])
     ddpm_timed = args.ddpm_timed_steps if args.ddpm_timed_steps is not None else (10 if on_cpu else None)
     repeats = args.repeats or (3 if on_cpu else 5)
