@@ -238,3 +238,18 @@ def test_sources_map_cli_names_to_builders(tmp_path):
     assert variant.builder_config.name == "local_70"
     assert variant.info.features["text_embedding"].shape == (384,)
     assert sources.make_builder("mimic-iv-ecg", str(tmp_path), "openai").info.features["text_embedding"].shape == (1536,)
+
+
+@pytest.mark.parametrize("source", ["mimic-iv-ecg", "ptbxl", "physionet-challenge"])
+def test_a_builder_leaves_nothing_in_the_temporary_directory(source, tmp_path, monkeypatch):
+    """TFDS's own DatasetInfo makes an empty temporary folder for every builder of a dataset not prepared yet and
+    leaves it behind; ours does not, and still takes its description and citation from the source's folder."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(temporary))
+    builder = sources.make_builder(source, str(tmp_path / "data"))
+    assert list(temporary.iterdir()) == []
+    folder = os.path.join(os.path.dirname(sources.__file__), os.pardir, os.pardir, "data_prep",
+                          sources.dataset_name(source))
+    assert builder.info.description.strip() == open(os.path.join(folder, "README.md")).read().strip()
+    assert builder.info.citation.strip() == open(os.path.join(folder, "CITATIONS.bib")).read().strip()

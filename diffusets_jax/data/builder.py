@@ -61,6 +61,19 @@ _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under
 _PANDAS_SKIPPED_LINE = re.compile(r"Skipping line (\d+): (.*)")
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """`tfds.core.DatasetInfo` of a dataset built from the user's own download, which is never in TFDS's bucket.
+
+    TFDS constructs a builder whose dataset is not prepared yet by calling `initialize_from_bucket`, which makes
+    a temporary folder before it even looks in gs://tfds-data and never removes it (tensorflow-datasets 4.9.10:
+    one empty `tmp*tfds` folder in the user's temporary directory for every `prepare`). Our datasets are built
+    only from local files, so there is nothing to look up.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 @dataclasses.dataclass(eq=False, kw_only=True)
 class EcgBuilderConfig(tfds.core.BuilderConfig):
     """Options of one prepared variant of a source.
@@ -277,11 +290,15 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
     # ---- TFDS hooks --------------------------------------------------------------------------------------
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=self._description,
+        # What `dataset_info_from_configs` does (the source folder's README.md and CITATIONS.bib win), into a
+        # LocalDatasetInfo.
+        metadata = self.get_metadata()
+        return LocalDatasetInfo(
+            builder=self,
+            description=metadata.description or self._description,
             features=ecg_features(self.builder_config.embedding_dim),
             homepage=self._homepage or None,
-            citation=self._citation or None,
+            citation=metadata.citation or self._citation or None,
         )
 
     def _download_and_prepare(self, dl_manager, download_config) -> None:  # noqa: ANN001 (TFDS types)
