@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+from diffusets_jax.data.builder import LocalDatasetInfo
 from diffusets_jax.data.card import write_card
 from diffusets_jax.data.schema import ecg_features
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
@@ -58,7 +59,8 @@ class SyntheticSplits:
         raise NotImplementedError
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, features=ecg_features(self.EMBEDDING_DIM))
+        # LocalDatasetInfo: TFDS's own would leave an empty temporary folder for every build (builder.py says why).
+        return LocalDatasetInfo(builder=self, features=ecg_features(self.EMBEDDING_DIM))
 
     def _split_generators(self, dl_manager):
         return {split: self._generate_examples(split) for split in self.SPLIT_SIZES}
