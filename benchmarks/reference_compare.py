@@ -20,6 +20,11 @@ count (XLA's cost analysis) for both sides, the published one counted on our pro
 side's GFLOP/s: a speed-up goal that would need more GFLOP/s than the matmul ceiling is out of reach for any
 schedule of the same operations. Under background load PyTorch slows far more than XLA does, so only figures
 from a quiet run compare the programs themselves; the load average is recorded before and after.
+
+Both frameworks lose time to page faults when glibc maps large blocks afresh on every call; our `train` command
+stops that for its own process (`diffusets_jax/host_memory.py`). `--keep-freed-memory` says which side gets
+those settings: `none` (the default: both as glibc leaves them, the comparison of every earlier run), `ours`
+(each side as its training runs) or `both` (the same allocator on both sides: the programs alone).
 """
 
 from __future__ import annotations
@@ -46,8 +51,12 @@ from model_sizes import random_variables  # noqa: E402
 from train import build_step  # noqa: E402
 from vae_ceiling import flops_of  # noqa: E402
 
+from diffusets_jax import host_memory  # noqa: E402
+
 DEFAULT_MEASURES = ("matmul:4096", "unet_forward:1", "unet_forward:16", "unet_forward:128", "unet_train:64", "vae_train:16",
                     "vae_decode:16", "vae_decode:128")
+# Which side keeps freed host memory mapped (`--keep-freed-memory`).
+KEEP_FREED_MEMORY = ("none", "ours", "both")
 MEASURES = ("matmul", "unet_forward", "unet_train", "vae_train", "vae_decode")
 # Issue 16's side-by-side figures (2-core machine, PyTorch 2.x CPU with 2 threads, minimum of several
 # interleaved repetitions), the comparison point when the published code cannot be run here.
@@ -126,10 +135,10 @@ def published_gflop(measure: str, batch: int, ours: float) -> float:
 class ReferenceWorker:
     """The PyTorch worker process: one request, one JSON answer."""
 
-    def __init__(self, torch_python: str, reference_repo: str, threads: int) -> None:
+    def __init__(self, torch_python: str, reference_repo: str, threads: int, keep_freed_memory: bool) -> None:
         self.process = subprocess.Popen(
             [torch_python, str(HERE / "reference_worker.py"), "--reference-repo", reference_repo,
-             "--threads", str(threads)],
+             "--threads", str(threads), *(["--keep-freed-memory"] if keep_freed_memory else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         self.info = self._answer()
@@ -200,6 +209,10 @@ def main() -> None:
     parser.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES), help="NAME:BATCH ...")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (JAX uses every core)")
+    parser.add_argument("--keep-freed-memory", choices=KEEP_FREED_MEMORY, default="none",
+                        help="which side keeps freed host memory mapped, as our train command does "
+                        "(diffusets_jax/host_memory.py): none (glibc's defaults on both sides), ours (each side as "
+                        "its training runs), both (the same allocator on both sides)")
     args = parser.parse_args()
     try:
         measures = [parse_measure(m) for m in args.measures]
@@ -207,10 +220,14 @@ def main() -> None:
         parser.error(str(err))
     if not (Path(args.reference_repo) / "vae" / "vae_model.py").is_file():
         parser.error(f"--reference-repo {args.reference_repo}: no vae/vae_model.py there; give the published checkout")
+    # Before JAX starts its backend (describe() does): the dispatch setting is read then.
+    ours_kept = args.keep_freed_memory != "none" and host_memory.keep_freed_memory()
+    if args.keep_freed_memory != "none" and not ours_kept:
+        parser.error("--keep-freed-memory: this process cannot (not glibc, or GLIBC_TUNABLES sets glibc.malloc.*)")
     machine = describe()
-    report = {"benchmark": "reference_compare", "ours_dtype": "float32",
-              "repeats": args.repeats, "results": []}
-    worker = ReferenceWorker(args.torch_python, args.reference_repo, args.threads)
+    report = {"benchmark": "reference_compare", "ours_dtype": "float32", "repeats": args.repeats,
+              "keep_freed_memory": args.keep_freed_memory, "results": []}
+    worker = ReferenceWorker(args.torch_python, args.reference_repo, args.threads, args.keep_freed_memory == "both")
     try:
         report["reference"] = {"torch": worker.info["torch"], "threads": worker.info["threads"],
                                "repo": str(Path(args.reference_repo).resolve()),

@@ -90,7 +90,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-repo", required=True, help="checkout of the published DiffuSETS code")
     parser.add_argument("--threads", type=int, required=True, help="torch.set_num_threads")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory mapped, as our side's (diffusets_jax/host_memory.py)")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        # The same two glibc settings our side makes, so both sides run on the same allocator: no mmap for large
+        # blocks (M_MMAP_MAX = 0), no trimming of the heap's top (M_TRIM_THRESHOLD = -1).
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if not (libc.mallopt(-4, 0) and libc.mallopt(-1, -1)):
+            raise SystemExit("mallopt refused the settings")
     sys.path.insert(0, args.reference_repo)
     import torch
     from unet import unet_conditional
@@ -99,7 +109,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     modules = (vae_model, unet_conditional)
     runs = {}
-    reply = {"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    reply = {"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "keep_freed_memory": args.keep_freed_memory}
     print(json.dumps(reply), flush=True)
     for line in sys.stdin:
         request = json.loads(line)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import describe, print_report  # noqa: E402
 
-from diffusets_jax import parallel  # noqa: E402
+from diffusets_jax import host_memory, parallel  # noqa: E402
 from diffusets_jax.config import load_config  # noqa: E402
 from diffusets_jax.train import loop  # noqa: E402
 from diffusets_jax.train.run import make_task  # noqa: E402
@@ -141,13 +141,18 @@ def main() -> None:
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--remat", action="store_true", help="rematerialise the VAE / U-Net blocks")
     parser.add_argument("--fsdp", type=int, default=1)
+    parser.add_argument("--allocator-defaults", action="store_true",
+                        help="leave glibc's allocator and JAX's CPU dispatch at their defaults; by default this "
+                        "process keeps freed memory mapped, as the train command does (diffusets_jax/host_memory.py)")
     args = parser.parse_args()
     try:
         batches = parse_batches(args.batch, args.models)
     except ValueError as err:
         parser.error(str(err))
+    # Before JAX starts its backend (describe() does): the dispatch setting is read then.
+    kept = not args.allocator_defaults and host_memory.keep_freed_memory()
     machine = describe()
-    report = {"benchmark": "train", "results": {}}
+    report = {"benchmark": "train", "keep_freed_memory": kept, "results": {}}
     for model in args.models:
         remat = args.remat and model in REMAT_MODELS  # CLIP has no remat option
         report["results"][model] = benchmark(model, batches[model], args.steps, args.compute_dtype, remat, args.fsdp)

@@ -208,6 +208,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    if "jax" not in sys.modules:
+        # The command's own process, before JAX starts: its train steps reuse their temporaries' host memory
+        # (`host_memory.py`). A caller that imported JAX already (a script or test calling `main`) keeps its
+        # process as it is.
+        from diffusets_jax import host_memory
+
+        host_memory.keep_freed_memory()
     from diffusets_jax.config import load_config
     from diffusets_jax.io.run_dir import check_output_path
     from diffusets_jax.train.run import check_model_kind, check_train_section, export_latest, run_training
