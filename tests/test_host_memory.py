@@ -16,7 +16,7 @@ from diffusets_jax import host_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Minor page faults of each call of a program whose result is a fresh 64 MiB array (16,384 pages of 4 KiB),
+# Minor page faults of each of 8 calls of a program whose result is a fresh 64 MiB array (16,384 pages of 4 KiB),
 # after five warm-up calls (the heap settles within them). `keep` asks for the settings first, `train` goes
 # through the train command (whose config does not exist: it still exits 2, after making them).
 CHILD = """
@@ -31,7 +31,7 @@ import jax, jax.numpy as jnp
 x = jnp.ones((16, 1024, 1024), jnp.float32)
 affine = jax.jit(lambda x: x * 1.5 + 0.25)
 faults = []
-for call in range(9):
+for call in range(13):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     affine(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -52,13 +52,20 @@ def run_child(*args: str, **env: str) -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+def reused(faults: list[int]) -> bool:
+    """Whether the result's pages were reused on nearly every call. Another thread's small allocation can take a
+    piece of the freed block now and then (under the suite's load: one call in four once), so one or two calls
+    may fault it in again."""
+    return sum(f < PAGES * 0.01 for f in faults) >= len(faults) - 2
+
+
 def test_the_result_buffer_is_reused_instead_of_faulted_in_again():
     plain = run_child("plain")
     # The premise: without the settings every call maps and faults in its 64 MiB result again.
     assert min(plain["faults"]) >= PAGES * 0.9, plain
     kept = run_child("keep")
     assert kept["applied"] is True
-    assert max(kept["faults"]) < PAGES * 0.01, kept
+    assert reused(kept["faults"]), kept
 
 
 def test_a_user_who_tunes_glibc_malloc_keeps_their_settings():
@@ -70,7 +77,7 @@ def test_a_user_who_tunes_glibc_malloc_keeps_their_settings():
 def test_the_train_command_asks_for_it_in_its_own_process(tmp_path):
     trained = run_child("train", str(tmp_path))
     assert trained["applied"] == 2  # the missing config, reported after the settings were made
-    assert max(trained["faults"]) < PAGES * 0.01, trained
+    assert reused(trained["faults"]), trained
 
 
 def test_the_train_command_leaves_a_caller_that_imported_jax_alone(tmp_path, monkeypatch):
