@@ -7,13 +7,15 @@
 Synthetic batches (the shapes of the real data) on a ("data", "fsdp") mesh over all devices; the step is
 the real jitted, sharded, donated train step of `diffusets_jax.train` (AdamW, one-cycle / cosine schedule,
 loss in float32). Per model: compile time, step time (mean over `--steps` after one warm-up step),
-examples/s, the compiled program's memory (arguments + outputs + temporaries, from XLA's memory analysis)
-and, where the backend reports it (GPU, TPU), the device's peak memory in use. Progress goes to stderr.
+examples/s, the host's page faults and system time per step, the compiled program's memory (arguments +
+outputs + temporaries, from XLA's memory analysis) and, where the backend reports it (GPU, TPU), the device's
+peak memory in use. Progress goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -103,16 +105,20 @@ def benchmark(model: str, batch: int | None, steps: int, compute_dtype: str, rem
     print(f"[train] {model}: compiled in {compile_s:.1f} s, timing {steps} steps", file=sys.stderr, flush=True)
     state, metrics = compiled(state, data)  # warm-up
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
+    usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(steps):
         state, metrics = compiled(state, data)
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
     params = sum(x.size for x in jax.tree.leaves(state.params))
     return {
         "params": int(params), "global_batch": global_batch, "compute_dtype": compute_dtype, "remat": remat,
         "steps": steps, "compile_s": round(compile_s, 2), "step_time_s": round(elapsed / steps, 5),
         "examples_per_s": round(global_batch * steps / elapsed, 1),
+        # What mapping memory afresh costs (diffusets_jax/host_memory.py; --allocator-defaults to compare).
+        "minor_faults_per_step": round((after.ru_minflt - usage.ru_minflt) / steps),
+        "system_s_per_step": round((after.ru_stime - usage.ru_stime) / steps, 4),
         "compiled_memory_bytes": compiled_memory_bytes(compiled),
         "peak_device_memory_bytes": peak_device_memory_bytes(),
         "loss": float(metrics["loss"]),
