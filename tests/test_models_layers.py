@@ -122,20 +122,28 @@ def test_multihead_attention_matches_pytorch_semantics():
     np.testing.assert_allclose(full, np.broadcast_to(short[:, None], full.shape), atol=1e-5)
 
 
-def test_attention_one_head_at_a_time_is_the_batched_attention_and_its_gradients():
-    """The CPU's head-by-head loop (recomputing each head's scores for the backward pass) computes the same values
-    as all heads in one batched product, forward and gradients; the loop is really there."""
+@pytest.mark.parametrize("head_dim", [1, 2])
+def test_attention_one_head_at_a_time_is_the_batched_attention_and_its_gradients(head_dim):
+    """The CPU's head-by-head path computes the same values as all heads in one batched product, forward and
+    gradients. Its gradient really loops over the heads (recomputing each head's scores); its forward loops only
+    for heads one dimension wide (`FORWARD_BY_HEAD_MAX_DIM`)."""
     q, k, v, cotangent = (jax.random.normal(key, shape) for key, shape in zip(
-        jax.random.split(jax.random.key(0), 4), ((3, 4, 16, 2), (3, 4, 12, 2), (3, 4, 12, 2), (3, 4, 16, 2)), strict=True))
+        jax.random.split(jax.random.key(0), 4),
+        ((3, 4, 16, head_dim), (3, 4, 12, head_dim), (3, 4, 12, head_dim), (3, 4, 16, head_dim)), strict=True))
 
     def loss(by_head):
         return lambda q, k, v: jnp.sum(layers.attend(q, k, v, by_head) * cotangent)
 
+    def grad(by_head):
+        return jax.grad(loss(by_head), (0, 1, 2))
+
     np.testing.assert_allclose(layers.attend(q, k, v, True), layers.attend(q, k, v, False), rtol=1e-6, atol=1e-6)
-    for got, want in zip(jax.grad(loss(True), (0, 1, 2))(q, k, v), jax.grad(loss(False), (0, 1, 2))(q, k, v),
-                         strict=True):
+    for got, want in zip(grad(True)(q, k, v), grad(False)(q, k, v), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert "scan" in str(jax.make_jaxpr(loss(True))(q, k, v)) and "scan" not in str(jax.make_jaxpr(loss(False))(q, k, v))
+    assert "scan" in str(jax.make_jaxpr(grad(True))(q, k, v))
+    assert "scan" not in str(jax.make_jaxpr(grad(False))(q, k, v))
+    forward_loops = "scan" in str(jax.make_jaxpr(loss(True))(q, k, v))
+    assert forward_loops == (head_dim <= layers.FORWARD_BY_HEAD_MAX_DIM)
 
 
 def test_attention_goes_head_by_head_on_the_cpu_only_for_large_score_tensors(monkeypatch):
@@ -146,15 +154,16 @@ def test_attention_goes_head_by_head_on_the_cpu_only_for_large_score_tensors(mon
 
 
 def test_multihead_attention_is_the_same_head_by_head(monkeypatch):
-    """The module takes the loop above its size threshold: same output and parameter gradients as below it."""
+    """The module takes the head-by-head path above its size threshold (its gradient loops over the heads): same
+    output and parameter gradients as below it."""
     layer = TorchMultiheadAttention(16, 4)
     query, key = jax.random.normal(jax.random.key(1), (2, 2, 10, 16))
     params = layer.init(jax.random.key(2), query, key, key)
 
     def run():  # new functions each time: JAX caches traces by function, and the path is chosen when tracing
         out = jax.jit(lambda p: layer.apply(p, query, key, key))(params)
-        grads = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply(p, query, key, key)))))(params)
-        return out, grads, str(jax.make_jaxpr(lambda p: layer.apply(p, query, key, key))(params))
+        grad = jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply(p, query, key, key))))
+        return out, jax.jit(grad)(params), str(jax.make_jaxpr(grad)(params))
 
     monkeypatch.setattr(layers, "BY_HEAD_MIN_SCORE_BYTES", float("inf"))
     *want, jaxpr = run()

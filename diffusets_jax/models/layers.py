@@ -16,13 +16,15 @@ converted checkpoint (see `diffusets_jax.convert`) runs unchanged:
   train step at batch 64 did not move beyond noise.
 - `group_norm` / `layer_norm`: `nn.GroupNorm` / `nn.LayerNorm` (eps 1e-5, exact two-pass variance).
 - `TorchMultiheadAttention`: `nn.MultiheadAttention(batch_first=True)` with its packed q/k/v projection; on
-  the CPU, attention whose scores would fill `BY_HEAD_MIN_SCORE_BYTES` or more runs one head at a time, and
+  the CPU, attention whose scores would fill `BY_HEAD_MIN_SCORE_BYTES` or more computes its gradient one
+  head at a time (and its forward pass too for heads one dimension wide, `FORWARD_BY_HEAD_MAX_DIM`), and
   heads of at most `NARROW_HEAD_MAX_DIM` dimensions compute their gradient's query-axis products transposed.
   `between_linears` runs it between linear layers (`LinearParams`) with the weights multiplied first.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -267,6 +269,17 @@ def _polyphase_transposed_conv(x: Array, kernel: Array, stride: int, padding: in
 # ms), so the threshold stays.
 BY_HEAD_MIN_SCORE_BYTES = 32 * 2**20
 
+# Above that threshold the forward pass alone still computes all heads at once where the heads are at least two
+# dimensions wide: XLA:CPU (YNNPACK) then runs scores, exp, weights times values and the division as one fusion,
+# tiled so that no score tensor is written out, and the head loop only adds its slicing and copies. Heads one
+# dimension wide make the scores an outer product, which stays outside that fusion, so they keep the loop. Measured
+# on 2 Intel Xeon cores (2026-12-05, 8 heads, forward alone, one head at a time -> all at once, minimum of 11):
+# 128 samples x 128 x 128, head_dim 4: 18.2 -> 12.3 ms; 64 x 128 x 128, head_dim 4: 10.3 -> 7.5 ms; 256 x 64 x 64,
+# head_dim 2: 12.6 -> 9.4 ms, head_dim 8: 12.6 -> 6.8 ms; but head_dim 1, 128 x 128 x 128: 13.0 -> 18.7 ms (padding
+# it to two dimensions: 14.6 ms). The gradient still loops (all at once it took 29.2 against 20.0 ms at 64 x 128
+# x 128, head_dim 4).
+FORWARD_BY_HEAD_MAX_DIM = 1
+
 
 def attention_by_head(batch: int, heads: int, q_len: int, kv_len: int) -> bool:
     """Whether `attend` should loop over the heads for these sizes on this backend (`BY_HEAD_MIN_SCORE_BYTES`)."""
@@ -359,16 +372,45 @@ def _attend_batched(q: Array, k: Array, v: Array, narrow: bool = False) -> Array
     return (out / total).astype(v.dtype)
 
 
+def _heads_first(*arrays: Array) -> tuple[Array, ...]:
+    return tuple(x.swapaxes(0, 1) for x in arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _all_heads_then_head_by_head_gradient(q: Array, k: Array, v: Array, narrow: bool) -> Array:
+    """`_attend_batched` (all heads in one product), whose gradient recomputes the scores one head at a time."""
+    return _attend_batched(q, k, v, narrow)
+
+
+def _all_heads_fwd(q: Array, k: Array, v: Array, narrow: bool) -> tuple[Array, tuple]:
+    return _attend_batched(q, k, v, narrow), (q, k, v)
+
+
+def _head_by_head_bwd(narrow: bool, residuals: tuple[Array, Array, Array], g: Array) -> tuple[Array, Array, Array]:
+    q, k, v = residuals
+
+    def one_head(qkvg: tuple[Array, ...]) -> tuple[Array, ...]:
+        *qkv, g_head = qkvg
+        return jax.vjp(lambda q, k, v: _attend_batched(q, k, v, narrow), *qkv)[1](g_head)
+
+    return tuple(d.swapaxes(0, 1) for d in jax.lax.map(one_head, _heads_first(q, k, v, g)))
+
+
+_all_heads_then_head_by_head_gradient.defvjp(_all_heads_fwd, _head_by_head_bwd)
+
+
 def attend(q: Array, k: Array, v: Array, one_head_at_a_time: bool = False, narrow: bool = False) -> Array:
     """softmax(q k^T) v per head: q `(batch, heads, q_len, head_dim)` (already scaled), k and v `(batch, heads,
-    kv_len, head_dim)` -> `(batch, heads, q_len, head_dim)`. `one_head_at_a_time`: a loop over the heads, each
-    head's scores recomputed in the backward pass (the batch axis, which a mesh shards, stays whole). `narrow`:
-    the gradient products over the query axis computed transposed (`NARROW_HEAD_MAX_DIM`); same values."""
+    kv_len, head_dim)` -> `(batch, heads, q_len, head_dim)`. `one_head_at_a_time`: the backward pass loops over
+    the heads, recomputing each head's scores (the batch axis, which a mesh shards, stays whole), and so does
+    the forward pass of heads one dimension wide (`FORWARD_BY_HEAD_MAX_DIM`). `narrow`: the gradient products
+    over the query axis computed transposed (`NARROW_HEAD_MAX_DIM`); same values."""
     if not one_head_at_a_time:
         return _attend_batched(q, k, v, narrow)
+    if q.shape[-1] > FORWARD_BY_HEAD_MAX_DIM:
+        return _all_heads_then_head_by_head_gradient(q, k, v, narrow)
     per_head = jax.checkpoint(lambda q, k, v: _attend_batched(q, k, v, narrow))
-    heads_first = jax.lax.map(lambda qkv: per_head(*qkv), tuple(x.swapaxes(0, 1) for x in (q, k, v)))
-    return heads_first.swapaxes(0, 1)
+    return jax.lax.map(lambda qkv: per_head(*qkv), _heads_first(q, k, v)).swapaxes(0, 1)
 
 
 class LinearParams(nn.Module):
