@@ -81,9 +81,16 @@ def test_remat_keeps_parameters_and_gradients(name):
         grads[label] = jax.jit(fn)(params)
 
     np.testing.assert_allclose(grads["remat"][0], grads["plain"][0], rtol=1e-6)
+    # Each leaf is compared at its layer's gradient scale, not its own: a self-attention key's bias shifts every
+    # score of a query alike, which the softmax ignores, so its gradient is zero but for float32 rounding (about
+    # 1e-9 here), and that rounding differs between any two compilations.
+    layer_scale = {}
+    for path, g in jax.tree_util.tree_leaves_with_path(grads["plain"][1]):
+        layer = jax.tree_util.keystr(path[:-1])
+        layer_scale[layer] = max(layer_scale.get(layer, 0.0), float(np.abs(g).max()))
+    remat_grads = dict(jax.tree_util.tree_leaves_with_path(grads["remat"][1]))
     for path, g_plain in jax.tree_util.tree_leaves_with_path(grads["plain"][1]):
-        g_remat = dict(jax.tree_util.tree_leaves_with_path(grads["remat"][1]))[path]
-        scale = float(np.abs(g_plain).max()) + 1e-30
-        np.testing.assert_allclose(g_remat, g_plain, rtol=1e-5, atol=1e-6 * scale,
+        scale = layer_scale[jax.tree_util.keystr(path[:-1])] + 1e-30
+        np.testing.assert_allclose(remat_grads[path], g_plain, rtol=1e-5, atol=1e-6 * scale,
                                    err_msg=jax.tree_util.keystr(path))
     assert any(float(np.abs(g).max()) > 0 for g in jax.tree.leaves(grads["plain"][1]))
