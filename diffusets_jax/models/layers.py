@@ -388,17 +388,26 @@ def _heads_first(*arrays: Array) -> tuple[Array, ...]:
     return tuple(x.swapaxes(0, 1) for x in arrays)
 
 
+def _attend_forward(q: Array, k: Array, v: Array, narrow: bool) -> Array:
+    """`_attend_batched`, all heads in one product, or one head at a time for heads one dimension wide
+    (`FORWARD_BY_HEAD_MAX_DIM`)."""
+    if q.shape[-1] > FORWARD_BY_HEAD_MAX_DIM:
+        return _attend_batched(q, k, v, narrow)
+    return jax.lax.map(lambda qkv: _attend_batched(*qkv, narrow), _heads_first(q, k, v)).swapaxes(0, 1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _all_heads_then_head_by_head_gradient(q: Array, k: Array, v: Array, narrow: bool) -> Array:
-    """`_attend_batched` (all heads in one product), whose gradient recomputes the scores one head at a time."""
-    return _attend_batched(q, k, v, narrow)
+def _attend_head_by_head_gradient(q: Array, k: Array, v: Array, narrow: bool) -> Array:
+    """`_attend_forward`, whose gradient recomputes the scores one head at a time instead of storing them."""
+    return _attend_forward(q, k, v, narrow)
 
 
-def _all_heads_fwd(q: Array, k: Array, v: Array, narrow: bool) -> tuple[Array, tuple]:
-    return _attend_batched(q, k, v, narrow), (q, k, v)
+def _attend_fwd(q: Array, k: Array, v: Array, narrow: bool) -> tuple[Array, tuple[Array, Array, Array]]:
+    return _attend_forward(q, k, v, narrow), (q, k, v)
 
 
-def _head_by_head_bwd(narrow: bool, residuals: tuple[Array, Array, Array], g: Array) -> tuple[Array, Array, Array]:
+def _attend_head_by_head_bwd(narrow: bool, residuals: tuple[Array, Array, Array], g: Array
+                             ) -> tuple[Array, Array, Array]:
     q, k, v = residuals
 
     def one_head(qkvg: tuple[Array, ...]) -> tuple[Array, ...]:
@@ -408,7 +417,7 @@ def _head_by_head_bwd(narrow: bool, residuals: tuple[Array, Array, Array], g: Ar
     return tuple(d.swapaxes(0, 1) for d in jax.lax.map(one_head, _heads_first(q, k, v, g)))
 
 
-_all_heads_then_head_by_head_gradient.defvjp(_all_heads_fwd, _head_by_head_bwd)
+_attend_head_by_head_gradient.defvjp(_attend_fwd, _attend_head_by_head_bwd)
 
 
 def attend(q: Array, k: Array, v: Array, one_head_at_a_time: bool = False, narrow: bool = False) -> Array:
@@ -419,10 +428,7 @@ def attend(q: Array, k: Array, v: Array, one_head_at_a_time: bool = False, narro
     over the query axis computed transposed (`NARROW_HEAD_MAX_DIM`); same values."""
     if not one_head_at_a_time:
         return _attend_batched(q, k, v, narrow)
-    if q.shape[-1] > FORWARD_BY_HEAD_MAX_DIM:
-        return _all_heads_then_head_by_head_gradient(q, k, v, narrow)
-    per_head = jax.checkpoint(lambda q, k, v: _attend_batched(q, k, v, narrow))
-    return jax.lax.map(lambda qkv: per_head(*qkv), _heads_first(q, k, v)).swapaxes(0, 1)
+    return _attend_head_by_head_gradient(q, k, v, narrow)
 
 
 class LinearParams(nn.Module):
