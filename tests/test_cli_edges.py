@@ -9,6 +9,7 @@ The cases that need a trained model, a prepared dataset or a subprocess are grou
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import io
 import json
@@ -106,7 +107,21 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sample-count-0", [*SAMPLE, "--out", "{w}/new", "-n", "0"], "--count must be a positive"),
     ("sample-shard-size-0", [*SAMPLE, "--out", "{w}/new", "--corpus", "--shard-size", "0"], "--shard-size must be"),
     ("sample-unknown-format", [*SAMPLE, "--out", "{w}/new", "--formats", "npz,gif"], "unknown gif"),
-    ("sample-wfdb-fs-negative", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "-5"], "--wfdb-fs must be a positive"),
+    ("sample-wfdb-fs-negative", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "-5"], "--wfdb-fs must be a rate in Hz above 0"),
+    ("sample-wfdb-fs-a-typo", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "500000"], "at most 10000 (e.g. 500)"),
+    # Python's float() reads these: every non-integer flag refuses them (test_every_non_integer_flag_...)
+    ("sample-unknown-sampler", [*SAMPLE, "--out", "{w}/new", "--sampler", "euler"],
+     "argument --sampler: invalid choice: 'euler' (choose from 'ddpm', 'ddim', 'dpmpp_2m') (`diffusets-jax sample "
+     "--help` lists the options)"),
+    ("sample-out-missing", SAMPLE, "the following arguments are required: --out"),
+    ("sample-wfdb-fs-nan", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "nan"],
+     "argument --wfdb-fs: must be a finite number, got 'nan'"),
+    ("sample-guidance-scale-nan", [*SAMPLE, "--out", "{w}/new", "--guidance-scale", "NaN"],
+     "argument --guidance-scale: must be a finite number, got 'NaN'"),
+    ("sample-eta-inf", [*SAMPLE, "--out", "{w}/new", "--sampler", "ddim", "--eta", "inf"],
+     "argument --eta: must be a finite number"),
+    ("sample-reference-start-not-a-number", [*SAMPLE, "--out", "{w}/new", "--reference", RECORD, "--observe", "I",
+                                             "--reference-start", "1,5"], "argument --reference-start: expected a number"),
     ("sample-conditions-not-utf8", ["sample", "--model-dir", "{w}/model_bad_index", "--conditions",
                                     "{w}/cond_latin1.csv", "--out", "{w}/new"], "cond_latin1.csv line 3: not UTF-8"),
     ("sample-conditions-is-a-folder", ["sample", "--model-dir", "{w}/model_bad_index", "--conditions", "{w}/folder",
@@ -228,8 +243,32 @@ CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
+def test_every_non_integer_flag_refuses_nan_and_inf():
+    """Python's float() reads "nan" and "inf", which no range check refuses (`nan <= 0` is false): a NaN guidance
+    scale or WFDB rate sampled for minutes, then wrote no usable ECG. So every such flag of every command parses
+    with `finite_float`."""
+    from diffusets_jax.cli import build_parser, finite_float
+
+    def actions(parser):
+        for action in parser._actions:
+            yield parser.prog, action
+            for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+                yield from actions(sub)
+
+    typed = [(prog, action) for prog, action in actions(build_parser()) if action.type is not None]
+    assert not [(prog, action.dest) for prog, action in typed if action.type is float]
+    assert len([a for _, a in typed if a.type is finite_float]) >= 16
+    assert finite_float("0.5") == 0.5 and finite_float("-3") == -3.0
+    for text in ("nan", "inf", "-Infinity", "abc", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            finite_float(text)
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own checks (types, choices, required flags) exit from parsing
+        code = exit_.code
     return code, capsys.readouterr().err
 
 

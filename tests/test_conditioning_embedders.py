@@ -92,6 +92,13 @@ def test_openai_missing_key_is_a_clear_error(monkeypatch):
         OpenAIEmbedder()
 
 
+@pytest.mark.parametrize("timeout_s", [0.0, -5.0, float("nan"), float("inf")])
+def test_openai_refuses_a_timeout_that_is_no_duration(timeout_s):
+    """0 would time out every request and retry it for minutes before failing; refused before any request."""
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        OpenAIEmbedder(api_key="sk-test", timeout_s=timeout_s)
+
+
 def test_openai_key_and_base_url_from_environment(monkeypatch):
     with FakeOpenAIServer(dim=DIM) as server:
         monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")

@@ -142,7 +142,10 @@ def test_sampler_config_validation_and_presets():
     assert SamplerConfig.faithful() == SamplerConfig(sampler="ddpm", steps=1000, clip_sample=True, guidance_scale=1.0)
     assert SamplerConfig.fast().sampler == "dpmpp_2m" and SamplerConfig.fast().steps == 20
     for bad in ({"sampler": "euler"}, {"timestep_spacing": "cosine"}, {"steps": 0}, {"guidance_mode": "x"}, {"eta": -1},
-                {"final_step_order": 3}, {"data_std": 0.0}, {"data_std": float("nan")}):
+                {"final_step_order": 3}, {"data_std": 0.0}, {"data_std": float("nan")},
+                # non-finite settings run, then every ECG comes out NaN and is skipped
+                {"eta": float("inf")}, {"eta": float("nan")}, {"guidance_scale": float("nan")},
+                {"guidance_scale": float("-inf")}, {"clip_range": 0.0}, {"clip_range": float("nan")}):
         with pytest.raises(ValueError):
             SamplerConfig(**bad)
     with pytest.raises(ValueError, match="ddpm ends with its own"):

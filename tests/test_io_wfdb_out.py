@@ -10,6 +10,8 @@ import wfdb
 from diffusets_jax.ecg.leads import MIMIC_LEADS, STANDARD_LEADS
 from diffusets_jax.io.wfdb_out import (
     ADC_GAIN,
+    MAX_OUTPUT_FS_HZ,
+    check_output_fs,
     format_conditions,
     parse_conditions,
     read_record,
@@ -96,6 +98,17 @@ def test_batch_skips_and_counts_bad_records(tmp_path):
     assert set(summary.skipped) == {"s1", "s2"}
     assert "non-finite" in summary.skipped["s1"] and "mV" in summary.skipped["s2"]
     assert sorted(os.listdir(tmp_path)) == ["s0.dat", "s0.hea", "s3.dat", "s3.hea"]
+
+
+@pytest.mark.parametrize("output_fs", [0.0, -500.0, float("nan"), 500_000.0])
+def test_a_bad_output_rate_is_refused_for_the_batch_not_skipped_per_record(tmp_path, output_fs):
+    """The rate is the caller's choice, not a property of one record: the whole call fails, and writes nothing.
+    500000 is the typo for 500 that would write 5 million samples per lead."""
+    with pytest.raises(ValueError, match="--wfdb-fs must be a rate in Hz above 0 and at most"):
+        write_records(tmp_path, np.stack([synthetic_ecg()]), ["a"], output_fs=output_fs)
+    assert os.listdir(tmp_path) == []
+    assert check_output_fs(None) is None and check_output_fs(500.0) == 500.0
+    assert check_output_fs(MAX_OUTPUT_FS_HZ) == MAX_OUTPUT_FS_HZ
 
 
 def test_clear_errors(tmp_path):

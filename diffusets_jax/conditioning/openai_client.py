@@ -66,6 +66,8 @@ class OpenAIConnection:
             )
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if not 0 < timeout_s < float("inf"):  # 0 would time every request out, then retry it for minutes
+            raise ValueError(f"timeout must be a positive number of seconds per request, got {timeout_s}")
         self.service = service
         self.model = model
         self.max_retries = max_retries

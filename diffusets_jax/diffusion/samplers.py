@@ -23,6 +23,7 @@ step there returns the posterior mean, which is flatter than the data by sqrt(1 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -133,8 +134,12 @@ class SamplerConfig:
             raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {self.guidance_mode!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0.0 <= self.eta:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if not 0.0 <= self.eta < math.inf:
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number (1 = no guidance), got {self.guidance_scale}")
+        if not 0.0 < self.clip_range < math.inf:
+            raise ValueError(f"clip_range must be a finite number > 0, got {self.clip_range}")
         if self.final_step_order not in FINAL_STEP_ORDERS:
             raise ValueError(f"final_step_order must be one of {FINAL_STEP_ORDERS}, got {self.final_step_order!r}")
         if self.sampler == "ddpm" and self.final_step_order != 1:

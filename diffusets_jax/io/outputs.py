@@ -101,8 +101,11 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
     `provenance`: where the conditions came from (e.g. a findings file), recorded in the manifest and the run's
     settings.
     """
+    from diffusets_jax.io.wfdb_out import check_output_fs
+
     out = check_output_path(out_dir)
     formats = list(formats)
+    check_output_fs(wfdb_fs)
     items = expand(conditions)
     total = generator.num_batches(conditions)
     settings = {**generator.settings(), "formats": formats, "wfdb_fs": wfdb_fs,

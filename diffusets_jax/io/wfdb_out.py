@@ -33,6 +33,10 @@ DURATION_S = 10.0
 ADC_GAIN = 1000.0  # adu per mV
 _ADC_LIMIT = 32767  # format 16; -32768 is WFDB's "no sample" marker
 _RECORD_NAME = re.compile(r"^[-\w]+$")
+# The highest rate a record may be resampled to. The generated signal holds nothing above 51.2 Hz and clinical
+# and research recorders sample at 250 Hz to a few kHz; far above that a rate is a typo (--wfdb-fs 500000 for
+# 500 would write 5 million samples per lead and record).
+MAX_OUTPUT_FS_HZ = 10_000.0
 
 
 def format_conditions(conditions: Mapping[str, Any]) -> list[str]:
@@ -64,8 +68,18 @@ def parse_conditions(comments: Sequence[str]) -> dict[str, str]:
     return parsed
 
 
+def check_output_fs(output_fs: float | None) -> float | None:
+    """`output_fs` if it is None (keep the model's rate) or a rate in (0, `MAX_OUTPUT_FS_HZ`] Hz; ValueError
+    otherwise, in words a command can print as its one line (checked before any ECG is generated)."""
+    if output_fs is not None and not 0.0 < output_fs <= MAX_OUTPUT_FS_HZ:
+        raise ValueError(f"--wfdb-fs must be a rate in Hz above 0 and at most {MAX_OUTPUT_FS_HZ:g} (e.g. 500), "
+                         f"got {output_fs}")
+    return output_fs
+
+
 def prepare_signal(ecg: Any, fs: float = ECG_RATE_HZ, output_fs: float | None = None) -> tuple[np.ndarray, float]:
     """Check one ECG `(samples, 12)` in mV and resample it to `output_fs` if given -> `(signal, fs)`."""
+    check_output_fs(output_fs)
     ecg = np.asarray(ecg, dtype=np.float64)
     if ecg.ndim != 2 or ecg.shape[1] != len(STANDARD_LEADS):
         raise ValueError(
@@ -149,6 +163,7 @@ def write_records(
     A record that cannot be written (non-finite or out-of-range samples, a bad name) is skipped and counted
     in the summary with its reason; the rest of the batch is still written.
     """
+    check_output_fs(output_fs)  # a bad rate is the caller's, not one record's: refused, not skipped
     ecgs = np.asarray(ecgs)
     if ecgs.ndim != 3:
         raise ValueError(f"ecgs: expected shape (batch, samples, 12), got {ecgs.shape}")
