@@ -221,6 +221,17 @@ CASES: list[tuple[str, list[str], str]] = [
      "train.num_steps must be a positive"),
     ("train-zero-batch", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.train.global_batch_size=0"],
      "train.global_batch_size must be a positive"),
+    # values that train wrongly instead of failing: refused with the key, before any data is read
+    ("train-negative-learning-rate", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.optimizer.learning_rate=-1e-4"],
+     "optimizer.learning_rate must be in (0, inf), got -0.0001"),
+    ("train-nan-learning-rate", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.optimizer.learning_rate=nan"],
+     "optimizer.learning_rate must be a finite number"),
+    ("train-beta-above-one", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.optimizer.b1=1.5"],
+     "optimizer.b1 must be in [0, 1), got 1.5"),
+    ("train-negative-weight-decay", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.optimizer.weight_decay=-0.01"],
+     "optimizer.weight_decay must be in [0, inf)"),
+    ("train-float16", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.train.compute_dtype=float16"],
+     "train.compute_dtype must be one of float32, bfloat16, got 'float16'"),
     ("train-unknown-conv-algorithm", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.model.conv_algorithm=fft"],
      "model.conv_algorithm must be one of auto, direct, winograd"),
     ("train-unknown-key", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.train.lr=1"], "unknown config key"),
@@ -320,7 +331,7 @@ def test_run_failures_are_one_line_exit_1_and_preemption_exits_75(world, monkeyp
 
     def nan_loss(*args, **kwargs):
         raise loop.NonFiniteLossError("loss is nan at step 6; stopped without saving it, the last good checkpoint "
-                                      "is step 4 in W. Lower train.learning_rate")
+                                      "is step 4 in W. Lower optimizer.learning_rate")
 
     monkeypatch.setattr(run, "run_training", nan_loss)
     code, err = run_cli([*TRAIN_VAE, "--workdir", str(world / "new")], capsys)

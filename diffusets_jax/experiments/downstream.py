@@ -496,6 +496,7 @@ def run_downstream(
     from diffusets_jax.io.run_dir import check_output_path, output_dir
     from diffusets_jax.train.classifier import build_classifier, classifier_task, make_predictor
     from diffusets_jax.train.loop import CompiledSteps
+    from diffusets_jax.train.run import check_train_section
 
     if arms is None:
         arms = ("real", "weighted") + (("augmented",) if model_dir is not None or generated_corpus is not None else ())
@@ -509,6 +510,7 @@ def run_downstream(
     num_steps = int(config.train.num_steps)
     if num_steps < 1:
         raise ValueError(f"train.num_steps must be a positive number of steps (--steps), got {num_steps}")
+    check_train_section(config, "the classifier config")
     if data_dir is None and not Path(dataset).is_dir():
         raise FileNotFoundError(f"--dataset {dataset}: no such directory (give a prepared dataset's directory, the "
                                 "one holding dataset_info.json, or a TFDS name with --data-dir)")

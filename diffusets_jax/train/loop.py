@@ -466,7 +466,7 @@ def _check_finite(step: int, metrics: Metrics, manager: ocp.CheckpointManager) -
                  else "no checkpoint was saved yet")
         raise NonFiniteLossError(
             f"loss is {host['loss']} at step {step}; stopped without saving it, {where}. Lower "
-            "train.learning_rate, set train.grad_clip_norm, or check the data for NaN/inf values."
+            "optimizer.learning_rate, set optimizer.grad_clip_norm, or check the data for NaN/inf values."
         )
     return host
 

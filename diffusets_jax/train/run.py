@@ -23,7 +23,7 @@ from diffusets_jax import parallel
 from diffusets_jax.models import model_dir as model_dirs
 from diffusets_jax.models.winograd import check_algorithm
 from diffusets_jax.train.loop import Task, TrainResult, train
-from diffusets_jax.train.optim import total_steps
+from diffusets_jax.train.optim import check_optimizer_section, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "train.num_steps", "train.num_epochs", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoints", "train.progress_bar", "mesh",
 )
+# What the trainers compute in: float32, or bfloat16 activations and matmuls with float32 master parameters.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 # config.train keys that count something and must be positive.
 _POSITIVE_TRAIN_KEYS = ("global_batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batches",
                         "checkpoint_every", "keep_checkpoints")
@@ -75,6 +77,11 @@ def check_train_section(config: ml_collections.ConfigDict, source: str = "the co
                          f"{train.num_epochs}")
     if not 0.0 <= float(train.ema_decay) < 1.0:
         raise ValueError(f"{source}: train.ema_decay must be in [0, 1) (0 = off), got {train.ema_decay}")
+    if train.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"{source}: train.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got "
+                         f"{train.compute_dtype!r} (float16 would need loss scaling, which the trainers do not do)")
+    if "optimizer" in config:
+        check_optimizer_section(config.optimizer, source)
     # The one model field that names a choice rather than a size (the VAE's); a typo would otherwise surface
     # only when the step is traced.
     algorithm = config.get("model", {}).get("conv_algorithm")
