@@ -1,6 +1,7 @@
 """`diffusets-jax train` end to end on a real (tiny) prepared TFDS dataset through the tf.data pipeline."""
 
 import json
+import re
 
 import pytest
 
@@ -54,3 +55,29 @@ def test_train_clip_cli_end_to_end_then_resume_and_export(tmp_path):
     position = manager.restore(6, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
     manager.close()
     assert position["step"] == 6 and position["examples_seen"] == 48
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("widths", (32, 0, 64), "model.widths must be positive (a width, count or size), got (32, 0, 64)"),
+    ("groups", -8, "model.groups must be positive"),
+    ("latent_channels", 0, "model.latent_channels must be positive"),
+])
+def test_the_architectures_numbers_are_checked_before_any_module_is_built(key, value, expected):
+    from diffusets_jax.config import load_config
+    from diffusets_jax.train.run import check_train_section
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_vae.py")
+    config.model[key] = value
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        check_train_section(config, "demo_vae.py")
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
+def test_a_dropout_rate_outside_0_1_is_refused(value):
+    from diffusets_jax.config import load_config
+    from diffusets_jax.train.run import check_train_section
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_clip.py")
+    config.model.dropout_rate = value
+    with pytest.raises(ValueError, match="model.dropout_rate must be"):
+        check_train_section(config, "demo_clip.py")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,10 @@ def check_train_section(config: ml_collections.ConfigDict, source: str = "the co
                          f"{train.compute_dtype!r} (float16 would need loss scaling, which the trainers do not do)")
     if "optimizer" in config:
         check_optimizer_section(config.optimizer, source)
+    if "cond_dropout" in train and not 0.0 <= float(train.cond_dropout) < 1.0:
+        raise ValueError(f"{source}: train.cond_dropout must be in [0, 1) (the share of conditions dropped for "
+                         f"guidance; 0 = none), got {train.cond_dropout}")
+    _check_model_section(config.get("model", {}), source)
     # The one model field that names a choice rather than a size (the VAE's); a typo would otherwise surface
     # only when the step is traced.
     algorithm = config.get("model", {}).get("conv_algorithm")
@@ -90,6 +95,22 @@ def check_train_section(config: ml_collections.ConfigDict, source: str = "the co
             check_algorithm(algorithm)
         except ValueError as err:
             raise ValueError(f"{source}: model.{err}") from None
+
+
+def _check_model_section(model: Any, source: str) -> None:
+    """The architecture's numbers, before any module is built: every integer (or integer in a tuple) is a width,
+    a count or a size and must be positive, every float finite, a dropout rate in [0, 1). Otherwise a zero width
+    fails deep inside JAX with a traceback, and a negative dropout trains."""
+    for key, value in model.items():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if isinstance(item, int) and item < 1:
+                raise ValueError(f"{source}: model.{key} must be positive (a width, count or size), got {value}")
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{source}: model.{key} must be a finite number, got {value}")
+            if "dropout" in key and not 0.0 <= item < 1.0:
+                raise ValueError(f"{source}: model.{key} must be in [0, 1), got {value}")
 
 
 def run_settings(model: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
