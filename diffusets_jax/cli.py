@@ -1252,6 +1252,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"diffusets-jax {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:
+        if args.debug or not _out_of_memory(err):
+            raise
+        print(f"diffusets-jax {args.command}: error: out of memory ({_one_line(err)[:200]}): run it smaller: "
+              "--batch-size, --particles; for train, train.global_batch_size or more train.grad_accum_steps",
+              file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the host or an accelerator running out of memory: the run could not finish (exit 1), and a
+    smaller batch fixes it, so it gets one line, not a traceback. XLA reports it as RESOURCE_EXHAUSTED."""
+    if isinstance(err, MemoryError):
+        return True
+    import jax
+
+    return isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err)
 
 
 def _one_line(err: BaseException) -> str:

@@ -348,6 +348,31 @@ def test_run_failures_are_one_line_exit_1_and_preemption_exits_75(world, monkeyp
     assert_one_line(err, "preempted (SIGTERM) at step 7, checkpoint saved; rerun the same command to resume")
 
 
+@pytest.mark.parametrize("error", ["xla", "host"])
+def test_running_out_of_memory_is_one_line_exit_1_saying_to_run_smaller(world, monkeypatch, capsys, error):
+    import jax
+
+    from diffusets_jax.train import run
+
+    def out_of_memory(*args, **kwargs):
+        if error == "xla":
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 61531218206912 bytes.")
+        raise MemoryError
+
+    monkeypatch.setattr(run, "run_training", out_of_memory)
+    code, err = run_cli([*TRAIN_VAE, "--workdir", str(world / "new")], capsys)
+    assert code == 1
+    assert_one_line(err, "error: out of memory (")
+    assert "train.global_batch_size or more train.grad_accum_steps" in err
+
+    def bug(*args, **kwargs):  # any other runtime error is a bug: its traceback stays
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(run, "run_training", bug)
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        run_cli([*TRAIN_VAE, "--workdir", str(world / "new")], capsys)
+
+
 def test_exit_codes_are_documented_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

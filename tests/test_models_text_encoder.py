@@ -37,6 +37,14 @@ def test_default_model_is_all_minilm_l6_v2(files):
     assert files.max_length == 256  # sentence_bert_config.json, not tokenizer.json's 128
 
 
+def test_a_max_length_beyond_the_models_positions_is_refused_not_capped(files):
+    """The embedder id records the length used (len512); asked for more, it used to cap silently."""
+    limit = files.config.max_position_embeddings
+    assert text_encoder.load_sentence_encoder(max_length=limit).max_length == limit
+    with pytest.raises(ValueError, match=f"max_length {limit + 1} is beyond the {limit} positions"):
+        text_encoder.load_sentence_encoder(max_length=limit + 1)
+
+
 def test_tokenizer_truncates_to_max_length_including_special_tokens(files, reference):
     lengths = [len(e.ids) for e in files.tokenizer.encode_batch(reference["texts"])]
     assert lengths == [min(int(n), 256) for n in reference["n_tokens"]]

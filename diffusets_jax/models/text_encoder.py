@@ -227,6 +227,9 @@ def load_sentence_encoder(model_dir: str | os.PathLike | None = None, max_length
             f"{model_dir} is not a sentence-transformers model directory: missing {', '.join(missing)}"
         )
     config = BertConfig.from_json(model_dir / "config.json")
+    if max_length is not None and max_length > config.max_position_embeddings:
+        raise ValueError(f"max_length {max_length} is beyond the {config.max_position_embeddings} positions "
+                         f"{model_dir.name} has; give at most {config.max_position_embeddings}")
     if max_length is None:
         st_config = model_dir / "sentence_bert_config.json"
         if st_config.is_file():
