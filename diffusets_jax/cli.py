@@ -30,6 +30,17 @@ def finite_float(text: str) -> float:
     return value
 
 
+def seed_int(text: str) -> int:
+    """The argparse type of every `--seed`: a whole number in [0, 2**32) (`config.check_seed` says why)."""
+    from diffusets_jax.config import check_seed
+
+    try:
+        return check_seed(int(text), "the seed")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err) if text.lstrip("+-").isdigit() else
+                                         f"expected a whole number, got {text!r}") from None
+
+
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "prepare",
@@ -444,7 +455,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     smp.add_argument("--clip-sample", choices=("on", "off"),
                      help="clip predicted latents to [-1, 1] (default for ddpm: as the model directory says, on for "
                           "the published model; off for ddim and dpmpp_2m)")
-    smp.add_argument("--seed", type=int, default=0, help="PRNG seed (default: %(default)s)")
+    smp.add_argument("--seed", type=seed_int, default=0, help="PRNG seed (default: %(default)s)")
     smp.add_argument("--batch-size", type=int, default=64, help="ECGs per compiled call, rounded up to a multiple "
                      "of the device count (default: %(default)s)")
     smp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -643,7 +654,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"))
     smp.add_argument("--steps", type=int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
     smp.add_argument("--guidance-scale", type=finite_float, default=1.0)
-    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--seed", type=seed_int, default=0)
     smp.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for intervals (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -763,7 +774,7 @@ def _add_reconstruct_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--particles", type=int, default=8, help="SMC particles per record (default: %(default)s)")
     parser.add_argument("--noise-std", type=finite_float, default=0.05, help="observation noise, mV (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="records per compiled call (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: %(default)s)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="PRNG seed (default: %(default)s)")
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="processes measuring ECGs (default: %(default)s)")
     parser.set_defaults(func=_run_reconstruct_eval)
@@ -816,7 +827,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--guidance-scale", type=finite_float, default=1.0, help="classifier-free guidance weight (default: 1, none)")
     parser.add_argument("--tolerance", type=finite_float, default=1.5,
                         help="terminal latent std and range ratios outside [1/T, T] are flagged (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the noise and the sampler (default: %(default)s)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="PRNG seed of the noise and the sampler (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="latents per compiled call (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="report directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -861,7 +872,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                         "rerunning the same demo there resumes, another folder's contents are never touched")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole")
     parser.add_argument("--quick", action="store_true", help="a few training steps only: the same path in ~a minute")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.set_defaults(func=_run_demo)
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -247,6 +248,20 @@ def mesh_section(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
             "fsdp": fsdp,
         }
     )
+
+
+# A seed names a random stream. JAX's PRNG keys (without jax_enable_x64, as here) keep only a seed's low 32 bits:
+# seed 2**32 + 1 draws exactly what seed 1 draws, and -1 what 2**32 - 1 draws. Seeds outside [0, MAX_SEED] are
+# refused, rather than silently repeating another seed's ECGs or weights.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """`seed` as an int if it is a whole number in [0, `MAX_SEED`]; ValueError naming `name` otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} must be a whole number from 0 to {MAX_SEED} (2**32 - 1: JAX keeps a seed's low 32 "
+                         f"bits, so larger ones would repeat smaller ones), got {seed!r}")
+    return int(seed)
 
 
 def train_section(**values: Any) -> ml_collections.ConfigDict:

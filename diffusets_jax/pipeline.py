@@ -32,6 +32,7 @@ import numpy as np
 from diffusets_jax import parallel
 from diffusets_jax.conditioning.patient import patient_features
 from diffusets_jax.conditioning.requests import Condition, expand
+from diffusets_jax.config import check_seed
 from diffusets_jax.diffusion.guidance import fixed_null_condition
 from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, resolve_for_model
 from diffusets_jax.diffusion.schedule import make_schedule
@@ -87,7 +88,7 @@ class ECGGenerator:
         self.diffusion = self.index.diffusion
         sampler = resolve_for_model(sampler if sampler is not None else SamplerConfig(), self.diffusion)
         self.sampler = sampler
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.mesh = parallel.local_mesh()
         devices = self.mesh.devices.size
         self.batch_size = max(devices, -(-batch_size // devices) * devices)

@@ -114,6 +114,13 @@ CASES: list[tuple[str, list[str], str]] = [
      "argument --sampler: invalid choice: 'euler' (choose from 'ddpm', 'ddim', 'dpmpp_2m') (`diffusets-jax sample "
      "--help` lists the options)"),
     ("sample-out-missing", SAMPLE, "the following arguments are required: --out"),
+    # JAX keeps a seed's low 32 bits: 2**32 would draw seed 0's ECGs (config.check_seed)
+    ("sample-seed-negative", [*SAMPLE, "--out", "{w}/new", "--seed", "-1"],
+     "argument --seed: the seed must be a whole number from 0 to 4294967295"),
+    ("sample-seed-beyond-32-bits", [*SAMPLE, "--out", "{w}/new", "--seed", "4294967296"],
+     "so larger ones would repeat smaller ones), got 4294967296"),
+    ("turing-conditions-seed-negative", ["turing-conditions", "--dataset", "{w}/nope", "--out", "{w}/c.csv", "-n", "2",
+                                         "--seed", "-3"], "--seed must be a whole number >= 0, got -3"),
     ("sample-wfdb-fs-nan", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "nan"],
      "argument --wfdb-fs: must be a finite number, got 'nan'"),
     ("sample-guidance-scale-nan", [*SAMPLE, "--out", "{w}/new", "--guidance-scale", "NaN"],
@@ -232,6 +239,8 @@ CASES: list[tuple[str, list[str], str]] = [
      "optimizer.weight_decay must be in [0, inf)"),
     ("train-float16", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.train.compute_dtype=float16"],
      "train.compute_dtype must be one of float32, bfloat16, got 'float16'"),
+    ("train-seed-beyond-32-bits", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.train.seed=4294967297"],
+     "train.seed must be a whole number from 0 to 4294967295"),
     ("train-zero-width", [*TRAIN_VAE, "--workdir", "{w}/new", "--config.model.latent_channels=0"],
      "model.latent_channels must be positive (a width, count or size), got 0"),
     ("train-cond-dropout-above-one", ["train", "unet", "--config", str(CONFIGS / "demo_unet.py"), "--workdir",

@@ -103,3 +103,18 @@ def test_module_section_lists_every_field():
     assert section.to_dict() == {"widths": (1, 2), "kernel": 5}
     with pytest.raises(ValueError, match="no field"):
         module_section(Toy, kernal=5)
+
+
+def test_seeds_are_whole_numbers_jax_keeps_apart():
+    """Why the range: without x64 JAX keeps a seed's low 32 bits, so 2**32 + 1 would draw what 1 draws."""
+    import jax
+    import numpy as np
+
+    from diffusets_jax.config import MAX_SEED, check_seed
+
+    same = [jax.random.key_data(jax.random.key(s)) for s in (1, MAX_SEED + 2)]
+    np.testing.assert_array_equal(*same)
+    assert check_seed(0) == 0 and check_seed(MAX_SEED) == MAX_SEED and check_seed(np.int64(7)) == 7
+    for bad in (-1, MAX_SEED + 1, 2**63, 1.0, True, "3", None):
+        with pytest.raises(ValueError, match="must be a whole number from 0 to 4294967295"):
+            check_seed(bad)

@@ -207,6 +207,8 @@ class KitOptions:
                              f"{self.controls} for {self.variant}")
         if not 30 <= self.dpi <= 600:
             raise ValueError(f"--dpi must be within 30..600, got {self.dpi}")
+        if self.seed is not None and self.seed < 0:  # NumPy's generators take non-negative seeds of any size
+            raise ValueError(f"--seed must be a whole number >= 0, got {self.seed}")
 
 
 def _draw_ids(rng: np.random.Generator, count: int) -> list[str]:
@@ -478,6 +480,8 @@ def write_split_conditions(
         raise ValueError(f"{str(out)!r} already exists: choose another path (nothing is ever overwritten)")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+    if seed < 0:  # NumPy's generators take non-negative seeds of any size
+        raise ValueError(f"--seed must be a whole number >= 0, got {seed}")
     real = load_dataset_split(dataset, split, data_dir=data_dir, limit=limit)
     usable = np.array([i for i, c in enumerate(real.conditions) if c["report"]
                        and not any(LINE_SEPARATOR in line for line in c["report"])], dtype=np.int64)

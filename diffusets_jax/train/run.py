@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from diffusets_jax import parallel
+from diffusets_jax.config import check_seed
 from diffusets_jax.models import model_dir as model_dirs
 from diffusets_jax.models.winograd import check_algorithm
 from diffusets_jax.train.loop import Task, TrainResult, train
@@ -76,6 +77,7 @@ def check_train_section(config: ml_collections.ConfigDict, source: str = "the co
     if int(train.num_steps) == 0 and not float(train.num_epochs) > 0:
         raise ValueError(f"{source}: train.num_epochs must be positive when train.num_steps is 0, got "
                          f"{train.num_epochs}")
+    check_seed(train.seed, f"{source}: train.seed")
     if not 0.0 <= float(train.ema_decay) < 1.0:
         raise ValueError(f"{source}: train.ema_decay must be in [0, 1) (0 = off), got {train.ema_decay}")
     if train.compute_dtype not in COMPUTE_DTYPES:
