@@ -59,3 +59,17 @@ def test_conditions_path_errors(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "a", "sex": "F", "age": 1, "hr": 60}\n[1, 2]\n')
     with pytest.raises(ValueError, match="c.jsonl line 2: expected a JSON object"):
         read_conditions(tmp_path / "c.jsonl")
+
+
+def test_column_names_as_spreadsheets_export_them(tmp_path):
+    """`Count` used to be ignored (one ECG per row, no error) and `Age` reported missing."""
+    path = tmp_path / "c.csv"
+    path.write_text("Text, Sex ,AGE,HR,Count,Record ID\nSinus rhythm,M,50,70,3,r1\n")
+    (condition,) = read_conditions(path)
+    assert (condition.sex, condition.age, condition.heart_rate, condition.count) == (1, 50.0, 70.0, 3)
+    path.write_text("age,Age,text,sex,hr\n50,51,Sinus rhythm,M,70\n")
+    with pytest.raises(ValueError, match="c.csv line 2: two columns read as 'age'; keep one"):
+        read_conditions(path)
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(json.dumps({"Report": "Sinus rhythm", "Gender": "F", "Age": 40, "HR": 60, "N": 2}) + "\n")
+    assert read_conditions(jsonl)[0].count == 2

@@ -2,8 +2,8 @@
 
 A `Condition` is one report (its statements), one patient (sex, age, heart rate) and how many ECGs to make for
 them. Files: CSV/TSV with a header row or JSON Lines, fields `text` (statements joined by `|`; also `report` or
-`prompt`), `sex` (`gender`), `age`, `heart_rate` (`hr`) and optional `count` (`n`). Every error names the file,
-the line and the field.
+`prompt`), `sex` (`gender`), `age`, `heart_rate` (`hr`) and optional `count` (`n`), in any case and spacing
+(`Age`, ` HR `); other columns are ignored. Every error names the file, the line and the field.
 """
 
 from __future__ import annotations
@@ -59,6 +59,18 @@ _FIELD_ALIASES = {"text": ("text", "report", "prompt"), "sex": ("sex", "gender")
                   "heart_rate": ("heart_rate", "hr"), "count": ("count", "n")}
 
 
+def _normalise_columns(row: dict, where: str) -> dict:
+    """Column names as spreadsheets export them (`Age`, ` HR `) read as ours; two that become the same name are
+    refused rather than one silently chosen. Columns we do not read are kept and ignored."""
+    normal: dict = {}
+    for column, value in row.items():
+        key = column.strip().lower() if isinstance(column, str) else column
+        if key in normal:
+            raise ValueError(f"{where}: two columns read as {key!r}; keep one")
+        normal[key] = value
+    return normal
+
+
 def _field(row: dict, name: str, where: str, required: bool = True) -> object:
     for alias in _FIELD_ALIASES[name]:
         if alias in row and row[alias] not in (None, ""):
@@ -102,10 +114,11 @@ def read_conditions(path: str | os.PathLike) -> list[Condition]:
         raise ValueError(f"conditions file {str(path)!r} is a directory; give a .csv or .jsonl file")
     if not path.exists():
         raise FileNotFoundError(f"conditions file {str(path)!r} does not exist")
+    rows = [(where, _normalise_columns(row, where)) for where, row in _rows(path)]
     conditions = [
         make_condition(_field(r, "text", w), _field(r, "sex", w), _field(r, "age", w), _field(r, "heart_rate", w),
                        _field(r, "count", w, required=False), where=w)
-        for w, r in _rows(path)
+        for w, r in rows
     ]
     if not conditions:
         raise ValueError(f"{path.name}: no conditions found")
