@@ -105,7 +105,7 @@ def test_user_folders_are_refused_and_overwrite_replaces_them_as_a_whole(model_d
     (["--formats", "npz,gif"], "unknown gif"),
     (["--steps", "0"], "steps must be a positive"),
     (["--batch-size", "0"], "--batch-size must be a positive"),
-    (["--wfdb-fs", "-5"], "--wfdb-fs must be a positive"),
+    (["--wfdb-fs", "-5"], "--wfdb-fs must be a rate in Hz above 0"),
 ])
 def test_bad_sample_flags_fail_at_once_with_one_line(model_dir, tmp_path, capsys, extra, match):
     out = tmp_path / "out"
