@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffusets_jax import parallel
@@ -89,6 +90,10 @@ class ECGGenerator:
         sampler = resolve_for_model(sampler if sampler is not None else SamplerConfig(), self.diffusion)
         self.sampler = sampler
         self.seed = check_seed(seed)
+        # The network's dtype changes the ECGs, so it is part of a run's fingerprint (`settings`); float32 is the
+        # default and is named by None, as before, so runs started earlier still resume.
+        self.compute_dtype = (None if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32
+                              else jnp.dtype(compute_dtype).name)
         self.mesh = parallel.local_mesh()
         devices = self.mesh.devices.size
         self.batch_size = max(devices, -(-batch_size // devices) * devices)
@@ -114,7 +119,8 @@ class ECGGenerator:
         """What determines this generator's outputs, for manifests and run fingerprints."""
         return {"model_dir": os.path.abspath(self.model_dir),
                 "components": {name: entry.get("uid") for name, entry in self.index.components.items()},
-                "sampler": dataclasses.asdict(self.sampler), "seed": self.seed, "batch_size": self.batch_size}
+                "sampler": dataclasses.asdict(self.sampler), "seed": self.seed, "batch_size": self.batch_size,
+                **({"compute_dtype": self.compute_dtype} if self.compute_dtype else {})}
 
     def embedder(self):  # noqa: ANN201 (an Embedder)
         if self._embedder is None:

@@ -92,6 +92,10 @@ def test_user_folders_are_refused_and_overwrite_replaces_them_as_a_whole(model_d
     before = (ours / "samples.npz").read_bytes()
     assert main([*args, "--out", str(ours), "-n", "2"]) == 2
     assert "other settings" in capsys.readouterr().err
+    # The network's dtype changes the ECGs: a bf16 rerun would have resumed (or mixed into) the float32 run. The
+    # message names what changed and nothing else (the recorded settings went through JSON, tuples and all).
+    assert main([*args, "--out", str(ours), "-n", "6", "--dtype", "bfloat16"]) == 2
+    assert 'with other settings (compute_dtype: null -> "bfloat16"):' in capsys.readouterr().err
     assert main([*args, "--out", str(ours), "-n", "6"]) == 0
     assert (ours / "samples.npz").read_bytes() == before
     # --overwrite replaces the folder as a whole: nothing of the old run is left beside the new one.

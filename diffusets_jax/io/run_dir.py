@@ -193,6 +193,9 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    # The recorded settings went through JSON (tuples became lists): compare like with like, or every setting that
+    # holds a tuple would be listed as changed.
+    new = json.loads(json.dumps(new, default=str))
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if not keys:
         return "same settings, other version"
