@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +172,24 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(source, tmp_path):
 
     with pytest.raises(ValueError, match="other settings.*vae"):  # another VAE's latents never mix with these
         latents.encode_dataset(source, out, toy_encoder, VARIABLES, **{**kwargs, "vae": {**TOY_VAE, "uid": "other"}})
+
+
+def test_a_source_rebuilt_in_place_is_not_resumed_into(source, tmp_path):
+    """`prepare --overwrite` rebuilds a dataset under the same path and version; its card (records, embedder,
+    build time) changes, and a half-done encoding of the old build must not be resumed with the new one."""
+    rebuilt = tmp_path / "source"
+    shutil.copytree(source.data_dir, rebuilt)
+    kwargs = {"batch_size": 8, "examples_per_shard": 20, "vae": TOY_VAE, "splits": ["train"]}
+    out = str(tmp_path / "latents")
+    latents.encode_dataset(str(rebuilt), out, toy_encoder, VARIABLES, **kwargs)
+    latents.encode_dataset(str(rebuilt), out, toy_encoder, VARIABLES, **kwargs)  # the same source: resumes
+    card = rebuilt / "diffusets_dataset.json"
+    card.write_text(json.dumps({**json.loads(card.read_text()), "created": "2027-01-01T00:00:00+00:00"}))
+    with pytest.raises(ValueError, match="was encoded from another build of tiny_ecg .* prepared again since"):
+        latents.encode_dataset(str(rebuilt), out, toy_encoder, VARIABLES, **kwargs)
+    fresh = str(tmp_path / "latents_of_the_new_build")
+    latents.encode_dataset(str(rebuilt), fresh, toy_encoder, VARIABLES, **kwargs)
+    latents.encode_dataset(str(rebuilt), fresh, toy_encoder, VARIABLES, **kwargs)  # which then resumes
 
 
 def test_bad_arguments_are_named(source, tmp_path):
