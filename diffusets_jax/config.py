@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import numbers
 import os
 from collections.abc import Iterable, Sequence
@@ -321,9 +322,44 @@ def optimizer_section(**values: Any) -> ml_collections.ConfigDict:
         }
     )
     _update_declared(section, values, "optimizer")
-    if section.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"optimizer.lr_schedule must be one of {LR_SCHEDULES}, got {section.lr_schedule!r}")
+    check_optimizer_section(section)
     return section
+
+
+# What each optimizer field may hold, beyond being a finite number: (the interval, in words; its test). Outside
+# them training runs but wrongly (a negative learning rate ascends the loss; a beta of 1.5 diverges).
+_OPTIMIZER_RANGES: dict[str, tuple[str, Any]] = {
+    "learning_rate": ("(0, inf)", lambda v: v > 0),
+    "warmup_steps": ("[0, inf)", lambda v: v >= 0),
+    "cosine_final_fraction": ("[0, 1]", lambda v: 0 <= v <= 1),
+    "one_cycle_pct_start": ("(0, 1)", lambda v: 0 < v < 1),
+    "one_cycle_div_factor": ("(0, inf)", lambda v: v > 0),
+    "one_cycle_final_div_factor": ("(0, inf)", lambda v: v > 0),
+    "b1": ("[0, 1)", lambda v: 0 <= v < 1),
+    "b2": ("[0, 1)", lambda v: 0 <= v < 1),
+    "eps": ("(0, inf)", lambda v: v > 0),
+    "weight_decay": ("[0, inf)", lambda v: v >= 0),
+    "grad_clip_norm": ("[0, inf)", lambda v: v >= 0),  # 0 = off
+}
+
+
+def check_optimizer_section(optimizer: ml_collections.ConfigDict, source: str | None = None) -> None:
+    """Refuse `config.optimizer` values that would train wrongly rather than fail: a non-finite number or one
+    outside its range (`_OPTIMIZER_RANGES`), an unknown schedule. Run when a recipe builds the section and again
+    after command-line overrides (`train.run.check_train_section`); `source` names the config file in the
+    message."""
+    prefix = f"{source}: " if source else ""
+    for key, (interval, allowed) in _OPTIMIZER_RANGES.items():
+        try:
+            value = float(optimizer[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"{prefix}optimizer.{key} must be a number, got {optimizer[key]!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{prefix}optimizer.{key} must be a finite number, got {optimizer[key]!r}")
+        if not allowed(value):
+            raise ValueError(f"{prefix}optimizer.{key} must be in {interval}, got {optimizer[key]!r}")
+    if optimizer.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"{prefix}optimizer.lr_schedule must be one of {LR_SCHEDULES}, got {optimizer.lr_schedule!r}")
 
 
 def diffusion_section(**values: Any) -> ml_collections.ConfigDict:

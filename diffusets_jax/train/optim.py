@@ -17,46 +17,6 @@ import optax
 from diffusets_jax.config import LR_SCHEDULES
 
 
-def _number(optimizer: ml_collections.ConfigDict, key: str) -> float:
-    try:
-        value = float(optimizer[key])
-    except (TypeError, ValueError):
-        raise ValueError(f"optimizer.{key} must be a number, got {optimizer[key]!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"optimizer.{key} must be a finite number, got {optimizer[key]!r}")
-    return value
-
-
-def check_optimizer_section(optimizer: ml_collections.ConfigDict, source: str = "the config") -> None:
-    """Refuse `config.optimizer` values that would train wrongly rather than fail, before any work: a negative or
-    NaN learning rate runs (gradient ascent, or NaN from step 1), as do a beta of 1.5, negative weight decay or
-    warm-up, and a NaN clipping norm. `source` names the config file in the message."""
-    # (key, lowest allowed, whether the lowest is allowed, highest allowed, whether the highest is allowed)
-    ranges = {
-        "learning_rate": (0.0, False, math.inf, False),
-        "warmup_steps": (0.0, True, math.inf, False),
-        "cosine_final_fraction": (0.0, True, 1.0, True),
-        "one_cycle_pct_start": (0.0, False, 1.0, False),
-        "one_cycle_div_factor": (0.0, False, math.inf, False),
-        "one_cycle_final_div_factor": (0.0, False, math.inf, False),
-        "b1": (0.0, True, 1.0, False),
-        "b2": (0.0, True, 1.0, False),
-        "eps": (0.0, False, math.inf, False),
-        "weight_decay": (0.0, True, math.inf, False),
-        "grad_clip_norm": (0.0, True, math.inf, False),  # 0 = off
-    }
-    for key, (low, low_in, high, high_in) in ranges.items():
-        try:
-            value = _number(optimizer, key)
-        except ValueError as err:
-            raise ValueError(f"{source}: {err}") from None
-        if not ((value > low or (low_in and value == low)) and (value < high or (high_in and value == high))):
-            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-            raise ValueError(f"{source}: optimizer.{key} must be in {interval}, got {optimizer[key]!r}")
-    if optimizer.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"{source}: optimizer.lr_schedule must be one of {LR_SCHEDULES}, got {optimizer.lr_schedule!r}")
-
-
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
     """Optimiser steps per pass over `config.data.num_train_examples` (the last partial batch dropped)."""
     examples = int(config.data.num_train_examples)

@@ -21,11 +21,11 @@ import jax
 import ml_collections
 
 from diffusets_jax import parallel
-from diffusets_jax.config import check_seed
+from diffusets_jax.config import check_optimizer_section, check_seed
 from diffusets_jax.models import model_dir as model_dirs
 from diffusets_jax.models.winograd import check_algorithm
 from diffusets_jax.train.loop import Task, TrainResult, train
-from diffusets_jax.train.optim import check_optimizer_section, total_steps
+from diffusets_jax.train.optim import total_steps
 
 log = logging.getLogger(__name__)
 
