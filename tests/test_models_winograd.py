@@ -1,6 +1,8 @@
 """Winograd convolutions: exact algebra in float64, float32 accuracy against a float64 reference, gradients, and
 when the VAE takes the path."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,13 +73,13 @@ def test_correlate_gradients_match_the_direct_convolution():
 
 
 def test_when_the_winograd_path_is_taken():
-    c, length = winograd.MIN_CHANNELS, 4 * winograd.MIN_ROWS  # one record of this length has MIN_ROWS tiles
+    c, length = winograd.MIN_CHANNELS, winograd.TILE * winograd.MIN_ROWS  # one record of this length has MIN_ROWS tiles
     wide, narrow = jnp.zeros((1, length, c), jnp.float32), jnp.zeros((1, length, c // 2), jnp.float32)
     k3, narrow_k3 = jnp.zeros((3, c, c), jnp.float32), jnp.zeros((3, c // 2, c), jnp.float32)
     on_cpu = jax.default_backend() == "cpu"
     assert winograd.uses_winograd("auto", wide, k3) == on_cpu
     assert winograd.uses_winograd("auto", jnp.zeros((4, length // 4, c)), k3) == on_cpu  # rows count the batch
-    assert not winograd.uses_winograd("auto", wide[:, :length - 4], k3)  # too few rows for the matmuls to pay
+    assert not winograd.uses_winograd("auto", wide[:, :length - winograd.TILE], k3)  # too few rows for the matmuls to pay
     assert not winograd.uses_winograd("auto", narrow, narrow_k3)  # too narrow to pay for the transforms
     assert not winograd.uses_winograd("auto", wide.astype(jnp.bfloat16), k3.astype(jnp.bfloat16))  # bf16: too lossy
     assert not winograd.uses_winograd("auto", wide, jnp.zeros((1, c, c)))  # a 1x1 conv is a matmul already
@@ -103,3 +105,44 @@ def test_vae_algorithms_share_parameters_and_agree():
 
     for a, b in zip(jax.jit(lambda: run(fast))(), jax.jit(lambda: run(direct))(), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(jnp.abs(b).max()))
+
+
+def _interior_padded_pads(hlo: str) -> list[str]:
+    """The pads of a compiled program's HLO with interior padding (`lo_hi_interior` per dimension, interior > 0)."""
+    return [m for m in re.findall(r"pad\([^)]*\), padding=(\S+?)[,}\s]", hlo)
+            if any(int(dim.split("_")[2]) for dim in m.split("x") if dim.count("_") == 2)]
+
+
+def test_the_gradient_reads_every_transform_as_slices():
+    """The written-out gradient: no interior-padded pads (what autodiff makes of the strided input transform, and
+    XLA:CPU fuses into loops that do not vectorise), while autodiff of the same forward has them, so the check can
+    tell."""
+    x, kernel = jnp.ones((2, 48, 16)), jnp.ones((3, 16, 8)) * 0.1
+
+    def hlo_of(conv):
+        grad = jax.grad(lambda x, k: jnp.sum(jnp.tanh(conv(x, k)) ** 2), argnums=(0, 1))
+        return jax.jit(grad).lower(x, kernel).compile().as_text()
+
+    assert _interior_padded_pads(hlo_of(lambda x, k: winograd.correlate(x, k, (1, 1)))) == []
+    autodiff = hlo_of(lambda x, k: winograd._winograd(x, k, (1, 1), winograd.TILE)[0])
+    assert _interior_padded_pads(autodiff)
+
+
+def test_correlate_refuses_padding_beyond_full():
+    with pytest.raises(ValueError, match="pads each side by 0 to 2"):
+        winograd.correlate(jnp.ones((1, 8, 4)), jnp.ones((3, 4, 4)), (3, 1))
+
+
+def test_the_gradient_on_an_explicit_mesh_matches_one_device():
+    """The kernel gradient contracts the batch-sharded tiles: on a mesh with Explicit axes it is told its
+    sharding (that of the kernel) and equals the one-device gradient."""
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((len(jax.devices()), 40, 24)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 24, 16)) / 8, jnp.float32)
+    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(winograd.correlate(x, k, (1, 1)) ** 2), argnums=(0, 1)))
+    sharded_x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    sharded_kernel = jax.device_put(kernel, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    for got, expected in zip(grad(sharded_x, sharded_kernel), grad(x, kernel), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * float(jnp.abs(expected).max()))

@@ -38,7 +38,7 @@ def _correlate(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[int,
                                         out_sharding=out_sharding)
 
 
-def _sharding_of(array: jax.Array, axes: tuple[int, ...], x: jax.Array, kernel: jax.Array) -> NamedSharding:
+def sharding_of(array: jax.Array, axes: tuple[int, ...], x: jax.Array, kernel: jax.Array) -> NamedSharding:
     """`array`'s sharding with its axes taken in the order `axes`: a gradient is sharded as its primal. On meshes
     with Explicit axes a convolution that contracts a sharded axis (the kernel gradient contracts the batch)
     must be told its output sharding, as JAX's own transpose rules do. The mesh is the one x or the kernel
@@ -76,9 +76,9 @@ def _backward(stride, padding, residuals, dy):
     span = (out_length - 1) * stride  # from the first output's first tap to the last output's
     swapped = jnp.flip(kernel, axis=0).transpose(0, 2, 1)  # (k, out, in)
     dx = _correlate(dy, swapped, 1, (taps - 1 - lo, length + lo - span - 1), lhs_dilation=stride,
-                    out_sharding=_sharding_of(x, (0, 1, 2), x, kernel))
+                    out_sharding=sharding_of(x, (0, 1, 2), x, kernel))
     dkernel = _correlate(x.transpose(2, 1, 0), dy.transpose(1, 0, 2), 1, (lo, taps + span - lo - length),
-                         rhs_dilation=stride, out_sharding=_sharding_of(kernel, (1, 0, 2), x, kernel))
+                         rhs_dilation=stride, out_sharding=sharding_of(kernel, (1, 0, 2), x, kernel))
     return dx, dkernel.transpose(1, 0, 2)
 
 
