@@ -5,7 +5,7 @@ The VAE is almost all k3 convolutions. This measures (1) the published decoder a
 convolution: XLA's own FLOP count (compiled cost analysis), the time and so the GFLOP/s achieved; (2) one lone
 k3 "same" convolution at the decoder's widest shapes, in float32 and bfloat16: what the backend's convolution
 reaches at best; (3) the decoder forward and the whole training gradient (encoder, decoder, reconstruction
-loss) with `conv_algorithm` "direct" and "auto" (Winograd F(4, 3) / F(4, 2) where it pays, on the CPU), and
+loss) with `conv_algorithm` "direct" and "auto" (Winograd F(6, 3) / F(6, 2) where it pays, on the CPU), and
 the decoder with Winograd forced everywhere (what "auto" declines, e.g. at batch 1), run alternately so all
 see the same load; (4) the gradient of GroupNorm + SiLU alone at the VAE's activation shapes, as
 `nn.GroupNorm` then SiLU and as the fused `GroupNormSiLU` the VAE uses, alternately. When (1) is close to (2)

@@ -12,9 +12,8 @@ and `encode` / `decode` return float32. `remat=True` recomputes each residual an
 activations in the backward pass instead of keeping them (less memory, about one more forward of work);
 the parameters are the same either way. `conv_algorithm` picks how the convolutions are computed
 (`winograd.CONV_ALGORITHMS`): "auto" runs the wide float32 ones of large enough batches on the CPU as
-Winograd F(4, 3) / F(4, 2),
-half the multiply-adds, within about 1e-5 of the direct convolution (relative to the output's scale); it too
-leaves the parameters alone.
+Winograd F(6, 3) / F(6, 2), under half the multiply-adds, within about 1e-5 of the direct convolution (relative
+to the output's scale); it too leaves the parameters alone.
 
 Usage::
 
