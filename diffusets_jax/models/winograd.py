@@ -21,11 +21,11 @@ arithmetic.
 Accuracy: the transforms are exact in float64 (small integers, halves and quarters); float32 rounding in them
 puts the result within 1e-5 of a float64 reference relative to the output's scale, a few times the direct
 convolution's own rounding error (F(6, 3) at 256-512 channels: 3-7e-6 at most, root mean square 4-6 times the
-direct convolution's, against 2-4e-6 and 3-4 times for F(4, 3); the published VAE's training gradient 5.5e-7
-from a float64 one, median over its parameters of the root-mean-square relative error, against 4.0e-7 for F(4,
-3) and 2.4e-7 direct, 2026-12-05) (`tests/test_models_winograd.py`; the published VAE stays within 1e-5 of
-the PyTorch reference vectors, `tests/test_convert_vae.py`). In bfloat16 the transforms would lose too much,
-so "auto" never takes this path for bfloat16 compute.
+direct convolution's, against 2-4e-6 and 3-4 times for F(4, 3); `tests/test_models_winograd.py`). Over the
+published VAE's training gradient, the median relative root-mean-square error against float64 is 5.5e-7 (F(4,
+3) 4.0e-7, direct 2.4e-7; 2026-12-05), and the published VAE stays within 1e-5 of the PyTorch reference vectors
+(`tests/test_convert_vae.py`). In bfloat16 the transforms would lose too much, so "auto" never takes this path
+for bfloat16 compute.
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ TILE = 6
 _FINITE_POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5)
 # Below this many input and output channels the matmuls are too small to pay for the transforms on the CPU, nor
 # below this many tiles in the batch (rows of each matmul). Chosen by timing the published VAE on 2 cores
-# (2026-12-02; 128 channels since the written-out gradient, 2026-12-05, which made the 128-channel level pay too);
-# `benchmarks/vae_ceiling.py --batch B` re-checks them: at batch 1 it times the decode with Winograd forced
-# everywhere against the direct path.
+# (2026-12-02). 128 channels since the written-out gradient (2026-12-05): with the 128-channel level on this
+# path the training gradient took 2.29 s against 2.33 s (minimum of 8 alternated calls, within this machine's
+# noise, so at least no loss). `benchmarks/vae_ceiling.py --batch B` re-checks them: at batch 1 it times the
+# decode with Winograd forced everywhere against the direct path.
 MIN_CHANNELS = 128
 MIN_ROWS = 256
 
@@ -92,10 +93,9 @@ def _combine(matrix: np.ndarray, terms: list[jax.Array]) -> list[jax.Array]:
     return rows
 
 
-def _input_transform(x: jax.Array, padding: tuple[int, int], r: int, tile: int
-                     ) -> tuple[list[jax.Array], int, int]:
+def _input_transform(x: jax.Array, padding: tuple[int, int], r: int, tile: int) -> tuple[list[jax.Array], int]:
     """`(B^T d)` of every tile of `x` `(batch, length, c)` padded by `padding`, for an r-tap correlation: a list of
-    `a = tile + r - 1` arrays `(batch * tiles, c)`, with the number of tiles and of outputs."""
+    `a = tile + r - 1` arrays `(batch * tiles, c)`, and the number of outputs."""
     batch, length, channels = x.shape
     out_length = length + padding[0] + padding[1] - r + 1
     tiles = -(-out_length // tile)
@@ -105,7 +105,7 @@ def _input_transform(x: jax.Array, padding: tuple[int, int], r: int, tile: int
     # Sample j of every tile: (batch, tiles, c) strided views of the padded input.
     samples = [x[:, j:j + tile * (tiles - 1) + 1:tile] for j in range(tile + r - 1)]
     b_t = transforms(tile, r)[2]
-    return [_reshape(t, (batch * tiles, channels)) for t in _combine(b_t, samples)], tiles, out_length
+    return [_reshape(t, (batch * tiles, channels)) for t in _combine(b_t, samples)], out_length
 
 
 def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -131,8 +131,7 @@ def _output_transform(m: list[jax.Array], a_t: np.ndarray, batch: int, out_lengt
     which XLA:CPU fuses into the next op (often a GroupNorm's backward) as a loop that does not vectorise.
     """
     rows, channels = m[0].shape
-    terms = [jnp.asarray(a_t[:, i], m[i].dtype)[:, None] * m[i][:, None, :]
-             for i in range(len(m)) if np.any(a_t[:, i])]
+    terms = [jnp.asarray(a_t[:, i], mi.dtype)[:, None] * mi[:, None, :] for i, mi in enumerate(m)]
     y = functools.reduce(jnp.add, terms)  # (batch * tiles, tile, c)
     return _reshape(y, (batch, rows // batch * a_t.shape[0], channels))[:, :out_length]
 
@@ -146,7 +145,7 @@ def _winograd(x: jax.Array, kernel: jax.Array, padding: tuple[int, int], tile: i
     """
     r = kernel.shape[0]
     a_t, g, _ = transforms(tile, r)
-    v, _, out_length = _input_transform(x, padding, r, tile)
+    v, out_length = _input_transform(x, padding, r, tile)
     u = _combine(g, list(kernel))
     contract = (((1,), (1,)), ((), ())) if swapped else (((1,), (0,)), ((), ()))
     # The a matmuls, one per transformed sample, each (batch * tiles, c_out). Separate 2-D matmuls, not one
@@ -193,8 +192,8 @@ def _backward(padding, tile, residuals, dy):
     r = kernel.shape[0]
     a_t, g, _ = transforms(tile, r)
     batch, out_length, c_out = dy.shape
-    tiles = -(-out_length // tile)
-    dy_tiles = _reshape(jnp.pad(dy, ((0, 0), (0, tiles * tile - out_length), (0, 0))), (batch * tiles, tile, c_out))
+    rows = v[0].shape[0]  # batch * tiles
+    dy_tiles = _reshape(jnp.pad(dy, ((0, 0), (0, rows // batch * tile - out_length), (0, 0))), (rows, tile, c_out))
     dm = _combine(a_t.T, [dy_tiles[:, k] for k in range(tile)])
     # A contraction over the (batch-sharded) tiles: on meshes with Explicit axes it must be told its output's
     # sharding, that of the kernel.
