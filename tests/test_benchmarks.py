@@ -80,3 +80,19 @@ def test_reference_compare_counts_the_published_arithmetic(monkeypatch):
     assert published > 1.4 * ours
     ours, published = counts("unet_forward", 1)
     assert published > ours
+
+
+def test_train_refuses_a_step_larger_than_memory_in_one_line(monkeypatch):
+    """The configs' global batches are sized for accelerators (the VAE's 256 needs about 34 GB on a CPU):
+    `train.py` says so in one line, with what to pass, instead of XLA's out-of-memory traceback."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import train
+
+    limit, what = train.memory_limit_bytes()
+    assert limit > 0 and what == "this host's available memory"  # the suite's CPU backend reports no limit
+    assert train.too_large("vae", 16, limit // 2, 1, (limit, what)) is None
+    # Simulated CPU devices share the host: each one's program counts.
+    line = train.too_large("vae", 256, limit // 2, 4, (limit, what))
+    assert line is not None and "\n" not in line
+    assert "vae step at global batch 256" in line and "--batch vae=16" in line
+    assert train.too_large("vae", 16, None, 1, (limit, what)) is None  # no memory analysis: run it
