@@ -12,10 +12,11 @@ step (Intel Xeon, 2 cores, 2026-12-05). Two settings let one mapping serve every
   `mallopt` says, so the first setting alone changes nothing.
 
 With both, the same VAE step had 1 fault and took 2.19 s instead of 2.46 s, the published-size U-Net step at
-batch 64 0.21-0.22 s instead of 0.25-0.26 s (README, "Measured figures"). The price: the process keeps its peak
-host memory until it exits, and the train loop's host work (fetching the next batch, a few milliseconds) no
-longer overlaps a step. JAX runs a program split over several devices on its own threads, so on a CPU mesh of
-several devices this helps less (a two-device program's result still faulted in half its pages on every call).
+batch 64 0.21-0.22 s instead of 0.25-0.26 s (benchmarks/HISTORY.md, "Host memory kept for reuse"). The price:
+the process keeps its peak host memory until it exits, and the train loop's host work (fetching the next batch,
+a few milliseconds) no longer overlaps a step. JAX runs a program split over several devices on its own
+threads, so on a CPU mesh of several devices this helps less (a two-device program's result still faulted in
+half its pages on every call).
 Sampling did not gain (its chain reuses its temporaries inside one call), so only `train` asks for it; the
 library leaves the process as it found it.
 """
