@@ -97,13 +97,14 @@ def peak_device_memory_bytes() -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def memory_limit_bytes() -> tuple[int, str]:
-    """`(bytes, what)` a step's program may use: the device's limit where the backend reports one (GPU, TPU),
-    else the host's available memory, which every simulated CPU device shares."""
+def memory_limit() -> tuple[int, str, int]:
+    """`(bytes, what, devices_sharing)`: the memory a step's program may use and how many devices' programs share
+    it. The device's own limit where the backend reports one (GPU, TPU), for that device alone; else the host's
+    available memory, which every local (simulated CPU) device shares."""
     stats = jax.devices()[0].memory_stats()
     if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"]), f"one {jax.devices()[0].device_kind}'s memory"
-    return host_available_bytes(), "this host's available memory"
+        return int(stats["bytes_limit"]), f"one {jax.devices()[0].device_kind}'s memory", 1
+    return host_available_bytes(), "this host's available memory", len(jax.local_devices())
 
 
 def host_available_bytes() -> int:
@@ -119,15 +120,16 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def too_large(model: str, global_batch: int, need: int | None, devices_sharing: int,
-              limit: tuple[int, str]) -> str | None:
-    """The one line that refuses a step whose program (`need` bytes per device, XLA's memory analysis) does not
-    fit `limit`, or None. The configs' global batches are sized for accelerators: on a CPU the VAE's 256 asks for
-    about 34 GB. Checked after compiling and before running, so the error is this line, not XLA's."""
-    if need is None or need * devices_sharing <= limit[0]:
+def too_large(model: str, global_batch: int, need: int | None, limit: int, what: str, devices_sharing: int
+              ) -> str | None:
+    """The one line that refuses a step whose program (`need` bytes per device, XLA's memory analysis), once for
+    each of the `devices_sharing` devices, does not fit `limit` bytes (`memory_limit`), or None. The configs'
+    global batches are sized for accelerators: on a CPU the VAE's 256 asks for about 34 GB. Checked after
+    compiling and before running, so the error is this line, not XLA's."""
+    if need is None or need * devices_sharing <= limit:
         return None
     return (f"train.py: the {model} step at global batch {global_batch} needs {need * devices_sharing / 1e9:.1f} GB "
-            f"(XLA's memory analysis) and {limit[1]} is {limit[0] / 1e9:.1f} GB: pass a smaller --batch, e.g. "
+            f"(XLA's memory analysis) and {what} is {limit / 1e9:.1f} GB: pass a smaller --batch, e.g. "
             f"--batch vae=16 unet=64 clip=32 on a CPU")
 
 
@@ -137,10 +139,7 @@ def benchmark(model: str, batch: int | None, steps: int, compute_dtype: str, rem
     start = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - start
-    limit = memory_limit_bytes()
-    # Simulated CPU devices share the host's memory; an accelerator's limit is per device.
-    sharing = len(jax.local_devices()) if jax.default_backend() == "cpu" else 1
-    refusal = too_large(model, global_batch, compiled_memory_bytes(compiled), sharing, limit)
+    refusal = too_large(model, global_batch, compiled_memory_bytes(compiled), *memory_limit())
     if refusal:
         print(refusal, file=sys.stderr)
         sys.exit(2)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,11 +89,12 @@ def test_train_refuses_a_step_larger_than_memory_in_one_line(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import train
 
-    limit, what = train.memory_limit_bytes()
+    limit, what, sharing = train.memory_limit()
     assert limit > 0 and what == "this host's available memory"  # the suite's CPU backend reports no limit
-    assert train.too_large("vae", 16, limit // 2, 1, (limit, what)) is None
+    assert sharing == len(jax.local_devices())  # the suite's simulated devices share the host
+    assert train.too_large("vae", 16, limit // 2, limit, what, 1) is None
     # Simulated CPU devices share the host: each one's program counts.
-    line = train.too_large("vae", 256, limit // 2, 4, (limit, what))
+    line = train.too_large("vae", 256, limit // 2, limit, what, 4)
     assert line is not None and "\n" not in line
     assert "vae step at global batch 256" in line and "--batch vae=16" in line
-    assert train.too_large("vae", 16, None, 1, (limit, what)) is None  # no memory analysis: run it
+    assert train.too_large("vae", 16, None, limit, what, 1) is None  # no memory analysis: run it
