@@ -24,9 +24,9 @@ from diffusets_jax import parallel
 from diffusets_jax.config import module_fields
 from diffusets_jax.ecg.shapes import ECG_LENGTH
 from diffusets_jax.models.net1d import Net1D
+from diffusets_jax.models.precision import cast_floating
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer
-from diffusets_jax.train.state import cast_floating
 
 MODEL_KIND = "classifier"
 

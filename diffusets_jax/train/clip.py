@@ -21,9 +21,9 @@ import optax
 from diffusets_jax.config import module_fields
 from diffusets_jax.ecg.shapes import ECG_LENGTH
 from diffusets_jax.models.clip import CLIP
+from diffusets_jax.models.precision import cast_floating
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer
-from diffusets_jax.train.state import cast_floating
 
 
 def build_clip(config: ml_collections.ConfigDict) -> CLIP:

@@ -38,10 +38,10 @@ from diffusets_jax.diffusion.schedule import (
     training_target,
 )
 from diffusets_jax.ecg.shapes import LATENT_SHAPE
+from diffusets_jax.models.precision import cast_floating, with_compute_dtype
 from diffusets_jax.models.vae import VAE
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer
-from diffusets_jax.train.state import cast_floating, with_compute_dtype
 
 # "normalised": the U-Net sees (sex, age / 100, heart rate / 100), values of order 1 like the text embedding.
 

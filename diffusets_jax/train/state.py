@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -60,20 +58,3 @@ def create_train_state(
 def ema_update(ema_params: Any, params: Any, decay: float | jax.Array) -> Any:
     """`decay * ema + (1 - decay) * params`, leaf by leaf."""
     return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema_params, params)
-
-
-def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
-    """Cast the floating-point leaves of `tree` to `dtype` (bf16 compute on f32 master params)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def with_compute_dtype(module: nn.Module, dtype: jnp.dtype) -> nn.Module:
-    """`module` computing in `dtype` when it has a `dtype` field (the VAE and U-Net do), else `module` as is.
-
-    Casting the parameters and inputs alone (`cast_floating`) is not enough for such a module: a float32
-    constant inside it (e.g. the U-Net's frozen time tables) would promote everything after it back to
-    float32. Its own `dtype` makes every layer compute in bf16, with norms and softmax kept in float32.
-    """
-    if any(field.name == "dtype" for field in dataclasses.fields(module)):
-        return module.clone(dtype=dtype)
-    return module

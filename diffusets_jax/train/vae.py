@@ -18,10 +18,10 @@ import ml_collections
 
 from diffusets_jax.config import module_fields
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
+from diffusets_jax.models.precision import cast_floating, with_compute_dtype
 from diffusets_jax.models.vae import LATENT_SCALE, VAE
 from diffusets_jax.train.loop import Task
 from diffusets_jax.train.optim import learning_rate_schedule, make_optimizer, steps_per_epoch
-from diffusets_jax.train.state import cast_floating, with_compute_dtype
 
 KL_SCHEDULES = ("per_epoch", "linear")
 
