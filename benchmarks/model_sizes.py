@@ -6,7 +6,7 @@ trains: timing that model, or checking quickly that a benchmark still runs end t
 does, since compiling the published U-Net's and VAE's gradients takes minutes on 2 cores).
 
     add_size_argument(parser)
-    unet = build("unet", args.size, dtype=compute_dtype)
+    unet = build("unet", args.size)
     variables = random_variables(unet.init, *example_inputs)
 """
 
@@ -38,12 +38,12 @@ def add_size_argument(parser: argparse.ArgumentParser) -> None:
                         help="model sizes: the published ones, or the demo's (configs/demo_*.py; quick, for checks)")
 
 
-def build(kind: str, size: str, **fields: Any) -> nn.Module:
-    """The `kind` module ("unet", "vae", "clip") at `size`; `fields` (e.g. `dtype`) override the architecture's."""
+def build(kind: str, size: str) -> nn.Module:
+    """The `kind` module ("unet", "vae", "clip") at `size`, computing in float32 (a lower compute dtype is the
+    caller's, e.g. `jit_generate(compute_dtype=...)`, as the commands do it)."""
     if size == "published":
-        return MODULES[kind](**fields)
-    architecture = module_fields(load_config(CONFIGS / f"demo_{kind}.py"))
-    return MODULES[kind](**{**architecture, **fields})
+        return MODULES[kind]()
+    return MODULES[kind](**module_fields(load_config(CONFIGS / f"demo_{kind}.py")))
 
 
 def random_variables(init: Callable, *args: Any) -> dict:

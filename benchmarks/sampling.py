@@ -134,14 +134,15 @@ def main() -> None:
 
     devices = jax.devices()
     mesh = parallel.make_mesh()  # the mesh `sample` uses: Auto axes, batch over every device
-    unet = build("unet", args.size, dtype=compute_dtype)
+    unet = build("unet", args.size)
     vae = build("vae", args.size)
     batch0 = len(devices)
     unet_vars = random_variables(unet.init, jnp.zeros((batch0, 128, 4)), jnp.zeros((batch0,), jnp.int32),
                                  jnp.zeros((batch0, unet.text_dim)), jnp.zeros((batch0,)), jnp.zeros((batch0,)),
                                  jnp.zeros((batch0,)))
     vae_vars = random_variables(lambda key, z: vae.init(key, z, method="decode"), jnp.zeros((batch0, 128, 4)))
-    # the U-Net computes in its own dtype; the VAE decoder gets bf16 parameters and inputs
+    # float32 parameters, as a model directory holds them: `jit_generate(compute_dtype=...)` runs both networks in
+    # that dtype exactly as `diffusets-jax sample --dtype` does
     variables = (unet_vars, vae_vars)
 
     results: dict[str, Any] = {

@@ -28,6 +28,8 @@ from diffusets_jax.diffusion.samplers import (
     vae_decode_fn,
 )
 from diffusets_jax.diffusion.schedule import NoiseSchedule, ScheduleConfig, make_schedule
+from diffusets_jax.models.unet import UNet
+from diffusets_jax.models.vae import VAE
 
 VECTORS = Path(__file__).parent / "data" / "reference_vectors.npz"
 MU, STD = 0.3, 1.0  # unit variance, as the 0.18215-scaled VAE latents are meant to be
@@ -393,6 +395,49 @@ def _patient_cond(batch, text_dim=6):
         "age": jnp.linspace(20, 80, batch),
         "heart_rate": jnp.linspace(50, 110, batch),
     }
+
+
+def _network_products(fn, *args) -> dict[str, set]:
+    """The dtypes of every convolution and matmul `fn` traces to, by flax module path (nested jaxprs included)."""
+
+    def equations(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple | list) else (value,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        yield from equations(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        yield from equations(sub)
+
+    products: dict[str, set] = {}
+    for eqn in equations(jax.make_jaxpr(fn)(*args).jaxpr):
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+            path = str(eqn.source_info.name_stack)
+            products.setdefault(path, set()).update(str(v.aval.dtype) for v in eqn.invars)
+    return products
+
+
+def test_bf16_sampling_runs_both_networks_in_bf16():
+    """`sample --dtype bfloat16` gets the U-Net and VAE as a model directory loads them: float32 parameters, no
+    compute dtype of their own. Every convolution and matmul must then run in bf16, except the one the U-Net
+    keeps in float32 on purpose (each cross-attention's value combiner). Casting only the parameters and inputs,
+    as the samplers once did, left 56 of the published U-Net's 59 convolutions in float32: its float32 time
+    tables promote every layer after them."""
+    unet, vae = UNet(), VAE()
+    x, t = jnp.zeros((2, 128, 4)), jnp.full((2,), 500, jnp.int32)
+    cond = _patient_cond(2, unet.text_dim)
+    unet_vars = jax.eval_shape(unet.init, jax.random.key(0), x, t, cond["text_embedding"], cond["sex"], cond["age"],
+                               cond["heart_rate"])
+    vae_vars = jax.eval_shape(lambda z: vae.init(jax.random.key(0), z, method="decode"), x)
+    for dtype, expected in ((None, "float32"), (jnp.bfloat16, "bfloat16")):
+        in_unet = _network_products(lambda v, x, dtype=dtype: unet_model_fn(unet, v, dtype)(x, t, cond), unet_vars, x)
+        in_vae = _network_products(lambda v, z, dtype=dtype: vae_decode_fn(vae, v, dtype)(z), vae_vars, x)
+        combiners = {path for path in in_unet if path.endswith("cross_attention/value_combiner")}
+        assert len(combiners) == 13 and all(in_unet[path] == {"float32"} for path in combiners)
+        wrong = {path: dtypes for path, dtypes in {**in_unet, **in_vae}.items()
+                 if path not in combiners and dtypes != {expected}}
+        assert not wrong, f"{dtype}: products not in {expected}: {sorted(wrong.items())[:5]} ({len(wrong)} in all)"
 
 
 @pytest.mark.slow

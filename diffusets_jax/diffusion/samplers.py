@@ -35,6 +35,7 @@ import numpy as np
 from diffusets_jax.diffusion.guidance import GUIDANCE_MODES, guided_model_fn
 from diffusets_jax.diffusion.schedule import NoiseSchedule, predict_x0_and_eps
 from diffusets_jax.ecg.shapes import LATENT_SHAPE
+from diffusets_jax.models.precision import cast_floating, with_compute_dtype
 from diffusets_jax.parallel import constrain_to, leading_axis_shards
 
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -577,24 +578,21 @@ def generate(
     return decode_fn(latents)
 
 
-def _cast_floats(tree: Any, dtype: Any) -> Any:
-    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-
 def unet_model_fn(unet: nn.Module, variables: Any, compute_dtype: Any = None) -> ModelFn:
     """Adapt a conditional U-Net to the sampler's model_fn.
 
     Calls `unet.apply(variables, x_t, t, text_embedding, sex, age, heart_rate)` with the fields of `cond`.
-    compute_dtype (e.g. jnp.bfloat16): run the network with parameters and inputs in that dtype; the
-    sampler's state and arithmetic stay float32.
+    compute_dtype (e.g. jnp.bfloat16): run the network in that dtype, its parameters and inputs cast to it
+    (`models.precision`, as the trainers do); the sampler's state and arithmetic stay float32.
     """
     if compute_dtype is not None:
-        variables = _cast_floats(variables, compute_dtype)
+        unet = with_compute_dtype(unet, compute_dtype)
+        variables = cast_floating(variables, compute_dtype)
 
     def model_fn(x_t: jax.Array, t: jax.Array, cond: Any) -> jax.Array:
         if compute_dtype is not None:
             x_t = x_t.astype(compute_dtype)
-            cond = _cast_floats(cond, compute_dtype)
+            cond = cast_floating(cond, compute_dtype)
         out = unet.apply(variables, x_t, t, cond["text_embedding"], cond["sex"], cond["age"], cond["heart_rate"])
         return out.astype(jnp.float32)
 
@@ -604,9 +602,11 @@ def unet_model_fn(unet: nn.Module, variables: Any, compute_dtype: Any = None) ->
 def vae_decode_fn(vae: nn.Module, variables: Any, compute_dtype: Any = None, latent_scale: float | None = None
                   ) -> DecodeFn:
     """Adapt a VAE to `generate`'s decode_fn: `vae.apply(variables, z, latent_scale, method="decode")`, float32
-    out. `latent_scale`: the factor the diffusion model's latents carry (None: the VAE's published default)."""
+    out. `latent_scale`: the factor the diffusion model's latents carry (None: the VAE's published default).
+    `compute_dtype`: decode in that dtype, as `unet_model_fn` runs the U-Net."""
     if compute_dtype is not None:
-        variables = _cast_floats(variables, compute_dtype)
+        vae = with_compute_dtype(vae, compute_dtype)
+        variables = cast_floating(variables, compute_dtype)
     scale = () if latent_scale is None else (float(latent_scale),)
 
     def decode_fn(z: jax.Array) -> jax.Array:
