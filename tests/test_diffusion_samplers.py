@@ -4,6 +4,7 @@ Gaussian data, where the optimal noise predictor is known in closed form, so no 
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -13,6 +14,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusets_jax.diffusion.guidance import fixed_null_condition
+from diffusets_jax.diffusion.sampler_validation import (
+    MEAN_ERROR_TOLERANCE,
+    STD_RATIO_TOLERANCE,
+    gaussian_optimal_model_fn,
+)
 from diffusets_jax.diffusion.samplers import (
     DEFAULT_STEPS,
     SamplerConfig,
@@ -438,6 +444,54 @@ def test_bf16_sampling_runs_both_networks_in_bf16():
         wrong = {path: dtypes for path, dtypes in {**in_unet, **in_vae}.items()
                  if path not in combiners and dtypes != {expected}}
         assert not wrong, f"{dtype}: products not in {expected}: {sorted(wrong.items())[:5]} ({len(wrong)} in all)"
+
+
+class GaussianDenoiser(nn.Module):
+    """The closed-form optimal network for N(mean, std^2) latents, called like the U-Net, with the precision of its
+    compute dtype: its inputs arrive in that dtype (as `unet_model_fn` sends them), the closed form is evaluated in
+    float32 (as a U-Net looks up its float32 timestep tables) and its output is rounded to the dtype."""
+
+    mean: float
+    std: float
+    prediction_type: str
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x_t, t, text_embedding, sex, age, heart_rate):
+        assert x_t.dtype == (self.dtype or jnp.float32) and text_embedding.dtype == x_t.dtype
+        schedule = make_schedule(ScheduleConfig(prediction_type=self.prediction_type))
+        out = gaussian_optimal_model_fn(schedule, self.mean, self.std)(x_t.astype(jnp.float32), t, None)
+        return out.astype(self.dtype or jnp.float32)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_bf16_network_keeps_the_default_samplers_right_at_the_published_scale(prediction_type):
+    """The fast samplers' Gaussian check (sampler_validation.py) through `unet_model_fn` with a network computing in
+    bf16, at the published latent std 0.18 and a mean away from 0: the sampler's own state and arithmetic stay
+    float32, so a bf16 network moves the samples' spread and mean by far less than the check's tolerances."""
+    schedule = make_schedule(ScheduleConfig(prediction_type=prediction_type))
+    mean, std, n = 0.5, 0.18, 1024
+    cond = _patient_cond(n)
+    for config in (sampler_config("dpmpp_2m"), sampler_config("ddim", data_std=std)):
+        config = dataclasses.replace(config, clip_sample=False)
+        abar = float(schedule.alphas_cumprod[int(sampler_timesteps(config, schedule)[0])])
+        z = jax.random.normal(jax.random.key(1), (n, 128, 4))
+        noised = np.sqrt(abar) * mean + np.sqrt(abar * std**2 + 1 - abar) * z  # the check's exact start
+        latents = {}
+        for dtype in (None, jnp.bfloat16):
+            model_fn = unet_model_fn(GaussianDenoiser(mean, std, prediction_type), {}, dtype)
+            out = jax.jit(lambda x, model_fn=model_fn, config=config: sample(
+                model_fn, schedule, cond, jax.random.key(2), config, initial_latents=x))(noised)
+            assert out.dtype == jnp.float32
+            latents[dtype] = np.asarray(out, np.float64)
+        bf16 = latents[jnp.bfloat16]
+        std_ratio, mean_error = bf16.std() / std, (bf16.mean() - mean) / std
+        assert abs(std_ratio - 1) <= STD_RATIO_TOLERANCE and abs(mean_error) <= MEAN_ERROR_TOLERANCE, (
+            config.sampler, std_ratio, mean_error)
+        # The same samples, not only the same spread: bf16 moved them by 0.0009-0.0096 std (RMS) on 2026-12-06; a
+        # float8 network (3 mantissa bits) moved them by 0.020-0.12 and fails here.
+        rms = np.sqrt(np.mean((bf16 - latents[None]) ** 2)) / std
+        assert rms < 0.015, (config.sampler, rms)
 
 
 @pytest.mark.slow
