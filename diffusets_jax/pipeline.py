@@ -117,10 +117,14 @@ class ECGGenerator:
 
     def settings(self) -> dict[str, Any]:
         """What determines this generator's outputs, for manifests and run fingerprints."""
+        # A lower compute dtype is recorded with what it covers. Before 2026-12-06 a bf16 run (recorded as the bare
+        # "bfloat16") left most of the U-Net computing in float32; this form keeps such a run from resuming into,
+        # and mixing its ECGs with, one whose networks compute in bf16.
+        precision = {"compute_dtype": f"{self.compute_dtype} networks, float32 sampler"} if self.compute_dtype else {}
         return {"model_dir": os.path.abspath(self.model_dir),
                 "components": {name: entry.get("uid") for name, entry in self.index.components.items()},
                 "sampler": dataclasses.asdict(self.sampler), "seed": self.seed, "batch_size": self.batch_size,
-                **({"compute_dtype": self.compute_dtype} if self.compute_dtype else {})}
+                **precision}
 
     def embedder(self):  # noqa: ANN201 (an Embedder)
         if self._embedder is None:

@@ -14,6 +14,7 @@ from diffusets_jax.diffusion.samplers import sampler_config
 from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.io.corpus import write_corpus
 from diffusets_jax.io.outputs import parse_formats, sample_to_directory
+from diffusets_jax.io.run_dir import RUN_FILE, fingerprint
 from diffusets_jax.pipeline import ECGGenerator
 from tests.helpers.tiny_models import TEXT_DIM
 
@@ -95,9 +96,20 @@ def test_user_folders_are_refused_and_overwrite_replaces_them_as_a_whole(model_d
     # The network's dtype changes the ECGs: a bf16 rerun would have resumed (or mixed into) the float32 run. The
     # message names what changed and nothing else (the recorded settings went through JSON, tuples and all).
     assert main([*args, "--out", str(ours), "-n", "6", "--dtype", "bfloat16"]) == 2
-    assert 'with other settings (compute_dtype: null -> "bfloat16"):' in capsys.readouterr().err
+    assert ('with other settings (compute_dtype: null -> "bfloat16 networks, float32 sampler"):'
+            in capsys.readouterr().err)
     assert main([*args, "--out", str(ours), "-n", "6"]) == 0
     assert (ours / "samples.npz").read_bytes() == before
+    # A bf16 run recorded before 2026-12-06 (the bare "bfloat16": most of the U-Net then still computed in float32),
+    # interrupted, is not resumed into by today's bf16 networks.
+    old = tmp_path / "old_bf16"
+    assert main([*args, "--out", str(old), "-n", "2", "--dtype", "bfloat16"]) == 0
+    record = json.loads((old / RUN_FILE).read_text())
+    record["settings"]["compute_dtype"] = "bfloat16"
+    record.update(status="running", fingerprint=fingerprint({"command": "sample", **record["settings"]}))
+    (old / RUN_FILE).write_text(json.dumps(record))
+    assert main([*args, "--out", str(old), "-n", "2", "--dtype", "bfloat16"]) == 2
+    assert 'compute_dtype: "bfloat16" -> "bfloat16 networks, float32 sampler"' in capsys.readouterr().err
     # --overwrite replaces the folder as a whole: nothing of the old run is left beside the new one.
     assert main([*args, "--out", str(ours), "-n", "2", "--formats", "npz,wfdb", "--overwrite"]) == 0
     manifest = json.loads((ours / "manifest.json").read_text())
