@@ -36,6 +36,7 @@ from diffusets_jax.diffusion.samplers import (
 from diffusets_jax.diffusion.schedule import NoiseSchedule, ScheduleConfig, make_schedule
 from diffusets_jax.models.unet import UNet
 from diffusets_jax.models.vae import VAE
+from tests.helpers.jaxprs import equations
 
 VECTORS = Path(__file__).parent / "data" / "reference_vectors.npz"
 MU, STD = 0.3, 1.0  # unit variance, as the 0.18215-scaled VAE latents are meant to be
@@ -405,17 +406,6 @@ def _patient_cond(batch, text_dim=6):
 
 def _network_products(fn, *args) -> dict[str, set]:
     """The dtypes of every convolution and matmul `fn` traces to, by flax module path (nested jaxprs included)."""
-
-    def equations(jaxpr):
-        for eqn in jaxpr.eqns:
-            yield eqn
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, tuple | list) else (value,):
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        yield from equations(sub.jaxpr)
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
-                        yield from equations(sub)
-
     products: dict[str, set] = {}
     for eqn in equations(jax.make_jaxpr(fn)(*args).jaxpr):
         if eqn.primitive.name in ("conv_general_dilated", "dot_general"):

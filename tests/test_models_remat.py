@@ -7,6 +7,7 @@ import pytest
 
 from diffusets_jax.models.unet import UNet
 from diffusets_jax.models.vae import VAE
+from tests.helpers.jaxprs import equations
 from tests.helpers.random_variables import random_variables
 
 TEXT_DIM = 12
@@ -40,18 +41,6 @@ def _vae_case():
 CASES = {"vae": _vae_case, "unet": _unet_case}
 
 
-def _primitive_names(jaxpr) -> set[str]:
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for value in eqn.params.values():
-            if isinstance(value, jax.extend.core.ClosedJaxpr):
-                names |= _primitive_names(value.jaxpr)
-            elif isinstance(value, jax.extend.core.Jaxpr):
-                names |= _primitive_names(value)
-    return names
-
-
 @pytest.mark.slow  # two gradient programs per model: over a minute of compiling on 2 shared cores
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_remat_keeps_parameters_and_gradients(name):
@@ -74,7 +63,7 @@ def test_remat_keeps_parameters_and_gradients(name):
     grads = {}
     for label, m in (("plain", module), ("remat", remat)):
         fn = jax.value_and_grad(lambda p, m=m: loss(m, p, constants))
-        names = _primitive_names(jax.make_jaxpr(fn)(params).jaxpr)
+        names = {eqn.primitive.name for eqn in equations(jax.make_jaxpr(fn)(params).jaxpr)}
         # jax.checkpoint's primitive ("remat2" today; "checkpoint" in some versions)
         rematerialised = any(n.startswith(("remat", "checkpoint")) for n in names)
         assert rematerialised == (label == "remat"), f"{label}: primitives {sorted(names)}"

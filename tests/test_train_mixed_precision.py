@@ -19,6 +19,7 @@ from diffusets_jax.train import loop
 from diffusets_jax.train.clip import clip_task
 from diffusets_jax.train.diffusion import diffusion_task
 from diffusets_jax.train.vae import vae_task
+from tests.helpers.jaxprs import equations
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Three models, each compiled for float32 and bf16 with gradients: minutes of CPU on 2 shared cores.
@@ -75,18 +76,6 @@ def _tasks(name: str) -> dict[str, loop.Task]:
             for dtype in ("float32", "bfloat16")}
 
 
-def _equations(jaxpr):
-    """Every equation of a jaxpr, including those inside pjit / remat / custom-derivative sub-jaxprs."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else (value,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    yield from _equations(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from _equations(sub)
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def losses_and_grads(request):
     name = request.param
@@ -128,7 +117,7 @@ def test_bf16_gradients_point_the_same_way(losses_and_grads):
 def test_bf16_convolutions_run_in_bf16(losses_and_grads):
     name, out = losses_and_grads
     for dtype, expected in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
-        convs = [eqn for eqn in _equations(out[dtype][2].jaxpr) if eqn.primitive.name == "conv_general_dilated"]
+        convs = [eqn for eqn in equations(out[dtype][2].jaxpr) if eqn.primitive.name == "conv_general_dilated"]
         assert convs, f"{name}: no convolution in the loss"
         operand_dtypes = {var.aval.dtype for eqn in convs for var in eqn.invars}
         assert operand_dtypes == {jnp.dtype(expected)}, f"{name} {dtype}: convolutions in {operand_dtypes}"
