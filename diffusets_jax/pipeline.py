@@ -35,7 +35,7 @@ from diffusets_jax.conditioning.patient import patient_features
 from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.config import check_seed
 from diffusets_jax.diffusion.guidance import fixed_null_condition
-from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, resolve_for_model
+from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, resolve_for_model, sampler_timesteps
 from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.io.progress import progress_bar
 from diffusets_jax.models import model_dir as model_dirs
@@ -82,13 +82,17 @@ class ECGGenerator:
             raise ValueError(f"--batch-size must be a positive number of ECGs per compiled call, got {batch_size}")
         self.index = model_dirs.read_index(self.model_dir)
         model_dirs.require(self.index, self.model_dir, "vae", "unet")
-        self.vae, vae_variables = model_dirs.load_component(self.model_dir, "vae")
-        self.unet, unet_variables = model_dirs.load_component(self.model_dir, "unet")
-        model_dirs.check_generation_parts(self.model_dir, self.index, self.vae, self.unet)
         self.conditioning = self.index.conditioning
         self.diffusion = self.index.diffusion
         sampler = resolve_for_model(sampler if sampler is not None else SamplerConfig(), self.diffusion)
+        schedule = make_schedule(self.diffusion.schedule)
+        # Settings this model's schedule cannot run (more steps than it has timesteps) are refused here, from the
+        # index alone: before the weights load and before a command claims its output folder for them.
+        sampler_timesteps(sampler, schedule)
         self.sampler = sampler
+        self.vae, vae_variables = model_dirs.load_component(self.model_dir, "vae")
+        self.unet, unet_variables = model_dirs.load_component(self.model_dir, "unet")
+        model_dirs.check_generation_parts(self.model_dir, self.index, self.vae, self.unet)
         self.seed = check_seed(seed)
         # The network's dtype changes the ECGs, so it is part of a run's fingerprint (`settings`); float32 is the
         # default and is named by None, as before, so runs started earlier still resume.
@@ -104,7 +108,7 @@ class ECGGenerator:
         replicated = parallel.replicated(self.mesh)
         self.unet_variables = jax.device_put(unet_variables, replicated)
         self.vae_variables = jax.device_put(vae_variables, replicated)
-        self._generate = jit_generate(self.unet, self.vae, make_schedule(self.diffusion.schedule), sampler,
+        self._generate = jit_generate(self.unet, self.vae, schedule, sampler,
                                       batch_sharding=self._cond_sharding, compute_dtype=compute_dtype,
                                       latent_scale=self.diffusion.latent_scale)
         self._null_cond = fixed_null_condition(self.unet.text_dim) if sampler.guidance_scale != 1.0 else None

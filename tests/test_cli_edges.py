@@ -553,6 +553,26 @@ def test_sample_refuses_a_rerun_with_other_settings_and_leaves_both_runs_apart(t
         assert code == 2 and snapshot(dataset) == before
 
 
+def test_sample_refuses_more_steps_than_the_models_schedule_before_loading_it_or_claiming_out(tiny_model, tmp_path,
+                                                                                              capsys, monkeypatch):
+    """The model's schedule has 1000 timesteps; `--steps 2000` is known wrong from its index alone. It used to be
+    found only when the chain was traced: after the weights loaded and the output folder was claimed, which then
+    refused the corrected command as "a sample run with other settings"."""
+    from diffusets_jax.models import model_dir as model_dirs
+
+    def no_weights(*_, **__):
+        raise AssertionError("the weights were loaded before the sampler settings were checked")
+
+    monkeypatch.setattr(model_dirs, "load_component", no_weights)
+    before = snapshot(tmp_path)
+    code, err = run_cli(["sample", "--model-dir", str(tiny_model), "--text", "Sinus rhythm", "--sex", "F", "--age",
+                         "40", "--hr", "60", "--sampler", "ddim", "--steps", "2000", "--out", str(tmp_path / "out")],
+                        capsys)
+    assert code == 2
+    assert_one_line(err, "steps must be in [1, 1000] for a 1000-step schedule, got 2000")
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.slow
 def test_evaluate_checks_its_dataset_split_and_clip_before_generating(tiny_model, tmp_path, capsys):
     from tests.helpers import tiny_ecg_dataset
