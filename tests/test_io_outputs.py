@@ -78,6 +78,55 @@ def test_a_crashed_run_resumes_and_completes_identically(generator, tmp_path):
     assert resumed["count"] == reference["count"] == 11
 
 
+class NonFiniteAt:
+    """`generator` whose ECGs at the given request positions come out with NaN or inf samples, as a diverged network
+    or a bf16 overflow gives them; everything else is the real generator's."""
+
+    def __init__(self, generator, positions):
+        self.inner, self.positions = generator, set(positions)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _spoil(self, ecgs, start):
+        ecgs = np.array(ecgs)
+        for row in range(len(ecgs)):
+            if start + row in self.positions:
+                ecgs[row, 100 + row, 3] = np.nan if (start + row) % 2 else np.inf
+        return ecgs
+
+    def generate(self, *args, **kwargs):
+        import dataclasses
+
+        for batch in self.inner.generate(*args, **kwargs):
+            yield dataclasses.replace(batch, ecgs=self._spoil(batch.ecgs, batch.start))
+
+    def generate_batch(self, cond, batch_index):
+        return self._spoil(self.inner.generate_batch(cond, batch_index), batch_index * self.inner.batch_size)
+
+
+def test_a_non_finite_ecg_is_skipped_in_every_format_and_counted(generator, tmp_path):
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 5), make_condition("Atrial fibrillation", "M", 70, 95, 6)]
+    clean = sample_to_directory(generator, conditions, tmp_path / "clean", formats=["npz"], progress=False)
+    assert clean["written"] == 11 and not clean["skipped"]
+    for formats in (["npz"], ["npz", "wfdb", "png"]):
+        out = tmp_path / "_".join(formats)
+        manifest = sample_to_directory(NonFiniteAt(generator, [1, 9]), conditions, out, formats=formats,
+                                       progress=False)
+        assert manifest["count"] == 11 and manifest["written"] == 9
+        assert set(manifest["skipped"]) == {"sample_00001", "sample_00009"}
+        assert manifest["skipped"]["sample_00001"] == "the ECG has 1 non-finite samples (NaN/inf)"
+        with np.load(out / "samples.npz") as data, np.load(tmp_path / "clean" / "samples.npz") as reference:
+            kept = [p for p in range(11) if p not in (1, 9)]
+            assert data["position"].tolist() == kept and np.isfinite(data["ecg"]).all()
+            np.testing.assert_array_equal(data["ecg"], reference["ecg"][kept])  # the others are as generated
+            assert data["heart_rate"].tolist() == [60.0] * 4 + [95.0] * 5  # conditions follow their positions
+        if "wfdb" in formats:
+            assert sorted(p.stem for p in (out / "wfdb").glob("*.hea")) == [f"sample_{p:05d}" for p in kept]
+            assert sorted(p.stem for p in (out / "plots").glob("*.png")) == [f"sample_{p:05d}" for p in kept]
+            assert "wfdb" not in manifest["samples"][9] and manifest["samples"][8]["wfdb"] == "wfdb/sample_00008"
+
+
 def test_user_folders_are_refused_and_overwrite_replaces_them_as_a_whole(model_dir, openai_env, tmp_path, capsys):
     users = tmp_path / "users"
     users.mkdir()
@@ -154,7 +203,8 @@ def test_corpus_is_resumable_refuses_other_settings_and_reads_back_with_tfds(gen
     conditions = [make_condition("Sinus rhythm", "F", 40, 60, 10), make_condition("Sinus bradycardia", "M", 70, 48, 7)]
     out = tmp_path / "corpus"
     first = write_corpus(generator, conditions, out, shard_size=8, progress=False)
-    assert first == {"examples": 17, "shards": 3, "written": 3, "skipped": 0}
+    assert first == {"examples": 17, "requested": 17, "shards": 3, "written": 3, "skipped": 0, "skipped_ecgs": 0,
+                     "skipped_examples": {}}
     shards = sorted(p for p in out.iterdir() if ".tfrecord-" in p.name)
     before = {p.name: p.read_bytes() for p in shards}
     shards[1].unlink()  # a crash lost the middle shard
@@ -173,3 +223,40 @@ def test_corpus_is_resumable_refuses_other_settings_and_reads_back_with_tfds(gen
     assert sorted(int(e["sex"]) for e in examples) == [0] * 10 + [1] * 7
     card = read_card(builder)
     assert card["kind"] == "corpus" and card["conditioning"]["embedder"]["dim"] == TEXT_DIM
+
+
+def test_a_corpus_leaves_non_finite_ecgs_out_counts_them_and_resumes(generator, tmp_path):
+    """A NaN in a training corpus poisons every run that reads it: such ECGs are left out of their shards, counted,
+    and TFDS is given the shards' true lengths, also when a lost shard is regenerated."""
+    import tensorflow_datasets as tfds
+
+    from diffusets_jax.data.card import read_card
+
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 10), make_condition("Sinus bradycardia", "M", 70, 48, 7)]
+    spoiled = NonFiniteAt(generator, [3, 9, 10])
+    out = tmp_path / "corpus"
+    first = write_corpus(spoiled, conditions, out, shard_size=8, progress=False)
+    assert first["examples"] == 14 and first["requested"] == 17 and first["skipped_ecgs"] == 3
+    assert first["skipped_examples"] == {3: "the ECG has 1 non-finite samples (NaN/inf)",
+                                         9: "the ECG has 1 non-finite samples (NaN/inf)",
+                                         10: "the ECG has 1 non-finite samples (NaN/inf)"}
+
+    def read_back():
+        builder = tfds.builder_from_directory(str(out))
+        assert builder.info.splits["train"].num_examples == 14
+        return builder, list(tfds.as_numpy(builder.as_dataset(split="train")))
+
+    builder, examples = read_back()
+    assert builder.info.splits["train"].shard_lengths == [7, 6, 1]
+    assert sorted(int(e["study_id"]) for e in examples) == [p for p in range(17) if p not in (3, 9, 10)]
+    assert all(np.isfinite(e["ecg"]).all() for e in examples)
+    assert read_card(builder)["splits"] == {"train": 14} and read_card(builder)["skipped_ecgs"] == 3
+    # A crash lost the middle shard's count after the shard was written: that shard is generated again.
+    shards = sorted(p for p in out.iterdir() if ".tfrecord-" in p.name)
+    before = shards[1].read_bytes()
+    (out / ".shard-counts" / "shard-00001.json").unlink()
+    second = write_corpus(spoiled, conditions, out, shard_size=8, progress=False)
+    assert second["written"] == 1 and second["skipped"] == 2 and second["skipped_ecgs"] == 3
+    assert shards[1].read_bytes() == before
+    builder, examples = read_back()
+    assert builder.info.splits["train"].shard_lengths == [7, 6, 1] and len(examples) == 14

@@ -1,4 +1,4 @@
-"""Physical units: WFDB header units to millivolts, and a check that a record really is in millivolts."""
+"""Physical units: WFDB header units to millivolts, and checks that a record is a usable signal in millivolts."""
 
 from __future__ import annotations
 
@@ -47,3 +47,10 @@ def check_millivolts(ecg: np.ndarray, what: str = "ECG", max_abs_mv: float = MAX
             f"{what} does not look like millivolts: 99th percentile |value| = {level:.3g} > {max_abs_mv} "
             "(microvolts or ADC counts?); convert with to_millivolts or check the header's units/gain"
         )
+
+
+def non_finite_reason(ecg: np.ndarray) -> str | None:
+    """Why `ecg` (samples, 12) cannot be kept, if it has NaN or infinite samples (a diverged network or an
+    overflow in low precision gives these); None for a finite one. Writers skip such an ECG and record the reason."""
+    bad = int(np.size(ecg) - np.count_nonzero(np.isfinite(ecg)))
+    return f"the ECG has {bad} non-finite samples (NaN/inf)" if bad else None

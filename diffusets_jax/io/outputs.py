@@ -2,11 +2,15 @@
 
 Layout of OUT (names are the ECG's position in the request, `sample_00042`):
 
-    samples.npz          ecg (n, 1024, 12), prompt, report, sex, age, heart_rate  (several hosts: one
-                         samples-PPPPP-of-NNNNN.npz per process)
+    samples.npz          ecg (n, 1024, 12), position (n,), prompt, report, sex, age, heart_rate  (several
+                         hosts: one samples-PPPPP-of-NNNNN.npz per process)
     wfdb/sample_NNNNN    .hea + .dat at 102.4 Hz (or --wfdb-fs), conditions in the header comments
     plots/sample_NNNNN.png
     manifest.json        the settings, every sample's conditions and files, skipped records and why
+
+An ECG with NaN or inf samples is in no format (the NPZ's `position` says which requests it holds). One beyond
+what a 16-bit WFDB record holds stays in the NPZ but, when WFDB records are asked for, gets neither a record nor a
+PNG. The manifest lists both under `skipped`, with the reason.
 
 A generator with a `reference` (`posterior_pipeline.ReferenceGenerator`: reconstruction, editing, twins from a
 recording) also stores the recording on the model's time base (`reference`, (1024, 12)) and the entries its
@@ -32,6 +36,7 @@ import numpy as np
 from diffusets_jax import parallel
 from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.ecg.shapes import ECG_SHAPE
+from diffusets_jax.ecg.units import non_finite_reason
 from diffusets_jax.io.files import atomic_path, read_json, write_json_atomic
 from diffusets_jax.io.run_dir import check_output_path, output_dir
 
@@ -60,17 +65,20 @@ def _header(condition: Condition, prompt: str, settings: dict[str, Any]) -> dict
 
 
 def _write_batch_records(out: Path, batch: Any, formats: Sequence[str], wfdb_fs: float | None,
-                         header_settings: dict[str, Any], reference: Any = None) -> dict[str, str]:
+                         header_settings: dict[str, Any], unusable: dict[int, str], reference: Any = None
+                         ) -> dict[str, str]:
     """Write one generated batch's WFDB records and PNGs (beside `reference`'s recording when there is one);
-    the records skipped and why."""
+    the records skipped and why. `unusable` {row: reason}: the batch's ECGs kept out of every format."""
     from diffusets_jax.io.plot import plot_ecg, plot_pair
     from diffusets_jax.io.wfdb_out import write_records
 
     names = [sample_name(batch.start + i) for i in range(len(batch.conditions))]
     headers = [_header(c, p, header_settings) for c, p in zip(batch.conditions, batch.prompts, strict=True)]
-    skipped: dict[str, str] = {}
-    if "wfdb" in formats:
-        skipped.update(write_records(out / "wfdb", batch.ecgs, names, headers, output_fs=wfdb_fs).skipped)
+    skipped = {names[row]: reason for row, reason in unusable.items()}
+    rows = [row for row in range(len(names)) if row not in unusable]
+    if "wfdb" in formats and rows:
+        skipped.update(write_records(out / "wfdb", batch.ecgs[rows], [names[r] for r in rows],
+                                     [headers[r] for r in rows], output_fs=wfdb_fs).skipped)
     if "png" in formats:
         (out / "plots").mkdir(exist_ok=True)
         for name, ecg, header in zip(names, batch.ecgs, headers, strict=True):
@@ -122,10 +130,14 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
         done = set().union(*map(set, parallel.allgather_objects(local_done)))
         remaining = [b for b in range(total) if b not in done]
         for batch in generator.generate(conditions, batches=remaining, progress=progress):
-            skipped = _write_batch_records(run.path, batch, formats, wfdb_fs, header_settings,
+            # An ECG with NaN or inf samples is a failed generation: skipped and counted in every format, the NPZ
+            # included (its `position` array says which requests it holds), so no corpus carries it on.
+            unusable = {row: reason for row, ecg in enumerate(batch.ecgs) if (reason := non_finite_reason(ecg))}
+            skipped = _write_batch_records(run.path, batch, formats, wfdb_fs, header_settings, unusable,
                                            getattr(generator, "reference", None))
-            _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
-                      position=np.arange(batch.start, batch.start + len(batch.conditions)),
+            kept = [row for row in range(len(batch.conditions)) if row not in unusable]
+            _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs[kept].astype(np.float32),
+                      position=np.arange(batch.start, batch.start + len(batch.conditions))[kept],
                       skipped_name=np.array(list(skipped), dtype=str), skipped_why=np.array(list(skipped.values()), dtype=str))
         manifest = _finish(run.path, generator, items, total, formats, settings)
         run.mark_complete(count=manifest["count"])

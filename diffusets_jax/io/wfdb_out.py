@@ -28,6 +28,7 @@ from diffusets_jax import __version__
 from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.ecg.resample import resample_rate
 from diffusets_jax.ecg.shapes import ECG_RATE_HZ
+from diffusets_jax.ecg.units import non_finite_reason
 
 DURATION_S = 10.0
 ADC_GAIN = 1000.0  # adu per mV
@@ -86,8 +87,9 @@ def prepare_signal(ecg: Any, fs: float = ECG_RATE_HZ, output_fs: float | None = 
             f"expected one ECG of shape (samples, 12) in standard lead order, got shape {ecg.shape}; "
             "a (12, samples) array needs transposing (the project is channels-last)"
         )
-    if not np.all(np.isfinite(ecg)):
-        raise ValueError(f"the ECG has {int(np.sum(~np.isfinite(ecg)))} non-finite samples (NaN/inf)")
+    reason = non_finite_reason(ecg)
+    if reason:
+        raise ValueError(reason)
     if output_fs is not None and output_fs != fs:
         ecg, fs = resample_rate(ecg, fs, output_fs, dtype=np.float64), float(output_fs)
     peak = float(np.max(np.abs(ecg))) if ecg.size else 0.0
