@@ -699,9 +699,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
               "protocol": proto.name, "rules": None if rules is None else [r.name for r in rules.rules],
               "clip": os.path.abspath(args.clip or args.model_dir[0]), "n_boot": args.n_boot}
     if args.generated:
-        from diffusets_jax.io.generated import read_generated
+        from diffusets_jax.io.generated import finite_only, read_generated
 
-        generated = read_generated(args.generated)
+        generated = finite_only(read_generated(args.generated))  # a set with no finite ECG: refused before --out
         settings = {**common, "generated": os.path.abspath(args.generated)}
         with output_dir(args.out, command="evaluate", settings=settings, overwrite=args.overwrite) as run:
             report = ev.evaluate_generated(generated, clip, args.dataset, args.split, run.path, proto=proto,

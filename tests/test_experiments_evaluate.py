@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from diffusets_jax.errors import RunFailed
 from diffusets_jax.experiments import evaluate as ev
 from diffusets_jax.experiments.keyword_rules import load_rules
 from diffusets_jax.io.generated import read_generated
@@ -123,6 +124,46 @@ def test_scoring_another_generators_samples_needs_no_model(clip, dataset, tmp_pa
     assert report["diagnostic_level"]["clip_score_generated"] is not None  # text embeddings found by prompt
     assert report["by_condition"][0]["condition"] == "sn" and report["by_condition"][0]["samples"] == 8
     assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_failed_generations_are_counted_and_left_out_of_every_metric(clip, dataset, tmp_path):
+    """ECGs with NaN or inf samples (a diverged model, an overflow) would make FID and precision/recall undefined and
+    stop the evaluation after all the generating: they are counted in the report and scored by no metric."""
+    from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.io.generated import finite_only
+    from diffusets_jax.pipeline import ECGGenerator
+    from tests.helpers.non_finite import NonFiniteAt
+    from tests.helpers.tiny_models import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "model", text_dim=tiny_ecg_dataset.EMBEDDING_DIM)
+    generator = ECGGenerator(model, sampler_config("ddim", steps=2), batch_size=8)
+    proto = ev.protocol("fast")
+    clean = ev.evaluate_split(generator, clip, dataset.data_dir, "validation", tmp_path / "clean", proto=proto,
+                              n_boot=20, progress=False)
+    report = ev.evaluate_split(NonFiniteAt(generator, [0, 5, 12]), clip, dataset.data_dir, "validation",
+                               tmp_path / "spoiled", proto=proto, n_boot=20, progress=False)
+    assert clean["settings"]["failed_generations"] == 0 and report["settings"]["failed_generations"] == 3
+    assert clean["signal_level"]["n_generated"] == 13 and report["signal_level"]["n_generated"] == 10
+    assert report["signal_level"]["fid"] is not None and report["signal_level"]["precision"] is not None
+    assert report["feature_level"]["measured"] + report["feature_level"]["unmeasurable"] == 10
+    assert "3 more generated ECGs had NaN or inf samples" in (tmp_path / "spoiled" / "report.md").read_text()
+    with pytest.raises(RunFailed, match="every one of the 13 generated ECGs has NaN or inf samples"):
+        ev.evaluate_split(NonFiniteAt(generator, range(13)), clip, dataset.data_dir, "validation",
+                          tmp_path / "all", proto=proto, n_boot=20, progress=False)
+    # Another generator's samples: the same, counted beside the records a reader skipped.
+    examples = [tiny_ecg_dataset.example(1000 + i) for i in range(8)]
+    ecg = np.stack([e["ecg"] for e in examples])
+    ecg[2, 10, 0], ecg[6, 500, 11] = np.nan, -np.inf
+    np.savez(tmp_path / "other.npz", ecg=ecg, prompt=np.array([e["prompt"] for e in examples]),
+             heart_rate=np.array([e["heart_rate"] for e in examples]))
+    generated = read_generated(tmp_path / "other.npz")
+    report = ev.evaluate_generated(generated, clip, dataset.data_dir, "validation", tmp_path / "other", n_boot=20)
+    assert report["signal_level"]["n_generated"] == 6
+    assert report["settings"]["samples_skipped"] == {"non-finite samples": 2}
+    ecg[:, 0, 0] = np.nan
+    np.savez(tmp_path / "all_nan.npz", ecg=ecg)
+    with pytest.raises(ValueError, match="every one of its 8 ECGs has NaN or inf samples"):
+        finite_only(read_generated(tmp_path / "all_nan.npz"))
 
 
 def test_protocols_and_their_errors():

@@ -16,6 +16,7 @@ from diffusets_jax.io.corpus import write_corpus
 from diffusets_jax.io.outputs import parse_formats, sample_to_directory
 from diffusets_jax.io.run_dir import RUN_FILE, fingerprint
 from diffusets_jax.pipeline import ECGGenerator
+from tests.helpers.non_finite import NonFiniteAt
 from tests.helpers.tiny_models import TEXT_DIM
 
 
@@ -76,33 +77,6 @@ def test_a_crashed_run_resumes_and_completes_identically(generator, tmp_path):
     with np.load(tmp_path / "out" / "samples.npz") as data:
         np.testing.assert_array_equal(data["ecg"], expected)
     assert resumed["count"] == reference["count"] == 11
-
-
-class NonFiniteAt:
-    """`generator` whose ECGs at the given request positions come out with NaN or inf samples, as a diverged network
-    or a bf16 overflow gives them; everything else is the real generator's."""
-
-    def __init__(self, generator, positions):
-        self.inner, self.positions = generator, set(positions)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def _spoil(self, ecgs, start):
-        ecgs = np.array(ecgs)
-        for row in range(len(ecgs)):
-            if start + row in self.positions:
-                ecgs[row, 100 + row, 3] = np.nan if (start + row) % 2 else np.inf
-        return ecgs
-
-    def generate(self, *args, **kwargs):
-        import dataclasses
-
-        for batch in self.inner.generate(*args, **kwargs):
-            yield dataclasses.replace(batch, ecgs=self._spoil(batch.ecgs, batch.start))
-
-    def generate_batch(self, cond, batch_index):
-        return self._spoil(self.inner.generate_batch(cond, batch_index), batch_index * self.inner.batch_size)
 
 
 def test_a_non_finite_ecg_is_skipped_in_every_format_and_counted(generator, tmp_path):

@@ -39,8 +39,10 @@ from diffusets_jax import parallel
 from diffusets_jax.ecg.heart_rate import CONSENSUS, XQRS_FIRST_LEAD
 from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.ecg.shapes import ECG_SHAPE, NUM_LEADS
+from diffusets_jax.errors import RunFailed
 from diffusets_jax.experiments.keyword_rules import RuleSet
 from diffusets_jax.io.files import write_json_atomic, write_text_atomic
+from diffusets_jax.io.generated import finite_only
 from diffusets_jax.metrics.clinical import (
     ECGMeasurements,
     compare_measurements,
@@ -284,7 +286,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"| {_fmt(f.get('heart_rate_mae_real_bpm'))} |",
         f"| diagnostic | CLIP score | {_fmt(d.get('clip_score_generated'))} | {_fmt(d.get('clip_score_real'))} |",
         "",
-        f"{s['n_generated']} generated ECGs against {s['n_real']} real ECGs.",
+        f"{s['n_generated']} generated ECGs against {s['n_real']} real ECGs."
+        + (f" {failed} more generated ECGs had NaN or inf samples: failed generations, left out of every metric."
+           if (failed := report.get("settings", {}).get("failed_generations")) else ""),
         "",
         "## Model-free clinical metrics",
         "",
@@ -430,20 +434,31 @@ def evaluate_split(
         local_real = {"position": mine, **measure(references, clip, proto.heart_rate_method, pool)} if len(mine) else None
         parts, examples = [], []
         for batch in generator.generate(conditions, progress=progress, text_embeddings=real["text_embedding"][pairs]):
-            rows = np.arange(batch.start, batch.start + len(batch.conditions))
-            parts.append({"position": rows, **measure(batch.ecgs, clip, proto.heart_rate_method, pool)})
-            for offset, row in enumerate(rows):
+            # A generated ECG with NaN or inf samples is a failed generation: counted in the report and left out of
+            # every metric (its CLIP features would make FID and precision/recall undefined).
+            finite = np.isfinite(batch.ecgs).all(axis=(1, 2))
+            rows = np.arange(batch.start, batch.start + len(batch.conditions))[finite]
+            if len(rows):
+                parts.append({"position": rows, **measure(batch.ecgs[finite], clip, proto.heart_rate_method, pool)})
+            for offset, row in zip(np.flatnonzero(finite), rows, strict=True):
                 if row < n_examples:
                     i = pairs[row]
                     examples.append((row, real["ecg"][i], batch.ecgs[offset], _example_conditions(
                         real["prompt"][i], real["heart_rate"][i], real["sex"][i], real["age"][i])))
     real_rows = _gather(local_real if local_real is not None else _no_rows(clip))  # sorted by record index
     gen_m = _gather(_concat(parts) if parts else _no_rows(clip))
+    kept = gen_m["position"].astype(np.int64)  # the generated rows with a finite ECG, in order
     settings = {"dataset": str(dataset), "split": split, "records": len(records), "samples": len(pairs),
-                "samples_per_record": samples_per_record, **generator.settings()}
+                "samples_per_record": samples_per_record, "failed_generations": len(pairs) - len(kept),
+                **generator.settings()}
+    if not len(kept):
+        raise RunFailed(f"every one of the {len(pairs)} generated ECGs has NaN or inf samples, so there is nothing "
+                        "to score: check the model (a diverged training?) and the sampler settings (--dtype, "
+                        "--guidance-scale)")
     if jax.process_index() != 0:
         return {"settings": settings, "written_by": 0}
-    pair_rows = np.searchsorted(real_rows["position"], pairs)  # generated row -> row of its real record
+    pairs = pairs[kept]  # from here on, one entry per scored ECG
+    pair_rows = np.searchsorted(real_rows["position"], pairs)  # scored ECG -> row of its real record
     module, variables = clip
     text_features = clip_text_features(module, variables, real["text_embedding"][pairs])
     condition_hr = real["heart_rate"][pairs].astype(np.float64)
@@ -496,6 +511,7 @@ def evaluate_generated(
     split's embedding of the same prompt, or `embedder` (the CLIP's training embedder); samples with none are left
     out of the CLIP score and counted. With `rules`, conditions come from the samples' own reports.
     """
+    generated = finite_only(generated)
     real = load_split(dataset, split, data_dir=data_dir, limit=limit)
     module, variables = clip
     with record_pool(workers) as pool:  # one set of measuring processes for both sets

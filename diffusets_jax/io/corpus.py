@@ -29,6 +29,7 @@ import numpy as np
 from diffusets_jax import parallel
 from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.ecg.units import non_finite_reason
+from diffusets_jax.errors import RunFailed
 from diffusets_jax.io.files import read_json, write_json_atomic
 from diffusets_jax.io.progress import progress_bar
 from diffusets_jax.io.run_dir import check_output_path, output_dir
@@ -124,7 +125,7 @@ def _gather_counts(out: Path, num_shards: int) -> dict[int, dict[str, Any]]:
     counts = {s: c for host in parallel.allgather_objects(visible) for s, c in host.items()}
     missing = sorted(set(range(num_shards)) - set(counts))
     if missing:
-        raise RuntimeError(f"{out}: no host holds the count of shard(s) {missing[:5]} after writing them; rerun the "
+        raise RunFailed(f"{out}: no host holds the count of shard(s) {missing[:5]} after writing them; rerun the "
                            "same command to regenerate them")
     return counts
 

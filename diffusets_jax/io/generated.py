@@ -25,6 +25,8 @@ from diffusets_jax.conditioning.prompts import report_lines
 from diffusets_jax.ecg.resample import resample_to_length
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
 
+NON_FINITE = "non-finite samples"  # the reason counted in `GeneratedSet.skipped` for an ECG with NaN or inf
+
 
 @dataclasses.dataclass
 class GeneratedSet:
@@ -79,6 +81,24 @@ def read_generated(path: str | os.PathLike, flag: str = "--generated") -> Genera
                      "(dataset_info.json); give one of those")
 
 
+def finite_only(generated: GeneratedSet, flag: str = "--generated") -> GeneratedSet:
+    """`generated` without its ECGs that have NaN or inf samples (failed generations: no metric is defined on
+    them), counted under `skipped` as a WFDB folder's are when read; one line if none is left."""
+    finite = np.isfinite(generated.ecg).all(axis=(1, 2))
+    if finite.all():
+        return generated
+    skipped = {**generated.skipped, NON_FINITE: generated.skipped.get(NON_FINITE, 0) + int((~finite).sum())}
+    if not finite.any():
+        raise ValueError(f"{flag} {generated.source}: every one of its {len(finite)} ECGs has NaN or inf samples; "
+                         "there is nothing to score or show")
+    rows = np.flatnonzero(finite)
+    return dataclasses.replace(
+        generated, ecg=generated.ecg[rows], reports=[generated.reports[i] for i in rows],
+        prompts=[generated.prompts[i] for i in rows], sex=generated.sex[rows], age=generated.age[rows],
+        heart_rate=generated.heart_rate[rows],
+        text_embedding=None if generated.text_embedding is None else generated.text_embedding[rows], skipped=skipped)
+
+
 def _read_npz(path: Path) -> GeneratedSet:
     try:
         data = dict(np.load(path, allow_pickle=False))
@@ -124,7 +144,7 @@ def _read_wfdb(folder: Path, records: list[Path], flag: str) -> GeneratedSet:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
         if not np.isfinite(ecg).all():
-            skipped["non-finite samples"] = skipped.get("non-finite samples", 0) + 1
+            skipped[NON_FINITE] = skipped.get(NON_FINITE, 0) + 1
             continue
         conditions = read.conditions
         prompt = conditions.get("prompt", "")
