@@ -128,6 +128,27 @@ def test_summary_against_direct_computation():
     assert "difference_to_real" not in summary["real"]
 
 
+def test_failed_generations_are_left_out_of_the_classifiers_training_sets():
+    """A generated ECG with NaN or inf samples would poison a classifier's BatchNorm statistics, as a non-finite real
+    record would (those are dropped when the split is read): each arm loses it and says so."""
+    from diffusets_jax.experiments.downstream import Generated, _without_failed
+
+    rng = np.random.default_rng(0)
+    augment = rng.normal(size=(5, 1024, 12)).astype(np.float32)
+    synthetic = rng.normal(size=(4, 1024, 12)).astype(np.float32)
+    augment[1, 3, 4], synthetic[2, 0, 0] = np.nan, np.inf
+    kept = _without_failed(Generated(augment.copy(), synthetic.copy(), np.array([0, 1, 1, 0], np.int8)))
+    np.testing.assert_array_equal(kept.augment, augment[[0, 2, 3, 4]])
+    np.testing.assert_array_equal(kept.synthetic, synthetic[[0, 1, 3]])
+    assert kept.synthetic_labels.tolist() == [0, 1, 0] and not kept.reason
+    assert kept.note == {"augmented": "1 of its 5 generated ECGs had NaN or inf samples and were left out",
+                         "synthetic": "1 of its 4 generated ECGs had NaN or inf samples and were left out"}
+    augment[:, 0, 0] = np.nan
+    failed = _without_failed(Generated(augment, synthetic[[0, 1]], np.array([0, 1], np.int8)))
+    assert failed.augment is None and failed.reason == {"augmented": "5 of its 5 generated ECGs had NaN or inf samples"}
+    assert len(failed.synthetic) == 2 and not failed.note
+
+
 def test_model_must_be_conditioned_like_the_dataset():
     card = {"conditioning": ConditioningSpec(EmbedderSpec("local", "all-MiniLM-L6-v2", 384)).to_json()}
     check_model_fits_dataset(ConditioningSpec(EmbedderSpec("local", "all-MiniLM-L6-v2", 384), "ordered", "faithful"),

@@ -260,9 +260,9 @@ def _generated_from_model(generator: Any, train: Records, kept: np.ndarray, labe
                           cache: Path, progress: bool) -> Generated:
     if cache.exists():
         with np.load(cache) as saved:
-            return Generated(saved["augment"] if "augment" in saved else None,
-                             saved["synthetic"] if "synthetic" in saved else None,
-                             saved["synthetic_labels"] if "synthetic_labels" in saved else None)
+            return _without_failed(Generated(saved["augment"] if "augment" in saved else None,
+                                             saved["synthetic"] if "synthetic" in saved else None,
+                                             saved["synthetic_labels"] if "synthetic_labels" in saved else None))
     sources = []
     if "augmented" in arms:
         minority_records = kept[labels[kept] == minority]
@@ -282,7 +282,30 @@ def _generated_from_model(generator: Any, train: Records, kept: np.ndarray, labe
         out["synthetic_labels"] = labels[kept].astype(np.int8)
     with atomic_path(cache, suffix=".npz") as temporary:
         np.savez(temporary, **out)
-    return Generated(out.get("augment"), out.get("synthetic"), out.get("synthetic_labels"))
+    return _without_failed(Generated(out.get("augment"), out.get("synthetic"), out.get("synthetic_labels")))
+
+
+def _without_failed(generated: Generated) -> Generated:
+    """`generated` without its ECGs with NaN or inf samples (failed generations, which would poison a classifier's
+    BatchNorm statistics as a non-finite real record would), each arm noting how many it lost; an arm that lost
+    all of them is skipped with the reason. The cache keeps them, so the note is the same on a resume."""
+    for arm, name in (("augmented", "augment"), ("synthetic", "synthetic")):
+        ecgs = getattr(generated, name)
+        if ecgs is None:
+            continue
+        finite = np.isfinite(ecgs).all(axis=(1, 2))
+        if finite.all():
+            continue
+        failed = f"{int((~finite).sum())} of its {len(ecgs)} generated ECGs had NaN or inf samples"
+        if not finite.any():
+            generated.reason[arm] = failed
+            setattr(generated, name, None)
+            continue
+        generated.note[arm] = failed + " and were left out"
+        setattr(generated, name, ecgs[finite])
+        if name == "synthetic":
+            generated.synthetic_labels = generated.synthetic_labels[finite]
+    return generated
 
 
 def _generated_from_corpus(corpus: Records, corpus_labels: np.ndarray, minority: int, n_augment: int,
