@@ -594,6 +594,10 @@ def _run_sample(args: argparse.Namespace) -> int:
         # few requested ECGs up to a large default batch.
         generator = ReferenceGenerator(args.model_dir, task, sampler,
                                        batch_size=min(args.batch_size, len(expand(conditions))), **options)
+    import jax
+
+    if jax.process_index() == 0:  # the process that embeds: a missing API key is one line before --out is claimed
+        generator.embedder()
     if args.corpus:
         from diffusets_jax.io.corpus import write_corpus
 

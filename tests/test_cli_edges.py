@@ -573,6 +573,19 @@ def test_sample_refuses_more_steps_than_the_models_schedule_before_loading_it_or
     assert snapshot(tmp_path) == before
 
 
+def test_sample_without_the_embedders_api_key_is_refused_before_claiming_out(tiny_model, tmp_path, capsys,
+                                                                            monkeypatch):
+    """The key was looked for only when the first prompts were embedded, after --out was claimed for the run's
+    settings: the folder then held a run that had written nothing and refused a corrected command."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    before = snapshot(tmp_path)
+    code, err = run_cli(["sample", "--model-dir", str(tiny_model), "--text", "Sinus rhythm", "--sex", "F", "--age",
+                         "40", "--hr", "60", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert_one_line(err, "the OpenAI embedder needs an API key: set OPENAI_API_KEY")
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.slow
 def test_evaluate_checks_its_dataset_split_and_clip_before_generating(tiny_model, tmp_path, capsys):
     from tests.helpers import tiny_ecg_dataset
