@@ -8,6 +8,7 @@ commands that read or write TFRecords.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -1237,6 +1238,11 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # TensorFlow (data reading only: no TF arithmetic runs here, so its oneDNN kernels change nothing) writes a
+    # few lines of C++ logging to stderr when it loads; a bad input's one line would be lost among them. A
+    # user's own settings win.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # only `--config.KEY=VALUE` overrides, and only for commands that take a config
@@ -1253,6 +1259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffusets_jax import compile_cache
     from diffusets_jax.errors import Preempted, RunFailed
 
+    if not args.debug:  # TFDS's own notices (deprecations, "Variant folder ... has no dataset_info.json") are noise here
+        logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         compile_cache.enable()
         return int(args.func(args) or 0)

@@ -154,6 +154,13 @@ CASES: list[tuple[str, list[str], str]] = [
      "not written by diffusets-jax evaluate"),
     ("evaluate-dataset-unknown", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "no_such_dataset", "--out",
                                   "{w}/new"], "no dataset 'no_such_dataset'"),
+    # a dataset given as a path: what is wrong with the path, not how TFDS failed to parse it as a name
+    ("evaluate-dataset-path-missing", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "{w}/nope", "--out",
+                                       "{w}/new"], "dataset {w}/nope does not exist: give a prepared dataset's version"),
+    ("evaluate-dataset-folder-not-prepared", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "{w}/folder",
+                                              "--out", "{w}/new"], "is a folder without dataset_info.json"),
+    ("evaluate-dataset-relative-typo", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "data/ptbxl/1.0.0",
+                                        "--out", "{w}/new"], "is neither a folder here nor a dataset name"),
     # embed: every path and flag before a model is loaded or a request is made
     ("embed-input-missing", ["embed", "--input", "{w}/nope.csv", "--embedder", "local", "--cache", "{w}/c.sqlite"],
      "--input {w}/nope.csv does not exist"),
@@ -445,6 +452,22 @@ def test_a_damaged_model_is_one_line_without_tensorstore_echoes(tiny_model, tmp_
     for echo in ("Traceback", "never retrieved", "Event loop is closed", "OUT_OF_RANGE", "FAILED_PRECONDITION: Error"):
         assert echo not in proc.stderr.replace(errors[0], ""), proc.stderr[-3000:]
     assert snapshot(tmp_path) == before
+
+
+def test_a_bad_input_is_the_only_line_on_stderr_even_when_tensorflow_loads(tmp_path):
+    """As a user runs it (no TF_CPP_MIN_LOG_LEVEL of their own): TensorFlow's C++ start-up notices and TFDS's absl
+    warnings used to surround the one line."""
+    env = _env()
+    for key in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):
+        env.pop(key, None)
+    for dataset, expected in ((str(tmp_path / "nope"), "does not exist"),
+                              ("ptbxl", "is not prepared under")):  # TFDS warns of the empty variant folder
+        proc = subprocess.run([sys.executable, "-m", "diffusets_jax", "evaluate", "--model-dir", str(tmp_path / "m"),
+                               "--dataset", dataset, "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 2
+        assert_one_line(proc.stderr, expected)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow  # three training runs, each compiling the step for 8 devices

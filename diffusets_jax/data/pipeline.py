@@ -80,6 +80,12 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
     source = os.fspath(source)
     if os.path.isfile(os.path.join(source, "dataset_info.json")):
         return tfds.builder_from_directory(source)
+    if os.path.exists(source) or os.path.isabs(source) or source.startswith((".", "~")):
+        # A path, not a TFDS name: say what is wrong with it rather than how TFDS failed to parse it as a name.
+        what = ("is a folder without dataset_info.json" if os.path.isdir(source) else
+                "is a file" if os.path.exists(source) else "does not exist")
+        raise FileNotFoundError(f"dataset {source} {what}: give a prepared dataset's version folder (DATA_DIR/NAME/"
+                                "VERSION, which holds dataset_info.json) or a dataset name with --data-dir")
     from diffusets_jax.data import sources
 
     if source in sources.SOURCES.values():  # our builders register their names with TFDS when imported
@@ -91,6 +97,10 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
             f"no dataset {source!r} under data_dir {None if data_dir is None else os.fspath(data_dir)!r}: pass the "
             "--data-dir it was prepared into (or the dataset's version directory, which holds dataset_info.json)"
         ) from err
+    except ValueError as err:  # TFDS could not read it as NAME[/CONFIG][:VERSION]: a mistyped relative path
+        raise FileNotFoundError(f"dataset {source!r} is neither a folder here nor a dataset name: give a prepared "
+                                "dataset's version folder (DATA_DIR/NAME/VERSION, which holds dataset_info.json) or "
+                                "a dataset name with --data-dir") from err
     if not builder.is_prepared():
         raise FileNotFoundError(
             f"dataset {source!r} is not prepared under {builder.data_dir!r}: run `diffusets-jax prepare` for it "
