@@ -81,3 +81,38 @@ def test_a_dropout_rate_outside_0_1_is_refused(value):
     config.model.dropout_rate = value
     with pytest.raises(ValueError, match="model.dropout_rate must be"):
         check_train_section(config, "demo_clip.py")
+
+
+def test_a_dataset_of_other_widths_than_the_model_is_refused_before_anything_compiles(tmp_path, capsys):
+    """The tiny dataset's 8-d text embeddings against the demo CLIP's text_dim 384: this used to fail inside the first
+    train step as an XLA broadcasting error, after the workdir was claimed."""
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    capsys.readouterr()  # the build's progress bars
+    workdir = tmp_path / "run"
+    code = cli.main(["train", "clip", "--config", str(CONFIGS / "demo_clip.py"), "--workdir", str(workdir),
+                     f"--config.data.dataset={builder.data_dir}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not workdir.exists()
+    assert (f"its text embeddings are {tiny_ecg_dataset.EMBEDDING_DIM}-d (the embedder it was prepared with), but "
+            f"the model's text_dim is 384: set --config.model.text_dim={tiny_ecg_dataset.EMBEDDING_DIM}") in err
+
+
+def test_latents_of_another_vae_are_refused_by_their_channels():
+    from types import SimpleNamespace
+
+    from diffusets_jax.models.unet import UNet
+    from diffusets_jax.train.run import check_dataset_fits_model
+
+    def latent_dataset(channels, text_dim):
+        features = {"latent_mean": SimpleNamespace(shape=(128, channels)),
+                    "text_embedding": SimpleNamespace(shape=(text_dim,))}
+        return SimpleNamespace(info=SimpleNamespace(features=features))
+
+    unet = UNet(latent_channels=4, text_dim=16)
+    check_dataset_fits_model(unet, latent_dataset(4, 16), "LAT")  # fits: nothing to say
+    with pytest.raises(ValueError, match=re.escape("dataset LAT: its latents have 8 channels (the VAE it was encoded "
+                                                   "with), but the model's latent_channels is 4: set "
+                                                   "--config.model.latent_channels=8")):
+        check_dataset_fits_model(unet, latent_dataset(8, 16), "LAT")
+    with pytest.raises(ValueError, match="text_dim is 16: set --config.model.text_dim=1536"):
+        check_dataset_fits_model(unet, latent_dataset(4, 1536), "LAT")

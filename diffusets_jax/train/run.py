@@ -166,6 +166,23 @@ def _load_dataset(model: str, config: ml_collections.ConfigDict) -> Any:
     return builder
 
 
+def check_dataset_fits_model(module: Any, builder: Any, dataset: str) -> None:
+    """Refuse a dataset whose text embeddings or latents are not the width the model takes, in one line naming
+    both and the setting to change, before anything compiles (the mismatch used to surface as an XLA
+    broadcasting error from inside the first train step)."""
+    features = builder.info.features
+    checks = (("text_embedding", "text_dim", "its text embeddings are {n}-d (the embedder it was prepared with)"),
+              ("latent_mean", "latent_channels", "its latents have {n} channels (the VAE it was encoded with)"))
+    for feature, field, what in checks:
+        if feature not in features.keys() or not hasattr(module, field):
+            continue
+        n = int(features[feature].shape[-1])
+        if n != int(getattr(module, field)):
+            raise ValueError(f"dataset {dataset}: {what.format(n=n)}, but the model's {field} is "
+                             f"{getattr(module, field)}: set --config.model.{field}={n}, or train on a dataset "
+                             f"made for this model")
+
+
 def resolve_latent_scale(model: str, config: ml_collections.ConfigDict, builder: Any) -> None:
     """With `diffusion.scale_by_std` (U-Net only), set `diffusion.latent_scale` to 1 / std of the latent dataset's
     training latents (`data.latents.measure_latent_scale`; deterministic, so a resumed run gets the same value)."""
@@ -242,6 +259,7 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
         log.warning("dataset has no %r split: no periodic validation", config.data.val_split)
 
     task = make_task(model, config, num_steps)
+    check_dataset_fits_model(task.model, builder, config.data.dataset)
     with output_dir(workdir, command=command, settings=settings, overwrite=overwrite, flag="--workdir") as run:
         result = train(task, config, run.path, train_batches, val_batches, mesh)
         if not result.preempted:
