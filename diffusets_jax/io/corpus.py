@@ -37,6 +37,7 @@ from diffusets_jax.io.run_dir import check_output_path, output_dir
 CORPUS_NAME = "synthetic_ecg"
 SPLIT = "train"
 _COUNTS = ".shard-counts"  # per shard: {"examples": written, "skipped": {position: reason}}
+_LISTED = 10  # skipped ECGs named in the summary; every one is in .shard-counts/
 
 
 def _counts_path(out: Path, shard: int) -> Path:
@@ -58,7 +59,7 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
     batch = generator.batch_size
     shard_size = batch * -(-shard_size // batch)
     num_shards = max(1, -(-len(items) // shard_size))
-    lengths = [min(len(items), (s + 1) * shard_size) - s * shard_size for s in range(num_shards)]
+    requested = [min(len(items), (s + 1) * shard_size) - s * shard_size for s in range(num_shards)]
     settings = {**generator.settings(), "shard_size": shard_size,
                 "conditions": [{**c.as_dict(generator.conditioning.prompt_style), "count": c.count} for c in conditions],
                 "provenance": provenance or {}}
@@ -71,7 +72,7 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
         # The prompts of every shard still to write, embedded once (the same list on every host).
         rows = [i for s in todo for i in range(s * shard_size, min(len(items), (s + 1) * shard_size))]
         vectors_of = dict(zip(rows, generator.embed([generator.prompt(items[i]) for i in rows]), strict=True))
-        bar = progress_bar(sum(lengths[s] for s in mine), desc="corpus", unit="ECG", disable=not progress)
+        bar = progress_bar(sum(requested[s] for s in mine), desc="corpus", unit="ECG", disable=not progress)
         (run.path / _COUNTS).mkdir(exist_ok=True)
         for shard in mine:
             skipped: dict[str, str] = {}
@@ -99,7 +100,7 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
         bar.close()
         parallel.barrier("corpus-shards-written")
         counts = _gather_counts(run.path, num_shards)
-        lengths = [counts[s]["examples"] for s in range(num_shards)]
+        lengths = [counts[s]["examples"] for s in range(num_shards)]  # what the shards hold, failed ECGs left out
         unusable = {int(position): why for s in range(num_shards) for position, why in counts[s]["skipped"].items()}
         if jax.process_index() == 0:
             write_tfds_metadata(run.path, CORPUS_NAME, features, {SPLIT: lengths},
@@ -115,8 +116,6 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
             "skipped_examples": dict(sorted(unusable.items())[:_LISTED])}
 
 
-_LISTED = 10  # skipped ECGs named in the summary; every one is in .shard-counts/
-
 
 def _gather_counts(out: Path, num_shards: int) -> dict[int, dict[str, Any]]:
     """Every shard's count record, from whichever host's disk holds it (all of them on a shared disk)."""
@@ -126,6 +125,6 @@ def _gather_counts(out: Path, num_shards: int) -> dict[int, dict[str, Any]]:
     missing = sorted(set(range(num_shards)) - set(counts))
     if missing:
         raise RunFailed(f"{out}: no host holds the count of shard(s) {missing[:5]} after writing them; rerun the "
-                           "same command to regenerate them")
+                        "same command to regenerate them")
     return counts
 
