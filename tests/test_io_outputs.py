@@ -50,15 +50,12 @@ def test_sample_command_writes_npz_wfdb_png_and_manifest(model_dir, openai_env, 
     assert not (out / ".parts").exists()  # per-batch parts are merged and removed
 
 
-def test_a_crashed_run_resumes_and_completes_identically(generator, tmp_path):
-    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 11)]
-    reference = sample_to_directory(generator, conditions, tmp_path / "ref", formats=["npz"], progress=False)
-    with np.load(tmp_path / "ref" / "samples.npz") as data:
-        expected = data["ecg"]
+class Crash(RuntimeError):
+    pass
 
-    class Crash(RuntimeError):
-        pass
 
+def crash_after_the_first_batch(generator, conditions, out):
+    """Run `sample_to_directory` into `out` (npz only) and crash it as the second batch arrives: part 0 is on disk."""
     def crashing(batches):
         for i, batch in enumerate(batches):
             if i == 1:
@@ -69,9 +66,18 @@ def test_a_crashed_run_resumes_and_completes_identically(generator, tmp_path):
     generator.generate = lambda *a, **k: crashing(original(*a, **k))
     try:
         with pytest.raises(Crash):
-            sample_to_directory(generator, conditions, tmp_path / "out", formats=["npz"], progress=False)
+            sample_to_directory(generator, conditions, out, formats=["npz"], progress=False)
     finally:
         generator.generate = original
+
+
+def test_a_crashed_run_resumes_and_completes_identically(generator, tmp_path):
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 11)]
+    reference = sample_to_directory(generator, conditions, tmp_path / "ref", formats=["npz"], progress=False)
+    with np.load(tmp_path / "ref" / "samples.npz") as data:
+        expected = data["ecg"]
+
+    crash_after_the_first_batch(generator, conditions, tmp_path / "out")
     assert len(list((tmp_path / "out" / ".parts").glob("batch-*.npz"))) == 1  # batch 0 survived the crash
     resumed = sample_to_directory(generator, conditions, tmp_path / "out", formats=["npz"], progress=False)
     with np.load(tmp_path / "out" / "samples.npz") as data:
@@ -99,6 +105,25 @@ def test_a_non_finite_ecg_is_skipped_in_every_format_and_counted(generator, tmp_
             assert sorted(p.stem for p in (out / "wfdb").glob("*.hea")) == [f"sample_{p:05d}" for p in kept]
             assert sorted(p.stem for p in (out / "plots").glob("*.png")) == [f"sample_{p:05d}" for p in kept]
             assert "wfdb" not in manifest["samples"][9] and manifest["samples"][8]["wfdb"] == "wfdb/sample_00008"
+
+
+def test_a_resumed_run_leaves_a_failed_ecg_of_an_earlier_part_out_of_the_npz(generator, tmp_path):
+    """Parts written before failed generations were skipped (an npz-only run recorded none) may hold a NaN ECG:
+    the merge leaves it out whichever run wrote the part."""
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 11)]
+    out = tmp_path / "out"
+
+    crash_after_the_first_batch(generator, conditions, out)
+    (part,) = (out / ".parts").glob("batch-*.npz")
+    with np.load(part) as data:
+        arrays = dict(data)
+    arrays["ecg"][3, 7, 2] = np.nan  # as the code before 2026-12-06 kept it, with nothing in skipped_name
+    np.savez_compressed(part, **arrays)
+    manifest = sample_to_directory(generator, conditions, out, formats=["npz"], progress=False)
+    assert manifest["written"] == 10 and manifest["skipped"] == {
+        "sample_00003": "the ECG has 1 non-finite samples (NaN/inf)"}
+    with np.load(out / "samples.npz") as data:
+        assert data["position"].tolist() == [p for p in range(11) if p != 3] and np.isfinite(data["ecg"]).all()
 
 
 def test_user_folders_are_refused_and_overwrite_replaces_them_as_a_whole(model_dir, openai_env, tmp_path, capsys):

@@ -130,14 +130,13 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
         done = set().union(*map(set, parallel.allgather_objects(local_done)))
         remaining = [b for b in range(total) if b not in done]
         for batch in generator.generate(conditions, batches=remaining, progress=progress):
-            # An ECG with NaN or inf samples is a failed generation: skipped and counted in every format, the NPZ
-            # included (its `position` array says which requests it holds), so no corpus carries it on.
+            # An ECG with NaN or inf samples is a failed generation: no record or PNG here, and `_finish` leaves it
+            # out of the NPZ.
             unusable = {row: reason for row, ecg in enumerate(batch.ecgs) if (reason := non_finite_reason(ecg))}
             skipped = _write_batch_records(run.path, batch, formats, wfdb_fs, header_settings, unusable,
                                            getattr(generator, "reference", None))
-            kept = [row for row in range(len(batch.conditions)) if row not in unusable]
-            _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs[kept].astype(np.float32),
-                      position=np.arange(batch.start, batch.start + len(batch.conditions))[kept],
+            _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
+                      position=np.arange(batch.start, batch.start + len(batch.conditions)),
                       skipped_name=np.array(list(skipped), dtype=str), skipped_why=np.array(list(skipped.values()), dtype=str))
         manifest = _finish(run.path, generator, items, total, formats, settings)
         run.mark_complete(count=manifest["count"])
@@ -172,9 +171,13 @@ def _finish(out: Path, generator: Any, items: list[Condition], total: int, forma
             ecgs.append(data["ecg"])
             local_skipped.update(zip(data["skipped_name"].tolist(), data["skipped_why"].tolist(), strict=True))
     positions_arr = np.concatenate(positions) if positions else np.zeros((0,), np.int64)
-    order = np.argsort(positions_arr)
+    ecg_arr = np.concatenate(ecgs) if ecgs else np.zeros((0, *ECG_SHAPE), np.float32)
+    # Failed generations (NaN or inf samples) stay out of the NPZ, whichever run wrote their part.
+    failed = {int(p): reason for p, ecg in zip(positions_arr, ecg_arr, strict=True) if (reason := non_finite_reason(ecg))}
+    local_skipped.update({sample_name(p): reason for p, reason in failed.items()})
+    order = np.array([i for i in np.argsort(positions_arr) if int(positions_arr[i]) not in failed], np.int64)
     positions_arr = positions_arr[order]
-    ecg_arr = (np.concatenate(ecgs) if ecgs else np.zeros((0, *ECG_SHAPE), np.float32))[order]
+    ecg_arr = ecg_arr[order]
     if "npz" in formats and parts:
         chosen = [items[int(p)] for p in positions_arr]
         reference = getattr(generator, "reference", None)
