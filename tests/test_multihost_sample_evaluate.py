@@ -63,6 +63,19 @@ def test_two_hosts_sample_their_share_and_write_one_manifest(tmp_path):
         # kernels for the two shapes sum in different orders: up to ~1e-3 mV on a few samples after decoding.
         np.testing.assert_allclose(two["ecg"], one["ecg"], atol=5e-3)
     assert len(list((tmp_path / "two" / "wfdb").glob("*.hea"))) == 20
+    # A corpus: the shards are dealt to the hosts, and process 0 gives TFDS every shard's length from the counts
+    # each host wrote beside its shards.
+    import tensorflow_datasets as tfds
+
+    corpus = [a for a in common if a not in ("--formats", "npz,wfdb")] + ["--corpus", "--shard-size", "8"]
+    with fake_openai_env(TEXT_DIM) as server:
+        run_two_processes([*corpus, "--out", str(tmp_path / "corpus")],
+                          {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url})
+    builder = tfds.builder_from_directory(str(tmp_path / "corpus"))
+    assert builder.info.splits["train"].shard_lengths == [8, 8, 4]
+    assert sorted(int(e["study_id"]) for e in tfds.as_numpy(builder.as_dataset(split="train"))) == list(range(20))
+    assert sorted(p.name for p in (tmp_path / "corpus" / ".shard-counts").iterdir()) == [
+        f"shard-{s:05d}.json" for s in range(3)]
 
 
 @pytest.mark.slow

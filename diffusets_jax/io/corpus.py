@@ -121,7 +121,7 @@ def _gather_counts(out: Path, num_shards: int) -> dict[int, dict[str, Any]]:
     """Every shard's count record, from whichever host's disk holds it (all of them on a shared disk)."""
     visible = {s: read_json(_counts_path(out, s), "corpus shard count") for s in range(num_shards)
                if _counts_path(out, s).exists()}
-    counts = {s: c for host in parallel.allgather_objects(visible) for s, c in host.items()}
+    counts = {int(s): c for host in parallel.allgather_objects(visible) for s, c in host.items()}  # JSON: str keys
     missing = sorted(set(range(num_shards)) - set(counts))
     if missing:
         raise RunFailed(f"{out}: no host holds the count of shard(s) {missing[:5]} after writing them; rerun the "
