@@ -15,15 +15,40 @@ import os
 import tempfile
 import time
 
-import jax
-import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
-from machine import describe, print_report
+import arguments
 
-from diffusets_jax import parallel
-from diffusets_jax.data import pipeline
-from diffusets_jax.data.schema import ecg_features
+
+def parse_args() -> argparse.Namespace:
+    parser = arguments.parser(__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=arguments.count, default=8192)
+    parser.add_argument("--shards", type=arguments.count, default=16)
+    parser.add_argument("--embedding-dim", type=arguments.count, default=1536)
+    parser.add_argument("--global-batch", type=arguments.count, default=256)
+    parser.add_argument("--batches", type=arguments.count, default=20)
+    parser.add_argument("--shuffle-buffer", type=arguments.count, default=4096)
+    args = parser.parse_args()
+    per_shard = -(-args.examples // args.shards)  # as write_dataset splits them: else a negative shard length
+    if per_shard * (args.shards - 1) > args.examples:
+        parser.error(f"--examples {args.examples} --shards {args.shards}: at {per_shard} records per shard the records "
+                     "run out before the last shards; pass fewer --shards or more --examples (a multiple of --shards "
+                     "always works)")
+    return args
+
+
+# Checked before the imports below load JAX and TensorFlow (seconds): a bad flag is one line at once, not a
+# traceback (arguments.py). main() parses again, which costs nothing.
+if __name__ == "__main__":
+    parse_args()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+from machine import describe, print_report  # noqa: E402
+
+from diffusets_jax import parallel  # noqa: E402
+from diffusets_jax.data import pipeline  # noqa: E402
+from diffusets_jax.data.schema import ecg_features  # noqa: E402
 
 
 def write_dataset(directory: str, examples: int, shards: int, embedding_dim: int) -> None:
@@ -65,14 +90,7 @@ def time_first_and_rate(iterator, batches: int, batch_size: int) -> tuple[float,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=8192)
-    parser.add_argument("--shards", type=int, default=16)
-    parser.add_argument("--embedding-dim", type=int, default=1536)
-    parser.add_argument("--global-batch", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--shuffle-buffer", type=int, default=4096)
-    args = parser.parse_args()
+    args = parse_args()
     machine = describe()
 
     with tempfile.TemporaryDirectory() as directory:

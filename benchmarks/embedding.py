@@ -8,9 +8,10 @@ from common MIMIC-IV-ECG machine statements, after a warm-up pass that compiles 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
+
+import arguments
 
 STATEMENTS = [
     "Sinus rhythm", "Sinus bradycardia", "Sinus tachycardia", "Atrial fibrillation",
@@ -37,11 +38,11 @@ def benchmark_prompts(count: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-prompts", type=int, default=2048)
+    parser = arguments.parser(__doc__, raw=True)
+    parser.add_argument("--batch-size", type=arguments.count, default=64)
+    parser.add_argument("--num-prompts", type=arguments.count, default=2048)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes; the best is reported")
+    parser.add_argument("--repeats", type=arguments.count, default=3, help="timed passes; the best is reported")
     args = parser.parse_args()
 
     from machine import describe, print_report

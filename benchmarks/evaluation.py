@@ -17,21 +17,23 @@ interval metrics.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+
+import arguments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ECG_DATA = os.path.join(ROOT, "tests", "data", "ecg")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num", type=int, default=1000, help="generated/real pairs")
-    parser.add_argument("--workers", type=int, default=2, help="processes for the per-record measurements")
-    parser.add_argument("--n-boot", type=int, default=1000)
+    parser = arguments.parser(__doc__, raw=True)
+    parser.add_argument("--num", type=arguments.count, default=1000, help="generated/real pairs")
+    parser.add_argument("--workers", type=arguments.non_negative, default=2,
+                        help="processes for the per-record measurements (0 or 1: in this process)")
+    parser.add_argument("--n-boot", type=arguments.count, default=1000)
     parser.add_argument("--protocol", default="paper", help="heart-rate method and k of this evaluation protocol")
     args = parser.parse_args()
 
@@ -48,6 +50,14 @@ def main() -> None:
     from machine import describe, print_report
     from model_sizes import random_variables
 
+    # The protocols live with the evaluation code (imported just above, nothing compiled yet).
+    try:
+        proto = ev.protocol(args.protocol)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.num <= proto.k:  # else precision_recall's ValueError, after CLIP and every measurement have run
+        parser.error(f"--num {args.num}: precision/recall's k = {proto.k} nearest neighbours need at least "
+                     f"{proto.k + 1} pairs; pass --num {proto.k + 1} or more")
     machine = describe()
 
     truth = json.load(open(os.path.join(ECG_DATA, "truth.json")))
@@ -71,7 +81,6 @@ def main() -> None:
     condition_hr = np.array([reference[names[s]]["heart_rate_bpm"] for s in source])
     subject_ids = [truth[names[s]]["subject_id"] for s in source]
 
-    proto = ev.protocol(args.protocol)
     text_embeddings = rng.standard_normal((args.num, 1536)).astype(np.float32)
 
     start = time.perf_counter()

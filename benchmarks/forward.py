@@ -19,11 +19,29 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import arguments  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = arguments.parser(__doc__, raw=True)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="computation dtype of the U-Net and VAE (parameters stay float32)")
+    parser.add_argument("--batch-sizes", type=arguments.count, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--repeats", type=arguments.count, default=10,
+                        help="timed runs per batch size (median reported)")
+    parser.add_argument("--skip-vae", action="store_true", help="benchmark the U-Net only")
+    return parser.parse_args(argv)
+
+
+# Checked before the imports below load JAX (seconds): a bad flag is one line at once, not a traceback after
+# compiling (arguments.py). main() parses again, which costs nothing.
+if __name__ == "__main__":
+    parse_args()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from machine import describe, print_report  # noqa: E402
 from model_sizes import random_variables  # noqa: E402
 
@@ -87,13 +105,7 @@ def benchmark_vae_decoder(batch_sizes: Sequence[int], dtype: jnp.dtype, repeats:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="computation dtype of the U-Net and VAE (parameters stay float32)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 128])
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per batch size (median reported)")
-    parser.add_argument("--skip-vae", action="store_true", help="benchmark the U-Net only")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     machine = describe()
     report = {
         "benchmark": "forward",

@@ -10,18 +10,26 @@ timed after a warm-up call on the same shapes, so compile time is reported separ
 
 from __future__ import annotations
 
-import argparse
 import time
+
+import arguments
+
+# Precision/recall's k: the radius of a vector is its distance to its k-th nearest neighbour among the others.
+K = 3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num", type=int, default=20000, help="feature vectors per set (real and generated)")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--row-block", type=int, default=1024)
-    parser.add_argument("--col-block", type=int, default=4096)
+    parser = arguments.parser(__doc__, raw=True)
+    parser.add_argument("--num", type=arguments.count, default=20000,
+                        help="feature vectors per set (real and generated)")
+    parser.add_argument("--dim", type=arguments.count, default=64)
+    parser.add_argument("--row-block", type=arguments.count, default=1024)
+    parser.add_argument("--col-block", type=arguments.count, default=4096)
     parser.add_argument("--mesh", action="store_true", help="shard precision/recall rows over all devices")
     args = parser.parse_args()
+    if args.num <= K:  # else precision_recall's ValueError, after FID has compiled and run
+        parser.error(f"--num {args.num}: precision/recall's k = {K} nearest neighbours need at least {K + 1} "
+                     f"feature vectors per set; pass --num {K + 1} or more")
 
     import numpy as np
     from machine import describe, print_report
@@ -44,7 +52,7 @@ def main() -> None:
     _, fid_first = timed(lambda: fid(real, generated))
     fid_value, fid_seconds = timed(lambda: fid(real, generated))
     pr_call = lambda: precision_recall(
-        real, generated, row_block=args.row_block, col_block=args.col_block, mesh=mesh
+        real, generated, k=K, row_block=args.row_block, col_block=args.col_block, mesh=mesh
     )
     _, pr_first = timed(pr_call)
     pr, pr_seconds = timed(pr_call)

@@ -15,20 +15,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
+if TYPE_CHECKING:
+    import flax.linen as nn
 
-from diffusets_jax.config import load_config, module_fields
-from diffusets_jax.models.clip import CLIP
-from diffusets_jax.models.unet import UNet
-from diffusets_jax.models.vae import VAE
-
+# JAX, Flax and the models are imported where they are used: a benchmark adds `--size` to its parser before it
+# imports JAX, so that a bad flag is refused in a second (arguments.py).
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MODULES = {"unet": UNet, "vae": VAE, "clip": CLIP}
 SIZES = ("published", "demo")
 
 
@@ -41,9 +35,15 @@ def add_size_argument(parser: argparse.ArgumentParser) -> None:
 def build(kind: str, size: str) -> nn.Module:
     """The `kind` module ("unet", "vae", "clip") at `size`, computing in float32 (a lower compute dtype is the
     caller's, e.g. `jit_generate(compute_dtype=...)`, as the commands do it)."""
+    from diffusets_jax.config import load_config, module_fields
+    from diffusets_jax.models.clip import CLIP
+    from diffusets_jax.models.unet import UNet
+    from diffusets_jax.models.vae import VAE
+
+    module = {"unet": UNet, "vae": VAE, "clip": CLIP}[kind]
     if size == "published":
-        return MODULES[kind]()
-    return MODULES[kind](**module_fields(load_config(CONFIGS / f"demo_{kind}.py")))
+        return module()
+    return module(**module_fields(load_config(CONFIGS / f"demo_{kind}.py")))
 
 
 def random_variables(init: Callable, *args: Any) -> dict:
@@ -55,6 +55,10 @@ def random_variables(init: Callable, *args: Any) -> dict:
     BatchNorm variances are 1 + N(0, 0.05^2), so that no normalisation divides by a negative variance or
     multiplies by zero.
     """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
     abstract = jax.eval_shape(init, jax.random.key(0), *args)
     rng = np.random.default_rng(0)
 

@@ -13,14 +13,28 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-
-from diffusets_jax.models.clip import CLIP
-from diffusets_jax.models.vae import VAE
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import arguments  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = arguments.parser(__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=arguments.count, default=64)
+    parser.add_argument("--repeats", type=arguments.count, default=5)
+    return parser.parse_args()
+
+
+# Checked before the imports below load JAX (seconds): a bad flag is one line at once, not a traceback after
+# compiling (arguments.py). main() parses again, which costs nothing.
+if __name__ == "__main__":
+    parse_args()
+
+import jax  # noqa: E402
 from machine import describe, print_report  # noqa: E402
 from model_sizes import random_variables  # noqa: E402
+
+from diffusets_jax.models.clip import CLIP  # noqa: E402
+from diffusets_jax.models.vae import VAE  # noqa: E402
 
 
 def _time(fn, *args, repeats: int) -> tuple[float, float]:
@@ -35,10 +49,7 @@ def _time(fn, *args, repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parse_args()
     machine = describe()
 
     ecg = jax.random.normal(jax.random.key(0), (args.batch, 1024, 12))

@@ -19,19 +19,40 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from diffusets_jax import parallel
-from diffusets_jax.diffusion.observations import make_observation
-from diffusets_jax.diffusion.posterior import PosteriorConfig, jit_posterior_generate
-from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate
-from diffusets_jax.diffusion.schedule import make_schedule
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, print_report  # noqa: E402
+import arguments  # noqa: E402
 from model_sizes import add_size_argument, build, random_variables  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = arguments.parser(__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=arguments.count, default=None, help="ECGs per call (default: the device count)")
+    parser.add_argument("--particles", type=arguments.count, nargs="+", default=[1, 4])
+    parser.add_argument("--steps", type=arguments.count, nargs=2, default=[2, 4], help="two chain lengths to time")
+    parser.add_argument("--repeats", type=arguments.count, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_size_argument(parser)
+    args = parser.parse_args(argv)
+    if args.steps[0] == args.steps[1]:  # per step = (t(n2) - t(n1)) / (n2 - n1)
+        parser.error(f"--steps {args.steps[0]} {args.steps[1]}: give two different chain lengths, e.g. --steps 2 4")
+    return args
+
+
+# Checked before the imports below load JAX (seconds): a bad flag is one line at once, not a traceback after
+# compiling (arguments.py). main() parses again, which costs nothing.
+if __name__ == "__main__":
+    parse_args()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from machine import describe, print_report  # noqa: E402
+
+from diffusets_jax import parallel  # noqa: E402
+from diffusets_jax.diffusion.observations import make_observation  # noqa: E402
+from diffusets_jax.diffusion.posterior import PosteriorConfig, jit_posterior_generate  # noqa: E402
+from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate  # noqa: E402
+from diffusets_jax.diffusion.schedule import make_schedule  # noqa: E402
 
 
 def _block(x: Any) -> Any:
@@ -62,14 +83,7 @@ def _measure(make, args, steps: tuple[int, int], repeats: int) -> dict[str, floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=None, help="ECGs per call (default: the device count)")
-    parser.add_argument("--particles", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--steps", type=int, nargs=2, default=[2, 4], help="two chain lengths to time")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    add_size_argument(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     machine = describe()
     batch = args.batch or machine["device_count"]
     mesh = parallel.make_mesh()

@@ -15,7 +15,6 @@ under new subject/study ids, so splits and chunks behave as on real data), then 
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import csv
@@ -26,6 +25,8 @@ import shutil
 import sys
 import tempfile
 import time
+
+import arguments
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests", "data", "ecg", "mimic_iv_ecg")
 
@@ -64,9 +65,10 @@ def make_repeated_mimic(target: str, records: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=2000)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser = arguments.parser(__doc__, raw=True)
+    parser.add_argument("--records", type=arguments.count, default=2000)
+    # At least one: the decode is timed in a pool of exactly this many processes.
+    parser.add_argument("--workers", type=arguments.count, default=os.cpu_count() or 1)
     parser.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temp dir)")
     args = parser.parse_args()
     if args.keep and os.path.exists(args.keep) and (not os.path.isdir(args.keep) or os.listdir(args.keep)):

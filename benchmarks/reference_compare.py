@@ -38,20 +38,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from forward import unet_inputs  # noqa: E402
-from machine import describe, print_report  # noqa: E402
-from model_sizes import random_variables  # noqa: E402
-from train import build_step  # noqa: E402
-from vae_ceiling import flops_of  # noqa: E402
-
-from diffusets_jax import host_memory  # noqa: E402
+import arguments  # noqa: E402
 
 DEFAULT_MEASURES = ("matmul:4096", "unet_forward:1", "unet_forward:16", "unet_forward:128", "unet_train:64", "vae_train:16",
                     "vae_decode:16", "vae_decode:128")
@@ -69,6 +60,44 @@ def parse_measure(text: str) -> tuple[str, int]:
     if name not in MEASURES or not batch.isdigit() or int(batch) <= 0:
         raise ValueError(f"measure {text!r}: write NAME:BATCH with NAME one of {', '.join(MEASURES)}")
     return name, int(batch)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = arguments.parser(__doc__, raw=True)
+    parser.add_argument("--reference-repo", required=True, help="checkout of the published DiffuSETS code")
+    parser.add_argument("--torch-python", required=True, help="python of an environment with PyTorch")
+    parser.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES), help="NAME:BATCH ...")
+    parser.add_argument("--repeats", type=arguments.count, default=5)
+    parser.add_argument("--threads", type=arguments.count, default=2,
+                        help="PyTorch intra-op threads (JAX uses every core)")
+    parser.add_argument("--keep-freed-memory", choices=KEEP_FREED_MEMORY, default="none",
+                        help="which side keeps freed host memory mapped, as our train command does "
+                        "(diffusets_jax/host_memory.py): none (glibc's defaults on both sides), ours (each side as "
+                        "its training runs), both (the same allocator on both sides)")
+    args = parser.parse_args()
+    try:
+        args.measures = [parse_measure(m) for m in args.measures]  # (NAME, BATCH) pairs
+    except ValueError as err:
+        parser.error(f"--measures: {err}")
+    if not (Path(args.reference_repo) / "vae" / "vae_model.py").is_file():
+        parser.error(f"--reference-repo {args.reference_repo}: no vae/vae_model.py there; give the published checkout")
+    return args
+
+
+# Checked before the imports below load JAX (seconds): a bad flag is one line at once, not a traceback after
+# compiling (arguments.py). main() parses again, which costs nothing.
+if __name__ == "__main__":
+    parse_args()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from forward import unet_inputs  # noqa: E402
+from machine import describe, print_report  # noqa: E402
+from model_sizes import random_variables  # noqa: E402
+from train import build_step  # noqa: E402
+from vae_ceiling import flops_of  # noqa: E402
+
+from diffusets_jax import host_memory  # noqa: E402
 
 
 def program(measure: str, batch: int, published: bool = False) -> tuple[Callable, tuple]:
@@ -203,27 +232,14 @@ def compare(worker: ReferenceWorker, measure: str, batch: int, repeats: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference-repo", required=True, help="checkout of the published DiffuSETS code")
-    parser.add_argument("--torch-python", required=True, help="python of an environment with PyTorch")
-    parser.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES), help="NAME:BATCH ...")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (JAX uses every core)")
-    parser.add_argument("--keep-freed-memory", choices=KEEP_FREED_MEMORY, default="none",
-                        help="which side keeps freed host memory mapped, as our train command does "
-                        "(diffusets_jax/host_memory.py): none (glibc's defaults on both sides), ours (each side as "
-                        "its training runs), both (the same allocator on both sides)")
-    args = parser.parse_args()
-    try:
-        measures = [parse_measure(m) for m in args.measures]
-    except ValueError as err:
-        parser.error(str(err))
-    if not (Path(args.reference_repo) / "vae" / "vae_model.py").is_file():
-        parser.error(f"--reference-repo {args.reference_repo}: no vae/vae_model.py there; give the published checkout")
+    args = parse_args()
     # Before JAX starts its backend (describe() does): the dispatch setting is read then.
     ours_kept = args.keep_freed_memory != "none" and host_memory.keep_freed_memory()
     if args.keep_freed_memory != "none" and not ours_kept:
-        parser.error("--keep-freed-memory: this process cannot (not glibc, or GLIBC_TUNABLES sets glibc.malloc.*)")
+        # After the imports (a property of this process, not of the flag's value), still before anything runs.
+        print("reference_compare.py: error: --keep-freed-memory: this process cannot (not glibc, or GLIBC_TUNABLES "
+              "sets glibc.malloc.*)", file=sys.stderr)
+        sys.exit(2)
     machine = describe()
     report = {"benchmark": "reference_compare", "ours_dtype": "float32", "repeats": args.repeats,
               "keep_freed_memory": args.keep_freed_memory, "results": []}
@@ -232,7 +248,7 @@ def main() -> None:
         report["reference"] = {"torch": worker.info["torch"], "threads": worker.info["threads"],
                                "repo": str(Path(args.reference_repo).resolve()),
                                "commit": git_commit(args.reference_repo)}
-        for measure, batch in measures:
+        for measure, batch in args.measures:
             report["results"].append(compare(worker, measure, batch, args.repeats))
     finally:
         worker.close()

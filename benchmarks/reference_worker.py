@@ -2,7 +2,8 @@
 
 Runs under a separate Python environment that has PyTorch (not a project dependency) and imports the
 published modules from a user's checkout of the published repository (`--reference-repo`); it imports
-nothing from this project and no JAX. Requests arrive as JSON lines on stdin, answers go to stdout:
+nothing from the `diffusets_jax` package and no JAX (only `arguments.py` beside it, which needs nothing but the
+standard library). Requests arrive as JSON lines on stdin, answers go to stdout:
 
     {"cmd": "setup", "measure": "vae_train", "batch": 16}  ->  {"ok": true, "setup_s": ...}
     {"cmd": "run", "measure": "vae_train", "batch": 16}    ->  {"seconds": ...}
@@ -15,10 +16,11 @@ are forward, the published loss, backward and an AdamW step, as the published tr
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+
+import arguments
 
 
 def build(measure: str, batch: int, torch, modules):
@@ -87,9 +89,9 @@ def build(measure: str, batch: int, torch, modules):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments.parser(__doc__.splitlines()[0])
     parser.add_argument("--reference-repo", required=True, help="checkout of the published DiffuSETS code")
-    parser.add_argument("--threads", type=int, required=True, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=arguments.count, required=True, help="torch.set_num_threads")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc keeps freed memory mapped, as our side's (diffusets_jax/host_memory.py)")
     args = parser.parse_args()

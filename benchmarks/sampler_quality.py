@@ -21,15 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from machine import describe, print_report
-
-from diffusets_jax.diffusion.sampler_validation import (
-    MEAN_ERROR_TOLERANCE,
-    STD_RATIO_TOLERANCE,
-    validate_sampler,
-)
-from diffusets_jax.diffusion.samplers import SamplerConfig
-from diffusets_jax.diffusion.schedule import ScheduleConfig, make_schedule
+import arguments
 
 ROWS: tuple[tuple[float, float], ...] = (  # (data std, data mean); 0.18 is the published latents' scale
     (0.1, 0.0), (0.18, 0.0), (0.21, 0.0), (0.5, 0.0), (1.0, 0.0), (0.1, 0.2), (0.18, -0.36), (1.0, 1.0),
@@ -37,7 +29,8 @@ ROWS: tuple[tuple[float, float], ...] = (  # (data std, data mean); 0.18 is the 
 
 
 def _config(sampler: str, steps: int, spacing: str, order: int, eta: float = 0.0) -> Callable[[float], SamplerConfig]:
-    """A column: the settings for a row's data std (only the "data_std" grid reads it)."""
+    """A column: the settings for a row's data std (only the "data_std" grid reads it). `SamplerConfig` is imported
+    below, after the flags are checked; a column builds its settings only when it runs."""
     return lambda std: SamplerConfig(sampler=sampler, steps=steps, timestep_spacing=spacing, final_step_order=order,
                                      eta=eta, clip_sample=False, data_std=std if spacing == "data_std" else None)
 
@@ -59,12 +52,36 @@ COLUMNS: dict[str, Callable[[float], SamplerConfig]] = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=1024, help="latents (x 128 x 4 values) per run")
+def parse_args() -> argparse.Namespace:
+    parser = arguments.parser(__doc__, raw=True)
+    parser.add_argument("--samples", type=arguments.count, default=1024, help="latents (x 128 x 4 values) per run")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     parser.add_argument("--columns", default=None, help="comma-separated subset of the column names")
     args = parser.parse_args()
+    unknown = [] if args.columns is None else [name for name in args.columns.split(",") if name not in COLUMNS]
+    if unknown:
+        parser.error(f"--columns: unknown {unknown}; choose from {list(COLUMNS)}")
+    return args
+
+
+# Checked before the imports below load JAX (seconds): a bad flag is one line at once, not a traceback after
+# compiling (arguments.py). main() parses again, which costs nothing.
+if __name__ == "__main__":
+    parse_args()
+
+from machine import describe, print_report  # noqa: E402
+
+from diffusets_jax.diffusion.sampler_validation import (  # noqa: E402
+    MEAN_ERROR_TOLERANCE,
+    STD_RATIO_TOLERANCE,
+    validate_sampler,
+)
+from diffusets_jax.diffusion.samplers import SamplerConfig  # noqa: E402
+from diffusets_jax.diffusion.schedule import ScheduleConfig, make_schedule  # noqa: E402
+
+
+def main() -> None:
+    args = parse_args()
     columns = COLUMNS if args.columns is None else {name: COLUMNS[name] for name in args.columns.split(",")}
     schedule = make_schedule(ScheduleConfig(prediction_type=args.prediction_type))
     machine = describe()

@@ -21,23 +21,59 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding
-
-from diffusets_jax import parallel
-from diffusets_jax.diffusion.guidance import fixed_null_condition
-from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, sampler_config, vae_decode_fn
-from diffusets_jax.diffusion.schedule import make_schedule
-from diffusets_jax.models.unet import UNet
-from diffusets_jax.models.vae import VAE
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, print_report  # noqa: E402
+import arguments  # noqa: E402
 from model_sizes import add_size_argument, build, random_variables  # noqa: E402
 
-SAMPLER_CONFIGS = {
+from diffusets_jax.cli import finite_float  # noqa: E402
+
+# The names of SAMPLER_CONFIGS (below: building them imports JAX), for the parser.
+SAMPLERS = ("ddpm-1000", "ddim-50", "dpmpp_2m-20")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = arguments.parser(__doc__, raw=True)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="network compute dtype (sampler arithmetic stays float32)")
+    parser.add_argument("--batches", type=arguments.counts, default=None,
+                        help="comma-separated global batch sizes (default 1,16,128; plus 1024 on an accelerator)")
+    parser.add_argument("--samplers", default=",".join(SAMPLERS), help=f"subset of {list(SAMPLERS)}")
+    parser.add_argument("--ddpm-timed-steps", type=arguments.count, default=None,
+                        help="time DDPM on this many steps and extrapolate to 1000 "
+                        "(default 10 on CPU, all on accelerators)")
+    parser.add_argument("--repeats", type=arguments.count, default=None,
+                        help="timed calls per point, median reported (default 3 CPU, 5 accelerator)")
+    parser.add_argument("--guidance-scale", type=finite_float, default=3.0,
+                        help="scale for the guidance comparison (DPM-Solver++-20)")
+    parser.add_argument("--skip-guidance", action="store_true",
+                        help="do not measure doubled-batch vs two-call guidance")
+    add_size_argument(parser)
+    args = parser.parse_args()
+    unknown = sorted(set(args.samplers.split(",")) - set(SAMPLERS))
+    if unknown:
+        parser.error(f"--samplers: unknown {unknown}; choose from {list(SAMPLERS)}")
+    return args
+
+
+# Checked before the imports below load JAX (seconds): a bad flag is one line at once, not a traceback after
+# compiling (arguments.py). main() parses again, which costs nothing.
+if __name__ == "__main__":
+    parse_args()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from machine import describe, print_report  # noqa: E402
+
+from diffusets_jax import parallel  # noqa: E402
+from diffusets_jax.diffusion.guidance import fixed_null_condition  # noqa: E402
+from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, sampler_config, vae_decode_fn  # noqa: E402
+from diffusets_jax.diffusion.schedule import make_schedule  # noqa: E402
+from diffusets_jax.models.unet import UNet  # noqa: E402
+from diffusets_jax.models.vae import VAE  # noqa: E402
+
+SAMPLER_CONFIGS = {  # keyed by SAMPLERS
     "ddpm-1000": SamplerConfig.faithful(),
     "ddim-50": sampler_config("ddim", data_std=0.18),  # the defaults; speed does not depend on the grid
     "dpmpp_2m-20": sampler_config("dpmpp_2m"),
@@ -108,26 +144,11 @@ def measure(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="network compute dtype (sampler arithmetic stays float32)")
-    parser.add_argument("--batches", default=None,
-                        help="comma-separated global batch sizes (default 1,16,128; plus 1024 on an accelerator)")
-    parser.add_argument("--samplers", default=",".join(SAMPLER_CONFIGS), help=f"subset of {list(SAMPLER_CONFIGS)}")
-    parser.add_argument("--ddpm-timed-steps", type=int, default=None,
-                        help="time DDPM on this many steps and extrapolate to 1000 (default 10 on CPU, all on accelerators)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per point, median reported (default 3 CPU, 5 accelerator)")
-    parser.add_argument("--guidance-scale", type=float, default=3.0, help="scale for the guidance comparison (DPM-Solver++-20)")
-    parser.add_argument("--skip-guidance", action="store_true", help="do not measure doubled-batch vs two-call guidance")
-    add_size_argument(parser)
-    args = parser.parse_args()
-    unknown = sorted(set(args.samplers.split(",")) - set(SAMPLER_CONFIGS))
-    if unknown:
-        parser.error(f"--samplers: unknown {unknown}; choose from {list(SAMPLER_CONFIGS)}")
+    args = parse_args()
     machine = describe()
 
     on_cpu = machine["backend"] == "cpu"
-    batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 16, 128] if on_cpu else [1, 16, 128, 1024])
+    batches = args.batches or ([1, 16, 128] if on_cpu else [1, 16, 128, 1024])
     ddpm_timed = args.ddpm_timed_steps if args.ddpm_timed_steps is not None else (10 if on_cpu else None)
     repeats = args.repeats or (3 if on_cpu else 5)
     compute_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None

@@ -21,22 +21,62 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arguments  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_OF = {"vae": "diffusets_vae.py", "unet": "diffusets_unet.py", "clip": "diffusets_clip.py"}
+REMAT_MODELS = ("vae", "unet")
+
+
+def parse_batches(values: list[str] | None, models: list[str]) -> dict[str, int | None]:
+    """`--batch 64` (every model) or `--batch vae=16 unet=64`; None = the config's global batch."""
+    batches: dict[str, int | None] = dict.fromkeys(models)
+    for value in values or []:
+        name, _, number = value.rpartition("=")
+        if name and name not in CONFIG_OF:
+            raise ValueError(f"--batch {value}: unknown model {name!r}; use one of {sorted(CONFIG_OF)}")
+        if not number.isdigit() or int(number) <= 0:
+            raise ValueError(f"--batch {value}: the batch must be a positive integer")
+        for model in [name] if name else models:
+            batches[model] = int(number)
+    return batches
+
+
+def parse_args() -> argparse.Namespace:
+    parser = arguments.parser(__doc__, raw=True)
+    parser.add_argument("--models", nargs="+", default=["vae", "unet", "clip"], choices=sorted(CONFIG_OF))
+    parser.add_argument("--batch", nargs="+", default=None, help="global batch: N, or MODEL=N per model")
+    parser.add_argument("--steps", type=arguments.count, default=10)
+    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--remat", action="store_true", help="rematerialise the VAE / U-Net blocks")
+    parser.add_argument("--fsdp", type=arguments.count, default=1)
+    parser.add_argument("--allocator-defaults", action="store_true",
+                        help="leave glibc's allocator and JAX's CPU dispatch at their defaults; by default this "
+                        "process keeps freed memory mapped, as the train command does (diffusets_jax/host_memory.py)")
+    args = parser.parse_args()
+    try:
+        args.batches = parse_batches(args.batch, args.models)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+# Checked before the imports below load JAX (seconds): a bad flag is one line at once, not a traceback after
+# compiling (arguments.py). main() parses again, which costs nothing.
+if __name__ == "__main__":
+    parse_args()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from machine import describe, print_report  # noqa: E402
 
 from diffusets_jax import host_memory, parallel  # noqa: E402
 from diffusets_jax.config import load_config  # noqa: E402
 from diffusets_jax.train import loop  # noqa: E402
 from diffusets_jax.train.run import make_task  # noqa: E402
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-CONFIG_OF = {"vae": "diffusets_vae.py", "unet": "diffusets_unet.py", "clip": "diffusets_clip.py"}
-REMAT_MODELS = ("vae", "unet")
 
 
 def synthetic_batch(model: str, batch: int, text_dim: int) -> dict[str, np.ndarray]:
@@ -166,43 +206,16 @@ def benchmark(model: str, batch: int | None, steps: int, compute_dtype: str, rem
     }
 
 
-def parse_batches(values: list[str] | None, models: list[str]) -> dict[str, int | None]:
-    """`--batch 64` (every model) or `--batch vae=16 unet=64`; None = the config's global batch."""
-    batches: dict[str, int | None] = dict.fromkeys(models)
-    for value in values or []:
-        name, _, number = value.rpartition("=")
-        if name and name not in CONFIG_OF:
-            raise ValueError(f"--batch {value}: unknown model {name!r}; use one of {sorted(CONFIG_OF)}")
-        if not number.isdigit() or int(number) <= 0:
-            raise ValueError(f"--batch {value}: the batch must be a positive integer")
-        for model in [name] if name else models:
-            batches[model] = int(number)
-    return batches
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vae", "unet", "clip"], choices=sorted(CONFIG_OF))
-    parser.add_argument("--batch", nargs="+", default=None, help="global batch: N, or MODEL=N per model")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--remat", action="store_true", help="rematerialise the VAE / U-Net blocks")
-    parser.add_argument("--fsdp", type=int, default=1)
-    parser.add_argument("--allocator-defaults", action="store_true",
-                        help="leave glibc's allocator and JAX's CPU dispatch at their defaults; by default this "
-                        "process keeps freed memory mapped, as the train command does (diffusets_jax/host_memory.py)")
-    args = parser.parse_args()
-    try:
-        batches = parse_batches(args.batch, args.models)
-    except ValueError as err:
-        parser.error(str(err))
+    args = parse_args()
     # Before JAX starts its backend (describe() does): the dispatch setting is read then.
     kept = not args.allocator_defaults and host_memory.keep_freed_memory()
     machine = describe()
     report = {"benchmark": "train", "keep_freed_memory": kept, "results": {}}
     for model in args.models:
         remat = args.remat and model in REMAT_MODELS  # CLIP has no remat option
-        report["results"][model] = benchmark(model, batches[model], args.steps, args.compute_dtype, remat, args.fsdp)
+        report["results"][model] = benchmark(model, args.batches[model], args.steps, args.compute_dtype, remat,
+                                             args.fsdp)
     print_report(report, machine)
 
 

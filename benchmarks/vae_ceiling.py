@@ -21,14 +21,27 @@ import sys
 import time
 from pathlib import Path
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import arguments  # noqa: E402
 
+
+def parse_args() -> argparse.Namespace:
+    parser = arguments.parser(__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=arguments.count, default=16)
+    parser.add_argument("--repeats", type=arguments.count, default=10)
+    return parser.parse_args()
+
+
+# Checked before the imports below load JAX (seconds): a bad flag is one line at once, not a traceback after
+# compiling (arguments.py). main() parses again, which costs nothing.
+if __name__ == "__main__":
+    parse_args()
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from machine import describe, print_report  # noqa: E402
 from model_sizes import random_variables  # noqa: E402
 
@@ -118,10 +131,7 @@ def conv_same_k3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
+    args = parse_args()
     machine = describe()
 
     vae = VAE(conv_algorithm="direct")
