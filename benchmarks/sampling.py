@@ -154,6 +154,10 @@ def main() -> None:
     compute_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
 
     devices = jax.devices()
+    # The batch is sharded over every device: a size the device count does not divide cannot be timed, and the
+    # report says which were left out rather than leaving them out silently.
+    skipped = [b for b in batches if b % len(devices)]
+    batches = [b for b in batches if not b % len(devices)]
     mesh = parallel.make_mesh()  # the mesh `sample` uses: Auto axes, batch over every device
     unet = build("unet", args.size)
     vae = build("vae", args.size)
@@ -172,13 +176,14 @@ def main() -> None:
         "models": args.size,
         "weights": f"random NumPy normals, {args.size}-size U-Net and VAE decoder",
         "samplers": {},
+        **({"batches_not_divisible_by_the_devices": skipped} if skipped else {}),
     }
     for name in args.samplers.split(","):
         config = SAMPLER_CONFIGS[name]
         timed = ddpm_timed if config.sampler == "ddpm" else None
         results["samplers"][name] = [
             measure(unet, vae, variables, config, b, mesh=mesh, timed_steps=timed, repeats=repeats, compute_dtype=compute_dtype)
-            for b in batches if b % len(devices) == 0 or len(devices) == 1
+            for b in batches
         ]
     if not args.skip_guidance:
         guidance = {}
@@ -187,7 +192,7 @@ def main() -> None:
                                    guidance_scale=args.guidance_scale, guidance_mode=mode)
             guidance[mode] = [
                 measure(unet, vae, variables, config, b, mesh=mesh, timed_steps=None, repeats=repeats, compute_dtype=compute_dtype)
-                for b in batches if b % len(devices) == 0 or len(devices) == 1
+                for b in batches
             ]
         results["guidance_dpmpp_2m-20"] = guidance
     print_report(results, machine, indent=1)

@@ -36,10 +36,13 @@ TOY_ARGS = {
     # defaults' quality itself).
     "sampler_quality": ["--samples", "16", "--columns",
                         "ddim-50 data_std o2 (default),dpmpp_2m-20 logsnr o2 (default)"],
-    "sampling": ["--batches", "1", "--samplers", "dpmpp_2m-20", "--repeats", "1", "--skip-guidance", "--size", "demo"],
+    # On two devices (TOY_DEVICES): batch 1 cannot be sharded over them, and the report must say it left it out.
+    "sampling": ["--batches", "1,2", "--samplers", "dpmpp_2m-20", "--repeats", "1", "--skip-guidance", "--size",
+                 "demo"],
     "train": ["--models", "vae", "--batch", "2", "--steps", "1"],
     "vae_ceiling": ["--batch", "1", "--repeats", "1"],
 }
+TOY_DEVICES = {"sampling": 2}  # simulated CPU devices where a toy run needs more than one
 
 
 # A bad count for every benchmark, and the other checks scripts make of their flags: (script, arguments, the flag).
@@ -143,11 +146,16 @@ def test_counts_are_whole_numbers_of_at_least_one(monkeypatch, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TOY_ARGS))
 def test_a_benchmark_runs_and_prints_one_json_object(name, tmp_path):
+    env = benchmark_env(tmp_path)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={TOY_DEVICES.get(name, 1)}"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *TOY_ARGS[name]],
-                          env=benchmark_env(tmp_path), capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                          env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # the whole of stdout: one object and nothing else
     assert isinstance(result, dict) and result, proc.stdout[:500]
+    if name == "sampling":
+        assert result["batches_not_divisible_by_the_devices"] == [1]
+        assert [point["batch"] for point in result["samplers"]["dpmpp_2m-20"]] == [2]
     # A figure is only comparable on the same machine under the same load: each says what it was measured on.
     machine = result["machine"]
     assert {"date_utc", "cpu", "cpu_cores", "load_average", "jax", "backend", "device_kind"} <= set(machine)
