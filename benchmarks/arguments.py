@@ -61,3 +61,11 @@ def counts(text: str) -> list[int]:
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated whole numbers >= 1 such as 1,16,128, got {text!r}") from None
+
+
+def parse_batch_and_repeats(description: str, batch: int, repeats: int) -> argparse.Namespace:
+    """`--batch` and `--repeats` alone, for the benchmarks that time one batch size a few times."""
+    parser_ = parser(description)
+    parser_.add_argument("--batch", type=count, default=batch)
+    parser_.add_argument("--repeats", type=count, default=repeats)
+    return parser_.parse_args()

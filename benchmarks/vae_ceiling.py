@@ -27,10 +27,7 @@ import arguments  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = arguments.parser(__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=arguments.count, default=16)
-    parser.add_argument("--repeats", type=arguments.count, default=10)
-    return parser.parse_args()
+    return arguments.parse_batch_and_repeats(__doc__.splitlines()[0], batch=16, repeats=10)
 
 
 # Checked before the imports below load JAX (seconds): a bad flag is one line at once, not a traceback after
