@@ -26,6 +26,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def fail(message: str) -> NoReturn:
+    """A flag that turns out wrong only once the devices are known (after parsing): the same one line, exit 2."""
+    OneLineParser().error(message)
+
+
 def parser(description: str, raw: bool = False) -> argparse.ArgumentParser:
     """A benchmark's parser; `raw` keeps the description's own line breaks (a docstring with example commands)."""
     return OneLineParser(description=description,

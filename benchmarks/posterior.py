@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = describe()
     batch = args.batch or machine["device_count"]
+    if batch % machine["device_count"]:  # the batch is sharded over every device
+        arguments.fail(f"--batch {batch} is not a multiple of the {machine['device_count']} devices")
     mesh = parallel.make_mesh()
     sharding = parallel.batch_sharding(mesh)
     replicated = parallel.replicated(mesh)

@@ -211,6 +211,9 @@ def main() -> None:
     # Before JAX starts its backend (describe() does): the dispatch setting is read then.
     kept = not args.allocator_defaults and host_memory.keep_freed_memory()
     machine = describe()
+    devices = machine["device_count"]
+    if devices % args.fsdp:
+        arguments.fail(f"--fsdp {args.fsdp} does not divide the {devices} devices: pass a divisor of {devices}")
     report = {"benchmark": "train", "keep_freed_memory": kept, "results": {}}
     for model in args.models:
         remat = args.remat and model in REMAT_MODELS  # CLIP has no remat option

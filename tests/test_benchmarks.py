@@ -114,6 +114,22 @@ def test_a_bad_flag_is_one_line_before_jax_is_imported(name, args, flag, tmp_pat
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(("name", "args", "expected"), [
+    ("train", ["--models", "vae", "--batch", "2", "--fsdp", "3"], "--fsdp 3 does not divide the 2 devices"),
+    ("posterior", ["--batch", "3"], "--batch 3 is not a multiple of the 2 devices"),
+])
+def test_a_flag_the_devices_cannot_take_is_one_line(name, args, expected, tmp_path):
+    """Known wrong only once JAX counts the devices, but still before anything compiles: one line, exit 2 (these
+    were tracebacks from the mesh and the batch sharding)."""
+    env = benchmark_env(tmp_path)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{name}.py: error: {expected}"), proc.stderr[-3000:]
+
+
 def test_counts_are_whole_numbers_of_at_least_one(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import arguments
