@@ -92,3 +92,13 @@ def test_units_conversion_and_millivolt_check():
     check_millivolts(np.random.default_rng(3).standard_normal((1024, 12)) * 0.3)
     with pytest.raises(ValueError, match="millivolts"):
         check_millivolts(np.random.default_rng(3).standard_normal((1024, 12)) * 300.0)
+
+
+def test_finite_ecgs_and_the_reason_for_one_that_is_not():
+    from diffusets_jax.ecg.units import finite_ecgs, non_finite_reason
+
+    ecgs = np.zeros((3, 1024, 12), np.float32)
+    ecgs[1, 5, 2], ecgs[2, 0, 0], ecgs[2, 9, 11] = np.nan, np.inf, -np.inf
+    assert finite_ecgs(ecgs).tolist() == [True, False, False]
+    assert non_finite_reason(ecgs[0]) is None
+    assert non_finite_reason(ecgs[2]) == "the ECG has 2 non-finite samples (NaN/inf)"

@@ -49,6 +49,12 @@ def check_millivolts(ecg: np.ndarray, what: str = "ECG", max_abs_mv: float = MAX
         )
 
 
+def finite_ecgs(ecgs: np.ndarray) -> np.ndarray:
+    """Which ECGs of `ecgs` (n, samples, 12) have only finite samples: `(n,)` bool. The others (a diverged network,
+    an overflow in low precision, a damaged record) are skipped and counted by whoever reads them."""
+    return np.isfinite(np.asarray(ecgs)).all(axis=(1, 2))
+
+
 def non_finite_reason(ecg: np.ndarray) -> str | None:
     """Why `ecg` (samples, 12) cannot be kept, if it has NaN or infinite samples (a diverged network or an
     overflow in low precision gives these); None for a finite one. Writers skip such an ECG and record the reason."""

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 
+from diffusets_jax.ecg.units import finite_ecgs
 from diffusets_jax.errors import Preempted
 from diffusets_jax.experiments.keyword_rules import (
     DOWNSTREAM_RULES,
@@ -140,7 +141,7 @@ def load_records(dataset: str | os.PathLike, split: str, *, data_dir: str | os.P
     from diffusets_jax.experiments.evaluate import load_split
 
     arrays = load_split(dataset, split, data_dir=data_dir, limit=limit)
-    finite = np.isfinite(arrays["ecg"]).all(axis=(1, 2))
+    finite = finite_ecgs(arrays["ecg"])
     records = Records(arrays["ecg"].astype(np.float32), list(arrays["report_lines"]),
                       arrays["text_embedding"].astype(np.float32), arrays["sex"].astype(np.int64),
                       arrays["age"].astype(np.float64), arrays["heart_rate"].astype(np.float64),
@@ -293,7 +294,7 @@ def _without_failed(generated: Generated) -> Generated:
         ecgs = getattr(generated, name)
         if ecgs is None:
             continue
-        finite = np.isfinite(ecgs).all(axis=(1, 2))
+        finite = finite_ecgs(ecgs)
         if finite.all():
             continue
         failed = f"{int((~finite).sum())} of its {len(ecgs)} generated ECGs had NaN or inf samples"

@@ -39,6 +39,7 @@ from diffusets_jax import parallel
 from diffusets_jax.ecg.heart_rate import CONSENSUS, XQRS_FIRST_LEAD
 from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.ecg.shapes import ECG_SHAPE, NUM_LEADS
+from diffusets_jax.ecg.units import finite_ecgs
 from diffusets_jax.errors import RunFailed
 from diffusets_jax.experiments.keyword_rules import RuleSet
 from diffusets_jax.io.files import write_json_atomic, write_text_atomic
@@ -436,7 +437,7 @@ def evaluate_split(
         for batch in generator.generate(conditions, progress=progress, text_embeddings=real["text_embedding"][pairs]):
             # A generated ECG with NaN or inf samples is a failed generation: counted in the report and left out of
             # every metric (its CLIP features would make FID and precision/recall undefined).
-            finite = np.isfinite(batch.ecgs).all(axis=(1, 2))
+            finite = finite_ecgs(batch.ecgs)
             rows = np.arange(batch.start, batch.start + len(batch.conditions))[finite]
             if len(rows):
                 parts.append({"position": rows, **measure(batch.ecgs[finite], clip, proto.heart_rate_method, pool)})

@@ -26,6 +26,7 @@ import numpy as np
 
 from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.ecg.shapes import NUM_LEADS
+from diffusets_jax.ecg.units import finite_ecgs
 
 TASKS: dict[str, tuple[str, ...]] = {"lead_I": ("I",), "limb_leads": ("I", "II", "III", "aVR", "aVL", "aVF")}
 BASELINES: tuple[str, ...] = ("zeros", "train_mean", "linear")
@@ -43,7 +44,7 @@ def fit_linear(train_ecgs: np.ndarray, observed: Sequence[str]) -> np.ndarray:
     """Least-squares weights `(len(observed) + 1, 12)` predicting every lead from the observed leads and a constant,
     fitted over every sample of the finite training ECGs `(n, 1024, 12)`."""
     train = np.asarray(train_ecgs, np.float64)
-    train = train[np.isfinite(train).all(axis=(1, 2))]
+    train = train[finite_ecgs(train)]
     if not len(train):
         raise ValueError("linear baseline: no finite training ECG to fit on")
     x = train[:, :, lead_indices(observed)].reshape(-1, len(observed))
@@ -153,13 +154,13 @@ def reconstruction_study(generator: Any, train_ecgs: np.ndarray, test: Mapping[s
     Records with a non-finite sample are left out (counted)."""
     from diffusets_jax.metrics.clinical import clinical_metrics
 
-    finite = np.isfinite(np.asarray(test["ecg"])).all(axis=(1, 2))
+    finite = finite_ecgs(test["ecg"])
     if not finite.any():
         raise ValueError("test split: no record without missing samples")
     test = {k: (np.asarray(v)[finite] if not isinstance(v, list) else [x for x, f in zip(v, finite, strict=True) if f])
             for k, v in test.items()}
     train = np.asarray(train_ecgs, np.float32)
-    train_mean = np.nanmean(train[np.isfinite(train).all(axis=(1, 2))], axis=0)
+    train_mean = np.nanmean(train[finite_ecgs(train)], axis=0)
     truth = test["ecg"]
     report: dict[str, Any] = {"n_test": int(finite.sum()), "n_test_left_out": int((~finite).sum()),
                               "n_train": int(len(train)), "leads": list(STANDARD_LEADS), "noise_std_mv": noise_std,

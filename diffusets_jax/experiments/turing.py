@@ -54,6 +54,7 @@ import numpy as np
 from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
 from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, report_lines
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
+from diffusets_jax.ecg.units import finite_ecgs
 from diffusets_jax.io.files import (
     file_sha256,
     read_json,
@@ -221,7 +222,7 @@ def _draw_ids(rng: np.random.Generator, count: int) -> list[str]:
 
 
 def _finite(ecg: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(np.isfinite(ecg).all(axis=(1, 2)))
+    return np.flatnonzero(finite_ecgs(ecg))
 
 
 def _pick(rng: np.random.Generator, candidates: np.ndarray, count: int, what: str, why: str, flag: str) -> np.ndarray:

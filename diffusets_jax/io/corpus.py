@@ -116,7 +116,6 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
             "skipped_examples": dict(sorted(unusable.items())[:_LISTED])}
 
 
-
 def _gather_counts(out: Path, num_shards: int) -> dict[int, dict[str, Any]]:
     """Every shard's count record, from whichever host's disk holds it (all of them on a shared disk)."""
     visible = {s: read_json(_counts_path(out, s), "corpus shard count") for s in range(num_shards)

@@ -24,6 +24,7 @@ import numpy as np
 from diffusets_jax.conditioning.prompts import report_lines
 from diffusets_jax.ecg.resample import resample_to_length
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
+from diffusets_jax.ecg.units import finite_ecgs
 
 NON_FINITE = "non-finite samples"  # the reason counted in `GeneratedSet.skipped` for an ECG with NaN or inf
 
@@ -84,7 +85,7 @@ def read_generated(path: str | os.PathLike, flag: str = "--generated") -> Genera
 def finite_only(generated: GeneratedSet, flag: str = "--generated") -> GeneratedSet:
     """`generated` without its ECGs that have NaN or inf samples (failed generations: no metric is defined on
     them), counted under `skipped` as a WFDB folder's are when read; one line if none is left."""
-    finite = np.isfinite(generated.ecg).all(axis=(1, 2))
+    finite = finite_ecgs(generated.ecg)
     if finite.all():
         return generated
     skipped = {**generated.skipped, NON_FINITE: generated.skipped.get(NON_FINITE, 0) + int((~finite).sum())}
