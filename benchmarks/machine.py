@@ -10,7 +10,6 @@ stays quick.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 
@@ -54,5 +53,8 @@ def describe() -> dict:
 
 def print_report(report: dict, machine: dict, indent: int | None = None) -> None:
     """Print a benchmark's one JSON object on stdout: `report`, the `machine` that `describe()` gave before the
-    run, and the load average after it."""
-    print(json.dumps({**report, "machine": machine, "load_average_after": load_average()}, indent=indent))
+    run, and the load average after it. Strict JSON, like the package's own outputs: a figure that could not be
+    measured is null, not NaN."""
+    from diffusets_jax.io.files import json_text
+
+    print(json_text({**report, "machine": machine, "load_average_after": load_average()}, indent=indent))

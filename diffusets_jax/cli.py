@@ -42,6 +42,13 @@ def seed_int(text: str) -> int:
                                          f"expected a whole number, got {text!r}") from None
 
 
+def _json_line(payload: object, *, indent: int | None = None) -> str:
+    """A command's stdout summary, as strict JSON like every file it writes (`io.files.json_text`)."""
+    from diffusets_jax.io.files import json_text
+
+    return json_text(payload, indent=indent)
+
+
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "prepare",
@@ -145,7 +152,6 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_embed(args: argparse.Namespace) -> int:
-    import json
     import os
 
     from diffusets_jax.conditioning.embedders import make_embedder
@@ -192,7 +198,7 @@ def _run_embed(args: argparse.Namespace) -> int:
     except RuntimeError as err:  # e.g. the server kept failing after every retry: what was embedded is kept
         print(f"diffusets-jax embed: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(summary))
+    print(_json_line(summary))
     return 0
 
 
@@ -393,8 +399,6 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    import json
-
     from diffusets_jax.io.plot import plot_wfdb_records
     from diffusets_jax.io.run_dir import check_output_path
 
@@ -404,7 +408,7 @@ def _run_plot(args: argparse.Namespace) -> int:
     summary = plot_wfdb_records(args.records, args.out_dir, dpi=args.dpi, overwrite=args.overwrite)
     for record, why in summary["skipped"].items():  # the batch goes on; each skipped record is one line
         print(f"diffusets-jax plot: skipped {record}: {' '.join(why.split())}", file=sys.stderr)
-    print(json.dumps({"written": len(summary["written"]), "skipped": summary["skipped"]}))
+    print(_json_line({"written": len(summary["written"]), "skipped": summary["skipped"]}))
     return 0 if summary["written"] else 1
 
 
@@ -543,8 +547,6 @@ def _sample_reference(args: argparse.Namespace):  # noqa: ANN202 (a posterior_pi
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    import json
-
     from diffusets_jax import parallel
     from diffusets_jax.diffusion.samplers import sampler_config
     from diffusets_jax.io.run_dir import check_output_file, check_output_path
@@ -604,13 +606,13 @@ def _run_sample(args: argparse.Namespace) -> int:
 
         summary = write_corpus(generator, conditions, args.out, shard_size=args.shard_size, overwrite=args.overwrite,
                                provenance=provenance)
-        print(json.dumps({"out": args.out, **summary}))
+        print(_json_line({"out": args.out, **summary}))
         return 0
     from diffusets_jax.io.outputs import sample_to_directory
 
     manifest = sample_to_directory(generator, conditions, args.out, formats=formats, wfdb_fs=args.wfdb_fs,
                                    overwrite=args.overwrite, provenance=provenance)
-    print(json.dumps({"out": args.out, "count": manifest["count"], "skipped": len(manifest["skipped"]),
+    print(_json_line({"out": args.out, "count": manifest["count"], "skipped": len(manifest["skipped"]),
                       "formats": formats, **({} if task is None else {"mode": task.mode})}))
     return 0
 
@@ -668,7 +670,6 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-
     from diffusets_jax import parallel
     from diffusets_jax.experiments import evaluate as ev
     from diffusets_jax.io.run_dir import check_output_path, output_dir
@@ -743,10 +744,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _print_levels(out: str, report: dict) -> None:
-    import json
 
     if "signal_level" in report:  # process 0 writes and prints the report
-        print(json.dumps({"out": out, **{k: report[k] for k in ("signal_level", "feature_level", "diagnostic_level")}},
+        print(_json_line({"out": out, **{k: report[k] for k in ("signal_level", "feature_level", "diagnostic_level")}},
                          indent=2))
 
 
@@ -786,8 +786,6 @@ def _add_reconstruct_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_reconstruct_eval(args: argparse.Namespace) -> int:
-    import json
-
     from diffusets_jax.experiments.reconstruction import reconstruct_eval
 
     report = reconstruct_eval(args.model_dir, args.dataset, args.out, data_dir=args.data_dir,
@@ -797,7 +795,7 @@ def _run_reconstruct_eval(args: argparse.Namespace) -> int:
                               n_boot=args.n_boot, workers=args.workers, overwrite=args.overwrite)
     summary = {task: {name: row["unobserved_mean"] for name, row in result["methods"].items()}
                for task, result in report["tasks"].items()}
-    print(json.dumps({"out": args.out, "n_test": report["n_test"], "unobserved": summary}))
+    print(_json_line({"out": args.out, "n_test": report["n_test"], "unobserved": summary}))
     return 0
 
 
@@ -840,8 +838,6 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_diagnose(args: argparse.Namespace) -> int:
-    import json
-
     from diffusets_jax.diffusion.samplers import sampler_config
     from diffusets_jax.experiments.diagnose import diagnose, parse_timesteps
     from diffusets_jax.io.run_dir import check_output_path
@@ -854,7 +850,7 @@ def _run_diagnose(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite)
     for warning in report["warnings"]:
         print(f"diffusets-jax diagnose: warning: {warning}", file=sys.stderr)
-    print(json.dumps({"out": args.out, "verdict": report["verdict"]["overall"],
+    print(_json_line({"out": args.out, "verdict": report["verdict"]["overall"],
                       "checks": [f"{c['mode']}: {c['check']}: {c['status']}" for c in report["verdict"]["checks"]]},
                      indent=2))
     return 0
@@ -1031,8 +1027,6 @@ def _add_describe(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_describe(args: argparse.Namespace) -> int:
-    import json
-
     from diffusets_jax.conditioning.chat import ChatClient
     from diffusets_jax.conditioning.findings import check_new_findings_path, patient_from_flags
     from diffusets_jax.experiments.describe import check_condition, describe_condition
@@ -1052,7 +1046,7 @@ def _run_describe(args: argparse.Namespace) -> int:
     except RuntimeError as err:  # the server kept failing, or the answer held no usable statements
         print(f"diffusets-jax describe: {err}", file=sys.stderr)
         return 1
-    print(json.dumps({"out": args.out, "condition": record["condition"], "statements": record["statements"],
+    print(_json_line({"out": args.out, "condition": record["condition"], "statements": record["statements"],
                       "approved": False}, indent=2))
     print(f"Review {args.out}: check every statement against hallucination, edit them, then set \"approved\": true.",
           file=sys.stderr)
@@ -1085,13 +1079,11 @@ def _add_turing_conditions(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_turing_conditions(args: argparse.Namespace) -> int:
-    import json
-
     from diffusets_jax.experiments.turing import write_split_conditions
 
     summary = write_split_conditions(args.out, args.dataset, args.split, args.count, seed=args.seed,
                                      data_dir=args.data_dir, limit=args.limit)
-    print(json.dumps(summary))
+    print(_json_line(summary))
     return 0
 
 
@@ -1140,8 +1132,6 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_turing_kit(args: argparse.Namespace) -> int:
-    import json
-
     from diffusets_jax.experiments.turing import PAPER_COUNTS, KitOptions, build_kit
 
     n_real, n_generated = PAPER_COUNTS[args.variant]
@@ -1150,7 +1140,7 @@ def _run_turing_kit(args: argparse.Namespace) -> int:
                          controls=args.controls, seed=args.seed, dpi=args.dpi)
     summary = build_kit(args.out, options, generated=args.generated, real=args.real, dataset=args.dataset,
                         split=args.split, data_dir=args.data_dir, limit=args.limit, overwrite=args.overwrite)
-    print(json.dumps(summary, indent=2))
+    print(_json_line(summary, indent=2))
     print(f"Send {summary['package']}/ to the raters; keep {summary['key']} to yourself.", file=sys.stderr)
     return 0
 

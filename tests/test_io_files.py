@@ -1,15 +1,19 @@
-"""io.files: the one atomic writer (umask permissions, nothing left behind), its never-overwrite variant, file digests."""
+"""io.files: the one atomic writer (umask permissions, nothing left behind), its never-overwrite variant, strict JSON,
+file digests."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from diffusets_jax.io.files import (
     atomic_path,
     file_sha256,
+    json_text,
     write_json_atomic,
     write_new_text,
     write_text_atomic,
@@ -36,6 +40,28 @@ def test_atomic_writes_replace_and_leave_nothing_on_error(tmp_path):
         temporary.write_text("half")
         raise RuntimeError("crash while writing")
     assert path.read_text() == '{\n  "two": 2\n}\n' and [p.name for p in path.parent.iterdir()] == ["a.txt"]
+
+
+def _strict(text: str):
+    """json.loads that refuses the NaN/Infinity tokens, as jq, JavaScript and RFC 8259 do."""
+    def refuse(token: str):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_is_strict_non_finite_values_are_null(tmp_path):
+    """A diverged model's statistic or a metric that could not be measured is NaN in memory; on disk and on stdout
+    it must be null, or the report cannot be read by jq or a browser."""
+    payload = {"nan": float("nan"), "inf": -np.inf, "f32": np.float32(0.5), "i64": np.int64(3),
+               "array": np.array([[1.0, np.nan], [np.inf, 2.0]]), "nested": [{"x": (float("nan"), 1)}],
+               "text": "NaN", "flag": True, "none": None}
+    expected = {"nan": None, "inf": None, "f32": 0.5, "i64": 3, "array": [[1.0, None], [None, 2.0]],
+                "nested": [{"x": [None, 1]}], "text": "NaN", "flag": True, "none": None}
+    path = write_json_atomic(tmp_path / "report.json", payload)
+    assert _strict(path.read_text()) == expected
+    assert _strict(json_text(payload)) == expected
+    assert payload["array"][0, 1] != payload["array"][0, 1]  # the caller's arrays are not changed
 
 
 def test_written_files_get_the_umasks_permissions_not_0600(tmp_path):

@@ -11,6 +11,10 @@ findings file an expert reviewed, a conditions file): the temporary file is hard
 which fails if the name exists, even when another process created it a moment ago.
 
 `replace_folder` is the same rename for a whole folder written beside its target (a model, a run's output).
+
+Every JSON this project writes, to a file or to stdout, is strict JSON (`json_text`): a value that could not be
+measured, or a diverged model's statistic, is NaN or inf in memory and `null` on disk, because Python's default
+`NaN` token is refused by jq, JavaScript and most JSON readers a researcher would point at a report.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -25,6 +30,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def _create_temporary(target: Path, suffix: str) -> Path:
@@ -107,9 +114,30 @@ def write_new_text(path: str | os.PathLike, text: str) -> Path:
     return target
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN/inf float made None, numpy scalars made Python ones and arrays made (nested) lists,
+    through dicts, lists and tuples; anything else is returned as it is."""
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def json_text(payload: Any, *, indent: int | None = None, sort_keys: bool = False) -> str:
+    """`payload` as strict JSON text (no NaN/Infinity tokens: see the module docstring), without a final newline."""
+    return json.dumps(json_safe(payload), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
 def write_json_atomic(path: str | os.PathLike, payload: Any, *, indent: int = 2, sort_keys: bool = False) -> Path:
-    """`payload` as JSON (UTF-8, a final newline) at `path`, atomically."""
-    return write_text_atomic(path, json.dumps(payload, indent=indent, sort_keys=sort_keys) + "\n")
+    """`payload` as strict JSON (UTF-8, a final newline) at `path`, atomically."""
+    return write_text_atomic(path, json_text(payload, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

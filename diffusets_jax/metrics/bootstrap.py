@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from diffusets_jax.io.files import json_safe
+
 
 def cluster_draws(clusters: np.ndarray | None, n: int, *, n_boot: int = 1000,
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -107,8 +109,8 @@ class Interval:
     valid: int
 
     def to_json(self) -> dict[str, float | int | None]:
-        finite = lambda x: float(x) if np.isfinite(x) else None
-        return {"value": finite(self.value), "low": finite(self.low), "high": finite(self.high), "valid": self.valid}
+        return json_safe({"value": float(self.value), "low": float(self.low), "high": float(self.high),
+                          "valid": self.valid})
 
 
 def bootstrap_statistic(statistic: Callable[[np.ndarray], Mapping[str, float]], clusters: np.ndarray | int, *,

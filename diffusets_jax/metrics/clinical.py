@@ -24,7 +24,6 @@ Metrics (comparison in brackets; "real" rows are the same measurement on the rea
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ from diffusets_jax.ecg.heart_rate import heart_rate_from_beats
 from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.ecg.qrs import detect_beats
 from diffusets_jax.ecg.shapes import ECG_RATE_HZ, NUM_LEADS
+from diffusets_jax.io.files import json_safe
 from diffusets_jax.metrics.bootstrap import cluster_bootstrap
 from diffusets_jax.metrics.record_pool import RecordPool, record_pool
 
@@ -71,7 +71,7 @@ class ECGMeasurements:
 
     def as_lists(self) -> dict[str, Any]:
         """JSON-ready per-record values (NaN -> None)."""
-        out = {field.name: _json_safe(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        out = {field.name: json_safe(getattr(self, field.name)) for field in dataclasses.fields(self)}
         out["beats_s"] = [[round(float(t), 4) for t in beats] for beats in self.beats_s]
         return out
 
@@ -320,16 +320,16 @@ def compare_measurements(
     for j, (metric, comparison, unit) in enumerate(rows.keys):
         n_measured = int(rows.measured[j].sum())
         metrics.append({
-            "metric": metric, "comparison": comparison, "unit": unit, "value": _json_safe(value[j]),
-            "ci_low": _json_safe(low[j]), "ci_high": _json_safe(high[j]), "n_measured": n_measured, "n": n,
+            "metric": metric, "comparison": comparison, "unit": unit, "value": json_safe(value[j]),
+            "ci_low": json_safe(low[j]), "ci_high": json_safe(high[j]), "n_measured": n_measured, "n": n,
             "coverage": n_measured / n if n else None,
         })
     per_record: dict[str, Any] = {"generated": gen.as_lists()}
     if real_m is not None:
         per_record["real"] = real_m.as_lists()
-        per_record["qrs_matches"] = {"tp": _json_safe(tp), "fp": _json_safe(fp), "fn": _json_safe(fn)}
+        per_record["qrs_matches"] = {"tp": json_safe(tp), "fp": json_safe(fp), "fn": json_safe(fn)}
     if hr_c is not None:
-        per_record["condition_hr_bpm"] = _json_safe(hr_c)
+        per_record["condition_hr_bpm"] = json_safe(hr_c)
     if clusters is not None:
         per_record["subject_id"] = clusters.tolist()
     return {
@@ -382,16 +382,3 @@ def render_clinical_markdown(result: dict[str, Any]) -> str:
               f"{result['n_boot']} patient-clustered bootstrap resamples (seed {result['seed']}); QRS matched "
               f"within {result['qrs_tolerance_ms']:g} ms; coverage = records where the metric could be measured."]
     return "\n".join(lines) + "\n"
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> None, numpy -> Python, arrays -> (nested) lists."""
-    if isinstance(value, np.ndarray):
-        return [_json_safe(v) for v in value.tolist()]
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
