@@ -22,6 +22,7 @@ from diffusets_jax.conditioning.spec import ConditioningSpec
 from diffusets_jax.diffusion.samplers import sampler_config
 from diffusets_jax.diffusion.schedule import DiffusionSpec, ScheduleConfig, make_schedule
 from diffusets_jax.experiments import diagnose as dg
+from diffusets_jax.io.files import write_json_atomic
 from diffusets_jax.models import model_dir as model_dirs
 from diffusets_jax.models.unet import UNet
 from diffusets_jax.models.vae import VAE
@@ -56,6 +57,15 @@ class Oracle(nn.Module):
         if self.prediction_type == "epsilon":
             return (x_t - a * x0) / b
         return (a * x_t - x0) / b  # v, since x0 = a x_t - b v
+
+
+class Diverged(nn.Module):
+    """A model whose training diverged: every output is NaN."""
+
+    text_dim: int = TEXT_DIM
+
+    def __call__(self, x_t, t, text, sex, age, heart_rate):
+        return jnp.full_like(x_t, jnp.nan)
 
 
 class Zero(nn.Module):
@@ -230,6 +240,28 @@ def test_diagnosis_passes_the_optimal_model_and_fails_an_untrained_one():
         assert (mode, "terminal latent std / training std") in failed
     # DDIM with eps-hat = 0 only rescales the start: x_0 = x_T / sqrt(abar_T), a spread ~15x the N(0, 1) start.
     assert results["terminal"]["conditional"]["std"] > 10
+
+
+def test_a_diverged_model_fails_every_check_and_its_report_is_strict_json(tmp_path):
+    """NaN compares false with everything: checks written as `error > reference` passed a model that returns NaN,
+    and report.json held NaN tokens that jq and JavaScript refuse."""
+    data = latent_split(12, 0.5)
+    results, _ = dg.diagnose_unet(Diverged(), {}, data, diffusion=DiffusionSpec(latent_scale=0.5, clip_sample=False),
+                                  patient_features="normalised", timesteps=(50, 998),
+                                  sampler=sampler_config("ddim", steps=3), batch_size=16)
+    status = {c["check"]: c["status"] for c in results["verdict"]["checks"]}
+    assert status.pop("terminal latent range / training range") == "warn"  # a range is only ever a warning
+    assert set(status.values()) == {"fail"}, status
+    assert results["verdict"]["overall"] == "fail" and results["verdict"]["summary"].startswith("diverged")
+    finite_check = next(c for c in results["verdict"]["checks"] if c["check"] == "the U-Net's outputs are finite")
+    assert "t = 50" in finite_check["detail"] and "conditional sampled latents" in finite_check["detail"]
+
+    write_json_atomic(tmp_path / "report.json", results)
+    def refuse(token):
+        raise AssertionError(f"report.json holds the non-standard token {token}")
+
+    report = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    assert report["terminal"]["conditional"]["std"] is None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def compare_statistics(generated: Mapping[str, Any], reference: Mapping[str, Any
             if not 1.0 / tolerance <= m[key] <= tolerance:
                 flags.append({"where": where, "measure": key, "value": m[key],
                               "allowed": [1.0 / tolerance, tolerance]})
-        if abs(m["mean_offset_in_std"]) > MEAN_OFFSET_TOLERANCE:
+        if not abs(m["mean_offset_in_std"]) <= MEAN_OFFSET_TOLERANCE:  # NaN is flagged too
             flags.append({"where": where, "measure": "mean_offset_in_std", "value": m["mean_offset_in_std"],
                           "allowed": [-MEAN_OFFSET_TOLERANCE, MEAN_OFFSET_TOLERANCE]})
     return {**overall, "per_channel": {k: [m[k] for m in channels] for k in overall}, "tolerance": tolerance,
@@ -363,10 +363,19 @@ def verdict(denoising: Mapping[str, Sequence[Mapping[str, Any]]], terminal: Mapp
       learned beyond per-channel moments); within 1 +- margin: warn; below: pass.
     - terminal latents: std ratio or mean offset outside tolerance (overall or any channel): fail; range ratio
       outside tolerance only: warn.
+    - a NaN or inf among the U-Net's errors or its sampled latents' statistics: fail (a diverged model), and every
+      comparison above is written so that a NaN fails it rather than passing (`nan > x` is false).
     """
     checks = []
+    non_finite = [f"{mode} denoising at t = {r['t']}" for mode, rows in denoising.items() for r in rows
+                  if not all(math.isfinite(r["unet"][k]) for k in ("x0_mse", "eps_mse"))]
+    non_finite += [f"{mode} sampled latents" for mode, stats in terminal.items() if "against_training" in stats
+                   and not all(math.isfinite(stats[k]) for k in ("mean", "std", "min", "max"))]
+    checks.append({"mode": "all", "check": "the U-Net's outputs are finite",
+                   "status": "fail" if non_finite else "pass",
+                   "detail": "NaN or inf in: " + "; ".join(non_finite) if non_finite else "no NaN or inf"})
     for mode, rows in denoising.items():
-        worse = [r for r in rows if r["unet"]["x0_mse"] > r["data_mean"]["x0_mse"] * (1.0 + margin)]
+        worse = [r for r in rows if not r["unet"]["x0_mse"] <= r["data_mean"]["x0_mse"] * (1.0 + margin)]
         detail = ("; ".join(f"t = {r['t']}: x0-MSE {r['unet']['x0_mse']:.4g} vs data mean "
                             f"{r['data_mean']['x0_mse']:.4g}" for r in worse) if worse else
                   f"x0-MSE at t = {rows[-1]['t']}: {rows[-1]['unet']['x0_mse']:.4g} vs data mean "
@@ -375,7 +384,7 @@ def verdict(denoising: Mapping[str, Sequence[Mapping[str, Any]]], terminal: Mapp
                        "status": "fail" if worse else "pass", "detail": detail})
         low = rows[0]
         ratio = _ratio(low["unet"]["eps_mse"], low["gaussian"]["eps_mse"])
-        status = "fail" if ratio > 1.0 + margin else "warn" if ratio > 1.0 - margin else "pass"
+        status = "pass" if ratio < 1.0 - margin else "warn" if ratio <= 1.0 + margin else "fail"
         checks.append({"mode": mode, "check": f"at t = {low['t']} denoising beats the per-channel Gaussian predictor",
                        "status": status, "detail": f"eps-MSE {low['unet']['eps_mse']:.4g} vs Gaussian "
                        f"{low['gaussian']['eps_mse']:.4g} (ratio {ratio:.3g})"})
@@ -397,6 +406,9 @@ def verdict(denoising: Mapping[str, Sequence[Mapping[str, Any]]], terminal: Mapp
                        "spread like its training latents",
                "warn": "inconclusive: see the checks marked warn",
                "fail": "undertrained (or sampled with the wrong latent scale / VAE): see the checks marked fail"}
+    if non_finite:
+        summary["fail"] = ("diverged: the U-Net returns NaN or inf; go back to an earlier checkpoint or lower the "
+                           "learning rate")
     return {"overall": overall, "summary": summary[overall], "checks": checks}
 
 
