@@ -177,6 +177,11 @@ def _run_embed(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive number, got {value}")
     reports = read_report_prompts(args.input, column=args.column, template=args.template)
+    if not reports.prompts:  # an empty file or one of another format: say so before an embedder is loaded
+        found = (f"all {reports.skipped} records were skipped, e.g. {reports.skipped_examples[0]}" if reports.skipped
+                 else "it holds no records")
+        raise ValueError(f"{args.input}: nothing to embed ({found}); check the file, or name the report field "
+                         "with --column")
     if args.embedder == "openai":
         api_key = os.environ.get(args.api_key_env)
         if not api_key:

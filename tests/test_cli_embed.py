@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from diffusets_jax.cli import main
 from diffusets_jax.conditioning.prompts import ordered_prompt
@@ -33,6 +34,24 @@ def test_missing_input_file_is_a_one_line_error(tmp_path, capsys):
     code = main(["embed", "--input", str(tmp_path / "nope.csv"), "--embedder", "local", "--cache",
                  str(tmp_path / "c.sqlite")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_file_with_nothing_to_embed_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """Exit 0 with "0 prompts embedded" hid a wrong file or format; now it is refused before an embedder loads
+    and before the cache is created."""
+    import diffusets_jax.conditioning.embedders as embedders
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda *a, **k: pytest.fail("an embedder was built"))
+    empty, bad = tmp_path / "empty.csv", tmp_path / "bad.jsonl"
+    empty.write_text("report\n")
+    bad.write_text('{"text": "Sinus rhythm"}\n{broken\n')
+    for reports, expected in ((empty, "nothing to embed (it holds no records)"),
+                              (bad, "nothing to embed (all 2 records were skipped, e.g. line 1: no 'report_lines' or "
+                                    "'report' field)")):
+        code = main(["embed", "--input", str(reports), "--embedder", "local", "--cache", str(tmp_path / "c.sqlite")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and expected in err, err
+    assert not (tmp_path / "c.sqlite").exists()
 
 
 def test_local_embed_run_fills_cache_and_writes_npz(tmp_path, capsys):
