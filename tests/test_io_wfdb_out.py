@@ -81,6 +81,33 @@ def test_read_record_returns_standard_order_and_conditions(tmp_path):
     np.testing.assert_allclose(read_record(tmp_path / "mimic").signal, ecg, atol=0.5 / 200 + 1e-9)
 
 
+def test_read_record_scales_units_and_says_what_is_wrong_with_a_record(tmp_path):
+    """The reader behind `plot` and `evaluate --generated` is the one `prepare` uses: units other than mV are
+    scaled or refused (volts were read as millivolts before, 1000x off), and damaged files are named."""
+    ecg = synthetic_ecg(seed=4)
+
+    def write(name, units, signal, leads=STANDARD_LEADS):
+        wfdb.wrsamp(name, fs=500, units=[units] * len(leads), sig_name=list(leads), p_signal=signal,
+                    fmt=["16"] * len(leads), adc_gain=[1000.0 / {"mV": 1, "V": 1e-3, "uV": 1e3, "NU": 1}[units]]
+                    * len(leads), baseline=[0] * len(leads), write_dir=str(tmp_path))
+
+    write("volts", "V", ecg / 1000.0)
+    np.testing.assert_allclose(read_record(tmp_path / "volts").signal, ecg, atol=1e-3)
+    write("microvolts", "uV", ecg * 1000.0)
+    np.testing.assert_allclose(read_record(tmp_path / "microvolts").signal, ecg, atol=1e-3)
+    write("counts", "NU", ecg)
+    with pytest.raises(ValueError, match=r"counts: unknown signal unit 'NU'"):
+        read_record(tmp_path / "counts")
+    write("three", "mV", ecg[:, :3], leads=STANDARD_LEADS[:3])
+    with pytest.raises(ValueError, match=r"three: .*aVR"):
+        read_record(tmp_path / "three")
+    write("short", "mV", ecg)
+    dat = tmp_path / "short.dat"
+    dat.write_bytes(dat.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"short.dat has 1000 bytes, header implies 24576"):
+        read_record(tmp_path / "short")
+
+
 def test_overwrite_replaces_the_record(tmp_path):
     write_record(tmp_path / "same", synthetic_ecg(seed=1))
     second = synthetic_ecg(seed=2)

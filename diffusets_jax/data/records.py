@@ -162,12 +162,10 @@ def _check_signal_files(header, record_path: str) -> None:  # noqa: ANN001 (a wf
             )
 
 
-def read_record_mv(record_path: str) -> tuple[np.ndarray, float, list[str]]:
-    """Read a WFDB record (path without extension) -> (signal (n, leads) float64 mV, fs, lead names).
-
-    Raises BadRecord for a missing/unreadable header, missing/truncated/unreadable signal files and unknown
-    units. Lead order is as stored.
-    """
+def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record; wfdb is imported lazily)
+    """wfdb.rdrecord (path without extension, physical values), or BadRecord saying what is wrong with the files:
+    a missing or unreadable header, a missing signal file or one shorter than its header implies (where wfdb's own
+    error would be e.g. "cannot reshape array of size 500 into shape (12)")."""
     import wfdb
 
     header_path = record_path + ".hea"
@@ -185,6 +183,17 @@ def read_record_mv(record_path: str) -> tuple[np.ndarray, float, list[str]]:
         _check_signal_files(header, record_path)
         raise BadRecord("unreadable_signal", f"{record_path}: {type(err).__name__}: {err}") from None
     _check_signal_files(record, record_path)
+    return record
+
+
+def read_record_mv(record_path: str) -> tuple[np.ndarray, float, list[str]]:
+    """Read a WFDB record (path without extension) -> (signal (n, leads) float64 mV, fs, lead names).
+
+    Raises BadRecord for a missing/unreadable header, missing/truncated/unreadable signal files and unknown
+    units. Lead order is as stored.
+    """
+    record = read_wfdb_record(record_path)
+    header_path = record_path + ".hea"
     try:
         signal_mv = to_millivolts(np.asarray(record.p_signal, dtype=np.float64), record.units)
     except ValueError as err:

@@ -25,10 +25,10 @@ import numpy as np
 import wfdb
 
 from diffusets_jax import __version__
-from diffusets_jax.ecg.leads import STANDARD_LEADS
+from diffusets_jax.ecg.leads import STANDARD_LEADS, reorder_leads
 from diffusets_jax.ecg.resample import resample_rate
 from diffusets_jax.ecg.shapes import ECG_RATE_HZ
-from diffusets_jax.ecg.units import non_finite_reason
+from diffusets_jax.ecg.units import non_finite_reason, to_millivolts
 
 DURATION_S = 10.0
 ADC_GAIN = 1000.0  # adu per mV
@@ -201,18 +201,21 @@ class EcgRecord:
 
 
 def read_record(path: str | os.PathLike) -> EcgRecord:
-    """Read a 12-lead WFDB record (ours, MIMIC-IV-ECG, PTB-XL, CinC 2021; `path` without extension) into
-    standard lead order, mV. Missing samples (NaN) are kept as NaN."""
+    """Read a 12-lead WFDB record (ours, MIMIC-IV-ECG, PTB-XL, CinC 2021; `path` with or without extension) into
+    standard lead order, mV. Missing samples (NaN) are kept as NaN. ValueError saying what is wrong otherwise:
+    damaged files (`data.records.read_wfdb_record`), units other than mV/uV/V, or leads missing from the 12."""
+    from diffusets_jax.data.records import BadRecord, read_wfdb_record
+
     path = os.fspath(path)
     if path.endswith((".hea", ".dat")):
         path = path[:-4]
-    record = wfdb.rdrecord(path, physical=True)
-    names = [str(n) for n in record.sig_name]
-    lookup = {n.upper(): i for i, n in enumerate(names)}
-    missing = [lead for lead in STANDARD_LEADS if lead.upper() not in lookup]
-    if missing:
-        raise ValueError(f"{path}: not a 12-lead record in standard names; missing {missing}, has {names}")
-    units = [str(u).lower() for u in record.units]
-    signal = record.p_signal[:, [lookup[lead.upper()] for lead in STANDARD_LEADS]].astype(np.float64)
-    scale = np.array([1e-3 if units[lookup[lead.upper()]] in ("uv", "µv") else 1.0 for lead in STANDARD_LEADS])
-    return EcgRecord(signal=signal * scale, fs=float(record.fs), conditions=parse_conditions(record.comments or []))
+    try:
+        record = read_wfdb_record(path)
+    except BadRecord as bad:
+        raise ValueError(bad.detail) from None
+    try:
+        signal = reorder_leads(to_millivolts(np.asarray(record.p_signal, np.float64), record.units),
+                               [str(n) for n in record.sig_name], allow_extra=True)
+    except ValueError as err:  # an unknown unit, or lead names that are not the 12 standard ones
+        raise ValueError(f"{path}: {err}") from None
+    return EcgRecord(signal=signal, fs=float(record.fs), conditions=parse_conditions(record.comments or []))
