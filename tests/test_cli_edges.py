@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from diffusets_jax.cli import main
+from tests.helpers.cli import exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -102,10 +103,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sample-out-users-folder", [*SAMPLE, "--out", "{w}/user"], "not written by diffusets-jax sample"),
     ("sample-corpus-into-users-folder", [*SAMPLE, "--corpus", "--out", "{w}/user"],
      "not written by diffusets-jax sample --corpus"),
-    ("sample-steps-0", [*SAMPLE, "--out", "{w}/new", "--steps", "0"], "steps must be a positive"),
-    ("sample-batch-size-0", [*SAMPLE, "--out", "{w}/new", "--batch-size", "0"], "--batch-size must be a positive"),
-    ("sample-count-0", [*SAMPLE, "--out", "{w}/new", "-n", "0"], "--count must be a positive"),
-    ("sample-shard-size-0", [*SAMPLE, "--out", "{w}/new", "--corpus", "--shard-size", "0"], "--shard-size must be"),
+    ("sample-steps-0", [*SAMPLE, "--out", "{w}/new", "--steps", "0"], "argument --steps: must be a whole number >= 1, got '0'"),
+    ("sample-batch-size-0", [*SAMPLE, "--out", "{w}/new", "--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
+    ("sample-count-0", [*SAMPLE, "--out", "{w}/new", "-n", "0"], "argument -n/--count: must be a whole number >= 1"),
+    ("sample-shard-size-0", [*SAMPLE, "--out", "{w}/new", "--corpus", "--shard-size", "0"], "argument --shard-size: must be a whole number >= 1"),
     ("sample-unknown-format", [*SAMPLE, "--out", "{w}/new", "--formats", "npz,gif"], "unknown gif"),
     ("sample-wfdb-fs-negative", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "-5"], "--wfdb-fs must be a rate in Hz above 0"),
     ("sample-wfdb-fs-a-typo", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "500000"], "at most 10000 (e.g. 500)"),
@@ -120,7 +121,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sample-seed-beyond-32-bits", [*SAMPLE, "--out", "{w}/new", "--seed", "4294967296"],
      "so larger ones would repeat smaller ones), got 4294967296"),
     ("turing-conditions-seed-negative", ["turing-conditions", "--dataset", "{w}/nope", "--out", "{w}/c.csv", "-n", "2",
-                                         "--seed", "-3"], "--seed must be a whole number >= 0, got -3"),
+                                         "--seed", "-3"], "argument --seed: the seed must be a whole number from 0 to 4294967295"),
     ("sample-wfdb-fs-nan", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "nan"],
      "argument --wfdb-fs: must be a finite number, got 'nan'"),
     ("sample-guidance-scale-nan", [*SAMPLE, "--out", "{w}/new", "--guidance-scale", "NaN"],
@@ -145,9 +146,9 @@ CASES: list[tuple[str, list[str], str]] = [
      "generation.json line 1: not valid JSON"),
     # evaluate
     ("evaluate-limit-0", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "x", "--out", "{w}/new", "--limit", "0"],
-     "--limit must be a positive"),
+     "argument --limit: must be a whole number >= 1"),
     ("evaluate-batch-size-0", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "x", "--out", "{w}/new",
-                               "--batch-size", "0"], "--batch-size must be a positive"),
+                               "--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
     ("evaluate-out-is-a-file", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "x", "--out", "{w}/file.txt"],
      "is an existing file"),
     ("evaluate-out-users-folder", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "x", "--out", "{w}/user"],
@@ -178,7 +179,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("embed-output-is-a-folder", [*EMBED, "--cache", "{w}/c.sqlite", "--output", "{w}/folder"], "is a directory"),
     ("embed-output-users-file", [*EMBED, "--cache", "{w}/c.sqlite", "--output", "{w}/truncated.npz"],
      "exists and was not written by diffusets-jax embed"),
-    ("embed-batch-size-0", [*EMBED, "--cache", "{w}/c.sqlite", "--batch-size", "0"], "--batch-size must be a positive"),
+    ("embed-batch-size-0", [*EMBED, "--cache", "{w}/c.sqlite", "--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
     ("embed-openai-without-key", ["embed", "--input", "{w}/reports.csv", "--embedder", "openai", "--cache",
                                   "{w}/c.sqlite", "--api-key-env", "DIFFUSETS_TEST_NO_SUCH_KEY"],
      "$DIFFUSETS_TEST_NO_SUCH_KEY is not set"),
@@ -194,9 +195,10 @@ CASES: list[tuple[str, list[str], str]] = [
      "is an existing file"),
     # encode: flags, output folder and dataset before the VAE is loaded
     ("encode-batch-size-0", ["encode", "--vae", "{w}/nope", "--data-dir", "{w}", "--dataset", "x", "--out",
-                             "{w}/new", "--batch-size", "0"], "--batch-size must be a positive"),
+                             "{w}/new", "--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
     ("encode-examples-per-shard-0", ["encode", "--vae", "{w}/nope", "--data-dir", "{w}", "--dataset", "x", "--out",
-                                     "{w}/new", "--examples-per-shard", "0"], "--examples-per-shard must be"),
+                                     "{w}/new", "--examples-per-shard", "0"],
+     "argument --examples-per-shard: must be a whole number >= 1"),
     ("encode-out-is-a-file", ["encode", "--vae", "{w}/nope", "--data-dir", "{w}", "--dataset", "x", "--out",
                               "{w}/file.txt"], "is an existing file"),
     ("encode-out-users-folder", ["encode", "--vae", "{w}/nope", "--data-dir", "{w}", "--dataset", "x", "--out",
@@ -205,9 +207,9 @@ CASES: list[tuple[str, list[str], str]] = [
                                 "--out", "{w}/new"], "no dataset 'no_such'"),
     # prepare
     ("prepare-workers-negative", ["prepare", "ptbxl", "--manual-dir", "{w}/folder", "--data-dir", "{w}/new",
-                                  "--workers", "-3"], "--workers must be 0"),
+                                  "--workers", "-3"], "argument --workers: must be a whole number >= 0, got '-3'"),
     ("prepare-chunk-size-0", ["prepare", "ptbxl", "--manual-dir", "{w}/folder", "--data-dir", "{w}/new",
-                              "--chunk-size", "0"], "--chunk-size must be a positive"),
+                              "--chunk-size", "0"], "argument --chunk-size: must be a whole number >= 1"),
     ("prepare-manual-dir-missing", ["prepare", "ptbxl", "--manual-dir", "{w}/nope", "--data-dir", "{w}/new"],
      "--manual-dir {w}/nope does not exist"),
     ("prepare-manual-dir-is-a-file", ["prepare", "ptbxl", "--manual-dir", "{w}/file.txt", "--data-dir", "{w}/new"],
@@ -267,7 +269,22 @@ CASES: list[tuple[str, list[str], str]] = [
     ("plot-out-dir-is-a-file", ["plot", RECORD, "--out-dir", "{w}/file.txt"], "is an existing file"),
     ("plot-out-dir-users-folder", ["plot", RECORD, "--out-dir", "{w}/user"], "not written by diffusets-jax plot"),
     ("plot-into-another-plot-run", ["plot", RECORD, "--out-dir", "{w}/plots"], "with other settings"),
-    ("plot-dpi-0", ["plot", RECORD, "--out-dir", "{w}/new", "--dpi", "0"], "--dpi must be between"),
+    ("plot-dpi-0", ["plot", RECORD, "--out-dir", "{w}/new", "--dpi", "0"], "argument --dpi: must be a whole number >= 1"),
+    ("plot-dpi-5", ["plot", RECORD, "--out-dir", "{w}/new", "--dpi", "5"], "--dpi must be between"),
+    # counts, sizes and limits: refused where the flag is read, alike in every command (`--limit 0` and
+    # `--workers -2` used to pass in some commands and not in others)
+    ("reconstruct-eval-limit-0", ["reconstruct-eval", "--dataset", "x", "--out", "{w}/new", "--limit", "0"],
+     "argument --limit: must be a whole number >= 1, got '0'"),
+    ("reconstruct-eval-workers-negative", ["reconstruct-eval", "--dataset", "x", "--out", "{w}/new", "--workers", "-2"],
+     "argument --workers: must be a whole number >= 1, got '-2'"),
+    ("evaluate-workers-0", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "x", "--out", "{w}/new", "--workers",
+                            "0"], "argument --workers: must be a whole number >= 1"),
+    ("turing-conditions-limit-negative", ["turing-conditions", "--dataset", "x", "-n", "2", "--seed", "1", "--out",
+                                          "{w}/c.csv", "--limit", "-1"], "argument --limit: must be a whole number >= 1"),
+    ("embed-max-retries-negative", [*EMBED, "--cache", "{w}/c.sqlite", "--max-retries", "-1"],
+     "argument --max-retries: must be a whole number >= 0, got '-1'"),
+    ("sample-count-not-a-number", [*SAMPLE, "--out", "{w}/new", "-n", "ten"],
+     "argument -n/--count: expected a whole number, got 'ten'"),
     # demo
     ("demo-out-users-folder", ["demo", "--out", "{w}/user", "--quick"], "not written by diffusets-jax demo"),
     ("demo-out-is-a-file", ["demo", "--out", "{w}/file.txt", "--quick"], "is an existing file"),
@@ -295,12 +312,29 @@ def test_every_non_integer_flag_refuses_nan_and_inf():
             finite_float(text)
 
 
+def test_every_integer_flag_has_a_range_where_it_is_read():
+    """Counts, sizes and limits parse with `positive_int` (or `non_negative_int` where 0 means something, or
+    `seed_int`), never bare `int`: commands had each checked their own flags, and some let 0 or -2 through."""
+    from diffusets_jax.cli import build_parser, non_negative_int, positive_int, seed_int
+
+    def actions(parser):
+        for action in parser._actions:
+            yield parser.prog, action
+            for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+                yield from actions(sub)
+
+    typed = [(prog, action) for prog, action in actions(build_parser()) if action.type is not None]
+    assert not [(prog, action.dest) for prog, action in typed if action.type is int]
+    assert len([a for _, a in typed if a.type is positive_int]) >= 40
+    assert positive_int("3") == 3 and non_negative_int("0") == 0 and seed_int("0") == 0
+    for parse, text in ((positive_int, "0"), (positive_int, "-1"), (positive_int, "1.5"), (non_negative_int, "-1"),
+                        (non_negative_int, "x")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse's own checks (types, choices, required flags) exit from parsing
-        code = exit_.code
-    return code, capsys.readouterr().err
+    return exit_code(argv), capsys.readouterr().err
 
 
 def assert_one_line(err: str, expected: str) -> None:

@@ -12,6 +12,7 @@ from diffusets_jax.cli import main
 from diffusets_jax.conditioning.chat import ChatClient
 from diffusets_jax.conditioning.findings import read_findings
 from diffusets_jax.experiments.describe import describe_condition, findings_messages, parse_findings_answer
+from tests.helpers.cli import exit_code
 from tests.helpers.fake_openai_server import FakeOpenAIServer
 
 BRUGADA_ANSWER = ('```json\n{"findings": ["Sinus rhythm", "Right bundle branch block pattern.", '
@@ -123,15 +124,16 @@ def test_cli_describe_end_to_end(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--age", "old"], "--age: cannot parse 'old'"),
     (["--sex", "X"], "--sex: cannot parse 'X'"),
-    (["--max-statements", "0"], "max_statements must be within 1..18"),
+    (["--max-statements", "0"], "argument --max-statements: must be a whole number >= 1"),
+    (["--max-statements", "19"], "max_statements must be within 1..18"),
     (["--api-key-env", "UNSET_KEY_FOR_TEST"], "$UNSET_KEY_FOR_TEST is not set"),
 ])
 def test_cli_bad_inputs_are_one_line_exit_2(tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.setenv("TEST_CHAT_KEY", "sk-cli")
     monkeypatch.delenv("UNSET_KEY_FOR_TEST", raising=False)
     with FakeOpenAIServer() as server:
-        code = main(["describe", "Brugada syndrome", "--out", str(tmp_path / "f.json"), "--base-url", server.base_url,
-                     "--api-key-env", "TEST_CHAT_KEY", *extra])
+        code = exit_code(["describe", "Brugada syndrome", "--out", str(tmp_path / "f.json"), "--base-url",
+                          server.base_url, "--api-key-env", "TEST_CHAT_KEY", *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert server.chat_received == [] and not (tmp_path / "f.json").exists()

@@ -26,6 +26,7 @@ from diffusets_jax.io.files import write_json_atomic
 from diffusets_jax.models import model_dir as model_dirs
 from diffusets_jax.models.unet import UNet
 from diffusets_jax.models.vae import VAE
+from tests.helpers.cli import exit_code
 from tests.helpers.gaussian_latents import gaussian_latents, write_gaussian_latent_dataset
 from tests.helpers.tiny_models import TEXT_DIM, openai_conditioning, tiny_model_dir
 
@@ -340,7 +341,7 @@ def no_weights(monkeypatch):
 
 
 def run_bad(argv, capsys) -> str:
-    assert main(["diagnose", *argv]) == 2
+    assert exit_code(["diagnose", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("diffusets-jax diagnose: error: ")
     return err
@@ -354,7 +355,7 @@ def test_bad_inputs_are_one_line_each(index_only_model_dir, latents_dir, tmp_pat
     assert "no split 'dev'" in run_bad([*base, "--split", "dev"], capsys)
     assert "out of range" in run_bad([*base, "--timesteps", "50,1000"], capsys)
     assert "not an integer" in run_bad([*base, "--timesteps", "50,late"], capsys)
-    assert "--n must be" in run_bad([*base, "--n", "0"], capsys)
+    assert "argument --n: must be a whole number >= 1" in run_bad([*base, "--n", "0"], capsys)
     assert "--tolerance" in run_bad([*base, "--tolerance", "0.9"], capsys)
     assert "not a dataset directory" in run_bad([*base[:2], "--latents", str(tmp_path), *base[4:]], capsys)
     assert not (tmp_path / "o").exists()  # nothing was claimed

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusets_jax.cli import main
 from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
 from diffusets_jax.experiments.downstream import (
     METRICS,
@@ -24,6 +23,7 @@ from diffusets_jax.experiments.downstream import (
     summarize_arms,
 )
 from tests.helpers import tiny_report_dataset
+from tests.helpers.cli import exit_code
 from tests.helpers.tiny_models import tiny_model_dir
 
 TINY_CLASSIFIER = ["--config.model.base_filters=8", "--config.model.filters=8,16", "--config.model.blocks_per_stage=1,1",
@@ -176,7 +176,7 @@ def tiny_model(tiny_data):
 
 
 def _run(capsys, *args):
-    code = main(["downstream", *map(str, args)])
+    code = exit_code(["downstream", *map(str, args)])
     out, err = capsys.readouterr()
     return code, out, err
 

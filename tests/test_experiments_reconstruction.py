@@ -12,6 +12,7 @@ import scipy.stats
 from diffusets_jax.cli import main
 from diffusets_jax.experiments import reconstruction as rec
 from tests.helpers import tiny_ecg_dataset
+from tests.helpers.cli import exit_code
 from tests.helpers.tiny_models import tiny_model_dir
 
 LIMB = ("I", "II", "III", "aVR", "aVL", "aVF")
@@ -104,14 +105,14 @@ def test_reconstruct_eval_command_on_tiny_data(dataset, tmp_path, capsys):
     assert limb["linear"]["unobserved_mean"]["rmse_mv"] < 0.5 * limb["zeros"]["unobserved_mean"]["rmse_mv"]
     assert "### limb_leads: observed " + ", ".join(LIMB) in (out / "report.md").read_text()
     assert main(args) == 0  # the finished run is returned, not redone
-    assert main([*args[:-2], "--n-boot", "0", "--overwrite"]) == 2
-    assert "--n-boot must be >= 1" in capsys.readouterr().err
+    assert exit_code([*args[:-2], "--n-boot", "0", "--overwrite"]) == 2
+    assert "argument --n-boot: must be a whole number >= 1" in capsys.readouterr().err
 
 
 def test_reconstruct_eval_refuses_bad_settings_before_loading(tmp_path, capsys):
     args = ["reconstruct-eval", "--dataset", str(tmp_path / "none"), "--out", str(tmp_path / "out")]
     assert main([*args, "--noise-std", "0"]) == 2
     assert "--noise-std must be > 0" in capsys.readouterr().err
-    assert main([*args, "--particles", "0"]) == 2
-    assert "--particles must be >= 1" in capsys.readouterr().err
+    assert exit_code([*args, "--particles", "0"]) == 2
+    assert "argument --particles: must be a whole number >= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

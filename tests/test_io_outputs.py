@@ -16,6 +16,7 @@ from diffusets_jax.io.corpus import write_corpus
 from diffusets_jax.io.outputs import parse_formats, sample_to_directory
 from diffusets_jax.io.run_dir import RUN_FILE, fingerprint
 from diffusets_jax.pipeline import ECGGenerator
+from tests.helpers.cli import exit_code
 from tests.helpers.non_finite import NonFiniteAt
 from tests.helpers.tiny_models import TEXT_DIM
 
@@ -167,14 +168,14 @@ def test_user_folders_are_refused_and_overwrite_replaces_them_as_a_whole(model_d
 
 @pytest.mark.parametrize("extra,match", [
     (["--formats", "npz,gif"], "unknown gif"),
-    (["--steps", "0"], "steps must be a positive"),
-    (["--batch-size", "0"], "--batch-size must be a positive"),
+    (["--steps", "0"], "argument --steps: must be a whole number >= 1"),
+    (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
     (["--wfdb-fs", "-5"], "--wfdb-fs must be a rate in Hz above 0"),
 ])
 def test_bad_sample_flags_fail_at_once_with_one_line(model_dir, tmp_path, capsys, extra, match):
     out = tmp_path / "out"
     args = ["sample", "--model-dir", str(model_dir), "--out", str(out), *SAMPLE]
-    assert main([*args, *extra]) == 2
+    assert exit_code([*args, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()  # checked before anything was created
