@@ -131,7 +131,7 @@ def test_findings_condition_takes_the_files_patient_unless_a_flag_says_otherwise
 @pytest.mark.parametrize("given, message", [
     ({}, r"b.json gives no heart_rate in its patient and no flag does: pass --hr or add them"),
     ({"heart_rate": "fast"}, r"--hr: cannot parse 'fast'"),
-    ({"heart_rate": 70, "count": 0}, r"--findings: count: 0 must be a positive integer"),
+    ({"heart_rate": 70, "count": 0}, r"--findings: count: 0 must be a whole number >= 1"),
 ])
 def test_findings_condition_errors_are_one_line(tmp_path, given, message):
     findings = read_findings(_write(tmp_path / "b.json", {"condition": "X", "statements": ["A"], "approved": True,

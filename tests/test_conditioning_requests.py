@@ -36,7 +36,12 @@ def test_read_conditions_csv_and_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize("content,match", [
-    (b"text,sex,age\nSinus rhythm,F,40\n", r"bad.csv line 2: missing field 'heart_rate'"),
+    (b"text,sex,age\nSinus rhythm,F,40\n", r"bad.csv line 1: no 'heart_rate' column .*; its columns are text, sex, age"),
+    (b"text,sex,age,hr\nSinus rhythm,F,,60\n", r"bad.csv line 2: missing field 'age'"),
+    (b"text;sex;age;hr\nSinus rhythm;F;40;60\n", r"bad.csv line 1: no 'text' column .*separated by ';'"),
+    (b"text,sex,age,hr\nSinus rhythm, rate 60,F,40,60\n", r"bad.csv line 2: 5 fields but the header has 4; put a text"),
+    (b"text,sex,age,hr,count\nSinus rhythm,F,40,60,1.5\n", r"bad.csv line 2: count: '1.5' must be a whole number"),
+    (b"text,sex,age,hr,count\nSinus rhythm,F,40,60,0\n", r"bad.csv line 2: count: '0' must be a whole number >= 1"),
     (b"text,sex,age,hr\nSinus rhythm,X,40,60\n", r"bad.csv line 2: .*sex"),
     (b"text,sex,age,hr\nSinus rhythm,F,40,60\nSinus \xff rhythm,F,40,60\n", r"bad.csv line 3: not UTF-8"),
     (b"text,sex,age,hr\n", r"bad.csv: no conditions"),
@@ -46,6 +51,17 @@ def test_bad_conditions_files_name_file_line_and_field(tmp_path, content, match)
     bad.write_bytes(content)
     with pytest.raises(ValueError, match=match):
         read_conditions(bad)
+
+
+@pytest.mark.parametrize("count", [1.5, True, "2x", -1])
+def test_a_jsonl_count_is_a_whole_number_never_truncated(tmp_path, count):
+    """int() read a JSON count of 1.5 as 1 and `true` as 1: one ECG where the file asked for something else."""
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": "Sinus rhythm", "sex": "F", "age": 40, "hr": 60, "count": count}) + "\n")
+    with pytest.raises(ValueError, match=r"c.jsonl line 1: count: .* must be a whole number >= 1"):
+        read_conditions(path)
+    path.write_text(json.dumps({"text": "Sinus rhythm", "sex": "F", "age": 40, "hr": 60, "count": 2.0}) + "\n")
+    assert read_conditions(path)[0].count == 2
 
 
 def test_conditions_path_errors(tmp_path):

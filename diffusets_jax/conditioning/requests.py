@@ -47,12 +47,23 @@ def make_condition(text: object, sex: object, age: object, heart_rate: object, c
         lines = report_lines(text if isinstance(text, list | tuple) else str(text or ""))
         if not lines:
             raise ValueError("text: empty report; give at least one statement (statements joined by '|')")
-        n = int(count) if str(count).strip() not in ("", "None") else 1
-        if n < 1:
-            raise ValueError(f"count: {count!r} must be a positive integer")
-        return Condition(tuple(lines), parse_sex(sex), parse_age(age), parse_heart_rate(heart_rate), n)
+        return Condition(tuple(lines), parse_sex(sex), parse_age(age), parse_heart_rate(heart_rate), _count(count))
     except ValueError as err:
         raise ValueError(f"{prefix}{err}") from None
+
+
+def _count(value: object) -> int:
+    """A row's count: a whole number >= 1 (absent: 1). `int()` would truncate a JSON 1.5 to 1 and read `true` as 1."""
+    if value is None or (isinstance(value, str) and value.strip() in ("", "None")):
+        return 1
+    number = value
+    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        number = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ValueError(f"count: {value!r} must be a whole number >= 1")
+    return number
 
 
 _FIELD_ALIASES = {"text": ("text", "report", "prompt"), "sex": ("sex", "gender"), "age": ("age",),
@@ -101,10 +112,28 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
             rows.append((f"{path.name} line {number}", row))
     elif suffix in (".csv", ".tsv"):
         reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-        rows = [(f"{path.name} line {number}", row) for number, row in enumerate(reader, 2)]
+        _check_header(path, reader.fieldnames or [], "\t" if suffix == ".tsv" else ",")
+        for number, row in enumerate(reader, 2):
+            if None in row:  # DictReader's key for the fields beyond the header's
+                raise ValueError(f"{path.name} line {number}: {len(reader.fieldnames) + len(row[None])} fields but the "
+                                 f"header has {len(reader.fieldnames)}; put a text that holds commas in double quotes")
+            rows.append((f"{path.name} line {number}", row))
     else:
         raise ValueError(f"{path.name}: unknown conditions format {path.suffix!r}; use .csv, .tsv or .jsonl")
     return rows
+
+
+def _check_header(path: Path, columns: Sequence[str], delimiter: str) -> None:
+    """The required columns, checked once on the header: "line 2: missing field 'text'" for a file that has no
+    such column, or that a spreadsheet saved with semicolons, pointed at the wrong line and the wrong cause."""
+    names = {column.strip().lower() for column in columns if column}
+    for field in ("text", "sex", "age", "heart_rate"):
+        if not names & set(_FIELD_ALIASES[field]):
+            other = next((d for d in (";", "\t", ",") if d != delimiter and any(d in c for c in columns)), None)
+            hint = (f"; the file seems separated by {other!r}: save it with {delimiter!r}" if other else
+                    f"; its columns are {', '.join(columns) or 'none'}")
+            raise ValueError(f"{path.name} line 1: no {field!r} column (accepted names: "
+                             f"{', '.join(_FIELD_ALIASES[field])}){hint}")
 
 
 def read_conditions(path: str | os.PathLike) -> list[Condition]:
