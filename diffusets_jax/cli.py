@@ -621,6 +621,8 @@ def _run_sample(args: argparse.Namespace) -> int:
         summary = write_corpus(generator, conditions, args.out, shard_size=args.shard_size, overwrite=args.overwrite,
                                provenance=provenance)
         print(_json_line({"out": args.out, **summary}))
+        _failed_ecgs(summary["skipped_examples"], summary["skipped_ecgs"], summary["requested"],
+                     f"{args.out}/.shard-counts/")
         return 0
     from diffusets_jax.io.outputs import sample_to_directory
 
@@ -628,7 +630,26 @@ def _run_sample(args: argparse.Namespace) -> int:
                                    overwrite=args.overwrite, provenance=provenance)
     print(_json_line({"out": args.out, "count": manifest["count"], "skipped": len(manifest["skipped"]),
                       "formats": formats, **({} if task is None else {"mode": task.mode})}))
+    _failed_ecgs(manifest["skipped"], len(manifest["skipped"]), manifest["count"],
+                 f"'skipped' in {args.out}/manifest.json")
     return 0
+
+
+def _failed_ecgs(examples: dict, failed: int, requested: int, listed: str) -> None:
+    """One stderr line when generated ECGs were left out (NaN/inf samples, or beyond what a format holds), and exit 1
+    (RunFailed) when all were: the run wrote nothing usable, which exit 0 and a count in the JSON summary hid."""
+    from diffusets_jax.errors import RunFailed
+
+    if not failed:
+        return
+    name, why = next(iter(examples.items()))
+    name = f"ECG {name}" if isinstance(name, int) else name  # a corpus lists positions, a sample folder names
+    hint = ("; lower --guidance-scale, or check the model with `diffusets-jax diagnose`" if "non-finite" in why
+            else "")
+    if failed == requested:
+        raise RunFailed(f"none of the {requested} ECGs could be written (e.g. {name}: {why}){hint}")
+    print(f"diffusets-jax sample: {failed} of {requested} ECGs were left out (e.g. {name}: {why}); {listed} lists "
+          "them", file=sys.stderr)
 
 
 COMMANDS.append(_add_sample)

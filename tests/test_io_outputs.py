@@ -108,6 +108,28 @@ def test_a_non_finite_ecg_is_skipped_in_every_format_and_counted(generator, tmp_
             assert "wfdb" not in manifest["samples"][9] and manifest["samples"][8]["wfdb"] == "wfdb/sample_00008"
 
 
+@pytest.mark.parametrize("corpus", [False, True], ids=["folder", "corpus"])
+def test_the_command_says_when_ecgs_failed_and_exits_1_when_all_did(model_dir, openai_env, tmp_path, capsys,
+                                                                    monkeypatch, corpus):
+    """The summary's skipped count was the only trace of failed generations, with exit 0 even when no ECG was
+    usable (e.g. --guidance-scale 1e30)."""
+    import diffusets_jax.pipeline as pipeline
+
+    real, failing = pipeline.ECGGenerator, {"positions": [1]}
+    monkeypatch.setattr(pipeline, "ECGGenerator", lambda *a, **k: NonFiniteAt(real(*a, **k), failing["positions"]))
+    args = ["sample", "--model-dir", str(model_dir), *SAMPLE, "-n", "3", *(["--corpus"] if corpus else [])]
+    assert main([*args, "--out", str(tmp_path / "some")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffusets-jax")]
+    listed = f"{tmp_path / 'some'}/.shard-counts/" if corpus else f"'skipped' in {tmp_path / 'some'}/manifest.json"
+    assert err == [f"diffusets-jax sample: 1 of 3 ECGs were left out (e.g. {'ECG 1' if corpus else 'sample_00001'}: "
+                   f"the ECG has 1 non-finite samples (NaN/inf)); {listed} lists them"]
+    failing["positions"] = [0, 1, 2]
+    assert main([*args, "--out", str(tmp_path / "none")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffusets-jax")]
+    assert len(err) == 1 and err[0].startswith("diffusets-jax sample: error: none of the 3 ECGs could be written")
+    assert err[0].endswith("lower --guidance-scale, or check the model with `diffusets-jax diagnose`")
+
+
 def test_a_resumed_run_leaves_a_failed_ecg_of_an_earlier_part_out_of_the_npz(generator, tmp_path):
     """Parts written before failed generations were skipped (an npz-only run recorded none) may hold a NaN ECG:
     the merge leaves it out whichever run wrote the part."""
