@@ -1264,13 +1264,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:  # only `--config.KEY=VALUE` overrides, and only for commands that take a config
         from diffusets_jax.config import split_override_args
 
+        def refuse(message: str) -> NoReturn:  # named after the command, as the subcommand's own parser would
+            parser.exit(EXIT_BAD_INPUT, f"diffusets-jax {args.command}: error: {message} (`diffusets-jax "
+                                        f"{args.command} --help` lists the options)\n")
+
         try:
             overrides, rest = (split_override_args(extra) if getattr(args, "accepts_config_overrides", False)
                                else ([], extra))
         except ValueError as err:
-            parser.error(str(err))
+            refuse(str(err))
         if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            refuse(f"unrecognized arguments: {' '.join(rest)}")
         args.config_overrides = overrides
     from diffusets_jax import compile_cache
     from diffusets_jax.errors import Preempted, RunFailed

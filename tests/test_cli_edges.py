@@ -285,6 +285,11 @@ CASES: list[tuple[str, list[str], str]] = [
      "argument --max-retries: must be a whole number >= 0, got '-1'"),
     ("sample-count-not-a-number", [*SAMPLE, "--out", "{w}/new", "-n", "ten"],
      "argument -n/--count: expected a whole number, got 'ten'"),
+    # an unknown flag is named with its command, as argparse names a bad value
+    ("train-unknown-flag", [*TRAIN_VAE, "--workdir", "{w}/new", "--dataset", "x"],
+     "diffusets-jax train: error: unrecognized arguments: --dataset x (`diffusets-jax train --help`"),
+    ("plot-unknown-flag", ["plot", RECORD, "--out-dir", "{w}/new", "--colour", "red"],
+     "diffusets-jax plot: error: unrecognized arguments: --colour red"),
     # demo
     ("demo-out-users-folder", ["demo", "--out", "{w}/user", "--quick"], "not written by diffusets-jax demo"),
     ("demo-out-is-a-file", ["demo", "--out", "{w}/file.txt", "--quick"], "is an existing file"),
