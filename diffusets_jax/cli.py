@@ -774,10 +774,20 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _print_levels(out: str, report: dict) -> None:
-
-    if "signal_level" in report:  # process 0 writes and prints the report
-        print(_json_line({"out": out, **{k: report[k] for k in ("signal_level", "feature_level", "diagnostic_level")}},
-                         indent=2))
+    """The three levels as JSON on stdout, and one stderr line when ECGs were left out of every metric (failed
+    generations, or samples of a --generated set that could not be read): report.json alone recorded them."""
+    if "signal_level" not in report:  # process 0 writes and prints the report
+        return
+    print(_json_line({"out": out, **{k: report[k] for k in ("signal_level", "feature_level", "diagnostic_level")}},
+                     indent=2))
+    settings, scored = report.get("settings", {}), report["signal_level"]["n_generated"]
+    if failed := settings.get("failed_generations"):
+        print(f"diffusets-jax evaluate: {failed} of {failed + scored} generated ECGs had NaN or inf samples and are "
+              f"in no metric (settings.failed_generations in {out}/report.json)", file=sys.stderr)
+    if skipped := settings.get("samples_skipped"):
+        reasons = ", ".join(f"{why}: {count}" for why, count in skipped.items())
+        print(f"diffusets-jax evaluate: {sum(skipped.values())} of {sum(skipped.values()) + scored} samples of "
+              f"{settings['generated']} were skipped ({reasons}) and are in no metric", file=sys.stderr)
 
 
 COMMANDS.append(_add_evaluate)

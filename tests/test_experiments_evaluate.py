@@ -126,9 +126,10 @@ def test_scoring_another_generators_samples_needs_no_model(clip, dataset, tmp_pa
     assert (tmp_path / "out" / "report.md").exists()
 
 
-def test_failed_generations_are_counted_and_left_out_of_every_metric(clip, dataset, tmp_path):
+def test_failed_generations_are_counted_and_left_out_of_every_metric(clip, dataset, tmp_path, capsys):
     """ECGs with NaN or inf samples (a diverged model, an overflow) would make FID and precision/recall undefined and
     stop the evaluation after all the generating: they are counted in the report and scored by no metric."""
+    from diffusets_jax.cli import _print_levels
     from diffusets_jax.diffusion.samplers import sampler_config
     from diffusets_jax.io.generated import finite_only
     from diffusets_jax.pipeline import ECGGenerator
@@ -147,6 +148,9 @@ def test_failed_generations_are_counted_and_left_out_of_every_metric(clip, datas
     assert report["signal_level"]["fid"] is not None and report["signal_level"]["precision"] is not None
     assert report["feature_level"]["measured"] + report["feature_level"]["unmeasurable"] == 10
     assert "3 more generated ECGs had NaN or inf samples" in (tmp_path / "spoiled" / "report.md").read_text()
+    _print_levels("spoiled", report)  # the command's output: the levels on stdout, one line on stderr
+    assert capsys.readouterr().err == ("diffusets-jax evaluate: 3 of 13 generated ECGs had NaN or inf samples and are "
+                                       "in no metric (settings.failed_generations in spoiled/report.json)\n")
     with pytest.raises(RunFailed, match="every one of the 13 generated ECGs has NaN or inf samples"):
         ev.evaluate_split(NonFiniteAt(generator, range(13)), clip, dataset.data_dir, "validation",
                           tmp_path / "all", proto=proto, n_boot=20, progress=False)
@@ -160,6 +164,11 @@ def test_failed_generations_are_counted_and_left_out_of_every_metric(clip, datas
     report = ev.evaluate_generated(generated, clip, dataset.data_dir, "validation", tmp_path / "other", n_boot=20)
     assert report["signal_level"]["n_generated"] == 6
     assert report["settings"]["samples_skipped"] == {"non-finite samples": 2}
+    assert ("2 more samples of the set were skipped and are in no metric (non-finite samples: 2)"
+            in (tmp_path / "other" / "report.md").read_text())
+    _print_levels("other", report)
+    assert capsys.readouterr().err.endswith("2 of 8 samples of " + str(tmp_path / "other.npz") + " were skipped "
+                                            "(non-finite samples: 2) and are in no metric\n")
     ecg[:, 0, 0] = np.nan
     np.savez(tmp_path / "all_nan.npz", ecg=ecg)
     with pytest.raises(ValueError, match="every one of its 8 ECGs has NaN or inf samples"):

@@ -289,7 +289,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"{s['n_generated']} generated ECGs against {s['n_real']} real ECGs."
         + (f" {failed} more generated ECGs had NaN or inf samples: failed generations, left out of every metric."
-           if (failed := report.get("settings", {}).get("failed_generations")) else ""),
+           if (failed := report.get("settings", {}).get("failed_generations")) else "")
+        + (f" {sum(skipped.values())} more samples of the set were skipped and are in no metric ("
+           + ", ".join(f"{why}: {count}" for why, count in skipped.items()) + ")."
+           if (skipped := report.get("settings", {}).get("samples_skipped")) else ""),
         "",
         "## Model-free clinical metrics",
         "",
