@@ -1191,8 +1191,8 @@ def _add_turing_score(sub: argparse._SubParsersAction) -> None:
         description=(
             "Read any number of filled answer sheets (one per rater, named answers_<rater>.csv) and the kit's key, "
             "and write OUT/report.md and OUT/report.json: per rater the confusion matrix, accuracy with its exact "
-            "95%% interval and the exact two-sided binomial test against chance, sensitivity/specificity for "
-            "detecting generated ECGs (real-vs-generated) or the alignment rate with its exact 95%% interval "
+            "95% interval and the exact two-sided binomial test against chance, sensitivity/specificity for "
+            "detecting generated ECGs (real-vs-generated) or the alignment rate with its exact 95% interval "
             "(alignment), and Fleiss' kappa between raters. A malformed or incomplete sheet is refused in one line "
             "naming the file and row."
         ),

@@ -338,6 +338,19 @@ def test_every_integer_flag_has_a_range_where_it_is_read():
             parse(text)
 
 
+def test_every_commands_help_renders():
+    """argparse %-formats argument help but not descriptions: a '%%' written into a description reached the
+    reader as '95%%'. Every command's --help is rendered here, which also catches a bad '%' in an argument's help."""
+    from diffusets_jax.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(commands.choices) >= 15
+    for name, command in commands.choices.items():
+        text = command.format_help()
+        assert "%%" not in text and "%(" not in text, name
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     return exit_code(argv), capsys.readouterr().err
 
