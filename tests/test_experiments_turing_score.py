@@ -116,8 +116,11 @@ def test_one_rater_has_no_kappa_and_rater_names_come_from_file_names(real_vs_gen
     copy.mkdir()
     clash = copy / "answers_a.csv"
     clash.write_bytes(sheets[0].read_bytes())
-    with pytest.raises(ValueError, match="answers_a.csv: rater 'a' is also answers_a.csv.*one file per rater"):
+    with pytest.raises(ValueError) as clashed:
         score(key, [sheets[0], clash], tmp_path / "two")
+    assert str(clashed.value).startswith(f"{clash}: rater 'a' is also {sheets[0].resolve()}: name each rater's sheet")
+    with pytest.raises(ValueError, match="answers_a.csv: the same sheet is given twice"):
+        score(key, [sheets[0], sheets[0]], tmp_path / "three")
 
 
 def _error(tmp_path: Path, key: Path, content: str | bytes) -> str:

@@ -278,9 +278,11 @@ def score(key_path: str | os.PathLike, sheet_paths: Sequence[str | os.PathLike],
     files: dict[str, str] = {}
     for path in sheet_paths:
         rater = rater_name(path)
-        if rater in files:
-            raise ValueError(f"{Path(path).name}: rater {rater!r} is also {Path(files[rater]).name}: name each rater's "
-                             f"sheet {RATER_PREFIX}<name>.csv, one file per rater")
+        if rater in files:  # the paths as given: two folders' answers_a.csv have the same name
+            if files[rater] == str(Path(path).resolve()):
+                raise ValueError(f"{path}: the same sheet is given twice; give each rater's sheet once")
+            raise ValueError(f"{path}: rater {rater!r} is also {files[rater]}: name each rater's sheet "
+                             f"{RATER_PREFIX}<name>.csv, one file per rater")
         answers[rater] = read_answers(path, key)
         files[rater] = str(Path(path).resolve())
     report = score_answers(key, answers)
