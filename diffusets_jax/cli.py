@@ -622,7 +622,7 @@ def _run_sample(args: argparse.Namespace) -> int:
                                provenance=provenance)
         print(_json_line({"out": args.out, **summary}))
         _failed_ecgs(summary["skipped_examples"], summary["skipped_ecgs"], summary["requested"],
-                     f"{args.out}/.shard-counts/")
+                     f"{args.out}/.shard-counts/")  # a corpus skips failed generations only
         return 0
     from diffusets_jax.io.outputs import sample_to_directory
 
@@ -635,21 +635,22 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _failed_ecgs(examples: dict, failed: int, requested: int, listed: str) -> None:
-    """One stderr line when generated ECGs were left out (NaN/inf samples, or beyond what a format holds), and exit 1
-    (RunFailed) when all were: the run wrote nothing usable, which exit 0 and a count in the JSON summary hid."""
+def _failed_ecgs(examples: dict, skipped: int, requested: int, listed: str) -> None:
+    """One stderr line when generated ECGs were skipped (NaN/inf samples: in no format; beyond a 16-bit WFDB record:
+    in the NPZ only), and exit 1 (RunFailed) when every one had NaN or inf samples: nothing usable was written,
+    which exit 0 and a count in the JSON summary hid. `examples` {name or position: reason}, maybe only the first."""
+    from diffusets_jax.ecg.units import NON_FINITE_SUFFIX
     from diffusets_jax.errors import RunFailed
 
-    if not failed:
+    if not skipped:
         return
     name, why = next(iter(examples.items()))
     name = f"ECG {name}" if isinstance(name, int) else name  # a corpus lists positions, a sample folder names
-    hint = ("; lower --guidance-scale, or check the model with `diffusets-jax diagnose`" if "non-finite" in why
-            else "")
-    if failed == requested:
-        raise RunFailed(f"none of the {requested} ECGs could be written (e.g. {name}: {why}){hint}")
-    print(f"diffusets-jax sample: {failed} of {requested} ECGs were left out (e.g. {name}: {why}); {listed} lists "
-          "them", file=sys.stderr)
+    if skipped == requested and all(reason.endswith(NON_FINITE_SUFFIX) for reason in examples.values()):
+        raise RunFailed(f"every one of the {requested} ECGs has NaN or inf samples, so none was written (e.g. "
+                        f"{name}: {why}); lower --guidance-scale, or check the model with `diffusets-jax diagnose`")
+    print(f"diffusets-jax sample: {skipped} of {requested} ECGs were skipped (e.g. {name}: {why}); {listed} lists "
+          "them with the reason", file=sys.stderr)
 
 
 COMMANDS.append(_add_sample)

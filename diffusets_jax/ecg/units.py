@@ -55,8 +55,11 @@ def finite_ecgs(ecgs: np.ndarray) -> np.ndarray:
     return np.isfinite(np.asarray(ecgs)).all(axis=(1, 2))
 
 
+NON_FINITE_SUFFIX = "non-finite samples (NaN/inf)"  # ends every `non_finite_reason`, so a recorded reason is known
+
+
 def non_finite_reason(ecg: np.ndarray) -> str | None:
     """Why `ecg` (samples, 12) cannot be kept, if it has NaN or infinite samples (a diverged network or an
     overflow in low precision gives these); None for a finite one. Writers skip such an ECG and record the reason."""
     bad = int(np.size(ecg) - np.count_nonzero(np.isfinite(ecg)))
-    return f"the ECG has {bad} non-finite samples (NaN/inf)" if bad else None
+    return f"the ECG has {bad} {NON_FINITE_SUFFIX}" if bad else None
