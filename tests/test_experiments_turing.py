@@ -212,7 +212,7 @@ def test_same_seed_same_package_bytes_and_rerun_is_a_no_op(kit, inputs, tmp_path
     summary = build_kit(again, options, generated=inputs["generated"], real=inputs["real"])
     assert summary["already_built"] is True and summary["sheets"] == 9
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(again)} == before
-    with pytest.raises(ValueError, match=r"holds a turing-kit run with other settings \(seed: 11 -> 12\)"):
+    with pytest.raises(ValueError, match=r"holds an earlier turing-kit run with other settings \(seed: 11 -> 12\)"):
         build_kit(again, KitOptions("real-vs-generated", n_real=5, n_generated=4, seed=12, dpi=DPI),
                   generated=inputs["generated"], real=inputs["real"])
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(again)} == before

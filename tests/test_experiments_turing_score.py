@@ -189,7 +189,7 @@ def test_output_folder_policy(real_vs_generated, tmp_path):
     score(key, sheets, out)  # the same inputs: the finished report is left as it is
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()
             if p.suffix in (".json", ".md")} == written
-    with pytest.raises(ValueError, match="holds a turing-score run with other settings.*--overwrite"):
+    with pytest.raises(ValueError, match="holds an earlier turing-score run with other settings.*--overwrite"):
         score(key, sheets[:2], out)  # another set of raters is another report
     assert len(json.loads((out / "report.json").read_text())["raters"]) == 3
     score(key, sheets[:2], out, overwrite=True)

@@ -163,7 +163,7 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
             if existing is None or existing.get("command") != command:
                 raise ValueError(_not_ours_message(final, flag, command, existing))
             raise ValueError(
-                f"{flag} {final} holds a {existing.get('command', 'different')} run with other settings "
+                f"{flag} {final} holds an earlier {existing.get('command', 'different')} run with other settings "
                 f"({_differences(existing.get('settings', {}), settings)}): choose a new directory, rerun with the "
                 "same settings to resume, or pass --overwrite to replace it")
         parallel.barrier(f"output-dir-checked-{digest[:12]}")  # every host looked before any host writes
