@@ -92,8 +92,12 @@ def test_twins_differ_from_each_other_and_record_their_settings(model_dir, opena
 @pytest.fixture(scope="module")
 def bad_records(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bad")
-    return {"slow": _write_record(directory, "slow", fs=50.0), "short": _write_record(directory, "short", seconds=5.0),
-            "two": _write_record(directory, "two", fs=250.0, leads=("II", "I")), "good": _write_record(directory, "good")}
+    records = {"slow": _write_record(directory, "slow", fs=50.0), "short": _write_record(directory, "short", seconds=5.0),
+               "two": _write_record(directory, "two", fs=250.0, leads=("II", "I")), "good": _write_record(directory, "good"),
+               "truncated": _write_record(directory, "truncated")}
+    dat = records["truncated"].with_suffix(".dat")
+    dat.write_bytes(dat.read_bytes()[:1000])  # a download cut short
+    return records
 
 
 @pytest.mark.parametrize("which,extra,match", [
@@ -115,6 +119,9 @@ def bad_records(tmp_path_factory):
     ("two", ["--observe", "V1"], "not in the reference"),
     ("two", ["--edit-strength", "0.5"], "encodes the whole recording"),
     ("missing", ["--observe", "I"], "no WFDB header"),
+    ("truncated", ["--observe", "I"], "--reference: "),
+    ("truncated", ["--observe", "I"], "truncated.dat has 1000 bytes, header implies"),
+    ("slow", ["--observe", "I"], "--reference: "),
     (None, ["--observe", "I"], "--observe works on a recording: add --reference"),
 ])
 def test_bad_reference_requests_fail_in_one_line_before_the_model_loads(bad_records, tmp_path, capsys, which,
