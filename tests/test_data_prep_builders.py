@@ -194,7 +194,7 @@ def test_cli_prepare_skips_and_counts_bad_records(built, tmp_path, capsys):
     """A PTB-XL download with broken records still builds; each problem is counted under its reason."""
     built("ptbxl", os.path.join(ECG_DATA, "ptbxl"))  # fills the embedding cache with these prompts
     manual = tmp_path / "ptbxl"
-    rows = list(csv.DictReader(open(os.path.join(ECG_DATA, "ptbxl", "ptbxl_database.csv"))))[:8]
+    rows = list(csv.DictReader(open(os.path.join(ECG_DATA, "ptbxl", "ptbxl_database.csv"))))[:10]
     for row in rows:
         os.makedirs(manual / os.path.dirname(row["filename_hr"]), exist_ok=True)
         for ext in (".hea", ".dat"):
@@ -206,6 +206,8 @@ def test_cli_prepare_skips_and_counts_bad_records(built, tmp_path, capsys):
     dat = manual / (rows[4]["filename_hr"] + ".dat")
     dat.write_bytes(dat.read_bytes()[:1000])
     (manual / (rows[5]["filename_hr"] + ".hea")).write_text("garbage\n")
+    rows[6]["filename_hr"] = ""  # was a traceback (itertuples renames the `_line` column)
+    rows[7]["strat_fold"] = "x"  # was the whole build stopping: "record has no strat_fold"
     with open(manual / "ptbxl_database.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -218,8 +220,11 @@ def test_cli_prepare_skips_and_counts_bad_records(built, tmp_path, capsys):
     report = json.load(open(tmp_path / "out" / "ptbxl" / "local" / "1.0.0" / REPORT_FILENAME))
     assert report["skipped_by_reason"] == {
         "missing_age": 1, "missing_sex": 1, "missing_report": 1, "missing_signal_file": 1,
-        "truncated_signal_file": 1, "unreadable_header": 1,
+        "truncated_signal_file": 1, "unreadable_header": 1, "bad_table_row": 2,
     }
+    assert [(e["record_path"].split("/")[-1], e["detail"]) for e in report["skipped_examples"]["bad_table_row"]] == [
+        ("ptbxl_database.csv line 8", "no filename_hr"),
+        ("ptbxl_database.csv line 9", "strat_fold 'x' is not a fold number 1-10")]
     assert report["examples_written"] == 2 and report["embedding"]["embedded_now"] == 0
     assert report["skipped_examples"]["missing_signal_file"][0]["record_path"] == rows[3]["filename_hr"]
     assert "skipped       1 truncated_signal_file" in capsys.readouterr().err

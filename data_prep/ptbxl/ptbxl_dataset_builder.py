@@ -57,13 +57,19 @@ class Builder(EcgDatasetBuilder):
                                 required=("ecg_id", "patient_id", "age", "sex", "report", "strat_fold", "filename_hr"))
         number = lambda value: pd.to_numeric(value, errors="coerce")  # an unreadable value counts as missing
         candidates = []
-        for row in table.itertuples(index=False):
+        # The line numbers travel beside the tuples: itertuples renames a column with a leading underscore (`_line`).
+        for row, line in zip(table.itertuples(index=False), table["_line"], strict=True):
             ecg_id = int(row.ecg_id)
             if not isinstance(row.filename_hr, str) or not row.filename_hr.strip():
-                self._skip_row(path, row._line, "no filename_hr")
+                self._skip_row(path, line, "no filename_hr")
                 continue
             patient, age, sex, fold = (number(row.patient_id), number(row.age), number(row.sex),
                                        number(row.strat_fold))
+            if self.builder_config.split_by == "strat_fold" and fold not in range(1, 11):
+                # The split comes from the fold: without one the record belongs nowhere (the other configs split
+                # by patient and keep it).
+                self._skip_row(path, line, f"strat_fold {row.strat_fold!r} is not a fold number 1-10")
+                continue
             subject_id = stable_int_id(f"ptbxl-ecg:{ecg_id}") if pd.isna(patient) else int(patient)
             age = None if pd.isna(age) or int(age) == MISSING_AGE else float(age)
             sex = None if pd.isna(sex) or sex not in (0, 1) else 1 - int(sex)  # PTB-XL 0 = male -> ours 1 = male
