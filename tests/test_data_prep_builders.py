@@ -231,6 +231,29 @@ def test_cli_prepare_skips_and_counts_bad_records(built, tmp_path, capsys):
     assert main(["prepare", "ptbxl", "--manual-dir", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path / "o")]) == 2
 
 
+def test_mimic_listing_keeps_each_record_once_and_reads_only_m_and_f_as_sex(tmp_path):
+    """A record listed twice gave TFDS two examples with one key (its AssertionError after all the decoding), and a
+    gender other than M was read as female."""
+    manual = tmp_path / "mimic"
+    shutil.copytree(os.path.join(ECG_DATA, "mimic_iv_ecg"), manual, ignore=shutil.ignore_patterns("files"))
+    listed = (manual / "record_list.csv").read_text().splitlines(keepends=True)
+    (manual / "record_list.csv").write_text("".join([*listed, listed[2]]))  # a repeated row
+    patients = list(csv.DictReader(open(manual / "patients.csv")))
+    patients[1]["gender"] = "X"
+    with open(manual / "patients.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(patients[0]))
+        writer.writeheader()
+        writer.writerows(patients)
+    builder = sources.make_builder("mimic-iv-ecg", str(tmp_path / "out"))
+    candidates = builder.candidates(str(manual))
+    repeated = listed[2].strip().split(",")[-1]
+    assert len(candidates) == 40 and [c.record_path for c in candidates].count(repeated) == 1
+    assert builder._table_skips == [{"record_path": repeated, "detail": "listed again; the first listing is used"}]
+    sex = {c.subject_id: c.sex for c in candidates}
+    assert sex[int(patients[1]["subject_id"])] is None  # missing_sex when decoded, not a female patient
+    assert sex[int(patients[0]["subject_id"])] == int(patients[0]["gender"] == "M")
+
+
 def test_sources_map_cli_names_to_builders(tmp_path):
     assert sources.dataset_name("mimic-iv-ecg") == "mimic_iv_ecg"
     assert sources.builder_class("ptbxl").name == "ptbxl"

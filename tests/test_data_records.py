@@ -65,6 +65,8 @@ def test_decodes_mimic_order_into_standard_order():
 def test_metadata_reasons_come_first():
     assert reason_of(MIMIC_DIR, candidate(subject_known=False, age=None, sex=None)) == "missing_demographics"
     assert reason_of(MIMIC_DIR, candidate(age=None)) == "missing_age"
+    assert reason_of(MIMIC_DIR, candidate(age=-4.0)) == "implausible_age"  # a typo, not a newborn
+    assert reason_of(MIMIC_DIR, candidate(age=121.0)) == "implausible_age"
     assert reason_of(MIMIC_DIR, candidate(sex=None)) == "missing_sex"
     assert reason_of(MIMIC_DIR, candidate(report_lines=())) == "missing_report"
 

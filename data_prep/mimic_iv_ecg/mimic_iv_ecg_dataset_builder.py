@@ -112,7 +112,8 @@ class Builder(EcgDatasetBuilder):
             if known:
                 age = None if pd.isna(ages.loc[subject_id]) else float(ages.loc[subject_id])
                 gender = patients.loc[subject_id, "gender"]
-                sex = None if pd.isna(gender) else int(str(gender).strip().upper() == "M")
+                # MIMIC-IV writes M or F; anything else is unknown (missing_sex), not female.
+                sex = {"M": 1, "F": 0}.get(str(gender).strip().upper()) if not pd.isna(gender) else None
             candidates.append(
                 RecordCandidate(
                     record_path=str(path).strip().removesuffix(".hea"), subject_id=subject_id, study_id=study_id,

@@ -202,8 +202,22 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         key = os.path.abspath(os.fspath(manual_dir))  # TFDS hands the same folder over as another string
         if self._listed is None or self._listed[0] != key:
             self._table_skips = []
-            self._listed = (key, self.list_candidates(os.fspath(manual_dir)))
+            self._listed = (key, self._one_per_record(self.list_candidates(os.fspath(manual_dir))))
         return self._listed[1]
+
+    def _one_per_record(self, candidates: list[RecordCandidate]) -> list[RecordCandidate]:
+        """The first listing of each record: a table that lists one twice (a repeated row, a merged export) would
+        give TFDS two examples with one key, which ends the build in its AssertionError after all the decoding."""
+        seen: set[str] = set()
+        unique = []
+        for candidate in candidates:
+            if candidate.record_path in seen:
+                self._table_skips.append({"record_path": candidate.record_path,
+                                          "detail": "listed again; the first listing is used"})
+                continue
+            seen.add(candidate.record_path)
+            unique.append(candidate)
+        return unique
 
     def records_fingerprint(self, manual_dir: str) -> dict[str, Any]:
         """What the dataset is built from: the manual dir, its record count and a fingerprint of every record's

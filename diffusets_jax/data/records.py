@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from diffusets_jax.conditioning.patient import AGE_RANGE
 from diffusets_jax.ecg.heart_rate import record_heart_rate
 from diffusets_jax.ecg.leads import (
     STANDARD_LEADS,
@@ -40,6 +41,7 @@ from diffusets_jax.ecg.units import check_millivolts, to_millivolts
 SKIP_REASONS: tuple[str, ...] = (
     "missing_demographics",  # subject absent from the demographics table (no age and no sex)
     "missing_age",
+    "implausible_age",  # outside conditioning.patient.AGE_RANGE, where `sample` would refuse it too
     "missing_sex",
     "missing_report",  # no report statement (all report columns empty, or no Dx code we can name)
     "missing_header",
@@ -133,6 +135,9 @@ def check_metadata(candidate: RecordCandidate) -> None:
         raise BadRecord("missing_demographics", f"subject {candidate.subject_id} is not in the demographics table")
     if candidate.age is None or not np.isfinite(candidate.age):
         raise BadRecord("missing_age", f"no age for subject {candidate.subject_id}")
+    if not AGE_RANGE[0] <= candidate.age <= AGE_RANGE[1]:
+        raise BadRecord("implausible_age", f"age {candidate.age:g} of subject {candidate.subject_id} is outside "
+                                           f"{AGE_RANGE[0]:g}-{AGE_RANGE[1]:g} years")
     if candidate.sex not in (0, 1):
         raise BadRecord("missing_sex", f"no sex for subject {candidate.subject_id}")
     if not candidate.report_lines:
@@ -272,7 +277,7 @@ class ChunkResult:
     reused: bool = False
 
 
-CACHE_FORMAT_VERSION = 2  # 2: consensus QRS heart rate. Bump when decoding changes so stale caches are not reused
+CACHE_FORMAT_VERSION = 3  # 2: consensus QRS heart rate; 3: implausible_age. Bump when decoding changes (stale caches)
 
 
 def chunk_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOptions) -> str:
