@@ -717,9 +717,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.labels and (not args.model_dir or len(args.labels) != len(args.model_dir)):
         raise ValueError(f"--labels: give one label per --model-dir ({len(args.model_dir or [])}), got {len(args.labels)}")
     proto = ev.protocol(args.protocol)
-    from diffusets_jax.data import pipeline
-
-    builder = pipeline.load_builder(args.dataset, args.data_dir)  # a wrong dataset or split fails before any model
+    builder = ev.ecg_dataset(args.dataset, args.data_dir)  # a wrong dataset or split fails before any model
     if args.split not in builder.info.splits and args.split != "all":
         raise ValueError(f"--split {args.split}: dataset {args.dataset} has no such split; it has "
                          f"{', '.join(sorted(builder.info.splits))}")

@@ -85,6 +85,14 @@ def world(tmp_path_factory) -> Path:
         {"command": "plot", "fingerprint": "0" * 64, "settings": {"records": ["elsewhere"], "dpi": 200},
          "status": "complete"}))
     (w / "plots" / "elsewhere.png").write_bytes(b"\x89PNG old")
+    # A latent dataset (what `encode` writes) where a prepared ECG dataset is asked for.
+    from diffusets_jax.conditioning.spec import ConditioningSpec
+    from tests.helpers.gaussian_latents import write_gaussian_latent_dataset
+    from tests.helpers.tiny_models import TEXT_DIM, openai_conditioning
+
+    write_gaussian_latent_dataset(w / "latents", splits={"train": 4, "test": 4}, vae_uid=None, latent_scale=1.0,
+                                  conditioning=ConditioningSpec(openai_conditioning(TEXT_DIM).embedder, "ordered"),
+                                  channel_mean=(0.0,) * 4, channel_std=(1.0,) * 4)
     return w
 
 
@@ -162,6 +170,13 @@ CASES: list[tuple[str, list[str], str]] = [
                                               "--out", "{w}/new"], "is a folder without dataset_info.json"),
     ("evaluate-dataset-relative-typo", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "data/ptbxl/1.0.0",
                                         "--out", "{w}/new"], "is neither a folder here nor a dataset name"),
+    # a latent dataset where ECGs are read: one line before an output folder is claimed, not a KeyError after
+    ("evaluate-dataset-is-latents", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "{w}/latents", "--split",
+                                     "test", "--out", "{w}/new"], "--dataset {w}/latents: not a prepared ECG dataset"),
+    ("reconstruct-eval-dataset-is-latents", ["reconstruct-eval", "--dataset", "{w}/latents", "--out", "{w}/new"],
+     "(a latent dataset: `encode` wrote it), it has no ecg"),
+    ("turing-conditions-dataset-is-latents", ["turing-conditions", "--dataset", "{w}/latents", "-n", "2", "--seed",
+                                              "1", "--out", "{w}/c.csv"], "not a prepared ECG dataset"),
     # embed: every path and flag before a model is loaded or a request is made
     ("embed-input-missing", ["embed", "--input", "{w}/nope.csv", "--embedder", "local", "--cache", "{w}/c.sqlite"],
      "--input {w}/nope.csv does not exist"),

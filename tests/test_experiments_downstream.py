@@ -167,7 +167,14 @@ def test_model_must_be_conditioned_like_the_dataset():
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("downstream")
     dataset = Path(tiny_report_dataset.build(str(root / "tfds")).data_dir)
-    return {"root": root, "dataset": dataset}
+    from diffusets_jax.conditioning.spec import ConditioningSpec
+    from tests.helpers.gaussian_latents import write_gaussian_latent_dataset
+    from tests.helpers.tiny_models import openai_conditioning
+
+    latents = write_gaussian_latent_dataset(  # what `encode` writes, given where a corpus is asked for
+        root / "latents", splits={"train": 4}, vae_uid=None, latent_scale=1.0, channel_mean=(0.0,) * 4,
+        channel_std=(1.0,) * 4, conditioning=ConditioningSpec(openai_conditioning(8).embedder, "ordered"))
+    return {"root": root, "dataset": dataset, "latents": latents}
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +201,13 @@ def _run(capsys, *args):
     (["--resplit", "1:2"], "--resplit"),
     (["--model-dir", "/no/such/model"], "no such directory"),
     (["--generated-corpus", "/no/such/corpus", "--arms", "real,augmented"], "no such directory"),
+    (["--generated-corpus", "{latents}", "--arms", "real,augmented"], "not a prepared ECG dataset (a latent dataset"),
     (["--config.model.num_classes=3"], "num_classes must be 1"),
     (["--config.train.no_such_key=1"], "unknown config key"),
 ])
 def test_bad_inputs_are_one_line_and_write_nothing(tiny_data, tmp_path, capsys, extra, message):
     out = tmp_path / "report"
+    extra = [str(tiny_data["latents"]) if a == "{latents}" else a for a in extra]
     code, _, err = _run(capsys, "--dataset", tiny_data["dataset"], "--out", out, *extra)
     assert code == 2, err
     assert err.count("\n") == 1 and message in err and err.startswith("diffusets-jax downstream: error:")

@@ -448,7 +448,12 @@ def settings_of(*, dataset: str | os.PathLike, data_dir: str | os.PathLike | Non
                                  "sampler": dataclasses.asdict(sampler), "batch_size": int(generation_batch_size)}
     if generated_corpus is not None:
         from diffusets_jax.data.card import read_card
+        from diffusets_jax.experiments.evaluate import ecg_dataset
 
+        corpus_builder = ecg_dataset(generated_corpus, flag="--generated-corpus")
+        if "train" not in corpus_builder.info.splits:
+            raise ValueError(f"--generated-corpus {generated_corpus}: no train split (it has "
+                             f"{sorted(corpus_builder.info.splits)}); give the folder `sample --corpus` wrote")
         card = read_card(os.fspath(generated_corpus))
         settings["generated_corpus"] = {"path": os.path.abspath(generated_corpus), "splits": card.get("splits"),
                                         "derived_from": card.get("derived_from", {})}
@@ -514,9 +519,9 @@ def run_downstream(
     `sampler`: the generator's `SamplerConfig` (default DPM-Solver++(2M), 20 steps).
     """
     from diffusets_jax import parallel
-    from diffusets_jax.data import pipeline
     from diffusets_jax.data.card import read_card
     from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.experiments.evaluate import ecg_dataset
     from diffusets_jax.io.run_dir import check_output_path, output_dir
     from diffusets_jax.train.classifier import build_classifier, classifier_task, make_predictor
     from diffusets_jax.train.loop import CompiledSteps
@@ -538,7 +543,7 @@ def run_downstream(
     if data_dir is None and not Path(dataset).is_dir():
         raise FileNotFoundError(f"--dataset {dataset}: no such directory (give a prepared dataset's directory, the "
                                 "one holding dataset_info.json, or a TFDS name with --data-dir)")
-    builder = pipeline.load_builder(dataset, data_dir)
+    builder = ecg_dataset(dataset, data_dir)
     card = read_card(builder)
     missing = [s for s in SPLITS if s not in builder.info.splits] if resplit is None else []
     if missing:

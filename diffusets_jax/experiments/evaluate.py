@@ -88,22 +88,37 @@ def protocol(name: str) -> Protocol:
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
+SPLIT_COLUMNS = ("ecg", "text_embedding", "sex", "age", "heart_rate", "subject_id", "prompt", "report_lines")
+
+
+def ecg_dataset(dataset: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, flag: str = "--dataset"):
+    """The TFDS builder of a prepared ECG dataset (`prepare`, or a `sample --corpus` corpus), or one ValueError line
+    when it is another kind (a latent dataset of `encode` has no `ecg`): cheap, so commands call it before they
+    claim an output folder, where `load_split` would have failed with a KeyError."""
+    from diffusets_jax.data import pipeline
+
+    builder = pipeline.load_builder(dataset, data_dir)
+    missing = [column for column in SPLIT_COLUMNS if column not in builder.info.features.keys()]
+    if missing:
+        kind = " (a latent dataset: `encode` wrote it)" if "latent_mean" in builder.info.features.keys() else ""
+        raise ValueError(f"{flag} {dataset}: not a prepared ECG dataset{kind}, it has no {', '.join(missing)}; give "
+                         "one `diffusets-jax prepare` or `sample --corpus` wrote")
+    return builder
+
+
 def load_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
                limit: int | None = None) -> dict[str, Any]:
     """Read a prepared split into host arrays: ecg (n, 1024, 12), text_embedding, sex, age, heart_rate, subject_id,
     prompt and report_lines (`limit`: the first n examples, in the dataset's stored order)."""
     import tensorflow_datasets as tfds
 
-    from diffusets_jax.data import pipeline
-
-    builder = pipeline.load_builder(dataset, data_dir)
+    builder = ecg_dataset(dataset, data_dir)
     if split not in builder.info.splits and split != "all":
         raise ValueError(f"dataset {builder.name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
     ds = builder.as_dataset(split=split, shuffle_files=False)
     if limit:
         ds = ds.take(limit)
-    columns: dict[str, list] = {k: [] for k in ("ecg", "text_embedding", "sex", "age", "heart_rate", "subject_id",
-                                                 "prompt", "report_lines")}
+    columns: dict[str, list] = {k: [] for k in SPLIT_COLUMNS}
     for example in tfds.as_numpy(ds):
         for key in columns:
             value = example[key]

@@ -236,6 +236,9 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if not (np.isfinite(noise_std) and noise_std > 0):
         raise ValueError(f"--noise-std must be > 0 mV, got {noise_std}")
+    from diffusets_jax.experiments.evaluate import ecg_dataset, load_split
+
+    ecg_dataset(dataset, data_dir)  # another kind of dataset is refused before --out is claimed
     settings = {"model_dir": None if model_dir is None else os.path.abspath(model_dir), "dataset": os.fspath(dataset),
                 "data_dir": None if data_dir is None else os.path.abspath(data_dir), "train_split": train_split,
                 "test_split": test_split, "limit": limit, "train_limit": train_limit, "steps": steps,
@@ -247,7 +250,6 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
 
         generator = ECGGenerator(model_dir, SamplerConfig(sampler="ddpm", steps=steps, clip_sample=None),
                                  batch_size=batch_size, seed=seed)
-    from diffusets_jax.experiments.evaluate import load_split
 
     with output_dir(out, command="reconstruct-eval", settings=settings, overwrite=overwrite) as run:
         if run.complete:
