@@ -153,11 +153,12 @@ def load_rules(path: str | os.PathLike = CONDITION_RULES) -> RuleSet:
         if entry["name"] in seen:
             raise ValueError(f"{where}: the name {entry['name']!r} is used twice")
         seen.add(entry["name"])
+        phrases = _phrases(entry.get("any"), f"{where} ({entry['name']}) 'any'")  # these name the file themselves
+        exclusions = _phrases(entry.get("none", []), f"{where} ({entry['name']}) 'none'")
         try:
-            rules.append(KeywordRule(entry["name"], _phrases(entry.get("any"), f"{where} ({entry['name']}) 'any'"),
-                                     _phrases(entry.get("none", []), f"{where} ({entry['name']}) 'none'"),
-                                     whole_words=whole_words, description=entry.get("description", "")))
-        except ValueError as err:
+            rules.append(KeywordRule(entry["name"], phrases, exclusions, whole_words=whole_words,
+                                     description=entry.get("description", "")))
+        except ValueError as err:  # the rule's own check does not know the file
             raise ValueError(f"{name}: {err}") from None
     skip = _phrases(data.get("skip_reports_with", []), f"{name} 'skip_reports_with'") if data.get(
         "skip_reports_with") else ()
