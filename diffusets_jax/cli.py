@@ -220,8 +220,9 @@ def _run_embed(args: argparse.Namespace) -> int:
         summary = embed_report_file(args.input, embedder, args.cache, reports=reports, output=args.output,
                                     output_fingerprint=output_print, progress=not args.no_progress)
     except RuntimeError as err:  # e.g. the server kept failing after every retry: what was embedded is kept
-        print(f"diffusets-jax embed: {err}", file=sys.stderr)
-        return 1
+        from diffusets_jax.errors import RunFailed
+
+        raise RunFailed(str(err)) from None  # exit 1 with "error:", as every run that could not finish
     print(_json_line(summary))
     return 0
 
@@ -1079,8 +1080,9 @@ def _run_describe(args: argparse.Namespace) -> int:
     try:
         record = describe_condition(condition, client, args.out, patient=patient, max_statements=args.max_statements)
     except RuntimeError as err:  # the server kept failing, or the answer held no usable statements
-        print(f"diffusets-jax describe: {err}", file=sys.stderr)
-        return 1
+        from diffusets_jax.errors import RunFailed
+
+        raise RunFailed(str(err)) from None
     print(_json_line({"out": args.out, "condition": record["condition"], "statements": record["statements"],
                       "approved": False}, indent=2))
     print(f"Review {args.out}: check every statement against hallucination, edit them, then set \"approved\": true.",

@@ -71,3 +71,17 @@ def test_local_embed_run_fills_cache_and_writes_npz(tmp_path, capsys):
     assert main(argv) == 0  # rerun: everything cached
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["embedded"] == 0 and summary["already_cached"] == 2
+
+
+def test_a_server_that_keeps_failing_is_exit_1_with_an_error_line(tmp_path, capsys, monkeypatch):
+    from tests.helpers.fake_openai_server import FakeOpenAIServer
+
+    reports = tmp_path / "r.jsonl"
+    reports.write_text('{"report": "Sinus rhythm"}\n')
+    monkeypatch.setenv("TEST_EMBED_KEY", "sk-test")
+    with FakeOpenAIServer(faults=["500", "500"]) as server:
+        code = main(["embed", "--input", str(reports), "--embedder", "openai", "--cache", str(tmp_path / "c.sqlite"),
+                     "--base-url", server.base_url, "--api-key-env", "TEST_EMBED_KEY", "--dim", "16",
+                     "--max-retries", "1", "--no-progress"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("diffusets-jax embed: error: ") and "failed after 2 attempts" in last

@@ -150,5 +150,6 @@ def test_cli_existing_out_and_server_failure(tmp_path, monkeypatch, capsys):
         assert "already exists" in capsys.readouterr().err and existing.read_text() == "keep me"
         assert main([*argv, "--out", str(tmp_path / "g.json")]) == 1
     err = capsys.readouterr().err
-    assert "failed after 2 attempts" in err and err.count("\n") == 1
+    assert err.startswith("diffusets-jax describe: error: ") and "failed after 2 attempts" in err
+    assert err.count("\n") == 1
     assert not (tmp_path / "g.json").exists()
