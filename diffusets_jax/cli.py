@@ -650,8 +650,8 @@ def _failed_ecgs(examples: dict, skipped: int, requested: int, listed: str) -> N
     if skipped == requested and all(reason.endswith(NON_FINITE_SUFFIX) for reason in examples.values()):
         raise RunFailed(f"every one of the {requested} ECGs has NaN or inf samples, so none was written (e.g. "
                         f"{name}: {why}); lower --guidance-scale, or check the model with `diffusets-jax diagnose`")
-    print(f"diffusets-jax sample: {skipped} of {requested} ECGs were skipped (e.g. {name}: {why}); {listed} lists "
-          "them with the reason", file=sys.stderr)
+    print(f"diffusets-jax sample: warning: {skipped} of {requested} ECGs were skipped (e.g. {name}: {why}); "
+          f"{listed} lists them with the reason", file=sys.stderr)
 
 
 COMMANDS.append(_add_sample)
@@ -782,12 +782,12 @@ def _print_levels(out: str, report: dict) -> None:
                      indent=2))
     settings, scored = report.get("settings", {}), report["signal_level"]["n_generated"]
     if failed := settings.get("failed_generations"):
-        print(f"diffusets-jax evaluate: {failed} of {failed + scored} generated ECGs had NaN or inf samples and are "
-              f"in no metric (settings.failed_generations in {out}/report.json)", file=sys.stderr)
+        print(f"diffusets-jax evaluate: warning: {failed} of {failed + scored} generated ECGs had NaN or inf samples "
+              f"and are in no metric (settings.failed_generations in {out}/report.json)", file=sys.stderr)
     if skipped := settings.get("samples_skipped"):
         reasons = ", ".join(f"{why}: {count}" for why, count in skipped.items())
-        print(f"diffusets-jax evaluate: {sum(skipped.values())} of {sum(skipped.values()) + scored} samples of "
-              f"{settings['generated']} were skipped ({reasons}) and are in no metric", file=sys.stderr)
+        print(f"diffusets-jax evaluate: warning: {sum(skipped.values())} of {sum(skipped.values()) + scored} samples "
+              f"of {settings['generated']} were skipped ({reasons}) and are in no metric", file=sys.stderr)
 
 
 COMMANDS.append(_add_evaluate)

@@ -149,8 +149,9 @@ def test_failed_generations_are_counted_and_left_out_of_every_metric(clip, datas
     assert report["feature_level"]["measured"] + report["feature_level"]["unmeasurable"] == 10
     assert "3 more generated ECGs had NaN or inf samples" in (tmp_path / "spoiled" / "report.md").read_text()
     _print_levels("spoiled", report)  # the command's output: the levels on stdout, one line on stderr
-    assert capsys.readouterr().err == ("diffusets-jax evaluate: 3 of 13 generated ECGs had NaN or inf samples and are "
-                                       "in no metric (settings.failed_generations in spoiled/report.json)\n")
+    assert capsys.readouterr().err == ("diffusets-jax evaluate: warning: 3 of 13 generated ECGs had NaN or inf "
+                                       "samples and are in no metric (settings.failed_generations in "
+                                       "spoiled/report.json)\n")
     with pytest.raises(RunFailed, match="every one of the 13 generated ECGs has NaN or inf samples"):
         ev.evaluate_split(NonFiniteAt(generator, range(13)), clip, dataset.data_dir, "validation",
                           tmp_path / "all", proto=proto, n_boot=20, progress=False)
