@@ -677,7 +677,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model-dir", nargs="+", metavar="DIR", help="model director(y/ies) to generate with")
     src.add_argument("--labels", nargs="+", metavar="LABEL", help="names of the --model-dir models in the comparison")
     src.add_argument("--generated", metavar="PATH", help="score these samples instead: an .npz (ecg + conditions), "
-                     "a folder of WFDB records, or a dataset folder (e.g. a `sample --corpus` corpus)")
+                     "a folder of WFDB records, a dataset folder (e.g. a `sample --corpus` corpus) or a `sample` "
+                     "output folder")
     parser.add_argument("--clip", metavar="DIR", help="model directory whose clip/ is the feature extractor "
                         "(default: the --model-dir's own clip)")
     parser.add_argument("--dataset", required=True, help="prepared dataset directory (or TFDS name with --data-dir)")
@@ -1144,7 +1145,8 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--variant", required=True, choices=("real-vs-generated", "alignment"))
     parser.add_argument("--generated", required=True, metavar="PATH",
-                        help="the samples.npz that `diffusets-jax sample` wrote (or its --corpus folder)")
+                        help="what `diffusets-jax sample` wrote: its output folder or samples.npz, or its "
+                             "--corpus folder")
     real = parser.add_argument_group("real ECGs (real-vs-generated): one of")
     real.add_argument("--dataset", help="prepared dataset directory (or TFDS name with --data-dir)")
     real.add_argument("--real", metavar="PATH", help="an NPZ with ecg (n, samples, 12) mV and optionally report "

@@ -46,3 +46,26 @@ def test_npz_errors_and_conditions(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not an .npz, a folder of WFDB records, or a dataset folder"):
         read_generated(tmp_path / "empty")
+
+
+def test_a_sample_folder_is_read_from_its_npz_files_in_host_order(tmp_path):
+    """A `sample` output folder used to be read through its WFDB records (16-bit, maybe resampled, maybe not
+    written: an npz-only run was "not an .npz, a folder of WFDB records, or a dataset folder"); a multi-host run's
+    folder holds one NPZ per host, and a single NPZ given alone is only that host's share."""
+    import json
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    first, second = _ecgs(2, seed=1), _ecgs(3, seed=2)
+    np.savez(folder / "samples-00000-of-00002.npz", ecg=first, heart_rate=np.array([60.0, 61.0]),
+             report=np.array(["Sinus rhythm", "Sinus rhythm"]))
+    np.savez(folder / "samples-00001-of-00002.npz", ecg=second, heart_rate=np.array([70.0, 71.0, 72.0]),
+             report=np.array(["Atrial fibrillation"] * 3))
+    manifest = {"count": 5, "npz": ["samples-00000-of-00002.npz", "samples-00001-of-00002.npz"]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    got = read_generated(folder)
+    np.testing.assert_array_equal(got.ecg, np.concatenate([first, second]))  # exact, not 16-bit
+    assert got.heart_rate.tolist() == [60.0, 61.0, 70.0, 71.0, 72.0] and got.reports[2] == ("Atrial fibrillation",)
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "npz": []}))
+    with pytest.raises(ValueError, match="this sample run wrote no NPZ"):
+        read_generated(folder)

@@ -6,7 +6,9 @@
 - an NPZ (`samples.npz` of `diffusets-jax sample`, or any NPZ with an `ecg` array `(n, samples, 12)` in mV,
   standard lead order, plus optional `report` ('|'-joined statements) or `prompt`, `sex`, `age`, `heart_rate`);
 - a folder of WFDB records (ours carry the conditions in their header comments; others are read signal-only);
-- a dataset folder (`dataset_info.json`): a `sample --corpus` corpus or any dataset in the prepared schema.
+- a dataset folder (`dataset_info.json`): a `sample --corpus` corpus or any dataset in the prepared schema;
+- a `sample` output folder (`manifest.json`): its NPZ, or the NPZ of every host of a multi-host run, in order
+  (exact float samples; the folder's WFDB records are 16-bit and maybe resampled, and may not have been written).
 
 Every record becomes the DiffuSETS time base (whole 10 s FFT-resampled to 1024 samples) in the standard lead order.
 A record that cannot be used is skipped and counted with its reason; the whole input failing is one line.
@@ -74,6 +76,11 @@ def read_generated(path: str | os.PathLike, flag: str = "--generated") -> Genera
         return _read_npz(path)
     if path.is_dir() and (path / "dataset_info.json").is_file():
         return _read_dataset(path, flag)
+    # Imported here: io.outputs imports JAX, which reading NPZs does not need.
+    from diffusets_jax.io.outputs import MANIFEST
+
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return _read_sample_folder(path / MANIFEST, flag)
     if path.is_dir():
         records = sorted(p.with_suffix("") for p in path.rglob("*.hea"))
         if records:
@@ -98,6 +105,28 @@ def finite_only(generated: GeneratedSet, flag: str = "--generated") -> Generated
         prompts=[generated.prompts[i] for i in rows], sex=generated.sex[rows], age=generated.age[rows],
         heart_rate=generated.heart_rate[rows],
         text_embedding=None if generated.text_embedding is None else generated.text_embedding[rows], skipped=skipped)
+
+
+def _read_sample_folder(manifest: Path, flag: str) -> GeneratedSet:
+    from diffusets_jax.io.files import read_json
+
+    folder = manifest.parent
+    names = read_json(manifest, "sample manifest").get("npz") or []
+    if not names:
+        raise ValueError(f"{flag} {folder}: this sample run wrote no NPZ (--formats without npz); give its wfdb/ "
+                         "folder instead")
+    parts = [_read_npz(folder / name) for name in names]
+    skipped: dict[str, int] = {}
+    for part in parts:
+        for reason, count in part.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    embeddings = [part.text_embedding for part in parts]
+    return GeneratedSet(np.concatenate([part.ecg for part in parts]), [r for part in parts for r in part.reports],
+                        [p for part in parts for p in part.prompts], np.concatenate([part.sex for part in parts]),
+                        np.concatenate([part.age for part in parts]),
+                        np.concatenate([part.heart_rate for part in parts]),
+                        None if any(e is None for e in embeddings) else np.concatenate(embeddings), str(folder),
+                        skipped)
 
 
 def _read_npz(path: Path) -> GeneratedSet:
