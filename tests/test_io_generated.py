@@ -24,6 +24,7 @@ def test_our_wfdb_records_carry_their_conditions(tmp_path):
     assert got.sex.tolist() == [0, 0, 0] and got.prompts[0].startswith("Most importantly")
     np.testing.assert_allclose(got.ecg, ecgs, atol=0.02)  # 500 Hz and back, 16-bit quantised
     assert sum(got.skipped.values()) == 1
+    assert not got.statements  # a header holds the prompt, not the statements
 
 
 def test_npz_errors_and_conditions(tmp_path):
@@ -32,6 +33,9 @@ def test_npz_errors_and_conditions(tmp_path):
     got = read_generated(tmp_path / "a.npz")
     assert got.reports == [("Sinus rhythm", "Normal ECG"), ("Atrial fibrillation",)]
     assert np.isnan(got.age).all() and got.sex.tolist() == [-1, -1] and got.text_embedding is None
+    assert got.statements
+    np.savez(tmp_path / "prompts.npz", ecg=_ecgs(1), prompt=np.array(["Most importantly, ..."]))
+    assert not read_generated(tmp_path / "prompts.npz").statements
     np.savez(tmp_path / "b.npz", signal=_ecgs(1))
     with pytest.raises(ValueError, match="no 'ecg' array"):
         read_generated(tmp_path / "b.npz")
@@ -66,6 +70,7 @@ def test_a_sample_folder_is_read_from_its_npz_files_in_host_order(tmp_path):
     got = read_generated(folder)
     np.testing.assert_array_equal(got.ecg, np.concatenate([first, second]))  # exact, not 16-bit
     assert got.heart_rate.tolist() == [60.0, 61.0, 70.0, 71.0, 72.0] and got.reports[2] == ("Atrial fibrillation",)
+    assert got.statements  # each NPZ holds a report array: the Turing kit can pair and show them
     (folder / "manifest.json").write_text(json.dumps({**manifest, "npz": []}))
     with pytest.raises(ValueError, match="this sample run wrote no NPZ"):
         read_generated(folder)

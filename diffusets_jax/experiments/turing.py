@@ -113,16 +113,6 @@ def _check_ecg_array(ecg: np.ndarray, where: str) -> np.ndarray:
     return ecg.astype(np.float32)
 
 
-def _stores_statements(path: Path) -> bool:
-    """Whether `read_generated` got each ECG's report statements from `path` (an NPZ's `report` array, a dataset's
-    report_lines) rather than something else: an NPZ with only `prompt`, or WFDB headers (which `sample` fills with
-    the prompt), give the prompt as if it were one statement, which would never pair with a record's report."""
-    if path.is_dir():
-        return (path / "dataset_info.json").is_file()
-    with np.load(path, allow_pickle=False) as data:  # read_generated has already opened it
-        return "report" in data.files
-
-
 def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
     """ECGs and their conditions as `io.generated.read_generated` reads them, on the 1024-sample time base.
 
@@ -137,10 +127,11 @@ def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
     flag = "--generated" if generated else "--real"
     read = read_generated(path, flag)
     path = Path(path)
-    statements = _stores_statements(path)
+    statements = read.statements
     if generated and not statements:
         raise ValueError(f"{flag} {path}: does not store each ECG's report statements (a WFDB header or a 'prompt' "
-                         "array holds the prompt only): give the samples.npz that `diffusets-jax sample` wrote")
+                         "array holds the prompt only): give the folder or samples.npz that `diffusets-jax sample` "
+                         "wrote")
     conditions: list[dict[str, Any] | None] = []
     for i, report in enumerate(read.reports):
         sex, age, heart_rate = int(read.sex[i]), float(read.age[i]), float(read.heart_rate[i])

@@ -45,6 +45,9 @@ class GeneratedSet:
     text_embedding: np.ndarray | None
     source: str
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Whether `reports` are each ECG's report statements (an NPZ's `report`, a dataset's report_lines), not a prompt
+    # standing in for one (an NPZ with only `prompt`; WFDB headers, which `sample` fills with the prompt).
+    statements: bool = False
 
 
 def _to_time_base(ecg: np.ndarray, where: str) -> np.ndarray:
@@ -126,7 +129,7 @@ def _read_sample_folder(manifest: Path, flag: str) -> GeneratedSet:
                         np.concatenate([part.age for part in parts]),
                         np.concatenate([part.heart_rate for part in parts]),
                         None if any(e is None for e in embeddings) else np.concatenate(embeddings), str(folder),
-                        skipped)
+                        skipped, statements=all(part.statements for part in parts))
 
 
 def _read_npz(path: Path) -> GeneratedSet:
@@ -157,7 +160,7 @@ def _read_npz(path: Path) -> GeneratedSet:
         (0, ECG_LENGTH, NUM_LEADS), np.float32)
     return GeneratedSet(ecgs.astype(np.float32), reports, prompts, sex, age, hr,
                         np.asarray(data["text_embedding"], np.float32) if "text_embedding" in data else None,
-                        str(path))
+                        str(path), statements="report" in data)
 
 
 def _read_wfdb(folder: Path, records: list[Path], flag: str) -> GeneratedSet:
@@ -217,5 +220,5 @@ def _read_dataset(folder: Path, flag: str) -> GeneratedSet:
         np.asarray(columns["age"], np.float64) if columns["age"] else np.full(n, np.nan),
         np.asarray(columns["heart_rate"], np.float64) if columns["heart_rate"] else np.full(n, np.nan),
         np.stack(columns["text_embedding"]).astype(np.float32) if columns["text_embedding"] else None,
-        str(folder))
+        str(folder), statements=bool(columns["report_lines"]))
 
