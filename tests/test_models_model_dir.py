@@ -97,6 +97,26 @@ def test_a_training_run_replaces_only_its_own_export(parts, tmp_path):
     assert (tmp_path / "u" / "clip" / "notes.txt").read_text() == "mine"
 
 
+def test_a_users_folder_is_not_made_a_model_directory(parts, tmp_path):
+    """`train --model-dir` or `convert --out` naming a folder of the user's wrote model_index.json and vae/ in among
+    their files, at the end of the training; the folder is now refused at the start, with or without --overwrite."""
+    vae, vae_vars, _, _ = parts
+    users = tmp_path / "thesis"
+    users.mkdir()
+    (users / "thesis.tex").write_text("years of work")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"--model-dir .*thesis is not a model directory and holds other files "
+                                             r"\(thesis.tex\)"):
+            model_dirs.check_component_writable(users, "vae", overwrite=overwrite)
+        with pytest.raises(ValueError, match="is not a model directory"):
+            model_dirs.write_component(users, "vae", vae, vae_vars, provenance={}, overwrite=overwrite)
+    assert sorted(p.name for p in users.iterdir() if not p.name.startswith(".")) == ["thesis.tex"]
+    (tmp_path / "empty").mkdir()
+    model_dirs.write_component(tmp_path / "empty", "vae", vae, vae_vars, provenance={})  # new or empty: ours
+    (tmp_path / "empty" / "README.md").write_text("notes on this model")  # a model directory may hold anything
+    model_dirs.check_component_writable(tmp_path / "empty", "clip")
+
+
 def test_index_errors_name_the_file(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="is not a diffusets-jax model index"):

@@ -145,6 +145,20 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def check_model_folder(directory: str | os.PathLike, flag: str = "--model-dir") -> None:
+    """Refuse to add a component to a folder of the user's: one that exists, holds no model index and has entries no
+    model directory has (a thesis, a dataset). A model directory may hold anything once it has its index."""
+    directory = Path(directory)
+    if not directory.is_dir() or (directory / MODEL_INDEX).exists() or (directory / LEGACY_GENERATION_META).exists():
+        return
+    ours = {*COMPONENTS, MODEL_INDEX, LEGACY_GENERATION_META}
+    foreign = sorted(p.name for p in directory.iterdir() if p.name not in ours and not p.name.startswith("."))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ValueError(f"{flag} {directory} is not a model directory and holds other files ({shown}): give a new "
+                         "or empty folder, or an existing model directory")
+
+
 def check_component_writable(directory: str | os.PathLike, name: str, *, workdir: str | os.PathLike | None = None,
                              overwrite: bool = False, flag: str = "--model-dir") -> None:
     """Refuse to write component `name` over a folder this command did not make: one line, before any work.
@@ -154,6 +168,7 @@ def check_component_writable(directory: str | os.PathLike, name: str, *, workdir
     legacy one and a folder the index does not list are the user's.
     """
     directory = Path(directory)
+    check_model_folder(directory, flag)
     if overwrite or not (directory / name).exists():
         return
     entry = read_index(directory).components.get(name)
