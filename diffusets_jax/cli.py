@@ -719,6 +719,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.labels and (not args.model_dir or len(args.labels) != len(args.model_dir)):
         raise ValueError(f"--labels: give one label per --model-dir ({len(args.model_dir or [])}), got {len(args.labels)}")
     proto = ev.protocol(args.protocol)
+    from diffusets_jax.data.card import card_fingerprint
+
     builder = ev.ecg_dataset(args.dataset, args.data_dir)  # a wrong dataset or split fails before any model
     if args.split not in builder.info.splits and args.split != "all":
         raise ValueError(f"--split {args.split}: dataset {args.dataset} has no such split; it has "
@@ -734,12 +736,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
     common = {"dataset": os.path.abspath(args.dataset), "split": args.split, "limit": args.limit,
               "protocol": proto.name, "rules": None if rules is None else [r.name for r in rules.rules],
-              "clip": os.path.abspath(args.clip or args.model_dir[0]), "n_boot": args.n_boot}
+              "clip": os.path.abspath(args.clip or args.model_dir[0]), "n_boot": args.n_boot,
+              "dataset_card": card_fingerprint(builder)}  # a dataset prepared again here is another input
     if args.generated:
-        from diffusets_jax.io.generated import finite_only, read_generated
+        from diffusets_jax.io.generated import finite_only, read_generated, source_fingerprint
 
         generated = finite_only(read_generated(args.generated))  # a set with no finite ECG: refused before --out
-        settings = {**common, "generated": os.path.abspath(args.generated)}
+        settings = {**common, "generated": os.path.abspath(args.generated),
+                    "generated_content": source_fingerprint(args.generated)}
         with output_dir(args.out, command="evaluate", settings=settings, overwrite=args.overwrite) as run:
             report = ev.evaluate_generated(generated, clip, args.dataset, args.split, run.path, proto=proto,
                                            data_dir=args.data_dir, limit=args.limit, rules=rules, n_boot=args.n_boot,

@@ -116,3 +116,23 @@ def test_reconstruct_eval_refuses_bad_settings_before_loading(tmp_path, capsys):
     assert exit_code([*args, "--particles", "0"]) == 2
     assert "argument --particles: must be a whole number >= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_prepared_again_at_the_same_path_is_another_input(dataset, tmp_path, capsys):
+    """The finished run was recognised by the dataset's path alone: after `prepare --overwrite` rebuilt it from other
+    records, the same command returned the old report. The dataset card's fingerprint is now in the settings."""
+    import json
+    import shutil
+
+    from diffusets_jax.data.card import CARD_FILE
+
+    copy = shutil.copytree(dataset.data_dir, tmp_path / "dataset")
+    out = tmp_path / "out"
+    args = ["reconstruct-eval", "--dataset", str(copy), "--out", str(out), "--limit", "4", "--train-limit", "8",
+            "--n-boot", "20"]
+    assert main(args) == 0 and main(args) == 0  # the finished run, returned
+    card = json.loads((copy / CARD_FILE).read_text())
+    (copy / CARD_FILE).write_text(json.dumps({**card, "derived_from": {"records_fingerprint": "another build"}}))
+    capsys.readouterr()
+    assert exit_code(args) == 2
+    assert "holds an earlier reconstruct-eval run with other settings (dataset_card: " in capsys.readouterr().err

@@ -74,3 +74,21 @@ def test_a_sample_folder_is_read_from_its_npz_files_in_host_order(tmp_path):
     (folder / "manifest.json").write_text(json.dumps({**manifest, "npz": []}))
     with pytest.raises(ValueError, match="this sample run wrote no NPZ"):
         read_generated(folder)
+
+
+def test_the_source_fingerprint_follows_the_content_not_the_path(tmp_path):
+    """What a run records of its --generated / --real input: samples written again at the same path are another
+    input. A file is its bytes; a folder its files' names and bytes (hidden run records aside)."""
+    from diffusets_jax.io.generated import source_fingerprint
+
+    np.savez(tmp_path / "a.npz", ecg=_ecgs(1, seed=1))
+    first = source_fingerprint(tmp_path / "a.npz")
+    np.savez(tmp_path / "a.npz", ecg=_ecgs(1, seed=2))
+    assert source_fingerprint(tmp_path / "a.npz") != first
+    folder = tmp_path / "wfdb"
+    write_records(folder, _ecgs(2), ["s0", "s1"], [{}, {}])
+    before = source_fingerprint(folder)
+    (folder / ".diffusets-run.json").write_text("{}")  # a run record is not content
+    assert source_fingerprint(folder) == before
+    write_records(folder, _ecgs(2, seed=3), ["s0", "s1"], [{}, {}])
+    assert source_fingerprint(folder) != before

@@ -97,6 +97,15 @@ def _legacy_prepared_card(builder: Any) -> dict[str, Any] | None:
             "conditioning": conditioning.to_json(), "derived_from": {}, "legacy": True}
 
 
+def card_fingerprint(builder: Any) -> str:
+    """What identifies one build of a dataset (a loaded builder or a dataset directory): the fingerprint of its card,
+    which every build writes anew (its records, conditioning, upstream and time). Runs that read a dataset put it in
+    their settings, so a dataset prepared again at the same path is another input, not a resume of the old one."""
+    from diffusets_jax.io.run_dir import fingerprint
+
+    return fingerprint(read_card(builder))
+
+
 def dataset_reference(builder: Any, split: str | None = None) -> dict[str, Any]:
     """What a model records about the dataset it was trained on: name, config, version, kind, path, split and its
     example count, and the dataset's own upstream provenance (`derived_from`)."""

@@ -527,7 +527,7 @@ def diagnose(model_dir: str | os.PathLike, latents: str | os.PathLike, out_dir: 
     """Diagnose the U-Net of `model_dir` on the first `n` examples of `split` of the latent dataset `latents`;
     write report.json, report.md and diagnose.png into `out_dir` (claimed with `io.run_dir.output_dir`: rerunning
     the same diagnosis returns the finished report). Returns the report."""
-    from diffusets_jax.data.card import dataset_reference
+    from diffusets_jax.data.card import card_fingerprint, dataset_reference
     from diffusets_jax.io.run_dir import output_dir
     from diffusets_jax.models import model_dir as model_dirs
     from diffusets_jax.provenance import stamp
@@ -545,7 +545,7 @@ def diagnose(model_dir: str | os.PathLike, latents: str | os.PathLike, out_dir: 
     components = {name: {k: entry.get(k) for k in ("uid", "vae_uid") if k in entry}
                   for name, entry in index.components.items()}
     settings = {"model_dir": os.path.abspath(model_dir), "components": components,
-                "latents": os.path.abspath(latents), "split": split, "n": n, "timesteps": list(inputs.timesteps),
+                "latents": os.path.abspath(latents), "latents_card": card_fingerprint(inputs.builder), "split": split, "n": n, "timesteps": list(inputs.timesteps),
                 "seed": seed, "batch_size": batch_size, "sampler": dataclasses.asdict(sampler), "tolerance": tolerance}
     with output_dir(out_dir, command="diagnose", settings=settings, overwrite=overwrite) as run:
         if run.complete and (run.path / REPORT_JSON).is_file():

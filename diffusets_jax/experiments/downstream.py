@@ -429,11 +429,13 @@ def settings_of(*, dataset: str | os.PathLike, data_dir: str | os.PathLike | Non
                 generation_batch_size: int) -> dict[str, Any]:
     """Everything that determines the report (the output folder's fingerprint)."""
     from diffusets_jax.config import config_to_dict
+    from diffusets_jax.data.card import card_fingerprint
 
     config_dict = config_to_dict(config)
     config_dict["train"].pop("progress_bar", None)  # how it looks, not what it computes: --no-progress may resume
     settings: dict[str, Any] = {
         "dataset": os.path.abspath(dataset), "data_dir": None if data_dir is None else os.path.abspath(data_dir),
+        "dataset_card": card_fingerprint(dataset),  # another build at this path is another input, not a resume
         "tasks": [r.to_json() for r in rules.rules], "skip_reports_with": list(rules.skip_reports_with),
         "arms": list(arms), "seeds": int(seeds), "ratio": float(ratio),
         "minority_fraction": float(minority_fraction), "resplit": None if resplit is None else list(resplit),
@@ -456,7 +458,8 @@ def settings_of(*, dataset: str | os.PathLike, data_dir: str | os.PathLike | Non
                              f"{sorted(corpus_builder.info.splits)}); give the folder `sample --corpus` wrote")
         card = read_card(os.fspath(generated_corpus))
         settings["generated_corpus"] = {"path": os.path.abspath(generated_corpus), "splits": card.get("splits"),
-                                        "derived_from": card.get("derived_from", {})}
+                                        "derived_from": card.get("derived_from", {}),
+                                        "card": card_fingerprint(corpus_builder)}
     return settings
 
 

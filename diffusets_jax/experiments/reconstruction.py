@@ -236,10 +236,12 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if not (np.isfinite(noise_std) and noise_std > 0):
         raise ValueError(f"--noise-std must be > 0 mV, got {noise_std}")
+    from diffusets_jax.data.card import card_fingerprint
     from diffusets_jax.experiments.evaluate import ecg_dataset, load_split
 
-    ecg_dataset(dataset, data_dir)  # another kind of dataset is refused before --out is claimed
+    builder = ecg_dataset(dataset, data_dir)  # another kind of dataset is refused before --out is claimed
     settings = {"model_dir": None if model_dir is None else os.path.abspath(model_dir), "dataset": os.fspath(dataset),
+                "dataset_card": card_fingerprint(builder),  # another build at this path: not this finished run
                 "data_dir": None if data_dir is None else os.path.abspath(data_dir), "train_split": train_split,
                 "test_split": test_split, "limit": limit, "train_limit": train_limit, "steps": steps,
                 "particles": particles, "noise_std": noise_std, "batch_size": batch_size, "seed": seed, "n_boot": n_boot}

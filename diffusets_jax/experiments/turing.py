@@ -56,7 +56,6 @@ from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, report_lines
 from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
 from diffusets_jax.ecg.units import finite_ecgs
 from diffusets_jax.io.files import (
-    file_sha256,
     read_json,
     write_bytes_atomic,
     write_json_atomic,
@@ -122,7 +121,7 @@ def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
     them. Real ECGs: the same, an NPZ with only `ecg`, or a folder of WFDB records; conditions are optional (a
     record whose conditions are unknown, or not given as statements, is never paired).
     """
-    from diffusets_jax.io.generated import read_generated
+    from diffusets_jax.io.generated import read_generated, source_fingerprint
 
     flag = "--generated" if generated else "--real"
     read = read_generated(path, flag)
@@ -143,7 +142,7 @@ def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
             conditions.append(None)
             continue
         conditions.append(_condition(report, sex, age, heart_rate, where=f"{flag} {path.name} [{i}]"))
-    source = {"path": str(path.resolve()), "sha256": file_sha256(path) if path.is_file() else None}
+    source = {"path": str(path.resolve()), "sha256": source_fingerprint(path)}
     return EcgSet(_check_ecg_array(read.ecg, f"{flag} {path.name}"), conditions, source)
 
 
@@ -160,8 +159,12 @@ def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str 
         for i, (lines, sex, age, hr) in enumerate(zip(columns["report_lines"], columns["sex"], columns["age"],
                                                      columns["heart_rate"], strict=True))
     ]
+    from diffusets_jax.data.card import card_fingerprint
+    from diffusets_jax.experiments.evaluate import ecg_dataset
+
     return EcgSet(ecg, conditions, {"dataset": os.fspath(dataset), "split": split,
-                                    "data_dir": None if data_dir is None else os.fspath(data_dir), "limit": limit})
+                                    "data_dir": None if data_dir is None else os.fspath(data_dir), "limit": limit,
+                                    "card": card_fingerprint(ecg_dataset(dataset, data_dir))})
 
 
 def _condition_key(condition: Mapping[str, Any] | None) -> tuple | None:

@@ -92,6 +92,29 @@ def read_generated(path: str | os.PathLike, flag: str = "--generated") -> Genera
                      "(dataset_info.json); give one of those")
 
 
+def source_fingerprint(path: str | os.PathLike) -> str:
+    """What identifies the content `read_generated(path)` reads, for a run's settings: a file's SHA-256; a dataset's
+    card fingerprint (rewritten by every build); another folder's SHA-256 over its files' names and bytes (hidden
+    files aside). Samples written again at the same path are then another input, not the finished run's."""
+    import hashlib
+
+    from diffusets_jax.io.files import file_sha256
+
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    if (path / "dataset_info.json").is_file():
+        from diffusets_jax.data.card import card_fingerprint
+
+        return card_fingerprint(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path)
+        if not any(part.startswith(".") for part in relative.parts):
+            digest.update(f"{relative.as_posix()}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
 def finite_only(generated: GeneratedSet, flag: str = "--generated") -> GeneratedSet:
     """`generated` without its ECGs that have NaN or inf samples (failed generations: no metric is defined on
     them), counted under `skipped` as a WFDB folder's are when read; one line if none is left."""
