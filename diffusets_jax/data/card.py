@@ -101,9 +101,14 @@ def card_fingerprint(builder: Any) -> str:
     """What identifies one build of a dataset (a loaded builder or a dataset directory): the fingerprint of its card,
     which every build writes anew (its records, conditioning, upstream and time). Runs that read a dataset put it in
     their settings, so a dataset prepared again at the same path is another input, not a resume of the old one."""
+    from diffusets_jax.io.files import file_sha256
     from diffusets_jax.io.run_dir import fingerprint
 
-    return fingerprint(read_card(builder))
+    directory = Path(os.fspath(builder if isinstance(builder, str | os.PathLike) else builder.data_dir))
+    if (directory / CARD_FILE).is_file():
+        return fingerprint(read_card(builder))
+    # No card (prepared before cards, or by another tool): TFDS's own record of the build, rewritten with it.
+    return file_sha256(directory / "dataset_info.json")
 
 
 def dataset_reference(builder: Any, split: str | None = None) -> dict[str, Any]:
