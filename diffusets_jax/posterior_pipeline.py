@@ -22,6 +22,7 @@ and per-batch noise `fold_in(PRNGKey(seed), batch)`) whose batches run the poste
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -89,7 +90,10 @@ class ReferenceTask:
 
     def describe(self) -> dict[str, Any]:
         """The task for manifests and run fingerprints (JSON-ready)."""
-        return {"record": os.path.abspath(self.reference.source), "fs": self.reference.fs, "mode": self.mode,
+        # The recording by content too: another recording saved under the same name is another input, not a resume.
+        content = hashlib.sha256(np.ascontiguousarray(self.reference.ecg, np.float32).tobytes()).hexdigest()
+        return {"record": os.path.abspath(self.reference.source), "record_content": content, "fs": self.reference.fs,
+                "mode": self.mode,
                 "usable_leads": list(self.reference.leads), "excluded_leads": dict(self.reference.excluded),
                 "observed_leads": list(self.observe), "observed_window_s": None if self.window is None else list(self.window),
                 "noise_std_mv": self.noise_std if self.observe else None, "drift": self.drift if self.observe else None,

@@ -135,3 +135,18 @@ def test_bad_reference_requests_fail_in_one_line_before_the_model_loads(bad_reco
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "model directory" not in err and not out.exists()
+
+
+def test_a_task_records_its_recording_by_content(tmp_path):
+    """The run fingerprint named the recording by path only: another recording saved under the same name and the
+    same command resumed the old run's batches beside the new recording's."""
+    from diffusets_jax.posterior_pipeline import reference_task
+
+    record = _write_record(tmp_path, "patient01")
+    first = reference_task(record, observe="I").describe()
+    wfdb.wrsamp("patient01", fs=500.0, units=["mV"] * 12, sig_name=list(STANDARD_LEADS),
+                p_signal=0.5 * np.sin(np.linspace(0, 80, 5000))[:, None] * np.ones((1, 12)), fmt=["16"] * 12,
+                adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(tmp_path))
+    second = reference_task(record, observe="I").describe()
+    assert first["record"] == second["record"] and first["record_content"] != second["record_content"]
+    assert reference_task(record, observe="I").describe() == second  # the same recording, the same settings
