@@ -55,6 +55,34 @@ def test_train_clip_cli_end_to_end_then_resume_and_export(tmp_path):
     position = manager.restore(6, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
     manager.close()
     assert position["step"] == 6 and position["examples_seen"] == 48
+    assert json.loads((workdir / "dataset_build.json").read_text())["dataset"] == str(Path(builder.data_dir).resolve())
+
+
+def test_a_training_does_not_resume_on_another_build_of_its_dataset(tmp_path):
+    """The run's fingerprint names the dataset by path: after `prepare` or `encode` wrote it again there, a resumed
+    run would have gone on with other examples. The build (its card's fingerprint) is recorded in the workdir."""
+    from types import SimpleNamespace
+
+    from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+    from diffusets_jax.data.card import write_card
+    from diffusets_jax.train.run import DATASET_BUILD_FILE, check_same_dataset_build
+
+    dataset, workdir = tmp_path / "dataset", tmp_path / "run"
+    dataset.mkdir()
+    workdir.mkdir()
+
+    def build(records: str) -> SimpleNamespace:
+        write_card(dataset, kind="prepared", name="tiny", config=None, version="1.0.0", splits={"train": 4},
+                   conditioning=ConditioningSpec(EmbedderSpec("openai", "fake", 8), "ordered"),
+                   derived_from={"records_fingerprint": records})
+        return SimpleNamespace(data_dir=str(dataset))
+
+    first = build("first")
+    check_same_dataset_build(workdir, first, "DS")  # a new run records its build
+    assert (workdir / DATASET_BUILD_FILE).is_file()
+    check_same_dataset_build(workdir, first, "DS")  # resuming on the same build
+    with pytest.raises(ValueError, match=r"holds a training on another build of DS .*new --workdir.*--overwrite"):
+        check_same_dataset_build(workdir, build("second"), "DS")
 
 
 @pytest.mark.parametrize("key,value,expected", [

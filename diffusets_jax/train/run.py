@@ -261,6 +261,7 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     task = make_task(model, config, num_steps)
     check_dataset_fits_model(task.model, builder, config.data.dataset)
     with output_dir(workdir, command=command, settings=settings, overwrite=overwrite, flag="--workdir") as run:
+        check_same_dataset_build(run.path, builder, config.data.dataset)
         result = train(task, config, run.path, train_batches, val_batches, mesh)
         if not result.preempted:
             if jax.process_index() == 0:
@@ -269,6 +270,27 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
                              overwrite=overwrite)
             run.mark_complete(step=result.step)
     return result
+
+
+DATASET_BUILD_FILE = "dataset_build.json"  # in the workdir: which build of the dataset this run trains on
+
+
+def check_same_dataset_build(workdir: Path, builder: Any, dataset: str) -> None:
+    """Refuse to resume a training on another build of its dataset (prepared or encoded again at the same path):
+    the run's fingerprint names the dataset by path, and its checkpoints would go on with other examples. The
+    build is the dataset card's fingerprint, recorded in the workdir when the run starts (a run begun before this
+    record existed gets it on its next resume)."""
+    from diffusets_jax.data.card import card_fingerprint
+    from diffusets_jax.io.files import read_json, write_json_atomic
+
+    current, record = card_fingerprint(builder), Path(workdir) / DATASET_BUILD_FILE
+    if record.is_file():
+        if read_json(record, "dataset build record").get("card") != current:
+            raise ValueError(f"--workdir {workdir} holds a training on another build of {dataset} (its dataset card "
+                             "changed: prepared or encoded again at that path): train into a new --workdir, or pass "
+                             "--overwrite to start over on this build")
+    elif jax.process_index() == 0:
+        write_json_atomic(record, {"dataset": str(Path(builder.data_dir).resolve()), "card": current})
 
 
 def _dataset_provenance(model: str, builder: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
