@@ -311,19 +311,24 @@ CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
+def typed_flags(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Action]]:
+    """(command, action) of every flag with a type, in every command."""
+    found = []
+    for action in parser._actions:
+        if action.type is not None:
+            found.append((parser.prog, action))
+        for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            found += typed_flags(sub)
+    return found
+
+
 def test_every_non_integer_flag_refuses_nan_and_inf():
     """Python's float() reads "nan" and "inf", which no range check refuses (`nan <= 0` is false): a NaN guidance
     scale or WFDB rate sampled for minutes, then wrote no usable ECG. So every such flag of every command parses
     with `finite_float`."""
     from diffusets_jax.cli import build_parser, finite_float
 
-    def actions(parser):
-        for action in parser._actions:
-            yield parser.prog, action
-            for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
-                yield from actions(sub)
-
-    typed = [(prog, action) for prog, action in actions(build_parser()) if action.type is not None]
+    typed = typed_flags(build_parser())
     assert not [(prog, action.dest) for prog, action in typed if action.type is float]
     assert len([a for _, a in typed if a.type is finite_float]) >= 16
     assert finite_float("0.5") == 0.5 and finite_float("-3") == -3.0
@@ -337,13 +342,7 @@ def test_every_integer_flag_has_a_range_where_it_is_read():
     `seed_int`), never bare `int`: commands had each checked their own flags, and some let 0 or -2 through."""
     from diffusets_jax.cli import build_parser, non_negative_int, positive_int, seed_int
 
-    def actions(parser):
-        for action in parser._actions:
-            yield parser.prog, action
-            for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
-                yield from actions(sub)
-
-    typed = [(prog, action) for prog, action in actions(build_parser()) if action.type is not None]
+    typed = typed_flags(build_parser())
     assert not [(prog, action.dest) for prog, action in typed if action.type is int]
     assert len([a for _, a in typed if a.type is positive_int]) >= 40
     assert positive_int("3") == 3 and non_negative_int("0") == 0 and seed_int("0") == 0
