@@ -71,6 +71,14 @@ def test_a_sample_folder_is_read_from_its_npz_files_in_host_order(tmp_path):
     np.testing.assert_array_equal(got.ecg, np.concatenate([first, second]))  # exact, not 16-bit
     assert got.heart_rate.tolist() == [60.0, 61.0, 70.0, 71.0, 72.0] and got.reports[2] == ("Atrial fibrillation",)
     assert got.statements  # each NPZ holds a report array: the Turing kit can pair and show them
+    from diffusets_jax.io.generated import source_fingerprint
+
+    before = source_fingerprint(folder)
+    (folder / "plots").mkdir()
+    (folder / "plots" / "sample_00000.png").write_bytes(b"\x89PNG")  # not what is read
+    assert source_fingerprint(folder) == before
+    np.savez(folder / "samples-00001-of-00002.npz", ecg=second * 2)
+    assert source_fingerprint(folder) != before
     (folder / "manifest.json").write_text(json.dumps({**manifest, "npz": []}))
     with pytest.raises(ValueError, match="this sample run wrote no NPZ"):
         read_generated(folder)

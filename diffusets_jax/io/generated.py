@@ -94,11 +94,13 @@ def read_generated(path: str | os.PathLike, flag: str = "--generated") -> Genera
 
 def source_fingerprint(path: str | os.PathLike) -> str:
     """What identifies the content `read_generated(path)` reads, for a run's settings: a file's SHA-256; a dataset's
-    card fingerprint (rewritten by every build); another folder's SHA-256 over its files' names and bytes (hidden
-    files aside). Samples written again at the same path are then another input, not the finished run's."""
+    card fingerprint (rewritten by every build); a `sample` folder's NPZ files; another folder's files, names and
+    bytes (hidden files aside). Samples written again at the same path are then another input, not the finished
+    run's."""
     import hashlib
 
-    from diffusets_jax.io.files import file_sha256
+    from diffusets_jax.io.files import file_sha256, read_json
+    from diffusets_jax.io.outputs import MANIFEST
 
     path = Path(path)
     if path.is_file():
@@ -107,11 +109,14 @@ def source_fingerprint(path: str | os.PathLike) -> str:
         from diffusets_jax.data.card import card_fingerprint
 
         return card_fingerprint(path)
+    if (path / MANIFEST).is_file():  # what is read, not the PNGs and WFDB records beside it
+        files = [path / name for name in read_json(path / MANIFEST, "sample manifest").get("npz") or []]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        relative = file.relative_to(path)
-        if not any(part.startswith(".") for part in relative.parts):
-            digest.update(f"{relative.as_posix()}\0{file_sha256(file)}\n".encode())
+    for file in files:
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
     return digest.hexdigest()
 
 
