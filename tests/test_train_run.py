@@ -144,3 +144,15 @@ def test_latents_of_another_vae_are_refused_by_their_channels():
         check_dataset_fits_model(unet, latent_dataset(8, 16), "LAT")
     with pytest.raises(ValueError, match="text_dim is 16: set --config.model.text_dim=1536"):
         check_dataset_fits_model(unet, latent_dataset(4, 1536), "LAT")
+
+
+def test_the_model_directory_and_the_workdir_must_not_overlap(tmp_path):
+    """Refused at the start, not when the export finds the folder taken at the end of the training."""
+    from diffusets_jax.train.run import check_apart
+
+    work = tmp_path / "runs" / "vae"
+    check_apart(work / "model", work)  # WORKDIR/model, the default given explicitly
+    check_apart(tmp_path / "models" / "demo", work)
+    for model_dir in (work, tmp_path / "runs", work / "checkpoints"):
+        with pytest.raises(ValueError, match=r"--model-dir .* overlaps --workdir .*leave --model-dir out"):
+            check_apart(model_dir, work)

@@ -223,6 +223,7 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     own_model_dir = model_dir is None  # the default, WORKDIR/model, lives and is replaced with the workdir
     model_dir = Path(model_dir) if model_dir is not None else Path(workdir) / MODEL_DIR_NAME
     check_output_path(model_dir, "--model-dir")
+    check_apart(model_dir, workdir)
     model_dirs.check_component_writable(model_dir, model, workdir=workdir, overwrite=overwrite)
     builder = _load_dataset(model, config)
     splits = builder.info.splits
@@ -270,6 +271,18 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
                              overwrite=overwrite)
             run.mark_complete(step=result.step)
     return result
+
+
+def check_apart(model_dir: Path, workdir: str | Path) -> None:
+    """The model directory and the workdir must not overlap (WORKDIR/model aside): the export would otherwise land
+    among the run's checkpoints (`--model-dir` = the workdir) or its component folder be the workdir itself
+    (`--model-dir runs --workdir runs/vae`), refused only at the end of the training."""
+    work, model = Path(workdir).resolve(), Path(model_dir).resolve()
+    if model == work / MODEL_DIR_NAME:
+        return
+    if model == work or work.is_relative_to(model) or model.is_relative_to(work):
+        raise ValueError(f"--model-dir {model_dir} overlaps --workdir {workdir}: give a folder outside it, or leave "
+                         f"--model-dir out for WORKDIR/{MODEL_DIR_NAME}")
 
 
 DATASET_BUILD_FILE = "dataset_build.json"  # in the workdir: which build of the dataset this run trains on
