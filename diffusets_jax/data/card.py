@@ -12,12 +12,13 @@ Datasets prepared before cards existed are still read: their builder config (nam
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
-from diffusets_jax.io.files import read_json, write_json_atomic
+from diffusets_jax.io.files import json_text, read_json, write_json_atomic
 from diffusets_jax.provenance import stamp
 
 CARD_FILE = "diffusets_dataset.json"
@@ -39,8 +40,18 @@ def write_card(directory: str | os.PathLike, *, kind: str, name: str, config: st
     card = {"format": CARD_FORMAT, "format_version": CARD_VERSION, "kind": kind, "name": name, "config": config,
             "version": str(version), "splits": {k: int(v) for k, v in splits.items()},
             "conditioning": conditioning.to_json(), "derived_from": derived_from or {}, **details, **stamp()}
-    write_json_atomic(Path(directory) / CARD_FILE, card)
+    path = Path(directory) / CARD_FILE
+    if path.is_file():  # a resumed run finishing the same dataset: the card, and so the build's identity, stays
+        existing = read_json(path, "dataset card")
+        if _without_stamp(existing) == _without_stamp(json.loads(json_text(card))):
+            return existing
+    write_json_atomic(path, card)
     return card
+
+
+def _without_stamp(card: Any) -> Any:
+    """A card without when and by which code it was written (`provenance.stamp`)."""
+    return {k: v for k, v in card.items() if k not in ("created", "code")} if isinstance(card, dict) else card
 
 
 def read_card(builder: Any) -> dict[str, Any]:
@@ -99,7 +110,8 @@ def _legacy_prepared_card(builder: Any) -> dict[str, Any] | None:
 
 def card_fingerprint(builder: Any) -> str:
     """What identifies one build of a dataset (a loaded builder or a dataset directory): the fingerprint of its card,
-    which every build writes anew (its records, conditioning, upstream and time). Runs that read a dataset put it in
+    which every build writes anew (its records, conditioning, upstream and time; a resumed build that ends with the
+    same card keeps the old one, `write_card`). Runs that read a dataset put it in
     their settings, so a dataset prepared again at the same path is another input, not a resume of the old one."""
     from diffusets_jax.io.files import file_sha256
     from diffusets_jax.io.run_dir import fingerprint
