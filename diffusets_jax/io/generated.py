@@ -79,11 +79,8 @@ def read_generated(path: str | os.PathLike, flag: str = "--generated") -> Genera
         return _read_npz(path)
     if path.is_dir() and (path / "dataset_info.json").is_file():
         return _read_dataset(path, flag)
-    # Imported here: io.outputs imports JAX, which reading NPZs does not need.
-    from diffusets_jax.io.outputs import MANIFEST
-
-    if path.is_dir() and (path / MANIFEST).is_file():
-        return _read_sample_folder(path / MANIFEST, flag)
+    if path.is_dir() and (npz_files := _sample_npz_files(path)) is not None:
+        return _read_sample_folder(path, npz_files, flag)
     if path.is_dir():
         records = sorted(p.with_suffix("") for p in path.rglob("*.hea"))
         if records:
@@ -99,8 +96,7 @@ def source_fingerprint(path: str | os.PathLike) -> str:
     run's."""
     import hashlib
 
-    from diffusets_jax.io.files import file_sha256, read_json
-    from diffusets_jax.io.outputs import MANIFEST
+    from diffusets_jax.io.files import file_sha256
 
     path = Path(path)
     if path.is_file():
@@ -109,9 +105,7 @@ def source_fingerprint(path: str | os.PathLike) -> str:
         from diffusets_jax.data.card import card_fingerprint
 
         return card_fingerprint(path)
-    if (path / MANIFEST).is_file():  # what is read, not the PNGs and WFDB records beside it
-        files = [path / name for name in read_json(path / MANIFEST, "sample manifest").get("npz") or []]
-    else:
+    if (files := _sample_npz_files(path)) is None:  # a sample folder: what is read, not its PNGs and records
         files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
             part.startswith(".") for part in p.relative_to(path).parts))
     digest = hashlib.sha256()
@@ -138,15 +132,22 @@ def finite_only(generated: GeneratedSet, flag: str = "--generated") -> Generated
         text_embedding=None if generated.text_embedding is None else generated.text_embedding[rows], skipped=skipped)
 
 
-def _read_sample_folder(manifest: Path, flag: str) -> GeneratedSet:
+def _sample_npz_files(folder: Path) -> list[Path] | None:
+    """The NPZ files a `sample` output folder's manifest lists (every host's, in order); None for another folder.
+    io.outputs is imported here: it imports JAX, which reading NPZs does not need."""
     from diffusets_jax.io.files import read_json
+    from diffusets_jax.io.outputs import MANIFEST
 
-    folder = manifest.parent
-    names = read_json(manifest, "sample manifest").get("npz") or []
-    if not names:
+    if not (folder / MANIFEST).is_file():
+        return None
+    return [folder / name for name in read_json(folder / MANIFEST, "sample manifest").get("npz") or []]
+
+
+def _read_sample_folder(folder: Path, npz_files: list[Path], flag: str) -> GeneratedSet:
+    if not npz_files:
         raise ValueError(f"{flag} {folder}: this sample run wrote no NPZ (--formats without npz); give its wfdb/ "
                          "folder instead")
-    parts = [_read_npz(folder / name) for name in names]
+    parts = [_read_npz(path) for path in npz_files]
     skipped: dict[str, int] = {}
     for part in parts:
         for reason, count in part.skipped.items():
