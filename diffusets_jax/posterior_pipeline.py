@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from diffusets_jax import parallel
+from diffusets_jax.data.records import record_base
 from diffusets_jax.diffusion.observations import (
     DEFAULT_DRIFT_CUTOFF_HZ,
     lead_mask,
@@ -164,7 +165,7 @@ def reference_task(record: str | os.PathLike | Reference, *, observe: str | Sequ
 
 def _read(record: str | os.PathLike, start_s: float | None) -> Reference:
     path = os.fspath(record)
-    base = os.path.splitext(path)[0] if path.endswith((".hea", ".dat", ".mat")) else path
+    base = record_base(path)
     if not os.path.exists(base + ".hea"):
         raise FileNotFoundError(f"--reference {path}: no WFDB header {base}.hea (give the record path without "
                                 "extension, e.g. data/patient01)")

@@ -144,6 +144,15 @@ def check_metadata(candidate: RecordCandidate) -> None:
         raise BadRecord("missing_report", "no report statements")
 
 
+WFDB_EXTENSIONS = (".hea", ".dat", ".mat")  # a record's header and its signal files (format 16, CinC's MATLAB)
+
+
+def record_base(path: str | os.PathLike) -> str:
+    """A WFDB record's path without extension (`dir/NAME`, what wfdb reads), given that or one of its files."""
+    path = os.fspath(path)
+    return os.path.splitext(path)[0] if path.endswith(WFDB_EXTENSIONS) else path
+
+
 def _check_signal_files(header, record_path: str) -> None:  # noqa: ANN001 (a wfdb Record or header)
     """BadRecord if the header is empty, or a signal file it names is missing or shorter than it implies."""
     header_path = record_path + ".hea"

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from diffusets_jax.data.records import FLAT_LEAD_MV, BadRecord, read_record_mv
+from diffusets_jax.data.records import FLAT_LEAD_MV, BadRecord, read_record_mv, record_base
 from diffusets_jax.ecg.leads import STANDARD_LEADS, UnknownLeadError, canonical_lead_name
 from diffusets_jax.ecg.resample import resample_to_length
 from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_SECONDS
@@ -28,7 +28,6 @@ from diffusets_jax.ecg.units import check_millivolts
 MIN_REFERENCE_RATE_HZ = 100.0
 # As in data preparation (`data.records.DecodeOptions`): a whole 10 s recording, within 0.1 s.
 DURATION_TOLERANCE_S = 0.1
-WFDB_EXTENSIONS = (".hea", ".dat", ".mat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +104,7 @@ def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str
 
 def read_reference(record_path: str | os.PathLike, *, start_s: float | None = None) -> Reference:
     """Read a WFDB record (path with or without .hea/.dat/.mat) as a Reference; see `reference_from_array`."""
-    path = os.fspath(record_path)
-    if path.endswith(WFDB_EXTENSIONS):
-        path = os.path.splitext(path)[0]
+    path = record_base(record_path)
     try:
         signal, fs, names = read_record_mv(path)
     except BadRecord as bad:

@@ -204,11 +204,9 @@ def read_record(path: str | os.PathLike) -> EcgRecord:
     """Read a 12-lead WFDB record (ours, MIMIC-IV-ECG, PTB-XL, CinC 2021; `path` with or without extension) into
     standard lead order, mV. Missing samples (NaN) are kept as NaN. ValueError saying what is wrong otherwise:
     damaged files (`data.records.read_wfdb_record`), units other than mV/uV/V, or leads missing from the 12."""
-    from diffusets_jax.data.records import BadRecord, read_wfdb_record
+    from diffusets_jax.data.records import BadRecord, read_wfdb_record, record_base
 
-    path = os.fspath(path)
-    if path.endswith((".hea", ".dat")):
-        path = path[:-4]
+    path = record_base(path)
     try:
         record = read_wfdb_record(path)
     except BadRecord as bad:
