@@ -183,7 +183,7 @@ def _run_embed(args: argparse.Namespace) -> int:
         read_report_prompts,
     )
     from diffusets_jax.io.files import check_input_file
-    from diffusets_jax.io.run_dir import check_output_file, fingerprint
+    from diffusets_jax.io.run_dir import check_output_file, check_reads_apart, fingerprint
 
     # Everything a user can get wrong is checked before a model is loaded or a request is paid for.
     check_input_file(args.input, "--input")
@@ -195,6 +195,8 @@ def _run_embed(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_output_file(args.output, "--output")
         check_output_npz(args.output, output_print, args.overwrite)
+        if args.overwrite:
+            check_reads_apart(args.output, [("--input", args.input), ("--cache", args.cache)], "--output")
     reports = read_report_prompts(args.input, column=args.column, template=args.template)
     if not reports.prompts:  # an empty file or one of another format: say so before an embedder is loaded
         found = (f"all {reports.skipped} records were skipped, e.g. {reports.skipped_examples[0]}" if reports.skipped
@@ -285,7 +287,10 @@ def _run_train(args: argparse.Namespace) -> int:
         exported = export_latest(args.model, config, args.workdir, args.model_dir, overwrite=args.overwrite)
         print(f"train {args.model}: exported {exported}")
         return 0
-    check_output_path(args.workdir, "--workdir", command=f"train {args.model}", overwrite=args.overwrite)
+    # A config file kept in the workdir would go with it; the run's own WORKDIR/config.json is written anew.
+    own_config = Path(args.config).resolve() == (Path(args.workdir) / "config.json").resolve()
+    check_output_path(args.workdir, "--workdir", command=f"train {args.model}", overwrite=args.overwrite,
+                      reads=[] if own_config else [("--config", args.config)])
     result = run_training(args.model, config, args.workdir, args.model_dir, overwrite=args.overwrite)
     if result.preempted:
         print(f"diffusets-jax train: {args.model} preempted (SIGTERM) at step {result.step}, checkpoint saved; rerun "
@@ -378,10 +383,12 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
 
     def handler(args: argparse.Namespace) -> int:
         from diffusets_jax.data import latents
+        from diffusets_jax.data.location import dataset_folder
         from diffusets_jax.io.run_dir import check_output_path
 
         # Before the VAE is loaded: the flags, the output folder and the source dataset.
-        check_output_path(args.out, command="encode", overwrite=args.overwrite)
+        check_output_path(args.out, command="encode", overwrite=args.overwrite, reads=[
+            ("--vae", args.vae), ("--dataset", dataset_folder(args.dataset)), ("--data-dir", args.data_dir)])
         source = latents.check_source(args.dataset, args.data_dir, args.splits)
         apply_fn, variables, vae = latents.load_vae_encoder(args.vae)
         index = latents.encode_dataset(
@@ -574,7 +581,10 @@ def _run_sample(args: argparse.Namespace) -> int:
     from diffusets_jax.io.run_dir import check_output_file, check_output_path
 
     # Everything a user can get wrong is checked before the model is loaded or anything is generated.
-    check_output_path(args.out, command="sample --corpus" if args.corpus else "sample", overwrite=args.overwrite)
+    check_output_path(args.out, command="sample --corpus" if args.corpus else "sample", overwrite=args.overwrite,
+                      reads=[("--model-dir", args.model_dir), ("--conditions", args.conditions),
+                             ("--findings", args.findings), ("--reference", args.reference),
+                             ("--embedding-cache", args.embedding_cache)])
     if args.embedding_cache is not None:
         check_output_file(args.embedding_cache, "--embedding-cache")
     conditions, provenance = _sample_conditions(args)
@@ -709,11 +719,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from diffusets_jax import parallel
+    from diffusets_jax.data.location import dataset_folder
     from diffusets_jax.experiments import evaluate as ev
     from diffusets_jax.io.run_dir import check_output_path, output_dir
 
     # Everything checkable is checked before any model is loaded or anything generated.
-    check_output_path(args.out, command="evaluate", overwrite=args.overwrite)
+    check_output_path(args.out, command="evaluate", overwrite=args.overwrite, reads=[
+        *(("--model-dir", d) for d in args.model_dir or ()), ("--generated", args.generated),
+        ("--dataset", dataset_folder(args.dataset)), ("--data-dir", args.data_dir), ("--clip", args.clip), ("--rules", args.rules)])
     if bool(args.model_dir) == bool(args.generated):
         raise ValueError("give either --model-dir (generate and score) or --generated PATH (score samples)")
     if args.labels and (not args.model_dir or len(args.labels) != len(args.model_dir)):
@@ -883,11 +896,13 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_diagnose(args: argparse.Namespace) -> int:
+    from diffusets_jax.data.location import dataset_folder
     from diffusets_jax.diffusion.samplers import sampler_config
     from diffusets_jax.experiments.diagnose import diagnose, parse_timesteps
     from diffusets_jax.io.run_dir import check_output_path
 
-    check_output_path(args.out)
+    check_output_path(args.out, overwrite=args.overwrite,
+                      reads=[("--model-dir", args.model_dir), ("--latents", dataset_folder(args.latents))])
     timesteps = parse_timesteps(args.timesteps, dense=args.dense)
     sampler = sampler_config(args.sampler, steps=args.steps, guidance_scale=args.guidance_scale)
     report = diagnose(args.model_dir, args.latents, args.out, split=args.split, n=args.n, timesteps=timesteps,

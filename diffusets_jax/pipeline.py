@@ -130,6 +130,11 @@ class ECGGenerator:
                 "sampler": dataclasses.asdict(self.sampler), "seed": self.seed, "batch_size": self.batch_size,
                 **precision}
 
+    def reads(self) -> list[tuple[str, str | os.PathLike | None]]:
+        """The files this generator reads, as `(flag, path)`: what an output folder replaced with `--overwrite`
+        may not hold (`io.run_dir.check_reads_apart`)."""
+        return [("--model-dir", self.model_dir), ("--embedding-cache", self.embedding_cache)]
+
     def embedder(self):  # noqa: ANN201 (an Embedder)
         if self._embedder is None:
             embedder = self.conditioning.embedder.make(**self.embedder_overrides)

@@ -85,6 +85,19 @@ def world(tmp_path_factory) -> Path:
         {"command": "plot", "fingerprint": "0" * 64, "settings": {"records": ["elsewhere"], "dpi": 200},
          "status": "complete"}))
     (w / "plots" / "elsewhere.png").write_bytes(b"\x89PNG old")
+    # A user's project folder holding a command's inputs: conditions, a recording, a config, a Turing kit's key and
+    # a rater's sheet, samples; and a model directory whose vae/ holds the checkpoint it was converted from.
+    project = w / "project"
+    project.mkdir()
+    (project / "cond.csv").write_text("text,sex,age,hr\nSinus rhythm,M,50,70\n")
+    for suffix in (".hea", ".dat"):
+        shutil.copy(RECORD + suffix, project / f"00001_lr{suffix}")
+    shutil.copy(CONFIGS / "demo_vae.py", project / "vae.py")
+    (project / "key.json").write_text("{}")
+    (project / "answers_a.csv").write_text("sheet_id,answer\n")
+    (project / "samples.npz").write_bytes(b"PK\x03\x04 samples")
+    (w / "models" / "vae").mkdir(parents=True)
+    (w / "models" / "vae" / "vae_model.pth").write_bytes(b"PK\x03\x04 a checkpoint")
     # A latent dataset (what `encode` writes) where a prepared ECG dataset is asked for.
     from diffusets_jax.conditioning.spec import ConditioningSpec
     from tests.helpers.gaussian_latents import write_gaussian_latent_dataset
@@ -305,6 +318,46 @@ CASES: list[tuple[str, list[str], str]] = [
      "diffusets-jax train: error: unrecognized arguments: --dataset x (`diffusets-jax train --help`"),
     ("plot-unknown-flag", ["plot", RECORD, "--out-dir", "{w}/new", "--colour", "red"],
      "diffusets-jax plot: error: unrecognized arguments: --colour red"),
+    # --overwrite replaces the output folder as a whole: refused when it is, or holds, an input of the same run (a
+    # mistyped --out one level up, given --overwrite after the first refusal, deleted the dataset or model it read)
+    ("sample-overwrite-out-holds-the-model", [*SAMPLE, "--out", "{w}", "--overwrite"],
+     "--out {w} holds --model-dir {w}/model_bad_index, which this run reads: --overwrite would replace it"),
+    ("sample-overwrite-out-holds-the-conditions", ["sample", "--model-dir", "{w}/model_bad_index", "--conditions",
+                                                   "{w}/project/cond.csv", "--out", "{w}/project", "--overwrite"],
+     "--out {w}/project holds --conditions {w}/project/cond.csv"),
+    ("sample-overwrite-out-holds-the-recording", [*SAMPLE, "--reference", "{w}/project/00001_lr", "--observe", "I",
+                                                  "--out", "{w}/project/", "--overwrite"],
+     "holds --reference {w}/project/00001_lr"),
+    ("evaluate-overwrite-out-holds-the-samples", ["evaluate", "--generated", "{w}/project/samples.npz", "--dataset",
+                                                  "x", "--out", "{w}/project", "--overwrite"],
+     "holds --generated {w}/project/samples.npz"),
+    ("encode-overwrite-out-is-the-dataset", ["encode", "--vae", "{w}/model_bad_index", "--dataset", "{w}/latents",
+                                             "--out", "{w}/latents", "--overwrite"],
+     "--out {w}/latents is --dataset {w}/latents"),
+    ("diagnose-overwrite-out-holds-the-model", ["diagnose", "--model-dir", "{w}/model_bad_index", "--latents",
+                                                "{w}/latents", "--out", "{w}/model_bad_index/..", "--overwrite"],
+     "holds --model-dir {w}/model_bad_index"),
+    ("reconstruct-eval-overwrite-out-holds-the-model", ["reconstruct-eval", "--model-dir", "{w}/model_bad_index",
+                                                        "--dataset", "x", "--out", "{w}", "--overwrite"],
+     "holds --model-dir {w}/model_bad_index"),
+    ("downstream-overwrite-out-holds-the-dataset", ["downstream", "--dataset", "{w}/latents", "--out", "{w}",
+                                                    "--overwrite"], "--out {w} holds --dataset {w}/latents"),
+    ("turing-kit-overwrite-out-holds-the-samples", ["turing-kit", "--variant", "alignment", "--generated",
+                                                    "{w}/project/samples.npz", "--out", "{w}/project", "--overwrite"],
+     "holds --generated {w}/project/samples.npz"),
+    ("turing-score-overwrite-out-holds-the-key", ["turing-score", "{w}/project/answers_a.csv", "--key",
+                                                  "{w}/project/key.json", "--out", "{w}/project", "--overwrite"],
+     "--out {w}/project holds --key {w}/project/key.json"),
+    ("train-overwrite-workdir-holds-the-config", ["train", "vae", "--config", "{w}/project/vae.py", "--workdir",
+                                                  "{w}/project", "--overwrite"],
+     "--workdir {w}/project holds --config {w}/project/vae.py"),
+    ("plot-overwrite-out-dir-holds-the-record", ["plot", "{w}/project/00001_lr.hea", "--out-dir", "{w}/project",
+                                                 "--overwrite"], "--out-dir {w}/project holds record"),
+    ("embed-overwrite-output-is-the-input", [*EMBED, "--cache", "{w}/c.sqlite", "--output", "{w}/reports.csv",
+                                             "--overwrite"], "--output {w}/reports.csv is --input {w}/reports.csv"),
+    ("convert-overwrite-component-holds-its-checkpoint", ["convert", "--vae", "{w}/models/vae/vae_model.pth", "--out",
+                                                          "{w}/models", "--overwrite"],
+     "--out {w}/models/vae holds --vae {w}/models/vae/vae_model.pth"),
     # demo
     ("demo-out-users-folder", ["demo", "--out", "{w}/user", "--quick"], "not written by diffusets-jax demo"),
     ("demo-out-is-a-file", ["demo", "--out", "{w}/file.txt", "--quick"], "is an existing file"),

@@ -284,3 +284,20 @@ def test_a_corpus_leaves_non_finite_ecgs_out_counts_them_and_resumes(generator, 
     assert shards[1].read_bytes() == before
     builder, examples = read_back()
     assert builder.info.splits["train"].shard_lengths == [7, 6, 1] and len(examples) == 14
+
+
+def test_overwrite_never_replaces_a_folder_holding_the_generators_model(model_dir, openai_env, tmp_path):
+    """The writers themselves refuse it (the command checks its flags first): `--out` one level above the model
+    directory, with --overwrite, would have replaced the model with the samples drawn from it."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(model_dir, project / "model")
+    generator = ECGGenerator(project / "model", sampler_config("ddim", steps=2), batch_size=8, seed=1)
+    conditions = [make_condition("Sinus rhythm", "M", 50, 70)]
+    before = sorted(p.relative_to(project) for p in project.rglob("*"))
+    with pytest.raises(ValueError, match=r"--out .*/project holds --model-dir .*/project/model, which this run reads"):
+        sample_to_directory(generator, conditions, project, formats=["npz"], overwrite=True, progress=False)
+    with pytest.raises(ValueError, match=r"holds --model-dir"):
+        write_corpus(generator, conditions, project, shard_size=8, overwrite=True, progress=False)
+    assert sorted(p.relative_to(project) for p in project.rglob("*")) == before

@@ -1,6 +1,7 @@
 """`diffusets-jax train` end to end on a real (tiny) prepared TFDS dataset through the tf.data pipeline."""
 
 import json
+import os
 import re
 
 import pytest
@@ -156,3 +157,22 @@ def test_the_model_directory_and_the_workdir_must_not_overlap(tmp_path):
     for model_dir in (work, tmp_path / "runs", work / "checkpoints"):
         with pytest.raises(ValueError, match=r"--model-dir .* overlaps --workdir .*leave --model-dir out"):
             check_apart(model_dir, work)
+
+
+def test_overwrite_never_replaces_a_workdir_that_holds_the_training_dataset(tmp_path, capsys):
+    """`--workdir runs --overwrite` with the dataset in runs/data: the run would have trained, then replaced runs/
+    with its outputs, the dataset it had just read included. Refused before anything is trained or written."""
+    workdir = tmp_path / "runs"
+    builder = tiny_ecg_dataset.build(str(workdir / "data"))
+    (workdir / "notes.txt").write_text("a user's file: refused without --overwrite")
+    before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+    args = ["train", "clip", "--config", str(CONFIGS / "demo_clip.py"), "--workdir", str(workdir),
+            f"--config.data.dataset={builder.data_dir}", f"--config.model.text_dim={tiny_ecg_dataset.EMBEDDING_DIM}",
+            "--config.train.num_steps=1", "--overwrite"]
+    capsys.readouterr()  # the dataset build's progress
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--workdir {workdir} holds --config.data.dataset {builder.data_dir}, which this run reads" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before
+    assert sorted(os.listdir(tmp_path)) == ["runs"]  # no staging folder beside it

@@ -60,6 +60,7 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
     import jax
 
     from diffusets_jax import convert
+    from diffusets_jax.io.run_dir import check_reads_apart
     from diffusets_jax.models import model_dir as model_dirs
 
     jobs = [(name, path) for name, path in (("vae", vae), ("unet", unet), ("clip", clip)) if path]
@@ -71,6 +72,8 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{COMPONENT_FLAGS[name]} {path} does not exist")
         model_dirs.check_component_writable(out, name, overwrite=overwrite, flag="--out")
+        if overwrite:  # a checkpoint kept inside the component it replaces would go with it
+            check_reads_apart(Path(out) / name, [(COMPONENT_FLAGS[n], p) for n, p in jobs], "--out")
     converted = []
     for name, path in jobs:  # convert all first: a bad file fails before the model directory is touched
         module, variables = getattr(convert, f"{name}_from_torch")(convert.load_state_dict(path))

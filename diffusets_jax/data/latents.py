@@ -262,7 +262,8 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
     # The folder is claimed like every output folder: a rerun of the same encoding resumes, anything else in it
     # is refused unless `overwrite` (replaced as a whole at the end).
     settings = {**expected, "source_path": os.path.abspath(os.fspath(builder.data_dir)), "splits": splits}
-    with output_dir(out_dir, command="encode", settings=settings, overwrite=overwrite) as run:
+    reads = [("--vae", vae.get("model_dir")), ("--dataset", builder.data_dir), ("--data-dir", data_dir)]
+    with output_dir(out_dir, command="encode", settings=settings, overwrite=overwrite, reads=reads) as run:
         index = _encode_into(os.fspath(run.path), builder, source_card, expected, splits, apply_fn, variables, vae,
                              batch_size, progress)
         run.mark_complete(**{split: sum(s["num_examples"] for s in entry["shards"])

@@ -30,6 +30,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from diffusets_jax.data import location
+
 
 def keep_tensorflow_off_accelerators() -> None:
     """Hide GPUs from TensorFlow so tf.data never allocates accelerator memory that JAX needs.
@@ -80,7 +82,7 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
     source = os.fspath(source)
     if os.path.isfile(os.path.join(source, "dataset_info.json")):
         return tfds.builder_from_directory(source)
-    if os.path.exists(source) or os.path.isabs(source) or source.startswith((".", "~")):
+    if location.is_path(source):
         # A path, not a TFDS name: say what is wrong with it rather than how TFDS failed to parse it as a name.
         what = ("is a folder without dataset_info.json" if os.path.isdir(source) else
                 "is a file" if os.path.exists(source) else "does not exist")

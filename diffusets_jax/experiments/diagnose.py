@@ -547,7 +547,8 @@ def diagnose(model_dir: str | os.PathLike, latents: str | os.PathLike, out_dir: 
     settings = {"model_dir": os.path.abspath(model_dir), "components": components,
                 "latents": os.path.abspath(latents), "latents_card": card_fingerprint(inputs.builder), "split": split, "n": n, "timesteps": list(inputs.timesteps),
                 "seed": seed, "batch_size": batch_size, "sampler": dataclasses.asdict(sampler), "tolerance": tolerance}
-    with output_dir(out_dir, command="diagnose", settings=settings, overwrite=overwrite) as run:
+    reads = [("--model-dir", model_dir), ("--latents", inputs.builder.data_dir)]
+    with output_dir(out_dir, command="diagnose", settings=settings, overwrite=overwrite, reads=reads) as run:
         if run.complete and (run.path / REPORT_JSON).is_file():
             return read_json(run.path / REPORT_JSON, "diagnosis report")
         unet, variables = model_dirs.load_component(model_dir, "unet")

@@ -523,6 +523,7 @@ def run_downstream(
     """
     from diffusets_jax import parallel
     from diffusets_jax.data.card import read_card
+    from diffusets_jax.data.location import dataset_folder
     from diffusets_jax.diffusion.samplers import sampler_config
     from diffusets_jax.experiments.evaluate import ecg_dataset
     from diffusets_jax.io.run_dir import check_output_path, output_dir
@@ -537,7 +538,9 @@ def run_downstream(
                     model_dir=model_dir, generated_corpus=generated_corpus, limit=limit)
     if not rules.rules:
         raise ValueError("no task to run")
-    check_output_path(out_dir)
+    reads = [("--dataset", dataset_folder(dataset)), ("--data-dir", data_dir), ("--model-dir", model_dir),
+             ("--generated-corpus", generated_corpus)]
+    check_output_path(out_dir, overwrite=overwrite, reads=reads)
     model = build_classifier(config)
     num_steps = int(config.train.num_steps)
     if num_steps < 1:
@@ -565,7 +568,7 @@ def run_downstream(
                            generated_corpus=generated_corpus, sampler=sampler, resplit=resplit, limit=limit,
                            n_boot=n_boot, generation_batch_size=generation_batch_size)
 
-    with output_dir(out_dir, command="downstream", settings=settings, overwrite=overwrite) as run:
+    with output_dir(out_dir, command="downstream", settings=settings, overwrite=overwrite, reads=reads) as run:
         out = run.path
         # -- data ---------------------------------------------------------------------------------------------
         dropped: dict[str, int] = {}

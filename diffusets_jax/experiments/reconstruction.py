@@ -226,10 +226,12 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
 
     model_dir None: baselines only. Checks every argument before loading data or a model.
     """
+    from diffusets_jax.data.location import dataset_folder
     from diffusets_jax.io.files import read_json, write_json_atomic, write_text_atomic
     from diffusets_jax.io.run_dir import check_output_path, output_dir
 
-    check_output_path(out, command="reconstruct-eval", overwrite=overwrite)
+    reads = [("--model-dir", model_dir), ("--dataset", dataset_folder(dataset)), ("--data-dir", data_dir)]
+    check_output_path(out, command="reconstruct-eval", overwrite=overwrite, reads=reads)
     for name, value, low in (("--steps", steps, 1), ("--particles", particles, 1), ("--batch-size", batch_size, 1),
                              ("--n-boot", n_boot, 1), ("--limit", limit or 1, 1), ("--train-limit", train_limit or 1, 1)):
         if value < low:
@@ -253,7 +255,7 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
         generator = ECGGenerator(model_dir, SamplerConfig(sampler="ddpm", steps=steps, clip_sample=None),
                                  batch_size=batch_size, seed=seed)
 
-    with output_dir(out, command="reconstruct-eval", settings=settings, overwrite=overwrite) as run:
+    with output_dir(out, command="reconstruct-eval", settings=settings, overwrite=overwrite, reads=reads) as run:
         if run.complete:
             return read_json(run.path / "report.json", "reconstruction report")
         train = load_split(dataset, train_split, data_dir=data_dir, limit=train_limit)

@@ -398,10 +398,13 @@ def build_kit(
     complete). Every input is read and the sheets are chosen before `out` is touched, so a bad input or count
     leaves no claimed folder behind.
     """
+    from diffusets_jax.data.location import dataset_folder
     from diffusets_jax.io.run_dir import check_output_path, output_dir
 
     options.check()
-    check_output_path(out)
+    reads = [("--generated", generated), ("--real", real), ("--dataset", dataset_folder(dataset)),
+             ("--data-dir", data_dir)]
+    check_output_path(out, overwrite=overwrite, reads=reads)
     if options.variant == REAL_VS_GENERATED and (real is None) == (dataset is None):
         raise ValueError("the real-vs-generated variant takes real ECGs from --dataset (a prepared split) or --real "
                          "(an NPZ or a WFDB folder): give exactly one")
@@ -430,7 +433,7 @@ def build_kit(
         entry["sheet_id"] = sheet_id
 
     settings = _settings(options, seed, inputs)
-    with output_dir(out, command="turing-kit", settings=settings, overwrite=overwrite) as run:
+    with output_dir(out, command="turing-kit", settings=settings, overwrite=overwrite, reads=reads) as run:
         if run.complete:
             return _summary(run.final, read_json(run.path / KEY_FILE, "Turing-test key"), already_built=True)
         # A half-built kit of this same run (a crash): ours, rebuilt whole, since the key must match every sheet.

@@ -272,7 +272,8 @@ def score(key_path: str | os.PathLike, sheet_paths: Sequence[str | os.PathLike],
 
     if not sheet_paths:
         raise ValueError("give at least one filled answer sheet")
-    check_output_path(out)
+    reads = [("--key", key_path), *(("sheet", path) for path in sheet_paths)]
+    check_output_path(out, overwrite=overwrite, reads=reads)
     key = read_key(key_path)
     answers: dict[str, dict[str, str]] = {}
     files: dict[str, str] = {}
@@ -292,7 +293,7 @@ def score(key_path: str | os.PathLike, sheet_paths: Sequence[str | os.PathLike],
     # What the report is computed from, by content: a sheet edited after scoring is another run.
     settings = {"key": {"file": report["key"], "sha256": file_sha256(key_path)},
                 "sheets": {rater: {"file": file, "sha256": file_sha256(file)} for rater, file in files.items()}}
-    with output_dir(out, command="turing-score", settings=settings, overwrite=overwrite) as run:
+    with output_dir(out, command="turing-score", settings=settings, overwrite=overwrite, reads=reads) as run:
         if not run.complete:
             write_json_atomic(run.path / REPORT_JSON, report)
             write_text_atomic(run.path / REPORT_MD, render_markdown(report))

@@ -64,7 +64,8 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
                 "conditions": [{**c.as_dict(generator.conditioning.prompt_style), "count": c.count} for c in conditions],
                 "provenance": provenance or {}}
     features = ecg_features(generator.unet.text_dim)
-    with output_dir(out, command="sample --corpus", settings=settings, overwrite=overwrite) as run:
+    with output_dir(out, command="sample --corpus", settings=settings, overwrite=overwrite,
+                    reads=generator.reads()) as run:
         paths = [run.path / shard_filename(CORPUS_NAME, SPLIT, s, num_shards) for s in range(num_shards)]
         todo = [s for s in range(num_shards) if not (paths[s].exists() and _counts_path(run.path, s).exists())]
         todo = sorted(set().union(*map(set, parallel.allgather_objects(todo))))  # what any host still lacks

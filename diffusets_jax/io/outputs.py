@@ -121,7 +121,7 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
                 "provenance": provenance or {}}
     header_settings = {"sampler": generator.sampler.sampler, "steps": generator.sampler.steps,
                        "guidance_scale": generator.sampler.guidance_scale, "seed": generator.seed}
-    with output_dir(out, command="sample", settings=settings, overwrite=overwrite) as run:
+    with output_dir(out, command="sample", settings=settings, overwrite=overwrite, reads=generator.reads()) as run:
         if run.complete:
             return read_json(run.path / MANIFEST, "sample manifest")
         parts = run.path / _PARTS

@@ -442,12 +442,12 @@ def plot_wfdb_records(
     it, anything else there is refused unless `overwrite`. When no record exists at all (a typo), nothing is
     created and the error names the first one.
     """
+    from diffusets_jax.data.records import record_base
     from diffusets_jax.io.run_dir import output_dir
     from diffusets_jax.io.wfdb_out import read_record
 
     records = [os.fspath(record) for record in records]
-    headers = {record: (record if record.endswith(".hea") else record[:-4] + ".hea" if record.endswith(".dat")
-                        else record + ".hea") for record in records}
+    headers = {record: record_base(record) + ".hea" for record in records}
     problems = {record: (f"{header} is a directory, not a WFDB record" if os.path.isdir(header) or os.path.isdir(record)
                          else f"{header} does not exist") for record, header in headers.items()
                 if not os.path.isfile(header)}
@@ -457,7 +457,8 @@ def plot_wfdb_records(
                                          else "") + ": give WFDB record paths (NAME or NAME.hea)")
     settings = {"records": [os.path.abspath(record) for record in records], "dpi": dpi}
     written, skipped = [], dict(problems)
-    with output_dir(out_dir, command="plot", settings=settings, overwrite=overwrite, flag="--out-dir") as run:
+    with output_dir(out_dir, command="plot", settings=settings, overwrite=overwrite, flag="--out-dir",
+                    reads=[("record", header) for header in headers.values()]) as run:
         for record in records:
             if record in problems:
                 continue

@@ -9,7 +9,9 @@ Every command that writes a folder (sample, sample --corpus, evaluate, demo, the
   (or reports that it is complete); with another fingerprint, or without a record (a user's folder), it is
   refused with one line, before any expensive work, unless `overwrite=True`;
 - `overwrite=True` replaces the folder as a whole, but only at the end: the new outputs are written into a
-  hidden sibling and swapped in when the command succeeds, so a failed run leaves the old folder untouched;
+  hidden sibling and swapped in when the command succeeds, so a failed run leaves the old folder untouched. A
+  folder that is, or holds, one of the run's own inputs (`reads`: a model directory, a dataset, a conditions file)
+  is refused even then: replacing it would delete what the run was made from;
 - an exclusive lock refuses a second run into the same folder while one is writing.
 
 An existing file where a folder should be, or a folder we cannot write, is refused the same way.
@@ -25,7 +27,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,24 +64,49 @@ class RunDir:
             write_json_atomic(self.path / RUN_FILE, self.record)
 
 
+Reads = Sequence[tuple[str, str | os.PathLike | None]]
+
+
 def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: str | None = None,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, reads: Reads = ()) -> Path:
     """Refuse at once an output folder path that is an existing file, sits under one, or cannot be written.
 
     With `command`, also refuse (unless `overwrite`) a non-empty folder that is not an earlier run of `command`:
     what `output_dir` would refuse, found before a model is loaded. Whether an earlier run of `command` had the
-    same settings is for `output_dir` to say.
+    same settings is for `output_dir` to say. With `overwrite`, refuse a folder that is or holds one of `reads`,
+    the run's inputs as `(flag, path)` (see `check_reads_apart`).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is an existing file: give a directory path")
     _check_parents(path, flag)
+    if overwrite:
+        check_reads_apart(path, reads, flag)
     if command is not None and not overwrite and path.is_dir() and _user_entries(path):
         record = path / RUN_FILE
         existing = read_json(record, "run record") if record.is_file() else None
         if existing is None or existing.get("command") != command:
             raise ValueError(_not_ours_message(path, flag, command, existing))
     return path
+
+
+def check_reads_apart(path: str | os.PathLike, reads: Reads, flag: str = "--out") -> None:
+    """Refuse an output folder that `--overwrite` would replace while it is, or holds, one of the run's inputs.
+
+    `reads`: `(flag, path)` of each input, a file or folder (a WFDB record's `dir/NAME` too; a None path is
+    skipped; a dataset given by name, not path, is not one). A mistyped `--out` (the folder above the dataset,
+    the model directory itself), then `--overwrite` because the first try was refused, would otherwise delete the
+    dataset or model this very run read, once the run finished. Paths are compared resolved (links, `..`).
+    """
+    out = Path(path).resolve()
+    for input_flag, input_path in reads:
+        if input_path is None:
+            continue
+        source = Path(input_path).resolve()
+        if source == out or out in source.parents:
+            what = "is" if source == out else "holds"
+            raise ValueError(f"{flag} {path} {what} {input_flag} {input_path}, which this run reads: --overwrite "
+                             f"would replace it with this run's outputs; choose another {flag}")
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:
@@ -141,8 +168,9 @@ def exclusive_lock(directory: str | os.PathLike, message: str, name: str | None 
 
 @contextlib.contextmanager
 def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any], overwrite: bool = False,
-               flag: str = "--out") -> Iterator[RunDir]:
+               flag: str = "--out", reads: Reads = ()) -> Iterator[RunDir]:
     """Claim `path` for one run of `command` with `settings` (see the module docstring); yields a `RunDir`.
+    `reads`: the run's inputs as `(flag, path)`, which `overwrite` may not replace (`check_reads_apart`).
 
     On a clean exit with `overwrite`, the new folder replaces the old one; on an exception the old one is kept
     and the partial new one removed (it is ours).
@@ -150,7 +178,7 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
     from diffusets_jax import parallel
 
     # A user's folder is refused before anything (even a lock file) is created in it.
-    final = check_output_path(path, flag, command=command, overwrite=overwrite)
+    final = check_output_path(path, flag, command=command, overwrite=overwrite, reads=reads)
     digest = fingerprint({"command": command, **settings})
     index, count = _process()
     final.mkdir(parents=True, exist_ok=True)

@@ -261,7 +261,9 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
 
     task = make_task(model, config, num_steps)
     check_dataset_fits_model(task.model, builder, config.data.dataset)
-    with output_dir(workdir, command=command, settings=settings, overwrite=overwrite, flag="--workdir") as run:
+    reads = [("--config.data.dataset", builder.data_dir), ("--config.data.data_dir", config.data.data_dir or None)]
+    with output_dir(workdir, command=command, settings=settings, overwrite=overwrite, flag="--workdir",
+                    reads=reads) as run:
         check_same_dataset_build(run.path, builder, config.data.dataset)
         result = train(task, config, run.path, train_batches, val_batches, mesh)
         if not result.preempted:

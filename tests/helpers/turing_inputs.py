@@ -44,6 +44,9 @@ class ReplayGenerator:
 
         return {"replay": hashlib.sha256(self.ecgs.tobytes()).hexdigest(), "batch_size": self.batch_size}
 
+    def reads(self) -> list:
+        return []  # no model directory, no embedding cache
+
     def num_batches(self, conditions) -> int:
         from diffusets_jax.conditioning.requests import expand
 

@@ -1,0 +1,52 @@
+"""`io.run_dir`: what `--overwrite` may replace. The claiming, resuming and refusing of output folders are tested
+through the commands (`test_io_outputs.py`, `test_cli_edges.py`); every command's inputs there too."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from diffusets_jax.io.run_dir import RUN_FILE, check_reads_apart, output_dir
+
+
+def test_an_output_folder_that_is_or_holds_an_input_is_refused(tmp_path):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "cond.csv").write_text("text,sex,age,hr\n")
+    dataset, conditions = [("--dataset", project / "data")], [("--conditions", project / "cond.csv")]
+    check_reads_apart(tmp_path / "elsewhere", dataset)
+    check_reads_apart(project / "data" / "out", dataset)  # inside an input: replacing it replaces only itself
+    check_reads_apart(tmp_path / "proj", [("--conditions", tmp_path / "project" / "cond.csv")])  # not a prefix test
+    check_reads_apart(project, [("--dataset", None)])  # an input not given
+    with pytest.raises(ValueError, match=r"--out .*/project holds --dataset .*/project/data, which this run reads: "
+                                         r"--overwrite would replace it with this run's outputs; choose another --out"):
+        check_reads_apart(project, dataset)
+    with pytest.raises(ValueError, match=r"--workdir .*/data is --dataset .*; choose another --workdir"):
+        check_reads_apart(project / "data", dataset, "--workdir")
+    # Paths are compared as they resolve: through `..` and symbolic links.
+    (tmp_path / "link").symlink_to(project)
+    for out in (tmp_path / "link", project / "data" / "..", tmp_path / "elsewhere" / ".." / "project"):
+        with pytest.raises(ValueError, match="holds --conditions"):
+            check_reads_apart(out, conditions)
+    with pytest.raises(ValueError, match="holds --conditions"):
+        check_reads_apart(project, [("--conditions", tmp_path / "link" / "cond.csv")])
+
+
+def test_overwrite_leaves_a_folder_holding_an_input_as_it_was(tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "cond.csv").write_text("text,sex,age,hr\n")
+    with pytest.raises(ValueError, match="holds --conditions"):
+        with output_dir(out, command="sample", settings={}, overwrite=True, reads=[("--conditions", out / "cond.csv")]):
+            raise AssertionError("the run must not start")
+    assert os.listdir(out) == ["cond.csv"] and sorted(os.listdir(tmp_path)) == ["project"]  # no lock, no staging
+
+
+def test_without_overwrite_nothing_is_replaced_so_an_earlier_run_resumes(tmp_path):
+    ours = tmp_path / "ours"
+    with output_dir(ours, command="sample", settings={"n": 1}) as run:
+        (run.path / "cond.csv").write_text("text,sex,age,hr\n")
+    with output_dir(ours, command="sample", settings={"n": 1}, reads=[("--conditions", ours / "cond.csv")]) as run:
+        assert run.resumed and (run.path / RUN_FILE).is_file()
+
