@@ -50,3 +50,28 @@ def test_without_overwrite_nothing_is_replaced_so_an_earlier_run_resumes(tmp_pat
     with output_dir(ours, command="sample", settings={"n": 1}, reads=[("--conditions", ours / "cond.csv")]) as run:
         assert run.resumed and (run.path / RUN_FILE).is_file()
 
+
+def test_overwrite_never_replaces_the_current_or_the_home_directory(tmp_path, monkeypatch, capsys):
+    """`--out .` refused as a user's folder, then given --overwrite, would have replaced the folder the user works
+    in (their checkout, their home) with a command's outputs."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.io.run_dir import check_output_path
+
+    work, home = tmp_path / "projects" / "ecg", tmp_path / "home"
+    work.mkdir(parents=True)
+    home.mkdir()
+    (work / "notes.txt").write_text("a user's file")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    for out, expected in ((".", "is the current directory"), (work, "is the current directory"),
+                          (tmp_path / "projects", "holds the current directory"), (home, "is your home directory"),
+                          (tmp_path, "holds the current directory")):
+        with pytest.raises(ValueError, match=f"{expected} .*: --overwrite replaces the folder as a whole; give --out a "
+                                             "folder of its own"):
+            check_output_path(out, overwrite=True)
+        check_output_path(out)  # without --overwrite nothing is replaced (a user's folder is refused elsewhere)
+    check_output_path(work / "samples", overwrite=True)
+    check_output_path(home / "samples", overwrite=True)
+    assert main(["plot", "missing.hea", "--out-dir", ".", "--overwrite"]) == 2
+    assert "--out-dir . is the current directory" in capsys.readouterr().err
+    assert os.listdir(work) == ["notes.txt"]

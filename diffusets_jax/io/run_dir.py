@@ -81,6 +81,7 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: 
         raise ValueError(f"{flag} {path} is an existing file: give a directory path")
     _check_parents(path, flag)
     if overwrite:
+        _check_replaceable(path, flag)
         check_reads_apart(path, reads, flag)
     if command is not None and not overwrite and path.is_dir() and _user_entries(path):
         record = path / RUN_FILE
@@ -107,6 +108,17 @@ def check_reads_apart(path: str | os.PathLike, reads: Reads, flag: str = "--out"
             what = "is" if source == out else "holds"
             raise ValueError(f"{flag} {path} {what} {input_flag} {input_path}, which this run reads: --overwrite "
                              f"would replace it with this run's outputs; choose another {flag}")
+
+
+def _check_replaceable(path: Path, flag: str) -> None:
+    """`--overwrite` replaces the folder as a whole: never the working directory, the home directory or a folder
+    holding one (`--out .` given --overwrite after the first refusal)."""
+    out = path.resolve()
+    for what, place in (("the current directory", Path.cwd()), ("your home directory", Path.home())):
+        place = place.resolve()
+        if place == out or out in place.parents:
+            raise ValueError(f"{flag} {path} {'is' if place == out else 'holds'} {what} ({place}): --overwrite "
+                             f"replaces the folder as a whole; give {flag} a folder of its own")
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:
