@@ -90,6 +90,8 @@ def test_a_training_does_not_resume_on_another_build_of_its_dataset(tmp_path):
     ("widths", (32, 0, 64), "model.widths must be positive (a width, count or size), got (32, 0, 64)"),
     ("groups", -8, "model.groups must be positive"),
     ("latent_channels", 0, "model.latent_channels must be positive"),
+    ("groups", 7, "model.groups=7 must divide every one of model.widths (32, 64, 64)"),
+    ("widths", (32, 60, 64), "model.groups=8 must divide every one of model.widths (32, 60, 64)"),
 ])
 def test_the_architectures_numbers_are_checked_before_any_module_is_built(key, value, expected):
     from diffusets_jax.config import load_config

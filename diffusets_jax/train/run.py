@@ -113,6 +113,12 @@ def _check_model_section(model: Any, source: str) -> None:
                 raise ValueError(f"{source}: model.{key} must be a finite number, got {value}")
             if "dropout" in key and not 0.0 <= item < 1.0:
                 raise ValueError(f"{source}: model.{key} must be in [0, 1), got {value}")
+    # The VAE's GroupNorm splits every width into `groups`; a width it does not divide failed when the model was
+    # first traced, in a line that named neither key.
+    groups, widths = model.get("groups"), model.get("widths")
+    if isinstance(groups, int) and isinstance(widths, (tuple, list)) and any(int(w) % groups for w in widths):
+        raise ValueError(f"{source}: model.groups={groups} must divide every one of model.widths {tuple(widths)} "
+                         "(GroupNorm splits each width into that many groups)")
 
 
 def run_settings(model: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
