@@ -185,3 +185,7 @@ def test_bad_inputs_are_named(small):
         apply(variables, x[:, :6], t, text, sex, age, hr)
     with pytest.raises(ValueError, match="one attention width per"):
         jax.eval_shape(UNet(**{**SMALL, "up_attention_dims": (32,)}).init, jax.random.key(0), *small_inputs())
+    # An even kernel padded by kernel_size // 2 lengthens every convolution's output by one sample; the residual
+    # sum then failed deep in JAX ("add got incompatible shapes"), a traceback from `train`.
+    with pytest.raises(ValueError, match="UNet config: kernel_size must be odd .*, got 4"):
+        jax.eval_shape(UNet(**{**SMALL, "kernel_size": 4}).init, jax.random.key(0), *small_inputs())

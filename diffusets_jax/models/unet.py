@@ -351,6 +351,9 @@ class UNet(nn.Module):
                 f"{len(self.down_attention_dims)} and up_attention_dims {len(self.up_attention_dims)}; give one "
                 "attention width per down and per up block"
             )
+        if self.kernel_size % 2 == 0:  # padded by kernel_size // 2 on each side, an even kernel adds a sample
+            raise ValueError(f"UNet config: kernel_size must be odd (its convolutions keep the length), got "
+                             f"{self.kernel_size}")
         if x_t.ndim != 3 or x_t.shape[-1] != self.latent_channels:
             raise ValueError(
                 f"UNet: x_t has shape {x_t.shape}, expected (batch, length, {self.latent_channels}) channels-last; "
