@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -121,3 +122,17 @@ def test_bad_shapes_are_explained(small_variables):
         SMALL_CLIP.apply(small_variables, ECG[..., :8], method=CLIP.encode_ecg)
     with pytest.raises(ValueError, match=r"\(batch, 12\)"):
         SMALL_CLIP.apply(small_variables, TEXT[:, :5], method=CLIP.encode_text)
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"base_filters": 9}, "base_filters 9 then filters (8, 16) must not decrease"),
+    ({"filters": (16, 8)}, "base_filters 8 then filters (16, 8) must not decrease"),
+    ({"group_width": 3}, "filters 16 with group_width 3 make 5 convolution groups, which must be at least 1 and "
+                         "divide the block's 16 channels"),
+    ({"group_width": 9}, "filters 8 with group_width 9 make 0 convolution groups"),
+])
+def test_widths_no_block_can_be_built_with_are_named(change, expected):
+    """They ended in a traceback from `train clip` (Flax's bare AssertionError, a ZeroDivisionError, or
+    "index can't contain negative values")."""
+    with pytest.raises(ValueError, match=f"Net1D config: {re.escape(expected)}"):
+        jax.eval_shape(Net1D(**{**SMALL, **change}).init, jax.random.key(0), ECG)

@@ -152,6 +152,7 @@ class Net1D(nn.Module):
             raise ValueError(f"Net1D: filters {self.filters} and blocks_per_stage {self.blocks_per_stage} differ in length")
         if x.ndim != 3 or x.shape[-1] != self.in_channels:
             raise ValueError(f"Net1D expects ECGs shaped (batch, length, {self.in_channels}), got {x.shape}")
+        self._check_widths()
         out = _same_conv(x, self.base_filters, self.kernel_size, self.stem_stride, 1, "first_conv")
         out = nn.swish(BatchNorm1d(name="first_bn")(out, train))
         for stage, (features, blocks) in enumerate(zip(self.filters, self.blocks_per_stage, strict=True)):
@@ -164,3 +165,16 @@ class Net1D(nn.Module):
                 )(out, train)
         features = jnp.mean(out, axis=1)
         return nn.Dense(self.num_classes, name="dense")(features) if self.num_classes > 0 else features
+
+    def _check_widths(self) -> None:
+        """The widths every block can be built with, said in one line (they failed deep in JAX or Flax)."""
+        widths = (self.base_filters, *self.filters)
+        if any(after < before for before, after in zip(widths[:-1], widths[1:], strict=True)):
+            raise ValueError(f"Net1D config: base_filters {self.base_filters} then filters {self.filters} must not "
+                             "decrease (each block zero-pads its shortcut up to its own width)")
+        for features in self.filters:
+            groups, middle = features // self.group_width, int(features * self.ratio)
+            if groups < 1 or middle % groups:
+                raise ValueError(f"Net1D config: filters {features} with group_width {self.group_width} make "
+                                 f"{groups} convolution groups, which must be at least 1 and divide the block's "
+                                 f"{middle} channels (e.g. a group_width that divides every filter)")
