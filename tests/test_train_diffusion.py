@@ -157,6 +157,14 @@ def test_evaluation_calls_the_model_once_for_all_timesteps_with_each_timesteps_l
     assert len({round(float(v), 3) for v in together.values()}) == 3
 
 
+@pytest.mark.parametrize("timesteps", ["(1000,)", "(10,5000)", "(-1,)"])
+def test_evaluation_timesteps_outside_the_schedule_are_refused(timesteps):
+    """JAX clamps an out-of-range gather index, so t = 1000 was evaluated silently as t = 999."""
+    config = load_config(CONFIGS / "demo_unet.py", [f"train.eval_timesteps={timesteps}"])
+    with pytest.raises(ValueError, match=r"train.eval_timesteps must be timesteps from 0 to 999 of the 1000-step"):
+        diffusion_task(config, num_steps=10, model=TimeScaledNet())
+
+
 def test_the_diffusion_section_is_what_the_model_directory_records():
     """config.diffusion, resolved, is the model index's `diffusion` (one shape from training to sampling)."""
     from diffusets_jax.config import config_to_dict, diffusion_section

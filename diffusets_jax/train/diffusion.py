@@ -97,6 +97,12 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
                       mode)  # validate the mode now
     null_cond = guidance.fixed_null_condition(model.text_dim)
     eval_timesteps = tuple(int(t) for t in tc.eval_timesteps)
+    timesteps = int(noise_schedule.num_timesteps)
+    if not eval_timesteps or not all(0 <= t < timesteps for t in eval_timesteps):
+        # An index past the schedule's end is clamped by JAX's gather: the validation loss would silently be
+        # that of the last timestep.
+        raise ValueError(f"train.eval_timesteps must be timesteps from 0 to {timesteps - 1} of the {timesteps}-step "
+                         f"schedule, got {tuple(tc.eval_timesteps)}")
     latent_scale = spec.latent_scale
 
     def init_variables(key: jax.Array) -> dict[str, Any]:
