@@ -77,6 +77,11 @@ def check_train_section(config: ml_collections.ConfigDict, source: str = "the co
     if int(train.num_steps) == 0 and not float(train.num_epochs) > 0:
         raise ValueError(f"{source}: train.num_epochs must be positive when train.num_steps is 0, got "
                          f"{train.num_epochs}")
+    if "grad_accum_steps" in train and int(train.global_batch_size) % int(train.grad_accum_steps):
+        # Found only when the first step was traced, after the workdir was claimed and the data pipeline started.
+        raise ValueError(f"{source}: train.global_batch_size {train.global_batch_size} must be divisible by "
+                         f"train.grad_accum_steps {train.grad_accum_steps} (each step splits its batch into that "
+                         "many micro-batches)")
     check_seed(train.seed, f"{source}: train.seed")
     if not 0.0 <= float(train.ema_decay) < 1.0:
         raise ValueError(f"{source}: train.ema_decay must be in [0, 1) (0 = off), got {train.ema_decay}")
