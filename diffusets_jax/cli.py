@@ -726,11 +726,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     # Everything checkable is checked before any model is loaded or anything generated.
     check_output_path(args.out, command="evaluate", overwrite=args.overwrite, reads=[
         *(("--model-dir", d) for d in args.model_dir or ()), ("--generated", args.generated),
-        ("--dataset", dataset_folder(args.dataset)), ("--data-dir", args.data_dir), ("--clip", args.clip), ("--rules", args.rules)])
+        ("--dataset", dataset_folder(args.dataset)), ("--data-dir", args.data_dir), ("--clip", args.clip),
+        ("--rules", args.rules)])
     if bool(args.model_dir) == bool(args.generated):
         raise ValueError("give either --model-dir (generate and score) or --generated PATH (score samples)")
-    if args.labels and (not args.model_dir or len(args.labels) != len(args.model_dir)):
-        raise ValueError(f"--labels: give one label per --model-dir ({len(args.model_dir or [])}), got {len(args.labels)}")
+    if args.labels and not args.model_dir:
+        raise ValueError("--labels names the --model-dir models: give them, or drop --labels")
+    labels = ev.model_labels(args.model_dir, args.labels) if args.model_dir else []
     proto = ev.protocol(args.protocol)
     from diffusets_jax.data.card import card_fingerprint
 
@@ -770,7 +772,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     sampler = sampler_config(args.sampler or proto.sampler, steps=args.steps or (None if args.sampler else proto.steps),
                              guidance_scale=args.guidance_scale)
-    labels = args.labels or [Path(d).name or str(d) for d in args.model_dir]
     generators = [ECGGenerator(d, sampler, batch_size=args.batch_size, seed=args.seed) for d in args.model_dir]
     settings = {**common, "models": [g.settings() for g in generators], "labels": labels,
                 "records_per_condition": args.records_per_condition, "samples_per_record": args.samples_per_record}

@@ -212,3 +212,19 @@ def test_evaluate_command_paper_protocol_by_condition_and_ablation(clip, dataset
     assert main(["evaluate", "--model-dir", str(with_patient), "--labels", "a", "b", "--dataset", dataset.data_dir,
                  "--out", str(tmp_path / "y")]) == 2
     assert "one label per --model-dir" in capsys.readouterr().err
+
+
+def test_each_model_gets_its_own_label_and_report_folder(tmp_path):
+    """Two model directories named alike (train's default WORKDIR/model) were both labelled `model`: the second
+    report was written into the first one's folder. Labels are the shortest path endings that tell them apart."""
+    a, b = tmp_path / "runs" / "a" / "model", tmp_path / "runs" / "b" / "model"
+    assert ev.model_labels([a, b]) == ["a-model", "b-model"]
+    assert ev.model_labels([tmp_path / "with", tmp_path / "without"]) == ["with", "without"]
+    assert ev.model_labels([tmp_path / "x" / "model", tmp_path / "y" / "x" / "model"])[1] == "y-x-model"
+    assert ev.model_labels([a, b], ["published", "ours"]) == ["published", "ours"]
+    for labels, expected in ((["same", "same"], "repeat a name"), (["ok", "a/b"], "give a plain name"),
+                             (["ok", ".."], "give a plain name"), (["only-one"], "one label per --model-dir")):
+        with pytest.raises(ValueError, match=expected):
+            ev.model_labels([a, b], labels)
+    with pytest.raises(ValueError, match="is given twice"):
+        ev.model_labels([a, tmp_path / "runs" / "a" / ".." / "a" / "model"])

@@ -366,6 +366,34 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike, *, conditio
     return report
 
 
+def model_labels(model_dirs: Sequence[str | os.PathLike], labels: Sequence[str] | None = None) -> list[str]:
+    """One label per model directory: its report's subfolder and its name in the comparison.
+
+    By default the shortest trailing part of each path that tells them apart, joined by '-': `runs/a/model` and
+    `runs/b/model` (train's default WORKDIR/model) are `a-model` and `b-model`, not both `model`, whose reports
+    would have been written into one folder. Given labels must be distinct names that can be folder names.
+    """
+    resolved = [Path(d).resolve() for d in model_dirs]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            raise ValueError(f"--model-dir {model_dirs[i]} is given twice: give each model directory once")
+    if labels is not None:
+        if len(labels) != len(model_dirs):
+            raise ValueError(f"--labels: give one label per --model-dir ({len(model_dirs)}), got {len(labels)}")
+        for label in labels:
+            if not label or label in (".", "..") or "/" in label or os.sep in label:
+                raise ValueError(f"--labels: {label!r} names the model's report folder: give a plain name")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"--labels: {', '.join(labels)} repeat a name: give each model its own")
+        return list(labels)
+    depth = 1
+    while True:  # ends: the whole paths differ
+        names = ["-".join(path.parts[1:][-depth:]) or "root" for path in resolved]
+        if len(set(names)) == len(names):
+            return names
+        depth += 1
+
+
 def compare_reports(reports: Sequence[tuple[str, Mapping[str, Any]]], out_dir: str | os.PathLike) -> dict[str, Any]:
     """Side by side: one heart-rate scatter panel per model (the paper's Fig. 2A: with and without patient
     information) and a table of every level; `comparison.png`, `comparison.md`, `comparison.json`."""
