@@ -114,6 +114,22 @@ def test_plot_command_draws_records_and_lists_bad_ones(tmp_path, capsys):
     assert (tmp_path / "png" / "gen_0.png").stat().st_size > 1000
 
 
+def test_records_of_one_name_in_two_folders_get_a_png_each(tmp_path):
+    """Two runs' `wfdb/sample_0` drawn into one folder: the second PNG replaced the first, and the summary said 2
+    were written. A record listed twice is drawn once and reported."""
+    from diffusets_jax.io.wfdb_out import write_record
+
+    for run, scale in (("run_a", 1.0), ("run_b", 2.0)):
+        write_record(tmp_path / run / "wfdb" / "sample_0", scale * synthetic_ecg())
+    records = [tmp_path / "run_a" / "wfdb" / "sample_0", tmp_path / "run_b" / "wfdb" / "sample_0.hea",
+               tmp_path / "run_a" / "wfdb" / ".." / "wfdb" / "sample_0"]
+    summary = plot.plot_wfdb_records(records, tmp_path / "png", dpi=40)
+    assert sorted(p.name for p in (tmp_path / "png").glob("*.png")) == ["run_a-wfdb-sample_0.png",
+                                                                           "run_b-wfdb-sample_0.png"]
+    assert len(summary["written"]) == 2
+    assert summary["skipped"] == {str(records[2]): f"listed twice (also as {records[0]})"}
+
+
 def test_metric_intervals_draw_one_bar_and_whisker_per_arm_and_metric(tmp_path):
     from matplotlib.patches import Rectangle
 

@@ -369,10 +369,12 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike, *, conditio
 def model_labels(model_dirs: Sequence[str | os.PathLike], labels: Sequence[str] | None = None) -> list[str]:
     """One label per model directory: its report's subfolder and its name in the comparison.
 
-    By default the shortest trailing part of each path that tells them apart, joined by '-': `runs/a/model` and
-    `runs/b/model` (train's default WORKDIR/model) are `a-model` and `b-model`, not both `model`, whose reports
-    would have been written into one folder. Given labels must be distinct names that can be folder names.
+    By default `io.names.distinct_names`: `runs/a/model` and `runs/b/model` (train's default WORKDIR/model) are
+    `a-model` and `b-model`, not both `model`, whose reports would have been written into one folder. Given labels
+    must be distinct names that can be folder names.
     """
+    from diffusets_jax.io.names import distinct_names
+
     resolved = [Path(d).resolve() for d in model_dirs]
     for i, path in enumerate(resolved):
         if path in resolved[:i]:
@@ -386,12 +388,7 @@ def model_labels(model_dirs: Sequence[str | os.PathLike], labels: Sequence[str] 
         if len(set(labels)) != len(labels):
             raise ValueError(f"--labels: {', '.join(labels)} repeat a name: give each model its own")
         return list(labels)
-    depth = 1
-    while True:  # ends: the whole paths differ
-        names = ["-".join(path.parts[1:][-depth:]) or "root" for path in resolved]
-        if len(set(names)) == len(names):
-            return names
-        depth += 1
+    return distinct_names(resolved)
 
 
 def compare_reports(reports: Sequence[tuple[str, Mapping[str, Any]]], out_dir: str | os.PathLike) -> dict[str, Any]:

@@ -443,6 +443,7 @@ def plot_wfdb_records(
     created and the error names the first one.
     """
     from diffusets_jax.data.records import record_base
+    from diffusets_jax.io.names import distinct_names
     from diffusets_jax.io.run_dir import output_dir
     from diffusets_jax.io.wfdb_out import read_record
 
@@ -455,6 +456,17 @@ def plot_wfdb_records(
         first = next(iter(problems.values()))
         raise FileNotFoundError(first + (f" (nor any of the other {len(records) - 1} records)" if len(records) > 1
                                          else "") + ": give WFDB record paths (NAME or NAME.hea)")
+    # A record listed twice is drawn once; records of one name in several folders get names that tell them apart
+    # (`io.names.distinct_names`), where they used to overwrite one another's PNG.
+    drawn: dict[str, str] = {}  # the record's real path (without extension) -> the record as given
+    for record in records:
+        if record not in problems:
+            key = os.path.realpath(record_base(record))
+            if key in drawn:
+                problems[record] = f"listed twice (also as {drawn[key]})"
+            else:
+                drawn[key] = record
+    names = dict(zip(drawn.values(), distinct_names(list(drawn)), strict=True))
     settings = {"records": [os.path.abspath(record) for record in records], "dpi": dpi}
     written, skipped = [], dict(problems)
     with output_dir(out_dir, command="plot", settings=settings, overwrite=overwrite, flag="--out-dir",
@@ -462,7 +474,7 @@ def plot_wfdb_records(
         for record in records:
             if record in problems:
                 continue
-            name = os.path.basename(headers[record][:-4])
+            name = names[record]
             try:
                 ecg = read_record(record)
                 conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
