@@ -603,6 +603,16 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_readable_one(tmp_p
     checkpoints = tmp_path / "checkpoints"
     for data in (checkpoints / "8").rglob("d/*"):
         data.write_bytes(b"")  # the newest checkpoint lost its data (a full disk, a half-copied folder)
+    # A reader (`train --export-only`, maybe beside the training that owns the folder) falls back the same way but
+    # renames nothing: the folder is the training's.
+    manager = loop.checkpoint_manager(checkpoints, 5, async_save=False)
+    abstract, _ = loop.abstract_state(tiny_task(), mesh, 0, False)
+    with caplog.at_level("WARNING"):
+        assert loop.restore_latest(manager, abstract, set_aside=False)[2] == 4
+    manager.close()
+    assert "step(s) 8 left as they are" in caplog.text
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["4", "8"]
+    caplog.clear()
     with caplog.at_level("WARNING"):
         result = loop.train(tiny_task(), tiny_config(num_steps=12, checkpoint_every=4), tmp_path, batches_from(16),
                             None, mesh=mesh)

@@ -17,7 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.slow
-def test_train_clip_cli_end_to_end_then_resume_and_export(tmp_path):
+def test_train_clip_cli_end_to_end_then_resume_and_export(tmp_path, capsys):
     builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
     workdir = tmp_path / "run"
     args = ["train", "clip", "--config", str(CONFIGS / "demo_clip.py"), "--workdir", str(workdir),
@@ -57,6 +57,23 @@ def test_train_clip_cli_end_to_end_then_resume_and_export(tmp_path):
     manager.close()
     assert position["step"] == 6 and position["examples_seen"] == 48
     assert json.loads((workdir / "dataset_build.json").read_text())["dataset"] == str(Path(builder.data_dir).resolve())
+
+    # --export-only: the latest checkpoint into another model directory, as the run's config says; a reader, so a
+    # config that does not fit or another model's workdir is refused and the checkpoints are left as they are.
+    checkpoints = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    exported = tmp_path / "exported"
+    assert cli.main(["train", "clip", "--config", str(workdir / "config.json"), "--workdir", str(workdir),
+                     "--export-only", "--model-dir", str(exported)]) == 0
+    assert read_index(exported).components["clip"]["provenance"]["run"]["step"] == 6
+    capsys.readouterr()
+    assert cli.main([*args, "--export-only", "--model-dir", str(tmp_path / "other"), "--config.model.filters=(16,)"]) == 2
+    assert (f"with another config than the run's they do not fit; export with the one it saved, --config "
+            f"{workdir / 'config.json'}") in capsys.readouterr().err
+    assert cli.main(["train", "vae", "--config", str(CONFIGS / "demo_vae.py"), "--workdir", str(workdir),
+                     "--export-only", "--model-dir", str(tmp_path / "other")]) == 2
+    assert "holds a diffusets-jax train clip run, not train vae" in capsys.readouterr().err
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == checkpoints
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_training_does_not_resume_on_another_build_of_its_dataset(tmp_path):

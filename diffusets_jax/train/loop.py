@@ -262,12 +262,15 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> t
     return restored.state, dict(restored.data)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract: Any) -> tuple[TrainState, dict[str, Any], int] | None:
+def restore_latest(manager: ocp.CheckpointManager, abstract: Any, *, set_aside: bool = True
+                   ) -> tuple[TrainState, dict[str, Any], int] | None:
     """`(state, data position, step)` of the newest checkpoint that can be read; None when there is none.
 
     A checkpoint that cannot be read (a truncated or missing file) is reported with its step and the reason, and
-    the next older one is tried. The unreadable ones are then renamed `unreadable-<step>` (kept, not deleted) so
-    the run can save those steps again. When none can be read: one line saying what to do.
+    the next older one is tried. With `set_aside` (the run resuming in its own workdir) the unreadable ones are then
+    renamed `unreadable-<step>` (kept, not deleted) so the run can save those steps again; a reader (`--export-only`,
+    perhaps beside the training that owns the folder) leaves them as they are. When none can be read: one line
+    saying what to do.
     """
     directory = Path(manager.directory)
     failed: list[tuple[int, str]] = []
@@ -280,16 +283,19 @@ def restore_latest(manager: ocp.CheckpointManager, abstract: Any) -> tuple[Train
             log.warning("checkpoint step %d in %s cannot be read (%s); trying the next older one", step, directory,
                         failed[-1][1])
             continue
-        if failed:
+        if failed and set_aside:
             _set_aside(manager, [s for s, _ in failed])
             log.warning("resuming from step %d, the newest readable checkpoint; unreadable step(s) %s kept as %s",
                         step, ", ".join(str(s) for s, _ in failed),
                         ", ".join(f"unreadable-{s}" for s, _ in failed))
+        elif failed:
+            log.warning("reading step %d, the newest readable checkpoint; step(s) %s left as they are", step,
+                        ", ".join(str(s) for s, _ in failed))
         return state, position, step
     if failed:
         reasons = "; ".join(f"step {s}: {why}" for s, why in failed)
-        raise ValueError(f"no checkpoint in {directory} can be read ({reasons}): restore the folder from a backup, "
-                         "or move it away to train from scratch")
+        advice = ": restore the folder from a backup, or move it away to train from scratch" if set_aside else ""
+        raise ValueError(f"no checkpoint in {directory} can be read ({reasons}){advice}")
     return None
 
 

@@ -377,6 +377,8 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
 
     For exporting a run that is still going or was preempted; `run_training` exports by itself at the end.
     """
+    from diffusets_jax.io.files import read_json
+    from diffusets_jax.io.run_dir import RUN_FILE
     from diffusets_jax.train.loop import abstract_state, checkpoint_manager, restore_latest
 
     check_model_kind(model, config)
@@ -385,6 +387,10 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
     model_dirs.check_component_writable(model_dir, model, workdir=workdir, overwrite=overwrite)
     if not (workdir / "checkpoints").is_dir():  # before Orbax would create it in a folder that is not a run
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
+    run = read_json(workdir / RUN_FILE, "run record") if (workdir / RUN_FILE).is_file() else {}
+    if run.get("command", f"train {model}") != f"train {model}":  # its checkpoints are another model's
+        raise ValueError(f"--workdir {workdir} holds a diffusets-jax {run['command']} run, not train {model}: export "
+                         f"it with `diffusets-jax {run['command']} --export-only`, or give the {model} run's workdir")
     manager = checkpoint_manager(workdir / "checkpoints", int(config.train.keep_checkpoints), async_save=False)
     if manager.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
@@ -396,6 +402,11 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
     task = make_task(model, config, max(int(config.train.num_steps), 1))
     mesh = parallel.mesh_from_config(config.mesh)
     abstract, _ = abstract_state(task, mesh, int(config.train.seed), float(config.train.ema_decay) > 0)
-    state, _, step = restore_latest(manager, abstract)
-    manager.close()
+    try:  # a reader: the checkpoints stay as they are, whatever it finds (the training may be running)
+        state, _, step = restore_latest(manager, abstract, set_aside=False)
+    except ValueError as err:
+        raise ValueError(f"{err}: with another config than the run's they do not fit; export with the one it "
+                         f"saved, --config {workdir / 'config.json'}") from None
+    finally:
+        manager.close()
     return export_state(model, task, config, state, step, workdir, model_dir, dataset, builder, overwrite=overwrite)
