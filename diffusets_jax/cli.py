@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -1262,6 +1262,25 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
+class _PrintVersion(argparse.Action):
+    """--version: the version, and the git commit when run from a checkout (what to cite). Computed only when
+    asked: finding the commit runs git, which no command needs."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        from diffusets_jax import __version__
+        from diffusets_jax.provenance import code_version
+
+        code = code_version()
+        commit = code["git_commit"]
+        dirty = ", with uncommitted changes" if code["git_dirty"] else ""
+        where = f" (git {commit[:12]}{dirty})" if commit else ""
+        print(f"diffusets-jax {code['package_version'] or __version__}{where}")
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="diffusets-jax",
@@ -1275,6 +1294,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action=_PrintVersion,
+                        help="print the version (and the git commit, from a checkout) to cite, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in COMMANDS:
         register(sub)

@@ -15,3 +15,20 @@ def test_unknown_command_is_an_error():
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["no-such-command"])
     assert exc.value.code == 2
+
+
+def test_version_names_the_package_version_and_the_commit_to_cite(capsys):
+    import subprocess
+    from pathlib import Path
+
+    from diffusets_jax import __version__
+    from tests.helpers.cli import exit_code
+
+    assert exit_code(["--version"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(f"diffusets-jax {__version__}")
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / ".git").exists():  # run from a checkout: the commit, as stamped into every artifact
+        head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        assert f"(git {head[:12]}" in printed
