@@ -148,9 +148,36 @@ class ECGGenerator:
         Each distinct prompt is embedded once. On several hosts process 0 embeds and the others receive the
         vectors, so a paid API is asked once per prompt, not once per host.
         """
+        unique = list(dict.fromkeys(prompts))
+        position = {p: i for i, p in enumerate(unique)}
+        return self._embed_distinct(unique)[[position[p] for p in prompts]]
+
+    def prompt_embeddings(self, conditions: Sequence[Condition], batches: Sequence[int] | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """`(table (u, text_dim), row (n,))` for `expand(conditions)`: ECG i's prompt embedding is `table[row[i]]`.
+
+        Only the prompts of `batches` (of `batch_size` ECGs; default all) are embedded, each distinct prompt once,
+        and each is kept once: a corpus of a million ECGs from a few conditions holds a few vectors, where one per
+        ECG took 6 GB of host memory at the published 1536 dimensions. `row` is -1 for ECGs outside `batches`.
+        """
+        owner = np.repeat(np.arange(len(conditions)), [c.count for c in conditions])  # ECG -> its condition
+        wanted = np.ones(len(owner), bool)
+        if batches is not None:
+            wanted[:] = False
+            for index in batches:
+                wanted[index * self.batch_size : (index + 1) * self.batch_size] = True
+        needed = np.unique(owner[wanted])
+        prompts = [self.prompt(conditions[k]) for k in needed]
+        unique = list(dict.fromkeys(prompts))
+        position = {p: i for i, p in enumerate(unique)}
+        row_of_condition = np.full(len(conditions), -1, np.int64)
+        row_of_condition[needed] = [position[p] for p in prompts]
+        return self._embed_distinct(unique), row_of_condition[owner]
+
+    def _embed_distinct(self, unique: Sequence[str]) -> np.ndarray:
+        """Embeddings `(len(unique), text_dim)` of distinct prompts (process 0 asks; every host receives them)."""
         from diffusets_jax.conditioning.cache import EmbeddingCache, embed_with_cache
 
-        unique = list(dict.fromkeys(prompts))
         table = np.zeros((len(unique), self.unet.text_dim), np.float32)
         if jax.process_index() == 0:
             if self.embedding_cache is None:
@@ -162,8 +189,7 @@ class ECGGenerator:
             from jax.experimental import multihost_utils
 
             table = np.asarray(multihost_utils.broadcast_one_to_all(table))
-        position = {p: i for i, p in enumerate(unique)}
-        return table[[position[p] for p in prompts]]
+        return table
 
     def condition_arrays(self, conditions: Sequence[Condition], text_embedding: np.ndarray) -> dict[str, np.ndarray]:
         features = patient_features([c.sex for c in conditions], [c.age for c in conditions],
@@ -228,17 +254,14 @@ class ECGGenerator:
         total = -(-len(items) // self.batch_size)
         todo = list(range(total) if batches is None else batches)
         wanted = [todo[i] for i in parallel.process_share(len(todo))]
-        prompts = [self.prompt(c) for c in items]
         if text_embeddings is None:
-            # The prompts of every batch still to do (a resumed run skips the rest), the same list on every host.
-            rows = sorted({i for b in todo for i in range(b * self.batch_size, min(len(items), (b + 1) * self.batch_size))})
-            embeddings = np.zeros((len(items), self.unet.text_dim), np.float32)
-            if rows:
-                embeddings[rows] = self.embed([prompts[i] for i in rows])
+            # The prompts of every batch still to do (a resumed run skips the rest), the same on every host.
+            table, row = self.prompt_embeddings(conditions, todo)
         else:
-            embeddings = np.asarray(text_embeddings, np.float32)
-            if embeddings.shape != (len(items), self.unet.text_dim):
-                raise ValueError(f"text_embeddings: expected ({len(items)}, {self.unet.text_dim}), got {embeddings.shape}")
+            table = np.asarray(text_embeddings, np.float32)
+            if table.shape != (len(items), self.unet.text_dim):
+                raise ValueError(f"text_embeddings: expected ({len(items)}, {self.unet.text_dim}), got {table.shape}")
+            row = np.arange(len(items))
         bar = None
         if progress:
             bar = progress_bar(sum(min(self.batch_size, len(items) - b * self.batch_size) for b in wanted),
@@ -247,14 +270,14 @@ class ECGGenerator:
             for index in wanted:
                 start = index * self.batch_size
                 chunk = items[start : start + self.batch_size]
-                cond = self.condition_arrays(chunk, embeddings[start : start + len(chunk)])
+                cond = self.condition_arrays(chunk, table[row[start : start + len(chunk)]])
                 began = time.perf_counter()
                 ecgs = self.generate_batch(cond, index)
                 if bar is not None:
                     bar.update(len(chunk))
                     bar.set_postfix(ecg_per_s=f"{len(chunk) / (time.perf_counter() - began):.2f}",
                                     refresh=False)  # drawn at the bar's pace, not once per batch in a log file
-                yield GeneratedBatch(index, start, chunk, prompts[start : start + len(chunk)], ecgs)
+                yield GeneratedBatch(index, start, chunk, [self.prompt(c) for c in chunk], ecgs)
         finally:
             if bar is not None:
                 bar.close()

@@ -63,6 +63,24 @@ def test_prompts_reach_the_recorded_embedder_in_the_recorded_style(model_dir, op
                                     "As a supplementary condition, the 2nd diagnosis is {Normal ECG}."]]
 
 
+def test_prompt_embeddings_are_kept_once_per_distinct_prompt_however_many_ecgs(model_dir, openai_env):
+    """A corpus of millions of ECGs from a few conditions held one vector per ECG (6 GB of host memory per million
+    at the published 1536 dimensions): the table holds each distinct prompt once, ECGs point into it."""
+    gen = ECGGenerator(model_dir, sampler_config("ddim", steps=2), batch_size=8)
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 100_000), make_condition("Sinus rhythm", "M", 70, 80, 3),
+                  make_condition("Atrial fibrillation", "M", 80, 110, 5)]
+    openai_env.received.clear()
+    table, row = gen.prompt_embeddings(conditions)
+    assert table.shape == (2, TEXT_DIM) and row.shape == (100_008,)  # two conditions share the first prompt
+    assert sorted(len(request) for request in openai_env.received) == [2]  # each distinct prompt asked for once
+    expected = gen.embed([gen.prompt(c) for c in conditions])
+    np.testing.assert_array_equal(table[row[[0, 99_999, 100_000, 100_002, 100_003, 100_007]]], expected[[0, 0, 1, 1, 2, 2]])
+    # Only the batches asked for are embedded (a resumed run): here the last one, eight ECGs of two conditions.
+    openai_env.received.clear()
+    table, row = gen.prompt_embeddings(conditions, batches=[100_007 // 8])
+    assert len(table) == 2 and (row[:100_000] == -1).all() and (row[100_000:] >= 0).all()
+
+
 def test_directories_whose_parts_do_not_fit_are_refused(model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ECGGenerator(tmp_path / "absent")

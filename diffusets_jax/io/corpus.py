@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from diffusets_jax import parallel
 from diffusets_jax.conditioning.requests import Condition, expand
@@ -70,9 +69,10 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
         todo = [s for s in range(num_shards) if not (paths[s].exists() and _counts_path(run.path, s).exists())]
         todo = sorted(set().union(*map(set, parallel.allgather_objects(todo))))  # what any host still lacks
         mine = [todo[i] for i in parallel.process_share(len(todo))]
-        # The prompts of every shard still to write, embedded once (the same list on every host).
-        rows = [i for s in todo for i in range(s * shard_size, min(len(items), (s + 1) * shard_size))]
-        vectors_of = dict(zip(rows, generator.embed([generator.prompt(items[i]) for i in rows]), strict=True))
+        # The prompts of every shard still to write, each distinct one embedded and kept once (the same on every
+        # host): a corpus of millions of ECGs holds its few prompt vectors, not one per ECG.
+        per_shard = shard_size // batch
+        table, row = generator.prompt_embeddings(conditions, [s * per_shard + b for s in todo for b in range(per_shard)])
         bar = progress_bar(sum(requested[s] for s in mine), desc="corpus", unit="ECG", disable=not progress)
         (run.path / _COUNTS).mkdir(exist_ok=True)
         for shard in mine:
@@ -82,7 +82,7 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
                 lo, hi = shard * shard_size, min(len(items), (shard + 1) * shard_size)
                 for start in range(lo, hi, batch):
                     chunk = items[start : min(hi, start + batch)]
-                    vectors = np.stack([vectors_of[i] for i in range(start, start + len(chunk))])
+                    vectors = table[row[start : start + len(chunk)]]
                     ecgs = generator.generate_batch(generator.condition_arrays(chunk, vectors), start // batch)
                     for offset, (condition, ecg) in enumerate(zip(chunk, ecgs, strict=True)):
                         if reason := non_finite_reason(ecg):
