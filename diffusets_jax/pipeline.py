@@ -179,6 +179,8 @@ class ECGGenerator:
         from diffusets_jax.conditioning.cache import EmbeddingCache, embed_with_cache
 
         table = np.zeros((len(unique), self.unet.text_dim), np.float32)
+        if not unique:  # nothing left to generate (a finished run resumed): no request, on any host
+            return table
         if jax.process_index() == 0:
             if self.embedding_cache is None:
                 table = np.asarray(self.embedder().embed(unique), np.float32)

@@ -79,6 +79,10 @@ def test_prompt_embeddings_are_kept_once_per_distinct_prompt_however_many_ecgs(m
     openai_env.received.clear()
     table, row = gen.prompt_embeddings(conditions, batches=[100_007 // 8])
     assert len(table) == 2 and (row[:100_000] == -1).all() and (row[100_000:] >= 0).all()
+    # A finished run resumed: nothing to ask for, and the embedder (a local model's weights) is not even loaded.
+    fresh = ECGGenerator(model_dir, sampler_config("ddim", steps=2), batch_size=8)
+    table, row = fresh.prompt_embeddings(conditions, batches=[])
+    assert table.shape == (0, TEXT_DIM) and (row == -1).all() and fresh._embedder is None
 
 
 def test_directories_whose_parts_do_not_fit_are_refused(model_dir, tmp_path):
