@@ -118,6 +118,23 @@ def test_reconstruct_eval_refuses_bad_settings_before_loading(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("splits,expected", [
+    (("validation", "validation"), "--train-split and --test-split are both 'validation': the regression and mean "
+                                   "baselines would be fitted on the records they are scored on"),
+    (("all", "test"), "--train-split all: dataset 'tiny_ecg' has no such split"),
+    (("train", "tset"), "--test-split tset: dataset 'tiny_ecg' has no such split"),
+])
+def test_the_baselines_are_never_fitted_on_the_records_they_are_scored_on(dataset, tmp_path, capsys, splits,
+                                                                         expected):
+    """The same split (or `all`, which holds the test records) for both ran, and scored baselines fitted on their
+    own test records; a split the dataset lacks was found after --out was claimed."""
+    out = tmp_path / "out"
+    assert main(["reconstruct-eval", "--dataset", dataset.data_dir, "--train-split", splits[0], "--test-split",
+                 splits[1], "--out", str(out)]) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_dataset_prepared_again_at_the_same_path_is_another_input(dataset, tmp_path, capsys):
     """The finished run was recognised by the dataset's path alone: after `prepare --overwrite` rebuilt it from other
     records, the same command returned the old report. The dataset card's fingerprint is now in the settings."""

@@ -242,6 +242,14 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
     from diffusets_jax.experiments.evaluate import ecg_dataset, load_split
 
     builder = ecg_dataset(dataset, data_dir)  # another kind of dataset is refused before --out is claimed
+    for flag, split in (("--train-split", train_split), ("--test-split", test_split)):
+        if split not in builder.info.splits:
+            raise ValueError(f"{flag} {split}: dataset {builder.name!r} has no such split; it has "
+                             f"{', '.join(sorted(builder.info.splits))} (one split each: the baselines are fitted on "
+                             "--train-split and everything is scored on --test-split)")
+    if train_split == test_split:
+        raise ValueError(f"--train-split and --test-split are both {train_split!r}: the regression and mean "
+                         "baselines would be fitted on the records they are scored on; give two different splits")
     settings = {"model_dir": None if model_dir is None else os.path.abspath(model_dir), "dataset": os.fspath(dataset),
                 "dataset_card": card_fingerprint(builder),  # another build at this path: not this finished run
                 "data_dir": None if data_dir is None else os.path.abspath(data_dir), "train_split": train_split,
