@@ -39,6 +39,15 @@ def dataset(tmp_path_factory):
     return tiny_ecg_dataset.build(str(tmp_path_factory.mktemp("tfds")))
 
 
+def test_a_split_read_without_its_ecgs_has_the_same_conditions(dataset):
+    """Choosing records (turing-conditions) needs the conditions, not the split's ECGs (39 GB for MIMIC-IV-ECG)."""
+    full = ev.load_split(dataset.data_dir, "validation", limit=9)
+    light = ev.load_split(dataset.data_dir, "validation", limit=9, with_ecg=False)
+    assert light["ecg"] is None and full["ecg"].shape == (9, 1024, 12)
+    for key in ev.SPLIT_COLUMNS[1:]:
+        assert np.array_equal(np.asarray(light[key], dtype=object), np.asarray(full[key], dtype=object)), key
+
+
 def test_score_puts_each_metric_at_the_papers_level(clip):
     rng = np.random.default_rng(0)
     rates = rng.uniform(55, 110, 12)

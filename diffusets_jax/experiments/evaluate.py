@@ -107,9 +107,10 @@ def ecg_dataset(dataset: str | os.PathLike, data_dir: str | os.PathLike | None =
 
 
 def load_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
-               limit: int | None = None) -> dict[str, Any]:
+               limit: int | None = None, with_ecg: bool = True) -> dict[str, Any]:
     """Read a prepared split into host arrays: ecg (n, 1024, 12), text_embedding, sex, age, heart_rate, subject_id,
-    prompt and report_lines (`limit`: the first n examples, in the dataset's stored order)."""
+    prompt and report_lines (`limit`: the first n examples, in the dataset's stored order). `with_ecg=False`: the
+    conditions alone, for choosing records (ecg is then None)."""
     import tensorflow_datasets as tfds
 
     builder = ecg_dataset(dataset, data_dir)
@@ -118,6 +119,9 @@ def load_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.Pat
     ds = builder.as_dataset(split=split, shuffle_files=False)
     if limit:
         ds = ds.take(limit)
+    if not with_ecg:
+        kept = [k for k in SPLIT_COLUMNS if k != "ecg"]
+        ds = ds.map(lambda example: {k: example[k] for k in kept})
     # The ECGs (49 KB each; 39 GB for all of MIMIC-IV-ECG) go straight into one array of the split's size: a list
     # of per-example arrays stacked at the end held them twice.
     splits = builder.info.splits
@@ -127,11 +131,12 @@ def load_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.Pat
     columns: dict[str, list] = {k: [] for k in SPLIT_COLUMNS if k != "ecg"}
     count = 0
     for example in tfds.as_numpy(ds):
-        if ecg is None:
-            ecg = np.empty((max(size, 1), *example["ecg"].shape), example["ecg"].dtype)
-        if count == len(ecg):  # more examples than the metadata says: grow rather than fail
-            ecg = np.concatenate([ecg, np.empty_like(ecg)])
-        ecg[count] = example["ecg"]
+        if with_ecg:
+            if ecg is None:
+                ecg = np.empty((max(size, 1), *example["ecg"].shape), example["ecg"].dtype)
+            if count == len(ecg):  # more examples than the metadata says: grow rather than fail
+                ecg = np.concatenate([ecg, np.empty_like(ecg)])
+            ecg[count] = example["ecg"]
         count += 1
         for key in columns:
             value = example[key]
@@ -140,10 +145,10 @@ def load_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.Pat
             elif key == "report_lines":
                 value = tuple(line.decode() for line in value)
             columns[key].append(value)
-    if ecg is None or not count:
+    if not count:
         raise ValueError(f"split {split!r} of {builder.name!r} is empty")
-    return {"ecg": ecg[:count], **{k: (np.stack(v) if k not in ("prompt", "report_lines") else v)
-                                   for k, v in columns.items()}}
+    return {"ecg": None if ecg is None else ecg[:count],
+            **{k: (np.stack(v) if k not in ("prompt", "report_lines") else v) for k, v in columns.items()}}
 
 
 def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike | None) -> tuple[Any, Any]:

@@ -154,17 +154,20 @@ def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str 
 
     columns = load_split(dataset, split, data_dir=data_dir, limit=limit)
     ecg = _check_ecg_array(np.asarray(columns["ecg"]), f"dataset {dataset} split {split}")
-    conditions: list[dict[str, Any] | None] = [
-        _condition(report_lines(list(lines)), sex.item(), age.item(), hr.item(), where=f"split {split} [{i}]")
-        for i, (lines, sex, age, hr) in enumerate(zip(columns["report_lines"], columns["sex"], columns["age"],
-                                                     columns["heart_rate"], strict=True))
-    ]
+    conditions: list[dict[str, Any] | None] = _split_conditions(columns, split)
     from diffusets_jax.data.card import card_fingerprint
     from diffusets_jax.experiments.evaluate import ecg_dataset
 
     return EcgSet(ecg, conditions, {"dataset": os.fspath(dataset), "split": split,
                                     "data_dir": None if data_dir is None else os.fspath(data_dir), "limit": limit,
                                     "card": card_fingerprint(ecg_dataset(dataset, data_dir))})
+
+
+def _split_conditions(columns: Mapping[str, Any], split: str) -> list[dict[str, Any] | None]:
+    """Each record's conditions, from `load_split`'s columns."""
+    return [_condition(report_lines(list(lines)), sex.item(), age.item(), hr.item(), where=f"split {split} [{i}]")
+            for i, (lines, sex, age, hr) in enumerate(zip(columns["report_lines"], columns["sex"], columns["age"],
+                                                         columns["heart_rate"], strict=True))]
 
 
 def _condition_key(condition: Mapping[str, Any] | None) -> tuple | None:
@@ -480,17 +483,20 @@ def write_split_conditions(
         raise ValueError(f"count must be >= 1, got {count}")
     if seed < 0:  # NumPy's generators take non-negative seeds of any size
         raise ValueError(f"--seed must be a whole number >= 0, got {seed}")
-    real = load_dataset_split(dataset, split, data_dir=data_dir, limit=limit)
-    usable = np.array([i for i, c in enumerate(real.conditions) if c["report"]
+    from diffusets_jax.experiments.evaluate import load_split
+
+    # The conditions alone: the split's ECGs (39 GB for all of MIMIC-IV-ECG) are not needed to choose records.
+    conditions = _split_conditions(load_split(dataset, split, data_dir=data_dir, limit=limit, with_ecg=False), split)
+    usable = np.array([i for i, c in enumerate(conditions) if c["report"]
                        and not any(LINE_SEPARATOR in line for line in c["report"])], dtype=np.int64)
     chosen = _pick(np.random.default_rng(seed), usable, count, "records",
-                   f"{len(real.conditions) - len(usable)} of {len(real.conditions)} have no report or a '|' in one",
+                   f"{len(conditions) - len(usable)} of {len(conditions)} have no report or a '|' in one",
                    "the count")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["text", "sex", "age", "heart_rate"])
     for i in chosen.tolist():
-        c = real.conditions[i]
+        c = conditions[i]
         # repr: the exact stored values, so the generated ECGs' conditions match their records' in build_kit.
         writer.writerow([LINE_SEPARATOR.join(c["report"]), "M" if c["sex"] else "F", repr(c["age"]),
                          repr(c["heart_rate"])])
@@ -500,5 +506,5 @@ def write_split_conditions(
     except FileExistsError:
         raise ValueError(f"{str(out)!r} appeared while writing: it was left untouched") from None
     return {"out": str(out), "records": len(chosen), "split": split, "seed": seed,
-            "left_out_without_report": len(real.conditions) - len(usable)}
+            "left_out_without_report": len(conditions) - len(usable)}
 
