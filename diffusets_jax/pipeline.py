@@ -158,7 +158,7 @@ class ECGGenerator:
 
         Only the prompts of `batches` (of `batch_size` ECGs; default all) are embedded, each distinct prompt once,
         and each is kept once: a corpus of a million ECGs from a few conditions holds a few vectors, where one per
-        ECG took 6 GB of host memory at the published 1536 dimensions. `row` is -1 for ECGs outside `batches`.
+        ECG is 6 GB at the published 1536 dimensions (1e6 x 1536 float32). `row` is -1 for ECGs outside `batches`.
         """
         owner = np.repeat(np.arange(len(conditions)), [c.count for c in conditions])  # ECG -> its condition
         wanted = np.ones(len(owner), bool)

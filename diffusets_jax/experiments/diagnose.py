@@ -545,7 +545,8 @@ def diagnose(model_dir: str | os.PathLike, latents: str | os.PathLike, out_dir: 
     components = {name: {k: entry.get(k) for k in ("uid", "vae_uid") if k in entry}
                   for name, entry in index.components.items()}
     settings = {"model_dir": os.path.abspath(model_dir), "components": components,
-                "latents": os.path.abspath(latents), "latents_card": card_fingerprint(inputs.builder), "split": split, "n": n, "timesteps": list(inputs.timesteps),
+                "latents": os.path.abspath(latents), "latents_card": card_fingerprint(inputs.builder), "split": split,
+                "n": n, "timesteps": list(inputs.timesteps),
                 "seed": seed, "batch_size": batch_size, "sampler": dataclasses.asdict(sampler), "tolerance": tolerance}
     reads = [("--model-dir", model_dir), ("--latents", inputs.builder.data_dir)]
     with output_dir(out_dir, command="diagnose", settings=settings, overwrite=overwrite, reads=reads) as run:

@@ -106,11 +106,12 @@ def ecg_dataset(dataset: str | os.PathLike, data_dir: str | os.PathLike | None =
     return builder
 
 
-def load_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
+def load_split(dataset: Any, split: str, *, data_dir: str | os.PathLike | None = None,
                limit: int | None = None, with_ecg: bool = True) -> dict[str, Any]:
     """Read a prepared split into host arrays: ecg (n, 1024, 12), text_embedding, sex, age, heart_rate, subject_id,
     prompt and report_lines (`limit`: the first n examples, in the dataset's stored order). `with_ecg=False`: the
-    conditions alone, for choosing records (ecg is then None)."""
+    conditions alone, for choosing records (ecg is then None). `dataset`: a folder, a TFDS name with `data_dir`,
+    or a builder `ecg_dataset` returned (not opened again)."""
     import tensorflow_datasets as tfds
 
     builder = ecg_dataset(dataset, data_dir)

@@ -266,8 +266,8 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
     with output_dir(out, command="reconstruct-eval", settings=settings, overwrite=overwrite, reads=reads) as run:
         if run.complete:
             return read_json(run.path / "report.json", "reconstruction report")
-        train = load_split(dataset, train_split, data_dir=data_dir, limit=train_limit)
-        test = load_split(dataset, test_split, data_dir=data_dir, limit=limit)
+        train = load_split(builder, train_split, limit=train_limit)  # the builder checked above, not opened again
+        test = load_split(builder, test_split, limit=limit)
         if generator is not None and test["text_embedding"].shape[1] != generator.unet.text_dim:
             raise ValueError(f"{dataset}: text embeddings of width {test['text_embedding'].shape[1]} do not fit the "
                              f"U-Net of {model_dir} (width {generator.unet.text_dim}); use the dataset it was trained on")

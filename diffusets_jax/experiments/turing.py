@@ -150,17 +150,16 @@ def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str 
                        limit: int | None = None) -> EcgSet:
     """Real ECGs and their conditions from a prepared dataset split (`experiments.evaluate.load_split`: the whole
     split is read into memory; `limit` reads only its first examples)."""
-    from diffusets_jax.experiments.evaluate import load_split
+    from diffusets_jax.data.card import card_fingerprint
+    from diffusets_jax.experiments.evaluate import ecg_dataset, load_split
 
-    columns = load_split(dataset, split, data_dir=data_dir, limit=limit)
+    builder = ecg_dataset(dataset, data_dir)  # opened once: read, and fingerprinted
+    columns = load_split(builder, split, limit=limit)
     ecg = _check_ecg_array(np.asarray(columns["ecg"]), f"dataset {dataset} split {split}")
     conditions: list[dict[str, Any] | None] = _split_conditions(columns, split)
-    from diffusets_jax.data.card import card_fingerprint
-    from diffusets_jax.experiments.evaluate import ecg_dataset
-
     return EcgSet(ecg, conditions, {"dataset": os.fspath(dataset), "split": split,
                                     "data_dir": None if data_dir is None else os.fspath(data_dir), "limit": limit,
-                                    "card": card_fingerprint(ecg_dataset(dataset, data_dir))})
+                                    "card": card_fingerprint(builder)})
 
 
 def _split_conditions(columns: Mapping[str, Any], split: str) -> list[dict[str, Any] | None]:
