@@ -86,6 +86,39 @@ def test_a_crashed_run_resumes_and_completes_identically(generator, tmp_path):
     assert resumed["count"] == reference["count"] == 11
 
 
+OLD_CODE = {"package_version": "0.0.1", "git_commit": "0123456789abcdef", "git_dirty": False}
+
+
+def as_if_written_by_old_code(out, part=None, count=None):
+    """Pretend the crashed run in `out` was begun under an older diffusets-jax: its record and its `part` (a batch's
+    NPZ) or `count` (a corpus shard's count) say so."""
+    from diffusets_jax.io.files import read_json, write_json_atomic
+
+    write_json_atomic(out / RUN_FILE, {**read_json(out / RUN_FILE, "run record"), "code": OLD_CODE})
+    if part is not None:
+        with np.load(part) as data:
+            arrays = dict(data)
+        np.savez_compressed(part, **{**arrays, "code": np.array(json.dumps(OLD_CODE, sort_keys=True))})
+    if count is not None:
+        write_json_atomic(count, {**read_json(count, "count"), "code": OLD_CODE})
+
+
+def test_a_run_resumed_by_other_code_says_which_samples_each_version_wrote(generator, tmp_path, capsys):
+    from diffusets_jax.provenance import code_version
+
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 11)]
+    assert "samples_by_code" not in sample_to_directory(generator, conditions, tmp_path / "ref", formats=["npz"],
+                                                        progress=False)
+    crash_after_the_first_batch(generator, conditions, tmp_path / "out")
+    as_if_written_by_old_code(tmp_path / "out", part=tmp_path / "out" / ".parts" / "batch-000000.npz")
+    manifest = sample_to_directory(generator, conditions, tmp_path / "out", formats=["npz"], progress=False)
+    assert "is resumed by" in capsys.readouterr().err
+    assert manifest["samples_by_code"] == [
+        {"code": OLD_CODE, "samples": [f"sample_{i:05d}" for i in range(8)]},
+        {"code": code_version(), "samples": ["sample_00008", "sample_00009", "sample_00010"]}]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["samples_by_code"] == manifest["samples_by_code"]
+
+
 def test_a_non_finite_ecg_is_skipped_in_every_format_and_counted(generator, tmp_path):
     conditions = [make_condition("Sinus rhythm", "F", 40, 60, 5), make_condition("Atrial fibrillation", "M", 70, 95, 6)]
     clean = sample_to_directory(generator, conditions, tmp_path / "clean", formats=["npz"], progress=False)
@@ -247,6 +280,23 @@ def test_corpus_is_resumable_refuses_other_settings_and_reads_back_with_tfds(gen
     assert sorted(int(e["sex"]) for e in examples) == [0] * 10 + [1] * 7
     card = read_card(builder)
     assert card["kind"] == "corpus" and card["conditioning"]["embedder"]["dim"] == TEXT_DIM
+
+
+def test_a_corpus_resumed_by_other_code_says_which_shards_each_version_wrote(generator, tmp_path):
+    from diffusets_jax.data.card import read_card
+    from diffusets_jax.provenance import code_version
+
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 17)]
+    out = tmp_path / "corpus"
+    write_corpus(generator, conditions, out, shard_size=8, progress=False)
+    shards = sorted(p for p in out.iterdir() if ".tfrecord-" in p.name)
+    shards[1].unlink()  # a crash lost the middle shard, and the rerun comes after an upgrade
+    as_if_written_by_old_code(out, count=out / ".shard-counts" / "shard-00000.json")
+    as_if_written_by_old_code(out, count=out / ".shard-counts" / "shard-00002.json")
+    summary = write_corpus(generator, conditions, out, shard_size=8, progress=False)
+    expected = [{"code": OLD_CODE, "shards": [0, 2]}, {"code": code_version(), "shards": [1]}]
+    assert summary["written"] == 1 and summary["shards_by_code"] == expected
+    assert read_card(out)["shards_by_code"] == expected
 
 
 def test_a_corpus_leaves_non_finite_ecgs_out_counts_them_and_resumes(generator, tmp_path):

@@ -75,3 +75,44 @@ def test_overwrite_never_replaces_the_current_or_the_home_directory(tmp_path, mo
     assert main(["plot", "missing.hea", "--out-dir", ".", "--overwrite"]) == 2
     assert "--out-dir . is the current directory" in capsys.readouterr().err
     assert os.listdir(work) == ["notes.txt"]
+
+
+OLD_CODE = {"package_version": "0.0.1", "git_commit": "0123456789abcdef", "git_dirty": False}
+
+
+def _begun_by_old_code(path):
+    """Pretend the run in `path` was begun (and crashed) under an older diffusets-jax."""
+    from diffusets_jax.io.files import read_json, write_json_atomic
+
+    record = read_json(path / RUN_FILE, "run record")
+    write_json_atomic(path / RUN_FILE, {**record, "code": OLD_CODE})
+
+
+def test_a_run_resumed_by_other_code_records_both_versions_and_says_so(tmp_path, capsys):
+    """An upgrade between a crash and the rerun: the fingerprint (settings, inputs) matches, so the run resumes,
+    but its outputs now come from two versions; before, nothing recorded that."""
+    from diffusets_jax.io.files import read_json
+    from diffusets_jax.io.run_dir import code_history
+    from diffusets_jax.provenance import code_version
+
+    out = tmp_path / "out"
+    with output_dir(out, command="sample", settings={"n": 1}) as run:
+        (run.path / "part").write_text("written by the old code")
+    _begun_by_old_code(out)
+    with output_dir(out, command="sample", settings={"n": 1}) as run:
+        assert run.resumed and code_history(run.record) == [OLD_CODE, code_version()]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert (f"--out {out} was last written by diffusets-jax 0.0.1 (commit 0123456789ab) and is resumed by "
+            "diffusets-jax ") in err and "lists both (resumed_by)" in err
+    record = read_json(out / RUN_FILE, "run record")  # on disk at once: a second crash keeps the history
+    assert code_history(record) == [OLD_CODE, code_version()] and record["resumed_by"][0]["created"]
+
+    with output_dir(out, command="sample", settings={"n": 1}) as run:  # the same code again: nothing new
+        assert code_history(run.record) == [OLD_CODE, code_version()]
+        run.mark_complete()
+    assert capsys.readouterr().err == ""
+    _begun_by_old_code(out)  # a finished run reopened by other code adds nothing to it, so records nothing
+    with output_dir(out, command="sample", settings={"n": 1}) as run:
+        assert run.complete and len(code_history(run.record)) == 2
+    assert capsys.readouterr().err == ""

@@ -20,11 +20,13 @@ the recording above each result in the PNG.
 The folder is claimed with `io.run_dir.output_dir`: a user's folder is never written into, and a rerun with the
 same settings resumes. Each finished batch leaves `.parts/batch-BBBBBB.npz` (its ECGs, written last, after its
 records), so a crash costs at most the batch in progress; the parts are merged into the NPZ at the end and
-removed (they are ours).
+removed (they are ours). Each part records the code version that wrote it: a run resumed after an upgrade lists
+which samples each version wrote (`samples_by_code` in the manifest).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -39,6 +41,7 @@ from diffusets_jax.ecg.shapes import ECG_SHAPE
 from diffusets_jax.ecg.units import non_finite_reason
 from diffusets_jax.io.files import atomic_path, read_json, write_json_atomic
 from diffusets_jax.io.run_dir import check_output_path, output_dir
+from diffusets_jax.provenance import code_version
 
 FORMATS: tuple[str, ...] = ("npz", "wfdb", "png")
 MANIFEST = "manifest.json"
@@ -137,6 +140,7 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
                                            getattr(generator, "reference", None))
             _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
                       position=np.arange(batch.start, batch.start + len(batch.conditions)),
+                      code=np.array(json.dumps(code_version(), sort_keys=True)),
                       skipped_name=np.array(list(skipped), dtype=str), skipped_why=np.array(list(skipped.values()), dtype=str))
         manifest = _finish(run.path, generator, items, total, formats, settings)
         run.mark_complete(count=manifest["count"])
@@ -164,11 +168,15 @@ def _finish(out: Path, generator: Any, items: list[Condition], total: int, forma
         mine = [p for p in seen if p.name not in earlier]
         npz_name = f"samples-{index:05d}-of-{count:05d}.npz"
     parts = mine
-    positions, ecgs, local_skipped = [], [], {}
+    positions, ecgs, local_skipped, local_codes = [], [], {}, {}
     for part in parts:
         with np.load(part) as data:
             positions.append(data["position"])
             ecgs.append(data["ecg"])
+            # Which code version generated the part: a run resumed after an upgrade holds two (`io.run_dir`); a
+            # part without one predates this record (version unknown).
+            code = str(data["code"]) if "code" in data.files else "null"
+            local_codes.setdefault(code, []).extend(int(p) for p in data["position"])
             local_skipped.update(zip(data["skipped_name"].tolist(), data["skipped_why"].tolist(), strict=True))
     positions_arr = np.concatenate(positions) if positions else np.zeros((0,), np.int64)
     ecg_arr = np.concatenate(ecgs) if ecgs else np.zeros((0, *ECG_SHAPE), np.float32)
@@ -189,11 +197,16 @@ def _finish(out: Path, generator: Any, items: list[Condition], total: int, forma
                   sex=np.array([c.sex for c in chosen], np.int32),
                   age=np.array([c.age for c in chosen], np.float32),
                   heart_rate=np.array([c.heart_rate for c in chosen], np.float32))
-    summary = {"skipped": local_skipped, "npz": npz_name if "npz" in formats and parts else None}
+    summary = {"skipped": local_skipped, "npz": npz_name if "npz" in formats and parts else None,
+               "codes": local_codes}
     gathered = parallel.allgather_objects(summary)
     parallel.barrier("sample-finished")
     shutil.rmtree(out / _PARTS, ignore_errors=True)  # our own per-batch parts, now merged
     skipped = {name: why for s in gathered for name, why in s["skipped"].items()}
+    by_code: dict[str, list[int]] = {}
+    for s in gathered:
+        for code, positions_of in s["codes"].items():
+            by_code.setdefault(code, []).extend(positions_of)
     samples = []
     for position, condition in enumerate(items):
         name = sample_name(position)
@@ -208,6 +221,9 @@ def _finish(out: Path, generator: Any, items: list[Condition], total: int, forma
                 **({"reference": generator.reference.describe()} if getattr(generator, "reference", None) else {}),
                 "skipped": skipped, "npz": [s["npz"] for s in gathered if s["npz"]],
                 "processes": len(gathered), "samples": samples}
+    if len(by_code) > 1:  # the samples came from more than one code version: say which from which
+        manifest["samples_by_code"] = [{"code": json.loads(code), "samples": [sample_name(p) for p in sorted(ps)]}
+                                       for code, ps in by_code.items()]
     if index == 0:
         write_json_atomic(out / MANIFEST, manifest)
     return manifest

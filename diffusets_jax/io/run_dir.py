@@ -12,7 +12,10 @@ Every command that writes a folder (sample, sample --corpus, evaluate, demo, the
   hidden sibling and swapped in when the command succeeds, so a failed run leaves the old folder untouched. A
   folder that is, or holds, one of the run's own inputs (`reads`: a model directory, a dataset, a conditions file)
   is refused even then: replacing it would delete what the run was made from;
-- an exclusive lock refuses a second run into the same folder while one is writing.
+- an exclusive lock refuses a second run into the same folder while one is writing;
+- a run resumed by another code version than last wrote into it still resumes (the fingerprint is of settings
+  and inputs), but the record lists each version (`resumed_by`, `code_history`) and a line says so, so its
+  outputs never mix two versions silently.
 
 An existing file where a folder should be, or a folder we cannot write, is refused the same way.
 """
@@ -27,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -225,11 +229,43 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
                 replace_folder(staging, final)  # the folder the user asked us to replace goes once ours is in place
             return
         if same:
+            existing = _record_other_code(existing, final, flag, index)
             yield RunDir(final, final, resumed=True, complete=existing.get("status") == "complete", record=existing)
             return
         if index == 0:
             write_json_atomic(final / RUN_FILE, record)
         yield RunDir(final, final, resumed=False, complete=False, record=record)
+
+
+def code_history(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every code version that wrote into the run of `record`, in order: the one that began it, then each other
+    version that resumed it (`resumed_by`)."""
+    return [record.get("code"), *(entry.get("code") for entry in record.get("resumed_by", []))]
+
+
+def _record_other_code(existing: dict[str, Any], final: Path, flag: str, index: int) -> dict[str, Any]:
+    """A run resumed by other code than last wrote into it (an upgrade between a crash and the rerun): its outputs
+    would mix two versions without a trace. The fingerprint cannot refuse this, since it is of the settings and
+    inputs, and refusing would cost days of a corpus; instead the record lists each version with when it took over
+    (`resumed_by`), a line says so now, and the outputs' summaries report the mixture (`code_history`)."""
+    current = stamp()
+    last = code_history(existing)[-1]
+    if last == current["code"] or existing.get("status") == "complete":  # a finished run gets nothing new
+        return existing
+    record = {**existing, "resumed_by": [*existing.get("resumed_by", []), current]}
+    if index == 0:
+        write_json_atomic(final / RUN_FILE, record)
+        print(f"diffusets-jax: note: {flag} {final} was last written by {_describe_code(last)} and is resumed by "
+              f"{_describe_code(current['code'])}: what this run adds comes from this version; {RUN_FILE} lists "
+              "both (resumed_by)", file=sys.stderr)
+    return record
+
+
+def _describe_code(code: dict[str, Any] | None) -> str:
+    code = code or {}
+    commit = code.get("git_commit")
+    where = f" (commit {commit[:12]}{', uncommitted changes' if code.get('git_dirty') else ''})" if commit else ""
+    return f"diffusets-jax {code.get('package_version') or 'of unknown version'}{where}"
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
