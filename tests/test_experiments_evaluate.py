@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from diffusets_jax.ecg.units import finite_ecgs
 from diffusets_jax.errors import RunFailed
 from diffusets_jax.experiments import evaluate as ev
 from diffusets_jax.experiments.keyword_rules import load_rules
@@ -46,6 +47,18 @@ def test_a_split_read_without_its_ecgs_has_the_same_conditions(dataset):
     assert light["ecg"] is None and full["ecg"].shape == (9, 1024, 12)
     for key in ev.SPLIT_COLUMNS[1:]:
         assert np.array_equal(np.asarray(light[key], dtype=object), np.asarray(full[key], dtype=object)), key
+    assert light["finite"] is None and full["finite"].tolist() == finite_ecgs(full["ecg"]).tolist()
+
+
+def test_a_split_read_for_some_rows_holds_only_their_ecgs(dataset):
+    """Choosing records, then reading only theirs: the other columns still cover the whole split."""
+    full = ev.load_split(dataset.data_dir, "validation", limit=9)
+    some = ev.load_split(dataset.data_dir, "validation", limit=9, ecg_rows=[6, 0, 3])
+    np.testing.assert_array_equal(some["ecg"], full["ecg"][[6, 0, 3]])
+    assert some["finite"].tolist() == full["finite"].tolist() and some["prompt"] == full["prompt"]
+    assert ev.load_split(dataset.data_dir, "validation", limit=9, ecg_rows=[])["ecg"].shape == (0, 1024, 12)
+    with pytest.raises(ValueError, match="has 9 examples, no row 9"):
+        ev.load_split(dataset.data_dir, "validation", limit=9, ecg_rows=[2, 9])
 
 
 def test_score_puts_each_metric_at_the_papers_level(clip):

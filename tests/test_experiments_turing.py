@@ -423,6 +423,25 @@ def tiny_dataset(tmp_path_factory) -> str:
     return str(tiny_ecg_dataset.build(str(tmp_path_factory.mktemp("tfds"))).data_dir)
 
 
+def test_a_dataset_split_is_held_only_where_a_sheet_needs_it(tiny_dataset):
+    """A kit shows a few real ECGs of a split that may hold 80,000 (4 GB for MIMIC-IV-ECG's test split): the split
+    is read for its conditions and which ECGs are usable, then only the chosen ECGs are read."""
+    from diffusets_jax.experiments.evaluate import load_split
+    from diffusets_jax.experiments.turing import SplitRows, load_dataset_split
+
+    full = load_split(tiny_dataset, "test")
+    real = load_dataset_split(tiny_dataset, "test")
+    assert isinstance(real.ecg, SplitRows) and len(real.ecg) == len(full["ecg"]) == 11
+    assert real.ecg.finite.tolist() == [True] * 11 and not real.ecg._rows
+    assert [c["report"] for c in real.conditions] == [list(lines) for lines in full["report_lines"]]
+    real.ecg.read([7, 2, 9, 2])
+    assert sorted(real.ecg._rows) == [2, 7, 9]  # the chosen rows, nothing else
+    for row in (2, 7, 9):
+        np.testing.assert_array_equal(real.ecg[row], full["ecg"][row])
+    with pytest.raises(KeyError):
+        real.ecg[0]
+
+
 @pytest.mark.slow  # builds a TFDS dataset and a tiny model, and generates with it
 def test_paper_protocol_end_to_end_conditions_sample_kit_score(tiny_dataset, tmp_path, capsys, monkeypatch):
     """The paper's protocol through the CLI: draw the conditions of some records of a split, generate from them

@@ -107,11 +107,16 @@ def ecg_dataset(dataset: str | os.PathLike, data_dir: str | os.PathLike | None =
 
 
 def load_split(dataset: Any, split: str, *, data_dir: str | os.PathLike | None = None,
-               limit: int | None = None, with_ecg: bool = True) -> dict[str, Any]:
-    """Read a prepared split into host arrays: ecg (n, 1024, 12), text_embedding, sex, age, heart_rate, subject_id,
-    prompt and report_lines (`limit`: the first n examples, in the dataset's stored order). `with_ecg=False`: the
-    conditions alone, for choosing records (ecg is then None). `dataset`: a folder, a TFDS name with `data_dir`,
-    or a builder `ecg_dataset` returned (not opened again)."""
+               limit: int | None = None, with_ecg: bool = True,
+               ecg_rows: Sequence[int] | None = None) -> dict[str, Any]:
+    """Read a prepared split into host arrays: ecg (n, 1024, 12), finite (n,) (whether each ECG has only finite
+    samples), text_embedding, sex, age, heart_rate, subject_id, prompt and report_lines (`limit`: the first n
+    examples, in the dataset's stored order). `dataset`: a folder, a TFDS name with `data_dir`, or a builder
+    `ecg_dataset` returned (not opened again).
+
+    To choose records without holding every ECG (4 GB for MIMIC-IV-ECG's test split): `with_ecg=False` reads the
+    conditions alone (ecg and finite are then None); `ecg_rows` keeps only those rows' ECGs, `(len(ecg_rows), 1024,
+    12)` in the order given, while every other column still covers the whole split."""
     import tensorflow_datasets as tfds
 
     builder = ecg_dataset(dataset, data_dir)
@@ -128,16 +133,23 @@ def load_split(dataset: Any, split: str, *, data_dir: str | os.PathLike | None =
     splits = builder.info.splits
     total = sum(info.num_examples for info in splits.values()) if split == "all" else splits[split].num_examples
     size = min(total, limit) if limit else total
+    slot = None if ecg_rows is None else {int(row): i for i, row in enumerate(ecg_rows)}  # row -> place in `ecg`
     ecg: np.ndarray | None = None
+    finite: list[bool] = []
     columns: dict[str, list] = {k: [] for k in SPLIT_COLUMNS if k != "ecg"}
     count = 0
     for example in tfds.as_numpy(ds):
         if with_ecg:
             if ecg is None:
-                ecg = np.empty((max(size, 1), *example["ecg"].shape), example["ecg"].dtype)
-            if count == len(ecg):  # more examples than the metadata says: grow rather than fail
-                ecg = np.concatenate([ecg, np.empty_like(ecg)])
-            ecg[count] = example["ecg"]
+                ecg = np.empty((max(size, 1) if slot is None else len(slot), *example["ecg"].shape),
+                               example["ecg"].dtype)
+            finite.append(bool(finite_ecgs(example["ecg"][None])[0]))
+            if slot is None:
+                if count == len(ecg):  # more examples than the metadata says: grow rather than fail
+                    ecg = np.concatenate([ecg, np.empty_like(ecg)])
+                ecg[count] = example["ecg"]
+            elif count in slot:
+                ecg[slot[count]] = example["ecg"]
         count += 1
         for key in columns:
             value = example[key]
@@ -148,7 +160,10 @@ def load_split(dataset: Any, split: str, *, data_dir: str | os.PathLike | None =
             columns[key].append(value)
     if not count:
         raise ValueError(f"split {split!r} of {builder.name!r} is empty")
-    return {"ecg": None if ecg is None else ecg[:count],
+    if slot is not None and (beyond := sorted(row for row in slot if not 0 <= row < count)):
+        raise ValueError(f"split {split!r} of {builder.name!r} has {count} examples, no row {beyond[0]}")
+    return {"ecg": None if ecg is None else ecg[:count] if slot is None else ecg[: len(slot)],
+            "finite": np.array(finite, bool) if with_ecg else None,
             **{k: (np.stack(v) if k not in ("prompt", "report_lines") else v) for k, v in columns.items()}}
 
 

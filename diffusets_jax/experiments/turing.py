@@ -86,11 +86,36 @@ ID_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: IDs are copied
 ID_LENGTH = 6
 PNG_METADATA = {"Software": None}  # no text chunks at all
 PDF_METADATA = {"Creator": None, "Producer": None, "CreationDate": None}  # an empty info dictionary
+class SplitRows:
+    """The ECGs of a prepared split, held only where a sheet needs them: indexed by the split's row like an
+    `(n, 1024, 12)` array once `read` has fetched the chosen rows. A kit shows 50 real ECGs of a split that may
+    hold 80,000 (4 GB for MIMIC-IV-ECG's test split); which ones are usable comes from a first pass that keeps
+    no ECG (`finite`), the chosen ones from a second."""
+
+    def __init__(self, builder: Any, split: str, limit: int | None, finite: np.ndarray):
+        self.builder, self.split, self.limit, self.finite = builder, split, limit, finite
+        self._rows: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.finite)
+
+    def read(self, rows: Sequence[int]) -> None:
+        """Fetch `rows`' ECGs in one pass over the split."""
+        from diffusets_jax.experiments.evaluate import load_split
+
+        rows = sorted(set(map(int, rows)))
+        ecg = load_split(self.builder, self.split, limit=self.limit, ecg_rows=rows)["ecg"]
+        self._rows = dict(zip(rows, ecg.astype(np.float32), strict=True))
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self._rows[int(row)]
+
+
 @dataclasses.dataclass(frozen=True)
 class EcgSet:
     """ECGs `(n, 1024, 12)` mV with, per ECG, the conditions it was recorded or generated with (None if unknown)."""
 
-    ecg: np.ndarray
+    ecg: np.ndarray | SplitRows
     conditions: list[dict[str, Any] | None]
     source: dict[str, Any]  # where they came from, for the key (and each sheet's source adds its index)
 
@@ -105,10 +130,15 @@ def _condition(report: Sequence[str], sex: Any, age: Any, heart_rate: Any, *, wh
     return {"report": list(report), **patient}
 
 
-def _check_ecg_array(ecg: np.ndarray, where: str) -> np.ndarray:
-    if ecg.ndim != 3 or ecg.shape[1:] != (ECG_LENGTH, NUM_LEADS) or len(ecg) == 0:
-        raise ValueError(f"{where}: ecg has shape {ecg.shape}; expected (n, {ECG_LENGTH}, {NUM_LEADS}) ECGs in mV, "
+def _check_ecg_shape(shape: tuple[int, ...], where: str) -> None:
+    """`shape` (n, 1024, 12) with n >= 1, or one line saying what was expected."""
+    if len(shape) != 3 or tuple(shape[1:]) != (ECG_LENGTH, NUM_LEADS) or shape[0] == 0:
+        raise ValueError(f"{where}: ecg has shape {tuple(shape)}; expected (n, {ECG_LENGTH}, {NUM_LEADS}) ECGs in mV, "
                          "standard lead order, 102.4 Hz, as `diffusets-jax sample` writes them")
+
+
+def _check_ecg_array(ecg: np.ndarray, where: str) -> np.ndarray:
+    _check_ecg_shape(ecg.shape, where)
     return ecg.astype(np.float32)
 
 
@@ -148,16 +178,17 @@ def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
 
 def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
                        limit: int | None = None) -> EcgSet:
-    """Real ECGs and their conditions from a prepared dataset split (`experiments.evaluate.load_split`: the whole
-    split is read into memory; `limit` reads only its first examples)."""
+    """Real ECGs and their conditions from a prepared dataset split (`experiments.evaluate.load_split`; `limit`
+    reads only its first examples): the conditions of every record, the ECGs as `SplitRows` (read once chosen)."""
     from diffusets_jax.data.card import card_fingerprint
     from diffusets_jax.experiments.evaluate import ecg_dataset, load_split
 
     builder = ecg_dataset(dataset, data_dir)  # opened once: read, and fingerprinted
-    columns = load_split(builder, split, limit=limit)
-    ecg = _check_ecg_array(np.asarray(columns["ecg"]), f"dataset {dataset} split {split}")
+    columns = load_split(builder, split, limit=limit, ecg_rows=[])  # every ECG looked at, none kept
+    _check_ecg_shape((len(columns["finite"]), *builder.info.features["ecg"].shape), f"dataset {dataset} split {split}")
     conditions: list[dict[str, Any] | None] = _split_conditions(columns, split)
-    return EcgSet(ecg, conditions, {"dataset": os.fspath(dataset), "split": split,
+    rows = SplitRows(builder, split, limit, columns["finite"])
+    return EcgSet(rows, conditions, {"dataset": os.fspath(dataset), "split": split,
                                     "data_dir": None if data_dir is None else os.fspath(data_dir), "limit": limit,
                                     "card": card_fingerprint(builder)})
 
@@ -217,8 +248,8 @@ def _draw_ids(rng: np.random.Generator, count: int) -> list[str]:
     return ids
 
 
-def _finite(ecg: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(finite_ecgs(ecg))
+def _finite(ecg: np.ndarray | SplitRows) -> np.ndarray:
+    return np.flatnonzero(ecg.finite if isinstance(ecg, SplitRows) else finite_ecgs(ecg))
 
 
 def _pick(rng: np.random.Generator, candidates: np.ndarray, count: int, what: str, why: str, flag: str) -> np.ndarray:
@@ -430,6 +461,8 @@ def build_kit(
         entries, counts = _real_vs_generated_sheets(rng, options, real_set, generated_set)
     else:
         entries, counts = _alignment_sheets(rng, options, generated_set)
+    if real_set is not None and isinstance(real_set.ecg, SplitRows):  # only now are the real sheets known
+        real_set.ecg.read([e["index"] for e in entries if e["set"] is real_set])
     entries = [entries[i] for i in rng.permutation(len(entries))]
     for entry, sheet_id in zip(entries, _draw_ids(rng, len(entries)), strict=True):
         entry["sheet_id"] = sheet_id
