@@ -90,6 +90,23 @@ def test_missing_and_unexpected_keys_are_named():
         clip_from_torch(reference)
 
 
+def test_a_weight_of_the_wrong_shape_or_with_inf_is_named():
+    """Both used to convert and fail (or give non-finite features) only when the CLIP was applied."""
+    reference = reference_state_dict("clip")
+    key = "resnet.stage_list.0.block_list.0.se_fc1.weight"
+    weight = reference[key]
+    reference[key] = weight[:, :-1]
+    with pytest.raises(ValueError, match=rf"CLIP checkpoint: '{key}' has shape \({weight.shape[0]}, "
+                                         rf"{weight.shape[1] - 1}\), which does not fit .* \(expects "
+                                         rf"\({weight.shape[0]}, {weight.shape[1]}\)\)"):
+        clip_from_torch(reference)
+    reference[key] = weight.copy()
+    reference["resnet.stage_list.1.block_list.0.bn1.running_var"] = np.full_like(
+        reference["resnet.stage_list.1.block_list.0.bn1.running_var"], np.inf)
+    with pytest.raises(ValueError, match=r"'resnet\.stage_list\.1\.block_list\.0\.bn1\.running_var' holds NaN or inf"):
+        clip_from_torch(reference)
+
+
 def test_unused_first_bn_is_optional():
     reference = {k: v for k, v in reference_state_dict("clip").items() if not k.startswith(UNUSED_BN)}
     clip, _ = clip_from_torch(reference)

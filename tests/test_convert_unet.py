@@ -88,6 +88,9 @@ def test_wrong_shape_is_named(reference_sd):
     broken["bottelneck.bottleneck_conv2.weight"] = np.zeros((256, 256, 5), np.float32)
     with pytest.raises(ValueError, match=r"'bottelneck.bottleneck_conv2.weight' has shape \(256, 256, 5\)"):
         unet_from_torch(broken)
+    broken["bottelneck.bottleneck_conv2.weight"] = np.full((256, 256, 3), np.nan, np.float32)
+    with pytest.raises(ValueError, match=r"'bottelneck.bottleneck_conv2.weight' holds NaN or inf values"):
+        unet_from_torch(broken)
 
 
 def test_not_a_unet_checkpoint():

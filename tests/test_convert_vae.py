@@ -100,6 +100,24 @@ def test_missing_and_unexpected_keys_are_named():
         vae_from_torch(reference)
 
 
+def test_a_weight_of_the_wrong_shape_or_with_nan_is_named():
+    """Both used to convert: the damaged decoder failed only at sampling, the NaN gave non-finite ECGs."""
+    reference = _flat_reference()
+    weight = reference["decoder.2.conv_2.weight"]
+    reference["decoder.2.conv_2.weight"] = weight[:, :, :-1]
+    with pytest.raises(ValueError, match=r"VAE decoder checkpoint: '2\.conv_2\.weight' has shape \(512, 512, 2\), which "
+                                         r"does not fit the architecture read from the other keys \(expects "
+                                         r"\(512, 512, 3\)\)"):
+        vae_from_torch(reference)
+    reference["decoder.2.conv_2.weight"] = weight.copy()
+    reference["decoder.2.conv_2.weight"][0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"'2\.conv_2\.weight' holds NaN or inf values"):
+        vae_from_torch(reference)
+    reference["decoder.2.conv_2.weight"] = weight[0]  # a conv weight of two axes, not three
+    with pytest.raises(ValueError, match=r"'2\.conv_2\.weight' has shape \(512, 3\)"):
+        vae_from_torch(reference)
+
+
 def test_keys_outside_encoder_and_decoder_are_rejected():
     reference = _flat_reference()
     reference["quant_conv.weight"] = np.zeros((8, 8, 1), np.float32)

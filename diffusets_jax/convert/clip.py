@@ -6,13 +6,17 @@ bn2,conv2.conv,bn3,conv3.conv,se_fc1,se_fc2}`), `ecg_projector`, `text_projector
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffusets_jax.convert.common import (
     StateDict,
     check_keys,
+    check_weight,
     conv_from_torch,
     conv_to_torch,
     dense_from_torch,
@@ -20,8 +24,10 @@ from diffusets_jax.convert.common import (
     flatten_state_dict,
     get_at_path,
     set_at_path,
+    shape_at_path,
 )
 from diffusets_jax.ecg.leads import REFERENCE_TO_STANDARD
+from diffusets_jax.ecg.shapes import ECG_LENGTH
 from diffusets_jax.models.clip import CLIP
 
 # The reference's first block builds bn1 but never applies it (its input is already normalised by the stem).
@@ -93,6 +99,13 @@ def _infer_config(sd: StateDict) -> CLIP:
     )
 
 
+def _abstract_variables(clip: CLIP) -> dict:
+    """The shapes of `clip`'s variables (`params`, `batch_stats`), traced without computing them."""
+    ecg = jax.ShapeDtypeStruct((2, ECG_LENGTH, clip.in_channels), jnp.float32)
+    text = jax.ShapeDtypeStruct((2, clip.text_dim), jnp.float32)
+    return jax.eval_shape(functools.partial(clip.init, train=False), jax.random.key(0), ecg, text)
+
+
 def clip_from_torch(state_dict: Mapping) -> tuple[CLIP, dict]:
     """Reference CLIP state dict -> `(CLIP module, {'params': ..., 'batch_stats': ...})`.
 
@@ -106,9 +119,12 @@ def clip_from_torch(state_dict: Mapping) -> tuple[CLIP, dict]:
     check_keys(sd, [key for key, _, _, _ in mapping], (_UNUSED_FIRST_BN,), what="CLIP checkpoint")
     variables: dict = {"params": {}, "batch_stats": {}}
     convert = {"conv": conv_from_torch, "dense": dense_from_torch}
+    back = {"conv": conv_to_torch, "dense": dense_to_torch}
+    abstract = _abstract_variables(clip)
     for key, collection, path, layout in mapping:
-        value = convert.get(layout, np.asarray)(sd[key])
-        set_at_path(variables[collection], path, np.asarray(value, np.float32))
+        check_weight("CLIP checkpoint", key, sd[key], shape_at_path(abstract[collection], path),
+                     back.get(layout, np.asarray))
+        set_at_path(variables[collection], path, np.asarray(convert.get(layout, np.asarray)(sd[key]), np.float32))
     if clip.in_channels == len(REFERENCE_TO_STANDARD):
         stem = variables["params"]["ecg_encoder"]["first_conv"]
         stem["kernel"] = stem["kernel"][:, list(REFERENCE_TO_STANDARD), :]

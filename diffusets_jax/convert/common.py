@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -141,6 +141,31 @@ def set_at_path(tree: dict, path: str, value: np.ndarray) -> None:
 
 def get_at_path(tree: Mapping, path: str) -> np.ndarray:
     """`tree['a']['b']` for path 'a/b', as a numpy array."""
+    return np.asarray(_leaf(tree, path))
+
+
+def shape_at_path(tree: Mapping, path: str) -> tuple[int, ...]:
+    """The shape of `tree['a']['b']` for path 'a/b' (an array, or a `jax.ShapeDtypeStruct` of `jax.eval_shape`)."""
+    return tuple(_leaf(tree, path).shape)
+
+
+def _leaf(tree: Mapping, path: str):
     for part in path.split("/"):
         tree = tree[part]
-    return np.asarray(tree)
+    return tree
+
+
+def check_weight(what: str, key: str, value: np.ndarray, expected: tuple[int, ...],
+                 to_torch: Callable[[np.ndarray], np.ndarray]) -> None:
+    """One checkpoint weight (`value`, as stored under `key`), before conversion, against the architecture read
+    from the checkpoint's other keys: its shape against `expected`, the Flax variable's shape mapped to the key's
+    layout by `to_torch` (an edited checkpoint, or one of another variant, would otherwise convert and fail only
+    at the first `apply`, or for a decoder weight only at sampling), and its values (NaN or inf weights convert
+    into a model whose every output is non-finite)."""
+    wanted = to_torch(np.broadcast_to(np.float32(0), tuple(expected))).shape
+    if np.shape(value) != wanted:
+        raise ValueError(f"{what}: {key!r} has shape {tuple(np.shape(value))}, which does not fit the architecture "
+                         f"read from the other keys (expects {wanted})")
+    if not np.isfinite(value).all():
+        raise ValueError(f"{what}: {key!r} holds NaN or inf values; convert a checkpoint whose weights are all "
+                         "finite (an earlier one of the run, if this was saved as training diverged)")

@@ -22,6 +22,7 @@ import numpy as np
 from diffusets_jax.convert.common import (
     StateDict,
     check_keys,
+    check_weight,
     conv_from_torch,
     conv_to_torch,
     dense_from_torch,
@@ -162,13 +163,9 @@ def unet_from_torch(
             flat[(collection,) + path] = leaf
     check_keys(state_dict, keys, UNUSED_KEYS, what="U-Net checkpoint")
     for key, (path, layout) in keys.items():
-        value = _from_torch_layout(np.asarray(state_dict[key], dtype=np.float32), layout)
-        if value.shape != flat[path].shape:
-            raise ValueError(
-                f"U-Net checkpoint: {key!r} has shape {np.shape(state_dict[key])}, which does not fit the "
-                f"architecture read from the other keys (expects {_to_torch_layout(np.empty(flat[path].shape), layout).shape})"
-            )
-        flat[path] = value
+        check_weight("U-Net checkpoint", key, state_dict[key], flat[path].shape,
+                     functools.partial(_to_torch_layout, layout=layout))
+        flat[path] = _from_torch_layout(np.asarray(state_dict[key], dtype=np.float32), layout)
     return module, _nest(flat)
 
 

@@ -7,13 +7,17 @@ mapping is written once and follows any `VAE` configuration (widths, number of r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffusets_jax.convert.common import (
     StateDict,
     check_keys,
+    check_weight,
     conv_from_torch,
     conv_to_torch,
     dense_from_torch,
@@ -21,8 +25,10 @@ from diffusets_jax.convert.common import (
     flatten_state_dict,
     get_at_path,
     set_at_path,
+    shape_at_path,
 )
 from diffusets_jax.ecg.leads import REFERENCE_TO_STANDARD
+from diffusets_jax.ecg.shapes import ECG_LENGTH
 from diffusets_jax.models.vae import VAE
 
 # (kind, flax name) per Sequential index; kind is conv | res | res_skip | attn | norm | silu | upsample.
@@ -156,6 +162,12 @@ def _infer_config(encoder: StateDict, decoder: StateDict, groups: int) -> VAE:
                widths=tuple(widths), groups=groups, num_res_blocks=int(blocks))
 
 
+def _abstract_params(vae: VAE) -> dict:
+    """The shapes of `vae`'s parameters, traced without computing them."""
+    x = jax.ShapeDtypeStruct((1, ECG_LENGTH, vae.in_channels), jnp.float32)
+    return jax.eval_shape(vae.init, jax.random.key(0), x, jax.random.key(1))["params"]
+
+
 def vae_from_torch(state_dict: Mapping, groups: int = 32) -> tuple[VAE, dict]:
     """Reference VAE state dict -> `(VAE module, variables)` ready for `vae.apply(variables, ...)`.
 
@@ -167,11 +179,14 @@ def vae_from_torch(state_dict: Mapping, groups: int = 32) -> tuple[VAE, dict]:
     """
     encoder_sd, decoder_sd = _split_halves(state_dict)
     vae = _infer_config(encoder_sd, decoder_sd, groups)
+    abstract = _abstract_params(vae)
     params: dict = {"encoder": {}, "decoder": {}}
     for half, sd, layout in zip(("encoder", "decoder"), (encoder_sd, decoder_sd), _layout(vae), strict=True):
         mapping = _mapping(layout)
         check_keys(sd, [key for key, _, _ in mapping], _UNUSED_ATTENTION_PARTS, what=f"VAE {half} checkpoint")
         for key, flax_path, kind in mapping:
+            check_weight(f"VAE {half} checkpoint", key, sd[key], shape_at_path(abstract[half], flax_path),
+                         functools.partial(_to_torch, layout=kind))
             set_at_path(params[half], flax_path, np.asarray(_from_torch(sd[key], kind), np.float32))
     _permute_leads(params, vae, to_standard=True)
     return vae, {"params": params}
