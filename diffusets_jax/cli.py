@@ -331,9 +331,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                       help="embedding model the U-Net was trained with, e.g. E-72B (served OpenAI-compatibly)")
     cond.add_argument("--embedder-dim", type=positive_int, metavar="N", help="its vector width (default: the U-Net's text input)")
     cond.add_argument("--embedder-base-url", metavar="URL", help="the endpoint serving it (can be overridden at sampling)")
-    cond.add_argument("--prompt-style", choices=("ordered", "free_text"), default="ordered")
-    cond.add_argument("--patient-features", choices=("faithful", "normalised", "none"), default="faithful")
+    cond.add_argument("--prompt-style", choices=("ordered", "free_text"), help="default: ordered")
+    cond.add_argument("--patient-features", choices=("faithful", "normalised", "none"), help="default: faithful")
     parser.set_defaults(func=_convert)
+
+
+_CONVERT_UNET_FLAGS = ("embedder_kind", "embedder_model", "embedder_dim", "embedder_base_url", "prompt_style",
+                       "patient_features")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -341,9 +345,13 @@ def _convert(args: argparse.Namespace) -> int:
     from diffusets_jax.io.run_dir import check_output_path
 
     check_output_path(args.out)
+    given = [f"--{name.replace('_', '-')}" for name in _CONVERT_UNET_FLAGS if getattr(args, name) is not None]
+    if given and not args.unet:  # they describe a U-Net's conditioning; without one they were silently dropped
+        raise ValueError(f"{', '.join(given)} describe{'s' if len(given) == 1 else ''} the conditioning of a U-Net: "
+                         "give --unet too, or drop them")
     options = dict(embedder_kind=args.embedder_kind, embedder_model=args.embedder_model,
-                   embedder_dim=args.embedder_dim, base_url=args.embedder_base_url, prompt_style=args.prompt_style,
-                   patient_features=args.patient_features)
+                   embedder_dim=args.embedder_dim, base_url=args.embedder_base_url,
+                   prompt_style=args.prompt_style or "ordered", patient_features=args.patient_features or "faithful")
     for name, folder, module, count in convert_to_model_dir(args.out, vae=args.vae, unet=args.unet, clip=args.clip,
                                                             conditioning_options=options, overwrite=args.overwrite):
         print(f"{name}: {getattr(args, name)} -> {folder} ({type(module).__name__}, {count:,} parameters)")

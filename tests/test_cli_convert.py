@@ -105,3 +105,39 @@ def test_a_unet_for_another_embedder_must_name_it(tmp_path, capsys):
     embedder = read_index(out).conditioning.embedder
     assert (embedder.kind, embedder.model, embedder.dim, embedder.options) == (
         "openai", "E-72B", 16, {"base_url": "http://127.0.0.1:9/v1"})
+
+
+def test_a_local_embedder_must_give_the_unets_width(tmp_path, capsys):
+    """`--embedder-kind local` used to record the U-Net's width as the encoder's: the model directory converted,
+    then its first `sample` failed (the default all-MiniLM-L6-v2 gives 384-d vectors)."""
+    import json
+
+    from diffusets_jax.convert import unet_to_torch
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    _, _, unet, unet_vars = tiny_vae_unet(text_dim=16)
+    np.savez(tmp_path / "unet.npz", **unet_to_torch(unet_vars))
+    out = tmp_path / "models"
+    assert main(["convert", "--unet", str(tmp_path / "unet.npz"), "--out", str(out), "--embedder-kind", "local"]) == 2
+    err = capsys.readouterr().err
+    assert ("the default local encoder (all-MiniLM-L6-v2) gives 384-d vectors but this U-Net takes 16-d text "
+            "embeddings") in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    encoder = tmp_path / "encoder16"  # a sentence encoder of the U-Net's width: its config.json says so
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"hidden_size": 16, "num_attention_heads": 2}))
+    assert main(["convert", "--unet", str(tmp_path / "unet.npz"), "--out", str(out), "--embedder-kind", "local",
+                 "--embedder-model", str(encoder)]) == 0
+    embedder = read_index(out).conditioning.embedder
+    assert (embedder.kind, embedder.model, embedder.dim) == ("local", str(encoder), 16)
+
+
+def test_unet_conditioning_flags_without_a_unet_are_refused(tmp_path, capsys):
+    """They describe a U-Net's conditioning: with only --vae they were silently ignored."""
+    np.savez(tmp_path / "vae.npz", **{f"{half}.{k}": v for half, sd in reference_vae_state_dict().items()
+                                      for k, v in sd.items()})
+    assert main(["convert", "--vae", str(tmp_path / "vae.npz"), "--out", str(tmp_path / "m"), "--embedder-model",
+                 "E-72B", "--prompt-style", "free_text"]) == 2
+    err = capsys.readouterr().err
+    assert "--embedder-model, --prompt-style describe the conditioning of a U-Net: give --unet too" in err
+    assert not (tmp_path / "m").exists()

@@ -34,8 +34,11 @@ def test_components_are_recorded_with_uid_provenance_and_conditioning(parts, tmp
     index = model_dirs.read_index(tmp_path)
     assert index.conditioning == openai_conditioning() and index.diffusion == DiffusionSpec(latent_std=0.2)
     # Another VAE over this one is refused (it is not this run's), naming what is there ...
-    with pytest.raises(ValueError, match=r"already holds vae/, a test vae .*pass --overwrite"):
+    with pytest.raises(ValueError, match=r"--model-dir .* already holds vae/, a test vae .*pass --overwrite"):
         model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "retrained"})
+    # convert's flag is --out: found here when another convert wrote the VAE after convert's own early check
+    with pytest.raises(ValueError, match=r"^--out .* already holds vae/.*or give another --out$"):
+        model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "retrained"}, flag="--out")
     assert model_dirs.read_index(tmp_path).components["vae"]["uid"] == vae_uid
     # ... and with overwrite, replacing the VAE keeps the U-Net's entry and gives the new VAE a new uid.
     model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "retrained"}, overwrite=True)

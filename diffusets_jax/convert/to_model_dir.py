@@ -45,6 +45,16 @@ def unet_conditioning(text_dim: int, *, embedder_kind: str | None = None, embedd
         spec = EmbedderSpec("openai", embedder_model or "text-embedding-ada-002", dim,
                             embedder_id=f"openai/{embedder_model or 'text-embedding-ada-002'}/{dim}", options=options)
     else:
+        from diffusets_jax.models.text_encoder import sentence_encoder_width
+
+        # A local encoder's width is a fact of its files: recording the U-Net's instead made a model directory
+        # whose first `sample` failed ("gives 1536-d vectors but the one built here gives 384-d ones").
+        width = sentence_encoder_width(embedder_model)
+        if width != text_dim:
+            named = f"--embedder-model {embedder_model}" if embedder_model else "the default local encoder (all-MiniLM-L6-v2)"
+            raise ValueError(f"{named} gives {width}-d vectors but this U-Net takes {text_dim}-d text embeddings: "
+                             "name the embedder it was trained with (--embedder-model: a sentence-transformers "
+                             "folder for --embedder-kind local, or an OpenAI-compatible model)")
         spec = EmbedderSpec.from_embedder_config("local", {"model_dir": embedder_model} if embedder_model else {}, dim)
     return ConditioningSpec(spec, prompt_style, patient_features)
 
@@ -88,10 +98,11 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
             diffusion = DiffusionSpec()  # the published schedule and latent scale; no data to measure its std on
             folder = model_dirs.write_component(out, "unet", module, variables, provenance=provenance,
                                                 conditioning=conditioning, diffusion=diffusion, vae_uid=vae_uid,
-                                                sampling=validate_model_defaults(diffusion), overwrite=overwrite)
+                                                sampling=validate_model_defaults(diffusion), overwrite=overwrite,
+                                                flag="--out")
         else:
             folder = model_dirs.write_component(out, name, module, variables, provenance=provenance,
-                                                overwrite=overwrite)
+                                                overwrite=overwrite, flag="--out")
         if name == "vae":  # a VAE and U-Net converted together are the published pair
             vae_uid = model_dirs.read_index(out).components["vae"]["uid"]
         count = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree.leaves(variables["params"]))

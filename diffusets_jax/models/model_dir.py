@@ -187,8 +187,10 @@ def check_component_writable(directory: str | os.PathLike, name: str, *, workdir
 def write_component(directory: str | os.PathLike, name: str, module: Any, variables: Any, *,
                     provenance: dict[str, Any], conditioning: ConditioningSpec | None = None,
                     diffusion: DiffusionSpec | None = None, vae_uid: str | None = None,
-                    sampling: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Add component `name` to the model directory (atomically) and record it in the index.
+                    sampling: dict[str, Any] | None = None, overwrite: bool = False, flag: str = "--model-dir"
+                    ) -> Path:
+    """Add component `name` to the model directory (atomically) and record it in the index (`flag`: the option
+    that named the directory, for messages).
 
     An existing `name` is replaced only as `check_component_writable` allows (the training run in
     `provenance["run"]["workdir"]` replaces its own export; anything else needs `overwrite`). A U-Net needs
@@ -202,7 +204,7 @@ def write_component(directory: str | os.PathLike, name: str, module: Any, variab
                          "its diffusion settings")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"--model-dir {directory} is a file: give a directory")
+        raise ValueError(f"{flag} {directory} is a file: give a directory")
     entry: dict[str, Any] = {"class": bundle.module_config(module)["class"], "uid": uuid.uuid4().hex,
                              "provenance": {**stamp(), **provenance}}
     if name == "vae":
@@ -214,7 +216,7 @@ def write_component(directory: str | os.PathLike, name: str, module: Any, variab
                              f"gives {conditioning.embedder.dim}-d vectors")
     with _locked(directory):
         check_component_writable(directory, name, workdir=(provenance.get("run") or {}).get("workdir"),
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, flag=flag)
         index = read_index(directory)
         path = Path(bundle.save_model(directory, name, module, variables, replace=True))  # checked just above
         components = {**index.components, name: entry}

