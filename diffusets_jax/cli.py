@@ -744,7 +744,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     proto = ev.protocol(args.protocol)
     from diffusets_jax.data.card import card_fingerprint
 
-    builder = ev.ecg_dataset(args.dataset, args.data_dir)  # a wrong dataset or split fails before any model
+    builder = ev.ecg_dataset(args.dataset, args.data_dir, kind="prepared")  # a wrong dataset or split fails before any model
     if args.split not in builder.info.splits and args.split != "all":
         raise ValueError(f"--split {args.split}: dataset {args.dataset} has no such split; it has "
                          f"{', '.join(sorted(builder.info.splits))}")
@@ -756,15 +756,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         if args.conditions:
             rules = rules.select([c.strip() for c in args.conditions.split(",") if c.strip()])
     parallel.initialize_distributed()
+    if args.generated:
+        from diffusets_jax.io.generated import finite_only, read_generated, source_fingerprint
+
+        # Read before the CLIP loads: a wrong kind of input (recorded ECGs given as generated) or a set with no
+        # finite ECG is refused first, and before --out is claimed.
+        generated = finite_only(read_generated(args.generated))
     clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
     common = {"dataset": os.path.abspath(args.dataset), "split": args.split, "limit": args.limit,
               "protocol": proto.name, "rules": None if rules is None else [r.name for r in rules.rules],
               "clip": os.path.abspath(args.clip or args.model_dir[0]), "n_boot": args.n_boot,
               "dataset_card": card_fingerprint(builder)}  # a dataset prepared again here is another input
     if args.generated:
-        from diffusets_jax.io.generated import finite_only, read_generated, source_fingerprint
-
-        generated = finite_only(read_generated(args.generated))  # a set with no finite ECG: refused before --out
         settings = {**common, "generated": os.path.abspath(args.generated),
                     "generated_content": source_fingerprint(args.generated)}
         with output_dir(args.out, command="evaluate", settings=settings, overwrite=args.overwrite) as run:

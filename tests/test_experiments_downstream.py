@@ -194,7 +194,9 @@ def tiny_data(tmp_path_factory):
     latents = write_gaussian_latent_dataset(  # what `encode` writes, given where a corpus is asked for
         root / "latents", splits={"train": 4}, vae_uid=None, latent_scale=1.0, channel_mean=(0.0,) * 4,
         channel_std=(1.0,) * 4, conditioning=ConditioningSpec(openai_conditioning(8).embedder, "ordered"))
-    return {"root": root, "dataset": dataset, "latents": latents}
+    from tests.helpers.dataset_kind import as_corpus
+
+    return {"root": root, "dataset": dataset, "latents": latents, "corpus": as_corpus(dataset, root / "corpus")}
 
 
 @pytest.fixture(scope="module")
@@ -222,12 +224,17 @@ def _run(capsys, *args):
     (["--model-dir", "/no/such/model"], "no such directory"),
     (["--generated-corpus", "/no/such/corpus", "--arms", "real,augmented"], "no such directory"),
     (["--generated-corpus", "{latents}", "--arms", "real,augmented"], "not a prepared ECG dataset (a latent dataset"),
+    # The two kinds share one schema; only the card tells recorded ECGs from generated ones.
+    (["--generated-corpus", "{dataset}", "--arms", "real,augmented"],
+     "is a prepared dataset of recorded ECGs, but --generated-corpus takes generated ECGs"),
+    (["--dataset", "{corpus}"], "is a corpus of generated ECGs (`sample --corpus` wrote it), but --dataset takes "
+                                "recorded ECGs"),
     (["--config.model.num_classes=3"], "num_classes must be 1"),
     (["--config.train.no_such_key=1"], "unknown config key"),
 ])
 def test_bad_inputs_are_one_line_and_write_nothing(tiny_data, tmp_path, capsys, extra, message):
     out = tmp_path / "report"
-    extra = [str(tiny_data["latents"]) if a == "{latents}" else a for a in extra]
+    extra = [str(tiny_data[a[1:-1]]) if a in ("{latents}", "{dataset}", "{corpus}") else a for a in extra]
     code, _, err = _run(capsys, "--dataset", tiny_data["dataset"], "--out", out, *extra)
     assert code == 2, err
     assert err.count("\n") == 1 and message in err and err.startswith("diffusets-jax downstream: error:")
@@ -314,9 +321,9 @@ def test_benchmark_end_to_end_with_a_model_then_a_corpus(tiny_data, tiny_model, 
     code, _, err = _run(capsys, *[a if a != "1.5" else "2" for a in args])
     assert code == 2 and "other settings" in err
 
-    # Generated ECGs from a corpus (here a prepared dataset read as one), on a patient re-split of all records.
+    # Generated ECGs from a corpus (here the prepared dataset relabelled as one), on a patient re-split of all records.
     corpus_out = tmp_path / "corpus_report"
-    code, _, err = _run(capsys, "--dataset", tiny_data["dataset"], "--generated-corpus", tiny_data["dataset"],
+    code, _, err = _run(capsys, "--dataset", tiny_data["dataset"], "--generated-corpus", tiny_data["corpus"],
                         "--out", corpus_out, "--tasks", "pvc", "--arms", "real,augmented,synthetic", "--seeds", "1",
                         "--steps", "2", "--minority-fraction", "0.5", "--ratio", "2", "--resplit", "0.5:0.25:0.25",
                         "--n-boot", "100", "--no-progress", *TINY_CLASSIFIER)

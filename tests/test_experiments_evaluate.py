@@ -50,6 +50,25 @@ def test_a_split_read_without_its_ecgs_has_the_same_conditions(dataset):
     assert light["finite"] is None and full["finite"].tolist() == finite_ecgs(full["ecg"]).tolist()
 
 
+def test_evaluate_tells_recorded_from_generated_datasets_by_their_cards(dataset, tmp_path, capsys):
+    """The kinds share one schema: a corpus as the real reference, or the real split as the generated set, used to
+    be scored as if it were the other (both refused before the CLIP loads: --clip here does not exist)."""
+    from diffusets_jax.cli import main
+    from tests.helpers.dataset_kind import as_corpus
+
+    corpus = as_corpus(dataset.data_dir, tmp_path / "corpus")
+    for flags, message in (
+        (["--dataset", str(corpus), "--generated", str(corpus)], f"--dataset {corpus} is a corpus of generated ECGs"),
+        (["--dataset", str(dataset.data_dir), "--generated", str(dataset.data_dir)],
+         f"--generated {dataset.data_dir} is a prepared dataset of recorded ECGs, but --generated takes generated"),
+    ):
+        assert main(["evaluate", *flags, "--split", "test", "--clip", str(tmp_path / "no_clip"), "--out",
+                     str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_split_read_for_some_rows_holds_only_their_ecgs(dataset):
     """Choosing records, then reading only theirs: the other columns still cover the whole split."""
     full = ev.load_split(dataset.data_dir, "validation", limit=9)

@@ -442,6 +442,28 @@ def test_a_dataset_split_is_held_only_where_a_sheet_needs_it(tiny_dataset):
         real.ecg[0]
 
 
+def test_recorded_and_generated_datasets_are_told_apart_by_their_cards(tiny_dataset, inputs, tmp_path):
+    """Both kinds share one schema: a corpus as the real source, or a prepared dataset as the generated one, used to
+    build a kit whose key called generated ECGs real (or the reverse)."""
+    from tests.helpers.dataset_kind import as_corpus
+
+    corpus = as_corpus(tiny_dataset, tmp_path / "corpus")
+    options = KitOptions("real-vs-generated", n_real=2, n_generated=2, seed=0, dpi=DPI)
+    cases = [
+        (dict(generated=inputs["generated"], dataset=corpus), r"--dataset .*corpus is a corpus of generated ECGs "
+         r"\(`sample --corpus` wrote it\), but --dataset takes recorded ECGs: give a dataset `diffusets-jax prepare` wrote"),
+        (dict(generated=inputs["generated"], real=corpus), "--real .*corpus is a corpus of generated ECGs"),
+        (dict(generated=tiny_dataset, real=inputs["real"]), r"--generated .* is a prepared dataset of recorded ECGs, but "
+         r"--generated takes generated ECGs: give what `diffusets-jax sample` wrote"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build_kit(tmp_path / "kit", options, **kwargs)
+        assert not (tmp_path / "kit").exists()
+    with pytest.raises(ValueError, match="--generated .* is a prepared dataset"):
+        build_kit(tmp_path / "kit", KitOptions("alignment", n_generated=2, seed=0, dpi=DPI), generated=tiny_dataset)
+
+
 @pytest.mark.slow  # builds a TFDS dataset and a tiny model, and generates with it
 def test_paper_protocol_end_to_end_conditions_sample_kit_score(tiny_dataset, tmp_path, capsys, monkeypatch):
     """The paper's protocol through the CLI: draw the conditions of some records of a split, generate from them

@@ -80,6 +80,23 @@ def read_card(builder: Any) -> dict[str, Any]:
     return legacy
 
 
+def check_dataset_kind(directory: str | os.PathLike, kind: str, flag: str) -> None:
+    """Refuse in one line a dataset whose card says it is not of `kind` ("prepared": recorded ECGs; "corpus":
+    generated ones, `sample --corpus`). The two share one schema, so a corpus given where real records are asked
+    for would read without complaint, and a Turing key or a downstream test set would call generated ECGs real.
+    A dataset without a card (built by other tools) is not refused: nothing says what it holds."""
+    path = Path(os.fspath(directory)) / CARD_FILE
+    card = read_json(path, "dataset card") if path.is_file() else None
+    found = card.get("kind") if isinstance(card, dict) else None
+    if found is None or found == kind:
+        return
+    what = {"prepared": "a prepared dataset of recorded ECGs", "corpus": "a corpus of generated ECGs (`sample "
+            "--corpus` wrote it)", "latents": "a latent dataset (`encode` wrote it)"}
+    wanted = {"prepared": "recorded ECGs: give a dataset `diffusets-jax prepare` wrote",
+              "corpus": "generated ECGs: give what `diffusets-jax sample` wrote"}
+    raise ValueError(f"{flag} {directory} is {what.get(found, repr(found))}, but {flag} takes {wanted[kind]}")
+
+
 def card_conditioning(card: dict[str, Any], where: str = "dataset card") -> ConditioningSpec:
     return ConditioningSpec.from_json(card["conditioning"], where)
 

@@ -464,7 +464,7 @@ def settings_of(*, dataset: str | os.PathLike, data_dir: str | os.PathLike | Non
         from diffusets_jax.data.card import read_card
         from diffusets_jax.experiments.evaluate import ecg_dataset
 
-        corpus_builder = ecg_dataset(generated_corpus, flag="--generated-corpus")
+        corpus_builder = ecg_dataset(generated_corpus, flag="--generated-corpus", kind="corpus")
         if "train" not in corpus_builder.info.splits:
             raise ValueError(f"--generated-corpus {generated_corpus}: no train split (it has "
                              f"{sorted(corpus_builder.info.splits)}); give the folder `sample --corpus` wrote")
@@ -561,7 +561,7 @@ def run_downstream(
     if data_dir is None and not Path(dataset).is_dir():
         raise FileNotFoundError(f"--dataset {dataset}: no such directory (give a prepared dataset's directory, the "
                                 "one holding dataset_info.json, or a TFDS name with --data-dir)")
-    builder = ecg_dataset(dataset, data_dir)
+    builder = ecg_dataset(dataset, data_dir, kind="prepared")
     card = read_card(builder)
     missing = [s for s in SPLITS if s not in builder.info.splits] if resplit is None else []
     if missing:

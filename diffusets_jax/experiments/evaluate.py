@@ -91,18 +91,23 @@ def protocol(name: str) -> Protocol:
 SPLIT_COLUMNS = ("ecg", "text_embedding", "sex", "age", "heart_rate", "subject_id", "prompt", "report_lines")
 
 
-def ecg_dataset(dataset: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, flag: str = "--dataset"):
-    """The TFDS builder of a prepared ECG dataset (`prepare`, or a `sample --corpus` corpus), or one ValueError line
+def ecg_dataset(dataset: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, flag: str = "--dataset",
+                kind: str | None = None):
+    """The TFDS builder of a dataset of ECGs (`prepare`, or a `sample --corpus` corpus), or one ValueError line
     when it is another kind (a latent dataset of `encode` has no `ecg`): cheap, so commands call it before they
-    claim an output folder, where `load_split` would have failed with a KeyError."""
+    claim an output folder, where `load_split` would have failed with a KeyError. `kind`: "prepared" where the
+    command needs recorded ECGs, "corpus" where generated ones (`data.card.check_dataset_kind`)."""
     from diffusets_jax.data import pipeline
+    from diffusets_jax.data.card import check_dataset_kind
 
     builder = pipeline.load_builder(dataset, data_dir)
     missing = [column for column in SPLIT_COLUMNS if column not in builder.info.features.keys()]
     if missing:
-        kind = " (a latent dataset: `encode` wrote it)" if "latent_mean" in builder.info.features.keys() else ""
-        raise ValueError(f"{flag} {dataset}: not a prepared ECG dataset{kind}, it has no {', '.join(missing)}; give "
-                         "one `diffusets-jax prepare` or `sample --corpus` wrote")
+        latent = " (a latent dataset: `encode` wrote it)" if "latent_mean" in builder.info.features.keys() else ""
+        raise ValueError(f"{flag} {dataset}: not a prepared ECG dataset{latent}, it has no {', '.join(missing)}; "
+                         "give one `diffusets-jax prepare` or `sample --corpus` wrote")
+    if kind is not None:
+        check_dataset_kind(builder.data_dir, kind, flag)
     return builder
 
 

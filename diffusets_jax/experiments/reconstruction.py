@@ -241,7 +241,7 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
     from diffusets_jax.data.card import card_fingerprint
     from diffusets_jax.experiments.evaluate import ecg_dataset, load_split
 
-    builder = ecg_dataset(dataset, data_dir)  # another kind of dataset is refused before --out is claimed
+    builder = ecg_dataset(dataset, data_dir, kind="prepared")  # another kind of dataset is refused before --out is claimed
     for flag, split in (("--train-split", train_split), ("--test-split", test_split)):
         if split not in builder.info.splits:
             raise ValueError(f"{flag} {split}: dataset {builder.name!r} has no such split; it has "

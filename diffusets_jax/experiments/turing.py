@@ -154,7 +154,7 @@ def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
     from diffusets_jax.io.generated import read_generated, source_fingerprint
 
     flag = "--generated" if generated else "--real"
-    read = read_generated(path, flag)
+    read = read_generated(path, flag, kind="corpus" if generated else "prepared")
     path = Path(path)
     statements = read.statements
     if generated and not statements:
@@ -183,7 +183,7 @@ def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str 
     from diffusets_jax.data.card import card_fingerprint
     from diffusets_jax.experiments.evaluate import ecg_dataset, load_split
 
-    builder = ecg_dataset(dataset, data_dir)  # opened once: read, and fingerprinted
+    builder = ecg_dataset(dataset, data_dir, kind="prepared")  # opened once: read, and fingerprinted
     columns = load_split(builder, split, limit=limit, ecg_rows=[])  # every ECG looked at, none kept
     _check_ecg_shape((len(columns["finite"]), *builder.info.features["ecg"].shape), f"dataset {dataset} split {split}")
     conditions: list[dict[str, Any] | None] = _split_conditions(columns, split)

@@ -69,15 +69,19 @@ def _sex_code(value: Any) -> int:
     return {"m": 1, "male": 1, "1": 1, "f": 0, "female": 0, "0": 0}.get(text, -1)
 
 
-def read_generated(path: str | os.PathLike, flag: str = "--generated") -> GeneratedSet:
+def read_generated(path: str | os.PathLike, flag: str = "--generated", kind: str = "corpus") -> GeneratedSet:
     """Read generated ECGs and their conditions from an NPZ, a WFDB folder or a dataset folder (module docstring).
-    `flag`: the option that named `path`, for error messages."""
+    `flag`: the option that named `path`, for error messages. `kind`: what a dataset folder must be by its card,
+    "corpus" (generated ECGs) or "prepared" (recorded ones, where a command reads real ECGs this way)."""
+    from diffusets_jax.data.card import check_dataset_kind
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{flag} {path} does not exist")
     if path.is_file() and path.suffix.lower() == ".npz":
         return _read_npz(path)
     if path.is_dir() and (path / "dataset_info.json").is_file():
+        check_dataset_kind(path, kind, flag)
         return _read_dataset(path, flag)
     if path.is_dir() and (npz_files := _sample_npz_files(path)) is not None:
         return _read_sample_folder(path, npz_files, flag)
