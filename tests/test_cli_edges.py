@@ -55,7 +55,8 @@ def world(tmp_path_factory) -> Path:
     (w / "cond.csv").write_text("text,sex,age,hr\nSinus rhythm,M,50,70\n")
     (w / "cond_latin1.csv").write_bytes("text,sex,age,hr\nSinus rhythm,M,50,70\nRythme sinusal \xe9,F,40,60\n".encode("latin-1"))
     (w / "reports.csv").write_text("report\nSinus rhythm|Normal ECG\n")
-    (w / "reports_latin1.csv").write_bytes("report\nSinus rhythm\nRythme sinusal \xe9\n".encode("latin-1"))
+    (w / "reports_latin1.csv").write_bytes("report\nRythme sinusal \xe9\nBradycardie sinusale \xe9\n".encode("latin-1"))
+    (w / "reports_unclosed.csv").write_text('id,report\n1,Sinus rhythm\n2,"Atrial fibrillation\n3,Normal ECG\n')
     (w / "truncated.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
     (w / "random.npz").write_bytes(os.urandom(64))
     (w / "bad.safetensors").write_bytes(b"\xff" * 64)
@@ -196,7 +197,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("embed-input-is-a-folder", ["embed", "--input", "{w}/folder", "--embedder", "local", "--cache", "{w}/c.sqlite"],
      "is a directory"),
     ("embed-input-not-utf8", ["embed", "--input", "{w}/reports_latin1.csv", "--embedder", "local", "--cache",
-                              "{w}/c.sqlite"], "reports_latin1.csv line 3: not UTF-8"),
+                              "{w}/c.sqlite"], "nothing to embed (all 2 records were skipped, e.g. line 2: not UTF-8"),
+    ("embed-input-unclosed-quote", ["embed", "--input", "{w}/reports_unclosed.csv", "--embedder", "local", "--cache",
+                                    "{w}/c.sqlite"], "reports_unclosed.csv line 3: a quoted field opened on this line"),
     ("embed-cache-is-a-folder", [*EMBED, "--cache", "{w}/folder"], "--cache {w}/folder is a directory"),
     ("embed-cache-under-a-file", [*EMBED, "--cache", "{w}/file.txt/c.sqlite"], "is a file, not a directory"),
     ("embed-cache-not-sqlite", [*EMBED, "--cache", "{w}/file.txt"], "not a usable SQLite database"),
