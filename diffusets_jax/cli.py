@@ -180,18 +180,23 @@ def _run_embed(args: argparse.Namespace) -> int:
     from diffusets_jax.conditioning.report_files import (
         check_output_npz,
         embed_report_file,
+        output_fingerprint,
         read_report_prompts,
     )
     from diffusets_jax.io.files import check_input_file
-    from diffusets_jax.io.run_dir import check_output_file, check_reads_apart, fingerprint
+    from diffusets_jax.io.run_dir import check_output_file, check_reads_apart
 
     # Everything a user can get wrong is checked before a model is loaded or a request is paid for.
     check_input_file(args.input, "--input")
     check_output_file(args.cache, "--cache")
-    # What the --output file holds: a rerun of the same command may replace it, nothing else may.
-    output_print = fingerprint({"input": os.path.abspath(args.input), "column": args.column, "template": args.template,
-                                "embedder": args.embedder, "model": args.model if args.embedder == "openai" else
-                                args.model_dir, "dim": args.dim if args.embedder == "openai" else None})
+    # What the --output file holds: a rerun of the same command on the same input may replace it, nothing else may.
+    if args.embedder == "openai":
+        embedder_settings = {"kind": "openai", "model": args.model, "dim": args.dim}
+    else:
+        embedder_settings = {"kind": "local", "max_length": args.max_length, "dtype": args.dtype,
+                             "model_dir": os.path.abspath(args.model_dir) if args.model_dir else None}
+    output_print = "" if args.output is None else output_fingerprint(args.input, column=args.column,
+                                                                     template=args.template, embedder=embedder_settings)
     if args.output is not None:
         check_output_file(args.output, "--output")
         check_output_npz(args.output, output_print, args.overwrite)

@@ -130,3 +130,29 @@ def test_an_unclosed_quote_is_one_line_before_an_embedder_loads(tmp_path, capsys
     assert code == 2 and "\n" not in err and "Traceback" not in err
     assert "unclosed.csv line 2: a quoted field opened on this line is never closed" in err
     assert not (tmp_path / "c.sqlite").exists()
+
+
+def test_output_of_another_run_is_replaced_only_with_overwrite(tmp_path, capsys, monkeypatch):
+    """The run fingerprint held the input's path and a few flags: a rerun with another --max-length, or on an
+    edited input, silently replaced the .npz. Now it covers the input's content and every embedder setting."""
+    import diffusets_jax.conditioning.embedders as embedders
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda *a, **k: HashEmbedder())
+    reports, output = tmp_path / "ok.csv", tmp_path / "out.npz"
+    reports.write_text("report\nSinus rhythm\nAtrial fibrillation\n")
+    argv = ["embed", "--input", str(reports), "--embedder", "local", "--cache", str(tmp_path / "c.sqlite"),
+            "--output", str(output), "--no-progress"]
+    assert main(argv) == 0
+    written = output.read_bytes()
+    assert main(argv) == 0  # the same run again may replace its own output
+    capsys.readouterr()
+    for other_run in ([*argv, "--max-length", "8"], [*argv, "--dtype", "bfloat16"], [*argv, "--template", "none"]):
+        assert main(other_run) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "holds the output of another embed run" in err and "--overwrite" in err
+        assert output.read_bytes() == written
+    reports.write_text("report\nSinus rhythm\nNormal ECG\n")  # the same file name, edited
+    assert main(argv) == 2 and output.read_bytes() == written
+    assert main([*argv, "--overwrite"]) == 0
+    with np.load(output) as saved:
+        assert list(saved["prompts"]) == [ordered_prompt("Sinus rhythm"), ordered_prompt("Normal ECG")]

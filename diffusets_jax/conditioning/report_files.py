@@ -175,9 +175,22 @@ def embed_report_file(
     return summary
 
 
+def output_fingerprint(path: str | os.PathLike, *, column: str | None, template: Template,
+                       embedder: dict[str, object]) -> str:
+    """What an `--output` file of this run holds, as a hex digest: the input's bytes (not its name: an edited
+    file is another input, a moved one the same), the column and template, and `embedder`, every setting of
+    the embedder that changes its vectors (as the cache's embedder id does: kind, model, width, max length,
+    dtype; not the server's address or the batch size)."""
+    from diffusets_jax.io.files import file_sha256
+    from diffusets_jax.io.run_dir import fingerprint
+
+    return fingerprint({"input_sha256": file_sha256(path), "column": column, "template": template,
+                        "embedder": embedder})
+
+
 def check_output_npz(path: str | os.PathLike, fingerprint: str, overwrite: bool = False) -> None:
     """Refuse to replace an existing `--output` file unless it holds this same embedding run's output (its
-    `run_fingerprint`: the input file, column, template and embedder) or `overwrite`."""
+    `run_fingerprint`, see `output_fingerprint`) or `overwrite`."""
     path = Path(path)
     if overwrite or not path.exists():
         return
@@ -190,8 +203,9 @@ def check_output_npz(path: str | os.PathLike, fingerprint: str, overwrite: bool 
         raise ValueError(f"--output {path} exists and was not written by diffusets-jax embed: choose another path, or "
                          "pass --overwrite to replace it")
     if recorded != fingerprint:
-        raise ValueError(f"--output {path} holds the embeddings of another input, template or embedder: choose "
-                         "another path, or pass --overwrite to replace it")
+        raise ValueError(f"--output {path} holds the output of another embed run (another input file or content, "
+                         "column, template or embedder setting): choose another path, or pass --overwrite to replace "
+                         "it")
 
 
 def _save_npz_atomically(path: str | os.PathLike, **arrays: np.ndarray) -> None:
