@@ -115,7 +115,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
     overrides = {"workers": args.workers, "chunk_size": args.chunk_size or 0}  # 0: automatic
     if args.embedding_cache:
+        from diffusets_jax.conditioning.cache import check_embedding_cache
+
         overrides["embedding_cache_path"] = os.fspath(check_output_file(args.embedding_cache, "--embedding-cache"))
+        check_embedding_cache(args.embedding_cache, "--embedding-cache")  # before the download is read
     report = prepare(
         args.source, args.manual_dir, args.data_dir, config=args.config,
         beam_pipeline_options=args.beam_pipeline_options, overwrite=args.overwrite, **overrides,
@@ -217,9 +220,9 @@ def _run_embed(args: argparse.Namespace) -> int:
                        max_retries=args.max_retries, timeout_s=args.timeout)
     else:
         options = dict(model_dir=args.model_dir, max_length=args.max_length, dtype=args.dtype)
-    from diffusets_jax.conditioning.cache import EmbeddingCache
+    from diffusets_jax.conditioning.cache import check_embedding_cache
 
-    EmbeddingCache(args.cache).close()  # a file that is not our cache is refused before the embedder loads
+    check_embedding_cache(args.cache, "--cache")  # a file that is not our cache is refused before the embedder loads
     if args.batch_size is not None:
         options["batch_size"] = args.batch_size
     embedder = make_embedder(args.embedder, **options)
@@ -591,7 +594,10 @@ def _run_sample(args: argparse.Namespace) -> int:
                              ("--findings", args.findings), ("--reference", args.reference),
                              ("--embedding-cache", args.embedding_cache)])
     if args.embedding_cache is not None:
+        from diffusets_jax.conditioning.cache import check_embedding_cache
+
         check_output_file(args.embedding_cache, "--embedding-cache")
+        check_embedding_cache(args.embedding_cache, "--embedding-cache")
     conditions, provenance = _sample_conditions(args)
     task = _sample_reference(args)
     name, steps = args.sampler or "dpmpp_2m", args.steps

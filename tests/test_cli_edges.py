@@ -65,6 +65,7 @@ def world(tmp_path_factory) -> Path:
     (w / "raises.py").write_text("import ml_collections\n\ndef get_config():\n    return undefined_name\n")
     (w / "config.json").write_text('{"train": {"num_steps": 3,}\n')
     (w / "someone_elses.sqlite").write_bytes(b"")
+    (w / "empty.sqlite").write_bytes(b"")  # a user's empty file: SQLite would take it for an empty database
     with sqlite3.connect(w / "someone_elses.sqlite") as db:
         db.execute("CREATE TABLE patients (id INTEGER)")
     # A model directory whose index is damaged: refused before any weights load.
@@ -204,7 +205,19 @@ CASES: list[tuple[str, list[str], str]] = [
     ("embed-cache-under-a-file", [*EMBED, "--cache", "{w}/file.txt/c.sqlite"], "is a file, not a directory"),
     ("embed-cache-not-sqlite", [*EMBED, "--cache", "{w}/file.txt"], "not a usable SQLite database"),
     ("embed-cache-someone-elses-database", [*EMBED, "--cache", "{w}/someone_elses.sqlite"],
-     "SQLite database of something else"),
+     "SQLite database of something else (tables patients): point --cache at a new file"),
+    ("embed-cache-empty-file", [*EMBED, "--cache", "{w}/empty.sqlite"],
+     "--cache {w}/empty.sqlite is an empty file, not an embedding cache"),
+    ("prepare-embedding-cache-not-a-cache", ["prepare", "ptbxl", "--manual-dir", "{w}/user", "--data-dir",
+                                             "{w}/new", "--embedding-cache", "{w}/file.txt"],
+     "--embedding-cache {w}/file.txt is not a usable SQLite database (file is not a database): point "
+     "--embedding-cache at a new file"),
+    ("prepare-embedding-cache-empty-file", ["prepare", "ptbxl", "--manual-dir", "{w}/user", "--data-dir",
+                                            "{w}/new", "--embedding-cache", "{w}/empty.sqlite"],
+     "--embedding-cache {w}/empty.sqlite is an empty file, not an embedding cache"),
+    ("sample-embedding-cache-someone-elses-database", [*SAMPLE, "--out", "{w}/new", "--embedding-cache",
+                                                      "{w}/someone_elses.sqlite"],
+     "--embedding-cache {w}/someone_elses.sqlite is a SQLite database of something else"),
     ("embed-output-under-a-file", [*EMBED, "--cache", "{w}/c.sqlite", "--output", "{w}/file.txt/x.npz"],
      "is a file, not a directory"),
     ("embed-output-is-a-folder", [*EMBED, "--cache", "{w}/c.sqlite", "--output", "{w}/folder"], "is a directory"),

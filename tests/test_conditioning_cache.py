@@ -104,6 +104,30 @@ def test_not_a_database_is_a_clear_error(tmp_path):
         EmbeddingCache(path)
 
 
+def test_an_existing_empty_file_is_refused_and_left_as_it_is(tmp_path):
+    """SQLite takes an empty file for an empty database: a user's empty file became our cache."""
+    path = tmp_path / "notes.sqlite"
+    path.write_bytes(b"")
+    before = path.stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"^--embedding-cache .*notes.sqlite is an empty file, not an embedding "
+                                         r"cache; it was left as it is: point --embedding-cache at a new file"):
+        EmbeddingCache(path, flag="--embedding-cache")
+    assert path.read_bytes() == b"" and path.stat().st_mtime_ns == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.sqlite"]
+    with EmbeddingCache(tmp_path / "new.sqlite") as cache:  # a missing path is created, as before
+        assert cache.count() == 0
+
+
+def test_refusals_name_the_flag_the_user_gave(tmp_path):
+    """Every refusal said "point --cache at a new file", also to `prepare --embedding-cache` users."""
+    path = tmp_path / "notes.txt"
+    path.write_text("my notes\n" * 100)
+    with pytest.raises(ValueError, match=r"^--embedding-cache .*notes.txt is not a usable SQLite database .*point "
+                                         r"--embedding-cache at a new file") as raised:
+        EmbeddingCache(path, flag="--embedding-cache")
+    assert "--cache" not in str(raised.value).replace("--embedding-cache", "")
+
+
 def test_reads_mimic_machine_measurements_layout(tmp_path):
     csv_path = tmp_path / "machine_measurements.csv"
     header = ["subject_id", "study_id"] + [f"report_{i}" for i in range(18)] + ["rr_interval"]
