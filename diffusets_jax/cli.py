@@ -146,10 +146,12 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--embedder", required=True, choices=("openai", "local"),
                         help="openai: OpenAI API or any OpenAI-compatible server (reports leave the machine); "
                              "local: Flax sentence encoder on this machine's accelerators")
-    parser.add_argument("--cache", required=True, metavar="PATH", help="SQLite embedding cache (created if absent)")
+    parser.add_argument("--cache", required=True, metavar="PATH",
+                        help="SQLite embedding cache (created if absent; any other existing file is refused)")
     parser.add_argument("--output", metavar="NPZ",
                         help="also write prompts (U,) and embeddings (U, dim) of the U distinct prompts to this .npz "
-                             "(an existing file is replaced only if it holds this same run's output)")
+                             "(an existing file is replaced only if it holds this same run's output: the same "
+                             "input content, column, template and embedder settings)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--column", help="the report column/key to read (default: report_0..report_17, else report)")
     parser.add_argument("--template", choices=("ordered", "free_text", "none"), default="ordered",
