@@ -115,7 +115,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
     overrides = {"workers": args.workers, "chunk_size": args.chunk_size or 0}  # 0: automatic
     if args.embedding_cache:
+        from diffusets_jax.conditioning.cache import check_embedding_cache
+
         overrides["embedding_cache_path"] = os.fspath(check_output_file(args.embedding_cache, "--embedding-cache"))
+        check_embedding_cache(args.embedding_cache, "--embedding-cache")  # before the download is read
     report = prepare(
         args.source, args.manual_dir, args.data_dir, config=args.config,
         beam_pipeline_options=args.beam_pipeline_options, overwrite=args.overwrite, **overrides,
@@ -143,10 +146,12 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--embedder", required=True, choices=("openai", "local"),
                         help="openai: OpenAI API or any OpenAI-compatible server (reports leave the machine); "
                              "local: Flax sentence encoder on this machine's accelerators")
-    parser.add_argument("--cache", required=True, metavar="PATH", help="SQLite embedding cache (created if absent)")
+    parser.add_argument("--cache", required=True, metavar="PATH",
+                        help="SQLite embedding cache (created if absent; any other existing file is refused)")
     parser.add_argument("--output", metavar="NPZ",
                         help="also write prompts (U,) and embeddings (U, dim) of the U distinct prompts to this .npz "
-                             "(an existing file is replaced only if it holds this same run's output)")
+                             "(an existing file is replaced only if it holds this same run's output: the same "
+                             "input content, column, template and embedder settings)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--column", help="the report column/key to read (default: report_0..report_17, else report)")
     parser.add_argument("--template", choices=("ordered", "free_text", "none"), default="ordered",
@@ -180,18 +185,23 @@ def _run_embed(args: argparse.Namespace) -> int:
     from diffusets_jax.conditioning.report_files import (
         check_output_npz,
         embed_report_file,
+        output_fingerprint,
         read_report_prompts,
     )
     from diffusets_jax.io.files import check_input_file
-    from diffusets_jax.io.run_dir import check_output_file, check_reads_apart, fingerprint
+    from diffusets_jax.io.run_dir import check_output_file, check_reads_apart
 
     # Everything a user can get wrong is checked before a model is loaded or a request is paid for.
     check_input_file(args.input, "--input")
     check_output_file(args.cache, "--cache")
-    # What the --output file holds: a rerun of the same command may replace it, nothing else may.
-    output_print = fingerprint({"input": os.path.abspath(args.input), "column": args.column, "template": args.template,
-                                "embedder": args.embedder, "model": args.model if args.embedder == "openai" else
-                                args.model_dir, "dim": args.dim if args.embedder == "openai" else None})
+    # What the --output file holds: a rerun of the same command on the same input may replace it, nothing else may.
+    if args.embedder == "openai":
+        embedder_settings = {"kind": "openai", "model": args.model, "dim": args.dim}
+    else:
+        embedder_settings = {"kind": "local", "max_length": args.max_length, "dtype": args.dtype,
+                             "model_dir": os.path.abspath(args.model_dir) if args.model_dir else None}
+    output_print = "" if args.output is None else output_fingerprint(args.input, column=args.column,
+                                                                     template=args.template, embedder=embedder_settings)
     if args.output is not None:
         check_output_file(args.output, "--output")
         check_output_npz(args.output, output_print, args.overwrite)
@@ -212,9 +222,9 @@ def _run_embed(args: argparse.Namespace) -> int:
                        max_retries=args.max_retries, timeout_s=args.timeout)
     else:
         options = dict(model_dir=args.model_dir, max_length=args.max_length, dtype=args.dtype)
-    from diffusets_jax.conditioning.cache import EmbeddingCache
+    from diffusets_jax.conditioning.cache import check_embedding_cache
 
-    EmbeddingCache(args.cache).close()  # a file that is not our cache is refused before the embedder loads
+    check_embedding_cache(args.cache, "--cache")  # a file that is not our cache is refused before the embedder loads
     if args.batch_size is not None:
         options["batch_size"] = args.batch_size
     embedder = make_embedder(args.embedder, **options)
@@ -594,7 +604,10 @@ def _run_sample(args: argparse.Namespace) -> int:
                              ("--findings", args.findings), ("--reference", args.reference),
                              ("--embedding-cache", args.embedding_cache)])
     if args.embedding_cache is not None:
+        from diffusets_jax.conditioning.cache import check_embedding_cache
+
         check_output_file(args.embedding_cache, "--embedding-cache")
+        check_embedding_cache(args.embedding_cache, "--embedding-cache")
     conditions, provenance = _sample_conditions(args)
     task = _sample_reference(args)
     name, steps = args.sampler or "dpmpp_2m", args.steps

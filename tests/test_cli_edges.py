@@ -55,7 +55,8 @@ def world(tmp_path_factory) -> Path:
     (w / "cond.csv").write_text("text,sex,age,hr\nSinus rhythm,M,50,70\n")
     (w / "cond_latin1.csv").write_bytes("text,sex,age,hr\nSinus rhythm,M,50,70\nRythme sinusal \xe9,F,40,60\n".encode("latin-1"))
     (w / "reports.csv").write_text("report\nSinus rhythm|Normal ECG\n")
-    (w / "reports_latin1.csv").write_bytes("report\nSinus rhythm\nRythme sinusal \xe9\n".encode("latin-1"))
+    (w / "reports_latin1.csv").write_bytes("report\nRythme sinusal \xe9\nBradycardie sinusale \xe9\n".encode("latin-1"))
+    (w / "reports_unclosed.csv").write_text('id,report\n1,Sinus rhythm\n2,"Atrial fibrillation\n3,Normal ECG\n')
     (w / "truncated.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
     (w / "random.npz").write_bytes(os.urandom(64))
     (w / "bad.safetensors").write_bytes(b"\xff" * 64)
@@ -64,6 +65,7 @@ def world(tmp_path_factory) -> Path:
     (w / "raises.py").write_text("import ml_collections\n\ndef get_config():\n    return undefined_name\n")
     (w / "config.json").write_text('{"train": {"num_steps": 3,}\n')
     (w / "someone_elses.sqlite").write_bytes(b"")
+    (w / "empty.sqlite").write_bytes(b"")  # a user's empty file: SQLite would take it for an empty database
     with sqlite3.connect(w / "someone_elses.sqlite") as db:
         db.execute("CREATE TABLE patients (id INTEGER)")
     # A model directory whose index is damaged: refused before any weights load.
@@ -196,12 +198,26 @@ CASES: list[tuple[str, list[str], str]] = [
     ("embed-input-is-a-folder", ["embed", "--input", "{w}/folder", "--embedder", "local", "--cache", "{w}/c.sqlite"],
      "is a directory"),
     ("embed-input-not-utf8", ["embed", "--input", "{w}/reports_latin1.csv", "--embedder", "local", "--cache",
-                              "{w}/c.sqlite"], "reports_latin1.csv line 3: not UTF-8"),
+                              "{w}/c.sqlite"], "nothing to embed (all 2 records were skipped, e.g. line 2: not UTF-8"),
+    ("embed-input-unclosed-quote", ["embed", "--input", "{w}/reports_unclosed.csv", "--embedder", "local", "--cache",
+                                    "{w}/c.sqlite"], "reports_unclosed.csv line 3: a quoted field opened on this line"),
     ("embed-cache-is-a-folder", [*EMBED, "--cache", "{w}/folder"], "--cache {w}/folder is a directory"),
     ("embed-cache-under-a-file", [*EMBED, "--cache", "{w}/file.txt/c.sqlite"], "is a file, not a directory"),
     ("embed-cache-not-sqlite", [*EMBED, "--cache", "{w}/file.txt"], "not a usable SQLite database"),
     ("embed-cache-someone-elses-database", [*EMBED, "--cache", "{w}/someone_elses.sqlite"],
-     "SQLite database of something else"),
+     "SQLite database of something else (tables patients): point --cache at a new file"),
+    ("embed-cache-empty-file", [*EMBED, "--cache", "{w}/empty.sqlite"],
+     "--cache {w}/empty.sqlite is an empty file, not an embedding cache"),
+    ("prepare-embedding-cache-not-a-cache", ["prepare", "ptbxl", "--manual-dir", "{w}/user", "--data-dir",
+                                             "{w}/new", "--embedding-cache", "{w}/file.txt"],
+     "--embedding-cache {w}/file.txt is not a usable SQLite database (file is not a database): point "
+     "--embedding-cache at a new file"),
+    ("prepare-embedding-cache-empty-file", ["prepare", "ptbxl", "--manual-dir", "{w}/user", "--data-dir",
+                                            "{w}/new", "--embedding-cache", "{w}/empty.sqlite"],
+     "--embedding-cache {w}/empty.sqlite is an empty file, not an embedding cache"),
+    ("sample-embedding-cache-someone-elses-database", [*SAMPLE, "--out", "{w}/new", "--embedding-cache",
+                                                      "{w}/someone_elses.sqlite"],
+     "--embedding-cache {w}/someone_elses.sqlite is a SQLite database of something else"),
     ("embed-output-under-a-file", [*EMBED, "--cache", "{w}/c.sqlite", "--output", "{w}/file.txt/x.npz"],
      "is a file, not a directory"),
     ("embed-output-is-a-folder", [*EMBED, "--cache", "{w}/c.sqlite", "--output", "{w}/folder"], "is a directory"),

@@ -85,3 +85,74 @@ def test_a_server_that_keeps_failing_is_exit_1_with_an_error_line(tmp_path, caps
                      "--max-retries", "1", "--no-progress"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and last.startswith("diffusets-jax embed: error: ") and "failed after 2 attempts" in last
+
+
+class HashEmbedder:
+    """A deterministic 8-d stand-in for a real embedder, so these runs load no model."""
+
+    dim = 8
+    embedder_id = "test/hash/8"
+
+    def embed(self, texts):
+        rows = [np.random.default_rng(abs(hash(t)) % 2**32).normal(size=self.dim) for t in texts]
+        return np.asarray(rows, np.float32)
+
+
+def test_rows_that_cannot_be_read_are_skipped_and_named_by_their_line(tmp_path, capsys, monkeypatch):
+    """An Excel "CSV UTF-8" file (BOM, CRLF) with one Latin-1 row: the BOM hid the report column and the Latin-1
+    row stopped the whole run; now that row is skipped, counted and named by the line it is on."""
+    import diffusets_jax.conditioning.embedders as embedders
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda *a, **k: HashEmbedder())
+    reports = tmp_path / "excel.csv"
+    reports.write_bytes(b'\xef\xbb\xbfreport,id\r\n\r\n"Sinus rhythm|\r\nNormal ECG",1\r\nRythme \xe9,2\r\n'
+                        b"Atrial fibrillation,3\r\n")
+    code = main(["embed", "--input", str(reports), "--embedder", "local", "--cache", str(tmp_path / "c.sqlite"),
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["records"] == 2 and summary["skipped"] == 1
+    assert "skipped line 5: not UTF-8 text" in captured.out
+
+
+@pytest.mark.parametrize("rows", [3, 8000])
+def test_an_unclosed_quote_is_one_line_before_an_embedder_loads(tmp_path, capsys, monkeypatch, rows):
+    """The rows after the quote were merged into one record (exit 0, "1 record"), or, in a long file, a
+    `_csv.Error: field larger than field limit` traceback with exit 1."""
+    import diffusets_jax.conditioning.embedders as embedders
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda *a, **k: pytest.fail("an embedder was built"))
+    reports = tmp_path / "unclosed.csv"
+    reports.write_text('id,report\n1,"Sinus rhythm\n' + "".join(f"{i},Atrial fibrillation\n" for i in range(rows)))
+    code = main(["embed", "--input", str(reports), "--embedder", "local", "--cache", str(tmp_path / "c.sqlite")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err
+    assert "unclosed.csv line 2: a quoted field opened on this line is never closed" in err
+    assert not (tmp_path / "c.sqlite").exists()
+
+
+def test_output_of_another_run_is_replaced_only_with_overwrite(tmp_path, capsys, monkeypatch):
+    """The run fingerprint held the input's path and a few flags: a rerun with another --max-length, or on an
+    edited input, silently replaced the .npz. Now it covers the input's content and every embedder setting."""
+    import diffusets_jax.conditioning.embedders as embedders
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda *a, **k: HashEmbedder())
+    reports, output = tmp_path / "ok.csv", tmp_path / "out.npz"
+    reports.write_text("report\nSinus rhythm\nAtrial fibrillation\n")
+    argv = ["embed", "--input", str(reports), "--embedder", "local", "--cache", str(tmp_path / "c.sqlite"),
+            "--output", str(output), "--no-progress"]
+    assert main(argv) == 0
+    written = output.read_bytes()
+    assert main(argv) == 0  # the same run again may replace its own output
+    capsys.readouterr()
+    for other_run in ([*argv, "--max-length", "8"], [*argv, "--dtype", "bfloat16"], [*argv, "--template", "none"]):
+        assert main(other_run) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "holds the output of another embed run" in err and "--overwrite" in err
+        assert output.read_bytes() == written
+    reports.write_text("report\nSinus rhythm\nNormal ECG\n")  # the same file name, edited
+    assert main(argv) == 2 and output.read_bytes() == written
+    assert main([*argv, "--overwrite"]) == 0
+    with np.load(output) as saved:
+        assert list(saved["prompts"]) == [ordered_prompt("Sinus rhythm"), ordered_prompt("Normal ECG")]

@@ -104,6 +104,30 @@ def test_not_a_database_is_a_clear_error(tmp_path):
         EmbeddingCache(path)
 
 
+def test_an_existing_empty_file_is_refused_and_left_as_it_is(tmp_path):
+    """SQLite takes an empty file for an empty database: a user's empty file became our cache."""
+    path = tmp_path / "notes.sqlite"
+    path.write_bytes(b"")
+    before = path.stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"^--embedding-cache .*notes.sqlite is an empty file, not an embedding "
+                                         r"cache; it was left as it is: point --embedding-cache at a new file"):
+        EmbeddingCache(path, flag="--embedding-cache")
+    assert path.read_bytes() == b"" and path.stat().st_mtime_ns == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.sqlite"]
+    with EmbeddingCache(tmp_path / "new.sqlite") as cache:  # a missing path is created, as before
+        assert cache.count() == 0
+
+
+def test_refusals_name_the_flag_the_user_gave(tmp_path):
+    """Every refusal said "point --cache at a new file", also to `prepare --embedding-cache` users."""
+    path = tmp_path / "notes.txt"
+    path.write_text("my notes\n" * 100)
+    with pytest.raises(ValueError, match=r"^--embedding-cache .*notes.txt is not a usable SQLite database .*point "
+                                         r"--embedding-cache at a new file") as raised:
+        EmbeddingCache(path, flag="--embedding-cache")
+    assert "--cache" not in str(raised.value).replace("--embedding-cache", "")
+
+
 def test_reads_mimic_machine_measurements_layout(tmp_path):
     csv_path = tmp_path / "machine_measurements.csv"
     header = ["subject_id", "study_id"] + [f"report_{i}" for i in range(18)] + ["rr_interval"]
@@ -130,6 +154,49 @@ def test_reads_jsonl_and_free_text(tmp_path):
     assert reports.skipped == 2
     free = read_report_prompts(path, template="free_text")
     assert free.prompts[0] == "The report of the ECG is that Atrial fibrillation, Low QRS voltages."
+
+
+def test_reports_csv_is_read_as_prepare_reads_its_tables(tmp_path):
+    """embed read CSV with csv.DictReader: a BOM hid the `report` column, one row that was not UTF-8 stopped the
+    run, and skipped rows were named by record count, not by the line they are on."""
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbfreport,id\r\nSinus rhythm,1\r\n")
+    assert read_report_prompts(bom).prompts == [ordered_prompt("Sinus rhythm")]
+    path = tmp_path / "reports.csv"
+    path.write_bytes(b'id,report\n\n1,Sinus rhythm\n\n2,\n3,"Atrial fibrillation|\nLow QRS voltages"\n'
+                     b"4,Rythme sinusal \xe9\n\n5,\n6,NA\n")
+    reports = read_report_prompts(path)
+    assert reports.prompts == [ordered_prompt("Sinus rhythm"), ordered_prompt("Atrial fibrillation|\nLow QRS voltages"),
+                               ordered_prompt("NA")]
+    assert reports.skipped == 3
+    assert [e.split(":")[0] for e in reports.skipped_examples] == ["line 8", "line 5", "line 10"]
+    assert reports.skipped_examples[0] == "line 8: not UTF-8 text"
+
+
+@pytest.mark.parametrize("content", ['id,report\n1,"Sinus rhythm\n2,Atrial fibrillation\n3,Normal ECG\n',
+                                     'id,report\n1,"Sinus rhythm\n' + "".join(f"{i},Normal ECG\n" for i in range(8000))])
+def test_reports_csv_with_an_unclosed_quote_is_refused_naming_its_line(tmp_path, content):
+    """It was read as one record (later rows merged into the open field), or a `field larger than field limit`
+    traceback once the merged field passed 131,072 characters."""
+    path = tmp_path / "unclosed.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="unclosed.csv line 2: a quoted field opened on this line is never closed"):
+        read_report_prompts(path)
+
+
+def test_reports_csv_fields_of_any_length_are_read(tmp_path):
+    path = tmp_path / "long.csv"
+    path.write_text("report\n" + "Sinus rhythm " * 16_000 + "\nAtrial fibrillation\n")
+    assert len(read_report_prompts(path, template="none").prompts) == 2
+
+
+def test_reports_jsonl_with_a_bom_or_a_line_that_is_not_utf8(tmp_path):
+    """A BOM made record 1 "Unexpected UTF-8 BOM"; one line that was not UTF-8 stopped the whole run."""
+    path = tmp_path / "reports.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"report": "Sinus rhythm"}\n{"report": "Rythme \xe9"}\n"Normal ECG"\n')
+    reports = read_report_prompts(path)
+    assert reports.prompts == [ordered_prompt("Sinus rhythm"), ordered_prompt("Normal ECG")]
+    assert reports.skipped_examples == ["line 2: not UTF-8 text"]
 
 
 def test_embed_report_file_writes_summary_and_npz(tmp_path):

@@ -34,12 +34,20 @@ _LOOKUP_CHUNK = 500  # well under SQLite's host-parameter limit
 class EmbeddingCache:
     """SQLite store of embeddings keyed by (embedder_id, prompt). Use as a context manager or call close().
 
-    `path` is a file (created with its directory if needed) or ":memory:".
+    `path` is a file (created with its directory if needed) or ":memory:". An existing file that is not an
+    embedding cache (an empty file, another file, another SQLite database) is refused and left as it is:
+    ValueError naming it as `flag` (the command-line flag that gave it, e.g. "--cache"), if given.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, flag: str | None = None) -> None:
         self.path = os.fspath(path)
+        named = f"{flag} {self.path}" if flag else f"embedding cache {self.path!r}"
+        remedy = f"point {flag} at a new file (it is created) or an existing cache" if flag else "use a new file"
         if self.path != ":memory:":
+            # SQLite would take an empty file as an empty database and write its own into it: a user's file,
+            # changed. (Our own cache is empty only for the instant between its creation and its first write.)
+            if os.path.isfile(self.path) and os.path.getsize(self.path) == 0 and not os.path.exists(self.path + "-wal"):
+                raise ValueError(f"{named} is an empty file, not an embedding cache; it was left as it is: {remedy}")
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         try:
             # check_same_thread=False: a cache opened on one thread may be used from another (e.g. a data
@@ -48,15 +56,15 @@ class EmbeddingCache:
             tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if tables and "embeddings" not in tables:  # someone's own database: never add our table to it
                 self._db.close()
-                raise ValueError(f"embedding cache {self.path!r} is a SQLite database of something else (tables "
-                                 f"{', '.join(sorted(tables)[:5])}): point --cache at a new file")
+                raise ValueError(f"{named} is a SQLite database of something else (tables "
+                                 f"{', '.join(sorted(tables)[:5])}): {remedy}")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable against process kills
             self._db.execute(_SCHEMA)
             self._db.commit()
         except sqlite3.DatabaseError as err:
-            raise ValueError(f"embedding cache {self.path!r} is not a usable SQLite database ({err}): "
-                             "point --cache at a new file or delete the damaged one") from err
+            raise ValueError(f"{named} is not a usable SQLite database ({err}): {remedy}, or delete it if it "
+                             "is a damaged cache") from err
 
     def get_many(self, embedder_id: str, prompts: Iterable[str]) -> dict[str, np.ndarray]:
         """The cached vectors among `prompts`, as {prompt: (dim,) float32}; absent prompts are left out."""
@@ -105,6 +113,13 @@ class EmbeddingCache:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_embedding_cache(path: str | os.PathLike, flag: str) -> None:
+    """Refuse at once an existing `path` that is not an embedding cache (see `EmbeddingCache`), in one line naming
+    `flag`; a missing path is left for the run to create, so a command refused later leaves nothing behind."""
+    if os.path.exists(path):
+        EmbeddingCache(path, flag=flag).close()
 
 
 @dataclasses.dataclass

@@ -14,7 +14,6 @@ Accepted inputs (one record per row / line):
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -30,6 +29,7 @@ from diffusets_jax.conditioning.cache import EmbeddingCache, EmbeddingRunStats, 
 from diffusets_jax.conditioning.embedders import Embedder
 from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, PROMPT_STYLES, make_prompt
 from diffusets_jax.io.files import atomic_path, check_input_file
+from diffusets_jax.io.tables import LINE_COLUMN, read_csv_table
 
 Template = Literal["ordered", "free_text", "none"]
 TEMPLATES = (*PROMPT_STYLES, "none")
@@ -69,50 +69,50 @@ def read_report_prompts(path: str | os.PathLike, *, column: str | None = None, t
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".ndjson"):
         raise ValueError(f"{path}: unknown reports format {suffix!r}; expected .csv or .jsonl")
-    try:
-        return _read_csv(path, column, template) if suffix == ".csv" else _read_jsonl(path, column, template)
-    except UnicodeDecodeError:  # the reader stops at the first undecodable byte: name its line
-        data = path.read_bytes()
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            line = data[: err.start].count(b"\n") + 1
-            raise ValueError(f"{path} line {line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
-        raise
+    return _read_csv(path, column, template) if suffix == ".csv" else _read_jsonl(path, column, template)
 
 
 def _read_csv(path: Path, column: str | None, template: Template) -> ReportPrompts:
     out = ReportPrompts([])
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        if column is not None:
-            if column not in header:
-                raise ValueError(f"{path}: no column {column!r}; columns are {', '.join(header)}")
-            fields = [column]
-        else:
-            numbered = sorted((int(m.group(1)), name) for name in header if (m := _MIMIC_REPORT_COLUMN.match(name)))
-            fields = [name for _, name in numbered] or (["report"] if "report" in header else [])
-            if not fields:
-                raise ValueError(
-                    f"{path}: no report columns (report_0..report_17 or report); columns are {', '.join(header)}. "
-                    "Name the column with --column."
-                )
-        for line_number, row in enumerate(reader, start=2):
-            value: object = row[fields[0]] if len(fields) == 1 else [row[name] for name in fields]
-            if len(fields) == 1 and template == "ordered" and value is not None:
-                value = str(value).split(LINE_SEPARATOR)
-            try:
-                out.prompts.append(_to_prompt(value, template))
-            except ValueError as err:
-                out.skip(f"line {line_number}", str(err))
+    # The reader `prepare` reads its tables with: a BOM, rows that are not UTF-8 or malformed (skipped and named
+    # by the line they start on), an unclosed quote (refused, naming its line), fields of any length.
+    table = read_csv_table(os.fspath(path), what="reports file", skip=lambda line, why: out.skip(f"line {line}", why),
+                           na_filter=False)  # report text as written: a statement "NA" stays a statement
+    header = [str(name) for name in table.columns if name != LINE_COLUMN]
+    if column is not None:
+        if column not in header:
+            raise ValueError(f"{path}: no column {column!r}; columns are {', '.join(header)}")
+        fields = [column]
+    else:
+        numbered = sorted((int(m.group(1)), name) for name in header if (m := _MIMIC_REPORT_COLUMN.match(name)))
+        fields = [name for _, name in numbered] or (["report"] if "report" in header else [])
+        if not fields:
+            raise ValueError(
+                f"{path}: no report columns (report_0..report_17 or report); columns are {', '.join(header)}. "
+                "Name the column with --column."
+            )
+    for line, *cells in table[[LINE_COLUMN, *fields]].itertuples(index=False, name=None):
+        value: object = cells[0] if len(fields) == 1 else list(cells)
+        if len(fields) == 1 and template == "ordered":
+            value = str(value).split(LINE_SEPARATOR)
+        try:
+            out.prompts.append(_to_prompt(value, template))
+        except ValueError as err:
+            out.skip(f"line {line}" if isinstance(line, int | np.integer) else str(line), str(err))
     return out
 
 
 def _read_jsonl(path: Path, column: str | None, template: Template) -> ReportPrompts:
     out = ReportPrompts([])
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                # Line by line, so one line that is not UTF-8 is skipped and counted, not the end of the run; a
+                # BOM (a file saved as "UTF-8 with BOM") is not part of the first record.
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                out.skip(f"line {line_number}", "not UTF-8 text")
+                continue
             if not line.strip():
                 continue
             try:
@@ -175,9 +175,22 @@ def embed_report_file(
     return summary
 
 
+def output_fingerprint(path: str | os.PathLike, *, column: str | None, template: Template,
+                       embedder: dict[str, object]) -> str:
+    """What an `--output` file of this run holds, as a hex digest: the input's bytes (not its name: an edited
+    file is another input, a moved one the same), the column and template, and `embedder`, every setting of
+    the embedder that changes its vectors (as the cache's embedder id does: kind, model, width, max length,
+    dtype; not the server's address or the batch size)."""
+    from diffusets_jax.io.files import file_sha256
+    from diffusets_jax.io.run_dir import fingerprint
+
+    return fingerprint({"input_sha256": file_sha256(path), "column": column, "template": template,
+                        "embedder": embedder})
+
+
 def check_output_npz(path: str | os.PathLike, fingerprint: str, overwrite: bool = False) -> None:
     """Refuse to replace an existing `--output` file unless it holds this same embedding run's output (its
-    `run_fingerprint`: the input file, column, template and embedder) or `overwrite`."""
+    `run_fingerprint`, see `output_fingerprint`) or `overwrite`."""
     path = Path(path)
     if overwrite or not path.exists():
         return
@@ -190,8 +203,9 @@ def check_output_npz(path: str | os.PathLike, fingerprint: str, overwrite: bool 
         raise ValueError(f"--output {path} exists and was not written by diffusets-jax embed: choose another path, or "
                          "pass --overwrite to replace it")
     if recorded != fingerprint:
-        raise ValueError(f"--output {path} holds the embeddings of another input, template or embedder: choose "
-                         "another path, or pass --overwrite to replace it")
+        raise ValueError(f"--output {path} holds the output of another embed run (another input file or content, "
+                         "column, template or embedder setting): choose another path, or pass --overwrite to replace "
+                         "it")
 
 
 def _save_npz_atomically(path: str | os.PathLike, **arrays: np.ndarray) -> None:

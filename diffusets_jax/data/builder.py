@@ -28,13 +28,10 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import math
 import multiprocessing
 import os
-import re
 import sys
-import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -48,8 +45,9 @@ from diffusets_jax.data import records as records_lib
 from diffusets_jax.data.card import write_card
 from diffusets_jax.data.records import ChunkResult, DecodeOptions, RecordCandidate
 from diffusets_jax.data.schema import ecg_features
-from diffusets_jax.io.files import check_input_file, write_json_atomic
+from diffusets_jax.io.files import write_json_atomic
 from diffusets_jax.io.progress import progress_bar
+from diffusets_jax.io.tables import LINE_COLUMN, read_csv_table
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 REPORT_FILENAME = "prepare_report.json"
@@ -57,8 +55,6 @@ EXAMPLES_PER_REASON_IN_REPORT = 10
 EMBEDDING_DIMS: dict[str, int] = {"local": 384, "openai": 1536}  # MiniLM-L6; text-embedding-ada-002
 # Skip reason of a source-table row that cannot be used at all (beside records.SKIP_REASONS, which need a record).
 BAD_TABLE_ROW = "bad_table_row"
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under errors="surrogateescape"
-_PANDAS_SKIPPED_LINE = re.compile(r"Skipping line (\d+): (.*)")
 
 
 class LocalDatasetInfo(tfds.core.DatasetInfo):
@@ -240,54 +236,20 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         file and what to do. Rows that are not UTF-8, malformed CSV lines, and rows whose `integers` columns do
         not hold an integer are skipped and counted as `bad_table_row` in the build report.
         """
-        import gzip
-
         import pandas as pd
 
-        check_input_file(path, what)
-        try:
-            raw = gzip.decompress(open(path, "rb").read()) if path.endswith(".gz") else open(path, "rb").read()
-        except (OSError, EOFError) as err:
-            raise ValueError(f"{path}: cannot read the {what} ({err}): is the download complete?") from None
-        # Undecodable bytes are kept as surrogates so the lines holding them can be found, named and skipped.
-        # Split on newlines only (str.splitlines would also split a report at \r, \f, \x1c, ...).
-        lines = [line.removesuffix("\r") for line in raw.decode("utf-8-sig", errors="surrogateescape").split("\n")]
-        numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
-        if not numbered or _NOT_UTF8.search(numbered[0][1]):
-            raise ValueError(f"{path}: no header line of UTF-8 column names: is it the {what}?")
-        kept = [numbered[0]]
-        for number, line in numbered[1:]:
-            if _NOT_UTF8.search(line):
-                self._skip_row(path, number, "not UTF-8 text")
-            else:
-                kept.append((number, line))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                table = pd.read_csv(io.StringIO("\n".join(line for _, line in kept)), dtype=object,
-                                    on_bad_lines="warn")
-            except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-                raise ValueError(f"{path}: not a readable CSV table ({' '.join(str(err).split())}): is it the "
-                                 f"{what}?") from None
-        malformed: set[int] = set()
-        for warning in caught:
-            for fed_line, why in _PANDAS_SKIPPED_LINE.findall(str(warning.message)):
-                malformed.add(int(fed_line))
-                self._skip_row(path, kept[int(fed_line) - 1][0], f"malformed CSV line ({why.strip()})")
+        table = read_csv_table(path, what=what, skip=lambda line, why: self._skip_row(path, line, why))
         missing = [column for column in required if column not in table.columns]
         if missing:
+            header = [str(c) for c in table.columns if c != LINE_COLUMN]
             raise ValueError(f"{path}: no column {', '.join(repr(c) for c in missing)} (it has "
-                             f"{', '.join(map(str, table.columns[:12]))}{' ...' if len(table.columns) > 12 else ''}): "
-                             f"is it the {what}?")
-        table = table[[c for c in (*required, *optional) if c in table.columns]].copy()
-        data_lines = [number for fed, (number, _) in enumerate(kept[1:], 2) if fed not in malformed]
-        # A quoted field spanning lines would shift this mapping; then rows are named by position instead.
-        table["_line"] = data_lines if len(data_lines) == len(table) else [f"row {i + 1}" for i in range(len(table))]
+                             f"{', '.join(header[:12])}{' ...' if len(header) > 12 else ''}): is it the {what}?")
+        table = table[[c for c in (*required, *optional, LINE_COLUMN) if c in table.columns]].copy()
         bad = pd.Series(False, index=table.index)
         for column in integers:
             values = pd.to_numeric(table[column], errors="coerce")
             wrong = values.isna() | (values != values.round())
-            for line, value in zip(table.loc[wrong & ~bad, "_line"], table.loc[wrong & ~bad, column], strict=True):
+            for line, value in zip(table.loc[wrong & ~bad, LINE_COLUMN], table.loc[wrong & ~bad, column], strict=True):
                 self._skip_row(path, line, f"no {column}" if pd.isna(value) else f"{column} {value!r} is not an integer")
             bad |= wrong
             table[column] = values

@@ -1,0 +1,68 @@
+"""io.tables: the one CSV table reader (prepare's source tables, embed's reports files): BOMs, rows that are not
+UTF-8 or malformed skipped with the physical line they start on, unclosed quotes refused with the line they opened
+on, fields of any length."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+
+from diffusets_jax.io.tables import LINE_COLUMN, read_csv_table
+
+
+def read(path, **options):
+    skipped = []
+    table = read_csv_table(str(path), what="test table", skip=lambda line, why: skipped.append((line, why)), **options)
+    return table, skipped
+
+
+def test_a_utf8_bom_and_crlf_line_ends_are_not_part_of_the_data(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM, which was read into the first column's name ("\\ufeffreport")."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfreport,id\r\nSinus rhythm,1\r\n")
+    table, skipped = read(path)
+    assert list(table.columns) == ["report", "id", LINE_COLUMN] and not skipped
+    assert table["report"].tolist() == ["Sinus rhythm"] and table[LINE_COLUMN].tolist() == [2]
+
+
+def test_rows_are_named_by_the_physical_line_their_record_starts_on(tmp_path):
+    """Blank lines and quoted fields that span lines used to shift the numbering (or turn it into "row N")."""
+    path = tmp_path / "t.csv"
+    path.write_bytes(b'id,report\n\n1,a\n\n2,"two\nlines"\n3,b,extra\n4,"x ""quoted"" \n\nand a blank line"\n'
+                     b'5,caf\xe9\n6,"not\nutf-8 \xe9"\n7,5" tall\n')
+    table, skipped = read(path, na_filter=False)
+    assert table["id"].tolist() == ["1", "2", "4", "7"]
+    assert table[LINE_COLUMN].tolist() == [3, 5, 8, 14]
+    assert table["report"].tolist() == ["a", "two\nlines", 'x "quoted" \n\nand a blank line', '5" tall']
+    assert sorted(skipped) == [(7, "malformed CSV line (expected 2 fields, saw 3)"), (11, "not UTF-8 text"),
+                               (12, "not UTF-8 text")]
+
+
+@pytest.mark.parametrize("rows", [4, 8000])
+def test_an_unclosed_quote_is_refused_naming_the_line_it_opened_on(tmp_path, rows):
+    """csv.DictReader read every later row into the open field: one record and no error for a short file, a
+    `_csv.Error: field larger than field limit` traceback for a long one."""
+    path = tmp_path / "unclosed.csv"
+    path.write_text('id,report\n1,Sinus rhythm\n2,"Atrial fibrillation\n'
+                    + "".join(f"{i},Normal ECG\n" for i in range(3, rows + 3)))
+    with pytest.raises(ValueError, match=r"unclosed\.csv line 3: a quoted field opened on this line is never "
+                                         r"closed") as raised:
+        read(path)
+    assert "\n" not in str(raised.value)
+
+
+def test_fields_of_any_length_are_read(tmp_path):
+    """Python's csv module stops at 131,072 characters per field with a traceback."""
+    path = tmp_path / "big.csv.gz"
+    path.write_bytes(gzip.compress(("report\n" + "x" * 200_000 + "\nshort\n").encode()))
+    table, skipped = read(path)
+    assert [len(v) for v in table["report"]] == [200_000, 5] and table[LINE_COLUMN].tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("content,expected", [(b"", "no header line"), (b"\xe9t\xe9,x\n1,2\n", "no header line")])
+def test_a_table_without_a_usable_header_is_refused(tmp_path, content, expected):
+    path = tmp_path / "t.csv"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=expected):
+        read(path)
