@@ -17,8 +17,8 @@ Source tables (`read_table`) follow the same rule: a row that cannot be used (by
 malformed CSV line, an id that is not an integer) is skipped and counted as `bad_table_row` with its file and
 line; only a table that is unusable as a whole (missing, not CSV, a needed column absent) stops the build, with
 one line naming the file and what is missing. The dataset card records the manual dir and a fingerprint of its
-record list and metadata (`records_fingerprint`), so `prepare` can tell a complete dataset built from another
-download from this one's.
+record list, metadata and record files' size and modification time (`records_fingerprint`), so `prepare` can tell
+a complete dataset built from another download, or from records changed since, from this one's.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
         self._workers = workers
         self._chunk_size = int(chunk_size)
-        self._listed: tuple[str, list[RecordCandidate]] | None = None
+        self._listed: tuple[str, list[RecordCandidate], list[tuple]] | None = None
         self._table_skips: list[dict[str, str]] = []
         self._embedding_cache_path = embedding_cache_path
         self._embedder = embedder
@@ -199,11 +199,17 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
 
     def candidates(self, manual_dir: str) -> list[RecordCandidate]:
         """`list_candidates(manual_dir)`, read once per builder (prepare fingerprints them before building)."""
+        return self._listing(manual_dir)[0]
+
+    def _listing(self, manual_dir: str) -> tuple[list[RecordCandidate], list[tuple]]:
+        """The candidates and their files' `records.file_stamps`, both taken once, at listing time: a file changed
+        later is then never taken for the one stamped (a chunk's stamps are at least as old as what it decoded)."""
         key = os.path.abspath(os.fspath(manual_dir))  # TFDS hands the same folder over as another string
         if self._listed is None or self._listed[0] != key:
             self._table_skips = []
-            self._listed = (key, self._one_per_record(self.list_candidates(os.fspath(manual_dir))))
-        return self._listed[1]
+            candidates = self._one_per_record(self.list_candidates(os.fspath(manual_dir)))
+            self._listed = (key, candidates, records_lib.file_stamps(key, candidates))
+        return self._listed[1], self._listed[2]
 
     def _one_per_record(self, candidates: list[RecordCandidate]) -> list[RecordCandidate]:
         """The first listing of each record: a table that lists one twice (a repeated row, a merged export) would
@@ -221,13 +227,15 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
 
     def records_fingerprint(self, manual_dir: str) -> dict[str, Any]:
         """What the dataset is built from: the manual dir, its record count and a fingerprint of every record's
-        path and metadata and of the decode options (`records.chunk_fingerprint` over blocks of records)."""
-        candidates = self.candidates(manual_dir)
+        path, metadata and files (size and modification time) and of the decode options
+        (`records.chunk_fingerprint` over blocks of records)."""
+        candidates, stamps = self._listing(manual_dir)
         decode = self.builder_config.decode
         block = 4096
         digest = hashlib.sha256()
         for start in range(0, len(candidates), block):
-            digest.update(records_lib.chunk_fingerprint(candidates[start : start + block], decode).encode())
+            digest.update(records_lib.chunk_fingerprint(candidates[start : start + block], decode,
+                                                        stamps[start : start + block]).encode())
         return {"manual_dir": os.path.abspath(manual_dir), "records": len(candidates),
                 "records_fingerprint": digest.hexdigest()[:24]}
 
@@ -335,11 +343,12 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):  # noqa: ANN201
         config = self.builder_config
         manual_dir = os.fspath(dl_manager.manual_dir)
-        candidates = self.candidates(manual_dir)
+        candidates, stamps = self._listing(manual_dir)
         if not candidates:
             raise FileNotFoundError(
                 f"{self.name}: no records listed under {manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
+        stamp_of = dict(zip((c.record_path for c in candidates), stamps, strict=True))
         self._embeddings = self._embed(candidates, dl_manager)
         by_split: dict[str, list[RecordCandidate]] = {split: [] for split in SPLITS}
         for candidate in candidates:
@@ -351,7 +360,8 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         for split, split_candidates in by_split.items():
             for start in range(0, len(split_candidates), chunk_size):
                 members = split_candidates[start : start + chunk_size]
-                fingerprint = records_lib.chunk_fingerprint(members, config.decode)
+                fingerprint = records_lib.chunk_fingerprint(members, config.decode,
+                                                            [stamp_of[c.record_path] for c in members])
                 path = os.path.join(cache_root, f"{split}-{start // chunk_size:06d}-{fingerprint}.npz")
                 self._chunks.append(_Chunk(split, start // chunk_size, members, path))
         # A chunk file cut short (a killed writer, a full disk) is no zip archive: it is decoded again, not reused.

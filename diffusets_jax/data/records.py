@@ -289,11 +289,38 @@ class ChunkResult:
 CACHE_FORMAT_VERSION = 3  # 2: consensus QRS heart rate; 3: implausible_age. Bump when decoding changes (stale caches)
 
 
-def chunk_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOptions) -> str:
-    """Hash of everything that determines a chunk's decoded content (records, metadata, options)."""
+def file_stamps(manual_dir: str, candidates: Sequence[RecordCandidate]) -> list[tuple[tuple[str, int, int], ...]]:
+    """Per candidate, (extension, size, mtime_ns) of each of its files that exists (`WFDB_EXTENSIONS` beside its
+    record path): what tells a record file fixed or replaced since a chunk was decoded.
+
+    Size and modification time, the test make and rsync use, not a hash of the content: hashing every file would
+    read the whole download (about 90 GB for MIMIC-IV-ECG) on every prepare, to find out that nothing changed. A
+    copy that keeps the times (mv, cp -a, rsync -a) is still the same records; one that does not (cp -r) is decoded
+    again. Signal files named otherwise than the record (a multi-file WFDB record) are not stamped; a change of
+    which files a header names changes the header, which is."""
+    stamps = []
+    for candidate in candidates:
+        base = os.path.join(manual_dir, candidate.record_path)
+        found = []
+        for extension in WFDB_EXTENSIONS:
+            try:
+                stat = os.stat(base + extension)
+            except OSError:  # absent (a record has no .mat, or no .dat), or unreadable: decoding says which
+                continue
+            found.append((extension, stat.st_size, stat.st_mtime_ns))
+        stamps.append(tuple(found))
+    return stamps
+
+
+def chunk_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOptions,
+                      stamps: Sequence[tuple[tuple[str, int, int], ...]]) -> str:
+    """Hash of everything that determines a chunk's decoded content: its records' paths and metadata, their files'
+    `file_stamps` (given in the order of `candidates`) and the decode options."""
+    if len(stamps) != len(candidates):
+        raise ValueError(f"{len(stamps)} file stamps for {len(candidates)} records")
     payload = json.dumps(
         {"v": CACHE_FORMAT_VERSION, "options": dataclasses.asdict(options),
-         "records": [dataclasses.asdict(c) for c in candidates]},
+         "records": [dataclasses.asdict(c) for c in candidates], "files": [list(s) for s in stamps]},
         sort_keys=True, default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]

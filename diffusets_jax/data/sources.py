@@ -103,12 +103,13 @@ def prepare(
     `beam_pipeline_options` ("--runner=DirectRunner,--direct_num_workers=8" style, as `tfds build`) runs the
     decoding through Apache Beam instead of local worker processes.
 
-    A complete dataset built from the same records (its card's `records_fingerprint`: every record's path and
-    metadata, whatever folder they are in now) is not rebuilt. One built from other records is refused unless
-    `overwrite`, which rebuilds it and replaces the old one once the new one is complete (a failed rebuild puts
-    the old one back). A second prepare of the same dataset while one runs is refused (a lock). A temporary
-    folder TFDS left behind for this dataset and version (a killed build's, or a `tfds build` running now, which
-    takes no lock) is named on stderr and left alone: it is not this run's to delete.
+    A complete dataset built from the same records (its card's `records_fingerprint`: every record's path,
+    metadata and files' size and modification time, whatever folder they are in now) is not rebuilt. One built
+    from other records is refused unless `overwrite`, which rebuilds it and replaces the old one once the new one
+    is complete (a failed rebuild puts the old one back). A
+    second prepare of the same dataset while one runs is refused (a lock). A temporary folder TFDS left behind for
+    this dataset and version (a killed build's, or a `tfds build` running now, which takes no lock) is named on
+    stderr and left alone: it is not this run's to delete.
     """
     import tensorflow_datasets as tfds
 
@@ -185,5 +186,5 @@ def _other_source_message(dataset_dir: Path, where: str, recorded: dict[str, Any
     return (f"{dataset_dir} already holds a complete {where} built from {recorded.get('manual_dir')} "
             f"({recorded.get('records')} records, fingerprint {recorded['records_fingerprint'][:12]}), not from "
             f"--manual-dir {manual_dir} ({origin['records']} records, fingerprint "
-            f"{origin['records_fingerprint'][:12]}): pass another --data-dir, or --overwrite to rebuild it from this "
-            "download")
+            f"{origin['records_fingerprint'][:12]}; records, their metadata or their files' size or modification time "
+            "differ): pass another --data-dir, or --overwrite to rebuild it from this download")

@@ -1,0 +1,99 @@
+"""`prepare` (data/sources.py) on a few real Challenge records: what it keeps, restores and refuses.
+
+Each build is three bundled PhysioNet/CinC 2021 records decoded in this process and embedded by a hash stand-in
+for MiniLM, so a build takes seconds; the command line is run in-process, as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from diffusets_jax.data import sources
+from diffusets_jax.data.builder import REPORT_FILENAME
+from tests.helpers.cli import exit_code
+from tests.helpers.hash_embedder import HashEmbedder
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "diffusets_jax" / "demo_data" / "cinc2021"
+NAMES = ("E07500", "E07501", "E07502")
+
+
+@pytest.fixture(autouse=True)
+def hash_embedder(monkeypatch):
+    """`--config local` embeds with HashEmbedder; other embedders are made as usual (an OpenAI key is checked)."""
+    from diffusets_jax.conditioning import embedders
+
+    real = embedders.make_embedder
+    monkeypatch.setattr(embedders, "make_embedder",
+                        lambda name, **options: HashEmbedder() if name == "local" else real(name, **options))
+
+
+def copy_records(folder: Path, names=NAMES) -> Path:
+    folder.mkdir(parents=True)
+    for name in names:
+        for extension in (".hea", ".mat"):
+            shutil.copy2(DEMO_DIR / (name + extension), folder / (name + extension))
+    return folder
+
+
+def prepare(manual: Path, data: Path, *extra: str) -> int:
+    return exit_code(["prepare", "physionet-challenge", "--manual-dir", str(manual), "--data-dir", str(data),
+                      "--workers", "0", "--embedding-cache", str(data.parent / "emb.sqlite"), *extra])
+
+
+def dataset_dir(data: Path) -> Path:
+    return data / "physionet_challenge" / "local" / "1.0.0"
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int] | str]:
+    """Every path under `root` with its bytes and mtime (folders by name)."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def ecgs(data: Path) -> dict[str, np.ndarray]:
+    builder = sources.make_builder("physionet-challenge", str(data))
+    return {example["record_path"].decode(): example["ecg"]
+            for split in builder.info.splits
+            for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))}
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("diffusets-jax prepare:")]
+
+
+def test_a_record_file_fixed_since_the_build_is_decoded_again(tmp_path, capsys):
+    """A header's gain corrected after a build: the rerun found the same records (paths and metadata), called the
+    dataset complete, and --overwrite reused the chunk decoded from the wrong gain."""
+    manual = copy_records(tmp_path / "cinc")
+    data = tmp_path / "data"
+    assert prepare(manual, data) == 0
+    first = ecgs(data)
+    header = manual / "E07502.hea"
+    header.write_text(header.read_text().replace("1000.0(0)/mV", "500.0(0)/mV"))  # twice the amplitude
+    capsys.readouterr()
+    assert prepare(manual, data) == 2  # another build's records now: refused without --overwrite
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "modification time" in errors[0], errors
+    assert prepare(manual, data, "--overwrite") == 0
+    report = json.loads((dataset_dir(data) / REPORT_FILENAME).read_text())
+    assert report["decode_chunks"]["decoded"] >= 1
+    second = ecgs(data)
+    np.testing.assert_allclose(second["E07502"], 2 * first["E07502"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(second["E07500"], first["E07500"])
+
+
+def kill_during_overwrite(data: Path) -> Path:
+    """The state a `prepare --overwrite` killed (kill -9) during its rebuild leaves: the old dataset moved aside
+    into a `.1.0.0.replaced-*` folder, the new one not yet in place."""
+    dataset = dataset_dir(data)
+    retired = dataset.parent / ".1.0.0.replaced-k1ll9x"
+    retired.mkdir()
+    os.replace(dataset, retired / dataset.name)
+    return retired
