@@ -68,6 +68,28 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("diffusets-jax prepare:")]
 
 
+def test_overwrite_that_writes_no_example_puts_the_old_dataset_back(tmp_path, capsys):
+    """The old complete dataset was deleted when the rebuild skipped every record, and an empty one (no split)
+    took its place, with exit 1 and no line saying why: --overwrite replaces only after a run that succeeded."""
+    data = tmp_path / "data"
+    assert prepare(copy_records(tmp_path / "cinc"), data) == 0
+    before = snapshot(dataset_dir(data))
+    broken = copy_records(tmp_path / "broken")
+    for name in NAMES:  # every signal file cut short: every record is skipped as truncated_signal_file
+        mat = broken / (name + ".mat")
+        mat.write_bytes(mat.read_bytes()[:100])
+    capsys.readouterr()
+    assert prepare(broken, data, "--overwrite") == 1
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "no example" in errors[0] and "kept as it was" in errors[0], errors
+    assert snapshot(dataset_dir(data)) == before
+    assert sorted(p.name for p in dataset_dir(data).parent.iterdir()) == [".diffusets-prepare-1.0.0.lock", "1.0.0"]
+    # Into a new data dir: nothing to keep, and still one line saying why the exit code is 1.
+    assert prepare(broken, tmp_path / "new") == 1
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "no example written" in errors[0] and "prepare_report.json" in errors[0], errors
+
+
 def test_a_record_file_fixed_since_the_build_is_decoded_again(tmp_path, capsys):
     """A header's gain corrected after a build: the rerun found the same records (paths and metadata), called the
     dataset complete, and --overwrite reused the chunk decoded from the wrong gain."""

@@ -106,7 +106,7 @@ def prepare(
     A complete dataset built from the same records (its card's `records_fingerprint`: every record's path,
     metadata and files' size and modification time, whatever folder they are in now) is not rebuilt. One built
     from other records is refused unless `overwrite`, which rebuilds it and replaces the old one once the new one
-    is complete (a failed rebuild puts the old one back). A
+    is complete (a failed rebuild puts the old one back, as does a rebuild that writes no example: RunFailed). A
     second prepare of the same dataset while one runs is refused (a lock). A temporary folder TFDS left behind for
     this dataset and version (a killed build's, or a `tfds build` running now, which takes no lock) is named on
     stderr and left alone: it is not this run's to delete.
@@ -114,6 +114,7 @@ def prepare(
     import tensorflow_datasets as tfds
 
     from diffusets_jax.data.builder import REPORT_FILENAME
+    from diffusets_jax.errors import RunFailed
     from diffusets_jax.io.files import read_json
     from diffusets_jax.io.run_dir import check_output_path, exclusive_lock
 
@@ -159,13 +160,28 @@ def prepare(
             )
         except BaseException:
             if retired is not None:
-                shutil.rmtree(dataset_dir, ignore_errors=True)  # the partial rebuild (TFDS's, for this run)
-                os.replace(retired / dataset_dir.name, dataset_dir)
-                retired.rmdir()
+                _put_back(retired, dataset_dir)
             raise
+        report = read_json(dataset_dir / REPORT_FILENAME, "prepare report")
         if retired is not None:
+            if not report["examples_written"]:  # TFDS calls a build that skipped every record complete; we do not
+                _put_back(retired, dataset_dir)
+                raise RunFailed(
+                    f"the rebuild from --manual-dir {manual_dir} wrote no example ({report['records_skipped']} of "
+                    f"{report['records_listed']} records skipped, counted above), so {dataset_dir} is kept as it was "
+                    f"(built from {recorded.get('manual_dir', 'an earlier download')}): fix the records, or pass "
+                    "another --manual-dir"
+                )
             shutil.rmtree(retired, ignore_errors=True)  # the dataset --overwrite asked us to replace
-        return read_json(dataset_dir / REPORT_FILENAME, "prepare report")
+        return report
+
+
+def _put_back(retired: Path, dataset_dir: Path) -> None:
+    """Undo an --overwrite whose rebuild did not succeed: this run's own (partial or empty) rebuild is removed and
+    the dataset it was to replace goes back in place."""
+    shutil.rmtree(dataset_dir, ignore_errors=True)
+    os.replace(retired / dataset_dir.name, dataset_dir)
+    retired.rmdir()
 
 
 def _interrupted_builds(dataset_dir: Path) -> list[Path]:
