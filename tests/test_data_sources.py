@@ -111,6 +111,16 @@ def test_a_record_file_fixed_since_the_build_is_decoded_again(tmp_path, capsys):
     np.testing.assert_array_equal(second["E07500"], first["E07500"])
 
 
+def test_an_empty_manual_dir_is_one_line_and_creates_nothing(tmp_path, capsys):
+    """An empty --manual-dir ended in TFDS's traceback (AssertionError: Manual directory ... is empty)."""
+    (tmp_path / "empty").mkdir()
+    assert prepare(tmp_path / "empty", tmp_path / "data") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(error_lines(err)) == 1 and "no records listed" in err, err
+    assert "is empty" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
 def kill_during_overwrite(data: Path) -> Path:
     """The state a `prepare --overwrite` killed (kill -9) during its rebuild leaves: the old dataset moved aside
     into a `.1.0.0.replaced-*` folder, the new one not yet in place."""

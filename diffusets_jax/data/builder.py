@@ -208,6 +208,11 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         if self._listed is None or self._listed[0] != key:
             self._table_skips = []
             candidates = self._one_per_record(self.list_candidates(os.fspath(manual_dir)))
+            if not candidates:  # refused here, before prepare creates anything; on an empty folder TFDS itself
+                # would stop with a bare AssertionError ("Manual directory ... does not exist or is empty")
+                empty = " (the folder is empty)" if os.path.isdir(key) and not os.listdir(key) else ""
+                raise FileNotFoundError(f"{self.name}: no records listed under {manual_dir}{empty}.\n"
+                                        f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
             self._listed = (key, candidates, records_lib.file_stamps(key, candidates))
         return self._listed[1], self._listed[2]
 
@@ -344,10 +349,6 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         manual_dir = os.fspath(dl_manager.manual_dir)
         candidates, stamps = self._listing(manual_dir)
-        if not candidates:
-            raise FileNotFoundError(
-                f"{self.name}: no records listed under {manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
-            )
         stamp_of = dict(zip((c.record_path for c in candidates), stamps, strict=True))
         self._embeddings = self._embed(candidates, dl_manager)
         by_split: dict[str, list[RecordCandidate]] = {split: [] for split in SPLITS}
