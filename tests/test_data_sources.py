@@ -129,3 +129,29 @@ def kill_during_overwrite(data: Path) -> Path:
     retired.mkdir()
     os.replace(dataset, retired / dataset.name)
     return retired
+
+
+def test_a_dataset_a_killed_overwrite_moved_aside_is_restored_or_named(tmp_path, capsys):
+    """A killed `prepare --overwrite` left the old dataset in `.1.0.0.replaced-*`, never restored and never
+    mentioned: the next prepare built it again from scratch (or another one) beside it."""
+    manual = copy_records(tmp_path / "cinc")
+    data = tmp_path / "data"
+    assert prepare(manual, data) == 0
+    complete = snapshot(dataset_dir(data))
+    retired = kill_during_overwrite(data)
+    capsys.readouterr()
+    # No complete dataset in place: the old one is put back, and found complete (nothing decoded again).
+    assert prepare(manual, data) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "replaced" in line]
+    assert len(notes) == 1 and "restored" in notes[0] and str(retired) in notes[0], notes
+    assert snapshot(dataset_dir(data)) == complete and not retired.exists()
+
+    # A complete dataset in place (the kill came after the swap): the old one is named, never deleted.
+    retired = kill_during_overwrite(data)
+    shutil.copytree(retired / "1.0.0", dataset_dir(data))
+    kept = snapshot(retired)
+    capsys.readouterr()
+    assert prepare(manual, data) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "replaced" in line]
+    assert len(notes) == 1 and str(retired / "1.0.0") in notes[0] and "remove it" in notes[0], notes
+    assert snapshot(retired) == kept

@@ -109,7 +109,8 @@ def prepare(
     is complete (a failed rebuild puts the old one back, as does a rebuild that writes no example: RunFailed). A
     second prepare of the same dataset while one runs is refused (a lock). A temporary folder TFDS left behind for
     this dataset and version (a killed build's, or a `tfds build` running now, which takes no lock) is named on
-    stderr and left alone: it is not this run's to delete.
+    stderr and left alone: it is not this run's to delete. The dataset a killed `overwrite` had moved aside is
+    restored when none is in place, else named (`_recover_replaced`).
     """
     import tensorflow_datasets as tfds
 
@@ -137,6 +138,7 @@ def prepare(
             print(f"note: {folder} is a temporary folder TFDS left for {where} (a killed build's, or a `tfds build` "
                   "running now); it is left as it is: remove it once no build of this dataset is running",
                   file=sys.stderr)
+        _recover_replaced(dataset_dir, where)
         retired = None
         if builder.is_prepared():
             recorded = read_json(dataset_dir / CARD_FILE, "dataset card").get("derived_from", {}) \
@@ -182,6 +184,24 @@ def _put_back(retired: Path, dataset_dir: Path) -> None:
     shutil.rmtree(dataset_dir, ignore_errors=True)
     os.replace(retired / dataset_dir.name, dataset_dir)
     retired.rmdir()
+
+
+def _recover_replaced(dataset_dir: Path, where: str) -> None:
+    """Deal with the datasets a killed `prepare --overwrite` left moved aside (`.<version>.replaced-*`, made only
+    by `prepare`, and we hold its lock, so none is in use): with no dataset in place, the newest goes back (it
+    was complete when it was moved); beside one, each is named, never deleted: it is the user's old dataset."""
+    retired = sorted((folder for folder in dataset_dir.parent.glob(f".{dataset_dir.name}.replaced-*")
+                      if (folder / dataset_dir.name).is_dir()), key=lambda folder: folder.stat().st_mtime_ns)
+    if retired and not dataset_dir.exists():
+        newest = retired.pop()
+        os.replace(newest / dataset_dir.name, dataset_dir)
+        newest.rmdir()
+        print(f"note: {newest / dataset_dir.name} is the {where} an interrupted `prepare --overwrite` moved aside, "
+              f"and no dataset was in place: it is restored to {dataset_dir}", file=sys.stderr)
+    for folder in retired:
+        print(f"note: {folder / dataset_dir.name} is an older {where} an interrupted `prepare --overwrite` moved "
+              f"aside; {dataset_dir} has replaced it, so it is left as it is: remove it once you no longer need it",
+              file=sys.stderr)
 
 
 def _interrupted_builds(dataset_dir: Path) -> list[Path]:
