@@ -121,6 +121,31 @@ def test_an_empty_manual_dir_is_one_line_and_creates_nothing(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
+@pytest.mark.parametrize("case", ["openai-without-key", "cache-not-sqlite"])
+def test_bad_embedding_inputs_are_refused_before_anything_is_created(case, tmp_path, capsys, monkeypatch):
+    """A missing OpenAI key or an embedding cache that is no SQLite database was refused (exit 2) only after
+    DATA_DIR/downloads and DATA_DIR/physionet_challenge had been made; the key's message named `--embedder local`
+    and the Python argument `api_key`, which prepare does not have."""
+    manual = copy_records(tmp_path / "cinc", NAMES[:1])
+    data = tmp_path / "data"
+    extra: list[str] = []
+    if case == "openai-without-key":
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        extra = ["--config", "openai"]
+    else:
+        (tmp_path / "emb.sqlite").write_bytes(b"not a database, someone's file" * 10)
+    before = snapshot(tmp_path)
+    assert prepare(manual, data, *extra) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(error_lines(err)) == 1, err
+    if case == "openai-without-key":
+        assert "OPENAI_API_KEY" in err and "--config local" in err and "--embedder" not in err
+        assert "api_key" not in err
+    else:
+        assert "not a usable SQLite database" in err
+    assert snapshot(tmp_path) == before
+
+
 def kill_during_overwrite(data: Path) -> Path:
     """The state a `prepare --overwrite` killed (kill -9) during its rebuild leaves: the old dataset moved aside
     into a `.1.0.0.replaced-*` folder, the new one not yet in place."""

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -37,7 +38,8 @@ class EmbeddingCache:
     `path` is a file (created with its directory if needed) or ":memory:".
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, flag: str = "--cache") -> None:
+        """`flag`: the command's option naming this file, for the message refusing it."""
         self.path = os.fspath(path)
         if self.path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -45,18 +47,17 @@ class EmbeddingCache:
             # check_same_thread=False: a cache opened on one thread may be used from another (e.g. a data
             # loader's worker); calls are serialised by the sqlite3 module.
             self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
-            tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables and "embeddings" not in tables:  # someone's own database: never add our table to it
+            try:
+                _check_tables(self._db, self.path, flag)
+            except ValueError:
                 self._db.close()
-                raise ValueError(f"embedding cache {self.path!r} is a SQLite database of something else (tables "
-                                 f"{', '.join(sorted(tables)[:5])}): point --cache at a new file")
+                raise
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable against process kills
             self._db.execute(_SCHEMA)
             self._db.commit()
         except sqlite3.DatabaseError as err:
-            raise ValueError(f"embedding cache {self.path!r} is not a usable SQLite database ({err}): "
-                             "point --cache at a new file or delete the damaged one") from err
+            raise ValueError(_unusable(self.path, err, flag)) from err
 
     def get_many(self, embedder_id: str, prompts: Iterable[str]) -> dict[str, np.ndarray]:
         """The cached vectors among `prompts`, as {prompt: (dim,) float32}; absent prompts are left out."""
@@ -105,6 +106,40 @@ class EmbeddingCache:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_cache_file(path: str | os.PathLike, flag: str = "--cache") -> None:
+    """Refuse what `EmbeddingCache(path)` would refuse, creating and changing nothing: a command that writes
+    elsewhere too (prepare) checks its cache before it creates anything. A file that is not there yet is fine
+    where it could be created."""
+    from diffusets_jax.io.run_dir import check_output_file
+
+    path = os.fspath(path)
+    if path == ":memory:":
+        return
+    check_output_file(path, flag)
+    if not os.path.exists(path):
+        return
+    try:
+        db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True, timeout=60.0)
+        try:
+            _check_tables(db, path, flag)
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as err:
+        raise ValueError(_unusable(path, err, flag)) from err
+
+
+def _check_tables(db: sqlite3.Connection, path: str, flag: str) -> None:
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and "embeddings" not in tables:  # someone's own database: never add our table to it
+        raise ValueError(f"embedding cache {path!r} is a SQLite database of something else (tables "
+                         f"{', '.join(sorted(tables)[:5])}): point {flag} at a new file")
+
+
+def _unusable(path: str, err: sqlite3.DatabaseError, flag: str) -> str:
+    return (f"embedding cache {path!r} is not a usable SQLite database ({err}): point {flag} at a new file or "
+            "delete the damaged one")
 
 
 @dataclasses.dataclass

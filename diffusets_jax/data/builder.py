@@ -432,24 +432,52 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             return strat_fold_split(candidate.strat_fold)
         return subject_split(candidate.subject_id, self.builder_config.split_fractions)
 
+    def embedder(self) -> Any:  # noqa: ANN401 (an Embedder)
+        """The embedder of this config, made once: the one given to the builder, else
+        `make_embedder(config.embedder, **config.embedder_options)`; refused when its vectors do not fit."""
+        from diffusets_jax.conditioning.embedders import make_embedder
+
+        if self._embedder is None:
+            config = self.builder_config
+            options = dict(config.embedder_options)
+            if config.embedder == "openai":  # a missing key's message names this builder's way round it
+                options.setdefault("key_hint", "To keep reports on this machine, build the local config instead "
+                                               "(--config local: MiniLM, 384-d).")
+            self._embedder = make_embedder(config.embedder, **options)
+        if self._embedder.dim != self.builder_config.embedding_dim:
+            config = self.builder_config
+            raise ValueError(
+                f"builder config {config.name!r}: embedder {config.embedder!r} gives {self._embedder.dim}-d vectors "
+                f"but embedding_dim is {config.embedding_dim}; set embedding_dim={self._embedder.dim}"
+            )
+        return self._embedder
+
+    def embedding_cache_path(self, download_dir: str | None = None) -> str:
+        """The conditioning cache file: the one given to the builder, else
+        DATA_DIR/embedding_cache/<embedder>.sqlite (beside TFDS's `download_dir`, DATA_DIR/downloads by default)."""
+        if self._embedding_cache_path:
+            return self._embedding_cache_path
+        download_dir = download_dir or os.path.join(os.fspath(self.data_dir_root), "downloads")  # TFDS's default
+        return os.path.join(os.path.dirname(download_dir), "embedding_cache", f"{self.builder_config.embedder}.sqlite")
+
+    def check_embedding(self) -> None:
+        """Make the embedder (an OpenAI key is looked for) and check the embedding cache file, creating nothing:
+        `prepare` calls this before it creates any folder, so such bad input leaves nothing behind."""
+        from diffusets_jax.conditioning.cache import check_cache_file
+
+        self.embedder()
+        check_cache_file(self.embedding_cache_path(), "--embedding-cache")
+
     def _embed(self, candidates: Sequence[RecordCandidate], dl_manager) -> dict[str, np.ndarray]:  # noqa: ANN001
         """Embed each distinct prompt of the records that have a report once, through the conditioning cache."""
         from diffusets_jax.conditioning.cache import EmbeddingCache, EmbeddingRunStats, embed_with_cache
-        from diffusets_jax.conditioning.embedders import make_embedder
 
         config = self.builder_config
         prompts = sorted({make_prompt(c.report_lines, config.prompt_style) for c in candidates if c.report_lines})
-        embedder = self._embedder or make_embedder(config.embedder, **config.embedder_options)
-        if embedder.dim != config.embedding_dim:
-            raise ValueError(
-                f"builder config {config.name!r}: embedder {config.embedder!r} gives {embedder.dim}-d vectors but "
-                f"embedding_dim is {config.embedding_dim}; set embedding_dim={embedder.dim}"
-            )
-        cache_path = self._embedding_cache_path or os.path.join(
-            os.path.dirname(os.fspath(dl_manager.download_dir)), "embedding_cache", f"{config.embedder}.sqlite"
-        )
+        embedder = self.embedder()
+        cache_path = self.embedding_cache_path(os.fspath(dl_manager.download_dir))
         stats = EmbeddingRunStats()
-        with EmbeddingCache(cache_path) as cache:
+        with EmbeddingCache(cache_path, "--embedding-cache") as cache:
             vectors = np.asarray(embed_with_cache(prompts, embedder, cache, progress=True, stats=stats), dtype=np.float32)
         self._embedding_summary = {
             "embedder_id": embedder.embedder_id, "cache": cache_path, "distinct_prompts": len(prompts),

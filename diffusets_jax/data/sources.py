@@ -130,6 +130,10 @@ def prepare(
     origin = builder.records_fingerprint(manual_dir)  # lists the records (reads the source tables) once, and
     # refuses an unusable table, before anything is created under the data dir
     dataset_dir = Path(os.fspath(builder.data_dir))
+    if _recorded_origin(builder, dataset_dir).get("records_fingerprint") != origin["records_fingerprint"]:
+        # A build is needed (judged again under the lock): a missing OpenAI key or a damaged embedding cache is
+        # refused now, before the data dir's folders exist. A complete dataset needs no embedder, nor its key.
+        builder.check_embedding()
     dataset_dir.parent.mkdir(parents=True, exist_ok=True)
     where = f"{builder.name}/{builder.builder_config.name} {builder.version}"
     busy = f"--data-dir {data_dir}: another prepare of {where} is running there now; wait for it to finish"
@@ -141,8 +145,7 @@ def prepare(
         _recover_replaced(dataset_dir, where)
         retired = None
         if builder.is_prepared():
-            recorded = read_json(dataset_dir / CARD_FILE, "dataset card").get("derived_from", {}) \
-                if (dataset_dir / CARD_FILE).is_file() else {}
+            recorded = _recorded_origin(builder, dataset_dir)
             if recorded.get("records_fingerprint") == origin["records_fingerprint"]:
                 return read_json(dataset_dir / REPORT_FILENAME, "prepare report")
             if not overwrite:
@@ -176,6 +179,16 @@ def prepare(
                 )
             shutil.rmtree(retired, ignore_errors=True)  # the dataset --overwrite asked us to replace
         return report
+
+
+def _recorded_origin(builder: Any, dataset_dir: Path) -> dict[str, Any]:  # noqa: ANN401 (a builder)
+    """What the complete dataset in place was built from (its card's `derived_from`); {} when none is complete or
+    an earlier diffusets-jax did not record it."""
+    from diffusets_jax.io.files import read_json
+
+    if not builder.is_prepared() or not (dataset_dir / CARD_FILE).is_file():
+        return {}
+    return read_json(dataset_dir / CARD_FILE, "dataset card").get("derived_from", {})
 
 
 def _put_back(retired: Path, dataset_dir: Path) -> None:
