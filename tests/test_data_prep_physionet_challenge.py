@@ -32,3 +32,19 @@ def test_records_in_linked_folders_are_listed_once_and_links_back_up_do_not_loop
     os.symlink(tmp_path / "elsewhere" / "georgia", manual / "georgia_again")  # two paths to one folder
     os.symlink(manual, manual / "cpsc" / "up")  # a link back up: a cycle
     assert [c.record_path for c in listed(manual, tmp_path)] == ["cpsc/E07500", "georgia/E07501"]
+
+
+def test_an_empty_or_garbled_header_is_an_unreadable_header_not_a_missing_age(tmp_path):
+    """The Challenge's age, sex and Dx are the header's own comment lines: a header that cannot be read has none,
+    and was counted as missing_age ("no age for subject ..."), hiding the broken file."""
+    manual = tmp_path / "training"
+    for name in ("E07500", "E07501", "E07502"):
+        copy_record(name, manual)
+    (manual / "E07500.hea").write_bytes(b"")
+    (manual / "E07501.hea").write_bytes(bytes(range(256)) * 3)
+    header = (manual / "E07502.hea").read_text()
+    (manual / "E07502.hea").write_text("\n".join(line for line in header.splitlines() if "Age" not in line) + "\n")
+    candidates = listed(manual, tmp_path)
+    result = records.decode_chunk(str(manual), candidates, records.DecodeOptions())
+    reasons = dict(zip((c.record_path for c in candidates), result.skip_reason, strict=True))
+    assert reasons == {"E07500": "unreadable_header", "E07501": "unreadable_header", "E07502": "missing_age"}

@@ -132,7 +132,7 @@ class Builder(EcgDatasetBuilder):
                     RecordCandidate(
                         record_path=record_path, subject_id=record_id, study_id=record_id,
                         age=parse_age(fields.get("age")), sex=parse_sex(fields.get("sex")),
-                        report_lines=report_lines_from_dx(codes, table),
+                        report_lines=report_lines_from_dx(codes, table), metadata_in_header=True,
                     )
                 )
         return candidates
