@@ -13,7 +13,7 @@ Challenge 2021 scored and unscored mapping tables, each marked `rhythm` or `find
 The Challenge has no patient ids, so each record is its own subject (subject_id = study_id = a stable hash of
 the record path). Records that are not 10 s long (St Petersburg's 30 min, many CPSC records) are skipped as
 `wrong_duration`; any sampling rate is resampled from what the header says. No RR interval: heart rates
-come from XQRS.
+come from QRS detection (the multi-lead consensus of `ecg.heart_rate.record_heart_rate`, source "qrs").
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def walk_each_folder_once(top: str) -> Iterator[tuple[str, list[str]]]:
 
 
 class Builder(EcgDatasetBuilder):
-    """PhysioNet/CinC Challenge 2020-2021 12-lead ECGs with Dx-derived reports and XQRS heart rate."""
+    """PhysioNet/CinC Challenge 2020-2021 12-lead ECGs with Dx-derived reports and QRS-detected heart rate."""
 
     BUILDER_CONFIGS = embedder_configs("PhysioNet/CinC Challenge 2020-2021, splits from a hash of the record.")
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
