@@ -118,12 +118,18 @@ def _prepare(args: argparse.Namespace) -> int:
         from diffusets_jax.conditioning.cache import check_embedding_cache
 
         overrides["embedding_cache_path"] = os.fspath(check_output_file(args.embedding_cache, "--embedding-cache"))
-        check_embedding_cache(args.embedding_cache, "--embedding-cache")  # before the download is read
+        check_embedding_cache(args.embedding_cache, "--embedding-cache")  # a flag's file, before any download is read
     report = prepare(
         args.source, args.manual_dir, args.data_dir, config=args.config,
         beam_pipeline_options=args.beam_pipeline_options, overwrite=args.overwrite, **overrides,
     )
-    return 0 if report["examples_written"] > 0 else 1
+    if not report["examples_written"]:  # exit 1, with the line saying why that every run that fails gets
+        from diffusets_jax.errors import RunFailed
+
+        where = os.path.join(args.data_dir, report["dataset"], report["config"], report["version"])
+        raise RunFailed(f"no example written: all {report['records_listed']} records under --manual-dir "
+                        f"{args.manual_dir} were skipped ({where}/prepare_report.json counts why)")
+    return 0
 
 
 # Subcommand registrations, in the order a user meets them. Each takes the subparsers object.

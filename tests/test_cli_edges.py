@@ -21,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from diffusets_jax.cli import main
 from tests.helpers.cli import exit_code
+from tests.helpers.hash_embedder import HashEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -777,17 +777,6 @@ def test_evaluate_checks_its_dataset_split_and_clip_before_generating(tiny_model
     assert code == 2
     assert_one_line(err, "run `diffusets-jax encode")
     assert snapshot(tmp_path) == before
-
-
-class HashEmbedder:
-    """A deterministic stand-in for MiniLM (384-d) so prepare tests do not load a model."""
-
-    dim = 384
-    embedder_id = "test/hash/384"
-
-    def embed(self, texts):
-        rows = [np.random.default_rng(abs(hash(t)) % 2**32).normal(size=self.dim) for t in texts]
-        return np.asarray([r / np.linalg.norm(r) for r in rows], np.float32)
 
 
 @pytest.mark.slow

@@ -131,7 +131,8 @@ def test_other_rates_units_and_lead_spellings(tmp_path):
 def test_chunk_cache_is_reused_and_validated(tmp_path):
     cands = [candidate(), candidate(age=None), candidate(subject_known=False)]
     options = rec.DecodeOptions()
-    path = str(tmp_path / f"chunk-{rec.chunk_fingerprint(cands, options)}.npz")
+    stamps = rec.file_stamps(MIMIC_DIR, cands)
+    path = str(tmp_path / f"chunk-{rec.chunk_fingerprint(cands, options, stamps)}.npz")
     first = rec.decode_chunk_cached(MIMIC_DIR, cands, options, path)
     assert not first.reused and list(first.skip_reason) == ["", "missing_age", "missing_demographics"]
     again = rec.decode_chunk_cached(MIMIC_DIR, cands, options, path)
@@ -140,5 +141,29 @@ def test_chunk_cache_is_reused_and_validated(tmp_path):
     assert [f for f in os.listdir(tmp_path) if ".tmp-" in f] == []
     open(path, "wb").write(b"damaged")  # a damaged cache file is decoded again, not trusted
     assert not rec.decode_chunk_cached(MIMIC_DIR, cands, options, path).reused
-    assert rec.chunk_fingerprint(cands, options) != rec.chunk_fingerprint(cands[:2], options)
-    assert rec.chunk_fingerprint(cands, options) != rec.chunk_fingerprint(cands, rec.DecodeOptions(flat_leads="skip"))
+    assert rec.chunk_fingerprint(cands, options, stamps) != rec.chunk_fingerprint(cands[:2], options, stamps[:2])
+    assert rec.chunk_fingerprint(cands, options, stamps) != rec.chunk_fingerprint(
+        cands, rec.DecodeOptions(flat_leads="skip"), stamps)
+
+
+def test_a_chunk_is_identified_by_its_record_files_size_and_time(tmp_path):
+    """A header fixed (or a truncated signal file replaced) after a chunk was decoded: the chunk was recognised by
+    record path and table metadata only, and its stale values were reused."""
+    record = E07500
+    for extension in (".hea", ".dat"):
+        os.makedirs(os.path.dirname(tmp_path / record), exist_ok=True)
+        shutil.copy2(os.path.join(MIMIC_DIR, record + extension), str(tmp_path / record) + extension)
+    cands = [candidate(record)]
+    options = rec.DecodeOptions()
+    before = rec.chunk_fingerprint(cands, options, rec.file_stamps(str(tmp_path), cands))
+    header = tmp_path / (record + ".hea")
+    stat = header.stat()
+    os.utime(header, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # written again, the same bytes
+    assert rec.chunk_fingerprint(cands, options, rec.file_stamps(str(tmp_path), cands)) != before
+    os.utime(header, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert rec.chunk_fingerprint(cands, options, rec.file_stamps(str(tmp_path), cands)) == before
+    signal = tmp_path / (record + ".dat")
+    mtime = signal.stat().st_mtime_ns
+    signal.write_bytes(signal.read_bytes()[:-2])  # another size, even with the old time
+    os.utime(signal, ns=(mtime, mtime))
+    assert rec.chunk_fingerprint(cands, options, rec.file_stamps(str(tmp_path), cands)) != before

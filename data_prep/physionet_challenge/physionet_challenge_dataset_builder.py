@@ -13,14 +13,14 @@ Challenge 2021 scored and unscored mapping tables, each marked `rhythm` or `find
 The Challenge has no patient ids, so each record is its own subject (subject_id = study_id = a stable hash of
 the record path). Records that are not 10 s long (St Petersburg's 30 min, many CPSC records) are skipped as
 `wrong_duration`; any sampling rate is resampled from what the header says. No RR interval: heart rates
-come from XQRS.
+come from QRS detection (the multi-lead consensus of `ecg.heart_rate.record_heart_rate`, source "qrs").
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from diffusets_jax.data.builder import EcgDatasetBuilder, embedder_configs, stable_int_id
 from diffusets_jax.data.records import RecordCandidate
@@ -77,8 +77,24 @@ def parse_sex(text: str | None) -> int | None:
     return 1 if value in _MALE else 0 if value in _FEMALE else None
 
 
+def walk_each_folder_once(top: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) of `top` and every folder below it, following symbolic links (a download assembled
+    from linked folders, one per source database, is a usual layout) and entering each real folder once: a link
+    back up would loop, and two paths to one folder would list its records twice. Folders are entered in name
+    order, so which path names a folder reached twice does not depend on the file system."""
+    seen: set[str] = set()
+    for directory, folders, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:
+            folders[:] = []  # nothing below it either: already walked (or being walked) by its first path
+            continue
+        seen.add(real)
+        folders.sort()
+        yield directory, files
+
+
 class Builder(EcgDatasetBuilder):
-    """PhysioNet/CinC Challenge 2020-2021 12-lead ECGs with Dx-derived reports and XQRS heart rate."""
+    """PhysioNet/CinC Challenge 2020-2021 12-lead ECGs with Dx-derived reports and QRS-detected heart rate."""
 
     BUILDER_CONFIGS = embedder_configs("PhysioNet/CinC Challenge 2020-2021, splits from a hash of the record.")
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -100,7 +116,7 @@ class Builder(EcgDatasetBuilder):
     def list_candidates(self, manual_dir: str) -> list[RecordCandidate]:
         table = load_statement_table()
         candidates = []
-        for directory, _, files in sorted(os.walk(manual_dir)):
+        for directory, files in sorted(walk_each_folder_once(manual_dir)):
             for name in sorted(files):
                 if not name.endswith(".hea"):
                     continue
@@ -116,7 +132,7 @@ class Builder(EcgDatasetBuilder):
                     RecordCandidate(
                         record_path=record_path, subject_id=record_id, study_id=record_id,
                         age=parse_age(fields.get("age")), sex=parse_sex(fields.get("sex")),
-                        report_lines=report_lines_from_dx(codes, table),
+                        report_lines=report_lines_from_dx(codes, table), metadata_in_header=True,
                     )
                 )
         return candidates

@@ -3,7 +3,8 @@
 From `ptbxl_database.csv`: the 500 Hz record (`filename_hr`), `report` (one statement, as written),
 `age` (300 marks a missing/anonymised age: such records are skipped as `missing_age`), `sex` (PTB-XL codes
 0 = male, 1 = female; stored in our convention 1 = male), `patient_id`, `ecg_id` (study id) and `strat_fold`.
-PTB-XL has no machine RR interval, so every heart rate comes from XQRS on the 500 Hz signal.
+PTB-XL has no machine RR interval, so every heart rate comes from QRS detection on the 500 Hz signal (the
+multi-lead consensus of `ecg.heart_rate.record_heart_rate`, source "qrs").
 
 Time base: unlike the reference (125 Hz, centre crop of 8.19 s), every source here uses the MIMIC time base,
 the whole 10 s resampled to 1024 samples, so models trained on MIMIC see PTB-XL at the same rate.
@@ -25,7 +26,7 @@ MISSING_AGE = 300  # PTB-XL writes 300 where the age is not available (reference
 
 
 class Builder(EcgDatasetBuilder):
-    """PTB-XL v1.0.3 500 Hz records with report text, age, sex and XQRS heart rate."""
+    """PTB-XL v1.0.3 500 Hz records with report text, age, sex and QRS-detected heart rate."""
 
     BUILDER_CONFIGS = [
         *embedder_configs("PTB-XL, strat_fold splits, paper prompt template.",

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -41,30 +42,24 @@ class EmbeddingCache:
 
     def __init__(self, path: str | os.PathLike, *, flag: str | None = None) -> None:
         self.path = os.fspath(path)
-        named = f"{flag} {self.path}" if flag else f"embedding cache {self.path!r}"
-        remedy = f"point {flag} at a new file (it is created) or an existing cache" if flag else "use a new file"
         if self.path != ":memory:":
-            # SQLite would take an empty file as an empty database and write its own into it: a user's file,
-            # changed. (Our own cache is empty only for the instant between its creation and its first write.)
-            if os.path.isfile(self.path) and os.path.getsize(self.path) == 0 and not os.path.exists(self.path + "-wal"):
-                raise ValueError(f"{named} is an empty file, not an embedding cache; it was left as it is: {remedy}")
+            _check_not_empty(self.path, flag)
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         try:
             # check_same_thread=False: a cache opened on one thread may be used from another (e.g. a data
             # loader's worker); calls are serialised by the sqlite3 module.
             self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
-            tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables and "embeddings" not in tables:  # someone's own database: never add our table to it
+            try:
+                _check_tables(self._db, self.path, flag)
+            except ValueError:
                 self._db.close()
-                raise ValueError(f"{named} is a SQLite database of something else (tables "
-                                 f"{', '.join(sorted(tables)[:5])}): {remedy}")
+                raise
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable against process kills
             self._db.execute(_SCHEMA)
             self._db.commit()
         except sqlite3.DatabaseError as err:
-            raise ValueError(f"{named} is not a usable SQLite database ({err}): {remedy}, or delete it if it "
-                             "is a damaged cache") from err
+            raise ValueError(_unusable(self.path, err, flag)) from err
 
     def get_many(self, embedder_id: str, prompts: Iterable[str]) -> dict[str, np.ndarray]:
         """The cached vectors among `prompts`, as {prompt: (dim,) float32}; absent prompts are left out."""
@@ -116,10 +111,54 @@ class EmbeddingCache:
 
 
 def check_embedding_cache(path: str | os.PathLike, flag: str) -> None:
-    """Refuse at once an existing `path` that is not an embedding cache (see `EmbeddingCache`), in one line naming
-    `flag`; a missing path is left for the run to create, so a command refused later leaves nothing behind."""
-    if os.path.exists(path):
-        EmbeddingCache(path, flag=flag).close()
+    """Refuse at once, in one line naming `flag`, what `EmbeddingCache(path)` would refuse, creating and changing
+    nothing (the file is opened read-only): a command that writes elsewhere too (prepare) checks its cache before
+    it creates anything. A missing path is left for the run to create."""
+    from diffusets_jax.io.run_dir import check_output_file
+
+    path = os.fspath(path)
+    if path == ":memory:":
+        return
+    check_output_file(path, flag)
+    if not os.path.exists(path):
+        return
+    _check_not_empty(path, flag)
+    try:
+        db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True, timeout=60.0)
+        try:
+            _check_tables(db, path, flag)
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as err:
+        raise ValueError(_unusable(path, err, flag)) from err
+
+
+def _named(path: str, flag: str | None) -> tuple[str, str]:
+    """How a refusal names the file, and what it tells the user to do."""
+    if flag:
+        return f"{flag} {path}", f"point {flag} at a new file (it is created) or an existing cache"
+    return f"embedding cache {path!r}", "use a new file"
+
+
+def _check_not_empty(path: str, flag: str | None) -> None:
+    # SQLite would take an empty file as an empty database and write its own into it: a user's file, changed.
+    # (Our own cache is empty only for the instant between its creation and its first write.)
+    if os.path.isfile(path) and os.path.getsize(path) == 0 and not os.path.exists(path + "-wal"):
+        named, remedy = _named(path, flag)
+        raise ValueError(f"{named} is an empty file, not an embedding cache; it was left as it is: {remedy}")
+
+
+def _check_tables(db: sqlite3.Connection, path: str, flag: str | None) -> None:
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and "embeddings" not in tables:  # someone's own database: never add our table to it
+        named, remedy = _named(path, flag)
+        raise ValueError(f"{named} is a SQLite database of something else (tables {', '.join(sorted(tables)[:5])}): "
+                         f"{remedy}")
+
+
+def _unusable(path: str, err: sqlite3.DatabaseError, flag: str | None) -> str:
+    named, remedy = _named(path, flag)
+    return f"{named} is not a usable SQLite database ({err}): {remedy}, or delete it if it is a damaged cache"
 
 
 @dataclasses.dataclass

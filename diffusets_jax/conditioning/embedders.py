@@ -57,6 +57,8 @@ class OpenAIEmbedder:
         send_dimensions: pass `dimensions=dim` in the request (only models that support shortening,
             such as text-embedding-3-*; ada-002 rejects it).
         sleep: the waiting function (tests pass a fake to count waits without waiting).
+        key_hint: the sentence a missing key's message ends with: the option that needs no key, in the words of
+            the command that made the embedder (`embed --embedder local` by default).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class OpenAIEmbedder:
         timeout_s: float = 60.0,
         send_dimensions: bool = False,
         sleep: Callable[[float], None] = time.sleep,
+        key_hint: str = "To keep reports on this machine, use the local embedder instead (--embedder local).",
     ) -> None:
         from diffusets_jax.conditioning.openai_client import OpenAIConnection
 
@@ -80,7 +83,7 @@ class OpenAIEmbedder:
             raise ValueError(f"dim and batch_size must be positive, got {dim}, {batch_size}")
         self._connection = OpenAIConnection(
             "embeddings", model, user="the OpenAI embedder", api_key=api_key, base_url=base_url,
-            key_hint="To keep reports on this machine, use the local embedder instead (--embedder local).",
+            key_hint=key_hint,
             max_retries=max_retries, initial_backoff_s=initial_backoff_s, max_backoff_s=max_backoff_s,
             timeout_s=timeout_s, sleep=sleep,
         )

@@ -61,7 +61,7 @@ class OpenAIConnection:
         api_key = api_key or os.environ.get("OPENAI_API_KEY")
         if not api_key:
             raise ValueError(
-                f"{user} needs an API key: set OPENAI_API_KEY (or pass api_key); for an OpenAI-compatible server "
+                f"{user} needs an API key: set OPENAI_API_KEY; for an OpenAI-compatible server "
                 f"that ignores keys, any non-empty value works.{' ' + key_hint if key_hint else ''}"
             )
         if max_retries < 0:

@@ -17,8 +17,8 @@ Source tables (`read_table`) follow the same rule: a row that cannot be used (by
 malformed CSV line, an id that is not an integer) is skipped and counted as `bad_table_row` with its file and
 line; only a table that is unusable as a whole (missing, not CSV, a needed column absent) stops the build, with
 one line naming the file and what is missing. The dataset card records the manual dir and a fingerprint of its
-record list and metadata (`records_fingerprint`), so `prepare` can tell a complete dataset built from another
-download from this one's.
+record list, metadata and record files' size and modification time (`records_fingerprint`), so `prepare` can tell
+a complete dataset built from another download, or from records changed since, from this one's.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
         self._workers = workers
         self._chunk_size = int(chunk_size)
-        self._listed: tuple[str, list[RecordCandidate]] | None = None
+        self._listed: tuple[str, list[RecordCandidate], list[tuple]] | None = None
         self._table_skips: list[dict[str, str]] = []
         self._embedding_cache_path = embedding_cache_path
         self._embedder = embedder
@@ -195,11 +195,22 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
 
     def candidates(self, manual_dir: str) -> list[RecordCandidate]:
         """`list_candidates(manual_dir)`, read once per builder (prepare fingerprints them before building)."""
+        return self._listing(manual_dir)[0]
+
+    def _listing(self, manual_dir: str) -> tuple[list[RecordCandidate], list[tuple]]:
+        """The candidates and their files' `records.file_stamps`, both taken once, at listing time: a file changed
+        later is then never taken for the one stamped (a chunk's stamps are at least as old as what it decoded)."""
         key = os.path.abspath(os.fspath(manual_dir))  # TFDS hands the same folder over as another string
         if self._listed is None or self._listed[0] != key:
             self._table_skips = []
-            self._listed = (key, self._one_per_record(self.list_candidates(os.fspath(manual_dir))))
-        return self._listed[1]
+            candidates = self._one_per_record(self.list_candidates(os.fspath(manual_dir)))
+            if not candidates:  # refused here, before prepare creates anything; on an empty folder TFDS itself
+                # would stop with a bare AssertionError ("Manual directory ... does not exist or is empty")
+                empty = " (the folder is empty)" if os.path.isdir(key) and not os.listdir(key) else ""
+                raise FileNotFoundError(f"{self.name}: no records listed under {manual_dir}{empty}.\n"
+                                        f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+            self._listed = (key, candidates, records_lib.file_stamps(key, candidates))
+        return self._listed[1], self._listed[2]
 
     def _one_per_record(self, candidates: list[RecordCandidate]) -> list[RecordCandidate]:
         """The first listing of each record: a table that lists one twice (a repeated row, a merged export) would
@@ -217,13 +228,15 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
 
     def records_fingerprint(self, manual_dir: str) -> dict[str, Any]:
         """What the dataset is built from: the manual dir, its record count and a fingerprint of every record's
-        path and metadata and of the decode options (`records.chunk_fingerprint` over blocks of records)."""
-        candidates = self.candidates(manual_dir)
+        path, metadata and files (size and modification time) and of the decode options
+        (`records.chunk_fingerprint` over blocks of records)."""
+        candidates, stamps = self._listing(manual_dir)
         decode = self.builder_config.decode
         block = 4096
         digest = hashlib.sha256()
         for start in range(0, len(candidates), block):
-            digest.update(records_lib.chunk_fingerprint(candidates[start : start + block], decode).encode())
+            digest.update(records_lib.chunk_fingerprint(candidates[start : start + block], decode,
+                                                        stamps[start : start + block]).encode())
         return {"manual_dir": os.path.abspath(manual_dir), "records": len(candidates),
                 "records_fingerprint": digest.hexdigest()[:24]}
 
@@ -297,11 +310,8 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):  # noqa: ANN201
         config = self.builder_config
         manual_dir = os.fspath(dl_manager.manual_dir)
-        candidates = self.candidates(manual_dir)
-        if not candidates:
-            raise FileNotFoundError(
-                f"{self.name}: no records listed under {manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
-            )
+        candidates, stamps = self._listing(manual_dir)
+        stamp_of = dict(zip((c.record_path for c in candidates), stamps, strict=True))
         self._embeddings = self._embed(candidates, dl_manager)
         by_split: dict[str, list[RecordCandidate]] = {split: [] for split in SPLITS}
         for candidate in candidates:
@@ -313,7 +323,8 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         for split, split_candidates in by_split.items():
             for start in range(0, len(split_candidates), chunk_size):
                 members = split_candidates[start : start + chunk_size]
-                fingerprint = records_lib.chunk_fingerprint(members, config.decode)
+                fingerprint = records_lib.chunk_fingerprint(members, config.decode,
+                                                            [stamp_of[c.record_path] for c in members])
                 path = os.path.join(cache_root, f"{split}-{start // chunk_size:06d}-{fingerprint}.npz")
                 self._chunks.append(_Chunk(split, start // chunk_size, members, path))
         # A chunk file cut short (a killed writer, a full disk) is no zip archive: it is decoded again, not reused.
@@ -383,24 +394,52 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             return strat_fold_split(candidate.strat_fold)
         return subject_split(candidate.subject_id, self.builder_config.split_fractions)
 
+    def embedder(self) -> Any:  # noqa: ANN401 (an Embedder)
+        """The embedder of this config, made once: the one given to the builder, else
+        `make_embedder(config.embedder, **config.embedder_options)`; refused when its vectors do not fit."""
+        from diffusets_jax.conditioning.embedders import make_embedder
+
+        if self._embedder is None:
+            config = self.builder_config
+            options = dict(config.embedder_options)
+            if config.embedder == "openai":  # a missing key's message names this builder's way round it
+                options.setdefault("key_hint", "To keep reports on this machine, build the local config instead "
+                                               "(--config local: MiniLM, 384-d).")
+            self._embedder = make_embedder(config.embedder, **options)
+        if self._embedder.dim != self.builder_config.embedding_dim:
+            config = self.builder_config
+            raise ValueError(
+                f"builder config {config.name!r}: embedder {config.embedder!r} gives {self._embedder.dim}-d vectors "
+                f"but embedding_dim is {config.embedding_dim}; set embedding_dim={self._embedder.dim}"
+            )
+        return self._embedder
+
+    def embedding_cache_path(self, download_dir: str | None = None) -> str:
+        """The conditioning cache file: the one given to the builder, else
+        DATA_DIR/embedding_cache/<embedder>.sqlite (beside TFDS's `download_dir`, DATA_DIR/downloads by default)."""
+        if self._embedding_cache_path:
+            return self._embedding_cache_path
+        download_dir = download_dir or os.path.join(os.fspath(self.data_dir_root), "downloads")  # TFDS's default
+        return os.path.join(os.path.dirname(download_dir), "embedding_cache", f"{self.builder_config.embedder}.sqlite")
+
+    def check_embedding(self) -> None:
+        """Make the embedder (an OpenAI key is looked for) and check the embedding cache file, creating nothing:
+        `prepare` calls this before it creates any folder, so such bad input leaves nothing behind."""
+        from diffusets_jax.conditioning.cache import check_embedding_cache
+
+        self.embedder()
+        check_embedding_cache(self.embedding_cache_path(), "--embedding-cache")
+
     def _embed(self, candidates: Sequence[RecordCandidate], dl_manager) -> dict[str, np.ndarray]:  # noqa: ANN001
         """Embed each distinct prompt of the records that have a report once, through the conditioning cache."""
         from diffusets_jax.conditioning.cache import EmbeddingCache, EmbeddingRunStats, embed_with_cache
-        from diffusets_jax.conditioning.embedders import make_embedder
 
         config = self.builder_config
         prompts = sorted({make_prompt(c.report_lines, config.prompt_style) for c in candidates if c.report_lines})
-        embedder = self._embedder or make_embedder(config.embedder, **config.embedder_options)
-        if embedder.dim != config.embedding_dim:
-            raise ValueError(
-                f"builder config {config.name!r}: embedder {config.embedder!r} gives {embedder.dim}-d vectors but "
-                f"embedding_dim is {config.embedding_dim}; set embedding_dim={embedder.dim}"
-            )
-        cache_path = self._embedding_cache_path or os.path.join(
-            os.path.dirname(os.fspath(dl_manager.download_dir)), "embedding_cache", f"{config.embedder}.sqlite"
-        )
+        embedder = self.embedder()
+        cache_path = self.embedding_cache_path(os.fspath(dl_manager.download_dir))
         stats = EmbeddingRunStats()
-        with EmbeddingCache(cache_path) as cache:
+        with EmbeddingCache(cache_path, flag="--embedding-cache") as cache:
             vectors = np.asarray(embed_with_cache(prompts, embedder, cache, progress=True, stats=stats), dtype=np.float32)
         self._embedding_summary = {
             "embedder_id": embedder.embedder_id, "cache": cache_path, "distinct_prompts": len(prompts),

@@ -94,6 +94,9 @@ class RecordCandidate:
     rr_ms: float | None = None
     strat_fold: int | None = None
     subject_known: bool = True  # False: the subject is absent from the demographics table
+    # True where age, sex and report come from the record's own header (the Challenge's comment lines): missing
+    # ones may then mean an unreadable header, which is what a skip must name.
+    metadata_in_header: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +159,7 @@ def record_base(path: str | os.PathLike) -> str:
 def _check_signal_files(header, record_path: str) -> None:  # noqa: ANN001 (a wfdb Record or header)
     """BadRecord if the header is empty, or a signal file it names is missing or shorter than it implies."""
     header_path = record_path + ".hea"
-    if not header.n_sig or not header.sig_len or not header.fs or not header.file_name:
-        raise BadRecord("unreadable_header", f"{header_path} declares no signals, length or sampling rate")
+    _check_declares_signals(header, header_path)
     directory = os.path.dirname(record_path)
     offsets = header.byte_offset or [0] * header.n_sig
     expected_bytes: dict[str, float] = {}
@@ -176,6 +178,27 @@ def _check_signal_files(header, record_path: str) -> None:  # noqa: ANN001 (a wf
             )
 
 
+def _check_declares_signals(header, header_path: str) -> None:  # noqa: ANN001 (a wfdb Record or header)
+    if not header.n_sig or not header.sig_len or not header.fs or not header.file_name:
+        raise BadRecord("unreadable_header", f"{header_path} declares no signals, length or sampling rate")
+
+
+def check_header(record_path: str):  # noqa: ANN201 (a wfdb header)
+    """A record's parsed header, or BadRecord if it is missing, cannot be parsed, or declares no signals; nothing
+    else is read."""
+    import wfdb
+
+    header_path = record_path + ".hea"
+    if not os.path.exists(header_path):
+        raise BadRecord("missing_header", f"{header_path} does not exist")
+    try:
+        header = wfdb.rdheader(record_path)
+    except Exception as err:  # wfdb raises bare ValueError/IndexError/... on malformed input
+        raise BadRecord("unreadable_header", f"{header_path}: {type(err).__name__}: {err}") from None
+    _check_declares_signals(header, header_path)
+    return header
+
+
 def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record; wfdb is imported lazily)
     """wfdb.rdrecord (path without extension, physical values), or BadRecord saying what is wrong with the files:
     a missing or unreadable header, a missing signal file or one shorter than its header implies (where wfdb's own
@@ -190,11 +213,7 @@ def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record; wfdb is 
     try:
         record = wfdb.rdrecord(record_path)
     except Exception as err:  # wfdb raises bare ValueError/IndexError/... on malformed input
-        try:
-            header = wfdb.rdheader(record_path)
-        except Exception as header_err:
-            raise BadRecord("unreadable_header", f"{header_path}: {type(header_err).__name__}: {header_err}") from None
-        _check_signal_files(header, record_path)
+        _check_signal_files(check_header(record_path), record_path)
         raise BadRecord("unreadable_signal", f"{record_path}: {type(err).__name__}: {err}") from None
     _check_signal_files(record, record_path)
     return record
@@ -217,8 +236,13 @@ def read_record_mv(record_path: str) -> tuple[np.ndarray, float, list[str]]:
 
 def decode_record(manual_dir: str, candidate: RecordCandidate, options: DecodeOptions = DecodeOptions()) -> DecodedRecord:
     """Turn one candidate into a DecodedRecord, or raise BadRecord naming the first problem found."""
-    check_metadata(candidate)
     record_path = os.path.join(manual_dir, candidate.record_path)
+    try:
+        check_metadata(candidate)
+    except BadRecord:
+        if candidate.metadata_in_header:  # read the header only here: wfdb's parsing is the slow part of a read
+            check_header(record_path)
+        raise
     signal_mv, fs, lead_names = read_record_mv(record_path)
     try:
         signal_mv = reorder_leads(signal_mv, lead_names, allow_extra=True)
@@ -286,14 +310,42 @@ class ChunkResult:
     reused: bool = False
 
 
-CACHE_FORMAT_VERSION = 3  # 2: consensus QRS heart rate; 3: implausible_age. Bump when decoding changes (stale caches)
+# 2: consensus QRS heart rate; 3: implausible_age; 4: unreadable headers of metadata_in_header records.
+CACHE_FORMAT_VERSION = 4  # bump when decoding changes (stale caches)
 
 
-def chunk_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOptions) -> str:
-    """Hash of everything that determines a chunk's decoded content (records, metadata, options)."""
+def file_stamps(manual_dir: str, candidates: Sequence[RecordCandidate]) -> list[tuple[tuple[str, int, int], ...]]:
+    """Per candidate, (extension, size, mtime_ns) of each of its files that exists (`WFDB_EXTENSIONS` beside its
+    record path): what tells a record file fixed or replaced since a chunk was decoded.
+
+    Size and modification time, the test make and rsync use, not a hash of the content: hashing every file would
+    read the whole download (about 90 GB for MIMIC-IV-ECG) on every prepare, to find out that nothing changed. A
+    copy that keeps the times (mv, cp -a, rsync -a) is still the same records; one that does not (cp -r) is decoded
+    again. Signal files named otherwise than the record (a multi-file WFDB record) are not stamped; a change of
+    which files a header names changes the header, which is."""
+    stamps = []
+    for candidate in candidates:
+        base = os.path.join(manual_dir, candidate.record_path)
+        found = []
+        for extension in WFDB_EXTENSIONS:
+            try:
+                stat = os.stat(base + extension)
+            except OSError:  # absent (a record has no .mat, or no .dat), or unreadable: decoding says which
+                continue
+            found.append((extension, stat.st_size, stat.st_mtime_ns))
+        stamps.append(tuple(found))
+    return stamps
+
+
+def chunk_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOptions,
+                      stamps: Sequence[tuple[tuple[str, int, int], ...]]) -> str:
+    """Hash of everything that determines a chunk's decoded content: its records' paths and metadata, their files'
+    `file_stamps` (given in the order of `candidates`) and the decode options."""
+    if len(stamps) != len(candidates):
+        raise ValueError(f"{len(stamps)} file stamps for {len(candidates)} records")
     payload = json.dumps(
         {"v": CACHE_FORMAT_VERSION, "options": dataclasses.asdict(options),
-         "records": [dataclasses.asdict(c) for c in candidates]},
+         "records": [dataclasses.asdict(c) for c in candidates], "files": [list(s) for s in stamps]},
         sort_keys=True, default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]

@@ -103,16 +103,19 @@ def prepare(
     `beam_pipeline_options` ("--runner=DirectRunner,--direct_num_workers=8" style, as `tfds build`) runs the
     decoding through Apache Beam instead of local worker processes.
 
-    A complete dataset built from the same records (its card's `records_fingerprint`: every record's path and
-    metadata, whatever folder they are in now) is not rebuilt. One built from other records is refused unless
-    `overwrite`, which rebuilds it and replaces the old one once the new one is complete (a failed rebuild puts
-    the old one back). A second prepare of the same dataset while one runs is refused (a lock). A temporary
-    folder TFDS left behind for this dataset and version (a killed build's, or a `tfds build` running now, which
-    takes no lock) is named on stderr and left alone: it is not this run's to delete.
+    A complete dataset built from the same records (its card's `records_fingerprint`: every record's path,
+    metadata and files' size and modification time, whatever folder they are in now) is not rebuilt. One built
+    from other records is refused unless `overwrite`, which rebuilds it and replaces the old one once the new one
+    is complete (a failed rebuild puts the old one back, as does a rebuild that writes no example: RunFailed). A
+    second prepare of the same dataset while one runs is refused (a lock). A temporary folder TFDS left behind for
+    this dataset and version (a killed build's, or a `tfds build` running now, which takes no lock) is named on
+    stderr and left alone: it is not this run's to delete. The dataset a killed `overwrite` had moved aside is
+    restored when none is in place, else named (`_recover_replaced`).
     """
     import tensorflow_datasets as tfds
 
     from diffusets_jax.data.builder import REPORT_FILENAME
+    from diffusets_jax.errors import RunFailed
     from diffusets_jax.io.files import read_json
     from diffusets_jax.io.run_dir import check_output_path, exclusive_lock
 
@@ -127,6 +130,10 @@ def prepare(
     origin = builder.records_fingerprint(manual_dir)  # lists the records (reads the source tables) once, and
     # refuses an unusable table, before anything is created under the data dir
     dataset_dir = Path(os.fspath(builder.data_dir))
+    if _recorded_origin(builder, dataset_dir).get("records_fingerprint") != origin["records_fingerprint"]:
+        # A build is needed (judged again under the lock): a missing OpenAI key or a damaged embedding cache is
+        # refused now, before the data dir's folders exist. A complete dataset needs no embedder, nor its key.
+        builder.check_embedding()
     dataset_dir.parent.mkdir(parents=True, exist_ok=True)
     where = f"{builder.name}/{builder.builder_config.name} {builder.version}"
     busy = f"--data-dir {data_dir}: another prepare of {where} is running there now; wait for it to finish"
@@ -135,10 +142,10 @@ def prepare(
             print(f"note: {folder} is a temporary folder TFDS left for {where} (a killed build's, or a `tfds build` "
                   "running now); it is left as it is: remove it once no build of this dataset is running",
                   file=sys.stderr)
+        _recover_replaced(dataset_dir, where)
         retired = None
         if builder.is_prepared():
-            recorded = read_json(dataset_dir / CARD_FILE, "dataset card").get("derived_from", {}) \
-                if (dataset_dir / CARD_FILE).is_file() else {}
+            recorded = _recorded_origin(builder, dataset_dir)
             if recorded.get("records_fingerprint") == origin["records_fingerprint"]:
                 return read_json(dataset_dir / REPORT_FILENAME, "prepare report")
             if not overwrite:
@@ -158,13 +165,56 @@ def prepare(
             )
         except BaseException:
             if retired is not None:
-                shutil.rmtree(dataset_dir, ignore_errors=True)  # the partial rebuild (TFDS's, for this run)
-                os.replace(retired / dataset_dir.name, dataset_dir)
-                retired.rmdir()
+                _put_back(retired, dataset_dir)
             raise
+        report = read_json(dataset_dir / REPORT_FILENAME, "prepare report")
         if retired is not None:
+            if not report["examples_written"]:  # TFDS calls a build that skipped every record complete; we do not
+                _put_back(retired, dataset_dir)
+                raise RunFailed(
+                    f"the rebuild from --manual-dir {manual_dir} wrote no example ({report['records_skipped']} of "
+                    f"{report['records_listed']} records skipped, counted above), so {dataset_dir} is kept as it was "
+                    f"(built from {recorded.get('manual_dir', 'an earlier download')}): fix the records, or pass "
+                    "another --manual-dir"
+                )
             shutil.rmtree(retired, ignore_errors=True)  # the dataset --overwrite asked us to replace
-        return read_json(dataset_dir / REPORT_FILENAME, "prepare report")
+        return report
+
+
+def _recorded_origin(builder: Any, dataset_dir: Path) -> dict[str, Any]:  # noqa: ANN401 (a builder)
+    """What the complete dataset in place was built from (its card's `derived_from`); {} when none is complete or
+    an earlier diffusets-jax did not record it."""
+    from diffusets_jax.io.files import read_json
+
+    if not builder.is_prepared() or not (dataset_dir / CARD_FILE).is_file():
+        return {}
+    return read_json(dataset_dir / CARD_FILE, "dataset card").get("derived_from", {})
+
+
+def _put_back(retired: Path, dataset_dir: Path) -> None:
+    """Undo an --overwrite whose rebuild did not succeed: this run's own (partial or empty) rebuild is removed and
+    the dataset it was to replace goes back in place."""
+    shutil.rmtree(dataset_dir, ignore_errors=True)
+    os.replace(retired / dataset_dir.name, dataset_dir)
+    retired.rmdir()
+
+
+def _recover_replaced(dataset_dir: Path, where: str) -> None:
+    """Deal with the datasets a killed `prepare --overwrite` left moved aside (`.<version>.replaced-*`, made only
+    by `prepare`, and we hold its lock, so none is in use): with no dataset in place, the newest goes back (it
+    was complete when it was moved); beside one, each is named, never deleted: it is the user's old dataset."""
+    retired = sorted((folder for folder in dataset_dir.parent.glob(f".{dataset_dir.name}.replaced-*")
+                      if (folder / dataset_dir.name).is_dir()), key=lambda folder: folder.stat().st_mtime_ns)
+    if retired and not dataset_dir.exists():
+        newest = retired.pop()
+        os.replace(newest / dataset_dir.name, dataset_dir)
+        newest.rmdir()
+        print(f"note: {newest / dataset_dir.name} is the {where} an interrupted `prepare --overwrite` moved aside, "
+              f"and no dataset was in place: it is restored to {dataset_dir}", file=sys.stderr)
+    for folder in retired:
+        print(f"note: {folder / dataset_dir.name} is an older {where} an interrupted `prepare --overwrite` moved "
+              f"aside; {dataset_dir} has replaced it, so it is left as it is: remove it once you no longer need it",
+              file=sys.stderr)
 
 
 def _interrupted_builds(dataset_dir: Path) -> list[Path]:
@@ -185,5 +235,5 @@ def _other_source_message(dataset_dir: Path, where: str, recorded: dict[str, Any
     return (f"{dataset_dir} already holds a complete {where} built from {recorded.get('manual_dir')} "
             f"({recorded.get('records')} records, fingerprint {recorded['records_fingerprint'][:12]}), not from "
             f"--manual-dir {manual_dir} ({origin['records']} records, fingerprint "
-            f"{origin['records_fingerprint'][:12]}): pass another --data-dir, or --overwrite to rebuild it from this "
-            "download")
+            f"{origin['records_fingerprint'][:12]}; records, their metadata or their files' size or modification time "
+            "differ): pass another --data-dir, or --overwrite to rebuild it from this download")
