@@ -111,6 +111,28 @@ def test_a_record_file_fixed_since_the_build_is_decoded_again(tmp_path, capsys):
     np.testing.assert_array_equal(second["E07500"], first["E07500"])
 
 
+def test_a_dataset_prepared_before_file_stamps_is_still_complete(tmp_path, capsys):
+    """Cards written before record files were stamped hold the fingerprint of paths and metadata only: such a
+    dataset is recognised as complete (with a note), not refused as built from other records."""
+    from diffusets_jax.data.card import CARD_FILE
+
+    manual, data = copy_records(tmp_path / "cinc"), tmp_path / "data"
+    assert prepare(manual, data) == 0
+    card_path = dataset_dir(data) / CARD_FILE
+    card = json.loads(card_path.read_text())
+    builder = sources.make_builder("physionet-challenge", str(data))
+    card["derived_from"]["records_fingerprint"] = builder.legacy_records_fingerprint(str(manual))
+    card_path.write_text(json.dumps(card))  # what the card of a dataset prepared before says
+    before = snapshot(dataset_dir(data))
+    capsys.readouterr()
+    assert prepare(manual, data) == 0
+    assert "was prepared before diffusets-jax recorded its record files' sizes and times" in capsys.readouterr().err
+    assert snapshot(dataset_dir(data)) == before
+    card["derived_from"]["records_fingerprint"] = "0" * 24  # any other fingerprint: other records, refused
+    card_path.write_text(json.dumps(card))
+    assert prepare(manual, data) == 2
+
+
 def test_an_empty_manual_dir_is_one_line_and_creates_nothing(tmp_path, capsys):
     """An empty --manual-dir ended in TFDS's traceback (AssertionError: Manual directory ... is empty)."""
     (tmp_path / "empty").mkdir()

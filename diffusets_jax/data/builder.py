@@ -240,6 +240,17 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         return {"manual_dir": os.path.abspath(manual_dir), "records": len(candidates),
                 "records_fingerprint": digest.hexdigest()[:24]}
 
+    def legacy_records_fingerprint(self, manual_dir: str) -> str:
+        """`records_fingerprint`'s value as a dataset card recorded it until 2026-12-06, without the files' sizes
+        and times (`records.legacy_chunk_fingerprint`): how a dataset prepared before is recognised."""
+        candidates, _ = self._listing(manual_dir)
+        block = 4096
+        digest = hashlib.sha256()
+        for start in range(0, len(candidates), block):
+            digest.update(records_lib.legacy_chunk_fingerprint(candidates[start : start + block],
+                                                               self.builder_config.decode).encode())
+        return digest.hexdigest()[:24]
+
     def read_table(self, path: str, *, what: str, required: Sequence[str], optional: Sequence[str] = (),
                    integers: Sequence[str] = ()) -> Any:  # noqa: ANN401 (a pandas DataFrame)
         """One of the source's CSV tables (plain or .gz) as a DataFrame of strings (empty cells NaN), `integers`

@@ -351,6 +351,17 @@ def chunk_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOpti
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+def legacy_chunk_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOptions) -> str:
+    """`chunk_fingerprint` as diffusets-jax computed it until 2026-12-06 (cache format 3, without file stamps), kept
+    only to recognise the datasets it recorded: without it, every dataset prepared before would be refused as
+    "built from other records" on its next `prepare`, and rebuilding MIMIC-IV-ECG takes hours."""
+    # Candidates as they were then: `metadata_in_header` came with cache format 4.
+    records = [{k: v for k, v in dataclasses.asdict(c).items() if k != "metadata_in_header"} for c in candidates]
+    payload = json.dumps({"v": 3, "options": dataclasses.asdict(options), "records": records}, sort_keys=True,
+                         default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
 def decode_chunk(manual_dir: str, candidates: Sequence[RecordCandidate], options: DecodeOptions) -> ChunkResult:
     """Decode every candidate of a chunk; bad records are recorded, never raised."""
     ok_index, ecgs, rates, sources, leads, flats = [], [], [], [], [], []

@@ -130,7 +130,7 @@ def prepare(
     origin = builder.records_fingerprint(manual_dir)  # lists the records (reads the source tables) once, and
     # refuses an unusable table, before anything is created under the data dir
     dataset_dir = Path(os.fspath(builder.data_dir))
-    if _recorded_origin(builder, dataset_dir).get("records_fingerprint") != origin["records_fingerprint"]:
+    if not _built_from(builder, _recorded_origin(builder, dataset_dir), origin, manual_dir, note=False):
         # A build is needed (judged again under the lock): a missing OpenAI key or a damaged embedding cache is
         # refused now, before the data dir's folders exist. A complete dataset needs no embedder, nor its key.
         builder.check_embedding()
@@ -146,7 +146,7 @@ def prepare(
         retired = None
         if builder.is_prepared():
             recorded = _recorded_origin(builder, dataset_dir)
-            if recorded.get("records_fingerprint") == origin["records_fingerprint"]:
+            if _built_from(builder, recorded, origin, manual_dir, note=True):
                 return read_json(dataset_dir / REPORT_FILENAME, "prepare report")
             if not overwrite:
                 raise ValueError(_other_source_message(dataset_dir, where, recorded, origin, manual_dir))
@@ -179,6 +179,26 @@ def prepare(
                 )
             shutil.rmtree(retired, ignore_errors=True)  # the dataset --overwrite asked us to replace
         return report
+
+
+def _built_from(builder: Any, recorded: dict[str, Any], origin: dict[str, Any], manual_dir: str,  # noqa: ANN401
+                note: bool) -> bool:
+    """Whether the complete dataset whose card recorded `recorded` was built from the records of `origin`. A card
+    written before record files were stamped (until 2026-12-06) matches by the fingerprint it recorded then, so
+    datasets prepared before are still complete; `note` says once that a record file changed since cannot be
+    noticed for them."""
+    fingerprint = recorded.get("records_fingerprint")
+    if fingerprint is None:
+        return False
+    if fingerprint == origin["records_fingerprint"]:
+        return True
+    if fingerprint != builder.legacy_records_fingerprint(manual_dir):
+        return False
+    if note:
+        print(f"note: {builder.data_dir} was prepared before diffusets-jax recorded its record files' sizes and times, "
+              "so a record file changed since cannot be noticed: pass --overwrite to rebuild it if you changed any",
+              file=sys.stderr)
+    return True
 
 
 def _recorded_origin(builder: Any, dataset_dir: Path) -> dict[str, Any]:  # noqa: ANN401 (a builder)
