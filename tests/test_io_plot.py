@@ -84,7 +84,7 @@ def test_pair_and_scatter_are_written(tmp_path):
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="transposing"):
         plot_ecg(synthetic_ecg().T)
-    with pytest.raises(ValueError, match="pass the right fs"):
+    with pytest.raises(ValueError, match="is 2.05 s, but a sheet shows 10 s .*: draw 10-second records"):
         plot_ecg(synthetic_ecg(), fs=500)
     with pytest.raises(ValueError, match="rhythm_lead"):
         plot_ecg(synthetic_ecg(), rhythm_lead="X")
@@ -109,9 +109,23 @@ def test_plot_command_draws_records_and_lists_bad_ones(tmp_path, capsys):
     (tmp_path / "broken.hea").write_text("not a header\n")
     code = main(["plot", str(tmp_path / "gen_0.hea"), str(tmp_path / "broken"), "--out-dir", str(tmp_path / "png"),
                  "--dpi", "40"])
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
     assert code == 0 and summary["written"] == 1 and list(summary["skipped"]) == [str(tmp_path / "broken")]
+    assert "broken.hea cannot be read as a WFDB header" in captured.err
     assert (tmp_path / "png" / "gen_0.png").stat().st_size > 1000
+
+
+def test_a_header_comment_that_is_not_a_number_is_shown_not_a_reason_to_skip(tmp_path, capsys):
+    """`# age: unknown` in a record's header made `plot` skip a readable ECG ("could not convert string to float")."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.io.wfdb_out import write_record
+
+    write_record(tmp_path / "rec", synthetic_ecg(), conditions={"prompt": "Sinus rhythm.", "sex": 1, "age": "unknown",
+                                                               "heart_rate": "n/a"})
+    assert main(["plot", str(tmp_path / "rec"), "--out-dir", str(tmp_path / "png"), "--dpi", "40"]) == 0
+    assert (tmp_path / "png" / "rec.png").is_file()
+    assert plot.conditions_text({"sex": 1, "age": "unknown", "heart_rate": "n/a"})[0] == "Sex M   Age unknown   HR n/a bpm"
 
 
 def test_records_of_one_name_in_two_folders_get_a_png_each(tmp_path):

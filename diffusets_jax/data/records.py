@@ -194,7 +194,8 @@ def check_header(record_path: str):  # noqa: ANN201 (a wfdb header)
     try:
         header = wfdb.rdheader(record_path)
     except Exception as err:  # wfdb raises bare ValueError/IndexError/... on malformed input
-        raise BadRecord("unreadable_header", f"{header_path}: {type(err).__name__}: {err}") from None
+        raise BadRecord("unreadable_header", f"{header_path} cannot be read as a WFDB header "
+                                             f"({type(err).__name__}: {err})") from None
     _check_declares_signals(header, header_path)
     return header
 

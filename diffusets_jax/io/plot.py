@@ -85,6 +85,15 @@ def _display_signal(ecg: np.ndarray, fs: float, display_fs: float) -> tuple[np.n
     return upsampled, fs * ratio.numerator / ratio.denominator
 
 
+def _number_text(value: Any, spec: str) -> str:
+    """`value` formatted as a number, or as written when it is not one: a header comment such as `age: unknown`
+    is shown as it is, where it used to make `plot` skip a readable ECG."""
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def conditions_text(conditions: Mapping[str, Any] | None,
                     max_prompt_chars: int | None = PROMPT_LINE_CHARS) -> tuple[str, str]:
     """(patient/sampler line, prompt line) for a title, from generation conditions such as
@@ -97,9 +106,9 @@ def conditions_text(conditions: Mapping[str, Any] | None,
         sex = conditions["sex"]
         parts.append("Sex " + ({1: "M", 0: "F"}.get(sex, str(sex)) if isinstance(sex, int | float) else str(sex)))
     if "age" in conditions:
-        parts.append(f"Age {float(conditions['age']):g}")
+        parts.append(f"Age {_number_text(conditions['age'], 'g')}")
     if "heart_rate" in conditions:
-        parts.append(f"HR {float(conditions['heart_rate']):.0f} bpm")
+        parts.append(f"HR {_number_text(conditions['heart_rate'], '.0f')} bpm")
     for key, value in conditions.items():
         if key not in ("prompt", "sex", "age", "heart_rate"):
             parts.append(f"{key.replace('_', ' ')} {value}")
@@ -264,8 +273,8 @@ def _check_duration(ecg: np.ndarray, fs: float, what: str) -> None:
     seconds = ecg.shape[0] / fs
     if not 9.5 <= seconds <= 10.5:
         raise ValueError(
-            f"{what}: {ecg.shape[0]} samples at {fs:g} Hz is {seconds:.2f} s; the sheet shows 10 s "
-            "(1024 samples at 102.4 Hz, 5000 at 500 Hz): pass the right fs"
+            f"{what}: {ecg.shape[0]} samples at {fs:g} Hz is {seconds:.2f} s, but a sheet shows 10 s (1024 samples "
+            "at 102.4 Hz, 5000 at 500 Hz): draw 10-second records (an fs given by hand must be the rate of the samples)"
         )
 
 
