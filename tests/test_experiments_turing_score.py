@@ -164,6 +164,11 @@ def test_spreadsheet_quirks_are_accepted(real_vs_generated, tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + ("Sheet_ID;Answer\r\n" + "\r\n".join(rows) + "\r\n").encode())
     answers = read_answers(path, read_key(key))
     assert answers == {**{s: "real" for s in REAL}, **{s: "generated" for s in GENERATED}}
+    # Lines ended by a lone CR (an old Mac's, some exports'): csv stopped with "new-line character seen in
+    # unquoted field - do you need to open the file in universal-newline mode?"
+    path.write_bytes(("sheet_id,answer\r" + "\r".join(f"{s},real" for s in REAL)
+                      + "\r" + "\r".join(f"{s},generated" for s in GENERATED) + "\r").encode())
+    assert read_answers(path, read_key(key)) == answers
 
 
 @pytest.mark.parametrize("content, error, message", [

@@ -87,7 +87,10 @@ def read_answers(path: str | os.PathLike, key: Mapping[str, Any]) -> dict[str, s
     if not text.strip():
         raise ValueError(f"{name}: empty; expected the header {','.join(ANSWER_HEADER)} and one row per sheet")
     first = text.splitlines()[0]
-    reader = csv.reader(io.StringIO(text), delimiter=";" if ";" in first and "," not in first else ",")
+    # newline=None: the csv module sees "\n" for "\r\n" and a lone "\r" too (a sheet saved on an old Mac, or by some
+    # spreadsheet exports), where it stopped with Python's advice to open the file in universal-newline mode.
+    reader = csv.reader(io.StringIO(text, newline=None),
+                        delimiter=";" if ";" in first and "," not in first else ",")
     allowed = ANSWERS[key["variant"]]
     order = [sheet["sheet_id"] for sheet in key["sheets"]]
     known = set(order)
