@@ -208,7 +208,7 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
                 raise ValueError(_not_ours_message(final, flag, command, existing))
             raise ValueError(
                 f"{flag} {final} holds an earlier {existing.get('command', 'different')} run with other settings "
-                f"({_differences(existing.get('settings', {}), settings)}): choose a new directory, rerun with the "
+                f"({differences(existing.get('settings', {}), settings)}): choose a new directory, rerun with the "
                 "same settings to resume, or pass --overwrite to replace it")
         parallel.barrier(f"output-dir-checked-{digest[:12]}")  # every host looked before any host writes
         record = {"command": command, "fingerprint": digest, "settings": settings, "status": "running", **stamp()}
@@ -268,17 +268,43 @@ def _describe_code(code: dict[str, Any] | None) -> str:
     return f"diffusets-jax {code.get('package_version') or 'of unknown version'}{where}"
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    # The recorded settings went through JSON (tuples became lists): compare like with like, or every setting that
-    # holds a tuple would be listed as changed.
-    new = json.loads(json.dumps(new, default=str))
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+def differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What changed from settings `old` to `new`, by dotted key (`config.optimizer.learning_rate: 0.001 -> 0.002`),
+    for the one line that refuses a run or an export with other settings.
+
+    Leaves are compared as the fingerprint sees them, as canonical JSON text: 32.0 and 32 differ there (and in
+    what they train), so they differ here, and a recorded tuple (now a JSON list) equals the same tuple given
+    again."""
+    old_leaves, new_leaves = _leaves(_as_json(old)), _leaves(_as_json(new))
+    keys = sorted(k for k in set(old_leaves) | set(new_leaves)
+                  if old_leaves.get(k, _ABSENT) != new_leaves.get(k, _ABSENT))
     if not keys:
         return "same settings, other version"
-    shown = ", ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys[:3])
-    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    shown = ", ".join(f"{k}: {_short(old_leaves.get(k, _ABSENT))} -> {_short(new_leaves.get(k, _ABSENT))}"
+                      for k in keys[:_SHOWN])
+    rest = keys[_SHOWN:]
+    return shown + (f" and {len(rest)} more ({', '.join(rest)})" if rest else "")
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
+_SHOWN = 4  # changed keys shown with their values; any further ones are only named
+_ABSENT = "(absent)"  # a key one side does not have (not valid JSON text, so never a leaf's own)
+
+
+def _as_json(value: Any) -> Any:
+    # As the fingerprint serialises it (`default=str`): the recorded settings went through JSON, the new ones not.
+    return json.loads(json.dumps(value, default=str))
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, str]:
+    """Every leaf of a JSON value by dotted key, as canonical JSON text (the fingerprint's form). Lists are leaves:
+    a tuple setting is one value (`model.widths`)."""
+    if isinstance(value, dict) and (value or not prefix):  # an empty section is a leaf, empty settings none
+        leaves: dict[str, str] = {}
+        for key, item in value.items():
+            leaves.update(_leaves(item, f"{prefix}{key}."))
+        return leaves
+    return {prefix[:-1]: json.dumps(value, sort_keys=True, separators=(", ", ": "))}
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."
