@@ -120,6 +120,36 @@ def test_the_architectures_numbers_are_checked_before_any_module_is_built(key, v
         check_train_section(config, "demo_vae.py")
 
 
+@pytest.mark.parametrize("widths", [(32.0, 64, 64), (32, 64, "a"), (32, True, 64)])
+def test_a_model_tuple_takes_whole_numbers(widths):
+    """A float among the widths of a config file or an edited config.json failed in the first traced step, after
+    the workdir was claimed; a string failed in the groups check as `invalid literal for int()`, naming no key."""
+    from diffusets_jax.config import load_config
+    from diffusets_jax.train.run import check_train_section
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_vae.py")
+    config.model.widths = widths
+    with pytest.raises(ValueError, match=re.escape(f"demo_vae.py: model.widths takes whole numbers (widths, counts "
+                                                   f"or sizes), got {widths}")):
+        check_train_section(config, "demo_vae.py")
+
+
+def test_a_saved_config_with_a_float_width_is_one_line_before_the_workdir_is_claimed(tmp_path, capsys):
+    from diffusets_jax.config import load_config, save_config
+
+    config = load_config(CONFIGS / "demo_vae.py")
+    config.model.widths = (32.0, 64, 64)
+    saved = save_config(config, tmp_path)
+    workdir = tmp_path / "run"
+    for args in (["--config", str(saved)],
+                 ["--config", str(CONFIGS / "demo_vae.py"), "--config.model.widths=(32,64,'a')"]):
+        assert cli.main(["train", "vae", *args, "--workdir", str(workdir), "--config.data.dataset=/nowhere",
+                         "--config.train.num_steps=1"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "model.widths" in err and "whole numbers" in err, err
+        assert not workdir.exists()
+
+
 @pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
 def test_a_dropout_rate_outside_0_1_is_refused(value):
     from diffusets_jax.config import load_config

@@ -109,6 +109,13 @@ def _check_model_section(model: Any, source: str) -> None:
     a count or a size and must be positive, every float finite, a dropout rate in [0, 1). Otherwise a zero width
     fails deep inside JAX with a traceback, and a negative dropout trains."""
     for key, value in model.items():
+        # Every tuple of a model section lists widths, counts or sizes (the VAE's widths, the U-Net's channels,
+        # CLIP's filters); a float or a string there failed in the first traced step, after the workdir was
+        # claimed, as a traceback naming no key.
+        if isinstance(value, (tuple, list)) and not all(isinstance(v, int) and not isinstance(v, bool)
+                                                         for v in value):
+            raise ValueError(f"{source}: model.{key} takes whole numbers (widths, counts or sizes), got "
+                             f"{tuple(value)}")
         for item in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(item, bool) or not isinstance(item, (int, float)):
                 continue
