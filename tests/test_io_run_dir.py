@@ -141,3 +141,26 @@ def test_a_refused_rerun_names_each_changed_dotted_key_as_the_fingerprint_compar
                                                    "(config.optimizer.learning_rate)")):
         with output_dir(out, command="train vae", settings=many):
             raise AssertionError("the run must not start")
+
+
+def test_settings_that_resolve_alike_are_the_same_run_and_the_record_keeps_its_fingerprint(tmp_path):
+    """A training resolves `num_train_examples: 0` from its dataset and saves the resolved config; given that
+    saved config back, its fingerprint differs, but it is the same run (`resolve`)."""
+    from diffusets_jax.io.files import read_json
+
+    def resolve(settings):
+        return {**settings, "n": settings.get("n") or 33}
+
+    out = tmp_path / "run"
+    with output_dir(out, command="train vae", settings={"n": 0, "lr": 1}, resolve=resolve) as run:
+        (run.path / "config.json").write_text("{}")
+    digest = read_json(out / RUN_FILE, "run record")["fingerprint"]
+    with output_dir(out, command="train vae", settings={"n": 33, "lr": 1}, resolve=resolve) as run:
+        assert run.resumed
+    assert read_json(out / RUN_FILE, "run record")["fingerprint"] == digest
+    with pytest.raises(ValueError, match=r"other settings \(lr: 1 -> 2\)"):  # what resolved alike is not named
+        with output_dir(out, command="train vae", settings={"n": 33, "lr": 2}, resolve=resolve):
+            raise AssertionError("the run must not start")
+    with pytest.raises(ValueError, match=r"other settings \(n: 33 -> 32\)"):  # as resolved: what ran
+        with output_dir(out, command="train vae", settings={"n": 32, "lr": 1}, resolve=resolve):
+            raise AssertionError("the run must not start")

@@ -225,3 +225,63 @@ def test_overwrite_never_replaces_a_workdir_that_holds_the_training_dataset(tmp_
     assert len(err.strip().splitlines()) == 1, err
     assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before
     assert sorted(os.listdir(tmp_path)) == ["runs"]  # no staging folder beside it
+
+
+TINY = {"vae": ["--config.model.widths=(8,8,8)", "--config.model.groups=4", "--config.model.num_res_blocks=1"],
+        "unet": ["--config.model.channels=(8,16)", "--config.model.down_attention_dims=(8,16)",
+                 "--config.model.up_attention_dims=(32,16)", "--config.model.bottleneck_attention_dim=16"]}
+
+
+def _tiny_training(model, tmp_path):
+    """(its training examples, `train MODEL` arguments): one step of the demo config at toy size on a tiny dataset
+    (for the U-Net, unit Gaussian latents, so `scale_by_std` measures a scale other than the config's 0.18215)."""
+    if model == "vae":
+        builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+        # The train split holds a NaN ECG on purpose (bad-record tests): train on the clean validation split.
+        data = [f"--config.data.dataset={builder.data_dir}", "--config.data.train_split=validation",
+                "--config.data.val_split=test"]
+    else:
+        from diffusets_jax.conditioning.spec import ConditioningSpec
+        from tests.helpers.gaussian_latents import write_gaussian_latent_dataset
+        from tests.helpers.tiny_models import TEXT_DIM, openai_conditioning
+
+        latents = write_gaussian_latent_dataset(
+            tmp_path / "latents", splits={"train": 8}, vae_uid=None, latent_scale=1.0,
+            conditioning=ConditioningSpec(openai_conditioning(TEXT_DIM).embedder, "ordered"),
+            channel_mean=(0.0,) * 4, channel_std=(1.0,) * 4)
+        data = [f"--config.data.dataset={latents}", f"--config.model.text_dim={TEXT_DIM}"]
+    examples = tiny_ecg_dataset.SPLIT_SIZES["validation"] if model == "vae" else 8
+    return examples, ["train", model, "--config", str(CONFIGS / f"demo_{model}.py"), *data, *TINY[model],
+                      "--config.train.global_batch_size=8", "--config.train.num_steps=1",
+                      "--config.train.progress_bar=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["vae", "unet"])
+def test_a_run_resumes_with_its_own_saved_config(model, tmp_path, capsys):
+    """`--config WORKDIR/config.json`, which --help offers, was refused as a run "with other settings": the saved
+    config holds what the run resolved from its dataset (data.num_train_examples; the U-Net's measured
+    diffusion.latent_scale), the fingerprint is of the config as given. Both forms now resume the same run, and
+    the run record keeps the fingerprint it had."""
+    from diffusets_jax.io.files import read_json
+    from diffusets_jax.io.run_dir import RUN_FILE
+
+    workdir = tmp_path / "run"
+    examples, args = _tiny_training(model, tmp_path)
+    args += ["--workdir", str(workdir)]
+    assert cli.main(args) == 0
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["data"]["num_train_examples"] == examples  # resolved: the config as given says 0
+    if model == "unet":
+        assert saved["diffusion"]["scale_by_std"] and saved["diffusion"]["latent_scale"] != 0.18215
+    record = read_json(workdir / RUN_FILE, "run record")
+    capsys.readouterr()
+    own = ["train", model, "--config", str(workdir / "config.json"), "--workdir", str(workdir)]
+    assert cli.main(own) == 0, capsys.readouterr().err
+    assert cli.main(args) == 0  # the config as given still resumes it
+    assert read_json(workdir / RUN_FILE, "run record")["fingerprint"] == record["fingerprint"]
+    # A real change is still refused, naming only what changed, not what the saved config resolved.
+    capsys.readouterr()
+    assert cli.main([*own, "--config.optimizer.learning_rate=0.002"]) == 2
+    err = capsys.readouterr().err
+    assert "with other settings (config.optimizer.learning_rate: 0.001 -> 0.002): choose a new directory" in err, err

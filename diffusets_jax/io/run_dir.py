@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class RunDir:
 
 
 Reads = Sequence[tuple[str, str | os.PathLike | None]]
+Resolve = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: str | None = None,
@@ -184,9 +185,12 @@ def exclusive_lock(directory: str | os.PathLike, message: str, name: str | None 
 
 @contextlib.contextmanager
 def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any], overwrite: bool = False,
-               flag: str = "--out", reads: Reads = ()) -> Iterator[RunDir]:
+               flag: str = "--out", reads: Reads = (), resolve: Resolve | None = None) -> Iterator[RunDir]:
     """Claim `path` for one run of `command` with `settings` (see the module docstring); yields a `RunDir`.
     `reads`: the run's inputs as `(flag, path)`, which `overwrite` may not replace (`check_reads_apart`).
+    `resolve`: settings -> the same with what the run reads from its inputs filled in (a training's dataset size);
+    a record of another fingerprint whose settings resolve to what `settings` resolve to is this same run, given
+    once as written and once resolved (a run's own saved config.json). The record keeps its fingerprint.
 
     On a clean exit with `overwrite`, the new folder replaces the old one; on an exception the old one is kept
     and the partial new one removed (it is ours).
@@ -203,13 +207,19 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
         existing = read_json(final / RUN_FILE, "run record") if (final / RUN_FILE).exists() else None
         entries = _user_entries(final)
         same = existing is not None and existing.get("fingerprint") == digest
+        ours = existing is not None and existing.get("command") == command
+        if not same and ours and resolve is not None:
+            old_settings, new_settings = resolve(existing.get("settings", {})), resolve(settings)
+            same = fingerprint(old_settings) == fingerprint(new_settings)
+        else:
+            old_settings, new_settings = (existing or {}).get("settings", {}), settings
         if entries and not same and not overwrite:
-            if existing is None or existing.get("command") != command:
+            if not ours:
                 raise ValueError(_not_ours_message(final, flag, command, existing))
             raise ValueError(
                 f"{flag} {final} holds an earlier {existing.get('command', 'different')} run with other settings "
-                f"({differences(existing.get('settings', {}), settings)}): choose a new directory, rerun with the "
-                "same settings to resume, or pass --overwrite to replace it")
+                f"({differences(old_settings, new_settings)}): choose a new directory, rerun with the same settings "
+                "to resume, or pass --overwrite to replace it")
         parallel.barrier(f"output-dir-checked-{digest[:12]}")  # every host looked before any host writes
         record = {"command": command, "fingerprint": digest, "settings": settings, "status": "running", **stamp()}
         if entries and overwrite and not same:

@@ -201,16 +201,45 @@ def check_dataset_fits_model(module: Any, builder: Any, dataset: str) -> None:
                              f"made for this model")
 
 
-def resolve_latent_scale(model: str, config: ml_collections.ConfigDict, builder: Any) -> None:
-    """With `diffusion.scale_by_std` (U-Net only), set `diffusion.latent_scale` to 1 / std of the latent dataset's
-    training latents (`data.latents.measure_latent_scale`; deterministic, so a resumed run gets the same value)."""
+def resolve_from_dataset(model: str, config: ml_collections.ConfigDict, builder: Any, *,
+                         latent_scale: float | None = None) -> None:
+    """Fill in, in place, what a run reads from its dataset, so the saved config states exactly what ran:
+    `data.num_train_examples` (0 = the train split's size) and, with `diffusion.scale_by_std` (U-Net only),
+    `diffusion.latent_scale`: 1 / std of the training latents (`data.latents.measure_latent_scale`; deterministic,
+    so a resumed run gets the same value). `latent_scale`: the value already measured on this dataset and split,
+    not measured again."""
+    if int(config.data.num_train_examples) <= 0:
+        config.data.num_train_examples = int(builder.info.splits[config.data.train_split].num_examples)
     if model != "unet" or not config.diffusion.scale_by_std:
         return
-    from diffusets_jax.data.latents import measure_latent_scale
+    if latent_scale is None:
+        from diffusets_jax.data.latents import measure_latent_scale
 
-    config.diffusion.latent_scale = measure_latent_scale(builder, config.data.train_split)
-    log.info("diffusion.scale_by_std: latent scale %.6g (1 / std of the %r latent means)",
-             config.diffusion.latent_scale, config.data.train_split)
+        latent_scale = measure_latent_scale(builder, config.data.train_split)
+        log.info("diffusion.scale_by_std: latent scale %.6g (1 / std of the %r latent means)", latent_scale,
+                 config.data.train_split)
+    config.diffusion.latent_scale = latent_scale
+
+
+def settings_resolver(model: str, config: ml_collections.ConfigDict,
+                      builder: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A run's settings (`run_settings`) -> the same resolved from `builder` as `config` (resolved by
+    `resolve_from_dataset`) was: the form in which a run given its own saved config.json (resolved values) and one
+    given the config file (the values as written) are compared (`io.run_dir.output_dir`'s `resolve`). Their
+    fingerprints differ, and the fingerprint is of the config as given so that existing workdirs still resume."""
+    from diffusets_jax.config import config_from_dict
+
+    measured = float(config.diffusion.latent_scale) if model == "unet" and config.diffusion.scale_by_std else None
+
+    def resolve(settings: dict[str, Any]) -> dict[str, Any]:
+        try:
+            other = config_from_dict(settings["config"])
+            resolve_from_dataset(model, other, builder, latent_scale=measured)
+        except (KeyError, AttributeError, TypeError, ValueError):  # not a training's settings: compared as they are
+            return settings
+        return run_settings(model, other)
+
+    return resolve
 
 
 def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | Path,
@@ -249,11 +278,9 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
         raise ValueError(f"dataset {config.data.dataset} has no split {config.data.train_split!r} "
                          f"(it has {sorted(splits)}); set --config.data.train_split")
     provenance_of_data = _dataset_provenance(model, builder, config)  # refuses a dataset without a card, now
-    if int(config.data.num_train_examples) <= 0:
-        config.data.num_train_examples = int(splits[config.data.train_split].num_examples)
+    resolve_from_dataset(model, config, builder)
     num_steps = total_steps(config)
     config.train.num_steps = num_steps
-    resolve_latent_scale(model, config, builder)
 
     mesh = parallel.mesh_from_config(config.mesh)
     host_batch = pipeline.per_host_batch_size(int(config.train.global_batch_size), jax.process_count(),
@@ -281,7 +308,7 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     check_dataset_fits_model(task.model, builder, config.data.dataset)
     reads = [("--config.data.dataset", builder.data_dir), ("--config.data.data_dir", config.data.data_dir or None)]
     with output_dir(workdir, command=command, settings=settings, overwrite=overwrite, flag="--workdir",
-                    reads=reads) as run:
+                    reads=reads, resolve=settings_resolver(model, config, builder)) as run:
         check_same_dataset_build(run.path, builder, config.data.dataset)
         result = train(task, config, run.path, train_batches, val_batches, mesh)
         if not result.preempted:
@@ -403,9 +430,7 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
     builder = _load_dataset(model, config)
     dataset = _dataset_provenance(model, builder, config)
-    if int(config.data.num_train_examples) <= 0:  # only the schedules' lengths depend on it, not the weights
-        config.data.num_train_examples = int(builder.info.splits[config.data.train_split].num_examples)
-    resolve_latent_scale(model, config, builder)
+    resolve_from_dataset(model, config, builder)
     task = make_task(model, config, max(int(config.train.num_steps), 1))
     mesh = parallel.mesh_from_config(config.mesh)
     abstract, _ = abstract_state(task, mesh, int(config.train.seed), float(config.train.ema_decay) > 0)
