@@ -67,8 +67,8 @@ def test_train_clip_cli_end_to_end_then_resume_and_export(tmp_path, capsys):
     assert read_index(exported).components["clip"]["provenance"]["run"]["step"] == 6
     capsys.readouterr()
     assert cli.main([*args, "--export-only", "--model-dir", str(tmp_path / "other"), "--config.model.filters=(16,)"]) == 2
-    assert (f"with another config than the run's they do not fit; export with the one it saved, --config "
-            f"{workdir / 'config.json'}") in capsys.readouterr().err
+    assert (f"differs from the run in {workdir} (config.model.filters: [8] -> [16]), which changes what its export "
+            f"means: export with the config the run saved, --config {workdir / 'config.json'}") in capsys.readouterr().err
     assert cli.main(["train", "vae", "--config", str(CONFIGS / "demo_vae.py"), "--workdir", str(workdir),
                      "--export-only", "--model-dir", str(tmp_path / "other")]) == 2
     assert "holds a diffusets-jax train clip run, not train vae" in capsys.readouterr().err
@@ -285,3 +285,35 @@ def test_a_run_resumes_with_its_own_saved_config(model, tmp_path, capsys):
     assert cli.main([*own, "--config.optimizer.learning_rate=0.002"]) == 2
     err = capsys.readouterr().err
     assert "with other settings (config.optimizer.learning_rate: 0.001 -> 0.002): choose a new directory" in err, err
+
+
+@pytest.mark.slow
+def test_an_export_with_a_config_that_changes_its_meaning_is_refused(tmp_path, capsys):
+    """A v-prediction U-Net trained on normalised patient features, exported with an epsilon, faithful-features
+    config: the shapes fit, so it was exported (exit 0) with a model_index.json saying epsilon/faithful, and
+    sampling would have used the wrong parameterisation. Where the data lives may differ (a moved dataset)."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    _, args = _tiny_training("unet", tmp_path)
+    args += ["--workdir", str(workdir)]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    exported = tmp_path / "exported"
+    assert cli.main([*args, "--export-only", "--model-dir", str(exported),
+                     "--config.diffusion.schedule.prediction_type=epsilon",
+                     "--config.train.patient_features=faithful"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert (f"differs from the run in {workdir} (config.diffusion.schedule.prediction_type: \"v_prediction\" -> "
+            '"epsilon", config.train.patient_features: "normalised" -> "faithful"), which changes what its export '
+            f"means: export with the config the run saved, --config {workdir / 'config.json'}") in err
+    assert not exported.exists()
+    # The run's saved config, the config as given, and the saved config with the dataset at another path: exported.
+    own = ["train", "unet", "--config", str(workdir / "config.json"), "--workdir", str(workdir), "--export-only"]
+    moved = shutil.copytree(tmp_path / "latents", tmp_path / "moved")
+    for command, model_dir in (([*own], exported), ([*args, "--export-only"], tmp_path / "as_given"),
+                               ([*own, f"--config.data.dataset={moved}"], tmp_path / "moved_export")):
+        assert cli.main([*command, "--model-dir", str(model_dir)]) == 0, capsys.readouterr().err
+        index = json.loads((model_dir / "model_index.json").read_text())
+        assert index["diffusion"]["schedule"]["prediction_type"] == "v_prediction"

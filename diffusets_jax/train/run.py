@@ -10,6 +10,7 @@ uid of the VAE whose latents it was trained on.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -138,14 +139,18 @@ def run_settings(model: str, config: ml_collections.ConfigDict) -> dict[str, Any
     without `RESUMABLE_KEYS`."""
     from diffusets_jax.config import config_to_dict
 
-    settings = config_to_dict(config)
-    for key in RESUMABLE_KEYS:
+    return {"model": model, "config": _without(config_to_dict(config), RESUMABLE_KEYS)}
+
+
+def _without(settings: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """`settings` (a config as a dict, changed in place) without the dotted `keys`."""
+    for key in keys:
         *parents, leaf = key.split(".")
         section = settings
         for part in parents:
             section = section.get(part, {})
         section.pop(leaf, None)
-    return {"model": model, "config": settings}
+    return settings
 
 
 def make_task(model: str, config: ml_collections.ConfigDict, num_steps: int) -> Task:
@@ -335,22 +340,58 @@ def check_apart(model_dir: Path, workdir: str | Path) -> None:
 DATASET_BUILD_FILE = "dataset_build.json"  # in the workdir: which build of the dataset this run trains on
 
 
-def check_same_dataset_build(workdir: Path, builder: Any, dataset: str) -> None:
+def check_same_dataset_build(workdir: Path, builder: Any, dataset: str, *, export: bool = False) -> None:
     """Refuse to resume a training on another build of its dataset (prepared or encoded again at the same path):
     the run's fingerprint names the dataset by path, and its checkpoints would go on with other examples. The
     build is the dataset card's fingerprint, recorded in the workdir when the run starts (a run begun before this
-    record existed gets it on its next resume)."""
+    record existed gets it on its next resume). `export`: refuse exporting the run with another build (its
+    provenance and a U-Net's conditioning come from the dataset), recording nothing: an export only reads."""
     from diffusets_jax.data.card import card_fingerprint
     from diffusets_jax.io.files import read_json, write_json_atomic
 
     current, record = card_fingerprint(builder), Path(workdir) / DATASET_BUILD_FILE
     if record.is_file():
-        if read_json(record, "dataset build record").get("card") != current:
+        recorded = read_json(record, "dataset build record")
+        if recorded.get("card") != current:
+            todo = (f"export with the dataset the run trained on ({recorded.get('dataset')})" if export
+                    else "train into a new --workdir, or pass --overwrite to start over on this build")
             raise ValueError(f"--workdir {workdir} holds a training on another build of {dataset} (its dataset card "
-                             "changed: prepared or encoded again at that path): train into a new --workdir, or pass "
-                             "--overwrite to start over on this build")
-    elif jax.process_index() == 0:
+                             f"changed: prepared or encoded again at that path): {todo}")
+    elif jax.process_index() == 0 and not export:
         write_json_atomic(record, {"dataset": str(Path(builder.data_dir).resolve()), "card": current})
+
+
+# Config keys an export may give otherwise than the run did (besides RESUMABLE_KEYS, which no run's settings hold):
+# where the data lives. A dataset moved or mounted elsewhere since the training is read at its new path; that it is
+# the build the run trained on is checked against the run's dataset_build.json. Everything else changes what the
+# exported component is or says (its architecture, a U-Net's prediction type or patient features, EMA or not).
+EXPORT_FREE_KEYS: tuple[str, ...] = ("data.dataset", "data.data_dir")
+
+
+def check_export_config(model: str, config: ml_collections.ConfigDict, workdir: Path, record: dict[str, Any],
+                        builder: Any) -> None:
+    """Refuse to export the run in `workdir` with a config (resolved) that differs from the run's in anything but
+    `EXPORT_FREE_KEYS`: the model directory would record, and sampling use, another parameterisation or conditioning
+    than the weights were trained with (an epsilon export of a v-prediction run exported with exit 0). The run's
+    settings are its run record's, else its saved config.json's; a run with neither is left to the restore, which
+    refuses weights of other shapes."""
+    from diffusets_jax.config import load_config
+    from diffusets_jax.io.run_dir import differences, fingerprint
+
+    saved = workdir / "config.json"
+    if record.get("settings") is not None:
+        reference = record["settings"]
+    elif saved.is_file():
+        reference = run_settings(model, load_config(saved))
+    else:
+        return
+    resolve = settings_resolver(model, config, builder)
+    theirs, ours = copy.deepcopy(resolve(reference)), run_settings(model, config)  # the record stays as read
+    for settings in (theirs, ours):
+        _without(settings.get("config", {}), EXPORT_FREE_KEYS)
+    if fingerprint(theirs) != fingerprint(ours):
+        raise ValueError(f"the given config differs from the run in {workdir} ({differences(theirs, ours)}), which changes "
+                         f"what its export means: export with the config the run saved, --config {saved}")
 
 
 def _dataset_provenance(model: str, builder: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -431,6 +472,8 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
     builder = _load_dataset(model, config)
     dataset = _dataset_provenance(model, builder, config)
     resolve_from_dataset(model, config, builder)
+    check_export_config(model, config, workdir, run, builder)
+    check_same_dataset_build(workdir, builder, config.data.dataset, export=True)
     task = make_task(model, config, max(int(config.train.num_steps), 1))
     mesh = parallel.mesh_from_config(config.mesh)
     abstract, _ = abstract_state(task, mesh, int(config.train.seed), float(config.train.ema_decay) > 0)
