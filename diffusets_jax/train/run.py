@@ -55,6 +55,7 @@ def check_model_kind(model: str, config: ml_collections.ConfigDict, source: str 
 
 # Keys a rerun may change and still resume the same run: how long it trains, how often it logs and saves, and the
 # device layout (checkpoints restore onto any mesh). Every other config value is part of the run's fingerprint.
+# Training longer re-sizes a learning-rate schedule sized by num_steps mid-run (`train.loop` says so in a line).
 RESUMABLE_KEYS: tuple[str, ...] = (
     "train.num_steps", "train.num_epochs", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoints", "train.progress_bar", "mesh",
