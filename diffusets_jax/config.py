@@ -195,12 +195,10 @@ def _parse_value(key: str, raw: str, current: Any) -> Any:
         raise bad("a bool (true/false)")
     if isinstance(current, int):
         try:
-            value = ast.literal_eval(raw)
+            value = _whole_number(ast.literal_eval(raw))
         except (ValueError, SyntaxError):
             raise bad("an int") from None
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
+        if value is None:
             raise bad("an int")
         return value
     if isinstance(current, float):
@@ -216,12 +214,27 @@ def _parse_value(key: str, raw: str, current: Any) -> Any:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             raise bad("a tuple, e.g. (1, 2) or 1,2") from None
+        if not isinstance(value, tuple | list):  # `(64)` is 64, not a tuple
+            raise bad("a tuple, e.g. (1, 2) or 1,2")
+        # Each element takes the type of the current tuple's elements, as a single field would: a float among
+        # a model's widths passed every check and failed in the first traced step, after the workdir was claimed.
+        if current and all(isinstance(c, int) and not isinstance(c, bool) for c in current):
+            value = [_whole_number(v) for v in value]
+            if None in value:
+                raise bad("a tuple of whole numbers, e.g. (32, 64)")
         return type(current)(value)
     # None or other: any Python literal, else the raw string.
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         return raw
+
+
+def _whole_number(value: Any) -> int | None:
+    """`value` as an int field takes it (512, or 512.0 written as a float), or None."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def data_section(dataset: str = "", **values: Any) -> ml_collections.ConfigDict:

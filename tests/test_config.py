@@ -46,6 +46,19 @@ def test_load_and_override_types(config_path):
     assert config.train.ema_decay == 1.0 and isinstance(config.train.ema_decay, float)
 
 
+def test_a_tuple_of_whole_numbers_takes_whole_numbers_as_an_int_field_does(config_path):
+    """`--config.model.widths=32.0,64,64` became (32.0, 64, 64) and failed in the first traced step, after the
+    workdir was claimed; `(32,64,'a')` failed later still, naming no key."""
+    config = load_config(config_path, ["train.channels=32.0,64"])  # as an int field takes 512.0
+    assert config.train.channels == (32, 64) and all(type(c) is int for c in config.train.channels)
+    for raw in ("32.5,64", "(32,64,'a')", "(32,True)", "(64)"):
+        with pytest.raises(ValueError, match=r"config key 'train.channels' expects a tuple"):
+            load_config(config_path, [f"train.channels={raw}"])
+    with pytest.raises(ValueError, match=r"expects a tuple of whole numbers, e.g. \(32, 64\) \(current value "
+                                         r"\(8, 16\)\), got '32.5,64'"):
+        load_config(config_path, ["train.channels=32.5,64"])
+
+
 def test_unknown_key_names_close_matches(config_path):
     with pytest.raises(ValueError, match=r"unknown config key 'train.learning_rat'.*'train.learning_rate'"):
         load_config(config_path, ["train.learning_rat=1"])

@@ -118,20 +118,20 @@ def test_training_resolves_the_measured_scale_only_for_the_unet_with_scale_by_st
     from pathlib import Path
 
     from diffusets_jax.config import load_config
-    from diffusets_jax.train.run import resolve_latent_scale
+    from diffusets_jax.train.run import resolve_from_dataset
 
     out, _ = encoded
     configs = Path(__file__).resolve().parents[1] / "configs"
     measured = latents.measure_latent_scale(out, "train")
     builder = pipeline.load_builder(out)
     demo = load_config(configs / "demo_unet.py", [f"data.dataset={out}"])  # scale_by_std=True
-    resolve_latent_scale("unet", demo, builder)
+    resolve_from_dataset("unet", demo, builder)
     assert demo.diffusion.latent_scale == pytest.approx(measured)
     faithful = load_config(configs / "diffusets_unet.py", [f"data.dataset={out}"])
-    resolve_latent_scale("unet", faithful, builder)
+    resolve_from_dataset("unet", faithful, builder)
     assert faithful.diffusion.latent_scale == 0.18215
     other = load_config(configs / "demo_unet.py", [f"data.dataset={out}"])
-    resolve_latent_scale("vae", other, builder)
+    resolve_from_dataset("vae", other, builder)
     assert other.diffusion.latent_scale == 0.18215
 
 

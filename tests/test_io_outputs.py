@@ -200,9 +200,10 @@ def test_user_folders_are_refused_and_overwrite_replaces_them_as_a_whole(model_d
     assert main([*args, "--out", str(ours), "-n", "2"]) == 2
     assert "other settings" in capsys.readouterr().err
     # The network's dtype changes the ECGs: a bf16 rerun would have resumed (or mixed into) the float32 run. The
-    # message names what changed and nothing else (the recorded settings went through JSON, tuples and all).
+    # message names what changed and nothing else (the recorded settings went through JSON, tuples and all); a
+    # float32 run records no compute_dtype at all.
     assert main([*args, "--out", str(ours), "-n", "6", "--dtype", "bfloat16"]) == 2
-    assert ('with other settings (compute_dtype: null -> "bfloat16 networks, float32 sampler"):'
+    assert ('with other settings (compute_dtype: (absent) -> "bfloat16 networks, float32 sampler"):'
             in capsys.readouterr().err)
     assert main([*args, "--out", str(ours), "-n", "6"]) == 0
     assert (ours / "samples.npz").read_bytes() == before

@@ -4,6 +4,7 @@ through the commands (`test_io_outputs.py`, `test_cli_edges.py`); every command'
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -116,3 +117,50 @@ def test_a_run_resumed_by_other_code_records_both_versions_and_says_so(tmp_path,
     with output_dir(out, command="sample", settings={"n": 1}) as run:
         assert run.complete and len(code_history(run.record)) == 2
     assert capsys.readouterr().err == ""
+
+
+def test_a_refused_rerun_names_each_changed_dotted_key_as_the_fingerprint_compares_it(tmp_path):
+    """A training's settings nest (`config.optimizer.learning_rate`): the message compared only the top-level keys
+    and cut them to 40 characters (`config: {"model_kind": ...} -> {"model_kind": ...}`), and compared with
+    Python's == while the fingerprint hashes JSON text, so 32.0 -> 32 was "same settings, other version"."""
+    out = tmp_path / "run"
+    recorded = {"model": "vae", "config": {"model": {"widths": (32, 64, 64), "groups": 8},
+                                           "optimizer": {"learning_rate": 1e-3, "b1": 0.9}}}
+    with output_dir(out, command="train vae", settings=recorded) as run:
+        (run.path / "config.json").write_text("{}")
+    changed = {"model": "vae", "config": {"model": {"widths": (32.0, 64, 64), "groups": 8},
+                                          "optimizer": {"learning_rate": 2e-3, "b1": 0.9}}}
+    with pytest.raises(ValueError) as refused:
+        with output_dir(out, command="train vae", settings=changed):
+            raise AssertionError("the run must not start")
+    assert ("run with other settings (config.model.widths: [32, 64, 64] -> [32.0, 64, 64], "
+            "config.optimizer.learning_rate: 0.001 -> 0.002): choose a new directory") in str(refused.value)
+    many = {"model": "vae", "config": {"model": {"widths": (16,), "groups": 4, "remat": True},
+                                       "optimizer": {"learning_rate": 1e-2, "b1": 0.5}}}
+    with pytest.raises(ValueError, match=re.escape("config.optimizer.b1: 0.9 -> 0.5 and 1 more "
+                                                   "(config.optimizer.learning_rate)")):
+        with output_dir(out, command="train vae", settings=many):
+            raise AssertionError("the run must not start")
+
+
+def test_settings_that_resolve_alike_are_the_same_run_and_the_record_keeps_its_fingerprint(tmp_path):
+    """A training resolves `num_train_examples: 0` from its dataset and saves the resolved config; given that
+    saved config back, its fingerprint differs, but it is the same run (`resolve`)."""
+    from diffusets_jax.io.files import read_json
+
+    def resolve(settings):
+        return {**settings, "n": settings.get("n") or 33}
+
+    out = tmp_path / "run"
+    with output_dir(out, command="train vae", settings={"n": 0, "lr": 1}, resolve=resolve) as run:
+        (run.path / "config.json").write_text("{}")
+    digest = read_json(out / RUN_FILE, "run record")["fingerprint"]
+    with output_dir(out, command="train vae", settings={"n": 33, "lr": 1}, resolve=resolve) as run:
+        assert run.resumed
+    assert read_json(out / RUN_FILE, "run record")["fingerprint"] == digest
+    with pytest.raises(ValueError, match=r"other settings \(lr: 1 -> 2\)"):  # what resolved alike is not named
+        with output_dir(out, command="train vae", settings={"n": 33, "lr": 2}, resolve=resolve):
+            raise AssertionError("the run must not start")
+    with pytest.raises(ValueError, match=r"other settings \(n: 33 -> 32\)"):  # as resolved: what ran
+        with output_dir(out, command="train vae", settings={"n": 32, "lr": 1}, resolve=resolve):
+            raise AssertionError("the run must not start")

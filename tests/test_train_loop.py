@@ -217,3 +217,27 @@ def test_init_state_gives_each_seed_its_values_from_one_program():
     program = compiled.program(("init", False), lambda: pytest.fail("the init program was not kept"))
     compiled.init(2**40 + 5, False)
     assert compiled.program(("init", False), lambda: pytest.fail("the init program was not kept")) is program
+
+
+@pytest.mark.parametrize("schedule", ["one_cycle", "cosine", "constant"])
+def test_extending_a_run_says_when_it_resizes_the_learning_rate_schedule(tmp_path, capsys, schedule):
+    """A finished 4-step run extended to 6: a schedule sized by num_steps is re-sized mid-run (after a finished
+    one-cycle the rate rises again), so the run is not bit-identical to 6 steps straight, which the README
+    claimed. One line says so; a constant rate has nothing to say, and nor has a resume with the same num_steps."""
+    from diffusets_jax.config import optimizer_section
+
+    config = tiny_config(num_steps=4)
+    config.optimizer = optimizer_section(lr_schedule=schedule)  # what the note reads; the tiny task has its own
+    mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+    loop.train(tiny_task(), config, tmp_path, batches_from(16), None, mesh=mesh)
+    loop.train(tiny_task(), config, tmp_path, batches_from(16), None, mesh=mesh)  # finished: resumed as it is
+    assert "re-sized" not in capsys.readouterr().err
+    config.train.num_steps = 6
+    assert loop.train(tiny_task(), config, tmp_path, batches_from(16), None, mesh=mesh).step == 6
+    notes = [line for line in capsys.readouterr().err.splitlines() if "re-sized" in line]
+    if schedule == "constant":
+        assert notes == []
+    else:
+        assert notes == [f"diffusets-jax: note: train.num_steps 4 -> 6: the {schedule} learning-rate schedule is "
+                         "re-sized to 6 steps, and steps 5-6 follow it from where it stands at step 4: not "
+                         "bit-identical to a run of 6 steps from the start"]

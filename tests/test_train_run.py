@@ -67,8 +67,8 @@ def test_train_clip_cli_end_to_end_then_resume_and_export(tmp_path, capsys):
     assert read_index(exported).components["clip"]["provenance"]["run"]["step"] == 6
     capsys.readouterr()
     assert cli.main([*args, "--export-only", "--model-dir", str(tmp_path / "other"), "--config.model.filters=(16,)"]) == 2
-    assert (f"with another config than the run's they do not fit; export with the one it saved, --config "
-            f"{workdir / 'config.json'}") in capsys.readouterr().err
+    assert (f"differs from the run in {workdir} (config.model.filters: [8] -> [16]), which changes what its export "
+            f"means: export with the config the run saved, --config {workdir / 'config.json'}") in capsys.readouterr().err
     assert cli.main(["train", "vae", "--config", str(CONFIGS / "demo_vae.py"), "--workdir", str(workdir),
                      "--export-only", "--model-dir", str(tmp_path / "other")]) == 2
     assert "holds a diffusets-jax train clip run, not train vae" in capsys.readouterr().err
@@ -118,6 +118,36 @@ def test_the_architectures_numbers_are_checked_before_any_module_is_built(key, v
     config.model[key] = value
     with pytest.raises(ValueError, match=re.escape(expected)):
         check_train_section(config, "demo_vae.py")
+
+
+@pytest.mark.parametrize("widths", [(32.0, 64, 64), (32, 64, "a"), (32, True, 64)])
+def test_a_model_tuple_takes_whole_numbers(widths):
+    """A float among the widths of a config file or an edited config.json failed in the first traced step, after
+    the workdir was claimed; a string failed in the groups check as `invalid literal for int()`, naming no key."""
+    from diffusets_jax.config import load_config
+    from diffusets_jax.train.run import check_train_section
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_vae.py")
+    config.model.widths = widths
+    with pytest.raises(ValueError, match=re.escape(f"demo_vae.py: model.widths takes whole numbers (widths, counts "
+                                                   f"or sizes), got {widths}")):
+        check_train_section(config, "demo_vae.py")
+
+
+def test_a_saved_config_with_a_float_width_is_one_line_before_the_workdir_is_claimed(tmp_path, capsys):
+    from diffusets_jax.config import load_config, save_config
+
+    config = load_config(CONFIGS / "demo_vae.py")
+    config.model.widths = (32.0, 64, 64)
+    saved = save_config(config, tmp_path)
+    workdir = tmp_path / "run"
+    for args in (["--config", str(saved)],
+                 ["--config", str(CONFIGS / "demo_vae.py"), "--config.model.widths=(32,64,'a')"]):
+        assert cli.main(["train", "vae", *args, "--workdir", str(workdir), "--config.data.dataset=/nowhere",
+                         "--config.train.num_steps=1"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "model.widths" in err and "whole numbers" in err, err
+        assert not workdir.exists()
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
@@ -195,3 +225,95 @@ def test_overwrite_never_replaces_a_workdir_that_holds_the_training_dataset(tmp_
     assert len(err.strip().splitlines()) == 1, err
     assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before
     assert sorted(os.listdir(tmp_path)) == ["runs"]  # no staging folder beside it
+
+
+TINY = {"vae": ["--config.model.widths=(8,8,8)", "--config.model.groups=4", "--config.model.num_res_blocks=1"],
+        "unet": ["--config.model.channels=(8,16)", "--config.model.down_attention_dims=(8,16)",
+                 "--config.model.up_attention_dims=(32,16)", "--config.model.bottleneck_attention_dim=16"]}
+
+
+def _tiny_training(model, tmp_path):
+    """(its training examples, `train MODEL` arguments): one step of the demo config at toy size on a tiny dataset
+    (for the U-Net, unit Gaussian latents, so `scale_by_std` measures a scale other than the config's 0.18215)."""
+    if model == "vae":
+        builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+        # The train split holds a NaN ECG on purpose (bad-record tests): train on the clean validation split.
+        data = [f"--config.data.dataset={builder.data_dir}", "--config.data.train_split=validation",
+                "--config.data.val_split=test"]
+    else:
+        from diffusets_jax.conditioning.spec import ConditioningSpec
+        from tests.helpers.gaussian_latents import write_gaussian_latent_dataset
+        from tests.helpers.tiny_models import TEXT_DIM, openai_conditioning
+
+        latents = write_gaussian_latent_dataset(
+            tmp_path / "latents", splits={"train": 8}, vae_uid=None, latent_scale=1.0,
+            conditioning=ConditioningSpec(openai_conditioning(TEXT_DIM).embedder, "ordered"),
+            channel_mean=(0.0,) * 4, channel_std=(1.0,) * 4)
+        data = [f"--config.data.dataset={latents}", f"--config.model.text_dim={TEXT_DIM}"]
+    examples = tiny_ecg_dataset.SPLIT_SIZES["validation"] if model == "vae" else 8
+    return examples, ["train", model, "--config", str(CONFIGS / f"demo_{model}.py"), *data, *TINY[model],
+                      "--config.train.global_batch_size=8", "--config.train.num_steps=1",
+                      "--config.train.progress_bar=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["vae", "unet"])
+def test_a_run_resumes_with_its_own_saved_config(model, tmp_path, capsys):
+    """`--config WORKDIR/config.json`, which --help offers, was refused as a run "with other settings": the saved
+    config holds what the run resolved from its dataset (data.num_train_examples; the U-Net's measured
+    diffusion.latent_scale), the fingerprint is of the config as given. Both forms now resume the same run, and
+    the run record keeps the fingerprint it had."""
+    from diffusets_jax.io.files import read_json
+    from diffusets_jax.io.run_dir import RUN_FILE
+
+    workdir = tmp_path / "run"
+    examples, args = _tiny_training(model, tmp_path)
+    args += ["--workdir", str(workdir)]
+    assert cli.main(args) == 0
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["data"]["num_train_examples"] == examples  # resolved: the config as given says 0
+    if model == "unet":
+        assert saved["diffusion"]["scale_by_std"] and saved["diffusion"]["latent_scale"] != 0.18215
+    record = read_json(workdir / RUN_FILE, "run record")
+    capsys.readouterr()
+    own = ["train", model, "--config", str(workdir / "config.json"), "--workdir", str(workdir)]
+    assert cli.main(own) == 0, capsys.readouterr().err
+    assert cli.main(args) == 0  # the config as given still resumes it
+    assert read_json(workdir / RUN_FILE, "run record")["fingerprint"] == record["fingerprint"]
+    # A real change is still refused, naming only what changed, not what the saved config resolved.
+    capsys.readouterr()
+    assert cli.main([*own, "--config.optimizer.learning_rate=0.002"]) == 2
+    err = capsys.readouterr().err
+    assert "with other settings (config.optimizer.learning_rate: 0.001 -> 0.002): choose a new directory" in err, err
+
+
+@pytest.mark.slow
+def test_an_export_with_a_config_that_changes_its_meaning_is_refused(tmp_path, capsys):
+    """A v-prediction U-Net trained on normalised patient features, exported with an epsilon, faithful-features
+    config: the shapes fit, so it was exported (exit 0) with a model_index.json saying epsilon/faithful, and
+    sampling would have used the wrong parameterisation. Where the data lives may differ (a moved dataset)."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    _, args = _tiny_training("unet", tmp_path)
+    args += ["--workdir", str(workdir)]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    exported = tmp_path / "exported"
+    assert cli.main([*args, "--export-only", "--model-dir", str(exported),
+                     "--config.diffusion.schedule.prediction_type=epsilon",
+                     "--config.train.patient_features=faithful"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert (f"differs from the run in {workdir} (config.diffusion.schedule.prediction_type: \"v_prediction\" -> "
+            '"epsilon", config.train.patient_features: "normalised" -> "faithful"), which changes what its export '
+            f"means: export with the config the run saved, --config {workdir / 'config.json'}") in err
+    assert not exported.exists()
+    # The run's saved config, the config as given, and the saved config with the dataset at another path: exported.
+    own = ["train", "unet", "--config", str(workdir / "config.json"), "--workdir", str(workdir), "--export-only"]
+    moved = shutil.copytree(tmp_path / "latents", tmp_path / "moved")
+    for command, model_dir in (([*own], exported), ([*args, "--export-only"], tmp_path / "as_given"),
+                               ([*own, f"--config.data.dataset={moved}"], tmp_path / "moved_export")):
+        assert cli.main([*command, "--model-dir", str(model_dir)]) == 0, capsys.readouterr().err
+        index = json.loads((model_dir / "model_index.json").read_text())
+        assert index["diffusion"]["schedule"]["prediction_type"] == "v_prediction"

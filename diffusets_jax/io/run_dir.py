@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class RunDir:
 
 
 Reads = Sequence[tuple[str, str | os.PathLike | None]]
+Resolve = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: str | None = None,
@@ -184,9 +185,12 @@ def exclusive_lock(directory: str | os.PathLike, message: str, name: str | None 
 
 @contextlib.contextmanager
 def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any], overwrite: bool = False,
-               flag: str = "--out", reads: Reads = ()) -> Iterator[RunDir]:
+               flag: str = "--out", reads: Reads = (), resolve: Resolve | None = None) -> Iterator[RunDir]:
     """Claim `path` for one run of `command` with `settings` (see the module docstring); yields a `RunDir`.
     `reads`: the run's inputs as `(flag, path)`, which `overwrite` may not replace (`check_reads_apart`).
+    `resolve`: settings -> the same with what the run reads from its inputs filled in (a training's dataset size);
+    a record of another fingerprint whose settings resolve to what `settings` resolve to is this same run, given
+    once as written and once resolved (a run's own saved config.json). The record keeps its fingerprint.
 
     On a clean exit with `overwrite`, the new folder replaces the old one; on an exception the old one is kept
     and the partial new one removed (it is ours).
@@ -203,13 +207,19 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
         existing = read_json(final / RUN_FILE, "run record") if (final / RUN_FILE).exists() else None
         entries = _user_entries(final)
         same = existing is not None and existing.get("fingerprint") == digest
+        ours = existing is not None and existing.get("command") == command
+        if not same and ours and resolve is not None:
+            old_settings, new_settings = resolve(existing.get("settings", {})), resolve(settings)
+            same = fingerprint(old_settings) == fingerprint(new_settings)
+        else:
+            old_settings, new_settings = (existing or {}).get("settings", {}), settings
         if entries and not same and not overwrite:
-            if existing is None or existing.get("command") != command:
+            if not ours:
                 raise ValueError(_not_ours_message(final, flag, command, existing))
             raise ValueError(
                 f"{flag} {final} holds an earlier {existing.get('command', 'different')} run with other settings "
-                f"({_differences(existing.get('settings', {}), settings)}): choose a new directory, rerun with the "
-                "same settings to resume, or pass --overwrite to replace it")
+                f"({differences(old_settings, new_settings)}): choose a new directory, rerun with the same settings "
+                "to resume, or pass --overwrite to replace it")
         parallel.barrier(f"output-dir-checked-{digest[:12]}")  # every host looked before any host writes
         record = {"command": command, "fingerprint": digest, "settings": settings, "status": "running", **stamp()}
         if entries and overwrite and not same:
@@ -268,17 +278,43 @@ def _describe_code(code: dict[str, Any] | None) -> str:
     return f"diffusets-jax {code.get('package_version') or 'of unknown version'}{where}"
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    # The recorded settings went through JSON (tuples became lists): compare like with like, or every setting that
-    # holds a tuple would be listed as changed.
-    new = json.loads(json.dumps(new, default=str))
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+def differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What changed from settings `old` to `new`, by dotted key (`config.optimizer.learning_rate: 0.001 -> 0.002`),
+    for the one line that refuses a run or an export with other settings.
+
+    Leaves are compared as the fingerprint sees them, as canonical JSON text: 32.0 and 32 differ there (and in
+    what they train), so they differ here, and a recorded tuple (now a JSON list) equals the same tuple given
+    again."""
+    old_leaves, new_leaves = _leaves(_as_json(old)), _leaves(_as_json(new))
+    keys = sorted(k for k in set(old_leaves) | set(new_leaves)
+                  if old_leaves.get(k, _ABSENT) != new_leaves.get(k, _ABSENT))
     if not keys:
         return "same settings, other version"
-    shown = ", ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys[:3])
-    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    shown = ", ".join(f"{k}: {_short(old_leaves.get(k, _ABSENT))} -> {_short(new_leaves.get(k, _ABSENT))}"
+                      for k in keys[:_SHOWN])
+    rest = keys[_SHOWN:]
+    return shown + (f" and {len(rest)} more ({', '.join(rest)})" if rest else "")
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
+_SHOWN = 4  # changed keys shown with their values; any further ones are only named
+_ABSENT = "(absent)"  # a key one side does not have (not valid JSON text, so never a leaf's own)
+
+
+def _as_json(value: Any) -> Any:
+    # As the fingerprint serialises it (`default=str`): the recorded settings went through JSON, the new ones not.
+    return json.loads(json.dumps(value, default=str))
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, str]:
+    """Every leaf of a JSON value by dotted key, as canonical JSON text (the fingerprint's form). Lists are leaves:
+    a tuple setting is one value (`model.widths`)."""
+    if isinstance(value, dict) and (value or not prefix):  # an empty section is a leaf, empty settings none
+        leaves: dict[str, str] = {}
+        for key, item in value.items():
+            leaves.update(_leaves(item, f"{prefix}{key}."))
+        return leaves
+    return {prefix[:-1]: json.dumps(value, sort_keys=True, separators=(", ", ": "))}
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -15,7 +15,9 @@ runs it on a mesh:
   the periodic validation metrics.
 
 Every random draw of step s comes from `fold_in(state.rng, s)` and the data source is asked for batches
-from a step, so N steps + restart + N steps is bit-identical to 2N steps straight.
+from a step, so a 2N-step run stopped after N steps and restarted is bit-identical to 2N steps straight. Extending
+a run (a larger `train.num_steps` than it began with) is not, when its learning-rate schedule is sized by num_steps
+(`optim.schedule_sized_by_steps`): the schedule is re-sized mid-run, and a line says so.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import dataclasses
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -43,6 +46,7 @@ from diffusets_jax import parallel
 from diffusets_jax.config import config_to_dict, save_config
 from diffusets_jax.errors import RunFailed
 from diffusets_jax.io.checkpoints import absorb_restore_noise, restore_error_reason
+from diffusets_jax.train.optim import schedule_sized_by_steps
 from diffusets_jax.train.state import TrainState, create_train_state, ema_update
 
 log = logging.getLogger(__name__)
@@ -314,6 +318,22 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     manager.reload()
 
 
+def _note_schedule_resized(config: ml_collections.ConfigDict, data_position: dict[str, Any], start_step: int) -> None:
+    """One line when a run resumes with another `train.num_steps` than its checkpoint was trained towards and its
+    learning-rate schedule is sized by it: the rate jumps to where the re-sized schedule stands at this step (after
+    a finished one-cycle it rises again), so the run is not what one trained for the new number of steps from the
+    start would be. The schedule itself is the recipe's and stays as it is."""
+    before = data_position.get("config", {}).get("train", {}).get("num_steps")
+    num_steps = int(config.train.num_steps)
+    if (before is None or int(before) == num_steps or start_step >= num_steps or "optimizer" not in config
+            or not schedule_sized_by_steps(config.optimizer)):
+        return
+    print(f"diffusets-jax: note: train.num_steps {before} -> {num_steps}: the {config.optimizer.lr_schedule} "
+          f"learning-rate schedule is re-sized to {num_steps} steps, and steps {start_step + 1}-{num_steps} follow it "
+          f"from where it stands at step {start_step}: not bit-identical to a run of {num_steps} steps from the start",
+          file=sys.stderr)
+
+
 def train(
     task: Task,
     config: ml_collections.ConfigDict,
@@ -363,6 +383,8 @@ def train(
         state, data_position, _ = restored
         start_step = int(data_position["step"])
         log.info("resumed %s from step %d in %s", task.name, start_step, workdir / "checkpoints")
+        if is_main:
+            _note_schedule_resized(config, data_position, start_step)
     else:
         state = steps.init(int(tc.seed), use_ema)
         start_step = 0

@@ -56,6 +56,12 @@ def learning_rate_schedule(optimizer: ml_collections.ConfigDict, num_steps: int)
     raise ValueError(f"optimizer.lr_schedule must be one of {LR_SCHEDULES}, got {name!r}")
 
 
+def schedule_sized_by_steps(optimizer: ml_collections.ConfigDict) -> bool:
+    """Whether `learning_rate_schedule` depends on the run's number of steps: every schedule but a constant rate.
+    A run extended to more steps re-sizes such a schedule mid-run (`train.loop`)."""
+    return optimizer.lr_schedule != "constant"
+
+
 def make_optimizer(optimizer: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
     """AdamW with `config.optimizer`'s betas, eps and weight decay, optionally clipped by global norm.
 

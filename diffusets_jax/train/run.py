@@ -10,6 +10,7 @@ uid of the VAE whose latents it was trained on.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -54,6 +55,7 @@ def check_model_kind(model: str, config: ml_collections.ConfigDict, source: str 
 
 # Keys a rerun may change and still resume the same run: how long it trains, how often it logs and saves, and the
 # device layout (checkpoints restore onto any mesh). Every other config value is part of the run's fingerprint.
+# Training longer re-sizes a learning-rate schedule sized by num_steps mid-run (`train.loop` says so in a line).
 RESUMABLE_KEYS: tuple[str, ...] = (
     "train.num_steps", "train.num_epochs", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoints", "train.progress_bar", "mesh",
@@ -109,6 +111,13 @@ def _check_model_section(model: Any, source: str) -> None:
     a count or a size and must be positive, every float finite, a dropout rate in [0, 1). Otherwise a zero width
     fails deep inside JAX with a traceback, and a negative dropout trains."""
     for key, value in model.items():
+        # Every tuple of a model section lists widths, counts or sizes (the VAE's widths, the U-Net's channels,
+        # CLIP's filters); a float or a string there failed in the first traced step, after the workdir was
+        # claimed, as a traceback naming no key.
+        if isinstance(value, (tuple, list)) and not all(isinstance(v, int) and not isinstance(v, bool)
+                                                         for v in value):
+            raise ValueError(f"{source}: model.{key} takes whole numbers (widths, counts or sizes), got "
+                             f"{tuple(value)}")
         for item in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(item, bool) or not isinstance(item, (int, float)):
                 continue
@@ -131,14 +140,18 @@ def run_settings(model: str, config: ml_collections.ConfigDict) -> dict[str, Any
     without `RESUMABLE_KEYS`."""
     from diffusets_jax.config import config_to_dict
 
-    settings = config_to_dict(config)
-    for key in RESUMABLE_KEYS:
+    return {"model": model, "config": _without(config_to_dict(config), RESUMABLE_KEYS)}
+
+
+def _without(settings: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """`settings` (a config as a dict, changed in place) without the dotted `keys`."""
+    for key in keys:
         *parents, leaf = key.split(".")
         section = settings
         for part in parents:
             section = section.get(part, {})
         section.pop(leaf, None)
-    return {"model": model, "config": settings}
+    return settings
 
 
 def make_task(model: str, config: ml_collections.ConfigDict, num_steps: int) -> Task:
@@ -194,16 +207,45 @@ def check_dataset_fits_model(module: Any, builder: Any, dataset: str) -> None:
                              f"made for this model")
 
 
-def resolve_latent_scale(model: str, config: ml_collections.ConfigDict, builder: Any) -> None:
-    """With `diffusion.scale_by_std` (U-Net only), set `diffusion.latent_scale` to 1 / std of the latent dataset's
-    training latents (`data.latents.measure_latent_scale`; deterministic, so a resumed run gets the same value)."""
+def resolve_from_dataset(model: str, config: ml_collections.ConfigDict, builder: Any, *,
+                         latent_scale: float | None = None) -> None:
+    """Fill in, in place, what a run reads from its dataset, so the saved config states exactly what ran:
+    `data.num_train_examples` (0 = the train split's size) and, with `diffusion.scale_by_std` (U-Net only),
+    `diffusion.latent_scale`: 1 / std of the training latents (`data.latents.measure_latent_scale`; deterministic,
+    so a resumed run gets the same value). `latent_scale`: the value already measured on this dataset and split,
+    not measured again."""
+    if int(config.data.num_train_examples) <= 0:
+        config.data.num_train_examples = int(builder.info.splits[config.data.train_split].num_examples)
     if model != "unet" or not config.diffusion.scale_by_std:
         return
-    from diffusets_jax.data.latents import measure_latent_scale
+    if latent_scale is None:
+        from diffusets_jax.data.latents import measure_latent_scale
 
-    config.diffusion.latent_scale = measure_latent_scale(builder, config.data.train_split)
-    log.info("diffusion.scale_by_std: latent scale %.6g (1 / std of the %r latent means)",
-             config.diffusion.latent_scale, config.data.train_split)
+        latent_scale = measure_latent_scale(builder, config.data.train_split)
+        log.info("diffusion.scale_by_std: latent scale %.6g (1 / std of the %r latent means)", latent_scale,
+                 config.data.train_split)
+    config.diffusion.latent_scale = latent_scale
+
+
+def settings_resolver(model: str, config: ml_collections.ConfigDict,
+                      builder: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A run's settings (`run_settings`) -> the same resolved from `builder` as `config` (resolved by
+    `resolve_from_dataset`) was: the form in which a run given its own saved config.json (resolved values) and one
+    given the config file (the values as written) are compared (`io.run_dir.output_dir`'s `resolve`). Their
+    fingerprints differ, and the fingerprint is of the config as given so that existing workdirs still resume."""
+    from diffusets_jax.config import config_from_dict
+
+    measured = float(config.diffusion.latent_scale) if model == "unet" and config.diffusion.scale_by_std else None
+
+    def resolve(settings: dict[str, Any]) -> dict[str, Any]:
+        try:
+            other = config_from_dict(settings["config"])
+            resolve_from_dataset(model, other, builder, latent_scale=measured)
+        except (KeyError, AttributeError, TypeError, ValueError):  # not a training's settings: compared as they are
+            return settings
+        return run_settings(model, other)
+
+    return resolve
 
 
 def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | Path,
@@ -242,11 +284,9 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
         raise ValueError(f"dataset {config.data.dataset} has no split {config.data.train_split!r} "
                          f"(it has {sorted(splits)}); set --config.data.train_split")
     provenance_of_data = _dataset_provenance(model, builder, config)  # refuses a dataset without a card, now
-    if int(config.data.num_train_examples) <= 0:
-        config.data.num_train_examples = int(splits[config.data.train_split].num_examples)
+    resolve_from_dataset(model, config, builder)
     num_steps = total_steps(config)
     config.train.num_steps = num_steps
-    resolve_latent_scale(model, config, builder)
 
     mesh = parallel.mesh_from_config(config.mesh)
     host_batch = pipeline.per_host_batch_size(int(config.train.global_batch_size), jax.process_count(),
@@ -274,7 +314,7 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     check_dataset_fits_model(task.model, builder, config.data.dataset)
     reads = [("--config.data.dataset", builder.data_dir), ("--config.data.data_dir", config.data.data_dir or None)]
     with output_dir(workdir, command=command, settings=settings, overwrite=overwrite, flag="--workdir",
-                    reads=reads) as run:
+                    reads=reads, resolve=settings_resolver(model, config, builder)) as run:
         check_same_dataset_build(run.path, builder, config.data.dataset)
         result = train(task, config, run.path, train_batches, val_batches, mesh)
         if not result.preempted:
@@ -301,22 +341,58 @@ def check_apart(model_dir: Path, workdir: str | Path) -> None:
 DATASET_BUILD_FILE = "dataset_build.json"  # in the workdir: which build of the dataset this run trains on
 
 
-def check_same_dataset_build(workdir: Path, builder: Any, dataset: str) -> None:
+def check_same_dataset_build(workdir: Path, builder: Any, dataset: str, *, export: bool = False) -> None:
     """Refuse to resume a training on another build of its dataset (prepared or encoded again at the same path):
     the run's fingerprint names the dataset by path, and its checkpoints would go on with other examples. The
     build is the dataset card's fingerprint, recorded in the workdir when the run starts (a run begun before this
-    record existed gets it on its next resume)."""
+    record existed gets it on its next resume). `export`: refuse exporting the run with another build (its
+    provenance and a U-Net's conditioning come from the dataset), recording nothing: an export only reads."""
     from diffusets_jax.data.card import card_fingerprint
     from diffusets_jax.io.files import read_json, write_json_atomic
 
     current, record = card_fingerprint(builder), Path(workdir) / DATASET_BUILD_FILE
     if record.is_file():
-        if read_json(record, "dataset build record").get("card") != current:
+        recorded = read_json(record, "dataset build record")
+        if recorded.get("card") != current:
+            todo = (f"export with the dataset the run trained on ({recorded.get('dataset')})" if export
+                    else "train into a new --workdir, or pass --overwrite to start over on this build")
             raise ValueError(f"--workdir {workdir} holds a training on another build of {dataset} (its dataset card "
-                             "changed: prepared or encoded again at that path): train into a new --workdir, or pass "
-                             "--overwrite to start over on this build")
-    elif jax.process_index() == 0:
+                             f"changed: prepared or encoded again at that path): {todo}")
+    elif jax.process_index() == 0 and not export:
         write_json_atomic(record, {"dataset": str(Path(builder.data_dir).resolve()), "card": current})
+
+
+# Config keys an export may give otherwise than the run did (besides RESUMABLE_KEYS, which no run's settings hold):
+# where the data lives. A dataset moved or mounted elsewhere since the training is read at its new path; that it is
+# the build the run trained on is checked against the run's dataset_build.json. Everything else changes what the
+# exported component is or says (its architecture, a U-Net's prediction type or patient features, EMA or not).
+EXPORT_FREE_KEYS: tuple[str, ...] = ("data.dataset", "data.data_dir")
+
+
+def check_export_config(model: str, config: ml_collections.ConfigDict, workdir: Path, record: dict[str, Any],
+                        builder: Any) -> None:
+    """Refuse to export the run in `workdir` with a config (resolved) that differs from the run's in anything but
+    `EXPORT_FREE_KEYS`: the model directory would record, and sampling use, another parameterisation or conditioning
+    than the weights were trained with (an epsilon export of a v-prediction run exported with exit 0). The run's
+    settings are its run record's, else its saved config.json's; a run with neither is left to the restore, which
+    refuses weights of other shapes."""
+    from diffusets_jax.config import load_config
+    from diffusets_jax.io.run_dir import differences, fingerprint
+
+    saved = workdir / "config.json"
+    if record.get("settings") is not None:
+        reference = record["settings"]
+    elif saved.is_file():
+        reference = run_settings(model, load_config(saved))
+    else:
+        return
+    resolve = settings_resolver(model, config, builder)
+    theirs, ours = copy.deepcopy(resolve(reference)), run_settings(model, config)  # the record stays as read
+    for settings in (theirs, ours):
+        _without(settings.get("config", {}), EXPORT_FREE_KEYS)
+    if fingerprint(theirs) != fingerprint(ours):
+        raise ValueError(f"the given config differs from the run in {workdir} ({differences(theirs, ours)}), which changes "
+                         f"what its export means: export with the config the run saved, --config {saved}")
 
 
 def _dataset_provenance(model: str, builder: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -396,9 +472,9 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
     builder = _load_dataset(model, config)
     dataset = _dataset_provenance(model, builder, config)
-    if int(config.data.num_train_examples) <= 0:  # only the schedules' lengths depend on it, not the weights
-        config.data.num_train_examples = int(builder.info.splits[config.data.train_split].num_examples)
-    resolve_latent_scale(model, config, builder)
+    resolve_from_dataset(model, config, builder)
+    check_export_config(model, config, workdir, run, builder)
+    check_same_dataset_build(workdir, builder, config.data.dataset, export=True)
     task = make_task(model, config, max(int(config.train.num_steps), 1))
     mesh = parallel.mesh_from_config(config.mesh)
     abstract, _ = abstract_state(task, mesh, int(config.train.seed), float(config.train.ema_decay) > 0)
