@@ -160,3 +160,16 @@ def test_a_huge_integer_in_jsonl_is_one_line_naming_the_line(tmp_path, digits):
         read_conditions(path)
     assert len(str(raised.value)) < 200
 
+
+def test_a_request_beyond_max_ecgs_is_refused_before_it_is_built(tmp_path):
+    """-n 1e12 built a list of 10**12 entries (MemoryError, or a host swapping) before anything was generated."""
+    from diffusets_jax.conditioning.requests import MAX_ECGS, total_ecgs
+
+    huge = make_condition("Sinus rhythm", "F", 40, 60, 10**12)
+    with pytest.raises(ValueError, match=r"for 1,000,000,000,000 ECGs, more than the 10,000,000 one run makes"):
+        expand([huge])
+    assert total_ecgs([make_condition("Sinus rhythm", "F", 40, 60, MAX_ECGS)]) == MAX_ECGS
+    path = tmp_path / "c.csv"
+    path.write_text(f"text,sex,age,hr,count\nSinus rhythm,F,40,60,{MAX_ECGS}\nSinus rhythm,M,40,60,1\n")
+    with pytest.raises(ValueError, match=r"c.csv: its count column asks for 10,000,001 ECGs"):
+        read_conditions(path)

@@ -227,7 +227,7 @@ def test_user_folders_are_refused_and_overwrite_replaces_them_as_a_whole(model_d
     (["--formats", "npz,gif"], "unknown gif"),
     (["--steps", "0"], "argument --steps: must be a whole number >= 1"),
     (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
-    (["--wfdb-fs", "-5"], "--wfdb-fs must be a rate in Hz above 0"),
+    (["--wfdb-fs", "-5"], "--wfdb-fs must be a rate in Hz from 100 to 10000"),
 ])
 def test_bad_sample_flags_fail_at_once_with_one_line(model_dir, tmp_path, capsys, extra, match):
     out = tmp_path / "out"

@@ -127,15 +127,16 @@ def test_batch_skips_and_counts_bad_records(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["s0.dat", "s0.hea", "s3.dat", "s3.hea"]
 
 
-@pytest.mark.parametrize("output_fs", [0.0, -500.0, float("nan"), 500_000.0])
+@pytest.mark.parametrize("output_fs", [0.0, -500.0, float("nan"), 500_000.0, 0.05, 0.2, 99.9])
 def test_a_bad_output_rate_is_refused_for_the_batch_not_skipped_per_record(tmp_path, output_fs):
     """The rate is the caller's choice, not a property of one record: the whole call fails, and writes nothing.
-    500000 is the typo for 500 that would write 5 million samples per lead."""
-    with pytest.raises(ValueError, match="--wfdb-fs must be a rate in Hz above 0 and at most"):
+    500000 is the typo for 500 that would write 5 million samples per lead; 0.05 crashed (ZeroDivisionError) and
+    0.2 wrote 2-sample "ECGs"."""
+    with pytest.raises(ValueError, match="--wfdb-fs must be a rate in Hz from 100 to 10000"):
         write_records(tmp_path, np.stack([synthetic_ecg()]), ["a"], output_fs=output_fs)
     assert os.listdir(tmp_path) == []
     assert check_output_fs(None) is None and check_output_fs(500.0) == 500.0
-    assert check_output_fs(MAX_OUTPUT_FS_HZ) == MAX_OUTPUT_FS_HZ
+    assert check_output_fs(MAX_OUTPUT_FS_HZ) == MAX_OUTPUT_FS_HZ and check_output_fs(100.0) == 100.0
 
 
 def test_clear_errors(tmp_path):

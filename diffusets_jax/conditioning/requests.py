@@ -6,7 +6,7 @@ them. Files: CSV/TSV with a header row or JSON Lines, fields `text` (statements 
 (`Age`, ` HR `); other columns are ignored. A line break inside a text (a CSV cell typed with Alt+Enter in Excel,
 `\n` in a JSON string) separates statements as `|` does. Every error names the file, the line (the physical line a
 row starts on) and the field; two columns read as the same name, or two names of one field (`hr` and
-`heart_rate`), are refused.
+`heart_rate`), are refused. A request is at most `MAX_ECGS` ECGs in all.
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ from typing import Any
 
 from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
 from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, make_prompt, report_lines
+
+# The most ECGs one request may ask for: 10 million, twelve times MIMIC-IV-ECG (800k ECGs) and about 0.5 TB of
+# float32 signal. Every requested ECG has an entry in memory (its request, its prompt's row, its manifest entry)
+# before the first is generated, so a typo such as -n 1000000000000 would exhaust the host's memory rather than
+# be refused; a larger corpus is several runs (another --seed or other conditions each).
+MAX_ECGS = 10_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,9 +202,22 @@ def read_conditions(path: str | os.PathLike) -> list[Condition]:
     ]
     if not conditions:
         raise ValueError(f"{path.name}: no conditions found")
+    total_ecgs(conditions, f"{path.name}: its count column asks")
     return conditions
+
+
+def total_ecgs(conditions: Sequence[Condition], asked: str = "the conditions ask") -> int:
+    """How many ECGs `conditions` ask for, refused beyond `MAX_ECGS` (ValueError beginning with `asked`, which says
+    where the counts came from) before anything is built for them."""
+    total = sum(c.count for c in conditions)
+    if total > MAX_ECGS:
+        raise ValueError(f"{asked} for {total:,} ECGs, more than the {MAX_ECGS:,} one run makes (each requested ECG is "
+                         "held in memory before the first is generated); ask for fewer, or split the work into runs "
+                         "with different --seed or conditions")
+    return total
 
 
 def expand(conditions: Sequence[Condition]) -> list[Condition]:
     """One entry per ECG to generate (each condition repeated `count` times), in order."""
+    total_ecgs(conditions)
     return [c for c in conditions for _ in range(c.count)]

@@ -46,6 +46,12 @@ def _counts_path(out: Path, shard: int) -> Path:
     return out / _COUNTS / f"shard-{shard:05d}.json"
 
 
+def shard_size_in_batches(shard_size: int, batch_size: int) -> int:
+    """The ECGs a shard holds: `shard_size` rounded up to whole batches, so a shard's ECGs are always the same
+    batches, with the same noise (batch b's draws are keyed by b), whichever shards a rerun regenerates."""
+    return batch_size * -(-shard_size // batch_size)
+
+
 def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str | os.PathLike, *,
                  shard_size: int = 1024, overwrite: bool = False, progress: bool = True,
                  provenance: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -59,7 +65,7 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
         raise ValueError(f"--shard-size must be a positive number of ECGs, got {shard_size}")
     items = expand(conditions)
     batch = generator.batch_size
-    shard_size = batch * -(-shard_size // batch)
+    shard_size = shard_size_in_batches(shard_size, batch)
     num_shards = max(1, -(-len(items) // shard_size))
     requested = [min(len(items), (s + 1) * shard_size) - s * shard_size for s in range(num_shards)]
     settings = {**generator.settings(), "shard_size": shard_size,

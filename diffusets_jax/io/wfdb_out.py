@@ -38,6 +38,10 @@ _RECORD_NAME = re.compile(r"^[-\w]+$")
 # and research recorders sample at 250 Hz to a few kHz; far above that a rate is a typo (--wfdb-fs 500000 for
 # 500 would write 5 million samples per lead and record).
 MAX_OUTPUT_FS_HZ = 10_000.0
+# The lowest: 100 Hz, PTB-XL's low-rate records and the lowest rate `sample --reference` accepts. The generated
+# signal holds content up to 51.2 Hz (its 102.4 Hz rate's Nyquist frequency); below 100 Hz a record loses part of
+# the QRS complex (which reaches 40 Hz and beyond), and far below it is no ECG at all (0.2 Hz: 2 samples in 10 s).
+MIN_OUTPUT_FS_HZ = 100.0
 
 
 def format_conditions(conditions: Mapping[str, Any]) -> list[str]:
@@ -70,11 +74,11 @@ def parse_conditions(comments: Sequence[str]) -> dict[str, str]:
 
 
 def check_output_fs(output_fs: float | None) -> float | None:
-    """`output_fs` if it is None (keep the model's rate) or a rate in (0, `MAX_OUTPUT_FS_HZ`] Hz; ValueError
-    otherwise, in words a command can print as its one line (checked before any ECG is generated)."""
-    if output_fs is not None and not 0.0 < output_fs <= MAX_OUTPUT_FS_HZ:
-        raise ValueError(f"--wfdb-fs must be a rate in Hz above 0 and at most {MAX_OUTPUT_FS_HZ:g} (e.g. 500), "
-                         f"got {output_fs}")
+    """`output_fs` if it is None (keep the model's rate) or a rate in [`MIN_OUTPUT_FS_HZ`, `MAX_OUTPUT_FS_HZ`] Hz;
+    ValueError otherwise, in words a command can print as its one line (checked before any ECG is generated)."""
+    if output_fs is not None and not MIN_OUTPUT_FS_HZ <= output_fs <= MAX_OUTPUT_FS_HZ:
+        raise ValueError(f"--wfdb-fs must be a rate in Hz from {MIN_OUTPUT_FS_HZ:g} to {MAX_OUTPUT_FS_HZ:g} (e.g. 500; "
+                         f"the model's own is 102.4), got {output_fs:g}")
     return output_fs
 
 
