@@ -157,3 +157,15 @@ def test_conditions_format_and_parse_are_inverse():
     assert parse_conditions(lines + ["free text without a key"]) == {
         "sex": "F", "age": "41", "heart_rate": "58.1235", "prompt": "a: b"
     }
+
+
+def test_conditions_beyond_ascii_survive_the_header_round_trip(tmp_path):
+    """wfdb reads a header as ASCII and drops the rest: "QTc ≥ 500 ms|Ischémie antérieure" came back as
+    "QTc  500 ms|Ischmie antrieure", and `evaluate --generated` scored against prompts that were never given."""
+    prompt = "Most importantly, the 1st diagnosis is {QTc ≥ 500 ms}.{Ischémie antérieure} 🫀 C:\\u2265\\\\"
+    write_record(tmp_path / "r", synthetic_ecg(), conditions={"prompt": prompt, "sex": 0, "note": "plain ASCII"})
+    assert read_record(tmp_path / "r").conditions["prompt"] == prompt
+    comments = wfdb.rdrecord(str(tmp_path / "r")).comments
+    assert "prompt: Most importantly, the 1st diagnosis is {QTc \\u2265 500 ms}.{Isch\\u00e9mie ant\\u00e9rieure} " \
+           "\\U0001fac0 C:\\\\u2265\\\\\\\\" in comments
+    assert "note: plain ASCII" in comments and "sex: F" in comments  # ASCII text reads as written
