@@ -500,14 +500,16 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     cond.add_argument("--sex", help="M/F (male/female, 1/0)")
     cond.add_argument("--age", help="years")
     cond.add_argument("--hr", help="heart rate, bpm")
-    cond.add_argument("-n", "--count", type=positive_int, default=1,
-                      help="ECGs per condition given by flags or --findings (default: 1)")
+    cond.add_argument("-n", "--count", type=positive_int,
+                      help="ECGs per condition given by flags or --findings (default: 1; a --conditions file has its "
+                           "own count column)")
     smp = parser.add_argument_group("sampler")
     smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"),
                      help="ddpm: the published 1000-step ancestral sampler; ddim; dpmpp_2m: DPM-Solver++(2M), "
                           "20 steps (default; with --reference: ddpm 100 steps, ddim 50 for an edit alone)")
     smp.add_argument("--steps", type=positive_int, help="network evaluations (default: ddpm 1000, ddim 50, dpmpp_2m 20)")
-    smp.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise (0 deterministic; default: %(default)s)")
+    smp.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise (0 deterministic; default: %(default)s); "
+                     "--sampler ddim only, the others have none to set")
     smp.add_argument("--guidance-scale", type=finite_float, default=1.0,
                      help="classifier-free guidance weight; 1 = none (models trained without condition dropout)")
     smp.add_argument("--clip-sample", choices=("on", "off"),
@@ -515,7 +517,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                           "the published model; off for ddim and dpmpp_2m)")
     smp.add_argument("--seed", type=seed_int, default=0, help="PRNG seed (default: %(default)s)")
     smp.add_argument("--batch-size", type=positive_int, default=64, help="ECGs per compiled call, rounded up to a multiple "
-                     "of the device count (default: %(default)s)")
+                     "of the device count (default: %(default)s). Batch b draws its noise from (--seed, b), so the "
+                     "same seed with another batch size gives other ECGs; resume and compare runs with the same one")
     smp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="network compute dtype (bfloat16 is faster on GPU/TPU; the chain stays float32)")
     ref = parser.add_argument_group(
@@ -542,11 +545,16 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--api-key-env", default="OPENAI_API_KEY",
                      help="environment variable holding the API key (default: %(default)s)")
     out = parser.add_argument_group("outputs")
-    out.add_argument("--formats", default="npz,wfdb,png", help="comma-separated from npz, wfdb, png (default: %(default)s)")
-    out.add_argument("--wfdb-fs", type=finite_float, help="resample WFDB records to this rate, e.g. 500 (default: 102.4 Hz)")
+    out.add_argument("--formats", help="comma-separated from npz, wfdb, png (default: all three; not with --corpus)")
+    out.add_argument("--wfdb-fs", type=finite_float, help="resample WFDB records to this rate, e.g. 500 (default: 102.4 Hz; "
+                     "at least 100 Hz; not with --corpus)")
     out.add_argument("--corpus", action="store_true", help="write TFRecord shards (prepared-data schema) instead")
-    out.add_argument("--shard-size", type=positive_int, default=1024, help="ECGs per corpus shard (default: %(default)s)")
+    out.add_argument("--shard-size", type=positive_int, help=f"ECGs per --corpus shard (default: {DEFAULT_SHARD_SIZE}), "
+                     "rounded up to a whole number of batches (--batch-size): shard s always holds the same batches")
     parser.set_defaults(func=_run_sample)
+
+
+DEFAULT_SHARD_SIZE = 1024
 
 
 def _sample_conditions(args: argparse.Namespace) -> tuple[list, dict | None]:
@@ -559,22 +567,32 @@ def _sample_conditions(args: argparse.Namespace) -> tuple[list, dict | None]:
         raise ValueError(f"give one of --conditions FILE, --findings FILE or --text, not {' and '.join(sources)}")
     if args.allow_unapproved_findings and args.findings is None:
         raise ValueError("--allow-unapproved-findings goes with --findings FILE")
+    if args.conditions:
+        # The file gives every row's patient and count: these flags would be silently ignored.
+        ignored = [flag for flag, value in (("-n", args.count), ("--sex", args.sex), ("--age", args.age),
+                                            ("--hr", args.hr)) if value is not None]
+        if ignored:
+            raise ValueError(f"--conditions FILE gives each row's sex, age, heart rate and count: drop "
+                             f"{', '.join(ignored)}, or put the values in the file's columns")
+        return requests.read_conditions(args.conditions), None
+    asked = f"-n {args.count} asks"  # the only count the flags and a findings file have
     if args.findings is not None:
         from diffusets_jax.conditioning.findings import findings_condition, read_findings
 
         findings = read_findings(args.findings, allow_unapproved=args.allow_unapproved_findings)
         condition, provenance = findings_condition(findings, sex=args.sex, age=args.age, heart_rate=args.hr,
                                                    count=args.count)
+        requests.total_ecgs([condition], asked)
         if not findings.approved:
             print(f"diffusets-jax sample: warning: {args.findings} is not approved; the manifest records that",
                   file=sys.stderr)
         return [condition], provenance
-    if args.conditions:
-        return requests.read_conditions(args.conditions), None
     missing = [f"--{name}" for name in ("text", "sex", "age", "hr") if getattr(args, name) is None]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give --conditions FILE or --findings FILE)")
-    return [requests.make_condition(args.text, args.sex, args.age, args.hr, args.count, where="flags")], None
+    condition = requests.make_condition(args.text, args.sex, args.age, args.hr, args.count, where="flags")
+    requests.total_ecgs([condition], asked)
+    return [condition], None
 
 
 def _sample_reference(args: argparse.Namespace):  # noqa: ANN202 (a posterior_pipeline.ReferenceTask or None)
@@ -627,10 +645,16 @@ def _run_sample(args: argparse.Namespace) -> int:
                              clip_sample=None if args.clip_sample is None else args.clip_sample == "on")
     if task is not None:
         check_sampler(task, sampler)
-    if not args.corpus:
+    if args.corpus:  # shards in the prepared-data schema: no sample-folder formats to choose or records to resample
+        for flag, value in (("--formats", args.formats), ("--wfdb-fs", args.wfdb_fs)):
+            if value is not None:
+                raise ValueError(f"{flag} sets a sample folder's outputs; --corpus writes TFRecord shards only: drop {flag}")
+    else:
         from diffusets_jax.io.outputs import parse_formats
         from diffusets_jax.io.wfdb_out import check_output_fs
 
+        if args.shard_size is not None:
+            raise ValueError("--shard-size sets the shards of a --corpus: add --corpus, or drop --shard-size")
         formats = parse_formats(args.formats)
         check_output_fs(args.wfdb_fs)
     parallel.initialize_distributed()
@@ -642,21 +666,27 @@ def _run_sample(args: argparse.Namespace) -> int:
     if task is None:
         generator = ECGGenerator(args.model_dir, sampler, batch_size=args.batch_size, **options)
     else:
-        from diffusets_jax.conditioning.requests import expand
+        from diffusets_jax.conditioning.requests import total_ecgs
         from diffusets_jax.posterior_pipeline import ReferenceGenerator
 
         # Every row of a batch runs K particles through the U-Net and decoder, forward and backward: do not pad a
         # few requested ECGs up to a large default batch.
         generator = ReferenceGenerator(args.model_dir, task, sampler,
-                                       batch_size=min(args.batch_size, len(expand(conditions))), **options)
+                                       batch_size=min(args.batch_size, total_ecgs(conditions)), **options)
     import jax
 
     if jax.process_index() == 0:  # the process that embeds: a missing API key is one line before --out is claimed
         generator.embedder()
     if args.corpus:
-        from diffusets_jax.io.corpus import write_corpus
+        from diffusets_jax.io.corpus import shard_size_in_batches, write_corpus
 
-        summary = write_corpus(generator, conditions, args.out, shard_size=args.shard_size, overwrite=args.overwrite,
+        shard_size = DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size
+        if shard_size_in_batches(shard_size, generator.batch_size) != shard_size:
+            print(f"diffusets-jax sample: note: --shard-size {shard_size} is rounded up to "
+                  f"{shard_size_in_batches(shard_size, generator.batch_size)}, a whole number of batches of "
+                  f"{generator.batch_size} (--batch-size): each shard holds the same batches in every run",
+                  file=sys.stderr)
+        summary = write_corpus(generator, conditions, args.out, shard_size=shard_size, overwrite=args.overwrite,
                                provenance=provenance)
         print(_json_line({"out": args.out, **summary}))
         _failed_ecgs(summary["skipped_examples"], summary["skipped_ecgs"], summary["requested"],

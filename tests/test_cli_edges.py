@@ -131,8 +131,33 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sample-count-0", [*SAMPLE, "--out", "{w}/new", "-n", "0"], "argument -n/--count: must be a whole number >= 1"),
     ("sample-shard-size-0", [*SAMPLE, "--out", "{w}/new", "--corpus", "--shard-size", "0"], "argument --shard-size: must be a whole number >= 1"),
     ("sample-unknown-format", [*SAMPLE, "--out", "{w}/new", "--formats", "npz,gif"], "unknown gif"),
-    ("sample-wfdb-fs-negative", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "-5"], "--wfdb-fs must be a rate in Hz above 0"),
-    ("sample-wfdb-fs-a-typo", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "500000"], "at most 10000 (e.g. 500)"),
+    ("sample-wfdb-fs-negative", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "-5"], "--wfdb-fs must be a rate in Hz from 100"),
+    # 0.05 crashed after generating (ZeroDivisionError) in a claimed folder; 0.2 wrote 2-sample "ECGs"
+    ("sample-wfdb-fs-below-an-ecgs-rate", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "0.05"],
+     "--wfdb-fs must be a rate in Hz from 100 to 10000 (e.g. 500; the model's own is 102.4), got 0.05"),
+    ("sample-wfdb-fs-two-samples", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "0.2"], "got 0.2"),
+    # flags that could not take effect, refused rather than silently ignored
+    ("sample-eta-with-dpmpp", [*SAMPLE, "--out", "{w}/new", "--eta", "1"],
+     "eta 1 (--eta) is DDIM's noise; the dpmpp_2m sampler has none to set"),
+    ("sample-eta-with-ddpm", [*SAMPLE, "--out", "{w}/new", "--sampler", "ddpm", "--eta", "0.5"],
+     "the ddpm sampler has none to set"),
+    *[(f"sample-conditions-with-{flag.strip('-')}", ["sample", "--model-dir", "{w}/model_bad_index", "--conditions",
+                                                     "{w}/cond.csv", "--out", "{w}/new", flag, value],
+       f"--conditions FILE gives each row's sex, age, heart rate and count: drop {flag}")
+      for flag, value in (("-n", "4"), ("--sex", "F"), ("--age", "40"), ("--hr", "60"))],
+    ("sample-conditions-with-text", ["sample", "--model-dir", "{w}/model_bad_index", "--conditions", "{w}/cond.csv",
+                                     "--text", "Sinus rhythm", "--out", "{w}/new"],
+     "give one of --conditions FILE, --findings FILE or --text"),
+    ("sample-corpus-with-formats", [*SAMPLE, "--out", "{w}/new", "--corpus", "--formats", "bogus"],
+     "--formats sets a sample folder's outputs; --corpus writes TFRecord shards only"),
+    ("sample-corpus-with-wfdb-fs", [*SAMPLE, "--out", "{w}/new", "--corpus", "--wfdb-fs", "0"],
+     "--wfdb-fs sets a sample folder's outputs; --corpus writes TFRecord shards only"),
+    ("sample-shard-size-without-corpus", [*SAMPLE, "--out", "{w}/new", "--shard-size", "8"],
+     "--shard-size sets the shards of a --corpus"),
+    # -n 1e12 built the whole request list in memory (or failed advising --batch-size)
+    ("sample-count-beyond-one-run", [*SAMPLE, "--out", "{w}/new", "-n", "1000000000000"],
+     "-n 1000000000000 asks for 1,000,000,000,000 ECGs, more than the 10,000,000 one run makes"),
+    ("sample-wfdb-fs-a-typo", [*SAMPLE, "--out", "{w}/new", "--wfdb-fs", "500000"], "to 10000 (e.g. 500;"),
     # Python's float() reads these: every non-integer flag refuses them (test_every_non_integer_flag_...)
     ("sample-unknown-sampler", [*SAMPLE, "--out", "{w}/new", "--sampler", "euler"],
      "argument --sampler: invalid choice: 'euler' (choose from 'ddpm', 'ddim', 'dpmpp_2m') (`diffusets-jax sample "
@@ -698,14 +723,14 @@ def test_sample_refuses_a_rerun_with_other_settings_and_leaves_both_runs_apart(t
     with FakeOpenAIServer(dim=TEXT_DIM) as server:
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
         args = ["sample", "--model-dir", str(tiny_model), "--text", "Sinus rhythm", "--sex", "F", "--age", "40",
-                "--hr", "60", "--steps", "2", "--batch-size", "8", "--formats", "npz,wfdb",
-                "--embedder-base-url", server.base_url]
+                "--hr", "60", "--steps", "2", "--batch-size", "8", "--embedder-base-url", server.base_url]
+        folder_args = [*args, "--formats", "npz,wfdb"]  # a corpus has no formats to choose
         out = tmp_path / "out"
-        assert main([*args, "-n", "3", "--out", str(out)]) == 0
+        assert main([*folder_args, "-n", "3", "--out", str(out)]) == 0
         capsys.readouterr()
         before = snapshot(tmp_path)
         for extra in (["-n", "2"], ["-n", "3", "--seed", "5"], ["-n", "3", "--sampler", "ddim"]):
-            code, err = run_cli([*args, *extra, "--out", str(out)], capsys)  # other conditions, seed, sampler
+            code, err = run_cli([*folder_args, *extra, "--out", str(out)], capsys)  # other conditions, seed, sampler
             assert code == 2
             assert_one_line(err, "with other settings")
             assert snapshot(tmp_path) == before

@@ -164,6 +164,14 @@ def test_sampler_config_validation_and_presets():
     hash(SamplerConfig())  # static jit argument
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m"])
+def test_eta_is_refused_for_samplers_that_do_not_use_it(sampler):
+    """`sample --eta 1` (dpmpp_2m, the default) was recorded in the settings and gave ECGs bit-identical to eta 0."""
+    with pytest.raises(ValueError, match=f"eta 1 \\(--eta\\) is DDIM's noise; the {sampler} sampler has none to set"):
+        SamplerConfig(sampler=sampler, eta=1.0)
+    assert SamplerConfig(sampler=sampler, eta=0.0).eta == 0.0 and SamplerConfig(sampler="ddim", eta=1.0).eta == 1.0
+
+
 def test_unset_settings_resolve_to_the_samplers_validated_defaults():
     """steps and final-step order left unset take each sampler's defaults at construction; an unset grid is the
     sampler's validated one, for DDIM chosen once the latents' std is known (it may come with the model).

@@ -228,7 +228,7 @@ def test_user_folders_are_refused_and_overwrite_replaces_them_as_a_whole(model_d
     (["--formats", "npz,gif"], "unknown gif"),
     (["--steps", "0"], "argument --steps: must be a whole number >= 1"),
     (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
-    (["--wfdb-fs", "-5"], "--wfdb-fs must be a rate in Hz above 0"),
+    (["--wfdb-fs", "-5"], "--wfdb-fs must be a rate in Hz from 100 to 10000"),
 ])
 def test_bad_sample_flags_fail_at_once_with_one_line(model_dir, tmp_path, capsys, extra, match):
     out = tmp_path / "out"
@@ -352,3 +352,41 @@ def test_overwrite_never_replaces_a_folder_holding_the_generators_model(model_di
     with pytest.raises(ValueError, match=r"holds --model-dir"):
         write_corpus(generator, conditions, project, shard_size=8, overwrite=True, progress=False)
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before
+
+
+def test_a_corpus_rerun_removes_the_temporary_files_a_killed_run_left(generator, tmp_path):
+    """A corpus run killed (-9) while writing a shard left `.synthetic_ecg-train.tfrecord-....tmp-PID-RANDOM` (and
+    could leave a count's) in the folder after the rerun had finished: ours, named after our shards, never read."""
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 17)]
+    out = tmp_path / "corpus"
+    write_corpus(generator, conditions, out, shard_size=8, progress=False)
+    shard = sorted(p for p in out.iterdir() if ".tfrecord-" in p.name)[1]
+    shard.unlink()  # killed while writing shard 1: its temporary file is all there is of it
+    leftovers = [out / f".{shard.name}.tmp-4242-0123456789ab", out / ".shard-counts" / ".shard-00001.json.tmp-4242-ab"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a shard")
+    assert write_corpus(generator, conditions, out, shard_size=8, progress=False)["written"] == 1
+    assert shard.exists() and not [p for p in leftovers if p.exists()]
+
+
+def test_two_runs_of_one_corpus_command_write_the_same_bytes(model_dir, openai_env, tmp_path):
+    """The shards of two runs of the same command differed byte for byte (protobuf writes an Example's feature map
+    in an order that changes from process to process), so a resumed corpus was not the uninterrupted one either.
+    Also: a shard size rounded up to whole batches is said, once, on stderr (it silently became the batch size)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    shards = []
+    for run in ("a", "b"):
+        proc = subprocess.run([sys.executable, "-m", "diffusets_jax", "sample", "--model-dir", str(model_dir), *SAMPLE,
+                               "--batch-size", "2", "-n", "3", "--corpus", "--shard-size", "1",
+                               "--out", str(tmp_path / run)], capture_output=True, text=True, cwd=repo, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # (the batch size itself is rounded up to a multiple of the test's CPU devices)
+        assert re.search(r"note: --shard-size 1 is rounded up to (\d+), a whole number of batches of \1 "
+                         r"\(--batch-size\)", proc.stderr), proc.stderr[-3000:]
+        shards.append({p.name: p.read_bytes() for p in (tmp_path / run).iterdir() if ".tfrecord-" in p.name})
+    assert shards[0] and shards[0] == shards[1]

@@ -66,3 +66,23 @@ def test_a_table_without_a_usable_header_is_refused(tmp_path, content, expected)
     path.write_bytes(content)
     with pytest.raises(ValueError, match=expected):
         read(path)
+
+
+def test_a_first_row_with_one_field_too_many_is_malformed_not_shifted(tmp_path):
+    """pandas took such a row's first field for an index column and read every row one column to the left:
+    report "S" became id " x"."""
+    path = tmp_path / "t.csv"
+    path.write_text("id,report\nS, x,extra\n2,b\n")
+    table, skipped = read(path, na_filter=False)
+    assert table[["id", "report"]].values.tolist() == [["2", "b"]] and table[LINE_COLUMN].tolist() == [3]
+    assert skipped == [(2, "malformed CSV line (expected 2 fields, saw 3)")]
+
+
+def test_tab_separated_tables_and_repeated_column_names(tmp_path):
+    path = tmp_path / "t.tsv"
+    path.write_text('id\treport\n1\t"two\nlines, with a comma"\n')
+    table, _ = read(path, na_filter=False, delimiter="\t")
+    assert table["report"].tolist() == ["two\nlines, with a comma"] and table[LINE_COLUMN].tolist() == [2]
+    path.write_text("id\treport\treport\n1\ta\tb\n")
+    with pytest.raises(ValueError, match=r"t.tsv line 1: the header names column 'report' twice; keep one"):
+        read(path, delimiter="\t", unique_columns=True)

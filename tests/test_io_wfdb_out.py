@@ -127,15 +127,16 @@ def test_batch_skips_and_counts_bad_records(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["s0.dat", "s0.hea", "s3.dat", "s3.hea"]
 
 
-@pytest.mark.parametrize("output_fs", [0.0, -500.0, float("nan"), 500_000.0])
+@pytest.mark.parametrize("output_fs", [0.0, -500.0, float("nan"), 500_000.0, 0.05, 0.2, 99.9])
 def test_a_bad_output_rate_is_refused_for_the_batch_not_skipped_per_record(tmp_path, output_fs):
     """The rate is the caller's choice, not a property of one record: the whole call fails, and writes nothing.
-    500000 is the typo for 500 that would write 5 million samples per lead."""
-    with pytest.raises(ValueError, match="--wfdb-fs must be a rate in Hz above 0 and at most"):
+    500000 is the typo for 500 that would write 5 million samples per lead; 0.05 crashed (ZeroDivisionError) and
+    0.2 wrote 2-sample "ECGs"."""
+    with pytest.raises(ValueError, match="--wfdb-fs must be a rate in Hz from 100 to 10000"):
         write_records(tmp_path, np.stack([synthetic_ecg()]), ["a"], output_fs=output_fs)
     assert os.listdir(tmp_path) == []
     assert check_output_fs(None) is None and check_output_fs(500.0) == 500.0
-    assert check_output_fs(MAX_OUTPUT_FS_HZ) == MAX_OUTPUT_FS_HZ
+    assert check_output_fs(MAX_OUTPUT_FS_HZ) == MAX_OUTPUT_FS_HZ and check_output_fs(100.0) == 100.0
 
 
 def test_clear_errors(tmp_path):
@@ -156,3 +157,15 @@ def test_conditions_format_and_parse_are_inverse():
     assert parse_conditions(lines + ["free text without a key"]) == {
         "sex": "F", "age": "41", "heart_rate": "58.1235", "prompt": "a: b"
     }
+
+
+def test_conditions_beyond_ascii_survive_the_header_round_trip(tmp_path):
+    """wfdb reads a header as ASCII and drops the rest: "QTc ≥ 500 ms|Ischémie antérieure" came back as
+    "QTc  500 ms|Ischmie antrieure", and `evaluate --generated` scored against prompts that were never given."""
+    prompt = "Most importantly, the 1st diagnosis is {QTc ≥ 500 ms}.{Ischémie antérieure} 🫀 C:\\u2265\\\\"
+    write_record(tmp_path / "r", synthetic_ecg(), conditions={"prompt": prompt, "sex": 0, "note": "plain ASCII"})
+    assert read_record(tmp_path / "r").conditions["prompt"] == prompt
+    comments = wfdb.rdrecord(str(tmp_path / "r")).comments
+    assert "prompt: Most importantly, the 1st diagnosis is {QTc \\u2265 500 ms}.{Isch\\u00e9mie ant\\u00e9rieure} " \
+           "\\U0001fac0 C:\\\\u2265\\\\\\\\" in comments
+    assert "note: plain ASCII" in comments and "sex: F" in comments  # ASCII text reads as written

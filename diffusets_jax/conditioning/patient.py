@@ -50,10 +50,18 @@ def _as_number(value: object, field: str, allowed: str) -> float:
     try:
         number = float(value.strip() if isinstance(value, str) else value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"{field}: cannot parse {value!r} as a number ({allowed})") from None
+        raise ValueError(f"{field}: cannot parse {_shown(value)} as a number ({allowed})") from None
+    except OverflowError:  # an int beyond a float's range (a 400-digit age in a JSON file)
+        raise ValueError(f"{field}: {_shown(value)} is out of range (allowed: {allowed})") from None
     if not math.isfinite(number):
-        raise ValueError(f"{field}: {value!r} is not a finite number ({allowed})")
+        raise ValueError(f"{field}: {_shown(value)} is not a finite number ({allowed})")
     return number
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """`value` as a message shows it: its repr, cut short, so one wrong cell stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def parse_sex(value: object, *, male_code: int = 1, field: str = "sex") -> int:
@@ -71,9 +79,9 @@ def parse_sex(value: object, *, male_code: int = 1, field: str = "sex") -> int:
     try:
         number = _as_number(value, field, allowed)
     except ValueError:
-        raise ValueError(f"{field}: cannot parse {value!r} (allowed: {allowed})") from None
+        raise ValueError(f"{field}: cannot parse {_shown(value)} (allowed: {allowed})") from None
     if number not in (0.0, 1.0):
-        raise ValueError(f"{field}: {value!r} is not a sex code (allowed: {allowed})")
+        raise ValueError(f"{field}: {_shown(value)} is not a sex code (allowed: {allowed})")
     return int(number == male_code)
 
 
@@ -86,7 +94,7 @@ def parse_age(value: object, *, field: str = "age") -> float:
     if age == PTBXL_MISSING_AGE:
         raise MissingPatientValue(f"{field} is {PTBXL_MISSING_AGE}, PTB-XL's code for a missing age")
     if not AGE_RANGE[0] <= age <= AGE_RANGE[1]:
-        raise ValueError(f"{field}: {value!r} is out of range (allowed: {allowed})")
+        raise ValueError(f"{field}: {_shown(value)} is out of range (allowed: {allowed})")
     return age
 
 
@@ -97,7 +105,7 @@ def parse_heart_rate(value: object, *, field: str = "heart_rate") -> float:
         raise MissingPatientValue(f"{field} is missing (allowed: {allowed})")
     rate = _as_number(value, field, allowed)
     if not HEART_RATE_RANGE[0] <= rate <= HEART_RATE_RANGE[1]:
-        raise ValueError(f"{field}: {value!r} is out of range (allowed: {allowed})")
+        raise ValueError(f"{field}: {_shown(value)} is out of range (allowed: {allowed})")
     return rate
 
 

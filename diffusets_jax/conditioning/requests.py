@@ -3,12 +3,14 @@
 A `Condition` is one report (its statements), one patient (sex, age, heart rate) and how many ECGs to make for
 them. Files: CSV/TSV with a header row or JSON Lines, fields `text` (statements joined by `|`; also `report` or
 `prompt`), `sex` (`gender`), `age`, `heart_rate` (`hr`) and optional `count` (`n`), in any case and spacing
-(`Age`, ` HR `); other columns are ignored. Every error names the file, the line and the field.
+(`Age`, ` HR `); other columns are ignored. A line break inside a text (a CSV cell typed with Alt+Enter in Excel,
+`\n` in a JSON string) separates statements as `|` does. Every error names the file, the line (the physical line a
+row starts on) and the field; two columns read as the same name, or two names of one field (`hr` and
+`heart_rate`), are refused. A request is at most `MAX_ECGS` ECGs in all.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -17,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
-from diffusets_jax.conditioning.prompts import make_prompt, report_lines
+from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, make_prompt, report_lines
+
+# The most ECGs one request may ask for: 10 million, twelve times MIMIC-IV-ECG (800k ECGs) and about 0.5 TB of
+# float32 signal. Every requested ECG has an entry in memory (its request, its prompt's row, its manifest entry)
+# before the first is generated, so a typo such as -n 1000000000000 would exhaust the host's memory rather than
+# be refused; a larger corpus is several runs (another --seed or other conditions each).
+MAX_ECGS = 10_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +52,19 @@ def make_condition(text: object, sex: object, age: object, heart_rate: object, c
     """Validate one condition; errors name `where` (e.g. 'conditions.csv line 3') and the field."""
     prefix = f"{where}: " if where else ""
     try:
-        lines = report_lines(text if isinstance(text, list | tuple) else str(text or ""))
+        lines = report_lines(text if isinstance(text, list | tuple) else _line_breaks_as_separators(str(text or "")))
         if not lines:
             raise ValueError("text: empty report; give at least one statement (statements joined by '|')")
         return Condition(tuple(lines), parse_sex(sex), parse_age(age), parse_heart_rate(heart_rate), _count(count))
     except ValueError as err:
         raise ValueError(f"{prefix}{err}") from None
+
+
+def _line_breaks_as_separators(text: str) -> str:
+    """A text whose statements are on separate lines (a spreadsheet cell with Alt+Enter) as `|`-joined statements:
+    glued ("Sinus rhythmLeft axis deviation") or kept inside one statement, the prompt would be one the model never
+    saw. Only line breaks (\\r\\n, \\r, \\n) separate; other control characters stay text."""
+    return text.replace("\r\n", LINE_SEPARATOR).replace("\r", LINE_SEPARATOR).replace("\n", LINE_SEPARATOR)
 
 
 def _count(value: object) -> int:
@@ -82,6 +97,15 @@ def _normalise_columns(row: dict, where: str) -> dict:
     return normal
 
 
+def _check_aliases(row: dict, where: str) -> None:
+    """Two names of one field (`hr` 70 and `heart_rate` 80) are refused: which one the user meant is theirs to say,
+    and reading either would silently drop the other."""
+    for name, aliases in _FIELD_ALIASES.items():
+        given = [alias for alias in aliases if alias in row]
+        if len(given) > 1:
+            raise ValueError(f"{where}: {given[0]!r} and {given[1]!r} both give the {name} field; keep one")
+
+
 def _field(row: dict, name: str, where: str, required: bool = True) -> object:
     for alias in _FIELD_ALIASES[name]:
         if alias in row and row[alias] not in (None, ""):
@@ -93,40 +117,65 @@ def _field(row: dict, name: str, where: str, required: bool = True) -> object:
 
 def _rows(path: Path) -> list[tuple[str, dict]]:
     suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return _table_rows(path, "\t" if suffix == ".tsv" else ",")
+    if suffix not in (".jsonl", ".json"):
+        raise ValueError(f"{path.name}: unknown conditions format {path.suffix!r}; use .csv, .tsv or .jsonl")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise ValueError(f"{path.name} line {line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
     rows: list[tuple[str, dict]] = []
-    if suffix in (".jsonl", ".json"):
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path.name} line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path.name} line {number}: expected a JSON object with text, sex, age, heart_rate")
-            rows.append((f"{path.name} line {number}", row))
-    elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-        _check_header(path, reader.fieldnames or [], "\t" if suffix == ".tsv" else ",")
-        for number, row in enumerate(reader, 2):
-            if None in row:  # DictReader's key for the fields beyond the header's
-                raise ValueError(f"{path.name} line {number}: {len(reader.fieldnames) + len(row[None])} fields but the "
-                                 f"header has {len(reader.fieldnames)}; put a text that holds commas in double quotes")
-            rows.append((f"{path.name} line {number}", row))
-    else:
-        raise ValueError(f"{path.name}: unknown conditions format {path.suffix!r}; use .csv, .tsv or .jsonl")
+    # JSON Lines ends a record at "\n" only: str.splitlines would also split at U+2028, U+0085 or a form feed, which
+    # json.dumps(ensure_ascii=False) leaves raw inside a string.
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:  # JSONDecodeError, or an integer beyond Python's 4300-digit conversion limit
+            why = err.msg if isinstance(err, json.JSONDecodeError) else str(err).split(";")[0]  # not Python's advice
+            raise ValueError(f"{path.name} line {number}: not valid JSON ({why})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path.name} line {number}: expected a JSON object with text, sex, age, heart_rate")
+        rows.append((f"{path.name} line {number}", row))
+    return rows
+
+
+def _table_rows(path: Path, delimiter: str) -> list[tuple[str, dict]]:
+    """The rows of a CSV/TSV conditions file, read as `prepare` and `embed` read theirs (`io.tables`): a text cell
+    may span lines (Excel's Alt+Enter; each line is a statement, `make_condition`), and every row is named by the
+    physical line it starts on. A row that is not UTF-8 or has more fields than the header is refused, not skipped:
+    a conditions file asks for those ECGs."""
+    from diffusets_jax.io.tables import LINE_COLUMN, read_csv_table
+
+    def refuse(line: int, why: str) -> None:
+        hint = ("; put a text that holds commas in double quotes" if why.startswith("malformed") and delimiter == ","
+                else "; save the file as UTF-8" if why.startswith("not UTF-8") else "")
+        raise ValueError(f"{path.name} line {line}: {why}{hint}")
+
+    try:
+        table = read_csv_table(os.fspath(path), what="conditions file", skip=refuse, na_filter=False,
+                               delimiter=delimiter, unique_columns=True)
+    except ValueError as err:  # the reader names the whole path; every other message here names the file
+        raise ValueError(str(err).replace(os.fspath(path), path.name, 1)) from None
+    columns = [str(name) for name in table.columns if name != LINE_COLUMN]
+    _check_header(path, columns, delimiter)
+    rows = []
+    for record in table.to_dict("records"):
+        line = record.pop(LINE_COLUMN)
+        rows.append((f"{path.name} {'line ' if isinstance(line, int) else ''}{line}", record))
     return rows
 
 
 def _check_header(path: Path, columns: Sequence[str], delimiter: str) -> None:
     """The required columns, checked once on the header: "line 2: missing field 'text'" for a file that has no
     such column, or that a spreadsheet saved with semicolons, pointed at the wrong line and the wrong cause."""
-    names = {column.strip().lower() for column in columns if column}
+    where = f"{path.name} line 1"
+    header = _normalise_columns(dict.fromkeys(columns), where)
+    _check_aliases(header, where)
+    names = {column for column in header if column}
     for field in ("text", "sex", "age", "heart_rate"):
         if not names & set(_FIELD_ALIASES[field]):
             other = next((d for d in (";", "\t", ",") if d != delimiter and any(d in c for c in columns)), None)
@@ -144,6 +193,8 @@ def read_conditions(path: str | os.PathLike) -> list[Condition]:
     if not path.exists():
         raise FileNotFoundError(f"conditions file {str(path)!r} does not exist")
     rows = [(where, _normalise_columns(row, where)) for where, row in _rows(path)]
+    for where, row in rows:
+        _check_aliases(row, where)
     conditions = [
         make_condition(_field(r, "text", w), _field(r, "sex", w), _field(r, "age", w), _field(r, "heart_rate", w),
                        _field(r, "count", w, required=False), where=w)
@@ -151,9 +202,22 @@ def read_conditions(path: str | os.PathLike) -> list[Condition]:
     ]
     if not conditions:
         raise ValueError(f"{path.name}: no conditions found")
+    total_ecgs(conditions, f"{path.name}: its count column asks")
     return conditions
+
+
+def total_ecgs(conditions: Sequence[Condition], asked: str = "the conditions ask") -> int:
+    """How many ECGs `conditions` ask for, refused beyond `MAX_ECGS` (ValueError beginning with `asked`, which says
+    where the counts came from) before anything is built for them."""
+    total = sum(c.count for c in conditions)
+    if total > MAX_ECGS:
+        raise ValueError(f"{asked} for {total:,} ECGs, more than the {MAX_ECGS:,} one run makes (each requested ECG is "
+                         "held in memory before the first is generated); ask for fewer, or split the work into runs "
+                         "with different --seed or conditions")
+    return total
 
 
 def expand(conditions: Sequence[Condition]) -> list[Condition]:
     """One entry per ECG to generate (each condition repeated `count` times), in order."""
+    total_ecgs(conditions)
     return [c for c in conditions for _ in range(c.count)]

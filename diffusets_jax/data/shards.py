@@ -9,8 +9,9 @@ exists, so `tfds.builder_from_directory(out_dir)` (and the input pipeline) read 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -23,6 +24,18 @@ _TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 def shard_filename(dataset_name: str, split: str, shard: int, num_shards: int) -> str:
     """TFDS's default shard name, e.g. `synthetic_ecg-train.tfrecord-00003-of-00015`."""
     return f"{dataset_name}-{split}.tfrecord-{shard:05d}-of-{num_shards:05d}"
+
+
+def example_serializer(features: tfds.features.FeaturesDict) -> Callable[[Mapping[str, Any]], bytes]:
+    """`features.serialize_example`, but the same bytes for the same example in every process: a tf.train.Example
+    holds its features in a protobuf map, whose entries protobuf writes in an order that changes from process to
+    process unless asked for a deterministic one, so two runs of one command (or a resumed run and an uninterrupted
+    one) wrote shards that held the same examples but differed byte for byte."""
+    from tensorflow_datasets.core.example_serializer import ExampleSerializer
+
+    serializer = ExampleSerializer(features.get_serialized_info())
+    return lambda example: serializer.get_tf_example(features.encode_example(example)).SerializeToString(
+        deterministic=True)
 
 
 def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> tuple[int, int]:

@@ -137,6 +137,9 @@ class SamplerConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not 0.0 <= self.eta < math.inf:
             raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+        if self.eta != 0.0 and self.sampler != "ddim":  # ddpm's noise is fixed, dpmpp_2m has none: it would be ignored
+            raise ValueError(f"eta {self.eta:g} (--eta) is DDIM's noise; the {self.sampler} sampler has none to set: "
+                             "leave eta at 0, or choose the ddim sampler")
         if not math.isfinite(self.guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number (1 = no guidance), got {self.guidance_scale}")
         if not 0.0 < self.clip_range < math.inf:

@@ -31,7 +31,7 @@ from diffusets_jax import parallel
 from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.ecg.units import non_finite_reason
 from diffusets_jax.errors import RunFailed
-from diffusets_jax.io.files import read_json, write_json_atomic
+from diffusets_jax.io.files import read_json, temporaries_of, write_json_atomic
 from diffusets_jax.io.progress import progress_bar
 from diffusets_jax.io.run_dir import check_output_path, output_dir
 from diffusets_jax.provenance import code_version
@@ -46,26 +46,33 @@ def _counts_path(out: Path, shard: int) -> Path:
     return out / _COUNTS / f"shard-{shard:05d}.json"
 
 
+def shard_size_in_batches(shard_size: int, batch_size: int) -> int:
+    """The ECGs a shard holds: `shard_size` rounded up to whole batches, so a shard's ECGs are always the same
+    batches, with the same noise (batch b's draws are keyed by b), whichever shards a rerun regenerates."""
+    return batch_size * -(-shard_size // batch_size)
+
+
 def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str | os.PathLike, *,
                  shard_size: int = 1024, overwrite: bool = False, progress: bool = True,
                  provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate `expand(conditions)` into TFRecord shards of `shard_size` ECGs (rounded up to whole batches)."""
     from diffusets_jax.data.card import write_card
     from diffusets_jax.data.schema import ecg_features
-    from diffusets_jax.data.shards import shard_filename, write_shard, write_tfds_metadata
+    from diffusets_jax.data.shards import example_serializer, shard_filename, write_shard, write_tfds_metadata
 
     out = check_output_path(out_dir)
     if shard_size < 1:
         raise ValueError(f"--shard-size must be a positive number of ECGs, got {shard_size}")
     items = expand(conditions)
     batch = generator.batch_size
-    shard_size = batch * -(-shard_size // batch)
+    shard_size = shard_size_in_batches(shard_size, batch)
     num_shards = max(1, -(-len(items) // shard_size))
     requested = [min(len(items), (s + 1) * shard_size) - s * shard_size for s in range(num_shards)]
     settings = {**generator.settings(), "shard_size": shard_size,
                 "conditions": [{**c.as_dict(generator.conditioning.prompt_style), "count": c.count} for c in conditions],
                 "provenance": provenance or {}}
     features = ecg_features(generator.unet.text_dim)
+    serialize = example_serializer(features)
     with output_dir(out, command="sample --corpus", settings=settings, overwrite=overwrite,
                     reads=generator.reads()) as run:
         paths = [run.path / shard_filename(CORPUS_NAME, SPLIT, s, num_shards) for s in range(num_shards)]
@@ -91,7 +98,7 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
                         if reason := non_finite_reason(ecg):
                             skipped[str(start + offset)] = reason
                             continue
-                        yield features.serialize_example({
+                        yield serialize({
                             "ecg": ecg, "report_lines": list(condition.report), "prompt": generator.prompt(condition),
                             "text_embedding": vectors[offset], "sex": condition.sex, "age": condition.age,
                             "heart_rate": condition.heart_rate, "heart_rate_source": "condition",
@@ -104,6 +111,11 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
                               {"examples": written, "skipped": skipped, "code": code_version()})
         bar.close()
         parallel.barrier("corpus-shards-written")
+        # Every host has finished writing, so a temporary shard or count file left now is a killed run's (ours: the
+        # shard writer names it after its shard, in this claimed folder); its shard was written again above.
+        for target in [*paths, *(_counts_path(run.path, s) for s in range(num_shards))]:
+            for leftover in temporaries_of(target):
+                leftover.unlink(missing_ok=True)  # another host sharing the disk may have removed it first
         counts = _gather_counts(run.path, num_shards)
         lengths = [counts[s]["examples"] for s in range(num_shards)]  # what the shards hold, failed ECGs left out
         unusable = {int(position): why for s in range(num_shards) for position, why in counts[s]["skipped"].items()}

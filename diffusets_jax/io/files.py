@@ -20,6 +20,7 @@ measured, or a diverged model's statistic, is NaN or inf in memory and `null` on
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -44,6 +45,13 @@ def _create_temporary(target: Path, suffix: str) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a temporary file beside {target}")
+
+
+def temporaries_of(target: str | os.PathLike) -> list[Path]:
+    """The temporary files `atomic_path` made beside `target` (`.NAME.tmp-*`) and did not rename or remove: what a
+    process killed while writing `target` leaves behind. Only ever ours: the name is `target`'s own."""
+    target = Path(target)
+    return sorted(target.parent.glob(f".{glob.escape(target.name)}.tmp-*"))
 
 
 @contextlib.contextmanager

@@ -48,8 +48,11 @@ MANIFEST = "manifest.json"
 _PARTS = ".parts"
 
 
-def parse_formats(text: str) -> list[str]:
-    """`"npz,wfdb"` -> ["npz", "wfdb"], refusing unknown or no formats (checked before any work)."""
+def parse_formats(text: str | None) -> list[str]:
+    """`"npz,wfdb"` -> ["npz", "wfdb"], None -> every format, refusing unknown or no formats (checked before any
+    work)."""
+    if text is None:
+        return list(FORMATS)
     formats = [f.strip().lower() for f in str(text).split(",") if f.strip()]
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:

@@ -16,6 +16,7 @@ lines and the extra lines of quoted fields that span lines, so a user can go to 
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import re
@@ -28,20 +29,29 @@ from diffusets_jax.io.files import check_input_file
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under errors="surrogateescape"
 _PANDAS_SKIPPED_LINE = re.compile(r"Skipping line (\d+): (.*)")
 LINE_COLUMN = "_line"
-# A whole line of closed fields (quoted, with "" inside, or free of quotes): what nearly every line with quotes is,
-# matched in C so the field-by-field scan runs only on the rest (MIMIC-IV-ECG's 800k-row table quotes its reports).
-_CLOSED_FIELDS = re.compile(r'(?:"(?:[^"]|"")*"|[^,"]*)(?:,(?:"(?:[^"]|"")*"|[^,"]*))*')
 
 
-def read_csv_table(path: str, *, what: str, skip: Callable[[int, str], None], na_filter: bool = True) -> Any:  # noqa: ANN401 (a pandas DataFrame)
+def _closed_fields(delimiter: str) -> re.Pattern[str]:
+    """A whole line of closed fields (quoted, with "" inside, or free of quotes): what nearly every line with quotes
+    is, matched in C so the field-by-field scan runs only on the rest (MIMIC-IV-ECG's 800k-row table quotes its
+    reports)."""
+    d = re.escape(delimiter)
+    return re.compile(rf'(?:"(?:[^"]|"")*"|[^{d}"]*)(?:{d}(?:"(?:[^"]|"")*"|[^{d}"]*))*')
+
+
+def read_csv_table(path: str, *, what: str, skip: Callable[[int, str], None], na_filter: bool = True,  # noqa: ANN401 (a pandas DataFrame)
+                   delimiter: str = ",", unique_columns: bool = False) -> Any:
     """A CSV table (plain or .gz) as a DataFrame of strings, one column per header name, plus `_line`: the
     physical line (int, 1-based) each row's record starts on (or "row N" in the rare table whose records pandas
     splits otherwise, e.g. at a lone carriage return).
 
     `na_filter`: True reads empty cells (and pandas' NA words such as "NA") as NaN; False keeps every cell's
     text as is, "" for an empty one (free text such as a report statement "NA" stays text).
-    `skip(line, why)` is called for every record left out (not UTF-8, malformed). Unusable as a whole (missing,
-    unreadable, no UTF-8 header, an unclosed quote, not CSV): ValueError, one line naming the file and what to do.
+    `skip(line, why)` is called for every record left out (not UTF-8, malformed); a caller that refuses such a
+    table raises from it. `delimiter`: "," (CSV) or "\t" (TSV). `unique_columns`: refuse a header that names a
+    column twice (pandas would read the second as "NAME.1", so a lookup by name silently took the first).
+    Unusable as a whole (missing, unreadable, no UTF-8 header, an unclosed quote, not CSV): ValueError, one line
+    naming the file and what to do.
     """
     import pandas as pd
 
@@ -56,9 +66,15 @@ def read_csv_table(path: str, *, what: str, skip: Callable[[int, str], None], na
     # Undecodable bytes are kept as surrogates so the records holding them can be found, named and skipped.
     # Split on newlines only (str.splitlines would also split a report at \r, \f, \x1c, ...).
     lines = [line.removesuffix("\r") for line in raw.decode("utf-8-sig", errors="surrogateescape").split("\n")]
-    records = _records(lines, path)
+    records = _records(lines, path, delimiter)
     if not records or _NOT_UTF8.search(records[0][1]):
         raise ValueError(f"{path}: no header line of UTF-8 column names: is it the {what}?")
+    if unique_columns:
+        header_line, header = records[0]
+        names = next(csv.reader([header.replace("\n", " ")], delimiter=delimiter), [])
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{path} line {header_line}: the header names column {repeated[0]!r} twice; keep one")
     kept = [records[0]]
     for line, text in records[1:]:
         if _NOT_UTF8.search(text):
@@ -68,11 +84,17 @@ def read_csv_table(path: str, *, what: str, skip: Callable[[int, str], None], na
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            # The header is read as a row (header=None) and its names apart: given the header as such, pandas takes
+            # a first data row with one field too many for an index column and shifts every row's fields one
+            # column left, silently; read as a row, the header fixes the width and such a row is malformed.
+            names = pd.read_csv(io.StringIO(kept[0][1]), nrows=0, sep=delimiter, dtype=object).columns
             table = pd.read_csv(io.StringIO("\n".join(text for _, text in kept)), dtype=object, on_bad_lines="warn",
-                                na_filter=na_filter)
+                                na_filter=na_filter, sep=delimiter, header=None)
         except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
             raise ValueError(f"{path}: not a readable CSV table ({' '.join(str(err).split())}): is it the "
                              f"{what}?") from None
+    table = table.iloc[1:].reset_index(drop=True)
+    table.columns = names
     # pandas numbers the records it skips by their position in what it was fed (the header is 1), whatever
     # number of lines each spans.
     malformed: set[int] = set()
@@ -87,11 +109,12 @@ def read_csv_table(path: str, *, what: str, skip: Callable[[int, str], None], na
     return table
 
 
-def _records(lines: list[str], path: str) -> list[tuple[int, str]]:
+def _records(lines: list[str], path: str, delimiter: str = ",") -> list[tuple[int, str]]:
     """(physical line it starts on, text) of each CSV record of `lines`, the lines of a quoted field joined with
     "\\n"; lines holding only whitespace between records are dropped (inside a quoted field they are kept)."""
     records: list[tuple[int, list[str]]] = []
     in_quotes, opened_on = False, 0
+    closed_fields = _closed_fields(delimiter)
     for number, line in enumerate(lines, 1):
         if in_quotes:
             records[-1][1].append(line)
@@ -99,8 +122,8 @@ def _records(lines: list[str], path: str) -> list[tuple[int, str]]:
             records.append((number, [line]))
         else:
             continue
-        if '"' in line and (in_quotes or not _CLOSED_FIELDS.fullmatch(line)):
-            in_quotes, opened_here = _quote_state_after(line, in_quotes)
+        if '"' in line and (in_quotes or not closed_fields.fullmatch(line)):
+            in_quotes, opened_here = _quote_state_after(line, in_quotes, delimiter)
             opened_on = number if opened_here else opened_on
     if in_quotes:
         raise ValueError(f"{path} line {opened_on}: a quoted field opened on this line is never closed, so every "
@@ -109,7 +132,7 @@ def _records(lines: list[str], path: str) -> list[tuple[int, str]]:
     return [(number, "\n".join(parts)) for number, parts in records]
 
 
-def _quote_state_after(line: str, in_quotes: bool) -> tuple[bool, bool]:
+def _quote_state_after(line: str, in_quotes: bool, delimiter: str = ",") -> tuple[bool, bool]:
     """Whether a CSV record is inside a quoted field at the end of `line` (given whether it was at the start), and
     whether the field it is inside opened on this line. Read as pandas' parser reads it: a quote opens a field
     only as the field's first character, "" inside one is a quote, text after the closing quote joins the field.
@@ -129,7 +152,7 @@ def _quote_state_after(line: str, in_quotes: bool) -> tuple[bool, bool]:
             in_quotes, opened_here = True, True
             position += 1
             continue
-        comma = line.find(",", position)  # the rest of this unquoted field: to the next separator
+        comma = line.find(delimiter, position)  # the rest of this unquoted field: to the next separator
         if comma < 0:
             return False, opened_here
         position = comma + 1

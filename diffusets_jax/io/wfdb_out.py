@@ -5,7 +5,10 @@ mV, format 16 with a fixed gain of 1000 adu/mV (1 uV steps, +-32.767 mV range; M
 so this loses nothing of the training data's resolution), sampled at the model's 102.4 Hz (1024 samples in
 10 s) or, on request, FFT-resampled back to 500 Hz (5000 samples; the inverse of the preprocessing that made
 the 1024-sample training signals). The generation conditions go into header comments as `key: value` lines,
-e.g. `# prompt: Most importantly, ...`, `# sex: M`, `# age: 63`, `# heart_rate: 72.0`, `# seed: 0`.
+e.g. `# prompt: Most importantly, ...`, `# sex: M`, `# age: 63`, `# heart_rate: 72.0`, `# seed: 0`. A header is
+ASCII (wfdb reads it as such and drops every other character), so a value's other characters are written as
+`\\uXXXX` (`\\UXXXXXXXX` beyond U+FFFF) and a backslash as `\\\\`: ASCII text reads as written, and
+`read_record` gives back exactly the conditions that were written ("QTc \\u2265 500 ms" is "QTc ≥ 500 ms").
 
 Each record is written atomically: both files go to a temporary folder beside the target and are moved into
 place with `os.replace`, the header last, so a crash never leaves a header pointing at a partial signal file.
@@ -34,17 +37,23 @@ DURATION_S = 10.0
 ADC_GAIN = 1000.0  # adu per mV
 _ADC_LIMIT = 32767  # format 16; -32768 is WFDB's "no sample" marker
 _RECORD_NAME = re.compile(r"^[-\w]+$")
+_ESCAPED = re.compile(r"\\(\\|u[0-9a-f]{4}|U[0-9a-f]{8})")  # what `_ascii_escaped` writes, and only that
 # The highest rate a record may be resampled to. The generated signal holds nothing above 51.2 Hz and clinical
 # and research recorders sample at 250 Hz to a few kHz; far above that a rate is a typo (--wfdb-fs 500000 for
 # 500 would write 5 million samples per lead and record).
 MAX_OUTPUT_FS_HZ = 10_000.0
+# The lowest: 100 Hz, PTB-XL's low-rate records and the lowest rate `sample --reference` accepts. The generated
+# signal holds content up to 51.2 Hz (its 102.4 Hz rate's Nyquist frequency); below 100 Hz a record loses part of
+# the QRS complex (which reaches 40 Hz and beyond), and far below it is no ECG at all (0.2 Hz: 2 samples in 10 s).
+MIN_OUTPUT_FS_HZ = 100.0
 
 
 def format_conditions(conditions: Mapping[str, Any]) -> list[str]:
     """Header comment lines `key: value` for the generation conditions, in the given order.
 
     `sex` given as 1 / 0 (the training encoding: 1 = male) is written as `M` / `F`; floats are written with
-    up to 6 significant digits; newlines in values (multi-line reports) become ` | `.
+    up to 6 significant digits; newlines in values (multi-line reports) become ` | `; characters beyond ASCII and
+    backslashes are escaped (module docstring), which `parse_conditions` undoes.
     """
     lines = []
     for key, value in conditions.items():
@@ -55,8 +64,20 @@ def format_conditions(conditions: Mapping[str, Any]) -> list[str]:
         elif isinstance(value, float | np.floating):
             value = f"{float(value):.6g}"
         text = " | ".join(part.strip() for part in str(value).splitlines()) if str(value) else ""
-        lines.append(f"{key}: {text}")
+        lines.append(f"{key}: {_ascii_escaped(text)}")
     return lines
+
+
+def _ascii_escaped(text: str) -> str:
+    """`text` in ASCII: wfdb writes a header's comments as they are but reads them as ASCII, dropping the rest, so
+    "Ischémie" came back as "Ischmie" and `evaluate --generated` scored against prompts that were never given."""
+    return "".join(c if c.isascii() and c != "\\" else "\\\\" if c == "\\" else
+                   f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}" for c in text)
+
+
+def _unescaped(text: str) -> str:
+    """Inverse of `_ascii_escaped`."""
+    return _ESCAPED.sub(lambda m: "\\" if m.group(1) == "\\" else chr(int(m.group(1)[1:], 16)), text)
 
 
 def parse_conditions(comments: Sequence[str]) -> dict[str, str]:
@@ -65,16 +86,16 @@ def parse_conditions(comments: Sequence[str]) -> dict[str, str]:
     for line in comments:
         key, sep, value = line.partition(":")
         if sep and re.fullmatch(r"[A-Za-z_][\w]*", key.strip()):
-            parsed[key.strip()] = value.strip()
+            parsed[key.strip()] = _unescaped(value.strip())
     return parsed
 
 
 def check_output_fs(output_fs: float | None) -> float | None:
-    """`output_fs` if it is None (keep the model's rate) or a rate in (0, `MAX_OUTPUT_FS_HZ`] Hz; ValueError
-    otherwise, in words a command can print as its one line (checked before any ECG is generated)."""
-    if output_fs is not None and not 0.0 < output_fs <= MAX_OUTPUT_FS_HZ:
-        raise ValueError(f"--wfdb-fs must be a rate in Hz above 0 and at most {MAX_OUTPUT_FS_HZ:g} (e.g. 500), "
-                         f"got {output_fs}")
+    """`output_fs` if it is None (keep the model's rate) or a rate in [`MIN_OUTPUT_FS_HZ`, `MAX_OUTPUT_FS_HZ`] Hz;
+    ValueError otherwise, in words a command can print as its one line (checked before any ECG is generated)."""
+    if output_fs is not None and not MIN_OUTPUT_FS_HZ <= output_fs <= MAX_OUTPUT_FS_HZ:
+        raise ValueError(f"--wfdb-fs must be a rate in Hz from {MIN_OUTPUT_FS_HZ:g} to {MAX_OUTPUT_FS_HZ:g} (e.g. 500; "
+                         f"the model's own is 102.4), got {output_fs:g}")
     return output_fs
 
 
