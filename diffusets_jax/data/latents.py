@@ -92,7 +92,9 @@ def serialize_latent_example(example: dict[str, Any]) -> bytes:
         "subject_id": ints(example["subject_id"]),
         "study_id": ints(example["study_id"]),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: protobuf writes a map's entries in an order that changes from process to process, so two
+    # encodes of one dataset wrote different bytes (see data.shards.example_serializer, whose test shows it).
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def load_vae_encoder(model_dir: str | os.PathLike) -> tuple[EncodeApply, Any, dict[str, Any]]:
