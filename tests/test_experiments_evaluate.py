@@ -269,3 +269,75 @@ def test_each_model_gets_its_own_label_and_report_folder(tmp_path):
             ev.model_labels([a, b], labels)
     with pytest.raises(ValueError, match="is given twice"):
         ev.model_labels([a, tmp_path / "runs" / "a" / ".." / "a" / "model"])
+
+
+def index_only_models(path, clip_conditioning=None):
+    """A model directory whose index records a VAE, a U-Net conditioned as `tiny_model_dir(text_dim=8)`'s (the tiny
+    dataset's embedder) and a CLIP, with placeholder weights: what is refused must be refused before any load."""
+    from diffusets_jax.diffusion.schedule import DiffusionSpec
+    from diffusets_jax.models import model_dir as model_dirs
+    from diffusets_jax.models.unet import UNet
+    from diffusets_jax.models.vae import VAE
+    from tests.helpers.tiny_models import openai_conditioning
+
+    dim, placeholder = tiny_ecg_dataset.EMBEDDING_DIM, {"params": {"w": np.zeros(1, np.float32)}}
+    model_dirs.write_component(path, "vae", VAE(widths=(16, 16, 16), groups=4, num_res_blocks=1), placeholder,
+                               provenance={"source": "test"})
+    unet = UNet(channels=(8, 16), down_attention_dims=(8, 16), bottleneck_attention_dim=16, up_attention_dims=(32, 16),
+                num_heads=2, bottleneck_heads=2, text_dim=dim)
+    model_dirs.write_component(path, "unet", unet, placeholder, provenance={"source": "test"},
+                               conditioning=openai_conditioning(dim), diffusion=DiffusionSpec())
+    model_dirs.write_component(path, "clip", CLIP(text_dim=dim), placeholder, provenance={"source": "test"},
+                               conditioning=clip_conditioning)
+    return path
+
+
+def with_card_conditioning(dataset, dest, conditioning):
+    """A copy of the dataset folder whose card says its text embeddings were made with `conditioning`."""
+    import shutil
+
+    from diffusets_jax.data.card import CARD_FILE
+
+    shutil.copytree(dataset, dest)
+    card = json.loads((dest / CARD_FILE).read_text())
+    (dest / CARD_FILE).write_text(json.dumps({**card, "conditioning": conditioning.to_json()}))
+    return dest
+
+
+def test_a_model_is_not_evaluated_on_embeddings_of_another_embedder(dataset, tmp_path, capsys, monkeypatch):
+    """A dataset whose stored text embeddings come from another embedder of the same width (or of prompts in
+    another style) used to be evaluated: the U-Net conditioned on, and the CLIP scoring, vectors they never saw.
+    Refused in one line before any weights load, as `diagnose` refuses such latents."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import openai_conditioning
+
+    def no_weights(*_, **__):
+        raise AssertionError("weights were loaded before the embeddings were checked")
+
+    monkeypatch.setattr(model_dirs, "load_component", no_weights)
+    dim = tiny_ecg_dataset.EMBEDDING_DIM
+    other = with_card_conditioning(dataset.data_dir, tmp_path / "other", ConditioningSpec(EmbedderSpec(
+        "openai", "text-embedding-3-small", dim, "openai/text-embedding-3-small/8"), "free_text"))
+    free_text = with_card_conditioning(dataset.data_dir, tmp_path / "free_text", ConditioningSpec(
+        EmbedderSpec("openai", f"fake-embedding-{dim}", dim), "free_text"))
+    models = index_only_models(tmp_path / "models")
+    for data in (other, free_text):
+        assert main(["evaluate", "--model-dir", str(models), "--dataset", str(data), "--split", "validation",
+                     "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--dataset {data} holds openai" in err
+        assert f"but the U-Net of --model-dir {models} was conditioned on openai 'fake-embedding-{dim}'" in err
+    # A CLIP that records what its text tower learnt from is checked too, also with --generated (the split's
+    # embeddings of the samples' prompts go through it); one that records nothing cannot be.
+    np.savez(tmp_path / "g.npz", ecg=np.zeros((2, 1024, 12), np.float32))
+    clip_dir = index_only_models(tmp_path / "clip", clip_conditioning=openai_conditioning(dim))
+    assert main(["evaluate", "--generated", str(tmp_path / "g.npz"), "--clip", str(clip_dir), "--dataset",
+                 str(other), "--split", "validation", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"but the CLIP of --clip {clip_dir} was conditioned on" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(AssertionError, match="weights were loaded"):  # the matching dataset goes on to load them
+        main(["evaluate", "--generated", str(tmp_path / "g.npz"), "--clip", str(clip_dir), "--dataset",
+              str(dataset.data_dir), "--split", "validation", "--out", str(tmp_path / "out")])

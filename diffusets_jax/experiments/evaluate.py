@@ -172,8 +172,10 @@ def load_split(dataset: Any, split: str, *, data_dir: str | os.PathLike | None =
             **{k: (np.stack(v) if k not in ("prompt", "report_lines") else v) for k, v in columns.items()}}
 
 
-def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike | None) -> tuple[Any, Any]:
-    """The feature extractor: `clip_dir`'s CLIP when given, else the model directory's own `clip` component."""
+def find_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike | None) -> tuple[str, Any]:
+    """The model directory whose `clip` component is the feature extractor (`clip_dir` when given, else
+    `model_dir`) and its index, checked from the index alone: cheap, so a command finds a wrong one before any
+    weights load or its output folder is claimed."""
     from diffusets_jax.models import model_dir as model_dirs
 
     source = clip_dir if clip_dir is not None else model_dir
@@ -184,6 +186,23 @@ def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike |
         raise FileNotFoundError(f"{flag} {source}: no such model directory (it must hold a clip/ component)")
     index = model_dirs.read_index(source)
     model_dirs.require(index, source, "clip")
+    return os.fspath(source), index
+
+
+def clip_conditioning(index: Any) -> Any:
+    """The text conditioning a CLIP was trained on (`conditioning.spec.ConditioningSpec`), when its entry records
+    one (`train clip` does; a converted CLIP does not); else None."""
+    from diffusets_jax.conditioning.spec import ConditioningSpec
+
+    recorded = index.components["clip"].get("conditioning")
+    return None if recorded is None else ConditioningSpec.from_json(recorded, "the clip entry of model_index.json")
+
+
+def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike | None) -> tuple[Any, Any]:
+    """The feature extractor: `clip_dir`'s CLIP when given, else the model directory's own `clip` component."""
+    from diffusets_jax.models import model_dir as model_dirs
+
+    source, _ = find_clip(model_dir, clip_dir)
     return model_dirs.load_component(source, "clip")
 
 
