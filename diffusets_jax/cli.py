@@ -784,13 +784,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     clip_dir, clip_index = ev.find_clip(args.model_dir[0] if args.model_dir else None, args.clip)
     _check_evaluated_embeddings(args, builder, ev.clip_conditioning(clip_index), clip_dir)
     clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
+    # Everything that changes the report: a dataset prepared again, a CLIP trained again or an edited --rules file
+    # at the same path is another input (the rules by content, the CLIP by its uid); with --generated the seed too
+    # (rFID's draws and the bootstrap intervals), which a model run records with its generator.
     common = {"dataset": os.path.abspath(args.dataset), "split": args.split, "limit": args.limit,
-              "protocol": proto.name, "rules": None if rules is None else [r.name for r in rules.rules],
-              "clip": os.path.abspath(args.clip or args.model_dir[0]), "n_boot": args.n_boot,
-              "dataset_card": card_fingerprint(builder)}  # a dataset prepared again here is another input
+              "protocol": proto.name, "rules": None if rules is None else rules.to_json(),
+              "clip": os.path.abspath(clip_dir), "clip_uid": clip_index.components["clip"].get("uid"),
+              "n_boot": args.n_boot, "dataset_card": card_fingerprint(builder)}
     if args.generated:
         settings = {**common, "generated": os.path.abspath(args.generated),
-                    "generated_content": source_fingerprint(args.generated)}
+                    "generated_content": source_fingerprint(args.generated), "seed": args.seed}
         with output_dir(args.out, command="evaluate", settings=settings, overwrite=args.overwrite) as run:
             report = ev.evaluate_generated(generated, clip, args.dataset, args.split, run.path, proto=proto,
                                            data_dir=args.data_dir, limit=args.limit, rules=rules, n_boot=args.n_boot,

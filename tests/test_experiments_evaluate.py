@@ -341,3 +341,32 @@ def test_a_model_is_not_evaluated_on_embeddings_of_another_embedder(dataset, tmp
     with pytest.raises(AssertionError, match="weights were loaded"):  # the matching dataset goes on to load them
         main(["evaluate", "--generated", str(tmp_path / "g.npz"), "--clip", str(clip_dir), "--dataset",
               str(dataset.data_dir), "--split", "validation", "--out", str(tmp_path / "out")])
+
+
+def test_a_rerun_with_another_seed_or_edited_rules_is_refused(clip, dataset, tmp_path, capsys):
+    """A finished --generated report was replaced by a rerun with another --seed (rFID's draws, the bootstrap
+    intervals) or an edited --rules file (recorded by name only): both change the report, so both are another run."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.models import model_dir as model_dirs
+
+    model_dirs.write_component(tmp_path / "clip", "clip", clip[0], clip[1], provenance={"source": "test"})
+    examples = [tiny_ecg_dataset.example(1000 + i) for i in range(6)]
+    np.savez(tmp_path / "g.npz", ecg=np.stack([e["ecg"] for e in examples]),
+             prompt=np.array([e["prompt"] for e in examples]), heart_rate=np.array([e["heart_rate"] for e in examples]))
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"rules": [{"name": "sn", "any": ["sinus"]}]}))
+    out = tmp_path / "out"
+    args = ["evaluate", "--generated", str(tmp_path / "g.npz"), "--clip", str(tmp_path / "clip"), "--dataset",
+            str(dataset.data_dir), "--split", "validation", "--rules", str(rules), "--n-boot", "20", "--workers", "1",
+            "--out", str(out)]
+    assert main(args) == 0
+    report = (out / "report.json").read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--seed", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "with other settings (seed: 0 -> 5)" in err
+    rules.write_text(json.dumps({"rules": [{"name": "sn", "any": ["sinus rhythm"]}]}))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "with other settings (rules: " in err
+    assert (out / "report.json").read_bytes() == report
