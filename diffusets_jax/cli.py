@@ -757,6 +757,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         ("--rules", args.rules)])
     if bool(args.model_dir) == bool(args.generated):
         raise ValueError("give either --model-dir (generate and score) or --generated PATH (score samples)")
+    if args.generated and args.clip is None:  # a model run's default is its own CLIP; samples come with none
+        raise ValueError("--generated needs --clip DIR: a model directory with a clip/ component, whose ECG and text "
+                         "towers give the signal-level features and the CLIP score")
     if args.labels and not args.model_dir:
         raise ValueError("--labels names the --model-dir models: give them, or drop --labels")
     labels = ev.model_labels(args.model_dir, args.labels) if args.model_dir else []
