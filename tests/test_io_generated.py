@@ -100,3 +100,20 @@ def test_the_source_fingerprint_follows_the_content_not_the_path(tmp_path):
     assert source_fingerprint(folder) == before
     write_records(folder, _ecgs(2, seed=3), ["s0", "s1"], [{}, {}])
     assert source_fingerprint(folder) != before
+
+
+def test_an_unfinished_sample_run_is_refused(tmp_path):
+    """A `sample` run killed midway (its batches in .parts/, some WFDB records, no manifest, its run record still
+    "running") was read through its WFDB records and scored as if it were the whole set."""
+    import json
+
+    folder = tmp_path / "samples"
+    write_records(folder / "wfdb", _ecgs(2), ["s0", "s1"], [{}, {}])
+    (folder / ".parts").mkdir()
+    np.savez(folder / ".parts" / "batch-000000.npz", ecg=_ecgs(2))
+    (folder / ".diffusets-run.json").write_text(json.dumps({"command": "sample", "status": "running"}))
+    with pytest.raises(ValueError, match=r"is an unfinished `diffusets-jax sample` run .* rerun the same sample "
+                                         "command to finish it"):
+        read_generated(folder)
+    (folder / ".diffusets-run.json").write_text(json.dumps({"command": "sample", "status": "complete"}))
+    assert read_generated(folder).ecg.shape == (2, 1024, 12)  # finished (here without an NPZ): its records

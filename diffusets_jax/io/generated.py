@@ -80,6 +80,8 @@ def read_generated(path: str | os.PathLike, flag: str = "--generated", kind: str
         raise FileNotFoundError(f"{flag} {path} does not exist")
     if path.is_file() and path.suffix.lower() == ".npz":
         return _read_npz(path)
+    if path.is_dir():
+        _refuse_unfinished_sample_run(path, flag)
     if path.is_dir() and (path / "dataset_info.json").is_file():
         check_dataset_kind(path, kind, flag)
         return _read_dataset(path, flag)
@@ -145,6 +147,24 @@ def _sample_npz_files(folder: Path) -> list[Path] | None:
     if not (folder / MANIFEST).is_file():
         return None
     return [folder / name for name in read_json(folder / MANIFEST, "sample manifest").get("npz") or []]
+
+
+def _refuse_unfinished_sample_run(folder: Path, flag: str) -> None:
+    """One line for a `sample` run's folder that it has not finished (killed, or running now): it holds the ECGs
+    of some batches (`.parts/`, maybe WFDB records) but no manifest, and scoring those as the set would score a
+    part of it as if it were the whole."""
+    from diffusets_jax.io.files import read_json
+    from diffusets_jax.io.run_dir import RUN_FILE
+
+    record_path = folder / RUN_FILE
+    if not record_path.is_file():
+        return
+    record = read_json(record_path, "run record")
+    command = str(record.get("command", "")) if isinstance(record, dict) else ""
+    if command.split(" ")[0] == "sample" and record.get("status") != "complete":
+        raise ValueError(f"{flag} {folder} is an unfinished `diffusets-jax {command}` run (killed, or still running: "
+                         f"its run record says {record.get('status')!r}): rerun the same sample command to finish it, "
+                         "then score it")
 
 
 def _read_sample_folder(folder: Path, npz_files: list[Path], flag: str) -> GeneratedSet:
