@@ -144,3 +144,10 @@ def test_a_damaged_npz_or_a_bad_field_is_one_line_naming_the_file_and_field(tmp_
     with pytest.raises(ValueError, match=r"bad_age.npz: 'age'\[1\] is 'fifty', not a number"):
         read_generated(tmp_path / "bad_age.npz")
 
+
+def test_a_set_without_ecgs_is_refused_when_read(tmp_path):
+    """An NPZ of shape (0, 1024, 12) got through to `evaluate`, which claimed its output folder and measured the
+    whole real split before failing with "no inputs given"."""
+    np.savez(tmp_path / "empty.npz", ecg=np.zeros((0, 1024, 12), np.float32))
+    with pytest.raises(ValueError, match=r"--generated .*empty.npz holds no ECGs"):
+        read_generated(tmp_path / "empty.npz")

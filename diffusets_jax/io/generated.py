@@ -81,6 +81,13 @@ def read_generated(path: str | os.PathLike, flag: str = "--generated", kind: str
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{flag} {path} does not exist")
+    generated = _read_any(path, flag, kind)
+    if not len(generated.ecg):  # refused here, before a command claims its output folder or measures anything
+        raise ValueError(f"{flag} {path} holds no ECGs: there is nothing to score or show; give a set with at least one")
+    return generated
+
+
+def _read_any(path: Path, flag: str, kind: str) -> GeneratedSet:
     from diffusets_jax.data.card import check_dataset_kind
 
     if path.is_file() and path.suffix.lower() == ".npz":
@@ -318,6 +325,9 @@ def _read_dataset(folder: Path, flag: str) -> GeneratedSet:
             if key in example:
                 columns[key].append(example[key])
     n = len(columns["ecg"])
+    if not n:
+        return GeneratedSet(np.zeros((0, ECG_LENGTH, NUM_LEADS), np.float32), [], [], np.zeros(0, np.int64),
+                            np.zeros(0), np.zeros(0), None, str(folder))
     return GeneratedSet(
         np.stack(columns["ecg"]).astype(np.float32),
         [tuple(line.decode() for line in lines) for lines in columns["report_lines"]] or [()] * n,
