@@ -370,3 +370,32 @@ def test_a_rerun_with_another_seed_or_edited_rules_is_refused(clip, dataset, tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "with other settings (rules: " in err
     assert (out / "report.json").read_bytes() == report
+
+
+def test_samples_without_a_text_are_scored_without_numpy_warnings(clip, dataset, tmp_path):
+    """Samples whose prompts the split does not hold have no text for the CLIP score: their empty selection was
+    scored at every level, then dropped, and a normal run printed numpy's "Mean of empty slice" and "invalid value
+    encountered in divide"."""
+    import warnings
+
+    examples = [tiny_ecg_dataset.example(1000 + i) for i in range(6)]
+    ecg = np.stack([e["ecg"] for e in examples])
+    heart_rate = np.array([e["heart_rate"] for e in examples])
+    np.savez(tmp_path / "none.npz", ecg=ecg, prompt=np.array([f"unseen {i}" for i in range(6)]), heart_rate=heart_rate)
+    np.savez(tmp_path / "some.npz", ecg=ecg, heart_rate=heart_rate,
+             prompt=np.array([e["prompt"] for e in examples[:4]] + ["unseen 0", "unseen 1"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        none = ev.evaluate_generated(read_generated(tmp_path / "none.npz"), clip, dataset.data_dir, "validation",
+                                     tmp_path / "none", n_boot=20)
+        some = ev.evaluate_generated(read_generated(tmp_path / "some.npz"), clip, dataset.data_dir, "validation",
+                                     tmp_path / "some", n_boot=20)
+    assert none["diagnostic_level"] == {"samples_without_text": 6} and none["signal_level"]["n_generated"] == 6
+    assert some["diagnostic_level"]["samples_without_text"] == 2 and some["signal_level"]["n_generated"] == 6
+    # The CLIP score is that of the four samples with a text, alone.
+    np.savez(tmp_path / "four.npz", ecg=ecg[:4], heart_rate=heart_rate[:4],
+             prompt=np.array([e["prompt"] for e in examples[:4]]))
+    four = ev.evaluate_generated(read_generated(tmp_path / "four.npz"), clip, dataset.data_dir, "validation",
+                                 tmp_path / "four", n_boot=20)
+    assert four["diagnostic_level"]["clip_score_generated"] == pytest.approx(
+        some["diagnostic_level"]["clip_score_generated"])
