@@ -46,7 +46,13 @@ import numpy as np
 
 from diffusets_jax import parallel
 from diffusets_jax.diffusion.guidance import fixed_null_condition
-from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, resolve_for_model, unet_model_fn
+from diffusets_jax.diffusion.samplers import (
+    SamplerConfig,
+    jit_generate,
+    resolve_for_model,
+    sampler_timesteps,
+    unet_model_fn,
+)
 from diffusets_jax.diffusion.schedule import (
     DiffusionSpec,
     NoiseSchedule,
@@ -537,6 +543,9 @@ def diagnose(model_dir: str | os.PathLike, latents: str | os.PathLike, out_dir: 
     inputs = check_inputs(model_dir, latents, split, timesteps)
     index = inputs.index
     sampler = resolve_for_model(sampler if sampler is not None else SamplerConfig(), index.diffusion)
+    # Settings the model's schedule cannot run (more steps than it has timesteps) are known from the index alone,
+    # as `sample` checks them: refused now, not after the denoising pass with the output folder claimed.
+    sampler_timesteps(sampler, make_schedule(index.diffusion.schedule))
     with_unconditional = _trained_with_condition_dropout(index.components["unet"])
     components = {name: {k: entry.get(k) for k in ("uid", "vae_uid") if k in entry}
                   for name, entry in index.components.items()}
