@@ -787,6 +787,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         ("--rules", args.rules)])
     if bool(args.model_dir) == bool(args.generated):
         raise ValueError("give either --model-dir (generate and score) or --generated PATH (score samples)")
+    if args.generated and args.clip is None:  # a model run's default is its own CLIP; samples come with none
+        raise ValueError("--generated needs --clip DIR: a model directory with a clip/ component, whose ECG and text "
+                         "towers give the signal-level features and the CLIP score")
     if args.labels and not args.model_dir:
         raise ValueError("--labels names the --model-dir models: give them, or drop --labels")
     labels = ev.model_labels(args.model_dir, args.labels) if args.model_dir else []
@@ -811,14 +814,19 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         # Read before the CLIP loads: a wrong kind of input (recorded ECGs given as generated) or a set with no
         # finite ECG is refused first, and before --out is claimed.
         generated = finite_only(read_generated(args.generated))
+    clip_dir, clip_index = ev.find_clip(args.model_dir[0] if args.model_dir else None, args.clip)
+    _check_evaluated_embeddings(args, builder, ev.clip_conditioning(clip_index), clip_dir)
     clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
+    # Everything that changes the report: a dataset prepared again, a CLIP trained again or an edited --rules file
+    # at the same path is another input (the rules by content, the CLIP by its uid); with --generated the seed too
+    # (rFID's draws and the bootstrap intervals), which a model run records with its generator.
     common = {"dataset": os.path.abspath(args.dataset), "split": args.split, "limit": args.limit,
-              "protocol": proto.name, "rules": None if rules is None else [r.name for r in rules.rules],
-              "clip": os.path.abspath(args.clip or args.model_dir[0]), "n_boot": args.n_boot,
-              "dataset_card": card_fingerprint(builder)}  # a dataset prepared again here is another input
+              "protocol": proto.name, "rules": None if rules is None else rules.to_json(),
+              "clip": os.path.abspath(clip_dir), "clip_uid": clip_index.components["clip"].get("uid"),
+              "n_boot": args.n_boot, "dataset_card": card_fingerprint(builder)}
     if args.generated:
         settings = {**common, "generated": os.path.abspath(args.generated),
-                    "generated_content": source_fingerprint(args.generated)}
+                    "generated_content": source_fingerprint(args.generated), "seed": args.seed}
         with output_dir(args.out, command="evaluate", settings=settings, overwrite=args.overwrite) as run:
             report = ev.evaluate_generated(generated, clip, args.dataset, args.split, run.path, proto=proto,
                                            data_dir=args.data_dir, limit=args.limit, rules=rules, n_boot=args.n_boot,
@@ -850,6 +858,29 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     for label, report in reports:
         _print_levels(args.out if len(reports) == 1 else os.path.join(args.out, label), report)
     return 0
+
+
+def _check_evaluated_embeddings(args: argparse.Namespace, builder: Any, clip_conditioning: Any, clip_dir: str) -> None:
+    """Refuse, before any weights load, a U-Net or a CLIP given the dataset's text embeddings when they are not
+    those it was trained on (`data.card.check_embeddings_fit`): each U-Net is conditioned on the split's stored
+    embeddings, and the CLIP score passes them (or those of the samples' prompts found in the split) through the
+    CLIP's text tower. A CLIP that records no conditioning (converted, or trained before CLIPs recorded one) cannot
+    be checked."""
+    from diffusets_jax.data.card import check_embeddings_fit, read_card
+    from diffusets_jax.models import model_dir as model_dirs
+
+    indexes = [(d, model_dirs.read_index(d)) for d in args.model_dir or ()]
+    unets = [(d, index) for d, index in indexes if "unet" in index.components]  # others are refused when loaded
+    if not unets and clip_conditioning is None:
+        return
+    card, data = read_card(builder), f"--dataset {args.dataset}"
+    for d, index in unets:
+        check_embeddings_fit(index.conditioning, card, model=f"the U-Net of --model-dir {d}", data=data,
+                             remedy="evaluate it on a dataset prepared with its embedder and prompt style")
+    if clip_conditioning is not None:
+        flag = "--clip" if args.clip else "--model-dir"
+        check_embeddings_fit(clip_conditioning, card, model=f"the CLIP of {flag} {clip_dir}", data=data,
+                             remedy="give a --clip trained on a dataset with this dataset's embeddings")
 
 
 def _print_levels(out: str, report: dict) -> None:

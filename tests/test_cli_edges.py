@@ -349,6 +349,10 @@ CASES: list[tuple[str, list[str], str]] = [
      "argument --limit: must be a whole number >= 1, got '0'"),
     ("reconstruct-eval-workers-negative", ["reconstruct-eval", "--dataset", "x", "--out", "{w}/new", "--workers", "-2"],
      "argument --workers: must be a whole number >= 1, got '-2'"),
+    # samples come with no CLIP: was "--model-dir None: no such model directory", after the dataset was read
+    ("evaluate-generated-without-clip", ["evaluate", "--generated", "{w}/project/samples.npz", "--dataset", "x",
+                                         "--out", "{w}/new"], "--generated needs --clip DIR: a model directory with a "
+                                                               "clip/ component"),
     ("evaluate-workers-0", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "x", "--out", "{w}/new", "--workers",
                             "0"], "argument --workers: must be a whole number >= 1"),
     ("turing-conditions-limit-negative", ["turing-conditions", "--dataset", "x", "-n", "2", "--seed", "1", "--out",

@@ -15,7 +15,6 @@ from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
 from diffusets_jax.experiments.downstream import (
     METRICS,
     Records,
-    check_model_fits_dataset,
     parse_fractions,
     seed_metrics,
     select_tasks,
@@ -170,13 +169,16 @@ def test_failed_generations_are_left_out_of_the_classifiers_training_sets():
 
 
 def test_model_must_be_conditioned_like_the_dataset():
+    from diffusets_jax.data.card import check_embeddings_fit
+
     card = {"conditioning": ConditioningSpec(EmbedderSpec("local", "all-MiniLM-L6-v2", 384)).to_json()}
-    check_model_fits_dataset(ConditioningSpec(EmbedderSpec("local", "all-MiniLM-L6-v2", 384), "ordered", "faithful"),
-                             card, "model")
+    names = dict(model="the U-Net", data="--dataset d", remedy="use --generated-corpus")
+    check_embeddings_fit(ConditioningSpec(EmbedderSpec("local", "all-MiniLM-L6-v2", 384), "ordered", "faithful"),
+                         card, **names)
     for other in (ConditioningSpec(EmbedderSpec("openai", "text-embedding-ada-002", 1536)),
                   ConditioningSpec(EmbedderSpec("local", "all-MiniLM-L6-v2", 384), "free_text")):
         with pytest.raises(ValueError, match="--generated-corpus"):
-            check_model_fits_dataset(other, card, "model")
+            check_embeddings_fit(other, card, **names)
 
 
 # ---------------------------------------------------------------------------------------------------------------

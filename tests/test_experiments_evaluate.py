@@ -269,3 +269,133 @@ def test_each_model_gets_its_own_label_and_report_folder(tmp_path):
             ev.model_labels([a, b], labels)
     with pytest.raises(ValueError, match="is given twice"):
         ev.model_labels([a, tmp_path / "runs" / "a" / ".." / "a" / "model"])
+
+
+def index_only_models(path, clip_conditioning=None):
+    """A model directory whose index records a VAE, a U-Net conditioned as `tiny_model_dir(text_dim=8)`'s (the tiny
+    dataset's embedder) and a CLIP, with placeholder weights: what is refused must be refused before any load."""
+    from diffusets_jax.diffusion.schedule import DiffusionSpec
+    from diffusets_jax.models import model_dir as model_dirs
+    from diffusets_jax.models.unet import UNet
+    from diffusets_jax.models.vae import VAE
+    from tests.helpers.tiny_models import openai_conditioning
+
+    dim, placeholder = tiny_ecg_dataset.EMBEDDING_DIM, {"params": {"w": np.zeros(1, np.float32)}}
+    model_dirs.write_component(path, "vae", VAE(widths=(16, 16, 16), groups=4, num_res_blocks=1), placeholder,
+                               provenance={"source": "test"})
+    unet = UNet(channels=(8, 16), down_attention_dims=(8, 16), bottleneck_attention_dim=16, up_attention_dims=(32, 16),
+                num_heads=2, bottleneck_heads=2, text_dim=dim)
+    model_dirs.write_component(path, "unet", unet, placeholder, provenance={"source": "test"},
+                               conditioning=openai_conditioning(dim), diffusion=DiffusionSpec())
+    model_dirs.write_component(path, "clip", CLIP(text_dim=dim), placeholder, provenance={"source": "test"},
+                               conditioning=clip_conditioning)
+    return path
+
+
+def with_card_conditioning(dataset, dest, conditioning):
+    """A copy of the dataset folder whose card says its text embeddings were made with `conditioning`."""
+    import shutil
+
+    from diffusets_jax.data.card import CARD_FILE
+
+    shutil.copytree(dataset, dest)
+    card = json.loads((dest / CARD_FILE).read_text())
+    (dest / CARD_FILE).write_text(json.dumps({**card, "conditioning": conditioning.to_json()}))
+    return dest
+
+
+def test_a_model_is_not_evaluated_on_embeddings_of_another_embedder(dataset, tmp_path, capsys, monkeypatch):
+    """A dataset whose stored text embeddings come from another embedder of the same width (or of prompts in
+    another style) used to be evaluated: the U-Net conditioned on, and the CLIP scoring, vectors they never saw.
+    Refused in one line before any weights load, as `diagnose` refuses such latents."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import openai_conditioning
+
+    def no_weights(*_, **__):
+        raise AssertionError("weights were loaded before the embeddings were checked")
+
+    monkeypatch.setattr(model_dirs, "load_component", no_weights)
+    dim = tiny_ecg_dataset.EMBEDDING_DIM
+    other = with_card_conditioning(dataset.data_dir, tmp_path / "other", ConditioningSpec(EmbedderSpec(
+        "openai", "text-embedding-3-small", dim, "openai/text-embedding-3-small/8"), "free_text"))
+    free_text = with_card_conditioning(dataset.data_dir, tmp_path / "free_text", ConditioningSpec(
+        EmbedderSpec("openai", f"fake-embedding-{dim}", dim), "free_text"))
+    models = index_only_models(tmp_path / "models")
+    for data in (other, free_text):
+        assert main(["evaluate", "--model-dir", str(models), "--dataset", str(data), "--split", "validation",
+                     "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--dataset {data} holds openai" in err
+        assert f"but the U-Net of --model-dir {models} was conditioned on openai 'fake-embedding-{dim}'" in err
+    # A CLIP that records what its text tower learnt from is checked too, also with --generated (the split's
+    # embeddings of the samples' prompts go through it); one that records nothing cannot be.
+    np.savez(tmp_path / "g.npz", ecg=np.zeros((2, 1024, 12), np.float32))
+    clip_dir = index_only_models(tmp_path / "clip", clip_conditioning=openai_conditioning(dim))
+    assert main(["evaluate", "--generated", str(tmp_path / "g.npz"), "--clip", str(clip_dir), "--dataset",
+                 str(other), "--split", "validation", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"but the CLIP of --clip {clip_dir} was conditioned on" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(AssertionError, match="weights were loaded"):  # the matching dataset goes on to load them
+        main(["evaluate", "--generated", str(tmp_path / "g.npz"), "--clip", str(clip_dir), "--dataset",
+              str(dataset.data_dir), "--split", "validation", "--out", str(tmp_path / "out")])
+
+
+def test_a_rerun_with_another_seed_or_edited_rules_is_refused(clip, dataset, tmp_path, capsys):
+    """A finished --generated report was replaced by a rerun with another --seed (rFID's draws, the bootstrap
+    intervals) or an edited --rules file (recorded by name only): both change the report, so both are another run."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.models import model_dir as model_dirs
+
+    model_dirs.write_component(tmp_path / "clip", "clip", clip[0], clip[1], provenance={"source": "test"})
+    examples = [tiny_ecg_dataset.example(1000 + i) for i in range(6)]
+    np.savez(tmp_path / "g.npz", ecg=np.stack([e["ecg"] for e in examples]),
+             prompt=np.array([e["prompt"] for e in examples]), heart_rate=np.array([e["heart_rate"] for e in examples]))
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"rules": [{"name": "sn", "any": ["sinus"]}]}))
+    out = tmp_path / "out"
+    args = ["evaluate", "--generated", str(tmp_path / "g.npz"), "--clip", str(tmp_path / "clip"), "--dataset",
+            str(dataset.data_dir), "--split", "validation", "--rules", str(rules), "--n-boot", "20", "--workers", "1",
+            "--out", str(out)]
+    assert main(args) == 0
+    report = (out / "report.json").read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--seed", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "with other settings (seed: 0 -> 5)" in err
+    rules.write_text(json.dumps({"rules": [{"name": "sn", "any": ["sinus rhythm"]}]}))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "with other settings (rules: " in err
+    assert (out / "report.json").read_bytes() == report
+
+
+def test_samples_without_a_text_are_scored_without_numpy_warnings(clip, dataset, tmp_path):
+    """Samples whose prompts the split does not hold have no text for the CLIP score: their empty selection was
+    scored at every level, then dropped, and a normal run printed numpy's "Mean of empty slice" and "invalid value
+    encountered in divide"."""
+    import warnings
+
+    examples = [tiny_ecg_dataset.example(1000 + i) for i in range(6)]
+    ecg = np.stack([e["ecg"] for e in examples])
+    heart_rate = np.array([e["heart_rate"] for e in examples])
+    np.savez(tmp_path / "none.npz", ecg=ecg, prompt=np.array([f"unseen {i}" for i in range(6)]), heart_rate=heart_rate)
+    np.savez(tmp_path / "some.npz", ecg=ecg, heart_rate=heart_rate,
+             prompt=np.array([e["prompt"] for e in examples[:4]] + ["unseen 0", "unseen 1"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        none = ev.evaluate_generated(read_generated(tmp_path / "none.npz"), clip, dataset.data_dir, "validation",
+                                     tmp_path / "none", n_boot=20)
+        some = ev.evaluate_generated(read_generated(tmp_path / "some.npz"), clip, dataset.data_dir, "validation",
+                                     tmp_path / "some", n_boot=20)
+    assert none["diagnostic_level"] == {"samples_without_text": 6} and none["signal_level"]["n_generated"] == 6
+    assert some["diagnostic_level"]["samples_without_text"] == 2 and some["signal_level"]["n_generated"] == 6
+    # The CLIP score is that of the four samples with a text, alone.
+    np.savez(tmp_path / "four.npz", ecg=ecg[:4], heart_rate=heart_rate[:4],
+             prompt=np.array([e["prompt"] for e in examples[:4]]))
+    four = ev.evaluate_generated(read_generated(tmp_path / "four.npz"), clip, dataset.data_dir, "validation",
+                                 tmp_path / "four", n_boot=20)
+    assert four["diagnostic_level"]["clip_score_generated"] == pytest.approx(
+        some["diagnostic_level"]["clip_score_generated"])

@@ -358,7 +358,7 @@ def test_bad_inputs_get_one_line_and_real_conditions_are_optional(inputs, tmp_pa
          r"leads.npz: 'ecg' has shape \(2, 1024, 11\); expected \(n, samples, 12\)"),
         (_npz(tmp_path / "ragged.npz", **{**good, "age": np.array([1.0])}), True, r"'age' has 1 entries for 2 ECGs"),
         (_npz(tmp_path / "sex.npz", **{**good, "sex": np.array([1, 2])}), False,
-         r"--real sex.npz \[1\]: sex: 2 is not a sex code"),
+         r"sex.npz: 'sex'\[1\]: 2 is not a sex code"),  # refused when read (io.generated)
         (_npz(tmp_path / "age.npz", **{**good, "age": np.array([50.0, 300.0])}), True,
          r"--generated age.npz \[1\]: age is 300"),
     ]

@@ -100,3 +100,54 @@ def test_the_source_fingerprint_follows_the_content_not_the_path(tmp_path):
     assert source_fingerprint(folder) == before
     write_records(folder, _ecgs(2, seed=3), ["s0", "s1"], [{}, {}])
     assert source_fingerprint(folder) != before
+
+
+def test_an_unfinished_sample_run_is_refused(tmp_path):
+    """A `sample` run killed midway (its batches in .parts/, some WFDB records, no manifest, its run record still
+    "running") was read through its WFDB records and scored as if it were the whole set."""
+    import json
+
+    folder = tmp_path / "samples"
+    write_records(folder / "wfdb", _ecgs(2), ["s0", "s1"], [{}, {}])
+    (folder / ".parts").mkdir()
+    np.savez(folder / ".parts" / "batch-000000.npz", ecg=_ecgs(2))
+    (folder / ".diffusets-run.json").write_text(json.dumps({"command": "sample", "status": "running"}))
+    with pytest.raises(ValueError, match=r"is an unfinished `diffusets-jax sample` run .* rerun the same sample "
+                                         "command to finish it"):
+        read_generated(folder)
+    (folder / ".diffusets-run.json").write_text(json.dumps({"command": "sample", "status": "complete"}))
+    assert read_generated(folder).ecg.shape == (2, 1024, 12)  # finished (here without an NPZ): its records
+
+
+def test_a_damaged_npz_or_a_bad_field_is_one_line_naming_the_file_and_field(tmp_path):
+    """A garbled NPZ was a BadZipFile traceback, a single heart rate for every ECG "len() of unsized object", and
+    sex spelt M/F (as the conditions files spell it) "invalid literal for int()" naming no file or field."""
+    (tmp_path / "garbled.npz").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(ValueError, match=r"garbled.npz: not a readable .npz"):
+        read_generated(tmp_path / "garbled.npz")
+    np.save(tmp_path / "array.npy", _ecgs(1))
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+    with pytest.raises(ValueError, match=r"array.npz: not a readable .npz \(an .npy array"):
+        read_generated(tmp_path / "array.npz")
+    np.savez(tmp_path / "scalar.npz", ecg=_ecgs(4), heart_rate=np.array(70.0))
+    with pytest.raises(ValueError, match=r"scalar.npz: 'heart_rate' is a single value; give one per ECG \(4\)"):
+        read_generated(tmp_path / "scalar.npz")
+    np.savez(tmp_path / "words.npz", ecg=_ecgs(4), sex=np.array(["M", "female", "", "1"]),
+             age=np.array(["50", "61.5", "", "70"]))
+    got = read_generated(tmp_path / "words.npz")
+    assert got.sex.tolist() == [1, 0, -1, 1] and got.age[[0, 1, 3]].tolist() == [50.0, 61.5, 70.0]
+    assert np.isnan(got.age[2])
+    np.savez(tmp_path / "bad_sex.npz", ecg=_ecgs(2), sex=np.array(["M", "X"]))
+    with pytest.raises(ValueError, match=r"bad_sex.npz: 'sex'\[1\]: cannot parse 'X' \(allowed: M, F, male"):
+        read_generated(tmp_path / "bad_sex.npz")
+    np.savez(tmp_path / "bad_age.npz", ecg=_ecgs(2), age=np.array(["50", "fifty"]))
+    with pytest.raises(ValueError, match=r"bad_age.npz: 'age'\[1\] is 'fifty', not a number"):
+        read_generated(tmp_path / "bad_age.npz")
+
+
+def test_a_set_without_ecgs_is_refused_when_read(tmp_path):
+    """An NPZ of shape (0, 1024, 12) got through to `evaluate`, which claimed its output folder and measured the
+    whole real split before failing with "no inputs given"."""
+    np.savez(tmp_path / "empty.npz", ecg=np.zeros((0, 1024, 12), np.float32))
+    with pytest.raises(ValueError, match=r"--generated .*empty.npz holds no ECGs"):
+        read_generated(tmp_path / "empty.npz")

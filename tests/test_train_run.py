@@ -42,6 +42,9 @@ def test_train_clip_cli_end_to_end_then_resume_and_export(tmp_path, capsys):
     assert provenance["dataset"]["name"] == "tiny_ecg" and provenance["dataset"]["split"] == "validation"
     assert provenance["dataset"]["examples"] == tiny_ecg_dataset.SPLIT_SIZES["validation"]
     assert provenance["run"]["step"] == 4 and provenance["code"]["package_version"]
+    # What its text tower learnt from, which `evaluate` checks a dataset's embeddings against.
+    conditioning = read_index(workdir / "model").components["clip"]["conditioning"]
+    assert conditioning["embedder"]["model"] == f"fake-embedding-{tiny_ecg_dataset.EMBEDDING_DIM}"
     assert list((workdir / "tensorboard").iterdir())
 
     # Extend the same run to 6 steps: it resumes at step 4 from the checkpoint and the data position.

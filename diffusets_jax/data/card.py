@@ -101,6 +101,32 @@ def card_conditioning(card: dict[str, Any], where: str = "dataset card") -> Cond
     return ConditioningSpec.from_json(card["conditioning"], where)
 
 
+def check_embeddings_fit(conditioning: ConditioningSpec | None, card: dict[str, Any], *, model: str, data: str,
+                         remedy: str) -> None:
+    """Refuse in one line a model (a U-Net; a CLIP that records its text conditioning) given a dataset's stored text
+    embeddings made otherwise than those it was trained on. The vectors are passed to it as they are, so another
+    embedder's, even of the same width, or embeddings of prompts in another style are inputs it never saw, and
+    whatever it computes from them means nothing. The same embedder is the same kind, model and width, and the
+    same id where both record one; the prompt style must match too. `model` and `data` name the two in the message
+    ("the U-Net of --model-dir M", "--dataset D"); `remedy` says what to do."""
+    if conditioning is None:
+        raise ValueError(f"{model} records no text conditioning, so it cannot be checked that {data} holds the text "
+                         "embeddings it was trained on: write it again with this version")
+    theirs = card_conditioning(card, data)
+    mine, stored = conditioning.embedder, theirs.embedder
+    same = (mine.kind, mine.model, mine.dim) == (stored.kind, stored.model, stored.dim) and not (
+        mine.embedder_id and stored.embedder_id and mine.embedder_id != stored.embedder_id)
+    if same and conditioning.prompt_style == theirs.prompt_style:
+        return
+    raise ValueError(f"{data} holds {_embedder_name(stored)} embeddings of {theirs.prompt_style} prompts, but {model} "
+                     f"was conditioned on {_embedder_name(mine)} embeddings of {conditioning.prompt_style} prompts: "
+                     f"{remedy}")
+
+
+def _embedder_name(embedder: EmbedderSpec) -> str:
+    return f"{embedder.kind} {embedder.model!r} ({embedder.embedder_id or f'{embedder.dim}-d'})"
+
+
 def _legacy_prepared_card(builder: Any) -> dict[str, Any] | None:
     """A card for a dataset prepared by a data_prep builder before cards existed, from its builder config."""
     from diffusets_jax.data import sources

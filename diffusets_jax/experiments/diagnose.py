@@ -46,7 +46,13 @@ import numpy as np
 
 from diffusets_jax import parallel
 from diffusets_jax.diffusion.guidance import fixed_null_condition
-from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, resolve_for_model, unet_model_fn
+from diffusets_jax.diffusion.samplers import (
+    SamplerConfig,
+    jit_generate,
+    resolve_for_model,
+    sampler_timesteps,
+    unet_model_fn,
+)
 from diffusets_jax.diffusion.schedule import (
     DiffusionSpec,
     NoiseSchedule,
@@ -437,7 +443,7 @@ def check_inputs(model_dir: str | os.PathLike, latents: str | os.PathLike, split
     dataset and split, the VAE that encoded the latents (refused when it is not the U-Net's) and their text
     embeddings (refused when not the U-Net's embedder's)."""
     from diffusets_jax.data import pipeline
-    from diffusets_jax.data.card import card_conditioning, read_card
+    from diffusets_jax.data.card import check_embeddings_fit, read_card
     from diffusets_jax.models import model_dir as model_dirs
 
     model_dir = Path(model_dir)
@@ -487,12 +493,8 @@ def check_inputs(model_dir: str | os.PathLike, latents: str | os.PathLike, split
     if width != text_dim:
         raise ValueError(f"--latents {latents} hold {width}-d text embeddings but the U-Net takes {text_dim}-d ones: "
                          "they were not made for this U-Net")
-    theirs, ours = card_conditioning(card, str(latents)).embedder, index.conditioning.embedder
-    if (theirs.kind, theirs.model, theirs.dim) != (ours.kind, ours.model, ours.dim) or (
-            theirs.embedder_id and ours.embedder_id and theirs.embedder_id != ours.embedder_id):
-        raise ValueError(f"--latents {latents} hold text embeddings of {theirs.model!r} ({theirs.embedder_id or theirs.kind}) "
-                         f"but the U-Net was conditioned on {ours.model!r} ({ours.embedder_id or ours.kind}): "
-                         "diagnose it on latents with its own embeddings")
+    check_embeddings_fit(index.conditioning, card, model=f"the U-Net of {model_dir}", data=f"--latents {latents}",
+                         remedy="diagnose it on latents with its own embeddings")
     return DiagnosisInputs(model_dir, index, builder, card, split, timesteps, tuple(warnings))
 
 
@@ -541,6 +543,9 @@ def diagnose(model_dir: str | os.PathLike, latents: str | os.PathLike, out_dir: 
     inputs = check_inputs(model_dir, latents, split, timesteps)
     index = inputs.index
     sampler = resolve_for_model(sampler if sampler is not None else SamplerConfig(), index.diffusion)
+    # Settings the model's schedule cannot run (more steps than it has timesteps) are known from the index alone,
+    # as `sample` checks them: refused now, not after the denoising pass with the output folder claimed.
+    sampler_timesteps(sampler, make_schedule(index.diffusion.schedule))
     with_unconditional = _trained_with_condition_dropout(index.components["unet"])
     components = {name: {k: entry.get(k) for k in ("uid", "vae_uid") if k in entry}
                   for name, entry in index.components.items()}

@@ -215,26 +215,6 @@ def subsample_minority(labels: np.ndarray, minority: int, fraction: float, rng: 
 # Generated ECGs
 
 
-def check_model_fits_dataset(model_conditioning: Any, dataset_card: Mapping[str, Any], where: str) -> None:
-    """Refuse a model whose U-Net was conditioned on other text embeddings than the dataset stores: the dataset's
-    vectors are passed to it as they are."""
-    from diffusets_jax.data.card import card_conditioning
-
-    if model_conditioning is None:
-        raise ValueError(f"{where}: the model directory records no conditioning for its U-Net")
-    data = card_conditioning(dataset_card, "dataset card")
-    mine, theirs = model_conditioning.embedder, data.embedder
-    same = (mine.kind, mine.model, mine.dim) == (theirs.kind, theirs.model, theirs.dim)
-    if same and mine.embedder_id and theirs.embedder_id:
-        same = mine.embedder_id == theirs.embedder_id
-    if not same or model_conditioning.prompt_style != data.prompt_style:
-        raise ValueError(
-            f"{where}: its U-Net was conditioned on {mine.kind} {mine.model!r} ({mine.dim}-d) embeddings of "
-            f"{model_conditioning.prompt_style} prompts, but the dataset stores {theirs.kind} {theirs.model!r} "
-            f"({theirs.dim}-d) embeddings of {data.prompt_style} prompts: use a dataset prepared with the model's "
-            "embedder, or write a corpus with `diffusets-jax sample --corpus` and pass --generated-corpus")
-
-
 def generate_from_records(generator: Any, records: Records, indices: np.ndarray, noise_offset: int,
                           progress: bool = True, desc: str = "generating") -> np.ndarray:
     """ECGs `(len(indices), 1024, 12)` float32 mV, one from each record's conditions (its stored text embedding,
@@ -574,7 +554,12 @@ def run_downstream(
 
         index = model_dirs.read_index(model_dir)
         model_dirs.require(index, model_dir, "vae", "unet")
-        check_model_fits_dataset(index.conditioning, card, f"--model-dir {model_dir}")
+        from diffusets_jax.data.card import check_embeddings_fit
+
+        check_embeddings_fit(index.conditioning, card, model=f"the U-Net of --model-dir {model_dir}",
+                             data=f"--dataset {builder.data_dir}",
+                             remedy="use a dataset prepared with the model's embedder, or write a corpus with "
+                                    "`diffusets-jax sample --corpus` and pass --generated-corpus")
     settings = settings_of(dataset=builder.data_dir, data_dir=None, rules=rules, arms=arms, seeds=seeds, ratio=ratio,
                            minority_fraction=minority_fraction, config=config, model_dir=model_dir,
                            generated_corpus=generated_corpus, sampler=sampler, resplit=resplit, limit=limit,

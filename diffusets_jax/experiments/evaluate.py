@@ -172,8 +172,10 @@ def load_split(dataset: Any, split: str, *, data_dir: str | os.PathLike | None =
             **{k: (np.stack(v) if k not in ("prompt", "report_lines") else v) for k, v in columns.items()}}
 
 
-def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike | None) -> tuple[Any, Any]:
-    """The feature extractor: `clip_dir`'s CLIP when given, else the model directory's own `clip` component."""
+def find_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike | None) -> tuple[str, Any]:
+    """The model directory whose `clip` component is the feature extractor (`clip_dir` when given, else
+    `model_dir`) and its index, checked from the index alone: cheap, so a command finds a wrong one before any
+    weights load or its output folder is claimed."""
     from diffusets_jax.models import model_dir as model_dirs
 
     source = clip_dir if clip_dir is not None else model_dir
@@ -184,6 +186,23 @@ def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike |
         raise FileNotFoundError(f"{flag} {source}: no such model directory (it must hold a clip/ component)")
     index = model_dirs.read_index(source)
     model_dirs.require(index, source, "clip")
+    return os.fspath(source), index
+
+
+def clip_conditioning(index: Any) -> Any:
+    """The text conditioning a CLIP was trained on (`conditioning.spec.ConditioningSpec`), when its entry records
+    one (`train clip` does; a converted CLIP does not); else None."""
+    from diffusets_jax.conditioning.spec import ConditioningSpec
+
+    recorded = index.components["clip"].get("conditioning")
+    return None if recorded is None else ConditioningSpec.from_json(recorded, "the clip entry of model_index.json")
+
+
+def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike | None) -> tuple[Any, Any]:
+    """The feature extractor: `clip_dir`'s CLIP when given, else the model directory's own `clip` component."""
+    from diffusets_jax.models import model_dir as model_dirs
+
+    source, _ = find_clip(model_dir, clip_dir)
     return model_dirs.load_component(source, "clip")
 
 
@@ -258,11 +277,7 @@ def score(real: Mapping[str, Any], generated: Mapping[str, Any], *, pairs: np.nd
     feature = {"method": proto.heart_rate_method, **_hr_mae(generated["heart_rate"], condition_hr)}
     if pairs is not None:
         feature["heart_rate_mae_real_bpm"] = _hr_mae(real["heart_rate"][pairs], condition_hr)["heart_rate_mae_bpm"]
-    diagnostic: dict[str, Any] = {}
-    if text_features is not None:
-        diagnostic["clip_score_generated"] = clip_score(generated["features"], text_features).mean
-        if pairs is not None:
-            diagnostic["clip_score_real"] = clip_score(real["features"][pairs], text_features).mean
+    diagnostic = _diagnostic_level(real, generated, pairs=pairs, text_features=text_features)
     amplitude = {
         "lead_std_mv": {lead: {"real": float(r), "generated": float(g)} for lead, r, g in zip(
             STANDARD_LEADS, real["lead_std"].mean(axis=0), generated["lead_std"].mean(axis=0), strict=True)},
@@ -273,6 +288,18 @@ def score(real: Mapping[str, Any], generated: Mapping[str, Any], *, pairs: np.nd
                                     condition_hr, subject_ids, n_boot=n_boot, seed=seed)
     return {"signal_level": signal, "feature_level": feature, "diagnostic_level": diagnostic,
             "amplitude": amplitude, "clinical": clinical}
+
+
+def _diagnostic_level(real: Mapping[str, Any], generated: Mapping[str, Any], *, pairs: np.ndarray | None,
+                      text_features: np.ndarray | None) -> dict[str, Any]:
+    """The CLIP score of the generated rows against their texts' features (and of their real records when paired);
+    nothing without text."""
+    diagnostic: dict[str, Any] = {}
+    if text_features is not None:
+        diagnostic["clip_score_generated"] = clip_score(generated["features"], text_features).mean
+        if pairs is not None:
+            diagnostic["clip_score_real"] = clip_score(real["features"][pairs], text_features).mean
+    return diagnostic
 
 
 def score_by_condition(real: Mapping[str, Any], generated: Mapping[str, Any], groups: Mapping[str, Sequence[int]],
@@ -615,13 +642,15 @@ def evaluate_generated(
     else:
         have = np.ones(len(generated.ecg), bool)
     text_features = None if embeddings is None else clip_text_features(module, variables, embeddings)
-    summary = score(real_m, _take(gen_m, np.flatnonzero(have)) if missing_text else gen_m, pairs=None,
-                    condition_hr=generated.heart_rate[have] if missing_text else generated.heart_rate,
-                    text_features=text_features, subject_ids=None, proto=proto, seed=seed, n_boot=n_boot)
-    if missing_text:  # the levels that do not need text are computed over every sample
-        full = score(real_m, gen_m, pairs=None, condition_hr=generated.heart_rate, text_features=None,
-                     subject_ids=None, proto=proto, seed=seed, n_boot=n_boot)
-        summary = {**full, "diagnostic_level": {**summary["diagnostic_level"], "samples_without_text": missing_text}}
+    # Every level but the CLIP score is computed over every sample; the CLIP score over those with a text, and not
+    # at all when none has one (scoring an empty selection only to drop it printed numpy's warnings).
+    summary = score(real_m, gen_m, pairs=None, condition_hr=generated.heart_rate,
+                    text_features=None if missing_text else text_features, subject_ids=None, proto=proto, seed=seed,
+                    n_boot=n_boot)
+    if missing_text:
+        summary["diagnostic_level"] = {
+            **_diagnostic_level(real_m, _take(gen_m, np.flatnonzero(have)), pairs=None, text_features=text_features),
+            "samples_without_text": missing_text}
     report = {"protocol": dataclasses.asdict(proto),
               "settings": {"generated": generated.source, "dataset": str(dataset), "split": split,
                            "samples": len(generated.ecg), "samples_skipped": generated.skipped}, **summary}

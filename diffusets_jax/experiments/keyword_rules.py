@@ -89,6 +89,10 @@ class RuleSet:
         """`(n,)` bool: the reports every rule leaves out (`skip_reports_with`)."""
         return np.array([self.skipped(report_text(r)) for r in reports], dtype=bool)
 
+    def to_json(self) -> dict[str, Any]:
+        """The rule set as a rule file: what a run that uses it records of it (an edited file is another input)."""
+        return {"rules": [rule.to_json() for rule in self.rules], "skip_reports_with": list(self.skip_reports_with)}
+
     def select(self, names: Sequence[str]) -> RuleSet:
         known = {r.name: r for r in self.rules}
         unknown = [n for n in names if n not in known]

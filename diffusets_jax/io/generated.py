@@ -65,21 +65,35 @@ def _number(value: Any) -> float:
 
 
 def _sex_code(value: Any) -> int:
-    text = str(value).strip().lower()
-    return {"m": 1, "male": 1, "1": 1, "f": 0, "female": 0, "0": 0}.get(text, -1)
+    """A WFDB header's sex as a code, -1 where it is absent or unreadable (headers are not refused one by one)."""
+    from diffusets_jax.conditioning.patient import parse_sex
+
+    try:
+        return parse_sex(value)
+    except ValueError:
+        return -1
 
 
 def read_generated(path: str | os.PathLike, flag: str = "--generated", kind: str = "corpus") -> GeneratedSet:
     """Read generated ECGs and their conditions from an NPZ, a WFDB folder or a dataset folder (module docstring).
     `flag`: the option that named `path`, for error messages. `kind`: what a dataset folder must be by its card,
     "corpus" (generated ECGs) or "prepared" (recorded ones, where a command reads real ECGs this way)."""
-    from diffusets_jax.data.card import check_dataset_kind
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{flag} {path} does not exist")
+    generated = _read_any(path, flag, kind)
+    if not len(generated.ecg):  # refused here, before a command claims its output folder or measures anything
+        raise ValueError(f"{flag} {path} holds no ECGs: there is nothing to score or show; give a set with at least one")
+    return generated
+
+
+def _read_any(path: Path, flag: str, kind: str) -> GeneratedSet:
+    from diffusets_jax.data.card import check_dataset_kind
+
     if path.is_file() and path.suffix.lower() == ".npz":
         return _read_npz(path)
+    if path.is_dir():
+        _refuse_unfinished_sample_run(path, flag)
     if path.is_dir() and (path / "dataset_info.json").is_file():
         check_dataset_kind(path, kind, flag)
         return _read_dataset(path, flag)
@@ -147,6 +161,24 @@ def _sample_npz_files(folder: Path) -> list[Path] | None:
     return [folder / name for name in read_json(folder / MANIFEST, "sample manifest").get("npz") or []]
 
 
+def _refuse_unfinished_sample_run(folder: Path, flag: str) -> None:
+    """One line for a `sample` run's folder that it has not finished (killed, or running now): it holds the ECGs
+    of some batches (`.parts/`, maybe WFDB records) but no manifest, and scoring those as the set would score a
+    part of it as if it were the whole."""
+    from diffusets_jax.io.files import read_json
+    from diffusets_jax.io.run_dir import RUN_FILE
+
+    record_path = folder / RUN_FILE
+    if not record_path.is_file():
+        return
+    record = read_json(record_path, "run record")
+    command = str(record.get("command", "")) if isinstance(record, dict) else ""
+    if command.split(" ")[0] == "sample" and record.get("status") != "complete":
+        raise ValueError(f"{flag} {folder} is an unfinished `diffusets-jax {command}` run (killed, or still running: "
+                         f"its run record says {record.get('status')!r}): rerun the same sample command to finish it, "
+                         "then score it")
+
+
 def _read_sample_folder(folder: Path, npz_files: list[Path], flag: str) -> GeneratedSet:
     if not npz_files:
         raise ValueError(f"{flag} {folder}: this sample run wrote no NPZ (--formats without npz); give its wfdb/ "
@@ -166,18 +198,28 @@ def _read_sample_folder(folder: Path, npz_files: list[Path], flag: str) -> Gener
 
 
 def _read_npz(path: Path) -> GeneratedSet:
+    import zipfile
+    import zlib
+
     try:
-        data = dict(np.load(path, allow_pickle=False))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable .npz ({err})") from None
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # a .npy array under an .npz name
+            raise ValueError("an .npy array, not an .npz archive of named arrays")
+        data = dict(archive)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # garbled, truncated, not a zip
+        raise ValueError(f"{path}: not a readable .npz ({err}): give one written by numpy.savez") from None
     if "ecg" not in data:
         raise ValueError(f"{path}: no 'ecg' array (expected ecg (n, samples, 12) in mV, standard lead order)")
     ecg = np.asarray(data["ecg"])
     if ecg.ndim != 3 or ecg.shape[2] != NUM_LEADS:
         raise ValueError(f"{path}: 'ecg' has shape {ecg.shape}; expected (n, samples, {NUM_LEADS})")
     n = len(ecg)
-    for key in ("report", "prompt", "sex", "age", "heart_rate"):
-        if key in data and len(data[key]) != n:
+    for key in ("report", "prompt", "sex", "age", "heart_rate", "text_embedding"):
+        if key not in data:
+            continue
+        if data[key].ndim == 0:
+            raise ValueError(f"{path}: '{key}' is a single value; give one per ECG ({n})")
+        if len(data[key]) != n:
             raise ValueError(f"{path}: '{key}' has {len(data[key])} entries for {n} ECGs")
     if "report" in data:
         reports = [tuple(report_lines(str(r))) for r in data["report"]]
@@ -186,14 +228,52 @@ def _read_npz(path: Path) -> GeneratedSet:
     else:
         reports = [()] * n
     prompts = [str(p) for p in data["prompt"]] if "prompt" in data else ["|".join(r) for r in reports]
-    sex = np.asarray(data["sex"], np.int64) if "sex" in data else np.full(n, -1)
-    age = np.asarray(data["age"], np.float64) if "age" in data else np.full(n, np.nan)
-    hr = np.asarray(data["heart_rate"], np.float64) if "heart_rate" in data else np.full(n, np.nan)
+    sex = _sex_codes(data["sex"], f"{path}: 'sex'") if "sex" in data else np.full(n, -1)
+    age = _numbers(data["age"], f"{path}: 'age'") if "age" in data else np.full(n, np.nan)
+    hr = _numbers(data["heart_rate"], f"{path}: 'heart_rate'") if "heart_rate" in data else np.full(n, np.nan)
     ecgs = np.stack([_to_time_base(e, f"{path} ecg[{i}]") for i, e in enumerate(ecg)]) if n else np.zeros(
         (0, ECG_LENGTH, NUM_LEADS), np.float32)
     return GeneratedSet(ecgs.astype(np.float32), reports, prompts, sex, age, hr,
-                        np.asarray(data["text_embedding"], np.float32) if "text_embedding" in data else None,
+                        _numbers(data["text_embedding"], f"{path}: 'text_embedding'").astype(np.float32)
+                        if "text_embedding" in data else None,
                         str(path), statements="report" in data)
+
+
+def _sex_codes(values: np.ndarray, where: str) -> np.ndarray:
+    """An NPZ's sex entries as codes (1 male, 0 female, -1 unknown), spelt as a conditions file may spell them
+    (`conditioning.patient.parse_sex`: M/F/male/female/1/0, any case); a missing entry (empty, NaN) or -1 is
+    unknown. Anything else is one line naming the entry."""
+    from diffusets_jax.conditioning.patient import MissingPatientValue, parse_sex
+
+    codes = np.full(len(values), -1, np.int64)
+    for i, value in enumerate(values.tolist()):
+        try:
+            codes[i] = -1 if value == -1 else parse_sex(value, field=f"{where}[{i}]")  # names the allowed spellings
+        except MissingPatientValue:
+            pass
+    return codes
+
+
+def _numbers(values: np.ndarray, where: str) -> np.ndarray:
+    """An NPZ's numeric entries (ages, heart rates, embeddings) as float64; a missing one (an empty string) is NaN,
+    one that is no number is one line naming the entry."""
+    try:
+        return np.asarray(values, np.float64)
+    except (TypeError, ValueError):
+        pass
+    flat = np.asarray(values).reshape(-1).tolist()
+    numbers = np.empty(len(flat))
+    for i, value in enumerate(flat):
+        if isinstance(value, str) and value.strip() == "":
+            numbers[i] = np.nan
+            continue
+        try:
+            numbers[i] = float(value)
+        except (TypeError, ValueError):
+            index = np.unravel_index(i, np.shape(values))
+            raise ValueError(f"{where}[{', '.join(map(str, index))}] is {value!r}, not a number: give numbers, NaN "
+                             "where unknown") from None
+    return numbers.reshape(np.shape(values))
 
 
 def _read_wfdb(folder: Path, records: list[Path], flag: str) -> GeneratedSet:
@@ -245,6 +325,9 @@ def _read_dataset(folder: Path, flag: str) -> GeneratedSet:
             if key in example:
                 columns[key].append(example[key])
     n = len(columns["ecg"])
+    if not n:
+        return GeneratedSet(np.zeros((0, ECG_LENGTH, NUM_LEADS), np.float32), [], [], np.zeros(0, np.int64),
+                            np.zeros(0), np.zeros(0), None, str(folder))
     return GeneratedSet(
         np.stack(columns["ecg"]).astype(np.float32),
         [tuple(line.decode() for line in lines) for lines in columns["report_lines"]] or [()] * n,

@@ -195,7 +195,8 @@ def write_component(directory: str | os.PathLike, name: str, module: Any, variab
     An existing `name` is replaced only as `check_component_writable` allows (the training run in
     `provenance["run"]["workdir"]` replaces its own export; anything else needs `overwrite`). A U-Net needs
     `conditioning` (with its patient-feature mode) and `diffusion`; `vae_uid` names the VAE whose latents it was
-    trained on when known. Returns the component's folder.
+    trained on when known. A CLIP may be given the `conditioning` of its training data, kept in its own entry.
+    Returns the component's folder.
     """
     if name not in COMPONENTS:
         raise ValueError(f"model component must be one of {', '.join(COMPONENTS)}, got {name!r}")
@@ -209,6 +210,10 @@ def write_component(directory: str | os.PathLike, name: str, module: Any, variab
                              "provenance": {**stamp(), **provenance}}
     if name == "vae":
         entry["latent_shape"] = [ECG_LENGTH // int(module.downsampling), int(module.latent_channels)]
+    if name == "clip" and conditioning is not None:
+        # The index's own `conditioning` is the U-Net's; a CLIP's text tower was trained on its dataset's
+        # embeddings, which may be another embedder's: recorded with it, so `evaluate` can check what it is given.
+        entry["conditioning"] = conditioning.to_json()
     if name == "unet":
         entry.update(text_dim=int(module.text_dim), latent_channels=int(module.latent_channels), vae_uid=vae_uid)
         if conditioning.embedder.dim != int(module.text_dim):

@@ -423,8 +423,12 @@ def export_state(model: str, task: Task, config: ml_collections.ConfigDict, stat
     variables = {"params": jax.device_get(state.eval_params()), **jax.device_get(state.model_state)}
     provenance = {"source": "trained", "dataset": dataset, "run": run, "config": config_dict}
     if model != "unet":
+        from diffusets_jax.data.card import card_conditioning, read_card
+
+        # A CLIP records the embeddings its text tower learnt from (evaluate checks a dataset's against them).
+        conditioning = card_conditioning(read_card(builder), str(builder.data_dir)) if model == "clip" else None
         path = model_dirs.write_component(model_dir, model, task.model, variables, provenance=provenance,
-                                          overwrite=overwrite)
+                                          conditioning=conditioning, overwrite=overwrite)
     else:
         from diffusets_jax.data.card import card_conditioning, read_card
         from diffusets_jax.data.latents import measure_latent_moments

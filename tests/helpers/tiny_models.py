@@ -17,7 +17,7 @@ from diffusets_jax.models.vae import VAE
 from diffusets_jax.parallel import jit_run_once
 
 TEXT_DIM = 16
-FAKE_EMBEDDER = "fake-embedding-16"
+FAKE_EMBEDDER = f"fake-embedding-{TEXT_DIM}"  # the name `openai_conditioning()` records
 
 
 def tiny_vae_unet(text_dim: int = TEXT_DIM):
@@ -35,8 +35,10 @@ def tiny_vae_unet(text_dim: int = TEXT_DIM):
 
 def openai_conditioning(text_dim: int = TEXT_DIM, patient_features: str = "normalised",
                         prompt_style: str = "ordered") -> ConditioningSpec:
-    """An OpenAI-compatible embedder (tests point it at tests.helpers.fake_openai_server) of `text_dim` width."""
-    embedder = EmbedderSpec("openai", FAKE_EMBEDDER, text_dim, embedder_id=f"openai/{FAKE_EMBEDDER}/{text_dim}")
+    """An OpenAI-compatible embedder (tests point it at tests.helpers.fake_openai_server) of `text_dim` width, named
+    for its width as `tiny_ecg_dataset`'s is: a tiny model of that width fits the dataset's recorded embeddings."""
+    name = f"fake-embedding-{text_dim}"
+    embedder = EmbedderSpec("openai", name, text_dim, embedder_id=f"openai/{name}/{text_dim}")
     return ConditioningSpec(embedder, prompt_style, patient_features)
 
 
