@@ -4,12 +4,14 @@ answers, and `reconstruct-eval` end to end on the tiny prepared dataset with a t
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import scipy.stats
 
 from diffusets_jax.cli import main
+from diffusets_jax.data.card import CARD_FILE
 from diffusets_jax.experiments import reconstruction as rec
 from tests.helpers import tiny_ecg_dataset
 from tests.helpers.cli import exit_code
@@ -107,6 +109,17 @@ def test_reconstruct_eval_command_on_tiny_data(dataset, tmp_path, capsys):
     assert main(args) == 0  # the finished run is returned, not redone
     assert exit_code([*args[:-2], "--n-boot", "0", "--overwrite"]) == 2
     assert "argument --n-boot: must be a whole number >= 1" in capsys.readouterr().err
+    # A dataset embedded by another model of the same width: the posterior used to condition on it unchecked.
+    other = tmp_path / "other_embedder"
+    shutil.copytree(dataset.data_dir, other)
+    card = json.loads((other / CARD_FILE).read_text())
+    card["conditioning"]["embedder"].update(model="another-embedding-8", embedder_id="")
+    (other / CARD_FILE).write_text(json.dumps(card))
+    assert exit_code(["reconstruct-eval", "--model-dir", str(model), "--dataset", str(other), "--out",
+                      str(tmp_path / "other_out"), "--limit", "4", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "'another-embedding-8'" in err and "but the U-Net of --model-dir" in err and err.count("\n") == 1
+    assert not (tmp_path / "other_out").exists()
 
 
 def test_reconstruct_eval_refuses_bad_settings_before_loading(tmp_path, capsys):

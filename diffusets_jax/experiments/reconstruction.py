@@ -257,9 +257,18 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
                 "particles": particles, "noise_std": noise_std, "batch_size": batch_size, "seed": seed, "n_boot": n_boot}
     generator = None
     if model_dir is not None:
+        from diffusets_jax.data.card import check_embeddings_fit, read_card
         from diffusets_jax.diffusion.samplers import SamplerConfig
+        from diffusets_jax.models import model_dir as model_dirs
         from diffusets_jax.pipeline import ECGGenerator
 
+        # The posterior conditions on the split's stored embeddings as they are: another embedder's (even of the
+        # U-Net's width) or another prompt style's are inputs it never saw. Checked before any weights load.
+        index = model_dirs.read_index(model_dir)
+        model_dirs.require(index, model_dir, "vae", "unet")
+        check_embeddings_fit(index.conditioning, read_card(builder), model=f"the U-Net of --model-dir {model_dir}",
+                             data=f"--dataset {dataset}", remedy="use the dataset it was trained on, or one prepared "
+                                                                "with its embedder and prompt style")
         generator = ECGGenerator(model_dir, SamplerConfig(sampler="ddpm", steps=steps, clip_sample=None),
                                  batch_size=batch_size, seed=seed)
 
@@ -268,9 +277,6 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
             return read_json(run.path / "report.json", "reconstruction report")
         train = load_split(builder, train_split, limit=train_limit)  # the builder checked above, not opened again
         test = load_split(builder, test_split, limit=limit)
-        if generator is not None and test["text_embedding"].shape[1] != generator.unet.text_dim:
-            raise ValueError(f"{dataset}: text embeddings of width {test['text_embedding'].shape[1]} do not fit the "
-                             f"U-Net of {model_dir} (width {generator.unet.text_dim}); use the dataset it was trained on")
         report = reconstruction_study(generator, train["ecg"], test, noise_std=noise_std, particles=particles,
                                       seed=seed, n_boot=n_boot, workers=workers, progress=progress)
         report["settings"] = settings
