@@ -206,11 +206,8 @@ def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record; wfdb is 
     error would be e.g. "cannot reshape array of size 500 into shape (12)")."""
     import wfdb
 
-    header_path = record_path + ".hea"
-    if not os.path.exists(header_path):
-        raise BadRecord("missing_header", f"{header_path} does not exist")
-    # Read first and diagnose only on failure: wfdb's header parsing is the slowest part of a read, and a
-    # separate rdheader would parse every header twice.
+    # Read first and diagnose only on failure (a missing or unparseable header is named by `check_header`): wfdb's
+    # header parsing is the slowest part of a read, and a separate rdheader would parse every header twice.
     try:
         record = wfdb.rdrecord(record_path)
     except Exception as err:  # wfdb raises bare ValueError/IndexError/... on malformed input
