@@ -368,7 +368,7 @@ def test_a_rerun_with_another_seed_or_edited_rules_is_refused(clip, dataset, tmp
     rules.write_text(json.dumps({"rules": [{"name": "sn", "any": ["sinus rhythm"]}]}))
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "with other settings (rules: " in err
+    assert err.count("\n") == 1 and "with other settings (rules.rules: [{\"any\": [\"sinus\"]" in err
     assert (out / "report.json").read_bytes() == report
 
 
