@@ -55,8 +55,9 @@ class Crash(RuntimeError):
     pass
 
 
-def crash_after_the_first_batch(generator, conditions, out):
-    """Run `sample_to_directory` into `out` (npz only) and crash it as the second batch arrives: part 0 is on disk."""
+def crash_after_the_first_batch(generator, conditions, out, formats=("npz",)):
+    """Run `sample_to_directory` into `out` (npz only, unless `formats`) and crash it as the second batch arrives:
+    part 0 is on disk."""
     def crashing(batches):
         for i, batch in enumerate(batches):
             if i == 1:
@@ -67,7 +68,7 @@ def crash_after_the_first_batch(generator, conditions, out):
     generator.generate = lambda *a, **k: crashing(original(*a, **k))
     try:
         with pytest.raises(Crash):
-            sample_to_directory(generator, conditions, out, formats=["npz"], progress=False)
+            sample_to_directory(generator, conditions, out, formats=list(formats), progress=False)
     finally:
         generator.generate = original
 
@@ -101,6 +102,25 @@ def as_if_written_by_old_code(out, part=None, count=None):
         np.savez_compressed(part, **{**arrays, "code": np.array(json.dumps(OLD_CODE, sort_keys=True))})
     if count is not None:
         write_json_atomic(count, {**read_json(count, "count"), "code": OLD_CODE})
+
+
+def test_a_rerun_removes_what_a_killed_run_left_half_written(generator, tmp_path):
+    """A run killed inside a WFDB write or a PNG save leaves `.NAME.tmp-*` staging folders and files; the rerun
+    wrote those records again but left the temporaries in the folder for good."""
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 11)]
+    crash_after_the_first_batch(generator, conditions, tmp_path / "out", formats=("npz", "wfdb", "png"))
+    out = tmp_path / "out"
+    leftovers = [out / "wfdb" / ".sample_00009.tmp-abc123", out / "plots" / ".sample_00009.png.tmp-7-0a1b2c.png",
+                 out / ".samples.npz.tmp-7-0a1b2c.npz"]
+    leftovers[0].mkdir(parents=True)
+    (leftovers[0] / "sample_00009.dat").write_bytes(b"half")
+    leftovers[1].parent.mkdir(parents=True, exist_ok=True)
+    for path in leftovers[1:]:
+        path.write_bytes(b"half")
+    sample_to_directory(generator, conditions, out, formats=["npz", "wfdb", "png"], progress=False)
+    assert [p for p in leftovers if p.exists()] == []
+    assert sorted(p.name for p in (out / "wfdb").iterdir()) == sorted(
+        f"sample_{i:05d}.{ext}" for i in range(11) for ext in ("dat", "hea"))
 
 
 def test_a_run_resumed_by_other_code_says_which_samples_each_version_wrote(generator, tmp_path, capsys):

@@ -54,6 +54,25 @@ def temporaries_of(target: str | os.PathLike) -> list[Path]:
     return sorted(target.parent.glob(f".{glob.escape(target.name)}.tmp-*"))
 
 
+def temporaries_in(folder: str | os.PathLike) -> list[Path]:
+    """Every temporary left in `folder` by `atomic_path` or a staging folder of ours (`.NAME.tmp-*`): what processes
+    killed while writing there leave behind. One listing of the folder, where `temporaries_of` per target would
+    scan it once per file. Only ours in a folder a command claimed (`io.run_dir`); never call it on a user's."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith(".") and ".tmp-" in p.name)
+
+
+def remove_temporaries_in(folder: str | os.PathLike) -> None:
+    """Remove `temporaries_in(folder)`; one already gone (another host sharing the disk) is fine."""
+    for leftover in temporaries_in(folder):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in `path`'s folder; on success it is renamed to `path`, on error removed.

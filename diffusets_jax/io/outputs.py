@@ -39,7 +39,7 @@ from diffusets_jax import parallel
 from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.ecg.shapes import ECG_SHAPE
 from diffusets_jax.ecg.units import non_finite_reason
-from diffusets_jax.io.files import atomic_path, read_json, write_json_atomic
+from diffusets_jax.io.files import atomic_path, read_json, remove_temporaries_in, write_json_atomic
 from diffusets_jax.io.run_dir import check_output_path, output_dir
 from diffusets_jax.provenance import code_version
 
@@ -205,6 +205,11 @@ def _finish(out: Path, generator: Any, items: list[Condition], total: int, forma
     gathered = parallel.allgather_objects(summary)
     parallel.barrier("sample-finished")
     shutil.rmtree(out / _PARTS, ignore_errors=True)  # our own per-batch parts, now merged
+    # Every host has written its records, PNGs and NPZ, so a temporary left now is a killed earlier run's (a WFDB
+    # staging folder, a half-written PNG or NPZ: ours, in this claimed folder); its file was written again. The
+    # top folder only on process 0, which alone writes there from now on (the manifest, the run record).
+    for folder in (out / "wfdb", out / "plots", *((out,) if index == 0 else ())):
+        remove_temporaries_in(folder)
     skipped = {name: why for s in gathered for name, why in s["skipped"].items()}
     by_code: dict[str, list[int]] = {}
     for s in gathered:
