@@ -13,7 +13,9 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from diffusets_jax import parallel
+from diffusets_jax.data import card as card_module
 from diffusets_jax.data import latents, pipeline
+from diffusets_jax.io.run_dir import fingerprint
 from diffusets_jax.models.vae import VAE
 from tests.helpers import tiny_ecg_dataset
 
@@ -190,6 +192,30 @@ def test_a_source_rebuilt_in_place_is_not_resumed_into(source, tmp_path):
     fresh = str(tmp_path / "latents_of_the_new_build")
     latents.encode_dataset(str(rebuilt), fresh, toy_encoder, VARIABLES, **kwargs)
     latents.encode_dataset(str(rebuilt), fresh, toy_encoder, VARIABLES, **kwargs)  # which then resumes
+
+
+def test_a_source_without_a_card_rebuilt_in_place_is_not_resumed_into(source, tmp_path, monkeypatch):
+    """A dataset prepared before cards existed gets a card made up from its config (`read_card`), the same after a
+    rebuild; its identity is TFDS's record of the build (`card_fingerprint`). An index an earlier version wrote
+    with the made-up card's fingerprint is still resumed once."""
+    rebuilt = tmp_path / "source"
+    shutil.copytree(source.data_dir, rebuilt)
+    card = json.loads((rebuilt / "diffusets_dataset.json").read_text())
+    (rebuilt / "diffusets_dataset.json").unlink()
+    for module in (latents, card_module):  # what the legacy path makes up
+        monkeypatch.setattr(module, "read_card", lambda builder: card)
+    kwargs = {"batch_size": 8, "examples_per_shard": 20, "vae": TOY_VAE, "splits": ["train"]}
+    out = tmp_path / "latents"
+    latents.encode_dataset(str(rebuilt), str(out), toy_encoder, VARIABLES, **kwargs)
+    index_path = out / latents.INDEX_FILE
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({**index, "source_card": fingerprint(card), "complete": False}))
+    latents.encode_dataset(str(rebuilt), str(out), toy_encoder, VARIABLES, **kwargs)  # an earlier version's index
+    assert json.loads(index_path.read_text())["source_card"] == index["source_card"]  # now the build's identity
+    info = rebuilt / "dataset_info.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "description": "rebuilt"}))  # prepared again in place
+    with pytest.raises(ValueError, match="was encoded from another build of tiny_ecg .* prepared again since"):
+        latents.encode_dataset(str(rebuilt), str(out), toy_encoder, VARIABLES, **kwargs)
 
 
 def test_bad_arguments_are_named(source, tmp_path):

@@ -30,7 +30,13 @@ from jax.sharding import NamedSharding
 
 from diffusets_jax import parallel
 from diffusets_jax.data import pipeline
-from diffusets_jax.data.card import card_conditioning, dataset_reference, read_card, write_card
+from diffusets_jax.data.card import (
+    card_conditioning,
+    card_fingerprint,
+    dataset_reference,
+    read_card,
+    write_card,
+)
 from diffusets_jax.data.shards import shard_filename, write_shard, write_tfds_metadata
 from diffusets_jax.ecg.shapes import ECG_LENGTH, LATENT_CHANNELS, LATENT_LENGTH, NUM_LEADS
 from diffusets_jax.io.files import read_json, write_json_atomic
@@ -156,13 +162,16 @@ def measure_latent_scale(source: tfds.core.DatasetBuilder | str | os.PathLike, s
     return 1.0 / measure_latent_moments(source, split, max_examples=max_examples)[1]
 
 
-def _open_index(out_dir: str, expected: dict, source_card: str) -> dict:
+def _open_index(out_dir: str, expected: dict, source_card: str, legacy_source_card: str) -> dict:
     """The existing index when resuming (checking it was made from the same source and settings), or a new one.
 
-    `source_card`: the fingerprint of the source's dataset card (its records, embedder and build time). A dataset
-    rebuilt in place (`prepare --overwrite`, same path and version) has another one, and a half-done encoding of
-    the old build must not be resumed with the new: that would mix latents and embeddings of two builds. Indexes
-    written before it was recorded take it now."""
+    `source_card`: `data.card.card_fingerprint` of the source, the one identity of a dataset build that every
+    command uses. A dataset rebuilt in place (`prepare --overwrite`, same path and version) has another one, and a
+    half-done encoding of the old build must not be resumed with the new: that would mix latents and embeddings of
+    two builds. Indexes written before it was recorded take it now. `legacy_source_card`: what earlier versions
+    recorded (the fingerprint of `read_card`'s card). The two differ only for a dataset without a card file, whose
+    card `read_card` makes up from its config and so did not change on a rebuild; an index holding that value is
+    resumed as before, once, and then records the build's own identity."""
     path = os.path.join(out_dir, INDEX_FILE)
     if not os.path.exists(path):
         return {**expected, "source_card": source_card, "splits": {}, "complete": False}
@@ -173,6 +182,8 @@ def _open_index(out_dir: str, expected: dict, source_card: str) -> dict:
                 f"{path} was written with {key}={index.get(key)!r}, not {value!r}: resume with the same arguments "
                 "or choose a new --out directory"
             )
+    if index.get("source_card") == legacy_source_card:
+        index["source_card"] = source_card
     if index.setdefault("source_card", source_card) != source_card:
         raise ValueError(f"{path} was encoded from another build of {expected['source']['name']} (its dataset card "
                          "has changed: it was prepared again since): encode into a new --out directory")
@@ -280,7 +291,7 @@ def _encode_into(out_dir: str, builder: tfds.core.DatasetBuilder, source_card: d
     index_path = os.path.join(out_dir, INDEX_FILE)
     examples_per_shard, embedding_dim = expected["examples_per_shard"], expected["embedding_dim"]
     dataset_name = expected["dataset_name"]
-    index = _open_index(out_dir, expected, fingerprint(source_card))
+    index = _open_index(out_dir, expected, card_fingerprint(builder), fingerprint(source_card))
     latent = latent_features(embedding_dim)
     devices = jax.local_devices()
 
