@@ -218,6 +218,30 @@ def test_a_source_without_a_card_rebuilt_in_place_is_not_resumed_into(source, tm
         latents.encode_dataset(str(rebuilt), str(out), toy_encoder, VARIABLES, **kwargs)
 
 
+def test_encode_neither_replaces_latents_being_read_nor_reads_a_source_being_replaced(source, tmp_path):
+    """A U-Net training reads its latents for days: `encode --overwrite` into them is refused while it does, and
+    an encode does not start on a source a `prepare --overwrite` is replacing."""
+    from diffusets_jax.io.run_dir import READERS_LOCK, add_readers_lock, exclusive_lock, reading
+
+    kwargs = {"batch_size": 8, "examples_per_shard": 20, "vae": TOY_VAE, "splits": ["train"]}
+    out = tmp_path / "latents"
+    latents.encode_dataset(source, str(out), toy_encoder, VARIABLES, **kwargs)
+    assert (out / READERS_LOCK).is_file()  # made by encode, for its readers
+    before = shard_mtimes(str(out))
+    with reading(out), pytest.raises(ValueError, match=r"^--overwrite: .* is being read by a run now"):
+        latents.encode_dataset(source, str(out), toy_encoder, VARIABLES, **{**kwargs, "examples_per_shard": 10},
+                               overwrite=True)
+    assert shard_mtimes(str(out)) == before
+    latents.encode_dataset(source, str(out), toy_encoder, VARIABLES, **{**kwargs, "examples_per_shard": 10}, overwrite=True)
+
+    rebuilt = tmp_path / "source"
+    shutil.copytree(source.data_dir, rebuilt)
+    add_readers_lock(rebuilt)
+    with exclusive_lock(rebuilt, "busy", name=READERS_LOCK), pytest.raises(ValueError, match="being replaced now"):
+        latents.encode_dataset(str(rebuilt), str(tmp_path / "new"), toy_encoder, VARIABLES, **kwargs)
+    assert not (tmp_path / "new").exists()
+
+
 def test_bad_arguments_are_named(source, tmp_path):
     with pytest.raises(ValueError, match="multiple of the 8 local devices"):
         latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, vae=TOY_VAE, batch_size=12)

@@ -90,6 +90,25 @@ def test_overwrite_that_writes_no_example_puts_the_old_dataset_back(tmp_path, ca
     assert len(errors) == 1 and "no example written" in errors[0] and "prepare_report.json" in errors[0], errors
 
 
+def test_overwrite_is_refused_while_a_run_reads_the_dataset(tmp_path, capsys):
+    """A training reads its dataset for days; `prepare --overwrite` moved the folder away under it, crashing it on
+    its next epoch. Refused with one line before anything is moved or decoded, and the dataset is kept."""
+    from diffusets_jax.io.run_dir import reading
+
+    data = tmp_path / "data"
+    assert prepare(copy_records(tmp_path / "cinc"), data) == 0
+    before = snapshot(dataset_dir(data))
+    other = copy_records(tmp_path / "other", NAMES[:2])
+    capsys.readouterr()
+    with reading(dataset_dir(data)):
+        assert prepare(other, data, "--overwrite") == 2
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "--overwrite:" in errors[0] and "being read by a run now" in errors[0], errors
+    assert snapshot(dataset_dir(data)) == before
+    assert prepare(other, data, "--overwrite") == 0  # once the reader is done
+    assert len(ecgs(data)) == 2
+
+
 def test_a_record_file_fixed_since_the_build_is_decoded_again(tmp_path, capsys):
     """A header's gain corrected after a build: the rerun found the same records (paths and metadata), called the
     dataset complete, and --overwrite reused the chunk decoded from the wrong gain."""

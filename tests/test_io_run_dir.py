@@ -164,3 +164,27 @@ def test_settings_that_resolve_alike_are_the_same_run_and_the_record_keeps_its_f
     with pytest.raises(ValueError, match=r"other settings \(n: 33 -> 32\)"):  # as resolved: what ran
         with output_dir(out, command="train vae", settings={"n": 32, "lr": 1}, resolve=resolve):
             raise AssertionError("the run must not start")
+
+
+def test_a_dataset_being_read_is_not_replaced_and_one_being_replaced_is_not_read(tmp_path):
+    """`reading` (a training) and an --overwrite's exclusive hold on the same dataset exclude each other, whichever
+    came first; readers share it. A dataset without the lock file (an older one) is read without a lock."""
+    from diffusets_jax.io.run_dir import READERS_LOCK, add_readers_lock, exclusive_lock, reading
+
+    old = tmp_path / "old"
+    old.mkdir()
+    with reading(old):  # nothing to lock, and nothing written into the dataset
+        assert os.listdir(old) == []
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    add_readers_lock(dataset)
+    with reading(dataset), reading(dataset):  # two trainings on one dataset
+        with pytest.raises(ValueError, match="^busy$"):
+            with exclusive_lock(dataset, "busy", name=READERS_LOCK):
+                pass
+    with exclusive_lock(dataset, "busy", name=READERS_LOCK):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(dataset))} is being replaced now .*wait for it"):
+            with reading(dataset):
+                pass
+    with reading(dataset), exclusive_lock(tmp_path, "busy", name=READERS_LOCK):  # another folder's lock
+        pass

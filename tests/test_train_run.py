@@ -230,6 +230,25 @@ def test_overwrite_never_replaces_a_workdir_that_holds_the_training_dataset(tmp_
     assert sorted(os.listdir(tmp_path)) == ["runs"]  # no staging folder beside it
 
 
+def test_a_training_does_not_start_on_a_dataset_being_replaced(tmp_path, capsys):
+    """A `prepare --overwrite` of the dataset is under way: the training would read a folder about to move away.
+    Refused with one line before the workdir is claimed; otherwise the training holds the dataset as a reader
+    for its whole run (tests/test_io_run_dir.py), so an --overwrite of it is refused instead."""
+    from diffusets_jax.io.run_dir import READERS_LOCK, add_readers_lock, exclusive_lock
+
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    add_readers_lock(builder.data_dir)  # as `prepare` leaves it
+    args = ["train", "clip", "--config", str(CONFIGS / "demo_clip.py"), "--workdir", str(tmp_path / "run"),
+            f"--config.data.dataset={builder.data_dir}", f"--config.model.text_dim={tiny_ecg_dataset.EMBEDDING_DIM}",
+            "--config.train.num_steps=1"]
+    capsys.readouterr()
+    with exclusive_lock(builder.data_dir, "busy", name=READERS_LOCK):
+        assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{builder.data_dir} is being replaced now" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
 TINY = {"vae": ["--config.model.widths=(8,8,8)", "--config.model.groups=4", "--config.model.num_res_blocks=1"],
         "unet": ["--config.model.channels=(8,16)", "--config.model.down_attention_dims=(8,16)",
                  "--config.model.up_attention_dims=(32,16)", "--config.model.bottleneck_attention_dim=16"]}

@@ -17,6 +17,7 @@ so a rerun skips them. Records whose ECG or latent is not finite are skipped and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -40,7 +41,7 @@ from diffusets_jax.data.card import (
 from diffusets_jax.data.shards import shard_filename, write_shard, write_tfds_metadata
 from diffusets_jax.ecg.shapes import ECG_LENGTH, LATENT_CHANNELS, LATENT_LENGTH, NUM_LEADS
 from diffusets_jax.io.files import read_json, write_json_atomic
-from diffusets_jax.io.run_dir import fingerprint
+from diffusets_jax.io.run_dir import add_readers_lock, fingerprint
 
 INDEX_FILE = "latent_index.json"
 INDEX_FORMAT = "diffusets-jax latents v1"
@@ -270,13 +271,20 @@ def encode_dataset(source: tfds.core.DatasetBuilder | str | os.PathLike, out_dir
         "latent_shape": [LATENT_LENGTH, LATENT_CHANNELS],
         "dataset_name": dataset_name,
     }
-    from diffusets_jax.io.run_dir import output_dir
+    from diffusets_jax.io.run_dir import READERS_LOCK, RUN_FILE, exclusive_lock, output_dir, reading
 
     # The folder is claimed like every output folder: a rerun of the same encoding resumes, anything else in it
     # is refused unless `overwrite` (replaced as a whole at the end).
     settings = {**expected, "source_path": os.path.abspath(os.fspath(builder.data_dir)), "splits": splits}
     reads = [("--vae", vae.get("model_dir")), ("--dataset", builder.data_dir), ("--data-dir", data_dir)]
-    with output_dir(out_dir, command="encode", settings=settings, overwrite=overwrite, reads=reads) as run:
+    guards = contextlib.ExitStack()
+    guards.enter_context(reading(builder.data_dir))  # no prepare --overwrite swaps the source under us
+    if overwrite and os.path.isfile(os.path.join(out_dir, RUN_FILE)):
+        # An earlier encoding a training may be reading now (`reading`): held until ours has replaced it.
+        guards.enter_context(exclusive_lock(out_dir, f"--overwrite: {out_dir} is being read by a run now (a training "
+                                            "on these latents): wait for it to finish, or encode into another --out",
+                                            name=READERS_LOCK))
+    with guards, output_dir(out_dir, command="encode", settings=settings, overwrite=overwrite, reads=reads) as run:
         index = _encode_into(os.fspath(run.path), builder, source_card, expected, splits, apply_fn, variables, vae,
                              batch_size, progress)
         run.mark_complete(**{split: sum(s["num_examples"] for s in entry["shards"])
@@ -342,6 +350,7 @@ def _encode_into(out_dir: str, builder: tfds.core.DatasetBuilder, source_card: d
                version=str(builder.info.version), conditioning=card_conditioning(source_card),
                splits={split: sum(s["num_examples"] for s in entry["shards"]) for split, entry in index["splits"].items()},
                derived_from={"dataset": dataset_reference(builder), "vae": vae})
+    add_readers_lock(out_dir)
     index["complete"] = True
     write_json_atomic(index_path, index, indent=1)
     return index

@@ -9,6 +9,7 @@ published all-data recipe).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -117,7 +118,7 @@ def prepare(
     from diffusets_jax.data.builder import REPORT_FILENAME
     from diffusets_jax.errors import RunFailed
     from diffusets_jax.io.files import read_json
-    from diffusets_jax.io.run_dir import check_output_path, exclusive_lock
+    from diffusets_jax.io.run_dir import READERS_LOCK, add_readers_lock, check_output_path, exclusive_lock
 
     if os.path.isfile(manual_dir):
         raise NotADirectoryError(f"--manual-dir {manual_dir} is a file: give the folder of the download")
@@ -137,7 +138,8 @@ def prepare(
     dataset_dir.parent.mkdir(parents=True, exist_ok=True)
     where = f"{builder.name}/{builder.builder_config.name} {builder.version}"
     busy = f"--data-dir {data_dir}: another prepare of {where} is running there now; wait for it to finish"
-    with exclusive_lock(dataset_dir.parent, busy, name=f".diffusets-prepare-{builder.version}.lock"):
+    with exclusive_lock(dataset_dir.parent, busy, name=f".diffusets-prepare-{builder.version}.lock"), \
+            contextlib.ExitStack() as guards:
         for folder in _interrupted_builds(dataset_dir):
             print(f"note: {folder} is a temporary folder TFDS left for {where} (a killed build's, or a `tfds build` "
                   "running now); it is left as it is: remove it once no build of this dataset is running",
@@ -150,6 +152,10 @@ def prepare(
                 return read_json(dataset_dir / REPORT_FILENAME, "prepare report")
             if not overwrite:
                 raise ValueError(_other_source_message(dataset_dir, where, recorded, origin, manual_dir))
+            # Not while a run reads it (`io.run_dir.reading`): held until the new build has replaced it.
+            guards.enter_context(exclusive_lock(
+                dataset_dir, f"--overwrite: {dataset_dir} is being read by a run now (a training or an encode): wait "
+                "for it to finish, or prepare into another --data-dir", name=READERS_LOCK))
             # Kept beside the new build until it is complete: a failed rebuild puts it back.
             retired = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.replaced-", dir=dataset_dir.parent))
             os.replace(dataset_dir, retired / dataset_dir.name)
@@ -168,6 +174,7 @@ def prepare(
                 _put_back(retired, dataset_dir)
             raise
         report = read_json(dataset_dir / REPORT_FILENAME, "prepare report")
+        add_readers_lock(dataset_dir)
         if retired is not None:
             if not report["examples_written"]:  # TFDS calls a build that skipped every record complete; we do not
                 _put_back(retired, dataset_dir)

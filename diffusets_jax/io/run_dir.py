@@ -183,6 +183,40 @@ def exclusive_lock(directory: str | os.PathLike, message: str, name: str | None 
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+READERS_LOCK = f"{_OURS_PREFIX}-readers.lock"  # in a dataset folder: held shared by every run reading it
+
+
+def add_readers_lock(dataset_dir: str | os.PathLike) -> None:
+    """Give a dataset folder this run has just written (`prepare`, `encode`) its `READERS_LOCK` file, which `reading`
+    locks. Written by the dataset's maker, so that reading a dataset never writes into it."""
+    (Path(dataset_dir) / READERS_LOCK).touch()
+
+
+@contextlib.contextmanager
+def reading(dataset_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold a shared lock on the dataset folder `dataset_dir` while a run reads it (a training, for days), so that a
+    `prepare` or `encode` with --overwrite, which take it exclusively (`exclusive_lock(..., name=READERS_LOCK)`)
+    before they move the folder, refuse to replace it under the reader instead of crashing it mid-run. Raises
+    ValueError at once when one is replacing it now. A dataset without the lock file (made before it existed, or
+    by other tools) is read without one."""
+    path = Path(dataset_dir) / READERS_LOCK
+    if not path.is_file():
+        yield
+        return
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                raise ValueError(f"{dataset_dir} is being replaced now (a prepare or encode with --overwrite): wait "
+                                 "for it to finish, then start again") from None
+            raise
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any], overwrite: bool = False,
                flag: str = "--out", reads: Reads = (), resolve: Resolve | None = None) -> Iterator[RunDir]:

@@ -268,7 +268,7 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     settings = run_settings(model, config)  # as given, before the dataset resolves anything
     parallel.initialize_distributed()
     from diffusets_jax.data import pipeline  # TensorFlow: only loaded by commands that read datasets
-    from diffusets_jax.io.run_dir import check_output_path, output_dir
+    from diffusets_jax.io.run_dir import check_output_path, output_dir, reading
 
     pipeline.keep_tensorflow_off_accelerators()
     command = f"train {model}"
@@ -313,8 +313,10 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     task = make_task(model, config, num_steps)
     check_dataset_fits_model(task.model, builder, config.data.dataset)
     reads = [("--config.data.dataset", builder.data_dir), ("--config.data.data_dir", config.data.data_dir or None)]
-    with output_dir(workdir, command=command, settings=settings, overwrite=overwrite, flag="--workdir",
-                    reads=reads, resolve=settings_resolver(model, config, builder)) as run:
+    # Held while training: a prepare or encode --overwrite of the dataset is refused rather than crash us mid-run.
+    with reading(builder.data_dir), output_dir(workdir, command=command, settings=settings, overwrite=overwrite,
+                                               flag="--workdir", reads=reads,
+                                               resolve=settings_resolver(model, config, builder)) as run:
         check_same_dataset_build(run.path, builder, config.data.dataset)
         result = train(task, config, run.path, train_batches, val_batches, mesh)
         if not result.preempted:
