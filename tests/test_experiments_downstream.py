@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.special import logit
 
 from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
 from diffusets_jax.experiments.downstream import (
@@ -113,12 +114,13 @@ def test_records_taken_in_place_are_the_records_taken_by_copy():
 def test_seed_metrics_hand_worked():
     labels = np.array([1, 1, 0, 0, 0])
     probabilities = np.array([0.9, 0.4, 0.6, 0.2, 0.1])
-    m = seed_metrics(labels, probabilities, threshold=0.5)
+    logits = logit(probabilities)  # seed_metrics takes the classifier's logits
+    m = seed_metrics(labels, logits, threshold=0.5)
     # At 0.5: TP 1 (0.9), FN 1 (0.4), FP 1 (0.6), TN 2.
     assert m["sensitivity"] == 0.5 and m["specificity"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(0.5)
     assert m["auroc"] == pytest.approx(5 / 6)  # 0.4 loses only to 0.6
     assert m["auprc"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
-    assert seed_metrics(labels, probabilities, threshold=0.3)["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1))
+    assert seed_metrics(labels, logits, threshold=0.3)["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1))
 
 
 def test_summary_against_direct_computation():
@@ -126,12 +128,12 @@ def test_summary_against_direct_computation():
     n = 60
     labels = (np.arange(n) % 5 == 0).astype(int)
     groups = np.arange(n) // 3
-    probabilities = {arm: [np.clip(labels * shift + rng.normal(0.3, 0.2, n), 0, 1) for _ in range(3)]
-                     for arm, shift in (("real", 0.2), ("augmented", 0.5))}
+    logits = {arm: [logit(np.clip(labels * shift + rng.normal(0.3, 0.2, n), 0.01, 0.99)) for _ in range(3)]
+              for arm, shift in (("real", 0.2), ("augmented", 0.5))}
     thresholds = {"real": [0.5, 0.4, 0.45], "augmented": [0.5, 0.5, 0.6]}
-    summary = summarize_arms(labels, groups, probabilities, thresholds, n_boot=300, seed=0)
-    for arm in probabilities:
-        direct = [seed_metrics(labels, p, t) for p, t in zip(probabilities[arm], thresholds[arm], strict=True)]
+    summary = summarize_arms(labels, groups, logits, thresholds, n_boot=300, seed=0)
+    for arm in logits:
+        direct = [seed_metrics(labels, z, t) for z, t in zip(logits[arm], thresholds[arm], strict=True)]
         for key, _ in METRICS:
             values = [d[key] for d in direct]
             reported = summary[arm]["metrics"][key]
@@ -145,6 +147,44 @@ def test_summary_against_direct_computation():
                                                 - summary["real"]["metrics"]["auprc"]["mean"])
     assert difference["low"] > 0  # the augmented scores separate the classes far better on every resample
     assert "difference_to_real" not in summary["real"]
+
+
+def test_rank_metrics_use_the_logits_where_probabilities_round_to_one(tmp_path):
+    """A confident classifier's logits above ~37 all become probability 1.0 in float64, which would tie records
+    it ranks apart: AUROC and AUPRC must rank the saved logits themselves. The arm's saved predictions are read
+    back as on a resume, so no classifier is trained."""
+    from diffusets_jax.experiments.downstream import _run_task
+    from diffusets_jax.experiments.keyword_rules import parse_rule
+
+    def split(labels: list[int], first_patient: int) -> Records:
+        n = len(labels)
+        reports = [("atrial fibrillation",) if y else ("sinus rhythm",) for y in labels]
+        return Records(np.zeros((n, 8, 12), np.float32), reports, np.zeros((n, 4), np.float32), np.zeros(n, np.int64),
+                       np.full(n, 60.0), np.full(n, 70.0), np.arange(first_patient, first_patient + n))
+
+    test_labels = np.array([1, 0, 1, 0, 1, 0])
+    test_logits = np.array([60.0, 50.0, 55.0, 41.0, 45.0, 40.0])  # expit of each is exactly 1.0
+    assert np.all(1.0 / (1.0 + np.exp(-test_logits)) == 1.0)
+    records = {"train": split([1, 0, 0, 0], 0), "validation": split([1, 0], 10), "test": split(test_labels.tolist(), 20)}
+    rule = parse_rule("af=atrial fibrillation")
+    arm_dir = tmp_path / "runs" / rule.name / "seed0" / "real"
+    arm_dir.mkdir(parents=True)
+    (arm_dir / "result.json").write_text(json.dumps({
+        "train_records": 4, "train_positive": 1, "generated": 0, "note": None, "seconds": 0.0,
+        "validation_logits": [3.0, -3.0], "test_logits": test_logits.tolist()}))
+    entry = _run_task(rule, 0, records, arms=("real",), seeds=1, ratio=1.0, minority_fraction=1.0, config=None,
+                      compiled=None, predict=None, generator=None, corpus=None, n_boot=100, out=tmp_path,
+                      progress=False)
+
+    positives, negatives = test_logits[test_labels == 1], test_logits[test_labels == 0]
+    # Mann-Whitney: P(a positive's logit > a negative's), ties 1/2.
+    auroc = np.mean([(p > q) + 0.5 * (p == q) for p in positives for q in negatives])
+    # Average precision from its definition: precision at each positive, ranked by logit, averaged.
+    ranked = test_labels[np.argsort(-test_logits)]
+    auprc = np.mean([ranked[: i + 1].mean() for i in np.flatnonzero(ranked)])
+    metrics = entry["arms"]["real"]["metrics"]
+    assert metrics["auroc"]["mean"] == pytest.approx(auroc)  # 8/9, not the 0.5 of six tied probabilities
+    assert metrics["auprc"]["mean"] == pytest.approx(auprc)
 
 
 def test_failed_generations_are_left_out_of_the_classifiers_training_sets():

@@ -360,29 +360,32 @@ def _train_arm(compiled: Any, config: Any, workdir: Path, data: Mapping[str, np.
     return predict(variables, val_ecg), predict(variables, test_ecg)
 
 
-def seed_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
-    """The reported metrics of one classifier on these records (F1/sensitivity/specificity at `threshold`)."""
+def seed_metrics(labels: np.ndarray, logits: np.ndarray, threshold: float) -> dict[str, float]:
+    """The reported metrics of one classifier from its `logits` `(n,)` on these records: F1, sensitivity and
+    specificity at the probability `threshold`; AUROC and AUPRC rank the logits themselves, because float64
+    rounds the probability of every logit above ~37 to exactly 1.0, tying records the classifier ranks apart."""
+    probabilities = expit(np.asarray(logits, np.float64))
     at = threshold_metrics(labels, probabilities, threshold)
     return {"f1": at.f1, "f1_at_0.5": threshold_metrics(labels, probabilities, 0.5).f1,
-            "auroc": roc_auc(labels, probabilities), "auprc": average_precision(labels, probabilities),
+            "auroc": roc_auc(labels, logits), "auprc": average_precision(labels, logits),
             "sensitivity": at.sensitivity, "specificity": at.specificity}
 
 
-def summarize_arms(labels: np.ndarray, groups: np.ndarray, probabilities: Mapping[str, Sequence[np.ndarray]],
+def summarize_arms(labels: np.ndarray, groups: np.ndarray, logits: Mapping[str, Sequence[np.ndarray]],
                    thresholds: Mapping[str, Sequence[float]], *, n_boot: int, seed: int) -> dict[str, Any]:
     """Per arm: each seed's metrics, their mean and sd, the 95 % bootstrap interval of the seed mean over test
     patients (`groups`), and, for arms other than `real`, the paired difference to `real` with its interval.
 
-    `probabilities[arm]`: one `(n,)` array per seed; `thresholds[arm]`: one threshold per seed.
+    `logits[arm]`: one `(n,)` array per seed; `thresholds[arm]`: one probability threshold per seed.
     """
     metric_keys = [key for key, _ in METRICS]
 
     def seed_mean(arm: str, idx: np.ndarray) -> dict[str, float]:
-        rows = [seed_metrics(labels[idx], p[idx], t) for p, t in zip(probabilities[arm], thresholds[arm], strict=True)]
+        rows = [seed_metrics(labels[idx], z[idx], t) for z, t in zip(logits[arm], thresholds[arm], strict=True)]
         return {k: float(np.mean([r[k] for r in rows])) for k in metric_keys}
 
     def values(idx: np.ndarray) -> dict[str, float]:
-        means = {arm: seed_mean(arm, idx) for arm in probabilities}
+        means = {arm: seed_mean(arm, idx) for arm in logits}
         out = {f"{arm}/{k}": v for arm, m in means.items() for k, v in m.items()}
         if "real" in means:
             out.update({f"{arm}-real/{k}": means[arm][k] - means["real"][k]
@@ -391,8 +394,8 @@ def summarize_arms(labels: np.ndarray, groups: np.ndarray, probabilities: Mappin
 
     intervals = bootstrap_statistic(values, groups, n_boot=n_boot, seed=seed)
     summary: dict[str, Any] = {}
-    for arm in probabilities:
-        per_seed = [seed_metrics(labels, p, t) for p, t in zip(probabilities[arm], thresholds[arm], strict=True)]
+    for arm in logits:
+        per_seed = [seed_metrics(labels, z, t) for z, t in zip(logits[arm], thresholds[arm], strict=True)]
         summary[arm] = {
             "seeds": [{"threshold": float(t), **{k: _finite(v) for k, v in m.items()}}
                       for t, m in zip(thresholds[arm], per_seed, strict=True)],
@@ -400,7 +403,7 @@ def summarize_arms(labels: np.ndarray, groups: np.ndarray, probabilities: Mappin
                             "sd": _finite(np.std([m[k] for m in per_seed], ddof=1)) if len(per_seed) > 1 else None,
                             "ci": intervals[f"{arm}/{k}"].to_json()} for k in metric_keys},
         }
-        if arm != "real" and "real" in probabilities:
+        if arm != "real" and "real" in logits:
             summary[arm]["difference_to_real"] = {k: intervals[f"{arm}-real/{k}"].to_json() for k in DELTA_METRICS}
     return summary
 
@@ -648,7 +651,7 @@ def _run_task(rule: KeywordRule, task_index: int, records: Mapping[str, Records]
     if corpus is not None:
         entry["corpus"] = {"records": int(len(corpus_labels)), "positive": int(corpus_labels.sum())}
 
-    probabilities: dict[str, list[np.ndarray]] = {arm: [] for arm in arms}
+    logits: dict[str, list[np.ndarray]] = {arm: [] for arm in arms}
     thresholds: dict[str, list[float]] = {arm: [] for arm in arms}
     arm_info: dict[str, dict[str, Any]] = {arm: {"title": ARM_TITLES[arm], "status": "done", "train_records": []}
                                            for arm in arms}
@@ -697,7 +700,7 @@ def _run_task(rule: KeywordRule, task_index: int, records: Mapping[str, Records]
                 continue
             val_probability = expit(np.asarray(result["validation_logits"], np.float64))
             thresholds[arm].append(f1_threshold(val_labels, val_probability) if val_labels.sum() else 0.5)
-            probabilities[arm].append(expit(np.asarray(result["test_logits"], np.float64)))
+            logits[arm].append(np.asarray(result["test_logits"], np.float64))
             arm_info[arm]["train_records"].append(result["train_records"])
             arm_info[arm].setdefault("train_positive", []).append(result["train_positive"])
             arm_info[arm].setdefault("generated", []).append(result["generated"])
@@ -711,7 +714,7 @@ def _run_task(rule: KeywordRule, task_index: int, records: Mapping[str, Records]
     if not done:
         entry["reason"] = "every arm was skipped"
         return entry
-    summary = summarize_arms(labels["test"], test.subject_id, {a: probabilities[a] for a in done},
+    summary = summarize_arms(labels["test"], test.subject_id, {a: logits[a] for a in done},
                              {a: thresholds[a] for a in done}, n_boot=n_boot, seed=0)
     for arm in done:
         arm_info[arm].update(summary[arm])
