@@ -132,6 +132,21 @@ def test_an_unclosed_quote_is_one_line_before_an_embedder_loads(tmp_path, capsys
     assert not (tmp_path / "c.sqlite").exists()
 
 
+def test_a_reports_file_naming_a_column_twice_is_one_line_before_an_embedder_loads(tmp_path, capsys, monkeypatch):
+    """pandas read the second report_1 as "report_1.1", which no report_N lookup matches: its statements were
+    left out of every prompt, silently."""
+    import diffusets_jax.conditioning.embedders as embedders
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda *a, **k: pytest.fail("an embedder was built"))
+    reports = tmp_path / "machine_measurements.csv"
+    reports.write_text("study_id,report_0,report_1,report_1\n1,Sinus rhythm,Normal ECG,Borderline ECG\n")
+    code = main(["embed", "--input", str(reports), "--embedder", "local", "--cache", str(tmp_path / "c.sqlite")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert "machine_measurements.csv line 1: the header names column 'report_1' twice; keep one" in err
+    assert not (tmp_path / "c.sqlite").exists()
+
+
 def test_output_of_another_run_is_replaced_only_with_overwrite(tmp_path, capsys, monkeypatch):
     """The run fingerprint held the input's path and a few flags: a rerun with another --max-length, or on an
     edited input, silently replaced the .npz. Now it covers the input's content and every embedder setting."""

@@ -157,7 +157,7 @@ def _table_rows(path: Path, delimiter: str) -> list[tuple[str, dict]]:
 
     try:
         table = read_csv_table(os.fspath(path), what="conditions file", skip=refuse, na_filter=False,
-                               delimiter=delimiter, unique_columns=True)
+                               delimiter=delimiter)
     except ValueError as err:  # the reader names the whole path; every other message here names the file
         raise ValueError(str(err).replace(os.fspath(path), path.name, 1)) from None
     columns = [str(name) for name in table.columns if name != LINE_COLUMN]
