@@ -116,6 +116,28 @@ def test_rows_that_cannot_be_read_are_skipped_and_named_by_their_line(tmp_path, 
     assert "skipped line 5: not UTF-8 text" in captured.out
 
 
+def test_a_line_break_inside_a_report_cell_separates_statements_as_sample_reads_it(tmp_path, capsys, monkeypatch):
+    """embed kept a cell typed with Alt+Enter as one statement ("{Sinus rhythm\nLeft axis deviation}") where sample
+    made it two: the cache missed and the text embedded was not the one a sampled condition gets."""
+    import diffusets_jax.conditioning.embedders as embedders
+    from diffusets_jax.conditioning.requests import make_condition
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda *a, **k: HashEmbedder())
+    sampled = make_condition("Sinus rhythm\nLeft axis deviation|Abnormal ECG", "F", 50, 70).prompt("ordered")
+    files = {"report.csv": 'id,report\n1,"Sinus rhythm\r\nLeft axis deviation|Abnormal ECG"\n',
+             "machine_measurements.csv": 'study_id,report_0,report_1\n1,"Sinus rhythm\nLeft axis deviation",'
+                                         "Abnormal ECG\n",
+             "reports.jsonl": json.dumps({"report_lines": ["Sinus rhythm\nLeft axis deviation", "Abnormal ECG"]})}
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+        output = tmp_path / f"{name}.npz"
+        assert main(["embed", "--input", str(tmp_path / name), "--embedder", "local", "--cache",
+                     str(tmp_path / "c.sqlite"), "--output", str(output), "--no-progress"]) == 0
+        with np.load(output) as saved:
+            assert list(saved["prompts"]) == [sampled], name
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("rows", [3, 8000])
 def test_an_unclosed_quote_is_one_line_before_an_embedder_loads(tmp_path, capsys, monkeypatch, rows):
     """The rows after the quote were merged into one record (exit 0, "1 record"), or, in a long file, a
@@ -129,6 +151,21 @@ def test_an_unclosed_quote_is_one_line_before_an_embedder_loads(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err
     assert "unclosed.csv line 2: a quoted field opened on this line is never closed" in err
+    assert not (tmp_path / "c.sqlite").exists()
+
+
+def test_a_reports_file_naming_a_column_twice_is_one_line_before_an_embedder_loads(tmp_path, capsys, monkeypatch):
+    """pandas read the second report_1 as "report_1.1", which no report_N lookup matches: its statements were
+    left out of every prompt, silently."""
+    import diffusets_jax.conditioning.embedders as embedders
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda *a, **k: pytest.fail("an embedder was built"))
+    reports = tmp_path / "machine_measurements.csv"
+    reports.write_text("study_id,report_0,report_1,report_1\n1,Sinus rhythm,Normal ECG,Borderline ECG\n")
+    code = main(["embed", "--input", str(reports), "--embedder", "local", "--cache", str(tmp_path / "c.sqlite")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert "machine_measurements.csv line 1: the header names column 'report_1' twice; keep one" in err
     assert not (tmp_path / "c.sqlite").exists()
 
 

@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from diffusets_jax.conditioning.prompts import free_text_prompt, ordered_prompt, ordinal, report_lines
+from diffusets_jax.conditioning.prompts import (
+    free_text_prompt,
+    make_prompt,
+    ordered_prompt,
+    ordinal,
+    report_lines,
+)
 
 
 def test_single_line():
@@ -44,6 +50,18 @@ def test_missing_lines_dropped_like_empty_mimic_fields():
     row = ["Sinus bradycardia", "Left atrial enlargement", "Abnormal ECG", math.nan, None, ""]
     assert report_lines(row) == ["Sinus bradycardia", "Left atrial enlargement", "Abnormal ECG"]
     assert ordered_prompt(row).endswith("As a supplementary condition, the 3rd diagnosis is {Abnormal ECG}.")
+
+
+def test_a_line_break_inside_a_statement_separates_statements_in_a_string_and_in_a_list():
+    """Only sample split a cell typed with Alt+Enter; embed and prepare kept "Sinus rhythm\nLeft axis deviation" as
+    one statement, so the text embedded for training, for the cache and for sampling differed."""
+    expected = ["Sinus rhythm", "Left axis deviation", "Abnormal ECG"]
+    assert report_lines("Sinus rhythm\nLeft axis deviation|Abnormal ECG") == expected
+    assert report_lines(["Sinus rhythm\r\nLeft axis deviation", "Abnormal ECG\r", math.nan]) == expected
+    assert report_lines(("Sinus rhythm\rLeft axis deviation\n\n", "Abnormal ECG")) == expected
+    assert make_prompt(["Sinus rhythm\nLeft axis deviation"], "free_text") == make_prompt(expected[:2], "free_text")
+    # Other control characters are text (str.splitlines would split at them).
+    assert report_lines(["Sinus\x85rhythm\x0c", "a\u2028b"]) == ["Sinus\x85rhythm", "a\u2028b"]
 
 
 def test_eighteen_lines_use_th_from_fourth():

@@ -281,3 +281,28 @@ def test_a_builder_leaves_nothing_in_the_temporary_directory(source, tmp_path, m
                           sources.dataset_name(source))
     assert builder.info.description.strip() == open(os.path.join(folder, "README.md")).read().strip()
     assert builder.info.citation.strip() == open(os.path.join(folder, "CITATIONS.bib")).read().strip()
+
+
+def test_mimic_report_cells_holding_line_breaks_are_read_as_embed_and_sample_read_them(tmp_path):
+    """A report_N cell holding a line break was one statement in prepare ("{Sinus rhythm\\nLeft axis deviation}")
+    and two in sample: the U-Net was trained on a prompt that sampling never builds. Cells without one are read as
+    before, so their prompts, and the embedding caches holding them, are unchanged."""
+    from diffusets_jax.conditioning.prompts import make_prompt
+    from diffusets_jax.conditioning.requests import make_condition
+
+    manual = tmp_path / "mimic"
+    shutil.copytree(os.path.join(ECG_DATA, "mimic_iv_ecg"), manual, ignore=shutil.ignore_patterns("files"))
+    rows = list(csv.DictReader(open(manual / "machine_measurements.csv")))
+    before = {int(r["study_id"]): tuple(r[f"report_{i}"].strip() for i in range(18) if r[f"report_{i}"].strip())
+              for r in rows}
+    rows[0]["report_0"] = "Sinus rhythm\r\nLeft axis deviation"
+    with open(manual / "machine_measurements.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    candidates = {c.study_id: c for c in sources.make_builder("mimic-iv-ecg", str(tmp_path / "out")).candidates(str(manual))}
+    changed = int(rows[0]["study_id"])
+    assert candidates[changed].report_lines == ("Sinus rhythm", "Left axis deviation", *before[changed][1:])
+    sampled = make_condition("|".join(("Sinus rhythm\nLeft axis deviation", *before[changed][1:])), "M", 50, 70)
+    assert make_prompt(candidates[changed].report_lines, "ordered") == sampled.prompt("ordered")
+    assert all(c.report_lines == before[study] for study, c in candidates.items() if study != changed)

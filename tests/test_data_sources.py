@@ -6,6 +6,7 @@ for MiniLM, so a build takes seconds; the command line is run in-process, as a u
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -221,3 +222,27 @@ def test_a_dataset_a_killed_overwrite_moved_aside_is_restored_or_named(tmp_path,
     notes = [line for line in capsys.readouterr().err.splitlines() if "replaced" in line]
     assert len(notes) == 1 and str(retired / "1.0.0") in notes[0] and "remove it" in notes[0], notes
     assert snapshot(retired) == kept
+
+
+def test_a_source_table_naming_a_column_twice_is_one_line_before_anything_is_created(tmp_path, capsys):
+    """pandas read a second "report" column as "report.1", so prepare took the first silently (here the empty
+    one: every record a missing_report)."""
+    manual = tmp_path / "ptbxl"
+    manual.mkdir()
+    source = (Path(__file__).parent / "data" / "ecg" / "ptbxl" / "ptbxl_database.csv").read_text().splitlines()
+    header = source[0].split(",")
+    at = header.index("report")
+    rows = [[*header[:at], "report", *header[at:]]]  # an empty "report" before the real one
+    for line in source[1:4]:
+        fields = next(csv.reader([line]))
+        rows.append([*fields[:at], "", *fields[at:]])
+    with open(manual / "ptbxl_database.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    data = tmp_path / "data"
+    before = snapshot(tmp_path)
+    code = exit_code(["prepare", "ptbxl", "--manual-dir", str(manual), "--data-dir", str(data), "--workers", "0",
+                      "--embedding-cache", str(tmp_path / "emb.sqlite")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(error_lines(err)) == 1, err
+    assert f"{manual / 'ptbxl_database.csv'} line 1: the header names column 'report' twice; keep one" in err
+    assert snapshot(tmp_path) == before

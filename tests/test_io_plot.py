@@ -116,6 +116,51 @@ def test_plot_command_draws_records_and_lists_bad_ones(tmp_path, capsys):
     assert (tmp_path / "png" / "gen_0.png").stat().st_size > 1000
 
 
+def unplottable_records(folder):
+    """Two records that exist but cannot be drawn: a header that is not WFDB, and one whose signal file is gone."""
+    from diffusets_jax.io.wfdb_out import write_record
+
+    folder.mkdir()
+    (folder / "broken.hea").write_text("not a header\n")
+    write_record(folder / "lost", synthetic_ecg())
+    for data in folder.glob("lost.*"):
+        if data.suffix != ".hea":
+            data.unlink()
+    return [str(folder / "broken"), str(folder / "lost.hea")]
+
+
+def test_a_plot_that_draws_nothing_is_one_line_exit_2_and_removes_the_folders_it_made(tmp_path, capsys):
+    """Every record failing was exit 1 with a line per record, and left the claimed --out-dir behind, empty but for
+    its run record (and the parents it made)."""
+    from diffusets_jax.cli import main
+
+    records = unplottable_records(tmp_path / "records")
+    code = main(["plot", *records, "--out-dir", str(tmp_path / "new" / "png"), "--dpi", "40"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    assert (f"no record could be plotted: all 2 were skipped (the first, {records[0]}: {records[0]}.hea cannot be "
+            "read as a WFDB header") in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_plot_that_draws_nothing_leaves_a_folder_it_did_not_create_as_it_was(tmp_path, capsys, overwrite):
+    """An empty folder the user made is claimed (run record, lock file): those go again and the folder stays. A
+    folder of the user's files given with --overwrite is replaced only by a run that succeeds."""
+    from diffusets_jax.cli import main
+
+    records = unplottable_records(tmp_path / "records")
+    out = tmp_path / "mine"
+    out.mkdir()
+    if overwrite:
+        (out / "notes.txt").write_text("the user's")
+    code = main(["plot", *records, "--out-dir", str(out), "--dpi", "40", *(["--overwrite"] if overwrite else [])])
+    assert code == 2 and "no record could be plotted: all 2 were skipped" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "records"]
+    assert {p.name: p.read_text() for p in out.iterdir()} == ({"notes.txt": "the user's"} if overwrite else {})
+
+
 def test_a_header_comment_that_is_not_a_number_is_shown_not_a_reason_to_skip(tmp_path, capsys):
     """`# age: unknown` in a record's header made `plot` skip a readable ECG ("could not convert string to float")."""
     from diffusets_jax.cli import main

@@ -188,3 +188,23 @@ def test_a_dataset_being_read_is_not_replaced_and_one_being_replaced_is_not_read
                 pass
     with reading(dataset), exclusive_lock(tmp_path, "busy", name=READERS_LOCK):  # another folder's lock
         pass
+
+
+def test_a_run_that_fails_having_written_nothing_leaves_no_folder_it_made(tmp_path):
+    """A claimed folder outlived a run that failed before writing anything (`plot` of records none of which could be
+    drawn): empty but for its run record, with the parents made for it. Folders the run did not make, and a
+    failed run's outputs, stay."""
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(ValueError, match="nothing drawn"), output_dir(tmp_path / "existing" / "a" / "b",
+                                                                       command="plot", settings={}):
+        raise ValueError("nothing drawn")
+    assert [p.name for p in tmp_path.iterdir()] == ["existing"] and not any((tmp_path / "existing").iterdir())
+    with pytest.raises(ValueError, match="nothing drawn"), output_dir(tmp_path / "existing", command="plot",
+                                                                       settings={}):
+        raise ValueError("nothing drawn")
+    assert (tmp_path / "existing").is_dir() and not any((tmp_path / "existing").iterdir())
+    with pytest.raises(ValueError, match="half drawn"), output_dir(tmp_path / "new", command="plot",
+                                                                    settings={}) as run:
+        (run.path / "a.png").write_bytes(b"png")
+        raise ValueError("half drawn")
+    assert (tmp_path / "new" / "a.png").is_file() and (tmp_path / "new" / RUN_FILE).is_file()

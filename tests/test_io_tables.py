@@ -85,4 +85,16 @@ def test_tab_separated_tables_and_repeated_column_names(tmp_path):
     assert table["report"].tolist() == ["two\nlines, with a comma"] and table[LINE_COLUMN].tolist() == [2]
     path.write_text("id\treport\treport\n1\ta\tb\n")
     with pytest.raises(ValueError, match=r"t.tsv line 1: the header names column 'report' twice; keep one"):
-        read(path, delimiter="\t", unique_columns=True)
+        read(path, delimiter="\t")
+
+
+def test_a_repeated_column_name_is_refused_by_default_but_blank_names_are_not(tmp_path):
+    """Only the conditions file asked for the check: prepare's and embed's tables read a second "report_1" as
+    "report_1.1", so a lookup by name took the first. The empty columns a spreadsheet adds at the end are kept."""
+    path = tmp_path / "t.csv"
+    path.write_text("study_id,report_0,report_1,report_1\n1,a,b,c\n")
+    with pytest.raises(ValueError, match=r"t.csv line 1: the header names column 'report_1' twice; keep one"):
+        read(path)
+    path.write_text("id,report,,\n1,a,,\n")
+    table, skipped = read(path, na_filter=False)
+    assert table["report"].tolist() == ["a"] and skipped == []

@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import ml_collections
 import pytest
 
 pytest.importorskip("diffusets_jax.data.pipeline")
@@ -150,6 +151,52 @@ def test_a_saved_config_with_a_float_width_is_one_line_before_the_workdir_is_cla
                          "--config.train.num_steps=1"]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "model.widths" in err and "whole numbers" in err, err
+        assert not workdir.exists()
+
+
+@pytest.mark.parametrize("config_file,key,value,expected", [
+    ("demo_vae.py", "num_res_blocks", 2.0, "got 2.0 (a float): write 2"),
+    ("demo_unet.py", "latent_channels", 4.0, "got 4.0 (a float): write 4"),
+    ("demo_clip.py", "kernel_size", 4.5, "got 4.5 (a float)"),
+    ("downstream_net1d.py", "num_classes", True, "got True (a bool)"),
+])
+def test_a_scalar_int_field_takes_an_int_not_a_float_or_a_bool(config_file, key, value, expected):
+    """Only a tuple's elements were checked: `num_res_blocks=2.0` in a config file passed and failed in the first
+    traced step (`range(2.0)`), after the workdir was claimed; a bool passed as 1."""
+    from diffusets_jax.config import load_config
+    from diffusets_jax.train.run import check_train_section
+
+    config = load_config(CONFIGS / config_file)
+    # As a config file writes it (`module_section(VAE, num_res_blocks=2.0)`, a dict literal) or config.json holds
+    # it: assigning a float to the int field of a built ConfigDict is refused by ml_collections itself.
+    config.model = ml_collections.ConfigDict({**config.model.to_dict(), key: value})
+    with pytest.raises(ValueError, match=re.escape(f"{config_file}: model.{key} takes an int (a width, count or "
+                                                   f"size), {expected}")):
+        check_train_section(config, config_file)
+    config.model = ml_collections.ConfigDict({**config.model.to_dict(), key: 1})
+    check_train_section(config, config_file)  # floats where the module declares them (a dropout rate) still pass
+
+
+def test_a_config_file_or_saved_config_with_a_float_count_is_one_line_before_the_workdir_is_claimed(tmp_path,
+                                                                                                    capsys):
+    from diffusets_jax.config import load_config, save_config
+
+    config = load_config(CONFIGS / "demo_vae.py")
+    config.model = ml_collections.ConfigDict({**config.model.to_dict(), "latent_channels": 4.0})
+    saved = save_config(config, tmp_path)  # as a user edits config.json: "latent_channels": 4.0
+    edited = tmp_path / "my_vae.py"
+    edited.write_text("import runpy\n\nfrom diffusets_jax.config import module_section\n"
+                      "from diffusets_jax.models.vae import VAE\n\n\ndef get_config():\n"
+                      f"    config = runpy.run_path({str(CONFIGS / 'demo_vae.py')!r})['get_config']()\n"
+                      "    config.model = module_section(VAE, widths=(32, 64, 64), groups=8, num_res_blocks=2.0)\n"
+                      "    return config\n")
+    workdir = tmp_path / "run"
+    for path, key, value in ((saved, "latent_channels", "4.0"), (edited, "num_res_blocks", "2.0")):
+        assert cli.main(["train", "vae", "--config", str(path), "--workdir", str(workdir),
+                         "--config.data.dataset=/nowhere", "--config.train.num_steps=1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{path}: model.{key} takes an int (a width, count or size), got {value} (a float)" in err, err
         assert not workdir.exists()
 
 

@@ -14,6 +14,7 @@ import os
 
 import pandas as pd
 
+from diffusets_jax.conditioning.prompts import report_lines
 from diffusets_jax.data.builder import EcgDatasetBuilder, embedder_configs
 from diffusets_jax.data.records import RecordCandidate
 
@@ -43,13 +44,10 @@ def table_path(manual_dir: str, name: str) -> str:
 
 
 def report_lines_of(row: pd.Series) -> tuple[str, ...]:
-    """report_0..report_17 in order, empty / NaN cells dropped, surrounding spaces stripped."""
-    lines = []
-    for column in REPORT_COLUMNS:
-        value = row.get(column)
-        if isinstance(value, str) and value.strip():
-            lines.append(value.strip())
-    return tuple(lines)
+    """report_0..report_17 in order, empty / NaN cells dropped, surrounding spaces stripped, a cell holding line
+    breaks one statement a line: `report_lines`, as embed and sample read a report, so the statements stored
+    are the ones the prompt is built from."""
+    return tuple(report_lines([row.get(column) for column in REPORT_COLUMNS]))
 
 
 class Builder(EcgDatasetBuilder):

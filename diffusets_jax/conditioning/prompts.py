@@ -16,9 +16,11 @@ inner text, case and punctuation are kept.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 LINE_SEPARATOR = "|"
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # How a report becomes the text the embedder sees: "ordered" (the published MIMIC-IV-ECG prompt) or "free_text"
 # (the paper's "The report of the ECG is that {report}." template, used for PTB-XL's free-text reports).
 PROMPT_STYLES: tuple[str, ...] = ("ordered", "free_text")
@@ -32,11 +34,17 @@ def ordinal(position: int) -> str:
 
 
 def report_lines(lines: Sequence[object] | str) -> list[str]:
-    """A report as its list of statements, in order.
+    """A report as its list of statements, in order: the one way prepare, embed and sample turn a report into the
+    statements of its prompt, so that an embedding cache hits and a model is sampled with the text it was
+    trained on.
 
-    A string is split on `|` (so "Sinus rhythm|Normal ECG" is two lines). Missing statements (None, NaN as
-    pandas reads empty CSV cells, empty or blank strings, such as the trailing segment of "a|b|") are dropped,
-    as the reference drops empty `report_0..report_17` fields. Surrounding whitespace is removed.
+    A string is split on `|` (so "Sinus rhythm|Normal ECG" is two lines). Every statement, of a string or of a
+    sequence (MIMIC-IV-ECG's report_N cells, a JSON list), is also split at its line breaks: a spreadsheet cell
+    typed with Alt+Enter holds one statement a line, and glued ("Sinus rhythmLeft axis deviation") or kept inside
+    one statement the prompt would be one the model never saw. Only line breaks (\r\n, \r, \n) split; other
+    control characters stay text. Missing statements (None, NaN as pandas reads empty CSV cells, empty or blank
+    strings, such as the trailing segment of "a|b|") are dropped, as the reference drops empty
+    `report_0..report_17` fields. Surrounding whitespace is removed.
     """
     if isinstance(lines, str):
         lines = lines.split(LINE_SEPARATOR)
@@ -46,9 +54,7 @@ def report_lines(lines: Sequence[object] | str) -> list[str]:
             continue
         if not isinstance(line, str):
             raise ValueError(f"report line {line!r} is a {type(line).__name__}, expected a string")
-        line = line.strip()
-        if line:
-            kept.append(line)
+        kept += [part.strip() for part in _LINE_BREAK.split(line) if part.strip()]
     return kept
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusets_jax.conditioning.patient import parse_age, parse_heart_rate, parse_sex
-from diffusets_jax.conditioning.prompts import LINE_SEPARATOR, make_prompt, report_lines
+from diffusets_jax.conditioning.prompts import make_prompt, report_lines
 
 # The most ECGs one request may ask for: 10 million, twelve times MIMIC-IV-ECG (800k ECGs) and about 0.5 TB of
 # float32 signal. Every requested ECG has an entry in memory (its request, its prompt's row, its manifest entry)
@@ -52,19 +52,12 @@ def make_condition(text: object, sex: object, age: object, heart_rate: object, c
     """Validate one condition; errors name `where` (e.g. 'conditions.csv line 3') and the field."""
     prefix = f"{where}: " if where else ""
     try:
-        lines = report_lines(text if isinstance(text, list | tuple) else _line_breaks_as_separators(str(text or "")))
+        lines = report_lines(text if isinstance(text, list | tuple) else str(text or ""))
         if not lines:
             raise ValueError("text: empty report; give at least one statement (statements joined by '|')")
         return Condition(tuple(lines), parse_sex(sex), parse_age(age), parse_heart_rate(heart_rate), _count(count))
     except ValueError as err:
         raise ValueError(f"{prefix}{err}") from None
-
-
-def _line_breaks_as_separators(text: str) -> str:
-    """A text whose statements are on separate lines (a spreadsheet cell with Alt+Enter) as `|`-joined statements:
-    glued ("Sinus rhythmLeft axis deviation") or kept inside one statement, the prompt would be one the model never
-    saw. Only line breaks (\\r\\n, \\r, \\n) separate; other control characters stay text."""
-    return text.replace("\r\n", LINE_SEPARATOR).replace("\r", LINE_SEPARATOR).replace("\n", LINE_SEPARATOR)
 
 
 def _count(value: object) -> int:
@@ -157,7 +150,7 @@ def _table_rows(path: Path, delimiter: str) -> list[tuple[str, dict]]:
 
     try:
         table = read_csv_table(os.fspath(path), what="conditions file", skip=refuse, na_filter=False,
-                               delimiter=delimiter, unique_columns=True)
+                               delimiter=delimiter)
     except ValueError as err:  # the reader names the whole path; every other message here names the file
         raise ValueError(str(err).replace(os.fspath(path), path.name, 1)) from None
     columns = [str(name) for name in table.columns if name != LINE_COLUMN]

@@ -449,7 +449,8 @@ def plot_wfdb_records(
 
     `out_dir` is claimed like every output folder (`io.run_dir.output_dir`): the same command rerun redraws into
     it, anything else there is refused unless `overwrite`. When no record exists at all (a typo), nothing is
-    created and the error names the first one.
+    created and the error names the first one; when none can be drawn, ValueError with the count and the first
+    reason, and `out_dir` is left as it was (a folder this run created is removed).
     """
     from diffusets_jax.data.records import record_base
     from diffusets_jax.io.names import distinct_names
@@ -491,6 +492,11 @@ def plot_wfdb_records(
                 written.append(save_png(fig, run.path / f"{name}.png", dpi))
             except (OSError, ValueError) as err:
                 skipped[record] = str(err)
+        if not written:  # raised inside the claim, so the folder this run made goes again (`output_dir`)
+            first = next(record for record in records if record in skipped)
+            raise ValueError(f"no record could be plotted: all {len(records)} were skipped (the first, {first}: "
+                             f"{' '.join(skipped[first].split())}); give readable 12-lead WFDB records (NAME or "
+                             "NAME.hea)")
         run.mark_complete(written=len(written), skipped=len(skipped))
     if run.path != run.final:  # replaced as a whole: the PNGs now live in the final folder
         written = [os.path.join(os.fspath(run.final), os.path.basename(path)) for path in written]

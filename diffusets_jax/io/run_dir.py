@@ -227,7 +227,9 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
     once as written and once resolved (a run's own saved config.json). The record keeps its fingerprint.
 
     On a clean exit with `overwrite`, the new folder replaces the old one; on an exception the old one is kept
-    and the partial new one removed (it is ours).
+    and the partial new one removed (it is ours). A new run that fails having written nothing but its run record
+    takes the record and its lock back out and removes the folders it created (`_undo_claim`): a command that
+    produced nothing leaves no empty folder behind, and a user's empty folder as it found it.
     """
     from diffusets_jax import parallel
 
@@ -235,6 +237,8 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
     final = check_output_path(path, flag, command=command, overwrite=overwrite, reads=reads)
     digest = fingerprint({"command": command, **settings})
     index, count = _process()
+    created = [folder for folder in (final, *final.absolute().parents) if not folder.exists()]
+    new_lock = not (final / f"{_OURS_PREFIX}-p{index}.lock").exists()  # the lock file `exclusive_lock` opens
     final.mkdir(parents=True, exist_ok=True)
     busy = f"{flag} {final}: another diffusets-jax run is writing there now; wait for it or choose another directory"
     with exclusive_lock(final, busy):
@@ -267,6 +271,9 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
             except BaseException:
                 if count == 1:
                     shutil.rmtree(staging, ignore_errors=True)  # our own partial output
+                    if new_lock:  # the folder it was to replace is left as it was found, without our lock file
+                        with contextlib.suppress(OSError):
+                            os.remove(final / f"{_OURS_PREFIX}-p{index}.lock")
                 raise
             parallel.barrier(f"output-dir-done-{digest[:12]}")
             if index == 0:
@@ -278,7 +285,29 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
             return
         if index == 0:
             write_json_atomic(final / RUN_FILE, record)
-        yield RunDir(final, final, resumed=False, complete=False, record=record)
+        try:
+            yield RunDir(final, final, resumed=False, complete=False, record=record)
+        except BaseException:
+            if count == 1:  # hosts of a multi-host run may still be writing there
+                _undo_claim(final, created)
+            raise
+
+
+def _undo_claim(final: Path, created: Sequence[Path]) -> None:
+    """After a new run into `final` failed: if it holds nothing but the run's own record and lock files, remove
+    those, then each folder of `created` (the folder and the parents this run made, innermost first) with
+    `os.rmdir`, which removes only an empty folder, so nothing the run did not make is ever removed. A folder that
+    holds outputs keeps them, to be inspected or resumed."""
+    if _user_entries(final):
+        return
+    for name in os.listdir(final):  # ours only: what _user_entries leaves out
+        with contextlib.suppress(OSError):  # the error being raised is the one to report, not this
+            os.remove(final / name)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # no longer empty (someone wrote there meanwhile), or not ours to remove
+            return
 
 
 def code_history(record: dict[str, Any]) -> list[dict[str, Any]]:

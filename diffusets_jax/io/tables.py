@@ -40,7 +40,7 @@ def _closed_fields(delimiter: str) -> re.Pattern[str]:
 
 
 def read_csv_table(path: str, *, what: str, skip: Callable[[int, str], None], na_filter: bool = True,  # noqa: ANN401 (a pandas DataFrame)
-                   delimiter: str = ",", unique_columns: bool = False) -> Any:
+                   delimiter: str = ",") -> Any:
     """A CSV table (plain or .gz) as a DataFrame of strings, one column per header name, plus `_line`: the
     physical line (int, 1-based) each row's record starts on (or "row N" in the rare table whose records pandas
     splits otherwise, e.g. at a lone carriage return).
@@ -48,10 +48,9 @@ def read_csv_table(path: str, *, what: str, skip: Callable[[int, str], None], na
     `na_filter`: True reads empty cells (and pandas' NA words such as "NA") as NaN; False keeps every cell's
     text as is, "" for an empty one (free text such as a report statement "NA" stays text).
     `skip(line, why)` is called for every record left out (not UTF-8, malformed); a caller that refuses such a
-    table raises from it. `delimiter`: "," (CSV) or "\t" (TSV). `unique_columns`: refuse a header that names a
-    column twice (pandas would read the second as "NAME.1", so a lookup by name silently took the first).
-    Unusable as a whole (missing, unreadable, no UTF-8 header, an unclosed quote, not CSV): ValueError, one line
-    naming the file and what to do.
+    table raises from it. `delimiter`: "," (CSV) or "\t" (TSV).
+    Unusable as a whole (missing, unreadable, no UTF-8 header, an unclosed quote, not CSV, a header that names a
+    column twice): ValueError, one line naming the file and what to do.
     """
     import pandas as pd
 
@@ -69,12 +68,14 @@ def read_csv_table(path: str, *, what: str, skip: Callable[[int, str], None], na
     records = _records(lines, path, delimiter)
     if not records or _NOT_UTF8.search(records[0][1]):
         raise ValueError(f"{path}: no header line of UTF-8 column names: is it the {what}?")
-    if unique_columns:
-        header_line, header = records[0]
-        names = next(csv.reader([header.replace("\n", " ")], delimiter=delimiter), [])
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"{path} line {header_line}: the header names column {repeated[0]!r} twice; keep one")
+    # Refused for every caller: pandas reads a second "NAME" as "NAME.1", so a lookup by name (prepare's report_N
+    # or age, embed's report, sample's text) silently takes the first and never sees the other. Blank names (the
+    # empty columns a spreadsheet adds after the last) are never looked up, and pandas names them apart.
+    header_line, header = records[0]
+    names = next(csv.reader([header.replace("\n", " ")], delimiter=delimiter), [])
+    repeated = sorted({name for name in names if name.strip() and names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path} line {header_line}: the header names column {repeated[0]!r} twice; keep one")
     kept = [records[0]]
     for line, text in records[1:]:
         if _NOT_UTF8.search(text):
