@@ -816,6 +816,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         generated = finite_only(read_generated(args.generated))
     clip_dir, clip_index = ev.find_clip(args.model_dir[0] if args.model_dir else None, args.clip)
     _check_evaluated_embeddings(args, builder, ev.clip_conditioning(clip_index), clip_dir)
+    if args.generated:
+        ev.check_text_embeddings(generated, clip_dir, ev.clip_conditioning(clip_index))
     clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
     # Everything that changes the report: a dataset prepared again, a CLIP trained again or an edited --rules file
     # at the same path is another input (the rules by content, the CLIP by its uid); with --generated the seed too

@@ -151,3 +151,24 @@ def test_a_set_without_ecgs_is_refused_when_read(tmp_path):
     np.savez(tmp_path / "empty.npz", ecg=np.zeros((0, 1024, 12), np.float32))
     with pytest.raises(ValueError, match=r"--generated .*empty.npz holds no ECGs"):
         read_generated(tmp_path / "empty.npz")
+
+
+def test_a_multi_host_runs_npz_files_must_agree_on_their_text_embeddings(tmp_path):
+    """Hosts' NPZs with text embeddings of other widths failed in numpy's concatenate with a traceback; of other
+    recorded embedders, they were mixed into one set of vectors. One line naming the file; agreeing ones are read."""
+    import json
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    names = ["samples-00000-of-00002.npz", "samples-00001-of-00002.npz"]
+    (folder / "manifest.json").write_text(json.dumps({"count": 4, "npz": names}))
+    np.savez(folder / names[0], ecg=_ecgs(2), text_embedding=np.ones((2, 8)), embedder_id=np.array("local/a/8"))
+    for second, message in (({"text_embedding": np.ones((2, 5)), "embedder_id": np.array("local/a/8")}, "is 5-d from"),
+                            ({"text_embedding": np.ones((2, 8)), "embedder_id": np.array("local/b/8")}, "is 8-d from local/b/8")):
+        np.savez(folder / names[1], ecg=_ecgs(2), **second)
+        with pytest.raises(ValueError, match=f"{names[1]}: 'text_embedding' {message}"):
+            read_generated(folder)
+    np.savez(folder / names[1], ecg=_ecgs(2), text_embedding=np.ones((2, 8)), embedder_id=np.array("local/a/8"))
+    got = read_generated(folder)
+    assert got.text_embedding.shape == (4, 8) and got.text_embedder == "local/a/8"
+    assert got.text_embedding_file == str(folder / names[0])
