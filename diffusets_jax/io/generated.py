@@ -95,10 +95,9 @@ def read_generated(path: str | os.PathLike, flag: str = "--generated", kind: str
 def _read_any(path: Path, flag: str, kind: str) -> GeneratedSet:
     from diffusets_jax.data.card import check_dataset_kind
 
+    _refuse_unfinished_sample_run(path, flag)
     if path.is_file() and path.suffix.lower() == ".npz":
         return _read_npz(path)
-    if path.is_dir():
-        _refuse_unfinished_sample_run(path, flag)
     if path.is_dir() and (path / "dataset_info.json").is_file():
         check_dataset_kind(path, kind, flag)
         return _read_dataset(path, flag)
@@ -166,22 +165,25 @@ def _sample_npz_files(folder: Path) -> list[Path] | None:
     return [folder / name for name in read_json(folder / MANIFEST, "sample manifest").get("npz") or []]
 
 
-def _refuse_unfinished_sample_run(folder: Path, flag: str) -> None:
-    """One line for a `sample` run's folder that it has not finished (killed, or running now): it holds the ECGs
-    of some batches (`.parts/`, maybe WFDB records) but no manifest, and scoring those as the set would score a
-    part of it as if it were the whole."""
+def _refuse_unfinished_sample_run(path: Path, flag: str) -> None:
+    """One line for a `sample` run's folder that it has not finished (killed, or running now), or for a part of
+    one (its `wfdb/` folder, an NPZ in it: `io.outputs.sample_run_folder`): it holds the ECGs of some batches
+    (`.parts/`, maybe WFDB records) but no manifest, and scoring those as the set would score a part of it as if
+    it were the whole."""
     from diffusets_jax.io.files import read_json
+    from diffusets_jax.io.outputs import sample_run_folder
     from diffusets_jax.io.run_dir import RUN_FILE
 
-    record_path = folder / RUN_FILE
-    if not record_path.is_file():
-        return
-    record = read_json(record_path, "run record")
-    command = str(record.get("command", "")) if isinstance(record, dict) else ""
-    if command.split(" ")[0] == "sample" and record.get("status") != "complete":
-        raise ValueError(f"{flag} {folder} is an unfinished `diffusets-jax {command}` run (killed, or still running: "
-                         f"its run record says {record.get('status')!r}): rerun the same sample command to finish it, "
-                         "then score it")
+    for folder in (path if path.is_dir() else None, sample_run_folder(path)):
+        if folder is None or not (folder / RUN_FILE).is_file():
+            continue
+        record = read_json(folder / RUN_FILE, "run record")
+        command = str(record.get("command", "")) if isinstance(record, dict) else ""
+        if command.split(" ")[0] == "sample" and record.get("status") != "complete":
+            what = f"{flag} {path} is" if folder == path else f"{flag} {path} is part of {folder},"
+            raise ValueError(f"{what} an unfinished `diffusets-jax {command}` run (killed, or still running: its run "
+                             f"record says {record.get('status')!r}): rerun the same sample command to finish it, "
+                             "then score it")
 
 
 def _read_sample_folder(folder: Path, npz_files: list[Path], flag: str) -> GeneratedSet:
