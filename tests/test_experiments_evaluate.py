@@ -438,6 +438,22 @@ def test_a_generated_sets_own_text_embeddings_are_checked_before_the_clip_loads(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(path) in err and message in err, (name, err)
     assert not (tmp_path / "out").exists()
+    # A corpus (`sample --corpus`) records its embedder in its card: checked as a dataset's is.
+    from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+    from tests.helpers.dataset_kind import as_corpus
+
+    other = with_card_conditioning(dataset.data_dir, tmp_path / "other", ConditioningSpec(EmbedderSpec(
+        "openai", "text-embedding-3-small", dim, "openai/text-embedding-3-small/8"), "ordered"))
+    corpus = as_corpus(other, tmp_path / "corpus")
+    assert main(["evaluate", "--generated", str(corpus), "--clip", str(clip_dir), "--dataset", str(dataset.data_dir),
+                 "--split", "validation", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--generated {corpus} holds openai 'text-embedding-3-small'" in err
+    assert f"but the CLIP of --clip {clip_dir} was conditioned on" in err
+    with pytest.raises(AssertionError, match="weights were loaded"):
+        main(["evaluate", "--generated", str(as_corpus(dataset.data_dir, tmp_path / "same_corpus")), "--clip",
+              str(clip_dir), "--dataset", str(dataset.data_dir), "--split", "validation", "--out",
+              str(tmp_path / "out")])
     # Embeddings of the CLIP's own width and embedder (or of an unrecorded one) go on to the weights.
     for name, extra in (("same", {"embedder_id": np.array(conditioning.embedder.embedder_id)}), ("unrecorded", {})):
         np.savez(tmp_path / f"{name}.npz", ecg=ecg, text_embedding=finite, **extra)
