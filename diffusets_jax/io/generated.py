@@ -4,7 +4,9 @@
 `turing-kit --generated/--real PATH` shows them to raters, from:
 
 - an NPZ (`samples.npz` of `diffusets-jax sample`, or any NPZ with an `ecg` array `(n, samples, 12)` in mV,
-  standard lead order, plus optional `report` ('|'-joined statements) or `prompt`, `sex`, `age`, `heart_rate`);
+  standard lead order, plus optional `report` ('|'-joined statements) or `prompt`, `sex`, `age`, `heart_rate`,
+  and `text_embedding` `(n, D)` (finite, D the scoring CLIP's text width) with optionally `embedder_id`, the id of
+  the embedder that made it (one string, as `embed --output` writes it));
 - a folder of WFDB records (ours carry the conditions in their header comments; others are read signal-only);
 - a dataset folder (`dataset_info.json`): a `sample --corpus` corpus or any dataset in the prepared schema;
 - a `sample` output folder (`manifest.json`): its NPZ, or the NPZ of every host of a multi-host run, in order
