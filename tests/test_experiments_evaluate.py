@@ -399,3 +399,64 @@ def test_samples_without_a_text_are_scored_without_numpy_warnings(clip, dataset,
                                  tmp_path / "four", n_boot=20)
     assert four["diagnostic_level"]["clip_score_generated"] == pytest.approx(
         some["diagnostic_level"]["clip_score_generated"])
+
+
+def test_a_generated_sets_own_text_embeddings_are_checked_before_the_clip_loads(dataset, tmp_path, capsys,
+                                                                                monkeypatch):
+    """An NPZ's `text_embedding` went to the CLIP's text tower unchecked: another width failed with a traceback
+    after every ECG was measured (or broadcast into a meaningless score), NaNs made a NaN score, and embeddings
+    of another embedder were scored as if the CLIP understood them. Each is one line, before any weights load."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import openai_conditioning
+
+    def no_weights(*_, **__):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(model_dirs, "load_component", no_weights)
+    dim = tiny_ecg_dataset.EMBEDDING_DIM
+    conditioning = openai_conditioning(dim)
+    clip_dir = index_only_models(tmp_path / "clip", clip_conditioning=conditioning)
+    ecg = np.zeros((3, 1024, 12), np.float32)
+    finite = np.ones((3, dim), np.float32)
+    nan = finite.copy()
+    nan[1, 2] = np.nan
+    cases = {
+        "wide": ({"text_embedding": np.ones((3, dim + 4), np.float32)},
+                 f"'text_embedding' is {dim + 4}-d, but the CLIP of --clip {clip_dir} takes {dim}-d"),
+        "one_wide": ({"text_embedding": np.ones((3, 1), np.float32)}, "'text_embedding' is 1-d, but the CLIP"),
+        "rank3": ({"text_embedding": np.ones((3, 1, dim), np.float32)}, "'text_embedding' has shape (3, 1, 8)"),
+        "nan": ({"text_embedding": nan}, "'text_embedding'[1] has NaN or inf entries"),
+        "other": ({"text_embedding": finite, "embedder_id": np.array("openai/text-embedding-3-small/8")},
+                  "'text_embedding' holds 'openai/text-embedding-3-small/8' embeddings, but the CLIP of --clip"),
+    }
+    for name, (arrays, message) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, ecg=ecg, **arrays)
+        assert main(["evaluate", "--generated", str(path), "--clip", str(clip_dir), "--dataset",
+                     str(dataset.data_dir), "--split", "validation", "--out", str(tmp_path / "out")]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path) in err and message in err, (name, err)
+    assert not (tmp_path / "out").exists()
+    # A corpus (`sample --corpus`) records its embedder in its card: checked as a dataset's is.
+    from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+    from tests.helpers.dataset_kind import as_corpus
+
+    other = with_card_conditioning(dataset.data_dir, tmp_path / "other", ConditioningSpec(EmbedderSpec(
+        "openai", "text-embedding-3-small", dim, "openai/text-embedding-3-small/8"), "ordered"))
+    corpus = as_corpus(other, tmp_path / "corpus")
+    assert main(["evaluate", "--generated", str(corpus), "--clip", str(clip_dir), "--dataset", str(dataset.data_dir),
+                 "--split", "validation", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--generated {corpus} holds openai 'text-embedding-3-small'" in err
+    assert f"but the CLIP of --clip {clip_dir} was conditioned on" in err
+    with pytest.raises(AssertionError, match="weights were loaded"):
+        main(["evaluate", "--generated", str(as_corpus(dataset.data_dir, tmp_path / "same_corpus")), "--clip",
+              str(clip_dir), "--dataset", str(dataset.data_dir), "--split", "validation", "--out",
+              str(tmp_path / "out")])
+    # Embeddings of the CLIP's own width and embedder (or of an unrecorded one) go on to the weights.
+    for name, extra in (("same", {"embedder_id": np.array(conditioning.embedder.embedder_id)}), ("unrecorded", {})):
+        np.savez(tmp_path / f"{name}.npz", ecg=ecg, text_embedding=finite, **extra)
+        with pytest.raises(AssertionError, match="weights were loaded"):
+            main(["evaluate", "--generated", str(tmp_path / f"{name}.npz"), "--clip", str(clip_dir), "--dataset",
+                  str(dataset.data_dir), "--split", "validation", "--out", str(tmp_path / "out")])

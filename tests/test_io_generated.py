@@ -119,6 +119,35 @@ def test_an_unfinished_sample_run_is_refused(tmp_path):
     assert read_generated(folder).ecg.shape == (2, 1024, 12)  # finished (here without an NPZ): its records
 
 
+def test_a_part_of_an_unfinished_sample_run_is_refused_too(tmp_path):
+    """Given the `wfdb/` folder (or an NPZ) of an unfinished sample run instead of the run's folder, the records
+    there were read and scored as the whole set. The enclosing run is found by the sample layout only: a folder
+    that merely lies somewhere below a run is not taken for a part of it."""
+    import json
+
+    folder = tmp_path / "samples"
+    write_records(folder / "wfdb", _ecgs(2), ["s0", "s1"], [{}, {}])
+    (folder / ".parts").mkdir()
+    np.savez(folder / ".parts" / "batch-000000.npz", ecg=_ecgs(2))
+    np.savez(folder / "samples.npz", ecg=_ecgs(2))  # as a killed run's leftovers may stand
+    np.savez(folder / "samples-00001-of-00002.npz", ecg=_ecgs(2))
+    write_records(folder / "other" / "wfdb", _ecgs(1), ["s0"], [{}])
+    (folder / ".diffusets-run.json").write_text(json.dumps({"command": "sample", "status": "running"}))
+    parts = [folder / "wfdb", folder / "samples.npz", folder / "samples-00001-of-00002.npz",
+             folder / ".parts" / "batch-000000.npz"]
+    for part in parts:
+        with pytest.raises(ValueError, match=rf"--generated {part} is part of {folder}, an unfinished `diffusets-jax "
+                                             "sample` run .* rerun the same sample command to finish it"):
+            read_generated(part)
+    assert read_generated(folder / "other" / "wfdb").ecg.shape == (1, 1024, 12)  # not the sample layout
+    (folder / ".diffusets-run.json").write_text(json.dumps({"command": "sample", "status": "complete"}))
+    assert read_generated(folder / "wfdb").ecg.shape == (2, 1024, 12)
+    assert read_generated(folder / "samples.npz").ecg.shape == (2, 1024, 12)
+    # A run record of another command is not a sample run's.
+    (folder / ".diffusets-run.json").write_text(json.dumps({"command": "evaluate", "status": "running"}))
+    assert read_generated(folder / "wfdb").ecg.shape == (2, 1024, 12)
+
+
 def test_a_damaged_npz_or_a_bad_field_is_one_line_naming_the_file_and_field(tmp_path):
     """A garbled NPZ was a BadZipFile traceback, a single heart rate for every ECG "len() of unsized object", and
     sex spelt M/F (as the conditions files spell it) "invalid literal for int()" naming no file or field."""
@@ -151,3 +180,24 @@ def test_a_set_without_ecgs_is_refused_when_read(tmp_path):
     np.savez(tmp_path / "empty.npz", ecg=np.zeros((0, 1024, 12), np.float32))
     with pytest.raises(ValueError, match=r"--generated .*empty.npz holds no ECGs"):
         read_generated(tmp_path / "empty.npz")
+
+
+def test_a_multi_host_runs_npz_files_must_agree_on_their_text_embeddings(tmp_path):
+    """Hosts' NPZs with text embeddings of other widths failed in numpy's concatenate with a traceback; of other
+    recorded embedders, they were mixed into one set of vectors. One line naming the file; agreeing ones are read."""
+    import json
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    names = ["samples-00000-of-00002.npz", "samples-00001-of-00002.npz"]
+    (folder / "manifest.json").write_text(json.dumps({"count": 4, "npz": names}))
+    np.savez(folder / names[0], ecg=_ecgs(2), text_embedding=np.ones((2, 8)), embedder_id=np.array("local/a/8"))
+    for second, message in (({"text_embedding": np.ones((2, 5)), "embedder_id": np.array("local/a/8")}, "is 5-d from"),
+                            ({"text_embedding": np.ones((2, 8)), "embedder_id": np.array("local/b/8")}, "is 8-d from local/b/8")):
+        np.savez(folder / names[1], ecg=_ecgs(2), **second)
+        with pytest.raises(ValueError, match=f"{names[1]}: 'text_embedding' {message}"):
+            read_generated(folder)
+    np.savez(folder / names[1], ecg=_ecgs(2), text_embedding=np.ones((2, 8)), embedder_id=np.array("local/a/8"))
+    got = read_generated(folder)
+    assert got.text_embedding.shape == (4, 8) and got.text_embedder == "local/a/8"
+    assert got.text_embedding_file == str(folder / names[0])

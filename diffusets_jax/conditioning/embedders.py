@@ -89,7 +89,7 @@ class OpenAIEmbedder:
         )
         self.model = model
         self.dim = int(dim)
-        self.embedder_id = f"openai/{model}/{self.dim}"
+        self.embedder_id = openai_embedder_id(model, self.dim)
         self.batch_size = batch_size
         self.preferred_batch_size = batch_size  # embed_with_cache commits after every request
         self.send_dimensions = send_dimensions
@@ -185,9 +185,7 @@ class LocalEmbedder:
             lambda params, ids, mask: module.apply({"params": params}, ids, mask),
             in_shardings=(replicated, by_row, by_row), out_shardings=by_row,
         )
-        label = self.model_dir.parent.name if self.model_dir.name == "model" else self.model_dir.name
-        suffix = "" if dtype == "float32" else f"/{dtype}"
-        self.embedder_id = f"local/{label}/{self.dim}/len{self.max_length}/sha256:{_weights_digest(self.model_dir)}{suffix}"
+        self.embedder_id = _local_id(self.model_dir, self.dim, self.max_length, dtype)
 
     def token_counts(self, texts: list[str]) -> np.ndarray:
         """Tokens per text after truncation, [CLS] and [SEP] included: (len(texts),) int."""
@@ -212,6 +210,27 @@ class LocalEmbedder:
             batch = [jax.device_put(a, self._by_row) for a in (ids, mask)]
             out[rows] = np.asarray(self._encode(self._params, *batch))[: len(rows)]
         return out
+
+
+def openai_embedder_id(model: str, dim: int) -> str:
+    """`OpenAIEmbedder.embedder_id`: the model and the width it is asked for."""
+    return f"openai/{model}/{int(dim)}"
+
+
+def local_embedder_id(model_dir: str | os.PathLike | None = None, max_length: int | None = None,
+                      dtype: str = "float32") -> str:
+    """`LocalEmbedder(model_dir, max_length=..., dtype=...).embedder_id`, without loading the encoder: what keys
+    its vectors in the cache (and fingerprints `embed --output`), the weights' digest included."""
+    from diffusets_jax.models import text_encoder
+
+    model_dir, config, _, max_length = text_encoder.sentence_encoder_files(model_dir, max_length)
+    return _local_id(model_dir, config.hidden_size, max_length, dtype)
+
+
+def _local_id(model_dir: Path, dim: int, max_length: int, dtype: str) -> str:
+    label = model_dir.parent.name if model_dir.name == "model" else model_dir.name
+    suffix = "" if dtype == "float32" else f"/{dtype}"
+    return f"local/{label}/{dim}/len{max_length}/sha256:{_weights_digest(model_dir)}{suffix}"
 
 
 def _weights_digest(model_dir: Path) -> str:

@@ -175,37 +175,58 @@ def embed_report_file(
     return summary
 
 
-def output_fingerprint(path: str | os.PathLike, *, column: str | None, template: Template,
-                       embedder: dict[str, object]) -> str:
+def output_fingerprint(path: str | os.PathLike, *, column: str | None, template: Template, embedder_id: str) -> str:
     """What an `--output` file of this run holds, as a hex digest: the input's bytes (not its name: an edited
-    file is another input, a moved one the same), the column and template, and `embedder`, every setting of
-    the embedder that changes its vectors (as the cache's embedder id does: kind, model, width, max length,
-    dtype; not the server's address or the batch size)."""
+    file is another input, a moved one the same), the column and template, and the embedder by the id its vectors
+    are cached under (`Embedder.embedder_id`: kind, model, width, max length, dtype and, for a local encoder, a
+    digest of its weights, so new weights at the same path are another run; not the server's address or the
+    batch size)."""
+    return _fingerprint(path, column, template, {"embedder_id": embedder_id})
+
+
+def legacy_output_fingerprint(path: str | os.PathLike, *, column: str | None, template: Template,
+                              embedder: dict[str, object]) -> str:
+    """`output_fingerprint` as it was before 2026-12-06, with `embedder` the embedder's settings (a local encoder
+    by its folder's path, not its weights): an `--output` file written then holds it, and is this run's output
+    when its recorded `embedder_id` is this run's too (`check_output_npz`)."""
+    return _fingerprint(path, column, template, {"embedder": embedder})
+
+
+def _fingerprint(path: str | os.PathLike, column: str | None, template: Template, embedder: dict[str, object]) -> str:
     from diffusets_jax.io.files import file_sha256
     from diffusets_jax.io.run_dir import fingerprint
 
-    return fingerprint({"input_sha256": file_sha256(path), "column": column, "template": template,
-                        "embedder": embedder})
+    return fingerprint({"input_sha256": file_sha256(path), "column": column, "template": template, **embedder})
 
 
-def check_output_npz(path: str | os.PathLike, fingerprint: str, overwrite: bool = False) -> None:
+def check_output_npz(path: str | os.PathLike, fingerprint: str, *, embedder_id: str, legacy_fingerprint: str = "",
+                     overwrite: bool = False) -> None:
     """Refuse to replace an existing `--output` file unless it holds this same embedding run's output (its
-    `run_fingerprint`, see `output_fingerprint`) or `overwrite`."""
+    `run_fingerprint`, see `output_fingerprint`; or, written before the fingerprint held the embedder's id,
+    `legacy_fingerprint` and this run's `embedder_id`) or `overwrite`. Where the file's embedder differs, the
+    line names both ids."""
     path = Path(path)
     if overwrite or not path.exists():
         return
+    recorded_id = ""
     try:
         with np.load(path, allow_pickle=False) as existing:
             recorded = str(existing["run_fingerprint"]) if "run_fingerprint" in existing.files else None
+            recorded_id = str(existing["embedder_id"]) if "embedder_id" in existing.files else ""
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         recorded = None
     if recorded is None:
         raise ValueError(f"--output {path} exists and was not written by diffusets-jax embed: choose another path, or "
                          "pass --overwrite to replace it")
-    if recorded != fingerprint:
-        raise ValueError(f"--output {path} holds the output of another embed run (another input file or content, "
-                         "column, template or embedder setting): choose another path, or pass --overwrite to replace "
-                         "it")
+    if recorded == fingerprint or (legacy_fingerprint and recorded == legacy_fingerprint and recorded_id == embedder_id):
+        return
+    if recorded_id and recorded_id != embedder_id:
+        raise ValueError(f"--output {path} holds the output of another embed run (embedder {recorded_id}, this run's "
+                         f"is {embedder_id}: another model, setting or weights): choose another path, or pass "
+                         "--overwrite to replace it")
+    raise ValueError(f"--output {path} holds the output of another embed run (another input file or content, "
+                     "column, template or embedder setting): choose another path, or pass --overwrite to replace "
+                     "it")
 
 
 def _save_npz_atomically(path: str | os.PathLike, **arrays: np.ndarray) -> None:

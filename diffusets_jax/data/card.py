@@ -123,6 +123,19 @@ def check_embeddings_fit(conditioning: ConditioningSpec | None, card: dict[str, 
                      f"{remedy}")
 
 
+def check_embedder_id_fits(conditioning: ConditioningSpec, embedder_id: str, *, model: str, data: str,
+                           remedy: str) -> None:
+    """`check_embeddings_fit` for embeddings that record only their embedder's id (`Embedder.embedder_id`: an
+    NPZ's `embedder_id`), not a dataset card: refused in the same words when both it and `conditioning` record an
+    id and the ids differ (another model, width or, locally, weights); an id missing on either side cannot be
+    checked."""
+    mine = conditioning.embedder
+    if not embedder_id or not mine.embedder_id or embedder_id == mine.embedder_id:
+        return
+    raise ValueError(f"{data} holds {embedder_id!r} embeddings, but {model} was conditioned on {_embedder_name(mine)} "
+                     f"embeddings of {conditioning.prompt_style} prompts: {remedy}")
+
+
 def _embedder_name(embedder: EmbedderSpec) -> str:
     return f"{embedder.kind} {embedder.model!r} ({embedder.embedder_id or f'{embedder.dim}-d'})"
 

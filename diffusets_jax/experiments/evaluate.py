@@ -189,6 +189,40 @@ def find_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike |
     return os.fspath(source), index
 
 
+def check_text_embeddings(generated: Any, clip_dir: str | os.PathLike, conditioning: Any, *,
+                          flag: str = "--generated", clip_flag: str = "--clip") -> None:
+    """Refuse in one line, before the CLIP's weights load, the text embeddings a generated set carries
+    (`io.generated.GeneratedSet.text_embedding`, `(n, D)`, finite) when the CLIP's text tower cannot take them: D
+    is not its `text_dim` (it failed with a traceback after every ECG was measured), or the NPZ records an
+    embedder other than the one the CLIP was trained on (`conditioning`, None when the CLIP records none:
+    `data.card.check_embedder_id_fits`), or a corpus's card another embedder or prompt style
+    (`data.card.check_embeddings_fit`)."""
+    from diffusets_jax.data.card import CARD_FILE, check_embedder_id_fits, check_embeddings_fit, read_card
+    from diffusets_jax.models import bundle
+
+    if generated.text_embedding is None:
+        return
+    where = f"{flag} {generated.text_embedding_file or generated.source}"
+    config = bundle.read_module_config(clip_dir, "clip")
+    text_dim = int(bundle.module_from_config(config, f"{clip_dir}/clip").text_dim)
+    width = int(generated.text_embedding.shape[1])
+    if width != text_dim:
+        raise ValueError(f"{where}: 'text_embedding' is {width}-d, but the CLIP of {clip_flag} {clip_dir} takes "
+                         f"{text_dim}-d text embeddings: give the embeddings of the embedder the CLIP was trained "
+                         "with, or leave the array out (the split's embeddings of the same prompts are used)")
+    if conditioning is None:
+        return
+    model = f"the CLIP of {clip_flag} {clip_dir}"
+    if not generated.text_embedding_file and (Path(generated.source) / CARD_FILE).is_file():
+        # A corpus (`sample --corpus`): its card records how its text embeddings were made, as a dataset's does.
+        check_embeddings_fit(conditioning, read_card(generated.source), model=model, data=where,
+                             remedy="give a --clip trained on embeddings of the corpus's embedder and prompt style")
+        return
+    check_embedder_id_fits(conditioning, generated.text_embedder, model=model, data=f"{where}: 'text_embedding'",
+                           remedy="give the embeddings of the embedder the CLIP was trained with, or leave the array "
+                                  "out")
+
+
 def clip_conditioning(index: Any) -> Any:
     """The text conditioning a CLIP was trained on (`conditioning.spec.ConditioningSpec`), when its entry records
     one (`train clip` does; a converted CLIP does not); else None."""

@@ -4,7 +4,9 @@
 `turing-kit --generated/--real PATH` shows them to raters, from:
 
 - an NPZ (`samples.npz` of `diffusets-jax sample`, or any NPZ with an `ecg` array `(n, samples, 12)` in mV,
-  standard lead order, plus optional `report` ('|'-joined statements) or `prompt`, `sex`, `age`, `heart_rate`);
+  standard lead order, plus optional `report` ('|'-joined statements) or `prompt`, `sex`, `age`, `heart_rate`,
+  and `text_embedding` `(n, D)` (finite, D the scoring CLIP's text width) with optionally `embedder_id`, the id of
+  the embedder that made it (one string, as `embed --output` writes it));
 - a folder of WFDB records (ours carry the conditions in their header comments; others are read signal-only);
 - a dataset folder (`dataset_info.json`): a `sample --corpus` corpus or any dataset in the prepared schema;
 - a `sample` output folder (`manifest.json`): its NPZ, or the NPZ of every host of a multi-host run, in order
@@ -34,7 +36,8 @@ NON_FINITE = "non-finite samples"  # the reason counted in `GeneratedSet.skipped
 @dataclasses.dataclass
 class GeneratedSet:
     """`ecg` `(n, 1024, 12)` float32 mV; per record its report statements, prompt, sex (1 male / 0 female / -1
-    unknown), age and heart rate (NaN unknown) and, when stored, its text embedding `(n, D)`."""
+    unknown), age and heart rate (NaN unknown) and, when stored, its text embedding `(n, D)` (finite), with the
+    NPZ file it came from and the id of the embedder that made it where the NPZ records one (`embedder_id`)."""
 
     ecg: np.ndarray
     reports: list[tuple[str, ...]]
@@ -48,6 +51,10 @@ class GeneratedSet:
     # Whether `reports` are each ECG's report statements (an NPZ's `report`, a dataset's report_lines), not a prompt
     # standing in for one (an NPZ with only `prompt`; WFDB headers, which `sample` fills with the prompt).
     statements: bool = False
+    # Where `text_embedding` came from (an NPZ file, the first of a multi-host run's), for messages; and its
+    # embedder's id (`Embedder.embedder_id`) when the NPZ records one, "" when not.
+    text_embedding_file: str = ""
+    text_embedder: str = ""
 
 
 def _to_time_base(ecg: np.ndarray, where: str) -> np.ndarray:
@@ -90,10 +97,9 @@ def read_generated(path: str | os.PathLike, flag: str = "--generated", kind: str
 def _read_any(path: Path, flag: str, kind: str) -> GeneratedSet:
     from diffusets_jax.data.card import check_dataset_kind
 
+    _refuse_unfinished_sample_run(path, flag)
     if path.is_file() and path.suffix.lower() == ".npz":
         return _read_npz(path)
-    if path.is_dir():
-        _refuse_unfinished_sample_run(path, flag)
     if path.is_dir() and (path / "dataset_info.json").is_file():
         check_dataset_kind(path, kind, flag)
         return _read_dataset(path, flag)
@@ -161,22 +167,25 @@ def _sample_npz_files(folder: Path) -> list[Path] | None:
     return [folder / name for name in read_json(folder / MANIFEST, "sample manifest").get("npz") or []]
 
 
-def _refuse_unfinished_sample_run(folder: Path, flag: str) -> None:
-    """One line for a `sample` run's folder that it has not finished (killed, or running now): it holds the ECGs
-    of some batches (`.parts/`, maybe WFDB records) but no manifest, and scoring those as the set would score a
-    part of it as if it were the whole."""
+def _refuse_unfinished_sample_run(path: Path, flag: str) -> None:
+    """One line for a `sample` run's folder that it has not finished (killed, or running now), or for a part of
+    one (its `wfdb/` folder, an NPZ in it: `io.outputs.sample_run_folder`): it holds the ECGs of some batches
+    (`.parts/`, maybe WFDB records) but no manifest, and scoring those as the set would score a part of it as if
+    it were the whole."""
     from diffusets_jax.io.files import read_json
+    from diffusets_jax.io.outputs import sample_run_folder
     from diffusets_jax.io.run_dir import RUN_FILE
 
-    record_path = folder / RUN_FILE
-    if not record_path.is_file():
-        return
-    record = read_json(record_path, "run record")
-    command = str(record.get("command", "")) if isinstance(record, dict) else ""
-    if command.split(" ")[0] == "sample" and record.get("status") != "complete":
-        raise ValueError(f"{flag} {folder} is an unfinished `diffusets-jax {command}` run (killed, or still running: "
-                         f"its run record says {record.get('status')!r}): rerun the same sample command to finish it, "
-                         "then score it")
+    for folder in (path if path.is_dir() else None, sample_run_folder(path)):
+        if folder is None or not (folder / RUN_FILE).is_file():
+            continue
+        record = read_json(folder / RUN_FILE, "run record")
+        command = str(record.get("command", "")) if isinstance(record, dict) else ""
+        if command.split(" ")[0] == "sample" and record.get("status") != "complete":
+            what = f"{flag} {path} is" if folder == path else f"{flag} {path} is part of {folder},"
+            raise ValueError(f"{what} an unfinished `diffusets-jax {command}` run (killed, or still running: its run "
+                             f"record says {record.get('status')!r}): rerun the same sample command to finish it, "
+                             "then score it")
 
 
 def _read_sample_folder(folder: Path, npz_files: list[Path], flag: str) -> GeneratedSet:
@@ -189,12 +198,23 @@ def _read_sample_folder(folder: Path, npz_files: list[Path], flag: str) -> Gener
         for reason, count in part.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + count
     embeddings = [part.text_embedding for part in parts]
+    with_text = [part for part in parts if part.text_embedding is not None] if all(
+        e is not None for e in embeddings) else []
+    for part in with_text[1:]:  # one set of vectors: the hosts' NPZs must agree on their width and embedder
+        first = with_text[0]
+        if part.text_embedding.shape[1] != first.text_embedding.shape[1] or part.text_embedder != first.text_embedder:
+            raise ValueError(f"{flag} {part.source}: 'text_embedding' is {part.text_embedding.shape[1]}-d from "
+                             f"{part.text_embedder or 'an unrecorded embedder'}, but {first.source}'s is "
+                             f"{first.text_embedding.shape[1]}-d from {first.text_embedder or 'an unrecorded embedder'}"
+                             ": give one run's samples")
     return GeneratedSet(np.concatenate([part.ecg for part in parts]), [r for part in parts for r in part.reports],
                         [p for part in parts for p in part.prompts], np.concatenate([part.sex for part in parts]),
                         np.concatenate([part.age for part in parts]),
                         np.concatenate([part.heart_rate for part in parts]),
-                        None if any(e is None for e in embeddings) else np.concatenate(embeddings), str(folder),
-                        skipped, statements=all(part.statements for part in parts))
+                        np.concatenate(embeddings) if with_text else None, str(folder),
+                        skipped, statements=all(part.statements for part in parts),
+                        text_embedding_file=with_text[0].source if with_text else "",
+                        text_embedder=with_text[0].text_embedder if with_text else "")
 
 
 def _read_npz(path: Path) -> GeneratedSet:
@@ -231,12 +251,40 @@ def _read_npz(path: Path) -> GeneratedSet:
     sex = _sex_codes(data["sex"], f"{path}: 'sex'") if "sex" in data else np.full(n, -1)
     age = _numbers(data["age"], f"{path}: 'age'") if "age" in data else np.full(n, np.nan)
     hr = _numbers(data["heart_rate"], f"{path}: 'heart_rate'") if "heart_rate" in data else np.full(n, np.nan)
+    text_embedding = _text_embeddings(data["text_embedding"], path) if "text_embedding" in data else None
     ecgs = np.stack([_to_time_base(e, f"{path} ecg[{i}]") for i, e in enumerate(ecg)]) if n else np.zeros(
         (0, ECG_LENGTH, NUM_LEADS), np.float32)
-    return GeneratedSet(ecgs.astype(np.float32), reports, prompts, sex, age, hr,
-                        _numbers(data["text_embedding"], f"{path}: 'text_embedding'").astype(np.float32)
-                        if "text_embedding" in data else None,
-                        str(path), statements="report" in data)
+    return GeneratedSet(ecgs.astype(np.float32), reports, prompts, sex, age, hr, text_embedding,
+                        str(path), statements="report" in data,
+                        text_embedding_file=str(path) if text_embedding is not None else "",
+                        text_embedder=_embedder_id(data, path) if text_embedding is not None else "")
+
+
+def _text_embeddings(values: np.ndarray, path: Path) -> np.ndarray:
+    """An NPZ's `text_embedding` as float32 `(n, D)`: one vector per ECG, every entry finite. Anything else is one
+    line: the CLIP's text tower would fail on it with a traceback, or broadcast it into a score that means
+    nothing (evaluate checks the width D against the CLIP, `experiments.evaluate.check_text_embeddings`)."""
+    embeddings = _numbers(values, f"{path}: 'text_embedding'")
+    if embeddings.ndim != 2 or embeddings.shape[1] < 1:
+        raise ValueError(f"{path}: 'text_embedding' has shape {embeddings.shape}; expected (n, D), one D-wide vector "
+                         "per ECG: give the embeddings so, or leave the array out")
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if len(bad):
+        raise ValueError(f"{path}: 'text_embedding'[{bad[0]}] has NaN or inf entries ({len(bad)} rows do): give "
+                         "finite embeddings, or leave the array out")
+    return embeddings.astype(np.float32)
+
+
+def _embedder_id(data: dict[str, np.ndarray], path: Path) -> str:
+    """The id of the embedder that made an NPZ's `text_embedding` (`embedder_id`, one string, as `embed --output`
+    writes it); "" when the NPZ records none."""
+    if "embedder_id" not in data:
+        return ""
+    value = data["embedder_id"]
+    if value.ndim != 0 or value.dtype.kind != "U" or not str(value):
+        raise ValueError(f"{path}: 'embedder_id' must be one string (the embedder's id, e.g. "
+                         f"'openai/text-embedding-ada-002/1536'), got {value.dtype} of shape {value.shape}")
+    return str(value)
 
 
 def _sex_codes(values: np.ndarray, where: str) -> np.ndarray:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,9 @@ from diffusets_jax.provenance import code_version
 FORMATS: tuple[str, ...] = ("npz", "wfdb", "png")
 MANIFEST = "manifest.json"
 _PARTS = ".parts"
+WFDB_FOLDER = "wfdb"
+_NPZ_NAME = re.compile(r"samples(-\d+-of-\d+)?\.npz")  # one host's, or each of several hosts', `_finish`
+_PART_NAME = re.compile(r"batch-\d+\.npz")  # `_part_path`
 
 
 def parse_formats(text: str | None) -> list[str]:
@@ -83,7 +87,7 @@ def _write_batch_records(out: Path, batch: Any, formats: Sequence[str], wfdb_fs:
     skipped = {names[row]: reason for row, reason in unusable.items()}
     rows = [row for row in range(len(names)) if row not in unusable]
     if "wfdb" in formats and rows:
-        skipped.update(write_records(out / "wfdb", batch.ecgs[rows], [names[r] for r in rows],
+        skipped.update(write_records(out / WFDB_FOLDER, batch.ecgs[rows], [names[r] for r in rows],
                                      [headers[r] for r in rows], output_fs=wfdb_fs).skipped)
     if "png" in formats:
         (out / "plots").mkdir(exist_ok=True)
@@ -96,6 +100,21 @@ def _write_batch_records(out: Path, batch: Any, formats: Sequence[str], wfdb_fs:
                 plot_pair(reference.reference.ecg, ecg, conditions=header, path=out / "plots" / f"{name}.png",
                           labels=(reference.label(), "Reconstructed" if reference.mode == "posterior" else "Generated"))
     return skipped
+
+
+def sample_run_folder(path: str | os.PathLike) -> Path | None:
+    """The `sample` output folder `path` is a part of by this module's layout: its WFDB folder (`<run>/wfdb`), an
+    NPZ it writes (`<run>/samples.npz`, `<run>/samples-PPPPP-of-NNNNN.npz`) or a batch of a run not finished
+    (`<run>/.parts/batch-BBBBBB.npz`); None for any other path. The layout only, one level or two up and no
+    further: whether `<run>` is a `sample` run, and a finished one, is its run record's to say."""
+    path = Path(path)
+    if path.is_dir() and path.name == WFDB_FOLDER:
+        return path.parent
+    if path.is_file() and _NPZ_NAME.fullmatch(path.name):
+        return path.parent
+    if path.is_file() and _PART_NAME.fullmatch(path.name) and path.parent.name == _PARTS:
+        return path.parent.parent
+    return None
 
 
 def _part_path(out: Path, batch_index: int) -> Path:
@@ -208,7 +227,7 @@ def _finish(out: Path, generator: Any, items: list[Condition], total: int, forma
     # Every host has written its records, PNGs and NPZ, so a temporary left now is a killed earlier run's (a WFDB
     # staging folder, a half-written PNG or NPZ: ours, in this claimed folder); its file was written again. The
     # top folder only on process 0, which alone writes there from now on (the manifest, the run record).
-    for folder in (out / "wfdb", out / "plots", *((out,) if index == 0 else ())):
+    for folder in (out / WFDB_FOLDER, out / "plots", *((out,) if index == 0 else ())):
         remove_temporaries_in(folder)
     skipped = {name: why for s in gathered for name, why in s["skipped"].items()}
     by_code: dict[str, list[int]] = {}
@@ -221,7 +240,7 @@ def _finish(out: Path, generator: Any, items: list[Condition], total: int, forma
         entry = {"name": name, **condition.as_dict(generator.conditioning.prompt_style)}
         if name not in skipped:
             if "wfdb" in formats:
-                entry["wfdb"] = f"wfdb/{name}"
+                entry["wfdb"] = f"{WFDB_FOLDER}/{name}"
             if "png" in formats:
                 entry["png"] = f"plots/{name}.png"
         samples.append(entry)

@@ -218,14 +218,10 @@ def sentence_encoder_width(model_dir: str | os.PathLike | None = None) -> int:
     return BertConfig.from_json(model_dir / "config.json").hidden_size
 
 
-def load_sentence_encoder(model_dir: str | os.PathLike | None = None, max_length: int | None = None) -> SentenceEncoderFiles:
-    """Read config, weights and tokenizer from a sentence-transformers model directory.
-
-    `max_length` defaults to `sentence_bert_config.json`'s `max_seq_length` (256 for all-MiniLM-L6-v2), else the
-    model's position limit; it counts [CLS] and [SEP].
-    """
-    from tokenizers import Tokenizer
-
+def sentence_encoder_files(model_dir: str | os.PathLike | None = None,
+                           max_length: int | None = None) -> tuple[Path, BertConfig, Path, int]:
+    """What `load_sentence_encoder` reads, found and checked without loading anything heavy: the model directory
+    (default all-MiniLM-L6-v2), its config, its weights file and the max length in effect (see there)."""
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     needed = ["config.json", "tokenizer.json"]
     missing = [name for name in needed if not (model_dir / name).is_file()]
@@ -246,7 +242,18 @@ def load_sentence_encoder(model_dir: str | os.PathLike | None = None, max_length
     max_length = min(max_length or config.max_position_embeddings, config.max_position_embeddings)
     if max_length < 2:
         raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {max_length}")
+    return model_dir, config, weights, max_length
 
+
+def load_sentence_encoder(model_dir: str | os.PathLike | None = None, max_length: int | None = None) -> SentenceEncoderFiles:
+    """Read config, weights and tokenizer from a sentence-transformers model directory.
+
+    `max_length` defaults to `sentence_bert_config.json`'s `max_seq_length` (256 for all-MiniLM-L6-v2), else the
+    model's position limit; it counts [CLS] and [SEP].
+    """
+    from tokenizers import Tokenizer
+
+    model_dir, config, weights, max_length = sentence_encoder_files(model_dir, max_length)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     # tokenizer.json ships with truncation 128 and fixed padding 128; sentence-transformers overrides both.
     tokenizer.no_padding()
