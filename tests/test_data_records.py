@@ -167,35 +167,3 @@ def test_a_chunk_is_identified_by_its_record_files_size_and_time(tmp_path):
     signal.write_bytes(signal.read_bytes()[:-2])  # another size, even with the old time
     os.utime(signal, ns=(mtime, mtime))
     assert rec.chunk_fingerprint(cands, options, rec.file_stamps(str(tmp_path), cands)) != before
-
-
-def test_a_signal_file_named_otherwise_than_its_record_is_stamped(tmp_path):
-    """A header may name signal files that are not called after the record (a multi-file WFDB record): only
-    NAME.hea/.dat/.mat were stamped, so such a file fixed after a chunk was decoded left its stale values in use.
-    A record whose header names only its own files is stamped as before (datasets prepared then stay complete)."""
-    write_record(tmp_path, "multi", standard_signal())
-    os.rename(tmp_path / "multi.dat", tmp_path / "signal_a.dat")
-    header = tmp_path / "multi.hea"
-    header.write_text(header.read_text().replace("multi.dat", "signal_a.dat"))
-    assert rec.decode_record(str(tmp_path), candidate("multi")).ecg.shape == (1024, 12)  # wfdb reads it so
-    cands, options = [candidate("multi")], rec.DecodeOptions()
-    before = rec.chunk_fingerprint(cands, options, rec.file_stamps(str(tmp_path), cands))
-    signal = tmp_path / "signal_a.dat"
-    stat = signal.stat()
-    os.utime(signal, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # written again
-    assert rec.chunk_fingerprint(cands, options, rec.file_stamps(str(tmp_path), cands)) != before
-    os.utime(signal, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert rec.chunk_fingerprint(cands, options, rec.file_stamps(str(tmp_path), cands)) == before
-    signal.write_bytes(signal.read_bytes()[:-2])  # another size, even with the old time
-    os.utime(signal, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert rec.chunk_fingerprint(cands, options, rec.file_stamps(str(tmp_path), cands)) != before
-    assert rec.header_signal_files(str(header)) == ["signal_a.dat"] == list(
-        dict.fromkeys(wfdb.rdheader(str(tmp_path / "multi")).file_name))
-    # An ordinary record: its own files only, in the form stamped before.
-    ordinary = rec.file_stamps(MIMIC_DIR, [candidate()])[0]
-    assert [entry[0] for entry in ordinary] == [".hea", ".dat"]
-    # Headers that name nothing readable stamp nothing more (decoding says what is wrong with them).
-    for text in ("", "# only a comment\n", "multi/2 0 500 5000\nseg1 2500\nseg2 2500\n", "multi x 500\n"):
-        header.write_text(text)
-        assert rec.header_signal_files(str(header)) == []
-    assert rec.header_signal_files(str(tmp_path / "absent.hea")) == []

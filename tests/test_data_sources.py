@@ -131,27 +131,6 @@ def test_a_record_file_fixed_since_the_build_is_decoded_again(tmp_path, capsys):
     np.testing.assert_array_equal(second["E07500"], first["E07500"])
 
 
-def test_a_signal_file_its_header_names_otherwise_is_watched_too(tmp_path, capsys):
-    """A record whose header names a signal file not called after it (`signal_a.mat`): that file written again
-    after a build went unnoticed, the dataset was called complete and --overwrite reused the stale chunk."""
-    manual = copy_records(tmp_path / "cinc")
-    (manual / "E07502.mat").rename(manual / "signal_a.mat")
-    header = manual / "E07502.hea"
-    header.write_text(header.read_text().replace("E07502.mat", "signal_a.mat"))
-    data = tmp_path / "data"
-    assert prepare(manual, data) == 0
-    assert set(ecgs(data)) == set(NAMES)  # read through the name its header gives
-    signal = manual / "signal_a.mat"
-    stat = signal.stat()
-    os.utime(signal, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # written again since
-    capsys.readouterr()
-    assert prepare(manual, data) == 2  # another build's records now: refused without --overwrite
-    errors = error_lines(capsys.readouterr().err)
-    assert len(errors) == 1 and "modification time" in errors[0], errors
-    assert prepare(manual, data, "--overwrite") == 0
-    assert json.loads((dataset_dir(data) / REPORT_FILENAME).read_text())["decode_chunks"]["decoded"] >= 1
-
-
 def test_a_dataset_prepared_before_file_stamps_is_still_complete(tmp_path, capsys):
     """Cards written before record files were stamped hold the fingerprint of paths and metadata only: such a
     dataset is recognised as complete (with a note), not refused as built from other records."""

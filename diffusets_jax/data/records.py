@@ -314,15 +314,13 @@ CACHE_FORMAT_VERSION = 4  # bump when decoding changes (stale caches)
 
 def file_stamps(manual_dir: str, candidates: Sequence[RecordCandidate]) -> list[tuple[tuple[str, int, int], ...]]:
     """Per candidate, (extension, size, mtime_ns) of each of its files that exists (`WFDB_EXTENSIONS` beside its
-    record path), then (file name, size, mtime_ns) of each other signal file its header names (a multi-file WFDB
-    record's `signal_a.dat`; `header_signal_files`): what tells a record file fixed or replaced since a chunk was
-    decoded. A record whose header names only files called after it (every record of the sources we prepare) is
-    stamped as before such files were stamped, so the datasets prepared then stay complete.
+    record path): what tells a record file fixed or replaced since a chunk was decoded.
 
     Size and modification time, the test make and rsync use, not a hash of the content: hashing every file would
     read the whole download (about 90 GB for MIMIC-IV-ECG) on every prepare, to find out that nothing changed. A
     copy that keeps the times (mv, cp -a, rsync -a) is still the same records; one that does not (cp -r) is decoded
-    again. A change of which files a header names changes the header, which is stamped too."""
+    again. Signal files named otherwise than the record (a multi-file WFDB record) are not stamped; a change of
+    which files a header names changes the header, which is."""
     stamps = []
     for candidate in candidates:
         base = os.path.join(manual_dir, candidate.record_path)
@@ -333,36 +331,8 @@ def file_stamps(manual_dir: str, candidates: Sequence[RecordCandidate]) -> list[
             except OSError:  # absent (a record has no .mat, or no .dat), or unreadable: decoding says which
                 continue
             found.append((extension, stat.st_size, stat.st_mtime_ns))
-        own = {os.path.basename(base) + extension for extension in WFDB_EXTENSIONS}
-        for file_name in header_signal_files(base + ".hea"):
-            if file_name in own:
-                continue
-            try:
-                stat = os.stat(os.path.join(os.path.dirname(base), file_name))
-            except OSError:  # missing: decoding names it (missing_signal_file)
-                continue
-            found.append((file_name, stat.st_size, stat.st_mtime_ns))
         stamps.append(tuple(found))
     return stamps
-
-
-def header_signal_files(header_path: str) -> list[str]:
-    """The distinct signal file names a WFDB header's signal lines give, in order (`wfdb.rdheader(...).file_name`,
-    deduplicated), read with a plain text scan: wfdb's parser takes about 10 ms a header, hours over MIMIC-IV-ECG's
-    800,000 records at every listing. [] for a header that cannot be read or parsed (decoding names what is wrong
-    with it) and for a multi-segment record's, whose lines name segment records, not files."""
-    try:
-        with open(header_path, encoding="utf-8", errors="replace") as f:
-            lines = [line.split() for line in f if line.strip() and not line.lstrip().startswith("#")]
-    except OSError:
-        return []
-    if not lines or len(lines[0]) < 2 or "/" in lines[0][0]:
-        return []
-    try:
-        n_sig = int(lines[0][1])
-    except ValueError:
-        return []
-    return list(dict.fromkeys(fields[0] for fields in lines[1 : 1 + n_sig]))
 
 
 def chunk_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOptions,
