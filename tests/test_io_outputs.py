@@ -374,19 +374,41 @@ def test_overwrite_never_replaces_a_folder_holding_the_generators_model(model_di
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before
 
 
-def test_a_corpus_rerun_removes_the_temporary_files_a_killed_run_left(generator, tmp_path):
+def test_a_corpus_rerun_removes_its_own_temporaries_in_one_listing_and_no_other_process_s(generator, tmp_path,
+                                                                                         monkeypatch):
     """A corpus run killed (-9) while writing a shard left `.synthetic_ecg-train.tfrecord-....tmp-PID-RANDOM` (and
-    could leave a count's) in the folder after the rerun had finished: ours, named after our shards, never read."""
-    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 17)]
+    could leave a count's) for good. The rerun removes them, in one listing per folder (a glob per shard and count
+    was two thousand scans for 1,000 shards), and only this corpus's shard and count temporaries, never what another
+    process may be writing beside them (process 0's metadata, card or run record)."""
+    import os
+
+    import diffusets_jax.io.corpus as corpus
+    from diffusets_jax import parallel
+
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 17)]  # 3 shards of 8
     out = tmp_path / "corpus"
     write_corpus(generator, conditions, out, shard_size=8, progress=False)
     shard = sorted(p for p in out.iterdir() if ".tfrecord-" in p.name)[1]
-    shard.unlink()  # killed while writing shard 1: its temporary file is all there is of it
-    leftovers = [out / f".{shard.name}.tmp-4242-0123456789ab", out / ".shard-counts" / ".shard-00001.json.tmp-4242-ab"]
-    for leftover in leftovers:
-        leftover.write_bytes(b"half a shard")
+    shard.unlink()  # killed while writing shard 1
+    killed = [out / f".{shard.name}.tmp-4242-0123456789ab", out / ".shard-counts" / ".shard-00001.json.tmp-4242-ab"]
+    in_flight = [out / ".dataset_info.json.tmp-77-0a1b2c", out / f".{RUN_FILE}.tmp-77-0a1b2c",
+                 out / ".shard-counts" / ".notes.json.tmp-77-0a1b2c"]
+    for path in [*killed, *in_flight]:
+        path.write_bytes(b"half")
+    # The folder listings between the barrier after the shards and the gathering of their counts: the cleanup's.
+    scans, window = [], {"open": False}
+    for name in ("listdir", "scandir"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda path=".", real=real: (window["open"] and scans.append(path)) or real(path))
+    barrier, gather = parallel.barrier, corpus._gather_counts
+    monkeypatch.setattr(parallel, "barrier", lambda name: window.update(open=name == "corpus-shards-written")
+                        or barrier(name))
+    monkeypatch.setattr(corpus, "_gather_counts", lambda *a: window.update(open=False) or gather(*a))
     assert write_corpus(generator, conditions, out, shard_size=8, progress=False)["written"] == 1
-    assert shard.exists() and not [p for p in leftovers if p.exists()]
+    monkeypatch.undo()
+    assert shard.exists() and not [p for p in killed if p.exists()]
+    assert all(p.exists() for p in in_flight)
+    assert sorted(str(path) for path in scans if not isinstance(path, int)) == [str(out), str(out / ".shard-counts")]
 
 
 def test_two_runs_of_one_corpus_command_write_the_same_bytes(model_dir, openai_env, tmp_path):
