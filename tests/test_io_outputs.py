@@ -374,19 +374,41 @@ def test_overwrite_never_replaces_a_folder_holding_the_generators_model(model_di
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before
 
 
-def test_a_corpus_rerun_removes_the_temporary_files_a_killed_run_left(generator, tmp_path):
+def test_a_corpus_rerun_removes_its_own_temporaries_in_one_listing_and_no_other_process_s(generator, tmp_path,
+                                                                                         monkeypatch):
     """A corpus run killed (-9) while writing a shard left `.synthetic_ecg-train.tfrecord-....tmp-PID-RANDOM` (and
-    could leave a count's) in the folder after the rerun had finished: ours, named after our shards, never read."""
-    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 17)]
+    could leave a count's) for good. The rerun removes them, in one listing per folder (a glob per shard and count
+    was two thousand scans for 1,000 shards), and only this corpus's shard and count temporaries, never what another
+    process may be writing beside them (process 0's metadata, card or run record)."""
+    import os
+
+    import diffusets_jax.io.corpus as corpus
+    from diffusets_jax import parallel
+
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 17)]  # 3 shards of 8
     out = tmp_path / "corpus"
     write_corpus(generator, conditions, out, shard_size=8, progress=False)
     shard = sorted(p for p in out.iterdir() if ".tfrecord-" in p.name)[1]
-    shard.unlink()  # killed while writing shard 1: its temporary file is all there is of it
-    leftovers = [out / f".{shard.name}.tmp-4242-0123456789ab", out / ".shard-counts" / ".shard-00001.json.tmp-4242-ab"]
-    for leftover in leftovers:
-        leftover.write_bytes(b"half a shard")
+    shard.unlink()  # killed while writing shard 1
+    killed = [out / f".{shard.name}.tmp-4242-0123456789ab", out / ".shard-counts" / ".shard-00001.json.tmp-4242-ab"]
+    in_flight = [out / ".dataset_info.json.tmp-77-0a1b2c", out / f".{RUN_FILE}.tmp-77-0a1b2c",
+                 out / ".shard-counts" / ".notes.json.tmp-77-0a1b2c"]
+    for path in [*killed, *in_flight]:
+        path.write_bytes(b"half")
+    # The folder listings between the barrier after the shards and the gathering of their counts: the cleanup's.
+    scans, window = [], {"open": False}
+    for name in ("listdir", "scandir"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda path=".", real=real: (window["open"] and scans.append(path)) or real(path))
+    barrier, gather = parallel.barrier, corpus._gather_counts
+    monkeypatch.setattr(parallel, "barrier", lambda name: window.update(open=name == "corpus-shards-written")
+                        or barrier(name))
+    monkeypatch.setattr(corpus, "_gather_counts", lambda *a: window.update(open=False) or gather(*a))
     assert write_corpus(generator, conditions, out, shard_size=8, progress=False)["written"] == 1
-    assert shard.exists() and not [p for p in leftovers if p.exists()]
+    monkeypatch.undo()
+    assert shard.exists() and not [p for p in killed if p.exists()]
+    assert all(p.exists() for p in in_flight)
+    assert sorted(str(path) for path in scans if not isinstance(path, int)) == [str(out), str(out / ".shard-counts")]
 
 
 def test_two_runs_of_one_corpus_command_write_the_same_bytes(model_dir, openai_env, tmp_path):
@@ -410,3 +432,138 @@ def test_two_runs_of_one_corpus_command_write_the_same_bytes(model_dir, openai_e
                          r"\(--batch-size\)", proc.stderr), proc.stderr[-3000:]
         shards.append({p.name: p.read_bytes() for p in (tmp_path / run).iterdir() if ".tfrecord-" in p.name})
     assert shards[0] and shards[0] == shards[1]
+
+
+class StubGenerator:
+    """What `_finish` asks of a generator: the prompt style, prompts, and a reference task or none."""
+
+    def __init__(self, reference=None):
+        import types
+
+        self.conditioning = types.SimpleNamespace(prompt_style="ordered")
+        self.reference = reference
+
+    def prompt(self, condition):
+        return condition.prompt("ordered")
+
+
+def write_parts(out, parts):
+    """Write `.parts/batch-NNNNNN.npz` as `sample_to_directory` does, from {file number: positions}; each ECG holds
+    its position (so the merged order is visible) plus a ramp; a position below 0 is stored NaN-spoiled as `-p`."""
+    (out / ".parts").mkdir(parents=True)
+    for number, positions in parts.items():
+        ecg = np.stack([np.full((1024, 12), abs(p), np.float32) + np.linspace(0, 1, 12, dtype=np.float32)
+                        for p in positions])
+        for row, p in enumerate(positions):
+            if p < 0:
+                ecg[row, 5, 2] = np.nan
+        np.savez_compressed(out / ".parts" / f"batch-{number:06d}.npz", ecg=ecg,
+                            position=np.array([abs(p) for p in positions]), code=np.array('{"v": 1}'),
+                            skipped_name=np.array([], dtype=str), skipped_why=np.array([], dtype=str))
+
+
+def merged_as_before(out, items, generator):
+    """`samples.npz`'s arrays as `_finish` made them before it streamed the ECGs: every part in memory at once."""
+    loaded = []
+    for part in sorted((out / ".parts").glob("batch-*.npz")):
+        with np.load(part) as data:
+            loaded.append(dict(data))
+    positions = np.concatenate([d["position"] for d in loaded])
+    ecg = np.concatenate([d["ecg"] for d in loaded])
+    failed = {int(p) for p, e in zip(positions, ecg, strict=True) if not np.isfinite(e).all()}
+    order = np.array([i for i in np.argsort(positions) if int(positions[i]) not in failed], np.int64)
+    chosen = [items[int(p)] for p in positions[order]]
+    reference = generator.reference
+    return {"ecg": ecg[order], "position": positions[order],
+            **({} if reference is None else {"reference": reference.reference.ecg, "observed": reference.observed_mask()}),
+            "prompt": np.array([generator.prompt(c) for c in chosen], dtype=str),
+            "report": np.array(["|".join(c.report) for c in chosen], dtype=str),
+            "sex": np.array([c.sex for c in chosen], np.int32), "age": np.array([c.age for c in chosen], np.float32),
+            "heart_rate": np.array([c.heart_rate for c in chosen], np.float32)}
+
+
+def finish(out, parts, generator, count):
+    from diffusets_jax.conditioning.requests import expand
+    from diffusets_jax.io.outputs import _finish
+
+    items = expand([make_condition("Sinus rhythm", "F", 40, 60, count // 2),
+                    make_condition("Atrial fibrillation|Abnormal ECG", "M", 71, 95, count - count // 2)])
+    write_parts(out, parts)
+    expected = merged_as_before(out, items, generator)
+    manifest = _finish(out, generator, items, len(parts), ["npz"], {})
+    return expected, manifest
+
+
+@pytest.mark.parametrize("with_reference", [False, True], ids=["plain", "reference"])
+@pytest.mark.parametrize("layout", ["blocks", "interleaved"])
+def test_the_streamed_merge_writes_what_the_whole_set_in_memory_did(tmp_path, with_reference, layout):
+    """`_finish` streams the parts into `samples.npz` one part at a time: the arrays must be what concatenating every
+    part in memory gave (keys in order, dtypes, shapes, values), the failed ECG left out, whatever order the part
+    files list in (batch-1000000 sorts before batch-200000) and even if parts interleave positions."""
+    import types
+
+    reference = None
+    if with_reference:
+        ecg = np.random.default_rng(0).normal(size=(1024, 12)).astype(np.float32)
+        mask = np.zeros((1024, 12), bool)
+        mask[:, :2] = True
+        reference = types.SimpleNamespace(reference=types.SimpleNamespace(ecg=ecg), observed_mask=lambda: mask,
+                                          describe=lambda: {"task": "stub"})
+    if layout == "blocks":  # whole batches, the file names out of position order, one NaN ECG (position 9)
+        parts = {1000000: [12, 13, 14, 15], 200000: [0, 1, 2, 3], 3: [8, -9, 10, 11], 0: [4, 5, 6, 7], 7: [16, 17]}
+    else:  # positions interleave across parts and are unsorted within one
+        parts = {0: [0, 3, 6, 9], 1: [1, 4, -7, 10], 2: [11, 8, 5, 2]}
+    count = sum(len(p) for p in parts.values())
+    out = tmp_path / "out"
+    expected, manifest = finish(out, parts, StubGenerator(reference), count)
+    failed = "sample_00009" if layout == "blocks" else "sample_00007"
+    assert manifest["skipped"] == {failed: "the ECG has 1 non-finite samples (NaN/inf)"}
+    assert manifest["written"] == count - 1 and not (out / ".parts").exists()
+    with np.load(out / "samples.npz") as data:
+        assert data.files == list(expected)
+        for key, value in expected.items():
+            assert data[key].dtype == value.dtype and data[key].shape == value.shape, key
+            np.testing.assert_array_equal(data[key], value, err_msg=key)
+    assert expected["position"].tolist() == [p for p in range(count) if f"sample_{p:05d}" != failed]
+
+
+def test_the_merge_holds_one_part_of_ecgs_in_memory_not_the_whole_set(tmp_path):
+    """The merge concatenated every part's ECGs (about 48 KB each) in memory, and copied them once more in position
+    order, so a large request could not be merged long before `MAX_ECGS`: its peak must stay near one part's."""
+    import tracemalloc
+
+    from diffusets_jax.conditioning.requests import expand
+    from diffusets_jax.io.outputs import _finish
+
+    parts = {b: list(range(32 * b, 32 * b + 32)) for b in range(24)}
+    total_bytes = 24 * 32 * 1024 * 12 * 4  # 37.7 MB of ECGs, 1.6 MB a part
+    out = tmp_path / "out"
+    write_parts(out, parts)
+    items = expand([make_condition("Sinus rhythm", "F", 40, 60, 24 * 32)])
+    tracemalloc.start()
+    try:
+        _finish(out, StubGenerator(), items, len(parts), ["npz"], {})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < total_bytes / 4, f"peak {peak / 1e6:.1f} MB merging {total_bytes / 1e6:.1f} MB of ECGs"
+    with np.load(out / "samples.npz") as data:
+        assert data["position"].tolist() == list(range(24 * 32))
+
+
+def test_a_streamed_npz_member_is_written_byte_for_byte_as_numpy_writes_the_whole_array(tmp_path):
+    """`_save_npz` is numpy's `savez_compressed` with members that may arrive in blocks: the same bytes (so two
+    identical runs still write identical files, and any NPZ reader reads it), whatever the block sizes."""
+    from diffusets_jax.io.outputs import StreamedArray, _save_npz
+
+    ecg = np.random.default_rng(1).normal(size=(50, 1024, 12)).astype(np.float32)
+    others = {"position": np.arange(50), "prompt": np.array(["a", "bcd"] * 25), "sex": np.zeros(50, np.int32)}
+    np.savez_compressed(tmp_path / "numpy.npz", ecg=ecg, **others)
+    _save_npz(tmp_path / "whole.npz", ecg=ecg, **others)
+    _save_npz(tmp_path / "streamed.npz", ecg=StreamedArray(np.dtype(np.float32), ecg.shape,
+                                                          (ecg[i : i + 7] for i in range(0, 50, 7))), **others)
+    expected = (tmp_path / "numpy.npz").read_bytes()
+    assert (tmp_path / "whole.npz").read_bytes() == expected and (tmp_path / "streamed.npz").read_bytes() == expected
+    with pytest.raises(ValueError, match="49 rows streamed"):  # a short stream is never renamed into place
+        _save_npz(tmp_path / "short.npz", ecg=StreamedArray(np.dtype(np.float32), ecg.shape, iter([ecg[:49]])))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["numpy.npz", "streamed.npz", "whole.npz"]

@@ -31,7 +31,7 @@ from diffusets_jax import parallel
 from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.ecg.units import non_finite_reason
 from diffusets_jax.errors import RunFailed
-from diffusets_jax.io.files import read_json, temporaries_of, write_json_atomic
+from diffusets_jax.io.files import read_json, remove_temporaries_in, write_json_atomic
 from diffusets_jax.io.progress import progress_bar
 from diffusets_jax.io.run_dir import check_output_path, output_dir
 from diffusets_jax.provenance import code_version
@@ -112,10 +112,12 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
         bar.close()
         parallel.barrier("corpus-shards-written")
         # Every host has finished writing, so a temporary shard or count file left now is a killed run's (ours: the
-        # shard writer names it after its shard, in this claimed folder); its shard was written again above.
-        for target in [*paths, *(_counts_path(run.path, s) for s in range(num_shards))]:
-            for leftover in temporaries_of(target):
-                leftover.unlink(missing_ok=True)  # another host sharing the disk may have removed it first
+        # shard writer names it after its shard, in this claimed folder); its shard was written again above. Only
+        # those, named after this corpus's shards and counts: the metadata, card and run record beside them are
+        # process 0's alone to write (after `_gather_counts`), never another host's to remove mid-write. One
+        # listing per folder on every host; on a shared disk whichever host comes first removes them.
+        remove_temporaries_in(run.path, [path.name for path in paths])
+        remove_temporaries_in(run.path / _COUNTS, [_counts_path(run.path, s).name for s in range(num_shards)])
         counts = _gather_counts(run.path, num_shards)
         lengths = [counts[s]["examples"] for s in range(num_shards)]  # what the shards hold, failed ECGs left out
         unusable = {int(position): why for s in range(num_shards) for position, why in counts[s]["skipped"].items()}

@@ -20,7 +20,6 @@ measured, or a diverged model's statistic, is NaN or inf in memory and `null` on
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import math
@@ -28,7 +27,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,26 +46,37 @@ def _create_temporary(target: Path, suffix: str) -> Path:
     raise FileExistsError(f"could not create a temporary file beside {target}")
 
 
-def temporaries_of(target: str | os.PathLike) -> list[Path]:
-    """The temporary files `atomic_path` made beside `target` (`.NAME.tmp-*`) and did not rename or remove: what a
-    process killed while writing `target` leaves behind. Only ever ours: the name is `target`'s own."""
-    target = Path(target)
-    return sorted(target.parent.glob(f".{glob.escape(target.name)}.tmp-*"))
-
-
-def temporaries_in(folder: str | os.PathLike) -> list[Path]:
+def temporaries_in(folder: str | os.PathLike, targets: Iterable[str] | None = None) -> list[Path]:
     """Every temporary left in `folder` by `atomic_path` or a staging folder of ours (`.NAME.tmp-*`): what processes
-    killed while writing there leave behind. One listing of the folder, where `temporaries_of` per target would
-    scan it once per file. Only ours in a folder a command claimed (`io.run_dir`); never call it on a user's."""
+    killed while writing there leave behind. Only ours in a folder a command claimed (`io.run_dir`); never call it
+    on a user's.
+
+    `targets`: only the temporaries of these names in `folder` (`.TARGET.tmp-*`, as `atomic_path` names them), for
+    a process that may remove those but not what another process is writing beside them right now. One listing of
+    the folder either way, where a glob per target would scan it once per file (twice per shard of a corpus).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.name.startswith(".") and ".tmp-" in p.name)
+    wanted = None if targets is None else set(targets)
+    return sorted(p for p in folder.iterdir() if p.name.startswith(".") and ".tmp-" in p.name
+                  and (wanted is None or _temporary_of_one(p.name, wanted)))
 
 
-def remove_temporaries_in(folder: str | os.PathLike) -> None:
-    """Remove `temporaries_in(folder)`; one already gone (another host sharing the disk) is fine."""
-    for leftover in temporaries_in(folder):
+def _temporary_of_one(name: str, targets: set[str]) -> bool:
+    """Whether `name` is `.TARGET.tmp-...` for a TARGET in `targets`; every `.tmp-` in it is tried, since a
+    target's own name may hold one."""
+    at = name.find(".tmp-", 1)
+    while at != -1:
+        if name[1:at] in targets:
+            return True
+        at = name.find(".tmp-", at + 1)
+    return False
+
+
+def remove_temporaries_in(folder: str | os.PathLike, targets: Iterable[str] | None = None) -> None:
+    """Remove `temporaries_in(folder, targets)`; one already gone (another host sharing the disk) is fine."""
+    for leftover in temporaries_in(folder, targets):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:

@@ -19,18 +19,21 @@ the recording above each result in the PNG.
 
 The folder is claimed with `io.run_dir.output_dir`: a user's folder is never written into, and a rerun with the
 same settings resumes. Each finished batch leaves `.parts/batch-BBBBBB.npz` (its ECGs, written last, after its
-records), so a crash costs at most the batch in progress; the parts are merged into the NPZ at the end and
-removed (they are ours). Each part records the code version that wrote it: a run resumed after an upgrade lists
-which samples each version wrote (`samples_by_code` in the manifest).
+records), so a crash costs at most the batch in progress; the parts are merged into the NPZ at the end, one
+part's ECGs in memory at a time (the set may be far larger than memory), and removed (they are ours). Each part
+records the code version that wrote it: a run resumed after an upgrade lists which samples each version wrote
+(`samples_by_code` in the manifest).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +124,50 @@ def _part_path(out: Path, batch_index: int) -> Path:
     return out / _PARTS / f"batch-{batch_index:06d}.npz"
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path, suffix=".npz") as temporary:
-        np.savez_compressed(temporary, **arrays)
+@dataclasses.dataclass(frozen=True)
+class StreamedArray:
+    """An NPZ member too large to hold in memory at once: its dtype and shape, and the blocks (consecutive rows
+    along axis 0, C order, in order) that make it, produced one at a time while it is written."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    blocks: Iterable[np.ndarray]
+
+
+def _save_npz(path: Path, **arrays: np.ndarray | StreamedArray) -> None:
+    """`np.savez_compressed(path, **arrays)`, atomically, where a member may be a `StreamedArray`.
+
+    The archive is numpy's, byte for byte: the same zip entries (`NAME.npy`, deflated, zip64, zipfile's fixed
+    1980 timestamp, so identical runs write identical bytes) and `.npy` headers, so `np.load` reads it as it
+    reads any NPZ. Object arrays are refused (numpy would pickle them; no reader of ours unpickles). A streamed member costs one block of memory, not the whole array: `samples.npz` of a large
+    request holds about 48 KB per ECG (`_finish`).
+    """
+    with atomic_path(path, suffix=".npz") as temporary, \
+            zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:  # always zip64, as numpy (gh-10776)
+                if isinstance(value, StreamedArray):
+                    _write_streamed(member, key, value)
+                else:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+
+
+def _write_streamed(member: Any, key: str, array: StreamedArray) -> None:
+    """Write `array` as a `.npy` into the open zip `member`: numpy's header, then each block's bytes."""
+    dtype = np.dtype(array.dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(array.shape)}
+    try:
+        np.lib.format.write_array_header_1_0(member, header)
+    except ValueError:  # a header beyond version 1.0's 64 KiB, as numpy's own writer falls back
+        np.lib.format.write_array_header_2_0(member, header)
+    rows = 0
+    for block in array.blocks:
+        if block.shape[1:] != tuple(array.shape[1:]):
+            raise ValueError(f"{key}: a block of shape {block.shape} in an array of shape {array.shape}")
+        member.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+        rows += len(block)
+    if rows != array.shape[0]:  # a bug of the caller: never rename a short array into place
+        raise ValueError(f"{key}: {rows} rows streamed for an array of shape {array.shape}")
 
 
 def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir: str | os.PathLike, *,
@@ -169,6 +213,64 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
     return manifest
 
 
+@dataclasses.dataclass
+class _PartsScan:
+    """What `_finish`'s first pass keeps of the parts: a few numbers per ECG, in the parts' order, never an ECG."""
+
+    position: np.ndarray  # (n,) each ECG's position in the request
+    part: np.ndarray  # (n,) the index of the part that holds it
+    row: np.ndarray  # (n,) its row in that part's `ecg`
+    failed: dict[int, str]  # position -> why (NaN or inf samples)
+    skipped: dict[str, str]  # what the parts recorded as skipped (sample name -> why)
+    codes: dict[str, list[int]]  # code version (JSON) -> the positions it generated
+    dtype: np.dtype  # of the merged `ecg`, as np.concatenate of the parts' would have it
+    ecg_shape: tuple[int, ...]  # one ECG's, (1024, 12)
+
+
+def _scan_parts(parts: Sequence[Path]) -> _PartsScan:
+    """Read every part once, one at a time: positions, failures, skipped records and code versions."""
+    positions, owners, rows = [], [], []
+    dtypes: set[np.dtype] = set()  # one per part would be a million arguments to np.result_type
+    failed: dict[int, str] = {}
+    skipped: dict[str, str] = {}
+    codes: dict[str, list[int]] = {}
+    ecg_shape = ECG_SHAPE
+    for index, part in enumerate(parts):
+        with np.load(part) as data:
+            position, ecg = data["position"], data["ecg"]
+            # Which code version generated the part: a run resumed after an upgrade holds two (`io.run_dir`); a
+            # part without one predates this record (version unknown).
+            code = str(data["code"]) if "code" in data.files else "null"
+            codes.setdefault(code, []).extend(int(p) for p in position)
+            skipped.update(zip(data["skipped_name"].tolist(), data["skipped_why"].tolist(), strict=True))
+        failed.update({int(p): reason for p, one in zip(position, ecg, strict=True) if (reason := non_finite_reason(one))})
+        positions.append(position)
+        owners.append(np.full(len(position), index, np.int64))
+        rows.append(np.arange(len(position), dtype=np.int64))
+        dtypes.add(ecg.dtype)
+        ecg_shape = tuple(ecg.shape[1:])
+    return _PartsScan(np.concatenate(positions) if positions else np.zeros((0,), np.int64),
+                      np.concatenate(owners) if owners else np.zeros((0,), np.int64),
+                      np.concatenate(rows) if rows else np.zeros((0,), np.int64), failed, skipped, codes,
+                      np.result_type(*dtypes) if dtypes else np.dtype(np.float32), ecg_shape)
+
+
+def _ecgs_in_order(parts: Sequence[Path], part_of: np.ndarray, row_of: np.ndarray) -> Iterator[np.ndarray]:
+    """The ECGs `(part_of[i], row_of[i])` in that order, as blocks `(rows, 1024, 12)` of one part each.
+
+    A part is loaded once per run of consecutive ECGs it holds: once in all when the parts hold whole blocks of
+    positions (one host, or several on their own disks, resumed or not), more often if their positions ever
+    interleave; either way memory holds one part's ECGs at a time.
+    """
+    if not len(part_of):
+        return
+    starts = np.flatnonzero(np.diff(part_of)) + 1
+    for part, rows in zip(part_of[np.concatenate([[0], starts])], np.split(row_of, starts), strict=True):
+        with np.load(parts[int(part)]) as data:
+            ecg = data["ecg"]
+        yield ecg[rows]
+
+
 def _finish(out: Path, generator: Any, items: list[Condition], total: int, formats: list[str],
             settings: dict[str, Any]) -> dict[str, Any]:
     """Merge the per-batch parts into the NPZ, gather every process's summary, write the manifest (process 0).
@@ -190,29 +292,22 @@ def _finish(out: Path, generator: Any, items: list[Condition], total: int, forma
         mine = [p for p in seen if p.name not in earlier]
         npz_name = f"samples-{index:05d}-of-{count:05d}.npz"
     parts = mine
-    positions, ecgs, local_skipped, local_codes = [], [], {}, {}
-    for part in parts:
-        with np.load(part) as data:
-            positions.append(data["position"])
-            ecgs.append(data["ecg"])
-            # Which code version generated the part: a run resumed after an upgrade holds two (`io.run_dir`); a
-            # part without one predates this record (version unknown).
-            code = str(data["code"]) if "code" in data.files else "null"
-            local_codes.setdefault(code, []).extend(int(p) for p in data["position"])
-            local_skipped.update(zip(data["skipped_name"].tolist(), data["skipped_why"].tolist(), strict=True))
-    positions_arr = np.concatenate(positions) if positions else np.zeros((0,), np.int64)
-    ecg_arr = np.concatenate(ecgs) if ecgs else np.zeros((0, *ECG_SHAPE), np.float32)
+    # Two passes over the parts, so that memory holds one part's ECGs (about 48 KB each) and a few numbers per
+    # ECG, never the whole set: a request may ask for `MAX_ECGS`. The first decides the order and the failures.
+    scan = _scan_parts(parts)
+    local_skipped, local_codes = scan.skipped, scan.codes
     # Failed generations (NaN or inf samples) stay out of the NPZ, whichever run wrote their part.
-    failed = {int(p): reason for p, ecg in zip(positions_arr, ecg_arr, strict=True) if (reason := non_finite_reason(ecg))}
-    local_skipped.update({sample_name(p): reason for p, reason in failed.items()})
-    order = np.array([i for i in np.argsort(positions_arr) if int(positions_arr[i]) not in failed], np.int64)
-    positions_arr = positions_arr[order]
-    ecg_arr = ecg_arr[order]
+    local_skipped.update({sample_name(p): reason for p, reason in scan.failed.items()})
+    by_position = np.argsort(scan.position)
+    order = by_position[~np.isin(scan.position[by_position], np.array(list(scan.failed), np.int64))].astype(np.int64)
+    positions_arr = scan.position[order]
     if "npz" in formats and parts:
         chosen = [items[int(p)] for p in positions_arr]
         reference = getattr(generator, "reference", None)
         reference_arrays = {} if reference is None else {"reference": reference.reference.ecg,
                                                          "observed": reference.observed_mask()}
+        ecg_arr = StreamedArray(scan.dtype, (len(order), *scan.ecg_shape),
+                                _ecgs_in_order(parts, scan.part[order], scan.row[order]))
         _save_npz(out / npz_name, ecg=ecg_arr, position=positions_arr, **reference_arrays,
                   prompt=np.array([generator.prompt(c) for c in chosen], dtype=str),
                   report=np.array(["|".join(c.report) for c in chosen], dtype=str),
