@@ -252,9 +252,12 @@ def _read_npz(path: Path) -> GeneratedSet:
     age = _numbers(data["age"], f"{path}: 'age'") if "age" in data else np.full(n, np.nan)
     hr = _numbers(data["heart_rate"], f"{path}: 'heart_rate'") if "heart_rate" in data else np.full(n, np.nan)
     text_embedding = _text_embeddings(data["text_embedding"], path) if "text_embedding" in data else None
-    ecgs = np.stack([_to_time_base(e, f"{path} ecg[{i}]") for i, e in enumerate(ecg)]) if n else np.zeros(
-        (0, ECG_LENGTH, NUM_LEADS), np.float32)
-    return GeneratedSet(ecgs.astype(np.float32), reports, prompts, sex, age, hr, text_embedding,
+    if ecg.shape[1] == ECG_LENGTH:  # the usual case, our own `sample`'s: used as read, not copied (~48 KB an ECG)
+        ecgs = ecg.astype(np.float32, copy=False)
+    else:
+        ecgs = np.stack([_to_time_base(e, f"{path} ecg[{i}]") for i, e in enumerate(ecg)]) if n else np.zeros(
+            (0, ECG_LENGTH, NUM_LEADS), np.float32)
+    return GeneratedSet(ecgs, reports, prompts, sex, age, hr, text_embedding,
                         str(path), statements="report" in data,
                         text_embedding_file=str(path) if text_embedding is not None else "",
                         text_embedder=_embedder_id(data, path) if text_embedding is not None else "")
