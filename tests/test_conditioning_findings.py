@@ -72,6 +72,7 @@ def test_missing_file_is_a_file_not_found_error(tmp_path):
     ('{"condition": "X", "statements": ["A", 3], "approved": true}', r"statements\[1\] is 3"),
     ('{"condition": "X", "statements": ["A|B"], "approved": true}', r"statements\[0\] 'A\|B' contains '\|'"),
     ('{"condition": "X", "statements": ["ST {up}"], "approved": true}', r"contains '\{'"),
+    ('{"condition": "X", "statements": ["ST up\\rT inverted"], "approved": true}', r"contains '\\r'"),
     ('{"condition": "X", "statements": ["' + "a" * 201 + '"], "approved": true}', r"has 201 characters"),
     ('{"condition": "X", "statements": ' + json.dumps([f"s{i}" for i in range(19)]) + ', "approved": true}',
      r"19 statements; reports have at most 18 lines"),

@@ -81,7 +81,8 @@ def check_statements(statements: object, where: str) -> list[str]:
             raise ValueError(f"{where}: statements[{i}] is {statement!r}; each must be a non-empty string")
         statement = statement.strip()
         for bad, why in ((LINE_SEPARATOR, "separates report lines"), ("{", "delimits statements in the prompt"),
-                         ("}", "delimits statements in the prompt"), ("\n", "ends a report line")):
+                         ("}", "delimits statements in the prompt"), ("\n", "ends a report line"),
+                         ("\r", "ends a report line")):  # as `prompts.report_lines` splits at either
             if bad in statement:
                 raise ValueError(f"{where}: statements[{i}] {statement!r} contains {bad!r}, which {why}: "
                                  "split or reword it")
