@@ -177,6 +177,23 @@ def test_a_scalar_int_field_takes_an_int_not_a_float_or_a_bool(config_file, key,
     check_train_section(config, config_file)  # floats where the module declares them (a dropout rate) still pass
 
 
+@pytest.mark.parametrize("key,value,expected", [
+    ("global_batch_size", 8.5, "got 8.5 (a float)"),
+    ("num_steps", 200.0, "got 200.0 (a float): write 200"),
+    ("checkpoint_every", True, "got True (a bool)"),
+])
+def test_a_train_count_takes_an_int_not_a_float_or_a_bool(key, value, expected):
+    """`global_batch_size=8.5` in a config file or an edited config.json was truncated to 8 by int(): a run of
+    another batch size than asked for, silently."""
+    from diffusets_jax.config import load_config
+    from diffusets_jax.train.run import check_train_section
+
+    config = load_config(CONFIGS / "demo_vae.py")
+    config.train = ml_collections.ConfigDict({**config.train.to_dict(), key: value})  # as a config file writes it
+    with pytest.raises(ValueError, match=re.escape(f"demo_vae.py: train.{key} takes an int (a count), {expected}")):
+        check_train_section(config, "demo_vae.py")
+
+
 def test_a_config_file_or_saved_config_with_a_float_count_is_one_line_before_the_workdir_is_claimed(tmp_path,
                                                                                                     capsys):
     from diffusets_jax.config import load_config, save_config

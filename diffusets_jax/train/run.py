@@ -70,6 +70,14 @@ _POSITIVE_TRAIN_KEYS = ("global_batch_size", "grad_accum_steps", "log_every", "e
 def check_train_section(config: ml_collections.ConfigDict, source: str = "the config") -> None:
     """Refuse loop settings that cannot run (e.g. `--config.train.num_steps=-5`), before any work."""
     train = config.train
+    for key in (*_POSITIVE_TRAIN_KEYS, "num_steps"):
+        # A float in a config file or an edited config.json (`global_batch_size=8.5`) was truncated by int():
+        # another batch than asked for, silently. A count takes an int, as the model section's do.
+        value = train.get(key)
+        if key in train and (isinstance(value, bool) or not isinstance(value, int)):
+            hint = f": write {int(value)}" if isinstance(value, float) and value.is_integer() else ""
+            raise ValueError(f"{source}: train.{key} takes an int (a count), got {value!r} (a "
+                             f"{type(value).__name__}){hint}")
     for key in _POSITIVE_TRAIN_KEYS:
         if key in train and int(train[key]) < 1:
             raise ValueError(f"{source}: train.{key} must be a positive number, got {train[key]}")
