@@ -1441,6 +1441,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"diffusets-jax {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
+        from diffusets_jax.parallel import lost_another_process
+
+        if not args.debug and lost_another_process(err):
+            import jax
+
+            print(f"diffusets-jax {args.command}: error: process {jax.process_index()} of {jax.process_count()} "
+                  f"stopped: another process of this multi-host run did not answer in time ({_one_line(err)[:200]}); "
+                  "its own error line says why: fix that and start the command again on every host", file=sys.stderr)
+            return EXIT_FAILED
         if args.debug or not _out_of_memory(err):
             raise
         print(f"diffusets-jax {args.command}: error: out of memory ({_one_line(err)[:200]}): run it smaller: "

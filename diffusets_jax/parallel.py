@@ -260,6 +260,15 @@ def allgather_objects(obj: Any) -> list[Any]:
     return [json.loads(bytes(row[: int(size)]).decode()) for row, size in zip(gathered, sizes, strict=True)]
 
 
+def lost_another_process(err: BaseException) -> bool:
+    """Whether `err` is a cross-process step of a multi-host run that timed out waiting for another process: that
+    process stopped (its own error line says why) or never started, and nothing this process read is at fault. JAX
+    reports it as DEADLINE_EXCEEDED (e.g. "Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue()
+    timed out"), also from inside a checkpoint restore, which synchronises the processes."""
+    return isinstance(err, jax.errors.JaxRuntimeError) and "DEADLINE_EXCEEDED" in str(err) and \
+        jax.process_count() > 1
+
+
 def barrier(name: str) -> None:
     """Wait until every process reaches the barrier `name` (a no-op on one host)."""
     if jax.process_count() > 1:

@@ -157,6 +157,10 @@ def load_model(directory: str | os.PathLike, name: str) -> tuple[nn.Module, dict
     try:
         variables = checkpointer.restore(variables_path)
     except Exception as err:  # noqa: BLE001 - tensorstore/Orbax raise ValueError, OSError, JSON errors, ...
+        from diffusets_jax.parallel import lost_another_process
+
+        if lost_another_process(err):  # the restore waits for every host: another one stopped, the folder is fine
+            raise
         raise ValueError(f"model {path}: its weights ({variables_path}) cannot be read "
                          f"({restore_error_reason(err)}); the folder is damaged or incomplete: write it again with "
                          "`diffusets-jax convert` or a training run's --model-dir") from None
