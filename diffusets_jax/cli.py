@@ -675,8 +675,9 @@ def _run_sample(args: argparse.Namespace) -> int:
                                        batch_size=min(args.batch_size, total_ecgs(conditions)), **options)
     import jax
 
-    if jax.process_index() == 0:  # the process that embeds: a missing API key is one line before --out is claimed
-        generator.embedder()
+    with parallel.failing_together():  # on every host, though only process 0 embeds
+        if jax.process_index() == 0:  # the process that embeds: a missing API key is one line before --out is claimed
+            generator.embedder()
     if args.corpus:
         from diffusets_jax.io.corpus import shard_size_in_batches, write_corpus
 

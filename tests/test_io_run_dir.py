@@ -226,9 +226,10 @@ def test_a_refusal_on_one_host_stops_every_host_with_its_line(tmp_path):
     with output_dir(tmp_path / "other", command="sample", settings={"seed": 9}) as run:
         (run.path / "samples.npz").write_bytes(b"")
     results = _claim_on_two_processes(tmp_path, [tmp_path / "new", tmp_path / "other"], [{"seed": 0}] * 2)
-    for result in results:
-        assert re.fullmatch(r"process 1 of 2: --out \S+other holds an earlier sample run with other settings "
-                            r"\(seed: 9 -> 0\).*", result["error"]), result
+    for result in results:  # process 1 its own line, process 0 the same naming process 1
+        assert re.fullmatch(r"(process 1 of 2 stopped: )?--out \S+other holds an earlier sample run with other "
+                            r"settings \(seed: 9 -> 0\).*", result["error"]), result
+    assert results[0]["error"].startswith("process 1 of 2 stopped: ")
 
 
 @pytest.mark.multiprocess

@@ -26,7 +26,9 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def run_two_processes(argv: list[str], extra_env: dict[str, str]) -> None:
+def run_two_processes(argv: list[str], extra_env: dict[str, str], check: bool = True) -> list[tuple[int, str]]:
+    """`diffusets-jax ARGV` as processes 0 and 1 of a two-host run: each one's (exit code, output). A process still
+    running after 900 s (waiting at a collective for one that stopped) is killed and fails the test."""
     port = _free_port()
     procs = []
     for process_id in range(2):
@@ -36,9 +38,16 @@ def run_two_processes(argv: list[str], extra_env: dict[str, str]) -> None:
                    PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen([sys.executable, "-m", "diffusets_jax", *argv], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=900)[0] for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     for proc, output in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, output[-4000:]
+        assert proc.returncode == 0 or not check, output[-4000:]
+    return [(proc.returncode, output) for proc, output in zip(procs, outputs, strict=True)]
 
 
 @pytest.mark.slow
@@ -76,6 +85,29 @@ def test_two_hosts_sample_their_share_and_write_one_manifest(tmp_path):
     assert sorted(int(e["study_id"]) for e in tfds.as_numpy(builder.as_dataset(split="train"))) == list(range(20))
     assert sorted(p.name for p in (tmp_path / "corpus" / ".shard-counts").iterdir()) == [
         f"shard-{s:05d}.json" for s in range(3)]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_request_refused_on_process_zero_stops_both_hosts_with_one_line(tmp_path):
+    # Only process 0 asks the server for the prompts' embeddings. Before, its refusal ended process 0 alone, and
+    # process 1 waited for the embeddings until the coordination service killed it minutes later.
+    from tests.helpers.fake_openai_server import FakeOpenAIServer
+
+    models = tiny_model_dir(tmp_path / "models")
+    argv = ["sample", "--model-dir", str(models), "--text", "Sinus rhythm", "--sex", "F", "--age", "50", "--hr", "70",
+            "-n", "4", "--steps", "2", "--sampler", "ddim", "--batch-size", "2", "--formats", "npz",
+            "--out", str(tmp_path / "out")]
+    with FakeOpenAIServer(dim=TEXT_DIM, faults=["401"]) as server:
+        results = run_two_processes(argv, {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url},
+                                    check=False)
+    for code, output in results:
+        assert code == 2, output[-4000:]
+        lines = [line for line in output.splitlines() if "error:" in line]
+        assert len(lines) == 1 and "server rejected the request (401" in lines[0], output[-4000:]
+        assert "Traceback" not in output
+    assert "process 0 of 2 stopped: " in results[1][1]
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 @pytest.mark.slow

@@ -237,11 +237,11 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
     index, count = _process()
     final.mkdir(parents=True, exist_ok=True)
     busy = f"{flag} {final}: another diffusets-jax run is writing there now; wait for it or choose another directory"
+    _check_same_settings(digest, settings, flag, final)
     with contextlib.ExitStack() as held:
-        # A refusal here may be one host's alone (its own disk holds another run, another run holds its lock): it is
-        # shared below, so that every host stops with it instead of waiting for that host at the next collective.
-        refusal = None
-        try:
+        # A refusal here may be one host's alone (its own disk holds another run, another run holds its lock): it
+        # stops every host, not only that one, while the others wait for it. Every host looked before any writes.
+        with parallel.failing_together():
             held.enter_context(exclusive_lock(final, busy))
             existing = read_json(final / RUN_FILE, "run record") if (final / RUN_FILE).exists() else None
             entries = _user_entries(final)
@@ -256,14 +256,9 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
                 if not ours:
                     raise ValueError(_not_ours_message(final, flag, command, existing))
                 raise ValueError(
-                    f"{flag} {final} holds an earlier {existing.get('command', 'different')} run with other settings "
-                    f"({differences(old_settings, new_settings)}): choose a new directory, rerun with the same "
-                    "settings to resume, or pass --overwrite to replace it")
-        except ValueError as err:
-            if count == 1:
-                raise
-            refusal = str(err)
-        _agree(refusal, digest, settings, flag, final)  # every host looked before any host writes
+                    f"{flag} {final} holds an earlier {existing.get('command', 'different')} run with other "
+                    f"settings ({differences(old_settings, new_settings)}): choose a new directory, rerun with the "
+                    "same settings to resume, or pass --overwrite to replace it")
         record = {"command": command, "fingerprint": digest, "settings": settings, "status": "running", **stamp()}
         if entries and overwrite and not same:
             # The same hidden sibling on every host; swapped in by process 0 once every host is done.
@@ -290,26 +285,20 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
         yield RunDir(final, final, resumed=False, complete=False, record=record)
 
 
-def _agree(refusal: str | None, digest: str, settings: dict[str, Any], flag: str, final: Path) -> None:
-    """Every process's check of the output folder and fingerprint of its settings, compared on every process (a
-    no-op on one host): raises the same ValueError everywhere when the hosts were given other settings (another
-    --seed or config on one host would mix two runs' outputs in one folder) or when any host refused."""
+def _check_same_settings(digest: str, settings: dict[str, Any], flag: str, final: Path) -> None:
+    """Refuse, on every process of a multi-host run (a no-op on one host), hosts given other settings: another
+    --seed or config on one host would mix two runs' outputs in one folder. One line naming the difference."""
     from diffusets_jax import parallel
 
     if _process()[1] == 1:
         return
-    checks = parallel.allgather_objects({"digest": digest, "refusal": refusal})  # also the barrier
-    if any(c["digest"] != checks[0]["digest"] for c in checks):
+    digests = parallel.allgather_objects(digest)
+    if any(d != digests[0] for d in digests):
         everyone = parallel.allgather_objects(settings)  # only now: a conditions file's settings can be large
-        other = next(i for i, c in enumerate(checks) if c["digest"] != checks[0]["digest"])
+        other = next(i for i, d in enumerate(digests) if d != digests[0])
         raise ValueError(f"{flag} {final}: the processes of this multi-host run were given other settings "
                          f"(process 0 -> process {other}: {differences(everyone[0], everyone[other])}): run the "
                          "same command on every host")
-    refused = [(i, c["refusal"]) for i, c in enumerate(checks) if c["refusal"] is not None]
-    if refused:
-        first, message = refused[0]
-        count = len(checks)
-        raise ValueError(f"process {first} of {count}: {message}")  # the same line on every host
 
 
 def code_history(record: dict[str, Any]) -> list[dict[str, Any]]:
