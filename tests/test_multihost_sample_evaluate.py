@@ -26,9 +26,11 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def run_two_processes(argv: list[str], extra_env: dict[str, str], check: bool = True) -> list[tuple[int, str]]:
+def run_two_processes(argv: list[str], extra_env: dict[str, str], check: bool = True,
+                      file_size_limits: tuple[int | None, int | None] = (None, None)) -> list[tuple[int, str]]:
     """`diffusets-jax ARGV` as processes 0 and 1 of a two-host run: each one's (exit code, output). A process still
-    running after 900 s (waiting at a collective for one that stopped) is killed and fails the test."""
+    running after 900 s (waiting at a collective for one that stopped) is killed and fails the test.
+    `file_size_limits`: the largest file (kB) each process may write, as on a host whose disk is full."""
     port = _free_port()
     procs = []
     for process_id in range(2):
@@ -36,7 +38,9 @@ def run_two_processes(argv: list[str], extra_env: dict[str, str], check: bool = 
         env.update(extra_env, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
                    PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, "-m", "diffusets_jax", *argv], env=env, cwd=ROOT,
+        limit = file_size_limits[process_id]
+        prefix = [] if limit is None else ["bash", "-c", f'ulimit -f {limit} && exec "$@"', "bash"]
+        procs.append(subprocess.Popen([*prefix, sys.executable, "-m", "diffusets_jax", *argv], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outputs = [p.communicate(timeout=900)[0] for p in procs]
@@ -108,6 +112,28 @@ def test_a_request_refused_on_process_zero_stops_both_hosts_with_one_line(tmp_pa
         assert "Traceback" not in output
     assert "process 0 of 2 stopped: " in results[1][1]
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("outputs", [["--formats", "npz"], ["--corpus", "--shard-size", "4"]])
+def test_a_host_whose_disk_is_full_stops_every_host(tmp_path, outputs):
+    # Process 1 cannot write its batch or shard (Python gets EFBIG where a full disk gives ENOSPC). Before, it
+    # stopped with its line and process 0 waited for it at the next collective until the coordination service
+    # killed both.
+    models = tiny_model_dir(tmp_path / "models")
+    argv = ["sample", "--model-dir", str(models), "--text", "Sinus rhythm", "--sex", "F", "--age", "50", "--hr", "70",
+            "-n", "8", "--steps", "2", "--sampler", "ddim", "--batch-size", "4", *outputs,
+            "--out", str(tmp_path / "out")]
+    with fake_openai_env(TEXT_DIM) as server:  # a batch or shard each, of 4 ECGs: about 200 kB
+        results = run_two_processes(argv, {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url},
+                                    check=False, file_size_limits=(None, 100))
+    for code, output in results:
+        assert code == 2, output[-4000:]
+        lines = [line for line in output.splitlines() if "error:" in line]
+        assert len(lines) == 1 and "File too large" in lines[0], output[-4000:]
+    assert "process 1 of 2 stopped: " in results[0][1]
+    assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / "dataset_info.json").exists()
 
 
 @pytest.mark.slow
