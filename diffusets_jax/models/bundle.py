@@ -118,7 +118,11 @@ def save_model(directory: str | os.PathLike, name: str, module: nn.Module, varia
         with open(os.path.join(staging, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
-        checkpointer = ocp.StandardCheckpointer()
+        # One process writes a model (process 0 exports a training); Orbax's default waits for every process of
+        # a multi-host run at its barriers, which the others never reach: the export hung.
+        this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                          active_processes={jax.process_index()})
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process)
         checkpointer.save(os.path.join(staging, VARIABLES_DIR), jax.tree.map(np.asarray, dict(variables)))
         checkpointer.wait_until_finished()
         checkpointer.close()
