@@ -261,6 +261,19 @@ def allgather_objects(obj: Any) -> list[Any]:
     return [json.loads(bytes(row[: int(size)]).decode()) for row, size in zip(gathered, sizes, strict=True)]
 
 
+def host_values(tree: Any) -> Any:
+    """Every array of `tree` whole, as numpy on this process, also one split over several hosts (fsdp spanning
+    processes), which `jax.device_get` refuses. A collective then: every process must call it."""
+    from jax.experimental import multihost_utils
+
+    def fetch(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return jax.device_get(leaf)
+
+    return jax.tree.map(fetch, tree)
+
+
 def lost_another_process(err: BaseException) -> bool:
     """Whether `err` is a cross-process step of a multi-host run that timed out waiting for another process: that
     process stopped (its own error line says why) or never started, and nothing this process read is at fault. JAX
