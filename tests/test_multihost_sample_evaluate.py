@@ -27,15 +27,17 @@ def _free_port() -> str:
 
 
 def run_two_processes(argv: list[str], extra_env: dict[str, str], check: bool = True,
-                      file_size_limits: tuple[int | None, int | None] = (None, None)) -> list[tuple[int, str]]:
-    """`diffusets-jax ARGV` as processes 0 and 1 of a two-host run: each one's (exit code, output). A process still
-    running after 900 s (waiting at a collective for one that stopped) is killed and fails the test.
-    `file_size_limits`: the largest file (kB) each process may write, as on a host whose disk is full."""
+                      file_size_limits: tuple[int | None, int | None] = (None, None),
+                      devices: int = 4) -> list[tuple[int, str]]:
+    """`diffusets-jax ARGV` as processes 0 and 1 of a two-host run of `devices` CPU devices each: each one's (exit
+    code, output). A process still running after 900 s (waiting at a collective for one that stopped) is killed and
+    fails the test. `file_size_limits`: the largest file (kB) each process may write, as on a host whose disk is
+    full."""
     port = _free_port()
     procs = []
     for process_id in range(2):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env.update(extra_env, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+        env.update(extra_env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
                    PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
         limit = file_size_limits[process_id]
@@ -164,3 +166,9 @@ def test_two_hosts_evaluate_and_process_zero_writes_one_report(tmp_path):
     assert two["signal_level"]["fid"] == pytest.approx(one["signal_level"]["fid"], rel=1e-4, abs=1e-6)
     assert two["diagnostic_level"]["clip_score_generated"] == pytest.approx(
         one["diagnostic_level"]["clip_score_generated"], rel=1e-4)
+    # The report's real/generated pairs are the first rows, whichever host generated them: at one device and two
+    # ECGs a batch per host, rows 2-3 are process 1's, and process 0 drew only its own two pairs.
+    argv[argv.index("--batch-size") + 1] = "2"
+    run_two_processes([*argv, "--out", str(tmp_path / "small")], {}, devices=1)
+    assert json.loads((tmp_path / "small" / "report.json").read_text())["figures"]["pairs"] == one["figures"]["pairs"]
+    assert len(one["figures"]["pairs"]) == 4
