@@ -685,8 +685,9 @@ def _run_sample(args: argparse.Namespace) -> int:
                                        batch_size=min(args.batch_size, total_ecgs(conditions)), **options)
     import jax
 
-    if jax.process_index() == 0:  # the process that embeds: a missing API key is one line before --out is claimed
-        generator.embedder()
+    with parallel.failing_together():  # on every host, though only process 0 embeds
+        if jax.process_index() == 0:  # the process that embeds: a missing API key is one line before --out is claimed
+            generator.embedder()
     if args.corpus:
         from diffusets_jax.io.corpus import shard_size_in_batches, write_corpus
 
@@ -1453,6 +1454,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"diffusets-jax {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
+        from diffusets_jax.parallel import lost_another_process
+
+        if not args.debug and lost_another_process(err):
+            import jax
+
+            print(f"diffusets-jax {args.command}: error: process {jax.process_index()} of {jax.process_count()} "
+                  f"stopped: another process of this multi-host run did not answer in time ({_one_line(err)[:200]}); "
+                  "its own error line says why: fix that and start the command again on every host", file=sys.stderr)
+            return EXIT_FAILED
         if args.debug or not _out_of_memory(err):
             raise
         print(f"diffusets-jax {args.command}: error: out of memory ({_one_line(err)[:200]}): run it smaller: "

@@ -9,9 +9,10 @@ multi-GPU node or a TPU pod slice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -258,6 +259,56 @@ def allgather_objects(obj: Any) -> list[Any]:
     padded[: payload.size] = payload
     gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
     return [json.loads(bytes(row[: int(size)]).decode()) for row, size in zip(gathered, sizes, strict=True)]
+
+
+def host_values(tree: Any) -> Any:
+    """Every array of `tree` whole, as numpy on this process, also one split over several hosts (fsdp spanning
+    processes), which `jax.device_get` refuses. A collective then: every process must call it."""
+    from jax.experimental import multihost_utils
+
+    def fetch(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return jax.device_get(leaf)
+
+    return jax.tree.map(fetch, tree)
+
+
+def lost_another_process(err: BaseException) -> bool:
+    """Whether `err` is a cross-process step of a multi-host run that timed out waiting for another process: that
+    process stopped (its own error line says why) or never started, and nothing this process read is at fault. JAX
+    reports it as DEADLINE_EXCEEDED (e.g. "Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue()
+    timed out"), also from inside a checkpoint restore, which synchronises the processes."""
+    return isinstance(err, jax.errors.JaxRuntimeError) and "DEADLINE_EXCEEDED" in str(err) and \
+        jax.process_count() > 1
+
+
+@contextlib.contextmanager
+def failing_together() -> Iterator[None]:
+    """Run a block that only some processes run (process 0 asking a server) or that each runs on what it alone sees
+    (its own disk), and end it on every process when it raises on any: that process raises its own error, every
+    other one a ValueError (for a bad input: a ValueError, OSError or ImportError) or a RunFailed naming it. Without
+    this, the others would go on to the next collective and wait there for the one that stopped, until the
+    coordination service kills them minutes later. Also a barrier; a plain block on one host."""
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - any failure must reach the other processes
+        if jax.process_count() == 1:
+            raise
+        error = err
+    if jax.process_count() == 1:
+        return
+    line = None if error is None else " ".join(str(error).split()) or type(error).__name__
+    reports = allgather_objects(None if error is None else [isinstance(error, (ValueError, OSError, ImportError)), line])
+    if error is not None:
+        raise error
+    from diffusets_jax.errors import RunFailed
+
+    first = next(((i, r) for i, r in enumerate(reports) if r is not None), None)
+    if first is not None:
+        index, (bad_input, line) = first
+        raise (ValueError if bad_input else RunFailed)(f"process {index} of {len(reports)} stopped: {line}")
 
 
 def barrier(name: str) -> None:

@@ -181,12 +181,13 @@ class ECGGenerator:
         table = np.zeros((len(unique), self.unet.text_dim), np.float32)
         if not unique:  # nothing left to generate (a finished run resumed): no request, on any host
             return table
-        if jax.process_index() == 0:
-            if self.embedding_cache is None:
-                table = np.asarray(self.embedder().embed(unique), np.float32)
-            else:
-                with EmbeddingCache(self.embedding_cache) as cache:
-                    table = np.asarray(embed_with_cache(unique, self.embedder(), cache), np.float32)
+        with parallel.failing_together():  # a refused or failed request stops every host, not only process 0
+            if jax.process_index() == 0:
+                if self.embedding_cache is None:
+                    table = np.asarray(self.embedder().embed(unique), np.float32)
+                else:
+                    with EmbeddingCache(self.embedding_cache) as cache:
+                        table = np.asarray(embed_with_cache(unique, self.embedder(), cache), np.float32)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -556,6 +556,23 @@ def test_running_out_of_memory_is_one_line_exit_1_saying_to_run_smaller(world, m
         run_cli([*TRAIN_VAE, "--workdir", str(world / "new")], capsys)
 
 
+def test_another_host_not_answering_is_one_line_exit_1_pointing_at_its_own_error(world, monkeypatch, capsys):
+    import jax
+
+    from diffusets_jax.train import run
+
+    def lost(*args, **kwargs):  # a collective of a multi-host run timed out: another process stopped or never came
+        raise jax.errors.JaxRuntimeError("UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED: "
+                                         "GetKeyValue() timed out with key: cpu:gloo/0,2048/1")
+
+    monkeypatch.setattr(run, "run_training", lost)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    code, err = run_cli([*TRAIN_VAE, "--workdir", str(world / "new")], capsys)
+    assert code == 1
+    assert_one_line(err, "error: process 0 of 2 stopped: another process of this multi-host run did not answer in time")
+    assert "its own error line says why" in err
+
+
 def test_exit_codes_are_documented_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

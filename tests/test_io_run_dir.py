@@ -208,3 +208,54 @@ def test_a_run_that_fails_having_written_nothing_leaves_no_folder_it_made(tmp_pa
         (run.path / "a.png").write_bytes(b"png")
         raise ValueError("half drawn")
     assert (tmp_path / "new" / "a.png").is_file() and (tmp_path / "new" / RUN_FILE).is_file()
+
+
+def _claim_on_two_processes(tmp_path, outs, settings):
+    """`output_dir` on two processes (gloo on 127.0.0.1), process i claiming outs[i] with settings[i]: each one's
+    {"error": message} or {"claimed": path}. A process still waiting after 120 s (a hang at a collective) fails."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    worker = os.path.join(os.path.dirname(__file__), "helpers", "run_dir_two_process_worker.py")
+    results = [tmp_path / f"process{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, worker, str(i), port, str(outs[i]), json.dumps(settings[i]),
+                               str(results[i])], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        for proc in procs:
+            output, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, output[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [json.loads(path.read_text()) for path in results]
+
+
+@pytest.mark.multiprocess
+def test_a_refusal_on_one_host_stops_every_host_with_its_line(tmp_path):
+    # Process 1's --out (its own disk, say) holds another run: before, process 0 waited for it at the barrier forever.
+    with output_dir(tmp_path / "other", command="sample", settings={"seed": 9}) as run:
+        (run.path / "samples.npz").write_bytes(b"")
+    results = _claim_on_two_processes(tmp_path, [tmp_path / "new", tmp_path / "other"], [{"seed": 0}] * 2)
+    for result in results:  # process 1 its own line, process 0 the same naming process 1
+        assert re.fullmatch(r"(process 1 of 2 stopped: )?--out \S+other holds an earlier sample run with other "
+                            r"settings \(seed: 9 -> 0\).*", result["error"]), result
+    assert results[0]["error"].startswith("process 1 of 2 stopped: ")
+
+
+@pytest.mark.multiprocess
+def test_hosts_given_other_settings_are_refused_naming_the_difference(tmp_path):
+    # Another --seed on one host would mix two runs in one folder: one line on every host, not an AssertionError.
+    results = _claim_on_two_processes(tmp_path, [tmp_path / "out"] * 2, [{"seed": 0}, {"seed": 5}])
+    for result in results:
+        assert "other settings (process 0 -> process 1: seed: 0 -> 5)" in result["error"], result
+    assert not (tmp_path / "out" / RUN_FILE).exists()

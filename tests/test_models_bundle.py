@@ -111,3 +111,51 @@ def test_only_project_models_are_instantiated(tmp_path):
     with pytest.raises(ValueError, match="diffusets_jax.models"):
         save_model(tmp_path, "dense", nn.Dense(3), {"params": {}})
     assert not os.listdir(tmp_path)
+
+
+def test_another_host_timing_out_in_the_restore_is_not_called_a_damaged_model(tmp_path, monkeypatch):
+    # On several hosts the restore waits for every process: when another one stopped (a bad input of its own), this
+    # one's restore times out. That is not a damaged model folder, which the one line used to tell the user.
+    import orbax.checkpoint as ocp
+
+    bn = BatchNorm1d(momentum=0.2)
+    save_model(tmp_path, "bn", bn, {"params": {"scale": np.ones(3, np.float32), "bias": np.zeros(3, np.float32)}})
+    lost = jax.errors.JaxRuntimeError("UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() "
+                                      "timed out with key: cpu:gloo/0,2048/1 and duration: 29.99999995s")
+
+    def restore(self, *args, **kwargs):
+        monkeypatch.setattr(jax, "process_count", lambda: 2)  # only now: Orbax's own set-up would wait for host 1
+        raise lost
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "restore", restore)
+    with pytest.raises(jax.errors.JaxRuntimeError) as raised:
+        load_model(tmp_path, "bn")
+    assert raised.value is lost
+
+
+@pytest.mark.multiprocess
+def test_one_process_of_a_multi_host_run_saves_a_model_alone(tmp_path):
+    # `train` on several hosts exports from process 0 only; Orbax's save waited for the other processes at its
+    # barriers, so the export hung until the coordination service killed every process.
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    worker = os.path.join(os.path.dirname(__file__), "helpers", "save_model_two_process_worker.py")
+    procs = [subprocess.Popen([sys.executable, worker, str(i), port, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        for proc in procs:
+            output, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, output[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert sorted(os.listdir(tmp_path)) == ["bn"]

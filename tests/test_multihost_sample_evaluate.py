@@ -26,19 +26,34 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def run_two_processes(argv: list[str], extra_env: dict[str, str]) -> None:
+def run_two_processes(argv: list[str], extra_env: dict[str, str], check: bool = True,
+                      file_size_limits: tuple[int | None, int | None] = (None, None),
+                      devices: int = 4) -> list[tuple[int, str]]:
+    """`diffusets-jax ARGV` as processes 0 and 1 of a two-host run of `devices` CPU devices each: each one's (exit
+    code, output). A process still running after 900 s (waiting at a collective for one that stopped) is killed and
+    fails the test. `file_size_limits`: the largest file (kB) each process may write, as on a host whose disk is
+    full."""
     port = _free_port()
     procs = []
     for process_id in range(2):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env.update(extra_env, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+        env.update(extra_env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
                    PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, "-m", "diffusets_jax", *argv], env=env, cwd=ROOT,
+        limit = file_size_limits[process_id]
+        prefix = [] if limit is None else ["bash", "-c", f'ulimit -f {limit} && exec "$@"', "bash"]
+        procs.append(subprocess.Popen([*prefix, sys.executable, "-m", "diffusets_jax", *argv], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=900)[0] for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     for proc, output in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, output[-4000:]
+        assert proc.returncode == 0 or not check, output[-4000:]
+    return [(proc.returncode, output) for proc, output in zip(procs, outputs, strict=True)]
 
 
 @pytest.mark.slow
@@ -80,6 +95,51 @@ def test_two_hosts_sample_their_share_and_write_one_manifest(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+def test_a_request_refused_on_process_zero_stops_both_hosts_with_one_line(tmp_path):
+    # Only process 0 asks the server for the prompts' embeddings. Before, its refusal ended process 0 alone, and
+    # process 1 waited for the embeddings until the coordination service killed it minutes later.
+    from tests.helpers.fake_openai_server import FakeOpenAIServer
+
+    models = tiny_model_dir(tmp_path / "models")
+    argv = ["sample", "--model-dir", str(models), "--text", "Sinus rhythm", "--sex", "F", "--age", "50", "--hr", "70",
+            "-n", "4", "--steps", "2", "--sampler", "ddim", "--batch-size", "2", "--formats", "npz",
+            "--out", str(tmp_path / "out")]
+    with FakeOpenAIServer(dim=TEXT_DIM, faults=["401"]) as server:
+        results = run_two_processes(argv, {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url},
+                                    check=False)
+    for code, output in results:
+        assert code == 2, output[-4000:]
+        lines = [line for line in output.splitlines() if "error:" in line]
+        assert len(lines) == 1 and "server rejected the request (401" in lines[0], output[-4000:]
+        assert "Traceback" not in output
+    assert "process 0 of 2 stopped: " in results[1][1]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("outputs", [["--formats", "npz"], ["--corpus", "--shard-size", "4"]])
+def test_a_host_whose_disk_is_full_stops_every_host(tmp_path, outputs):
+    # Process 1 cannot write its batch or shard (Python gets EFBIG where a full disk gives ENOSPC). Before, it
+    # stopped with its line and process 0 waited for it at the next collective until the coordination service
+    # killed both.
+    models = tiny_model_dir(tmp_path / "models")
+    argv = ["sample", "--model-dir", str(models), "--text", "Sinus rhythm", "--sex", "F", "--age", "50", "--hr", "70",
+            "-n", "8", "--steps", "2", "--sampler", "ddim", "--batch-size", "4", *outputs,
+            "--out", str(tmp_path / "out")]
+    with fake_openai_env(TEXT_DIM) as server:  # a batch or shard each, of 4 ECGs: about 200 kB
+        results = run_two_processes(argv, {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url},
+                                    check=False, file_size_limits=(None, 100))
+    for code, output in results:
+        assert code == 2, output[-4000:]
+        lines = [line for line in output.splitlines() if "error:" in line]
+        assert len(lines) == 1 and "File too large" in lines[0], output[-4000:]
+    assert "process 1 of 2 stopped: " in results[0][1]
+    assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / "dataset_info.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_hosts_evaluate_and_process_zero_writes_one_report(tmp_path):
     import jax
 
@@ -106,3 +166,9 @@ def test_two_hosts_evaluate_and_process_zero_writes_one_report(tmp_path):
     assert two["signal_level"]["fid"] == pytest.approx(one["signal_level"]["fid"], rel=1e-4, abs=1e-6)
     assert two["diagnostic_level"]["clip_score_generated"] == pytest.approx(
         one["diagnostic_level"]["clip_score_generated"], rel=1e-4)
+    # The report's real/generated pairs are the first rows, whichever host generated them: at one device and two
+    # ECGs a batch per host, rows 2-3 are process 1's, and process 0 drew only its own two pairs.
+    argv[argv.index("--batch-size") + 1] = "2"
+    run_two_processes([*argv, "--out", str(tmp_path / "small")], {}, devices=1)
+    assert json.loads((tmp_path / "small" / "report.json").read_text())["figures"]["pairs"] == one["figures"]["pairs"]
+    assert len(one["figures"]["pairs"]) == 4

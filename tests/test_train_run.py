@@ -403,3 +403,26 @@ def test_an_export_with_a_config_that_changes_its_meaning_is_refused(tmp_path, c
         assert cli.main([*command, "--model-dir", str(model_dir)]) == 0, capsys.readouterr().err
         index = json.loads((model_dir / "model_index.json").read_text())
         assert index["diffusion"]["schedule"]["prediction_type"] == "v_prediction"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_hosts_with_fsdp_over_both_export_the_whole_model(tmp_path):
+    # With fsdp spanning the hosts each process holds only slices of the weights. Process 0 exported them alone,
+    # and jax.device_get refused the arrays it could not see whole: a traceback on process 0, exit 0 on process 1,
+    # and no model.
+    from diffusets_jax.models.bundle import load_model
+    from tests.test_multihost_sample_evaluate import run_two_processes
+
+    _, args = _tiny_training("vae", tmp_path)
+    args += ["--config.model.widths=(64,64,64)",  # kernels of 3 x 64 x 64: big enough for fsdp to split them
+             "--config.mesh.fsdp=8", "--config.mesh.data=1", "--workdir", str(tmp_path / "run")]
+    for code, output in run_two_processes(args, {}, check=False):
+        assert code == 0, output[-4000:]
+    import jax
+    import numpy as np
+
+    module, variables = load_model(tmp_path / "run" / "model", "vae")
+    key = jax.random.PRNGKey(0)
+    expected = jax.eval_shape(module.init, key, np.zeros((1, 1024, 12), np.float32), key)
+    assert jax.tree.map(np.shape, variables) == jax.tree.map(lambda x: x.shape, dict(expected))  # whole, not slices

@@ -46,10 +46,13 @@ def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> tuple[int,
     """
     count = 0
     with atomic_path(path) as temporary:
-        with tf.io.TFRecordWriter(os.fspath(temporary)) as writer:
-            for record in records:
-                writer.write(record)
-                count += 1
+        try:
+            with tf.io.TFRecordWriter(os.fspath(temporary)) as writer:
+                for record in records:
+                    writer.write(record)
+                    count += 1
+        except tf.errors.OpError as err:  # TensorFlow's own error for a failed write (a full disk): one line, not a
+            raise OSError(f"cannot write {path}: {err.message}") from None  # traceback, as for any other file
         num_bytes = os.path.getsize(temporary)
     return count, num_bytes
 

@@ -271,6 +271,20 @@ def _gather(local: Mapping[str, Any]) -> dict[str, Any]:
     return gathered
 
 
+def _gather_examples(examples: list[tuple[int, np.ndarray, np.ndarray, dict[str, Any]]]
+                     ) -> list[tuple[int, np.ndarray, np.ndarray, dict[str, Any]]]:
+    """Every host's example pairs `(row, real (1024, 12), generated (1024, 12), conditions)` for the report's
+    figures: process 0 alone held only those of its own batches (two of four at two ECGs a batch on two hosts)."""
+    if jax.process_count() == 1:
+        return examples
+    rows = parallel.gather_rows({
+        "row": np.asarray([e[0] for e in examples], np.int64).reshape(-1),
+        "real": np.asarray([e[1] for e in examples], np.float32).reshape(-1, *ECG_SHAPE),
+        "generated": np.asarray([e[2] for e in examples], np.float32).reshape(-1, *ECG_SHAPE)})
+    conditions = [c for part in parallel.allgather_objects([e[3] for e in examples]) for c in part]  # process order
+    return list(zip(rows["row"].tolist(), rows["real"], rows["generated"], conditions, strict=True))
+
+
 def _concat(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     keys = [k for k in parts[0] if k != "clinical"]
     out = {k: np.concatenate([p[k] for p in parts]) for k in keys}
@@ -590,6 +604,7 @@ def evaluate_split(
                     i = pairs[row]
                     examples.append((row, real["ecg"][i], batch.ecgs[offset], _example_conditions(
                         real["prompt"][i], real["heart_rate"][i], real["sex"][i], real["age"][i])))
+    examples = _gather_examples(examples)  # the first rows are any host's batches
     real_rows = _gather(local_real if local_real is not None else _no_rows(clip))  # sorted by record index
     gen_m = _gather(_concat(parts) if parts else _no_rows(clip))
     kept = gen_m["position"].astype(np.int64)  # the generated rows with a finite ECG, in order

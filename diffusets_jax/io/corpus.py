@@ -84,33 +84,35 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
         per_shard = shard_size // batch
         table, row = generator.prompt_embeddings(conditions, [s * per_shard + b for s in todo for b in range(per_shard)])
         bar = progress_bar(sum(requested[s] for s in mine), desc="corpus", unit="ECG", disable=not progress)
-        (run.path / _COUNTS).mkdir(exist_ok=True)
-        for shard in mine:
-            skipped: dict[str, str] = {}
+        # Each host writes its shards on its own; one that fails (its disk full) stops every host here, where the
+        # others would wait for it at the next collective. Also the barrier before anyone looks at the shards.
+        with parallel.failing_together():
+            (run.path / _COUNTS).mkdir(exist_ok=True)
+            for shard in mine:
+                skipped: dict[str, str] = {}
 
-            def records(shard: int = shard, skipped: dict[str, str] = skipped):
-                lo, hi = shard * shard_size, min(len(items), (shard + 1) * shard_size)
-                for start in range(lo, hi, batch):
-                    chunk = items[start : min(hi, start + batch)]
-                    vectors = table[row[start : start + len(chunk)]]
-                    ecgs = generator.generate_batch(generator.condition_arrays(chunk, vectors), start // batch)
-                    for offset, (condition, ecg) in enumerate(zip(chunk, ecgs, strict=True)):
-                        if reason := non_finite_reason(ecg):
-                            skipped[str(start + offset)] = reason
-                            continue
-                        yield serialize({
-                            "ecg": ecg, "report_lines": list(condition.report), "prompt": generator.prompt(condition),
-                            "text_embedding": vectors[offset], "sex": condition.sex, "age": condition.age,
-                            "heart_rate": condition.heart_rate, "heart_rate_source": "condition",
-                            "subject_id": -1, "study_id": start + offset, "record_path": "",
-                        })
-                    bar.update(len(chunk))
+                def records(shard: int = shard, skipped: dict[str, str] = skipped):
+                    lo, hi = shard * shard_size, min(len(items), (shard + 1) * shard_size)
+                    for start in range(lo, hi, batch):
+                        chunk = items[start : min(hi, start + batch)]
+                        vectors = table[row[start : start + len(chunk)]]
+                        ecgs = generator.generate_batch(generator.condition_arrays(chunk, vectors), start // batch)
+                        for offset, (condition, ecg) in enumerate(zip(chunk, ecgs, strict=True)):
+                            if reason := non_finite_reason(ecg):
+                                skipped[str(start + offset)] = reason
+                                continue
+                            yield serialize({
+                                "ecg": ecg, "report_lines": list(condition.report), "prompt": generator.prompt(condition),
+                                "text_embedding": vectors[offset], "sex": condition.sex, "age": condition.age,
+                                "heart_rate": condition.heart_rate, "heart_rate_source": "condition",
+                                "subject_id": -1, "study_id": start + offset, "record_path": "",
+                            })
+                        bar.update(len(chunk))
 
-            written, _ = write_shard(paths[shard], records())
-            write_json_atomic(_counts_path(run.path, shard),
-                              {"examples": written, "skipped": skipped, "code": code_version()})
-        bar.close()
-        parallel.barrier("corpus-shards-written")
+                written, _ = write_shard(paths[shard], records())
+                write_json_atomic(_counts_path(run.path, shard),
+                                  {"examples": written, "skipped": skipped, "code": code_version()})
+            bar.close()
         # Every host has finished writing, so a temporary shard or count file left now is a killed run's (ours: the
         # shard writer names it after its shard, in this claimed folder); its shard was written again above. Only
         # those, named after this corpus's shards and counts: the metadata, card and run record beside them are

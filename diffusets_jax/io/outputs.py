@@ -198,16 +198,19 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
         local_done = sorted(int(p.stem.split("-")[1]) for p in parts.glob("batch-*.npz"))
         done = set().union(*map(set, parallel.allgather_objects(local_done)))
         remaining = [b for b in range(total) if b not in done]
-        for batch in generator.generate(conditions, batches=remaining, progress=progress):
-            # An ECG with NaN or inf samples is a failed generation: no record or PNG here, and `_finish` leaves it
-            # out of the NPZ.
-            unusable = {row: reason for row, ecg in enumerate(batch.ecgs) if (reason := non_finite_reason(ecg))}
-            skipped = _write_batch_records(run.path, batch, formats, wfdb_fs, header_settings, unusable,
-                                           getattr(generator, "reference", None))
-            _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
-                      position=np.arange(batch.start, batch.start + len(batch.conditions)),
-                      code=np.array(json.dumps(code_version(), sort_keys=True)),
-                      skipped_name=np.array(list(skipped), dtype=str), skipped_why=np.array(list(skipped.values()), dtype=str))
+        # Each host writes its share on its own; one that fails (its disk full) stops every host here, where the
+        # others would wait for it at the next collective.
+        with parallel.failing_together():
+            for batch in generator.generate(conditions, batches=remaining, progress=progress):
+                # An ECG with NaN or inf samples is a failed generation: no record or PNG here, and `_finish` leaves it
+                # out of the NPZ.
+                unusable = {row: reason for row, ecg in enumerate(batch.ecgs) if (reason := non_finite_reason(ecg))}
+                skipped = _write_batch_records(run.path, batch, formats, wfdb_fs, header_settings, unusable,
+                                               getattr(generator, "reference", None))
+                _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
+                          position=np.arange(batch.start, batch.start + len(batch.conditions)),
+                          code=np.array(json.dumps(code_version(), sort_keys=True)),
+                          skipped_name=np.array(list(skipped), dtype=str), skipped_why=np.array(list(skipped.values()), dtype=str))
         manifest = _finish(run.path, generator, items, total, formats, settings)
         run.mark_complete(count=manifest["count"])
     return manifest

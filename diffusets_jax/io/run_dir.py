@@ -237,28 +237,32 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
     final = check_output_path(path, flag, command=command, overwrite=overwrite, reads=reads)
     digest = fingerprint({"command": command, **settings})
     index, count = _process()
+    _check_same_settings(digest, settings, flag, final)  # before anything is created: one line on every host
     created = [folder for folder in (final, *final.absolute().parents) if not folder.exists()]
     new_lock = not (final / f"{_OURS_PREFIX}-p{index}.lock").exists()  # the lock file `exclusive_lock` opens
     final.mkdir(parents=True, exist_ok=True)
     busy = f"{flag} {final}: another diffusets-jax run is writing there now; wait for it or choose another directory"
-    with exclusive_lock(final, busy):
-        existing = read_json(final / RUN_FILE, "run record") if (final / RUN_FILE).exists() else None
-        entries = _user_entries(final)
-        same = existing is not None and existing.get("fingerprint") == digest
-        ours = existing is not None and existing.get("command") == command
-        if not same and ours and resolve is not None:
-            old_settings, new_settings = resolve(existing.get("settings", {})), resolve(settings)
-            same = fingerprint(old_settings) == fingerprint(new_settings)
-        else:
-            old_settings, new_settings = (existing or {}).get("settings", {}), settings
-        if entries and not same and not overwrite:
-            if not ours:
-                raise ValueError(_not_ours_message(final, flag, command, existing))
-            raise ValueError(
-                f"{flag} {final} holds an earlier {existing.get('command', 'different')} run with other settings "
-                f"({differences(old_settings, new_settings)}): choose a new directory, rerun with the same settings "
-                "to resume, or pass --overwrite to replace it")
-        parallel.barrier(f"output-dir-checked-{digest[:12]}")  # every host looked before any host writes
+    with contextlib.ExitStack() as held:
+        # A refusal here may be one host's alone (its own disk holds another run, another run holds its lock): it
+        # stops every host, not only that one, while the others wait for it. Every host looked before any writes.
+        with parallel.failing_together():
+            held.enter_context(exclusive_lock(final, busy))
+            existing = read_json(final / RUN_FILE, "run record") if (final / RUN_FILE).exists() else None
+            entries = _user_entries(final)
+            same = existing is not None and existing.get("fingerprint") == digest
+            ours = existing is not None and existing.get("command") == command
+            if not same and ours and resolve is not None:
+                old_settings, new_settings = resolve(existing.get("settings", {})), resolve(settings)
+                same = fingerprint(old_settings) == fingerprint(new_settings)
+            else:
+                old_settings, new_settings = (existing or {}).get("settings", {}), settings
+            if entries and not same and not overwrite:
+                if not ours:
+                    raise ValueError(_not_ours_message(final, flag, command, existing))
+                raise ValueError(
+                    f"{flag} {final} holds an earlier {existing.get('command', 'different')} run with other "
+                    f"settings ({differences(old_settings, new_settings)}): choose a new directory, rerun with the "
+                    "same settings to resume, or pass --overwrite to replace it")
         record = {"command": command, "fingerprint": digest, "settings": settings, "status": "running", **stamp()}
         if entries and overwrite and not same:
             # The same hidden sibling on every host; swapped in by process 0 once every host is done.
@@ -308,6 +312,22 @@ def _undo_claim(final: Path, created: Sequence[Path]) -> None:
             folder.rmdir()
         except OSError:  # no longer empty (someone wrote there meanwhile), or not ours to remove
             return
+
+
+def _check_same_settings(digest: str, settings: dict[str, Any], flag: str, final: Path) -> None:
+    """Refuse, on every process of a multi-host run (a no-op on one host), hosts given other settings: another
+    --seed or config on one host would mix two runs' outputs in one folder. One line naming the difference."""
+    from diffusets_jax import parallel
+
+    if _process()[1] == 1:
+        return
+    digests = parallel.allgather_objects(digest)
+    if any(d != digests[0] for d in digests):
+        everyone = parallel.allgather_objects(settings)  # only now: a conditions file's settings can be large
+        other = next(i for i, d in enumerate(digests) if d != digests[0])
+        raise ValueError(f"{flag} {final}: the processes of this multi-host run were given other settings "
+                         f"(process 0 -> process {other}: {differences(everyone[0], everyone[other])}): run the "
+                         "same command on every host")
 
 
 def code_history(record: dict[str, Any]) -> list[dict[str, Any]]:

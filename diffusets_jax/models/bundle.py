@@ -118,7 +118,11 @@ def save_model(directory: str | os.PathLike, name: str, module: nn.Module, varia
         with open(os.path.join(staging, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
-        checkpointer = ocp.StandardCheckpointer()
+        # One process writes a model (process 0 exports a training); Orbax's default waits for every process of
+        # a multi-host run at its barriers, which the others never reach: the export hung.
+        this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                          active_processes={jax.process_index()})
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process)
         checkpointer.save(os.path.join(staging, VARIABLES_DIR), jax.tree.map(np.asarray, dict(variables)))
         checkpointer.wait_until_finished()
         checkpointer.close()
@@ -157,6 +161,10 @@ def load_model(directory: str | os.PathLike, name: str) -> tuple[nn.Module, dict
     try:
         variables = checkpointer.restore(variables_path)
     except Exception as err:  # noqa: BLE001 - tensorstore/Orbax raise ValueError, OSError, JSON errors, ...
+        from diffusets_jax.parallel import lost_another_process
+
+        if lost_another_process(err):  # the restore waits for every host: another one stopped, the folder is fine
+            raise
         raise ValueError(f"model {path}: its weights ({variables_path}) cannot be read "
                          f"({restore_error_reason(err)}); the folder is damaged or incomplete: write it again with "
                          "`diffusets-jax convert` or a training run's --model-dir") from None

@@ -354,8 +354,10 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
         check_same_dataset_build(run.path, builder, config.data.dataset)
         result = train(task, config, run.path, train_batches, val_batches, mesh)
         if not result.preempted:
+            # Every process takes part (with fsdp over hosts each holds only slices of the weights); process 0 writes.
+            variables = trained_variables(result.state)
             if jax.process_index() == 0:
-                export_state(model, task, config, result.state, result.step, run.final,
+                export_state(model, task, config, variables, result.step, run.final,
                              run.path / MODEL_DIR_NAME if own_model_dir else model_dir, provenance_of_data, builder,
                              overwrite=overwrite)
             run.mark_complete(step=result.step)
@@ -440,11 +442,17 @@ def _dataset_provenance(model: str, builder: Any, config: ml_collections.ConfigD
     return reference
 
 
-def export_state(model: str, task: Task, config: ml_collections.ConfigDict, state: Any, step: int,
+def trained_variables(state: Any) -> dict[str, Any]:
+    """The variables a training exports, `{"params": EMA params when on, **model_state}`, as host numpy arrays.
+    On several hosts every process must call it: with fsdp over hosts each holds only slices of them."""
+    return {"params": parallel.host_values(state.eval_params()), **parallel.host_values(state.model_state)}
+
+
+def export_state(model: str, task: Task, config: ml_collections.ConfigDict, variables: dict[str, Any], step: int,
                  workdir: str | Path, model_dir: str | Path, dataset: dict[str, Any], builder: Any, *,
                  overwrite: bool = False) -> Path:
-    """Write the trained component (EMA params when on) into `model_dir` with its provenance; its folder.
-    `overwrite` lets it replace a component another run or a conversion put there.
+    """Write the trained component `variables` (`trained_variables`) into `model_dir` with its provenance; its
+    folder. `overwrite` lets it replace a component another run or a conversion put there.
 
     Idempotent: when the directory already holds this run's component from the same step and config, it is kept
     as is (a finished run rerun, e.g. a resumed demo, does not give its VAE a new uid under the U-Net's feet)."""
@@ -456,7 +464,6 @@ def export_state(model: str, task: Task, config: ml_collections.ConfigDict, stat
     existing = model_dirs.read_index(model_dir).components.get(model, {}).get("provenance", {}).get("run")
     if existing == run:  # this very checkpoint is already there (a rerun of a finished run): keep its uid
         return Path(model_dir) / model
-    variables = {"params": jax.device_get(state.eval_params()), **jax.device_get(state.model_state)}
     provenance = {"source": "trained", "dataset": dataset, "run": run, "config": config_dict}
     if model != "unet":
         from diffusets_jax.data.card import card_conditioning, read_card
@@ -525,4 +532,5 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
                          f"saved, --config {workdir / 'config.json'}") from None
     finally:
         manager.close()
-    return export_state(model, task, config, state, step, workdir, model_dir, dataset, builder, overwrite=overwrite)
+    return export_state(model, task, config, trained_variables(state), step, workdir, model_dir, dataset, builder,
+                        overwrite=overwrite)
