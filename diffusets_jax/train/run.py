@@ -10,6 +10,7 @@ uid of the VAE whose latents it was trained on.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -347,10 +348,14 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     task = make_task(model, config, num_steps)
     check_dataset_fits_model(task.model, builder, config.data.dataset)
     reads = [("--config.data.dataset", builder.data_dir), ("--config.data.data_dir", config.data.data_dir or None)]
-    # Held while training: a prepare or encode --overwrite of the dataset is refused rather than crash us mid-run.
-    with reading(builder.data_dir), output_dir(workdir, command=command, settings=settings, overwrite=overwrite,
-                                               flag="--workdir", reads=reads,
-                                               resolve=settings_resolver(model, config, builder)) as run:
+    with contextlib.ExitStack() as held:
+        # Held while training: a prepare or encode --overwrite of the dataset is refused rather than crash us
+        # mid-run. A host that finds the dataset being replaced stops every host, not only itself.
+        with parallel.failing_together():
+            held.enter_context(reading(builder.data_dir))
+        run = held.enter_context(output_dir(workdir, command=command, settings=settings, overwrite=overwrite,
+                                            flag="--workdir", reads=reads,
+                                            resolve=settings_resolver(model, config, builder)))
         check_same_dataset_build(run.path, builder, config.data.dataset)
         result = train(task, config, run.path, train_batches, val_batches, mesh)
         if not result.preempted:
