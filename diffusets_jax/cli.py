@@ -1411,6 +1411,24 @@ def build_parser() -> argparse.ArgumentParser:
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
 
 
+# The commands that join a multi-host run (`parallel.initialize_distributed`); every other runs as one process.
+MULTI_HOST_COMMANDS = ("train", "sample", "evaluate")
+
+
+def _check_one_process(command: str) -> None:
+    """Refuse a one-process command started as a non-zero process of a multi-host run (`JAX_PROCESS_ID` > 0 with
+    `JAX_NUM_PROCESSES` > 1): every host would do the whole work into the same folder, and the second was refused
+    as "another run is writing there now", which read as a stale lock. Process 0's host runs it as usual."""
+    try:
+        processes, process = int(os.environ.get("JAX_NUM_PROCESSES", "1")), int(os.environ.get("JAX_PROCESS_ID", "0"))
+    except ValueError:  # not numbers: the commands that read them say so
+        return
+    if processes > 1 and process > 0:
+        raise ValueError(f"{command} runs as one process, not on several hosts (this is JAX_PROCESS_ID={process} of "
+                         f"JAX_NUM_PROCESSES={processes}): run it on one host; `train`, `sample` and `evaluate` "
+                         "share their work between hosts")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # TensorFlow (data reading only: no TF arithmetic runs here, so its oneDNN kernels change nothing) writes a
     # few lines of C++ logging to stderr when it loads; a bad input's one line would be lost among them. A
@@ -1440,6 +1458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:  # TFDS's own notices (deprecations, "Variant folder ... has no dataset_info.json") are noise here
         logging.getLogger("absl").setLevel(logging.ERROR)
     try:
+        if args.command not in MULTI_HOST_COMMANDS:
+            _check_one_process(args.command)
         compile_cache.enable()
         return int(args.func(args) or 0)
     except Preempted as err:  # after saving: the scheduler requeues, the rerun resumes

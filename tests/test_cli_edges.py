@@ -573,6 +573,22 @@ def test_another_host_not_answering_is_one_line_exit_1_pointing_at_its_own_error
     assert "its own error line says why" in err
 
 
+def test_a_one_process_command_on_a_second_host_is_one_line(tmp_path, monkeypatch, capsys):
+    """`encode` started on two hosts of a multi-host job: each did the whole work into the same folder, and the
+    second was refused as "another diffusets-jax run is writing there now". Process 0 runs it as usual."""
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    args = ["plot", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "plots")]
+    code, err = run_cli(args, capsys)
+    assert code == 2
+    assert_one_line(err, "plot runs as one process, not on several hosts (this is JAX_PROCESS_ID=1 of "
+                         "JAX_NUM_PROCESSES=2): run it on one host")
+    assert not (tmp_path / "plots").exists()
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")  # process 0's host: the command's own checks
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "one process" not in err and "missing" in err, err
+
+
 def test_exit_codes_are_documented_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
