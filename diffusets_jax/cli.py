@@ -1425,8 +1425,8 @@ def _check_one_process(command: str) -> None:
         return
     if processes > 1 and process > 0:
         raise ValueError(f"{command} runs as one process, not on several hosts (this is JAX_PROCESS_ID={process} of "
-                         f"JAX_NUM_PROCESSES={processes}): run it on one host; `train`, `sample` and `evaluate` "
-                         "share their work between hosts")
+                         f"JAX_NUM_PROCESSES={processes}): run it on one host, without JAX_NUM_PROCESSES and "
+                         "JAX_PROCESS_ID; `train`, `sample` and `evaluate` share their work between hosts")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
