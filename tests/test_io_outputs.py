@@ -383,7 +383,6 @@ def test_a_corpus_rerun_removes_its_own_temporaries_in_one_listing_and_no_other_
     import os
 
     import diffusets_jax.io.corpus as corpus
-    from diffusets_jax import parallel
 
     conditions = [make_condition("Sinus rhythm", "F", 40, 60, 17)]  # 3 shards of 8
     out = tmp_path / "corpus"
@@ -395,14 +394,14 @@ def test_a_corpus_rerun_removes_its_own_temporaries_in_one_listing_and_no_other_
                  out / ".shard-counts" / ".notes.json.tmp-77-0a1b2c"]
     for path in [*killed, *in_flight]:
         path.write_bytes(b"half")
-    # The folder listings between the barrier after the shards and the gathering of their counts: the cleanup's.
+    # The folder listings from the cleanup's start (after every host's shards are written) to the gathering of
+    # their counts: the cleanup's.
     scans, window = [], {"open": False}
     for name in ("listdir", "scandir"):
         real = getattr(os, name)
         monkeypatch.setattr(os, name, lambda path=".", real=real: (window["open"] and scans.append(path)) or real(path))
-    barrier, gather = parallel.barrier, corpus._gather_counts
-    monkeypatch.setattr(parallel, "barrier", lambda name: window.update(open=name == "corpus-shards-written")
-                        or barrier(name))
+    remove, gather = corpus.remove_temporaries_in, corpus._gather_counts
+    monkeypatch.setattr(corpus, "remove_temporaries_in", lambda *a: window.update(open=True) or remove(*a))
     monkeypatch.setattr(corpus, "_gather_counts", lambda *a: window.update(open=False) or gather(*a))
     assert write_corpus(generator, conditions, out, shard_size=8, progress=False)["written"] == 1
     monkeypatch.undo()
