@@ -155,23 +155,11 @@ def test_load_builder_by_name_directory_or_missing(builder, tmp_path):
 @pytest.mark.multiprocess
 def test_two_processes_assemble_one_global_batch(builder, tmp_path):
     """Two hosts x 4 devices: each feeds its own slice; the global batch is both slices, nothing shared."""
-    import socket
-    import subprocess
-    import sys
+    from tests.helpers.two_processes import run_worker_pair
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
     data_dir = os.path.dirname(os.path.dirname(builder.data_dir))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    worker = os.path.join(os.path.dirname(__file__), "helpers", "pipeline_two_process_worker.py")
     outs = [str(tmp_path / f"process{i}.json") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, worker, str(i), port, data_dir, outs[i]], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    for proc in procs:
-        output, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, output[-3000:]
+    run_worker_pair("pipeline_two_process_worker.py", lambda i: [data_dir, outs[i]], timeout=240)
     results = []
     for path in outs:
         with open(path) as f:

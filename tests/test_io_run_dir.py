@@ -214,29 +214,11 @@ def _claim_on_two_processes(tmp_path, outs, settings):
     """`output_dir` on two processes (gloo on 127.0.0.1), process i claiming outs[i] with settings[i]: each one's
     {"error": message} or {"claimed": path}. A process still waiting after 120 s (a hang at a collective) fails."""
     import json
-    import socket
-    import subprocess
-    import sys
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    worker = os.path.join(os.path.dirname(__file__), "helpers", "run_dir_two_process_worker.py")
+    from tests.helpers.two_processes import run_worker_pair
+
     results = [tmp_path / f"process{i}.json" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, worker, str(i), port, str(outs[i]), json.dumps(settings[i]),
-                               str(results[i])], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    try:
-        for proc in procs:
-            output, _ = proc.communicate(timeout=120)
-            assert proc.returncode == 0, output[-3000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    run_worker_pair("run_dir_two_process_worker.py", lambda i: [outs[i], json.dumps(settings[i]), results[i]])
     return [json.loads(path.read_text()) for path in results]
 
 

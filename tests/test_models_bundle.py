@@ -137,25 +137,7 @@ def test_another_host_timing_out_in_the_restore_is_not_called_a_damaged_model(tm
 def test_one_process_of_a_multi_host_run_saves_a_model_alone(tmp_path):
     # `train` on several hosts exports from process 0 only; Orbax's save waited for the other processes at its
     # barriers, so the export hung until the coordination service killed every process.
-    import socket
-    import subprocess
-    import sys
+    from tests.helpers.two_processes import run_worker_pair
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    worker = os.path.join(os.path.dirname(__file__), "helpers", "save_model_two_process_worker.py")
-    procs = [subprocess.Popen([sys.executable, worker, str(i), port, str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        for proc in procs:
-            output, _ = proc.communicate(timeout=120)
-            assert proc.returncode == 0, output[-3000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    run_worker_pair("save_model_two_process_worker.py", lambda i: [tmp_path])
     assert sorted(os.listdir(tmp_path)) == ["bn"]
