@@ -173,3 +173,20 @@ def test_the_temporaries_of_chosen_targets_are_removed_in_one_listing_and_no_oth
     assert [path for path in listings if not isinstance(path, int) and Path(path) == tmp_path] == [tmp_path]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, "c-00000", ".hidden"])
     remove_temporaries_in(tmp_path / "missing", targets)  # a folder not there holds none
+
+
+def test_a_full_disk_while_writing_names_the_file(tmp_path):
+    """A write to an open file that fails for a full disk carries no path: the one line said "[Errno 28] No space
+    left on device" and not which file (the multi-host hunt, with a file-size limit on one host)."""
+    import errno
+
+    target = tmp_path / "shard.tfrecord"
+    with pytest.raises(OSError, match=r"No space left on device: '.*shard\.tfrecord'") as raised:
+        with atomic_path(target) as temporary:
+            temporary.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []  # the temporary is removed as before
+    with pytest.raises(PermissionError):  # other errors pass through as they are
+        with atomic_path(target):
+            raise PermissionError(errno.EACCES, "Permission denied", "elsewhere")

@@ -20,6 +20,7 @@ measured, or a diverged model's statistic, is NaN or inf in memory and `null` on
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -83,6 +84,9 @@ def remove_temporaries_in(folder: str | os.PathLike, targets: Iterable[str] | No
             leftover.unlink(missing_ok=True)
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a full disk, a file-size limit, a quota
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in `path`'s folder; on success it is renamed to `path`, on error removed.
@@ -95,6 +99,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         yield temporary
         os.replace(temporary, target)
+    except OSError as err:
+        if err.filename is None and err.errno in _DISK_FULL:
+            # A write to an open file fails without a path ("[Errno 28] No space left on device"): name the file,
+            # so the one line says which disk is full.
+            raise OSError(err.errno, err.strerror, str(target)) from err
+        raise
     finally:
         if temporary.exists():
             temporary.unlink()  # only the temporary file this call created
