@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.special import logit
+from scipy.special import expit, logit
 
 from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
 from diffusets_jax.experiments.downstream import (
@@ -115,12 +115,12 @@ def test_seed_metrics_hand_worked():
     labels = np.array([1, 1, 0, 0, 0])
     probabilities = np.array([0.9, 0.4, 0.6, 0.2, 0.1])
     logits = logit(probabilities)  # seed_metrics takes the classifier's logits
-    m = seed_metrics(labels, logits, threshold=0.5)
+    m = seed_metrics(labels, logits, threshold=0.0)  # probability 0.5
     # At 0.5: TP 1 (0.9), FN 1 (0.4), FP 1 (0.6), TN 2.
     assert m["sensitivity"] == 0.5 and m["specificity"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(0.5)
     assert m["auroc"] == pytest.approx(5 / 6)  # 0.4 loses only to 0.6
     assert m["auprc"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
-    assert seed_metrics(labels, logits, threshold=0.3)["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1))
+    assert seed_metrics(labels, logits, threshold=logit(0.3))["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1))
 
 
 def test_summary_against_direct_computation():
@@ -130,7 +130,7 @@ def test_summary_against_direct_computation():
     groups = np.arange(n) // 3
     logits = {arm: [logit(np.clip(labels * shift + rng.normal(0.3, 0.2, n), 0.01, 0.99)) for _ in range(3)]
               for arm, shift in (("real", 0.2), ("augmented", 0.5))}
-    thresholds = {"real": [0.5, 0.4, 0.45], "augmented": [0.5, 0.5, 0.6]}
+    thresholds = {"real": [0.0, -0.4, -0.2], "augmented": [0.0, 0.0, 0.4]}  # logits
     summary = summarize_arms(labels, groups, logits, thresholds, n_boot=300, seed=0)
     for arm in logits:
         direct = [seed_metrics(labels, z, t) for z, t in zip(logits[arm], thresholds[arm], strict=True)]
@@ -141,7 +141,8 @@ def test_summary_against_direct_computation():
             assert reported["sd"] == pytest.approx(np.std(values, ddof=1))
             assert reported["ci"]["value"] == pytest.approx(np.mean(values))
             assert reported["ci"]["low"] <= reported["ci"]["value"] <= reported["ci"]["high"]
-        assert [s["threshold"] for s in summary[arm]["seeds"]] == thresholds[arm]
+        assert [s["threshold_logit"] for s in summary[arm]["seeds"]] == thresholds[arm]
+        assert [s["threshold"] for s in summary[arm]["seeds"]] == pytest.approx(expit(thresholds[arm]))
     difference = summary["augmented"]["difference_to_real"]["auprc"]
     assert difference["value"] == pytest.approx(summary["augmented"]["metrics"]["auprc"]["mean"]
                                                 - summary["real"]["metrics"]["auprc"]["mean"])
@@ -149,9 +150,9 @@ def test_summary_against_direct_computation():
     assert "difference_to_real" not in summary["real"]
 
 
-def test_rank_metrics_use_the_logits_where_probabilities_round_to_one(tmp_path):
-    """A confident classifier's logits above ~37 all become probability 1.0 in float64, which would tie records
-    it ranks apart: AUROC and AUPRC must rank the saved logits themselves. The arm's saved predictions are read
+def _scored_from_saved_logits(tmp_path, validation: tuple[list[int], list[float]],
+                              test: tuple[list[int], list[float]]) -> dict:
+    """`_run_task`'s entry for one `real` arm whose saved predictions (validation and test (labels, logits)) are read
     back as on a resume, so no classifier is trained."""
     from diffusets_jax.experiments.downstream import _run_task
     from diffusets_jax.experiments.keyword_rules import parse_rule
@@ -162,19 +163,28 @@ def test_rank_metrics_use_the_logits_where_probabilities_round_to_one(tmp_path):
         return Records(np.zeros((n, 8, 12), np.float32), reports, np.zeros((n, 4), np.float32), np.zeros(n, np.int64),
                        np.full(n, 60.0), np.full(n, 70.0), np.arange(first_patient, first_patient + n))
 
-    test_labels = np.array([1, 0, 1, 0, 1, 0])
-    test_logits = np.array([60.0, 50.0, 55.0, 41.0, 45.0, 40.0])  # expit of each is exactly 1.0
-    assert np.all(1.0 / (1.0 + np.exp(-test_logits)) == 1.0)
-    records = {"train": split([1, 0, 0, 0], 0), "validation": split([1, 0], 10), "test": split(test_labels.tolist(), 20)}
+    records = {"train": split([1, 0, 0, 0], 0), "validation": split(validation[0], 10), "test": split(test[0], 20)}
     rule = parse_rule("af=atrial fibrillation")
     arm_dir = tmp_path / "runs" / rule.name / "seed0" / "real"
     arm_dir.mkdir(parents=True)
     (arm_dir / "result.json").write_text(json.dumps({
         "train_records": 4, "train_positive": 1, "generated": 0, "note": None, "seconds": 0.0,
-        "validation_logits": [3.0, -3.0], "test_logits": test_logits.tolist()}))
-    entry = _run_task(rule, 0, records, arms=("real",), seeds=1, ratio=1.0, minority_fraction=1.0, config=None,
-                      compiled=None, predict=None, generator=None, corpus=None, n_boot=100, out=tmp_path,
-                      progress=False)
+        "validation_logits": validation[1], "test_logits": test[1]}))
+    return _run_task(rule, 0, records, arms=("real",), seeds=1, ratio=1.0, minority_fraction=1.0, config=None,
+                     compiled=None, predict=None, generator=None, corpus=None, n_boot=100, out=tmp_path,
+                     progress=False)
+
+
+# A confident classifier: logits whose probabilities are all exactly 1.0 in float64.
+SATURATED_TEST = ([1, 0, 1, 0, 1, 0], [60.0, 50.0, 55.0, 41.0, 45.0, 40.0])
+
+
+def test_rank_metrics_use_the_logits_where_probabilities_round_to_one(tmp_path):
+    """A confident classifier's logits above ~37 all become probability 1.0 in float64, which would tie records
+    it ranks apart: AUROC and AUPRC must rank the saved logits themselves."""
+    test_labels, test_logits = map(np.array, SATURATED_TEST)
+    assert np.all(1.0 / (1.0 + np.exp(-test_logits)) == 1.0)
+    entry = _scored_from_saved_logits(tmp_path, ([1, 0], [3.0, -3.0]), SATURATED_TEST)
 
     positives, negatives = test_logits[test_labels == 1], test_logits[test_labels == 0]
     # Mann-Whitney: P(a positive's logit > a negative's), ties 1/2.
@@ -185,6 +195,21 @@ def test_rank_metrics_use_the_logits_where_probabilities_round_to_one(tmp_path):
     metrics = entry["arms"]["real"]["metrics"]
     assert metrics["auroc"]["mean"] == pytest.approx(auroc)  # 8/9, not the 0.5 of six tied probabilities
     assert metrics["auprc"]["mean"] == pytest.approx(auprc)
+
+
+def test_the_f1_threshold_parts_validation_records_whose_probabilities_round_to_one(tmp_path):
+    """Validation logits 60, 50 (positive) and 40 (negative) all had probability 1.0: the threshold came out 1.0
+    and every test record was called positive. The best cut parts 50 from 40, halfway in probability: logit
+    40 + log 2 - log(1 + e^-10) (the probabilities' mean is 1 - (e^-50 + e^-40) / 2 to first order)."""
+    entry = _scored_from_saved_logits(tmp_path, ([1, 1, 0], [60.0, 50.0, 40.0]), SATURATED_TEST)
+    seed = entry["arms"]["real"]["seeds"][0]
+    expected = 40.0 + np.log(2.0) - np.log1p(np.exp(-10.0))
+    assert seed["threshold_logit"] == pytest.approx(expected, abs=1e-9)
+    labels, logits = map(np.array, SATURATED_TEST)
+    predicted = logits >= expected
+    tp, fp, fn = np.sum(predicted & (labels == 1)), np.sum(predicted & (labels == 0)), np.sum(~predicted & (labels == 1))
+    assert seed["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))  # 0.75: 41 and 45 lie above, 40 below
+    assert seed["f1"] == pytest.approx(0.75)
 
 
 def test_failed_generations_are_left_out_of_the_classifiers_training_sets():

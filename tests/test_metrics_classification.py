@@ -95,3 +95,16 @@ def test_bad_inputs():
         roc_auc(np.array([1, 0]), np.array([0.1]))
     with pytest.raises(ValueError, match="finite"):
         average_precision(np.array([1, 0]), np.array([np.nan, 0.2]))
+
+
+def test_logit_midpoint_is_halfway_in_probability_also_where_probabilities_round_to_one():
+    from scipy.special import expit, logit
+
+    from diffusets_jax.metrics.classification import logit_midpoint
+
+    for a, b in [(0.3, -1.2), (2.0, 5.0), (-4.0, -4.0), (10.0, -10.0)]:
+        assert logit_midpoint(a, b) == pytest.approx(logit((expit(a) + expit(b)) / 2), rel=1e-9)
+    assert logit_midpoint(7.5, 7.5) == pytest.approx(7.5)
+    # expit(50) == expit(40) == 1.0 in float64; halfway between them lies at 40 + log 2 - log(1 + e^-10).
+    assert logit_midpoint(50.0, 40.0) == pytest.approx(40.0 + np.log(2.0) - np.log1p(np.exp(-10.0)), abs=1e-9)
+    assert logit_midpoint(-50.0, -40.0) == pytest.approx(-(40.0 + np.log(2.0) - np.log1p(np.exp(-10.0))), abs=1e-9)

@@ -60,6 +60,7 @@ from diffusets_jax.metrics.bootstrap import bootstrap_statistic
 from diffusets_jax.metrics.classification import (
     average_precision,
     f1_threshold,
+    logit_midpoint,
     roc_auc,
     threshold_metrics,
 )
@@ -362,11 +363,12 @@ def _train_arm(compiled: Any, config: Any, workdir: Path, data: Mapping[str, np.
 
 def seed_metrics(labels: np.ndarray, logits: np.ndarray, threshold: float) -> dict[str, float]:
     """The reported metrics of one classifier from its `logits` `(n,)` on these records: F1, sensitivity and
-    specificity at the probability `threshold`; AUROC and AUPRC rank the logits themselves, because float64
-    rounds the probability of every logit above ~37 to exactly 1.0, tying records the classifier ranks apart."""
-    probabilities = expit(np.asarray(logits, np.float64))
-    at = threshold_metrics(labels, probabilities, threshold)
-    return {"f1": at.f1, "f1_at_0.5": threshold_metrics(labels, probabilities, 0.5).f1,
+    specificity at `threshold`, a logit (`logit >= threshold` is positive; probability 0.5 is logit 0). Everything
+    is on the logits themselves, because float64 rounds the probability of every logit above ~37 to exactly 1.0,
+    tying records the classifier ranks apart (AUROC and AUPRC fell towards chance, thresholds could not part them)."""
+    logits = np.asarray(logits, np.float64)
+    at = threshold_metrics(labels, logits, threshold)
+    return {"f1": at.f1, "f1_at_0.5": threshold_metrics(labels, logits, 0.0).f1,
             "auroc": roc_auc(labels, logits), "auprc": average_precision(labels, logits),
             "sensitivity": at.sensitivity, "specificity": at.specificity}
 
@@ -376,7 +378,7 @@ def summarize_arms(labels: np.ndarray, groups: np.ndarray, logits: Mapping[str, 
     """Per arm: each seed's metrics, their mean and sd, the 95 % bootstrap interval of the seed mean over test
     patients (`groups`), and, for arms other than `real`, the paired difference to `real` with its interval.
 
-    `logits[arm]`: one `(n,)` array per seed; `thresholds[arm]`: one probability threshold per seed.
+    `logits[arm]`: one `(n,)` array per seed; `thresholds[arm]`: one threshold per seed, a logit.
     """
     metric_keys = [key for key, _ in METRICS]
 
@@ -397,7 +399,7 @@ def summarize_arms(labels: np.ndarray, groups: np.ndarray, logits: Mapping[str, 
     for arm in logits:
         per_seed = [seed_metrics(labels, z, t) for z, t in zip(logits[arm], thresholds[arm], strict=True)]
         summary[arm] = {
-            "seeds": [{"threshold": float(t), **{k: _finite(v) for k, v in m.items()}}
+            "seeds": [{"threshold": float(expit(t)), "threshold_logit": float(t), **{k: _finite(v) for k, v in m.items()}}
                       for t, m in zip(thresholds[arm], per_seed, strict=True)],
             "metrics": {k: {"mean": _finite(np.mean([m[k] for m in per_seed])),
                             "sd": _finite(np.std([m[k] for m in per_seed], ddof=1)) if len(per_seed) > 1 else None,
@@ -698,8 +700,11 @@ def _run_task(rule: KeywordRule, task_index: int, records: Mapping[str, Records]
             if "skipped" in result:
                 arm_info[arm].update(status="skipped", reason=result["skipped"])
                 continue
-            val_probability = expit(np.asarray(result["validation_logits"], np.float64))
-            thresholds[arm].append(f1_threshold(val_labels, val_probability) if val_labels.sum() else 0.5)
+            # Chosen on the logits, halfway in probability between the two validation records it parts (as on
+            # the probabilities, which tie at 1.0 for a confident classifier); probability 0.5 without a positive.
+            val_logits = np.asarray(result["validation_logits"], np.float64)
+            thresholds[arm].append(f1_threshold(val_labels, val_logits, midpoint=logit_midpoint)
+                                   if val_labels.sum() else 0.0)
             logits[arm].append(np.asarray(result["test_logits"], np.float64))
             arm_info[arm]["train_records"].append(result["train_records"])
             arm_info[arm].setdefault("train_positive", []).append(result["train_positive"])

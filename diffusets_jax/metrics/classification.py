@@ -16,6 +16,7 @@ sensitivity without positives, specificity without negatives.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 from scipy.stats import rankdata
@@ -100,13 +101,15 @@ def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) 
                             tn=int(np.sum(~predicted & ~labels)), fn=int(np.sum(~predicted & labels)))
 
 
-def f1_threshold(labels: np.ndarray, scores: np.ndarray, default: float = 0.5) -> float:
+def f1_threshold(labels: np.ndarray, scores: np.ndarray, default: float = 0.5,
+                 midpoint: Callable[[float, float], float] | None = None) -> float:
     """The threshold maximising F1 on these records (`default` when they hold no positive).
 
     Candidates are cuts between consecutive distinct scores: the returned threshold is the midpoint between the
     lowest score predicted positive and the next lower score (or that score itself when it is the lowest), so it
     reproduces the best split here and sits halfway into the gap for new records. Ties in F1 go to the highest
-    threshold (the fewest positive predictions).
+    threshold (the fewest positive predictions). `midpoint(a, b)`: "halfway" other than the arithmetic mean
+    (`logit_midpoint` for logits, halfway in probability).
     """
     labels, scores = _check(labels, scores)
     n_pos = int(labels.sum())
@@ -121,4 +124,11 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray, default: float = 0.5) -
     best = int(np.argmax(f1))
     cut = sorted_scores[last[best]]
     below = sorted_scores[last[best] + 1] if last[best] + 1 < labels.size else cut
-    return float((cut + below) / 2)
+    return float((cut + below) / 2) if midpoint is None else float(midpoint(cut, below))
+
+
+def logit_midpoint(a: float, b: float) -> float:
+    """The logit of the mean of the probabilities expit(a) and expit(b), without forming them: in float64 they round
+    to exactly 1.0 above a logit of about 37, where a confident classifier's scores lie. Equals `a` when b == a."""
+    log_expit = lambda x: -np.logaddexp(0.0, -x)  # noqa: E731 - log(expit(x)), stable for large |x|
+    return float(np.logaddexp(log_expit(a), log_expit(b)) - np.logaddexp(log_expit(-a), log_expit(-b)))
