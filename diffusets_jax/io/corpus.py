@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from diffusets_jax import parallel
 from diffusets_jax.conditioning.requests import Condition, expand
@@ -90,26 +91,9 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
             (run.path / _COUNTS).mkdir(exist_ok=True)
             for shard in mine:
                 skipped: dict[str, str] = {}
-
-                def records(shard: int = shard, skipped: dict[str, str] = skipped):
-                    lo, hi = shard * shard_size, min(len(items), (shard + 1) * shard_size)
-                    for start in range(lo, hi, batch):
-                        chunk = items[start : min(hi, start + batch)]
-                        vectors = table[row[start : start + len(chunk)]]
-                        ecgs = generator.generate_batch(generator.condition_arrays(chunk, vectors), start // batch)
-                        for offset, (condition, ecg) in enumerate(zip(chunk, ecgs, strict=True)):
-                            if reason := non_finite_reason(ecg):
-                                skipped[str(start + offset)] = reason
-                                continue
-                            yield serialize({
-                                "ecg": ecg, "report_lines": list(condition.report), "prompt": generator.prompt(condition),
-                                "text_embedding": vectors[offset], "sex": condition.sex, "age": condition.age,
-                                "heart_rate": condition.heart_rate, "heart_rate_source": "condition",
-                                "subject_id": -1, "study_id": start + offset, "record_path": "",
-                            })
-                        bar.update(len(chunk))
-
-                written, _ = write_shard(paths[shard], records())
+                lo, hi = shard * shard_size, min(len(items), (shard + 1) * shard_size)
+                examples = _shard_examples(generator, items, lo, hi, table, row, serialize, skipped, bar)
+                written, _ = write_shard(paths[shard], examples)
                 write_json_atomic(_counts_path(run.path, shard),
                                   {"examples": written, "skipped": skipped, "code": code_version()})
             bar.close()
@@ -148,6 +132,30 @@ def _shards_by_code(counts: dict[int, dict[str, Any]]) -> dict[str, Any]:
         key = json.dumps(code, sort_keys=True)
         groups.setdefault(key, {"code": code, "shards": []})["shards"].append(shard)
     return {"shards_by_code": list(groups.values())} if len(groups) > 1 else {}
+
+
+def _shard_examples(generator: Any, items: Sequence[Condition], lo: int, hi: int, table: np.ndarray,
+                    row: np.ndarray, serialize: Callable[[dict[str, Any]], bytes], skipped: dict[str, str],
+                    bar: Any) -> Iterator[bytes]:
+    """The serialized examples of requests `items[lo:hi]` (one shard), generated a batch at a time; a failed
+    generation (NaN or inf samples) goes into `skipped` (position -> why) instead. `table[row[i]]`: request i's
+    prompt embedding."""
+    batch = generator.batch_size
+    for start in range(lo, hi, batch):
+        chunk = items[start : min(hi, start + batch)]
+        vectors = table[row[start : start + len(chunk)]]
+        ecgs = generator.generate_batch(generator.condition_arrays(chunk, vectors), start // batch)
+        for offset, (condition, ecg) in enumerate(zip(chunk, ecgs, strict=True)):
+            if reason := non_finite_reason(ecg):
+                skipped[str(start + offset)] = reason
+                continue
+            yield serialize({
+                "ecg": ecg, "report_lines": list(condition.report), "prompt": generator.prompt(condition),
+                "text_embedding": vectors[offset], "sex": condition.sex, "age": condition.age,
+                "heart_rate": condition.heart_rate, "heart_rate_source": "condition",
+                "subject_id": -1, "study_id": start + offset, "record_path": "",
+            })
+        bar.update(len(chunk))
 
 
 def _gather_counts(out: Path, num_shards: int) -> dict[int, dict[str, Any]]:
