@@ -364,6 +364,21 @@ def test_bad_inputs_are_one_line_each(index_only_model_dir, latents_dir, tmp_pat
     assert not (tmp_path / "o").exists()  # nothing was claimed
 
 
+def test_latents_being_replaced_are_refused_before_the_weights_load(index_only_model_dir, tmp_path, capsys,
+                                                                     no_weights):
+    """An `encode --overwrite` of the latents holds their readers lock: diagnose read them regardless, as they were
+    being moved away. One line, nothing claimed, no weights read."""
+    from diffusets_jax.io.run_dir import READERS_LOCK, add_readers_lock, exclusive_lock
+
+    latents = latent_dataset(tmp_path / "latents", index_only_model_dir)
+    add_readers_lock(latents)  # as `encode` leaves it
+    with exclusive_lock(latents, "busy", name=READERS_LOCK):
+        err = run_bad(["--model-dir", str(index_only_model_dir), "--latents", str(latents), "--out",
+                       str(tmp_path / "o")], capsys)
+    assert f"{latents} is being replaced now" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_latents_of_another_vae_or_embedder_are_refused(index_only_model_dir, tmp_path, capsys, no_weights):
     model_dir = index_only_model_dir
     common = dict(splits={"validation": 4}, latent_scale=0.18215, channel_mean=(0.0,) * 4, channel_std=(0.2,) * 4)

@@ -80,6 +80,26 @@ def test_a_split_read_for_some_rows_holds_only_their_ecgs(dataset):
         ev.load_split(dataset.data_dir, "validation", limit=9, ecg_rows=[2, 9])
 
 
+def test_a_split_is_not_read_while_its_dataset_is_being_replaced(dataset, tmp_path, capsys):
+    """A `prepare --overwrite` holds the dataset's readers lock while it moves the folder away: evaluate, downstream,
+    reconstruct-eval and the Turing commands (all through `load_split`) read it regardless. Refused in one line; the
+    lock is held only while the split is read, so a prepare may replace the dataset once it has been read."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.io.run_dir import READERS_LOCK, add_readers_lock, exclusive_lock
+
+    add_readers_lock(dataset.data_dir)  # as `prepare` leaves it
+    out = tmp_path / "conditions.csv"
+    with exclusive_lock(dataset.data_dir, "busy", name=READERS_LOCK):
+        assert main(["turing-conditions", "--dataset", str(dataset.data_dir), "--split", "test", "-n", "2", "--seed",
+                     "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{dataset.data_dir} is being replaced now" in err and err.count("\n") == 1, err
+    assert not out.exists()
+    ev.load_split(dataset.data_dir, "test", limit=2, with_ecg=False)
+    with exclusive_lock(dataset.data_dir, "busy", name=READERS_LOCK):  # released once read
+        pass
+
+
 def test_score_puts_each_metric_at_the_papers_level(clip):
     rng = np.random.default_rng(0)
     rates = rng.uniform(55, 110, 12)

@@ -501,7 +501,16 @@ def check_inputs(model_dir: str | os.PathLike, latents: str | os.PathLike, split
 def load_latent_split(builder: Any, split: str, n: int, batch_size: int = 256) -> dict[str, np.ndarray]:
     """The first `n` examples of a latent split in stored order (fewer when the split is smaller), through the
     input pipeline's ordered reader: `latent_mean`, `latent_logvar` `(n, 128, C)`, `text_embedding` `(n, D)`,
-    `sex`, `age`, `heart_rate` `(n,)`."""
+    `sex`, `age`, `heart_rate` `(n,)`. Held as read (`io.run_dir.reading`) while they are read, so that an `encode
+    --overwrite` of them cannot move them away mid-read; one under way now is a ValueError."""
+    from diffusets_jax.io.run_dir import reading
+
+    with reading(builder.data_dir):
+        return _read_latents(builder, split, n, batch_size)
+
+
+def _read_latents(builder: Any, split: str, n: int, batch_size: int) -> dict[str, np.ndarray]:
+    """`load_latent_split`'s reading."""
     from diffusets_jax.data import pipeline
 
     columns: dict[str, list[np.ndarray]] = {k: [] for k in pipeline.LATENT_FIELDS}
@@ -557,8 +566,9 @@ def diagnose(model_dir: str | os.PathLike, latents: str | os.PathLike, out_dir: 
     with output_dir(out_dir, command="diagnose", settings=settings, overwrite=overwrite, reads=reads) as run:
         if run.complete and (run.path / REPORT_JSON).is_file():
             return read_json(run.path / REPORT_JSON, "diagnosis report")
-        unet, variables = model_dirs.load_component(model_dir, "unet")
+        # The latents first: latents being replaced now (`encode --overwrite`) are refused before the weights load.
         data = load_latent_split(inputs.builder, split, n)
+        unet, variables = model_dirs.load_component(model_dir, "unet")
         results, arrays = diagnose_unet(unet, variables, data, diffusion=index.diffusion,
                                         patient_features=index.conditioning.patient_features,
                                         timesteps=inputs.timesteps, sampler=sampler, seed=seed,

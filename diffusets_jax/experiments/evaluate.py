@@ -121,12 +121,24 @@ def load_split(dataset: Any, split: str, *, data_dir: str | os.PathLike | None =
 
     To choose records without holding every ECG (4 GB for MIMIC-IV-ECG's test split): `with_ecg=False` reads the
     conditions alone (ecg and finite are then None); `ecg_rows` keeps only those rows' ECGs, `(len(ecg_rows), 1024,
-    12)` in the order given, while every other column still covers the whole split."""
-    import tensorflow_datasets as tfds
+    12)` in the order given, while every other column still covers the whole split.
+
+    The dataset is held as read (`io.run_dir.reading`) while the split is read, and only then (not while a run
+    generates and scores): a `prepare --overwrite` cannot move it away mid-read; one under way now is a ValueError."""
+    from diffusets_jax.io.run_dir import reading
 
     builder = ecg_dataset(dataset, data_dir)
     if split not in builder.info.splits and split != "all":
         raise ValueError(f"dataset {builder.name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    with reading(builder.data_dir):
+        return _read_split(builder, split, limit, with_ecg, ecg_rows)
+
+
+def _read_split(builder: Any, split: str, limit: int | None, with_ecg: bool,
+                ecg_rows: Sequence[int] | None) -> dict[str, Any]:
+    """`load_split`'s reading, of an opened `builder`."""
+    import tensorflow_datasets as tfds
+
     ds = builder.as_dataset(split=split, shuffle_files=False)
     if limit:
         ds = ds.take(limit)
