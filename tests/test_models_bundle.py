@@ -89,6 +89,22 @@ def test_config_values_survive_json():
     assert module_from_config(partial) == VAE(widths=(4, 8))
 
 
+@pytest.mark.parametrize("key,value,expected", [
+    ("num_res_blocks", 2.0, "fields.num_res_blocks takes an int (a width, count or size), got 2.0 (a float): write 2"),
+    ("groups", True, "fields.groups takes an int (a width, count or size), got True (a bool)"),
+    ("widths", [8.0, 16], "fields.widths takes whole numbers (widths, counts or sizes), got (8.0, 16)"),
+])
+def test_a_model_dirs_config_with_a_float_or_bool_count_names_its_file_and_field(key, value, expected):
+    """An edited component config.json (`"num_res_blocks": 2.0`) built a module that failed in its first traced
+    call with a traceback (`range(2.0)`), after an encode or a sample had claimed its output folder; True ran as 1.
+    The rule config files given to train follow (51e2341)."""
+    import re
+
+    config = {"class": "diffusets_jax.models.vae.VAE", "fields": {"widths": [8, 16], "groups": 4, key: value}}
+    with pytest.raises(ValueError, match="^" + re.escape(f"m/vae/config.json: {expected}")):
+        module_from_config(config, source="m/vae/config.json")
+
+
 def test_missing_model_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "vae")):
         load_model(tmp_path, "vae")

@@ -66,7 +66,32 @@ def module_from_config(config: dict[str, Any], source: str = "config") -> nn.Mod
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"{source}: {path} has no field(s) {', '.join(unknown)}")
+    check_int_fields(fields, cls, f"{source}: fields")
     return cls(**{name: _from_json(value) for name, value in fields.items()})
+
+
+# How a module declares a whole number, and a sequence of them (its fields' annotations are strings).
+_INT_TYPES = ("int", int)
+_INT_SEQUENCE_TYPES = ("tuple[int, ...]", "Sequence[int]")
+
+
+def check_int_fields(fields: Any, module_class: type, where: str) -> None:
+    """Refuse, in one ValueError line `{where}.{key} ...`, a float or a bool in `fields` (a mapping) where
+    `module_class` declares an int or a sequence of ints. A float (`"num_res_blocks": 2.0` in an edited config.json
+    or config file) passed every check and failed in the module's first traced call (`range(2.0)`), after the
+    command had claimed its output folder; a bool ran as 0 or 1: another architecture than written. What a field is
+    declared comes from the module, so a float field (a dropout rate) still takes a float."""
+    for field in dataclasses.fields(module_class):
+        if field.name not in fields:
+            continue
+        value = fields[field.name]
+        if field.type in _INT_TYPES and (isinstance(value, bool) or not isinstance(value, int)):
+            hint = f": write {int(value)}" if isinstance(value, float) and value.is_integer() else ""
+            raise ValueError(f"{where}.{field.name} takes an int (a width, count or size), got {value!r} (a "
+                             f"{type(value).__name__}){hint}")
+        if (field.type in _INT_SEQUENCE_TYPES and isinstance(value, tuple | list)
+                and not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise ValueError(f"{where}.{field.name} takes whole numbers (widths, counts or sizes), got {tuple(value)}")
 
 
 def _to_json(value: Any, where: str) -> Any:

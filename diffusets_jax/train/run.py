@@ -25,6 +25,7 @@ import ml_collections
 from diffusets_jax import parallel
 from diffusets_jax.config import check_optimizer_section, check_seed
 from diffusets_jax.models import model_dir as model_dirs
+from diffusets_jax.models.bundle import check_int_fields
 from diffusets_jax.models.winograd import check_algorithm
 from diffusets_jax.train.loop import Task, TrainResult, train
 from diffusets_jax.train.optim import total_steps
@@ -104,7 +105,10 @@ def check_train_section(config: ml_collections.ConfigDict, source: str = "the co
     if "cond_dropout" in train and not 0.0 <= float(train.cond_dropout) < 1.0:
         raise ValueError(f"{source}: train.cond_dropout must be in [0, 1) (the share of conditions dropped for "
                          f"guidance; 0 = none), got {train.cond_dropout}")
-    _check_model_section(config.get("model", {}), source, _declared_ints(config.get("model_kind")))
+    module_class = _module_class(config.get("model_kind"))
+    if module_class is not None:
+        check_int_fields(config.get("model", {}), module_class, f"{source}: model")
+    _check_model_section(config.get("model", {}), source)
     # The one model field that names a choice rather than a size (the VAE's); a typo would otherwise surface
     # only when the step is traced.
     algorithm = config.get("model", {}).get("conv_algorithm")
@@ -120,31 +124,22 @@ _MODULE_OF_KIND = {"vae": ("diffusets_jax.models.vae", "VAE"), "unet": ("diffuse
                    "clip": ("diffusets_jax.models.clip", "CLIP"), "classifier": ("diffusets_jax.models.net1d", "Net1D")}
 
 
-def _declared_ints(kind: Any) -> frozenset[str]:
-    """The scalar fields `kind`'s module declares `int` (none for a kind without a module)."""
-    import dataclasses
+def _module_class(kind: Any) -> type | None:
+    """The Flax module class of `kind` (None for a kind without one): what each field of its `config.model` is
+    declared (`models.bundle.check_int_fields`)."""
     import importlib
 
     if kind not in _MODULE_OF_KIND:
-        return frozenset()
+        return None
     module, name = _MODULE_OF_KIND[kind]
-    module_class = getattr(importlib.import_module(module), name)
-    return frozenset(f.name for f in dataclasses.fields(module_class) if f.type in ("int", int))
+    return getattr(importlib.import_module(module), name)
 
 
-def _check_model_section(model: Any, source: str, ints: Iterable[str] = ()) -> None:
+def _check_model_section(model: Any, source: str) -> None:
     """The architecture's numbers, before any module is built: every integer (or integer in a tuple) is a width,
     a count or a size and must be positive, every float finite, a dropout rate in [0, 1). Otherwise a zero width
-    fails deep inside JAX with a traceback, and a negative dropout trains. `ints`: the fields the module declares
-    `int`, which take an int and nothing else, as a tuple's elements do."""
-    for key in ints:
-        # A float (`num_res_blocks=2.0` in a config file or an edited config.json) or a bool passed every check:
-        # it failed in the first traced step after the workdir was claimed, or became another architecture.
-        value = model.get(key)
-        if key in model and (isinstance(value, bool) or not isinstance(value, int)):
-            hint = f": write {int(value)}" if isinstance(value, float) and value.is_integer() else ""
-            raise ValueError(f"{source}: model.{key} takes an int (a width, count or size), got {value!r} (a "
-                             f"{type(value).__name__}){hint}")
+    fails deep inside JAX with a traceback, and a negative dropout trains. The fields the module declares `int`
+    take an int and nothing else (`models.bundle.check_int_fields`, checked first)."""
     for key, value in model.items():
         # Every tuple of a model section lists widths, counts or sizes (the VAE's widths, the U-Net's channels,
         # CLIP's filters); a float or a string there failed in the first traced step, after the workdir was
