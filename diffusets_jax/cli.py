@@ -187,7 +187,12 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 def _run_embed(args: argparse.Namespace) -> int:
     import os
 
-    from diffusets_jax.conditioning.embedders import local_embedder_id, make_embedder, openai_embedder_id
+    from diffusets_jax.conditioning.embedders import (
+        local_embedder_id,
+        local_weights_digest,
+        make_embedder,
+        openai_embedder_id,
+    )
     from diffusets_jax.conditioning.report_files import (
         check_output_npz,
         embed_report_file,
@@ -204,11 +209,13 @@ def _run_embed(args: argparse.Namespace) -> int:
     # What the --output file holds: a rerun of the same command on the same input may replace it, nothing else may.
     # The embedder is identified as the cache identifies it, by the id its vectors are stored under (a local
     # encoder's includes its weights' digest), computed here without loading it.
-    output_print = ""
+    output_print, weights_digest = "", None
     if args.output is not None:
         check_output_file(args.output, "--output")
+        if args.embedder == "local":  # read once (91 MB for MiniLM): the loaded encoder is given it
+            weights_digest = local_weights_digest(args.model_dir)
         embedder_id = (openai_embedder_id(args.model, args.dim) if args.embedder == "openai" else
-                       local_embedder_id(args.model_dir, args.max_length, args.dtype))
+                       local_embedder_id(args.model_dir, args.max_length, args.dtype, weights_digest))
         output_print = output_fingerprint(args.input, column=args.column, template=args.template,
                                           embedder_id=embedder_id)
         # An --output written before the fingerprint held the id recorded the embedder's settings instead.
@@ -237,7 +244,8 @@ def _run_embed(args: argparse.Namespace) -> int:
         options = dict(model=args.model, dim=args.dim, base_url=args.base_url, api_key=api_key,
                        max_retries=args.max_retries, timeout_s=args.timeout)
     else:
-        options = dict(model_dir=args.model_dir, max_length=args.max_length, dtype=args.dtype)
+        options = dict(model_dir=args.model_dir, max_length=args.max_length, dtype=args.dtype,
+                       weights_digest=weights_digest)
     from diffusets_jax.conditioning.cache import check_embedding_cache
 
     check_embedding_cache(args.cache, "--cache")  # a file that is not our cache is refused before the embedder loads

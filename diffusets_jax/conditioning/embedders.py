@@ -144,6 +144,8 @@ class LocalEmbedder:
         max_length: tokens per text including [CLS]/[SEP]; default the model's (256 for all-MiniLM-L6-v2).
         dtype: "float32" (reproduces sentence-transformers) or "bfloat16" (faster on GPU/TPU; cosine to the
             float32 vectors > 0.9999 on the reference texts). The two are cached under different ids.
+        weights_digest: `local_weights_digest(model_dir)` when the caller has just read it, so the weights are not
+            read a second time for `embedder_id`.
 
     Sequences are padded to a power-of-two length (16 ... max_length) and the batch to `batch_size`, so the
     jitted encoder compiles for at most a handful of shapes; texts are sorted by length to limit padding.
@@ -156,6 +158,7 @@ class LocalEmbedder:
         batch_size: int = 64,
         max_length: int | None = None,
         dtype: str = "float32",
+        weights_digest: str | None = None,
     ) -> None:
         import jax
         import jax.numpy as jnp
@@ -185,7 +188,7 @@ class LocalEmbedder:
             lambda params, ids, mask: module.apply({"params": params}, ids, mask),
             in_shardings=(replicated, by_row, by_row), out_shardings=by_row,
         )
-        self.embedder_id = _local_id(self.model_dir, self.dim, self.max_length, dtype)
+        self.embedder_id = _local_id(self.model_dir, self.dim, self.max_length, dtype, weights_digest)
 
     def token_counts(self, texts: list[str]) -> np.ndarray:
         """Tokens per text after truncation, [CLS] and [SEP] included: (len(texts),) int."""
@@ -218,19 +221,30 @@ def openai_embedder_id(model: str, dim: int) -> str:
 
 
 def local_embedder_id(model_dir: str | os.PathLike | None = None, max_length: int | None = None,
-                      dtype: str = "float32") -> str:
+                      dtype: str = "float32", weights_digest: str | None = None) -> str:
     """`LocalEmbedder(model_dir, max_length=..., dtype=...).embedder_id`, without loading the encoder: what keys
-    its vectors in the cache (and fingerprints `embed --output`), the weights' digest included."""
+    its vectors in the cache (and fingerprints `embed --output`), the weights' digest included
+    (`local_weights_digest`, read here unless given)."""
     from diffusets_jax.models import text_encoder
 
     model_dir, config, _, max_length = text_encoder.sentence_encoder_files(model_dir, max_length)
-    return _local_id(model_dir, config.hidden_size, max_length, dtype)
+    return _local_id(model_dir, config.hidden_size, max_length, dtype, weights_digest)
 
 
-def _local_id(model_dir: Path, dim: int, max_length: int, dtype: str) -> str:
+def local_weights_digest(model_dir: str | os.PathLike | None = None) -> str:
+    """The digest of the local encoder's weights in its `embedder_id` (`model_dir`, default all-MiniLM-L6-v2).
+    Reading it is a pass over the weights file (91 MB for MiniLM): a caller that needs the id before the encoder
+    loads (`embed --output`) passes it on, `local_embedder_id(..., weights_digest=)` and
+    `LocalEmbedder(..., weights_digest=)`, rather than have the file read again."""
+    from diffusets_jax.models import text_encoder
+
+    return _weights_digest(text_encoder.sentence_encoder_files(model_dir)[0])
+
+
+def _local_id(model_dir: Path, dim: int, max_length: int, dtype: str, weights_digest: str | None = None) -> str:
     label = model_dir.parent.name if model_dir.name == "model" else model_dir.name
     suffix = "" if dtype == "float32" else f"/{dtype}"
-    return f"local/{label}/{dim}/len{max_length}/sha256:{_weights_digest(model_dir)}{suffix}"
+    return f"local/{label}/{dim}/len{max_length}/sha256:{weights_digest or _weights_digest(model_dir)}{suffix}"
 
 
 def _weights_digest(model_dir: Path) -> str:
