@@ -114,6 +114,12 @@ def test_measured_latent_scale_gives_unit_variance(encoded, source):
     assert latents.measure_latent_scale(out, "train", max_examples=3) == pytest.approx(1.0 / few.std(), rel=1e-5)
     with pytest.raises(ValueError, match="no split 'nope'"):
         latents.measure_latent_scale(out, "nope")
+    # `train unet` measures it before it holds the latents as read for its run: an `encode --overwrite` moving them
+    # away then crashed the measurement mid-read.
+    from diffusets_jax.io.run_dir import READERS_LOCK, exclusive_lock
+
+    with exclusive_lock(out, "busy", name=READERS_LOCK), pytest.raises(ValueError, match="being replaced now"):
+        latents.measure_latent_scale(out, "train")
 
 
 def test_training_resolves_the_measured_scale_only_for_the_unet_with_scale_by_std(encoded):

@@ -131,7 +131,10 @@ def load_vae_encoder(model_dir: str | os.PathLike) -> tuple[EncodeApply, Any, di
 def measure_latent_moments(source: tfds.core.DatasetBuilder | str | os.PathLike, split: str = "train", *,
                            max_examples: int = 4096) -> tuple[float, float]:
     """(mean, standard deviation) of the posterior means of the first `max_examples` of `split`, in stored order
-    (unscaled). Deterministic, and the same on every host (each reads the same leading examples)."""
+    (unscaled). Deterministic, and the same on every host (each reads the same leading examples). The latents are
+    held as read while they are (`io.run_dir.reading`): `train unet` measures them before it holds them for its run."""
+    from diffusets_jax.io.run_dir import reading
+
     builder = pipeline.load_builder(source)
     if split not in builder.info.splits:
         raise ValueError(f"{builder.data_dir}: no split {split!r} to measure the latents on "
@@ -139,12 +142,13 @@ def measure_latent_moments(source: tfds.core.DatasetBuilder | str | os.PathLike,
     n = min(int(max_examples), int(builder.info.splits[split].num_examples))
     if n < 1:
         raise ValueError(f"{builder.data_dir}: split {split!r} is empty; cannot measure its latents")
-    ds = builder.as_dataset(split=f"{split}[:{n}]", shuffle_files=False,
-                            decoders=tfds.decode.PartialDecoding({"latent_mean": True}))
     total = total_sq = count = 0.0
-    for batch in tfds.as_numpy(ds.batch(256)):
-        values = np.asarray(batch["latent_mean"], np.float64)
-        total, total_sq, count = total + values.sum(), total_sq + np.square(values).sum(), count + values.size
+    with reading(builder.data_dir):
+        ds = builder.as_dataset(split=f"{split}[:{n}]", shuffle_files=False,
+                                decoders=tfds.decode.PartialDecoding({"latent_mean": True}))
+        for batch in tfds.as_numpy(ds.batch(256)):
+            values = np.asarray(batch["latent_mean"], np.float64)
+            total, total_sq, count = total + values.sum(), total_sq + np.square(values).sum(), count + values.size
     mean = total / count
     std = math.sqrt(max(total_sq / count - mean**2, 0.0))
     if not math.isfinite(std) or std <= 0:
