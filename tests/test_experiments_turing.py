@@ -442,6 +442,32 @@ def test_a_dataset_split_is_held_only_where_a_sheet_needs_it(tiny_dataset):
         real.ecg[0]
 
 
+def test_a_kits_real_ecgs_and_conditions_come_from_one_build(tiny_dataset, inputs, tmp_path, monkeypatch):
+    """The split's conditions are read first and the chosen ECGs later: a `prepare --overwrite` in between would
+    pair one build's conditions with another's ECGs. The dataset is held as read across both reads."""
+    from diffusets_jax.experiments import turing
+    from diffusets_jax.io.run_dir import READERS_LOCK, add_readers_lock, exclusive_lock
+
+    add_readers_lock(tiny_dataset)  # as `prepare` leaves it
+    replaced = []
+    read_rows = turing.SplitRows.read
+
+    def read_after_a_replacement_tried(self, rows):
+        try:  # what `prepare --overwrite` takes before it moves the folder
+            with exclusive_lock(tiny_dataset, "busy", name=READERS_LOCK):
+                replaced.append(True)
+        except ValueError:
+            replaced.append(False)
+        return read_rows(self, rows)
+
+    monkeypatch.setattr(turing.SplitRows, "read", read_after_a_replacement_tried)
+    build_kit(tmp_path / "kit", KitOptions("real-vs-generated", n_real=3, n_generated=2, seed=0, dpi=DPI),
+              generated=inputs["generated"], dataset=tiny_dataset, split="test")
+    assert replaced == [False]
+    with exclusive_lock(tiny_dataset, "busy", name=READERS_LOCK):  # released once the kit's inputs are read
+        pass
+
+
 def test_recorded_and_generated_datasets_are_told_apart_by_their_cards(tiny_dataset, inputs, tmp_path):
     """Both kinds share one schema: a corpus as the real source, or a prepared dataset as the generated one, used to
     build a kit whose key called generated ECGs real (or the reverse)."""

@@ -523,7 +523,7 @@ def run_downstream(
     from diffusets_jax.data.location import dataset_folder
     from diffusets_jax.diffusion.samplers import sampler_config
     from diffusets_jax.experiments.evaluate import ecg_dataset
-    from diffusets_jax.io.run_dir import check_output_path, output_dir
+    from diffusets_jax.io.run_dir import check_output_path, output_dir, reading
     from diffusets_jax.train.classifier import build_classifier, classifier_task, make_predictor
     from diffusets_jax.train.loop import CompiledSteps
     from diffusets_jax.train.run import check_train_section
@@ -574,12 +574,15 @@ def run_downstream(
         out = run.path
         # -- data ---------------------------------------------------------------------------------------------
         dropped: dict[str, int] = {}
-        if resplit is None:
-            split_records = {}
-            for split in SPLITS:
-                split_records[split], dropped[split] = load_records(builder.data_dir, split, limit=limit)
-        else:
-            pooled, dropped["all"] = load_records(builder.data_dir, "all", limit=limit)
+        # Held across the three splits' reads, not each alone: a `prepare --overwrite` between two of them would
+        # give a train split of one build and a test split of another.
+        with reading(builder.data_dir):
+            if resplit is None:
+                split_records = {}
+                for split in SPLITS:
+                    split_records[split], dropped[split] = load_records(builder.data_dir, split, limit=limit)
+            else:
+                pooled, dropped["all"] = load_records(builder.data_dir, "all", limit=limit)
         corpus = corpus_dropped = None
         if generated_corpus is not None:
             corpus, corpus_dropped = load_records(generated_corpus, "train")

@@ -228,7 +228,7 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
     """
     from diffusets_jax.data.location import dataset_folder
     from diffusets_jax.io.files import read_json, write_json_atomic, write_text_atomic
-    from diffusets_jax.io.run_dir import check_output_path, output_dir
+    from diffusets_jax.io.run_dir import check_output_path, output_dir, reading
 
     reads = [("--model-dir", model_dir), ("--dataset", dataset_folder(dataset)), ("--data-dir", data_dir)]
     check_output_path(out, command="reconstruct-eval", overwrite=overwrite, reads=reads)
@@ -275,8 +275,9 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
     with output_dir(out, command="reconstruct-eval", settings=settings, overwrite=overwrite, reads=reads) as run:
         if run.complete:
             return read_json(run.path / "report.json", "reconstruction report")
-        train = load_split(builder, train_split, limit=train_limit)  # the builder checked above, not opened again
-        test = load_split(builder, test_split, limit=limit)
+        with reading(builder.data_dir):  # both splits of one build: no `prepare --overwrite` between the reads
+            train = load_split(builder, train_split, limit=train_limit)  # the builder checked above, not reopened
+            test = load_split(builder, test_split, limit=limit)
         report = reconstruction_study(generator, train["ecg"], test, noise_std=noise_std, particles=particles,
                                       seed=seed, n_boot=n_boot, workers=workers, progress=progress)
         report["settings"] = settings

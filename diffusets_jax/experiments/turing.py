@@ -38,6 +38,7 @@ since raters who know the seed and the inputs could rebuild the key.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -432,7 +433,8 @@ def build_kit(
     leaves no claimed folder behind.
     """
     from diffusets_jax.data.location import dataset_folder
-    from diffusets_jax.io.run_dir import check_output_path, output_dir
+    from diffusets_jax.experiments.evaluate import ecg_dataset
+    from diffusets_jax.io.run_dir import check_output_path, output_dir, reading
 
     options.check()
     reads = [("--generated", generated), ("--real", real), ("--dataset", dataset_folder(dataset)),
@@ -448,21 +450,24 @@ def build_kit(
     generated_set = load_ecgs(generated, generated=True)
     inputs: dict[str, Any] = {"generated": generated_set.source}
     real_set = None
-    if real is not None:
-        real_set = load_ecgs(real, generated=False)
-        inputs["real"] = real_set.source
-    elif dataset is not None:
-        real_set = load_dataset_split(dataset, split, data_dir=data_dir, limit=limit)
-        inputs["real"] = real_set.source
-
     seed = options.seed if options.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
     rng = np.random.default_rng(seed)
-    if options.variant == REAL_VS_GENERATED:
-        entries, counts = _real_vs_generated_sheets(rng, options, real_set, generated_set)
-    else:
-        entries, counts = _alignment_sheets(rng, options, generated_set)
-    if real_set is not None and isinstance(real_set.ecg, SplitRows):  # only now are the real sheets known
-        real_set.ecg.read([e["index"] for e in entries if e["set"] is real_set])
+    with contextlib.ExitStack() as held:
+        if real is not None:
+            real_set = load_ecgs(real, generated=False)
+            inputs["real"] = real_set.source
+        elif dataset is not None:
+            # The split's conditions are read here and its chosen ECGs below: held as read in between, so that a
+            # `prepare --overwrite` cannot pair one build's conditions with another build's ECGs.
+            held.enter_context(reading(ecg_dataset(dataset, data_dir, kind="prepared").data_dir))
+            real_set = load_dataset_split(dataset, split, data_dir=data_dir, limit=limit)
+            inputs["real"] = real_set.source
+        if options.variant == REAL_VS_GENERATED:
+            entries, counts = _real_vs_generated_sheets(rng, options, real_set, generated_set)
+        else:
+            entries, counts = _alignment_sheets(rng, options, generated_set)
+        if real_set is not None and isinstance(real_set.ecg, SplitRows):  # only now are the real sheets known
+            real_set.ecg.read([e["index"] for e in entries if e["set"] is real_set])
     entries = [entries[i] for i in rng.permutation(len(entries))]
     for entry, sheet_id in zip(entries, _draw_ids(rng, len(entries)), strict=True):
         entry["sheet_id"] = sheet_id
