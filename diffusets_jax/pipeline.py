@@ -201,27 +201,45 @@ class ECGGenerator:
                 "age": features[:, 1], "heart_rate": features[:, 2]}
 
     # -- reconstruction ---------------------------------------------------------------------------------
-    def reconstruct(self, ecgs: np.ndarray) -> np.ndarray:
-        """VAE reconstructions decoder(encoder(ecg)) of `ecgs` `(n, 1024, 12)` mV, through the posterior mean at the
-        model's latent scale: the references the published evaluation compares generated ECGs with."""
+    def reconstruct(self, ecgs: np.ndarray, key: jax.Array | None = None, rows: Sequence[int] | None = None
+                    ) -> np.ndarray:
+        """VAE reconstructions decoder(encoder(ecg)) of `ecgs` `(n, 1024, 12)` mV at the model's latent scale.
+
+        Without `key`, through the posterior mean. With `key`, through one draw from the posterior, as the
+        published evaluation's references are (its stored latents are encoder samples, DiffuSETS_Exp
+        vae/vae_encoding.py, decoded in test_scripts/evaluation.py): ECG `i` draws with `fold_in(key, rows[i])`
+        (`rows` `(n,)`, default 0..n-1, e.g. record indices), so its reference does not depend on the batch or
+        the host that makes it."""
         from diffusets_jax.models.vae import VAE
 
         if self._reconstruct is None:
             scale = self.diffusion.latent_scale
 
-            def run(variables, ecg):
-                mean, _ = self.vae.apply(variables, ecg, method=VAE.encode)
-                return self.vae.apply(variables, mean * scale, latent_scale=scale, method=VAE.decode)
+            def run(variables, ecg, row_keys, sample):
+                mean, logvar = self.vae.apply(variables, ecg, method=VAE.encode)
+                drawn = jax.vmap(lambda m, lv, k: VAE.sample_latent(m[None], lv[None], k, scale)[0])(
+                    mean, logvar, row_keys)
+                z = jnp.where(sample, drawn, mean * scale)
+                return self.vae.apply(variables, z, latent_scale=scale, method=VAE.decode)
 
-            self._reconstruct = jax.jit(run, in_shardings=(parallel.replicated(self.mesh), self._cond_sharding),
+            self._reconstruct = jax.jit(run, in_shardings=(parallel.replicated(self.mesh), self._cond_sharding,
+                                                           self._cond_sharding, None),
                                         out_shardings=self._cond_sharding)
         ecgs = np.asarray(ecgs, np.float32)
+        rows = np.arange(len(ecgs)) if rows is None else np.asarray(rows, np.int64)
+        if rows.shape != (len(ecgs),):
+            raise ValueError(f"reconstruct: {len(ecgs)} ECGs but {rows.shape[0]} rows")
+        base = jax.random.PRNGKey(0) if key is None else key
         out = []
         for start in range(0, len(ecgs), self.batch_size):
             chunk = ecgs[start : start + self.batch_size]
-            padded = np.concatenate([chunk, np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), np.float32)])
-            out.append(np.asarray(self._reconstruct(self.vae_variables, jax.device_put(padded, self._cond_sharding)))
-                       [: len(chunk)])
+            pad = self.batch_size - len(chunk)
+            padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
+            chunk_rows = np.concatenate([rows[start : start + len(chunk)], np.zeros(pad, np.int64)])
+            row_keys = np.asarray(jax.vmap(lambda r: jax.random.fold_in(base, r))(chunk_rows))
+            out.append(np.asarray(self._reconstruct(
+                self.vae_variables, jax.device_put(padded, self._cond_sharding),
+                jax.device_put(row_keys, self._cond_sharding), np.bool_(key is not None)))[: len(chunk)])
         return np.concatenate(out) if out else np.zeros_like(ecgs)
 
     # -- generation -------------------------------------------------------------------------------------

@@ -105,6 +105,11 @@ def test_published_method_is_reproducible(records):
     assert rate.source == "xqrs" and rate.lead in (1, 2) and 95 < rate.bpm < 160
     flat_first = np.concatenate([np.zeros((5000, 1)), records["E07500"][:, 1:2]], axis=1)
     assert heart_rate_from_xqrs(flat_first, 500.0)[1] == 1
+    # 12 standard-order leads are tried in the published (MIMIC) order: aVF (standard 5) before aVL (4).
+    twelve = np.zeros((5000, 12))
+    twelve[:, 4], twelve[:, 5] = records["JS20012"][:, 1], records["E07500"][:, 1]
+    bpm, lead = heart_rate_from_xqrs(twelve, 500.0)
+    assert lead == 5 and bpm == heart_rate_from_xqrs(records["E07500"][:, 1:2], 500.0)[0]
 
 
 def test_record_heart_rate_prefers_a_valid_rr_interval(records):

@@ -44,8 +44,16 @@ def test_the_papers_rules_select_the_records_they_describe():
 
 
 def test_report_text_joins_statements_lower_cased():
-    assert report_text(["Sinus Rhythm", "PVC(s)"]) == "sinus rhythm pvc(s)"
+    assert report_text(["Sinus Rhythm", "PVC(s)"]) == "sinus rhythm|pvc(s)"
     assert report_text("Already TEXT") == "already text"
+
+
+def test_plain_rules_see_the_statements_joined_as_the_published_code_joins_them():
+    # DiffuSETS_Exp batch_disease_gen.py matches the '|'-joined report text: a later statement starting with "ST"
+    # is not " st ", and "normal" ending one statement and "ECG" starting the next is not "normal ecg".
+    labels = load_rules(CONDITION_RULES).labels([["Sinus rhythm", "ST elevation, consider early repolarization"],
+                                                 ["Borderline ECG", "Otherwise normal", "ECG within limits"]])
+    assert labels["st"] == [] and labels["normal"] == [] and labels["sn"] == [0]
 
 
 def test_user_rule_files_and_their_errors(tmp_path):
@@ -84,7 +92,7 @@ def test_shipped_downstream_tasks_match_whole_words():
     assert normal.description.startswith("Normal vs abnormal")
 
 
-def test_whole_words_within_one_statement_and_plain_substrings_across():
+def test_whole_words_within_one_statement_and_plain_substrings_of_the_joined_report():
     words = KeywordRule("x", ("LEFT   axis",), whole_words=True)
     assert words.any_of == ("left axis",)  # case and whitespace runs do not matter
     assert words.matches(["left  AXIS deviation"])
@@ -92,7 +100,8 @@ def test_whole_words_within_one_statement_and_plain_substrings_across():
     assert not KeywordRule("y", ("pvc",), whole_words=True).matches(["pvcs"])
     assert KeywordRule("y", ("pvc",)).matches(["pvcs"])  # plain rules match substrings, as published
     plain = KeywordRule("x", ("left axis",))
-    assert plain.matches(["left", "axis deviation"])  # the statements joined by spaces
+    assert not plain.matches(["left", "axis deviation"])  # the statements joined by "|", as published
+    assert KeywordRule("x", ("left|axis",)).matches(["left", "axis deviation"])
     assert plain.mask([["left axis"], ["right axis"], []]).tolist() == [True, False, False]
     with pytest.raises(ValueError, match="'any' phrase"):
         KeywordRule("z", ("  ",), whole_words=True)

@@ -167,3 +167,26 @@ def test_sample_with_converted_reference_checkpoints(tmp_path):
         assert record.fs == 102.4 and record.sig_name == list(STANDARD_LEADS)
         np.testing.assert_allclose(record.p_signal, ecg, atol=1e-3)  # 16-bit quantisation at 1000 adu/mV
         assert (out / entry["png"]).stat().st_size > 10_000
+
+
+def test_reconstructions_through_the_posterior_mean_or_one_draw_per_row(model_dir):
+    """The paper protocol's references: decoder(z) of one posterior draw per record (the published latents are
+    encoder samples), drawn by row, so an ECG's place in a batch does not matter; without a key, the mean."""
+    from diffusets_jax.models.vae import VAE
+
+    ecgs = np.random.default_rng(0).normal(0.0, 0.2, (3, 1024, 12)).astype(np.float32)
+    gen = ECGGenerator(model_dir, batch_size=8)
+    key, rows, scale = jax.random.PRNGKey(5), np.array([7, 2, 40]), gen.diffusion.latent_scale
+
+    @jax.jit
+    def expected(variables, ecg, keys):
+        mean, logvar = gen.vae.apply(variables, ecg, method=VAE.encode)
+        drawn = jax.vmap(lambda m, lv, k: VAE.sample_latent(m[None], lv[None], k, scale)[0])(mean, logvar, keys)
+        decode = lambda z: gen.vae.apply(variables, z, latent_scale=scale, method=VAE.decode)
+        return decode(drawn), decode(mean * scale)
+
+    drawn, by_mean = expected(gen.vae_variables, ecgs, jax.vmap(lambda r: jax.random.fold_in(key, r))(rows))
+    np.testing.assert_allclose(gen.reconstruct(ecgs, key=key, rows=rows), drawn, atol=1e-4)
+    np.testing.assert_allclose(gen.reconstruct(ecgs[1:], key=key, rows=rows[1:]), drawn[1:], atol=1e-4)
+    np.testing.assert_allclose(gen.reconstruct(ecgs), by_mean, atol=1e-4)
+    assert not np.allclose(by_mean, drawn, atol=1e-3)

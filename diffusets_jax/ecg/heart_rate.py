@@ -7,9 +7,9 @@ complexes and take HR = 60 / mean RR (s). Records with neither are dropped.
 Detection methods (`method`):
 - "consensus" (default): `ecg.qrs.detect_beats`, one multi-lead detector that agrees across leads and works at
   500 Hz and at the model's 102.4 Hz alike;
-- "xqrs_first_lead": the published code's detector, wfdb's XQRS lead by lead, the first lead with at least two
-  detections. It is kept to reproduce the paper's protocol; on real records it reads a missed premature beat on
-  the first lead, or T waves at 102.4 Hz, as the rate.
+- "xqrs_first_lead": the published code's detector, wfdb's XQRS lead by lead in the published (MIMIC) lead
+  order, the first lead with at least two detections. It is kept to reproduce the paper's protocol; on real
+  records it reads a missed premature beat on the first lead, or T waves at 102.4 Hz, as the rate.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffusets_jax.ecg.leads import REFERENCE_TO_STANDARD
 from diffusets_jax.ecg.qrs import detect_beats, detect_qrs_xqrs
 
 RR_RANGE_MS: tuple[float, float] = (300.0, 1500.0)  # 40-200 bpm: the range a machine RR value is trusted in
@@ -70,12 +71,15 @@ def heart_rate_from_beats(beats: np.ndarray, fs: float) -> float | None:
 def heart_rate_from_xqrs(signal: np.ndarray, fs: float) -> tuple[float, int] | None:
     """(bpm, lead index) from XQRS on `signal` `(n, leads)` sampled at `fs` Hz, or None (the published method).
 
-    Leads are tried in column order; the first with at least two detections gives HR = 60 / mean RR (s).
+    The first lead with at least two detections gives HR = 60 / mean RR (s). A 12-lead `signal` is in the
+    standard order, and its leads are tried in the published code's order, the MIMIC one (aVF before aVL: its
+    signals never left that order); the index returned is the standard one. Other widths go in column order.
     """
     signal = np.asarray(signal)
     if signal.ndim != 2:
         raise ValueError(f"signal: expected a (samples, leads) array, got shape {signal.shape}")
-    for lead in range(signal.shape[1]):
+    order = REFERENCE_TO_STANDARD if signal.shape[1] == len(REFERENCE_TO_STANDARD) else range(signal.shape[1])
+    for lead in order:
         bpm = heart_rate_from_beats(detect_qrs_xqrs(signal[:, lead], fs), fs)
         if bpm is not None:
             return bpm, lead

@@ -2,8 +2,10 @@
 
 A rule holds if the report contains any of its `any` phrases and none of its `none` phrases. Two ways to match:
 
-- plain (the default): substrings of the lower-cased report (its statements joined by single spaces), as the
-  published evaluation does ("pace" also matches "paced"; " st " needs the spaces);
+- plain (the default): substrings of the lower-cased report, its statements joined by "|", as the published
+  evaluation matches them (DiffuSETS_Exp `test_scripts/batch_disease_gen.py` on the `|`-joined report_N text):
+  "pace" also matches "paced"; " st " needs the spaces, so a statement that starts with "ST" does not match it,
+  and no phrase reaches across two statements;
 - whole words (`whole_words`, the downstream benchmark's tasks): case-insensitive, a phrase must not be glued to
   letters or digits on either side ("normal ecg" does not match "Abnormal ECG", "pvc" does not match "pvcs") and
   must lie within one statement; runs of whitespace count as one space, in reports and phrases alike.
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from diffusets_jax.conditioning.prompts import LINE_SEPARATOR
 from diffusets_jax.io.files import read_json
 
 CONDITION_RULES = Path(__file__).resolve().parent / "data" / "condition_rules.json"
@@ -102,8 +105,9 @@ class RuleSet:
 
 
 def report_text(report: Sequence[str] | str) -> str:
-    """The text a plain rule is matched against: the statements joined by single spaces, lower-cased."""
-    return (report if isinstance(report, str) else " ".join(report)).lower()
+    """The text a plain rule is matched against: the statements joined by "|", lower-cased (the published text;
+    spaces would let " st " match "...|ST elevation" and "normal ecg" match "Otherwise normal|ECG ...")."""
+    return (report if isinstance(report, str) else LINE_SEPARATOR.join(report)).lower()
 
 
 def normalize_text(text: str) -> str:
