@@ -4,6 +4,17 @@
         --config.data.dataset=/data/tfds/mimic_iv_ecg/1.0.0
 
 Its ECG tower is the feature extractor of FID / precision-recall / CLIP score. Output: `workdir/export/clip`.
+
+The reference spec gives the loss and AdamW but no batch, rate or length; the defaults below are conventional. The
+published experiment code (DiffuSETS_Exp-Extended `clip/clip_train.py`, read at its HEAD) trains with AdamW at a
+constant 1e-3, weight decay 1e-3, 10 epochs of 16,384-record batches split into 64 micro-batches of 256, each with
+only its own negatives, which is our `grad_accum_steps`:
+
+    --config.optimizer.learning_rate=1e-3 --config.optimizer.weight_decay=1e-3 \
+        --config.train.global_batch_size=16384 --config.train.grad_accum_steps=64 --config.train.num_epochs=10
+
+It feeds the CLIP VAE reconstructions of posterior draws (decoder(z) of its latent dataset), where `train clip`
+reads the prepared ECGs themselves; the published checkpoint (`convert`) is the way to the paper's own features.
 """
 
 import ml_collections
@@ -28,9 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
         weight_decay=0.01,
     )
     config.train = train_section(
-        # The spec gives the loss (symmetric cross-entropy) and AdamW but no batch, rate or length for the
-        # CLIP; these are conventional values. Larger effective batches (more negatives per step) help
-        # contrastive training; grad_accum_steps lowers memory but each micro-batch sees only its negatives.
+        # Conventional values (the module docstring gives the published code's). Larger effective batches (more
+        # negatives per step) help contrastive training; grad_accum_steps lowers memory but each micro-batch sees
+        # only its negatives.
         global_batch_size=256,
         num_epochs=50.0,
         log_every=50,
