@@ -166,6 +166,21 @@ def test_physionet_challenge_build_maps_dx_codes_to_report_lines(built):
     assert compared >= 25
 
 
+def test_a_build_writes_each_example_in_canonical_bytes(built):
+    """Two `prepare`s of the same records wrote TFRecords that held the same examples but differed byte for byte:
+    TFDS serializes an Example's feature map in an order that changes from process to process. Each record is now
+    its deterministic serialization (keys sorted), the same in every process, as encode and corpora write."""
+    import tensorflow as tf
+
+    builder, _, _ = built("physionet-challenge", DEMO_DIR)
+    files = sorted(p for p in os.listdir(builder.data_dir) if ".tfrecord-" in p)
+    records = [bytes(r) for f in files for r in tf.data.TFRecordDataset(os.path.join(builder.data_dir, f))
+               .as_numpy_iterator()]
+    assert len(records) == 40
+    for record in records:
+        assert record == tf.train.Example.FromString(record).SerializeToString(deterministic=True)
+
+
 def test_rebuild_after_interruption_reuses_decoded_chunks(built, embedder, tmp_path):
     builder, first_report, first_examples = built("mimic-iv-ecg", os.path.join(ECG_DATA, "mimic_iv_ecg"), workers=2)
     data_dir = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))

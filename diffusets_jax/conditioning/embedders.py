@@ -148,7 +148,10 @@ class LocalEmbedder:
             read a second time for `embedder_id`.
 
     Sequences are padded to a power-of-two length (16 ... max_length) and the batch to `batch_size`, so the
-    jitted encoder compiles for at most a handful of shapes; texts are sorted by length to limit padding.
+    jitted encoder compiles for at most a handful of shapes; texts are sorted by length to limit padding. A batch
+    holds texts of one padded length only, so a text's vector depends on the text alone, not on what it is embedded
+    with: padded to 128 tokens beside a long prompt instead of 32 on its own, a prompt's vector moved by 1e-7, and a
+    resumed `sample` run, which embeds only the prompts it still needs, made other ECGs than an uninterrupted one.
     """
 
     def __init__(
@@ -198,20 +201,24 @@ class LocalEmbedder:
         """`texts` -> (len(texts), dim) float32 unit vectors, in input order."""
         import jax
 
-        from diffusets_jax.models.text_encoder import tokenize
+        from diffusets_jax.models.text_encoder import padded_length, tokenize
 
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), np.float32)
         if not texts:
             return out
-        order = np.argsort(self.token_counts(texts), kind="stable")
-        for start in range(0, len(texts), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            ids, mask = tokenize(self._tokenizer, [texts[i] for i in rows], self.max_length)
-            pad = self.batch_size - len(rows)  # padded rows have an all-zero mask and come back as zeros
-            ids, mask = (np.pad(a, ((0, pad), (0, 0))) for a in (ids, mask))
-            batch = [jax.device_put(a, self._by_row) for a in (ids, mask)]
-            out[rows] = np.asarray(self._encode(self._params, *batch))[: len(rows)]
+        counts = self.token_counts(texts)
+        order = np.argsort(counts, kind="stable")
+        width = np.array([padded_length(int(n), self.max_length) for n in counts])
+        for padded in np.unique(width):
+            group = order[width[order] == padded]
+            for start in range(0, len(group), self.batch_size):
+                rows = group[start : start + self.batch_size]
+                ids, mask = tokenize(self._tokenizer, [texts[i] for i in rows], self.max_length)
+                pad = self.batch_size - len(rows)  # padded rows have an all-zero mask and come back as zeros
+                ids, mask = (np.pad(a, ((0, pad), (0, 0))) for a in (ids, mask))
+                batch = [jax.device_put(a, self._by_row) for a in (ids, mask)]
+                out[rows] = np.asarray(self._encode(self._params, *batch))[: len(rows)]
         return out
 
 

@@ -35,9 +35,11 @@ import sys
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer as tfds_example_serializer
 
 from diffusets_jax.conditioning.prompts import PROMPT_STYLES, make_prompt
 from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
@@ -45,6 +47,7 @@ from diffusets_jax.data import records as records_lib
 from diffusets_jax.data.card import write_card
 from diffusets_jax.data.records import ChunkResult, DecodeOptions, RecordCandidate
 from diffusets_jax.data.schema import ecg_features
+from diffusets_jax.data.shards import DeterministicExampleSerializer
 from diffusets_jax.io.files import write_json_atomic
 from diffusets_jax.io.progress import progress_bar
 from diffusets_jax.io.tables import LINE_COLUMN, read_csv_table
@@ -305,7 +308,11 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         self._use_beam = download_config.beam_runner is not None or download_config.beam_options is not None
         self._chunks: list[_Chunk] = []
         self._embedding_summary: dict[str, Any] = {}
-        super()._download_and_prepare(dl_manager, download_config)
+        # TFDS's split writers serialize through `example_serializer.ExampleSerializer`, in a protobuf map order
+        # that changes from process to process: two builds of the same records wrote different bytes. For this
+        # build only, they make the deterministic one, as encode and corpora use.
+        with mock.patch.object(tfds_example_serializer, "ExampleSerializer", DeterministicExampleSerializer):
+            super()._download_and_prepare(dl_manager, download_config)
         report = self._build_report()
         write_json_atomic(os.path.join(os.fspath(self.data_dir), REPORT_FILENAME), report)
         config = self.builder_config

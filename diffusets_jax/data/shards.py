@@ -15,6 +15,7 @@ from typing import Any
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.example_serializer import ExampleSerializer
 
 from diffusets_jax.io.files import atomic_path
 
@@ -26,16 +27,21 @@ def shard_filename(dataset_name: str, split: str, shard: int, num_shards: int) -
     return f"{dataset_name}-{split}.tfrecord-{shard:05d}-of-{num_shards:05d}"
 
 
-def example_serializer(features: tfds.features.FeaturesDict) -> Callable[[Mapping[str, Any]], bytes]:
-    """`features.serialize_example`, but the same bytes for the same example in every process: a tf.train.Example
+class DeterministicExampleSerializer(ExampleSerializer):
+    """TFDS's `ExampleSerializer`, but the same bytes for the same example in every process: a tf.train.Example
     holds its features in a protobuf map, whose entries protobuf writes in an order that changes from process to
     process unless asked for a deterministic one, so two runs of one command (or a resumed run and an uninterrupted
-    one) wrote shards that held the same examples but differed byte for byte."""
-    from tensorflow_datasets.core.example_serializer import ExampleSerializer
+    one) wrote shards that held the same examples but differed byte for byte. A module-level class, so that Beam
+    workers unpickle this one (`data.builder` makes TFDS's split writers use it)."""
 
-    serializer = ExampleSerializer(features.get_serialized_info())
-    return lambda example: serializer.get_tf_example(features.encode_example(example)).SerializeToString(
-        deterministic=True)
+    def serialize_example(self, example: Any) -> bytes:
+        return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+
+def example_serializer(features: tfds.features.FeaturesDict) -> Callable[[Mapping[str, Any]], bytes]:
+    """`features.serialize_example` through `DeterministicExampleSerializer`: the same bytes in every process."""
+    serializer = DeterministicExampleSerializer(features.get_serialized_info())
+    return lambda example: serializer.serialize_example(features.encode_example(example))
 
 
 def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> tuple[int, int]:
