@@ -35,6 +35,12 @@ def test_fixed_null_condition():
     assert full["text_embedding"].shape == (3, 8) and full["sex"].dtype == jnp.int32
 
 
+def test_a_null_condition_of_another_width_is_named():
+    # Was "Incompatible types for broadcasting: input type=float32[16] ..." from inside the guided chain.
+    with pytest.raises(ValueError, match=r"null_cond\['text_embedding'\] has shape \(16,\).*expected \(8,\)"):
+        broadcast_null_condition(fixed_null_condition(16), patient_cond(3))
+
+
 def test_drop_probability_zero_is_the_identity_and_one_drops_everything():
     cond = patient_cond(16)
     null = fixed_null_condition(8)
