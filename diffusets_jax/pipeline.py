@@ -216,6 +216,11 @@ class ECGGenerator:
             self._reconstruct = jax.jit(run, in_shardings=(parallel.replicated(self.mesh), self._cond_sharding),
                                         out_shardings=self._cond_sharding)
         ecgs = np.asarray(ecgs, np.float32)
+        # Checked before padding: one ECG without its batch axis, (1024, 12), was cut into rows of 12 samples and
+        # refused by the VAE with the padded shape, (batch_size, 12), which names neither the argument nor the fix.
+        if ecgs.ndim != 3 or ecgs.shape[2] != self.vae.in_channels:
+            raise ValueError(f"reconstruct: ecgs has shape {ecgs.shape}, expected (n, 1024, {self.vae.in_channels}) mV, "
+                             "leads last (ecgs[None] for one ECG; transpose (n, 12, 1024) PyTorch-layout arrays)")
         out = []
         for start in range(0, len(ecgs), self.batch_size):
             chunk = ecgs[start : start + self.batch_size]

@@ -111,6 +111,8 @@ def test_bad_shapes_are_explained(small_variables):
         SMALL.apply(small_variables, jnp.zeros((2, 66, 12)), method=VAE.encode)
     with pytest.raises(ValueError, match=r"\(batch, length, 4\)"):
         SMALL.apply(small_variables, jnp.zeros((2, 16, 3)), method=VAE.decode)
+    with pytest.raises(ValueError, match="VAE.encode expects an array of ECGs .*, got a Python list"):
+        SMALL.apply(small_variables, np.zeros((2, 64, 12)).tolist(), method=VAE.encode)
 
 
 def test_upsample_conv_equals_nearest_upsampling_then_conv():
