@@ -1,10 +1,11 @@
 """The library entry point: load a model directory once and generate ECGs for conditions.
 
-    from diffusets_jax.pipeline import ECGGenerator
     from diffusets_jax.conditioning.requests import make_condition
+    from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.pipeline import ECGGenerator
     gen = ECGGenerator("models/", sampler_config("dpmpp_2m"))
-    for batch_index, conditions, rows, ecgs in gen.generate([make_condition("Sinus rhythm", "F", 50, 70, 8)]):
-        ...  # ecgs (len(rows), 1024, 12) mV, standard lead order
+    for batch in gen.generate([make_condition("Sinus rhythm", "F", 50, 70, 8)]):
+        ...  # batch.ecgs (len(batch.conditions), 1024, 12) float32 mV, standard lead order (a GeneratedBatch)
 
 The model directory (`models.model_dir`) says everything generation needs: the VAE and U-Net, the embedder and
 prompt style the U-Net was conditioned with, its patient-feature mode, schedule, prediction type, latent

@@ -626,8 +626,9 @@ def jit_generate(
 
     With `vae=None` it returns latents `(B, 128, 4)` and ignores vae_variables. Variables are arguments,
     not constants baked into the program, so one compiled function serves any checkpoint of the same
-    shapes; it recompiles only for a new batch size. Shard `cond` over the batch (and replicate the
-    variables) before calling when running on a mesh.
+    shapes; it recompiles only for a new batch size. `config` (sampler, steps, grid, guidance scale) is built
+    into the program: a sweep over steps or guidance scales needs one `jit_generate` per value. Shard `cond`
+    over the batch (and replicate the variables) before calling when running on a mesh.
     """
 
     def run(unet_variables: Any, vae_variables: Any, cond: Any, key: jax.Array, null_cond: Any = None) -> jax.Array:
