@@ -65,8 +65,10 @@ class SameConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.linear.default_kernel_init, (self.kernel_size, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        # float32 named, as nn.Conv's param_dtype: the initialisers' default dtype is float64 under jax_enable_x64.
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (self.kernel_size, x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         pad = (self.kernel_size - 1) // 2
         return winograd.convolve(x, kernel, (pad, pad), self.conv_algorithm) + bias
@@ -94,8 +96,8 @@ class NearestUpsampleConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         # nn.Conv's initialisers, so a VAE initialised from scratch starts as before.
-        kernel = self.param("kernel", nn.linear.default_kernel_init, (3, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (3, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         even_taps = jnp.stack([kernel[0], kernel[1] + kernel[2]])
         odd_taps = jnp.stack([kernel[0] + kernel[1], kernel[2]])
