@@ -51,6 +51,16 @@ def test_drop_probability_zero_is_the_identity_and_one_drops_everything():
         np.testing.assert_array_equal(dropped[field], UNKNOWN_PATIENT_VALUE)
 
 
+def test_drop_draws_the_same_samples_under_x64():
+    # A Python-float p drew its Bernoulli uniforms in float64 under jax_enable_x64: another set was dropped.
+    cond, null = patient_cond(64), fixed_null_condition(8)
+    drops = []
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            drops.append(np.asarray(jax.jit(drop_conditions, static_argnums=2)(cond, jax.random.key(0), 0.5, null)["age"]))
+    np.testing.assert_array_equal(drops[1], drops[0])
+
+
 def test_drop_is_per_sample_joint_and_at_the_requested_rate():
     cond = patient_cond(4096)
     null = fixed_null_condition(8)

@@ -98,7 +98,8 @@ def drop_conditions(cond: Any, key: jax.Array, p: float | jax.Array, null_cond: 
     if not leaves:
         raise ValueError("drop_conditions: the condition pytree is empty")
     batch_size = leaves[0].shape[0]
-    drop = jax.random.bernoulli(key, p, (batch_size,))
+    # float32 named: a Python float p is float64 under jax_enable_x64, and the draw would take other bits.
+    drop = jax.random.bernoulli(key, jnp.asarray(p, jnp.float32), (batch_size,))
 
     def choose(leaf: jax.Array, null_leaf: jax.Array) -> jax.Array:
         mask = drop.reshape((batch_size,) + (1,) * (leaf.ndim - 1))

@@ -380,7 +380,8 @@ def posterior_sample(
         ess = _ess(log_w)
         if observation is not None:
             resample = ess < threshold
-            uniform = constrain(jax.random.uniform(jax.random.fold_in(resample_key, i), (batch,)))
+            # float32 named: the default is float64 under jax_enable_x64, which draws other bits.
+            uniform = constrain(jax.random.uniform(jax.random.fold_in(resample_key, i), (batch,), jnp.float32))
             indices = _systematic_indices(log_w, uniform)
             moved = _gather_particles(state, indices, constrain)
             state = jax.tree.map(lambda a, b: jnp.where(per_sample(resample, a.ndim), a, b), moved, state)
