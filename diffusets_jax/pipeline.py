@@ -1,10 +1,11 @@
 """The library entry point: load a model directory once and generate ECGs for conditions.
 
-    from diffusets_jax.pipeline import ECGGenerator
     from diffusets_jax.conditioning.requests import make_condition
+    from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.pipeline import ECGGenerator
     gen = ECGGenerator("models/", sampler_config("dpmpp_2m"))
-    for batch_index, conditions, rows, ecgs in gen.generate([make_condition("Sinus rhythm", "F", 50, 70, 8)]):
-        ...  # ecgs (len(rows), 1024, 12) mV, standard lead order
+    for batch in gen.generate([make_condition("Sinus rhythm", "F", 50, 70, 8)]):
+        ...  # batch.ecgs (len(batch.conditions), 1024, 12) float32 mV, standard lead order (a GeneratedBatch)
 
 The model directory (`models.model_dir`) says everything generation needs: the VAE and U-Net, the embedder and
 prompt style the U-Net was conditioned with, its patient-feature mode, schedule, prediction type, latent
@@ -226,6 +227,11 @@ class ECGGenerator:
                                                            self._cond_sharding, None),
                                         out_shardings=self._cond_sharding)
         ecgs = np.asarray(ecgs, np.float32)
+        # Checked before padding: one ECG without its batch axis, (1024, 12), was cut into rows of 12 samples and
+        # refused by the VAE with the padded shape, (batch_size, 12), which names neither the argument nor the fix.
+        if ecgs.ndim != 3 or ecgs.shape[2] != self.vae.in_channels:
+            raise ValueError(f"reconstruct: ecgs has shape {ecgs.shape}, expected (n, 1024, {self.vae.in_channels}) mV, "
+                             "leads last (ecgs[None] for one ECG; transpose (n, 12, 1024) PyTorch-layout arrays)")
         rows = np.arange(len(ecgs)) if rows is None else np.asarray(rows, np.int64)
         if rows.shape != (len(ecgs),):
             raise ValueError(f"reconstruct: {len(ecgs)} ECGs but {rows.shape[0]} rows")

@@ -35,6 +35,12 @@ def test_fixed_null_condition():
     assert full["text_embedding"].shape == (3, 8) and full["sex"].dtype == jnp.int32
 
 
+def test_a_null_condition_of_another_width_is_named():
+    # Was "Incompatible types for broadcasting: input type=float32[16] ..." from inside the guided chain.
+    with pytest.raises(ValueError, match=r"null_cond\['text_embedding'\] has shape \(16,\).*expected \(8,\)"):
+        broadcast_null_condition(fixed_null_condition(16), patient_cond(3))
+
+
 def test_drop_probability_zero_is_the_identity_and_one_drops_everything():
     cond = patient_cond(16)
     null = fixed_null_condition(8)
@@ -43,6 +49,16 @@ def test_drop_probability_zero_is_the_identity_and_one_drops_everything():
     np.testing.assert_array_equal(dropped["text_embedding"], 0.0)
     for field in ("sex", "age", "heart_rate"):
         np.testing.assert_array_equal(dropped[field], UNKNOWN_PATIENT_VALUE)
+
+
+def test_drop_draws_the_same_samples_under_x64():
+    # A Python-float p drew its Bernoulli uniforms in float64 under jax_enable_x64: another set was dropped.
+    cond, null = patient_cond(64), fixed_null_condition(8)
+    drops = []
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            drops.append(np.asarray(jax.jit(drop_conditions, static_argnums=2)(cond, jax.random.key(0), 0.5, null)["age"]))
+    np.testing.assert_array_equal(drops[1], drops[0])
 
 
 def test_drop_is_per_sample_joint_and_at_the_requested_rate():

@@ -218,6 +218,22 @@ def test_a_run_sharded_over_eight_devices_equals_the_single_device_run():
     np.testing.assert_allclose(np.asarray(sharded.ess), np.asarray(single.ess), rtol=1e-3)
 
 
+def test_jax_enable_x64_draws_the_same_particles():
+    """The resampling uniforms took the default dtype, float64 under jax_enable_x64: other random bits, so the
+    same key resampled other particles (the toy is float32 throughout, so only the draws could differ)."""
+    config = PosteriorConfig(sampler=SamplerConfig(sampler="ddpm", steps=6, clip_sample=False,
+                                                   latent_shape=LATENT_SHAPE), particles=4, resample_ess=1.0)
+    clean, rng = _observed_ecg(seed=6)
+    observation = make_observation(np.broadcast_to(clean + 0.5 * rng.normal(size=ECG_SHAPE), (2, *ECG_SHAPE)),
+                                   noise_std=2.0)
+    results = []
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            run = jax.jit(functools.partial(posterior_sample, TOY.model_fn, TOY.decode_fn, SCHEDULE, config=config))
+            results.append(np.asarray(run(_cond(2), jax.random.key(3), observation=observation).latents))
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("particles, edit_strength", [(1, None), (2, None), (1, 0.5)])
 def test_a_one_device_mesh_with_one_sample_runs(particles, edit_strength):
     """Regression: on a one-device Explicit-axis mesh with batch 1 a reshape can drop the batch sharding of a

@@ -363,6 +363,20 @@ def test_sample_starts_from_given_latents_and_checks_their_shape():
         sample(point_mass, schedule, cond, jax.random.key(0), config, initial_latents=jnp.zeros((2, 128, 3)))
 
 
+def test_sample_names_a_condition_field_without_the_batch_axis():
+    """A scalar, a Python list or one field of another batch size was an IndexError ("tuple index out of range")
+    or an XLA shape error from inside the network; now it is one sentence naming the field."""
+    schedule = make_schedule()
+    model_fn = gaussian_model_fn(schedule, 1.0)
+    run = lambda cond: sample(model_fn, schedule, cond, jax.random.key(0), SamplerConfig(steps=2))
+    with pytest.raises(ValueError, match=r"cond\['sex'\] is a scalar: .*batch axis first"):
+        run({"mu": jnp.zeros((2,)), "sex": np.float32(1.0)})
+    with pytest.raises(ValueError, match=r"cond\['sex'\]\[0\] is a Python float: .*one array"):
+        run({"mu": jnp.zeros((2,)), "sex": [1.0, 0.0]})
+    with pytest.raises(ValueError, match=r"same batch size .*cond\['mu'\] 2, .*cond\['sex'\] 3"):
+        run({"mu": jnp.zeros((2,)), "sex": jnp.zeros((3,))})
+
+
 def test_noise_level_grids_need_a_concrete_schedule():
     config = SamplerConfig(sampler="dpmpp_2m", steps=5, clip_sample=False)
     schedule = make_schedule()

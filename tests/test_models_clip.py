@@ -45,6 +45,14 @@ def test_published_shapes():
     assert ecg_proj.shape == text_proj.shape == (3, 64) and scale.shape == ()
 
 
+def test_parameters_stay_float32_under_x64():
+    # The batch norms' scale and bias and the logit scale followed jax_enable_x64 to float64.
+    ecg, text = jax.ShapeDtypeStruct((2, 64, 12), jnp.float32), jax.ShapeDtypeStruct((2, 12), jnp.float32)
+    with jax.enable_x64(True):
+        variables = jax.eval_shape(SMALL_CLIP.init, jax.random.key(0), ecg, text)
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+
+
 def test_same_padding_matches_reference_rule():
     assert same_padding(1024, 16, 2) == (7, 7)  # stem: 1024 -> 512
     assert same_padding(512, 16, 1) == (7, 8)  # left = pad // 2

@@ -183,6 +183,19 @@ def test_bad_inputs_are_named(small):
         apply(variables, x, t, jnp.zeros((3, 7)), sex, age, hr)
     with pytest.raises(ValueError, match="divisible by 4"):
         apply(variables, x[:, :6], t, text, sex, age, hr)
+    # Per-sample inputs without their batch axis (or with an extra one) failed deep in an index or a concatenation.
+    with pytest.raises(ValueError, match=r"text_embedding has shape \(12,\), expected \(batch, text_dim\) = \(3, 12\)"):
+        apply(variables, x, t, text[0], sex, age, hr)
+    with pytest.raises(ValueError, match=r"sex has shape \(3, 1\), expected \(batch,\) = \(3,\)"):
+        apply(variables, x, t, text, sex[:, None], age, hr)
+    with pytest.raises(ValueError, match=r"heart_rate has shape \(2,\), expected"):
+        apply(variables, x, t, text, sex, age, hr[:2])
+    with pytest.raises(ValueError, match=r"t has shape \(\), expected \(batch,\)"):
+        apply(variables, x, jnp.int32(5), text, sex, age, hr)
+    with pytest.raises(ValueError, match="t has dtype float32, expected integer timesteps"):
+        apply(variables, x, t.astype(jnp.float32), text, sex, age, hr)
+    with pytest.raises(ValueError, match="UNet: sex is a Python list; pass an array"):
+        apply(variables, x, t, text, [1.0, 0.0, 1.0], age, hr)
     with pytest.raises(ValueError, match="one attention width per"):
         jax.eval_shape(UNet(**{**SMALL, "up_attention_dims": (32,)}).init, jax.random.key(0), *small_inputs())
     # An even kernel padded by kernel_size // 2 lengthens every convolution's output by one sample; the residual

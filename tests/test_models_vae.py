@@ -53,6 +53,17 @@ def test_published_shapes():
     assert out.shape == (3, 1024, 12)
 
 
+def test_parameters_stay_float32_under_x64():
+    """Flax initialisers default to float64 under jax_enable_x64: the convolutions and norms were made float64
+    there (the U-Net's were not), with other initial values for the same key, and the VAE computed in float64."""
+    x = jax.ShapeDtypeStruct((2, 64, 12), jnp.float32)
+    with jax.enable_x64(True):
+        variables = jax.eval_shape(SMALL.init, jax.random.key(0), x, jax.random.key(1))
+        mean, _ = jax.eval_shape(lambda v, x: SMALL.apply(v, x, method=VAE.encode), variables, x)
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    assert mean.dtype == jnp.float32
+
+
 def test_small_variant_round_shapes(small_variables):
     mean, logvar = encode(small_variables, SMALL_X)
     assert mean.shape == logvar.shape == (2, 16, 4)
@@ -111,6 +122,8 @@ def test_bad_shapes_are_explained(small_variables):
         SMALL.apply(small_variables, jnp.zeros((2, 66, 12)), method=VAE.encode)
     with pytest.raises(ValueError, match=r"\(batch, length, 4\)"):
         SMALL.apply(small_variables, jnp.zeros((2, 16, 3)), method=VAE.decode)
+    with pytest.raises(ValueError, match="VAE.encode expects an array of ECGs .*, got a Python list"):
+        SMALL.apply(small_variables, np.zeros((2, 64, 12)).tolist(), method=VAE.encode)
 
 
 def test_upsample_conv_equals_nearest_upsampling_then_conv():

@@ -63,6 +63,14 @@ def test_prompts_reach_the_recorded_embedder_in_the_recorded_style(model_dir, op
                                     "As a supplementary condition, the 2nd diagnosis is {Normal ECG}."]]
 
 
+def test_reconstruct_names_ecgs_of_the_wrong_layout(model_dir):
+    gen = ECGGenerator(model_dir, sampler_config("ddim", steps=2), batch_size=8)
+    with pytest.raises(ValueError, match=r"reconstruct: ecgs has shape \(1024, 12\), expected \(n, 1024, 12\)"):
+        gen.reconstruct(np.zeros((1024, 12)))
+    with pytest.raises(ValueError, match=r"reconstruct: ecgs has shape \(2, 12, 1024\)"):
+        gen.reconstruct(np.zeros((2, 12, 1024)))
+
+
 def test_prompt_embeddings_are_kept_once_per_distinct_prompt_however_many_ecgs(model_dir, openai_env):
     """A corpus of millions of ECGs from a few conditions held one vector per ECG (6 GB of host memory per million
     at the published 1536 dimensions): the table holds each distinct prompt once, ECGs point into it."""

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusets_jax.diffusion.guidance import condition_batch_size
 from diffusets_jax.diffusion.observations import Observation
 from diffusets_jax.diffusion.posterior import (
     ModelFn,
@@ -93,13 +94,6 @@ def _check_ecg(ecg: Any, batch: int, what: str) -> None:
                          f"got {shape}")
 
 
-def _batch(cond: Any) -> int:
-    leaves = jax.tree.leaves(cond)
-    if not leaves:
-        raise ValueError("cond: empty; pass at least one per-sample array, e.g. {'text_embedding': (B, D)}")
-    return int(leaves[0].shape[0])
-
-
 def edit(
     model_fn: ModelFn,
     encode_fn: EncodeFn,
@@ -121,7 +115,7 @@ def edit(
     returns decode(encode(ecg)); strength 1 is generation from pure noise. Pure; see `jit_edit`.
     """
     _check_strength(strength)
-    _check_ecg(ecg, _batch(cond), "ecg")
+    _check_ecg(ecg, condition_batch_size(cond), "ecg")
     encode_key, chain_key = jax.random.split(key)
     latents = encode_fn(ecg, encode_key)
     result = posterior_sample(model_fn, decode_fn, schedule, cond, chain_key, PosteriorConfig(sampler=config),
@@ -153,7 +147,7 @@ def digital_twin(
     `jit_digital_twin`.
     """
     _check_strength(strength)
-    _check_ecg(reference, _batch(cond), "reference")
+    _check_ecg(reference, condition_batch_size(cond), "reference")
     encode_key, chain_key = jax.random.split(key)
     latents = encode_fn(reference, encode_key)
     return posterior_sample(model_fn, decode_fn, schedule, cond, chain_key, config, observation=observation,
@@ -190,7 +184,7 @@ def jit_edit(
     def call(unet_variables: Any, vae_variables: Any, ecg: jax.Array, cond: Any, key: jax.Array,
              strength: float, null_cond: Any = None) -> jax.Array:
         _check_strength(strength)
-        _check_ecg(ecg, _batch(cond), "ecg")
+        _check_ecg(ecg, condition_batch_size(cond), "ecg")
         return compiled(unet_variables, vae_variables, ecg, cond, key, jnp.asarray(strength, jnp.float32), null_cond)
 
     return call
@@ -222,7 +216,7 @@ def jit_digital_twin(
     def call(unet_variables: Any, vae_variables: Any, reference: jax.Array, observation: Observation, cond: Any,
              key: jax.Array, strength: float, null_cond: Any = None) -> PosteriorResult:
         _check_strength(strength)
-        _check_ecg(reference, _batch(cond), "reference")
+        _check_ecg(reference, condition_batch_size(cond), "reference")
         return compiled(unet_variables, vae_variables, reference, observation, cond, key,
                         jnp.asarray(strength, jnp.float32), null_cond)
 

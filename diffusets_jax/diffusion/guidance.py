@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 GUIDANCE_MODES: tuple[str, ...] = ("batched", "sequential")
@@ -22,6 +23,33 @@ GUIDANCE_MODES: tuple[str, ...] = ("batched", "sequential")
 # Out of the range of every real patient (sex is 0/1, age and heart rate are positive), so the
 # network cannot confuse "unknown" with a real value; -1 rather than 0 because 0 is a valid sex.
 UNKNOWN_PATIENT_VALUE = -1.0
+
+
+def condition_batch_size(cond: Any, what: str = "cond") -> int:
+    """The batch size B of a condition pytree of per-sample arrays `(B, ...)`.
+
+    Checked from the shapes alone (at trace time, before anything compiles), so that a field without the batch
+    axis, a Python list or number, or fields of unequal batch size is one ValueError naming the field, not an
+    IndexError or an XLA shape error deep inside the network.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(cond)[0]
+    if not leaves:
+        raise ValueError(f"{what}: empty; pass at least one per-sample array, e.g. {{'text_embedding': (B, D)}}")
+    sizes: dict[str, int] = {}
+    for path, leaf in leaves:
+        name = what + jax.tree_util.keystr(path)
+        shape = getattr(leaf, "shape", None)
+        if shape is None:
+            raise ValueError(f"{name} is a Python {type(leaf).__name__}: pass each condition field as one array with "
+                             "the batch first, (batch,) or (batch, text_dim), e.g. np.asarray(values, np.float32)")
+        if len(shape) == 0:
+            raise ValueError(f"{name} is a scalar: each condition field needs the batch axis first, (batch,) or "
+                             "(batch, text_dim), one row per sample (np.full(batch, value) repeats a value)")
+        sizes[name] = int(shape[0])
+    if len(set(sizes.values())) != 1:
+        listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise ValueError(f"{what}: every field needs the same batch size (first axis), got {listed}")
+    return next(iter(sizes.values()))
 
 
 def fixed_null_condition(text_dim: int = 1536, unknown_value: float = UNKNOWN_PATIENT_VALUE) -> dict[str, jax.Array]:
@@ -41,10 +69,19 @@ def fixed_null_condition(text_dim: int = 1536, unknown_value: float = UNKNOWN_PA
 def broadcast_null_condition(null_cond: Any, cond: Any) -> Any:
     """`null_cond` broadcast to the per-sample shapes (and dtypes) of `cond`."""
 
-    def broadcast(leaf: jax.Array, null_leaf: jax.Array) -> jax.Array:
-        return jnp.broadcast_to(jnp.asarray(null_leaf).astype(leaf.dtype), leaf.shape)
+    def broadcast(path: Any, leaf: jax.Array, null_leaf: jax.Array) -> jax.Array:
+        null_leaf = jnp.asarray(null_leaf)
+        try:
+            fits = np.broadcast_shapes(null_leaf.shape, leaf.shape) == leaf.shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"null_cond{jax.tree_util.keystr(path)} has shape {null_leaf.shape}, the condition's "
+                             f"field is {leaf.shape}: expected {leaf.shape[1:]} (or the whole {leaf.shape}); "
+                             "fixed_null_condition(text_dim) builds one for the model's text width")
+        return jnp.broadcast_to(null_leaf.astype(leaf.dtype), leaf.shape)
 
-    return jax.tree.map(broadcast, cond, null_cond)
+    return jax.tree_util.tree_map_with_path(broadcast, cond, null_cond)
 
 
 def drop_conditions(cond: Any, key: jax.Array, p: float | jax.Array, null_cond: Any) -> Any:
@@ -61,7 +98,8 @@ def drop_conditions(cond: Any, key: jax.Array, p: float | jax.Array, null_cond: 
     if not leaves:
         raise ValueError("drop_conditions: the condition pytree is empty")
     batch_size = leaves[0].shape[0]
-    drop = jax.random.bernoulli(key, p, (batch_size,))
+    # float32 named: a Python float p is float64 under jax_enable_x64, and the draw would take other bits.
+    drop = jax.random.bernoulli(key, jnp.asarray(p, jnp.float32), (batch_size,))
 
     def choose(leaf: jax.Array, null_leaf: jax.Array) -> jax.Array:
         mask = drop.reshape((batch_size,) + (1,) * (leaf.ndim - 1))

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from diffusets_jax.diffusion.guidance import guided_model_fn
+from diffusets_jax.diffusion.guidance import condition_batch_size, guided_model_fn
 from diffusets_jax.diffusion.observations import Observation, check_observation, log_likelihood
 from diffusets_jax.diffusion.samplers import (
     SamplerConfig,
@@ -261,16 +261,6 @@ def _gather_particles(tree: Any, indices: jax.Array, constrain: Callable[[jax.Ar
     return jax.tree.map(lambda a: _select_particles(a, indices, constrain), tree)
 
 
-def _batch_size(cond: Any) -> int:
-    leaves = jax.tree.leaves(cond)
-    if not leaves:
-        raise ValueError("cond: empty; pass at least one per-sample array, e.g. {'text_embedding': (B, D)}")
-    sizes = {int(leaf.shape[0]) for leaf in leaves}
-    if len(sizes) != 1:
-        raise ValueError(f"cond: every array needs the same batch size (first axis), got {sorted(sizes)}")
-    return sizes.pop()
-
-
 def posterior_sample(
     model_fn: ModelFn,
     decode_fn: DecodeFn,
@@ -303,7 +293,7 @@ def posterior_sample(
     if cfg.clip_sample is None:
         raise ValueError("clip_sample: None means 'as the model directs'; set SamplerConfig.clip_sample to True or "
                          "False (the pipeline reads it from the model's generation.json)")
-    batch = _batch_size(cond)
+    batch = condition_batch_size(cond)
     particles = config.particles if observation is not None else 1
     if config.eta <= 0.0 and observation is not None:
         raise ValueError("eta: posterior sampling needs a stochastic chain; use sampler='ddpm' or DDIM with eta > 0")
@@ -390,7 +380,8 @@ def posterior_sample(
         ess = _ess(log_w)
         if observation is not None:
             resample = ess < threshold
-            uniform = constrain(jax.random.uniform(jax.random.fold_in(resample_key, i), (batch,)))
+            # float32 named: the default is float64 under jax_enable_x64, which draws other bits.
+            uniform = constrain(jax.random.uniform(jax.random.fold_in(resample_key, i), (batch,), jnp.float32))
             indices = _systematic_indices(log_w, uniform)
             moved = _gather_particles(state, indices, constrain)
             state = jax.tree.map(lambda a, b: jnp.where(per_sample(resample, a.ndim), a, b), moved, state)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusets_jax.diffusion.guidance import GUIDANCE_MODES, guided_model_fn
+from diffusets_jax.diffusion.guidance import GUIDANCE_MODES, condition_batch_size, guided_model_fn
 from diffusets_jax.diffusion.schedule import NoiseSchedule, predict_x0_and_eps
 from diffusets_jax.ecg.shapes import LATENT_SHAPE
 from diffusets_jax.models.precision import cast_floating, with_compute_dtype
@@ -505,16 +505,6 @@ def _run_chain(chain: _Chain, x: jax.Array, timesteps: np.ndarray) -> jax.Array:
     return x
 
 
-def _batch_size(cond: Any) -> int:
-    leaves = jax.tree.leaves(cond)
-    if not leaves:
-        raise ValueError("sample: cond is empty; pass at least one per-sample array, e.g. {'text_embedding': (B, D)}")
-    sizes = {int(leaf.shape[0]) for leaf in leaves}
-    if len(sizes) != 1:
-        raise ValueError(f"sample: every cond array needs the same batch size (first axis), got {sorted(sizes)}")
-    return sizes.pop()
-
-
 def sample(
     model_fn: ModelFn,
     schedule: NoiseSchedule,
@@ -541,7 +531,7 @@ def sample(
     if config.clip_sample is None:
         raise ValueError("SamplerConfig.clip_sample is None ('as the model directs'): set it to True or False, or "
                          "sample through pipeline.ECGGenerator, which reads the model directory")
-    batch = _batch_size(cond)
+    batch = condition_batch_size(cond, "sample: cond")
     n_shards = leading_axis_shards(batch_sharding)
     if batch % n_shards:
         raise ValueError(f"sample: batch size {batch} is not divisible by the {n_shards} batch shards of the mesh")
@@ -636,8 +626,9 @@ def jit_generate(
 
     With `vae=None` it returns latents `(B, 128, 4)` and ignores vae_variables. Variables are arguments,
     not constants baked into the program, so one compiled function serves any checkpoint of the same
-    shapes; it recompiles only for a new batch size. Shard `cond` over the batch (and replicate the
-    variables) before calling when running on a mesh.
+    shapes; it recompiles only for a new batch size. `config` (sampler, steps, grid, guidance scale) is built
+    into the program: a sweep over steps or guidance scales needs one `jit_generate` per value. Shard `cond`
+    over the batch (and replicate the variables) before calling when running on a mesh.
     """
 
     def run(unet_variables: Any, vae_variables: Any, cond: Any, key: jax.Array, null_cond: Any = None) -> jax.Array:

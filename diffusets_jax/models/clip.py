@@ -10,6 +10,7 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from diffusets_jax.models.net1d import Net1D
 
@@ -54,7 +55,7 @@ class CLIP(nn.Module):
         )
         self.ecg_projector = nn.Dense(self.embed_dim)
         self.text_projector = TextProjector(self.text_hidden_dim, self.embed_dim)
-        self.logit_scale = self.param("logit_scale", nn.initializers.constant(LOGIT_SCALE_INIT), ())
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(LOGIT_SCALE_INIT), (), jnp.float32)
 
     def ecg_features(self, ecg: jax.Array, train: bool = False) -> jax.Array:
         """Net1D pooled features: ECG `(batch, 1024, 12)` (mV, standard lead order) -> `(batch, filters[-1])`."""

@@ -108,8 +108,9 @@ class GroupNormSiLU(nn.Module):
         channels = x.shape[-1]
         if channels % self.groups:
             raise ValueError(f"GroupNormSiLU: {channels} channels do not split into {self.groups} groups")
-        scale = self.param("scale", nn.initializers.ones_init(), (channels,))
-        bias = self.param("bias", nn.initializers.zeros_init(), (channels,))
+        # float32 named: the initialisers' default dtype is float64 under jax_enable_x64.
+        scale = self.param("scale", nn.initializers.ones_init(), (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (channels,), jnp.float32)
         out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, scale.dtype)
         out = group_norm_silu(x.astype(jnp.float32), scale, bias, self.groups, self.epsilon)
         return out.astype(out_dtype)

@@ -47,8 +47,9 @@ class BatchNorm1d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         channels = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (channels,))
-        bias = self.param("bias", nn.initializers.zeros, (channels,))
+        # float32 named: the initialisers' default dtype is float64 under jax_enable_x64.
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
         running_var = self.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
         # Statistics and normalisation in float32 whatever the computation dtype: a bf16 mean would shift

@@ -316,7 +316,7 @@ class UNet(nn.Module):
         Returns:
           eps `(batch, 128, 4)`, float32 whatever the computation dtype.
         """
-        self._check_inputs(x_t, text_embedding)
+        self._check_inputs(x_t, t, text_embedding, sex, age, heart_rate)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         cond = jnp.concatenate(
             [text_embedding, sex[:, None], age[:, None], heart_rate[:, None]], axis=-1
@@ -344,7 +344,13 @@ class UNet(nn.Module):
         h = mish(conv1d(c, c, 3, padding=1, name="output_conv_0", **kw)(h))
         return conv1d(c, c, 1, name="output_conv_2", **kw)(h).astype(jnp.float32)
 
-    def _check_inputs(self, x_t: Array, text_embedding: Array) -> None:
+    def _check_inputs(self, x_t: Array, t: Array, text_embedding: Array, sex: Array, age: Array,
+                      heart_rate: Array) -> None:
+        inputs = {"x_t": x_t, "t": t, "text_embedding": text_embedding, "sex": sex, "age": age, "heart_rate": heart_rate}
+        for name, value in inputs.items():
+            if not hasattr(value, "shape"):
+                raise ValueError(f"UNet: {name} is a Python {type(value).__name__}; pass an array "
+                                 "(jnp.asarray or np.asarray), shaped as the docstring says")
         if len(self.down_attention_dims) != len(self.channels) or len(self.up_attention_dims) != len(self.channels):
             raise ValueError(
                 f"UNet config: channels has {len(self.channels)} levels but down_attention_dims has "
@@ -362,11 +368,24 @@ class UNet(nn.Module):
         factor = 2 ** len(self.channels)
         if x_t.shape[1] % factor:
             raise ValueError(f"UNet: latent length {x_t.shape[1]} must be divisible by {factor} (2 ** down levels)")
+        # The per-sample inputs are checked here, while tracing, so that a missing or extra axis is one sentence
+        # naming the argument instead of an indexing or concatenation error deep inside the network.
+        batch = x_t.shape[0]
+        if np.ndim(text_embedding) != 2 or np.shape(text_embedding)[0] != batch:
+            raise ValueError(f"UNet: text_embedding has shape {np.shape(text_embedding)}, expected (batch, text_dim) = "
+                             f"({batch}, {self.text_dim}), one row per latent of x_t")
         if text_embedding.shape[-1] != self.text_dim:
             raise ValueError(
                 f"UNet: text_embedding has width {text_embedding.shape[-1]} but the model takes text_dim="
                 f"{self.text_dim}; use the matching text encoder or build UNet(text_dim=...)"
             )
+        for name, value in (("t", t), ("sex", sex), ("age", age), ("heart_rate", heart_rate)):
+            if np.shape(value) != (batch,):
+                raise ValueError(f"UNet: {name} has shape {np.shape(value)}, expected (batch,) = ({batch},), one value "
+                                 "per latent of x_t (jnp.full(batch, value) repeats one)")
+        if not jnp.issubdtype(jnp.asarray(t).dtype, jnp.integer):
+            raise ValueError(f"UNet: t has dtype {jnp.asarray(t).dtype}, expected integer timesteps (batch,) in "
+                             "[0, num_timesteps); e.g. jnp.asarray(t, jnp.int32)")
 
 
 def count_params(params) -> int:

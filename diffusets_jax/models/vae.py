@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -64,8 +65,10 @@ class SameConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.linear.default_kernel_init, (self.kernel_size, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        # float32 named, as nn.Conv's param_dtype: the initialisers' default dtype is float64 under jax_enable_x64.
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (self.kernel_size, x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         pad = (self.kernel_size - 1) // 2
         return winograd.convolve(x, kernel, (pad, pad), self.conv_algorithm) + bias
@@ -93,8 +96,8 @@ class NearestUpsampleConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         # nn.Conv's initialisers, so a VAE initialised from scratch starts as before.
-        kernel = self.param("kernel", nn.linear.default_kernel_init, (3, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (3, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         even_taps = jnp.stack([kernel[0], kernel[1] + kernel[2]])
         odd_taps = jnp.stack([kernel[0] + kernel[1], kernel[2]])
@@ -217,6 +220,13 @@ class VAEDecoder(nn.Module):
         return _conv(self.out_channels, 3, "conv_out", dt, algorithm)(h).astype(jnp.float32)
 
 
+def _check_array(value: Any, where: str, what: str) -> None:
+    # A list has no .ndim: without this the shape check itself failed with an AttributeError.
+    if not hasattr(value, "shape"):
+        raise ValueError(f"{where} expects an array of {what} (np.asarray or jnp.asarray), got a Python "
+                         f"{type(value).__name__}")
+
+
 class VAE(nn.Module):
     """The ECG VAE. Defaults are the published model; e.g. `VAE(widths=(32, 64, 64), groups=8)` is a small one.
 
@@ -251,6 +261,7 @@ class VAE(nn.Module):
 
         The log-variance is clamped to [-30, 20] as in the reference.
         """
+        _check_array(x, "VAE.encode", "ECGs")
         if x.ndim != 3 or x.shape[-1] != self.in_channels or x.shape[1] % self.downsampling:
             raise ValueError(
                 f"VAE.encode expects ECGs shaped (batch, length, {self.in_channels}) with length a multiple of "
@@ -276,6 +287,7 @@ class VAE(nn.Module):
         `latent_scale` is the factor the latent was scaled by (`sample_latent`'s): the published 0.18215, or
         the one a diffusion run measured (the model directory's `diffusion.latent_scale`).
         """
+        _check_array(z, "VAE.decode", "latents")
         if z.ndim != 3 or z.shape[-1] != self.latent_channels:
             raise ValueError(f"VAE.decode expects latents shaped (batch, length, {self.latent_channels}), got {z.shape}")
         return self.decoder(z / latent_scale)
