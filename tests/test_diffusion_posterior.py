@@ -189,7 +189,10 @@ def test_edit_strengths_give_the_exact_laws(sampler, eta):
     mean, cov = TOY.chain_law(STEPS, chain_eta, start_t=start_t, start_mean=np.sqrt(abar) * z_in,
                               start_cov=(1 - abar) * np.eye(z_in.size))
     _check_moments(np.asarray(TOY.encode_fn(edited, key)), mean, cov)
-    assert len(traces) == 1  # the strength is an argument of one program, not a constant of three
+    # A traced strength outside [0, 1] cannot be refused before the call: NaN, not an edit from a clamped timestep.
+    for outside in (-0.1, 1.5):
+        assert np.isnan(np.asarray(run(ecg[:2], _cond(2), key, jnp.float32(outside)))).all(), outside
+    assert len(traces) == 2  # the strength is an argument of one program per batch size, not a constant of three
 
 
 def test_a_run_sharded_over_eight_devices_equals_the_single_device_run():

@@ -284,7 +284,8 @@ def posterior_sample(
     start_latents, strength: SDEdit start. With strength s < 1 the chain starts at timestep
         `strength_timestep(s)` from `start_latents` `(B, 128, 4)` noised by the forward process; s = 0 runs
         no step and returns decode(start_latents); s = 1 starts from pure noise like generation, ignoring
-        start_latents. `strength` may be traced (one compiled program serves every strength).
+        start_latents. `strength` may be traced (one compiled program serves every strength); a traced strength
+        outside [0, 1] gives NaN ECGs and latents (`edit` and `digital_twin` refuse such a number before tracing).
     null_cond: the null condition for classifier-free guidance (config.sampler.guidance_scale != 1).
     batch_sharding: sharding of the batch axis (e.g. `NamedSharding(mesh, P("data"))`).
     Pure; call it inside `jax.jit` or use `jit_posterior_generate`.
@@ -424,6 +425,11 @@ def posterior_sample(
     chosen = _select_particles(state.x0, per_sample(choice, 2), constrain)[:, 0]
     start = x[:, 0]  # strength 0: x is the (un-noised) start latent itself
     latents = constrain(jnp.where(t_start >= 0, chosen, start))
+    if start_latents is not None:
+        # A traced strength (under jax.vmap or an outer jit) cannot be checked before the call. Outside [0, 1] it
+        # would index the schedule out of bounds, which JAX clamps into a plausible but wrong edit: NaN instead.
+        in_range = (jnp.asarray(strength, jnp.float32) >= 0.0) & (jnp.asarray(strength, jnp.float32) <= 1.0)
+        latents = jnp.where(in_range, latents, jnp.nan)
     ecg = decode_fn(latents)
     if observation is not None:
         log_z = jnp.where(t_start >= 0, log_z, log_likelihood(observation, ecg))
