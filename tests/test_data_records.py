@@ -146,6 +146,22 @@ def test_chunk_cache_is_reused_and_validated(tmp_path):
         cands, rec.DecodeOptions(flat_leads="skip"), stamps)
 
 
+def test_a_cached_chunk_is_counted_without_reading_its_ecgs(tmp_path, monkeypatch):
+    """A resumed build's workers and its report read every cached chunk whole to count its records: the ECGs are
+    nearly all of the decode cache (about 39 GB for MIMIC-IV-ECG), read once more each time for a few numbers."""
+    cands = [candidate(), candidate(age=None), candidate()]
+    options = rec.DecodeOptions()
+    task = (MIMIC_DIR, cands, options, str(tmp_path / "chunk.npz"))
+    assert rec.decode_chunk_to_cache(task) == 2
+    read = []
+    original = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda self, key: read.append(key) or original(self, key))
+    assert rec.decode_chunk_to_cache(task) == 2
+    assert "skip_reason" in read and "ecg" not in read
+    assert list(rec._load_chunk(task[3], ecg=False).skip_reason) == ["", "missing_age", ""]
+    assert "ecg" not in read
+
+
 def test_a_chunk_is_identified_by_its_record_files_size_and_time(tmp_path):
     """A header fixed (or a truncated signal file replaced) after a chunk was decoded: the chunk was recognised by
     record path and table metadata only, and its stale values were reused."""

@@ -476,7 +476,7 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         flat_lead_count = 0
         reused = decoded = 0
         for chunk in self._chunks:
-            result = records_lib._load_chunk(chunk.cache_path)  # noqa: SLF001 (same package)
+            result = records_lib._load_chunk(chunk.cache_path, ecg=False)  # noqa: SLF001 (same package)
             if result is None:
                 raise RuntimeError(f"decode cache {chunk.cache_path} is missing after the build")
             if chunk.cache_path in self._chunks_cached_before:
