@@ -234,7 +234,8 @@ class ECGGenerator:
                              "leads last (ecgs[None] for one ECG; transpose (n, 12, 1024) PyTorch-layout arrays)")
         rows = np.arange(len(ecgs)) if rows is None else np.asarray(rows, np.int64)
         if rows.shape != (len(ecgs),):
-            raise ValueError(f"reconstruct: rows has shape {rows.shape}, expected ({len(ecgs)},): one row index per ECG")
+            raise ValueError(f"reconstruct: rows has shape {rows.shape}, expected ({len(ecgs)},): one row index per "
+                             "ECG")
         base = jax.random.PRNGKey(0) if key is None else key
         out = []
         for start in range(0, len(ecgs), self.batch_size):
