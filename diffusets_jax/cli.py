@@ -8,6 +8,7 @@ commands that read or write TFRecords.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -797,7 +798,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from diffusets_jax import parallel
     from diffusets_jax.data.location import dataset_folder
     from diffusets_jax.experiments import evaluate as ev
-    from diffusets_jax.io.run_dir import check_output_path, output_dir
+    from diffusets_jax.io.run_dir import check_output_path, output_dir, reading
 
     # Everything checkable is checked before any model is loaded or anything generated.
     check_output_path(args.out, command="evaluate", overwrite=args.overwrite, reads=[
@@ -864,7 +865,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     generators = [ECGGenerator(d, sampler, batch_size=args.batch_size, seed=args.seed) for d in args.model_dir]
     settings = {**common, "models": [g.settings() for g in generators], "labels": labels,
                 "records_per_condition": args.records_per_condition, "samples_per_record": args.samples_per_record}
-    with output_dir(args.out, command="evaluate", settings=settings, overwrite=args.overwrite) as run:
+    with contextlib.ExitStack() as held:
+        if len(generators) > 1:
+            # Each model reads the split when its turn comes, hours apart with the paper's 1000-step DDPM: held
+            # across them all, or a `prepare --overwrite` in between scores (and compares) them on different
+            # builds. Taken on every host together: one refused stops them all, not only itself.
+            with parallel.failing_together():
+                held.enter_context(reading(builder.data_dir))
+        run = held.enter_context(output_dir(args.out, command="evaluate", settings=settings, overwrite=args.overwrite))
         reports = []
         for label, generator in zip(labels, generators, strict=True):
             out = run.path if len(generators) == 1 else run.path / label

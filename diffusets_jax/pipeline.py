@@ -234,7 +234,8 @@ class ECGGenerator:
                              "leads last (ecgs[None] for one ECG; transpose (n, 12, 1024) PyTorch-layout arrays)")
         rows = np.arange(len(ecgs)) if rows is None else np.asarray(rows, np.int64)
         if rows.shape != (len(ecgs),):
-            raise ValueError(f"reconstruct: {len(ecgs)} ECGs but {rows.shape[0]} rows")
+            raise ValueError(f"reconstruct: rows has shape {rows.shape}, expected ({len(ecgs)},): one row index per "
+                             "ECG")
         base = jax.random.PRNGKey(0) if key is None else key
         out = []
         for start in range(0, len(ecgs), self.batch_size):
@@ -242,7 +243,8 @@ class ECGGenerator:
             pad = self.batch_size - len(chunk)
             padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
             chunk_rows = np.concatenate([rows[start : start + len(chunk)], np.zeros(pad, np.int64)])
-            row_keys = np.asarray(jax.vmap(lambda r: jax.random.fold_in(base, r))(chunk_rows))
+            # Kept a JAX array: a typed key (jax.random.key) has no NumPy form, and a raw one needs none.
+            row_keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(chunk_rows)
             out.append(np.asarray(self._reconstruct(
                 self.vae_variables, jax.device_put(padded, self._cond_sharding),
                 jax.device_put(row_keys, self._cond_sharding), np.bool_(key is not None)))[: len(chunk)])

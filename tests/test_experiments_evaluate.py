@@ -4,6 +4,7 @@ score), clinical metrics in every report, per-condition tables, scoring another 
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -97,6 +98,36 @@ def test_a_split_is_not_read_while_its_dataset_is_being_replaced(dataset, tmp_pa
     assert not out.exists()
     ev.load_split(dataset.data_dir, "test", limit=2, with_ecg=False)
     with exclusive_lock(dataset.data_dir, "busy", name=READERS_LOCK):  # released once read
+        pass
+
+
+def test_models_evaluated_together_are_scored_against_one_build(clip, dataset, tmp_path, monkeypatch):
+    """Each model reads the split when its turn comes, hours apart with the paper's DDPM: a `prepare --overwrite`
+    in between scored (and compared) the models on different builds. The dataset is held across them all."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.io.run_dir import READERS_LOCK, add_readers_lock, exclusive_lock
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import tiny_model_dir
+
+    a = tiny_model_dir(tmp_path / "a", text_dim=tiny_ecg_dataset.EMBEDDING_DIM)
+    model_dirs.write_component(a, "clip", clip[0], clip[1], provenance={"source": "test"})
+    b = shutil.copytree(a, tmp_path / "b")  # a second model: its weights do not matter here
+    add_readers_lock(dataset.data_dir)  # as `prepare` leaves it
+    replaced = []
+
+    def evaluate_after_a_replacement_tried(*args, **kwargs):
+        try:  # what `prepare --overwrite` takes before it moves the folder
+            with exclusive_lock(dataset.data_dir, "busy", name=READERS_LOCK):
+                replaced.append(True)
+        except ValueError:
+            replaced.append(False)
+        return {"settings": {}}
+
+    monkeypatch.setattr(ev, "evaluate_split", evaluate_after_a_replacement_tried)
+    assert main(["evaluate", "--model-dir", str(a), str(b), "--dataset", dataset.data_dir, "--split", "validation",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert replaced == [False, False]
+    with exclusive_lock(dataset.data_dir, "busy", name=READERS_LOCK):  # released once every model is scored
         pass
 
 

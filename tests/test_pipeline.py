@@ -198,3 +198,8 @@ def test_reconstructions_through_the_posterior_mean_or_one_draw_per_row(model_di
     np.testing.assert_allclose(gen.reconstruct(ecgs[1:], key=key, rows=rows[1:]), drawn[1:], atol=1e-4)
     np.testing.assert_allclose(gen.reconstruct(ecgs), by_mean, atol=1e-4)
     assert not np.allclose(by_mean, drawn, atol=1e-3)
+    # A typed key draws what the raw key of the same seed draws (it was a TypeError: no NumPy form).
+    np.testing.assert_array_equal(gen.reconstruct(ecgs[:1], key=jax.random.key(5), rows=rows[:1]),
+                                  gen.reconstruct(ecgs[:1], key=key, rows=rows[:1]))
+    with pytest.raises(ValueError, match=r"reconstruct: rows has shape \(\), expected \(3,\)"):
+        gen.reconstruct(ecgs, key=key, rows=7)

@@ -169,8 +169,9 @@ def jit_edit(
     """Compile-once editor `(unet_variables, vae_variables, ecg, cond, key, strength, null_cond=None) -> (B, 1024, 12)`.
 
     `strength` is an argument of the compiled program (a sweep over strengths compiles once); a number is
-    checked to lie in [0, 1] before the call, and a traced one (under jax.vmap) outside it gives NaN ECGs. Recompiles only for a new batch size. Shard `ecg` and `cond` over the
-    batch and replicate the variables before calling on a mesh.
+    checked to lie in [0, 1] before the call, and a traced one (under jax.vmap) outside it gives NaN ECGs.
+    Recompiles only for a new batch size. Shard `ecg` and `cond` over the batch and replicate the variables
+    before calling on a mesh.
     """
 
     def run(unet_variables, vae_variables, ecg, cond, key, strength, null_cond):
