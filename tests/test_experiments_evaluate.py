@@ -131,6 +131,30 @@ def test_models_evaluated_together_are_scored_against_one_build(clip, dataset, t
         pass
 
 
+@pytest.mark.multiprocess
+def test_a_host_refused_its_reference_split_stops_every_host(dataset, tmp_path):
+    """Each host of an `evaluate` run reads the reference split from its own disk: one finding it being replaced (a
+    `prepare --overwrite` holds the readers lock) is refused, and the other stops with that line instead of waiting
+    at the next collective until the coordination service ends it (run_worker_pair fails a process still waiting)."""
+    import json
+    import shutil
+
+    from diffusets_jax.io.run_dir import READERS_LOCK, add_readers_lock, exclusive_lock
+    from tests.helpers.two_processes import run_worker_pair
+
+    own_disk = tmp_path / "process1" / "tiny_ecg"
+    shutil.copytree(dataset.data_dir, own_disk)
+    add_readers_lock(own_disk)
+    results = [tmp_path / f"process{i}.json" for i in range(2)]
+    with exclusive_lock(own_disk, "busy", name=READERS_LOCK):
+        run_worker_pair("evaluate_two_process_worker.py",
+                        lambda i: [dataset.data_dir if i == 0 else own_disk, results[i]], timeout=90)
+    first, second = (json.loads(path.read_text()) for path in results)
+    assert second == {"error": f"{own_disk} is being replaced now (a prepare or encode with --overwrite): wait for "
+                               "it to finish, then start again"}, second
+    assert first == {"error": f"process 1 of 2 stopped: {second['error']}"}, first
+
+
 def test_score_puts_each_metric_at_the_papers_level(clip):
     rng = np.random.default_rng(0)
     rates = rng.uniform(55, 110, 12)

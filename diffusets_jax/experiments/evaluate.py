@@ -135,6 +135,15 @@ def load_split(dataset: Any, split: str, *, data_dir: str | os.PathLike | None =
         return _read_split(builder, split, limit, with_ecg, ecg_rows)
 
 
+def read_reference_split(dataset: Any, split: str, *, data_dir: str | os.PathLike | None = None,
+                         limit: int | None = None) -> dict[str, Any]:
+    """`load_split` as `evaluate` reads its reference split: on every host of a run together, so that a host refused
+    (its dataset being replaced now, or unreadable) stops every host with its line, not only itself while the others
+    wait at the next collective until the coordination service ends them. Call it on every process."""
+    with parallel.failing_together():
+        return load_split(dataset, split, data_dir=data_dir, limit=limit)
+
+
 def _read_split(builder: Any, split: str, limit: int | None, with_ecg: bool,
                 ecg_rows: Sequence[int] | None) -> dict[str, Any]:
     """`load_split`'s reading, of an opened `builder`."""
@@ -589,7 +598,7 @@ def evaluate_split(
     """
     from diffusets_jax.conditioning.requests import make_condition
 
-    real = load_split(dataset, split, data_dir=data_dir, limit=limit)
+    real = read_reference_split(dataset, split, data_dir=data_dir, limit=limit)
     if rules is not None:
         chosen = select_by_condition(real["report_lines"], rules, records_per_condition, generator.seed)
         records = sorted({i for members in chosen.values() for i in members})
@@ -692,7 +701,7 @@ def evaluate_generated(
     out of the CLIP score and counted. With `rules`, conditions come from the samples' own reports.
     """
     generated = finite_only(generated)
-    real = load_split(dataset, split, data_dir=data_dir, limit=limit)
+    real = read_reference_split(dataset, split, data_dir=data_dir, limit=limit)
     module, variables = clip
     with record_pool(workers) as pool:  # one set of measuring processes for both sets
         real_m = {"position": np.arange(len(real["ecg"])), **measure(real["ecg"], clip, proto.heart_rate_method, pool)}
