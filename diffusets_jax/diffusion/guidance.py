@@ -94,10 +94,7 @@ def drop_conditions(cond: Any, key: jax.Array, p: float | jax.Array, null_cond: 
     """
     if isinstance(p, (int, float)) and p == 0:
         return cond  # faithful path: nothing to draw, identical graph to training without dropout
-    leaves = jax.tree.leaves(cond)
-    if not leaves:
-        raise ValueError("drop_conditions: the condition pytree is empty")
-    batch_size = leaves[0].shape[0]
+    batch_size = condition_batch_size(cond, "drop_conditions: cond")
     # float32 named: a Python float p is float64 under jax_enable_x64, and the draw would take other bits.
     drop = jax.random.bernoulli(key, jnp.asarray(p, jnp.float32), (batch_size,))
 
