@@ -20,6 +20,7 @@ regenerated after a crash is identical to the one that would have been written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -194,8 +195,21 @@ class ECGGenerator:
                 if cache_path is None:
                     table = np.asarray(self.embedder().embed(unique), np.float32)
                 else:
-                    with EmbeddingCache(cache_path) as cache:
+                    made_here = self.embedding_cache is None and not os.path.exists(cache_path)
+                    cache = EmbeddingCache(cache_path)
+                    try:
                         table = np.asarray(embed_with_cache(unique, self.embedder(), cache), np.float32)
+                    except BaseException:
+                        # The run's own cache, made just now and given nothing (the key refused at the first
+                        # request): removed, so that a run which wrote nothing leaves no folder (`io.run_dir`).
+                        if made_here and cache.count() == 0:
+                            cache.close()
+                            for leftover in (cache_path, *(f"{cache_path}-{end}" for end in ("wal", "shm", "journal"))):
+                                with contextlib.suppress(FileNotFoundError):
+                                    os.remove(leftover)
+                        raise
+                    finally:
+                        cache.close()
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -194,8 +194,9 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
     with output_dir(out, command="sample", settings=settings, overwrite=overwrite, reads=generator.reads()) as run:
         if run.complete:
             return read_json(run.path / MANIFEST, "sample manifest")
+        # Made with the first part, not before: a run that fails before any (its embedding key refused) has
+        # written nothing, and `output_dir` then removes the folder it claimed.
         parts = run.path / _PARTS
-        parts.mkdir(exist_ok=True)
         local_done = sorted(int(p.stem.split("-")[1]) for p in parts.glob("batch-*.npz"))
         done = set().union(*map(set, parallel.allgather_objects(local_done)))
         remaining = [b for b in range(total) if b not in done]
@@ -209,6 +210,7 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
                 unusable = {row: reason for row, ecg in enumerate(batch.ecgs) if (reason := non_finite_reason(ecg))}
                 skipped = _write_batch_records(run.path, batch, formats, wfdb_fs, header_settings, unusable,
                                                getattr(generator, "reference", None))
+                parts.mkdir(exist_ok=True)
                 _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
                           position=np.arange(batch.start, batch.start + len(batch.conditions)),
                           code=np.array(json.dumps(code_version(), sort_keys=True)),
