@@ -557,7 +557,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     ref.add_argument("--particles", type=positive_int, metavar="K", help="SMC particles per ECG with --observe (default: 8; "
                      "cost scales with K)")
     emb = parser.add_argument_group("text embedder (the model directory names it)")
-    emb.add_argument("--embedding-cache", metavar="PATH", help="SQLite cache for prompt embeddings (reused across runs)")
+    emb.add_argument("--embedding-cache", metavar="PATH", help="SQLite cache for prompt embeddings (reused across runs; default: "
+                     "the run's own OUT/embeddings.sqlite, which a resumed run reuses)")
     emb.add_argument("--embedder-base-url", metavar="URL",
                      help="another OpenAI-compatible endpoint serving the recorded model (default: as recorded, "
                           "else $OPENAI_BASE_URL)")

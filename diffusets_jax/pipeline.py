@@ -20,6 +20,7 @@ regenerated after a crash is identical to the one that would have been written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -153,13 +154,18 @@ class ECGGenerator:
         position = {p: i for i, p in enumerate(unique)}
         return self._embed_distinct(unique)[[position[p] for p in prompts]]
 
-    def prompt_embeddings(self, conditions: Sequence[Condition], batches: Sequence[int] | None = None
-                          ) -> tuple[np.ndarray, np.ndarray]:
+    def prompt_embeddings(self, conditions: Sequence[Condition], batches: Sequence[int] | None = None, *,
+                          run_cache: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`(table (u, text_dim), row (n,))` for `expand(conditions)`: ECG i's prompt embedding is `table[row[i]]`.
 
         Only the prompts of `batches` (of `batch_size` ECGs; default all) are embedded, each distinct prompt once,
         and each is kept once: a corpus of a million ECGs from a few conditions holds a few vectors, where one per
         ECG is 6 GB at the published 1536 dimensions (1e6 x 1536 float32). `row` is -1 for ECGs outside `batches`.
+
+        `run_cache`: an embedding cache file of the run's own (in its output folder), used when this generator has
+        no `embedding_cache`: the vectors a run got are kept there and a resumed run reads them instead of asking
+        again, since an API's vectors (ada-002's) are not the same bits from one call to the next, and other bits
+        are other ECGs.
         """
         owner = np.repeat(np.arange(len(conditions)), [c.count for c in conditions])  # ECG -> its condition
         wanted = np.ones(len(owner), bool)
@@ -173,22 +179,37 @@ class ECGGenerator:
         position = {p: i for i, p in enumerate(unique)}
         row_of_condition = np.full(len(conditions), -1, np.int64)
         row_of_condition[needed] = [position[p] for p in prompts]
-        return self._embed_distinct(unique), row_of_condition[owner]
+        return self._embed_distinct(unique, run_cache), row_of_condition[owner]
 
-    def _embed_distinct(self, unique: Sequence[str]) -> np.ndarray:
-        """Embeddings `(len(unique), text_dim)` of distinct prompts (process 0 asks; every host receives them)."""
+    def _embed_distinct(self, unique: Sequence[str], run_cache: str | os.PathLike | None = None) -> np.ndarray:
+        """Embeddings `(len(unique), text_dim)` of distinct prompts (process 0 asks; every host receives them),
+        through `embedding_cache`, else `run_cache` (`prompt_embeddings`), else straight from the embedder."""
         from diffusets_jax.conditioning.cache import EmbeddingCache, embed_with_cache
 
         table = np.zeros((len(unique), self.unet.text_dim), np.float32)
         if not unique:  # nothing left to generate (a finished run resumed): no request, on any host
             return table
+        cache_path = self.embedding_cache if self.embedding_cache is not None else run_cache
         with parallel.failing_together():  # a refused or failed request stops every host, not only process 0
             if jax.process_index() == 0:
-                if self.embedding_cache is None:
+                if cache_path is None:
                     table = np.asarray(self.embedder().embed(unique), np.float32)
                 else:
-                    with EmbeddingCache(self.embedding_cache) as cache:
+                    made_here = self.embedding_cache is None and not os.path.exists(cache_path)
+                    cache = EmbeddingCache(cache_path)
+                    try:
                         table = np.asarray(embed_with_cache(unique, self.embedder(), cache), np.float32)
+                    except BaseException:
+                        # The run's own cache, made just now and given nothing (the key refused at the first
+                        # request): removed, so that a run which wrote nothing leaves no folder (`io.run_dir`).
+                        if made_here and cache.count() == 0:
+                            cache.close()
+                            for leftover in (cache_path, *(f"{cache_path}-{end}" for end in ("wal", "shm", "journal"))):
+                                with contextlib.suppress(FileNotFoundError):
+                                    os.remove(leftover)
+                        raise
+                    finally:
+                        cache.close()
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -270,14 +291,15 @@ class ECGGenerator:
         return -(-len(expand(conditions)) // self.batch_size)
 
     def generate(self, conditions: Sequence[Condition], *, progress: bool = False,
-                 batches: Sequence[int] | None = None, text_embeddings: np.ndarray | None = None
-                 ) -> Iterator[GeneratedBatch]:
+                 batches: Sequence[int] | None = None, text_embeddings: np.ndarray | None = None,
+                 run_cache: str | os.PathLike | None = None) -> Iterator[GeneratedBatch]:
         """Yield the `GeneratedBatch`es of `expand(conditions)` in batches of `batch_size`.
 
         `batches`: the batch indices still to generate (default: all), the same on every host; each process
         generates its round-robin share of them (`parallel.process_share`), all of them on one host.
         `text_embeddings` `(len(expand(conditions)), text_dim)`: precomputed prompt embeddings (e.g. a prepared
         dataset's, which were made with the same embedder), used instead of running the embedder.
+        `run_cache`: where a run keeps the vectors it got, to resume with the same ones (`prompt_embeddings`).
         """
         items = expand(conditions)
         total = -(-len(items) // self.batch_size)
@@ -285,7 +307,7 @@ class ECGGenerator:
         wanted = [todo[i] for i in parallel.process_share(len(todo))]
         if text_embeddings is None:
             # The prompts of every batch still to do (a resumed run skips the rest), the same on every host.
-            table, row = self.prompt_embeddings(conditions, todo)
+            table, row = self.prompt_embeddings(conditions, todo, run_cache=run_cache)
         else:
             table = np.asarray(text_embeddings, np.float32)
             if table.shape != (len(items), self.unet.text_dim):

@@ -819,6 +819,22 @@ def test_sample_without_the_embedders_api_key_is_refused_before_claiming_out(tin
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("corpus", [False, True], ids=["folder", "corpus"])
+def test_sample_whose_key_the_server_refuses_leaves_no_folder(tiny_model, tmp_path, capsys, corpus):
+    """A run that fails having written nothing removes the folder it claimed: `sample` had made its `.parts` folder,
+    and the run's own embedding cache (kept for a resume) was made, before the server refused the first request."""
+    from tests.helpers.fake_openai_server import fake_openai_env
+
+    before = snapshot(tmp_path)
+    with fake_openai_env(16, faults=["401"]):
+        code, err = run_cli(["sample", "--model-dir", str(tiny_model), "--text", "Sinus rhythm", "--sex", "F", "--age",
+                             "40", "--hr", "60", "--out", str(tmp_path / "out"), *(["--corpus"] if corpus else [])],
+                            capsys)
+    assert code == 2
+    assert_one_line(err, "Incorrect API key provided")
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.slow
 def test_evaluate_checks_its_dataset_split_and_clip_before_generating(tiny_model, tmp_path, capsys):
     from tests.helpers import tiny_ecg_dataset

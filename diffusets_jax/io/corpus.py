@@ -6,7 +6,8 @@ downstream classifier mixes real and synthetic records with one reader. The fold
 
 Shard `s` always holds the same ECGs (positions `s * shard_size ...`) generated with the same noise, is written
 atomically (`data.shards.write_shard`) and is skipped when it exists, so a rerun of the same command after a crash
-regenerates only the shard that was in progress; the run's fingerprint (`io.run_dir`) refuses a rerun with other
+regenerates only the shard that was in progress, from the prompt vectors the first run got (kept in
+`embeddings.sqlite` when no embedding cache is given: ada-002 does not answer the same bits twice); the run's fingerprint (`io.run_dir`) refuses a rerun with other
 conditions, seed, shard size or model into the same folder. On several hosts shards are dealt round-robin to
 the processes, each generating its own on its devices; process 0 writes the metadata when all are done.
 
@@ -34,7 +35,7 @@ from diffusets_jax.ecg.units import non_finite_reason
 from diffusets_jax.errors import RunFailed
 from diffusets_jax.io.files import read_json, remove_temporaries_in, write_json_atomic
 from diffusets_jax.io.progress import progress_bar
-from diffusets_jax.io.run_dir import check_output_path, output_dir
+from diffusets_jax.io.run_dir import RUN_EMBEDDINGS, check_output_path, output_dir
 from diffusets_jax.provenance import code_version
 
 CORPUS_NAME = "synthetic_ecg"
@@ -83,7 +84,10 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
         # The prompts of every shard still to write, each distinct one embedded and kept once (the same on every
         # host): a corpus of millions of ECGs holds its few prompt vectors, not one per ECG.
         per_shard = shard_size // batch
-        table, row = generator.prompt_embeddings(conditions, [s * per_shard + b for s in todo for b in range(per_shard)])
+        # Kept in the folder (without --embedding-cache), so that a shard regenerated later, after a crash or a
+        # loss, is made from the vectors the others were: an API does not answer the same bits twice.
+        table, row = generator.prompt_embeddings(conditions, [s * per_shard + b for s in todo for b in range(per_shard)],
+                                                 run_cache=run.path / RUN_EMBEDDINGS)
         bar = progress_bar(sum(requested[s] for s in mine), desc="corpus", unit="ECG", disable=not progress)
         # Each host writes its shards on its own; one that fails (its disk full) stops every host here, where the
         # others would wait for it at the next collective. Also the barrier before anyone looks at the shards.

@@ -7,6 +7,7 @@ Layout of OUT (names are the ECG's position in the request, `sample_00042`):
     wfdb/sample_NNNNN    .hea + .dat at 102.4 Hz (or --wfdb-fs), conditions in the header comments
     plots/sample_NNNNN.png
     manifest.json        the settings, every sample's conditions and files, skipped records and why
+    embeddings.sqlite    the prompt vectors the run got (no --embedding-cache given), which a resume reuses
 
 An ECG with NaN or inf samples is in no format (the NPZ's `position` says which requests it holds). One beyond
 what a 16-bit WFDB record holds stays in the NPZ but, when WFDB records are asked for, gets neither a record nor a
@@ -44,7 +45,7 @@ from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.ecg.shapes import ECG_SHAPE
 from diffusets_jax.ecg.units import non_finite_reason
 from diffusets_jax.io.files import atomic_path, read_json, remove_temporaries_in, write_json_atomic
-from diffusets_jax.io.run_dir import check_output_path, output_dir
+from diffusets_jax.io.run_dir import RUN_EMBEDDINGS, check_output_path, output_dir
 from diffusets_jax.provenance import code_version
 
 FORMATS: tuple[str, ...] = ("npz", "wfdb", "png")
@@ -193,20 +194,23 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
     with output_dir(out, command="sample", settings=settings, overwrite=overwrite, reads=generator.reads()) as run:
         if run.complete:
             return read_json(run.path / MANIFEST, "sample manifest")
+        # Made with the first part, not before: a run that fails before any (its embedding key refused) has
+        # written nothing, and `output_dir` then removes the folder it claimed.
         parts = run.path / _PARTS
-        parts.mkdir(exist_ok=True)
         local_done = sorted(int(p.stem.split("-")[1]) for p in parts.glob("batch-*.npz"))
         done = set().union(*map(set, parallel.allgather_objects(local_done)))
         remaining = [b for b in range(total) if b not in done]
         # Each host writes its share on its own; one that fails (its disk full) stops every host here, where the
         # others would wait for it at the next collective.
         with parallel.failing_together():
-            for batch in generator.generate(conditions, batches=remaining, progress=progress):
+            for batch in generator.generate(conditions, batches=remaining, progress=progress,
+                                            run_cache=run.path / RUN_EMBEDDINGS):
                 # An ECG with NaN or inf samples is a failed generation: no record or PNG here, and `_finish` leaves it
                 # out of the NPZ.
                 unusable = {row: reason for row, ecg in enumerate(batch.ecgs) if (reason := non_finite_reason(ecg))}
                 skipped = _write_batch_records(run.path, batch, formats, wfdb_fs, header_settings, unusable,
                                                getattr(generator, "reference", None))
+                parts.mkdir(exist_ok=True)
                 _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
                           position=np.arange(batch.start, batch.start + len(batch.conditions)),
                           code=np.array(json.dumps(code_version(), sort_keys=True)),

@@ -39,6 +39,9 @@ from diffusets_jax.io.files import read_json, replace_folder, write_json_atomic
 from diffusets_jax.provenance import stamp
 
 RUN_FILE = ".diffusets-run.json"
+# A generating run's prompt vectors when no --embedding-cache is given (`pipeline.ECGGenerator.prompt_embeddings`):
+# an output of the run, in sight, so that a run killed mid-way keeps what it paid for and its resume reads them.
+RUN_EMBEDDINGS = "embeddings.sqlite"
 _OURS_PREFIX = ".diffusets-run"  # the run record and the per-process lock files
 
 

@@ -5,7 +5,9 @@ deterministic vectors derived from each input's SHA-256, and `POST /v1/chat/comp
 message: `chat_reply` (a string, or a function of the request's messages; by default `fake_chat_reply`) and
 `chat_finish_reason`. It can inject faults, one per incoming request of either kind, from a script: "429"
 (rate limit with Retry-After: 0), "500", "503", "401", "404", "timeout" (answers only after the client gave up),
-or "ok". It records every request it received and every input it answered successfully.
+or "ok". It records every request it received and every input it answered successfully. With `jitter` set, each
+embeddings answer adds `jitter` times a normal draw seeded by the answer's number (counted in `jitter_calls`; set it
+back to 0 to replay a series), as the real API's vectors differ a little from call to call.
 
 Run standalone (`python tests/fake_openai_server.py PORT_FILE [DIM]`) it serves until killed.
 """
@@ -53,6 +55,8 @@ class FakeOpenAIServer:
         self.chat_answered: list[dict] = []  # chat: the body of every request answered with a message
         self.authorization: list[str | None] = []
         self.models: list[str] = []  # the model name of each embedding request
+        self.jitter = 0.0
+        self.jitter_calls = 0
         self.block_at_request: int | None = None  # this request (1-based) hangs until `release` is set
         self.blocked = threading.Event()
         self.release = threading.Event()
@@ -160,8 +164,13 @@ class FakeOpenAIServer:
                     return self._reply(400, {"error": {"message": "'$.input' is invalid", "type": "invalid_request_error"}})
                 encoding = request.get("encoding_format", "float")
                 data = []
+                with server._lock:
+                    server.jitter_calls += 1
+                    noise = np.random.default_rng(server.jitter_calls)
                 for index, text in enumerate(inputs):
                     vector = fake_vector(text, int(request.get("dimensions") or server.dim))
+                    if server.jitter:
+                        vector = (vector + server.jitter * noise.standard_normal(vector.shape)).astype(np.float32)
                     embedding = (base64.b64encode(vector.astype("<f4").tobytes()).decode() if encoding == "base64"
                                  else vector.tolist())
                     data.append({"object": "embedding", "index": index, "embedding": embedding})
