@@ -196,7 +196,9 @@ class ECGGenerator:
                     table = np.asarray(self.embedder().embed(unique), np.float32)
                 else:
                     made_here = self.embedding_cache is None and not os.path.exists(cache_path)
-                    cache = EmbeddingCache(cache_path)
+                    # The run's own cache is opened by this process alone, in an output folder that may be on a
+                    # shared disk, where WAL's shared memory is not to be had: a rollback journal instead.
+                    cache = EmbeddingCache(cache_path, wal=self.embedding_cache is not None)
                     try:
                         table = np.asarray(embed_with_cache(unique, self.embedder(), cache), np.float32)
                     except BaseException:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 
 import numpy as np
 import pytest
@@ -89,6 +91,10 @@ def test_a_crashed_run_resumes_and_completes_identically(generator, openai_env, 
     asked = len(openai_env.received)
     resumed = sample_to_directory(generator, conditions, tmp_path / "out", formats=["npz"], progress=False)
     assert len(openai_env.received) == asked  # the resume asked for nothing
+    # Kept in the output folder, which may be on a shared disk: a rollback journal, not WAL's shared memory.
+    with contextlib.closing(sqlite3.connect(tmp_path / "out" / "embeddings.sqlite")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert not list((tmp_path / "out").glob("embeddings.sqlite-*"))
     with np.load(tmp_path / "out" / "samples.npz") as data:
         np.testing.assert_array_equal(data["ecg"], expected)
     assert resumed["count"] == reference["count"] == 11

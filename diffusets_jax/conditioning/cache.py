@@ -5,7 +5,9 @@ MIMIC-IV-ECG's ~800k records share far fewer distinct reports, and OpenAI embedd
 transaction before asking for the next: a run killed at any point loses nothing it already received, and
 a rerun requests only what is missing. WAL journaling lets readers (data preparation on other processes)
 read while an embedding run writes; keep the file on a local disk (WAL needs shared memory, which network
-file systems such as NFS do not provide) and copy it to other machines when the run is done.
+file systems such as NFS do not provide) and copy it to other machines when the run is done. A cache that
+only its own run opens, in an output folder that may be on a shared disk (`sample`'s), is opened with
+`wal=False`: SQLite's rollback journal, which needs no shared memory.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ class EmbeddingCache:
 
     `path` is a file (created with its directory if needed) or ":memory:". An existing file that is not an
     embedding cache (an empty file, another file, another SQLite database) is refused and left as it is:
-    ValueError naming it as `flag` (the command-line flag that gave it, e.g. "--cache"), if given.
+    ValueError naming it as `flag` (the command-line flag that gave it, e.g. "--cache"), if given. `wal`: WAL
+    journaling (readers while a writer writes; a local disk), else SQLite's rollback journal (one process).
     """
 
-    def __init__(self, path: str | os.PathLike, *, flag: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, flag: str | None = None, wal: bool = True) -> None:
         self.path = os.fspath(path)
         if self.path != ":memory:":
             _check_not_empty(self.path, flag)
@@ -54,8 +57,11 @@ class EmbeddingCache:
             except ValueError:
                 self._db.close()
                 raise
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable against process kills
+            if wal:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable against process kills
+            else:
+                self._db.execute("PRAGMA journal_mode=DELETE")  # and SQLite's default synchronous=FULL
             self._db.execute(_SCHEMA)
             self._db.commit()
         except sqlite3.DatabaseError as err:
