@@ -23,8 +23,45 @@ def flatten_state_dict(tree: Mapping, prefix: str = "") -> StateDict:
         if isinstance(value, Mapping):
             flat.update(flatten_state_dict(value, name + "."))
         else:
-            flat[name] = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+            flat[name] = _to_numpy(value)
     return flat
+
+
+def _to_numpy(value) -> np.ndarray:
+    if not hasattr(value, "detach"):
+        return np.asarray(value)
+    tensor = value.detach().cpu()
+    try:
+        return np.asarray(tensor.numpy())
+    except TypeError:  # bfloat16 (a half-precision fine-tune) has no numpy dtype; float32 holds it exactly
+        return np.asarray(tensor.float().numpy())
+
+
+# Training scripts save `{'state_dict': sd, 'epoch': ..}` or `{'model': sd, 'optimizer': ..}` rather than the bare
+# state dict; the first of these keys holding a mapping is the model's.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+# `nn.DataParallel`/DDP prefix every key with `module.`, `torch.compile` with `_orig_mod.`; no DiffuSETS parameter
+# path has a component of either name, so dropping them everywhere (also after `encoder.`) cannot mix two weights.
+_WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod"})
+
+
+def _unwrap(obj: Mapping) -> Mapping:
+    while True:
+        inner = next((obj[key] for key in _WRAPPER_KEYS if isinstance(obj.get(key), Mapping)), None)
+        if inner is None:
+            return obj
+        obj = inner
+
+
+def _drop_wrapper_prefixes(flat: StateDict, path: str) -> StateDict:
+    out: StateDict = {}
+    for key, value in flat.items():
+        name = ".".join(part for part in key.split(".") if part not in _WRAPPER_COMPONENTS)
+        if name in out:
+            raise ValueError(f"{path!r} holds {name!r} twice (with and without a `module.`/`_orig_mod.` prefix): "
+                             "save the bare model's state_dict()")
+        out[name] = value
+    return out
 
 
 def load_state_dict(path: str | os.PathLike) -> StateDict:
@@ -32,9 +69,14 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
 
     `.pth`/`.pt`/`.ckpt` need PyTorch (read with `weights_only=True`); `.npz` and `.safetensors` dumps of the
     same keys need nothing extra. Nested dicts such as `vae_model.pth`'s `{'encoder': ..., 'decoder': ...}`
-    come back with `encoder.` / `decoder.` key prefixes.
+    come back with `encoder.` / `decoder.` key prefixes. A training wrapper (`{'state_dict': sd, 'epoch': ..}`,
+    `{'model': sd, ..}`) is opened to the state dict, and the `module.` (DataParallel/DDP) and `_orig_mod.`
+    (`torch.compile`) key prefixes are dropped. bfloat16 tensors come back as float32.
     """
-    path = os.fspath(path)
+    return _drop_wrapper_prefixes(_read_state_dict(os.fspath(path)), os.fspath(path))
+
+
+def _read_state_dict(path: str) -> StateDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     if os.path.isdir(path):
@@ -76,7 +118,7 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
                              "complete?") from None
         if not isinstance(obj, Mapping):
             raise ValueError(f"{path!r} holds a {type(obj).__name__}, expected a state dict (a mapping of tensors)")
-        return flatten_state_dict(obj)
+        return flatten_state_dict(_unwrap(obj))
     raise ValueError(f"{path!r}: unknown checkpoint format {suffix!r}; expected .pth, .npz or .safetensors")
 
 
