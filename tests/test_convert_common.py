@@ -1,5 +1,5 @@
 """`load_state_dict` on the checkpoint files researchers hold: training wrappers, DataParallel/compile prefixes,
-bfloat16. PyTorch is not a test dependency: `.pth` reading goes
+bfloat16, the legacy pickle format, damaged archives. PyTorch is not a test dependency: `.pth` reading goes
 through a stand-in `torch.load` that returns what the real one returns for such files (checked against torch 2.13)."""
 
 import sys
@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from diffusets_jax.cli import main
 from diffusets_jax.convert import load_state_dict
 
 
@@ -71,3 +72,26 @@ def test_prefixes_are_dropped_from_dumps_and_a_clash_is_refused(tmp_path):
     with pytest.raises(ValueError, match="holds 'conv.weight' twice"):
         load_state_dict(tmp_path / "both.npz")
 
+
+def test_a_legacy_pickle_checkpoint_is_read(tmp_path, fake_torch):
+    """`torch.save(..., _use_new_zipfile_serialization=False)` (and torch < 1.6) write a bare pickle: it was
+    refused as "not a zip archive: is the download complete?" though torch.load reads it."""
+    (tmp_path / "unet_all.pth").write_bytes(b"\x80\x02\x8a\x0alp\xfc\x9cF\xf9 j\xa8P\x19.")
+    fake_torch.saved = {"w": _Tensor([1.0])}
+    assert list(load_state_dict(tmp_path / "unet_all.pth")) == ["w"]
+
+
+def test_a_checkpoint_damaged_in_place_is_refused(tmp_path, fake_torch, capsys):
+    """torch.load does not check the archive's CRC-32s: a file with a zeroed block converted with rc 0 into a
+    model with wrong weights. Now one line, exit 2, and no model directory."""
+    _zip_pth(tmp_path / "unet_all.pth")
+    data = bytearray((tmp_path / "unet_all.pth").read_bytes())
+    start = data.index(b"x" * 4096)
+    data[start + 1000:start + 2000] = bytes(1000)
+    (tmp_path / "unet_all.pth").write_bytes(bytes(data))
+    fake_torch.saved = {"w": _Tensor([1.0])}
+    out = tmp_path / "models"
+    assert main(["convert", "--unet", str(tmp_path / "unet_all.pth"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is damaged (BadZipFile: Bad CRC-32 for file 'archive/data/0')" in err[0]
+    assert not out.exists()

@@ -109,8 +109,15 @@ def _read_state_dict(path: str) -> StateDict:
                 "state dict once to .npz/.safetensors where PyTorch is available: "
                 "numpy.savez('x.npz', **{k: v.numpy() for k, v in sd.items()})"
             ) from err
-        if not zipfile.is_zipfile(path):
-            raise ValueError(f"{path!r} is not a PyTorch checkpoint (not a zip archive): is the download complete?")
+        is_zip = zipfile.is_zipfile(path)
+        with open(path, "rb") as handle:
+            # torch.save(..., _use_new_zipfile_serialization=False) and torch < 1.6 write a bare pickle
+            legacy = not is_zip and handle.read(1) == b"\x80"
+        if not (is_zip or legacy):
+            raise ValueError(f"{path!r} is not a PyTorch checkpoint (neither a zip archive nor a legacy pickle): is "
+                             "the download complete?")
+        if is_zip:
+            _check_zip_crcs(path)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
@@ -120,6 +127,20 @@ def _read_state_dict(path: str) -> StateDict:
             raise ValueError(f"{path!r} holds a {type(obj).__name__}, expected a state dict (a mapping of tensors)")
         return flatten_state_dict(_unwrap(obj))
     raise ValueError(f"{path!r}: unknown checkpoint format {suffix!r}; expected .pth, .npz or .safetensors")
+
+
+def _check_zip_crcs(path: str) -> None:
+    """PyTorch's reader does not check the CRC-32 that torch.save stores: a file damaged in place converted into a
+    model with wrong weights. Members stored without one (CRC 0, `compute_crc32=False`) cannot be checked."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC:
+                    with archive.open(info) as member:  # zipfile raises BadZipFile at the end on a mismatch
+                        while member.read(1 << 24):
+                            pass
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise ValueError(f"{path!r} is damaged ({type(err).__name__}: {err}): download it again") from None
 
 
 def check_keys(
