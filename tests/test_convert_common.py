@@ -95,3 +95,20 @@ def test_a_checkpoint_damaged_in_place_is_refused(tmp_path, fake_torch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is damaged (BadZipFile: Bad CRC-32 for file 'archive/data/0')" in err[0]
     assert not out.exists()
+
+
+def test_a_checkpoint_pickling_more_than_tensors_says_so(tmp_path, fake_torch, capsys):
+    """`{'state_dict': sd, 'args': argparse.Namespace(..)}` is refused by weights_only=True; the user saw torch's
+    1,197-character advice (with terminal escapes) ending "is the download complete?"."""
+    import pickle
+
+    def load(path, map_location=None, weights_only=False):
+        raise pickle.UnpicklingError(
+            "Weights only load failed. This file can still be loaded, ... WeightsUnpickler error: Unsupported "
+            "global: GLOBAL argparse.Namespace was not an allowed global by default. Please use ...")
+
+    fake_torch.load = load
+    _zip_pth(tmp_path / "unet_best.pth")
+    assert main(["convert", "--unet", str(tmp_path / "unet_best.pth"), "--out", str(tmp_path / "models")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds Python objects besides tensors (argparse.Namespace)" in err and "download" not in err

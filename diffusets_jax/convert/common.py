@@ -7,6 +7,7 @@ Flax layouts: Conv kernel (k, in, out); Dense kernel (in, out).
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 
@@ -121,6 +122,13 @@ def _read_state_dict(path: str) -> StateDict:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
+            found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+            if "Weights only load failed" in str(err):  # complete, but pickles objects (argparse args, numpy) too
+                raise ValueError(
+                    f"{path!r} holds Python objects besides tensors ({found.group(1) if found else 'not allowed'}), "
+                    "which convert does not unpickle: where you trust the file, save the weights alone, "
+                    "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth') (the key holding "
+                    "the model's state dict)") from None
             raise ValueError(f"{path!r} could not be read by PyTorch ({type(err).__name__}: {err}): is the download "
                              "complete?") from None
         if not isinstance(obj, Mapping):
