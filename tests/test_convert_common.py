@@ -112,3 +112,15 @@ def test_a_checkpoint_pickling_more_than_tensors_says_so(tmp_path, fake_torch, c
     assert main(["convert", "--unet", str(tmp_path / "unet_best.pth"), "--out", str(tmp_path / "models")]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds Python objects besides tensors (argparse.Namespace)" in err and "download" not in err
+
+
+def test_a_bfloat16_npz_is_one_line_not_a_traceback():
+    """ml_dtypes bfloat16 arrays written with numpy.savez come back as raw `|V2`: np.isfinite raised TypeError."""
+    import ml_dtypes
+
+    from diffusets_jax.convert.common import check_weight
+
+    value = np.ones(3, ml_dtypes.bfloat16).view("V2")
+    with pytest.raises(ValueError, match=r"'w' holds \|V2 values, not numbers \(numpy.savez keeps no bfloat16"):
+        check_weight("U-Net checkpoint", "w", value, (3,), lambda x: x)
+    check_weight("U-Net checkpoint", "w", np.ones(3, ml_dtypes.bfloat16), (3,), lambda x: x)  # safetensors' own

@@ -231,12 +231,19 @@ def check_weight(what: str, key: str, value: np.ndarray, expected: tuple[int, ..
     """One checkpoint weight (`value`, as stored under `key`), before conversion, against the architecture read
     from the checkpoint's other keys: its shape against `expected`, the Flax variable's shape mapped to the key's
     layout by `to_torch` (an edited checkpoint, or one of another variant, would otherwise convert and fail only
-    at the first `apply`, or for a decoder weight only at sampling), and its values (NaN or inf weights convert
-    into a model whose every output is non-finite)."""
+    at the first `apply`, or for a decoder weight only at sampling), its dtype (numbers) and its values (NaN or
+    inf weights convert into a model whose every output is non-finite)."""
     wanted = to_torch(np.broadcast_to(np.float32(0), tuple(expected))).shape
     if np.shape(value) != wanted:
         raise ValueError(f"{what}: {key!r} has shape {tuple(np.shape(value))}, which does not fit the architecture "
                          f"read from the other keys (expects {wanted})")
+    dtype = np.asarray(value).dtype
+    try:  # ml_dtypes' bfloat16 (safetensors) converts; raw bytes or strings made np.isfinite raise a TypeError
+        value = np.asarray(value, np.float32)
+    except (TypeError, ValueError):
+        hint = (" (numpy.savez keeps no bfloat16 type: save it as float32, or as .safetensors, which keeps it)"
+                if dtype.kind == "V" and dtype.itemsize == 2 else "")
+        raise ValueError(f"{what}: {key!r} holds {dtype} values, not numbers{hint}") from None
     if not np.isfinite(value).all():
         raise ValueError(f"{what}: {key!r} holds NaN or inf values; convert a checkpoint whose weights are all "
                          "finite (an earlier one of the run, if this was saved as training diverged)")
