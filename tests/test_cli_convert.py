@@ -89,14 +89,21 @@ def test_a_truncated_or_corrupt_checkpoint_is_one_line(tmp_path, capsys):
 
 def test_a_unet_for_another_embedder_must_name_it(tmp_path, capsys):
     """A U-Net whose text input is not ada-002's 1536 needs its embedder named; the width is checked, not guessed."""
-    from diffusets_jax.convert import unet_to_torch
+    from diffusets_jax.convert import unet_to_torch, vae_to_torch
     from tests.helpers.tiny_models import tiny_vae_unet
 
     _, _, unet, unet_vars = tiny_vae_unet(text_dim=16)
     np.savez(tmp_path / "unet.npz", **unet_to_torch(unet_vars))
+    vae_vars = VAE(widths=(32, 32, 32), num_res_blocks=1).init(  # GroupNorm's 32 groups, as convert assumes
+        jax.random.key(0), np.zeros((1, 1024, 12), np.float32), jax.random.key(1))
+    np.savez(tmp_path / "vae.npz", **vae_to_torch(vae_vars))
     out = tmp_path / "models"
-    assert main(["convert", "--unet", str(tmp_path / "unet.npz"), "--out", str(out)]) == 2
+    # With a VAE beside it, the refusal came after the VAE was written: the rerun naming the embedder was then
+    # refused as "already holds vae/".
+    assert main(["convert", "--vae", str(tmp_path / "vae.npz"), "--unet", str(tmp_path / "unet.npz"),
+                 "--out", str(out)]) == 2
     assert "takes 16-d text embeddings" in capsys.readouterr().err
+    assert not out.exists()
     assert main(["convert", "--unet", str(tmp_path / "unet.npz"), "--out", str(out), "--embedder-model", "E-72B",
                  "--embedder-dim", "8192"]) == 2
     assert "does not match the U-Net's 16-d" in capsys.readouterr().err

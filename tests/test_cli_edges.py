@@ -258,7 +258,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("convert-corrupt-safetensors", ["convert", "--vae", "{w}/bad.safetensors", "--out", "{w}/new"],
      "not a readable .safetensors"),
     ("convert-pth", ["convert", "--vae", "{w}/vae_model.pth", "--out", "{w}/new"],
-     "could not be read by PyTorch" if HAS_TORCH else "needs PyTorch"),
+     "is not a PyTorch checkpoint" if HAS_TORCH else "needs PyTorch"),
     ("convert-checkpoint-is-a-folder", ["convert", "--vae", "{w}/folder", "--out", "{w}/new"], "is a directory"),
     ("convert-out-is-a-file", ["convert", "--vae", "{w}/truncated.npz", "--out", "{w}/file.txt"],
      "is an existing file"),

@@ -7,6 +7,7 @@ Flax layouts: Conv kernel (k, in, out); Dense kernel (in, out).
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 
@@ -23,8 +24,45 @@ def flatten_state_dict(tree: Mapping, prefix: str = "") -> StateDict:
         if isinstance(value, Mapping):
             flat.update(flatten_state_dict(value, name + "."))
         else:
-            flat[name] = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+            flat[name] = _to_numpy(value)
     return flat
+
+
+def _to_numpy(value) -> np.ndarray:
+    if not hasattr(value, "detach"):
+        return np.asarray(value)
+    tensor = value.detach().cpu()
+    try:
+        return np.asarray(tensor.numpy())
+    except TypeError:  # bfloat16 (a half-precision fine-tune) has no numpy dtype; float32 holds it exactly
+        return np.asarray(tensor.float().numpy())
+
+
+# Training scripts save `{'state_dict': sd, 'epoch': ..}` or `{'model': sd, 'optimizer': ..}` rather than the bare
+# state dict; the first of these keys holding a mapping is the model's.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+# `nn.DataParallel`/DDP prefix every key with `module.`, `torch.compile` with `_orig_mod.`; no DiffuSETS parameter
+# path has a component of either name, so dropping them everywhere (also after `encoder.`) cannot mix two weights.
+_WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod"})
+
+
+def _unwrap(obj: Mapping) -> Mapping:
+    while True:
+        inner = next((obj[key] for key in _WRAPPER_KEYS if isinstance(obj.get(key), Mapping)), None)
+        if inner is None:
+            return obj
+        obj = inner
+
+
+def _drop_wrapper_prefixes(flat: StateDict, path: str) -> StateDict:
+    out: StateDict = {}
+    for key, value in flat.items():
+        name = ".".join(part for part in key.split(".") if part not in _WRAPPER_COMPONENTS)
+        if name in out:
+            raise ValueError(f"{path!r} holds {name!r} twice (with and without a `module.`/`_orig_mod.` prefix): "
+                             "save the bare model's state_dict()")
+        out[name] = value
+    return out
 
 
 def load_state_dict(path: str | os.PathLike) -> StateDict:
@@ -32,9 +70,14 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
 
     `.pth`/`.pt`/`.ckpt` need PyTorch (read with `weights_only=True`); `.npz` and `.safetensors` dumps of the
     same keys need nothing extra. Nested dicts such as `vae_model.pth`'s `{'encoder': ..., 'decoder': ...}`
-    come back with `encoder.` / `decoder.` key prefixes.
+    come back with `encoder.` / `decoder.` key prefixes. A training wrapper (`{'state_dict': sd, 'epoch': ..}`,
+    `{'model': sd, ..}`) is opened to the state dict, and the `module.` (DataParallel/DDP) and `_orig_mod.`
+    (`torch.compile`) key prefixes are dropped. bfloat16 tensors come back as float32.
     """
-    path = os.fspath(path)
+    return _drop_wrapper_prefixes(_read_state_dict(os.fspath(path)), os.fspath(path))
+
+
+def _read_state_dict(path: str) -> StateDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     if os.path.isdir(path):
@@ -67,17 +110,45 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
                 "state dict once to .npz/.safetensors where PyTorch is available: "
                 "numpy.savez('x.npz', **{k: v.numpy() for k, v in sd.items()})"
             ) from err
-        if not zipfile.is_zipfile(path):
-            raise ValueError(f"{path!r} is not a PyTorch checkpoint (not a zip archive): is the download complete?")
+        is_zip = zipfile.is_zipfile(path)
+        with open(path, "rb") as handle:
+            # torch.save(..., _use_new_zipfile_serialization=False) and torch < 1.6 write a bare pickle
+            legacy = not is_zip and handle.read(1) == b"\x80"
+        if not (is_zip or legacy):
+            raise ValueError(f"{path!r} is not a PyTorch checkpoint (neither a zip archive nor a legacy pickle): is "
+                             "the download complete?")
+        if is_zip:
+            _check_zip_crcs(path)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
+            found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+            if "Weights only load failed" in str(err):  # complete, but pickles objects (argparse args, numpy) too
+                raise ValueError(
+                    f"{path!r} holds Python objects besides tensors ({found.group(1) if found else 'not allowed'}), "
+                    "which convert does not unpickle: where you trust the file, save the weights alone, "
+                    "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth') (the key holding "
+                    "the model's state dict)") from None
             raise ValueError(f"{path!r} could not be read by PyTorch ({type(err).__name__}: {err}): is the download "
                              "complete?") from None
         if not isinstance(obj, Mapping):
             raise ValueError(f"{path!r} holds a {type(obj).__name__}, expected a state dict (a mapping of tensors)")
-        return flatten_state_dict(obj)
+        return flatten_state_dict(_unwrap(obj))
     raise ValueError(f"{path!r}: unknown checkpoint format {suffix!r}; expected .pth, .npz or .safetensors")
+
+
+def _check_zip_crcs(path: str) -> None:
+    """PyTorch's reader does not check the CRC-32 that torch.save stores: a file damaged in place converted into a
+    model with wrong weights. Members stored without one (CRC 0, `compute_crc32=False`) cannot be checked."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC:
+                    with archive.open(info) as member:  # zipfile raises BadZipFile at the end on a mismatch
+                        while member.read(1 << 24):
+                            pass
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise ValueError(f"{path!r} is damaged ({type(err).__name__}: {err}): download it again") from None
 
 
 def check_keys(
@@ -160,12 +231,19 @@ def check_weight(what: str, key: str, value: np.ndarray, expected: tuple[int, ..
     """One checkpoint weight (`value`, as stored under `key`), before conversion, against the architecture read
     from the checkpoint's other keys: its shape against `expected`, the Flax variable's shape mapped to the key's
     layout by `to_torch` (an edited checkpoint, or one of another variant, would otherwise convert and fail only
-    at the first `apply`, or for a decoder weight only at sampling), and its values (NaN or inf weights convert
-    into a model whose every output is non-finite)."""
+    at the first `apply`, or for a decoder weight only at sampling), its dtype (numbers) and its values (NaN or
+    inf weights convert into a model whose every output is non-finite)."""
     wanted = to_torch(np.broadcast_to(np.float32(0), tuple(expected))).shape
     if np.shape(value) != wanted:
         raise ValueError(f"{what}: {key!r} has shape {tuple(np.shape(value))}, which does not fit the architecture "
                          f"read from the other keys (expects {wanted})")
+    dtype = np.asarray(value).dtype
+    try:  # ml_dtypes' bfloat16 (safetensors) converts; raw bytes or strings made np.isfinite raise a TypeError
+        value = np.asarray(value, np.float32)
+    except (TypeError, ValueError):
+        hint = (" (numpy.savez keeps no bfloat16 type: save it as float32, or as .safetensors, which keeps it)"
+                if dtype.kind == "V" and dtype.itemsize == 2 else "")
+        raise ValueError(f"{what}: {key!r} holds {dtype} values, not numbers{hint}") from None
     if not np.isfinite(value).all():
         raise ValueError(f"{what}: {key!r} holds NaN or inf values; convert a checkpoint whose weights are all "
                          "finite (an earlier one of the run, if this was saved as training diverged)")

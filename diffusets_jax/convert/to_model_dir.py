@@ -85,8 +85,11 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
         if overwrite:  # a checkpoint kept inside the component it replaces would go with it
             check_reads_apart(Path(out) / name, [(COMPONENT_FLAGS[n], p) for n, p in jobs], "--out")
     converted = []
+    conditioning = None
     for name, path in jobs:  # convert all first: a bad file fails before the model directory is touched
         module, variables = getattr(convert, f"{name}_from_torch")(convert.load_state_dict(path))
+        if name == "unet":  # its embedder too: checked after writing, a refusal left the VAE converted with it
+            conditioning = unet_conditioning(int(module.text_dim), **(conditioning_options or {}))
         converted.append((name, path, module, variables))
     written: list[tuple[str, Path, Any, int]] = []
     vae_uid = None
@@ -94,7 +97,6 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
         provenance = {"source": "converted", "checkpoint": {"file": os.path.abspath(path),
                                                             "sha256": file_sha256(path)}}
         if name == "unet":
-            conditioning = unet_conditioning(int(module.text_dim), **(conditioning_options or {}))
             diffusion = DiffusionSpec()  # the published schedule and latent scale; no data to measure its std on
             folder = model_dirs.write_component(out, "unet", module, variables, provenance=provenance,
                                                 conditioning=conditioning, diffusion=diffusion, vae_uid=vae_uid,
