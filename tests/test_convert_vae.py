@@ -85,6 +85,10 @@ def test_random_flax_round_trip(config):
     assert converted_vae == vae
     assert jax.tree.structure(converted) == jax.tree.structure(variables)
     jax.tree.map(np.testing.assert_array_equal, converted, variables)
+    # The group count is not in a checkpoint: the published 32 do not divide these widths, said in one line.
+    with pytest.raises(ValueError, match=r"^VAE checkpoint: its widths 8, 16 do not split into 32 GroupNorm groups.*"
+                                         r"vae_from_torch\(load_state_dict\(path\), groups=G\)"):
+        vae_from_torch(vae_to_torch(variables))
 
 
 def test_missing_and_unexpected_keys_are_named():

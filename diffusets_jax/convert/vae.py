@@ -158,6 +158,12 @@ def _infer_config(encoder: StateDict, decoder: StateDict, groups: int) -> VAE:
         index += 1
     if not widths or blocks is None:
         raise ValueError("VAE checkpoint: found no downsampling convs in the encoder; is this the DiffuSETS VAE?")
+    # The group count is not in the checkpoint: say so here, not as a GroupNorm error deep in the module's init.
+    uneven = sorted({w for w in widths if w % groups})
+    if uneven:
+        raise ValueError(f"VAE checkpoint: its widths {', '.join(map(str, uneven))} do not split into {groups} GroupNorm "
+                         "groups, which a checkpoint does not record (the published VAE has 32): convert it from "
+                         "Python with vae_from_torch(load_state_dict(path), groups=G), G its training's group count")
     return VAE(in_channels=int(encoder["0.weight"].shape[1]), latent_channels=int(decoder["0.weight"].shape[0]),
                widths=tuple(widths), groups=groups, num_res_blocks=int(blocks))
 
