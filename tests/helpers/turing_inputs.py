@@ -52,7 +52,7 @@ class ReplayGenerator:
 
         return -(-len(expand(conditions)) // self.batch_size)
 
-    def generate(self, conditions, *, progress: bool = False, batches=None):
+    def generate(self, conditions, *, progress: bool = False, batches=None, run_cache=None):  # replays: embeds nothing
         from diffusets_jax.conditioning.requests import expand
         from diffusets_jax.pipeline import GeneratedBatch
 
