@@ -786,9 +786,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     smp = parser.add_argument_group("sampler (default: the protocol's)")
     smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"))
     smp.add_argument("--steps", type=positive_int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
-    smp.add_argument("--guidance-scale", type=finite_float, default=1.0)
-    smp.add_argument("--seed", type=seed_int, default=0)
-    smp.add_argument("--batch-size", type=positive_int, default=64)
+    smp.add_argument("--guidance-scale", type=finite_float, default=1.0,
+                     help="classifier-free guidance weight (default: 1, none)")
+    smp.add_argument("--seed", type=seed_int, default=0,
+                     help="PRNG seed (default: 0): the generated ECGs' noise, the records --by-condition picks and, "
+                          "with --protocol paper, the references' posterior draws")
+    smp.add_argument("--batch-size", type=positive_int, default=64, help="ECGs per compiled call, rounded up to a "
+                     "multiple of the device count (default: 64)")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for intervals (default: %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="processes for beat detection and delineation (default: all cores)")

@@ -63,6 +63,10 @@ def test_random_small_model_round_trips():
     assert len(leaves) == len(restored_leaves)
     for path, leaf in leaves:
         np.testing.assert_array_equal(restored_leaves[path], leaf, err_msg=jax.tree_util.keystr(path))
+    # Head counts are not in a checkpoint: counts that do not divide the widths are said in one line.
+    with pytest.raises(ValueError, match=r"^U-Net checkpoint: its attention widths 8, 16, 32 do not split into 3 "
+                                         r"heads.*unet_from_torch\(load_state_dict\(path\), num_heads=H"):
+        unet_from_torch(unet_to_torch(variables), num_heads=3, bottleneck_heads=2)
 
 
 def test_unused_block_down_keys_are_optional(reference_sd):

@@ -149,10 +149,17 @@ def unet_from_torch(
     Variables are float32 numpy-backed `{'params': ..., 'constants': ...}`; the checkpoint's time tables are
     copied bit-for-bit. Raises ValueError naming missing/unexpected keys or a key with the wrong shape.
     """
-    module = UNet(
-        **unet_config_from_state_dict(state_dict), num_heads=num_heads, bottleneck_heads=bottleneck_heads,
-        **module_kwargs,
-    )
+    config = unet_config_from_state_dict(state_dict)
+    # Head counts are not in the checkpoint: say so here, not as an attention error deep in the module's init.
+    uneven = sorted({w for w in (*config["down_attention_dims"], *config["up_attention_dims"]) if w % num_heads}
+                    | ({config["bottleneck_attention_dim"]} if config["bottleneck_attention_dim"] % bottleneck_heads
+                       else set()))
+    if uneven:
+        raise ValueError(f"U-Net checkpoint: its attention widths {', '.join(map(str, uneven))} do not split into "
+                         f"{num_heads} heads ({bottleneck_heads} at the bottleneck), which a checkpoint does not record "
+                         "(the published U-Net has 8 and 4): convert it from Python with unet_from_torch("
+                         "load_state_dict(path), num_heads=H, bottleneck_heads=B), H and B its training's head counts")
+    module = UNet(**config, num_heads=num_heads, bottleneck_heads=bottleneck_heads, **module_kwargs)
     abstract = _abstract_variables(module)
     flat: dict[tuple[str, ...], Any] = {}
     keys: dict[str, tuple[tuple[str, ...], str]] = {}
