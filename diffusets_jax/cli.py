@@ -1486,30 +1486,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Preempted as err:  # after saving: the scheduler requeues, the rerun resumes
         print(f"diffusets-jax {args.command}: {_one_line(err)}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except (*EXPECTED_ERRORS, RunFailed) as err:
-        if args.debug:
-            raise
-        print(f"diffusets-jax {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_FAILED if isinstance(err, RunFailed) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"diffusets-jax {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
-        from diffusets_jax.parallel import lost_another_process
-
-        if not args.debug and lost_another_process(err):
+        # Before the bad-input errors: a collective that lost its peer can raise a ValueError (gloo's "Connection
+        # closed by peer"), and nothing this host read is at fault.
+        if not args.debug and _lost_another_process(err):
             import jax
 
             print(f"diffusets-jax {args.command}: error: process {jax.process_index()} of {jax.process_count()} "
                   f"stopped: another process of this multi-host run did not answer in time ({_one_line(err)[:200]}); "
                   "its own error line says why: fix that and start the command again on every host", file=sys.stderr)
             return EXIT_FAILED
+        if isinstance(err, (*EXPECTED_ERRORS, RunFailed)):
+            if args.debug:
+                raise
+            print(f"diffusets-jax {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_FAILED if isinstance(err, RunFailed) else EXIT_BAD_INPUT
         if args.debug or not _out_of_memory(err):
             raise
         print(f"diffusets-jax {args.command}: error: out of memory ({_one_line(err)[:200]}): run it smaller: "
               "--batch-size, --particles; for train, train.global_batch_size or more train.grad_accum_steps",
               file=sys.stderr)
         return EXIT_FAILED
+
+
+def _lost_another_process(err: BaseException) -> bool:
+    if "diffusets_jax.parallel" not in sys.modules:  # no command that joins a multi-host run got that far
+        return False
+    from diffusets_jax.parallel import lost_another_process
+
+    return lost_another_process(err)
 
 
 def _out_of_memory(err: BaseException) -> bool:

@@ -275,12 +275,16 @@ def host_values(tree: Any) -> Any:
 
 
 def lost_another_process(err: BaseException) -> bool:
-    """Whether `err` is a cross-process step of a multi-host run that timed out waiting for another process: that
-    process stopped (its own error line says why) or never started, and nothing this process read is at fault. JAX
-    reports it as DEADLINE_EXCEEDED (e.g. "Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue()
-    timed out"), also from inside a checkpoint restore, which synchronises the processes."""
-    return isinstance(err, jax.errors.JaxRuntimeError) and "DEADLINE_EXCEEDED" in str(err) and \
-        jax.process_count() > 1
+    """Whether `err` is a cross-process step of a multi-host run that timed out waiting for another process, or lost
+    it: that process stopped (its own error line says why) or never started, and nothing this process read is at
+    fault. JAX reports a timeout as DEADLINE_EXCEEDED (e.g. "Gloo context initialization failed: DEADLINE_EXCEEDED:
+    GetKeyValue() timed out"), also from inside a checkpoint restore, which synchronises the processes; on CPU, gloo
+    sees a process that left at once and raises a ValueError ("Gloo AllGather failed: ... Connection closed by
+    peer")."""
+    text = str(err)
+    timed_out = isinstance(err, jax.errors.JaxRuntimeError) and "DEADLINE_EXCEEDED" in text
+    peer_left = "Gloo" in text and ("closed by peer" in text or "reset by peer" in text)
+    return (timed_out or peer_left) and jax.process_count() > 1
 
 
 @contextlib.contextmanager
