@@ -1473,11 +1473,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             refuse(f"unrecognized arguments: {' '.join(rest)}")
         args.config_overrides = overrides
+    if not args.debug:  # TFDS's own notices (deprecations, "Variant folder ... has no dataset_info.json") are noise here
+        logging.getLogger("absl").setLevel(logging.ERROR)
+    code = _run_command(args)
+    if code and "diffusets_jax.parallel" in sys.modules:  # else no multi-host run was joined
+        from diffusets_jax import parallel
+
+        # The other hosts of a multi-host run learn that this one stopped when it leaves, not at their next
+        # collective: leave at once instead of waiting for them at exit.
+        parallel.leave_without_waiting()
+    return code
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command: its exit code, with one line on stderr for an expected failure."""
     from diffusets_jax import compile_cache
     from diffusets_jax.errors import Preempted, RunFailed
 
-    if not args.debug:  # TFDS's own notices (deprecations, "Variant folder ... has no dataset_info.json") are noise here
-        logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         if args.command not in MULTI_HOST_COMMANDS:
             _check_one_process(args.command)

@@ -9,9 +9,12 @@ multi-GPU node or a TPU pod slice.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import sys
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -29,6 +32,21 @@ MIN_FSDP_SIZE = 2**12
 
 log = logging.getLogger(__name__)
 
+# How long a process of a multi-host run may go without a heartbeat before the others take it for lost (seconds; the
+# environment variable overrides it). Heartbeats come from a thread of JAX's runtime, not from Python or the
+# accelerator: a long XLA compile, a slow batch or a busy Python loop does not delay them; a process that is gone
+# (crashed, killed, out of host memory), frozen or cut off from the network misses them. JAX's default, 100 s, kept
+# every other host waiting that long at its next collective, and then 300 s more at its exit.
+HEARTBEAT_TIMEOUT_S = 20
+HEARTBEAT_TIMEOUT_ENV = "DIFFUSETS_HEARTBEAT_TIMEOUT_S"
+# How often each process asks the coordination service which processes are still in the run.
+WATCH_INTERVAL_S = 1.0
+# A process that ends its part of the run normally says so under this key prefix before it leaves, so the others
+# (still writing their own results) do not take its leaving for a crash.
+FINISHED_KEY = "diffusets_jax/finished"
+EXIT_BARRIER = "diffusets_jax/exit"
+EXIT_BARRIER_TIMEOUT_MS = 24 * 3600 * 1000  # a healthy host may write its results long after the last collective
+
 
 def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     """Join a multi-host run when the environment describes one; a no-op on a single host.
@@ -38,6 +56,11 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     the gloo collectives so cross-process all-reduces work without MPI. On TPU pods and SLURM clusters,
     where JAX discovers the cluster itself, set `DIFFUSETS_AUTO_DISTRIBUTED=1` instead. Must run before
     any other JAX call. Returns True when a distributed runtime was started.
+
+    Every process then watches the others (`_RunWatch`): when one leaves the run without finishing (it failed, was
+    killed, froze), every other one prints one line naming it and exits 1 within about `HEARTBEAT_TIMEOUT_S`
+    (`DIFFUSETS_HEARTBEAT_TIMEOUT_S`), instead of waiting at its next collective. A process that finishes waits at
+    exit for the others to finish theirs.
     """
     env = os.environ if env is None else env
     num_processes = int(env.get("JAX_NUM_PROCESSES", "1"))
@@ -46,25 +69,136 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
+    heartbeat_timeout = _heartbeat_timeout(env)
+    coordinator = env.get("JAX_COORDINATOR_ADDRESS")
+    if not auto and (not coordinator or "JAX_PROCESS_ID" not in env):
+        raise ValueError(
+            f"JAX_NUM_PROCESSES={num_processes} but JAX_COORDINATOR_ADDRESS or JAX_PROCESS_ID is not set: "
+            "set all three (e.g. JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_PROCESS_ID=0..N-1) on every host"
+        )
     if "cpu" in env.get("JAX_PLATFORMS", "").split(","):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Without it, JAX's coordination service itself ends every other process once one stops heartbeating, by a C++
+    # abort with a stack trace (exit 134), and a process that stopped on an error first waits up to 300 s at exit
+    # for the others; with it, the service only tracks who is live and `_RunWatch` ends the run in one line.
+    jax.config.update("jax_enable_recoverability", True)
     if auto:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
     else:
-        coordinator = env.get("JAX_COORDINATOR_ADDRESS")
-        if not coordinator or "JAX_PROCESS_ID" not in env:
-            raise ValueError(
-                f"JAX_NUM_PROCESSES={num_processes} but JAX_COORDINATOR_ADDRESS or JAX_PROCESS_ID is not set: "
-                "set all three (e.g. JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_PROCESS_ID=0..N-1) on every host"
-            )
         jax.distributed.initialize(
             coordinator_address=coordinator,
             num_processes=num_processes,
             process_id=int(env["JAX_PROCESS_ID"]),
+            heartbeat_timeout_seconds=heartbeat_timeout,
         )
+    _RunWatch.start(heartbeat_timeout)
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True
+
+
+def _heartbeat_timeout(env: Mapping[str, str]) -> int:
+    value = env.get(HEARTBEAT_TIMEOUT_ENV, "")
+    if not value:
+        return HEARTBEAT_TIMEOUT_S
+    try:
+        seconds = int(value)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise ValueError(f"{HEARTBEAT_TIMEOUT_ENV}={value!r} is not a whole number of seconds >= 1: set it to how "
+                         f"long a host may go silent before the others stop (default {HEARTBEAT_TIMEOUT_S})")
+    return seconds
+
+
+class _RunWatch:
+    """This process's watch over the others of a multi-host run: a daemon thread that asks JAX's coordination service
+    every `WATCH_INTERVAL_S` which processes are live (`get_live_nodes`, which measures their runtime's heartbeats and
+    connection, not their progress) and ends this process with one line when one left without finishing. At exit, a
+    process that finished marks itself so and waits for the others (the coordination service lives in process 0 and
+    must outlive their work); one that failed (`leave_without_waiting`, or an uncaught exception) leaves at once,
+    which is what stops the others."""
+
+    _current: _RunWatch | None = None
+
+    def __init__(self, client: Any, process: int, count: int, heartbeat_timeout: int) -> None:
+        from diffusets_jax.cli import EXIT_FAILED  # the run could not finish
+
+        self.client, self.process, self.count, self.exit_code = client, process, count, EXIT_FAILED
+        # How long to wait for what only the coordination service can end (another process found lost, or gone).
+        self.patience = heartbeat_timeout + 10 * WATCH_INTERVAL_S
+        self.leaving = threading.Event()
+        self.failed = False
+
+    @classmethod
+    def start(cls, heartbeat_timeout: int) -> None:
+        # JAX has no public handle on its client; jax.experimental.multihost_utils reaches it the same way.
+        from jax._src import distributed
+
+        watch = cls(distributed.global_state.client, jax.process_index(), jax.process_count(), heartbeat_timeout)
+        cls._current = watch
+        threading.Thread(target=watch._run, name="diffusets-run-watch", daemon=True).start()
+        # Registered after JAX's own exit hook, so it runs before JAX shuts the distributed runtime down.
+        atexit.register(watch._at_exit)
+
+    def _run(self) -> None:
+        everyone = list(range(self.count))
+        while not self.leaving.wait(WATCH_INTERVAL_S):
+            try:
+                # Waits for every live process's watch to ask too, so every process sees the same answer.
+                live = self.client.get_live_nodes(everyone)
+                gone = [p for p in everyone if p not in live]
+                if gone:
+                    finished = {key.rsplit("/", 1)[-1] for key, _ in self.client.key_value_dir_get(FINISHED_KEY)}
+                    gone = [p for p in gone if str(p) not in finished]
+            except Exception:  # noqa: BLE001 - the coordination service is gone: process 0 left
+                # Unless this process is leaving too and process 0 merely went first, or its script shut JAX's
+                # distributed runtime down itself.
+                if self.leaving.wait(2.0) or not jax.distributed.is_initialized():
+                    return
+                gone = [0]
+            if gone and not self.leaving.is_set():
+                self._stop(gone)
+
+    def _stop(self, gone: list[int]) -> None:
+        processes = ", ".join(str(p) for p in gone)
+        print(f"diffusets-jax: error: process {self.process} of {self.count} stopped: process {processes} of "
+              f"{self.count} left the run without finishing (it failed, was killed or lost its network: its own log "
+              "says why); fix that and start the same command again on every host, which resumes the run",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # The main thread may be blocked in a collective that never returns: nothing short of leaving the process
+        # ends it. Files are written under temporary names and renamed, so none is left half-written.
+        os._exit(self.exit_code)
+
+    def _at_exit(self) -> None:
+        if self.failed or getattr(sys, "last_value", None) is not None or not jax.distributed.is_initialized():
+            self.leaving.set()
+            return
+        try:
+            self.client.key_value_set(f"{FINISHED_KEY}/{self.process}", "1")
+            self.client.wait_at_barrier(EXIT_BARRIER, EXIT_BARRIER_TIMEOUT_MS)
+        except Exception:  # noqa: BLE001 - another process left without finishing: the watch says which and exits
+            self.leaving.wait(self.patience)
+            return
+        self.leaving.set()
+        if self.process == 0:
+            # The coordination service ends with this process: a process still disconnecting from it then would
+            # abort. get_live_nodes returns once every other process, its watch stopped, has disconnected.
+            waiting = threading.Thread(target=self.client.get_live_nodes, args=(list(range(self.count)),),
+                                       daemon=True)
+            waiting.start()
+            waiting.join(self.patience)
+
+
+def leave_without_waiting() -> None:
+    """This process stops on an error: at exit it leaves the multi-host run at once instead of waiting for the others
+    to finish, so they see it gone and stop with one line (a no-op on one host). The CLI calls it for every run that
+    ends with a non-zero exit code."""
+    watch = _RunWatch._current
+    if watch is not None:
+        watch.failed = True
+        watch.leaving.set()
 
 
 def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
@@ -292,8 +426,8 @@ def failing_together() -> Iterator[None]:
     """Run a block that only some processes run (process 0 asking a server) or that each runs on what it alone sees
     (its own disk), and end it on every process when it raises on any: that process raises its own error, every
     other one a ValueError (for a bad input: a ValueError, OSError or ImportError) or a RunFailed naming it. Without
-    this, the others would go on to the next collective and wait there for the one that stopped, until the
-    coordination service kills them minutes later. Also a barrier; a plain block on one host."""
+    this, the others would go on to the next collective and wait there until the one that stopped leaves the run
+    (`_RunWatch`), and then stop with a line that does not say why. Also a barrier; a plain block on one host."""
     error: Exception | None = None
     try:
         yield
