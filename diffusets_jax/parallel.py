@@ -41,9 +41,10 @@ HEARTBEAT_TIMEOUT_S = 20
 HEARTBEAT_TIMEOUT_ENV = "DIFFUSETS_HEARTBEAT_TIMEOUT_S"
 # How often each process asks the coordination service which processes are still in the run.
 WATCH_INTERVAL_S = 1.0
-# A process that ends its part of the run normally says so under this key prefix before it leaves, so the others
-# (still writing their own results) do not take its leaving for a crash.
-FINISHED_KEY = "diffusets_jax/finished"
+# Each process says under this key prefix how it leaves the run ("finished" or "failed"), before it disconnects:
+# the others do not take a finished one for lost while they write their own results, and see a failed process 0
+# (which stays connected until they have left: see `_RunWatch`).
+LEFT_KEY = "diffusets_jax/left"
 EXIT_BARRIER = "diffusets_jax/exit"
 EXIT_BARRIER_TIMEOUT_MS = 24 * 3600 * 1000  # a healthy host may write its results long after the last collective
 
@@ -114,10 +115,12 @@ def _heartbeat_timeout(env: Mapping[str, str]) -> int:
 class _RunWatch:
     """This process's watch over the others of a multi-host run: a daemon thread that asks JAX's coordination service
     every `WATCH_INTERVAL_S` which processes are live (`get_live_nodes`, which measures their runtime's heartbeats and
-    connection, not their progress) and ends this process with one line when one left without finishing. At exit, a
-    process that finished marks itself so and waits for the others (the coordination service lives in process 0 and
-    must outlive their work); one that failed (`leave_without_waiting`, or an uncaught exception) leaves at once,
-    which is what stops the others."""
+    connection, not their progress) and ends this process with one line when one left without finishing.
+
+    At exit, a process that finished says so and waits for the others to finish theirs; one that failed
+    (`leave_without_waiting`, or an uncaught exception) says so and leaves at once, which is what stops the others.
+    Process 0 holds the coordination service, and a process still connected when it goes aborts (a C++ stack
+    trace, exit 134): however it leaves, process 0 goes last, once the others have disconnected."""
 
     _current: _RunWatch | None = None
 
@@ -125,10 +128,12 @@ class _RunWatch:
         from diffusets_jax.cli import EXIT_FAILED  # the run could not finish
 
         self.client, self.process, self.count, self.exit_code = client, process, count, EXIT_FAILED
+        self.everyone = list(range(count))
         # How long to wait for what only the coordination service can end (another process found lost, or gone).
         self.patience = heartbeat_timeout + 10 * WATCH_INTERVAL_S
         self.leaving = threading.Event()
         self.failed = False
+        self.thread = threading.Thread(target=self._run, name="diffusets-run-watch", daemon=True)
 
     @classmethod
     def start(cls, heartbeat_timeout: int) -> None:
@@ -137,58 +142,82 @@ class _RunWatch:
 
         watch = cls(distributed.global_state.client, jax.process_index(), jax.process_count(), heartbeat_timeout)
         cls._current = watch
-        threading.Thread(target=watch._run, name="diffusets-run-watch", daemon=True).start()
+        watch.thread.start()
         # Registered after JAX's own exit hook, so it runs before JAX shuts the distributed runtime down.
         atexit.register(watch._at_exit)
 
     def _run(self) -> None:
-        everyone = list(range(self.count))
         while not self.leaving.wait(WATCH_INTERVAL_S):
             try:
                 # Waits for every live process's watch to ask too, so every process sees the same answer.
-                live = self.client.get_live_nodes(everyone)
-                gone = [p for p in everyone if p not in live]
-                if gone:
-                    finished = {key.rsplit("/", 1)[-1] for key, _ in self.client.key_value_dir_get(FINISHED_KEY)}
-                    gone = [p for p in gone if str(p) not in finished]
+                live = self.client.get_live_nodes(self.everyone)
+                left = dict(self.client.key_value_dir_get(LEFT_KEY))
             except Exception:  # noqa: BLE001 - the coordination service is gone: process 0 left
                 # Unless this process is leaving too and process 0 merely went first, or its script shut JAX's
                 # distributed runtime down itself.
                 if self.leaving.wait(2.0) or not jax.distributed.is_initialized():
                     return
-                gone = [0]
+                self._stop([0], service_gone=True)
+            states = {int(key.rsplit("/", 1)[-1]): value for key, value in left.items()}
+            gone = [p for p in self.everyone if p != self.process and
+                    (states.get(p) == "failed" or (p not in live and states.get(p) != "finished"))]
             if gone and not self.leaving.is_set():
                 self._stop(gone)
 
-    def _stop(self, gone: list[int]) -> None:
+    def _stop(self, gone: list[int], service_gone: bool = False) -> None:
         processes = ", ".join(str(p) for p in gone)
         print(f"diffusets-jax: error: process {self.process} of {self.count} stopped: process {processes} of "
               f"{self.count} left the run without finishing (it failed, was killed or lost its network: its own log "
               "says why); fix that and start the same command again on every host, which resumes the run",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
+        if not service_gone:
+            self._disconnect()
         # The main thread may be blocked in a collective that never returns: nothing short of leaving the process
         # ends it. Files are written under temporary names and renamed, so none is left half-written.
         os._exit(self.exit_code)
 
+    def _disconnect(self) -> None:
+        """Leave the coordination service in order (at most `patience` s): process 0, whose service it is, once every
+        other process has disconnected; the others at once."""
+        if self.process == 0:
+            def others_gone() -> None:
+                # Each call also answers the others' watches; it returns once every live process has asked.
+                while set(self.client.get_live_nodes(self.everyone)) - {0}:
+                    threading.Event().wait(WATCH_INTERVAL_S)
+
+            waiting = threading.Thread(target=others_gone, daemon=True)
+        else:
+            waiting = threading.Thread(target=self.client.shutdown, daemon=True)
+        waiting.start()
+        waiting.join(self.patience)
+
+    def _say(self, state: str) -> None:
+        self.client.key_value_set(f"{LEFT_KEY}/{self.process}", state)
+
     def _at_exit(self) -> None:
-        if self.failed or getattr(sys, "last_value", None) is not None or not jax.distributed.is_initialized():
+        if not jax.distributed.is_initialized():  # its script shut JAX's distributed runtime down itself
             self.leaving.set()
             return
+        if self.failed or getattr(sys, "last_value", None) is not None:
+            self.leaving.set()
+            self.thread.join(self.patience)
+            with contextlib.suppress(Exception):
+                self._say("failed")
+            if self.process == 0:
+                with contextlib.suppress(Exception):
+                    self._disconnect()
+            return
         try:
-            self.client.key_value_set(f"{FINISHED_KEY}/{self.process}", "1")
+            self._say("finished")
             self.client.wait_at_barrier(EXIT_BARRIER, EXIT_BARRIER_TIMEOUT_MS)
         except Exception:  # noqa: BLE001 - another process left without finishing: the watch says which and exits
             self.leaving.wait(self.patience)
             return
         self.leaving.set()
+        self.thread.join(self.patience)
         if self.process == 0:
-            # The coordination service ends with this process: a process still disconnecting from it then would
-            # abort. get_live_nodes returns once every other process, its watch stopped, has disconnected.
-            waiting = threading.Thread(target=self.client.get_live_nodes, args=(list(range(self.count)),),
-                                       daemon=True)
-            waiting.start()
-            waiting.join(self.patience)
+            self._disconnect()
 
 
 def leave_without_waiting() -> None:
