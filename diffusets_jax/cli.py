@@ -1473,11 +1473,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             refuse(f"unrecognized arguments: {' '.join(rest)}")
         args.config_overrides = overrides
+    if not args.debug:  # TFDS's own notices (deprecations, "Variant folder ... has no dataset_info.json") are noise here
+        logging.getLogger("absl").setLevel(logging.ERROR)
+    code = _run_command(args)
+    if code and "diffusets_jax.parallel" in sys.modules:  # else no multi-host run was joined
+        from diffusets_jax import parallel
+
+        # The other hosts of a multi-host run learn that this one stopped when it leaves, not at their next
+        # collective: leave at once instead of waiting for them at exit.
+        parallel.leave_without_waiting()
+    return code
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command: its exit code, with one line on stderr for an expected failure."""
     from diffusets_jax import compile_cache
     from diffusets_jax.errors import Preempted, RunFailed
 
-    if not args.debug:  # TFDS's own notices (deprecations, "Variant folder ... has no dataset_info.json") are noise here
-        logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         if args.command not in MULTI_HOST_COMMANDS:
             _check_one_process(args.command)
@@ -1486,30 +1498,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Preempted as err:  # after saving: the scheduler requeues, the rerun resumes
         print(f"diffusets-jax {args.command}: {_one_line(err)}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except (*EXPECTED_ERRORS, RunFailed) as err:
-        if args.debug:
-            raise
-        print(f"diffusets-jax {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_FAILED if isinstance(err, RunFailed) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"diffusets-jax {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
-        from diffusets_jax.parallel import lost_another_process
-
-        if not args.debug and lost_another_process(err):
+        # Before the bad-input errors: a collective that lost its peer can raise a ValueError (gloo's "Connection
+        # closed by peer"), and nothing this host read is at fault.
+        if not args.debug and _lost_another_process(err):
             import jax
 
             print(f"diffusets-jax {args.command}: error: process {jax.process_index()} of {jax.process_count()} "
                   f"stopped: another process of this multi-host run did not answer in time ({_one_line(err)[:200]}); "
                   "its own error line says why: fix that and start the command again on every host", file=sys.stderr)
             return EXIT_FAILED
+        if isinstance(err, (*EXPECTED_ERRORS, RunFailed)):
+            if args.debug:
+                raise
+            print(f"diffusets-jax {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_FAILED if isinstance(err, RunFailed) else EXIT_BAD_INPUT
         if args.debug or not _out_of_memory(err):
             raise
         print(f"diffusets-jax {args.command}: error: out of memory ({_one_line(err)[:200]}): run it smaller: "
               "--batch-size, --particles; for train, train.global_batch_size or more train.grad_accum_steps",
               file=sys.stderr)
         return EXIT_FAILED
+
+
+def _lost_another_process(err: BaseException) -> bool:
+    if "diffusets_jax.parallel" not in sys.modules:  # no command that joins a multi-host run got that far
+        return False
+    from diffusets_jax.parallel import lost_another_process
+
+    return lost_another_process(err)
 
 
 def _out_of_memory(err: BaseException) -> bool:

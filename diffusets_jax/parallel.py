@@ -9,9 +9,12 @@ multi-GPU node or a TPU pod slice.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import sys
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -29,6 +32,22 @@ MIN_FSDP_SIZE = 2**12
 
 log = logging.getLogger(__name__)
 
+# How long a process of a multi-host run may go without a heartbeat before the others take it for lost (seconds; the
+# environment variable overrides it). Heartbeats come from a thread of JAX's runtime, not from Python or the
+# accelerator: a long XLA compile, a slow batch or a busy Python loop does not delay them; a process that is gone
+# (crashed, killed, out of host memory), frozen or cut off from the network misses them. JAX's default, 100 s, kept
+# every other host waiting that long at its next collective, and then 300 s more at its exit.
+HEARTBEAT_TIMEOUT_S = 20
+HEARTBEAT_TIMEOUT_ENV = "DIFFUSETS_HEARTBEAT_TIMEOUT_S"
+# How often each process asks the coordination service which processes are still in the run.
+WATCH_INTERVAL_S = 1.0
+# Each process says under this key prefix how it leaves the run ("finished" or "failed"), before it disconnects:
+# the others do not take a finished one for lost while they write their own results, and see a failed process 0
+# (which stays connected until they have left: see `_RunWatch`).
+LEFT_KEY = "diffusets_jax/left"
+EXIT_BARRIER = "diffusets_jax/exit"
+EXIT_BARRIER_TIMEOUT_MS = 24 * 3600 * 1000  # a healthy host may write its results long after the last collective
+
 
 def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     """Join a multi-host run when the environment describes one; a no-op on a single host.
@@ -38,6 +57,11 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     the gloo collectives so cross-process all-reduces work without MPI. On TPU pods and SLURM clusters,
     where JAX discovers the cluster itself, set `DIFFUSETS_AUTO_DISTRIBUTED=1` instead. Must run before
     any other JAX call. Returns True when a distributed runtime was started.
+
+    Every process then watches the others (`_RunWatch`): when one leaves the run without finishing (it failed, was
+    killed, froze), every other one prints one line naming it and exits 1 within about `HEARTBEAT_TIMEOUT_S`
+    (`DIFFUSETS_HEARTBEAT_TIMEOUT_S`), instead of waiting at its next collective. A process that finishes waits at
+    exit for the others to finish theirs.
     """
     env = os.environ if env is None else env
     num_processes = int(env.get("JAX_NUM_PROCESSES", "1"))
@@ -46,25 +70,164 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
+    heartbeat_timeout = _heartbeat_timeout(env)
+    coordinator = env.get("JAX_COORDINATOR_ADDRESS")
+    if not auto and (not coordinator or "JAX_PROCESS_ID" not in env):
+        raise ValueError(
+            f"JAX_NUM_PROCESSES={num_processes} but JAX_COORDINATOR_ADDRESS or JAX_PROCESS_ID is not set: "
+            "set all three (e.g. JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_PROCESS_ID=0..N-1) on every host"
+        )
     if "cpu" in env.get("JAX_PLATFORMS", "").split(","):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Without it, JAX's coordination service itself ends every other process once one stops heartbeating, by a C++
+    # abort with a stack trace (exit 134), and a process that stopped on an error first waits up to 300 s at exit
+    # for the others; with it, the service only tracks who is live and `_RunWatch` ends the run in one line.
+    jax.config.update("jax_enable_recoverability", True)
     if auto:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
     else:
-        coordinator = env.get("JAX_COORDINATOR_ADDRESS")
-        if not coordinator or "JAX_PROCESS_ID" not in env:
-            raise ValueError(
-                f"JAX_NUM_PROCESSES={num_processes} but JAX_COORDINATOR_ADDRESS or JAX_PROCESS_ID is not set: "
-                "set all three (e.g. JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_PROCESS_ID=0..N-1) on every host"
-            )
         jax.distributed.initialize(
             coordinator_address=coordinator,
             num_processes=num_processes,
             process_id=int(env["JAX_PROCESS_ID"]),
+            heartbeat_timeout_seconds=heartbeat_timeout,
         )
+    _RunWatch.start(heartbeat_timeout)
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True
+
+
+def _heartbeat_timeout(env: Mapping[str, str]) -> int:
+    value = env.get(HEARTBEAT_TIMEOUT_ENV, "")
+    if not value:
+        return HEARTBEAT_TIMEOUT_S
+    try:
+        seconds = int(value)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise ValueError(f"{HEARTBEAT_TIMEOUT_ENV}={value!r} is not a whole number of seconds >= 1: set it to how "
+                         f"long a host may go silent before the others stop (default {HEARTBEAT_TIMEOUT_S})")
+    return seconds
+
+
+class _RunWatch:
+    """This process's watch over the others of a multi-host run: a daemon thread that asks JAX's coordination service
+    every `WATCH_INTERVAL_S` which processes are live (`get_live_nodes`, which measures their runtime's heartbeats and
+    connection, not their progress) and ends this process with one line when one left without finishing.
+
+    At exit, a process that finished says so and waits for the others to finish theirs; one that failed
+    (`leave_without_waiting`, or an uncaught exception) says so and leaves at once, which is what stops the others.
+    Process 0 holds the coordination service, and a process still connected when it goes aborts (a C++ stack
+    trace, exit 134): however it leaves, process 0 goes last, once the others have disconnected."""
+
+    _current: _RunWatch | None = None
+
+    def __init__(self, client: Any, process: int, count: int, heartbeat_timeout: int) -> None:
+        from diffusets_jax.cli import EXIT_FAILED  # the run could not finish
+
+        self.client, self.process, self.count, self.exit_code = client, process, count, EXIT_FAILED
+        self.everyone = list(range(count))
+        # How long to wait for what only the coordination service can end (another process found lost, or gone).
+        self.patience = heartbeat_timeout + 10 * WATCH_INTERVAL_S
+        self.leaving = threading.Event()
+        self.failed = False
+        self.thread = threading.Thread(target=self._run, name="diffusets-run-watch", daemon=True)
+
+    @classmethod
+    def start(cls, heartbeat_timeout: int) -> None:
+        # JAX has no public handle on its client; jax.experimental.multihost_utils reaches it the same way.
+        from jax._src import distributed
+
+        watch = cls(distributed.global_state.client, jax.process_index(), jax.process_count(), heartbeat_timeout)
+        cls._current = watch
+        watch.thread.start()
+        # Registered after JAX's own exit hook, so it runs before JAX shuts the distributed runtime down.
+        atexit.register(watch._at_exit)
+
+    def _run(self) -> None:
+        while not self.leaving.wait(WATCH_INTERVAL_S):
+            try:
+                # Waits for every live process's watch to ask too, so every process sees the same answer.
+                live = self.client.get_live_nodes(self.everyone)
+                left = dict(self.client.key_value_dir_get(LEFT_KEY))
+            except Exception:  # noqa: BLE001 - the coordination service is gone: process 0 left
+                # Unless this process is leaving too and process 0 merely went first, or its script shut JAX's
+                # distributed runtime down itself.
+                if self.leaving.wait(2.0) or not jax.distributed.is_initialized():
+                    return
+                self._stop([0], service_gone=True)
+            states = {int(key.rsplit("/", 1)[-1]): value for key, value in left.items()}
+            gone = [p for p in self.everyone if p != self.process and
+                    (states.get(p) == "failed" or (p not in live and states.get(p) != "finished"))]
+            if gone and not self.leaving.is_set():
+                self._stop(gone)
+
+    def _stop(self, gone: list[int], service_gone: bool = False) -> None:
+        processes = ", ".join(str(p) for p in gone)
+        print(f"diffusets-jax: error: process {self.process} of {self.count} stopped: process {processes} of "
+              f"{self.count} left the run without finishing (it failed, was killed or lost its network: its own log "
+              "says why); fix that and start the same command again on every host, which resumes the run",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        if not service_gone:
+            self._disconnect()
+        # The main thread may be blocked in a collective that never returns: nothing short of leaving the process
+        # ends it. Files are written under temporary names and renamed, so none is left half-written.
+        os._exit(self.exit_code)
+
+    def _disconnect(self) -> None:
+        """Leave the coordination service in order (at most `patience` s): process 0, whose service it is, once every
+        other process has disconnected; the others at once."""
+        if self.process == 0:
+            def others_gone() -> None:
+                # Each call also answers the others' watches; it returns once every live process has asked.
+                while set(self.client.get_live_nodes(self.everyone)) - {0}:
+                    threading.Event().wait(WATCH_INTERVAL_S)
+
+            waiting = threading.Thread(target=others_gone, daemon=True)
+        else:
+            waiting = threading.Thread(target=self.client.shutdown, daemon=True)
+        waiting.start()
+        waiting.join(self.patience)
+
+    def _say(self, state: str) -> None:
+        self.client.key_value_set(f"{LEFT_KEY}/{self.process}", state)
+
+    def _at_exit(self) -> None:
+        if not jax.distributed.is_initialized():  # its script shut JAX's distributed runtime down itself
+            self.leaving.set()
+            return
+        if self.failed or getattr(sys, "last_value", None) is not None:
+            self.leaving.set()
+            self.thread.join(self.patience)
+            with contextlib.suppress(Exception):
+                self._say("failed")
+            if self.process == 0:
+                with contextlib.suppress(Exception):
+                    self._disconnect()
+            return
+        try:
+            self._say("finished")
+            self.client.wait_at_barrier(EXIT_BARRIER, EXIT_BARRIER_TIMEOUT_MS)
+        except Exception:  # noqa: BLE001 - another process left without finishing: the watch says which and exits
+            self.leaving.wait(self.patience)
+            return
+        self.leaving.set()
+        self.thread.join(self.patience)
+        if self.process == 0:
+            self._disconnect()
+
+
+def leave_without_waiting() -> None:
+    """This process stops on an error: at exit it leaves the multi-host run at once instead of waiting for the others
+    to finish, so they see it gone and stop with one line (a no-op on one host). The CLI calls it for every run that
+    ends with a non-zero exit code."""
+    watch = _RunWatch._current
+    if watch is not None:
+        watch.failed = True
+        watch.leaving.set()
 
 
 def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
@@ -275,12 +438,16 @@ def host_values(tree: Any) -> Any:
 
 
 def lost_another_process(err: BaseException) -> bool:
-    """Whether `err` is a cross-process step of a multi-host run that timed out waiting for another process: that
-    process stopped (its own error line says why) or never started, and nothing this process read is at fault. JAX
-    reports it as DEADLINE_EXCEEDED (e.g. "Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue()
-    timed out"), also from inside a checkpoint restore, which synchronises the processes."""
-    return isinstance(err, jax.errors.JaxRuntimeError) and "DEADLINE_EXCEEDED" in str(err) and \
-        jax.process_count() > 1
+    """Whether `err` is a cross-process step of a multi-host run that timed out waiting for another process, or lost
+    it: that process stopped (its own error line says why) or never started, and nothing this process read is at
+    fault. JAX reports a timeout as DEADLINE_EXCEEDED (e.g. "Gloo context initialization failed: DEADLINE_EXCEEDED:
+    GetKeyValue() timed out"), also from inside a checkpoint restore, which synchronises the processes; on CPU, gloo
+    sees a process that left at once and raises a ValueError ("Gloo AllGather failed: ... Connection closed by
+    peer")."""
+    text = str(err)
+    timed_out = isinstance(err, jax.errors.JaxRuntimeError) and "DEADLINE_EXCEEDED" in text
+    peer_left = "Gloo" in text and ("closed by peer" in text or "reset by peer" in text)
+    return (timed_out or peer_left) and jax.process_count() > 1
 
 
 @contextlib.contextmanager
@@ -288,8 +455,8 @@ def failing_together() -> Iterator[None]:
     """Run a block that only some processes run (process 0 asking a server) or that each runs on what it alone sees
     (its own disk), and end it on every process when it raises on any: that process raises its own error, every
     other one a ValueError (for a bad input: a ValueError, OSError or ImportError) or a RunFailed naming it. Without
-    this, the others would go on to the next collective and wait there for the one that stopped, until the
-    coordination service kills them minutes later. Also a barrier; a plain block on one host."""
+    this, the others would go on to the next collective and wait there until the one that stopped leaves the run
+    (`_RunWatch`), and then stop with a line that does not say why. Also a barrier; a plain block on one host."""
     error: Exception | None = None
     try:
         yield

@@ -556,12 +556,21 @@ def test_running_out_of_memory_is_one_line_exit_1_saying_to_run_smaller(world, m
         run_cli([*TRAIN_VAE, "--workdir", str(world / "new")], capsys)
 
 
-def test_another_host_not_answering_is_one_line_exit_1_pointing_at_its_own_error(world, monkeypatch, capsys):
+@pytest.mark.parametrize("error", [
+    # a collective of a multi-host run timed out: another process stopped or never came
+    "timed out",
+    # gloo (CPU) saw the other process leave: a ValueError, which read as a bad input (exit 2) with gloo's words
+    "peer closed",
+])
+def test_another_host_not_answering_is_one_line_exit_1_pointing_at_its_own_error(world, monkeypatch, capsys, error):
     import jax
 
     from diffusets_jax.train import run
 
-    def lost(*args, **kwargs):  # a collective of a multi-host run timed out: another process stopped or never came
+    def lost(*args, **kwargs):
+        if error == "peer closed":
+            raise ValueError("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] "
+                             "Connection closed by peer [127.0.0.1]:3487")
         raise jax.errors.JaxRuntimeError("UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED: "
                                          "GetKeyValue() timed out with key: cpu:gloo/0,2048/1")
 

@@ -71,6 +71,35 @@ def test_initialize_distributed_is_a_noop_on_one_host():
     assert parallel.initialize_distributed({"JAX_NUM_PROCESSES": "1"}) is False
     with pytest.raises(ValueError, match="JAX_COORDINATOR_ADDRESS"):
         parallel.initialize_distributed({"JAX_NUM_PROCESSES": "2"})
+    with pytest.raises(ValueError, match="DIFFUSETS_HEARTBEAT_TIMEOUT_S='soon' is not a whole number"):
+        parallel.initialize_distributed({"JAX_NUM_PROCESSES": "2", "DIFFUSETS_HEARTBEAT_TIMEOUT_S": "soon"})
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_process_leaving_the_run_stops_the_others_in_one_line(how):
+    """A process that stops outside `failing_together` (an uncaught exception, a SIGKILL) while process 0 waits at a
+    collective that never returns: process 0 stops within seconds (heartbeat timeout 3 s), in one line naming it,
+    with exit code 1. It waited 100-300 s for JAX's coordination service, then aborted with a C++ stack trace."""
+    from tests.helpers.two_processes import run_workers
+
+    (code, output, seconds), _ = run_workers("lost_process_two_process_worker.py", lambda i: [how], timeout=90)
+    lines = [line for line in output.splitlines() if "error" in line]
+    assert code == 1, output[-3000:]
+    assert lines == ["diffusets-jax: error: process 0 of 2 stopped: process 1 of 2 left the run without finishing (it "
+                     "failed, was killed or lost its network: its own log says why); fix that and start the same "
+                     "command again on every host, which resumes the run"], output[-3000:]
+    assert "Traceback" not in output and seconds < 90
+
+
+@pytest.mark.multiprocess
+def test_a_process_finishing_first_waits_for_the_others():
+    """Process 0 (which holds JAX's coordination service) finishes 6 s, twice the heartbeat timeout, before process
+    1: both still exit 0, and process 1 is not taken for lost while it writes its own results."""
+    from tests.helpers.two_processes import run_worker_pair
+
+    outputs = run_worker_pair("lost_process_two_process_worker.py", lambda i: ["finish"], timeout=90)
+    assert [output.splitlines()[-1] for output in outputs] == ["process 0 finished", "process 1 finished"]
 
 
 @pytest.mark.parametrize("mesh_kind", ["auto", "explicit"])
