@@ -38,7 +38,12 @@ log = logging.getLogger(__name__)
 # (crashed, killed, out of host memory), frozen or cut off from the network misses them. JAX's default, 100 s, kept
 # every other host waiting that long at its next collective, and then 300 s more at its exit.
 HEARTBEAT_TIMEOUT_S = 20
+JAX_HEARTBEAT_TIMEOUT_S = 100  # `jax.distributed.initialize`'s own default, kept when the watch is off
 HEARTBEAT_TIMEOUT_ENV = "DIFFUSETS_HEARTBEAT_TIMEOUT_S"
+# Set to 0 to run with JAX's own failure handling (no recoverability, no watch, JAX's heartbeat default unless the
+# variable above is set): the watch relies on JAX's recoverable mode, still marked experimental, and has been run on
+# CPU processes only, so a cluster where it misbehaves needs a way back without a new release.
+WATCH_ENV = "DIFFUSETS_WATCH_HOSTS"
 # How often each process asks the coordination service which processes are still in the run.
 WATCH_INTERVAL_S = 1.0
 # Each process says under this key prefix how it leaves the run ("finished" or "failed"), before it disconnects:
@@ -61,7 +66,7 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     Every process then watches the others (`_RunWatch`): when one leaves the run without finishing (it failed, was
     killed, froze), every other one prints one line naming it and exits 1 within about `HEARTBEAT_TIMEOUT_S`
     (`DIFFUSETS_HEARTBEAT_TIMEOUT_S`), instead of waiting at its next collective. A process that finishes waits at
-    exit for the others to finish theirs.
+    exit for the others to finish theirs. `DIFFUSETS_WATCH_HOSTS=0` leaves failures to JAX as it ships.
     """
     env = os.environ if env is None else env
     num_processes = int(env.get("JAX_NUM_PROCESSES", "1"))
@@ -70,7 +75,8 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
-    heartbeat_timeout = _heartbeat_timeout(env)
+    watch = _watch_hosts(env)
+    heartbeat_timeout = _heartbeat_timeout(env) if watch or env.get(HEARTBEAT_TIMEOUT_ENV) else JAX_HEARTBEAT_TIMEOUT_S
     coordinator = env.get("JAX_COORDINATOR_ADDRESS")
     if not auto and (not coordinator or "JAX_PROCESS_ID" not in env):
         raise ValueError(
@@ -82,7 +88,7 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     # Without it, JAX's coordination service itself ends every other process once one stops heartbeating, by a C++
     # abort with a stack trace (exit 134), and a process that stopped on an error first waits up to 300 s at exit
     # for the others; with it, the service only tracks who is live and `_RunWatch` ends the run in one line.
-    jax.config.update("jax_enable_recoverability", True)
+    jax.config.update("jax_enable_recoverability", watch)
     if auto:
         jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
     else:
@@ -92,10 +98,19 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
             process_id=int(env["JAX_PROCESS_ID"]),
             heartbeat_timeout_seconds=heartbeat_timeout,
         )
-    _RunWatch.start(heartbeat_timeout)
+    if watch:
+        _RunWatch.start(heartbeat_timeout)
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True
+
+
+def _watch_hosts(env: Mapping[str, str]) -> bool:
+    value = env.get(WATCH_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{WATCH_ENV}={value!r} is neither 1 (the default: a host that leaves stops the others in "
+                         "seconds) nor 0 (JAX's own failure handling): set one of them")
+    return value == "1"
 
 
 def _heartbeat_timeout(env: Mapping[str, str]) -> int:

@@ -74,6 +74,31 @@ def test_initialize_distributed_is_a_noop_on_one_host():
     with pytest.raises(ValueError, match="DIFFUSETS_HEARTBEAT_TIMEOUT_S='soon' is not a whole number"):
         parallel.initialize_distributed({"JAX_NUM_PROCESSES": "2", "DIFFUSETS_HEARTBEAT_TIMEOUT_S": "soon"})
 
+    with pytest.raises(ValueError, match="DIFFUSETS_WATCH_HOSTS='no' is neither 1"):
+        parallel.initialize_distributed({"JAX_NUM_PROCESSES": "2", "DIFFUSETS_WATCH_HOSTS": "no"})
+
+
+@pytest.mark.parametrize(("watch", "heartbeat", "expected"), [
+    (None, None, (True, parallel.HEARTBEAT_TIMEOUT_S)),
+    ("0", None, (False, parallel.JAX_HEARTBEAT_TIMEOUT_S)),
+    ("0", "45", (False, 45)),
+])
+def test_initialize_distributed_watch_is_on_by_default_and_can_be_turned_off(monkeypatch, watch, heartbeat,
+                                                                              expected):
+    # What JAX is asked for, without starting a runtime: recoverability, the heartbeat timeout and the watch go
+    # together, and DIFFUSETS_WATCH_HOSTS=0 gives JAX's own handling back.
+    calls = {}
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.update(kw))
+    monkeypatch.setattr(jax.config, "update", lambda name, value: calls.update({name: value}))
+    monkeypatch.setattr(parallel._RunWatch, "start", classmethod(lambda cls, t: calls.update(watched=t)))
+    env = {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0", "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}
+    env |= {k: v for k, v in [("DIFFUSETS_WATCH_HOSTS", watch), ("DIFFUSETS_HEARTBEAT_TIMEOUT_S", heartbeat)] if v}
+    assert parallel.initialize_distributed(env) is True
+    recoverable, timeout = expected
+    assert calls["jax_enable_recoverability"] is recoverable
+    assert calls["heartbeat_timeout_seconds"] == timeout
+    assert ("watched" in calls) is recoverable
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("how", ["raise", "kill"])
