@@ -19,8 +19,13 @@ from diffusets_jax.diffusion.sampler_validation import (
     validate_sampler,
     validated_settings,
 )
-from diffusets_jax.diffusion.samplers import SamplerConfig, sampler_config, sampler_timesteps
-from diffusets_jax.diffusion.schedule import ScheduleConfig, make_schedule
+from diffusets_jax.diffusion.samplers import (
+    SamplerConfig,
+    resolve_for_model,
+    sampler_config,
+    sampler_timesteps,
+)
+from diffusets_jax.diffusion.schedule import DiffusionSpec, ScheduleConfig, make_schedule
 
 SAMPLES = 1024  # x 512 latent values: std known to 0.1 %, mean to 0.0014 s
 SCHEDULES = {kind: make_schedule(ScheduleConfig(prediction_type=kind)) for kind in ("epsilon", "v_prediction")}
@@ -136,6 +141,19 @@ def test_starting_from_pure_noise_keeps_the_schedules_own_mean_bias():
     assert result["from_prior"]["mean_error"] == pytest.approx(bias, abs=0.004) and bias < -0.035
     assert abs(result["mean_error"]) < MEAN_ERROR_TOLERANCE
 
+
+
+def test_the_model_directs_the_grid_and_a_converted_checkpoint_gets_the_published_scale():
+    """`resolve_for_model` fills what a sampler left to the model: DDIM's grid follows the model's measured latent
+    std, and a converted checkpoint (no std recorded) gets one whose DDIM-50 grid passes the Gaussian check at the
+    published latents' std 0.18 (exactly: `exact_moments`). A grid for unit-variance latents is 5.5 % flat there."""
+    measured = resolve_for_model(sampler_config("ddim"), DiffusionSpec(latent_std=0.3, clip_sample=False))
+    assert (measured.data_std, measured.effective_timestep_spacing, measured.clip_sample) == (0.3, "data_std", False)
+    explicit = sampler_config("ddim", data_std=0.5, clip_sample=True)
+    assert resolve_for_model(explicit, DiffusionSpec(latent_std=0.3)) == explicit
+    converted = resolve_for_model(sampler_config("ddim"), DiffusionSpec())
+    exact_std, _ = exact_moments(converted, SCHEDULES["epsilon"], 0.18, 0.0)
+    assert abs(exact_std / 0.18 - 1) < STD_RATIO_TOLERANCE, exact_std / 0.18
 
 # -- the record and its inputs -----------------------------------------------------------------------------------
 
