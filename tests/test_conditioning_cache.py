@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusets_jax.conditioning.cache import EmbeddingCache, EmbeddingRunStats, embed_with_cache
+from diffusets_jax.conditioning.cache import (
+    _LOOKUP_CHUNK,
+    EmbeddingCache,
+    EmbeddingRunStats,
+    embed_with_cache,
+)
 from diffusets_jax.conditioning.prompts import ordered_prompt
 from diffusets_jax.conditioning.report_files import embed_report_file, read_report_prompts
 from tests.helpers.fake_openai_server import FakeOpenAIServer, fake_vector
@@ -57,6 +62,18 @@ def test_persists_across_processes_and_only_missing_are_requested(tmp_path):
     assert embedder.calls == [["c"]]
     np.testing.assert_array_equal(out[1], fake_vector("a", 8))
 
+
+
+def test_a_rerun_finds_every_prompt_of_every_lookup_chunk():
+    """The cache is read in chunks of `_LOOKUP_CHUNK` prompts (SQLite's parameter limit): a rerun over more than
+    one chunk requests nothing (a chunk one prompt short re-requested, and paid for, one prompt in 500)."""
+    texts = [f"report {i}" for i in range(2 * _LOOKUP_CHUNK + 1)]
+    with EmbeddingCache(":memory:") as cache:
+        embed_with_cache(texts, RecordingEmbedder(), cache)
+        embedder = RecordingEmbedder()
+        out = embed_with_cache(texts, embedder, cache)
+    assert embedder.calls == []
+    np.testing.assert_array_equal(out[[0, -1]], np.stack([fake_vector(t, 8) for t in texts[::len(texts) - 1]]))
 
 def test_embedders_do_not_share_vectors(tmp_path):
     with EmbeddingCache(tmp_path / "cache.sqlite") as cache:

@@ -7,20 +7,30 @@ y = x / sqrt(abar) with noise level sigma = sqrt((1 - abar) / abar), from the pu
 DDIM (Song et al. 2021, eq. 12), DPM-Solver++(2M) (Lu et al. 2022, alg. 2) and the second-order final step
 (the noise prediction extrapolated linearly in sigma to sigma = 0)."""
 
+import dataclasses
 import datetime
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from diffusets_jax.diffusion.sampler_validation import (
     MEAN_ERROR_TOLERANCE,
     STD_RATIO_TOLERANCE,
+    gaussian_optimal_model_fn,
     validate_sampler,
     validated_settings,
 )
-from diffusets_jax.diffusion.samplers import SamplerConfig, sampler_config, sampler_timesteps
-from diffusets_jax.diffusion.schedule import ScheduleConfig, make_schedule
+from diffusets_jax.diffusion.samplers import (
+    SamplerConfig,
+    resolve_for_model,
+    sample,
+    sampler_config,
+    sampler_timesteps,
+)
+from diffusets_jax.diffusion.schedule import DiffusionSpec, ScheduleConfig, make_schedule
 
 SAMPLES = 1024  # x 512 latent values: std known to 0.1 %, mean to 0.0014 s
 SCHEDULES = {kind: make_schedule(ScheduleConfig(prediction_type=kind)) for kind in ("epsilon", "v_prediction")}
@@ -95,6 +105,26 @@ def test_default_samplers_reproduce_gaussian_latents_at_every_scale(sampler, std
     assert result["passed"]
 
 
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddim"])
+def test_default_samplers_map_each_start_exactly(sampler, prediction_type):
+    """Deterministic samplers on Gaussian latents are affine maps of their start, y_T = m + sqrt(s^2 + sigma_T^2) z
+    -> exact_std z + exact_mean (`exact_moments`): every sample, not only the spread, must follow it. The float32
+    chain does to 6e-6 std (2026-12-06); a chain state rounded to bf16 after every step was off by 0.056 std, and
+    DPM-Solver++ taking its second step first order by 3.2e-5, both invisible to the moment checks."""
+    std, mean = 0.18, 0.36
+    config = dataclasses.replace(sampler_config(sampler, data_std=std), latent_shape=(256, 1))
+    schedule = SCHEDULES[prediction_type]
+    exact_std, exact_mean = exact_moments(config, schedule, std, mean)
+    abar = float(schedule.alphas_cumprod[int(sampler_timesteps(config, schedule)[0])])
+    z = np.asarray(jax.random.normal(jax.random.key(0), (4, 256, 1)), np.float64)
+    start = jnp.asarray(np.sqrt(abar) * mean + np.sqrt(abar * std**2 + 1 - abar) * z, jnp.float32)
+    out = sample(gaussian_optimal_model_fn(schedule, mean, std), schedule, {"index": jnp.arange(4)},
+                 jax.random.key(1), config, initial_latents=start)
+    error = np.abs(np.asarray(out, np.float64) - (exact_std * z + exact_mean)) / std
+    assert error.max() < 2e-5, error.max()
+
 @pytest.mark.parametrize(
     "settings,std,known",
     [
@@ -136,6 +166,19 @@ def test_starting_from_pure_noise_keeps_the_schedules_own_mean_bias():
     assert result["from_prior"]["mean_error"] == pytest.approx(bias, abs=0.004) and bias < -0.035
     assert abs(result["mean_error"]) < MEAN_ERROR_TOLERANCE
 
+
+
+def test_the_model_directs_the_grid_and_a_converted_checkpoint_gets_the_published_scale():
+    """`resolve_for_model` fills what a sampler left to the model: DDIM's grid follows the model's measured latent
+    std, and a converted checkpoint (no std recorded) gets one whose DDIM-50 grid passes the Gaussian check at the
+    published latents' std 0.18 (exactly: `exact_moments`). A grid for unit-variance latents is 5.5 % flat there."""
+    measured = resolve_for_model(sampler_config("ddim"), DiffusionSpec(latent_std=0.3, clip_sample=False))
+    assert (measured.data_std, measured.effective_timestep_spacing, measured.clip_sample) == (0.3, "data_std", False)
+    explicit = sampler_config("ddim", data_std=0.5, clip_sample=True)
+    assert resolve_for_model(explicit, DiffusionSpec(latent_std=0.3)) == explicit
+    converted = resolve_for_model(sampler_config("ddim"), DiffusionSpec())
+    exact_std, _ = exact_moments(converted, SCHEDULES["epsilon"], 0.18, 0.0)
+    assert abs(exact_std / 0.18 - 1) < STD_RATIO_TOLERANCE, exact_std / 0.18
 
 # -- the record and its inputs -----------------------------------------------------------------------------------
 

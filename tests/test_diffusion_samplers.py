@@ -143,6 +143,7 @@ def test_timestep_spacings_match_diffusers_definitions():
     np.testing.assert_array_equal(make_timesteps(1000, 50, "leading")[:3], [980, 960, 940])
     np.testing.assert_array_equal(make_timesteps(1000, 50, "trailing")[[0, 1, -1]], [999, 979, 19])
     np.testing.assert_array_equal(make_timesteps(1000, 4, "linspace"), [999, 666, 333, 0])
+    np.testing.assert_array_equal(make_timesteps(1000, 3, "linspace"), [999, 500, 0])  # rounded, not floored: 499.5
     with pytest.raises(ValueError, match="steps"):
         make_timesteps(1000, 1001)
 

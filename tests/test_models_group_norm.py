@@ -75,8 +75,9 @@ def test_bfloat16_compute_keeps_float32_statistics():
     out = GroupNormSiLU(8, dtype=jnp.bfloat16).apply({"params": params}, x.astype(jnp.bfloat16))
     assert out.dtype == jnp.bfloat16
     exact = GroupNormSiLU(8).apply({"params": params}, x.astype(jnp.bfloat16).astype(jnp.float32))
-    # Only the output's rounding to bfloat16 (8 bits of mantissa) separates the two.
-    np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=2e-2, rtol=1e-2)
+    # Only the output's rounding to bfloat16 (8 bits of mantissa, half an ulp 2^-8 relative) separates the two.
+    # Statistics taken in bfloat16 moved 45 % of the outputs by more (up to 0.047) and passed the older atol 2e-2, rtol 1e-2.
+    np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=1e-6, rtol=2**-7)
     grad = jax.grad(lambda x: jnp.sum(GroupNormSiLU(8, dtype=jnp.bfloat16).apply({"params": params}, x)
                                       .astype(jnp.float32)))(x.astype(jnp.bfloat16))
     assert grad.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grad.astype(jnp.float32))))

@@ -57,14 +57,19 @@ def test_correlate_matches_a_float64_reference(length, taps, padding):
     assert np.sqrt(np.mean((got - expected) ** 2)) <= 10 * max(np.sqrt(np.mean((direct - expected) ** 2)), 1e-8)
 
 
-def test_correlate_gradients_match_the_direct_convolution():
+@pytest.mark.parametrize("taps,padding", [
+    (3, (1, 1)),  # the VAE's "same" k3 conv
+    (2, (1, 0)),  # the upsampling's even taps: the input gradient is padded (0, 1), not (1, 0)
+    (2, (0, 1)),  # and its odd ones
+])
+def test_correlate_gradients_match_the_direct_convolution(taps, padding):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 30, 64)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((3, 64, 72)) / np.sqrt(192), jnp.float32)
-    target = jnp.asarray(rng.standard_normal((2, 30, 72)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((taps, 64, 72)) / np.sqrt(taps * 64), jnp.float32)
+    target = jnp.asarray(rng.standard_normal((2, 31 - taps + sum(padding), 72)), jnp.float32)
 
     def loss(conv):
-        return lambda x, k: jnp.sum((conv(x, k, (1, 1)) - target) ** 2)
+        return lambda x, k: jnp.sum((conv(x, k, padding) - target) ** 2)
 
     ours = jax.grad(loss(winograd.correlate), argnums=(0, 1))(x, kernel)
     theirs = jax.grad(loss(_direct), argnums=(0, 1))(x, kernel)
