@@ -308,3 +308,23 @@ def test_the_compiled_chain_holds_one_network_evaluation(observed):
                               observation=observation)).lower(_cond(RUNS if observed else 1), jax.random.key(0))
     # decode: the chain's one site, plus the output decode (and, with an observation, a shape check)
     assert calls == {"model": 1, "decode": 3 if observed else 1}, calls
+
+
+def test_the_guidance_shift_is_capped_at_max_shift_noise_sds():
+    """Observing every value sharply (noise_std 0.01) asks for a guidance shift of many noise sds per step. Capped at
+    1e-6 sd, the proposal is the chain's own step, so one particle follows the chain that an uninformative
+    observation (noise_std 1e6: gradient ~1e-12) gives from the same key; uncapped (max_shift 1) it does not."""
+    clean, _ = _observed_ecg(seed=8)
+    runs = 16
+    observed = np.broadcast_to(clean, (runs, *ECG_SHAPE))
+
+    def latents(noise_std, max_shift):
+        config = PosteriorConfig(sampler=SamplerConfig(sampler="ddpm", steps=5, clip_sample=False,
+                                                       latent_shape=LATENT_SHAPE), particles=1, max_shift=max_shift)
+        run = jax.jit(functools.partial(posterior_sample, TOY.model_fn, TOY.decode_fn, SCHEDULE, config=config))
+        result = run(_cond(runs), jax.random.key(9), observation=make_observation(observed, noise_std=noise_std))
+        return np.asarray(result.latents)
+
+    unguided = latents(1e6, 1.0)
+    np.testing.assert_allclose(latents(0.01, 1e-6), unguided, atol=1e-4)
+    assert not np.allclose(latents(0.01, 1.0), unguided, atol=1e-2)  # the cap made them equal, not a weak pull
