@@ -15,7 +15,9 @@ from tests.helpers.fake_openai_server import fake_openai_env
 from tests.helpers.tiny_models import TEXT_DIM, tiny_model_dir
 
 BRUGADA = ["Sinus rhythm", "Right bundle branch block pattern", "Coved ST elevation in V1-V2"]
-FAST = ["--sampler", "ddim", "--steps", "1", "--batch-size", "2"]
+# The chain other tests of the tiny model compile too (tests/test_io_outputs.py's generator, tests/test_pipeline.py):
+# the session's compilation cache then serves it instead of compiling one of its own.
+FAST = ["--sampler", "ddim", "--steps", "2", "--batch-size", "8"]
 
 
 @pytest.fixture(scope="module")

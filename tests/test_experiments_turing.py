@@ -513,8 +513,9 @@ def test_paper_protocol_end_to_end_conditions_sample_kit_score(tiny_dataset, tmp
     with FakeOpenAIServer(dim=TEXT_DIM) as server:  # the tiny model's embedder
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        # The tiny model's chain that other tests compile too (ddim, 2 steps, batch 8): the session's cache serves it.
         assert main(["sample", "--model-dir", str(model_dir), "--conditions", str(conditions_csv), "--out",
-                     str(tmp_path / "gen"), "--sampler", "ddim", "--steps", "1", "--batch-size", "4",
+                     str(tmp_path / "gen"), "--sampler", "ddim", "--steps", "2", "--batch-size", "8",
                      "--formats", "npz"]) == 0
     capsys.readouterr()
     out = tmp_path / "kit"

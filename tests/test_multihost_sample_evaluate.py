@@ -118,16 +118,18 @@ def test_a_request_refused_on_process_zero_stops_both_hosts_with_one_line(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("outputs", [["--formats", "npz"], ["--corpus", "--shard-size", "4"]])
+@pytest.mark.parametrize("outputs", [["--formats", "npz"], ["--corpus", "--shard-size", "8"]])
 def test_a_host_whose_disk_is_full_stops_every_host(tmp_path, outputs):
     # Process 1 cannot write its batch or shard (Python gets EFBIG where a full disk gives ENOSPC). Before, it
     # stopped with its line and process 0 waited for it at the next collective until the coordination service
     # killed both.
     models = tiny_model_dir(tmp_path / "models")
     argv = ["sample", "--model-dir", str(models), "--text", "Sinus rhythm", "--sex", "F", "--age", "50", "--hr", "70",
-            "-n", "8", "--steps", "2", "--sampler", "ddim", "--batch-size", "4", *outputs,
+            "-n", "16", "--steps", "2", "--sampler", "ddim", "--batch-size", "8", *outputs,
             "--out", str(tmp_path / "out")]
-    with fake_openai_env(TEXT_DIM) as server:  # a batch or shard each, of 4 ECGs: about 200 kB
+    # A batch or shard each, of 8 ECGs: about 400 kB. The batch size of the two-host test above: process 0 finds
+    # that chain in the session's compilation cache (process 1 compiles its own either way).
+    with fake_openai_env(TEXT_DIM) as server:
         results = run_two_processes(argv, {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url},
                                     check=False, file_size_limits=(None, 100))
     for code, output in results:

@@ -34,7 +34,8 @@ def test_ddpm_clips_x0_as_the_model_directory_says(model_dir, tmp_path):
 
 
 def test_generation_is_sharded_deterministic_and_padding_free(model_dir, openai_env):
-    sampler = sampler_config("dpmpp_2m", steps=3)
+    # `sample --steps 2 --batch-size 8`'s chain (tests/test_io_outputs.py, tests/test_cli_edges.py): compiled once.
+    sampler = sampler_config("dpmpp_2m", steps=2)
     gen = ECGGenerator(model_dir, sampler, batch_size=8, seed=3)
     assert gen.batch_size % jax.device_count() == 0
     conditions = [make_condition("Sinus rhythm", "F", 40, 60, 5), make_condition("Atrial fibrillation", "M", 80, 110, 6)]

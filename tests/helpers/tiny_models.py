@@ -3,6 +3,7 @@ patient features), for generation, output and CLI tests."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -21,7 +22,18 @@ FAKE_EMBEDDER = f"fake-embedding-{TEXT_DIM}"  # the name `openai_conditioning()`
 
 
 def tiny_vae_unet(text_dim: int = TEXT_DIM):
-    """`(vae, vae_variables, unet, unet_variables)`: random weights, the published block structure, tiny widths."""
+    """`(vae, vae_variables, unet, unet_variables)`: random weights, the published block structure, tiny widths.
+
+    The same every call: initialised once per process and width, each caller getting its own dicts (of the same
+    immutable arrays). About 30 tests and fixtures build a tiny model directory, and each fresh `init` cost about
+    3 CPU-seconds of tracing and loading from the compilation cache even when it did not compile.
+    """
+    vae, vae_vars, unet, unet_vars = _tiny_vae_unet(text_dim)
+    return vae, jax.tree.map(lambda x: x, vae_vars), unet, jax.tree.map(lambda x: x, unet_vars)
+
+
+@functools.cache
+def _tiny_vae_unet(text_dim: int):
     vae = VAE(widths=(16, 16, 16), groups=4, num_res_blocks=1)
     unet = UNet(channels=(8, 16), down_attention_dims=(8, 16), bottleneck_attention_dim=16,
                 up_attention_dims=(32, 16), num_heads=2, bottleneck_heads=2, text_dim=text_dim)
