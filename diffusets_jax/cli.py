@@ -843,6 +843,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     _check_evaluated_embeddings(args, builder, ev.clip_conditioning(clip_index), clip_dir)
     if args.generated:
         ev.check_text_embeddings(generated, clip_dir, ev.clip_conditioning(clip_index))
+    generators = []
+    if args.model_dir:  # before the CLIP loads: each generator refuses, from its model's index, what it cannot run
+        from diffusets_jax.diffusion.samplers import sampler_config
+        from diffusets_jax.pipeline import ECGGenerator
+
+        sampler = sampler_config(args.sampler or proto.sampler,
+                                 steps=args.steps or (None if args.sampler else proto.steps),
+                                 guidance_scale=args.guidance_scale)
+        generators = [ECGGenerator(d, sampler, batch_size=args.batch_size, seed=args.seed) for d in args.model_dir]
     clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
     # Everything that changes the report: a dataset prepared again, a CLIP trained again or an edited --rules file
     # at the same path is another input (the rules by content, the CLIP by its uid); with --generated the seed too
@@ -862,12 +871,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         _print_levels(args.out, report)
         return 0
 
-    from diffusets_jax.diffusion.samplers import sampler_config
-    from diffusets_jax.pipeline import ECGGenerator
-
-    sampler = sampler_config(args.sampler or proto.sampler, steps=args.steps or (None if args.sampler else proto.steps),
-                             guidance_scale=args.guidance_scale)
-    generators = [ECGGenerator(d, sampler, batch_size=args.batch_size, seed=args.seed) for d in args.model_dir]
     settings = {**common, "models": [g.settings() for g in generators], "labels": labels,
                 "records_per_condition": args.records_per_condition, "samples_per_record": args.samples_per_record}
     with contextlib.ExitStack() as held:

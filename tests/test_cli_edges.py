@@ -802,7 +802,8 @@ def test_sample_refuses_more_steps_than_the_models_schedule_before_loading_it_or
                          "40", "--hr", "60", "--sampler", "ddim", "--steps", "2000", "--out", str(tmp_path / "out")],
                         capsys)
     assert code == 2
-    assert_one_line(err, "steps must be in [1, 1000] for a 1000-step schedule, got 2000")
+    assert_one_line(err, "steps 2000 (--steps) is more than this model's 1000-step schedule has: give --steps from 1 "
+                         "to 1000")
     assert snapshot(tmp_path) == before
 
 

@@ -359,7 +359,7 @@ def test_bad_inputs_are_one_line_each(index_only_model_dir, latents_dir, tmp_pat
     assert "--tolerance" in run_bad([*base, "--tolerance", "0.9"], capsys)
     assert "not a dataset directory" in run_bad([*base[:2], "--latents", str(tmp_path), *base[4:]], capsys)
     # More steps than the schedule has: was refused only after the denoising pass, the folder left "running".
-    assert "steps must be in [1, 1000] for a 1000-step schedule, got 5000" in run_bad(
+    assert "steps 5000 (--steps) is more than this model's 1000-step schedule has: give --steps from 1 to 1000" in run_bad(
         [*base, "--sampler", "ddim", "--steps", "5000"], capsys)
     assert not (tmp_path / "o").exists()  # nothing was claimed
 
