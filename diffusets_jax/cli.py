@@ -213,6 +213,8 @@ def _run_embed(args: argparse.Namespace) -> int:
     output_print, weights_digest = "", None
     if args.output is not None:
         check_output_file(args.output, "--output")
+        check_reads_apart(args.output, [("--input", args.input), ("--cache", args.cache),
+                                        ("--model-dir", args.model_dir)], "--output", overwrite=args.overwrite)
         if args.embedder == "local":  # read once (91 MB for MiniLM): the loaded encoder is given it
             weights_digest = local_weights_digest(args.model_dir)
         embedder_id = (openai_embedder_id(args.model, args.dim) if args.embedder == "openai" else
@@ -229,8 +231,6 @@ def _run_embed(args: argparse.Namespace) -> int:
                          legacy_fingerprint=legacy_output_fingerprint(args.input, column=args.column,
                                                                       template=args.template,
                                                                       embedder=legacy_settings))
-        if args.overwrite:
-            check_reads_apart(args.output, [("--input", args.input), ("--cache", args.cache)], "--output")
     reports = read_report_prompts(args.input, column=args.column, template=args.template)
     if not reports.prompts:  # an empty file or one of another format: say so before an embedder is loaded
         found = (f"all {reports.skipped} records were skipped, e.g. {reports.skipped_examples[0]}" if reports.skipped
