@@ -389,7 +389,9 @@ def _convert(args: argparse.Namespace) -> int:
                    prompt_style=args.prompt_style or "ordered", patient_features=args.patient_features or "faithful")
     for name, folder, module, count in convert_to_model_dir(args.out, vae=args.vae, unet=args.unet, clip=args.clip,
                                                             conditioning_options=options, overwrite=args.overwrite):
-        print(f"{name}: {getattr(args, name)} -> {folder} ({type(module).__name__}, {count:,} parameters)")
+        print(f"{name}: {getattr(args, name)} -> {folder} " + (
+            f"({type(module).__name__}, {count:,} parameters)" if module is not None
+            else "(converted by this same command before: left as it is)"))
     return 0
 
 
