@@ -213,6 +213,8 @@ def _run_embed(args: argparse.Namespace) -> int:
     output_print, weights_digest = "", None
     if args.output is not None:
         check_output_file(args.output, "--output")
+        check_reads_apart(args.output, [("--input", args.input), ("--cache", args.cache),
+                                        ("--model-dir", args.model_dir)], "--output", overwrite=args.overwrite)
         if args.embedder == "local":  # read once (91 MB for MiniLM): the loaded encoder is given it
             weights_digest = local_weights_digest(args.model_dir)
         embedder_id = (openai_embedder_id(args.model, args.dim) if args.embedder == "openai" else
@@ -229,8 +231,6 @@ def _run_embed(args: argparse.Namespace) -> int:
                          legacy_fingerprint=legacy_output_fingerprint(args.input, column=args.column,
                                                                       template=args.template,
                                                                       embedder=legacy_settings))
-        if args.overwrite:
-            check_reads_apart(args.output, [("--input", args.input), ("--cache", args.cache)], "--output")
     reports = read_report_prompts(args.input, column=args.column, template=args.template)
     if not reports.prompts:  # an empty file or one of another format: say so before an embedder is loaded
         found = (f"all {reports.skipped} records were skipped, e.g. {reports.skipped_examples[0]}" if reports.skipped
@@ -389,7 +389,9 @@ def _convert(args: argparse.Namespace) -> int:
                    prompt_style=args.prompt_style or "ordered", patient_features=args.patient_features or "faithful")
     for name, folder, module, count in convert_to_model_dir(args.out, vae=args.vae, unet=args.unet, clip=args.clip,
                                                             conditioning_options=options, overwrite=args.overwrite):
-        print(f"{name}: {getattr(args, name)} -> {folder} ({type(module).__name__}, {count:,} parameters)")
+        print(f"{name}: {getattr(args, name)} -> {folder} " + (
+            f"({type(module).__name__}, {count:,} parameters)" if module is not None
+            else "(converted by this same command before: left as it is)"))
     return 0
 
 
@@ -843,6 +845,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     _check_evaluated_embeddings(args, builder, ev.clip_conditioning(clip_index), clip_dir)
     if args.generated:
         ev.check_text_embeddings(generated, clip_dir, ev.clip_conditioning(clip_index))
+    generators = []
+    if args.model_dir:  # before the CLIP loads: each generator refuses, from its model's index, what it cannot run
+        from diffusets_jax.diffusion.samplers import sampler_config
+        from diffusets_jax.pipeline import ECGGenerator
+
+        sampler = sampler_config(args.sampler or proto.sampler,
+                                 steps=args.steps or (None if args.sampler else proto.steps),
+                                 guidance_scale=args.guidance_scale)
+        generators = [ECGGenerator(d, sampler, batch_size=args.batch_size, seed=args.seed) for d in args.model_dir]
     clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
     # Everything that changes the report: a dataset prepared again, a CLIP trained again or an edited --rules file
     # at the same path is another input (the rules by content, the CLIP by its uid); with --generated the seed too
@@ -862,12 +873,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         _print_levels(args.out, report)
         return 0
 
-    from diffusets_jax.diffusion.samplers import sampler_config
-    from diffusets_jax.pipeline import ECGGenerator
-
-    sampler = sampler_config(args.sampler or proto.sampler, steps=args.steps or (None if args.sampler else proto.steps),
-                             guidance_scale=args.guidance_scale)
-    generators = [ECGGenerator(d, sampler, batch_size=args.batch_size, seed=args.seed) for d in args.model_dir]
     settings = {**common, "models": [g.settings() for g in generators], "labels": labels,
                 "records_per_condition": args.records_per_condition, "samples_per_record": args.samples_per_record}
     with contextlib.ExitStack() as held:

@@ -38,9 +38,14 @@ def test_convert_writes_loadable_models(tmp_path, capsys):
 
     assert checkpoint["sha256"] == hashlib.sha256((tmp_path / "clip_model.npz").read_bytes()).hexdigest()
 
-    # Converting again into the same folder: the CLIP there is the user's, refused in one line before any work.
+    # Converting the same checkpoint again: this command's own output, left as it is.
     uid = index.components["clip"]["uid"]
-    assert main(["convert", "--clip", str(tmp_path / "clip_model.npz"), "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert main(["convert", "--clip", str(tmp_path / "clip_model.npz"), "--out", str(out)]) == 0
+    assert "left as it is" in capsys.readouterr().out and read_index(out).components["clip"]["uid"] == uid
+    # Another checkpoint into the same folder: the CLIP there is the user's, refused in one line before any work.
+    np.savez(tmp_path / "clip_other.npz", **{**clip_sd, "ecg_projector.bias": clip_sd["ecg_projector.bias"] + 1})
+    assert main(["convert", "--clip", str(tmp_path / "clip_other.npz"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds clip/" in err[0] and "--overwrite" in err[0]
     assert read_index(out).components["clip"]["uid"] == uid
@@ -148,3 +153,39 @@ def test_unet_conditioning_flags_without_a_unet_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--embedder-model, --prompt-style describe the conditioning of a U-Net: give --unet too" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_conversion_interrupted_between_components_is_finished_by_its_rerun(tmp_path, capsys, monkeypatch):
+    """Killed after the VAE was written and before the CLIP, `convert` rerun as it was refused "already holds vae/,
+    a converted vae: pass --overwrite", which would convert the VAE again under a new uid. The rerun now leaves the
+    VAE it wrote as it is and writes the CLIP; another checkpoint for that VAE is still refused."""
+    from diffusets_jax.models import model_dir as model_dirs
+
+    vae_sd = {f"{half}.{k}": v for half, sd in reference_vae_state_dict().items() for k, v in sd.items()}
+    np.savez(tmp_path / "vae_model.npz", **vae_sd)
+    np.savez(tmp_path / "clip_model.npz", **reference_state_dict("clip"))
+    out = tmp_path / "models"
+    argv = ["convert", "--vae", str(tmp_path / "vae_model.npz"), "--clip", str(tmp_path / "clip_model.npz"),
+            "--out", str(out)]
+    write = model_dirs.write_component
+
+    def killed_before_the_clip(directory, name, *args, **kwargs):
+        if name == "clip":
+            raise KeyboardInterrupt
+        return write(directory, name, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(model_dirs, "write_component", killed_before_the_clip)
+        assert main(argv) == 130
+    vae_uid = read_index(out).components["vae"]["uid"]
+    assert set(read_index(out).components) == {"vae"}
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "(converted by this same command before: left as it is)" in printed and "CLIP, 22,005,377" in printed
+    assert set(read_index(out).components) == {"vae", "clip"} and read_index(out).components["vae"]["uid"] == vae_uid
+    # Not this command's output: another VAE checkpoint is refused as before.
+    np.savez(tmp_path / "other_vae.npz", **{k: v * 2 for k, v in vae_sd.items()})
+    assert main(["convert", "--vae", str(tmp_path / "other_vae.npz"), "--out", str(out)]) == 2
+    assert "already holds vae/, a converted vae" in capsys.readouterr().err
+    assert read_index(out).components["vae"]["uid"] == vae_uid

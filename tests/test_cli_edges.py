@@ -406,6 +406,22 @@ CASES: list[tuple[str, list[str], str]] = [
     ("convert-overwrite-component-holds-its-checkpoint", ["convert", "--vae", "{w}/models/vae/vae_model.pth", "--out",
                                                           "{w}/models", "--overwrite"],
      "--out {w}/models/vae holds --vae {w}/models/vae/vae_model.pth"),
+    # An output inside a folder the run reads mixes with that model's or dataset's own files (with or without
+    # --overwrite): refused, where `sample --out MODEL/samples` was written into the model directory.
+    ("sample-out-inside-the-model", [*SAMPLE, "--out", "{w}/model_bad_index/samples"],
+     "--out {w}/model_bad_index/samples is inside --model-dir {w}/model_bad_index, which this run reads: its "
+     "outputs would mix with that folder's own files; choose --out outside it"),
+    ("evaluate-out-inside-the-dataset", ["evaluate", "--model-dir", "{w}/model_bad_index", "--dataset", "{w}/latents",
+                                         "--out", "{w}/latents/eval"], "is inside --dataset {w}/latents"),
+    ("encode-out-inside-the-vae", ["encode", "--vae", "{w}/model_bad_index", "--dataset", "{w}/latents", "--out",
+                                   "{w}/model_bad_index/latents"], "is inside --vae {w}/model_bad_index"),
+    ("diagnose-out-inside-the-latents", ["diagnose", "--model-dir", "{w}/model_bad_index", "--latents",
+                                         "{w}/latents", "--out", "{w}/latents/diagnose"], "is inside --latents"),
+    ("train-model-dir-inside-the-dataset", [*TRAIN_VAE, "--workdir", "{w}/new", "--model-dir", "{w}/latents/model",
+                                            "--config.data.dataset={w}/latents"],
+     "--model-dir {w}/latents/model is inside --config.data.dataset {w}/latents"),
+    ("embed-output-inside-the-encoder", [*EMBED, "--model-dir", "{w}/folder", "--cache", "{w}/c.sqlite", "--output",
+                                         "{w}/folder/prompts.npz"], "is inside --model-dir {w}/folder"),
     # demo
     ("demo-out-users-folder", ["demo", "--out", "{w}/user", "--quick"], "not written by diffusets-jax demo"),
     ("demo-out-is-a-file", ["demo", "--out", "{w}/file.txt", "--quick"], "is an existing file"),
@@ -811,7 +827,8 @@ def test_sample_refuses_more_steps_than_the_models_schedule_before_loading_it_or
                          "40", "--hr", "60", "--sampler", "ddim", "--steps", "2000", "--out", str(tmp_path / "out")],
                         capsys)
     assert code == 2
-    assert_one_line(err, "steps must be in [1, 1000] for a 1000-step schedule, got 2000")
+    assert_one_line(err, "steps 2000 (--steps) is more than this model's 1000-step schedule has: give --steps from 1 "
+                         "to 1000")
     assert snapshot(tmp_path) == before
 
 

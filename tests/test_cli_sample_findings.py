@@ -118,6 +118,6 @@ def test_bad_findings_inputs_are_one_line_before_the_model_loads(tmp_path, capsy
 
 
 def test_allow_unapproved_needs_findings(tmp_path, capsys):
-    code = main(["sample", "--model-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--text", "Sinus rhythm",
+    code = main(["sample", "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--text", "Sinus rhythm",
                  "--sex", "M", "--age", "40", "--hr", "60", "--allow-unapproved-findings"])
     assert "--allow-unapproved-findings goes with --findings FILE" in _one_line_error(capsys, code)

@@ -124,3 +124,30 @@ def test_a_bfloat16_npz_is_one_line_not_a_traceback():
     with pytest.raises(ValueError, match=r"'w' holds \|V2 values, not numbers \(numpy.savez keeps no bfloat16"):
         check_weight("U-Net checkpoint", "w", value, (3,), lambda x: x)
     check_weight("U-Net checkpoint", "w", np.ones(3, ml_dtypes.bfloat16), (3,), lambda x: x)  # safetensors' own
+
+
+def test_a_lightning_checkpoint_converts_without_its_attribute_prefix(tmp_path, fake_torch, capsys):
+    """A PyTorch Lightning `.ckpt` keeps the network under the LightningModule attribute holding it:
+    `{'state_dict': {'model.encoder.0.weight': ..}, 'epoch': ..}`. `convert` refused it with the missing-key line
+    ("VAE checkpoint: every key must start with 'encoder.' or 'decoder.'")."""
+    import jax
+
+    from diffusets_jax.convert import vae_from_torch, vae_to_torch
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    vae, vae_vars, _, _ = tiny_vae_unet()
+    flat = vae_to_torch(vae_vars, groups=vae.groups)
+    _zip_pth(tmp_path / "vae-epoch=3.ckpt")
+    fake_torch.saved = {"state_dict": {f"model.{key}": _Tensor(value) for key, value in flat.items()}, "epoch": 3}
+    module, variables = vae_from_torch(load_state_dict(tmp_path / "vae-epoch=3.ckpt"), groups=vae.groups)
+    assert module == vae
+    jax.tree.map(np.testing.assert_array_equal, variables, vae_from_torch(flat, groups=vae.groups)[1])
+    # Only a prefix that leaves exactly the architecture's keys: one key short, the line names the keys as stored.
+    with pytest.raises(ValueError, match=r"every key must start with 'encoder.' or 'decoder.' .* model\.decoder"):
+        vae_from_torch({f"model.{key}": value for key, value in flat.items() if key != "decoder.0.weight"},
+                       groups=vae.groups)
+    # A prefixed checkpoint's other faults are its own, not a missing-key line.
+    broken = {f"net.{key}": value for key, value in flat.items()}
+    broken["net.encoder.0.weight"] = broken["net.encoder.0.weight"] * np.nan
+    with pytest.raises(ValueError, match="'0.weight' holds NaN or inf values"):
+        vae_from_torch(broken, groups=vae.groups)

@@ -110,12 +110,36 @@ def test_overwrite_is_refused_while_a_run_reads_the_dataset(tmp_path, capsys):
     assert len(ecgs(data)) == 2
 
 
-def test_a_record_file_fixed_since_the_build_is_decoded_again(tmp_path, capsys):
+def test_a_record_file_fixed_since_the_build_is_decoded_again(tmp_path, capsys, monkeypatch):
     """A header's gain corrected after a build: the rerun found the same records (paths and metadata), called the
-    dataset complete, and --overwrite reused the chunk decoded from the wrong gain."""
+    dataset complete, and --overwrite reused the chunk decoded from the wrong gain.
+
+    Each run hashes its record list once: prepare's check and the card it writes each hashed it (and an --overwrite
+    hashed the legacy form twice), a pass over every record, tens of seconds at MIMIC-IV-ECG's 800k."""
+    from diffusets_jax.data import records
+
+    calls = {"chunk_fingerprint": 0, "legacy_chunk_fingerprint": 0}
+    def counting(name):
+        real = getattr(records, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(records, name, counting(name))
+
+    def passes() -> dict[str, int]:  # the records' hashes beyond one per decode chunk, since the last call
+        chunks = json.loads((dataset_dir(data) / REPORT_FILENAME).read_text())["decode_chunks"]["total"]
+        found = {"records": calls["chunk_fingerprint"] - chunks, "legacy": calls["legacy_chunk_fingerprint"]}
+        calls.update(chunk_fingerprint=0, legacy_chunk_fingerprint=0)
+        return found
+
     manual = copy_records(tmp_path / "cinc")
     data = tmp_path / "data"
     assert prepare(manual, data) == 0
+    assert passes() == {"records": 1, "legacy": 0}
     first = ecgs(data)
     header = manual / "E07502.hea"
     header.write_text(header.read_text().replace("1000.0(0)/mV", "500.0(0)/mV"))  # twice the amplitude
@@ -123,7 +147,9 @@ def test_a_record_file_fixed_since_the_build_is_decoded_again(tmp_path, capsys):
     assert prepare(manual, data) == 2  # another build's records now: refused without --overwrite
     errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "modification time" in errors[0], errors
+    calls.update(chunk_fingerprint=0, legacy_chunk_fingerprint=0)
     assert prepare(manual, data, "--overwrite") == 0
+    assert passes() == {"records": 1, "legacy": 1}
     report = json.loads((dataset_dir(data) / REPORT_FILENAME).read_text())
     assert report["decode_chunks"]["decoded"] >= 1
     second = ecgs(data)

@@ -350,16 +350,17 @@ def run_bad(argv, capsys) -> str:
 def test_bad_inputs_are_one_line_each(index_only_model_dir, latents_dir, tmp_path, capsys, no_weights):
     model_dir = index_only_model_dir
     base = ["--model-dir", str(model_dir), "--latents", str(latents_dir), "--out", str(tmp_path / "o")]
-    assert "has no unet" in run_bad(["--model-dir", str(tmp_path), *base[2:]], capsys)
+    (tmp_path / "no_unet").mkdir()
+    assert "has no unet" in run_bad(["--model-dir", str(tmp_path / "no_unet"), *base[2:]], capsys)
     assert "--model-dir" in run_bad(["--model-dir", str(tmp_path / "missing"), *base[2:]], capsys)
     assert "no split 'dev'" in run_bad([*base, "--split", "dev"], capsys)
     assert "out of range" in run_bad([*base, "--timesteps", "50,1000"], capsys)
     assert "not an integer" in run_bad([*base, "--timesteps", "50,late"], capsys)
     assert "argument --n: must be a whole number >= 1" in run_bad([*base, "--n", "0"], capsys)
     assert "--tolerance" in run_bad([*base, "--tolerance", "0.9"], capsys)
-    assert "not a dataset directory" in run_bad([*base[:2], "--latents", str(tmp_path), *base[4:]], capsys)
+    assert "not a dataset directory" in run_bad([*base[:2], "--latents", str(tmp_path / "no_unet"), *base[4:]], capsys)
     # More steps than the schedule has: was refused only after the denoising pass, the folder left "running".
-    assert "steps must be in [1, 1000] for a 1000-step schedule, got 5000" in run_bad(
+    assert "steps 5000 (--steps) is more than this model's 1000-step schedule has: give --steps from 1 to 1000" in run_bad(
         [*base, "--sampler", "ddim", "--steps", "5000"], capsys)
     assert not (tmp_path / "o").exists()  # nothing was claimed
 

@@ -323,6 +323,11 @@ def test_bad_dataset_output_and_model(tiny_data, tiny_model, tmp_path, capsys):
     (other / "model_index.json").write_text(json.dumps(index))
     code, _, err = _run(capsys, "--dataset", tiny_data["dataset"], "--model-dir", other, "--out", tmp_path / "b")
     assert code == 2 and "'other-embedding'" in err and not (tmp_path / "b").exists(), err
+    # More sampling steps than the model's schedule has, found when the generator was built: after --out was
+    # claimed and the records read, in a line naming --steps, which here is the classifiers' training steps.
+    code, _, err = _run(capsys, "--dataset", tiny_data["dataset"], "--model-dir", tiny_model, "--sampling-steps",
+                        "2000", "--out", tmp_path / "c")
+    assert code == 2 and "(--sampling-steps)" in err and not (tmp_path / "c").exists(), err
     # A user's folder is never written into.
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "notes.txt").write_text("keep")

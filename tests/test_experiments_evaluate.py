@@ -300,7 +300,7 @@ def test_protocols_and_their_errors():
 
 
 @pytest.mark.slow
-def test_evaluate_command_paper_protocol_by_condition_and_ablation(clip, dataset, tmp_path, capsys):
+def test_evaluate_command_paper_protocol_by_condition_and_ablation(clip, dataset, tmp_path, capsys, monkeypatch):
     """`evaluate` end to end: the paper protocol (reconstructed references, DDPM; 2 steps to stay quick), per
     condition, and two model directories (with and without patient information) compared side by side."""
     from diffusets_jax.cli import main
@@ -328,6 +328,14 @@ def test_evaluate_command_paper_protocol_by_condition_and_ablation(clip, dataset
     assert main(["evaluate", "--model-dir", str(with_patient), "--labels", "a", "b", "--dataset", dataset.data_dir,
                  "--out", str(tmp_path / "y")]) == 2
     assert "one label per --model-dir" in capsys.readouterr().err
+    # More steps than the models' schedule has: one line naming --steps, found from the model index before the
+    # CLIP loads (the generators were built after it).
+    with monkeypatch.context() as patched:
+        patched.setattr(ev, "load_clip", lambda *_: pytest.fail("the CLIP loaded before --steps was checked"))
+        at = args.index("--steps") + 1
+        assert main([*args[:at], "2000", *args[at + 1:-1], str(tmp_path / "z")]) == 2
+    assert "steps 2000 (--steps) is more than this model's 1000-step schedule" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
 
 
 def test_each_model_gets_its_own_label_and_report_folder(tmp_path):

@@ -461,9 +461,14 @@ def test_a_kits_real_ecgs_and_conditions_come_from_one_build(tiny_dataset, input
         return read_rows(self, rows)
 
     monkeypatch.setattr(turing.SplitRows, "read", read_after_a_replacement_tried)
+    from diffusets_jax.experiments import evaluate
+
+    opened, open_dataset = [], evaluate.ecg_dataset  # opened once, held and read (it was twice); a builder passes
+    monkeypatch.setattr(evaluate, "ecg_dataset", lambda dataset, *a, **k: (
+        opened.append(dataset) if isinstance(dataset, str | os.PathLike) else None) or open_dataset(dataset, *a, **k))
     build_kit(tmp_path / "kit", KitOptions("real-vs-generated", n_real=3, n_generated=2, seed=0, dpi=DPI),
               generated=inputs["generated"], dataset=tiny_dataset, split="test")
-    assert replaced == [False]
+    assert replaced == [False] and len(opened) == 1
     with exclusive_lock(tiny_dataset, "busy", name=READERS_LOCK):  # released once the kit's inputs are read
         pass
 

@@ -17,7 +17,6 @@ def test_an_output_folder_that_is_or_holds_an_input_is_refused(tmp_path):
     (project / "cond.csv").write_text("text,sex,age,hr\n")
     dataset, conditions = [("--dataset", project / "data")], [("--conditions", project / "cond.csv")]
     check_reads_apart(tmp_path / "elsewhere", dataset)
-    check_reads_apart(project / "data" / "out", dataset)  # inside an input: replacing it replaces only itself
     check_reads_apart(tmp_path / "proj", [("--conditions", tmp_path / "project" / "cond.csv")])  # not a prefix test
     check_reads_apart(project, [("--dataset", None)])  # an input not given
     with pytest.raises(ValueError, match=r"--out .*/project holds --dataset .*/project/data, which this run reads: "
@@ -25,6 +24,13 @@ def test_an_output_folder_that_is_or_holds_an_input_is_refused(tmp_path):
         check_reads_apart(project, dataset)
     with pytest.raises(ValueError, match=r"--workdir .*/data is --dataset .*; choose another --workdir"):
         check_reads_apart(project / "data", dataset, "--workdir")
+    # Inside an input folder, with or without --overwrite: its outputs would mix with a model's or dataset's files.
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"--out .*/data/out is inside --dataset .*/project/data, which this run "
+                                             r"reads: its outputs would mix with that folder's own files"):
+            check_reads_apart(project / "data" / "out", dataset, overwrite=overwrite)
+    check_reads_apart(project / "data" / "out", [("--data-dir", project / "data")])  # a data dir holds datasets
+    check_reads_apart(project / "cond.csv" / "out", conditions, overwrite=False)  # a file is no folder to mix into
     # Paths are compared as they resolve: through `..` and symbolic links.
     (tmp_path / "link").symlink_to(project)
     for out in (tmp_path / "link", project / "data" / "..", tmp_path / "elsewhere" / ".." / "project"):

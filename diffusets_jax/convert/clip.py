@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusets_jax.convert.common import (
+    KeyMismatch,
     StateDict,
     check_keys,
     check_weight,
     conv_from_torch,
     conv_to_torch,
+    convert_unprefixed,
     dense_from_torch,
     dense_to_torch,
     flatten_state_dict,
@@ -80,7 +82,7 @@ def _infer_config(sd: StateDict) -> CLIP:
               "resnet.stage_list.0.block_list.0.conv2.conv.weight"]
     missing = [key for key in needed if key not in sd]
     if missing:
-        raise ValueError(f"CLIP checkpoint is missing {', '.join(missing)}; is this clip_model.pth?")
+        raise KeyMismatch(f"CLIP checkpoint is missing {', '.join(missing)}; is this clip_model.pth?")
     first = sd["resnet.first_conv.conv.weight"]  # (base_filters, in_channels, kernel)
     filters, blocks_per_stage = [], []
     while f"resnet.stage_list.{len(filters)}.block_list.0.conv3.conv.weight" in sd:
@@ -111,9 +113,13 @@ def clip_from_torch(state_dict: Mapping) -> tuple[CLIP, dict]:
 
     Sizes (input leads, Net1D widths and depths, kernel, group width, text dim, projection dim) come from the
     shapes. Net1D's first conv is permuted so the converted model takes standard lead order ECGs. Raises
-    ValueError naming every missing or unexpected key.
+    ValueError naming every missing or unexpected key. A prefix common to every key that leaves exactly the CLIP's
+    keys (a Lightning `.ckpt`'s `model.`) is dropped (`common.convert_unprefixed`).
     """
-    sd = flatten_state_dict(state_dict)
+    return convert_unprefixed(flatten_state_dict(state_dict), _clip_from_torch)
+
+
+def _clip_from_torch(sd: StateDict) -> tuple[CLIP, dict]:
     clip = _infer_config(sd)
     mapping = _mapping(clip)
     check_keys(sd, [key for key, _, _, _ in mapping], (_UNUSED_FIRST_BN,), what="CLIP checkpoint")

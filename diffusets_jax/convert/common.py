@@ -9,11 +9,18 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
 import numpy as np
 
 StateDict = dict[str, np.ndarray]
+T = TypeVar("T")
+
+
+class KeyMismatch(ValueError):
+    """A checkpoint whose keys are not the architecture's: keys missing (those the architecture is read from, or
+    any other) or unexpected. A ValueError: one line, exit code 2."""
 
 
 def flatten_state_dict(tree: Mapping, prefix: str = "") -> StateDict:
@@ -65,6 +72,38 @@ def _drop_wrapper_prefixes(flat: StateDict, path: str) -> StateDict:
     return out
 
 
+def convert_unprefixed(state_dict: Mapping, convert: Callable[[StateDict], T]) -> T:
+    """`convert(state_dict)` (a flat state dict); where its keys do not match the architecture (`KeyMismatch`) and
+    all of them start with the same components, `convert` of the keys without the shortest such prefix that leaves
+    exactly the architecture's keys.
+
+    The rule `load_state_dict` applies to `module.`/`_orig_mod.`, for the prefixes no list can name: a PyTorch
+    Lightning `.ckpt` keeps the network under the LightningModule attribute holding it (`model.`, `net.`, `unet.`).
+    Such a prefix is dropped only where what is left is exactly the expected key set, so it cannot make another
+    network's checkpoint convert; where none is, the mismatch is reported with the keys as stored."""
+    try:
+        return convert(state_dict)
+    except KeyMismatch as mismatch:
+        for stripped in _without_common_prefixes(state_dict):
+            try:
+                return convert(stripped)
+            except KeyMismatch:
+                continue
+        raise mismatch
+
+
+def _without_common_prefixes(state_dict: Mapping) -> Iterator[StateDict]:
+    """`state_dict` without its first component, then its first two, ..., while every key has them in common and
+    something after them."""
+    parts = {key: key.split(".") for key in state_dict}
+    if not parts:
+        return
+    depth = 1
+    while all(len(p) > depth for p in parts.values()) and len({tuple(p[:depth]) for p in parts.values()}) == 1:
+        yield {".".join(p[depth:]): state_dict[key] for key, p in parts.items()}
+        depth += 1
+
+
 def load_state_dict(path: str | os.PathLike) -> StateDict:
     """Read a checkpoint file into a flat {PyTorch key: numpy array} dict.
 
@@ -72,7 +111,8 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     same keys need nothing extra. Nested dicts such as `vae_model.pth`'s `{'encoder': ..., 'decoder': ...}`
     come back with `encoder.` / `decoder.` key prefixes. A training wrapper (`{'state_dict': sd, 'epoch': ..}`,
     `{'model': sd, ..}`) is opened to the state dict, and the `module.` (DataParallel/DDP) and `_orig_mod.`
-    (`torch.compile`) key prefixes are dropped. bfloat16 tensors come back as float32.
+    (`torch.compile`) key prefixes are dropped (any other prefix common to every key, a Lightning `.ckpt`'s
+    `model.`, by the converters: `convert_unprefixed`). bfloat16 tensors come back as float32.
     """
     return _drop_wrapper_prefixes(_read_state_dict(os.fspath(path)), os.fspath(path))
 
@@ -179,7 +219,7 @@ def check_keys(
             parts.append(
                 f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else "")
             )
-        raise ValueError(f"{what} does not match the expected architecture: " + "; ".join(parts))
+        raise KeyMismatch(f"{what} does not match the expected architecture: " + "; ".join(parts))
 
 
 def conv_from_torch(weight: np.ndarray) -> np.ndarray:

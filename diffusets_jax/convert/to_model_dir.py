@@ -61,11 +61,14 @@ def unet_conditioning(text_dim: int, *, embedder_kind: str | None = None, embedd
 
 def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet: str | None = None,
                          clip: str | None = None, conditioning_options: dict[str, Any] | None = None,
-                         overwrite: bool = False) -> list[tuple[str, Path, Any, int]]:
-    """Convert the given checkpoints into model directory `out`; `(name, folder, module, parameter count)` each.
+                         overwrite: bool = False) -> list[tuple[str, Path, Any, int | None]]:
+    """Convert the given checkpoints into model directory `out`; `(name, folder, module, parameter count)` each,
+    module and count None for a component left as this same conversion wrote it before.
 
     Every input is checked (exists, readable), and every component name free in `out` (or `overwrite`), before
-    anything is written.
+    anything is written. A component recorded with this conversion's fingerprint (`conversion_fingerprint`: the
+    same checkpoint content and settings) is this command's own output: a rerun after an interruption between
+    components leaves it as it is and writes the rest, without --overwrite (which converts it again).
     """
     import jax
 
@@ -76,26 +79,38 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
     jobs = [(name, path) for name, path in (("vae", vae), ("unet", unet), ("clip", clip)) if path]
     if not jobs:
         raise ValueError("nothing to convert: give at least one of --vae, --unet, --clip")
+    prints: dict[str, tuple[str, str]] = {}  # name -> (checkpoint sha256, conversion fingerprint)
+    done: dict[str, Path] = {}  # components this same conversion wrote before
     for name, path in jobs:
         if os.path.isdir(path):
             raise ValueError(f"{COMPONENT_FLAGS[name]} {path} is a directory: give the checkpoint file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{COMPONENT_FLAGS[name]} {path} does not exist")
+        sha256 = file_sha256(path)
+        prints[name] = (sha256, conversion_fingerprint(name, sha256, conditioning_options if name == "unet" else None))
+        if not overwrite and _converted_here(out, name, prints[name][1]):
+            done[name] = Path(out) / name
+            continue
         model_dirs.check_component_writable(out, name, overwrite=overwrite, flag="--out")
         if overwrite:  # a checkpoint kept inside the component it replaces would go with it
             check_reads_apart(Path(out) / name, [(COMPONENT_FLAGS[n], p) for n, p in jobs], "--out")
     converted = []
     conditioning = None
     for name, path in jobs:  # convert all first: a bad file fails before the model directory is touched
+        if name in done:
+            continue
         module, variables = getattr(convert, f"{name}_from_torch")(convert.load_state_dict(path))
         if name == "unet":  # its embedder too: checked after writing, a refusal left the VAE converted with it
             conditioning = unet_conditioning(int(module.text_dim), **(conditioning_options or {}))
         converted.append((name, path, module, variables))
-    written: list[tuple[str, Path, Any, int]] = []
-    vae_uid = None
+    written: list[tuple[str, Path, Any, int | None]] = [(name, done[name], None, None) for name, _ in jobs
+                                                       if name in done]
+    # A VAE and U-Net converted together are the published pair, also when this conversion wrote the VAE before.
+    vae_uid = model_dirs.read_index(out).components["vae"]["uid"] if "vae" in done else None
     for name, path, module, variables in converted:
-        provenance = {"source": "converted", "checkpoint": {"file": os.path.abspath(path),
-                                                            "sha256": file_sha256(path)}}
+        sha256, print_ = prints[name]
+        provenance = {"source": "converted", "checkpoint": {"file": os.path.abspath(path), "sha256": sha256},
+                      "conversion": print_}
         if name == "unet":
             diffusion = DiffusionSpec()  # the published schedule and latent scale; no data to measure its std on
             folder = model_dirs.write_component(out, "unet", module, variables, provenance=provenance,
@@ -110,3 +125,22 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
         count = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree.leaves(variables["params"]))
         written.append((name, folder, module, count))
     return written
+
+
+def conversion_fingerprint(name: str, sha256: str, conditioning_options: dict[str, Any] | None) -> str:
+    """What one converted component is made from: its name, its checkpoint's content and, for a U-Net, the
+    conditioning options recorded with it (`io.run_dir.fingerprint`)."""
+    from diffusets_jax.io.run_dir import fingerprint
+
+    return fingerprint({"command": "convert", "component": name, "checkpoint_sha256": sha256,
+                        "conditioning": conditioning_options})
+
+
+def _converted_here(out: str | os.PathLike, name: str, print_: str) -> bool:
+    """Whether `out` holds component `name` as the conversion of fingerprint `print_` wrote it."""
+    from diffusets_jax.models import model_dir as model_dirs
+
+    if not (Path(out) / name).is_dir() or not (Path(out) / model_dirs.MODEL_INDEX).is_file():
+        return False
+    entry = model_dirs.read_index(out).components.get(name) or {}
+    return (entry.get("provenance") or {}).get("conversion") == print_

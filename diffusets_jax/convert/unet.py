@@ -20,13 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusets_jax.convert.common import (
+    KeyMismatch,
     StateDict,
     check_keys,
     check_weight,
     conv_from_torch,
     conv_to_torch,
+    convert_unprefixed,
     dense_from_torch,
     dense_to_torch,
+    flatten_state_dict,
 )
 from diffusets_jax.models.unet import UNet
 
@@ -102,7 +105,7 @@ def unet_config_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[st
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in state_dict:
-            raise ValueError(
+            raise KeyMismatch(
                 f"U-Net checkpoint: key {key!r} is missing, so the architecture cannot be read from it; is this "
                 "a DiffuSETS U-Net state dict (unet_all.pth)?"
             )
@@ -147,8 +150,16 @@ def unet_from_torch(
     The architecture (levels, widths, kernel size, text dim) is read from the shapes; head counts are not
     stored in checkpoints (published: 8 and 4). `module_kwargs` go to `UNet` (e.g. `dtype=jnp.bfloat16`).
     Variables are float32 numpy-backed `{'params': ..., 'constants': ...}`; the checkpoint's time tables are
-    copied bit-for-bit. Raises ValueError naming missing/unexpected keys or a key with the wrong shape.
+    copied bit-for-bit. Raises ValueError naming missing/unexpected keys or a key with the wrong shape. A prefix
+    common to every key that leaves exactly the U-Net's keys (a Lightning `.ckpt`'s `model.`) is dropped
+    (`common.convert_unprefixed`).
     """
+    return convert_unprefixed(flatten_state_dict(state_dict), functools.partial(
+        _unet_from_torch, num_heads=num_heads, bottleneck_heads=bottleneck_heads, **module_kwargs))
+
+
+def _unet_from_torch(state_dict: StateDict, *, num_heads: int, bottleneck_heads: int,
+                     **module_kwargs: Any) -> tuple[UNet, dict]:
     config = unet_config_from_state_dict(state_dict)
     # Head counts are not in the checkpoint: say so here, not as an attention error deep in the module's init.
     uneven = sorted({w for w in (*config["down_attention_dims"], *config["up_attention_dims"]) if w % num_heads}

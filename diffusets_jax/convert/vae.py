@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusets_jax.convert.common import (
+    KeyMismatch,
     StateDict,
     check_keys,
     check_weight,
     conv_from_torch,
     conv_to_torch,
+    convert_unprefixed,
     dense_from_torch,
     dense_to_torch,
     flatten_state_dict,
@@ -130,13 +132,13 @@ def _split_halves(state_dict: Mapping) -> tuple[StateDict, StateDict]:
         else:
             stray.append(key)
     if stray:
-        raise ValueError(
+        raise KeyMismatch(
             "VAE checkpoint: every key must start with 'encoder.' or 'decoder.' (vae_model.pth holds "
             f"{{'encoder': state_dict, 'decoder': state_dict}}); unexpected keys: {', '.join(sorted(stray)[:20])}"
         )
     for half, sd in halves.items():
         if not sd:
-            raise ValueError(f"VAE checkpoint has no '{half}.' keys: is this vae_model.pth?")
+            raise KeyMismatch(f"VAE checkpoint has no '{half}.' keys: is this vae_model.pth?")
     return halves["encoder"], halves["decoder"]
 
 
@@ -147,7 +149,7 @@ def _infer_config(encoder: StateDict, decoder: StateDict, groups: int) -> VAE:
     downsampling convs, whose output width is the level's width) alternate until the attention block.
     """
     if "0.weight" not in encoder or "0.weight" not in decoder:
-        raise ValueError("VAE checkpoint is missing 'encoder.0.weight' or 'decoder.0.weight'; is this vae_model.pth?")
+        raise KeyMismatch("VAE checkpoint is missing 'encoder.0.weight' or 'decoder.0.weight'; is this vae_model.pth?")
     widths: list[int] = []
     blocks = None
     index = 1
@@ -157,7 +159,7 @@ def _infer_config(encoder: StateDict, decoder: StateDict, groups: int) -> VAE:
             blocks = index - 1 if blocks is None else blocks
         index += 1
     if not widths or blocks is None:
-        raise ValueError("VAE checkpoint: found no downsampling convs in the encoder; is this the DiffuSETS VAE?")
+        raise KeyMismatch("VAE checkpoint: found no downsampling convs in the encoder; is this the DiffuSETS VAE?")
     # The group count is not in the checkpoint: say so here, not as a GroupNorm error deep in the module's init.
     uneven = sorted({w for w in widths if w % groups})
     if uneven:
@@ -181,8 +183,13 @@ def vae_from_torch(state_dict: Mapping, groups: int = 32) -> tuple[VAE, dict]:
     dict with `encoder.` / `decoder.` key prefixes (as `load_state_dict` returns). Widths, channel counts and
     blocks per level are read from the shapes; `groups` (GroupNorm groups) is not stored in a checkpoint.
     The ECG-facing convs are permuted so the converted model takes and returns the standard lead order.
-    Raises ValueError naming every missing or unexpected key.
+    Raises ValueError naming every missing or unexpected key. A prefix common to every key that leaves exactly the
+    VAE's keys (a Lightning `.ckpt`'s `model.`) is dropped (`common.convert_unprefixed`).
     """
+    return convert_unprefixed(flatten_state_dict(state_dict), functools.partial(_vae_from_torch, groups=groups))
+
+
+def _vae_from_torch(state_dict: StateDict, groups: int) -> tuple[VAE, dict]:
     encoder_sd, decoder_sd = _split_halves(state_dict)
     vae = _infer_config(encoder_sd, decoder_sd, groups)
     abstract = _abstract_params(vae)

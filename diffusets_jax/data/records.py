@@ -360,6 +360,28 @@ def legacy_chunk_fingerprint(candidates: Sequence[RecordCandidate], options: Dec
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+_LISTING_BLOCK = 4096  # records per chunk fingerprint in a listing's: part of the recorded value
+
+
+def listing_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOptions,
+                        stamps: Sequence[tuple[tuple[str, int, int], ...]]) -> str:
+    """A dataset card's `records_fingerprint`: `chunk_fingerprint` of each block of a whole listing's records, in
+    order, hashed together."""
+    digest = hashlib.sha256()
+    for start in range(0, len(candidates), _LISTING_BLOCK):
+        digest.update(chunk_fingerprint(candidates[start : start + _LISTING_BLOCK], options,
+                                        stamps[start : start + _LISTING_BLOCK]).encode())
+    return digest.hexdigest()[:24]
+
+
+def legacy_listing_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOptions) -> str:
+    """`listing_fingerprint` as dataset cards recorded it until 2026-12-06 (`legacy_chunk_fingerprint`)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(candidates), _LISTING_BLOCK):
+        digest.update(legacy_chunk_fingerprint(candidates[start : start + _LISTING_BLOCK], options).encode())
+    return digest.hexdigest()[:24]
+
+
 def decode_chunk(manual_dir: str, candidates: Sequence[RecordCandidate], options: DecodeOptions) -> ChunkResult:
     """Decode every candidate of a chunk; bad records are recorded, never raised."""
     ok_index, ecgs, rates, sources, leads, flats = [], [], [], [], [], []

@@ -269,12 +269,21 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailin
     return timesteps
 
 
+def check_steps(config: SamplerConfig, num_timesteps: int, flag: str = "--steps") -> None:
+    """Refuse more steps than the model's schedule has timesteps, in one line naming the command's `flag`: every
+    sampler's steps pass here (`sampler_timesteps`), and a command whose generator is built late checks first."""
+    if not 1 <= config.steps <= num_timesteps:
+        raise ValueError(f"steps {config.steps} ({flag}) is more than this model's {num_timesteps}-step schedule "
+                         f"has: give {flag} from 1 to {num_timesteps}")
+
+
 def sampler_timesteps(config: SamplerConfig, schedule: NoiseSchedule) -> np.ndarray:
     """The timesteps `(config.steps,)` int32 that `sample` visits, descending.
 
     The noise-level spacings are chosen from the schedule's values, so the schedule must be concrete (closed
     over by the jitted function, as `jit_generate` does), not a traced argument.
     """
+    check_steps(config, schedule.num_timesteps)
     spacing = config.effective_timestep_spacing
     alphas_cumprod = None
     if spacing in SIGMA_SPACINGS:

@@ -521,7 +521,7 @@ def run_downstream(
     from diffusets_jax import parallel
     from diffusets_jax.data.card import read_card
     from diffusets_jax.data.location import dataset_folder
-    from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.diffusion.samplers import check_steps, sampler_config
     from diffusets_jax.experiments.evaluate import ecg_dataset
     from diffusets_jax.io.run_dir import check_output_path, output_dir, reading
     from diffusets_jax.train.classifier import build_classifier, classifier_task, make_predictor
@@ -559,6 +559,8 @@ def run_downstream(
 
         index = model_dirs.read_index(model_dir)
         model_dirs.require(index, model_dir, "vae", "unet")
+        if generator_needed:  # its generator is built once --out is claimed and the records are read
+            check_steps(sampler, index.diffusion.schedule.num_timesteps, "--sampling-steps")
         from diffusets_jax.data.card import check_embeddings_fit
 
         check_embeddings_fit(index.conditioning, card, model=f"the U-Net of --model-dir {model_dir}",

@@ -178,13 +178,15 @@ def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
 
 
 def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
-                       limit: int | None = None) -> EcgSet:
+                       limit: int | None = None, builder: Any = None) -> EcgSet:  # noqa: ANN401 (a TFDS builder)
     """Real ECGs and their conditions from a prepared dataset split (`experiments.evaluate.load_split`; `limit`
-    reads only its first examples): the conditions of every record, the ECGs as `SplitRows` (read once chosen)."""
+    reads only its first examples): the conditions of every record, the ECGs as `SplitRows` (read once chosen).
+    `builder`: the dataset's builder when the caller has opened it (`experiments.evaluate.ecg_dataset`)."""
     from diffusets_jax.data.card import card_fingerprint
     from diffusets_jax.experiments.evaluate import ecg_dataset, load_split
 
-    builder = ecg_dataset(dataset, data_dir, kind="prepared")  # opened once: read, and fingerprinted
+    if builder is None:  # opened once: read, and fingerprinted
+        builder = ecg_dataset(dataset, data_dir, kind="prepared")
     columns = load_split(builder, split, limit=limit, ecg_rows=[])  # every ECG looked at, none kept
     _check_ecg_shape((len(columns["finite"]), *builder.info.features["ecg"].shape), f"dataset {dataset} split {split}")
     conditions: list[dict[str, Any] | None] = _split_conditions(columns, split)
@@ -459,8 +461,9 @@ def build_kit(
         elif dataset is not None:
             # The split's conditions are read here and its chosen ECGs below: held as read in between, so that a
             # `prepare --overwrite` cannot pair one build's conditions with another build's ECGs.
-            held.enter_context(reading(ecg_dataset(dataset, data_dir, kind="prepared").data_dir))
-            real_set = load_dataset_split(dataset, split, data_dir=data_dir, limit=limit)
+            builder = ecg_dataset(dataset, data_dir, kind="prepared")
+            held.enter_context(reading(builder.data_dir))
+            real_set = load_dataset_split(dataset, split, data_dir=data_dir, limit=limit, builder=builder)
             inputs["real"] = real_set.source
         if options.variant == REAL_VS_GENERATED:
             entries, counts = _real_vs_generated_sheets(rng, options, real_set, generated_set)

@@ -81,8 +81,8 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: 
 
     With `command`, also refuse (unless `overwrite`) a non-empty folder that is not an earlier run of `command`:
     what `output_dir` would refuse, found before a model is loaded. Whether an earlier run of `command` had the
-    same settings is for `output_dir` to say. With `overwrite`, refuse a folder that is or holds one of `reads`,
-    the run's inputs as `(flag, path)` (see `check_reads_apart`).
+    same settings is for `output_dir` to say. Refuse a folder that is, or is inside, a folder of `reads`, the run's
+    inputs as `(flag, path)`, and with `overwrite` one that holds one of them (see `check_reads_apart`).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -90,7 +90,7 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: 
     _check_parents(path, flag)
     if overwrite:
         _check_replaceable(path, flag)
-        check_reads_apart(path, reads, flag)
+    check_reads_apart(path, reads, flag, overwrite=overwrite)
     if command is not None and not overwrite and path.is_dir() and _user_entries(path):
         record = path / RUN_FILE
         existing = read_json(record, "run record") if record.is_file() else None
@@ -99,23 +99,35 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: 
     return path
 
 
-def check_reads_apart(path: str | os.PathLike, reads: Reads, flag: str = "--out") -> None:
-    """Refuse an output folder that `--overwrite` would replace while it is, or holds, one of the run's inputs.
+def check_reads_apart(path: str | os.PathLike, reads: Reads, flag: str = "--out", *, overwrite: bool = True) -> None:
+    """Refuse an output (folder or file) that is, or is inside, a folder the run reads, and one that `overwrite`
+    would replace while it holds one of the run's inputs.
 
     `reads`: `(flag, path)` of each input, a file or folder (a WFDB record's `dir/NAME` too; a None path is
-    skipped; a dataset given by name, not path, is not one). A mistyped `--out` (the folder above the dataset,
-    the model directory itself), then `--overwrite` because the first try was refused, would otherwise delete the
-    dataset or model this very run read, once the run finished. Paths are compared resolved (links, `..`).
+    skipped; a dataset given by name, not path, is not one). Outputs inside an input folder (`sample --out
+    MODEL/samples`) mix with a model's or a dataset's own files, which whatever replaces that folder (a `convert`
+    or `prepare --overwrite`) then takes with it. A TFDS data dir (`DATA_DIR_FLAGS`) is not read as a whole, only
+    the dataset under it: an output beside its datasets is not refused. A mistyped `--out` (the folder above the
+    dataset), then `--overwrite` because the first try was refused, would delete the dataset or model this very
+    run read, once the run finished. Paths are compared resolved (links, `..`).
     """
     out = Path(path).resolve()
     for input_flag, input_path in reads:
         if input_path is None:
             continue
         source = Path(input_path).resolve()
-        if source == out or out in source.parents:
+        if overwrite and (source == out or out in source.parents):
             what = "is" if source == out else "holds"
             raise ValueError(f"{flag} {path} {what} {input_flag} {input_path}, which this run reads: --overwrite "
                              f"would replace it with this run's outputs; choose another {flag}")
+        if input_flag not in DATA_DIR_FLAGS and source.is_dir() and (source == out or source in out.parents):
+            what = "is" if source == out else "is inside"
+            raise ValueError(f"{flag} {path} {what} {input_flag} {input_path}, which this run reads: its outputs "
+                             f"would mix with that folder's own files; choose {flag} outside it")
+
+
+# The flags naming a TFDS data dir: a folder of datasets, of which a run reads only the one it names.
+DATA_DIR_FLAGS = ("--data-dir", "--config.data.data_dir")
 
 
 def _check_replaceable(path: Path, flag: str) -> None:

@@ -298,14 +298,18 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     settings = run_settings(model, config)  # as given, before the dataset resolves anything
     parallel.initialize_distributed()
     from diffusets_jax.data import pipeline  # TensorFlow: only loaded by commands that read datasets
+    from diffusets_jax.data.location import dataset_folder
     from diffusets_jax.io.run_dir import check_output_path, output_dir, reading
 
     pipeline.keep_tensorflow_off_accelerators()
     command = f"train {model}"
-    check_output_path(workdir, "--workdir", command=command, overwrite=overwrite)
+    # The dataset as given (a TFDS name is found under its data dir only once opened, below).
+    given = [("--config.data.dataset", dataset_folder(config.data.dataset)),
+             ("--config.data.data_dir", config.data.data_dir or None)]
+    check_output_path(workdir, "--workdir", command=command, overwrite=overwrite, reads=given)
     own_model_dir = model_dir is None  # the default, WORKDIR/model, lives and is replaced with the workdir
     model_dir = Path(model_dir) if model_dir is not None else Path(workdir) / MODEL_DIR_NAME
-    check_output_path(model_dir, "--model-dir")
+    check_output_path(model_dir, "--model-dir", reads=given)
     check_apart(model_dir, workdir)
     model_dirs.check_component_writable(model_dir, model, workdir=workdir, overwrite=overwrite)
     builder = _load_dataset(model, config)
