@@ -204,3 +204,19 @@ def test_reconstructions_through_the_posterior_mean_or_one_draw_per_row(model_di
                                   gen.reconstruct(ecgs[:1], key=key, rows=rows[:1]))
     with pytest.raises(ValueError, match=r"reconstruct: rows has shape \(\), expected \(3,\)"):
         gen.reconstruct(ecgs, key=key, rows=7)
+
+
+def test_a_sample_whose_embedding_server_keeps_failing_is_one_line_exit_1(model_dir, tmp_path, capsys, monkeypatch):
+    """After its last retry the OpenAI client gives up with a message that says what to do: `sample` prints it as
+    one line with exit 1 (a run that could not finish), as `embed` and `describe` do, not a traceback."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.conditioning.embedders import OpenAIEmbedder
+
+    monkeypatch.setitem(OpenAIEmbedder.__init__.__kwdefaults__, "sleep", lambda seconds: None)  # no backoff waits
+    with fake_openai_env(TEXT_DIM, faults=["500"] * 9):  # the first request and its 8 retries
+        code = main(["sample", "--model-dir", str(model_dir), "--out", str(tmp_path / "out"), "--text", "Sinus rhythm",
+                     "--sex", "M", "--age", "50", "--hr", "90", "-n", "2", "--steps", "2", "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("diffusets-jax sample: error: OpenAI embeddings request failed "
+                                                   "after 9 attempts"), err

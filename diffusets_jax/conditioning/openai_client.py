@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from diffusets_jax.errors import RunFailed
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -102,7 +104,8 @@ class OpenAIConnection:
                 ) from err
             except self._retryable as err:
                 if attempt == self.max_retries:
-                    raise RuntimeError(
+                    # RunFailed: the CLI prints the message as one line, exit 1, whichever command was asking
+                    raise RunFailed(
                         f"OpenAI {self.service} request failed after {self.max_retries + 1} attempts "
                         f"({type(err).__name__}: {err}); {resume_hint}"
                     ) from err
