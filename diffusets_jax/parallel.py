@@ -46,6 +46,10 @@ HEARTBEAT_TIMEOUT_ENV = "DIFFUSETS_HEARTBEAT_TIMEOUT_S"
 WATCH_ENV = "DIFFUSETS_WATCH_HOSTS"
 # How often each process asks the coordination service which processes are still in the run.
 WATCH_INTERVAL_S = 1.0
+# How long a process that sees another leave on an error waits before stopping itself: a `failing_together` block
+# ends on every process at once, each with its own error line and exit code, and the one leaving first must not have
+# the others' watches replace theirs (exit 1) while they are still on their way out.
+LEAVE_GRACE_S = 5.0
 # Each process says under this key prefix how it leaves the run ("finished" or "failed"), before it disconnects:
 # the others do not take a finished one for lost while they write their own results, and see a failed process 0
 # (which stays connected until they have left: see `_RunWatch`).
@@ -176,7 +180,7 @@ class _RunWatch:
             states = {int(key.rsplit("/", 1)[-1]): value for key, value in left.items()}
             gone = [p for p in self.everyone if p != self.process and
                     (states.get(p) == "failed" or (p not in live and states.get(p) != "finished"))]
-            if gone and not self.leaving.is_set():
+            if gone and not self.leaving.wait(LEAVE_GRACE_S):
                 self._stop(gone)
 
     def _stop(self, gone: list[int], service_gone: bool = False) -> None:

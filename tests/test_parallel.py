@@ -100,6 +100,7 @@ def test_initialize_distributed_watch_is_on_by_default_and_can_be_turned_off(mon
     assert calls["heartbeat_timeout_seconds"] == timeout
     assert ("watched" in calls) is recoverable
 
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("how", ["raise", "kill"])
 def test_a_process_leaving_the_run_stops_the_others_in_one_line(how):
