@@ -183,3 +183,21 @@ def test_a_chunk_is_identified_by_its_record_files_size_and_time(tmp_path):
     signal.write_bytes(signal.read_bytes()[:-2])  # another size, even with the old time
     os.utime(signal, ns=(mtime, mtime))
     assert rec.chunk_fingerprint(cands, options, rec.file_stamps(str(tmp_path), cands)) != before
+
+
+def test_fingerprints_keep_the_values_recorded_datasets_hold():
+    """Dataset cards and decode caches recorded these fingerprints: one that moves makes every prepared dataset
+    "built from other records" (rebuilding MIMIC-IV-ECG takes hours). Values from the code of 2026-12-07 (a68cea9),
+    which hashed `dataclasses.asdict` of each record."""
+    cands = [rec.RecordCandidate("files/p1000/p10000032/s40689238/40689238", 10000032, 40689238, 52.0, 0,
+                                 ("Sinus rhythm", "Normal ECG"), 857.0),
+             rec.RecordCandidate("g1/JS20004", 20004, 20004, None, None, (), None, 3, False, True),
+             rec.RecordCandidate("records500/00000/00001_hr", 15709, 1, 56.0, 1,
+                                 ("sinusrhythmus  periphere niederspannung",), strat_fold=3)]
+    stamps = [((".dat", 245760, 1700000000123456789), (".hea", 1203, 1700000000000000000)), (), ((".mat", 10, 5),)]
+    options = rec.DecodeOptions()
+    assert rec.chunk_fingerprint(cands, options, stamps) == "f010a2e03780dd0699e2"
+    assert rec.chunk_fingerprint(cands, rec.DecodeOptions(flat_leads="skip"), stamps) == "3fdf96885b5343dcb048"
+    assert rec.listing_fingerprint(cands, options, stamps) == "c95c30da7328b8ac4d0c4d3a"
+    assert rec.legacy_chunk_fingerprint(cands, options) == "dd2205704d877b70b0c6"
+    assert rec.legacy_listing_fingerprint(cands, options) == "5c9692007776750a2d0f143c"
