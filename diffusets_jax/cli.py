@@ -1389,7 +1389,19 @@ class _OneLineParser(argparse.ArgumentParser):
     the whole usage block first (17 lines for `sample`), burying the line that says what is wrong."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+        self.refuse(f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)")
+
+    def refuse(self, line: str) -> NoReturn:
+        self._print_message(line + "\n", sys.stderr)
+        raise _Refused(line)
+
+
+class _Refused(SystemExit):
+    """A bad argument's exit (code 2), carrying its line: the other hosts of a multi-host run quote it."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(EXIT_BAD_INPUT)
+        self.line = line
 
 
 class _PrintVersion(argparse.Action):
@@ -1462,71 +1474,95 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # only `--config.KEY=VALUE` overrides, and only for commands that take a config
-        from diffusets_jax.config import split_override_args
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # only `--config.KEY=VALUE` overrides, and only for commands that take a config
+            from diffusets_jax.config import split_override_args
 
-        def refuse(message: str) -> NoReturn:  # named after the command, as the subcommand's own parser would
-            parser.exit(EXIT_BAD_INPUT, f"diffusets-jax {args.command}: error: {message} (`diffusets-jax "
-                                        f"{args.command} --help` lists the options)\n")
+            def refuse(message: str) -> NoReturn:  # named after the command, as the subcommand's own parser would
+                parser.refuse(f"diffusets-jax {args.command}: error: {message} (`diffusets-jax {args.command} "
+                              "--help` lists the options)")
 
-        try:
-            overrides, rest = (split_override_args(extra) if getattr(args, "accepts_config_overrides", False)
-                               else ([], extra))
-        except ValueError as err:
-            refuse(str(err))
-        if rest:
-            refuse(f"unrecognized arguments: {' '.join(rest)}")
-        args.config_overrides = overrides
+            try:
+                overrides, rest = (split_override_args(extra) if getattr(args, "accepts_config_overrides", False)
+                                   else ([], extra))
+            except ValueError as err:
+                refuse(str(err))
+            if rest:
+                refuse(f"unrecognized arguments: {' '.join(rest)}")
+            args.config_overrides = overrides
+    except _Refused as refused:
+        _leave_multi_host_run(_command_in(sys.argv[1:] if argv is None else argv), EXIT_BAD_INPUT, refused.line)
+        raise
     if not args.debug:  # TFDS's own notices (deprecations, "Variant folder ... has no dataset_info.json") are noise here
         logging.getLogger("absl").setLevel(logging.ERROR)
-    code = _run_command(args)
-    if code and "diffusets_jax.parallel" in sys.modules:  # else no multi-host run was joined
-        from diffusets_jax import parallel
-
-        # The other hosts of a multi-host run learn that this one stopped when it leaves, not at their next
-        # collective: leave at once instead of waiting for them at exit.
-        parallel.leave_without_waiting()
+    try:
+        code, line = _run_command(args)
+    except Exception:  # a bug's traceback: still no host of the run may wait for this one
+        _leave_multi_host_run(args.command, EXIT_FAILED, None)
+        raise
+    if code:
+        _leave_multi_host_run(args.command, code, line)
     return code
 
 
-def _run_command(args: argparse.Namespace) -> int:
-    """Run the parsed command: its exit code, with one line on stderr for an expected failure."""
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command named in `argv` (the first word that is not an option: the top-level options take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def _leave_multi_host_run(command: str | None, code: int, line: str | None) -> None:
+    """A command that joins multi-host runs stopped with `code` after printing `line`: the other hosts learn it now,
+    whether or not this one had joined the run yet (`parallel.leave_refused_run`), instead of waiting for it at their
+    next collective, or for minutes at start-up."""
+    if command not in MULTI_HOST_COMMANDS:
+        return
+    joined = "diffusets_jax.parallel" in sys.modules
+    if not joined and not any(name in os.environ for name in ("JAX_NUM_PROCESSES", "DIFFUSETS_AUTO_DISTRIBUTED")):
+        return  # no multi-host run: leave JAX unimported (`parallel` decides exactly from the same variables)
+    from diffusets_jax import parallel
+
+    parallel.leave_refused_run(command, code, line)
+
+
+def _run_command(args: argparse.Namespace) -> tuple[int, str | None]:
+    """Run the parsed command: its exit code, and the one line it printed on stderr for an expected failure."""
     from diffusets_jax import compile_cache
     from diffusets_jax.errors import Preempted, RunFailed
+
+    def failed(code: int, line: str) -> tuple[int, str]:
+        print(line, file=sys.stderr)
+        return code, line
 
     try:
         if args.command not in MULTI_HOST_COMMANDS:
             _check_one_process(args.command)
         compile_cache.enable()
-        return int(args.func(args) or 0)
+        return int(args.func(args) or 0), None
     except Preempted as err:  # after saving: the scheduler requeues, the rerun resumes
-        print(f"diffusets-jax {args.command}: {_one_line(err)}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return failed(EXIT_PREEMPTED, f"diffusets-jax {args.command}: {_one_line(err)}")
     except KeyboardInterrupt:
-        print(f"diffusets-jax {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return failed(EXIT_INTERRUPTED, f"diffusets-jax {args.command}: interrupted")
     except Exception as err:
         # Before the bad-input errors: a collective that lost its peer can raise a ValueError (gloo's "Connection
         # closed by peer"), and nothing this host read is at fault.
         if not args.debug and _lost_another_process(err):
             import jax
 
-            print(f"diffusets-jax {args.command}: error: process {jax.process_index()} of {jax.process_count()} "
-                  f"stopped: another process of this multi-host run did not answer in time ({_one_line(err)[:200]}); "
-                  "its own error line says why: fix that and start the command again on every host", file=sys.stderr)
-            return EXIT_FAILED
+            return failed(EXIT_FAILED, f"diffusets-jax {args.command}: error: process {jax.process_index()} of "
+                          f"{jax.process_count()} stopped: another process of this multi-host run did not answer in "
+                          f"time ({_one_line(err)[:200]}); its own error line says why: fix that and start the "
+                          "command again on every host")
         if isinstance(err, (*EXPECTED_ERRORS, RunFailed)):
             if args.debug:
                 raise
-            print(f"diffusets-jax {args.command}: error: {_one_line(err)}", file=sys.stderr)
-            return EXIT_FAILED if isinstance(err, RunFailed) else EXIT_BAD_INPUT
+            return failed(EXIT_FAILED if isinstance(err, RunFailed) else EXIT_BAD_INPUT,
+                          f"diffusets-jax {args.command}: error: {_one_line(err)}")
         if args.debug or not _out_of_memory(err):
             raise
-        print(f"diffusets-jax {args.command}: error: out of memory ({_one_line(err)[:200]}): run it smaller: "
-              "--batch-size, --particles; for train, train.global_batch_size or more train.grad_accum_steps",
-              file=sys.stderr)
-        return EXIT_FAILED
+        return failed(EXIT_FAILED, f"diffusets-jax {args.command}: error: out of memory ({_one_line(err)[:200]}): "
+                      "run it smaller: --batch-size, --particles; for train, train.global_batch_size or more "
+                      "train.grad_accum_steps")
 
 
 def _lost_another_process(err: BaseException) -> bool:

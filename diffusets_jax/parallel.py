@@ -54,6 +54,15 @@ LEAVE_GRACE_S = 5.0
 # the others do not take a finished one for lost while they write their own results, and see a failed process 0
 # (which stays connected until they have left: see `_RunWatch`).
 LEFT_KEY = "diffusets_jax/left"
+# A process that stops on an error line leaves the line under this key prefix first, so the others' lines can say why.
+WHY_KEY = "diffusets_jax/why"
+# A process that refused its input before joining its multi-host run joins it anyway, only to leave it as failed
+# (`leave_refused_run`): otherwise the others wait for it in `jax.distributed.initialize` until JAX's start-up timeout
+# and then abort with a C++ stack trace (measured: 309 s, exit 134, two CPU processes, 2026-12-07). It waits at most
+# this long for them (JAX's timeout is 300 s; a process still connecting then aborts the same way), and after
+# `JOIN_TO_LEAVE_NOTE_S` says what it is waiting for: a host of the run that never started keeps it there.
+JOIN_TO_LEAVE_S = 280.0
+JOIN_TO_LEAVE_NOTE_S = 10.0
 EXIT_BARRIER = "diffusets_jax/exit"
 EXIT_BARRIER_TIMEOUT_MS = 24 * 3600 * 1000  # a healthy host may write its results long after the last collective
 
@@ -152,6 +161,7 @@ class _RunWatch:
         self.patience = heartbeat_timeout + 10 * WATCH_INTERVAL_S
         self.leaving = threading.Event()
         self.failed = False
+        self.reason: str | None = None  # the error line this process printed, when it stops on one
         self.thread = threading.Thread(target=self._run, name="diffusets-run-watch", daemon=True)
 
     @classmethod
@@ -185,16 +195,26 @@ class _RunWatch:
 
     def _stop(self, gone: list[int], service_gone: bool = False) -> None:
         processes = ", ".join(str(p) for p in gone)
+        reasons = [] if service_gone else self._reasons(gone)
+        why = ("; ".join(reasons) if reasons else
+               "it failed, was killed or lost its network: its own log says why")
         print(f"diffusets-jax: error: process {self.process} of {self.count} stopped: process {processes} of "
-              f"{self.count} left the run without finishing (it failed, was killed or lost its network: its own log "
-              "says why); fix that and start the same command again on every host, which resumes the run",
-              file=sys.stderr, flush=True)
+              f"{self.count} left the run without finishing ({why}); fix that and start the same command again on "
+              "every host, which resumes the run", file=sys.stderr, flush=True)
         sys.stdout.flush()
         if not service_gone:
             self._disconnect()
         # The main thread may be blocked in a collective that never returns: nothing short of leaving the process
         # ends it. Files are written under temporary names and renamed, so none is left half-written.
         os._exit(self.exit_code)
+
+    def _reasons(self, gone: list[int]) -> list[str]:
+        """The error lines the processes in `gone` left (`WHY_KEY`), each named by its process."""
+        reasons = []
+        for process in gone:
+            with contextlib.suppress(Exception):  # none left: killed, frozen, or failed without a line
+                reasons.append(f"process {process}: {self.client.key_value_try_get(f'{WHY_KEY}/{process}')}")
+        return reasons
 
     def _disconnect(self) -> None:
         """Leave the coordination service in order (at most `patience` s): process 0, whose service it is, once every
@@ -222,6 +242,8 @@ class _RunWatch:
             self.leaving.set()
             self.thread.join(self.patience)
             with contextlib.suppress(Exception):
+                if self.reason:  # before "failed": a process that sees this one failed finds why at once
+                    self.client.key_value_set(f"{WHY_KEY}/{self.process}", self.reason)
                 self._say("failed")
             if self.process == 0:
                 with contextlib.suppress(Exception):
@@ -239,14 +261,49 @@ class _RunWatch:
             self._disconnect()
 
 
-def leave_without_waiting() -> None:
+def leave_without_waiting(reason: str | None = None) -> None:
     """This process stops on an error: at exit it leaves the multi-host run at once instead of waiting for the others
-    to finish, so they see it gone and stop with one line (a no-op on one host). The CLI calls it for every run that
-    ends with a non-zero exit code."""
+    to finish, so they see it gone and stop with one line, which quotes `reason` (the error line this process
+    printed) when given (a no-op on one host). The CLI calls it for every run that ends with a non-zero exit code."""
     watch = _RunWatch._current
     if watch is not None:
         watch.failed = True
+        watch.reason = reason
         watch.leaving.set()
+
+
+def leave_refused_run(command: str, exit_code: int, reason: str | None = None,
+                      env: Mapping[str, str] | None = None) -> None:
+    """This process of a multi-host run stops on an error (`reason`, the line it printed): leave the run as failed
+    (`leave_without_waiting`), joining it first if it had not, so the other hosts stop in seconds with a line that
+    says why instead of waiting for it (see `JOIN_TO_LEAVE_S`). A no-op when the environment describes no
+    multi-host run. Joining waits for every host of the run to start its command; if one has not after
+    `JOIN_TO_LEAVE_S`, this process ends at once with `exit_code` (the others then meet JAX's own timeout)."""
+    env = os.environ if env is None else env
+    if jax.distributed.is_initialized():  # joined (or JAX itself ends a connection that failed)
+        leave_without_waiting(reason)
+        return
+    joined = threading.Event()
+
+    def join() -> None:
+        with contextlib.suppress(Exception):  # e.g. the very variables the refusal was about: nothing to tell
+            if initialize_distributed(env):
+                leave_without_waiting(reason)
+        joined.set()
+
+    threading.Thread(target=join, name="diffusets-join-to-leave", daemon=True).start()
+    try:
+        if not joined.wait(JOIN_TO_LEAVE_NOTE_S):
+            print(f"diffusets-jax {command}: note: waiting up to {JOIN_TO_LEAVE_S - JOIN_TO_LEAVE_NOTE_S:.0f} s more "
+                  "for every host of this multi-host run to start, to tell them this one stopped (Ctrl-C ends "
+                  "it now)", file=sys.stderr, flush=True)
+            if not joined.wait(JOIN_TO_LEAVE_S - JOIN_TO_LEAVE_NOTE_S):
+                raise TimeoutError
+    except (TimeoutError, KeyboardInterrupt):
+        # A thread still inside `jax.distributed.initialize` would abort the process at JAX's timeout, or hold it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
 
 
 def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:

@@ -28,11 +28,12 @@ def _free_port() -> str:
 
 def run_two_processes(argv: list[str], extra_env: dict[str, str], check: bool = True,
                       file_size_limits: tuple[int | None, int | None] = (None, None),
-                      devices: int = 4) -> list[tuple[int, str]]:
+                      devices: int = 4, extra_argv: tuple[list[str], list[str]] = ([], []),
+                      timeout: float = 900) -> list[tuple[int, str]]:
     """`diffusets-jax ARGV` as processes 0 and 1 of a two-host run of `devices` CPU devices each: each one's (exit
-    code, output). A process still running after 900 s (waiting at a collective for one that stopped) is killed and
-    fails the test. `file_size_limits`: the largest file (kB) each process may write, as on a host whose disk is
-    full."""
+    code, output). A process still running after `timeout` s (waiting at a collective for one that stopped) is killed
+    and fails the test. `file_size_limits`: the largest file (kB) each process may write, as on a host whose disk is
+    full; `extra_argv`: arguments only one process gets."""
     port = _free_port()
     procs = []
     for process_id in range(2):
@@ -42,10 +43,11 @@ def run_two_processes(argv: list[str], extra_env: dict[str, str], check: bool = 
                    PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
         limit = file_size_limits[process_id]
         prefix = [] if limit is None else ["bash", "-c", f'ulimit -f {limit} && exec "$@"', "bash"]
-        procs.append(subprocess.Popen([*prefix, sys.executable, "-m", "diffusets_jax", *argv], env=env, cwd=ROOT,
+        procs.append(subprocess.Popen([*prefix, sys.executable, "-m", "diffusets_jax", *argv,
+                                       *extra_argv[process_id]], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
-        outputs = [p.communicate(timeout=900)[0] for p in procs]
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -114,6 +116,33 @@ def test_a_request_refused_on_process_zero_stops_both_hosts_with_one_line(tmp_pa
         assert "Traceback" not in output
     assert "process 0 of 2 stopped: " in results[1][1]
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_host_refused_before_joining_stops_the_others_with_its_line(tmp_path):
+    """A bad input on one host only (a path, a flag) is refused before that host joins the run: the others waited for
+    it in JAX's start-up for 309 s, then aborted with a C++ stack trace (exit 134)."""
+    import time
+
+    models = tiny_model_dir(tmp_path / "models")
+    argv = ["sample", "--model-dir", str(models), "--text", "Sinus rhythm", "--sex", "F", "--age", "50", "--hr", "70",
+            "-n", "4", "--steps", "2", "--sampler", "ddim", "--batch-size", "2", "--out", str(tmp_path / "out")]
+    env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # neither gets that far
+    # Refused by argparse on process 1, by the command's own checks on process 0 (the coordinator).
+    for refused, extra in ((1, ["--formats", "npz", "--sampler", "nope"]), (0, ["--formats", "bogus"])):
+        extra_argv = (extra, ["--formats", "npz"]) if refused == 0 else (["--formats", "npz"], extra)
+        began = time.monotonic()
+        results = run_two_processes(argv, env, check=False, extra_argv=extra_argv, timeout=120)
+        assert time.monotonic() - began < 90
+        (bad_code, bad), (other_code, other) = results[refused], results[1 - refused]
+        bad_lines = [line for line in bad.splitlines() if line.strip()]
+        assert bad_code == 2 and len(bad_lines) == 1 and "error:" in bad_lines[0], bad[-4000:]
+        lines = [line for line in other.splitlines() if "error:" in line]
+        assert other_code == 1 and len(lines) == 1 and "Traceback" not in other, other[-4000:]
+        assert f"stopped: process {refused} of 2 left the run without finishing (process {refused}: " \
+               f"{bad_lines[0]})" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

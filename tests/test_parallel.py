@@ -128,6 +128,31 @@ def test_a_process_finishing_first_waits_for_the_others():
     assert [output.splitlines()[-1] for output in outputs] == ["process 0 finished", "process 1 finished"]
 
 
+def test_a_refused_host_waits_for_the_others_only_so_long():
+    """A host refused its input before joining, and no other host of the run ever starts: it says what it waits for,
+    then ends with its own exit code, not at JAX's start-up timeout (300 s) with a C++ stack trace."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there: process 0 never started
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}")
+    script = ("from diffusets_jax import parallel; parallel.JOIN_TO_LEAVE_S = 4; parallel.JOIN_TO_LEAVE_NOTE_S = 1; "
+              "parallel.leave_refused_run('sample', 2, 'diffusets-jax sample: error: a bad input'); print('returned')")
+    began = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "returned" not in run.stdout, run.stderr[-3000:]
+    assert run.stderr.splitlines() == ["diffusets-jax sample: note: waiting up to 3 s more for every host of this "
+                                       "multi-host run to start, to tell them this one stopped (Ctrl-C ends it now)"]
+    assert time.monotonic() - began < 60
+
+
 @pytest.mark.parametrize("mesh_kind", ["auto", "explicit"])
 def test_constrain_to_pins_any_rank_to_the_batch_sharding(mesh_kind):
     mesh = parallel.make_mesh(data=4, fsdp=2) if mesh_kind == "auto" else jax.make_mesh((8,), ("data",))
