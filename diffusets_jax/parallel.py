@@ -277,11 +277,15 @@ def leave_refused_run(command: str, exit_code: int, reason: str | None = None,
     """This process of a multi-host run stops on an error (`reason`, the line it printed): leave the run as failed
     (`leave_without_waiting`), joining it first if it had not, so the other hosts stop in seconds with a line that
     says why instead of waiting for it (see `JOIN_TO_LEAVE_S`). A no-op when the environment describes no
-    multi-host run. Joining waits for every host of the run to start its command; if one has not after
-    `JOIN_TO_LEAVE_S`, this process ends at once with `exit_code` (the others then meet JAX's own timeout)."""
+    multi-host run, or with the watch off (`DIFFUSETS_WATCH_HOSTS=0`: JAX's own handling, where a process that joined
+    only to leave would wait at exit for the others). Joining waits for every host of the run to start its command; if
+    one has not after `JOIN_TO_LEAVE_S`, this process ends at once with `exit_code` (the others then meet JAX's own
+    timeout)."""
     env = os.environ if env is None else env
     if jax.distributed.is_initialized():  # joined (or JAX itself ends a connection that failed)
         leave_without_waiting(reason)
+        return
+    if env.get(WATCH_ENV, "1") != "1":
         return
     joined = threading.Event()
 

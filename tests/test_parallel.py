@@ -151,6 +151,11 @@ def test_a_refused_host_waits_for_the_others_only_so_long():
     assert run.stderr.splitlines() == ["diffusets-jax sample: note: waiting up to 3 s more for every host of this "
                                        "multi-host run to start, to tell them this one stopped (Ctrl-C ends it now)"]
     assert time.monotonic() - began < 60
+    # With the watch off (JAX's own failure handling), it does not join: a process that joined only to leave would
+    # wait at exit for the others.
+    run = subprocess.run([sys.executable, "-c", script], env={**env, "DIFFUSETS_WATCH_HOSTS": "0"},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "returned" and not run.stderr, run.stderr[-3000:]
 
 
 @pytest.mark.parametrize("mesh_kind", ["auto", "explicit"])
