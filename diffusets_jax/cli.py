@@ -1544,6 +1544,8 @@ def _run_command(args: argparse.Namespace) -> tuple[int, str | None]:
     except KeyboardInterrupt:
         return failed(EXIT_INTERRUPTED, f"diffusets-jax {args.command}: interrupted")
     except Exception as err:
+        if _stopped_by_watch():  # its line says why; this error is only its leaving the run
+            return EXIT_FAILED, None
         # Before the bad-input errors: a collective that lost its peer can raise a ValueError (gloo's "Connection
         # closed by peer"), and nothing this host read is at fault.
         if not args.debug and _lost_another_process(err):
@@ -1563,6 +1565,14 @@ def _run_command(args: argparse.Namespace) -> tuple[int, str | None]:
         return failed(EXIT_FAILED, f"diffusets-jax {args.command}: error: out of memory ({_one_line(err)[:200]}): "
                       "run it smaller: --batch-size, --particles; for train, train.global_batch_size or more "
                       "train.grad_accum_steps")
+
+
+def _stopped_by_watch() -> bool:
+    if "diffusets_jax.parallel" not in sys.modules:  # no command that joins a multi-host run got that far
+        return False
+    from diffusets_jax.parallel import stopped_by_watch
+
+    return stopped_by_watch()
 
 
 def _lost_another_process(err: BaseException) -> bool:

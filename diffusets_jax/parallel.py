@@ -160,6 +160,7 @@ class _RunWatch:
         # How long to wait for what only the coordination service can end (another process found lost, or gone).
         self.patience = heartbeat_timeout + 10 * WATCH_INTERVAL_S
         self.leaving = threading.Event()
+        self.stopping = threading.Event()  # set when this watch ends the process (`_stop`)
         self.failed = False
         self.reason: str | None = None  # the error line this process printed, when it stops on one
         self.thread = threading.Thread(target=self._run, name="diffusets-run-watch", daemon=True)
@@ -194,6 +195,7 @@ class _RunWatch:
                 self._stop(gone)
 
     def _stop(self, gone: list[int], service_gone: bool = False) -> None:
+        self.stopping.set()
         processes = ", ".join(str(p) for p in gone)
         reasons = [] if service_gone else self._reasons(gone)
         why = ("; ".join(reasons) if reasons else
@@ -270,6 +272,18 @@ def leave_without_waiting(reason: str | None = None) -> None:
         watch.failed = True
         watch.reason = reason
         watch.leaving.set()
+
+
+def stopped_by_watch() -> bool:
+    """Whether this process's watch is ending it (another process left the run; the watch printed the line that
+    says so). Then an error the main thread meets is the watch cancelling its collectives as it leaves the run (seen
+    as "Gloo context initialization failed: CANCELLED" inside a model restore, which read as a damaged model): it
+    must print nothing. Waits for the watch to end the process (at most its patience) before returning True."""
+    watch = _RunWatch._current
+    if watch is None or not watch.stopping.is_set():
+        return False
+    watch.thread.join(watch.patience)
+    return True
 
 
 def leave_refused_run(command: str, exit_code: int, reason: str | None = None,

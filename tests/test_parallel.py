@@ -128,6 +128,33 @@ def test_a_process_finishing_first_waits_for_the_others():
     assert [output.splitlines()[-1] for output in outputs] == ["process 0 finished", "process 1 finished"]
 
 
+def test_an_error_met_while_the_watch_stops_the_process_adds_no_line(monkeypatch, capsys):
+    """Another host left; this one's watch printed the line and is leaving the run, which cancels the collective the
+    main thread waits in. A model restore then failed with "cannot be read ... the folder is damaged": a second,
+    wrong line (seen in a fresh-clone run of the refused-before-joining two-host test, 2026-12-07)."""
+    import argparse
+    import threading
+    from types import SimpleNamespace
+
+    from diffusets_jax import cli
+
+    stopping = threading.Event()
+    stopping.set()
+    watch = SimpleNamespace(stopping=stopping, thread=threading.Thread(target=lambda: None), patience=0.1)
+    watch.thread.start()
+    monkeypatch.setattr(parallel._RunWatch, "_current", watch)
+
+    def command(_):
+        raise ValueError("model M/vae: its weights cannot be read (UNKNOWN: Gloo context initialization failed: "
+                         "CANCELLED); the folder is damaged or incomplete")
+
+    assert cli._run_command(argparse.Namespace(command="sample", func=command, debug=False)) == (cli.EXIT_FAILED, None)
+    assert capsys.readouterr().err == ""
+    stopping.clear()  # a watch that is not stopping anything: the error is the command's own
+    assert cli._run_command(argparse.Namespace(command="sample", func=command, debug=False))[0] == cli.EXIT_BAD_INPUT
+    assert "cannot be read" in capsys.readouterr().err
+
+
 def test_a_refused_host_waits_for_the_others_only_so_long():
     """A host refused its input before joining, and no other host of the run ever starts: it says what it waits for,
     then ends with its own exit code, not at JAX's start-up timeout (300 s) with a C++ stack trace."""
