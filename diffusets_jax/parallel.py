@@ -299,7 +299,10 @@ def leave_refused_run(command: str, exit_code: int, reason: str | None = None,
     if jax.distributed.is_initialized():  # joined (or JAX itself ends a connection that failed)
         leave_without_waiting(reason)
         return
-    if env.get(WATCH_ENV, "1") != "1":
+    try:
+        if not _watch_hosts(env):
+            return
+    except ValueError:  # the refusal may be about that very variable
         return
     joined = threading.Event()
 
