@@ -1517,8 +1517,8 @@ def _leave_multi_host_run(command: str | None, code: int, line: str | None) -> N
     next collective, or for minutes at start-up."""
     if command not in MULTI_HOST_COMMANDS:
         return
-    joined = "diffusets_jax.parallel" in sys.modules
-    if not joined and not any(name in os.environ for name in ("JAX_NUM_PROCESSES", "DIFFUSETS_AUTO_DISTRIBUTED")):
+    if _parallel() is None and not any(name in os.environ for name in ("JAX_NUM_PROCESSES",
+                                                                         "DIFFUSETS_AUTO_DISTRIBUTED")):
         return  # no multi-host run: leave JAX unimported (`parallel` decides exactly from the same variables)
     from diffusets_jax import parallel
 
@@ -1544,11 +1544,12 @@ def _run_command(args: argparse.Namespace) -> tuple[int, str | None]:
     except KeyboardInterrupt:
         return failed(EXIT_INTERRUPTED, f"diffusets-jax {args.command}: interrupted")
     except Exception as err:
-        if _stopped_by_watch():  # its line says why; this error is only its leaving the run
+        parallel = _parallel()
+        if parallel is not None and parallel.stopped_by_watch():  # its line says why; this error is its leaving
             return EXIT_FAILED, None
         # Before the bad-input errors: a collective that lost its peer can raise a ValueError (gloo's "Connection
         # closed by peer"), and nothing this host read is at fault.
-        if not args.debug and _lost_another_process(err):
+        if not args.debug and parallel is not None and parallel.lost_another_process(err):
             import jax
 
             return failed(EXIT_FAILED, f"diffusets-jax {args.command}: error: process {jax.process_index()} of "
@@ -1567,20 +1568,10 @@ def _run_command(args: argparse.Namespace) -> tuple[int, str | None]:
                       "train.grad_accum_steps")
 
 
-def _stopped_by_watch() -> bool:
-    if "diffusets_jax.parallel" not in sys.modules:  # no command that joins a multi-host run got that far
-        return False
-    from diffusets_jax.parallel import stopped_by_watch
-
-    return stopped_by_watch()
-
-
-def _lost_another_process(err: BaseException) -> bool:
-    if "diffusets_jax.parallel" not in sys.modules:  # no command that joins a multi-host run got that far
-        return False
-    from diffusets_jax.parallel import lost_another_process
-
-    return lost_another_process(err)
+def _parallel() -> Any:
+    """`diffusets_jax.parallel` if a command imported it (one that joins multi-host runs got that far), else None:
+    the error paths ask it about the run without importing JAX for commands that never use it."""
+    return sys.modules.get("diffusets_jax.parallel")
 
 
 def _out_of_memory(err: BaseException) -> bool:
