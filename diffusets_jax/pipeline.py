@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,11 @@ from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, resolv
 from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.io.progress import progress_bar
 from diffusets_jax.models import model_dir as model_dirs
+
+
+def _fetch(n: int, ecgs: jax.Array) -> np.ndarray:
+    """The first `n` ECGs of a dispatched batch, once the device has them: `(n, 1024, 12)` float32 mV."""
+    return np.asarray(jax.device_get(ecgs))[:n]
 
 
 @dataclasses.dataclass
@@ -276,9 +281,25 @@ class ECGGenerator:
     # -- generation -------------------------------------------------------------------------------------
     def generate_batch(self, cond: dict[str, np.ndarray], batch_index: int) -> np.ndarray:
         """ECGs `(n, 1024, 12)` float32 mV for `n <= batch_size` conditions; `batch_index` fixes the noise."""
+        return _fetch(*self._dispatch(cond, batch_index))
+
+    def generate_batches(self, jobs: Iterable[tuple[dict[str, np.ndarray], int]]) -> Iterator[np.ndarray]:
+        """`generate_batch(cond, batch_index)` for each job in turn, each batch handed over once the next one is on
+        its way: the accelerator computes batch i + 1 while the caller writes batch i (its host work, a corpus shard's
+        serialization or a folder's files, would otherwise leave the device idle). Same ECGs as `generate_batch`."""
+        pending = None
+        for cond, batch_index in jobs:
+            started = self._dispatch(cond, batch_index)  # JAX returns at once; the device runs it after `pending`
+            if pending is not None:
+                yield _fetch(*pending)
+            pending = started
+        if pending is not None:
+            yield _fetch(*pending)
+
+    def _dispatch(self, cond: dict[str, np.ndarray], batch_index: int) -> tuple[int, jax.Array]:
+        """(n, the padded batch's ECGs on the device, still being computed) for `n` conditions."""
         n, cond_global, key = self._device_batch(cond, batch_index)
-        ecg = self._generate(self.unet_variables, self.vae_variables, cond_global, key, self._null_cond)
-        return np.asarray(jax.device_get(ecg))[:n]
+        return n, self._generate(self.unet_variables, self.vae_variables, cond_global, key, self._null_cond)
 
     def _device_batch(self, cond: dict[str, np.ndarray], batch_index: int) -> tuple[int, Any, jax.Array]:
         """(n, the conditions padded to batch_size and sharded, the batch's key): what every batch program takes."""
@@ -319,17 +340,24 @@ class ECGGenerator:
         if progress:
             bar = progress_bar(sum(min(self.batch_size, len(items) - b * self.batch_size) for b in wanted),
                                desc="sampling", unit="ECG")
-        try:
+        def jobs() -> Iterator[tuple[dict[str, np.ndarray], int]]:
             for index in wanted:
                 start = index * self.batch_size
+                yield self.condition_arrays(items[start : start + self.batch_size],
+                                            table[row[start : start + self.batch_size]]), index
+
+        try:
+            last = time.perf_counter()
+            for index, ecgs in zip(wanted, self.generate_batches(jobs()), strict=True):
+                start = index * self.batch_size
                 chunk = items[start : start + self.batch_size]
-                cond = self.condition_arrays(chunk, table[row[start : start + len(chunk)]])
-                began = time.perf_counter()
-                ecgs = self.generate_batch(cond, index)
                 if bar is not None:
+                    # the run's pace: since the last batch was handed over, the caller's writing of it included
+                    now = time.perf_counter()
                     bar.update(len(chunk))
-                    bar.set_postfix(ecg_per_s=f"{len(chunk) / (time.perf_counter() - began):.2f}",
+                    bar.set_postfix(ecg_per_s=f"{len(chunk) / (now - last):.2f}",
                                     refresh=False)  # drawn at the bar's pace, not once per batch in a log file
+                    last = now
                 yield GeneratedBatch(index, start, chunk, [self.prompt(c) for c in chunk], ecgs)
         finally:
             if bar is not None:

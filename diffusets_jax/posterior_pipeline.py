@@ -235,8 +235,8 @@ class ReferenceGenerator(ECGGenerator):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "reference": self.reference.describe()}
 
-    def generate_batch(self, cond: dict[str, np.ndarray], batch_index: int) -> np.ndarray:
-        """ECGs `(n, 1024, 12)` float32 mV from the recording for `n <= batch_size` conditions."""
+    def _dispatch(self, cond: dict[str, np.ndarray], batch_index: int) -> tuple[int, jax.Array]:
+        """(n, the padded batch's ECGs from the recording on the device, still being computed) for `n` conditions."""
         n, cond_global, key = self._device_batch(cond, batch_index)
         task, variables = self.reference, (self.unet_variables, self.vae_variables)
         if task.mode == "edit":
@@ -246,4 +246,4 @@ class ReferenceGenerator(ECGGenerator):
                             self._null_cond).ecg
         else:
             ecg = self._run(*variables, cond_global, self._observation, key, self._null_cond).ecg
-        return np.asarray(jax.device_get(ecg))[:n]
+        return n, ecg

@@ -318,6 +318,46 @@ def test_corpus_is_resumable_refuses_other_settings_and_reads_back_with_tfds(gen
     assert card["kind"] == "corpus" and card["conditioning"]["embedder"]["dim"] == TEXT_DIM
 
 
+def test_the_next_batch_computes_while_the_writer_serializes_this_one(generator, tmp_path, monkeypatch):
+    """A corpus shard's host work (serializing each ECG) ran between batches, with the accelerator idle: now the next
+    batch is dispatched before this one is handed to the writer, for corpora, sample folders and `generate_batches`,
+    and the ECGs are the ones `generate_batch` makes alone."""
+    from diffusets_jax.data import shards
+
+    events = []
+    dispatch = generator._dispatch
+    monkeypatch.setattr(generator, "_dispatch", lambda cond, index: events.append(("dispatch", index)) or dispatch(
+        cond, index))
+    make_serializer = shards.example_serializer
+
+    def noting_serializer(features):
+        serialize = make_serializer(features)
+        return lambda example: events.append(("write", example["study_id"] // 8)) or serialize(example)
+
+    monkeypatch.setattr(shards, "example_serializer", noting_serializer)
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 20)]
+    write_corpus(generator, conditions, tmp_path / "corpus", shard_size=24, progress=False)
+    first_write = {index: events.index(("write", index)) for index in range(3)}
+    assert events.index(("dispatch", 1)) < first_write[0] and events.index(("dispatch", 2)) < first_write[1]
+    assert [event for event in events if event[0] == "dispatch"] == [("dispatch", i) for i in range(3)]
+
+    events.clear()
+    for batch in generator.generate(conditions):
+        events.append(("handed over", batch.index))
+    assert events == [("dispatch", 0), ("dispatch", 1), ("handed over", 0), ("dispatch", 2), ("handed over", 1),
+                      ("handed over", 2)]
+
+    from diffusets_jax.conditioning.requests import expand
+
+    items = expand(conditions)
+    vectors = np.random.default_rng(0).normal(size=(len(items), TEXT_DIM)).astype(np.float32)
+    jobs = [(generator.condition_arrays(items[s : s + 8], vectors[s : s + 8]), s // 8) for s in range(0, len(items), 8)]
+    together = list(generator.generate_batches(iter(jobs)))
+    alone = [generator.generate_batch(cond, index) for cond, index in jobs]
+    assert [a.shape for a in together] == [(8, 1024, 12), (8, 1024, 12), (4, 1024, 12)]
+    assert all(np.array_equal(a, b) for a, b in zip(together, alone, strict=True))
+
+
 def test_a_corpus_resumed_by_other_code_says_which_shards_each_version_wrote(generator, tmp_path):
     from diffusets_jax.data.card import read_card
     from diffusets_jax.provenance import code_version

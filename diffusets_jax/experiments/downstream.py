@@ -229,11 +229,12 @@ def generate_from_records(generator: Any, records: Records, indices: np.ndarray,
     out = np.zeros((len(conditions), *records.ecg.shape[1:]), np.float32)
     size = generator.batch_size
     with progress_bar(len(conditions), desc=desc, unit="ECG", disable=not progress) as bar:
-        for batch, start in enumerate(range(0, len(conditions), size)):
-            chunk = conditions[start:start + size]
-            cond = generator.condition_arrays(chunk, embeddings[start:start + len(chunk)])
-            out[start:start + len(chunk)] = generator.generate_batch(cond, noise_offset + batch)
-            bar.update(len(chunk))
+        starts = range(0, len(conditions), size)
+        jobs = ((generator.condition_arrays(conditions[start:start + size], embeddings[start:start + size]),
+                 noise_offset + batch) for batch, start in enumerate(starts))
+        for start, ecgs in zip(starts, generator.generate_batches(jobs), strict=True):
+            out[start:start + len(ecgs)] = ecgs
+            bar.update(len(ecgs))
     return out
 
 

@@ -145,10 +145,12 @@ def _shard_examples(generator: Any, items: Sequence[Condition], lo: int, hi: int
     generation (NaN or inf samples) goes into `skipped` (position -> why) instead. `table[row[i]]`: request i's
     prompt embedding."""
     batch = generator.batch_size
-    for start in range(lo, hi, batch):
+    starts = range(lo, hi, batch)
+    jobs = ((generator.condition_arrays(items[start : min(hi, start + batch)], table[row[start : min(hi, start + batch)]]),
+             start // batch) for start in starts)
+    for start, ecgs in zip(starts, generator.generate_batches(jobs), strict=True):  # the next batch computes meanwhile
         chunk = items[start : min(hi, start + batch)]
         vectors = table[row[start : start + len(chunk)]]
-        ecgs = generator.generate_batch(generator.condition_arrays(chunk, vectors), start // batch)
         for offset, (condition, ecg) in enumerate(zip(chunk, ecgs, strict=True)):
             if reason := non_finite_reason(ecg):
                 skipped[str(start + offset)] = reason

@@ -31,3 +31,14 @@ class NonFiniteAt:
 
     def generate_batch(self, cond, batch_index):
         return self._spoil(self.inner.generate_batch(cond, batch_index), batch_index * self.inner.batch_size)
+
+    def generate_batches(self, jobs):
+        indices = []
+
+        def noted():
+            for cond, batch_index in jobs:
+                indices.append(batch_index)
+                yield cond, batch_index
+
+        for number, ecgs in enumerate(self.inner.generate_batches(noted())):
+            yield self._spoil(ecgs, indices[number] * self.inner.batch_size)
