@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 HELPERS = {"machine", "model_sizes", "arguments"}
 
 TOY_ARGS = {
+    "corpus_writing": ["--examples", "16", "--embedding-dim", "16", "--repeats", "1"],
     "data_pipeline": ["--examples", "256", "--shards", "2", "--global-batch", "32", "--batches", "2",
                       "--shuffle-buffer", "64", "--embedding-dim", "16"],
     "embedding": ["--num-prompts", "32", "--batch-size", "16", "--repeats", "1"],
@@ -47,6 +48,7 @@ TOY_DEVICES = {"sampling": 2}  # simulated CPU devices where a toy run needs mor
 
 # A bad count for every benchmark, and the other checks scripts make of their flags: (script, arguments, the flag).
 BAD_ARGS = [
+    ("corpus_writing", ["--examples", "0"], "--examples"),
     ("data_pipeline", ["--global-batch", "0"], "--global-batch"),
     ("data_pipeline", ["--examples", "20", "--shards", "16"], "--shards"),  # shards 10-15 would get no records
     ("embedding", ["--batch-size", "0"], "--batch-size"),
