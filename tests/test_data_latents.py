@@ -143,7 +143,9 @@ def test_training_resolves_the_measured_scale_only_for_the_unet_with_scale_by_st
     assert other.diffusion.latent_scale == 0.18215
 
 
-def test_fast_serializer_reads_back_like_tfds_serialization():
+def test_latent_examples_go_through_the_one_serializer_and_read_back_like_tfds_serialization():
+    from diffusets_jax.data.shards import example_serializer
+
     features = latents.latent_features(6)
     rng = np.random.default_rng(0)
     example = {"latent_mean": rng.standard_normal((128, 4), np.float32),
@@ -152,7 +154,7 @@ def test_fast_serializer_reads_back_like_tfds_serialization():
                "heart_rate": np.float32(88.25), "prompt": "Sinus rhythm|Left axis deviation",
                "subject_id": np.int64(2**40 + 3), "study_id": np.int64(7)}
     assert set(example) == set(features.keys())
-    ours = features.deserialize_example(latents.serialize_latent_example(example))
+    ours = features.deserialize_example(example_serializer(features)(example))
     reference = features.deserialize_example(features.serialize_example(example))
     assert set(ours) == set(reference)
     for key in reference:

@@ -12,8 +12,8 @@ import numpy as np
 
 from diffusets_jax.conditioning.spec import ConditioningSpec
 from diffusets_jax.data.card import write_card
-from diffusets_jax.data.latents import latent_features, serialize_latent_example
-from diffusets_jax.data.shards import shard_filename, write_shard, write_tfds_metadata
+from diffusets_jax.data.latents import latent_features
+from diffusets_jax.data.shards import example_serializer, shard_filename, write_shard, write_tfds_metadata
 from diffusets_jax.ecg.shapes import LATENT_CHANNELS, LATENT_LENGTH
 
 NAME = "gaussian_latents"
@@ -36,10 +36,11 @@ def write_gaussian_latent_dataset(path: str | os.PathLike, *, splits: Mapping[st
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dim = conditioning.embedder.dim
+    serialize = example_serializer(latent_features(dim))
     for offset, (split, n) in enumerate(splits.items()):
         scaled = gaussian_latents(n, channel_mean, channel_std, seed + offset)
         rng = np.random.default_rng(seed + 100 + offset)
-        records = (serialize_latent_example({
+        records = (serialize({
             "latent_mean": scaled[i] / np.float32(latent_scale),
             "latent_logvar": np.full((LATENT_LENGTH, LATENT_CHANNELS), LOGVAR, np.float32),
             "text_embedding": rng.standard_normal(dim).astype(np.float32),
