@@ -169,3 +169,24 @@ def test_conditions_beyond_ascii_survive_the_header_round_trip(tmp_path):
     assert "prompt: Most importantly, the 1st diagnosis is {QTc \\u2265 500 ms}.{Isch\\u00e9mie ant\\u00e9rieure} " \
            "\\U0001fac0 C:\\\\u2265\\\\\\\\" in comments
     assert "note: plain ASCII" in comments and "sex: F" in comments  # ASCII text reads as written
+
+
+@pytest.mark.parametrize("output_fs", [None, 500.0, 333.3333333, 1000.0, 100.000000001])
+def test_records_are_the_bytes_wfdb_wrsamp_writes(tmp_path, output_fs):
+    """The writer writes format-16 records itself (wfdb.wrsamp spent 37 ms a record looking up its field rules):
+    byte for byte what wrsamp writes for the same signal, rate and comments, including samples that round half to
+    even, the full range, a rate written without decimals and one with."""
+    from diffusets_jax.io.wfdb_out import prepare_signal
+
+    ecg = synthetic_ecg(seed=3)
+    ecg[:4, 0] = 0.0005, 0.0015, -0.0025, 32.766  # x 1000 adu/mV: .5s round to even; the last near the limit
+    ecg[:2, 1] = -32.766, -0.0
+    conditions = {**CONDITIONS, "prompt": "QTc \u2265 500 ms\\ | x"}
+    ours = write_record(tmp_path / "ours" / "r1", ecg, conditions=conditions, output_fs=output_fs)
+    signal, fs = prepare_signal(ecg, output_fs=output_fs)
+    comments = open(ours).read().split("\n# ", 1)[1].rstrip("\n").split("\n# ")
+    (tmp_path / "wfdb").mkdir()
+    wfdb.wrsamp("r1", fs=fs, units=["mV"] * 12, sig_name=list(STANDARD_LEADS), p_signal=signal, fmt=["16"] * 12,
+                adc_gain=[ADC_GAIN] * 12, baseline=[0] * 12, comments=comments, write_dir=str(tmp_path / "wfdb"))
+    for suffix in (".hea", ".dat"):
+        assert (tmp_path / "ours" / f"r1{suffix}").read_bytes() == (tmp_path / "wfdb" / f"r1{suffix}").read_bytes()
