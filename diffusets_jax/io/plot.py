@@ -58,6 +58,10 @@ PROMPT_LINE_CHARS = 190  # characters of the 7 pt prompt line that fit across th
 PROMPT_LINE_MM = 3.2  # one more 7 pt prompt line (line spacing 1.2 = 2.96 mm, plus a little air)
 FOOTER_MM = 7.0
 
+# zlib's level for PNGs. Pillow's default, 6, took 0.21 of the 0.28 s a 12-lead sheet took to draw and write at
+# 200 dpi (2141 x 1314 pixels); 3 takes 0.11 s for a file 7 % larger (694 against 648 KB), the same pixels.
+PNG_COMPRESS_LEVEL = 3
+
 MINOR_GRID_COLOR = "#f6c8c8"
 MAJOR_GRID_COLOR = "#e48a8a"
 TRACE_COLOR = "black"
@@ -234,7 +238,8 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 200,
     takes them (`{"Software": None}` writes none)."""
     path = os.fspath(path)
     with atomic_path(path) as temporary, open(temporary, "wb") as stream:
-        fig.savefig(stream, format="png", dpi=dpi, facecolor=fig.get_facecolor(), metadata=metadata)
+        fig.savefig(stream, format="png", dpi=dpi, facecolor=fig.get_facecolor(), metadata=metadata,
+                    pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return path
 
 
