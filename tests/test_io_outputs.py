@@ -621,3 +621,29 @@ def test_a_streamed_npz_member_is_written_byte_for_byte_as_numpy_writes_the_whol
     with pytest.raises(ValueError, match="49 rows streamed"):  # a short stream is never renamed into place
         _save_npz(tmp_path / "short.npz", ecg=StreamedArray(np.dtype(np.float32), ecg.shape, iter([ecg[:49]])))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["numpy.npz", "streamed.npz", "whole.npz"]
+
+
+def test_a_runs_parts_are_stored_not_deflated(generator, tmp_path, monkeypatch):
+    """A batch's part is read once, by the merge, then removed: deflating its float32 ECGs saved 7 % of the bytes
+    for 1.8 ms of the host's time per ECG. Parts are `np.savez`'s bytes; the merged NPZ stays `savez_compressed`'s."""
+    import zipfile
+    from pathlib import Path
+
+    from diffusets_jax.io import outputs
+
+    parts = []
+    save_part = outputs._save_part
+    monkeypatch.setattr(outputs, "_save_part", lambda path, **arrays: parts.append((path, arrays)) or save_part(
+        path, **arrays))
+    kept = {}
+    remove = outputs.shutil.rmtree
+    monkeypatch.setattr(outputs.shutil, "rmtree", lambda path, **kw: kept.update(  # the merge removes the parts
+        {p.name: p.read_bytes() for p in Path(path).glob("batch-*.npz")}) or remove(path, **kw))
+    sample_to_directory(generator, [make_condition("Sinus rhythm", "F", 40, 60, 9)], tmp_path / "run",
+                        formats=["npz"], progress=False)
+    assert len(parts) == 2 and sorted(kept) == sorted(path.name for path, _ in parts)
+    for path, arrays in parts:
+        np.savez(tmp_path / "numpy.npz", **arrays)
+        assert kept[path.name] == (tmp_path / "numpy.npz").read_bytes()
+    with zipfile.ZipFile(tmp_path / "run" / "samples.npz") as merged:
+        assert {info.compress_type for info in merged.infolist()} == {zipfile.ZIP_DEFLATED}
