@@ -87,8 +87,8 @@ class DeterministicExampleSerializer(ExampleSerializer):
     0.6 ms an example (1,600 a second: a host that could not keep up with an accelerator's sampling), so this writes
     the wire format itself, the bytes protobuf's deterministic serialization writes (its test compares them), in
     about 0.06 ms (TFDS's `encode_example` before it takes about 0.03 ms). For flat features of tensors (the
-    prepared-data schema, `data.schema`); anything else is refused. A module-level class, so that Beam workers unpickle this one (`data.builder` makes
-    TFDS's split writers use it)."""
+    prepared-data schema, `data.schema`); anything else is refused. A module-level class, so that Beam workers
+    unpickle this one (`data.builder` makes TFDS's split writers use it)."""
 
     def __init__(self, example_specs: Mapping[str, Any]):
         super().__init__(example_specs)

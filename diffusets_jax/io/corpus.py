@@ -146,11 +146,11 @@ def _shard_examples(generator: Any, items: Sequence[Condition], lo: int, hi: int
     prompt embedding."""
     batch = generator.batch_size
     starts = range(lo, hi, batch)
-    jobs = ((generator.condition_arrays(items[start : min(hi, start + batch)], table[row[start : min(hi, start + batch)]]),
-             start // batch) for start in starts)
+    rows = {start: slice(start, min(hi, start + batch)) for start in starts}  # each batch's requests
+    jobs = ((generator.condition_arrays(items[rows[start]], table[row[rows[start]]]), start // batch)
+            for start in starts)
     for start, ecgs in zip(starts, generator.generate_batches(jobs), strict=True):  # the next batch computes meanwhile
-        chunk = items[start : min(hi, start + batch)]
-        vectors = table[row[start : start + len(chunk)]]
+        chunk, vectors = items[rows[start]], table[row[rows[start]]]
         for offset, (condition, ecg) in enumerate(zip(chunk, ecgs, strict=True)):
             if reason := non_finite_reason(ecg):
                 skipped[str(start + offset)] = reason

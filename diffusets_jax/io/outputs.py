@@ -224,9 +224,10 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
                                                getattr(generator, "reference", None))
                 parts.mkdir(exist_ok=True)
                 _save_part(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
-                          position=np.arange(batch.start, batch.start + len(batch.conditions)),
-                          code=np.array(json.dumps(code_version(), sort_keys=True)),
-                          skipped_name=np.array(list(skipped), dtype=str), skipped_why=np.array(list(skipped.values()), dtype=str))
+                           position=np.arange(batch.start, batch.start + len(batch.conditions)),
+                           code=np.array(json.dumps(code_version(), sort_keys=True)),
+                           skipped_name=np.array(list(skipped), dtype=str),
+                           skipped_why=np.array(list(skipped.values()), dtype=str))
         manifest = _finish(run.path, generator, items, total, formats, settings)
         run.mark_complete(count=manifest["count"])
     return manifest
