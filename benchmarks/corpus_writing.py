@@ -54,8 +54,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:  # made here, removed here
         shard = os.path.join(folder, "corpus-train.tfrecord-00000-of-00001")
-        records: list[bytes] = []
-        serialize_s = fastest(lambda: records.__setitem__(slice(None), [serialize(e) for e in examples]))
+        serialize_s = fastest(lambda: [serialize(e) for e in examples])
+        records = [serialize(e) for e in examples]
         write_s = fastest(lambda: write_shard(shard, records))
         whole_s = fastest(lambda: write_shard(shard, (serialize(e) for e in examples)))
         shard_bytes = os.path.getsize(shard)
