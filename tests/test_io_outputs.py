@@ -651,3 +651,31 @@ def test_a_runs_npzs_are_stored_not_deflated(generator, tmp_path, monkeypatch):
     with np.load(merged_path) as merged:
         np.savez(tmp_path / "numpy.npz", **{key: merged[key] for key in merged.files})
     assert merged_path.read_bytes() == (tmp_path / "numpy.npz").read_bytes()
+
+
+def test_pngs_drawn_by_worker_processes_are_the_sheets_a_run_draws_itself(generator, tmp_path, monkeypatch):
+    """Runs of many PNGs draw them in worker processes (`io.plot_workers`) while the next batch is generated: the
+    same files as a run that draws them itself, and a batch's part (which a resumed run takes as the batch done) is
+    saved only once its PNGs are on disk."""
+    from diffusets_jax.io import outputs
+
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 17)]  # three batches of 8
+    sample_to_directory(generator, conditions, tmp_path / "here", formats=["npz", "png"], progress=False)
+    save_npz = outputs._save_npz
+    drawn_before_saving = []
+
+    def check_sheets_then_save(path, **arrays):
+        if path.parent.name == ".parts":
+            names = [f"sample_{position:05d}.png" for position in arrays["position"]]
+            drawn_before_saving.append(all((tmp_path / "pool" / "plots" / name).exists() for name in names))
+        save_npz(path, **arrays)
+
+    monkeypatch.setattr(outputs, "_save_npz", check_sheets_then_save)
+    monkeypatch.setattr(outputs, "worker_count", lambda sheets: 2)
+    sample_to_directory(generator, conditions, tmp_path / "pool", formats=["npz", "png"], progress=False)
+    assert drawn_before_saving == [True, True, True]
+    pngs = sorted(p.name for p in (tmp_path / "here" / "plots").iterdir())
+    assert len(pngs) == 17 and sorted(p.name for p in (tmp_path / "pool" / "plots").iterdir()) == pngs
+    for name in pngs:
+        assert (tmp_path / "pool" / "plots" / name).read_bytes() == (tmp_path / "here" / "plots" / name).read_bytes()
+    assert (tmp_path / "pool" / "samples.npz").read_bytes() == (tmp_path / "here" / "samples.npz").read_bytes()

@@ -35,6 +35,7 @@ import re
 import shutil
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.ecg.shapes import ECG_SHAPE
 from diffusets_jax.ecg.units import non_finite_reason
 from diffusets_jax.io.files import atomic_path, read_json, remove_temporaries_in, write_json_atomic
+from diffusets_jax.io.plot_workers import PlotWorkers, wait_for, worker_count
 from diffusets_jax.io.run_dir import RUN_EMBEDDINGS, check_output_path, output_dir
 from diffusets_jax.provenance import code_version
 
@@ -79,10 +81,11 @@ def _header(condition: Condition, prompt: str, settings: dict[str, Any]) -> dict
 
 
 def _write_batch_records(out: Path, batch: Any, formats: Sequence[str], wfdb_fs: float | None,
-                         header_settings: dict[str, Any], unusable: dict[int, str], reference: Any = None
-                         ) -> dict[str, str]:
-    """Write one generated batch's WFDB records and PNGs (beside `reference`'s recording when there is one);
-    the records skipped and why. `unusable` {row: reason}: the batch's ECGs kept out of every format."""
+                         header_settings: dict[str, Any], unusable: dict[int, str], plots: PlotWorkers,
+                         reference: Any = None) -> tuple[dict[str, str], list[Future]]:
+    """Write one generated batch's WFDB records and hand its PNGs (beside `reference`'s recording when there is one)
+    to `plots`; the records skipped and why, and the PNGs' futures. `unusable` {row: reason}: the batch's ECGs kept
+    out of every format."""
     from diffusets_jax.io.plot import plot_ecg, plot_pair
     from diffusets_jax.io.wfdb_out import write_records
 
@@ -93,17 +96,20 @@ def _write_batch_records(out: Path, batch: Any, formats: Sequence[str], wfdb_fs:
     if "wfdb" in formats and rows:
         skipped.update(write_records(out / WFDB_FOLDER, batch.ecgs[rows], [names[r] for r in rows],
                                      [headers[r] for r in rows], output_fs=wfdb_fs).skipped)
+    drawing = []
     if "png" in formats:
         (out / "plots").mkdir(exist_ok=True)
         for name, ecg, header in zip(names, batch.ecgs, headers, strict=True):
             if name in skipped:
                 continue
+            path = out / "plots" / f"{name}.png"
             if reference is None:
-                plot_ecg(ecg, conditions=header, path=out / "plots" / f"{name}.png")
+                drawing.append(plots.draw(plot_ecg, ecg, conditions=header, path=path))
             else:
-                plot_pair(reference.reference.ecg, ecg, conditions=header, path=out / "plots" / f"{name}.png",
-                          labels=(reference.label(), "Reconstructed" if reference.mode == "posterior" else "Generated"))
-    return skipped
+                labels = (reference.label(), "Reconstructed" if reference.mode == "posterior" else "Generated")
+                drawing.append(plots.draw(plot_pair, reference.reference.ecg, ecg, conditions=header, path=path,
+                                            labels=labels))
+    return skipped, drawing
 
 
 def sample_run_folder(path: str | os.PathLike) -> Path | None:
@@ -175,6 +181,16 @@ def _write_streamed(member: Any, key: str, array: StreamedArray) -> None:
         raise ValueError(f"{key}: {rows} rows streamed for an array of shape {array.shape}")
 
 
+def _save_part(out: Path, batch: Any, skipped: dict[str, str], drawing: list[Future]) -> None:
+    """Save `batch`'s part (`.parts/batch-NNNNNN.npz`) once its PNGs (`drawing`) are written."""
+    wait_for(drawing)
+    (out / _PARTS).mkdir(exist_ok=True)
+    _save_npz(_part_path(out, batch.index), ecg=batch.ecgs.astype(np.float32),
+              position=np.arange(batch.start, batch.start + len(batch.conditions)),
+              code=np.array(json.dumps(code_version(), sort_keys=True)),
+              skipped_name=np.array(list(skipped), dtype=str), skipped_why=np.array(list(skipped.values()), dtype=str))
+
+
 def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir: str | os.PathLike, *,
                         formats: Sequence[str] = FORMATS, wfdb_fs: float | None = None, overwrite: bool = False,
                         progress: bool = True, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -204,22 +220,26 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
         local_done = sorted(int(p.stem.split("-")[1]) for p in parts.glob("batch-*.npz"))
         done = set().union(*map(set, parallel.allgather_objects(local_done)))
         remaining = [b for b in range(total) if b not in done]
+        # At most (a host draws only its share of the batches): how many worker processes draw the PNGs.
+        sheets = sum(len(items[b * generator.batch_size:(b + 1) * generator.batch_size])
+                     for b in remaining) if "png" in formats else 0
+        # A batch's part says its files are all written (a resumed run skips it), so it is saved once the batch's
+        # PNGs are drawn: while the workers draw them, the next batch is generated and its records written.
+        unsaved: list[tuple[Any, dict[str, str], list[Future]]] = []
         # Each host writes its share on its own; one that fails (its disk full) stops every host here, where the
         # others would wait for it at the next collective.
-        with parallel.failing_together():
+        with parallel.failing_together(), PlotWorkers(worker_count(sheets)) as plots:
             for batch in generator.generate(conditions, batches=remaining, progress=progress,
                                             run_cache=run.path / RUN_EMBEDDINGS):
                 # An ECG with NaN or inf samples is a failed generation: no record or PNG here, and `_finish` leaves it
                 # out of the NPZ.
                 unusable = {row: reason for row, ecg in enumerate(batch.ecgs) if (reason := non_finite_reason(ecg))}
-                skipped = _write_batch_records(run.path, batch, formats, wfdb_fs, header_settings, unusable,
-                                               getattr(generator, "reference", None))
-                parts.mkdir(exist_ok=True)
-                _save_npz(_part_path(run.path, batch.index), ecg=batch.ecgs.astype(np.float32),
-                           position=np.arange(batch.start, batch.start + len(batch.conditions)),
-                           code=np.array(json.dumps(code_version(), sort_keys=True)),
-                           skipped_name=np.array(list(skipped), dtype=str),
-                           skipped_why=np.array(list(skipped.values()), dtype=str))
+                unsaved.append((batch, *_write_batch_records(run.path, batch, formats, wfdb_fs, header_settings,
+                                                             unusable, plots, getattr(generator, "reference", None))))
+                while len(unsaved) > 1 or (unsaved and all(f.done() for f in unsaved[0][2])):
+                    _save_part(run.path, *unsaved.pop(0))
+            while unsaved:
+                _save_part(run.path, *unsaved.pop(0))
         manifest = _finish(run.path, generator, items, total, formats, settings)
         run.mark_complete(count=manifest["count"])
     return manifest
