@@ -1,5 +1,7 @@
 """Clinical 12-lead plots: files written, exact mm scale, sensible errors."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -114,6 +116,29 @@ def test_plot_command_draws_records_and_lists_bad_ones(tmp_path, capsys):
     assert code == 0 and summary["written"] == 1 and list(summary["skipped"]) == [str(tmp_path / "broken")]
     assert "broken.hea cannot be read as a WFDB header" in captured.err
     assert (tmp_path / "png" / "gen_0.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_plot_command_draws_as_many_records_in_worker_processes(tmp_path, monkeypatch, workers):
+    """Thousands of records go to one worker process per core (`io.plot_workers`): the same PNGs, and a record a
+    worker cannot read is skipped with the same reason."""
+    from diffusets_jax.io import plot_workers
+    from diffusets_jax.io.wfdb_out import write_record
+
+    records = []
+    for i in range(3):
+        write_record(tmp_path / f"gen_{i}", synthetic_ecg() * (1 + i), conditions={"prompt": f"Sinus rhythm {i}."})
+        records.append(str(tmp_path / f"gen_{i}"))
+    (tmp_path / "broken.hea").write_text("not a header\n")
+    records.insert(1, str(tmp_path / "broken"))
+    here = plot.plot_wfdb_records(records, tmp_path / "here", dpi=40)
+    monkeypatch.setattr(plot_workers, "worker_count", lambda sheets: workers)
+    pooled = plot.plot_wfdb_records(records, tmp_path / "pool", dpi=40)
+    assert [os.path.basename(p) for p in pooled["written"]] == ["gen_0.png", "gen_1.png", "gen_2.png"]
+    assert [os.path.dirname(p) for p in pooled["written"]] == [str(tmp_path / "pool")] * 3
+    assert pooled["skipped"] == here["skipped"] and list(pooled["skipped"]) == [str(tmp_path / "broken")]
+    for name in ("gen_0.png", "gen_1.png", "gen_2.png"):
+        assert (tmp_path / "pool" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
 
 
 def unplottable_records(folder):

@@ -445,6 +445,17 @@ def plot_metric_intervals(
     return fig
 
 
+def _draw_record(record: str, name: str, path: str | os.PathLike, dpi: int) -> str:
+    """Draw WFDB record `record` titled `name` into `path`; the PNG's path. ValueError or OSError when the record
+    cannot be read or drawn. Module-level, so that a worker process (`io.plot_workers`) runs it."""
+    from diffusets_jax.io.wfdb_out import read_record
+
+    ecg = read_record(record)
+    conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
+    fig = plot_ecg(np.nan_to_num(ecg.signal), ecg.fs, title=name, conditions=conditions)
+    return save_png(fig, path, dpi)
+
+
 def plot_wfdb_records(
     records: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dpi: int = 200, *, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -459,8 +470,8 @@ def plot_wfdb_records(
     """
     from diffusets_jax.data.records import record_base
     from diffusets_jax.io.names import distinct_names
+    from diffusets_jax.io.plot_workers import PlotWorkers, worker_count
     from diffusets_jax.io.run_dir import output_dir
-    from diffusets_jax.io.wfdb_out import read_record
 
     records = [os.fspath(record) for record in records]
     headers = {record: record_base(record) + ".hea" for record in records}
@@ -486,17 +497,15 @@ def plot_wfdb_records(
     written, skipped = [], dict(problems)
     with output_dir(out_dir, command="plot", settings=settings, overwrite=overwrite, flag="--out-dir",
                     reads=[("record", header) for header in headers.values()]) as run:
-        for record in records:
-            if record in problems:
-                continue
-            name = names[record]
-            try:
-                ecg = read_record(record)
-                conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
-                fig = plot_ecg(np.nan_to_num(ecg.signal), ecg.fs, title=name, conditions=conditions)
-                written.append(save_png(fig, run.path / f"{name}.png", dpi))
-            except (OSError, ValueError) as err:
-                skipped[record] = str(err)
+        to_draw = [record for record in records if record not in problems]
+        with PlotWorkers(worker_count(len(to_draw))) as plots:  # many records: one process per core
+            drawing = [plots.submit(_draw_record, record, names[record], run.path / f"{names[record]}.png", dpi)
+                       for record in to_draw]
+            for record, sheet in zip(to_draw, drawing, strict=True):
+                try:
+                    written.append(sheet.result())
+                except (OSError, ValueError) as err:
+                    skipped[record] = str(err)
         if not written:  # raised inside the claim, so the folder this run made goes again (`output_dir`)
             first = next(record for record in records if record in skipped)
             raise ValueError(f"no record could be plotted: all {len(records)} were skipped (the first, {first}: "
