@@ -13,15 +13,17 @@ import numpy as np
 import pytest
 
 from diffusets_jax.errors import RunFailed
+from diffusets_jax.io import plot_workers
 from diffusets_jax.io.plot import plot_ecg
-from diffusets_jax.io.plot_workers import MIN_SHEETS_FOR_WORKERS, PlotWorkers, wait_for, worker_count
+from diffusets_jax.io.plot_workers import PlotWorkers, wait_for, worker_count
 
 
-def test_a_few_sheets_are_drawn_here_and_many_by_one_worker_per_core():
-    cores = len(os.sched_getaffinity(0))
-    assert worker_count(0) == worker_count(MIN_SHEETS_FOR_WORKERS - 1) == 0
-    assert worker_count(MIN_SHEETS_FOR_WORKERS) == min(cores, MIN_SHEETS_FOR_WORKERS)
-    assert worker_count(10**6) == cores
+@pytest.mark.parametrize("cores", [1, 2, 64])
+def test_a_few_sheets_are_drawn_here_and_many_by_one_worker_per_core_up_to_a_limit(monkeypatch, cores):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert worker_count(0) == worker_count(plot_workers.MIN_SHEETS_FOR_WORKERS - 1) == 0
+    assert worker_count(plot_workers.MIN_SHEETS_FOR_WORKERS) == min(cores, plot_workers.MAX_WORKERS)
+    assert worker_count(10**6) == min(cores, plot_workers.MAX_WORKERS) == min(cores, 8)  # about 200 MB each
 
 
 @pytest.mark.parametrize("workers", [0, 2])

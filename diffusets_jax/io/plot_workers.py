@@ -2,13 +2,14 @@
 
 A sheet takes about 0.19 s of one core (0.08 s drawing, the rest zlib), while an accelerator samples thousands of
 ECGs a second; drawing holds the GIL (two threads gained 1.4x on 2 cores), so the sheets go to processes, one per
-core. Each worker is a fresh interpreter (`python -c "...serve()"`) that imports only what its jobs name, not
-`multiprocessing`'s: a fork would copy the parent's JAX threads mid-flight, and its spawn runs the parent's main
-script again in every worker, which a user's script without a `__main__` guard would turn into a second sampling
-run per worker. A job and its answer cross the worker's stdin and stdout as pickles, one job in flight per worker.
-A worker ignores Ctrl-C (the parent stops it, so an interrupt prints no traceback from each) and leaves when its
-stdin closes, which happens however the parent ends (a SIGKILL, `os._exit`). Each PNG is still written under a
-temporary name and renamed (`io.plot.save_png`), so a run killed mid-sheet leaves no torn picture under a real name.
+core up to `MAX_WORKERS`. Each worker is a fresh interpreter (`python -c "...serve()"`) that imports only what its
+jobs name, not `multiprocessing`'s: a fork would copy the parent's JAX threads mid-flight, and its spawn runs the
+parent's main script again in every worker, which a user's script without a `__main__` guard would turn into a
+second sampling run per worker. A job and its answer cross the worker's stdin and stdout as pickles, one job in
+flight per worker. A worker ignores Ctrl-C (the parent stops it, so an interrupt prints no traceback from each) and
+leaves when its stdin closes, which happens however the parent ends (a SIGKILL, `os._exit`). Each PNG is still
+written under a temporary name and renamed (`io.plot.save_png`), so a run killed mid-sheet leaves no torn picture
+under a real name.
 """
 
 from __future__ import annotations
@@ -28,20 +29,26 @@ from typing import IO, Any
 
 from diffusets_jax.errors import RunFailed
 
-# Below this many sheets a run draws them in its own process: starting a worker (a fresh interpreter importing
-# matplotlib) takes about 0.5 s, the time of three sheets.
+# Below this many sheets a run draws them in its own process: starting two workers (fresh interpreters importing
+# matplotlib) and drawing their first sheets took 1.3 s on 2 cores, about eight sheets' time, so 16 sheets take
+# as long either way.
 MIN_SHEETS_FOR_WORKERS = 16
+# Each worker holds about 200 MB (an interpreter with numpy and matplotlib), so a 128-core host would give 25 GB to
+# drawing; eight draw about 50 sheets a second.
+MAX_WORKERS = 8
+_SERVE = "from diffusets_jax.io.plot_workers import serve; serve()"  # a worker's program
 _LENGTH = struct.Struct("<Q")  # each message's byte count, before its pickle
 _DIED = ("a process drawing PNGs died (killed, or out of memory?); rerun the same command to resume, or leave PNGs "
          "out with --formats npz,wfdb")
 
 
 def worker_count(sheets: int) -> int:
-    """Worker processes for a run that draws `sheets` PNGs: one per core this process may use, none for a few."""
+    """Worker processes for a run that draws `sheets` PNGs: one per core this process may use, up to `MAX_WORKERS`,
+    none for a few."""
     if sheets < MIN_SHEETS_FOR_WORKERS:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, sheets))
+    return max(1, min(cores, sheets, MAX_WORKERS))
 
 
 def _send(stream: IO[bytes], message: Any) -> None:  # noqa: ANN401
@@ -96,8 +103,7 @@ class PlotWorkers:
 
     def __enter__(self) -> PlotWorkers:
         for _ in range(self.workers):
-            process = subprocess.Popen([sys.executable, "-c", "from diffusets_jax.io.plot_workers import serve; serve()"],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            process = subprocess.Popen([sys.executable, "-c", _SERVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             thread = threading.Thread(target=self._feed, args=(process,), daemon=True)
             thread.start()
             self._threads.append(thread)
