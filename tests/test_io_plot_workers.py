@@ -104,3 +104,14 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
     """))
     subprocess.run([sys.executable, str(script)], check=True, timeout=120, cwd=tmp_path)
     assert (tmp_path / "runs").read_text() == "ran\n"
+
+
+def test_a_run_that_cannot_start_workers_draws_its_sheets_itself(tmp_path, monkeypatch):
+    """A process limit (or an interpreter with no executable) costs speed, not the run."""
+    def refuse(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(plot_workers.subprocess, "Popen", refuse)
+    with PlotWorkers(2) as plots:
+        future = plots.submit(os.getpid)
+    assert future.result() == os.getpid()

@@ -102,8 +102,11 @@ class PlotWorkers:
         self._broken = threading.Event()
 
     def __enter__(self) -> PlotWorkers:
-        for _ in range(self.workers):
-            process = subprocess.Popen([sys.executable, "-c", _SERVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        for _ in range(self.workers if sys.executable else 0):  # an embedded interpreter may have no executable
+            try:
+                process = subprocess.Popen([sys.executable, "-c", _SERVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            except OSError:  # a process limit reached: draw with the workers started, or here without any
+                break
             thread = threading.Thread(target=self._feed, args=(process,), daemon=True)
             thread.start()
             self._threads.append(thread)
