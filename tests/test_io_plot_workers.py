@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from diffusets_jax.errors import RunFailed
 from diffusets_jax.io import plot_workers
 from diffusets_jax.io.plot import plot_ecg
 from diffusets_jax.io.plot_workers import PlotWorkers, wait_for, worker_count
+from tests.helpers.plot_jobs import raise_unrebuildable
 
 
 @pytest.mark.parametrize("cores", [1, 2, 64])
@@ -115,3 +117,15 @@ def test_a_run_that_cannot_start_workers_draws_its_sheets_itself(tmp_path, monke
     with PlotWorkers(2) as plots:
         future = plots.submit(os.getpid)
     assert future.result() == os.getpid()
+
+
+def test_a_job_or_answer_that_does_not_pickle_fails_its_future_instead_of_hanging_the_run():
+    with PlotWorkers(1) as plots:
+        unpicklable = plots.submit(lambda: 1)
+        odd = plots.submit(raise_unrebuildable)
+        after = plots.submit(os.getpid)
+        with pytest.raises((pickle.PicklingError, AttributeError)):
+            unpicklable.result(timeout=60)
+        with pytest.raises(RuntimeError, match="could not be read"):
+            odd.result(timeout=60)
+        assert after.result(timeout=60) != os.getpid()  # the worker is still there

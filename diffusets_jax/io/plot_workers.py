@@ -51,8 +51,12 @@ def worker_count(sheets: int) -> int:
     return max(1, min(cores, sheets, MAX_WORKERS))
 
 
-def _send(stream: IO[bytes], message: Any) -> None:  # noqa: ANN401
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+def _pickle(message: Any) -> bytes:  # noqa: ANN401
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _send(stream: IO[bytes], data: bytes) -> None:
+    """One message: its byte count, then its pickle `data`."""
     stream.write(_LENGTH.pack(len(data)) + data)
     stream.flush()
 
@@ -84,9 +88,10 @@ def serve() -> None:
         except Exception as err:  # noqa: BLE001 - raised in the parent, where the run waits for the sheet
             answer = (False, err)
         try:
-            _send(answers, answer)
-        except (pickle.PicklingError, TypeError, AttributeError) as err:  # an answer that does not pickle
-            _send(answers, (False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]} ({err})")))
+            data = _pickle(answer)
+        except Exception as err:  # noqa: BLE001 - an answer that does not pickle: say what it was
+            data = _pickle((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]} ({err})")))
+        _send(answers, data)
 
 
 class PlotWorkers:
@@ -137,12 +142,21 @@ class PlotWorkers:
                     future.set_exception(RunFailed(_DIED))
                     continue
                 try:
-                    _send(process.stdin, message)
-                    ok, value = pickle.loads(_receive(process.stdout))  # noqa: S301 - our worker's answer
+                    data = _pickle(message)
+                except Exception as err:  # noqa: BLE001 - a job that does not pickle (a lambda): the caller's error
+                    future.set_exception(err)
+                    continue
+                try:
+                    _send(process.stdin, data)
+                    answer = _receive(process.stdout)
                 except (EOFError, OSError):  # the worker died (killed, out of memory): the run cannot finish
                     self._broken.set()
                     future.set_exception(RunFailed(_DIED))
                     continue
+                try:
+                    ok, value = pickle.loads(answer)  # noqa: S301 - our worker's answer, over its own pipe
+                except Exception as err:  # noqa: BLE001 - e.g. an exception class that cannot be rebuilt here
+                    ok, value = False, RuntimeError(f"a PNG worker's answer could not be read: {err}")
                 future.set_result(value) if ok else future.set_exception(value)
         finally:
             with contextlib.suppress(OSError):  # a worker that died leaves a broken pipe

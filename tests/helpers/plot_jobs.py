@@ -1,0 +1,14 @@
+"""Jobs for `io.plot_workers`' tests: module-level, so that a worker process (started in the repository root, as
+the suite runs) imports them by name."""
+
+
+class Unrebuildable(Exception):
+    """An exception that pickles but cannot be rebuilt: unpickling calls it with its one message, not the two
+    arguments it takes (a common shape for a library's own errors)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+
+
+def raise_unrebuildable() -> None:
+    raise Unrebuildable("a.png", "odd")
