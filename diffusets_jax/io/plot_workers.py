@@ -87,11 +87,28 @@ def serve() -> None:
             answer = (True, result if keep else None)
         except Exception as err:  # noqa: BLE001 - raised in the parent, where the run waits for the sheet
             answer = (False, err)
+        _send(answers, _portable(answer))
+
+
+def _portable(answer: tuple[bool, Any]) -> bytes:
+    """`answer` pickled; an exception that would not come back whole (its class takes other arguments than its
+    message, or does not pickle) goes as the nearest built-in class, so that a ValueError or OSError is still one
+    to the parent (a record `plot` skips), with the class's name in the message."""
+    ok, value = answer
+    try:
+        data = _pickle(answer)
+        if not ok:
+            pickle.loads(data)  # noqa: S301 - our own pickle: can the parent rebuild it?
+        return data
+    except Exception as err:  # noqa: BLE001 - what goes instead says what it was
+        if ok:
+            return _pickle((False, RuntimeError(f"a {type(value).__name__} result does not pickle: {err}")))
+        message = f"{type(value).__name__}: {value}"
+        builtin = next(cls for cls in type(value).__mro__ if cls.__module__ == "builtins")
         try:
-            data = _pickle(answer)
-        except Exception as err:  # noqa: BLE001 - an answer that does not pickle: say what it was
-            data = _pickle((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]} ({err})")))
-        _send(answers, data)
+            return _pickle((False, builtin(message)))
+        except Exception:  # noqa: BLE001 - a built-in class that takes more than a message (UnicodeError's kin)
+            return _pickle((False, RuntimeError(message)))
 
 
 class PlotWorkers:

@@ -2,7 +2,7 @@
 the suite runs) imports them by name."""
 
 
-class Unrebuildable(Exception):
+class Unrebuildable(ValueError):
     """An exception that pickles but cannot be rebuilt: unpickling calls it with its one message, not the two
     arguments it takes (a common shape for a library's own errors)."""
 
