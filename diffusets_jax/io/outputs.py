@@ -149,9 +149,9 @@ def _save_npz(path: Path, **arrays: np.ndarray | StreamedArray) -> None:
     so identical runs write identical bytes) and `.npy` headers, so `np.load` reads it as it reads any NPZ. Members
     are stored, not deflated: deflate shrank ECGs (float32) by 7.5 % for 1.6 ms of the host's time per ECG, about 16
     times what storing them takes, and the merge runs after sampling, alone, so deflating it cost a run of 100,000
-    ECGs minutes whatever the accelerator. Object arrays are refused (numpy would pickle them;
-    no reader of ours unpickles). A streamed member costs one block of memory, not the whole array: `samples.npz` of
-    a large request holds about 48 KB per ECG (`_finish`).
+    ECGs minutes whatever the accelerator. Object arrays are refused (numpy would pickle them; no reader of ours
+    unpickles). A streamed member costs one block of memory, not the whole array: `samples.npz` of a large request
+    holds about 48 KB per ECG (`_finish`).
     """
     with atomic_path(path, suffix=".npz") as temporary, \
             zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
