@@ -654,10 +654,10 @@ def test_a_runs_npzs_are_stored_not_deflated(generator, tmp_path, monkeypatch):
 
 
 def test_pngs_drawn_by_worker_processes_are_the_sheets_a_run_draws_itself(generator, tmp_path, monkeypatch):
-    """Runs of many PNGs draw them in worker processes (`io.plot_workers`) while the next batch is generated: the
+    """Runs of many PNGs draw them in worker processes (`worker_processes`) while the next batch is generated: the
     same files as a run that draws them itself, and a batch's part (which a resumed run takes as the batch done) is
     saved only once its PNGs are on disk."""
-    from diffusets_jax.io import outputs
+    from diffusets_jax.io import outputs, plot_workers
 
     conditions = [make_condition("Sinus rhythm", "F", 40, 60, 17)]  # three batches of 8
     sample_to_directory(generator, conditions, tmp_path / "here", formats=["npz", "png"], progress=False)
@@ -671,7 +671,7 @@ def test_pngs_drawn_by_worker_processes_are_the_sheets_a_run_draws_itself(genera
         save_npz(path, **arrays)
 
     monkeypatch.setattr(outputs, "_save_npz", check_sheets_then_save)
-    monkeypatch.setattr(outputs, "worker_count", lambda sheets: 2)
+    monkeypatch.setattr(plot_workers, "worker_count", lambda sheets: 2)
     sample_to_directory(generator, conditions, tmp_path / "pool", formats=["npz", "png"], progress=False)
     assert drawn_before_saving == [True, True, True]
     pngs = sorted(p.name for p in (tmp_path / "here" / "plots").iterdir())

@@ -1,6 +1,9 @@
 """`RecordPool`: one set of worker processes for many measuring calls, records kept in order, small sets in-process."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 
@@ -60,3 +63,20 @@ def test_measuring_through_a_shared_pool_equals_measuring_in_process():
     np.testing.assert_array_equal(shared.heart_rate_bpm, alone.heart_rate_bpm)
     np.testing.assert_array_equal(shared.qrs_ms, alone.qrs_ms)
     assert np.isfinite(alone.heart_rate_bpm).sum() >= 8
+
+
+def test_a_users_script_without_a_main_guard_measures_once(tmp_path):
+    """The workers were multiprocessing's spawned ones, which run the parent's main script again: a script that
+    measured at its top level ran three times with two workers and ended in a BrokenProcessPool traceback."""
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent(f"""
+        import numpy as np
+        from diffusets_jax.metrics.record_pool import RecordPool
+        with open({str(tmp_path / "runs")!r}, "a") as runs:
+            runs.write("ran\\n")
+        with RecordPool(2) as pool:
+            print(pool.map(np.atleast_1d, np.arange(8.0)))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "runs").read_text() == "ran\n"

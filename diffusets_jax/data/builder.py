@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import abc
 import collections
-import concurrent.futures
 import dataclasses
 import hashlib
 import math
-import multiprocessing
 import os
 import sys
 import zipfile
@@ -51,10 +49,13 @@ from diffusets_jax.data.shards import DeterministicExampleSerializer
 from diffusets_jax.io.files import write_json_atomic
 from diffusets_jax.io.progress import progress_bar
 from diffusets_jax.io.tables import LINE_COLUMN, read_csv_table
+from diffusets_jax.worker_processes import WorkerProcesses
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 REPORT_FILENAME = "prepare_report.json"
 EXAMPLES_PER_REASON_IN_REPORT = 10
+_DECODER_DIED = ("a process decoding records died (killed, or out of memory?); rerun the same command to resume from "
+                 "the decoded chunks, with fewer --workers if memory ran out")
 EMBEDDING_DIMS: dict[str, int] = {"local": 384, "openai": 1536}  # MiniLM-L6; text-embedding-ada-002
 # Skip reason of a source-table row that cannot be used at all (beside records.SKIP_REASONS, which need a record).
 BAD_TABLE_ROW = "bad_table_row"
@@ -374,29 +375,20 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
     # ---- helpers -----------------------------------------------------------------------------------------
 
     def _decode_locally(self, manual_dir: str) -> collections.Counter[str]:
-        """Decode every chunk not already in the cache, in `workers` spawned processes; usable records per split."""
+        """Decode every chunk not already in the cache, in `workers` worker processes; usable records per split."""
         decode = self.builder_config.decode
         tasks = [(manual_dir, c.candidates, decode, c.cache_path) for c in self._chunks]
         usable: collections.Counter[str] = collections.Counter()
-        workers = self._worker_count()
-        pool = None
+        workers = self._worker_count() if len(tasks) > 1 else 0
         bar = progress_bar(sum(len(c.candidates) for c in self._chunks), unit=" records", desc="Decoding records")
-        try:
-            if workers == 0 or len(tasks) <= 1:
-                usable_counts: Iterator[int] = map(records_lib.decode_chunk_to_cache, tasks)
-            else:
-                # spawn, not fork: TensorFlow's threads are running here, and a forked copy of them can deadlock.
-                pool = concurrent.futures.ProcessPoolExecutor(
-                    max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")
-                )
-                usable_counts = pool.map(records_lib.decode_chunk_to_cache, tasks)
-            for chunk, count in zip(self._chunks, usable_counts, strict=True):
-                usable[chunk.split] += count
-                bar.update(len(chunk.candidates))
-        finally:
-            bar.close()
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+        # Fresh interpreters (`worker_processes`), not forks: TensorFlow's threads are running here.
+        with WorkerProcesses(min(workers, len(tasks)), died=_DECODER_DIED) as pool:
+            try:
+                for chunk, count in zip(self._chunks, pool.map(records_lib.decode_chunk_to_cache, tasks), strict=True):
+                    usable[chunk.split] += count
+                    bar.update(len(chunk.candidates))
+            finally:
+                bar.close()
         return usable
 
     def _generate_from_cache(self, tasks, embeddings, style) -> Iterator[tuple[str, dict]]:  # noqa: ANN001

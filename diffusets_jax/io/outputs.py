@@ -46,9 +46,10 @@ from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.ecg.shapes import ECG_SHAPE
 from diffusets_jax.ecg.units import non_finite_reason
 from diffusets_jax.io.files import atomic_path, read_json, remove_temporaries_in, write_json_atomic
-from diffusets_jax.io.plot_workers import PlotWorkers, wait_for, worker_count
+from diffusets_jax.io.plot_workers import plot_workers
 from diffusets_jax.io.run_dir import RUN_EMBEDDINGS, check_output_path, output_dir
 from diffusets_jax.provenance import code_version
+from diffusets_jax.worker_processes import WorkerProcesses, wait_for
 
 FORMATS: tuple[str, ...] = ("npz", "wfdb", "png")
 MANIFEST = "manifest.json"
@@ -81,7 +82,7 @@ def _header(condition: Condition, prompt: str, settings: dict[str, Any]) -> dict
 
 
 def _write_batch_records(out: Path, batch: Any, formats: Sequence[str], wfdb_fs: float | None,
-                         header_settings: dict[str, Any], unusable: dict[int, str], plots: PlotWorkers,
+                         header_settings: dict[str, Any], unusable: dict[int, str], plots: WorkerProcesses,
                          reference: Any = None) -> tuple[dict[str, str], list[Future]]:
     """Write one generated batch's WFDB records and hand its PNGs (beside `reference`'s recording when there is one)
     to `plots`; the records skipped and why, and the PNGs' futures. `unusable` {row: reason}: the batch's ECGs kept
@@ -104,11 +105,11 @@ def _write_batch_records(out: Path, batch: Any, formats: Sequence[str], wfdb_fs:
                 continue
             path = out / "plots" / f"{name}.png"
             if reference is None:
-                drawing.append(plots.draw(plot_ecg, ecg, conditions=header, path=path))
+                drawing.append(plots.run_for_effect(plot_ecg, ecg, conditions=header, path=path))
             else:
                 labels = (reference.label(), "Reconstructed" if reference.mode == "posterior" else "Generated")
-                drawing.append(plots.draw(plot_pair, reference.reference.ecg, ecg, conditions=header, path=path,
-                                            labels=labels))
+                drawing.append(plots.run_for_effect(plot_pair, reference.reference.ecg, ecg, conditions=header,
+                                                    path=path, labels=labels))
     return skipped, drawing
 
 
@@ -228,7 +229,7 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
         unsaved: list[tuple[Any, dict[str, str], list[Future]]] = []
         # Each host writes its share on its own; one that fails (its disk full) stops every host here, where the
         # others would wait for it at the next collective.
-        with parallel.failing_together(), PlotWorkers(worker_count(sheets)) as plots:
+        with parallel.failing_together(), plot_workers(sheets) as plots:
             for batch in generator.generate(conditions, batches=remaining, progress=progress,
                                             run_cache=run.path / RUN_EMBEDDINGS):
                 # An ECG with NaN or inf samples is a failed generation: no record or PNG here, and `_finish` leaves it

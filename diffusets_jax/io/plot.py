@@ -447,7 +447,7 @@ def plot_metric_intervals(
 
 def _draw_record(record: str, name: str, path: str | os.PathLike, dpi: int) -> str:
     """Draw WFDB record `record` titled `name` into `path`; the PNG's path. ValueError or OSError when the record
-    cannot be read or drawn. Module-level, so that a worker process (`io.plot_workers`) runs it."""
+    cannot be read or drawn. Module-level, so that a worker process (`worker_processes`) runs it."""
     from diffusets_jax.io.wfdb_out import read_record
 
     ecg = read_record(record)
@@ -470,7 +470,7 @@ def plot_wfdb_records(
     """
     from diffusets_jax.data.records import record_base
     from diffusets_jax.io.names import distinct_names
-    from diffusets_jax.io.plot_workers import PlotWorkers, worker_count
+    from diffusets_jax.io.plot_workers import plot_workers
     from diffusets_jax.io.run_dir import output_dir
 
     records = [os.fspath(record) for record in records]
@@ -498,7 +498,7 @@ def plot_wfdb_records(
     with output_dir(out_dir, command="plot", settings=settings, overwrite=overwrite, flag="--out-dir",
                     reads=[("record", header) for header in headers.values()]) as run:
         to_draw = [record for record in records if record not in problems]
-        with PlotWorkers(worker_count(len(to_draw))) as plots:  # many records: one process per core
+        with plot_workers(len(to_draw)) as plots:  # many records: one process per core
             drawing = [plots.submit(_draw_record, record, names[record], run.path / f"{names[record]}.png", dpi)
                        for record in to_draw]
             for record, sheet in zip(to_draw, drawing, strict=True):

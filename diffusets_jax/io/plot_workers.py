@@ -1,33 +1,15 @@
-"""PNG sheets drawn in worker processes, so that a run's pictures keep up with its sampling.
+"""How many worker processes (`worker_processes`) draw a run's PNG sheets, so that its pictures keep up with its
+sampling.
 
-A sheet takes about 0.19 s of one core (0.08 s drawing, the rest zlib), while an accelerator samples thousands of
-ECGs a second; drawing holds the GIL (two threads gained 1.4x on 2 cores), so the sheets go to processes, one per
-core up to `MAX_WORKERS`. Each worker is a fresh interpreter (`python -c "...serve()"`) that imports only what its
-jobs name, not `multiprocessing`'s: a fork would copy the parent's JAX threads mid-flight, and its spawn runs the
-parent's main script again in every worker, which a user's script without a `__main__` guard would turn into a
-second sampling run per worker. A job and its answer cross the worker's stdin and stdout as pickles, one job in
-flight per worker. A worker ignores Ctrl-C (the parent stops it, so an interrupt prints no traceback from each) and
-leaves when its stdin closes, which happens however the parent ends (a SIGKILL, `os._exit`). Each PNG is still
-written under a temporary name and renamed (`io.plot.save_png`), so a run killed mid-sheet leaves no torn picture
-under a real name.
+A sheet takes about 0.16-0.19 s of one core (0.08 s drawing, the rest zlib), while an accelerator samples thousands
+of ECGs a second; drawing holds the GIL (two threads gained 1.4x on 2 cores), so the sheets go to processes, one per
+core up to `MAX_WORKERS`. Each PNG is still written under a temporary name and renamed (`io.plot.save_png`), so a
+run killed mid-sheet leaves no torn picture under a real name.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
-import os
-import pickle
-import queue
-import signal
-import struct
-import subprocess
-import sys
-import threading
-from collections.abc import Callable
-from typing import IO, Any
-
-from diffusets_jax.errors import RunFailed
+from diffusets_jax.worker_processes import WorkerProcesses, usable_cores
 
 # Below this many sheets a run draws them in its own process: starting two workers (fresh interpreters importing
 # matplotlib) and drawing their first sheets took 1.3 s on 2 cores, about eight sheets' time, so 16 sheets take
@@ -36,8 +18,6 @@ MIN_SHEETS_FOR_WORKERS = 16
 # Each worker holds about 200 MB (an interpreter with numpy and matplotlib), so a 128-core host would give 25 GB to
 # drawing; eight draw about 50 sheets a second.
 MAX_WORKERS = 8
-_SERVE = "from diffusets_jax.io.plot_workers import serve; serve()"  # a worker's program
-_LENGTH = struct.Struct("<Q")  # each message's byte count, before its pickle
 _DIED = ("a process drawing PNGs died (killed, or out of memory?); rerun the same command to resume, or leave PNGs "
          "out with --formats npz,wfdb")
 
@@ -47,164 +27,9 @@ def worker_count(sheets: int) -> int:
     none for a few."""
     if sheets < MIN_SHEETS_FOR_WORKERS:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, sheets, MAX_WORKERS))
+    return max(1, min(usable_cores(), sheets, MAX_WORKERS))
 
 
-def _pickle(message: Any) -> bytes:  # noqa: ANN401
-    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _send(stream: IO[bytes], data: bytes) -> None:
-    """One message: its byte count, then its pickle `data`."""
-    stream.write(_LENGTH.pack(len(data)) + data)
-    stream.flush()
-
-
-def _receive(stream: IO[bytes]) -> bytes:
-    """The next message's pickle; EOFError when the other side has gone."""
-    head = stream.read(_LENGTH.size)
-    data = stream.read(_LENGTH.unpack(head)[0]) if len(head) == _LENGTH.size else b""
-    if not head or len(data) < _LENGTH.unpack(head)[0]:
-        raise EOFError
-    return data
-
-
-def serve() -> None:
-    """A worker's loop: run each job `(fn, args, kwargs, keep)` read from stdin and write `(True, result)` (None
-    unless `keep`) or `(False, exception)` to stdout, until stdin closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's Ctrl-C reaches its whole process group
-    jobs, answers = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # a job's print must not land in the answers
-    while True:
-        try:
-            job = _receive(jobs)
-        except EOFError:
-            return
-        try:
-            fn, args, kwargs, keep = pickle.loads(job)  # noqa: S301 - our parent's jobs, over its own pipe
-            result = fn(*args, **kwargs)
-            answer = (True, result if keep else None)
-        except Exception as err:  # noqa: BLE001 - raised in the parent, where the run waits for the sheet
-            answer = (False, err)
-        _send(answers, _portable(answer))
-
-
-def _portable(answer: tuple[bool, Any]) -> bytes:
-    """`answer` pickled; an exception that would not come back whole (its class takes other arguments than its
-    message, or does not pickle) goes as the nearest built-in class, so that a ValueError or OSError is still one
-    to the parent (a record `plot` skips), with the class's name in the message."""
-    ok, value = answer
-    try:
-        data = _pickle(answer)
-        if not ok:
-            pickle.loads(data)  # noqa: S301 - our own pickle: can the parent rebuild it?
-        return data
-    except Exception as err:  # noqa: BLE001 - what goes instead says what it was
-        if ok:
-            return _pickle((False, RuntimeError(f"a {type(value).__name__} result does not pickle: {err}")))
-        message = f"{type(value).__name__}: {value}"
-        builtin = next(cls for cls in type(value).__mro__ if cls.__module__ == "builtins")
-        try:
-            return _pickle((False, builtin(message)))
-        except Exception:  # noqa: BLE001 - a built-in class that takes more than a message (UnicodeError's kin)
-            return _pickle((False, RuntimeError(message)))
-
-
-class PlotWorkers:
-    """`submit(fn, *args, **kwargs)`: a future of `fn(...)`, run by a worker process, or here at once when there are
-    no workers (`workers=0`); `draw` likewise, for what `fn` writes (its future's result is None). `fn` (a
-    module-level function) and its arguments must pickle. Leaving the block cancels the jobs not begun, waits for
-    the ones being run and ends the workers."""
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self._jobs: queue.Queue = queue.Queue()
-        self._threads: list[threading.Thread] = []
-        self._broken = threading.Event()
-
-    def __enter__(self) -> PlotWorkers:
-        for _ in range(self.workers if sys.executable else 0):  # an embedded interpreter may have no executable
-            try:
-                process = subprocess.Popen([sys.executable, "-c", _SERVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            except OSError:  # a process limit reached: draw with the workers started, or here without any
-                break
-            thread = threading.Thread(target=self._feed, args=(process,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        while True:  # the jobs no worker has begun
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job[0].cancel()
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
-        self._threads = []
-
-    def _feed(self, process: subprocess.Popen) -> None:
-        """One worker's jobs, one at a time, from the shared queue until its end (None)."""
-        try:
-            while (job := self._jobs.get()) is not None:
-                future, message = job
-                if not future.set_running_or_notify_cancel():
-                    continue
-                if self._broken.is_set():
-                    future.set_exception(RunFailed(_DIED))
-                    continue
-                try:
-                    data = _pickle(message)
-                except Exception as err:  # noqa: BLE001 - a job that does not pickle (a lambda): the caller's error
-                    future.set_exception(err)
-                    continue
-                try:
-                    _send(process.stdin, data)
-                    answer = _receive(process.stdout)
-                except (EOFError, OSError):  # the worker died (killed, out of memory): the run cannot finish
-                    self._broken.set()
-                    future.set_exception(RunFailed(_DIED))
-                    continue
-                try:
-                    ok, value = pickle.loads(answer)  # noqa: S301 - our worker's answer, over its own pipe
-                except Exception as err:  # noqa: BLE001 - e.g. an exception class that cannot be rebuilt here
-                    ok, value = False, RuntimeError(f"a PNG worker's answer could not be read: {err}")
-                future.set_result(value) if ok else future.set_exception(value)
-        finally:
-            with contextlib.suppress(OSError):  # a worker that died leaves a broken pipe
-                process.stdin.close()  # the worker's end: it leaves its loop
-            process.wait()
-            process.stdout.close()
-
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:  # noqa: ANN401
-        return self._run(fn, args, kwargs, keep=True)
-
-    def draw(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:  # noqa: ANN401
-        """`submit` for a function run for what it writes: its result (a plot's Figure) is dropped where it was
-        made, as pickling it back took 36 ms a sheet, a fifth of drawing it."""
-        return self._run(fn, args, kwargs, keep=False)
-
-    def _run(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], keep: bool
-             ) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        if self._threads:
-            self._jobs.put((future, (fn, args, kwargs, keep)))
-            return future
-        try:
-            result = fn(*args, **kwargs)
-            future.set_result(result if keep else None)
-        except Exception as err:  # noqa: BLE001 - raised where the result is read, as from a worker
-            future.set_exception(err)
-        return future
-
-
-def wait_for(futures: list[concurrent.futures.Future]) -> None:
-    """Wait for every job in `futures`; a worker's error is raised here as it was raised there (a full disk: an
-    OSError), and a worker that died (killed, out of memory) is one line (`RunFailed`)."""
-    for future in futures:
-        future.result()
+def plot_workers(sheets: int) -> WorkerProcesses:
+    """The worker processes (a `with` block) that draw `sheets` PNGs; none (drawn in this process) for a few."""
+    return WorkerProcesses(worker_count(sheets), died=_DIED)

@@ -1,5 +1,4 @@
-"""Jobs for `io.plot_workers`' tests: module-level, so that a worker process (started in the repository root, as
-the suite runs) imports them by name."""
+"""Jobs for `worker_processes`' tests: module-level, so that a worker process imports them by name."""
 
 
 class Unrebuildable(ValueError):
