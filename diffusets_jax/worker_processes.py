@@ -119,7 +119,7 @@ class WorkerProcesses:
             try:
                 process = subprocess.Popen([sys.executable, "-c", _SERVE.format(path=list(sys.path))],
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            except OSError:  # a process limit reached: draw with the workers started, or here without any
+            except OSError:  # a process limit reached: work with the workers started, or here without any
                 break
             thread = threading.Thread(target=self._feed, args=(process,), daemon=True)
             thread.start()
