@@ -98,7 +98,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "ptbxl also has '<embedder>_subject_hash_ordered'",
     )
     parser.add_argument("--embedding-cache", default=None, help="embedding cache file (default DATA_DIR/embedding_cache/<embedder>.sqlite)")
-    parser.add_argument("--workers", type=non_negative_int, default=None, help="decoding processes (default: all cores; 0 = in-process)")
+    parser.add_argument("--workers", type=non_negative_int, default=None, help="decoding processes (default: the cores this process may use; 0 = in-process)")
     parser.add_argument("--chunk-size", type=positive_int, default=None, help="records per decode chunk (default: automatic)")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild a complete dataset that was built from other records (another --manual-dir); "
@@ -748,6 +748,8 @@ COMMANDS.append(_add_sample)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from diffusets_jax.worker_processes import usable_cores
+
     parser = sub.add_parser(
         "evaluate",
         help="the paper's evaluation (and more): generate from a prepared split's conditions, or score any samples",
@@ -796,8 +798,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     smp.add_argument("--batch-size", type=positive_int, default=64, help="ECGs per compiled call, rounded up to a "
                      "multiple of the device count (default: 64)")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for intervals (default: %(default)s)")
-    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
-                        help="processes for beat detection and delineation (default: all cores)")
+    parser.add_argument("--workers", type=positive_int, default=usable_cores(),
+                        help="processes for beat detection and delineation (default: the cores this process may use)")
     parser.set_defaults(func=_run_evaluate)
 
 

@@ -144,3 +144,13 @@ def test_map_without_workers_computes_each_result_as_it_is_read():
         results = pool.map(square, [2, 3, 4], done)
         assert next(results) == 4 and done == [2]
         assert list(results) == [9, 16] and done == [2, 3, 4]
+
+
+def test_usable_cores_are_the_ones_this_process_may_run_on(monkeypatch):
+    """A scheduler's allocation (8 of a node's 128 cores), not the machine's count: one worker per machine core
+    would oversubscribe the job sixteenfold."""
+    from diffusets_jax.worker_processes import usable_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5, 7}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    assert usable_cores() == 3

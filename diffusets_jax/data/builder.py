@@ -49,7 +49,7 @@ from diffusets_jax.data.shards import DeterministicExampleSerializer
 from diffusets_jax.io.files import write_json_atomic
 from diffusets_jax.io.progress import progress_bar
 from diffusets_jax.io.tables import LINE_COLUMN, read_csv_table
-from diffusets_jax.worker_processes import WorkerProcesses
+from diffusets_jax.worker_processes import WorkerProcesses, usable_cores
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 REPORT_FILENAME = "prepare_report.json"
@@ -379,10 +379,10 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         decode = self.builder_config.decode
         tasks = [(manual_dir, c.candidates, decode, c.cache_path) for c in self._chunks]
         usable: collections.Counter[str] = collections.Counter()
-        workers = self._worker_count() if len(tasks) > 1 else 0
         bar = progress_bar(sum(len(c.candidates) for c in self._chunks), unit=" records", desc="Decoding records")
-        # Fresh interpreters (`worker_processes`), not forks: TensorFlow's threads are running here.
-        with WorkerProcesses(min(workers, len(tasks)), died=_DECODER_DIED) as pool:
+        # Fresh interpreters (`worker_processes`), not forks: TensorFlow's threads are running here. One chunk is
+        # decoded here.
+        with WorkerProcesses(min(self._worker_count(), len(tasks) if len(tasks) > 1 else 0), died=_DECODER_DIED) as pool:
             try:
                 for chunk, count in zip(self._chunks, pool.map(records_lib.decode_chunk_to_cache, tasks), strict=True):
                     usable[chunk.split] += count
@@ -397,7 +397,7 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _worker_count(self) -> int:
         workers = self._workers
-        return os.cpu_count() or 1 if workers is None else max(0, int(workers))
+        return usable_cores() if workers is None else max(0, int(workers))  # a scheduler's allocation, not the machine
 
     def _split_of(self, candidate: RecordCandidate) -> str:
         if self.builder_config.split_by == "strat_fold":
