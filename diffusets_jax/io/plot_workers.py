@@ -16,7 +16,7 @@ from diffusets_jax.worker_processes import WorkerProcesses, usable_cores
 # as long either way.
 MIN_SHEETS_FOR_WORKERS = 16
 # Each worker holds about 200 MB (an interpreter with numpy and matplotlib), so a 128-core host would give 25 GB to
-# drawing; eight draw about 50 sheets a second.
+# drawing; two drew 12 sheets a second on 2 cores, so eight should draw about 50.
 MAX_WORKERS = 8
 _DIED = ("a process drawing PNGs died (killed, or out of memory?); rerun the same command to resume, or leave PNGs "
          "out with --formats npz,wfdb")
