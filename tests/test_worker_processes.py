@@ -18,7 +18,7 @@ from diffusets_jax import worker_processes
 from diffusets_jax.errors import RunFailed
 from diffusets_jax.io.plot import plot_ecg
 from diffusets_jax.worker_processes import WorkerProcesses, wait_for
-from tests.helpers.worker_jobs import raise_unrebuildable
+from tests.helpers.worker_jobs import raise_unrebuildable, return_unpicklable
 
 DIED = "a worker died (killed?); rerun the same command to resume"
 
@@ -118,11 +118,14 @@ def test_a_job_or_answer_that_does_not_pickle_fails_its_future_instead_of_hangin
     with WorkerProcesses(1, died=DIED) as pool:
         unpicklable = pool.submit(lambda: 1)
         odd = pool.submit(raise_unrebuildable)
+        unsendable = pool.submit(return_unpicklable)
         after = pool.submit(os.getpid)
         with pytest.raises((pickle.PicklingError, AttributeError)):
             unpicklable.result(timeout=60)
         with pytest.raises(ValueError, match=r"^Unrebuildable: a\.png: odd$"):  # still a ValueError: plot skips it
             odd.result(timeout=60)
+        with pytest.raises(RuntimeError, match="a function result does not pickle"):
+            unsendable.result(timeout=60)
         assert after.result(timeout=60) != os.getpid()  # the worker is still there
 
 

@@ -11,3 +11,8 @@ class Unrebuildable(ValueError):
 
 def raise_unrebuildable() -> None:
     raise Unrebuildable("a.png", "odd")
+
+
+def return_unpicklable():  # noqa: ANN201
+    """A result that cannot go back to the parent (a lambda)."""
+    return lambda: 0
