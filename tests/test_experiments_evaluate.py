@@ -242,6 +242,24 @@ def test_scoring_another_generators_samples_needs_no_model(clip, dataset, tmp_pa
     assert (tmp_path / "out" / "report.md").exists()
 
 
+def test_another_generators_samples_are_reported_against_the_raw_records_they_were_scored_on(clip, dataset, tmp_path):
+    """`evaluate --generated` runs under --protocol paper by default, but samples nothing and has no VAE: the
+    report recorded the paper protocol as such ("VAE-reconstructed references, DDPM-1000") while the samples were
+    scored against the raw real ECGs. It records what was done, with the protocol's heart-rate method."""
+    examples = [tiny_ecg_dataset.example(1000 + i) for i in range(5)]
+    np.savez(tmp_path / "other.npz", ecg=np.stack([e["ecg"] for e in examples]),
+             heart_rate=np.array([e["heart_rate"] for e in examples]))
+    report = ev.evaluate_generated(read_generated(tmp_path / "other.npz"), clip, dataset.data_dir, "validation",
+                                   tmp_path / "out", proto=ev.protocol("paper"), n_boot=20)
+    assert report["protocol"]["references"] == "raw"
+    assert report["protocol"]["sampler"] is None and report["protocol"]["steps"] is None
+    assert report["protocol"]["heart_rate_method"] == report["feature_level"]["method"] == "xqrs_first_lead"
+    written = (tmp_path / "out" / "report.md").read_text()
+    assert "reconstructed" not in written and "DDPM" not in written
+    assert "against the raw real ECGs" in written and "first-lead XQRS heart rate" in written
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["protocol"]["references"] == "raw"
+
+
 def test_failed_generations_are_counted_and_left_out_of_every_metric(clip, dataset, tmp_path, capsys):
     """ECGs with NaN or inf samples (a diverged model, an overflow) would make FID and precision/recall undefined and
     stop the evaluation after all the generating: they are counted in the report and scored by no metric."""

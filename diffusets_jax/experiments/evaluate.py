@@ -88,6 +88,18 @@ def protocol(name: str) -> Protocol:
     return PROTOCOLS[name]
 
 
+HEART_RATE_METHOD_TITLES = {XQRS_FIRST_LEAD: "first-lead XQRS heart rate", CONSENSUS: "multi-lead consensus heart rate"}
+
+
+def generated_protocol(proto: Protocol) -> dict[str, Any]:
+    """What `evaluate_generated` records of `proto`: samples given as they are (nothing is sampled) against the raw
+    real ECGs (no VAE reconstructs them), measured with `proto`'s heart-rate method and k. The protocol's own
+    record said "VAE-reconstructed references, DDPM-1000" for `--protocol paper`, which such a run never did."""
+    return {**dataclasses.asdict(proto), "sampler": None, "steps": None, "references": "raw",
+            "description": f"the given samples against the raw real ECGs (no model samples or reconstructs here), "
+                           f"{HEART_RATE_METHOD_TITLES[proto.heart_rate_method]}"}
+
+
 # -- data ---------------------------------------------------------------------------------------------------------
 SPLIT_COLUMNS = ("ecg", "text_embedding", "sex", "age", "heart_rate", "subject_id", "prompt", "report_lines")
 
@@ -729,7 +741,7 @@ def evaluate_generated(
         summary["diagnostic_level"] = {
             **_diagnostic_level(real_m, _take(gen_m, np.flatnonzero(have)), pairs=None, text_features=text_features),
             "samples_without_text": missing_text}
-    report = {"protocol": dataclasses.asdict(proto),
+    report = {"protocol": generated_protocol(proto),
               "settings": {"generated": generated.source, "dataset": str(dataset), "split": split,
                            "samples": len(generated.ecg), "samples_skipped": generated.skipped}, **summary}
     if rules is not None:
