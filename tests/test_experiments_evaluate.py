@@ -500,6 +500,12 @@ def test_samples_without_a_text_are_scored_without_numpy_warnings(clip, dataset,
                                  tmp_path / "four", n_boot=20)
     assert four["diagnostic_level"]["clip_score_generated"] == pytest.approx(
         some["diagnostic_level"]["clip_score_generated"])
+    # report.md says so beside the score, which read as the whole set's (report.json alone held the count).
+    clip_row = lambda name: next(line for line in (tmp_path / name / "report.md").read_text().splitlines()
+                                 if line.startswith("| diagnostic | CLIP score"))  # noqa: E731
+    assert "(over the 4 of 6 samples with a text; 2 have none)" in clip_row("some")
+    assert "n/a (over the 0 of 6 samples with a text; 6 have none)" in clip_row("none")
+    assert "have none" not in clip_row("four")
 
 
 def test_a_generated_sets_own_text_embeddings_are_checked_before_the_clip_loads(dataset, tmp_path, capsys,

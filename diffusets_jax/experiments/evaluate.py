@@ -440,6 +440,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["Settings: " + ", ".join(f"{k} = {v}" for k, v in report["settings"].items()
                                            if not isinstance(v, dict | list)), ""]
     hr_note = f"({f['unmeasurable']} of {f['measured'] + f['unmeasurable']} unmeasurable; {f['method']})"
+    # Samples whose prompt has no text embedding are left out of the CLIP score: said beside it, or the score
+    # reads as that of the whole set (report.json alone held the count).
+    without_text = d.get("samples_without_text", 0)
+    clip_note = (f" (over the {s['n_generated'] - without_text} of {s['n_generated']} samples with a text; "
+                 f"{without_text} have none)" if without_text else "")
     lines += [
         "| level | metric | generated | real (reference) |",
         "|---|---|---|---|",
@@ -449,7 +454,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"{_fmt(s.get('recall'), 3)} / {_fmt(s.get('f1'), 3)} | 1 / 1 / 1 |",
         f"| feature | heart-rate MAE (bpm) vs condition | {_fmt(f['heart_rate_mae_bpm'])} {hr_note} "
         f"| {_fmt(f.get('heart_rate_mae_real_bpm'))} |",
-        f"| diagnostic | CLIP score | {_fmt(d.get('clip_score_generated'))} | {_fmt(d.get('clip_score_real'))} |",
+        f"| diagnostic | CLIP score | {_fmt(d.get('clip_score_generated'))}{clip_note} "
+        f"| {_fmt(d.get('clip_score_real'))} |",
         "",
         f"{s['n_generated']} generated ECGs against {s['n_real']} real ECGs."
         + (f" {failed} more generated ECGs had NaN or inf samples: failed generations, left out of every metric."
