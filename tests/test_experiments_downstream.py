@@ -309,6 +309,39 @@ def test_bad_inputs_are_one_line_and_write_nothing(tiny_data, tmp_path, capsys, 
 
 
 @pytest.mark.slow  # builds the tiny model directory (two init compiles)
+def test_limit_with_resplit_reads_the_first_records_of_each_split(tiny_data):
+    """`--limit N` reads the first N records of each split, as documented, also with --resplit, which pools them:
+    it took the first N pooled records, all training records, so the re-split never saw a validation or test
+    record. A folder of that earlier reading is another input (its fingerprint differs), not one to resume."""
+    from diffusets_jax.config import load_config
+    from diffusets_jax.experiments.downstream import (
+        DEFAULT_CONFIG,
+        load_pooled_records,
+        load_records,
+        settings_of,
+    )
+
+    dataset = tiny_data["dataset"]
+    pooled, dropped = load_pooled_records(dataset, limit=6)
+    splits = [load_records(dataset, split, limit=6) for split in ("train", "validation", "test")]
+    assert len(pooled) == sum(len(records) for records, _ in splits)
+    assert dropped == sum(d for _, d in splits) and len(pooled) + dropped == 18  # 6 from each of the 3 splits
+    np.testing.assert_array_equal(pooled.subject_id, np.concatenate([r.subject_id for r, _ in splits]))
+    np.testing.assert_array_equal(pooled.ecg, np.concatenate([r.ecg for r, _ in splits]))
+    assert pooled.report_lines == [line for r, _ in splits for line in r.report_lines]
+    whole, _ = load_pooled_records(dataset)
+    assert len(whole) == 47  # every record but the non-finite one
+    config = load_config(DEFAULT_CONFIG, [])
+
+    def settings(limit, resplit):
+        return settings_of(dataset=dataset, data_dir=None, rules=select_tasks(["pvc"]), arms=["real"], seeds=1,
+                           ratio=1.0, minority_fraction=1.0, config=config, model_dir=None, generated_corpus=None,
+                           sampler=None, resplit=resplit, limit=limit, n_boot=100, generation_batch_size=8)
+
+    assert settings(6, (0.5, 0.25, 0.25))["limit_per_split"] is True
+    assert "limit_per_split" not in settings(6, None) and "limit_per_split" not in settings(None, (0.5, 0.25, 0.25))
+
+
 def test_bad_dataset_output_and_model(tiny_data, tiny_model, tmp_path, capsys):
     code, _, err = _run(capsys, "--dataset", tmp_path / "missing", "--out", tmp_path / "a")
     assert code == 2 and "no such directory" in err

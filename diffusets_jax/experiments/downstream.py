@@ -162,6 +162,21 @@ def load_records(dataset: str | os.PathLike, split: str, *, data_dir: str | os.P
     return (records if finite.all() else records.take(np.flatnonzero(finite), in_place=True)), int((~finite).sum())
 
 
+def load_pooled_records(dataset: str | os.PathLike, *, limit: int | None = None) -> tuple[Records, int]:
+    """`load_records` of every split of `dataset` pooled, for `--resplit`: the whole dataset, or with `limit` the
+    first `limit` records of each split (as `--limit` reads them without `--resplit`; the first `limit` of the
+    pooled records were all training records, and the test split's never came)."""
+    if limit is None:
+        return load_records(dataset, "all")
+    from diffusets_jax.data import pipeline
+
+    parts = [load_records(dataset, split, limit=limit) for split in pipeline.load_builder(dataset).info.splits]
+    records = [part for part, _ in parts]
+    return Records(np.concatenate([r.ecg for r in records]), [line for r in records for line in r.report_lines],
+                   *(np.concatenate([getattr(r, name) for r in records])
+                     for name in ("text_embedding", "sex", "age", "heart_rate", "subject_id"))), sum(d for _, d in parts)
+
+
 def parse_fractions(text: str) -> tuple[float, float, float]:
     """`'0.6:0.2:0.2'` -> train, validation, test fractions (positive, normalised to sum 1)."""
     parts = str(text).replace(",", ":").split(":")
@@ -438,6 +453,10 @@ def settings_of(*, dataset: str | os.PathLike, data_dir: str | os.PathLike | Non
         "arms": list(arms), "seeds": int(seeds), "ratio": float(ratio),
         "minority_fraction": float(minority_fraction), "resplit": None if resplit is None else list(resplit),
         "limit": limit, "n_boot": int(n_boot), "config": config_dict}
+    if limit is not None and resplit is not None:
+        # With --resplit, --limit took the first N pooled records until it took N of each split: a folder of the
+        # earlier reading is another input, not one to resume.
+        settings["limit_per_split"] = True
     if model_dir is not None:
         from diffusets_jax.models import model_dir as model_dirs
 
@@ -585,7 +604,7 @@ def run_downstream(
                 for split in SPLITS:
                     split_records[split], dropped[split] = load_records(builder.data_dir, split, limit=limit)
             else:
-                pooled, dropped["all"] = load_records(builder.data_dir, "all", limit=limit)
+                pooled, dropped["all"] = load_pooled_records(builder.data_dir, limit=limit)
         corpus = corpus_dropped = None
         if generated_corpus is not None:
             corpus, corpus_dropped = load_records(generated_corpus, "train")
