@@ -260,6 +260,22 @@ def test_another_generators_samples_are_reported_against_the_raw_records_they_we
     assert json.loads((tmp_path / "out" / "report.json").read_text())["protocol"]["references"] == "raw"
 
 
+def test_samples_without_a_condition_heart_rate_are_not_counted_as_unmeasurable(clip, dataset, tmp_path):
+    """Another generator's NPZ may give no `heart_rate` (documented: empty or NaN where unknown): its measurable
+    ECGs were reported "5 of 5 unmeasurable", as if the generator made broken ECGs. They are counted apart."""
+    rng = np.random.default_rng(0)
+    ecg = synthetic_set(rng, [60.0, 75.0, 90.0, 105.0, 120.0])
+    np.savez(tmp_path / "some.npz", ecg=ecg, heart_rate=np.array([60.0, 75.0, np.nan, np.nan, np.nan]))
+    report = ev.evaluate_generated(read_generated(tmp_path / "some.npz"), clip, dataset.data_dir, "validation",
+                                   tmp_path / "out", proto=ev.protocol("fast"), n_boot=20)
+    feature = report["feature_level"]
+    assert (feature["measured"], feature["unmeasurable"], feature["without_condition"]) == (2, 0, 3)
+    assert feature["heart_rate_mae_bpm"] < 3  # the two with a condition beat at it
+    row = next(line for line in (tmp_path / "out" / "report.md").read_text().splitlines()
+               if line.startswith("| feature |"))
+    assert "(0 of 2 unmeasurable; 3 without a condition heart rate; consensus)" in row
+
+
 def test_failed_generations_are_counted_and_left_out_of_every_metric(clip, dataset, tmp_path, capsys):
     """ECGs with NaN or inf samples (a diverged model, an overflow) would make FID and precision/recall undefined and
     stop the evaluation after all the generating: they are counted in the report and scored by no metric."""

@@ -80,6 +80,10 @@ def test_pair_and_scatter_are_written(tmp_path):
     fig = plot_heart_rate_scatter(condition, measured, path=tmp_path / "hr.png")
     title = fig.axes[0].get_title()
     assert "MAE 4.33 bpm" in title and "n = 3" in title and "unmeasurable 1" in title
+    assert "no condition" not in title
+    # A record with no conditioning rate (another generator's samples) is not an unmeasurable ECG.
+    title = plot_heart_rate_scatter(np.array([60.0, np.nan, np.nan]), np.array([61.0, 80.0, np.nan])).axes[0].get_title()
+    assert "n = 1" in title and "unmeasurable 0" in title and "no condition 2" in title
     assert (tmp_path / "hr.png").stat().st_size > 1000
 
 

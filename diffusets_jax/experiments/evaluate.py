@@ -332,9 +332,14 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 def _hr_mae(measured: np.ndarray, condition: np.ndarray) -> dict[str, Any]:
-    ok = np.isfinite(measured) & np.isfinite(condition)
+    """The MAE over the rows with a condition heart rate whose ECG could be measured; `unmeasurable` counts the rows
+    with a condition whose ECG could not be, `without_condition` those with no condition heart rate (another
+    generator's samples may give none): counted as unmeasurable, they made measurable ECGs look broken."""
+    known = np.isfinite(condition)
+    ok = np.isfinite(measured) & known
     mae = float(np.mean(np.abs(measured[ok] - condition[ok]))) if ok.any() else None
-    return {"heart_rate_mae_bpm": mae, "measured": int(ok.sum()), "unmeasurable": int((~ok).sum())}
+    return {"heart_rate_mae_bpm": mae, "measured": int(ok.sum()), "unmeasurable": int((known & ~ok).sum()),
+            "without_condition": int((~known).sum())}
 
 
 def score(real: Mapping[str, Any], generated: Mapping[str, Any], *, pairs: np.ndarray | None,
@@ -439,7 +444,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if report.get("settings"):
         lines += ["Settings: " + ", ".join(f"{k} = {v}" for k, v in report["settings"].items()
                                            if not isinstance(v, dict | list)), ""]
-    hr_note = f"({f['unmeasurable']} of {f['measured'] + f['unmeasurable']} unmeasurable; {f['method']})"
+    no_condition = f.get("without_condition", 0)
+    hr_note = (f"({f['unmeasurable']} of {f['measured'] + f['unmeasurable']} unmeasurable"
+               + (f"; {no_condition} without a condition heart rate" if no_condition else "") + f"; {f['method']})")
     # Samples whose prompt has no text embedding are left out of the CLIP score: said beside it, or the score
     # reads as that of the whole set (report.json alone held the count).
     without_text = d.get("samples_without_text", 0)

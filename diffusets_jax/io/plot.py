@@ -321,7 +321,9 @@ def _heart_rate_panel(ax, input_hr: Any, measured_hr: Any, title: str) -> None:
     if x.shape != y.shape:
         raise ValueError(f"plot_heart_rate_scatter: {x.size} input rates but {y.size} measured rates")
     ok = np.isfinite(x) & np.isfinite(y)
-    failed = int(np.sum(~ok))
+    # A record without a conditioning rate (another generator's samples may give none) is not an unmeasurable ECG.
+    failed = int(np.sum(np.isfinite(x) & ~np.isfinite(y)))
+    no_condition = int(np.sum(~np.isfinite(x)))
     if ok.any():
         lo = float(min(x[ok].min(), y[ok].min()))
         hi = float(max(x[ok].max(), y[ok].max()))
@@ -337,7 +339,8 @@ def _heart_rate_panel(ax, input_hr: Any, measured_hr: Any, title: str) -> None:
     ax.set_xlabel("conditioning heart rate (bpm)")
     ax.set_ylabel("heart rate measured on generated ECG (bpm)")
     mae = float(np.mean(np.abs(x[ok] - y[ok]))) if ok.any() else float("nan")
-    ax.set_title(f"{title}\nMAE {mae:.2f} bpm   n = {int(ok.sum())}   unmeasurable {failed}", fontsize=10)
+    ax.set_title(f"{title}\nMAE {mae:.2f} bpm   n = {int(ok.sum())}   unmeasurable {failed}"
+                 + (f"   no condition {no_condition}" if no_condition else ""), fontsize=10)
     ax.grid(True, color="#dddddd", linewidth=0.5)
     ax.legend(loc="upper left", frameon=False, fontsize=8)
 
