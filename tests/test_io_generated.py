@@ -27,6 +27,21 @@ def test_our_wfdb_records_carry_their_conditions(tmp_path):
     assert not got.statements  # a header holds the prompt, not the statements
 
 
+def test_a_wfdb_record_that_is_not_10_s_long_is_skipped_not_stretched(tmp_path):
+    """A header gives the rate, so the duration is known: a 5 s record was resampled whole onto the 10 s time base,
+    halving its heart rate (60 bpm scored as 30), where `prepare` refuses such a recording as `wrong_duration`."""
+    ten = _ecgs(2)
+    write_records(tmp_path / "wfdb", ten, ["ten_0", "ten_1"], output_fs=500)
+    write_records(tmp_path / "wfdb", _ecgs(1, length=512), ["five_500"], output_fs=500)  # 2500 samples at 500 Hz
+    write_records(tmp_path / "wfdb", _ecgs(1, length=2048), ["twenty"])  # 2048 samples at 102.4 Hz
+    got = read_generated(tmp_path / "wfdb")
+    assert got.ecg.shape == (2, 1024, 12) and got.skipped == {"not 10 s long": 2}
+    np.testing.assert_allclose(got.ecg, ten, atol=0.02)
+    write_records(tmp_path / "short", _ecgs(1, length=512), ["five"])
+    with pytest.raises(ValueError, match=r"none of its 1 WFDB records .*'not 10 s long': 1"):
+        read_generated(tmp_path / "short")
+
+
 def test_npz_errors_and_conditions(tmp_path):
     np.savez(tmp_path / "a.npz", ecg=_ecgs(2), heart_rate=np.array([60.0, 80.0]),
              report=np.array(["Sinus rhythm|Normal ECG", "Atrial fibrillation"]))

@@ -13,7 +13,8 @@
   (exact float samples; the folder's WFDB records are 16-bit and maybe resampled, and may not have been written).
 
 Every record becomes the DiffuSETS time base (whole 10 s FFT-resampled to 1024 samples) in the standard lead order.
-A record that cannot be used is skipped and counted with its reason; the whole input failing is one line.
+A record that cannot be used (a WFDB record that is not 10 s long among them) is skipped and counted with its reason;
+the whole input failing is one line.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import numpy as np
 
 from diffusets_jax.conditioning.prompts import report_lines
 from diffusets_jax.ecg.resample import resample_to_length
-from diffusets_jax.ecg.shapes import ECG_LENGTH, NUM_LEADS
+from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_SECONDS, NUM_LEADS
 from diffusets_jax.ecg.units import finite_ecgs
 
 NON_FINITE = "non-finite samples"  # the reason counted in `GeneratedSet.skipped` for an ECG with NaN or inf
+WRONG_DURATION = "not 10 s long"  # the reason counted for a WFDB record of another duration
 
 
 @dataclasses.dataclass
@@ -328,13 +330,20 @@ def _numbers(values: np.ndarray, where: str) -> np.ndarray:
 
 
 def _read_wfdb(folder: Path, records: list[Path], flag: str) -> GeneratedSet:
+    from diffusets_jax.data.records import DecodeOptions
     from diffusets_jax.io.wfdb_out import read_record
 
+    tolerance_s = DecodeOptions().duration_tolerance_s  # as `prepare` takes a recording for a 10 s one
     ecgs, reports, prompts, sex, age, hr = [], [], [], [], [], []
     skipped: dict[str, int] = {}
     for record in records:
         try:
             read = read_record(record)
+            # A header gives the rate, so a record of another duration is known: resampled whole to the 10 s time
+            # base it was stretched or squeezed (a 5 s record at 60 bpm was scored as 30 bpm).
+            if abs(len(read.signal) / read.fs - ECG_SECONDS) > tolerance_s:
+                skipped[WRONG_DURATION] = skipped.get(WRONG_DURATION, 0) + 1
+                continue
             ecg = _to_time_base(read.signal, str(record))
         except (ValueError, OSError) as err:
             reason = type(err).__name__ if not isinstance(err, ValueError) else "unreadable or not 12-lead"
