@@ -109,6 +109,22 @@ def test_coverage_counts_unmeasurable_records():
         metric_value(res, "qrs_f1", "generated_vs_real")
 
 
+def test_qrs_coverage_counts_the_pairs_that_give_the_ratio_a_denominator():
+    """A flat generated ECG has no beat, so no QRS precision: its pair was counted as measured, and a set of flat
+    ECGs read "QRS precision n/a, coverage 2/2". Recall is measured on it (0 of the real beats found)."""
+    good = synthetic_ecg(regular_beats(75.0))
+    flat = np.zeros_like(good)
+    res = clinical_metrics(np.stack([flat, good]), np.stack([good, good]), n_boot=50)
+    precision = metric_value(res, "qrs_precision", "generated_vs_real")
+    recall = metric_value(res, "qrs_recall", "generated_vs_real")
+    assert (precision["n_measured"], recall["n_measured"]) == (1, 2)
+    assert precision["value"] == pytest.approx(1.0) and recall["value"] == pytest.approx(0.5, abs=0.05)
+    both_flat = clinical_metrics(np.stack([flat, flat]), np.stack([flat, good]), n_boot=50)
+    for metric, measured in (("qrs_precision", 0), ("qrs_recall", 1), ("qrs_f1", 1)):
+        row = metric_value(both_flat, metric, "generated_vs_real")
+        assert row["n_measured"] == measured and (row["value"] is None) == (measured == 0)
+
+
 def test_report_renders_as_markdown_and_strict_json(result):
     text = render_clinical_markdown(result)
     assert "| Heart-rate MAE | generated vs condition |" in text and "2/2" in text
