@@ -276,6 +276,39 @@ def test_samples_without_a_condition_heart_rate_are_not_counted_as_unmeasurable(
     assert "(0 of 2 unmeasurable; 3 without a condition heart rate; consensus)" in row
 
 
+@pytest.mark.slow
+def test_real_records_with_nan_samples_are_no_reference(clip, tmp_path):
+    """`prepare` keeps a recording with missing samples (resampling spreads them over the lead), so a split may
+    hold an ECG with NaN: its CLIP features made FID fail ("non-finite values in the features; check the feature
+    extractor") after every ECG was generated and measured. Such records are left out and counted."""
+    from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.pipeline import ECGGenerator
+    from tests.helpers import tiny_report_dataset
+    from tests.helpers.tiny_models import tiny_model_dir
+
+    data = tiny_report_dataset.build(str(tmp_path / "tfds")).data_dir  # train[5] has a NaN sample
+    assert ev.load_split(data, "train")["finite"].sum() == 23  # of 24
+    examples = [tiny_report_dataset.example(1000 + i) for i in range(6)]
+    np.savez(tmp_path / "other.npz", ecg=np.stack([e["ecg"] for e in examples]),
+             heart_rate=np.array([e["heart_rate"] for e in examples]))
+    report = ev.evaluate_generated(read_generated(tmp_path / "other.npz"), clip, data, "train", tmp_path / "gen",
+                                   rules=load_rules().select(["sn"]), n_boot=20)
+    assert report["signal_level"]["n_real"] == 23 and report["signal_level"]["fid"] is not None
+    assert report["settings"]["real_records_non_finite"] == 1
+    assert "1 real records of the split have NaN or inf samples" in (tmp_path / "gen" / "report.md").read_text()
+    model = tiny_model_dir(tmp_path / "model", text_dim=tiny_report_dataset.EMBEDDING_DIM)
+    generator = ECGGenerator(model, sampler_config("ddim", steps=2), batch_size=8)
+    report = ev.evaluate_split(generator, clip, data, "train", tmp_path / "split", proto=ev.protocol("fast"),
+                               n_boot=20, progress=False)
+    assert report["settings"]["records"] == 23 and report["settings"]["real_records_non_finite"] == 1
+    assert report["signal_level"]["n_real"] == 23 and report["signal_level"]["fid"] is not None
+    by_condition = ev.evaluate_split(generator, clip, data, "train", tmp_path / "rules", proto=ev.protocol("fast"),
+                                     rules=load_rules().select(["pvc"]), records_per_condition=50, n_boot=20,
+                                     progress=False)
+    # Six PVC records in 24 (every fourth); train[5], one of them, has the NaN and is not picked.
+    assert by_condition["settings"]["records"] == 5 and by_condition["by_condition"][0]["records"] == 5
+
+
 def test_failed_generations_are_counted_and_left_out_of_every_metric(clip, dataset, tmp_path, capsys):
     """ECGs with NaN or inf samples (a diverged model, an overflow) would make FID and precision/recall undefined and
     stop the evaluation after all the generating: they are counted in the report and scored by no metric."""

@@ -469,7 +469,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
            if (failed := report.get("settings", {}).get("failed_generations")) else "")
         + (f" {sum(skipped.values())} more samples of the set were skipped and are in no metric ("
            + ", ".join(f"{why}: {count}" for why, count in skipped.items()) + ")."
-           if (skipped := report.get("settings", {}).get("samples_skipped")) else ""),
+           if (skipped := report.get("settings", {}).get("samples_skipped")) else "")
+        + (f" {bad} real records of the split have NaN or inf samples and are no reference."
+           if (bad := report.get("settings", {}).get("real_records_non_finite")) else ""),
         "",
         "## Model-free clinical metrics",
         "",
@@ -624,14 +626,17 @@ def evaluate_split(
     from diffusets_jax.conditioning.requests import make_condition
 
     real = read_reference_split(dataset, split, data_dir=data_dir, limit=limit)
+    non_finite = _check_finite_records(real, split)
     if rules is not None:
-        chosen = select_by_condition(real["report_lines"], rules, records_per_condition, generator.seed)
+        # A record with NaN or inf samples reads as having no report, so no rule picks it.
+        reports = [lines if ok else () for lines, ok in zip(real["report_lines"], real["finite"], strict=True)]
+        chosen = select_by_condition(reports, rules, records_per_condition, generator.seed)
         records = sorted({i for members in chosen.values() for i in members})
         if not records:
             raise ValueError(f"no record of split {split!r} matches any condition rule "
                              f"({', '.join(r.name for r in rules.rules)})")
     else:
-        chosen, records = {}, list(range(len(real["ecg"])))
+        chosen, records = {}, np.flatnonzero(real["finite"]).tolist()
     pairs = np.repeat(np.asarray(records, np.int64), samples_per_record)  # generated row -> real record
     conditions = [make_condition(list(real["report_lines"][i]), int(real["sex"][i]), float(real["age"][i]),
                                  float(real["heart_rate"][i]), where=f"{split}[{i}]") for i in pairs]
@@ -664,7 +669,7 @@ def evaluate_split(
     kept = gen_m["position"].astype(np.int64)  # the generated rows with a finite ECG, in order
     settings = {"dataset": str(dataset), "split": split, "records": len(records), "samples": len(pairs),
                 "samples_per_record": samples_per_record, "failed_generations": len(pairs) - len(kept),
-                **generator.settings()}
+                "real_records_non_finite": non_finite, **generator.settings()}
     if not len(kept):
         raise RunFailed(f"every one of the {len(pairs)} generated ECGs has NaN or inf samples, so there is nothing "
                         "to score: check the model (a diverged training?) and the sampler settings (--dtype, "
@@ -687,6 +692,18 @@ def evaluate_split(
                                                     condition_hr=condition_hr, text_features=text_features, proto=proto)
     examples = [e[1:] for e in sorted(examples, key=lambda e: e[0])]
     return write_report(report, out_dir, condition_hr=condition_hr, measured_hr=gen_m["heart_rate"], examples=examples)
+
+
+def _check_finite_records(real: Mapping[str, Any], split: str) -> int:
+    """How many records of a split read by `load_split` have NaN or inf samples (`prepare` keeps a recording with
+    missing samples, which resampling spreads over its lead): they are no reference, since their CLIP features made
+    FID fail ("non-finite values in the features") after every ECG was generated and measured. One line when no
+    record is left."""
+    finite = real["finite"]
+    if not finite.any():
+        raise ValueError(f"every one of the {len(finite)} records read from split {split!r} has NaN or inf samples: "
+                         "there is no real ECG to score against; evaluate on another split")
+    return int((~finite).sum())
 
 
 def _take(measures: Mapping[str, Any], rows: Sequence[int]) -> dict[str, Any]:
@@ -727,9 +744,12 @@ def evaluate_generated(
     """
     generated = finite_only(generated)
     real = read_reference_split(dataset, split, data_dir=data_dir, limit=limit)
+    non_finite = _check_finite_records(real, split)
+    usable = np.flatnonzero(real["finite"])  # the reference records; every record's prompt still gives its text
     module, variables = clip
     with record_pool(workers) as pool:  # one set of measuring processes for both sets
-        real_m = {"position": np.arange(len(real["ecg"])), **measure(real["ecg"], clip, proto.heart_rate_method, pool)}
+        real_m = {"position": np.arange(len(usable)),
+                  **measure(real["ecg"][usable], clip, proto.heart_rate_method, pool)}
         gen_m = {"position": np.arange(len(generated.ecg)),
                  **measure(generated.ecg, clip, proto.heart_rate_method, pool)}
     embeddings = generated.text_embedding
@@ -756,12 +776,13 @@ def evaluate_generated(
             "samples_without_text": missing_text}
     report = {"protocol": generated_protocol(proto),
               "settings": {"generated": generated.source, "dataset": str(dataset), "split": split,
-                           "samples": len(generated.ecg), "samples_skipped": generated.skipped}, **summary}
+                           "samples": len(generated.ecg), "samples_skipped": generated.skipped,
+                           "real_records_non_finite": non_finite}, **summary}
     if rules is not None:
         labels = rules.labels(generated.reports)
         report["by_condition"] = score_by_condition(
             real_m, gen_m, labels, pairs=None, condition_hr=generated.heart_rate,
             text_features=None if missing_text else text_features, proto=proto,
-            real_groups=rules.labels(real["report_lines"]))
+            real_groups=rules.labels([real["report_lines"][i] for i in usable]))
     return write_report(report, out_dir, condition_hr=generated.heart_rate, measured_hr=gen_m["heart_rate"])
 
