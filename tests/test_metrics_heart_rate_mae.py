@@ -75,6 +75,9 @@ def test_bad_inputs():
         measure_heart_rates(np.zeros((SAMPLES, 12)))
     with pytest.raises(ValueError, match="method: unknown heart-rate method"):
         heart_rate_mae(np.zeros((2, SAMPLES, 12)), [60.0, 70.0], method="first")
+    # A missing condition rate made the MAE NaN after every record was measured.
+    with pytest.raises(ValueError, match=r"NaN or inf at 1 of 2 ECGs \(first at index 1\)"):
+        heart_rate_mae(np.zeros((2, SAMPLES, 12)), [60.0, np.nan])
 
 
 @pytest.mark.slow

@@ -1,2 +1,3 @@
 """Evaluation metrics on generated ECGs: FID / rFID and manifold precision-recall on CLIP features, heart-rate
-MAE (XQRS), CLIP score. Import the submodules (`diffusets_jax.metrics.fid`, ...)."""
+MAE (the multi-lead consensus detector, or the published protocol's XQRS), CLIP score. Import the submodules
+(`diffusets_jax.metrics.fid`, ...)."""

@@ -106,6 +106,13 @@ def heart_rate_mae(
         raise ValueError(
             f"condition_bpm has {condition_bpm.shape[0]} values for {np.shape(ecgs)[0]} ECGs; give one per ECG"
         )
+    # A missing condition rate (NaN) made the MAE NaN after every record was measured; a rate per ECG is the input.
+    unknown = np.flatnonzero(~np.isfinite(condition_bpm))
+    if unknown.size:
+        raise ValueError(
+            f"condition_bpm is NaN or inf at {unknown.size} of {condition_bpm.size} ECGs (first at index "
+            f"{unknown[0]}): pass only the ECGs with a conditioning heart rate"
+        )
     measured, lead, errors = measure_heart_rates(ecgs, fs, workers, method)
     absolute_error = np.abs(measured - condition_bpm)
     failed = np.flatnonzero(np.isnan(measured))
