@@ -94,6 +94,15 @@ def test_malformed_files_get_one_line_naming_the_file_and_field(tmp_path, conten
     assert "\n" not in str(error.value)
 
 
+def test_a_byte_order_mark_from_an_editor_is_read_past(tmp_path):
+    """A file reviewed in an editor that saves "UTF-8 with BOM" was refused as not valid JSON."""
+    record = {"condition": "X", "statements": ["A"], "approved": True}
+    (tmp_path / "f.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(record, indent=2).encode("utf-8"))
+    findings = read_findings(tmp_path / "f.json")
+    assert findings.statements == ("A",) and findings.approved
+    assert findings.provenance["sha256"] == hashlib.sha256((tmp_path / "f.json").read_bytes()).hexdigest()
+
+
 def test_not_utf8_is_a_clear_error(tmp_path):
     (tmp_path / "f.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(ValueError, match="not a UTF-8 text file"):

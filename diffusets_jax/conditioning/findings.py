@@ -180,7 +180,9 @@ def read_findings(path: str | os.PathLike, *, allow_unapproved: bool = False) ->
                                 "CONDITION --out FILE` or by hand (condition, statements, approved)")
     payload = path.read_bytes()
     try:
-        record = json.loads(payload.decode("utf-8"))
+        # utf-8-sig: an editor's byte-order mark (Windows Notepad's "UTF-8 with BOM") is not part of the JSON, as in
+        # a conditions file or an answer sheet; the SHA-256 below stays that of the bytes as they are.
+        record = json.loads(payload.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ValueError(f"{path.name}: not a UTF-8 text file; a findings file is JSON") from None
     except json.JSONDecodeError as err:
