@@ -65,6 +65,19 @@ def test_a_jsonl_count_is_a_whole_number_never_truncated(tmp_path, count):
     assert read_conditions(path)[0].count == 2
 
 
+def test_a_csv_count_written_as_a_whole_float_is_that_count(tmp_path):
+    """pandas writes a count column with a gap as floats ("2.0"): it was refused as not a whole number."""
+    import pandas as pd
+
+    path = tmp_path / "c.csv"
+    pd.DataFrame({"text": ["Sinus rhythm", "Atrial fibrillation"], "sex": ["F", "M"], "age": [40, 70],
+                  "hr": [60, 110], "count": [2, None]}).to_csv(path, index=False)
+    assert [c.count for c in read_conditions(path)] == [2, 1]
+    path.write_text("text,sex,age,hr,count\nSinus rhythm,F,40,60,2.5\n")
+    with pytest.raises(ValueError, match=r"c.csv line 2: count: '2.5' must be a whole number >= 1"):
+        read_conditions(path)
+
+
 def test_conditions_path_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_conditions(tmp_path / "absent.csv")

@@ -67,8 +67,13 @@ def _count(value: object) -> int:
     number = value
     if isinstance(value, str) and value.strip().lstrip("+").isdigit():
         number = int(value.strip())
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
+    elif isinstance(value, str):  # "2.0": pandas writes an int column that has a gap as floats (`to_csv`)
+        try:
+            number = float(value.strip())
+        except ValueError:
+            pass
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
         raise ValueError(f"count: {value!r} must be a whole number >= 1")
     return number
