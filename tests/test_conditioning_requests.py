@@ -78,6 +78,19 @@ def test_a_csv_count_written_as_a_whole_float_is_that_count(tmp_path):
         read_conditions(path)
 
 
+def test_a_row_of_empty_cells_asks_for_nothing(tmp_path):
+    """A spreadsheet saves a row it once held, emptied, as ",,,": it was refused as a row without text."""
+    path = tmp_path / "c.csv"
+    path.write_text("text,sex,age,hr\nSinus rhythm,F,40,60\n,,,\n , ,,\nAtrial fibrillation,M,70,110\n,,,\n")
+    assert [c.report for c in read_conditions(path)] == [("Sinus rhythm",), ("Atrial fibrillation",)]
+    path.write_text("text,sex,age,hr\n,,,\n")
+    with pytest.raises(ValueError, match="c.csv: no conditions found"):
+        read_conditions(path)
+    path.write_text("text,sex,age,hr\nSinus rhythm,F,40,60\n,F,40,60\n")  # a row with values still needs its text
+    with pytest.raises(ValueError, match="c.csv line 3: missing field 'text'"):
+        read_conditions(path)
+
+
 def test_conditions_path_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_conditions(tmp_path / "absent.csv")

@@ -163,6 +163,8 @@ def _table_rows(path: Path, delimiter: str) -> list[tuple[str, dict]]:
     rows = []
     for record in table.to_dict("records"):
         line = record.pop(LINE_COLUMN)
+        if not any(str(cell).strip() for cell in record.values()):
+            continue  # ",,,": a spreadsheet saves a row it once held, emptied, so; it asks for nothing
         rows.append((f"{path.name} {'line ' if isinstance(line, int) else ''}{line}", record))
     return rows
 
