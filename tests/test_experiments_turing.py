@@ -137,6 +137,18 @@ def find_leaks(package: Path, key: dict) -> list[str]:
     return leaks
 
 
+def test_no_sheet_id_reads_as_a_number_in_a_spreadsheet():
+    """An ID such as 2345E9 was read by a spreadsheet as 2.345E+12 and saved so in the rater's answer sheet, which
+    then named a sheet no key holds; digits around any letter of the alphabet must stay text."""
+    digits = [c for c in turing.ID_ALPHABET if c.isdigit()]
+    for letter in (c for c in turing.ID_ALPHABET if c.isalpha()):
+        for candidate in (digits[0] * 4 + letter + digits[1], digits[0] + letter + digits[1] * 4):
+            with pytest.raises(ValueError):
+                float(candidate)
+    ids = turing._draw_ids(np.random.default_rng(0), 500)
+    assert len(set(ids)) == 500 and all(len(i) == turing.ID_LENGTH and set(i) <= set(turing.ID_ALPHABET) for i in ids)
+
+
 def test_package_leaks_nothing(kit):
     key = json.loads((kit / "key.json").read_text())
     package = kit / "package"

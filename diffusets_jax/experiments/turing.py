@@ -83,7 +83,9 @@ ANSWER_SHEET = "answer_sheet.csv"
 README = "README.txt"
 ANSWER_HEADER = ("sheet_id", "answer")
 
-ID_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: IDs are copied by hand
+# No 0/O, 1/I/L: IDs are copied by hand. No E: a spreadsheet reads an ID such as 2345E9 as a number and saves the
+# rater's answer sheet with 2.345E+12 in its place, an ID no key holds.
+ID_ALPHABET = "ABCDFGHJKMNPQRSTUVWXYZ23456789"
 ID_LENGTH = 6
 PNG_METADATA = {"Software": None}  # no text chunks at all
 PDF_METADATA = {"Creator": None, "Producer": None, "CreationDate": None}  # an empty info dictionary
