@@ -169,6 +169,11 @@ def test_spreadsheet_quirks_are_accepted(real_vs_generated, tmp_path):
     path.write_bytes(("sheet_id,answer\r" + "\r".join(f"{s},real" for s in REAL)
                       + "\r" + "\r".join(f"{s},generated" for s in GENERATED) + "\r").encode())
     assert read_answers(path, read_key(key)) == answers
+    # A spreadsheet saves every row as wide as its widest column: a note typed beside an answer and deleted
+    # left "ID;real;" on every line, refused as "header is 'sheet_id,answer,'".
+    path.write_bytes(("sheet_id;answer;;\r\n" + "".join(f"{s};real;;\r\n" for s in REAL)
+                      + "".join(f"{s};generated; ;\r\n" for s in GENERATED)).encode())
+    assert read_answers(path, read_key(key)) == answers
 
 
 @pytest.mark.parametrize("content, error, message", [
