@@ -34,6 +34,12 @@ BRUGADA = ["Sinus rhythm", "Right bundle branch block pattern", "Coved ST elevat
     ('{"findings": ["A", "a", 3, "", "B"]}', ["A", "B"]),  # repeats (any case), non-strings and blanks dropped
     ("", []),
     ('{"findings": []}', []),
+    # Prose with braces or brackets of its own around the JSON: the first '{' to the last '}' was no JSON, and
+    # nothing was found.
+    ('Findings {as asked}:\n{"findings": ["A", "B"]}\nThey vary [see refs].', ["A", "B"]),
+    # A reasoning model's thoughts left in the answer: their bullets were taken for the findings.
+    ('<think>\nBrugada [type 1]. Draft {JSON}:\n- coved ST?\n- maybe RBBB\n</think>\n{"findings": ["A", "B"]}', ["A", "B"]),
+    ('<think>Draft:\n- X\n</think>\n\n1. A\n2. B', ["A", "B"]),
 ])
 def test_parse_findings_answer(answer, expected):
     assert parse_findings_answer(answer) == expected
