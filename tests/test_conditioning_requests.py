@@ -91,6 +91,19 @@ def test_a_row_of_empty_cells_asks_for_nothing(tmp_path):
         read_conditions(path)
 
 
+@pytest.mark.parametrize("content, what", [
+    ('[{"text": "Sinus rhythm", "sex": "F", "age": 40, "hr": 60}]\n', "a JSON array"),
+    ('[\n  {"text": "Sinus rhythm", "sex": "F", "age": 40, "hr": 60}\n]\n', "a JSON array"),
+    ('{\n  "text": "Sinus rhythm", "sex": "F", "age": 40, "hr": 60\n}\n', "one JSON value over several lines"),
+])
+def test_one_json_document_is_named_as_such_not_as_invalid_json(tmp_path, content, what):
+    """A JSON array or a pretty-printed object was refused as "line 1: not valid JSON" (its "[" or "{" alone)."""
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=rf"^c.json: {what}; a conditions file is JSON Lines, one object per line"):
+        read_conditions(path)
+
+
 def test_conditions_path_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_conditions(tmp_path / "absent.csv")

@@ -125,6 +125,7 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise ValueError(f"{path.name} line {line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
     rows: list[tuple[str, dict]] = []
+    _refuse_one_json_document(path, text)
     # JSON Lines ends a record at "\n" only: str.splitlines would also split at U+2028, U+0085 or a form feed, which
     # json.dumps(ensure_ascii=False) leaves raw inside a string.
     for number, line in enumerate(text.split("\n"), 1):
@@ -139,6 +140,19 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
             raise ValueError(f"{path.name} line {number}: expected a JSON object with text, sex, age, heart_rate")
         rows.append((f"{path.name} line {number}", row))
     return rows
+
+
+def _refuse_one_json_document(path: Path, text: str) -> None:
+    """A JSON array of conditions, or one object over several lines, is refused as what it is: read line by line,
+    its first line ("[" or "{") was "not valid JSON", which it is, as a whole."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return  # JSON Lines, or JSON that is wrong: the line-by-line reading names the line
+    if isinstance(document, list) or "\n" in text.strip():
+        what = "a JSON array" if isinstance(document, list) else "one JSON value over several lines"
+        raise ValueError(f"{path.name}: {what}; a conditions file is JSON Lines, one object per line "
+                         '({"text": ..., "sex": ..., "age": ..., "heart_rate": ...}), or a CSV')
 
 
 def _table_rows(path: Path, delimiter: str) -> list[tuple[str, dict]]:
