@@ -357,6 +357,19 @@ def test_bad_options_are_refused_before_any_drawing(inputs, tmp_path, variant, o
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
+def test_what_sample_wrote_is_refused_as_real_ecgs(inputs, tmp_path):
+    """Another sample run's samples.npz (or its folder) as --real built a kit whose key called generated ECGs real;
+    as a `sample --corpus` folder already was, it is refused before anything is drawn."""
+    other = write_generated(tmp_path / "other", ["Sinus rhythm", "Atrial fibrillation"], ecg_like(np.random.default_rng(1), 2),
+                            ["M", "F"], [50, 60], [70, 110])
+    for real in (other, other.parent):
+        with pytest.raises(ValueError, match=rf"^--real {re.escape(str(real))}: generated ECGs \(`diffusets-jax "
+                                             r"sample` wrote .*other\), but --real takes recorded ones"):
+            build_kit(tmp_path / "out", KitOptions("real-vs-generated", n_real=1, n_generated=1, seed=0, dpi=DPI),
+                      generated=inputs["generated"], real=real)
+        assert not (tmp_path / "out").exists()
+
+
 def test_bad_inputs_get_one_line_and_real_conditions_are_optional(inputs, tmp_path):
     rng = np.random.default_rng(0)
     good = dict(ecg=ecg_like(rng, 2), report=np.array(["A", "B|C"]), sex=np.array([1, 0]),

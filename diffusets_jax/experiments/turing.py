@@ -157,6 +157,8 @@ def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
     from diffusets_jax.io.generated import read_generated, source_fingerprint
 
     flag = "--generated" if generated else "--real"
+    if not generated:
+        _refuse_sample_output(Path(path), flag)
     read = read_generated(path, flag, kind="corpus" if generated else "prepared")
     path = Path(path)
     statements = read.statements
@@ -177,6 +179,26 @@ def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
         conditions.append(_condition(report, sex, age, heart_rate, where=f"{flag} {path.name} [{i}]"))
     source = {"path": str(path.resolve()), "sha256": source_fingerprint(path)}
     return EcgSet(_check_ecg_array(read.ecg, f"{flag} {path.name}"), conditions, source)
+
+
+def _refuse_sample_output(path: Path, flag: str) -> None:
+    """One line for what a `sample` run wrote (its folder, samples.npz or wfdb/), given as real ECGs: the key would
+    call generated ECGs real. A `sample --corpus` folder is refused by its dataset card (`io.generated`)."""
+    from diffusets_jax.io.outputs import sample_run_folder
+    from diffusets_jax.io.run_dir import RUN_FILE
+
+    for folder in (path if path.is_dir() else None, sample_run_folder(path)):
+        if folder is None or not (folder / RUN_FILE).is_file():
+            continue
+        try:
+            record = read_json(folder / RUN_FILE, "run record")
+        except (OSError, ValueError):
+            continue  # not a record this check can read; the ECGs are read as they are
+        command = str(record.get("command", "")) if isinstance(record, dict) else ""
+        if command.split(" ")[0] == "sample":
+            raise ValueError(f"{flag} {path}: generated ECGs (`diffusets-jax {command}` wrote {folder}), but {flag} "
+                             "takes recorded ones: give a prepared split (--dataset) or an NPZ or WFDB folder of "
+                             "recordings")
 
 
 def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
