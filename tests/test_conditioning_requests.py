@@ -104,6 +104,15 @@ def test_one_json_document_is_named_as_such_not_as_invalid_json(tmp_path, conten
         read_conditions(path)
 
 
+@pytest.mark.parametrize("text", [{"statements": ["Sinus rhythm"]}, 5, True])
+def test_a_jsonl_text_that_is_no_string_or_list_is_refused(tmp_path, text):
+    """str() made it a statement ("{'statements': [...]}", "5", "True"), and ECGs were generated from that prompt."""
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": text, "sex": "F", "age": 40, "hr": 60}) + "\n")
+    with pytest.raises(ValueError, match=r"^c.jsonl line 1: text: .* is a (dict|int|bool); give the report statements"):
+        read_conditions(path)
+
+
 def test_conditions_path_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_conditions(tmp_path / "absent.csv")

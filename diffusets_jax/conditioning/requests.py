@@ -52,6 +52,10 @@ def make_condition(text: object, sex: object, age: object, heart_rate: object, c
     """Validate one condition; errors name `where` (e.g. 'conditions.csv line 3') and the field."""
     prefix = f"{where}: " if where else ""
     try:
+        if not isinstance(text, str | list | tuple) and text is not None:
+            # str() made a JSON object, number or true the statement "{'a': 1}", "5" or "True", silently
+            raise ValueError(f"text: {text!r} is a {type(text).__name__}; give the report statements as a string "
+                             "joined by '|' or a list of strings")
         lines = report_lines(text if isinstance(text, list | tuple) else str(text or ""))
         if not lines:
             raise ValueError("text: empty report; give at least one statement (statements joined by '|')")
