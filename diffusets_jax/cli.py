@@ -1313,7 +1313,8 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
                         help="alignment: share of sheets showing another generated ECG's report and patient "
                              "information, recorded in the key (default: %(default)s)")
     parser.add_argument("--seed", type=seed_int, help="seed of the selection, order and IDs (default: a fresh random one, "
-                        "recorded in the key: raters who knew the seed and the inputs could rebuild the key)")
+                        "recorded in the key: raters who knew the seed and the inputs could rebuild the key; the "
+                        "same command again into the same --out takes the one recorded there)")
     parser.add_argument("--dpi", type=positive_int, default=200, help="PNG resolution (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for package/ and key.json (new or empty; "
                         "rerunning the same command there leaves the finished kit as it is)")

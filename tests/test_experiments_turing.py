@@ -238,6 +238,19 @@ def test_same_seed_same_package_bytes_and_rerun_is_a_no_op(kit, inputs, tmp_path
     fresh = build_kit(tmp_path / "fresh", KitOptions("real-vs-generated", n_real=2, n_generated=2, dpi=DPI),
                       generated=inputs["generated"], real=inputs["real"])
     assert json.loads((tmp_path / "fresh" / "key.json").read_text())["seed"] == fresh["seed"] not in (11, 12)
+    # The same command again (no --seed) is the kit the folder holds: it drew another seed and was refused as
+    # another kit ("seed: A -> B"), where a finished kit is left as it is and an unfinished one finished.
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(tmp_path / "fresh")}
+    again = build_kit(tmp_path / "fresh", KitOptions("real-vs-generated", n_real=2, n_generated=2, dpi=DPI),
+                      generated=inputs["generated"], real=inputs["real"])
+    assert again["already_built"] is True and again["seed"] == fresh["seed"]
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(tmp_path / "fresh")} == before
+    with pytest.raises(ValueError, match=r"other settings \(n_real: 2 -> 3\)"):  # other settings: named, not the seed
+        build_kit(tmp_path / "fresh", KitOptions("real-vs-generated", n_real=3, n_generated=2, dpi=DPI),
+                  generated=inputs["generated"], real=inputs["real"])
+    replaced = build_kit(tmp_path / "fresh", KitOptions("real-vs-generated", n_real=2, n_generated=2, dpi=DPI),
+                         generated=inputs["generated"], real=inputs["real"], overwrite=True)
+    assert replaced["already_built"] is False and replaced["seed"] != fresh["seed"]  # --overwrite: a fresh draw
 
 
 def test_user_files_are_never_touched_unless_overwrite(inputs, tmp_path):

@@ -476,7 +476,11 @@ def build_kit(
     generated_set = load_ecgs(generated, generated=True)
     inputs: dict[str, Any] = {"generated": generated_set.source}
     real_set = None
-    seed = options.seed if options.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+    seed = options.seed
+    if seed is None and not overwrite:  # the same command again: the kit this folder holds, or finishes it
+        seed = _recorded_seed(Path(out))
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % 2**63)
     rng = np.random.default_rng(seed)
     with contextlib.ExitStack() as held:
         if real is not None:
@@ -517,6 +521,21 @@ def build_kit(
         _stamp(package, now.timestamp())
         run.mark_complete(sheets=len(entries))
     return _summary(Path(out), key, already_built=False)
+
+
+def _recorded_seed(out: Path) -> int | None:
+    """The seed of the turing-kit run `out` holds (finished or not), or None. Without --seed a fresh one is drawn:
+    the same command again into the same folder then asked for another kit, and was refused as one, where it
+    should leave the finished kit as it is or rebuild the unfinished one."""
+    from diffusets_jax.io.run_dir import RUN_FILE
+
+    try:
+        record = read_json(out / RUN_FILE, "run record")
+    except (OSError, ValueError):
+        return None  # no record (a new folder), or one `output_dir` refuses in its own words
+    settings = record.get("settings") if isinstance(record, dict) and record.get("command") == "turing-kit" else None
+    seed = settings.get("seed") if isinstance(settings, dict) else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else None
 
 
 def _summary(out: Path, key: Mapping[str, Any], *, already_built: bool) -> dict[str, Any]:
