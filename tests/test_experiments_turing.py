@@ -534,6 +534,15 @@ def test_recorded_and_generated_datasets_are_told_apart_by_their_cards(tiny_data
 
 
 @pytest.mark.slow  # builds a TFDS dataset and a tiny model, and generates with it
+def test_a_conditions_file_under_a_file_is_refused_before_the_split_is_read(tmp_path):
+    """The folder was made only once the split's conditions were read (minutes for MIMIC-IV-ECG), then failed as
+    "afile: File exists"; the dataset here does not exist, so only a check made first can answer."""
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(NotADirectoryError, match=r"--out .*afile/c.csv: .*afile is a file, not a directory"):
+        turing.write_split_conditions(tmp_path / "afile" / "c.csv", tmp_path / "no_dataset", "test", 2, seed=0)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_paper_protocol_end_to_end_conditions_sample_kit_score(tiny_dataset, tmp_path, capsys, monkeypatch):
     """The paper's protocol through the CLI: draw the conditions of some records of a split, generate from them
     with `sample`, build a kit whose real half is the split's other records, and score filled answer sheets."""

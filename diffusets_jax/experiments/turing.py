@@ -557,11 +557,14 @@ def write_split_conditions(
     """Write the conditions (text, sex, age, heart_rate) of `count` random records of a prepared split as a CSV
     for `diffusets-jax sample --conditions`; `build_kit` then leaves those records out of the real sheets.
     Records without report statements are skipped. `out` must not exist."""
+    from diffusets_jax.io.run_dir import check_output_file
+
     out = Path(out)
     if out.suffix.lower() != ".csv":
         raise ValueError(f"{str(out)!r}: the conditions file must end in .csv")
     if out.exists():
         raise ValueError(f"{str(out)!r} already exists: choose another path (nothing is ever overwritten)")
+    check_output_file(out, "--out")  # a folder that is a file, or unwritable: before the split is read, not after
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     if seed < 0:  # NumPy's generators take non-negative seeds of any size
