@@ -40,6 +40,10 @@ BRUGADA = ["Sinus rhythm", "Right bundle branch block pattern", "Coved ST elevat
     # A reasoning model's thoughts left in the answer: their bullets were taken for the findings.
     ('<think>\nBrugada [type 1]. Draft {JSON}:\n- coved ST?\n- maybe RBBB\n</think>\n{"findings": ["A", "B"]}', ["A", "B"]),
     ('<think>Draft:\n- X\n</think>\n\n1. A\n2. B', ["A", "B"]),
+    # Markdown emphasis, as chat models write lists: it stayed in the statement ("**Coved ST elevation** in V1").
+    ("1. **Coved ST elevation** in V1-V2\n2. *Right bundle branch block*.\n3. __QT__ prolongation",
+     ["Coved ST elevation in V1-V2", "Right bundle branch block", "QT prolongation"]),
+    ('{"findings": ["**A**", "B in V1_V2"]}', ["A", "B in V1_V2"]),
 ])
 def test_parse_findings_answer(answer, expected):
     assert parse_findings_answer(answer) == expected

@@ -47,6 +47,7 @@ def findings_messages(condition: str, max_statements: int = DEFAULT_MAX_STATEMEN
 
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
+_EMPHASIS = re.compile(r"(\*\*|__)(.+?)\1")
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d{1,2}[.)])\s+")
 
 
@@ -80,9 +81,9 @@ def parse_findings_answer(answer: str) -> list[str]:
 
     Accepts the JSON asked for (also inside a ``` fence or surrounded by prose, or a bare JSON list) and falls
     back to one finding per bulleted or numbered line; other prose, and a reasoning model's <think> block, are
-    ignored. Each statement loses
-    surrounding quotes and a trailing '.', ';' or ',' (report lines carry no final punctuation: the ordered
-    prompt adds "}."); repeats are dropped. Returns [] when nothing usable is found.
+    ignored. Each statement loses Markdown emphasis (**bold**, __bold__), surrounding quotes, asterisks and
+    underscores, and a trailing '.', ';' or ',' (report lines carry no final punctuation: the ordered prompt
+    adds "}."); repeats are dropped. Returns [] when nothing usable is found.
     """
     # A reasoning model's thoughts (<think>...</think>, which some OpenAI-compatible servers leave in the answer)
     # hold drafts and bullets of their own: the findings are what follows them.
@@ -97,7 +98,11 @@ def parse_findings_answer(answer: str) -> list[str]:
     for item in items:
         if not isinstance(item, str):
             continue
-        statement = item.strip().strip("\"'`").strip().rstrip(".;,").strip()
+        # Markdown emphasis ("**Coved ST elevation** in V1-V2"), as chat models write lists: kept, it would be
+        # embedded as part of a statement no report holds, and is easy to miss in review.
+        statement, before = _EMPHASIS.sub(r"\2", item), None
+        while statement != before:  # "*Right bundle branch block*." and '"RBBB."' alike
+            before, statement = statement, statement.strip().strip("\"'`*_").rstrip(".;,")
         if statement and statement.lower() not in (s.lower() for s in statements):
             statements.append(statement)
     return statements
