@@ -613,6 +613,7 @@ def _sample_conditions(args: argparse.Namespace) -> tuple[list, dict | None]:
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give --conditions FILE or --findings FILE)")
     condition = requests.make_condition(args.text, args.sex, args.age, args.hr, args.count, where="flags")
+    requests.check_statements_not_prompt(condition, "--text")
     requests.total_ecgs([condition], asked)
     return [condition], None
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from diffusets_jax.conditioning.prompts import make_prompt
 from diffusets_jax.conditioning.requests import expand, make_condition, read_conditions
 
 
@@ -110,6 +111,17 @@ def test_a_jsonl_text_that_is_no_string_or_list_is_refused(tmp_path, text):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"text": text, "sex": "F", "age": 40, "hr": 60}) + "\n")
     with pytest.raises(ValueError, match=r"^c.jsonl line 1: text: .* is a (dict|int|bool); give the report statements"):
+        read_conditions(path)
+
+
+def test_a_built_prompt_as_the_text_is_refused(tmp_path):
+    """A `prompt` column copied from a manifest was read as one statement and wrapped in a second prompt
+    ("...diagnosis is {Most importantly, the 1st diagnosis is {Sinus rhythm}.}."), generated from silently."""
+    prompt = make_prompt(["Sinus rhythm", "Left axis deviation"], "ordered")
+    path = tmp_path / "c.csv"
+    path.write_text(f'prompt,sex,age,hr\nAtrial fibrillation,F,70,110\n"{prompt}",M,50,70\n')
+    with pytest.raises(ValueError, match=r"^c.csv line 3: text: statement 'Most importantly, the 1st diagnosis is "
+                                         r"\{Sinus.*\.\.\.' holds '\{' or '\}'.*not a prompt built from them"):
         read_conditions(path)
 
 

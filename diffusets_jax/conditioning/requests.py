@@ -4,7 +4,8 @@ A `Condition` is one report (its statements), one patient (sex, age, heart rate)
 them. Files: CSV/TSV with a header row or JSON Lines, fields `text` (statements joined by `|`; also `report` or
 `prompt`), `sex` (`gender`), `age`, `heart_rate` (`hr`) and optional `count` (`n`), in any case and spacing
 (`Age`, ` HR `); other columns are ignored. A line break inside a text (a CSV cell typed with Alt+Enter in Excel,
-`\n` in a JSON string) separates statements as `|` does. Every error names the file, the line (the physical line a
+`\n` in a JSON string) separates statements as `|` does; a statement may not hold the prompt's braces (a built
+prompt is not a report). Every error names the file, the line (the physical line a
 row starts on) and the field; two columns read as the same name, or two names of one field (`hr` and
 `heart_rate`), are refused. A request is at most `MAX_ECGS` ECGs in all.
 """
@@ -62,6 +63,19 @@ def make_condition(text: object, sex: object, age: object, heart_rate: object, c
         return Condition(tuple(lines), parse_sex(sex), parse_age(age), parse_heart_rate(heart_rate), _count(count))
     except ValueError as err:
         raise ValueError(f"{prefix}{err}") from None
+
+
+def check_statements_not_prompt(condition: Condition, where: str) -> Condition:
+    """Refuse statements that hold the ordered prompt's braces: a built prompt ("Most importantly, the 1st diagnosis
+    is {Sinus rhythm}.", a `prompt` column copied from a manifest) read as a statement is wrapped in a second
+    prompt, which no model was trained on, and its ECGs generated without a word. Findings files refuse braces too
+    (`conditioning.findings`)."""
+    for statement in condition.report:
+        if "{" in statement or "}" in statement:
+            shown = statement if len(statement) <= 60 else statement[:60] + "..."
+            raise ValueError(f"{where}: text: statement {shown!r} holds '{{' or '}}', which delimit statements in the "
+                             "prompt: give the report's statements (joined by '|'), not a prompt built from them")
+    return condition
 
 
 def _count(value: object) -> int:
@@ -214,8 +228,9 @@ def read_conditions(path: str | os.PathLike) -> list[Condition]:
     for where, row in rows:
         _check_aliases(row, where)
     conditions = [
-        make_condition(_field(r, "text", w), _field(r, "sex", w), _field(r, "age", w), _field(r, "heart_rate", w),
-                       _field(r, "count", w, required=False), where=w)
+        check_statements_not_prompt(make_condition(_field(r, "text", w), _field(r, "sex", w), _field(r, "age", w),
+                                                   _field(r, "heart_rate", w), _field(r, "count", w, required=False),
+                                                   where=w), w)
         for w, r in rows
     ]
     if not conditions:
