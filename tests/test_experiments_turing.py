@@ -543,6 +543,24 @@ def test_a_conditions_file_under_a_file_is_refused_before_the_split_is_read(tmp_
     assert (tmp_path / "afile").read_text() == "mine"
 
 
+def test_records_whose_statements_sample_would_refuse_are_not_drawn(tmp_path, monkeypatch):
+    """A statement with the prompt's braces was written to the conditions file, which `sample --conditions` then
+    refused (a built prompt is not a report): the paper's protocol stopped at its second step."""
+    from diffusets_jax.conditioning.requests import read_conditions
+    from diffusets_jax.experiments import evaluate
+
+    reports = [["Sinus rhythm", "ST elevation {V1-V2}"], ["Sinus rhythm|Normal ECG"], ["Atrial fibrillation"]]
+    columns = {"report_lines": [np.array(r) for r in reports], "sex": np.array([1, 0, 1]),
+               "age": np.array([50.0, 60.0, 70.0], np.float32), "heart_rate": np.array([60.0, 70.0, 110.0], np.float32)}
+    monkeypatch.setattr(evaluate, "load_split", lambda *a, **k: columns)
+    summary = turing.write_split_conditions(tmp_path / "c.csv", "any", "test", 1, seed=0)
+    assert summary["left_out_without_report"] == 2
+    assert [c.report for c in read_conditions(tmp_path / "c.csv")] == [("Atrial fibrillation",)]
+    with pytest.raises(ValueError, match=r"2 records asked for but only 1 are usable \(2 of 3 have no report or a "
+                                         r"'\|', '\{' or '\}' in one\)"):
+        turing.write_split_conditions(tmp_path / "d.csv", "any", "test", 2, seed=0)
+
+
 def test_paper_protocol_end_to_end_conditions_sample_kit_score(tiny_dataset, tmp_path, capsys, monkeypatch):
     """The paper's protocol through the CLI: draw the conditions of some records of a split, generate from them
     with `sample`, build a kit whose real half is the split's other records, and score filled answer sheets."""

@@ -573,11 +573,14 @@ def write_split_conditions(
 
     # The conditions alone: the split's ECGs (39 GB for all of MIMIC-IV-ECG) are not needed to choose records.
     conditions = _split_conditions(load_split(dataset, split, data_dir=data_dir, limit=limit, with_ecg=False), split)
+    # '|' would split a statement in two, and `sample` refuses the prompt's braces in one: either record's ECG
+    # would not be generated from its own statements.
     usable = np.array([i for i, c in enumerate(conditions) if c["report"]
-                       and not any(LINE_SEPARATOR in line for line in c["report"])], dtype=np.int64)
+                       and not any(char in line for line in c["report"] for char in (LINE_SEPARATOR, "{", "}"))],
+                      dtype=np.int64)
     chosen = _pick(np.random.default_rng(seed), usable, count, "records",
-                   f"{len(conditions) - len(usable)} of {len(conditions)} have no report or a '|' in one",
-                   "the count")
+                   f"{len(conditions) - len(usable)} of {len(conditions)} have no report or a '|', '{{' or '}}' "
+                   "in one", "the count")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["text", "sex", "age", "heart_rate"])
