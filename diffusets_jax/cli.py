@@ -185,6 +185,10 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_embed)
 
 
+# The `openai` client sends a key with every request: a --base-url server that ignores keys still needs one set.
+_KEYLESS_SERVER = "a --base-url server that ignores keys (vLLM, llama.cpp, Ollama) takes any non-empty value"
+
+
 def _run_embed(args: argparse.Namespace) -> int:
     import os
 
@@ -241,7 +245,7 @@ def _run_embed(args: argparse.Namespace) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise ValueError(f"${args.api_key_env} is not set: export the API key there (--api-key-env names "
-                             "another variable), or use --embedder local")
+                             f"another variable; {_KEYLESS_SERVER}), or use --embedder local")
         options = dict(model=args.model, dim=args.dim, base_url=args.base_url, api_key=api_key,
                        max_retries=args.max_retries, timeout_s=args.timeout)
     else:
@@ -1228,7 +1232,7 @@ def _run_describe(args: argparse.Namespace) -> int:
     api_key = os.environ.get(args.api_key_env)
     if not api_key:
         raise ValueError(f"${args.api_key_env} is not set: export the API key there (--api-key-env names another "
-                         "variable), or write the findings file by hand")
+                         f"variable; {_KEYLESS_SERVER}), or write the findings file by hand")
     client = ChatClient(args.model, api_key=api_key, base_url=args.base_url, temperature=args.temperature,
                         max_retries=args.max_retries, timeout_s=args.timeout)
     try:
