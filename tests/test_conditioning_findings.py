@@ -57,6 +57,9 @@ def test_unapproved_is_refused_unless_allowed(tmp_path):
 def test_missing_file_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist: write one with `diffusets-jax describe"):
         read_findings(tmp_path / "nope.json")
+    # A folder was said not to exist, and to be written with `describe`.
+    with pytest.raises(ValueError, match="is a directory: give the findings .json file in it"):
+        read_findings(tmp_path)
 
 
 @pytest.mark.parametrize("content, message", [

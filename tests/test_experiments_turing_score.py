@@ -156,6 +156,15 @@ def test_malformed_or_incomplete_sheets_get_one_line_naming_file_and_row(real_vs
     assert re.search(message, _error(tmp_path, key, content))
 
 
+def test_a_folder_given_as_key_or_sheet_is_named_a_folder(real_vs_generated, tmp_path):
+    """The kit's folder as --key, or a folder of sheets as a sheet, was said not to exist."""
+    key, _ = real_vs_generated
+    with pytest.raises(ValueError, match="is a directory: give the key.json file that turing-kit wrote in it"):
+        read_key(key.parent)
+    with pytest.raises(ValueError, match="is a directory: give the raters' filled answers_<name>.csv files"):
+        read_answers(tmp_path, read_key(key))
+
+
 def test_spreadsheet_quirks_are_accepted(real_vs_generated, tmp_path):
     """Excel's byte-order mark, ';' separators, CRLF, blank rows, any row order, lower-case IDs, spaced answers."""
     key, _ = real_vs_generated

@@ -175,6 +175,8 @@ def read_findings(path: str | os.PathLike, *, allow_unapproved: bool = False) ->
 
     Errors are one line naming the file (and the JSON line or field) and what to do."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"findings file {str(path)!r} is a directory: give the findings .json file in it")
     if not path.is_file():
         raise FileNotFoundError(f"findings file {str(path)!r} does not exist: write one with `diffusets-jax describe "
                                 "CONDITION --out FILE` or by hand (condition, statements, approved)")

@@ -42,6 +42,8 @@ RATER_PREFIX = "answers_"
 def read_key(path: str | os.PathLike) -> dict[str, Any]:
     """A kit's key.json, checked for what scoring needs."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"key {str(path)!r} is a directory: give the key.json file that turing-kit wrote in it")
     if not path.is_file():
         raise FileNotFoundError(f"key {str(path)!r} does not exist: give the key.json that turing-kit wrote beside "
                                 "the package")
@@ -87,6 +89,8 @@ def read_answers(path: str | os.PathLike, key: Mapping[str, Any]) -> dict[str, s
     match" is `no_match`)."""
     path = Path(path)
     name = path.name
+    if path.is_dir():
+        raise ValueError(f"answer sheet {str(path)!r} is a directory: give the raters' filled answers_<name>.csv files")
     if not path.is_file():
         raise FileNotFoundError(f"answer sheet {str(path)!r} does not exist")
     try:
