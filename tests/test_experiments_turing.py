@@ -383,6 +383,25 @@ def test_what_sample_wrote_is_refused_as_real_ecgs(inputs, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_the_key_names_each_generated_sheet_as_its_sample_run_does(tmp_path):
+    """The key gave a sheet's row in samples.npz as its index, documented as the run's sample_NNNNN: a run that
+    skipped a failed ECG holds fewer rows than it named, so from there on the row named the next sample."""
+    ecgs = ecg_like(np.random.default_rng(3), 5)
+    ecgs[1, 10, 0] = np.nan  # sample_00001 fails: samples.npz holds samples 0, 2, 3, 4 in rows 0..3
+    reports = ["Sinus rhythm", "Atrial fibrillation", "Sinus bradycardia", "Sinus tachycardia", "Left axis deviation"]
+    generated = write_generated(tmp_path / "gen", reports, ecgs, ["M", "F", "M", "F", "M"], [50, 60, 70, 40, 30],
+                                [60, 110, 50, 120, 70])
+    build_kit(tmp_path / "kit", KitOptions("alignment", n_generated=4, controls=0.5, seed=0, dpi=DPI),
+              generated=generated)
+    key = json.loads((tmp_path / "kit" / "key.json").read_text())
+    for sheet in key["sheets"]:
+        number = int(sheet["source"]["sample"].removeprefix("sample_"))
+        assert sheet["conditions"]["report"] == [reports[number]] and sheet["source"]["index"] == [0, 2, 3, 4].index(number)
+        assert sheet["shown"]["report"] == [reports[int(sheet["shown"]["sample"].removeprefix("sample_"))]]
+    assert sorted(s["source"]["sample"] for s in key["sheets"]) == ["sample_00000", "sample_00002", "sample_00003",
+                                                                      "sample_00004"]
+
+
 def test_bad_inputs_get_one_line_and_real_conditions_are_optional(inputs, tmp_path):
     rng = np.random.default_rng(0)
     good = dict(ecg=ecg_like(rng, 2), report=np.array(["A", "B|C"]), sex=np.array([1, 0]),

@@ -23,8 +23,9 @@ OUT/ after a run:
 
 Each sheet of the key records its ID, booklet position, truth, source (the input path and its SHA-256, or the
 dataset split, and the index of the ECG there as `io.generated.read_generated` or `experiments.evaluate.load_split`
-reads it: for a samples.npz of one host, the NNNNN of `sample_NNNNN` in that run's manifest) and the conditions the
-ECG came with (report statements, sex, age, heart rate); alignment sheets also record what they show (`shown`).
+reads it: its row; for what a `sample` run wrote, `sample` also names it, `sample_NNNNN` in that run's manifest, WFDB
+records and PNGs, which is not the row when the run skipped a failed ECG) and the conditions the ECG came with
+(report statements, sex, age, heart rate); alignment sheets also record what they show (`shown`).
 
 Blinding: sheet IDs are random 6-character codes; the booklet order is a random permutation; every sheet is
 drawn by the same code (`io.plot.plot_ecg`) at the same size, dpi and title style, titled only "Sheet ID" (plus
@@ -121,6 +122,7 @@ class EcgSet:
     ecg: np.ndarray | SplitRows
     conditions: list[dict[str, Any] | None]
     source: dict[str, Any]  # where they came from, for the key (and each sheet's source adds its index)
+    names: list[str] | None = None  # a sample run's: each ECG's sample_NNNNN (manifest, WFDB record, PNG)
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
@@ -178,7 +180,29 @@ def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
             continue
         conditions.append(_condition(report, sex, age, heart_rate, where=f"{flag} {path.name} [{i}]"))
     source = {"path": str(path.resolve()), "sha256": source_fingerprint(path)}
-    return EcgSet(_check_ecg_array(read.ecg, f"{flag} {path.name}"), conditions, source)
+    return EcgSet(_check_ecg_array(read.ecg, f"{flag} {path.name}"), conditions, source,
+                  _sample_names(path, len(conditions)))
+
+
+def _sample_names(path: Path, count: int) -> list[str] | None:
+    """The sample_NNNNN name of each ECG a `sample` run's NPZ (or folder) holds, in the order they are read, from
+    the NPZ's `position` array; None for other inputs. A run that skipped a failed ECG holds fewer rows than it
+    named samples, so a row is not its name: sheet 3 may be sample_00004."""
+    from diffusets_jax.io.generated import _sample_npz_files
+
+    files = [path] if path.is_file() and path.suffix.lower() == ".npz" else (
+        _sample_npz_files(path) if path.is_dir() else None)
+    positions = []
+    for file in files or []:
+        with np.load(file, allow_pickle=False) as data:
+            if "position" not in data.files:
+                return None
+            positions.append(np.asarray(data["position"]).reshape(-1))
+    if not positions or sum(len(p) for p in positions) != count:
+        return None
+    from diffusets_jax.io.outputs import sample_name
+
+    return [sample_name(int(position)) for position in np.concatenate(positions)]
 
 
 def _refuse_sample_output(path: Path, flag: str) -> None:
@@ -414,9 +438,13 @@ def _key(options: KitOptions, seed: int, entries: Sequence[dict], counts: dict, 
     for position, entry in enumerate(entries, 1):
         ecg_set, index = entry["set"], entry["index"]
         sheet = {"sheet_id": entry["sheet_id"], "position": position, "truth": entry["truth"],
-                 "source": {**ecg_set.source, "index": index}, "conditions": ecg_set.conditions[index]}
+                 "source": {**ecg_set.source, "index": index,
+                            **({"sample": ecg_set.names[index]} if ecg_set.names else {})},
+                 "conditions": ecg_set.conditions[index]}
         if options.variant == ALIGNMENT:
-            sheet["shown"] = {"index": entry["shown_index"], **ecg_set.conditions[entry["shown_index"]]}
+            sheet["shown"] = {"index": entry["shown_index"],
+                              **({"sample": ecg_set.names[entry["shown_index"]]} if ecg_set.names else {}),
+                              **ecg_set.conditions[entry["shown_index"]]}
         sheets.append(sheet)
     return {"format": KEY_FORMAT, "variant": options.variant, "answers": list(ANSWERS[options.variant]),
             "truths": list(TRUTHS[options.variant]), "created": created, "seed": seed,
