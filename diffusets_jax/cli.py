@@ -185,6 +185,10 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_embed)
 
 
+# The `openai` client sends a key with every request: a --base-url server that ignores keys still needs one set.
+_KEYLESS_SERVER = "a --base-url server that ignores keys (vLLM, llama.cpp, Ollama) takes any non-empty value"
+
+
 def _run_embed(args: argparse.Namespace) -> int:
     import os
 
@@ -241,7 +245,7 @@ def _run_embed(args: argparse.Namespace) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise ValueError(f"${args.api_key_env} is not set: export the API key there (--api-key-env names "
-                             "another variable), or use --embedder local")
+                             f"another variable; {_KEYLESS_SERVER}), or use --embedder local")
         options = dict(model=args.model, dim=args.dim, base_url=args.base_url, api_key=api_key,
                        max_retries=args.max_retries, timeout_s=args.timeout)
     else:
@@ -613,6 +617,7 @@ def _sample_conditions(args: argparse.Namespace) -> tuple[list, dict | None]:
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give --conditions FILE or --findings FILE)")
     condition = requests.make_condition(args.text, args.sex, args.age, args.hr, args.count, where="flags")
+    requests.check_statements_not_prompt(condition, "--text")
     requests.total_ecgs([condition], asked)
     return [condition], None
 
@@ -1227,7 +1232,7 @@ def _run_describe(args: argparse.Namespace) -> int:
     api_key = os.environ.get(args.api_key_env)
     if not api_key:
         raise ValueError(f"${args.api_key_env} is not set: export the API key there (--api-key-env names another "
-                         "variable), or write the findings file by hand")
+                         f"variable; {_KEYLESS_SERVER}), or write the findings file by hand")
     client = ChatClient(args.model, api_key=api_key, base_url=args.base_url, temperature=args.temperature,
                         max_retries=args.max_retries, timeout_s=args.timeout)
     try:
@@ -1313,7 +1318,8 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
                         help="alignment: share of sheets showing another generated ECG's report and patient "
                              "information, recorded in the key (default: %(default)s)")
     parser.add_argument("--seed", type=seed_int, help="seed of the selection, order and IDs (default: a fresh random one, "
-                        "recorded in the key: raters who knew the seed and the inputs could rebuild the key)")
+                        "recorded in the key: raters who knew the seed and the inputs could rebuild the key; the "
+                        "same command again into the same --out takes the one recorded there)")
     parser.add_argument("--dpi", type=positive_int, default=200, help="PNG resolution (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for package/ and key.json (new or empty; "
                         "rerunning the same command there leaves the finished kit as it is)")

@@ -51,6 +51,17 @@ def test_gives_up_after_max_retries_with_a_clear_error():
     assert len(server.chat_received) == 3
 
 
+@pytest.mark.parametrize("fault, answered", [("html", "'<html><body>Sign in"), ("null", "None")])
+def test_an_answer_that_is_not_the_apis_json_is_one_line_naming_the_server(fault, answered):
+    """A 200 with a web page (a base URL that misses /v1) or `null` reached the client as a string or None, and
+    reading its `choices` was an AttributeError's traceback; it is a ValueError naming the server, not retried."""
+    with FakeOpenAIServer(faults=[fault]) as server:
+        with pytest.raises(ValueError, match=rf"chat server at '{server.base_url}/' answered {answered}.*"
+                                             "not an OpenAI chat response.*check the base URL"):
+            _client(server).complete(MESSAGES)
+    assert len(server.chat_received) == 1
+
+
 @pytest.mark.parametrize("fault, message", [("401", "Incorrect API key"), ("404", "model does not exist")])
 def test_rejections_are_not_retried_and_say_what_to_check(fault, message):
     with FakeOpenAIServer(faults=[fault]) as server:

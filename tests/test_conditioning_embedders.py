@@ -74,6 +74,25 @@ def test_openai_rejections_are_not_retried_and_say_what_to_check(fault, message)
     assert len(server.received) == 1
 
 
+@pytest.mark.parametrize("fault, answered", [("html", "'<html><body>Sign in"), ("null", "None")])
+def test_openai_an_answer_that_is_not_the_apis_json_is_one_line_naming_the_server(fault, answered):
+    """A 200 with a web page (a base URL that misses /v1) or `null` reached the embedder as a string or None, and
+    reading its `data` was an AttributeError's traceback; it is a ValueError naming the server, and not retried."""
+    with FakeOpenAIServer(dim=DIM, faults=[fault]) as server:
+        with pytest.raises(ValueError, match=rf"embeddings server at '{server.base_url}/' answered {answered}.*"
+                                             "not an OpenAI embeddings response.*check the base URL"):
+            _openai(server).embed(TEXTS[:2])
+    assert len(server.received) == 1
+
+
+def test_openai_vectors_of_several_sizes_in_one_answer_are_named_as_such():
+    """They were NumPy's "inhomogeneous shape" message, which says nothing of the server."""
+    with FakeOpenAIServer(dim=DIM, faults=["ragged"]) as server:
+        with pytest.raises(ValueError, match=rf"returned vectors of {DIM - 1}, {DIM} dimensions in one answer, not "
+                                             rf"{DIM} each: check the model and the base URL"):
+            _openai(server).embed(TEXTS[:2])
+
+
 def test_openai_wrong_dimension_is_a_clear_error():
     with FakeOpenAIServer(dim=DIM + 1) as server:
         with pytest.raises(ValueError, match=rf"returned {DIM + 1}-d vectors.*dim={DIM}"):

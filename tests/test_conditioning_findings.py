@@ -57,6 +57,9 @@ def test_unapproved_is_refused_unless_allowed(tmp_path):
 def test_missing_file_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist: write one with `diffusets-jax describe"):
         read_findings(tmp_path / "nope.json")
+    # A folder was said not to exist, and to be written with `describe`.
+    with pytest.raises(ValueError, match="is a directory: give the findings .json file in it"):
+        read_findings(tmp_path)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -92,6 +95,15 @@ def test_malformed_files_get_one_line_naming_the_file_and_field(tmp_path, conten
     with pytest.raises(ValueError, match=message) as error:
         read_findings(path, allow_unapproved=True)
     assert "\n" not in str(error.value)
+
+
+def test_a_byte_order_mark_from_an_editor_is_read_past(tmp_path):
+    """A file reviewed in an editor that saves "UTF-8 with BOM" was refused as not valid JSON."""
+    record = {"condition": "X", "statements": ["A"], "approved": True}
+    (tmp_path / "f.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(record, indent=2).encode("utf-8"))
+    findings = read_findings(tmp_path / "f.json")
+    assert findings.statements == ("A",) and findings.approved
+    assert findings.provenance["sha256"] == hashlib.sha256((tmp_path / "f.json").read_bytes()).hexdigest()
 
 
 def test_not_utf8_is_a_clear_error(tmp_path):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from diffusets_jax.conditioning.prompts import make_prompt
 from diffusets_jax.conditioning.requests import expand, make_condition, read_conditions
 
 
@@ -63,6 +64,65 @@ def test_a_jsonl_count_is_a_whole_number_never_truncated(tmp_path, count):
         read_conditions(path)
     path.write_text(json.dumps({"text": "Sinus rhythm", "sex": "F", "age": 40, "hr": 60, "count": 2.0}) + "\n")
     assert read_conditions(path)[0].count == 2
+
+
+def test_a_csv_count_written_as_a_whole_float_is_that_count(tmp_path):
+    """pandas writes a count column with a gap as floats ("2.0"): it was refused as not a whole number."""
+    import pandas as pd
+
+    path = tmp_path / "c.csv"
+    pd.DataFrame({"text": ["Sinus rhythm", "Atrial fibrillation"], "sex": ["F", "M"], "age": [40, 70],
+                  "hr": [60, 110], "count": [2, None]}).to_csv(path, index=False)
+    assert [c.count for c in read_conditions(path)] == [2, 1]
+    path.write_text("text,sex,age,hr,count\nSinus rhythm,F,40,60,2.5\n")
+    with pytest.raises(ValueError, match=r"c.csv line 2: count: '2.5' must be a whole number >= 1"):
+        read_conditions(path)
+
+
+def test_a_row_of_empty_cells_asks_for_nothing(tmp_path):
+    """A spreadsheet saves a row it once held, emptied, as ",,,": it was refused as a row without text."""
+    path = tmp_path / "c.csv"
+    path.write_text("text,sex,age,hr\nSinus rhythm,F,40,60\n,,,\n , ,,\nAtrial fibrillation,M,70,110\n,,,\n")
+    assert [c.report for c in read_conditions(path)] == [("Sinus rhythm",), ("Atrial fibrillation",)]
+    path.write_text("text,sex,age,hr\n,,,\n")
+    with pytest.raises(ValueError, match="c.csv: no conditions found"):
+        read_conditions(path)
+    path.write_text("text,sex,age,hr\nSinus rhythm,F,40,60\n,F,40,60\n")  # a row with values still needs its text
+    with pytest.raises(ValueError, match="c.csv line 3: missing field 'text'"):
+        read_conditions(path)
+
+
+@pytest.mark.parametrize("content, what", [
+    ('[{"text": "Sinus rhythm", "sex": "F", "age": 40, "hr": 60}]\n', "a JSON array"),
+    ('[\n  {"text": "Sinus rhythm", "sex": "F", "age": 40, "hr": 60}\n]\n', "a JSON array"),
+    ('{\n  "text": "Sinus rhythm", "sex": "F", "age": 40, "hr": 60\n}\n', "one JSON value over several lines"),
+])
+def test_one_json_document_is_named_as_such_not_as_invalid_json(tmp_path, content, what):
+    """A JSON array or a pretty-printed object was refused as "line 1: not valid JSON" (its "[" or "{" alone)."""
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=rf"^c.json: {what}; a conditions file is JSON Lines, one object per line"):
+        read_conditions(path)
+
+
+@pytest.mark.parametrize("text", [{"statements": ["Sinus rhythm"]}, 5, True])
+def test_a_jsonl_text_that_is_no_string_or_list_is_refused(tmp_path, text):
+    """str() made it a statement ("{'statements': [...]}", "5", "True"), and ECGs were generated from that prompt."""
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": text, "sex": "F", "age": 40, "hr": 60}) + "\n")
+    with pytest.raises(ValueError, match=r"^c.jsonl line 1: text: .* is a (dict|int|bool); give the report statements"):
+        read_conditions(path)
+
+
+def test_a_built_prompt_as_the_text_is_refused(tmp_path):
+    """A `prompt` column copied from a manifest was read as one statement and wrapped in a second prompt
+    ("...diagnosis is {Most importantly, the 1st diagnosis is {Sinus rhythm}.}."), generated from silently."""
+    prompt = make_prompt(["Sinus rhythm", "Left axis deviation"], "ordered")
+    path = tmp_path / "c.csv"
+    path.write_text(f'prompt,sex,age,hr\nAtrial fibrillation,F,70,110\n"{prompt}",M,50,70\n')
+    with pytest.raises(ValueError, match=r"^c.csv line 3: text: statement 'Most importantly, the 1st diagnosis is "
+                                         r"\{Sinus.*\.\.\.' holds '\{' or '\}'.*not a prompt built from them"):
+        read_conditions(path)
 
 
 def test_conditions_path_errors(tmp_path):

@@ -34,6 +34,16 @@ BRUGADA = ["Sinus rhythm", "Right bundle branch block pattern", "Coved ST elevat
     ('{"findings": ["A", "a", 3, "", "B"]}', ["A", "B"]),  # repeats (any case), non-strings and blanks dropped
     ("", []),
     ('{"findings": []}', []),
+    # Prose with braces or brackets of its own around the JSON: the first '{' to the last '}' was no JSON, and
+    # nothing was found.
+    ('Findings {as asked}:\n{"findings": ["A", "B"]}\nThey vary [see refs].', ["A", "B"]),
+    # A reasoning model's thoughts left in the answer: their bullets were taken for the findings.
+    ('<think>\nBrugada [type 1]. Draft {JSON}:\n- coved ST?\n- maybe RBBB\n</think>\n{"findings": ["A", "B"]}', ["A", "B"]),
+    ('<think>Draft:\n- X\n</think>\n\n1. A\n2. B', ["A", "B"]),
+    # Markdown emphasis, as chat models write lists: it stayed in the statement ("**Coved ST elevation** in V1").
+    ("1. **Coved ST elevation** in V1-V2\n2. *Right bundle branch block*.\n3. __QT__ prolongation",
+     ["Coved ST elevation in V1-V2", "Right bundle branch block", "QT prolongation"]),
+    ('{"findings": ["**A**", "B in V1_V2"]}', ["A", "B in V1_V2"]),
 ])
 def test_parse_findings_answer(answer, expected):
     assert parse_findings_answer(answer) == expected
@@ -127,6 +137,9 @@ def test_cli_describe_end_to_end(tmp_path, monkeypatch, capsys):
     (["--max-statements", "0"], "argument --max-statements: must be a whole number >= 1"),
     (["--max-statements", "19"], "max_statements must be within 1..18"),
     (["--api-key-env", "UNSET_KEY_FOR_TEST"], "$UNSET_KEY_FOR_TEST is not set"),
+    # --base-url was documented as the alternative to a key; a server that ignores keys still needs one set.
+    (["--api-key-env", "UNSET_KEY_FOR_TEST"], "a --base-url server that ignores keys (vLLM, llama.cpp, Ollama) takes "
+                                              "any non-empty value"),
 ])
 def test_cli_bad_inputs_are_one_line_exit_2(tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.setenv("TEST_CHAT_KEY", "sk-cli")

@@ -137,6 +137,18 @@ def find_leaks(package: Path, key: dict) -> list[str]:
     return leaks
 
 
+def test_no_sheet_id_reads_as_a_number_in_a_spreadsheet():
+    """An ID such as 2345E9 was read by a spreadsheet as 2.345E+12 and saved so in the rater's answer sheet, which
+    then named a sheet no key holds; digits around any letter of the alphabet must stay text."""
+    digits = [c for c in turing.ID_ALPHABET if c.isdigit()]
+    for letter in (c for c in turing.ID_ALPHABET if c.isalpha()):
+        for candidate in (digits[0] * 4 + letter + digits[1], digits[0] + letter + digits[1] * 4):
+            with pytest.raises(ValueError):
+                float(candidate)
+    ids = turing._draw_ids(np.random.default_rng(0), 500)
+    assert len(set(ids)) == 500 and all(len(i) == turing.ID_LENGTH and set(i) <= set(turing.ID_ALPHABET) for i in ids)
+
+
 def test_package_leaks_nothing(kit):
     key = json.loads((kit / "key.json").read_text())
     package = kit / "package"
@@ -226,6 +238,19 @@ def test_same_seed_same_package_bytes_and_rerun_is_a_no_op(kit, inputs, tmp_path
     fresh = build_kit(tmp_path / "fresh", KitOptions("real-vs-generated", n_real=2, n_generated=2, dpi=DPI),
                       generated=inputs["generated"], real=inputs["real"])
     assert json.loads((tmp_path / "fresh" / "key.json").read_text())["seed"] == fresh["seed"] not in (11, 12)
+    # The same command again (no --seed) is the kit the folder holds: it drew another seed and was refused as
+    # another kit ("seed: A -> B"), where a finished kit is left as it is and an unfinished one finished.
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(tmp_path / "fresh")}
+    again = build_kit(tmp_path / "fresh", KitOptions("real-vs-generated", n_real=2, n_generated=2, dpi=DPI),
+                      generated=inputs["generated"], real=inputs["real"])
+    assert again["already_built"] is True and again["seed"] == fresh["seed"]
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _files(tmp_path / "fresh")} == before
+    with pytest.raises(ValueError, match=r"other settings \(n_real: 2 -> 3\)"):  # other settings: named, not the seed
+        build_kit(tmp_path / "fresh", KitOptions("real-vs-generated", n_real=3, n_generated=2, dpi=DPI),
+                  generated=inputs["generated"], real=inputs["real"])
+    replaced = build_kit(tmp_path / "fresh", KitOptions("real-vs-generated", n_real=2, n_generated=2, dpi=DPI),
+                         generated=inputs["generated"], real=inputs["real"], overwrite=True)
+    assert replaced["already_built"] is False and replaced["seed"] != fresh["seed"]  # --overwrite: a fresh draw
 
 
 def test_user_files_are_never_touched_unless_overwrite(inputs, tmp_path):
@@ -343,6 +368,38 @@ def test_bad_options_are_refused_before_any_drawing(inputs, tmp_path, variant, o
         build_kit(tmp_path / "out", KitOptions(variant, **{"n_generated": 2, "seed": 0, "dpi": DPI, **options}),
                   generated=inputs["generated"], **kwargs)
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_what_sample_wrote_is_refused_as_real_ecgs(inputs, tmp_path):
+    """Another sample run's samples.npz (or its folder) as --real built a kit whose key called generated ECGs real;
+    as a `sample --corpus` folder already was, it is refused before anything is drawn."""
+    other = write_generated(tmp_path / "other", ["Sinus rhythm", "Atrial fibrillation"], ecg_like(np.random.default_rng(1), 2),
+                            ["M", "F"], [50, 60], [70, 110])
+    for real in (other, other.parent):
+        with pytest.raises(ValueError, match=rf"^--real {re.escape(str(real))}: generated ECGs \(`diffusets-jax "
+                                             r"sample` wrote .*other\), but --real takes recorded ones"):
+            build_kit(tmp_path / "out", KitOptions("real-vs-generated", n_real=1, n_generated=1, seed=0, dpi=DPI),
+                      generated=inputs["generated"], real=real)
+        assert not (tmp_path / "out").exists()
+
+
+def test_the_key_names_each_generated_sheet_as_its_sample_run_does(tmp_path):
+    """The key gave a sheet's row in samples.npz as its index, documented as the run's sample_NNNNN: a run that
+    skipped a failed ECG holds fewer rows than it named, so from there on the row named the next sample."""
+    ecgs = ecg_like(np.random.default_rng(3), 5)
+    ecgs[1, 10, 0] = np.nan  # sample_00001 fails: samples.npz holds samples 0, 2, 3, 4 in rows 0..3
+    reports = ["Sinus rhythm", "Atrial fibrillation", "Sinus bradycardia", "Sinus tachycardia", "Left axis deviation"]
+    generated = write_generated(tmp_path / "gen", reports, ecgs, ["M", "F", "M", "F", "M"], [50, 60, 70, 40, 30],
+                                [60, 110, 50, 120, 70])
+    build_kit(tmp_path / "kit", KitOptions("alignment", n_generated=4, controls=0.5, seed=0, dpi=DPI),
+              generated=generated)
+    key = json.loads((tmp_path / "kit" / "key.json").read_text())
+    for sheet in key["sheets"]:
+        number = int(sheet["source"]["sample"].removeprefix("sample_"))
+        assert sheet["conditions"]["report"] == [reports[number]] and sheet["source"]["index"] == [0, 2, 3, 4].index(number)
+        assert sheet["shown"]["report"] == [reports[int(sheet["shown"]["sample"].removeprefix("sample_"))]]
+    assert sorted(s["source"]["sample"] for s in key["sheets"]) == ["sample_00000", "sample_00002", "sample_00003",
+                                                                      "sample_00004"]
 
 
 def test_bad_inputs_get_one_line_and_real_conditions_are_optional(inputs, tmp_path):
@@ -496,6 +553,33 @@ def test_recorded_and_generated_datasets_are_told_apart_by_their_cards(tiny_data
 
 
 @pytest.mark.slow  # builds a TFDS dataset and a tiny model, and generates with it
+def test_a_conditions_file_under_a_file_is_refused_before_the_split_is_read(tmp_path):
+    """The folder was made only once the split's conditions were read (minutes for MIMIC-IV-ECG), then failed as
+    "afile: File exists"; the dataset here does not exist, so only a check made first can answer."""
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(NotADirectoryError, match=r"--out .*afile/c.csv: .*afile is a file, not a directory"):
+        turing.write_split_conditions(tmp_path / "afile" / "c.csv", tmp_path / "no_dataset", "test", 2, seed=0)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_records_whose_statements_sample_would_refuse_are_not_drawn(tmp_path, monkeypatch):
+    """A statement with the prompt's braces was written to the conditions file, which `sample --conditions` then
+    refused (a built prompt is not a report): the paper's protocol stopped at its second step."""
+    from diffusets_jax.conditioning.requests import read_conditions
+    from diffusets_jax.experiments import evaluate
+
+    reports = [["Sinus rhythm", "ST elevation {V1-V2}"], ["Sinus rhythm|Normal ECG"], ["Atrial fibrillation"]]
+    columns = {"report_lines": [np.array(r) for r in reports], "sex": np.array([1, 0, 1]),
+               "age": np.array([50.0, 60.0, 70.0], np.float32), "heart_rate": np.array([60.0, 70.0, 110.0], np.float32)}
+    monkeypatch.setattr(evaluate, "load_split", lambda *a, **k: columns)
+    summary = turing.write_split_conditions(tmp_path / "c.csv", "any", "test", 1, seed=0)
+    assert summary["left_out_without_report"] == 2
+    assert [c.report for c in read_conditions(tmp_path / "c.csv")] == [("Atrial fibrillation",)]
+    with pytest.raises(ValueError, match=r"2 records asked for but only 1 are usable \(2 of 3 have no report or a "
+                                         r"'\|', '\{' or '\}' in one\)"):
+        turing.write_split_conditions(tmp_path / "d.csv", "any", "test", 2, seed=0)
+
+
 def test_paper_protocol_end_to_end_conditions_sample_kit_score(tiny_dataset, tmp_path, capsys, monkeypatch):
     """The paper's protocol through the CLI: draw the conditions of some records of a split, generate from them
     with `sample`, build a kit whose real half is the split's other records, and score filled answer sheets."""

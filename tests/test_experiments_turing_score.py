@@ -156,6 +156,15 @@ def test_malformed_or_incomplete_sheets_get_one_line_naming_file_and_row(real_vs
     assert re.search(message, _error(tmp_path, key, content))
 
 
+def test_a_folder_given_as_key_or_sheet_is_named_a_folder(real_vs_generated, tmp_path):
+    """The kit's folder as --key, or a folder of sheets as a sheet, was said not to exist."""
+    key, _ = real_vs_generated
+    with pytest.raises(ValueError, match="is a directory: give the key.json file that turing-kit wrote in it"):
+        read_key(key.parent)
+    with pytest.raises(ValueError, match="is a directory: give the raters' filled answers_<name>.csv files"):
+        read_answers(tmp_path, read_key(key))
+
+
 def test_spreadsheet_quirks_are_accepted(real_vs_generated, tmp_path):
     """Excel's byte-order mark, ';' separators, CRLF, blank rows, any row order, lower-case IDs, spaced answers."""
     key, _ = real_vs_generated
@@ -168,6 +177,11 @@ def test_spreadsheet_quirks_are_accepted(real_vs_generated, tmp_path):
     # unquoted field - do you need to open the file in universal-newline mode?"
     path.write_bytes(("sheet_id,answer\r" + "\r".join(f"{s},real" for s in REAL)
                       + "\r" + "\r".join(f"{s},generated" for s in GENERATED) + "\r").encode())
+    assert read_answers(path, read_key(key)) == answers
+    # A spreadsheet saves every row as wide as its widest column: a note typed beside an answer and deleted
+    # left "ID;real;" on every line, refused as "header is 'sheet_id,answer,'".
+    path.write_bytes(("sheet_id;answer;;\r\n" + "".join(f"{s};real;;\r\n" for s in REAL)
+                      + "".join(f"{s};generated; ;\r\n" for s in GENERATED)).encode())
     assert read_answers(path, read_key(key)) == answers
 
 

@@ -76,20 +76,27 @@ class ChatClient:
         for i, message in enumerate(messages):
             if message.get("role") not in ("system", "user", "assistant") or not isinstance(message.get("content"), str):
                 raise ValueError(f"message #{i} must have a role (system, user, assistant) and text content, got {message!r}")
-        response: Any = self._connection.request(
+        answer = self._connection.request(
             lambda client: client.chat.completions.create(
                 model=self.model, messages=messages, temperature=self.temperature),
-            resume_hint="rerun later; nothing was written",
+            resume_hint="rerun later; nothing was written", read=_first_choice,
         )
-        if not response.choices:
+        if answer is None:
             raise RuntimeError(f"the chat server returned no answer for model {self.model!r}")
-        choice = response.choices[0]
-        if choice.finish_reason == "length":
+        finish_reason, text = answer
+        if finish_reason == "length":
             raise RuntimeError(f"model {self.model!r} stopped at its length limit: the answer is incomplete")
-        text = choice.message.content
         if not isinstance(text, str) or not text.strip():
             raise RuntimeError(
-                f"model {self.model!r} answered without text (finish_reason {choice.finish_reason!r}): "
+                f"model {self.model!r} answered without text (finish_reason {finish_reason!r}): "
                 "it may have refused; try another model"
             )
         return text
+
+
+def _first_choice(response: Any) -> tuple[Any, Any] | None:  # noqa: ANN401 (an `openai` response, or what a server sent)
+    """The first choice's finish reason and text, or None when the response has no choice."""
+    if not response.choices:
+        return None
+    choice = response.choices[0]
+    return choice.finish_reason, (choice.message.content if choice.message is not None else None)

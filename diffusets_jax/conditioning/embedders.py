@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -117,21 +117,33 @@ class OpenAIEmbedder:
 
     def _embed_request(self, texts: list[str]) -> np.ndarray:
         extra = {"dimensions": self.dim} if self.send_dimensions else {}
-        response = self._connection.request(
+        data = self._connection.request(
             lambda client: client.embeddings.create(model=self.model, input=texts, encoding_format="float", **extra),
-            resume_hint="rerun to resume, cached prompts are kept",
+            resume_hint="rerun to resume, cached prompts are kept", read=_indexed_vectors,
         )
-        data = sorted(response.data, key=lambda item: item.index)
-        if [item.index for item in data] != list(range(len(texts))):
-            raise RuntimeError(f"server returned embeddings for indices {[d.index for d in data]}, expected 0..{len(texts) - 1}")
-        vectors = np.asarray([item.embedding for item in data], dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            got = vectors.shape[1] if vectors.ndim == 2 else "ragged"
+        if [index for index, _ in data] != list(range(len(texts))):
+            raise RuntimeError(f"server returned embeddings for indices {[i for i, _ in data]}, expected 0..{len(texts) - 1}")
+        sizes = sorted({len(vector) for _, vector in data})
+        if len(sizes) > 1:
+            raise ValueError(f"model {self.model!r} returned vectors of {', '.join(map(str, sizes))} dimensions in one "
+                             f"answer, not {self.dim} each: check the model and the base URL {self._connection.base_url!r}")
+        vectors = np.stack([vector for _, vector in data])
+        if vectors.shape[1] != self.dim:
+            got = vectors.shape[1]
             raise ValueError(
                 f"model {self.model!r} returned {got}-d vectors but the embedder is configured for dim={self.dim}: "
                 f"set dim={got} (--dim) or pick the model the configuration expects"
             )
         return vectors
+
+
+def _indexed_vectors(response: Any) -> list[tuple[int, np.ndarray]]:  # noqa: ANN401 (what the server sent)
+    """An embeddings response -> [(index, (dim,) float32)] sorted by index; a field of another type fails here
+    (TypeError, ValueError), where `OpenAIConnection.request` turns it into one line naming the server."""
+    items = [(item.index, np.asarray(item.embedding, dtype=np.float32)) for item in response.data]
+    if any(not isinstance(index, int) or vector.ndim != 1 for index, vector in items):
+        raise TypeError("each item needs an integer index and a list of numbers as its embedding")
+    return sorted(items, key=lambda item: item[0])
 
 
 class LocalEmbedder:

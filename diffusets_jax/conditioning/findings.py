@@ -175,12 +175,16 @@ def read_findings(path: str | os.PathLike, *, allow_unapproved: bool = False) ->
 
     Errors are one line naming the file (and the JSON line or field) and what to do."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"findings file {str(path)!r} is a directory: give the findings .json file in it")
     if not path.is_file():
         raise FileNotFoundError(f"findings file {str(path)!r} does not exist: write one with `diffusets-jax describe "
                                 "CONDITION --out FILE` or by hand (condition, statements, approved)")
     payload = path.read_bytes()
     try:
-        record = json.loads(payload.decode("utf-8"))
+        # utf-8-sig: an editor's byte-order mark (Windows Notepad's "UTF-8 with BOM") is not part of the JSON, as in
+        # a conditions file or an answer sheet; the SHA-256 below stays that of the bytes as they are.
+        record = json.loads(payload.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ValueError(f"{path.name}: not a UTF-8 text file; a findings file is JSON") from None
     except json.JSONDecodeError as err:

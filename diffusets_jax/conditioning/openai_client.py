@@ -90,12 +90,18 @@ class OpenAIConnection:
     def base_url(self) -> str:
         return str(self.client.base_url)
 
-    def request(self, send: Callable[[Any], T], *, resume_hint: str) -> T:
-        """`send(client)` with the retry policy; `resume_hint` ends the give-up message (what the user can do)."""
+    def request(self, send: Callable[[Any], Any], *, resume_hint: str, read: Callable[[Any], T]) -> T:
+        """`read(send(client))` with the retry policy; `resume_hint` ends the give-up message (what the user can do).
+
+        `read` takes what the caller needs out of the response. A server that answers 200 with something else
+        than the API's JSON (a web page at a base URL without /v1, `null`, an object without `data` or `choices`)
+        gives the `openai` client a string, None or a model lacking those fields: reading it then fails with an
+        AttributeError or TypeError, which becomes one line naming the base URL (ValueError: retrying cannot help).
+        """
         for attempt in range(self.max_retries + 1):
             self.requests_sent += 1
             try:
-                return send(self.client)
+                response = send(self.client)
             except self._rejected as err:  # retrying cannot help: wrong key, model, URL or input
                 raise ValueError(
                     f"the {self.service} server rejected the request ({err.status_code} {type(err).__name__}: "
@@ -115,6 +121,17 @@ class OpenAIConnection:
                             self.max_retries, wait)
                 self.retries += 1
                 self._sleep(wait)
+            else:
+                try:
+                    return read(response)
+                except (AttributeError, TypeError, KeyError, ValueError) as err:
+                    shown = repr(response)
+                    shown = shown if len(shown) <= 80 else f"{shown[:80]}..."
+                    raise ValueError(
+                        f"the {self.service} server at {self.base_url!r} answered {shown}, not an OpenAI {self.service} "
+                        f"response ({type(err).__name__}: {err}): check the base URL (OpenAI-compatible servers "
+                        "usually serve under /v1)"
+                    ) from None
         raise AssertionError("unreachable: the last attempt returns or raises")
 
 

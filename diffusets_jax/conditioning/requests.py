@@ -4,7 +4,8 @@ A `Condition` is one report (its statements), one patient (sex, age, heart rate)
 them. Files: CSV/TSV with a header row or JSON Lines, fields `text` (statements joined by `|`; also `report` or
 `prompt`), `sex` (`gender`), `age`, `heart_rate` (`hr`) and optional `count` (`n`), in any case and spacing
 (`Age`, ` HR `); other columns are ignored. A line break inside a text (a CSV cell typed with Alt+Enter in Excel,
-`\n` in a JSON string) separates statements as `|` does. Every error names the file, the line (the physical line a
+`\n` in a JSON string) separates statements as `|` does; a statement may not hold the prompt's braces (a built
+prompt is not a report). Every error names the file, the line (the physical line a
 row starts on) and the field; two columns read as the same name, or two names of one field (`hr` and
 `heart_rate`), are refused. A request is at most `MAX_ECGS` ECGs in all.
 """
@@ -52,12 +53,29 @@ def make_condition(text: object, sex: object, age: object, heart_rate: object, c
     """Validate one condition; errors name `where` (e.g. 'conditions.csv line 3') and the field."""
     prefix = f"{where}: " if where else ""
     try:
+        if not isinstance(text, str | list | tuple) and text is not None:
+            # str() made a JSON object, number or true the statement "{'a': 1}", "5" or "True", silently
+            raise ValueError(f"text: {text!r} is a {type(text).__name__}; give the report statements as a string "
+                             "joined by '|' or a list of strings")
         lines = report_lines(text if isinstance(text, list | tuple) else str(text or ""))
         if not lines:
             raise ValueError("text: empty report; give at least one statement (statements joined by '|')")
         return Condition(tuple(lines), parse_sex(sex), parse_age(age), parse_heart_rate(heart_rate), _count(count))
     except ValueError as err:
         raise ValueError(f"{prefix}{err}") from None
+
+
+def check_statements_not_prompt(condition: Condition, where: str) -> Condition:
+    """Refuse statements that hold the ordered prompt's braces: a built prompt ("Most importantly, the 1st diagnosis
+    is {Sinus rhythm}.", a `prompt` column copied from a manifest) read as a statement is wrapped in a second
+    prompt, which no model was trained on, and its ECGs generated without a word. Findings files refuse braces too
+    (`conditioning.findings`)."""
+    for statement in condition.report:
+        if "{" in statement or "}" in statement:
+            shown = statement if len(statement) <= 60 else statement[:60] + "..."
+            raise ValueError(f"{where}: text: statement {shown!r} holds '{{' or '}}', which delimit statements in the "
+                             "prompt: give the report's statements (joined by '|'), not a prompt built from them")
+    return condition
 
 
 def _count(value: object) -> int:
@@ -67,8 +85,13 @@ def _count(value: object) -> int:
     number = value
     if isinstance(value, str) and value.strip().lstrip("+").isdigit():
         number = int(value.strip())
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
+    elif isinstance(value, str):  # "2.0": pandas writes an int column that has a gap as floats (`to_csv`)
+        try:
+            number = float(value.strip())
+        except ValueError:
+            pass
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
         raise ValueError(f"count: {value!r} must be a whole number >= 1")
     return number
@@ -120,6 +143,7 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise ValueError(f"{path.name} line {line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
     rows: list[tuple[str, dict]] = []
+    _refuse_one_json_document(path, text)
     # JSON Lines ends a record at "\n" only: str.splitlines would also split at U+2028, U+0085 or a form feed, which
     # json.dumps(ensure_ascii=False) leaves raw inside a string.
     for number, line in enumerate(text.split("\n"), 1):
@@ -134,6 +158,19 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
             raise ValueError(f"{path.name} line {number}: expected a JSON object with text, sex, age, heart_rate")
         rows.append((f"{path.name} line {number}", row))
     return rows
+
+
+def _refuse_one_json_document(path: Path, text: str) -> None:
+    """A JSON array of conditions, or one object over several lines, is refused as what it is: read line by line,
+    its first line ("[" or "{") was "not valid JSON", which it is, as a whole."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return  # JSON Lines, or JSON that is wrong: the line-by-line reading names the line
+    if isinstance(document, list) or "\n" in text.strip():
+        what = "a JSON array" if isinstance(document, list) else "one JSON value over several lines"
+        raise ValueError(f"{path.name}: {what}; a conditions file is JSON Lines, one object per line "
+                         '({"text": ..., "sex": ..., "age": ..., "heart_rate": ...}), or a CSV')
 
 
 def _table_rows(path: Path, delimiter: str) -> list[tuple[str, dict]]:
@@ -158,6 +195,8 @@ def _table_rows(path: Path, delimiter: str) -> list[tuple[str, dict]]:
     rows = []
     for record in table.to_dict("records"):
         line = record.pop(LINE_COLUMN)
+        if not any(str(cell).strip() for cell in record.values()):
+            continue  # ",,,": a spreadsheet saves a row it once held, emptied, so; it asks for nothing
         rows.append((f"{path.name} {'line ' if isinstance(line, int) else ''}{line}", record))
     return rows
 
@@ -189,8 +228,9 @@ def read_conditions(path: str | os.PathLike) -> list[Condition]:
     for where, row in rows:
         _check_aliases(row, where)
     conditions = [
-        make_condition(_field(r, "text", w), _field(r, "sex", w), _field(r, "age", w), _field(r, "heart_rate", w),
-                       _field(r, "count", w, required=False), where=w)
+        check_statements_not_prompt(make_condition(_field(r, "text", w), _field(r, "sex", w), _field(r, "age", w),
+                                                   _field(r, "heart_rate", w), _field(r, "count", w, required=False),
+                                                   where=w), w)
         for w, r in rows
     ]
     if not conditions:

@@ -47,37 +47,47 @@ def findings_messages(condition: str, max_statements: int = DEFAULT_MAX_STATEMEN
 
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
+_EMPHASIS = re.compile(r"(\*\*|__)(.+?)\1")
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d{1,2}[.)])\s+")
 
 
+_THINKING = re.compile(r"<think(?:ing)?>.*?</think(?:ing)?>", re.DOTALL | re.IGNORECASE)
+
+
 def _json_findings(text: str) -> list | None:
-    """The findings list of a JSON answer ({"findings": [...]}, {"statements": [...]} or a bare list), else None."""
-    candidates = [text]
-    for opening, closing in (("{", "}"), ("[", "]")):  # JSON wrapped in prose
-        start, stop = text.find(opening), text.rfind(closing)
-        if 0 <= start < stop:
-            candidates.append(text[start : stop + 1])
-    for candidate in candidates:
+    """The findings list of a JSON answer ({"findings": [...]}, {"statements": [...]} or a bare list), else None.
+
+    The JSON may stand among prose that holds braces or brackets of its own ("findings {as asked}:", "[see
+    refs]"): every `{` and `[` is tried as the start of a JSON value, objects with a findings list first, then
+    lists of strings."""
+    decoder = json.JSONDecoder()
+    values = []
+    for start in (i for i, char in enumerate(text) if char in "{["):
         try:
-            value = json.loads(candidate)
+            values.append(decoder.raw_decode(text, start)[0])
         except json.JSONDecodeError:
             continue
+    for value in values:
         if isinstance(value, dict):
-            value = next((value[k] for k in ("findings", "statements") if isinstance(value.get(k), list)), None)
-        if isinstance(value, list):
-            return value
-    return None
+            found = next((value[k] for k in ("findings", "statements") if isinstance(value.get(k), list)), None)
+            if found is not None:
+                return found
+    return next((value for value in values
+                 if isinstance(value, list) and value and all(isinstance(item, str) for item in value)), None)
 
 
 def parse_findings_answer(answer: str) -> list[str]:
     """A chat model's answer -> finding statements, in order.
 
     Accepts the JSON asked for (also inside a ``` fence or surrounded by prose, or a bare JSON list) and falls
-    back to one finding per bulleted or numbered line; other prose is ignored. Each statement loses
-    surrounding quotes and a trailing '.', ';' or ',' (report lines carry no final punctuation: the ordered
-    prompt adds "}."); repeats are dropped. Returns [] when nothing usable is found.
+    back to one finding per bulleted or numbered line; other prose, and a reasoning model's <think> block, are
+    ignored. Each statement loses Markdown emphasis (**bold**, __bold__), surrounding quotes, asterisks and
+    underscores, and a trailing '.', ';' or ',' (report lines carry no final punctuation: the ordered prompt
+    adds "}."); repeats are dropped. Returns [] when nothing usable is found.
     """
-    text = answer.strip()
+    # A reasoning model's thoughts (<think>...</think>, which some OpenAI-compatible servers leave in the answer)
+    # hold drafts and bullets of their own: the findings are what follows them.
+    text = _THINKING.sub("", answer).strip()
     fenced = _FENCE.search(text)
     if fenced:
         text = fenced.group(1).strip()
@@ -88,7 +98,11 @@ def parse_findings_answer(answer: str) -> list[str]:
     for item in items:
         if not isinstance(item, str):
             continue
-        statement = item.strip().strip("\"'`").strip().rstrip(".;,").strip()
+        # Markdown emphasis ("**Coved ST elevation** in V1-V2"), as chat models write lists: kept, it would be
+        # embedded as part of a statement no report holds, and is easy to miss in review.
+        statement, before = _EMPHASIS.sub(r"\2", item), None
+        while statement != before:  # "*Right bundle branch block*." and '"RBBB."' alike
+            before, statement = statement, statement.strip().strip("\"'`*_").rstrip(".;,")
         if statement and statement.lower() not in (s.lower() for s in statements):
             statements.append(statement)
     return statements

@@ -23,8 +23,9 @@ OUT/ after a run:
 
 Each sheet of the key records its ID, booklet position, truth, source (the input path and its SHA-256, or the
 dataset split, and the index of the ECG there as `io.generated.read_generated` or `experiments.evaluate.load_split`
-reads it: for a samples.npz of one host, the NNNNN of `sample_NNNNN` in that run's manifest) and the conditions the
-ECG came with (report statements, sex, age, heart rate); alignment sheets also record what they show (`shown`).
+reads it: its row; for what a `sample` run wrote, `sample` also names it, `sample_NNNNN` in that run's manifest, WFDB
+records and PNGs, which is not the row when the run skipped a failed ECG) and the conditions the ECG came with
+(report statements, sex, age, heart rate); alignment sheets also record what they show (`shown`).
 
 Blinding: sheet IDs are random 6-character codes; the booklet order is a random permutation; every sheet is
 drawn by the same code (`io.plot.plot_ecg`) at the same size, dpi and title style, titled only "Sheet ID" (plus
@@ -83,7 +84,9 @@ ANSWER_SHEET = "answer_sheet.csv"
 README = "README.txt"
 ANSWER_HEADER = ("sheet_id", "answer")
 
-ID_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: IDs are copied by hand
+# No 0/O, 1/I/L: IDs are copied by hand. No E: a spreadsheet reads an ID such as 2345E9 as a number and saves the
+# rater's answer sheet with 2.345E+12 in its place, an ID no key holds.
+ID_ALPHABET = "ABCDFGHJKMNPQRSTUVWXYZ23456789"
 ID_LENGTH = 6
 PNG_METADATA = {"Software": None}  # no text chunks at all
 PDF_METADATA = {"Creator": None, "Producer": None, "CreationDate": None}  # an empty info dictionary
@@ -119,6 +122,7 @@ class EcgSet:
     ecg: np.ndarray | SplitRows
     conditions: list[dict[str, Any] | None]
     source: dict[str, Any]  # where they came from, for the key (and each sheet's source adds its index)
+    names: list[str] | None = None  # a sample run's: each ECG's sample_NNNNN (manifest, WFDB record, PNG)
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
@@ -155,6 +159,8 @@ def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
     from diffusets_jax.io.generated import read_generated, source_fingerprint
 
     flag = "--generated" if generated else "--real"
+    if not generated:
+        _refuse_sample_output(Path(path), flag)
     read = read_generated(path, flag, kind="corpus" if generated else "prepared")
     path = Path(path)
     statements = read.statements
@@ -174,7 +180,49 @@ def load_ecgs(path: str | os.PathLike, *, generated: bool) -> EcgSet:
             continue
         conditions.append(_condition(report, sex, age, heart_rate, where=f"{flag} {path.name} [{i}]"))
     source = {"path": str(path.resolve()), "sha256": source_fingerprint(path)}
-    return EcgSet(_check_ecg_array(read.ecg, f"{flag} {path.name}"), conditions, source)
+    return EcgSet(_check_ecg_array(read.ecg, f"{flag} {path.name}"), conditions, source,
+                  _sample_names(path, len(conditions)))
+
+
+def _sample_names(path: Path, count: int) -> list[str] | None:
+    """The sample_NNNNN name of each ECG a `sample` run's NPZ (or folder) holds, in the order they are read, from
+    the NPZ's `position` array; None for other inputs. A run that skipped a failed ECG holds fewer rows than it
+    named samples, so a row is not its name: sheet 3 may be sample_00004."""
+    from diffusets_jax.io.generated import _sample_npz_files
+
+    files = [path] if path.is_file() and path.suffix.lower() == ".npz" else (
+        _sample_npz_files(path) if path.is_dir() else None)
+    positions = []
+    for file in files or []:
+        with np.load(file, allow_pickle=False) as data:
+            if "position" not in data.files:
+                return None
+            positions.append(np.asarray(data["position"]).reshape(-1))
+    if not positions or sum(len(p) for p in positions) != count:
+        return None
+    from diffusets_jax.io.outputs import sample_name
+
+    return [sample_name(int(position)) for position in np.concatenate(positions)]
+
+
+def _refuse_sample_output(path: Path, flag: str) -> None:
+    """One line for what a `sample` run wrote (its folder, samples.npz or wfdb/), given as real ECGs: the key would
+    call generated ECGs real. A `sample --corpus` folder is refused by its dataset card (`io.generated`)."""
+    from diffusets_jax.io.outputs import sample_run_folder
+    from diffusets_jax.io.run_dir import RUN_FILE
+
+    for folder in (path if path.is_dir() else None, sample_run_folder(path)):
+        if folder is None or not (folder / RUN_FILE).is_file():
+            continue
+        try:
+            record = read_json(folder / RUN_FILE, "run record")
+        except (OSError, ValueError):
+            continue  # not a record this check can read; the ECGs are read as they are
+        command = str(record.get("command", "")) if isinstance(record, dict) else ""
+        if command.split(" ")[0] == "sample":
+            raise ValueError(f"{flag} {path}: generated ECGs (`diffusets-jax {command}` wrote {folder}), but {flag} "
+                             "takes recorded ones: give a prepared split (--dataset) or an NPZ or WFDB folder of "
+                             "recordings")
 
 
 def load_dataset_split(dataset: str | os.PathLike, split: str, *, data_dir: str | os.PathLike | None = None,
@@ -390,9 +438,13 @@ def _key(options: KitOptions, seed: int, entries: Sequence[dict], counts: dict, 
     for position, entry in enumerate(entries, 1):
         ecg_set, index = entry["set"], entry["index"]
         sheet = {"sheet_id": entry["sheet_id"], "position": position, "truth": entry["truth"],
-                 "source": {**ecg_set.source, "index": index}, "conditions": ecg_set.conditions[index]}
+                 "source": {**ecg_set.source, "index": index,
+                            **({"sample": ecg_set.names[index]} if ecg_set.names else {})},
+                 "conditions": ecg_set.conditions[index]}
         if options.variant == ALIGNMENT:
-            sheet["shown"] = {"index": entry["shown_index"], **ecg_set.conditions[entry["shown_index"]]}
+            sheet["shown"] = {"index": entry["shown_index"],
+                              **({"sample": ecg_set.names[entry["shown_index"]]} if ecg_set.names else {}),
+                              **ecg_set.conditions[entry["shown_index"]]}
         sheets.append(sheet)
     return {"format": KEY_FORMAT, "variant": options.variant, "answers": list(ANSWERS[options.variant]),
             "truths": list(TRUTHS[options.variant]), "created": created, "seed": seed,
@@ -452,7 +504,11 @@ def build_kit(
     generated_set = load_ecgs(generated, generated=True)
     inputs: dict[str, Any] = {"generated": generated_set.source}
     real_set = None
-    seed = options.seed if options.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+    seed = options.seed
+    if seed is None and not overwrite:  # the same command again: the kit this folder holds, or finishes it
+        seed = _recorded_seed(Path(out))
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % 2**63)
     rng = np.random.default_rng(seed)
     with contextlib.ExitStack() as held:
         if real is not None:
@@ -495,6 +551,21 @@ def build_kit(
     return _summary(Path(out), key, already_built=False)
 
 
+def _recorded_seed(out: Path) -> int | None:
+    """The seed of the turing-kit run `out` holds (finished or not), or None. Without --seed a fresh one is drawn:
+    the same command again into the same folder then asked for another kit, and was refused as one, where it
+    should leave the finished kit as it is or rebuild the unfinished one."""
+    from diffusets_jax.io.run_dir import RUN_FILE
+
+    try:
+        record = read_json(out / RUN_FILE, "run record")
+    except (OSError, ValueError):
+        return None  # no record (a new folder), or one `output_dir` refuses in its own words
+    settings = record.get("settings") if isinstance(record, dict) and record.get("command") == "turing-kit" else None
+    seed = settings.get("seed") if isinstance(settings, dict) else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else None
+
+
 def _summary(out: Path, key: Mapping[str, Any], *, already_built: bool) -> dict[str, Any]:
     return {"package": str(out / PACKAGE_DIR), "key": str(out / KEY_FILE), "variant": key["variant"],
             "sheets": len(key["sheets"]), "counts": key["counts"], "seed": key["seed"], "already_built": already_built}
@@ -514,11 +585,14 @@ def write_split_conditions(
     """Write the conditions (text, sex, age, heart_rate) of `count` random records of a prepared split as a CSV
     for `diffusets-jax sample --conditions`; `build_kit` then leaves those records out of the real sheets.
     Records without report statements are skipped. `out` must not exist."""
+    from diffusets_jax.io.run_dir import check_output_file
+
     out = Path(out)
     if out.suffix.lower() != ".csv":
         raise ValueError(f"{str(out)!r}: the conditions file must end in .csv")
     if out.exists():
         raise ValueError(f"{str(out)!r} already exists: choose another path (nothing is ever overwritten)")
+    check_output_file(out, "--out")  # a folder that is a file, or unwritable: before the split is read, not after
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     if seed < 0:  # NumPy's generators take non-negative seeds of any size
@@ -527,11 +601,14 @@ def write_split_conditions(
 
     # The conditions alone: the split's ECGs (39 GB for all of MIMIC-IV-ECG) are not needed to choose records.
     conditions = _split_conditions(load_split(dataset, split, data_dir=data_dir, limit=limit, with_ecg=False), split)
+    # '|' would split a statement in two, and `sample` refuses the prompt's braces in one: either record's ECG
+    # would not be generated from its own statements.
     usable = np.array([i for i, c in enumerate(conditions) if c["report"]
-                       and not any(LINE_SEPARATOR in line for line in c["report"])], dtype=np.int64)
+                       and not any(char in line for line in c["report"] for char in (LINE_SEPARATOR, "{", "}"))],
+                      dtype=np.int64)
     chosen = _pick(np.random.default_rng(seed), usable, count, "records",
-                   f"{len(conditions) - len(usable)} of {len(conditions)} have no report or a '|' in one",
-                   "the count")
+                   f"{len(conditions) - len(usable)} of {len(conditions)} have no report or a '|', '{{' or '}}' "
+                   "in one", "the count")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["text", "sex", "age", "heart_rate"])

@@ -42,6 +42,8 @@ RATER_PREFIX = "answers_"
 def read_key(path: str | os.PathLike) -> dict[str, Any]:
     """A kit's key.json, checked for what scoring needs."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"key {str(path)!r} is a directory: give the key.json file that turing-kit wrote in it")
     if not path.is_file():
         raise FileNotFoundError(f"key {str(path)!r} does not exist: give the key.json that turing-kit wrote beside "
                                 "the package")
@@ -71,13 +73,24 @@ def _normalise(answer: str) -> str:
     return answer.strip().lower().replace(" ", "_").replace("-", "_")
 
 
+def _without_trailing_blanks(row: list[str]) -> list[str]:
+    """A row without the empty cells after its answer: a spreadsheet saves every row as wide as the widest column
+    it ever held (a note typed beside one answer and deleted leaves "ID;real;" on every line)."""
+    while len(row) > len(ANSWER_HEADER) and not row[-1].strip():
+        row = row[:-1]
+    return row
+
+
 def read_answers(path: str | os.PathLike, key: Mapping[str, Any]) -> dict[str, str]:
     """One filled answer sheet -> {sheet_id: answer}, every sheet of `key` answered exactly once.
 
     Accepted: a UTF-8 CSV (an Excel byte-order mark is fine; `;` separators too), header `sheet_id,answer`, one
-    row per sheet in any order, blank rows ignored, answers in any case ("No match" is `no_match`)."""
+    row per sheet in any order, blank rows and empty cells after the answer ignored, answers in any case ("No
+    match" is `no_match`)."""
     path = Path(path)
     name = path.name
+    if path.is_dir():
+        raise ValueError(f"answer sheet {str(path)!r} is a directory: give the raters' filled answers_<name>.csv files")
     if not path.is_file():
         raise FileNotFoundError(f"answer sheet {str(path)!r} does not exist")
     try:
@@ -97,7 +110,7 @@ def read_answers(path: str | os.PathLike, key: Mapping[str, Any]) -> dict[str, s
     answers: dict[str, str] = {}
     rows: dict[str, int] = {}
     try:
-        header = next(reader)
+        header = _without_trailing_blanks(next(reader))
         if [cell.strip().lower() for cell in header] != list(ANSWER_HEADER):
             raise ValueError(f"{name} row 1: header is {','.join(header)!r}; expected {','.join(ANSWER_HEADER)!r} "
                              "(keep the answer sheet's header)")
@@ -105,6 +118,7 @@ def read_answers(path: str | os.PathLike, key: Mapping[str, Any]) -> dict[str, s
             line = reader.line_num
             if not any(cell.strip() for cell in row):
                 continue
+            row = _without_trailing_blanks(row)
             if len(row) != len(ANSWER_HEADER):
                 raise ValueError(f"{name} row {line}: {len(row)} columns; expected {len(ANSWER_HEADER)} "
                                  f"({','.join(ANSWER_HEADER)})")

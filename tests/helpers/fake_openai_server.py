@@ -5,7 +5,8 @@ deterministic vectors derived from each input's SHA-256, and `POST /v1/chat/comp
 message: `chat_reply` (a string, or a function of the request's messages; by default `fake_chat_reply`) and
 `chat_finish_reason`. It can inject faults, one per incoming request of either kind, from a script: "429"
 (rate limit with Retry-After: 0), "500", "503", "401", "404", "timeout" (answers only after the client gave up),
-or "ok". It records every request it received and every input it answered successfully. With `jitter` set, each
+"html" (200 with a web page, as a server answers a base URL that misses its /v1), "null" (200 with the JSON `null`),
+"ragged" (embeddings: the last vector one value short) or "ok". It records every request it received and every input it answered successfully. With `jitter` set, each
 embeddings answer adds `jitter` times a normal draw seeded by the answer's number (counted in `jitter_calls`; set it
 back to 0 to replay a series), as the real API's vectors differ a little from call to call.
 
@@ -85,11 +86,12 @@ class FakeOpenAIServer:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-            def _reply(self, status: int, body: dict, headers: dict | None = None) -> None:
-                payload = json.dumps(body).encode()
+            def _reply(self, status: int, body: dict | None, headers: dict | None = None,
+                       content_type: str = "application/json", payload: bytes | None = None) -> None:
+                payload = json.dumps(body).encode() if payload is None else payload
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(payload)))
                     for key, value in (headers or {}).items():
                         self.send_header(key, value)
@@ -109,6 +111,10 @@ class FakeOpenAIServer:
                     self._reply(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
                 elif fault == "404":
                     self._reply(404, {"error": {"message": "The model does not exist", "type": "invalid_request_error"}})
+                elif fault == "html":
+                    self._reply(200, None, content_type="text/html", payload=b"<html><body>Sign in</body></html>")
+                elif fault == "null":
+                    self._reply(200, None)
                 else:
                     if fault == "timeout":
                         time.sleep(server.timeout_delay_s)
@@ -174,6 +180,8 @@ class FakeOpenAIServer:
                     embedding = (base64.b64encode(vector.astype("<f4").tobytes()).decode() if encoding == "base64"
                                  else vector.tolist())
                     data.append({"object": "embedding", "index": index, "embedding": embedding})
+                if fault == "ragged":
+                    data[-1]["embedding"] = data[-1]["embedding"][:-1]
                 if fault != "timeout":
                     with server._lock:
                         server.answered.append(inputs)
