@@ -1265,8 +1265,8 @@ def _add_turing_conditions(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", required=True, help="prepared dataset directory (or TFDS name with --data-dir)")
     parser.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
     parser.add_argument("--split", default="test", help="split to draw records from (default: %(default)s)")
-    parser.add_argument("--limit", type=positive_int, help="read only the first N examples of the split (the whole split is "
-                        "read into memory otherwise)")
+    parser.add_argument("--limit", type=positive_int, help="draw only from the first N examples of the split (default: "
+                        "all; only their conditions are read, not their ECGs)")
     parser.add_argument("-n", "--count", type=positive_int, required=True, help="records to draw")
     parser.add_argument("--seed", type=seed_int, required=True, help="seed of the random draw")
     parser.add_argument("--out", required=True, metavar="CSV", help="the new conditions file (never overwritten)")
