@@ -152,6 +152,14 @@ def reference_task(record: str | os.PathLike | Reference, *, observe: str | Sequ
     observed: tuple[str, ...] = ()
     if observe is not None:
         names = reference.leads if isinstance(observe, str) and observe.strip().lower() == "all" else observe
+        # A lead the record has but `read_reference` left out (flat, missing samples) is not "not in the
+        # reference": say why it cannot be observed, so the user does not look for a misspelt or absent lead.
+        asked = lead_mask(names, what="--observe")
+        unusable = [f"{lead} ({reference.excluded[lead]})" for lead, on in zip(STANDARD_LEADS, asked, strict=True)
+                    if on and reference.excluded.get(lead, "absent") != "absent"]
+        if unusable:
+            raise ValueError(f"--observe: {reference.source} has {', '.join(unusable)}, which cannot be observed; "
+                             f"observe its usable leads ({', '.join(reference.leads)}) instead")
         mask = lead_mask(names, available=reference.leads, what="--observe")
         observed = tuple(lead for lead, on in zip(STANDARD_LEADS, mask, strict=True) if on)
     if strength is not None and reference.excluded:

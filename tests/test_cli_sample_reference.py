@@ -150,3 +150,23 @@ def test_a_task_records_its_recording_by_content(tmp_path):
     second = reference_task(record, observe="I").describe()
     assert first["record"] == second["record"] and first["record_content"] != second["record_content"]
     assert reference_task(record, observe="I").describe() == second  # the same recording, the same settings
+
+
+def test_observing_a_lead_the_record_has_but_cannot_use_says_why():
+    """A flat or gapped lead is in the recording: "--observe: lead(s) II not in the reference" sent the user looking
+    for a misspelt or absent lead. The refusal now names the lead and why it is left out."""
+    from diffusets_jax.io.reference import reference_from_array
+    from diffusets_jax.posterior_pipeline import reference_task
+
+    t = np.arange(5000) / 500.0
+    signal = np.stack([0.3 * np.sin(2 * np.pi * 1.2 * t + i) for i in range(3)], axis=1)
+    signal[:, 1] = 0.0  # a disconnected electrode
+    signal[100:120, 2] = np.nan  # a dropout
+    reference = reference_from_array(signal, 500.0, ["I", "II", "V1"], source="rec")
+    for lead, why in (("II", "flat"), ("V1", "missing samples")):
+        with pytest.raises(ValueError, match=rf"^--observe: rec has {lead} \({why}\), which cannot be observed; "
+                                             r"observe its usable leads \(I\) instead$"):
+            reference_task(reference, observe=f"I,{lead}")
+    with pytest.raises(ValueError, match=r"^--observe: lead\(s\) V2 not in the reference, which has I$"):
+        reference_task(reference, observe="V2")  # a lead the record lacks is still named so
+    assert reference_task(reference, observe="all").observe == ("I",)
