@@ -93,8 +93,11 @@ class ReferenceTask:
         """The task for manifests and run fingerprints (JSON-ready)."""
         # The recording by content too: another recording saved under the same name is another input, not a resume.
         content = hashlib.sha256(np.ascontiguousarray(self.reference.ecg, np.float32).tobytes()).hexdigest()
+        # Which 10 s of a longer record (--reference-start): the manifest said only the record, so the excerpt a run
+        # was made from could not be told. Named only when given, so that runs recorded without it still resume.
+        start = {} if self.reference.start_s is None else {"start_s": self.reference.start_s}
         return {"record": os.path.abspath(self.reference.source), "record_content": content, "fs": self.reference.fs,
-                "mode": self.mode,
+                **start, "mode": self.mode,
                 "usable_leads": list(self.reference.leads), "excluded_leads": dict(self.reference.excluded),
                 "observed_leads": list(self.observe), "observed_window_s": None if self.window is None else list(self.window),
                 "noise_std_mv": self.noise_std if self.observe else None, "drift": self.drift if self.observe else None,

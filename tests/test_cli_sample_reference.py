@@ -170,3 +170,14 @@ def test_observing_a_lead_the_record_has_but_cannot_use_says_why():
     with pytest.raises(ValueError, match=r"^--observe: lead\(s\) V2 not in the reference, which has I$"):
         reference_task(reference, observe="V2")  # a lead the record lacks is still named so
     assert reference_task(reference, observe="all").observe == ("I",)
+
+
+def test_a_task_records_which_ten_seconds_of_a_longer_record_it_used(tmp_path):
+    """The manifest named a longer record but not --reference-start, so which 10 s a run was made from could not be
+    told from it. The start is recorded when one is given; a whole 10 s record's task is described as before."""
+    from diffusets_jax.posterior_pipeline import reference_task
+
+    long = _write_record(tmp_path, "long", seconds=30.0)
+    first, later = (reference_task(long, observe="I", start_s=s).describe() for s in (0.0, 12.5))
+    assert first["start_s"] == 0.0 and later["start_s"] == 12.5
+    assert "start_s" not in reference_task(_write_record(tmp_path, "short"), observe="I").describe()

@@ -37,7 +37,8 @@ class Reference:
     ecg: `(1024, 12)` float32, mV, standard lead order; zero in every lead not in `leads`.
     leads: the usable leads, standard spelling, standard order.
     excluded: lead -> why it is not usable ("absent", "flat", "missing samples").
-    fs: the record's sampling rate (Hz); source: where it came from.
+    fs: the record's sampling rate (Hz); source: where it came from; start_s: where the 10 s were taken from a
+    longer record (seconds), None for a whole 10 s record.
     """
 
     ecg: np.ndarray
@@ -45,6 +46,7 @@ class Reference:
     excluded: dict[str, str]
     fs: float
     source: str
+    start_s: float | None = None
 
 
 def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str], *, start_s: float | None = None,
@@ -99,7 +101,8 @@ def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str
     ecg = np.zeros((ECG_LENGTH, len(STANDARD_LEADS)), np.float32)
     ecg[:, [STANDARD_LEADS.index(lead) for lead in usable]] = resample_to_length(stacked, ECG_LENGTH, axis=0)
     ordered_excluded = {lead: excluded[lead] for lead in STANDARD_LEADS if lead in excluded}
-    return Reference(ecg=ecg, leads=usable, excluded=ordered_excluded, fs=fs, source=source)
+    return Reference(ecg=ecg, leads=usable, excluded=ordered_excluded, fs=fs, source=source,
+                     start_s=None if start_s is None else float(start_s))
 
 
 def read_reference(record_path: str | os.PathLike, *, start_s: float | None = None) -> Reference:
