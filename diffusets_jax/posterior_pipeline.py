@@ -38,7 +38,7 @@ from diffusets_jax.diffusion.observations import (
     make_observation,
     window_mask,
 )
-from diffusets_jax.diffusion.posterior import PosteriorConfig, jit_posterior_generate
+from diffusets_jax.diffusion.posterior import PosteriorConfig, jit_posterior_generate, posterior_chain
 from diffusets_jax.diffusion.samplers import SamplerConfig
 from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.ecg.leads import STANDARD_LEADS
@@ -212,6 +212,8 @@ class ReferenceGenerator(ECGGenerator):
             name, steps = default_sampler(task)
             sampler = SamplerConfig(sampler=name, steps=steps, clip_sample=None)
         check_sampler(task, sampler)
+        # The settings (manifest, run fingerprint) record the chain that runs: it ends with a first-order step.
+        sampler = posterior_chain(sampler)
         super().__init__(model_dir, sampler, compute_dtype=compute_dtype, **kwargs)
         self.reference = task
         schedule = make_schedule(self.diffusion.schedule)

@@ -181,3 +181,19 @@ def test_a_task_records_which_ten_seconds_of_a_longer_record_it_used(tmp_path):
     first, later = (reference_task(long, observe="I", start_s=s).describe() for s in (0.0, 12.5))
     assert first["start_s"] == 0.0 and later["start_s"] == 12.5
     assert "start_s" not in reference_task(_write_record(tmp_path, "short"), observe="I").describe()
+
+
+def test_an_edit_records_the_first_order_last_step_its_chain_runs(model_dir, record):
+    """The posterior and editing chain ends with x0 of its last timestep (first order), but an edit's DDIM recorded
+    DDIM's default second-order final step in its settings (manifest, fingerprint): a step that never ran."""
+    from diffusets_jax.diffusion.posterior import PosteriorConfig
+    from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.posterior_pipeline import ReferenceGenerator, reference_task
+
+    ddim = sampler_config("ddim", steps=4)
+    assert ddim.final_step_order == 2  # what `sample` runs without a recording
+    assert PosteriorConfig(sampler=sampler_config("ddim", steps=4, eta=1.0)).sampler.final_step_order == 1
+    for sampler in (ddim, None):  # the user's DDIM, and the edit's default chain
+        generator = ReferenceGenerator(model_dir, reference_task(record, strength=0.5), sampler, batch_size=1)
+        assert generator.settings()["sampler"]["sampler"] == "ddim"
+        assert generator.settings()["sampler"]["final_step_order"] == 1
