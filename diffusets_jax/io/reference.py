@@ -1,7 +1,8 @@
 """A patient's own recording as a reference for posterior sampling, editing and digital twins.
 
 `read_reference` reads a WFDB record (any lead order and spelling, any subset of the 12 leads, any rate of
-at least 100 Hz), converts it to millivolts, maps its leads onto the standard order, checks that it is a
+at least 100 Hz; leads beyond the 12, `ecg.leads.EXTRA_LEADS` such as a 15-lead record's vx, vy, vz, are passed
+by), converts it to millivolts, maps its leads onto the standard order, checks that it is a
 10-second recording (or takes a 10 s window of a longer one), and FFT-resamples it to the model's
 (1024, 12) time base exactly as training data were (`ecg.resample.resample_to_length`). Leads the record
 lacks, and leads that are flat (a disconnected electrode) or contain missing samples, are zero in `ecg`
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffusets_jax.data.records import FLAT_LEAD_MV, BadRecord, read_record_mv, record_base
-from diffusets_jax.ecg.leads import STANDARD_LEADS, UnknownLeadError, canonical_lead_name
+from diffusets_jax.ecg.leads import STANDARD_LEADS, UnknownLeadError, canonical_lead_name, is_extra_lead
 from diffusets_jax.ecg.resample import resample_to_length
 from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_SECONDS
 from diffusets_jax.ecg.units import check_millivolts
@@ -60,8 +61,16 @@ def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str
         raise ValueError(f"{source}: expected a (samples, leads) signal, got shape {signal.shape}")
     if signal.shape[1] != len(lead_names):
         raise ValueError(f"{source}: {signal.shape[1]} signal columns but {len(lead_names)} lead names")
+    # A 15-lead record (PTB's, with the Frank leads vx, vy, vz) or one with V7-V9 or right-sided leads has the
+    # standard leads beside them: those are read, the others passed by (they used to refuse the whole record and
+    # ask for a rename). Any other name is a lead this reader does not know, and is refused as before.
+    extra = [is_extra_lead(name) for name in lead_names]
+    if all(extra):
+        raise ValueError(f"{source}: none of its leads ({', '.join(map(str, lead_names))}) is one of the standard 12 "
+                         f"({', '.join(STANDARD_LEADS)})")
+    signal = signal[:, [i for i, skip in enumerate(extra) if not skip]]
     canonical: list[str] = []
-    for name in lead_names:
+    for name in (name for name, skip in zip(lead_names, extra, strict=True) if not skip):
         try:
             canonical.append(canonical_lead_name(name))
         except UnknownLeadError as err:
