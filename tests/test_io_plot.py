@@ -300,3 +300,34 @@ def test_pngs_are_compressed_at_a_fast_zlib_level_with_the_same_pixels(tmp_path)
     fig.savefig(default, format="png", dpi=60, facecolor=fig.get_facecolor())
     with Image.open(tmp_path / "sheet.png") as fast, Image.open(default) as slow:
         np.testing.assert_array_equal(np.asarray(fast), np.asarray(slow))
+
+
+def test_samples_a_record_lacks_are_gaps_not_flat_traces():
+    """A 102.4 Hz sheet is interpolated for drawing, and NaN samples (a lead a reference recording lacks, a dropout)
+    were drawn as 0 mV: a flat trace, which reads as a recorded flat lead. They are gaps now; the rest is drawn as
+    before."""
+    from diffusets_jax.ecg.leads import STANDARD_LEADS
+
+    ecg = synthetic_ecg()
+    ecg[:, STANDARD_LEADS.index("V2")] = np.nan  # absent (V2 is drawn over 5-7.5 s)
+    ecg[100:200, 0] = np.nan  # a dropout in lead I, 0.98-1.95 s
+    traces = [line for line in plot_ecg(ecg, 102.4).axes[0].get_lines() if len(line.get_xdata()) > 50]
+    y = {label: np.asarray(line.get_ydata(), np.float64) for label, line in zip(
+        ["I", "aVR", "V1", "V4", "II", "aVL", "V2", "V5", "III", "aVF", "V3", "V6", "rhythm II"], traces, strict=True)}
+    assert np.isnan(y["V2"]).all()
+    time_s = (np.asarray(traces[0].get_xdata()) - plot.CALIBRATION_MM) / plot.MM_PER_SECOND
+    gap = np.isnan(y["I"])
+    assert gap[(time_s > 1.0) & (time_s < 1.93)].all() and not gap[(time_s < 0.95) | (time_s > 2.0)].any()
+    clean = [line for line in plot_ecg(synthetic_ecg(), 102.4).axes[0].get_lines() if len(line.get_xdata()) > 50]
+    np.testing.assert_array_equal(y["V1"], clean[2].get_ydata())  # a complete lead is drawn as it was
+
+
+def test_a_reference_is_drawn_with_the_leads_it_lacks_left_blank():
+    from diffusets_jax.io.reference import reference_from_array
+
+    t = np.arange(2500) / 250.0
+    reference = reference_from_array(np.stack([0.3 * np.sin(2 * np.pi * 1.2 * t + i) for i in range(2)], axis=1),
+                                     250.0, ["II", "I"], source="watch")
+    shown = reference.recorded()
+    assert np.isnan(shown[:, 2:]).all() and np.array_equal(shown[:, :2], reference.ecg[:, :2])
+    assert not np.isnan(reference.ecg).any()  # what the sampler and the NPZ get is unchanged

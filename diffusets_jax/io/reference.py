@@ -49,6 +49,13 @@ class Reference:
     source: str
     start_s: float | None = None
 
+    def recorded(self) -> np.ndarray:
+        """`ecg` `(1024, 12)` with NaN in every lead not in `leads`: what the recording has, for drawing it (a zero
+        lead drawn as a 0 mV trace reads as a recorded flat lead)."""
+        shown = self.ecg.astype(np.float32, copy=True)
+        shown[:, [i for i, lead in enumerate(STANDARD_LEADS) if lead not in self.leads]] = np.nan
+        return shown
+
 
 def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str], *, start_s: float | None = None,
                          source: str = "reference") -> Reference:
