@@ -331,3 +331,21 @@ def test_a_reference_is_drawn_with_the_leads_it_lacks_left_blank():
     shown = reference.recorded()
     assert np.isnan(shown[:, 2:]).all() and np.array_equal(shown[:, :2], reference.ecg[:, :2])
     assert not np.isnan(reference.ecg).any()  # what the sampler and the NPZ get is unchanged
+
+
+def test_the_plot_command_draws_missing_samples_as_gaps(tmp_path, monkeypatch):
+    """`plot` replaced a record's missing samples (NaN) by 0 mV before drawing, so a dropout looked like a recorded
+    flat segment; the sheet now gets them as NaN, drawn as gaps."""
+    import wfdb
+
+    signal = synthetic_ecg(5000)
+    signal[600:900, 0] = np.nan  # lead I loses 1.2-1.8 s
+    wfdb.wrsamp("gap", fs=500, units=["mV"] * 12, sig_name=list(plot.STANDARD_LEADS), p_signal=signal,
+                fmt=["16"] * 12, write_dir=str(tmp_path))
+    drawn = []
+    monkeypatch.setattr(plot, "plot_ecg", lambda ecg, *args, **kwargs: drawn.append(ecg) or plot_ecg(ecg, *args, **kwargs))
+    plot._draw_record(str(tmp_path / "gap"), "gap", tmp_path / "gap.png", 50)
+    (ecg,) = drawn
+    assert np.isnan(ecg[600:900, 0]).all() and np.isfinite(ecg[:600]).all() and np.isfinite(ecg[900:]).all()
+    traces = [line for line in plot_ecg(ecg, 500.0).axes[0].get_lines() if len(line.get_xdata()) > 50]
+    assert np.isnan(np.asarray(traces[0].get_ydata(), np.float64)).sum() == 300  # lead I, first column

@@ -459,7 +459,8 @@ def _draw_record(record: str, name: str, path: str | os.PathLike, dpi: int) -> s
 
     ecg = read_record(record)
     conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
-    fig = plot_ecg(np.nan_to_num(ecg.signal), ecg.fs, title=name, conditions=conditions)
+    # Missing samples (NaN: a dropout, a lead the recorder lost) are drawn as gaps, not as a 0 mV flat trace.
+    fig = plot_ecg(ecg.signal, ecg.fs, title=name, conditions=conditions)
     return save_png(fig, path, dpi)
 
 
