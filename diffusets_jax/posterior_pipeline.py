@@ -181,7 +181,7 @@ def _read(record: str | os.PathLike, start_s: float | None) -> Reference:
         raise FileNotFoundError(f"--reference {path}: no WFDB header {base}.hea (give the record path without "
                                 "extension, e.g. data/patient01)")
     try:
-        return read_reference(base, start_s=start_s)
+        return read_reference(base, start_s=start_s, start_flag="--reference-start")
     except ValueError as err:  # a damaged or unusable recording: the line names the flag, as the others do
         raise ValueError(f"--reference: {err}" if base in str(err) else f"--reference {path}: {err}") from None
 

@@ -94,7 +94,8 @@ def bad_records(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bad")
     records = {"slow": _write_record(directory, "slow", fs=50.0), "short": _write_record(directory, "short", seconds=5.0),
                "two": _write_record(directory, "two", fs=250.0, leads=("II", "I")), "good": _write_record(directory, "good"),
-               "truncated": _write_record(directory, "truncated")}
+               "truncated": _write_record(directory, "truncated"),
+               "long": _write_record(directory, "long", seconds=30.0)}
     dat = records["truncated"].with_suffix(".dat")
     dat.write_bytes(dat.read_bytes()[:1000])  # a download cut short
     return records
@@ -113,7 +114,8 @@ def bad_records(tmp_path_factory):
     ("good", ["--observe", "I", "--sampler", "dpmpp_2m"], "run ddpm or ddim"),
     ("good", ["--observe", "I", "--sampler", "ddim"], "stochastic chain"),
     ("good", ["--observe", "I", "--corpus"], "not a --corpus"),
-    ("good", ["--observe", "I", "--reference-start", "3"], "start_s=3 leaves less than 10 s"),
+    ("good", ["--observe", "I", "--reference-start", "3"], "--reference-start=3 leaves less than 10 s"),
+    ("long", ["--observe", "I"], "last 30.00 s; the model needs a 10 s recording (pass --reference-start to take"),
     ("slow", ["--observe", "I"], "below 100 Hz"),
     ("short", ["--observe", "I"], "last 5.00 s"),
     ("two", ["--observe", "V1"], "not in the reference"),

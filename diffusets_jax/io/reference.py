@@ -58,10 +58,11 @@ class Reference:
 
 
 def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str], *, start_s: float | None = None,
-                         source: str = "reference") -> Reference:
+                         source: str = "reference", start_flag: str = "start_s") -> Reference:
     """A Reference from a signal `(samples, n_leads)` in mV at `fs` Hz with one name per column.
 
     start_s: take the 10 s starting there from a longer recording (None: the record must last 10 s).
+    start_flag: what the messages call start_s (the command's `--reference-start`, whose users have no start_s).
     """
     signal = np.asarray(signal, np.float64)
     if signal.ndim != 2:
@@ -93,11 +94,11 @@ def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str
     if start_s is None:
         if abs(duration - ECG_SECONDS) > DURATION_TOLERANCE_S:
             raise ValueError(f"{source}: {signal.shape[0]} samples at {fs:g} Hz last {duration:.2f} s; the model needs a "
-                             f"{ECG_SECONDS:g} s recording (pass start_s to take {ECG_SECONDS:g} s of a longer one)")
+                             f"{ECG_SECONDS:g} s recording (pass {start_flag} to take {ECG_SECONDS:g} s of a longer one)")
     else:
         if not 0.0 <= float(start_s) <= duration - ECG_SECONDS + DURATION_TOLERANCE_S:
-            raise ValueError(f"{source}: start_s={start_s:g} leaves less than {ECG_SECONDS:g} s of the {duration:.2f} s "
-                             f"record; use 0 <= start_s <= {max(duration - ECG_SECONDS, 0.0):.2f}")
+            raise ValueError(f"{source}: {start_flag}={start_s:g} leaves less than {ECG_SECONDS:g} s of the "
+                             f"{duration:.2f} s record; use 0 <= {start_flag} <= {max(duration - ECG_SECONDS, 0.0):.2f}")
         first = int(round(float(start_s) * fs))
         signal = signal[first:first + int(round(ECG_SECONDS * fs))]
     excluded: dict[str, str] = {lead: "absent" for lead in STANDARD_LEADS if lead not in canonical}
@@ -121,7 +122,8 @@ def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str
                      start_s=None if start_s is None else float(start_s))
 
 
-def read_reference(record_path: str | os.PathLike, *, start_s: float | None = None) -> Reference:
+def read_reference(record_path: str | os.PathLike, *, start_s: float | None = None, start_flag: str = "start_s"
+                   ) -> Reference:
     """Read a WFDB record (path with or without .hea/.dat/.mat) as a Reference; see `reference_from_array`."""
     path = record_base(record_path)
     try:
@@ -129,4 +131,4 @@ def read_reference(record_path: str | os.PathLike, *, start_s: float | None = No
     except BadRecord as bad:
         # The reader's details name the file they are about; prefix the record where they do not.
         raise ValueError(bad.detail if path in bad.detail else f"{path}: {bad.detail}") from None
-    return reference_from_array(signal, fs, names, start_s=start_s, source=path)
+    return reference_from_array(signal, fs, names, start_s=start_s, source=path, start_flag=start_flag)
