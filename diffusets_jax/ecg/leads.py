@@ -50,7 +50,13 @@ def canonical_lead_name(name: str) -> str:
 
     Raises UnknownLeadError for anything that is not one of the 12 standard leads.
     """
-    key = "".join(str(name).split()).upper()
+    parts = str(name).split()
+    # Spaces inside a name are dropped ("V 1"), but leads listed with spaces are not one lead: "I II" read as
+    # "III", so `--observe "I II"` observed lead III alone.
+    if len(parts) > 1 and all(part.upper() in _LEAD_BY_KEY for part in parts):
+        raise UnknownLeadError(f"lead name {name!r} is several leads ({', '.join(_LEAD_BY_KEY[p.upper()] for p in parts)})"
+                               "; separate lead names with commas, e.g. 'I,II'")
+    key = "".join(parts).upper()
     if key.startswith("LEAD"):
         key = key[4:]
     if key not in _LEAD_BY_KEY:
