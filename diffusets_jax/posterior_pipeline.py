@@ -38,7 +38,7 @@ from diffusets_jax.diffusion.observations import (
     make_observation,
     window_mask,
 )
-from diffusets_jax.diffusion.posterior import PosteriorConfig, jit_posterior_generate
+from diffusets_jax.diffusion.posterior import PosteriorConfig, jit_posterior_generate, posterior_chain
 from diffusets_jax.diffusion.samplers import SamplerConfig
 from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.ecg.leads import STANDARD_LEADS
@@ -93,8 +93,11 @@ class ReferenceTask:
         """The task for manifests and run fingerprints (JSON-ready)."""
         # The recording by content too: another recording saved under the same name is another input, not a resume.
         content = hashlib.sha256(np.ascontiguousarray(self.reference.ecg, np.float32).tobytes()).hexdigest()
+        # Which 10 s of a longer record (--reference-start): the manifest said only the record, so the excerpt a run
+        # was made from could not be told. Named only when given, so that runs recorded without it still resume.
+        start = {} if self.reference.start_s is None else {"start_s": self.reference.start_s}
         return {"record": os.path.abspath(self.reference.source), "record_content": content, "fs": self.reference.fs,
-                "mode": self.mode,
+                **start, "mode": self.mode,
                 "usable_leads": list(self.reference.leads), "excluded_leads": dict(self.reference.excluded),
                 "observed_leads": list(self.observe), "observed_window_s": None if self.window is None else list(self.window),
                 "noise_std_mv": self.noise_std if self.observe else None, "drift": self.drift if self.observe else None,
@@ -152,6 +155,14 @@ def reference_task(record: str | os.PathLike | Reference, *, observe: str | Sequ
     observed: tuple[str, ...] = ()
     if observe is not None:
         names = reference.leads if isinstance(observe, str) and observe.strip().lower() == "all" else observe
+        # A lead the record has but `read_reference` left out (flat, missing samples) is not "not in the
+        # reference": say why it cannot be observed, so the user does not look for a misspelt or absent lead.
+        asked = lead_mask(names, what="--observe")
+        unusable = [f"{lead} ({reference.excluded[lead]})" for lead, on in zip(STANDARD_LEADS, asked, strict=True)
+                    if on and reference.excluded.get(lead, "absent") != "absent"]
+        if unusable:
+            raise ValueError(f"--observe: {reference.source} has {', '.join(unusable)}, which cannot be observed; "
+                             f"observe its usable leads ({', '.join(reference.leads)}) instead")
         mask = lead_mask(names, available=reference.leads, what="--observe")
         observed = tuple(lead for lead, on in zip(STANDARD_LEADS, mask, strict=True) if on)
     if strength is not None and reference.excluded:
@@ -170,7 +181,7 @@ def _read(record: str | os.PathLike, start_s: float | None) -> Reference:
         raise FileNotFoundError(f"--reference {path}: no WFDB header {base}.hea (give the record path without "
                                 "extension, e.g. data/patient01)")
     try:
-        return read_reference(base, start_s=start_s)
+        return read_reference(base, start_s=start_s, start_flag="--reference-start")
     except ValueError as err:  # a damaged or unusable recording: the line names the flag, as the others do
         raise ValueError(f"--reference: {err}" if base in str(err) else f"--reference {path}: {err}") from None
 
@@ -201,6 +212,8 @@ class ReferenceGenerator(ECGGenerator):
             name, steps = default_sampler(task)
             sampler = SamplerConfig(sampler=name, steps=steps, clip_sample=None)
         check_sampler(task, sampler)
+        # The settings (manifest, run fingerprint) record the chain that runs: it ends with a first-order step.
+        sampler = posterior_chain(sampler)
         super().__init__(model_dir, sampler, compute_dtype=compute_dtype, **kwargs)
         self.reference = task
         schedule = make_schedule(self.diffusion.schedule)

@@ -94,7 +94,8 @@ def bad_records(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bad")
     records = {"slow": _write_record(directory, "slow", fs=50.0), "short": _write_record(directory, "short", seconds=5.0),
                "two": _write_record(directory, "two", fs=250.0, leads=("II", "I")), "good": _write_record(directory, "good"),
-               "truncated": _write_record(directory, "truncated")}
+               "truncated": _write_record(directory, "truncated"),
+               "long": _write_record(directory, "long", seconds=30.0)}
     dat = records["truncated"].with_suffix(".dat")
     dat.write_bytes(dat.read_bytes()[:1000])  # a download cut short
     return records
@@ -113,7 +114,8 @@ def bad_records(tmp_path_factory):
     ("good", ["--observe", "I", "--sampler", "dpmpp_2m"], "run ddpm or ddim"),
     ("good", ["--observe", "I", "--sampler", "ddim"], "stochastic chain"),
     ("good", ["--observe", "I", "--corpus"], "not a --corpus"),
-    ("good", ["--observe", "I", "--reference-start", "3"], "start_s=3 leaves less than 10 s"),
+    ("good", ["--observe", "I", "--reference-start", "3"], "--reference-start=3 leaves less than 10 s"),
+    ("long", ["--observe", "I"], "last 30.00 s; the model needs a 10 s recording (pass --reference-start to take"),
     ("slow", ["--observe", "I"], "below 100 Hz"),
     ("short", ["--observe", "I"], "last 5.00 s"),
     ("two", ["--observe", "V1"], "not in the reference"),
@@ -150,3 +152,50 @@ def test_a_task_records_its_recording_by_content(tmp_path):
     second = reference_task(record, observe="I").describe()
     assert first["record"] == second["record"] and first["record_content"] != second["record_content"]
     assert reference_task(record, observe="I").describe() == second  # the same recording, the same settings
+
+
+def test_observing_a_lead_the_record_has_but_cannot_use_says_why():
+    """A flat or gapped lead is in the recording: "--observe: lead(s) II not in the reference" sent the user looking
+    for a misspelt or absent lead. The refusal now names the lead and why it is left out."""
+    from diffusets_jax.io.reference import reference_from_array
+    from diffusets_jax.posterior_pipeline import reference_task
+
+    t = np.arange(5000) / 500.0
+    signal = np.stack([0.3 * np.sin(2 * np.pi * 1.2 * t + i) for i in range(3)], axis=1)
+    signal[:, 1] = 0.0  # a disconnected electrode
+    signal[100:120, 2] = np.nan  # a dropout
+    reference = reference_from_array(signal, 500.0, ["I", "II", "V1"], source="rec")
+    for lead, why in (("II", "flat"), ("V1", "missing samples")):
+        with pytest.raises(ValueError, match=rf"^--observe: rec has {lead} \({why}\), which cannot be observed; "
+                                             r"observe its usable leads \(I\) instead$"):
+            reference_task(reference, observe=f"I,{lead}")
+    with pytest.raises(ValueError, match=r"^--observe: lead\(s\) V2 not in the reference, which has I$"):
+        reference_task(reference, observe="V2")  # a lead the record lacks is still named so
+    assert reference_task(reference, observe="all").observe == ("I",)
+
+
+def test_a_task_records_which_ten_seconds_of_a_longer_record_it_used(tmp_path):
+    """The manifest named a longer record but not --reference-start, so which 10 s a run was made from could not be
+    told from it. The start is recorded when one is given; a whole 10 s record's task is described as before."""
+    from diffusets_jax.posterior_pipeline import reference_task
+
+    long = _write_record(tmp_path, "long", seconds=30.0)
+    first, later = (reference_task(long, observe="I", start_s=s).describe() for s in (0.0, 12.5))
+    assert first["start_s"] == 0.0 and later["start_s"] == 12.5
+    assert "start_s" not in reference_task(_write_record(tmp_path, "short"), observe="I").describe()
+
+
+def test_an_edit_records_the_first_order_last_step_its_chain_runs(model_dir, record):
+    """The posterior and editing chain ends with x0 of its last timestep (first order), but an edit's DDIM recorded
+    DDIM's default second-order final step in its settings (manifest, fingerprint): a step that never ran."""
+    from diffusets_jax.diffusion.posterior import PosteriorConfig
+    from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.posterior_pipeline import ReferenceGenerator, reference_task
+
+    ddim = sampler_config("ddim", steps=4)
+    assert ddim.final_step_order == 2  # what `sample` runs without a recording
+    assert PosteriorConfig(sampler=sampler_config("ddim", steps=4, eta=1.0)).sampler.final_step_order == 1
+    for sampler in (ddim, None):  # the user's DDIM, and the edit's default chain
+        generator = ReferenceGenerator(model_dir, reference_task(record, strength=0.5), sampler, batch_size=1)
+        assert generator.settings()["sampler"]["sampler"] == "ddim"
+        assert generator.settings()["sampler"]["final_step_order"] == 1

@@ -26,6 +26,23 @@ def test_canonical_lead_names_accept_usual_spellings():
         canonical_lead_name("vx")
 
 
+@pytest.mark.parametrize("name, leads", [("I II", "I, II"), ("I I", "I, I"), ("II I", "II, I"), ("avr  AVL", "aVR, aVL")])
+def test_leads_listed_with_spaces_are_not_read_as_one_lead(name, leads):
+    """Spaces were dropped from a name, so "I II" was lead III and "I I" lead II: `--observe "I II"` observed
+    lead III alone. Names that are each a lead are refused as a list; a name with spaces inside is still read."""
+    with pytest.raises(UnknownLeadError, match=rf"is several leads \({leads}\); separate lead names with commas"):
+        canonical_lead_name(name)
+    assert canonical_lead_name("Lead I") == "I" and canonical_lead_name("V 1") == "V1"
+
+
+def test_observing_leads_listed_with_spaces_is_refused_not_read_as_another_lead():
+    from diffusets_jax.diffusion.observations import lead_mask
+
+    with pytest.raises(ValueError, match=r"^--observe: lead name 'I II' is several leads \(I, II\)"):
+        lead_mask("I II", what="--observe")
+    assert lead_mask("I, II").tolist() == [True, True] + [False] * 10
+
+
 def test_reorder_mimic_to_standard_matches_reference_index():
     rng = np.random.default_rng(0)
     mimic = rng.standard_normal((3, 16, 12))

@@ -679,3 +679,30 @@ def test_pngs_drawn_by_worker_processes_are_the_sheets_a_run_draws_itself(genera
     for name in pngs:
         assert (tmp_path / "pool" / "plots" / name).read_bytes() == (tmp_path / "here" / "plots" / name).read_bytes()
     assert (tmp_path / "pool" / "samples.npz").read_bytes() == (tmp_path / "here" / "samples.npz").read_bytes()
+
+
+def test_a_reference_sheet_leaves_the_leads_the_recording_lacks_blank(tmp_path):
+    """The PNG beside each result drew the reference's absent leads as flat 0 mV traces, which read as recorded flat
+    leads; they are handed to the drawing as NaN (gaps)."""
+    import types
+
+    from diffusets_jax.io.outputs import _write_batch_records
+    from diffusets_jax.io.reference import reference_from_array
+    from diffusets_jax.posterior_pipeline import reference_task
+
+    t = np.arange(2500) / 250.0
+    recording = reference_from_array(np.stack([0.3 * np.sin(2 * np.pi * 1.2 * t + i) for i in range(2)], axis=1),
+                                     250.0, ["II", "I"], source="watch")
+    drawn = []
+
+    class Plots:  # stands in for the worker processes: records what each sheet is drawn from
+        def run_for_effect(self, fn, *args, **kwargs):
+            drawn.append(args)
+            return None
+
+    batch = types.SimpleNamespace(start=0, conditions=[make_condition("Sinus rhythm", "F", 50, 70)],
+                                  prompts=["Sinus rhythm"], ecgs=np.zeros((1, 1024, 12), np.float32))
+    _write_batch_records(tmp_path, batch, ["png"], None, {}, {}, Plots(), reference_task(recording, observe="I"))
+    (reference_sheet, result), = drawn
+    assert np.isnan(reference_sheet[:, 2:]).all() and np.array_equal(reference_sheet[:, :2], recording.ecg[:, :2])
+    assert np.array_equal(result, batch.ecgs[0])

@@ -304,3 +304,52 @@ def test_pngs_are_compressed_at_a_fast_zlib_level_with_the_same_pixels(tmp_path)
     fig.savefig(default, format="png", dpi=60, facecolor=fig.get_facecolor())
     with Image.open(tmp_path / "sheet.png") as fast, Image.open(default) as slow:
         np.testing.assert_array_equal(np.asarray(fast), np.asarray(slow))
+
+
+def test_samples_a_record_lacks_are_gaps_not_flat_traces():
+    """A 102.4 Hz sheet is interpolated for drawing, and NaN samples (a lead a reference recording lacks, a dropout)
+    were drawn as 0 mV: a flat trace, which reads as a recorded flat lead. They are gaps now; the rest is drawn as
+    before."""
+    from diffusets_jax.ecg.leads import STANDARD_LEADS
+
+    ecg = synthetic_ecg()
+    ecg[:, STANDARD_LEADS.index("V2")] = np.nan  # absent (V2 is drawn over 5-7.5 s)
+    ecg[100:200, 0] = np.nan  # a dropout in lead I, 0.98-1.95 s
+    traces = [line for line in plot_ecg(ecg, 102.4).axes[0].get_lines() if len(line.get_xdata()) > 50]
+    y = {label: np.asarray(line.get_ydata(), np.float64) for label, line in zip(
+        ["I", "aVR", "V1", "V4", "II", "aVL", "V2", "V5", "III", "aVF", "V3", "V6", "rhythm II"], traces, strict=True)}
+    assert np.isnan(y["V2"]).all()
+    time_s = (np.asarray(traces[0].get_xdata()) - plot.CALIBRATION_MM) / plot.MM_PER_SECOND
+    gap = np.isnan(y["I"])
+    assert gap[(time_s > 1.0) & (time_s < 1.93)].all() and not gap[(time_s < 0.95) | (time_s > 2.0)].any()
+    clean = [line for line in plot_ecg(synthetic_ecg(), 102.4).axes[0].get_lines() if len(line.get_xdata()) > 50]
+    np.testing.assert_array_equal(y["V1"], clean[2].get_ydata())  # a complete lead is drawn as it was
+
+
+def test_a_reference_is_drawn_with_the_leads_it_lacks_left_blank():
+    from diffusets_jax.io.reference import reference_from_array
+
+    t = np.arange(2500) / 250.0
+    reference = reference_from_array(np.stack([0.3 * np.sin(2 * np.pi * 1.2 * t + i) for i in range(2)], axis=1),
+                                     250.0, ["II", "I"], source="watch")
+    shown = reference.recorded()
+    assert np.isnan(shown[:, 2:]).all() and np.array_equal(shown[:, :2], reference.ecg[:, :2])
+    assert not np.isnan(reference.ecg).any()  # what the sampler and the NPZ get is unchanged
+
+
+def test_the_plot_command_draws_missing_samples_as_gaps(tmp_path, monkeypatch):
+    """`plot` replaced a record's missing samples (NaN) by 0 mV before drawing, so a dropout looked like a recorded
+    flat segment; the sheet now gets them as NaN, drawn as gaps."""
+    import wfdb
+
+    signal = synthetic_ecg(5000)
+    signal[600:900, 0] = np.nan  # lead I loses 1.2-1.8 s
+    wfdb.wrsamp("gap", fs=500, units=["mV"] * 12, sig_name=list(plot.STANDARD_LEADS), p_signal=signal,
+                fmt=["16"] * 12, write_dir=str(tmp_path))
+    drawn = []
+    monkeypatch.setattr(plot, "plot_ecg", lambda ecg, *args, **kwargs: drawn.append(ecg) or plot_ecg(ecg, *args, **kwargs))
+    plot._draw_record(str(tmp_path / "gap"), "gap", tmp_path / "gap.png", 50)
+    (ecg,) = drawn
+    assert np.isnan(ecg[600:900, 0]).all() and np.isfinite(ecg[:600]).all() and np.isfinite(ecg[900:]).all()
+    traces = [line for line in plot_ecg(ecg, 500.0).axes[0].get_lines() if len(line.get_xdata()) > 50]
+    assert np.isnan(np.asarray(traces[0].get_ydata(), np.float64)).sum() == 300  # lead I, first column

@@ -83,3 +83,19 @@ def test_missing_duplicated_and_unusable_records(tmp_path):
         reference_from_array(np.zeros((1000, 1)), 100.0, ["II"], source="ref")
     with pytest.raises(ValueError, match=r"does not look like millivolts"):
         reference_from_array(_beats(10.0, 500, 1) * 1000.0, 500.0, ["II"], source="ref")
+
+
+def test_a_fifteen_lead_record_gives_its_twelve_standard_leads(tmp_path):
+    """PTB's 15-lead records add the Frank leads vx, vy, vz: the whole record was refused ("unknown lead name 'vx';
+    rename the signal"), though `plot` and data preparation read such records. The extra leads are passed by."""
+    signal = _beats(20.0, 1000, 15)
+    names = [lead.lower() for lead in STANDARD_LEADS] + ["vx", "vy", "VZ"]
+    reference = read_reference(_write(tmp_path, "s0010_re", signal, 1000, names), start_s=5.0)
+    assert reference.leads == STANDARD_LEADS and reference.excluded == {}
+    np.testing.assert_allclose(reference.ecg, resample_to_length(signal[5000:15000, :12], 1024), atol=2e-3)
+    # The extra leads and a subset of the 12, in any order.
+    reference = reference_from_array(signal[:10000, [12, 1, 13, 0]], 1000.0, ["vx", "II", "V7", "I"], source="ref")
+    assert reference.leads == ("I", "II")
+    np.testing.assert_allclose(reference.ecg[:, 1], resample_to_length(signal[:10000, 1], 1024), atol=2e-3)
+    with pytest.raises(ValueError, match=r"^ref: none of its leads \(vx, vy, vz\) is one of the standard 12"):
+        reference_from_array(signal[:10000, 12:], 1000.0, ["vx", "vy", "vz"], source="ref")

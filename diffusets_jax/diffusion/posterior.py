@@ -88,6 +88,13 @@ POSTERIOR_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
 DEFAULT_TWIST_VARIANCE = 0.05
 
 
+def posterior_chain(sampler: SamplerConfig) -> SamplerConfig:
+    """`sampler` as this module runs it: the chain ends with x0 = x0(x_1), the first-order final step
+    (`final_step_order` 1), whatever `sampler` asks; DDIM's default asks for the second-order one, which only
+    `samplers.sample` takes. Records (a run's manifest and fingerprint) made from the result say what ran."""
+    return sampler if sampler.final_step_order == 1 else dataclasses.replace(sampler, final_step_order=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class PosteriorConfig:
     """Static settings of the posterior sampler (hashable).
@@ -115,6 +122,7 @@ class PosteriorConfig:
         if self.sampler.sampler not in POSTERIOR_SAMPLERS:
             raise ValueError(f"sampler: posterior sampling and editing run {' or '.join(POSTERIOR_SAMPLERS)}, "
                              f"got {self.sampler.sampler!r}")
+        object.__setattr__(self, "sampler", posterior_chain(self.sampler))
         if self.particles < 1:
             raise ValueError(f"particles: must be >= 1, got {self.particles}")
         if not 0.0 <= self.resample_ess <= 1.0:

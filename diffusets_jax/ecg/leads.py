@@ -22,6 +22,17 @@ REFERENCE_TO_STANDARD: tuple[int, ...] = tuple(MIMIC_LEADS.index(lead) for lead 
 _LEAD_BY_KEY: dict[str, str] = {lead.upper(): lead for lead in STANDARD_LEADS}
 
 
+# Leads some recorders add to the 12: the Frank leads of PTB's 15-lead records (vx, vy, vz), posterior V7-V9 and
+# right-sided V3R-V6R. Upper-cased, spaces removed, as `canonical_lead_name` keys names. No model takes them, but a
+# record that has them is not misnamed: a reader of any lead subset (`io.reference`) passes them by.
+EXTRA_LEADS: frozenset[str] = frozenset({"VX", "VY", "VZ", "V7", "V8", "V9", "V3R", "V4R", "V5R", "V6R"})
+
+
+def is_extra_lead(name: str) -> bool:
+    """Whether `name` is one of `EXTRA_LEADS` (any case and spacing): a real lead beyond the standard 12."""
+    return "".join(str(name).split()).upper() in EXTRA_LEADS
+
+
 class LeadNameError(ValueError):
     """A record's lead names cannot be mapped onto the requested lead order."""
 
@@ -39,7 +50,13 @@ def canonical_lead_name(name: str) -> str:
 
     Raises UnknownLeadError for anything that is not one of the 12 standard leads.
     """
-    key = "".join(str(name).split()).upper()
+    parts = str(name).split()
+    # Spaces inside a name are dropped ("V 1"), but leads listed with spaces are not one lead: "I II" read as
+    # "III", so `--observe "I II"` observed lead III alone.
+    if len(parts) > 1 and all(part.upper() in _LEAD_BY_KEY for part in parts):
+        raise UnknownLeadError(f"lead name {name!r} is several leads ({', '.join(_LEAD_BY_KEY[p.upper()] for p in parts)})"
+                               "; separate lead names with commas, e.g. 'I,II'")
+    key = "".join(parts).upper()
     if key.startswith("LEAD"):
         key = key[4:]
     if key not in _LEAD_BY_KEY:

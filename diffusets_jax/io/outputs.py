@@ -108,8 +108,9 @@ def _write_batch_records(out: Path, batch: Any, formats: Sequence[str], wfdb_fs:
                 drawing.append(plots.run_for_effect(plot_ecg, ecg, conditions=header, path=path))
             else:
                 labels = (reference.label(), "Reconstructed" if reference.mode == "posterior" else "Generated")
-                drawing.append(plots.run_for_effect(plot_pair, reference.reference.ecg, ecg, conditions=header,
-                                                    path=path, labels=labels))
+                # The leads the recording lacks or could not use are left blank, not drawn as flat 0 mV traces.
+                drawing.append(plots.run_for_effect(plot_pair, reference.reference.recorded(), ecg,
+                                                    conditions=header, path=path, labels=labels))
     return skipped, drawing
 
 

@@ -78,14 +78,21 @@ def _check_ecg(ecg: Any, what: str) -> np.ndarray:
 
 
 def _display_signal(ecg: np.ndarray, fs: float, display_fs: float) -> tuple[np.ndarray, float]:
-    """Band-limited interpolation for drawing only (see module docstring); no-op at or above `display_fs`."""
+    """Band-limited interpolation for drawing only (see module docstring); no-op at or above `display_fs`.
+
+    NaN samples (a lead the record lacks, a dropout) stay NaN, drawn as gaps: the interpolation runs on zeros
+    there, and a 0 mV trace would read as a recorded flat lead."""
     if fs >= display_fs:
         return ecg, fs
     from scipy.signal import resample_poly
 
     ratio = Fraction(display_fs / fs).limit_denominator(1000)
-    finite = np.nan_to_num(ecg)
-    upsampled = resample_poly(finite, ratio.numerator, ratio.denominator, axis=0, padtype="line")
+    missing = ~np.isfinite(ecg)
+    upsampled = resample_poly(np.nan_to_num(ecg), ratio.numerator, ratio.denominator, axis=0, padtype="line")
+    if missing.any():  # each drawn sample takes the gap of the nearest sample it was interpolated from
+        nearest = np.minimum(np.round(np.arange(len(upsampled)) * len(ecg) / len(upsampled)).astype(np.int64),
+                             len(ecg) - 1)
+        upsampled[missing[nearest]] = np.nan
     return upsampled, fs * ratio.numerator / ratio.denominator
 
 
@@ -455,7 +462,8 @@ def _draw_record(record: str, name: str, path: str | os.PathLike, dpi: int) -> s
 
     ecg = read_record(record)
     conditions = {key: value for key, value in ecg.conditions.items() if key != "generator"}
-    fig = plot_ecg(np.nan_to_num(ecg.signal), ecg.fs, title=name, conditions=conditions)
+    # Missing samples (NaN: a dropout, a lead the recorder lost) are drawn as gaps, not as a 0 mV flat trace.
+    fig = plot_ecg(ecg.signal, ecg.fs, title=name, conditions=conditions)
     return save_png(fig, path, dpi)
 
 

@@ -1,7 +1,8 @@
 """A patient's own recording as a reference for posterior sampling, editing and digital twins.
 
 `read_reference` reads a WFDB record (any lead order and spelling, any subset of the 12 leads, any rate of
-at least 100 Hz), converts it to millivolts, maps its leads onto the standard order, checks that it is a
+at least 100 Hz; leads beyond the 12, `ecg.leads.EXTRA_LEADS` such as a 15-lead record's vx, vy, vz, are passed
+by), converts it to millivolts, maps its leads onto the standard order, checks that it is a
 10-second recording (or takes a 10 s window of a longer one), and FFT-resamples it to the model's
 (1024, 12) time base exactly as training data were (`ecg.resample.resample_to_length`). Leads the record
 lacks, and leads that are flat (a disconnected electrode) or contain missing samples, are zero in `ecg`
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffusets_jax.data.records import FLAT_LEAD_MV, BadRecord, read_record_mv, record_base
-from diffusets_jax.ecg.leads import STANDARD_LEADS, UnknownLeadError, canonical_lead_name
+from diffusets_jax.ecg.leads import STANDARD_LEADS, UnknownLeadError, canonical_lead_name, is_extra_lead
 from diffusets_jax.ecg.resample import resample_to_length
 from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_SECONDS
 from diffusets_jax.ecg.units import check_millivolts
@@ -37,7 +38,8 @@ class Reference:
     ecg: `(1024, 12)` float32, mV, standard lead order; zero in every lead not in `leads`.
     leads: the usable leads, standard spelling, standard order.
     excluded: lead -> why it is not usable ("absent", "flat", "missing samples").
-    fs: the record's sampling rate (Hz); source: where it came from.
+    fs: the record's sampling rate (Hz); source: where it came from; start_s: where the 10 s were taken from a
+    longer record (seconds), None for a whole 10 s record.
     """
 
     ecg: np.ndarray
@@ -45,21 +47,38 @@ class Reference:
     excluded: dict[str, str]
     fs: float
     source: str
+    start_s: float | None = None
+
+    def recorded(self) -> np.ndarray:
+        """`ecg` `(1024, 12)` with NaN in every lead not in `leads`: what the recording has, for drawing it (a zero
+        lead drawn as a 0 mV trace reads as a recorded flat lead)."""
+        shown = self.ecg.astype(np.float32, copy=True)
+        shown[:, [i for i, lead in enumerate(STANDARD_LEADS) if lead not in self.leads]] = np.nan
+        return shown
 
 
 def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str], *, start_s: float | None = None,
-                         source: str = "reference") -> Reference:
+                         source: str = "reference", start_flag: str = "start_s") -> Reference:
     """A Reference from a signal `(samples, n_leads)` in mV at `fs` Hz with one name per column.
 
     start_s: take the 10 s starting there from a longer recording (None: the record must last 10 s).
+    start_flag: what the messages call start_s (the command's `--reference-start`, whose users have no start_s).
     """
     signal = np.asarray(signal, np.float64)
     if signal.ndim != 2:
         raise ValueError(f"{source}: expected a (samples, leads) signal, got shape {signal.shape}")
     if signal.shape[1] != len(lead_names):
         raise ValueError(f"{source}: {signal.shape[1]} signal columns but {len(lead_names)} lead names")
+    # A 15-lead record (PTB's, with the Frank leads vx, vy, vz) or one with V7-V9 or right-sided leads has the
+    # standard leads beside them: those are read, the others passed by (they used to refuse the whole record and
+    # ask for a rename). Any other name is a lead this reader does not know, and is refused as before.
+    extra = [is_extra_lead(name) for name in lead_names]
+    if all(extra):
+        raise ValueError(f"{source}: none of its leads ({', '.join(map(str, lead_names))}) is one of the standard 12 "
+                         f"({', '.join(STANDARD_LEADS)})")
+    signal = signal[:, [i for i, skip in enumerate(extra) if not skip]]
     canonical: list[str] = []
-    for name in lead_names:
+    for name in (name for name, skip in zip(lead_names, extra, strict=True) if not skip):
         try:
             canonical.append(canonical_lead_name(name))
         except UnknownLeadError as err:
@@ -75,11 +94,11 @@ def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str
     if start_s is None:
         if abs(duration - ECG_SECONDS) > DURATION_TOLERANCE_S:
             raise ValueError(f"{source}: {signal.shape[0]} samples at {fs:g} Hz last {duration:.2f} s; the model needs a "
-                             f"{ECG_SECONDS:g} s recording (pass start_s to take {ECG_SECONDS:g} s of a longer one)")
+                             f"{ECG_SECONDS:g} s recording (pass {start_flag} to take {ECG_SECONDS:g} s of a longer one)")
     else:
         if not 0.0 <= float(start_s) <= duration - ECG_SECONDS + DURATION_TOLERANCE_S:
-            raise ValueError(f"{source}: start_s={start_s:g} leaves less than {ECG_SECONDS:g} s of the {duration:.2f} s "
-                             f"record; use 0 <= start_s <= {max(duration - ECG_SECONDS, 0.0):.2f}")
+            raise ValueError(f"{source}: {start_flag}={start_s:g} leaves less than {ECG_SECONDS:g} s of the "
+                             f"{duration:.2f} s record; use 0 <= {start_flag} <= {max(duration - ECG_SECONDS, 0.0):.2f}")
         first = int(round(float(start_s) * fs))
         signal = signal[first:first + int(round(ECG_SECONDS * fs))]
     excluded: dict[str, str] = {lead: "absent" for lead in STANDARD_LEADS if lead not in canonical}
@@ -99,10 +118,12 @@ def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str
     ecg = np.zeros((ECG_LENGTH, len(STANDARD_LEADS)), np.float32)
     ecg[:, [STANDARD_LEADS.index(lead) for lead in usable]] = resample_to_length(stacked, ECG_LENGTH, axis=0)
     ordered_excluded = {lead: excluded[lead] for lead in STANDARD_LEADS if lead in excluded}
-    return Reference(ecg=ecg, leads=usable, excluded=ordered_excluded, fs=fs, source=source)
+    return Reference(ecg=ecg, leads=usable, excluded=ordered_excluded, fs=fs, source=source,
+                     start_s=None if start_s is None else float(start_s))
 
 
-def read_reference(record_path: str | os.PathLike, *, start_s: float | None = None) -> Reference:
+def read_reference(record_path: str | os.PathLike, *, start_s: float | None = None, start_flag: str = "start_s"
+                   ) -> Reference:
     """Read a WFDB record (path with or without .hea/.dat/.mat) as a Reference; see `reference_from_array`."""
     path = record_base(record_path)
     try:
@@ -110,4 +131,4 @@ def read_reference(record_path: str | os.PathLike, *, start_s: float | None = No
     except BadRecord as bad:
         # The reader's details name the file they are about; prefix the record where they do not.
         raise ValueError(bad.detail if path in bad.detail else f"{path}: {bad.detail}") from None
-    return reference_from_array(signal, fs, names, start_s=start_s, source=path)
+    return reference_from_array(signal, fs, names, start_s=start_s, source=path, start_flag=start_flag)
