@@ -134,7 +134,7 @@ class ECGGenerator:
         precision = {"compute_dtype": f"{self.compute_dtype} networks, float32 sampler"} if self.compute_dtype else {}
         return {"model_dir": os.path.abspath(self.model_dir),
                 "components": {name: entry.get("uid") for name, entry in self.index.components.items()},
-                "sampler": dataclasses.asdict(self.sampler), "seed": self.seed, "batch_size": self.batch_size,
+                "sampler": self.sampler.record(), "seed": self.seed, "batch_size": self.batch_size,
                 **precision}
 
     def reads(self) -> list[tuple[str, str | os.PathLike | None]]:

@@ -176,10 +176,13 @@ def test_eta_is_refused_for_samplers_that_do_not_use_it(sampler):
 def test_unset_settings_resolve_to_the_samplers_validated_defaults():
     """steps and final-step order left unset take each sampler's defaults at construction; an unset grid is the
     sampler's validated one, for DDIM chosen once the latents' std is known (it may come with the model).
-    The faithful chain keeps every timestep and its own final step."""
+    The faithful chain keeps every timestep and its own final step, on any grid (fewer DDPM steps take DDIM's)."""
     faithful = SamplerConfig()
-    assert (faithful.steps, faithful.effective_timestep_spacing, faithful.final_step_order) == (1000, "trailing", 1)
+    assert (faithful.steps, faithful.effective_timestep_spacing, faithful.final_step_order) == (1000, "logsnr", 1)
     np.testing.assert_array_equal(sampler_timesteps(faithful, make_schedule()), np.arange(999, -1, -1))
+    faithful_with_std = dataclasses.replace(faithful, data_std=0.18)
+    assert faithful_with_std.effective_timestep_spacing == "data_std"
+    np.testing.assert_array_equal(sampler_timesteps(faithful_with_std, make_schedule()), np.arange(999, -1, -1))
     fast = SamplerConfig.fast()
     assert (fast.steps, fast.effective_timestep_spacing, fast.final_step_order, fast.clip_sample) == (
         20, "logsnr", 2, False)
@@ -535,3 +538,14 @@ def test_jit_generate_with_flax_modules_and_guidance():
     # bfloat16 compute keeps float32 outputs and stays close
     bf16 = jit_generate(unet, vae, schedule, config, compute_dtype=jnp.bfloat16)(unet_vars, vae_vars, cond, jax.random.key(4), null)
     assert bf16.dtype == jnp.float32 and float(jnp.abs(bf16 - ecg).max()) < 0.25 * float(jnp.abs(ecg).max())
+
+
+def test_a_record_names_the_grid_that_runs():
+    """Manifests and run fingerprints record `SamplerConfig.record()`: a default grid (None) is recorded as the grid
+    that runs, so a run made before a default grid changed is another run, not one a resume would complete with
+    ECGs from another grid."""
+    assert SamplerConfig(sampler="ddpm", data_std=0.18).record()["timestep_spacing"] == "data_std"
+    assert SamplerConfig(sampler="ddpm").record()["timestep_spacing"] == "logsnr"
+    assert SamplerConfig(sampler="ddim", timestep_spacing="trailing").record()["timestep_spacing"] == "trailing"
+    record = SamplerConfig(sampler="dpmpp_2m", steps=7).record()
+    assert record == {**dataclasses.asdict(SamplerConfig(sampler="dpmpp_2m", steps=7)), "timestep_spacing": "logsnr"}

@@ -345,7 +345,7 @@ def diagnose_unet(unet: Any, variables: Any, data: Mapping[str, np.ndarray], *, 
     for mode in conditions:
         generated = latent_statistics(latents[f"generated/{mode}"])
         terminal[mode] = {**generated, "against_training": compare_statistics(generated, reference, tolerance)}
-    results = {"n": int(n), "timesteps": list(timesteps), "sampler": dataclasses.asdict(sampler),
+    results = {"n": int(n), "timesteps": list(timesteps), "sampler": sampler.record(),
                "reference_moments": {"mean": mean.tolist(), "var": var.tolist()},
                "denoising": denoising, "terminal": terminal}
     results["verdict"] = verdict(denoising, terminal, tolerance=tolerance)
@@ -561,7 +561,7 @@ def diagnose(model_dir: str | os.PathLike, latents: str | os.PathLike, out_dir: 
     settings = {"model_dir": os.path.abspath(model_dir), "components": components,
                 "latents": os.path.abspath(latents), "latents_card": card_fingerprint(inputs.builder), "split": split,
                 "n": n, "timesteps": list(inputs.timesteps),
-                "seed": seed, "batch_size": batch_size, "sampler": dataclasses.asdict(sampler), "tolerance": tolerance}
+                "seed": seed, "batch_size": batch_size, "sampler": sampler.record(), "tolerance": tolerance}
     reads = [("--model-dir", model_dir), ("--latents", inputs.builder.data_dir)]
     with output_dir(out_dir, command="diagnose", settings=settings, overwrite=overwrite, reads=reads) as run:
         if run.complete and (run.path / REPORT_JSON).is_file():

@@ -458,13 +458,16 @@ def settings_of(*, dataset: str | os.PathLike, data_dir: str | os.PathLike | Non
         # earlier reading is another input, not one to resume.
         settings["limit_per_split"] = True
     if model_dir is not None:
+        from diffusets_jax.diffusion.samplers import resolve_for_model
         from diffusets_jax.models import model_dir as model_dirs
 
         index = model_dirs.read_index(model_dir)
         settings["generator"] = {"model_dir": os.path.abspath(model_dir),
                                  # The generating parts only: adding a CLIP to the folder changes no ECG.
                                  "components": {n: index.components.get(n, {}).get("uid") for n in ("vae", "unet")},
-                                 "sampler": dataclasses.asdict(sampler), "batch_size": int(generation_batch_size)}
+                                 # As the generator resolves it from the model (its latent std sets the grid).
+                                 "sampler": resolve_for_model(sampler, index.diffusion).record(),
+                                 "batch_size": int(generation_batch_size)}
     if generated_corpus is not None:
         from diffusets_jax.data.card import read_card
         from diffusets_jax.experiments.evaluate import ecg_dataset
