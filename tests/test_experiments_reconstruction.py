@@ -166,3 +166,29 @@ def test_a_dataset_prepared_again_at_the_same_path_is_another_input(dataset, tmp
     capsys.readouterr()
     assert exit_code(args) == 2
     assert "holds an earlier reconstruct-eval run with other settings (dataset_card: " in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_model_written_again_into_the_same_directory_is_another_input(dataset, tmp_path, capsys):
+    """The finished run was recognised by the model directory's path alone: after a U-Net was trained again into it,
+    the same command returned the old model's report. The components' uids are now in the settings."""
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    model = tiny_model_dir(tmp_path / "model", text_dim=tiny_ecg_dataset.EMBEDDING_DIM)
+    out = tmp_path / "out"
+    args = ["reconstruct-eval", "--model-dir", str(model), "--dataset", dataset.data_dir, "--out", str(out),
+            "--limit", "1", "--train-limit", "8", "--steps", "1", "--particles", "1", "--batch-size", "1",
+            "--n-boot", "2"]
+    assert main(args) == 0
+    index = model_dirs.read_index(model)
+    entry = index.components["unet"]
+    _, _, unet, unet_vars = tiny_vae_unet(tiny_ecg_dataset.EMBEDDING_DIM)
+    model_dirs.write_component(model, "unet", unet, unet_vars, provenance={"source": "test"},
+                               conditioning=index.conditioning, diffusion=index.diffusion, vae_uid=entry["vae_uid"],
+                               overwrite=True)
+    assert model_dirs.read_index(model).components["unet"]["uid"] != entry["uid"]
+    capsys.readouterr()
+    assert exit_code(args) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier reconstruct-eval run with other settings (components.unet: " in err, err

@@ -271,6 +271,9 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
                                                                 "with its embedder and prompt style")
         generator = ECGGenerator(model_dir, SamplerConfig(sampler="ddpm", steps=steps, clip_sample=None),
                                  batch_size=batch_size, seed=seed)
+        # The models by uid, as `sample` and `evaluate` record them: a model retrained into the same directory is
+        # another input, not this finished run.
+        settings["components"] = generator.settings()["components"]
 
     with output_dir(out, command="reconstruct-eval", settings=settings, overwrite=overwrite, reads=reads) as run:
         if run.complete:
