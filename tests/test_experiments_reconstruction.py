@@ -192,3 +192,20 @@ def test_a_model_written_again_into_the_same_directory_is_another_input(dataset,
     assert exit_code(args) == 2
     err = capsys.readouterr().err
     assert "holds an earlier reconstruct-eval run with other settings (components.unet: " in err, err
+
+
+def test_a_latent_dataset_is_refused_pointing_at_prepare_alone(tmp_path, capsys):
+    """The refusal of a latent --dataset told the user to give one `prepare` or `sample --corpus` wrote, but
+    reconstruct-eval scores recorded ECGs and refuses a corpus next: only `prepare` is the remedy."""
+    from tests.helpers.gaussian_latents import write_gaussian_latent_dataset
+    from tests.helpers.tiny_models import openai_conditioning
+
+    latents = write_gaussian_latent_dataset(tmp_path / "latents", splits={"train": 4, "test": 4},
+                                            conditioning=openai_conditioning(), vae_uid=None, latent_scale=0.18215,
+                                            channel_mean=(0.0,) * 4, channel_std=(0.2,) * 4)
+    out = tmp_path / "out"
+    assert exit_code(["reconstruct-eval", "--dataset", str(latents), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not a prepared ECG dataset (a latent dataset" in err and err.count("\n") == 1, err
+    assert "give one `diffusets-jax prepare` wrote" in err and "--corpus" not in err, err
+    assert not out.exists()
