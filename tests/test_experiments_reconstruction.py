@@ -128,6 +128,10 @@ def test_reconstruct_eval_refuses_bad_settings_before_loading(tmp_path, capsys):
     assert "--noise-std must be > 0" in capsys.readouterr().err
     assert exit_code([*args, "--particles", "0"]) == 2
     assert "argument --particles: must be a whole number >= 1" in capsys.readouterr().err
+    # From Python a limit of 0 passed as "no limit" (`limit or 1`): load_split then read the whole split
+    for name in ("limit", "train_limit"):
+        with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} must be >= 1, got 0"):
+            rec.reconstruct_eval(None, tmp_path / "none", tmp_path / "out", **{name: 0})
     assert not (tmp_path / "out").exists()
 
 
