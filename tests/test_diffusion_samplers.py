@@ -148,6 +148,17 @@ def test_timestep_spacings_match_diffusers_definitions():
         make_timesteps(1000, 1001)
 
 
+def test_every_step_count_gives_a_valid_grid_for_the_even_in_t_spacings():
+    # a float arange over [T, 0) once gave 'trailing' a 62nd timestep, -1, for steps=61 (and 103, 121, ...)
+    for spacing in ("leading", "trailing", "linspace"):
+        for steps in range(1, 1001):
+            timesteps = make_timesteps(1000, steps, spacing)
+            assert len(timesteps) == steps and timesteps.min() >= 0 and timesteps.max() <= 999, (spacing, steps)
+            assert np.all(np.diff(timesteps) < 0), (spacing, steps)
+    trailing = make_timesteps(1000, 61, "trailing")
+    np.testing.assert_array_equal(trailing[[0, 1, -1]], [999, 983, 15])  # 1000 - k 1000/61, rounded, minus 1
+
+
 def test_sampler_config_validation_and_presets():
     assert SamplerConfig.faithful() == SamplerConfig(sampler="ddpm", steps=1000, clip_sample=True, guidance_scale=1.0)
     assert SamplerConfig.fast().sampler == "dpmpp_2m" and SamplerConfig.fast().steps == 20

@@ -239,7 +239,7 @@ def test_diagnosis_passes_the_optimal_model_and_fails_an_untrained_one():
     for mode in ("conditional", "unconditional"):
         assert (mode, "denoising beats predicting the data mean at every t") in failed
         assert (mode, "terminal latent std / training std") in failed
-    # DDIM with eps-hat = 0 only rescales the start: x_0 = x_T / sqrt(abar_T), a spread ~15x the N(0, 1) start.
+    # DDIM with eps-hat = 0 only rescales the start: x_0 = x_T / sqrt(abar_T), a spread ~25x the N(0, 1) start.
     assert results["terminal"]["conditional"]["std"] > 10
 
 
@@ -397,3 +397,16 @@ def test_latents_of_another_vae_or_embedder_are_refused(index_only_model_dir, tm
                                             vae_uid=None, **common)
     inputs = dg.check_inputs(model_dir, unknown, "validation", (50,))
     assert len(inputs.warnings) == 1 and "cannot be checked" in inputs.warnings[0]
+
+
+def test_the_stated_magnification_of_an_epsilon_error_at_t_998_is_the_published_schedules():
+    """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), so an eps error reaches x0 times sqrt((1 - abar) / abar): 25 at
+    t = 998 of the linear published schedule. The docs said ~15x, the value of a "scaled_linear" schedule."""
+    import re
+    from pathlib import Path
+
+    abar = float(make_schedule().alphas_cumprod[998])
+    factor = np.sqrt((1.0 - abar) / abar)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    stated = [int(x) for x in re.findall(r"magnified[^.|]*?(\d+)x", readme + (dg.__doc__ or ""))]
+    assert len(stated) >= 3 and all(abs(x - factor) < 1.0 for x in stated), (stated, factor)

@@ -128,6 +128,10 @@ def test_reconstruct_eval_refuses_bad_settings_before_loading(tmp_path, capsys):
     assert "--noise-std must be > 0" in capsys.readouterr().err
     assert exit_code([*args, "--particles", "0"]) == 2
     assert "argument --particles: must be a whole number >= 1" in capsys.readouterr().err
+    # From Python a limit of 0 passed as "no limit" (`limit or 1`): load_split then read the whole split
+    for name in ("limit", "train_limit"):
+        with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} must be >= 1, got 0"):
+            rec.reconstruct_eval(None, tmp_path / "none", tmp_path / "out", **{name: 0})
     assert not (tmp_path / "out").exists()
 
 
@@ -166,3 +170,46 @@ def test_a_dataset_prepared_again_at_the_same_path_is_another_input(dataset, tmp
     capsys.readouterr()
     assert exit_code(args) == 2
     assert "holds an earlier reconstruct-eval run with other settings (dataset_card: " in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_model_written_again_into_the_same_directory_is_another_input(dataset, tmp_path, capsys):
+    """The finished run was recognised by the model directory's path alone: after a U-Net was trained again into it,
+    the same command returned the old model's report. The components' uids are now in the settings."""
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    model = tiny_model_dir(tmp_path / "model", text_dim=tiny_ecg_dataset.EMBEDDING_DIM)
+    out = tmp_path / "out"
+    args = ["reconstruct-eval", "--model-dir", str(model), "--dataset", dataset.data_dir, "--out", str(out),
+            "--limit", "1", "--train-limit", "8", "--steps", "1", "--particles", "1", "--batch-size", "1",
+            "--n-boot", "2"]
+    assert main(args) == 0
+    index = model_dirs.read_index(model)
+    entry = index.components["unet"]
+    _, _, unet, unet_vars = tiny_vae_unet(tiny_ecg_dataset.EMBEDDING_DIM)
+    model_dirs.write_component(model, "unet", unet, unet_vars, provenance={"source": "test"},
+                               conditioning=index.conditioning, diffusion=index.diffusion, vae_uid=entry["vae_uid"],
+                               overwrite=True)
+    assert model_dirs.read_index(model).components["unet"]["uid"] != entry["uid"]
+    capsys.readouterr()
+    assert exit_code(args) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier reconstruct-eval run with other settings (components.unet: " in err, err
+
+
+def test_a_latent_dataset_is_refused_pointing_at_prepare_alone(tmp_path, capsys):
+    """The refusal of a latent --dataset told the user to give one `prepare` or `sample --corpus` wrote, but
+    reconstruct-eval scores recorded ECGs and refuses a corpus next: only `prepare` is the remedy."""
+    from tests.helpers.gaussian_latents import write_gaussian_latent_dataset
+    from tests.helpers.tiny_models import openai_conditioning
+
+    latents = write_gaussian_latent_dataset(tmp_path / "latents", splits={"train": 4, "test": 4},
+                                            conditioning=openai_conditioning(), vae_uid=None, latent_scale=0.18215,
+                                            channel_mean=(0.0,) * 4, channel_std=(0.2,) * 4)
+    out = tmp_path / "out"
+    assert exit_code(["reconstruct-eval", "--dataset", str(latents), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not a prepared ECG dataset (a latent dataset" in err and err.count("\n") == 1, err
+    assert "give one `diffusets-jax prepare` wrote" in err and "--corpus" not in err, err
+    assert not out.exists()

@@ -254,7 +254,9 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailin
     if spacing == "leading":
         timesteps = (np.arange(steps) * (T // steps))[::-1]
     elif spacing == "trailing":
-        timesteps = np.round(np.arange(T, 0, -T / steps)) - 1
+        # diffusers' grid; the float arange can hold one element more, ~1e-12 from 0 (t = -1), for some steps
+        # (61, 103, 121, ...), which made those step counts fail: the first `steps` elements are the grid.
+        timesteps = np.round(np.arange(T, 0, -T / steps)[:steps]) - 1
     elif spacing == "linspace":
         timesteps = np.round(np.linspace(0, T - 1, steps))[::-1]
     elif spacing in SIGMA_SPACINGS:

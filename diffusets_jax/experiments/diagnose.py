@@ -17,7 +17,7 @@ module computes for a model directory and a split of a latent dataset made with 
    abar / (1 - abar) times its x0-MSE: both rank predictors alike; x0 reads better at high t, eps at low t.
    A trained U-Net exploits the structure (along length, across channels): it is well below "gaussian" at low
    and middle t and close to it as t -> T, where nothing is left to exploit. An undertrained one is worse than
-   "data_mean" at high t (an epsilon U-Net's noise error is magnified 1 / sqrt(abar), ~15x at t = 998 on the
+   "data_mean" at high t (an epsilon U-Net's noise error is magnified sqrt((1 - abar) / abar), ~25x at t = 998 on the
    published schedule) and no better than "gaussian" at low t (eps-MSE near 1 per element on unit-variance
    latents).
 2. Terminal latents. The model's sampler (by default the model directory's: 1000 DDPM steps, clipping as it

@@ -117,8 +117,11 @@ def ecg_dataset(dataset: str | os.PathLike, data_dir: str | os.PathLike | None =
     missing = [column for column in SPLIT_COLUMNS if column not in builder.info.features.keys()]
     if missing:
         latent = " (a latent dataset: `encode` wrote it)" if "latent_mean" in builder.info.features.keys() else ""
+        # Only the writers this command takes: a command of recorded ECGs refuses a corpus next (check_dataset_kind).
+        writers = {"prepared": "`diffusets-jax prepare`", "corpus": "`diffusets-jax sample --corpus`"}.get(
+            kind, "`diffusets-jax prepare` or `sample --corpus`")
         raise ValueError(f"{flag} {dataset}: not a prepared ECG dataset{latent}, it has no {', '.join(missing)}; "
-                         "give one `diffusets-jax prepare` or `sample --corpus` wrote")
+                         f"give one {writers} wrote")
     if kind is not None:
         check_dataset_kind(builder.data_dir, kind, flag)
     return builder

@@ -233,7 +233,10 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
     reads = [("--model-dir", model_dir), ("--dataset", dataset_folder(dataset)), ("--data-dir", data_dir)]
     check_output_path(out, command="reconstruct-eval", overwrite=overwrite, reads=reads)
     for name, value, low in (("--steps", steps, 1), ("--particles", particles, 1), ("--batch-size", batch_size, 1),
-                             ("--n-boot", n_boot, 1), ("--limit", limit or 1, 1), ("--train-limit", train_limit or 1, 1)):
+                             ("--n-boot", n_boot, 1),
+                             # None is every record; 0 is not (`load_split` would read every one for it)
+                             ("--limit", 1 if limit is None else limit, 1),
+                             ("--train-limit", 1 if train_limit is None else train_limit, 1)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if not (np.isfinite(noise_std) and noise_std > 0):
@@ -271,6 +274,9 @@ def reconstruct_eval(model_dir: str | os.PathLike | None, dataset: str | os.Path
                                                                 "with its embedder and prompt style")
         generator = ECGGenerator(model_dir, SamplerConfig(sampler="ddpm", steps=steps, clip_sample=None),
                                  batch_size=batch_size, seed=seed)
+        # The models by uid, as `sample` and `evaluate` record them: a model retrained into the same directory is
+        # another input, not this finished run.
+        settings["components"] = generator.settings()["components"]
 
     with output_dir(out, command="reconstruct-eval", settings=settings, overwrite=overwrite, reads=reads) as run:
         if run.complete:

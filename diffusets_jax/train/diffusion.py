@@ -10,7 +10,7 @@ Improvements, each off in the faithful config: classifier-free-guidance conditio
 (`train.cond_dropout` > 0, fixed null condition of `diffusion.guidance`), normalised patient features
 (`train.patient_features = "normalised"`: sex, age / 100, heart rate / 100; "none" for the ablation without
 patient information), EMA params, bf16 compute, `prediction_type = "v_prediction"` (v = sqrt(abar) eps -
-sqrt(1 - abar) x0: an epsilon error at high noise is magnified 1 / sqrt(abar), up to ~15x, in the predicted x0, a
+sqrt(1 - abar) x0: an epsilon error at high noise is magnified sqrt((1 - abar) / abar), up to ~25x, in the predicted x0, a
 v error is not), and `diffusion.scale_by_std`: `run_training` measures the latent scale that gives unit-variance
 latents (latent diffusion's recipe, for a VAE trained from scratch) and stores it in `diffusion.latent_scale` and
 the model directory. Validation: the loss at fixed timesteps (`train.eval_timesteps`) with fixed noise,
