@@ -87,6 +87,9 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is an existing file: give a directory path")
+    if path.is_symlink() and not path.exists():  # creating the folder would fail with a bare "File exists"
+        raise ValueError(f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist: create "
+                         f"that folder first, or give {flag} another path")
     _check_parents(path, flag)
     if overwrite:
         _check_replaceable(path, flag)
