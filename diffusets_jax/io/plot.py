@@ -486,9 +486,10 @@ def plot_wfdb_records(
 
     records = [os.fspath(record) for record in records]
     headers = {record: record_base(record) + ".hea" for record in records}
-    problems = {record: (f"{header} is a directory, not a WFDB record" if os.path.isdir(header) or os.path.isdir(record)
-                         else f"{header} does not exist") for record, header in headers.items()
-                if not os.path.isfile(header)}
+    # A folder given as a record is named as given: `wfdb/` was reported as "wfdb.hea is a directory".
+    problems = {record: (f"{record if os.path.isdir(record) else header} is a directory, not a WFDB record"
+                         if os.path.isdir(header) or os.path.isdir(record) else f"{header} does not exist")
+                for record, header in headers.items() if not os.path.isfile(header)}
     if problems and len(problems) == len(records):
         first = next(iter(problems.values()))
         raise FileNotFoundError(first + (f" (nor any of the other {len(records) - 1} records)" if len(records) > 1
