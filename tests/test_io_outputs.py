@@ -262,6 +262,9 @@ def test_user_folders_are_refused_and_overwrite_replaces_them_as_a_whole(model_d
     (["--steps", "0"], "argument --steps: must be a whole number >= 1"),
     (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
     (["--wfdb-fs", "-5"], "--wfdb-fs must be a rate in Hz from 100 to 10000"),
+    # A rate for records not asked for: samples.npz stayed at 102.4 Hz, with nothing saying so.
+    (["--formats", "npz,png", "--wfdb-fs", "500"], "--wfdb-fs sets the WFDB records' rate, and --formats npz,png "
+                                                   "writes none"),
 ])
 def test_bad_sample_flags_fail_at_once_with_one_line(model_dir, tmp_path, capsys, extra, match):
     out = tmp_path / "out"
