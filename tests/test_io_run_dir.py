@@ -258,3 +258,13 @@ def test_an_output_folder_that_is_a_dangling_link_is_named_as_such(tmp_path):
         with output_dir(link, command="sample", settings={}):
             pass
     assert not (tmp_path / "gone").exists() and link.is_symlink()
+
+
+@pytest.mark.parametrize("given", ["", "  "], ids=["empty", "blank"])
+def test_an_empty_output_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch, given):
+    """`--out "$OUT"` with OUT unset: Path("") is ".", so an empty current directory was claimed and written into."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--out is empty: give a path"):
+        with output_dir(given, command="sample", settings={}):
+            pass
+    assert os.listdir(tmp_path) == []
