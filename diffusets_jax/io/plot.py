@@ -480,6 +480,7 @@ def plot_wfdb_records(
     reason, and `out_dir` is left as it was (a folder this run created is removed).
     """
     from diffusets_jax.data.records import record_base
+    from diffusets_jax.io.files import remove_temporaries_in
     from diffusets_jax.io.names import distinct_names
     from diffusets_jax.io.plot_workers import plot_workers
     from diffusets_jax.io.run_dir import output_dir
@@ -523,6 +524,9 @@ def plot_wfdb_records(
             raise ValueError(f"no record could be plotted: all {len(records)} were skipped (the first, {first}: "
                              f"{' '.join(skipped[first].split())}); give readable 12-lead WFDB records (NAME or "
                              "NAME.hea)")
+        # A half-written sheet of a killed run of this command (a PNG's temporary, `io.files.atomic_path`): its PNG
+        # was drawn again just now, so the temporary is ours to remove, in the folder this run holds.
+        remove_temporaries_in(run.path, [f"{names[record]}.png" for record in to_draw])
         run.mark_complete(written=len(written), skipped=len(skipped))
     if run.path != run.final:  # replaced as a whole: the PNGs now live in the final folder
         written = [os.path.join(os.fspath(run.final), os.path.basename(path)) for path in written]
