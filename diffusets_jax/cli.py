@@ -573,7 +573,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     out = parser.add_argument_group("outputs")
     out.add_argument("--formats", help="comma-separated from npz, wfdb, png (default: all three; not with --corpus)")
     out.add_argument("--wfdb-fs", type=finite_float, help="resample WFDB records to this rate, e.g. 500 (default: 102.4 Hz; "
-                     "at least 100 Hz; not with --corpus)")
+                     "at least 100 Hz; needs wfdb in --formats; not with --corpus)")
     out.add_argument("--corpus", action="store_true", help="write TFRecord shards (prepared-data schema) instead")
     out.add_argument("--shard-size", type=positive_int, help=f"ECGs per --corpus shard (default: {DEFAULT_SHARD_SIZE}), "
                      "rounded up to a whole number of batches (--batch-size): shard s always holds the same batches")
@@ -684,6 +684,10 @@ def _run_sample(args: argparse.Namespace) -> int:
             raise ValueError("--shard-size sets the shards of a --corpus: add --corpus, or drop --shard-size")
         formats = parse_formats(args.formats)
         check_output_fs(args.wfdb_fs)
+        if args.wfdb_fs is not None and "wfdb" not in formats:  # else the rate asked for applied to no file
+            raise ValueError(f"--wfdb-fs sets the WFDB records' rate, and --formats {','.join(formats)} writes none "
+                             "(samples.npz and the PNGs are at the model's 102.4 Hz): add wfdb to --formats, or drop "
+                             "--wfdb-fs")
     parallel.initialize_distributed()
     from diffusets_jax.pipeline import ECGGenerator
 

@@ -341,7 +341,8 @@ CASES: list[tuple[str, list[str], str]] = [
      "no dataset 'no_such_dataset'"),
     # plot
     ("plot-record-missing", ["plot", "{w}/nope.hea", "--out-dir", "{w}/new"], "{w}/nope.hea does not exist"),
-    ("plot-record-is-a-folder", ["plot", "{w}/folder", "--out-dir", "{w}/new"], "is a directory, not a WFDB record"),
+    ("plot-record-is-a-folder", ["plot", "{w}/folder", "--out-dir", "{w}/new"],
+     "{w}/folder is a directory, not a WFDB record"),
     ("plot-out-dir-is-a-file", ["plot", RECORD, "--out-dir", "{w}/file.txt"], "is an existing file"),
     ("plot-out-dir-users-folder", ["plot", RECORD, "--out-dir", "{w}/user"], "not written by diffusets-jax plot"),
     ("plot-into-another-plot-run", ["plot", RECORD, "--out-dir", "{w}/plots"], "with other settings"),

@@ -262,6 +262,9 @@ def test_user_folders_are_refused_and_overwrite_replaces_them_as_a_whole(model_d
     (["--steps", "0"], "argument --steps: must be a whole number >= 1"),
     (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
     (["--wfdb-fs", "-5"], "--wfdb-fs must be a rate in Hz from 100 to 10000"),
+    # A rate for records not asked for: samples.npz stayed at 102.4 Hz, with nothing saying so.
+    (["--formats", "npz,png", "--wfdb-fs", "500"], "--wfdb-fs sets the WFDB records' rate, and --formats npz,png "
+                                                   "writes none"),
 ])
 def test_bad_sample_flags_fail_at_once_with_one_line(model_dir, tmp_path, capsys, extra, match):
     out = tmp_path / "out"
@@ -284,6 +287,25 @@ def test_parse_formats():
     assert parse_formats("npz, WFDB,npz") == ["npz", "wfdb"]
     with pytest.raises(ValueError, match="nothing chosen"):
         parse_formats(" , ")
+
+
+@pytest.mark.parametrize("formats", ["npz", ("NPZ",)], ids=["string", "upper-case"])
+def test_the_library_reads_formats_as_the_command_does(generator, tmp_path, formats):
+    """`formats="npz"` was read letter by letter and ("NPZ",) matched no format: the run wrote no file at all and its
+    manifest counted every ECG written."""
+    out = tmp_path / "out"
+    manifest = sample_to_directory(generator, [make_condition("Sinus rhythm", "M", 50, 70, 2)], out, formats=formats,
+                                   progress=False)
+    assert manifest["settings"]["formats"] == ["npz"] and manifest["npz"] == ["samples.npz"]
+    with np.load(out / "samples.npz") as data:
+        assert data["ecg"].shape == (2, 1024, 12)
+
+
+def test_the_library_refuses_an_unknown_format_before_claiming_the_folder(generator, tmp_path):
+    with pytest.raises(ValueError, match="unknown pdf"):
+        sample_to_directory(generator, [make_condition("Sinus rhythm", "M", 50, 70, 1)], tmp_path / "out",
+                            formats=["npz", "pdf"], progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_corpus_is_resumable_refuses_other_settings_and_reads_back_with_tfds(generator, openai_env, monkeypatch,

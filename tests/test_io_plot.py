@@ -218,6 +218,43 @@ def test_records_of_one_name_in_two_folders_get_a_png_each(tmp_path):
     assert summary["skipped"] == {str(records[2]): f"listed twice (also as {records[0]})"}
 
 
+def test_a_records_other_files_are_that_record_not_one_listed_twice(tmp_path):
+    """`plot wfdb/*` lists each record's .dat and .hea: every record was drawn, and reported skipped as "listed
+    twice" too, so the summary said half the records were skipped."""
+    from diffusets_jax.io.wfdb_out import write_record
+
+    for name in ("a", "b"):
+        write_record(tmp_path / "wfdb" / name, synthetic_ecg())
+    files = sorted(str(p) for p in (tmp_path / "wfdb").iterdir())  # a.dat a.hea b.dat b.hea, as the shell's glob
+    summary = plot.plot_wfdb_records(files, tmp_path / "png", dpi=40)
+    assert sorted(os.path.basename(p) for p in summary["written"]) == ["a.png", "b.png"]
+    assert summary["skipped"] == {}
+
+
+def test_one_path_given_twice_is_drawn_once(tmp_path):
+    """`plot rec rec`: the second was marked "listed twice" under the path they share, which left the first out too,
+    and the run drew nothing ("no record could be plotted")."""
+    from diffusets_jax.io.wfdb_out import write_record
+
+    write_record(tmp_path / "wfdb" / "a", synthetic_ecg())
+    record = str(tmp_path / "wfdb" / "a.hea")
+    summary = plot.plot_wfdb_records([record, record], tmp_path / "png", dpi=40)
+    assert [os.path.basename(p) for p in summary["written"]] == ["a.png"] and summary["skipped"] == {}
+
+
+def test_a_rerun_removes_the_half_written_sheets_of_a_killed_run(tmp_path):
+    """A plot killed mid-sheet (its whole process group, as a scheduler does) left `.NAME.png.tmp-*` in its folder,
+    and the rerun that drew every sheet again kept it there for good."""
+    from diffusets_jax.io.wfdb_out import write_record
+
+    write_record(tmp_path / "wfdb" / "rec", synthetic_ecg())
+    out = tmp_path / "png"
+    plot.plot_wfdb_records([tmp_path / "wfdb" / "rec"], out, dpi=40)
+    (out / ".rec.png.tmp-123-0123456789ab").write_bytes(b"half a PNG")
+    plot.plot_wfdb_records([tmp_path / "wfdb" / "rec"], out, dpi=40)  # the same command again
+    assert sorted(os.listdir(out)) == [".diffusets-run-p0.lock", ".diffusets-run.json", "rec.png"]
+
+
 def test_metric_intervals_draw_one_bar_and_whisker_per_arm_and_metric(tmp_path):
     from matplotlib.patches import Rectangle
 

@@ -247,3 +247,24 @@ def test_hosts_given_other_settings_are_refused_naming_the_difference(tmp_path):
     for result in results:
         assert "other settings (process 0 -> process 1: seed: 0 -> 5)" in result["error"], result
     assert not (tmp_path / "out" / RUN_FILE).exists()
+
+
+def test_an_output_folder_that_is_a_dangling_link_is_named_as_such(tmp_path):
+    """`--out` a symbolic link whose target is gone was refused only by mkdir, as "PATH: File exists", which says
+    neither what is wrong nor what to do; nothing is created either way."""
+    link = tmp_path / "samples"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(ValueError, match=r"symbolic link to .*gone, which does not exist: create that folder"):
+        with output_dir(link, command="sample", settings={}):
+            pass
+    assert not (tmp_path / "gone").exists() and link.is_symlink()
+
+
+@pytest.mark.parametrize("given", ["", "  "], ids=["empty", "blank"])
+def test_an_empty_output_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch, given):
+    """`--out "$OUT"` with OUT unset: Path("") is ".", so an empty current directory was claimed and written into."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--out is empty: give a path"):
+        with output_dir(given, command="sample", settings={}):
+            pass
+    assert os.listdir(tmp_path) == []

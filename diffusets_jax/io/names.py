@@ -3,10 +3,13 @@ directories called `model` (train's default WORKDIR/model), must not be written 
 
 `distinct_names` keeps each path's last part where that is already unique and, for those that collide, takes as
 many trailing parts as it needs, joined by '-': `runs/a/model` and `runs/b/model` are `a-model` and `b-model`.
+Parts may hold '-' themselves, so two whole paths can still join to one name (`x/a-b/c` and `x/a/b-c` are both
+`x-a-b-c`); those get a short hash of their path added.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -22,9 +25,14 @@ def distinct_names(paths: Sequence[str | os.PathLike]) -> list[str]:
     if len(set(parts)) != len(parts):
         raise ValueError("distinct_names: a path is given twice")
     depth = [1] * len(parts)
-    while True:  # ends: whole paths differ
+    while True:  # ends when the names differ, or no colliding one can take another part
         names = ["-".join(p[-d:]) or "root" for p, d in zip(parts, depth, strict=True)]
         counts = Counter(names)
         if all(counts[name] == 1 for name in names):
             return names
-        depth = [d + 1 if counts[name] > 1 else d for d, name in zip(depth, names, strict=True)]
+        grown = [d + 1 if counts[name] > 1 and d < len(p) else d for p, d, name in zip(parts, depth, names, strict=True)]
+        if grown == depth:  # the colliding names already hold their whole paths: more parts would loop forever
+            break
+        depth = grown
+    return [f"{name}-{hashlib.sha256('/'.join(p).encode()).hexdigest()[:8]}" if counts[name] > 1 else name
+            for p, name in zip(parts, names, strict=True)]

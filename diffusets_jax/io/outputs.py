@@ -194,17 +194,20 @@ def _save_part(out: Path, batch: Any, skipped: dict[str, str], drawing: list[Fut
 
 
 def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir: str | os.PathLike, *,
-                        formats: Sequence[str] = FORMATS, wfdb_fs: float | None = None, overwrite: bool = False,
+                        formats: str | Sequence[str] = FORMATS, wfdb_fs: float | None = None, overwrite: bool = False,
                         progress: bool = True, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate `expand(conditions)` with `generator` (a `pipeline.ECGGenerator`) into `out_dir`; the manifest.
 
+    `formats`: some of `FORMATS`, as a sequence or as `--formats` takes them (`"npz,wfdb"`); others are refused.
     `provenance`: where the conditions came from (e.g. a findings file), recorded in the manifest and the run's
     settings.
     """
     from diffusets_jax.io.wfdb_out import check_output_fs
 
     out = check_output_path(out_dir)
-    formats = list(formats)
+    # As the command reads them: `formats="npz"` was taken letter by letter and ("NPZ",) matched no format, so
+    # either run wrote no file and counted every ECG written.
+    formats = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
     check_output_fs(wfdb_fs)
     items = expand(conditions)
     total = generator.num_batches(conditions)

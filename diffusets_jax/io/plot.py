@@ -480,35 +480,44 @@ def plot_wfdb_records(
     reason, and `out_dir` is left as it was (a folder this run created is removed).
     """
     from diffusets_jax.data.records import record_base
+    from diffusets_jax.io.files import remove_temporaries_in
     from diffusets_jax.io.names import distinct_names
     from diffusets_jax.io.plot_workers import plot_workers
     from diffusets_jax.io.run_dir import output_dir
 
-    records = [os.fspath(record) for record in records]
+    # One path given twice is one record, drawn once: the problems below are keyed by the path as given, so
+    # reporting the second as "listed twice" marked the first too, and `plot rec rec` drew nothing.
+    records = list(dict.fromkeys(os.fspath(record) for record in records))
     headers = {record: record_base(record) + ".hea" for record in records}
-    problems = {record: (f"{header} is a directory, not a WFDB record" if os.path.isdir(header) or os.path.isdir(record)
-                         else f"{header} does not exist") for record, header in headers.items()
-                if not os.path.isfile(header)}
+    # A folder given as a record is named as given: `wfdb/` was reported as "wfdb.hea is a directory".
+    problems = {record: (f"{record if os.path.isdir(record) else header} is a directory, not a WFDB record"
+                         if os.path.isdir(header) or os.path.isdir(record) else f"{header} does not exist")
+                for record, header in headers.items() if not os.path.isfile(header)}
     if problems and len(problems) == len(records):
         first = next(iter(problems.values()))
         raise FileNotFoundError(first + (f" (nor any of the other {len(records) - 1} records)" if len(records) > 1
                                          else "") + ": give WFDB record paths (NAME or NAME.hea)")
     # A record listed twice is drawn once; records of one name in several folders get names that tell them apart
     # (`io.names.distinct_names`), where they used to overwrite one another's PNG.
+    # Another file of a record already listed (`wfdb/*` lists each record's .dat and .hea) is that record, not a
+    # record listed twice: left out without a word, where it was reported as one skipped record in two.
     drawn: dict[str, str] = {}  # the record's real path (without extension) -> the record as given
+    other_files: set[str] = set()
     for record in records:
         if record not in problems:
             key = os.path.realpath(record_base(record))
-            if key in drawn:
-                problems[record] = f"listed twice (also as {drawn[key]})"
-            else:
+            if key not in drawn:
                 drawn[key] = record
+            elif record_base(record) == record_base(drawn[key]):
+                other_files.add(record)
+            else:
+                problems[record] = f"listed twice (also as {drawn[key]})"
     names = dict(zip(drawn.values(), distinct_names(list(drawn)), strict=True))
     settings = {"records": [os.path.abspath(record) for record in records], "dpi": dpi}
     written, skipped = [], dict(problems)
     with output_dir(out_dir, command="plot", settings=settings, overwrite=overwrite, flag="--out-dir",
                     reads=[("record", header) for header in headers.values()]) as run:
-        to_draw = [record for record in records if record not in problems]
+        to_draw = [record for record in records if record not in problems and record not in other_files]
         with plot_workers(len(to_draw)) as plots:  # many records: one process per core
             drawing = [plots.submit(_draw_record, record, names[record], run.path / f"{names[record]}.png", dpi)
                        for record in to_draw]
@@ -522,6 +531,9 @@ def plot_wfdb_records(
             raise ValueError(f"no record could be plotted: all {len(records)} were skipped (the first, {first}: "
                              f"{' '.join(skipped[first].split())}); give readable 12-lead WFDB records (NAME or "
                              "NAME.hea)")
+        # A half-written sheet of a killed run of this command (a PNG's temporary, `io.files.atomic_path`): its PNG
+        # was drawn again just now, so the temporary is ours to remove, in the folder this run holds.
+        remove_temporaries_in(run.path, [f"{names[record]}.png" for record in to_draw])
         run.mark_complete(written=len(written), skipped=len(skipped))
     if run.path != run.final:  # replaced as a whole: the PNGs now live in the final folder
         written = [os.path.join(os.fspath(run.final), os.path.basename(path)) for path in written]

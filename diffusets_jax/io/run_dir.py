@@ -84,9 +84,13 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: 
     same settings is for `output_dir` to say. Refuse a folder that is, or is inside, a folder of `reads`, the run's
     inputs as `(flag, path)`, and with `overwrite` one that holds one of them (see `check_reads_apart`).
     """
+    _check_not_empty(path, flag)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is an existing file: give a directory path")
+    if path.is_symlink() and not path.exists():  # creating the folder would fail with a bare "File exists"
+        raise ValueError(f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist: create "
+                         f"that folder first, or give {flag} another path")
     _check_parents(path, flag)
     if overwrite:
         _check_replaceable(path, flag)
@@ -143,11 +147,19 @@ def _check_replaceable(path: Path, flag: str) -> None:
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     """Refuse at once an output file path that is a directory, sits under a file, or cannot be written."""
+    _check_not_empty(path, flag)
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{flag} {path} is a directory: give a file path")
     _check_parents(path, flag)
     return path
+
+
+def _check_not_empty(path: str | os.PathLike, flag: str) -> None:
+    """Refuse an empty path (`--out "$OUT"` with OUT unset): Path("") is the current directory, which an empty one
+    was then claimed and written into."""
+    if isinstance(path, str) and not path.strip():
+        raise ValueError(f"{flag} is empty: give a path (was a shell variable unset?)")
 
 
 def _check_parents(path: Path, flag: str) -> None:
