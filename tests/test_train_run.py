@@ -242,6 +242,23 @@ def test_a_dataset_of_other_widths_than_the_model_is_refused_before_anything_com
             f"the model's text_dim is 384: set --config.model.text_dim={tiny_ecg_dataset.EMBEDDING_DIM}") in err
 
 
+def test_a_training_takes_all_the_splits_and_names_them_for_a_split_the_dataset_lacks(tmp_path, capsys):
+    """`--config.data.train_split=all`, the published all-data recipe the README names, was refused as a split the
+    dataset lacks. The demo CLIP's text width stops the run right after the split is accepted, before any compile."""
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    capsys.readouterr()  # the build's progress bars
+    workdir = tmp_path / "run"
+    args = ["train", "clip", "--config", str(CONFIGS / "demo_clip.py"), "--workdir", str(workdir),
+            f"--config.data.dataset={builder.data_dir}"]
+    assert cli.main([*args, "--config.data.train_split=all"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the model's text_dim is 384" in err and "no split" not in err
+    assert cli.main([*args, "--config.data.train_split=dev"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no split 'dev'" in err and "or 'all', their union" in err
+    assert not workdir.exists()
+
+
 def test_latents_of_another_vae_are_refused_by_their_channels():
     from types import SimpleNamespace
 

@@ -314,9 +314,11 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     model_dirs.check_component_writable(model_dir, model, workdir=workdir, overwrite=overwrite)
     builder = _load_dataset(model, config)
     splits = builder.info.splits
-    if config.data.train_split not in splits:
+    # `all` (the published all-data recipe) and split expressions are read as the pipeline reads them.
+    if not pipeline.has_split(builder, config.data.train_split):
         raise ValueError(f"dataset {config.data.dataset} has no split {config.data.train_split!r} "
-                         f"(it has {sorted(splits)}); set --config.data.train_split")
+                         f"(it has {sorted(splits)}, or {pipeline.ALL_SPLITS!r}, their union); set "
+                         "--config.data.train_split")
     provenance_of_data = _dataset_provenance(model, builder, config)  # refuses a dataset without a card, now
     resolve_from_dataset(model, config, builder)
     num_steps = total_steps(config)
@@ -333,7 +335,7 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
                                       seed=seed, start_step=start_step).as_numpy_iterator()
 
     val_batches: Callable[[], Iterable[dict[str, Any]]] | None = None
-    if config.data.val_split in splits:
+    if pipeline.has_split(builder, config.data.val_split):
         val_split = config.data.val_split
 
         def val_batches() -> Iterable[dict[str, Any]]:
