@@ -3,7 +3,8 @@
     diffusets-jax train clip --config configs/diffusets_clip.py --workdir runs/clip \
         --config.data.dataset=/data/tfds/mimic_iv_ecg/1.0.0
 
-Its ECG tower is the feature extractor of FID / precision-recall / CLIP score. Output: `workdir/export/clip`.
+Its ECG tower is the feature extractor of FID / precision-recall / CLIP score.
+Output: `WORKDIR/model/clip` (or `--model-dir DIR`).
 
 The reference spec gives the loss and AdamW but no batch, rate or length; the defaults below are conventional. The
 published experiment code (DiffuSETS_Exp-Extended `clip/clip_train.py`, read at its HEAD) trains with AdamW at a

@@ -5,7 +5,7 @@
 
 Input: a latent dataset (`latent_mean`, `latent_logvar` (128, 4) + text embedding, sex, age, heart rate)
 written by `diffusets-jax encode`; text embeddings from text-embedding-ada-002 (1536-d).
-Output: `workdir/export/unet`.
+Output: `WORKDIR/model/unet` (or `--model-dir DIR`).
 """
 
 import ml_collections

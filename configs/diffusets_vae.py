@@ -3,7 +3,7 @@
     diffusets-jax train vae --config configs/diffusets_vae.py --workdir runs/vae \
         --config.data.dataset=/data/tfds/mimic_iv_ecg/1.0.0
 
-Input: prepared ECGs (1024, 12) in mV, standard lead order. Output: `workdir/export/vae`.
+Input: prepared ECGs (1024, 12) in mV, standard lead order. Output: `WORKDIR/model/vae` (or `--model-dir DIR`).
 """
 
 import ml_collections

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,16 @@ def test_the_closed_ends_of_each_range_are_allowed():
     optimizer = optimizer_section(b1=0.0, b2=0.0, weight_decay=0.0, grad_clip_norm=0.0, warmup_steps=0,
                                   cosine_final_fraction=1.0)
     check_optimizer_section(optimizer)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.py")), ids=lambda p: p.name)
+def test_a_config_names_the_folder_its_training_exports_into(path):
+    """The published configs said their component went to `workdir/export/<kind>`, a folder no training writes:
+    the export goes into the model directory, `WORKDIR/model` unless --model-dir names another."""
+    from diffusets_jax.train.run import MODEL_DIR_NAME
+
+    text = path.read_text()
+    for claim in re.findall(r"Output: `([^`]*)`", text):
+        kind = load_config(path).model_kind
+        assert claim == f"WORKDIR/{MODEL_DIR_NAME}/{kind}", f"{path.name} says its output is {claim}"
+

@@ -122,6 +122,23 @@ def test_measured_latent_scale_gives_unit_variance(encoded, source):
         latents.measure_latent_scale(out, "train")
 
 
+def test_latent_scale_of_all_splits_or_a_sum_of_splits(encoded):
+    """A U-Net trained on `all` (the published all-data recipe) measures its scale there at export: `all[:n]` is no
+    TFDS split, and `train+validation[:n]` would have sliced the validation part alone."""
+    out, _ = encoded
+    builder = pipeline.load_builder(out)
+
+    def scale_of(split: str, n: int) -> float:
+        ids = [int(e["study_id"]) for e in builder.as_dataset(split, shuffle_files=False).take(n).as_numpy_iterator()]
+        assert len(ids) == n
+        return 1.0 / np.stack([expected_posterior(i)[0] for i in ids]).astype(np.float64).std()
+
+    everything = builder.info.splits["all"].num_examples
+    assert latents.measure_latent_scale(out, "all") == pytest.approx(scale_of("all", everything), rel=1e-5)
+    assert latents.measure_latent_scale(out, "train+validation", max_examples=60) == pytest.approx(
+        scale_of("train+validation", 60), rel=1e-5)
+
+
 def test_training_resolves_the_measured_scale_only_for_the_unet_with_scale_by_std(encoded):
     from pathlib import Path
 

@@ -62,6 +62,24 @@ def test_resume_at_step_continues_the_stream(builder, step):
     assert resumed == full[step:]
 
 
+def test_all_is_the_union_of_the_splits_for_training(builder):
+    """`split="all"`, the published all-data recipe the README names, and split expressions train like a split:
+    `all` was refused as a split the dataset lacks."""
+    total = sum(tiny_ecg_dataset.SPLIT_SIZES.values())
+    everything = sorted(tiny_ecg_dataset.SPLIT_OFFSETS[s] + i
+                        for s, n in tiny_ecg_dataset.SPLIT_SIZES.items() for i in range(n))
+    stream = pipeline.train_dataset(builder, "all", host_batch_size=8, fields=pipeline.VAE_FIELDS, seed=2,
+                                    shuffle_buffer=16)
+    flat = sum(first_batches(stream, -(-total // 8)), [])
+    assert sorted(flat[:total]) == everything  # one epoch: every example of every split once
+    assert pipeline.split_examples(builder, pipeline.ALL_SPLITS) == total
+    assert pipeline.split_examples(builder, "train+validation") == TRAIN_SIZE + tiny_ecg_dataset.SPLIT_SIZES[
+        "validation"]
+    assert pipeline.has_split(builder, "all") and not pipeline.has_split(builder, "dev")
+    with pytest.raises(ValueError, match="no split 'dev'.*'all', their union"):
+        pipeline.split_examples(builder, "dev")
+
+
 def test_fields_select_what_is_parsed(builder):
     ds = pipeline.train_dataset(builder, "train", host_batch_size=4, fields=pipeline.DIFFUSION_FIELDS, seed=0)
     batch = next(ds.as_numpy_iterator())

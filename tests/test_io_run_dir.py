@@ -58,6 +58,33 @@ def test_without_overwrite_nothing_is_replaced_so_an_earlier_run_resumes(tmp_pat
         assert run.resumed and (run.path / RUN_FILE).is_file()
 
 
+def test_a_failed_overwrite_run_keeps_its_outputs_for_the_same_command_to_resume(tmp_path):
+    """A training with --overwrite that stopped on a NaN loss (or Ctrl-C) had its staging folder removed, checkpoints
+    and all, while its error line named the last good checkpoint there. Its outputs stay, the folder it was to
+    replace stays as it was, and the same command resumes them; a failed run that wrote nothing leaves nothing."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(RuntimeError, match="loss is nan"):
+        with output_dir(out, command="train vae", settings={"lr": 1}, overwrite=True) as run:
+            staging = run.path
+            (run.path / "checkpoints").mkdir()
+            (run.path / "checkpoints" / "1").write_text("step 1")
+            raise RuntimeError("loss is nan at step 2")
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    assert (staging / "checkpoints" / "1").read_text() == "step 1"
+    with output_dir(out, command="train vae", settings={"lr": 1}, overwrite=True) as run:
+        assert run.path == staging and (run.path / "checkpoints" / "1").is_file()  # resumed from its checkpoints
+    assert (out / "checkpoints" / "1").is_file() and not (out / "notes.txt").exists() and not staging.exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("the user's")
+    with pytest.raises(RuntimeError):
+        with output_dir(other, command="train vae", settings={"lr": 1}, overwrite=True):
+            raise RuntimeError("failed before any output")
+    assert sorted(os.listdir(tmp_path)) == ["other", "run"]  # no empty staging folder beside them
+
+
 def test_overwrite_never_replaces_the_current_or_the_home_directory(tmp_path, monkeypatch, capsys):
     """`--out .` refused as a user's folder, then given --overwrite, would have replaced the folder the user works
     in (their checkout, their home) with a command's outputs."""

@@ -242,6 +242,23 @@ def test_a_dataset_of_other_widths_than_the_model_is_refused_before_anything_com
             f"the model's text_dim is 384: set --config.model.text_dim={tiny_ecg_dataset.EMBEDDING_DIM}") in err
 
 
+def test_a_training_takes_all_the_splits_and_names_them_for_a_split_the_dataset_lacks(tmp_path, capsys):
+    """`--config.data.train_split=all`, the published all-data recipe the README names, was refused as a split the
+    dataset lacks. The demo CLIP's text width stops the run right after the split is accepted, before any compile."""
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    capsys.readouterr()  # the build's progress bars
+    workdir = tmp_path / "run"
+    args = ["train", "clip", "--config", str(CONFIGS / "demo_clip.py"), "--workdir", str(workdir),
+            f"--config.data.dataset={builder.data_dir}"]
+    assert cli.main([*args, "--config.data.train_split=all"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the model's text_dim is 384" in err and "no split" not in err
+    assert cli.main([*args, "--config.data.train_split=dev"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no split 'dev'" in err and "or 'all', their union" in err
+    assert not workdir.exists()
+
+
 def test_latents_of_another_vae_are_refused_by_their_channels():
     from types import SimpleNamespace
 
@@ -261,6 +278,41 @@ def test_latents_of_another_vae_are_refused_by_their_channels():
         check_dataset_fits_model(unet, latent_dataset(8, 16), "LAT")
     with pytest.raises(ValueError, match="text_dim is 16: set --config.model.text_dim=1536"):
         check_dataset_fits_model(unet, latent_dataset(4, 1536), "LAT")
+
+
+def test_a_unet_is_not_trained_into_a_model_directory_whose_vae_did_not_encode_its_latents(tmp_path, capsys):
+    """`sample` refuses a U-Net beside another VAE than the one that encoded its latents; the training ran to its end
+    and exported into such a directory all the same. Refused before the workdir is claimed."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from diffusets_jax.data import latents
+    from diffusets_jax.models import model_dir as model_dirs
+    from diffusets_jax.models.vae import VAE
+
+    source = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+
+    def encoder(variables, ecg):  # the VAE's shapes: (batch, 1024, 12) -> 2 x (batch, 128, 4)
+        mean = ecg.reshape(ecg.shape[0], 128, 8, 12).mean(axis=2)[..., :4]
+        return mean, jnp.zeros_like(mean)
+
+    out = tmp_path / "latents"
+    latents.encode_dataset(source, str(out), encoder, {}, vae={"model_dir": "/models/a", "uid": "a" * 32,
+                                                               "provenance": {}}, batch_size=8, splits=["validation"])
+    vae = VAE(widths=(8, 8, 8), groups=4, num_res_blocks=1)
+    shapes = jax.eval_shape(lambda: vae.init(jax.random.key(0), jnp.zeros((1, 1024, 12)), method=VAE.encode))
+    models = tmp_path / "models"
+    model_dirs.write_component(models, "vae", vae, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes),
+                               provenance={"source": "test"})
+    there = model_dirs.read_index(models).components["vae"]["uid"]
+    capsys.readouterr()
+    workdir = tmp_path / "run"
+    code = cli.main(["train", "unet", "--config", str(CONFIGS / "demo_unet.py"), "--workdir", str(workdir),
+                     "--model-dir", str(models), f"--config.data.dataset={out}", "--config.data.train_split=validation"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not workdir.exists()
+    assert f"holds VAE {there[:8]}, but the latents of {out} were encoded by VAE aaaaaaaa (of /models/a)" in err
 
 
 def test_the_model_directory_and_the_workdir_must_not_overlap(tmp_path):

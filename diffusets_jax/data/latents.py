@@ -107,16 +107,19 @@ def measure_latent_moments(source: tfds.core.DatasetBuilder | str | os.PathLike,
     from diffusets_jax.io.run_dir import reading
 
     builder = pipeline.load_builder(source)
-    if split not in builder.info.splits:
+    try:
+        n = min(int(max_examples), pipeline.split_examples(builder, split))
+    except ValueError:
         raise ValueError(f"{builder.data_dir}: no split {split!r} to measure the latents on "
-                         f"(it has {sorted(builder.info.splits)})")
-    n = min(int(max_examples), int(builder.info.splits[split].num_examples))
+                         f"(it has {sorted(builder.info.splits)})") from None
     if n < 1:
         raise ValueError(f"{builder.data_dir}: split {split!r} is empty; cannot measure its latents")
     total = total_sq = count = 0.0
     with reading(builder.data_dir):
-        ds = builder.as_dataset(split=f"{split}[:{n}]", shuffle_files=False,
-                                decoders=tfds.decode.PartialDecoding({"latent_mean": True}))
+        # The first n of the split as a whole: TFDS slices neither `all` nor a sum (`train+validation[:n]`
+        # would slice only its last part).
+        ds = builder.as_dataset(split=split, shuffle_files=False,
+                                decoders=tfds.decode.PartialDecoding({"latent_mean": True})).take(n)
         for batch in tfds.as_numpy(ds.batch(256)):
             values = np.asarray(batch["latent_mean"], np.float64)
             total, total_sq, count = total + values.sum(), total_sq + np.square(values).sum(), count + values.size

@@ -111,6 +111,29 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
     return builder
 
 
+# TFDS's name for the union of a dataset's splits, which it reads without a copy: the published all-data recipe.
+ALL_SPLITS = "all"
+
+
+def split_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+    """Examples of `split`: one of the dataset's splits, `all` (their union) or a TFDS split expression
+    (`train+validation`, `train[:10%]`). A split the dataset lacks raises ValueError naming those it has."""
+    try:
+        return int(builder.info.splits[split].num_examples)
+    except (ValueError, KeyError, NotImplementedError, TypeError):  # TFDS: unknown name, or not a split expression
+        raise ValueError(f"dataset {builder.name!r} has no split {split!r}; it has {sorted(builder.info.splits)} "
+                         f"(or {ALL_SPLITS!r}, their union)") from None
+
+
+def has_split(builder: tfds.core.DatasetBuilder, split: str) -> bool:
+    """Whether `split_examples` reads `split` from this dataset."""
+    try:
+        split_examples(builder, split)
+    except ValueError:
+        return False
+    return True
+
+
 def host_split(builder: tfds.core.DatasetBuilder, split: str, *, drop_remainder: bool,
                process_index: int | None = None, process_count: int | None = None) -> tfds.core.SplitInfo:
     """This process's slice of `split` (`tfds.split_for_jax_process`), as a `SplitInfo` with file instructions.
@@ -118,8 +141,7 @@ def host_split(builder: tfds.core.DatasetBuilder, split: str, *, drop_remainder:
     `drop_remainder=True` (training) gives every process the same number of examples, dropping fewer than
     `process_count`; `False` (evaluation) keeps all, the first processes getting one more.
     """
-    if split not in builder.info.splits and "[" not in split and "+" not in split:
-        raise ValueError(f"dataset {builder.name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    split_examples(builder, split)  # one line naming the splits it has, for a split it lacks
     subsplit = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count,
                                           drop_remainder=drop_remainder)
     info = builder.info.splits[subsplit]

@@ -9,7 +9,8 @@ Every command that writes a folder (sample, sample --corpus, evaluate, demo, the
   (or reports that it is complete); with another fingerprint, or without a record (a user's folder), it is
   refused with one line, before any expensive work, unless `overwrite=True`;
 - `overwrite=True` replaces the folder as a whole, but only at the end: the new outputs are written into a
-  hidden sibling and swapped in when the command succeeds, so a failed run leaves the old folder untouched. A
+  hidden sibling (`.NAME.new-<fingerprint>`) and swapped in when the command succeeds, so a failed run leaves
+  the old folder untouched; the sibling keeps what the failed run wrote, which the same command resumes. A
   folder that is, or holds, one of the run's own inputs (`reads`: a model directory, a dataset, a conditions file)
   is refused even then: replacing it would delete what the run was made from;
 - an exclusive lock refuses a second run into the same folder while one is writing;
@@ -253,8 +254,9 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
     a record of another fingerprint whose settings resolve to what `settings` resolve to is this same run, given
     once as written and once resolved (a run's own saved config.json). The record keeps its fingerprint.
 
-    On a clean exit with `overwrite`, the new folder replaces the old one; on an exception the old one is kept
-    and the partial new one removed (it is ours). A new run that fails having written nothing but its run record
+    On a clean exit with `overwrite`, the new folder replaces the old one; on an exception the old one is kept,
+    and the partial new one too when it holds outputs (a training's checkpoints), for the same command to resume;
+    one holding nothing but the run record is removed. A new run that fails having written nothing but its run record
     takes the record and its lock back out and removes the folders it created (`_undo_claim`): a command that
     produced nothing leaves no empty folder behind, and a user's empty folder as it found it.
     """
@@ -301,7 +303,12 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
                 yield RunDir(staging, final, resumed=False, complete=False, record=record)
             except BaseException:
                 if count == 1:
-                    shutil.rmtree(staging, ignore_errors=True)  # our own partial output
+                    if not _user_entries(staging):  # nothing but our record: no trace of the failed run is left
+                        shutil.rmtree(staging, ignore_errors=True)
+                    # Otherwise its outputs stay, as a failed run's do without overwrite (`_undo_claim`): a
+                    # training's checkpoints (its NaN-loss line names the last good one there), an encoding's
+                    # shards. The same command again finds them (the sibling's name is of its fingerprint) and
+                    # resumes.
                     if new_lock:  # the folder it was to replace is left as it was found, without our lock file
                         with contextlib.suppress(OSError):
                             os.remove(final / f"{_OURS_PREFIX}-p{index}.lock")

@@ -314,10 +314,14 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     model_dirs.check_component_writable(model_dir, model, workdir=workdir, overwrite=overwrite)
     builder = _load_dataset(model, config)
     splits = builder.info.splits
-    if config.data.train_split not in splits:
+    # `all` (the published all-data recipe) and split expressions are read as the pipeline reads them.
+    if not pipeline.has_split(builder, config.data.train_split):
         raise ValueError(f"dataset {config.data.dataset} has no split {config.data.train_split!r} "
-                         f"(it has {sorted(splits)}); set --config.data.train_split")
+                         f"(it has {sorted(splits)}, or {pipeline.ALL_SPLITS!r}, their union); set "
+                         "--config.data.train_split")
     provenance_of_data = _dataset_provenance(model, builder, config)  # refuses a dataset without a card, now
+    if model == "unet":
+        check_latents_fit_model_dir_vae(model_dir, builder, config.data.dataset)
     resolve_from_dataset(model, config, builder)
     num_steps = total_steps(config)
     config.train.num_steps = num_steps
@@ -333,7 +337,7 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
                                       seed=seed, start_step=start_step).as_numpy_iterator()
 
     val_batches: Callable[[], Iterable[dict[str, Any]]] | None = None
-    if config.data.val_split in splits:
+    if pipeline.has_split(builder, config.data.val_split):
         val_split = config.data.val_split
 
         def val_batches() -> Iterable[dict[str, Any]]:
@@ -437,6 +441,23 @@ def check_export_config(model: str, config: ml_collections.ConfigDict, workdir: 
                          f"what its export means: export with the config the run saved, --config {saved}")
 
 
+def check_latents_fit_model_dir_vae(model_dir: Path, builder: Any, dataset: str) -> None:
+    """Refuse to train (or export) a U-Net into a model directory whose VAE is not the one that encoded its latents
+    (the latent dataset's card names it): `sample` refuses such a directory, so the training would only be found
+    useless at its end. A directory without a VAE yet, or latents that do not name theirs, are left as they are."""
+    from diffusets_jax.data.card import read_card
+
+    encoded_by = (read_card(builder).get("derived_from", {}).get("vae") or {})
+    there = model_dirs.read_index(model_dir).components.get("vae", {}).get("uid")
+    wanted = encoded_by.get("uid")
+    if wanted and there and wanted != there:
+        raise ValueError(f"--model-dir {model_dir} holds VAE {there[:8]}, but the latents of {dataset} were encoded by "
+                         f"VAE {wanted[:8]} (of {encoded_by.get('model_dir', 'another model directory')}): `sample` "
+                         "refuses a U-Net with another VAE's latents. Give the --model-dir of the VAE that encoded "
+                         "them, or encode with this one (`diffusets-jax encode --vae "
+                         f"{model_dir}`) and train on those latents")
+
+
 def _dataset_provenance(model: str, builder: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
     from diffusets_jax.data.card import dataset_reference, read_card
 
@@ -523,6 +544,8 @@ def export_latest(model: str, config: ml_collections.ConfigDict, workdir: str | 
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
     builder = _load_dataset(model, config)
     dataset = _dataset_provenance(model, builder, config)
+    if model == "unet":
+        check_latents_fit_model_dir_vae(model_dir, builder, config.data.dataset)
     resolve_from_dataset(model, config, builder)
     check_export_config(model, config, workdir, run, builder)
     check_same_dataset_build(workdir, builder, config.data.dataset, export=True)
