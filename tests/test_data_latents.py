@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from jax.sharding import Mesh, PartitionSpec
 
 from diffusets_jax import parallel
@@ -129,10 +130,19 @@ def test_latent_scale_of_all_splits_or_a_sum_of_splits(encoded):
     builder = pipeline.load_builder(out)
 
     def scale_of(split: str, n: int) -> float:
-        ids = [int(e["study_id"]) for e in builder.as_dataset(split, shuffle_files=False).take(n).as_numpy_iterator()]
+        in_order = tfds.ReadConfig(interleave_cycle_length=1)  # the first n in stored order, file after file
+        ids = [int(e["study_id"]) for e in
+               builder.as_dataset(split, shuffle_files=False, read_config=in_order).take(n).as_numpy_iterator()]
         assert len(ids) == n
         return 1.0 / np.stack([expected_posterior(i)[0] for i in ids]).astype(np.float64).std()
 
+    # A named split is measured on its first n in stored order (`train[:n]`) across its shards, as before `all`
+    # was read: `take` on TFDS's interleave of 16 files would sample them instead.
+    assert builder.info.splits["train"].num_examples > 30 and len(builder.info.splits["train"].filenames) > 1
+    first = [int(e["study_id"]) for e in builder.as_dataset("train[:30]", shuffle_files=False).as_numpy_iterator()]
+    assert sorted(first) == sorted(int(e["study_id"]) for e in builder.as_dataset(
+        "train", shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1)).take(30).as_numpy_iterator())
+    assert latents.measure_latent_scale(out, "train", max_examples=30) == pytest.approx(scale_of("train", 30), rel=1e-5)
     everything = builder.info.splits["all"].num_examples
     assert latents.measure_latent_scale(out, "all") == pytest.approx(scale_of("all", everything), rel=1e-5)
     assert latents.measure_latent_scale(out, "train+validation", max_examples=60) == pytest.approx(

@@ -117,8 +117,10 @@ def measure_latent_moments(source: tfds.core.DatasetBuilder | str | os.PathLike,
     total = total_sq = count = 0.0
     with reading(builder.data_dir):
         # The first n of the split as a whole: TFDS slices neither `all` nor a sum (`train+validation[:n]`
-        # would slice only its last part).
+        # would slice only its last part). One file at a time, so that they are the first n in stored order: TFDS
+        # otherwise interleaves 16 files, and `take` would sample the first 16 shards instead.
         ds = builder.as_dataset(split=split, shuffle_files=False,
+                                read_config=tfds.ReadConfig(interleave_cycle_length=1),
                                 decoders=tfds.decode.PartialDecoding({"latent_mean": True})).take(n)
         for batch in tfds.as_numpy(ds.batch(256)):
             values = np.asarray(batch["latent_mean"], np.float64)
