@@ -129,6 +129,12 @@ class Records:
     def __len__(self) -> int:
         return len(self.ecg)
 
+    @classmethod
+    def concatenate(cls, parts: Sequence[Records]) -> Records:
+        """`parts` one after another, field by field (so a field added to Records is pooled too)."""
+        return cls(*([row for p in parts for row in getattr(p, f.name)] if f.name == "report_lines"
+                     else np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)))
+
     def take(self, indices: np.ndarray, *, in_place: bool = False) -> Records:
         """The records at `indices`. `in_place` (increasing indices): move the ECG rows forward within this array
         instead of copying them out, so a whole split is never held twice; this Records is not to be used after."""
@@ -171,10 +177,7 @@ def load_pooled_records(dataset: str | os.PathLike, *, limit: int | None = None)
     from diffusets_jax.data import pipeline
 
     parts = [load_records(dataset, split, limit=limit) for split in pipeline.load_builder(dataset).info.splits]
-    records = [part for part, _ in parts]
-    return Records(np.concatenate([r.ecg for r in records]), [line for r in records for line in r.report_lines],
-                   *(np.concatenate([getattr(r, name) for r in records])
-                     for name in ("text_embedding", "sex", "age", "heart_rate", "subject_id"))), sum(d for _, d in parts)
+    return Records.concatenate([part for part, _ in parts]), sum(dropped for _, dropped in parts)
 
 
 def parse_fractions(text: str) -> tuple[float, float, float]:
