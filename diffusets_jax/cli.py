@@ -755,6 +755,9 @@ def _failed_ecgs(examples: dict, skipped: int, requested: int, listed: str) -> N
 
 COMMANDS.append(_add_sample)
 
+# evaluate's generation flags, filled in after _check_evaluate_generation_flags has seen which were given.
+EVALUATE_DEFAULTS = {"guidance_scale": 1.0, "batch_size": 64, "records_per_condition": 50, "samples_per_record": 1}
+
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     from diffusets_jax.worker_processes import usable_cores
@@ -794,18 +797,22 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     cond.add_argument("--by-condition", action="store_true", help="N records per condition by keyword rules")
     cond.add_argument("--rules", metavar="FILE", help="keyword rule file (default: the paper's 15 conditions)")
     cond.add_argument("--conditions", metavar="NAMES", help="comma-separated subset of the rules, e.g. af,lbbb,normal")
-    cond.add_argument("--records-per-condition", type=positive_int, default=50, help="N (default: %(default)s)")
-    cond.add_argument("--samples-per-record", type=positive_int, default=1, help="S (default: %(default)s)")
+    # Defaults of None (resolved in _run_evaluate) tell a flag given from one left out: those that only shape how
+    # --model-dir generates are refused with --generated rather than silently ignored.
+    cond.add_argument("--records-per-condition", type=positive_int,
+                      help=f"N (default: {EVALUATE_DEFAULTS['records_per_condition']})")
+    cond.add_argument("--samples-per-record", type=positive_int,
+                      help=f"S: ECGs generated per record (default: {EVALUATE_DEFAULTS['samples_per_record']})")
     smp = parser.add_argument_group("sampler (default: the protocol's)")
     smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"))
     smp.add_argument("--steps", type=positive_int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
-    smp.add_argument("--guidance-scale", type=finite_float, default=1.0,
-                     help="classifier-free guidance weight (default: 1, none)")
+    smp.add_argument("--guidance-scale", type=finite_float,
+                     help=f"classifier-free guidance weight (default: {EVALUATE_DEFAULTS['guidance_scale']:g}, none)")
     smp.add_argument("--seed", type=seed_int, default=0,
                      help="PRNG seed (default: 0): the generated ECGs' noise, the records --by-condition picks and, "
                           "with --protocol paper, the references' posterior draws")
-    smp.add_argument("--batch-size", type=positive_int, default=64, help="ECGs per compiled call, rounded up to a "
-                     "multiple of the device count (default: 64)")
+    smp.add_argument("--batch-size", type=positive_int, help="ECGs per compiled call, rounded up to a "
+                     f"multiple of the device count (default: {EVALUATE_DEFAULTS['batch_size']})")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for intervals (default: %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=usable_cores(),
                         help="processes for beat detection and delineation (default: the cores this process may use)")
@@ -830,6 +837,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                          "towers give the signal-level features and the CLIP score")
     if args.labels and not args.model_dir:
         raise ValueError("--labels names the --model-dir models: give them, or drop --labels")
+    _check_evaluate_generation_flags(args)
     labels = ev.model_labels(args.model_dir, args.labels) if args.model_dir else []
     proto = ev.protocol(args.protocol)
     from diffusets_jax.data.card import card_fingerprint
@@ -908,6 +916,29 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     for label, report in reports:
         _print_levels(args.out if len(reports) == 1 else os.path.join(args.out, label), report)
     return 0
+
+
+def _check_evaluate_generation_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag that would change nothing, then fill in the defaults left as None by the parser.
+
+    The sampler and generation flags shape what --model-dir generates: --generated scores samples as they are, so
+    they would be ignored there; --records-per-condition picks records per keyword rule, so it needs the rules.
+    Refused in one line, because a report that silently ignored them would read as an answer to what was asked."""
+    given = {flag: getattr(args, name) for flag, name in (
+        ("--sampler", "sampler"), ("--steps", "steps"), ("--guidance-scale", "guidance_scale"),
+        ("--batch-size", "batch_size"), ("--records-per-condition", "records_per_condition"),
+        ("--samples-per-record", "samples_per_record"))}
+    if args.generated:
+        for flag, value in given.items():
+            if value is not None:
+                raise ValueError(f"{flag} sets how --model-dir generates; --generated scores its samples as they "
+                                 f"are: drop {flag}")
+    elif given["--records-per-condition"] is not None and not (args.by_condition or args.rules or args.conditions):
+        raise ValueError("--records-per-condition sets how many records each condition rule picks: add "
+                         "--by-condition, or drop --records-per-condition")
+    for name, default in EVALUATE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def _check_evaluated_embeddings(args: argparse.Namespace, builder: Any, clip_conditioning: Any, clip_dir: str) -> None:

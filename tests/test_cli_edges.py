@@ -358,6 +358,21 @@ CASES: list[tuple[str, list[str], str]] = [
     ("evaluate-generated-without-clip", ["evaluate", "--generated", "{w}/project/samples.npz", "--dataset", "x",
                                          "--out", "{w}/new"], "--generated needs --clip DIR: a model directory with a "
                                                                "clip/ component"),
+    # flags that shape only what --model-dir generates: were ignored without a word with --generated
+    ("evaluate-generated-with-a-sampler", ["evaluate", "--generated", "{w}/project/samples.npz", "--clip",
+                                           "{w}/model_bad_index", "--dataset", "x", "--out", "{w}/new", "--sampler",
+                                           "ddim"], "--sampler sets how --model-dir generates; --generated scores its "
+                                                    "samples as they are: drop --sampler"),
+    ("evaluate-generated-with-guidance-1", ["evaluate", "--generated", "{w}/project/samples.npz", "--clip",
+                                            "{w}/model_bad_index", "--dataset", "x", "--out", "{w}/new",
+                                            "--guidance-scale", "1"], "drop --guidance-scale"),
+    ("evaluate-generated-with-samples-per-record", ["evaluate", "--generated", "{w}/project/samples.npz", "--clip",
+                                                    "{w}/model_bad_index", "--dataset", "x", "--out", "{w}/new",
+                                                    "--samples-per-record", "3"], "drop --samples-per-record"),
+    ("evaluate-records-per-condition-without-rules", ["evaluate", "--model-dir", "{w}/model_bad_index", "--dataset",
+                                                      "x", "--out", "{w}/new", "--records-per-condition", "5"],
+     "--records-per-condition sets how many records each condition rule picks: add --by-condition, or drop "
+     "--records-per-condition"),
     ("evaluate-workers-0", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "x", "--out", "{w}/new", "--workers",
                             "0"], "argument --workers: must be a whole number >= 1"),
     ("turing-conditions-limit-negative", ["turing-conditions", "--dataset", "x", "-n", "2", "--seed", "1", "--out",
