@@ -1120,6 +1120,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 COMMANDS.append(_add_demo)
 
 
+# downstream's generation flags, filled in after _run_downstream has seen which were given.
+DOWNSTREAM_DEFAULTS = {"sampler": "dpmpp_2m", "generation_batch_size": 64}
+
+
 def _add_downstream(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "downstream",
@@ -1170,10 +1174,14 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
     setup.add_argument("--limit", type=positive_int, help="read only the first N records of each split")
     setup.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples (default: %(default)s)")
     setup.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Defaults of None (filled in by _run_downstream) tell a flag given from one left out: without --model-dir
+    # nothing is generated, and a given generation flag is refused rather than ignored.
     gen = parser.add_argument_group("generation (with --model-dir)")
-    gen.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default="dpmpp_2m")
+    gen.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"),
+                     help=f"default: {DOWNSTREAM_DEFAULTS['sampler']}")
     gen.add_argument("--sampling-steps", type=positive_int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
-    gen.add_argument("--generation-batch-size", type=positive_int, default=64, help="ECGs per compiled call (default: %(default)s)")
+    gen.add_argument("--generation-batch-size", type=positive_int,
+                     help=f"ECGs per compiled call (default: {DOWNSTREAM_DEFAULTS['generation_batch_size']})")
     parser.set_defaults(func=_run_downstream, accepts_config_overrides=True)
 
 
@@ -1189,6 +1197,15 @@ def _run_downstream(args: argparse.Namespace) -> int:
     rules = downstream.select_tasks(names, args.task or [], args.task_file or [])
     arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
     resplit = None if args.resplit is None else downstream.parse_fractions(args.resplit)
+    if args.model_dir is None:
+        for flag, value in (("--sampler", args.sampler), ("--sampling-steps", args.sampling_steps),
+                            ("--generation-batch-size", args.generation_batch_size)):
+            if value is not None:
+                raise ValueError(f"{flag} sets how --model-dir generates the minority ECGs, and no --model-dir is "
+                                 f"given: add --model-dir, or drop {flag}")
+    for name, default in DOWNSTREAM_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     config = load_config(args.config or downstream.DEFAULT_CONFIG, getattr(args, "config_overrides", []))
     if args.steps is not None:
         config.train.num_steps = args.steps

@@ -373,6 +373,12 @@ CASES: list[tuple[str, list[str], str]] = [
                                                       "x", "--out", "{w}/new", "--records-per-condition", "5"],
      "--records-per-condition sets how many records each condition rule picks: add --by-condition, or drop "
      "--records-per-condition"),
+    ("downstream-sampling-steps-without-a-model", ["downstream", "--dataset", "x", "--out", "{w}/new",
+                                                   "--sampling-steps", "50"],
+     "--sampling-steps sets how --model-dir generates the minority ECGs, and no --model-dir is given: add "
+     "--model-dir, or drop --sampling-steps"),
+    ("downstream-sampler-with-a-corpus", ["downstream", "--dataset", "x", "--generated-corpus", "{w}/latents", "--out",
+                                          "{w}/new", "--sampler", "dpmpp_2m"], "drop --sampler"),
     ("evaluate-workers-0", ["evaluate", "--model-dir", "{w}/nope", "--dataset", "x", "--out", "{w}/new", "--workers",
                             "0"], "argument --workers: must be a whole number >= 1"),
     ("turing-conditions-limit-negative", ["turing-conditions", "--dataset", "x", "-n", "2", "--seed", "1", "--out",
