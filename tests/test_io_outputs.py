@@ -289,6 +289,19 @@ def test_parse_formats():
         parse_formats(" , ")
 
 
+def test_the_same_formats_in_another_order_resume_the_run(generator, tmp_path):
+    """The formats are part of the fingerprint, and were kept in the order given: `--formats wfdb,npz` after
+    `npz,wfdb` was refused as a run with other settings, though it writes the same files."""
+    out, condition = tmp_path / "out", make_condition("Sinus rhythm", "M", 50, 70, 2)
+    first = sample_to_directory(generator, [condition], out, formats="wfdb,npz", progress=False)
+    assert first["settings"]["formats"] == ["npz", "wfdb"]
+    stamp = (out / "samples.npz").stat().st_mtime_ns
+    again = sample_to_directory(generator, [condition], out, formats=("npz", "wfdb"), progress=False)
+    assert again["settings"]["formats"] == ["npz", "wfdb"]
+    assert (out / "samples.npz").stat().st_mtime_ns == stamp  # the finished run, returned as it was
+    assert parse_formats("png,npz") == parse_formats("npz,png") == ["npz", "png"]
+
+
 @pytest.mark.parametrize("formats", ["npz", ("NPZ",)], ids=["string", "upper-case"])
 def test_the_library_reads_formats_as_the_command_does(generator, tmp_path, formats):
     """`formats="npz"` was read letter by letter and ("NPZ",) matched no format: the run wrote no file at all and its

@@ -61,7 +61,8 @@ _PART_NAME = re.compile(r"batch-\d+\.npz")  # `_part_path`
 
 def parse_formats(text: str | None) -> list[str]:
     """`"npz,wfdb"` -> ["npz", "wfdb"], None -> every format, refusing unknown or no formats (checked before any
-    work)."""
+    work). In `FORMATS`' order, whatever order they are given in: the list is part of a run's fingerprint, and
+    `wfdb,npz` writes what `npz,wfdb` writes, so the same command with its formats reordered resumes."""
     if text is None:
         return list(FORMATS)
     formats = [f.strip().lower() for f in str(text).split(",") if f.strip()]
@@ -69,7 +70,7 @@ def parse_formats(text: str | None) -> list[str]:
     if unknown or not formats:
         raise ValueError(f"--formats {text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'nothing chosen'}; "
                          f"choose from {', '.join(FORMATS)}")
-    return list(dict.fromkeys(formats))
+    return [f for f in FORMATS if f in formats]
 
 
 def sample_name(position: int) -> str:
