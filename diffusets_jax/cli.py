@@ -553,7 +553,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     ref.add_argument("--reference-start", type=finite_float, metavar="S", help="take 10 s from S seconds of a longer record")
     ref.add_argument("--observe", metavar="LEADS", help="observed leads, e.g. I, or I,II,III,aVR,aVL,aVF, or all: "
                      "posterior sampling (twisted SMC through the VAE decoder) draws ECGs that agree with them")
-    ref.add_argument("--observe-window", metavar="START,END", help="observe only these seconds, e.g. 0,5")
+    ref.add_argument("--observe-window", metavar="START,END", help="observe only these seconds of the 10 s taken, "
+                     "counted from its start (--reference-start, else 0), e.g. 0,5")
     ref.add_argument("--noise-std", type=finite_float, metavar="MV", help="observation noise, mV (default: 0.05; larger "
                      "lets the report move the observed leads)")
     ref.add_argument("--drift", action="store_true", help="the recording may carry baseline wander below 0.67 Hz: "
