@@ -100,6 +100,26 @@ def test_a_training_run_replaces_only_its_own_export(parts, tmp_path):
     assert (tmp_path / "u" / "clip" / "notes.txt").read_text() == "mine"
 
 
+def test_a_vae_that_a_unet_was_trained_on_is_not_replaced_without_overwrite(parts, tmp_path):
+    """A training run may replace its own VAE export; extended with more steps, it did so under the U-Net trained
+    on that VAE's latents, which then had no VAE to decode with (`sample` refused the directory)."""
+    vae, vae_vars, unet, unet_vars = parts
+    mine = {"run": {"workdir": str((tmp_path / "runs" / "vae").resolve()), "step": 10}}
+    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance=mine)
+    vae_uid = model_dirs.read_index(tmp_path).components["vae"]["uid"]
+    model_dirs.check_vae_replaceable(tmp_path)  # no U-Net yet: the run may export again
+    model_dirs.write_component(tmp_path, "unet", unet, unet_vars, provenance={"source": "test"},
+                               conditioning=openai_conditioning(), diffusion=DiffusionSpec(latent_std=0.2),
+                               vae_uid=vae_uid)
+    later = {"run": {**mine["run"], "step": 20}}
+    with pytest.raises(ValueError, match=r"^--model-dir .*: its unet/ was trained on the latents of its vae/ "
+                                         rf"\(uid {vae_uid}\).*pass --overwrite to replace the VAE"):
+        model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance=later)
+    assert model_dirs.read_index(tmp_path).components["vae"]["uid"] == vae_uid
+    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance=later, overwrite=True)  # asked for
+    assert model_dirs.read_index(tmp_path).components["vae"]["uid"] != vae_uid
+
+
 def test_a_users_folder_is_not_made_a_model_directory(parts, tmp_path):
     """`train --model-dir` or `convert --out` naming a folder of the user's wrote model_index.json and vae/ in among
     their files, at the end of the training; the folder is now refused at the start, with or without --overwrite."""

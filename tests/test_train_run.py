@@ -315,6 +315,34 @@ def test_a_unet_is_not_trained_into_a_model_directory_whose_vae_did_not_encode_i
     assert f"holds VAE {there[:8]}, but the latents of {out} were encoded by VAE aaaaaaaa (of /models/a)" in err
 
 
+def test_a_vae_run_does_not_train_again_over_the_vae_its_model_directorys_unet_needs(tmp_path, capsys):
+    """Extending a VAE run that had exported into a model directory, after a U-Net was trained there on its latents,
+    trained to the end and then replaced that VAE: the U-Net had nothing left to decode with. Refused before the
+    training starts."""
+    from diffusets_jax.diffusion.schedule import DiffusionSpec
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import openai_conditioning, tiny_vae_unet
+
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    capsys.readouterr()  # the build's progress bars
+    vae, vae_vars, unet, unet_vars = tiny_vae_unet()
+    workdir, models = tmp_path / "run", tmp_path / "models"
+    model_dirs.write_component(models, "vae", vae, vae_vars, provenance={
+        "source": "trained", "run": {"workdir": str(workdir.resolve()), "step": 2}})
+    vae_uid = model_dirs.read_index(models).components["vae"]["uid"]
+    model_dirs.write_component(models, "unet", unet, unet_vars, provenance={"source": "test"},
+                               conditioning=openai_conditioning(), diffusion=DiffusionSpec(latent_std=0.2),
+                               vae_uid=vae_uid)
+    code = cli.main(["train", "vae", "--config", str(CONFIGS / "demo_vae.py"), "--workdir", str(workdir),
+                     "--model-dir", str(models), f"--config.data.dataset={builder.data_dir}",
+                     "--config.train.num_steps=2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"its unet/ was trained on the latents of its vae/ (uid {vae_uid})" in err
+    assert not workdir.exists()  # refused before the workdir is claimed
+    assert model_dirs.read_index(models).components["vae"]["uid"] == vae_uid
+
+
 def test_the_model_directory_and_the_workdir_must_not_overlap(tmp_path):
     """Refused at the start, not when the export finds the folder taken at the end of the training."""
     from diffusets_jax.train.run import check_apart

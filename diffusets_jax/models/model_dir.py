@@ -184,6 +184,22 @@ def check_component_writable(directory: str | os.PathLike, name: str, *, workdir
                      f"another {flag}")
 
 
+def check_vae_replaceable(directory: str | os.PathLike, *, overwrite: bool = False, flag: str = "--model-dir") -> None:
+    """Refuse a new VAE where the directory's U-Net was trained on the latents of the VAE there now: one line,
+    before the VAE trains. A training run may replace its own VAE export (`check_component_writable`), and a run
+    extended with more steps did so at its end, after which `sample` refused the directory and the U-Net had no
+    VAE left to decode with. With `overwrite` the user has asked for the replacement."""
+    directory = Path(directory)
+    if overwrite or not (directory / MODEL_INDEX).is_file():
+        return
+    components = read_index(directory).components
+    vae, unet = components.get("vae"), components.get("unet")
+    if vae and unet and vae.get("uid") and unet.get("vae_uid") == vae.get("uid"):
+        raise ValueError(f"{flag} {directory}: its unet/ was trained on the latents of its vae/ (uid {vae['uid']}), "
+                         f"and a new VAE would leave that U-Net unable to decode: give another {flag}, or pass "
+                         "--overwrite to replace the VAE (then encode again and retrain the U-Net)")
+
+
 def write_component(directory: str | os.PathLike, name: str, module: Any, variables: Any, *,
                     provenance: dict[str, Any], conditioning: ConditioningSpec | None = None,
                     diffusion: DiffusionSpec | None = None, vae_uid: str | None = None,
@@ -222,6 +238,8 @@ def write_component(directory: str | os.PathLike, name: str, module: Any, variab
     with _locked(directory):
         check_component_writable(directory, name, workdir=(provenance.get("run") or {}).get("workdir"),
                                  overwrite=overwrite, flag=flag)
+        if name == "vae":  # also where no early check ran: `train vae --export-only` of a later step
+            check_vae_replaceable(directory, overwrite=overwrite, flag=flag)
         index = read_index(directory)
         path = Path(bundle.save_model(directory, name, module, variables, replace=True))  # checked just above
         components = {**index.components, name: entry}

@@ -325,6 +325,11 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     resolve_from_dataset(model, config, builder)
     num_steps = total_steps(config)
     config.train.num_steps = num_steps
+    target = Path(workdir) / MODEL_DIR_NAME if own_model_dir else model_dir
+    if model == "vae" and exported_run(target, model) != export_record(workdir, num_steps, config):
+        # This run will export a new VAE (a first run, or one extended with more steps): refused now, not after
+        # the training, where the directory's U-Net was trained on the VAE there.
+        model_dirs.check_vae_replaceable(target, overwrite=overwrite)
 
     mesh = parallel.mesh_from_config(config.mesh)
     host_batch = pipeline.per_host_batch_size(int(config.train.global_batch_size), jax.process_count(),
@@ -473,6 +478,20 @@ def trained_variables(state: Any) -> dict[str, Any]:
     return {"params": parallel.host_values(state.eval_params()), **parallel.host_values(state.model_state)}
 
 
+def export_record(workdir: str | Path, step: int, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Which training run, step and config an export comes from: its `provenance["run"]` in the model index."""
+    from diffusets_jax.config import config_to_dict
+    from diffusets_jax.io.run_dir import fingerprint
+
+    return {"workdir": str(Path(workdir).resolve()), "step": int(step),
+            "config_fingerprint": fingerprint(config_to_dict(config))}
+
+
+def exported_run(model_dir: str | Path, model: str) -> dict[str, Any] | None:
+    """The `export_record` of the component `model` of `model_dir`; None where there is none."""
+    return model_dirs.read_index(model_dir).components.get(model, {}).get("provenance", {}).get("run")
+
+
 def export_state(model: str, task: Task, config: ml_collections.ConfigDict, variables: dict[str, Any], step: int,
                  workdir: str | Path, model_dir: str | Path, dataset: dict[str, Any], builder: Any, *,
                  overwrite: bool = False) -> Path:
@@ -482,14 +501,11 @@ def export_state(model: str, task: Task, config: ml_collections.ConfigDict, vari
     Idempotent: when the directory already holds this run's component from the same step and config, it is kept
     as is (a finished run rerun, e.g. a resumed demo, does not give its VAE a new uid under the U-Net's feet)."""
     from diffusets_jax.config import config_to_dict
-    from diffusets_jax.io.run_dir import fingerprint
 
-    config_dict = config_to_dict(config)
-    run = {"workdir": str(Path(workdir).resolve()), "step": int(step), "config_fingerprint": fingerprint(config_dict)}
-    existing = model_dirs.read_index(model_dir).components.get(model, {}).get("provenance", {}).get("run")
-    if existing == run:  # this very checkpoint is already there (a rerun of a finished run): keep its uid
-        return Path(model_dir) / model
-    provenance = {"source": "trained", "dataset": dataset, "run": run, "config": config_dict}
+    run = export_record(workdir, step, config)
+    if exported_run(model_dir, model) == run:  # this very checkpoint is already there (a rerun of a finished
+        return Path(model_dir) / model         # run): keep its uid
+    provenance = {"source": "trained", "dataset": dataset, "run": run, "config": config_to_dict(config)}
     if model != "unet":
         from diffusets_jax.data.card import card_conditioning, read_card
 
