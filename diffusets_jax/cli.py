@@ -710,6 +710,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     with parallel.failing_together():  # on every host, though only process 0 embeds
         if jax.process_index() == 0:  # the process that embeds: a missing API key is one line before --out is claimed
             generator.embedder()
+    if generator.guidance_warning and jax.process_index() == 0:
+        print(f"diffusets-jax sample: warning: {generator.guidance_warning}", file=sys.stderr)
     if args.corpus:
         from diffusets_jax.io.corpus import shard_size_in_batches, write_corpus
 
@@ -874,6 +876,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                                  steps=args.steps or (None if args.sampler else proto.steps),
                                  guidance_scale=args.guidance_scale)
         generators = [ECGGenerator(d, sampler, batch_size=args.batch_size, seed=args.seed) for d in args.model_dir]
+        import jax
+
+        for d, generator in zip(args.model_dir, generators, strict=True):
+            if generator.guidance_warning and jax.process_index() == 0:
+                print(f"diffusets-jax evaluate: warning: --model-dir {d}: {generator.guidance_warning}",
+                      file=sys.stderr)
     clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
     # Everything that changes the report: a dataset prepared again, a CLIP trained again or an edited --rules file
     # at the same path is another input (the rules by content, the CLIP by its uid); with --generated the seed too

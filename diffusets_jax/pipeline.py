@@ -119,6 +119,9 @@ class ECGGenerator:
                                       batch_sharding=self._cond_sharding, compute_dtype=compute_dtype,
                                       latent_scale=self.diffusion.latent_scale)
         self._null_cond = fixed_null_condition(self.unet.text_dim) if sampler.guidance_scale != 1.0 else None
+        # A line for the command to show (None when there is nothing to say): guidance on a U-Net whose null
+        # condition was never trained.
+        self.guidance_warning = model_dirs.untrained_guidance_warning(self.index, sampler.guidance_scale)
         self._reconstruct = None
 
     # -- conditions -> model inputs ------------------------------------------------------------------

@@ -198,6 +198,19 @@ def test_the_command_says_when_ecgs_failed_and_exits_1_when_all_did(model_dir, o
     assert err[0].endswith("lower --guidance-scale, or check the model with `diffusets-jax diagnose`")
 
 
+def test_guidance_on_a_unet_without_condition_dropout_is_said_in_one_line(model_dir, openai_env, tmp_path, capsys):
+    """The tiny U-Net records no condition dropout: guidance ran on its untrained null condition without a word."""
+    args = ["sample", "--model-dir", str(model_dir), *SAMPLE, "-n", "1", "--formats", "npz"]
+    assert main([*args, "--guidance-scale", "3", "--out", str(tmp_path / "guided")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffusets-jax")]
+    assert err == ["diffusets-jax sample: warning: --guidance-scale 3: this U-Net's provenance records no condition "
+                   "dropout (train.cond_dropout), so the null condition guidance contrasts with was never trained "
+                   "and the ECGs are not classifier-free guidance; train with condition dropout "
+                   "(configs/improved_unet.py) to use it"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffusets-jax")]
+
+
 def test_a_resumed_run_leaves_a_failed_ecg_of_an_earlier_part_out_of_the_npz(generator, tmp_path):
     """Parts written before failed generations were skipped (an npz-only run recorded none) may hold a NaN ECG:
     the merge leaves it out whichever run wrote the part."""

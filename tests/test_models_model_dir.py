@@ -120,6 +120,29 @@ def test_a_vae_that_a_unet_was_trained_on_is_not_replaced_without_overwrite(part
     assert model_dirs.read_index(tmp_path).components["vae"]["uid"] != vae_uid
 
 
+@pytest.mark.parametrize(("provenance", "trained"), [
+    ({"source": "converted"}, False),  # the published U-Net: no condition dropout
+    ({"source": "test"}, False),  # no training config recorded
+    ({"source": "trained", "config": {"train": {"cond_dropout": 0.0}}}, False),
+    ({"source": "trained", "config": {"train": {"cond_dropout": 0.1}}}, True),
+])
+def test_guidance_on_a_unet_without_condition_dropout_gets_a_warning(parts, tmp_path, provenance, trained):
+    """--guidance-scale ran without a word on U-Nets whose null condition was never trained."""
+    vae, vae_vars, unet, unet_vars = parts
+    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "test"})
+    model_dirs.write_component(tmp_path, "unet", unet, unet_vars, provenance=provenance,
+                               conditioning=openai_conditioning(), diffusion=DiffusionSpec())
+    index = model_dirs.read_index(tmp_path)
+    assert model_dirs.trained_with_condition_dropout(index) is trained
+    assert model_dirs.untrained_guidance_warning(index, 1.0) is None  # no guidance: nothing to say
+    warning = model_dirs.untrained_guidance_warning(index, 2.5)
+    if trained:
+        assert warning is None
+    else:
+        assert warning.startswith("--guidance-scale 2.5: this U-Net's provenance records no condition dropout")
+        assert "\n" not in warning
+
+
 def test_a_users_folder_is_not_made_a_model_directory(parts, tmp_path):
     """`train --model-dir` or `convert --out` naming a folder of the user's wrote model_index.json and vae/ in among
     their files, at the end of the training; the folder is now refused at the start, with or without --overwrite."""

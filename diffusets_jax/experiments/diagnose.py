@@ -526,11 +526,6 @@ def _read_latents(builder: Any, split: str, n: int, batch_size: int) -> dict[str
     return {k: np.concatenate(v) for k, v in columns.items()}
 
 
-def _trained_with_condition_dropout(unet_entry: Mapping[str, Any]) -> bool:
-    config = (unet_entry.get("provenance") or {}).get("config") or {}
-    return float((config.get("train") or {}).get("cond_dropout") or 0.0) > 0.0
-
-
 def diagnose(model_dir: str | os.PathLike, latents: str | os.PathLike, out_dir: str | os.PathLike, *,
              split: str = "validation", n: int = 256, timesteps: Sequence[int] = DEFAULT_TIMESTEPS, seed: int = 0,
              batch_size: int = 64, sampler: SamplerConfig | None = None, tolerance: float = DEFAULT_TOLERANCE,
@@ -555,7 +550,8 @@ def diagnose(model_dir: str | os.PathLike, latents: str | os.PathLike, out_dir: 
     # Settings the model's schedule cannot run (more steps than it has timesteps) are known from the index alone,
     # as `sample` checks them: refused now, not after the denoising pass with the output folder claimed.
     sampler_timesteps(sampler, make_schedule(index.diffusion.schedule))
-    with_unconditional = _trained_with_condition_dropout(index.components["unet"])
+    with_unconditional = model_dirs.trained_with_condition_dropout(index)
+    guidance_warning = model_dirs.untrained_guidance_warning(index, sampler.guidance_scale)
     components = {name: {k: entry.get(k) for k in ("uid", "vae_uid") if k in entry}
                   for name, entry in index.components.items()}
     settings = {"model_dir": os.path.abspath(model_dir), "components": components,
@@ -584,7 +580,7 @@ def diagnose(model_dir: str | os.PathLike, latents: str | os.PathLike, out_dir: 
                       "diffusion": index.diffusion.to_json(), "conditioning": index.conditioning.to_json(),
                       "trained_with_condition_dropout": with_unconditional},
             "latents": {**dataset_reference(inputs.builder, split), "n_used": results["n"]},
-            "warnings": list(inputs.warnings),
+            "warnings": [*inputs.warnings, *([guidance_warning] if guidance_warning else [])],
             **results,
             "figures": {"diagnosis": PLOT_PNG},
             **stamp(),

@@ -184,6 +184,25 @@ def check_component_writable(directory: str | os.PathLike, name: str, *, workdir
                      f"another {flag}")
 
 
+def trained_with_condition_dropout(index: ModelIndex) -> bool:
+    """Whether the U-Net's provenance records training with condition dropout (`train.cond_dropout` > 0): only
+    then was the fixed null condition that classifier-free guidance contrasts with trained. False for a converted
+    U-Net (the published one had none) and for one whose provenance records no training config."""
+    config = ((index.components.get("unet") or {}).get("provenance") or {}).get("config") or {}
+    return float((config.get("train") or {}).get("cond_dropout") or 0.0) > 0.0
+
+
+def untrained_guidance_warning(index: ModelIndex, guidance_scale: float) -> str | None:
+    """A warning line when `guidance_scale` != 1 runs guidance on a U-Net not trained with condition dropout, else
+    None. A warning, not a refusal: the experiment may be wanted, but its unconditional branch is the network's
+    answer for a condition it never saw, so its ECGs are no classifier-free guidance."""
+    if guidance_scale == 1.0 or trained_with_condition_dropout(index):
+        return None
+    return (f"--guidance-scale {guidance_scale:g}: this U-Net's provenance records no condition dropout "
+            "(train.cond_dropout), so the null condition guidance contrasts with was never trained and the ECGs "
+            "are not classifier-free guidance; train with condition dropout (configs/improved_unet.py) to use it")
+
+
 def check_vae_replaceable(directory: str | os.PathLike, *, overwrite: bool = False, flag: str = "--model-dir") -> None:
     """Refuse a new VAE where the directory's U-Net was trained on the latents of the VAE there now: one line,
     before the VAE trains. A training run may replace its own VAE export (`check_component_writable`), and a run
