@@ -143,3 +143,22 @@ def test_bad_inputs(pair):
         clinical_metrics(gen, real, hr, subject_ids=[1, 2, 3])
     with pytest.raises(ValueError, match=r"ecgs: expected shape \(batch, samples, 12\)"):
         clinical_metrics(gen[..., :6])
+    with pytest.raises(ValueError, match=r"ecgs: expected shape \(batch, samples, 12\)"):
+        clinical_metrics(gen[0], condition_hr=hr[:1])  # one record, not 1024 ECGs with one rate
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"condition_hr": [60.0]}, "condition_hr: 1 values for 2 ECGs"),
+    ({"subject_ids": ["a"]}, "subject_ids: 1 ids for 2 ECGs"),
+    ({"n_boot": 0}, "n_boot: expected at least 1"),
+    ({"level": 95}, r"level: expected a coverage in \(0, 1\)"),
+])
+def test_bad_settings_are_refused_before_any_record_is_measured(pair, monkeypatch, kwargs, message):
+    # Measuring takes ~0.15 s a record: a condition or setting that cannot be used must not wait for all of it.
+    def measured(*args, **kw):
+        raise AssertionError("records were measured before the inputs were checked")
+
+    monkeypatch.setattr("diffusets_jax.metrics.clinical.measure_ecgs", measured)
+    gen, real, _ = pair
+    with pytest.raises(ValueError, match=message):
+        clinical_metrics(gen, real, **kwargs)

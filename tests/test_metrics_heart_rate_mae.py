@@ -73,6 +73,9 @@ def test_bad_inputs():
         heart_rate_mae(np.zeros((2, SAMPLES, 12)), [60.0])
     with pytest.raises(ValueError, match=r"\(batch, samples, leads\)"):
         measure_heart_rates(np.zeros((SAMPLES, 12)))
+    # One record with its rate is a shape error, not "1 values for 1024 ECGs".
+    with pytest.raises(ValueError, match=r"ecgs: expected shape \(batch, samples, leads\), got \(1024, 12\)"):
+        heart_rate_mae(np.zeros((SAMPLES, 12)), [60.0])
     with pytest.raises(ValueError, match="method: unknown heart-rate method"):
         heart_rate_mae(np.zeros((2, SAMPLES, 12)), [60.0, 70.0], method="first")
     # A missing condition rate made the MAE NaN after every record was measured.

@@ -139,15 +139,21 @@ def _measure_chunk(ecgs: np.ndarray, fs: float) -> list[dict[str, Any]]:
     return [_measure_one(ecg, fs) for ecg in ecgs]
 
 
+def _checked_ecgs(ecgs: ArrayLike) -> np.ndarray:
+    """`ecgs` as float64 `(batch, samples, 12)` (fetched from a device), or a ValueError naming the shape."""
+    ecgs = np.asarray(ecgs, dtype=np.float64)
+    if ecgs.ndim != 3 or ecgs.shape[2] != NUM_LEADS:
+        raise ValueError(f"ecgs: expected shape (batch, samples, {NUM_LEADS}) in standard lead order, got {ecgs.shape}")
+    return ecgs
+
+
 def measure_ecgs(ecgs: ArrayLike, fs: float = ECG_RATE_HZ, workers: int | RecordPool = 1) -> ECGMeasurements:
     """Measure every ECG of `ecgs` `(batch, samples, 12)` (mV, standard lead order) sampled at `fs` Hz.
 
     `workers`: a number of processes for this call (beat detection and delineation are CPU-bound), or a
     `RecordPool` shared by several calls.
     """
-    ecgs = np.asarray(ecgs, dtype=np.float64)  # also fetches a jax.Array from its device
-    if ecgs.ndim != 3 or ecgs.shape[2] != NUM_LEADS:
-        raise ValueError(f"ecgs: expected shape (batch, samples, {NUM_LEADS}) in standard lead order, got {ecgs.shape}")
+    ecgs = _checked_ecgs(ecgs)
     with record_pool(workers) as pool:
         rows = pool.map(_measure_chunk, ecgs, fs)
 
@@ -212,6 +218,23 @@ def _heart_rate_rows(rows: _Rows, measured_hr: np.ndarray, target_hr: np.ndarray
     rows.add_mean("heart_rate_within_10bpm", comparison, "%", within)
 
 
+def _check_comparison(n: int, condition_hr: ArrayLike | None, subject_ids: Sequence[object] | np.ndarray | None,
+                      n_boot: int, level: float) -> np.ndarray | None:
+    """The comparison's inputs for `n` ECGs checked (ValueError naming the bad one); the condition rates `(n,)`."""
+    hr_c = None
+    if condition_hr is not None:
+        hr_c = np.asarray(condition_hr, dtype=np.float64).reshape(-1)
+        if hr_c.shape[0] != n:
+            raise ValueError(f"condition_hr: {hr_c.shape[0]} values for {n} ECGs; give one heart rate per ECG")
+    if subject_ids is not None and len(subject_ids) != n:
+        raise ValueError(f"subject_ids: {len(subject_ids)} ids for {n} ECGs; give one patient id per ECG")
+    if n_boot < 1:
+        raise ValueError(f"n_boot: expected at least 1 resample, got {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level: expected a coverage in (0, 1), got {level}")
+    return hr_c
+
+
 def clinical_metrics(
     generated: ArrayLike,
     real: ArrayLike | None = None,
@@ -234,9 +257,13 @@ def clinical_metrics(
     measurements of both sets, the QRS match counts, the conditions) and the settings. NaN is written as None.
     `measure_ecgs` + `compare_measurements`, for callers that measure the real set once for several models.
     """
-    generated = np.asarray(generated, dtype=np.float64)
+    # The shape first: a single (1024, 12) record read as 1024 ECGs blamed condition_hr's length.
+    generated = _checked_ecgs(generated)
     if real is not None and np.shape(real) != generated.shape:
         raise ValueError(f"real: shape {np.shape(real)} differs from generated {generated.shape}; pair them row by row")
+    # Before measuring (~0.15 s a record): a condition or setting that cannot be used failed only after every record
+    # of both sets was measured.
+    _check_comparison(len(generated), condition_hr, subject_ids, n_boot, level)
     with record_pool(workers) as pool:  # one set of worker processes for both sets
         gen = measure_ecgs(generated, fs, pool)
         real_m = None if real is None else measure_ecgs(real, fs, pool)
@@ -260,13 +287,7 @@ def compare_measurements(
     n = len(gen.beats_s)
     if real_m is not None and len(real_m.beats_s) != n:
         raise ValueError(f"real: {len(real_m.beats_s)} records measured for {n} generated; pair them row by row")
-    hr_c = None
-    if condition_hr is not None:
-        hr_c = np.asarray(condition_hr, dtype=np.float64).reshape(-1)
-        if hr_c.shape[0] != n:
-            raise ValueError(f"condition_hr: {hr_c.shape[0]} values for {n} ECGs; give one heart rate per ECG")
-    if subject_ids is not None and len(subject_ids) != n:
-        raise ValueError(f"subject_ids: {len(subject_ids)} ids for {n} ECGs; give one patient id per ECG")
+    hr_c = _check_comparison(n, condition_hr, subject_ids, n_boot, level)
 
     rows = _Rows()
     finite_gen = gen.n_beats >= 0

@@ -101,6 +101,9 @@ def heart_rate_mae(
 ) -> HeartRateMAE:
     """MAE between the conditioning heart rates `(batch,)` (bpm) and the rates measured on `ecgs`
     `(batch, samples, leads)` sampled at `fs` Hz (`method`: "consensus" or the published "xqrs_first_lead")."""
+    # The shape first: a single (samples, leads) record read as `samples` ECGs blamed condition_bpm's length.
+    if np.ndim(ecgs) != 3:
+        raise ValueError(f"ecgs: expected shape (batch, samples, leads), got {np.shape(ecgs)}")
     condition_bpm = np.asarray(condition_bpm, dtype=np.float64).reshape(-1)
     if condition_bpm.shape[0] != np.shape(ecgs)[0]:
         raise ValueError(
