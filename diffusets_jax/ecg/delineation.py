@@ -18,7 +18,8 @@ How, and why so:
   baseline (mean over 20-5 ms before the QRS onset), mV.
 
 On the 40 real fixture records, the 500 Hz recording and its 1024-sample (102.4 Hz) version differ by a median
-4 ms in PR, QRS and QT (90th percentile 34, 28, 24 ms); PR is measured on 35-36 records, QRS on 37-38, QT on 37. On synthetic beats a PR or QT change is followed to within ~5 ms, but a QRS widened from 90 to 130 ms by
+4 ms in PR, QRS and QT (90th percentile 34, 28, 24 ms); PR is measured on 35-36 records, QRS on 37-38, QT on
+37. On synthetic beats a PR or QT change is followed to within ~5 ms, but a QRS widened from 90 to 130 ms by
 stretching its Hann-shaped waves reads ~100 ms: NeuroKit's QRS offset is conservative, so read QRS-duration errors
 as a lower bound.
 """
