@@ -522,6 +522,29 @@ def test_a_rerun_with_another_seed_or_edited_rules_is_refused(clip, dataset, tmp
     assert (out / "report.json").read_bytes() == report
 
 
+def test_samples_with_report_statements_but_no_prompt_find_their_texts(clip, dataset, tmp_path, monkeypatch):
+    """An NPZ with `report` but no `prompt` was matched to the split by the statements joined with '|', which is no
+    prompt style, so with the split's prompts in the published ordered style no sample had a text and the CLIP
+    score was n/a. The split's embedding of the same statements is its embedding of the same prompt."""
+    from diffusets_jax.conditioning.prompts import make_prompt
+
+    read_split = ev.read_reference_split
+
+    def ordered_prompts(*args, **kwargs):  # the tiny split's prompts are its statements joined with '|'
+        real = read_split(*args, **kwargs)
+        return {**real, "prompt": [make_prompt(list(lines), "ordered") for lines in real["report_lines"]]}
+
+    monkeypatch.setattr(ev, "read_reference_split", ordered_prompts)
+    examples = [tiny_ecg_dataset.example(1000 + i) for i in range(4)]
+    np.savez(tmp_path / "report.npz", ecg=np.stack([e["ecg"] for e in examples]),
+             report=np.array(["|".join(e["report_lines"]) for e in examples]),
+             heart_rate=np.array([e["heart_rate"] for e in examples]))
+    report = ev.evaluate_generated(read_generated(tmp_path / "report.npz"), clip, dataset.data_dir, "validation",
+                                   tmp_path / "out", n_boot=20)
+    assert "samples_without_text" not in report["diagnostic_level"]
+    assert np.isfinite(report["diagnostic_level"]["clip_score_generated"])
+
+
 def test_samples_without_a_text_are_scored_without_numpy_warnings(clip, dataset, tmp_path):
     """Samples whose prompts the split does not hold have no text for the CLIP score: their empty selection was
     scored at every level, then dropped, and a normal run printed numpy's "Mean of empty slice" and "invalid value

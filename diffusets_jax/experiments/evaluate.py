@@ -759,12 +759,20 @@ def evaluate_generated(
     missing_text = 0
     if embeddings is None:
         table = dict(zip(real["prompt"], real["text_embedding"], strict=True))
-        unknown = sorted({p for p in generated.prompts if p and p not in table})
+        texts = list(generated.prompts)
+        if generated.statements:
+            # Samples that carry report statements but no prompt (an NPZ's `report` alone) have the statements
+            # joined with '|' as theirs, which is no prompt style: the split's record with the same statements
+            # holds the embedding of their prompt in the split's style.
+            prompt_of = {tuple(lines): p for lines, p in zip(real["report_lines"], real["prompt"], strict=True)}
+            texts = [p if p in table else prompt_of.get(tuple(lines), p)
+                     for p, lines in zip(texts, generated.reports, strict=True)]
+        unknown = sorted({p for p in texts if p and p not in table})
         if unknown and embedder is not None:
             table.update(zip(unknown, np.asarray(embedder.embed(unknown), np.float32), strict=True))
-        have = np.asarray([p in table for p in generated.prompts])
+        have = np.asarray([p in table for p in texts])
         missing_text = int((~have).sum())
-        embeddings = np.stack([table[p] for p, ok in zip(generated.prompts, have, strict=True) if ok]) if have.any() else None
+        embeddings = np.stack([table[p] for p, ok in zip(texts, have, strict=True) if ok]) if have.any() else None
     else:
         have = np.ones(len(generated.ecg), bool)
     text_features = None if embeddings is None else clip_text_features(module, variables, embeddings)
