@@ -10,6 +10,7 @@ its width must equal the U-Net's text input, which is checked, never guessed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -27,23 +28,30 @@ def unet_conditioning(text_dim: int, *, embedder_kind: str | None = None, embedd
                       patient_features: str = "faithful") -> ConditioningSpec:
     """The conditioning to record for a converted U-Net with `text_dim`-wide text input.
 
-    No embedder named: the published ada-002, which only fits a 1536-d U-Net; anything else must be named.
+    No embedder model named (an OpenAI-compatible kind, or no kind): the published ada-002, which only fits a
+    1536-d U-Net, served by `base_url` where one is given; anything else must be named. Every option given is
+    checked or recorded: `--embedder-base-url` or `--embedder-dim` alone used to be dropped without a word (a
+    1536-d U-Net recorded the published ada-002 without the endpoint, whatever width `--embedder-dim` said).
     """
-    if embedder_model is None and embedder_kind is None:
+    kind = embedder_kind or "openai"
+    dim = int(embedder_dim) if embedder_dim is not None else text_dim
+    if dim != text_dim:
+        raise ValueError(f"--embedder-dim {dim} does not match the U-Net's {text_dim}-d text input")
+    if kind == "openai" and embedder_model is None:
         published = published_conditioning()
         if text_dim != published.embedder.dim:
             raise ValueError(f"this U-Net takes {text_dim}-d text embeddings, not the published ada-002's "
                              f"{published.embedder.dim}: name the model it was trained with, e.g. --embedder-model "
                              "E-72B (an OpenAI-compatible endpoint) or --embedder-kind local")
-        return ConditioningSpec(published.embedder, prompt_style, patient_features)
-    kind = embedder_kind or "openai"
-    dim = int(embedder_dim) if embedder_dim is not None else text_dim
-    if dim != text_dim:
-        raise ValueError(f"--embedder-dim {dim} does not match the U-Net's {text_dim}-d text input")
-    if kind == "openai":
+        spec = (dataclasses.replace(published.embedder, options={"base_url": base_url}) if base_url
+                else published.embedder)
+    elif kind == "openai":
         options = {"base_url": base_url} if base_url else {}
-        spec = EmbedderSpec("openai", embedder_model or "text-embedding-ada-002", dim,
-                            embedder_id=f"openai/{embedder_model or 'text-embedding-ada-002'}/{dim}", options=options)
+        spec = EmbedderSpec("openai", embedder_model, dim, embedder_id=f"openai/{embedder_model}/{dim}",
+                            options=options)
+    elif base_url:  # the local encoder runs here: an endpoint would be recorded for nothing, or dropped unsaid
+        raise ValueError("--embedder-base-url names an OpenAI-compatible endpoint; the local encoder "
+                         "(--embedder-kind local) runs here and takes none: drop it, or use --embedder-kind openai")
     else:
         from diffusets_jax.models.text_encoder import sentence_encoder_width
 
