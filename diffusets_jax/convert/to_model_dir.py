@@ -113,8 +113,15 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
         converted.append((name, path, module, variables))
     written: list[tuple[str, Path, Any, int | None]] = [(name, done[name], None, None) for name, _ in jobs
                                                        if name in done]
-    # A VAE and U-Net converted together are the published pair, also when this conversion wrote the VAE before.
+    # A VAE and U-Net converted together are the published pair, also when this conversion wrote the VAE before,
+    # and so are a U-Net and the VAE an earlier `convert --vae` put in the directory (components are added one
+    # flag at a time): recorded, so that replacing that VAE later is refused at sampling instead of decoding the
+    # U-Net's latents with another VAE. A VAE trained here is no such pair: nothing is recorded for it.
     vae_uid = model_dirs.read_index(out).components["vae"]["uid"] if "vae" in done else None
+    if unet and not vae and (Path(out) / model_dirs.MODEL_INDEX).is_file():
+        present = model_dirs.read_index(out).components.get("vae") or {}
+        if (present.get("provenance") or {}).get("source") == "converted":
+            vae_uid = present.get("uid")
     for name, path, module, variables in converted:
         sha256, print_ = prints[name]
         provenance = {"source": "converted", "checkpoint": {"file": os.path.abspath(path), "sha256": sha256},
