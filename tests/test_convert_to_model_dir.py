@@ -33,3 +33,20 @@ def test_the_openai_kind_without_a_model_is_ada_002_and_fits_only_its_width():
 def test_an_endpoint_for_the_local_encoder_is_refused():
     with pytest.raises(ValueError, match="--embedder-base-url names an OpenAI-compatible endpoint"):
         unet_conditioning(384, embedder_kind="local", base_url="http://127.0.0.1:9/v1")
+
+
+def test_a_local_encoder_folder_is_recorded_where_sample_finds_it(tmp_path, monkeypatch):
+    """`convert --embedder-kind local --embedder-model ./encoder16` recorded "./encoder16" as given: `sample` run
+    from another working directory looked for the encoder there and refused the model directory."""
+    import json
+
+    from diffusets_jax.models.text_encoder import sentence_encoder_width
+
+    (tmp_path / "encoder16").mkdir()
+    (tmp_path / "encoder16" / "config.json").write_text(json.dumps({"hidden_size": 16, "num_attention_heads": 2}))
+    monkeypatch.chdir(tmp_path)
+    spec = unet_conditioning(16, embedder_kind="local", embedder_model="./encoder16").embedder
+    assert spec.options["model_dir"] == str(tmp_path / "encoder16") == spec.model
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert sentence_encoder_width(spec.options["model_dir"]) == 16

@@ -63,7 +63,10 @@ def unet_conditioning(text_dim: int, *, embedder_kind: str | None = None, embedd
             raise ValueError(f"{named} gives {width}-d vectors but this U-Net takes {text_dim}-d text embeddings: "
                              "name the embedder it was trained with (--embedder-model: a sentence-transformers "
                              "folder for --embedder-kind local, or an OpenAI-compatible model)")
-        spec = EmbedderSpec.from_embedder_config("local", {"model_dir": embedder_model} if embedder_model else {}, dim)
+        # The folder as an absolute path: `sample` reads it from wherever it runs, and a relative one recorded as
+        # given was looked for there ("./minilm is not a sentence-transformers model directory").
+        options = {"model_dir": os.path.abspath(embedder_model)} if embedder_model else {}
+        spec = EmbedderSpec.from_embedder_config("local", options, dim)
     return ConditioningSpec(spec, prompt_style, patient_features)
 
 
