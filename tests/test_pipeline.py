@@ -70,6 +70,9 @@ def test_reconstruct_names_ecgs_of_the_wrong_layout(model_dir):
         gen.reconstruct(np.zeros((1024, 12)))
     with pytest.raises(ValueError, match=r"reconstruct: ecgs has shape \(2, 12, 1024\)"):
         gen.reconstruct(np.zeros((2, 12, 1024)))
+    # A 10-second record at its recorded 500 Hz ran through the VAE (any multiple of 8 samples) unrefused.
+    with pytest.raises(ValueError, match=r"reconstruct: ecgs has 5000 samples per record, expected 1024"):
+        gen.reconstruct(np.zeros((2, 5000, 12)))
 
 
 def test_prompt_embeddings_are_kept_once_per_distinct_prompt_however_many_ecgs(model_dir, openai_env):
