@@ -334,6 +334,12 @@ class ECGGenerator:
         items = expand(conditions)
         total = -(-len(items) // self.batch_size)
         todo = list(range(total) if batches is None else batches)
+        # Checked before anything is embedded: a batch past the end (indices of another batch size) was generated
+        # from no conditions and refused as "generate_batch takes 1..B conditions, got 0", naming neither.
+        outside = sorted({int(b) for b in todo if not 0 <= int(b) < total})
+        if outside:
+            raise ValueError(f"generate: batches {outside[:5]} are outside 0..{total - 1}: {len(items)} ECGs make "
+                             f"{total} batches of {self.batch_size}")
         wanted = [todo[i] for i in parallel.process_share(len(todo))]
         if text_embeddings is None:
             # The prompts of every batch still to do (a resumed run skips the rest), the same on every host.
