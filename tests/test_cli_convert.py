@@ -217,3 +217,27 @@ def test_a_unet_converted_after_its_vae_records_that_vae(tmp_path, capsys):
     with pytest.raises(ValueError, match="the U-Net was trained on latents of VAE"):
         model_dirs.check_generation_parts(out, read_index(out), module_vae, module_unet)
     capsys.readouterr()
+
+
+def test_a_checkpoint_given_to_another_flag_is_named_with_its_flag(tmp_path, capsys):
+    """`--vae unet_all.pth` was refused with twenty of the U-Net's keys as "unexpected" (and `--unet vae_model.pth` as
+    a U-Net missing a key), which did not say the file was fine and only given to the wrong flag."""
+    from diffusets_jax.convert import unet_to_torch, vae_to_torch
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    _, vae_vars, _, unet_vars = tiny_vae_unet()
+    np.savez(tmp_path / "unet.npz", **unet_to_torch(unet_vars))
+    np.savez(tmp_path / "vae.npz", **vae_to_torch(vae_vars))
+    np.savez(tmp_path / "clip.npz", **reference_state_dict("clip"))
+    out = tmp_path / "models"
+    for flag, name, right in (("--vae", "unet", "--unet"), ("--unet", "vae", "--vae"), ("--vae", "clip", "--clip"),
+                              ("--clip", "unet", "--unet")):
+        assert main(["convert", flag, str(tmp_path / f"{name}.npz"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"holds a DiffuSETS {name} checkpoint" in err, err
+        assert err.endswith(f"give it as {right}")
+    assert not out.exists()
+    # A checkpoint of the right kind that does not fit keeps its own message.
+    np.savez(tmp_path / "cut.npz", **{k: v for k, v in reference_state_dict("clip").items() if "ecg_projector" not in k})
+    assert main(["convert", "--clip", str(tmp_path / "cut.npz"), "--out", str(out)]) == 2
+    assert "CLIP checkpoint is missing ecg_projector.weight" in capsys.readouterr().err

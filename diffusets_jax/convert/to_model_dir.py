@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec, published_conditioning
+from diffusets_jax.convert.common import KeyMismatch
 from diffusets_jax.diffusion.sampler_validation import validate_model_defaults
 from diffusets_jax.diffusion.schedule import DiffusionSpec
 from diffusets_jax.io.files import file_sha256
@@ -110,7 +111,15 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
     for name, path in jobs:  # convert all first: a bad file fails before the model directory is touched
         if name in done:
             continue
-        module, variables = getattr(convert, f"{name}_from_torch")(convert.load_state_dict(path))
+        state_dict = convert.load_state_dict(path)
+        try:
+            module, variables = getattr(convert, f"{name}_from_torch")(state_dict)
+        except KeyMismatch:
+            other = _component_of(state_dict)
+            if other is None or other == name:
+                raise
+            raise KeyMismatch(f"{COMPONENT_FLAGS[name]} {path} holds a DiffuSETS {other} checkpoint, not a {name}: "
+                              f"give it as {COMPONENT_FLAGS[other]}") from None
         if name == "unet":  # its embedder too: checked after writing, a refusal left the VAE converted with it
             conditioning = unet_conditioning(int(module.text_dim), **(conditioning_options or {}))
         converted.append((name, path, module, variables))
@@ -143,6 +152,18 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
         count = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree.leaves(variables["params"]))
         written.append((name, folder, module, count))
     return written
+
+
+# A key only one component's checkpoint has, as a dotted path component sequence (a prefix may come before it).
+_COMPONENT_MARKERS = {"vae": ".decoder.0.weight", "unet": ".bottelneck.cross_attention.", "clip": ".text_projector."}
+
+
+def _component_of(state_dict: dict) -> str | None:
+    """Which DiffuSETS component `state_dict` is, by a key only that component has; None when it is none of them.
+    A checkpoint given to the wrong flag was refused with the keys the flag's component lacks (or, for --vae, a
+    list of every stray key), which did not say that the file was fine and only in the wrong place."""
+    found = [name for name, marker in _COMPONENT_MARKERS.items() if any(marker in f".{key}" for key in state_dict)]
+    return found[0] if len(found) == 1 else None
 
 
 def conversion_fingerprint(name: str, sha256: str, conditioning_options: dict[str, Any] | None) -> str:
