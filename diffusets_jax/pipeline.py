@@ -39,6 +39,7 @@ from diffusets_jax.config import check_seed
 from diffusets_jax.diffusion.guidance import fixed_null_condition
 from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, resolve_for_model, sampler_timesteps
 from diffusets_jax.diffusion.schedule import make_schedule
+from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_RATE_HZ
 from diffusets_jax.io.progress import progress_bar
 from diffusets_jax.models import model_dir as model_dirs
 
@@ -263,6 +264,12 @@ class ECGGenerator:
         if ecgs.ndim != 3 or ecgs.shape[2] != self.vae.in_channels:
             raise ValueError(f"reconstruct: ecgs has shape {ecgs.shape}, expected (n, 1024, {self.vae.in_channels}) mV, "
                              "leads last (ecgs[None] for one ECG; transpose (n, 12, 1024) PyTorch-layout arrays)")
+        # The VAE takes any multiple of 8 samples: a 10-second record at its recorded 500 Hz, (n, 5000, 12), ran
+        # through it and came back as a "reconstruction" of a time base the VAE never saw.
+        if ecgs.shape[1] != ECG_LENGTH:
+            raise ValueError(f"reconstruct: ecgs has {ecgs.shape[1]} samples per record, expected {ECG_LENGTH} (10 s "
+                             f"at {ECG_RATE_HZ} Hz, the model's time base): resample whole records first, "
+                             "ecg.resample.resample_to_length(ecgs, axis=1)")
         rows = np.arange(len(ecgs)) if rows is None else np.asarray(rows, np.int64)
         if rows.shape != (len(ecgs),):
             raise ValueError(f"reconstruct: rows has shape {rows.shape}, expected ({len(ecgs)},): one row index per "
@@ -330,6 +337,12 @@ class ECGGenerator:
         items = expand(conditions)
         total = -(-len(items) // self.batch_size)
         todo = list(range(total) if batches is None else batches)
+        # Checked before anything is embedded: a batch past the end (indices of another batch size) was generated
+        # from no conditions and refused as "generate_batch takes 1..B conditions, got 0", naming neither.
+        outside = sorted({int(b) for b in todo if not 0 <= int(b) < total})
+        if outside:
+            raise ValueError(f"generate: batches {outside[:5]} are outside 0..{total - 1}: {len(items)} ECGs make "
+                             f"{total} batches of {self.batch_size}")
         wanted = [todo[i] for i in parallel.process_share(len(todo))]
         if text_embeddings is None:
             # The prompts of every batch still to do (a resumed run skips the rest), the same on every host.

@@ -189,3 +189,55 @@ def test_a_conversion_interrupted_between_components_is_finished_by_its_rerun(tm
     assert main(["convert", "--vae", str(tmp_path / "other_vae.npz"), "--out", str(out)]) == 2
     assert "already holds vae/, a converted vae" in capsys.readouterr().err
     assert read_index(out).components["vae"]["uid"] == vae_uid
+
+
+@pytest.mark.slow
+def test_a_unet_converted_after_its_vae_records_that_vae(tmp_path, capsys):
+    """`convert --vae` then `convert --unet` into the same directory (README: "each flag is optional; components are
+    added") recorded the U-Net with no VAE uid, so a VAE converted over it later was not refused at sampling, as it
+    is when the two are converted in one command: the published U-Net's latents decoded by another VAE."""
+    from diffusets_jax.convert import unet_to_torch, vae_to_torch
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    _, _, unet, unet_vars = tiny_vae_unet(text_dim=16)
+    np.savez(tmp_path / "unet.npz", **unet_to_torch(unet_vars))
+    vae = VAE(widths=(32, 32, 32), num_res_blocks=1)  # GroupNorm's 32 groups, as convert assumes
+    vae_vars = vae.init(jax.random.key(0), np.zeros((1, 1024, 12), np.float32), jax.random.key(1))
+    np.savez(tmp_path / "vae.npz", **vae_to_torch(vae_vars))
+    np.savez(tmp_path / "other_vae.npz", **vae_to_torch(jax.tree.map(lambda x: x * 0.5, vae_vars)))
+    out = tmp_path / "models"
+    assert main(["convert", "--vae", str(tmp_path / "vae.npz"), "--out", str(out)]) == 0
+    assert main(["convert", "--unet", str(tmp_path / "unet.npz"), "--out", str(out), "--embedder-model", "E-72B"]) == 0
+    index = read_index(out)
+    assert index.components["unet"]["vae_uid"] == index.components["vae"]["uid"]
+    assert main(["convert", "--vae", str(tmp_path / "other_vae.npz"), "--out", str(out), "--overwrite"]) == 0
+    module_vae, _ = load_component(out, "vae")
+    module_unet, _ = load_component(out, "unet")
+    with pytest.raises(ValueError, match="the U-Net was trained on latents of VAE"):
+        model_dirs.check_generation_parts(out, read_index(out), module_vae, module_unet)
+    capsys.readouterr()
+
+
+def test_a_checkpoint_given_to_another_flag_is_named_with_its_flag(tmp_path, capsys):
+    """`--vae unet_all.pth` was refused with twenty of the U-Net's keys as "unexpected" (and `--unet vae_model.pth` as
+    a U-Net missing a key), which did not say the file was fine and only given to the wrong flag."""
+    from diffusets_jax.convert import unet_to_torch, vae_to_torch
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    _, vae_vars, _, unet_vars = tiny_vae_unet()
+    np.savez(tmp_path / "unet.npz", **unet_to_torch(unet_vars))
+    np.savez(tmp_path / "vae.npz", **vae_to_torch(vae_vars))
+    np.savez(tmp_path / "clip.npz", **reference_state_dict("clip"))
+    out = tmp_path / "models"
+    for flag, name, right in (("--vae", "unet", "--unet"), ("--unet", "vae", "--vae"), ("--vae", "clip", "--clip"),
+                              ("--clip", "unet", "--unet")):
+        assert main(["convert", flag, str(tmp_path / f"{name}.npz"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"holds a DiffuSETS {name} checkpoint" in err, err
+        assert err.endswith(f"give it as {right}")
+    assert not out.exists()
+    # A checkpoint of the right kind that does not fit keeps its own message.
+    np.savez(tmp_path / "cut.npz", **{k: v for k, v in reference_state_dict("clip").items() if "ecg_projector" not in k})
+    assert main(["convert", "--clip", str(tmp_path / "cut.npz"), "--out", str(out)]) == 2
+    assert "CLIP checkpoint is missing ecg_projector.weight" in capsys.readouterr().err

@@ -151,3 +151,18 @@ def test_a_lightning_checkpoint_converts_without_its_attribute_prefix(tmp_path, 
     broken["net.encoder.0.weight"] = broken["net.encoder.0.weight"] * np.nan
     with pytest.raises(ValueError, match="'0.weight' holds NaN or inf values"):
         vae_from_torch(broken, groups=vae.groups)
+
+
+def test_an_npz_of_a_nested_dict_says_how_to_save_it_flat(tmp_path):
+    """`numpy.savez(**torch.load('vae_model.pth'))` pickles its two halves into object arrays: the refusal read
+    "is not a readable .npz (ValueError: Object arrays cannot be loaded ...): is the file complete? Write it again
+    with numpy.savez", which the user had just done."""
+    half = {"0.weight": np.zeros((4, 12, 3), np.float32)}
+    np.savez(tmp_path / "vae_model.npz", encoder=np.array(half, dtype=object), decoder=np.array(half, dtype=object))
+    with pytest.raises(ValueError) as err:
+        load_state_dict(tmp_path / "vae_model.npz")
+    message = str(err.value)
+    assert "'encoder' holds Python objects" in message and "f'{half}.{k}'" in message
+    assert "is the file complete" not in message
+    np.savez(tmp_path / "flat.npz", **{f"encoder.{k}": v for k, v in half.items()})
+    assert set(load_state_dict(tmp_path / "flat.npz")) == {"encoder.0.weight"}

@@ -188,3 +188,18 @@ def test_index_errors_name_the_file(tmp_path):
 def test_require_says_how_to_add_a_missing_component(tmp_path):
     with pytest.raises(ValueError, match=r"has no clip \(it has nothing\).*train clip"):
         model_dirs.require(model_dirs.read_index(tmp_path), tmp_path, "clip")
+
+
+def test_a_vae_of_another_lead_count_is_refused_before_generating(parts, tmp_path):
+    """`convert` takes a VAE of 8 leads (its channels left as they are): `sample` then ran the whole chain and
+    skipped every ECG it made ("expected one ECG of shape (samples, 12) ..., got shape (1024, 8)")."""
+    import dataclasses
+
+    vae, _, unet, _ = parts
+    model_dirs.write_component(tmp_path, "vae", vae, parts[1], provenance={"source": "test"})
+    model_dirs.write_component(tmp_path, "unet", unet, parts[3], provenance={"source": "test"},
+                               conditioning=openai_conditioning(), diffusion=DiffusionSpec())
+    index = model_dirs.read_index(tmp_path)
+    model_dirs.check_generation_parts(tmp_path, index, vae, unet)  # 12 leads: fine
+    with pytest.raises(ValueError, match="its VAE decodes 8-channel signals, but generation makes 12-lead ECGs"):
+        model_dirs.check_generation_parts(tmp_path, index, dataclasses.replace(vae, in_channels=8), unet)

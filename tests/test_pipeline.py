@@ -70,6 +70,9 @@ def test_reconstruct_names_ecgs_of_the_wrong_layout(model_dir):
         gen.reconstruct(np.zeros((1024, 12)))
     with pytest.raises(ValueError, match=r"reconstruct: ecgs has shape \(2, 12, 1024\)"):
         gen.reconstruct(np.zeros((2, 12, 1024)))
+    # A 10-second record at its recorded 500 Hz ran through the VAE (any multiple of 8 samples) unrefused.
+    with pytest.raises(ValueError, match=r"reconstruct: ecgs has 5000 samples per record, expected 1024"):
+        gen.reconstruct(np.zeros((2, 5000, 12)))
 
 
 def test_prompt_embeddings_are_kept_once_per_distinct_prompt_however_many_ecgs(model_dir, openai_env):
@@ -220,3 +223,12 @@ def test_a_sample_whose_embedding_server_keeps_failing_is_one_line_exit_1(model_
     assert code == 1 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("diffusets-jax sample: error: OpenAI embeddings request failed "
                                                    "after 9 attempts"), err
+
+
+def test_batches_past_the_end_are_named(model_dir):
+    """`generate(batches=[...])` of indices from another batch size was refused as "generate_batch takes 1..8
+    conditions, got 0", naming neither the argument nor its range."""
+    gen = ECGGenerator(model_dir, sampler_config("ddim", steps=2), batch_size=8)
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 10)]  # 2 batches of 8
+    with pytest.raises(ValueError, match=r"batches \[2\] are outside 0..1: 10 ECGs make 2 batches of 8"):
+        next(gen.generate(conditions, batches=[1, 2]))

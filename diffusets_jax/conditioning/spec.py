@@ -74,13 +74,20 @@ class EmbedderSpec:
         """Build the embedder: `make_embedder(kind, ...)` with the recorded model, width and options.
 
         `overrides`: run-time settings that do not change the vectors (api_key, base_url, batch_size, timeouts).
+        The local encoder has no API: an `api_key` (which `sample` reads from the environment whatever the model
+        directory's embedder) is ignored for it, and a `base_url` refused in one line. Both went to the encoder's
+        constructor, whose TypeError was a traceback for anyone sampling a MiniLM model with OPENAI_API_KEY set.
         """
         from diffusets_jax.conditioning.embedders import make_embedder
 
-        options = {**self.options, **{k: v for k, v in overrides.items() if v is not None}}
+        given = {k: v for k, v in overrides.items() if v is not None}
         if self.kind == "openai":
-            return make_embedder("openai", model=self.model, dim=self.dim, **options)
-        return make_embedder("local", **options)
+            return make_embedder("openai", model=self.model, dim=self.dim, **{**self.options, **given})
+        if "base_url" in given:
+            raise ValueError(f"--embedder-base-url {given['base_url']}: this model's embedder is the local sentence "
+                             f"encoder ({self.model}), which runs here and asks no server: drop it")
+        given.pop("api_key", None)
+        return make_embedder("local", **{**self.options, **given})
 
     def check(self, embedder: Any, where: str) -> None:
         """Raise ValueError when `embedder` does not give the vectors this spec recorded."""

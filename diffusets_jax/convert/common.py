@@ -127,12 +127,27 @@ def _read_state_dict(path: str) -> StateDict:
         if not zipfile.is_zipfile(path):  # numpy would guess a pickle and say so, which helps nobody
             raise ValueError(f"{path!r} is not a .npz archive (not a zip file): is the file complete? Write it again "
                              "with numpy.savez")
+        objects = None
         try:
             with np.load(path, allow_pickle=False) as data:
-                return {key: np.asarray(data[key]) for key in data.files}
+                out = {}
+                for key in data.files:
+                    try:
+                        out[key] = np.asarray(data[key])
+                    except ValueError as err:  # numpy's own line names neither the key nor what to do
+                        if "allow_pickle" not in str(err):
+                            raise
+                        objects = key
+                        break
         except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
             raise ValueError(f"{path!r} is not a readable .npz ({type(err).__name__}: {err}): is the file complete? "
                              "Write it again with numpy.savez") from None
+        if objects is not None:  # complete, but numpy.savez pickled a dict (vae_model.pth's halves) into it
+            raise ValueError(f"{path!r}: {objects!r} holds Python objects, not an array (numpy.savez of a nested "
+                             "dict such as vae_model.pth's {'encoder': sd, 'decoder': sd}), which convert does not "
+                             "unpickle: save one array per flat key, numpy.savez(path, **{f'{half}.{k}': v.numpy() "
+                             "for half, sd in checkpoint.items() for k, v in sd.items()})")
+        return out
     if suffix == ".safetensors":
         from safetensors.numpy import load_file
 

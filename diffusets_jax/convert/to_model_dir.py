@@ -10,11 +10,13 @@ its width must equal the U-Net's text input, which is checked, never guessed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec, published_conditioning
+from diffusets_jax.convert.common import KeyMismatch
 from diffusets_jax.diffusion.sampler_validation import validate_model_defaults
 from diffusets_jax.diffusion.schedule import DiffusionSpec
 from diffusets_jax.io.files import file_sha256
@@ -27,23 +29,30 @@ def unet_conditioning(text_dim: int, *, embedder_kind: str | None = None, embedd
                       patient_features: str = "faithful") -> ConditioningSpec:
     """The conditioning to record for a converted U-Net with `text_dim`-wide text input.
 
-    No embedder named: the published ada-002, which only fits a 1536-d U-Net; anything else must be named.
+    No embedder model named (an OpenAI-compatible kind, or no kind): the published ada-002, which only fits a
+    1536-d U-Net, served by `base_url` where one is given; anything else must be named. Every option given is
+    checked or recorded: `--embedder-base-url` or `--embedder-dim` alone used to be dropped without a word (a
+    1536-d U-Net recorded the published ada-002 without the endpoint, whatever width `--embedder-dim` said).
     """
-    if embedder_model is None and embedder_kind is None:
+    kind = embedder_kind or "openai"
+    dim = int(embedder_dim) if embedder_dim is not None else text_dim
+    if dim != text_dim:
+        raise ValueError(f"--embedder-dim {dim} does not match the U-Net's {text_dim}-d text input")
+    if kind == "openai" and embedder_model is None:
         published = published_conditioning()
         if text_dim != published.embedder.dim:
             raise ValueError(f"this U-Net takes {text_dim}-d text embeddings, not the published ada-002's "
                              f"{published.embedder.dim}: name the model it was trained with, e.g. --embedder-model "
                              "E-72B (an OpenAI-compatible endpoint) or --embedder-kind local")
-        return ConditioningSpec(published.embedder, prompt_style, patient_features)
-    kind = embedder_kind or "openai"
-    dim = int(embedder_dim) if embedder_dim is not None else text_dim
-    if dim != text_dim:
-        raise ValueError(f"--embedder-dim {dim} does not match the U-Net's {text_dim}-d text input")
-    if kind == "openai":
+        spec = (dataclasses.replace(published.embedder, options={"base_url": base_url}) if base_url
+                else published.embedder)
+    elif kind == "openai":
         options = {"base_url": base_url} if base_url else {}
-        spec = EmbedderSpec("openai", embedder_model or "text-embedding-ada-002", dim,
-                            embedder_id=f"openai/{embedder_model or 'text-embedding-ada-002'}/{dim}", options=options)
+        spec = EmbedderSpec("openai", embedder_model, dim, embedder_id=f"openai/{embedder_model}/{dim}",
+                            options=options)
+    elif base_url:  # the local encoder runs here: an endpoint would be recorded for nothing, or dropped unsaid
+        raise ValueError("--embedder-base-url names an OpenAI-compatible endpoint; the local encoder "
+                         "(--embedder-kind local) runs here and takes none: drop it, or use --embedder-kind openai")
     else:
         from diffusets_jax.models.text_encoder import sentence_encoder_width
 
@@ -55,7 +64,10 @@ def unet_conditioning(text_dim: int, *, embedder_kind: str | None = None, embedd
             raise ValueError(f"{named} gives {width}-d vectors but this U-Net takes {text_dim}-d text embeddings: "
                              "name the embedder it was trained with (--embedder-model: a sentence-transformers "
                              "folder for --embedder-kind local, or an OpenAI-compatible model)")
-        spec = EmbedderSpec.from_embedder_config("local", {"model_dir": embedder_model} if embedder_model else {}, dim)
+        # The folder as an absolute path: `sample` reads it from wherever it runs, and a relative one recorded as
+        # given was looked for there ("./minilm is not a sentence-transformers model directory").
+        options = {"model_dir": os.path.abspath(embedder_model)} if embedder_model else {}
+        spec = EmbedderSpec.from_embedder_config("local", options, dim)
     return ConditioningSpec(spec, prompt_style, patient_features)
 
 
@@ -99,14 +111,29 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
     for name, path in jobs:  # convert all first: a bad file fails before the model directory is touched
         if name in done:
             continue
-        module, variables = getattr(convert, f"{name}_from_torch")(convert.load_state_dict(path))
+        state_dict = convert.load_state_dict(path)
+        try:
+            module, variables = getattr(convert, f"{name}_from_torch")(state_dict)
+        except KeyMismatch:
+            other = _component_of(state_dict)
+            if other is None or other == name:
+                raise
+            raise KeyMismatch(f"{COMPONENT_FLAGS[name]} {path} holds a DiffuSETS {other} checkpoint, not a {name}: "
+                              f"give it as {COMPONENT_FLAGS[other]}") from None
         if name == "unet":  # its embedder too: checked after writing, a refusal left the VAE converted with it
             conditioning = unet_conditioning(int(module.text_dim), **(conditioning_options or {}))
         converted.append((name, path, module, variables))
     written: list[tuple[str, Path, Any, int | None]] = [(name, done[name], None, None) for name, _ in jobs
                                                        if name in done]
-    # A VAE and U-Net converted together are the published pair, also when this conversion wrote the VAE before.
+    # A VAE and U-Net converted together are the published pair, also when this conversion wrote the VAE before,
+    # and so are a U-Net and the VAE an earlier `convert --vae` put in the directory (components are added one
+    # flag at a time): recorded, so that replacing that VAE later is refused at sampling instead of decoding the
+    # U-Net's latents with another VAE. A VAE trained here is no such pair: nothing is recorded for it.
     vae_uid = model_dirs.read_index(out).components["vae"]["uid"] if "vae" in done else None
+    if unet and not vae and (Path(out) / model_dirs.MODEL_INDEX).is_file():
+        present = model_dirs.read_index(out).components.get("vae") or {}
+        if (present.get("provenance") or {}).get("source") == "converted":
+            vae_uid = present.get("uid")
     for name, path, module, variables in converted:
         sha256, print_ = prints[name]
         provenance = {"source": "converted", "checkpoint": {"file": os.path.abspath(path), "sha256": sha256},
@@ -125,6 +152,18 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
         count = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree.leaves(variables["params"]))
         written.append((name, folder, module, count))
     return written
+
+
+# A key only one component's checkpoint has, as a dotted path component sequence (a prefix may come before it).
+_COMPONENT_MARKERS = {"vae": ".decoder.0.weight", "unet": ".bottelneck.cross_attention.", "clip": ".text_projector."}
+
+
+def _component_of(state_dict: dict) -> str | None:
+    """Which DiffuSETS component `state_dict` is, by a key only that component has; None when it is none of them.
+    A checkpoint given to the wrong flag was refused with the keys the flag's component lacks (or, for --vae, a
+    list of every stray key), which did not say that the file was fine and only in the wrong place."""
+    found = [name for name, marker in _COMPONENT_MARKERS.items() if any(marker in f".{key}" for key in state_dict)]
+    return found[0] if len(found) == 1 else None
 
 
 def conversion_fingerprint(name: str, sha256: str, conditioning_options: dict[str, Any] | None) -> str:

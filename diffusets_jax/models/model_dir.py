@@ -41,7 +41,7 @@ from typing import Any
 
 from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
 from diffusets_jax.diffusion.schedule import DiffusionSpec, ScheduleConfig
-from diffusets_jax.ecg.shapes import ECG_LENGTH, LATENT_LENGTH
+from diffusets_jax.ecg.shapes import ECG_LENGTH, LATENT_LENGTH, NUM_LEADS
 from diffusets_jax.io.files import read_json, write_json_atomic
 from diffusets_jax.models import bundle
 from diffusets_jax.provenance import stamp
@@ -301,6 +301,11 @@ def check_generation_parts(directory: str | os.PathLike, index: ModelIndex, vae:
     if index.conditioning is None or index.diffusion is None:
         raise ValueError(f"{where}: {MODEL_INDEX} records no conditioning/diffusion for its U-Net: write the U-Net "
                          "again with `diffusets-jax train unet --model-dir` or `convert --unet`")
+    # A VAE of another lead count converts (`convert` leaves its channels as they are), but what it decodes is
+    # no 12-lead ECG in the standard order: generation ran to the end and every ECG was skipped by the writers.
+    if int(vae.in_channels) != NUM_LEADS:
+        raise ValueError(f"{where}: its VAE decodes {vae.in_channels}-channel signals, but generation makes 12-lead "
+                         "ECGs (I, II, III, aVR, aVL, aVF, V1-V6): use a model directory with a 12-lead VAE")
     vae_latent = (ECG_LENGTH // int(vae.downsampling), int(vae.latent_channels))
     if vae_latent != (LATENT_LENGTH, int(unet.latent_channels)):
         raise ValueError(f"{where}: the VAE makes {vae_latent} latents from (1024, 12) ECGs but the U-Net denoises "
