@@ -50,3 +50,23 @@ def test_a_local_encoder_folder_is_recorded_where_sample_finds_it(tmp_path, monk
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert sentence_encoder_width(spec.options["model_dir"]) == 16
+
+
+def test_a_unet_is_not_converted_beside_a_vae_trained_here(tmp_path):
+    """`convert --unet` into a model directory whose VAE was trained here (not converted) wrote the published U-Net
+    beside it: `sample` then decoded its latents with a VAE it was never trained with, without a word."""
+    import numpy as np
+
+    from diffusets_jax.convert.to_model_dir import convert_to_model_dir
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    vae, vae_vars, _, _ = tiny_vae_unet()
+    out = tmp_path / "models"
+    model_dirs.write_component(out, "vae", vae, vae_vars, provenance={"source": "trained"})
+    uid = model_dirs.read_index(out).components["vae"]["uid"]
+    np.savez(tmp_path / "unet.npz", weight=np.zeros(2, np.float32))  # refused before it is read
+    with pytest.raises(ValueError, match=rf"^--out {out} holds a trained VAE \(uid {uid}\), not the one the converted "
+                                         "U-Net was trained with: give its VAE checkpoint with --vae"):
+        convert_to_model_dir(out, unet=str(tmp_path / "unet.npz"))
+    assert set(model_dirs.read_index(out).components) == {"vae"}

@@ -106,6 +106,15 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
         model_dirs.check_component_writable(out, name, overwrite=overwrite, flag="--out")
         if overwrite:  # a checkpoint kept inside the component it replaces would go with it
             check_reads_apart(Path(out) / name, [(COMPONENT_FLAGS[n], p) for n, p in jobs], "--out")
+    if unet and not vae and (Path(out) / model_dirs.MODEL_INDEX).is_file():
+        # A converted U-Net denoises the latents of the VAE it was trained with (the published one): beside a VAE
+        # trained here it would sample without a word and decode its latents into noise.
+        present = model_dirs.read_index(out).components.get("vae") or {}
+        source = (present.get("provenance") or {}).get("source")
+        if present and source != "converted":
+            raise ValueError(f"--out {out} holds a {source or 'not converted'} VAE (uid {present.get('uid')}), not "
+                             "the one the converted U-Net was trained with: give its VAE checkpoint with --vae "
+                             "(and --overwrite to replace this one), or convert into another --out")
     converted = []
     conditioning = None
     for name, path in jobs:  # convert all first: a bad file fails before the model directory is touched
