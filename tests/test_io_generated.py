@@ -189,6 +189,17 @@ def test_a_damaged_npz_or_a_bad_field_is_one_line_naming_the_file_and_field(tmp_
         read_generated(tmp_path / "bad_age.npz")
 
 
+def test_an_npz_in_microvolts_is_refused_naming_the_file(tmp_path):
+    """An NPZ names no units: samples in microvolts were scored as ECGs of 1000x the amplitude, exit 0, the only
+    sign "Records over 10 mV: 100 %" in the report."""
+    ecgs = _ecgs(3)
+    np.savez(tmp_path / "uv.npz", ecg=ecgs * 1000.0)
+    with pytest.raises(ValueError, match=r"uv.npz: 'ecg' does not look like millivolts"):
+        read_generated(tmp_path / "uv.npz")
+    np.savez(tmp_path / "mv.npz", ecg=ecgs)
+    assert read_generated(tmp_path / "mv.npz").ecg.shape == ecgs.shape
+
+
 def test_a_set_without_ecgs_is_refused_when_read(tmp_path):
     """An NPZ of shape (0, 1024, 12) got through to `evaluate`, which claimed its output folder and measured the
     whole real split before failing with "no inputs given"."""

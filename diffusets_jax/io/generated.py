@@ -29,7 +29,7 @@ import numpy as np
 from diffusets_jax.conditioning.prompts import report_lines
 from diffusets_jax.ecg.resample import resample_to_length
 from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_SECONDS, NUM_LEADS
-from diffusets_jax.ecg.units import finite_ecgs
+from diffusets_jax.ecg.units import check_millivolts, finite_ecgs
 
 NON_FINITE = "non-finite samples"  # the reason counted in `GeneratedSet.skipped` for an ECG with NaN or inf
 WRONG_DURATION = "not 10 s long"  # the reason counted for a WFDB record of another duration
@@ -259,6 +259,13 @@ def _read_npz(path: Path) -> GeneratedSet:
     else:
         ecgs = np.stack([_to_time_base(e, f"{path} ecg[{i}]") for i, e in enumerate(ecg)]) if n else np.zeros(
             (0, ECG_LENGTH, NUM_LEADS), np.float32)
+    # An NPZ names no units: one in microvolts was scored as ECGs of 1000x the amplitude, with no sign but "Records
+    # over 10 mV: 100 %" in the report. Checked as the readers of recordings check, on 16 evenly spaced ECGs (a
+    # unit is the whole file's, and the set is used as read: a check of all of it would copy it several times); an
+    # all-NaN set is refused, and counted, by whoever scores it.
+    some = ecgs[np.unique(np.linspace(0, n - 1, 16).astype(np.int64))] if n else ecgs
+    if np.isfinite(some).any():
+        check_millivolts(some, what=f"{path}: 'ecg'")
     return GeneratedSet(ecgs, reports, prompts, sex, age, hr, text_embedding,
                         str(path), statements="report" in data,
                         text_embedding_file=str(path) if text_embedding is not None else "",
