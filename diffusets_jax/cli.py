@@ -295,10 +295,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="config file, e.g. configs/diffusets_unet.py, or a run's saved config.json")
     parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints and logs go here")
     parser.add_argument("--model-dir", metavar="DIR",
-                        help="model directory to add the trained component to, atomically replacing one of the same "
-                             "name (default WORKDIR/model); `sample --model-dir DIR` then uses it")
+                        help="model directory to add the trained component to (default WORKDIR/model); a "
+                             "component of the same name that this run did not export (converted, another run's) "
+                             "is refused unless --overwrite; `sample --model-dir DIR` then uses it")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a WORKDIR that holds other files or another run, as a whole, when this run ends")
+                        help="replace a WORKDIR that holds other files or another run, as a whole, when this run "
+                             "ends, and the --model-dir's component of the same name (atomically, at export)")
     parser.add_argument("--export-only", action="store_true",
                         help="do not train: write the latest checkpoint into the model directory and exit "
                              "(use --config WORKDIR/config.json to match the run)")

@@ -32,3 +32,14 @@ def test_version_names_the_package_version_and_the_commit_to_cite(capsys):
         head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
         assert f"(git {head[:12]}" in printed
+
+
+def test_train_help_says_an_existing_model_dir_component_needs_overwrite():
+    """`train --help` said --model-dir atomically replaces a component of the same name, and that --overwrite only
+    concerns the workdir; the command refuses a converted or another run's component unless --overwrite."""
+    import argparse
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    helps = {action.dest: action.help for action in commands.choices["train"]._actions}
+    assert "refused unless --overwrite" in helps["model_dir"]
+    assert "--model-dir" in helps["overwrite"]
