@@ -40,6 +40,25 @@ def test_an_output_folder_that_is_or_holds_an_input_is_refused(tmp_path):
         check_reads_apart(project, [("--conditions", tmp_path / "link" / "cond.csv")])
 
 
+def test_an_output_inside_the_run_folder_of_an_input_file_is_refused(tmp_path):
+    """`turing-kit --generated GEN/samples.npz --out GEN/kit` put the kit (its key) inside the sample run's folder,
+    which that sample command's `--overwrite` then deletes; a `GEN/wfdb` input or a kit's `key.json` likewise."""
+    run = tmp_path / "generated"
+    (run / "wfdb").mkdir(parents=True)
+    (run / RUN_FILE).write_text('{"command": "sample", "status": "complete"}')
+    (run / "samples.npz").write_bytes(b"")
+    for read in (run / "samples.npz", run / "wfdb"):
+        with pytest.raises(ValueError, match=r"--out .*/generated/kit is inside .*/generated, the run folder of "
+                                             r"--generated .*, which this run reads: its outputs would mix"):
+            check_reads_apart(run / "kit", [("--generated", read)], overwrite=False)
+    check_reads_apart(tmp_path / "kit", [("--generated", run / "samples.npz")], overwrite=False)  # beside it
+    check_reads_apart(run, [("--embedding-cache", run / "cache.sqlite")], overwrite=False)  # the run's own folder
+    plain = tmp_path / "mine"  # a file in a folder of the user's, no run record: nothing to mix with
+    plain.mkdir()
+    (plain / "samples.npz").write_bytes(b"")
+    check_reads_apart(plain / "kit", [("--generated", plain / "samples.npz")], overwrite=False)
+
+
 def test_overwrite_leaves_a_folder_holding_an_input_as_it_was(tmp_path):
     out = tmp_path / "project"
     out.mkdir()

@@ -117,10 +117,13 @@ def check_reads_apart(path: str | os.PathLike, reads: Reads, flag: str = "--out"
     run read, once the run finished. Paths are compared resolved (links, `..`).
     """
     out = Path(path).resolve()
-    for input_flag, input_path in reads:
-        if input_path is None:
+    for input_flag, input_path, source in _with_run_folders(reads):
+        if input_flag.endswith(_RUN_FOLDER):  # only nesting in it: the run itself may write beside its input
+            if source in out.parents:
+                raise ValueError(f"{flag} {path} is inside {source}, the run folder of {input_flag[:-len(_RUN_FOLDER)]}"
+                                 f" {input_path}, which this run reads: its outputs would mix with that run's own "
+                                 f"files; choose {flag} outside it")
             continue
-        source = Path(input_path).resolve()
         if overwrite and (source == out or out in source.parents):
             what = "is" if source == out else "holds"
             raise ValueError(f"{flag} {path} {what} {input_flag} {input_path}, which this run reads: --overwrite "
@@ -129,6 +132,31 @@ def check_reads_apart(path: str | os.PathLike, reads: Reads, flag: str = "--out"
             what = "is" if source == out else "is inside"
             raise ValueError(f"{flag} {path} {what} {input_flag} {input_path}, which this run reads: its outputs "
                              f"would mix with that folder's own files; choose {flag} outside it")
+
+
+def _with_run_folders(reads: Reads) -> Iterator[tuple[str, str | os.PathLike, Path]]:
+    """`(flag, path, resolved path)` of each input, and after a file or a `wfdb/` folder of another run's output
+    folder (a `sample` run's `samples.npz` or `wfdb/`, a kit's `key.json`: a run record beside it) that folder too,
+    its flag marked with `_RUN_FOLDER`. The run reads it as well (its run record, its manifest), and an output
+    put inside it (`turing-kit --generated GEN/samples.npz --out GEN/kit`) mixes with that run's files, which its
+    own `--overwrite` then deletes."""
+    for input_flag, input_path in reads:
+        if input_path is None:
+            continue
+        source = Path(input_path).resolve()
+        yield input_flag, input_path, source
+        folder = source.parent if not source.is_dir() or _is_wfdb_folder(source) else None
+        if folder is not None and (folder / RUN_FILE).is_file():
+            yield input_flag + _RUN_FOLDER, input_path, folder
+
+
+_RUN_FOLDER = " (its run folder)"  # marks the entries `_with_run_folders` adds
+
+
+def _is_wfdb_folder(path: Path) -> bool:
+    from diffusets_jax.io.outputs import WFDB_FOLDER  # imported here: io.outputs imports JAX
+
+    return path.name == WFDB_FOLDER
 
 
 # The flags naming a TFDS data dir: a folder of datasets, of which a run reads only the one it names.
