@@ -204,3 +204,15 @@ def test_eval_dataset_keeps_text_fields_on_the_host(builder):
     assert mask.sum() == tiny_ecg_dataset.SPLIT_SIZES["test"] and len(mask) == 12
     assert [p.decode() for p in prompts[mask]] == [tiny_ecg_dataset.example(int(i))["prompt"] for i in study[mask]]
     assert set(prompts[~mask]) == {b""}
+
+
+def test_load_builder_refuses_a_data_dir_with_a_dataset_folder(builder, tmp_path):
+    """`encode --dataset FOLDER --data-dir OTHER` read FOLDER and ignored --data-dir (even one that did not exist),
+    though the user may have meant the dataset of that name under OTHER."""
+    for data_dir in (tmp_path / "nope", os.path.dirname(os.path.dirname(builder.data_dir))):
+        with pytest.raises(ValueError, match=r"--data-dir .* goes with a dataset name.*drop --data-dir"):
+            pipeline.load_builder(builder.data_dir, data_dir=data_dir)
+    with pytest.raises(ValueError, match="drop config.data.data_dir"):
+        pipeline.load_builder(builder.data_dir, data_dir=tmp_path, data_dir_flag="config.data.data_dir")
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # a mistyped path is said to be one
+        pipeline.load_builder(tmp_path / "absent", data_dir=tmp_path)

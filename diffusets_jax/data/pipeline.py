@@ -70,16 +70,23 @@ _INTERLEAVE_CYCLE = 16  # shard files read concurrently; more mixes better, cost
 # Sources and splits
 
 
-def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir: str | os.PathLike | None = None
-                 ) -> tfds.core.DatasetBuilder:
+def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                 *, data_dir_flag: str = "--data-dir") -> tfds.core.DatasetBuilder:
     """A prepared dataset's builder from a builder, a registered name + `data_dir`, or a dataset directory.
 
     A directory holding `dataset_info.json` (e.g. a latent dataset written by `diffusets-jax encode`, or
-    `<data_dir>/<name>/<version>`) is opened with `tfds.builder_from_directory`.
+    `<data_dir>/<name>/<version>`) is opened with `tfds.builder_from_directory`. A `data_dir` (`data_dir_flag`
+    names where it was given) goes with a name only: with a path it is refused, not ignored.
     """
     if isinstance(source, tfds.core.DatasetBuilder):
         return source
     source = os.fspath(source)
+    if data_dir is not None and os.path.exists(source):
+        # The path is read as it is: a data dir given with it was silently ignored (a mistyped or nonexistent one
+        # too), though the user may have meant the dataset of that name under it. A path that does not exist is
+        # said so below.
+        raise ValueError(f"{data_dir_flag} {os.fspath(data_dir)} goes with a dataset name, and the dataset {source} "
+                         f"is a path, which is read as it is: drop {data_dir_flag}, or give the dataset's name")
     if os.path.isfile(os.path.join(source, "dataset_info.json")):
         return tfds.builder_from_directory(source)
     if location.is_path(source):
