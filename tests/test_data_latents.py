@@ -313,4 +313,4 @@ def test_encode_command_end_to_end_matches_the_vae_encoder(source, tmp_path, cap
     assert card["kind"] == "latents" and card["conditioning"]["embedder"]["dim"] == tiny_ecg_dataset.EMBEDDING_DIM
     assert card["derived_from"]["vae"]["uid"] == model_dirs.read_index(tmp_path / "models").components["vae"]["uid"]
     assert main(["encode", "--vae", str(tmp_path / "nowhere"), *argv[3:]]) == 2
-    assert "has no vae" in capsys.readouterr().err
+    assert "nowhere does not exist" in capsys.readouterr().err

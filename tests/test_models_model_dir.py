@@ -203,3 +203,12 @@ def test_a_vae_of_another_lead_count_is_refused_before_generating(parts, tmp_pat
     model_dirs.check_generation_parts(tmp_path, index, vae, unet)  # 12 leads: fine
     with pytest.raises(ValueError, match="its VAE decodes 8-channel signals, but generation makes 12-lead ECGs"):
         model_dirs.check_generation_parts(tmp_path, index, dataclasses.replace(vae, in_channels=8), unet)
+
+
+def test_require_says_a_mistyped_directory_does_not_exist(tmp_path):
+    """`encode --vae models/typo` and `reconstruct-eval --model-dir models/typo` said "has no vae (it has nothing):
+    add it with `train vae`", which hid the typo."""
+    missing = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError, match=f"model directory {missing} does not exist: check the path"):
+        model_dirs.require(model_dirs.read_index(missing), missing, "vae")
+    assert not missing.exists()

@@ -281,6 +281,9 @@ def update_sampling(directory: str | os.PathLike, sampling: dict[str, Any]) -> N
 def require(index: ModelIndex, directory: str | os.PathLike, *names: str) -> None:
     """Raise with what to do when components `names` are missing from the directory."""
     missing = [name for name in names if name not in index.components]
+    if missing and not os.path.exists(directory):  # a mistyped path: "has no vae (it has nothing)" hid the typo
+        raise FileNotFoundError(f"model directory {os.fspath(directory)} does not exist: check the path, or write "
+                                "one with `diffusets-jax convert --out DIR` or `diffusets-jax train ... --model-dir DIR`")
     if missing:
         have = ", ".join(sorted(index.components)) or "nothing"
         hint = {"vae": "`diffusets-jax train vae ... --model-dir DIR` or `convert --vae`",
