@@ -1044,10 +1044,12 @@ def _add_reconstruct_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=positive_int, help="the first N test records")
     parser.add_argument("--train-limit", type=positive_int, default=2000, help="the first N training records (default: "
                         "%(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=100, help="DDPM steps of the posterior chain (default: %(default)s)")
-    parser.add_argument("--particles", type=positive_int, default=8, help="SMC particles per record (default: %(default)s)")
-    parser.add_argument("--noise-std", type=finite_float, default=0.05, help="observation noise, mV (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="records per compiled call (default: %(default)s)")
+    # The posterior's settings, with --model-dir only: no argparse defaults, so that one given for the baselines
+    # alone is refused, not ignored (`reconstruct_eval` has the defaults).
+    parser.add_argument("--steps", type=positive_int, help="DDPM steps of the posterior chain (default: 100)")
+    parser.add_argument("--particles", type=positive_int, help="SMC particles per record (default: 8)")
+    parser.add_argument("--noise-std", type=finite_float, help="observation noise, mV (default: 0.05)")
+    parser.add_argument("--batch-size", type=positive_int, help="records per compiled call (default: 8)")
     parser.add_argument("--seed", type=seed_int, default=0, help="PRNG seed (default: %(default)s)")
     parser.add_argument("--n-boot", type=positive_int, default=200, help="bootstrap resamples (default: %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=1, help="processes measuring ECGs (default: %(default)s)")
@@ -1057,11 +1059,17 @@ def _add_reconstruct_eval(sub: argparse._SubParsersAction) -> None:
 def _run_reconstruct_eval(args: argparse.Namespace) -> int:
     from diffusets_jax.experiments.reconstruction import reconstruct_eval
 
+    posterior = {name: getattr(args, name) for name in ("steps", "particles", "noise_std", "batch_size")
+                 if getattr(args, name) is not None}
+    if posterior and args.model_dir is None:  # the baselines alone run no posterior chain: they were ignored
+        given = ", ".join(f"--{name.replace('_', '-')}" for name in posterior)
+        raise ValueError(f"{given} set{'s' if len(posterior) == 1 else ''} the model's posterior sampling, and "
+                         "without --model-dir only the baselines run: add --model-dir DIR, or drop "
+                         f"{'it' if len(posterior) == 1 else 'them'}")
     report = reconstruct_eval(args.model_dir, args.dataset, args.out, data_dir=args.data_dir,
                               train_split=args.train_split, test_split=args.test_split, limit=args.limit,
-                              train_limit=args.train_limit, steps=args.steps, particles=args.particles,
-                              noise_std=args.noise_std, batch_size=args.batch_size, seed=args.seed,
-                              n_boot=args.n_boot, workers=args.workers, overwrite=args.overwrite)
+                              train_limit=args.train_limit, seed=args.seed, n_boot=args.n_boot, workers=args.workers,
+                              overwrite=args.overwrite, **posterior)
     summary = {task: {name: row["unobserved_mean"] for name, row in result["methods"].items()}
                for task, result in report["tasks"].items()}
     print(_json_line({"out": args.out, "n_test": report["n_test"], "unobserved": summary}))

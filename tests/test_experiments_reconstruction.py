@@ -122,8 +122,22 @@ def test_reconstruct_eval_command_on_tiny_data(dataset, tmp_path, capsys):
     assert not (tmp_path / "other_out").exists()
 
 
-def test_reconstruct_eval_refuses_bad_settings_before_loading(tmp_path, capsys):
+def test_reconstruct_eval_refuses_posterior_settings_for_the_baselines_alone(tmp_path, capsys):
+    """Without --model-dir only the baselines run: `--particles 32 --steps 1000` were ignored with exit 0, and the
+    report then listed the noise level given as if it had been used."""
     args = ["reconstruct-eval", "--dataset", str(tmp_path / "none"), "--out", str(tmp_path / "out")]
+    for flags, named in ((["--particles", "32", "--steps", "1000"], "--steps, --particles set the model's"),
+                         (["--noise-std", "0.1"], "--noise-std sets the model's"),
+                         (["--batch-size", "4"], "--batch-size sets the model's")):
+        assert main([*args, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert named in err and "add --model-dir DIR" in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_reconstruct_eval_refuses_bad_settings_before_loading(tmp_path, capsys):
+    args = ["reconstruct-eval", "--model-dir", str(tmp_path / "models"), "--dataset", str(tmp_path / "none"),
+            "--out", str(tmp_path / "out")]
     assert main([*args, "--noise-std", "0"]) == 2
     assert "--noise-std must be > 0" in capsys.readouterr().err
     assert exit_code([*args, "--particles", "0"]) == 2
