@@ -1407,7 +1407,7 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
     real.add_argument("--real", metavar="PATH", help="an NPZ with ecg (n, samples, 12) mV and optionally report "
                       "(statements joined by '|'), sex, age, heart_rate; or a folder of WFDB records")
     real.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
-    real.add_argument("--split", default="test", help="split of --dataset (default: %(default)s)")
+    real.add_argument("--split", help="split of --dataset (default: test)")  # None: refused without --dataset
     real.add_argument("--limit", type=positive_int, help="read only the first N examples of the split")
     parser.add_argument("--n-real", type=non_negative_int, help="real sheets (default: 50 for real-vs-generated, as in the paper)")
     parser.add_argument("--n-generated", type=positive_int,
@@ -1429,12 +1429,22 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
 def _run_turing_kit(args: argparse.Namespace) -> int:
     from diffusets_jax.experiments.turing import PAPER_COUNTS, KitOptions, build_kit
 
+    # They choose the ECGs read from --dataset: with --real, or with the alignment variant, they were ignored.
+    given = [flag for flag, value in (("--data-dir", args.data_dir), ("--split", args.split), ("--limit", args.limit))
+             if value is not None]
+    if given and args.variant == "alignment":
+        raise ValueError(f"the alignment variant shows generated ECGs only: drop {', '.join(given)}")
+    if given and args.dataset is None:
+        raise ValueError(f"{', '.join(given)} {'selects' if len(given) == 1 else 'select'} the real ECGs of --dataset, "
+                         f"and none is given: drop {'it' if len(given) == 1 else 'them'}, or read the real ECGs from "
+                         "--dataset")
     n_real, n_generated = PAPER_COUNTS[args.variant]
     options = KitOptions(args.variant, n_real=n_real if args.n_real is None else args.n_real,
                          n_generated=n_generated if args.n_generated is None else args.n_generated,
                          controls=args.controls, seed=args.seed, dpi=args.dpi)
     summary = build_kit(args.out, options, generated=args.generated, real=args.real, dataset=args.dataset,
-                        split=args.split, data_dir=args.data_dir, limit=args.limit, overwrite=args.overwrite)
+                        data_dir=args.data_dir, limit=args.limit, overwrite=args.overwrite,
+                        **({} if args.split is None else {"split": args.split}))
     print(_json_line(summary, indent=2))
     print(f"Send {summary['package']}/ to the raters; keep {summary['key']} to yourself.", file=sys.stderr)
     return 0

@@ -473,6 +473,24 @@ def test_cli_turing_kit_end_to_end_and_bad_input(inputs, tmp_path, capsys):
     assert main([*again, "--overwrite"]) == 0 and json.loads(capsys.readouterr().out)["seed"] == 6
 
 
+def test_cli_turing_kit_refuses_dataset_flags_without_a_dataset(inputs, tmp_path, capsys):
+    """`--real R --split validation --limit 100` (or the alignment variant with them) built the kit from all of R
+    with exit 0: the flags that choose a --dataset's ECGs were ignored."""
+    base = ["--generated", str(inputs["generated"]), "--n-generated", "3", "--seed", "5", "--dpi", str(DPI),
+            "--out", str(tmp_path / "kit")]
+    for variant, flags, named in (
+            (["real-vs-generated", "--real", str(inputs["real"]), "--n-real", "3"], ["--split", "validation"],
+             "--split selects"),
+            (["real-vs-generated", "--real", str(inputs["real"]), "--n-real", "3"],
+             ["--limit", "100", "--data-dir", str(tmp_path)], "--data-dir, --limit select"),
+            (["alignment"], ["--split", "train"], "the alignment variant shows generated ECGs only: drop --split")):
+        code = main(["turing-kit", "--variant", *variant, *base, *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and named in err, err
+        assert variant == ["alignment"] or "the real ECGs of --dataset" in err, err
+    assert not (tmp_path / "kit").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory) -> str:
     from tests.helpers import tiny_ecg_dataset
