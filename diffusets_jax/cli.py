@@ -114,6 +114,9 @@ def _prepare(args: argparse.Namespace) -> int:
     from diffusets_jax.data.sources import prepare
     from diffusets_jax.io.run_dir import check_output_file
 
+    if args.workers is not None and args.beam_pipeline_options:  # Beam's own workers decode: it was ignored
+        raise ValueError("--workers sets this command's decoding processes, and with --beam-pipeline-options Beam "
+                         "decodes: drop --workers (DirectRunner takes direct_num_workers=N in the options)")
     overrides = {"workers": args.workers, "chunk_size": args.chunk_size or 0}  # 0: automatic
     if args.embedding_cache:
         from diffusets_jax.conditioning.cache import check_embedding_cache

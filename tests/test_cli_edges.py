@@ -281,6 +281,9 @@ CASES: list[tuple[str, list[str], str]] = [
     # prepare
     ("prepare-workers-negative", ["prepare", "ptbxl", "--manual-dir", "{w}/folder", "--data-dir", "{w}/new",
                                   "--workers", "-3"], "argument --workers: must be a whole number >= 0, got '-3'"),
+    ("prepare-workers-with-beam", ["prepare", "ptbxl", "--manual-dir", "{w}/folder", "--data-dir", "{w}/new",
+                                   "--workers", "2", "--beam-pipeline-options", "runner=DirectRunner"],
+     "with --beam-pipeline-options Beam decodes: drop --workers"),
     ("prepare-chunk-size-0", ["prepare", "ptbxl", "--manual-dir", "{w}/folder", "--data-dir", "{w}/new",
                               "--chunk-size", "0"], "argument --chunk-size: must be a whole number >= 1"),
     ("prepare-manual-dir-missing", ["prepare", "ptbxl", "--manual-dir", "{w}/nope", "--data-dir", "{w}/new"],
