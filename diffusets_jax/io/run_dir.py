@@ -299,6 +299,7 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
             staging.mkdir(exist_ok=True)
             if index == 0:
                 write_json_atomic(staging / RUN_FILE, record)
+            _record_on_every_disk(staging, record, digest, complete=False)
             try:
                 yield RunDir(staging, final, resumed=False, complete=False, record=record)
             except BaseException:
@@ -319,16 +320,41 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
             return
         if same:
             existing = _record_other_code(existing, final, flag, index)
-            yield RunDir(final, final, resumed=True, complete=existing.get("status") == "complete", record=existing)
+            complete = _record_on_every_disk(final, existing, digest, complete=existing.get("status") == "complete")
+            yield RunDir(final, final, resumed=True, complete=complete, record=existing)
             return
         if index == 0:
             write_json_atomic(final / RUN_FILE, record)
+        _record_on_every_disk(final, record, digest, complete=False)
         try:
             yield RunDir(final, final, resumed=False, complete=False, record=record)
         except BaseException:
             if count == 1:  # hosts of a multi-host run may still be writing there
                 _undo_claim(final, created)
             raise
+
+
+def _record_on_every_disk(folder: Path, record: dict[str, Any], digest: str, *, complete: bool) -> bool:
+    """After process 0 has written (or found) `record` in `folder`: write it on every other host that does not see it
+    there, a host whose `--out` is on a disk of its own; then whether the run is complete as process 0's record says
+    (`complete`, this host's view, on one host).
+
+    Every host of a multi-host run calls this once per `output_dir`, whichever way it claimed its folder. Without a
+    record of its own, a host on its own disk held outputs (its shards, records, NPZ) that a rerun of the same
+    command took for a user's folder and refused, so a crashed run could not resume; and with hosts reading
+    `complete` each from its own disk, one returned at once while another generated, waiting at a collective."""
+    from diffusets_jax import parallel
+
+    index, count = _process()
+    if count == 1:
+        return complete
+    parallel.barrier(f"run-record-{digest[:12]}")  # process 0's record is on its disk (`digest`: every host's)
+    with parallel.failing_together():  # a host whose disk refuses the record stops every host
+        path = folder / RUN_FILE
+        if index != 0 and not (path.is_file() and
+                               read_json(path, "run record").get("fingerprint") == record.get("fingerprint")):
+            write_json_atomic(path, record)
+    return bool(parallel.allgather_objects(complete)[0])
 
 
 def _undo_claim(final: Path, created: Sequence[Path]) -> None:
