@@ -171,7 +171,7 @@ def test_a_host_whose_disk_is_full_stops_every_host(tmp_path, outputs):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("outputs", [["--formats", "npz"]])
+@pytest.mark.parametrize("outputs", [["--formats", "npz"], ["--corpus", "--shard-size", "8"]])
 def test_hosts_on_disks_of_their_own_resume_without_regenerating(tmp_path, outputs):
     # Each host's --out on a disk of its own (a folder each here), run twice, as after a crash. Only process 0 had a
     # run record, so process 1 refused its own outputs as a user's folder; a corpus regenerated every shard that
