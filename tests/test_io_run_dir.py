@@ -3,6 +3,7 @@ through the commands (`test_io_outputs.py`, `test_cli_edges.py`); every command'
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -243,17 +244,19 @@ def test_a_run_that_fails_having_written_nothing_leaves_no_folder_it_made(tmp_pa
     assert (tmp_path / "new" / "a.png").is_file() and (tmp_path / "new" / RUN_FILE).is_file()
 
 
-def _claim_on_two_processes(tmp_path, outs, settings, write=False):
-    """`output_dir` on two processes (gloo on 127.0.0.1), process i claiming outs[i] with settings[i]: each one's
-    {"error": message} or {"claimed": path, "resumed", "complete"}; with `write`, each writes an output file there
-    and the run is marked complete. A process still waiting after 120 s (a hang at a collective) fails."""
+def _claim_on_two_processes(tmp_path, outs, settings, write=False, overwrite=False):
+    """`output_dir` on two processes (gloo on 127.0.0.1), process i claiming outs[i] with settings[i] (and
+    `overwrite`): each one's {"error": message} or {"claimed": path, "resumed", "complete"}; with `write`, each writes
+    an output file there and the run is marked complete. A process still waiting after 120 s (a hang at a
+    collective) fails."""
     import json
 
     from tests.helpers.two_processes import run_worker_pair
 
     results = [tmp_path / f"process{i}.json" for i in range(2)]
     run_worker_pair("run_dir_two_process_worker.py",
-                    lambda i: [outs[i], json.dumps(settings[i]), results[i], *(["write"] if write else [])])
+                    lambda i: [outs[i], json.dumps(settings[i]), results[i], *(["write"] if write else []),
+                               *(["overwrite"] if overwrite else [])])
     return [json.loads(path.read_text()) for path in results]
 
 
@@ -284,6 +287,22 @@ def test_hosts_on_disks_of_their_own_resume_their_run(tmp_path):
     # Another command is still refused on the host of its own disk: its record names the run.
     other = _claim_on_two_processes(tmp_path, outs, [{"seed": 1}] * 2)
     assert all("holds an earlier sample run with other settings (seed: 0 -> 1)" in r["error"] for r in other), other
+
+
+@pytest.mark.multiprocess
+def test_overwrite_replaces_the_folder_of_a_host_on_a_disk_of_its_own(tmp_path):
+    # Only process 0 swapped its staging folder in: process 1's new outputs stayed in the hidden `.host1.new-*`
+    # sibling, and its --out kept the replaced run's files, as if they were this run's.
+    outs = [tmp_path / "host0", tmp_path / "host1"]
+    _claim_on_two_processes(tmp_path, outs, [{"seed": 0}] * 2, write=True)
+    for out in outs:
+        (out / "old-run.dat").write_bytes(b"old")
+    results = _claim_on_two_processes(tmp_path, outs, [{"seed": 1}] * 2, write=True, overwrite=True)
+    assert all("claimed" in r for r in results), results
+    for out in outs:
+        assert not (out / "old-run.dat").exists(), out
+        assert json.loads((out / RUN_FILE).read_text())["settings"] == {"seed": 1}, out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".host")) == []
 
 
 @pytest.mark.multiprocess

@@ -315,8 +315,14 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
                             os.remove(final / f"{_OURS_PREFIX}-p{index}.lock")
                 raise
             parallel.barrier(f"output-dir-done-{digest[:12]}")
-            if index == 0:
-                replace_folder(staging, final)  # the folder the user asked us to replace goes once ours is in place
+            with parallel.failing_together():  # also the barrier before the others look for their own staging
+                if index == 0:
+                    replace_folder(staging, final)  # the folder the user asked us to replace goes once ours is in
+            with parallel.failing_together():
+                # A host on a disk of its own still has its staging folder, which process 0 could not swap in: left
+                # there, its outputs stayed hidden and its --out kept the old run's files.
+                if index != 0 and staging.exists():
+                    replace_folder(staging, final)
             return
         if same:
             existing = _record_other_code(existing, final, flag, index)
