@@ -101,6 +101,21 @@ def test_initialize_distributed_watch_is_on_by_default_and_can_be_turned_off(mon
     assert ("watched" in calls) is recoverable
 
 
+@pytest.mark.parametrize(("env", "message"), [
+    ({"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' is not a whole number: set it to the number of hosts"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "first"},
+     "JAX_PROCESS_ID='first' is not a whole number: set it to this host's own number, 0 to 1"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, r"JAX_PROCESS_ID=2 is outside 0 to 1 \(JAX_NUM_PROCESSES=2\)"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID=-1 is outside 0 to 1"),
+])
+def test_a_malformed_host_variable_is_refused_naming_it(env, message):
+    """Python's "invalid literal for int() with base 10: 'two'" named neither the variable nor what it holds; a
+    process id beyond the run reached JAX, whose message names neither the variable."""
+    with pytest.raises(ValueError, match=message):
+        parallel.initialize_distributed({**env, "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"})
+    assert not jax.distributed.is_initialized()
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("how", ["raise", "kill"])
 def test_a_process_leaving_the_run_stops_the_others_in_one_line(how):
