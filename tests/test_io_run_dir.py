@@ -280,6 +280,8 @@ def test_hosts_on_disks_of_their_own_resume_their_run(tmp_path):
     outs = [tmp_path / "host0", tmp_path / "host1"]
     first = _claim_on_two_processes(tmp_path, outs, [{"seed": 0}] * 2, write=True)
     assert [r.get("resumed") for r in first] == [False, False], first
+    # Each host's record says the run finished: `evaluate --generated` refuses an unfinished sample run's folder.
+    assert [json.loads((out / RUN_FILE).read_text())["status"] for out in outs] == ["complete"] * 2
     again = _claim_on_two_processes(tmp_path, outs, [{"seed": 0}] * 2)
     for result, out in zip(again, outs, strict=True):
         assert result.get("claimed") == str(out), result  # resumed, not refused
