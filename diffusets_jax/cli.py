@@ -872,6 +872,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                                  steps=args.steps or (None if args.sampler else proto.steps),
                                  guidance_scale=args.guidance_scale)
         generators = [ECGGenerator(d, sampler, batch_size=args.batch_size, seed=args.seed) for d in args.model_dir]
+        if generators[0].batch_size != args.batch_size:  # as `sample` says it: other ECGs, another fingerprint
+            print(f"diffusets-jax evaluate: note: batches of {args.batch_size} ECGs are rounded up to "
+                  f"{generators[0].batch_size}, a multiple of this host's {generators[0].mesh.devices.size} devices: "
+                  f"the generated ECGs (and the run's fingerprint) are those of --batch-size "
+                  f"{generators[0].batch_size}", file=sys.stderr)
     clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
     # Everything that changes the report: a dataset prepared again, a CLIP trained again or an edited --rules file
     # at the same path is another input (the rules by content, the CLIP by its uid); with --generated the seed too
