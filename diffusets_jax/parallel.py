@@ -356,7 +356,9 @@ def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axis size {known}")
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axis size {known} (data="
+                             f"{data}, fsdp={fsdp}): give that axis a size that divides {num_devices} "
+                             "(--config.mesh.data, --config.mesh.fsdp)")
         sizes[sizes.index(-1)] = num_devices // known
     if sizes[0] * sizes[1] != num_devices:
         raise ValueError(

@@ -15,7 +15,9 @@ def test_resolve_mesh_shape_fills_minus_one_and_rejects_mismatch():
         parallel.resolve_mesh_shape(3, 1, 8)
     with pytest.raises(ValueError, match="at most one"):
         parallel.resolve_mesh_shape(-1, -1, 8)
-    with pytest.raises(ValueError, match="not divisible"):
+    # Naming the sizes given and what to do: "8 devices are not divisible by the fixed axis size 3" said neither.
+    with pytest.raises(ValueError, match=r"not divisible by the fixed axis size 3 \(data=-1, fsdp=3\): give that "
+                                         r"axis a size that divides 8 \(--config.mesh.data, --config.mesh.fsdp\)"):
         parallel.resolve_mesh_shape(-1, 3, 8)
 
 
