@@ -728,15 +728,22 @@ def _run_sample(args: argparse.Namespace) -> int:
     options = dict(seed=args.seed, embedding_cache=args.embedding_cache, embedder_overrides=overrides,
                    compute_dtype=None if args.dtype == "float32" else args.dtype)
     if task is None:
-        generator = ECGGenerator(args.model_dir, sampler, batch_size=args.batch_size, **options)
+        asked = args.batch_size
+        generator = ECGGenerator(args.model_dir, sampler, batch_size=asked, **options)
     else:
         from diffusets_jax.conditioning.requests import total_ecgs
         from diffusets_jax.posterior_pipeline import ReferenceGenerator
 
         # Every row of a batch runs K particles through the U-Net and decoder, forward and backward: do not pad a
         # few requested ECGs up to a large default batch.
-        generator = ReferenceGenerator(args.model_dir, task, sampler,
-                                       batch_size=min(args.batch_size, total_ecgs(conditions)), **options)
+        asked = min(args.batch_size, total_ecgs(conditions))
+        generator = ReferenceGenerator(args.model_dir, task, sampler, batch_size=asked, **options)
+    if generator.batch_size != asked:
+        # Said, as it changes the ECGs and the run's fingerprint: a rerun of the same command on a host with another
+        # device count was refused as "batch_size: 4 -> 8", a value never given.
+        print(f"diffusets-jax sample: note: batches of {asked} ECGs are rounded up to {generator.batch_size}, a "
+              f"multiple of this host's {generator.mesh.devices.size} devices: the ECGs (and the run's fingerprint) "
+              f"are those of --batch-size {generator.batch_size}", file=sys.stderr)
     import jax
 
     with parallel.failing_together():  # on every host, though only process 0 embeds
@@ -908,6 +915,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                                  steps=args.steps or (None if args.sampler else proto.steps),
                                  guidance_scale=args.guidance_scale)
         generators = [ECGGenerator(d, sampler, batch_size=args.batch_size, seed=args.seed) for d in args.model_dir]
+        if generators[0].batch_size != args.batch_size:  # as `sample` says it: other ECGs, another fingerprint
+            print(f"diffusets-jax evaluate: note: batches of {args.batch_size} ECGs are rounded up to "
+                  f"{generators[0].batch_size}, a multiple of this host's {generators[0].mesh.devices.size} devices: "
+                  f"the generated ECGs (and the run's fingerprint) are those of --batch-size "
+                  f"{generators[0].batch_size}", file=sys.stderr)
         import jax
 
         for d, generator in zip(args.model_dir, generators, strict=True):

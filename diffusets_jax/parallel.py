@@ -82,7 +82,8 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     exit for the others to finish theirs. `DIFFUSETS_WATCH_HOSTS=0` leaves failures to JAX as it ships.
     """
     env = os.environ if env is None else env
-    num_processes = int(env.get("JAX_NUM_PROCESSES", "1"))
+    num_processes = _process_variable(env, "JAX_NUM_PROCESSES", "1", "the number of hosts of the run, the same on "
+                                      "every host")
     auto = env.get("DIFFUSETS_AUTO_DISTRIBUTED", "0") not in ("", "0", "false", "False")
     if num_processes <= 1 and not auto:
         return False
@@ -96,6 +97,11 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
             f"JAX_NUM_PROCESSES={num_processes} but JAX_COORDINATOR_ADDRESS or JAX_PROCESS_ID is not set: "
             "set all three (e.g. JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_PROCESS_ID=0..N-1) on every host"
         )
+    process_id = None if auto else _process_variable(env, "JAX_PROCESS_ID", "", f"this host's own number, 0 to "
+                                                     f"{num_processes - 1}")
+    if process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"JAX_PROCESS_ID={process_id} is outside 0 to {num_processes - 1} (JAX_NUM_PROCESSES="
+                         f"{num_processes}): give each host its own number from 0 to {num_processes - 1}")
     if "cpu" in env.get("JAX_PLATFORMS", "").split(","):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # Without it, JAX's coordination service itself ends every other process once one stops heartbeating, by a C++
@@ -108,7 +114,7 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
         jax.distributed.initialize(
             coordinator_address=coordinator,
             num_processes=num_processes,
-            process_id=int(env["JAX_PROCESS_ID"]),
+            process_id=process_id,
             heartbeat_timeout_seconds=heartbeat_timeout,
         )
     if watch:
@@ -116,6 +122,16 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True
+
+
+def _process_variable(env: Mapping[str, str], name: str, default: str, meaning: str) -> int:
+    """The whole number in the environment variable `name` (`default` when unset), or a ValueError naming it:
+    Python's own ("invalid literal for int() with base 10: 'two'") named neither the variable nor what it holds."""
+    value = env.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number: set it to {meaning}") from None
 
 
 def _watch_hosts(env: Mapping[str, str]) -> bool:
@@ -340,7 +356,9 @@ def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axis size {known}")
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axis size {known} (data="
+                             f"{data}, fsdp={fsdp}): give that axis a size that divides {num_devices} "
+                             "(--config.mesh.data, --config.mesh.fsdp)")
         sizes[sizes.index(-1)] = num_devices // known
     if sizes[0] * sizes[1] != num_devices:
         raise ValueError(

@@ -405,6 +405,33 @@ def test_evaluate_command_paper_protocol_by_condition_and_ablation(clip, dataset
     assert not (tmp_path / "z").exists()
 
 
+def test_evaluate_says_when_its_batch_size_is_rounded_up_to_the_devices(clip, dataset, tmp_path, capsys,
+                                                                        monkeypatch):
+    """--batch-size 1 on the suite's 8 CPU devices generated (and fingerprinted) batches of 8 without a word, so the
+    same command on a host with another device count was refused as "batch_size: 1 -> 8", a value never given."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import tiny_model_dir
+
+    devices = jax.local_device_count()
+    models = tiny_model_dir(tmp_path / "models", text_dim=tiny_ecg_dataset.EMBEDDING_DIM)
+    model_dirs.write_component(models, "clip", clip[0], clip[1], provenance={"source": "test"})
+
+    def stop(*_):
+        raise ValueError("stopped before the CLIP loads")
+
+    monkeypatch.setattr(ev, "load_clip", stop)  # the note comes before it; nothing need run
+    assert main(["evaluate", "--model-dir", str(models), "--dataset", dataset.data_dir,
+                 "--split", "validation", "--steps", "2", "--batch-size", "1", "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert "stopped before the CLIP loads" in err
+    notes = [line for line in err.splitlines() if "rounded up" in line]
+    expected = [] if devices == 1 else [
+        f"diffusets-jax evaluate: note: batches of 1 ECGs are rounded up to {devices}, a multiple of this host's "
+        f"{devices} devices: the generated ECGs (and the run's fingerprint) are those of --batch-size {devices}"]
+    assert notes == expected
+
+
 def test_each_model_gets_its_own_label_and_report_folder(tmp_path):
     """Two model directories named alike (train's default WORKDIR/model) were both labelled `model`: the second
     report was written into the first one's folder. Labels are the shortest path endings that tell them apart."""

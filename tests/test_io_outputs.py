@@ -536,6 +536,25 @@ def test_two_runs_of_one_corpus_command_write_the_same_bytes(model_dir, openai_e
     assert shards[0] and shards[0] == shards[1]
 
 
+def test_a_batch_size_rounded_up_to_the_devices_is_said(model_dir, openai_env, tmp_path, capsys):
+    """--batch-size 1 on the suite's 8 CPU devices runs (and fingerprints) batches of 8 silently: a rerun of the same
+    command on a host with another device count was refused as "batch_size: 1 -> 8", a value never given."""
+    import jax
+
+    devices = jax.local_device_count()
+    assert main(["sample", "--model-dir", str(model_dir), "--out", str(tmp_path / "out"), *SAMPLE[:-2],
+                 "--batch-size", "1", "-n", "1", "--formats", "npz"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "rounded up" in line]
+    if devices == 1:
+        assert notes == []
+    else:
+        assert notes == [f"diffusets-jax sample: note: batches of 1 ECGs are rounded up to {devices}, a multiple of "
+                         f"this host's {devices} devices: the ECGs (and the run's fingerprint) are those of "
+                         f"--batch-size {devices}"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["settings"]["batch_size"] == devices
+
+
 class StubGenerator:
     """What `_finish` asks of a generator: the prompt style, prompts, and a reference task or none."""
 

@@ -3,6 +3,7 @@ through the commands (`test_io_outputs.py`, `test_cli_edges.py`); every command'
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -262,15 +263,19 @@ def test_a_run_that_fails_having_written_nothing_leaves_no_folder_it_made(tmp_pa
     assert (tmp_path / "new" / "a.png").is_file() and (tmp_path / "new" / RUN_FILE).is_file()
 
 
-def _claim_on_two_processes(tmp_path, outs, settings):
-    """`output_dir` on two processes (gloo on 127.0.0.1), process i claiming outs[i] with settings[i]: each one's
-    {"error": message} or {"claimed": path}. A process still waiting after 120 s (a hang at a collective) fails."""
+def _claim_on_two_processes(tmp_path, outs, settings, write=False, overwrite=False):
+    """`output_dir` on two processes (gloo on 127.0.0.1), process i claiming outs[i] with settings[i] (and
+    `overwrite`): each one's {"error": message} or {"claimed": path, "resumed", "complete"}; with `write`, each writes
+    an output file there and the run is marked complete. A process still waiting after 120 s (a hang at a
+    collective) fails."""
     import json
 
     from tests.helpers.two_processes import run_worker_pair
 
     results = [tmp_path / f"process{i}.json" for i in range(2)]
-    run_worker_pair("run_dir_two_process_worker.py", lambda i: [outs[i], json.dumps(settings[i]), results[i]])
+    run_worker_pair("run_dir_two_process_worker.py",
+                    lambda i: [outs[i], json.dumps(settings[i]), results[i], *(["write"] if write else []),
+                               *(["overwrite"] if overwrite else [])])
     return [json.loads(path.read_text()) for path in results]
 
 
@@ -284,6 +289,41 @@ def test_a_refusal_on_one_host_stops_every_host_with_its_line(tmp_path):
         assert re.fullmatch(r"(process 1 of 2 stopped: )?--out \S+other holds an earlier sample run with other "
                             r"settings \(seed: 9 -> 0\).*", result["error"]), result
     assert results[0]["error"].startswith("process 1 of 2 stopped: ")
+
+
+@pytest.mark.multiprocess
+def test_hosts_on_disks_of_their_own_resume_their_run(tmp_path):
+    # Each host's --out on a disk of its own (two folders here). Only process 0 wrote the run record, so the rerun
+    # that resumes a crashed run found process 1's outputs without one and refused them as a user's folder; and each
+    # host read `complete` from its own disk, so one could return at once while another went on to generate.
+    outs = [tmp_path / "host0", tmp_path / "host1"]
+    first = _claim_on_two_processes(tmp_path, outs, [{"seed": 0}] * 2, write=True)
+    assert [r.get("resumed") for r in first] == [False, False], first
+    # Each host's record says the run finished: `evaluate --generated` refuses an unfinished sample run's folder.
+    assert [json.loads((out / RUN_FILE).read_text())["status"] for out in outs] == ["complete"] * 2
+    again = _claim_on_two_processes(tmp_path, outs, [{"seed": 0}] * 2)
+    for result, out in zip(again, outs, strict=True):
+        assert result.get("claimed") == str(out), result  # resumed, not refused
+        assert result["resumed"] and result["complete"], result  # as process 0's record says, on every host
+    # Another command is still refused on the host of its own disk: its record names the run.
+    other = _claim_on_two_processes(tmp_path, outs, [{"seed": 1}] * 2)
+    assert all("holds an earlier sample run with other settings (seed: 0 -> 1)" in r["error"] for r in other), other
+
+
+@pytest.mark.multiprocess
+def test_overwrite_replaces_the_folder_of_a_host_on_a_disk_of_its_own(tmp_path):
+    # Only process 0 swapped its staging folder in: process 1's new outputs stayed in the hidden `.host1.new-*`
+    # sibling, and its --out kept the replaced run's files, as if they were this run's.
+    outs = [tmp_path / "host0", tmp_path / "host1"]
+    _claim_on_two_processes(tmp_path, outs, [{"seed": 0}] * 2, write=True)
+    for out in outs:
+        (out / "old-run.dat").write_bytes(b"old")
+    results = _claim_on_two_processes(tmp_path, outs, [{"seed": 1}] * 2, write=True, overwrite=True)
+    assert all("claimed" in r for r in results), results
+    for out in outs:
+        assert not (out / "old-run.dat").exists(), out
+        assert json.loads((out / RUN_FILE).read_text())["settings"] == {"seed": 1}, out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".host")) == []
 
 
 @pytest.mark.multiprocess

@@ -171,6 +171,33 @@ def test_a_host_whose_disk_is_full_stops_every_host(tmp_path, outputs):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("outputs", [["--formats", "npz"], ["--corpus", "--shard-size", "8"]])
+def test_hosts_on_disks_of_their_own_resume_without_regenerating(tmp_path, outputs):
+    # Each host's --out on a disk of its own (a folder each here), run twice, as after a crash. Only process 0 had a
+    # run record, so process 1 refused its own outputs as a user's folder; a corpus regenerated every shard that
+    # any one host lacked (each lacks the others'); and a finished sample run had no manifest on process 1.
+    models = tiny_model_dir(tmp_path / "models")
+    argv = ["sample", "--model-dir", str(models), "--text", "Sinus rhythm", "--sex", "F", "--age", "50", "--hr", "70",
+            "-n", "32", "--steps", "2", "--sampler", "ddim", "--batch-size", "8", *outputs]
+    outs = ([f"--out={tmp_path / 'host0'}"], [f"--out={tmp_path / 'host1'}"])
+    with fake_openai_env(TEXT_DIM) as server:
+        env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url}
+        first = run_two_processes(argv, env, extra_argv=outs)
+        written = {p: p.stat().st_mtime_ns for p in tmp_path.glob("host*/**/*")
+                   if p.suffix in (".npz", ".dat") or ".tfrecord" in p.name}  # the ECGs (a corpus's metadata is new)
+        again = run_two_processes(argv, env, extra_argv=outs)
+    summaries = [[json.loads(line) for line in out.splitlines() if line.startswith("{")][-1] for _, out in again]
+    for (_, output), summary in zip(first, summaries, strict=True):
+        assert summary.get("examples", summary.get("count")) == 32, output[-3000:]
+        assert summary.get("written", 0) == 0, summary
+    if "--corpus" in outputs:  # every shard on one host or the other, none written twice
+        names = [sorted(p.name for p in (tmp_path / f"host{i}").glob("*.tfrecord*")) for i in range(2)]
+        assert not set(names[0]) & set(names[1]) and len(names[0]) + len(names[1]) == 4, names
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # nothing rewritten
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_hosts_evaluate_and_process_zero_writes_one_report(tmp_path):
     import jax
 

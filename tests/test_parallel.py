@@ -15,7 +15,9 @@ def test_resolve_mesh_shape_fills_minus_one_and_rejects_mismatch():
         parallel.resolve_mesh_shape(3, 1, 8)
     with pytest.raises(ValueError, match="at most one"):
         parallel.resolve_mesh_shape(-1, -1, 8)
-    with pytest.raises(ValueError, match="not divisible"):
+    # Naming the sizes given and what to do: "8 devices are not divisible by the fixed axis size 3" said neither.
+    with pytest.raises(ValueError, match=r"not divisible by the fixed axis size 3 \(data=-1, fsdp=3\): give that "
+                                         r"axis a size that divides 8 \(--config.mesh.data, --config.mesh.fsdp\)"):
         parallel.resolve_mesh_shape(-1, 3, 8)
 
 
@@ -99,6 +101,21 @@ def test_initialize_distributed_watch_is_on_by_default_and_can_be_turned_off(mon
     assert calls["jax_enable_recoverability"] is recoverable
     assert calls["heartbeat_timeout_seconds"] == timeout
     assert ("watched" in calls) is recoverable
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' is not a whole number: set it to the number of hosts"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "first"},
+     "JAX_PROCESS_ID='first' is not a whole number: set it to this host's own number, 0 to 1"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, r"JAX_PROCESS_ID=2 is outside 0 to 1 \(JAX_NUM_PROCESSES=2\)"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID=-1 is outside 0 to 1"),
+])
+def test_a_malformed_host_variable_is_refused_naming_it(env, message):
+    """Python's "invalid literal for int() with base 10: 'two'" named neither the variable nor what it holds; a
+    process id beyond the run reached JAX, whose message names neither the variable."""
+    with pytest.raises(ValueError, match=message):
+        parallel.initialize_distributed({**env, "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"})
+    assert not jax.distributed.is_initialized()
 
 
 @pytest.mark.multiprocess

@@ -79,7 +79,9 @@ def write_corpus(generator: Any, conditions: Sequence[Condition], out_dir: str |
                     reads=generator.reads()) as run:
         paths = [run.path / shard_filename(CORPUS_NAME, SPLIT, s, num_shards) for s in range(num_shards)]
         todo = [s for s in range(num_shards) if not (paths[s].exists() and _counts_path(run.path, s).exists())]
-        todo = sorted(set().union(*map(set, parallel.allgather_objects(todo))))  # what any host still lacks
+        # What no host holds yet: on a disk of its own each host sees only its shards, and the union of what each
+        # lacks (as this was) made a resumed corpus regenerate every shard. `_gather_counts` reads any host's.
+        todo = sorted(set.intersection(*map(set, parallel.allgather_objects(todo))))
         mine = [todo[i] for i in parallel.process_share(len(todo))]
         # The prompts of every shard still to write, each distinct one embedded and kept once (the same on every
         # host): a corpus of millions of ECGs holds its few prompt vectors, not one per ECG.

@@ -219,7 +219,11 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
                        "guidance_scale": generator.sampler.guidance_scale, "seed": generator.seed}
     with output_dir(out, command="sample", settings=settings, overwrite=overwrite, reads=generator.reads()) as run:
         if run.complete:
-            return read_json(run.path / MANIFEST, "sample manifest")
+            # Process 0's: a host writing on a disk of its own has no manifest there (process 0 writes it alone).
+            import jax
+
+            return parallel.allgather_objects(read_json(run.path / MANIFEST, "sample manifest")
+                                              if jax.process_index() == 0 else None)[0]
         # Made with the first part, not before: a run that fails before any (its embedding key refused) has
         # written nothing, and `output_dir` then removes the folder it claimed.
         parts = run.path / _PARTS

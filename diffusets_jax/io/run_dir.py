@@ -62,13 +62,15 @@ class RunDir:
     resumed: bool
     complete: bool
     record: dict[str, Any]
+    shared: bool = True  # whether this process writes on process 0's disk (always so on one host)
 
     def mark_complete(self, **summary: Any) -> None:
-        """Record that the run finished (process 0 of a multi-host run writes it)."""
+        """Record that the run finished (process 0 of a multi-host run writes it, and every host whose --out is on a
+        disk of its own writes its own)."""
         import jax
 
         self.record.update(status="complete", summary=summary)
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 or not self.shared:
             write_json_atomic(self.path / RUN_FILE, self.record)
 
 
@@ -327,8 +329,9 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
             staging.mkdir(exist_ok=True)
             if index == 0:
                 write_json_atomic(staging / RUN_FILE, record)
+            shared, _ = _record_on_every_disk(final, staging, record, digest, complete=False)
             try:
-                yield RunDir(staging, final, resumed=False, complete=False, record=record)
+                yield RunDir(staging, final, resumed=False, complete=False, record=record, shared=shared)
             except BaseException:
                 if count == 1:
                     if not _user_entries(staging):  # nothing but our record: no trace of the failed run is left
@@ -342,21 +345,56 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
                             os.remove(final / f"{_OURS_PREFIX}-p{index}.lock")
                 raise
             parallel.barrier(f"output-dir-done-{digest[:12]}")
-            if index == 0:
-                replace_folder(staging, final)  # the folder the user asked us to replace goes once ours is in place
+            with parallel.failing_together():  # also the barrier before the others look for their own staging
+                if index == 0:
+                    replace_folder(staging, final)  # the folder the user asked us to replace goes once ours is in
+            with parallel.failing_together():
+                # A host on a disk of its own still has its staging folder, which process 0 could not swap in: left
+                # there, its outputs stayed hidden and its --out kept the old run's files.
+                if index != 0 and staging.exists():
+                    replace_folder(staging, final)
             return
         if same:
             existing = _record_other_code(existing, final, flag, index)
-            yield RunDir(final, final, resumed=True, complete=existing.get("status") == "complete", record=existing)
+            shared, complete = _record_on_every_disk(final, final, existing, digest,
+                                                     complete=existing.get("status") == "complete")
+            yield RunDir(final, final, resumed=True, complete=complete, record=existing, shared=shared)
             return
         if index == 0:
             write_json_atomic(final / RUN_FILE, record)
+        shared, _ = _record_on_every_disk(final, final, record, digest, complete=False)
         try:
-            yield RunDir(final, final, resumed=False, complete=False, record=record)
+            yield RunDir(final, final, resumed=False, complete=False, record=record, shared=shared)
         except BaseException:
             if count == 1:  # hosts of a multi-host run may still be writing there
                 _undo_claim(final, created)
             raise
+
+
+def _record_on_every_disk(final: Path, folder: Path, record: dict[str, Any], digest: str, *,
+                          complete: bool) -> tuple[bool, bool]:
+    """After process 0 has written (or found) `record` in `folder` (`final` or its staging sibling): write it on every
+    other host that does not see it there, a host whose `--out` is on a disk of its own. Returns whether this host
+    shares process 0's disk (it sees the lock file process 0 has just opened in `final`) and whether the run is
+    complete as process 0's record says (`complete`, this host's view). One host: `(True, complete)`.
+
+    Every host of a multi-host run calls this once per `output_dir`, whichever way it claimed its folder. Without a
+    record of its own, a host on its own disk held outputs (its shards, records, NPZ) that a rerun of the same
+    command took for a user's folder and refused, so a crashed run could not resume; and with hosts reading
+    `complete` each from its own disk, one returned at once while another generated, waiting at a collective."""
+    from diffusets_jax import parallel
+
+    index, count = _process()
+    if count == 1:
+        return True, complete
+    parallel.barrier(f"run-record-{digest[:12]}")  # process 0's record and lock are on its disk (`digest`: every host's)
+    shared = index == 0 or (final / f"{_OURS_PREFIX}-p0.lock").exists()
+    with parallel.failing_together():  # a host whose disk refuses the record stops every host
+        path = folder / RUN_FILE
+        if index != 0 and not (path.is_file() and
+                               read_json(path, "run record").get("fingerprint") == record.get("fingerprint")):
+            write_json_atomic(path, record)
+    return shared, bool(parallel.allgather_objects(complete)[0])
 
 
 def _undo_claim(final: Path, created: Sequence[Path]) -> None:
