@@ -145,6 +145,13 @@ def test_a_host_refused_before_joining_stops_the_others_with_its_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _tiny_sample(tmp_path, count, outputs):
+    """`sample` of `count` ECGs from a new tiny model directory in batches of 8, two DDIM steps."""
+    models = tiny_model_dir(tmp_path / "models")
+    return ["sample", "--model-dir", str(models), "--text", "Sinus rhythm", "--sex", "F", "--age", "50", "--hr", "70",
+            "-n", str(count), "--steps", "2", "--sampler", "ddim", "--batch-size", "8", *outputs]
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("outputs", [["--formats", "npz"], ["--corpus", "--shard-size", "8"]])
@@ -152,10 +159,7 @@ def test_a_host_whose_disk_is_full_stops_every_host(tmp_path, outputs):
     # Process 1 cannot write its batch or shard (Python gets EFBIG where a full disk gives ENOSPC). Before, it
     # stopped with its line and process 0 waited for it at the next collective until the coordination service
     # killed both.
-    models = tiny_model_dir(tmp_path / "models")
-    argv = ["sample", "--model-dir", str(models), "--text", "Sinus rhythm", "--sex", "F", "--age", "50", "--hr", "70",
-            "-n", "16", "--steps", "2", "--sampler", "ddim", "--batch-size", "8", *outputs,
-            "--out", str(tmp_path / "out")]
+    argv = [*_tiny_sample(tmp_path, 16, outputs), "--out", str(tmp_path / "out")]
     # A batch or shard each, of 8 ECGs: about 400 kB. The batch size of the two-host test above: process 0 finds
     # that chain in the session's compilation cache (process 1 compiles its own either way).
     with fake_openai_env(TEXT_DIM) as server:
@@ -176,9 +180,7 @@ def test_hosts_on_disks_of_their_own_resume_without_regenerating(tmp_path, outpu
     # Each host's --out on a disk of its own (a folder each here), run twice, as after a crash. Only process 0 had a
     # run record, so process 1 refused its own outputs as a user's folder; a corpus regenerated every shard that
     # any one host lacked (each lacks the others'); and a finished sample run had no manifest on process 1.
-    models = tiny_model_dir(tmp_path / "models")
-    argv = ["sample", "--model-dir", str(models), "--text", "Sinus rhythm", "--sex", "F", "--age", "50", "--hr", "70",
-            "-n", "32", "--steps", "2", "--sampler", "ddim", "--batch-size", "8", *outputs]
+    argv = _tiny_sample(tmp_path, 32, outputs)
     outs = ([f"--out={tmp_path / 'host0'}"], [f"--out={tmp_path / 'host1'}"])
     with fake_openai_env(TEXT_DIM) as server:
         env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url}
