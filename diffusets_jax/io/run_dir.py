@@ -147,9 +147,10 @@ def _with_run_folders(reads: Reads) -> Iterator[tuple[str, str | os.PathLike, Pa
             continue
         source = Path(input_path).resolve()
         yield input_flag, input_path, source
-        folder = source.parent if not source.is_dir() or _is_wfdb_folder(source) else None
-        if folder is not None and (folder / RUN_FILE).is_file():
-            yield input_flag + _RUN_FOLDER, input_path, folder
+        # The run record first: the folder-name check imports io.outputs (and JAX), which a model directory or a
+        # dataset given as input need not pay for in a check made before any work.
+        if (source.parent / RUN_FILE).is_file() and (not source.is_dir() or _is_wfdb_folder(source)):
+            yield input_flag + _RUN_FOLDER, input_path, source.parent
 
 
 _RUN_FOLDER = " (its run folder)"  # marks the entries `_with_run_folders` adds
