@@ -193,6 +193,14 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_embed)
 
 
+def fill_unset(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    """Give each flag of `defaults` left None its default. Flags whose parser default is None, so that a command can
+    tell a flag given from one left out (and refuse one given where it would be ignored) before filling them in."""
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 # The values of the embedder flags not given; each is the setting of one --embedder only (`_EMBEDDER_FLAGS`).
 _EMBEDDER_DEFAULTS = {"model": "text-embedding-ada-002", "dim": 1536, "base_url": None, "api_key_env": "OPENAI_API_KEY",
                       "max_retries": 8, "timeout": 60.0, "model_dir": None, "max_length": None, "dtype": "float32"}
@@ -209,9 +217,7 @@ def _embedder_settings(args: argparse.Namespace) -> None:
         raise ValueError(f"{', '.join(given)} {'is a setting' if len(given) == 1 else 'are settings'} of "
                          f"--embedder {other}, not of --embedder {args.embedder}: drop "
                          f"{'it' if len(given) == 1 else 'them'}, or use --embedder {other}")
-    for name in _EMBEDDER_FLAGS[args.embedder]:
-        if getattr(args, name) is None:
-            setattr(args, name, _EMBEDDER_DEFAULTS[name])
+    fill_unset(args, {name: _EMBEDDER_DEFAULTS[name] for name in _EMBEDDER_FLAGS[args.embedder]})
 
 
 # The `openai` client sends a key with every request: a --base-url server that ignores keys still needs one set.
@@ -989,9 +995,7 @@ def _check_evaluate_generation_flags(args: argparse.Namespace) -> None:
     elif given["--records-per-condition"] is not None and not (args.by_condition or args.rules or args.conditions):
         raise ValueError("--records-per-condition sets how many records each condition rule picks: add "
                          "--by-condition, or drop --records-per-condition")
-    for name, default in EVALUATE_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+    fill_unset(args, EVALUATE_DEFAULTS)
 
 
 def _check_evaluated_embeddings(args: argparse.Namespace, builder: Any, clip_conditioning: Any, clip_dir: str) -> None:
@@ -1264,9 +1268,7 @@ def _run_downstream(args: argparse.Namespace) -> int:
             if value is not None:
                 raise ValueError(f"{flag} sets how --model-dir generates the minority ECGs, and no --model-dir is "
                                  f"given: add --model-dir, or drop {flag}")
-    for name, default in DOWNSTREAM_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+    fill_unset(args, DOWNSTREAM_DEFAULTS)
     config = load_config(args.config or downstream.DEFAULT_CONFIG, getattr(args, "config_overrides", []))
     if args.steps is not None:
         config.train.num_steps = args.steps
