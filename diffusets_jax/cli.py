@@ -1622,7 +1622,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ValueError as err:
                 refuse(str(err))
             if rest:
-                refuse(f"unrecognized arguments: {' '.join(rest)}")
+                # --debug and --version belong to diffusets-jax itself; given after the command, argparse only
+                # calls them unrecognised, which reads as if they did not exist
+                misplaced = [arg for arg in ("--debug", "--version") if arg in rest]
+                hint = (f"; {misplaced[0]} goes before the command: `diffusets-jax {misplaced[0]} {args.command} "
+                        "...`" if misplaced else "")
+                refuse(f"unrecognized arguments: {' '.join(rest)}{hint}")
             args.config_overrides = overrides
     except _Refused as refused:
         _leave_multi_host_run(_command_in(sys.argv[1:] if argv is None else argv), EXIT_BAD_INPUT, refused.line)

@@ -395,6 +395,8 @@ CASES: list[tuple[str, list[str], str]] = [
      "diffusets-jax train: error: unrecognized arguments: --dataset x (`diffusets-jax train --help`"),
     ("plot-unknown-flag", ["plot", RECORD, "--out-dir", "{w}/new", "--colour", "red"],
      "diffusets-jax plot: error: unrecognized arguments: --colour red"),
+    ("debug-after-the-command", ["plot", RECORD, "--out-dir", "{w}/new", "--debug"],
+     "unrecognized arguments: --debug; --debug goes before the command: `diffusets-jax --debug plot ...`"),
     # --overwrite replaces the output folder as a whole: refused when it is, or holds, an input of the same run (a
     # mistyped --out one level up, given --overwrite after the first refusal, deleted the dataset or model it read)
     ("sample-overwrite-out-holds-the-model", [*SAMPLE, "--out", "{w}", "--overwrite"],
