@@ -32,6 +32,23 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """The argparse type of durations (`--timeout`): a finite number > 0; 0 would time every request out, then
+    retry it for minutes before saying so."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def non_empty(text: str) -> str:
+    """The argparse type of names (`--model`, `--api-key-env`): an empty one was sent as is, and a server's
+    refusal came only after minutes of retries."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return text
+
+
 def seed_int(text: str) -> int:
     """The argparse type of every `--seed`: a whole number in [0, 2**32) (`config.check_seed` says why)."""
     from diffusets_jax.config import check_seed
@@ -174,15 +191,15 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     # No argparse defaults in the embedder groups (`_EMBEDDER_DEFAULTS` fills them in): a flag given for the other
     # embedder is refused instead of silently ignored, which needs to know which flags were given.
     defaults = _EMBEDDER_DEFAULTS
-    openai_group.add_argument("--model", help=f"model name (default: {defaults['model']})")
+    openai_group.add_argument("--model", type=non_empty, help=f"model name (default: {defaults['model']})")
     openai_group.add_argument("--dim", type=positive_int, help=f"expected vector size (default: {defaults['dim']})")
     openai_group.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI's)")
-    openai_group.add_argument("--api-key-env",
+    openai_group.add_argument("--api-key-env", type=non_empty,
                               help=f"environment variable holding the API key (default: {defaults['api_key_env']}); "
                                    "keys never go on the command line")
     openai_group.add_argument("--max-retries", type=non_negative_int,
                               help=f"retries per request on 429/5xx/timeouts (default: {defaults['max_retries']})")
-    openai_group.add_argument("--timeout", type=finite_float,
+    openai_group.add_argument("--timeout", type=positive_float,
                               help=f"seconds per request (default: {defaults['timeout']})")
     local_group = parser.add_argument_group("local embedder")
     local_group.add_argument("--model-dir", help="sentence-transformers model directory "
@@ -404,7 +421,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     cond = parser.add_argument_group("U-Net conditioning (default: the published ada-002 ordered prompts)")
     cond.add_argument("--embedder-kind", choices=("openai", "local"),
                       help="openai: an OpenAI(-compatible) embedding endpoint; local: the Flax sentence encoder")
-    cond.add_argument("--embedder-model", metavar="NAME",
+    cond.add_argument("--embedder-model", type=non_empty, metavar="NAME",
                       help="embedding model the U-Net was trained with, e.g. E-72B (served OpenAI-compatibly)")
     cond.add_argument("--embedder-dim", type=positive_int, metavar="N", help="its vector width (default: the U-Net's text input)")
     cond.add_argument("--embedder-base-url", metavar="URL", help="the endpoint serving it (can be overridden at sampling)")
@@ -1299,6 +1316,27 @@ def _number(value: float | None) -> str:
 COMMANDS.append(_add_downstream)
 
 
+def _statement_count(text: str) -> int:
+    """`describe --max-statements`: 1..MAX_STATEMENTS, a report's most lines (refused here rather than by the Python
+    API, whose message names its parameter). Imported when read: `findings` pulls in numpy."""
+    from diffusets_jax.conditioning.findings import MAX_STATEMENTS
+
+    value = positive_int(text)
+    if value > MAX_STATEMENTS:
+        raise argparse.ArgumentTypeError(f"must be within 1..{MAX_STATEMENTS} (a report's most lines), got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    """`describe --temperature`: within the OpenAI chat API's range."""
+    from diffusets_jax.conditioning.chat import MAX_TEMPERATURE
+
+    value = finite_float(text)
+    if not 0 <= value <= MAX_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be within 0..{MAX_TEMPERATURE:g} (the OpenAI API's range), got {text!r}")
+    return value
+
+
 def _add_describe(sub: argparse._SubParsersAction) -> None:
     from diffusets_jax.conditioning.chat import CHAT_DEFAULT_MODEL  # stdlib only: cheap at parser build time
 
@@ -1323,15 +1361,16 @@ def _add_describe(sub: argparse._SubParsersAction) -> None:
     patient.add_argument("--age", help="years")
     patient.add_argument("--hr", help="heart rate, bpm")
     model = parser.add_argument_group("chat model")
-    model.add_argument("--model", default=CHAT_DEFAULT_MODEL, help="chat model name (default: %(default)s)")
+    model.add_argument("--model", type=non_empty, default=CHAT_DEFAULT_MODEL, help="chat model name (default: %(default)s)")
     model.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI's)")
-    model.add_argument("--api-key-env", default="OPENAI_API_KEY",
+    model.add_argument("--api-key-env", type=non_empty, default="OPENAI_API_KEY",
                        help="environment variable holding the API key (default: %(default)s); keys never go on "
                             "the command line")
-    model.add_argument("--max-statements", type=positive_int, default=8, help="findings asked for, 1..18 (default: %(default)s)")
-    model.add_argument("--temperature", type=finite_float, default=0.0, help="sampling temperature (default: %(default)s)")
+    model.add_argument("--max-statements", type=_statement_count, default=8,
+                       help="findings asked for, at most a report's lines (18) (default: %(default)s)")
+    model.add_argument("--temperature", type=_temperature, default=0.0, help="sampling temperature (default: %(default)s)")
     model.add_argument("--max-retries", type=non_negative_int, default=8, help="retries on 429/5xx/timeouts (default: %(default)s)")
-    model.add_argument("--timeout", type=finite_float, default=120.0, help="seconds per request (default: %(default)s)")
+    model.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request (default: %(default)s)")
     parser.set_defaults(func=_run_describe)
 
 

@@ -395,6 +395,24 @@ CASES: list[tuple[str, list[str], str]] = [
      "diffusets-jax train: error: unrecognized arguments: --dataset x (`diffusets-jax train --help`"),
     ("plot-unknown-flag", ["plot", RECORD, "--out-dir", "{w}/new", "--colour", "red"],
      "diffusets-jax plot: error: unrecognized arguments: --colour red"),
+    # describe's and embed's request settings are refused where the flag is read, named as flags: the Python API's
+    # messages named its parameters, and an empty --model or a 0 s --timeout reached the server and retried for minutes
+    ("describe-temperature-out-of-range", ["describe", "x", "--out", "{w}/f.json", "--temperature", "3"],
+     "argument --temperature: must be within 0..2"),
+    ("describe-max-statements-too-many", ["describe", "x", "--out", "{w}/f.json", "--max-statements", "19"],
+     "argument --max-statements: must be within 1..18"),
+    ("describe-model-empty", ["describe", "x", "--out", "{w}/f.json", "--model", ""],
+     "argument --model: must not be empty"),
+    ("describe-timeout-zero", ["describe", "x", "--out", "{w}/f.json", "--timeout", "0"],
+     "argument --timeout: must be a number > 0, got '0'"),
+    ("embed-model-empty", ["embed", "--input", "{w}/reports.csv", "--embedder", "openai", "--cache", "{w}/c.sqlite",
+                           "--model", ""], "argument --model: must not be empty"),
+    ("embed-timeout-zero", ["embed", "--input", "{w}/reports.csv", "--embedder", "openai", "--cache",
+                            "{w}/c.sqlite", "--timeout", "0"], "argument --timeout: must be a number > 0"),
+    ("embed-api-key-env-empty", ["embed", "--input", "{w}/reports.csv", "--embedder", "openai", "--cache",
+                                 "{w}/c.sqlite", "--api-key-env", ""], "argument --api-key-env: must not be empty"),
+    ("convert-embedder-model-empty", ["convert", "--out", "{w}/new", "--embedder-model", ""],
+     "argument --embedder-model: must not be empty"),
     ("debug-after-the-command", ["plot", RECORD, "--out-dir", "{w}/new", "--debug"],
      "unrecognized arguments: --debug; --debug goes before the command: `diffusets-jax --debug plot ...`"),
     # --overwrite replaces the output folder as a whole: refused when it is, or holds, an input of the same run (a
@@ -474,15 +492,16 @@ def test_every_non_integer_flag_refuses_nan_and_inf():
     """Python's float() reads "nan" and "inf", which no range check refuses (`nan <= 0` is false): a NaN guidance
     scale or WFDB rate sampled for minutes, then wrote no usable ECG. So every such flag of every command parses
     with `finite_float`."""
-    from diffusets_jax.cli import build_parser, finite_float
+    from diffusets_jax.cli import _temperature, build_parser, finite_float, positive_float
 
     typed = typed_flags(build_parser())
     assert not [(prog, action.dest) for prog, action in typed if action.type is float]
-    assert len([a for _, a in typed if a.type is finite_float]) >= 16
+    assert len([a for _, a in typed if a.type in (finite_float, positive_float, _temperature)]) >= 16
     assert finite_float("0.5") == 0.5 and finite_float("-3") == -3.0
-    for text in ("nan", "inf", "-Infinity", "abc", ""):
-        with pytest.raises(argparse.ArgumentTypeError):
-            finite_float(text)
+    for parse in (finite_float, positive_float, _temperature):
+        for text in ("nan", "inf", "-Infinity", "abc", ""):
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse(text)
 
 
 def test_every_integer_flag_has_a_range_where_it_is_read():

@@ -135,7 +135,7 @@ def test_cli_describe_end_to_end(tmp_path, monkeypatch, capsys):
     (["--age", "old"], "--age: cannot parse 'old'"),
     (["--sex", "X"], "--sex: cannot parse 'X'"),
     (["--max-statements", "0"], "argument --max-statements: must be a whole number >= 1"),
-    (["--max-statements", "19"], "max_statements must be within 1..18"),
+    (["--max-statements", "19"], "argument --max-statements: must be within 1..18"),
     (["--api-key-env", "UNSET_KEY_FOR_TEST"], "$UNSET_KEY_FOR_TEST is not set"),
     # --base-url was documented as the alternative to a key; a server that ignores keys still needs one set.
     (["--api-key-env", "UNSET_KEY_FOR_TEST"], "a --base-url server that ignores keys (vLLM, llama.cpp, Ollama) takes "

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 CHAT_DEFAULT_MODEL = "gpt-4o"
+# The OpenAI chat API's sampling temperature range.
+MAX_TEMPERATURE = 2.0
 
 
 class ChatClient:
@@ -42,8 +44,9 @@ class ChatClient:
 
         if not isinstance(model, str) or not model.strip():
             raise ValueError(f"model must be a non-empty model name, got {model!r}")
-        if not 0.0 <= temperature <= 2.0:
-            raise ValueError(f"temperature must be within 0..2 (the OpenAI API's range), got {temperature}")
+        if not 0.0 <= temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be within 0..{MAX_TEMPERATURE:g} (the OpenAI API's range), got "
+                             f"{temperature}")
         self._connection = OpenAIConnection(
             "chat", model, user="the chat client", api_key=api_key, base_url=base_url,
             key_hint="Or write the findings file by hand (see `diffusets-jax describe --help`).",
