@@ -67,6 +67,9 @@ def test_random_small_model_round_trips():
     with pytest.raises(ValueError, match=r"^U-Net checkpoint: its attention widths 8, 16, 32 do not split into 3 "
                                          r"heads.*unet_from_torch\(load_state_dict\(path\), num_heads=H"):
         unet_from_torch(unet_to_torch(variables), num_heads=3, bottleneck_heads=2)
+    for heads in ({"num_heads": 0}, {"bottleneck_heads": 0}, {"num_heads": 2.0}):  # 0 was a ZeroDivisionError
+        with pytest.raises(ValueError, match=r"^(num|bottleneck)_heads must be a whole number >= 1"):
+            unet_from_torch(unet_to_torch(variables), **heads)
 
 
 def test_unused_block_down_keys_are_optional(reference_sd):

@@ -161,6 +161,9 @@ def unet_from_torch(
 def _unet_from_torch(state_dict: StateDict, *, num_heads: int, bottleneck_heads: int,
                      **module_kwargs: Any) -> tuple[UNet, dict]:
     config = unet_config_from_state_dict(state_dict)
+    for name, heads in (("num_heads", num_heads), ("bottleneck_heads", bottleneck_heads)):
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:  # 0 divided the widths below
+            raise ValueError(f"{name} must be a whole number >= 1 (the published U-Net has 8 and 4), got {heads!r}")
     # Head counts are not in the checkpoint: say so here, not as an attention error deep in the module's init.
     uneven = sorted({w for w in (*config["down_attention_dims"], *config["up_attention_dims"]) if w % num_heads}
                     | ({config["bottleneck_attention_dim"]} if config["bottleneck_attention_dim"] % bottleneck_heads
