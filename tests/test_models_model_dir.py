@@ -120,6 +120,37 @@ def test_a_vae_that_a_unet_was_trained_on_is_not_replaced_without_overwrite(part
     assert model_dirs.read_index(tmp_path).components["vae"]["uid"] != vae_uid
 
 
+def test_a_unet_converted_before_its_vae(parts, tmp_path):
+    """`convert --unet`, then the VAE (components are added one flag at a time). A VAE trained there decoded the
+    published U-Net's latents into noise without a word; the published VAE converted later was not recorded as the
+    U-Net's, so replacing it was not refused at sampling as it is when both are converted in one command."""
+    vae, vae_vars, unet, unet_vars = parts
+    model_dirs.write_component(tmp_path, "unet", unet, unet_vars, provenance={"source": "converted"},
+                               conditioning=openai_conditioning(), diffusion=DiffusionSpec())
+    trained = {"source": "trained", "run": {"workdir": str(tmp_path / "runs" / "vae"), "step": 10}}
+    with pytest.raises(ValueError, match=r"^--model-dir .*: its unet/ is converted, trained on the published VAE's "
+                                         r"latents.*convert --vae"):
+        model_dirs.check_vae_replaceable(tmp_path, source="trained")  # train vae's early check
+    with pytest.raises(ValueError, match="its unet/ is converted"):
+        model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance=trained)
+    assert "vae" not in model_dirs.read_index(tmp_path).components and not (tmp_path / "vae").exists()
+    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "converted"}, flag="--out")
+    index = model_dirs.read_index(tmp_path)
+    assert index.components["unet"]["vae_uid"] == index.components["vae"]["uid"]
+    with pytest.raises(ValueError, match="its unet/ was trained on the latents of its vae/"):
+        model_dirs.check_vae_replaceable(tmp_path, source="trained")  # now linked: replacing it needs --overwrite
+
+
+def test_a_vae_beside_a_trained_unet_is_not_linked_to_it(parts, tmp_path):
+    """Only the published pair is linked after the fact: a U-Net trained without a recorded VAE stays unlinked."""
+    vae, vae_vars, unet, unet_vars = parts
+    model_dirs.write_component(tmp_path, "unet", unet, unet_vars, provenance={"source": "trained"},
+                               conditioning=openai_conditioning(), diffusion=DiffusionSpec())
+    model_dirs.check_vae_replaceable(tmp_path, source="trained")
+    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "converted"})
+    assert model_dirs.read_index(tmp_path).components["unet"]["vae_uid"] is None
+
+
 @pytest.mark.parametrize(("provenance", "trained"), [
     ({"source": "converted"}, False),  # the published U-Net: no condition dropout
     ({"source": "test"}, False),  # no training config recorded

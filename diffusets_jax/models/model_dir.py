@@ -203,11 +203,19 @@ def untrained_guidance_warning(index: ModelIndex, guidance_scale: float) -> str 
             "are not classifier-free guidance; train with condition dropout (configs/improved_unet.py) to use it")
 
 
-def check_vae_replaceable(directory: str | os.PathLike, *, overwrite: bool = False, flag: str = "--model-dir") -> None:
-    """Refuse a new VAE where the directory's U-Net was trained on the latents of the VAE there now: one line,
-    before the VAE trains. A training run may replace its own VAE export (`check_component_writable`), and a run
-    extended with more steps did so at its end, after which `sample` refused the directory and the U-Net had no
-    VAE left to decode with. With `overwrite` the user has asked for the replacement."""
+def check_vae_replaceable(directory: str | os.PathLike, *, overwrite: bool = False, source: str | None = None,
+                          flag: str = "--model-dir") -> None:
+    """Refuse a new VAE where the directory's U-Net was trained on the latents of another VAE: one line, before the
+    VAE trains. `source`: the new VAE's provenance source ("trained", "converted").
+
+    - The U-Net was trained on the VAE there now. A training run may replace its own VAE export
+      (`check_component_writable`), and a run extended with more steps did so at its end, after which `sample`
+      refused the directory and the U-Net had no VAE left to decode with.
+    - The U-Net was converted (trained on the published VAE's latents) and no VAE is there yet: a VAE trained
+      here decoded the published U-Net's latents into noise, without a word (`convert --unet` refuses the
+      reverse order already).
+
+    With `overwrite` the user has asked for the replacement."""
     directory = Path(directory)
     if overwrite or not (directory / MODEL_INDEX).is_file():
         return
@@ -217,6 +225,16 @@ def check_vae_replaceable(directory: str | os.PathLike, *, overwrite: bool = Fal
         raise ValueError(f"{flag} {directory}: its unet/ was trained on the latents of its vae/ (uid {vae['uid']}), "
                          f"and a new VAE would leave that U-Net unable to decode: give another {flag}, or pass "
                          "--overwrite to replace the VAE (then encode again and retrain the U-Net)")
+    if unet and not vae and source != "converted" and _source(unet) == "converted":
+        raise ValueError(f"{flag} {directory}: its unet/ is converted, trained on the published VAE's latents, and a "
+                         f"VAE trained here would decode them into noise: convert the published VAE into it "
+                         f"(`diffusets-jax convert --vae`), give another {flag}, or pass --overwrite to train one "
+                         "anyway (then encode again and retrain the U-Net)")
+
+
+def _source(entry: dict[str, Any]) -> str | None:
+    """How a component came to be: its provenance's "source" ("trained", "converted"; None when not recorded)."""
+    return (entry.get("provenance") or {}).get("source")
 
 
 def write_component(directory: str | os.PathLike, name: str, module: Any, variables: Any, *,
@@ -258,10 +276,16 @@ def write_component(directory: str | os.PathLike, name: str, module: Any, variab
         check_component_writable(directory, name, workdir=(provenance.get("run") or {}).get("workdir"),
                                  overwrite=overwrite, flag=flag)
         if name == "vae":  # also where no early check ran: `train vae --export-only` of a later step
-            check_vae_replaceable(directory, overwrite=overwrite, flag=flag)
+            check_vae_replaceable(directory, overwrite=overwrite, source=provenance.get("source"), flag=flag)
         index = read_index(directory)
         path = Path(bundle.save_model(directory, name, module, variables, replace=True))  # checked just above
         components = {**index.components, name: entry}
+        unet = components.get("unet")
+        if name == "vae" and _source(entry) == "converted" and unet and not unet.get("vae_uid") \
+                and _source(unet) == "converted":
+            # `convert --unet` then `convert --vae` (components are added one flag at a time): the published pair,
+            # recorded as when converted in one command, so that replacing this VAE later is refused at sampling
+            components["unet"] = {**unet, "vae_uid": entry["uid"]}
         updates: dict[str, Any] = {"components": components, "legacy": False}
         if name == "unet":
             updates.update(conditioning=conditioning, diffusion=diffusion, sampling=dict(sampling or {}))

@@ -330,7 +330,7 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
     if model == "vae" and exported_run(target, model) != export_record(workdir, num_steps, config):
         # This run will export a new VAE (a first run, or one extended with more steps): refused now, not after
         # the training, where the directory's U-Net was trained on the VAE there.
-        model_dirs.check_vae_replaceable(target, overwrite=overwrite)
+        model_dirs.check_vae_replaceable(target, overwrite=overwrite, source="trained")
 
     mesh = parallel.mesh_from_config(config.mesh)
     host_batch = pipeline.per_host_batch_size(int(config.train.global_batch_size), jax.process_count(),
