@@ -106,6 +106,11 @@ class ECGGenerator:
         # default and is named by None, as before, so runs started earlier still resume.
         self.compute_dtype = (None if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32
                               else jnp.dtype(compute_dtype).name)
+        # A module written with a compute dtype of its own (from Python, `UNet(dtype=jnp.bfloat16)`) computes in it
+        # when no compute_dtype is given: recorded in `settings`, which otherwise said float32 for such a run.
+        self.module_dtypes = {} if self.compute_dtype else {
+            name: jnp.dtype(module.dtype).name for name, module in (("vae", self.vae), ("unet", self.unet))
+            if getattr(module, "dtype", None) is not None and jnp.dtype(module.dtype) != jnp.float32}
         self.mesh = parallel.local_mesh()
         devices = self.mesh.devices.size
         self.batch_size = max(devices, -(-batch_size // devices) * devices)
@@ -136,6 +141,8 @@ class ECGGenerator:
         # "bfloat16") left most of the U-Net computing in float32; this form keeps such a run from resuming into,
         # and mixing its ECGs with, one whose networks compute in bf16.
         precision = {"compute_dtype": f"{self.compute_dtype} networks, float32 sampler"} if self.compute_dtype else {}
+        if self.module_dtypes:
+            precision = {"module_dtypes": dict(self.module_dtypes)}
         return {"model_dir": os.path.abspath(self.model_dir),
                 "components": {name: entry.get("uid") for name, entry in self.index.components.items()},
                 "sampler": self.sampler.record(), "seed": self.seed, "batch_size": self.batch_size,

@@ -124,6 +124,26 @@ def test_directories_whose_parts_do_not_fit_are_refused(model_dir, tmp_path):
         ECGGenerator(wrong)
 
 
+def test_a_module_written_with_its_own_compute_dtype_is_in_the_settings(model_dir, tmp_path):
+    """A U-Net written from Python as `UNet(dtype=bfloat16)` computes in bf16 without compute_dtype: its settings (a
+    run's fingerprint) said float32, so such a run resumed into, and mixed its ECGs with, a float32 one."""
+    import jax.numpy as jnp
+
+    float32 = ECGGenerator(model_dir).settings()
+    assert "module_dtypes" not in float32 and "compute_dtype" not in float32
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(model_dir, bf16)
+    module, variables = model_dirs.load_component(bf16, "unet")
+    index = model_dirs.read_index(bf16)
+    model_dirs.write_component(bf16, "unet", module.clone(dtype=jnp.bfloat16), variables, provenance={},
+                               conditioning=index.conditioning, diffusion=index.diffusion,
+                               vae_uid=index.components["unet"]["vae_uid"], overwrite=True)
+    settings = ECGGenerator(bf16).settings()
+    assert settings["module_dtypes"] == {"unet": "bfloat16"}
+    # a compute dtype given runs every network in it, whatever the modules say
+    assert "module_dtypes" not in ECGGenerator(bf16, compute_dtype=jnp.bfloat16).settings()
+
+
 def test_a_directory_written_before_model_index_still_loads(model_dir, tmp_path, openai_env):
     """generation.json + vae/ + unet/ (the previous format) is read as the index it describes."""
     legacy = tmp_path / "legacy"
