@@ -103,3 +103,33 @@ def test_bfloat16_activations_stay_close(files, reference):
     out = np.asarray(jax.jit(model.apply)({"params": files.params}, ids, mask))
     assert out.dtype == np.float32
     assert np.sum(out * reference["embeddings"][2:4], axis=-1).min() > 0.9995
+
+
+@pytest.mark.parametrize(("modules", "pooling", "said"), [
+    (None, {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, "with cls_token pooling"),
+    (None, {"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, "with max_tokens + mean_tokens"),
+    (["Transformer", "Pooling"], None, "Transformer -> Pooling with mean_tokens"),
+    (["Transformer", "Pooling", "Dense", "Normalize"], None, "Transformer -> Pooling -> Dense -> Normalize"),
+])
+def test_a_model_with_another_pooling_or_pipeline_is_refused(tmp_path, modules, pooling, said):
+    """The encoder computes mean pooling and L2 normalisation: a sentence-transformers model asking for CLS pooling,
+    no Normalize or a Dense layer got them anyway and gave other vectors than sentence-transformers, silently."""
+    import json
+    import re
+    import shutil
+
+    source = text_encoder.default_model_dir()
+    model = tmp_path / "model"
+    shutil.copytree(source, model, ignore=shutil.ignore_patterns("model.safetensors"))
+    (model / "model.safetensors").symlink_to(source / "model.safetensors")
+    text_encoder.sentence_encoder_files(model)  # the copy as shipped is read
+    if modules is not None:
+        folders = {"Transformer": "", "Pooling": "1_Pooling", "Dense": "2_Dense", "Normalize": "3_Normalize"}
+        (model / "modules.json").write_text(json.dumps([
+            {"idx": i, "name": str(i), "path": folders[kind], "type": f"sentence_transformers.models.{kind}"}
+            for i, kind in enumerate(modules)]))
+    if pooling is not None:
+        config = json.loads((model / "1_Pooling" / "config.json").read_text())
+        (model / "1_Pooling" / "config.json").write_text(json.dumps({**config, **pooling}))
+    with pytest.raises(ValueError, match=f"its sentence-transformers pipeline is .*{re.escape(said)}.*mean pooling -> L2"):
+        text_encoder.sentence_encoder_files(model)

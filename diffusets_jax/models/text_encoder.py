@@ -218,6 +218,38 @@ def sentence_encoder_width(model_dir: str | os.PathLike | None = None) -> int:
     return BertConfig.from_json(model_dir / "config.json").hidden_size
 
 
+# The sentence-transformers pipeline this encoder computes (`modules.json` types, last dotted part), and the one
+# pooling mode of `1_Pooling/config.json` it implements.
+PIPELINE = ("Transformer", "Pooling", "Normalize")
+POOLING_MODE = "pooling_mode_mean_tokens"
+
+
+def check_pipeline(model_dir: Path) -> None:
+    """Refuse a sentence-transformers model whose `modules.json` asks for another pipeline than BERT -> mean pooling
+    -> L2 normalisation: CLS or max pooling, no Normalize, a Dense layer after pooling. The encoder computed mean
+    pooling and normalisation for any of them and gave other vectors than sentence-transformers, without a word. A
+    folder without `modules.json` (a plain BERT export) records no pipeline and is read as all-MiniLM-L6-v2's."""
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        steps = tuple(str(m["type"]).rsplit(".", 1)[-1] for m in modules)
+        pooling = next(m for m in modules if str(m["type"]).endswith("Pooling"))
+        pooling_file = model_dir / str(pooling.get("path") or "") / "config.json"
+        modes = {key: value for key, value in json.loads(pooling_file.read_text(encoding="utf-8")).items()
+                 if key.startswith("pooling_mode_")}
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as err:
+        raise ValueError(f"{model_dir}: its modules.json or pooling config cannot be read ({err}): give a "
+                         "sentence-transformers model directory as sentence-transformers writes it") from None
+    pooled = sorted(key.removeprefix("pooling_mode_") for key, value in modes.items() if value)
+    if steps != PIPELINE or pooled != [POOLING_MODE.removeprefix("pooling_mode_")]:
+        raise ValueError(f"{model_dir}: its sentence-transformers pipeline is {' -> '.join(steps)} with "
+                         f"{' + '.join(pooled) or 'no'} pooling, but the local encoder computes BERT -> mean pooling "
+                         "-> L2 normalisation (all-MiniLM-L6-v2's) and would give other vectors: use such a model, "
+                         "or serve this one OpenAI-compatibly (--embedder openai with --base-url)")
+
+
 def sentence_encoder_files(model_dir: str | os.PathLike | None = None,
                            max_length: int | None = None) -> tuple[Path, BertConfig, Path, int]:
     """What `load_sentence_encoder` reads, found and checked without loading anything heavy: the model directory
@@ -231,6 +263,7 @@ def sentence_encoder_files(model_dir: str | os.PathLike | None = None,
         raise FileNotFoundError(
             f"{model_dir} is not a sentence-transformers model directory: missing {', '.join(missing)}"
         )
+    check_pipeline(model_dir)
     config = BertConfig.from_json(model_dir / "config.json")
     if max_length is not None and max_length > config.max_position_embeddings:
         raise ValueError(f"max_length {max_length} is beyond the {config.max_position_embeddings} positions "
