@@ -242,7 +242,12 @@ def test_cli_prepare_skips_and_counts_bad_records(built, tmp_path, capsys):
         ("ptbxl_database.csv line 9", "strat_fold 'x' is not a fold number 1-10")]
     assert report["examples_written"] == 2 and report["embedding"]["embedded_now"] == 0
     assert report["skipped_examples"]["missing_signal_file"][0]["record_path"] == rows[3]["filename_hr"]
-    assert "skipped       1 truncated_signal_file" in capsys.readouterr().err
+    summary = capsys.readouterr().err
+    assert "skipped       1 truncated_signal_file" in summary
+    # Written and skipped add up to the records listed; the table rows that never became records are said apart.
+    first = [line for line in summary.splitlines() if line.startswith("ptbxl: ")][-1]
+    assert f"{report['examples_written']} examples written from {report['records_listed']} records" in first
+    assert f"; {report['records_listed'] - report['examples_written']} skipped, and 2 unusable source-table rows" in first
     assert main(["prepare", "ptbxl", "--manual-dir", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path / "o")]) == 2
 
 
