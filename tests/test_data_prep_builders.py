@@ -303,6 +303,29 @@ def test_a_builder_leaves_nothing_in_the_temporary_directory(source, tmp_path, m
     assert builder.info.citation.strip() == open(os.path.join(folder, "CITATIONS.bib")).read().strip()
 
 
+def test_mimic_tables_listing_a_study_or_subject_twice_count_the_later_rows(tmp_path):
+    """A second machine_measurements row of a study (another report) or patients row of a subject (another age) was
+    dropped without a word: the first is used, and each later one is counted as a bad table row."""
+    manual = tmp_path / "mimic"
+    shutil.copytree(os.path.join(ECG_DATA, "mimic_iv_ecg"), manual, ignore=shutil.ignore_patterns("files"))
+    for name, column, value in (("machine_measurements.csv", "report_0", "Atrial fibrillation"),
+                                ("patients.csv", "anchor_age", "33")):
+        rows = list(csv.DictReader(open(manual / name)))
+        with open(manual / name, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows([*rows, {**rows[3], column: value}])
+    builder = sources.make_builder("mimic-iv-ecg", str(tmp_path / "out"))
+    candidates = {c.study_id: c for c in builder.candidates(str(manual))}
+    study = int(list(csv.DictReader(open(manual / "machine_measurements.csv")))[3]["study_id"])
+    subject = int(list(csv.DictReader(open(manual / "patients.csv")))[3]["subject_id"])
+    assert candidates[study].report_lines[0] != "Atrial fibrillation"
+    assert all(c.age != 33 for c in candidates.values() if c.subject_id == subject)
+    assert sorted((row["record_path"].split("/")[-1], row["detail"]) for row in builder._table_skips) == [
+        ("machine_measurements.csv line 42", f"study_id {study} listed again; the first row is used"),
+        ("patients.csv line 40", f"subject_id {subject} listed again; the first row is used")]
+
+
 def test_mimic_report_cells_holding_line_breaks_are_read_as_embed_and_sample_read_them(tmp_path):
     """A report_N cell holding a line break was one statement in prepare ("{Sinus rhythm\\nLeft axis deviation}")
     and two in sample: the U-Net was trained on a prompt that sampling never builds. Cells without one are read as
