@@ -201,6 +201,35 @@ def check_header(record_path: str):  # noqa: ANN201 (a wfdb header)
     return header
 
 
+def _header_text(record_path: str) -> str:
+    """A record's header as text: UTF-8, else Latin-1 (older exporters). WFDB headers are meant to be ASCII, and wfdb
+    reads one dropping every other byte, but exports write microvolts as 'µV': wfdb read that as 'V', a signal a
+    million times too large, which was skipped as not millivolts (or refused as a reference) with a message blaming
+    a header that was right."""
+    with open(record_path + ".hea", "rb") as handle:
+        raw = handle.read()
+    try:
+        return raw.decode("utf-8-sig")  # a byte-order mark, as Windows tools write, is no part of the record line
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _units_as_written(record_path: str, units: list[str]) -> list[str]:
+    """`units` as wfdb read them from a record's header, with each one wfdb shortened by dropping its non-ASCII
+    characters ('µV' -> 'V', see `_header_text`) as the header writes it."""
+    from wfdb.io import header as wfdb_header
+
+    try:
+        lines, _ = wfdb_header.parse_header_content(_header_text(record_path))
+    except (OSError, ValueError):
+        return units
+    signals = [wfdb_header.rx_signal.match(line) for line in lines[1:]]
+    if len(signals) != len(units) or any(signal is None for signal in signals):
+        return units  # a header wfdb reads otherwise (multi-segment): its units are left as wfdb gave them
+    return [signal["units"] if signal["units"] != unit and signal["units"].encode("ascii", "ignore").decode() == unit
+            else unit for signal, unit in zip(signals, units, strict=True)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Format16Record:
     """What `read_wfdb_record` gives of a record `_read_format16` read: wfdb.Record's fields the readers use."""
@@ -221,8 +250,7 @@ def _read_format16(record_path: str) -> Format16Record | None:
     from wfdb.io import header as wfdb_header
 
     try:
-        with open(record_path + ".hea", encoding="ascii", errors="ignore") as handle:  # as wfdb reads a header
-            lines, comments = wfdb_header.parse_header_content(handle.read())
+        lines, comments = wfdb_header.parse_header_content(_header_text(record_path))
     except (OSError, ValueError):
         return None
     record = wfdb_header.rx_record.match(lines[0]) if lines else None
@@ -278,6 +306,8 @@ def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record or a Form
         _check_signal_files(check_header(record_path), record_path)
         raise BadRecord("unreadable_signal", f"{record_path}: {type(err).__name__}: {err}") from None
     _check_signal_files(record, record_path)
+    if record.units:
+        record.units = _units_as_written(record_path, list(record.units))
     return record
 
 
