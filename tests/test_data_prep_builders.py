@@ -305,7 +305,8 @@ def test_a_builder_leaves_nothing_in_the_temporary_directory(source, tmp_path, m
 
 def test_mimic_tables_listing_a_study_or_subject_twice_count_the_later_rows(tmp_path):
     """A second machine_measurements row of a study (another report) or patients row of a subject (another age) was
-    dropped without a word: the first is used, and each later one is counted as a bad table row."""
+    dropped without a word, and a second record listed under one study was given that study's report: the first is
+    used, and each later one is counted as a bad table row."""
     manual = tmp_path / "mimic"
     shutil.copytree(os.path.join(ECG_DATA, "mimic_iv_ecg"), manual, ignore=shutil.ignore_patterns("files"))
     for name, column, value in (("machine_measurements.csv", "report_0", "Atrial fibrillation"),
@@ -315,15 +316,24 @@ def test_mimic_tables_listing_a_study_or_subject_twice_count_the_later_rows(tmp_
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows([*rows, {**rows[3], column: value}])
+    listed = (manual / "record_list.csv").read_text().splitlines(keepends=True)
+    first, other = listed[4].split(","), listed[5].split(",")
+    listed[5] = ",".join([other[0], first[1], *other[2:]])  # another record under the study of the one before
+    (manual / "record_list.csv").write_text("".join(listed))
     builder = sources.make_builder("mimic-iv-ecg", str(tmp_path / "out"))
-    candidates = {c.study_id: c for c in builder.candidates(str(manual))}
+    listing = builder.candidates(str(manual))
+    candidates = {c.study_id: c for c in listing}
     study = int(list(csv.DictReader(open(manual / "machine_measurements.csv")))[3]["study_id"])
+    # That record would have been written with the other one's report and RR interval: it is counted instead.
+    assert [c.record_path for c in listing if c.study_id == int(first[1])] == [first[4].strip()]
     subject = int(list(csv.DictReader(open(manual / "patients.csv")))[3]["subject_id"])
     assert candidates[study].report_lines[0] != "Atrial fibrillation"
     assert all(c.age != 33 for c in candidates.values() if c.subject_id == subject)
     assert sorted((row["record_path"].split("/")[-1], row["detail"]) for row in builder._table_skips) == [
         ("machine_measurements.csv line 42", f"study_id {study} listed again; the first row is used"),
-        ("patients.csv line 40", f"subject_id {subject} listed again; the first row is used")]
+        ("patients.csv line 40", f"subject_id {subject} listed again; the first row is used"),
+        ("record_list.csv line 6", f"study_id {first[1]} is already the study of record {first[4].strip()}; the first "
+                                   "is used")]
 
 
 def test_mimic_report_cells_holding_line_breaks_are_read_as_embed_and_sample_read_them(tmp_path):

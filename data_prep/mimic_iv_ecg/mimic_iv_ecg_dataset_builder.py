@@ -107,10 +107,18 @@ class Builder(EcgDatasetBuilder):
             pd.to_numeric(patients["anchor_age"], errors="coerce").tolist(),  # an unreadable age counts as missing
             patients["gender"].tolist(), strict=True), strict=True))
         candidates = []
+        path_of_study: dict[int, str] = {}
         for subject_id, study_id, path, line in zip(records["subject_id"].tolist(), records["study_id"].tolist(),
                                                     records["path"].tolist(), records["_line"].tolist(), strict=True):
             if not isinstance(path, str) or not path.strip():
                 self._skip_row(records_path, line, "no record path")
+                continue
+            record_path = str(path).strip().removesuffix(".hea")
+            # A study is one ECG, and its report and RR interval are looked up by study: a second record listed
+            # under it (a merged export) would be written with the first one's report.
+            if path_of_study.setdefault(study_id, record_path) != record_path:
+                self._skip_row(records_path, line, f"study_id {study_id} is already the study of record "
+                                                   f"{path_of_study[study_id]}; the first is used")
                 continue
             lines: tuple[str, ...] = ()
             rr_ms = None
@@ -128,7 +136,7 @@ class Builder(EcgDatasetBuilder):
                 sex = {"M": 1, "F": 0}.get(str(gender).strip().upper()) if not pd.isna(gender) else None
             candidates.append(
                 RecordCandidate(
-                    record_path=str(path).strip().removesuffix(".hea"), subject_id=subject_id, study_id=study_id,
+                    record_path=record_path, subject_id=subject_id, study_id=study_id,
                     age=age, sex=sex, report_lines=lines, rr_ms=rr_ms, subject_known=known,
                 )
             )
