@@ -146,6 +146,27 @@ def test_a_header_writing_microvolts_as_the_micro_sign_is_read_in_microvolts(tmp
     np.testing.assert_allclose(decoded.ecg, reference.ecg, atol=2e-3 / gain)
 
 
+def test_an_inverted_lead_is_read_upright(tmp_path):
+    """Cabrera-order exports write the inverted aVR as '-aVR': prepare skipped such a record as `unknown_lead_names`,
+    and a reference was refused asking to rename the lead aVR, which would have read it upside down."""
+    from diffusets_jax.io.reference import read_reference
+
+    signal = standard_signal()
+    reference = rec.decode_record(str(ECG_DATA + "/ptbxl"), candidate("records500/00000/00001_hr"))
+    avr = STANDARD_LEADS.index("aVR")
+    cabrera = signal.copy()
+    cabrera[:, avr] = -cabrera[:, avr]
+    names = [("-aVR" if lead == "aVR" else lead) for lead in STANDARD_LEADS]
+    write_record(tmp_path, "cabrera", cabrera, names=names)
+    write_record(tmp_path, "both", np.concatenate([signal, cabrera[:, avr:avr + 1]], axis=1),
+                 names=[*STANDARD_LEADS, "-aVR"], fmt="212", gain=200.0)  # read by wfdb; its -aVR adds nothing
+    np.testing.assert_allclose(rec.decode_record(str(tmp_path), candidate("cabrera")).ecg, reference.ecg, atol=1e-6)
+    np.testing.assert_allclose(rec.decode_record(str(tmp_path), candidate("both")).ecg, reference.ecg, atol=5e-3)
+    upright = read_reference(tmp_path / "cabrera")
+    assert upright.leads == STANDARD_LEADS
+    np.testing.assert_allclose(upright.ecg, reference.ecg, atol=1e-6)
+
+
 def test_chunk_cache_is_reused_and_validated(tmp_path):
     cands = [candidate(), candidate(age=None), candidate(subject_known=False)]
     options = rec.DecodeOptions()

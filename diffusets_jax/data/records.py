@@ -295,7 +295,7 @@ def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record or a Form
     are read here, the same values ten times faster (`_read_format16`)."""
     fast = _read_format16(record_path)
     if fast is not None:
-        return fast
+        return _upright_inverted_leads(fast)
     import wfdb
 
     # Read first and diagnose only on failure (a missing or unparseable header is named by `check_header`): wfdb's
@@ -308,7 +308,32 @@ def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record or a Form
     _check_signal_files(record, record_path)
     if record.units:
         record.units = _units_as_written(record_path, list(record.units))
-    return record
+    return _upright_inverted_leads(record)
+
+
+def _standard_name(name: str) -> str | None:
+    try:
+        return canonical_lead_name(name)
+    except UnknownLeadError:
+        return None
+
+
+def _upright_inverted_leads(record):  # noqa: ANN001, ANN202 (a wfdb.Record or a Format16Record, and the same)
+    """`record` with each inverted lead ('-aVR', as Cabrera-order exports name it) turned upright under its own name,
+    or dropped where the record has that lead too (it holds nothing else). Read as a lead of another name, '-aVR'
+    skipped the record as `unknown_lead_names`, and a reference's message asked to rename it to aVR: upside down."""
+    names = [str(name) for name in record.sig_name]
+    inverted = {i: _standard_name(name.strip()[1:]) for i, name in enumerate(names) if name.strip().startswith("-")}
+    inverted = {i: lead for i, lead in inverted.items() if lead is not None}
+    if not inverted:
+        return record
+    present = {_standard_name(name) for name in names} - {None}
+    signal = np.array(record.p_signal, dtype=np.float64)
+    keep = [i for i in range(len(names)) if i not in inverted or inverted[i] not in present]
+    for i in inverted:
+        signal[:, i] = -signal[:, i]
+    return Format16Record(signal[:, keep], float(record.fs), [inverted.get(i, names[i]) for i in keep],
+                          [record.units[i] for i in keep], list(record.comments or []))
 
 
 def read_record_mv(record_path: str) -> tuple[np.ndarray, float, list[str]]:
