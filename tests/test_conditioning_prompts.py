@@ -100,6 +100,15 @@ def test_free_text_prompt_ptbxl_template():
         free_text_prompt("  ")
 
 
+def test_free_text_prompt_of_a_report_as_written_is_the_one_prepare_trained_on():
+    """PTB-XL reports often end in a full stop, which `prepare ptbxl` drops: `embed --template free_text` of
+    ptbxl_database.csv, and `sample --text` of a report as written, built "... normal ecg.." instead."""
+    assert make_prompt("sinus rhythm. normal ecg.", "free_text") == make_prompt(["sinus rhythm. normal ecg"], "free_text")
+    assert make_prompt(["left axis deviation. "], "free_text") == "The report of the ECG is that left axis deviation."
+    with pytest.raises(ValueError):
+        free_text_prompt(" . ")
+
+
 def _reference_prompt(text: str) -> str:
     """The published algorithm as the reference doc states it, written independently: walk the '|'-joined text
     character by character, close a braced sentence at every '|', and one more for a non-empty tail."""

@@ -242,7 +242,12 @@ def test_cli_prepare_skips_and_counts_bad_records(built, tmp_path, capsys):
         ("ptbxl_database.csv line 9", "strat_fold 'x' is not a fold number 1-10")]
     assert report["examples_written"] == 2 and report["embedding"]["embedded_now"] == 0
     assert report["skipped_examples"]["missing_signal_file"][0]["record_path"] == rows[3]["filename_hr"]
-    assert "skipped       1 truncated_signal_file" in capsys.readouterr().err
+    summary = capsys.readouterr().err
+    assert "skipped       1 truncated_signal_file" in summary
+    # Written and skipped add up to the records listed; the table rows that never became records are said apart.
+    first = [line for line in summary.splitlines() if line.startswith("ptbxl: ")][-1]
+    assert f"{report['examples_written']} examples written from {report['records_listed']} records" in first
+    assert f"; {report['records_listed'] - report['examples_written']} skipped, and 2 unusable source-table rows" in first
     assert main(["prepare", "ptbxl", "--manual-dir", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path / "o")]) == 2
 
 
@@ -296,6 +301,39 @@ def test_a_builder_leaves_nothing_in_the_temporary_directory(source, tmp_path, m
                           sources.dataset_name(source))
     assert builder.info.description.strip() == open(os.path.join(folder, "README.md")).read().strip()
     assert builder.info.citation.strip() == open(os.path.join(folder, "CITATIONS.bib")).read().strip()
+
+
+def test_mimic_tables_listing_a_study_or_subject_twice_count_the_later_rows(tmp_path):
+    """A second machine_measurements row of a study (another report) or patients row of a subject (another age) was
+    dropped without a word, and a second record listed under one study was given that study's report: the first is
+    used, and each later one is counted as a bad table row."""
+    manual = tmp_path / "mimic"
+    shutil.copytree(os.path.join(ECG_DATA, "mimic_iv_ecg"), manual, ignore=shutil.ignore_patterns("files"))
+    for name, column, value in (("machine_measurements.csv", "report_0", "Atrial fibrillation"),
+                                ("patients.csv", "anchor_age", "33")):
+        rows = list(csv.DictReader(open(manual / name)))
+        with open(manual / name, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows([*rows, {**rows[3], column: value}])
+    listed = (manual / "record_list.csv").read_text().splitlines(keepends=True)
+    first, other = listed[4].split(","), listed[5].split(",")
+    listed[5] = ",".join([other[0], first[1], *other[2:]])  # another record under the study of the one before
+    (manual / "record_list.csv").write_text("".join(listed))
+    builder = sources.make_builder("mimic-iv-ecg", str(tmp_path / "out"))
+    listing = builder.candidates(str(manual))
+    candidates = {c.study_id: c for c in listing}
+    study = int(list(csv.DictReader(open(manual / "machine_measurements.csv")))[3]["study_id"])
+    # That record would have been written with the other one's report and RR interval: it is counted instead.
+    assert [c.record_path for c in listing if c.study_id == int(first[1])] == [first[4].strip()]
+    subject = int(list(csv.DictReader(open(manual / "patients.csv")))[3]["subject_id"])
+    assert candidates[study].report_lines[0] != "Atrial fibrillation"
+    assert all(c.age != 33 for c in candidates.values() if c.subject_id == subject)
+    assert sorted((row["record_path"].split("/")[-1], row["detail"]) for row in builder._table_skips) == [
+        ("machine_measurements.csv line 42", f"study_id {study} listed again; the first row is used"),
+        ("patients.csv line 40", f"subject_id {subject} listed again; the first row is used"),
+        ("record_list.csv line 6", f"study_id {first[1]} is already the study of record {first[4].strip()}; the first "
+                                   "is used")]
 
 
 def test_mimic_report_cells_holding_line_breaks_are_read_as_embed_and_sample_read_them(tmp_path):

@@ -27,9 +27,9 @@ def standard_signal() -> np.ndarray:
     return wfdb.rdrecord(PTBXL_E07500).p_signal
 
 
-def write_record(directory, name, signal, fs=500.0, names=STANDARD_LEADS, units="mV", gain=1000.0) -> str:
+def write_record(directory, name, signal, fs=500.0, names=STANDARD_LEADS, units="mV", gain=1000.0, fmt="16") -> str:
     wfdb.wrsamp(
-        name, fs=fs, units=[units] * signal.shape[1], sig_name=list(names), p_signal=signal, fmt=["16"] * signal.shape[1],
+        name, fs=fs, units=[units] * signal.shape[1], sig_name=list(names), p_signal=signal, fmt=[fmt] * signal.shape[1],
         adc_gain=[gain] * signal.shape[1], baseline=[0] * signal.shape[1], write_dir=str(directory),
     )
     return name
@@ -126,6 +126,45 @@ def test_other_rates_units_and_lead_spellings(tmp_path):
     decoded = rec.decode_record(str(tmp_path), candidate("uv250"))
     correlation = np.corrcoef(decoded.ecg.ravel(), reference.ecg.ravel())[0, 1]
     assert correlation > 0.99
+
+
+@pytest.mark.parametrize("fmt", ["16", "212"])  # read directly, and by wfdb
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_a_header_writing_microvolts_as_the_micro_sign_is_read_in_microvolts(tmp_path, fmt, encoding):
+    """wfdb reads a header dropping its non-ASCII bytes, so 'µV' (as exporters, and wfdb.wrsamp itself, write it) was
+    read as 'V': a signal a million times too large, skipped as `implausible_amplitude` by prepare and refused as a
+    reference with a message blaming the header's gain."""
+    signal = standard_signal()
+    reference = rec.decode_record(str(ECG_DATA + "/ptbxl"), candidate("records500/00000/00001_hr"))
+    gain = 1.0 if fmt == "16" else 0.5  # format 212's 12 bits hold +-2 mV in 2 uV steps
+    write_record(tmp_path, "micro", signal * 1000.0, units="uV", gain=gain, fmt=fmt)
+    header = tmp_path / "micro.hea"
+    header.write_bytes(header.read_text().replace("/uV", "/\u00b5V").encode(encoding))
+    signal_mv, _, _ = rec.read_record_mv(str(tmp_path / "micro"))
+    np.testing.assert_allclose(signal_mv, signal, atol=1e-3 / gain)
+    decoded = rec.decode_record(str(tmp_path), candidate("micro"))
+    np.testing.assert_allclose(decoded.ecg, reference.ecg, atol=2e-3 / gain)
+
+
+def test_an_inverted_lead_is_read_upright(tmp_path):
+    """Cabrera-order exports write the inverted aVR as '-aVR': prepare skipped such a record as `unknown_lead_names`,
+    and a reference was refused asking to rename the lead aVR, which would have read it upside down."""
+    from diffusets_jax.io.reference import read_reference
+
+    signal = standard_signal()
+    reference = rec.decode_record(str(ECG_DATA + "/ptbxl"), candidate("records500/00000/00001_hr"))
+    avr = STANDARD_LEADS.index("aVR")
+    cabrera = signal.copy()
+    cabrera[:, avr] = -cabrera[:, avr]
+    names = [("-aVR" if lead == "aVR" else lead) for lead in STANDARD_LEADS]
+    write_record(tmp_path, "cabrera", cabrera, names=names)
+    write_record(tmp_path, "both", np.concatenate([signal, cabrera[:, avr:avr + 1]], axis=1),
+                 names=[*STANDARD_LEADS, "-aVR"], fmt="212", gain=200.0)  # read by wfdb; its -aVR adds nothing
+    np.testing.assert_allclose(rec.decode_record(str(tmp_path), candidate("cabrera")).ecg, reference.ecg, atol=1e-6)
+    np.testing.assert_allclose(rec.decode_record(str(tmp_path), candidate("both")).ecg, reference.ecg, atol=5e-3)
+    upright = read_reference(tmp_path / "cabrera")
+    assert upright.leads == STANDARD_LEADS
+    np.testing.assert_allclose(upright.ecg, reference.ecg, atol=1e-6)
 
 
 def test_chunk_cache_is_reused_and_validated(tmp_path):

@@ -120,6 +120,24 @@ def test_record_heart_rate_prefers_a_valid_rr_interval(records):
     assert record_heart_rate(0, np.zeros((5000, 12)), 500.0) is None
 
 
+@pytest.mark.parametrize("name, offset_mv", [("E07500", 0.0), ("E07509", 3.0), ("JS20004", 3.0)])
+def test_a_gap_in_every_lead_does_not_lower_the_detected_rate(records, name, offset_mv):
+    """A stretch where no lead has a sample hides the beats in it: the RR interval across it was averaged with the
+    others (E07500, 57 bpm, read 43 with a 1.2 s gap), and filled with 0 a record off its baseline stepped at the gap's
+    edges, steeper than its QRS complexes (JS20004 3 mV off baseline, 113 bpm, read 37)."""
+    signal = records[name] + offset_mv
+    whole = record_heart_rate(None, signal, 500.0)
+    gapped = signal.copy()
+    gapped[2000:2600] = np.nan
+    gapped[1000:1500, :3] = np.nan  # and a run in leads I-III alone, which the other leads see through
+    rate = record_heart_rate(None, gapped, 500.0)
+    assert rate is not None and rate.source == "qrs"
+    assert rate.bpm == pytest.approx(whole.bpm, rel=0.03)
+    scattered = signal.copy()
+    scattered[::97] = np.nan  # single missing samples in every lead hide no beat, and cost no interval
+    assert record_heart_rate(None, scattered, 500.0).bpm == pytest.approx(whole.bpm, rel=0.01)
+
+
 def test_no_beats_in_flat_or_noise_and_bad_inputs():
     rng = np.random.default_rng(0)
     assert detected_heart_rate(np.zeros((5000, 12)), 500.0) is None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffusets_jax.io.generated import read_generated
-from diffusets_jax.io.wfdb_out import write_records
+from diffusets_jax.io.wfdb_out import ADC_GAIN, write_records
 
 
 def _ecgs(n, length=1024, seed=0):
@@ -40,6 +40,19 @@ def test_a_wfdb_record_that_is_not_10_s_long_is_skipped_not_stretched(tmp_path):
     write_records(tmp_path / "short", _ecgs(1, length=512), ["five"])
     with pytest.raises(ValueError, match=r"none of its 1 WFDB records .*'not 10 s long': 1"):
         read_generated(tmp_path / "short")
+
+
+def test_a_wfdb_record_not_in_millivolts_is_skipped_not_scored(tmp_path):
+    """A record whose header says mV over ADC counts or microvolts (a wrong gain) was read at 1000x the amplitude and
+    scored or shown as an ECG, where `prepare` skips it as `implausible_amplitude` and an NPZ of such values is
+    refused: it is skipped and counted."""
+    ecgs = _ecgs(3)
+    write_records(tmp_path / "wfdb", ecgs, ["mv_0", "mv_1", "counts"], output_fs=500)
+    header = tmp_path / "wfdb" / "counts.hea"
+    header.write_text(header.read_text().replace(f" {ADC_GAIN}(0)/mV", " 1.0(0)/mV"))  # its ADC counts read as mV
+    got = read_generated(tmp_path / "wfdb")
+    assert got.ecg.shape == (2, 1024, 12) and list(got.skipped.values()) == [1] and "millivolts" in str(got.skipped)
+    np.testing.assert_allclose(got.ecg, ecgs[:2], atol=0.02)
 
 
 def test_npz_errors_and_conditions(tmp_path):

@@ -67,6 +67,15 @@ class Builder(EcgDatasetBuilder):
   doi={10.13026/4nqg-sb35}
 }"""
 
+    def _first_rows(self, table: pd.DataFrame, key: str, path: str) -> pd.DataFrame:
+        """`table` with the first row of each `key`; each later one (a merged export, a table appended to twice) is
+        skipped and counted as a bad table row: its report or demographics, maybe not the first's, were dropped
+        without a word."""
+        repeated = table[key].duplicated()
+        for line, value in zip(table.loc[repeated, "_line"].tolist(), table.loc[repeated, key].tolist(), strict=True):
+            self._skip_row(path, line, f"{key} {value} listed again; the first row is used")
+        return table[~repeated]
+
     def list_candidates(self, manual_dir: str) -> list[RecordCandidate]:
         # Rows that cannot be used are skipped and counted by read_table; a table without the columns it needs
         # stops the build with one line. Report columns and rr_interval may be partly absent: what is there is used.
@@ -80,7 +89,7 @@ class Builder(EcgDatasetBuilder):
         if not any(column in measurements.columns for column in REPORT_COLUMNS):
             raise ValueError(f"{measurements_path}: no report columns (report_0 ... report_17): is it the MIMIC-IV-ECG "
                              "machine_measurements.csv?")
-        measurements = measurements.drop_duplicates("study_id")
+        measurements = self._first_rows(measurements, "study_id", measurements_path)
         # Each table is read into dicts once, column by column: pandas lookups per record (`.loc`) cost 0.2-0.3 ms,
         # three to four minutes of every prepare of MIMIC-IV-ECG's 800,000 records, even one that finds its dataset
         # complete.
@@ -90,17 +99,26 @@ class Builder(EcgDatasetBuilder):
         rr_values = (pd.to_numeric(measurements["rr_interval"], errors="coerce").tolist()
                      if "rr_interval" in measurements.columns else [float("nan")] * len(measurements))
         rr_of = dict(zip(measurements["study_id"].tolist(), rr_values, strict=True))
-        patients = self.read_table(find_patients_table(manual_dir), what="MIMIC-IV patients table",
+        patients_path = find_patients_table(manual_dir)
+        patients = self.read_table(patients_path, what="MIMIC-IV patients table",
                                    required=("subject_id", "gender", "anchor_age"), integers=("subject_id",))
-        patients = patients.drop_duplicates("subject_id")
+        patients = self._first_rows(patients, "subject_id", patients_path)
         demographics = dict(zip(patients["subject_id"].tolist(), zip(
             pd.to_numeric(patients["anchor_age"], errors="coerce").tolist(),  # an unreadable age counts as missing
             patients["gender"].tolist(), strict=True), strict=True))
         candidates = []
+        path_of_study: dict[int, str] = {}
         for subject_id, study_id, path, line in zip(records["subject_id"].tolist(), records["study_id"].tolist(),
                                                     records["path"].tolist(), records["_line"].tolist(), strict=True):
             if not isinstance(path, str) or not path.strip():
                 self._skip_row(records_path, line, "no record path")
+                continue
+            record_path = str(path).strip().removesuffix(".hea")
+            # A study is one ECG, and its report and RR interval are looked up by study: a second record listed
+            # under it (a merged export) would be written with the first one's report.
+            if path_of_study.setdefault(study_id, record_path) != record_path:
+                self._skip_row(records_path, line, f"study_id {study_id} is already the study of record "
+                                                   f"{path_of_study[study_id]}; the first is used")
                 continue
             lines: tuple[str, ...] = ()
             rr_ms = None
@@ -118,7 +136,7 @@ class Builder(EcgDatasetBuilder):
                 sex = {"M": 1, "F": 0}.get(str(gender).strip().upper()) if not pd.isna(gender) else None
             candidates.append(
                 RecordCandidate(
-                    record_path=str(path).strip().removesuffix(".hea"), subject_id=subject_id, study_id=study_id,
+                    record_path=record_path, subject_id=subject_id, study_id=study_id,
                     age=age, sex=sex, report_lines=lines, rr_ms=rr_ms, subject_known=known,
                 )
             )

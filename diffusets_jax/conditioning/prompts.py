@@ -82,7 +82,10 @@ def free_text_prompt(report: str) -> str:
 
     The reference uses this template only for PTB-XL; MIMIC-IV-ECG statements go through `ordered_prompt`.
     """
-    report = report.strip() if isinstance(report, str) else ""
+    # A report's own closing full stop is dropped (PTB-XL writes "sinus rhythm. normal ecg." as well as without one),
+    # as `prepare ptbxl` drops it: kept, embed and sample built "... normal ecg.." for the report a model was
+    # trained on as "... normal ecg.".
+    report = report.strip().rstrip(".").strip() if isinstance(report, str) else ""
     if not report:
         raise ValueError("report is empty: nothing to build a prompt from")
     return f"The report of the ECG is that {report}."

@@ -544,10 +544,14 @@ def chunk_examples(
 
 def format_report_summary(name: str, report: Mapping[str, Any]) -> str:
     """A few human lines: written per split, skipped per reason, heart-rate sources."""
+    # `records_skipped` counts the source-table rows that never became a record too: said apart, so that written and
+    # skipped add up to the records listed ("4 written from 11 records; 8 skipped" read as a record gone missing).
+    table_rows = report["skipped_by_reason"].get(BAD_TABLE_ROW, 0)
     lines = [
         f"{name}: {report['examples_written']} examples written from {report['records_listed']} records "
         f"({', '.join(f'{s} {n}' for s, n in report['examples_per_split'].items())}); "
-        f"{report['records_skipped']} skipped"
+        f"{report['records_skipped'] - table_rows} skipped"
+        + (f", and {table_rows} unusable source-table row{'s' if table_rows != 1 else ''}" if table_rows else "")
     ]
     for reason, count in report["skipped_by_reason"].items():
         first = report["skipped_examples"][reason][0]["record_path"]

@@ -201,6 +201,35 @@ def check_header(record_path: str):  # noqa: ANN201 (a wfdb header)
     return header
 
 
+def _header_text(record_path: str) -> str:
+    """A record's header as text: UTF-8, else Latin-1 (older exporters). WFDB headers are meant to be ASCII, and wfdb
+    reads one dropping every other byte, but exports write microvolts as 'µV': wfdb read that as 'V', a signal a
+    million times too large, which was skipped as not millivolts (or refused as a reference) with a message blaming
+    a header that was right."""
+    with open(record_path + ".hea", "rb") as handle:
+        raw = handle.read()
+    try:
+        return raw.decode("utf-8-sig")  # a byte-order mark, as Windows tools write, is no part of the record line
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _units_as_written(record_path: str, units: list[str]) -> list[str]:
+    """`units` as wfdb read them from a record's header, with each one wfdb shortened by dropping its non-ASCII
+    characters ('µV' -> 'V', see `_header_text`) as the header writes it."""
+    from wfdb.io import header as wfdb_header
+
+    try:
+        lines, _ = wfdb_header.parse_header_content(_header_text(record_path))
+    except (OSError, ValueError):
+        return units
+    signals = [wfdb_header.rx_signal.match(line) for line in lines[1:]]
+    if len(signals) != len(units) or any(signal is None for signal in signals):
+        return units  # a header wfdb reads otherwise (multi-segment): its units are left as wfdb gave them
+    return [signal["units"] if signal["units"] != unit and signal["units"].encode("ascii", "ignore").decode() == unit
+            else unit for signal, unit in zip(signals, units, strict=True)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Format16Record:
     """What `read_wfdb_record` gives of a record `_read_format16` read: wfdb.Record's fields the readers use."""
@@ -221,8 +250,7 @@ def _read_format16(record_path: str) -> Format16Record | None:
     from wfdb.io import header as wfdb_header
 
     try:
-        with open(record_path + ".hea", encoding="ascii", errors="ignore") as handle:  # as wfdb reads a header
-            lines, comments = wfdb_header.parse_header_content(handle.read())
+        lines, comments = wfdb_header.parse_header_content(_header_text(record_path))
     except (OSError, ValueError):
         return None
     record = wfdb_header.rx_record.match(lines[0]) if lines else None
@@ -267,7 +295,7 @@ def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record or a Form
     are read here, the same values ten times faster (`_read_format16`)."""
     fast = _read_format16(record_path)
     if fast is not None:
-        return fast
+        return _upright_inverted_leads(fast)
     import wfdb
 
     # Read first and diagnose only on failure (a missing or unparseable header is named by `check_header`): wfdb's
@@ -278,7 +306,34 @@ def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record or a Form
         _check_signal_files(check_header(record_path), record_path)
         raise BadRecord("unreadable_signal", f"{record_path}: {type(err).__name__}: {err}") from None
     _check_signal_files(record, record_path)
-    return record
+    if record.units:
+        record.units = _units_as_written(record_path, list(record.units))
+    return _upright_inverted_leads(record)
+
+
+def _standard_name(name: str) -> str | None:
+    try:
+        return canonical_lead_name(name)
+    except UnknownLeadError:
+        return None
+
+
+def _upright_inverted_leads(record):  # noqa: ANN001, ANN202 (a wfdb.Record or a Format16Record, and the same)
+    """`record` with each inverted lead ('-aVR', as Cabrera-order exports name it) turned upright under its own name,
+    or dropped where the record has that lead too (it holds nothing else). Read as a lead of another name, '-aVR'
+    skipped the record as `unknown_lead_names`, and a reference's message asked to rename it to aVR: upside down."""
+    names = [str(name) for name in record.sig_name]
+    inverted = {i: _standard_name(name.strip()[1:]) for i, name in enumerate(names) if name.strip().startswith("-")}
+    inverted = {i: lead for i, lead in inverted.items() if lead is not None}
+    if not inverted:
+        return record
+    present = {_standard_name(name) for name in names} - {None}
+    signal = np.array(record.p_signal, dtype=np.float64)
+    keep = [i for i in range(len(names)) if i not in inverted or inverted[i] not in present]
+    for i in inverted:
+        signal[:, i] = -signal[:, i]
+    return Format16Record(signal[:, keep], float(record.fs), [inverted.get(i, names[i]) for i in keep],
+                          [record.units[i] for i in keep], list(record.comments or []))
 
 
 def read_record_mv(record_path: str) -> tuple[np.ndarray, float, list[str]]:

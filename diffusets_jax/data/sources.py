@@ -179,8 +179,8 @@ def prepare(
             if not report["examples_written"]:  # TFDS calls a build that skipped every record complete; we do not
                 _put_back(retired, dataset_dir)
                 raise RunFailed(
-                    f"the rebuild from --manual-dir {manual_dir} wrote no example ({report['records_skipped']} of "
-                    f"{report['records_listed']} records skipped, counted above), so {dataset_dir} is kept as it was "
+                    f"the rebuild from --manual-dir {manual_dir} wrote no example (all {report['records_listed']} "
+                    f"records skipped, counted above), so {dataset_dir} is kept as it was "
                     f"(built from {recorded.get('manual_dir', 'an earlier download')}): fix the records, or pass "
                     "another --manual-dir"
                 )

@@ -18,9 +18,10 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+import scipy.ndimage
 
 from diffusets_jax.ecg.leads import REFERENCE_TO_STANDARD
-from diffusets_jax.ecg.qrs import detect_beats, detect_qrs_xqrs
+from diffusets_jax.ecg.qrs import ENVELOPE_WINDOW_S, REFRACTORY_S, detect_beats, detect_qrs_xqrs
 
 RR_RANGE_MS: tuple[float, float] = (300.0, 1500.0)  # 40-200 bpm: the range a machine RR value is trusted in
 MIN_DETECTIONS = 2  # two QRS complexes make one RR interval
@@ -100,6 +101,18 @@ def detected_heart_rate(signal: np.ndarray, fs: float, method: str = CONSENSUS) 
     return None if bpm is None else HeartRate(bpm, HEART_RATE_FROM_QRS, ALL_LEADS)
 
 
+def _bridge_missing(signal: np.ndarray) -> np.ndarray:
+    """`signal` `(samples, leads)` with each lead's non-finite samples interpolated linearly between its finite
+    neighbours (held flat beyond its first and last one); a lead with no finite sample is zero (flat, ignored)."""
+    bridged = np.zeros_like(signal)
+    positions = np.arange(signal.shape[0])
+    for lead in range(signal.shape[1]):
+        finite = np.isfinite(signal[:, lead])
+        if finite.any():
+            bridged[:, lead] = np.interp(positions, positions[finite], signal[finite, lead])
+    return bridged
+
+
 def record_heart_rate(
     rr_ms: float | None, signal: np.ndarray, fs: float = 500.0, method: str = CONSENSUS
 ) -> HeartRate | None:
@@ -113,4 +126,25 @@ def record_heart_rate(
     bpm = heart_rate_from_rr(rr_ms)
     if bpm is not None:
         return HeartRate(bpm, HEART_RATE_FROM_RR, ALL_LEADS)
-    return detected_heart_rate(np.nan_to_num(np.asarray(signal, dtype=np.float64)), fs, method)
+    values = np.asarray(signal, dtype=np.float64)
+    if method != CONSENSUS or values.ndim != 2 or np.isfinite(values).all():
+        return detected_heart_rate(np.nan_to_num(values), fs, method)
+    # Where no lead has a sample for a QRS width or more (a dropout of the whole recording), beats can hide: an RR
+    # interval across such a gap spans them, and a 1.2 s gap read a 57 bpm record as 43. The rate is the mean of the
+    # intervals clear of such gaps (with REFRACTORY_S around them); shorter runs, down to single missing samples,
+    # hide no beat and are only bridged. Missing samples are bridged linearly for detection only: filled with 0, a
+    # lead off its baseline stepped at the gap's edges, steeper than any QRS, and those steps set the scale its beats
+    # were measured against (a 113 bpm record 3 mV off baseline read as 37).
+    missing = ~np.isfinite(values).any(axis=1)
+    qrs_width = max(1, int(round(ENVELOPE_WINDOW_S * fs)))
+    gap = scipy.ndimage.binary_opening(missing, structure=np.ones(qrs_width, bool))  # runs of >= qrs_width samples
+    beats = detect_beats(_bridge_missing(values), fs)
+    if not gap.any():
+        bpm = heart_rate_from_beats(beats, fs)
+        return None if bpm is None else HeartRate(bpm, HEART_RATE_FROM_QRS, ALL_LEADS)
+    margin = int(round(REFRACTORY_S * fs))
+    near_gap = scipy.ndimage.binary_dilation(gap, iterations=margin) if margin else gap
+    seen = [int(b - a) for a, b in zip(beats[:-1], beats[1:], strict=True) if not near_gap[a:b + 1].any()]
+    if not seen:
+        return None
+    return HeartRate(60.0 * float(fs) / float(np.mean(seen)), HEART_RATE_FROM_QRS, ALL_LEADS)

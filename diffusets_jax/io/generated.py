@@ -33,6 +33,9 @@ from diffusets_jax.ecg.units import check_millivolts, finite_ecgs
 
 NON_FINITE = "non-finite samples"  # the reason counted in `GeneratedSet.skipped` for an ECG with NaN or inf
 WRONG_DURATION = "not 10 s long"  # the reason counted for a WFDB record of another duration
+# The reason counted for a WFDB record whose values are not millivolts (ADC counts or microvolts under a header that
+# says mV, a wrong gain), as `prepare` skips one as `implausible_amplitude` and an NPZ of such values is refused.
+NOT_MILLIVOLTS = "not in millivolts (check the header's gain and units)"
 
 
 @dataclasses.dataclass
@@ -358,6 +361,11 @@ def _read_wfdb(folder: Path, records: list[Path], flag: str) -> GeneratedSet:
             continue
         if not np.isfinite(ecg).all():
             skipped[NON_FINITE] = skipped.get(NON_FINITE, 0) + 1
+            continue
+        try:  # a header's gain is per record: one with the wrong one was scored at 1000x the amplitude
+            check_millivolts(ecg, what=str(record))
+        except ValueError:
+            skipped[NOT_MILLIVOLTS] = skipped.get(NOT_MILLIVOLTS, 0) + 1
             continue
         conditions = read.conditions
         prompt = conditions.get("prompt", "")
