@@ -242,6 +242,21 @@ def test_fingerprints_keep_the_values_recorded_datasets_hold():
     assert rec.legacy_listing_fingerprint(cands, options) == "5c9692007776750a2d0f143c"
 
 
+def test_a_new_decoder_decodes_again_but_keeps_a_datasets_records_fingerprint(monkeypatch):
+    """Decoding changed (heart rates clear of gaps, 'µV' headers, inverted leads) without a version bump: a prepare
+    resumed with the new code reused chunks the old one decoded and mixed the two decoders' records in one dataset.
+    Bumping the version that also goes into dataset cards would have made every dataset prepared before look built
+    from other records."""
+    cands = [candidate(), candidate(age=None)]
+    options, stamps = rec.DecodeOptions(), rec.file_stamps(MIMIC_DIR, cands)
+    name = rec.chunk_cache_name("train", 3, cands, options, stamps)
+    assert name.startswith("train-000003-") and name.endswith(f"-d{rec.DECODER_VERSION}.npz")
+    listing = rec.listing_fingerprint(cands, options, stamps)
+    monkeypatch.setattr(rec, "DECODER_VERSION", rec.DECODER_VERSION + 1)
+    assert rec.chunk_cache_name("train", 3, cands, options, stamps) != name  # decoded again
+    assert rec.listing_fingerprint(cands, options, stamps) == listing  # still the same records
+
+
 def _same_as_wfdb(path: str) -> None:
     ours, theirs = rec.read_wfdb_record(path), wfdb.rdrecord(path)
     np.testing.assert_array_equal(ours.p_signal, theirs.p_signal)  # bit for bit, NaN where wfdb has NaN

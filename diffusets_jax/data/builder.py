@@ -342,9 +342,8 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         for split, split_candidates in by_split.items():
             for start in range(0, len(split_candidates), chunk_size):
                 members = split_candidates[start : start + chunk_size]
-                fingerprint = records_lib.chunk_fingerprint(members, config.decode,
-                                                            [stamp_of[c.record_path] for c in members])
-                path = os.path.join(cache_root, f"{split}-{start // chunk_size:06d}-{fingerprint}.npz")
+                path = os.path.join(cache_root, records_lib.chunk_cache_name(
+                    split, start // chunk_size, members, config.decode, [stamp_of[c.record_path] for c in members]))
                 self._chunks.append(_Chunk(split, start // chunk_size, members, path))
         # A chunk file cut short (a killed writer, a full disk) is no zip archive: it is decoded again, not reused.
         self._chunks_cached_before = {chunk.cache_path for chunk in self._chunks

@@ -427,8 +427,15 @@ class ChunkResult:
     reused: bool = False
 
 
-# 2: consensus QRS heart rate; 3: implausible_age; 4: unreadable headers of metadata_in_header records.
-CACHE_FORMAT_VERSION = 4  # bump when decoding changes (stale caches)
+# 2: consensus QRS heart rate; 3: implausible_age; 4: unreadable headers of metadata_in_header records. Part of every
+# dataset card's `records_fingerprint` (through `chunk_fingerprint`): changed, every dataset prepared before would look
+# built from other records and be refused without --overwrite. So it stays; decoding changes bump DECODER_VERSION.
+CACHE_FORMAT_VERSION = 4
+# Bump when decoding changes. 5: heart rates clear of gaps in every lead, 'µV' headers, inverted leads (2026-12-07).
+# In each decoded chunk's cache file name (`chunk_cache_name`), not in the card: a prepare resumed with a newer decoder
+# decodes again what an older one cached instead of mixing the two decoders' records in one dataset, and a complete
+# dataset is still recognised as built from the same records.
+DECODER_VERSION = 5
 
 
 def file_stamps(manual_dir: str, candidates: Sequence[RecordCandidate]) -> list[tuple[tuple[str, int, int], ...]]:
@@ -477,6 +484,12 @@ def chunk_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOpti
         sort_keys=True, default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def chunk_cache_name(split: str, index: int, candidates: Sequence[RecordCandidate], options: DecodeOptions,
+                     stamps: Sequence[tuple[tuple[str, int, int], ...]]) -> str:
+    """The decode cache file name of chunk `index` of `split`: its `chunk_fingerprint` and the `DECODER_VERSION`."""
+    return f"{split}-{index:06d}-{chunk_fingerprint(candidates, options, stamps)}-d{DECODER_VERSION}.npz"
 
 
 def legacy_chunk_fingerprint(candidates: Sequence[RecordCandidate], options: DecodeOptions) -> str:
@@ -561,7 +574,7 @@ def decode_chunk_cached(
 ) -> ChunkResult:
     """`decode_chunk`, reusing `cache_path` if a previous run finished this exact chunk; writes atomically.
 
-    The cache file name should include `chunk_fingerprint(...)` so a changed record list or option never
+    The cache file name should be `chunk_cache_name(...)` so a changed record list, option or decoder never
     reuses stale content. `cache_path=None` disables caching.
     """
     if cache_path is not None and os.path.exists(cache_path):
