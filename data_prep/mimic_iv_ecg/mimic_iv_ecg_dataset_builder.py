@@ -4,8 +4,9 @@ Joins `record_list.csv` (record paths) with `machine_measurements.csv` (report_0
 on study_id and with MIMIC-IV `patients.csv` (anchor_age, gender) on subject_id, exactly as the reference
 (spec sections 2-4): report lines in column order with empty cells dropped; heart rate 60000 / rr_interval
 for 300-1500 ms, else QRS detection (the multi-lead consensus of `ecg.heart_rate.record_heart_rate`, not
-the reference's first-lead XQRS); sex 'M' -> 1, otherwise 0. Records whose subject is absent from patients.csv are
-skipped as `missing_demographics`. The MIMIC lead order (aVF before aVL) is reordered by name.
+the reference's first-lead XQRS); sex 'M' -> 1, 'F' -> 0, anything else unknown (skipped as `missing_sex`).
+Records whose subject is absent from patients.csv are skipped as `missing_demographics`. The MIMIC lead order (aVF
+before aVL) is reordered by name.
 """
 
 from __future__ import annotations
