@@ -84,6 +84,11 @@ def test_file_level_defects(mimic_copy):
     assert reason_of(mimic_copy, candidate()) == "unreadable_header"
     hea.unlink()
     assert reason_of(mimic_copy, candidate()) == "missing_header"
+    lines = header.splitlines(keepends=True)
+    hea.write_text("".join(lines[:2] + lines[3:]))  # 12 signals declared, 11 described: wfdb's bare IndexError
+    assert reason_of(mimic_copy, candidate()) == "unreadable_header"
+    with pytest.raises(rec.BadRecord, match=r"declares 12 signals on its record line but describes 11"):
+        rec.read_record_mv(str(mimic_copy / E07500))
     hea.write_text(header.replace(" aVL", " XYZ"))
     assert reason_of(mimic_copy, candidate()) == "unknown_lead_names"
     hea.write_text(header.replace("200.0(0)/mV", "200.0(0)/furlong"))

@@ -182,6 +182,9 @@ def _check_signal_files(header, record_path: str) -> None:  # noqa: ANN001 (a wf
 def _check_declares_signals(header, header_path: str) -> None:  # noqa: ANN001 (a wfdb Record or header)
     if not header.n_sig or not header.sig_len or not header.fs or not header.file_name:
         raise BadRecord("unreadable_header", f"{header_path} declares no signals, length or sampling rate")
+    if len(header.file_name) != header.n_sig:  # wfdb then fails reading the signals with a bare IndexError
+        raise BadRecord("unreadable_header", f"{header_path} declares {header.n_sig} signals on its record line but "
+                                             f"describes {len(header.file_name)} on signal lines")
 
 
 def check_header(record_path: str):  # noqa: ANN201 (a wfdb header)
