@@ -132,6 +132,13 @@ def test_the_installed_wheel_carries_and_finds_what_the_commands_read(tmp_path):
     found = _lookup(venv / "bin" / "python", elsewhere, env)
     assert Path(found["package"]).is_relative_to(site_packages)
     assert (found["demo_vae"], found["classifier"]) == ("vae", "classifier")
+    # The README's way to find the shipped configs and bundled records of an installed copy.
+    [command] = re.findall(r'^(python -c "import diffusets_jax.*")$', (ROOT / "README.md").read_text(), flags=re.M)
+    printed = subprocess.run(command.replace("python", str(venv / "bin" / "python"), 1), shell=True, cwd=elsewhere,
+                             env=env, capture_output=True, text=True, check=True, timeout=120).stdout.strip()
+    assert Path(printed).is_relative_to(site_packages)
+    assert (Path(printed) / "configs" / "demo_vae.py").is_file()
+    assert (Path(printed) / "demo_data" / "cinc2021" / "E07500.hea").is_file()
     for argv in (["diffusets-jax", "demo", "--help"], ["diffusets-jax", "--version"]):
         done = subprocess.run([str(venv / "bin" / argv[0]), *argv[1:]], cwd=elsewhere, env=env, capture_output=True,
                               text=True, timeout=120)
