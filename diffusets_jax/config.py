@@ -26,6 +26,22 @@ import ml_collections
 OVERRIDE_PREFIX = "--config."
 
 
+def _shipped_configs() -> Path:
+    """The folder of the shipped experiment configs (`configs/*.py`).
+
+    The checkout's top-level `configs/` is their single source; an installed wheel (`pip install .`, not editable)
+    has no checkout around it, so it carries a copy inside the package, `diffusets_jax/configs/` (pyproject.toml
+    maps it there). The copy is looked for first: next to an installed package (site-packages) a `configs/` folder
+    may be another project's, while a checkout has no `diffusets_jax/configs/`.
+    """
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+SHIPPED_CONFIGS = _shipped_configs()
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Import `path`, call its `get_config()` and apply `overrides` (`"key.sub=value"` strings).
 
@@ -39,7 +55,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist (the shipped ones are in configs/)")
+        raise FileNotFoundError(f"config file {path} does not exist (the shipped ones are in {SHIPPED_CONFIGS})")
     check_input_file(path, "config file")
     if path.suffix == ".json":  # a resolved config saved by a run (`workdir/config.json`)
         data = read_json(path, "saved config")

@@ -272,3 +272,27 @@ def test_a_source_table_naming_a_column_twice_is_one_line_before_anything_is_cre
     assert code == 2 and "Traceback" not in err and len(error_lines(err)) == 1, err
     assert f"{manual / 'ptbxl_database.csv'} line 1: the header names column 'report' twice; keep one" in err
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("theirs", ["data_prep.py", "data_prep/__init__.py"])
+def test_a_data_prep_of_the_users_folder_hiding_the_builders_is_named(tmp_path, monkeypatch, theirs):
+    # `python -m diffusets_jax` or a notebook puts the current folder first on sys.path: a project's own
+    # data_prep.py or data_prep/ package then hides ours, which a checkout or a reinstall would not fix.
+    import importlib
+    import sys
+
+    path = tmp_path / theirs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# the user's own data preparation\n")
+    for name in [m for m in sys.modules if m == "data_prep" or m.startswith("data_prep.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # An editable install (`make install`) adds a finder that maps every data_prep.* name to the checkout whatever
+    # sys.path says; an installed wheel has none, and that is the case tested.
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path
+                                           if not getattr(f, "__module__", "").startswith("__editable__")])
+    importlib.invalidate_caches()
+    with pytest.raises(ModuleNotFoundError, match="Python found another `data_prep`") as err:
+        sources.builder_class("ptbxl")
+    assert str(path if theirs == "data_prep.py" else path.parent) in str(err.value)
+    assert "\n" not in str(err.value)

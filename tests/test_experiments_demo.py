@@ -102,3 +102,13 @@ def test_a_preempted_training_stops_the_demo_with_exit_75(tmp_path, monkeypatch,
     assert main(["demo", "--out", str(tmp_path / "out")]) == 75
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step 37" in err[0] and "runs/unet" in err[0] and "Traceback" not in err[0]
+
+
+def test_missing_configs_stop_the_demo_before_it_prepares_anything(tmp_path, monkeypatch, capsys):
+    from diffusets_jax.experiments import demo
+
+    monkeypatch.setattr(demo, "SHIPPED_CONFIGS", tmp_path / "configs")  # an install that lost them
+    assert main(["demo", "--quick", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "configs" / "demo_vae.py") in err[0] and "reinstall" in err[0]
+    assert not (tmp_path / "out").exists()

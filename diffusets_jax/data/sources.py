@@ -44,11 +44,26 @@ def builder_class(source: str) -> type:
     try:
         module = importlib.import_module(f"data_prep.{name}")
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            f"cannot import the dataset builders (data_prep.{name}): run from the diffusets-jax checkout or put "
-            "it on PYTHONPATH"
-        ) from err
+        if err.name not in ("data_prep", f"data_prep.{name}"):
+            raise  # a dependency of the builder is missing: Python's message names it
+        raise ModuleNotFoundError(_builders_not_found(name)) from err
     return module.Builder
+
+
+def _builders_not_found(name: str) -> str:
+    """Why `data_prep.<name>` cannot be imported, and what to do.
+
+    `data_prep` is a top-level package, installed next to `diffusets_jax` (site-packages, or the checkout), so a
+    user's own `data_prep.py` or `data_prep/` in the current folder (first on sys.path for `python -m` and
+    notebooks) hides it."""
+    ours = Path(__file__).resolve().parents[2] / "data_prep"
+    found = sys.modules.get("data_prep")
+    where = getattr(found, "__file__", None) or next(iter(getattr(found, "__path__", [])), None)
+    if where is not None and not Path(where).resolve().is_relative_to(ours):
+        return (f"cannot import the dataset builders (data_prep.{name}): Python found another `data_prep`, {where}, "
+                f"before diffusets-jax's ({ours}); run from a folder without it, or rename it")
+    return (f"cannot import the dataset builders (data_prep.{name}): diffusets-jax's `data_prep` package is missing "
+            "or incomplete; reinstall diffusets-jax, or run from its checkout")
 
 
 def make_builder(

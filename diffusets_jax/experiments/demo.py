@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffusets_jax.config import SHIPPED_CONFIGS
 from diffusets_jax.io.files import read_json, write_json_atomic
 
 DEMO_RECORDS = Path(__file__).resolve().parent.parent / "demo_data" / "cinc2021"
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_NAMES = ("demo_vae", "demo_unet", "demo_clip")
 
 # (report lines joined by '|', sex, age, heart rate): the last is a condition none of the 40 records has.
 DEMO_PROMPTS: tuple[tuple[str, str, int, int], ...] = (
@@ -34,12 +35,17 @@ DEMO_PROMPTS: tuple[tuple[str, str, int, int], ...] = (
 STEPS = {"full": {"vae": 1200, "unet": 6000, "clip": 200}, "quick": {"vae": 4, "unet": 4, "clip": 4}}
 
 
+def _config_path(name: str) -> Path:
+    path = SHIPPED_CONFIGS / f"{name}.py"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the diffusets-jax install is incomplete; reinstall it")
+    return path
+
+
 def _config(name: str, dataset: Path, steps: int, extra: list[str] | None = None):
     from diffusets_jax.config import load_config
 
-    path = CONFIGS / f"{name}.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the demo from a diffusets-jax checkout (pip install -e .)")
+    path = _config_path(name)
     overrides = [f"data.dataset={dataset}", f"train.num_steps={steps}", "train.checkpoint_every=100000",
                  f"train.eval_every={max(steps // 2, 1)}", f"train.log_every={max(steps // 10, 1)}"]
     return load_config(path, overrides + list(extra or []))
@@ -83,6 +89,8 @@ def run_demo(out_dir: str | Path = "demo_out", *, quick: bool = False, seed: int
     from diffusets_jax.pipeline import ECGGenerator
     from diffusets_jax.train.run import run_training
 
+    for name in CONFIG_NAMES:  # before the prepare stage, not minutes into the run
+        _config_path(name)
     steps = STEPS["quick" if quick else "full"]
     log: list[dict[str, Any]] = []
     with output_dir(out_dir, command="demo", settings={"quick": quick, "seed": seed, "steps": steps},

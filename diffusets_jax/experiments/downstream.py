@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 
+from diffusets_jax.config import SHIPPED_CONFIGS
 from diffusets_jax.ecg.units import finite_ecgs
 from diffusets_jax.errors import Preempted
 from diffusets_jax.experiments.keyword_rules import (
@@ -79,7 +80,7 @@ METRICS: tuple[tuple[str, str], ...] = (("f1", "F1"), ("f1_at_0.5", "F1 @ 0.5"),
 DELTA_METRICS: tuple[str, ...] = ("f1", "auroc", "auprc")
 NOISE_STRIDE = 2**20  # generator batches per (task, seed): 67 M ECGs at batch 64 before two pairs could share noise
 FIGURE = "downstream.png"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "downstream_net1d.py"
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "downstream_net1d.py"
 TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # names become folder names under runs/
 
 
