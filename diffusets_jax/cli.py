@@ -1238,7 +1238,7 @@ def _add_downstream(sub: argparse._SubParsersAction) -> None:
                        "'lbbb=left bundle branch block|lbbb!incomplete' (repeatable)")
     tasks.add_argument("--task-file", action="append", metavar="JSON",
                        help="tasks from a keyword rule file, the format of evaluate --rules (see "
-                            "experiments/data/downstream_rules.json; repeatable)")
+                            "diffusets_jax/experiments/data/downstream_rules.json; repeatable)")
     setup = parser.add_argument_group("experiment")
     setup.add_argument("--arms", help="comma-separated from real, weighted, augmented, synthetic (default: real,weighted "
                        "and augmented when --model-dir or --generated-corpus is given)")
