@@ -1577,7 +1577,7 @@ class _Refused(SystemExit):
 
 
 class _PrintVersion(argparse.Action):
-    """--version: the version, and the git commit when run from a checkout (what to cite). Computed only when
+    """--version: the version, and the git commit from a checkout or a git install (what to cite). Computed only when
     asked: finding the commit runs git, which no command needs."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
@@ -1609,7 +1609,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("--version", action=_PrintVersion,
-                        help="print the version (and the git commit, from a checkout) to cite, and exit")
+                        help="print the version (and the git commit, from a checkout or a git install) to cite, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in COMMANDS:
         register(sub)
