@@ -143,3 +143,13 @@ def test_the_installed_wheel_carries_and_finds_what_the_commands_read(tmp_path):
         done = subprocess.run([str(venv / "bin" / argv[0]), *argv[1:]], cwd=elsewhere, env=env, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
+    from diffusets_jax import __version__
+
+    assert done.stdout.split() == ["diffusets-jax", __version__]  # the metadata's version is the package's own
+
+
+def test_the_version_is_defined_once():
+    """pyproject.toml and `diffusets_jax.__version__` each defined it; the installed metadata (what provenance
+    records) and the WFDB headers (which print `__version__`) could disagree after a release bumped one."""
+    assert "version" not in PYPROJECT["project"] and "version" in PYPROJECT["project"]["dynamic"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "diffusets_jax.__version__"}
