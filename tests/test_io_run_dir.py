@@ -105,6 +105,25 @@ def test_a_failed_overwrite_run_keeps_its_outputs_for_the_same_command_to_resume
     assert sorted(os.listdir(tmp_path)) == ["other", "run"]  # no empty staging folder beside them
 
 
+def test_overwrite_through_a_symbolic_link_replaces_the_folder_it_points_to(tmp_path):
+    """`--out results --overwrite` with results -> /scratch/results: the link itself was replaced by a new folder
+    (written beside the link, on its disk) and the old run's outputs stayed where it pointed."""
+    scratch, home = tmp_path / "scratch", tmp_path / "home"
+    scratch.mkdir()
+    home.mkdir()
+    with output_dir(scratch / "results", command="sample", settings={"seed": 0}) as run:
+        (run.path / "samples.npz").write_text("seed 0")
+    link = home / "results"
+    link.symlink_to(scratch / "results")
+    with output_dir(link, command="sample", settings={"seed": 1}, overwrite=True) as run:
+        assert run.path.parent == scratch  # staged on the disk of the folder it replaces
+        (run.path / "samples.npz").write_text("seed 1")
+    assert link.is_symlink() and link.resolve() == (scratch / "results").resolve()
+    assert (scratch / "results" / "samples.npz").read_text() == "seed 1"
+    assert json.loads((scratch / "results" / RUN_FILE).read_text())["settings"] == {"seed": 1}
+    assert sorted(os.listdir(home)) == ["results"] and sorted(os.listdir(scratch)) == ["results"]
+
+
 def test_overwrite_never_replaces_the_current_or_the_home_directory(tmp_path, monkeypatch, capsys):
     """`--out .` refused as a user's folder, then given --overwrite, would have replaced the folder the user works
     in (their checkout, their home) with a command's outputs."""

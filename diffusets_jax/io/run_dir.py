@@ -325,8 +325,12 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
                     "same settings to resume, or pass --overwrite to replace it")
         record = {"command": command, "fingerprint": digest, "settings": settings, "status": "running", **stamp()}
         if entries and overwrite and not same:
+            # What is replaced is the folder `final` names: for a symbolic link (--out on a scratch disk, linked from
+            # home), the folder it points to. Renaming over the link itself replaced the link with a new folder on
+            # the link's disk and left the old outputs where it pointed.
+            replaced = Path(os.path.realpath(final)) if final.is_symlink() else final
             # The same hidden sibling on every host; swapped in by process 0 once every host is done.
-            staging = final.parent / f".{final.name}.new-{digest[:12]}"
+            staging = replaced.parent / f".{replaced.name}.new-{digest[:12]}"
             staging.mkdir(exist_ok=True)
             if index == 0:
                 write_json_atomic(staging / RUN_FILE, record)
@@ -348,12 +352,12 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
             parallel.barrier(f"output-dir-done-{digest[:12]}")
             with parallel.failing_together():  # also the barrier before the others look for their own staging
                 if index == 0:
-                    replace_folder(staging, final)  # the folder the user asked us to replace goes once ours is in
+                    replace_folder(staging, replaced)  # the folder the user asked us to replace goes once ours is in
             with parallel.failing_together():
                 # A host on a disk of its own still has its staging folder, which process 0 could not swap in: left
                 # there, its outputs stayed hidden and its --out kept the old run's files.
                 if index != 0 and staging.exists():
-                    replace_folder(staging, final)
+                    replace_folder(staging, replaced)
             return
         if same:
             existing = _record_other_code(existing, final, flag, index)
