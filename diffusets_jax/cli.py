@@ -932,7 +932,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             if generator.guidance_warning and jax.process_index() == 0:
                 print(f"diffusets-jax evaluate: warning: --model-dir {d}: {generator.guidance_warning}",
                       file=sys.stderr)
-    clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
+    clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip,
+                        uid=clip_index.components["clip"].get("uid"))
     # Everything that changes the report: a dataset prepared again, a CLIP trained again or an edited --rules file
     # at the same path is another input (the rules by content, the CLIP by its uid); with --generated the seed too
     # (rFID's draws and the bootstrap intervals), which a model run records with its generator.
