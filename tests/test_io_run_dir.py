@@ -124,6 +124,34 @@ def test_overwrite_through_a_symbolic_link_replaces_the_folder_it_points_to(tmp_
     assert sorted(os.listdir(home)) == ["results"] and sorted(os.listdir(scratch)) == ["results"]
 
 
+def test_overwrite_never_deletes_a_run_writing_in_a_subfolder_now(tmp_path):
+    """`--out A --overwrite` while a `--out A/sub` ran: A was swapped out at the end with the other run's folder in
+    it, and that run went on writing into the deleted folder and ended with exit 0, its outputs gone."""
+    a = tmp_path / "A"
+    with output_dir(a, command="sample", settings={"seed": 0}) as run:
+        (run.path / "samples.npz").write_text("seed 0")
+    with output_dir(a / "sub", command="sample", settings={"seed": 7}) as inner:
+        (inner.path / "samples.npz").write_text("seed 7, being written")
+        with pytest.raises(ValueError, match=r"^--out .*A holds .*A/sub, where another diffusets-jax run is writing "
+                                             r"now: --overwrite would delete its outputs; wait for it to finish"):
+            with output_dir(a, command="sample", settings={"seed": 1}, overwrite=True):
+                raise AssertionError("the run must not start")
+    # One that starts in a subfolder while the --overwrite run works: found before the swap, nothing is replaced.
+    later = output_dir(a / "sub", command="sample", settings={"seed": 7})
+    with pytest.raises(ValueError, match=r"where another diffusets-jax run is writing now: .*\(this run's outputs "
+                                         r"are left in .*\.A\.new-[0-9a-f]+: run the same command again"):
+        with output_dir(a, command="sample", settings={"seed": 1}, overwrite=True) as run:
+            (run.path / "samples.npz").write_text("seed 1")
+            later.__enter__()
+    assert (a / "sub" / "samples.npz").read_text() == "seed 7, being written"
+    assert (a / "samples.npz").read_text() == "seed 0"
+    later.__exit__(None, None, None)
+    # Finished, it holds no lock: the same command replaces the folder, as asked.
+    with output_dir(a, command="sample", settings={"seed": 1}, overwrite=True) as run:
+        (run.path / "samples.npz").write_text("seed 1")
+    assert (a / "samples.npz").read_text() == "seed 1" and not (a / "sub").exists()
+
+
 def test_overwrite_never_replaces_the_current_or_the_home_directory(tmp_path, monkeypatch, capsys):
     """`--out .` refused as a user's folder, then given --overwrite, would have replaced the folder the user works
     in (their checkout, their home) with a command's outputs."""
