@@ -155,10 +155,11 @@ def reading(directory: str | os.PathLike) -> Iterator[None]:
     with the new VAE but recorded (and checked the U-Net against) the old one's uid, and one that looked while the
     old folder was being swapped out was told the model was missing or damaged. The reader waits for a writer at
     work (while it saves one component) and a writer for the readers (while they load). Nothing is
-    created: a directory without the lock file (written before it existed, or by hand) is read without it."""
+    created: a directory without the lock file (written before it existed, or by hand), or whose lock file this user
+    may not read (another user's, made under umask 077), is read without it, as before."""
     try:
         handle = open(Path(directory) / _LOCK_FILE)  # read-only: a shared model directory may not be writable
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, PermissionError):  # none, or another user's unreadable one
         yield
         return
     with handle:
