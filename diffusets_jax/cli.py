@@ -251,6 +251,8 @@ def _run_embed(args: argparse.Namespace) -> int:
     # The embedder is identified as the cache identifies it, by the id its vectors are stored under (a local
     # encoder's includes its weights' digest), computed here without loading it.
     output_print, weights_digest = "", None
+    # Absent now and not to be replaced: created at the end only if still absent (another run may write it meanwhile).
+    new_output = args.output is not None and not args.overwrite and not os.path.exists(args.output)
     if args.output is not None:
         check_output_file(args.output, "--output")
         check_reads_apart(args.output, [("--input", args.input), ("--cache", args.cache),
@@ -295,7 +297,8 @@ def _run_embed(args: argparse.Namespace) -> int:
     embedder = make_embedder(args.embedder, **options)
     try:
         summary = embed_report_file(args.input, embedder, args.cache, reports=reports, output=args.output,
-                                    output_fingerprint=output_print, progress=not args.no_progress)
+                                    output_fingerprint=output_print, new_output=new_output,
+                                    progress=not args.no_progress)
     except RuntimeError as err:  # e.g. the server kept failing after every retry: what was embedded is kept
         from diffusets_jax.errors import RunFailed
 
