@@ -152,6 +152,29 @@ def test_overwrite_never_deletes_a_run_writing_in_a_subfolder_now(tmp_path):
     assert (a / "samples.npz").read_text() == "seed 1" and not (a / "sub").exists()
 
 
+def test_a_folder_removed_by_a_run_that_failed_while_this_one_started_is_one_line(tmp_path, monkeypatch):
+    """Two runs into a new --out: the first created it and failed at once, removing the folder it had made
+    (`_undo_claim`) just after the second's mkdir; the second stopped on "...lock: No such file or directory"."""
+    from diffusets_jax.io import run_dir
+
+    lock = run_dir.exclusive_lock
+
+    def after_the_other_run_undid_its_claim(directory, *args, **kwargs):
+        os.rmdir(directory)
+        return lock(directory, *args, **kwargs)
+
+    monkeypatch.setattr(run_dir, "exclusive_lock", after_the_other_run_undid_its_claim)
+    out = tmp_path / "new"
+    with pytest.raises(ValueError, match=r"^--out .*new: another diffusets-jax run that was starting there failed and "
+                                         r"removed the folder it had created while this run started: run the command "
+                                         r"again$"):
+        with output_dir(out, command="sample", settings={}):
+            raise AssertionError("the run must not start")
+    monkeypatch.setattr(run_dir, "exclusive_lock", lock)
+    with output_dir(out, command="sample", settings={}) as run:  # run again: it claims the folder
+        assert run.path == out and not run.resumed
+
+
 def test_overwrite_never_replaces_the_current_or_the_home_directory(tmp_path, monkeypatch, capsys):
     """`--out .` refused as a user's folder, then given --overwrite, would have replaced the folder the user works
     in (their checkout, their home) with a command's outputs."""

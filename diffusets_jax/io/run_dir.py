@@ -340,7 +340,11 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
         # A refusal here may be one host's alone (its own disk holds another run, another run holds its lock): it
         # stops every host, not only that one, while the others wait for it. Every host looked before any writes.
         with parallel.failing_together():
-            held.enter_context(exclusive_lock(final, busy))
+            try:
+                held.enter_context(exclusive_lock(final, busy))
+            except FileNotFoundError:  # its lock file's folder is gone since the mkdir above
+                raise ValueError(f"{flag} {final}: another diffusets-jax run that was starting there failed and removed "
+                                 "the folder it had created while this run started: run the command again") from None
             existing = read_json(final / RUN_FILE, "run record") if (final / RUN_FILE).exists() else None
             entries = _user_entries(final)
             same = existing is not None and existing.get("fingerprint") == digest
