@@ -545,7 +545,7 @@ def test_a_clip_replaced_while_evaluate_starts_is_not_scored_with_under_the_old_
                  str(dataset.data_dir), "--split", "validation", "--n-boot", "20", "--workers", "1",
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "its clip/ was replaced while this run started" in err
+    assert err.count("\n") == 1 and "its clip/ was replaced since this run read it" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -278,14 +278,9 @@ def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike |
     is refused in one line rather than scored with under the old one's uid."""
     from diffusets_jax.models import model_dir as model_dirs
 
-    source, _ = find_clip(model_dir, clip_dir)
-    with model_dirs.reading(source):  # the entry checked and the weights loaded are one state of the directory
-        now = model_dirs.read_index(source).components.get("clip", {}).get("uid")
-        if uid is not None and now != uid:
-            flag = "--clip" if clip_dir is not None else "--model-dir"
-            raise ValueError(f"{flag} {source}: its clip/ was replaced while this run started (uid {uid} -> {now}: a "
-                             "training or convert wrote into it): run the command again")
-        return model_dirs.load_component(source, "clip")
+    source, index = find_clip(model_dir, clip_dir)
+    flag = "--clip" if clip_dir is not None else "--model-dir"
+    return model_dirs.load_component_as_read(source, "clip", uid or index.components["clip"].get("uid"), flag)
 
 
 # -- measuring ----------------------------------------------------------------------------------------------------

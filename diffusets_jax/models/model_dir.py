@@ -323,6 +323,20 @@ def load_component(directory: str | os.PathLike, name: str) -> tuple[Any, dict]:
     return bundle.load_model(directory, name)
 
 
+def load_component_as_read(directory: str | os.PathLike, name: str, uid: str | None, flag: str = "--model-dir"
+                           ) -> tuple[Any, dict]:
+    """`load_component`, for a run that read the directory's index earlier (its uids in the run's fingerprint, its
+    conditioning and diffusion used with the weights): the component `name` is refused in one line when its uid is
+    no longer `uid` (a training or convert finished into the directory since), instead of being run with settings
+    and a record of the one it replaced."""
+    with reading(directory):
+        now = read_index(directory).components.get(name, {}).get("uid")
+        if now != uid:
+            raise ValueError(f"{flag} {os.fspath(directory)}: its {name}/ was replaced since this run read it (uid {uid} "
+                             f"-> {now}: a training or convert wrote into it): run the command again")
+        return load_component(directory, name)
+
+
 def check_generation_parts(directory: str | os.PathLike, index: ModelIndex, vae: Any, unet: Any) -> None:
     """Refuse a directory whose VAE and U-Net do not fit together or with the recorded conditioning."""
     where = os.fspath(directory)
