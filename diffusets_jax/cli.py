@@ -268,6 +268,8 @@ def _run_embed(args: argparse.Namespace) -> int:
     # The embedder is identified as the cache identifies it, by the id its vectors are stored under (a local
     # encoder's includes its weights' digest), computed here without loading it.
     output_print, weights_digest = "", None
+    # Absent now and not to be replaced: created at the end only if still absent (another run may write it meanwhile).
+    new_output = args.output is not None and not args.overwrite and not os.path.exists(args.output)
     if args.output is not None:
         check_output_file(args.output, "--output")
         check_reads_apart(args.output, [("--input", args.input), ("--cache", args.cache),
@@ -312,7 +314,8 @@ def _run_embed(args: argparse.Namespace) -> int:
     embedder = make_embedder(args.embedder, **options)
     try:
         summary = embed_report_file(args.input, embedder, args.cache, reports=reports, output=args.output,
-                                    output_fingerprint=output_print, progress=not args.no_progress)
+                                    output_fingerprint=output_print, new_output=new_output,
+                                    progress=not args.no_progress)
     except RuntimeError as err:  # e.g. the server kept failing after every retry: what was embedded is kept
         from diffusets_jax.errors import RunFailed
 
@@ -949,7 +952,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             if generator.guidance_warning and jax.process_index() == 0:
                 print(f"diffusets-jax evaluate: warning: --model-dir {d}: {generator.guidance_warning}",
                       file=sys.stderr)
-    clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip)
+    clip = ev.load_clip(args.model_dir[0] if args.model_dir else None, args.clip,
+                        uid=clip_index.components["clip"].get("uid"))
     # Everything that changes the report: a dataset prepared again, a CLIP trained again or an edited --rules file
     # at the same path is another input (the rules by content, the CLIP by its uid); with --generated the seed too
     # (rFID's draws and the bootstrap intervals), which a model run records with its generator.

@@ -88,18 +88,21 @@ class ECGGenerator:
                                     "convert --out DIR` or `diffusets-jax train ... --model-dir DIR`)")
         if batch_size < 1:
             raise ValueError(f"--batch-size must be a positive number of ECGs per compiled call, got {batch_size}")
-        self.index = model_dirs.read_index(self.model_dir)
-        model_dirs.require(self.index, self.model_dir, "vae", "unet")
-        self.conditioning = self.index.conditioning
-        self.diffusion = self.index.diffusion
-        sampler = resolve_for_model(sampler if sampler is not None else SamplerConfig(), self.diffusion)
-        schedule = make_schedule(self.diffusion.schedule)
-        # Settings this model's schedule cannot run (more steps than it has timesteps) are refused here, from the
-        # index alone: before the weights load and before a command claims its output folder for them.
-        sampler_timesteps(sampler, schedule)
-        self.sampler = sampler
-        self.vae, vae_variables = model_dirs.load_component(self.model_dir, "vae")
-        self.unet, unet_variables = model_dirs.load_component(self.model_dir, "unet")
+        # The index and the weights as one state of the directory: a training or convert finishing into it now
+        # waits until they are loaded (or they wait for it), so the uids recorded and checked are the weights'.
+        with model_dirs.reading(self.model_dir):
+            self.index = model_dirs.read_index(self.model_dir)
+            model_dirs.require(self.index, self.model_dir, "vae", "unet")
+            self.conditioning = self.index.conditioning
+            self.diffusion = self.index.diffusion
+            sampler = resolve_for_model(sampler if sampler is not None else SamplerConfig(), self.diffusion)
+            schedule = make_schedule(self.diffusion.schedule)
+            # Settings this model's schedule cannot run (more steps than it has timesteps) are refused here, from
+            # the index alone: before the weights load and before a command claims its output folder for them.
+            sampler_timesteps(sampler, schedule)
+            self.sampler = sampler
+            self.vae, vae_variables = model_dirs.load_component(self.model_dir, "vae")
+            self.unet, unet_variables = model_dirs.load_component(self.model_dir, "unet")
         model_dirs.check_generation_parts(self.model_dir, self.index, self.vae, self.unet)
         self.seed = check_seed(seed)
         # The network's dtype changes the ECGs, so it is part of a run's fingerprint (`settings`); float32 is the

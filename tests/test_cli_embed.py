@@ -205,6 +205,47 @@ def test_output_of_another_run_is_replaced_only_with_overwrite(tmp_path, capsys,
         assert list(saved["prompts"]) == [ordered_prompt("Sinus rhythm"), ordered_prompt("Normal ECG")]
 
 
+def test_an_output_another_run_wrote_meanwhile_is_kept(tmp_path, capsys, monkeypatch):
+    """Two embed runs of a job array with one --output: each found it absent when it began, and the last to finish
+    replaced the other's file, both exiting 0. The second now keeps it and says where its vectors are."""
+    import diffusets_jax.conditioning.embedders as embedders
+
+    output = tmp_path / "out.npz"
+    mine, theirs = tmp_path / "mine.csv", tmp_path / "theirs.csv"
+    mine.write_text("report\nSinus rhythm\nAtrial fibrillation\n")
+    theirs.write_text("report\nNormal ECG\n")
+
+    def argv(reports, cache):
+        return ["embed", "--input", str(reports), "--embedder", "local", "--cache", str(tmp_path / cache),
+                "--output", str(output), "--no-progress"]
+
+    class AnotherRunMeanwhile(HashEmbedder):
+        other: list[str] | None = None
+
+        def embed(self, texts):
+            if AnotherRunMeanwhile.other is not None:
+                other, AnotherRunMeanwhile.other = AnotherRunMeanwhile.other, None
+                assert main(other) == 0  # finishes first, into the --output this run found absent
+            return super().embed(texts)
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda *a, **k: AnotherRunMeanwhile())
+    AnotherRunMeanwhile.other = argv(theirs, "theirs.sqlite")
+    capsys.readouterr()
+    assert main(argv(mine, "mine.sqlite")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--output {output} was written by another run while this one ran, and is kept" in err
+    assert "this run's 2 embeddings are in the cache" in err
+    with np.load(output) as saved:
+        assert list(saved["prompts"]) == [ordered_prompt("Normal ECG")]
+    # The same run twice at once: the second finds its own output there and is done.
+    output.unlink()
+    AnotherRunMeanwhile.other = argv(mine, "again.sqlite")
+    assert main(argv(mine, "again.sqlite")) == 0 and AnotherRunMeanwhile.other is None
+    with np.load(output) as saved:
+        assert list(saved["prompts"]) == [ordered_prompt("Sinus rhythm"), ordered_prompt("Atrial fibrillation")]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_new_weights_at_the_same_model_dir_are_another_run(tmp_path, capsys, monkeypatch):
     """The --output fingerprint held the local encoder's folder path only: new weights at the same path were the
     same run, and a rerun silently replaced the file with the new weights' vectors. It now holds the embedding

@@ -135,6 +135,40 @@ def test_an_existing_empty_file_is_refused_and_left_as_it_is(tmp_path):
         assert cache.count() == 0
 
 
+@pytest.mark.parametrize("wal", [True, False])
+def test_a_new_cache_is_never_seen_empty_by_a_run_starting_on_it_at_once(tmp_path, monkeypatch, wal):
+    """Two runs of a job array on one new --embedding-cache: SQLite created the file empty and wrote it at the first
+    commit, and the second run, looking in between, refused the other's cache as a user's empty file."""
+    import sqlite3
+
+    from diffusets_jax.conditioning.cache import check_embedding_cache
+
+    path = tmp_path / "shared.sqlite"
+    connect, seen = sqlite3.connect, []
+
+    def connect_then_another_run_looks(*args, **kwargs):
+        db = connect(*args, **kwargs)
+        if not seen or seen[-1] != "looking":
+            seen.append("looking")  # the other run's own look opens the file too
+            try:
+                check_embedding_cache(path, "--embedding-cache")
+                with EmbeddingCache(path, flag="--embedding-cache", wal=wal):
+                    pass
+                seen[-1] = "fine"
+            except ValueError as err:
+                seen[-1] = str(err)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", connect_then_another_run_looks)
+    with EmbeddingCache(path, flag="--embedding-cache", wal=wal) as cache:
+        cache.put_many("e", ["a"], np.ones((1, 2), np.float32))
+    assert seen and set(seen) == {"fine"}, seen
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    with EmbeddingCache(path, wal=wal) as cache:
+        assert cache.count() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.sqlite"]  # no temporary left beside it
+
+
 def test_refusals_name_the_flag_the_user_gave(tmp_path):
     """Every refusal said "point --cache at a new file", also to `prepare --embedding-cache` users."""
     path = tmp_path / "notes.txt"

@@ -277,6 +277,29 @@ def test_encode_neither_replaces_latents_being_read_nor_reads_a_source_being_rep
     assert not (tmp_path / "new").exists()
 
 
+def test_the_vae_uid_recorded_is_that_of_the_weights_loaded(tmp_path, monkeypatch):
+    """`encode --vae M` while `train vae --overwrite` finishes into M: the latents were encoded with the new VAE but
+    recorded the old one's uid, which the U-Net trained on them then carried. The writer now waits for the load."""
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import replace_vae_if_unlocked, tiny_model_dir, tiny_vae_unet
+
+    directory = tiny_model_dir(tmp_path / "model")
+    load = model_dirs.load_component
+    replaced = []
+
+    def load_while_another_writes(where, name):
+        replaced.append(replace_vae_if_unlocked(directory))
+        return load(where, name)
+
+    monkeypatch.setattr(model_dirs, "load_component", load_while_another_writes)
+    _, variables, vae = latents.load_vae_encoder(directory)
+    assert replaced == [False]
+    _, old_vars, _, _ = tiny_vae_unet()
+    for loaded, old in zip(jax.tree.leaves(variables), jax.tree.leaves(old_vars), strict=True):
+        np.testing.assert_array_equal(np.asarray(loaded), np.asarray(old))
+    assert vae["uid"] == model_dirs.read_index(directory).components["vae"]["uid"]
+
+
 def test_bad_arguments_are_named(source, tmp_path):
     with pytest.raises(ValueError, match="multiple of the 8 local devices"):
         latents.encode_dataset(source, str(tmp_path), toy_encoder, VARIABLES, vae=TOY_VAE, batch_size=12)

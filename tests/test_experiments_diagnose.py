@@ -331,6 +331,32 @@ def test_diagnose_command_writes_report_plot_and_resumes(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text()) == report
 
 
+def test_a_unet_replaced_while_the_latents_load_is_not_diagnosed_under_the_old_uid(tmp_path, capsys, monkeypatch):
+    """The index is read first (its uids in the run's settings, its diffusion and conditioning used with the
+    weights), the U-Net's weights only after the latents: a `train unet` or `convert` finishing into the directory
+    in between had its U-Net diagnosed with the replaced one's settings and recorded under the old uid."""
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    model_dir = tiny_model_dir(tmp_path / "model")
+    latents_dir = latent_dataset(tmp_path / "latents", model_dir)
+    load = dg.load_latent_split
+
+    def load_while_another_run_exports(*args, **kwargs):
+        _, _, unet, unet_vars = tiny_vae_unet()
+        index = model_dirs.read_index(model_dir)
+        model_dirs.write_component(model_dir, "unet", unet, unet_vars, provenance={"source": "retrained"},
+                                   conditioning=index.conditioning, diffusion=index.diffusion,
+                                   vae_uid=index.components["unet"]["vae_uid"], overwrite=True)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(dg, "load_latent_split", load_while_another_run_exports)
+    out = tmp_path / "diag"
+    err = run_bad(["--model-dir", str(model_dir), "--latents", str(latents_dir), "--n", "4", "--timesteps", "998",
+                   "--sampler", "ddim", "--steps", "2", "--batch-size", "8", "--out", str(out)], capsys)
+    assert f"--model-dir {model_dir}: its unet/ was replaced since this run read it" in err
+    assert not out.exists()
+
+
 @pytest.fixture()
 def no_weights(monkeypatch):
     """Bad inputs must be refused before any weights are read."""

@@ -371,6 +371,38 @@ def test_bad_dataset_output_and_model(tiny_data, tiny_model, tmp_path, capsys):
     assert (tmp_path / "user" / "notes.txt").read_text() == "keep"
 
 
+def test_a_model_replaced_while_the_records_load_does_not_generate_the_arms(tiny_data, tiny_model, tmp_path, capsys,
+                                                                          monkeypatch):
+    """The run's settings record the parts' uids from the index read at the start; its generator is built after the
+    records are read. A U-Net retrained into the directory in between generated the arms, recorded as the old one."""
+    import shutil
+
+    from diffusets_jax.experiments import downstream as ds
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    without = ds._without_skipped
+
+    def read_while_another_run_exports(*args, **kwargs):
+        _, _, unet, unet_vars = tiny_vae_unet(tiny_report_dataset.EMBEDDING_DIM)
+        index = model_dirs.read_index(model)
+        model_dirs.write_component(model, "unet", unet, unet_vars, provenance={"source": "retrained"},
+                                   conditioning=index.conditioning, diffusion=index.diffusion,
+                                   vae_uid=index.components["unet"]["vae_uid"], overwrite=True)
+        return without(*args, **kwargs)
+
+    monkeypatch.setattr(ds, "_without_skipped", read_while_another_run_exports)
+    out = tmp_path / "report"
+    code, _, err = _run(capsys, "--dataset", tiny_data["dataset"], "--model-dir", model, "--out", out, "--tasks", "pvc",
+                        "--arms", "real,synthetic", "--seeds", "1", "--steps", "1", "--sampling-steps", "2",
+                        "--generation-batch-size", "8", "--no-progress", *TINY_CLASSIFIER)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--model-dir {model}: its vae/ or unet/ was replaced since this run read it" in err
+    assert model_dirs.read_index(model).components["unet"]["provenance"]["source"] == "retrained"
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_benchmark_end_to_end_with_a_model_then_a_corpus(tiny_data, tiny_model, tmp_path, capsys):
     out = tmp_path / "report"

@@ -398,7 +398,7 @@ def test_evaluate_command_paper_protocol_by_condition_and_ablation(clip, dataset
     # More steps than the models' schedule has: one line naming --steps, found from the model index before the
     # CLIP loads (the generators were built after it).
     with monkeypatch.context() as patched:
-        patched.setattr(ev, "load_clip", lambda *_: pytest.fail("the CLIP loaded before --steps was checked"))
+        patched.setattr(ev, "load_clip", lambda *_, **__: pytest.fail("the CLIP loaded before --steps was checked"))
         at = args.index("--steps") + 1
         assert main([*args[:at], "2000", *args[at + 1:-1], str(tmp_path / "z")]) == 2
     assert "steps 2000 (--steps) is more than this model's 1000-step schedule" in capsys.readouterr().err
@@ -417,7 +417,7 @@ def test_evaluate_says_when_its_batch_size_is_rounded_up_to_the_devices(clip, da
     models = tiny_model_dir(tmp_path / "models", text_dim=tiny_ecg_dataset.EMBEDDING_DIM)
     model_dirs.write_component(models, "clip", clip[0], clip[1], provenance={"source": "test"})
 
-    def stop(*_):
+    def stop(*_, **__):
         raise ValueError("stopped before the CLIP loads")
 
     monkeypatch.setattr(ev, "load_clip", stop)  # the note comes before it; nothing need run
@@ -518,6 +518,35 @@ def test_a_model_is_not_evaluated_on_embeddings_of_another_embedder(dataset, tmp
     with pytest.raises(AssertionError, match="weights were loaded"):  # the matching dataset goes on to load them
         main(["evaluate", "--generated", str(tmp_path / "g.npz"), "--clip", str(clip_dir), "--dataset",
               str(dataset.data_dir), "--split", "validation", "--out", str(tmp_path / "out")])
+
+
+def test_a_clip_replaced_while_evaluate_starts_is_not_scored_with_under_the_old_uid(clip, dataset, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A `train clip` finishing into the --clip directory between the index read (whose uid the run records and its
+    inputs were checked against) and the weights load: the report was scored with the new CLIP, recorded as the
+    old one. Refused in one line, before --out is claimed."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.models import model_dir as model_dirs
+
+    model_dirs.write_component(tmp_path / "clip", "clip", clip[0], clip[1], provenance={"source": "test"})
+    examples = [tiny_ecg_dataset.example(1000 + i) for i in range(6)]
+    np.savez(tmp_path / "g.npz", ecg=np.stack([e["ecg"] for e in examples]),
+             prompt=np.array([e["prompt"] for e in examples]), heart_rate=np.array([e["heart_rate"] for e in examples]))
+    check = ev.check_text_embeddings
+
+    def check_then_another_run_writes(*args, **kwargs):
+        check(*args, **kwargs)
+        retrained = jax.tree.map(lambda x: np.asarray(x) + 1.0, clip[1])
+        model_dirs.write_component(tmp_path / "clip", "clip", clip[0], retrained, provenance={"source": "retrained"},
+                                   overwrite=True)
+
+    monkeypatch.setattr(ev, "check_text_embeddings", check_then_another_run_writes)
+    assert main(["evaluate", "--generated", str(tmp_path / "g.npz"), "--clip", str(tmp_path / "clip"), "--dataset",
+                 str(dataset.data_dir), "--split", "validation", "--n-boot", "20", "--workers", "1",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its clip/ was replaced since this run read it" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_rerun_with_another_seed_or_edited_rules_is_refused(clip, dataset, tmp_path, capsys):

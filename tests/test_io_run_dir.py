@@ -105,6 +105,76 @@ def test_a_failed_overwrite_run_keeps_its_outputs_for_the_same_command_to_resume
     assert sorted(os.listdir(tmp_path)) == ["other", "run"]  # no empty staging folder beside them
 
 
+def test_overwrite_through_a_symbolic_link_replaces_the_folder_it_points_to(tmp_path):
+    """`--out results --overwrite` with results -> /scratch/results: the link itself was replaced by a new folder
+    (written beside the link, on its disk) and the old run's outputs stayed where it pointed."""
+    scratch, home = tmp_path / "scratch", tmp_path / "home"
+    scratch.mkdir()
+    home.mkdir()
+    with output_dir(scratch / "results", command="sample", settings={"seed": 0}) as run:
+        (run.path / "samples.npz").write_text("seed 0")
+    link = home / "results"
+    link.symlink_to(scratch / "results")
+    with output_dir(link, command="sample", settings={"seed": 1}, overwrite=True) as run:
+        assert run.path.parent == scratch  # staged on the disk of the folder it replaces
+        (run.path / "samples.npz").write_text("seed 1")
+    assert link.is_symlink() and link.resolve() == (scratch / "results").resolve()
+    assert (scratch / "results" / "samples.npz").read_text() == "seed 1"
+    assert json.loads((scratch / "results" / RUN_FILE).read_text())["settings"] == {"seed": 1}
+    assert sorted(os.listdir(home)) == ["results"] and sorted(os.listdir(scratch)) == ["results"]
+
+
+def test_overwrite_never_deletes_a_run_writing_in_a_subfolder_now(tmp_path):
+    """`--out A --overwrite` while a `--out A/sub` ran: A was swapped out at the end with the other run's folder in
+    it, and that run went on writing into the deleted folder and ended with exit 0, its outputs gone."""
+    a = tmp_path / "A"
+    with output_dir(a, command="sample", settings={"seed": 0}) as run:
+        (run.path / "samples.npz").write_text("seed 0")
+    with output_dir(a / "sub", command="sample", settings={"seed": 7}) as inner:
+        (inner.path / "samples.npz").write_text("seed 7, being written")
+        with pytest.raises(ValueError, match=r"^--out .*A holds .*A/sub, where another diffusets-jax run is writing "
+                                             r"now: --overwrite would delete its outputs; wait for it to finish"):
+            with output_dir(a, command="sample", settings={"seed": 1}, overwrite=True):
+                raise AssertionError("the run must not start")
+    # One that starts in a subfolder while the --overwrite run works: found before the swap, nothing is replaced.
+    later = output_dir(a / "sub", command="sample", settings={"seed": 7})
+    with pytest.raises(ValueError, match=r"where another diffusets-jax run is writing now: .*\(this run's outputs "
+                                         r"are left in .*\.A\.new-[0-9a-f]+: run the same command again"):
+        with output_dir(a, command="sample", settings={"seed": 1}, overwrite=True) as run:
+            (run.path / "samples.npz").write_text("seed 1")
+            later.__enter__()
+    assert (a / "sub" / "samples.npz").read_text() == "seed 7, being written"
+    assert (a / "samples.npz").read_text() == "seed 0"
+    later.__exit__(None, None, None)
+    # Finished, it holds no lock: the same command replaces the folder, as asked.
+    with output_dir(a, command="sample", settings={"seed": 1}, overwrite=True) as run:
+        (run.path / "samples.npz").write_text("seed 1")
+    assert (a / "samples.npz").read_text() == "seed 1" and not (a / "sub").exists()
+
+
+def test_a_folder_removed_by_a_run_that_failed_while_this_one_started_is_one_line(tmp_path, monkeypatch):
+    """Two runs into a new --out: the first created it and failed at once, removing the folder it had made
+    (`_undo_claim`) just after the second's mkdir; the second stopped on "...lock: No such file or directory"."""
+    from diffusets_jax.io import run_dir
+
+    lock = run_dir.exclusive_lock
+
+    def after_the_other_run_undid_its_claim(directory, *args, **kwargs):
+        os.rmdir(directory)
+        return lock(directory, *args, **kwargs)
+
+    monkeypatch.setattr(run_dir, "exclusive_lock", after_the_other_run_undid_its_claim)
+    out = tmp_path / "new"
+    with pytest.raises(ValueError, match=r"^--out .*new: another diffusets-jax run that was starting there failed and "
+                                         r"removed the folder it had created while this run started: run the command "
+                                         r"again$"):
+        with output_dir(out, command="sample", settings={}):
+            raise AssertionError("the run must not start")
+    monkeypatch.setattr(run_dir, "exclusive_lock", lock)
+    with output_dir(out, command="sample", settings={}) as run:  # run again: it claims the folder
+        assert run.path == out and not run.resumed
+
+
 def test_overwrite_never_replaces_the_current_or_the_home_directory(tmp_path, monkeypatch, capsys):
     """`--out .` refused as a user's folder, then given --overwrite, would have replaced the folder the user works
     in (their checkout, their home) with a command's outputs."""

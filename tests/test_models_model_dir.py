@@ -243,3 +243,23 @@ def test_require_says_a_mistyped_directory_does_not_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"model directory {missing} does not exist: check the path"):
         model_dirs.require(model_dirs.read_index(missing), missing, "vae")
     assert not missing.exists()
+
+
+def test_a_reader_that_may_not_read_the_lock_file_reads_without_it(parts, tmp_path, monkeypatch):
+    """A directory shared by another user whose lock file is theirs alone (umask 077): reading it must not fail on
+    the lock, which a reader holds only to keep writers out while it loads."""
+    vae, vae_vars, _, _ = parts
+    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "test"})
+    lock = tmp_path / model_dirs._LOCK_FILE
+
+    def refused(path, *args, **kwargs):
+        if str(path) == str(lock):
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(model_dirs, "open", refused, raising=False)
+    with model_dirs.reading(tmp_path):
+        assert model_dirs.read_index(tmp_path).components["vae"]["uid"]
+    with model_dirs.reading(tmp_path / "absent"):  # and none there: read as before, nothing created
+        pass
+    assert not (tmp_path / "absent").exists()

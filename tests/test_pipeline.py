@@ -16,7 +16,13 @@ from diffusets_jax.diffusion.schedule import DiffusionSpec, make_schedule
 from diffusets_jax.models import model_dir as model_dirs
 from diffusets_jax.pipeline import ECGGenerator
 from tests.helpers.fake_openai_server import fake_openai_env
-from tests.helpers.tiny_models import FAKE_EMBEDDER, TEXT_DIM, tiny_model_dir, tiny_vae_unet
+from tests.helpers.tiny_models import (
+    FAKE_EMBEDDER,
+    TEXT_DIM,
+    replace_vae_if_unlocked,
+    tiny_model_dir,
+    tiny_vae_unet,
+)
 
 
 def test_ddpm_clips_x0_as_the_model_directory_says(model_dir, tmp_path):
@@ -142,6 +148,33 @@ def test_a_module_written_with_its_own_compute_dtype_is_in_the_settings(model_di
     assert settings["module_dtypes"] == {"unet": "bfloat16"}
     # a compute dtype given runs every network in it, whatever the modules say
     assert "module_dtypes" not in ECGGenerator(bf16, compute_dtype=jnp.bfloat16).settings()
+
+
+def test_a_vae_replaced_while_the_generator_loads_is_not_paired_with_the_old_entry(model_dir, tmp_path, monkeypatch):
+    """`train vae --overwrite` finishing into the directory while `sample` loads it: the generator decoded with the
+    new VAE but recorded (and checked the U-Net against) the old VAE's uid. The writer now waits for the load."""
+    directory = shutil.copytree(model_dir, tmp_path / "model")
+    trained_on = model_dirs.read_index(directory).components["unet"]["vae_uid"]
+    load = model_dirs.load_component
+    replaced = []
+
+    def load_while_another_writes(where, name):
+        if name == "vae":
+            replaced.append(replace_vae_if_unlocked(directory))
+        return load(where, name)
+
+    monkeypatch.setattr(model_dirs, "load_component", load_while_another_writes)
+    gen = ECGGenerator(directory)
+    assert replaced == [False]  # the writer had to wait for the load
+    assert gen.settings()["components"]["vae"] == trained_on
+    _, old_vars, _, _ = tiny_vae_unet()
+    for loaded, old in zip(jax.tree.leaves(gen.vae_variables), jax.tree.leaves(old_vars), strict=True):
+        np.testing.assert_array_equal(np.asarray(loaded), np.asarray(old))
+    # Loaded, the generator holds no lock: the writer goes ahead, and the next load refuses the pair.
+    monkeypatch.setattr(model_dirs, "load_component", load)
+    assert replace_vae_if_unlocked(directory)
+    with pytest.raises(ValueError, match=r"\(replaced since\)"):
+        ECGGenerator(directory)
 
 
 def test_a_directory_written_before_model_index_still_loads(model_dir, tmp_path, openai_env):

@@ -48,6 +48,8 @@ class EmbeddingCache:
         if self.path != ":memory:":
             _check_not_empty(self.path, flag)
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            if not os.path.exists(self.path):
+                _create(self.path, wal=wal)
         try:
             # check_same_thread=False: a cache opened on one thread may be used from another (e.g. a data
             # loader's worker); calls are serialised by the sqlite3 module.
@@ -116,6 +118,27 @@ class EmbeddingCache:
         self.close()
 
 
+def _create(path: str, *, wal: bool) -> None:
+    """Create a new, empty cache at `path`, whole: its table is written under a temporary name and the file linked
+    into place (`io.files.create_new`); a cache another process created first is kept. SQLite creates its file
+    empty and writes it only at the first commit, so a second run starting on the same new cache (a job array's
+    `embed` or `prepare`) in between took the empty file for a user's and refused it (`_check_not_empty`). Made in
+    the journal mode it is opened in (`wal`), so runs opening it at once do not race to convert it."""
+    from diffusets_jax.io.files import create_new
+
+    def fill(temporary: Path) -> None:
+        db = sqlite3.connect(temporary)
+        try:
+            if wal:  # recorded in the file; closing the last connection removes the -wal and -shm files
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+            db.commit()
+        finally:
+            db.close()
+
+    create_new(path, fill)
+
+
 def check_embedding_cache(path: str | os.PathLike, flag: str) -> None:
     """Refuse at once, in one line naming `flag`, what `EmbeddingCache(path)` would refuse, creating and changing
     nothing (the file is opened read-only): a command that writes elsewhere too (prepare) checks its cache before
@@ -148,7 +171,7 @@ def _named(path: str, flag: str | None) -> tuple[str, str]:
 
 def _check_not_empty(path: str, flag: str | None) -> None:
     # SQLite would take an empty file as an empty database and write its own into it: a user's file, changed.
-    # (Our own cache is empty only for the instant between its creation and its first write.)
+    # Our own cache is never empty: it is created whole (`_create`).
     if os.path.isfile(path) and os.path.getsize(path) == 0 and not os.path.exists(path + "-wal"):
         named, remedy = _named(path, flag)
         raise ValueError(f"{named} is an empty file, not an embedding cache; it was left as it is: {remedy}")

@@ -141,6 +141,7 @@ def embed_report_file(
     reports: ReportPrompts | None = None,
     output: str | os.PathLike | None = None,
     output_fingerprint: str = "",
+    new_output: bool = False,
     batch_size: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -149,8 +150,11 @@ def embed_report_file(
 
     With `output` (`.npz`), also writes `prompts` (U,) and `embeddings` (U, dim) float32 for the U distinct
     prompts in first-seen order, plus `embedder_id` and `run_fingerprint` (`output_fingerprint`, see
-    `check_output_npz`), atomically (a temporary file, then a rename). `reports`: the file already read with
-    `read_report_prompts` (the CLI reads it before loading the embedder).
+    `check_output_npz`), atomically (a temporary file, then a rename). `new_output`: `output` did not exist when the
+    run began and is not to be replaced: it is created only if it still does not (`io.files.create_new`), and one
+    another run wrote meanwhile is kept unless it holds this same run's output (RunFailed; the vectors stay in the
+    cache). `reports`: the file already read with `read_report_prompts` (the CLI reads it before loading the
+    embedder).
     """
     if reports is None:
         reports = read_report_prompts(path, column=column, template=template)
@@ -164,8 +168,18 @@ def embed_report_file(
         embeddings = embed_with_cache(unique, embedder, cache, batch_size=batch_size, progress=progress, stats=stats)
         total_cached = cache.count(embedder.embedder_id)
     if output is not None:
-        _save_npz_atomically(output, prompts=np.asarray(unique, dtype=str), embeddings=embeddings,
-                             embedder_id=np.array(embedder.embedder_id), run_fingerprint=np.array(output_fingerprint))
+        arrays = dict(prompts=np.asarray(unique, dtype=str), embeddings=embeddings,
+                      embedder_id=np.array(embedder.embedder_id), run_fingerprint=np.array(output_fingerprint))
+        if not new_output:
+            _save_npz_atomically(output, **arrays)
+        elif not _save_new_npz(output, **arrays) and _recorded_fingerprint(output) != output_fingerprint:
+            # Checked when the run began, but a second embed run started with the same --output (a job array)
+            # found it absent too: the last to finish replaced the other's file, both exiting 0.
+            from diffusets_jax.errors import RunFailed
+
+            raise RunFailed(f"--output {output} was written by another run while this one ran, and is kept; this "
+                            f"run's {len(unique)} embeddings are in the cache {cache_path}: rerun with another "
+                            "--output (nothing is embedded again)")
     summary = {
         "records": len(reports.prompts), "skipped": reports.skipped, "unique_prompts": stats.unique,
         "already_cached": stats.cached, "embedded": stats.embedded, "cache_vectors": total_cached,
@@ -232,3 +246,23 @@ def check_output_npz(path: str | os.PathLike, fingerprint: str, *, embedder_id: 
 def _save_npz_atomically(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     with atomic_path(path, suffix=".npz") as temporary:
         np.savez(temporary, **arrays)
+
+
+def _save_new_npz(path: str | os.PathLike, **arrays: np.ndarray) -> bool:
+    """Write `arrays` to the new file `path`, whole; False (nothing written) when `path` exists by now."""
+    from diffusets_jax.io.files import create_new
+
+    def fill(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:  # a handle: np.savez would add .npz to the temporary's name
+            np.savez(handle, **arrays)
+
+    return create_new(path, fill)
+
+
+def _recorded_fingerprint(path: str | os.PathLike) -> str | None:
+    """The `run_fingerprint` an `--output` file records; None for a file without one or not an NPZ."""
+    try:
+        with np.load(path, allow_pickle=False) as existing:
+            return str(existing["run_fingerprint"]) if "run_fingerprint" in existing.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None

@@ -84,9 +84,10 @@ def load_vae_encoder(model_dir: str | os.PathLike) -> tuple[EncodeApply, Any, di
     from diffusets_jax.models import model_dir as model_dirs
     from diffusets_jax.models.vae import VAE
 
-    index = model_dirs.read_index(model_dir)
-    model_dirs.require(index, model_dir, "vae")
-    module, variables = model_dirs.load_component(model_dir, "vae")
+    with model_dirs.reading(model_dir):  # the uid recorded is that of the weights loaded, whoever writes there now
+        index = model_dirs.read_index(model_dir)
+        model_dirs.require(index, model_dir, "vae")
+        module, variables = model_dirs.load_component(model_dir, "vae")
     if not isinstance(module, VAE):
         raise ValueError(f"{os.path.join(os.fspath(model_dir), 'vae')} holds a {type(module).__name__}, not a VAE")
 

@@ -564,7 +564,8 @@ def diagnose(model_dir: str | os.PathLike, latents: str | os.PathLike, out_dir: 
             return read_json(run.path / REPORT_JSON, "diagnosis report")
         # The latents first: latents being replaced now (`encode --overwrite`) are refused before the weights load.
         data = load_latent_split(inputs.builder, split, n)
-        unet, variables = model_dirs.load_component(model_dir, "unet")
+        # The U-Net whose uid the settings record and whose index entry (diffusion, conditioning) is used with it.
+        unet, variables = model_dirs.load_component_as_read(model_dir, "unet", index.components["unet"].get("uid"))
         results, arrays = diagnose_unet(unet, variables, data, diffusion=index.diffusion,
                                         patient_features=index.conditioning.patient_features,
                                         timesteps=inputs.timesteps, sampler=sampler, seed=seed,

@@ -629,6 +629,13 @@ def run_downstream(
             from diffusets_jax.pipeline import ECGGenerator
 
             generator = ECGGenerator(model_dir, sampler, batch_size=generation_batch_size, seed=0)
+            # Built long after the index was read for the settings: a training or convert that finished into the
+            # directory since would generate the arms with parts other than the ones the run records.
+            loaded = {name: generator.settings()["components"].get(name) for name in ("vae", "unet")}
+            if loaded != settings["generator"]["components"]:
+                raise ValueError(f"--model-dir {model_dir}: its vae/ or unet/ was replaced since this run read it "
+                                 f"(uids {settings['generator']['components']} -> {loaded}: a training or convert "
+                                 "wrote into it): run the command again")
         mesh = parallel.mesh_from_config(config.mesh)
         # One compile of the init and train step for every arm and seed of every task.
         compiled = CompiledSteps(classifier_task(config, num_steps), mesh)

@@ -269,12 +269,18 @@ def clip_conditioning(index: Any) -> Any:
     return None if recorded is None else ConditioningSpec.from_json(recorded, "the clip entry of model_index.json")
 
 
-def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike | None) -> tuple[Any, Any]:
-    """The feature extractor: `clip_dir`'s CLIP when given, else the model directory's own `clip` component."""
+def load_clip(model_dir: str | os.PathLike | None, clip_dir: str | os.PathLike | None, *,
+              uid: str | None = None) -> tuple[Any, Any]:
+    """The feature extractor: `clip_dir`'s CLIP when given, else the model directory's own `clip` component.
+
+    `uid`: the CLIP's uid as `find_clip`'s index gave it, which the run records and checked its inputs against;
+    a CLIP replaced since (a `train clip` or `convert` finishing into the directory while the generators loaded)
+    is refused in one line rather than scored with under the old one's uid."""
     from diffusets_jax.models import model_dir as model_dirs
 
-    source, _ = find_clip(model_dir, clip_dir)
-    return model_dirs.load_component(source, "clip")
+    source, index = find_clip(model_dir, clip_dir)
+    flag = "--clip" if clip_dir is not None else "--model-dir"
+    return model_dirs.load_component_as_read(source, "clip", uid or index.components["clip"].get("uid"), flag)
 
 
 # -- measuring ----------------------------------------------------------------------------------------------------

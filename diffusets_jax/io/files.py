@@ -28,7 +28,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,13 +152,26 @@ def write_new_text(path: str | os.PathLike, text: str) -> Path:
     target = Path(path)
     if not target.parent.is_dir():
         raise FileNotFoundError(f"the folder of {target} does not exist")
+    if not create_new(target, lambda temporary: temporary.write_bytes(text.encode("utf-8"))):
+        raise FileExistsError(errno.EEXIST, "File exists", str(target))
+    return target
+
+
+def create_new(path: str | os.PathLike, fill: Callable[[Path], Any]) -> bool:
+    """Create the file `path` whole: `fill(temporary)` writes it under a temporary name beside it, which is then
+    hard-linked to `path`. Returns False, changing nothing, when `path` exists (another process made it a moment
+    ago, say); no process ever sees it partly written. The folder must exist."""
+    target = Path(path)
     temporary = _create_temporary(target, "")
     try:
-        temporary.write_bytes(text.encode("utf-8"))
-        os.link(temporary, target)
+        fill(temporary)
+        try:
+            os.link(temporary, target)
+        except FileExistsError:
+            return False
     finally:
         temporary.unlink()  # this call's own temporary name; the content stays under `path`
-    return target
+    return True
 
 
 def json_safe(value: Any) -> Any:

@@ -97,6 +97,7 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: 
     _check_parents(path, flag)
     if overwrite:
         _check_replaceable(path, flag)
+        _check_no_run_inside(path, flag)
     check_reads_apart(path, reads, flag, overwrite=overwrite)
     if command is not None and not overwrite and path.is_dir() and _user_entries(path):
         record = path / RUN_FILE
@@ -175,6 +176,39 @@ def _check_replaceable(path: Path, flag: str) -> None:
         if place == out or out in place.parents:
             raise ValueError(f"{flag} {path} {'is' if place == out else 'holds'} {what} ({place}): --overwrite "
                              f"replaces the folder as a whole; give {flag} a folder of its own")
+
+
+def _check_no_run_inside(path: Path, flag: str, then: str = "") -> None:
+    """`--overwrite` deletes the folder as a whole: refuse one holding, in a subfolder, the output folder of a
+    diffusets-jax run writing now (`--out A --overwrite` while a `--out A/sub` runs). That run went on writing
+    into the folder being deleted and ended with exit 0, its outputs gone. `then`: what to add to the line."""
+    if not path.is_dir():
+        return
+    for folder, _, files in os.walk(path):
+        if Path(folder) == path:  # its own lock is `output_dir`'s to take
+            continue
+        for name in files:
+            if name.startswith(f"{_OURS_PREFIX}-p") and name.endswith(".lock") and _held(Path(folder) / name):
+                raise ValueError(f"{flag} {path} holds {folder}, where another diffusets-jax run is writing now: "
+                                 f"--overwrite would delete its outputs; wait for it to finish, or choose another "
+                                 f"{flag}{then}")
+
+
+def _held(lock: Path) -> bool:
+    """Whether another process holds the run lock file `lock` (`exclusive_lock`): a live run, not a finished one's
+    file. Only looked at, shared and at once, never waited for."""
+    try:
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno in (errno.EAGAIN, errno.EACCES):
+                    return True
+                raise
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except (FileNotFoundError, PermissionError):  # gone meanwhile, or not ours to read
+        return False
+    return False
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:
@@ -306,7 +340,11 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
         # A refusal here may be one host's alone (its own disk holds another run, another run holds its lock): it
         # stops every host, not only that one, while the others wait for it. Every host looked before any writes.
         with parallel.failing_together():
-            held.enter_context(exclusive_lock(final, busy))
+            try:
+                held.enter_context(exclusive_lock(final, busy))
+            except FileNotFoundError:  # its lock file's folder is gone since the mkdir above
+                raise ValueError(f"{flag} {final}: another diffusets-jax run that was starting there failed and removed "
+                                 "the folder it had created while this run started: run the command again") from None
             existing = read_json(final / RUN_FILE, "run record") if (final / RUN_FILE).exists() else None
             entries = _user_entries(final)
             same = existing is not None and existing.get("fingerprint") == digest
@@ -325,8 +363,12 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
                     "same settings to resume, or pass --overwrite to replace it")
         record = {"command": command, "fingerprint": digest, "settings": settings, "status": "running", **stamp()}
         if entries and overwrite and not same:
+            # What is replaced is the folder `final` names: for a symbolic link (--out on a scratch disk, linked from
+            # home), the folder it points to. Renaming over the link itself replaced the link with a new folder on
+            # the link's disk and left the old outputs where it pointed.
+            replaced = Path(os.path.realpath(final)) if final.is_symlink() else final
             # The same hidden sibling on every host; swapped in by process 0 once every host is done.
-            staging = final.parent / f".{final.name}.new-{digest[:12]}"
+            staging = replaced.parent / f".{replaced.name}.new-{digest[:12]}"
             staging.mkdir(exist_ok=True)
             if index == 0:
                 write_json_atomic(staging / RUN_FILE, record)
@@ -348,12 +390,15 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
             parallel.barrier(f"output-dir-done-{digest[:12]}")
             with parallel.failing_together():  # also the barrier before the others look for their own staging
                 if index == 0:
-                    replace_folder(staging, final)  # the folder the user asked us to replace goes once ours is in
+                    # One started in a subfolder since this run began: this run's outputs stay where they are.
+                    _check_no_run_inside(final, flag, f" (this run's outputs are left in {staging}: run the same "
+                                                      "command again once it has finished)")
+                    replace_folder(staging, replaced)  # the folder the user asked us to replace goes once ours is in
             with parallel.failing_together():
                 # A host on a disk of its own still has its staging folder, which process 0 could not swap in: left
                 # there, its outputs stayed hidden and its --out kept the old run's files.
                 if index != 0 and staging.exists():
-                    replace_folder(staging, final)
+                    replace_folder(staging, replaced)
             return
         if same:
             existing = _record_other_code(existing, final, flag, index)

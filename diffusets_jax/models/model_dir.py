@@ -25,7 +25,8 @@ source file and its SHA-256) travels with each component.
 
 Writes are atomic: a component is written beside the directory and renamed into place, and the index is
 rewritten under a lock, so concurrent trainings into one directory (a VAE and a CLIP) never lose each other's
-entry. Directories written before this format (`generation.json` + component folders) still load.
+entry; readers hold it shared while they read the index and load (`reading`), so they never pair one component's
+weights with another's entry. Directories written before this format (`generation.json` + component folders) still load.
 """
 
 from __future__ import annotations
@@ -139,6 +140,30 @@ def _locked(directory: Path) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / _LOCK_FILE, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def reading(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold a shared lock on the directory's index lock while a reader reads `model_index.json` and loads the
+    components it lists, so that what it reads is one state of the directory. A writer (`write_component`) holds
+    the lock exclusively while it replaces a component and rewrites the index: without this, a `sample` that read
+    the index, then the weights, while a `train vae --overwrite` or a `convert` finished into the directory decoded
+    with the new VAE but recorded (and checked the U-Net against) the old one's uid, and one that looked while the
+    old folder was being swapped out was told the model was missing or damaged. The reader waits for a writer at
+    work (while it saves one component) and a writer for the readers (while they load). Nothing is
+    created: a directory without the lock file (written before it existed, or by hand), or whose lock file this user
+    may not read (another user's, made under umask 077), is read without it, as before."""
+    try:
+        handle = open(Path(directory) / _LOCK_FILE)  # read-only: a shared model directory may not be writable
+    except (FileNotFoundError, NotADirectoryError, PermissionError):  # none, or another user's unreadable one
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
         try:
             yield
         finally:
@@ -320,6 +345,20 @@ def require(index: ModelIndex, directory: str | os.PathLike, *names: str) -> Non
 def load_component(directory: str | os.PathLike, name: str) -> tuple[Any, dict]:
     """`(module, variables)` of a component (variables as host arrays)."""
     return bundle.load_model(directory, name)
+
+
+def load_component_as_read(directory: str | os.PathLike, name: str, uid: str | None, flag: str = "--model-dir"
+                           ) -> tuple[Any, dict]:
+    """`load_component`, for a run that read the directory's index earlier (its uids in the run's fingerprint, its
+    conditioning and diffusion used with the weights): the component `name` is refused in one line when its uid is
+    no longer `uid` (a training or convert finished into the directory since), instead of being run with settings
+    and a record of the one it replaced."""
+    with reading(directory):
+        now = read_index(directory).components.get(name, {}).get("uid")
+        if now != uid:
+            raise ValueError(f"{flag} {os.fspath(directory)}: its {name}/ was replaced since this run read it (uid {uid} "
+                             f"-> {now}: a training or convert wrote into it): run the command again")
+        return load_component(directory, name)
 
 
 def check_generation_parts(directory: str | os.PathLike, index: ModelIndex, vae: Any, unet: Any) -> None:

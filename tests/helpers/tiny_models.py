@@ -64,3 +64,21 @@ def tiny_model_dir(path: str | os.PathLike, text_dim: int = TEXT_DIM, patient_fe
                                conditioning=openai_conditioning(text_dim, patient_features),
                                diffusion=diffusion or DiffusionSpec(), vae_uid=vae_uid)
     return Path(path)
+
+
+def replace_vae_if_unlocked(path: str | os.PathLike) -> bool:
+    """Another process finishing a `train vae --overwrite` into model directory `path` now: replace its VAE (other
+    weights, a new uid) if a writer could take the directory's index lock at once; returns whether it did. Called
+    from inside a reader's load, it says whether that reader keeps writers out while it loads."""
+    import fcntl
+
+    with open(Path(path) / model_dirs._LOCK_FILE) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    vae, vae_vars, _, _ = tiny_vae_unet()
+    model_dirs.write_component(path, "vae", vae, jax.tree.map(lambda x: np.asarray(x) + 1.0, vae_vars),
+                               provenance={"source": "retrained"}, overwrite=True)
+    return True
