@@ -418,10 +418,16 @@ def test_benchmark_end_to_end_with_a_model_then_a_corpus(tiny_data, tiny_model, 
     assert (out / "downstream.png").read_bytes()[:4] == b"\x89PNG"
     assert "pvc: AUPRC (seed mean) real" in stdout and "af: skipped" in stdout
 
-    # The same command again resumes a finished run: nothing is retrained.
+    # The same command again resumes a finished run: nothing is retrained. The checkpoints a run stopped between
+    # saving an arm's predictions and removing them left (a Ctrl-C, a kill) are removed then.
     stamp = result.stat().st_mtime_ns
+    left = result.parent / "checkpoints" / "2"
+    left.mkdir(parents=True)
+    (left / "state").write_bytes(b"x" * 1024)
     code, _, err = _run(capsys, *args)
-    assert code == 0, err and result.stat().st_mtime_ns == stamp
+    assert code == 0, err
+    assert result.stat().st_mtime_ns == stamp
+    assert not (result.parent / "checkpoints").exists()
     # Other settings into the same folder are refused.
     code, _, err = _run(capsys, *[a if a != "1.5" else "2" for a in args])
     assert code == 2 and "other settings" in err

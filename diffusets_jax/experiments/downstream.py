@@ -711,6 +711,9 @@ def _run_task(rule: KeywordRule, task_index: int, records: Mapping[str, Records]
             result_path = workdir / "result.json"
             if result_path.exists():
                 result = read_json(result_path, "arm result")
+                # A run stopped between saving the predictions and removing its checkpoints left them: ours, and
+                # no longer needed (an arm's are as large as its classifier and optimizer state).
+                shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
             elif arm in generated.reason:
                 result = {"skipped": generated.reason[arm]}
             else:
