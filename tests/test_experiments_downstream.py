@@ -298,6 +298,11 @@ def _run(capsys, *args):
                                 "recorded ECGs"),
     (["--config.model.num_classes=3"], "num_classes must be 1"),
     (["--config.train.no_such_key=1"], "unknown config key"),
+    # Net1D's own checks, found when it was first traced: after the data was read and the minority ECGs generated.
+    (["--config.model.filters=8,16"], "differ in length"),
+    (["--config.model.filters=8,16", "--config.model.blocks_per_stage=1,1"], "must not decrease"),
+    (["--config.model.base_filters=8", "--config.model.filters=8,16", "--config.model.blocks_per_stage=1,1"],
+     "convolution groups"),
 ])
 def test_bad_inputs_are_one_line_and_write_nothing(tiny_data, tmp_path, capsys, extra, message):
     out = tmp_path / "report"

@@ -565,6 +565,15 @@ def run_downstream(
              ("--generated-corpus", generated_corpus)]
     check_output_path(out_dir, overwrite=overwrite, reads=reads)
     model = build_classifier(config)
+    # Net1D checks its widths (filters against blocks_per_stage, against base_filters, the groups) when it is first
+    # traced: traced here, shapes only, so that a bad --config.model value is one line before --out is claimed, not
+    # after the minority ECGs were generated (hours with the published sampler) and in a folder a fixed rerun is
+    # then refused.
+    import jax
+
+    from diffusets_jax.ecg.shapes import ECG_LENGTH
+
+    jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, ECG_LENGTH, model.in_channels), np.float32)))
     num_steps = int(config.train.num_steps)
     if num_steps < 1:
         raise ValueError(f"train.num_steps must be a positive number of steps (--steps), got {num_steps}")
