@@ -429,10 +429,14 @@ def test_benchmark_end_to_end_with_a_model_then_a_corpus(tiny_data, tiny_model, 
     left = result.parent / "checkpoints" / "2"
     left.mkdir(parents=True)
     (left / "state").write_bytes(b"x" * 1024)
+    # ... and so is the temporary a run killed while saving a generated set left beside the sets.
+    half = out / "generated" / ".pvc-seed1.npz.tmp-4242-0123456789ab.npz"
+    half.write_bytes(b"half a set")
     code, _, err = _run(capsys, *args)
     assert code == 0, err
     assert result.stat().st_mtime_ns == stamp
-    assert not (result.parent / "checkpoints").exists()
+    assert not (result.parent / "checkpoints").exists() and not half.exists()
+    assert sorted(p.name for p in (out / "generated").iterdir()) == ["pvc-seed0.npz", "pvc-seed1.npz"]
     # Other settings into the same folder are refused.
     code, _, err = _run(capsys, *[a if a != "1.5" else "2" for a in args])
     assert code == 2 and "other settings" in err

@@ -55,7 +55,13 @@ from diffusets_jax.experiments.keyword_rules import (
     load_rules,
     parse_rule,
 )
-from diffusets_jax.io.files import atomic_path, read_json, write_json_atomic, write_text_atomic
+from diffusets_jax.io.files import (
+    atomic_path,
+    read_json,
+    remove_temporaries_in,
+    write_json_atomic,
+    write_text_atomic,
+)
 from diffusets_jax.metrics.bootstrap import bootstrap_statistic
 from diffusets_jax.metrics.classification import (
     average_precision,
@@ -659,6 +665,9 @@ def run_downstream(
                   "records_dropped_non_finite": {**dropped, **({"corpus": corpus_dropped} if corpus is not None else {})},
                   "records_skipped_by_rules": skipped,
                   "tasks": tasks, "figure": None}
+        # Every generated set is saved, so a temporary left beside them is a killed run's half-written set (the
+        # synthetic arm's holds an ECG per training record: gigabytes for MIMIC-IV-ECG): ours, in this claimed folder.
+        remove_temporaries_in(out / "generated")
         report["figure"] = _figure(report, out)
         write_json_atomic(out / "report.json", report)
         write_text_atomic(out / "report.md", render_markdown(report))
