@@ -891,6 +891,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from diffusets_jax import parallel
     from diffusets_jax.data.location import dataset_folder
     from diffusets_jax.experiments import evaluate as ev
+    from diffusets_jax.io.files import read_json
     from diffusets_jax.io.run_dir import check_output_path, output_dir, reading
 
     # Everything checkable is checked before any model is loaded or anything generated.
@@ -985,6 +986,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         reports = []
         for label, generator in zip(labels, generators, strict=True):
             out = run.path if len(generators) == 1 else run.path / label
+            # A model this same evaluation scored before it was stopped (killed while scoring the next one): its
+            # report is kept, not generated again (hours each with the paper's 1000-step DDPM). report.md is
+            # written last; process 0 writes the reports, so its disk decides for every host.
+            if parallel.allgather_objects(run.resumed and (out / "report.md").is_file())[0]:
+                reports.append((label, read_json(out / "report.json", "evaluation report")
+                                if jax.process_index() == 0 else {"written_by": 0}))
+                continue
             reports.append((label, ev.evaluate_split(
                 generator, clip, args.dataset, args.split, out, proto=proto, data_dir=args.data_dir,
                 limit=args.limit, rules=rules, records_per_condition=args.records_per_condition,

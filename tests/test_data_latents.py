@@ -198,12 +198,18 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(source, tmp_path):
     assert shard_mtimes(out) == before  # nothing re-encoded
 
     victim = sorted(before)[1]
+    # What a run killed while writing that shard (SIGKILL, an OOM kill) also left: its temporary file, which the
+    # rerun removes once every shard is written.
+    left = os.path.join(out, f".{victim}.tmp-4242-0123456789ab")
+    with open(left, "wb") as f:
+        f.write(b"half a shard")
     with open(os.path.join(out, victim), "rb") as f:
         original = f.read()
     os.remove(os.path.join(out, victim))
     latents.encode_dataset(source, out, toy_encoder, VARIABLES, **kwargs)
     after = shard_mtimes(out)
     assert {n for n in after if after[n] != before.get(n)} == {victim}
+    assert not os.path.exists(left) and not [n for n in os.listdir(out) if ".tmp-" in n]
     with open(os.path.join(out, victim), "rb") as f:
         assert f.read() == original  # a shard always holds the same examples
 

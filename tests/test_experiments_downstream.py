@@ -298,6 +298,11 @@ def _run(capsys, *args):
                                 "recorded ECGs"),
     (["--config.model.num_classes=3"], "num_classes must be 1"),
     (["--config.train.no_such_key=1"], "unknown config key"),
+    # Net1D's own checks, found when it was first traced: after the data was read and the minority ECGs generated.
+    (["--config.model.filters=8,16"], "differ in length"),
+    (["--config.model.filters=8,16", "--config.model.blocks_per_stage=1,1"], "must not decrease"),
+    (["--config.model.base_filters=8", "--config.model.filters=8,16", "--config.model.blocks_per_stage=1,1"],
+     "convolution groups"),
 ])
 def test_bad_inputs_are_one_line_and_write_nothing(tiny_data, tmp_path, capsys, extra, message):
     out = tmp_path / "report"
@@ -450,10 +455,20 @@ def test_benchmark_end_to_end_with_a_model_then_a_corpus(tiny_data, tiny_model, 
     assert (out / "downstream.png").read_bytes()[:4] == b"\x89PNG"
     assert "pvc: AUPRC (seed mean) real" in stdout and "af: skipped" in stdout
 
-    # The same command again resumes a finished run: nothing is retrained.
+    # The same command again resumes a finished run: nothing is retrained. The checkpoints a run stopped between
+    # saving an arm's predictions and removing them left (a Ctrl-C, a kill) are removed then.
     stamp = result.stat().st_mtime_ns
+    left = result.parent / "checkpoints" / "2"
+    left.mkdir(parents=True)
+    (left / "state").write_bytes(b"x" * 1024)
+    # ... and so is the temporary a run killed while saving a generated set left beside the sets.
+    half = out / "generated" / ".pvc-seed1.npz.tmp-4242-0123456789ab.npz"
+    half.write_bytes(b"half a set")
     code, _, err = _run(capsys, *args)
-    assert code == 0, err and result.stat().st_mtime_ns == stamp
+    assert code == 0, err
+    assert result.stat().st_mtime_ns == stamp
+    assert not (result.parent / "checkpoints").exists() and not half.exists()
+    assert sorted(p.name for p in (out / "generated").iterdir()) == ["pvc-seed0.npz", "pvc-seed1.npz"]
     # Other settings into the same folder are refused.
     code, _, err = _run(capsys, *[a if a != "1.5" else "2" for a in args])
     assert code == 2 and "other settings" in err

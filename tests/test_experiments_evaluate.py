@@ -405,6 +405,46 @@ def test_evaluate_command_paper_protocol_by_condition_and_ablation(clip, dataset
     assert not (tmp_path / "z").exists()
 
 
+@pytest.mark.slow
+def test_an_evaluation_of_several_models_stopped_midway_keeps_the_models_it_scored(clip, dataset, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Ctrl-C (or a kill) while the second of two models is scored, then the same command again: the first model's
+    report is kept, not generated and scored again (hours each with the paper's 1000-step DDPM), and the reports
+    and the comparison are those of an uninterrupted run."""
+    from diffusets_jax.cli import main
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import tiny_model_dir
+
+    first = tiny_model_dir(tmp_path / "first", text_dim=tiny_ecg_dataset.EMBEDDING_DIM)
+    second = tiny_model_dir(tmp_path / "second", text_dim=tiny_ecg_dataset.EMBEDDING_DIM, patient_features="none")
+    model_dirs.write_component(first, "clip", clip[0], clip[1], provenance={"source": "test"})
+    args = ["evaluate", "--model-dir", str(first), str(second), "--dataset", dataset.data_dir, "--split",
+            "validation", "--protocol", "fast", "--steps", "2", "--limit", "6", "--batch-size", "8", "--n-boot", "20",
+            "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    scored = []
+    real_evaluate = ev.evaluate_split
+
+    def evaluate_split(generator, *rest, **kwargs):
+        scored.append(generator.model_dir)
+        if stop and len(scored) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(generator, *rest, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate_split", evaluate_split)
+    stop = True
+    assert main([*args, "--out", str(tmp_path / "eval")]) == 130
+    assert (tmp_path / "eval" / "first" / "report.md").is_file() and not (tmp_path / "eval" / "comparison.json").exists()
+    scored.clear()
+    stop = False
+    assert main([*args, "--out", str(tmp_path / "eval")]) == 0
+    assert [str(d) for d in scored] == [str(second)]
+    capsys.readouterr()
+    for name in ("first/report.json", "second/report.json", "comparison.json"):
+        whole, resumed = (json.loads((tmp_path / out / name).read_text()) for out in ("whole", "eval"))
+        assert resumed == whole, name
+
+
 def test_evaluate_says_when_its_batch_size_is_rounded_up_to_the_devices(clip, dataset, tmp_path, capsys,
                                                                         monkeypatch):
     """--batch-size 1 on the suite's 8 CPU devices generated (and fingerprinted) batches of 8 without a word, so the

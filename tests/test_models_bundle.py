@@ -34,6 +34,20 @@ def test_vae_round_trip(tmp_path):
                                   vae.apply(variables, z, method=VAE.decode))
 
 
+def test_a_saved_model_gets_the_permissions_the_umask_gives(tmp_path):
+    """Its folder was staged with tempfile.mkdtemp, whose 0700 followed it into place: colleagues sharing the model
+    directory (a group- or world-readable umask) could not read its weights."""
+    vae = VAE(widths=(8, 16), groups=4)
+    variables = random_variables(vae, jnp.zeros((1, 16, 12)), jax.random.key(0))
+    previous = os.umask(0o022)
+    try:
+        path = save_model(tmp_path, "vae", vae, variables)
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o755
+    assert sorted(os.listdir(tmp_path)) == ["vae"]
+
+
 def test_clip_with_batch_stats_round_trip(tmp_path):
     clip = CLIP(base_filters=8, filters=(8, 16), blocks_per_stage=(1, 1), kernel_size=3, group_width=4,
                 text_dim=6, text_hidden_dim=8, embed_dim=4)

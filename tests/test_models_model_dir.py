@@ -47,6 +47,21 @@ def test_components_are_recorded_with_uid_provenance_and_conditioning(parts, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model_index.lock", "model_index.json", "unet", "vae"]
 
 
+def test_an_export_removes_the_staging_folders_a_killed_export_of_that_component_left(parts, tmp_path):
+    """A SIGKILL (or a SIGTERM outside the training loop) during `save_model` leaves its `.NAME.tmp-*` staging
+    folder, possibly holding most of a model's weights; the next export of that component, under the index's lock,
+    removes it. Another component's stays."""
+    vae, vae_vars, _, _ = parts
+    for left in (".vae.tmp-k1ll3d", ".vae.tmp-0th3r1"):
+        (tmp_path / left / "variables").mkdir(parents=True)
+        (tmp_path / left / "config.json").write_text("{}")
+    (tmp_path / ".clip.tmp-n0tv43").mkdir()
+    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "test"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".clip.tmp-n0tv43", ".model_index.lock", "model_index.json",
+                                                          "vae"]
+    assert model_dirs.load_component(tmp_path, "vae")[0] == vae
+
+
 def test_a_unet_needs_its_conditioning_and_a_matching_embedder_width(parts, tmp_path):
     _, _, unet, unet_vars = parts
     with pytest.raises(ValueError, match="conditioning"):

@@ -39,7 +39,7 @@ from diffusets_jax.data.card import (
 )
 from diffusets_jax.data.shards import example_serializer, shard_filename, write_shard, write_tfds_metadata
 from diffusets_jax.ecg.shapes import ECG_LENGTH, LATENT_CHANNELS, LATENT_LENGTH, NUM_LEADS
-from diffusets_jax.io.files import read_json, write_json_atomic
+from diffusets_jax.io.files import read_json, remove_temporaries_in, write_json_atomic
 from diffusets_jax.io.run_dir import add_readers_lock, fingerprint
 
 INDEX_FILE = "latent_index.json"
@@ -325,6 +325,9 @@ def _encode_into(out_dir: str, builder: tfds.core.DatasetBuilder, source_card: d
         bar.update(1)
         bar.set_postfix(split=split, skipped=sum(_skipped(index).values()), refresh=False)  # at the bar's pace
     bar.close()
+    # Every shard is written, so a temporary left in the folder now is a killed run's (a half-written shard, up to
+    # a shard's size each time, or the index): ours, in this claimed folder, which one process writes alone.
+    remove_temporaries_in(out_dir)
 
     write_tfds_metadata(
         out_dir, dataset_name, latent,

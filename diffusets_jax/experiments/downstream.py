@@ -56,7 +56,13 @@ from diffusets_jax.experiments.keyword_rules import (
     load_rules,
     parse_rule,
 )
-from diffusets_jax.io.files import atomic_path, read_json, write_json_atomic, write_text_atomic
+from diffusets_jax.io.files import (
+    atomic_path,
+    read_json,
+    remove_temporaries_in,
+    write_json_atomic,
+    write_text_atomic,
+)
 from diffusets_jax.metrics.bootstrap import bootstrap_statistic
 from diffusets_jax.metrics.classification import (
     average_precision,
@@ -566,6 +572,15 @@ def run_downstream(
              ("--generated-corpus", generated_corpus)]
     check_output_path(out_dir, overwrite=overwrite, reads=reads)
     model = build_classifier(config)
+    # Net1D checks its widths (filters against blocks_per_stage, against base_filters, the groups) when it is first
+    # traced: traced here, shapes only, so that a bad --config.model value is one line before --out is claimed, not
+    # after the minority ECGs were generated (hours with the published sampler) and in a folder a fixed rerun is
+    # then refused.
+    import jax
+
+    from diffusets_jax.ecg.shapes import ECG_LENGTH
+
+    jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, ECG_LENGTH, model.in_channels), np.float32)))
     num_steps = int(config.train.num_steps)
     if num_steps < 1:
         raise ValueError(f"train.num_steps must be a positive number of steps (--steps), got {num_steps}")
@@ -658,6 +673,9 @@ def run_downstream(
                   "records_dropped_non_finite": {**dropped, **({"corpus": corpus_dropped} if corpus is not None else {})},
                   "records_skipped_by_rules": skipped,
                   "tasks": tasks, "figure": None}
+        # Every generated set is saved, so a temporary left beside them is a killed run's half-written set (the
+        # synthetic arm's holds an ECG per training record: gigabytes for MIMIC-IV-ECG): ours, in this claimed folder.
+        remove_temporaries_in(out / "generated")
         report["figure"] = _figure(report, out)
         write_json_atomic(out / "report.json", report)
         write_text_atomic(out / "report.md", render_markdown(report))
@@ -719,6 +737,9 @@ def _run_task(rule: KeywordRule, task_index: int, records: Mapping[str, Records]
             result_path = workdir / "result.json"
             if result_path.exists():
                 result = read_json(result_path, "arm result")
+                # A run stopped between saving the predictions and removing its checkpoints left them: ours, and
+                # no longer needed (an arm's are as large as its classifier and optimizer state).
+                shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
             elif arm in generated.reason:
                 result = {"skipped": generated.reason[arm]}
             else:

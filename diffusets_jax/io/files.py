@@ -47,6 +47,20 @@ def _create_temporary(target: Path, suffix: str) -> Path:
     raise FileExistsError(f"could not create a temporary file beside {target}")
 
 
+def make_temporary_folder(target: str | os.PathLike) -> str:
+    """A new empty folder beside `target`, `.NAME.tmp-RANDOM`, with the umask's permissions (tempfile.mkdtemp's
+    0700 would follow it into place, as mkstemp's 0600 would a file's)."""
+    target = Path(target)
+    for _ in range(100):
+        candidate = target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
+        try:
+            os.mkdir(candidate)
+            return os.fspath(candidate)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary folder beside {target}")
+
+
 def temporaries_in(folder: str | os.PathLike, targets: Iterable[str] | None = None) -> list[Path]:
     """Every temporary left in `folder` by `atomic_path` or a staging folder of ours (`.NAME.tmp-*`): what processes
     killed while writing there leave behind. Only ours in a folder a command claimed (`io.run_dir`); never call it

@@ -19,7 +19,6 @@ import importlib
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import flax.linen as nn
@@ -28,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diffusets_jax.io.checkpoints import absorb_restore_noise, restore_error_reason
-from diffusets_jax.io.files import replace_folder
+from diffusets_jax.io.files import make_temporary_folder, replace_folder
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -138,7 +137,9 @@ def save_model(directory: str | os.PathLike, name: str, module: nn.Module, varia
         raise FileExistsError(f"save_model: {target} already exists; pass replace=True to replace it")
     os.makedirs(directory, exist_ok=True)
     config = module_config(module)
-    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=directory)
+    # Not tempfile.mkdtemp: its 0700 followed the folder into place, so a model shared with colleagues (a lab's
+    # group-readable umask) could not be read by them. A new folder gets the permissions the umask gives.
+    staging = make_temporary_folder(os.path.join(directory, name))
     try:
         with open(os.path.join(staging, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)

@@ -43,7 +43,7 @@ from typing import Any
 from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
 from diffusets_jax.diffusion.schedule import DiffusionSpec, ScheduleConfig
 from diffusets_jax.ecg.shapes import ECG_LENGTH, LATENT_LENGTH, NUM_LEADS
-from diffusets_jax.io.files import read_json, write_json_atomic
+from diffusets_jax.io.files import read_json, remove_temporaries_in, write_json_atomic
 from diffusets_jax.models import bundle
 from diffusets_jax.provenance import stamp
 
@@ -304,6 +304,10 @@ def write_component(directory: str | os.PathLike, name: str, module: Any, variab
             check_vae_replaceable(directory, overwrite=overwrite, source=provenance.get("source"), flag=flag)
         index = read_index(directory)
         path = Path(bundle.save_model(directory, name, module, variables, replace=True))  # checked just above
+        # A staging folder of this component left by an export that was killed (SIGKILL, a SIGTERM outside the
+        # training loop) is ours, and no other export of it runs while we hold the lock: a model's worth of disk,
+        # which no rerun would otherwise ever remove.
+        remove_temporaries_in(directory, [name])
         components = {**index.components, name: entry}
         unet = components.get("unet")
         if name == "vae" and _source(entry) == "converted" and unet and not unet.get("vae_uid") \
