@@ -335,18 +335,14 @@ def test_a_unet_replaced_while_the_latents_load_is_not_diagnosed_under_the_old_u
     """The index is read first (its uids in the run's settings, its diffusion and conditioning used with the
     weights), the U-Net's weights only after the latents: a `train unet` or `convert` finishing into the directory
     in between had its U-Net diagnosed with the replaced one's settings and recorded under the old uid."""
-    from tests.helpers.tiny_models import tiny_vae_unet
+    from tests.helpers.tiny_models import replace_unet
 
     model_dir = tiny_model_dir(tmp_path / "model")
     latents_dir = latent_dataset(tmp_path / "latents", model_dir)
     load = dg.load_latent_split
 
     def load_while_another_run_exports(*args, **kwargs):
-        _, _, unet, unet_vars = tiny_vae_unet()
-        index = model_dirs.read_index(model_dir)
-        model_dirs.write_component(model_dir, "unet", unet, unet_vars, provenance={"source": "retrained"},
-                                   conditioning=index.conditioning, diffusion=index.diffusion,
-                                   vae_uid=index.components["unet"]["vae_uid"], overwrite=True)
+        replace_unet(model_dir)
         return load(*args, **kwargs)
 
     monkeypatch.setattr(dg, "load_latent_split", load_while_another_run_exports)

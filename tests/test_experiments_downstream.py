@@ -384,17 +384,13 @@ def test_a_model_replaced_while_the_records_load_does_not_generate_the_arms(tiny
 
     from diffusets_jax.experiments import downstream as ds
     from diffusets_jax.models import model_dir as model_dirs
-    from tests.helpers.tiny_models import tiny_vae_unet
+    from tests.helpers.tiny_models import replace_unet
 
     model = shutil.copytree(tiny_model, tmp_path / "model")
     without = ds._without_skipped
 
     def read_while_another_run_exports(*args, **kwargs):
-        _, _, unet, unet_vars = tiny_vae_unet(tiny_report_dataset.EMBEDDING_DIM)
-        index = model_dirs.read_index(model)
-        model_dirs.write_component(model, "unet", unet, unet_vars, provenance={"source": "retrained"},
-                                   conditioning=index.conditioning, diffusion=index.diffusion,
-                                   vae_uid=index.components["unet"]["vae_uid"], overwrite=True)
+        replace_unet(model, tiny_report_dataset.EMBEDDING_DIM)
         return without(*args, **kwargs)
 
     monkeypatch.setattr(ds, "_without_skipped", read_while_another_run_exports)

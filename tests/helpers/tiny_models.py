@@ -82,3 +82,14 @@ def replace_vae_if_unlocked(path: str | os.PathLike) -> bool:
     model_dirs.write_component(path, "vae", vae, jax.tree.map(lambda x: np.asarray(x) + 1.0, vae_vars),
                                provenance={"source": "retrained"}, overwrite=True)
     return True
+
+
+def replace_unet(path: str | os.PathLike, text_dim: int = TEXT_DIM) -> None:
+    """Export a freshly initialised tiny U-Net over model directory `path`'s (as another run's `train unet
+    --overwrite` would), keeping its conditioning, diffusion and VAE link: a new uid, for tests of a model replaced
+    while a run reads it."""
+    _, _, unet, unet_vars = tiny_vae_unet(text_dim)
+    index = model_dirs.read_index(path)
+    model_dirs.write_component(path, "unet", unet, unet_vars, provenance={"source": "retrained"},
+                               conditioning=index.conditioning, diffusion=index.diffusion,
+                               vae_uid=index.components["unet"]["vae_uid"], overwrite=True)
