@@ -156,6 +156,26 @@ def test_a_unet_converted_before_its_vae(parts, tmp_path):
         model_dirs.check_vae_replaceable(tmp_path, source="trained")  # now linked: replacing it needs --overwrite
 
 
+def test_a_converted_unet_is_checked_against_the_vae_under_the_lock(parts, tmp_path):
+    """`convert --unet` checks the directory's VAE before converting, outside the lock: a `train vae` exporting into
+    the directory meanwhile left the published U-Net beside a trained VAE, unlinked, decoding into noise. Written,
+    it is checked again under the lock; a converted VAE there is recorded as its own."""
+    vae, vae_vars, unet, unet_vars = parts
+    converted = {"source": "converted"}
+    trained = tmp_path / "trained"
+    model_dirs.write_component(trained, "vae", vae, vae_vars, provenance={"source": "trained"})
+    with pytest.raises(ValueError, match=r"^--out .*trained holds a trained VAE .*not the one the converted U-Net"):
+        model_dirs.write_component(trained, "unet", unet, unet_vars, provenance=converted, flag="--out",
+                                   conditioning=openai_conditioning(), diffusion=DiffusionSpec())
+    assert set(model_dirs.read_index(trained).components) == {"vae"} and not (trained / "unet").exists()
+    published = tmp_path / "published"
+    model_dirs.write_component(published, "vae", vae, vae_vars, provenance=converted)
+    model_dirs.write_component(published, "unet", unet, unet_vars, provenance=converted,
+                               conditioning=openai_conditioning(), diffusion=DiffusionSpec())
+    index = model_dirs.read_index(published)
+    assert index.components["unet"]["vae_uid"] == index.components["vae"]["uid"]
+
+
 def test_a_vae_beside_a_trained_unet_is_not_linked_to_it(parts, tmp_path):
     """Only the published pair is linked after the fact: a U-Net trained without a recorded VAE stays unlinked."""
     vae, vae_vars, unet, unet_vars = parts
@@ -175,7 +195,9 @@ def test_a_vae_beside_a_trained_unet_is_not_linked_to_it(parts, tmp_path):
 def test_guidance_on_a_unet_without_condition_dropout_gets_a_warning(parts, tmp_path, provenance, trained):
     """--guidance-scale ran without a word on U-Nets whose null condition was never trained."""
     vae, vae_vars, unet, unet_vars = parts
-    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": "test"})
+    converted = provenance["source"] == "converted"  # a converted U-Net is written beside a converted VAE only
+    model_dirs.write_component(tmp_path, "vae", vae, vae_vars, provenance={"source": provenance["source"] if converted
+                                                                           else "test"})
     model_dirs.write_component(tmp_path, "unet", unet, unet_vars, provenance=provenance,
                                conditioning=openai_conditioning(), diffusion=DiffusionSpec())
     index = model_dirs.read_index(tmp_path)

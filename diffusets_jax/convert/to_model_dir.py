@@ -106,15 +106,8 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
         model_dirs.check_component_writable(out, name, overwrite=overwrite, flag="--out")
         if overwrite:  # a checkpoint kept inside the component it replaces would go with it
             check_reads_apart(Path(out) / name, [(COMPONENT_FLAGS[n], p) for n, p in jobs], "--out")
-    if unet and not vae and (Path(out) / model_dirs.MODEL_INDEX).is_file():
-        # A converted U-Net denoises the latents of the VAE it was trained with (the published one): beside a VAE
-        # trained here it would sample without a word and decode its latents into noise.
-        present = model_dirs.read_index(out).components.get("vae") or {}
-        source = (present.get("provenance") or {}).get("source")
-        if present and source != "converted":
-            raise ValueError(f"--out {out} holds a {source or 'not converted'} VAE (uid {present.get('uid')}), not "
-                             "the one the converted U-Net was trained with: give its VAE checkpoint with --vae "
-                             "(and --overwrite to replace this one), or convert into another --out")
+    if unet and not vae:  # before any work; `write_component` checks again under the directory's lock
+        model_dirs.check_converted_unet_fits(out, flag="--out")
     converted = []
     conditioning = None
     for name, path in jobs:  # convert all first: a bad file fails before the model directory is touched
@@ -134,15 +127,10 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
         converted.append((name, path, module, variables))
     written: list[tuple[str, Path, Any, int | None]] = [(name, done[name], None, None) for name, _ in jobs
                                                        if name in done]
-    # A VAE and U-Net converted together are the published pair, also when this conversion wrote the VAE before,
-    # and so are a U-Net and the VAE an earlier `convert --vae` put in the directory (components are added one
-    # flag at a time): recorded, so that replacing that VAE later is refused at sampling instead of decoding the
-    # U-Net's latents with another VAE. A VAE trained here is no such pair: nothing is recorded for it.
-    vae_uid = model_dirs.read_index(out).components["vae"]["uid"] if "vae" in done else None
-    if unet and not vae and (Path(out) / model_dirs.MODEL_INDEX).is_file():
-        present = model_dirs.read_index(out).components.get("vae") or {}
-        if (present.get("provenance") or {}).get("source") == "converted":
-            vae_uid = present.get("uid")
+    # A VAE and U-Net converted are the published pair, whether in this command, this conversion's earlier run or
+    # another `convert` (components are added one flag at a time): `write_component` links them under the
+    # directory's lock, so that replacing that VAE later is refused at sampling instead of decoding the U-Net's
+    # latents with another VAE. A VAE trained here is no such pair: it is refused beside a converted U-Net.
     for name, path, module, variables in converted:
         sha256, print_ = prints[name]
         provenance = {"source": "converted", "checkpoint": {"file": os.path.abspath(path), "sha256": sha256},
@@ -150,14 +138,12 @@ def convert_to_model_dir(out: str | os.PathLike, *, vae: str | None = None, unet
         if name == "unet":
             diffusion = DiffusionSpec()  # the published schedule and latent scale; no data to measure its std on
             folder = model_dirs.write_component(out, "unet", module, variables, provenance=provenance,
-                                                conditioning=conditioning, diffusion=diffusion, vae_uid=vae_uid,
+                                                conditioning=conditioning, diffusion=diffusion,
                                                 sampling=validate_model_defaults(diffusion), overwrite=overwrite,
                                                 flag="--out")
         else:
             folder = model_dirs.write_component(out, name, module, variables, provenance=provenance,
                                                 overwrite=overwrite, flag="--out")
-        if name == "vae":  # a VAE and U-Net converted together are the published pair
-            vae_uid = model_dirs.read_index(out).components["vae"]["uid"]
         count = sum(int(getattr(leaf, "size", 1)) for leaf in jax.tree.leaves(variables["params"]))
         written.append((name, folder, module, count))
     return written

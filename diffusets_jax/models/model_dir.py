@@ -257,6 +257,20 @@ def check_vae_replaceable(directory: str | os.PathLike, *, overwrite: bool = Fal
                          "anyway (then encode again and retrain the U-Net)")
 
 
+def check_converted_unet_fits(directory: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse a converted U-Net into a directory holding a VAE that was not converted: the converted U-Net denoises
+    the latents of the VAE it was trained with (the published one), and beside a VAE trained here it sampled without
+    a word and decoded its latents into noise."""
+    directory = Path(directory)
+    if not (directory / MODEL_INDEX).is_file():
+        return
+    present = read_index(directory).components.get("vae") or {}
+    if present and _source(present) != "converted":
+        raise ValueError(f"{flag} {directory} holds a {_source(present) or 'not converted'} VAE (uid "
+                         f"{present.get('uid')}), not the one the converted U-Net was trained with: give its VAE "
+                         f"checkpoint with --vae (and --overwrite to replace this one), or convert into another {flag}")
+
+
 def _source(entry: dict[str, Any]) -> str | None:
     """How a component came to be: its provenance's "source" ("trained", "converted"; None when not recorded)."""
     return (entry.get("provenance") or {}).get("source")
@@ -303,6 +317,12 @@ def write_component(directory: str | os.PathLike, name: str, module: Any, variab
         if name == "vae":  # also where no early check ran: `train vae --export-only` of a later step
             check_vae_replaceable(directory, overwrite=overwrite, source=provenance.get("source"), flag=flag)
         index = read_index(directory)
+        present_vae = index.components.get("vae")
+        if name == "unet" and _source(entry) == "converted":
+            # Checked again under the lock: a VAE trained into the directory since `convert`'s early check
+            check_converted_unet_fits(directory, flag=flag)
+            if present_vae and not entry.get("vae_uid"):  # a converted VAE there, written by another command
+                entry["vae_uid"] = present_vae.get("uid")
         path = Path(bundle.save_model(directory, name, module, variables, replace=True))  # checked just above
         # A staging folder of this component left by an export that was killed (SIGKILL, a SIGTERM outside the
         # training loop) is ours, and no other export of it runs while we hold the lock: a model's worth of disk,
