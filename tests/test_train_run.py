@@ -506,3 +506,36 @@ def test_two_hosts_with_fsdp_over_both_export_the_whole_model(tmp_path):
     key = jax.random.PRNGKey(0)
     expected = jax.eval_shape(module.init, key, np.zeros((1, 1024, 12), np.float32), key)
     assert jax.tree.map(np.shape, variables) == jax.tree.map(lambda x: x.shape, dict(expected))  # whole, not slices
+
+
+@pytest.mark.slow
+def test_an_export_refused_after_training_says_the_training_is_kept_and_how_to_export_it(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Another run exported into --model-dir while this one trained: the export is refused only at the end, and
+    the line said nothing of the finished training or how to get at it (the same command with another --model-dir
+    is another run's settings). The command it names exports the kept training."""
+    from diffusets_jax.models import model_dir as model_dirs
+    from diffusets_jax.train import run as train_run
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    workdir, models = tmp_path / "run", tmp_path / "models"
+    _, args = _tiny_training("vae", tmp_path)
+    trained = train_run.train
+
+    def train_while_another_run_exports(*a, **k):
+        result = trained(*a, **k)
+        vae, vae_vars, _, _ = tiny_vae_unet()
+        model_dirs.write_component(models, "vae", vae, vae_vars, provenance={
+            "source": "trained", "run": {"workdir": str(tmp_path / "other"), "step": 5}})
+        return result
+
+    monkeypatch.setattr(train_run, "train", train_while_another_run_exports)
+    capsys.readouterr()
+    assert cli.main([*args, "--workdir", str(workdir), "--model-dir", str(models)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    hint = re.search(r"this training is complete and kept in (\S+): `diffusets-jax (train vae [^`]*)` writes it", err)
+    assert hint and hint[1] == str(workdir), err
+    elsewhere = tmp_path / "elsewhere"
+    assert cli.main(hint[2].replace("DIR", str(elsewhere)).split()) == 0, capsys.readouterr().err
+    assert model_dirs.read_index(elsewhere).components["vae"]["provenance"]["run"]["workdir"] == str(workdir.resolve())

@@ -371,9 +371,18 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
             # Every process takes part (with fsdp over hosts each holds only slices of the weights); process 0 writes.
             variables = trained_variables(result.state)
             if jax.process_index() == 0:
-                export_state(model, task, config, variables, result.step, run.final,
-                             run.path / MODEL_DIR_NAME if own_model_dir else model_dir, provenance_of_data, builder,
-                             overwrite=overwrite)
+                try:
+                    export_state(model, task, config, variables, result.step, run.final,
+                                 run.path / MODEL_DIR_NAME if own_model_dir else model_dir, provenance_of_data,
+                                 builder, overwrite=overwrite)
+                except ValueError as err:  # e.g. another run exported into --model-dir while this one trained
+                    if run.path != run.final:  # an --overwrite's staging folder: the same command resumes it
+                        raise
+                    # Refused only now, after the training: say that it is kept and how to export it elsewhere
+                    # (the same command with another --model-dir is another run's settings).
+                    raise ValueError(f"{err} (this training is complete and kept in {run.final}: `diffusets-jax "
+                                     f"train {model} --config {run.final / 'config.json'} --workdir {run.final} "
+                                     "--export-only --model-dir DIR` writes it into another directory)") from None
             run.mark_complete(step=result.step)
     return result
 
