@@ -43,6 +43,20 @@ def test_atomic_writes_replace_and_leave_nothing_on_error(tmp_path):
     assert path.read_text() == '{\n  "two": 2\n}\n' and [p.name for p in path.parent.iterdir()] == ["a.txt"]
 
 
+def test_an_output_that_is_a_symbolic_link_is_written_where_it_points(tmp_path):
+    """`embed --output link.npz`, the link pointing at a scratch disk: the rename replaced the link with a file in the
+    link's folder, and the file it pointed to kept its old content."""
+    scratch, home = tmp_path / "scratch", tmp_path / "home"
+    scratch.mkdir()
+    home.mkdir()
+    write_text_atomic(scratch / "vectors.txt", "old")
+    (home / "vectors.txt").symlink_to(scratch / "vectors.txt")
+    write_text_atomic(home / "vectors.txt", "new")
+    assert (home / "vectors.txt").is_symlink() and (scratch / "vectors.txt").read_text() == "new"
+    assert sorted(p.name for p in scratch.iterdir()) == ["vectors.txt"]
+    assert sorted(p.name for p in home.iterdir()) == ["vectors.txt"]
+
+
 def _strict(text: str):
     """json.loads that refuses the NaN/Infinity tokens, as jq, JavaScript and RFC 8259 do."""
     def refuse(token: str):

@@ -105,9 +105,11 @@ _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a full disk, a file-si
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in `path`'s folder; on success it is renamed to `path`, on error removed.
 
-    `suffix` ends the temporary name, for writers that insist on an extension (e.g. numpy's `.npz`).
+    `suffix` ends the temporary name, for writers that insist on an extension (e.g. numpy's `.npz`). A `path` that is
+    a symbolic link (an output kept on a scratch disk, linked from home) is written where it points, as `open` would:
+    renamed over, the link itself became a file on the link's disk and the file it pointed to kept its old content.
     """
-    target = Path(path)
+    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = _create_temporary(target, suffix)
     try:
