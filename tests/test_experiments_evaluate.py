@@ -309,6 +309,28 @@ def test_real_records_with_nan_samples_are_no_reference(clip, tmp_path):
     assert by_condition["settings"]["records"] == 5 and by_condition["by_condition"][0]["records"] == 5
 
 
+@pytest.mark.slow
+def test_the_report_names_the_sampler_that_ran_not_the_protocols(clip, dataset, tmp_path):
+    """--sampler / --steps / --guidance-scale replace the protocol's sampler; the report's protocol (and report.md's
+    first line) said "DPM-Solver++ (20 steps)" or "DDPM-1000" of whatever ran."""
+    from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.pipeline import ECGGenerator
+    from tests.helpers.tiny_models import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "model", text_dim=tiny_ecg_dataset.EMBEDDING_DIM)
+    generator = ECGGenerator(model, sampler_config("ddim", steps=2, guidance_scale=1.5), batch_size=8)
+    report = ev.evaluate_split(generator, clip, dataset.data_dir, "validation", tmp_path / "out",
+                               proto=ev.protocol("fast"), limit=4, n_boot=5, progress=False)
+    recorded = report["protocol"]
+    assert (recorded["sampler"], recorded["steps"], recorded["guidance_scale"]) == ("ddim", 2, 1.5)
+    assert recorded["references"] == "raw" and recorded["heart_rate_method"] == "consensus"
+    first = (tmp_path / "out" / "report.md").read_text().splitlines()[2]
+    assert "DDIM (2 steps, guidance scale 1.5)" in first and "in place of the protocol's DPM-Solver++ (20 steps)" in first
+    # The protocol's own sampler: its own description, with the steps resolved.
+    same = ev.split_protocol(ev.protocol("paper"), sampler_config("ddpm"))
+    assert same["description"] == ev.protocol("paper").description and same["steps"] == 1000
+
+
 def test_failed_generations_are_counted_and_left_out_of_every_metric(clip, dataset, tmp_path, capsys):
     """ECGs with NaN or inf samples (a diverged model, an overflow) would make FID and precision/recall undefined and
     stop the evaluation after all the generating: they are counted in the report and scored by no metric."""

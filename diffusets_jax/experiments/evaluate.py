@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from diffusets_jax import parallel
+from diffusets_jax.diffusion.samplers import DEFAULT_STEPS
 from diffusets_jax.ecg.heart_rate import CONSENSUS, XQRS_FIRST_LEAD
 from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.ecg.shapes import ECG_SHAPE, NUM_LEADS
@@ -89,6 +90,30 @@ def protocol(name: str) -> Protocol:
 
 
 HEART_RATE_METHOD_TITLES = {XQRS_FIRST_LEAD: "first-lead XQRS heart rate", CONSENSUS: "multi-lead consensus heart rate"}
+
+
+SAMPLER_TITLES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++"}
+REFERENCE_TITLES = {"reconstruction": "VAE-reconstructed references", "raw": "raw real references"}
+
+
+def _sampler_text(sampler: str, steps: int, guidance_scale: float = 1.0) -> str:
+    guidance = f", guidance scale {guidance_scale:g}" if guidance_scale != 1.0 else ""
+    return f"{SAMPLER_TITLES[sampler]} ({steps} steps{guidance})"
+
+
+def split_protocol(proto: Protocol, sampler: Any) -> dict[str, Any]:
+    """What `evaluate_split` records of `proto` when `sampler` (the generator's `SamplerConfig`) made the ECGs:
+    `--sampler`, `--steps` and `--guidance-scale` replace the protocol's sampler, and the record (report.md's
+    first line included) said "DDPM-1000" of a 2-step DDIM run. The sampler that ran, with its steps resolved."""
+    default_steps = proto.steps or DEFAULT_STEPS[proto.sampler]
+    record = {**dataclasses.asdict(proto), "sampler": sampler.sampler, "steps": int(sampler.steps),
+              "guidance_scale": float(sampler.guidance_scale)}
+    if (sampler.sampler, sampler.steps, sampler.guidance_scale) != (proto.sampler, default_steps, 1.0):
+        record["description"] = (
+            f"{REFERENCE_TITLES[proto.references]}, {_sampler_text(sampler.sampler, sampler.steps, sampler.guidance_scale)}"
+            f" in place of the protocol's {_sampler_text(proto.sampler, default_steps)}, "
+            f"{HEART_RATE_METHOD_TITLES[proto.heart_rate_method]}")
+    return record
 
 
 def generated_protocol(proto: Protocol) -> dict[str, Any]:
@@ -690,7 +715,7 @@ def evaluate_split(
     module, variables = clip
     text_features = clip_text_features(module, variables, real["text_embedding"][pairs])
     condition_hr = real["heart_rate"][pairs].astype(np.float64)
-    report = {"protocol": dataclasses.asdict(proto), "settings": settings,
+    report = {"protocol": split_protocol(proto, generator.sampler), "settings": settings,
               **score(real_rows, gen_m, pairs=pair_rows, condition_hr=condition_hr, text_features=text_features,
                       subject_ids=real["subject_id"][pairs], proto=proto, seed=generator.seed, n_boot=n_boot)}
     if rules is not None:
