@@ -221,6 +221,10 @@ def test_select_by_condition_is_seeded_and_capped():
     assert len(first["sn"]) == 10 and first["af"] == [30, 31, 32]
     assert first == ev.select_by_condition(reports, rules, per_condition=10, seed=0)
     assert first["sn"] != ev.select_by_condition(reports, rules, per_condition=10, seed=1)["sn"]
+    # A condition's records are its own: the same with other conditions selected, or in another order.
+    assert ev.select_by_condition(reports, load_rules().select(["af", "sn"]), per_condition=10, seed=0) == first
+    assert ev.select_by_condition(reports, load_rules().select(["sn"]), per_condition=10, seed=0)["sn"] == first["sn"]
+    assert ev.select_by_condition(reports, load_rules(), per_condition=10, seed=0)["sn"] == first["sn"]
 
 
 def test_scoring_another_generators_samples_needs_no_model(clip, dataset, tmp_path):

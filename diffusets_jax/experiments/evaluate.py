@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -614,10 +615,12 @@ def compare_reports(reports: Sequence[tuple[str, Mapping[str, Any]]], out_dir: s
 # -- orchestration ------------------------------------------------------------------------------------------------
 def select_by_condition(reports: Sequence[Sequence[str]], rules: RuleSet, per_condition: int,
                         seed: int) -> dict[str, list[int]]:
-    """Up to `per_condition` record indices per rule, drawn with a seeded generator (all of them when fewer)."""
+    """Up to `per_condition` record indices per rule, drawn with a generator seeded by `seed` and the rule's name (all
+    of them when fewer): a condition's records do not depend on which other conditions are selected, nor on their
+    order (seeded by the rule's place in the list, `--conditions af` and the full rule set picked other AF records)."""
     chosen = {}
-    for number, (name, members) in enumerate(rules.labels(reports).items()):
-        rng = np.random.default_rng([seed, number])
+    for name, members in rules.labels(reports).items():
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # crc32: the same in every process
         picked = rng.permutation(members)[:per_condition] if len(members) > per_condition else np.asarray(members)
         chosen[name] = sorted(int(i) for i in picked)
     return chosen
