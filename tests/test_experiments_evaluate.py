@@ -207,6 +207,10 @@ def test_per_condition_rows_and_the_written_report(clip, tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     assert "| signal | FID" in markdown and "| feature | heart-rate MAE" in markdown
     assert "Model-free clinical metrics" in markdown and "| snb | 6 | 12 |" in markdown
+    # A condition's heart-rate MAE says how many of its samples it is over (unmeasurable ones are left out of it).
+    snb = rows["snb"]
+    snb_line = next(line for line in markdown.splitlines() if line.startswith("| snb |"))
+    assert f"({snb['measured']} of {snb['measured'] + snb['unmeasurable']} measured)" in snb_line
     for name in ("heart_rate_scatter.png", "by_condition.png", "pair_00.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     ev.compare_reports([("a", on_disk), ("b", on_disk)], tmp_path)

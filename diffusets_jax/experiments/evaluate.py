@@ -469,6 +469,14 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _condition_hr_cell(row: Mapping[str, Any]) -> str:
+    """A condition's heart-rate MAE with how many of its samples it is over: the MAE leaves out the samples whose
+    rate could not be measured, and without the count a condition's MAE over 1 of 6 samples read as over all 6."""
+    if "measured" not in row:
+        return _fmt(row.get("heart_rate_mae_bpm"))
+    return f"{_fmt(row.get('heart_rate_mae_bpm'))} ({row['measured']} of {row['measured'] + row['unmeasurable']} measured)"
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown: the paper's three levels (Table 1's layout), amplitudes, clinical metrics, conditions."""
     s, f, d = report["signal_level"], report["feature_level"], report["diagnostic_level"]
@@ -525,7 +533,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         for row in report["by_condition"]:
             lines.append(f"| {row['condition']} | {row['records']} | {row['samples']} | {_fmt(row.get('precision'), 3)} "
                          f"| {_fmt(row.get('recall'), 3)} | {_fmt(row.get('f1'), 3)} | {_fmt(row.get('fid'))} "
-                         f"| {_fmt(row.get('clip_score'))} | {_fmt(row.get('heart_rate_mae_bpm'))} "
+                         f"| {_fmt(row.get('clip_score'))} | {_condition_hr_cell(row)} "
                          f"| {row.get('note', '')} |")
     figures = report.get("figures", {})
     lines += ["", "## Figures", ""]
