@@ -183,6 +183,31 @@ def test_score_puts_each_metric_at_the_papers_level(clip):
     assert same["signal_level"]["fid"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_constant_real_features_leave_rfid_undefined_not_the_run_failed(tmp_path):
+    """A collapsed CLIP gives every ECG one feature vector: the real-vs-real FID is 0 and rFID undefined, which
+    stopped the evaluation with no report after every ECG was generated and measured."""
+    from diffusets_jax.metrics.clinical import measure_ecgs
+
+    rng = np.random.default_rng(3)
+    rates = np.array([60.0, 70.0, 80.0, 90.0, 100.0, 110.0])
+    ecgs = synthetic_set(rng, rates)
+    measured = {"heart_rate": rates, "lead_std": ecgs.std(axis=1), "abs_amplitude": np.abs(ecgs).mean(axis=(1, 2)),
+                "clinical": measure_ecgs(ecgs)}
+    real = {**measured, "features": np.ones((6, 8), np.float32)}
+    generated = {**measured, "features": rng.normal(size=(6, 8)).astype(np.float32)}
+    proto = ev.PROTOCOLS["fast"]
+    report = {"protocol": {"name": "fast", "description": proto.description}, "settings": {},
+              **ev.score(real, generated, pairs=np.arange(6), condition_hr=rates, text_features=None,
+                         subject_ids=None, proto=proto, n_boot=10)}
+    signal = report["signal_level"]
+    assert signal["rfid"] is None and signal["real_vs_real_fid"] == pytest.approx(0.0, abs=1e-12)
+    # FID itself is defined: |mu_g - 1|^2 + tr(S_g), the real covariance being 0.
+    features = generated["features"].astype(np.float64)
+    expected = np.sum((features.mean(axis=0) - 1.0) ** 2) + np.trace(np.cov(features, rowvar=False))
+    assert signal["fid"] == pytest.approx(expected, rel=1e-5)
+    assert "real-vs-real FID is 0" in ev.render_markdown(report)
+
+
 def test_per_condition_rows_and_the_written_report(clip, tmp_path):
     rng = np.random.default_rng(1)
     rates = np.array([60.0] * 6 + [120.0] * 6)

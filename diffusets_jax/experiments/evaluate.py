@@ -55,7 +55,7 @@ from diffusets_jax.metrics.clinical import (
 )
 from diffusets_jax.metrics.clip_score import clip_score
 from diffusets_jax.metrics.features import clip_ecg_features, clip_text_features
-from diffusets_jax.metrics.fid import fid, rfid
+from diffusets_jax.metrics.fid import UndefinedRelativeFID, fid, rfid
 from diffusets_jax.metrics.heart_rate_mae import measure_heart_rates
 from diffusets_jax.metrics.precision_recall import precision_recall
 from diffusets_jax.metrics.record_pool import RecordPool, record_pool
@@ -391,8 +391,15 @@ def score(real: Mapping[str, Any], generated: Mapping[str, Any], *, pairs: np.nd
                               "fid": _finite_or_none(fid(real["features"], generated["features"]))
                               if min(n_gen, n_real) >= 2 else None}
     if min(n_gen, n_real) >= 4:
-        relative = rfid(real["features"], generated["features"], key=jax.random.PRNGKey(seed))
-        signal.update(rfid=_finite_or_none(relative.value), real_vs_real_fid=_finite_or_none(relative.real_vs_real_fid))
+        try:
+            relative = rfid(real["features"], generated["features"], key=jax.random.PRNGKey(seed))
+            signal.update(rfid=_finite_or_none(relative.value),
+                          real_vs_real_fid=_finite_or_none(relative.real_vs_real_fid))
+        except UndefinedRelativeFID as undefined:
+            # Constant real features (a collapsed CLIP) are a finding for the report, as the CLIP score's zero
+            # vectors are: the error stopped the run after every ECG was generated and measured, with no report.
+            signal.update(rfid=None, real_vs_real_fid=_finite_or_none(undefined.real_vs_real_fid),
+                          rfid_note="undefined: the real-vs-real FID is 0 (real CLIP features duplicated or constant)")
     if min(n_gen, n_real) > proto.k:
         pr = precision_recall(real["features"], generated["features"], k=proto.k)
         signal.update(precision=pr.precision, recall=pr.recall, f1=pr.f1)
@@ -499,7 +506,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "| level | metric | generated | real (reference) |",
         "|---|---|---|---|",
         f"| signal | FID (CLIP ECG features) | {_fmt(s.get('fid'))} | 0 |",
-        f"| signal | rFID | {_fmt(s.get('rfid'))} | 1 (real half vs half: FID {_fmt(s.get('real_vs_real_fid'))}) |",
+        f"| signal | rFID | {_fmt(s.get('rfid'))}{f' ({note})' if (note := s.get('rfid_note')) else ''} "
+        f"| 1 (real half vs half: FID {_fmt(s.get('real_vs_real_fid'))}) |",
         f"| signal | precision / recall / F1 (k = {s['k']}) | {_fmt(s.get('precision'), 3)} / "
         f"{_fmt(s.get('recall'), 3)} / {_fmt(s.get('f1'), 3)} | 1 / 1 / 1 |",
         f"| feature | heart-rate MAE (bpm) vs condition | {_fmt(f['heart_rate_mae_bpm'])} {hr_note} "
