@@ -224,6 +224,13 @@ def test_per_condition_rows_and_the_written_report(clip, tmp_path):
     rows = {r["condition"]: r for r in report["by_condition"]}
     assert rows["snb"]["records"] == 6 and rows["snb"]["samples"] == 12 and "f1" in rows["snb"]
     assert rows["snt"]["heart_rate_mae_bpm"] < 3 and rows["af"]["note"] == "no record of this condition"
+    # Unpaired samples (another generator's): a condition no sample has may still have records in the split, which
+    # the row counted as 0 under "no record of this condition".
+    unpaired = ev.score_by_condition(real_m, gen_m, {"af": [], "snb": groups["snb"]}, pairs=None,
+                                     condition_hr=rates[pairs], text_features=None, proto=proto,
+                                     real_groups={"af": [0, 3, 5], "snb": list(range(6))})
+    assert unpaired[0] == {"condition": "af", "records": 3, "samples": 0, "note": "no sample of this condition"}
+    assert unpaired[1]["records"] == 6 and unpaired[1]["samples"] == 12
     written = ev.write_report(report, tmp_path, condition_hr=rates[pairs], measured_hr=gen_m["heart_rate"],
                               examples=[(real[0], generated[0], {"prompt": "x", "heart_rate": 60.0})])
     on_disk = json.loads((tmp_path / "report.json").read_text())

@@ -443,7 +443,11 @@ def score_by_condition(real: Mapping[str, Any], generated: Mapping[str, Any], gr
     for name, members in groups.items():
         members = np.asarray(members, np.int64)
         if members.size == 0:
-            rows.append({"condition": name, "records": 0, "samples": 0, "note": "no record of this condition"})
+            if pairs is None:  # unpaired samples: the split may hold the condition's records though no sample has it
+                rows.append({"condition": name, "records": len((real_groups or {}).get(name, [])), "samples": 0,
+                             "note": "no sample of this condition"})
+            else:
+                rows.append({"condition": name, "records": 0, "samples": 0, "note": "no record of this condition"})
             continue
         real_rows = np.unique(pairs[members]) if pairs is not None else np.asarray(
             (real_groups or {}).get(name, []), np.int64)
