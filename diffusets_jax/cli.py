@@ -961,7 +961,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     common = {"dataset": os.path.abspath(args.dataset), "split": args.split, "limit": args.limit,
               "protocol": proto.name, "rules": None if rules is None else rules.to_json(),
               "clip": os.path.abspath(clip_dir), "clip_uid": clip_index.components["clip"].get("uid"),
-              "n_boot": args.n_boot, "dataset_card": card_fingerprint(builder)}
+              "n_boot": args.n_boot, "dataset_card": card_fingerprint(builder),
+              # Records per condition were drawn by the rule's place in the list before 2026-12-07: a run interrupted
+              # then is not resumed with records drawn by its name (one model's report on other records).
+              **({"condition_draws": "by rule name"} if rules is not None else {})}
     if args.generated:
         settings = {**common, "generated": os.path.abspath(args.generated),
                     "generated_content": source_fingerprint(args.generated), "seed": args.seed}

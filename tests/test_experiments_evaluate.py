@@ -183,6 +183,31 @@ def test_score_puts_each_metric_at_the_papers_level(clip):
     assert same["signal_level"]["fid"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_constant_real_features_leave_rfid_undefined_not_the_run_failed(tmp_path):
+    """A collapsed CLIP gives every ECG one feature vector: the real-vs-real FID is 0 and rFID undefined, which
+    stopped the evaluation with no report after every ECG was generated and measured."""
+    from diffusets_jax.metrics.clinical import measure_ecgs
+
+    rng = np.random.default_rng(3)
+    rates = np.array([60.0, 70.0, 80.0, 90.0, 100.0, 110.0])
+    ecgs = synthetic_set(rng, rates)
+    measured = {"heart_rate": rates, "lead_std": ecgs.std(axis=1), "abs_amplitude": np.abs(ecgs).mean(axis=(1, 2)),
+                "clinical": measure_ecgs(ecgs)}
+    real = {**measured, "features": np.ones((6, 8), np.float32)}
+    generated = {**measured, "features": rng.normal(size=(6, 8)).astype(np.float32)}
+    proto = ev.PROTOCOLS["fast"]
+    report = {"protocol": {"name": "fast", "description": proto.description}, "settings": {},
+              **ev.score(real, generated, pairs=np.arange(6), condition_hr=rates, text_features=None,
+                         subject_ids=None, proto=proto, n_boot=10)}
+    signal = report["signal_level"]
+    assert signal["rfid"] is None and signal["real_vs_real_fid"] == pytest.approx(0.0, abs=1e-12)
+    # FID itself is defined: |mu_g - 1|^2 + tr(S_g), the real covariance being 0.
+    features = generated["features"].astype(np.float64)
+    expected = np.sum((features.mean(axis=0) - 1.0) ** 2) + np.trace(np.cov(features, rowvar=False))
+    assert signal["fid"] == pytest.approx(expected, rel=1e-5)
+    assert "real-vs-real FID is 0" in ev.render_markdown(report)
+
+
 def test_per_condition_rows_and_the_written_report(clip, tmp_path):
     rng = np.random.default_rng(1)
     rates = np.array([60.0] * 6 + [120.0] * 6)
@@ -199,6 +224,13 @@ def test_per_condition_rows_and_the_written_report(clip, tmp_path):
     rows = {r["condition"]: r for r in report["by_condition"]}
     assert rows["snb"]["records"] == 6 and rows["snb"]["samples"] == 12 and "f1" in rows["snb"]
     assert rows["snt"]["heart_rate_mae_bpm"] < 3 and rows["af"]["note"] == "no record of this condition"
+    # Unpaired samples (another generator's): a condition no sample has may still have records in the split, which
+    # the row counted as 0 under "no record of this condition".
+    unpaired = ev.score_by_condition(real_m, gen_m, {"af": [], "snb": groups["snb"]}, pairs=None,
+                                     condition_hr=rates[pairs], text_features=None, proto=proto,
+                                     real_groups={"af": [0, 3, 5], "snb": list(range(6))})
+    assert unpaired[0] == {"condition": "af", "records": 3, "samples": 0, "note": "no sample of this condition"}
+    assert unpaired[1]["records"] == 6 and unpaired[1]["samples"] == 12
     written = ev.write_report(report, tmp_path, condition_hr=rates[pairs], measured_hr=gen_m["heart_rate"],
                               examples=[(real[0], generated[0], {"prompt": "x", "heart_rate": 60.0})])
     on_disk = json.loads((tmp_path / "report.json").read_text())
@@ -207,6 +239,10 @@ def test_per_condition_rows_and_the_written_report(clip, tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     assert "| signal | FID" in markdown and "| feature | heart-rate MAE" in markdown
     assert "Model-free clinical metrics" in markdown and "| snb | 6 | 12 |" in markdown
+    # A condition's heart-rate MAE says how many of its samples it is over (unmeasurable ones are left out of it).
+    snb = rows["snb"]
+    snb_line = next(line for line in markdown.splitlines() if line.startswith("| snb |"))
+    assert f"({snb['measured']} of {snb['measured'] + snb['unmeasurable']} measured)" in snb_line
     for name in ("heart_rate_scatter.png", "by_condition.png", "pair_00.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     ev.compare_reports([("a", on_disk), ("b", on_disk)], tmp_path)
@@ -221,6 +257,10 @@ def test_select_by_condition_is_seeded_and_capped():
     assert len(first["sn"]) == 10 and first["af"] == [30, 31, 32]
     assert first == ev.select_by_condition(reports, rules, per_condition=10, seed=0)
     assert first["sn"] != ev.select_by_condition(reports, rules, per_condition=10, seed=1)["sn"]
+    # A condition's records are its own: the same with other conditions selected, or in another order.
+    assert ev.select_by_condition(reports, load_rules().select(["af", "sn"]), per_condition=10, seed=0) == first
+    assert ev.select_by_condition(reports, load_rules().select(["sn"]), per_condition=10, seed=0)["sn"] == first["sn"]
+    assert ev.select_by_condition(reports, load_rules(), per_condition=10, seed=0)["sn"] == first["sn"]
 
 
 def test_scoring_another_generators_samples_needs_no_model(clip, dataset, tmp_path):
@@ -307,6 +347,28 @@ def test_real_records_with_nan_samples_are_no_reference(clip, tmp_path):
                                      progress=False)
     # Six PVC records in 24 (every fourth); train[5], one of them, has the NaN and is not picked.
     assert by_condition["settings"]["records"] == 5 and by_condition["by_condition"][0]["records"] == 5
+
+
+@pytest.mark.slow
+def test_the_report_names_the_sampler_that_ran_not_the_protocols(clip, dataset, tmp_path):
+    """--sampler / --steps / --guidance-scale replace the protocol's sampler; the report's protocol (and report.md's
+    first line) said "DPM-Solver++ (20 steps)" or "DDPM-1000" of whatever ran."""
+    from diffusets_jax.diffusion.samplers import sampler_config
+    from diffusets_jax.pipeline import ECGGenerator
+    from tests.helpers.tiny_models import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "model", text_dim=tiny_ecg_dataset.EMBEDDING_DIM)
+    generator = ECGGenerator(model, sampler_config("ddim", steps=2, guidance_scale=1.5), batch_size=8)
+    report = ev.evaluate_split(generator, clip, dataset.data_dir, "validation", tmp_path / "out",
+                               proto=ev.protocol("fast"), limit=4, n_boot=5, progress=False)
+    recorded = report["protocol"]
+    assert (recorded["sampler"], recorded["steps"], recorded["guidance_scale"]) == ("ddim", 2, 1.5)
+    assert recorded["references"] == "raw" and recorded["heart_rate_method"] == "consensus"
+    first = (tmp_path / "out" / "report.md").read_text().splitlines()[2]
+    assert "DDIM (2 steps, guidance scale 1.5)" in first and "in place of the protocol's DPM-Solver++ (20 steps)" in first
+    # The protocol's own sampler: its own description, with the steps resolved.
+    same = ev.split_protocol(ev.protocol("paper"), sampler_config("ddpm"))
+    assert same["description"] == ev.protocol("paper").description and same["steps"] == 1000
 
 
 def test_failed_generations_are_counted_and_left_out_of_every_metric(clip, dataset, tmp_path, capsys):

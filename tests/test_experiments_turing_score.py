@@ -55,6 +55,30 @@ def real_vs_generated(tmp_path) -> tuple[Path, list[Path]]:
     return key, sheets
 
 
+def test_an_unbalanced_kit_is_not_tested_against_half(tmp_path):
+    """10 real and 30 generated sheets (--n-real / --n-generated may differ): a rater answering "generated" to every
+    sheet cannot tell them apart, yet scores 75 % and was reported at p = 0.002 against 0.5."""
+    from scipy.stats import hypergeom
+
+    real, generated = [f"R{i}AAAA" for i in range(10)], [f"G{i}AAAA" for i in range(30)]
+    key = _key(tmp_path, "real-vs-generated", {**{s: "real" for s in real}, **{s: "generated" for s in generated}})
+    lean = _sheet(tmp_path / "answers_lean.csv", {s: "generated" for s in real + generated})
+    # 8 of 10 real and 27 of 30 generated right: answers and truth are far from independent.
+    good = _sheet(tmp_path / "answers_good.csv", {**{s: "real" for s in real[:8]}, **{s: "generated" for s in real[8:]},
+                                                  **{s: "generated" for s in generated[:27]},
+                                                  **{s: "real" for s in generated[27:]}})
+    report = score(key, [lean, good], tmp_path / "report")
+    lean_row, good_row = report["raters"]
+    assert lean_row["accuracy"] == 0.75 and "binomial_p_two_sided" not in lean_row
+    assert lean_row["fisher_p_two_sided"] == pytest.approx(1.0)
+    # Fisher's two-sided p by hand: the hypergeometric tables (11 answered real of 40, 10 real) at most as likely.
+    table = hypergeom(40, 10, 11)
+    p = sum(table.pmf(k) for k in range(0, 11) if table.pmf(k) <= table.pmf(8) * (1 + 1e-7))
+    assert good_row["fisher_p_two_sided"] == pytest.approx(p)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "Fisher exact" in text and "binomial vs 0.5" not in text and "need not score 50 %" in text
+
+
 def test_real_vs_generated_statistics_by_hand(real_vs_generated, tmp_path):
     key, sheets = real_vs_generated
     report = score(key, sheets, tmp_path / "report")

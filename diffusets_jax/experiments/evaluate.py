@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ import jax
 import numpy as np
 
 from diffusets_jax import parallel
+from diffusets_jax.diffusion.samplers import DEFAULT_STEPS
 from diffusets_jax.ecg.heart_rate import CONSENSUS, XQRS_FIRST_LEAD
 from diffusets_jax.ecg.leads import STANDARD_LEADS
 from diffusets_jax.ecg.shapes import ECG_SHAPE, NUM_LEADS
@@ -53,7 +55,7 @@ from diffusets_jax.metrics.clinical import (
 )
 from diffusets_jax.metrics.clip_score import clip_score
 from diffusets_jax.metrics.features import clip_ecg_features, clip_text_features
-from diffusets_jax.metrics.fid import fid, rfid
+from diffusets_jax.metrics.fid import UndefinedRelativeFID, fid, rfid
 from diffusets_jax.metrics.heart_rate_mae import measure_heart_rates
 from diffusets_jax.metrics.precision_recall import precision_recall
 from diffusets_jax.metrics.record_pool import RecordPool, record_pool
@@ -89,6 +91,30 @@ def protocol(name: str) -> Protocol:
 
 
 HEART_RATE_METHOD_TITLES = {XQRS_FIRST_LEAD: "first-lead XQRS heart rate", CONSENSUS: "multi-lead consensus heart rate"}
+
+
+SAMPLER_TITLES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++"}
+REFERENCE_TITLES = {"reconstruction": "VAE-reconstructed references", "raw": "raw real references"}
+
+
+def _sampler_text(sampler: str, steps: int, guidance_scale: float = 1.0) -> str:
+    guidance = f", guidance scale {guidance_scale:g}" if guidance_scale != 1.0 else ""
+    return f"{SAMPLER_TITLES[sampler]} ({steps} steps{guidance})"
+
+
+def split_protocol(proto: Protocol, sampler: Any) -> dict[str, Any]:
+    """What `evaluate_split` records of `proto` when `sampler` (the generator's `SamplerConfig`) made the ECGs:
+    `--sampler`, `--steps` and `--guidance-scale` replace the protocol's sampler, and the record (report.md's
+    first line included) said "DDPM-1000" of a 2-step DDIM run. The sampler that ran, with its steps resolved."""
+    default_steps = proto.steps or DEFAULT_STEPS[proto.sampler]
+    record = {**dataclasses.asdict(proto), "sampler": sampler.sampler, "steps": int(sampler.steps),
+              "guidance_scale": float(sampler.guidance_scale)}
+    if (sampler.sampler, sampler.steps, sampler.guidance_scale) != (proto.sampler, default_steps, 1.0):
+        record["description"] = (
+            f"{REFERENCE_TITLES[proto.references]}, {_sampler_text(sampler.sampler, sampler.steps, sampler.guidance_scale)}"
+            f" in place of the protocol's {_sampler_text(proto.sampler, default_steps)}, "
+            f"{HEART_RATE_METHOD_TITLES[proto.heart_rate_method]}")
+    return record
 
 
 def generated_protocol(proto: Protocol) -> dict[str, Any]:
@@ -365,8 +391,15 @@ def score(real: Mapping[str, Any], generated: Mapping[str, Any], *, pairs: np.nd
                               "fid": _finite_or_none(fid(real["features"], generated["features"]))
                               if min(n_gen, n_real) >= 2 else None}
     if min(n_gen, n_real) >= 4:
-        relative = rfid(real["features"], generated["features"], key=jax.random.PRNGKey(seed))
-        signal.update(rfid=_finite_or_none(relative.value), real_vs_real_fid=_finite_or_none(relative.real_vs_real_fid))
+        try:
+            relative = rfid(real["features"], generated["features"], key=jax.random.PRNGKey(seed))
+            signal.update(rfid=_finite_or_none(relative.value),
+                          real_vs_real_fid=_finite_or_none(relative.real_vs_real_fid))
+        except UndefinedRelativeFID as undefined:
+            # Constant real features (a collapsed CLIP) are a finding for the report, as the CLIP score's zero
+            # vectors are: the error stopped the run after every ECG was generated and measured, with no report.
+            signal.update(rfid=None, real_vs_real_fid=_finite_or_none(undefined.real_vs_real_fid),
+                          rfid_note="undefined: the real-vs-real FID is 0 (real CLIP features duplicated or constant)")
     if min(n_gen, n_real) > proto.k:
         pr = precision_recall(real["features"], generated["features"], k=proto.k)
         signal.update(precision=pr.precision, recall=pr.recall, f1=pr.f1)
@@ -410,7 +443,11 @@ def score_by_condition(real: Mapping[str, Any], generated: Mapping[str, Any], gr
     for name, members in groups.items():
         members = np.asarray(members, np.int64)
         if members.size == 0:
-            rows.append({"condition": name, "records": 0, "samples": 0, "note": "no record of this condition"})
+            if pairs is None:  # unpaired samples: the split may hold the condition's records though no sample has it
+                rows.append({"condition": name, "records": len((real_groups or {}).get(name, [])), "samples": 0,
+                             "note": "no sample of this condition"})
+            else:
+                rows.append({"condition": name, "records": 0, "samples": 0, "note": "no record of this condition"})
             continue
         real_rows = np.unique(pairs[members]) if pairs is not None else np.asarray(
             (real_groups or {}).get(name, []), np.int64)
@@ -443,6 +480,14 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _condition_hr_cell(row: Mapping[str, Any]) -> str:
+    """A condition's heart-rate MAE with how many of its samples it is over: the MAE leaves out the samples whose
+    rate could not be measured, and without the count a condition's MAE over 1 of 6 samples read as over all 6."""
+    if "measured" not in row:
+        return _fmt(row.get("heart_rate_mae_bpm"))
+    return f"{_fmt(row.get('heart_rate_mae_bpm'))} ({row['measured']} of {row['measured'] + row['unmeasurable']} measured)"
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown: the paper's three levels (Table 1's layout), amplitudes, clinical metrics, conditions."""
     s, f, d = report["signal_level"], report["feature_level"], report["diagnostic_level"]
@@ -465,7 +510,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "| level | metric | generated | real (reference) |",
         "|---|---|---|---|",
         f"| signal | FID (CLIP ECG features) | {_fmt(s.get('fid'))} | 0 |",
-        f"| signal | rFID | {_fmt(s.get('rfid'))} | 1 (real half vs half: FID {_fmt(s.get('real_vs_real_fid'))}) |",
+        f"| signal | rFID | {_fmt(s.get('rfid'))}{f' ({note})' if (note := s.get('rfid_note')) else ''} "
+        f"| 1 (real half vs half: FID {_fmt(s.get('real_vs_real_fid'))}) |",
         f"| signal | precision / recall / F1 (k = {s['k']}) | {_fmt(s.get('precision'), 3)} / "
         f"{_fmt(s.get('recall'), 3)} / {_fmt(s.get('f1'), 3)} | 1 / 1 / 1 |",
         f"| feature | heart-rate MAE (bpm) vs condition | {_fmt(f['heart_rate_mae_bpm'])} {hr_note} "
@@ -499,7 +545,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         for row in report["by_condition"]:
             lines.append(f"| {row['condition']} | {row['records']} | {row['samples']} | {_fmt(row.get('precision'), 3)} "
                          f"| {_fmt(row.get('recall'), 3)} | {_fmt(row.get('f1'), 3)} | {_fmt(row.get('fid'))} "
-                         f"| {_fmt(row.get('clip_score'))} | {_fmt(row.get('heart_rate_mae_bpm'))} "
+                         f"| {_fmt(row.get('clip_score'))} | {_condition_hr_cell(row)} "
                          f"| {row.get('note', '')} |")
     figures = report.get("figures", {})
     lines += ["", "## Figures", ""]
@@ -589,10 +635,12 @@ def compare_reports(reports: Sequence[tuple[str, Mapping[str, Any]]], out_dir: s
 # -- orchestration ------------------------------------------------------------------------------------------------
 def select_by_condition(reports: Sequence[Sequence[str]], rules: RuleSet, per_condition: int,
                         seed: int) -> dict[str, list[int]]:
-    """Up to `per_condition` record indices per rule, drawn with a seeded generator (all of them when fewer)."""
+    """Up to `per_condition` record indices per rule, drawn with a generator seeded by `seed` and the rule's name (all
+    of them when fewer): a condition's records do not depend on which other conditions are selected, nor on their
+    order (seeded by the rule's place in the list, `--conditions af` and the full rule set picked other AF records)."""
     chosen = {}
-    for number, (name, members) in enumerate(rules.labels(reports).items()):
-        rng = np.random.default_rng([seed, number])
+    for name, members in rules.labels(reports).items():
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # crc32: the same in every process
         picked = rng.permutation(members)[:per_condition] if len(members) > per_condition else np.asarray(members)
         chosen[name] = sorted(int(i) for i in picked)
     return chosen
@@ -690,7 +738,7 @@ def evaluate_split(
     module, variables = clip
     text_features = clip_text_features(module, variables, real["text_embedding"][pairs])
     condition_hr = real["heart_rate"][pairs].astype(np.float64)
-    report = {"protocol": dataclasses.asdict(proto), "settings": settings,
+    report = {"protocol": split_protocol(proto, generator.sampler), "settings": settings,
               **score(real_rows, gen_m, pairs=pair_rows, condition_hr=condition_hr, text_features=text_features,
                       subject_ids=real["subject_id"][pairs], proto=proto, seed=generator.seed, n_boot=n_boot)}
     if rules is not None:

@@ -5,7 +5,8 @@ the rater is named by the file name (`answers_<name>.csv` -> `<name>`). Every sh
 anything is computed; a malformed or incomplete one gets one line naming the file and the row.
 
 Per rater, real-vs-generated: the confusion matrix (truth x answer), accuracy with its exact (Clopper-Pearson)
-95 % interval and the exact two-sided binomial test against chance (0.5), and the sensitivity / specificity of
+95 % interval and the exact two-sided binomial test against chance (0.5; with unequal real and generated sheets,
+where chance is not 0.5, Fisher's exact test of answer against truth), and the sensitivity / specificity of
 detecting generated ECGs. Alignment: the share of own-report sheets judged `match` (the alignment rate) with its
 exact 95 % interval, and on mismatched controls the share judged `no_match`. Across raters: Fleiss' kappa, and
 the pooled rates (every rating counted once; ratings of one sheet by several raters are not independent, so the
@@ -174,7 +175,17 @@ def _real_vs_generated(confusion: Mapping[str, Mapping[str, int]], with_test: bo
     accuracy, interval = _rate(correct, n)
     result: dict[str, Any] = {"n": n, "correct": correct, "accuracy": accuracy, "accuracy_ci95": interval}
     if with_test:
-        result["binomial_p_two_sided"] = float(binomtest(correct, n, 0.5).pvalue)
+        if sum(real.values()) == sum(generated.values()):
+            result["binomial_p_two_sided"] = float(binomtest(correct, n, 0.5).pvalue)
+        else:
+            # With unequal real and generated sheets, a rater who cannot tell them apart but leans to one answer is
+            # right more (or less) often than half the time: "generated" on every one of 10 real and 30 generated
+            # sheets scores 75 %, p = 0.002 against 0.5. Fisher's exact test of answer against truth has "cannot
+            # tell" as its null whatever the rater leans to.
+            from scipy.stats import fisher_exact
+
+            table = [[real["real"], real["generated"]], [generated["real"], generated["generated"]]]
+            result["fisher_p_two_sided"] = float(fisher_exact(table).pvalue)
     result["sensitivity_generated"], result["sensitivity_generated_ci95"] = _rate(
         generated["generated"], sum(generated.values()))
     result["specificity_real"], result["specificity_real_ci95"] = _rate(real["real"], sum(real.values()))
@@ -245,16 +256,25 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     answers, truths = ANSWERS[variant], TRUTHS[variant]
     shared = ", too narrow: raters rated the same sheets" if overall["raters"] > 1 else ""
     if variant == REAL_VS_GENERATED:
-        lines += ["| rater | accuracy | 95 % CI (exact) | p (two-sided binomial vs 0.5) | sensitivity (generated) "
-                  "| specificity (real) |", "|---|---|---|---|---|---|"]
+        counts = report["sheets_per_truth"]
+        balanced = counts["real"] == counts["generated"]
+        test = "binomial_p_two_sided" if balanced else "fisher_p_two_sided"
+        test_name = "two-sided binomial vs 0.5" if balanced else "two-sided Fisher exact, answer vs truth"
+        lines += [f"| rater | accuracy | 95 % CI (exact) | p ({test_name}) | sensitivity (generated) | specificity (real) |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {r['rater']} | {_pct(r['accuracy'])} ({r['correct']}/{r['n']}) | {_ci(r['accuracy_ci95'])} | "
-                  f"{_p(r['binomial_p_two_sided'])} | {_pct(r['sensitivity_generated'])} | {_pct(r['specificity_real'])} |"
+                  f"{_p(r[test])} | {_pct(r['sensitivity_generated'])} | {_pct(r['specificity_real'])} |"
                   for r in report["raters"]]
         pooled = overall["pooled"]
+        reading = ("Accuracy near 50 % means the raters could not tell generated ECGs from real ones." if balanced else
+                   f"The kit holds {counts['real']} real and {counts['generated']} generated sheets, so a rater who "
+                   "cannot tell them apart need not score 50 % (one answer on every sheet scores "
+                   f"{_pct(counts['real'] / report['sheets'])} or {_pct(counts['generated'] / report['sheets'])}): "
+                   "read Fisher's exact test, and sensitivity and specificity (their mean is near 50 % for a rater "
+                   "who cannot tell).")
         lines += ["", f"Mean accuracy over raters: {_pct(overall['mean_accuracy'])}. Pooled over all ratings: "
                   f"{_pct(pooled['accuracy'])} ({pooled['correct']}/{pooled['n']}; interval "
-                  f"{_ci(pooled['accuracy_ci95'])}{shared}). Accuracy near 50 % means the raters could not tell "
-                  "generated ECGs from real ones."]
+                  f"{_ci(pooled['accuracy_ci95'])}{shared}). {reading}"]
     else:
         lines += ["| rater | alignment rate (own report judged match) | 95 % CI (exact) | controls judged no_match "
                   "| 95 % CI |", "|---|---|---|---|---|"]

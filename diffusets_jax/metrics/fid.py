@@ -167,6 +167,17 @@ def fid(
     return frechet_distance(stats_a, stats_b)
 
 
+class UndefinedRelativeFID(ValueError):
+    """rFID's real-vs-real FID is zero (or below it by round-off), so the ratio is undefined: the real features are
+    duplicated or constant (a CLIP whose ECG tower collapsed gives every ECG one feature vector). `fid` and
+    `real_vs_real_fid` hold the two FIDs, for a caller that reports them rather than stopping."""
+
+    def __init__(self, message: str, fid: float, real_vs_real_fid: float) -> None:
+        super().__init__(message)
+        self.fid = fid
+        self.real_vs_real_fid = real_vs_real_fid
+
+
 @dataclasses.dataclass(frozen=True)
 class RelativeFID:
     """rFID = `fid` / `real_vs_real_fid`: how far generated features are from the real ones, in units of
@@ -214,8 +225,8 @@ def rfid(
         feature_statistics(real[index_b], batch_size, "real half B"),
     )
     if fid_real <= 0.0:
-        raise ValueError(
+        raise UndefinedRelativeFID(
             f"rfid: the real-vs-real FID is {fid_real:.3g}, so the ratio is undefined; are the real features "
-            "duplicated or constant?"
+            "duplicated or constant?", fid_generated, fid_real
         )
     return RelativeFID(value=fid_generated / fid_real, fid=fid_generated, real_vs_real_fid=fid_real)
