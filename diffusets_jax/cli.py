@@ -163,8 +163,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         help="embed the clinical reports of a CSV/JSONL file into a durable embedding cache",
         description=(
             "Build each record's prompt from its report (DiffuSETS' ordered prompt by default) and embed every "
-            "distinct prompt once into an SQLite cache. Every answered batch is committed before the next is "
-            "requested: rerun the same command after an interruption and only the missing prompts are embedded. "
+            "distinct prompt once into an SQLite cache. What is embedded is committed as it comes (each OpenAI request; "
+            "every 16 device steps locally): rerun the same command after an interruption and only the missing prompts are embedded. "
             "Inputs: a CSV with MIMIC-IV-ECG's report_0..report_17 columns (machine_measurements.csv as is) or a "
             "`report` column of '|'-joined statements; or JSON Lines with `report_lines` (list) or `report`."
         ),
@@ -184,8 +184,10 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--template", choices=("ordered", "free_text", "none"), default="ordered",
                         help="ordered: DiffuSETS ordered prompt (default); free_text: 'The report of the ECG is that "
                              "{report}.' (PTB-XL); none: embed the field as is")
-    parser.add_argument("--batch-size", type=positive_int, help="texts per embedder call and per cache commit "
-                        "(default: openai 256 per request, local 64 per device step)")
+    # The local encoder commits every 16 device steps (`LocalEmbedder.preferred_batch_size`), not each step.
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="openai: texts per request, each committed to the cache before the next is sent "
+                             "(default: 256); local: texts per device step, committed every 16 steps (default: 64)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     openai_group = parser.add_argument_group("openai embedder")
     # No argparse defaults in the embedder groups (`_EMBEDDER_DEFAULTS` fills them in): a flag given for the other

@@ -326,3 +326,35 @@ def test_a_flag_of_the_other_embedder_is_refused_not_ignored(tmp_path, capsys, m
     assert code == 2 and "\n" not in err, err
     assert f"{named} " in err and f"--embedder {'openai' if embedder == 'local' else 'local'}" in err, err
     assert not (tmp_path / "c.sqlite").exists()
+
+
+def _command_help(command: str) -> str:
+    """`diffusets-jax COMMAND --help` as one line of text (argparse wraps it at the terminal's width)."""
+    import argparse
+
+    from diffusets_jax.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return " ".join(sub.choices[command].format_help().split())
+
+
+def test_batch_size_help_states_the_embedders_defaults_and_commits():
+    """--help said --batch-size is the texts "per cache commit" for both embedders, but the local encoder commits
+    every 16 device steps (1,024 texts by default): a run interrupted in between embeds them again. The help now
+    states each embedder's own default and commit, which must be what they do."""
+    import inspect
+    import re
+
+    from diffusets_jax.conditioning.embedders import LocalEmbedder, OpenAIEmbedder
+
+    text = _command_help("embed")
+    found = re.search(r"--batch-size BATCH_SIZE openai: texts per request, each committed to the cache before the "
+                      r"next is sent \(default: (\d+)\); local: texts per device step, committed every (\d+) steps "
+                      r"\(default: (\d+)\)", text)
+    assert found, text
+    openai_default, steps_per_commit, local_default = (int(g) for g in found.groups())
+    assert openai_default == inspect.signature(OpenAIEmbedder).parameters["batch_size"].default
+    assert local_default == inspect.signature(LocalEmbedder).parameters["batch_size"].default
+    embedder = LocalEmbedder(batch_size=8)
+    assert embedder.preferred_batch_size == steps_per_commit * embedder.batch_size  # embed_with_cache's commit
+    assert f"every {steps_per_commit} device steps locally" in text  # the description says it too
