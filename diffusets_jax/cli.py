@@ -100,7 +100,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         description=(
             "Build a source's TFDS dataset once: every record resampled to (1024, 12) mV in standard lead order, "
             "report lines, ordered prompt, text embedding, age, sex, heart rate; patient-disjoint train/validation/"
-            "test splits (read split='all' for the union). Bad records are skipped and counted in "
+            "test splits (read split='all' for the union), except physionet-challenge's: its records name no "
+            "patient, so they are split by record and one patient's records may fall into different splits. Bad records are skipped and counted in "
             "DATA_DIR/<name>/<config>/<version>/prepare_report.json. Rerunning after an interruption reuses every "
             "decoded chunk; a complete dataset built from the same records is not rebuilt, one built from other "
             "records is refused unless --overwrite."

@@ -43,3 +43,28 @@ def test_train_help_says_an_existing_model_dir_component_needs_overwrite():
     helps = {action.dest: action.help for action in commands.choices["train"]._actions}
     assert "refused unless --overwrite" in helps["model_dir"]
     assert "--model-dir" in helps["overwrite"]
+
+
+def _command_help(command: str) -> str:
+    """`diffusets-jax COMMAND --help` as one line of text (argparse wraps it at the terminal's width)."""
+    import argparse
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return " ".join(commands.choices[command].format_help().split())
+
+
+def test_prepare_help_says_which_source_is_not_split_by_patient():
+    """`prepare --help` promised patient-disjoint splits for every source, but the CinC Challenge names no patients:
+    each record is its own subject, so one patient's records can land in train and test. The help says so for that
+    source and only claims patient-disjoint splits where the builder has patient ids."""
+    from pathlib import Path
+
+    from diffusets_jax.data.sources import builder_class
+
+    cinc = Path(__file__).resolve().parents[1] / "diffusets_jax" / "demo_data" / "cinc2021"
+    candidates = builder_class("physionet-challenge").list_candidates(None, str(cinc))
+    assert candidates and all(c.subject_id == c.study_id for c in candidates)  # a subject per record
+    assert len({c.subject_id for c in candidates}) == len(candidates)
+    text = _command_help("prepare")
+    assert "patient-disjoint train/validation/test splits" in text
+    assert "except physionet-challenge's: its records name no patient, so they are split by record" in text
