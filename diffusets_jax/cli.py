@@ -855,7 +855,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                      "a folder of WFDB records, a dataset folder (e.g. a `sample --corpus` corpus) or a `sample` "
                      "output folder")
     parser.add_argument("--clip", metavar="DIR", help="model directory whose clip/ is the feature extractor "
-                        "(default: the --model-dir's own clip)")
+                        "(default: the first --model-dir's clip, which then scores every --model-dir)")
     parser.add_argument("--dataset", required=True, help="prepared dataset directory (or TFDS name with --data-dir)")
     parser.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
     parser.add_argument("--split", default="test", help="split to evaluate on (default: %(default)s)")

@@ -68,3 +68,28 @@ def test_prepare_help_says_which_source_is_not_split_by_patient():
     text = _command_help("prepare")
     assert "patient-disjoint train/validation/test splits" in text
     assert "except physionet-challenge's: its records name no patient, so they are split by record" in text
+
+
+def test_evaluate_clip_help_says_the_first_model_dirs_clip_scores_them_all(tmp_path, monkeypatch, capsys):
+    """`evaluate --help` said --clip defaults to "the --model-dir's own clip"; with several --model-dir every one is
+    scored by the first one's CLIP (one scorer for the comparison), not each by its own. The help says so."""
+    import types
+
+    from diffusets_jax.experiments import evaluate as ev
+
+    assert "(default: the first --model-dir's clip, which then scores every --model-dir)" in _command_help("evaluate")
+    for name in ("a", "b", "data"):
+        (tmp_path / name).mkdir()
+    builder = types.SimpleNamespace(info=types.SimpleNamespace(splits={"test": None}))
+    monkeypatch.setattr(ev, "ecg_dataset", lambda *args, **kwargs: builder)
+    asked = []
+
+    def find_clip(model_dir, clip_dir):
+        asked.append((model_dir, clip_dir))
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr(ev, "find_clip", find_clip)
+    code = main(["evaluate", "--model-dir", str(tmp_path / "a"), str(tmp_path / "b"), "--dataset", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and "stopped here" in capsys.readouterr().err
+    assert asked == [(str(tmp_path / "a"), None)]  # the first model directory's CLIP, for both
