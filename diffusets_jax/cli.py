@@ -630,7 +630,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--embedder-base-url", metavar="URL",
                      help="another OpenAI-compatible endpoint serving the recorded model (default: as recorded, "
                           "else $OPENAI_BASE_URL)")
-    emb.add_argument("--api-key-env", default="OPENAI_API_KEY",
+    emb.add_argument("--api-key-env", type=non_empty, default="OPENAI_API_KEY",
                      help="environment variable holding the API key (default: %(default)s)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--formats", help="comma-separated from npz, wfdb, png (default: all three; not with --corpus)")
@@ -753,7 +753,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     parallel.initialize_distributed()
     from diffusets_jax.pipeline import ECGGenerator
 
-    overrides = {"base_url": args.embedder_base_url, "api_key": os.environ.get(args.api_key_env)}
+    api_key = os.environ.get(args.api_key_env)
+    overrides = {"base_url": args.embedder_base_url, "api_key": api_key}
     options = dict(seed=args.seed, embedding_cache=args.embedding_cache, embedder_overrides=overrides,
                    compute_dtype=None if args.dtype == "float32" else args.dtype)
     if task is None:
@@ -777,6 +778,12 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     with parallel.failing_together():  # on every host, though only process 0 embeds
         if jax.process_index() == 0:  # the process that embeds: a missing API key is one line before --out is claimed
+            if generator.conditioning.embedder.kind == "openai" and not api_key:
+                # Checked here: the client's own fallback, $OPENAI_API_KEY, sent that key to the --embedder-base-url
+                # server of a user whose --api-key-env named another, unset, variable.
+                raise ValueError(f"${args.api_key_env} is not set: export the API key of the model's embedder "
+                                 f"({generator.conditioning.embedder.model}) there (--api-key-env names another "
+                                 f"variable; {_KEYLESS_SERVER.replace('--base-url', '--embedder-base-url')})")
             generator.embedder()
     if generator.guidance_warning and jax.process_index() == 0:
         print(f"diffusets-jax sample: warning: {generator.guidance_warning}", file=sys.stderr)
