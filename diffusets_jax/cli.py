@@ -487,7 +487,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
                         help="examples per encoder call, a multiple of the local device count (default: 256)")
     parser.add_argument("--examples-per-shard", type=positive_int, default=8192,
                         help="source examples per output shard, the unit of resumption (default: 8192)")
-    parser.add_argument("--splits", nargs="+", metavar="SPLIT",
+    parser.add_argument("--splits", nargs="+", action="extend", metavar="SPLIT",  # repeated: all, not the last
                         help="splits to encode (default: train validation test, those the dataset has)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole")
 
@@ -856,8 +856,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         ),
     )
     src = parser.add_argument_group("what to evaluate")
-    src.add_argument("--model-dir", nargs="+", metavar="DIR", help="model director(y/ies) to generate with")
-    src.add_argument("--labels", nargs="+", metavar="LABEL", help="names of the --model-dir models in the comparison")
+    # "extend": `--model-dir A --model-dir B`, as "several --model-dir" reads, kept only B and scored it alone.
+    src.add_argument("--model-dir", nargs="+", action="extend", metavar="DIR",
+                     help="model director(y/ies) to generate with: --model-dir A B, or the flag repeated")
+    src.add_argument("--labels", nargs="+", action="extend", metavar="LABEL",
+                     help="names of the --model-dir models in the comparison, in their order")
     src.add_argument("--generated", metavar="PATH", help="score these samples instead: an .npz (ecg + conditions), "
                      "a folder of WFDB records, a dataset folder (e.g. a `sample --corpus` corpus) or a `sample` "
                      "output folder")

@@ -93,3 +93,17 @@ def test_evaluate_clip_help_says_the_first_model_dirs_clip_scores_them_all(tmp_p
                  "--out", str(tmp_path / "out")])
     assert code == 2 and "stopped here" in capsys.readouterr().err
     assert asked == [(str(tmp_path / "a"), None)]  # the first model directory's CLIP, for both
+
+
+@pytest.mark.parametrize("argv, dest, expected", [
+    (["evaluate", "--model-dir", "a", "--model-dir", "b", "c", "--dataset", "d", "--out", "o"], "model_dir",
+     ["a", "b", "c"]),
+    (["evaluate", "--model-dir", "a", "b", "--labels", "x", "--labels", "y", "--dataset", "d", "--out", "o"], "labels",
+     ["x", "y"]),
+    (["encode", "--vae", "v", "--dataset", "d", "--out", "o", "--splits", "train", "--splits", "test"], "splits",
+     ["train", "test"]),
+], ids=["evaluate-model-dir", "evaluate-labels", "encode-splits"])
+def test_a_list_flag_given_twice_keeps_every_value(argv, dest, expected):
+    """`evaluate --model-dir A --model-dir B` (how "several --model-dir" in its --help reads) kept B alone: one model
+    was generated and scored, with no comparison and no word about A. The same for --labels and encode --splits."""
+    assert getattr(build_parser().parse_args(argv), dest) == expected
