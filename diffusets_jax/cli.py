@@ -181,7 +181,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                              "(an existing file is replaced only if it holds this same run's output: the same "
                              "input content, column, template and embedder settings)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    parser.add_argument("--column", help="the report column/key to read (default: report_0..report_17, else report)")
+    parser.add_argument("--column", help="the report column/key to read (default: a CSV's report_0..report_17, else "
+                        "report; a JSONL record's report_lines, else report)")
     parser.add_argument("--template", choices=("ordered", "free_text", "none"), default="ordered",
                         help="ordered: DiffuSETS ordered prompt (default); free_text: 'The report of the ECG is that "
                              "{report}.' (PTB-XL); none: embed the field as is")

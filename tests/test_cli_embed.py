@@ -358,3 +358,26 @@ def test_batch_size_help_states_the_embedders_defaults_and_commits():
     embedder = LocalEmbedder(batch_size=8)
     assert embedder.preferred_batch_size == steps_per_commit * embedder.batch_size  # embed_with_cache's commit
     assert f"every {steps_per_commit} device steps locally" in text  # the description says it too
+
+
+def test_column_help_states_the_default_field_of_each_input_format(tmp_path):
+    """--column's help gave the CSV default alone (report_0..report_17, else report); a JSONL record is read from
+    report_lines, else report, which the help now says, as the reader does."""
+    import re
+
+    from diffusets_jax.conditioning.report_files import read_report_prompts
+
+    found = re.search(r"--column COLUMN the report column/key to read \(default: a CSV's (\S+)\.\.(\S+), else (\w+); "
+                      r"a JSONL record's (\w+), else (\w+)\)", _command_help("embed"))
+    assert found, _command_help("embed")
+    first, last, csv_fallback, jsonl_first, jsonl_fallback = found.groups()
+    table = tmp_path / "r.csv"
+    table.write_text(f"{first},{last},{csv_fallback}\nSinus rhythm,Normal ECG,Other\n")
+    assert read_report_prompts(table).prompts == [ordered_prompt(["Sinus rhythm", "Normal ECG"])]
+    table.write_text(f"{csv_fallback}\nSinus rhythm|Normal ECG\n")
+    assert read_report_prompts(table).prompts == [ordered_prompt(["Sinus rhythm", "Normal ECG"])]
+    lines = tmp_path / "r.jsonl"
+    lines.write_text(json.dumps({jsonl_first: ["Atrial fibrillation"], jsonl_fallback: "Sinus rhythm"}) + "\n"
+                     + json.dumps({jsonl_fallback: "Sinus rhythm"}) + "\n")
+    assert read_report_prompts(lines).prompts == [ordered_prompt(["Atrial fibrillation"]),
+                                                  ordered_prompt(["Sinus rhythm"])]
