@@ -99,9 +99,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         help="turn a PhysioNet ECG download into sharded TFRecords (TFDS)",
         description=(
             "Build a source's TFDS dataset once: every record resampled to (1024, 12) mV in standard lead order, "
-            "report lines, ordered prompt, text embedding, age, sex, heart rate; patient-disjoint train/validation/"
-            "test splits (read split='all' for the union), except physionet-challenge's: its records name no "
-            "patient, so they are split by record and one patient's records may fall into different splits. Bad records are skipped and counted in "
+            "report lines, prompt (the ordered prompt; ptbxl's local and openai configs: the paper's PTB-XL "
+            "template 'The report of the ECG is that {report}.'), text embedding, age, sex, heart rate; "
+            "patient-disjoint train/validation/test splits (read split='all' for the union), except "
+            "physionet-challenge's: its records name no patient, so they are split by record and one patient's "
+            "records may fall into different splits. Bad records are skipped and counted in "
             "DATA_DIR/<name>/<config>/<version>/prepare_report.json. Rerunning after an interruption reuses every "
             "decoded chunk; a complete dataset built from the same records is not rebuilt, one built from other "
             "records is refused unless --overwrite."
@@ -113,7 +115,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--config", default="local",
         help="builder config: 'local' (MiniLM 384-d embeddings, default) or 'openai' (ada-002 1536-d, as published); "
-        "ptbxl also has '<embedder>_subject_hash_ordered'",
+        "ptbxl's split by its strat_fold with the free-text prompt, and ptbxl also has "
+        "'<embedder>_subject_hash_ordered' (patient-hash splits, ordered prompt)",
     )
     parser.add_argument("--embedding-cache", default=None, help="embedding cache file (default DATA_DIR/embedding_cache/<embedder>.sqlite)")
     parser.add_argument("--workers", type=non_negative_int, default=None, help="decoding processes (default: the cores this process may use; 0 = in-process)")

@@ -107,3 +107,21 @@ def test_a_list_flag_given_twice_keeps_every_value(argv, dest, expected):
     """`evaluate --model-dir A --model-dir B` (how "several --model-dir" in its --help reads) kept B alone: one model
     was generated and scored, with no comparison and no word about A. The same for --labels and encode --splits."""
     assert getattr(build_parser().parse_args(argv), dest) == expected
+
+
+def test_prepare_help_names_ptbxls_prompt_and_splits():
+    """`prepare --help` said every dataset holds the ordered prompt; ptbxl's default configs hold the paper's PTB-XL
+    free-text prompt (and split by strat_fold), a U-Net conditioned on another prompt style than a user expected."""
+    from diffusets_jax.data.sources import builder_class
+
+    configs = {c.name: c for c in builder_class("ptbxl").BUILDER_CONFIGS}
+    text = _command_help("prepare")
+    for name in ("local", "openai"):
+        assert (configs[name].prompt_style, configs[name].split_by) == ("free_text", "strat_fold")
+    for name in ("local_subject_hash_ordered", "openai_subject_hash_ordered"):
+        assert (configs[name].prompt_style, configs[name].split_by) == ("ordered", "subject_hash")
+    assert "prompt (the ordered prompt; ptbxl's local and openai configs: the paper's PTB-XL template" in text
+    assert ("ptbxl's split by its strat_fold with the free-text prompt, and ptbxl also has "
+            "'<embedder>_subject_hash_ordered' (patient-hash splits, ordered prompt)") in text
+    for source in ("mimic-iv-ecg", "physionet-challenge"):  # "the ordered prompt" holds for the others
+        assert {c.prompt_style for c in builder_class(source).BUILDER_CONFIGS} == {"ordered"}
