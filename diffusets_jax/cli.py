@@ -639,7 +639,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     out = parser.add_argument_group("outputs")
     out.add_argument("--formats", help="comma-separated from npz, wfdb, png (default: all three; not with --corpus)")
     out.add_argument("--wfdb-fs", type=finite_float, help="resample WFDB records to this rate, e.g. 500 (default: 102.4 Hz; "
-                     "at least 100 Hz; needs wfdb in --formats; not with --corpus)")
+                     "100 to 10000 Hz; needs wfdb in --formats; not with --corpus)")
     out.add_argument("--corpus", action="store_true", help="write TFRecord shards (prepared-data schema) instead")
     out.add_argument("--shard-size", type=positive_int, help=f"ECGs per --corpus shard (default: {DEFAULT_SHARD_SIZE}), "
                      "rounded up to a whole number of batches (--batch-size): shard s always holds the same batches")

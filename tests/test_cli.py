@@ -125,3 +125,18 @@ def test_prepare_help_names_ptbxls_prompt_and_splits():
             "'<embedder>_subject_hash_ordered' (patient-hash splits, ordered prompt)") in text
     for source in ("mimic-iv-ecg", "physionet-challenge"):  # "the ordered prompt" holds for the others
         assert {c.prompt_style for c in builder_class(source).BUILDER_CONFIGS} == {"ordered"}
+
+
+def test_sample_wfdb_fs_help_states_the_accepted_range():
+    """`sample --help` said --wfdb-fs takes "at least 100 Hz"; 10,001 Hz and above is refused too. The range it
+    states is the one `check_output_fs` accepts."""
+    import re
+
+    from diffusets_jax.io.wfdb_out import check_output_fs
+
+    low, high = (float(x) for x in re.search(r"--wfdb-fs WFDB_FS .*?; (\d+) to (\d+) Hz;", _command_help("sample"))
+                 .groups())
+    assert check_output_fs(low) == low and check_output_fs(high) == high
+    for outside in (low - 0.1, high + 0.1):
+        with pytest.raises(ValueError, match="--wfdb-fs must be a rate in Hz"):
+            check_output_fs(outside)
