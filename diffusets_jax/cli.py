@@ -537,7 +537,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
                         "rerunning the same command there redraws, another folder's contents are never touched")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir folder as a whole")
     parser.add_argument("--dpi", type=positive_int, default=200,
-                        help="pixels per inch (default: %(default)s); the mm scale holds at any dpi")
+                        help="pixels per inch, 10 to 2000 (default: %(default)s); the mm scale holds at each")
     parser.set_defaults(func=_run_plot)
 
 
@@ -1503,7 +1503,8 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=seed_int, help="seed of the selection, order and IDs (default: a fresh random one, "
                         "recorded in the key: raters who knew the seed and the inputs could rebuild the key; the "
                         "same command again into the same --out takes the one recorded there)")
-    parser.add_argument("--dpi", type=positive_int, default=200, help="PNG resolution (default: %(default)s)")
+    parser.add_argument("--dpi", type=positive_int, default=200,
+                        help="PNG resolution, 30 to 600 pixels per inch (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for package/ and key.json (new or empty; "
                         "rerunning the same command there leaves the finished kit as it is)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole, its "

@@ -140,3 +140,25 @@ def test_sample_wfdb_fs_help_states_the_accepted_range():
     for outside in (low - 0.1, high + 0.1):
         with pytest.raises(ValueError, match="--wfdb-fs must be a rate in Hz"):
             check_output_fs(outside)
+
+
+@pytest.mark.parametrize("command", ["plot", "turing-kit"])
+def test_dpi_help_states_the_range_the_command_accepts(command, tmp_path, capsys):
+    """plot's --dpi help said "the mm scale holds at any dpi" and turing-kit's gave no range, yet both refuse a dpi
+    outside a range (10..2000, 30..600). Each help now states its range, checked against the command."""
+    import re
+
+    from diffusets_jax.experiments.turing import KitOptions
+
+    low, high = (int(x) for x in re.search(r"--dpi DPI [^(]*?(\d+) to (\d+)", _command_help(command)).groups())
+    for dpi in (low - 1, low, high, high + 1):
+        if command == "turing-kit":
+            try:
+                KitOptions("alignment", n_generated=1, dpi=dpi).check()
+                refused = ""
+            except ValueError as err:
+                refused = str(err)
+        else:  # refused before any record is read; an accepted dpi fails on the missing record instead
+            main(["plot", str(tmp_path / "none"), "--out-dir", str(tmp_path / "out"), "--dpi", str(dpi)])
+            refused = capsys.readouterr().err
+        assert ("--dpi must be" in refused) == (dpi in (low - 1, high + 1)), (dpi, refused)
