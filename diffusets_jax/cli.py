@@ -269,6 +269,9 @@ def _run_embed(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before a model is loaded or a request is paid for.
     _embedder_settings(args)
+    if args.overwrite and args.output is None:  # it concerns --output alone: without one it was silently ignored
+        raise ValueError("--overwrite replaces an existing --output file, and no --output is given: add --output NPZ, "
+                         "or drop --overwrite (the cache is only ever added to)")
     check_input_file(args.input, "--input")
     check_output_file(args.cache, "--cache")
     # What the --output file holds: a rerun of the same command on the same input may replace it, nothing else may.

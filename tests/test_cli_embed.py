@@ -381,3 +381,19 @@ def test_column_help_states_the_default_field_of_each_input_format(tmp_path):
                      + json.dumps({jsonl_fallback: "Sinus rhythm"}) + "\n")
     assert read_report_prompts(lines).prompts == [ordered_prompt(["Atrial fibrillation"]),
                                                   ordered_prompt(["Sinus rhythm"])]
+
+
+def test_overwrite_without_output_is_refused(tmp_path, capsys, monkeypatch):
+    """--overwrite's help says it replaces an existing --output file; without --output it was silently ignored (a
+    user who meant to rebuild the cache got the old vectors back, exit 0). Refused in one line before anything."""
+    import diffusets_jax.conditioning.embedders as embedders
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda *a, **k: pytest.fail("an embedder was built"))
+    reports = tmp_path / "r.jsonl"
+    reports.write_text('{"report": "Sinus rhythm"}\n')
+    code = main(["embed", "--input", str(reports), "--embedder", "local", "--cache", str(tmp_path / "c.sqlite"),
+                 "--overwrite"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "--overwrite replaces an existing --output file, and no --output is given" in err
+    assert not (tmp_path / "c.sqlite").exists()
