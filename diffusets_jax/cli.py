@@ -600,7 +600,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"),
                      help="ddpm: the published 1000-step ancestral sampler; ddim; dpmpp_2m: DPM-Solver++(2M), "
                           "20 steps (default; with --reference: ddpm 100 steps, ddim 50 for an edit alone)")
-    smp.add_argument("--steps", type=positive_int, help="network evaluations (default: ddpm 1000, ddim 50, dpmpp_2m 20)")
+    smp.add_argument("--steps", type=positive_int, help="network evaluations (default: ddpm 1000, ddim 50, dpmpp_2m 20; "
+                     "ddpm with --reference --observe: 100)")
     smp.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise (0 deterministic; default: %(default)s); "
                      "--sampler ddim only, the others have none to set")
     smp.add_argument("--guidance-scale", type=finite_float, default=1.0,

@@ -162,3 +162,22 @@ def test_dpi_help_states_the_range_the_command_accepts(command, tmp_path, capsys
             main(["plot", str(tmp_path / "none"), "--out-dir", str(tmp_path / "out"), "--dpi", str(dpi)])
             refused = capsys.readouterr().err
         assert ("--dpi must be" in refused) == (dpi in (low - 1, high + 1)), (dpi, refused)
+
+
+def test_sample_steps_help_states_the_posterior_default():
+    """`sample --steps` said ddpm defaults to 1000 steps; with --reference --observe (posterior sampling) ddpm, named
+    or not, runs the posterior's 100-step chain, whose cost is K particles per step. The help says so, from what
+    `sample` runs."""
+    import argparse
+    import re
+
+    from diffusets_jax import posterior_pipeline
+    from diffusets_jax.diffusion.samplers import SAMPLER_DEFAULTS
+
+    found = re.search(r"--steps STEPS network evaluations \(default: ddpm (\d+), ddim (\d+), dpmpp_2m (\d+); ddpm with "
+                      r"--reference --observe: (\d+)\)", _command_help("sample"))
+    assert found
+    ddpm, ddim, dpmpp, posterior = (int(g) for g in found.groups())
+    assert (ddpm, ddim, dpmpp) == tuple(SAMPLER_DEFAULTS[n].steps for n in ("ddpm", "ddim", "dpmpp_2m"))
+    task = argparse.Namespace(mode="reconstruct")
+    assert posterior_pipeline.default_sampler(task) == ("ddpm", posterior)
