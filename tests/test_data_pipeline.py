@@ -234,3 +234,18 @@ def test_a_wrong_dataset_path_is_told_the_layout_prepare_writes(tmp_path):
     written = Path(make_builder("physionet-challenge", str(tmp_path / "data")).data_dir).relative_to(tmp_path / "data")
     assert len(layout) == len(written.parts), (layout, written)
     assert layout == ["NAME", "CONFIG", "VERSION"]
+
+
+def test_a_name_whose_default_config_is_not_prepared_names_the_prepared_configs(tmp_path):
+    """`--dataset mimic_iv_ecg --data-dir DIR` after `prepare mimic-iv-ecg --config openai` (the README's two
+    commands) opened TFDS's default config, local, and said the dataset "is not prepared ... run `diffusets-jax
+    prepare`", though it was. The line now names the configs prepared there."""
+    (tmp_path / "physionet_challenge" / "openai" / "1.0.0").mkdir(parents=True)
+    (tmp_path / "physionet_challenge" / "openai" / "1.0.0" / "dataset_info.json").write_text("{}")
+    with pytest.raises(FileNotFoundError) as refused:
+        pipeline.load_builder("physionet_challenge", tmp_path)
+    assert ("prepared there: physionet_challenge/openai: give the name with its config (a name alone means its "
+            "default config, local)") in str(refused.value)
+    with pytest.raises(FileNotFoundError) as refused:  # nothing prepared: no configs to name
+        pipeline.load_builder("physionet_challenge", tmp_path / "elsewhere")
+    assert "prepared there" not in str(refused.value)

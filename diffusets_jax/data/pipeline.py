@@ -111,9 +111,21 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
                                 "dataset's version folder (DATA_DIR/NAME/CONFIG/VERSION, which holds dataset_info.json) or "
                                 "a dataset name with --data-dir") from err
     if not builder.is_prepared():
+        # A name without /CONFIG is TFDS's default config (local): one prepared with `--config openai` was said to
+        # be "not prepared", and the user, who had prepared it, was sent to prepare it again.
+        name, hint = source.split(":")[0], ""
+        if data_dir is not None and "/" not in name:
+            import glob
+
+            found = glob.glob(os.path.join(glob.escape(os.fspath(data_dir)), glob.escape(name), "*", "*",
+                                           "dataset_info.json"))
+            others = sorted({f"{name}/{os.path.basename(os.path.dirname(os.path.dirname(f)))}" for f in found})
+            if others:
+                hint = (f"; prepared there: {', '.join(others)}: give the name with its config (a name alone means "
+                        f"its default config, {getattr(builder.builder_config, 'name', None)})")
         raise FileNotFoundError(
             f"dataset {source!r} is not prepared under {builder.data_dir!r}: run `diffusets-jax prepare` for it "
-            "or pass the --data-dir it was prepared into"
+            f"or pass the --data-dir it was prepared into{hint}"
         )
     return builder
 
