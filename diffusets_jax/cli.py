@@ -1371,7 +1371,7 @@ def _temperature(text: str) -> float:
 
 
 def _add_describe(sub: argparse._SubParsersAction) -> None:
-    from diffusets_jax.conditioning.chat import CHAT_DEFAULT_MODEL  # stdlib only: cheap at parser build time
+    from diffusets_jax.conditioning.chat import CHAT_DEFAULT_MODEL, MAX_TEMPERATURE  # stdlib only: cheap here
 
     parser = sub.add_parser(
         "describe",
@@ -1401,7 +1401,8 @@ def _add_describe(sub: argparse._SubParsersAction) -> None:
                             "the command line")
     model.add_argument("--max-statements", type=_statement_count, default=8,
                        help="findings asked for, at most a report's lines (18) (default: %(default)s)")
-    model.add_argument("--temperature", type=_temperature, default=0.0, help="sampling temperature (default: %(default)s)")
+    model.add_argument("--temperature", type=_temperature, default=0.0,
+                       help=f"sampling temperature, 0 to {MAX_TEMPERATURE:g} (default: %(default)s)")
     model.add_argument("--max-retries", type=non_negative_int, default=8, help="retries on 429/5xx/timeouts (default: %(default)s)")
     model.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request (default: %(default)s)")
     parser.set_defaults(func=_run_describe)

@@ -181,3 +181,18 @@ def test_sample_steps_help_states_the_posterior_default():
     assert (ddpm, ddim, dpmpp) == tuple(SAMPLER_DEFAULTS[n].steps for n in ("ddpm", "ddim", "dpmpp_2m"))
     task = argparse.Namespace(mode="reconstruct")
     assert posterior_pipeline.default_sampler(task) == ("ddpm", posterior)
+
+
+def test_describe_temperature_help_states_the_range_it_accepts():
+    """`describe --temperature` refused values above the API's 2 with no range in its help."""
+    import argparse
+    import re
+
+    from diffusets_jax.cli import _temperature
+
+    low, high = (float(x) for x in re.search(r"--temperature TEMPERATURE sampling temperature, (\S+) to (\S+) \(",
+                                             _command_help("describe")).groups())
+    assert _temperature(str(low)) == low and _temperature(str(high)) == high
+    for outside in (low - 0.01, high + 0.01):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _temperature(str(outside))
