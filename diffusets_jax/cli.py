@@ -99,8 +99,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         help="turn a PhysioNet ECG download into sharded TFRecords (TFDS)",
         description=(
             "Build a source's TFDS dataset once: every record resampled to (1024, 12) mV in standard lead order, "
-            "report lines, ordered prompt, text embedding, age, sex, heart rate; patient-disjoint train/validation/"
-            "test splits (read split='all' for the union). Bad records are skipped and counted in "
+            "report lines, prompt (the ordered prompt; ptbxl's local and openai configs: the paper's PTB-XL "
+            "template 'The report of the ECG is that {report}.'), text embedding, age, sex, heart rate; "
+            "patient-disjoint train/validation/test splits (read split='all' for the union), except "
+            "physionet-challenge's: its records name no patient, so they are split by record and one patient's "
+            "records may fall into different splits. Bad records are skipped and counted in "
             "DATA_DIR/<name>/<config>/<version>/prepare_report.json. Rerunning after an interruption reuses every "
             "decoded chunk; a complete dataset built from the same records is not rebuilt, one built from other "
             "records is refused unless --overwrite."
@@ -112,7 +115,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--config", default="local",
         help="builder config: 'local' (MiniLM 384-d embeddings, default) or 'openai' (ada-002 1536-d, as published); "
-        "ptbxl also has '<embedder>_subject_hash_ordered'",
+        "ptbxl's split by its strat_fold with the free-text prompt, and ptbxl also has "
+        "'<embedder>_subject_hash_ordered' (patient-hash splits, ordered prompt)",
     )
     parser.add_argument("--embedding-cache", default=None, help="embedding cache file (default DATA_DIR/embedding_cache/<embedder>.sqlite)")
     parser.add_argument("--workers", type=non_negative_int, default=None, help="decoding processes (default: the cores this process may use; 0 = in-process)")
@@ -163,8 +167,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         help="embed the clinical reports of a CSV/JSONL file into a durable embedding cache",
         description=(
             "Build each record's prompt from its report (DiffuSETS' ordered prompt by default) and embed every "
-            "distinct prompt once into an SQLite cache. Every answered batch is committed before the next is "
-            "requested: rerun the same command after an interruption and only the missing prompts are embedded. "
+            "distinct prompt once into an SQLite cache. What is embedded is committed as it comes (each OpenAI request; "
+            "every 16 device steps locally): rerun the same command after an interruption and only the missing prompts are embedded. "
             "Inputs: a CSV with MIMIC-IV-ECG's report_0..report_17 columns (machine_measurements.csv as is) or a "
             "`report` column of '|'-joined statements; or JSON Lines with `report_lines` (list) or `report`."
         ),
@@ -180,12 +184,15 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                              "(an existing file is replaced only if it holds this same run's output: the same "
                              "input content, column, template and embedder settings)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    parser.add_argument("--column", help="the report column/key to read (default: report_0..report_17, else report)")
+    parser.add_argument("--column", help="the report column/key to read (default: a CSV's report_0..report_17, else "
+                        "report; a JSONL record's report_lines, else report)")
     parser.add_argument("--template", choices=("ordered", "free_text", "none"), default="ordered",
                         help="ordered: DiffuSETS ordered prompt (default); free_text: 'The report of the ECG is that "
                              "{report}.' (PTB-XL); none: embed the field as is")
-    parser.add_argument("--batch-size", type=positive_int, help="texts per embedder call and per cache commit "
-                        "(default: openai 256 per request, local 64 per device step)")
+    # The local encoder commits every 16 device steps (`LocalEmbedder.preferred_batch_size`), not each step.
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="openai: texts per request, each committed to the cache before the next is sent "
+                             "(default: 256); local: texts per device step, committed every 16 steps (default: 64)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     openai_group = parser.add_argument_group("openai embedder")
     # No argparse defaults in the embedder groups (`_EMBEDDER_DEFAULTS` fills them in): a flag given for the other
@@ -262,6 +269,9 @@ def _run_embed(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before a model is loaded or a request is paid for.
     _embedder_settings(args)
+    if args.overwrite and args.output is None:  # it concerns --output alone: without one it was silently ignored
+        raise ValueError("--overwrite replaces an existing --output file, and no --output is given: add --output NPZ, "
+                         "or drop --overwrite (the cache is only ever added to)")
     check_input_file(args.input, "--input")
     check_output_file(args.cache, "--cache")
     # What the --output file holds: a rerun of the same command on the same input may replace it, nothing else may.
@@ -484,7 +494,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
                         help="examples per encoder call, a multiple of the local device count (default: 256)")
     parser.add_argument("--examples-per-shard", type=positive_int, default=8192,
                         help="source examples per output shard, the unit of resumption (default: 8192)")
-    parser.add_argument("--splits", nargs="+", metavar="SPLIT",
+    parser.add_argument("--splits", nargs="+", action="extend", metavar="SPLIT",  # repeated: all, not the last
                         help="splits to encode (default: train validation test, those the dataset has)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole")
 
@@ -530,7 +540,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
                         "rerunning the same command there redraws, another folder's contents are never touched")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir folder as a whole")
     parser.add_argument("--dpi", type=positive_int, default=200,
-                        help="pixels per inch (default: %(default)s); the mm scale holds at any dpi")
+                        help="pixels per inch, 10 to 2000 (default: %(default)s); the mm scale holds at each")
     parser.set_defaults(func=_run_plot)
 
 
@@ -590,7 +600,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"),
                      help="ddpm: the published 1000-step ancestral sampler; ddim; dpmpp_2m: DPM-Solver++(2M), "
                           "20 steps (default; with --reference: ddpm 100 steps, ddim 50 for an edit alone)")
-    smp.add_argument("--steps", type=positive_int, help="network evaluations (default: ddpm 1000, ddim 50, dpmpp_2m 20)")
+    smp.add_argument("--steps", type=positive_int, help="network evaluations (default: ddpm 1000, ddim 50, dpmpp_2m 20; "
+                     "ddpm with --reference --observe: 100)")
     smp.add_argument("--eta", type=finite_float, default=0.0, help="DDIM noise (0 deterministic; default: %(default)s); "
                      "--sampler ddim only, the others have none to set")
     smp.add_argument("--guidance-scale", type=finite_float, default=1.0,
@@ -627,12 +638,12 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--embedder-base-url", metavar="URL",
                      help="another OpenAI-compatible endpoint serving the recorded model (default: as recorded, "
                           "else $OPENAI_BASE_URL)")
-    emb.add_argument("--api-key-env", default="OPENAI_API_KEY",
+    emb.add_argument("--api-key-env", type=non_empty, default="OPENAI_API_KEY",
                      help="environment variable holding the API key (default: %(default)s)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--formats", help="comma-separated from npz, wfdb, png (default: all three; not with --corpus)")
     out.add_argument("--wfdb-fs", type=finite_float, help="resample WFDB records to this rate, e.g. 500 (default: 102.4 Hz; "
-                     "at least 100 Hz; needs wfdb in --formats; not with --corpus)")
+                     "100 to 10000 Hz; needs wfdb in --formats; not with --corpus)")
     out.add_argument("--corpus", action="store_true", help="write TFRecord shards (prepared-data schema) instead")
     out.add_argument("--shard-size", type=positive_int, help=f"ECGs per --corpus shard (default: {DEFAULT_SHARD_SIZE}), "
                      "rounded up to a whole number of batches (--batch-size): shard s always holds the same batches")
@@ -750,7 +761,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     parallel.initialize_distributed()
     from diffusets_jax.pipeline import ECGGenerator
 
-    overrides = {"base_url": args.embedder_base_url, "api_key": os.environ.get(args.api_key_env)}
+    api_key = os.environ.get(args.api_key_env)
+    overrides = {"base_url": args.embedder_base_url, "api_key": api_key}
     options = dict(seed=args.seed, embedding_cache=args.embedding_cache, embedder_overrides=overrides,
                    compute_dtype=None if args.dtype == "float32" else args.dtype)
     if task is None:
@@ -774,6 +786,12 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     with parallel.failing_together():  # on every host, though only process 0 embeds
         if jax.process_index() == 0:  # the process that embeds: a missing API key is one line before --out is claimed
+            if generator.conditioning.embedder.kind == "openai" and not api_key:
+                # Checked here: the client's own fallback, $OPENAI_API_KEY, sent that key to the --embedder-base-url
+                # server of a user whose --api-key-env named another, unset, variable.
+                raise ValueError(f"${args.api_key_env} is not set: export the API key of the model's embedder "
+                                 f"({generator.conditioning.embedder.model}) there (--api-key-env names another "
+                                 f"variable; {_KEYLESS_SERVER.replace('--base-url', '--embedder-base-url')})")
             generator.embedder()
     if generator.guidance_warning and jax.process_index() == 0:
         print(f"diffusets-jax sample: warning: {generator.guidance_warning}", file=sys.stderr)
@@ -846,13 +864,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         ),
     )
     src = parser.add_argument_group("what to evaluate")
-    src.add_argument("--model-dir", nargs="+", metavar="DIR", help="model director(y/ies) to generate with")
-    src.add_argument("--labels", nargs="+", metavar="LABEL", help="names of the --model-dir models in the comparison")
+    # "extend": `--model-dir A --model-dir B`, as "several --model-dir" reads, kept only B and scored it alone.
+    src.add_argument("--model-dir", nargs="+", action="extend", metavar="DIR",
+                     help="model director(y/ies) to generate with: --model-dir A B, or the flag repeated")
+    src.add_argument("--labels", nargs="+", action="extend", metavar="LABEL",
+                     help="names of the --model-dir models in the comparison, in their order")
     src.add_argument("--generated", metavar="PATH", help="score these samples instead: an .npz (ecg + conditions), "
                      "a folder of WFDB records, a dataset folder (e.g. a `sample --corpus` corpus) or a `sample` "
                      "output folder")
     parser.add_argument("--clip", metavar="DIR", help="model directory whose clip/ is the feature extractor "
-                        "(default: the --model-dir's own clip)")
+                        "(default: the first --model-dir's clip, which then scores every --model-dir)")
     parser.add_argument("--dataset", required=True, help="prepared dataset directory (or TFDS name with --data-dir)")
     parser.add_argument("--data-dir", help="TFDS data dir when --dataset is a name")
     parser.add_argument("--split", default="test", help="split to evaluate on (default: %(default)s)")
@@ -1353,7 +1374,7 @@ def _temperature(text: str) -> float:
 
 
 def _add_describe(sub: argparse._SubParsersAction) -> None:
-    from diffusets_jax.conditioning.chat import CHAT_DEFAULT_MODEL  # stdlib only: cheap at parser build time
+    from diffusets_jax.conditioning.chat import CHAT_DEFAULT_MODEL, MAX_TEMPERATURE  # stdlib only: cheap here
 
     parser = sub.add_parser(
         "describe",
@@ -1383,7 +1404,8 @@ def _add_describe(sub: argparse._SubParsersAction) -> None:
                             "the command line")
     model.add_argument("--max-statements", type=_statement_count, default=8,
                        help="findings asked for, at most a report's lines (18) (default: %(default)s)")
-    model.add_argument("--temperature", type=_temperature, default=0.0, help="sampling temperature (default: %(default)s)")
+    model.add_argument("--temperature", type=_temperature, default=0.0,
+                       help=f"sampling temperature, 0 to {MAX_TEMPERATURE:g} (default: %(default)s)")
     model.add_argument("--max-retries", type=non_negative_int, default=8, help="retries on 429/5xx/timeouts (default: %(default)s)")
     model.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request (default: %(default)s)")
     parser.set_defaults(func=_run_describe)
@@ -1489,7 +1511,8 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=seed_int, help="seed of the selection, order and IDs (default: a fresh random one, "
                         "recorded in the key: raters who knew the seed and the inputs could rebuild the key; the "
                         "same command again into the same --out takes the one recorded there)")
-    parser.add_argument("--dpi", type=positive_int, default=200, help="PNG resolution (default: %(default)s)")
+    parser.add_argument("--dpi", type=positive_int, default=200,
+                        help="PNG resolution, 30 to 600 pixels per inch (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for package/ and key.json (new or empty; "
                         "rerunning the same command there leaves the finished kit as it is)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole, its "

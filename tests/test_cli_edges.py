@@ -891,7 +891,27 @@ def test_sample_without_the_embedders_api_key_is_refused_before_claiming_out(tin
     code, err = run_cli(["sample", "--model-dir", str(tiny_model), "--text", "Sinus rhythm", "--sex", "F", "--age",
                          "40", "--hr", "60", "--out", str(tmp_path / "out")], capsys)
     assert code == 2
-    assert_one_line(err, "the OpenAI embedder needs an API key: set OPENAI_API_KEY")
+    assert_one_line(err, "$OPENAI_API_KEY is not set: export the API key of the model's embedder")
+    assert snapshot(tmp_path) == before
+
+
+def test_sample_api_key_env_unset_does_not_send_the_openai_key(tiny_model, tmp_path, capsys, monkeypatch):
+    """`--api-key-env MY_KEY` with MY_KEY unset fell back to $OPENAI_API_KEY (the client's default) and sent that key
+    to the --embedder-base-url server, exit 0: --help says the key is read from the variable named. Now refused in
+    one line naming it, before anything is sent or --out is claimed."""
+    from tests.helpers.fake_openai_server import FakeOpenAIServer
+    from tests.helpers.tiny_models import TEXT_DIM
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-not-for-this-server")
+    monkeypatch.delenv("MY_SERVER_KEY", raising=False)
+    before = snapshot(tmp_path)
+    with FakeOpenAIServer(dim=TEXT_DIM) as server:
+        code, err = run_cli(["sample", "--model-dir", str(tiny_model), "--text", "Sinus rhythm", "--sex", "F", "--age",
+                             "40", "--hr", "60", "--steps", "2", "--formats", "npz", "--embedder-base-url",
+                             server.base_url, "--api-key-env", "MY_SERVER_KEY", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert_one_line(err, "$MY_SERVER_KEY is not set: export the API key of the model's embedder")
+    assert server.authorization == [] and server.received == []
     assert snapshot(tmp_path) == before
 
 

@@ -326,3 +326,74 @@ def test_a_flag_of_the_other_embedder_is_refused_not_ignored(tmp_path, capsys, m
     assert code == 2 and "\n" not in err, err
     assert f"{named} " in err and f"--embedder {'openai' if embedder == 'local' else 'local'}" in err, err
     assert not (tmp_path / "c.sqlite").exists()
+
+
+def _command_help(command: str) -> str:
+    """`diffusets-jax COMMAND --help` as one line of text (argparse wraps it at the terminal's width)."""
+    import argparse
+
+    from diffusets_jax.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return " ".join(sub.choices[command].format_help().split())
+
+
+def test_batch_size_help_states_the_embedders_defaults_and_commits():
+    """--help said --batch-size is the texts "per cache commit" for both embedders, but the local encoder commits
+    every 16 device steps (1,024 texts by default): a run interrupted in between embeds them again. The help now
+    states each embedder's own default and commit, which must be what they do."""
+    import inspect
+    import re
+
+    from diffusets_jax.conditioning.embedders import LocalEmbedder, OpenAIEmbedder
+
+    text = _command_help("embed")
+    found = re.search(r"--batch-size BATCH_SIZE openai: texts per request, each committed to the cache before the "
+                      r"next is sent \(default: (\d+)\); local: texts per device step, committed every (\d+) steps "
+                      r"\(default: (\d+)\)", text)
+    assert found, text
+    openai_default, steps_per_commit, local_default = (int(g) for g in found.groups())
+    assert openai_default == inspect.signature(OpenAIEmbedder).parameters["batch_size"].default
+    assert local_default == inspect.signature(LocalEmbedder).parameters["batch_size"].default
+    embedder = LocalEmbedder(batch_size=8)
+    assert embedder.preferred_batch_size == steps_per_commit * embedder.batch_size  # embed_with_cache's commit
+    assert f"every {steps_per_commit} device steps locally" in text  # the description says it too
+
+
+def test_column_help_states_the_default_field_of_each_input_format(tmp_path):
+    """--column's help gave the CSV default alone (report_0..report_17, else report); a JSONL record is read from
+    report_lines, else report, which the help now says, as the reader does."""
+    import re
+
+    from diffusets_jax.conditioning.report_files import read_report_prompts
+
+    found = re.search(r"--column COLUMN the report column/key to read \(default: a CSV's (\S+)\.\.(\S+), else (\w+); "
+                      r"a JSONL record's (\w+), else (\w+)\)", _command_help("embed"))
+    assert found, _command_help("embed")
+    first, last, csv_fallback, jsonl_first, jsonl_fallback = found.groups()
+    table = tmp_path / "r.csv"
+    table.write_text(f"{first},{last},{csv_fallback}\nSinus rhythm,Normal ECG,Other\n")
+    assert read_report_prompts(table).prompts == [ordered_prompt(["Sinus rhythm", "Normal ECG"])]
+    table.write_text(f"{csv_fallback}\nSinus rhythm|Normal ECG\n")
+    assert read_report_prompts(table).prompts == [ordered_prompt(["Sinus rhythm", "Normal ECG"])]
+    lines = tmp_path / "r.jsonl"
+    lines.write_text(json.dumps({jsonl_first: ["Atrial fibrillation"], jsonl_fallback: "Sinus rhythm"}) + "\n"
+                     + json.dumps({jsonl_fallback: "Sinus rhythm"}) + "\n")
+    assert read_report_prompts(lines).prompts == [ordered_prompt(["Atrial fibrillation"]),
+                                                  ordered_prompt(["Sinus rhythm"])]
+
+
+def test_overwrite_without_output_is_refused(tmp_path, capsys, monkeypatch):
+    """--overwrite's help says it replaces an existing --output file; without --output it was silently ignored (a
+    user who meant to rebuild the cache got the old vectors back, exit 0). Refused in one line before anything."""
+    import diffusets_jax.conditioning.embedders as embedders
+
+    monkeypatch.setattr(embedders, "make_embedder", lambda *a, **k: pytest.fail("an embedder was built"))
+    reports = tmp_path / "r.jsonl"
+    reports.write_text('{"report": "Sinus rhythm"}\n')
+    code = main(["embed", "--input", str(reports), "--embedder", "local", "--cache", str(tmp_path / "c.sqlite"),
+                 "--overwrite"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "--overwrite replaces an existing --output file, and no --output is given" in err
+    assert not (tmp_path / "c.sqlite").exists()

@@ -216,3 +216,36 @@ def test_load_builder_refuses_a_data_dir_with_a_dataset_folder(builder, tmp_path
         pipeline.load_builder(builder.data_dir, data_dir=tmp_path, data_dir_flag="config.data.data_dir")
     with pytest.raises(FileNotFoundError, match="does not exist"):  # a mistyped path is said to be one
         pipeline.load_builder(tmp_path / "absent", data_dir=tmp_path)
+
+
+def test_a_wrong_dataset_path_is_told_the_layout_prepare_writes(tmp_path):
+    """The message for a dataset path without dataset_info.json said to give DATA_DIR/NAME/VERSION; `prepare` writes
+    DATA_DIR/NAME/CONFIG/VERSION (e.g. physionet_challenge/local/1.0.0), so a user following it gave a folder that
+    does not exist. The layout it names is the one a builder writes into."""
+    import re
+    from pathlib import Path
+
+    from diffusets_jax.data.sources import make_builder
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as refused:
+        pipeline.load_builder(tmp_path / "empty")
+    layout = re.search(r"version folder \((DATA_DIR(?:/[A-Z]+)+),", str(refused.value)).group(1).split("/")[1:]
+    written = Path(make_builder("physionet-challenge", str(tmp_path / "data")).data_dir).relative_to(tmp_path / "data")
+    assert len(layout) == len(written.parts), (layout, written)
+    assert layout == ["NAME", "CONFIG", "VERSION"]
+
+
+def test_a_name_whose_default_config_is_not_prepared_names_the_prepared_configs(tmp_path):
+    """`--dataset mimic_iv_ecg --data-dir DIR` after `prepare mimic-iv-ecg --config openai` (the README's two
+    commands) opened TFDS's default config, local, and said the dataset "is not prepared ... run `diffusets-jax
+    prepare`", though it was. The line now names the configs prepared there."""
+    (tmp_path / "physionet_challenge" / "openai" / "1.0.0").mkdir(parents=True)
+    (tmp_path / "physionet_challenge" / "openai" / "1.0.0" / "dataset_info.json").write_text("{}")
+    with pytest.raises(FileNotFoundError) as refused:
+        pipeline.load_builder("physionet_challenge", tmp_path)
+    assert ("prepared there: physionet_challenge/openai: give the name with its config (a name alone means its "
+            "default config, local)") in str(refused.value)
+    with pytest.raises(FileNotFoundError) as refused:  # nothing prepared: no configs to name
+        pipeline.load_builder("physionet_challenge", tmp_path / "elsewhere")
+    assert "prepared there" not in str(refused.value)

@@ -75,7 +75,7 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
     """A prepared dataset's builder from a builder, a registered name + `data_dir`, or a dataset directory.
 
     A directory holding `dataset_info.json` (e.g. a latent dataset written by `diffusets-jax encode`, or
-    `<data_dir>/<name>/<version>`) is opened with `tfds.builder_from_directory`. A `data_dir` (`data_dir_flag`
+    `<data_dir>/<name>/<config>/<version>`) is opened with `tfds.builder_from_directory`. A `data_dir` (`data_dir_flag`
     names where it was given) goes with a name only: with a path it is refused, not ignored.
     """
     if isinstance(source, tfds.core.DatasetBuilder):
@@ -93,7 +93,7 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
         # A path, not a TFDS name: say what is wrong with it rather than how TFDS failed to parse it as a name.
         what = ("is a folder without dataset_info.json" if os.path.isdir(source) else
                 "is a file" if os.path.exists(source) else "does not exist")
-        raise FileNotFoundError(f"dataset {source} {what}: give a prepared dataset's version folder (DATA_DIR/NAME/"
+        raise FileNotFoundError(f"dataset {source} {what}: give a prepared dataset's version folder (DATA_DIR/NAME/CONFIG/"
                                 "VERSION, which holds dataset_info.json) or a dataset name with --data-dir")
     from diffusets_jax.data import sources
 
@@ -108,12 +108,24 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
         ) from err
     except ValueError as err:  # TFDS could not read it as NAME[/CONFIG][:VERSION]: a mistyped relative path
         raise FileNotFoundError(f"dataset {source!r} is neither a folder here nor a dataset name: give a prepared "
-                                "dataset's version folder (DATA_DIR/NAME/VERSION, which holds dataset_info.json) or "
+                                "dataset's version folder (DATA_DIR/NAME/CONFIG/VERSION, which holds dataset_info.json) or "
                                 "a dataset name with --data-dir") from err
     if not builder.is_prepared():
+        # A name without /CONFIG is TFDS's default config (local): one prepared with `--config openai` was said to
+        # be "not prepared", and the user, who had prepared it, was sent to prepare it again.
+        name, hint = source.split(":")[0], ""
+        if data_dir is not None and "/" not in name:
+            import glob
+
+            found = glob.glob(os.path.join(glob.escape(os.fspath(data_dir)), glob.escape(name), "*", "*",
+                                           "dataset_info.json"))
+            others = sorted({f"{name}/{os.path.basename(os.path.dirname(os.path.dirname(f)))}" for f in found})
+            if others:
+                hint = (f"; prepared there: {', '.join(others)}: give the name with its config (a name alone means "
+                        f"its default config, {getattr(builder.builder_config, 'name', None)})")
         raise FileNotFoundError(
             f"dataset {source!r} is not prepared under {builder.data_dir!r}: run `diffusets-jax prepare` for it "
-            "or pass the --data-dir it was prepared into"
+            f"or pass the --data-dir it was prepared into{hint}"
         )
     return builder
 
