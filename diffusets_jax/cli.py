@@ -1224,7 +1224,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                         "rerunning the same demo there resumes, another folder's contents are never touched")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole")
     parser.add_argument("--quick", action="store_true", help="a few training steps only: the same path in ~a minute")
-    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="PRNG seed of the ECGs the demo generates, for its samples and its evaluation (default: "
+                             "%(default)s); the trainings use their configs' seeds")
     parser.set_defaults(func=_run_demo)
 
 
