@@ -893,7 +893,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     cond.add_argument("--samples-per-record", type=positive_int,
                       help=f"S: ECGs generated per record (default: {EVALUATE_DEFAULTS['samples_per_record']})")
     smp = parser.add_argument_group("sampler (default: the protocol's)")
-    smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"))
+    smp.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"),
+                     help="instead of the protocol's (paper: ddpm, fast: dpmpp_2m); the report names the one that ran")
     smp.add_argument("--steps", type=positive_int, help="default: ddpm 1000, ddim 50, dpmpp_2m 20")
     smp.add_argument("--guidance-scale", type=finite_float,
                      help=f"classifier-free guidance weight (default: {EVALUATE_DEFAULTS['guidance_scale']:g}, none)")
@@ -1493,7 +1494,9 @@ def _add_turing_kit(sub: argparse._SubParsersAction) -> None:
             "no_match. Score the filled sheets with `turing-score`."
         ),
     )
-    parser.add_argument("--variant", required=True, choices=("real-vs-generated", "alignment"))
+    parser.add_argument("--variant", required=True, choices=("real-vs-generated", "alignment"),
+                        help="real-vs-generated: raters tell real from generated; alignment: raters judge whether a "
+                             "generated ECG matches the report shown with it")
     parser.add_argument("--generated", required=True, metavar="PATH",
                         help="what `diffusets-jax sample` wrote: its output folder or samples.npz, or its "
                              "--corpus folder")

@@ -519,6 +519,17 @@ def test_every_integer_flag_has_a_range_where_it_is_read():
             parse(text)
 
 
+def test_every_argument_of_every_command_has_help():
+    """`demo --seed`, `evaluate --sampler` and `turing-kit --variant` had none: --help listed them with nothing to
+    say what they seed, replace or choose."""
+    from diffusets_jax.cli import build_parser
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    silent = [(name, action.option_strings or action.dest) for name, command in commands.choices.items()
+              for action in command._actions if not action.help and not isinstance(action, argparse._HelpAction)]
+    assert silent == []
+
+
 def test_every_commands_help_renders():
     """argparse %-formats argument help but not descriptions: a '%%' written into a description reached the
     reader as '95%%'. Every command's --help is rendered here, which also catches a bad '%' in an argument's help."""
