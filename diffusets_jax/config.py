@@ -409,10 +409,19 @@ def diffusion_section(**values: Any) -> ml_collections.ConfigDict:
                                          "scale_by_std": published.scale_by_std, "clip_sample": published.clip_sample})
     _update_declared(section, values, "diffusion")
     ScheduleConfig(**schedule)  # validate now
-    if section.scale_by_std and section.clip_sample:
-        raise ValueError("diffusion.scale_by_std makes the latents unit-variance, reaching beyond [-1, 1]: set "
-                         "diffusion.clip_sample=False")
+    check_diffusion_section(section)
     return section
+
+
+def check_diffusion_section(diffusion: ml_collections.ConfigDict, source: str | None = None) -> None:
+    """Refuse `diffusion.scale_by_std` with `diffusion.clip_sample`: DDPM would clip unit-variance latents to
+    [-1, 1] and sample wrongly. Run when a recipe builds the section and again after command-line overrides
+    (`train.run.check_train_section`), where `--config.diffusion.scale_by_std=true` alone on a published recipe
+    (clip_sample true) trained and exported such a U-Net; `source` names the config file in the message."""
+    prefix = f"{source}: " if source else ""
+    if diffusion.get("scale_by_std") and diffusion.get("clip_sample"):
+        raise ValueError(f"{prefix}diffusion.scale_by_std makes the latents unit-variance, reaching beyond [-1, 1]: "
+                         "set diffusion.clip_sample=False (--config.diffusion.clip_sample=false)")
 
 
 def _update_declared(section: ml_collections.ConfigDict, values: dict[str, Any], name: str) -> None:

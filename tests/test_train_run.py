@@ -177,6 +177,23 @@ def test_a_scalar_int_field_takes_an_int_not_a_float_or_a_bool(config_file, key,
     check_train_section(config, config_file)  # floats where the module declares them (a dropout rate) still pass
 
 
+@pytest.mark.parametrize("config_file,overrides", [
+    ("diffusets_unet.py", ["diffusion.scale_by_std=true"]),  # the recipe clips: the README's flag half given
+    ("demo_unet.py", ["diffusion.clip_sample=true"]),  # the recipe measures the scale
+])
+def test_scale_by_std_with_clip_sample_is_refused_after_overrides(tmp_path, capsys, config_file, overrides):
+    """The combination a recipe's diffusion_section refuses passed as command-line overrides: the U-Net trained and
+    exported with DDPM clipping its unit-variance latents to [-1, 1] by default."""
+    workdir = tmp_path / "run"
+    args = [f"--config.{o}" for o in overrides]
+    assert cli.main(["train", "unet", "--config", str(CONFIGS / config_file), "--workdir", str(workdir),
+                     "--config.data.dataset=/nowhere", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{config_file}: diffusion.scale_by_std makes the latents unit-variance" in err, err
+    assert "diffusion.clip_sample=false" in err and not workdir.exists()
+
+
 @pytest.mark.parametrize("key,value,expected", [
     ("global_batch_size", 8.5, "got 8.5 (a float)"),
     ("num_steps", 200.0, "got 200.0 (a float): write 200"),

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 
 from diffusets_jax import parallel
-from diffusets_jax.config import check_optimizer_section, check_seed
+from diffusets_jax.config import check_diffusion_section, check_optimizer_section, check_seed
 from diffusets_jax.models import model_dir as model_dirs
 from diffusets_jax.models.bundle import check_int_fields
 from diffusets_jax.models.winograd import check_algorithm
@@ -102,6 +102,8 @@ def check_train_section(config: ml_collections.ConfigDict, source: str = "the co
                          f"{train.compute_dtype!r} (float16 would need loss scaling, which the trainers do not do)")
     if "optimizer" in config:
         check_optimizer_section(config.optimizer, source)
+    if "diffusion" in config:
+        check_diffusion_section(config.diffusion, source)
     if "cond_dropout" in train and not 0.0 <= float(train.cond_dropout) < 1.0:
         raise ValueError(f"{source}: train.cond_dropout must be in [0, 1) (the share of conditions dropped for "
                          f"guidance; 0 = none), got {train.cond_dropout}")
