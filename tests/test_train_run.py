@@ -124,6 +124,20 @@ def test_the_architectures_numbers_are_checked_before_any_module_is_built(key, v
         check_train_section(config, "demo_vae.py")
 
 
+@pytest.mark.parametrize("config_file,key", [("demo_vae.py", "widths"), ("demo_clip.py", "filters"),
+                                             ("demo_unet.py", "channels")])
+def test_an_empty_model_tuple_is_one_line_before_the_workdir_is_claimed(tmp_path, capsys, config_file, key):
+    """`--config.model.widths=` (an unset shell variable) gave (): the VAE failed in its first trace, after the
+    workdir was claimed, with an IndexError traceback."""
+    workdir = tmp_path / "run"
+    model = {"demo_vae.py": "vae", "demo_clip.py": "clip", "demo_unet.py": "unet"}[config_file]
+    assert cli.main(["train", model, "--config", str(CONFIGS / config_file), "--workdir", str(workdir),
+                     "--config.data.dataset=/nowhere", f"--config.model.{key}="]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{config_file}: model.{key} is empty" in err, err
+    assert f"--config.model.{key}=32,64" in err and not workdir.exists()
+
+
 @pytest.mark.parametrize("widths", [(32.0, 64, 64), (32, 64, "a"), (32, True, 64)])
 def test_a_model_tuple_takes_whole_numbers(widths):
     """A float among the widths of a config file or an edited config.json failed in the first traced step, after

@@ -150,6 +150,11 @@ def _check_model_section(model: Any, source: str) -> None:
                                                          for v in value):
             raise ValueError(f"{source}: model.{key} takes whole numbers (widths, counts or sizes), got "
                              f"{tuple(value)}")
+        if isinstance(value, (tuple, list)) and not value:
+            # `--config.model.widths=` (an unset shell variable) gave (): the VAE failed as it was first traced,
+            # after the workdir was claimed, with an IndexError traceback.
+            raise ValueError(f"{source}: model.{key} is empty; it takes one or more whole numbers (widths, counts or "
+                             f"sizes), e.g. --config.model.{key}=32,64")
         for item in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(item, bool) or not isinstance(item, (int, float)):
                 continue
