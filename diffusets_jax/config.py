@@ -389,6 +389,11 @@ def check_optimizer_section(optimizer: ml_collections.ConfigDict, source: str | 
             raise ValueError(f"{prefix}optimizer.{key} must be in {interval}, got {optimizer[key]!r}")
     if optimizer.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"{prefix}optimizer.lr_schedule must be one of {LR_SCHEDULES}, got {optimizer.lr_schedule!r}")
+    if float(optimizer.warmup_steps) > 0 and optimizer.lr_schedule != "cosine":
+        # Only the cosine schedule has a warm-up: given to another one it was ignored, without a word.
+        raise ValueError(f"{prefix}optimizer.warmup_steps={optimizer.warmup_steps} warms up the cosine schedule only, "
+                         f"and optimizer.lr_schedule is {optimizer.lr_schedule!r}: set --config.optimizer.lr_schedule="
+                         "cosine, or leave warmup_steps at 0")
 
 
 def diffusion_section(**values: Any) -> ml_collections.ConfigDict:

@@ -177,6 +177,17 @@ def test_a_value_that_would_train_wrongly_is_refused_by_name(key, value, expecte
     assert str(err.value).startswith("configs/x.py: ") and expected in str(err.value)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "one_cycle"])
+def test_a_warmup_for_a_schedule_without_one_is_refused(schedule):
+    """Only the cosine schedule warms up: `--config.optimizer.warmup_steps=500` on the VAE's one-cycle or CLIP's
+    constant rate was ignored, without a word."""
+    with pytest.raises(ValueError, match=rf"optimizer.warmup_steps=500 warms up the cosine schedule only, and "
+                                         rf"optimizer.lr_schedule is '{schedule}'"):
+        check_optimizer_section(load_config(CONFIGS / "demo_clip.py", [f"optimizer.lr_schedule={schedule}",
+                                                                       "optimizer.warmup_steps=500"]).optimizer)
+    check_optimizer_section(optimizer_section(lr_schedule="cosine", warmup_steps=500))
+
+
 def test_the_closed_ends_of_each_range_are_allowed():
     optimizer = optimizer_section(b1=0.0, b2=0.0, weight_decay=0.0, grad_clip_norm=0.0, warmup_steps=0,
                                   cosine_final_fraction=1.0)
