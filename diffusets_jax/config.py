@@ -253,6 +253,11 @@ def _whole_number(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+# The validation split a recipe names: a dataset without it trains without periodic validation, while another
+# split named and absent is refused (`train.run.run_training`), most likely a typo.
+DEFAULT_VAL_SPLIT = "validation"
+
+
 def data_section(dataset: str = "", **values: Any) -> ml_collections.ConfigDict:
     """The `config.data` section shared by every training config."""
     section = ml_collections.ConfigDict(
@@ -260,7 +265,8 @@ def data_section(dataset: str = "", **values: Any) -> ml_collections.ConfigDict:
             "dataset": dataset,  # a prepared (or latent) dataset directory, or a TFDS name with data_dir
             "data_dir": "",  # TFDS data dir when `dataset` is a name
             "train_split": "train",
-            "val_split": "validation",  # periodic validation; skipped when the dataset has no such split
+            # Periodic validation; skipped when the dataset has no such split, or when "" (none).
+            "val_split": DEFAULT_VAL_SPLIT,
             "num_train_examples": 0,  # 0 = read from the dataset
         }
     )

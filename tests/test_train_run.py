@@ -290,6 +290,24 @@ def test_a_training_takes_all_the_splits_and_names_them_for_a_split_the_dataset_
     assert not workdir.exists()
 
 
+def test_a_validation_split_the_dataset_lacks_is_refused_unless_it_is_the_recipes_default(tmp_path, capsys):
+    """`--config.data.val_split=valid` (a typo) trained without any validation, said only by a warning. The demo
+    CLIP's text width stops an accepted run before any compile."""
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    capsys.readouterr()  # the build's progress bars
+    workdir = tmp_path / "run"
+    args = ["train", "clip", "--config", str(CONFIGS / "demo_clip.py"), "--workdir", str(workdir),
+            f"--config.data.dataset={builder.data_dir}"]
+    assert cli.main([*args, "--config.data.val_split=valid"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no split 'valid' (it has [" in err, err
+    assert "--config.data.val_split to one of them, or to '' for no periodic validation" in err
+    for accepted in ("--config.data.val_split=", "--config.data.val_split=test"):
+        assert cli.main([*args, accepted]) == 2
+        assert "the model's text_dim is 384" in capsys.readouterr().err
+    assert not workdir.exists()
+
+
 def test_latents_of_another_vae_are_refused_by_their_channels():
     from types import SimpleNamespace
 

@@ -23,7 +23,12 @@ import jax
 import ml_collections
 
 from diffusets_jax import parallel
-from diffusets_jax.config import check_diffusion_section, check_optimizer_section, check_seed
+from diffusets_jax.config import (
+    DEFAULT_VAL_SPLIT,
+    check_diffusion_section,
+    check_optimizer_section,
+    check_seed,
+)
 from diffusets_jax.models import model_dir as model_dirs
 from diffusets_jax.models.bundle import check_int_fields
 from diffusets_jax.models.winograd import check_algorithm
@@ -358,6 +363,12 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
             stream = pipeline.train_dataset(builder, val_split, host_batch_size=host_batch, fields=fields,
                                             seed=seed + 1, start_step=0).as_numpy_iterator()
             return itertools.islice(stream, int(config.train.eval_batches))
+    elif config.data.val_split and config.data.val_split != DEFAULT_VAL_SPLIT:
+        # Another split than the recipes' named and absent is most likely a typo (`val_split=valid`): it trained for
+        # days without validation, said only by a warning among the first log lines.
+        raise ValueError(f"dataset {config.data.dataset} has no split {config.data.val_split!r} (it has "
+                         f"{sorted(splits)}); set --config.data.val_split to one of them, or to '' for no periodic "
+                         "validation")
     else:
         log.warning("dataset has no %r split: no periodic validation", config.data.val_split)
 
