@@ -308,6 +308,20 @@ def test_a_validation_split_the_dataset_lacks_is_refused_unless_it_is_the_recipe
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("dataset,expected", [
+    ("/nowhere/mimic", "a dataset name with --config.data.data_dir"),  # a mistyped path
+    ("mimic_iv_ecg", "pass the --config.data.data_dir it was prepared into"),  # a name without its data dir
+])
+def test_a_dataset_not_found_names_the_data_dir_flag_train_takes(tmp_path, capsys, dataset, expected):
+    """The line said `--data-dir`, a flag `train` does not have (`unrecognized arguments` when tried)."""
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "vae", "--config", str(CONFIGS / "demo_vae.py"), "--workdir", str(workdir),
+                     f"--config.data.dataset={dataset}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and " --data-dir" not in err, err
+    assert not workdir.exists()
+
+
 def test_latents_of_another_vae_are_refused_by_their_channels():
     from types import SimpleNamespace
 

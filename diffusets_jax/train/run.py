@@ -221,7 +221,7 @@ def _load_dataset(model: str, config: ml_collections.ConfigDict) -> Any:
         raise ValueError("config.data.dataset is empty: pass --config.data.dataset=DIR (a prepared dataset "
                          "directory, or a TFDS name with --config.data.data_dir)")
     builder = pipeline.load_builder(config.data.dataset, config.data.data_dir or None,
-                                    data_dir_flag="config.data.data_dir")
+                                    data_dir_flag="--config.data.data_dir")
     missing = [f for f in FIELDS[model] if f not in builder.info.features.keys()]
     if missing:
         if model == "unet" and "ecg" in builder.info.features.keys():
