@@ -205,3 +205,21 @@ def test_a_config_names_the_folder_its_training_exports_into(path):
         kind = load_config(path).model_kind
         assert claim == f"WORKDIR/{MODEL_DIR_NAME}/{kind}", f"{path.name} says its output is {claim}"
 
+
+
+@pytest.mark.parametrize("name,kind", [("demo_vae.py", "vae"), ("demo_unet.py", "unet")])
+def test_a_demo_config_states_its_parameter_count(name, kind):
+    """demo_vae.py said about 0.3 M parameters; its widths (32, 64, 64) make 0.61 M."""
+    import jax
+    import numpy as np
+
+    from diffusets_jax.train.run import make_task
+
+    path = CONFIGS / name
+    claim = re.search(r"\((?:about )?([\d.]+) M parameters instead of", path.read_text())
+    assert claim, f"{name} states no parameter count"
+    config = load_config(path)
+    config.data.num_train_examples = 64
+    variables = jax.eval_shape(make_task(kind, config, 10).init_variables, jax.random.PRNGKey(0))
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"]))
+    assert count / 1e6 == pytest.approx(float(claim.group(1)), rel=0.1), f"{name}: {count} parameters"
