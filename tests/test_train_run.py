@@ -322,6 +322,30 @@ def test_a_dataset_not_found_names_the_data_dir_flag_train_takes(tmp_path, capsy
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("edit,expected", [
+    (lambda c: c["optimizer"].pop("grad_clip_norm"), "lacks optimizer.grad_clip_norm: add it"),  # an older run's
+    (lambda c: c.pop("mesh"), "has no mesh section"),
+    (lambda c: c["train"].update(learning_rate=1e-3), "train.learning_rate is not read by a vae training and would "
+                                                      "be ignored; did you mean optimizer.learning_rate?"),
+])
+def test_a_config_lacking_or_adding_a_field_is_one_line_before_the_workdir_is_claimed(tmp_path, capsys, edit,
+                                                                                      expected):
+    """A field missing from a config.json or config file failed as a KeyError traceback; a field the training does
+    not read (`train_section(learning_rate=...)`) was ignored, training with the default."""
+    from diffusets_jax.config import config_to_dict, load_config
+
+    config = config_to_dict(load_config(CONFIGS / "demo_vae.py"))
+    edit(config)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(config))
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "vae", "--config", str(path), "--workdir", str(workdir),
+                     "--config.data.dataset=/nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not workdir.exists()
+
+
 def test_latents_of_another_vae_are_refused_by_their_channels():
     from types import SimpleNamespace
 

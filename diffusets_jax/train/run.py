@@ -74,8 +74,49 @@ _POSITIVE_TRAIN_KEYS = ("global_batch_size", "grad_accum_steps", "log_every", "e
                         "checkpoint_every", "keep_checkpoints")
 
 
+# The config.train keys each kind's trainer reads beyond `config.train_section`'s, which its config file adds.
+TRAINER_TRAIN_KEYS: dict[str, tuple[str, ...]] = {
+    "vae": ("kl_anneal_epochs", "kl_schedule"),
+    "unet": ("t_min", "t_max", "loss_reduction", "cond_dropout", "patient_features", "eval_timesteps"),
+    "clip": (),
+    "classifier": (),
+}
+
+
+def _check_section_fields(config: ml_collections.ConfigDict, source: str) -> None:
+    """Refuse a config whose data, mesh, optimizer or train section lacks a field the training reads, or holds one
+    it does not. A missing one (a hand-written config, an older run's config.json) failed as a KeyError traceback;
+    an unknown one (`train_section(learning_rate=1e-3)`, `"warmup"` typed into config.json) was ignored: the run
+    trained with the default, silently."""
+    from diffusets_jax.config import data_section, mesh_section, optimizer_section, train_section
+
+    kind = config.get("model_kind")
+    if kind not in TRAINER_TRAIN_KEYS:
+        return  # check_model_kind names what is wrong
+    fields = {"train": set(train_section().keys()) | set(TRAINER_TRAIN_KEYS[kind]),
+              "optimizer": set(optimizer_section().keys()), "mesh": set(mesh_section().keys())}
+    if kind != "classifier":  # downstream gives its classifier the data itself
+        fields["data"] = set(data_section().keys())
+    for name, declared in fields.items():
+        section = config.get(name)
+        if not isinstance(section, ml_collections.ConfigDict):
+            raise ValueError(f"{source} has no {name} section (the configs in configs/ show the layout)")
+        missing = sorted(declared - set(section.keys()))
+        if missing:
+            them = "it" if len(missing) == 1 else "them"
+            raise ValueError(f"{source} lacks {', '.join(f'{name}.{k}' for k in missing)}: add {them} (the configs "
+                             "in configs/ show the layout)")
+        unknown = sorted(set(section.keys()) - declared)
+        if unknown:
+            elsewhere = [f"{other}.{k}" for k in unknown for other, keys in fields.items() if k in keys]
+            hint = f"; did you mean {', '.join(elsewhere)}?" if elsewhere else ""
+            raise ValueError(f"{source}: {', '.join(f'{name}.{k}' for k in unknown)} is not read by a {kind} "
+                             f"training and would be ignored{hint} ({name} fields: {', '.join(sorted(declared))})")
+
+
 def check_train_section(config: ml_collections.ConfigDict, source: str = "the config") -> None:
     """Refuse loop settings that cannot run (e.g. `--config.train.num_steps=-5`), before any work."""
+    _check_section_fields(config, source)
     train = config.train
     for key in (*_POSITIVE_TRAIN_KEYS, "num_steps"):
         # A float in a config file or an edited config.json (`global_batch_size=8.5`) was truncated by int():
