@@ -12,7 +12,7 @@ from diffusets_jax.models.vae import VAE
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model_kind = "vae"  # `diffusets-jax train vae`
-    # Same layout as the published VAE with narrow widths (about 0.3 M parameters instead of 29.6 M).
+    # Same layout as the published VAE with narrow widths (about 0.6 M parameters instead of 29.6 M).
     config.model = module_section(VAE, widths=(32, 64, 64), groups=8)
     config.data = data_section()
     config.mesh = mesh_section(data=-1, fsdp=1)

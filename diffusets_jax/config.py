@@ -253,6 +253,11 @@ def _whole_number(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+# The validation split a recipe names: a dataset without it trains without periodic validation, while another
+# split named and absent is refused (`train.run.run_training`), most likely a typo.
+DEFAULT_VAL_SPLIT = "validation"
+
+
 def data_section(dataset: str = "", **values: Any) -> ml_collections.ConfigDict:
     """The `config.data` section shared by every training config."""
     section = ml_collections.ConfigDict(
@@ -260,7 +265,8 @@ def data_section(dataset: str = "", **values: Any) -> ml_collections.ConfigDict:
             "dataset": dataset,  # a prepared (or latent) dataset directory, or a TFDS name with data_dir
             "data_dir": "",  # TFDS data dir when `dataset` is a name
             "train_split": "train",
-            "val_split": "validation",  # periodic validation; skipped when the dataset has no such split
+            # Periodic validation; skipped when the dataset has no such split, or when "" (none).
+            "val_split": DEFAULT_VAL_SPLIT,
             "num_train_examples": 0,  # 0 = read from the dataset
         }
     )
@@ -389,6 +395,11 @@ def check_optimizer_section(optimizer: ml_collections.ConfigDict, source: str | 
             raise ValueError(f"{prefix}optimizer.{key} must be in {interval}, got {optimizer[key]!r}")
     if optimizer.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"{prefix}optimizer.lr_schedule must be one of {LR_SCHEDULES}, got {optimizer.lr_schedule!r}")
+    if float(optimizer.warmup_steps) > 0 and optimizer.lr_schedule != "cosine":
+        # Only the cosine schedule has a warm-up: given to another one it was ignored, without a word.
+        raise ValueError(f"{prefix}optimizer.warmup_steps={optimizer.warmup_steps} warms up the cosine schedule only, "
+                         f"and optimizer.lr_schedule is {optimizer.lr_schedule!r}: set --config.optimizer.lr_schedule="
+                         "cosine, or leave warmup_steps at 0")
 
 
 def diffusion_section(**values: Any) -> ml_collections.ConfigDict:
@@ -409,10 +420,19 @@ def diffusion_section(**values: Any) -> ml_collections.ConfigDict:
                                          "scale_by_std": published.scale_by_std, "clip_sample": published.clip_sample})
     _update_declared(section, values, "diffusion")
     ScheduleConfig(**schedule)  # validate now
-    if section.scale_by_std and section.clip_sample:
-        raise ValueError("diffusion.scale_by_std makes the latents unit-variance, reaching beyond [-1, 1]: set "
-                         "diffusion.clip_sample=False")
+    check_diffusion_section(section)
     return section
+
+
+def check_diffusion_section(diffusion: ml_collections.ConfigDict, source: str | None = None) -> None:
+    """Refuse `diffusion.scale_by_std` with `diffusion.clip_sample`: DDPM would clip unit-variance latents to
+    [-1, 1] and sample wrongly. Run when a recipe builds the section and again after command-line overrides
+    (`train.run.check_train_section`), where `--config.diffusion.scale_by_std=true` alone on a published recipe
+    (clip_sample true) trained and exported such a U-Net; `source` names the config file in the message."""
+    prefix = f"{source}: " if source else ""
+    if diffusion.get("scale_by_std") and diffusion.get("clip_sample"):
+        raise ValueError(f"{prefix}diffusion.scale_by_std makes the latents unit-variance, reaching beyond [-1, 1]: "
+                         "set diffusion.clip_sample=False (--config.diffusion.clip_sample=false)")
 
 
 def _update_declared(section: ml_collections.ConfigDict, values: dict[str, Any], name: str) -> None:

@@ -177,6 +177,17 @@ def test_a_value_that_would_train_wrongly_is_refused_by_name(key, value, expecte
     assert str(err.value).startswith("configs/x.py: ") and expected in str(err.value)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "one_cycle"])
+def test_a_warmup_for_a_schedule_without_one_is_refused(schedule):
+    """Only the cosine schedule warms up: `--config.optimizer.warmup_steps=500` on the VAE's one-cycle or CLIP's
+    constant rate was ignored, without a word."""
+    with pytest.raises(ValueError, match=rf"optimizer.warmup_steps=500 warms up the cosine schedule only, and "
+                                         rf"optimizer.lr_schedule is '{schedule}'"):
+        check_optimizer_section(load_config(CONFIGS / "demo_clip.py", [f"optimizer.lr_schedule={schedule}",
+                                                                       "optimizer.warmup_steps=500"]).optimizer)
+    check_optimizer_section(optimizer_section(lr_schedule="cosine", warmup_steps=500))
+
+
 def test_the_closed_ends_of_each_range_are_allowed():
     optimizer = optimizer_section(b1=0.0, b2=0.0, weight_decay=0.0, grad_clip_norm=0.0, warmup_steps=0,
                                   cosine_final_fraction=1.0)
@@ -194,3 +205,21 @@ def test_a_config_names_the_folder_its_training_exports_into(path):
         kind = load_config(path).model_kind
         assert claim == f"WORKDIR/{MODEL_DIR_NAME}/{kind}", f"{path.name} says its output is {claim}"
 
+
+
+@pytest.mark.parametrize("name,kind", [("demo_vae.py", "vae"), ("demo_unet.py", "unet")])
+def test_a_demo_config_states_its_parameter_count(name, kind):
+    """demo_vae.py said about 0.3 M parameters; its widths (32, 64, 64) make 0.61 M."""
+    import jax
+    import numpy as np
+
+    from diffusets_jax.train.run import make_task
+
+    path = CONFIGS / name
+    claim = re.search(r"\((?:about )?([\d.]+) M parameters instead of", path.read_text())
+    assert claim, f"{name} states no parameter count"
+    config = load_config(path)
+    config.data.num_train_examples = 64
+    variables = jax.eval_shape(make_task(kind, config, 10).init_variables, jax.random.PRNGKey(0))
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"]))
+    assert count / 1e6 == pytest.approx(float(claim.group(1)), rel=0.1), f"{name}: {count} parameters"

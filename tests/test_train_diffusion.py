@@ -181,3 +181,12 @@ def test_the_diffusion_section_is_what_the_model_directory_records():
         diffusion_section(scale_by_std=True)
     with pytest.raises(ValueError, match="no field"):
         diffusion_section(latent_scael=0.5)
+
+
+@pytest.mark.parametrize("overrides", [["train.t_max=1000"], ["diffusion.schedule.num_timesteps=500"]])
+def test_training_timesteps_past_the_schedule_are_refused_before_training(overrides):
+    """A t_max past the schedule's end was found only when the first step was traced, after the workdir was claimed,
+    in a line that named no config key."""
+    config = load_config(CONFIGS / "demo_unet.py", overrides)
+    with pytest.raises(ValueError, match=r"train.t_max=\d+ must be below diffusion.schedule.num_timesteps="):
+        diffusion_task(config, num_steps=10, model=TimeScaledNet())

@@ -124,6 +124,20 @@ def test_the_architectures_numbers_are_checked_before_any_module_is_built(key, v
         check_train_section(config, "demo_vae.py")
 
 
+@pytest.mark.parametrize("config_file,key", [("demo_vae.py", "widths"), ("demo_clip.py", "filters"),
+                                             ("demo_unet.py", "channels")])
+def test_an_empty_model_tuple_is_one_line_before_the_workdir_is_claimed(tmp_path, capsys, config_file, key):
+    """`--config.model.widths=` (an unset shell variable) gave (): the VAE failed in its first trace, after the
+    workdir was claimed, with an IndexError traceback."""
+    workdir = tmp_path / "run"
+    model = {"demo_vae.py": "vae", "demo_clip.py": "clip", "demo_unet.py": "unet"}[config_file]
+    assert cli.main(["train", model, "--config", str(CONFIGS / config_file), "--workdir", str(workdir),
+                     "--config.data.dataset=/nowhere", f"--config.model.{key}="]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{config_file}: model.{key} is empty" in err, err
+    assert f"--config.model.{key}=32,64" in err and not workdir.exists()
+
+
 @pytest.mark.parametrize("widths", [(32.0, 64, 64), (32, 64, "a"), (32, True, 64)])
 def test_a_model_tuple_takes_whole_numbers(widths):
     """A float among the widths of a config file or an edited config.json failed in the first traced step, after
@@ -175,6 +189,23 @@ def test_a_scalar_int_field_takes_an_int_not_a_float_or_a_bool(config_file, key,
         check_train_section(config, config_file)
     config.model = ml_collections.ConfigDict({**config.model.to_dict(), key: 1})
     check_train_section(config, config_file)  # floats where the module declares them (a dropout rate) still pass
+
+
+@pytest.mark.parametrize("config_file,overrides", [
+    ("diffusets_unet.py", ["diffusion.scale_by_std=true"]),  # the recipe clips: the README's flag half given
+    ("demo_unet.py", ["diffusion.clip_sample=true"]),  # the recipe measures the scale
+])
+def test_scale_by_std_with_clip_sample_is_refused_after_overrides(tmp_path, capsys, config_file, overrides):
+    """The combination a recipe's diffusion_section refuses passed as command-line overrides: the U-Net trained and
+    exported with DDPM clipping its unit-variance latents to [-1, 1] by default."""
+    workdir = tmp_path / "run"
+    args = [f"--config.{o}" for o in overrides]
+    assert cli.main(["train", "unet", "--config", str(CONFIGS / config_file), "--workdir", str(workdir),
+                     "--config.data.dataset=/nowhere", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{config_file}: diffusion.scale_by_std makes the latents unit-variance" in err, err
+    assert "diffusion.clip_sample=false" in err and not workdir.exists()
 
 
 @pytest.mark.parametrize("key,value,expected", [
@@ -256,6 +287,62 @@ def test_a_training_takes_all_the_splits_and_names_them_for_a_split_the_dataset_
     assert cli.main([*args, "--config.data.train_split=dev"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has no split 'dev'" in err and "or 'all', their union" in err
+    assert not workdir.exists()
+
+
+def test_a_validation_split_the_dataset_lacks_is_refused_unless_it_is_the_recipes_default(tmp_path, capsys):
+    """`--config.data.val_split=valid` (a typo) trained without any validation, said only by a warning. The demo
+    CLIP's text width stops an accepted run before any compile."""
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    capsys.readouterr()  # the build's progress bars
+    workdir = tmp_path / "run"
+    args = ["train", "clip", "--config", str(CONFIGS / "demo_clip.py"), "--workdir", str(workdir),
+            f"--config.data.dataset={builder.data_dir}"]
+    assert cli.main([*args, "--config.data.val_split=valid"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no split 'valid' (it has [" in err, err
+    assert "--config.data.val_split to one of them, or to '' for no periodic validation" in err
+    for accepted in ("--config.data.val_split=", "--config.data.val_split=test"):
+        assert cli.main([*args, accepted]) == 2
+        assert "the model's text_dim is 384" in capsys.readouterr().err
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("dataset,expected", [
+    ("/nowhere/mimic", "a dataset name with --config.data.data_dir"),  # a mistyped path
+    ("mimic_iv_ecg", "pass the --config.data.data_dir it was prepared into"),  # a name without its data dir
+])
+def test_a_dataset_not_found_names_the_data_dir_flag_train_takes(tmp_path, capsys, dataset, expected):
+    """The line said `--data-dir`, a flag `train` does not have (`unrecognized arguments` when tried)."""
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "vae", "--config", str(CONFIGS / "demo_vae.py"), "--workdir", str(workdir),
+                     f"--config.data.dataset={dataset}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and " --data-dir" not in err, err
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda c: c["optimizer"].pop("grad_clip_norm"), "lacks optimizer.grad_clip_norm: add it"),  # an older run's
+    (lambda c: c.pop("mesh"), "has no mesh section"),
+    (lambda c: c["train"].update(learning_rate=1e-3), "train.learning_rate is not read by a vae training and would "
+                                                      "be ignored; did you mean optimizer.learning_rate?"),
+])
+def test_a_config_lacking_or_adding_a_field_is_one_line_before_the_workdir_is_claimed(tmp_path, capsys, edit,
+                                                                                      expected):
+    """A field missing from a config.json or config file failed as a KeyError traceback; a field the training does
+    not read (`train_section(learning_rate=...)`) was ignored, training with the default."""
+    from diffusets_jax.config import config_to_dict, load_config
+
+    config = config_to_dict(load_config(CONFIGS / "demo_vae.py"))
+    edit(config)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(config))
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "vae", "--config", str(path), "--workdir", str(workdir),
+                     "--config.data.dataset=/nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
     assert not workdir.exists()
 
 

@@ -76,7 +76,7 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
 
     A directory holding `dataset_info.json` (e.g. a latent dataset written by `diffusets-jax encode`, or
     `<data_dir>/<name>/<config>/<version>`) is opened with `tfds.builder_from_directory`. A `data_dir` (`data_dir_flag`
-    names where it was given) goes with a name only: with a path it is refused, not ignored.
+    names where it was given; each message names it) goes with a name only: with a path it is refused, not ignored.
     """
     if isinstance(source, tfds.core.DatasetBuilder):
         return source
@@ -94,7 +94,7 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
         what = ("is a folder without dataset_info.json" if os.path.isdir(source) else
                 "is a file" if os.path.exists(source) else "does not exist")
         raise FileNotFoundError(f"dataset {source} {what}: give a prepared dataset's version folder (DATA_DIR/NAME/CONFIG/"
-                                "VERSION, which holds dataset_info.json) or a dataset name with --data-dir")
+                                f"VERSION, which holds dataset_info.json) or a dataset name with {data_dir_flag}")
     from diffusets_jax.data import sources
 
     if source in sources.SOURCES.values():  # our builders register their names with TFDS when imported
@@ -104,12 +104,12 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
     except tfds.core.registered.DatasetNotFoundError as err:
         raise FileNotFoundError(
             f"no dataset {source!r} under data_dir {None if data_dir is None else os.fspath(data_dir)!r}: pass the "
-            "--data-dir it was prepared into (or the dataset's version directory, which holds dataset_info.json)"
+            f"{data_dir_flag} it was prepared into (or the dataset's version directory, which holds dataset_info.json)"
         ) from err
     except ValueError as err:  # TFDS could not read it as NAME[/CONFIG][:VERSION]: a mistyped relative path
         raise FileNotFoundError(f"dataset {source!r} is neither a folder here nor a dataset name: give a prepared "
                                 "dataset's version folder (DATA_DIR/NAME/CONFIG/VERSION, which holds dataset_info.json) or "
-                                "a dataset name with --data-dir") from err
+                                f"a dataset name with {data_dir_flag}") from err
     if not builder.is_prepared():
         # A name without /CONFIG is TFDS's default config (local): one prepared with `--config openai` was said to
         # be "not prepared", and the user, who had prepared it, was sent to prepare it again.
@@ -125,7 +125,7 @@ def load_builder(source: tfds.core.DatasetBuilder | str | os.PathLike, data_dir:
                         f"its default config, {getattr(builder.builder_config, 'name', None)})")
         raise FileNotFoundError(
             f"dataset {source!r} is not prepared under {builder.data_dir!r}: run `diffusets-jax prepare` for it "
-            f"or pass the --data-dir it was prepared into{hint}"
+            f"or pass the {data_dir_flag} it was prepared into{hint}"
         )
     return builder
 

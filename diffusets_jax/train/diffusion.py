@@ -86,6 +86,12 @@ def diffusion_task(config: ml_collections.ConfigDict, num_steps: int, model: Any
     spec = diffusion_spec(config)
     noise_schedule = make_schedule(spec.schedule)
     loss_cfg = LossConfig(t_min=int(tc.t_min), t_max=int(tc.t_max), reduction=str(tc.loss_reduction))
+    if loss_cfg.t_max >= noise_schedule.num_timesteps:
+        # Otherwise found only when the first step is traced, after the workdir was claimed, in a line naming
+        # no config key (e.g. `diffusion.schedule.num_timesteps=500` with the recipes' t_max of 998).
+        raise ValueError(f"train.t_max={loss_cfg.t_max} must be below diffusion.schedule.num_timesteps="
+                         f"{noise_schedule.num_timesteps} (the schedule's last timestep is "
+                         f"{noise_schedule.num_timesteps - 1}): lower --config.train.t_max")
     lr_schedule = learning_rate_schedule(config.optimizer, num_steps)
     compute_dtype = jnp.dtype(tc.compute_dtype)
     # bf16 compute: the U-Net's layers in bf16 (norms, softmax and the condition projection in float32), the

@@ -50,6 +50,12 @@ def learning_rate_schedule(optimizer: ml_collections.ConfigDict, num_steps: int)
     if name == "cosine":
         warmup = int(optimizer.warmup_steps)
         final = float(optimizer.cosine_final_fraction)
+        if warmup >= num_steps > 0:
+            # optax would stretch the schedule to warmup + 1 steps: the run would end still warming up, its rate
+            # never reaching `learning_rate` nor decaying (e.g. improved_unet.py's 1000 steps in a short run).
+            raise ValueError(f"optimizer.warmup_steps={warmup} is not below the run's {num_steps} training steps: the "
+                             "learning rate would never reach optimizer.learning_rate nor decay; lower "
+                             "--config.optimizer.warmup_steps (0 = no warm-up) or train longer")
         if warmup > 0:
             return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_steps, warmup + 1), lr * final)
         return optax.cosine_decay_schedule(lr, decay_steps=max(num_steps, 1), alpha=final)

@@ -23,7 +23,12 @@ import jax
 import ml_collections
 
 from diffusets_jax import parallel
-from diffusets_jax.config import check_optimizer_section, check_seed
+from diffusets_jax.config import (
+    DEFAULT_VAL_SPLIT,
+    check_diffusion_section,
+    check_optimizer_section,
+    check_seed,
+)
 from diffusets_jax.models import model_dir as model_dirs
 from diffusets_jax.models.bundle import check_int_fields
 from diffusets_jax.models.winograd import check_algorithm
@@ -69,8 +74,49 @@ _POSITIVE_TRAIN_KEYS = ("global_batch_size", "grad_accum_steps", "log_every", "e
                         "checkpoint_every", "keep_checkpoints")
 
 
+# The config.train keys each kind's trainer reads beyond `config.train_section`'s, which its config file adds.
+TRAINER_TRAIN_KEYS: dict[str, tuple[str, ...]] = {
+    "vae": ("kl_anneal_epochs", "kl_schedule"),
+    "unet": ("t_min", "t_max", "loss_reduction", "cond_dropout", "patient_features", "eval_timesteps"),
+    "clip": (),
+    "classifier": (),
+}
+
+
+def _check_section_fields(config: ml_collections.ConfigDict, source: str) -> None:
+    """Refuse a config whose data, mesh, optimizer or train section lacks a field the training reads, or holds one
+    it does not. A missing one (a hand-written config, an older run's config.json) failed as a KeyError traceback;
+    an unknown one (`train_section(learning_rate=1e-3)`, `"warmup"` typed into config.json) was ignored: the run
+    trained with the default, silently."""
+    from diffusets_jax.config import data_section, mesh_section, optimizer_section, train_section
+
+    kind = config.get("model_kind")
+    if kind not in TRAINER_TRAIN_KEYS:
+        return  # check_model_kind names what is wrong
+    fields = {"train": set(train_section().keys()) | set(TRAINER_TRAIN_KEYS[kind]),
+              "optimizer": set(optimizer_section().keys()), "mesh": set(mesh_section().keys())}
+    if kind != "classifier":  # downstream gives its classifier the data itself
+        fields["data"] = set(data_section().keys())
+    for name, declared in fields.items():
+        section = config.get(name)
+        if not isinstance(section, ml_collections.ConfigDict):
+            raise ValueError(f"{source} has no {name} section (the configs in configs/ show the layout)")
+        missing = sorted(declared - set(section.keys()))
+        if missing:
+            them = "it" if len(missing) == 1 else "them"
+            raise ValueError(f"{source} lacks {', '.join(f'{name}.{k}' for k in missing)}: add {them} (the configs "
+                             "in configs/ show the layout)")
+        unknown = sorted(set(section.keys()) - declared)
+        if unknown:
+            elsewhere = [f"{other}.{k}" for k in unknown for other, keys in fields.items() if k in keys]
+            hint = f"; did you mean {', '.join(elsewhere)}?" if elsewhere else ""
+            raise ValueError(f"{source}: {', '.join(f'{name}.{k}' for k in unknown)} is not read by a {kind} "
+                             f"training and would be ignored{hint} ({name} fields: {', '.join(sorted(declared))})")
+
+
 def check_train_section(config: ml_collections.ConfigDict, source: str = "the config") -> None:
     """Refuse loop settings that cannot run (e.g. `--config.train.num_steps=-5`), before any work."""
+    _check_section_fields(config, source)
     train = config.train
     for key in (*_POSITIVE_TRAIN_KEYS, "num_steps"):
         # A float in a config file or an edited config.json (`global_batch_size=8.5`) was truncated by int():
@@ -102,6 +148,8 @@ def check_train_section(config: ml_collections.ConfigDict, source: str = "the co
                          f"{train.compute_dtype!r} (float16 would need loss scaling, which the trainers do not do)")
     if "optimizer" in config:
         check_optimizer_section(config.optimizer, source)
+    if "diffusion" in config:
+        check_diffusion_section(config.diffusion, source)
     if "cond_dropout" in train and not 0.0 <= float(train.cond_dropout) < 1.0:
         raise ValueError(f"{source}: train.cond_dropout must be in [0, 1) (the share of conditions dropped for "
                          f"guidance; 0 = none), got {train.cond_dropout}")
@@ -148,6 +196,11 @@ def _check_model_section(model: Any, source: str) -> None:
                                                          for v in value):
             raise ValueError(f"{source}: model.{key} takes whole numbers (widths, counts or sizes), got "
                              f"{tuple(value)}")
+        if isinstance(value, (tuple, list)) and not value:
+            # `--config.model.widths=` (an unset shell variable) gave (): the VAE failed as it was first traced,
+            # after the workdir was claimed, with an IndexError traceback.
+            raise ValueError(f"{source}: model.{key} is empty; it takes one or more whole numbers (widths, counts or "
+                             f"sizes), e.g. --config.model.{key}=32,64")
         for item in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(item, bool) or not isinstance(item, (int, float)):
                 continue
@@ -209,7 +262,7 @@ def _load_dataset(model: str, config: ml_collections.ConfigDict) -> Any:
         raise ValueError("config.data.dataset is empty: pass --config.data.dataset=DIR (a prepared dataset "
                          "directory, or a TFDS name with --config.data.data_dir)")
     builder = pipeline.load_builder(config.data.dataset, config.data.data_dir or None,
-                                    data_dir_flag="config.data.data_dir")
+                                    data_dir_flag="--config.data.data_dir")
     missing = [f for f in FIELDS[model] if f not in builder.info.features.keys()]
     if missing:
         if model == "unet" and "ecg" in builder.info.features.keys():
@@ -351,6 +404,12 @@ def run_training(model: str, config: ml_collections.ConfigDict, workdir: str | P
             stream = pipeline.train_dataset(builder, val_split, host_batch_size=host_batch, fields=fields,
                                             seed=seed + 1, start_step=0).as_numpy_iterator()
             return itertools.islice(stream, int(config.train.eval_batches))
+    elif config.data.val_split and config.data.val_split != DEFAULT_VAL_SPLIT:
+        # Another split than the recipes' named and absent is most likely a typo (`val_split=valid`): it trained for
+        # days without validation, said only by a warning among the first log lines.
+        raise ValueError(f"dataset {config.data.dataset} has no split {config.data.val_split!r} (it has "
+                         f"{sorted(splits)}); set --config.data.val_split to one of them, or to '' for no periodic "
+                         "validation")
     else:
         log.warning("dataset has no %r split: no periodic validation", config.data.val_split)
 
