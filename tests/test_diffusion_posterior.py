@@ -221,6 +221,27 @@ def test_an_edit_between_grid_steps_starts_from_its_own_noise_level():
     _check_moments(np.asarray(TOY.encode_fn(edited, key)), mean, cov)
 
 
+def test_an_edit_above_the_grids_first_step_starts_there():
+    """On a "leading" grid (800, 600, ... for 5 steps) a strength of 0.9 (timestep 899) is above the grid's first
+    step: the chain starts at 800, so the encoding must be noised to 800, not to 899 and then read as 800 (which
+    leaves the latent noisier than the chain takes it to be). Same noise: the same edit as a strength at 800."""
+    runs = 4096
+    config = SamplerConfig(sampler="ddim", steps=5, timestep_spacing="leading", clip_sample=False,
+                           latent_shape=LATENT_SHAPE)
+    clean, _ = _observed_ecg(seed=3)
+    ecg = jnp.asarray(np.broadcast_to(clean, (runs, *ECG_SHAPE)), jnp.float32)
+    key = jax.random.key(7)
+    run = jax.jit(lambda ecg, cond, key, strength: edit(TOY.model_fn, TOY.encode_fn, TOY.decode_fn, SCHEDULE, ecg,
+                                                        cond, key, strength, config=config))
+    edited = run(ecg, _cond(runs), key, jnp.float32(0.9))
+    np.testing.assert_array_equal(np.asarray(edited), np.asarray(run(ecg, _cond(runs), key, jnp.float32(0.801))))
+    abar = float(SCHEDULE.alphas_cumprod[800])
+    z_in = np.asarray(TOY.encode_fn(ecg[:1], key), np.float64).reshape(-1)
+    mean, cov = TOY.chain_law(5, 0.0, start_t=800, start_mean=np.sqrt(abar) * z_in,
+                              start_cov=(1 - abar) * np.eye(z_in.size), spacing="leading")
+    _check_moments(np.asarray(TOY.encode_fn(edited, key)), mean, cov)
+
+
 def test_a_run_sharded_over_eight_devices_equals_the_single_device_run():
     """Every random draw is made for the global batch (particles of a sample stay on its device), so the
     sharding changes nothing but the layout; the drift path and resampling run under it too."""

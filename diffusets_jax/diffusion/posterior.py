@@ -290,7 +290,8 @@ def posterior_sample(
     observation: what is seen of each sample's ECG (`observations.make_observation`); None samples the prior
         (then one particle is used whatever config.particles says).
     start_latents, strength: SDEdit start. With strength s < 1 the chain starts at timestep
-        `strength_timestep(s)` from `start_latents` `(B, 128, 4)` noised by the forward process; s = 0 runs
+        `strength_timestep(s)` (or the grid's first timestep, where that is lower) from `start_latents`
+        `(B, 128, 4)` noised by the forward process to it; s = 0 runs
         no step and returns decode(start_latents); s = 1 starts from pure noise like generation, ignoring
         start_latents. `strength` may be traced (one compiled program serves every strength); a traced strength
         outside [0, 1] gives NaN ECGs and latents (`edit` and `digital_twin` refuse such a number before tracing).
@@ -355,7 +356,9 @@ def posterior_sample(
     if start_latents is None:
         x = noise
     else:
-        abar = _abar_at(schedule, t_start)
+        # A strength above the grid's first timestep (on a "leading" grid: 800 of 1000 for 5 steps) starts the
+        # chain at that timestep: noised to t_start, the latent was read as the less noisy grid[0] by the first step.
+        abar = _abar_at(schedule, jnp.minimum(t_start, int(grid[0])))
         noised = jnp.sqrt(abar) * start_latents.astype(jnp.float32)[:, None] + jnp.sqrt(1.0 - abar) * noise
         x = constrain(jnp.where(jnp.asarray(strength) >= 1.0, noise, noised))
 
