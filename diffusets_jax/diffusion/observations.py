@@ -197,26 +197,21 @@ def make_observation(
 
 
 def _drift_terms(observation: Observation, residual: jax.Array, variance: jax.Array
-                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Per (sample, lead) pieces of the marginalised drift in the eigenbasis of G = B^T diag(mask) B = V L V^T:
-    p = V^T u with u = B^T r `(batch, leads, n_basis)`, the eigenvalues d = variance + tau^2 L of
-    S = variance I + tau^2 G `(batch, leads, n_basis)`, V `(batch, leads, n_basis, n_basis)` and tau^2 `(batch,)`.
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per (sample, lead) pieces of the marginalised drift: u = B^T r, the Cholesky factor of
+    S = variance I + tau^2 G with G = B^T diag(mask) B, and tau^2 `(batch,)`.
 
     tau^2 (variance of each basis coefficient) = drift_std^2 * length / n_basis, so that the drift's mean
     squared value per sample is drift_std^2.
-    Why eigenvalues, not a Cholesky factor of S: a window leaves cosines nearly unobserved (L near 0), and G's
-    float32 rounding (about -1e-7) times tau^2 (73 mV^2 by default) outweighs a small variance (1e-6 for 0.001 mV),
-    so S was not positive definite and its factor NaN. L is clipped at 0 (G is a Gram matrix), d >= variance.
-    G does not depend on the ECG, so gradients never pass through the eigendecomposition.
     """
     basis = observation.drift_basis
     length, n_basis = basis.shape
     tau2 = jnp.square(observation.drift_std) * (length / n_basis)
     u = jnp.einsum("lk,blc->bck", basis, residual)
     gram = jnp.einsum("lk,blc,lj->bckj", basis, observation.mask, basis)
-    eigenvalues, vectors = jnp.linalg.eigh(gram)
-    d = variance[:, None, None] + tau2[:, None, None] * jnp.maximum(eigenvalues, 0.0)
-    return jnp.einsum("bckj,bck->bcj", vectors, u), d, vectors, tau2
+    eye = jnp.eye(n_basis, dtype=residual.dtype)
+    system = variance[:, None, None, None] * eye + tau2[:, None, None, None] * gram
+    return u, jnp.linalg.cholesky(system), tau2
 
 
 def log_likelihood(observation: Observation, ecg: jax.Array, extra_variance: jax.Array | float = 0.0) -> jax.Array:
@@ -236,10 +231,12 @@ def log_likelihood(observation: Observation, ecg: jax.Array, extra_variance: jax
     quad = jnp.sum(jnp.square(residual), axis=1)  # (batch, leads)
     log_det = count * jnp.log(variance)[:, None]
     if observation.drift_basis is not None:
-        projected, d, _, tau2 = _drift_terms(observation, residual, variance)
+        u, chol, tau2 = _drift_terms(observation, residual, variance)
         n_basis = observation.drift_basis.shape[1]
-        quad = quad - tau2[:, None] * jnp.sum(jnp.square(projected) / d, axis=-1)
-        log_det = log_det + jnp.sum(jnp.log(d), axis=-1) - n_basis * jnp.log(variance)[:, None]
+        solved = jax.scipy.linalg.cho_solve((chol, True), u[..., None])[..., 0]
+        quad = quad - tau2[:, None] * jnp.sum(u * solved, axis=-1)
+        log_det = log_det + 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1) \
+            - n_basis * jnp.log(variance)[:, None]
         # A lead with no observed sample contributes nothing: its Gram matrix is zero and S = variance I.
     per_lead = quad / variance[:, None] + log_det + count * math.log(2.0 * math.pi)
     return -0.5 * jnp.sum(per_lead, axis=-1)
@@ -252,8 +249,8 @@ def estimate_drift(observation: Observation, ecg: jax.Array) -> jax.Array:
         return jnp.zeros(observation.values.shape, jnp.float32)
     residual = observation.mask * (observation.values - ecg.astype(jnp.float32))
     variance = jnp.square(observation.noise_std)
-    projected, d, vectors, tau2 = _drift_terms(observation, residual, variance)
-    coefficients = tau2[:, None, None] * jnp.einsum("bckj,bcj->bck", vectors, projected / d)
+    u, chol, tau2 = _drift_terms(observation, residual, variance)
+    coefficients = tau2[:, None, None] * jax.scipy.linalg.cho_solve((chol, True), u[..., None])[..., 0]
     return jnp.einsum("lk,bck->blc", observation.drift_basis, coefficients)
 
 
