@@ -35,30 +35,28 @@ from typing import Any
 import numpy as np
 
 
-def _create_temporary(target: Path, suffix: str) -> Path:
-    """A new empty file beside `target`, `.NAME.tmp-PID-RANDOM{suffix}`, with the umask's permissions."""
+def _create_beside(target: Path, tail: Callable[[], str], make: Callable[[Path], Any], what: str) -> Path:
+    """A new `.NAME.tmp-{tail()}` beside `target`, made by `make` (which raises FileExistsError when it is taken)."""
     for _ in range(100):
-        candidate = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}{suffix}")
+        candidate = target.with_name(f".{target.name}.tmp-{tail()}")
         try:
-            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            make(candidate)
             return candidate
         except FileExistsError:
             continue
-    raise FileExistsError(f"could not create a temporary file beside {target}")
+    raise FileExistsError(f"could not create a temporary {what} beside {target}")
+
+
+def _create_temporary(target: Path, suffix: str) -> Path:
+    """A new empty file beside `target`, `.NAME.tmp-PID-RANDOM{suffix}`, with the umask's permissions."""
+    return _create_beside(target, lambda: f"{os.getpid()}-{secrets.token_hex(6)}{suffix}",
+                          lambda path: os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)), "file")
 
 
 def make_temporary_folder(target: str | os.PathLike) -> str:
     """A new empty folder beside `target`, `.NAME.tmp-RANDOM`, with the umask's permissions (tempfile.mkdtemp's
     0700 would follow it into place, as mkstemp's 0600 would a file's)."""
-    target = Path(target)
-    for _ in range(100):
-        candidate = target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
-        try:
-            os.mkdir(candidate)
-            return os.fspath(candidate)
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary folder beside {target}")
+    return os.fspath(_create_beside(Path(target), lambda: secrets.token_hex(6), os.mkdir, "folder"))
 
 
 def temporaries_in(folder: str | os.PathLike, targets: Iterable[str] | None = None) -> list[Path]:

@@ -317,12 +317,11 @@ def write_component(directory: str | os.PathLike, name: str, module: Any, variab
         if name == "vae":  # also where no early check ran: `train vae --export-only` of a later step
             check_vae_replaceable(directory, overwrite=overwrite, source=provenance.get("source"), flag=flag)
         index = read_index(directory)
-        present_vae = index.components.get("vae")
         if name == "unet" and _source(entry) == "converted":
             # Checked again under the lock: a VAE trained into the directory since `convert`'s early check
             check_converted_unet_fits(directory, flag=flag)
-            if present_vae and not entry.get("vae_uid"):  # a converted VAE there, written by another command
-                entry["vae_uid"] = present_vae.get("uid")
+            if "vae" in index.components and not entry.get("vae_uid"):  # a converted VAE, from another command
+                entry["vae_uid"] = index.components["vae"].get("uid")
         path = Path(bundle.save_model(directory, name, module, variables, replace=True))  # checked just above
         # A staging folder of this component left by an export that was killed (SIGKILL, a SIGTERM outside the
         # training loop) is ours, and no other export of it runs while we hold the lock: a model's worth of disk,
