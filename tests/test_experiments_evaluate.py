@@ -797,3 +797,40 @@ def test_a_generated_sets_own_text_embeddings_are_checked_before_the_clip_loads(
         with pytest.raises(AssertionError, match="weights were loaded"):
             main(["evaluate", "--generated", str(tmp_path / f"{name}.npz"), "--clip", str(clip_dir), "--dataset",
                   str(dataset.data_dir), "--split", "validation", "--out", str(tmp_path / "out")])
+
+
+def test_samples_of_one_condition_are_one_cluster_of_the_bootstrap(clip, dataset, tmp_path):
+    """`evaluate --generated` took each sample for its own patient: three samples of each of four records
+    (`sample -n 3`, a conditions file's count) were twelve independent draws, and the intervals too narrow. Samples
+    are clustered by their patient where the set names one, else by the condition they were generated from."""
+    rng = np.random.default_rng(3)
+    rates = np.repeat([60.0, 75.0, 90.0, 110.0], 3)
+    reports = np.repeat(["Sinus rhythm", "Sinus rhythm|Normal ECG", "Sinus tachycardia", "Atrial fibrillation"], 3)
+    ecg = synthetic_set(rng, rates + rng.normal(0.0, 4.0, rates.size))
+    np.savez(tmp_path / "three_each.npz", ecg=ecg, report=reports, heart_rate=rates, age=np.full(12, 60.0),
+             sex=np.array(["M"] * 12))
+    report = ev.evaluate_generated(read_generated(tmp_path / "three_each.npz"), clip, dataset.data_dir,
+                                   "validation", tmp_path / "out", proto=ev.protocol("fast"), n_boot=200)
+    clinical = report["clinical"]
+    assert clinical["n_records"] == 12 and clinical["n_patients"] == 4
+    hr = next(row for row in clinical["metrics"]
+              if (row["metric"], row["comparison"]) == ("heart_rate_mae", "generated_vs_condition"))
+    # The interval is the bootstrap of the four conditions, not of twelve independent samples.
+    from diffusets_jax.metrics.bootstrap import cluster_bootstrap
+
+    error = np.abs(np.asarray(json.loads((tmp_path / "out" / "clinical_per_record.json").read_text())
+                              ["generated"]["heart_rate_bpm"], float) - rates)
+    conditions = np.asarray([str(c) for c in ev.sample_clusters(read_generated(tmp_path / "three_each.npz"))])
+    assert len(set(conditions)) == 4 and all(len(set(conditions[i : i + 3])) == 1 for i in range(0, 12, 3))
+    _, low, high = cluster_bootstrap(error, np.ones(12), conditions, n_boot=200, seed=0)
+    _, low_apart, high_apart = cluster_bootstrap(error, np.ones(12), None, n_boot=200, seed=0)
+    assert (hr["ci_low"], hr["ci_high"]) == pytest.approx((low, high)) != (low_apart, high_apart)
+    assert "12 records in 4 clusters (by patient, else the condition generated from)" in (
+        tmp_path / "out" / "report.md").read_text()
+    # The patient, where the set names one, joins its records' samples; samples with no text stay apart.
+    np.savez(tmp_path / "patients.npz", ecg=ecg, report=reports, heart_rate=rates,
+             subject_id=np.array([7] * 6 + [-1] * 6))
+    by_patient = ev.sample_clusters(read_generated(tmp_path / "patients.npz"))
+    assert len(set(by_patient[:6])) == 1 and len(set(by_patient[6:])) == 2
+    np.savez(tmp_path / "bare.npz", ecg=ecg, heart_rate=rates)
+    assert len(set(ev.sample_clusters(read_generated(tmp_path / "bare.npz")))) == 12

@@ -379,12 +379,12 @@ def _hr_mae(measured: np.ndarray, condition: np.ndarray) -> dict[str, Any]:
 
 def score(real: Mapping[str, Any], generated: Mapping[str, Any], *, pairs: np.ndarray | None,
           condition_hr: np.ndarray, text_features: np.ndarray | None, subject_ids: np.ndarray | None,
-          proto: Protocol, seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
+          proto: Protocol, seed: int = 0, n_boot: int = 1000, cluster_unit: str = "patient") -> dict[str, Any]:
     """The three levels, amplitudes and the clinical metrics of `generated` rows against `real` records.
 
     `pairs` `(n_generated,)`: the real record each generated row was made from (None: unpaired, e.g. another
     generator's samples: no paired clinical comparisons); `condition_hr`, `text_features`, `subject_ids`: per
-    generated row.
+    generated row, `subject_ids` the clusters of the bootstrap, named by `cluster_unit` in the report.
     """
     n_gen, n_real = len(generated["features"]), len(real["features"])
     signal: dict[str, Any] = {"n_real": n_real, "n_generated": n_gen, "k": proto.k,
@@ -414,7 +414,7 @@ def score(real: Mapping[str, Any], generated: Mapping[str, Any], *, pairs: np.nd
                                   "generated": float(generated["abs_amplitude"].mean())},
     }
     clinical = compare_measurements(generated["clinical"], None if pairs is None else real["clinical"].take(pairs),
-                                    condition_hr, subject_ids, n_boot=n_boot, seed=seed)
+                                    condition_hr, subject_ids, n_boot=n_boot, seed=seed, cluster_unit=cluster_unit)
     return {"signal_level": signal, "feature_level": feature, "diagnostic_level": diagnostic,
             "amplitude": amplitude, "clinical": clinical}
 
@@ -776,6 +776,28 @@ def _no_rows(clip: tuple[Any, Any]) -> dict[str, Any]:
             "abs_amplitude": np.zeros(0, np.float32), "clinical": measure_ecgs(np.zeros((0, *ECG_SHAPE)))}
 
 
+GENERATED_CLUSTERS = "patient, else the condition generated from"  # what `sample_clusters` groups by
+
+
+def sample_clusters(generated: Any) -> np.ndarray:
+    """The bootstrap cluster of each sample of `generated` (`io.generated.GeneratedSet`) `(n,)` str: its patient
+    where the set names one; else the condition it was generated from (its text, sex, age and heart rate), since
+    `sample -n S` or a conditions file's count draws several samples of one record, which are not independent (each
+    its own cluster made the intervals too narrow); else (no text) the sample alone. Two records of one condition
+    fall into one cluster: a wider interval, never a narrower one."""
+    patients = generated.subject_id if generated.subject_id is not None else [""] * len(generated.ecg)
+    clusters = []
+    for i, (patient, report, prompt) in enumerate(zip(patients, generated.reports, generated.prompts, strict=True)):
+        if patient:
+            clusters.append(f"patient {patient}")
+        elif report or prompt:
+            clusters.append(f"condition {'|'.join(report)} / {prompt} / sex {int(generated.sex[i])} / "
+                            f"age {float(generated.age[i]):g} / {float(generated.heart_rate[i]):g} bpm")
+        else:
+            clusters.append(f"sample {i}")
+    return np.asarray(clusters, dtype=object)
+
+
 def evaluate_generated(
     generated: Any,
     clip: tuple[Any, Any],
@@ -833,8 +855,8 @@ def evaluate_generated(
     # Every level but the CLIP score is computed over every sample; the CLIP score over those with a text, and not
     # at all when none has one (scoring an empty selection only to drop it printed numpy's warnings).
     summary = score(real_m, gen_m, pairs=None, condition_hr=generated.heart_rate,
-                    text_features=None if missing_text else text_features, subject_ids=None, proto=proto, seed=seed,
-                    n_boot=n_boot)
+                    text_features=None if missing_text else text_features, subject_ids=sample_clusters(generated),
+                    proto=proto, seed=seed, n_boot=n_boot, cluster_unit=GENERATED_CLUSTERS)
     if missing_text:
         summary["diagnostic_level"] = {
             **_diagnostic_level(real_m, _take(gen_m, np.flatnonzero(have)), pairs=None, text_features=text_features),

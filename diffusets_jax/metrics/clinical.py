@@ -282,8 +282,12 @@ def compare_measurements(
     level: float = 0.95,
     qrs_tolerance_s: float = QRS_TOLERANCE_S,
     fs: float = ECG_RATE_HZ,
+    cluster_unit: str = "patient",
 ) -> dict[str, Any]:
-    """The metrics of `clinical_metrics` from measurements already made with `measure_ecgs` (same arguments)."""
+    """The metrics of `clinical_metrics` from measurements already made with `measure_ecgs` (same arguments).
+
+    `cluster_unit`: what a `subject_ids` entry names, for the report ("patient"; evaluate's unpaired samples are
+    clustered by patient where known, else by the condition they were generated from)."""
     n = len(gen.beats_s)
     if real_m is not None and len(real_m.beats_s) != n:
         raise ValueError(f"real: {len(real_m.beats_s)} records measured for {n} generated; pair them row by row")
@@ -357,7 +361,8 @@ def compare_measurements(
     if clusters is not None:
         per_record["subject_id"] = clusters.tolist()
     return {
-        "n_records": n, "n_patients": int(np.unique(clusters).size) if clusters is not None else n, "fs": fs,
+        "n_records": n, "n_patients": int(np.unique(clusters).size) if clusters is not None else n,
+        **({} if cluster_unit == "patient" else {"cluster_unit": cluster_unit}), "fs": fs,
         "n_boot": n_boot, "seed": seed, "level": level, "qrs_tolerance_ms": qrs_tolerance_s * 1000.0,
         "metrics": metrics, "per_record": per_record,
     }
@@ -402,7 +407,10 @@ def render_clinical_markdown(result: dict[str, Any]) -> str:
             f"| {_TITLES.get(row['metric'], row['metric'])} | {row['comparison'].replace('_', ' ')} "
             f"| {_fmt(row['value'])}{unit} | {_fmt(row['ci_low'])} to {_fmt(row['ci_high'])} | {coverage} |"
         )
-    lines += ["", f"{result['n_records']} records from {result['n_patients']} patients; intervals: "
-              f"{result['n_boot']} patient-clustered bootstrap resamples (seed {result['seed']}); QRS matched "
+    unit = result.get("cluster_unit", "patient")
+    clusters = (f"from {result['n_patients']} patients; intervals: {result['n_boot']} patient-clustered"
+                if unit == "patient" else
+                f"in {result['n_patients']} clusters (by {unit}); intervals: {result['n_boot']} clustered")
+    lines += ["", f"{result['n_records']} records {clusters} bootstrap resamples (seed {result['seed']}); QRS matched "
               f"within {result['qrs_tolerance_ms']:g} ms; coverage = records where the metric could be measured."]
     return "\n".join(lines) + "\n"
