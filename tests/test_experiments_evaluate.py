@@ -223,6 +223,10 @@ def test_per_condition_rows_and_the_written_report(clip, tmp_path):
                                                    text_features=None, proto=proto)
     rows = {r["condition"]: r for r in report["by_condition"]}
     assert rows["snb"]["records"] == 6 and rows["snb"]["samples"] == 12 and "f1" in rows["snb"]
+    # The real ECGs' own clinical rows are over the 12 records, each once (they counted each once per sample).
+    n_of = {(m["metric"], m["comparison"]): m["n"] for m in report["clinical"]["metrics"]}
+    assert n_of[("heart_rate_mae", "real_vs_condition")] == n_of[("einthoven_rmse", "real")] == 12
+    assert n_of[("heart_rate_mae", "generated_vs_condition")] == n_of[("einthoven_rmse", "generated")] == 24
     assert rows["snt"]["heart_rate_mae_bpm"] < 3 and rows["af"]["note"] == "no record of this condition"
     # Unpaired samples (another generator's): a condition no sample has may still have records in the split, which
     # the row counted as 0 under "no record of this condition".
@@ -239,6 +243,7 @@ def test_per_condition_rows_and_the_written_report(clip, tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     assert "| signal | FID" in markdown and "| feature | heart-rate MAE" in markdown
     assert "Model-free clinical metrics" in markdown and "| snb | 6 | 12 |" in markdown
+    assert "24 generated records of 12 real records" in markdown
     # A condition's heart-rate MAE says how many of its samples it is over (unmeasurable ones are left out of it).
     snb = rows["snb"]
     snb_line = next(line for line in markdown.splitlines() if line.startswith("| snb |"))

@@ -414,7 +414,8 @@ def score(real: Mapping[str, Any], generated: Mapping[str, Any], *, pairs: np.nd
                                   "generated": float(generated["abs_amplitude"].mean())},
     }
     clinical = compare_measurements(generated["clinical"], None if pairs is None else real["clinical"].take(pairs),
-                                    condition_hr, subject_ids, n_boot=n_boot, seed=seed, cluster_unit=cluster_unit)
+                                    condition_hr, subject_ids, n_boot=n_boot, seed=seed, cluster_unit=cluster_unit,
+                                    real_records=pairs)
     return {"signal_level": signal, "feature_level": feature, "diagnostic_level": diagnostic,
             "amplitude": amplitude, "clinical": clinical}
 
