@@ -839,3 +839,24 @@ def test_samples_of_one_condition_are_one_cluster_of_the_bootstrap(clip, dataset
     assert len(set(by_patient[:6])) == 1 and len(set(by_patient[6:])) == 2
     np.savez(tmp_path / "bare.npz", ecg=ecg, heart_rate=rates)
     assert len(set(ev.sample_clusters(read_generated(tmp_path / "bare.npz")))) == 12
+
+
+def test_a_conditions_clip_score_is_over_its_samples_with_a_text(clip, dataset, tmp_path):
+    """`--generated --by-condition`: one sample without a text made every condition's CLIP score n/a. Each is over
+    the condition's samples with a text, and the table says over how many."""
+    examples = [tiny_ecg_dataset.example(1000 + i) for i in range(6)]
+    ecg = np.stack([e["ecg"] for e in examples])
+    heart_rate = np.array([e["heart_rate"] for e in examples])
+    prompts = [e["prompt"] for e in examples[:4]] + ["Sinus rhythm|unseen 0", "Sinus rhythm|unseen 1"]
+    np.savez(tmp_path / "some.npz", ecg=ecg, heart_rate=heart_rate, prompt=np.array(prompts))
+    np.savez(tmp_path / "four.npz", ecg=ecg[:4], heart_rate=heart_rate[:4], prompt=np.array(prompts[:4]))
+    rules = load_rules().select(["sn"])
+    some = ev.evaluate_generated(read_generated(tmp_path / "some.npz"), clip, dataset.data_dir, "validation",
+                                 tmp_path / "some", rules=rules, n_boot=20)
+    four = ev.evaluate_generated(read_generated(tmp_path / "four.npz"), clip, dataset.data_dir, "validation",
+                                 tmp_path / "four", rules=rules, n_boot=20)
+    sn, alone = some["by_condition"][0], four["by_condition"][0]
+    assert sn["samples"] == 6 and sn["clip_score_samples"] == 4
+    assert sn["clip_score"] == pytest.approx(alone["clip_score"]) and "clip_score_samples" not in alone
+    line = next(row for row in (tmp_path / "some" / "report.md").read_text().splitlines() if row.startswith("| sn |"))
+    assert "(over 4 of 6 with a text)" in line

@@ -438,7 +438,8 @@ def score_by_condition(real: Mapping[str, Any], generated: Mapping[str, Any], gr
     """One row per condition: records, samples, precision / recall / F1, FID, CLIP score, heart-rate MAE.
 
     `groups`: condition -> generated row indices. The condition's real records are those rows' `pairs`, or, for
-    unpaired samples (`pairs` None), `real_groups[condition]`.
+    unpaired samples (`pairs` None), `real_groups[condition]`. `text_features` `(n_generated, d)`: NaN rows for
+    samples without a text, which the CLIP score leaves out (`clip_score_samples` then says over how many it is).
     """
     rows = []
     for name, members in groups.items():
@@ -466,7 +467,12 @@ def score_by_condition(real: Mapping[str, Any], generated: Mapping[str, Any], gr
         else:
             row["note"] = f"precision / recall need more than k = {proto.k} records and samples"
         if text_features is not None:
-            row["clip_score"] = clip_score(gen_f, text_features[members]).mean
+            # Over the samples with a text: one sample without made every condition's score n/a.
+            with_text = members[np.isfinite(text_features[members]).all(axis=1)]
+            row["clip_score"] = (clip_score(generated["features"][with_text], text_features[with_text]).mean
+                                 if with_text.size else None)
+            if with_text.size < members.size:
+                row["clip_score_samples"] = int(with_text.size)
         row.update(_hr_mae(generated["heart_rate"][members], condition_hr[members]))
         rows.append(row)
     return rows
@@ -487,6 +493,13 @@ def _condition_hr_cell(row: Mapping[str, Any]) -> str:
     if "measured" not in row:
         return _fmt(row.get("heart_rate_mae_bpm"))
     return f"{_fmt(row.get('heart_rate_mae_bpm'))} ({row['measured']} of {row['measured'] + row['unmeasurable']} measured)"
+
+
+def _condition_clip_cell(row: Mapping[str, Any]) -> str:
+    """A condition's CLIP score, with how many of its samples it is over where some have no text."""
+    if "clip_score_samples" not in row:
+        return _fmt(row.get("clip_score"))
+    return f"{_fmt(row.get('clip_score'))} (over {row['clip_score_samples']} of {row['samples']} with a text)"
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -546,7 +559,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         for row in report["by_condition"]:
             lines.append(f"| {row['condition']} | {row['records']} | {row['samples']} | {_fmt(row.get('precision'), 3)} "
                          f"| {_fmt(row.get('recall'), 3)} | {_fmt(row.get('f1'), 3)} | {_fmt(row.get('fid'))} "
-                         f"| {_fmt(row.get('clip_score'))} | {_condition_hr_cell(row)} "
+                         f"| {_condition_clip_cell(row)} | {_condition_hr_cell(row)} "
                          f"| {row.get('note', '')} |")
     figures = report.get("figures", {})
     lines += ["", "## Figures", ""]
@@ -853,6 +866,11 @@ def evaluate_generated(
     else:
         have = np.ones(len(generated.ecg), bool)
     text_features = None if embeddings is None else clip_text_features(module, variables, embeddings)
+    # Per sample `(n, d)`: NaN rows for the samples without a text, which a condition's CLIP score leaves out.
+    sample_text = None
+    if text_features is not None:
+        sample_text = np.full((len(have), text_features.shape[1]), np.nan, np.float32)
+        sample_text[have] = text_features
     # Every level but the CLIP score is computed over every sample; the CLIP score over those with a text, and not
     # at all when none has one (scoring an empty selection only to drop it printed numpy's warnings).
     summary = score(real_m, gen_m, pairs=None, condition_hr=generated.heart_rate,
@@ -869,8 +887,7 @@ def evaluate_generated(
     if rules is not None:
         labels = rules.labels(generated.reports)
         report["by_condition"] = score_by_condition(
-            real_m, gen_m, labels, pairs=None, condition_hr=generated.heart_rate,
-            text_features=None if missing_text else text_features, proto=proto,
+            real_m, gen_m, labels, pairs=None, condition_hr=generated.heart_rate, text_features=sample_text, proto=proto,
             real_groups=rules.labels([real["report_lines"][i] for i in usable]))
     return write_report(report, out_dir, condition_hr=generated.heart_rate, measured_hr=gen_m["heart_rate"])
 
