@@ -223,6 +223,10 @@ def test_per_condition_rows_and_the_written_report(clip, tmp_path):
                                                    text_features=None, proto=proto)
     rows = {r["condition"]: r for r in report["by_condition"]}
     assert rows["snb"]["records"] == 6 and rows["snb"]["samples"] == 12 and "f1" in rows["snb"]
+    # The real ECGs' own clinical rows are over the 12 records, each once (they counted each once per sample).
+    n_of = {(m["metric"], m["comparison"]): m["n"] for m in report["clinical"]["metrics"]}
+    assert n_of[("heart_rate_mae", "real_vs_condition")] == n_of[("einthoven_rmse", "real")] == 12
+    assert n_of[("heart_rate_mae", "generated_vs_condition")] == n_of[("einthoven_rmse", "generated")] == 24
     assert rows["snt"]["heart_rate_mae_bpm"] < 3 and rows["af"]["note"] == "no record of this condition"
     # Unpaired samples (another generator's): a condition no sample has may still have records in the split, which
     # the row counted as 0 under "no record of this condition".
@@ -239,6 +243,7 @@ def test_per_condition_rows_and_the_written_report(clip, tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     assert "| signal | FID" in markdown and "| feature | heart-rate MAE" in markdown
     assert "Model-free clinical metrics" in markdown and "| snb | 6 | 12 |" in markdown
+    assert "24 generated records of 12 real records" in markdown
     # A condition's heart-rate MAE says how many of its samples it is over (unmeasurable ones are left out of it).
     snb = rows["snb"]
     snb_line = next(line for line in markdown.splitlines() if line.startswith("| snb |"))
@@ -797,3 +802,61 @@ def test_a_generated_sets_own_text_embeddings_are_checked_before_the_clip_loads(
         with pytest.raises(AssertionError, match="weights were loaded"):
             main(["evaluate", "--generated", str(tmp_path / f"{name}.npz"), "--clip", str(clip_dir), "--dataset",
                   str(dataset.data_dir), "--split", "validation", "--out", str(tmp_path / "out")])
+
+
+def test_samples_of_one_condition_are_one_cluster_of_the_bootstrap(clip, dataset, tmp_path):
+    """`evaluate --generated` took each sample for its own patient: three samples of each of four records
+    (`sample -n 3`, a conditions file's count) were twelve independent draws, and the intervals too narrow. Samples
+    are clustered by their patient where the set names one, else by the condition they were generated from."""
+    rng = np.random.default_rng(3)
+    rates = np.repeat([60.0, 75.0, 90.0, 110.0], 3)
+    reports = np.repeat(["Sinus rhythm", "Sinus rhythm|Normal ECG", "Sinus tachycardia", "Atrial fibrillation"], 3)
+    ecg = synthetic_set(rng, rates + rng.normal(0.0, 4.0, rates.size))
+    np.savez(tmp_path / "three_each.npz", ecg=ecg, report=reports, heart_rate=rates, age=np.full(12, 60.0),
+             sex=np.array(["M"] * 12))
+    report = ev.evaluate_generated(read_generated(tmp_path / "three_each.npz"), clip, dataset.data_dir,
+                                   "validation", tmp_path / "out", proto=ev.protocol("fast"), n_boot=200)
+    clinical = report["clinical"]
+    assert clinical["n_records"] == 12 and clinical["n_patients"] == 4
+    hr = next(row for row in clinical["metrics"]
+              if (row["metric"], row["comparison"]) == ("heart_rate_mae", "generated_vs_condition"))
+    # The interval is the bootstrap of the four conditions, not of twelve independent samples.
+    from diffusets_jax.metrics.bootstrap import cluster_bootstrap
+
+    error = np.abs(np.asarray(json.loads((tmp_path / "out" / "clinical_per_record.json").read_text())
+                              ["generated"]["heart_rate_bpm"], float) - rates)
+    conditions = np.asarray([str(c) for c in ev.sample_clusters(read_generated(tmp_path / "three_each.npz"))])
+    assert len(set(conditions)) == 4 and all(len(set(conditions[i : i + 3])) == 1 for i in range(0, 12, 3))
+    _, low, high = cluster_bootstrap(error, np.ones(12), conditions, n_boot=200, seed=0)
+    _, low_apart, high_apart = cluster_bootstrap(error, np.ones(12), None, n_boot=200, seed=0)
+    assert (hr["ci_low"], hr["ci_high"]) == pytest.approx((low, high)) != (low_apart, high_apart)
+    assert "12 records in 4 clusters (by patient, else the condition generated from)" in (
+        tmp_path / "out" / "report.md").read_text()
+    # The patient, where the set names one, joins its records' samples; samples with no text stay apart.
+    np.savez(tmp_path / "patients.npz", ecg=ecg, report=reports, heart_rate=rates,
+             subject_id=np.array([7] * 6 + [-1] * 6))
+    by_patient = ev.sample_clusters(read_generated(tmp_path / "patients.npz"))
+    assert len(set(by_patient[:6])) == 1 and len(set(by_patient[6:])) == 2
+    np.savez(tmp_path / "bare.npz", ecg=ecg, heart_rate=rates)
+    assert len(set(ev.sample_clusters(read_generated(tmp_path / "bare.npz")))) == 12
+
+
+def test_a_conditions_clip_score_is_over_its_samples_with_a_text(clip, dataset, tmp_path):
+    """`--generated --by-condition`: one sample without a text made every condition's CLIP score n/a. Each is over
+    the condition's samples with a text, and the table says over how many."""
+    examples = [tiny_ecg_dataset.example(1000 + i) for i in range(6)]
+    ecg = np.stack([e["ecg"] for e in examples])
+    heart_rate = np.array([e["heart_rate"] for e in examples])
+    prompts = [e["prompt"] for e in examples[:4]] + ["Sinus rhythm|unseen 0", "Sinus rhythm|unseen 1"]
+    np.savez(tmp_path / "some.npz", ecg=ecg, heart_rate=heart_rate, prompt=np.array(prompts))
+    np.savez(tmp_path / "four.npz", ecg=ecg[:4], heart_rate=heart_rate[:4], prompt=np.array(prompts[:4]))
+    rules = load_rules().select(["sn"])
+    some = ev.evaluate_generated(read_generated(tmp_path / "some.npz"), clip, dataset.data_dir, "validation",
+                                 tmp_path / "some", rules=rules, n_boot=20)
+    four = ev.evaluate_generated(read_generated(tmp_path / "four.npz"), clip, dataset.data_dir, "validation",
+                                 tmp_path / "four", rules=rules, n_boot=20)
+    sn, alone = some["by_condition"][0], four["by_condition"][0]
+    assert sn["samples"] == 6 and sn["clip_score_samples"] == 4
+    assert sn["clip_score"] == pytest.approx(alone["clip_score"]) and "clip_score_samples" not in alone
+    line = next(row for row in (tmp_path / "some" / "report.md").read_text().splitlines() if row.startswith("| sn |"))
+    assert "(over 4 of 6 with a text)" in line

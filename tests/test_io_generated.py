@@ -260,3 +260,18 @@ def test_an_npz_of_ecgs_at_the_time_base_is_read_without_copies(tmp_path):
     np.testing.assert_array_equal(generated.ecg, ecg)
     assert generated.ecg.dtype == np.float32
     assert peak < 1.5 * ecg.nbytes, (peak, ecg.nbytes)
+
+
+def test_an_npz_names_each_samples_patient_where_known(tmp_path):
+    """`subject_id`: the patient whose record conditioned each ECG, for evaluate's clustered bootstrap; -1, NaN
+    or an empty entry is unknown, and a float array's 17.0 is patient 17."""
+    np.savez(tmp_path / "ids.npz", ecg=_ecgs(4), subject_id=np.array([17.0, -1.0, np.nan, 17.0]))
+    got = read_generated(tmp_path / "ids.npz")
+    assert got.subject_id.tolist() == ["17", "", "", "17"]
+    np.savez(tmp_path / "text.npz", ecg=_ecgs(2), subject_id=np.array(["p-3", ""]))
+    assert read_generated(tmp_path / "text.npz").subject_id.tolist() == ["p-3", ""]
+    np.savez(tmp_path / "none.npz", ecg=_ecgs(2))
+    assert read_generated(tmp_path / "none.npz").subject_id is None
+    np.savez(tmp_path / "short.npz", ecg=_ecgs(2), subject_id=np.array([1]))
+    with pytest.raises(ValueError, match="'subject_id' has 1 entries for 2 ECGs"):
+        read_generated(tmp_path / "short.npz")

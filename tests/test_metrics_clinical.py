@@ -162,3 +162,28 @@ def test_bad_settings_are_refused_before_any_record_is_measured(pair, monkeypatc
     gen, real, _ = pair
     with pytest.raises(ValueError, match=message):
         clinical_metrics(gen, real, **kwargs)
+
+
+def test_a_real_record_paired_with_several_samples_counts_once_in_its_own_metrics(pair):
+    """Three samples per real record: the real ECGs' own rows (real vs condition, their limb identities and
+    amplitudes) counted each record three times, "n 6" of two records; they are over the distinct records, the
+    paired rows over the samples, and the rows of one record are one cluster of the bootstrap."""
+    from diffusets_jax.metrics.clinical import compare_measurements, measure_ecgs
+
+    gen, real, hr = pair
+    records = np.array([0, 0, 0, 1, 1, 1])
+    gen_m, real_m = measure_ecgs(gen).take(records), measure_ecgs(real)
+    res = compare_measurements(gen_m, real_m.take(records), hr[records], real_records=records, n_boot=200)
+    once = compare_measurements(measure_ecgs(gen), real_m, hr, n_boot=200)
+    for metric, comparison in (("heart_rate_mae", "real_vs_condition"), ("einthoven_rmse", "real"),
+                               ("over_10mv", "real")):
+        row, alone = metric_value(res, metric, comparison), metric_value(once, metric, comparison)
+        assert (row["n"], row["n_measured"], row["value"]) == (2, alone["n_measured"], alone["value"])
+    assert metric_value(res, "heart_rate_mae", "generated_vs_real")["n"] == 6
+    # Clustered by record: a resample draws a record's three samples together, so with two records every resample
+    # holds each record 0, 3 or 6 times and the interval's ends are those of the records' own means.
+    row = metric_value(res, "heart_rate_mae", "generated_vs_condition")
+    errors = np.abs(np.asarray(res["per_record"]["generated"]["heart_rate_bpm"], float) - hr[records])[[0, 3]]
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((errors.min(), errors.max()))
+    assert res["n_real_records"] == 2 and res["n_patients"] == 2
+    assert "6 generated records of 2 real records in 2 clusters (by real record)" in render_clinical_markdown(res)

@@ -379,12 +379,12 @@ def _hr_mae(measured: np.ndarray, condition: np.ndarray) -> dict[str, Any]:
 
 def score(real: Mapping[str, Any], generated: Mapping[str, Any], *, pairs: np.ndarray | None,
           condition_hr: np.ndarray, text_features: np.ndarray | None, subject_ids: np.ndarray | None,
-          proto: Protocol, seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
+          proto: Protocol, seed: int = 0, n_boot: int = 1000, cluster_unit: str = "patient") -> dict[str, Any]:
     """The three levels, amplitudes and the clinical metrics of `generated` rows against `real` records.
 
     `pairs` `(n_generated,)`: the real record each generated row was made from (None: unpaired, e.g. another
     generator's samples: no paired clinical comparisons); `condition_hr`, `text_features`, `subject_ids`: per
-    generated row.
+    generated row, `subject_ids` the clusters of the bootstrap, named by `cluster_unit` in the report.
     """
     n_gen, n_real = len(generated["features"]), len(real["features"])
     signal: dict[str, Any] = {"n_real": n_real, "n_generated": n_gen, "k": proto.k,
@@ -414,7 +414,8 @@ def score(real: Mapping[str, Any], generated: Mapping[str, Any], *, pairs: np.nd
                                   "generated": float(generated["abs_amplitude"].mean())},
     }
     clinical = compare_measurements(generated["clinical"], None if pairs is None else real["clinical"].take(pairs),
-                                    condition_hr, subject_ids, n_boot=n_boot, seed=seed)
+                                    condition_hr, subject_ids, n_boot=n_boot, seed=seed, cluster_unit=cluster_unit,
+                                    real_records=pairs)
     return {"signal_level": signal, "feature_level": feature, "diagnostic_level": diagnostic,
             "amplitude": amplitude, "clinical": clinical}
 
@@ -437,7 +438,8 @@ def score_by_condition(real: Mapping[str, Any], generated: Mapping[str, Any], gr
     """One row per condition: records, samples, precision / recall / F1, FID, CLIP score, heart-rate MAE.
 
     `groups`: condition -> generated row indices. The condition's real records are those rows' `pairs`, or, for
-    unpaired samples (`pairs` None), `real_groups[condition]`.
+    unpaired samples (`pairs` None), `real_groups[condition]`. `text_features` `(n_generated, d)`: NaN rows for
+    samples without a text, which the CLIP score leaves out (`clip_score_samples` then says over how many it is).
     """
     rows = []
     for name, members in groups.items():
@@ -465,7 +467,12 @@ def score_by_condition(real: Mapping[str, Any], generated: Mapping[str, Any], gr
         else:
             row["note"] = f"precision / recall need more than k = {proto.k} records and samples"
         if text_features is not None:
-            row["clip_score"] = clip_score(gen_f, text_features[members]).mean
+            # Over the samples with a text: one sample without made every condition's score n/a.
+            with_text = members[np.isfinite(text_features[members]).all(axis=1)]
+            row["clip_score"] = (clip_score(generated["features"][with_text], text_features[with_text]).mean
+                                 if with_text.size else None)
+            if with_text.size < members.size:
+                row["clip_score_samples"] = int(with_text.size)
         row.update(_hr_mae(generated["heart_rate"][members], condition_hr[members]))
         rows.append(row)
     return rows
@@ -486,6 +493,13 @@ def _condition_hr_cell(row: Mapping[str, Any]) -> str:
     if "measured" not in row:
         return _fmt(row.get("heart_rate_mae_bpm"))
     return f"{_fmt(row.get('heart_rate_mae_bpm'))} ({row['measured']} of {row['measured'] + row['unmeasurable']} measured)"
+
+
+def _condition_clip_cell(row: Mapping[str, Any]) -> str:
+    """A condition's CLIP score, with how many of its samples it is over where some have no text."""
+    if "clip_score_samples" not in row:
+        return _fmt(row.get("clip_score"))
+    return f"{_fmt(row.get('clip_score'))} (over {row['clip_score_samples']} of {row['samples']} with a text)"
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -545,7 +559,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         for row in report["by_condition"]:
             lines.append(f"| {row['condition']} | {row['records']} | {row['samples']} | {_fmt(row.get('precision'), 3)} "
                          f"| {_fmt(row.get('recall'), 3)} | {_fmt(row.get('f1'), 3)} | {_fmt(row.get('fid'))} "
-                         f"| {_fmt(row.get('clip_score'))} | {_condition_hr_cell(row)} "
+                         f"| {_condition_clip_cell(row)} | {_condition_hr_cell(row)} "
                          f"| {row.get('note', '')} |")
     figures = report.get("figures", {})
     lines += ["", "## Figures", ""]
@@ -776,6 +790,28 @@ def _no_rows(clip: tuple[Any, Any]) -> dict[str, Any]:
             "abs_amplitude": np.zeros(0, np.float32), "clinical": measure_ecgs(np.zeros((0, *ECG_SHAPE)))}
 
 
+GENERATED_CLUSTERS = "patient, else the condition generated from"  # what `sample_clusters` groups by
+
+
+def sample_clusters(generated: Any) -> np.ndarray:
+    """The bootstrap cluster of each sample of `generated` (`io.generated.GeneratedSet`) `(n,)` str: its patient
+    where the set names one; else the condition it was generated from (its text, sex, age and heart rate), since
+    `sample -n S` or a conditions file's count draws several samples of one record, which are not independent (each
+    its own cluster made the intervals too narrow); else (no text) the sample alone. Two records of one condition
+    fall into one cluster: a wider interval, never a narrower one."""
+    patients = generated.subject_id if generated.subject_id is not None else [""] * len(generated.ecg)
+    clusters = []
+    for i, (patient, report, prompt) in enumerate(zip(patients, generated.reports, generated.prompts, strict=True)):
+        if patient:
+            clusters.append(f"patient {patient}")
+        elif report or prompt:
+            clusters.append(f"condition {'|'.join(report)} / {prompt} / sex {int(generated.sex[i])} / "
+                            f"age {float(generated.age[i]):g} / {float(generated.heart_rate[i]):g} bpm")
+        else:
+            clusters.append(f"sample {i}")
+    return np.asarray(clusters, dtype=object)
+
+
 def evaluate_generated(
     generated: Any,
     clip: tuple[Any, Any],
@@ -830,11 +866,16 @@ def evaluate_generated(
     else:
         have = np.ones(len(generated.ecg), bool)
     text_features = None if embeddings is None else clip_text_features(module, variables, embeddings)
+    # Per sample `(n, d)`: NaN rows for the samples without a text, which a condition's CLIP score leaves out.
+    sample_text = None
+    if text_features is not None:
+        sample_text = np.full((len(have), text_features.shape[1]), np.nan, np.float32)
+        sample_text[have] = text_features
     # Every level but the CLIP score is computed over every sample; the CLIP score over those with a text, and not
     # at all when none has one (scoring an empty selection only to drop it printed numpy's warnings).
     summary = score(real_m, gen_m, pairs=None, condition_hr=generated.heart_rate,
-                    text_features=None if missing_text else text_features, subject_ids=None, proto=proto, seed=seed,
-                    n_boot=n_boot)
+                    text_features=None if missing_text else text_features, subject_ids=sample_clusters(generated),
+                    proto=proto, seed=seed, n_boot=n_boot, cluster_unit=GENERATED_CLUSTERS)
     if missing_text:
         summary["diagnostic_level"] = {
             **_diagnostic_level(real_m, _take(gen_m, np.flatnonzero(have)), pairs=None, text_features=text_features),
@@ -846,8 +887,7 @@ def evaluate_generated(
     if rules is not None:
         labels = rules.labels(generated.reports)
         report["by_condition"] = score_by_condition(
-            real_m, gen_m, labels, pairs=None, condition_hr=generated.heart_rate,
-            text_features=None if missing_text else text_features, proto=proto,
+            real_m, gen_m, labels, pairs=None, condition_hr=generated.heart_rate, text_features=sample_text, proto=proto,
             real_groups=rules.labels([real["report_lines"][i] for i in usable]))
     return write_report(report, out_dir, condition_hr=generated.heart_rate, measured_hr=gen_m["heart_rate"])
 

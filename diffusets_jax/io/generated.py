@@ -5,8 +5,9 @@
 
 - an NPZ (`samples.npz` of `diffusets-jax sample`, or any NPZ with an `ecg` array `(n, samples, 12)` in mV,
   standard lead order, plus optional `report` ('|'-joined statements) or `prompt`, `sex`, `age`, `heart_rate`,
-  and `text_embedding` `(n, D)` (finite, D the scoring CLIP's text width) with optionally `embedder_id`, the id of
-  the embedder that made it (one string, as `embed --output` writes it));
+  `subject_id` (the patient whose record conditioned the ECG, empty or -1 where unknown), and `text_embedding`
+  `(n, D)` (finite, D the scoring CLIP's text width) with optionally `embedder_id`, the id of the embedder that
+  made it (one string, as `embed --output` writes it));
 - a folder of WFDB records (ours carry the conditions in their header comments; others are read signal-only);
 - a dataset folder (`dataset_info.json`): a `sample --corpus` corpus or any dataset in the prepared schema;
 - a `sample` output folder (`manifest.json`): its NPZ, or the NPZ of every host of a multi-host run, in order
@@ -60,6 +61,9 @@ class GeneratedSet:
     # embedder's id (`Embedder.embedder_id`) when the NPZ records one, "" when not.
     text_embedding_file: str = ""
     text_embedder: str = ""
+    # `(n,)` str: the patient whose record conditioned each ECG, "" where unknown (an NPZ's `subject_id`, a prepared
+    # dataset's; a corpus names none); None when the source gives none. The bootstrap clusters by it.
+    subject_id: np.ndarray | None = None
 
 
 def _to_time_base(ecg: np.ndarray, where: str) -> np.ndarray:
@@ -158,7 +162,8 @@ def finite_only(generated: GeneratedSet, flag: str = "--generated") -> Generated
         generated, ecg=generated.ecg[rows], reports=[generated.reports[i] for i in rows],
         prompts=[generated.prompts[i] for i in rows], sex=generated.sex[rows], age=generated.age[rows],
         heart_rate=generated.heart_rate[rows],
-        text_embedding=None if generated.text_embedding is None else generated.text_embedding[rows], skipped=skipped)
+        text_embedding=None if generated.text_embedding is None else generated.text_embedding[rows], skipped=skipped,
+        subject_id=None if generated.subject_id is None else generated.subject_id[rows])
 
 
 def _sample_npz_files(folder: Path) -> list[Path] | None:
@@ -219,7 +224,9 @@ def _read_sample_folder(folder: Path, npz_files: list[Path], flag: str) -> Gener
                         np.concatenate(embeddings) if with_text else None, str(folder),
                         skipped, statements=all(part.statements for part in parts),
                         text_embedding_file=with_text[0].source if with_text else "",
-                        text_embedder=with_text[0].text_embedder if with_text else "")
+                        text_embedder=with_text[0].text_embedder if with_text else "",
+                        subject_id=np.concatenate([_patients(part) for part in parts])
+                        if any(part.subject_id is not None for part in parts) else None)
 
 
 def _read_npz(path: Path) -> GeneratedSet:
@@ -239,7 +246,7 @@ def _read_npz(path: Path) -> GeneratedSet:
     if ecg.ndim != 3 or ecg.shape[2] != NUM_LEADS:
         raise ValueError(f"{path}: 'ecg' has shape {ecg.shape}; expected (n, samples, {NUM_LEADS})")
     n = len(ecg)
-    for key in ("report", "prompt", "sex", "age", "heart_rate", "text_embedding"):
+    for key in ("report", "prompt", "sex", "age", "heart_rate", "subject_id", "text_embedding"):
         if key not in data:
             continue
         if data[key].ndim == 0:
@@ -272,7 +279,24 @@ def _read_npz(path: Path) -> GeneratedSet:
     return GeneratedSet(ecgs, reports, prompts, sex, age, hr, text_embedding,
                         str(path), statements="report" in data,
                         text_embedding_file=str(path) if text_embedding is not None else "",
-                        text_embedder=_embedder_id(data, path) if text_embedding is not None else "")
+                        text_embedder=_embedder_id(data, path) if text_embedding is not None else "",
+                        subject_id=_patient_ids(data["subject_id"]) if "subject_id" in data else None)
+
+
+def _patient_ids(values: Any) -> np.ndarray:
+    """Patient ids `(n,)` as str, "" where unknown: an empty entry, NaN, or -1 (a corpus's `subject_id`)."""
+    ids = []
+    for value in np.asarray(values).reshape(-1).tolist():
+        if isinstance(value, float) and value.is_integer():  # 17.0 from a float array is patient 17
+            value = int(value)
+        text = str(value).strip()
+        ids.append("" if text in ("", "-1", "nan") else text)
+    return np.asarray(ids, dtype=str)
+
+
+def _patients(part: GeneratedSet) -> np.ndarray:
+    """`part`'s patient ids, all unknown when it gives none."""
+    return part.subject_id if part.subject_id is not None else np.full(len(part.ecg), "", dtype=str)
 
 
 def _text_embeddings(values: np.ndarray, path: Path) -> np.ndarray:
@@ -391,7 +415,7 @@ def _read_dataset(folder: Path, flag: str) -> GeneratedSet:
     builder = pipeline.load_builder(folder)
     split = "train" if "train" in builder.info.splits else sorted(builder.info.splits)[0]
     columns: dict[str, list] = {k: [] for k in ("ecg", "report_lines", "prompt", "sex", "age", "heart_rate",
-                                                 "text_embedding")}
+                                                 "text_embedding", "subject_id")}
     missing = [k for k in ("ecg",) if k not in builder.info.features.keys()]
     if missing:
         raise ValueError(f"{flag} {folder}: the dataset has no 'ecg' feature (a latent dataset?)")
@@ -411,5 +435,6 @@ def _read_dataset(folder: Path, flag: str) -> GeneratedSet:
         np.asarray(columns["age"], np.float64) if columns["age"] else np.full(n, np.nan),
         np.asarray(columns["heart_rate"], np.float64) if columns["heart_rate"] else np.full(n, np.nan),
         np.stack(columns["text_embedding"]).astype(np.float32) if columns["text_embedding"] else None,
-        str(folder), statements=bool(columns["report_lines"]))
+        str(folder), statements=bool(columns["report_lines"]),
+        subject_id=_patient_ids(columns["subject_id"]) if columns["subject_id"] else None)
 

@@ -198,24 +198,31 @@ class _Rows:
     numerators: list[np.ndarray] = dataclasses.field(default_factory=list)
     denominators: list[np.ndarray] = dataclasses.field(default_factory=list)
     measured: list[np.ndarray] = dataclasses.field(default_factory=list)
+    totals: list[int] = dataclasses.field(default_factory=list)  # the records a metric is over (its n)
 
     def add(self, metric: str, comparison: str, unit: str, num: np.ndarray, den: np.ndarray,
-            measured: np.ndarray) -> None:
+            measured: np.ndarray, counted: np.ndarray | None = None) -> None:
+        """`counted` `(n,)` bool: the rows the metric is over (None: all); the others add nothing to it."""
+        if counted is not None:
+            num, den, measured = np.where(counted, num, 0.0), np.where(counted, den, 0.0), measured & counted
         self.keys.append((metric, comparison, unit))
         self.numerators.append(num)
         self.denominators.append(den)
         self.measured.append(measured.astype(bool))
+        self.totals.append(len(num) if counted is None else int(counted.sum()))
 
-    def add_mean(self, metric: str, comparison: str, unit: str, values: np.ndarray) -> None:
+    def add_mean(self, metric: str, comparison: str, unit: str, values: np.ndarray,
+                 counted: np.ndarray | None = None) -> None:
         num, den = _mean_of(values)
-        self.add(metric, comparison, unit, num, den, den > 0)
+        self.add(metric, comparison, unit, num, den, den > 0, counted)
 
 
-def _heart_rate_rows(rows: _Rows, measured_hr: np.ndarray, target_hr: np.ndarray, comparison: str) -> None:
+def _heart_rate_rows(rows: _Rows, measured_hr: np.ndarray, target_hr: np.ndarray, comparison: str,
+                     counted: np.ndarray | None = None) -> None:
     error = np.abs(measured_hr - target_hr)
-    rows.add_mean("heart_rate_mae", comparison, "bpm", error)
+    rows.add_mean("heart_rate_mae", comparison, "bpm", error, counted)
     within = np.where(np.isfinite(error), (error <= HR_AGREEMENT_BPM) * 100.0, np.nan)
-    rows.add_mean("heart_rate_within_10bpm", comparison, "%", within)
+    rows.add_mean("heart_rate_within_10bpm", comparison, "%", within, counted)
 
 
 def _check_comparison(n: int, condition_hr: ArrayLike | None, subject_ids: Sequence[object] | np.ndarray | None,
@@ -282,12 +289,32 @@ def compare_measurements(
     level: float = 0.95,
     qrs_tolerance_s: float = QRS_TOLERANCE_S,
     fs: float = ECG_RATE_HZ,
+    cluster_unit: str = "patient",
+    real_records: ArrayLike | None = None,
 ) -> dict[str, Any]:
-    """The metrics of `clinical_metrics` from measurements already made with `measure_ecgs` (same arguments)."""
+    """The metrics of `clinical_metrics` from measurements already made with `measure_ecgs` (same arguments).
+
+    `real_records` `(n,)`: which real record each row of `real_m` is, where one record is paired with several
+    generated rows (evaluate's `--samples-per-record`): the real ECGs' own metrics (real vs condition, the real
+    limb-lead identities and amplitudes) are over the distinct records, counted once each (their n counted each
+    record once per sample), and without `subject_ids` the bootstrap clusters the rows of one record together.
+
+    `cluster_unit`: what a `subject_ids` entry names, for the report ("patient"; evaluate's unpaired samples are
+    clustered by patient where known, else by the condition they were generated from)."""
     n = len(gen.beats_s)
     if real_m is not None and len(real_m.beats_s) != n:
         raise ValueError(f"real: {len(real_m.beats_s)} records measured for {n} generated; pair them row by row")
     hr_c = _check_comparison(n, condition_hr, subject_ids, n_boot, level)
+    once = None  # the rows that stand for their real record in the real ECGs' own metrics (None: every row)
+    if real_records is not None:
+        real_records = np.asarray(real_records).reshape(-1)
+        if real_m is None or real_records.shape[0] != n:
+            raise ValueError(f"real_records: {real_records.shape[0]} ids for {n} ECGs; give the paired real "
+                             "record of each row, with `real_m`")
+        once = np.zeros(n, bool)
+        once[np.unique(real_records, return_index=True)[1]] = True
+        if subject_ids is None:  # a record's samples share its patient, unknown or not: one cluster
+            subject_ids, cluster_unit = real_records, "real record"
 
     rows = _Rows()
     finite_gen = gen.n_beats >= 0
@@ -328,25 +355,25 @@ def compare_measurements(
                           / np.maximum(leads_measured, 1), np.nan)
         rows.add_mean("st_j60_mae", "generated_vs_real", "mV", st_mae)
         if hr_c is not None:
-            _heart_rate_rows(rows, real_m.heart_rate_bpm, hr_c, "real_vs_condition")
-    for name, measured in (("generated", gen), ("real", real_m)):
+            _heart_rate_rows(rows, real_m.heart_rate_bpm, hr_c, "real_vs_condition", once)
+    for name, measured, counted in (("generated", gen, None), ("real", real_m, once)):
         if measured is None:
             continue
-        rows.add_mean("einthoven_rmse", name, "mV", measured.einthoven_rmse_mv)
-        rows.add_mean("goldberger_rmse", name, "mV", measured.goldberger_rmse_mv)
+        rows.add_mean("einthoven_rmse", name, "mV", measured.einthoven_rmse_mv, counted)
+        rows.add_mean("goldberger_rmse", name, "mV", measured.goldberger_rmse_mv, counted)
         over = np.where(np.isfinite(measured.max_abs_mv), (measured.max_abs_mv > AMPLITUDE_LIMIT_MV) * 100.0, np.nan)
-        rows.add_mean("over_10mv", name, "%", over)
+        rows.add_mean("over_10mv", name, "%", over, counted)
 
     clusters = None if subject_ids is None else np.asarray([str(s) for s in subject_ids])
     value, low, high = cluster_bootstrap(np.stack(rows.numerators, axis=1), np.stack(rows.denominators, axis=1),
                                          clusters, n_boot=n_boot, seed=seed, level=level)
     metrics = []
     for j, (metric, comparison, unit) in enumerate(rows.keys):
-        n_measured = int(rows.measured[j].sum())
+        n_measured, total = int(rows.measured[j].sum()), rows.totals[j]
         metrics.append({
             "metric": metric, "comparison": comparison, "unit": unit, "value": json_safe(value[j]),
-            "ci_low": json_safe(low[j]), "ci_high": json_safe(high[j]), "n_measured": n_measured, "n": n,
-            "coverage": n_measured / n if n else None,
+            "ci_low": json_safe(low[j]), "ci_high": json_safe(high[j]), "n_measured": n_measured, "n": total,
+            "coverage": n_measured / total if total else None,
         })
     per_record: dict[str, Any] = {"generated": gen.as_lists()}
     if real_m is not None:
@@ -357,7 +384,9 @@ def compare_measurements(
     if clusters is not None:
         per_record["subject_id"] = clusters.tolist()
     return {
-        "n_records": n, "n_patients": int(np.unique(clusters).size) if clusters is not None else n, "fs": fs,
+        "n_records": n, **({} if once is None else {"n_real_records": int(once.sum())}),
+        "n_patients": int(np.unique(clusters).size) if clusters is not None else n,
+        **({} if cluster_unit == "patient" else {"cluster_unit": cluster_unit}), "fs": fs,
         "n_boot": n_boot, "seed": seed, "level": level, "qrs_tolerance_ms": qrs_tolerance_s * 1000.0,
         "metrics": metrics, "per_record": per_record,
     }
@@ -402,7 +431,12 @@ def render_clinical_markdown(result: dict[str, Any]) -> str:
             f"| {_TITLES.get(row['metric'], row['metric'])} | {row['comparison'].replace('_', ' ')} "
             f"| {_fmt(row['value'])}{unit} | {_fmt(row['ci_low'])} to {_fmt(row['ci_high'])} | {coverage} |"
         )
-    lines += ["", f"{result['n_records']} records from {result['n_patients']} patients; intervals: "
-              f"{result['n_boot']} patient-clustered bootstrap resamples (seed {result['seed']}); QRS matched "
+    unit = result.get("cluster_unit", "patient")
+    clusters = (f"from {result['n_patients']} patients; intervals: {result['n_boot']} patient-clustered"
+                if unit == "patient" else
+                f"in {result['n_patients']} clusters (by {unit}); intervals: {result['n_boot']} clustered")
+    records = (f"{result['n_records']} records" if "n_real_records" not in result else
+               f"{result['n_records']} generated records of {result['n_real_records']} real records")
+    lines += ["", f"{records} {clusters} bootstrap resamples (seed {result['seed']}); QRS matched "
               f"within {result['qrs_tolerance_ms']:g} ms; coverage = records where the metric could be measured."]
     return "\n".join(lines) + "\n"
