@@ -36,7 +36,7 @@ from diffusets_jax import parallel
 from diffusets_jax.conditioning.patient import patient_features
 from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.config import check_seed
-from diffusets_jax.diffusion.guidance import fixed_null_condition
+from diffusets_jax.diffusion.guidance import condition_batch_size, fixed_null_condition
 from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, resolve_for_model, sampler_timesteps
 from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_RATE_HZ
@@ -323,7 +323,11 @@ class ECGGenerator:
 
     def _device_batch(self, cond: dict[str, np.ndarray], batch_index: int) -> tuple[int, Any, jax.Array]:
         """(n, the conditions padded to batch_size and sharded, the batch's key): what every batch program takes."""
-        n = len(cond["sex"])
+        # Checked before padding, from the fields' shapes: one ECG's (text_dim,) embedding without its batch axis was
+        # padded to text_dim + batch_size - 1 rows and refused as a batch of that size, and a scalar sex failed with
+        # a TypeError; neither named the argument or the fix.
+        cond = {k: np.asarray(v) for k, v in cond.items()}
+        n = condition_batch_size(cond, "generate_batch: cond")
         if not 0 < n <= self.batch_size:
             raise ValueError(f"generate_batch takes 1..{self.batch_size} conditions, got {n}")
         padded = {k: np.concatenate([v, np.repeat(v[-1:], self.batch_size - n, axis=0)]) for k, v in cond.items()}

@@ -131,6 +131,26 @@ def test_ddim_eta0_step_is_deterministic_and_exact_for_a_perfect_prediction():
     np.testing.assert_allclose(final, x0, atol=1e-5)
 
 
+def test_steps_refuse_a_per_sample_timestep_instead_of_stepping_the_wrong_axis():
+    """The steps take one t for the batch. A `(batch,)` t, as the U-Net takes it, broadcast against the latent's
+    channels: with a batch of 4 each channel silently stepped with another sample's t."""
+    schedule = make_schedule()
+    x, eps, noise = (jax.random.normal(jax.random.PRNGKey(i), (4, 128, 4)) for i in range(3))
+    t = jnp.array([100, 300, 600, 900])
+    with pytest.raises(ValueError, match=r"ddpm_step: t has shape \(4,\), expected one timestep"):
+        ddpm_step(schedule, eps, t, x, noise)
+    with pytest.raises(ValueError, match=r"ddpm_step: prev_t has shape \(4,\)"):
+        ddpm_step(schedule, eps, 500, x, noise, t)
+    with pytest.raises(ValueError, match=r"ddim_step: t has shape \(4,\)"):
+        ddim_step(schedule, eps, t, t - 50, x)
+    with pytest.raises(ValueError, match=r"ddim_step: prev_t has shape \(4,\)"):
+        ddim_step(schedule, eps, 500, t, x)
+    # A 0-d array (one element of the U-Net's t, or a scan's step) is one timestep, under jit too.
+    expected, _ = ddpm_step(schedule, eps, 600, x, noise)
+    stepped, _ = jax.jit(lambda t: ddpm_step(schedule, eps, t, x, noise))(t[2])
+    np.testing.assert_allclose(stepped, expected, rtol=1e-6, atol=1e-6)
+
+
 # -- timesteps and config -----------------------------------------------------------------------------
 
 

@@ -75,3 +75,10 @@ def test_from_model_equals_arrays_path_in_any_batch_size():
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="10 ECGs but 9"):
         clip_score_from_model(model, variables, ecgs, texts[:9])
+
+
+def test_python_lists_of_feature_vectors_are_accepted():
+    """Lists of feature vectors failed with "'list' object has no attribute 'ndim'"."""
+    rng = np.random.default_rng(2)
+    ecg, text = rng.normal(size=(5, 8)), rng.normal(size=(5, 8))
+    np.testing.assert_array_equal(clip_score(ecg.tolist(), list(text)).per_pair, clip_score(ecg, text).per_pair)

@@ -130,3 +130,14 @@ def test_device_sharded_features_give_the_same_fid(rng):
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     sharded = fid(jax.device_put(real.astype(np.float32), sharding), jax.device_put(generated.astype(np.float32), sharding))
     assert sharded == pytest.approx(reference_fid(real, generated), rel=1e-5)
+
+
+def test_python_lists_of_feature_vectors_are_one_feature_set(rng):
+    """A list of per-ECG feature vectors failed with "'list' object has no attribute 'ndim'"."""
+    a, b = rng.normal(size=(40, 6)), rng.normal(size=(30, 6)) + 0.3
+    assert fid(a.tolist(), b.tolist()) == pytest.approx(fid(a, b), rel=1e-12)
+    assert fid(list(a), b) == pytest.approx(fid(a, b), rel=1e-12)  # a list of (d,) arrays
+    key = jax.random.PRNGKey(0)
+    assert rfid(a.tolist(), b.tolist(), key=key) == rfid(a, b, key=key)
+    with pytest.raises(ValueError, match=r"features_a: expected features of shape \(n, dim\), got shape \(6,\)"):
+        fid(a[0].tolist(), b)

@@ -112,3 +112,10 @@ def test_device_sharded_inputs_are_accepted():
     result = precision_recall(jax.device_put(real.astype(np.float32), sharding),
                               jax.device_put(generated.astype(np.float32), sharding))
     assert (result.precision, result.recall) == brute_force(real, generated, 3)
+
+
+def test_python_lists_of_feature_vectors_are_accepted():
+    """Lists of feature vectors failed with "'list' object has no attribute 'ndim'"."""
+    rng = np.random.default_rng(5)
+    real, generated = rng.normal(size=(20, 3)), rng.normal(size=(15, 3))
+    assert precision_recall(real.tolist(), list(generated)) == precision_recall(real, generated)

@@ -285,3 +285,17 @@ def test_batches_past_the_end_are_named(model_dir):
     conditions = [make_condition("Sinus rhythm", "F", 40, 60, 10)]  # 2 batches of 8
     with pytest.raises(ValueError, match=r"batches \[2\] are outside 0..1: 10 ECGs make 2 batches of 8"):
         next(gen.generate(conditions, batches=[1, 2]))
+
+
+def test_generate_batch_names_a_condition_field_without_its_batch_axis(model_dir):
+    """One ECG's embedding `(text_dim,)` was padded to text_dim + batch_size - 1 rows and refused as a batch of that
+    size; a scalar sex failed with a TypeError. Both are named before anything is padded or compiled."""
+    gen = ECGGenerator(model_dir, sampler_config("ddim", steps=2), batch_size=8)
+    one = {"text_embedding": np.zeros((1, TEXT_DIM), np.float32), "sex": np.zeros(1, np.float32),
+           "age": np.zeros(1, np.float32), "heart_rate": np.zeros(1, np.float32)}
+    unbatched = {**one, "text_embedding": one["text_embedding"][0]}
+    with pytest.raises(ValueError, match=rf"generate_batch: cond: every field needs the same batch size .*"
+                                         rf"\['text_embedding'\] {TEXT_DIM}"):
+        gen.generate_batch(unbatched, 0)
+    with pytest.raises(ValueError, match=r"generate_batch: cond\['sex'\] is a scalar"):
+        gen.generate_batch({**one, "sex": np.float32(1.0)}, 0)

@@ -314,6 +314,20 @@ def _abar_at(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
     return jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], jnp.float32(1.0))
 
 
+def _scalar_timestep(value: jax.Array | int, name: str, where: str) -> jax.Array:
+    """`value` as a scalar int32 timestep, or a one-line ValueError naming `name`.
+
+    The steps gather abar at t and broadcast it against `(batch, 128, 4)` from the right, so a per-sample `(batch,)`
+    t (as the U-Net takes) lined up with the latent channels: with a batch of 4 each channel stepped with another
+    sample's t, silently, and other batches failed deep in a broadcast naming neither argument.
+    """
+    value = jnp.asarray(value, jnp.int32)
+    if value.ndim != 0:
+        raise ValueError(f"{where}: {name} has shape {tuple(value.shape)}, expected one timestep shared by the batch "
+                         f"(an int or a 0-d array, e.g. t[0] of the U-Net's (batch,) t)")
+    return value
+
+
 def _clip(x0: jax.Array, clip_sample: bool, clip_range: float) -> jax.Array:
     return jnp.clip(x0, -clip_range, clip_range) if clip_sample else x0
 
@@ -335,8 +349,8 @@ def ddpm_step(
     no noise is added at t = 0. model_output, x_t, noise: `(batch, 128, 4)`; t, prev_t: scalar ints
     shared by the batch. Returns (x_prev, predicted x0 after clipping), float32.
     """
-    t = jnp.asarray(t, jnp.int32)
-    prev_t = t - 1 if prev_t is None else jnp.asarray(prev_t, jnp.int32)
+    t = _scalar_timestep(t, "t", "ddpm_step")
+    prev_t = t - 1 if prev_t is None else _scalar_timestep(prev_t, "prev_t", "ddpm_step")
     x0, _ = predict_x0_and_eps(schedule, model_output, x_t, t)
     x0 = _clip(x0, clip_sample, clip_range)
     abar_t = schedule.alphas_cumprod[t]
@@ -398,8 +412,8 @@ def ddim_step(
     DDIM with eta = 1 over all T steps identical to ancestral DDPM. Shapes as `ddpm_step`; `noise` is only
     read when eta > 0. Returns (x_prev, predicted x0), float32.
     """
-    t = jnp.asarray(t, jnp.int32)
-    prev_t = jnp.asarray(prev_t, jnp.int32)
+    t = _scalar_timestep(t, "t", "ddim_step")
+    prev_t = _scalar_timestep(prev_t, "prev_t", "ddim_step")
     x_t = x_t.astype(jnp.float32)
     x0, eps = _x0_and_eps(schedule, model_output, t, x_t, clip_sample, clip_range)
     return _ddim_update(schedule, x0, eps, t, prev_t, noise, eta), x0

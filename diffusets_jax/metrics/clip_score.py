@@ -45,6 +45,8 @@ def pairwise_cosine(ecg_features: jax.Array, text_features: jax.Array) -> jax.Ar
 
 def clip_score(ecg_features: ArrayLike, text_features: ArrayLike) -> ClipScore:
     """CLIP score of paired `ecg_features` `(n, e)` and projected `text_features` `(n, e)` (not normalised)."""
+    # Python lists of feature vectors failed below with "'list' object has no attribute 'ndim'".
+    ecg_features, text_features = (x if hasattr(x, "ndim") else np.asarray(x) for x in (ecg_features, text_features))
     if ecg_features.ndim != 2 or ecg_features.shape != text_features.shape:
         raise ValueError(
             f"clip_score: expected paired features of equal shape (n, dim); got ECG {tuple(ecg_features.shape)} "

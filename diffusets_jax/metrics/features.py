@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_RATE_HZ
+
 ArrayLike = np.ndarray | jax.Array
 
 
@@ -32,10 +34,27 @@ def _batches(data: ArrayLike | Iterable[ArrayLike], batch_size: int) -> Iterable
     return data
 
 
-def _apply_in_batches(fn, variables, data, batch_size: int) -> np.ndarray:
-    """Run `fn(variables, batch)` over `data`, padding the last short batch so only one shape compiles."""
+def _check_ecgs(batch: ArrayLike, in_channels: int) -> None:
+    """One-line ValueError unless `batch` is `(n, 1024, in_channels)`. Net1D ends in mean pooling, so it takes any
+    length: a 10-second record at its recorded 500 Hz, `(n, 5000, 12)`, gave features of a time base the CLIP never
+    saw, and FID, precision/recall and the CLIP score computed on them were silently meaningless."""
+    shape = tuple(np.shape(batch))
+    if len(shape) != 3 or shape[2] != in_channels:
+        raise ValueError(f"clip_ecg_features: ecgs has shape {shape}, expected (n, {ECG_LENGTH}, {in_channels}) mV, "
+                         "leads last (ecgs[None] for one ECG; transpose (n, 12, 1024) PyTorch-layout arrays)")
+    if shape[1] != ECG_LENGTH:
+        raise ValueError(f"clip_ecg_features: ecgs has {shape[1]} samples per record, expected {ECG_LENGTH} (10 s at "
+                         f"{ECG_RATE_HZ} Hz, the CLIP's time base): resample whole records first, "
+                         "ecg.resample.resample_to_length(ecgs, axis=1)")
+
+
+def _apply_in_batches(fn, variables, data, batch_size: int, check=None) -> np.ndarray:
+    """Run `fn(variables, batch)` over `data`, padding the last short batch so only one shape compiles; `check(batch)`
+    first, where given."""
     outputs = []
     for batch in _batches(data, batch_size):
+        if check is not None:
+            check(batch)
         rows = int(batch.shape[0])
         if rows == 0:
             continue
@@ -54,7 +73,8 @@ def clip_ecg_features(
     """ECGs `(n, 1024, 12)` (mV, standard lead order; or an iterable of such batches) -> CLIP ECG features
     `(n, embed_dim)` via `clip.apply(variables, ecg, method="encode_ecg")` in inference mode."""
     encode = functools.partial(_apply, clip, "encode_ecg")
-    return _apply_in_batches(encode, variables, ecgs, batch_size)
+    return _apply_in_batches(encode, variables, ecgs, batch_size,
+                             check=functools.partial(_check_ecgs, in_channels=clip.in_channels))
 
 
 def clip_text_features(

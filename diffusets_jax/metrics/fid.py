@@ -94,8 +94,17 @@ def _padded_batch(batch: ArrayLike) -> jax.Array:
 
 
 def _check_features(batch: ArrayLike, what: str) -> None:
-    if batch.ndim != 2:
-        raise ValueError(f"{what}: expected features of shape (n, dim), got shape {tuple(batch.shape)}")
+    # np.shape, not .shape: a Python list of rows failed here with "'list' object has no attribute 'ndim'".
+    if len(np.shape(batch)) != 2:
+        raise ValueError(f"{what}: expected features of shape (n, dim), got shape {tuple(np.shape(batch))}")
+
+
+def _as_features(features: ArrayLike | Iterable[ArrayLike]) -> ArrayLike | Iterable[ArrayLike]:
+    """A list or tuple of feature vectors (Python lists or 1-d arrays) as one `(n, d)` array; anything else as it is
+    (an array, or an iterable of `(b, d)` batches)."""
+    if isinstance(features, (list, tuple)) and len(features) and np.ndim(features[0]) <= 1:
+        return np.asarray(features)
+    return features
 
 
 def feature_statistics(
@@ -103,8 +112,10 @@ def feature_statistics(
 ) -> FeatureStatistics:
     """Mean and scatter of `features`: one `(n, d)` array, or an iterable of `(b, d)` batches (streamed).
 
-    Non-finite features raise a ValueError: a NaN would silently turn the FID into NaN.
+    Non-finite features raise a ValueError: a NaN would silently turn the FID into NaN. A list of `(d,)` vectors is
+    one set.
     """
+    features = _as_features(features)
     if hasattr(features, "ndim"):
         _check_features(features, what)
         batches: Iterable[ArrayLike] = (features[i : i + batch_size] for i in range(0, features.shape[0], batch_size))
@@ -113,11 +124,11 @@ def feature_statistics(
     stats: FeatureStatistics | None = None
     for batch in batches:
         _check_features(batch, what)
-        if batch.shape[0] == 0:
-            continue
         # Via the host: a batch is small (b x 64), and a device-sharded batch (e.g. straight from a data-parallel
         # feature extractor under an explicitly sharded mesh) would otherwise need its own reduction sharding.
         batch = np.asarray(batch)
+        if batch.shape[0] == 0:
+            continue
         mean, scatter = jax.device_get(_batch_moments(_padded_batch(batch), jnp.float32(batch.shape[0])))
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(scatter))):
             raise ValueError(f"{what}: non-finite values (NaN or inf) in the features; check the feature extractor")
@@ -206,6 +217,7 @@ def rfid(
     """
     if (key is None) == (split is None):
         raise ValueError("rfid needs exactly one of `key` (random halves of the real set) or `split` (index arrays)")
+    real = np.asarray(_as_features(real)) if not hasattr(real, "ndim") else real
     _check_features(real, "real")
     n = int(real.shape[0])
     if split is None:

@@ -198,6 +198,8 @@ def precision_recall(
     With a `mesh`, the query rows of every pass are split over its `axis` (e.g. all GPUs of a node:
     `parallel.make_mesh()`); the result does not depend on the mesh.
     """
+    # Python lists of feature vectors failed below with "'list' object has no attribute 'ndim'".
+    real, generated = (x if hasattr(x, "ndim") else np.asarray(x) for x in (real, generated))
     for name, x in (("real", real), ("generated", generated)):
         if x.ndim != 2:
             raise ValueError(f"{name}: expected features of shape (n, dim), got shape {tuple(x.shape)}")
