@@ -626,3 +626,45 @@ def test_an_export_refused_after_training_says_the_training_is_kept_and_how_to_e
     elsewhere = tmp_path / "elsewhere"
     assert cli.main(hint[2].replace("DIR", str(elsewhere)).split()) == 0, capsys.readouterr().err
     assert model_dirs.read_index(elsewhere).components["vae"]["provenance"]["run"]["workdir"] == str(workdir.resolve())
+
+
+def test_num_epochs_and_num_steps_that_disagree_are_refused(tmp_path, capsys):
+    """`--config.train.num_epochs=3` on a config whose num_steps is set (demo_clip.py's 200, or a run's saved
+    config.json) trained num_steps and said nothing. Refused in one line naming both, before the workdir is claimed;
+    both agreeing (a saved config.json's resolved num_steps) trains."""
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    workdir = tmp_path / "run"
+    args = ["train", "clip", "--config", str(CONFIGS / "demo_clip.py"), "--workdir", str(workdir),
+            f"--config.data.dataset={builder.data_dir}", f"--config.model.text_dim={tiny_ecg_dataset.EMBEDDING_DIM}",
+            "--config.data.train_split=validation", "--config.train.global_batch_size=4",
+            "--config.train.num_epochs=3"]
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    steps = 3 * (tiny_ecg_dataset.SPLIT_SIZES["validation"] // 4)
+    assert (f"train.num_steps=200 and train.num_epochs=3 ({steps} steps of 4 of "
+            f"{tiny_ecg_dataset.SPLIT_SIZES['validation']} examples) disagree") in err, err
+    assert "--config.train.num_steps=0" in err and len(err.strip().splitlines()) == 1, err
+    assert not workdir.exists()
+
+
+def test_both_num_epochs_and_num_steps_zero_is_refused():
+    from diffusets_jax.config import load_config
+    from diffusets_jax.train.run import check_train_section
+
+    config = load_config(CONFIGS / "demo_clip.py", ["train.num_steps=0"])
+    with pytest.raises(ValueError, match="train.num_steps and train.num_epochs are both 0: set one of them"):
+        check_train_section(config, "demo_clip.py")
+    config = load_config(CONFIGS / "demo_clip.py", ["train.num_epochs=-1"])
+    with pytest.raises(ValueError, match=r"train.num_epochs must be a finite number >= 0"):
+        check_train_section(config, "demo_clip.py")
+
+
+def test_shipped_configs_state_one_run_length():
+    """Every shipped training config sets num_steps or num_epochs, not both (both would have to agree)."""
+    from diffusets_jax.config import load_config
+
+    for path in sorted(CONFIGS.glob("*.py")):
+        train = load_config(path).train
+        assert (int(train.num_steps) > 0) != (float(train.num_epochs) > 0), path.name
+

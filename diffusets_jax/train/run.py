@@ -132,9 +132,12 @@ def check_train_section(config: ml_collections.ConfigDict, source: str = "the co
     if int(train.num_steps) < 0:
         raise ValueError(f"{source}: train.num_steps must be a positive number of steps (0 = from num_epochs), got "
                          f"{train.num_steps}")
-    if int(train.num_steps) == 0 and not float(train.num_epochs) > 0:
-        raise ValueError(f"{source}: train.num_epochs must be positive when train.num_steps is 0, got "
+    if not (math.isfinite(float(train.num_epochs)) and float(train.num_epochs) >= 0):
+        raise ValueError(f"{source}: train.num_epochs must be a finite number >= 0 (0 = from train.num_steps), got "
                          f"{train.num_epochs}")
+    if int(train.num_steps) == 0 and not float(train.num_epochs) > 0:
+        raise ValueError(f"{source}: train.num_steps and train.num_epochs are both 0: set one of them (how long the "
+                         "run trains), e.g. --config.train.num_epochs=10")
     if "grad_accum_steps" in train and int(train.global_batch_size) % int(train.grad_accum_steps):
         # Found only when the first step was traced, after the workdir was claimed and the data pipeline started.
         raise ValueError(f"{source}: train.global_batch_size {train.global_batch_size} must be divisible by "
