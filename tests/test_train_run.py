@@ -668,3 +668,22 @@ def test_shipped_configs_state_one_run_length():
         train = load_config(path).train
         assert (int(train.num_steps) > 0) != (float(train.num_epochs) > 0), path.name
 
+
+@pytest.mark.parametrize("value", ["1000", "5"])
+def test_num_train_examples_other_than_the_split_is_refused(tmp_path, capsys, value):
+    """data.num_train_examples only sizes an epoch (the run reads the whole split): larger than the split trained
+    more epochs than asked for, smaller trained on the whole split all the same. Refused in one line once the
+    split's size is known, before the workdir is claimed."""
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    workdir = tmp_path / "run"
+    capsys.readouterr()
+    assert cli.main(["train", "clip", "--config", str(CONFIGS / "demo_clip.py"), "--workdir", str(workdir),
+                     f"--config.data.dataset={builder.data_dir}", "--config.data.train_split=validation",
+                     f"--config.model.text_dim={tiny_ecg_dataset.EMBEDDING_DIM}",
+                     f"--config.data.num_train_examples={value}"]) == 2
+    err = capsys.readouterr().err
+    assert (f"data.num_train_examples={value}, but split 'validation' of {builder.data_dir} has "
+            f"{tiny_ecg_dataset.SPLIT_SIZES['validation']} examples: leave it at 0") in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not workdir.exists()
+

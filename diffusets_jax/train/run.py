@@ -301,8 +301,17 @@ def resolve_from_dataset(model: str, config: ml_collections.ConfigDict, builder:
     `diffusion.latent_scale`: 1 / std of the training latents (`data.latents.measure_latent_scale`; deterministic,
     so a resumed run gets the same value). `latent_scale`: the value already measured on this dataset and split,
     not measured again."""
-    if int(config.data.num_train_examples) <= 0:
-        config.data.num_train_examples = int(builder.info.splits[config.data.train_split].num_examples)
+    from diffusets_jax.data.pipeline import split_examples
+
+    examples, given = split_examples(builder, config.data.train_split), int(config.data.num_train_examples)
+    if given != 0 and given != examples:
+        # It only sizes an epoch (the run reads the whole split): 100000 on a split of 5000 trained 20x the epochs
+        # asked for, and a value below the split's size trained on all of it all the same.
+        raise ValueError(f"data.num_train_examples={given}, but split {config.data.train_split!r} of "
+                         f"{config.data.dataset} has {examples} examples: leave it at 0 (read from the dataset); to "
+                         f"train on part of the split, name it, e.g. --config.data.train_split='"
+                         f"{config.data.train_split}[:1000]'")
+    config.data.num_train_examples = examples
     if model != "unet" or not config.diffusion.scale_by_std:
         return
     if latent_scale is None:
