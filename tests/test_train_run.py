@@ -687,3 +687,14 @@ def test_num_train_examples_other_than_the_split_is_refused(tmp_path, capsys, va
     assert len(err.strip().splitlines()) == 1, err
     assert not workdir.exists()
 
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_a_kl_anneal_epochs_below_zero_or_not_finite_is_refused(value):
+    """A negative kl_anneal_epochs gave the full KL weight from the first step, as 0 does, without a word."""
+    from diffusets_jax.config import load_config
+    from diffusets_jax.train.run import check_train_section
+
+    config = load_config(CONFIGS / "demo_vae.py")
+    config.train.kl_anneal_epochs = value
+    with pytest.raises(ValueError, match=r"demo_vae.py: train.kl_anneal_epochs must be a finite number >= 0"):
+        check_train_section(config, "demo_vae.py")

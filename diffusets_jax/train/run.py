@@ -138,6 +138,11 @@ def check_train_section(config: ml_collections.ConfigDict, source: str = "the co
     if int(train.num_steps) == 0 and not float(train.num_epochs) > 0:
         raise ValueError(f"{source}: train.num_steps and train.num_epochs are both 0: set one of them (how long the "
                          "run trains), e.g. --config.train.num_epochs=10")
+    if "kl_anneal_epochs" in train and not (math.isfinite(float(train.kl_anneal_epochs))
+                                            and float(train.kl_anneal_epochs) >= 0):
+        # A negative one gave the full KL weight from the first step, as 0 does, without a word.
+        raise ValueError(f"{source}: train.kl_anneal_epochs must be a finite number >= 0 (the epochs the KL weight "
+                         f"ramps up over; 0 = full weight from the start), got {train.kl_anneal_epochs}")
     if "grad_accum_steps" in train and int(train.global_batch_size) % int(train.grad_accum_steps):
         # Found only when the first step was traced, after the workdir was claimed and the data pipeline started.
         raise ValueError(f"{source}: train.global_batch_size {train.global_batch_size} must be divisible by "
