@@ -644,8 +644,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--embedder-base-url", metavar="URL",
                      help="another OpenAI-compatible endpoint serving the recorded model (default: as recorded, "
                           "else $OPENAI_BASE_URL)")
-    emb.add_argument("--api-key-env", type=non_empty, default="OPENAI_API_KEY",
-                     help="environment variable holding the API key (default: %(default)s)")
+    emb.add_argument("--api-key-env", type=non_empty,  # no argparse default: given for a local embedder, refused
+                     help=f"environment variable holding the API key of an OpenAI-compatible embedder (default: "
+                          f"{API_KEY_ENV})")
     out = parser.add_argument_group("outputs")
     out.add_argument("--formats", help="comma-separated from npz, wfdb, png (default: all three; not with --corpus)")
     out.add_argument("--wfdb-fs", type=finite_float, help="resample WFDB records to this rate, e.g. 500 (default: 102.4 Hz; "
@@ -767,7 +768,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     parallel.initialize_distributed()
     from diffusets_jax.pipeline import ECGGenerator
 
-    api_key = os.environ.get(args.api_key_env)
+    api_key_env = API_KEY_ENV if args.api_key_env is None else args.api_key_env
+    api_key = os.environ.get(api_key_env)
     overrides = {"base_url": args.embedder_base_url, "api_key": api_key}
     options = dict(seed=args.seed, embedding_cache=args.embedding_cache, embedder_overrides=overrides,
                    compute_dtype=None if args.dtype == "float32" else args.dtype)
@@ -792,10 +794,16 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     with parallel.failing_together():  # on every host, though only process 0 embeds
         if jax.process_index() == 0:  # the process that embeds: a missing API key is one line before --out is claimed
-            if generator.conditioning.embedder.kind == "openai" and not api_key:
+            embedder = generator.conditioning.embedder
+            if embedder.kind != "openai" and args.api_key_env is not None:
+                # The local encoder asks no server: the variable named was read for nothing, and a user who meant
+                # to sample an API-conditioned model is using another model directory than they think.
+                raise ValueError(f"--api-key-env {args.api_key_env}: this model's embedder is the local sentence "
+                                 f"encoder ({embedder.model}), which runs here and needs no API key: drop it")
+            if embedder.kind == "openai" and not api_key:
                 # Checked here: the client's own fallback, $OPENAI_API_KEY, sent that key to the --embedder-base-url
                 # server of a user whose --api-key-env named another, unset, variable.
-                raise ValueError(f"${args.api_key_env} is not set: export the API key of the model's embedder "
+                raise ValueError(f"${api_key_env} is not set: export the API key of the model's embedder "
                                  f"({generator.conditioning.embedder.model}) there (--api-key-env names another "
                                  f"variable; {_KEYLESS_SERVER.replace('--base-url', '--embedder-base-url')})")
             generator.embedder()
