@@ -141,6 +141,12 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.workers is not None and args.beam_pipeline_options:  # Beam's own workers decode: it was ignored
         raise ValueError("--workers sets this command's decoding processes, and with --beam-pipeline-options Beam "
                          "decodes: drop --workers (DirectRunner takes direct_num_workers=N in the options)")
+    manual, data = Path(args.manual_dir).resolve(), Path(args.data_dir).resolve()
+    if data == manual or data.is_relative_to(manual):
+        # A builder walks every folder under --manual-dir for records: the output written there (the dataset, its
+        # embedding cache, its decode chunks) was walked as part of the download by every later prepare.
+        raise ValueError(f"--data-dir {args.data_dir} is inside --manual-dir {args.manual_dir}: the output would be "
+                         "walked as part of the download the next time; give a --data-dir outside it")
     overrides = {"workers": args.workers, "chunk_size": args.chunk_size or 0}  # 0: automatic
     if args.embedding_cache:
         from diffusets_jax.conditioning.cache import check_embedding_cache
