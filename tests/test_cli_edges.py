@@ -1043,3 +1043,30 @@ def test_concurrent_writers_of_one_file_never_share_a_temporary_name(tmp_path):
         assert not target.exists()  # nothing under the real name until a writer is done
     assert target.read_bytes() in (b"run one, complete", b"run two, complete")
     assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary file left behind
+
+
+def test_sample_api_key_env_for_a_local_embedder_is_refused(tmp_path, capsys, monkeypatch):
+    """`--api-key-env MY_KEY` with a model directory whose embedder is the local sentence encoder was ignored, exit 0:
+    the flag does nothing there (and a user who gives it likely means another model). Refused in one line naming
+    the embedder, before --out is claimed."""
+    from diffusets_jax.conditioning.embedders import LOCAL_DEFAULT_MODEL
+    from diffusets_jax.conditioning.spec import ConditioningSpec, EmbedderSpec
+    from diffusets_jax.diffusion.schedule import DiffusionSpec
+    from diffusets_jax.models import model_dir as model_dirs
+    from tests.helpers.tiny_models import tiny_vae_unet
+
+    vae, vae_vars, unet, unet_vars = tiny_vae_unet(384)  # MiniLM's width
+    local = tmp_path / "local_model"
+    model_dirs.write_component(local, "vae", vae, vae_vars, provenance={"source": "test"})
+    conditioning = ConditioningSpec(EmbedderSpec.from_embedder_config("local", {}, 384), "ordered", "normalised")
+    model_dirs.write_component(local, "unet", unet, unet_vars, provenance={"source": "test"}, conditioning=conditioning,
+                               diffusion=DiffusionSpec(), vae_uid=model_dirs.read_index(local).components["vae"]["uid"])
+    monkeypatch.setenv("MY_KEY", "sk-unused")
+    before = snapshot(tmp_path)
+    code, err = run_cli(["sample", "--model-dir", str(local), "--text", "Sinus rhythm", "--sex", "F", "--age", "40",
+                         "--hr", "60", "--steps", "2", "--formats", "npz", "--api-key-env", "MY_KEY", "--out",
+                         str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert_one_line(err, f"--api-key-env MY_KEY: this model's embedder is the local sentence encoder "
+                         f"({LOCAL_DEFAULT_MODEL}), which runs here and needs no API key: drop it")
+    assert snapshot(tmp_path) == before

@@ -397,3 +397,32 @@ def test_overwrite_without_output_is_refused(tmp_path, capsys, monkeypatch):
     assert code == 2 and "\n" not in err
     assert "--overwrite replaces an existing --output file, and no --output is given" in err
     assert not (tmp_path / "c.sqlite").exists()
+
+
+def test_embed_flag_defaults_are_the_embedders_own():
+    """The CLI's embedder defaults repeated the embedders' constants (model, width, retries, timeout, dtype, the
+    key's variable): one changed there would leave `embed` filling in the old value. They are defined once."""
+    import inspect
+
+    from diffusets_jax import cli
+    from diffusets_jax.conditioning import embedders
+    from diffusets_jax.conditioning.openai_client import API_KEY_ENV, OpenAIConnection
+
+    openai_defaults = inspect.signature(embedders.OpenAIEmbedder).parameters
+    local_defaults = inspect.signature(embedders.LocalEmbedder).parameters
+    assert cli._EMBEDDER_DEFAULTS["model"] is embedders.OPENAI_DEFAULT_MODEL == openai_defaults["model"].default
+    assert cli._EMBEDDER_DEFAULTS["dim"] is embedders.OPENAI_DEFAULT_DIM == openai_defaults["dim"].default
+    assert cli._EMBEDDER_DEFAULTS["timeout"] is embedders.OPENAI_DEFAULT_TIMEOUT_S == openai_defaults["timeout_s"].default
+    assert cli._EMBEDDER_DEFAULTS["max_retries"] == openai_defaults["max_retries"].default
+    assert cli._EMBEDDER_DEFAULTS["dtype"] is embedders.LOCAL_DEFAULT_DTYPE == local_defaults["dtype"].default
+    assert cli._EMBEDDER_DEFAULTS["api_key_env"] is API_KEY_ENV
+    assert inspect.signature(OpenAIConnection).parameters["max_retries"].default == cli._EMBEDDER_DEFAULTS["max_retries"]
+
+
+def test_the_cli_imports_no_numpy():
+    """The CLI builds every command's parser on each call: the embedders' constants it shows come without numpy."""
+    import subprocess
+    import sys
+
+    code = "import sys, diffusets_jax.cli; print('numpy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

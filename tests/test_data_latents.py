@@ -343,3 +343,22 @@ def test_encode_command_end_to_end_matches_the_vae_encoder(source, tmp_path, cap
     assert card["derived_from"]["vae"]["uid"] == model_dirs.read_index(tmp_path / "models").components["vae"]["uid"]
     assert main(["encode", "--vae", str(tmp_path / "nowhere"), *argv[3:]]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err
+
+
+def test_a_vae_whose_latents_are_not_128_by_4_is_refused_before_encoding(tmp_path):
+    """A VAE of four widths makes (64, 4) latents, which no latent dataset or U-Net takes: nothing refused it before
+    the encoding started. Refused in one line when the VAE is loaded."""
+    import jax
+
+    from diffusets_jax.data.latents import load_vae_encoder
+    from diffusets_jax.models import model_dir as model_dirs
+    from diffusets_jax.models.vae import VAE
+
+    vae = VAE(widths=(4, 4, 4, 4), groups=2, num_res_blocks=1)
+    shapes = jax.eval_shape(vae.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 1024, 12), "float32"),
+                            jax.random.PRNGKey(1))
+    variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    model_dirs.write_component(tmp_path / "m", "vae", vae, variables, provenance={"source": "test"})
+    with pytest.raises(ValueError, match=r"makes \(64, 4\) latents from \(1024, 12\) ECGs, and latent datasets and "
+                                         r"U-Nets take \(128, 4\) ones: encode with a VAE of 3 widths"):
+        load_vae_encoder(tmp_path / "m")

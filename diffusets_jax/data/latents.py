@@ -90,6 +90,14 @@ def load_vae_encoder(model_dir: str | os.PathLike) -> tuple[EncodeApply, Any, di
         module, variables = model_dirs.load_component(model_dir, "vae")
     if not isinstance(module, VAE):
         raise ValueError(f"{os.path.join(os.fspath(model_dir), 'vae')} holds a {type(module).__name__}, not a VAE")
+    latent = (ECG_LENGTH // int(module.downsampling), int(module.latent_channels))
+    if latent != (LATENT_LENGTH, LATENT_CHANNELS):
+        # A latent dataset's features (and the U-Net trained on it) are (128, 4) latents: such a VAE's (e.g. four
+        # widths' (64, 4)) fit neither, and nothing refused it before the encoding started.
+        raise ValueError(f"{os.path.join(os.fspath(model_dir), 'vae')} makes {latent} latents from (1024, 12) ECGs, "
+                         f"and latent datasets and U-Nets take ({LATENT_LENGTH}, {LATENT_CHANNELS}) ones: encode with a "
+                         f"VAE of {int(math.log2(ECG_LENGTH // LATENT_LENGTH))} widths and {LATENT_CHANNELS} latent "
+                         "channels")
 
     def encode(variables: Any, ecg: jax.Array) -> tuple[jax.Array, jax.Array]:
         return module.apply(variables, ecg, method=VAE.encode)

@@ -27,10 +27,19 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
-    """`train.num_steps` when > 0, else `ceil(train.num_epochs * steps_per_epoch)`."""
-    if int(config.train.num_steps) > 0:
-        return int(config.train.num_steps)
-    return max(1, math.ceil(float(config.train.num_epochs) * steps_per_epoch(config)))
+    """`train.num_steps` when > 0, else `ceil(train.num_epochs * steps_per_epoch)`.
+
+    Both set must name the same length, as a run's saved config.json does (its num_steps resolved from its
+    num_epochs): `--config.train.num_epochs=100` given to a config whose num_steps is set (a demo config, a saved
+    config.json) trained the old number of steps, and said nothing."""
+    steps, epochs = int(config.train.num_steps), float(config.train.num_epochs)
+    from_epochs = max(1, math.ceil(epochs * steps_per_epoch(config))) if epochs > 0 else 0
+    if steps > 0 and from_epochs and from_epochs != steps:
+        raise ValueError(f"train.num_steps={steps} and train.num_epochs={epochs:g} ({from_epochs} steps of "
+                         f"{config.train.global_batch_size} of {config.data.num_train_examples} examples) disagree: set "
+                         "one and the other to 0, e.g. --config.train.num_epochs=0 to train num_steps, or "
+                         "--config.train.num_steps=0 to train num_epochs")
+    return steps if steps > 0 else from_epochs
 
 
 def learning_rate_schedule(optimizer: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:

@@ -132,9 +132,17 @@ def check_train_section(config: ml_collections.ConfigDict, source: str = "the co
     if int(train.num_steps) < 0:
         raise ValueError(f"{source}: train.num_steps must be a positive number of steps (0 = from num_epochs), got "
                          f"{train.num_steps}")
-    if int(train.num_steps) == 0 and not float(train.num_epochs) > 0:
-        raise ValueError(f"{source}: train.num_epochs must be positive when train.num_steps is 0, got "
+    if not (math.isfinite(float(train.num_epochs)) and float(train.num_epochs) >= 0):
+        raise ValueError(f"{source}: train.num_epochs must be a finite number >= 0 (0 = from train.num_steps), got "
                          f"{train.num_epochs}")
+    if int(train.num_steps) == 0 and not float(train.num_epochs) > 0:
+        raise ValueError(f"{source}: train.num_steps and train.num_epochs are both 0: set one of them (how long the "
+                         "run trains), e.g. --config.train.num_epochs=10")
+    if "kl_anneal_epochs" in train and not (math.isfinite(float(train.kl_anneal_epochs))
+                                            and float(train.kl_anneal_epochs) >= 0):
+        # A negative one gave the full KL weight from the first step, as 0 does, without a word.
+        raise ValueError(f"{source}: train.kl_anneal_epochs must be a finite number >= 0 (the epochs the KL weight "
+                         f"ramps up over; 0 = full weight from the start), got {train.kl_anneal_epochs}")
     if "grad_accum_steps" in train and int(train.global_batch_size) % int(train.grad_accum_steps):
         # Found only when the first step was traced, after the workdir was claimed and the data pipeline started.
         raise ValueError(f"{source}: train.global_batch_size {train.global_batch_size} must be divisible by "
@@ -298,8 +306,17 @@ def resolve_from_dataset(model: str, config: ml_collections.ConfigDict, builder:
     `diffusion.latent_scale`: 1 / std of the training latents (`data.latents.measure_latent_scale`; deterministic,
     so a resumed run gets the same value). `latent_scale`: the value already measured on this dataset and split,
     not measured again."""
-    if int(config.data.num_train_examples) <= 0:
-        config.data.num_train_examples = int(builder.info.splits[config.data.train_split].num_examples)
+    from diffusets_jax.data.pipeline import split_examples
+
+    examples, given = split_examples(builder, config.data.train_split), int(config.data.num_train_examples)
+    if given != 0 and given != examples:
+        # It only sizes an epoch (the run reads the whole split): 100000 on a split of 5000 trained 20x the epochs
+        # asked for, and a value below the split's size trained on all of it all the same.
+        raise ValueError(f"data.num_train_examples={given}, but split {config.data.train_split!r} of "
+                         f"{config.data.dataset} has {examples} examples: leave it at 0 (read from the dataset); to "
+                         f"train on part of the split, name it, e.g. --config.data.train_split='"
+                         f"{config.data.train_split}[:1000]'")
+    config.data.num_train_examples = examples
     if model != "unet" or not config.diffusion.scale_by_std:
         return
     if latent_scale is None:
