@@ -344,6 +344,14 @@ def test_a_records_own_extremes_at_the_format_limits_are_not_clipping(tmp_path):
     record = rec.read_wfdb_record(str(tmp_path / "auto"))
     assert record.saturated == (0,) * 12 and np.isfinite(record.p_signal).all()
     rec.decode_record(str(tmp_path), candidate("auto"))
+    # A clean (simulated) ECG whose flat baseline is its lowest value holds format 16's limit for 0.6 s of every beat:
+    # its own extreme, not a clip.
+    t = np.arange(5000) / 500.0
+    clean = np.clip(np.sin(2 * np.pi * 1.2 * t), 0.0, None)[:, None] * np.linspace(0.5, 1.5, 12)[None, :]
+    wfdb.wrsamp("clean", fs=500, units=["mV"] * 12, sig_name=list(STANDARD_LEADS), p_signal=clean, fmt=["16"] * 12,
+                write_dir=str(tmp_path))
+    record = rec.read_wfdb_record(str(tmp_path / "clean"))
+    assert record.saturated == (0,) * 12 and np.isfinite(record.p_signal).all()
     # Format 212 (read by wfdb): a 12-bit plateau at 2047 is clipped; the same record's own extremes are not.
     clipped = signal.copy()
     clipped[2000:2030, 3] = 2047 / 200.0

@@ -247,17 +247,23 @@ class Format16Record:
     saturated: tuple[int, ...] = ()
 
 
-# A clipped (saturated) ADC holds its limit while the true signal lies beyond: a plateau at the rail. A single
-# sample at the limit is not one: `wfdb.wrsamp`'s automatic gain maps every signal's own extremes onto the format's
-# limits, so a record written that way has its largest R peak there. A run this long at the rail is a clip (an R
-# peak's top is never flat for 20 ms), as is any sample at the rail beyond a plausible ECG amplitude.
+# A clipped (saturated) ADC holds its limit while the true signal lies beyond. Where a format's limits are not the
+# converter's own they tell nothing: `wfdb.wrsamp`'s automatic gain maps every signal's own extremes onto format 16's
+# limits, so such a record has its tallest R peak at 32767, and a clean (synthetic, simulated) one may hold its
+# extreme there for a whole baseline. A sample at format 16's limit is clipped only where it lies beyond a plausible
+# ECG amplitude (at MIMIC-IV-ECG's 200 adu/mV the limit is 164 mV). Where the limits are the converter's own (a
+# header's ADC resolution narrower than the format, or a 12-bit-or-narrower format such as 212), a run this long at
+# the limit is a clip too: an R peak's top is never flat for 20 ms.
 SATURATION_RUN_S = 0.02
+_CONVERTER_FORMATS = frozenset({"80", "508", "212", "310", "311"})  # formats as narrow as the ADCs that use them
 
 
-def _rail_limits(fmt: str, adc_res: int | None, adc_zero: int | None, digital: np.ndarray) -> tuple[float, float] | None:
+def _rail_limits(fmt: str, adc_res: int | None, adc_zero: int | None, digital: np.ndarray
+                 ) -> tuple[float, float, bool] | None:
     """The lowest and highest valid digital value of a signal (`digital` (samples,), NaN where missing) in WFDB
-    format `fmt`: the format's range less its "no sample" value, or the header's narrower ADC resolution around its
-    ADC zero where every sample lies within it. None for a format without a fixed range (8: first differences)."""
+    format `fmt`, and whether they are the converter's own (see SATURATION_RUN_S): the format's range less its "no
+    sample" value, or the header's narrower ADC resolution around its ADC zero where every sample lies within it.
+    None for a format without a fixed range (8: first differences)."""
     from wfdb.io._signal import INVALID_SAMPLE_VALUE, SAMPLE_VALUE_RANGE
 
     if fmt not in SAMPLE_VALUE_RANGE or INVALID_SAMPLE_VALUE.get(fmt) is None:
@@ -265,36 +271,40 @@ def _rail_limits(fmt: str, adc_res: int | None, adc_zero: int | None, digital: n
     low, high = SAMPLE_VALUE_RANGE[fmt]
     if INVALID_SAMPLE_VALUE[fmt] == low:
         low += 1
+    converter = fmt in _CONVERTER_FORMATS
     if adc_res and adc_res < int(np.log2(high - low + 2)):  # a 12-bit converter stored in 16-bit words
         zero = adc_zero or 0
         res_low, res_high = zero - 2 ** (adc_res - 1), zero + 2 ** (adc_res - 1) - 1
         finite = digital[np.isfinite(digital)]
         # A header whose resolution its own samples exceed is wrong about it: the format's range holds then.
         if res_low >= low and res_high <= high and (not finite.size or (finite.min() >= res_low and finite.max() <= res_high)):
-            low, high = res_low, res_high
-    return float(low), float(high)
+            low, high, converter = res_low, res_high, True
+    return float(low), float(high), converter
 
 
-def saturated_samples(digital: np.ndarray, physical_mv: np.ndarray, fs: float, limits: Sequence[tuple[float, float] | None]
-                      ) -> np.ndarray:
+def saturated_samples(digital: np.ndarray, physical_mv: np.ndarray, fs: float,
+                      limits: Sequence[tuple[float, float, bool] | None]) -> np.ndarray:
     """Which samples of `digital` (samples, signals) (NaN where missing) were clipped by the ADC: `(samples, signals)`
-    bool. A sample at its signal's `limits` (`_rail_limits`) is clipped where it is part of a run of at least
-    SATURATION_RUN_S (3 samples at least) at that limit, or where its value in mV (`physical_mv`, NaN where the
-    units are unknown) is beyond `units.MAX_PLAUSIBLE_MV`."""
+    bool. A sample at its signal's `limits` (`_rail_limits`) is clipped where its value in mV (`physical_mv`, NaN
+    where the units are unknown) is beyond `units.MAX_PLAUSIBLE_MV`, or, at a converter's own limits, where it is
+    part of a run of at least SATURATION_RUN_S (3 samples at least) there."""
     clipped = np.zeros(digital.shape, bool)
     run = max(3, int(round(SATURATION_RUN_S * fs)))
     for column, bounds in enumerate(limits):
         if bounds is None:
             continue
-        for rail in bounds:
+        low, high, converter = bounds
+        for rail in (low, high):
             at = digital[:, column] == rail
             if not at.any():
+                continue
+            clipped[:, column] |= at & (np.abs(physical_mv[:, column]) > MAX_PLAUSIBLE_MV)
+            if not converter:
                 continue
             edges = np.flatnonzero(np.diff(np.concatenate([[0], at.astype(np.int8), [0]])))
             for start, stop in zip(edges[::2], edges[1::2], strict=True):
                 if stop - start >= run:
                     clipped[start:stop, column] = True
-            clipped[:, column] |= at & (np.abs(physical_mv[:, column]) > MAX_PLAUSIBLE_MV)
     return clipped
 
 
