@@ -366,3 +366,23 @@ def test_a_records_own_extremes_at_the_format_limits_are_not_clipping(tmp_path):
     (tmp_path / "twelve.hea").write_text(header.replace("200.0(0)/mV 16 0", "200.0(0)/mV 12 0"))
     assert "/mV 12 0" in (tmp_path / "twelve.hea").read_text()
     assert rec.read_wfdb_record(str(tmp_path / "twelve")).saturated[3] == 30
+
+
+def test_an_eight_lead_record_gets_its_limb_leads_derived(tmp_path):
+    """Many devices store only the 8 independent leads (I, II, V1-V6); such a record was skipped as too_few_leads. Its
+    other limb leads are exact combinations of I and II (Einthoven, Goldberger): they are derived, and the chunk says
+    which, for the build report to count."""
+    signal = standard_signal()
+    eight = [STANDARD_LEADS.index(lead) for lead in ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")]
+    write_record(tmp_path, "eight", signal[:, eight], names=[STANDARD_LEADS[i] for i in eight])
+    write_record(tmp_path, "twelve", signal)
+    decoded = rec.decode_record(str(tmp_path), candidate("eight"))
+    full = rec.decode_record(str(tmp_path), candidate("twelve"))
+    assert decoded.derived_leads == ("III", "aVR", "aVL", "aVF") and full.derived_leads == ()
+    np.testing.assert_allclose(decoded.ecg, full.ecg, atol=0.002)  # PTB-XL's stored limb leads, to 1 uV rounding
+    chunk = rec.decode_chunk(str(tmp_path), [candidate("eight"), candidate("twelve")], rec.DecodeOptions())
+    assert list(chunk.derived_leads) == ["III,aVR,aVL,aVF", ""]
+    # Without lead II nothing can be derived: still too few leads.
+    seven = eight[:1] + eight[2:]
+    write_record(tmp_path, "seven", signal[:, seven], names=[STANDARD_LEADS[i] for i in seven])
+    assert reason_of(tmp_path, candidate("seven")) == "too_few_leads"

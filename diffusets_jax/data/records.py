@@ -30,6 +30,7 @@ from diffusets_jax.ecg.leads import (
     MissingLeadError,
     UnknownLeadError,
     canonical_lead_name,
+    derive_limb_leads,
     lead_permutation,
 )
 from diffusets_jax.ecg.qrs import FLAT_LEAD_MV
@@ -132,6 +133,7 @@ class DecodedRecord:
     heart_rate_source: str
     heart_rate_lead: int
     flat_leads: tuple[str, ...] = ()
+    derived_leads: tuple[str, ...] = ()  # limb leads computed from I and II (`ecg.leads.derive_limb_leads`)
 
 
 def check_metadata(candidate: RecordCandidate) -> None:
@@ -485,7 +487,11 @@ def decode_record(manual_dir: str, candidate: RecordCandidate, options: DecodeOp
             check_header(record_path)
         raise
     record, signal_mv = _record_mv(record_path)
-    fs, lead_names = float(record.fs), list(record.sig_name)
+    fs, stored_names = float(record.fs), list(record.sig_name)
+    # An 8-lead record (I, II, V1-V6, as many devices store) has all 12: its other limb leads are exact combinations.
+    signal_mv, lead_names, derived = derive_limb_leads(signal_mv, stored_names)
+    # (A derived lead is clipped where I or II is, and those are checked themselves.)
+    saturated = (record.saturated or (0,) * len(stored_names)) + (0,) * len(derived)
     try:
         order = lead_permutation(lead_names, allow_extra=True)
     except MissingLeadError as err:
@@ -503,8 +509,7 @@ def decode_record(manual_dir: str, candidate: RecordCandidate, options: DecodeOp
     # A clipped stretch has no true value to train on: NaN, it would become 0 mV (`resample_to_length`'s rule) in the
     # middle of a QRS complex or a wander; kept at the limit, a spike of tens of mV that the amplitude check, a 99th
     # percentile, lets through. The record is skipped, and counted.
-    clipped = [(lead, record.saturated[column]) for lead, column in zip(STANDARD_LEADS, order, strict=True)
-               if record.saturated and record.saturated[column]]
+    clipped = [(lead, saturated[column]) for lead, column in zip(STANDARD_LEADS, order, strict=True) if saturated[column]]
     if clipped:
         raise BadRecord("saturated_signal", f"{record_path}: samples at the ADC's limit (clipped) in lead(s) "
                                             + ", ".join(f"{lead} ({count})" for lead, count in clipped))
@@ -534,7 +539,8 @@ def decode_record(manual_dir: str, candidate: RecordCandidate, options: DecodeOp
         )
     ecg = resample_to_length(signal_mv, options.length, axis=0, dtype=np.float32)
     return DecodedRecord(
-        ecg=ecg, heart_rate=float(rate.bpm), heart_rate_source=rate.source, heart_rate_lead=rate.lead, flat_leads=tuple(flat_leads)
+        ecg=ecg, heart_rate=float(rate.bpm), heart_rate_source=rate.source, heart_rate_lead=rate.lead,
+        flat_leads=tuple(flat_leads), derived_leads=derived,
     )
 
 
@@ -557,6 +563,7 @@ class ChunkResult:
     heart_rate_lead: np.ndarray
     flat_leads: np.ndarray
     skip_reason: np.ndarray
+    derived_leads: np.ndarray  # (k,) per usable record, the limb leads computed from I and II ("III,aVR", or '')
     skip_detail: np.ndarray
     reused: bool = False
 
@@ -566,7 +573,7 @@ class ChunkResult:
 # built from other records and be refused without --overwrite. So it stays; decoding changes bump DECODER_VERSION.
 CACHE_FORMAT_VERSION = 4
 # Bump when decoding changes. 5: heart rates clear of gaps in every lead, 'µV' headers, inverted leads (2026-12-07);
-# 6: records clipped at their ADC's limit skipped (`saturated_signal`).
+# 6: records clipped at their ADC's limit skipped (`saturated_signal`); 8-lead records' limb leads derived.
 # In each decoded chunk's cache file name (`chunk_cache_name`), not in the card: a prepare resumed with a newer decoder
 # decodes again what an older one cached instead of mixing the two decoders' records in one dataset, and a complete
 # dataset is still recognised as built from the same records.
@@ -662,7 +669,7 @@ def legacy_listing_fingerprint(candidates: Sequence[RecordCandidate], options: D
 
 def decode_chunk(manual_dir: str, candidates: Sequence[RecordCandidate], options: DecodeOptions) -> ChunkResult:
     """Decode every candidate of a chunk; bad records are recorded, never raised."""
-    ok_index, ecgs, rates, sources, leads, flats = [], [], [], [], [], []
+    ok_index, ecgs, rates, sources, leads, flats, derived = [], [], [], [], [], [], []
     reasons, details = [], []
     for position, candidate in enumerate(candidates):
         try:
@@ -677,6 +684,7 @@ def decode_chunk(manual_dir: str, candidates: Sequence[RecordCandidate], options
         sources.append(decoded.heart_rate_source)
         leads.append(decoded.heart_rate_lead)
         flats.append(",".join(decoded.flat_leads))
+        derived.append(",".join(decoded.derived_leads))
         reasons.append("")
         details.append("")
     return ChunkResult(
@@ -688,6 +696,7 @@ def decode_chunk(manual_dir: str, candidates: Sequence[RecordCandidate], options
         flat_leads=np.asarray(flats, dtype=str),
         skip_reason=np.asarray(reasons, dtype=str),
         skip_detail=np.asarray(details, dtype=str),
+        derived_leads=np.asarray(derived, dtype=str),
     )
 
 
@@ -699,7 +708,8 @@ def _load_chunk(path: str, ecg: bool = True) -> ChunkResult | None:
         with np.load(path, allow_pickle=False) as stored:
             return ChunkResult(**{field: stored[field] if field != "ecg" or ecg else np.zeros((0, 0, 0), np.float32)
                                   for field in ("ok_index", "ecg", "heart_rate", "heart_rate_source", "heart_rate_lead",
-                                                "flat_leads", "skip_reason", "skip_detail")}, reused=True)
+                                                "flat_leads", "skip_reason", "skip_detail", "derived_leads")},
+                              reused=True)
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # a damaged cache file is decoded again
         return None
 
