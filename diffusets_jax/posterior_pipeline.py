@@ -87,6 +87,7 @@ class ReferenceTask:
             mask[:] = lead_mask(list(self.observe))[None, :]
             if self.window is not None:
                 mask &= window_mask(*self.window)[:, None]
+            mask &= ~self.reference.missing  # samples the recording lacks pin nothing
         return mask
 
     def describe(self) -> dict[str, Any]:
@@ -96,6 +97,10 @@ class ReferenceTask:
         # Which 10 s of a longer record (--reference-start): the manifest said only the record, so the excerpt a run
         # was made from could not be told. Named only when given, so that runs recorded without it still resume.
         start = {} if self.reference.start_s is None else {"start_s": self.reference.start_s}
+        # Samples of usable leads the recording lacks (left unobserved), per lead on the 1024-sample time base. Named
+        # only where there are some, so that runs recorded before still resume.
+        gaps = {lead: int(n) for lead, n in zip(STANDARD_LEADS, self.reference.missing.sum(axis=0), strict=True) if n}
+        start = {**start, "missing_samples": gaps} if gaps else start
         return {"record": os.path.abspath(self.reference.source), "record_content": content, "fs": self.reference.fs,
                 **start, "mode": self.mode,
                 "usable_leads": list(self.reference.leads), "excluded_leads": dict(self.reference.excluded),
@@ -165,8 +170,11 @@ def reference_task(record: str | os.PathLike | Reference, *, observe: str | Sequ
                              f"observe its usable leads ({', '.join(reference.leads)}) instead")
         mask = lead_mask(names, available=reference.leads, what="--observe")
         observed = tuple(lead for lead, on in zip(STANDARD_LEADS, mask, strict=True) if on)
-    if strength is not None and reference.excluded:
-        missing = ", ".join(f"{lead} ({why})" for lead, why in reference.excluded.items())
+    gaps = {lead: int(n) for lead, n in zip(STANDARD_LEADS, reference.missing.sum(axis=0), strict=True) if n}
+    if strength is not None and (reference.excluded or gaps):
+        # An edit encodes every sample of the recording; a gap would be encoded as the straight line that bridges it.
+        missing = ", ".join([f"{lead} ({why})" for lead, why in reference.excluded.items()]
+                            + [f"{n} samples of {lead} (missing samples)" for lead, n in gaps.items()])
         raise ValueError(f"--edit-strength encodes the whole recording, but {reference.source} lacks {missing}; "
                          "reconstruct it with --observe alone instead")
     return ReferenceTask(reference=reference, observe=observed, window=None if window is None else tuple(window),
@@ -237,7 +245,8 @@ class ReferenceGenerator(ECGGenerator):
         if task.observe:
             observation = make_observation(
                 rows, noise_std=task.noise_std, leads=list(task.observe), available_leads=task.reference.leads,
-                window=task.window, drift_cutoff_hz=DEFAULT_DRIFT_CUTOFF_HZ if task.drift else None)
+                window=task.window, mask=~task.reference.missing[None],
+                drift_cutoff_hz=DEFAULT_DRIFT_CUTOFF_HZ if task.drift else None)
             per_sample = jax.device_put(
                 (observation.values, observation.mask, observation.noise_std, observation.drift_std), self._cond_sharding)
             basis = observation.drift_basis

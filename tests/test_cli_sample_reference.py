@@ -163,7 +163,7 @@ def test_observing_a_lead_the_record_has_but_cannot_use_says_why():
     t = np.arange(5000) / 500.0
     signal = np.stack([0.3 * np.sin(2 * np.pi * 1.2 * t + i) for i in range(3)], axis=1)
     signal[:, 1] = 0.0  # a disconnected electrode
-    signal[100:120, 2] = np.nan  # a dropout
+    signal[:, 2] = np.nan  # a lead with no sample
     reference = reference_from_array(signal, 500.0, ["I", "II", "V1"], source="rec")
     for lead, why in (("II", "flat"), ("V1", "missing samples")):
         with pytest.raises(ValueError, match=rf"^--observe: rec has {lead} \({why}\), which cannot be observed; "
@@ -199,3 +199,30 @@ def test_an_edit_records_the_first_order_last_step_its_chain_runs(model_dir, rec
         generator = ReferenceGenerator(model_dir, reference_task(record, strength=0.5), sampler, batch_size=1)
         assert generator.settings()["sampler"]["sampler"] == "ddim"
         assert generator.settings()["sampler"]["final_step_order"] == 1
+
+
+def test_a_dropout_is_left_unobserved_sample_by_sample():
+    """One missing sample made `--observe` refuse its lead ("missing samples, which cannot be observed"). The lead is
+    observed now except at the gap: the task's mask and the sampler's observation both leave exactly those samples
+    out, the manifest counts them, and an edit, which would encode the bridged gap as recorded, is still refused."""
+    from diffusets_jax.diffusion.observations import make_observation
+    from diffusets_jax.io.reference import reference_from_array
+    from diffusets_jax.posterior_pipeline import reference_task
+
+    t = np.arange(5000) / 500.0
+    signal = np.stack([0.3 * np.sin(2 * np.pi * 1.2 * t + i) for i in range(3)], axis=1)
+    signal[2500:2510, 2] = np.nan  # 20 ms missing at 5 s
+    reference = reference_from_array(signal, 500.0, ["I", "II", "V1"], source="rec")
+    task = reference_task(reference, observe="I,V1")
+    assert task.observe == ("I", "V1")
+    v1 = STANDARD_LEADS.index("V1")
+    mask = task.observed_mask()
+    assert mask[:, 0].all() and not mask[reference.missing[:, v1], v1].any()
+    assert mask[:, v1].sum() == 1024 - reference.missing[:, v1].sum() > 1000
+    observation = make_observation(reference.ecg[None], noise_std=0.05, leads=list(task.observe),
+                                   available_leads=reference.leads, mask=~reference.missing[None])
+    np.testing.assert_array_equal(np.asarray(observation.mask[0]) > 0, mask)
+    assert task.describe()["missing_samples"] == {"V1": int(reference.missing[:, v1].sum())}
+    with pytest.raises(ValueError, match=r"^--edit-strength encodes the whole recording, but rec lacks .*samples of V1 "
+                                         r"\(missing samples\)"):
+        reference_task(reference, observe="I", strength=0.5)

@@ -307,3 +307,82 @@ def test_the_direct_reader_keeps_wfdb_s_rules_and_leaves_other_headers_to_wfdb(t
     assert rec._read_format16(str(tmp_path / "odd")) is None
     with pytest.raises(rec.BadRecord, match="truncated|has 100 bytes"):
         rec.read_wfdb_record(str(tmp_path / "odd"))
+
+
+def _clip_in_file(dat, column: int, n_signals: int, rows: slice, value: int) -> None:
+    digital = np.fromfile(dat, dtype="<i2").reshape(-1, n_signals)
+    digital[rows, column] = value
+    digital.tofile(dat)
+
+
+def test_samples_clipped_at_the_adc_limit_are_missing_and_skip_the_record(mimic_copy):
+    """A saturated ADC holds its limit, 32767 in format 16: at MIMIC-IV-ECG's 200 adu/mV that read as a 164 mV plateau,
+    which the amplitude check (a 99th percentile) let through into training. Clipped samples are now missing (NaN)
+    and the record is skipped as `saturated_signal`, counted, naming the lead."""
+    dat = mimic_copy / (E07500 + ".dat")
+    v2 = MIMIC_LEADS.index("V2")
+    _clip_in_file(dat, v2, 12, slice(1000, 1040), 32767)  # an 80 ms plateau at the rail
+    signal, _, _ = rec.read_record_mv(str(mimic_copy / E07500))
+    assert np.isnan(signal[1000:1040, v2]).all() and np.isfinite(signal[:1000]).all()
+    with pytest.raises(rec.BadRecord, match=r"V2 \(40\)") as bad:
+        rec.decode_record(str(mimic_copy), candidate())
+    assert bad.value.reason == "saturated_signal"
+    # One sample at the rail, too large for an ECG (an electrode pop) is clipped too; the plateau's lead is restored.
+    _clip_in_file(dat, v2, 12, slice(1000, 1040), 0)
+    _clip_in_file(dat, 0, 12, slice(3000, 3001), -32767)
+    assert reason_of(mimic_copy, candidate()) == "saturated_signal"
+    assert np.isnan(rec.read_record_mv(str(mimic_copy / E07500))[0][3000, 0])
+
+
+def test_a_records_own_extremes_at_the_format_limits_are_not_clipping(tmp_path):
+    """wfdb.wrsamp's automatic gain maps each signal's extremes onto the format's limits: that record's tallest R peak
+    lies at 32767 and is a real sample, not a clip, as with the format-212 reader (wfdb's) and a header's 12-bit ADC."""
+    signal = standard_signal()
+    wfdb.wrsamp("auto", fs=500, units=["mV"] * 12, sig_name=list(STANDARD_LEADS), p_signal=signal, fmt=["16"] * 12,
+                write_dir=str(tmp_path))
+    assert (wfdb.rdrecord(str(tmp_path / "auto"), physical=False).d_signal.max(axis=0) == 32767).sum() >= 4
+    record = rec.read_wfdb_record(str(tmp_path / "auto"))
+    assert record.saturated == (0,) * 12 and np.isfinite(record.p_signal).all()
+    rec.decode_record(str(tmp_path), candidate("auto"))
+    # A clean (simulated) ECG whose flat baseline is its lowest value holds format 16's limit for 0.6 s of every beat:
+    # its own extreme, not a clip.
+    t = np.arange(5000) / 500.0
+    clean = np.clip(np.sin(2 * np.pi * 1.2 * t), 0.0, None)[:, None] * np.linspace(0.5, 1.5, 12)[None, :]
+    wfdb.wrsamp("clean", fs=500, units=["mV"] * 12, sig_name=list(STANDARD_LEADS), p_signal=clean, fmt=["16"] * 12,
+                write_dir=str(tmp_path))
+    record = rec.read_wfdb_record(str(tmp_path / "clean"))
+    assert record.saturated == (0,) * 12 and np.isfinite(record.p_signal).all()
+    # Format 212 (read by wfdb): a 12-bit plateau at 2047 is clipped; the same record's own extremes are not.
+    clipped = signal.copy()
+    clipped[2000:2030, 3] = 2047 / 200.0
+    write_record(tmp_path, "packed", clipped, gain=200.0, fmt="212")
+    record = rec.read_wfdb_record(str(tmp_path / "packed"))
+    assert record.saturated == tuple(30 if i == 3 else 0 for i in range(12))
+    assert np.isnan(record.p_signal[2000:2030, 3]).all()
+    assert reason_of(tmp_path, candidate("packed")) == "saturated_signal"
+    # A 12-bit converter stored in format 16 (ADC resolution 12 in the header): its limit is 2047, not 32767.
+    write_record(tmp_path, "twelve", clipped, gain=200.0)
+    header = (tmp_path / "twelve.hea").read_text()
+    (tmp_path / "twelve.hea").write_text(header.replace("200.0(0)/mV 16 0", "200.0(0)/mV 12 0"))
+    assert "/mV 12 0" in (tmp_path / "twelve.hea").read_text()
+    assert rec.read_wfdb_record(str(tmp_path / "twelve")).saturated[3] == 30
+
+
+def test_an_eight_lead_record_gets_its_limb_leads_derived(tmp_path):
+    """Many devices store only the 8 independent leads (I, II, V1-V6); such a record was skipped as too_few_leads. Its
+    other limb leads are exact combinations of I and II (Einthoven, Goldberger): they are derived, and the chunk says
+    which, for the build report to count."""
+    signal = standard_signal()
+    eight = [STANDARD_LEADS.index(lead) for lead in ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")]
+    write_record(tmp_path, "eight", signal[:, eight], names=[STANDARD_LEADS[i] for i in eight])
+    write_record(tmp_path, "twelve", signal)
+    decoded = rec.decode_record(str(tmp_path), candidate("eight"))
+    full = rec.decode_record(str(tmp_path), candidate("twelve"))
+    assert decoded.derived_leads == ("III", "aVR", "aVL", "aVF") and full.derived_leads == ()
+    np.testing.assert_allclose(decoded.ecg, full.ecg, atol=0.002)  # PTB-XL's stored limb leads, to 1 uV rounding
+    chunk = rec.decode_chunk(str(tmp_path), [candidate("eight"), candidate("twelve")], rec.DecodeOptions())
+    assert list(chunk.derived_leads) == ["III,aVR,aVL,aVF", ""]
+    # Without lead II nothing can be derived: still too few leads.
+    seven = eight[:1] + eight[2:]
+    write_record(tmp_path, "seven", signal[:, seven], names=[STANDARD_LEADS[i] for i in seven])
+    assert reason_of(tmp_path, candidate("seven")) == "too_few_leads"

@@ -227,3 +227,34 @@ def test_a_latent_dataset_is_refused_pointing_at_prepare_alone(tmp_path, capsys)
     assert "not a prepared ECG dataset (a latent dataset" in err and err.count("\n") == 1, err
     assert "give one `diffusets-jax prepare` wrote" in err and "--corpus" not in err, err
     assert not out.exists()
+
+
+def test_a_flat_lead_is_no_truth_to_score_against():
+    """A record with a disconnected electrode (`prepare` keeps it: Chapman-Shaoxing's JS20004, in the bundled data's
+    validation split, has all-zero V2/V4/V6) was scored as if the flat line were the lead: zeros were rewarded with a
+    perfect V2 and any real reconstruction penalised. Its flat leads are now left out of their scores, a record whose
+    observed lead is flat is left out of that task, and a training record with a flat lead fits no baseline; each is
+    counted."""
+    rng = np.random.default_rng(3)
+    slopes, offsets = rng.uniform(0.5, 2, 12), np.zeros(12)
+    slopes[0] = 1.0
+    train = _linear_ecgs(rng, 30, slopes, offsets)
+    train[:3, :, 7] = 0.0  # all-zero V2 in three training records
+    truth = _linear_ecgs(rng, 6, slopes, offsets)
+    truth[0, :, [7, 9, 11]] = 0.0  # JS20004's V2, V4, V6
+    truth[1, :, 0] = 0.0  # lead I disconnected: nothing to reconstruct lead I's task from
+    perfect = truth.copy()
+    perfect[0, :, [7, 9, 11]] = truth[2, :, [7, 9, 11]]  # a reconstruction with the amplitude a real V2 has
+    scores = rec.lead_scores(perfect, truth)
+    assert scores["rmse_mv"][7] == pytest.approx(0.0, abs=1e-12) and scores["correlation"][7] == pytest.approx(1.0)
+    zeros = rec.lead_scores(np.zeros_like(truth), truth)
+    assert zeros["rmse_mv"][7] == pytest.approx(np.sqrt(np.mean(truth[1:, :, 7] ** 2)))
+    test = {"ecg": truth, "heart_rate": np.full(6, 70.0), "subject_id": np.arange(6), "prompt": ["x"] * 6}
+    report = rec.reconstruction_study(None, train, test, n_boot=10)
+    assert (report["n_train"], report["n_train_left_out"]) == (27, 3)
+    lead_i = report["tasks"]["lead_I"]
+    assert (lead_i["n_records"], lead_i["n_left_out_flat_observed"], lead_i["n_flat_leads_not_scored"]) == (5, 1, 3)
+    assert report["tasks"]["limb_leads"]["n_records"] == 5
+    linear = lead_i["methods"]["linear"]  # exact on every recorded lead: the flat V2s neither fit nor score it
+    assert max(linear["rmse_mv"]) < 1e-6 and linear["unobserved_mean"]["rmse_mv"] < 1e-6
+    assert "1 left out: an observed lead is flat" in rec.render_markdown(report)

@@ -390,3 +390,22 @@ def test_the_plot_command_draws_missing_samples_as_gaps(tmp_path, monkeypatch):
     assert np.isnan(ecg[600:900, 0]).all() and np.isfinite(ecg[:600]).all() and np.isfinite(ecg[900:]).all()
     traces = [line for line in plot_ecg(ecg, 500.0).axes[0].get_lines() if len(line.get_xdata()) > 50]
     assert np.isnan(np.asarray(traces[0].get_ydata(), np.float64)).sum() == 300  # lead I, first column
+
+
+def test_a_lead_off_zero_is_drawn_in_its_own_row():
+    """A record stored with a lead 4 mV off zero (an electrode's offset, an exporter keeping it) was drawn 40 mm above
+    its row's baseline, over the row above; every lead is now drawn around its own baseline, as a cart prints it,
+    with its amplitudes unchanged."""
+    ecg = synthetic_ecg()
+    shifted = ecg.copy()
+    shifted[:, 1] += 4.0  # lead II, drawn in row 2 and as the rhythm strip
+    shifted[:, 0] -= 3.0  # lead I, row 1
+    traces = [line for line in plot_ecg(shifted, 102.4).axes[0].get_lines() if len(line.get_xdata()) > 50]
+    clean = [line for line in plot_ecg(ecg, 102.4).axes[0].get_lines() if len(line.get_xdata()) > 50]
+    for index in (0, 4, 12):  # I, II in its row, the rhythm strip
+        y, y_clean = np.asarray(traces[index].get_ydata()), np.asarray(clean[index].get_ydata())
+        np.testing.assert_allclose(y - y_clean, (y - y_clean)[0], atol=1e-9)  # the same trace, shifted at most
+        assert abs((y - y_clean)[0]) < 1.0  # within 0.1 mV of where a lead without the offset is drawn
+        row = [0, 1, 3][[0, 4, 12].index(index)]
+        row_middle = plot.SHEET_HEIGHT_MM - plot.ROW_MM * (row + 0.5)
+        assert abs(np.median(y) - row_middle) < plot.ROW_MM / 2  # its baseline inside its own row

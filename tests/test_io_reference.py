@@ -45,14 +45,33 @@ def test_a_two_lead_record_in_any_order_fills_only_its_leads(tmp_path):
     assert not reference.ecg[:, [1, 2, 3, 5, 6, 7, 8, 9, 10, 11]].any()
 
 
-def test_flat_and_gapped_leads_are_left_out():
+def test_flat_and_unrecorded_leads_are_left_out():
     signal = _beats(10.0, 500, 3)
     signal[:, 1] = 0.0  # a disconnected electrode
-    signal[100:120, 2] = np.nan  # a dropout
+    signal[:, 2] = np.nan  # a lead with no sample
     reference = reference_from_array(signal, 500.0, ["I", "II", "V1"])
     assert reference.leads == ("I",)
     assert reference.excluded["II"] == "flat" and reference.excluded["V1"] == "missing samples"
     assert not reference.ecg[:, 1].any() and not reference.ecg[:, 6].any()
+
+
+def test_a_dropout_leaves_out_its_samples_not_its_lead():
+    """One missing sample (a dropout, a sample clipped at the ADC's limit) left the whole lead out, so `sample
+    --reference --observe V1` was refused and `--observe all` silently reconstructed V1 as if never recorded. The lead
+    is kept; only the time-base samples near the gap are marked missing, and the rest match the gapless record."""
+    signal = _beats(10.0, 500, 3)
+    whole = reference_from_array(signal, 500.0, ["I", "II", "V1"])
+    signal[1000:1020, 2] = np.nan  # 40 ms missing at 2.0 s
+    reference = reference_from_array(signal, 500.0, ["I", "II", "V1"])
+    assert reference.leads == ("I", "II", "V1") and reference.excluded == {
+        lead: "absent" for lead in STANDARD_LEADS if lead not in ("I", "II", "V1")}
+    v1 = STANDARD_LEADS.index("V1")
+    gap = np.flatnonzero(reference.missing[:, v1])
+    assert reference.missing.sum() == len(gap) and 4 <= len(gap) <= 8  # 40 ms is 4 samples at 102.4 Hz, + 1 each side
+    assert gap.min() <= 2.0 * 102.4 <= gap.max() and gap.max() - gap.min() == len(gap) - 1
+    np.testing.assert_allclose(reference.ecg[:, v1][~reference.missing[:, v1]],
+                               whole.ecg[:, v1][~reference.missing[:, v1]], atol=0.02)
+    assert np.isnan(reference.recorded()[gap, v1]).all() and np.isfinite(reference.ecg).all()
 
 
 def test_a_window_of_a_longer_record(tmp_path):

@@ -465,6 +465,8 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         detected_records: list[dict[str, Any]] = []  # heart rate from QRS detection (machine RR unusable)
         flat_lead_records: list[dict[str, str]] = []
         flat_lead_count = 0
+        derived_records: list[dict[str, str]] = []
+        derived_count = 0
         reused = decoded = 0
         for chunk in self._chunks:
             result = records_lib._load_chunk(chunk.cache_path, ecg=False)  # noqa: SLF001 (same package)
@@ -485,6 +487,12 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                     flat_lead_count += 1
                     if len(flat_lead_records) < EXAMPLES_PER_REASON_IN_REPORT:
                         flat_lead_records.append({"record_path": chunk.candidates[int(position)].record_path, "leads": str(flat)})
+            for position, derived in zip(result.ok_index, result.derived_leads, strict=True):
+                if derived:
+                    derived_count += 1
+                    if len(derived_records) < EXAMPLES_PER_REASON_IN_REPORT:
+                        derived_records.append({"record_path": chunk.candidates[int(position)].record_path,
+                                                "leads": str(derived)})
             for position, source, lead in zip(result.ok_index, result.heart_rate_source, result.heart_rate_lead, strict=True):
                 sources[str(source)] += 1
                 if source != "rr":
@@ -505,6 +513,8 @@ class EcgDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             "detected_heart_rate_records": detected_records[:100],
             # Written despite flat leads (DecodeOptions.flat_leads == "keep", the reference's behaviour).
             "written_with_flat_leads": {"count": flat_lead_count, "examples": flat_lead_records},
+            # 8-lead records (I, II, V1-V6) whose other limb leads were computed from I and II (exact).
+            "written_with_derived_leads": {"count": derived_count, "examples": derived_records},
             "embedding": self._embedding_summary,
             "decode_chunks": {"total": len(self._chunks), "reused": reused, "decoded": decoded},
         }
@@ -558,6 +568,10 @@ def format_report_summary(name: str, report: Mapping[str, Any]) -> str:
     flat = report["written_with_flat_leads"]
     if flat["count"]:
         lines.append(f"  written with flat leads: {flat['count']} e.g. {flat['examples'][0]['record_path']} ({flat['examples'][0]['leads']})")
+    derived = report.get("written_with_derived_leads", {"count": 0})
+    if derived["count"]:
+        lines.append(f"  written with limb leads derived from I and II: {derived['count']} e.g. "
+                     f"{derived['examples'][0]['record_path']} ({derived['examples'][0]['leads']})")
     lines.append("  heart rate: " + ", ".join(f"{s} {n}" for s, n in report["heart_rate_sources"].items()))
     chunks = report["decode_chunks"]
     lines.append(f"  decode chunks: {chunks['decoded']} decoded, {chunks['reused']} reused from an earlier run")

@@ -30,12 +30,13 @@ from diffusets_jax.ecg.leads import (
     MissingLeadError,
     UnknownLeadError,
     canonical_lead_name,
-    reorder_leads,
+    derive_limb_leads,
+    lead_permutation,
 )
 from diffusets_jax.ecg.qrs import FLAT_LEAD_MV
 from diffusets_jax.ecg.resample import resample_to_length
 from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_SECONDS
-from diffusets_jax.ecg.units import check_millivolts, to_millivolts
+from diffusets_jax.ecg.units import MAX_PLAUSIBLE_MV, check_millivolts, millivolt_factor, to_millivolts
 
 # Why a record was skipped. Metadata reasons are checked before the files are read (cheap); the rest in the
 # order a reader meets them.
@@ -55,6 +56,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "unknown_units",
     "wrong_duration",  # not a whole 10 s recording
     "nan_lead",  # a lead with no finite sample
+    "saturated_signal",  # samples clipped at the ADC's limit (`saturated_samples`): their true values are unknown
     "flat_lead",  # a lead spanning < FLAT_LEAD_MV (disconnected electrode); only with flat_leads="skip"
     "implausible_amplitude",  # not millivolts after unit conversion (wrong gain in the header)
     "no_heart_rate",  # RR interval unusable and QRS detection found < 2 beats
@@ -131,6 +133,7 @@ class DecodedRecord:
     heart_rate_source: str
     heart_rate_lead: int
     flat_leads: tuple[str, ...] = ()
+    derived_leads: tuple[str, ...] = ()  # limb leads computed from I and II (`ecg.leads.derive_limb_leads`)
 
 
 def check_metadata(candidate: RecordCandidate) -> None:
@@ -242,6 +245,80 @@ class Format16Record:
     sig_name: list[str]
     units: list[str]
     comments: list[str]
+    # Per signal, how many of its samples were clipped at the ADC's limit (`saturated_samples`); NaN in p_signal.
+    saturated: tuple[int, ...] = ()
+
+
+# A clipped (saturated) ADC holds its limit while the true signal lies beyond. Where a format's limits are not the
+# converter's own they tell nothing: `wfdb.wrsamp`'s automatic gain maps every signal's own extremes onto format 16's
+# limits, so such a record has its tallest R peak at 32767, and a clean (synthetic, simulated) one may hold its
+# extreme there for a whole baseline. A sample at format 16's limit is clipped only where it lies beyond a plausible
+# ECG amplitude (at MIMIC-IV-ECG's 200 adu/mV the limit is 164 mV). Where the limits are the converter's own (a
+# header's ADC resolution narrower than the format, or a 12-bit-or-narrower format such as 212), a run this long at
+# the limit is a clip too: an R peak's top is never flat for 20 ms.
+SATURATION_RUN_S = 0.02
+_CONVERTER_FORMATS = frozenset({"80", "508", "212", "310", "311"})  # formats as narrow as the ADCs that use them
+
+
+def _rail_limits(fmt: str, adc_res: int | None, adc_zero: int | None, digital: np.ndarray
+                 ) -> tuple[float, float, bool] | None:
+    """The lowest and highest valid digital value of a signal (`digital` (samples,), NaN where missing) in WFDB
+    format `fmt`, and whether they are the converter's own (see SATURATION_RUN_S): the format's range less its "no
+    sample" value, or the header's narrower ADC resolution around its ADC zero where every sample lies within it.
+    None for a format without a fixed range (8: first differences)."""
+    from wfdb.io._signal import INVALID_SAMPLE_VALUE, SAMPLE_VALUE_RANGE
+
+    if fmt not in SAMPLE_VALUE_RANGE or INVALID_SAMPLE_VALUE.get(fmt) is None:
+        return None
+    low, high = SAMPLE_VALUE_RANGE[fmt]
+    if INVALID_SAMPLE_VALUE[fmt] == low:
+        low += 1
+    converter = fmt in _CONVERTER_FORMATS
+    if adc_res and adc_res < int(np.log2(high - low + 2)):  # a 12-bit converter stored in 16-bit words
+        zero = adc_zero or 0
+        res_low, res_high = zero - 2 ** (adc_res - 1), zero + 2 ** (adc_res - 1) - 1
+        finite = digital[np.isfinite(digital)]
+        # A header whose resolution its own samples exceed is wrong about it: the format's range holds then.
+        if res_low >= low and res_high <= high and (not finite.size or (finite.min() >= res_low and finite.max() <= res_high)):
+            low, high, converter = res_low, res_high, True
+    return float(low), float(high), converter
+
+
+def saturated_samples(digital: np.ndarray, physical_mv: np.ndarray, fs: float,
+                      limits: Sequence[tuple[float, float, bool] | None]) -> np.ndarray:
+    """Which samples of `digital` (samples, signals) (NaN where missing) were clipped by the ADC: `(samples, signals)`
+    bool. A sample at its signal's `limits` (`_rail_limits`) is clipped where its value in mV (`physical_mv`, NaN
+    where the units are unknown) is beyond `units.MAX_PLAUSIBLE_MV`, or, at a converter's own limits, where it is
+    part of a run of at least SATURATION_RUN_S (3 samples at least) there."""
+    clipped = np.zeros(digital.shape, bool)
+    run = max(3, int(round(SATURATION_RUN_S * fs)))
+    for column, bounds in enumerate(limits):
+        if bounds is None:
+            continue
+        low, high, converter = bounds
+        for rail in (low, high):
+            at = digital[:, column] == rail
+            if not at.any():
+                continue
+            clipped[:, column] |= at & (np.abs(physical_mv[:, column]) > MAX_PLAUSIBLE_MV)
+            if not converter:
+                continue
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], at.astype(np.int8), [0]])))
+            for start, stop in zip(edges[::2], edges[1::2], strict=True):
+                if stop - start >= run:
+                    clipped[start:stop, column] = True
+    return clipped
+
+
+def _mv_or_nan(physical: np.ndarray, units: Sequence[str]) -> np.ndarray:
+    """`physical` (samples, signals) in mV, NaN in a signal of unknown units (the reader refuses those later)."""
+    factors = []
+    for unit in units:
+        try:
+            factors.append(millivolt_factor(unit))
+        except ValueError:
+            factors.append(np.nan)
+    return physical * np.asarray(factors)
 
 
 def _read_format16(record_path: str) -> Format16Record | None:
@@ -287,15 +364,54 @@ def _read_format16(record_path: str) -> Format16Record | None:
     np.subtract(physical, baselines, physical)
     np.divide(physical, gains, physical)
     physical[digital == -32768] = np.nan  # format 16's "no sample"
-    return Format16Record(physical, fs, [signal["sig_name"] for signal in signals],
-                          [signal["units"] for signal in signals], [line.strip(" \t#") for line in comments])
+    units = [signal["units"] for signal in signals]
+    as_float = np.where(digital == -32768, np.nan, digital.astype(np.float64))
+    limits = [_rail_limits("16", _int_or_none(signal["adc_res"]), _int_or_none(signal["adc_zero"]), as_float[:, column])
+              for column, signal in enumerate(signals)]
+    clipped = saturated_samples(as_float, _mv_or_nan(physical, units), fs, limits)
+    physical[clipped] = np.nan
+    return Format16Record(physical, fs, [signal["sig_name"] for signal in signals], units,
+                          [line.strip(" \t#") for line in comments], tuple(int(n) for n in clipped.sum(axis=0)))
 
 
-def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record or a Format16Record)
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _without_saturation(record) -> Format16Record:  # noqa: ANN001 (a wfdb.Record)
+    """A record wfdb read as a `Format16Record`, its samples clipped at the ADC's limit (`saturated_samples`) NaN.
+    Its digital values are recovered from the physical ones (wfdb's adc: x gain + baseline, exact for any gain)."""
+    physical = np.array(record.p_signal, dtype=np.float64)
+    units = list(record.units or [])
+    n_sig = physical.shape[1]
+    fields = [list(getattr(record, name, None) or []) for name in ("fmt", "adc_gain", "baseline", "adc_res", "adc_zero")]
+    clipped = np.zeros(physical.shape, bool)
+    if all(len(values) == n_sig for values in fields[:3]) and len(units) == n_sig:
+        fmts, gains, baselines = fields[:3]
+        res = fields[3] if len(fields[3]) == n_sig else [None] * n_sig
+        zeros = fields[4] if len(fields[4]) == n_sig else [None] * n_sig
+        limits, digital = [], np.full(physical.shape, np.nan)
+        for column in range(n_sig):
+            if not gains[column] or gains[column] <= 0:  # uncalibrated: no digital values to recover
+                limits.append(None)
+                continue
+            digital[:, column] = np.round(physical[:, column] * gains[column] + baselines[column])
+            limits.append(_rail_limits(str(fmts[column]), res[column], zeros[column], digital[:, column]))
+        clipped = saturated_samples(digital, _mv_or_nan(physical, units), float(record.fs), limits)
+        physical[clipped] = np.nan
+    return Format16Record(physical, float(record.fs), list(record.sig_name), units, list(record.comments or []),
+                          tuple(int(n) for n in clipped.sum(axis=0)))
+
+
+def read_wfdb_record(record_path: str) -> Format16Record:
     """wfdb.rdrecord (path without extension, physical values), or BadRecord saying what is wrong with the files:
     a missing or unreadable header, a missing signal file or one shorter than its header implies (where wfdb's own
     error would be e.g. "cannot reshape array of size 500 into shape (12)"). Format-16 records of one signal file
-    are read here, the same values ten times faster (`_read_format16`)."""
+    are read here, the same values ten times faster (`_read_format16`). Samples clipped at the ADC's limit are NaN
+    (`saturated_samples`), counted per signal in `saturated`."""
     fast = _read_format16(record_path)
     if fast is not None:
         return _upright_inverted_leads(fast)
@@ -311,7 +427,7 @@ def read_wfdb_record(record_path: str):  # noqa: ANN201 (a wfdb.Record or a Form
     _check_signal_files(record, record_path)
     if record.units:
         record.units = _units_as_written(record_path, list(record.units))
-    return _upright_inverted_leads(record)
+    return _upright_inverted_leads(_without_saturation(record))
 
 
 def _standard_name(name: str) -> str | None:
@@ -321,7 +437,7 @@ def _standard_name(name: str) -> str | None:
         return None
 
 
-def _upright_inverted_leads(record):  # noqa: ANN001, ANN202 (a wfdb.Record or a Format16Record, and the same)
+def _upright_inverted_leads(record: Format16Record) -> Format16Record:
     """`record` with each inverted lead ('-aVR', as Cabrera-order exports name it) turned upright under its own name,
     or dropped where the record has that lead too (it holds nothing else). Read as a lead of another name, '-aVR'
     skipped the record as `unknown_lead_names`, and a reference's message asked to rename it to aVR: upside down."""
@@ -335,22 +451,29 @@ def _upright_inverted_leads(record):  # noqa: ANN001, ANN202 (a wfdb.Record or a
     keep = [i for i in range(len(names)) if i not in inverted or inverted[i] not in present]
     for i in inverted:
         signal[:, i] = -signal[:, i]
+    saturated = record.saturated or (0,) * len(names)
     return Format16Record(signal[:, keep], float(record.fs), [inverted.get(i, names[i]) for i in keep],
-                          [record.units[i] for i in keep], list(record.comments or []))
+                          [record.units[i] for i in keep], list(record.comments or []),
+                          tuple(saturated[i] for i in keep))
+
+
+def _record_mv(record_path: str) -> tuple[Format16Record, np.ndarray]:
+    """`read_wfdb_record` and its signal `(samples, signals)` float64 in mV; BadRecord for unknown units."""
+    record = read_wfdb_record(record_path)
+    try:
+        signal_mv = to_millivolts(np.asarray(record.p_signal, dtype=np.float64), record.units)
+    except ValueError as err:
+        raise BadRecord("unknown_units", f"{record_path}.hea: {err}") from None
+    return record, signal_mv
 
 
 def read_record_mv(record_path: str) -> tuple[np.ndarray, float, list[str]]:
     """Read a WFDB record (path without extension) -> (signal (n, leads) float64 mV, fs, lead names).
 
     Raises BadRecord for a missing/unreadable header, missing/truncated/unreadable signal files and unknown
-    units. Lead order is as stored.
+    units. Lead order is as stored. Missing samples, and samples clipped at the ADC's limit, are NaN.
     """
-    record = read_wfdb_record(record_path)
-    header_path = record_path + ".hea"
-    try:
-        signal_mv = to_millivolts(np.asarray(record.p_signal, dtype=np.float64), record.units)
-    except ValueError as err:
-        raise BadRecord("unknown_units", f"{header_path}: {err}") from None
+    record, signal_mv = _record_mv(record_path)
     return signal_mv, float(record.fs), list(record.sig_name)
 
 
@@ -363,9 +486,14 @@ def decode_record(manual_dir: str, candidate: RecordCandidate, options: DecodeOp
         if candidate.metadata_in_header:  # read the header only here: wfdb's parsing is the slow part of a read
             check_header(record_path)
         raise
-    signal_mv, fs, lead_names = read_record_mv(record_path)
+    record, signal_mv = _record_mv(record_path)
+    fs, stored_names = float(record.fs), list(record.sig_name)
+    # An 8-lead record (I, II, V1-V6, as many devices store) has all 12: its other limb leads are exact combinations.
+    signal_mv, lead_names, derived = derive_limb_leads(signal_mv, stored_names)
+    # (A derived lead is clipped where I or II is, and those are checked themselves.)
+    saturated = (record.saturated or (0,) * len(stored_names)) + (0,) * len(derived)
     try:
-        signal_mv = reorder_leads(signal_mv, lead_names, allow_extra=True)
+        order = lead_permutation(lead_names, allow_extra=True)
     except MissingLeadError as err:
         unknown = []
         for name in lead_names:
@@ -377,6 +505,14 @@ def decode_record(manual_dir: str, candidate: RecordCandidate, options: DecodeOp
         raise BadRecord(reason, f"{record_path}: {err}") from None
     except LeadNameError as err:  # duplicated lead names
         raise BadRecord("unknown_lead_names", f"{record_path}: {err}") from None
+    signal_mv = signal_mv[:, order]
+    # A clipped stretch has no true value to train on: NaN, it would become 0 mV (`resample_to_length`'s rule) in the
+    # middle of a QRS complex or a wander; kept at the limit, a spike of tens of mV that the amplitude check, a 99th
+    # percentile, lets through. The record is skipped, and counted.
+    clipped = [(lead, saturated[column]) for lead, column in zip(STANDARD_LEADS, order, strict=True) if saturated[column]]
+    if clipped:
+        raise BadRecord("saturated_signal", f"{record_path}: samples at the ADC's limit (clipped) in lead(s) "
+                                            + ", ".join(f"{lead} ({count})" for lead, count in clipped))
     duration = signal_mv.shape[0] / fs
     if abs(duration - options.seconds) > options.duration_tolerance_s:
         raise BadRecord(
@@ -403,7 +539,8 @@ def decode_record(manual_dir: str, candidate: RecordCandidate, options: DecodeOp
         )
     ecg = resample_to_length(signal_mv, options.length, axis=0, dtype=np.float32)
     return DecodedRecord(
-        ecg=ecg, heart_rate=float(rate.bpm), heart_rate_source=rate.source, heart_rate_lead=rate.lead, flat_leads=tuple(flat_leads)
+        ecg=ecg, heart_rate=float(rate.bpm), heart_rate_source=rate.source, heart_rate_lead=rate.lead,
+        flat_leads=tuple(flat_leads), derived_leads=derived,
     )
 
 
@@ -426,6 +563,7 @@ class ChunkResult:
     heart_rate_lead: np.ndarray
     flat_leads: np.ndarray
     skip_reason: np.ndarray
+    derived_leads: np.ndarray  # (k,) per usable record, the limb leads computed from I and II ("III,aVR", or '')
     skip_detail: np.ndarray
     reused: bool = False
 
@@ -434,11 +572,12 @@ class ChunkResult:
 # dataset card's `records_fingerprint` (through `chunk_fingerprint`): changed, every dataset prepared before would look
 # built from other records and be refused without --overwrite. So it stays; decoding changes bump DECODER_VERSION.
 CACHE_FORMAT_VERSION = 4
-# Bump when decoding changes. 5: heart rates clear of gaps in every lead, 'µV' headers, inverted leads (2026-12-07).
+# Bump when decoding changes. 5: heart rates clear of gaps in every lead, 'µV' headers, inverted leads (2026-12-07);
+# 6: records clipped at their ADC's limit skipped (`saturated_signal`); 8-lead records' limb leads derived.
 # In each decoded chunk's cache file name (`chunk_cache_name`), not in the card: a prepare resumed with a newer decoder
 # decodes again what an older one cached instead of mixing the two decoders' records in one dataset, and a complete
 # dataset is still recognised as built from the same records.
-DECODER_VERSION = 5
+DECODER_VERSION = 6
 
 
 def file_stamps(manual_dir: str, candidates: Sequence[RecordCandidate]) -> list[tuple[tuple[str, int, int], ...]]:
@@ -530,7 +669,7 @@ def legacy_listing_fingerprint(candidates: Sequence[RecordCandidate], options: D
 
 def decode_chunk(manual_dir: str, candidates: Sequence[RecordCandidate], options: DecodeOptions) -> ChunkResult:
     """Decode every candidate of a chunk; bad records are recorded, never raised."""
-    ok_index, ecgs, rates, sources, leads, flats = [], [], [], [], [], []
+    ok_index, ecgs, rates, sources, leads, flats, derived = [], [], [], [], [], [], []
     reasons, details = [], []
     for position, candidate in enumerate(candidates):
         try:
@@ -545,6 +684,7 @@ def decode_chunk(manual_dir: str, candidates: Sequence[RecordCandidate], options
         sources.append(decoded.heart_rate_source)
         leads.append(decoded.heart_rate_lead)
         flats.append(",".join(decoded.flat_leads))
+        derived.append(",".join(decoded.derived_leads))
         reasons.append("")
         details.append("")
     return ChunkResult(
@@ -556,6 +696,7 @@ def decode_chunk(manual_dir: str, candidates: Sequence[RecordCandidate], options
         flat_leads=np.asarray(flats, dtype=str),
         skip_reason=np.asarray(reasons, dtype=str),
         skip_detail=np.asarray(details, dtype=str),
+        derived_leads=np.asarray(derived, dtype=str),
     )
 
 
@@ -567,7 +708,8 @@ def _load_chunk(path: str, ecg: bool = True) -> ChunkResult | None:
         with np.load(path, allow_pickle=False) as stored:
             return ChunkResult(**{field: stored[field] if field != "ecg" or ecg else np.zeros((0, 0, 0), np.float32)
                                   for field in ("ok_index", "ecg", "heart_rate", "heart_rate_source", "heart_rate_lead",
-                                                "flat_leads", "skip_reason", "skip_detail")}, reused=True)
+                                                "flat_leads", "skip_reason", "skip_detail", "derived_leads")},
+                              reused=True)
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # a damaged cache file is decoded again
         return None
 

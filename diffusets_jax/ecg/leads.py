@@ -103,3 +103,31 @@ def reorder_leads(
     if signal.shape[-1] != len(lead_names):
         raise LeadNameError(f"signal has {signal.shape[-1]} leads on its last axis but {len(lead_names)} names")
     return signal[..., lead_permutation(lead_names, target, allow_extra)]
+
+
+# The four limb leads that leads I and II determine exactly (Einthoven's law, Goldberger's augmented leads).
+DERIVED_LIMB_LEADS: tuple[str, ...] = ("III", "aVR", "aVL", "aVF")
+
+
+def derive_limb_leads(signal: np.ndarray, lead_names: Sequence[str]) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
+    """Add the limb leads a record lacks but leads I and II determine: III = II - I, aVR = -(I + II) / 2,
+    aVL = I - II / 2, aVF = II - I / 2, exact for any ECG. Many devices store only the 8 independent leads (I, II,
+    V1-V6). `signal` (samples, n_leads) with one name per column -> (signal with the derived columns appended, their
+    names, the derived leads in standard order); unchanged where the record lacks I or II, has all four, or has a
+    lead of a name we do not know (perhaps a misnamed limb lead: such a record is left for the caller to refuse)."""
+    canonical = {}
+    for index, name in enumerate(lead_names):
+        try:
+            canonical.setdefault(canonical_lead_name(name), index)
+        except UnknownLeadError:
+            if not is_extra_lead(name):
+                return np.asarray(signal), list(lead_names), ()
+    missing = [lead for lead in DERIVED_LIMB_LEADS if lead not in canonical]
+    if not missing or "I" not in canonical or "II" not in canonical:
+        return np.asarray(signal), list(lead_names), ()
+    signal = np.asarray(signal)
+    lead_i, lead_ii = signal[:, canonical["I"]], signal[:, canonical["II"]]
+    formulas = {"III": lead_ii - lead_i, "aVR": -(lead_i + lead_ii) / 2, "aVL": lead_i - lead_ii / 2,
+                "aVF": lead_ii - lead_i / 2}
+    derived = np.stack([formulas[lead] for lead in missing], axis=1)
+    return np.concatenate([signal, derived], axis=1), [*lead_names, *missing], tuple(missing)

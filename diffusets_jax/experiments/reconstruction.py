@@ -13,6 +13,10 @@ The baselines copy the observed leads; the posterior's observed leads are its ow
 up to `noise_std`). Scores per lead: RMSE (mV) over every sample of every record and the mean per-record Pearson
 correlation (undefined, None, where a prediction is constant, e.g. zeros), plus the mean over the unobserved
 leads; and the model-free clinical metrics (`metrics.clinical`) of each reconstruction against its record.
+A record's flat lead (a disconnected electrode: `prepare` keeps such records, e.g. Chapman-Shaoxing's all-zero
+V2/V4/V6) is no truth to score against: it is left out of that lead's scores, and a record whose observed lead is
+flat is left out of the task (it has nothing to reconstruct from); both are counted. The baselines are fitted on
+the training records whose 12 leads are all recorded.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from diffusets_jax.ecg.leads import STANDARD_LEADS
+from diffusets_jax.ecg.qrs import FLAT_LEAD_MV
 from diffusets_jax.ecg.shapes import NUM_LEADS
 from diffusets_jax.ecg.units import finite_ecgs
 
@@ -40,11 +45,21 @@ def lead_indices(leads: Sequence[str]) -> np.ndarray:
     return np.array([STANDARD_LEADS.index(lead) for lead in leads], np.int64)
 
 
+def recorded_leads(ecgs: np.ndarray) -> np.ndarray:
+    """`(n, 12)` bool: which leads of `ecgs` `(n, 1024, 12)` are recorded, finite and spanning at least FLAT_LEAD_MV
+    (not a disconnected electrode's flat line)."""
+    ecgs = np.asarray(ecgs, np.float64)
+    finite = np.isfinite(ecgs)
+    values = np.where(finite, ecgs, 0.0)
+    return finite.all(axis=1) & (values.max(axis=1) - values.min(axis=1) >= FLAT_LEAD_MV)
+
+
 def fit_linear(train_ecgs: np.ndarray, observed: Sequence[str]) -> np.ndarray:
     """Least-squares weights `(len(observed) + 1, 12)` predicting every lead from the observed leads and a constant,
-    fitted over every sample of the finite training ECGs `(n, 1024, 12)`."""
+    fitted over every sample of the training ECGs `(n, 1024, 12)` whose 12 leads are all recorded (finite, none
+    flat: an all-zero V2 would teach it to predict zeros)."""
     train = np.asarray(train_ecgs, np.float64)
-    train = train[finite_ecgs(train)]
+    train = train[recorded_leads(train).all(axis=1)]
     if not len(train):
         raise ValueError("linear baseline: no finite training ECG to fit on")
     x = train[:, :, lead_indices(observed)].reshape(-1, len(observed))
@@ -79,26 +94,35 @@ def fill_baseline(name: str, ecgs: np.ndarray, observed: Sequence[str], *, train
     return filled
 
 
-def lead_scores(prediction: np.ndarray, truth: np.ndarray) -> dict[str, list[float | None]]:
-    """Per lead (standard order): RMSE (mV) over all samples of all records, and mean per-record Pearson r over the
-    records where both signals vary (None where none does)."""
+def lead_scores(prediction: np.ndarray, truth: np.ndarray, scored: np.ndarray | None = None
+                ) -> dict[str, list[float | None]]:
+    """Per lead (standard order): RMSE (mV) over all samples of the records it is scored on, and mean per-record
+    Pearson r over those where both signals vary (None where none is / does).
+
+    scored: `(n, 12)` bool, which records' leads are truth to score against (default `recorded_leads(truth)`: a
+    flat or non-finite truth lead is not)."""
     prediction, truth = np.asarray(prediction, np.float64), np.asarray(truth, np.float64)
-    rmse = np.sqrt(np.mean((prediction - truth) ** 2, axis=(0, 1)))
+    scored = recorded_leads(truth) if scored is None else np.asarray(scored, bool)
+    counts = scored.sum(axis=0)
+    squared = np.where(scored[:, None, :], (prediction - np.where(scored[:, None, :], truth, 0.0)) ** 2, 0.0)
+    rmse = np.sqrt(squared.sum(axis=(0, 1)) / np.maximum(counts * truth.shape[1], 1))
     p = prediction - prediction.mean(axis=1, keepdims=True)
-    t = truth - truth.mean(axis=1, keepdims=True)
+    t = np.where(scored[:, None, :], truth - truth.mean(axis=1, keepdims=True), 0.0)
     denominator = np.sqrt((p ** 2).sum(axis=1) * (t ** 2).sum(axis=1))
-    defined = denominator > 1e-12
+    defined = scored & (denominator > 1e-12)
     r = np.where(defined, (p * t).sum(axis=1) / np.where(defined, denominator, 1.0), np.nan)
-    counts = defined.sum(axis=0)
-    mean_r = np.where(counts > 0, np.nansum(r, axis=0) / np.maximum(counts, 1), np.nan)
-    return {"rmse_mv": [float(v) for v in rmse], "correlation": [None if np.isnan(v) else float(v) for v in mean_r]}
+    r_counts = defined.sum(axis=0)
+    mean_r = np.where(r_counts > 0, np.nansum(np.where(defined, r, 0.0), axis=0) / np.maximum(r_counts, 1), np.nan)
+    return {"rmse_mv": [float(v) if n else None for v, n in zip(rmse, counts, strict=True)],
+            "correlation": [None if np.isnan(v) else float(v) for v in mean_r]}
 
 
 def summarize(scores: Mapping[str, list[float | None]], observed: Sequence[str]) -> dict[str, float | None]:
-    """Means over the unobserved leads of `lead_scores` output (correlation over the leads where it is defined)."""
+    """Means over the unobserved leads of `lead_scores` output (each over the leads where it is defined)."""
     hidden = [i for i, lead in enumerate(STANDARD_LEADS) if lead not in observed]
+    rmse = [scores["rmse_mv"][i] for i in hidden if scores["rmse_mv"][i] is not None]
     correlations = [scores["correlation"][i] for i in hidden if scores["correlation"][i] is not None]
-    return {"rmse_mv": float(np.mean([scores["rmse_mv"][i] for i in hidden])),
+    return {"rmse_mv": float(np.mean(rmse)) if rmse else None,
             "correlation": float(np.mean(correlations)) if correlations else None}
 
 
@@ -160,26 +184,40 @@ def reconstruction_study(generator: Any, train_ecgs: np.ndarray, test: Mapping[s
     test = {k: (np.asarray(v)[finite] if not isinstance(v, list) else [x for x, f in zip(v, finite, strict=True) if f])
             for k, v in test.items()}
     train = np.asarray(train_ecgs, np.float32)
-    train_mean = np.nanmean(train[finite_ecgs(train)], axis=0)
-    truth = test["ecg"]
+    complete = recorded_leads(train).all(axis=1)
+    if not complete.any():
+        raise ValueError("train split: no record with all 12 leads recorded (finite and not flat) to fit the baselines on")
+    train_mean = train[complete].mean(axis=0)
+    recorded = recorded_leads(test["ecg"])
     report: dict[str, Any] = {"n_test": int(finite.sum()), "n_test_left_out": int((~finite).sum()),
-                              "n_train": int(len(train)), "leads": list(STANDARD_LEADS), "noise_std_mv": noise_std,
+                              "n_train": int(complete.sum()), "n_train_left_out": int((~complete).sum()),
+                              "leads": list(STANDARD_LEADS), "noise_std_mv": noise_std,
                               "particles": particles if generator is not None else None, "seed": seed, "tasks": {}}
     for task, observed in tasks.items():
+        usable = recorded[:, lead_indices(observed)].all(axis=1)  # a flat observed lead: nothing to reconstruct from
+        if not usable.any():
+            report["tasks"][task] = {"observed": list(observed), "n_records": 0, "n_left_out_flat_observed": int(len(usable)),
+                                     "n_flat_leads_not_scored": 0, "methods": {}}
+            continue
+        records = {k: (np.asarray(v)[usable] if not isinstance(v, list) else [x for x, u in zip(v, usable, strict=True) if u])
+                   for k, v in test.items()}
+        truth, scored = records["ecg"], recorded[usable]
         methods: dict[str, np.ndarray] = {}
         if generator is not None:
-            methods["posterior"] = posterior_reconstructions(generator, test, observed, noise_std=noise_std,
+            methods["posterior"] = posterior_reconstructions(generator, records, observed, noise_std=noise_std,
                                                              particles=particles, seed=seed, progress=progress)
         weights = fit_linear(train, observed)
         for name in BASELINES:
             methods[name] = fill_baseline(name, truth, observed, train_mean=train_mean, weights=weights)
         rows = {}
         for name, prediction in methods.items():
-            scores = lead_scores(prediction, truth)
-            clinical = clinical_metrics(prediction, truth, test["heart_rate"], test["subject_id"], n_boot=n_boot,
+            scores = lead_scores(prediction, truth, scored)
+            clinical = clinical_metrics(prediction, truth, records["heart_rate"], records["subject_id"], n_boot=n_boot,
                                         seed=seed, workers=workers)
             rows[name] = {**scores, "unobserved_mean": summarize(scores, observed), "clinical": clinical["metrics"]}
-        report["tasks"][task] = {"observed": list(observed), "methods": rows}
+        report["tasks"][task] = {"observed": list(observed), "n_records": int(usable.sum()),
+                                 "n_left_out_flat_observed": int((~usable).sum()),
+                                 "n_flat_leads_not_scored": int((~scored).sum()), "methods": rows}
     return report
 
 
@@ -190,10 +228,14 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def render_markdown(report: Mapping[str, Any]) -> str:
     """Tables per task: mean RMSE / r over the unobserved leads, per-lead RMSE, and the main clinical metrics."""
     lines = [f"Reconstruction of 12 leads on {report['n_test']} held-back records ({report['n_test_left_out']} with "
-             f"missing samples left out); baselines fitted on {report['n_train']} training records; observation noise "
+             f"missing samples left out); baselines fitted on {report['n_train']} training records with all 12 leads "
+             f"recorded ({report.get('n_train_left_out', 0)} with a flat lead left out); observation noise "
              f"{report['noise_std_mv']} mV, {report['particles'] or '-'} particles, seed {report['seed']}.", ""]
     for task, result in report["tasks"].items():
         lines += [f"### {task}: observed {', '.join(result['observed'])}", "",
+                  f"{result.get('n_records', report['n_test'])} records ({result.get('n_left_out_flat_observed', 0)} "
+                  f"left out: an observed lead is flat); {result.get('n_flat_leads_not_scored', 0)} flat leads of "
+                  "theirs not scored (no truth to score against).", "",
                   "| method | RMSE unobserved (mV) | r unobserved | " + " | ".join(
                       f"RMSE {lead}" for lead in STANDARD_LEADS) + " |",
                   "|---|---|---|" + "---|" * len(STANDARD_LEADS)]

@@ -13,7 +13,8 @@ are safe to make in loops and threads and are freed by garbage collection. PNGs 
 
 Signals sampled below `display_fs` (the model's 102.4 Hz) are drawn after polyphase interpolation to 500 Hz:
 the 1024-sample signal is band-limited to 51.2 Hz, so this is its faithful reconstruction, whereas straight
-lines between 9.8 ms-apart samples draw jagged QRS complexes. The data are not changed, only drawn.
+lines between 9.8 ms-apart samples draw jagged QRS complexes. Each lead is drawn around its own baseline (its
+median subtracted), as an electrocardiograph prints it. The data are not changed, only drawn.
 """
 
 from __future__ import annotations
@@ -167,9 +168,23 @@ def _calibration_pulse(ax, baseline_mm: float) -> None:
     ax.plot(x, y, color=TRACE_COLOR, linewidth=0.9, solid_joinstyle="miter", zorder=3)
 
 
+def _without_offsets(ecg: np.ndarray) -> np.ndarray:
+    """`ecg` `(samples, 12)` with each lead's median (over its recorded samples) subtracted, for drawing only.
+
+    An electrocardiograph removes each lead's offset before printing: drawn as recorded, a lead a few mV off
+    zero (an electrode's half-cell potential, an exporter that stores the offset) left its row and ran over the
+    leads above or below. The median is the isoelectric level to within the beats' share of the record, and a
+    constant shift changes no amplitude read from the trace (QRS, ST or T against its own baseline)."""
+    finite = np.isfinite(ecg)
+    counts = finite.sum(axis=0)
+    medians = np.array([np.median(ecg[finite[:, lead], lead]) if counts[lead] else 0.0 for lead in range(ecg.shape[1])])
+    return ecg - medians[None, :]
+
+
 def _draw_sheet(ax, ecg: np.ndarray, fs: float, rhythm_lead: str, display_fs: float) -> None:
-    """Draw one 12-lead sheet on `ax`, whose data coordinates are millimetres of paper."""
-    signal, signal_fs = _display_signal(ecg, fs, display_fs)
+    """Draw one 12-lead sheet on `ax`, whose data coordinates are millimetres of paper; each lead's offset removed
+    (`_without_offsets`)."""
+    signal, signal_fs = _display_signal(_without_offsets(ecg), fs, display_fs)
     n = signal.shape[0]
     time_mm = CALIBRATION_MM + np.arange(n) / signal_fs * MM_PER_SECOND
     ax.set_xlim(0.0, SHEET_WIDTH_MM)

@@ -5,8 +5,10 @@ at least 100 Hz; leads beyond the 12, `ecg.leads.EXTRA_LEADS` such as a 15-lead 
 by), converts it to millivolts, maps its leads onto the standard order, checks that it is a
 10-second recording (or takes a 10 s window of a longer one), and FFT-resamples it to the model's
 (1024, 12) time base exactly as training data were (`ecg.resample.resample_to_length`). Leads the record
-lacks, and leads that are flat (a disconnected electrode) or contain missing samples, are zero in `ecg`
+lacks, and leads that are flat (a disconnected electrode) or have no sample at all, are zero in `ecg`
 and left out of `leads`, so an observation built from `leads` never asks the sampler to reproduce them.
+A lead with a few missing samples (a dropout, samples clipped at the ADC's limit) is kept: its gaps are
+bridged for resampling and marked in `missing`, so an observation leaves just those samples unobserved.
 Every problem is a one-line ValueError naming the record.
 """
 
@@ -37,7 +39,9 @@ class Reference:
 
     ecg: `(1024, 12)` float32, mV, standard lead order; zero in every lead not in `leads`.
     leads: the usable leads, standard spelling, standard order.
-    excluded: lead -> why it is not usable ("absent", "flat", "missing samples").
+    excluded: lead -> why it is not usable ("absent", "flat", "missing samples": none recorded).
+    missing: `(1024, 12)` bool, True where a usable lead's sample is not recorded (within one sample of the time
+    base of a missing sample of the record): `ecg` bridges those gaps linearly, an observation leaves them out.
     fs: the record's sampling rate (Hz); source: where it came from; start_s: where the 10 s were taken from a
     longer record (seconds), None for a whole 10 s record.
     """
@@ -48,12 +52,14 @@ class Reference:
     fs: float
     source: str
     start_s: float | None = None
+    missing: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((ECG_LENGTH, len(STANDARD_LEADS)), bool))
 
     def recorded(self) -> np.ndarray:
-        """`ecg` `(1024, 12)` with NaN in every lead not in `leads`: what the recording has, for drawing it (a zero
-        lead drawn as a 0 mV trace reads as a recorded flat lead)."""
+        """`ecg` `(1024, 12)` with NaN in every lead not in `leads` and every `missing` sample: what the recording
+        has, for drawing it (a zero lead drawn as a 0 mV trace reads as a recorded flat lead)."""
         shown = self.ecg.astype(np.float32, copy=True)
         shown[:, [i for i, lead in enumerate(STANDARD_LEADS) if lead not in self.leads]] = np.nan
+        shown[self.missing] = np.nan
         return shown
 
 
@@ -103,13 +109,22 @@ def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str
         signal = signal[first:first + int(round(ECG_SECONDS * fs))]
     excluded: dict[str, str] = {lead: "absent" for lead in STANDARD_LEADS if lead not in canonical}
     columns: dict[str, np.ndarray] = {}
+    gaps: dict[str, np.ndarray] = {}
     for lead, column in zip(canonical, signal.T, strict=True):
-        if not np.isfinite(column).all():
+        finite = np.isfinite(column)
+        if not finite.any():
             excluded[lead] = "missing samples"
-        elif float(column.max() - column.min()) < FLAT_LEAD_MV:
+        elif float(column[finite].max() - column[finite].min()) < FLAT_LEAD_MV:
             excluded[lead] = "flat"
         else:
-            columns[lead] = column
+            # One missing sample used to leave out the whole lead. The gaps are bridged (FFT resampling needs every
+            # sample) and left unobserved on the model's time base instead.
+            gaps[lead] = _missing_on_time_base(~finite)
+            if gaps[lead].all():
+                excluded[lead] = "missing samples"
+                continue
+            samples = np.arange(len(column))
+            columns[lead] = np.interp(samples, samples[finite], column[finite]) if not finite.all() else column
     if not columns:
         raise ValueError(f"{source}: no usable lead ({', '.join(f'{k}: {v}' for k, v in excluded.items() if v != 'absent')})")
     usable = tuple(lead for lead in STANDARD_LEADS if lead in columns)
@@ -117,9 +132,23 @@ def reference_from_array(signal: np.ndarray, fs: float, lead_names: Sequence[str
     check_millivolts(stacked, what=source)
     ecg = np.zeros((ECG_LENGTH, len(STANDARD_LEADS)), np.float32)
     ecg[:, [STANDARD_LEADS.index(lead) for lead in usable]] = resample_to_length(stacked, ECG_LENGTH, axis=0)
+    missing = np.zeros(ecg.shape, bool)
+    for lead in usable:
+        missing[:, STANDARD_LEADS.index(lead)] = gaps[lead]
     ordered_excluded = {lead: excluded[lead] for lead in STANDARD_LEADS if lead in excluded}
     return Reference(ecg=ecg, leads=usable, excluded=ordered_excluded, fs=fs, source=source,
-                     start_s=None if start_s is None else float(start_s))
+                     start_s=None if start_s is None else float(start_s), missing=missing)
+
+
+def _missing_on_time_base(missing: np.ndarray, length: int = ECG_LENGTH) -> np.ndarray:
+    """`(length,)` bool: the samples of the model's time base within one of its steps of a missing sample of a lead
+    (`missing` `(samples,)` bool over the whole 10 s): their resampled values lean on the bridged gap."""
+    if not missing.any():
+        return np.zeros((length,), bool)
+    reach = int(np.ceil(len(missing) / length))  # one time-base step, in the record's samples
+    near = np.convolve(missing.astype(np.int64), np.ones(2 * reach + 1, np.int64), mode="same") > 0
+    positions = np.minimum(np.round(np.arange(length) * len(missing) / length).astype(np.int64), len(missing) - 1)
+    return near[positions]
 
 
 def read_reference(record_path: str | os.PathLike, *, start_s: float | None = None, start_flag: str = "start_s"
