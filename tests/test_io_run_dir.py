@@ -95,6 +95,7 @@ def test_a_failed_overwrite_run_keeps_its_outputs_for_the_same_command_to_resume
     assert (staging / "checkpoints" / "1").read_text() == "step 1"
     with output_dir(out, command="train vae", settings={"lr": 1}, overwrite=True) as run:
         assert run.path == staging and (run.path / "checkpoints" / "1").is_file()  # resumed from its checkpoints
+        assert run.resumed and not run.complete
     assert (out / "checkpoints" / "1").is_file() and not (out / "notes.txt").exists() and not staging.exists()
     other = tmp_path / "other"
     other.mkdir()
@@ -103,6 +104,29 @@ def test_a_failed_overwrite_run_keeps_its_outputs_for_the_same_command_to_resume
         with output_dir(other, command="train vae", settings={"lr": 1}, overwrite=True):
             raise RuntimeError("failed before any output")
     assert sorted(os.listdir(tmp_path)) == ["other", "run"]  # no empty staging folder beside them
+
+
+def test_an_overwrite_killed_after_it_finished_is_resumed_as_finished_and_swapped_in(tmp_path, capsys):
+    """A run with --overwrite killed between its last output and the swap: its rerun was told it was a new run
+    (`resumed` false), so a command redid finished work (every model of an evaluation), and the record written
+    again lost the code version that had written the outputs."""
+    out = tmp_path / "eval"
+    with output_dir(out, command="evaluate", settings={"seed": 0}) as run:
+        (run.path / "report.md").write_text("seed 0")
+    with pytest.raises(KeyboardInterrupt):
+        with output_dir(out, command="evaluate", settings={"seed": 1}, overwrite=True) as run:
+            staging = run.path
+            assert not run.resumed
+            (run.path / "report.md").write_text("seed 1")
+            run.mark_complete()
+            run.record["code"] = {"package_version": "0.0.older"}  # as if an earlier version had written it
+            (run.path / RUN_FILE).write_text(json.dumps(run.record))
+            raise KeyboardInterrupt  # the kill before the swap
+    assert (out / "report.md").read_text() == "seed 0" and (staging / "report.md").read_text() == "seed 1"
+    with output_dir(out, command="evaluate", settings={"seed": 1}, overwrite=True) as run:
+        assert run.path == staging and run.resumed and run.complete
+    assert (out / "report.md").read_text() == "seed 1" and not staging.exists()
+    assert json.loads((out / RUN_FILE).read_text())["code"] == {"package_version": "0.0.older"}
 
 
 def test_overwrite_through_a_symbolic_link_replaces_the_folder_it_points_to(tmp_path):

@@ -403,12 +403,21 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
             # The same hidden sibling on every host; swapped in by process 0 once every host is done.
             staging = replaced.parent / f".{replaced.name}.new-{digest[:12]}"
             staging.mkdir(exist_ok=True)
-            if index == 0:
+            # What a killed or failed run of this same command left there is resumed as in `final` without
+            # --overwrite: said so (`resumed`, `complete`), and its record kept. Told it was a new run, a command
+            # redid the work it had (each model of an evaluation, a finished run killed before the swap), and the
+            # rewritten record lost the code versions that had written the outputs.
+            earlier = read_json(staging / RUN_FILE, "run record") if (staging / RUN_FILE).is_file() else None
+            resumed = earlier is not None and earlier.get("fingerprint") == digest and bool(_user_entries(staging))
+            if resumed:
+                record = _record_other_code(earlier, staging, flag, index)
+            elif index == 0:
                 write_json_atomic(staging / RUN_FILE, record)
-            shared, _ = _record_on_every_disk(final, staging, record, digest, complete=False)
+            shared, complete = _record_on_every_disk(final, staging, record, digest,
+                                                     complete=resumed and record.get("status") == "complete")
             try:
                 with _claimed(staging, final):
-                    yield RunDir(staging, final, resumed=False, complete=False, record=record, shared=shared)
+                    yield RunDir(staging, final, resumed=resumed, complete=complete, record=record, shared=shared)
             except BaseException:
                 if count == 1:
                     if not _user_entries(staging):  # nothing but our record: no trace of the failed run is left
