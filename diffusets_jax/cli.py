@@ -12,8 +12,10 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -1612,16 +1614,19 @@ COMMANDS.append(_add_turing_score)
 
 # Exit codes: 0 done, 1 ran but could not finish or produced nothing usable (one line on stderr), 2 bad input
 # (one line on stderr), 75 preempted after saving (EX_TEMPFAIL: schedulers such as SLURM's --requeue treat it as
-# "run again"), 130 interrupted (Ctrl-C).
+# "run again"), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM outside a training loop (128 + 15, as a shell
+# reports a process that SIGTERM ended).
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_CODES_HELP = (
     "exit codes: 0 done; 1 the run could not finish or produced nothing usable (one line on stderr says why); "
     "2 bad input: a wrong flag, a missing or damaged file, an output folder that is not ours (one line on stderr "
     "says what to do; nothing was changed); 75 preempted by SIGTERM after saving: rerun the same command to resume "
-    "(schedulers requeue on it); 130 interrupted. Add --debug before the command for the full traceback."
+    "(schedulers requeue on it); 130 interrupted; 143 stopped by SIGTERM outside a training: rerun the same command "
+    "to resume. Add --debug before the command for the full traceback."
 )
 
 
@@ -1774,19 +1779,23 @@ def _leave_multi_host_run(command: str | None, code: int, line: str | None) -> N
 def _run_command(args: argparse.Namespace) -> tuple[int, str | None]:
     """Run the parsed command: its exit code, and the one line it printed on stderr for an expected failure."""
     from diffusets_jax import compile_cache
-    from diffusets_jax.errors import Preempted, RunFailed
+    from diffusets_jax.errors import Preempted, RunFailed, Terminated
 
     def failed(code: int, line: str) -> tuple[int, str]:
         print(line, file=sys.stderr)
         return code, line
 
     try:
-        if args.command not in MULTI_HOST_COMMANDS:
-            _check_one_process(args.command)
-        compile_cache.enable()
-        return int(args.func(args) or 0), None
+        with _sigterm_raises():
+            if args.command not in MULTI_HOST_COMMANDS:
+                _check_one_process(args.command)
+            compile_cache.enable()
+            return int(args.func(args) or 0), None
     except Preempted as err:  # after saving: the scheduler requeues, the rerun resumes
         return failed(EXIT_PREEMPTED, f"diffusets-jax {args.command}: {_one_line(err)}")
+    except Terminated:
+        return failed(EXIT_TERMINATED, f"diffusets-jax {args.command}: stopped by SIGTERM before it finished; rerun "
+                      "the same command to resume (what it finished is kept, its temporary files are removed)")
     except KeyboardInterrupt:
         return failed(EXIT_INTERRUPTED, f"diffusets-jax {args.command}: interrupted")
     except Exception as err:
@@ -1812,6 +1821,30 @@ def _run_command(args: argparse.Namespace) -> tuple[int, str | None]:
         return failed(EXIT_FAILED, f"diffusets-jax {args.command}: error: out of memory ({_one_line(err)[:200]}): "
                       "run it smaller: --batch-size, --particles; for train, train.global_batch_size or more "
                       "train.grad_accum_steps")
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the command runs, SIGTERM raises `Terminated` in the main thread, as Ctrl-C raises KeyboardInterrupt:
+    the run unwinds through its cleanups and says so in one line. Python's default left the process to die at once
+    with no word (exit 143) and, outside the claimed folders, temporaries a rerun does not look for. A training
+    loop installs its own handler while it runs (save, then exit 75); a multi-host run's JAX watches SIGTERM itself.
+    Once only: a second SIGTERM (a scheduler's reminder) must not break off the cleanup the first one started."""
+    from diffusets_jax.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+        yield
+        return
+
+    def terminate(*_: Any) -> NoReturn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parallel() -> Any:

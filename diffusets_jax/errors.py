@@ -4,10 +4,17 @@ Bad input (a wrong flag, a missing or damaged file) raises ValueError / OSError 
 code 2. `RunFailed` is for a run that started correctly but could not finish for a reason its message states,
 with what to do (a non-finite loss, every checkpoint unreadable): one line and exit code 1. `Preempted` is a
 command whose training saved a checkpoint and stopped on SIGTERM before the command's end: one line and exit code
-75, so a scheduler requeues it and the rerun resumes.
+75, so a scheduler requeues it and the rerun resumes. `Terminated` is a SIGTERM anywhere else: exit code 143.
 """
 
 from __future__ import annotations
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a training loop (`kill`, a scheduler's cancel, `timeout`): raised in the main thread by the
+    CLI's handler, so that the run unwinds as it does on Ctrl-C (its temporary files removed, a run that wrote
+    nothing leaves no folder) and prints one line (exit code 143). A BaseException, as KeyboardInterrupt: the batch
+    jobs that skip and count a record failing with an Exception must not count it as a bad record."""
 
 
 class RunFailed(RuntimeError):

@@ -6,8 +6,8 @@ its jobs name. Not `multiprocessing`'s: a fork would copy the parent's JAX or Te
 spawn runs the parent's main script again in every worker, so a user's script without a `__main__` guard that
 evaluated or drew through the Python API ran once more per worker (and then failed with a BrokenProcessPool
 traceback). A job and its answer cross the worker's stdin and stdout as pickles, one job in flight per worker. A
-worker ignores Ctrl-C (the parent stops it, so an interrupt prints no traceback from each) and leaves when its stdin
-closes, which happens however the parent ends (a SIGKILL, `os._exit`), where `multiprocessing`'s workers stayed,
+worker ignores Ctrl-C and SIGTERM (the parent stops it, so an interrupt prints no traceback from each) and leaves
+when its stdin closes, which happens however the parent ends (a SIGKILL, `os._exit`), where `multiprocessing`'s workers stayed,
 waiting for jobs.
 """
 
@@ -61,7 +61,10 @@ def _receive(stream: IO[bytes]) -> bytes:
 def serve() -> None:
     """A worker's loop: run each job `(fn, args, kwargs, keep)` read from stdin and write `(True, result)` (None
     unless `keep`) or `(False, exception)` to stdout, until stdin closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's Ctrl-C reaches its whole process group
+    # The parent's Ctrl-C reaches its whole process group, as a scheduler's SIGTERM may: the parent stops its
+    # workers (closing their stdin) and says why in one line, where a worker that died first made it "a worker died".
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     jobs, answers = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a job's print must not land in the answers
     while True:

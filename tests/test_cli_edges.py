@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -679,7 +680,8 @@ def test_exit_codes_are_documented_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for code in ("0 done", "1 the run could not finish", "2 bad input", "75 preempted", "130 interrupted"):
+    for code in ("0 done", "1 the run could not finish", "2 bad input", "75 preempted", "130 interrupted",
+                 "143 stopped by SIGTERM"):
         assert code in text
 
 
@@ -835,6 +837,49 @@ def test_sigterm_saves_and_exits_75_for_the_scheduler(tmp_path):
     assert "preempted (SIGTERM) at step 4, checkpoint saved; rerun the same command to resume" in err
     assert "Traceback" not in err
     assert (workdir / "checkpoints" / "4").is_dir()
+
+
+SIGTERM_PLOT_CHILD = """
+import sys, time
+from pathlib import Path
+sys.argv = ["diffusets-jax"] + sys.argv[1:]
+from diffusets_jax import cli
+from diffusets_jax.io import files, plot
+
+def draw_slowly(record, name, path, dpi):  # half a PNG written under its temporary name, then the kill
+    with files.atomic_path(path) as temporary:
+        temporary.write_bytes(b"half a PNG")
+        Path(path).with_name("ready").write_text("")
+        time.sleep(120)
+
+plot._draw_record = draw_slowly
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_outside_a_training_is_one_line_and_leaves_nothing_behind(tmp_path, capsys):
+    """A plain SIGTERM (`kill`, a scheduler's cancel) to a command other than a training ended it at once with no
+    word (exit 143), its temporary file left beside its outputs. It now unwinds as Ctrl-C does: one line saying
+    what to do, exit 143, no temporary, no folder it made left empty; the rerun draws the plot."""
+    out = tmp_path / "plots"
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_PLOT_CHILD, "plot", RECORD, "--out-dir", str(out)],
+                            env=_env(), stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 120
+    while not (out / "ready").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "the child never started drawing"
+        time.sleep(0.1)
+    (out / "ready").unlink()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines() == ["diffusets-jax plot: stopped by SIGTERM before it finished; rerun the same "
+                                        "command to resume (what it finished is kept, its temporary files are "
+                                        "removed)"]
+    assert not out.exists()  # it had written nothing but its run record: no folder, no temporary
+    assert main(["plot", RECORD, "--out-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".diffusets-run")) == ["00001_lr.png"]
 
 
 @pytest.mark.slow

@@ -104,6 +104,48 @@ def test_a_preempted_training_stops_the_demo_with_exit_75(tmp_path, monkeypatch,
     assert len(err) == 1 and "step 37" in err[0] and "runs/unet" in err[0] and "Traceback" not in err[0]
 
 
+@pytest.mark.slow  # imports every stage's modules (TFDS, Orbax, the trainers): about a minute on a busy CPU
+def test_a_demo_killed_between_the_two_evaluation_reports_evaluates_again(tmp_path, monkeypatch):
+    """report.json is written before report.md: a demo killed between them took its evaluation stage as done on the
+    rerun, and its summary pointed at a report.md that was not there. Every stage but the evaluation's bookkeeping
+    is replaced by a stand-in (the real ones have their own tests)."""
+    from types import SimpleNamespace
+
+    from diffusets_jax.data import latents, sources
+    from diffusets_jax.experiments import demo, evaluate
+    from diffusets_jax.io import outputs
+    from diffusets_jax.train import run
+
+    monkeypatch.setattr(sources, "prepare", lambda *a, **k: {"examples_written": 40, "skipped_by_reason": {},
+                                                             "examples_per_split": {}})
+    monkeypatch.setattr(sources, "make_builder", lambda *a, **k: SimpleNamespace(data_dir=str(tmp_path / "data")))
+    monkeypatch.setattr(run, "run_training", lambda *a, **k: SimpleNamespace(preempted=False, step=4))
+    monkeypatch.setattr(latents, "load_vae_encoder", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(latents, "encode_dataset", lambda *a, **k: None)
+    monkeypatch.setattr("diffusets_jax.pipeline.ECGGenerator", lambda *a, **k: None)
+    monkeypatch.setattr(outputs, "sample_to_directory", lambda *a, **k: {"count": 5})
+    monkeypatch.setattr(evaluate, "load_clip", lambda *a, **k: None)
+    report = {"signal_level": {"fid": 1.0}, "feature_level": {"heart_rate_mae_bpm": 2.0}, "diagnostic_level": {}}
+    evaluations = []
+
+    def killed_between_the_reports(generator, clip, dataset, split, out, **_):
+        evaluations.append(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report))
+        if len(evaluations) == 1:
+            raise KeyboardInterrupt  # the kill, before report.md
+        (out / "report.md").write_text("# report")
+        return report
+
+    monkeypatch.setattr(evaluate, "evaluate_split", killed_between_the_reports)
+    out = tmp_path / "demo_out"
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, quick=True)
+    summary = demo.run_demo(out, quick=True)
+    assert len(evaluations) == 2 and (out / "evaluation" / "report.md").is_file()
+    assert summary["evaluation"]["report"] == str((out / "evaluation" / "report.md").resolve())
+
+
 def test_missing_configs_stop_the_demo_before_it_prepares_anything(tmp_path, monkeypatch, capsys):
     from diffusets_jax.experiments import demo
 

@@ -100,6 +100,34 @@ def test_a_crashed_run_resumes_and_completes_identically(generator, openai_env, 
     assert resumed["count"] == reference["count"] == 11
 
 
+def test_a_run_killed_after_merging_its_parts_is_not_generated_again(generator, tmp_path, monkeypatch):
+    """The merged parts were removed before the manifest and the run record said complete: a run killed in between
+    (the removal of thousands of parts takes a while) found no part and generated every ECG again on its rerun."""
+    from diffusets_jax.io.run_dir import RunDir
+
+    conditions = [make_condition("Sinus rhythm", "F", 40, 60, 11)]
+    out = tmp_path / "out"
+    with monkeypatch.context() as patched:
+        patched.setattr(RunDir, "mark_complete", lambda self, **_: (_ for _ in ()).throw(Crash()))  # the kill
+        with pytest.raises(Crash):
+            sample_to_directory(generator, conditions, out, formats=["npz"], progress=False)
+    with np.load(out / "samples.npz") as data:
+        expected = data["ecg"]
+    asked = []
+    original = generator.generate
+    monkeypatch.setattr(generator, "generate", lambda *a, **k: (asked.append(list(k["batches"])), original(*a, **k))[1])
+    manifest = sample_to_directory(generator, conditions, out, formats=["npz"], progress=False)
+    assert asked == [[]] and manifest["written"] == 11  # nothing generated again
+    with np.load(out / "samples.npz") as data:
+        np.testing.assert_array_equal(data["ecg"], expected)
+    assert not (out / ".parts").exists() and json.loads((out / RUN_FILE).read_text())["status"] == "complete"
+    # Killed after the record said complete, before the parts went: the rerun removes them.
+    (out / ".parts").mkdir()
+    (out / ".parts" / "batch-000000.npz").write_bytes(b"merged already")
+    assert sample_to_directory(generator, conditions, out, formats=["npz"], progress=False)["written"] == 11
+    assert not (out / ".parts").exists()
+
+
 OLD_CODE = {"package_version": "0.0.1", "git_commit": "0123456789abcdef", "git_dirty": False}
 
 
@@ -639,7 +667,7 @@ def test_the_streamed_merge_writes_what_the_whole_set_in_memory_did(tmp_path, wi
     expected, manifest = finish(out, parts, StubGenerator(reference), count)
     failed = "sample_00009" if layout == "blocks" else "sample_00007"
     assert manifest["skipped"] == {failed: "the ECG has 1 non-finite samples (NaN/inf)"}
-    assert manifest["written"] == count - 1 and not (out / ".parts").exists()
+    assert manifest["written"] == count - 1  # the parts stay until the run is recorded complete (sample_to_directory)
     with np.load(out / "samples.npz") as data:
         assert data.files == list(expected)
         for key, value in expected.items():

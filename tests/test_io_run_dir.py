@@ -95,6 +95,7 @@ def test_a_failed_overwrite_run_keeps_its_outputs_for_the_same_command_to_resume
     assert (staging / "checkpoints" / "1").read_text() == "step 1"
     with output_dir(out, command="train vae", settings={"lr": 1}, overwrite=True) as run:
         assert run.path == staging and (run.path / "checkpoints" / "1").is_file()  # resumed from its checkpoints
+        assert run.resumed and not run.complete
     assert (out / "checkpoints" / "1").is_file() and not (out / "notes.txt").exists() and not staging.exists()
     other = tmp_path / "other"
     other.mkdir()
@@ -103,6 +104,29 @@ def test_a_failed_overwrite_run_keeps_its_outputs_for_the_same_command_to_resume
         with output_dir(other, command="train vae", settings={"lr": 1}, overwrite=True):
             raise RuntimeError("failed before any output")
     assert sorted(os.listdir(tmp_path)) == ["other", "run"]  # no empty staging folder beside them
+
+
+def test_an_overwrite_killed_after_it_finished_is_resumed_as_finished_and_swapped_in(tmp_path, capsys):
+    """A run with --overwrite killed between its last output and the swap: its rerun was told it was a new run
+    (`resumed` false), so a command redid finished work (every model of an evaluation), and the record written
+    again lost the code version that had written the outputs."""
+    out = tmp_path / "eval"
+    with output_dir(out, command="evaluate", settings={"seed": 0}) as run:
+        (run.path / "report.md").write_text("seed 0")
+    with pytest.raises(KeyboardInterrupt):
+        with output_dir(out, command="evaluate", settings={"seed": 1}, overwrite=True) as run:
+            staging = run.path
+            assert not run.resumed
+            (run.path / "report.md").write_text("seed 1")
+            run.mark_complete()
+            run.record["code"] = {"package_version": "0.0.older"}  # as if an earlier version had written it
+            (run.path / RUN_FILE).write_text(json.dumps(run.record))
+            raise KeyboardInterrupt  # the kill before the swap
+    assert (out / "report.md").read_text() == "seed 0" and (staging / "report.md").read_text() == "seed 1"
+    with output_dir(out, command="evaluate", settings={"seed": 1}, overwrite=True) as run:
+        assert run.path == staging and run.resumed and run.complete
+    assert (out / "report.md").read_text() == "seed 1" and not staging.exists()
+    assert json.loads((out / RUN_FILE).read_text())["code"] == {"package_version": "0.0.older"}
 
 
 def test_overwrite_through_a_symbolic_link_replaces_the_folder_it_points_to(tmp_path):
@@ -127,9 +151,9 @@ def test_overwrite_through_a_symbolic_link_replaces_the_folder_it_points_to(tmp_
 def test_overwrite_never_deletes_a_run_writing_in_a_subfolder_now(tmp_path):
     """`--out A --overwrite` while a `--out A/sub` ran: A was swapped out at the end with the other run's folder in
     it, and that run went on writing into the deleted folder and ended with exit 0, its outputs gone."""
-    a = tmp_path / "A"
-    with output_dir(a, command="sample", settings={"seed": 0}) as run:
-        (run.path / "samples.npz").write_text("seed 0")
+    a = tmp_path / "A"  # a folder of the user's (another run's output folder is refused as a --out's parent)
+    a.mkdir()
+    (a / "notes.txt").write_text("mine")
     with output_dir(a / "sub", command="sample", settings={"seed": 7}) as inner:
         (inner.path / "samples.npz").write_text("seed 7, being written")
         with pytest.raises(ValueError, match=r"^--out .*A holds .*A/sub, where another diffusets-jax run is writing "
@@ -144,12 +168,32 @@ def test_overwrite_never_deletes_a_run_writing_in_a_subfolder_now(tmp_path):
             (run.path / "samples.npz").write_text("seed 1")
             later.__enter__()
     assert (a / "sub" / "samples.npz").read_text() == "seed 7, being written"
-    assert (a / "samples.npz").read_text() == "seed 0"
+    assert (a / "notes.txt").read_text() == "mine" and not (a / "samples.npz").exists()
     later.__exit__(None, None, None)
     # Finished, it holds no lock: the same command replaces the folder, as asked.
     with output_dir(a, command="sample", settings={"seed": 1}, overwrite=True) as run:
         (run.path / "samples.npz").write_text("seed 1")
     assert (a / "samples.npz").read_text() == "seed 1" and not (a / "sub").exists()
+
+
+def test_an_output_folder_inside_another_runs_output_folder_is_refused(tmp_path):
+    """`--out A/sub` with A another run's output folder was accepted, with or without --overwrite: its files mixed
+    with that run's own, whose rerun then took A for a user's folder and whose --overwrite deleted them. The run
+    claiming A may still nest its own folders in it (the demo's samples/ and evaluation/)."""
+    a = tmp_path / "A"
+    with output_dir(a, command="evaluate", settings={"seed": 0}) as run:
+        (run.path / "report.md").write_text("seed 0")
+        with output_dir(a / "samples", command="sample", settings={"seed": 0}) as inner:  # its own nesting
+            (inner.path / "samples.npz").write_text("seed 0")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"^--out .*A/sub/deeper is inside .*A, the output folder of a "
+                                             r"diffusets-jax evaluate run: its files would mix with that run's own"):
+            with output_dir(a / "sub" / "deeper", command="sample", settings={"seed": 1}, overwrite=overwrite):
+                raise AssertionError("the run must not start")
+    assert sorted(os.listdir(a)) == [".diffusets-run-p0.lock", RUN_FILE, "report.md", "samples"]
+    # Beside it, or inside a folder of the user's, is fine.
+    with output_dir(tmp_path / "B", command="sample", settings={"seed": 1}):
+        pass
 
 
 def test_a_folder_removed_by_a_run_that_failed_while_this_one_started_is_one_line(tmp_path, monkeypatch):

@@ -54,9 +54,12 @@ def test_a_worker_that_dies_is_one_line():
     assert str(caught.value) == DIED
 
 
-def test_workers_leave_ctrl_c_to_the_run():
+def test_workers_leave_ctrl_c_and_sigterm_to_the_run():
+    """A scheduler's SIGTERM to the whole process group killed the workers too, so the run could stop with "a
+    process drawing PNGs died" instead of its own SIGTERM line, whichever came first."""
     with WorkerProcesses(1, died=DIED) as pool:
         assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+        assert pool.submit(signal.getsignal, signal.SIGTERM).result() == signal.SIG_IGN
 
 
 def _alive(pid: int) -> bool:

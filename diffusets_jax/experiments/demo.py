@@ -130,9 +130,10 @@ def run_demo(out_dir: str | Path = "demo_out", *, quick: bool = False, seed: int
             manifest = sample_to_directory(generator, conditions, out / "samples")
 
         with _stage("evaluate: generated vs real ECGs from the same conditions", log):
-            report_path = out / "evaluation" / "report.json"
-            if run.resumed and report_path.exists():  # written last by this same demo run: the stage is done
-                evaluation = read_json(report_path, "evaluation report")
+            # report.md is written last (`evaluate.write_report`), after report.json: a demo killed between the two
+            # took the stage as done and pointed its summary at a report.md that was not there.
+            if run.resumed and (out / "evaluation" / "report.md").is_file():  # this demo's: the stage is done
+                evaluation = read_json(out / "evaluation" / "report.json", "evaluation report")
             else:
                 # The fast protocol (raw references, the demo's DPM-Solver++ generator): `diffusets-jax evaluate
                 # --protocol paper` runs the published one (1000 DDPM steps) on the same model directory.

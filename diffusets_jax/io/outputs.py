@@ -222,6 +222,7 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
             # Process 0's: a host writing on a disk of its own has no manifest there (process 0 writes it alone).
             import jax
 
+            shutil.rmtree(run.path / _PARTS, ignore_errors=True)  # a run killed after it completed left them
             return parallel.allgather_objects(read_json(run.path / MANIFEST, "sample manifest")
                                               if jax.process_index() == 0 else None)[0]
         # Made with the first part, not before: a run that fails before any (its embedding key refused) has
@@ -252,6 +253,10 @@ def sample_to_directory(generator: Any, conditions: Sequence[Condition], out_dir
                 _save_part(run.path, *unsaved.pop(0))
         manifest = _finish(run.path, generator, items, total, formats, settings)
         run.mark_complete(count=manifest["count"])
+        # The parts, now merged, go only once the run is recorded complete (on every host's disk): removed before,
+        # a run killed before its manifest or its record was written found none and generated every ECG again.
+        parallel.barrier("sample-complete")
+        shutil.rmtree(run.path / _PARTS, ignore_errors=True)
     return manifest
 
 
@@ -360,7 +365,6 @@ def _finish(out: Path, generator: Any, items: list[Condition], total: int, forma
                "codes": local_codes}
     gathered = parallel.allgather_objects(summary)
     parallel.barrier("sample-finished")
-    shutil.rmtree(out / _PARTS, ignore_errors=True)  # our own per-batch parts, now merged
     # Every host has written its records, PNGs and NPZ, so a temporary left now is a killed earlier run's (a WFDB
     # staging folder, a half-written PNG or NPZ: ours, in this claimed folder); its file was written again. The
     # top folder only on process 0, which alone writes there from now on (the manifest, the run record).

@@ -99,12 +99,45 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: 
         _check_replaceable(path, flag)
         _check_no_run_inside(path, flag)
     check_reads_apart(path, reads, flag, overwrite=overwrite)
+    if command is not None:
+        _check_not_in_another_run(path, flag)
     if command is not None and not overwrite and path.is_dir() and _user_entries(path):
         record = path / RUN_FILE
         existing = read_json(record, "run record") if record.is_file() else None
         if existing is None or existing.get("command") != command:
             raise ValueError(_not_ours_message(path, flag, command, existing))
     return path
+
+
+# The output folders this process has claimed and writes now (`output_dir`, resolved): a run may nest its own
+# outputs' folders in them (the demo's samples/, evaluation/ and training workdirs), which another run may not.
+_CLAIMED: set[Path] = set()
+
+
+@contextlib.contextmanager
+def _claimed(*folders: Path) -> Iterator[None]:
+    added = {folder.resolve() for folder in folders} - _CLAIMED
+    _CLAIMED.update(added)
+    try:
+        yield
+    finally:
+        _CLAIMED.difference_update(added)
+
+
+def _check_not_in_another_run(path: Path, flag: str) -> None:
+    """Refuse an output folder inside another run's output folder (`--out A/sub`, A holding a run record), whether
+    or not `--overwrite`: its files mix with that run's own, that run's rerun takes the folder for a user's file, and
+    its `--overwrite` deletes them with it. Folders the run claiming A nests itself (the demo's) are allowed."""
+    out = path.resolve()
+    for parent in out.parents:
+        if (parent / RUN_FILE).is_file() and parent not in _CLAIMED:
+            try:
+                command = read_json(parent / RUN_FILE, "run record").get("command", "unknown")
+            except (OSError, ValueError):  # a damaged record still marks another run's folder
+                command = "unknown"
+            raise ValueError(f"{flag} {path} is inside {parent}, the output folder of a diffusets-jax {command} run: "
+                             f"its files would mix with that run's own (and its --overwrite would delete them); "
+                             f"choose {flag} outside it")
 
 
 def check_reads_apart(path: str | os.PathLike, reads: Reads, flag: str = "--out", *, overwrite: bool = True) -> None:
@@ -370,11 +403,21 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
             # The same hidden sibling on every host; swapped in by process 0 once every host is done.
             staging = replaced.parent / f".{replaced.name}.new-{digest[:12]}"
             staging.mkdir(exist_ok=True)
-            if index == 0:
+            # What a killed or failed run of this same command left there is resumed as in `final` without
+            # --overwrite: said so (`resumed`, `complete`), and its record kept. Told it was a new run, a command
+            # redid the work it had (each model of an evaluation, a finished run killed before the swap), and the
+            # rewritten record lost the code versions that had written the outputs.
+            earlier = read_json(staging / RUN_FILE, "run record") if (staging / RUN_FILE).is_file() else None
+            resumed = earlier is not None and earlier.get("fingerprint") == digest and bool(_user_entries(staging))
+            if resumed:
+                record = _record_other_code(earlier, staging, flag, index)
+            elif index == 0:
                 write_json_atomic(staging / RUN_FILE, record)
-            shared, _ = _record_on_every_disk(final, staging, record, digest, complete=False)
+            shared, complete = _record_on_every_disk(final, staging, record, digest,
+                                                     complete=resumed and record.get("status") == "complete")
             try:
-                yield RunDir(staging, final, resumed=False, complete=False, record=record, shared=shared)
+                with _claimed(staging, final):
+                    yield RunDir(staging, final, resumed=resumed, complete=complete, record=record, shared=shared)
             except BaseException:
                 if count == 1:
                     if not _user_entries(staging):  # nothing but our record: no trace of the failed run is left
@@ -404,13 +447,15 @@ def output_dir(path: str | os.PathLike, *, command: str, settings: dict[str, Any
             existing = _record_other_code(existing, final, flag, index)
             shared, complete = _record_on_every_disk(final, final, existing, digest,
                                                      complete=existing.get("status") == "complete")
-            yield RunDir(final, final, resumed=True, complete=complete, record=existing, shared=shared)
+            with _claimed(final):
+                yield RunDir(final, final, resumed=True, complete=complete, record=existing, shared=shared)
             return
         if index == 0:
             write_json_atomic(final / RUN_FILE, record)
         shared, _ = _record_on_every_disk(final, final, record, digest, complete=False)
         try:
-            yield RunDir(final, final, resumed=False, complete=False, record=record, shared=shared)
+            with _claimed(final):
+                yield RunDir(final, final, resumed=False, complete=False, record=record, shared=shared)
         except BaseException:
             if count == 1:  # hosts of a multi-host run may still be writing there
                 _undo_claim(final, created)
