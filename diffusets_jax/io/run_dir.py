@@ -24,6 +24,7 @@ An existing file where a folder should be, or a folder we cannot write, is refus
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import fcntl
@@ -109,19 +110,20 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out", *, command: 
     return path
 
 
-# The output folders this process has claimed and writes now (`output_dir`, resolved): a run may nest its own
-# outputs' folders in them (the demo's samples/, evaluation/ and training workdirs), which another run may not.
-_CLAIMED: set[Path] = set()
+# The output folders the running command has claimed and writes now (`output_dir`, resolved): a run may nest its
+# own outputs' folders in them (the demo's samples/, evaluation/ and training workdirs), which another run may not.
+# A context variable set for the `output_dir` block only, not a module-level set: nothing outlives the block.
+_CLAIMED: contextvars.ContextVar[frozenset[Path]] = contextvars.ContextVar("claimed_output_folders",
+                                                                           default=frozenset())
 
 
 @contextlib.contextmanager
 def _claimed(*folders: Path) -> Iterator[None]:
-    added = {folder.resolve() for folder in folders} - _CLAIMED
-    _CLAIMED.update(added)
+    token = _CLAIMED.set(_CLAIMED.get() | {folder.resolve() for folder in folders})
     try:
         yield
     finally:
-        _CLAIMED.difference_update(added)
+        _CLAIMED.reset(token)
 
 
 def _check_not_in_another_run(path: Path, flag: str) -> None:
@@ -130,7 +132,7 @@ def _check_not_in_another_run(path: Path, flag: str) -> None:
     its `--overwrite` deletes them with it. Folders the run claiming A nests itself (the demo's) are allowed."""
     out = path.resolve()
     for parent in out.parents:
-        if (parent / RUN_FILE).is_file() and parent not in _CLAIMED:
+        if (parent / RUN_FILE).is_file() and parent not in _CLAIMED.get():
             try:
                 command = read_json(parent / RUN_FILE, "run record").get("command", "unknown")
             except (OSError, ValueError):  # a damaged record still marks another run's folder
