@@ -332,12 +332,8 @@ def posterior_sample(
     repeated_cond = jax.tree.map(repeat, cond)
     repeated_observation = None
     if observation is not None:
-        observation = observation.replace(values=constrain(observation.values), mask=constrain(observation.mask),
-                                          noise_std=constrain(observation.noise_std),
-                                          drift_std=constrain(observation.drift_std))
-        repeated_observation = observation.replace(values=repeat(observation.values), mask=repeat(observation.mask),
-                                                   noise_std=repeat(observation.noise_std),
-                                                   drift_std=repeat(observation.drift_std))
+        observation = observation.map_samples(constrain)
+        repeated_observation = observation.map_samples(repeat)
     chain = _Chain(model, decode_fn, schedule, repeated_cond, repeated_observation, config, constrain)
 
     grid = sampler_timesteps(cfg, schedule)
