@@ -247,11 +247,9 @@ class ReferenceGenerator(ECGGenerator):
                 rows, noise_std=task.noise_std, leads=list(task.observe), available_leads=task.reference.leads,
                 window=task.window, mask=~task.reference.missing[None],
                 drift_cutoff_hz=DEFAULT_DRIFT_CUTOFF_HZ if task.drift else None)
-            per_sample = jax.device_put(
-                (observation.values, observation.mask, observation.noise_std, observation.drift_std), self._cond_sharding)
+            observation = observation.map_samples(lambda a: jax.device_put(a, self._cond_sharding))
             basis = observation.drift_basis
             self._observation = observation.replace(
-                values=per_sample[0], mask=per_sample[1], noise_std=per_sample[2], drift_std=per_sample[3],
                 drift_basis=None if basis is None else jax.device_put(basis, parallel.replicated(self.mesh)))
 
     def settings(self) -> dict[str, Any]:

@@ -80,6 +80,20 @@ def test_jit_posterior_generate_is_sharded_and_deterministic():
 
 
 @pytest.mark.slow
+def test_a_windowed_drift_observation_with_small_noise_weighs_the_particles():
+    """`--observe-window 0,5 --drift --noise-std 0.001`: the exact likelihood of the last weighting was NaN (a
+    float32 Cholesky factor of a not positive definite matrix), so the log evidence was NaN and the final choice
+    among the K particles ignored the observation. The chain stays sharded and elementwise (no eigh in it)."""
+    unet_vars, vae_vars = variables()
+    observation = make_observation(reference_ecgs(), noise_std=0.001, window=(0.0, 5.0), drift_cutoff_hz=0.67)
+    run = jit_posterior_generate(UNET_MODULE, VAE_MODULE, SCHEDULE, CONFIG, batch_sharding=mesh_sharding())
+    result = run(unet_vars, vae_vars, shard(patient_cond()), shard(observation), jax.random.key(7))
+    for array in (result.ecg, result.latents, result.ess, result.log_evidence):
+        assert bool(jnp.all(jnp.isfinite(array)))
+    assert {shard.data.shape[0] for shard in result.ecg.addressable_shards} == {1}
+
+
+@pytest.mark.slow
 def test_jit_edit_strength_zero_is_the_reconstruction_and_one_ignores_the_input():
     unet_vars, vae_vars = variables()
     editor = jit_edit(UNET_MODULE, VAE_MODULE, SCHEDULE, SamplerConfig(sampler="ddim", steps=4, clip_sample=True),

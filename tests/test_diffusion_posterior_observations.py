@@ -1,12 +1,14 @@
 """Observation models (diffusion/observations.py): masks from lead names and windows, one-line errors, and the
 likelihood and drift estimate against dense closed forms."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
 from diffusets_jax.diffusion.observations import (
+    DEFAULT_DRIFT_STD_MV,
     check_observation,
     drift_basis,
     estimate_drift,
@@ -143,6 +145,73 @@ def test_estimate_drift_is_the_posterior_mean_of_the_wander():
         np.testing.assert_allclose(got[:, lead], basis @ (gain @ residual), atol=1e-4)
     no_drift = make_observation(values, noise_std=noise)
     np.testing.assert_array_equal(np.asarray(estimate_drift(no_drift, jnp.asarray(ecg))), 0.0)
+
+
+def _dense_drift_posterior(values, mask, ecg, noise_std, basis, drift_std):
+    """float64 closed forms for one sample: grad_x log p(y | x) = Cov^-1 r on the observed entries and the drift's
+    posterior mean tau^2 B B_s^T Cov^-1 r, with Cov = noise^2 I + tau^2 B_s B_s^T per lead."""
+    tau2 = drift_std**2 * basis.shape[0] / basis.shape[1]
+    grad, drift = np.zeros(values.shape), np.zeros(values.shape)
+    for lead in range(values.shape[1]):
+        seen = mask[:, lead]
+        cov = noise_std**2 * np.eye(seen.sum()) + tau2 * basis[seen] @ basis[seen].T
+        solved = np.linalg.solve(cov, (values - ecg)[seen, lead])
+        grad[seen, lead] = solved
+        drift[:, lead] = tau2 * basis @ (basis[seen].T @ solved)
+    return grad, drift
+
+
+@pytest.mark.parametrize("noise_std", [0.001, 0.0003])
+@pytest.mark.parametrize("window", [(0.0, 5.0), (2.0, 4.5)])
+def test_a_windowed_drift_observation_with_small_noise_stays_finite_and_exact(noise_std, window):
+    """`--observe-window 0,5 --drift --noise-std 0.001`: the window leaves some cosines almost unobserved, and the
+    float32 Cholesky factor of noise^2 I + tau^2 B^T M B was NaN (the Gram matrix's rounding times tau^2 = 73 mV^2
+    outweighs noise^2): the likelihood, its gradient and the drift estimate were NaN, and with them the sampler's
+    last weighting (the exact likelihood) and log evidence."""
+    rng = np.random.default_rng(3)
+    values = (0.2 * rng.normal(size=(1, 1024, 2))).astype(np.float32)
+    ecg = (values + 0.01 * rng.normal(size=values.shape) + 0.3).astype(np.float32)  # a 0.3 mV offset: the drift
+    obs = make_observation(values, noise_std=noise_std, window=window, drift_cutoff_hz=0.67)
+    mask = np.asarray(obs.mask, bool)
+    basis = drift_basis(1024, 10.0, 0.67).astype(np.float64)
+    got = np.asarray(log_likelihood(obs, jnp.asarray(ecg)))
+    grad = np.asarray(jax.grad(lambda x: jnp.sum(log_likelihood(obs, x)))(jnp.asarray(ecg)))[0]
+    drift = np.asarray(estimate_drift(obs, jnp.asarray(ecg)))[0]
+    assert np.isfinite(got).all() and np.isfinite(grad).all() and np.isfinite(drift).all()
+    values64, ecg64 = values.astype(np.float64), ecg.astype(np.float64)
+    expected = _dense_log_likelihood(values64, mask, ecg64, [noise_std], 0.0, basis, [DEFAULT_DRIFT_STD_MV])
+    expected_grad, expected_drift = _dense_drift_posterior(values64[0], mask[0], ecg64[0], noise_std, basis,
+                                                           DEFAULT_DRIFT_STD_MV)
+    # Taken as r.r - tau^2 u^T S^-1 u in float32, the quadratic form cancelled: 2 % off at 0.001 mV, 18 % at 0.0003.
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(grad, expected_grad, atol=1e-3 * np.abs(expected_grad).max())
+    # Where observed the drift is pinned (about -0.3 mV); outside the window it extrapolates cosines the window
+    # barely sees (the float64 answer reaches tens of mV), where float32 keeps a few digits.
+    np.testing.assert_allclose(drift[mask[0]], expected_drift[mask[0]], atol=1e-4)
+    np.testing.assert_allclose(drift, expected_drift, atol=0.02 * np.abs(expected_drift).max())
+
+
+def test_the_drift_eigenbasis_comes_with_the_observation_and_is_sharded_with_it():
+    """G = B^T diag(mask) B is eigendecomposed by `make_observation` (float64 NumPy), not inside the jitted chain;
+    `map_samples` applies one function to every per-sample array, eigenbasis included."""
+    mask = np.ones((3, 1024, 12), bool)
+    mask[1, 512:] = False
+    obs = make_observation(np.where(mask, 0.1, np.nan), noise_std=0.01, drift_cutoff_hz=0.67)
+    assert obs.drift_eigenvalues.shape == (3, 12, 14) and obs.drift_eigenvectors.shape == (3, 12, 14, 14)
+    basis = drift_basis().astype(np.float64)
+    gram = basis.T @ (mask[1, :, 0, None] * basis)
+    vectors, values = np.asarray(obs.drift_eigenvectors[1, 0], np.float64), np.asarray(obs.drift_eigenvalues[1, 0])
+    np.testing.assert_allclose(vectors @ np.diag(values) @ vectors.T, gram, atol=1e-6)
+    assert values.min() >= 0.0
+    np.testing.assert_allclose(np.asarray(obs.drift_eigenvalues[0]), 1.0, atol=1e-6)  # all observed: G = I
+    doubled = obs.map_samples(lambda a: jnp.repeat(a, 2, axis=0))
+    for name in ("values", "mask", "noise_std", "drift_std", "drift_eigenvalues", "drift_eigenvectors"):
+        assert getattr(doubled, name).shape[0] == 6
+    assert doubled.drift_basis.shape == (1024, 14)
+    check_observation(doubled, (1024, 12), 6)
+    with pytest.raises(ValueError, match=r"^observation: drift_eigenvalues has none, expected \(3, 12, 14\); build"):
+        check_observation(obs.replace(drift_eigenvalues=None), (1024, 12), 3)
+    assert make_observation(np.zeros((1, 1024, 12)), noise_std=0.1).map_samples(jnp.asarray).drift_eigenvalues is None
 
 
 def test_check_observation_names_the_mismatch():

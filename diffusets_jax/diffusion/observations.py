@@ -24,7 +24,7 @@ linear-Gaussian toys; lead names only apply to 12-lead ECGs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +51,12 @@ class Observation:
     noise_std: `(batch,)` float32 > 0, the observation noise in mV.
     drift_std: `(batch,)` float32 >= 0, the RMS amplitude per sample of the drift prior (mV); 0 = no drift.
     drift_basis: `(length, n_basis)` orthonormal columns spanning the drift, or None for no drift model.
+    drift_eigenvalues: `(batch, leads, n_basis)` float32 >= 0 and drift_eigenvectors `(batch, leads, n_basis,
+        n_basis)` (columns): G = B^T diag(mask) B = V diag(L) V^T per sample and lead, with a drift model (else
+        None). They depend on the mask only, so `make_observation` computes them in float64 NumPy: see
+        `_drift_terms` for why not in the likelihood. A new mask needs a new observation from `make_observation`.
 
-    Build one with `make_observation`; shard `values`, `mask`, `noise_std`, `drift_std` over the batch like
-    the conditions.
+    Build one with `make_observation`; shard it with `map_samples` (every per-sample array) like the conditions.
     """
 
     values: jax.Array
@@ -61,10 +64,19 @@ class Observation:
     noise_std: jax.Array
     drift_std: jax.Array
     drift_basis: jax.Array | None = None
+    drift_eigenvalues: jax.Array | None = None
+    drift_eigenvectors: jax.Array | None = None
 
     @property
     def batch_size(self) -> int:
         return int(self.values.shape[0])
+
+    def map_samples(self, fn: Callable[[jax.Array], jax.Array]) -> Observation:
+        """This observation with `fn` applied to every array with a batch axis first (to shard, place or repeat
+        them per sample); the drift basis, shared by all samples, is kept as it is."""
+        per_sample = ("values", "mask", "noise_std", "drift_std", "drift_eigenvalues", "drift_eigenvectors")
+        return self.replace(**{name: fn(getattr(self, name)) for name in per_sample
+                               if getattr(self, name) is not None})
 
 
 def lead_mask(leads: str | Sequence[str], *, available: Sequence[str] | None = None, what: str = "leads"
@@ -182,36 +194,66 @@ def make_observation(
     if empty.any():
         raise ValueError(f"observation: sample {int(np.argmax(empty))} observes nothing (all entries masked or NaN)")
     noise = _per_sample(noise_std, batch, "noise_std", 0.0, strict=True)
-    basis = None
+    basis = eigenvalues = eigenvectors = None
     drift = np.zeros((batch,), np.float32)
     if drift_cutoff_hz is not None:
-        basis = jnp.asarray(drift_basis(length, seconds, float(drift_cutoff_hz)))
+        basis = drift_basis(length, seconds, float(drift_cutoff_hz))
         drift = _per_sample(drift_std_mv, batch, "drift_std_mv", 0.0, strict=False)
+        eigenvalues, eigenvectors = _drift_gram_eigen(basis, observed)
+        basis, eigenvalues, eigenvectors = jnp.asarray(basis), jnp.asarray(eigenvalues), jnp.asarray(eigenvectors)
     return Observation(
         values=jnp.asarray(np.where(observed, values, 0.0)),
         mask=jnp.asarray(observed.astype(np.float32)),
         noise_std=jnp.asarray(noise),
         drift_std=jnp.asarray(drift),
         drift_basis=basis,
+        drift_eigenvalues=eigenvalues,
+        drift_eigenvectors=eigenvectors,
     )
 
 
+def _drift_gram_eigen(basis: np.ndarray, observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues `(batch, leads, n_basis)` (clipped at 0: G is a Gram matrix) and eigenvectors `(batch, leads,
+    n_basis, n_basis)` (columns) of G = B^T diag(mask) B per sample and lead, in float64, returned as float32.
+
+    basis: `(length, n_basis)` as the likelihood uses it (float32); observed: `(batch, length, leads)` bool.
+    """
+    basis = basis.astype(np.float64)
+    # optimize: as one contraction after another (a matmul) 20x faster than NumPy's default loop (1 s at batch 64).
+    gram = np.einsum("lk,blc,lj->bckj", basis, observed.astype(np.float64), basis, optimize=True)
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    return np.maximum(eigenvalues, 0.0).astype(np.float32), eigenvectors.astype(np.float32)
+
+
 def _drift_terms(observation: Observation, residual: jax.Array, variance: jax.Array
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per (sample, lead) pieces of the marginalised drift: u = B^T r, the Cholesky factor of
-    S = variance I + tau^2 G with G = B^T diag(mask) B, and tau^2 `(batch,)`.
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per (sample, lead) pieces of the marginalised drift in the eigenbasis of G = B^T diag(mask) B = V L V^T:
+    s = V^T S^{-1} u with u = B^T r `(batch, leads, n_basis)`, the eigenvalues d = variance + tau^2 L of
+    S = variance I + tau^2 G `(batch, leads, n_basis)`, the drift's posterior mean coefficients a = tau^2 V s
+    `(batch, leads, n_basis)`, and tau^2 `(batch,)`.
 
     tau^2 (variance of each basis coefficient) = drift_std^2 * length / n_basis, so that the drift's mean
     squared value per sample is drift_std^2.
+    Why eigenvalues from `make_observation`, not a Cholesky factor of S: a window leaves cosines nearly unobserved
+    (L near 0), and a float32 G's rounding (about 1e-7) times tau^2 (73 mV^2 by default) outweighs a small
+    variance (1e-6 for 0.001 mV), so S was not positive definite and its factor NaN. With L from float64 and
+    clipped at 0, d >= variance. An eigendecomposition inside the sampler's jitted, sharded chain hung on 8
+    simulated devices; G does not depend on the ECG, so here only elementwise work and einsums remain.
+    Why one refinement step: u's float32 rounding (about 1e-7 |u|) falls on the nearly unobserved directions
+    too, where S^{-1} magnifies it up to 1 / variance; solving once more for the normal equations' remainder
+    tau^2 (B^T M e - variance V s), with e = r - M B a far smaller than r, removes that error to first order.
     """
-    basis = observation.drift_basis
+    basis, vectors = observation.drift_basis, observation.drift_eigenvectors
     length, n_basis = basis.shape
     tau2 = jnp.square(observation.drift_std) * (length / n_basis)
-    u = jnp.einsum("lk,blc->bck", basis, residual)
-    gram = jnp.einsum("lk,blc,lj->bckj", basis, observation.mask, basis)
-    eye = jnp.eye(n_basis, dtype=residual.dtype)
-    system = variance[:, None, None, None] * eye + tau2[:, None, None, None] * gram
-    return u, jnp.linalg.cholesky(system), tau2
+    d = variance[:, None, None] + tau2[:, None, None] * observation.drift_eigenvalues
+    to_eigen = lambda a: jnp.einsum("bckj,bck->bcj", vectors, a)  # V^T a
+    from_eigen = lambda a: jnp.einsum("bckj,bcj->bck", vectors, a)  # V a
+    solved = to_eigen(jnp.einsum("lk,blc->bck", basis, residual)) / d
+    corrected = residual - observation.mask * jnp.einsum("lk,bck->blc", basis, tau2[:, None, None] * from_eigen(solved))
+    remainder = jnp.einsum("lk,blc->bck", basis, corrected) - variance[:, None, None] * from_eigen(solved)
+    solved = solved + to_eigen(remainder) / d
+    return solved, d, tau2[:, None, None] * from_eigen(solved), tau2
 
 
 def log_likelihood(observation: Observation, ecg: jax.Array, extra_variance: jax.Array | float = 0.0) -> jax.Array:
@@ -220,7 +262,10 @@ def log_likelihood(observation: Observation, ecg: jax.Array, extra_variance: jax
     ecg: `(batch, length, leads)`. extra_variance: added to every observed entry's variance (the sampler's
     twisting uses it for the uncertainty of a denoised estimate); scalar or `(batch,)`.
     Per lead with n observed samples, residual r, s = noise_std^2 + extra:
-    -1/2 [ (r.r - tau^2 u^T S^{-1} u) / s + (n - K) log s + log det S + n log 2 pi ]   (Woodbury).
+    -1/2 [ (r.r - tau^2 u^T S^{-1} u) / s + (n - K) log s + log det S + n log 2 pi ]   (Woodbury),
+    with r.r - tau^2 u^T S^{-1} u = |r - M B a|^2 + s tau^2 |S^{-1} u|^2 for the drift's posterior mean a =
+    tau^2 S^{-1} u: two positive terms, where the difference lost everything to float32 cancellation at small
+    noise (18 % off at 0.0003 mV with a window).
     """
     ecg = ecg.astype(jnp.float32)
     mask = observation.mask
@@ -228,16 +273,17 @@ def log_likelihood(observation: Observation, ecg: jax.Array, extra_variance: jax
     variance = jnp.square(observation.noise_std) + jnp.broadcast_to(jnp.asarray(extra_variance, jnp.float32),
                                                                       observation.noise_std.shape)
     count = jnp.sum(mask, axis=1)  # (batch, leads) observed samples per lead
-    quad = jnp.sum(jnp.square(residual), axis=1)  # (batch, leads)
     log_det = count * jnp.log(variance)[:, None]
     if observation.drift_basis is not None:
-        u, chol, tau2 = _drift_terms(observation, residual, variance)
+        solved, d, coefficients, tau2 = _drift_terms(observation, residual, variance)
         n_basis = observation.drift_basis.shape[1]
-        solved = jax.scipy.linalg.cho_solve((chol, True), u[..., None])[..., 0]
-        quad = quad - tau2[:, None] * jnp.sum(u * solved, axis=-1)
-        log_det = log_det + 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1) \
-            - n_basis * jnp.log(variance)[:, None]
+        residual = residual - mask * jnp.einsum("lk,bck->blc", observation.drift_basis, coefficients)
+        quad = jnp.sum(jnp.square(residual), axis=1) \
+            + (variance * tau2)[:, None] * jnp.sum(jnp.square(solved), axis=-1)
+        log_det = log_det + jnp.sum(jnp.log(d), axis=-1) - n_basis * jnp.log(variance)[:, None]
         # A lead with no observed sample contributes nothing: its Gram matrix is zero and S = variance I.
+    else:
+        quad = jnp.sum(jnp.square(residual), axis=1)  # (batch, leads)
     per_lead = quad / variance[:, None] + log_det + count * math.log(2.0 * math.pi)
     return -0.5 * jnp.sum(per_lead, axis=-1)
 
@@ -248,9 +294,7 @@ def estimate_drift(observation: Observation, ecg: jax.Array) -> jax.Array:
     if observation.drift_basis is None:
         return jnp.zeros(observation.values.shape, jnp.float32)
     residual = observation.mask * (observation.values - ecg.astype(jnp.float32))
-    variance = jnp.square(observation.noise_std)
-    u, chol, tau2 = _drift_terms(observation, residual, variance)
-    coefficients = tau2[:, None, None] * jax.scipy.linalg.cho_solve((chol, True), u[..., None])[..., 0]
+    _, _, coefficients, _ = _drift_terms(observation, residual, jnp.square(observation.noise_std))
     return jnp.einsum("lk,bck->blc", observation.drift_basis, coefficients)
 
 
@@ -267,6 +311,16 @@ def check_observation(observation: Observation, ecg_shape: tuple[int, ...], batc
         if tuple(getattr(observation, name).shape) != (batch,):
             raise ValueError(f"observation: {name} has shape {tuple(getattr(observation, name).shape)}, "
                              f"expected ({batch},)")
-    if observation.drift_basis is not None and observation.drift_basis.shape[0] != ecg_shape[0]:
-        raise ValueError(f"observation: drift basis has {observation.drift_basis.shape[0]} samples, "
-                         f"the ECGs {ecg_shape[0]}")
+    if observation.drift_basis is not None:
+        if observation.drift_basis.shape[0] != ecg_shape[0]:
+            raise ValueError(f"observation: drift basis has {observation.drift_basis.shape[0]} samples, "
+                             f"the ECGs {ecg_shape[0]}")
+        n_basis = observation.drift_basis.shape[1]
+        expected = {"drift_eigenvalues": (batch, ecg_shape[1], n_basis),
+                    "drift_eigenvectors": (batch, ecg_shape[1], n_basis, n_basis)}
+        for name, shape in expected.items():
+            array = getattr(observation, name)
+            if array is None or tuple(array.shape) != shape:
+                got = "none" if array is None else f"shape {tuple(array.shape)}"
+                raise ValueError(f"observation: {name} has {got}, expected {shape}; build the observation with "
+                                 "make_observation")

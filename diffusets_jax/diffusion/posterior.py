@@ -332,12 +332,14 @@ def posterior_sample(
     repeated_cond = jax.tree.map(repeat, cond)
     repeated_observation = None
     if observation is not None:
-        observation = observation.replace(values=constrain(observation.values), mask=constrain(observation.mask),
-                                          noise_std=constrain(observation.noise_std),
-                                          drift_std=constrain(observation.drift_std))
-        repeated_observation = observation.replace(values=repeat(observation.values), mask=repeat(observation.mask),
-                                                   noise_std=repeat(observation.noise_std),
-                                                   drift_std=repeat(observation.drift_std))
+        observation = observation.map_samples(constrain)
+        if observation.drift_basis is not None and hasattr(batch_sharding, "mesh"):
+            # Shared by every sample: replicated, whatever the caller placed it as (a whole observation put with
+            # the batch sharding splits its 1024 samples over the batch axis, and the drift's (batch, 1024) einsum
+            # would then shard two axes over one mesh axis, an error on Explicit meshes).
+            replicate = constrain_to(jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec()))
+            observation = observation.replace(drift_basis=replicate(observation.drift_basis))
+        repeated_observation = observation.map_samples(repeat)
     chain = _Chain(model, decode_fn, schedule, repeated_cond, repeated_observation, config, constrain)
 
     grid = sampler_timesteps(cfg, schedule)

@@ -155,9 +155,7 @@ def posterior_reconstructions(generator: Any, real: Mapping[str, Any], observed:
                                           heart_rate=float(real["heart_rate"][i])) for i in padded]
         cond = generator.condition_arrays(patients, real["text_embedding"][padded])
         observation = make_observation(ecgs[padded], noise_std=noise_std, leads=list(observed))
-        observation = observation.replace(**jax.device_put(
-            {"values": observation.values, "mask": observation.mask, "noise_std": observation.noise_std,
-             "drift_std": observation.drift_std}, sharding))
+        observation = observation.map_samples(lambda a: jax.device_put(a, sharding))
         key = jax.random.fold_in(jax.random.PRNGKey(seed), batch)
         result = run(generator.unet_variables, generator.vae_variables, jax.device_put(cond, sharding), observation,
                      key)
