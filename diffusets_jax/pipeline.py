@@ -36,7 +36,7 @@ from diffusets_jax import parallel
 from diffusets_jax.conditioning.patient import patient_features
 from diffusets_jax.conditioning.requests import Condition, expand
 from diffusets_jax.config import check_seed
-from diffusets_jax.diffusion.guidance import condition_batch_size, fixed_null_condition
+from diffusets_jax.diffusion.guidance import CONDITION_FIELDS, condition_batch_size, fixed_null_condition
 from diffusets_jax.diffusion.samplers import SamplerConfig, jit_generate, resolve_for_model, sampler_timesteps
 from diffusets_jax.diffusion.schedule import make_schedule
 from diffusets_jax.ecg.shapes import ECG_LENGTH, ECG_RATE_HZ
@@ -327,6 +327,14 @@ class ECGGenerator:
         # padded to text_dim + batch_size - 1 rows and refused as a batch of that size, and a scalar sex failed with
         # a TypeError; neither named the argument or the fix.
         cond = {k: np.asarray(v) for k, v in cond.items()}
+        # A missing field was a KeyError from inside the traced sampler ('heart_rate'), naming neither the argument
+        # nor the fields it takes; a misspelt one ('hr') was dropped without a word.
+        missing = [k for k in CONDITION_FIELDS if k not in cond]
+        unknown = sorted(set(cond) - set(CONDITION_FIELDS))
+        if missing or unknown:
+            wrong = "; ".join(f"{what} {names}" for what, names in (("missing", missing), ("unknown", unknown)) if names)
+            raise ValueError(f"generate_batch: cond has {wrong}: it takes exactly the fields {list(CONDITION_FIELDS)}, "
+                             "each an array with the batch first, (n, text_dim) for text_embedding and (n,) for the others")
         n = condition_batch_size(cond, "generate_batch: cond")
         if not 0 < n <= self.batch_size:
             raise ValueError(f"generate_batch takes 1..{self.batch_size} conditions, got {n}")

@@ -299,3 +299,18 @@ def test_generate_batch_names_a_condition_field_without_its_batch_axis(model_dir
         gen.generate_batch(unbatched, 0)
     with pytest.raises(ValueError, match=r"generate_batch: cond\['sex'\] is a scalar"):
         gen.generate_batch({**one, "sex": np.float32(1.0)}, 0)
+
+
+def test_generate_batch_names_missing_and_unknown_condition_fields(model_dir):
+    """A missing field was a KeyError from inside the traced sampler; a misspelt one was dropped without a word."""
+    gen = ECGGenerator(model_dir, sampler_config("ddim", steps=2), batch_size=8)
+    one = {"text_embedding": np.zeros((1, TEXT_DIM), np.float32), "sex": np.zeros(1, np.float32),
+           "age": np.zeros(1, np.float32), "heart_rate": np.zeros(1, np.float32)}
+    no_rate = {k: v for k, v in one.items() if k != "heart_rate"}
+    with pytest.raises(ValueError, match=r"generate_batch: cond has missing \['heart_rate'\]; unknown \['hr'\]: it "
+                                         r"takes exactly the fields \['text_embedding', 'sex', 'age', 'heart_rate'\]"):
+        gen.generate_batch({**no_rate, "hr": one["heart_rate"]}, 0)
+    with pytest.raises(ValueError, match=r"generate_batch: cond has missing \['heart_rate'\]: it takes"):
+        gen.generate_batch(no_rate, 0)
+    with pytest.raises(ValueError, match=r"generate_batch: cond has unknown \['ecg'\]: it takes"):
+        gen.generate_batch({**one, "ecg": np.zeros((1, 1024, 12), np.float32)}, 0)

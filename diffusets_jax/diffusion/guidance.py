@@ -25,6 +25,10 @@ GUIDANCE_MODES: tuple[str, ...] = ("batched", "sequential")
 UNKNOWN_PATIENT_VALUE = -1.0
 
 
+# The U-Net's per-sample conditions, the keys of every condition dict (`fixed_null_condition`, `generate_batch`).
+CONDITION_FIELDS = ("text_embedding", "sex", "age", "heart_rate")
+
+
 def condition_batch_size(cond: Any, what: str = "cond") -> int:
     """The batch size B of a condition pytree of per-sample arrays `(B, ...)`.
 
